@@ -1,0 +1,30 @@
+//! The errors of attache's rules. Each variant names what went wrong in the
+//! domain; the HTTP and JSON-RPC faces map them to status codes at the edge.
+
+use thiserror::Error;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum Error {
+    #[error("malformed offset {0:?}")]
+    MalformedOffset(String),
+    #[error("invalid Stream-TTL {0:?}: expected a non-negative decimal integer without sign or leading zeros")]
+    InvalidTtl(String),
+    #[error("invalid Stream-Expires-At {0:?}: expected an RFC 3339 timestamp")]
+    InvalidExpiresAt(String),
+    #[error("Stream-TTL and Stream-Expires-At cannot both be set")]
+    TtlAndExpiresAt,
+    #[error("invalid content type {0:?}")]
+    InvalidContentType(String),
+    #[error("invalid producer headers: {0}")]
+    InvalidProducer(String),
+    #[error("invalid JSON body: {0}")]
+    InvalidJson(String),
+    #[error("an empty JSON array appends nothing")]
+    EmptyJsonArray,
+    #[error("invalid stream path {0:?}: {1}")]
+    InvalidPath(String, &'static str),
+    #[error("{0}")]
+    Invalid(String),
+}

@@ -1,0 +1,19 @@
+//! attache's rules, without I/O.
+//!
+//! Everything here is pure: parsing and validating what arrives on the wire
+//! (offsets, stream headers, producer headers, JSON bodies, principals,
+//! entity URLs, manifest rows) and the decisions that follow from it
+//! (producer fencing, TTL expiry). The storage engine and the HTTP faces
+//! both call into this crate, so a rule is written once and tested without
+//! a server.
+
+pub mod error;
+pub mod json;
+pub mod offset;
+pub mod producer;
+pub mod stream;
+
+pub use error::{Error, Result};
+pub use offset::{Cursor, Offset, ReadOffset};
+pub use producer::{ProducerCheck, ProducerHeaders, ProducerState};
+pub use stream::{ContentType, ExpiresAt, StreamPath, Ttl};

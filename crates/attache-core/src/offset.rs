@@ -1,0 +1,128 @@
+//! Offsets: opaque, lexicographically sortable positions in a stream.
+//!
+//! attache's offset is a byte position in the stream's logical position space,
+//! written as 16 lowercase hex digits so that string order equals numeric
+//! order. The sentinels `-1` (start) and `now` (tail) are only ever read,
+//! never minted.
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+
+/// A server-minted position in a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Offset(pub u64);
+
+impl Offset {
+    pub const ZERO: Offset = Offset(0);
+    const WIDTH: usize = 16;
+
+    pub fn parse(s: &str) -> Result<Offset> {
+        if s.len() != Self::WIDTH || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(Error::MalformedOffset(s.to_owned()));
+        }
+        u64::from_str_radix(s, 16)
+            .map(Offset)
+            .map_err(|_| Error::MalformedOffset(s.to_owned()))
+    }
+}
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// The `offset` a reader asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOffset {
+    /// `-1` or no offset: the start of the stream.
+    Start,
+    /// `now`: the current tail, skipping what exists.
+    Now,
+    At(Offset),
+}
+
+impl ReadOffset {
+    /// Parses the `offset` query parameter; `None` (absent) means the start.
+    pub fn parse(raw: Option<&str>) -> Result<ReadOffset> {
+        match raw {
+            None | Some("-1") => Ok(ReadOffset::Start),
+            Some("now") => Ok(ReadOffset::Now),
+            Some(s) => Offset::parse(s).map(ReadOffset::At),
+        }
+    }
+}
+
+/// Live-read cursors (PROTOCOL.md §10.1): the number of 20-second intervals
+/// since 2024-10-09T00:00:00Z, always moving forward past what the client echoed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor(pub u64);
+
+impl Cursor {
+    const EPOCH_UNIX_SECS: i64 = 1_728_432_000;
+    const INTERVAL_SECS: i64 = 20;
+
+    /// The cursor to return at `now_unix_secs`, given the cursor the client echoed.
+    /// `jitter_secs` (1..=3600) is drawn by the caller so this stays pure.
+    pub fn next(now_unix_secs: i64, echoed: Option<&str>, jitter_secs: u64) -> Cursor {
+        let current = ((now_unix_secs - Self::EPOCH_UNIX_SECS).max(0) / Self::INTERVAL_SECS) as u64;
+        match echoed.and_then(|c| c.parse::<u64>().ok()) {
+            Some(client) if client >= current => {
+                let bump = jitter_secs.div_ceil(Self::INTERVAL_SECS as u64).max(1);
+                Cursor(client + bump)
+            }
+            _ => Cursor(current),
+        }
+    }
+}
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn sentinels_parse_and_are_never_minted() {
+        assert_eq!(ReadOffset::parse(None).unwrap(), ReadOffset::Start);
+        assert_eq!(ReadOffset::parse(Some("-1")).unwrap(), ReadOffset::Start);
+        assert_eq!(ReadOffset::parse(Some("now")).unwrap(), ReadOffset::Now);
+        assert_ne!(Offset(0).to_string(), "-1");
+    }
+
+    #[test]
+    fn malformed_offsets_are_rejected() {
+        for bad in ["", "abc", "0000000000000000x", "-2", "000000000000000G", "+000000000000001", "000000000000000A"] {
+            assert!(ReadOffset::parse(Some(bad)).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn cursor_moves_past_an_echoed_current_cursor() {
+        let now = Cursor::EPOCH_UNIX_SECS + 20 * 1000 + 5;
+        assert_eq!(Cursor::next(now, None, 1), Cursor(1000));
+        assert_eq!(Cursor::next(now, Some("999"), 1), Cursor(1000));
+        assert!(Cursor::next(now, Some("1000"), 1) > Cursor(1000));
+        assert!(Cursor::next(now, Some("5000"), 3600) > Cursor(5000));
+    }
+
+    proptest! {
+        #[test]
+        fn offsets_round_trip_and_sort_like_numbers(a in any::<u64>(), b in any::<u64>()) {
+            let (sa, sb) = (Offset(a).to_string(), Offset(b).to_string());
+            prop_assert_eq!(Offset::parse(&sa).unwrap(), Offset(a));
+            prop_assert_eq!(sa.cmp(&sb), a.cmp(&b));
+        }
+
+        #[test]
+        fn offset_parser_never_panics(s in ".{0,40}") {
+            let _ = ReadOffset::parse(Some(&s));
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Stream configuration as it arrives in headers: path, content type, TTL,
+//! absolute expiry. Parsing is strict, as PROTOCOL.md §5.1 asks.
+
+use chrono::{DateTime, FixedOffset};
+
+use crate::error::{Error, Result};
+
+/// The URL path a stream lives at, e.g. `/v1/stream/chat-1`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamPath(String);
+
+impl StreamPath {
+    pub const MAX_LEN: usize = 1024;
+
+    pub fn new(path: impl Into<String>) -> Result<StreamPath> {
+        let path = path.into();
+        if !path.starts_with('/') || path.len() < 2 {
+            return Err(Error::InvalidPath(path, "a stream path starts with '/' and names something"));
+        }
+        if path.len() > Self::MAX_LEN {
+            return Err(Error::InvalidPath(path, "a stream path is at most 1024 bytes"));
+        }
+        if path.chars().any(|c| c.is_control()) {
+            return Err(Error::InvalidPath(path, "a stream path has no control characters"));
+        }
+        if path.split('/').any(|seg| seg == "." || seg == "..") {
+            return Err(Error::InvalidPath(path, "a stream path has no '.' or '..' segments"));
+        }
+        Ok(StreamPath(path))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for StreamPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A stream's content type: the value as given, compared by media type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContentType(String);
+
+impl ContentType {
+    pub const OCTET_STREAM: &'static str = "application/octet-stream";
+
+    pub fn parse(raw: &str) -> Result<ContentType> {
+        let trimmed = raw.trim();
+        let media = trimmed.split(';').next().unwrap_or("").trim();
+        let valid = media.split_once('/').is_some_and(|(a, b)| {
+            !a.is_empty() && !b.is_empty() && !b.contains('/') && media.bytes().all(|c| c.is_ascii_graphic())
+        });
+        if !valid {
+            return Err(Error::InvalidContentType(raw.to_owned()));
+        }
+        Ok(ContentType(trimmed.to_owned()))
+    }
+
+    pub fn octet_stream() -> ContentType {
+        ContentType(Self::OCTET_STREAM.to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The media type, lowercased, without parameters.
+    pub fn media_type(&self) -> String {
+        media_type_of(&self.0)
+    }
+
+    pub fn matches(&self, other: &ContentType) -> bool {
+        self.media_type() == other.media_type()
+    }
+
+    /// JSON mode (PROTOCOL.md §9.1): message boundaries are kept.
+    pub fn is_json(&self) -> bool {
+        is_json_media(&self.0)
+    }
+
+    /// Text and JSON travel as UTF-8 in SSE; everything else as base64.
+    pub fn is_sse_text(&self) -> bool {
+        let m = self.media_type();
+        m.starts_with("text/") || m == "application/json"
+    }
+}
+
+pub fn media_type_of(raw: &str) -> String {
+    raw.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
+pub fn is_json_media(raw: &str) -> bool {
+    media_type_of(raw) == "application/json"
+}
+
+/// A sliding time-to-live in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ttl(pub u64);
+
+impl Ttl {
+    /// Non-negative decimal without sign, leading zeros, point or exponent.
+    pub fn parse(raw: &str) -> Result<Ttl> {
+        let ok = !raw.is_empty()
+            && raw.bytes().all(|b| b.is_ascii_digit())
+            && (raw == "0" || !raw.starts_with('0'));
+        if !ok {
+            return Err(Error::InvalidTtl(raw.to_owned()));
+        }
+        raw.parse::<u64>().map(Ttl).map_err(|_| Error::InvalidTtl(raw.to_owned()))
+    }
+}
+
+/// An absolute expiry, kept as the client wrote it so it can be echoed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiresAt {
+    pub raw: String,
+    pub unix_ms: i64,
+}
+
+impl ExpiresAt {
+    pub fn parse(raw: &str) -> Result<ExpiresAt> {
+        let at: DateTime<FixedOffset> =
+            DateTime::parse_from_rfc3339(raw.trim()).map_err(|_| Error::InvalidExpiresAt(raw.to_owned()))?;
+        Ok(ExpiresAt { raw: raw.trim().to_owned(), unix_ms: at.timestamp_millis() })
+    }
+}
+
+/// When a stream stops existing, given its expiry settings and last access.
+pub fn expiry_deadline_ms(ttl: Option<Ttl>, expires_at: Option<&ExpiresAt>, last_access_ms: i64) -> Option<i64> {
+    match (ttl, expires_at) {
+        (_, Some(at)) => Some(at.unix_ms),
+        (Some(Ttl(secs)), None) => Some(last_access_ms.saturating_add((secs as i64).saturating_mul(1000))),
+        (None, None) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn ttl_accepts_plain_decimals_only() {
+        assert_eq!(Ttl::parse("0").unwrap(), Ttl(0));
+        assert_eq!(Ttl::parse("3600").unwrap(), Ttl(3600));
+        for bad in ["", "+3600", "03600", "3600.0", "3.6e3", "-1", " 1", "abc", "99999999999999999999999"] {
+            assert!(Ttl::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn expires_at_needs_rfc3339() {
+        assert!(ExpiresAt::parse("2030-01-01T00:00:00Z").is_ok());
+        assert!(ExpiresAt::parse("2030-01-01T00:00:00+02:00").is_ok());
+        assert!(ExpiresAt::parse("tomorrow").is_err());
+        assert!(ExpiresAt::parse("2030-01-01").is_err());
+    }
+
+    #[test]
+    fn content_types_compare_by_media_type() {
+        let a = ContentType::parse("application/json").unwrap();
+        let b = ContentType::parse("Application/JSON; charset=utf-8").unwrap();
+        assert!(a.matches(&b) && a.is_json() && b.is_json());
+        assert!(!a.matches(&ContentType::parse("text/plain").unwrap()));
+        assert!(ContentType::parse("nonsense").is_err());
+        assert!(ContentType::parse("").is_err());
+    }
+
+    #[test]
+    fn paths_refuse_traversal_and_control_characters() {
+        assert!(StreamPath::new("/a/b").is_ok());
+        for bad in ["", "/", "a", "/a/../b", "/a/./b", "/a\nb"] {
+            assert!(StreamPath::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn ttl_parser_agrees_with_canonical_decimal(n in any::<u32>()) {
+            prop_assert_eq!(Ttl::parse(&n.to_string()).unwrap(), Ttl(n as u64));
+            let padded = format!("0{n}");
+            prop_assert!(Ttl::parse(&padded).is_err());
+        }
+
+        #[test]
+        fn header_parsers_never_panic(s in ".{0,64}") {
+            let _ = Ttl::parse(&s);
+            let _ = ExpiresAt::parse(&s);
+            let _ = ContentType::parse(&s);
+            let _ = StreamPath::new(s);
+        }
+    }
+}
