@@ -1,9 +1,12 @@
 //! Offsets: opaque, lexicographically sortable positions in a stream.
 //!
-//! attache's offset is a byte position in the stream's logical position space,
-//! written as 16 lowercase hex digits so that string order equals numeric
-//! order. The sentinels `-1` (start) and `now` (tail) are only ever read,
-//! never minted.
+//! attache's offset is a position in the stream's logical position space,
+//! written `RRRRRRRRRRRRRRRR_PPPPPPPPPPPPPPPP`: two 16-digit zero-padded
+//! decimals, so string order equals numeric order. The first part is reserved
+//! (always zero today; a future compaction epoch); the second is the position.
+//! This is also the shape the Node reference server mints, so offsets that
+//! clients built against it (the start offset `0000000000000000_0000000000000000`)
+//! mean the same here. The sentinels `-1` and `now` are read, never minted.
 
 use std::fmt;
 
@@ -15,21 +18,24 @@ pub struct Offset(pub u64);
 
 impl Offset {
     pub const ZERO: Offset = Offset(0);
-    const WIDTH: usize = 16;
+    const PART: usize = 16;
+    /// Positions must fit in 16 decimal digits.
+    pub const MAX: u64 = 9_999_999_999_999_999;
 
     pub fn parse(s: &str) -> Result<Offset> {
-        if s.len() != Self::WIDTH || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(Error::MalformedOffset(s.to_owned()));
+        let bad = || Error::MalformedOffset(s.to_owned());
+        let (reserved, pos) = s.split_once('_').ok_or_else(bad)?;
+        let digits = |p: &str| p.len() == Self::PART && p.bytes().all(|b| b.is_ascii_digit());
+        if !digits(reserved) || !digits(pos) || reserved.bytes().any(|b| b != b'0') {
+            return Err(bad());
         }
-        u64::from_str_radix(s, 16)
-            .map(Offset)
-            .map_err(|_| Error::MalformedOffset(s.to_owned()))
+        pos.parse::<u64>().map(Offset).map_err(|_| bad())
     }
 }
 
 impl fmt::Display for Offset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
+        write!(f, "0000000000000000_{:016}", self.0)
     }
 }
 
@@ -98,8 +104,21 @@ mod tests {
 
     #[test]
     fn malformed_offsets_are_rejected() {
-        for bad in ["", "abc", "0000000000000000x", "-2", "000000000000000G", "+000000000000001", "000000000000000A"] {
-            assert!(ReadOffset::parse(Some(bad)).is_err(), "{bad:?} should be rejected");
+        for bad in [
+            "",
+            "abc",
+            "0,1",
+            "0 1",
+            "-2",
+            "0000000000000000_000000000000000x",
+            "0000000000000001_0000000000000000",
+            "0000000000000000_+000000000000001",
+            "0000000000000000",
+        ] {
+            assert!(
+                ReadOffset::parse(Some(bad)).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 
@@ -114,7 +133,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn offsets_round_trip_and_sort_like_numbers(a in any::<u64>(), b in any::<u64>()) {
+        fn offsets_round_trip_and_sort_like_numbers(a in 0..=Offset::MAX, b in 0..=Offset::MAX) {
             let (sa, sb) = (Offset(a).to_string(), Offset(b).to_string());
             prop_assert_eq!(Offset::parse(&sa).unwrap(), Offset(a));
             prop_assert_eq!(sa.cmp(&sb), a.cmp(&b));

@@ -16,15 +16,23 @@ pub struct ProducerHeaders {
 
 impl ProducerHeaders {
     /// All three headers or none; anything else is a 400.
-    pub fn parse(id: Option<&str>, epoch: Option<&str>, seq: Option<&str>) -> Result<Option<ProducerHeaders>> {
+    pub fn parse(
+        id: Option<&str>,
+        epoch: Option<&str>,
+        seq: Option<&str>,
+    ) -> Result<Option<ProducerHeaders>> {
         match (id, epoch, seq) {
             (None, None, None) => Ok(None),
             (Some(id), Some(epoch), Some(seq)) => {
                 if id.is_empty() {
-                    return Err(Error::InvalidProducer("Producer-Id must not be empty".into()));
+                    return Err(Error::InvalidProducer(
+                        "Producer-Id must not be empty".into(),
+                    ));
                 }
                 if id.len() > 256 || id.chars().any(|c| c.is_control()) {
-                    return Err(Error::InvalidProducer("Producer-Id is at most 256 printable characters".into()));
+                    return Err(Error::InvalidProducer(
+                        "Producer-Id is at most 256 printable characters".into(),
+                    ));
                 }
                 Ok(Some(ProducerHeaders {
                     id: id.to_owned(),
@@ -76,17 +84,32 @@ impl ProducerCheck {
     pub fn decide(state: Option<ProducerState>, req: &ProducerHeaders) -> ProducerCheck {
         let Some(state) = state else {
             return if req.seq == 0 {
-                ProducerCheck::Accept { next: ProducerState { epoch: req.epoch, last_seq: 0 } }
+                ProducerCheck::Accept {
+                    next: ProducerState {
+                        epoch: req.epoch,
+                        last_seq: 0,
+                    },
+                }
             } else {
-                ProducerCheck::Gap { expected: 0, received: req.seq }
+                ProducerCheck::Gap {
+                    expected: 0,
+                    received: req.seq,
+                }
             };
         };
         if req.epoch < state.epoch {
-            return ProducerCheck::StaleEpoch { current: state.epoch };
+            return ProducerCheck::StaleEpoch {
+                current: state.epoch,
+            };
         }
         if req.epoch > state.epoch {
             return if req.seq == 0 {
-                ProducerCheck::Accept { next: ProducerState { epoch: req.epoch, last_seq: 0 } }
+                ProducerCheck::Accept {
+                    next: ProducerState {
+                        epoch: req.epoch,
+                        last_seq: 0,
+                    },
+                }
             } else {
                 ProducerCheck::EpochMustStartAtZero
             };
@@ -94,9 +117,17 @@ impl ProducerCheck {
         if req.seq <= state.last_seq {
             ProducerCheck::Duplicate { state }
         } else if req.seq == state.last_seq + 1 {
-            ProducerCheck::Accept { next: ProducerState { epoch: state.epoch, last_seq: req.seq } }
+            ProducerCheck::Accept {
+                next: ProducerState {
+                    epoch: state.epoch,
+                    last_seq: req.seq,
+                },
+            }
         } else {
-            ProducerCheck::Gap { expected: state.last_seq + 1, received: req.seq }
+            ProducerCheck::Gap {
+                expected: state.last_seq + 1,
+                received: req.seq,
+            }
         }
     }
 }
@@ -107,7 +138,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn req(epoch: u64, seq: u64) -> ProducerHeaders {
-        ProducerHeaders { id: "p".into(), epoch, seq }
+        ProducerHeaders {
+            id: "p".into(),
+            epoch,
+            seq,
+        }
     }
 
     #[test]
@@ -123,15 +158,45 @@ mod tests {
 
     #[test]
     fn the_protocol_decision_table_holds() {
-        let s = Some(ProducerState { epoch: 2, last_seq: 5 });
-        assert_eq!(ProducerCheck::decide(s, &req(1, 0)), ProducerCheck::StaleEpoch { current: 2 });
-        assert_eq!(ProducerCheck::decide(s, &req(3, 1)), ProducerCheck::EpochMustStartAtZero);
-        assert!(matches!(ProducerCheck::decide(s, &req(3, 0)), ProducerCheck::Accept { .. }));
-        assert!(matches!(ProducerCheck::decide(s, &req(2, 5)), ProducerCheck::Duplicate { .. }));
-        assert!(matches!(ProducerCheck::decide(s, &req(2, 0)), ProducerCheck::Duplicate { .. }));
-        assert!(matches!(ProducerCheck::decide(s, &req(2, 6)), ProducerCheck::Accept { .. }));
-        assert_eq!(ProducerCheck::decide(s, &req(2, 8)), ProducerCheck::Gap { expected: 6, received: 8 });
-        assert!(matches!(ProducerCheck::decide(None, &req(7, 0)), ProducerCheck::Accept { .. }));
+        let s = Some(ProducerState {
+            epoch: 2,
+            last_seq: 5,
+        });
+        assert_eq!(
+            ProducerCheck::decide(s, &req(1, 0)),
+            ProducerCheck::StaleEpoch { current: 2 }
+        );
+        assert_eq!(
+            ProducerCheck::decide(s, &req(3, 1)),
+            ProducerCheck::EpochMustStartAtZero
+        );
+        assert!(matches!(
+            ProducerCheck::decide(s, &req(3, 0)),
+            ProducerCheck::Accept { .. }
+        ));
+        assert!(matches!(
+            ProducerCheck::decide(s, &req(2, 5)),
+            ProducerCheck::Duplicate { .. }
+        ));
+        assert!(matches!(
+            ProducerCheck::decide(s, &req(2, 0)),
+            ProducerCheck::Duplicate { .. }
+        ));
+        assert!(matches!(
+            ProducerCheck::decide(s, &req(2, 6)),
+            ProducerCheck::Accept { .. }
+        ));
+        assert_eq!(
+            ProducerCheck::decide(s, &req(2, 8)),
+            ProducerCheck::Gap {
+                expected: 6,
+                received: 8
+            }
+        );
+        assert!(matches!(
+            ProducerCheck::decide(None, &req(7, 0)),
+            ProducerCheck::Accept { .. }
+        ));
     }
 
     proptest! {

@@ -1,1 +1,114 @@
-//! placeholder
+//! attache's HTTP server: every face over one store.
+//!
+//! `router` lists every route; each face lives in its own module and keeps
+//! its handlers thin: parse at the edge, call the store, map the result.
+
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod router;
+pub mod streams;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
+use attache_storage::StreamStore;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::ServerConfig;
+pub use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn StreamStore>,
+    pub config: Arc<ServerConfig>,
+    /// Cancelled at shutdown: live readers finish their responses at once.
+    pub shutdown: CancellationToken,
+}
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the store in {dir}: {source}")]
+    Store {
+        dir: String,
+        source: attache_storage::StoreError,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running server: its address, and the handle that stops it.
+pub struct Server {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Opens the store, binds the listener and starts serving in the background.
+    pub async fn start(config: ServerConfig) -> Result<Server, StartError> {
+        let mut store_config = EmbeddedConfig::new(&config.data_dir);
+        store_config.durable = config.durable;
+        let store = EmbeddedStore::open(store_config).map_err(|source| StartError::Store {
+            dir: config.data_dir.display().to_string(),
+            source,
+        })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let shutdown = CancellationToken::new();
+        let state = AppState {
+            store: Arc::new(store),
+            config: Arc::new(config),
+            shutdown: shutdown.clone(),
+        };
+        let app = router::build(state.clone());
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, app.into_make_service())
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(err) = served {
+                tracing::error!(%err, "server stopped with an error");
+            }
+            state.store.close().await;
+            tracing::info!("store closed");
+        });
+        tracing::info!(%addr, "attache serving");
+        Ok(Server {
+            addr,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Stops accepting, releases live readers, lets in-flight requests finish, closes the store.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Waits until the server stops (after `trigger_shutdown` or a fatal error).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+
+    pub fn trigger_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,35 @@
+//! Server settings. The CLI fills them from flags, environment and a config file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// How long a long-poll waits for data before answering 204.
+    pub long_poll_timeout: Duration,
+    /// How long one SSE response stays open before the client reconnects (PROTOCOL.md §10.2).
+    pub sse_max_duration: Duration,
+    /// Largest append or create body on the stream routes (413 beyond).
+    pub max_append_bytes: usize,
+    /// Largest body returned by one catch-up read.
+    pub max_read_bytes: usize,
+    /// Sync before acknowledging (the default).
+    pub durable: bool,
+}
+
+impl ServerConfig {
+    pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            listen,
+            data_dir: data_dir.into(),
+            long_poll_timeout: Duration::from_secs(30),
+            sse_max_duration: Duration::from_secs(60),
+            max_append_bytes: 16 << 20,
+            max_read_bytes: 1 << 20,
+            durable: true,
+        }
+    }
+}

@@ -1,0 +1,693 @@
+//! The Durable Streams face (PROTOCOL.md): PUT, POST, GET (catch-up,
+//! long-poll, SSE), HEAD and DELETE on any stream path.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use attache_core::{
+    ContentType, Cursor, ExpiresAt, Offset, ProducerHeaders, ReadOffset, StreamPath, Ttl,
+};
+use attache_storage::{
+    AppendRequest, CreateOutcome, CreateStream, ForkSpec, ReadBatch, ReadFrom, StoreError,
+    StreamInfo,
+};
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+
+use crate::error::{ApiError, ApiResult};
+use crate::headers as h;
+use crate::AppState;
+
+/// Request headers, read once.
+pub(crate) struct Req<'a>(pub(crate) &'a HeaderMap);
+
+impl<'a> Req<'a> {
+    pub(crate) fn get(&self, name: &str) -> ApiResult<Option<&'a str>> {
+        match self.0.get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .to_str()
+                .map(Some)
+                .map_err(|_| ApiError::bad_request(format!("header {name} is not visible ASCII"))),
+        }
+    }
+
+    /// `Stream-Closed` counts only when it is exactly `true` (any case).
+    fn closed(&self) -> bool {
+        self.0
+            .get(h::STREAM_CLOSED)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+    }
+
+    fn content_type(&self) -> ApiResult<Option<ContentType>> {
+        self.get("content-type")?
+            .map(ContentType::parse)
+            .transpose()
+            .map_err(ApiError::from)
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes; over it is a 413.
+pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> ApiResult<Bytes> {
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::payload_too_large(limit))
+        }
+        Err(e) => Err(ApiError::bad_request(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
+fn set(
+    headers: &mut HeaderMap,
+    name: impl axum::http::header::IntoHeaderName,
+    value: impl ToString,
+) {
+    if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+        headers.insert(name, v);
+    }
+}
+
+/// The stream-state headers shared by PUT, HEAD and reads.
+fn stream_headers(headers: &mut HeaderMap, info: &StreamInfo) {
+    set(headers, "content-type", &info.content_type);
+    set(headers, h::STREAM_NEXT_OFFSET, info.tail_offset());
+    if info.closed {
+        headers.insert(h::STREAM_CLOSED, HeaderValue::from_static("true"));
+    }
+}
+
+pub async fn dispatch(
+    state: AppState,
+    method: Method,
+    path: StreamPath,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = match method {
+        Method::PUT => put(&state, &path, &headers, body).await,
+        Method::POST => post(&state, &path, &headers, body).await,
+        Method::GET => get(&state, &path, query.as_deref(), &headers).await,
+        Method::HEAD => head(&state, &path),
+        Method::DELETE => delete(&state, &path).await,
+        _ => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "METHOD_NOT_ALLOWED",
+            "streams take GET, HEAD, PUT, POST and DELETE",
+        )),
+    };
+    match result {
+        Ok(res) => res,
+        Err(err) if method == Method::HEAD => {
+            // HEAD answers carry no body.
+            let mut res = err.status.into_response();
+            res.headers_mut().extend(err.headers);
+            res
+        }
+        Err(err) => err.into_response(),
+    }
+}
+
+/// Parses a strict non-negative integer header (no sign, no leading zeros).
+fn strict_uint(name: &str, raw: &str) -> ApiResult<u64> {
+    Ttl::parse(raw).map(|t| t.0).map_err(|_| {
+        ApiError::bad_request(format!(
+            "{name} must be a non-negative integer, got {raw:?}"
+        ))
+    })
+}
+
+async fn put(
+    state: &AppState,
+    path: &StreamPath,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let req = Req(headers);
+    let content_type = req.content_type()?;
+    let ttl = req
+        .get(h::STREAM_TTL.as_str())?
+        .map(Ttl::parse)
+        .transpose()?;
+    let expires_at = req
+        .get(h::STREAM_EXPIRES_AT.as_str())?
+        .map(ExpiresAt::parse)
+        .transpose()?;
+    if ttl.is_some() && expires_at.is_some() {
+        return Err(attache_core::Error::TtlAndExpiresAt.into());
+    }
+    let forked_from = req.get(h::STREAM_FORKED_FROM.as_str())?;
+    let fork_offset = req.get(h::STREAM_FORK_OFFSET.as_str())?;
+    let sub_offset = req.get(h::STREAM_FORK_SUB_OFFSET.as_str())?;
+    let fork = match forked_from {
+        Some(source) => Some(ForkSpec {
+            source: StreamPath::new(source)?,
+            offset: fork_offset.map(Offset::parse).transpose()?,
+            sub_offset: sub_offset
+                .map(|s| strict_uint("Stream-Fork-Sub-Offset", s))
+                .transpose()?
+                .unwrap_or(0),
+        }),
+        None if fork_offset.is_some() || sub_offset.is_some() => {
+            return Err(ApiError::bad_request(
+                "Stream-Fork-Offset and Stream-Fork-Sub-Offset need Stream-Forked-From",
+            ))
+        }
+        None => None,
+    };
+    let initial = read_body(body, headers, state.config.max_append_bytes).await?;
+    let outcome = state
+        .store
+        .create(CreateStream {
+            path: path.clone(),
+            content_type,
+            ttl,
+            expires_at,
+            closed: req.closed(),
+            initial,
+            fork,
+            owner: None,
+        })
+        .await?;
+    let (status, info) = match &outcome {
+        CreateOutcome::Created(info) => (StatusCode::CREATED, info),
+        CreateOutcome::Existed(info) => (StatusCode::OK, info),
+    };
+    let mut res = status.into_response();
+    stream_headers(res.headers_mut(), info);
+    if status == StatusCode::CREATED {
+        let host = headers
+            .get("host")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("localhost");
+        set(
+            res.headers_mut(),
+            "location",
+            format!("http://{host}{path}"),
+        );
+    }
+    Ok(res)
+}
+
+async fn post(
+    state: &AppState,
+    path: &StreamPath,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let req = Req(headers);
+    let producer = ProducerHeaders::parse(
+        req.get(h::PRODUCER_ID.as_str())?,
+        req.get(h::PRODUCER_EPOCH.as_str())?,
+        req.get(h::PRODUCER_SEQ.as_str())?,
+    )?;
+    let seq = req.get(h::STREAM_SEQ.as_str())?.map(str::to_owned);
+    let body = read_body(body, headers, state.config.max_append_bytes).await?;
+    // A close-only request may carry any Content-Type; it is not looked at.
+    let content_type = if body.is_empty() {
+        req.content_type().ok().flatten()
+    } else {
+        req.content_type()?
+    };
+    let appended = !body.is_empty();
+    let outcome = state
+        .store
+        .append(AppendRequest {
+            path: path.to_string(),
+            content_type,
+            body,
+            close: req.closed(),
+            seq,
+            producer: producer.clone(),
+        })
+        .await?;
+    // 200 says "new data from this producer"; everything else (plain appends,
+    // closes, duplicates) is 204.
+    let status = match (&producer, outcome.duplicate, appended) {
+        (Some(_), false, true) => StatusCode::OK,
+        _ => StatusCode::NO_CONTENT,
+    };
+    let mut res = status.into_response();
+    let hm = res.headers_mut();
+    set(hm, h::STREAM_NEXT_OFFSET, outcome.info.tail_offset());
+    if outcome.info.closed {
+        hm.insert(h::STREAM_CLOSED, HeaderValue::from_static("true"));
+    }
+    if let (Some(req_producer), Some(state)) = (&producer, outcome.producer) {
+        set(hm, h::PRODUCER_EPOCH, state.epoch.max(req_producer.epoch));
+        set(hm, h::PRODUCER_SEQ, state.last_seq);
+    }
+    Ok(res)
+}
+
+fn head(state: &AppState, path: &StreamPath) -> ApiResult<Response> {
+    let info = state.store.head(path.as_str())?;
+    let mut res = StatusCode::OK.into_response();
+    let hm = res.headers_mut();
+    stream_headers(hm, &info);
+    if let Some(ttl) = info.ttl_secs {
+        set(hm, h::STREAM_TTL, ttl);
+    }
+    if let Some(at) = &info.expires_at {
+        set(hm, h::STREAM_EXPIRES_AT, at);
+    }
+    hm.insert("cache-control", HeaderValue::from_static("no-store"));
+    Ok(res)
+}
+
+async fn delete(state: &AppState, path: &StreamPath) -> ApiResult<Response> {
+    state.store.delete(path.as_str()).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The query of a read.
+struct ReadQuery {
+    offset: ReadOffset,
+    offset_given: bool,
+    live: Option<Live>,
+    cursor: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Live {
+    LongPoll,
+    Sse,
+}
+
+fn parse_query(query: Option<&str>) -> ApiResult<ReadQuery> {
+    let mut offset = None;
+    let mut live = None;
+    let mut cursor = None;
+    for (key, value) in form_pairs(query.unwrap_or("")) {
+        match key.as_str() {
+            "offset" => offset = Some(value),
+            "live" => {
+                live = Some(match value.as_str() {
+                    "long-poll" => Live::LongPoll,
+                    "sse" => Live::Sse,
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "live must be long-poll or sse, got {other:?}"
+                        )))
+                    }
+                })
+            }
+            "cursor" => cursor = Some(value),
+            _ => {}
+        }
+    }
+    let parsed = ReadOffset::parse(offset.as_deref())?;
+    Ok(ReadQuery {
+        offset: parsed,
+        offset_given: offset.is_some(),
+        live,
+        cursor,
+    })
+}
+
+/// `application/x-www-form-urlencoded` pairs, percent-decoded.
+pub(crate) fn form_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+pub(crate) fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = match (bytes[i], bytes.get(i + 1..i + 3)) {
+            (b'%', Some(pair)) => std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok()),
+            _ => None,
+        };
+        match (decoded, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 3;
+            }
+            (None, b'+') => {
+                out.push(b' ');
+                i += 1;
+            }
+            (None, b) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn read_from(offset: ReadOffset) -> ReadFrom {
+    match offset {
+        ReadOffset::Start => ReadFrom::Start,
+        ReadOffset::Now => ReadFrom::Tail,
+        ReadOffset::At(o) => ReadFrom::At(o),
+    }
+}
+
+fn cursor_for(echoed: Option<&str>) -> Cursor {
+    Cursor::next(
+        chrono::Utc::now().timestamp(),
+        echoed,
+        rand::random_range(1..=3600),
+    )
+}
+
+async fn get(
+    state: &AppState,
+    path: &StreamPath,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
+    let q = parse_query(query)?;
+    match q.live {
+        None => catch_up(state, path, &q, headers),
+        Some(_) if !q.offset_given => Err(ApiError::bad_request("live reads need an offset")),
+        Some(Live::LongPoll) => long_poll(state, path, &q).await,
+        Some(Live::Sse) => sse(state, path, &q),
+    }
+}
+
+/// The body of a batch: a JSON array in JSON mode, the bytes otherwise.
+fn batch_body(batch: &ReadBatch) -> Bytes {
+    if batch.json {
+        let mut out = BytesMut::with_capacity(batch.byte_len() + batch.chunks.len() + 2);
+        out.extend_from_slice(b"[");
+        for (i, msg) in batch.chunks.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b",");
+            }
+            out.extend_from_slice(msg);
+        }
+        out.extend_from_slice(b"]");
+        out.freeze()
+    } else if batch.chunks.len() == 1 {
+        batch.chunks[0].clone()
+    } else {
+        let mut out = BytesMut::with_capacity(batch.byte_len());
+        for c in &batch.chunks {
+            out.extend_from_slice(c);
+        }
+        out.freeze()
+    }
+}
+
+fn etag(batch: &ReadBatch) -> String {
+    let closed = if batch.at_closed_end() { ":c" } else { "" };
+    format!(
+        "\"{}:{}:{}{}\"",
+        batch.info.id, batch.start.0, batch.next.0, closed
+    )
+}
+
+fn read_headers(hm: &mut HeaderMap, batch: &ReadBatch) {
+    set(hm, "content-type", &batch.info.content_type);
+    set(hm, h::STREAM_NEXT_OFFSET, batch.next);
+    if batch.up_to_date() {
+        hm.insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
+    }
+    if batch.at_closed_end() {
+        hm.insert(h::STREAM_CLOSED, HeaderValue::from_static("true"));
+    }
+}
+
+fn catch_up(
+    state: &AppState,
+    path: &StreamPath,
+    q: &ReadQuery,
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
+    let batch = state.store.read(
+        path.as_str(),
+        read_from(q.offset),
+        state.config.max_read_bytes,
+    )?;
+    if q.offset == ReadOffset::Now {
+        let body = if batch.json {
+            Bytes::from_static(b"[]")
+        } else {
+            Bytes::new()
+        };
+        let mut res = Response::new(Body::from(body));
+        let hm = res.headers_mut();
+        read_headers(hm, &batch);
+        hm.insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
+        if batch.info.closed {
+            hm.insert(h::STREAM_CLOSED, HeaderValue::from_static("true"));
+        }
+        hm.insert("cache-control", HeaderValue::from_static("no-store"));
+        return Ok(res);
+    }
+    let tag = etag(&batch);
+    let matches = headers
+        .get("if-none-match")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"));
+    let mut res = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        Response::new(Body::from(batch_body(&batch)))
+    };
+    let hm = res.headers_mut();
+    if !matches {
+        read_headers(hm, &batch);
+    } else {
+        set(hm, h::STREAM_NEXT_OFFSET, batch.next);
+    }
+    set(hm, "etag", tag);
+    hm.insert(
+        "cache-control",
+        HeaderValue::from_static("private, max-age=60, stale-while-revalidate=300"),
+    );
+    Ok(res)
+}
+
+async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiResult<Response> {
+    let store = &state.store;
+    let mut signal = store.subscribe(path.as_str())?;
+    store.touch(path.as_str());
+    let from = match q.offset {
+        ReadOffset::Now => store.head(path.as_str())?.tail_offset(),
+        ReadOffset::Start => Offset::ZERO,
+        ReadOffset::At(o) => o,
+    };
+    let deadline = tokio::time::Instant::now() + state.config.long_poll_timeout;
+    let cursor = cursor_for(q.cursor.as_deref());
+    loop {
+        let batch = store.read(
+            path.as_str(),
+            ReadFrom::At(from),
+            state.config.max_read_bytes,
+        )?;
+        if !batch.is_empty() {
+            let mut res = Response::new(Body::from(batch_body(&batch)));
+            let hm = res.headers_mut();
+            read_headers(hm, &batch);
+            set(hm, "etag", etag(&batch));
+            if !batch.at_closed_end() {
+                set(hm, h::STREAM_CURSOR, cursor);
+            }
+            hm.insert(
+                "cache-control",
+                HeaderValue::from_static("private, max-age=60, stale-while-revalidate=300"),
+            );
+            return Ok(res);
+        }
+        if batch.at_closed_end() {
+            let mut res = StatusCode::NO_CONTENT.into_response();
+            let hm = res.headers_mut();
+            read_headers(hm, &batch);
+            hm.insert("cache-control", HeaderValue::from_static("no-store"));
+            return Ok(res);
+        }
+        tokio::select! {
+            changed = signal.changed() => {
+                if changed.is_err() {
+                    // The stream was removed; the next read says so (or finds its successor).
+                    signal = store.subscribe(path.as_str())?;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = state.shutdown.cancelled() => break,
+        }
+    }
+    let info = store.head(path.as_str())?;
+    let mut res = StatusCode::NO_CONTENT.into_response();
+    let hm = res.headers_mut();
+    set(hm, h::STREAM_NEXT_OFFSET, from);
+    hm.insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
+    if info.closed && info.tail == from.0 {
+        hm.insert(h::STREAM_CLOSED, HeaderValue::from_static("true"));
+    } else {
+        set(hm, h::STREAM_CURSOR, cursor);
+    }
+    hm.insert("cache-control", HeaderValue::from_static("no-store"));
+    Ok(res)
+}
+
+/// One SSE event; every line of the payload gets its own `data:` line.
+fn sse_event(name: &str, payload: &str) -> Bytes {
+    let mut out = String::with_capacity(payload.len() + 32);
+    out.push_str("event: ");
+    out.push_str(name);
+    out.push('\n');
+    for line in payload.split('\n') {
+        out.push_str("data:");
+        out.push_str(line.strip_suffix('\r').unwrap_or(line));
+        out.push('\n');
+    }
+    out.push('\n');
+    Bytes::from(out)
+}
+
+fn sse_data(batch: &ReadBatch, base64: bool) -> Bytes {
+    let body = batch_body(batch);
+    let text = if base64 {
+        base64::engine::general_purpose::STANDARD.encode(&body)
+    } else {
+        String::from_utf8_lossy(&body)
+            .replace("\r\n", "\n")
+            .replace('\r', "\n")
+    };
+    sse_event("data", &text)
+}
+
+fn sse_control(next: Offset, cursor: Option<Cursor>, up_to_date: bool, closed: bool) -> Bytes {
+    let mut control = serde_json::Map::new();
+    control.insert("streamNextOffset".into(), next.to_string().into());
+    if let (Some(c), false) = (cursor, closed) {
+        control.insert("streamCursor".into(), c.to_string().into());
+    }
+    if up_to_date || closed {
+        control.insert("upToDate".into(), true.into());
+    }
+    if closed {
+        control.insert("streamClosed".into(), true.into());
+    }
+    sse_event("control", &serde_json::Value::Object(control).to_string())
+}
+
+fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiResult<Response> {
+    let store = state.store.clone();
+    let mut signal = store.subscribe(path.as_str())?;
+    store.touch(path.as_str());
+    let info = store.head(path.as_str())?;
+    let base64 = !info.content_type().is_sse_text();
+    let mut pos = match q.offset {
+        ReadOffset::Now => info.tail_offset(),
+        ReadOffset::Start => Offset::ZERO,
+        ReadOffset::At(o) => o,
+    };
+    // Validate the offset before answering 200.
+    store.read(path.as_str(), ReadFrom::At(pos), 0)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(8);
+    let path = path.as_str().to_owned();
+    let max_read = state.config.max_read_bytes;
+    let shutdown = state.shutdown.clone();
+    let deadline = tokio::time::Instant::now() + state.config.sse_max_duration;
+    let echoed = q.cursor.clone();
+    tokio::spawn(async move {
+        let mut announced = false;
+        loop {
+            let batch = match store.read(&path, ReadFrom::At(pos), max_read) {
+                Ok(b) => b,
+                Err(StoreError::NotFound | StoreError::Gone) => break,
+                Err(err) => {
+                    tracing::warn!(%err, path, "sse read failed");
+                    break;
+                }
+            };
+            let closed = batch.at_closed_end();
+            let cursor = Some(cursor_for(echoed.as_deref()));
+            if !batch.is_empty() {
+                pos = batch.next;
+                if tx.send(Ok(sse_data(&batch, base64))).await.is_err() {
+                    return;
+                }
+                if tx
+                    .send(Ok(sse_control(pos, cursor, batch.up_to_date(), closed)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                announced = true;
+                if closed {
+                    break;
+                }
+                continue;
+            }
+            if !announced || closed {
+                if tx
+                    .send(Ok(sse_control(pos, cursor, true, closed)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                announced = true;
+            }
+            if closed {
+                break;
+            }
+            tokio::select! {
+                changed = signal.changed() => {
+                    if changed.is_err() {
+                        match store.subscribe(&path) {
+                            Ok(s) => signal = s,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = shutdown.cancelled() => break,
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut res = Response::new(body);
+    let hm = res.headers_mut();
+    hm.insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
+    hm.insert("cache-control", HeaderValue::from_static("no-cache"));
+    hm.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if base64 {
+        hm.insert(h::SSE_DATA_ENCODING, HeaderValue::from_static("base64"));
+    }
+    Ok(res)
+}
+
+/// How long to wait, as humantime text (for logs and config echo).
+pub fn describe(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}

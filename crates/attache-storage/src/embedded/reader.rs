@@ -1,0 +1,151 @@
+//! Reads: committed rows only, stitched across fork lineage, bounded in size.
+
+use bytes::Bytes;
+use redb::ReadableDatabase;
+
+use super::{Shared, CHUNKS};
+use crate::error::{StoreError, StoreResult};
+use crate::model::{ReadBatch, ReadFrom, StreamInfo};
+use attache_core::Offset;
+
+/// A run of positions `[lo, hi)` served by the rows of stream `id`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Segment {
+    pub(crate) id: u64,
+    pub(crate) lo: u64,
+    pub(crate) hi: u64,
+}
+
+/// Which streams serve `[lo, hi)` of `info`: its sources below each fork point,
+/// itself above.
+pub(crate) fn segments(
+    shared: &Shared,
+    info: &StreamInfo,
+    lo: u64,
+    hi: u64,
+) -> StoreResult<Vec<Segment>> {
+    let mut out = Vec::new();
+    collect(shared, info, lo, hi, &mut out, 0)?;
+    Ok(out)
+}
+
+fn collect(
+    shared: &Shared,
+    info: &StreamInfo,
+    lo: u64,
+    hi: u64,
+    out: &mut Vec<Segment>,
+    depth: u32,
+) -> StoreResult<()> {
+    if depth > 64 {
+        return Err(StoreError::Storage("fork chain deeper than 64".into()));
+    }
+    match &info.fork {
+        Some(fork) if lo < fork.offset => {
+            let source = shared
+                .index
+                .read()
+                .by_id
+                .get(&fork.source_id)
+                .map(|e| e.info())
+                .ok_or_else(|| {
+                    StoreError::Storage(format!("fork source {} is missing", fork.source_id))
+                })?;
+            collect(shared, &source, lo, hi.min(fork.offset), out, depth + 1)?;
+            if hi > fork.offset {
+                out.push(Segment {
+                    id: info.id,
+                    lo: fork.offset,
+                    hi,
+                });
+            }
+        }
+        _ => out.push(Segment {
+            id: info.id,
+            lo,
+            hi,
+        }),
+    }
+    Ok(())
+}
+
+pub(crate) fn read(
+    shared: &Shared,
+    info: &StreamInfo,
+    from: ReadFrom,
+    max_bytes: usize,
+) -> StoreResult<ReadBatch> {
+    let tail = info.tail;
+    let start = match from {
+        ReadFrom::Start => 0,
+        ReadFrom::Tail => tail,
+        ReadFrom::At(Offset(o)) => o,
+    };
+    if start > tail {
+        return Err(StoreError::Invalid(
+            "offset is beyond the end of the stream".into(),
+        ));
+    }
+    let json = info.is_json();
+    let mut chunks = Vec::new();
+    let mut pos = start;
+    if start < tail {
+        let txn = shared.db.begin_read()?;
+        let table = txn.open_table(CHUNKS)?;
+        let mut bytes = 0usize;
+        'segments: for seg in segments(shared, info, start, tail)? {
+            if json {
+                for row in table.range((seg.id, seg.lo)..(seg.id, seg.hi))? {
+                    let (key, value) = row?;
+                    let msg = &value.value()[1..];
+                    if !chunks.is_empty() && bytes + msg.len() > max_bytes {
+                        break 'segments;
+                    }
+                    bytes += msg.len();
+                    chunks.push(Bytes::copy_from_slice(msg));
+                    pos = key.value().1 + msg.len() as u64 + 1;
+                }
+            } else {
+                // The row holding `lo` may start before it (a fork point or offset inside a row).
+                let mut first = seg.lo;
+                if let Some(row) = table.range((seg.id, 0)..=(seg.id, seg.lo))?.next_back() {
+                    let (key, value) = row?;
+                    let row_start = key.value().1;
+                    if row_start + (value.value().len() as u64 - 1) > seg.lo {
+                        first = row_start;
+                    }
+                }
+                for row in table.range((seg.id, first)..(seg.id, seg.hi))? {
+                    let (key, value) = row?;
+                    let row_start = key.value().1;
+                    let data = &value.value()[1..];
+                    let row_end = row_start + data.len() as u64;
+                    let a = (seg.lo.max(row_start) - row_start) as usize;
+                    let b = (seg.hi.min(row_end) - row_start) as usize;
+                    if a >= b {
+                        continue;
+                    }
+                    let room = max_bytes.saturating_sub(bytes);
+                    if room == 0 {
+                        break 'segments;
+                    }
+                    let take = (b - a).min(room);
+                    chunks.push(Bytes::copy_from_slice(&data[a..a + take]));
+                    bytes += take;
+                    pos = row_start + (a + take) as u64;
+                    if take < b - a {
+                        break 'segments;
+                    }
+                }
+            }
+            pos = seg.hi;
+        }
+    }
+    Ok(ReadBatch {
+        info: info.clone(),
+        start: Offset(start),
+        next: Offset(pos),
+        chunks,
+        json,
+    })
+}

@@ -1,0 +1,150 @@
+//! The values that cross the storage seam.
+
+use attache_core::{
+    ContentType, ExpiresAt, Offset, ProducerHeaders, ProducerState, StreamPath, Ttl,
+};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A stream's committed metadata, as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    pub id: u64,
+    pub path: String,
+    pub content_type: String,
+    pub ttl_secs: Option<u64>,
+    pub expires_at: Option<String>,
+    pub expires_at_ms: Option<i64>,
+    pub created_at_ms: i64,
+    pub closed: bool,
+    /// The next position: where the next append lands.
+    pub tail: u64,
+    pub fork: Option<ForkInfo>,
+    /// How many forks read through this stream.
+    pub fork_refs: u32,
+    pub soft_deleted: bool,
+    /// Last `Stream-Seq` accepted (scope: the stream).
+    pub last_seq: Option<String>,
+    /// The producer request that closed the stream, so its retry is a duplicate.
+    pub closed_by: Option<(String, u64, u64)>,
+    /// The principal that created the stream.
+    pub owner: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkInfo {
+    pub source_id: u64,
+    pub source_path: String,
+    /// The divergence position: below it, data comes from the source.
+    pub offset: u64,
+    /// As requested, for idempotent re-creation.
+    pub requested_offset: u64,
+    pub requested_sub_offset: u64,
+}
+
+impl StreamInfo {
+    pub fn content_type(&self) -> ContentType {
+        ContentType::parse(&self.content_type).unwrap_or_else(|_| ContentType::octet_stream())
+    }
+    pub fn is_json(&self) -> bool {
+        attache_core::stream::is_json_media(&self.content_type)
+    }
+    pub fn tail_offset(&self) -> Offset {
+        Offset(self.tail)
+    }
+    pub fn ttl(&self) -> Option<Ttl> {
+        self.ttl_secs.map(Ttl)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ForkSpec {
+    pub source: StreamPath,
+    /// Defaults to the source's tail.
+    pub offset: Option<Offset>,
+    pub sub_offset: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct CreateStream {
+    pub path: StreamPath,
+    /// `None` only for forks, which inherit the source's type.
+    pub content_type: Option<ContentType>,
+    pub ttl: Option<Ttl>,
+    pub expires_at: Option<ExpiresAt>,
+    pub closed: bool,
+    pub initial: Bytes,
+    pub fork: Option<ForkSpec>,
+    pub owner: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum CreateOutcome {
+    Created(StreamInfo),
+    Existed(StreamInfo),
+}
+
+impl CreateOutcome {
+    pub fn info(&self) -> &StreamInfo {
+        match self {
+            CreateOutcome::Created(i) | CreateOutcome::Existed(i) => i,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AppendRequest {
+    pub path: String,
+    pub content_type: Option<ContentType>,
+    pub body: Bytes,
+    pub close: bool,
+    pub seq: Option<String>,
+    pub producer: Option<ProducerHeaders>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AppendOutcome {
+    pub info: StreamInfo,
+    /// The producer's state after this request (echoed in headers).
+    pub producer: Option<ProducerState>,
+    /// True when nothing was written because the request was a retry.
+    pub duplicate: bool,
+}
+
+/// Where a read starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFrom {
+    Start,
+    Tail,
+    At(Offset),
+}
+
+/// Committed data from one read.
+#[derive(Debug, Clone)]
+pub struct ReadBatch {
+    pub info: StreamInfo,
+    pub start: Offset,
+    pub next: Offset,
+    /// Binary: byte runs to concatenate. JSON: one message per element.
+    pub chunks: Vec<Bytes>,
+    pub json: bool,
+}
+
+impl ReadBatch {
+    pub fn up_to_date(&self) -> bool {
+        self.next.0 >= self.info.tail
+    }
+    /// EOF: the stream is closed and this read reached its end.
+    pub fn at_closed_end(&self) -> bool {
+        self.info.closed && self.up_to_date()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+    pub fn byte_len(&self) -> usize {
+        self.chunks.iter().map(|c| c.len()).sum()
+    }
+}
+
+/// Wakes live readers after each committed change to one stream.
+pub type ChangeSignal = tokio::sync::watch::Receiver<u64>;
