@@ -2,6 +2,7 @@
 //! clients of a running server.
 
 mod serve;
+mod token;
 
 use clap::{Parser, Subcommand};
 
@@ -20,23 +21,24 @@ struct Cli {
 enum Command {
     /// Run the server on the embedded store.
     Serve(serve::ServeArgs),
+    /// Manage bearer tokens (token auth mode).
+    Token(token::TokenArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Token(args) = cli.command {
+        return token::run(args);
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ATTACHE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ATTACHE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Token(_) => Ok(()),
         }
     })
 }

@@ -26,7 +26,11 @@ pub struct ServeArgs {
     /// Acknowledge writes before they are synced to disk (faster; a crash may lose the last moments)
     #[arg(long, env = "ATTACHE_NO_FSYNC")]
     no_fsync: bool,
-    /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync
+    /// Who is asking: `dev` trusts the electric-principal header (loopback only),
+    /// `token` requires Authorization: Bearer [default: dev on loopback, token elsewhere]
+    #[arg(long, env = "ATTACHE_AUTH", value_parser = ["dev", "token"])]
+    auth: Option<String>,
+    /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync, auth
     #[arg(long, env = "ATTACHE_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -40,26 +44,20 @@ struct FileConfig {
     long_poll_timeout: Option<String>,
     max_append_bytes: Option<usize>,
     no_fsync: Option<bool>,
+    auth: Option<String>,
 }
 
 fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     let file: FileConfig = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read config file {}", path.display()))?;
-            toml::from_str(&text)
-                .with_context(|| format!("config file {} is not valid", path.display()))?
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))?
         }
         None => FileConfig::default(),
     };
-    let listen = args
-        .listen
-        .or(file.listen)
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4437)));
-    let data_dir = args
-        .data_dir
-        .or(file.data_dir)
-        .unwrap_or_else(|| PathBuf::from("./attache-data"));
+    let listen = args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4437)));
+    let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./attache-data"));
     let mut config = ServerConfig::new(listen, data_dir);
     if let Some(t) = args.long_poll_timeout {
         config.long_poll_timeout = t;
@@ -71,6 +69,12 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         config.max_append_bytes = n;
     }
     config.durable = !(args.no_fsync || file.no_fsync.unwrap_or(false));
+    if let Some(mode) = args.auth.or(file.auth) {
+        config.auth = Some(
+            attache_server::auth::AuthMode::parse(&mode)
+                .with_context(|| format!("auth must be dev or token, got {mode:?}"))?,
+        );
+    }
     Ok(config)
 }
 

@@ -14,8 +14,7 @@ pub enum JsonBodyUse {
 
 /// Splits a JSON body into its messages, each the exact bytes of one value.
 pub fn split_messages(body: &[u8], usage: JsonBodyUse) -> Result<Vec<&[u8]>> {
-    let text =
-        std::str::from_utf8(body).map_err(|_| Error::InvalidJson("body is not UTF-8".into()))?;
+    let text = std::str::from_utf8(body).map_err(|_| Error::InvalidJson("body is not UTF-8".into()))?;
     let trimmed = text.trim_matches(|c: char| c.is_ascii_whitespace());
     if trimmed.is_empty() {
         return match usage {
@@ -24,15 +23,13 @@ pub fn split_messages(body: &[u8], usage: JsonBodyUse) -> Result<Vec<&[u8]>> {
         };
     }
     if trimmed.starts_with('[') {
-        let items: Vec<&RawValue> =
-            serde_json::from_str(trimmed).map_err(|e| Error::InvalidJson(e.to_string()))?;
+        let items: Vec<&RawValue> = serde_json::from_str(trimmed).map_err(|e| Error::InvalidJson(e.to_string()))?;
         if items.is_empty() && usage == JsonBodyUse::Append {
             return Err(Error::EmptyJsonArray);
         }
         Ok(items.into_iter().map(|raw| raw.get().as_bytes()).collect())
     } else {
-        let one: &RawValue =
-            serde_json::from_str(trimmed).map_err(|e| Error::InvalidJson(e.to_string()))?;
+        let one: &RawValue = serde_json::from_str(trimmed).map_err(|e| Error::InvalidJson(e.to_string()))?;
         Ok(vec![one.get().as_bytes()])
     }
 }
@@ -52,14 +49,8 @@ mod tests {
 
     #[test]
     fn arrays_flatten_exactly_one_level() {
-        assert_eq!(
-            split(r#"{"event": "created"}"#),
-            vec![r#"{"event": "created"}"#]
-        );
-        assert_eq!(
-            split(r#"[{"a":1}, {"b":2}]"#),
-            vec![r#"{"a":1}"#, r#"{"b":2}"#]
-        );
+        assert_eq!(split(r#"{"event": "created"}"#), vec![r#"{"event": "created"}"#]);
+        assert_eq!(split(r#"[{"a":1}, {"b":2}]"#), vec![r#"{"a":1}"#, r#"{"b":2}"#]);
         assert_eq!(split("[[1,2], [3,4]]"), vec!["[1,2]", "[3,4]"]);
         assert_eq!(split("[[[1,2,3]]]"), vec!["[[1,2,3]]"]);
         assert_eq!(split(" 0 "), vec!["0"]);
@@ -67,22 +58,14 @@ mod tests {
 
     #[test]
     fn empty_arrays_are_rejected_on_append_but_create_empty_streams() {
-        assert_eq!(
-            split_messages(b"[]", JsonBodyUse::Append),
-            Err(Error::EmptyJsonArray)
-        );
-        assert!(split_messages(b"[ ]", JsonBodyUse::Create)
-            .unwrap()
-            .is_empty());
+        assert_eq!(split_messages(b"[]", JsonBodyUse::Append), Err(Error::EmptyJsonArray));
+        assert!(split_messages(b"[ ]", JsonBodyUse::Create).unwrap().is_empty());
     }
 
     #[test]
     fn invalid_json_is_rejected() {
         for bad in ["{", "[1,", "nope", "{\"a\":1} {\"b\":2}", "\u{0}"] {
-            assert!(
-                split_messages(bad.as_bytes(), JsonBodyUse::Append).is_err(),
-                "{bad:?}"
-            );
+            assert!(split_messages(bad.as_bytes(), JsonBodyUse::Append).is_err(), "{bad:?}");
         }
     }
 

@@ -7,13 +7,19 @@
 //! both call into this crate, so a rule is written once and tested without
 //! a server.
 
+pub mod entity;
 pub mod error;
 pub mod json;
+pub mod manifest;
 pub mod offset;
+pub mod principal;
 pub mod producer;
+pub mod state;
 pub mod stream;
 
+pub use entity::{EntityStream, EntityUrl, GrantSubject, Permission};
 pub use error::{Error, Result};
 pub use offset::{Cursor, Offset, ReadOffset};
+pub use principal::{PrincipalKey, PrincipalKind};
 pub use producer::{ProducerCheck, ProducerHeaders, ProducerState};
 pub use stream::{ContentType, ExpiresAt, StreamPath, Ttl};

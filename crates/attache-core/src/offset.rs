@@ -115,10 +115,7 @@ mod tests {
             "0000000000000000_+000000000000001",
             "0000000000000000",
         ] {
-            assert!(
-                ReadOffset::parse(Some(bad)).is_err(),
-                "{bad:?} should be rejected"
-            );
+            assert!(ReadOffset::parse(Some(bad)).is_err(), "{bad:?} should be rejected");
         }
     }
 

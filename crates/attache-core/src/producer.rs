@@ -16,23 +16,15 @@ pub struct ProducerHeaders {
 
 impl ProducerHeaders {
     /// All three headers or none; anything else is a 400.
-    pub fn parse(
-        id: Option<&str>,
-        epoch: Option<&str>,
-        seq: Option<&str>,
-    ) -> Result<Option<ProducerHeaders>> {
+    pub fn parse(id: Option<&str>, epoch: Option<&str>, seq: Option<&str>) -> Result<Option<ProducerHeaders>> {
         match (id, epoch, seq) {
             (None, None, None) => Ok(None),
             (Some(id), Some(epoch), Some(seq)) => {
                 if id.is_empty() {
-                    return Err(Error::InvalidProducer(
-                        "Producer-Id must not be empty".into(),
-                    ));
+                    return Err(Error::InvalidProducer("Producer-Id must not be empty".into()));
                 }
                 if id.len() > 256 || id.chars().any(|c| c.is_control()) {
-                    return Err(Error::InvalidProducer(
-                        "Producer-Id is at most 256 printable characters".into(),
-                    ));
+                    return Err(Error::InvalidProducer("Producer-Id is at most 256 printable characters".into()));
                 }
                 Ok(Some(ProducerHeaders {
                     id: id.to_owned(),
@@ -40,9 +32,9 @@ impl ProducerHeaders {
                     seq: parse_safe_integer("Producer-Seq", seq)?,
                 }))
             }
-            _ => Err(Error::InvalidProducer(
-                "Producer-Id, Producer-Epoch and Producer-Seq must be sent together".into(),
-            )),
+            _ => {
+                Err(Error::InvalidProducer("Producer-Id, Producer-Epoch and Producer-Seq must be sent together".into()))
+            }
         }
     }
 }
@@ -52,9 +44,7 @@ fn parse_safe_integer(name: &str, raw: &str) -> Result<u64> {
     let value = if ok { raw.parse::<u64>().ok() } else { None };
     match value {
         Some(v) if v <= MAX_SAFE_INTEGER => Ok(v),
-        _ => Err(Error::InvalidProducer(format!(
-            "{name} must be a non-negative integer up to 2^53-1, got {raw:?}"
-        ))),
+        _ => Err(Error::InvalidProducer(format!("{name} must be a non-negative integer up to 2^53-1, got {raw:?}"))),
     }
 }
 
@@ -84,32 +74,17 @@ impl ProducerCheck {
     pub fn decide(state: Option<ProducerState>, req: &ProducerHeaders) -> ProducerCheck {
         let Some(state) = state else {
             return if req.seq == 0 {
-                ProducerCheck::Accept {
-                    next: ProducerState {
-                        epoch: req.epoch,
-                        last_seq: 0,
-                    },
-                }
+                ProducerCheck::Accept { next: ProducerState { epoch: req.epoch, last_seq: 0 } }
             } else {
-                ProducerCheck::Gap {
-                    expected: 0,
-                    received: req.seq,
-                }
+                ProducerCheck::Gap { expected: 0, received: req.seq }
             };
         };
         if req.epoch < state.epoch {
-            return ProducerCheck::StaleEpoch {
-                current: state.epoch,
-            };
+            return ProducerCheck::StaleEpoch { current: state.epoch };
         }
         if req.epoch > state.epoch {
             return if req.seq == 0 {
-                ProducerCheck::Accept {
-                    next: ProducerState {
-                        epoch: req.epoch,
-                        last_seq: 0,
-                    },
-                }
+                ProducerCheck::Accept { next: ProducerState { epoch: req.epoch, last_seq: 0 } }
             } else {
                 ProducerCheck::EpochMustStartAtZero
             };
@@ -117,17 +92,9 @@ impl ProducerCheck {
         if req.seq <= state.last_seq {
             ProducerCheck::Duplicate { state }
         } else if req.seq == state.last_seq + 1 {
-            ProducerCheck::Accept {
-                next: ProducerState {
-                    epoch: state.epoch,
-                    last_seq: req.seq,
-                },
-            }
+            ProducerCheck::Accept { next: ProducerState { epoch: state.epoch, last_seq: req.seq } }
         } else {
-            ProducerCheck::Gap {
-                expected: state.last_seq + 1,
-                received: req.seq,
-            }
+            ProducerCheck::Gap { expected: state.last_seq + 1, received: req.seq }
         }
     }
 }
@@ -138,11 +105,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn req(epoch: u64, seq: u64) -> ProducerHeaders {
-        ProducerHeaders {
-            id: "p".into(),
-            epoch,
-            seq,
-        }
+        ProducerHeaders { id: "p".into(), epoch, seq }
     }
 
     #[test]
@@ -158,45 +121,15 @@ mod tests {
 
     #[test]
     fn the_protocol_decision_table_holds() {
-        let s = Some(ProducerState {
-            epoch: 2,
-            last_seq: 5,
-        });
-        assert_eq!(
-            ProducerCheck::decide(s, &req(1, 0)),
-            ProducerCheck::StaleEpoch { current: 2 }
-        );
-        assert_eq!(
-            ProducerCheck::decide(s, &req(3, 1)),
-            ProducerCheck::EpochMustStartAtZero
-        );
-        assert!(matches!(
-            ProducerCheck::decide(s, &req(3, 0)),
-            ProducerCheck::Accept { .. }
-        ));
-        assert!(matches!(
-            ProducerCheck::decide(s, &req(2, 5)),
-            ProducerCheck::Duplicate { .. }
-        ));
-        assert!(matches!(
-            ProducerCheck::decide(s, &req(2, 0)),
-            ProducerCheck::Duplicate { .. }
-        ));
-        assert!(matches!(
-            ProducerCheck::decide(s, &req(2, 6)),
-            ProducerCheck::Accept { .. }
-        ));
-        assert_eq!(
-            ProducerCheck::decide(s, &req(2, 8)),
-            ProducerCheck::Gap {
-                expected: 6,
-                received: 8
-            }
-        );
-        assert!(matches!(
-            ProducerCheck::decide(None, &req(7, 0)),
-            ProducerCheck::Accept { .. }
-        ));
+        let s = Some(ProducerState { epoch: 2, last_seq: 5 });
+        assert_eq!(ProducerCheck::decide(s, &req(1, 0)), ProducerCheck::StaleEpoch { current: 2 });
+        assert_eq!(ProducerCheck::decide(s, &req(3, 1)), ProducerCheck::EpochMustStartAtZero);
+        assert!(matches!(ProducerCheck::decide(s, &req(3, 0)), ProducerCheck::Accept { .. }));
+        assert!(matches!(ProducerCheck::decide(s, &req(2, 5)), ProducerCheck::Duplicate { .. }));
+        assert!(matches!(ProducerCheck::decide(s, &req(2, 0)), ProducerCheck::Duplicate { .. }));
+        assert!(matches!(ProducerCheck::decide(s, &req(2, 6)), ProducerCheck::Accept { .. }));
+        assert_eq!(ProducerCheck::decide(s, &req(2, 8)), ProducerCheck::Gap { expected: 6, received: 8 });
+        assert!(matches!(ProducerCheck::decide(None, &req(7, 0)), ProducerCheck::Accept { .. }));
     }
 
     proptest! {

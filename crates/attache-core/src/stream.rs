@@ -15,28 +15,16 @@ impl StreamPath {
     pub fn new(path: impl Into<String>) -> Result<StreamPath> {
         let path = path.into();
         if !path.starts_with('/') || path.len() < 2 {
-            return Err(Error::InvalidPath(
-                path,
-                "a stream path starts with '/' and names something",
-            ));
+            return Err(Error::InvalidPath(path, "a stream path starts with '/' and names something"));
         }
         if path.len() > Self::MAX_LEN {
-            return Err(Error::InvalidPath(
-                path,
-                "a stream path is at most 1024 bytes",
-            ));
+            return Err(Error::InvalidPath(path, "a stream path is at most 1024 bytes"));
         }
         if path.chars().any(|c| c.is_control()) {
-            return Err(Error::InvalidPath(
-                path,
-                "a stream path has no control characters",
-            ));
+            return Err(Error::InvalidPath(path, "a stream path has no control characters"));
         }
         if path.split('/').any(|seg| seg == "." || seg == "..") {
-            return Err(Error::InvalidPath(
-                path,
-                "a stream path has no '.' or '..' segments",
-            ));
+            return Err(Error::InvalidPath(path, "a stream path has no '.' or '..' segments"));
         }
         Ok(StreamPath(path))
     }
@@ -63,10 +51,7 @@ impl ContentType {
         let trimmed = raw.trim();
         let media = trimmed.split(';').next().unwrap_or("").trim();
         let valid = media.split_once('/').is_some_and(|(a, b)| {
-            !a.is_empty()
-                && !b.is_empty()
-                && !b.contains('/')
-                && media.bytes().all(|c| c.is_ascii_graphic())
+            !a.is_empty() && !b.is_empty() && !b.contains('/') && media.bytes().all(|c| c.is_ascii_graphic())
         });
         if !valid {
             return Err(Error::InvalidContentType(raw.to_owned()));
@@ -104,11 +89,7 @@ impl ContentType {
 }
 
 pub fn media_type_of(raw: &str) -> String {
-    raw.split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase()
+    raw.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
 }
 
 pub fn is_json_media(raw: &str) -> bool {
@@ -122,15 +103,11 @@ pub struct Ttl(pub u64);
 impl Ttl {
     /// Non-negative decimal without sign, leading zeros, point or exponent.
     pub fn parse(raw: &str) -> Result<Ttl> {
-        let ok = !raw.is_empty()
-            && raw.bytes().all(|b| b.is_ascii_digit())
-            && (raw == "0" || !raw.starts_with('0'));
+        let ok = !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) && (raw == "0" || !raw.starts_with('0'));
         if !ok {
             return Err(Error::InvalidTtl(raw.to_owned()));
         }
-        raw.parse::<u64>()
-            .map(Ttl)
-            .map_err(|_| Error::InvalidTtl(raw.to_owned()))
+        raw.parse::<u64>().map(Ttl).map_err(|_| Error::InvalidTtl(raw.to_owned()))
     }
 }
 
@@ -143,26 +120,17 @@ pub struct ExpiresAt {
 
 impl ExpiresAt {
     pub fn parse(raw: &str) -> Result<ExpiresAt> {
-        let at: DateTime<FixedOffset> = DateTime::parse_from_rfc3339(raw.trim())
-            .map_err(|_| Error::InvalidExpiresAt(raw.to_owned()))?;
-        Ok(ExpiresAt {
-            raw: raw.trim().to_owned(),
-            unix_ms: at.timestamp_millis(),
-        })
+        let at: DateTime<FixedOffset> =
+            DateTime::parse_from_rfc3339(raw.trim()).map_err(|_| Error::InvalidExpiresAt(raw.to_owned()))?;
+        Ok(ExpiresAt { raw: raw.trim().to_owned(), unix_ms: at.timestamp_millis() })
     }
 }
 
 /// When a stream stops existing, given its expiry settings and last access.
-pub fn expiry_deadline_ms(
-    ttl: Option<Ttl>,
-    expires_at: Option<&ExpiresAt>,
-    last_access_ms: i64,
-) -> Option<i64> {
+pub fn expiry_deadline_ms(ttl: Option<Ttl>, expires_at: Option<&ExpiresAt>, last_access_ms: i64) -> Option<i64> {
     match (ttl, expires_at) {
         (_, Some(at)) => Some(at.unix_ms),
-        (Some(Ttl(secs)), None) => {
-            Some(last_access_ms.saturating_add((secs as i64).saturating_mul(1000)))
-        }
+        (Some(Ttl(secs)), None) => Some(last_access_ms.saturating_add((secs as i64).saturating_mul(1000))),
         (None, None) => None,
     }
 }
@@ -176,17 +144,7 @@ mod tests {
     fn ttl_accepts_plain_decimals_only() {
         assert_eq!(Ttl::parse("0").unwrap(), Ttl(0));
         assert_eq!(Ttl::parse("3600").unwrap(), Ttl(3600));
-        for bad in [
-            "",
-            "+3600",
-            "03600",
-            "3600.0",
-            "3.6e3",
-            "-1",
-            " 1",
-            "abc",
-            "99999999999999999999999",
-        ] {
+        for bad in ["", "+3600", "03600", "3600.0", "3.6e3", "-1", " 1", "abc", "99999999999999999999999"] {
             assert!(Ttl::parse(bad).is_err(), "{bad:?}");
         }
     }

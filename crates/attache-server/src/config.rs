@@ -18,6 +18,8 @@ pub struct ServerConfig {
     pub max_read_bytes: usize,
     /// Sync before acknowledging (the default).
     pub durable: bool,
+    /// Dev (trust `electric-principal`) or token; `None` picks dev on loopback, token elsewhere.
+    pub auth: Option<crate::auth::AuthMode>,
 }
 
 impl ServerConfig {
@@ -30,6 +32,7 @@ impl ServerConfig {
             max_append_bytes: 16 << 20,
             max_read_bytes: 1 << 20,
             durable: true,
+            auth: None,
         }
     }
 }

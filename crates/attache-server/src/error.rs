@@ -17,12 +17,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            headers: HeaderMap::new(),
-        }
+        ApiError { status, code, message: message.into(), headers: HeaderMap::new() }
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
@@ -50,46 +45,29 @@ impl From<StoreError> for ApiError {
         let msg = e.to_string();
         match e {
             StoreError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", msg),
-            StoreError::ForkSourceNotFound => {
-                ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", msg)
-            }
+            StoreError::ForkSourceNotFound => ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", msg),
             StoreError::Gone => ApiError::new(StatusCode::GONE, "GONE", msg),
             StoreError::ConfigMismatch(_) | StoreError::ForkSourceGone => {
                 ApiError::new(StatusCode::CONFLICT, "CONFLICT", msg)
             }
-            StoreError::Closed { next } => {
-                ApiError::new(StatusCode::CONFLICT, "STREAM_CLOSED", msg)
-                    .with_header(h::STREAM_CLOSED, "true")
-                    .with_header(h::STREAM_NEXT_OFFSET, next)
-            }
-            StoreError::ContentTypeMismatch { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "CONTENT_TYPE_MISMATCH", msg)
-            }
+            StoreError::Closed { next } => ApiError::new(StatusCode::CONFLICT, "STREAM_CLOSED", msg)
+                .with_header(h::STREAM_CLOSED, "true")
+                .with_header(h::STREAM_NEXT_OFFSET, next),
+            StoreError::ContentTypeMismatch { .. } => ApiError::new(StatusCode::CONFLICT, "CONTENT_TYPE_MISMATCH", msg),
             StoreError::MissingContentType => ApiError::bad_request(msg),
-            StoreError::SeqRegression { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "SEQUENCE_CONFLICT", msg)
-            }
+            StoreError::SeqRegression { .. } => ApiError::new(StatusCode::CONFLICT, "SEQUENCE_CONFLICT", msg),
             StoreError::StaleEpoch { current } => {
-                ApiError::new(StatusCode::FORBIDDEN, "STALE_EPOCH", msg)
-                    .with_header(h::PRODUCER_EPOCH, current)
+                ApiError::new(StatusCode::FORBIDDEN, "STALE_EPOCH", msg).with_header(h::PRODUCER_EPOCH, current)
             }
             StoreError::EpochMustStartAtZero => ApiError::bad_request(msg),
-            StoreError::ProducerGap { expected, received } => {
-                ApiError::new(StatusCode::CONFLICT, "SEQUENCE_GAP", msg)
-                    .with_header(h::PRODUCER_EXPECTED_SEQ, expected)
-                    .with_header(h::PRODUCER_RECEIVED_SEQ, received)
-            }
+            StoreError::ProducerGap { expected, received } => ApiError::new(StatusCode::CONFLICT, "SEQUENCE_GAP", msg)
+                .with_header(h::PRODUCER_EXPECTED_SEQ, expected)
+                .with_header(h::PRODUCER_RECEIVED_SEQ, received),
             StoreError::Invalid(_) | StoreError::Rule(_) => ApiError::bad_request(msg),
-            StoreError::ShuttingDown => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN", msg)
-            }
+            StoreError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN", msg),
             StoreError::Storage(_) => {
                 tracing::error!(error = %msg, "storage failure");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "INTERNAL",
-                    "storage failure",
-                )
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "storage failure")
             }
         }
     }

@@ -35,30 +35,14 @@ const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS";
 pub async fn cors_and_security(req: Request, next: Next) -> Response {
     let preflight = req.method() == Method::OPTIONS;
     let requested_headers = req.headers().get("access-control-request-headers").cloned();
-    let mut res = if preflight {
-        StatusCode::NO_CONTENT.into_response()
-    } else {
-        next.run(req).await
-    };
+    let mut res = if preflight { StatusCode::NO_CONTENT.into_response() } else { next.run(req).await };
     let h = res.headers_mut();
     h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
-    h.insert(
-        "access-control-expose-headers",
-        HeaderValue::from_static(EXPOSED),
-    );
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(
-        "cross-origin-resource-policy",
-        HeaderValue::from_static("cross-origin"),
-    );
+    h.insert("access-control-expose-headers", HeaderValue::from_static(EXPOSED));
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert("cross-origin-resource-policy", HeaderValue::from_static("cross-origin"));
     if preflight {
-        h.insert(
-            "access-control-allow-methods",
-            HeaderValue::from_static(ALLOWED_METHODS),
-        );
+        h.insert("access-control-allow-methods", HeaderValue::from_static(ALLOWED_METHODS));
         // Echo what the browser asks for (it may be any header), after our own list.
         let allow = match requested_headers.as_ref().and_then(|v| v.to_str().ok()) {
             Some(asked) if !asked.is_empty() => format!("{ALLOWED_HEADERS}, {asked}"),

@@ -3,17 +3,22 @@
 //! `router` lists every route; each face lives in its own module and keeps
 //! its handlers thin: parse at the edge, call the store, map the result.
 
+pub mod access;
+pub mod auth;
 pub mod config;
+pub mod entities;
 pub mod error;
 pub mod headers;
 pub mod router;
+pub mod rows;
 pub mod streams;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
-use attache_storage::StreamStore;
+use attache_storage::embedded::{EmbeddedConfig, EmbeddedRegistry, EmbeddedStore};
+use attache_storage::tokens::TokenStore;
+use attache_storage::{Registry, StreamStore};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +29,9 @@ pub use error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn StreamStore>,
+    pub registry: Arc<dyn Registry>,
+    pub auth: Arc<auth::Auth>,
+    pub views: Arc<rows::Views>,
     pub config: Arc<ServerConfig>,
     /// Cancelled at shutdown: live readers finish their responses at once.
     pub shutdown: CancellationToken,
@@ -33,15 +41,13 @@ pub struct AppState {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot open the store in {dir}: {source}")]
-    Store {
-        dir: String,
-        source: attache_storage::StoreError,
-    },
+    Store { dir: String, source: attache_storage::StoreError },
+    #[error(
+        "dev auth trusts a request header and is allowed only on loopback addresses; {addr} is not: use --auth token"
+    )]
+    DevAuthNotLoopback { addr: SocketAddr },
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
 }
 
 /// A running server: its address, and the handle that stops it.
@@ -56,24 +62,25 @@ impl Server {
     pub async fn start(config: ServerConfig) -> Result<Server, StartError> {
         let mut store_config = EmbeddedConfig::new(&config.data_dir);
         store_config.durable = config.durable;
-        let store = EmbeddedStore::open(store_config).map_err(|source| StartError::Store {
-            dir: config.data_dir.display().to_string(),
-            source,
-        })?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Listen {
-                    addr: config.listen,
-                    source,
-                })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+        let loopback = config.listen.ip().is_loopback();
+        let mode = config.auth.unwrap_or(if loopback { auth::AuthMode::Dev } else { auth::AuthMode::Token });
+        if mode == auth::AuthMode::Dev && !loopback {
+            return Err(StartError::DevAuthNotLoopback { addr: config.listen });
+        }
+        let store_err = |source| StartError::Store { dir: config.data_dir.display().to_string(), source };
+        let store = EmbeddedStore::open(store_config).map_err(store_err)?;
+        let registry = EmbeddedRegistry::open(&config.data_dir).map_err(store_err)?;
+        let auth = auth::Auth { mode, tokens: TokenStore::new(&config.data_dir) };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let shutdown = CancellationToken::new();
         let state = AppState {
             store: Arc::new(store),
+            registry: Arc::new(registry),
+            auth: Arc::new(auth),
+            views: Arc::new(rows::Views::default()),
             config: Arc::new(config),
             shutdown: shutdown.clone(),
         };
@@ -90,11 +97,7 @@ impl Server {
             tracing::info!("store closed");
         });
         tracing::info!(%addr, "attache serving");
-        Ok(Server {
-            addr,
-            shutdown,
-            task,
-        })
+        Ok(Server { addr, shutdown, task })
     }
 
     /// Stops accepting, releases live readers, lets in-flight requests finish, closes the store.

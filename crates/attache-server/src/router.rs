@@ -7,29 +7,19 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use axum::Router;
 
 use crate::error::ApiError;
-use crate::{headers, streams, AppState};
+use crate::{entities, headers, streams, AppState};
 
 /// Path prefixes that belong to attache's other faces, never to streams.
-pub const RESERVED_PREFIXES: &[&str] = &[
-    "/_electric/",
-    "/_attache/",
-    "/rpc",
-    "/mcp",
-    "/ws",
-    "/healthz",
-    "/metrics",
-];
+pub const RESERVED_PREFIXES: &[&str] = &["/_electric/", "/_attache/", "/rpc", "/mcp", "/ws", "/healthz", "/metrics"];
 
 pub fn is_reserved(path: &str) -> bool {
     RESERVED_PREFIXES.iter().any(|prefix| {
         let bare = prefix.trim_end_matches('/');
-        path == bare
-            || path.starts_with(prefix)
-            || (!prefix.ends_with('/') && path.starts_with(&format!("{bare}/")))
+        path == bare || path.starts_with(prefix) || (!prefix.ends_with('/') && path.starts_with(&format!("{bare}/")))
     })
 }
 
@@ -38,35 +28,64 @@ pub fn build(state: AppState) -> Router {
         // GET /healthz — anyone: 200 once the server serves.
         .route("/healthz", get(|| async { "ok" }))
         // Any other path: a Durable Stream (GET, HEAD, PUT, POST, DELETE).
+        // Entities (Electric Agents wire format). Permission in brackets; 404 when
+        // the caller may not read the entity, 403 when it may read but not act.
+        // GET /_electric/entities: the entities the caller may read [read, per entity]
+        .route("/_electric/entities", get(entities::list))
+        // PUT spawn [any principal] · GET/HEAD [read] · DELETE stop, ?purge=true deletes [delete]
+        .route(
+            "/_electric/entities/{entity_type}/{instance_id}",
+            put(entities::spawn).get(entities::get_entity).delete(entities::stop),
+        )
+        // POST an inbox message [write]
+        .route("/_electric/entities/{entity_type}/{instance_id}/send", post(entities::send))
+        // GET list, POST add [manage]
+        .route(
+            "/_electric/entities/{entity_type}/{instance_id}/grants",
+            get(entities::list_grants).post(entities::add_grant),
+        )
+        // DELETE revoke [manage]
+        .route(
+            "/_electric/entities/{entity_type}/{instance_id}/grants/{grant_id}",
+            axum::routing::delete(entities::remove_grant),
+        )
+        // Any other path: a Durable Stream (GET, HEAD, PUT, POST, DELETE).
+        // /{type}/{id}/main and /{type}/{id}/attachments/{x} follow the entity's
+        // permissions [GET/HEAD read, POST/PUT write]; other streams belong to their creator.
         .fallback(stream_route)
+        .layer(axum::middleware::from_fn(reject_encoded_separators))
         .layer(axum::middleware::from_fn(headers::cors_and_security))
         .with_state(state)
+}
+
+/// Encoded slashes, dots, backslashes and NULs in a path are refused outright:
+/// they are how path confusion starts.
+async fn reject_encoded_separators(req: Request<Body>, next: axum::middleware::Next) -> Response {
+    let path = req.uri().path().to_ascii_lowercase();
+    if ["%2f", "%2e", "%5c", "%00"].iter().any(|bad| path.contains(bad)) {
+        return ApiError::bad_request("encoded '/', '.', '\\' or NUL in a URL path are not allowed").into_response();
+    }
+    next.run(req).await
 }
 
 async fn stream_route(State(state): State<AppState>, req: Request<Body>) -> Response {
     let (parts, body) = req.into_parts();
     let raw_path = parts.uri.path();
+    if raw_path.starts_with("/_electric/") || raw_path == "/_electric" {
+        return ApiError::not_found(format!("no route for {} {raw_path}", parts.method)).into_response();
+    }
     if is_reserved(raw_path) {
-        return ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            format!("no route for {raw_path}"),
-        )
-        .into_response();
+        return ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", format!("no route for {raw_path}")).into_response();
     }
     let path = match StreamPath::new(raw_path) {
         Ok(p) => p,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    streams::dispatch(
-        state,
-        parts.method,
-        path,
-        parts.uri.query().map(str::to_owned),
-        parts.headers,
-        body,
-    )
-    .await
+    let who = match state.auth.authenticate(&parts.headers) {
+        Ok(who) => who,
+        Err(e) => return e.into_response(),
+    };
+    streams::dispatch(state, who, parts.method, path, parts.uri.query().map(str::to_owned), parts.headers, body).await
 }
 
 #[cfg(test)]
@@ -75,16 +94,7 @@ mod tests {
 
     #[test]
     fn reserved_prefixes_are_not_streams() {
-        for p in [
-            "/_electric/entities",
-            "/_attache/events",
-            "/rpc",
-            "/mcp",
-            "/ws",
-            "/healthz",
-            "/metrics",
-            "/rpc/x",
-        ] {
+        for p in ["/_electric/entities", "/_attache/events", "/rpc", "/mcp", "/ws", "/healthz", "/metrics", "/rpc/x"] {
             assert!(is_reserved(p), "{p}");
         }
         for p in ["/v1/stream/a", "/rpcx", "/task/t-1/main", "/wsx"] {

@@ -5,11 +5,11 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use attache_core::{
-    ContentType, Cursor, ExpiresAt, Offset, ProducerHeaders, ReadOffset, StreamPath, Ttl,
+    ContentType, Cursor, EntityStream, EntityUrl, ExpiresAt, Offset, Permission, PrincipalKey, ProducerHeaders,
+    ReadOffset, StreamPath, Ttl,
 };
 use attache_storage::{
-    AppendRequest, CreateOutcome, CreateStream, ForkSpec, ReadBatch, ReadFrom, StoreError,
-    StreamInfo,
+    AppendRequest, CreateOutcome, CreateStream, ForkSpec, ReadBatch, ReadFrom, StoreError, StreamInfo,
 };
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
@@ -18,8 +18,10 @@ use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 
+use crate::access::{entity_for, owns_stream};
 use crate::error::{ApiError, ApiResult};
 use crate::headers as h;
+use crate::rows::not_running;
 use crate::AppState;
 
 /// Request headers, read once.
@@ -29,10 +31,9 @@ impl<'a> Req<'a> {
     pub(crate) fn get(&self, name: &str) -> ApiResult<Option<&'a str>> {
         match self.0.get(name) {
             None => Ok(None),
-            Some(v) => v
-                .to_str()
-                .map(Some)
-                .map_err(|_| ApiError::bad_request(format!("header {name} is not visible ASCII"))),
+            Some(v) => {
+                v.to_str().map(Some).map_err(|_| ApiError::bad_request(format!("header {name} is not visible ASCII")))
+            }
         }
     }
 
@@ -45,41 +46,26 @@ impl<'a> Req<'a> {
     }
 
     fn content_type(&self) -> ApiResult<Option<ContentType>> {
-        self.get("content-type")?
-            .map(ContentType::parse)
-            .transpose()
-            .map_err(ApiError::from)
+        self.get("content-type")?.map(ContentType::parse).transpose().map_err(ApiError::from)
     }
 }
 
 /// Reads a whole body of at most `limit` bytes; over it is a 413.
 pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> ApiResult<Bytes> {
-    let declared = headers
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::payload_too_large(limit));
     }
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Err(ApiError::payload_too_large(limit))
         }
-        Err(e) => Err(ApiError::bad_request(format!(
-            "could not read the request body: {e}"
-        ))),
+        Err(e) => Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
     }
 }
 
-fn set(
-    headers: &mut HeaderMap,
-    name: impl axum::http::header::IntoHeaderName,
-    value: impl ToString,
-) {
+fn set(headers: &mut HeaderMap, name: impl axum::http::header::IntoHeaderName, value: impl ToString) {
     if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
         headers.insert(name, v);
     }
@@ -94,25 +80,73 @@ fn stream_headers(headers: &mut HeaderMap, info: &StreamInfo) {
     }
 }
 
+/// Who may touch a stream path: entity-owned streams follow the entity's
+/// permissions; plain streams belong to their creator.
+fn authorize(state: &AppState, who: &PrincipalKey, method: &Method, path: &StreamPath) -> ApiResult<()> {
+    if let Some((entity, which)) = EntityUrl::owning(path.as_str()) {
+        let wanted = match *method {
+            Method::POST | Method::PUT => Permission::Write,
+            Method::DELETE => Permission::Delete,
+            _ => Permission::Read,
+        };
+        let record = entity_for(state, who, &entity, wanted)?;
+        if matches!(*method, Method::POST | Method::PUT) && !record.is_running() {
+            return Err(not_running());
+        }
+        if *method == Method::DELETE {
+            let hint = match which {
+                EntityStream::Main => {
+                    format!(
+                        "an entity's main stream goes with the entity: DELETE /_electric/entities{entity}?purge=true"
+                    )
+                }
+                EntityStream::Attachment(id) => {
+                    format!("delete attachments through DELETE /_electric/entities{entity}/attachments/{id}")
+                }
+            };
+            return Err(ApiError::new(StatusCode::CONFLICT, "USE_ENTITY_ROUTES", hint));
+        }
+        return Ok(());
+    }
+    match state.store.head(path.as_str()) {
+        Ok(info) if !owns_stream(who, &info) => {
+            if *method == Method::PUT {
+                Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "CONFLICT",
+                    "a stream owned by another principal exists at this path",
+                ))
+            } else {
+                Err(ApiError::from(StoreError::NotFound))
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
 pub async fn dispatch(
     state: AppState,
+    who: PrincipalKey,
     method: Method,
     path: StreamPath,
     query: Option<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let result = match method {
-        Method::PUT => put(&state, &path, &headers, body).await,
-        Method::POST => post(&state, &path, &headers, body).await,
-        Method::GET => get(&state, &path, query.as_deref(), &headers).await,
-        Method::HEAD => head(&state, &path),
-        Method::DELETE => delete(&state, &path).await,
-        _ => Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "METHOD_NOT_ALLOWED",
-            "streams take GET, HEAD, PUT, POST and DELETE",
-        )),
+    let result = match authorize(&state, &who, &method, &path) {
+        Err(e) => Err(e),
+        Ok(()) => match method {
+            Method::PUT => put(&state, &who, &path, &headers, body).await,
+            Method::POST => post(&state, &path, &headers, body).await,
+            Method::GET => get(&state, &path, query.as_deref(), &headers).await,
+            Method::HEAD => head(&state, &path),
+            Method::DELETE => delete(&state, &path).await,
+            _ => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "METHOD_NOT_ALLOWED",
+                "streams take GET, HEAD, PUT, POST and DELETE",
+            )),
+        },
     };
     match result {
         Ok(res) => res,
@@ -128,29 +162,22 @@ pub async fn dispatch(
 
 /// Parses a strict non-negative integer header (no sign, no leading zeros).
 fn strict_uint(name: &str, raw: &str) -> ApiResult<u64> {
-    Ttl::parse(raw).map(|t| t.0).map_err(|_| {
-        ApiError::bad_request(format!(
-            "{name} must be a non-negative integer, got {raw:?}"
-        ))
-    })
+    Ttl::parse(raw)
+        .map(|t| t.0)
+        .map_err(|_| ApiError::bad_request(format!("{name} must be a non-negative integer, got {raw:?}")))
 }
 
 async fn put(
     state: &AppState,
+    who: &PrincipalKey,
     path: &StreamPath,
     headers: &HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
     let req = Req(headers);
     let content_type = req.content_type()?;
-    let ttl = req
-        .get(h::STREAM_TTL.as_str())?
-        .map(Ttl::parse)
-        .transpose()?;
-    let expires_at = req
-        .get(h::STREAM_EXPIRES_AT.as_str())?
-        .map(ExpiresAt::parse)
-        .transpose()?;
+    let ttl = req.get(h::STREAM_TTL.as_str())?.map(Ttl::parse).transpose()?;
+    let expires_at = req.get(h::STREAM_EXPIRES_AT.as_str())?.map(ExpiresAt::parse).transpose()?;
     if ttl.is_some() && expires_at.is_some() {
         return Err(attache_core::Error::TtlAndExpiresAt.into());
     }
@@ -159,17 +186,20 @@ async fn put(
     let sub_offset = req.get(h::STREAM_FORK_SUB_OFFSET.as_str())?;
     let fork = match forked_from {
         Some(source) => Some(ForkSpec {
-            source: StreamPath::new(source)?,
+            source: {
+                let source = StreamPath::new(source)?;
+                // Forking reads the source: the caller must be able to read it.
+                authorize(state, who, &Method::GET, &source).map_err(|e| match e.status {
+                    StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => ApiError::from(StoreError::ForkSourceNotFound),
+                    _ => e,
+                })?;
+                source
+            },
             offset: fork_offset.map(Offset::parse).transpose()?,
-            sub_offset: sub_offset
-                .map(|s| strict_uint("Stream-Fork-Sub-Offset", s))
-                .transpose()?
-                .unwrap_or(0),
+            sub_offset: sub_offset.map(|s| strict_uint("Stream-Fork-Sub-Offset", s)).transpose()?.unwrap_or(0),
         }),
         None if fork_offset.is_some() || sub_offset.is_some() => {
-            return Err(ApiError::bad_request(
-                "Stream-Fork-Offset and Stream-Fork-Sub-Offset need Stream-Forked-From",
-            ))
+            return Err(ApiError::bad_request("Stream-Fork-Offset and Stream-Fork-Sub-Offset need Stream-Forked-From"))
         }
         None => None,
     };
@@ -184,7 +214,7 @@ async fn put(
             closed: req.closed(),
             initial,
             fork,
-            owner: None,
+            owner: Some(who.to_string()),
         })
         .await?;
     let (status, info) = match &outcome {
@@ -194,25 +224,13 @@ async fn put(
     let mut res = status.into_response();
     stream_headers(res.headers_mut(), info);
     if status == StatusCode::CREATED {
-        let host = headers
-            .get("host")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("localhost");
-        set(
-            res.headers_mut(),
-            "location",
-            format!("http://{host}{path}"),
-        );
+        let host = headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or("localhost");
+        set(res.headers_mut(), "location", format!("http://{host}{path}"));
     }
     Ok(res)
 }
 
-async fn post(
-    state: &AppState,
-    path: &StreamPath,
-    headers: &HeaderMap,
-    body: Body,
-) -> ApiResult<Response> {
+async fn post(state: &AppState, path: &StreamPath, headers: &HeaderMap, body: Body) -> ApiResult<Response> {
     let req = Req(headers);
     let producer = ProducerHeaders::parse(
         req.get(h::PRODUCER_ID.as_str())?,
@@ -222,11 +240,7 @@ async fn post(
     let seq = req.get(h::STREAM_SEQ.as_str())?.map(str::to_owned);
     let body = read_body(body, headers, state.config.max_append_bytes).await?;
     // A close-only request may carry any Content-Type; it is not looked at.
-    let content_type = if body.is_empty() {
-        req.content_type().ok().flatten()
-    } else {
-        req.content_type()?
-    };
+    let content_type = if body.is_empty() { req.content_type().ok().flatten() } else { req.content_type()? };
     let appended = !body.is_empty();
     let outcome = state
         .store
@@ -304,9 +318,7 @@ fn parse_query(query: Option<&str>) -> ApiResult<ReadQuery> {
                     "long-poll" => Live::LongPoll,
                     "sse" => Live::Sse,
                     other => {
-                        return Err(ApiError::bad_request(format!(
-                            "live must be long-poll or sse, got {other:?}"
-                        )))
+                        return Err(ApiError::bad_request(format!("live must be long-poll or sse, got {other:?}")))
                     }
                 })
             }
@@ -315,12 +327,7 @@ fn parse_query(query: Option<&str>) -> ApiResult<ReadQuery> {
         }
     }
     let parsed = ReadOffset::parse(offset.as_deref())?;
-    Ok(ReadQuery {
-        offset: parsed,
-        offset_given: offset.is_some(),
-        live,
-        cursor,
-    })
+    Ok(ReadQuery { offset: parsed, offset_given: offset.is_some(), live, cursor })
 }
 
 /// `application/x-www-form-urlencoded` pairs, percent-decoded.
@@ -341,9 +348,7 @@ pub(crate) fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         let decoded = match (bytes[i], bytes.get(i + 1..i + 3)) {
-            (b'%', Some(pair)) => std::str::from_utf8(pair)
-                .ok()
-                .and_then(|p| u8::from_str_radix(p, 16).ok()),
+            (b'%', Some(pair)) => std::str::from_utf8(pair).ok().and_then(|p| u8::from_str_radix(p, 16).ok()),
             _ => None,
         };
         match (decoded, bytes[i]) {
@@ -373,19 +378,10 @@ fn read_from(offset: ReadOffset) -> ReadFrom {
 }
 
 fn cursor_for(echoed: Option<&str>) -> Cursor {
-    Cursor::next(
-        chrono::Utc::now().timestamp(),
-        echoed,
-        rand::random_range(1..=3600),
-    )
+    Cursor::next(chrono::Utc::now().timestamp(), echoed, rand::random_range(1..=3600))
 }
 
-async fn get(
-    state: &AppState,
-    path: &StreamPath,
-    query: Option<&str>,
-    headers: &HeaderMap,
-) -> ApiResult<Response> {
+async fn get(state: &AppState, path: &StreamPath, query: Option<&str>, headers: &HeaderMap) -> ApiResult<Response> {
     let q = parse_query(query)?;
     match q.live {
         None => catch_up(state, path, &q, headers),
@@ -421,10 +417,7 @@ fn batch_body(batch: &ReadBatch) -> Bytes {
 
 fn etag(batch: &ReadBatch) -> String {
     let closed = if batch.at_closed_end() { ":c" } else { "" };
-    format!(
-        "\"{}:{}:{}{}\"",
-        batch.info.id, batch.start.0, batch.next.0, closed
-    )
+    format!("\"{}:{}:{}{}\"", batch.info.id, batch.start.0, batch.next.0, closed)
 }
 
 fn read_headers(hm: &mut HeaderMap, batch: &ReadBatch) {
@@ -438,23 +431,10 @@ fn read_headers(hm: &mut HeaderMap, batch: &ReadBatch) {
     }
 }
 
-fn catch_up(
-    state: &AppState,
-    path: &StreamPath,
-    q: &ReadQuery,
-    headers: &HeaderMap,
-) -> ApiResult<Response> {
-    let batch = state.store.read(
-        path.as_str(),
-        read_from(q.offset),
-        state.config.max_read_bytes,
-    )?;
+fn catch_up(state: &AppState, path: &StreamPath, q: &ReadQuery, headers: &HeaderMap) -> ApiResult<Response> {
+    let batch = state.store.read(path.as_str(), read_from(q.offset), state.config.max_read_bytes)?;
     if q.offset == ReadOffset::Now {
-        let body = if batch.json {
-            Bytes::from_static(b"[]")
-        } else {
-            Bytes::new()
-        };
+        let body = if batch.json { Bytes::from_static(b"[]") } else { Bytes::new() };
         let mut res = Response::new(Body::from(body));
         let hm = res.headers_mut();
         read_headers(hm, &batch);
@@ -470,11 +450,8 @@ fn catch_up(
         .get("if-none-match")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"));
-    let mut res = if matches {
-        StatusCode::NOT_MODIFIED.into_response()
-    } else {
-        Response::new(Body::from(batch_body(&batch)))
-    };
+    let mut res =
+        if matches { StatusCode::NOT_MODIFIED.into_response() } else { Response::new(Body::from(batch_body(&batch))) };
     let hm = res.headers_mut();
     if !matches {
         read_headers(hm, &batch);
@@ -482,10 +459,7 @@ fn catch_up(
         set(hm, h::STREAM_NEXT_OFFSET, batch.next);
     }
     set(hm, "etag", tag);
-    hm.insert(
-        "cache-control",
-        HeaderValue::from_static("private, max-age=60, stale-while-revalidate=300"),
-    );
+    hm.insert("cache-control", HeaderValue::from_static("private, max-age=60, stale-while-revalidate=300"));
     Ok(res)
 }
 
@@ -501,11 +475,7 @@ async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiRes
     let deadline = tokio::time::Instant::now() + state.config.long_poll_timeout;
     let cursor = cursor_for(q.cursor.as_deref());
     loop {
-        let batch = store.read(
-            path.as_str(),
-            ReadFrom::At(from),
-            state.config.max_read_bytes,
-        )?;
+        let batch = store.read(path.as_str(), ReadFrom::At(from), state.config.max_read_bytes)?;
         if !batch.is_empty() {
             let mut res = Response::new(Body::from(batch_body(&batch)));
             let hm = res.headers_mut();
@@ -514,10 +484,7 @@ async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiRes
             if !batch.at_closed_end() {
                 set(hm, h::STREAM_CURSOR, cursor);
             }
-            hm.insert(
-                "cache-control",
-                HeaderValue::from_static("private, max-age=60, stale-while-revalidate=300"),
-            );
+            hm.insert("cache-control", HeaderValue::from_static("private, max-age=60, stale-while-revalidate=300"));
             return Ok(res);
         }
         if batch.at_closed_end() {
@@ -572,9 +539,7 @@ fn sse_data(batch: &ReadBatch, base64: bool) -> Bytes {
     let text = if base64 {
         base64::engine::general_purpose::STANDARD.encode(&body)
     } else {
-        String::from_utf8_lossy(&body)
-            .replace("\r\n", "\n")
-            .replace('\r', "\n")
+        String::from_utf8_lossy(&body).replace("\r\n", "\n").replace('\r', "\n")
     };
     sse_event("data", &text)
 }
@@ -631,11 +596,7 @@ fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiResult<Response
                 if tx.send(Ok(sse_data(&batch, base64))).await.is_err() {
                     return;
                 }
-                if tx
-                    .send(Ok(sse_control(pos, cursor, batch.up_to_date(), closed)))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Ok(sse_control(pos, cursor, batch.up_to_date(), closed))).await.is_err() {
                     return;
                 }
                 announced = true;
@@ -645,11 +606,7 @@ fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiResult<Response
                 continue;
             }
             if !announced || closed {
-                if tx
-                    .send(Ok(sse_control(pos, cursor, true, closed)))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Ok(sse_control(pos, cursor, true, closed))).await.is_err() {
                     return;
                 }
                 announced = true;
@@ -675,10 +632,7 @@ fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiResult<Response
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut res = Response::new(body);
     let hm = res.headers_mut();
-    hm.insert(
-        "content-type",
-        HeaderValue::from_static("text/event-stream"),
-    );
+    hm.insert("content-type", HeaderValue::from_static("text/event-stream"));
     hm.insert("cache-control", HeaderValue::from_static("no-cache"));
     hm.insert("x-accel-buffering", HeaderValue::from_static("no"));
     if base64 {

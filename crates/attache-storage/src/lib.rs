@@ -9,11 +9,14 @@
 pub mod embedded;
 pub mod error;
 pub mod model;
+pub mod registry;
+pub mod tokens;
 
 use async_trait::async_trait;
 
 pub use error::{StoreError, StoreResult};
 pub use model::*;
+pub use registry::{EntityRecord, EntityUpdate, GrantRecord, NewGrant, Registry};
 
 /// Durable, append-only streams: metadata, bytes and change notification.
 ///

@@ -1,8 +1,6 @@
 //! The values that cross the storage seam.
 
-use attache_core::{
-    ContentType, ExpiresAt, Offset, ProducerHeaders, ProducerState, StreamPath, Ttl,
-};
+use attache_core::{ContentType, ExpiresAt, Offset, ProducerHeaders, ProducerState, StreamPath, Ttl};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 

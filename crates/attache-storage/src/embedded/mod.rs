@@ -12,7 +12,10 @@
 //! committed is there byte for byte, and nothing else.
 
 mod reader;
+mod registry;
 mod writer;
+
+pub use registry::EmbeddedRegistry;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -34,8 +37,7 @@ pub(crate) const STREAMS: TableDefinition<u64, &[u8]> = TableDefinition::new("st
 /// (stream id, start position) → one row: a flags byte, then the bytes.
 pub(crate) const CHUNKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("chunks");
 /// (stream id, producer id) → (epoch, last seq).
-pub(crate) const PRODUCERS: TableDefinition<(u64, &str), (u64, u64)> =
-    TableDefinition::new("producers");
+pub(crate) const PRODUCERS: TableDefinition<(u64, &str), (u64, u64)> = TableDefinition::new("producers");
 /// Named counters (the next stream id).
 pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
@@ -102,13 +104,7 @@ impl StreamEntry {
             return now_ms >= at;
         }
         match info.ttl_secs {
-            Some(ttl) => {
-                now_ms
-                    >= self
-                        .last_access_ms
-                        .load(Ordering::Relaxed)
-                        .saturating_add(ttl as i64 * 1000)
-            }
+            Some(ttl) => now_ms >= self.last_access_ms.load(Ordering::Relaxed).saturating_add(ttl as i64 * 1000),
             None => false,
         }
     }
@@ -131,10 +127,7 @@ pub(crate) fn now_ms() -> i64 {
 
 pub(crate) enum Command {
     Create(CreateStream, oneshot::Sender<StoreResult<CreateOutcome>>),
-    Append(
-        writer::PreparedAppend,
-        oneshot::Sender<StoreResult<AppendOutcome>>,
-    ),
+    Append(writer::PreparedAppend, oneshot::Sender<StoreResult<AppendOutcome>>),
     Delete(String, oneshot::Sender<StoreResult<()>>),
     /// Deletes a stream found expired (fire and forget).
     Expire(u64),
@@ -153,9 +146,7 @@ impl EmbeddedStore {
     pub fn open(config: EmbeddedConfig) -> StoreResult<EmbeddedStore> {
         std::fs::create_dir_all(&config.data_dir)?;
         let db_path: PathBuf = Path::new(&config.data_dir).join("streams.redb");
-        let db = Database::builder()
-            .set_cache_size(config.cache_bytes)
-            .create(&db_path)?;
+        let db = Database::builder().set_cache_size(config.cache_bytes).create(&db_path)?;
         let state = writer::WriterState::load(&db)?;
         let now = now_ms();
         let mut index = Index::default();
@@ -165,10 +156,7 @@ impl EmbeddedStore {
             index.by_id.insert(info.id, entry);
         }
         tracing::info!(streams = index.by_id.len(), path = %db_path.display(), "embedded store opened");
-        let shared = Arc::new(Shared {
-            db,
-            index: RwLock::new(index),
-        });
+        let shared = Arc::new(Shared { db, index: RwLock::new(index) });
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_shared = shared.clone();
         let writer = std::thread::Builder::new()
@@ -187,10 +175,7 @@ impl EmbeddedStore {
         tx.send(cmd).map_err(|_| StoreError::ShuttingDown)
     }
 
-    async fn call<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> Command,
-    ) -> StoreResult<T> {
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> Command) -> StoreResult<T> {
         let (tx, rx) = oneshot::channel();
         self.send(make(tx))?;
         rx.await.map_err(|_| StoreError::ShuttingDown)?
@@ -199,14 +184,7 @@ impl EmbeddedStore {
     /// The committed entry at `path`, or why there is none. Expired streams
     /// are reported missing at once and their deletion is queued.
     pub(crate) fn entry(&self, path: &str) -> StoreResult<Arc<StreamEntry>> {
-        let entry = self
-            .shared
-            .index
-            .read()
-            .by_path
-            .get(path)
-            .cloned()
-            .ok_or(StoreError::NotFound)?;
+        let entry = self.shared.index.read().by_path.get(path).cloned().ok_or(StoreError::NotFound)?;
         let info = entry.info();
         if info.soft_deleted {
             return Err(StoreError::Gone);

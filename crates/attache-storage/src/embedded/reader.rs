@@ -18,12 +18,7 @@ pub(crate) struct Segment {
 
 /// Which streams serve `[lo, hi)` of `info`: its sources below each fork point,
 /// itself above.
-pub(crate) fn segments(
-    shared: &Shared,
-    info: &StreamInfo,
-    lo: u64,
-    hi: u64,
-) -> StoreResult<Vec<Segment>> {
+pub(crate) fn segments(shared: &Shared, info: &StreamInfo, lo: u64, hi: u64) -> StoreResult<Vec<Segment>> {
     let mut out = Vec::new();
     collect(shared, info, lo, hi, &mut out, 0)?;
     Ok(out)
@@ -48,33 +43,18 @@ fn collect(
                 .by_id
                 .get(&fork.source_id)
                 .map(|e| e.info())
-                .ok_or_else(|| {
-                    StoreError::Storage(format!("fork source {} is missing", fork.source_id))
-                })?;
+                .ok_or_else(|| StoreError::Storage(format!("fork source {} is missing", fork.source_id)))?;
             collect(shared, &source, lo, hi.min(fork.offset), out, depth + 1)?;
             if hi > fork.offset {
-                out.push(Segment {
-                    id: info.id,
-                    lo: fork.offset,
-                    hi,
-                });
+                out.push(Segment { id: info.id, lo: fork.offset, hi });
             }
         }
-        _ => out.push(Segment {
-            id: info.id,
-            lo,
-            hi,
-        }),
+        _ => out.push(Segment { id: info.id, lo, hi }),
     }
     Ok(())
 }
 
-pub(crate) fn read(
-    shared: &Shared,
-    info: &StreamInfo,
-    from: ReadFrom,
-    max_bytes: usize,
-) -> StoreResult<ReadBatch> {
+pub(crate) fn read(shared: &Shared, info: &StreamInfo, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch> {
     let tail = info.tail;
     let start = match from {
         ReadFrom::Start => 0,
@@ -82,9 +62,7 @@ pub(crate) fn read(
         ReadFrom::At(Offset(o)) => o,
     };
     if start > tail {
-        return Err(StoreError::Invalid(
-            "offset is beyond the end of the stream".into(),
-        ));
+        return Err(StoreError::Invalid("offset is beyond the end of the stream".into()));
     }
     let json = info.is_json();
     let mut chunks = Vec::new();
@@ -141,11 +119,5 @@ pub(crate) fn read(
             pos = seg.hi;
         }
     }
-    Ok(ReadBatch {
-        info: info.clone(),
-        start: Offset(start),
-        next: Offset(pos),
-        chunks,
-        json,
-    })
+    Ok(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(pos), chunks, json })
 }

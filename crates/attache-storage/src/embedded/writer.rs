@@ -17,8 +17,7 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::{
-    now_ms, Command, EmbeddedConfig, Shared, StreamEntry, CHUNKS, COUNTERS, PRODUCERS,
-    ROW_ENDS_APPEND, STREAMS,
+    now_ms, Command, EmbeddedConfig, Shared, StreamEntry, CHUNKS, COUNTERS, PRODUCERS, ROW_ENDS_APPEND, STREAMS,
 };
 use crate::error::{StoreError, StoreResult};
 use crate::model::*;
@@ -36,17 +35,12 @@ pub(crate) struct PreparedAppend {
 impl PreparedAppend {
     pub(crate) fn prepare(req: AppendRequest, info: &StreamInfo) -> StoreResult<PreparedAppend> {
         if req.body.is_empty() && !req.close {
-            return Err(StoreError::Invalid(
-                "an append needs a body (or Stream-Closed: true to close)".into(),
-            ));
+            return Err(StoreError::Invalid("an append needs a body (or Stream-Closed: true to close)".into()));
         }
         let json = info.is_json();
         let mut rows = Vec::new();
         if !req.body.is_empty() {
-            let type_matches = req
-                .content_type
-                .as_ref()
-                .is_some_and(|ct| ct.matches(&info.content_type()));
+            let type_matches = req.content_type.as_ref().is_some_and(|ct| ct.matches(&info.content_type()));
             if json && type_matches && !info.closed {
                 for msg in split_messages(&req.body, JsonBodyUse::Append)? {
                     rows.push(req.body.slice_ref(msg));
@@ -55,12 +49,7 @@ impl PreparedAppend {
                 rows.push(req.body.clone());
             }
         }
-        Ok(PreparedAppend {
-            req,
-            stream_id: info.id,
-            rows,
-            json,
-        })
+        Ok(PreparedAppend { req, stream_id: info.id, rows, json })
     }
 }
 
@@ -84,12 +73,8 @@ impl WriterState {
         }
         txn.commit()?;
         let txn = db.begin_write()?;
-        let mut state = WriterState {
-            streams: HashMap::new(),
-            paths: HashMap::new(),
-            producers: HashMap::new(),
-            next_id: 1,
-        };
+        let mut state =
+            WriterState { streams: HashMap::new(), paths: HashMap::new(), producers: HashMap::new(), next_id: 1 };
         {
             let streams = txn.open_table(STREAMS)?;
             for row in streams.iter()? {
@@ -106,9 +91,7 @@ impl WriterState {
                 let (key, value) = row?;
                 let (id, producer) = key.value();
                 let (epoch, last_seq) = value.value();
-                state
-                    .producers
-                    .insert((id, producer.to_owned()), ProducerState { epoch, last_seq });
+                state.producers.insert((id, producer.to_owned()), ProducerState { epoch, last_seq });
             }
             let counters = txn.open_table(COUNTERS)?;
             let next = counters.get("next_stream_id")?.map(|v| v.value());
@@ -148,14 +131,8 @@ struct Changes {
 }
 
 enum Reply {
-    Create(
-        oneshot::Sender<StoreResult<CreateOutcome>>,
-        StoreResult<CreateOutcome>,
-    ),
-    Append(
-        oneshot::Sender<StoreResult<AppendOutcome>>,
-        StoreResult<AppendOutcome>,
-    ),
+    Create(oneshot::Sender<StoreResult<CreateOutcome>>, StoreResult<CreateOutcome>),
+    Append(oneshot::Sender<StoreResult<AppendOutcome>>, StoreResult<AppendOutcome>),
     Delete(oneshot::Sender<StoreResult<()>>, StoreResult<()>),
 }
 
@@ -178,12 +155,7 @@ impl Reply {
     }
 }
 
-pub(crate) fn run(
-    shared: Arc<Shared>,
-    mut state: WriterState,
-    rx: Receiver<Command>,
-    config: EmbeddedConfig,
-) {
+pub(crate) fn run(shared: Arc<Shared>, mut state: WriterState, rx: Receiver<Command>, config: EmbeddedConfig) {
     let mut last_sweep = Instant::now();
     loop {
         let first = match rx.recv_timeout(config.sweep_interval) {
@@ -234,19 +206,10 @@ fn expired_streams(shared: &Shared) -> Vec<u64> {
         .collect()
 }
 
-fn commit_batch(
-    shared: &Shared,
-    state: &mut WriterState,
-    batch: Vec<Command>,
-    durable: bool,
-) -> StoreResult<()> {
+fn commit_batch(shared: &Shared, state: &mut WriterState, batch: Vec<Command>, durable: bool) -> StoreResult<()> {
     let mut txn = shared.db.begin_write()?;
-    txn.set_durability(if durable {
-        Durability::Immediate
-    } else {
-        Durability::None
-    })
-    .map_err(|e| StoreError::Storage(e.to_string()))?;
+    txn.set_durability(if durable { Durability::Immediate } else { Durability::None })
+        .map_err(|e| StoreError::Storage(e.to_string()))?;
     let mut changes = Changes::default();
     let mut replies = Vec::with_capacity(batch.len());
     let outcome = (|| -> StoreResult<()> {
@@ -330,11 +293,7 @@ fn publish(shared: &Shared, state: &WriterState, changes: Changes) {
     }
     for (id, path) in changes.removed {
         if let Some(entry) = index.by_id.remove(&id) {
-            if index
-                .by_path
-                .get(&path)
-                .is_some_and(|e| Arc::ptr_eq(e, &entry))
-            {
+            if index.by_path.get(&path).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
                 index.by_path.remove(&path);
             }
             entry.removed.store(true, Ordering::Release);
@@ -347,27 +306,15 @@ fn encode(info: &StreamInfo) -> StoreResult<Vec<u8>> {
     serde_json::to_vec(info).map_err(|e| StoreError::Storage(e.to_string()))
 }
 
-fn write_rows(
-    t: &mut Tables,
-    id: u64,
-    tail: &mut u64,
-    rows: &[Bytes],
-    json: bool,
-) -> StoreResult<()> {
+fn write_rows(t: &mut Tables, id: u64, tail: &mut u64, rows: &[Bytes], json: bool) -> StoreResult<()> {
     let mut buf = Vec::new();
     for (i, row) in rows.iter().enumerate() {
         let next = *tail + row.len() as u64 + u64::from(json);
         if next > Offset::MAX {
-            return Err(StoreError::Invalid(
-                "the stream is full: positions are exhausted".into(),
-            ));
+            return Err(StoreError::Invalid("the stream is full: positions are exhausted".into()));
         }
         buf.clear();
-        buf.push(if i + 1 == rows.len() {
-            ROW_ENDS_APPEND
-        } else {
-            0
-        });
+        buf.push(if i + 1 == rows.len() { ROW_ENDS_APPEND } else { 0 });
         buf.extend_from_slice(row);
         t.chunks.insert((id, *tail), buf.as_slice())?;
         *tail = next;
@@ -411,15 +358,8 @@ impl WriterState {
         let mut fork_info = None;
         let content_type = match &req.fork {
             Some(spec) => {
-                let src_id = *self
-                    .paths
-                    .get(spec.source.as_str())
-                    .ok_or(StoreError::ForkSourceNotFound)?;
-                let src = self
-                    .streams
-                    .get(&src_id)
-                    .cloned()
-                    .ok_or(StoreError::ForkSourceNotFound)?;
+                let src_id = *self.paths.get(spec.source.as_str()).ok_or(StoreError::ForkSourceNotFound)?;
+                let src = self.streams.get(&src_id).cloned().ok_or(StoreError::ForkSourceNotFound)?;
                 if src.soft_deleted {
                     return Err(StoreError::ForkSourceGone);
                 }
@@ -438,9 +378,7 @@ impl WriterState {
                 }
                 let anchor = spec.offset.map(|o| o.0).unwrap_or(src.tail);
                 if anchor > src.tail {
-                    return Err(StoreError::Invalid(
-                        "Stream-Fork-Offset is beyond the source's tail".into(),
-                    ));
+                    return Err(StoreError::Invalid("Stream-Fork-Offset is beyond the source's tail".into()));
                 }
                 let position = self.resolve_sub_offset(shared, t, &src, anchor, spec.sub_offset)?;
                 if ttl_secs.is_none() && expires.is_none() {
@@ -460,17 +398,11 @@ impl WriterState {
                 self.save(t, changes, src)?;
                 req.content_type.clone().unwrap_or(src_type)
             }
-            None => req
-                .content_type
-                .clone()
-                .unwrap_or_else(ContentType::octet_stream),
+            None => req.content_type.clone().unwrap_or_else(ContentType::octet_stream),
         };
         let json = attache_core::stream::is_json_media(content_type.as_str());
         let rows: Vec<Bytes> = if json {
-            split_messages(&req.initial, JsonBodyUse::Create)?
-                .into_iter()
-                .map(|m| req.initial.slice_ref(m))
-                .collect()
+            split_messages(&req.initial, JsonBodyUse::Create)?.into_iter().map(|m| req.initial.slice_ref(m)).collect()
         } else if req.initial.is_empty() {
             Vec::new()
         } else {
@@ -506,15 +438,9 @@ impl WriterState {
     fn confirm_existing(&self, id: u64, req: &CreateStream) -> StoreResult<CreateOutcome> {
         let info = &self.streams[&id];
         if info.soft_deleted {
-            return Err(StoreError::ConfigMismatch(
-                "a deleted stream still holds this path for its forks".into(),
-            ));
+            return Err(StoreError::ConfigMismatch("a deleted stream still holds this path for its forks".into()));
         }
-        let mismatch = |what: &str| {
-            Err(StoreError::ConfigMismatch(format!(
-                "{what} differs from the existing stream"
-            )))
-        };
+        let mismatch = |what: &str| Err(StoreError::ConfigMismatch(format!("{what} differs from the existing stream")));
         let requested_type = req.content_type.clone().unwrap_or_else(|| match &req.fork {
             Some(_) => info.content_type(),
             None => ContentType::octet_stream(),
@@ -542,9 +468,7 @@ impl WriterState {
                 if req.ttl.is_some() && req.ttl.map(|t| t.0) != info.ttl_secs {
                     return mismatch("Stream-TTL");
                 }
-                if req.expires_at.is_some()
-                    && req.expires_at.as_ref().map(|e| e.unix_ms) != info.expires_at_ms
-                {
+                if req.expires_at.is_some() && req.expires_at.as_ref().map(|e| e.unix_ms) != info.expires_at_ms {
                     return mismatch("Stream-Expires-At");
                 }
             }
@@ -569,11 +493,8 @@ impl WriterState {
         if sub == 0 {
             return Ok(anchor);
         }
-        let overshoot = || {
-            StoreError::Invalid(
-                "Stream-Fork-Sub-Offset is past the end of the append at the fork offset".into(),
-            )
-        };
+        let overshoot =
+            || StoreError::Invalid("Stream-Fork-Sub-Offset is past the end of the append at the fork offset".into());
         if anchor >= src.tail {
             return Err(overshoot());
         }
@@ -596,14 +517,8 @@ impl WriterState {
             }
             Err(overshoot())
         } else {
-            let row = t
-                .chunks
-                .range((seg.id, 0)..=(seg.id, anchor))?
-                .next_back()
-                .transpose()?;
-            let (start, len) = row
-                .map(|(k, v)| (k.value().1, v.value().len() as u64 - 1))
-                .ok_or_else(overshoot)?;
+            let row = t.chunks.range((seg.id, 0)..=(seg.id, anchor))?.next_back().transpose()?;
+            let (start, len) = row.map(|(k, v)| (k.value().1, v.value().len() as u64 - 1)).ok_or_else(overshoot)?;
             let end = (start + len).min(seg.hi);
             if end <= anchor || anchor + sub > end {
                 return Err(overshoot());
@@ -612,12 +527,7 @@ impl WriterState {
         }
     }
 
-    fn append(
-        &mut self,
-        t: &mut Tables,
-        changes: &mut Changes,
-        p: PreparedAppend,
-    ) -> StoreResult<AppendOutcome> {
+    fn append(&mut self, t: &mut Tables, changes: &mut Changes, p: PreparedAppend) -> StoreResult<AppendOutcome> {
         let req = &p.req;
         let id = *self.paths.get(&req.path).ok_or(StoreError::NotFound)?;
         if id != p.stream_id {
@@ -631,23 +541,13 @@ impl WriterState {
             if let Some(pr) = &req.producer {
                 if info.closed_by.as_ref() == Some(&(pr.id.clone(), pr.epoch, pr.seq)) {
                     let state = self.producers.get(&(id, pr.id.clone())).copied();
-                    return Ok(AppendOutcome {
-                        info: info.clone(),
-                        producer: state,
-                        duplicate: true,
-                    });
+                    return Ok(AppendOutcome { info: info.clone(), producer: state, duplicate: true });
                 }
             }
             if req.body.is_empty() && req.close {
-                return Ok(AppendOutcome {
-                    info: info.clone(),
-                    producer: None,
-                    duplicate: true,
-                });
+                return Ok(AppendOutcome { info: info.clone(), producer: None, duplicate: true });
             }
-            return Err(StoreError::Closed {
-                next: Offset(info.tail),
-            });
+            return Err(StoreError::Closed { next: Offset(info.tail) });
         }
         if !req.body.is_empty() {
             match &req.content_type {
@@ -667,18 +567,10 @@ impl WriterState {
             match ProducerCheck::decide(state, pr) {
                 ProducerCheck::Accept { next } => producer_next = Some(next),
                 ProducerCheck::Duplicate { state } => {
-                    return Ok(AppendOutcome {
-                        info: info.clone(),
-                        producer: Some(state),
-                        duplicate: true,
-                    })
+                    return Ok(AppendOutcome { info: info.clone(), producer: Some(state), duplicate: true })
                 }
-                ProducerCheck::StaleEpoch { current } => {
-                    return Err(StoreError::StaleEpoch { current })
-                }
-                ProducerCheck::EpochMustStartAtZero => {
-                    return Err(StoreError::EpochMustStartAtZero)
-                }
+                ProducerCheck::StaleEpoch { current } => return Err(StoreError::StaleEpoch { current }),
+                ProducerCheck::EpochMustStartAtZero => return Err(StoreError::EpochMustStartAtZero),
                 ProducerCheck::Gap { expected, received } => {
                     return Err(StoreError::ProducerGap { expected, received })
                 }
@@ -686,44 +578,27 @@ impl WriterState {
         }
         if let (Some(seq), Some(last)) = (&req.seq, &info.last_seq) {
             if seq.as_bytes() <= last.as_bytes() {
-                return Err(StoreError::SeqRegression {
-                    last: last.clone(),
-                    got: seq.clone(),
-                });
+                return Err(StoreError::SeqRegression { last: last.clone(), got: seq.clone() });
             }
         }
         let mut info = info.clone();
         write_rows(t, id, &mut info.tail, &p.rows, p.json)?;
         if req.close {
             info.closed = true;
-            info.closed_by = req
-                .producer
-                .as_ref()
-                .map(|pr| (pr.id.clone(), pr.epoch, pr.seq));
+            info.closed_by = req.producer.as_ref().map(|pr| (pr.id.clone(), pr.epoch, pr.seq));
         }
         if let Some(seq) = &req.seq {
             info.last_seq = Some(seq.clone());
         }
         if let (Some(pr), Some(next)) = (&req.producer, producer_next) {
-            t.producers
-                .insert((id, pr.id.as_str()), (next.epoch, next.last_seq))?;
+            t.producers.insert((id, pr.id.as_str()), (next.epoch, next.last_seq))?;
             self.producers.insert((id, pr.id.clone()), next);
         }
         self.save(t, changes, info.clone())?;
-        Ok(AppendOutcome {
-            info,
-            producer: producer_next,
-            duplicate: false,
-        })
+        Ok(AppendOutcome { info, producer: producer_next, duplicate: false })
     }
 
-    fn delete(
-        &mut self,
-        t: &mut Tables,
-        changes: &mut Changes,
-        shared: &Shared,
-        path: &str,
-    ) -> StoreResult<()> {
+    fn delete(&mut self, t: &mut Tables, changes: &mut Changes, shared: &Shared, path: &str) -> StoreResult<()> {
         let id = *self.paths.get(path).ok_or(StoreError::NotFound)?;
         let info = self.streams.get(&id).ok_or(StoreError::NotFound)?;
         if info.soft_deleted {
@@ -748,8 +623,7 @@ impl WriterState {
             return self.save(t, changes, info);
         }
         t.chunks.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
-        t.producers
-            .retain_in((id, "")..(id + 1, ""), |_, _| false)?;
+        t.producers.retain_in((id, "")..(id + 1, ""), |_, _| false)?;
         t.streams.remove(id)?;
         self.streams.remove(&id);
         if self.paths.get(&info.path) == Some(&id) {

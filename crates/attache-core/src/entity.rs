@@ -1,0 +1,224 @@
+//! Entities `/{type}/{instanceId}`, the streams they own, and the
+//! permissions principals hold on them.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::principal::{PrincipalKey, PrincipalKind};
+
+/// An entity's address: `/{type}/{instanceId}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EntityUrl {
+    entity_type: String,
+    instance_id: String,
+}
+
+fn check_segment(what: &str, s: &str) -> Result<()> {
+    if s.is_empty() || s.len() > 128 {
+        return Err(Error::Invalid(format!("{what} must be 1 to 128 bytes")));
+    }
+    if s.starts_with('.') {
+        return Err(Error::Invalid(format!("{what} {s:?} must not start with '.'")));
+    }
+    if s.contains('/') || s.contains('\\') || s.chars().any(|c| c.is_control()) {
+        return Err(Error::Invalid(format!("{what} {s:?} must not contain '/', '\\' or control characters")));
+    }
+    if s.contains('%') {
+        return Err(Error::Invalid(format!("{what} {s:?} must not contain percent-escapes")));
+    }
+    Ok(())
+}
+
+impl EntityUrl {
+    pub fn new(entity_type: &str, instance_id: &str) -> Result<EntityUrl> {
+        check_segment("entity type", entity_type)?;
+        if entity_type.starts_with('_') || entity_type.contains('*') {
+            return Err(Error::Invalid(format!("entity type {entity_type:?} must not start with '_' or contain '*'")));
+        }
+        check_segment("instance id", instance_id)?;
+        if instance_id.contains('*') {
+            return Err(Error::Invalid(format!("instance id {instance_id:?} must not contain '*'")));
+        }
+        Ok(EntityUrl { entity_type: entity_type.to_owned(), instance_id: instance_id.to_owned() })
+    }
+
+    /// Parses `/{type}/{instanceId}`.
+    pub fn parse(url: &str) -> Result<EntityUrl> {
+        let rest =
+            url.strip_prefix('/').ok_or_else(|| Error::Invalid(format!("entity url {url:?} must start with '/'")))?;
+        let (t, i) =
+            rest.split_once('/').ok_or_else(|| Error::Invalid(format!("entity url {url:?} is not /type/id")))?;
+        EntityUrl::new(t, i)
+    }
+
+    pub fn entity_type(&self) -> &str {
+        &self.entity_type
+    }
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+    pub fn main_stream(&self) -> String {
+        format!("{self}/main")
+    }
+    pub fn attachment_stream(&self, attachment_id: &str) -> String {
+        format!("{self}/attachments/{attachment_id}")
+    }
+
+    /// If `path` is a stream an entity owns (`/{t}/{i}/main` or
+    /// `/{t}/{i}/attachments/{x}`), the entity and which stream.
+    pub fn owning(path: &str) -> Option<(EntityUrl, EntityStream)> {
+        let mut parts = path.strip_prefix('/')?.splitn(4, '/');
+        let (t, i, kind) = (parts.next()?, parts.next()?, parts.next()?);
+        let rest = parts.next();
+        let entity = EntityUrl::new(t, i).ok()?;
+        match (kind, rest) {
+            ("main", None) => Some((entity, EntityStream::Main)),
+            ("attachments", Some(id)) if !id.is_empty() => Some((entity, EntityStream::Attachment(id.to_owned()))),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for EntityUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "/{}/{}", self.entity_type, self.instance_id)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntityStream {
+    Main,
+    Attachment(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Permission {
+    Read,
+    Write,
+    Delete,
+    Manage,
+}
+
+impl Permission {
+    pub fn parse(s: &str) -> Result<Permission> {
+        match s {
+            "read" => Ok(Permission::Read),
+            "write" => Ok(Permission::Write),
+            "delete" => Ok(Permission::Delete),
+            "manage" => Ok(Permission::Manage),
+            other => {
+                Err(Error::Invalid(format!("unknown permission {other:?}: expected read, write, delete or manage")))
+            }
+        }
+    }
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Permission::Read => "read",
+            Permission::Write => "write",
+            Permission::Delete => "delete",
+            Permission::Manage => "manage",
+        }
+    }
+}
+
+/// Who a grant is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "subject_kind", content = "subject_value", rename_all = "snake_case")]
+pub enum GrantSubject {
+    /// One principal, recorded by URL.
+    Principal(String),
+    /// Every principal of a kind.
+    PrincipalKind(String),
+}
+
+impl GrantSubject {
+    pub fn parse(kind: &str, value: &str) -> Result<GrantSubject> {
+        match kind {
+            "principal" => Ok(GrantSubject::Principal(PrincipalKey::parse(value)?.url())),
+            "principal_kind" => Ok(GrantSubject::PrincipalKind(PrincipalKind::parse(value)?.as_str().to_owned())),
+            other => {
+                Err(Error::Invalid(format!("unknown subject_kind {other:?}: expected principal or principal_kind")))
+            }
+        }
+    }
+
+    pub fn matches(&self, who: &PrincipalKey) -> bool {
+        match self {
+            GrantSubject::Principal(url) => *url == who.url(),
+            GrantSubject::PrincipalKind(kind) => kind == who.kind().as_str(),
+        }
+    }
+}
+
+/// The rule, without I/O: may `who` do `wanted` on an entity created by
+/// `owner_url`, given its grants `(subject, permission, expires_at_ms)` at `now_ms`?
+pub fn permits<'a>(
+    who: &PrincipalKey,
+    owner_url: Option<&str>,
+    grants: impl IntoIterator<Item = (&'a GrantSubject, Permission, Option<i64>)>,
+    wanted: Permission,
+    now_ms: i64,
+) -> bool {
+    if who.is_built_in_system() || owner_url == Some(who.url().as_str()) {
+        return true;
+    }
+    grants.into_iter().any(|(subject, permission, expires)| {
+        (permission == wanted || permission == Permission::Manage)
+            && expires.is_none_or(|at| now_ms < at)
+            && subject.matches(who)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entity_urls_refuse_reserved_and_unsafe_names() {
+        assert!(EntityUrl::new("chat", "abc").is_ok());
+        for (t, i) in [
+            ("_x", "a"),
+            ("a*", "a"),
+            ("chat", "a/b"),
+            ("chat", ".hidden"),
+            ("chat", "a\nb"),
+            ("chat", ""),
+            ("chat", "a%2Fb"),
+        ] {
+            assert!(EntityUrl::new(t, i).is_err(), "{t}/{i}");
+        }
+    }
+
+    #[test]
+    fn entity_owned_streams_are_recognised() {
+        let (e, s) = EntityUrl::owning("/chat/abc/main").unwrap();
+        assert_eq!((e.to_string(), s), ("/chat/abc".to_string(), EntityStream::Main));
+        let (_, s) = EntityUrl::owning("/chat/abc/attachments/x1").unwrap();
+        assert_eq!(s, EntityStream::Attachment("x1".into()));
+        assert!(EntityUrl::owning("/chat/abc/other").is_none());
+        assert!(EntityUrl::owning("/v1/stream/x").is_none());
+    }
+
+    #[test]
+    fn grants_follow_subject_permission_and_expiry() {
+        let sam = PrincipalKey::parse("user:sam").unwrap();
+        let ann = PrincipalKey::parse("user:ann").unwrap();
+        let bot = PrincipalKey::parse("agent:bot").unwrap();
+        let to_sam = GrantSubject::parse("principal", "user:sam").unwrap();
+        let agents = GrantSubject::parse("principal_kind", "agent").unwrap();
+        let owner = Some("/principal/user%3Aowner");
+        let now = 1_000;
+        assert!(permits(&sam, owner, [(&to_sam, Permission::Read, None)], Permission::Read, now));
+        assert!(!permits(&sam, owner, [(&to_sam, Permission::Read, None)], Permission::Write, now));
+        assert!(permits(&sam, owner, [(&to_sam, Permission::Manage, None)], Permission::Delete, now));
+        assert!(!permits(&sam, owner, [(&to_sam, Permission::Read, Some(999))], Permission::Read, now));
+        assert!(!permits(&ann, owner, [(&to_sam, Permission::Read, None)], Permission::Read, now));
+        assert!(permits(&bot, owner, [(&agents, Permission::Write, None)], Permission::Write, now));
+        assert!(permits(&PrincipalKey::dev_local(), owner, [], Permission::Manage, now));
+        let owner_key = PrincipalKey::parse("user:owner").unwrap();
+        assert!(permits(&owner_key, owner, [], Permission::Manage, now));
+    }
+}

@@ -1,0 +1,171 @@
+//! Manifest rows: the record of each attachment on its entity's main stream
+//! (`type: "manifest"`, key `attachment:{id}`), in the wire format of
+//! Electric Agents' `ManifestAttachmentEntry`, plus attache's extensions.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+pub const MANIFEST: &str = "manifest";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachmentStatus {
+    Pending,
+    Complete,
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Input,
+    Output,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Result<Role> {
+        match s {
+            "input" => Ok(Role::Input),
+            "output" => Ok(Role::Output),
+            other => Err(Error::Invalid(format!("invalid attachment role {other:?}: expected input or output"))),
+        }
+    }
+}
+
+pub const SUBJECT_TYPES: &[&str] = &["inbox", "run", "text", "tool_call", "context"];
+
+/// What an attachment is about: `{type, key}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subject {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub key: String,
+}
+
+impl Subject {
+    pub fn new(kind: &str, key: &str) -> Result<Subject> {
+        if !SUBJECT_TYPES.contains(&kind) {
+            return Err(Error::Invalid(format!(
+                "invalid attachment subject type {kind:?}: expected one of inbox, run, text, tool_call, context"
+            )));
+        }
+        if key.is_empty() || key.len() > 256 || key.chars().any(|c| c.is_control()) {
+            return Err(Error::Invalid("attachment subject key must be 1 to 256 printable characters".into()));
+        }
+        Ok(Subject { kind: kind.to_owned(), key: key.to_owned() })
+    }
+
+    /// Parses the `subject` form field: a JSON object `{"type","key"}`.
+    pub fn parse_json(raw: &str) -> Result<Subject> {
+        let value: Value =
+            serde_json::from_str(raw).map_err(|_| Error::Invalid("Invalid JSON field: subject".into()))?;
+        let obj = value.as_object().ok_or_else(|| Error::Invalid("attachment subject must be an object".into()))?;
+        match (obj.get("type").and_then(Value::as_str), obj.get("key").and_then(Value::as_str)) {
+            (Some(t), Some(k)) => Subject::new(t, k),
+            _ => Err(Error::Invalid("attachment subject requires type and key".into())),
+        }
+    }
+}
+
+/// Validates a client-chosen attachment id.
+pub fn validate_attachment_id(id: &str) -> Result<()> {
+    if id.is_empty()
+        || id.len() > 128
+        || id.starts_with('.')
+        || id.contains('/')
+        || id.contains('\\')
+        || id.chars().any(|c| c.is_control())
+        || id.contains('%')
+    {
+        return Err(Error::Invalid(
+            "attachment id must be 1 to 128 bytes, must not start with '.', and must not contain '/', '\\', '%' or control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// One attachment's manifest entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestEntry {
+    pub key: String,
+    pub kind: String,
+    pub id: String,
+    pub stream_path: String,
+    pub status: AttachmentStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Subject>,
+    pub role: Role,
+    pub mime_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub byte_length: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Map<String, Value>>,
+    /// attache extensions (the task face's key-value fields), kept as given.
+    #[serde(flatten)]
+    pub ext: Map<String, Value>,
+}
+
+impl ManifestEntry {
+    pub fn row_key(id: &str) -> String {
+        format!("attachment:{id}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_and_ids_are_validated() {
+        assert!(Subject::parse_json(r#"{"type":"inbox","key":"m1"}"#).is_ok());
+        assert!(Subject::parse_json(r#"{"type":"mail","key":"m1"}"#).is_err());
+        assert!(Subject::parse_json(r#"{"type":"inbox"}"#).is_err());
+        assert!(Subject::parse_json("[]").is_err());
+        assert!(Subject::parse_json("{").is_err());
+        for bad in ["", ".x", "a/b", "a\nb", &"x".repeat(129)] {
+            assert!(validate_attachment_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_attachment_id(&"x".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn entries_serialize_in_the_electric_shape() {
+        let e = ManifestEntry {
+            key: ManifestEntry::row_key("a1"),
+            kind: "attachment".into(),
+            id: "a1".into(),
+            stream_path: "/chat/x/attachments/a1".into(),
+            status: AttachmentStatus::Complete,
+            subject: Some(Subject::new("inbox", "m1").unwrap()),
+            role: Role::Input,
+            mime_type: "image/png".into(),
+            filename: Some("a.png".into()),
+            byte_length: Some(3),
+            sha256: Some("ab".into()),
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+            created_by: Some("/principal/user%3Asam".into()),
+            error: None,
+            meta: None,
+            ext: Map::new(),
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["streamPath"], "/chat/x/attachments/a1");
+        assert_eq!(v["byteLength"], 3);
+        assert_eq!(v["status"], "complete");
+        assert_eq!(v["subject"]["type"], "inbox");
+        let back: ManifestEntry = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
+    }
+}

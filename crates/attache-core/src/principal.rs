@@ -1,0 +1,176 @@
+//! Principals: who acts. A principal is `<kind>:<id>`; its URL is
+//! `/principal/<url-encoded key>`, the form grants and rows record.
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PrincipalKind {
+    User,
+    Agent,
+    Service,
+    System,
+}
+
+impl PrincipalKind {
+    pub fn parse(s: &str) -> Result<PrincipalKind> {
+        match s {
+            "user" => Ok(PrincipalKind::User),
+            "agent" => Ok(PrincipalKind::Agent),
+            "service" => Ok(PrincipalKind::Service),
+            "system" => Ok(PrincipalKind::System),
+            other => Err(Error::Invalid(format!(
+                "unknown principal kind {other:?}: expected user, agent, service or system"
+            ))),
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PrincipalKind::User => "user",
+            PrincipalKind::Agent => "agent",
+            PrincipalKind::Service => "service",
+            PrincipalKind::System => "system",
+        }
+    }
+}
+
+/// A validated principal key, `<kind>:<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PrincipalKey {
+    kind: PrincipalKind,
+    id: String,
+}
+
+/// Principals that may do everything (the server's own actors and the dev default).
+pub const BUILT_IN_SYSTEM_PRINCIPALS: &[&str] = &["dev-local", "framework", "auth-sync", "attache"];
+
+impl PrincipalKey {
+    pub const DEV_LOCAL: &'static str = "system:dev-local";
+    const URL_PREFIX: &'static str = "/principal/";
+
+    pub fn new(kind: PrincipalKind, id: &str) -> Result<PrincipalKey> {
+        if id.is_empty() || id.len() > 256 {
+            return Err(Error::Invalid("a principal id is 1 to 256 characters".into()));
+        }
+        if id.contains('/') || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(Error::Invalid(format!(
+                "principal id {id:?} must not contain '/', whitespace or control characters"
+            )));
+        }
+        Ok(PrincipalKey { kind, id: id.to_owned() })
+    }
+
+    /// Parses `<kind>:<id>`, or a principal URL `/principal/<encoded key>`.
+    pub fn parse(raw: &str) -> Result<PrincipalKey> {
+        let raw = raw.trim();
+        let key = match raw.strip_prefix(Self::URL_PREFIX) {
+            Some(encoded) => percent_decode_strict(encoded)?,
+            None => raw.to_owned(),
+        };
+        let (kind, id) = key
+            .split_once(':')
+            .ok_or_else(|| Error::Invalid(format!("principal {raw:?} is not of the form <kind>:<id>")))?;
+        PrincipalKey::new(PrincipalKind::parse(kind)?, id)
+    }
+
+    pub fn dev_local() -> PrincipalKey {
+        PrincipalKey { kind: PrincipalKind::System, id: "dev-local".into() }
+    }
+
+    pub fn kind(&self) -> PrincipalKind {
+        self.kind
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// `/principal/<encodeURIComponent(key)>`
+    pub fn url(&self) -> String {
+        format!("{}{}", Self::URL_PREFIX, encode_uri_component(&self.to_string()))
+    }
+
+    /// Built-in system principals bypass permission checks.
+    pub fn is_built_in_system(&self) -> bool {
+        self.kind == PrincipalKind::System && BUILT_IN_SYSTEM_PRINCIPALS.contains(&self.id.as_str())
+    }
+}
+
+impl fmt::Display for PrincipalKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind.as_str(), self.id)
+    }
+}
+
+/// JavaScript's `encodeURIComponent`: everything but `A-Z a-z 0-9 - _ . ! ~ * ' ( )` is escaped.
+pub fn encode_uri_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.!~*'()".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Percent-decoding that refuses malformed escapes instead of guessing.
+pub fn percent_decode_strict(s: &str) -> Result<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let pair = bytes
+                .get(i + 1..i + 3)
+                .and_then(|p| std::str::from_utf8(p).ok())
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| Error::Invalid(format!("malformed percent-escape in {s:?}")))?;
+            out.push(pair);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| Error::Invalid(format!("{s:?} does not decode to UTF-8")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn keys_and_urls_name_the_same_principal() {
+        let p = PrincipalKey::parse("user:sam").unwrap();
+        assert_eq!(p.url(), "/principal/user%3Asam");
+        assert_eq!(PrincipalKey::parse(&p.url()).unwrap(), p);
+        assert!(PrincipalKey::dev_local().is_built_in_system());
+        assert!(!PrincipalKey::parse("system:someone").unwrap().is_built_in_system());
+    }
+
+    #[test]
+    fn malformed_principals_are_rejected() {
+        for bad in ["", "sam", "robot:x", "user:", "user:a/b", "user:a b", "/principal/user%3", "/principal/%ZZ"] {
+            assert!(PrincipalKey::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn principal_urls_round_trip(id in "[A-Za-z0-9@._:+-]{1,40}") {
+            let p = PrincipalKey::new(PrincipalKind::Agent, &id).unwrap();
+            prop_assert_eq!(PrincipalKey::parse(&p.url()).unwrap(), p.clone());
+            prop_assert_eq!(PrincipalKey::parse(&p.to_string()).unwrap(), p);
+        }
+
+        #[test]
+        fn principal_parser_never_panics(s in ".{0,64}") {
+            let _ = PrincipalKey::parse(&s);
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Who is asking. Two modes:
+//! - dev: the `electric-principal` header is trusted; none means
+//!   `system:dev-local`. Allowed only on loopback listeners.
+//! - token: `Authorization: Bearer <token>`, checked against the token store.
+
+use attache_core::PrincipalKey;
+use attache_storage::tokens::{TokenRejection, TokenStore};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    Dev,
+    Token,
+}
+
+impl AuthMode {
+    pub fn parse(s: &str) -> Option<AuthMode> {
+        match s {
+            "dev" => Some(AuthMode::Dev),
+            "token" => Some(AuthMode::Token),
+            _ => None,
+        }
+    }
+}
+
+pub struct Auth {
+    pub mode: AuthMode,
+    pub tokens: TokenStore,
+}
+
+pub const PRINCIPAL_HEADER: &str = "electric-principal";
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message)
+        .with_header(axum::http::header::WWW_AUTHENTICATE, "Bearer")
+}
+
+impl Auth {
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<PrincipalKey, ApiError> {
+        match self.mode {
+            AuthMode::Dev => match headers.get(PRINCIPAL_HEADER) {
+                None => Ok(PrincipalKey::dev_local()),
+                Some(v) => {
+                    let raw =
+                        v.to_str().map_err(|_| ApiError::bad_request("electric-principal is not visible ASCII"))?;
+                    PrincipalKey::parse(raw)
+                        .map_err(|e| ApiError::bad_request(format!("malformed electric-principal header: {e}")))
+                }
+            },
+            AuthMode::Token => {
+                let header = headers
+                    .get(axum::http::header::AUTHORIZATION)
+                    .ok_or_else(|| unauthorized("credentials required: send Authorization: Bearer <token>"))?;
+                let raw = header.to_str().map_err(|_| unauthorized("malformed Authorization header"))?;
+                let token = raw
+                    .strip_prefix("Bearer ")
+                    .or_else(|| raw.strip_prefix("bearer "))
+                    .ok_or_else(|| unauthorized("Authorization must be a Bearer token"))?;
+                let principal = self.tokens.verify(token.trim()).map_err(|r| match r {
+                    TokenRejection::Malformed | TokenRejection::Unknown => unauthorized("unknown token"),
+                    TokenRejection::Expired => unauthorized("token expired"),
+                    TokenRejection::Revoked => unauthorized("token revoked"),
+                })?;
+                PrincipalKey::parse(&principal).map_err(|_| unauthorized("token names an invalid principal"))
+            }
+        }
+    }
+}
+
+/// The authenticated principal of a request.
+#[derive(Debug, Clone)]
+pub struct Caller(pub PrincipalKey);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
+        state.auth.authenticate(&parts.headers).map(Caller)
+    }
+}

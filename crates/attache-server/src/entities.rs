@@ -1,0 +1,503 @@
+//! The entities face, in the wire format of Electric Agents
+//! (`/_electric/entities`): spawn, read, stop, list, send, grants.
+
+use std::collections::BTreeMap;
+
+use attache_core::state::{timestamp, ChangeEvent};
+use attache_core::{EntityUrl, ExpiresAt, GrantSubject, Permission, PrincipalKey};
+use attache_storage::{CreateStream, EntityRecord, GrantRecord, NewGrant, StoreError};
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::access::{entity_for, may, now_ms};
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::rows::{append_rows, json_content_type, new_txid, not_running, rows_body};
+use crate::AppState;
+
+/// Largest JSON body the entity routes accept.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+
+pub fn entity_url(entity_type: &str, instance_id: &str) -> ApiResult<EntityUrl> {
+    EntityUrl::new(entity_type, instance_id).map_err(ApiError::from)
+}
+
+/// Reads a JSON body (empty means `{}`), with a size limit and clear 400s.
+pub async fn json_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: Body) -> ApiResult<T> {
+    let bytes = crate::streams::read_body(body, headers, MAX_JSON_BODY).await?;
+    let text = if bytes.iter().all(u8::is_ascii_whitespace) { &b"{}"[..] } else { &bytes[..] };
+    serde_json::from_slice(text)
+        .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))
+}
+
+/// The public JSON of an entity.
+pub fn entity_json(e: &EntityRecord) -> Value {
+    let mut v = json!({
+        "url": e.url,
+        "type": e.entity_type,
+        "instance_id": e.instance_id,
+        "status": e.status,
+        "streams": { "main": format!("{}/main", e.url) },
+        "tags": e.tags,
+        "created_by": e.created_by,
+        "created_at": e.created_at_ms,
+        "updated_at": e.updated_at_ms,
+    });
+    if let Some(args) = &e.args {
+        v["spawn_args"] = args.clone();
+    }
+    v
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantBody {
+    subject_kind: String,
+    subject_value: String,
+    permission: String,
+    #[serde(default)]
+    expires_at: Option<String>,
+}
+
+impl GrantBody {
+    fn into_new(self, entity_url: &str, created_by: &PrincipalKey) -> ApiResult<NewGrant> {
+        let subject = GrantSubject::parse(&self.subject_kind, &self.subject_value)?;
+        let permission = Permission::parse(&self.permission)?;
+        let expires = self.expires_at.as_deref().map(ExpiresAt::parse).transpose()?;
+        Ok(NewGrant {
+            entity_url: entity_url.to_owned(),
+            subject,
+            permission,
+            expires_at_ms: expires.as_ref().map(|e| e.unix_ms),
+            expires_at: expires.map(|e| e.raw),
+            created_by: created_by.url(),
+        })
+    }
+}
+
+pub fn grant_json(g: &GrantRecord) -> Value {
+    let (kind, value) = match &g.subject {
+        GrantSubject::Principal(v) => ("principal", v),
+        GrantSubject::PrincipalKind(v) => ("principal_kind", v),
+    };
+    let mut out = json!({
+        "id": g.id,
+        "entity_url": g.entity_url,
+        "permission": g.permission.as_str(),
+        "subject_kind": kind,
+        "subject_value": value,
+        "created_by": g.created_by,
+        "created_at": timestamp(g.created_at_ms),
+    });
+    if let Some(at) = &g.expires_at {
+        out["expires_at"] = json!(at);
+    }
+    out
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct SpawnBody {
+    #[serde(default)]
+    args: Option<Value>,
+    #[serde(default)]
+    tags: Option<BTreeMap<String, String>>,
+    #[serde(default, rename = "initialMessage")]
+    initial_message: Option<Value>,
+    #[serde(default, rename = "initialMessageType")]
+    initial_message_type: Option<String>,
+    #[serde(default)]
+    grants: Option<Vec<GrantBody>>,
+}
+
+/// Spawns an entity for `who`. Used by the HTTP route and by other faces (tasks).
+pub async fn spawn_entity(
+    state: &AppState,
+    who: &PrincipalKey,
+    url: &EntityUrl,
+    args: Option<Value>,
+    tags: BTreeMap<String, String>,
+    extra: Option<Value>,
+) -> ApiResult<(EntityRecord, bool, String)> {
+    let key = url.to_string();
+    if let Some(existing) = state.registry.entity(&key) {
+        return if existing.created_by == who.url() {
+            Ok((existing, false, String::new()))
+        } else {
+            Err(ApiError::new(StatusCode::CONFLICT, "DUPLICATE_URL", format!("Entity already exists at URL \"{key}\"")))
+        };
+    }
+    let now = now_ms();
+    let txid = new_txid();
+    let created = ChangeEvent::insert(
+        "entity_created",
+        "entity-created",
+        json!({ "entity_type": url.entity_type(), "timestamp": timestamp(now), "args": args.clone().unwrap_or(json!({})) }),
+        &txid,
+        &timestamp(now),
+    );
+    // The stream first: a crash before the registry write leaves an orphan
+    // stream that no one can reach and that a retried spawn adopts.
+    let outcome = state
+        .store
+        .create(CreateStream {
+            path: attache_core::StreamPath::new(url.main_stream())?,
+            content_type: Some(json_content_type()),
+            ttl: None,
+            expires_at: None,
+            closed: false,
+            initial: rows_body(&[created])?,
+            fork: None,
+            owner: Some(who.to_string()),
+        })
+        .await;
+    match outcome {
+        Ok(_) | Err(StoreError::ConfigMismatch(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let record = EntityRecord {
+        url: key.clone(),
+        entity_type: url.entity_type().to_owned(),
+        instance_id: url.instance_id().to_owned(),
+        status: "idle".into(),
+        tags,
+        args,
+        created_by: who.url(),
+        created_at_ms: now,
+        updated_at_ms: now,
+        extra,
+    };
+    let (stored, fresh) = state.registry.insert_entity(record).await?;
+    if !fresh && stored.created_by != who.url() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "DUPLICATE_URL",
+            format!("Entity already exists at URL \"{key}\""),
+        ));
+    }
+    Ok((stored, fresh, txid))
+}
+
+pub async fn spawn(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    let body: SpawnBody = json_body(&headers, body).await?;
+    // Validate everything before anything is written.
+    let grants = body
+        .grants
+        .unwrap_or_default()
+        .into_iter()
+        .map(|g| g.into_new(&url.to_string(), &who))
+        .collect::<ApiResult<Vec<_>>>()?;
+    for key in body.tags.iter().flat_map(|t| t.keys()) {
+        if key.is_empty() || key.len() > 128 {
+            return Err(ApiError::bad_request("tag keys are 1 to 128 bytes"));
+        }
+    }
+    let (entity, fresh, txid) =
+        spawn_entity(&state, &who, &url, body.args, body.tags.unwrap_or_default(), None).await?;
+    if !fresh {
+        return Ok((StatusCode::OK, Json(entity_json(&entity))).into_response());
+    }
+    for grant in grants {
+        state.registry.add_grant(grant).await?;
+    }
+    if let Some(payload) = body.initial_message {
+        send_message(&state, &who, &entity, payload, None, body.initial_message_type).await?;
+    }
+    let mut out = entity_json(&entity);
+    out["txid"] = json!(txid);
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+pub async fn get_entity(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    let entity = entity_for(&state, &who, &url, Permission::Read)?;
+    Ok(Json(entity_json(&entity)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StopQuery {
+    #[serde(default)]
+    purge: Option<String>,
+}
+
+/// DELETE stops the entity (status `stopped`, main stream closed). With
+/// `?purge=true` it also deletes its streams, attachments and grants for good.
+pub async fn stop(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id)): Path<(String, String)>,
+    Query(q): Query<StopQuery>,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    let purge = match q.purge.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err(ApiError::bad_request(format!("purge must be true or false, got {other:?}"))),
+    };
+    let entity = entity_for(&state, &who, &url, Permission::Delete)?;
+    let txid = stop_entity(&state, &who, &entity).await?;
+    if purge {
+        purge_entity(&state, &url).await?;
+        return Ok((StatusCode::OK, Json(json!({ "txid": txid, "purged": true }))).into_response());
+    }
+    Ok((StatusCode::OK, Json(json!({ "txid": txid, "status": "stopped" }))).into_response())
+}
+
+pub async fn stop_entity(state: &AppState, who: &PrincipalKey, entity: &EntityRecord) -> ApiResult<String> {
+    let txid = new_txid();
+    if entity.is_running() {
+        let now = now_ms();
+        let row = ChangeEvent::insert(
+            "entity_stopped",
+            "entity-stopped",
+            json!({ "timestamp": timestamp(now), "stopped_by": who.url() }),
+            &txid,
+            &timestamp(now),
+        );
+        match append_rows(state.store.as_ref(), &format!("{}/main", entity.url), &[row], true).await {
+            Ok(_) => {}
+            // Closed already: a stop that crashed before its registry write is finished now.
+            Err(e) if e.code == "NOT_RUNNING" => {}
+            Err(e) => return Err(e),
+        }
+        state
+            .registry
+            .update_entity(
+                &entity.url,
+                Box::new(move |e| {
+                    e.status = "stopped".into();
+                    e.updated_at_ms = now;
+                    Ok(())
+                }),
+            )
+            .await?;
+    }
+    Ok(txid)
+}
+
+/// Deletes every stream of the entity, then the entity and its grants.
+pub async fn purge_entity(state: &AppState, url: &EntityUrl) -> ApiResult<()> {
+    let prefix = format!("{url}/attachments/");
+    loop {
+        let batch = state.store.list_prefix(&prefix, 256);
+        if batch.is_empty() {
+            break;
+        }
+        for info in batch {
+            match state.store.delete(&info.path).await {
+                Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    match state.store.delete(&url.main_stream()).await {
+        Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => {}
+        Err(e) => return Err(e.into()),
+    }
+    state.views.forget(&url.main_stream());
+    state.registry.remove_entity(&url.to_string()).await?;
+    Ok(())
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    #[serde(default, rename = "type")]
+    entity_type: Option<String>,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    limit: Option<String>,
+    #[serde(default)]
+    offset: Option<String>,
+}
+
+/// GET /_electric/entities: a JSON array of the entities the caller may read,
+/// newest first; `limit` (1-1000, default 100) and `offset` page through it,
+/// and `X-Total-Count` / `X-Next-Offset` say how many there are and where the next page starts.
+pub async fn list(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Response> {
+    let limit = match q.limit.as_deref() {
+        None => 100,
+        Some(s) => s
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| ApiError::bad_request("limit must be 1 to 1000"))?,
+    };
+    let offset = match q.offset.as_deref() {
+        None => 0,
+        Some(s) => s.parse::<usize>().map_err(|_| ApiError::bad_request("offset must be a non-negative integer"))?,
+    };
+    let visible: Vec<EntityRecord> = state
+        .registry
+        .entities(q.entity_type.as_deref())
+        .into_iter()
+        .filter(|e| q.status.as_deref().is_none_or(|s| e.status == s))
+        .filter(|e| may(&state, &who, e, Permission::Read))
+        .collect();
+    let total = visible.len();
+    let page: Vec<Value> = visible.iter().skip(offset).take(limit).map(entity_json).collect();
+    let mut res = Json(page).into_response();
+    let hm = res.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&total.to_string()) {
+        hm.insert("x-total-count", v);
+    }
+    if offset + limit < total {
+        if let Ok(v) = HeaderValue::from_str(&(offset + limit).to_string()) {
+            hm.insert("x-next-offset", v);
+        }
+    }
+    Ok(res)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendBody {
+    #[serde(default)]
+    payload: Option<Value>,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default, rename = "type")]
+    message_type: Option<String>,
+}
+
+fn generated_key(prefix: &str) -> String {
+    let n: u32 = rand::random();
+    format!("{prefix}-{}-{}", now_ms(), radix36(n as u64))
+}
+
+fn radix36(mut n: u64) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends an inbox row; returns (key, txid).
+pub async fn send_message(
+    state: &AppState,
+    who: &PrincipalKey,
+    entity: &EntityRecord,
+    payload: Value,
+    key: Option<String>,
+    message_type: Option<String>,
+) -> ApiResult<(String, String)> {
+    if !entity.is_running() {
+        return Err(not_running());
+    }
+    let key = match key {
+        Some(k) if k.is_empty() || k.len() > 256 || k.chars().any(char::is_control) => {
+            return Err(ApiError::bad_request("an inbox key is 1 to 256 printable characters"))
+        }
+        Some(k) => k,
+        None => generated_key("msg-in"),
+    };
+    let main = format!("{}/main", entity.url);
+    {
+        let view = state.views.get(state.store.as_ref(), &main).await?;
+        if view.inbox.contains_key(&key) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "DUPLICATE_KEY",
+                format!("an inbox message with key {key:?} exists"),
+            ));
+        }
+    }
+    let now = timestamp(now_ms());
+    let txid = new_txid();
+    let mut value = json!({
+        "from": who.url(),
+        "from_principal": who.url(),
+        "payload": payload,
+        "timestamp": now,
+        "mode": "immediate",
+        "status": "processed",
+        "processed_at": now,
+    });
+    if let Some(t) = message_type {
+        value["message_type"] = json!(t);
+    }
+    append_rows(state.store.as_ref(), &main, &[ChangeEvent::insert("inbox", &key, value, &txid, &now)], false).await?;
+    Ok((key, txid))
+}
+
+pub async fn send(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    let body: SendBody = json_body(&headers, body).await?;
+    let entity = entity_for(&state, &who, &url, Permission::Write)?;
+    let (key, txid) =
+        send_message(&state, &who, &entity, body.payload.unwrap_or(Value::Null), body.key, body.message_type).await?;
+    Ok((StatusCode::OK, Json(json!({ "txid": txid, "key": key }))).into_response())
+}
+
+pub async fn list_grants(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    let entity = entity_for(&state, &who, &url, Permission::Manage)?;
+    let grants: Vec<Value> = state.registry.grants(&entity.url).iter().map(grant_json).collect();
+    Ok(Json(json!({ "grants": grants })).into_response())
+}
+
+pub async fn add_grant(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    let body: GrantBody = json_body(&headers, body).await?;
+    let entity = entity_for(&state, &who, &url, Permission::Manage)?;
+    let grant = body.into_new(&entity.url, &who)?;
+    let stored = state.registry.add_grant(grant).await?;
+    Ok((StatusCode::CREATED, Json(grant_json(&stored))).into_response())
+}
+
+pub async fn remove_grant(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id, grant_id)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    let id =
+        grant_id.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| ApiError::bad_request("Invalid grant id"))?;
+    let entity = entity_for(&state, &who, &url, Permission::Manage)?;
+    if !state.registry.remove_grant(&entity.url, id).await? {
+        return Err(ApiError::not_found("Grant not found"));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

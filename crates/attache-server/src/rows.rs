@@ -1,0 +1,146 @@
+//! Writing State Protocol rows to an entity's main stream, and the
+//! materialized view of that stream the server keeps per entity.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use attache_core::manifest::{ManifestEntry, MANIFEST};
+use attache_core::state::ChangeEvent;
+use attache_core::ContentType;
+use attache_storage::{AppendOutcome, AppendRequest, ReadFrom, StoreError, StreamStore};
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::error::{ApiError, ApiResult};
+
+/// A transaction id for the rows one request writes (a random UUID, as Electric sends).
+pub fn new_txid() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40; // version 4
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+pub fn json_content_type() -> ContentType {
+    ContentType::parse("application/json").unwrap_or_else(|_| ContentType::octet_stream())
+}
+
+/// Serializes rows as one JSON array (one append, flattened into one message per row).
+pub fn rows_body(rows: &[ChangeEvent]) -> ApiResult<Bytes> {
+    serde_json::to_vec(rows)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", e.to_string()))
+}
+
+/// Appends rows to a main stream; a closed stream means the entity stopped.
+pub async fn append_rows(
+    store: &dyn StreamStore,
+    main: &str,
+    rows: &[ChangeEvent],
+    close: bool,
+) -> ApiResult<AppendOutcome> {
+    let req = AppendRequest {
+        path: main.to_owned(),
+        content_type: Some(json_content_type()),
+        body: rows_body(rows)?,
+        close,
+        seq: None,
+        producer: None,
+    };
+    store.append(req).await.map_err(|e| match e {
+        StoreError::Closed { .. } => not_running(),
+        other => other.into(),
+    })
+}
+
+pub fn not_running() -> ApiError {
+    ApiError::new(axum::http::StatusCode::CONFLICT, "NOT_RUNNING", "Entity is stopped and accepts no more writes")
+}
+
+/// The collections of one main stream that the server itself reads:
+/// manifest entries by attachment id, and inbox rows by key.
+#[derive(Debug, Default)]
+pub struct MainView {
+    applied: u64,
+    pub manifest: BTreeMap<String, ManifestEntry>,
+    /// attache's key-value name → attachment id (task attachments, keyed uploads).
+    pub by_name: HashMap<String, String>,
+    pub inbox: BTreeMap<String, Value>,
+    /// Inbox keys in stream order (for walking messages newest first).
+    pub inbox_order: Vec<String>,
+}
+
+impl MainView {
+    fn apply(&mut self, row: &[u8]) {
+        let Ok(event) = serde_json::from_slice::<ChangeEvent>(row) else { return };
+        match (event.collection.as_str(), event.headers.operation.as_str()) {
+            (MANIFEST, "delete") => {
+                if let Some(id) = event.key.strip_prefix("attachment:") {
+                    if let Some(old) = self.manifest.remove(id) {
+                        if let Some(name) = old.ext.get("name").and_then(Value::as_str) {
+                            if self.by_name.get(name).map(String::as_str) == Some(id) {
+                                self.by_name.remove(name);
+                            }
+                        }
+                    }
+                }
+            }
+            (MANIFEST, _) => {
+                let Some(value) = event.value else { return };
+                let Ok(entry) = serde_json::from_value::<ManifestEntry>(value) else { return };
+                if let Some(name) = entry.ext.get("name").and_then(Value::as_str) {
+                    self.by_name.insert(name.to_owned(), entry.id.clone());
+                }
+                self.manifest.insert(entry.id.clone(), entry);
+            }
+            ("inbox", "delete") => {
+                self.inbox.remove(&event.key);
+                self.inbox_order.retain(|k| k != &event.key);
+            }
+            ("inbox", _) => {
+                if let Some(value) = event.value {
+                    if self.inbox.insert(event.key.clone(), value).is_none() {
+                        self.inbox_order.push(event.key);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Per-entity views, caught up from the stream on each use (only the new tail is read).
+#[derive(Default)]
+pub struct Views {
+    views: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<MainView>>>>,
+}
+
+impl Views {
+    /// The view of `main`, caught up with everything committed so far.
+    pub async fn get(&self, store: &dyn StreamStore, main: &str) -> ApiResult<tokio::sync::OwnedMutexGuard<MainView>> {
+        let cell = self.views.lock().entry(main.to_owned()).or_default().clone();
+        let mut view = cell.lock_owned().await;
+        loop {
+            let batch = match store.read(main, ReadFrom::At(attache_core::Offset(view.applied)), 4 << 20) {
+                Ok(b) => b,
+                Err(StoreError::NotFound) => {
+                    *view = MainView::default();
+                    return Ok(view);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for row in &batch.chunks {
+                view.apply(row);
+            }
+            view.applied = batch.next.0;
+            if batch.up_to_date() {
+                return Ok(view);
+            }
+        }
+    }
+
+    pub fn forget(&self, main: &str) {
+        self.views.lock().remove(main);
+    }
+}

@@ -1,0 +1,198 @@
+//! The embedded registry: a second small redb file, cached whole in memory.
+//! Every write is one durable redb transaction under a mutex, so updates
+//! are atomic compare-and-set operations (task claims rely on that).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use parking_lot::RwLock;
+use redb::{Database, ReadableTable, TableDefinition};
+use tokio::sync::Mutex;
+
+use crate::error::{StoreError, StoreResult};
+use crate::registry::{EntityRecord, EntityUpdate, GrantRecord, NewGrant, Registry};
+
+const ENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entities");
+/// (entity url, grant id) → grant JSON.
+const GRANTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("grants");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+#[derive(Default)]
+struct Cache {
+    entities: BTreeMap<String, EntityRecord>,
+    grants: HashMap<String, Vec<GrantRecord>>,
+    next_grant: u64,
+}
+
+pub struct EmbeddedRegistry {
+    db: Arc<Database>,
+    cache: RwLock<Cache>,
+    write: Mutex<()>,
+}
+
+fn json<T: serde::Serialize>(v: &T) -> StoreResult<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Storage(e.to_string()))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(b: &[u8]) -> StoreResult<T> {
+    serde_json::from_slice(b).map_err(|e| StoreError::Storage(format!("corrupt registry record: {e}")))
+}
+
+impl EmbeddedRegistry {
+    pub fn open(dir: &Path) -> StoreResult<EmbeddedRegistry> {
+        std::fs::create_dir_all(dir)?;
+        let db = Database::builder().set_cache_size(8 << 20).create(dir.join("registry.redb"))?;
+        let mut cache = Cache { next_grant: 1, ..Default::default() };
+        let txn = db.begin_write()?;
+        {
+            let entities = txn.open_table(ENTITIES)?;
+            for row in entities.iter()? {
+                let (k, v) = row?;
+                cache.entities.insert(k.value().to_owned(), parse(v.value())?);
+            }
+            let grants = txn.open_table(GRANTS)?;
+            for row in grants.iter()? {
+                let (_, v) = row?;
+                let g: GrantRecord = parse(v.value())?;
+                cache.grants.entry(g.entity_url.clone()).or_default().push(g);
+            }
+            let counters = txn.open_table(COUNTERS)?;
+            let next = counters.get("next_grant_id")?.map(|v| v.value());
+            if let Some(next) = next {
+                cache.next_grant = next;
+            }
+        }
+        txn.commit()?;
+        Ok(EmbeddedRegistry { db: Arc::new(db), cache: RwLock::new(cache), write: Mutex::new(()) })
+    }
+
+    /// Runs one durable write transaction off the async threads.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write()?;
+            let out = f(&txn)?;
+            txn.commit()?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Storage(e.to_string()))?
+    }
+}
+
+#[async_trait]
+impl Registry for EmbeddedRegistry {
+    fn entity(&self, url: &str) -> Option<EntityRecord> {
+        self.cache.read().entities.get(url).cloned()
+    }
+
+    fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord> {
+        let cache = self.cache.read();
+        let mut all: Vec<EntityRecord> =
+            cache.entities.values().filter(|e| type_filter.is_none_or(|t| e.entity_type == t)).cloned().collect();
+        all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.url.cmp(&b.url)));
+        all
+    }
+
+    async fn insert_entity(&self, entity: EntityRecord) -> StoreResult<(EntityRecord, bool)> {
+        let _guard = self.write.lock().await;
+        if let Some(existing) = self.entity(&entity.url) {
+            return Ok((existing, false));
+        }
+        let bytes = json(&entity)?;
+        let url = entity.url.clone();
+        self.write(move |txn| {
+            txn.open_table(ENTITIES)?.insert(url.as_str(), bytes.as_slice())?;
+            Ok(())
+        })
+        .await?;
+        self.cache.write().entities.insert(entity.url.clone(), entity.clone());
+        Ok((entity, true))
+    }
+
+    async fn update_entity(&self, url: &str, update: EntityUpdate) -> StoreResult<EntityRecord> {
+        let _guard = self.write.lock().await;
+        let mut entity = self.entity(url).ok_or(StoreError::NotFound)?;
+        update(&mut entity)?;
+        let bytes = json(&entity)?;
+        let key = url.to_owned();
+        self.write(move |txn| {
+            txn.open_table(ENTITIES)?.insert(key.as_str(), bytes.as_slice())?;
+            Ok(())
+        })
+        .await?;
+        self.cache.write().entities.insert(url.to_owned(), entity.clone());
+        Ok(entity)
+    }
+
+    async fn remove_entity(&self, url: &str) -> StoreResult<bool> {
+        let _guard = self.write.lock().await;
+        if self.entity(url).is_none() {
+            return Ok(false);
+        }
+        let key = url.to_owned();
+        self.write(move |txn| {
+            txn.open_table(ENTITIES)?.remove(key.as_str())?;
+            txn.open_table(GRANTS)?.retain_in((key.as_str(), 0)..=(key.as_str(), u64::MAX), |_, _| false)?;
+            Ok(())
+        })
+        .await?;
+        let mut cache = self.cache.write();
+        cache.entities.remove(url);
+        cache.grants.remove(url);
+        Ok(true)
+    }
+
+    fn grants(&self, entity_url: &str) -> Vec<GrantRecord> {
+        self.cache.read().grants.get(entity_url).cloned().unwrap_or_default()
+    }
+
+    async fn add_grant(&self, grant: NewGrant) -> StoreResult<GrantRecord> {
+        let _guard = self.write.lock().await;
+        let id = self.cache.read().next_grant;
+        let record = GrantRecord {
+            id,
+            entity_url: grant.entity_url,
+            subject: grant.subject,
+            permission: grant.permission,
+            expires_at: grant.expires_at,
+            expires_at_ms: grant.expires_at_ms,
+            created_by: grant.created_by,
+            created_at_ms: chrono::Utc::now().timestamp_millis(),
+        };
+        let bytes = json(&record)?;
+        let url = record.entity_url.clone();
+        self.write(move |txn| {
+            txn.open_table(GRANTS)?.insert((url.as_str(), id), bytes.as_slice())?;
+            txn.open_table(COUNTERS)?.insert("next_grant_id", id + 1)?;
+            Ok(())
+        })
+        .await?;
+        let mut cache = self.cache.write();
+        cache.next_grant = id + 1;
+        cache.grants.entry(record.entity_url.clone()).or_default().push(record.clone());
+        Ok(record)
+    }
+
+    async fn remove_grant(&self, entity_url: &str, id: u64) -> StoreResult<bool> {
+        let _guard = self.write.lock().await;
+        if !self.grants(entity_url).iter().any(|g| g.id == id) {
+            return Ok(false);
+        }
+        let url = entity_url.to_owned();
+        self.write(move |txn| {
+            txn.open_table(GRANTS)?.remove((url.as_str(), id))?;
+            Ok(())
+        })
+        .await?;
+        if let Some(list) = self.cache.write().grants.get_mut(entity_url) {
+            list.retain(|g| g.id != id);
+        }
+        Ok(true)
+    }
+}

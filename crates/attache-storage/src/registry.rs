@@ -1,0 +1,78 @@
+//! The registry seam: entities and their grants (the "repo" beside the
+//! stream store). Registry writes are rare (spawn, stop, grant, task
+//! changes) and small; they are durable before they are acknowledged.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use attache_core::{GrantSubject, Permission};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::StoreResult;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntityRecord {
+    pub url: String,
+    pub entity_type: String,
+    pub instance_id: String,
+    /// `idle` once spawned; `stopped` after DELETE (no more writes).
+    pub status: String,
+    pub tags: BTreeMap<String, String>,
+    pub args: Option<Value>,
+    /// The principal URL of the spawner.
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// Face-specific state kept with the entity (the task face keeps its task here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<Value>,
+}
+
+impl EntityRecord {
+    pub fn is_running(&self) -> bool {
+        self.status != "stopped"
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    pub id: u64,
+    pub entity_url: String,
+    #[serde(flatten)]
+    pub subject: GrantSubject,
+    pub permission: Permission,
+    pub expires_at: Option<String>,
+    pub expires_at_ms: Option<i64>,
+    pub created_by: String,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewGrant {
+    pub entity_url: String,
+    pub subject: GrantSubject,
+    pub permission: Permission,
+    pub expires_at: Option<String>,
+    pub expires_at_ms: Option<i64>,
+    pub created_by: String,
+}
+
+/// A change to one entity, applied atomically with respect to other changes.
+pub type EntityUpdate = Box<dyn FnOnce(&mut EntityRecord) -> StoreResult<()> + Send>;
+
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    fn entity(&self, url: &str) -> Option<EntityRecord>;
+    /// Every entity, newest first; `type_filter` narrows to one type.
+    fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord>;
+    /// Inserts the entity unless one exists at its URL; returns the stored one and whether it was new.
+    async fn insert_entity(&self, entity: EntityRecord) -> StoreResult<(EntityRecord, bool)>;
+    /// Applies `update` to the entity under the registry's write lock (compare-and-set).
+    async fn update_entity(&self, url: &str, update: EntityUpdate) -> StoreResult<EntityRecord>;
+    /// Removes the entity and its grants for good.
+    async fn remove_entity(&self, url: &str) -> StoreResult<bool>;
+    fn grants(&self, entity_url: &str) -> Vec<GrantRecord>;
+    async fn add_grant(&self, grant: NewGrant) -> StoreResult<GrantRecord>;
+    async fn remove_grant(&self, entity_url: &str, id: u64) -> StoreResult<bool>;
+}
