@@ -18,6 +18,8 @@ pub struct ServerConfig {
     pub max_read_bytes: usize,
     /// Sync before acknowledging (the default).
     pub durable: bool,
+    /// Largest attachment, multipart or resumable (413 beyond).
+    pub max_attachment_bytes: u64,
     /// Dev (trust `electric-principal`) or token; `None` picks dev on loopback, token elsewhere.
     pub auth: Option<crate::auth::AuthMode>,
 }
@@ -32,6 +34,7 @@ impl ServerConfig {
             max_append_bytes: 16 << 20,
             max_read_bytes: 1 << 20,
             durable: true,
+            max_attachment_bytes: 1 << 30,
             auth: None,
         }
     }

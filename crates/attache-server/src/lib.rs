@@ -4,6 +4,7 @@
 //! its handlers thin: parse at the edge, call the store, map the result.
 
 pub mod access;
+pub mod attachments;
 pub mod auth;
 pub mod config;
 pub mod entities;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub registry: Arc<dyn Registry>,
     pub auth: Arc<auth::Auth>,
     pub views: Arc<rows::Views>,
+    /// Attachment uploads in flight (their ids are taken).
+    pub uploads: Arc<attachments::Reservations>,
     pub config: Arc<ServerConfig>,
     /// Cancelled at shutdown: live readers finish their responses at once.
     pub shutdown: CancellationToken,
@@ -81,10 +84,13 @@ impl Server {
             registry: Arc::new(registry),
             auth: Arc::new(auth),
             views: Arc::new(rows::Views::default()),
+            uploads: Arc::new(attachments::Reservations::default()),
             config: Arc::new(config),
             shutdown: shutdown.clone(),
         };
         let app = router::build(state.clone());
+        let recovering = state.clone();
+        tokio::spawn(async move { attachments::recover(&recovering).await });
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
             let served = axum::serve(listener, app.into_make_service())

@@ -11,7 +11,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 
 use crate::error::ApiError;
-use crate::{entities, headers, streams, AppState};
+use crate::{attachments, entities, headers, streams, AppState};
 
 /// Path prefixes that belong to attache's other faces, never to streams.
 pub const RESERVED_PREFIXES: &[&str] = &["/_electric/", "/_attache/", "/rpc", "/mcp", "/ws", "/healthz", "/metrics"];
@@ -27,6 +27,16 @@ pub fn build(state: AppState) -> Router {
     Router::new()
         // GET /healthz — anyone: 200 once the server serves.
         .route("/healthz", get(|| async { "ok" }))
+        // Attachments: GET list [read] · POST multipart upload [write]
+        .route(
+            "/_electric/entities/{entity_type}/{instance_id}/attachments",
+            get(attachments::list).post(attachments::upload),
+        )
+        // GET/HEAD bytes, ranges [read] · PUT start a resumable upload [write] · DELETE [write]
+        .route(
+            "/_electric/entities/{entity_type}/{instance_id}/attachments/{attachment_id}",
+            get(attachments::read).put(attachments::begin_resumable).delete(attachments::delete),
+        )
         // Any other path: a Durable Stream (GET, HEAD, PUT, POST, DELETE).
         // Entities (Electric Agents wire format). Permission in brackets; 404 when
         // the caller may not read the entity, 403 when it may read but not act.

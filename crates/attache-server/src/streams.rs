@@ -242,6 +242,13 @@ async fn post(state: &AppState, path: &StreamPath, headers: &HeaderMap, body: Bo
     // A close-only request may carry any Content-Type; it is not looked at.
     let content_type = if body.is_empty() { req.content_type().ok().flatten() } else { req.content_type()? };
     let appended = !body.is_empty();
+    let attachment = match EntityUrl::owning(path.as_str()) {
+        Some((entity, EntityStream::Attachment(id))) => Some((entity, id)),
+        _ => None,
+    };
+    if attachment.is_some() {
+        crate::attachments::check_append_size(state, path.as_str(), body.len())?;
+    }
     let outcome = state
         .store
         .append(AppendRequest {
@@ -259,6 +266,10 @@ async fn post(state: &AppState, path: &StreamPath, headers: &HeaderMap, body: Bo
         (Some(_), false, true) => StatusCode::OK,
         _ => StatusCode::NO_CONTENT,
     };
+    if let (Some((entity, id)), true) = (&attachment, outcome.info.closed) {
+        // Closing a resumable upload's stream completes the attachment.
+        crate::attachments::finalize(state, entity, id).await?;
+    }
     let mut res = status.into_response();
     let hm = res.headers_mut();
     set(hm, h::STREAM_NEXT_OFFSET, outcome.info.tail_offset());

@@ -6,6 +6,7 @@
 //! signals it hands out. Which engine runs underneath — the embedded one in
 //! [`embedded`] by default — is invisible to the server.
 
+pub mod blob;
 pub mod embedded;
 pub mod error;
 pub mod model;
@@ -14,6 +15,7 @@ pub mod tokens;
 
 use async_trait::async_trait;
 
+pub use blob::BlobWriter;
 pub use error::{StoreError, StoreResult};
 pub use model::*;
 pub use registry::{EntityRecord, EntityUpdate, GrantRecord, NewGrant, Registry};
@@ -48,6 +50,16 @@ pub trait StreamStore: Send + Sync + 'static {
 
     /// Streams whose path starts with `prefix`, in path order (for listings and maintenance).
     fn list_prefix(&self, prefix: &str, limit: usize) -> Vec<StreamInfo>;
+
+    /// Creates a closed stream whose bytes are `blob` (moved into the blob
+    /// store, or dropped if identical bytes are stored already: content addressing).
+    async fn create_blob_stream(&self, req: CreateStream, blob: StagedBlob) -> StoreResult<StreamInfo>;
+
+    /// A new staging file for blob bytes; it disappears unless handed to `create_blob_stream`.
+    async fn stage_blob(&self) -> StoreResult<BlobWriter>;
+
+    /// Opens a stored blob for reading.
+    async fn open_blob(&self, sha256: &str) -> StoreResult<tokio::fs::File>;
 
     /// Flushes and stops the writer; later calls fail with `ShuttingDown`.
     async fn close(&self);

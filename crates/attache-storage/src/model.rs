@@ -27,6 +27,24 @@ pub struct StreamInfo {
     pub closed_by: Option<(String, u64, u64)>,
     /// The principal that created the stream.
     pub owner: Option<String>,
+    /// A closed stream whose bytes are one content-addressed blob (attachments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<BlobRef>,
+}
+
+/// A content-addressed blob: its SHA-256 (hex) names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    pub sha256: String,
+    pub len: u64,
+}
+
+/// Bytes written to a staging file and synced, waiting to become a blob.
+#[derive(Debug)]
+pub struct StagedBlob {
+    pub path: std::path::PathBuf,
+    pub sha256: String,
+    pub len: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

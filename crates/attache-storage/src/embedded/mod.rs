@@ -38,6 +38,8 @@ pub(crate) const STREAMS: TableDefinition<u64, &[u8]> = TableDefinition::new("st
 pub(crate) const CHUNKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("chunks");
 /// (stream id, producer id) → (epoch, last seq).
 pub(crate) const PRODUCERS: TableDefinition<(u64, &str), (u64, u64)> = TableDefinition::new("producers");
+/// Blob sha256 → how many streams hold it.
+pub(crate) const BLOB_REFS: TableDefinition<&str, u64> = TableDefinition::new("blob_refs");
 /// Named counters (the next stream id).
 pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
@@ -118,6 +120,7 @@ pub(crate) struct Index {
 
 pub(crate) struct Shared {
     pub(crate) db: Database,
+    pub(crate) blobs: BlobDir,
     pub(crate) index: RwLock<Index>,
 }
 
@@ -125,8 +128,61 @@ pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Where blob files live: `blobs/ab/abcdef…` by SHA-256, `blobs/tmp/` while staging.
+pub(crate) struct BlobDir {
+    root: PathBuf,
+}
+
+impl BlobDir {
+    pub(crate) fn path(&self, sha256: &str) -> PathBuf {
+        let fan = sha256.get(0..2).unwrap_or("xx");
+        self.root.join(fan).join(sha256)
+    }
+    fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Moves a staged blob to its content address (durably), unless identical
+    /// bytes are already there; either way the staging file is gone afterwards.
+    pub(crate) fn adopt(&self, staged: &StagedBlob) -> StoreResult<()> {
+        let target = self.path(&staged.sha256);
+        if target.exists() {
+            std::fs::remove_file(&staged.path)?;
+            return Ok(());
+        }
+        let dir = target.parent().ok_or_else(|| StoreError::Storage("blob path has no parent".into()))?;
+        std::fs::create_dir_all(dir)?;
+        std::fs::rename(&staged.path, &target)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    }
+
+    /// Startup: staging files belong to uploads that never finished, and blob
+    /// files no stream holds are leftovers of a crash; both go.
+    fn collect_garbage(&self, referenced: &std::collections::HashSet<String>) -> StoreResult<usize> {
+        let mut removed = 0;
+        let _ = std::fs::remove_dir_all(self.tmp());
+        std::fs::create_dir_all(self.tmp())?;
+        for fan in std::fs::read_dir(&self.root)? {
+            let fan = fan?;
+            if fan.file_name() == "tmp" || !fan.file_type()?.is_dir() {
+                continue;
+            }
+            for file in std::fs::read_dir(fan.path())? {
+                let file = file?;
+                if !referenced.contains(file.file_name().to_string_lossy().as_ref()) {
+                    std::fs::remove_file(file.path())?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
 pub(crate) enum Command {
     Create(CreateStream, oneshot::Sender<StoreResult<CreateOutcome>>),
+    CreateBlob(CreateStream, StagedBlob, oneshot::Sender<StoreResult<StreamInfo>>),
     Append(writer::PreparedAppend, oneshot::Sender<StoreResult<AppendOutcome>>),
     Delete(String, oneshot::Sender<StoreResult<()>>),
     /// Deletes a stream found expired (fire and forget).
@@ -148,6 +204,12 @@ impl EmbeddedStore {
         let db_path: PathBuf = Path::new(&config.data_dir).join("streams.redb");
         let db = Database::builder().set_cache_size(config.cache_bytes).create(&db_path)?;
         let state = writer::WriterState::load(&db)?;
+        let blobs = BlobDir { root: Path::new(&config.data_dir).join("blobs") };
+        std::fs::create_dir_all(&blobs.root)?;
+        let removed = blobs.collect_garbage(&state.blob_refs.keys().cloned().collect())?;
+        if removed > 0 {
+            tracing::info!(removed, "removed blob files no stream holds (left by a crash)");
+        }
         let now = now_ms();
         let mut index = Index::default();
         for info in state.streams.values() {
@@ -156,7 +218,7 @@ impl EmbeddedStore {
             index.by_id.insert(info.id, entry);
         }
         tracing::info!(streams = index.by_id.len(), path = %db_path.display(), "embedded store opened");
-        let shared = Arc::new(Shared { db, index: RwLock::new(index) });
+        let shared = Arc::new(Shared { db, blobs, index: RwLock::new(index) });
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_shared = shared.clone();
         let writer = std::thread::Builder::new()
@@ -249,6 +311,26 @@ impl StreamStore for EmbeddedStore {
             .take(limit)
             .map(|(info, _)| (*info).clone())
             .collect()
+    }
+
+    async fn create_blob_stream(&self, req: CreateStream, blob: StagedBlob) -> StoreResult<StreamInfo> {
+        self.call(|tx| Command::CreateBlob(req, blob, tx)).await
+    }
+
+    async fn stage_blob(&self) -> StoreResult<crate::BlobWriter> {
+        let name = format!("{}-{:016x}", now_ms(), rand::random::<u64>());
+        crate::BlobWriter::create(self.shared.blobs.tmp().join(name)).await
+    }
+
+    async fn open_blob(&self, sha256: &str) -> StoreResult<tokio::fs::File> {
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::NotFound);
+        }
+        match tokio::fs::File::open(self.shared.blobs.path(sha256)).await {
+            Ok(f) => Ok(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::NotFound),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn close(&self) {

@@ -5,7 +5,7 @@ use redb::ReadableDatabase;
 
 use super::{Shared, CHUNKS};
 use crate::error::{StoreError, StoreResult};
-use crate::model::{ReadBatch, ReadFrom, StreamInfo};
+use crate::model::{BlobRef, ReadBatch, ReadFrom, StreamInfo};
 use attache_core::Offset;
 
 /// A run of positions `[lo, hi)` served by the rows of stream `id`.
@@ -64,6 +64,9 @@ pub(crate) fn read(shared: &Shared, info: &StreamInfo, from: ReadFrom, max_bytes
     if start > tail {
         return Err(StoreError::Invalid("offset is beyond the end of the stream".into()));
     }
+    if let Some(blob) = &info.blob {
+        return read_blob(shared, info, blob, start, max_bytes);
+    }
     let json = info.is_json();
     let mut chunks = Vec::new();
     let mut pos = start;
@@ -120,4 +123,24 @@ pub(crate) fn read(shared: &Shared, info: &StreamInfo, from: ReadFrom, max_bytes
         }
     }
     Ok(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(pos), chunks, json })
+}
+
+/// A blob-backed stream reads straight from its file.
+fn read_blob(
+    shared: &Shared,
+    info: &StreamInfo,
+    blob: &BlobRef,
+    start: u64,
+    max_bytes: usize,
+) -> StoreResult<ReadBatch> {
+    use std::os::unix::fs::FileExt;
+    let end = blob.len.min(start.saturating_add(max_bytes as u64));
+    let mut chunks = Vec::new();
+    if end > start {
+        let file = std::fs::File::open(shared.blobs.path(&blob.sha256))?;
+        let mut buf = vec![0u8; (end - start) as usize];
+        file.read_exact_at(&mut buf, start)?;
+        chunks.push(Bytes::from(buf));
+    }
+    Ok(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(end), chunks, json: false })
 }

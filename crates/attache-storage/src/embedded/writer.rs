@@ -17,7 +17,8 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::{
-    now_ms, Command, EmbeddedConfig, Shared, StreamEntry, CHUNKS, COUNTERS, PRODUCERS, ROW_ENDS_APPEND, STREAMS,
+    now_ms, Command, EmbeddedConfig, Shared, StreamEntry, BLOB_REFS, CHUNKS, COUNTERS, PRODUCERS, ROW_ENDS_APPEND,
+    STREAMS,
 };
 use crate::error::{StoreError, StoreResult};
 use crate::model::*;
@@ -58,6 +59,8 @@ pub(crate) struct WriterState {
     pub(crate) streams: HashMap<u64, StreamInfo>,
     paths: HashMap<String, u64>,
     producers: HashMap<(u64, String), ProducerState>,
+    /// How many streams hold each blob.
+    pub(crate) blob_refs: HashMap<String, u64>,
     next_id: u64,
 }
 
@@ -70,11 +73,17 @@ impl WriterState {
             txn.open_table(CHUNKS)?;
             txn.open_table(PRODUCERS)?;
             txn.open_table(COUNTERS)?;
+            txn.open_table(BLOB_REFS)?;
         }
         txn.commit()?;
         let txn = db.begin_write()?;
-        let mut state =
-            WriterState { streams: HashMap::new(), paths: HashMap::new(), producers: HashMap::new(), next_id: 1 };
+        let mut state = WriterState {
+            streams: HashMap::new(),
+            paths: HashMap::new(),
+            producers: HashMap::new(),
+            blob_refs: HashMap::new(),
+            next_id: 1,
+        };
         {
             let streams = txn.open_table(STREAMS)?;
             for row in streams.iter()? {
@@ -93,6 +102,11 @@ impl WriterState {
                 let (epoch, last_seq) = value.value();
                 state.producers.insert((id, producer.to_owned()), ProducerState { epoch, last_seq });
             }
+            let blob_refs = txn.open_table(BLOB_REFS)?;
+            for row in blob_refs.iter()? {
+                let (key, value) = row?;
+                state.blob_refs.insert(key.value().to_owned(), value.value());
+            }
             let counters = txn.open_table(COUNTERS)?;
             let next = counters.get("next_stream_id")?.map(|v| v.value());
             if let Some(next) = next {
@@ -110,6 +124,7 @@ struct Tables<'t> {
     chunks: Table<'t, (u64, u64), &'static [u8]>,
     producers: Table<'t, (u64, &'static str), (u64, u64)>,
     counters: Table<'t, &'static str, u64>,
+    blob_refs: Table<'t, &'static str, u64>,
 }
 
 impl<'t> Tables<'t> {
@@ -119,6 +134,7 @@ impl<'t> Tables<'t> {
             chunks: txn.open_table(CHUNKS)?,
             producers: txn.open_table(PRODUCERS)?,
             counters: txn.open_table(COUNTERS)?,
+            blob_refs: txn.open_table(BLOB_REFS)?,
         })
     }
 }
@@ -128,10 +144,13 @@ impl<'t> Tables<'t> {
 struct Changes {
     touched: HashSet<u64>,
     removed: Vec<(u64, String)>,
+    /// Blob files no stream holds any more, deleted after the commit.
+    unlink: Vec<String>,
 }
 
 enum Reply {
     Create(oneshot::Sender<StoreResult<CreateOutcome>>, StoreResult<CreateOutcome>),
+    CreateBlob(oneshot::Sender<StoreResult<StreamInfo>>, StoreResult<StreamInfo>),
     Append(oneshot::Sender<StoreResult<AppendOutcome>>, StoreResult<AppendOutcome>),
     Delete(oneshot::Sender<StoreResult<()>>, StoreResult<()>),
 }
@@ -141,6 +160,7 @@ impl Reply {
         // A caller that went away no longer needs its answer.
         match self {
             Reply::Create(tx, r) => drop(tx.send(r)),
+            Reply::CreateBlob(tx, r) => drop(tx.send(r)),
             Reply::Append(tx, r) => drop(tx.send(r)),
             Reply::Delete(tx, r) => drop(tx.send(r)),
         }
@@ -149,6 +169,7 @@ impl Reply {
     fn fail(self, err: StoreError) {
         match self {
             Reply::Create(tx, _) => drop(tx.send(Err(err))),
+            Reply::CreateBlob(tx, _) => drop(tx.send(Err(err))),
             Reply::Append(tx, _) => drop(tx.send(Err(err))),
             Reply::Delete(tx, _) => drop(tx.send(Err(err))),
         }
@@ -221,6 +242,10 @@ fn commit_batch(shared: &Shared, state: &mut WriterState, batch: Vec<Command>, d
                     let r = escalate(r)?;
                     replies.push(Reply::Create(tx, r));
                 }
+                Command::CreateBlob(req, blob, tx) => {
+                    let r = escalate(state.create_blob(&mut t, &mut changes, shared, req, blob))?;
+                    replies.push(Reply::CreateBlob(tx, r));
+                }
                 Command::Append(prepared, tx) => {
                     let r = escalate(state.append(&mut t, &mut changes, prepared))?;
                     replies.push(Reply::Append(tx, r));
@@ -255,6 +280,12 @@ fn commit_batch(shared: &Shared, state: &mut WriterState, batch: Vec<Command>, d
             reply.fail(err.clone());
         }
         return Err(err);
+    }
+    for sha in &changes.unlink {
+        if let Err(err) = std::fs::remove_file(shared.blobs.path(sha)) {
+            // A leftover file is collected at the next start.
+            tracing::warn!(%err, sha, "could not delete an unreferenced blob");
+        }
     }
     publish(shared, state, changes);
     for reply in replies {
@@ -428,10 +459,62 @@ impl WriterState {
             last_seq: None,
             closed_by: None,
             owner: req.owner.clone(),
+            blob: None,
         };
         self.paths.insert(path, id);
         self.save(t, changes, info.clone())?;
         Ok(CreateOutcome::Created(info))
+    }
+
+    /// A closed stream holding one blob. The staged file is adopted here, in the
+    /// writer, so a concurrent delete of the last holder cannot unlink it meanwhile.
+    fn create_blob(
+        &mut self,
+        t: &mut Tables,
+        changes: &mut Changes,
+        shared: &Shared,
+        req: CreateStream,
+        blob: StagedBlob,
+    ) -> StoreResult<StreamInfo> {
+        let path = req.path.as_str().to_owned();
+        if let Some(&id) = self.paths.get(&path) {
+            if !(self.expired(shared, id) && !self.streams[&id].soft_deleted) {
+                let _ = std::fs::remove_file(&blob.path);
+                return Err(StoreError::ConfigMismatch("a stream already exists at this path".into()));
+            }
+            self.remove(t, changes, id)?;
+        }
+        // The same bytes may have lost their last holder earlier in this batch; keep the file.
+        changes.unlink.retain(|sha| sha != &blob.sha256);
+        shared.blobs.adopt(&blob)?;
+        let refs = self.blob_refs.get(&blob.sha256).copied().unwrap_or(0) + 1;
+        t.blob_refs.insert(blob.sha256.as_str(), refs)?;
+        self.blob_refs.insert(blob.sha256.clone(), refs);
+        let id = self.next_id;
+        self.next_id += 1;
+        t.counters.insert("next_stream_id", self.next_id)?;
+        let content_type = req.content_type.clone().unwrap_or_else(ContentType::octet_stream);
+        let info = StreamInfo {
+            id,
+            path: path.clone(),
+            content_type: content_type.as_str().to_owned(),
+            ttl_secs: None,
+            expires_at: None,
+            expires_at_ms: None,
+            created_at_ms: now_ms(),
+            closed: true,
+            tail: blob.len,
+            fork: None,
+            fork_refs: 0,
+            soft_deleted: false,
+            last_seq: None,
+            closed_by: None,
+            owner: req.owner.clone(),
+            blob: Some(BlobRef { sha256: blob.sha256.clone(), len: blob.len }),
+        };
+        self.paths.insert(path, id);
+        self.save(t, changes, info.clone())?;
+        Ok(info)
     }
 
     /// PUT on an existing path: 200 when the configuration matches, 409 when not.
@@ -623,6 +706,17 @@ impl WriterState {
             return self.save(t, changes, info);
         }
         t.chunks.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        if let Some(blob) = &info.blob {
+            let left = self.blob_refs.get(&blob.sha256).copied().unwrap_or(1).saturating_sub(1);
+            if left == 0 {
+                t.blob_refs.remove(blob.sha256.as_str())?;
+                self.blob_refs.remove(&blob.sha256);
+                changes.unlink.push(blob.sha256.clone());
+            } else {
+                t.blob_refs.insert(blob.sha256.as_str(), left)?;
+                self.blob_refs.insert(blob.sha256.clone(), left);
+            }
+        }
         t.producers.retain_in((id, "")..(id + 1, ""), |_, _| false)?;
         t.streams.remove(id)?;
         self.streams.remove(&id);

@@ -1,0 +1,152 @@
+//! Counters for `GET /metrics`, in the Prometheus text format: JSON-RPC
+//! requests by method and outcome, task attachments created by type, bytes
+//! they hold, appends the task face makes, and live event readers.
+//!
+//! Counters are plain atomics indexed by fixed tables (the method list and
+//! the error codes are closed sets), so counting costs no lock on the hot path.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use axum::extract::State;
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+
+use crate::AppState;
+
+/// Outcomes a JSON-RPC call is counted under.
+pub const OUTCOMES: &[&str] = &["ok", "-32700", "-32600", "-32601", "-32602", "-32000", "-32002", "-32603"];
+
+/// Attachment types, in the order `attachments_created` counts them.
+pub const ATTACHMENT_TYPES: &[&str] = &["json", "markdown", "text", "url", "binary"];
+
+pub struct Metrics {
+    /// `[method index][outcome index]`; the last method row counts unknown methods.
+    rpc: Vec<[AtomicU64; 8]>,
+    attachments_created: [AtomicU64; 5],
+    attachment_bytes: AtomicU64,
+    stream_appends: AtomicU64,
+    events_published: AtomicU64,
+    live_readers: AtomicI64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            rpc: (0..=crate::tasks::METHODS.len()).map(|_| Default::default()).collect(),
+            attachments_created: Default::default(),
+            attachment_bytes: AtomicU64::new(0),
+            stream_appends: AtomicU64::new(0),
+            events_published: AtomicU64::new(0),
+            live_readers: AtomicI64::new(0),
+        }
+    }
+}
+
+/// Holds one live reader in the gauge for as long as it lives.
+pub struct LiveReader<'a>(&'a Metrics);
+
+impl Drop for LiveReader<'_> {
+    fn drop(&mut self) {
+        self.0.live_readers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    pub fn rpc_call(&self, method: &str, outcome: &str) {
+        let m = crate::tasks::METHODS.iter().position(|name| *name == method).unwrap_or(crate::tasks::METHODS.len());
+        let o = OUTCOMES.iter().position(|name| *name == outcome).unwrap_or(OUTCOMES.len() - 1);
+        if let Some(row) = self.rpc.get(m) {
+            row[o].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn attachment_created(&self, kind: &str, bytes: u64) {
+        if let Some(i) = ATTACHMENT_TYPES.iter().position(|t| *t == kind) {
+            self.attachments_created[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.attachment_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn appends(&self, n: u64) {
+        self.stream_appends.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn published(&self) {
+        self.events_published.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn live_reader(&self) -> LiveReader<'_> {
+        self.live_readers.fetch_add(1, Ordering::Relaxed);
+        LiveReader(self)
+    }
+
+    pub fn live_readers(&self) -> i64 {
+        self.live_readers.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition of every counter.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP attache_rpc_requests_total JSON-RPC calls by method and outcome (ok or error code).\n");
+        out.push_str("# TYPE attache_rpc_requests_total counter\n");
+        for (m, row) in self.rpc.iter().enumerate() {
+            let method = crate::tasks::METHODS.get(m).copied().unwrap_or("unknown");
+            for (o, counter) in row.iter().enumerate() {
+                let n = counter.load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "attache_rpc_requests_total{{method=\"{method}\",status=\"{}\"}} {n}",
+                        OUTCOMES[o]
+                    );
+                }
+            }
+        }
+        out.push_str("# HELP attache_attachments_created_total Task attachments created or replaced, by type.\n");
+        out.push_str("# TYPE attache_attachments_created_total counter\n");
+        for (i, kind) in ATTACHMENT_TYPES.iter().enumerate() {
+            let n = self.attachments_created[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "attache_attachments_created_total{{type=\"{kind}\"}} {n}");
+        }
+        let scalar = |out: &mut String, name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        scalar(
+            &mut out,
+            "attache_attachment_bytes_total",
+            "counter",
+            "Bytes written into task attachments (values, contents, binary data).",
+            self.attachment_bytes.load(Ordering::Relaxed).to_string(),
+        );
+        scalar(
+            &mut out,
+            "attache_stream_appends_total",
+            "counter",
+            "Appends the task face made to streams (task main streams and the events stream).",
+            self.stream_appends.load(Ordering::Relaxed).to_string(),
+        );
+        scalar(
+            &mut out,
+            "attache_events_published_total",
+            "counter",
+            "Events PUBLISHed to Redis.",
+            self.events_published.load(Ordering::Relaxed).to_string(),
+        );
+        scalar(
+            &mut out,
+            "attache_live_readers",
+            "gauge",
+            "Event readers currently connected (long-poll, SSE, WebSocket).",
+            self.live_readers().to_string(),
+        );
+        out
+    }
+}
+
+/// GET /metrics
+pub async fn get_metrics(State(state): State<AppState>) -> Response {
+    let mut res = state.metrics.render().into_response();
+    res.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    res
+}
