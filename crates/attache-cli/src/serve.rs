@@ -23,6 +23,9 @@ pub struct ServeArgs {
     /// Largest body of a stream append or create, in bytes [default: 16777216]
     #[arg(long, env = "ATTACHE_MAX_APPEND_BYTES")]
     max_append_bytes: Option<usize>,
+    /// Largest attachment, in bytes [default: 1073741824]
+    #[arg(long, env = "ATTACHE_MAX_ATTACHMENT_BYTES")]
+    max_attachment_bytes: Option<u64>,
     /// Acknowledge writes before they are synced to disk (faster; a crash may lose the last moments)
     #[arg(long, env = "ATTACHE_NO_FSYNC")]
     no_fsync: bool,
@@ -43,6 +46,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     long_poll_timeout: Option<String>,
     max_append_bytes: Option<usize>,
+    max_attachment_bytes: Option<u64>,
     no_fsync: Option<bool>,
     auth: Option<String>,
 }
@@ -67,6 +71,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     }
     if let Some(n) = args.max_append_bytes.or(file.max_append_bytes) {
         config.max_append_bytes = n;
+    }
+    if let Some(n) = args.max_attachment_bytes.or(file.max_attachment_bytes) {
+        config.max_attachment_bytes = n;
     }
     config.durable = !(args.no_fsync || file.no_fsync.unwrap_or(false));
     if let Some(mode) = args.auth.or(file.auth) {
