@@ -228,6 +228,8 @@ fn expired_streams(shared: &Shared) -> Vec<u64> {
 }
 
 fn commit_batch(shared: &Shared, state: &mut WriterState, batch: Vec<Command>, durable: bool) -> StoreResult<()> {
+    let started = Instant::now();
+    let size = batch.len();
     let mut txn = shared.db.begin_write()?;
     txn.set_durability(if durable { Durability::Immediate } else { Durability::None })
         .map_err(|e| StoreError::Storage(e.to_string()))?;
@@ -265,7 +267,8 @@ fn commit_batch(shared: &Shared, state: &mut WriterState, batch: Vec<Command>, d
                 }
             }
         }
-        Ok(())
+        // Each touched stream's metadata is written once per batch, however many appends it took.
+        flush_metadata(&mut t, state, &changes)
     })();
     if let Err(err) = outcome {
         for reply in replies {
@@ -274,6 +277,7 @@ fn commit_batch(shared: &Shared, state: &mut WriterState, batch: Vec<Command>, d
         let _ = txn.abort();
         return Err(err);
     }
+    let applied = started.elapsed();
     if let Err(err) = txn.commit() {
         let err = StoreError::from(err);
         for reply in replies {
@@ -287,6 +291,7 @@ fn commit_batch(shared: &Shared, state: &mut WriterState, batch: Vec<Command>, d
             tracing::warn!(%err, sha, "could not delete an unreferenced blob");
         }
     }
+    tracing::trace!(size, apply_us = applied.as_micros() as u64, total_us = started.elapsed().as_micros() as u64, "group commit");
     publish(shared, state, changes);
     for reply in replies {
         reply.send();
@@ -333,29 +338,39 @@ fn publish(shared: &Shared, state: &WriterState, changes: Changes) {
     }
 }
 
+fn flush_metadata(t: &mut Tables, state: &WriterState, changes: &Changes) -> StoreResult<()> {
+    for id in &changes.touched {
+        if let Some(info) = state.streams.get(id) {
+            t.streams.insert(*id, encode(info)?.as_slice())?;
+        }
+    }
+    Ok(())
+}
+
 fn encode(info: &StreamInfo) -> StoreResult<Vec<u8>> {
     serde_json::to_vec(info).map_err(|e| StoreError::Storage(e.to_string()))
 }
 
 fn write_rows(t: &mut Tables, id: u64, tail: &mut u64, rows: &[Bytes], json: bool) -> StoreResult<()> {
+    // Check the whole append first: a domain error must leave nothing written.
+    let total: u64 = rows.iter().map(|r| r.len() as u64 + u64::from(json)).sum();
+    if tail.saturating_add(total) > Offset::MAX {
+        return Err(StoreError::Invalid("the stream is full: positions are exhausted".into()));
+    }
     let mut buf = Vec::new();
     for (i, row) in rows.iter().enumerate() {
-        let next = *tail + row.len() as u64 + u64::from(json);
-        if next > Offset::MAX {
-            return Err(StoreError::Invalid("the stream is full: positions are exhausted".into()));
-        }
         buf.clear();
         buf.push(if i + 1 == rows.len() { ROW_ENDS_APPEND } else { 0 });
         buf.extend_from_slice(row);
         t.chunks.insert((id, *tail), buf.as_slice())?;
-        *tail = next;
+        *tail += row.len() as u64 + u64::from(json);
     }
     Ok(())
 }
 
 impl WriterState {
-    fn save(&mut self, t: &mut Tables, changes: &mut Changes, info: StreamInfo) -> StoreResult<()> {
-        t.streams.insert(info.id, encode(&info)?.as_slice())?;
+    /// Records new metadata for a stream; it is written once per batch, in `flush_metadata`.
+    fn save(&mut self, _t: &mut Tables, changes: &mut Changes, info: StreamInfo) -> StoreResult<()> {
         changes.touched.insert(info.id);
         self.streams.insert(info.id, info);
         Ok(())
@@ -387,6 +402,7 @@ impl WriterState {
         let mut ttl_secs = req.ttl.map(|t| t.0);
         let mut expires = req.expires_at.clone().map(|e| (e.raw, e.unix_ms));
         let mut fork_info = None;
+        let mut fork_source = None;
         let content_type = match &req.fork {
             Some(spec) => {
                 let src_id = *self.paths.get(spec.source.as_str()).ok_or(StoreError::ForkSourceNotFound)?;
@@ -424,9 +440,7 @@ impl WriterState {
                     requested_offset: anchor,
                     requested_sub_offset: spec.sub_offset,
                 });
-                let mut src = src;
-                src.fork_refs += 1;
-                self.save(t, changes, src)?;
+                fork_source = Some(src);
                 req.content_type.clone().unwrap_or(src_type)
             }
             None => req.content_type.clone().unwrap_or_else(ContentType::octet_stream),
@@ -439,6 +453,11 @@ impl WriterState {
         } else {
             vec![req.initial.clone()]
         };
+        // Everything is valid: only now does the source learn of its new fork.
+        if let Some(mut src) = fork_source {
+            src.fork_refs += 1;
+            self.save(t, changes, src)?;
+        }
         let id = self.next_id;
         self.next_id += 1;
         t.counters.insert("next_stream_id", self.next_id)?;
