@@ -1,1 +1,30 @@
-//! placeholder
+//! attache's Rust SDK.
+//!
+//! - [`RuntimeServerClient`]: entities, attachments (streamed uploads and
+//!   downloads, byte ranges), Durable Streams ([`streams`]), the task
+//!   JSON-RPC face ([`rpc`]).
+//! - [`state`]: the State Protocol materializer, live.
+//! - [`runtime`]: the handler runtime with `ctx.attachments`.
+//! - [`send`]: send a message with attachments, rolling back on failure.
+//! - [`hydrate`]: image hydration into Anthropic and OpenAI content blocks.
+
+pub mod client;
+pub mod error;
+pub mod hydrate;
+pub mod rpc;
+pub mod runtime;
+pub mod send;
+pub mod state;
+pub mod streams;
+
+pub use attache_core::manifest::{AttachmentStatus, ManifestEntry, Role, Subject};
+pub use attache_core::{EntityUrl, PrincipalKey};
+pub use client::{
+    AttachmentBody, AttachmentInput, AttachmentReceipt, ByteRange, Credentials, Entity, Grant, NewGrant,
+    RuntimeServerClient, SendMessage, SendReceipt, SpawnOptions, DEFAULT_URL,
+};
+pub use error::{Error, ErrorCode, Result, RpcError};
+pub use hydrate::{Conversation, HydrationLimits};
+pub use runtime::{AttachmentFilter, Attachments, HandlerContext, HandlerResult, Runtime, RuntimeOptions};
+pub use state::{InboxMessage, LiveState, MaterializedState};
+pub use streams::{Chunk, CreateStream, IdempotentProducer, LiveMode, Tail, TailOptions};
