@@ -33,6 +33,18 @@ pub struct ServeArgs {
     /// `token` requires Authorization: Bearer [default: dev on loopback, token elsewhere]
     #[arg(long, env = "ATTACHE_AUTH", value_parser = ["dev", "token"])]
     auth: Option<String>,
+    /// Also PUBLISH every task event to this Redis, on a channel named after its type
+    #[arg(long, env = "ATTACHE_REDIS_URL")]
+    redis_url: Option<String>,
+    /// JSON-RPC and MCP calls one principal may make per --rpc-rate-window [default: unlimited]
+    #[arg(long, env = "ATTACHE_RPC_RATE_LIMIT")]
+    rpc_rate_limit: Option<u32>,
+    /// The rate limit's window, e.g. 60s [default: 60s]
+    #[arg(long, env = "ATTACHE_RPC_RATE_WINDOW", value_parser = humantime::parse_duration)]
+    rpc_rate_window: Option<Duration>,
+    /// Largest JSON-RPC request body, in bytes [default: 4194304]
+    #[arg(long, env = "ATTACHE_RPC_MAX_BODY_BYTES")]
+    rpc_max_body_bytes: Option<usize>,
     /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync, auth
     #[arg(long, env = "ATTACHE_CONFIG")]
     config: Option<PathBuf>,
@@ -49,6 +61,10 @@ struct FileConfig {
     max_attachment_bytes: Option<u64>,
     no_fsync: Option<bool>,
     auth: Option<String>,
+    redis_url: Option<String>,
+    rpc_rate_limit: Option<u32>,
+    rpc_rate_window: Option<String>,
+    rpc_max_body_bytes: Option<usize>,
 }
 
 fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
@@ -76,6 +92,17 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         config.max_attachment_bytes = n;
     }
     config.durable = !(args.no_fsync || file.no_fsync.unwrap_or(false));
+    config.redis_url = args.redis_url.or(file.redis_url);
+    config.rpc_rate_limit = args.rpc_rate_limit.or(file.rpc_rate_limit);
+    if let Some(w) = args.rpc_rate_window {
+        config.rpc_rate_window = w;
+    } else if let Some(w) = file.rpc_rate_window {
+        config.rpc_rate_window = humantime::parse_duration(&w)
+            .with_context(|| format!("rpc_rate_window {w:?} is not a duration like 60s"))?;
+    }
+    if let Some(n) = args.rpc_max_body_bytes.or(file.rpc_max_body_bytes) {
+        config.rpc_max_body_bytes = n;
+    }
     if let Some(mode) = args.auth.or(file.auth) {
         config.auth = Some(
             attache_server::auth::AuthMode::parse(&mode)

@@ -22,6 +22,15 @@ pub struct ServerConfig {
     pub max_attachment_bytes: u64,
     /// Dev (trust `electric-principal`) or token; `None` picks dev on loopback, token elsewhere.
     pub auth: Option<crate::auth::AuthMode>,
+    /// Largest JSON-RPC request body (`/rpc`; a batch counts whole).
+    pub rpc_max_body_bytes: usize,
+    /// Most requests in one JSON-RPC batch.
+    pub rpc_max_batch: usize,
+    /// Calls one principal may make per `rpc_rate_window` (JSON-RPC and MCP); `None`: no limit.
+    pub rpc_rate_limit: Option<u32>,
+    pub rpc_rate_window: Duration,
+    /// Where task events are PUBLISHed, one channel per event type (`redis://127.0.0.1:6379`).
+    pub redis_url: Option<String>,
 }
 
 impl ServerConfig {
@@ -36,6 +45,11 @@ impl ServerConfig {
             durable: true,
             max_attachment_bytes: 1 << 30,
             auth: None,
+            rpc_max_body_bytes: 4 << 20,
+            rpc_max_batch: 100,
+            rpc_rate_limit: None,
+            rpc_rate_window: Duration::from_secs(60),
+            redis_url: None,
         }
     }
 }

@@ -9,10 +9,16 @@ pub mod auth;
 pub mod config;
 pub mod entities;
 pub mod error;
+pub mod events;
 pub mod headers;
+pub mod mcp;
+pub mod metrics;
 pub mod router;
 pub mod rows;
+pub mod rpc;
 pub mod streams;
+pub mod tasks;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +44,11 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     /// Cancelled at shutdown: live readers finish their responses at once.
     pub shutdown: CancellationToken,
+    /// The task face's per-task write ordering.
+    pub tasks: Arc<tasks::Writers>,
+    pub metrics: Arc<metrics::Metrics>,
+    /// Per-principal call counts for the JSON-RPC and MCP rate limit.
+    pub rate_limiter: Arc<rpc::RateLimiter>,
 }
 
 /// Errors that stop the server from starting.
@@ -51,6 +62,8 @@ pub enum StartError {
     DevAuthNotLoopback { addr: SocketAddr },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("invalid --redis-url {url:?}: {reason}")]
+    RedisUrl { url: String, reason: String },
 }
 
 /// A running server: its address, and the handle that stops it.
@@ -87,7 +100,17 @@ impl Server {
             uploads: Arc::new(attachments::Reservations::default()),
             config: Arc::new(config),
             shutdown: shutdown.clone(),
+            tasks: Arc::new(tasks::Writers::default()),
+            metrics: Arc::new(metrics::Metrics::default()),
+            rate_limiter: Arc::new(rpc::RateLimiter::default()),
         };
+        events::ensure_stream(state.store.as_ref())
+            .await
+            .map_err(|source| StartError::Store { dir: state.config.data_dir.display().to_string(), source })?;
+        if let Some(url) = state.config.redis_url.clone() {
+            let client = events::check_redis_url(&url).map_err(|reason| StartError::RedisUrl { url, reason })?;
+            events::start_redis_publisher(state.clone(), client);
+        }
         let app = router::build(state.clone());
         let recovering = state.clone();
         tokio::spawn(async move { attachments::recover(&recovering).await });

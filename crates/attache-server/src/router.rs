@@ -11,7 +11,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 
 use crate::error::ApiError;
-use crate::{attachments, entities, headers, streams, AppState};
+use crate::{attachments, entities, events, headers, mcp, metrics, rpc, streams, ws, AppState};
 
 /// Path prefixes that belong to attache's other faces, never to streams.
 pub const RESERVED_PREFIXES: &[&str] = &["/_electric/", "/_attache/", "/rpc", "/mcp", "/ws", "/healthz", "/metrics"];
@@ -19,7 +19,7 @@ pub const RESERVED_PREFIXES: &[&str] = &["/_electric/", "/_attache/", "/rpc", "/
 pub fn is_reserved(path: &str) -> bool {
     RESERVED_PREFIXES.iter().any(|prefix| {
         let bare = prefix.trim_end_matches('/');
-        path == bare || path.starts_with(prefix) || (!prefix.ends_with('/') && path.starts_with(&format!("{bare}/")))
+        path == bare || (prefix.ends_with('/') && path.starts_with(prefix)) || path.starts_with(&format!("{bare}/"))
     })
 }
 
@@ -62,6 +62,21 @@ pub fn build(state: AppState) -> Router {
         // Any other path: a Durable Stream (GET, HEAD, PUT, POST, DELETE).
         // /{type}/{id}/main and /{type}/{id}/attachments/{x} follow the entity's
         // permissions [GET/HEAD read, POST/PUT write]; other streams belong to their creator.
+        // Tasks (ClaudeBench's task.* API). Each method checks the task's entity permissions:
+        // task.create [any principal] · get, list, get_attachment, list_attachments,
+        // get_attachments_batch [read] · update, assign, unassign, claim, complete,
+        // create_attachment, delete_attachment [write] · delete [delete].
+        // POST JSON-RPC 2.0, single or batch [authenticated]
+        .route("/rpc", post(rpc::post_rpc))
+        .route("/rpc/batch", post(rpc::post_rpc))
+        // GET task events by offset, catch-up, long-poll or SSE [read, per task]
+        .route("/_attache/events", get(events::get_events))
+        // GET WebSocket: subscribe to task events by pattern [read, per task]; execute as /rpc
+        .route("/ws", get(ws::upgrade))
+        // POST/GET/DELETE MCP streamable HTTP: the task methods as tools [authenticated; as /rpc]
+        .merge(mcp::routes(state.clone()))
+        // GET Prometheus text [anyone]
+        .route("/metrics", get(metrics::get_metrics))
         .fallback(stream_route)
         .layer(axum::middleware::from_fn(reject_encoded_separators))
         .layer(axum::middleware::from_fn(headers::cors_and_security))

@@ -1,0 +1,430 @@
+//! Task events: the global events stream `/_attache/events`, its filtered
+//! read face (`GET /_attache/events`, catch-up, long-poll and SSE), and the
+//! Redis publisher.
+//!
+//! Every event is one JSON message `{id, type, taskId, payload, metadata,
+//! timestamp}` on the global stream (and a row of collection `event` on its
+//! task's main stream). Readers see only the events of tasks they may read;
+//! the offsets they get are the global stream's, so a reader that goes away
+//! resumes where it stopped and misses nothing. WebSocket pushes and Redis
+//! publishes tail the same stream, so they carry only durable events, in order.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+
+use attache_core::{ContentType, Offset, Permission, PrincipalKey, ReadOffset, StreamPath};
+use attache_storage::{AppendRequest, CreateStream, ReadFrom, StoreError, StreamStore};
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::access::may;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::headers as h;
+use crate::AppState;
+
+/// The global events stream.
+pub const EVENTS_PATH: &str = "/_attache/events";
+/// The collection of event rows on a task's main stream.
+pub const EVENT_COLLECTION: &str = "event";
+/// The principal that owns the events stream.
+pub const OWNER: &str = "system:attache";
+
+/// Creates the events stream unless it exists.
+pub async fn ensure_stream(store: &dyn StreamStore) -> Result<(), StoreError> {
+    let created = store
+        .create(CreateStream {
+            path: StreamPath::new(EVENTS_PATH).map_err(|e| StoreError::Invalid(e.to_string()))?,
+            content_type: ContentType::parse("application/json").ok(),
+            ttl: None,
+            expires_at: None,
+            closed: false,
+            initial: Bytes::new(),
+            fork: None,
+            owner: Some(OWNER.into()),
+        })
+        .await;
+    match created {
+        Ok(_) | Err(StoreError::ConfigMismatch(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Appends events (one message each) to the global stream.
+pub async fn append(store: &dyn StreamStore, envelopes: &[Value]) -> ApiResult<()> {
+    let body = serde_json::to_vec(envelopes)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", e.to_string()))?;
+    store
+        .append(AppendRequest {
+            path: EVENTS_PATH.into(),
+            content_type: ContentType::parse("application/json").ok(),
+            body: Bytes::from(body),
+            close: false,
+            seq: None,
+            producer: None,
+        })
+        .await?;
+    Ok(())
+}
+
+/// Events read from the global stream, each with `offset`: where to resume after it.
+pub struct Batch {
+    pub events: Vec<Value>,
+    pub next: Offset,
+    pub up_to_date: bool,
+}
+
+/// Reads committed events from `from`. Each event gets the offset just past
+/// it (JSON messages take `len + 1` positions; when a batch does not add up,
+/// only its last event is stamped, with the batch's end).
+pub fn read(store: &dyn StreamStore, from: Offset, max_bytes: usize) -> Result<Batch, StoreError> {
+    let batch = store.read(EVENTS_PATH, ReadFrom::At(from), max_bytes)?;
+    let adds_up = batch.start.0 + batch.chunks.iter().map(|c| c.len() as u64 + 1).sum::<u64>() == batch.next.0;
+    let mut pos = batch.start.0;
+    let last = batch.chunks.len().saturating_sub(1);
+    let mut events = Vec::with_capacity(batch.chunks.len());
+    for (i, chunk) in batch.chunks.iter().enumerate() {
+        pos += chunk.len() as u64 + 1;
+        let Ok(Value::Object(mut event)) = serde_json::from_slice::<Value>(chunk) else { continue };
+        if adds_up || i == last {
+            let at = if adds_up { Offset(pos) } else { batch.next };
+            event.insert("offset".into(), Value::String(at.to_string()));
+        }
+        events.push(Value::Object(event));
+    }
+    Ok(Batch { events, next: batch.next, up_to_date: batch.up_to_date() })
+}
+
+/// Remembers, for one reader, which tasks it may read (grants change rarely;
+/// a reader re-checks per request or per batch).
+pub struct Visibility<'a> {
+    state: &'a AppState,
+    who: &'a PrincipalKey,
+    seen: HashMap<String, bool>,
+}
+
+impl<'a> Visibility<'a> {
+    pub fn new(state: &'a AppState, who: &'a PrincipalKey) -> Visibility<'a> {
+        Visibility { state, who, seen: HashMap::new() }
+    }
+
+    pub fn may_see(&mut self, event: &Value) -> bool {
+        if self.who.is_built_in_system() {
+            return true;
+        }
+        let Some(task_id) = event.get("taskId").and_then(Value::as_str) else { return false };
+        if let Some(known) = self.seen.get(task_id) {
+            return *known;
+        }
+        let url = format!("/{}/{task_id}", crate::tasks::TASK_TYPE);
+        let visible =
+            self.state.registry.entity(&url).is_some_and(|entity| may(self.state, self.who, &entity, Permission::Read));
+        self.seen.insert(task_id.to_owned(), visible);
+        visible
+    }
+
+    /// Forgets what it learnt (call between batches of a long-lived reader).
+    pub fn refresh(&mut self) {
+        self.seen.clear();
+    }
+}
+
+/// Where a reader starts: `-1` the beginning, `now` the tail, else an offset.
+pub fn start_offset(store: &dyn StreamStore, offset: ReadOffset) -> Result<Offset, StoreError> {
+    Ok(match offset {
+        ReadOffset::Start => Offset::ZERO,
+        ReadOffset::Now => store.head(EVENTS_PATH)?.tail_offset(),
+        ReadOffset::At(o) => o,
+    })
+}
+
+struct Query {
+    offset: ReadOffset,
+    offset_given: bool,
+    live: Option<bool>,
+    task_id: Option<String>,
+}
+
+fn parse_query(raw: Option<&str>) -> ApiResult<Query> {
+    let mut q = Query { offset: ReadOffset::Start, offset_given: false, live: None, task_id: None };
+    for (k, v) in crate::streams::form_pairs(raw.unwrap_or("")) {
+        match k.as_str() {
+            "offset" => {
+                q.offset = ReadOffset::parse(Some(&v))?;
+                q.offset_given = true;
+            }
+            "live" => {
+                q.live = Some(match v.as_str() {
+                    "long-poll" => false,
+                    "sse" => true,
+                    other => {
+                        return Err(ApiError::bad_request(format!("live must be long-poll or sse, got {other:?}")))
+                    }
+                })
+            }
+            "taskId" => q.task_id = Some(v),
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+fn set(hm: &mut HeaderMap, name: axum::http::HeaderName, value: impl ToString) {
+    if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+        hm.insert(name, v);
+    }
+}
+
+fn json_response(events: &[Value], next: Offset, up_to_date: bool) -> Response {
+    let body = serde_json::to_vec(events).unwrap_or_else(|_| b"[]".to_vec());
+    let mut res = Response::new(Body::from(body));
+    let hm = res.headers_mut();
+    hm.insert("content-type", HeaderValue::from_static("application/json"));
+    hm.insert("cache-control", HeaderValue::from_static("no-store"));
+    set(hm, h::STREAM_NEXT_OFFSET, next);
+    if up_to_date {
+        hm.insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
+    }
+    res
+}
+
+/// Keeps the events of one task, when the reader asked for one.
+fn wanted(task_id: &Option<String>, event: &Value) -> bool {
+    task_id.as_deref().is_none_or(|t| event.get("taskId").and_then(Value::as_str) == Some(t))
+}
+
+/// GET /_attache/events?offset=..&live=long-poll|sse&taskId=..
+pub async fn get_events(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<Response> {
+    let q = parse_query(raw.as_deref())?;
+    if q.live.is_some() && !q.offset_given {
+        return Err(ApiError::bad_request("live reads need an offset"));
+    }
+    let store = state.store.clone();
+    let from = start_offset(store.as_ref(), q.offset)?;
+    // Validate the offset before waiting or answering 200.
+    store.read(EVENTS_PATH, ReadFrom::At(from), 0)?;
+    match q.live {
+        None => {
+            if q.offset == ReadOffset::Now {
+                return Ok(json_response(&[], from, true));
+            }
+            let batch = read(store.as_ref(), from, state.config.max_read_bytes)?;
+            let mut vis = Visibility::new(&state, &who);
+            let events: Vec<Value> =
+                batch.events.into_iter().filter(|e| wanted(&q.task_id, e) && vis.may_see(e)).collect();
+            Ok(json_response(&events, batch.next, batch.up_to_date))
+        }
+        Some(false) => long_poll(&state, &who, from, &q.task_id).await,
+        Some(true) => sse(state, who, from, q.task_id),
+    }
+}
+
+async fn long_poll(
+    state: &AppState,
+    who: &PrincipalKey,
+    from: Offset,
+    task_id: &Option<String>,
+) -> ApiResult<Response> {
+    let _live = state.metrics.live_reader();
+    let store = state.store.clone();
+    let mut signal = store.subscribe(EVENTS_PATH)?;
+    let deadline = tokio::time::Instant::now() + state.config.long_poll_timeout;
+    let mut pos = from;
+    loop {
+        let batch = read(store.as_ref(), pos, state.config.max_read_bytes)?;
+        pos = batch.next;
+        let mut vis = Visibility::new(state, who);
+        let events: Vec<Value> = batch.events.into_iter().filter(|e| wanted(task_id, e) && vis.may_see(e)).collect();
+        if !events.is_empty() {
+            return Ok(json_response(&events, pos, batch.up_to_date));
+        }
+        if !batch.up_to_date {
+            continue;
+        }
+        tokio::select! {
+            changed = signal.changed() => {
+                if changed.is_err() {
+                    signal = store.subscribe(EVENTS_PATH)?;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = state.shutdown.cancelled() => break,
+        }
+    }
+    let mut res = StatusCode::NO_CONTENT.into_response();
+    let hm = res.headers_mut();
+    set(hm, h::STREAM_NEXT_OFFSET, pos);
+    hm.insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
+    hm.insert("cache-control", HeaderValue::from_static("no-store"));
+    Ok(res)
+}
+
+fn sse_event(name: &str, payload: &str) -> Bytes {
+    let mut out = String::with_capacity(payload.len() + 32);
+    out.push_str("event: ");
+    out.push_str(name);
+    out.push('\n');
+    for line in payload.split('\n') {
+        out.push_str("data:");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push('\n');
+    Bytes::from(out)
+}
+
+fn sse_control(next: Offset, up_to_date: bool) -> Bytes {
+    let mut control = serde_json::Map::new();
+    control.insert("streamNextOffset".into(), next.to_string().into());
+    if up_to_date {
+        control.insert("upToDate".into(), true.into());
+    }
+    sse_event("control", &Value::Object(control).to_string())
+}
+
+fn sse(state: AppState, who: PrincipalKey, from: Offset, task_id: Option<String>) -> ApiResult<Response> {
+    let mut signal = state.store.subscribe(EVENTS_PATH)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(8);
+    let deadline = tokio::time::Instant::now() + state.config.sse_max_duration;
+    tokio::spawn(async move {
+        let _live = state.metrics.live_reader();
+        let mut pos = from;
+        let mut announced = false;
+        loop {
+            let batch = match read(state.store.as_ref(), pos, state.config.max_read_bytes) {
+                Ok(b) => b,
+                Err(err) => {
+                    tracing::warn!(%err, "events sse read failed");
+                    return;
+                }
+            };
+            let moved = batch.next != pos;
+            pos = batch.next;
+            let mut vis = Visibility::new(&state, &who);
+            let events: Vec<Value> =
+                batch.events.into_iter().filter(|e| wanted(&task_id, e) && vis.may_see(e)).collect();
+            if !events.is_empty() {
+                let data = Value::Array(events).to_string();
+                if tx.send(Ok(sse_event("data", &data))).await.is_err() {
+                    return;
+                }
+            }
+            if moved || !announced {
+                if tx.send(Ok(sse_control(pos, batch.up_to_date))).await.is_err() {
+                    return;
+                }
+                announced = true;
+            }
+            if !batch.up_to_date {
+                continue;
+            }
+            tokio::select! {
+                changed = signal.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = state.shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut res = Response::new(body);
+    let hm = res.headers_mut();
+    hm.insert("content-type", HeaderValue::from_static("text/event-stream"));
+    hm.insert("cache-control", HeaderValue::from_static("no-cache"));
+    hm.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(res)
+}
+
+/// Waits for and returns the next events after `pos` (advancing it); `None` at shutdown.
+pub async fn next_events(
+    state: &AppState,
+    pos: &mut Offset,
+    signal: &mut attache_storage::ChangeSignal,
+) -> Option<Vec<Value>> {
+    loop {
+        match read(state.store.as_ref(), *pos, state.config.max_read_bytes) {
+            Ok(batch) => {
+                let advanced = batch.next != *pos;
+                *pos = batch.next;
+                if !batch.events.is_empty() {
+                    return Some(batch.events);
+                }
+                if advanced && !batch.up_to_date {
+                    continue;
+                }
+            }
+            Err(err) => {
+                tracing::warn!(%err, "events read failed");
+                return None;
+            }
+        }
+        tokio::select! {
+            changed = signal.changed() => {
+                if changed.is_err() {
+                    *signal = state.store.subscribe(EVENTS_PATH).ok()?;
+                }
+            }
+            _ = state.shutdown.cancelled() => return None,
+        }
+    }
+}
+
+/// Checks a Redis URL without connecting.
+pub fn check_redis_url(url: &str) -> Result<redis::Client, String> {
+    redis::Client::open(url).map_err(|e| e.to_string())
+}
+
+/// Publishes every new event on the Redis channel named after its type
+/// (`task.attachment_created`, ...), from the events stream's tail at start.
+/// Events wait (in the durable stream) while Redis is unreachable.
+pub fn start_redis_publisher(state: AppState, client: redis::Client) {
+    tokio::spawn(async move {
+        let Ok(mut pos) = state.store.head(EVENTS_PATH).map(|i| i.tail_offset()) else { return };
+        let Ok(mut signal) = state.store.subscribe(EVENTS_PATH) else { return };
+        let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+        while let Some(events) = next_events(&state, &mut pos, &mut signal).await {
+            for event in events {
+                let channel = event.get("type").and_then(Value::as_str).unwrap_or("task.unknown").to_owned();
+                let message = event.to_string();
+                loop {
+                    if conn.is_none() {
+                        match client.get_multiplexed_async_connection().await {
+                            Ok(c) => conn = Some(c),
+                            Err(err) => tracing::warn!(%err, "cannot reach Redis; events wait"),
+                        }
+                    }
+                    if let Some(c) = conn.as_mut() {
+                        let sent: redis::RedisResult<i64> =
+                            redis::cmd("PUBLISH").arg(&channel).arg(&message).query_async(c).await;
+                        match sent {
+                            Ok(_) => {
+                                state.metrics.published();
+                                break;
+                            }
+                            Err(err) => {
+                                tracing::warn!(%err, "Redis PUBLISH failed; reconnecting");
+                                conn = None;
+                            }
+                        }
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                        _ = state.shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,293 @@
+//! MCP at `/mcp` (streamable HTTP, the official Rust SDK `rmcp`): every task
+//! method as a tool, named with `__` for the dot (`task__create_attachment`),
+//! with a JSON schema of its params. A tool call runs the same function as
+//! the JSON-RPC method, as the principal of the HTTP request that carried it;
+//! a refusal comes back as a tool error whose content is the JSON-RPC error object.
+
+use std::sync::Arc;
+
+use attache_core::PrincipalKey;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorData, Implementation, ListToolsResult,
+    PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+};
+use rmcp::service::RequestContext;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{RoleServer, ServerHandler};
+use serde_json::{json, Map, Value};
+
+use crate::rpc::{error_object, RpcError};
+use crate::tasks;
+use crate::AppState;
+
+/// The MCP tool name of a method: `task.create` → `task__create`.
+pub fn tool_name(method: &str) -> String {
+    method.replace('.', "__")
+}
+
+fn method_of(tool: &str) -> Option<&'static str> {
+    tasks::METHODS.iter().copied().find(|m| tool_name(m) == tool)
+}
+
+fn s(description: &str) -> Value {
+    json!({ "type": "string", "description": description })
+}
+
+fn int(min: i64, max: i64, description: &str) -> Value {
+    json!({ "type": "integer", "minimum": min, "maximum": max, "description": description })
+}
+
+fn object(properties: Value, required: &[&str]) -> Map<String, Value> {
+    let mut out = Map::new();
+    out.insert("type".into(), json!("object"));
+    out.insert("properties".into(), properties);
+    out.insert("required".into(), json!(required));
+    out
+}
+
+const STATUSES: [&str; 4] = ["pending", "in_progress", "completed", "failed"];
+const TYPES: [&str; 5] = ["json", "markdown", "text", "url", "binary"];
+
+/// Description and params schema of each method.
+pub fn schema(method: &str) -> (&'static str, Map<String, Value>) {
+    let status = json!({ "type": "string", "enum": STATUSES });
+    match method {
+        "task.create" => (
+            "Create a task (pending). Returns {id, text, status, priority, createdAt}.",
+            object(
+                json!({
+                    "text": { "type": "string", "minLength": 1, "maxLength": 500, "description": "What to do" },
+                    "priority": int(0, 100, "Higher runs first (default 50)"),
+                    "metadata": { "type": "object", "description": "Free-form fields" },
+                    "id": s("Optional id of the form t-…; generated when absent"),
+                }),
+                &["text"],
+            ),
+        ),
+        "task.get" => ("Get a task with its attachment count.", object(json!({ "id": s("Task id") }), &["id"])),
+        "task.update" => (
+            "Update text, status, priority or metadata (merged). Statuses go pending → in_progress → completed|failed.",
+            object(
+                json!({
+                    "id": s("Task id"),
+                    "updates": {
+                        "type": "object",
+                        "properties": {
+                            "text": { "type": "string", "minLength": 1, "maxLength": 500 },
+                            "status": status,
+                            "priority": int(0, 100, "Priority"),
+                            "metadata": { "type": "object" },
+                        },
+                    },
+                }),
+                &["id", "updates"],
+            ),
+        ),
+        "task.list" => (
+            "List the tasks you may read. Returns {tasks, totalCount, hasMore}.",
+            object(
+                json!({
+                    "status": status,
+                    "assignedTo": s("Worker or instance id"),
+                    "priority": int(0, 100, "Exact priority"),
+                    "limit": int(1, 1000, "Page size (default 100)"),
+                    "offset": { "type": "integer", "minimum": 0 },
+                    "orderBy": { "type": "string", "enum": ["createdAt", "updatedAt", "completedAt", "priority", "status", "assignedTo"] },
+                    "order": { "type": "string", "enum": ["asc", "desc"] },
+                }),
+                &[],
+            ),
+        ),
+        "task.assign" => (
+            "Assign a task to an instance.",
+            object(json!({ "taskId": s("Task id"), "instanceId": s("Instance id") }), &["taskId", "instanceId"]),
+        ),
+        "task.unassign" => ("Unassign a task (back to pending).", object(json!({ "taskId": s("Task id") }), &["taskId"])),
+        "task.claim" => (
+            "Atomically claim the highest-priority, oldest pending task. Returns {claimed, taskId?, task?}.",
+            object(json!({ "workerId": s("Worker id"), "maxTasks": int(1, 10, "Ignored: one task per call") }), &["workerId"]),
+        ),
+        "task.complete" => (
+            "Complete an in-progress task; the result is stored as attachment `result`. No result: failed.",
+            object(json!({ "id": s("Task id"), "taskId": s("Task id (alias)"), "workerId": s("Worker id"), "result": {} }), &[]),
+        ),
+        "task.delete" => ("Delete a task.", object(json!({ "id": s("Task id") }), &["id"])),
+        "task.create_attachment" => (
+            "Create or replace (by key) a task attachment: json needs value (any JSON), markdown/text need content, url needs url (http/https), binary may carry mimeType, size, url or base64 data.",
+            object(
+                json!({
+                    "taskId": s("Task id"),
+                    "key": { "type": "string", "minLength": 1, "maxLength": 100 },
+                    "type": { "type": "string", "enum": TYPES },
+                    "value": { "description": "Any JSON value (json type)" },
+                    "content": s("Text (markdown and text types)"),
+                    "url": { "type": "string", "format": "uri", "description": "http(s) URL, never fetched" },
+                    "mimeType": s("Media type"),
+                    "size": { "type": "integer", "minimum": 1 },
+                    "data": { "type": "string", "contentEncoding": "base64", "description": "Small binary content" },
+                }),
+                &["taskId", "key", "type"],
+            ),
+        ),
+        "task.get_attachment" => (
+            "Get one attachment of a task by key.",
+            object(json!({ "taskId": s("Task id"), "key": s("Attachment key") }), &["taskId", "key"]),
+        ),
+        "task.list_attachments" => (
+            "List a task's attachments, oldest first. Returns {attachments, totalCount, hasMore}.",
+            object(
+                json!({
+                    "taskId": s("Task id"),
+                    "type": { "type": "string", "enum": TYPES },
+                    "limit": int(1, 100, "Page size (default 50)"),
+                    "offset": { "type": "integer", "minimum": 0 },
+                }),
+                &["taskId"],
+            ),
+        ),
+        "task.get_attachments_batch" => (
+            "Get up to 100 attachments in request order; fails naming every missing one.",
+            object(
+                json!({
+                    "requests": {
+                        "type": "array", "minItems": 1, "maxItems": 100,
+                        "items": { "type": "object", "properties": { "taskId": { "type": "string" }, "key": { "type": "string" } }, "required": ["taskId", "key"] },
+                    },
+                }),
+                &["requests"],
+            ),
+        ),
+        "task.delete_attachment" => (
+            "Delete one attachment of a task by key.",
+            object(json!({ "taskId": s("Task id"), "key": s("Attachment key") }), &["taskId", "key"]),
+        ),
+        _ => ("", object(json!({}), &[])),
+    }
+}
+
+/// The tools, one per task method.
+pub fn tools() -> Vec<Tool> {
+    tasks::METHODS
+        .iter()
+        .map(|m| {
+            let (description, input) = schema(m);
+            Tool::new(tool_name(m), description, Arc::new(input))
+        })
+        .collect()
+}
+
+/// One MCP session's handler; it serves whoever each HTTP request authenticates as.
+#[derive(Clone)]
+pub struct McpFace {
+    state: AppState,
+}
+
+impl McpFace {
+    fn caller(&self, context: &RequestContext<RoleServer>) -> Result<PrincipalKey, ErrorData> {
+        let parts = context
+            .extensions
+            .get::<axum::http::request::Parts>()
+            .ok_or_else(|| ErrorData::internal_error("no HTTP request behind this call", None))?;
+        self.state.auth.authenticate(&parts.headers).map_err(|e| ErrorData::invalid_request(e.message, None))
+    }
+}
+
+impl ServerHandler for McpFace {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("attache", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "Tasks and their attachments, kept durably by attache. Tools mirror the task.* JSON-RPC methods.",
+            )
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        Ok(ListToolsResult::with_all_items(tools()))
+    }
+
+    fn get_tool(&self, name: &str) -> Option<Tool> {
+        tools().into_iter().find(|t| t.name == name)
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let Some(method) = method_of(&request.name) else {
+            return Err(ErrorData::invalid_params(format!("unknown tool {}", request.name), None));
+        };
+        let who = self.caller(&context)?;
+        let params = Value::Object(request.arguments.unwrap_or_default());
+        let limits = &self.state.config;
+        let outcome =
+            match self.state.rate_limiter.check(&who, limits.rpc_rate_limit, limits.rpc_rate_window.as_millis() as u64)
+            {
+                Err(e) => Err(e),
+                Ok(()) => tasks::call(&self.state, &who, method, &params).await,
+            };
+        Ok(match outcome {
+            Ok(result) => CallToolResult::structured(result).into(),
+            Err(e) => {
+                let error = error_object(&RpcError::Call(e));
+                let mut out = CallToolResult::error(vec![ContentBlock::text(error.to_string())]);
+                out.structured_content = Some(json!({ "error": error }));
+                out.into()
+            }
+        })
+    }
+}
+
+/// `/mcp` behind authentication: a request without valid credentials gets
+/// the same 401 as every other route, before MCP sees it.
+pub fn routes(state: AppState) -> axum::Router<AppState> {
+    axum::Router::new()
+        .nest_service("/mcp", service(state.clone()))
+        .layer(axum::middleware::from_fn_with_state(state, require_auth))
+}
+
+async fn require_auth(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match state.auth.authenticate(req.headers()) {
+        Ok(_) => next.run(req).await,
+        Err(e) => axum::response::IntoResponse::into_response(e),
+    }
+}
+
+/// The `/mcp` service. Host checks guard against DNS rebinding on loopback
+/// (where dev auth trusts a header); elsewhere tokens are required anyway.
+pub fn service(state: AppState) -> StreamableHttpService<McpFace, LocalSessionManager> {
+    let mut config = StreamableHttpServerConfig::default()
+        .with_sse_keep_alive(None)
+        .with_cancellation_token(state.shutdown.child_token());
+    if !state.config.listen.ip().is_loopback() {
+        config = config.disable_allowed_hosts();
+    }
+    StreamableHttpService::new(move || Ok(McpFace { state: state.clone() }), Default::default(), config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_method_is_a_tool_with_an_object_schema() {
+        let tools = tools();
+        assert_eq!(tools.len(), tasks::METHODS.len());
+        for t in &tools {
+            assert!(!t.name.contains('.'), "{}", t.name);
+            assert_eq!(t.input_schema.get("type"), Some(&json!("object")), "{}", t.name);
+            assert!(t.description.as_deref().is_some_and(|d| !d.is_empty()), "{}", t.name);
+            assert!(method_of(&t.name).is_some());
+        }
+        assert_eq!(tool_name("task.create_attachment"), "task__create_attachment");
+    }
+}

@@ -1,0 +1,256 @@
+//! `POST /rpc`: JSON-RPC 2.0 over HTTP, with batches and notifications, in
+//! front of the task face. The mapping from errors to JSON-RPC codes lives
+//! here, once ([`error_object`]); MCP and WebSocket reuse it.
+//!
+//! Limits: the body size (`rpc_max_body_bytes`), the batch length
+//! (`rpc_max_batch`, 100), and an optional per-principal rate limit
+//! (`rpc_rate_limit` calls per `rpc_rate_window`), answered with -32000.
+
+use std::collections::HashMap;
+
+use attache_core::PrincipalKey;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use crate::tasks::{self, TaskError};
+use crate::AppState;
+
+/// What can go wrong with one JSON-RPC message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RpcError {
+    /// The body is not JSON (-32700).
+    Parse,
+    /// Not a JSON-RPC 2.0 request, an empty or oversized batch, or an oversized body (-32600).
+    InvalidRequest(String),
+    /// The method ran and refused, or failed (its own code).
+    Call(TaskError),
+}
+
+/// The one mapping from errors to JSON-RPC error objects `{code, message, data?}`.
+pub fn error_object(e: &RpcError) -> Value {
+    let (code, message, data): (i64, String, Option<Value>) = match e {
+        RpcError::Parse => (-32700, "Parse error".into(), None),
+        RpcError::InvalidRequest(why) => (-32600, "Invalid Request".into(), Some(json!({ "reason": why }))),
+        RpcError::Call(TaskError::InvalidParams { validation, field }) => {
+            let mut data = json!({ "validation": validation });
+            if let Some(f) = field {
+                data["field"] = json!(f);
+            }
+            (-32602, "Invalid params".into(), Some(data))
+        }
+        RpcError::Call(TaskError::Rejected { message, data }) => {
+            (-32602, message.clone(), (!data.is_null()).then(|| data.clone()))
+        }
+        RpcError::Call(TaskError::Unauthorized { message }) => (-32002, message.clone(), None),
+        RpcError::Call(TaskError::RateLimited { limit, window_ms }) => (
+            -32000,
+            format!("Rate limit exceeded: {limit} requests per {window_ms}ms"),
+            Some(json!({ "limit": limit, "windowMs": window_ms })),
+        ),
+        RpcError::Call(TaskError::MethodNotFound { method }) => (-32601, format!("Method not found: {method}"), None),
+        // The detail went to the log; the caller learns only that the fault is ours.
+        RpcError::Call(TaskError::Internal { .. }) => (-32603, "Internal error".into(), None),
+    };
+    let mut out = json!({ "code": code, "message": message });
+    if let Some(d) = data {
+        out["data"] = d;
+    }
+    out
+}
+
+fn outcome_label(e: &RpcError) -> String {
+    error_object(e)["code"].as_i64().map(|c| c.to_string()).unwrap_or_default()
+}
+
+fn error_response(id: Value, e: &RpcError) -> Value {
+    json!({ "jsonrpc": "2.0", "error": error_object(e), "id": id })
+}
+
+/// Per-principal fixed-window rate limit.
+#[derive(Default)]
+pub struct RateLimiter {
+    windows: parking_lot::Mutex<HashMap<String, (i64, u32)>>,
+}
+
+impl RateLimiter {
+    /// Counts one call of `who`; `Err` when over `limit` in the current window.
+    pub fn check(&self, who: &PrincipalKey, limit: Option<u32>, window_ms: u64) -> Result<(), TaskError> {
+        let Some(limit) = limit else { return Ok(()) };
+        let now = crate::access::now_ms();
+        let window = window_ms.max(1) as i64;
+        let start = now - now.rem_euclid(window);
+        let mut windows = self.windows.lock();
+        if windows.len() > 100_000 {
+            windows.retain(|_, (s, _)| *s == start);
+        }
+        let slot = windows.entry(who.to_string()).or_insert((start, 0));
+        if slot.0 != start {
+            *slot = (start, 0);
+        }
+        if slot.1 >= limit {
+            return Err(TaskError::RateLimited { limit, window_ms });
+        }
+        slot.1 += 1;
+        Ok(())
+    }
+}
+
+/// A well-formed request: its id (`None` for a notification), method and params.
+struct Request {
+    id: Option<Value>,
+    method: String,
+    params: Value,
+}
+
+fn parse_request(msg: Value) -> Result<Request, (Value, RpcError)> {
+    let Value::Object(mut obj) = msg else {
+        return Err((Value::Null, RpcError::InvalidRequest("a request is a JSON object".into())));
+    };
+    let id = obj.remove("id");
+    let id_ok = matches!(id, None | Some(Value::Null | Value::String(_) | Value::Number(_)));
+    let reply_id = if id_ok { id.clone().unwrap_or(Value::Null) } else { Value::Null };
+    let invalid = |why: &str| Err((reply_id.clone(), RpcError::InvalidRequest(why.into())));
+    if !id_ok {
+        return invalid("id must be a string, a number or null");
+    }
+    if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return invalid("jsonrpc must be \"2.0\"");
+    }
+    let method = match obj.remove("method") {
+        Some(Value::String(m)) => m,
+        _ => return invalid("method must be a string"),
+    };
+    let params = obj.remove("params").unwrap_or(Value::Null);
+    match params {
+        Value::Null | Value::Object(_) => {}
+        Value::Array(_) => {
+            return Err((reply_id, RpcError::Call(TaskError::invalid("params", "params must be an object (named)"))))
+        }
+        _ => return invalid("params must be an object"),
+    }
+    Ok(Request { id, method, params })
+}
+
+/// Runs one message; `None` for a notification.
+async fn handle_one(state: &AppState, who: &PrincipalKey, msg: Value) -> Option<Value> {
+    let req = match parse_request(msg) {
+        Ok(r) => r,
+        Err((id, e)) => {
+            state.metrics.rpc_call("", &outcome_label(&e));
+            return Some(error_response(id, &e));
+        }
+    };
+    let limits = &state.config;
+    let outcome = match state.rate_limiter.check(who, limits.rpc_rate_limit, limits.rpc_rate_window.as_millis() as u64)
+    {
+        Err(e) => Err(RpcError::Call(e)),
+        Ok(()) => tasks::call(state, who, &req.method, &req.params).await.map_err(RpcError::Call),
+    };
+    match &outcome {
+        Ok(_) => state.metrics.rpc_call(&req.method, "ok"),
+        Err(e) => state.metrics.rpc_call(&req.method, &outcome_label(e)),
+    }
+    let id = req.id?;
+    Some(match outcome {
+        Ok(result) => json!({ "jsonrpc": "2.0", "result": result, "id": id }),
+        Err(e) => error_response(id, &e),
+    })
+}
+
+/// Runs a parsed body: one request or a batch. `None`: nothing to answer (notifications only).
+pub async fn handle_value(state: &AppState, who: &PrincipalKey, body: Value) -> Option<Value> {
+    match body {
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Some(error_response(Value::Null, &RpcError::InvalidRequest("Batch cannot be empty".into())));
+            }
+            let max = state.config.rpc_max_batch;
+            if items.len() > max {
+                let why = format!("Batch too large: {} requests, at most {max}", items.len());
+                return Some(error_response(Value::Null, &RpcError::InvalidRequest(why)));
+            }
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                if let Some(res) = handle_one(state, who, item).await {
+                    out.push(res);
+                }
+            }
+            (!out.is_empty()).then_some(Value::Array(out))
+        }
+        single => handle_one(state, who, single).await,
+    }
+}
+
+fn respond(status: StatusCode, body: &Value) -> Response {
+    let mut res = (status, body.to_string()).into_response();
+    res.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+    res
+}
+
+/// POST /rpc (and /rpc/batch): always 200 for answered calls, 204 when only
+/// notifications came; 401 for missing credentials, 413 for an oversized body.
+pub async fn post_rpc(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let who = match state.auth.authenticate(&headers) {
+        Ok(who) => who,
+        Err(e) => {
+            let err = RpcError::Call(TaskError::Unauthorized { message: e.message });
+            state.metrics.rpc_call("", &outcome_label(&err));
+            let mut res = respond(e.status, &error_response(Value::Null, &err));
+            res.headers_mut().extend(e.headers);
+            return res;
+        }
+    };
+    let bytes = match crate::streams::read_body(body, &headers, state.config.rpc_max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => {
+            let err = RpcError::InvalidRequest(e.message);
+            state.metrics.rpc_call("", &outcome_label(&err));
+            return respond(e.status, &error_response(Value::Null, &err));
+        }
+    };
+    let parsed: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(_) => {
+            state.metrics.rpc_call("", &outcome_label(&RpcError::Parse));
+            return respond(StatusCode::OK, &error_response(Value::Null, &RpcError::Parse));
+        }
+    };
+    match handle_value(&state, &who, parsed).await {
+        Some(answer) => respond(StatusCode::OK, &answer),
+        None => StatusCode::NO_CONTENT.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_its_code() {
+        let code = |e: RpcError| error_object(&e)["code"].as_i64().unwrap();
+        assert_eq!(code(RpcError::Parse), -32700);
+        assert_eq!(code(RpcError::InvalidRequest("x".into())), -32600);
+        assert_eq!(code(RpcError::Call(TaskError::MethodNotFound { method: "x".into() })), -32601);
+        assert_eq!(code(RpcError::Call(TaskError::invalid("f", "bad"))), -32602);
+        assert_eq!(code(RpcError::Call(TaskError::Unauthorized { message: "no".into() })), -32002);
+        assert_eq!(code(RpcError::Call(TaskError::RateLimited { limit: 1, window_ms: 1000 })), -32000);
+        assert_eq!(code(RpcError::Call(TaskError::Internal { message: "disk".into() })), -32603);
+        let internal = error_object(&RpcError::Call(TaskError::Internal { message: "disk on fire".into() }));
+        assert!(!internal.to_string().contains("disk"), "internal details stay in the log");
+    }
+
+    #[test]
+    fn rate_limit_counts_per_principal_and_window() {
+        let rl = RateLimiter::default();
+        let a = PrincipalKey::parse("user:a").unwrap();
+        let b = PrincipalKey::parse("user:b").unwrap();
+        assert!(rl.check(&a, None, 1000).is_ok());
+        assert!(rl.check(&a, Some(2), 60_000).is_ok());
+        assert!(rl.check(&a, Some(2), 60_000).is_ok());
+        assert!(rl.check(&a, Some(2), 60_000).is_err());
+        assert!(rl.check(&b, Some(2), 60_000).is_ok());
+    }
+}

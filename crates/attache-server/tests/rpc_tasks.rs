@@ -1,0 +1,956 @@
+//! The task face over `POST /rpc`: every method's happy path and every
+//! error code, each spec-page example request sent verbatim with its answer
+//! checked field by field, concurrent claims and upserts, upserts across types.
+
+mod common;
+mod task_helpers;
+
+use base64::Engine;
+use common::TestServer;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use task_helpers::*;
+
+/// The spec pages' task id.
+const SPEC_TASK: &str = "t-1234567890";
+
+async fn verbatim(s: &TestServer, body: &str) -> Value {
+    let (status, res) = rpc_raw(s, ALICE, body).await;
+    assert_eq!(status, StatusCode::OK, "{res}");
+    res
+}
+
+// ---- the spec pages' examples, verbatim ----
+
+#[tokio::test]
+async fn create_example_answers_like_the_spec_page() {
+    let s = TestServer::start().await;
+    let res = verbatim(&s, r#"{"jsonrpc": "2.0", "method": "task.create", "params": {"text": "Review and optimize database queries", "priority": 75, "metadata": {"category": "optimization", "estimated_hours": 3}}, "id": "req-001"}"#).await;
+    assert_eq!(res["id"], "req-001");
+    let r = &res["result"];
+    assert!(is_id(&r["id"], "t", 6), "{r}");
+    assert_fields(
+        r,
+        &json!({"text": "Review and optimize database queries", "status": "pending", "priority": 75, "metadata": {"category": "optimization", "estimated_hours": 3}}),
+    );
+    assert!(is_timestamp(&r["createdAt"]));
+}
+
+#[tokio::test]
+async fn create_with_text_out_of_range_answers_the_spec_error() {
+    let s = TestServer::start().await;
+    for text in [json!(""), json!("x".repeat(501))] {
+        let e = err(&s, ALICE, "task.create", json!({ "text": text })).await;
+        assert_eq!(e["code"], -32602);
+        assert_eq!(e["message"], "Invalid params");
+        assert_eq!(e["data"]["validation"], "Text must be between 1 and 500 characters");
+    }
+    let e = err(&s, ALICE, "task.create", json!({ "text": "a", "priority": 101 })).await;
+    assert_eq!(e["code"], -32602);
+    assert_eq!(e["data"]["field"], "priority");
+}
+
+#[tokio::test]
+async fn update_example_answers_like_the_spec_page() {
+    let s = TestServer::start().await;
+    let body = r#"{"jsonrpc": "2.0", "method": "task.update", "params": {"id": "t-1234567890", "updates": {"status": "in_progress", "priority": 85, "metadata": {"progress": "50%", "notes": "Started optimization work"}}}, "id": "req-003"}"#;
+    let res = verbatim(&s, body).await;
+    assert_eq!(
+        res,
+        json!({"jsonrpc": "2.0", "error": {"code": -32602, "message": "Task not found: t-1234567890", "data": {"taskId": "t-1234567890"}}, "id": "req-003"})
+    );
+
+    ok(&s, ALICE, "task.create", json!({"id": SPEC_TASK, "text": "Review and optimize database queries", "priority": 75, "metadata": {"category": "optimization"}})).await;
+    let res = verbatim(&s, body).await;
+    let r = &res["result"];
+    assert_fields(
+        r,
+        &json!({"id": "t-1234567890", "text": "Review and optimize database queries", "status": "in_progress", "priority": 85}),
+    );
+    assert!(is_timestamp(&r["createdAt"]) && is_timestamp(&r["updatedAt"]));
+    let task = ok(&s, ALICE, "task.get", json!({ "id": SPEC_TASK })).await;
+    assert_eq!(
+        task["metadata"],
+        json!({"category": "optimization", "progress": "50%", "notes": "Started optimization work"}),
+        "metadata is merged"
+    );
+}
+
+#[tokio::test]
+async fn complete_examples_answer_like_the_spec_page() {
+    let s = TestServer::start().await;
+    let body = r#"{"jsonrpc": "2.0", "method": "task.complete", "params": {"id": "t-1234567890", "workerId": "worker-001", "result": {"documentsReviewed": 15, "issuesFound": 3, "timeSpent": "2h 30m", "optimizations": ["Added index on user_id column", "Optimized JOIN query in reports", "Reduced connection pool size"]}}, "id": "req-004"}"#;
+    let res = verbatim(&s, body).await;
+    assert_eq!(
+        res,
+        json!({"jsonrpc": "2.0", "error": {"code": -32602, "message": "Task not found: t-1234567890", "data": {"taskId": "t-1234567890"}}, "id": "req-004"})
+    );
+
+    create_task_with_id(&s, ALICE, SPEC_TASK).await;
+    ok(&s, ALICE, "task.claim", json!({ "workerId": "worker-001" })).await;
+    let res = verbatim(&s, body).await;
+    assert_eq!(res["id"], "req-004");
+    assert_fields(&res["result"], &json!({"id": "t-1234567890", "status": "completed"}));
+    assert!(is_timestamp(&res["result"]["completedAt"]));
+    let stored = ok(&s, ALICE, "task.get_attachment", json!({"taskId": SPEC_TASK, "key": "result"})).await;
+    assert_eq!(stored["type"], "json");
+    assert_eq!(stored["value"]["documentsReviewed"], 15);
+
+    // The simple completion (no result) fails the task.
+    let other = create_task(&s, ALICE, "second", 50).await;
+    ok(&s, ALICE, "task.claim", json!({ "workerId": "worker-001" })).await;
+    let simple = r#"{"jsonrpc": "2.0", "method": "task.complete", "params": {"taskId": "TASK"}, "id": "req-005"}"#
+        .replace("TASK", &other);
+    let res = verbatim(&s, &simple).await;
+    assert_fields(&res["result"], &json!({"id": other, "status": "failed"}));
+    let row = ok(&s, ALICE, "task.get", json!({ "id": other })).await;
+    assert_eq!(row["status"], "failed");
+    assert!(row["completedAt"].is_string());
+}
+
+#[tokio::test]
+async fn claim_examples_answer_like_the_spec_page() {
+    let s = TestServer::start().await;
+    let body = r#"{"jsonrpc": "2.0", "method": "task.claim", "params": {"workerId": "worker-001", "maxTasks": 1}, "id": "req-002"}"#;
+    assert_eq!(verbatim(&s, body).await, json!({"jsonrpc": "2.0", "result": {"claimed": false}, "id": "req-002"}));
+
+    ok(&s, ALICE, "task.create", json!({"id": SPEC_TASK, "text": "Review and optimize database queries", "priority": 75, "metadata": {"category": "optimization", "estimated_hours": 3}})).await;
+    let res = verbatim(&s, body).await;
+    let r = &res["result"];
+    assert_fields(r, &json!({"claimed": true, "taskId": "t-1234567890"}));
+    assert_fields(
+        &r["task"],
+        &json!({"id": "t-1234567890", "text": "Review and optimize database queries", "priority": 75, "status": "in_progress", "assignedTo": "worker-001", "metadata": {"category": "optimization", "estimated_hours": 3}, "result": null, "error": null, "completedAt": null}),
+    );
+    assert!(is_timestamp(&r["task"]["createdAt"]) && is_timestamp(&r["task"]["updatedAt"]));
+}
+
+#[tokio::test]
+async fn assign_and_unassign_examples_answer_like_the_spec_pages() {
+    let s = TestServer::start().await;
+    let assign = r#"{"jsonrpc": "2.0", "method": "task.assign", "params": {"taskId": "t-1234567890", "instanceId": "worker-001"}, "id": "req-008"}"#;
+    let unassign =
+        r#"{"jsonrpc": "2.0", "method": "task.unassign", "params": {"taskId": "t-1234567890"}, "id": "req-009"}"#;
+    assert_eq!(verbatim(&s, assign).await["error"]["data"], json!({"taskId": "t-1234567890"}));
+
+    create_task_with_id(&s, ALICE, SPEC_TASK).await;
+    let res = verbatim(&s, unassign).await;
+    assert_eq!(
+        res,
+        json!({"jsonrpc": "2.0", "error": {"code": -32602, "message": "Task t-1234567890 is not currently assigned", "data": {"taskId": "t-1234567890"}}, "id": "req-009"})
+    );
+    let res = verbatim(&s, assign).await;
+    assert_fields(&res["result"], &json!({"taskId": "t-1234567890", "instanceId": "worker-001"}));
+    assert!(is_timestamp(&res["result"]["assignedAt"]));
+    assert_eq!(
+        ok(&s, ALICE, "task.get", json!({"id": SPEC_TASK})).await["status"],
+        "pending",
+        "assigning keeps pending"
+    );
+    // Re-assigning to the same instance is allowed; to another is not.
+    verbatim(&s, assign).await["result"].as_object().expect("same instance again");
+    let e = err(&s, ALICE, "task.assign", json!({"taskId": SPEC_TASK, "instanceId": "worker-002"})).await;
+    assert_eq!(
+        e,
+        json!({"code": -32602, "message": "Task t-1234567890 is already assigned to worker-001.", "data": {"taskId": "t-1234567890", "currentAssignment": "worker-001"}})
+    );
+    let res = verbatim(&s, unassign).await;
+    assert_fields(&res["result"], &json!({"taskId": "t-1234567890", "previousAssignment": "worker-001"}));
+    assert!(is_timestamp(&res["result"]["unassignedAt"]));
+}
+
+#[tokio::test]
+async fn list_examples_answer_like_the_spec_page() {
+    let s = TestServer::start().await;
+    let a = create_task(&s, ALICE, "Review and optimize database queries", 85).await;
+    let b = create_task(&s, ALICE, "Update API documentation", 75).await;
+    let c = create_task(&s, ALICE, "Pending one", 90).await;
+    ok(&s, ALICE, "task.update", json!({"id": a, "updates": {"status": "in_progress"}})).await;
+    ok(&s, ALICE, "task.update", json!({"id": b, "updates": {"status": "in_progress"}})).await;
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": a, "key": "k1", "type": "text", "content": "x"})).await;
+
+    let res = verbatim(&s, r#"{"jsonrpc": "2.0", "method": "task.list", "params": {"status": "in_progress", "orderBy": "priority", "order": "desc", "limit": 25, "offset": 0}, "id": "req-006"}"#).await;
+    let r = &res["result"];
+    assert_eq!(r["totalCount"], 2);
+    assert_eq!(r["hasMore"], false);
+    let tasks = r["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2);
+    assert_fields(
+        &tasks[0],
+        &json!({"id": a, "status": "in_progress", "priority": 85, "attachmentCount": 1, "result": null, "error": null, "completedAt": null}),
+    );
+    assert_fields(&tasks[1], &json!({"id": b, "priority": 75, "attachmentCount": 0}));
+
+    let res = verbatim(&s, r#"{"jsonrpc": "2.0", "method": "task.list", "params": {}, "id": "req-007"}"#).await;
+    let ids: Vec<&str> = res["result"]["tasks"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [c.as_str(), b.as_str(), a.as_str()], "newest first by default");
+
+    // The pages' parameter examples.
+    let r = ok(&s, ALICE, "task.list", json!({"status": "pending", "priority": 90, "limit": 10})).await;
+    assert_eq!(r["totalCount"], 1);
+    assert_eq!(r["tasks"][0]["id"], c.as_str());
+    let r = ok(
+        &s,
+        ALICE,
+        "task.list",
+        json!({"status": "completed", "orderBy": "completedAt", "order": "desc", "limit": 50}),
+    )
+    .await;
+    assert_eq!(r, json!({"tasks": [], "totalCount": 0, "hasMore": false}));
+    ok(&s, ALICE, "task.assign", json!({"taskId": c, "instanceId": "worker-001"})).await;
+    let r =
+        ok(&s, ALICE, "task.list", json!({"assignedTo": "worker-001", "orderBy": "updatedAt", "order": "asc"})).await;
+    assert_eq!(r["totalCount"], 1);
+}
+
+#[tokio::test]
+async fn list_pages_with_an_exact_total_and_stable_order() {
+    let s = TestServer::start().await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        ids.push(create_task(&s, ALICE, &format!("task {i}"), 50).await);
+    }
+    let mut seen = Vec::new();
+    for offset in [0, 3, 6] {
+        let r = ok(&s, ALICE, "task.list", json!({"limit": 3, "offset": offset, "order": "asc"})).await;
+        assert_eq!(r["totalCount"], 7);
+        assert_eq!(r["hasMore"], offset + 3 < 7);
+        seen.extend(r["tasks"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().to_owned()));
+    }
+    assert_eq!(seen, ids);
+    let e = err(&s, ALICE, "task.list", json!({"limit": 1001})).await;
+    assert_eq!(e["code"], -32602);
+    let e = err(&s, ALICE, "task.list", json!({"orderBy": "bogus"})).await;
+    assert_eq!(e["code"], -32602);
+}
+
+#[tokio::test]
+async fn delete_example_answers_like_the_spec_page() {
+    let s = TestServer::start().await;
+    let body = r#"{"jsonrpc": "2.0", "method": "task.delete", "params": {"id": "t-123456"}, "id": "req-001"}"#;
+    let res = verbatim(&s, body).await;
+    assert_eq!(res["error"]["code"], -32602);
+    assert_eq!(res["error"]["data"], json!({"taskId": "t-123456"}));
+
+    create_task_with_id(&s, ALICE, "t-123456").await;
+    ok(
+        &s,
+        ALICE,
+        "task.create_attachment",
+        json!({"taskId": "t-123456", "key": "b", "type": "binary", "data": "AAEC"}),
+    )
+    .await;
+    let res = verbatim(&s, body).await;
+    assert_eq!(res["id"], "req-001");
+    assert_fields(&res["result"], &json!({"id": "t-123456", "deleted": true}));
+    assert!(is_timestamp(&res["result"]["deletedAt"]));
+    assert_eq!(err(&s, ALICE, "task.get", json!({"id": "t-123456"})).await["code"], -32602);
+    assert_eq!(ok(&s, ALICE, "task.list", json!({})).await["totalCount"], 0);
+    let e = err(
+        &s,
+        ALICE,
+        "task.create_attachment",
+        json!({"taskId": "t-123456", "key": "k", "type": "text", "content": "x"}),
+    )
+    .await;
+    assert_eq!(e["message"], "Task t-123456 not found");
+    assert_eq!(verbatim(&s, body).await["error"]["code"], -32602, "deleting twice");
+}
+
+const CREATE_JSON: &str = r#"{"jsonrpc": "2.0", "method": "task.create_attachment", "params": {"taskId": "t-1234567890", "key": "analysis", "type": "json", "value": {"complexity": "high", "estimatedHours": 8, "dependencies": ["auth", "database"], "risks": ["Database migration required", "Potential downtime during deployment"]}}, "id": "req-009"}"#;
+const CREATE_MARKDOWN: &str = r###"{"jsonrpc": "2.0", "method": "task.create_attachment", "params": {"taskId": "t-1234567890", "key": "implementation_notes", "type": "markdown", "content": "## Implementation Details\n\n- Use Redis for caching query results\n- Implement rate limiting on API endpoints\n- Add indexes on frequently queried columns\n\n### Performance Targets\n- < 100ms average response time\n- Support 1000 concurrent users"}, "id": "req-010"}"###;
+const CREATE_URL: &str = r#"{"jsonrpc": "2.0", "method": "task.create_attachment", "params": {"taskId": "t-1234567890", "key": "reference_doc", "type": "url", "url": "https://docs.example.com/database-optimization-guide"}, "id": "req-011"}"#;
+const GET_ATTACHMENT: &str = r#"{"jsonrpc": "2.0", "method": "task.get_attachment", "params": {"taskId": "t-1234567890", "key": "analysis"}, "id": "req-012"}"#;
+
+#[tokio::test]
+async fn create_attachment_examples_answer_like_the_spec_page() {
+    let s = TestServer::start().await;
+    for (body, id) in [(CREATE_JSON, "req-009"), (CREATE_MARKDOWN, "req-010"), (CREATE_URL, "req-011")] {
+        assert_eq!(
+            verbatim(&s, body).await,
+            json!({"jsonrpc": "2.0", "error": {"code": -32602, "message": "Task t-1234567890 not found", "data": {"taskId": "t-1234567890"}}, "id": id})
+        );
+    }
+    create_task_with_id(&s, ALICE, SPEC_TASK).await;
+    for (body, id, key, kind) in [
+        (CREATE_JSON, "req-009", "analysis", "json"),
+        (CREATE_MARKDOWN, "req-010", "implementation_notes", "markdown"),
+        (CREATE_URL, "req-011", "reference_doc", "url"),
+    ] {
+        let res = verbatim(&s, body).await;
+        assert_eq!(res["id"], id);
+        let r = &res["result"];
+        assert!(is_id(&r["id"], "ta", 9), "{r}");
+        assert_fields(r, &json!({"taskId": "t-1234567890", "key": key, "type": kind}));
+        assert!(is_timestamp(&r["createdAt"]));
+        assert_eq!(r.as_object().unwrap().len(), 5, "exactly id, taskId, key, type, createdAt: {r}");
+    }
+}
+
+#[tokio::test]
+async fn get_attachment_examples_answer_like_the_spec_page() {
+    let s = TestServer::start().await;
+    assert_eq!(
+        verbatim(&s, GET_ATTACHMENT).await,
+        json!({"jsonrpc": "2.0", "error": {"code": -32602, "message": "Attachment with key 'analysis' not found for task t-1234567890", "data": {"taskId": "t-1234567890", "key": "analysis"}}, "id": "req-012"})
+    );
+    create_task_with_id(&s, ALICE, SPEC_TASK).await;
+    assert_eq!(verbatim(&s, GET_ATTACHMENT).await["error"]["code"], -32602, "task exists, attachment does not");
+    let created = verbatim(&s, CREATE_JSON).await["result"].clone();
+    verbatim(&s, CREATE_MARKDOWN).await;
+    verbatim(&s, CREATE_URL).await;
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": SPEC_TASK, "key": "performance_report", "type": "binary", "size": 2048576, "mimeType": "application/pdf"})).await;
+
+    let res = verbatim(&s, GET_ATTACHMENT).await;
+    assert_eq!(res["id"], "req-012");
+    let r = &res["result"];
+    assert_fields(
+        r,
+        &json!({"id": created["id"], "taskId": "t-1234567890", "key": "analysis", "type": "json", "value": {"complexity": "high", "estimatedHours": 8, "dependencies": ["auth", "database"], "risks": ["Database migration required", "Potential downtime during deployment"]}, "createdBy": ALICE, "createdAt": created["createdAt"], "updatedAt": created["createdAt"]}),
+    );
+    let keys: Vec<&String> = r.as_object().unwrap().keys().collect();
+    assert_eq!(keys.len(), 8, "no fields beyond the spec's: {keys:?}");
+
+    let md = ok(&s, ALICE, "task.get_attachment", json!({"taskId": SPEC_TASK, "key": "implementation_notes"})).await;
+    assert_fields(
+        &md,
+        &json!({"type": "markdown", "content": "## Implementation Details\n\n- Use Redis for caching query results\n- Implement rate limiting on API endpoints\n- Add indexes on frequently queried columns\n\n### Performance Targets\n- < 100ms average response time\n- Support 1000 concurrent users", "createdBy": ALICE}),
+    );
+    assert!(md.get("value").is_none() && md.get("url").is_none());
+    let url = ok(&s, ALICE, "task.get_attachment", json!({"taskId": SPEC_TASK, "key": "reference_doc"})).await;
+    assert_fields(&url, &json!({"type": "url", "url": "https://docs.example.com/database-optimization-guide"}));
+    let bin = ok(&s, ALICE, "task.get_attachment", json!({"taskId": SPEC_TASK, "key": "performance_report"})).await;
+    assert_fields(
+        &bin,
+        &json!({"key": "performance_report", "type": "binary", "size": 2048576, "mimeType": "application/pdf", "createdBy": ALICE}),
+    );
+}
+
+#[tokio::test]
+async fn list_attachments_examples_answer_like_the_spec_page() {
+    let s = TestServer::start().await;
+    let all = r#"{"jsonrpc": "2.0", "method": "task.list_attachments", "params": {"taskId": "t-1234567890"}, "id": "req-013"}"#;
+    let filtered = r#"{"jsonrpc": "2.0", "method": "task.list_attachments", "params": {"taskId": "t-1234567890", "type": "json", "limit": 10, "offset": 0}, "id": "req-014"}"#;
+    assert_eq!(verbatim(&s, all).await["error"]["data"], json!({"taskId": "t-1234567890"}));
+    create_task_with_id(&s, ALICE, SPEC_TASK).await;
+    assert_eq!(
+        verbatim(&s, all).await,
+        json!({"jsonrpc": "2.0", "result": {"attachments": [], "totalCount": 0, "hasMore": false}, "id": "req-013"})
+    );
+    verbatim(&s, CREATE_JSON).await;
+    verbatim(&s, CREATE_MARKDOWN).await;
+    verbatim(&s, CREATE_URL).await;
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": SPEC_TASK, "key": "performance_report", "type": "binary", "size": 2048576, "mimeType": "application/pdf"})).await;
+
+    let r = verbatim(&s, all).await["result"].clone();
+    assert_eq!(r["totalCount"], 4);
+    assert_eq!(r["hasMore"], false);
+    let keys: Vec<&str> = r["attachments"].as_array().unwrap().iter().map(|a| a["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["analysis", "implementation_notes", "reference_doc", "performance_report"], "creation order");
+    assert_fields(&r["attachments"][3], &json!({"type": "binary", "size": 2048576, "mimeType": "application/pdf"}));
+
+    let r = verbatim(&s, filtered).await["result"].clone();
+    assert_eq!(r["totalCount"], 1);
+    assert_eq!(r["attachments"][0]["key"], "analysis");
+    for (params, total) in [
+        (json!({"taskId": SPEC_TASK, "type": "json"}), 1),
+        (json!({"taskId": SPEC_TASK, "limit": 20, "offset": 0}), 4),
+        (json!({"taskId": SPEC_TASK, "type": "markdown"}), 1),
+    ] {
+        assert_eq!(ok(&s, ALICE, "task.list_attachments", params).await["totalCount"], total);
+    }
+    let page = ok(&s, ALICE, "task.list_attachments", json!({"taskId": SPEC_TASK, "limit": 3, "offset": 2})).await;
+    assert_eq!(page["totalCount"], 4);
+    assert_eq!(page["attachments"].as_array().unwrap().len(), 2);
+    assert_eq!(page["hasMore"], false);
+    let page = ok(&s, ALICE, "task.list_attachments", json!({"taskId": SPEC_TASK, "limit": 1})).await;
+    assert_eq!(page["hasMore"], true);
+    assert_eq!(
+        err(&s, ALICE, "task.list_attachments", json!({"taskId": SPEC_TASK, "limit": 101})).await["code"],
+        -32602
+    );
+}
+
+#[tokio::test]
+async fn get_attachments_batch_example_answers_like_the_spec_page() {
+    let s = TestServer::start().await;
+    let body = r#"{"jsonrpc": "2.0", "method": "task.get_attachments_batch", "params": {"requests": [{"taskId": "t-123456", "key": "analysis"}, {"taskId": "t-123456", "key": "implementation_notes"}, {"taskId": "t-789012", "key": "test_results"}]}, "id": "req-batch-001"}"#;
+    let res = verbatim(&s, body).await;
+    assert_eq!(res["error"]["code"], -32602);
+    assert_eq!(res["error"]["message"], "Attachment not found: t-123456/analysis");
+    assert_eq!(res["error"]["data"]["missing"].as_array().unwrap().len(), 3, "every missing item is named");
+
+    create_task_with_id(&s, ALICE, "t-123456").await;
+    create_task_with_id(&s, ALICE, "t-789012").await;
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": "t-123456", "key": "analysis", "type": "json", "value": {"complexity": "high", "estimatedHours": 8}})).await;
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": "t-123456", "key": "implementation_notes", "type": "markdown", "content": "## Implementation Details\n\n- Use Redis for caching"})).await;
+    let res = verbatim(&s, body).await;
+    assert_eq!(
+        res["error"],
+        json!({"code": -32602, "message": "Attachment not found: t-789012/test_results", "data": {"taskId": "t-789012", "key": "test_results", "missing": [{"taskId": "t-789012", "key": "test_results"}]}})
+    );
+
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": "t-789012", "key": "test_results", "type": "json", "value": {"passed": 45, "failed": 2, "skipped": 3}})).await;
+    let res = verbatim(&s, body).await;
+    assert_eq!(res["id"], "req-batch-001");
+    let items = res["result"]["attachments"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert_fields(
+        &items[0],
+        &json!({"taskId": "t-123456", "key": "analysis", "type": "json", "value": {"complexity": "high", "estimatedHours": 8}}),
+    );
+    assert_fields(
+        &items[1],
+        &json!({"taskId": "t-123456", "key": "implementation_notes", "type": "markdown", "content": "## Implementation Details\n\n- Use Redis for caching"}),
+    );
+    assert_fields(
+        &items[2],
+        &json!({"taskId": "t-789012", "key": "test_results", "type": "json", "value": {"passed": 45, "failed": 2, "skipped": 3}}),
+    );
+    for item in items {
+        assert!(is_id(&item["id"], "ta", 9) && is_timestamp(&item["createdAt"]) && is_timestamp(&item["updatedAt"]));
+    }
+    for bad in
+        [json!({"requests": []}), json!({"requests": vec![json!({"taskId": "t-1", "key": "k"}); 101]}), json!({})]
+    {
+        assert_eq!(err(&s, ALICE, "task.get_attachments_batch", bad).await["code"], -32602);
+    }
+}
+
+#[tokio::test]
+async fn delete_attachment_examples_answer_like_the_spec_page() {
+    let s = TestServer::start().await;
+    let body = r#"{"jsonrpc": "2.0", "method": "task.delete_attachment", "params": {"taskId": "t-1234567890", "key": "analysis"}, "id": "req-012"}"#;
+    let git = r#"{"jsonrpc": "2.0", "method": "task.delete_attachment", "params": {"taskId": "t-1234567890", "key": "git-commit-abc123d"}, "id": "req-013"}"#;
+    let not_found = json!({"jsonrpc": "2.0", "error": {"code": -32602, "message": "Attachment 'analysis' not found for task t-1234567890", "data": {"taskId": "t-1234567890", "key": "analysis"}}, "id": "req-012"});
+    assert_eq!(verbatim(&s, body).await, not_found);
+    create_task_with_id(&s, ALICE, SPEC_TASK).await;
+    assert_eq!(verbatim(&s, body).await, not_found);
+    let created = verbatim(&s, CREATE_JSON).await["result"].clone();
+    ok(
+        &s,
+        ALICE,
+        "task.create_attachment",
+        json!({"taskId": SPEC_TASK, "key": "git-commit-abc123d", "type": "text", "content": "abc123d"}),
+    )
+    .await;
+
+    let res = verbatim(&s, body).await;
+    assert_eq!(res["id"], "req-012");
+    assert_fields(
+        &res["result"],
+        &json!({"id": created["id"], "taskId": "t-1234567890", "key": "analysis", "deleted": true}),
+    );
+    assert!(is_timestamp(&res["result"]["deletedAt"]));
+    assert_eq!(verbatim(&s, GET_ATTACHMENT).await["error"]["code"], -32602);
+    assert_eq!(verbatim(&s, body).await, not_found, "deleting twice");
+    assert_eq!(verbatim(&s, git).await["result"]["key"], "git-commit-abc123d");
+    let list = ok(&s, ALICE, "task.list_attachments", json!({"taskId": SPEC_TASK})).await;
+    assert_eq!(list["totalCount"], 0);
+}
+
+// ---- attachment semantics ----
+
+#[tokio::test]
+async fn json_attachments_keep_falsy_values() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "falsy", 0).await;
+    assert_eq!(ok(&s, ALICE, "task.get", json!({"id": t})).await["priority"], 0, "priority 0 stays 0");
+    for (key, value) in [("zero", json!(0)), ("no", json!(false)), ("empty", json!("")), ("nothing", json!(null))] {
+        ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": key, "type": "json", "value": value})).await;
+        let got = ok(&s, ALICE, "task.get_attachment", json!({"taskId": t, "key": key})).await;
+        assert_eq!(got["value"], value, "{key}");
+        assert!(got.as_object().unwrap().contains_key("value"), "{key}: value is present even when null");
+    }
+    let e = err(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "k", "type": "json"})).await;
+    assert_eq!(e["data"]["validation"], "JSON attachments require a value field");
+}
+
+#[tokio::test]
+async fn attachment_params_are_validated() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "validation", 50).await;
+    let cases = [
+        (json!({"taskId": t, "key": "", "type": "text", "content": "x"}), "key"),
+        (json!({"taskId": t, "key": "k".repeat(101), "type": "text", "content": "x"}), "key"),
+        (json!({"taskId": t, "key": "k", "type": "pdf", "content": "x"}), "type"),
+        (json!({"taskId": t, "key": "k", "type": "markdown"}), "content"),
+        (json!({"taskId": t, "key": "k", "type": "url"}), "url"),
+        (json!({"taskId": t, "key": "k", "type": "url", "url": "ftp://example.com/x"}), "url"),
+        (json!({"taskId": t, "key": "k", "type": "url", "url": "javascript:alert(1)"}), "url"),
+        (json!({"taskId": t, "key": "k", "type": "text", "content": "x", "value": 1}), "value"),
+        (json!({"taskId": t, "key": "k", "type": "binary", "size": 0}), "size"),
+        (json!({"taskId": t, "key": "k", "type": "binary", "data": "!!!"}), "data"),
+        (json!({"taskId": t, "key": "k", "type": "binary", "data": "AAEC", "size": 4}), "size"),
+        (json!({"key": "k", "type": "text", "content": "x"}), "taskId"),
+    ];
+    for (params, field) in cases {
+        let e = err(&s, ALICE, "task.create_attachment", params.clone()).await;
+        assert_eq!(e["code"], -32602, "{params}");
+        assert_eq!(e["message"], "Invalid params", "{params}");
+        assert_eq!(e["data"]["field"], field, "{params}: {e}");
+    }
+    assert_eq!(ok(&s, ALICE, "task.list_attachments", json!({"taskId": t})).await["totalCount"], 0);
+}
+
+#[tokio::test]
+async fn upsert_across_types_keeps_id_and_created_at_and_drops_old_fields() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "upserts", 50).await;
+    let first =
+        ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "k", "type": "json", "value": {"a": 1}}))
+            .await;
+    let steps = [
+        (
+            json!({"type": "markdown", "content": "# md"}),
+            json!({"type": "markdown", "content": "# md"}),
+            &["value", "url", "size", "mimeType"][..],
+        ),
+        (
+            json!({"type": "url", "url": "https://example.com/a"}),
+            json!({"type": "url", "url": "https://example.com/a"}),
+            &["value", "content", "size"][..],
+        ),
+        (
+            json!({"type": "binary", "size": 10, "mimeType": "image/png"}),
+            json!({"type": "binary", "size": 10, "mimeType": "image/png"}),
+            &["value", "content", "url"][..],
+        ),
+        (
+            json!({"type": "text", "content": "plain"}),
+            json!({"type": "text", "content": "plain"}),
+            &["value", "url", "size", "mimeType"][..],
+        ),
+        (
+            json!({"type": "json", "value": [1, 2]}),
+            json!({"type": "json", "value": [1, 2]}),
+            &["content", "url", "size", "mimeType"][..],
+        ),
+    ];
+    let mut last_updated = first["createdAt"].clone();
+    for (params, expected, absent) in steps {
+        let mut p = params.clone();
+        p["taskId"] = json!(t);
+        p["key"] = json!("k");
+        let r = ok(&s, ALICE, "task.create_attachment", p).await;
+        assert_eq!(r["id"], first["id"], "the id survives {params}");
+        assert_eq!(r["createdAt"], first["createdAt"], "createdAt survives {params}");
+        let got = ok(&s, ALICE, "task.get_attachment", json!({"taskId": t, "key": "k"})).await;
+        assert_fields(&got, &expected);
+        for field in absent {
+            assert!(got.get(*field).is_none(), "{field} is stale in {got}");
+        }
+        assert!(got["updatedAt"].as_str() >= last_updated.as_str());
+        last_updated = got["updatedAt"].clone();
+    }
+    let list = ok(&s, ALICE, "task.list_attachments", json!({"taskId": t})).await;
+    assert_eq!(list["totalCount"], 1, "one key, one attachment");
+}
+
+#[tokio::test]
+async fn concurrent_upserts_of_one_key_share_one_id() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "race", 50).await;
+    let calls = (0..24).map(|i| {
+        let s = &s;
+        let t = t.clone();
+        async move {
+            ok(s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "shared", "type": "json", "value": i}))
+                .await
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    let ids: std::collections::HashSet<&str> = results.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let list = ok(&s, ALICE, "task.list_attachments", json!({"taskId": t})).await;
+    assert_eq!(list["totalCount"], 1);
+    assert_eq!(list["attachments"][0]["id"], *ids.iter().next().unwrap());
+}
+
+#[tokio::test]
+async fn binary_data_is_stored_as_bytes_and_readable() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "bytes", 50).await;
+    let bytes: Vec<u8> = (0..=255).collect();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    let r = ok(
+        &s,
+        ALICE,
+        "task.create_attachment",
+        json!({"taskId": t, "key": "blob", "type": "binary", "data": b64, "mimeType": "application/octet-stream"}),
+    )
+    .await;
+    let got = ok(&s, ALICE, "task.get_attachment", json!({"taskId": t, "key": "blob"})).await;
+    assert_fields(&got, &json!({"id": r["id"], "type": "binary", "size": 256, "mimeType": "application/octet-stream"}));
+    assert!(got.get("data").is_none(), "bytes are not echoed inline");
+    let path = got["streamPath"].as_str().expect("the bytes' stream path").to_owned();
+    let res = s.client.get(s.url(&path)).header("electric-principal", ALICE).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.bytes().await.unwrap().to_vec(), bytes);
+    let other = s.client.get(s.url(&path)).header("electric-principal", BOB).send().await.unwrap();
+    assert_eq!(other.status(), StatusCode::NOT_FOUND, "the bytes follow the task's permissions");
+
+    // Replacing the bytes keeps the id; the old bytes go.
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "blob", "type": "binary", "data": "AQID"}))
+        .await;
+    let again = ok(&s, ALICE, "task.get_attachment", json!({"taskId": t, "key": "blob"})).await;
+    assert_eq!(again["id"], r["id"]);
+    assert_eq!(again["size"], 3);
+    let new_path = again["streamPath"].as_str().unwrap();
+    assert_ne!(new_path, path);
+    let res = s.client.get(s.url(new_path)).header("electric-principal", ALICE).send().await.unwrap();
+    assert_eq!(res.bytes().await.unwrap().to_vec(), vec![1, 2, 3]);
+    let res = s.client.get(s.url(&path)).header("electric-principal", ALICE).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn task_attachments_are_manifest_rows_on_the_task_main_stream() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "rows", 50).await;
+    let r = ok(
+        &s,
+        ALICE,
+        "task.create_attachment",
+        json!({"taskId": t, "key": "analysis", "type": "json", "value": {"a": 1}}),
+    )
+    .await;
+    let res = s
+        .client
+        .get(s.url(&format!("/task/{t}/main")))
+        .query(&[("offset", "-1")])
+        .header("electric-principal", ALICE)
+        .send()
+        .await
+        .unwrap();
+    let rows: Vec<Value> = res.json().await.unwrap();
+    let manifest: Vec<&Value> = rows.iter().filter(|r| r["type"] == "manifest").collect();
+    assert_eq!(manifest.len(), 1);
+    let m = manifest[0];
+    assert_eq!(m["key"], format!("attachment:{}", r["id"].as_str().unwrap()));
+    assert_eq!(m["headers"]["operation"], "insert");
+    assert_fields(
+        &m["value"],
+        &json!({"kind": "attachment", "id": r["id"], "status": "complete", "name": "analysis", "taskType": "json", "value": {"a": 1}, "streamPath": format!("/task/{t}/attachments/{}", r["id"].as_str().unwrap())}),
+    );
+    let events: Vec<&str> =
+        rows.iter().filter(|r| r["type"] == "event").map(|r| r["value"]["type"].as_str().unwrap()).collect();
+    assert_eq!(events, ["task.created", "task.attachment_created"]);
+}
+
+#[tokio::test]
+async fn an_upload_with_a_key_is_a_task_attachment() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "upload", 50).await;
+    let boundary = "XyZ";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"key\"\r\n\r\nreport\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"r.pdf\"\r\nContent-Type: application/pdf\r\n\r\n%PDF-1\r\n--{boundary}--\r\n"
+    );
+    let res = s
+        .client
+        .post(s.url(&format!("/_electric/entities/task/{t}/attachments")))
+        .header("electric-principal", ALICE)
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED, "{}", res.text().await.unwrap_or_default());
+    let got = ok(&s, ALICE, "task.get_attachment", json!({"taskId": t, "key": "report"})).await;
+    assert_fields(
+        &got,
+        &json!({"key": "report", "type": "binary", "size": 6, "mimeType": "application/pdf", "createdBy": ALICE}),
+    );
+    let list = ok(&s, ALICE, "task.list_attachments", json!({"taskId": t, "type": "binary"})).await;
+    assert_eq!(list["totalCount"], 1);
+    // And the other way: the entity route lists what the task face wrote.
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "note", "type": "text", "content": "hi"})).await;
+    let res = s
+        .client
+        .get(s.url(&format!("/_electric/entities/task/{t}/attachments")))
+        .header("electric-principal", ALICE)
+        .send()
+        .await
+        .unwrap();
+    let text = res.text().await.unwrap();
+    assert!(text.contains("\"note\""), "{text}");
+}
+
+// ---- task lifecycle ----
+
+#[tokio::test]
+async fn tasks_created_at_once_get_distinct_ids() {
+    let s = TestServer::start().await;
+    let creates = (0..30).map(|i| {
+        let s = &s;
+        async move { create_task(s, ALICE, &format!("t{i}"), 50).await }
+    });
+    let ids: std::collections::HashSet<String> = futures::future::join_all(creates).await.into_iter().collect();
+    assert_eq!(ids.len(), 30);
+    let e = err(&s, ALICE, "task.create", json!({"id": ids.iter().next().unwrap(), "text": "again"})).await;
+    assert_eq!(e["code"], -32602);
+}
+
+#[tokio::test]
+async fn get_returns_the_full_row() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "row", 42).await;
+    let row = ok(&s, ALICE, "task.get", json!({"id": t})).await;
+    assert_fields(
+        &row,
+        &json!({"id": t, "text": "row", "status": "pending", "priority": 42, "assignedTo": null, "metadata": null, "result": null, "error": null, "completedAt": null, "attachmentCount": 0}),
+    );
+    assert_eq!(err(&s, ALICE, "task.get", json!({"id": "t-nope"})).await["message"], "Task not found: t-nope");
+}
+
+#[tokio::test]
+async fn illegal_status_transitions_are_rejected() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "transitions", 50).await;
+    let e = err(&s, ALICE, "task.update", json!({"id": t, "updates": {"status": "completed"}})).await;
+    assert_eq!(e["code"], -32602);
+    assert_eq!(e["data"], json!({"taskId": t, "status": "pending", "requested": "completed"}));
+    let e = err(&s, ALICE, "task.complete", json!({"id": t, "result": 1})).await;
+    assert_eq!(e["code"], -32602, "a pending task cannot complete");
+    ok(&s, ALICE, "task.update", json!({"id": t, "updates": {"status": "in_progress"}})).await;
+    ok(&s, ALICE, "task.update", json!({"id": t, "updates": {"status": "completed"}})).await;
+    for next in ["pending", "in_progress", "failed", "completed"] {
+        let e = err(&s, ALICE, "task.update", json!({"id": t, "updates": {"status": next}})).await;
+        assert_eq!(e["code"], -32602, "completed → {next}");
+    }
+    let e = err(&s, ALICE, "task.update", json!({"id": t, "updates": {"status": "done"}})).await;
+    assert_eq!(e["data"]["field"], "status");
+    assert_eq!(err(&s, ALICE, "task.assign", json!({"taskId": t, "instanceId": "w"})).await["code"], -32602);
+    assert_eq!(err(&s, ALICE, "task.unassign", json!({"taskId": t})).await["code"], -32602);
+}
+
+#[tokio::test]
+async fn concurrent_claims_never_share_a_task() {
+    let s = TestServer::start().await;
+    for i in 0..8 {
+        create_task(&s, ALICE, &format!("job {i}"), 50).await;
+    }
+    let claims = (0..20).map(|w| {
+        let s = &s;
+        async move { ok(s, ALICE, "task.claim", json!({"workerId": format!("worker-{w}")})).await }
+    });
+    let results = futures::future::join_all(claims).await;
+    let won: Vec<&Value> = results.iter().filter(|r| r["claimed"] == true).collect();
+    assert_eq!(won.len(), 8);
+    let ids: std::collections::HashSet<&str> = won.iter().map(|r| r["taskId"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 8, "no task is claimed twice");
+    for r in &won {
+        let row = ok(&s, ALICE, "task.get", json!({"id": r["taskId"]})).await;
+        assert_eq!(row["assignedTo"], r["task"]["assignedTo"]);
+        assert_eq!(row["status"], "in_progress");
+    }
+    assert_eq!(results.iter().filter(|r| r == &&json!({"claimed": false})).count(), 12);
+}
+
+#[tokio::test]
+async fn claim_takes_highest_priority_then_oldest_and_brings_attachments() {
+    let s = TestServer::start().await;
+    let low = create_task(&s, ALICE, "low", 10).await;
+    let old = create_task(&s, ALICE, "old high", 90).await;
+    let new = create_task(&s, ALICE, "new high", 90).await;
+    let mine = create_task(&s, ALICE, "assigned elsewhere", 100).await;
+    ok(&s, ALICE, "task.assign", json!({"taskId": mine, "instanceId": "someone-else"})).await;
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": old, "key": "spec", "type": "text", "content": "do it"}))
+        .await;
+    let order: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            let r = ok(&s, ALICE, "task.claim", json!({"workerId": "w1"})).await;
+            v.push(r["taskId"].as_str().unwrap().to_owned());
+            if v.len() == 1 {
+                assert_eq!(r["task"]["attachmentCount"], 1);
+                assert_fields(
+                    &r["task"]["attachments"]["spec"],
+                    &json!({"type": "text", "content": "do it", "key": "spec"}),
+                );
+            }
+        }
+        v
+    };
+    assert_eq!(order, [old, new, low]);
+    assert_eq!(ok(&s, ALICE, "task.claim", json!({"workerId": "w1"})).await, json!({"claimed": false}));
+    let r = ok(&s, ALICE, "task.claim", json!({"workerId": "someone-else"})).await;
+    assert_eq!(r["taskId"], mine.as_str(), "a task assigned to a worker is claimable by it");
+    assert_eq!(err(&s, ALICE, "task.claim", json!({})).await["code"], -32602);
+}
+
+#[tokio::test]
+async fn complete_checks_the_worker_and_keeps_falsy_results() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "work", 50).await;
+    ok(&s, ALICE, "task.claim", json!({"workerId": "w1"})).await;
+    let e = err(&s, ALICE, "task.complete", json!({"id": t, "workerId": "w2", "result": 1})).await;
+    assert_eq!(e["data"]["currentAssignment"], "w1");
+    let r = ok(&s, ALICE, "task.complete", json!({"taskId": t, "workerId": "w1", "result": 0})).await;
+    assert_eq!(r["status"], "completed", "0 is a result");
+    assert_eq!(ok(&s, ALICE, "task.get_attachment", json!({"taskId": t, "key": "result"})).await["value"], 0);
+    assert_eq!(ok(&s, ALICE, "task.get", json!({"id": t})).await["result"], 0);
+    let e = err(&s, ALICE, "task.complete", json!({"id": t, "result": 1})).await;
+    assert_eq!(e["code"], -32602, "completing twice");
+    let e = err(&s, ALICE, "task.complete", json!({})).await;
+    assert_eq!(e["data"]["validation"], "Either 'id' or 'taskId' must be provided");
+}
+
+// ---- permissions ----
+
+#[tokio::test]
+async fn other_principals_see_nothing_without_grants_and_get_32002_without_write() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "private", 50).await;
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "k", "type": "text", "content": "secret"}))
+        .await;
+    assert_eq!(err(&s, BOB, "task.get", json!({"id": t})).await["message"], format!("Task not found: {t}"));
+    assert_eq!(err(&s, BOB, "task.get_attachment", json!({"taskId": t, "key": "k"})).await["code"], -32602);
+    assert_eq!(ok(&s, BOB, "task.list", json!({})).await["totalCount"], 0);
+    assert_eq!(ok(&s, BOB, "task.claim", json!({"workerId": "bob"})).await["claimed"], false);
+
+    let res = s
+        .client
+        .post(s.url(&format!("/_electric/entities/task/{t}/grants")))
+        .header("electric-principal", ALICE)
+        .json(&json!({"subject_kind": "principal", "subject_value": BOB, "permission": "read"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(ok(&s, BOB, "task.get_attachment", json!({"taskId": t, "key": "k"})).await["content"], "secret");
+    for (method, params) in [
+        ("task.create_attachment", json!({"taskId": t, "key": "k2", "type": "text", "content": "x"})),
+        ("task.delete_attachment", json!({"taskId": t, "key": "k"})),
+        ("task.update", json!({"id": t, "updates": {"priority": 1}})),
+        ("task.assign", json!({"taskId": t, "instanceId": "bob"})),
+        ("task.delete", json!({"id": t})),
+    ] {
+        let e = err(&s, BOB, method, params).await;
+        assert_eq!(e["code"], -32002, "{method}: {e}");
+    }
+    assert_eq!(ok(&s, BOB, "task.claim", json!({"workerId": "bob"})).await["claimed"], false, "claiming needs write");
+}
+
+#[tokio::test]
+async fn token_mode_without_credentials_is_answered_with_32002() {
+    let s = TestServer::start_with(|c| c.auth = Some(attache_server::auth::AuthMode::Token)).await;
+    let res =
+        s.client.post(s.url("/rpc")).body(r#"{"jsonrpc":"2.0","method":"task.list","id":1}"#).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], -32002);
+    assert_eq!(body["id"], Value::Null);
+}
+
+// ---- the envelope and the limits ----
+
+#[tokio::test]
+async fn malformed_envelopes_get_their_codes() {
+    let s = TestServer::start().await;
+    let (status, res) = rpc_raw(&s, ALICE, "{not json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(res, json!({"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}, "id": null}));
+    for (body, id) in [
+        (r#"{"method":"task.list","id":7}"#, json!(7)),
+        (r#"{"jsonrpc":"1.0","method":"task.list","id":"a"}"#, json!("a")),
+        (r#"{"jsonrpc":"2.0","method":5,"id":8}"#, json!(8)),
+        (r#"{"jsonrpc":"2.0","method":"task.list","id":{"x":1}}"#, Value::Null),
+        (r#"{"jsonrpc":"2.0","method":"task.list","params":3,"id":9}"#, json!(9)),
+        (r#"42"#, Value::Null),
+    ] {
+        let (_, res) = rpc_raw(&s, ALICE, body).await;
+        assert_eq!(res["error"]["code"], -32600, "{body}");
+        assert_eq!(res["id"], id, "{body}");
+    }
+    let (_, res) = rpc_raw(&s, ALICE, r#"{"jsonrpc":"2.0","method":"task.nope","id":1}"#).await;
+    assert_eq!(res["error"], json!({"code": -32601, "message": "Method not found: task.nope"}));
+    let (_, res) = rpc_raw(&s, ALICE, r#"{"jsonrpc":"2.0","method":"task.list","params":[1],"id":1}"#).await;
+    assert_eq!(res["error"]["code"], -32602, "positional params");
+}
+
+#[tokio::test]
+async fn batches_answer_in_order_and_skip_notifications() {
+    let s = TestServer::start().await;
+    let body = json!([
+        {"jsonrpc": "2.0", "method": "task.create", "params": {"text": "one"}, "id": "a"},
+        {"jsonrpc": "2.0", "method": "task.create", "params": {"text": "silent"}},
+        {"jsonrpc": "2.0", "method": "task.nope", "id": "b"},
+        {"foo": 1},
+        {"jsonrpc": "2.0", "method": "task.list", "params": {}, "id": "c"},
+    ]);
+    let (status, res) = rpc_raw(&s, ALICE, body.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    let items = res.as_array().unwrap();
+    assert_eq!(items.len(), 4);
+    assert_eq!(items[0]["id"], "a");
+    assert_eq!(items[1]["error"]["code"], -32601);
+    assert_eq!(items[2]["error"]["code"], -32600);
+    assert_eq!(items[3]["id"], "c");
+    assert_eq!(items[3]["result"]["totalCount"], 2, "the notification ran");
+
+    let (status, res) = rpc_raw(&s, ALICE, r#"{"jsonrpc":"2.0","method":"task.create","params":{"text":"n"}}"#).await;
+    assert_eq!((status, res), (StatusCode::NO_CONTENT, Value::Null), "a lone notification gets no body");
+    let only_notes = json!([{"jsonrpc": "2.0", "method": "task.list"}, {"jsonrpc": "2.0", "method": "task.list"}]);
+    assert_eq!(rpc_raw(&s, ALICE, only_notes.to_string()).await.0, StatusCode::NO_CONTENT);
+
+    let (_, res) = rpc_raw(&s, ALICE, "[]").await;
+    assert_eq!(res["error"]["code"], -32600);
+    let big: Vec<Value> = (0..101).map(|i| json!({"jsonrpc": "2.0", "method": "task.list", "id": i})).collect();
+    let (_, res) = rpc_raw(&s, ALICE, serde_json::to_string(&big).unwrap()).await;
+    assert_eq!(res["error"]["code"], -32600);
+    assert!(res["error"]["data"]["reason"].as_str().unwrap().contains("at most 100"));
+    let hundred: Vec<Value> = (0..100).map(|i| json!({"jsonrpc": "2.0", "method": "task.list", "id": i})).collect();
+    let (_, res) = rpc_raw(&s, ALICE, serde_json::to_string(&hundred).unwrap()).await;
+    assert_eq!(res.as_array().unwrap().len(), 100);
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused_with_413() {
+    let s = TestServer::start_with(|c| c.rpc_max_body_bytes = 1024).await;
+    let text = "x".repeat(2000);
+    let (status, res) = rpc_raw(
+        &s,
+        ALICE,
+        json!({"jsonrpc": "2.0", "method": "task.create", "params": {"text": text}, "id": 1}).to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(res["error"]["code"], -32600);
+    assert_eq!(ok(&s, ALICE, "task.list", json!({})).await["totalCount"], 0);
+}
+
+#[tokio::test]
+async fn rate_limited_principals_get_32000() {
+    let s = TestServer::start_with(|c| {
+        c.rpc_rate_limit = Some(3);
+        c.rpc_rate_window = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    for _ in 0..3 {
+        ok(&s, ALICE, "task.list", json!({})).await;
+    }
+    let e = err(&s, ALICE, "task.list", json!({})).await;
+    assert_eq!(e["code"], -32000);
+    assert_eq!(e["data"], json!({"limit": 3, "windowMs": 3_600_000}));
+    ok(&s, BOB, "task.list", json!({})).await;
+}
+
+#[tokio::test]
+async fn metrics_count_calls_attachments_and_appends() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "metrics", 50).await;
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "k", "type": "json", "value": [1]})).await;
+    err(&s, ALICE, "task.get", json!({"id": "t-none"})).await;
+    let text = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for line in [
+        "attache_rpc_requests_total{method=\"task.create\",status=\"ok\"} 1",
+        "attache_rpc_requests_total{method=\"task.get\",status=\"-32602\"} 1",
+        "attache_attachments_created_total{type=\"json\"} 1",
+        "attache_attachment_bytes_total 3",
+        "attache_live_readers 0",
+    ] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+    assert!(text.contains("attache_stream_appends_total "));
+}
