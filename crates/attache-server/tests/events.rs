@@ -1,0 +1,357 @@
+//! Task events: the global events stream read by offset (catch-up,
+//! long-poll, SSE), per-reader filtering, WebSocket pushes and Redis PUBLISH.
+
+mod common;
+mod task_helpers;
+
+use std::time::Duration;
+
+use common::{header, TestServer, NEXT_OFFSET};
+use futures::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use task_helpers::*;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn read_events(s: &TestServer, principal: &str, query: &[(&str, &str)]) -> (StatusCode, Vec<Value>, String) {
+    let res = s
+        .client
+        .get(s.url("/_attache/events"))
+        .query(query)
+        .header("electric-principal", principal)
+        .send()
+        .await
+        .expect("events answer");
+    let status = res.status();
+    let next = header(&res, NEXT_OFFSET).unwrap_or_default();
+    let bytes = res.bytes().await.unwrap();
+    let events = if status != StatusCode::OK { vec![] } else { serde_json::from_slice(&bytes).expect("a JSON array") };
+    (status, events, next)
+}
+
+fn types(events: &[Value]) -> Vec<&str> {
+    events.iter().map(|e| e["type"].as_str().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn a_late_subscriber_reads_every_event_from_the_start() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "events", 50).await;
+    ok(&s, ALICE, "task.update", json!({"id": t, "updates": {"priority": 60}})).await;
+    ok(&s, ALICE, "task.assign", json!({"taskId": t, "instanceId": "w1"})).await;
+    ok(&s, ALICE, "task.unassign", json!({"taskId": t})).await;
+    let a =
+        ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "analysis", "type": "json", "value": 1}))
+            .await;
+    ok(&s, ALICE, "task.delete_attachment", json!({"taskId": t, "key": "analysis"})).await;
+    ok(&s, ALICE, "task.claim", json!({"workerId": "w1"})).await;
+    ok(&s, ALICE, "task.complete", json!({"id": t, "result": "done"})).await;
+    ok(&s, ALICE, "task.delete", json!({"id": t})).await;
+
+    // A subscriber that was never online reads everything, in order.
+    let (status, events, _) = read_events(&s, ALICE, &[("offset", "-1")]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        types(&events),
+        [
+            "task.created",
+            "task.updated",
+            "task.assigned",
+            "task.unassigned",
+            "task.attachment_created",
+            "task.attachment_deleted",
+            "task.claimed",
+            "task.attachment_created",
+            "task.completed",
+            "task.deleted"
+        ]
+    );
+    let created = &events[4];
+    assert_eq!(created["taskId"], t.as_str());
+    let payload = created["payload"].as_object().unwrap();
+    let keys: Vec<&str> = payload.keys().map(String::as_str).collect();
+    assert_eq!(keys.len(), 6, "{keys:?}");
+    assert_eq!(
+        Value::Object(payload.clone()),
+        json!({"taskId": t, "key": "analysis", "type": "json", "attachmentId": a["id"], "instanceId": ALICE, "timestamp": created["payload"]["timestamp"]})
+    );
+    assert!(created["payload"]["timestamp"].is_i64());
+    assert_eq!(events[5]["payload"], json!({"taskId": t, "key": "analysis", "attachmentId": a["id"]}));
+    assert_eq!(events[8]["payload"]["status"], "completed");
+
+    // Resuming from any event's offset gives exactly what followed it.
+    let off = events[6]["offset"].as_str().unwrap().to_owned();
+    let (_, rest, _) = read_events(&s, ALICE, &[("offset", off.as_str())]).await;
+    assert_eq!(types(&rest), ["task.attachment_created", "task.completed", "task.deleted"]);
+
+    // The same events are rows of collection `event` on the task's main stream.
+    let res = s
+        .client
+        .get(s.url(&format!("/task/{t}/main")))
+        .query(&[("offset", "-1")])
+        .header("electric-principal", ALICE)
+        .send()
+        .await
+        .unwrap();
+    let rows: Vec<Value> = res.json().await.unwrap();
+    let row_types: Vec<&str> =
+        rows.iter().filter(|r| r["type"] == "event").map(|r| r["value"]["type"].as_str().unwrap()).collect();
+    assert_eq!(row_types, types(&events));
+}
+
+#[tokio::test]
+async fn long_poll_wakes_on_the_next_event_and_resumes_by_offset() {
+    let s = TestServer::start_with(|c| c.long_poll_timeout = Duration::from_secs(10)).await;
+    let t = create_task(&s, ALICE, "first", 50).await;
+    let (_, _, tail) = read_events(&s, ALICE, &[("offset", "now")]).await;
+    assert!(!tail.is_empty());
+    let poll = {
+        let s = &s;
+        let tail = tail.clone();
+        async move { read_events(s, ALICE, &[("offset", tail.as_str()), ("live", "long-poll")]).await }
+    };
+    let write = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "k", "type": "text", "content": "x"})).await;
+    };
+    let ((status, events, next), ()) = tokio::join!(poll, write);
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(types(&events), ["task.attachment_created"]);
+    assert!(next > tail);
+    assert_eq!(events[0]["offset"], next.as_str());
+    let (status, events, _) = read_events(&s, ALICE, &[("offset", next.as_str())]).await;
+    assert_eq!((status, events.len()), (StatusCode::OK, 0));
+}
+
+#[tokio::test]
+async fn readers_see_only_events_of_tasks_they_may_read() {
+    let s = TestServer::start().await;
+    let (_, _, start) = read_events(&s, BOB, &[("offset", "now")]).await;
+    let alices = create_task(&s, ALICE, "alice's", 50).await;
+    let bobs = create_task(&s, BOB, "bob's", 50).await;
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": alices, "key": "k", "type": "text", "content": "x"}))
+        .await;
+
+    let (_, events, bob_next) = read_events(&s, BOB, &[("offset", start.as_str())]).await;
+    assert_eq!(types(&events), ["task.created"]);
+    assert_eq!(events[0]["taskId"], bobs.as_str());
+    let (_, all, alice_next) = read_events(&s, ALICE, &[("offset", start.as_str())]).await;
+    assert_eq!(all.len(), 2, "alice sees her own only: {all:?}");
+    assert_eq!(bob_next, alice_next, "offsets are the global stream's");
+    let (_, system, _) = read_events(&s, "system:dev-local", &[("offset", start.as_str())]).await;
+    assert_eq!(system.len(), 3);
+
+    // A long-poll is not woken by events it may not see; it answers 204 past them.
+    let (status, events, next) = read_events(&s, BOB, &[("offset", alice_next.as_str()), ("live", "long-poll")]).await;
+    assert_eq!((status, events.len()), (StatusCode::NO_CONTENT, 0));
+    assert_eq!(next, alice_next);
+    ok(&s, ALICE, "task.update", json!({"id": alices, "updates": {"priority": 1}})).await;
+    let (status, _, past) = read_events(&s, BOB, &[("offset", next.as_str()), ("live", "long-poll")]).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(past > next, "the hidden event is skipped, not re-read");
+
+    // A grant makes the task's whole history visible, including what came before it.
+    let res = s
+        .client
+        .post(s.url(&format!("/_electric/entities/task/{alices}/grants")))
+        .header("electric-principal", ALICE)
+        .json(&json!({"subject_kind": "principal", "subject_value": BOB, "permission": "read"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let (_, events, _) = read_events(&s, BOB, &[("offset", start.as_str())]).await;
+    assert_eq!(events.len(), 4);
+    let (_, one, _) = read_events(&s, BOB, &[("offset", start.as_str()), ("taskId", alices.as_str())]).await;
+    assert_eq!(one.len(), 3);
+}
+
+#[tokio::test]
+async fn bad_offsets_and_live_modes_are_refused() {
+    let s = TestServer::start().await;
+    for query in [
+        vec![("offset", "zzz")],
+        vec![("live", "long-poll")],
+        vec![("offset", "-1"), ("live", "forever")],
+        vec![("offset", "0000000000000000_9999999999999999")],
+    ] {
+        let (status, _, _) = read_events(&s, ALICE, &query).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query:?}");
+    }
+}
+
+#[tokio::test]
+async fn sse_streams_events_with_control_offsets() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "sse", 50).await;
+    let res = s
+        .client
+        .get(s.url("/_attache/events"))
+        .query(&[("offset", "-1"), ("live", "sse")])
+        .header("electric-principal", ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "content-type").unwrap(), "text/event-stream");
+    let mut body = res.bytes_stream();
+    let mut text = String::new();
+    let wrote =
+        ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "k", "type": "text", "content": "x"}));
+    wrote.await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !text.contains("task.attachment_created") {
+        let chunk = tokio::time::timeout_at(deadline, body.next()).await.expect("SSE data in time").unwrap().unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(text.contains("event: data\ndata:["));
+    assert!(text.contains("task.created"));
+    assert!(text.contains("event: control\ndata:{\"streamNextOffset\":"));
+}
+
+async fn ws_connect(
+    s: &TestServer,
+    principal: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let mut req = s.url("/ws").replace("http://", "ws://").into_client_request().unwrap();
+    req.headers_mut().insert("electric-principal", principal.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("the WebSocket opens");
+    let hello = ws_next(&mut ws).await;
+    assert_eq!(hello["type"], "connected");
+    ws
+}
+
+async fn ws_next(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a message in time");
+        match msg.expect("open").expect("no error") {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            _ => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn websocket_subscribers_get_matching_events_of_readable_tasks() {
+    let s = TestServer::start().await;
+    let mut bob = ws_connect(&s, BOB).await;
+    let mut alice = ws_connect(&s, ALICE).await;
+    for ws in [&mut bob, &mut alice] {
+        ws.send(Message::Text(
+            json!({"action": "subscribe", "events": ["task.attachment_created"]}).to_string().into(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(ws_next(ws).await["type"], "subscribed");
+    }
+    alice.send(Message::Text(json!({"action": "subscribe", "events": ["task.*"]}).to_string().into())).await.unwrap();
+    assert_eq!(ws_next(&mut alice).await["events"], json!(["task.attachment_created", "task.*"]));
+
+    let t = create_task(&s, ALICE, "ws", 50).await;
+    let bobs = create_task(&s, BOB, "bob ws", 50).await;
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "k", "type": "text", "content": "x"})).await;
+    ok(&s, BOB, "task.create_attachment", json!({"taskId": bobs, "key": "b", "type": "json", "value": 0})).await;
+
+    let first = ws_next(&mut alice).await;
+    assert_eq!((first["type"].as_str(), first["event"].as_str()), (Some("event"), Some("task.created")));
+    let second = ws_next(&mut alice).await;
+    assert_eq!(second["event"], "task.attachment_created");
+    assert_eq!(second["data"]["payload"]["key"], "k");
+    assert_eq!(second["data"]["taskId"], t.as_str());
+    // Bob's only event is his own attachment; alice's task and bob's task.created do not reach him.
+    let got = ws_next(&mut bob).await;
+    assert_eq!(got["event"], "task.attachment_created");
+    assert_eq!(got["data"]["taskId"], bobs.as_str());
+
+    bob.send(Message::Text(json!({"action": "ping"}).to_string().into())).await.unwrap();
+    assert_eq!(ws_next(&mut bob).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn websocket_replays_from_an_offset_and_executes_json_rpc() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "replay", 50).await;
+    let mut ws = ws_connect(&s, ALICE).await;
+    ws.send(Message::Text(json!({"action": "subscribe", "events": ["*"], "offset": "-1"}).to_string().into()))
+        .await
+        .unwrap();
+    assert_eq!(ws_next(&mut ws).await["type"], "subscribed");
+    let replayed = ws_next(&mut ws).await;
+    assert_eq!(replayed["event"], "task.created");
+    assert_eq!(replayed["data"]["taskId"], t.as_str());
+
+    let request = json!({"jsonrpc": "2.0", "method": "task.get", "params": {"id": t}, "id": 5});
+    ws.send(Message::Text(json!({"action": "execute", "request": request}).to_string().into())).await.unwrap();
+    let answer = ws_next(&mut ws).await;
+    assert_eq!(answer["id"], 5);
+    assert_eq!(answer["result"]["text"], "replay");
+    ws.send(Message::Text("{nope".into())).await.unwrap();
+    assert_eq!(ws_next(&mut ws).await["error"]["code"], -32700);
+}
+
+/// A throwaway Redis without persistence on a free port, if `redis-server` is installed.
+struct ScratchRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl ScratchRedis {
+    fn start() -> Option<ScratchRedis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(ScratchRedis { child, port });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for ScratchRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn redis_subscribers_receive_each_event_on_its_type_channel() {
+    let Some(redis_server) = ScratchRedis::start() else {
+        eprintln!("skipped: redis-server is not installed");
+        return;
+    };
+    let url = format!("redis://127.0.0.1:{}", redis_server.port);
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.expect("a Redis subscriber");
+    pubsub.subscribe("task.attachment_created").await.unwrap();
+    pubsub.psubscribe("task.*").await.unwrap();
+    let s = TestServer::start_with(|c| c.redis_url = Some(url.clone())).await;
+
+    let t = create_task(&s, ALICE, "redis", 50).await;
+    let a =
+        ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "analysis", "type": "json", "value": {}}))
+            .await;
+    let mut messages = pubsub.on_message();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), messages.next()).await.expect("published").unwrap();
+        let body: Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+        seen.push((msg.get_channel_name().to_owned(), body));
+    }
+    let channels: Vec<&str> = seen.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(channels.iter().filter(|c| **c == "task.created").count(), 1);
+    assert_eq!(channels.iter().filter(|c| **c == "task.attachment_created").count(), 2, "exact and pattern");
+    let (_, created) = seen.iter().find(|(c, _)| c == "task.attachment_created").unwrap();
+    assert_eq!(created["type"], "task.attachment_created");
+    assert_eq!(created["payload"]["attachmentId"], a["id"]);
+    assert_eq!(created["payload"]["taskId"], t.as_str());
+}
