@@ -1,6 +1,8 @@
 //! The `attache` binary: `serve` runs the server; the other commands are
 //! clients of a running server.
 
+mod client_cmds;
+mod output;
 mod serve;
 mod token;
 
@@ -10,7 +12,8 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "attache",
     version,
-    about = "Durable attachments for AI agents, their tasks and the people who steer them"
+    about = "Durable attachments for AI agents, their tasks and the people who steer them",
+    after_help = output::EXIT_CODES_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,12 +26,17 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Manage bearer tokens (token auth mode).
     Token(token::TokenArgs),
+    #[command(flatten)]
+    Client(client_cmds::ClientCommand),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::Token(args) = cli.command {
         return token::run(args);
+    }
+    if let Command::Client(command) = cli.command {
+        std::process::exit(client_cmds::main(command));
     }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ATTACHE_LOG").unwrap_or_else(|_| "info".into()))
@@ -38,7 +46,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
-            Command::Token(_) => Ok(()),
+            Command::Token(_) | Command::Client(_) => Ok(()),
         }
     })
 }
