@@ -2,7 +2,7 @@
 //! headers where the protocol asks for them, and `{"error":{"code","message"}}`.
 
 use attache_storage::StoreError;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::headers as h;
@@ -12,12 +12,13 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
-    pub headers: HeaderMap,
+    /// Protocol headers the answer carries (e.g. `Stream-Closed`); few, so a list.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), headers: HeaderMap::new() }
+        ApiError { status, code, message: message.into(), headers: Vec::new() }
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
@@ -34,7 +35,7 @@ impl ApiError {
     }
     pub fn with_header(mut self, name: HeaderName, value: impl ToString) -> ApiError {
         if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
-            self.headers.insert(name, v);
+            self.headers.push((name, v));
         }
         self
     }

@@ -497,7 +497,7 @@ impl WriterState {
     ) -> StoreResult<StreamInfo> {
         let path = req.path.as_str().to_owned();
         if let Some(&id) = self.paths.get(&path) {
-            if !(self.expired(shared, id) && !self.streams[&id].soft_deleted) {
+            if !self.expired(shared, id) || self.streams[&id].soft_deleted {
                 let _ = std::fs::remove_file(&blob.path);
                 return Err(StoreError::ConfigMismatch("a stream already exists at this path".into()));
             }
