@@ -14,7 +14,8 @@ use crate::error::ApiError;
 use crate::{attachments, entities, events, headers, mcp, metrics, rpc, streams, ws, AppState};
 
 /// Path prefixes that belong to attache's other faces, never to streams.
-pub const RESERVED_PREFIXES: &[&str] = &["/_electric/", "/_attache/", "/rpc", "/mcp", "/ws", "/healthz", "/metrics"];
+pub const RESERVED_PREFIXES: &[&str] =
+    &["/_electric/", "/__ds/", "/_attache/", "/rpc", "/mcp", "/ws", "/healthz", "/metrics"];
 
 pub fn is_reserved(path: &str) -> bool {
     RESERVED_PREFIXES.iter().any(|prefix| {

@@ -537,7 +537,9 @@ fn sse_event(name: &str, payload: &str) -> Bytes {
     out.push_str(name);
     out.push('\n');
     for line in payload.split('\n') {
-        out.push_str("data:");
+        // A reader strips one space after the colon: add one only when the line
+        // itself starts with a space, so that space survives.
+        out.push_str(if line.starts_with(' ') { "data: " } else { "data:" });
         out.push_str(line.strip_suffix('\r').unwrap_or(line));
         out.push('\n');
     }

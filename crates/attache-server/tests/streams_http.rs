@@ -17,12 +17,7 @@ const TEXT: &str = "text/plain";
 
 /// Sends `req`, asserts it is answered with `status`, and asserts the stream
 /// at `path` looks exactly as it did before. Returns the response.
-async fn assert_rejected(
-    s: &TestServer,
-    path: &str,
-    req: RequestBuilder,
-    status: StatusCode,
-) -> Response {
+async fn assert_rejected(s: &TestServer, path: &str, req: RequestBuilder, status: StatusCode) -> Response {
     let before = s.snapshot(path).await;
     let res = req.send().await.expect("the request is answered");
     assert_eq!(res.status(), status, "status for a request to {path}");
@@ -32,25 +27,19 @@ async fn assert_rejected(
 }
 
 fn put(s: &TestServer, path: &str, content_type: &str) -> RequestBuilder {
-    s.request(Method::PUT, path)
-        .header("content-type", content_type)
+    s.request(Method::PUT, path).header("content-type", content_type)
 }
 
 fn post(s: &TestServer, path: &str, content_type: &str, body: impl Into<Bytes>) -> RequestBuilder {
-    s.request(Method::POST, path)
-        .header("content-type", content_type)
-        .body(body.into())
+    s.request(Method::POST, path).header("content-type", content_type).body(body.into())
 }
 
 fn producer(req: RequestBuilder, id: &str, epoch: u64, seq: u64) -> RequestBuilder {
-    req.header("producer-id", id)
-        .header("producer-epoch", epoch.to_string())
-        .header("producer-seq", seq.to_string())
+    req.header("producer-id", id).header("producer-epoch", epoch.to_string()).header("producer-seq", seq.to_string())
 }
 
 fn long_poll(s: &TestServer, path: &str, offset: &str) -> RequestBuilder {
-    s.request(Method::GET, path)
-        .query(&[("offset", offset), ("live", "long-poll")])
+    s.request(Method::GET, path).query(&[("offset", offset), ("live", "long-poll")])
 }
 
 // ---- creating, appending, reading ----
@@ -58,11 +47,7 @@ fn long_poll(s: &TestServer, path: &str, offset: &str) -> RequestBuilder {
 #[tokio::test]
 async fn appended_bytes_read_back_exactly() {
     let s = TestServer::start().await;
-    let res = put(&s, "/v1/a", BINARY)
-        .body(vec![0u8, 1, 2])
-        .send()
-        .await
-        .unwrap();
+    let res = put(&s, "/v1/a", BINARY).body(vec![0u8, 1, 2]).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     assert!(header(&res, "location").unwrap().ends_with("/v1/a"));
     let every_byte: Vec<u8> = (0..=255).collect();
@@ -95,20 +80,8 @@ async fn put_is_idempotent_for_the_same_config_and_409_for_another() {
     assert_eq!(header(&again, NEXT_OFFSET), Some(s.tail("/p").await));
 
     assert_rejected(&s, "/p", put(&s, "/p", JSON), StatusCode::CONFLICT).await;
-    assert_rejected(
-        &s,
-        "/p",
-        put(&s, "/p", TEXT).header("stream-ttl", "60"),
-        StatusCode::CONFLICT,
-    )
-    .await;
-    assert_rejected(
-        &s,
-        "/p",
-        put(&s, "/p", TEXT).header(CLOSED, "true"),
-        StatusCode::CONFLICT,
-    )
-    .await;
+    assert_rejected(&s, "/p", put(&s, "/p", TEXT).header("stream-ttl", "60"), StatusCode::CONFLICT).await;
+    assert_rejected(&s, "/p", put(&s, "/p", TEXT).header(CLOSED, "true"), StatusCode::CONFLICT).await;
 }
 
 #[tokio::test]
@@ -117,9 +90,7 @@ async fn chunked_append_is_stored_whole() {
     s.create("/chunked", JSON).await;
     // One JSON value split across transfer chunks, with no Content-Length.
     let chunks = ["[{\"par", "t\":1},", "{\"part\"", ":2}]"];
-    let stream = futures::stream::iter(
-        chunks.map(|c| Ok::<_, std::io::Error>(Bytes::from_static(c.as_bytes()))),
-    );
+    let stream = futures::stream::iter(chunks.map(|c| Ok::<_, std::io::Error>(Bytes::from_static(c.as_bytes()))));
     let res = s
         .request(Method::POST, "/chunked")
         .header("content-type", JSON)
@@ -128,8 +99,7 @@ async fn chunked_append_is_stored_whole() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
-    let body: serde_json::Value =
-        serde_json::from_slice(&s.read_all("/chunked").await).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&s.read_all("/chunked").await).unwrap();
     assert_eq!(body, serde_json::json!([{"part":1}, {"part":2}]));
 }
 
@@ -138,12 +108,7 @@ async fn reading_at_the_tail_returns_an_empty_up_to_date_page() {
     let s = TestServer::start().await;
     s.create("/t", BINARY).await;
     let tail = s.append("/t", BINARY, "abc").await;
-    let res = s
-        .request(Method::GET, "/t")
-        .query(&[("offset", tail.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let res = s.request(Method::GET, "/t").query(&[("offset", tail.as_str())]).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(header(&res, NEXT_OFFSET), Some(tail));
     assert!(header(&res, UP_TO_DATE).is_some());
@@ -184,9 +149,7 @@ async fn malformed_read_offsets_are_rejected_with_400() {
 async fn unknown_live_mode_is_rejected_with_400() {
     let s = TestServer::start().await;
     s.create("/live", BINARY).await;
-    let req = s
-        .request(Method::GET, "/live")
-        .query(&[("offset", "-1"), ("live", "websocket")]);
+    let req = s.request(Method::GET, "/live").query(&[("offset", "-1"), ("live", "websocket")]);
     assert_rejected(&s, "/live", req, StatusCode::BAD_REQUEST).await;
 }
 
@@ -204,9 +167,7 @@ async fn malformed_ttl_is_rejected_with_400_and_creates_nothing() {
 #[tokio::test]
 async fn ttl_together_with_expires_at_is_rejected_with_400() {
     let s = TestServer::start().await;
-    let req = put(&s, "/both", BINARY)
-        .header("stream-ttl", "60")
-        .header("stream-expires-at", "2099-01-01T00:00:00Z");
+    let req = put(&s, "/both", BINARY).header("stream-ttl", "60").header("stream-expires-at", "2099-01-01T00:00:00Z");
     assert_rejected(&s, "/both", req, StatusCode::BAD_REQUEST).await;
     assert_eq!(s.head("/both").await.status(), StatusCode::NOT_FOUND);
 }
@@ -214,13 +175,7 @@ async fn ttl_together_with_expires_at_is_rejected_with_400() {
 #[tokio::test]
 async fn malformed_expires_at_is_rejected_with_400() {
     let s = TestServer::start().await;
-    for at in [
-        "tomorrow",
-        "2099-01-01",
-        "2099-13-01T00:00:00Z",
-        "4102444800",
-        "2099-01-01 00:00:00",
-    ] {
+    for at in ["tomorrow", "2099-01-01", "2099-13-01T00:00:00Z", "4102444800", "2099-01-01 00:00:00"] {
         let req = put(&s, "/exp", BINARY).header("stream-expires-at", at);
         assert_rejected(&s, "/exp", req, StatusCode::BAD_REQUEST).await;
     }
@@ -236,10 +191,7 @@ async fn valid_ttl_and_expires_at_are_echoed_by_head() {
 
     let at = put(&s, "/exp-ok", BINARY).header("stream-expires-at", "2099-01-01T00:00:00Z");
     assert_eq!(at.send().await.unwrap().status(), StatusCode::CREATED);
-    assert_eq!(
-        header(&s.head("/exp-ok").await, "stream-expires-at").as_deref(),
-        Some("2099-01-01T00:00:00Z")
-    );
+    assert_eq!(header(&s.head("/exp-ok").await, "stream-expires-at").as_deref(), Some("2099-01-01T00:00:00Z"));
 }
 
 #[tokio::test]
@@ -258,14 +210,7 @@ async fn invalid_json_append_is_rejected_with_400() {
     let s = TestServer::start().await;
     s.create("/j", JSON).await;
     s.append("/j", JSON, r#"{"ok":true}"#).await;
-    let bodies: [&[u8]; 6] = [
-        b"{",
-        b"[1,",
-        b"nope",
-        b"{\"a\":1} {\"b\":2}",
-        b"\xff\xfe",
-        b"   ",
-    ];
+    let bodies: [&[u8]; 6] = [b"{", b"[1,", b"nope", b"{\"a\":1} {\"b\":2}", b"\xff\xfe", b"   "];
     for body in bodies {
         let req = post(&s, "/j", JSON, body.to_vec());
         let res = assert_rejected(&s, "/j", req, StatusCode::BAD_REQUEST).await;
@@ -325,13 +270,10 @@ async fn body_over_the_limit_is_rejected_with_413() {
     assert_eq!(error_code(res).await, "PAYLOAD_TOO_LARGE");
 
     // Without a Content-Length the limit is found while reading.
-    let chunks = futures::stream::iter(
-        [vec![b'c'; 10], vec![b'c'; 10]].map(|c| Ok::<_, std::io::Error>(Bytes::from(c))),
-    );
-    let chunked = s
-        .request(Method::POST, "/big")
-        .header("content-type", BINARY)
-        .body(reqwest::Body::wrap_stream(chunks));
+    let chunks =
+        futures::stream::iter([vec![b'c'; 10], vec![b'c'; 10]].map(|c| Ok::<_, std::io::Error>(Bytes::from(c))));
+    let chunked =
+        s.request(Method::POST, "/big").header("content-type", BINARY).body(reqwest::Body::wrap_stream(chunks));
     assert_rejected(&s, "/big", chunked, StatusCode::PAYLOAD_TOO_LARGE).await;
 
     let create = put(&s, "/big-new", BINARY).body(vec![b'd'; 17]);
@@ -352,8 +294,7 @@ async fn unknown_stream_is_404_for_every_operation() {
         post(&s, path, BINARY, "x"),
         post(&s, path, BINARY, "").header(CLOSED, "true"),
         long_poll(&s, path, "-1"),
-        s.request(Method::GET, path)
-            .query(&[("offset", "-1"), ("live", "sse")]),
+        s.request(Method::GET, path).query(&[("offset", "-1"), ("live", "sse")]),
     ];
     for req in requests {
         assert_rejected(&s, path, req, StatusCode::NOT_FOUND).await;
@@ -379,11 +320,7 @@ async fn append_after_close_is_rejected_with_409() {
     let s = TestServer::start().await;
     s.create("/c", BINARY).await;
     s.append("/c", BINARY, "final").await;
-    let close = post(&s, "/c", BINARY, "")
-        .header(CLOSED, "true")
-        .send()
-        .await
-        .unwrap();
+    let close = post(&s, "/c", BINARY, "").header(CLOSED, "true").send().await.unwrap();
     assert_eq!(close.status(), StatusCode::NO_CONTENT);
     assert_eq!(header(&close, CLOSED).as_deref(), Some("true"));
     let tail = s.tail("/c").await;
@@ -400,11 +337,7 @@ async fn append_after_close_is_rejected_with_409() {
     assert_eq!(header(&res, CLOSED).as_deref(), Some("true"));
 
     // Close-only is idempotent.
-    let again = post(&s, "/c", BINARY, "")
-        .header(CLOSED, "true")
-        .send()
-        .await
-        .unwrap();
+    let again = post(&s, "/c", BINARY, "").header(CLOSED, "true").send().await.unwrap();
     assert_eq!(again.status(), StatusCode::NO_CONTENT);
     assert_eq!(header(&again, CLOSED).as_deref(), Some("true"));
     assert_eq!(header(&again, NEXT_OFFSET), Some(tail));
@@ -415,19 +348,10 @@ async fn append_after_close_is_rejected_with_409() {
 async fn append_and_close_writes_the_body_and_closes_at_once() {
     let s = TestServer::start().await;
     s.create("/ac", TEXT).await;
-    let res = post(&s, "/ac", TEXT, "last words")
-        .header(CLOSED, "TRUE")
-        .send()
-        .await
-        .unwrap();
+    let res = post(&s, "/ac", TEXT, "last words").header(CLOSED, "TRUE").send().await.unwrap();
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     assert_eq!(header(&res, CLOSED).as_deref(), Some("true"));
-    let read = s
-        .request(Method::GET, "/ac")
-        .query(&[("offset", "-1")])
-        .send()
-        .await
-        .unwrap();
+    let read = s.request(Method::GET, "/ac").query(&[("offset", "-1")]).send().await.unwrap();
     assert_eq!(header(&read, CLOSED).as_deref(), Some("true"));
     assert_eq!(read.bytes().await.unwrap(), "last words");
 }
@@ -435,12 +359,7 @@ async fn append_and_close_writes_the_body_and_closes_at_once() {
 #[tokio::test]
 async fn put_closed_creates_a_finished_stream() {
     let s = TestServer::start().await;
-    let res = put(&s, "/done", TEXT)
-        .header(CLOSED, "true")
-        .body("all of it")
-        .send()
-        .await
-        .unwrap();
+    let res = put(&s, "/done", TEXT).header(CLOSED, "true").body("all of it").send().await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     assert_eq!(header(&res, CLOSED).as_deref(), Some("true"));
     assert_eq!(s.read_all("/done").await, "all of it");
@@ -462,7 +381,7 @@ async fn stream_seq_regression_is_rejected_with_409() {
         let res = assert_rejected(&s, "/seq", req, StatusCode::CONFLICT).await;
         assert_eq!(error_code(res).await, "SEQUENCE_CONFLICT", "Stream-Seq {stale}");
     }
-    // Byte-wise order: "01" < "002"? No: '1' > '0', so "01" is greater.
+    // Byte-wise order, not numeric: "01" sorts after "002".
     let later = post(&s, "/seq", BINARY, "c").header("stream-seq", "01");
     assert_eq!(later.send().await.unwrap().status(), StatusCode::NO_CONTENT);
     assert_eq!(s.read_all("/seq").await, "ac");
@@ -502,10 +421,7 @@ async fn producer_sequence_gap_is_rejected_with_409() {
 async fn retried_producer_append_is_acknowledged_with_204_and_written_once() {
     let s = TestServer::start().await;
     s.create("/dup", BINARY).await;
-    let first = producer(post(&s, "/dup", BINARY, "once"), "p", 0, 0)
-        .send()
-        .await
-        .unwrap();
+    let first = producer(post(&s, "/dup", BINARY, "once"), "p", 0, 0).send().await.unwrap();
     assert_eq!(first.status(), StatusCode::OK);
     assert_eq!(header(&first, "producer-seq").as_deref(), Some("0"));
 
@@ -520,9 +436,7 @@ async fn retried_producer_append_is_acknowledged_with_204_and_written_once() {
 async fn malformed_producer_headers_are_rejected_with_400() {
     let s = TestServer::start().await;
     s.create("/ph", BINARY).await;
-    let partial = post(&s, "/ph", BINARY, "x")
-        .header("producer-id", "p")
-        .header("producer-epoch", "0");
+    let partial = post(&s, "/ph", BINARY, "x").header("producer-id", "p").header("producer-epoch", "0");
     assert_rejected(&s, "/ph", partial, StatusCode::BAD_REQUEST).await;
     let empty_id = producer(post(&s, "/ph", BINARY, "x"), "", 0, 0);
     assert_rejected(&s, "/ph", empty_id, StatusCode::BAD_REQUEST).await;
@@ -551,9 +465,7 @@ async fn source_stream(s: &TestServer) -> String {
 }
 
 fn fork(s: &TestServer, path: &str, source: &str, offset: &str) -> RequestBuilder {
-    s.request(Method::PUT, path)
-        .header("stream-forked-from", source)
-        .header("stream-fork-offset", offset)
+    s.request(Method::PUT, path).header("stream-forked-from", source).header("stream-fork-offset", offset)
 }
 
 #[tokio::test]
@@ -584,23 +496,10 @@ async fn bad_fork_requests_create_nothing() {
     let cases = [
         (fork(&s, "/f", "/missing", &mid), StatusCode::NOT_FOUND),
         (fork(&s, "/f", "/src", "0,1"), StatusCode::BAD_REQUEST),
-        (
-            fork(&s, "/f", "/src", "0000000000000000_0000000000009999"),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            fork(&s, "/f", "/src", &mid).header("content-type", JSON),
-            StatusCode::CONFLICT,
-        ),
-        (
-            fork(&s, "/f", "/src", &mid).header("stream-fork-sub-offset", "-1"),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            s.request(Method::PUT, "/f")
-                .header("stream-fork-offset", mid.as_str()),
-            StatusCode::BAD_REQUEST,
-        ),
+        (fork(&s, "/f", "/src", "0000000000000000_0000000000009999"), StatusCode::BAD_REQUEST),
+        (fork(&s, "/f", "/src", &mid).header("content-type", JSON), StatusCode::CONFLICT),
+        (fork(&s, "/f", "/src", &mid).header("stream-fork-sub-offset", "-1"), StatusCode::BAD_REQUEST),
+        (s.request(Method::PUT, "/f").header("stream-fork-offset", mid.as_str()), StatusCode::BAD_REQUEST),
     ];
     for (req, status) in cases {
         assert_rejected(&s, "/f", req, status).await;
@@ -647,8 +546,21 @@ async fn deleting_a_source_with_forks_soft_deletes_it_with_410() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(status, StatusCode::NOT_FOUND);
-    s.create("/src", TEXT).await;
-    assert_eq!(s.read_all("/src").await, "");
+}
+
+#[tokio::test]
+async fn failed_fork_does_not_pin_its_source() {
+    let s = TestServer::start().await;
+    s.create("/jsrc", JSON).await;
+    s.append("/jsrc", JSON, "[1,2]").await;
+    // The fork's own initial body is invalid, so no fork exists afterwards...
+    let bad = s.request(Method::PUT, "/jfork").header("stream-forked-from", "/jsrc").body("{");
+    assert_rejected(&s, "/jfork", bad, StatusCode::BAD_REQUEST).await;
+    assert_eq!(s.head("/jfork").await.status(), StatusCode::NOT_FOUND);
+    // ...and so nothing holds the source: deleting it removes it for good.
+    let deleted = s.request(Method::DELETE, "/jsrc").send().await.unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert_eq!(s.head("/jsrc").await.status(), StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
@@ -668,24 +580,11 @@ async fn deleted_stream_is_gone_for_good() {
 #[tokio::test]
 async fn reserved_prefixes_are_not_creatable_as_streams() {
     let s = TestServer::start().await;
-    for path in [
-        "/_attache/x",
-        "/_electric/x",
-        "/rpc",
-        "/rpc/x",
-        "/mcp",
-        "/ws",
-        "/metrics",
-        "/__ds/x",
-    ] {
+    for path in ["/_attache/x", "/_electric/x", "/rpc", "/rpc/x", "/mcp", "/ws", "/metrics"] {
         let res = put(&s, path, BINARY).send().await.unwrap();
-        assert!(
-            res.status().is_client_error(),
-            "PUT {path} answered {}",
-            res.status()
-        );
-        let head = s.head(path).await;
-        assert_ne!(head.status(), StatusCode::OK, "HEAD {path} found a stream");
+        assert!(res.status().is_client_error(), "PUT {path} answered {}", res.status());
+        // Some of these are real routes; none of them answers as a stream.
+        assert!(header(&s.head(path).await, NEXT_OFFSET).is_none(), "HEAD {path} found a stream");
     }
     let health = s.request(Method::GET, "/healthz").send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
@@ -695,12 +594,39 @@ async fn reserved_prefixes_are_not_creatable_as_streams() {
 }
 
 #[tokio::test]
-async fn traversal_paths_are_rejected_with_400() {
+async fn the_protocols_subscription_prefix_is_not_a_stream() {
+    // PROTOCOL.md §6: paths whose first segment is `__ds` belong to the
+    // subscription control APIs and must never be taken as streams.
     let s = TestServer::start().await;
-    // Percent-encoded dots reach the server as a literal segment.
-    let res = put(&s, "/a/%2E%2E/b", BINARY).send().await.unwrap();
-    assert!(res.status().is_client_error(), "answered {}", res.status());
+    for path in ["/__ds/x", "/__ds/subscriptions/a"] {
+        let res = put(&s, path, BINARY).send().await.unwrap();
+        assert!(res.status().is_client_error(), "PUT {path} answered {}", res.status());
+        assert!(header(&s.head(path).await, NEXT_OFFSET).is_none(), "HEAD {path} found a stream");
+    }
+}
+
+/// The status of one request written by hand, so the path reaches the
+/// server exactly as given (an HTTP client would normalise `..` away).
+async fn raw_status(s: &TestServer, method_and_path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = s.url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("{method_and_path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut reply = Vec::new();
+    conn.read_to_end(&mut reply).await.unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    reply.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn dot_segments_in_paths_are_rejected_with_400() {
+    let s = TestServer::start().await;
+    for request in ["PUT /a/../b", "PUT /a/./b", "PUT /..", "POST /a/../b"] {
+        assert_eq!(raw_status(&s, request).await, 400, "{request}");
+    }
     assert_eq!(s.head("/b").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(s.head("/a/b").await.status(), StatusCode::NOT_FOUND);
 }
 
 // ---- durability ----
@@ -789,13 +715,10 @@ async fn long_poll_at_the_end_of_a_closed_stream_returns_204_closed_at_once() {
     let tail = s.append("/eof", TEXT, "x").await;
     let close = post(&s, "/eof", TEXT, "").header(CLOSED, "true");
     assert_eq!(close.send().await.unwrap().status(), StatusCode::NO_CONTENT);
-    let res = tokio::time::timeout(
-        Duration::from_secs(10),
-        long_poll(&s, "/eof", &tail).send(),
-    )
-    .await
-    .expect("a closed stream answers without waiting")
-    .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(10), long_poll(&s, "/eof", &tail).send())
+        .await
+        .expect("a closed stream answers without waiting")
+        .unwrap();
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     assert_eq!(header(&res, CLOSED).as_deref(), Some("true"));
     assert!(header(&res, UP_TO_DATE).is_some());
@@ -822,10 +745,7 @@ struct SseReader {
 
 impl SseReader {
     fn new(res: Response) -> SseReader {
-        SseReader {
-            res,
-            buf: String::new(),
-        }
+        SseReader { res, buf: String::new() }
     }
 
     /// The next event, or `None` when the server ends the response.
@@ -863,15 +783,11 @@ fn parse_event(raw: &str) -> SseEvent {
             _ => {}
         }
     }
-    SseEvent {
-        name,
-        data: data.join("\n"),
-    }
+    SseEvent { name, data: data.join("\n") }
 }
 
 fn sse(s: &TestServer, path: &str, offset: &str) -> RequestBuilder {
-    s.request(Method::GET, path)
-        .query(&[("offset", offset), ("live", "sse")])
+    s.request(Method::GET, path).query(&[("offset", offset), ("live", "sse")])
 }
 
 #[tokio::test]
@@ -912,12 +828,7 @@ async fn sse_delivers_data_then_control_events_until_close() {
 async fn sse_base64_encodes_binary_streams() {
     let s = TestServer::start().await;
     let bytes = vec![0u8, 255, b'\n', b'\r', b' ', 128];
-    let res = put(&s, "/sse-bin", BINARY)
-        .header(CLOSED, "true")
-        .body(bytes.clone())
-        .send()
-        .await
-        .unwrap();
+    let res = put(&s, "/sse-bin", BINARY).header(CLOSED, "true").body(bytes.clone()).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     let res = sse(&s, "/sse-bin", "-1").send().await.unwrap();
     assert_eq!(header(&res, "stream-sse-data-encoding").as_deref(), Some("base64"));
@@ -925,9 +836,7 @@ async fn sse_base64_encodes_binary_streams() {
     let data = events.next().await.unwrap();
     assert_eq!(data.name, "data");
     let text: String = data.data.chars().filter(|c| !matches!(c, '\n' | '\r')).collect();
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .unwrap();
+    let decoded = base64::engine::general_purpose::STANDARD.decode(text).unwrap();
     assert_eq!(decoded, bytes);
     assert_eq!(events.next().await.unwrap().control()["streamClosed"], true);
     assert_eq!(events.next().await, None);
@@ -937,12 +846,7 @@ async fn sse_base64_encodes_binary_streams() {
 async fn sse_text_keeps_leading_spaces_of_each_line() {
     let s = TestServer::start().await;
     let text = " indented\n  twice\nplain";
-    let res = put(&s, "/sse-text", TEXT)
-        .header(CLOSED, "true")
-        .body(text)
-        .send()
-        .await
-        .unwrap();
+    let res = put(&s, "/sse-text", TEXT).header(CLOSED, "true").body(text).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     let mut events = SseReader::new(sse(&s, "/sse-text", "-1").send().await.unwrap());
     let data = events.next().await.unwrap();
@@ -953,12 +857,7 @@ async fn sse_text_keeps_leading_spaces_of_each_line() {
 #[tokio::test]
 async fn sse_on_a_closed_stream_at_its_tail_sends_one_closed_control() {
     let s = TestServer::start().await;
-    let res = put(&s, "/sse-eof", TEXT)
-        .header(CLOSED, "true")
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let res = put(&s, "/sse-eof", TEXT).header(CLOSED, "true").body("x").send().await.unwrap();
     let tail = header(&res, NEXT_OFFSET).unwrap();
     let mut events = SseReader::new(sse(&s, "/sse-eof", &tail).send().await.unwrap());
     let control = events.next().await.unwrap().control();
@@ -986,62 +885,18 @@ async fn no_rejected_request_changes_the_stream() {
         ("empty body", post(&s, "/x", JSON, ""), StatusCode::BAD_REQUEST),
         ("other type", post(&s, "/x", TEXT, "hi"), StatusCode::CONFLICT),
         ("no type", s.request(Method::POST, "/x").body("1"), StatusCode::BAD_REQUEST),
-        (
-            "too large",
-            post(&s, "/x", JSON, format!("[{}]", "1,".repeat(40) + "1")),
-            StatusCode::PAYLOAD_TOO_LARGE,
-        ),
-        (
-            "seq regression",
-            post(&s, "/x", JSON, "9").header("stream-seq", "4"),
-            StatusCode::CONFLICT,
-        ),
-        (
-            "stale epoch",
-            producer(post(&s, "/x", JSON, "9"), "p", 1, 0),
-            StatusCode::FORBIDDEN,
-        ),
-        (
-            "producer gap",
-            producer(post(&s, "/x", JSON, "9"), "p", 2, 5),
-            StatusCode::CONFLICT,
-        ),
-        (
-            "producer duplicate",
-            producer(post(&s, "/x", JSON, "9"), "p", 2, 0),
-            StatusCode::NO_CONTENT,
-        ),
-        (
-            "partial producer",
-            post(&s, "/x", JSON, "9").header("producer-id", "p"),
-            StatusCode::BAD_REQUEST,
-        ),
+        ("too large", post(&s, "/x", JSON, format!("[{}]", "1,".repeat(40) + "1")), StatusCode::PAYLOAD_TOO_LARGE),
+        ("seq regression", post(&s, "/x", JSON, "9").header("stream-seq", "4"), StatusCode::CONFLICT),
+        ("stale epoch", producer(post(&s, "/x", JSON, "9"), "p", 1, 0), StatusCode::FORBIDDEN),
+        ("producer gap", producer(post(&s, "/x", JSON, "9"), "p", 2, 5), StatusCode::CONFLICT),
+        ("producer duplicate", producer(post(&s, "/x", JSON, "9"), "p", 2, 0), StatusCode::NO_CONTENT),
+        ("partial producer", post(&s, "/x", JSON, "9").header("producer-id", "p"), StatusCode::BAD_REQUEST),
         ("PUT other type", put(&s, "/x", TEXT), StatusCode::CONFLICT),
-        (
-            "PUT with TTL",
-            put(&s, "/x", JSON).header("stream-ttl", "5"),
-            StatusCode::CONFLICT,
-        ),
-        (
-            "PUT bad TTL",
-            put(&s, "/x", JSON).header("stream-ttl", "05"),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            "PUT closed",
-            put(&s, "/x", JSON).header(CLOSED, "true"),
-            StatusCode::CONFLICT,
-        ),
-        (
-            "bad offset",
-            s.request(Method::GET, "/x").query(&[("offset", "0,1")]),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            "PATCH",
-            s.request(Method::PATCH, "/x").body("1"),
-            StatusCode::METHOD_NOT_ALLOWED,
-        ),
+        ("PUT with TTL", put(&s, "/x", JSON).header("stream-ttl", "5"), StatusCode::CONFLICT),
+        ("PUT bad TTL", put(&s, "/x", JSON).header("stream-ttl", "05"), StatusCode::BAD_REQUEST),
+        ("PUT closed", put(&s, "/x", JSON).header(CLOSED, "true"), StatusCode::CONFLICT),
+        ("bad offset", s.request(Method::GET, "/x").query(&[("offset", "0,1")]), StatusCode::BAD_REQUEST),
+        ("PATCH", s.request(Method::PATCH, "/x").body("1"), StatusCode::METHOD_NOT_ALLOWED),
     ];
     for (what, req, status) in bad {
         let before = s.snapshot("/x").await;

@@ -41,15 +41,10 @@ impl TestServer {
         let mut config = ServerConfig::new(any_port(), dir.path());
         config.long_poll_timeout = Duration::from_secs(1);
         tweak(&mut config);
-        let server = Server::start(config.clone())
-            .await
-            .expect("the server starts");
+        let server = Server::start(config.clone()).await.expect("the server starts");
         TestServer {
             url: format!("http://{}", server.addr),
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("an HTTP client"),
+            client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("an HTTP client"),
             config,
             server: Some(server),
             dir,
@@ -86,12 +81,8 @@ impl TestServer {
 
     /// Creates a stream and insists it is new.
     pub async fn create(&self, path: &str, content_type: &str) {
-        let res = self
-            .request(Method::PUT, path)
-            .header("content-type", content_type)
-            .send()
-            .await
-            .expect("PUT is answered");
+        let res =
+            self.request(Method::PUT, path).header("content-type", content_type).send().await.expect("PUT is answered");
         assert_eq!(res.status(), StatusCode::CREATED, "creating {path}");
     }
 
@@ -116,10 +107,7 @@ impl TestServer {
     }
 
     pub async fn head(&self, path: &str) -> Response {
-        self.request(Method::HEAD, path)
-            .send()
-            .await
-            .expect("HEAD is answered")
+        self.request(Method::HEAD, path).send().await.expect("HEAD is answered")
     }
 
     /// The whole stream from the start, following catch-up pages until the
@@ -154,18 +142,8 @@ impl TestServer {
         let next_offset = header(&head, NEXT_OFFSET);
         let closed = header(&head, CLOSED).is_some();
         let content_type = header(&head, "content-type");
-        let body = if status == StatusCode::OK {
-            Some(self.read_all(path).await)
-        } else {
-            None
-        };
-        Snapshot {
-            status,
-            next_offset,
-            closed,
-            content_type,
-            body,
-        }
+        let body = if status == StatusCode::OK { Some(self.read_all(path).await) } else { None };
+        Snapshot { status, next_offset, closed, content_type, body }
     }
 }
 
@@ -194,16 +172,11 @@ fn any_port() -> SocketAddr {
 
 /// A response header as text, if present.
 pub fn header(res: &Response, name: &str) -> Option<String> {
-    res.headers()
-        .get(name)
-        .map(|v| v.to_str().expect("visible ASCII header").to_owned())
+    res.headers().get(name).map(|v| v.to_str().expect("visible ASCII header").to_owned())
 }
 
 /// The `error.code` of an `{"error":{"code","message"}}` body.
 pub async fn error_code(res: Response) -> String {
     let body: serde_json::Value = res.json().await.expect("an error body is JSON");
-    body["error"]["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no error.code in {body}"))
-        .to_owned()
+    body["error"]["code"].as_str().unwrap_or_else(|| panic!("no error.code in {body}")).to_owned()
 }
