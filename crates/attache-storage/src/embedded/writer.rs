@@ -291,7 +291,12 @@ fn commit_batch(shared: &Shared, state: &mut WriterState, batch: Vec<Command>, d
             tracing::warn!(%err, sha, "could not delete an unreferenced blob");
         }
     }
-    tracing::trace!(size, apply_us = applied.as_micros() as u64, total_us = started.elapsed().as_micros() as u64, "group commit");
+    tracing::trace!(
+        size,
+        apply_us = applied.as_micros() as u64,
+        total_us = started.elapsed().as_micros() as u64,
+        "group commit"
+    );
     publish(shared, state, changes);
     for reply in replies {
         reply.send();
