@@ -259,11 +259,24 @@ pub fn main(command: ClientCommand) -> i32 {
     let out = Output { json: conn.json };
     match runtime.block_on(run(command, out)) {
         Ok(()) => exit::OK,
+        Err(err) if broken_pipe(&err) => exit::OK,
         Err(err) => {
             eprintln!("{}", explain(&err, &conn.server));
             exit_code(&err)
         }
     }
+}
+
+/// The reader of stdout went away (`attache get ... | head`): not a failure.
+fn broken_pipe(err: &anyhow::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 async fn run(command: ClientCommand, out: Output) -> anyhow::Result<()> {
@@ -431,7 +444,10 @@ async fn ls(a: LsArgs, out: Output) -> anyhow::Result<()> {
                 e.subject.as_ref().map(|s| format!("{}:{}", s.kind, s.key)).unwrap_or_else(|| "-".into()),
                 size(e.byte_length),
                 e.mime_type.clone(),
-                e.filename.clone().unwrap_or_else(|| "-".into()),
+                e.filename
+                    .clone()
+                    .or_else(|| e.ext.get("name").and_then(Value::as_str).map(str::to_owned))
+                    .unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -488,7 +504,7 @@ async fn tail(a: TailArgs, out: Output) -> anyhow::Result<()> {
                 out.line(&serde_json::to_string(&item)?);
             }
         } else if !chunk.data.is_empty() {
-            stdout_bytes(&chunk.data).context("writing to stdout")?;
+            stdout_bytes(&chunk.data);
         }
         closed |= chunk.closed;
     }

@@ -49,13 +49,16 @@ impl Output {
         } else {
             serde_json::to_string(value)?
         };
-        println!("{text}");
+        self.line(&text);
         Ok(())
     }
 
-    /// A line for people on stdout (the result itself).
+    /// A line on stdout (the result itself).
     pub fn line(&self, text: &str) {
-        println!("{text}");
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, "{text}").and_then(|_| out.flush()) {
+            stdout_failed(e);
+        }
     }
 
     /// A note for people on stderr, never in `--json` mode.
@@ -88,10 +91,21 @@ impl Output {
 }
 
 /// Writes raw bytes to stdout (downloads, binary tails).
-pub fn stdout_bytes(bytes: &[u8]) -> std::io::Result<()> {
+pub fn stdout_bytes(bytes: &[u8]) {
     let mut out = std::io::stdout().lock();
-    out.write_all(bytes)?;
-    out.flush()
+    if let Err(e) = out.write_all(bytes).and_then(|_| out.flush()) {
+        stdout_failed(e);
+    }
+}
+
+/// Whoever read stdout went away (`attache tail ... | head`): stop quietly,
+/// as Unix tools do. Any other write failure ends the command too.
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(exit::OK);
+    }
+    eprintln!("error: cannot write to stdout: {e}.");
+    std::process::exit(exit::FAILURE);
 }
 
 /// The exit code for an error.

@@ -28,3 +28,18 @@ pub use hydrate::{Conversation, HydrationLimits};
 pub use runtime::{AttachmentFilter, Attachments, HandlerContext, HandlerResult, Runtime, RuntimeOptions};
 pub use state::{InboxMessage, LiveState, MaterializedState};
 pub use streams::{Chunk, CreateStream, IdempotentProducer, LiveMode, Tail, TailOptions};
+
+/// The guides' Rust examples compile as doctests, so they stay true to the API.
+#[cfg(doctest)]
+pub mod guides {
+    #[doc = include_str!("../../../docs/guides/streams.md")]
+    pub struct Streams;
+    #[doc = include_str!("../../../docs/guides/entities.md")]
+    pub struct Entities;
+    #[doc = include_str!("../../../docs/guides/attachments.md")]
+    pub struct Attachments;
+    #[doc = include_str!("../../../docs/guides/tasks.md")]
+    pub struct Tasks;
+    #[doc = include_str!("../../../docs/guides/sdk.md")]
+    pub struct Sdk;
+}
