@@ -117,8 +117,12 @@ async fn put_ls_get_with_a_range_and_rm_round_trip_an_attachment() {
     assert_eq!(entry["subject"]["key"], "m1");
     assert_eq!(entry["meta"]["caption"], "a cat");
     // Without --json, the id alone is printed, for scripts.
-    let id = s.ok(&["put", "chat/cli", file.to_str().unwrap(), "--role", "output"]).await;
+    let plain = s.run(&["put", "chat/cli", file.to_str().unwrap(), "--role", "output"]).await;
+    assert!(plain.status.success());
+    let id = String::from_utf8(plain.stdout.clone()).unwrap();
     assert!(!id.trim().is_empty() && id.trim() != "cat");
+    let note = stderr(&plain);
+    assert!(note.starts_with("uploaded ") && note.lines().count() == 1, "no progress bar when piped: {note:?}");
 
     let listing = s.json(&["ls", "/chat/cli"]).await;
     assert_eq!(listing.as_array().unwrap().len(), 2);

@@ -30,8 +30,8 @@ async fn main_state(
     state
 }
 
-/// (message key, its input ids, the first input's bytes, outputs listed after creating one)
-type Seen = (String, Vec<String>, Vec<u8>, usize);
+/// (message key, its input ids, the first input's bytes, outputs listed after creating one, images hydrated)
+type Seen = (String, Vec<String>, Vec<u8>, usize, Vec<String>);
 
 #[tokio::test]
 async fn the_runtime_hands_each_new_message_to_the_handler_with_its_attachments_as_the_sender() {
@@ -59,7 +59,9 @@ async fn the_runtime_hands_each_new_message_to_the_handler_with_its_attachments_
                 .await?;
             assert_eq!(ctx.attachments.get(&out.id).map(|e| e.role), Some(Role::Output), "created is listed at once");
             let outputs = ctx.attachments.list(&AttachmentFilter::role(Role::Output)).len();
-            record.lock().unwrap().push((ctx.message.key.clone(), ids, first, outputs));
+            let hydrated = ctx.hydrate(&HydrationLimits::default()).await?;
+            let images: Vec<String> = hydrated.image_ids().into_iter().map(str::to_owned).collect();
+            record.lock().unwrap().push((ctx.message.key.clone(), ids, first, outputs, images));
             HandlerResult::Ok(())
         }
     };
@@ -79,8 +81,9 @@ async fn the_runtime_hands_each_new_message_to_the_handler_with_its_attachments_
     runtime.stop().await;
 
     let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen[0], ("m1".to_owned(), vec!["img1".to_owned()], img, 1));
+    assert_eq!(seen[0], ("m1".to_owned(), vec!["img1".to_owned()], img, 1, vec!["img1".to_owned()]));
     assert_eq!((seen[1].0.as_str(), seen[1].1.len(), seen[1].3), ("m2", 0, 2));
+    assert_eq!(seen[1].4, ["img1"], "the conversation up to m2 still carries m1's image");
     // The outputs were written as the sender, not as the runtime's own principal.
     let outputs: Vec<_> =
         sam.list_attachments(&entity).await.unwrap().into_iter().filter(|e| e.role == Role::Output).collect();
