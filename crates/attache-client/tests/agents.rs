@@ -280,3 +280,25 @@ async fn hydration_of_a_real_entity_sends_the_newest_images_within_limits_and_de
     let one = client.hydrate_entity(&entity, &HydrationLimits::new(1, 10_000)).await.unwrap();
     assert_eq!(one.image_ids(), ["new"], "with room for one image, the newest wins");
 }
+
+#[tokio::test]
+async fn a_runtime_that_waits_by_sse_handles_messages_too() {
+    let server = TestServer::start().await;
+    let client = server.client();
+    let options = RuntimeOptions { live: attache_client::LiveMode::Sse, ..quick() };
+    let runtime = Runtime::new(client.clone(), "sse", |_ctx: HandlerContext| async { HandlerResult::Ok(()) })
+        .options(options)
+        .start();
+    let entity = spawn(&client, "/sse/s1").await;
+    assert!(runtime.wait_for(Duration::from_secs(10), |s| s.entities() == 1).await);
+    // Spaced out past the server's SSE answer length (2s), so the runtime reconnects in between.
+    client.send_message(&entity, &SendMessage::text("one")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    client.send_message(&entity, &SendMessage::text("two")).await.unwrap();
+    assert!(
+        runtime.wait_for(Duration::from_secs(15), |s| s.handled() == 2).await,
+        "handled {}",
+        runtime.stats().handled()
+    );
+    runtime.stop().await;
+}
