@@ -1,0 +1,638 @@
+//! Entities over HTTP (dev mode, `electric-principal` header): spawn, stop,
+//! purge, list, send, grants, and bad input that must change nothing.
+
+mod common;
+mod entity_support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{error_code, header, TestServer, CLOSED};
+use entity_support::{api, as_principal, error_of, eventually, materialize, rows, spawn, stored_blobs, upload, Form};
+use reqwest::header::HeaderValue;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const SAM: &str = "user:sam";
+const ANN: &str = "user:ann";
+
+/// The entity as `principal` sees it: status and body.
+async fn get_as(ts: &TestServer, principal: Option<&str>, entity: &str) -> (StatusCode, Value) {
+    let res = as_principal(ts.request(Method::GET, &api(entity)), principal).send().await.expect("GET answered");
+    let status = res.status();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+/// Everything the registry holds, as system:dev-local sees it: every entity
+/// (with its grants), and the total count.
+async fn registry_snapshot(ts: &TestServer) -> Value {
+    let res = ts.request(Method::GET, "/_electric/entities?limit=1000").send().await.expect("list answered");
+    assert_eq!(res.status(), StatusCode::OK);
+    let total = header(&res, "x-total-count");
+    let list: Vec<Value> = res.json().await.expect("a JSON list");
+    let mut out = Vec::new();
+    for e in list {
+        let url = e["url"].as_str().expect("an entity has a url").to_owned();
+        let grants: Value =
+            ts.request(Method::GET, &format!("{}/grants", api(&url))).send().await.unwrap().json().await.unwrap();
+        let tail = header(&ts.head(&format!("{url}/main")).await, common::NEXT_OFFSET);
+        out.push(json!({ "entity": e, "grants": grants, "main_tail": tail }));
+    }
+    json!({ "total": total, "entities": out })
+}
+
+/// A page of the list as `principal`: the urls, X-Total-Count, X-Next-Offset.
+async fn list_as(ts: &TestServer, principal: &str, query: &str) -> (Vec<String>, Option<String>, Option<String>) {
+    let res = ts
+        .request(Method::GET, &format!("/_electric/entities{query}"))
+        .header("electric-principal", principal)
+        .send()
+        .await
+        .expect("list answered");
+    assert_eq!(res.status(), StatusCode::OK, "listing {query}");
+    let total = header(&res, "x-total-count");
+    let next = header(&res, "x-next-offset");
+    let list: Vec<Value> = res.json().await.expect("a JSON array");
+    (list.iter().map(|e| e["url"].as_str().expect("url").to_owned()).collect(), total, next)
+}
+
+fn set(urls: &[&str]) -> BTreeSet<String> {
+    urls.iter().map(|s| s.to_string()).collect()
+}
+
+fn rfc3339_in(ms: i64) -> String {
+    (chrono::Utc::now() + chrono::Duration::milliseconds(ms)).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[tokio::test]
+async fn spawn_answers_the_entity_in_the_electric_shape() {
+    let ts = TestServer::start().await;
+    let res = ts
+        .request(Method::PUT, "/_electric/entities/chat/shape")
+        .header("electric-principal", SAM)
+        .json(&json!({ "args": { "model": "m1" }, "tags": { "team": "blue" } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["url"], "/chat/shape");
+    assert_eq!(body["type"], "chat");
+    assert_eq!(body["status"], "idle");
+    assert_eq!(body["streams"]["main"], "/chat/shape/main");
+    assert_eq!(body["tags"], json!({ "team": "blue" }));
+    assert_eq!(body["spawn_args"], json!({ "model": "m1" }));
+    assert_eq!(body["created_by"], "/principal/user%3Asam");
+    assert!(body["created_at"].as_i64().is_some_and(|t| t > 0), "{body}");
+    assert!(body["txid"].is_string(), "{body}");
+
+    let (status, got) = get_as(&ts, Some(SAM), "/chat/shape").await;
+    assert_eq!(status, StatusCode::OK);
+    for field in ["url", "type", "status", "streams", "tags", "created_by", "created_at"] {
+        assert_eq!(got[field], body[field], "{field}");
+    }
+    let created = materialize(&ts, "/chat/shape").await;
+    let row = &created[&("entity_created".to_owned(), "entity-created".to_owned())];
+    assert_eq!(row["entity_type"], "chat");
+    assert_eq!(row["args"], json!({ "model": "m1" }));
+}
+
+#[tokio::test]
+async fn spawning_twice_as_its_creator_is_idempotent() {
+    let ts = TestServer::start().await;
+    let first = spawn(&ts, Some(SAM), "/chat/twice").await;
+    let res = ts
+        .request(Method::PUT, "/_electric/entities/chat/twice")
+        .header("electric-principal", SAM)
+        .json(&json!({ "tags": { "ignored": "yes" } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "a repeated spawn by the creator is not a new entity");
+    let again: Value = res.json().await.unwrap();
+    assert_eq!(again["created_at"], first["created_at"]);
+    assert_eq!(again["tags"], first["tags"]);
+    let created: Vec<Value> =
+        rows(&ts, "/chat/twice/main").await.into_iter().filter(|r| r["type"] == "entity_created").collect();
+    assert_eq!(created.len(), 1, "one entity_created row: {created:?}");
+}
+
+#[tokio::test]
+async fn spawning_an_existing_url_as_another_principal_is_409_duplicate_url() {
+    let ts = TestServer::start().await;
+    spawn(&ts, Some(SAM), "/chat/taken").await;
+    let before = registry_snapshot(&ts).await;
+    let res = ts.request(Method::PUT, "/_electric/entities/chat/taken").header("electric-principal", ANN).send().await;
+    let (status, code, body) = error_of(res.unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "DUPLICATE_URL"), "{body}");
+    assert_eq!(registry_snapshot(&ts).await, before);
+    let (_, got) = get_as(&ts, Some(SAM), "/chat/taken").await;
+    assert_eq!(got["created_by"], "/principal/user%3Asam");
+}
+
+#[tokio::test]
+async fn a_stopped_entity_refuses_send_upload_and_raw_append_with_409_not_running() {
+    let ts = TestServer::start().await;
+    let e = "/chat/stopped";
+    spawn(&ts, None, e).await;
+    // A resumable upload begun while running cannot be appended to after the stop.
+    let res = ts.request(Method::PUT, &format!("{}/attachments/late", api(e))).json(&json!({})).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+
+    let res = ts.request(Method::DELETE, &api(e)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["status"], "stopped");
+    let (_, got) = get_as(&ts, None, e).await;
+    assert_eq!(got["status"], "stopped");
+    assert_eq!(header(&ts.head(&format!("{e}/main")).await, CLOSED).as_deref(), Some("true"), "main stream closed");
+    let state = materialize(&ts, e).await;
+    assert!(state.contains_key(&("entity_stopped".to_owned(), "entity-stopped".to_owned())), "{state:?}");
+    let tail = ts.tail(&format!("{e}/main")).await;
+
+    let attempts = [
+        ts.request(Method::POST, &format!("{}/send", api(e))).json(&json!({ "payload": "hi" })),
+        ts.request(Method::POST, &format!("{}/attachments", api(e)))
+            .header("content-type", Form::content_type())
+            .body(Form::new().field("id", "x").file(Some("x"), None, b"x").finish()),
+        ts.request(Method::PUT, &format!("{}/attachments/fresh", api(e))).json(&json!({})),
+        ts.request(Method::POST, &format!("{e}/main"))
+            .header("content-type", "application/json")
+            .body(r#"{"type":"note","key":"k","value":{},"headers":{"operation":"insert"}}"#),
+        ts.request(Method::POST, &format!("{e}/attachments/late"))
+            .header("content-type", "application/octet-stream")
+            .body("bytes"),
+    ];
+    for (i, attempt) in attempts.into_iter().enumerate() {
+        let (status, code, body) = error_of(attempt.send().await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "NOT_RUNNING"), "attempt {i}: {body}");
+    }
+    assert_eq!(ts.tail(&format!("{e}/main")).await, tail, "refused writes left no rows");
+
+    // Stopping again is harmless.
+    let res = ts.request(Method::DELETE, &api(e)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(ts.tail(&format!("{e}/main")).await, tail);
+}
+
+#[tokio::test]
+async fn purge_deletes_the_entity_its_streams_grants_and_blobs() {
+    let ts = TestServer::start().await;
+    let e = "/chat/purged";
+    spawn(&ts, None, e).await;
+    upload(&ts, e, "a1", "text/plain", b"purge me").await;
+    let res = ts.request(Method::PUT, &format!("{}/attachments/r1", api(e))).json(&json!({})).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let res = ts
+        .request(Method::POST, &format!("{}/grants", api(e)))
+        .json(&json!({ "subject_kind": "principal", "subject_value": SAM, "permission": "read" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(stored_blobs(&ts.config.data_dir).len(), 1);
+
+    let res = ts.request(Method::DELETE, &format!("{}?purge=true", api(e))).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.json::<Value>().await.unwrap()["purged"], true);
+
+    assert_eq!(get_as(&ts, None, e).await.0, StatusCode::NOT_FOUND);
+    for stream in [format!("{e}/main"), format!("{e}/attachments/a1"), format!("{e}/attachments/r1")] {
+        assert_eq!(ts.head(&stream).await.status(), StatusCode::NOT_FOUND, "{stream} is gone");
+    }
+    let (listed, _, _) = list_as(&ts, "system:dev-local", "?type=chat").await;
+    assert!(!listed.contains(&e.to_owned()));
+    let data_dir = ts.config.data_dir.clone();
+    eventually(Duration::from_secs(5), "the purged attachment's blob to be reclaimed", || {
+        let left = stored_blobs(&data_dir);
+        async move { left.is_empty().then_some(()) }
+    })
+    .await;
+
+    // The URL is free again, and starts from nothing.
+    spawn(&ts, Some(ANN), e).await;
+    let grants: Value = ts
+        .request(Method::GET, &format!("{}/grants", api(e)))
+        .header("electric-principal", ANN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(grants["grants"], json!([]), "grants went with the purge");
+    let rows = rows(&ts, &format!("{e}/main")).await;
+    assert_eq!(rows.len(), 1, "only the new entity_created row: {rows:?}");
+    assert_eq!(ts.head(&format!("{e}/attachments/a1")).await.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn the_list_shows_only_entities_the_caller_may_read_filtered_by_type_and_status() {
+    let ts = TestServer::start().await;
+    for e in ["/chat/s1", "/chat/s2", "/chat/s3", "/note/s4"] {
+        spawn(&ts, Some(SAM), e).await;
+    }
+    for e in ["/chat/a1", "/chat/a2", "/chat/a3"] {
+        spawn(&ts, Some(ANN), e).await;
+    }
+    let grant = |perm: &str, expires: Option<&str>| {
+        let mut g = json!({ "subject_kind": "principal", "subject_value": SAM, "permission": perm });
+        if let Some(at) = expires {
+            g["expires_at"] = json!(at);
+        }
+        g
+    };
+    for (e, g) in [("/chat/a2", grant("read", None)), ("/chat/a3", grant("manage", Some("2001-01-01T00:00:00Z")))] {
+        let res = ts
+            .request(Method::POST, &format!("{}/grants", api(e)))
+            .header("electric-principal", ANN)
+            .json(&g)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+    }
+    let res = ts.request(Method::DELETE, &api("/chat/s3")).header("electric-principal", SAM).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    let urls = |l: (Vec<String>, _, _)| l.0.into_iter().collect::<BTreeSet<_>>();
+    assert_eq!(urls(list_as(&ts, SAM, "?type=chat").await), set(&["/chat/s1", "/chat/s2", "/chat/s3", "/chat/a2"]));
+    assert_eq!(urls(list_as(&ts, SAM, "?type=note").await), set(&["/note/s4"]));
+    assert_eq!(urls(list_as(&ts, SAM, "").await).len(), 5);
+    assert_eq!(urls(list_as(&ts, SAM, "?status=stopped").await), set(&["/chat/s3"]));
+    assert_eq!(urls(list_as(&ts, ANN, "?type=chat").await), set(&["/chat/a1", "/chat/a2", "/chat/a3"]));
+    assert_eq!(urls(list_as(&ts, "user:nobody", "").await), set(&[]));
+    assert_eq!(urls(list_as(&ts, "system:dev-local", "").await).len(), 7, "built-in system principals see all");
+}
+
+#[tokio::test]
+async fn the_list_pages_with_limit_and_offset_and_reports_the_total() {
+    let ts = TestServer::start().await;
+    for i in 0..7 {
+        spawn(&ts, Some(SAM), &format!("/page/p{i}")).await;
+    }
+    spawn(&ts, Some(ANN), "/page/hidden").await;
+    let mut seen = Vec::new();
+    let mut query = "?type=page&limit=3".to_owned();
+    let mut pages = 0;
+    loop {
+        let (urls, total, next) = list_as(&ts, SAM, &query).await;
+        assert_eq!(total.as_deref(), Some("7"), "X-Total-Count counts what the caller may read");
+        assert!(urls.len() <= 3);
+        seen.extend(urls);
+        pages += 1;
+        match next {
+            Some(n) => query = format!("?type=page&limit=3&offset={n}"),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let distinct: BTreeSet<_> = seen.iter().cloned().collect();
+    assert_eq!((seen.len(), distinct.len()), (7, 7), "pages cover every entity once: {seen:?}");
+    assert!(!distinct.contains("/page/hidden"));
+
+    // Newest first, across pages.
+    let mut created = Vec::new();
+    for url in &seen {
+        created.push(get_as(&ts, Some(SAM), url).await.1["created_at"].as_i64().unwrap());
+    }
+    assert!(created.windows(2).all(|w| w[0] >= w[1]), "newest first: {created:?}");
+
+    let (urls, total, next) = list_as(&ts, SAM, "?type=page&offset=50").await;
+    assert_eq!((urls.len(), total.as_deref(), next), (0, Some("7"), None));
+    for bad in ["?limit=0", "?limit=1001", "?limit=ten", "?offset=-1", "?offset=x"] {
+        let res = ts
+            .request(Method::GET, &format!("/_electric/entities{bad}"))
+            .header("electric-principal", SAM)
+            .send()
+            .await;
+        let (status, code, body) = error_of(res.unwrap()).await;
+        assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "INVALID_REQUEST"), "{bad}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn send_appends_an_inbox_row_and_answers_its_key() {
+    let ts = TestServer::start().await;
+    let e = "/chat/inbox";
+    spawn(&ts, Some(SAM), e).await;
+    let send = |body: Value| {
+        ts.request(Method::POST, &format!("{}/send", api(e))).header("electric-principal", SAM).json(&body).send()
+    };
+    let res = send(json!({ "payload": { "text": "hello" }, "type": "chat" })).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let generated: Value = res.json().await.unwrap();
+    let key = generated["key"].as_str().expect("a generated key").to_owned();
+    assert!(generated["txid"].is_string());
+    let res = send(json!({ "payload": 2, "key": "mine" })).await.unwrap();
+    assert_eq!(res.json::<Value>().await.unwrap()["key"], "mine");
+
+    let state = materialize(&ts, e).await;
+    let first = &state[&("inbox".to_owned(), key.clone())];
+    assert_eq!(first["payload"], json!({ "text": "hello" }));
+    assert_eq!(first["from"], "/principal/user%3Asam");
+    assert_eq!(first["message_type"], "chat");
+    assert_eq!(state[&("inbox".to_owned(), "mine".to_owned())]["payload"], 2);
+    let txids: Vec<Value> = rows(&ts, &format!("{e}/main"))
+        .await
+        .into_iter()
+        .filter(|r| r["type"] == "inbox" && r["key"] == key.as_str())
+        .map(|r| r["headers"]["txid"].clone())
+        .collect();
+    assert_eq!(txids, vec![generated["txid"].clone()], "the row carries the answered txid");
+}
+
+#[tokio::test]
+async fn a_grant_stops_working_when_it_expires() {
+    let ts = TestServer::start().await;
+    let e = "/chat/lease";
+    spawn(&ts, Some(ANN), e).await;
+    let at = rfc3339_in(1_500);
+    let res = ts
+        .request(Method::POST, &format!("{}/grants", api(e)))
+        .header("electric-principal", ANN)
+        .json(&json!({ "subject_kind": "principal", "subject_value": SAM, "permission": "read", "expires_at": at }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let grant: Value = res.json().await.unwrap();
+    assert_eq!(grant["expires_at"], at.as_str());
+    assert_eq!(grant["subject_value"], "/principal/user%3Asam");
+    assert_eq!(get_as(&ts, Some(SAM), e).await.0, StatusCode::OK, "readable before the expiry");
+    let (listed, _, _) = list_as(&ts, SAM, "?type=chat").await;
+    assert_eq!(listed, vec![e.to_owned()]);
+
+    eventually(Duration::from_secs(10), "the grant to expire", || async {
+        (get_as(&ts, Some(SAM), e).await.0 == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
+    assert!(list_as(&ts, SAM, "?type=chat").await.0.is_empty(), "an expired grant does not list");
+
+    // A grant that expired before it was made never works.
+    let res = ts
+        .request(Method::POST, &format!("{}/grants", api(e)))
+        .header("electric-principal", ANN)
+        .json(&json!({ "subject_kind": "principal", "subject_value": SAM, "permission": "manage",
+                       "expires_at": rfc3339_in(-60_000) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(get_as(&ts, Some(SAM), e).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn grants_to_a_principal_kind_cover_every_principal_of_that_kind_and_can_be_revoked() {
+    let ts = TestServer::start().await;
+    let e = "/chat/kind";
+    spawn(&ts, Some(ANN), e).await;
+    let res = ts
+        .request(Method::POST, &format!("{}/grants", api(e)))
+        .header("electric-principal", ANN)
+        .json(&json!({ "subject_kind": "principal_kind", "subject_value": "agent", "permission": "read" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let id = res.json::<Value>().await.unwrap()["id"].as_u64().unwrap();
+    assert_eq!(get_as(&ts, Some("agent:a1"), e).await.0, StatusCode::OK);
+    assert_eq!(get_as(&ts, Some("agent:a2"), e).await.0, StatusCode::OK);
+    assert_eq!(get_as(&ts, Some(SAM), e).await.0, StatusCode::NOT_FOUND, "a user is not an agent");
+    let res = ts.request(Method::GET, &format!("{}/grants", api(e))).header("electric-principal", ANN).send().await;
+    let grants: Value = res.unwrap().json().await.unwrap();
+    assert_eq!(grants["grants"][0]["subject_kind"], "principal_kind");
+    assert_eq!(grants["grants"][0]["subject_value"], "agent");
+
+    let res = ts
+        .request(Method::DELETE, &format!("{}/grants/{id}", api(e)))
+        .header("electric-principal", ANN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert_eq!(get_as(&ts, Some("agent:a1"), e).await.0, StatusCode::NOT_FOUND, "revoked");
+    let res = ts
+        .request(Method::DELETE, &format!("{}/grants/{id}", api(e)))
+        .header("electric-principal", ANN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "an unknown grant id");
+    for bad in ["0", "-1", "abc"] {
+        let res = ts
+            .request(Method::DELETE, &format!("{}/grants/{bad}", api(e)))
+            .header("electric-principal", ANN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "grant id {bad}");
+    }
+}
+
+#[tokio::test]
+async fn malformed_principal_headers_are_400_and_change_nothing() {
+    let ts = TestServer::start().await;
+    spawn(&ts, Some(SAM), "/chat/existing").await;
+    let before = registry_snapshot(&ts).await;
+    let mut values: Vec<HeaderValue> = ["nonsense", "robot:x", "user:", ":sam", "user:a/b", "/principal/%ZZ", ""]
+        .iter()
+        .map(|v| HeaderValue::from_str(v).unwrap())
+        .collect();
+    values.push(HeaderValue::from_bytes(b"user:s\xffm").unwrap());
+    for value in values {
+        let attempts = [
+            ts.request(Method::PUT, "/_electric/entities/chat/fresh"),
+            ts.request(Method::POST, &format!("{}/send", api("/chat/existing"))).json(&json!({ "payload": 1 })),
+            ts.request(Method::PUT, "/plain/fresh").header("content-type", "text/plain"),
+        ];
+        for attempt in attempts {
+            let res = attempt.header("electric-principal", value.clone()).send().await.unwrap();
+            let (status, code, body) = error_of(res).await;
+            assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "INVALID_REQUEST"), "{value:?}: {body}");
+            assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("principal")), "{body}");
+        }
+    }
+    assert_eq!(registry_snapshot(&ts).await, before);
+    assert_eq!(ts.head("/plain/fresh").await.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn unknown_permissions_and_nonsense_grant_subjects_are_400_and_change_nothing() {
+    let ts = TestServer::start().await;
+    spawn(&ts, Some(SAM), "/chat/granted").await;
+    let before = registry_snapshot(&ts).await;
+    let bad_grants = [
+        json!({ "subject_kind": "principal", "subject_value": ANN, "permission": "admin" }),
+        json!({ "subject_kind": "principal", "subject_value": ANN, "permission": "READ" }),
+        json!({ "subject_kind": "principal", "subject_value": ANN, "permission": "signal" }),
+        json!({ "subject_kind": "group", "subject_value": "staff", "permission": "read" }),
+        json!({ "subject_kind": "principal", "subject_value": "nobody", "permission": "read" }),
+        json!({ "subject_kind": "principal", "subject_value": "robot:r2", "permission": "read" }),
+        json!({ "subject_kind": "principal", "subject_value": "", "permission": "read" }),
+        json!({ "subject_kind": "principal_kind", "subject_value": "wizard", "permission": "read" }),
+        json!({ "subject_kind": "principal_kind", "subject_value": "user:sam", "permission": "read" }),
+        json!({ "subject_kind": "principal", "subject_value": ANN, "permission": "read", "expires_at": "tomorrow" }),
+        json!({ "subject_kind": "principal", "subject_value": ANN, "permission": "read", "scope": "all" }),
+        json!({ "subject_kind": "principal", "permission": "read" }),
+        json!([1, 2]),
+    ];
+    for grant in &bad_grants {
+        let res = ts
+            .request(Method::POST, &format!("{}/grants", api("/chat/granted")))
+            .header("electric-principal", SAM)
+            .json(grant)
+            .send()
+            .await
+            .unwrap();
+        let (status, code, body) = error_of(res).await;
+        assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "INVALID_REQUEST"), "{grant}: {body}");
+
+        // The same grant in a spawn body refuses the whole spawn.
+        let res = ts
+            .request(Method::PUT, "/_electric/entities/chat/with-grants")
+            .header("electric-principal", SAM)
+            .json(&json!({ "grants": [grant] }))
+            .send()
+            .await
+            .unwrap();
+        let (status, code, body) = error_of(res).await;
+        assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "INVALID_REQUEST"), "spawn {grant}: {body}");
+    }
+    let res = ts
+        .request(Method::POST, &format!("{}/grants", api("/chat/granted")))
+        .header("electric-principal", SAM)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(registry_snapshot(&ts).await, before);
+}
+
+/// Issue #3 files oversized bodies under bad input; the server answers 413
+/// PAYLOAD_TOO_LARGE (the precise status, as for attachments) and changes nothing.
+#[tokio::test]
+async fn json_bodies_over_one_mebibyte_are_refused_and_change_nothing() {
+    let ts = TestServer::start().await;
+    spawn(&ts, Some(SAM), "/chat/big").await;
+    let before = registry_snapshot(&ts).await;
+    let huge = "x".repeat((1 << 20) + 1);
+    let attempts = [
+        ts.request(Method::POST, &format!("{}/send", api("/chat/big"))).json(&json!({ "payload": huge })),
+        ts.request(Method::PUT, "/_electric/entities/chat/huge-args").json(&json!({ "args": { "blob": huge } })),
+        ts.request(Method::POST, &format!("{}/grants", api("/chat/big"))).json(&json!({
+            "subject_kind": "principal", "subject_value": ANN, "permission": "read", "pad": huge })),
+        ts.request(Method::PUT, &format!("{}/attachments/r1", api("/chat/big")))
+            .json(&json!({ "meta": { "x": huge } })),
+    ];
+    for (i, attempt) in attempts.into_iter().enumerate() {
+        let res = attempt.header("electric-principal", SAM).send().await.unwrap();
+        let (status, code, body) = error_of(res).await;
+        assert_eq!((status, code.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"), "{i}: {body}");
+    }
+    // Just under the limit is fine.
+    let res = ts
+        .request(Method::POST, &format!("{}/send", api("/chat/big")))
+        .header("electric-principal", SAM)
+        .json(&json!({ "payload": "x".repeat((1 << 20) - 100) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let after = registry_snapshot(&ts).await;
+    assert_eq!(after["total"], before["total"]);
+    assert_eq!(get_as(&ts, None, "/chat/huge-args").await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn reserved_or_unsafe_entity_names_are_400_and_create_nothing() {
+    let ts = TestServer::start().await;
+    let before = registry_snapshot(&ts).await;
+    let long = "i".repeat(129);
+    let bad = [
+        "/_electric/entities/_private/a".to_owned(),
+        "/_electric/entities/_/a".to_owned(),
+        "/_electric/entities/ch*t/a".to_owned(),
+        "/_electric/entities/*/a".to_owned(),
+        "/_electric/entities/chat/a*".to_owned(),
+        "/_electric/entities/chat/.hidden".to_owned(),
+        "/_electric/entities/.chat/a".to_owned(),
+        "/_electric/entities/chat/a%0Ab".to_owned(),
+        "/_electric/entities/chat/a%09b".to_owned(),
+        "/_electric/entities/chat/a%7Fb".to_owned(),
+        format!("/_electric/entities/chat/{long}"),
+    ];
+    for path in &bad {
+        for method in [Method::PUT, Method::GET, Method::DELETE] {
+            let res = ts.request(method.clone(), path).send().await.unwrap();
+            let (status, code, body) = error_of(res).await;
+            assert_eq!(
+                (status, code.as_str()),
+                (StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+                "{method} {path}: {body}"
+            );
+        }
+    }
+    assert_eq!(registry_snapshot(&ts).await, before);
+}
+
+#[tokio::test]
+async fn encoded_slashes_and_dots_in_urls_are_400_and_change_nothing() {
+    let ts = TestServer::start().await;
+    spawn(&ts, None, "/chat/a").await;
+    ts.create("/plain/a", "text/plain").await;
+    let before = registry_snapshot(&ts).await;
+    let plain_before = ts.snapshot("/plain/a").await;
+    let paths = [
+        "/_electric/entities/chat/a%2Fb",
+        "/_electric/entities/chat/a%2fb",
+        "/_electric/entities/chat%2Fa/b",
+        "/_electric/entities/chat/a%2Eb",
+        "/_electric/entities/chat/%2Ehidden",
+        "/_electric/entities/chat/a%5Cb",
+        "/_electric/entities/chat/a%00b",
+        "/_electric/entities/chat/a/attachments/x%2Fy",
+        "/_electric/entities/chat/a/grants/1%2E0",
+        "/chat/a%2Fmain",
+        "/chat/a/attachments/x%2F..%2Fy",
+        "/plain/a%2Fb",
+        "/plain%2Fa",
+        "/plain/%2E%2Ea",
+    ];
+    for path in paths {
+        for method in [Method::PUT, Method::GET, Method::POST, Method::DELETE] {
+            let res = ts.request(method.clone(), path).header("content-type", "text/plain").body("x").send().await;
+            let (status, code, body) = error_of(res.unwrap()).await;
+            assert_eq!(
+                (status, code.as_str()),
+                (StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+                "{method} {path}: {body}"
+            );
+            assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("encoded")), "{body}");
+        }
+    }
+    assert_eq!(registry_snapshot(&ts).await, before);
+    assert_eq!(ts.snapshot("/plain/a").await, plain_before);
+    assert_eq!(ts.head("/plain/a/b").await.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn an_unknown_entity_is_404_not_found_on_every_route() {
+    let ts = TestServer::start().await;
+    let e = api("/chat/ghost");
+    for (method, path) in [
+        (Method::GET, e.clone()),
+        (Method::DELETE, e.clone()),
+        (Method::POST, format!("{e}/send")),
+        (Method::GET, format!("{e}/grants")),
+        (Method::GET, format!("{e}/attachments")),
+        (Method::GET, format!("{e}/attachments/x")),
+        (Method::GET, "/chat/ghost/main".to_owned()),
+    ] {
+        let res = ts.request(method.clone(), &path).json(&json!({ "payload": 1 })).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND, "{method} {path}");
+        assert_eq!(error_code(res).await, "NOT_FOUND");
+    }
+}

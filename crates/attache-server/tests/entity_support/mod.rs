@@ -1,0 +1,250 @@
+//! What the entity, attachment and permission tests share: multipart bodies
+//! built by hand (so the edge cases are byte-exact), the manifest as the
+//! server lists it and as the main stream says it, and the blob directory.
+
+// Each test binary that includes this module uses a different subset of it.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::common::TestServer;
+
+pub const BOUNDARY: &str = "attache-test-7MA4YWxkTrZu0gW";
+pub const PRINCIPAL: &str = "electric-principal";
+
+/// A `multipart/form-data` body, part by part, exactly as written.
+pub struct Form {
+    body: Vec<u8>,
+}
+
+impl Default for Form {
+    fn default() -> Self {
+        Form::new()
+    }
+}
+
+impl Form {
+    pub fn new() -> Form {
+        Form { body: Vec::new() }
+    }
+
+    pub fn content_type() -> String {
+        format!("multipart/form-data; boundary={BOUNDARY}")
+    }
+
+    /// A part with the given header lines (no trailing CRLF) and bytes.
+    pub fn part(mut self, headers: &str, bytes: &[u8]) -> Form {
+        self.body.extend_from_slice(format!("--{BOUNDARY}\r\n{headers}\r\n\r\n").as_bytes());
+        self.body.extend_from_slice(bytes);
+        self.body.extend_from_slice(b"\r\n");
+        self
+    }
+
+    pub fn field(self, name: &str, value: &str) -> Form {
+        self.part(&format!("Content-Disposition: form-data; name=\"{name}\""), value.as_bytes())
+    }
+
+    /// The `file` part, with a filename and a content type when given.
+    pub fn file(self, filename: Option<&str>, content_type: Option<&str>, bytes: &[u8]) -> Form {
+        let mut headers = String::from("Content-Disposition: form-data; name=\"file\"");
+        if let Some(f) = filename {
+            headers.push_str(&format!("; filename=\"{f}\""));
+        }
+        if let Some(ct) = content_type {
+            headers.push_str(&format!("\r\nContent-Type: {ct}"));
+        }
+        self.part(&headers, bytes)
+    }
+
+    /// The body with its closing delimiter.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+        self.body
+    }
+
+    /// The body as written so far, without a closing delimiter.
+    pub fn unfinished(self) -> Vec<u8> {
+        self.body
+    }
+}
+
+/// `/_electric/entities/{entity}` for an entity URL `/{type}/{id}`.
+pub fn api(entity: &str) -> String {
+    format!("/_electric/entities{entity}")
+}
+
+/// Spawns `entity` in dev mode as `principal` (none: system:dev-local); insists it is new.
+pub async fn spawn(ts: &TestServer, principal: Option<&str>, entity: &str) -> Value {
+    let res = as_principal(ts.request(Method::PUT, &api(entity)), principal).send().await.expect("spawn answered");
+    let status = res.status();
+    let body: Value = res.json().await.expect("spawn answers JSON");
+    assert_eq!(status, StatusCode::CREATED, "spawning {entity}: {body}");
+    body
+}
+
+pub fn as_principal(rb: RequestBuilder, principal: Option<&str>) -> RequestBuilder {
+    match principal {
+        Some(p) => rb.header(PRINCIPAL, p),
+        None => rb,
+    }
+}
+
+/// POSTs a multipart body to the entity's attachments route (dev mode, dev-local).
+pub async fn upload_raw(ts: &TestServer, entity: &str, body: Vec<u8>) -> Response {
+    ts.request(Method::POST, &format!("{}/attachments", api(entity)))
+        .header("content-type", Form::content_type())
+        .body(body)
+        .send()
+        .await
+        .expect("upload answered")
+}
+
+/// Uploads `bytes` as attachment `id`; insists on 201 and returns the manifest entry.
+pub async fn upload(ts: &TestServer, entity: &str, id: &str, mime: &str, bytes: &[u8]) -> Value {
+    let form = Form::new().field("id", id).file(Some(&format!("{id}.bin")), Some(mime), bytes).finish();
+    let res = upload_raw(ts, entity, form).await;
+    let status = res.status();
+    let body: Value = res.json().await.expect("upload answers JSON");
+    assert_eq!(status, StatusCode::CREATED, "uploading {id} to {entity}: {body}");
+    body["attachment"].clone()
+}
+
+/// The manifest as `GET …/attachments` lists it, by attachment id.
+pub async fn listed(ts: &TestServer, entity: &str) -> BTreeMap<String, Value> {
+    let res = ts.request(Method::GET, &format!("{}/attachments", api(entity))).send().await.expect("list answered");
+    assert_eq!(res.status(), StatusCode::OK, "listing attachments of {entity}");
+    let body: Value = res.json().await.expect("list answers JSON");
+    body["attachments"]
+        .as_array()
+        .expect("attachments is an array")
+        .iter()
+        .map(|e| (e["id"].as_str().expect("an entry has an id").to_owned(), e.clone()))
+        .collect()
+}
+
+/// The rows of a JSON stream, read from the start.
+pub async fn rows(ts: &TestServer, path: &str) -> Vec<Value> {
+    let bytes = ts.read_all(path).await;
+    // Catch-up pages are JSON arrays, concatenated: `[..][..]`.
+    let mut out = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(&bytes).into_iter::<Vec<Value>>();
+    for page in de.by_ref() {
+        out.extend(page.expect("a page of a JSON stream is an array"));
+    }
+    out
+}
+
+/// State Protocol materialization of a main stream: (type, key) → value.
+pub async fn materialize(ts: &TestServer, entity: &str) -> BTreeMap<(String, String), Value> {
+    let mut state = BTreeMap::new();
+    for row in rows(ts, &format!("{entity}/main")).await {
+        let (Some(t), Some(k)) = (row["type"].as_str(), row["key"].as_str()) else { continue };
+        let key = (t.to_owned(), k.to_owned());
+        match row["headers"]["operation"].as_str() {
+            Some("insert" | "update" | "upsert") => {
+                state.insert(key, row["value"].clone());
+            }
+            Some("delete") => {
+                state.remove(&key);
+            }
+            _ => {}
+        }
+    }
+    state
+}
+
+/// The manifest entries the main stream materializes to, by attachment id.
+pub async fn manifest(ts: &TestServer, entity: &str) -> BTreeMap<String, Value> {
+    materialize(ts, entity)
+        .await
+        .into_iter()
+        .filter(|((t, _), _)| t == "manifest")
+        .map(|((_, k), v)| (k.strip_prefix("attachment:").unwrap_or(&k).to_owned(), v))
+        .collect()
+}
+
+pub async fn get_bytes(ts: &TestServer, entity: &str, id: &str) -> (StatusCode, Vec<u8>) {
+    let res = ts
+        .request(Method::GET, &format!("{}/attachments/{id}", api(entity)))
+        .send()
+        .await
+        .expect("attachment read answered");
+    let status = res.status();
+    (status, res.bytes().await.expect("the body arrives").to_vec())
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// `len` deterministic pseudo-random bytes (xorshift), different per seed.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Every regular file under `dir`, recursively (empty when `dir` is missing).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Blob files under `<data_dir>/blobs`, outside the staging dir `tmp/`.
+pub fn stored_blobs(data_dir: &Path) -> Vec<PathBuf> {
+    let tmp = data_dir.join("blobs").join("tmp");
+    files_under(&data_dir.join("blobs")).into_iter().filter(|p| !p.starts_with(&tmp)).collect()
+}
+
+/// Files in the staging dir `<data_dir>/blobs/tmp`.
+pub fn staged_blobs(data_dir: &Path) -> Vec<PathBuf> {
+    files_under(&data_dir.join("blobs").join("tmp"))
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// `error.code` and the whole body of an error response.
+pub async fn error_of(res: Response) -> (StatusCode, String, Value) {
+    let status = res.status();
+    let text = res.text().await.expect("the body arrives");
+    let body: Value = serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text.clone()));
+    let code = body["error"]["code"].as_str().unwrap_or("").to_owned();
+    (status, code, body)
+}
