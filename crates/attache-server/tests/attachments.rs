@@ -1,0 +1,735 @@
+//! Entity attachments over HTTP (dev mode): byte-exact round trips, multipart
+//! edge cases built by hand, refusals that change nothing, ranged and
+//! conditional reads, delete, content-addressed dedupe, resumable uploads.
+
+mod common;
+mod entity_support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{header, TestServer, CLOSED};
+use entity_support::{
+    api, error_of, eventually, get_bytes, listed, manifest, pattern, rows, sha256_hex, spawn, staged_blobs,
+    stored_blobs, upload, upload_raw, Form, BOUNDARY,
+};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+
+const CHAT: &str = "/chat/files";
+
+async fn server_with_entity() -> TestServer {
+    let ts = TestServer::start().await;
+    spawn(&ts, None, CHAT).await;
+    ts
+}
+
+/// What must not change when a request is refused: the manifest (listed and
+/// as the main stream materializes it) and the stored blobs.
+async fn attachment_state(ts: &TestServer, entity: &str) -> (BTreeMap<String, Value>, BTreeMap<String, Value>, usize) {
+    (listed(ts, entity).await, manifest(ts, entity).await, stored_blobs(&ts.config.data_dir).len())
+}
+
+/// The staging dir empties once a refused or broken upload has been cleaned up.
+async fn staging_is_empty(ts: &TestServer, why: &str) {
+    let dir = ts.config.data_dir.clone();
+    eventually(Duration::from_secs(5), &format!("blobs/tmp to be empty after {why}"), || {
+        let left = staged_blobs(&dir);
+        async move { left.is_empty().then_some(()) }
+    })
+    .await;
+}
+
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).expect("a hex escape"));
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn uploads_round_trip_byte_exact_at_boundary_sizes() {
+    let ts = server_with_entity().await;
+    for size in [0usize, 1, 65_535, 65_536, 65_537, 10 << 20] {
+        let bytes = pattern(size, size as u64 + 7);
+        let id = format!("s{size}");
+        let entry = upload(&ts, CHAT, &id, "application/x-test", &bytes).await;
+        let sha = sha256_hex(&bytes);
+        assert_eq!(entry["status"], "complete", "{size}: {entry}");
+        assert_eq!(entry["byteLength"], size as u64, "{size}");
+        assert_eq!(entry["sha256"], sha.as_str(), "{size}");
+        assert_eq!(entry["kind"], "attachment");
+        assert_eq!(entry["id"], id.as_str());
+        assert_eq!(entry["key"], format!("attachment:{id}"));
+        assert_eq!(entry["streamPath"], format!("{CHAT}/attachments/{id}"));
+        assert_eq!(entry["mimeType"], "application/x-test");
+        assert_eq!(entry["filename"], format!("{id}.bin"));
+        assert_eq!(entry["role"], "input");
+        assert_eq!(entry["createdBy"], "/principal/system%3Adev-local");
+        assert!(entry["createdAt"].is_string());
+
+        let res = ts.request(Method::GET, &format!("{}/attachments/{id}", api(CHAT))).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{size}");
+        assert_eq!(header(&res, "content-length"), Some(size.to_string()), "{size}");
+        assert_eq!(header(&res, "etag"), Some(format!("\"{sha}\"")));
+        let got = res.bytes().await.unwrap();
+        assert!(got.len() == size && sha256_hex(&got) == sha, "{size}: read back {} bytes that differ", got.len());
+        let raw = ts.read_all(&format!("{CHAT}/attachments/{id}")).await;
+        assert!(raw[..] == bytes[..], "{size}: the raw attachment stream differs");
+
+        // The manifest row on the main stream is the answered entry.
+        assert_eq!(manifest(&ts, CHAT).await[&id], entry, "{size}");
+        assert_eq!(listed(&ts, CHAT).await[&id], entry, "{size}");
+        let statuses: Vec<Value> = rows(&ts, &format!("{CHAT}/main"))
+            .await
+            .into_iter()
+            .filter(|r| r["type"] == "manifest" && r["key"] == format!("attachment:{id}"))
+            .map(|r| r["value"]["status"].clone())
+            .collect();
+        assert_eq!(statuses, vec![json!("pending"), json!("complete")], "{size}: pending, then complete");
+    }
+}
+
+#[tokio::test]
+async fn file_bytes_that_look_like_the_boundary_survive() {
+    let ts = server_with_entity().await;
+    let mut bytes = Vec::new();
+    for chunk in [
+        format!("\r\n--{}", &BOUNDARY[..BOUNDARY.len() - 1]),
+        format!("--{BOUNDARY}x"),
+        "\r\n--\r\n\r\n".to_owned(),
+        format!("\r\n-{BOUNDARY}--\r\n"),
+        "\r".to_owned(),
+    ] {
+        bytes.extend_from_slice(chunk.as_bytes());
+        bytes.extend_from_slice(&pattern(1000, bytes.len() as u64));
+    }
+    bytes.extend_from_slice(b"\r\n--");
+    let entry = upload(&ts, CHAT, "lookalike", "application/octet-stream", &bytes).await;
+    assert_eq!(entry["sha256"], sha256_hex(&bytes).as_str());
+    assert_eq!(get_bytes(&ts, CHAT, "lookalike").await, (StatusCode::OK, bytes));
+}
+
+#[tokio::test]
+async fn fields_after_the_file_complete_the_entry() {
+    let ts = server_with_entity().await;
+    let bytes = b"a,b\n1,2\n".to_vec();
+    let form = Form::new()
+        .file(Some("part-name.bin"), Some("image/png"), &bytes)
+        .field("id", "late")
+        .field("mimeType", "text/csv")
+        .field("filename", "report.csv")
+        .field("subject", r#"{"type":"inbox","key":"m1"}"#)
+        .field("role", "output")
+        .field("meta", r#"{"pages":2,"tags":["x"]}"#)
+        .finish();
+    let res = upload_raw(&ts, CHAT, form).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let entry = res.json::<Value>().await.unwrap()["attachment"].clone();
+    assert_eq!(entry["id"], "late");
+    assert_eq!(entry["mimeType"], "text/csv");
+    assert_eq!(entry["filename"], "report.csv");
+    assert_eq!(entry["subject"], json!({ "type": "inbox", "key": "m1" }));
+    assert_eq!(entry["role"], "output");
+    assert_eq!(entry["meta"], json!({ "pages": 2, "tags": ["x"] }));
+    assert_eq!(entry["status"], "complete");
+    assert_eq!(manifest(&ts, CHAT).await["late"], entry);
+    let res = ts.request(Method::GET, &format!("{}/attachments/late", api(CHAT))).send().await.unwrap();
+    assert_eq!(header(&res, "content-type").as_deref(), Some("text/csv"));
+    assert_eq!(res.bytes().await.unwrap(), bytes);
+
+    // subjectType + subjectKey after the file, too.
+    let form = Form::new()
+        .file(None, None, b"x")
+        .field("id", "late2")
+        .field("subjectType", "tool_call")
+        .field("subjectKey", "call-1")
+        .finish();
+    let res = upload_raw(&ts, CHAT, form).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let entry = res.json::<Value>().await.unwrap()["attachment"].clone();
+    assert_eq!(entry["subject"], json!({ "type": "tool_call", "key": "call-1" }));
+}
+
+#[tokio::test]
+async fn mime_type_and_filename_fall_back_to_the_file_part_then_to_defaults() {
+    let ts = server_with_entity().await;
+    let res =
+        upload_raw(&ts, CHAT, Form::new().field("id", "typed").file(Some("p.png"), Some("image/png"), b"p").finish())
+            .await;
+    let entry = res.json::<Value>().await.unwrap()["attachment"].clone();
+    assert_eq!((entry["mimeType"].as_str(), entry["filename"].as_str()), (Some("image/png"), Some("p.png")));
+    let res = upload_raw(&ts, CHAT, Form::new().field("id", "bare").file(None, None, b"p").finish()).await;
+    let entry = res.json::<Value>().await.unwrap()["attachment"].clone();
+    assert_eq!(entry["mimeType"], "application/octet-stream");
+    // No id: one is generated.
+    let res = upload_raw(&ts, CHAT, Form::new().file(None, None, b"anon").finish()).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let entry = res.json::<Value>().await.unwrap()["attachment"].clone();
+    let id = entry["id"].as_str().expect("a generated id").to_owned();
+    assert!(!id.is_empty());
+    assert_eq!(get_bytes(&ts, CHAT, &id).await, (StatusCode::OK, b"anon".to_vec()));
+}
+
+#[tokio::test]
+async fn an_upload_without_a_file_is_400_and_changes_nothing() {
+    let ts = server_with_entity().await;
+    let before = attachment_state(&ts, CHAT).await;
+    let tail = ts.tail(&format!("{CHAT}/main")).await;
+    for form in [
+        Form::new().field("id", "nofile").field("mimeType", "text/plain").finish(),
+        Form::new().field("id", "nofile").field("files", "not the file field").finish(),
+        Form::new().finish(),
+    ] {
+        let (status, code, body) = error_of(upload_raw(&ts, CHAT, form).await).await;
+        assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "INVALID_REQUEST"), "{body}");
+    }
+    assert_eq!(attachment_state(&ts, CHAT).await, before);
+    assert_eq!(ts.tail(&format!("{CHAT}/main")).await, tail, "not even a pending row");
+}
+
+#[tokio::test]
+async fn two_files_are_400_and_nothing_stays() {
+    let ts = server_with_entity().await;
+    let before = attachment_state(&ts, CHAT).await;
+    for form in [
+        Form::new().field("id", "two").file(Some("a"), None, b"first").file(Some("b"), None, b"second").finish(),
+        Form::new().file(Some("a"), None, b"first").file(Some("b"), None, b"second").field("id", "two").finish(),
+        Form::new().file(Some("a"), None, b"first").file(Some("b"), None, b"second").finish(),
+    ] {
+        let (status, code, body) = error_of(upload_raw(&ts, CHAT, form).await).await;
+        assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "INVALID_REQUEST"), "{body}");
+    }
+    assert_eq!(attachment_state(&ts, CHAT).await, before);
+    assert_eq!(get_bytes(&ts, CHAT, "two").await.0, StatusCode::NOT_FOUND);
+    staging_is_empty(&ts, "two-file uploads").await;
+    // The id was never taken.
+    upload(&ts, CHAT, "two", "text/plain", b"one file").await;
+}
+
+#[tokio::test]
+async fn a_huge_part_header_is_400_and_changes_nothing() {
+    let ts = server_with_entity().await;
+    let before = attachment_state(&ts, CHAT).await;
+    let padding = "a".repeat(1 << 20);
+    let mut failures = Vec::new();
+    for (what, headers) in [
+        (
+            "a 1 MiB extra header line",
+            format!("Content-Disposition: form-data; name=\"file\"; filename=\"a.bin\"\r\nX-Padding: {padding}"),
+        ),
+        ("a 1 MiB filename", format!("Content-Disposition: form-data; name=\"file\"; filename=\"{padding}\"")),
+        ("a 1 MiB field name", format!("Content-Disposition: form-data; name=\"{padding}\"")),
+    ] {
+        let form = Form::new().field("id", "huge-header").part(&headers, b"bytes").finish();
+        let (status, code, body) = error_of(upload_raw(&ts, CHAT, form).await).await;
+        if status != StatusCode::BAD_REQUEST {
+            let body: String = body.to_string().chars().take(200).collect();
+            failures.push(format!("  {what}: got {status} {code} {body}"));
+        }
+        let now = attachment_state(&ts, CHAT).await;
+        if now != before {
+            failures.push(format!("  {what}: the manifest or the blobs changed"));
+            let _ = ts.request(Method::DELETE, &format!("{}/attachments/huge-header", api(CHAT))).send().await;
+        }
+    }
+    assert!(failures.is_empty(), "huge part headers must be refused with 400:\n{}", failures.join("\n"));
+    staging_is_empty(&ts, "huge part headers").await;
+}
+
+#[tokio::test]
+async fn a_truncated_form_never_leaves_a_complete_attachment() {
+    let ts = server_with_entity().await;
+    let bytes = pattern(100_000, 3);
+    // The body ends inside the file part: no closing delimiter.
+    let mut form = Form::new().field("id", "cut").unfinished();
+    form.extend_from_slice(
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"c\"\r\n\r\n").as_bytes(),
+    );
+    form.extend_from_slice(&bytes);
+    let res = upload_raw(&ts, CHAT, form).await;
+    assert!(res.status().is_client_error(), "a truncated form is refused: {}", res.status());
+    let entry = manifest(&ts, CHAT).await.remove("cut");
+    assert!(entry.as_ref().is_none_or(|e| e["status"] == "failed"), "cut: {entry:?}");
+    assert!(listed(&ts, CHAT).await.get("cut").is_none_or(|e| e["status"] == "failed"));
+    assert_ne!(get_bytes(&ts, CHAT, "cut").await.0, StatusCode::OK);
+    assert!(stored_blobs(&ts.config.data_dir).is_empty());
+    staging_is_empty(&ts, "a truncated form").await;
+}
+
+#[tokio::test]
+async fn a_connection_dropped_mid_upload_leaves_the_attachment_failed() {
+    let ts = server_with_entity().await;
+    let addr = ts.url.trim_start_matches("http://").to_owned();
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST {}/attachments HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        api(CHAT),
+        Form::content_type(),
+        50 << 20
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let mut body = Form::new().field("id", "dropped").unfinished();
+    body.extend_from_slice(
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d\"\r\n\r\n").as_bytes(),
+    );
+    body.extend_from_slice(&pattern(1 << 20, 9));
+    sock.write_all(&body).await.unwrap();
+    sock.flush().await.unwrap();
+    // The server is mid-upload once the pending row is there.
+    eventually(Duration::from_secs(10), "the pending row of the upload", || async {
+        manifest(&ts, CHAT).await.get("dropped").filter(|e| e["status"] == "pending").map(|_| ())
+    })
+    .await;
+    drop(sock);
+    let entry = eventually(Duration::from_secs(10), "the dropped upload to leave pending", || async {
+        manifest(&ts, CHAT).await.get("dropped").filter(|e| e["status"] != "pending").cloned()
+    })
+    .await;
+    assert_eq!(entry["status"], "failed", "{entry}");
+    assert!(entry["error"].is_string(), "a failed entry says why: {entry}");
+    assert_eq!(get_bytes(&ts, CHAT, "dropped").await.0, StatusCode::CONFLICT, "not readable");
+    assert!(stored_blobs(&ts.config.data_dir).is_empty());
+    staging_is_empty(&ts, "a dropped connection").await;
+    // A failed id may be tried again.
+    upload(&ts, CHAT, "dropped", "text/plain", b"second try").await;
+}
+
+#[tokio::test]
+async fn a_duplicate_id_is_409_and_the_first_stays_byte_identical() {
+    let ts = server_with_entity().await;
+    let first = pattern(200_000, 1);
+    let entry = upload(&ts, CHAT, "dup", "text/plain", &first).await;
+    let before = attachment_state(&ts, CHAT).await;
+    let second = pattern(200_000, 2);
+    for form in [
+        Form::new().field("id", "dup").file(Some("b"), Some("image/png"), &second).finish(),
+        Form::new().file(Some("b"), Some("image/png"), &second).field("id", "dup").finish(),
+        Form::new().field("id", "dup").file(Some("b"), Some("text/plain"), &first).finish(),
+    ] {
+        let (status, code, body) = error_of(upload_raw(&ts, CHAT, form).await).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{code}: {body}");
+    }
+    let res = ts.request(Method::PUT, &format!("{}/attachments/dup", api(CHAT))).json(&json!({})).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CONFLICT, "a resumable upload cannot take a used id either");
+    assert_eq!(attachment_state(&ts, CHAT).await, before);
+    assert_eq!(manifest(&ts, CHAT).await["dup"], entry);
+    assert_eq!(get_bytes(&ts, CHAT, "dup").await, (StatusCode::OK, first.clone()));
+    assert_eq!(ts.read_all(&format!("{CHAT}/attachments/dup")).await, first);
+    staging_is_empty(&ts, "duplicate uploads").await;
+}
+
+/// Each bad field, before and after the file part, on its own request.
+#[tokio::test]
+async fn bad_ids_subjects_roles_and_meta_are_400_invalid_request_and_change_nothing() {
+    let ts = server_with_entity().await;
+    upload(&ts, CHAT, "keep", "text/plain", b"kept").await;
+    let before = attachment_state(&ts, CHAT).await;
+    let long = "x".repeat(129);
+    let cases: Vec<Vec<(&str, &str)>> = vec![
+        vec![("id", "")],
+        vec![("id", ".hidden")],
+        vec![("id", "a/b")],
+        vec![("id", "a\\b")],
+        vec![("id", "a\u{1}b")],
+        vec![("id", "a\u{7f}b")],
+        vec![("id", &long)],
+        vec![("subject", r#"{"type":"mail","key":"k"}"#)],
+        vec![("subject", r#"{"type":"inbox"}"#)],
+        vec![("subject", r#"{"type":"inbox","key":""}"#)],
+        vec![("subject", "not json")],
+        vec![("subject", "[]")],
+        vec![("subjectType", "bogus"), ("subjectKey", "k")],
+        vec![("subjectType", "inbox")],
+        vec![("subjectKey", "k")],
+        vec![("role", "owner")],
+        vec![("role", "INPUT")],
+        vec![("meta", "[1]")],
+        vec![("meta", "nope")],
+        vec![("meta", "\"text\"")],
+        vec![("meta", "42")],
+        vec![("meta", "null")],
+    ];
+    let mut failures = Vec::new();
+    let mut staged = staged_blobs(&ts.config.data_dir);
+    for (n, fields) in cases.iter().enumerate() {
+        for after_the_file in [false, true] {
+            let id = format!("bad-{n}-{after_the_file}");
+            let mut form = Form::new();
+            let carries_id = fields.iter().any(|(k, _)| *k == "id");
+            if !carries_id {
+                form = form.field("id", &id);
+            }
+            if after_the_file {
+                form = form.file(Some("f"), None, b"payload");
+            }
+            for (k, v) in fields {
+                form = form.field(k, v);
+            }
+            if !after_the_file {
+                form = form.file(Some("f"), None, b"payload");
+            }
+            let (status, code, body) = error_of(upload_raw(&ts, CHAT, form.finish()).await).await;
+            let place = if after_the_file { "after" } else { "before" };
+            if (status, code.as_str()) != (StatusCode::BAD_REQUEST, "INVALID_REQUEST") {
+                failures.push(format!("  {fields:?} {place} the file: got {status} {code} {body}"));
+            }
+            let now = attachment_state(&ts, CHAT).await;
+            if now != before {
+                let new: Vec<_> = now.1.iter().filter(|(k, _)| !before.1.contains_key(*k)).collect();
+                failures.push(format!("  {fields:?} {place} the file changed the manifest or blobs: {new:?}"));
+                // Undo, so the next case is judged on its own.
+                for (id, _) in now.0.iter().filter(|(k, _)| !before.0.contains_key(*k)) {
+                    let _ = ts.request(Method::DELETE, &format!("{}/attachments/{id}", api(CHAT))).send().await;
+                }
+            }
+            let now_staged = staged_blobs(&ts.config.data_dir);
+            if now_staged.len() > staged.len() {
+                failures.push(format!("  {fields:?} {place} the file left a file in blobs/tmp"));
+            }
+            staged = now_staged;
+        }
+    }
+    assert!(failures.is_empty(), "{} bad-field cases misbehaved:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[tokio::test]
+async fn a_stopped_entity_refuses_uploads_with_409_not_running() {
+    let ts = server_with_entity().await;
+    upload(&ts, CHAT, "before-stop", "text/plain", b"kept").await;
+    assert_eq!(ts.request(Method::DELETE, &api(CHAT)).send().await.unwrap().status(), StatusCode::OK);
+    let before = attachment_state(&ts, CHAT).await;
+    let form = Form::new().field("id", "after-stop").file(None, None, b"refused").finish();
+    let (status, code, body) = error_of(upload_raw(&ts, CHAT, form).await).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "NOT_RUNNING"), "{body}");
+    assert_eq!(attachment_state(&ts, CHAT).await, before);
+    assert_eq!(get_bytes(&ts, CHAT, "before-stop").await, (StatusCode::OK, b"kept".to_vec()), "still readable");
+    staging_is_empty(&ts, "an upload to a stopped entity").await;
+}
+
+#[tokio::test]
+async fn a_request_that_is_not_multipart_is_400() {
+    let ts = server_with_entity().await;
+    let before = attachment_state(&ts, CHAT).await;
+    let path = format!("{}/attachments", api(CHAT));
+    for (content_type, body) in [
+        (Some("application/json"), r#"{"file":"x"}"#.to_owned()),
+        (Some("text/plain"), "just bytes".to_owned()),
+        (Some("multipart/form-data"), String::from_utf8(Form::new().file(None, None, b"x").finish()).unwrap()),
+        (Some("application/x-www-form-urlencoded"), "file=x".to_owned()),
+        (None, "x".to_owned()),
+    ] {
+        let mut rb = ts.request(Method::POST, &path).body(body);
+        if let Some(ct) = content_type {
+            rb = rb.header("content-type", ct);
+        }
+        let (status, code, body) = error_of(rb.send().await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "INVALID_REQUEST"), "{content_type:?}: {body}");
+    }
+    assert_eq!(attachment_state(&ts, CHAT).await, before);
+}
+
+#[tokio::test]
+async fn an_upload_over_max_attachment_bytes_is_413_and_leaves_nothing() {
+    const MAX: usize = 64 << 10;
+    let ts = TestServer::start_with(|c| c.max_attachment_bytes = MAX as u64).await;
+    spawn(&ts, None, CHAT).await;
+    upload(&ts, CHAT, "fits", "application/octet-stream", &pattern(MAX, 1)).await;
+    let before = attachment_state(&ts, CHAT).await;
+    assert_eq!(before.2, 1);
+
+    // Over by one byte; far over (refused on Content-Length); and streamed without a length.
+    for (id, size) in [("over-by-one", MAX + 1), ("far-over", 4 << 20)] {
+        let form = Form::new().field("id", id).file(None, None, &pattern(size, 2)).finish();
+        let (status, code, body) = error_of(upload_raw(&ts, CHAT, form).await).await;
+        assert_eq!((status, code.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"), "{id}: {body}");
+    }
+    let mut streamed = Form::new().field("id", "streamed").unfinished();
+    streamed.extend_from_slice(
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s\"\r\n\r\n").as_bytes(),
+    );
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        std::iter::once(Ok(streamed)).chain((0..8).map(|i| Ok(pattern(16 << 10, i)))).collect();
+    let res = ts
+        .request(Method::POST, &format!("{}/attachments", api(CHAT)))
+        .header("content-type", Form::content_type())
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE, "a streamed upload crossing the limit");
+
+    // Resumable uploads have the same limit.
+    let res = ts.request(Method::PUT, &format!("{}/attachments/resumable", api(CHAT))).json(&json!({})).send().await;
+    assert_eq!(res.unwrap().status(), StatusCode::CREATED);
+    let stream = format!("{CHAT}/attachments/resumable");
+    let append = |bytes: Vec<u8>| {
+        ts.request(Method::POST, &stream).header("content-type", "application/octet-stream").body(bytes).send()
+    };
+    assert_eq!(append(pattern(MAX - 10, 3)).await.unwrap().status(), StatusCode::NO_CONTENT);
+    assert_eq!(append(pattern(11, 4)).await.unwrap().status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(append(pattern(10, 4)).await.unwrap().status(), StatusCode::NO_CONTENT, "exactly at the limit");
+
+    let after = attachment_state(&ts, CHAT).await;
+    let ids: Vec<&String> = after.1.keys().collect();
+    assert_eq!(ids, vec!["fits", "resumable"], "refused uploads left no manifest entries");
+    assert_eq!(stored_blobs(&ts.config.data_dir).len(), 1, "only the blob that fits");
+    staging_is_empty(&ts, "uploads over the limit").await;
+    assert!(ts.config.data_dir.join("blobs").join("tmp").is_dir());
+}
+
+#[tokio::test]
+async fn ranges_heads_and_conditional_reads_follow_rfc_9110() {
+    let ts = server_with_entity().await;
+    let bytes = pattern(1000, 5);
+    let entry = upload(&ts, CHAT, "ranged", "text/plain; charset=utf-8", &bytes).await;
+    let etag = format!("\"{}\"", entry["sha256"].as_str().unwrap());
+    let path = format!("{}/attachments/ranged", api(CHAT));
+    let get = |range: Option<&str>| {
+        let mut rb = ts.request(Method::GET, &path);
+        if let Some(r) = range {
+            rb = rb.header("range", r);
+        }
+        rb.send()
+    };
+
+    let res = get(None).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "content-type").as_deref(), Some("text/plain; charset=utf-8"));
+    assert_eq!(header(&res, "x-content-type-options").as_deref(), Some("nosniff"));
+    assert_eq!(header(&res, "cache-control").as_deref(), Some("private, max-age=31536000, immutable"));
+    assert_eq!(header(&res, "etag"), Some(etag.clone()));
+    assert_eq!(header(&res, "accept-ranges").as_deref(), Some("bytes"));
+    assert_eq!(header(&res, "content-length").as_deref(), Some("1000"));
+
+    for (range, start, end) in [
+        ("bytes=0-9", 0, 9),
+        ("bytes=990-", 990, 999),
+        ("bytes=-10", 990, 999),
+        ("bytes=-5000", 0, 999),
+        ("bytes=995-2000", 995, 999),
+        ("bytes=500-500", 500, 500),
+    ] {
+        let res = get(Some(range)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(header(&res, "content-range"), Some(format!("bytes {start}-{end}/1000")), "{range}");
+        assert_eq!(header(&res, "content-length"), Some((end - start + 1).to_string()), "{range}");
+        assert_eq!(res.bytes().await.unwrap(), bytes[start..=end], "{range}");
+    }
+    for range in ["bytes=1000-", "bytes=5-2", "bytes=-0", "bytes=abc"] {
+        let res = get(Some(range)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::RANGE_NOT_SATISFIABLE, "{range}");
+        assert_eq!(header(&res, "content-range").as_deref(), Some("bytes */1000"), "{range}");
+    }
+
+    let res = ts.request(Method::HEAD, &path).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "content-length").as_deref(), Some("1000"));
+    assert_eq!(header(&res, "etag"), Some(etag.clone()));
+    assert!(res.bytes().await.unwrap().is_empty());
+
+    for inm in [etag.clone(), format!("\"other\", {etag}"), "*".to_owned()] {
+        let res = ts.request(Method::GET, &path).header("if-none-match", &inm).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_MODIFIED, "{inm}");
+        assert_eq!(header(&res, "etag"), Some(etag.clone()));
+        assert!(res.bytes().await.unwrap().is_empty());
+    }
+    let res = ts.request(Method::GET, &path).header("if-none-match", "\"other\"").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    // An empty attachment has no satisfiable range.
+    upload(&ts, CHAT, "empty", "text/plain", b"").await;
+    let res = ts
+        .request(Method::GET, &format!("{}/attachments/empty", api(CHAT)))
+        .header("range", "bytes=0-0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+}
+
+#[tokio::test]
+async fn content_disposition_is_safe_for_any_filename() {
+    let ts = server_with_entity().await;
+    let names = [
+        "plain.txt",
+        "quo\"te\".txt",
+        "line\r\nbreak.txt",
+        "x\r\nSet-Cookie: stolen=1",
+        "r\u{e9}sum\u{e9} \u{6771}\u{4eac}.pdf",
+        "back\\slash; semi=colon.txt",
+        "%41 percent.txt",
+        "tab\there.txt",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let id = format!("n{i}");
+        let form = Form::new().field("id", &id).field("filename", name).file(Some("ignored"), None, b"x").finish();
+        let res = upload_raw(&ts, CHAT, form).await;
+        assert_eq!(res.status(), StatusCode::CREATED, "{name:?}");
+        let entry = res.json::<Value>().await.unwrap()["attachment"].clone();
+        assert_eq!(entry["filename"], *name, "the manifest keeps the filename as sent");
+
+        let res = ts.request(Method::GET, &format!("{}/attachments/{id}", api(CHAT))).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{name:?}");
+        assert!(res.headers().get("set-cookie").is_none(), "{name:?} injected a header");
+        let cd = header(&res, "content-disposition").unwrap_or_else(|| panic!("{name:?}: no Content-Disposition"));
+        assert!(cd.is_ascii() && !cd.contains('\r') && !cd.contains('\n'), "{name:?}: {cd}");
+        let rest = cd.strip_prefix("attachment; filename=\"").unwrap_or_else(|| panic!("{name:?}: {cd}"));
+        let (fallback, encoded) = rest.split_once("\"; filename*=UTF-8''").unwrap_or_else(|| panic!("{name:?}: {cd}"));
+        assert!(!fallback.contains('"') && !fallback.contains('\\'), "{name:?}: fallback {fallback:?}");
+        assert!(encoded.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~%".contains(&b)), "{cd}");
+        assert_eq!(percent_decode(encoded), name.as_bytes(), "{name:?}: filename* decodes back");
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_attachment_is_404_afterwards_and_its_bytes_are_reclaimed() {
+    let ts = server_with_entity().await;
+    upload(&ts, CHAT, "gone", "text/plain", b"soon gone").await;
+    upload(&ts, CHAT, "stays", "text/plain", b"still here").await;
+    let path = format!("{}/attachments/gone", api(CHAT));
+    let res = ts.request(Method::DELETE, &path).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let txid = res.json::<Value>().await.unwrap()["txid"].as_str().expect("a txid").to_owned();
+
+    assert_eq!(get_bytes(&ts, CHAT, "gone").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(ts.request(Method::HEAD, &path).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(ts.request(Method::DELETE, &path).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(ts.head(&format!("{CHAT}/attachments/gone")).await.status(), StatusCode::NOT_FOUND);
+    assert!(!listed(&ts, CHAT).await.contains_key("gone"));
+    assert!(!manifest(&ts, CHAT).await.contains_key("gone"));
+    let delete_rows: Vec<Value> = rows(&ts, &format!("{CHAT}/main"))
+        .await
+        .into_iter()
+        .filter(|r| r["type"] == "manifest" && r["headers"]["operation"] == "delete")
+        .collect();
+    assert_eq!(delete_rows.len(), 1, "{delete_rows:?}");
+    assert_eq!(delete_rows[0]["key"], "attachment:gone");
+    assert_eq!(delete_rows[0]["headers"]["txid"], txid.as_str());
+    assert_eq!(get_bytes(&ts, CHAT, "stays").await, (StatusCode::OK, b"still here".to_vec()));
+    let dir = ts.config.data_dir.clone();
+    eventually(Duration::from_secs(5), "the deleted bytes to be reclaimed", || {
+        let n = stored_blobs(&dir).len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    let res = ts.request(Method::DELETE, &format!("{}/attachments/never", api(CHAT))).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn identical_content_is_stored_once_and_kept_until_its_last_holder_goes() {
+    let ts = server_with_entity().await;
+    spawn(&ts, None, "/chat/other").await;
+    let bytes = pattern(1 << 20, 42);
+    let sha = sha256_hex(&bytes);
+    upload(&ts, CHAT, "c1", "application/octet-stream", &bytes).await;
+    upload(&ts, CHAT, "c2", "text/plain", &bytes).await;
+    upload(&ts, "/chat/other", "c3", "image/png", &bytes).await;
+    let blobs = stored_blobs(&ts.config.data_dir);
+    assert_eq!(blobs.len(), 1, "one file for three copies: {blobs:?}");
+    assert!(blobs[0].file_name().unwrap().to_string_lossy().contains(&sha), "named by its sha256: {blobs:?}");
+
+    let holders = [(CHAT, "c1"), (CHAT, "c2"), ("/chat/other", "c3")];
+    for (i, (entity, id)) in holders.iter().enumerate() {
+        let res = ts.request(Method::DELETE, &format!("{}/attachments/{id}", api(entity))).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        for (other_entity, other) in &holders[i + 1..] {
+            assert_eq!(get_bytes(&ts, other_entity, other).await, (StatusCode::OK, bytes.clone()), "{other}");
+        }
+        if i + 1 < holders.len() {
+            assert_eq!(stored_blobs(&ts.config.data_dir), blobs, "kept while {} copies remain", holders.len() - i - 1);
+        }
+    }
+    let dir = ts.config.data_dir.clone();
+    eventually(Duration::from_secs(5), "the last copy's file to be removed", || {
+        let left = stored_blobs(&dir);
+        async move { left.is_empty().then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_resumable_upload_completes_on_close_with_the_right_sha256() {
+    let ts = server_with_entity().await;
+    let path = format!("{}/attachments/res", api(CHAT));
+    let stream = format!("{CHAT}/attachments/res");
+    let res = ts
+        .request(Method::PUT, &path)
+        .json(&json!({ "mimeType": "application/octet-stream", "filename": "r.bin", "role": "output",
+                       "subject": { "type": "run", "key": "run-1" }, "meta": { "chunks": 3 } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let started = res.json::<Value>().await.unwrap();
+    assert_eq!(started["attachment"]["status"], "pending");
+    assert_eq!(manifest(&ts, CHAT).await["res"]["status"], "pending");
+    assert_eq!(get_bytes(&ts, CHAT, "res").await.0, StatusCode::CONFLICT, "a pending attachment is not readable yet");
+    // Starting again (a client that lost the answer) resumes the same upload.
+    let res = ts.request(Method::PUT, &path).json(&json!({})).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.json::<Value>().await.unwrap()["attachment"]["status"], "pending");
+
+    let chunks: Vec<Vec<u8>> = (0..3).map(|i| pattern(300_000 + i, i as u64)).collect();
+    let append = |seq: usize, close: bool| {
+        let mut rb = ts
+            .request(Method::POST, &stream)
+            .header("content-type", "application/octet-stream")
+            .header("producer-id", "uploader-1")
+            .header("producer-epoch", "0")
+            .header("producer-seq", seq.to_string())
+            .body(chunks[seq].clone());
+        if close {
+            rb = rb.header("stream-closed", "true");
+        }
+        rb.send()
+    };
+    assert_eq!(append(0, false).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(append(1, false).await.unwrap().status(), StatusCode::OK);
+    let retry = append(1, false).await.unwrap();
+    assert_eq!(retry.status(), StatusCode::NO_CONTENT, "a retried chunk is acknowledged, not appended again");
+    assert_eq!(manifest(&ts, CHAT).await["res"]["status"], "pending", "still pending while open");
+    let closed = append(2, true).await.unwrap();
+    assert_eq!(closed.status(), StatusCode::OK);
+    assert_eq!(header(&closed, CLOSED).as_deref(), Some("true"));
+
+    let whole: Vec<u8> = chunks.concat();
+    let entry = manifest(&ts, CHAT).await["res"].clone();
+    assert_eq!(entry["status"], "complete", "{entry}");
+    assert_eq!(entry["byteLength"], whole.len() as u64);
+    assert_eq!(entry["sha256"], sha256_hex(&whole).as_str());
+    assert_eq!(entry["filename"], "r.bin");
+    assert_eq!(entry["role"], "output");
+    assert_eq!(entry["subject"], json!({ "type": "run", "key": "run-1" }));
+    assert_eq!(entry["meta"], json!({ "chunks": 3 }));
+    assert_eq!(listed(&ts, CHAT).await["res"], entry);
+    assert_eq!(get_bytes(&ts, CHAT, "res").await, (StatusCode::OK, whole.clone()));
+    let res = ts.request(Method::GET, &path).header("range", "bytes=-10").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(res.bytes().await.unwrap(), whole[whole.len() - 10..]);
+    let res = ts.request(Method::GET, &path).header("if-none-match", format!("\"{}\"", sha256_hex(&whole))).send();
+    assert_eq!(res.await.unwrap().status(), StatusCode::NOT_MODIFIED);
+
+    // Closed means finished: no more bytes, and the id is taken.
+    let res = ts
+        .request(Method::POST, &stream)
+        .header("content-type", "application/octet-stream")
+        .body("late")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    assert_eq!(ts.request(Method::PUT, &path).json(&json!({})).send().await.unwrap().status(), StatusCode::CONFLICT);
+    assert_eq!(get_bytes(&ts, CHAT, "res").await.1, whole);
+}
