@@ -31,3 +31,5 @@ echo "[test] cargo test" >&2
 ATTACHE_BIN="$PWD/target/release/attache" cargo test --workspace --quiet
 echo "[test] conformance suite" >&2
 ATTACHE_BIN="$PWD/target/release/attache" bash conformance/run.sh
+echo "[test] State Protocol materializer against the server" >&2
+ATTACHE_BIN="$PWD/target/release/attache" bash conformance/state/run.sh

@@ -33,6 +33,9 @@ use crate::AppState;
 /// The error code of an upload whose body ended early (recorded as `failed`).
 const INTERRUPTED: &str = "UPLOAD_INTERRUPTED";
 
+/// Largest header block of one multipart part.
+const MAX_PART_HEADER_BYTES: usize = 8 << 10;
+
 /// Longest attache key-value name an attachment may carry.
 pub const MAX_NAME_LEN: usize = 100;
 
@@ -85,7 +88,14 @@ impl Fields {
     fn set(&mut self, field: &str, value: String) -> ApiResult<()> {
         let value = value.trim().to_owned();
         if value.is_empty() {
-            return Ok(());
+            // An empty text field counts as absent, except an id: naming none is an error.
+            return match field {
+                "id" => Err(validate_attachment_id("")
+                    .err()
+                    .map(ApiError::from)
+                    .unwrap_or_else(|| ApiError::bad_request("empty id"))),
+                _ => Ok(()),
+            };
         }
         match field {
             "id" => {
@@ -274,6 +284,12 @@ pub async fn upload(
     let outcome: ApiResult<()> = async {
         while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
             let name = field.name().unwrap_or("").to_owned();
+            let header_bytes: usize = field.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+            if header_bytes > MAX_PART_HEADER_BYTES {
+                return Err(ApiError::bad_request(format!(
+                    "a part's headers are {header_bytes} bytes; at most {MAX_PART_HEADER_BYTES} are allowed"
+                )));
+            }
             if name != "file" {
                 if !seen.insert(name.clone()) {
                     return Err(ApiError::bad_request(format!("field {name:?} is sent twice")));
@@ -284,6 +300,9 @@ pub async fn upload(
             }
             if staged.is_some() {
                 return Err(ApiError::bad_request("only one file may be uploaded per request"));
+            }
+            if field.file_name().is_some_and(|f| f.len() > 1024) {
+                return Err(ApiError::bad_request("filename is at most 1024 bytes"));
             }
             let part_type = field.content_type().map(|m| m.to_string());
             if fields.filename.is_none() {
@@ -325,16 +344,22 @@ pub async fn upload(
         return Err(err);
     }
     let Some(blob) = staged else { return Err(ApiError::bad_request("Missing file field")) };
-    let pending = match pending {
-        Some(p) => p,
-        None => {
-            let id = fields.id.clone().unwrap_or_else(new_txid);
-            begin(&state, &entity, &id, &fields, &who, None).await?
+    // Fields after the file part complete the entry; check them before anything else is written.
+    let id = pending.as_ref().map(|p| p.entry.id.clone()).or_else(|| fields.id.clone()).unwrap_or_else(new_txid);
+    let fresh = match fields.entry(&entity, &id, &who, None) {
+        Ok(entry) => entry,
+        Err(err) => {
+            if let Some(p) = &pending {
+                retract(&state, &entity, &p.entry.id, &p.txid).await;
+            }
+            return Err(err);
         }
     };
+    let pending = match pending {
+        Some(p) => p,
+        None => begin(&state, &entity, &id, &fields, &who, None).await?,
+    };
     let mut entry = pending.entry.clone();
-    // Fields after the file part complete the entry.
-    let fresh = fields.entry(&entity, &entry.id, &who, None)?;
     entry.subject = fresh.subject;
     entry.role = fresh.role;
     entry.meta = fresh.meta;

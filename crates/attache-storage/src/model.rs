@@ -47,6 +47,18 @@ pub struct StagedBlob {
     pub len: u64,
 }
 
+impl Drop for StagedBlob {
+    /// A staged blob nobody adopted leaves nothing behind. (Once adopted, the
+    /// staging path no longer exists and this does nothing.)
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(error = %e, path = %self.path.display(), "could not remove a staged blob");
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForkInfo {
     pub source_id: u64,
