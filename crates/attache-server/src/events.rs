@@ -54,15 +54,13 @@ pub async fn ensure_stream(store: &dyn StreamStore) -> Result<(), StoreError> {
     }
 }
 
-/// Appends events (one message each) to the global stream.
-pub async fn append(store: &dyn StreamStore, envelopes: &[Value]) -> ApiResult<()> {
-    let body = serde_json::to_vec(envelopes)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", e.to_string()))?;
+/// Appends events to the global stream: `body` is a JSON array, one element per event.
+pub async fn append_body(store: &dyn StreamStore, body: Bytes) -> ApiResult<()> {
     store
         .append(AppendRequest {
             path: EVENTS_PATH.into(),
             content_type: ContentType::parse("application/json").ok(),
-            body: Bytes::from(body),
+            body,
             close: false,
             seq: None,
             producer: None,

@@ -229,7 +229,7 @@ impl ServerHandler for McpFace {
             match self.state.rate_limiter.check(&who, limits.rpc_rate_limit, limits.rpc_rate_window.as_millis() as u64)
             {
                 Err(e) => Err(e),
-                Ok(()) => tasks::call(&self.state, &who, method, &params).await,
+                Ok(()) => tasks::call(&self.state, &who, method, params).await,
             };
         Ok(match outcome {
             Ok(result) => CallToolResult::structured(result).into(),

@@ -9,9 +9,8 @@
 use std::collections::HashMap;
 
 use attache_core::PrincipalKey;
-use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
@@ -147,7 +146,7 @@ async fn handle_one(state: &AppState, who: &PrincipalKey, msg: Value) -> Option<
     let outcome = match state.rate_limiter.check(who, limits.rpc_rate_limit, limits.rpc_rate_window.as_millis() as u64)
     {
         Err(e) => Err(RpcError::Call(e)),
-        Ok(()) => tasks::call(state, who, &req.method, &req.params).await.map_err(RpcError::Call),
+        Ok(()) => tasks::call(state, who, &req.method, req.params).await.map_err(RpcError::Call),
     };
     match &outcome {
         Ok(_) => state.metrics.rpc_call(&req.method, "ok"),
@@ -185,15 +184,19 @@ pub async fn handle_value(state: &AppState, who: &PrincipalKey, body: Value) -> 
 }
 
 fn respond(status: StatusCode, body: &Value) -> Response {
-    let mut res = (status, body.to_string()).into_response();
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut res = (status, bytes).into_response();
     res.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
     res
 }
 
 /// POST /rpc (and /rpc/batch): always 200 for answered calls, 204 when only
 /// notifications came; 401 for missing credentials, 413 for an oversized body.
-pub async fn post_rpc(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    let who = match state.auth.authenticate(&headers) {
+pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request) -> Response {
+    // The request taken whole: the `HeaderMap` extractor would clone the headers.
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    let who = match state.auth.authenticate(headers) {
         Ok(who) => who,
         Err(e) => {
             let err = RpcError::Call(TaskError::Unauthorized { message: e.message });
@@ -203,7 +206,7 @@ pub async fn post_rpc(State(state): State<AppState>, headers: HeaderMap, body: B
             return res;
         }
     };
-    let bytes = match crate::streams::read_body(body, &headers, state.config.rpc_max_body_bytes).await {
+    let bytes = match crate::streams::read_body(body, headers, state.config.rpc_max_body_bytes).await {
         Ok(b) => b,
         Err(e) => {
             let err = RpcError::InvalidRequest(e.message);

@@ -16,9 +16,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use attache_core::manifest::{AttachmentStatus, ManifestEntry, Role, MANIFEST};
-use attache_core::state::{timestamp, ChangeEvent};
+use attache_core::state::timestamp;
 use attache_core::{ContentType, EntityUrl, Permission, PrincipalKey, StreamPath};
-use attache_storage::{CreateStream, EntityRecord, StoreError};
+use attache_storage::{AppendRequest, CreateStream, EntityRecord, StoreError};
 use axum::http::StatusCode;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use crate::access::{may, now_ms};
 use crate::error::ApiError;
 use crate::events;
-use crate::rows::{append_rows, new_txid, MainView};
+use crate::rows::{json_content_type, new_txid, not_running, MainView};
 use crate::AppState;
 
 pub const TASK_TYPE: &str = "task";
@@ -267,10 +267,10 @@ impl<'a> Params<'a> {
 }
 
 /// Params must be an object; absent or null means `{}`.
-pub fn params_object(params: &Value) -> TaskResult<Map<String, Value>> {
+pub fn params_object(params: Value) -> TaskResult<Map<String, Value>> {
     match params {
         Value::Null => Ok(Map::new()),
-        Value::Object(m) => Ok(m.clone()),
+        Value::Object(m) => Ok(m),
         _ => Err(TaskError::InvalidParams { validation: "params must be an object".into(), field: None }),
     }
 }
@@ -319,27 +319,72 @@ pub struct Pending {
     by_key: HashMap<String, (u64, Option<ManifestEntry>)>,
 }
 
-/// One lock per task, held while a write is decided and *queued*, released
-/// before it syncs. The embedded store queues an append on its first poll and
-/// commits its queue in order, so holding the lock only that long keeps one
-/// task's writes in order while many of them share one group commit. Until
-/// a queued write is visible in the view, [`Pending`] remembers it, so a
-/// second upsert of the same key reuses the id the first one chose.
+/// Write ordering for one task. A write holds its locks while it is decided
+/// and *queued*, and releases them before it syncs: the embedded store queues
+/// an append on its first poll and commits its queue in order, so this keeps
+/// the writes in order while many of them share one group commit.
+///
+/// Task changes (status, assignment, deletion) take `order` exclusively.
+/// Attachment writes share `order` and serialize per key only, so writes of
+/// different keys proceed in parallel. Until a queued write is visible in the
+/// view, [`Pending`] remembers it, so a second upsert of the same key reuses
+/// the id the first one chose.
+#[derive(Default)]
+pub struct TaskCell {
+    order: tokio::sync::RwLock<()>,
+    keys: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pending: parking_lot::Mutex<Pending>,
+}
+
+impl TaskCell {
+    fn key_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.keys.lock().entry(key.to_owned()).or_default().clone()
+    }
+
+    /// Drops the lock of a key nobody else is writing.
+    fn release_key(&self, key: &str, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut keys = self.keys.lock();
+        // Two references: the map's and ours; nobody can clone it while we hold the map.
+        if Arc::strong_count(&lock) == 2 {
+            keys.remove(key);
+        }
+    }
+
+    /// The entry a queued write of `key` is writing, if one is in flight.
+    fn pending(&self, key: &str) -> Option<Option<ManifestEntry>> {
+        self.pending.lock().by_key.get(key).map(|(_, e)| e.clone())
+    }
+
+    fn record(&self, key: &str, entry: Option<ManifestEntry>) -> u64 {
+        let mut p = self.pending.lock();
+        p.next += 1;
+        let seq = p.next;
+        p.by_key.insert(key.to_owned(), (seq, entry));
+        seq
+    }
+
+    fn settle(&self, key: &str, seq: u64) {
+        let mut p = self.pending.lock();
+        if p.by_key.get(key).is_some_and(|(s, _)| *s == seq) {
+            p.by_key.remove(key);
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Writers {
-    cells: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Pending>>>>,
+    cells: parking_lot::Mutex<HashMap<String, Arc<TaskCell>>>,
 }
 
 impl Writers {
-    fn cell(&self, task_id: &str) -> Arc<tokio::sync::Mutex<Pending>> {
+    fn cell(&self, task_id: &str) -> Arc<TaskCell> {
         self.cells.lock().entry(task_id.to_owned()).or_default().clone()
     }
 
     /// Drops the cell of a task nobody is writing to (keeps the map small).
-    fn release(&self, task_id: &str, cell: Arc<tokio::sync::Mutex<Pending>>) {
+    fn release(&self, task_id: &str, cell: Arc<TaskCell>) {
         let mut cells = self.cells.lock();
-        // Two references: the map's and ours. Nobody else can clone it while we hold the map lock.
-        if Arc::strong_count(&cell) == 2 && cell.try_lock().is_ok_and(|p| p.by_key.is_empty()) {
+        if Arc::strong_count(&cell) == 2 && cell.keys.lock().is_empty() && cell.pending.lock().by_key.is_empty() {
             cells.remove(task_id);
         }
     }
@@ -384,59 +429,143 @@ impl Event {
     }
 }
 
-/// Appends `rows` plus the events' rows to the task's main stream, and the
-/// events to the global events stream; queued now, awaited by the returned future.
+/// A manifest row a write appends to the task's main stream.
+enum Row {
+    /// Insert (new key) or update (same id, full replacement).
+    Upsert {
+        entry: ManifestEntry,
+        insert: bool,
+    },
+    Delete {
+        row_key: String,
+    },
+}
+
+#[derive(Serialize)]
+struct RowOut<'a, V: Serialize + ?Sized> {
+    #[serde(rename = "type")]
+    collection: &'a str,
+    key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a V>,
+    headers: HeadersOut<'a>,
+}
+
+#[derive(Serialize)]
+struct HeadersOut<'a> {
+    operation: &'a str,
+    timestamp: &'a str,
+    txid: &'a str,
+}
+
+/// Serializes JSON messages as one JSON array body (each element one message).
+fn array_body(items: &[Vec<u8>]) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(items.iter().map(|i| i.len() + 1).sum::<usize>() + 2);
+    out.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(item);
+    }
+    out.push(b']');
+    out.into()
+}
+
+/// Appends `rows` plus one `event` row per event to the task's main stream,
+/// and the events to the global events stream: queued now (in order), finished
+/// by the returned future. Each event is serialized once for both streams.
 async fn write_task(
     state: &AppState,
     task_id: &str,
-    mut rows: Vec<ChangeEvent>,
+    rows: Vec<Row>,
     evts: Vec<Event>,
     close: bool,
 ) -> impl Future<Output = TaskResult<()>> + Send + 'static {
     let now = now_ms();
     let txid = new_txid();
     let ts = timestamp(now);
+    let headers = |operation| HeadersOut { operation, timestamp: &ts, txid: &txid };
+    let mut main_rows = Vec::with_capacity(rows.len() + evts.len());
     let mut envelopes = Vec::with_capacity(evts.len());
-    for e in &evts {
-        let id = new_event_id();
-        let envelope = e.envelope(&id, now);
-        rows.push(ChangeEvent::insert(events::EVENT_COLLECTION, &id, envelope.clone(), &txid, &ts));
-        envelopes.push(envelope);
+    let serialized = (|| -> serde_json::Result<()> {
+        for row in &rows {
+            main_rows.push(match row {
+                Row::Upsert { entry, insert } => serde_json::to_vec(&RowOut {
+                    collection: MANIFEST,
+                    key: &entry.key,
+                    value: Some(entry),
+                    headers: headers(if *insert { "insert" } else { "update" }),
+                })?,
+                Row::Delete { row_key } => serde_json::to_vec(&RowOut::<Value> {
+                    collection: MANIFEST,
+                    key: row_key,
+                    value: None,
+                    headers: headers("delete"),
+                })?,
+            });
+        }
+        for e in &evts {
+            let id = new_event_id();
+            let envelope = serde_json::value::RawValue::from_string(e.envelope(&id, now).to_string())?;
+            main_rows.push(serde_json::to_vec(&RowOut {
+                collection: events::EVENT_COLLECTION,
+                key: &id,
+                value: Some(&*envelope),
+                headers: headers("insert"),
+            })?);
+            envelopes.push(envelope.get().as_bytes().to_vec());
+        }
+        Ok(())
+    })();
+    if let Err(e) = serialized {
+        return futures::future::Either::Left(futures::future::ready(Err(TaskError::internal(e))));
     }
-    // One transaction id for everything this write appends.
-    for row in &mut rows {
-        row.headers.txid = Some(txid.clone());
-    }
-    let main = main_path(task_id);
+    let main_body = array_body(&main_rows);
+    let global_body = (!envelopes.is_empty()).then(|| array_body(&envelopes));
     let store = state.store.clone();
-    let appends = 1 + u64::from(!envelopes.is_empty());
-    let main_write = queue(async move { append_rows(store.as_ref(), &main, &rows, close).await }).await;
-    let global_write = if envelopes.is_empty() {
-        None
-    } else {
-        let store = state.store.clone();
-        Some(queue(async move { events::append(store.as_ref(), &envelopes).await }).await)
+    let main = main_path(task_id);
+    let main_write = queue(async move {
+        let req = AppendRequest {
+            path: main,
+            content_type: Some(json_content_type()),
+            body: main_body,
+            close,
+            seq: None,
+            producer: None,
+        };
+        store.append(req).await.map(|_| ()).map_err(|e| match e {
+            StoreError::Closed { .. } => TaskError::from(not_running()),
+            other => TaskError::from(other),
+        })
+    })
+    .await;
+    let global_write = match global_body {
+        None => None,
+        Some(body) => {
+            let store = state.store.clone();
+            Some(queue(async move { events::append_body(store.as_ref(), body).await.map_err(TaskError::from) }).await)
+        }
     };
-    state.metrics.appends(appends);
-    async move {
+    state.metrics.appends(1 + u64::from(global_write.is_some()));
+    futures::future::Either::Right(async move {
         let main = finish(main_write).await;
         let global = match global_write {
             Some(w) => finish(w).await,
             None => Some(Ok(())),
         };
         match (main, global) {
-            (Some(Ok(_)), Some(Ok(()))) => Ok(()),
-            (Some(Err(e)), _) => Err(TaskError::from(e)),
-            (_, Some(Err(e))) => Err(TaskError::from(e)),
+            (Some(Ok(())), Some(Ok(()))) => Ok(()),
+            (Some(Err(e)), _) | (_, Some(Err(e))) => Err(e),
             _ => Err(TaskError::internal("a queued write vanished")),
         }
-    }
+    })
 }
 
 // ---------------------------------------------------------------- dispatch
 
 /// Calls one method for `who`. Every face (JSON-RPC, MCP, WebSocket) comes through here.
-pub async fn call(state: &AppState, who: &PrincipalKey, method: &str, params: &Value) -> TaskResult<Value> {
+pub async fn call(state: &AppState, who: &PrincipalKey, method: &str, params: Value) -> TaskResult<Value> {
     let map = params_object(params)?;
     let p = Params(&map);
     match method {
@@ -481,17 +610,58 @@ fn task_for(
     wanted: Permission,
     style: Missing,
 ) -> TaskResult<(EntityRecord, TaskRecord)> {
+    let entity = task_entity(state, who, task_id, wanted, style)?;
+    let task = TaskRecord::of(&entity).ok_or_else(|| task_missing(style, task_id))?;
+    Ok((entity, task))
+}
+
+/// A live (not deleted) task, by its record alone: cheaper than parsing it.
+fn is_live_task(e: &EntityRecord) -> bool {
+    e.entity_type == TASK_TYPE
+        && e.extra
+            .as_ref()
+            .and_then(Value::as_object)
+            .is_some_and(|x| x.contains_key("status") && x.get("deletedAt").is_none_or(Value::is_null))
+}
+
+/// May `who` read the entity, and may it do `wanted`? (One look at the grants.)
+fn permitted(state: &AppState, who: &PrincipalKey, entity: &EntityRecord, wanted: Permission) -> (bool, bool) {
+    if who.is_built_in_system() || entity.created_by == who.url() {
+        return (true, true);
+    }
+    let grants = state.registry.grants(&entity.url);
+    let now = now_ms();
+    let check = |p| {
+        attache_core::entity::permits(
+            who,
+            Some(&entity.created_by),
+            grants.iter().map(|g| (&g.subject, g.permission, g.expires_at_ms)),
+            p,
+            now,
+        )
+    };
+    (check(Permission::Read), wanted == Permission::Read || check(wanted))
+}
+
+/// The entity of a live task `who` may act on with `wanted`; a task it may
+/// not read does not exist for it (-32602), one it may read but not change is -32002.
+fn task_entity(
+    state: &AppState,
+    who: &PrincipalKey,
+    task_id: &str,
+    wanted: Permission,
+    style: Missing,
+) -> TaskResult<EntityRecord> {
     let missing = || task_missing(style, task_id);
     let url = task_url(task_id).ok_or_else(missing)?;
-    let entity = state.registry.entity(&url.to_string()).ok_or_else(missing)?;
-    let task = TaskRecord::of(&entity).ok_or_else(missing)?;
-    if !may(state, who, &entity, Permission::Read) {
-        return Err(missing());
+    let entity = state.registry.entity(&url.to_string()).filter(is_live_task).ok_or_else(missing)?;
+    match permitted(state, who, &entity, wanted) {
+        (false, _) => Err(missing()),
+        (true, false) => {
+            Err(TaskError::Unauthorized { message: format!("{who} may not {} task {task_id}", wanted.as_str()) })
+        }
+        (true, true) => Ok(entity),
     }
-    if !may(state, who, &entity, wanted) {
-        return Err(TaskError::Unauthorized { message: format!("{who} may not {} task {task_id}", wanted.as_str()) });
-    }
-    Ok((entity, task))
 }
 
 /// Applies `change` to the task under the registry's compare-and-set; a
@@ -582,7 +752,7 @@ async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
         deleted_at: None,
     };
     let cell = state.tasks.cell(&id);
-    let guard = cell.lock().await;
+    let guard = cell.order.write().await;
     let spawned = crate::entities::spawn_entity(state, who, &url, None, BTreeMap::new(), Some(task.to_extra())).await;
     match spawned {
         Ok((_, true, _)) => {}
@@ -638,9 +808,9 @@ async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
     let metadata = u.opt_object("metadata")?.cloned();
     let changes: Vec<&str> =
         ["text", "status", "priority", "metadata"].into_iter().filter(|k| updates.contains_key(*k)).collect();
-    task_for(state, who, id, Permission::Write, Missing::TaskColon)?;
+    task_entity(state, who, id, Permission::Write, Missing::TaskColon)?;
     let cell = state.tasks.cell(id);
-    let guard = cell.lock().await;
+    let guard = cell.order.write().await;
     let task_id = id.to_owned();
     let now = now_ms();
     let task = change_task(state, id, move |t| {
@@ -767,9 +937,9 @@ async fn list(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResul
 async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
     let task_id = p.string("taskId", 128)?;
     let instance = p.string("instanceId", 256)?.to_owned();
-    task_for(state, who, task_id, Permission::Write, Missing::TaskColon)?;
+    task_entity(state, who, task_id, Permission::Write, Missing::TaskColon)?;
     let cell = state.tasks.cell(task_id);
-    let guard = cell.lock().await;
+    let guard = cell.order.write().await;
     let previous: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
     let (prev_slot, id, inst) = (previous.clone(), task_id.to_owned(), instance.clone());
     let now = now_ms();
@@ -810,9 +980,9 @@ async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
 
 async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
     let task_id = p.string("taskId", 128)?;
-    task_for(state, who, task_id, Permission::Write, Missing::TaskColon)?;
+    task_entity(state, who, task_id, Permission::Write, Missing::TaskColon)?;
     let cell = state.tasks.cell(task_id);
-    let guard = cell.lock().await;
+    let guard = cell.order.write().await;
     let previous: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
     let (prev_slot, id) = (previous.clone(), task_id.to_owned());
     let now = now_ms();
@@ -860,7 +1030,7 @@ async fn claim(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResu
     });
     for (task_id, _) in candidates {
         let cell = state.tasks.cell(&task_id);
-        let guard = cell.lock().await;
+        let guard = cell.order.write().await;
         let w = worker.clone();
         let now = now_ms();
         let won = change_task(state, &task_id, move |t| {
@@ -951,7 +1121,7 @@ async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskR
         put_attachment(state, who, input).await?;
     }
     let cell = state.tasks.cell(task_id);
-    let guard = cell.lock().await;
+    let guard = cell.order.write().await;
     let now = now_ms();
     let (id, stored) = (task_id.to_owned(), if failed { None } else { result });
     let task = change_task(state, task_id, move |t| {
@@ -984,9 +1154,9 @@ async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskR
 /// main stream with the `task.deleted` event, and deletes its attachment bytes.
 async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
     let id = p.string("id", 128)?;
-    task_for(state, who, id, Permission::Delete, Missing::TaskColon)?;
+    task_entity(state, who, id, Permission::Delete, Missing::TaskColon)?;
     let cell = state.tasks.cell(id);
-    let _guard = cell.lock().await;
+    let _guard = cell.order.write().await;
     let now = now_ms();
     change_task(state, id, move |t| {
         t.deleted_at = Some(now);
@@ -1173,8 +1343,11 @@ fn keyed(view: &MainView) -> impl Iterator<Item = (&str, &ManifestEntry)> {
     })
 }
 
+/// `/principal/user%3Aalice` → `user:alice` (the form the task API shows).
 fn principal_key_of(url: &str) -> String {
-    PrincipalKey::parse(url).map(|p| p.to_string()).unwrap_or_else(|_| url.to_owned())
+    url.strip_prefix("/principal/")
+        .and_then(|encoded| attache_core::principal::percent_decode_strict(encoded).ok())
+        .unwrap_or_else(|| url.to_owned())
 }
 
 /// An attachment as the task API shows it. Uploads (no `taskType`) are binary.
@@ -1242,15 +1415,23 @@ async fn write_bytes(state: &AppState, who: &PrincipalKey, path: &str, mime: &st
 /// the old type survives. Returns the entry as written.
 async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentInput) -> TaskResult<ManifestEntry> {
     let task_id = input.task_id.as_str();
-    let (entity, _) = task_for(state, who, task_id, Permission::Write, Missing::TaskNotFound)?;
+    let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskNotFound)?;
     if !entity.is_running() {
         return Err(task_missing(Missing::TaskNotFound, task_id));
     }
     let main = main_path(task_id);
     let cell = state.tasks.cell(task_id);
-    let mut pending = cell.lock().await;
-    let existing = match pending.by_key.get(&input.key) {
-        Some((_, entry)) => entry.clone(),
+    let shared = cell.order.read().await;
+    // A deletion may have finished while we waited for the lock.
+    if !state.registry.entity(&entity.url).is_some_and(|e| e.is_running()) {
+        drop(shared);
+        state.tasks.release(task_id, cell);
+        return Err(task_missing(Missing::TaskNotFound, task_id));
+    }
+    let key_lock = cell.key_lock(&input.key);
+    let key_guard = key_lock.lock().await;
+    let existing = match cell.pending(&input.key) {
+        Some(entry) => entry,
         None => {
             let view = state.views.get(state.store.as_ref(), &main).await?;
             view.by_name.get(&input.key).and_then(|id| view.manifest.get(id)).cloned()
@@ -1311,13 +1492,7 @@ async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentI
         entry.sha256 = Some(hex::encode(Sha256::digest(&bytes)));
         write_bytes(state, who, &entry.stream_path, &mime, bytes).await?;
     }
-    let value = serde_json::to_value(&entry).map_err(TaskError::internal)?;
-    let ts = timestamp(now);
-    let row = if existing.is_some() {
-        ChangeEvent::update(MANIFEST, &entry.key, value, "", &ts)
-    } else {
-        ChangeEvent::insert(MANIFEST, &entry.key, value, "", &ts)
-    };
+    let row = Row::Upsert { entry: entry.clone(), insert: existing.is_none() };
     let event = Event::new(
         "task.attachment_created",
         task_id,
@@ -1332,17 +1507,12 @@ async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentI
         json!({ "createdBy": who.to_string() }),
     );
     let written = write_task(state, task_id, vec![row], vec![event], false).await;
-    pending.next += 1;
-    let seq = pending.next;
-    pending.by_key.insert(input.key.clone(), (seq, Some(entry.clone())));
-    drop(pending);
+    let seq = cell.record(&input.key, Some(entry.clone()));
+    drop(key_guard);
+    drop(shared);
     let outcome = written.await;
-    {
-        let mut pending = cell.lock().await;
-        if pending.by_key.get(&input.key).is_some_and(|(s, _)| *s == seq) {
-            pending.by_key.remove(&input.key);
-        }
-    }
+    cell.settle(&input.key, seq);
+    cell.release_key(&input.key, key_lock);
     state.tasks.release(task_id, cell);
     outcome?;
     if let Some(old) = old_bytes.filter(|old| *old != entry.stream_path) {
@@ -1366,13 +1536,8 @@ async fn create_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
 }
 
 /// The attachment `key` of a task `who` may read, or `None`.
-async fn find_attachment(
-    state: &AppState,
-    who: &PrincipalKey,
-    task_id: &str,
-    key: &str,
-) -> TaskResult<Option<ManifestEntry>> {
-    if task_for(state, who, task_id, Permission::Read, Missing::TaskNotFound).is_err() {
+async fn find_attachment(state: &AppState, who: &PrincipalKey, task_id: &str, key: &str) -> TaskResult<Option<Value>> {
+    if task_entity(state, who, task_id, Permission::Read, Missing::TaskNotFound).is_err() {
         return Ok(None);
     }
     let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
@@ -1381,14 +1546,14 @@ async fn find_attachment(
         .get(key)
         .and_then(|id| view.manifest.get(id))
         .filter(|e| e.status == AttachmentStatus::Complete)
-        .cloned())
+        .map(|e| attachment_json(task_id, key, e)))
 }
 
 async fn get_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
     let task_id = p.string("taskId", 128)?;
     let key = p.string("key", 100)?;
     match find_attachment(state, who, task_id, key).await? {
-        Some(entry) => Ok(attachment_json(task_id, key, &entry)),
+        Some(found) => Ok(found),
         None => Err(TaskError::rejected(
             format!("Attachment with key '{key}' not found for task {task_id}"),
             json!({ "taskId": task_id, "key": key }),
@@ -1402,7 +1567,7 @@ async fn list_attachments(state: &AppState, who: &PrincipalKey, p: &Params<'_>) 
     let kind = p.opt_enum("type", AttachmentKind::parse, TYPES)?;
     let limit = p.opt_int("limit", 1, 100)?.unwrap_or(50) as usize;
     let offset = p.opt_int("offset", 0, i64::MAX)?.unwrap_or(0) as usize;
-    task_for(state, who, task_id, Permission::Read, Missing::TaskNotFound)?;
+    task_entity(state, who, task_id, Permission::Read, Missing::TaskNotFound)?;
     let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
     let mut all: Vec<Value> = keyed(&view)
         .map(|(key, e)| attachment_json(task_id, key, e))
@@ -1438,7 +1603,7 @@ async fn get_attachments_batch(state: &AppState, who: &PrincipalKey, p: &Params<
     let mut missing = Vec::new();
     for (task_id, key) in &wanted {
         match find_attachment(state, who, task_id, key).await? {
-            Some(entry) => found.push(attachment_json(task_id, key, &entry)),
+            Some(attachment) => found.push(attachment),
             None => missing.push(json!({ "taskId": task_id, "key": key })),
         }
     }
@@ -1461,7 +1626,7 @@ async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
             json!({ "taskId": task_id, "key": key }),
         )
     };
-    let (entity, _) = task_for(state, who, task_id, Permission::Write, Missing::TaskNotFound).map_err(|e| match e {
+    let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskNotFound).map_err(|e| match e {
         TaskError::Rejected { .. } => not_found(),
         other => other,
     })?;
@@ -1469,21 +1634,30 @@ async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         return Err(not_found());
     }
     let cell = state.tasks.cell(task_id);
-    let mut pending = cell.lock().await;
-    let existing = match pending.by_key.get(key) {
-        Some((_, entry)) => entry.clone(),
+    let shared = cell.order.read().await;
+    if !state.registry.entity(&entity.url).is_some_and(|e| e.is_running()) {
+        drop(shared);
+        state.tasks.release(task_id, cell);
+        return Err(not_found());
+    }
+    let key_lock = cell.key_lock(key);
+    let key_guard = key_lock.lock().await;
+    let existing = match cell.pending(key) {
+        Some(entry) => entry,
         None => {
             let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
             view.by_name.get(key).and_then(|id| view.manifest.get(id)).cloned()
         }
     };
     let Some(entry) = existing else {
-        drop(pending);
+        drop(key_guard);
+        drop(shared);
+        cell.release_key(key, key_lock);
         state.tasks.release(task_id, cell);
         return Err(not_found());
     };
     let now = now_ms();
-    let row = ChangeEvent::delete(MANIFEST, &entry.key, "", &timestamp(now));
+    let row = Row::Delete { row_key: entry.key.clone() };
     let event = Event::new(
         "task.attachment_deleted",
         task_id,
@@ -1491,17 +1665,12 @@ async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         json!({ "deletedBy": who.to_string(), "deletedAt": timestamp(now) }),
     );
     let written = write_task(state, task_id, vec![row], vec![event], false).await;
-    pending.next += 1;
-    let seq = pending.next;
-    pending.by_key.insert(key.to_owned(), (seq, None));
-    drop(pending);
+    let seq = cell.record(key, None);
+    drop(key_guard);
+    drop(shared);
     let outcome = written.await;
-    {
-        let mut pending = cell.lock().await;
-        if pending.by_key.get(key).is_some_and(|(s, _)| *s == seq) {
-            pending.by_key.remove(key);
-        }
-    }
+    cell.settle(key, seq);
+    cell.release_key(key, key_lock);
     state.tasks.release(task_id, cell);
     outcome?;
     if entry.byte_length.is_some() {
