@@ -43,6 +43,9 @@ pub(crate) const BLOB_REFS: TableDefinition<&str, u64> = TableDefinition::new("b
 /// Named counters (the next stream id).
 pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
+/// Largest read kept for the live readers that follow it.
+const RECENT_MAX: usize = 64 << 10;
+
 /// Flag on a chunk row: this row ends the append that wrote it.
 pub(crate) const ROW_ENDS_APPEND: u8 = 1;
 
@@ -79,6 +82,9 @@ pub(crate) struct StreamEntry {
     pub(crate) signal: watch::Sender<u64>,
     pub(crate) last_access_ms: AtomicI64,
     pub(crate) removed: AtomicBool,
+    /// The last small read that reached the tail: live readers woken by the
+    /// same append ask for the same bytes, and are served by one read.
+    pub(crate) recent: parking_lot::Mutex<Option<ReadBatch>>,
 }
 
 impl StreamEntry {
@@ -88,6 +94,7 @@ impl StreamEntry {
             signal: watch::channel(0).0,
             last_access_ms: AtomicI64::new(now_ms),
             removed: AtomicBool::new(false),
+            recent: parking_lot::Mutex::new(None),
         })
     }
 
@@ -102,13 +109,7 @@ impl StreamEntry {
 
     /// Expired streams behave as deleted from the instant they expire.
     pub(crate) fn expired(&self, info: &StreamInfo, now_ms: i64) -> bool {
-        if let Some(at) = info.expires_at_ms {
-            return now_ms >= at;
-        }
-        match info.ttl_secs {
-            Some(ttl) => now_ms >= self.last_access_ms.load(Ordering::Relaxed).saturating_add(ttl as i64 * 1000),
-            None => false,
-        }
+        crate::rules::expired(info, self.last_access_ms.load(Ordering::Relaxed), now_ms)
     }
 }
 
@@ -286,7 +287,21 @@ impl StreamStore for EmbeddedStore {
     fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch> {
         let entry = self.entry(path)?;
         entry.last_access_ms.store(now_ms(), Ordering::Relaxed);
-        reader::read(&self.shared, &entry.info(), from, max_bytes)
+        let info = entry.info();
+        if let ReadFrom::At(at) = from {
+            let recent = entry.recent.lock();
+            if let Some(hit) = recent.as_ref().filter(|b| {
+                b.start == at && b.info.tail == info.tail && b.info.closed == info.closed && b.byte_len() <= max_bytes
+            }) {
+                return Ok(hit.clone());
+            }
+        }
+        let batch = reader::read(&self.shared, &info, from, max_bytes)?;
+        if matches!(from, ReadFrom::At(_)) && !batch.is_empty() && batch.up_to_date() && batch.byte_len() <= RECENT_MAX
+        {
+            *entry.recent.lock() = Some(batch.clone());
+        }
+        Ok(batch)
     }
 
     fn subscribe(&self, path: &str) -> StoreResult<ChangeSignal> {
