@@ -94,5 +94,11 @@ node -e '
   console.log(`conformance: ${r.numPassedTests} passed, ${r.numFailedTests} failed, ${skipped} skipped`);
 ' "$RESULTS_JSON" 2>/dev/null || true
 rm -f "$RESULTS_JSON"
-if [ -n "$LOG_FILE" ]; then echo "[conformance] server log: $LOG_FILE" >&2; fi
+if [ -n "$LOG_FILE" ]; then
+  if [ "$status" -eq 0 ] && [ -z "${KEEP_SERVER_LOG:-}" ]; then
+    rm -f "$LOG_FILE"
+  else
+    echo "[conformance] server log kept: $LOG_FILE" >&2
+  fi
+fi
 exit "$status"
