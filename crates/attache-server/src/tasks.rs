@@ -433,7 +433,7 @@ impl Event {
 enum Row {
     /// Insert (new key) or update (same id, full replacement).
     Upsert {
-        entry: ManifestEntry,
+        entry: Box<ManifestEntry>,
         insert: bool,
     },
     Delete {
@@ -494,7 +494,7 @@ async fn write_task(
                 Row::Upsert { entry, insert } => serde_json::to_vec(&RowOut {
                     collection: MANIFEST,
                     key: &entry.key,
-                    value: Some(entry),
+                    value: Some(&**entry),
                     headers: headers(if *insert { "insert" } else { "update" }),
                 })?,
                 Row::Delete { row_key } => serde_json::to_vec(&RowOut::<Value> {
@@ -1492,7 +1492,7 @@ async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentI
         entry.sha256 = Some(hex::encode(Sha256::digest(&bytes)));
         write_bytes(state, who, &entry.stream_path, &mime, bytes).await?;
     }
-    let row = Row::Upsert { entry: entry.clone(), insert: existing.is_none() };
+    let row = Row::Upsert { entry: Box::new(entry.clone()), insert: existing.is_none() };
     let event = Event::new(
         "task.attachment_created",
         task_id,

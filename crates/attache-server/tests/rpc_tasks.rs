@@ -954,3 +954,32 @@ async fn metrics_count_calls_attachments_and_appends() {
     }
     assert!(text.contains("attache_stream_appends_total "));
 }
+
+#[tokio::test]
+async fn tasks_attachments_and_events_survive_a_restart() {
+    let mut s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "durable", 70).await;
+    let a =
+        ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "k", "type": "json", "value": {"x": 1}}))
+            .await;
+    ok(&s, ALICE, "task.claim", json!({"workerId": "w1"})).await;
+    s.restart().await;
+    let row = ok(&s, ALICE, "task.get", json!({"id": t})).await;
+    assert_fields(&row, &json!({"status": "in_progress", "assignedTo": "w1", "priority": 70, "attachmentCount": 1}));
+    let got = ok(&s, ALICE, "task.get_attachment", json!({"taskId": t, "key": "k"})).await;
+    assert_eq!((got["id"].clone(), got["value"].clone()), (a["id"].clone(), json!({"x": 1})));
+    let again =
+        ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "k", "type": "text", "content": "y"})).await;
+    assert_eq!(again["id"], a["id"], "the upsert after a restart keeps the id");
+    let res = s
+        .client
+        .get(s.url("/_attache/events"))
+        .query(&[("offset", "-1")])
+        .header("electric-principal", ALICE)
+        .send()
+        .await
+        .unwrap();
+    let events: Vec<Value> = res.json().await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["task.created", "task.attachment_created", "task.claimed", "task.attachment_created"]);
+}
