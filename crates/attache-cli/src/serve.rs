@@ -45,7 +45,16 @@ pub struct ServeArgs {
     /// Largest JSON-RPC request body, in bytes [default: 4194304]
     #[arg(long, env = "ATTACHE_RPC_MAX_BODY_BYTES")]
     rpc_max_body_bytes: Option<usize>,
-    /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync, auth
+    /// Where streams, entities and blobs live: `embedded` (files in --data-dir, one instance)
+    /// or `postgres://user:pass@host/db` (many instances over one database) [default: embedded]
+    #[arg(long, env = "ATTACHE_STORE")]
+    store: Option<String>,
+    /// With --store postgres://...: where blob bytes go: `s3://bucket/prefix` (AWS_* variables
+    /// for credentials, AWS_ENDPOINT for other S3-compatible stores) or `file:///shared/dir`
+    /// [default: file://<data-dir>/objects, usable only by instances sharing that directory]
+    #[arg(long, env = "ATTACHE_OBJECT_STORE")]
+    object_store: Option<String>,
+    /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync, auth, store, object_store
     #[arg(long, env = "ATTACHE_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -65,6 +74,8 @@ struct FileConfig {
     rpc_rate_limit: Option<u32>,
     rpc_rate_window: Option<String>,
     rpc_max_body_bytes: Option<usize>,
+    store: Option<String>,
+    object_store: Option<String>,
 }
 
 fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
@@ -103,6 +114,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     if let Some(n) = args.rpc_max_body_bytes.or(file.rpc_max_body_bytes) {
         config.rpc_max_body_bytes = n;
     }
+    let store = args.store.or(file.store).unwrap_or_else(|| "embedded".into());
+    config.store = attache_server::StoreConfig::parse(&store, args.object_store.or(file.object_store))
+        .map_err(anyhow::Error::msg)?;
     if let Some(mode) = args.auth.or(file.auth) {
         config.auth = Some(
             attache_server::auth::AuthMode::parse(&mode)

@@ -31,6 +31,58 @@ pub struct ServerConfig {
     pub rpc_rate_window: Duration,
     /// Where task events are PUBLISHed, one channel per event type (`redis://127.0.0.1:6379`).
     pub redis_url: Option<String>,
+    /// Which backend holds streams, the registry and blobs.
+    pub store: StoreConfig,
+}
+
+/// Which backend holds streams, the registry and blobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// redb files and blob files in `data_dir`: one instance.
+    #[default]
+    Embedded,
+    /// PostgreSQL (`postgres://...`) and an object store (`s3://bucket/prefix`,
+    /// `file:///path`; default `file://{data_dir}/objects`): many instances
+    /// over one database. `data_dir` keeps only scratch files and tokens.
+    Postgres { url: String, object_store_url: Option<String> },
+}
+
+impl StoreConfig {
+    /// `embedded`, or a `postgres://` / `postgresql://` URL.
+    pub fn parse(store: &str, object_store_url: Option<String>) -> Result<StoreConfig, String> {
+        if store == "embedded" {
+            if object_store_url.is_some() {
+                return Err("--object-store needs --store postgres://...".into());
+            }
+            return Ok(StoreConfig::Embedded);
+        }
+        if store.starts_with("postgres://") || store.starts_with("postgresql://") {
+            return Ok(StoreConfig::Postgres { url: store.to_owned(), object_store_url });
+        }
+        Err(format!("--store must be embedded or a postgres:// URL, got {:?}", redact(store)))
+    }
+
+    /// What to call the store in messages (without a password).
+    pub fn describe(&self, data_dir: &std::path::Path) -> String {
+        match self {
+            StoreConfig::Embedded => data_dir.display().to_string(),
+            StoreConfig::Postgres { url, .. } => redact(url),
+        }
+    }
+}
+
+/// A URL with its password replaced by `***`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
 }
 
 impl ServerConfig {
@@ -50,6 +102,7 @@ impl ServerConfig {
             rpc_rate_limit: None,
             rpc_rate_window: Duration::from_secs(60),
             redis_url: None,
+            store: StoreConfig::Embedded,
         }
     }
 }

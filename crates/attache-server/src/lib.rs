@@ -24,12 +24,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use attache_storage::embedded::{EmbeddedConfig, EmbeddedRegistry, EmbeddedStore};
+use attache_storage::postgres::PgConfig;
 use attache_storage::tokens::TokenStore;
 use attache_storage::{Registry, StreamStore};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::ServerConfig;
+pub use config::{ServerConfig, StoreConfig};
 pub use error::ApiError;
 
 /// What every handler can reach.
@@ -54,7 +55,7 @@ pub struct AppState {
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot open the store in {dir}: {source}")]
+    #[error("cannot open the store at {dir}: {source}")]
     Store { dir: String, source: attache_storage::StoreError },
     #[error(
         "dev auth trusts a request header and is allowed only on loopback addresses; {addr} is not: use --auth token"
@@ -83,9 +84,21 @@ impl Server {
         if mode == auth::AuthMode::Dev && !loopback {
             return Err(StartError::DevAuthNotLoopback { addr: config.listen });
         }
-        let store_err = |source| StartError::Store { dir: config.data_dir.display().to_string(), source };
-        let store = EmbeddedStore::open(store_config).map_err(store_err)?;
-        let registry = EmbeddedRegistry::open(&config.data_dir).map_err(store_err)?;
+        let store_err = |source| StartError::Store { dir: config.store.describe(&config.data_dir), source };
+        let (store, registry): (Arc<dyn StreamStore>, Arc<dyn Registry>) = match &config.store {
+            StoreConfig::Embedded => {
+                let store = EmbeddedStore::open(store_config).map_err(store_err)?;
+                let registry = EmbeddedRegistry::open(&config.data_dir).map_err(store_err)?;
+                (Arc::new(store), Arc::new(registry))
+            }
+            StoreConfig::Postgres { url, object_store_url } => {
+                let mut pg = PgConfig::new(url.clone(), &config.data_dir);
+                pg.object_store_url = object_store_url.clone();
+                pg.durable = config.durable;
+                let backend = attache_storage::postgres::open(pg).await.map_err(store_err)?;
+                (Arc::new(backend.store), Arc::new(backend.registry))
+            }
+        };
         let auth = auth::Auth { mode, tokens: TokenStore::new(&config.data_dir) };
         let listener = TcpListener::bind(config.listen)
             .await
@@ -93,8 +106,8 @@ impl Server {
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let shutdown = CancellationToken::new();
         let state = AppState {
-            store: Arc::new(store),
-            registry: Arc::new(registry),
+            store,
+            registry,
             auth: Arc::new(auth),
             views: Arc::new(rows::Views::default()),
             uploads: Arc::new(attachments::Reservations::default()),
@@ -106,14 +119,18 @@ impl Server {
         };
         events::ensure_stream(state.store.as_ref())
             .await
-            .map_err(|source| StartError::Store { dir: state.config.data_dir.display().to_string(), source })?;
+            .map_err(|source| StartError::Store { dir: state.config.store.describe(&state.config.data_dir), source })?;
         if let Some(url) = state.config.redis_url.clone() {
             let client = events::check_redis_url(&url).map_err(|reason| StartError::RedisUrl { url, reason })?;
             events::start_redis_publisher(state.clone(), client);
         }
         let app = router::build(state.clone());
-        let recovering = state.clone();
-        tokio::spawn(async move { attachments::recover(&recovering).await });
+        // Marking interrupted uploads failed assumes no other instance has uploads
+        // in flight: only the embedded store (one instance) can know that.
+        if state.config.store == StoreConfig::Embedded {
+            let recovering = state.clone();
+            tokio::spawn(async move { attachments::recover(&recovering).await });
+        }
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
             let served = axum::serve(listener, app.into_make_service())

@@ -1,7 +1,10 @@
-//! Measures durable append throughput of the embedded engine without HTTP:
-//! N concurrent writers append ~150-byte JSON messages to one stream.
+//! Measures durable append throughput without HTTP: N concurrent writers
+//! append ~150-byte JSON messages to one stream.
 //!
 //!   cargo run --release -p attache-storage --example append_load -- [writers] [seconds]
+//!   ... -- [writers] [seconds] --postgres            # the scale-out backend, on a throwaway
+//!                                                     # cluster (fsync on) from the installed binaries
+//!   ... -- [writers] [seconds] --postgres=URL        # the scale-out backend on that database
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,15 +12,36 @@ use std::time::{Duration, Instant};
 
 use attache_core::{ContentType, StreamPath};
 use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
+use attache_storage::postgres::test_cluster::TestCluster;
+use attache_storage::postgres::{self, PgConfig};
 use attache_storage::{AppendRequest, CreateStream, StreamStore};
 
 #[tokio::main]
 async fn main() {
-    let mut args = std::env::args().skip(1);
+    let (flags, args): (Vec<String>, Vec<String>) = std::env::args().skip(1).partition(|a| a.starts_with("--"));
+    let mut args = args.into_iter();
     let writers: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(32);
     let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
     let dir = std::env::temp_dir().join(format!("attache-append-load-{}", std::process::id()));
-    let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(&dir)).expect("open store"));
+    let postgres = flags.iter().find_map(|f| f.strip_prefix("--postgres")).map(|u| u.trim_start_matches('='));
+    // Kept alive (and stopped on drop) for the run.
+    let mut _cluster = None;
+    let store: Arc<dyn StreamStore> = match postgres {
+        None => Arc::new(EmbeddedStore::open(EmbeddedConfig::new(&dir)).expect("open store")),
+        Some(url) => {
+            let url = if url.is_empty() {
+                let cluster = TestCluster::start(true).expect("a throwaway PostgreSQL cluster");
+                let url = cluster.fresh_database().await.expect("a database");
+                _cluster = Some(cluster);
+                url
+            } else {
+                url.to_owned()
+            };
+            let mut config = PgConfig::new(url, &dir);
+            config.object_store_url = Some("memory://".into());
+            Arc::new(postgres::open(config).await.expect("open the postgres store").store)
+        }
+    };
     let json = ContentType::parse("application/json").expect("valid content type");
     store
         .create(CreateStream {
@@ -59,7 +83,8 @@ async fn main() {
         t.await.expect("writer");
     }
     let n = done.load(Ordering::Relaxed);
-    println!("{writers} writers, {seconds}s: {n} durable appends, {:.0}/s", n as f64 / seconds as f64);
+    let backend = if postgres.is_some() { "postgres" } else { "embedded" };
+    println!("{backend}: {writers} writers, {seconds}s: {n} durable appends, {:.0}/s", n as f64 / seconds as f64);
     store.close().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

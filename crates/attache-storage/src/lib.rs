@@ -10,7 +10,9 @@ pub mod blob;
 pub mod embedded;
 pub mod error;
 pub mod model;
+pub mod postgres;
 pub mod registry;
+pub(crate) mod rules;
 pub mod tokens;
 
 use async_trait::async_trait;

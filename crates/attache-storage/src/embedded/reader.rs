@@ -8,50 +8,20 @@ use crate::error::{StoreError, StoreResult};
 use crate::model::{BlobRef, ReadBatch, ReadFrom, StreamInfo};
 use attache_core::Offset;
 
-/// A run of positions `[lo, hi)` served by the rows of stream `id`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Segment {
-    pub(crate) id: u64,
-    pub(crate) lo: u64,
-    pub(crate) hi: u64,
-}
+pub(crate) use crate::rules::Segment;
 
 /// Which streams serve `[lo, hi)` of `info`: its sources below each fork point,
 /// itself above.
 pub(crate) fn segments(shared: &Shared, info: &StreamInfo, lo: u64, hi: u64) -> StoreResult<Vec<Segment>> {
-    let mut out = Vec::new();
-    collect(shared, info, lo, hi, &mut out, 0)?;
-    Ok(out)
-}
-
-fn collect(
-    shared: &Shared,
-    info: &StreamInfo,
-    lo: u64,
-    hi: u64,
-    out: &mut Vec<Segment>,
-    depth: u32,
-) -> StoreResult<()> {
-    if depth > 64 {
-        return Err(StoreError::Storage("fork chain deeper than 64".into()));
-    }
-    match &info.fork {
-        Some(fork) if lo < fork.offset => {
-            let source = shared
-                .index
-                .read()
-                .by_id
-                .get(&fork.source_id)
-                .map(|e| e.info())
-                .ok_or_else(|| StoreError::Storage(format!("fork source {} is missing", fork.source_id)))?;
-            collect(shared, &source, lo, hi.min(fork.offset), out, depth + 1)?;
-            if hi > fork.offset {
-                out.push(Segment { id: info.id, lo: fork.offset, hi });
-            }
-        }
-        _ => out.push(Segment { id: info.id, lo, hi }),
-    }
-    Ok(())
+    crate::rules::segments(info, lo, hi, &mut |id| {
+        shared
+            .index
+            .read()
+            .by_id
+            .get(&id)
+            .map(|e| (*e.info()).clone())
+            .ok_or_else(|| StoreError::Storage(format!("fork source {id} is missing")))
+    })
 }
 
 pub(crate) fn read(shared: &Shared, info: &StreamInfo, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch> {

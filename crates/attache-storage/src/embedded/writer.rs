@@ -10,8 +10,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use attache_core::json::{split_messages, JsonBodyUse};
-use attache_core::{ContentType, Offset, ProducerCheck, ProducerState};
+use attache_core::ProducerState;
 use bytes::Bytes;
 use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
@@ -22,37 +21,9 @@ use super::{
 };
 use crate::error::{StoreError, StoreResult};
 use crate::model::*;
+use crate::rules::{self, AppendDecision};
 
-/// An append whose body was split and checked before it reached the writer,
-/// so the writer thread spends its time committing, not parsing.
-pub(crate) struct PreparedAppend {
-    req: AppendRequest,
-    /// The stream it was prepared for: a stream re-created meanwhile is another stream.
-    stream_id: u64,
-    rows: Vec<Bytes>,
-    json: bool,
-}
-
-impl PreparedAppend {
-    pub(crate) fn prepare(req: AppendRequest, info: &StreamInfo) -> StoreResult<PreparedAppend> {
-        if req.body.is_empty() && !req.close {
-            return Err(StoreError::Invalid("an append needs a body (or Stream-Closed: true to close)".into()));
-        }
-        let json = info.is_json();
-        let mut rows = Vec::new();
-        if !req.body.is_empty() {
-            let type_matches = req.content_type.as_ref().is_some_and(|ct| ct.matches(&info.content_type()));
-            if json && type_matches && !info.closed {
-                for msg in split_messages(&req.body, JsonBodyUse::Append)? {
-                    rows.push(req.body.slice_ref(msg));
-                }
-            } else {
-                rows.push(req.body.clone());
-            }
-        }
-        Ok(PreparedAppend { req, stream_id: info.id, rows, json })
-    }
-}
+pub(crate) use crate::rules::PreparedAppend;
 
 /// The writer's working copy of everything mutable.
 pub(crate) struct WriterState {
@@ -357,18 +328,14 @@ fn encode(info: &StreamInfo) -> StoreResult<Vec<u8>> {
 }
 
 fn write_rows(t: &mut Tables, id: u64, tail: &mut u64, rows: &[Bytes], json: bool) -> StoreResult<()> {
-    // Check the whole append first: a domain error must leave nothing written.
-    let total: u64 = rows.iter().map(|r| r.len() as u64 + u64::from(json)).sum();
-    if tail.saturating_add(total) > Offset::MAX {
-        return Err(StoreError::Invalid("the stream is full: positions are exhausted".into()));
-    }
+    // Placed whole first: a domain error must leave nothing written.
+    let placed = rules::place_rows(tail, rows, json)?;
     let mut buf = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
+    for (row, (pos, ends)) in rows.iter().zip(placed) {
         buf.clear();
-        buf.push(if i + 1 == rows.len() { ROW_ENDS_APPEND } else { 0 });
+        buf.push(if ends { ROW_ENDS_APPEND } else { 0 });
         buf.extend_from_slice(row);
-        t.chunks.insert((id, *tail), buf.as_slice())?;
-        *tail += row.len() as u64 + u64::from(json);
+        t.chunks.insert((id, pos), buf.as_slice())?;
     }
     Ok(())
 }
@@ -403,61 +370,34 @@ impl WriterState {
                 return self.confirm_existing(id, &req);
             }
         }
+        let source = match &req.fork {
+            Some(spec) => match self.paths.get(spec.source.as_str()) {
+                Some(&src_id) => {
+                    let src = self.streams.get(&src_id).cloned().ok_or(StoreError::ForkSourceNotFound)?;
+                    let expired = self.expired(shared, src_id);
+                    Some((src, expired))
+                }
+                None => None,
+            },
+            None => None,
+        };
+        let plan = rules::plan_create(&req, source.as_ref().map(|(s, e)| (s, *e)))?;
         let mut tail = 0;
-        let mut ttl_secs = req.ttl.map(|t| t.0);
-        let mut expires = req.expires_at.clone().map(|e| (e.raw, e.unix_ms));
         let mut fork_info = None;
         let mut fork_source = None;
-        let content_type = match &req.fork {
-            Some(spec) => {
-                let src_id = *self.paths.get(spec.source.as_str()).ok_or(StoreError::ForkSourceNotFound)?;
-                let src = self.streams.get(&src_id).cloned().ok_or(StoreError::ForkSourceNotFound)?;
-                if src.soft_deleted {
-                    return Err(StoreError::ForkSourceGone);
-                }
-                if self.expired(shared, src_id) {
-                    return Err(StoreError::ForkSourceNotFound);
-                }
-                let src_type = src.content_type();
-                if let Some(ct) = &req.content_type {
-                    if !ct.matches(&src_type) {
-                        return Err(StoreError::ConfigMismatch(format!(
-                            "content type {} differs from the source's {}",
-                            ct.as_str(),
-                            src_type.as_str()
-                        )));
-                    }
-                }
-                let anchor = spec.offset.map(|o| o.0).unwrap_or(src.tail);
-                if anchor > src.tail {
-                    return Err(StoreError::Invalid("Stream-Fork-Offset is beyond the source's tail".into()));
-                }
-                let position = self.resolve_sub_offset(shared, t, &src, anchor, spec.sub_offset)?;
-                if ttl_secs.is_none() && expires.is_none() {
-                    ttl_secs = src.ttl_secs;
-                    expires = src.expires_at.clone().zip(src.expires_at_ms);
-                }
-                tail = position;
-                fork_info = Some(ForkInfo {
-                    source_id: src_id,
-                    source_path: src.path.clone(),
-                    offset: position,
-                    requested_offset: anchor,
-                    requested_sub_offset: spec.sub_offset,
-                });
-                fork_source = Some(src);
-                req.content_type.clone().unwrap_or(src_type)
-            }
-            None => req.content_type.clone().unwrap_or_else(ContentType::octet_stream),
-        };
-        let json = attache_core::stream::is_json_media(content_type.as_str());
-        let rows: Vec<Bytes> = if json {
-            split_messages(&req.initial, JsonBodyUse::Create)?.into_iter().map(|m| req.initial.slice_ref(m)).collect()
-        } else if req.initial.is_empty() {
-            Vec::new()
-        } else {
-            vec![req.initial.clone()]
-        };
+        if let (Some(spec), Some((src, _)), Some(anchor)) = (&req.fork, source, plan.anchor) {
+            let position = self.resolve_sub_offset(shared, t, &src, anchor, spec.sub_offset)?;
+            tail = position;
+            fork_info = Some(ForkInfo {
+                source_id: src.id,
+                source_path: src.path.clone(),
+                offset: position,
+                requested_offset: anchor,
+                requested_sub_offset: spec.sub_offset,
+            });
+            fork_source = Some(src);
+        }
+        let (rows, json) = rules::initial_rows(&req, &plan.content_type)?;
         // Everything is valid: only now does the source learn of its new fork.
         if let Some(mut src) = fork_source {
             src.fork_refs += 1;
@@ -467,24 +407,7 @@ impl WriterState {
         self.next_id += 1;
         t.counters.insert("next_stream_id", self.next_id)?;
         write_rows(t, id, &mut tail, &rows, json)?;
-        let info = StreamInfo {
-            id,
-            path: path.clone(),
-            content_type: content_type.as_str().to_owned(),
-            ttl_secs,
-            expires_at: expires.as_ref().map(|e| e.0.clone()),
-            expires_at_ms: expires.map(|e| e.1),
-            created_at_ms: now_ms(),
-            closed: req.closed,
-            tail,
-            fork: fork_info,
-            fork_refs: 0,
-            soft_deleted: false,
-            last_seq: None,
-            closed_by: None,
-            owner: req.owner.clone(),
-            blob: None,
-        };
+        let info = rules::new_stream(id, &req, plan, tail, fork_info);
         self.paths.insert(path, id);
         self.save(t, changes, info.clone())?;
         Ok(CreateOutcome::Created(info))
@@ -517,25 +440,7 @@ impl WriterState {
         let id = self.next_id;
         self.next_id += 1;
         t.counters.insert("next_stream_id", self.next_id)?;
-        let content_type = req.content_type.clone().unwrap_or_else(ContentType::octet_stream);
-        let info = StreamInfo {
-            id,
-            path: path.clone(),
-            content_type: content_type.as_str().to_owned(),
-            ttl_secs: None,
-            expires_at: None,
-            expires_at_ms: None,
-            created_at_ms: now_ms(),
-            closed: true,
-            tail: blob.len,
-            fork: None,
-            fork_refs: 0,
-            soft_deleted: false,
-            last_seq: None,
-            closed_by: None,
-            owner: req.owner.clone(),
-            blob: Some(BlobRef { sha256: blob.sha256.clone(), len: blob.len }),
-        };
+        let info = rules::new_blob_stream(id, &req, BlobRef { sha256: blob.sha256.clone(), len: blob.len });
         self.paths.insert(path, id);
         self.save(t, changes, info.clone())?;
         Ok(info)
@@ -543,48 +448,7 @@ impl WriterState {
 
     /// PUT on an existing path: 200 when the configuration matches, 409 when not.
     fn confirm_existing(&self, id: u64, req: &CreateStream) -> StoreResult<CreateOutcome> {
-        let info = &self.streams[&id];
-        if info.soft_deleted {
-            return Err(StoreError::ConfigMismatch("a deleted stream still holds this path for its forks".into()));
-        }
-        let mismatch = |what: &str| Err(StoreError::ConfigMismatch(format!("{what} differs from the existing stream")));
-        let requested_type = req.content_type.clone().unwrap_or_else(|| match &req.fork {
-            Some(_) => info.content_type(),
-            None => ContentType::octet_stream(),
-        });
-        if !requested_type.matches(&info.content_type()) {
-            return mismatch("content type");
-        }
-        match (&req.fork, &info.fork) {
-            (None, None) => {
-                if req.ttl.map(|t| t.0) != info.ttl_secs {
-                    return mismatch("Stream-TTL");
-                }
-                if req.expires_at.as_ref().map(|e| e.unix_ms) != info.expires_at_ms {
-                    return mismatch("Stream-Expires-At");
-                }
-            }
-            (Some(spec), Some(fork)) => {
-                let same_offset = spec.offset.is_none_or(|o| o.0 == fork.requested_offset);
-                if spec.source.as_str() != fork.source_path
-                    || !same_offset
-                    || spec.sub_offset != fork.requested_sub_offset
-                {
-                    return mismatch("fork source or offset");
-                }
-                if req.ttl.is_some() && req.ttl.map(|t| t.0) != info.ttl_secs {
-                    return mismatch("Stream-TTL");
-                }
-                if req.expires_at.is_some() && req.expires_at.as_ref().map(|e| e.unix_ms) != info.expires_at_ms {
-                    return mismatch("Stream-Expires-At");
-                }
-            }
-            _ => return mismatch("fork lineage"),
-        }
-        if req.closed != info.closed {
-            return mismatch("closed state");
-        }
-        Ok(CreateOutcome::Existed(info.clone()))
+        rules::confirm_existing(&self.streams[&id], req)
     }
 
     /// Refines a fork point by `sub` messages (JSON) or bytes (otherwise) past
@@ -600,37 +464,23 @@ impl WriterState {
         if sub == 0 {
             return Ok(anchor);
         }
-        let overshoot =
-            || StoreError::Invalid("Stream-Fork-Sub-Offset is past the end of the append at the fork offset".into());
         if anchor >= src.tail {
-            return Err(overshoot());
+            return Err(rules::sub_offset_overshoot());
         }
         // The stream whose own rows hold `anchor`.
         let segs = super::reader::segments(shared, src, anchor, src.tail)?;
-        let seg = segs.first().copied().ok_or_else(overshoot)?;
+        let seg = segs.first().copied().ok_or_else(rules::sub_offset_overshoot)?;
         if src.is_json() {
-            let mut taken = 0u64;
-            for row in t.chunks.range((seg.id, anchor)..(seg.id, seg.hi))? {
+            let rows = t.chunks.range((seg.id, anchor)..(seg.id, seg.hi))?.map(|row| {
                 let (key, value) = row?;
                 let v = value.value();
-                taken += 1;
-                let end = key.value().1 + (v.len() as u64 - 1) + 1;
-                if taken == sub {
-                    return Ok(end);
-                }
-                if v[0] & ROW_ENDS_APPEND != 0 {
-                    break;
-                }
-            }
-            Err(overshoot())
+                Ok((key.value().1, v.len() as u64 - 1, v[0] & ROW_ENDS_APPEND != 0))
+            });
+            rules::json_sub_offset(rows, sub)
         } else {
             let row = t.chunks.range((seg.id, 0)..=(seg.id, anchor))?.next_back().transpose()?;
-            let (start, len) = row.map(|(k, v)| (k.value().1, v.value().len() as u64 - 1)).ok_or_else(overshoot)?;
-            let end = (start + len).min(seg.hi);
-            if end <= anchor || anchor + sub > end {
-                return Err(overshoot());
-            }
-            Ok(anchor + sub)
+            let row = row.map(|(k, v)| (k.value().1, v.value().len() as u64 - 1));
+            rules::binary_sub_offset(row, seg.hi, anchor, sub)
         }
     }
 
@@ -641,62 +491,14 @@ impl WriterState {
             return Err(StoreError::NotFound);
         }
         let info = self.streams.get(&id).ok_or(StoreError::NotFound)?;
-        if info.soft_deleted {
-            return Err(StoreError::Gone);
-        }
-        if info.closed {
-            if let Some(pr) = &req.producer {
-                if info.closed_by.as_ref() == Some(&(pr.id.clone(), pr.epoch, pr.seq)) {
-                    let state = self.producers.get(&(id, pr.id.clone())).copied();
-                    return Ok(AppendOutcome { info: info.clone(), producer: state, duplicate: true });
-                }
-            }
-            if req.body.is_empty() && req.close {
-                return Ok(AppendOutcome { info: info.clone(), producer: None, duplicate: true });
-            }
-            return Err(StoreError::Closed { next: Offset(info.tail) });
-        }
-        if !req.body.is_empty() {
-            match &req.content_type {
-                None => return Err(StoreError::MissingContentType),
-                Some(ct) if !ct.matches(&info.content_type()) => {
-                    return Err(StoreError::ContentTypeMismatch {
-                        expected: info.content_type.clone(),
-                        got: ct.as_str().to_owned(),
-                    })
-                }
-                Some(_) => {}
-            }
-        }
-        let mut producer_next = None;
-        if let Some(pr) = &req.producer {
-            let state = self.producers.get(&(id, pr.id.clone())).copied();
-            match ProducerCheck::decide(state, pr) {
-                ProducerCheck::Accept { next } => producer_next = Some(next),
-                ProducerCheck::Duplicate { state } => {
-                    return Ok(AppendOutcome { info: info.clone(), producer: Some(state), duplicate: true })
-                }
-                ProducerCheck::StaleEpoch { current } => return Err(StoreError::StaleEpoch { current }),
-                ProducerCheck::EpochMustStartAtZero => return Err(StoreError::EpochMustStartAtZero),
-                ProducerCheck::Gap { expected, received } => {
-                    return Err(StoreError::ProducerGap { expected, received })
-                }
-            }
-        }
-        if let (Some(seq), Some(last)) = (&req.seq, &info.last_seq) {
-            if seq.as_bytes() <= last.as_bytes() {
-                return Err(StoreError::SeqRegression { last: last.clone(), got: seq.clone() });
-            }
-        }
+        let state = req.producer.as_ref().and_then(|pr| self.producers.get(&(id, pr.id.clone())).copied());
+        let producer_next = match rules::decide_append(info, req, state)? {
+            AppendDecision::Answer(outcome) => return Ok(*outcome),
+            AppendDecision::Write { producer_next } => producer_next,
+        };
         let mut info = info.clone();
         write_rows(t, id, &mut info.tail, &p.rows, p.json)?;
-        if req.close {
-            info.closed = true;
-            info.closed_by = req.producer.as_ref().map(|pr| (pr.id.clone(), pr.epoch, pr.seq));
-        }
-        if let Some(seq) = &req.seq {
-            info.last_seq = Some(seq.clone());
-        }
+        rules::finish_append(&mut info, req);
         if let (Some(pr), Some(next)) = (&req.producer, producer_next) {
             t.producers.insert((id, pr.id.as_str()), (next.epoch, next.last_seq))?;
             self.producers.insert((id, pr.id.clone()), next);

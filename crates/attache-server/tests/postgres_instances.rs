@@ -1,0 +1,83 @@
+//! Two attache servers over one PostgreSQL database and one object store
+//! serve the same streams: an append through one wakes a long-poll waiting
+//! on the other, and both read the same bytes. Runs on a throwaway
+//! PostgreSQL cluster (or `ATTACHE_TEST_PG_URL`); without any PostgreSQL
+//! installed it prints why and passes.
+
+mod common;
+
+use std::time::Duration;
+
+use attache_server::StoreConfig;
+use attache_storage::postgres::test_cluster::TestCluster;
+use common::*;
+use reqwest::{Method, StatusCode};
+
+const JSON: &str = "application/json";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_over_one_database_serve_the_same_streams_or_skip_without_postgres() {
+    let cluster = match TestCluster::start(false) {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("SKIPPED: no PostgreSQL to test against: {why}");
+            return;
+        }
+    };
+    let url = cluster.fresh_database().await.expect("a test database");
+    let objects = tempfile::tempdir().unwrap();
+    let store = StoreConfig::Postgres { url, object_store_url: Some(format!("file://{}", objects.path().display())) };
+    let start = |store: StoreConfig| {
+        TestServer::start_with(move |c| {
+            c.store = store;
+            c.long_poll_timeout = Duration::from_secs(20);
+        })
+    };
+    let a = start(store.clone()).await;
+    let b = start(store).await;
+
+    a.create("/shared/chat", JSON).await;
+    let tail = a.append("/shared/chat", JSON, r#"{"from":"a","n":1}"#).await;
+    assert_eq!(b.tail("/shared/chat").await, tail, "b sees the stream a created");
+
+    // A long-poll on b, at the tail; the append goes through a.
+    let waiting = tokio::spawn(
+        b.request(Method::GET, "/shared/chat").query(&[("offset", tail.as_str()), ("live", "long-poll")]).send(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new_tail = a.append("/shared/chat", JSON, r#"{"from":"a","n":2}"#).await;
+    let res = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("b's long-poll answers soon after a's append")
+        .unwrap()
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, NEXT_OFFSET), Some(new_tail));
+    assert_eq!(res.bytes().await.unwrap(), r#"[{"from":"a","n":2}]"#);
+
+    // Appends through both, then both read the same bytes.
+    for i in 0..10 {
+        let s = if i % 2 == 0 { &a } else { &b };
+        s.append("/shared/chat", JSON, format!(r#"{{"n":{}}}"#, i + 3)).await;
+    }
+    let on_a = a.read_all("/shared/chat").await;
+    let on_b = b.read_all("/shared/chat").await;
+    assert_eq!(on_a, on_b);
+    let messages: Vec<serde_json::Value> = serde_json::from_slice(&on_a).unwrap();
+    assert_eq!(messages.len(), 12);
+
+    // A delete through b is a 404 through a.
+    let res = b.request(Method::DELETE, "/shared/chat").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    let mut gone = false;
+    for _ in 0..50 {
+        if a.head("/shared/chat").await.status() == StatusCode::NOT_FOUND {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone, "a hears of b's delete");
+    a.stop().await;
+    b.stop().await;
+}

@@ -1,0 +1,691 @@
+//! The scale-out backend: stream metadata, bytes, producer state and the
+//! registry in PostgreSQL, blob bytes in an object store (S3-compatible, or a
+//! directory), and live fan-out through `LISTEN/NOTIFY`. Many instances of
+//! the same binary can run over one database.
+//!
+//! - **Writes** go through one writer task per instance that drains its queue
+//!   and applies the whole batch in one transaction (group commit: one
+//!   commit, one WAL flush for many appends). Writers of different instances
+//!   serialize per stream in the database: transaction-scoped advisory locks
+//!   on every path a batch names (taken in one sorted order, so two batches
+//!   never wait on each other in a cycle), then `SELECT ... FOR UPDATE` on
+//!   the stream rows. The rules are [`crate::rules`], the same as the
+//!   embedded writer's.
+//! - **Reads** see committed rows only. Every instance keeps every stream's
+//!   metadata in memory (as the embedded engine does) and refreshes it from
+//!   `NOTIFY attache_changes` (sent by the committing transaction, so it
+//!   arrives after the commit); `read` re-reads the stream's row first, so a
+//!   read on one instance sees what another committed before it.
+//! - The seam's reads are synchronous; PostgreSQL is not. All database I/O
+//!   runs on a small runtime of its own, and a synchronous call waits for its
+//!   query there (it never needs the caller's runtime, so it works under any).
+
+mod blobs;
+mod reader;
+mod registry;
+pub mod test_cluster;
+mod writer;
+
+pub use registry::PgRegistry;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::{Mutex, RwLock};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{StoreError, StoreResult};
+use crate::model::*;
+use crate::rules::PreparedAppend;
+use crate::StreamStore;
+
+/// Where committed stream changes are announced; the payload is `<stream id>:<instance>`.
+pub(crate) const CHANGES: &str = "attache_changes";
+/// Where registry changes are announced; the payload is the entity URL.
+pub(crate) const REGISTRY_CHANGES: &str = "attache_registry";
+const SCHEMA: &str = include_str!("schema.sql");
+/// Serializes schema creation between instances starting together.
+const SCHEMA_LOCK: i64 = 0x0061_7474_6163_6865;
+
+/// How the scale-out backend is opened.
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    /// `postgres://user:pass@host:port/db`.
+    pub url: String,
+    /// `s3://bucket/prefix` (credentials and endpoint from the usual `AWS_*`
+    /// variables), `file:///path`, or `memory://`; `None`: `file://{data_dir}/objects`,
+    /// which only instances sharing that directory can use.
+    pub object_store_url: Option<String>,
+    /// Local scratch: blob staging and a cache of blobs read from the object store.
+    pub data_dir: PathBuf,
+    /// Most commands one group commit takes.
+    pub max_batch: usize,
+    /// Database connections per instance (the writer and the listener take one each).
+    pub pool_size: u32,
+    /// How often expired streams are looked for and sliding-TTL access times flushed.
+    pub sweep_interval: Duration,
+    /// How long an unreferenced blob survives (uploads in flight pin theirs this long).
+    pub blob_grace: Duration,
+    /// Acknowledge only what PostgreSQL has flushed (`synchronous_commit = on`, the
+    /// default); off trades the last moments before a database crash for speed.
+    pub durable: bool,
+}
+
+impl PgConfig {
+    pub fn new(url: impl Into<String>, data_dir: impl Into<PathBuf>) -> PgConfig {
+        PgConfig {
+            url: url.into(),
+            object_store_url: None,
+            data_dir: data_dir.into(),
+            max_batch: 1024,
+            pool_size: 8,
+            sweep_interval: Duration::from_secs(1),
+            blob_grace: Duration::from_secs(3600),
+            durable: true,
+        }
+    }
+}
+
+/// The database's own runtime. Synchronous seam calls wait on it; dropping
+/// it from async code is allowed (its threads are let go, not joined).
+pub(crate) struct Io {
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Io {
+    fn new() -> StoreResult<Io> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("attache-pg")
+            .enable_all()
+            .build()?;
+        Ok(Io { rt: Some(rt) })
+    }
+
+    pub(crate) fn handle(&self) -> &tokio::runtime::Handle {
+        self.rt.as_ref().expect("the runtime lives as long as Io").handle()
+    }
+
+    /// Runs `fut` on the database runtime and waits for it from async code.
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = StoreResult<T>> + Send + 'static,
+    ) -> StoreResult<T> {
+        self.handle().spawn(fut).await.map_err(|e| StoreError::Storage(format!("database task failed: {e}")))?
+    }
+
+    /// Runs `fut` on the database runtime and blocks this thread until it is done.
+    /// Never call it from the database runtime itself.
+    pub(crate) fn block<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = StoreResult<T>> + Send + 'static,
+    ) -> StoreResult<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle().spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().map_err(|_| StoreError::ShuttingDown)?
+    }
+}
+
+impl Drop for Io {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A database error as a storage error. Deadlocks and serialization failures
+/// are marked so a whole batch can be retried.
+pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
+    let retry = matches!(&e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40P01" | "40001")));
+    StoreError::Storage(format!("{}postgres: {e}", if retry { RETRY } else { "" }))
+}
+const RETRY: &str = "(retryable) ";
+
+pub(crate) fn retryable(e: &StoreError) -> bool {
+    matches!(e, StoreError::Storage(m) if m.starts_with(RETRY))
+}
+
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+pub(crate) fn decode_info(json: &str) -> StoreResult<StreamInfo> {
+    serde_json::from_str(json).map_err(|e| StoreError::Storage(format!("corrupt stream metadata: {e}")))
+}
+
+/// One stream as this instance last saw it committed.
+pub(crate) struct StreamEntry {
+    /// (row version, metadata): only a newer version replaces it.
+    meta: RwLock<(i64, Arc<StreamInfo>)>,
+    signal: watch::Sender<u64>,
+    /// Last read or write seen here, or flushed by any instance.
+    pub(crate) last_access_ms: AtomicI64,
+    /// What this instance last wrote to the database for the sliding TTL.
+    flushed_access_ms: AtomicI64,
+}
+
+impl StreamEntry {
+    fn new(version: i64, info: StreamInfo, last_access_ms: i64) -> Arc<StreamEntry> {
+        Arc::new(StreamEntry {
+            meta: RwLock::new((version, Arc::new(info))),
+            signal: watch::channel(0).0,
+            last_access_ms: AtomicI64::new(last_access_ms),
+            flushed_access_ms: AtomicI64::new(last_access_ms),
+        })
+    }
+
+    pub(crate) fn info(&self) -> Arc<StreamInfo> {
+        self.meta.read().1.clone()
+    }
+
+    pub(crate) fn version(&self) -> i64 {
+        self.meta.read().0
+    }
+
+    /// Replaces the metadata if `version` is newer, and wakes live readers.
+    fn publish(&self, version: i64, info: StreamInfo) -> bool {
+        {
+            let mut meta = self.meta.write();
+            if version <= meta.0 {
+                return false;
+            }
+            *meta = (version, Arc::new(info));
+        }
+        self.wake();
+        true
+    }
+
+    fn wake(&self) {
+        self.signal.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    pub(crate) fn expired(&self, info: &StreamInfo, now_ms: i64) -> bool {
+        crate::rules::expired(info, self.last_access_ms.load(Ordering::Relaxed), now_ms)
+    }
+
+    pub(crate) fn touch(&self) {
+        self.last_access_ms.fetch_max(now_ms(), Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Index {
+    by_path: BTreeMap<String, Arc<StreamEntry>>,
+    pub(crate) by_id: HashMap<u64, Arc<StreamEntry>>,
+}
+
+/// A committed stream row as read from the database.
+pub(crate) struct StreamRow {
+    pub(crate) version: i64,
+    pub(crate) info: StreamInfo,
+    pub(crate) last_access_ms: i64,
+}
+
+pub(crate) const STREAM_COLUMNS: &str = "id, info, version, last_access_ms";
+
+pub(crate) fn stream_row((_id, info, version, last_access_ms): (i64, String, i64, i64)) -> StoreResult<StreamRow> {
+    Ok(StreamRow { version, info: decode_info(&info)?, last_access_ms })
+}
+
+pub(crate) struct Shared {
+    pub(crate) pool: PgPool,
+    /// Tags this instance's notifications, which it need not re-read.
+    instance: String,
+    pub(crate) index: RwLock<Index>,
+    pub(crate) blobs: blobs::Blobs,
+    pub(crate) registry: Arc<registry::Cache>,
+}
+
+impl Shared {
+    /// Applies a committed row: newer metadata replaces older, and live readers wake.
+    pub(crate) fn apply(&self, row: StreamRow) -> Arc<StreamEntry> {
+        let id = row.info.id;
+        let existing = self.index.read().by_id.get(&id).cloned();
+        if let Some(entry) = existing {
+            entry.last_access_ms.fetch_max(row.last_access_ms, Ordering::Relaxed);
+            entry.publish(row.version, row.info);
+            return entry;
+        }
+        let mut index = self.index.write();
+        if let Some(entry) = index.by_id.get(&id).cloned() {
+            drop(index);
+            entry.publish(row.version, row.info);
+            return entry;
+        }
+        let path = row.info.path.clone();
+        let entry = StreamEntry::new(row.version, row.info, row.last_access_ms.max(now_ms()));
+        // Paths are unique among committed rows: whatever held this one is gone.
+        if let Some(old) = index.by_path.insert(path, entry.clone()) {
+            let old_id = old.info().id;
+            index.by_id.remove(&old_id);
+            old.wake();
+        }
+        index.by_id.insert(id, entry.clone());
+        entry
+    }
+
+    /// Forgets a stream whose row is gone (ids are never reused), waking its readers.
+    pub(crate) fn forget(&self, id: u64) {
+        let mut index = self.index.write();
+        if let Some(entry) = index.by_id.remove(&id) {
+            let path = entry.info().path.clone();
+            if index.by_path.get(&path).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
+                index.by_path.remove(&path);
+            }
+            entry.wake();
+        }
+    }
+
+    /// Re-reads the given streams (after notifications).
+    async fn refresh(&self, ids: Vec<u64>) -> StoreResult<()> {
+        let wanted: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let rows: Vec<(i64, String, i64, i64)> =
+            sqlx::query_as(&format!("SELECT {STREAM_COLUMNS} FROM attache_streams WHERE id = ANY($1)"))
+                .bind(&wanted)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+        let mut seen = std::collections::HashSet::new();
+        for row in rows {
+            seen.insert(row.0 as u64);
+            self.apply(stream_row(row)?);
+        }
+        for id in ids {
+            if !seen.contains(&id) {
+                self.forget(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads every stream (at start, and whenever notifications may have been missed).
+    async fn refresh_all(&self) -> StoreResult<()> {
+        let rows: Vec<(i64, String, i64, i64)> =
+            sqlx::query_as(&format!("SELECT {STREAM_COLUMNS} FROM attache_streams"))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+        let mut seen = std::collections::HashSet::new();
+        for row in rows {
+            seen.insert(row.0 as u64);
+            self.apply(stream_row(row)?);
+        }
+        let cached: Vec<u64> = self.index.read().by_id.keys().copied().collect();
+        for id in cached {
+            if !seen.contains(&id) {
+                self.forget(id);
+            }
+        }
+        // Whatever was missed, every waiting reader looks again.
+        for entry in self.index.read().by_id.values() {
+            entry.wake();
+        }
+        Ok(())
+    }
+
+    /// The stream at `path` straight from the database (a path this instance has not heard of yet).
+    async fn load_path(self: Arc<Self>, path: String) -> StoreResult<Option<Arc<StreamEntry>>> {
+        let row: Option<(i64, String, i64, i64)> =
+            sqlx::query_as(&format!("SELECT {STREAM_COLUMNS} FROM attache_streams WHERE path = $1"))
+                .bind(&path)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+        match row {
+            Some(row) => Ok(Some(self.apply(stream_row(row)?))),
+            None => Ok(None),
+        }
+    }
+}
+
+pub(crate) enum Command {
+    Create(CreateStream, oneshot::Sender<StoreResult<CreateOutcome>>),
+    CreateBlob(CreateStream, BlobRef, oneshot::Sender<StoreResult<StreamInfo>>),
+    Append(PreparedAppend, oneshot::Sender<StoreResult<AppendOutcome>>),
+    Delete(String, oneshot::Sender<StoreResult<()>>),
+    /// Deletes a stream found expired, if it still is (fire and forget).
+    Expire(u64),
+}
+
+/// Both seams of the scale-out backend, sharing one pool and one listener.
+pub struct PgBackend {
+    pub store: PgStore,
+    pub registry: PgRegistry,
+}
+
+/// Opens (creating the schema if needed) the scale-out backend.
+pub async fn open(config: PgConfig) -> StoreResult<PgBackend> {
+    let io = Arc::new(Io::new()?);
+    let cfg = config.clone();
+    let shared = io.run(async move { connect(cfg).await }).await?;
+    let stop = CancellationToken::new();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    let handle = io.handle();
+    tasks.push(handle.spawn(writer::run(shared.clone(), rx, config.max_batch)));
+    let (listening_tx, listening) = oneshot::channel();
+    tasks.push(handle.spawn(listen(shared.clone(), stop.clone(), listening_tx)));
+    tasks.push(handle.spawn(sweep(shared.clone(), tx.clone(), stop.clone(), config.sweep_interval)));
+    // Serve only once changes made elsewhere are heard.
+    let _ = tokio::time::timeout(Duration::from_secs(10), listening).await;
+    let store = PgStore {
+        shared: shared.clone(),
+        io: io.clone(),
+        commands: Mutex::new(Some(tx)),
+        stop,
+        tasks: Mutex::new(tasks),
+    };
+    let registry = PgRegistry::new(shared, io);
+    Ok(PgBackend { store, registry })
+}
+
+async fn connect(config: PgConfig) -> StoreResult<Arc<Shared>> {
+    let options: PgConnectOptions =
+        config.url.parse().map_err(|e| StoreError::Invalid(format!("invalid PostgreSQL URL: {e}")))?;
+    let commit = if config.durable { "on" } else { "off" };
+    let pool = PgPoolOptions::new()
+        .max_connections(config.pool_size.max(3))
+        .acquire_timeout(Duration::from_secs(30))
+        // A ping before every use would cost each group commit a round trip.
+        .test_before_acquire(false)
+        .connect_with(options.options([("synchronous_commit", commit)]))
+        .await
+        .map_err(db_err)?;
+    {
+        let mut tx = pool.begin().await.map_err(db_err)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEMA_LOCK).execute(&mut *tx).await.map_err(db_err)?;
+        for statement in SCHEMA.split(';').filter(|s| s.lines().any(|l| !l.trim().is_empty() && !l.starts_with("--"))) {
+            sqlx::query(statement).execute(&mut *tx).await.map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+    }
+    let blobs = blobs::Blobs::open(&config)?;
+    let registry = Arc::new(registry::Cache::default());
+    let shared = Arc::new(Shared {
+        pool,
+        instance: format!("{:016x}", rand::random::<u64>()),
+        index: RwLock::new(Index::default()),
+        blobs,
+        registry,
+    });
+    shared.refresh_all().await?;
+    shared.registry.load_all(&shared.pool).await?;
+    tracing::info!(streams = shared.index.read().by_id.len(), "postgres store opened");
+    Ok(shared)
+}
+
+/// Hears committed changes from every instance and refreshes what they touched.
+async fn listen(shared: Arc<Shared>, stop: CancellationToken, listening: oneshot::Sender<()>) {
+    let mut listening = Some(listening);
+    loop {
+        let connected = async {
+            let mut listener = PgListener::connect_with(&shared.pool).await.map_err(db_err)?;
+            listener.listen_all([CHANGES, REGISTRY_CHANGES]).await.map_err(db_err)?;
+            // Anything committed before we listened is read now.
+            shared.refresh_all().await?;
+            shared.registry.load_all(&shared.pool).await?;
+            Ok::<_, StoreError>(listener)
+        };
+        let mut listener = tokio::select! {
+            _ = stop.cancelled() => return,
+            l = connected => match l {
+                Ok(l) => l,
+                Err(err) => {
+                    tracing::warn!(%err, "cannot listen for changes; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            }
+        };
+        if let Some(tx) = listening.take() {
+            let _ = tx.send(());
+        }
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                n = listener.try_recv() => n,
+            };
+            let first = match next {
+                Ok(Some(n)) => n,
+                // The connection dropped: notifications may be lost, so start over.
+                Ok(None) | Err(_) => break,
+            };
+            let mut streams = Vec::new();
+            let mut entities = Vec::new();
+            for n in std::iter::once(first).chain(std::iter::from_fn(|| listener.next_buffered())) {
+                if n.channel() == REGISTRY_CHANGES {
+                    entities.push(n.payload().to_owned());
+                    continue;
+                }
+                let Some((id, instance)) = n.payload().split_once(':') else { continue };
+                if instance != shared.instance {
+                    if let Ok(id) = id.parse::<u64>() {
+                        streams.push(id);
+                    }
+                }
+            }
+            if !streams.is_empty() {
+                if let Err(err) = shared.refresh(streams).await {
+                    tracing::warn!(%err, "cannot refresh streams after a notification");
+                }
+            }
+            for url in entities {
+                if let Err(err) = shared.registry.refresh(&shared.pool, &url).await {
+                    tracing::warn!(%err, "cannot refresh an entity after a notification");
+                }
+            }
+        }
+        tracing::warn!("lost the change listener; reconnecting");
+    }
+}
+
+/// Expires streams, shares sliding-TTL access times, collects unreferenced blobs.
+async fn sweep(
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+    stop: CancellationToken,
+    interval: Duration,
+) {
+    let mut ticks = 0u64;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        ticks += 1;
+        let now = now_ms();
+        let mut expired = Vec::new();
+        let mut accessed: (Vec<i64>, Vec<i64>) = (Vec::new(), Vec::new());
+        for (id, entry) in shared.index.read().by_id.iter() {
+            let info = entry.info();
+            if info.soft_deleted {
+                continue;
+            }
+            if entry.expired(&info, now) {
+                expired.push(*id);
+            } else if info.ttl_secs.is_some() {
+                let last = entry.last_access_ms.load(Ordering::Relaxed);
+                if entry.flushed_access_ms.swap(last, Ordering::Relaxed) < last {
+                    accessed.0.push(*id as i64);
+                    accessed.1.push(last);
+                }
+            }
+        }
+        for id in expired {
+            let _ = commands.send(Command::Expire(id));
+        }
+        if !accessed.0.is_empty() {
+            let flushed = sqlx::query(
+                "UPDATE attache_streams s SET last_access_ms = GREATEST(s.last_access_ms, u.at) \
+                 FROM UNNEST($1::int8[], $2::int8[]) AS u(id, at) WHERE s.id = u.id",
+            )
+            .bind(&accessed.0)
+            .bind(&accessed.1)
+            .execute(&shared.pool)
+            .await;
+            if let Err(err) = flushed {
+                tracing::warn!(%err, "cannot share stream access times");
+            }
+        }
+        if ticks.is_multiple_of(30) {
+            if let Err(err) = shared.blobs.collect_garbage(&shared.pool).await {
+                tracing::warn!(%err, "blob collection failed");
+            }
+        }
+    }
+}
+
+/// The scale-out stream store. Cheap to share behind an `Arc`.
+pub struct PgStore {
+    shared: Arc<Shared>,
+    io: Arc<Io>,
+    commands: Mutex<Option<mpsc::UnboundedSender<Command>>>,
+    stop: CancellationToken,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl PgStore {
+    fn send(&self, cmd: Command) -> StoreResult<()> {
+        let guard = self.commands.lock();
+        let tx = guard.as_ref().ok_or(StoreError::ShuttingDown)?;
+        tx.send(cmd).map_err(|_| StoreError::ShuttingDown)
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> Command) -> StoreResult<T> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    /// The stream at `path`, from memory or (if this instance has not heard
+    /// of it yet) from the database; expired streams are reported missing.
+    fn entry(&self, path: &str) -> StoreResult<Arc<StreamEntry>> {
+        let cached = self.shared.index.read().by_path.get(path).cloned();
+        let entry = match cached {
+            Some(entry) => entry,
+            None => {
+                let shared = self.shared.clone();
+                let path = path.to_owned();
+                self.io.block(shared.load_path(path))?.ok_or(StoreError::NotFound)?
+            }
+        };
+        let info = entry.info();
+        if info.soft_deleted {
+            return Err(StoreError::Gone);
+        }
+        if entry.expired(&info, now_ms()) {
+            let _ = self.send(Command::Expire(info.id));
+            return Err(StoreError::NotFound);
+        }
+        Ok(entry)
+    }
+
+    /// This instance's id in notifications (for tests and logs).
+    pub fn instance(&self) -> &str {
+        &self.shared.instance
+    }
+}
+
+#[async_trait]
+impl StreamStore for PgStore {
+    async fn create(&self, req: CreateStream) -> StoreResult<CreateOutcome> {
+        self.call(|tx| Command::Create(req, tx)).await
+    }
+
+    async fn append(&self, req: AppendRequest) -> StoreResult<AppendOutcome> {
+        let entry = self.entry(&req.path)?;
+        let prepared = PreparedAppend::prepare(req, &entry.info())?;
+        let outcome = self.call(|tx| Command::Append(prepared, tx)).await;
+        entry.touch();
+        outcome
+    }
+
+    async fn delete(&self, path: &str) -> StoreResult<()> {
+        let path = path.to_owned();
+        self.call(|tx| Command::Delete(path, tx)).await
+    }
+
+    fn head(&self, path: &str) -> StoreResult<StreamInfo> {
+        Ok((*self.entry(path)?.info()).clone())
+    }
+
+    fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch> {
+        let entry = self.entry(path)?;
+        entry.touch();
+        let shared = self.shared.clone();
+        self.io.block(reader::read(shared, entry, from, max_bytes))
+    }
+
+    fn subscribe(&self, path: &str) -> StoreResult<ChangeSignal> {
+        Ok(self.entry(path)?.signal.subscribe())
+    }
+
+    fn touch(&self, path: &str) {
+        if let Ok(entry) = self.entry(path) {
+            entry.touch();
+        }
+    }
+
+    fn list_prefix(&self, prefix: &str, limit: usize) -> Vec<StreamInfo> {
+        let index = self.shared.index.read();
+        let now = now_ms();
+        index
+            .by_path
+            .range(prefix.to_owned()..)
+            .take_while(|(p, _)| p.starts_with(prefix))
+            .map(|(_, e)| (e.info(), e))
+            .filter(|(info, e)| !info.soft_deleted && !e.expired(info, now))
+            .take(limit)
+            .map(|(info, _)| (*info).clone())
+            .collect()
+    }
+
+    async fn create_blob_stream(&self, req: CreateStream, blob: StagedBlob) -> StoreResult<StreamInfo> {
+        let blob_ref = BlobRef { sha256: blob.sha256.clone(), len: blob.len };
+        let shared = self.shared.clone();
+        self.io.run(async move { shared.blobs.publish(&shared.pool, blob).await }).await?;
+        self.call(|tx| Command::CreateBlob(req, blob_ref, tx)).await
+    }
+
+    async fn stage_blob(&self) -> StoreResult<crate::BlobWriter> {
+        self.shared.blobs.stage().await
+    }
+
+    async fn open_blob(&self, sha256: &str) -> StoreResult<tokio::fs::File> {
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::NotFound);
+        }
+        let shared = self.shared.clone();
+        let sha = sha256.to_owned();
+        let path = self.io.run(async move { shared.blobs.local(&sha).await }).await?;
+        Ok(tokio::fs::File::open(path).await?)
+    }
+
+    async fn close(&self) {
+        // Dropping the sender ends the writer once its queue is drained.
+        self.commands.lock().take();
+        self.stop.cancel();
+        let tasks = std::mem::take(&mut *self.tasks.lock());
+        for task in tasks {
+            let _ = task.await;
+        }
+        let pool = self.shared.pool.clone();
+        let _ = self
+            .io
+            .run(async move {
+                pool.close().await;
+                Ok(())
+            })
+            .await;
+    }
+}

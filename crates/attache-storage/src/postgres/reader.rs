@@ -1,0 +1,219 @@
+//! Reads: the stream's committed row first (so a read here sees what another
+//! instance committed before it), then its rows, stitched across fork
+//! lineage and bounded in size, as the embedded reader does.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use attache_core::Offset;
+use bytes::Bytes;
+use sqlx::PgConnection;
+
+use super::{db_err, decode_info, stream_row, Shared, StreamEntry, STREAM_COLUMNS};
+use crate::error::{StoreError, StoreResult};
+use crate::model::{BlobRef, ReadBatch, ReadFrom, StreamInfo};
+use crate::rules::{self, Segment};
+
+/// Rows fetched per query while filling a read.
+const PAGE_ROWS: i64 = 512;
+
+/// Which streams serve `[lo, hi)` of `info`. Fork lineage never changes once
+/// created, so sources come from `known`, this instance's index, or the database.
+pub(crate) async fn segments(
+    shared: &Shared,
+    conn: &mut PgConnection,
+    info: &StreamInfo,
+    lo: u64,
+    hi: u64,
+    known: &mut HashMap<u64, StreamInfo>,
+) -> StoreResult<Vec<Segment>> {
+    // Gather the lineage first (async), then let the shared rule cut it.
+    let mut next = info.fork.as_ref().map(|f| f.source_id);
+    let mut depth = 0;
+    while let Some(id) = next {
+        depth += 1;
+        if depth > 64 {
+            break;
+        }
+        if let std::collections::hash_map::Entry::Vacant(slot) = known.entry(id) {
+            let cached = shared.index.read().by_id.get(&id).map(|e| (*e.info()).clone());
+            let source = match cached {
+                Some(info) => info,
+                None => {
+                    let row: Option<(String,)> = sqlx::query_as("SELECT info FROM attache_streams WHERE id = $1")
+                        .bind(id as i64)
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(db_err)?;
+                    let (json,) = row.ok_or_else(|| StoreError::Storage(format!("fork source {id} is missing")))?;
+                    decode_info(&json)?
+                }
+            };
+            slot.insert(source);
+        }
+        next = known[&id].fork.as_ref().map(|f| f.source_id);
+    }
+    rules::segments(info, lo, hi, &mut |id| {
+        known.get(&id).cloned().ok_or_else(|| StoreError::Storage(format!("fork source {id} is missing")))
+    })
+}
+
+pub(crate) async fn read(
+    shared: Arc<Shared>,
+    entry: Arc<StreamEntry>,
+    from: ReadFrom,
+    max_bytes: usize,
+) -> StoreResult<ReadBatch> {
+    let id = entry.info().id;
+    let mut conn = shared.pool.acquire().await.map_err(db_err)?;
+    let row: Option<(i64, String, i64, i64)> =
+        sqlx::query_as(&format!("SELECT {STREAM_COLUMNS} FROM attache_streams WHERE id = $1"))
+            .bind(id as i64)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    let Some(row) = row else {
+        shared.forget(id);
+        return Err(StoreError::NotFound);
+    };
+    let row = stream_row(row)?;
+    let version = row.version;
+    let info = if version > entry.version() { shared.apply(row).info() } else { entry.info() };
+    if info.soft_deleted {
+        return Err(StoreError::Gone);
+    }
+    let info = (*info).clone();
+    let tail = info.tail;
+    let start = match from {
+        ReadFrom::Start => 0,
+        ReadFrom::Tail => tail,
+        ReadFrom::At(Offset(o)) => o,
+    };
+    if start > tail {
+        return Err(StoreError::Invalid("offset is beyond the end of the stream".into()));
+    }
+    if let Some(blob) = &info.blob {
+        let blob = blob.clone();
+        drop(conn);
+        return read_blob(&shared, info, &blob, start, max_bytes).await;
+    }
+    let json = info.is_json();
+    let mut chunks = Vec::new();
+    let mut pos = start;
+    if start < tail {
+        let mut bytes = 0usize;
+        let mut known = HashMap::new();
+        let segs = segments(&shared, &mut conn, &info, start, tail, &mut known).await?;
+        'segments: for seg in segs {
+            // The row holding `lo` may start before it (a fork point or offset inside a row).
+            let mut cursor = if json {
+                seg.lo as i64
+            } else {
+                let row: Option<(i64,)> = sqlx::query_as(
+                    "SELECT pos FROM attache_chunks WHERE stream_id = $1 AND pos <= $2 ORDER BY pos DESC LIMIT 1",
+                )
+                .bind(seg.id as i64)
+                .bind(seg.lo as i64)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db_err)?;
+                row.map(|r| r.0).unwrap_or(seg.lo as i64)
+            };
+            loop {
+                // Sizes first, then only the rows that can fit: a row may be megabytes.
+                let sizes: Vec<(i64, i32)> = sqlx::query_as(
+                    "SELECT pos, length(data) FROM attache_chunks WHERE stream_id = $1 AND pos >= $2 AND pos < $3 \
+                     ORDER BY pos LIMIT $4",
+                )
+                .bind(seg.id as i64)
+                .bind(cursor)
+                .bind(seg.hi as i64)
+                .bind(PAGE_ROWS)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db_err)?;
+                let last_page = (sizes.len() as i64) < PAGE_ROWS;
+                let Some(&(first, _)) = sizes.first() else { break };
+                let room = max_bytes.saturating_sub(bytes);
+                let mut budget = 0usize;
+                let mut upto = first;
+                for (p, len) in &sizes {
+                    upto = *p;
+                    budget += *len as usize;
+                    if budget >= room {
+                        break;
+                    }
+                }
+                let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+                    "SELECT pos, data FROM attache_chunks WHERE stream_id = $1 AND pos >= $2 AND pos <= $3 \
+                     ORDER BY pos",
+                )
+                .bind(seg.id as i64)
+                .bind(first)
+                .bind(upto)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db_err)?;
+                let last_page = last_page && upto == sizes.last().map(|s| s.0).unwrap_or(upto);
+                for (row_start, data) in rows {
+                    cursor = row_start + 1;
+                    let row_start = row_start as u64;
+                    if json {
+                        if !chunks.is_empty() && bytes + data.len() > max_bytes {
+                            break 'segments;
+                        }
+                        bytes += data.len();
+                        pos = rules::row_end(row_start, data.len() as u64, true);
+                        chunks.push(Bytes::from(data));
+                    } else {
+                        let row_end = row_start + data.len() as u64;
+                        let a = (seg.lo.max(row_start) - row_start) as usize;
+                        let b = (seg.hi.min(row_end) - row_start) as usize;
+                        if a >= b {
+                            continue;
+                        }
+                        let room = max_bytes.saturating_sub(bytes);
+                        if room == 0 {
+                            break 'segments;
+                        }
+                        let take = (b - a).min(room);
+                        let data = Bytes::from(data);
+                        chunks.push(data.slice(a..a + take));
+                        bytes += take;
+                        pos = row_start + (a + take) as u64;
+                        if take < b - a {
+                            break 'segments;
+                        }
+                    }
+                }
+                if last_page {
+                    break;
+                }
+            }
+            pos = seg.hi;
+        }
+    }
+    Ok(ReadBatch { info, start: Offset(start), next: Offset(pos), chunks, json })
+}
+
+/// A blob-backed stream reads from the local copy of its blob.
+async fn read_blob(
+    shared: &Shared,
+    info: StreamInfo,
+    blob: &BlobRef,
+    start: u64,
+    max_bytes: usize,
+) -> StoreResult<ReadBatch> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let end = blob.len.min(start.saturating_add(max_bytes as u64));
+    let mut chunks = Vec::new();
+    if end > start {
+        let path = shared.blobs.local(&blob.sha256).await?;
+        let mut file = tokio::fs::File::open(path).await?;
+        file.seek(std::io::SeekFrom::Start(start)).await?;
+        let mut buf = vec![0u8; (end - start) as usize];
+        file.read_exact(&mut buf).await?;
+        chunks.push(Bytes::from(buf));
+    }
+    Ok(ReadBatch { info, start: Offset(start), next: Offset(end), chunks, json: false })
+}

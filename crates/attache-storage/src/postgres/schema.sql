@@ -1,0 +1,59 @@
+-- attache's scale-out schema. Applied at every start under an advisory lock,
+-- so it is written to be idempotent.
+
+-- One row per stream: its metadata as JSON (attache_storage::StreamInfo),
+-- a version bumped on every committed change (instances keep the newest they
+-- have seen), and when it was last read or written (sliding TTL, flushed by
+-- each instance about once a second).
+CREATE TABLE IF NOT EXISTS attache_streams (
+    id BIGINT PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    info TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    last_access_ms BIGINT NOT NULL
+);
+
+CREATE SEQUENCE IF NOT EXISTS attache_stream_ids;
+
+-- One row per append (binary) or per message (JSON mode), keyed by its start position.
+CREATE TABLE IF NOT EXISTS attache_chunks (
+    stream_id BIGINT NOT NULL,
+    pos BIGINT NOT NULL,
+    ends_append BOOLEAN NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (stream_id, pos)
+);
+
+-- Idempotent producers: committed in the same transaction as the appends they guard.
+CREATE TABLE IF NOT EXISTS attache_producers (
+    stream_id BIGINT NOT NULL,
+    producer TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    last_seq BIGINT NOT NULL,
+    PRIMARY KEY (stream_id, producer)
+);
+
+-- Content-addressed blobs in the object store: how many streams hold each,
+-- and until when an upload in flight keeps it from collection.
+CREATE TABLE IF NOT EXISTS attache_blobs (
+    sha256 TEXT PRIMARY KEY,
+    len BIGINT NOT NULL,
+    refs BIGINT NOT NULL,
+    pinned_until_ms BIGINT NOT NULL
+);
+
+-- The registry: entities (JSON attache_storage::EntityRecord) and grants.
+CREATE TABLE IF NOT EXISTS attache_entities (
+    url TEXT PRIMARY KEY,
+    record TEXT NOT NULL,
+    version BIGINT NOT NULL
+);
+
+CREATE SEQUENCE IF NOT EXISTS attache_grant_ids;
+
+CREATE TABLE IF NOT EXISTS attache_grants (
+    entity_url TEXT NOT NULL,
+    id BIGINT NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (entity_url, id)
+);

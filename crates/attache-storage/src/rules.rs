@@ -1,0 +1,392 @@
+//! The stream engine's decisions, shared by every backend.
+//!
+//! Each backend owns how it locks, reads and writes; what an append, a create
+//! or a fork *means* lives here once, as functions of committed metadata and
+//! the request. A backend calls them inside its write transaction, in the same
+//! order as the embedded writer: check everything first, then write, so a
+//! domain error leaves nothing behind.
+
+use attache_core::json::{split_messages, JsonBodyUse};
+use attache_core::{ContentType, Offset, ProducerCheck, ProducerState};
+use bytes::Bytes;
+
+use crate::error::{StoreError, StoreResult};
+use crate::model::*;
+
+/// An append whose body was split and checked before it reached the writer,
+/// so the writer spends its time committing, not parsing.
+pub(crate) struct PreparedAppend {
+    pub(crate) req: AppendRequest,
+    /// The stream it was prepared for: a stream re-created meanwhile is another stream.
+    pub(crate) stream_id: u64,
+    pub(crate) rows: Vec<Bytes>,
+    pub(crate) json: bool,
+}
+
+impl PreparedAppend {
+    pub(crate) fn prepare(req: AppendRequest, info: &StreamInfo) -> StoreResult<PreparedAppend> {
+        if req.body.is_empty() && !req.close {
+            return Err(StoreError::Invalid("an append needs a body (or Stream-Closed: true to close)".into()));
+        }
+        let json = info.is_json();
+        let mut rows = Vec::new();
+        if !req.body.is_empty() {
+            let type_matches = req.content_type.as_ref().is_some_and(|ct| ct.matches(&info.content_type()));
+            if json && type_matches && !info.closed {
+                for msg in split_messages(&req.body, JsonBodyUse::Append)? {
+                    rows.push(req.body.slice_ref(msg));
+                }
+            } else {
+                rows.push(req.body.clone());
+            }
+        }
+        Ok(PreparedAppend { req, stream_id: info.id, rows, json })
+    }
+}
+
+/// What to do with an append, decided against the stream's committed state.
+pub(crate) enum AppendDecision {
+    /// Nothing to write: answer with this (a retry, or a close of a closed stream).
+    Answer(Box<AppendOutcome>),
+    /// Write the rows, then store `producer_next` (if any) and call [`finish_append`].
+    Write { producer_next: Option<ProducerState> },
+}
+
+/// Checks an append against the stream it targets. `producer` is the stored
+/// state of the request's producer (if the request names one).
+pub(crate) fn decide_append(
+    info: &StreamInfo,
+    req: &AppendRequest,
+    producer: Option<ProducerState>,
+) -> StoreResult<AppendDecision> {
+    if info.soft_deleted {
+        return Err(StoreError::Gone);
+    }
+    if info.closed {
+        if let Some(pr) = &req.producer {
+            if info.closed_by.as_ref() == Some(&(pr.id.clone(), pr.epoch, pr.seq)) {
+                return Ok(AppendDecision::Answer(Box::new(AppendOutcome {
+                    info: info.clone(),
+                    producer,
+                    duplicate: true,
+                })));
+            }
+        }
+        if req.body.is_empty() && req.close {
+            return Ok(AppendDecision::Answer(Box::new(AppendOutcome {
+                info: info.clone(),
+                producer: None,
+                duplicate: true,
+            })));
+        }
+        return Err(StoreError::Closed { next: Offset(info.tail) });
+    }
+    if !req.body.is_empty() {
+        match &req.content_type {
+            None => return Err(StoreError::MissingContentType),
+            Some(ct) if !ct.matches(&info.content_type()) => {
+                return Err(StoreError::ContentTypeMismatch {
+                    expected: info.content_type.clone(),
+                    got: ct.as_str().to_owned(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    let mut producer_next = None;
+    if let Some(pr) = &req.producer {
+        match ProducerCheck::decide(producer, pr) {
+            ProducerCheck::Accept { next } => producer_next = Some(next),
+            ProducerCheck::Duplicate { state } => {
+                return Ok(AppendDecision::Answer(Box::new(AppendOutcome {
+                    info: info.clone(),
+                    producer: Some(state),
+                    duplicate: true,
+                })))
+            }
+            ProducerCheck::StaleEpoch { current } => return Err(StoreError::StaleEpoch { current }),
+            ProducerCheck::EpochMustStartAtZero => return Err(StoreError::EpochMustStartAtZero),
+            ProducerCheck::Gap { expected, received } => return Err(StoreError::ProducerGap { expected, received }),
+        }
+    }
+    if let (Some(seq), Some(last)) = (&req.seq, &info.last_seq) {
+        if seq.as_bytes() <= last.as_bytes() {
+            return Err(StoreError::SeqRegression { last: last.clone(), got: seq.clone() });
+        }
+    }
+    Ok(AppendDecision::Write { producer_next })
+}
+
+/// The metadata changes an accepted append makes besides moving the tail.
+pub(crate) fn finish_append(info: &mut StreamInfo, req: &AppendRequest) {
+    if req.close {
+        info.closed = true;
+        info.closed_by = req.producer.as_ref().map(|pr| (pr.id.clone(), pr.epoch, pr.seq));
+    }
+    if let Some(seq) = &req.seq {
+        info.last_seq = Some(seq.clone());
+    }
+}
+
+/// Where each row of an append lands, starting at `tail`, and whether it ends
+/// the append; `tail` moves past them. Checked whole first: a stream that would
+/// overflow gets nothing.
+pub(crate) fn place_rows(tail: &mut u64, rows: &[Bytes], json: bool) -> StoreResult<Vec<(u64, bool)>> {
+    let total: u64 = rows.iter().map(|r| r.len() as u64 + u64::from(json)).sum();
+    if tail.saturating_add(total) > Offset::MAX {
+        return Err(StoreError::Invalid("the stream is full: positions are exhausted".into()));
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        out.push((*tail, i + 1 == rows.len()));
+        *tail += row.len() as u64 + u64::from(json);
+    }
+    Ok(out)
+}
+
+/// The end of a row stored at `start` holding `len` bytes.
+pub(crate) fn row_end(start: u64, len: u64, json: bool) -> u64 {
+    start + len + u64::from(json)
+}
+
+/// PUT on an existing path: 200 when the configuration matches, 409 when not.
+pub(crate) fn confirm_existing(info: &StreamInfo, req: &CreateStream) -> StoreResult<CreateOutcome> {
+    if info.soft_deleted {
+        return Err(StoreError::ConfigMismatch("a deleted stream still holds this path for its forks".into()));
+    }
+    let mismatch = |what: &str| Err(StoreError::ConfigMismatch(format!("{what} differs from the existing stream")));
+    let requested_type = req.content_type.clone().unwrap_or_else(|| match &req.fork {
+        Some(_) => info.content_type(),
+        None => ContentType::octet_stream(),
+    });
+    if !requested_type.matches(&info.content_type()) {
+        return mismatch("content type");
+    }
+    match (&req.fork, &info.fork) {
+        (None, None) => {
+            if req.ttl.map(|t| t.0) != info.ttl_secs {
+                return mismatch("Stream-TTL");
+            }
+            if req.expires_at.as_ref().map(|e| e.unix_ms) != info.expires_at_ms {
+                return mismatch("Stream-Expires-At");
+            }
+        }
+        (Some(spec), Some(fork)) => {
+            let same_offset = spec.offset.is_none_or(|o| o.0 == fork.requested_offset);
+            if spec.source.as_str() != fork.source_path || !same_offset || spec.sub_offset != fork.requested_sub_offset
+            {
+                return mismatch("fork source or offset");
+            }
+            if req.ttl.is_some() && req.ttl.map(|t| t.0) != info.ttl_secs {
+                return mismatch("Stream-TTL");
+            }
+            if req.expires_at.is_some() && req.expires_at.as_ref().map(|e| e.unix_ms) != info.expires_at_ms {
+                return mismatch("Stream-Expires-At");
+            }
+        }
+        _ => return mismatch("fork lineage"),
+    }
+    if req.closed != info.closed {
+        return mismatch("closed state");
+    }
+    Ok(CreateOutcome::Existed(info.clone()))
+}
+
+/// A new stream's type, lifetime and (for a fork) where it diverges, before
+/// any sub-offset refinement.
+pub(crate) struct CreatePlan {
+    pub(crate) content_type: ContentType,
+    pub(crate) ttl_secs: Option<u64>,
+    pub(crate) expires: Option<(String, i64)>,
+    /// For a fork: the requested anchor in the source (its tail by default).
+    pub(crate) anchor: Option<u64>,
+}
+
+/// Checks a create against its fork source (committed, and whether it has expired).
+pub(crate) fn plan_create(req: &CreateStream, source: Option<(&StreamInfo, bool)>) -> StoreResult<CreatePlan> {
+    let mut ttl_secs = req.ttl.map(|t| t.0);
+    let mut expires = req.expires_at.clone().map(|e| (e.raw, e.unix_ms));
+    let Some(spec) = &req.fork else {
+        let content_type = req.content_type.clone().unwrap_or_else(ContentType::octet_stream);
+        return Ok(CreatePlan { content_type, ttl_secs, expires, anchor: None });
+    };
+    let (src, src_expired) = source.ok_or(StoreError::ForkSourceNotFound)?;
+    if src.soft_deleted {
+        return Err(StoreError::ForkSourceGone);
+    }
+    if src_expired {
+        return Err(StoreError::ForkSourceNotFound);
+    }
+    let src_type = src.content_type();
+    if let Some(ct) = &req.content_type {
+        if !ct.matches(&src_type) {
+            return Err(StoreError::ConfigMismatch(format!(
+                "content type {} differs from the source's {}",
+                ct.as_str(),
+                src_type.as_str()
+            )));
+        }
+    }
+    let anchor = spec.offset.map(|o| o.0).unwrap_or(src.tail);
+    if anchor > src.tail {
+        return Err(StoreError::Invalid("Stream-Fork-Offset is beyond the source's tail".into()));
+    }
+    if ttl_secs.is_none() && expires.is_none() {
+        ttl_secs = src.ttl_secs;
+        expires = src.expires_at.clone().zip(src.expires_at_ms);
+    }
+    Ok(CreatePlan {
+        content_type: req.content_type.clone().unwrap_or(src_type),
+        ttl_secs,
+        expires,
+        anchor: Some(anchor),
+    })
+}
+
+/// A create's initial body as rows (JSON mode splits it into messages).
+pub(crate) fn initial_rows(req: &CreateStream, content_type: &ContentType) -> StoreResult<(Vec<Bytes>, bool)> {
+    let json = attache_core::stream::is_json_media(content_type.as_str());
+    let rows = if json {
+        split_messages(&req.initial, JsonBodyUse::Create)?.into_iter().map(|m| req.initial.slice_ref(m)).collect()
+    } else if req.initial.is_empty() {
+        Vec::new()
+    } else {
+        vec![req.initial.clone()]
+    };
+    Ok((rows, json))
+}
+
+pub(crate) fn sub_offset_overshoot() -> StoreError {
+    StoreError::Invalid("Stream-Fork-Sub-Offset is past the end of the append at the fork offset".into())
+}
+
+/// A fork point `sub` messages past `anchor`, given the rows from `anchor` on
+/// (start, byte length, ends its append) of the stream that holds them.
+pub(crate) fn json_sub_offset(
+    rows: impl IntoIterator<Item = StoreResult<(u64, u64, bool)>>,
+    sub: u64,
+) -> StoreResult<u64> {
+    let mut taken = 0u64;
+    for row in rows {
+        let (start, len, ends) = row?;
+        taken += 1;
+        if taken == sub {
+            return Ok(row_end(start, len, true));
+        }
+        if ends {
+            break;
+        }
+    }
+    Err(sub_offset_overshoot())
+}
+
+/// A fork point `sub` bytes past `anchor`, given the row that holds `anchor`
+/// (start, byte length) and the end of the segment it belongs to.
+pub(crate) fn binary_sub_offset(row: Option<(u64, u64)>, segment_end: u64, anchor: u64, sub: u64) -> StoreResult<u64> {
+    let (start, len) = row.ok_or_else(sub_offset_overshoot)?;
+    let end = (start + len).min(segment_end);
+    if end <= anchor || anchor + sub > end {
+        return Err(sub_offset_overshoot());
+    }
+    Ok(anchor + sub)
+}
+
+/// A new stream's metadata.
+pub(crate) fn new_stream(
+    id: u64,
+    req: &CreateStream,
+    plan: CreatePlan,
+    tail: u64,
+    fork: Option<ForkInfo>,
+) -> StreamInfo {
+    StreamInfo {
+        id,
+        path: req.path.as_str().to_owned(),
+        content_type: plan.content_type.as_str().to_owned(),
+        ttl_secs: plan.ttl_secs,
+        expires_at: plan.expires.as_ref().map(|e| e.0.clone()),
+        expires_at_ms: plan.expires.map(|e| e.1),
+        created_at_ms: chrono::Utc::now().timestamp_millis(),
+        closed: req.closed,
+        tail,
+        fork,
+        fork_refs: 0,
+        soft_deleted: false,
+        last_seq: None,
+        closed_by: None,
+        owner: req.owner.clone(),
+        blob: None,
+    }
+}
+
+/// A closed stream whose bytes are one blob.
+pub(crate) fn new_blob_stream(id: u64, req: &CreateStream, blob: BlobRef) -> StreamInfo {
+    StreamInfo {
+        id,
+        path: req.path.as_str().to_owned(),
+        content_type: req.content_type.clone().unwrap_or_else(ContentType::octet_stream).as_str().to_owned(),
+        ttl_secs: None,
+        expires_at: None,
+        expires_at_ms: None,
+        created_at_ms: chrono::Utc::now().timestamp_millis(),
+        closed: true,
+        tail: blob.len,
+        fork: None,
+        fork_refs: 0,
+        soft_deleted: false,
+        last_seq: None,
+        closed_by: None,
+        owner: req.owner.clone(),
+        blob: Some(blob),
+    }
+}
+
+/// Whether a stream has expired, given when it was last used.
+pub(crate) fn expired(info: &StreamInfo, last_access_ms: i64, now_ms: i64) -> bool {
+    if let Some(at) = info.expires_at_ms {
+        return now_ms >= at;
+    }
+    match info.ttl_secs {
+        Some(ttl) => now_ms >= last_access_ms.saturating_add(ttl as i64 * 1000),
+        None => false,
+    }
+}
+
+/// A run of positions `[lo, hi)` served by the rows of stream `id`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Segment {
+    pub(crate) id: u64,
+    pub(crate) lo: u64,
+    pub(crate) hi: u64,
+}
+
+/// Which streams serve `[lo, hi)` of `info`: its sources below each fork point,
+/// itself above. `source` looks up a stream's committed metadata by id.
+pub(crate) fn segments(
+    info: &StreamInfo,
+    lo: u64,
+    hi: u64,
+    source: &mut dyn FnMut(u64) -> StoreResult<StreamInfo>,
+) -> StoreResult<Vec<Segment>> {
+    let mut out = Vec::new();
+    let mut upper = Vec::new();
+    let mut current = info.clone();
+    let mut hi = hi;
+    for _ in 0..=64 {
+        match &current.fork {
+            Some(fork) if lo < fork.offset => {
+                if hi > fork.offset {
+                    upper.push(Segment { id: current.id, lo: fork.offset, hi });
+                }
+                hi = hi.min(fork.offset);
+                current = source(fork.source_id)?;
+            }
+            _ => {
+                out.push(Segment { id: current.id, lo, hi });
+                out.extend(upper.into_iter().rev());
+                return Ok(out);
+            }
+        }
+    }
+    Err(StoreError::Storage("fork chain deeper than 64".into()))
+}
