@@ -31,5 +31,7 @@ echo "[test] cargo test" >&2
 ATTACHE_BIN="$PWD/target/release/attache" cargo test --workspace --quiet
 echo "[test] conformance suite" >&2
 ATTACHE_BIN="$PWD/target/release/attache" bash conformance/run.sh
+echo "[test] conformance suite on the postgres backend (throwaway cluster)" >&2
+ATTACHE_BIN="$PWD/target/release/attache" bash conformance/run-postgres.sh
 echo "[test] State Protocol materializer against the server" >&2
 ATTACHE_BIN="$PWD/target/release/attache" bash conformance/state/run.sh

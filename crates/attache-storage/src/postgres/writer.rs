@@ -235,7 +235,7 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
         let answer = match cmd {
             Command::Create(req, _) => Answer::Create(escalate(w.create(shared, req).await)?),
             Command::CreateBlob(req, blob, _) => Answer::CreateBlob(escalate(w.create_blob(shared, req, blob).await)?),
-            Command::Append(p, _) => Answer::Append(escalate(w.append(shared, p).await)?),
+            Command::Append(p, _) => Answer::Append(escalate(w.append(p).await)?),
             Command::Delete(path, _) => Answer::Delete(escalate(w.delete(shared, path).await)?),
             Command::Expire(id) => {
                 if let Some(s) = w.stream(*id).await? {
@@ -515,7 +515,7 @@ impl Work {
         }
     }
 
-    async fn append(&mut self, shared: &Shared, p: &PreparedAppend) -> StoreResult<AppendOutcome> {
+    async fn append(&mut self, p: &PreparedAppend) -> StoreResult<AppendOutcome> {
         let req = &p.req;
         let id = self.id_at(&req.path).await?.ok_or(StoreError::NotFound)?;
         let info = self.stream(id).await?.ok_or(StoreError::NotFound)?;
@@ -532,7 +532,6 @@ impl Work {
             Some(pr) => self.producer(id, &pr.id).await?,
             None => None,
         };
-        let _ = shared;
         let producer_next = match rules::decide_append(&info, req, state)? {
             AppendDecision::Answer(outcome) => return Ok(*outcome),
             AppendDecision::Write { producer_next } => producer_next,
