@@ -73,8 +73,10 @@ pub struct MainView {
 
 impl MainView {
     fn apply(&mut self, row: &[u8]) {
-        let Ok(event) = serde_json::from_slice::<ChangeEvent>(row) else { return };
-        match (event.collection.as_str(), event.headers.operation.as_str()) {
+        // Most rows (events, runs, text) are not for this view: read only the
+        // collection, key and operation, and leave the value as raw JSON.
+        let Ok(event) = serde_json::from_slice::<RowHead>(row) else { return };
+        match (event.collection.as_ref(), event.headers.operation.as_ref()) {
             (MANIFEST, "delete") => {
                 if let Some(id) = event.key.strip_prefix("attachment:") {
                     if let Some(old) = self.manifest.remove(id) {
@@ -88,26 +90,45 @@ impl MainView {
             }
             (MANIFEST, _) => {
                 let Some(value) = event.value else { return };
-                let Ok(entry) = serde_json::from_value::<ManifestEntry>(value) else { return };
+                let Ok(entry) = serde_json::from_str::<ManifestEntry>(value.get()) else { return };
                 if let Some(name) = entry.ext.get("name").and_then(Value::as_str) {
                     self.by_name.insert(name.to_owned(), entry.id.clone());
                 }
                 self.manifest.insert(entry.id.clone(), entry);
             }
             ("inbox", "delete") => {
-                self.inbox.remove(&event.key);
-                self.inbox_order.retain(|k| k != &event.key);
+                self.inbox.remove(event.key.as_ref());
+                self.inbox_order.retain(|k| k != event.key.as_ref());
             }
             ("inbox", _) => {
-                if let Some(value) = event.value {
-                    if self.inbox.insert(event.key.clone(), value).is_none() {
-                        self.inbox_order.push(event.key);
-                    }
+                let Some(value) = event.value.and_then(|v| serde_json::from_str::<Value>(v.get()).ok()) else { return };
+                let key = event.key.into_owned();
+                if self.inbox.insert(key.clone(), value).is_none() {
+                    self.inbox_order.push(key);
                 }
             }
             _ => {}
         }
     }
+}
+
+/// The parts of a State Protocol row a view looks at first.
+#[derive(serde::Deserialize)]
+struct RowHead<'a> {
+    #[serde(rename = "type", borrow)]
+    collection: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    key: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    value: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow)]
+    headers: HeadersHead<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct HeadersHead<'a> {
+    #[serde(borrow)]
+    operation: std::borrow::Cow<'a, str>,
 }
 
 /// Per-entity views, caught up from the stream on each use (only the new tail is read).
