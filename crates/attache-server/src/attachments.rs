@@ -317,7 +317,7 @@ pub async fn upload(
                 if writer.len() + chunk.len() as u64 > max {
                     return Err(too_large(max));
                 }
-                writer.write(&chunk).await?;
+                writer.write(chunk).await?;
             }
             staged = Some(writer.finish().await?);
         }

@@ -1,28 +1,65 @@
 //! Staging blob bytes: written as they stream, hashed on the way, synced
 //! once at the end. Memory stays flat whatever the size.
+//!
+//! Hashing and writing each run on their own blocking thread, fed the same
+//! chunks (shared `Bytes`, no copies) through small bounded channels, so
+//! SHA-256, the write syscalls and receiving the next chunk overlap instead
+//! of taking turns. The bounded channels are the backpressure: a slow disk
+//! slows the upload, it never fills memory.
 
+use std::io::Write;
 use std::path::PathBuf;
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::error::{StoreError, StoreResult};
 use crate::model::StagedBlob;
 
+/// Chunks in flight per stage.
+const DEPTH: usize = 8;
+
 pub struct BlobWriter {
     path: PathBuf,
-    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
-    hasher: Sha256,
+    to_hasher: Option<mpsc::Sender<Bytes>>,
+    to_disk: Option<mpsc::Sender<Bytes>>,
+    hasher: Option<JoinHandle<[u8; 32]>>,
+    disk: Option<JoinHandle<std::io::Result<()>>>,
     len: u64,
+}
+
+fn stopped() -> StoreError {
+    StoreError::Storage("blob writer already finished".into())
 }
 
 impl BlobWriter {
     pub async fn create(path: PathBuf) -> StoreResult<BlobWriter> {
-        let file = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&path).await?;
+        let file = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&path).await?.into_std().await;
+        let (to_hasher, mut hash_rx) = mpsc::channel::<Bytes>(DEPTH);
+        let (to_disk, mut disk_rx) = mpsc::channel::<Bytes>(DEPTH);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut h = Sha256::new();
+            while let Some(chunk) = hash_rx.blocking_recv() {
+                h.update(&chunk);
+            }
+            h.finalize().into()
+        });
+        let disk = tokio::task::spawn_blocking(move || {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+            while let Some(chunk) = disk_rx.blocking_recv() {
+                out.write_all(&chunk)?;
+            }
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()
+        });
         Ok(BlobWriter {
             path,
-            file: Some(tokio::io::BufWriter::with_capacity(1 << 20, file)),
-            hasher: Sha256::new(),
+            to_hasher: Some(to_hasher),
+            to_disk: Some(to_disk),
+            hasher: Some(hasher),
+            disk: Some(disk),
             len: 0,
         })
     }
@@ -35,30 +72,73 @@ impl BlobWriter {
         self.len == 0
     }
 
-    pub async fn write(&mut self, chunk: &[u8]) -> StoreResult<()> {
-        let file = self.file.as_mut().ok_or_else(|| StoreError::Storage("blob writer already finished".into()))?;
-        self.hasher.update(chunk);
-        file.write_all(chunk).await?;
-        self.len += chunk.len() as u64;
+    pub async fn write(&mut self, chunk: Bytes) -> StoreResult<()> {
+        let (Some(h), Some(d)) = (&self.to_hasher, &self.to_disk) else { return Err(stopped()) };
+        let n = chunk.len() as u64;
+        if h.send(chunk.clone()).await.is_err() || d.send(chunk).await.is_err() {
+            // A stage stopped early: the disk writer failed. Its error says why.
+            self.to_hasher = None;
+            self.to_disk = None;
+            return Err(match self.disk.take() {
+                Some(disk) => match disk.await {
+                    Ok(Err(e)) => e.into(),
+                    _ => stopped(),
+                },
+                None => stopped(),
+            });
+        }
+        self.len += n;
         Ok(())
     }
 
-    /// Flushes and syncs the bytes; they are durable once this returns.
+    /// Waits for both stages, syncs the bytes; they are durable once this returns.
     pub async fn finish(mut self) -> StoreResult<StagedBlob> {
-        let mut file = self.file.take().ok_or_else(|| StoreError::Storage("blob writer already finished".into()))?;
-        file.flush().await?;
-        let inner = file.into_inner();
-        inner.sync_all().await?;
-        let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        Ok(StagedBlob { path: std::mem::take(&mut self.path), sha256, len: self.len })
+        self.to_hasher = None;
+        self.to_disk = None;
+        let disk = self.disk.take().ok_or_else(stopped)?;
+        let hasher = self.hasher.take().ok_or_else(stopped)?;
+        disk.await.map_err(|e| StoreError::Storage(e.to_string()))??;
+        let digest = hasher.await.map_err(|e| StoreError::Storage(e.to_string()))?;
+        Ok(StagedBlob { path: std::mem::take(&mut self.path), sha256: hex::encode(digest), len: self.len })
     }
 }
 
 impl Drop for BlobWriter {
-    /// An unfinished upload leaves nothing behind.
+    /// An unfinished upload leaves nothing behind (the stages stop when their channels close).
     fn drop(&mut self) {
         if !self.path.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn staged_bytes_hash_and_land_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = BlobWriter::create(dir.path().join("s")).await.unwrap();
+        let mut all = Vec::new();
+        for i in 0..200u32 {
+            let chunk: Vec<u8> = (0..(i * 37 % 5000)).map(|j| (i ^ j) as u8).collect();
+            all.extend_from_slice(&chunk);
+            w.write(Bytes::from(chunk)).await.unwrap();
+        }
+        let staged = w.finish().await.unwrap();
+        assert_eq!(staged.len, all.len() as u64);
+        assert_eq!(staged.sha256, hex::encode(Sha256::digest(&all)));
+        assert_eq!(std::fs::read(&staged.path).unwrap(), all);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_upload_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let mut w = BlobWriter::create(path.clone()).await.unwrap();
+        w.write(Bytes::from_static(b"partial")).await.unwrap();
+        drop(w);
+        assert!(!path.exists());
     }
 }
