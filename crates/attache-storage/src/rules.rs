@@ -390,3 +390,70 @@ pub(crate) fn segments(
     }
     Err(StoreError::Storage("fork chain deeper than 64".into()))
 }
+
+/// One read's result, assembled row by row by either backend: whole JSON
+/// messages, binary rows sliced to the segment, stopping near `max_bytes`
+/// (a JSON read always carries at least one message).
+pub(crate) struct Page {
+    json: bool,
+    max_bytes: usize,
+    bytes: usize,
+    pub(crate) chunks: Vec<bytes::Bytes>,
+    /// The position right after what the page holds.
+    pub(crate) pos: u64,
+}
+
+/// Whether a page can take more rows.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Room {
+    More,
+    Full,
+}
+
+impl Page {
+    pub(crate) fn new(json: bool, max_bytes: usize, start: u64) -> Page {
+        Page { json, max_bytes, bytes: 0, chunks: Vec::new(), pos: start }
+    }
+
+    /// Adds the part of the row at `row_start` that lies in `[lo, hi)`.
+    pub(crate) fn push(&mut self, row_start: u64, data: &[u8], lo: u64, hi: u64) -> Room {
+        if self.json {
+            if !self.chunks.is_empty() && self.bytes + data.len() > self.max_bytes {
+                return Room::Full;
+            }
+            self.bytes += data.len();
+            self.pos = row_end(row_start, data.len() as u64, true);
+            self.chunks.push(bytes::Bytes::copy_from_slice(data));
+            return Room::More;
+        }
+        let row_end = row_start + data.len() as u64;
+        let a = (lo.max(row_start) - row_start) as usize;
+        let b = (hi.min(row_end).max(row_start) - row_start) as usize;
+        if a >= b {
+            return Room::More;
+        }
+        let room = self.max_bytes.saturating_sub(self.bytes);
+        if room == 0 {
+            return Room::Full;
+        }
+        let take = (b - a).min(room);
+        self.chunks.push(bytes::Bytes::copy_from_slice(&data[a..a + take]));
+        self.bytes += take;
+        self.pos = row_start + (a + take) as u64;
+        if take < b - a {
+            Room::Full
+        } else {
+            Room::More
+        }
+    }
+
+    /// Bytes still allowed before the page is full.
+    pub(crate) fn room(&self) -> usize {
+        self.max_bytes.saturating_sub(self.bytes)
+    }
+
+    /// The whole segment ending at `hi` was read.
+    pub(crate) fn finish_segment(&mut self, hi: u64) {
+        self.pos = hi;
+    }
+}

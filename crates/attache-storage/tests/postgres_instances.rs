@@ -156,7 +156,7 @@ fn two_instances_share_streams_and_wake_each_others_readers_or_skip_without_post
         // A blob uploaded through one instance is read through the other.
         let mut writer = a.stage_blob().await.unwrap();
         let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        writer.write(&payload).await.unwrap();
+        writer.write(bytes::Bytes::from(payload.clone())).await.unwrap();
         let staged = writer.finish().await.unwrap();
         let mut req = json_stream("/shared/blob");
         req.content_type = Some(ContentType::octet_stream());

@@ -6,6 +6,7 @@ use redb::ReadableDatabase;
 use super::{Shared, CHUNKS};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{BlobRef, ReadBatch, ReadFrom, StreamInfo};
+use crate::rules::{Page, Room};
 use attache_core::Offset;
 
 pub(crate) use crate::rules::Segment;
@@ -38,27 +39,14 @@ pub(crate) fn read(shared: &Shared, info: &StreamInfo, from: ReadFrom, max_bytes
         return read_blob(shared, info, blob, start, max_bytes);
     }
     let json = info.is_json();
-    let mut chunks = Vec::new();
-    let mut pos = start;
+    let mut page = Page::new(json, max_bytes, start);
     if start < tail {
         let txn = shared.db.begin_read()?;
         let table = txn.open_table(CHUNKS)?;
-        let mut bytes = 0usize;
         'segments: for seg in segments(shared, info, start, tail)? {
-            if json {
-                for row in table.range((seg.id, seg.lo)..(seg.id, seg.hi))? {
-                    let (key, value) = row?;
-                    let msg = &value.value()[1..];
-                    if !chunks.is_empty() && bytes + msg.len() > max_bytes {
-                        break 'segments;
-                    }
-                    bytes += msg.len();
-                    chunks.push(Bytes::copy_from_slice(msg));
-                    pos = key.value().1 + msg.len() as u64 + 1;
-                }
-            } else {
-                // The row holding `lo` may start before it (a fork point or offset inside a row).
-                let mut first = seg.lo;
+            // A binary row holding `lo` may start before it (a fork point or an offset inside a row).
+            let mut first = seg.lo;
+            if !json {
                 if let Some(row) = table.range((seg.id, 0)..=(seg.id, seg.lo))?.next_back() {
                     let (key, value) = row?;
                     let row_start = key.value().1;
@@ -66,33 +54,18 @@ pub(crate) fn read(shared: &Shared, info: &StreamInfo, from: ReadFrom, max_bytes
                         first = row_start;
                     }
                 }
-                for row in table.range((seg.id, first)..(seg.id, seg.hi))? {
-                    let (key, value) = row?;
-                    let row_start = key.value().1;
-                    let data = &value.value()[1..];
-                    let row_end = row_start + data.len() as u64;
-                    let a = (seg.lo.max(row_start) - row_start) as usize;
-                    let b = (seg.hi.min(row_end) - row_start) as usize;
-                    if a >= b {
-                        continue;
-                    }
-                    let room = max_bytes.saturating_sub(bytes);
-                    if room == 0 {
-                        break 'segments;
-                    }
-                    let take = (b - a).min(room);
-                    chunks.push(Bytes::copy_from_slice(&data[a..a + take]));
-                    bytes += take;
-                    pos = row_start + (a + take) as u64;
-                    if take < b - a {
-                        break 'segments;
-                    }
+            }
+            for row in table.range((seg.id, first)..(seg.id, seg.hi))? {
+                let (key, value) = row?;
+                if page.push(key.value().1, &value.value()[1..], seg.lo, seg.hi) == Room::Full {
+                    break 'segments;
                 }
             }
-            pos = seg.hi;
+            page.finish_segment(seg.hi);
         }
     }
-    Ok(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(pos), chunks, json })
+    let (next, chunks) = (page.pos, page.chunks);
+    Ok(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(next), chunks, json })
 }
 
 /// A blob-backed stream reads straight from its file.

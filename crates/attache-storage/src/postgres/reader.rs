@@ -12,7 +12,7 @@ use sqlx::PgConnection;
 use super::{db_err, decode_info, stream_row, Shared, StreamEntry, STREAM_COLUMNS};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{BlobRef, ReadBatch, ReadFrom, StreamInfo};
-use crate::rules::{self, Segment};
+use crate::rules::{self, Page, Room, Segment};
 
 /// Rows fetched per query while filling a read.
 const PAGE_ROWS: i64 = 512;
@@ -98,10 +98,8 @@ pub(crate) async fn read(
         return read_blob(&shared, info, &blob, start, max_bytes).await;
     }
     let json = info.is_json();
-    let mut chunks = Vec::new();
-    let mut pos = start;
+    let mut page = Page::new(json, max_bytes, start);
     if start < tail {
-        let mut bytes = 0usize;
         let mut known = HashMap::new();
         let segs = segments(&shared, &mut conn, &info, start, tail, &mut known).await?;
         'segments: for seg in segs {
@@ -134,7 +132,7 @@ pub(crate) async fn read(
                 .map_err(db_err)?;
                 let last_page = (sizes.len() as i64) < PAGE_ROWS;
                 let Some(&(first, _)) = sizes.first() else { break };
-                let room = max_bytes.saturating_sub(bytes);
+                let room = page.room();
                 let mut budget = 0usize;
                 let mut upto = first;
                 for (p, len) in &sizes {
@@ -157,43 +155,18 @@ pub(crate) async fn read(
                 let last_page = last_page && upto == sizes.last().map(|s| s.0).unwrap_or(upto);
                 for (row_start, data) in rows {
                     cursor = row_start + 1;
-                    let row_start = row_start as u64;
-                    if json {
-                        if !chunks.is_empty() && bytes + data.len() > max_bytes {
-                            break 'segments;
-                        }
-                        bytes += data.len();
-                        pos = rules::row_end(row_start, data.len() as u64, true);
-                        chunks.push(Bytes::from(data));
-                    } else {
-                        let row_end = row_start + data.len() as u64;
-                        let a = (seg.lo.max(row_start) - row_start) as usize;
-                        let b = (seg.hi.min(row_end) - row_start) as usize;
-                        if a >= b {
-                            continue;
-                        }
-                        let room = max_bytes.saturating_sub(bytes);
-                        if room == 0 {
-                            break 'segments;
-                        }
-                        let take = (b - a).min(room);
-                        let data = Bytes::from(data);
-                        chunks.push(data.slice(a..a + take));
-                        bytes += take;
-                        pos = row_start + (a + take) as u64;
-                        if take < b - a {
-                            break 'segments;
-                        }
+                    if page.push(row_start as u64, &data, seg.lo, seg.hi) == Room::Full {
+                        break 'segments;
                     }
                 }
                 if last_page {
                     break;
                 }
             }
-            pos = seg.hi;
+            page.finish_segment(seg.hi);
         }
     }
-    Ok(ReadBatch { info, start: Offset(start), next: Offset(pos), chunks, json })
+    Ok(ReadBatch { info, start: Offset(start), next: Offset(page.pos), chunks: page.chunks, json })
 }
 
 /// A blob-backed stream reads from the local copy of its blob.
