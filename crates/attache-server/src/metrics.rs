@@ -144,8 +144,9 @@ impl Metrics {
     }
 }
 
-/// GET /metrics
-pub async fn get_metrics(State(state): State<AppState>) -> Response {
+/// GET /metrics. Any authenticated principal may scrape (in token mode: any
+/// valid token); the counters say how busy the server is, not what it holds.
+pub async fn get_metrics(State(state): State<AppState>, _who: crate::auth::Caller) -> Response {
     let mut res = state.metrics.render().into_response();
     res.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     res

@@ -76,7 +76,7 @@ pub fn build(state: AppState) -> Router {
         .route("/ws", get(ws::upgrade))
         // POST/GET/DELETE MCP streamable HTTP: the task methods as tools [authenticated; as /rpc]
         .merge(mcp::routes(state.clone()))
-        // GET Prometheus text [anyone]
+        // GET Prometheus text [any authenticated principal]
         .route("/metrics", get(metrics::get_metrics))
         .fallback(stream_route)
         .layer(axum::middleware::from_fn(reject_encoded_separators))

@@ -983,3 +983,17 @@ async fn tasks_attachments_and_events_survive_a_restart() {
     let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["task.created", "task.attachment_created", "task.claimed", "task.attachment_created"]);
 }
+
+#[tokio::test]
+async fn metrics_need_a_valid_token_in_token_mode() {
+    let s = TestServer::start_with(|c| c.auth = Some(attache_server::auth::AuthMode::Token)).await;
+    let anonymous = s.client.get(s.url("/metrics")).send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let bad = s.client.get(s.url("/metrics")).bearer_auth("att_nope_nope").send().await.unwrap();
+    assert_eq!(bad.status(), StatusCode::UNAUTHORIZED);
+    let (_, token) =
+        attache_storage::tokens::TokenStore::new(&s.config.data_dir).create("service:prometheus", None).unwrap();
+    let scraped = s.client.get(s.url("/metrics")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(scraped.status(), StatusCode::OK);
+    assert!(scraped.text().await.unwrap().contains("# TYPE"));
+}
