@@ -54,5 +54,10 @@ pub fn entity_for(
 
 /// Plain streams belong to their creator; built-in system principals may do anything.
 pub fn owns_stream(who: &PrincipalKey, info: &StreamInfo) -> bool {
-    who.is_built_in_system() || info.owner.as_deref() == Some(who.to_string().as_str())
+    who.is_built_in_system()
+        || info
+            .owner
+            .as_deref()
+            .and_then(|o| o.split_once(':'))
+            .is_some_and(|(kind, id)| kind == who.kind().as_str() && id == who.id())
 }

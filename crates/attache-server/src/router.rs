@@ -87,8 +87,11 @@ pub fn build(state: AppState) -> Router {
 /// Encoded slashes, dots, backslashes and NULs in a path are refused outright:
 /// they are how path confusion starts.
 async fn reject_encoded_separators(req: Request<Body>, next: axum::middleware::Next) -> Response {
-    let path = req.uri().path().to_ascii_lowercase();
-    if ["%2f", "%2e", "%5c", "%00"].iter().any(|bad| path.contains(bad)) {
+    let encoded_separator = |w: &[u8]| {
+        w[0] == b'%'
+            && matches!((w[1], w[2].to_ascii_lowercase()), (b'2', b'f') | (b'2', b'e') | (b'5', b'c') | (b'0', b'0'))
+    };
+    if req.uri().path().as_bytes().windows(3).any(encoded_separator) {
         return ApiError::bad_request("encoded '/', '.', '\\' or NUL in a URL path are not allowed").into_response();
     }
     next.run(req).await
