@@ -87,14 +87,18 @@ pub fn build(state: AppState) -> Router {
 /// Encoded slashes, dots, backslashes and NULs in a path are refused outright:
 /// they are how path confusion starts.
 async fn reject_encoded_separators(req: Request<Body>, next: axum::middleware::Next) -> Response {
-    let encoded_separator = |w: &[u8]| {
-        w[0] == b'%'
-            && matches!((w[1], w[2].to_ascii_lowercase()), (b'2', b'f') | (b'2', b'e') | (b'5', b'c') | (b'0', b'0'))
-    };
-    if req.uri().path().as_bytes().windows(3).any(encoded_separator) {
+    if has_encoded_separator(req.uri().path()) {
         return ApiError::bad_request("encoded '/', '.', '\\' or NUL in a URL path are not allowed").into_response();
     }
     next.run(req).await
+}
+
+/// `%2F`, `%2E`, `%5C` or `%00`, in any case (no allocation: this runs on every request).
+pub fn has_encoded_separator(path: &str) -> bool {
+    path.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!((w[1], w[2].to_ascii_lowercase()), (b'2', b'f') | (b'2', b'e') | (b'5', b'c') | (b'0', b'0'))
+    })
 }
 
 async fn stream_route(State(state): State<AppState>, req: Request<Body>) -> Response {
@@ -120,6 +124,16 @@ async fn stream_route(State(state): State<AppState>, req: Request<Body>) -> Resp
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoded_separators_are_found_in_any_case() {
+        for bad in ["/a%2Fb", "/a%2fb", "/%2E%2E/x", "/a%5cb", "/a%00", "/x/%2e"] {
+            assert!(has_encoded_separator(bad), "{bad}");
+        }
+        for ok in ["/a/b", "/a%20b", "/a%2", "/%", "/a%41"] {
+            assert!(!has_encoded_separator(ok), "{ok}");
+        }
+    }
 
     #[test]
     fn reserved_prefixes_are_not_streams() {
