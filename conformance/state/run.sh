@@ -21,66 +21,13 @@ if [ ! -e node_modules/@durable-streams/state/package.json ]; then
   npm ci --no-audit --no-fund >&2
 fi
 
-free_port() {
-  node -e 'const s=require("net").createServer();s.listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
-}
+TAG=state
+. "$HERE/../server.sh"
+start_attache
 
-SERVER_PID=""
-DATA_DIR=""
-LOG_FILE=""
-cleanup() {
-  local rc=$?
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill "$SERVER_PID" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
-  [ -n "$DATA_DIR" ] && rm -rf "$DATA_DIR"
-  if [ -n "$LOG_FILE" ]; then
-    if [ "$rc" -eq 0 ] && [ -z "${KEEP_SERVER_LOG:-}" ]; then
-      rm -f "$LOG_FILE"
-    else
-      echo "[state] server log kept: $LOG_FILE" >&2
-    fi
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-if [ -z "${ATTACHE_URL:-}" ]; then
-  if [ ! -x "$ATTACHE_BIN" ]; then
-    echo "[state] attache binary not found or not executable: $ATTACHE_BIN" >&2
-    echo "[state] build it with 'cargo build --release' or set ATTACHE_BIN" >&2
-    exit 2
-  fi
-  PORT="${PORT:-$(free_port)}"
-  DATA_DIR="$(mktemp -d "${TMPDIR:-/tmp}/attache-state.XXXXXX")"
-  LOG_FILE="$DATA_DIR.log"
-  echo "[state] starting $ATTACHE_BIN on 127.0.0.1:$PORT (data dir $DATA_DIR, log $LOG_FILE)" >&2
-  "$ATTACHE_BIN" serve --listen "127.0.0.1:$PORT" --data-dir "$DATA_DIR" >"$LOG_FILE" 2>&1 &
-  SERVER_PID=$!
-  ATTACHE_URL="http://127.0.0.1:$PORT"
-
-  deadline=$((SECONDS + HEALTH_TIMEOUT_S))
-  until curl -fsS -o /dev/null --max-time 2 "$ATTACHE_URL/healthz" 2>/dev/null; do
-    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-      echo "[state] attache exited before becoming healthy; log follows:" >&2
-      cat "$LOG_FILE" >&2 || true
-      SERVER_PID=""
-      exit 2
-    fi
-    if [ "$SECONDS" -ge "$deadline" ]; then
-      echo "[state] attache not healthy after ${HEALTH_TIMEOUT_S}s; log follows:" >&2
-      tail -n 50 "$LOG_FILE" >&2 || true
-      exit 2
-    fi
-    sleep 0.2
-  done
-  echo "[state] attache is healthy at $ATTACHE_URL" >&2
-fi
-
-export ATTACHE_URL
+set +e
 node --test state.test.mjs
+status=$?
+set -e
+finish_attache "$status"
+exit "$status"
