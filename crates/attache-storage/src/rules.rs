@@ -457,3 +457,26 @@ impl Page {
         self.pos = hi;
     }
 }
+
+/// What both backends' in-memory indexes keep per stream: its committed metadata and last access.
+pub(crate) trait CommittedStream {
+    fn committed(&self) -> std::sync::Arc<StreamInfo>;
+    fn last_access_ms(&self) -> i64;
+}
+
+/// `list_prefix` over either backend's index: live streams under `prefix`, in path order.
+pub(crate) fn list_prefix<E: CommittedStream>(
+    by_path: &std::collections::BTreeMap<String, std::sync::Arc<E>>,
+    prefix: &str,
+    limit: usize,
+    now_ms: i64,
+) -> Vec<StreamInfo> {
+    by_path
+        .range(prefix.to_owned()..)
+        .take_while(|(p, _)| p.starts_with(prefix))
+        .map(|(_, e)| (e.committed(), e.last_access_ms()))
+        .filter(|(info, last)| !info.soft_deleted && !expired(info, *last, now_ms))
+        .take(limit)
+        .map(|(info, _)| (*info).clone())
+        .collect()
+}

@@ -113,6 +113,15 @@ impl StreamEntry {
     }
 }
 
+impl crate::rules::CommittedStream for StreamEntry {
+    fn committed(&self) -> Arc<StreamInfo> {
+        self.info()
+    }
+    fn last_access_ms(&self) -> i64 {
+        self.last_access_ms.load(Ordering::Relaxed)
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Index {
     pub(crate) by_path: BTreeMap<String, Arc<StreamEntry>>,
@@ -315,17 +324,7 @@ impl StreamStore for EmbeddedStore {
     }
 
     fn list_prefix(&self, prefix: &str, limit: usize) -> Vec<StreamInfo> {
-        let index = self.shared.index.read();
-        let now = now_ms();
-        index
-            .by_path
-            .range(prefix.to_owned()..)
-            .take_while(|(p, _)| p.starts_with(prefix))
-            .map(|(_, e)| (e.info(), e))
-            .filter(|(info, e)| !info.soft_deleted && !e.expired(info, now))
-            .take(limit)
-            .map(|(info, _)| (*info).clone())
-            .collect()
+        crate::rules::list_prefix(&self.shared.index.read().by_path, prefix, limit, now_ms())
     }
 
     async fn create_blob_stream(&self, req: CreateStream, blob: StagedBlob) -> StoreResult<StreamInfo> {
