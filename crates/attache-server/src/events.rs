@@ -16,7 +16,7 @@ use attache_core::{ContentType, Offset, Permission, PrincipalKey, ReadOffset, St
 use attache_storage::{AppendRequest, CreateStream, ReadFrom, StoreError, StreamStore};
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::Value;
@@ -25,6 +25,7 @@ use crate::access::may;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::headers as h;
+use crate::streams::{set, sse_event};
 use crate::AppState;
 
 /// The global events stream.
@@ -171,12 +172,6 @@ fn parse_query(raw: Option<&str>) -> ApiResult<Query> {
     Ok(q)
 }
 
-fn set(hm: &mut HeaderMap, name: axum::http::HeaderName, value: impl ToString) {
-    if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
-        hm.insert(name, v);
-    }
-}
-
 fn json_response(events: &[Value], next: Offset, up_to_date: bool) -> Response {
     let body = serde_json::to_vec(events).unwrap_or_else(|_| b"[]".to_vec());
     let mut res = Response::new(Body::from(body));
@@ -263,20 +258,6 @@ async fn long_poll(
     hm.insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
     hm.insert("cache-control", HeaderValue::from_static("no-store"));
     Ok(res)
-}
-
-fn sse_event(name: &str, payload: &str) -> Bytes {
-    let mut out = String::with_capacity(payload.len() + 32);
-    out.push_str("event: ");
-    out.push_str(name);
-    out.push('\n');
-    for line in payload.split('\n') {
-        out.push_str("data:");
-        out.push_str(line);
-        out.push('\n');
-    }
-    out.push('\n');
-    Bytes::from(out)
 }
 
 fn sse_control(next: Offset, up_to_date: bool) -> Bytes {

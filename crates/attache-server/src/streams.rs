@@ -65,7 +65,7 @@ pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> 
     }
 }
 
-fn set(headers: &mut HeaderMap, name: impl axum::http::header::IntoHeaderName, value: impl ToString) {
+pub(crate) fn set(headers: &mut HeaderMap, name: impl axum::http::header::IntoHeaderName, value: impl ToString) {
     if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
         headers.insert(name, v);
     }
@@ -531,7 +531,7 @@ async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiRes
 }
 
 /// One SSE event; every line of the payload gets its own `data:` line.
-fn sse_event(name: &str, payload: &str) -> Bytes {
+pub(crate) fn sse_event(name: &str, payload: &str) -> Bytes {
     let mut out = String::with_capacity(payload.len() + 32);
     out.push_str("event: ");
     out.push_str(name);
