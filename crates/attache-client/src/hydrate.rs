@@ -120,48 +120,39 @@ impl Conversation {
 
     /// Anthropic Messages: `[{"role":"user","content":[{"type":"text"},{"type":"image","source":{...}}]}]`.
     pub fn to_anthropic(&self) -> Value {
-        let messages: Vec<Value> = self
-            .messages
-            .iter()
-            .map(|m| {
-                let content: Vec<Value> = m
-                    .content
-                    .iter()
-                    .map(|b| match b {
-                        ContentBlock::Text(t) => json!({ "type": "text", "text": t }),
-                        ContentBlock::Image { media_type, data_base64, .. } => json!({
-                            "type": "image",
-                            "source": { "type": "base64", "media_type": media_type, "data": data_base64 },
-                        }),
-                    })
-                    .collect();
-                json!({ "role": "user", "content": content })
+        self.user_messages(|media_type, data_base64| {
+            json!({
+                "type": "image",
+                "source": { "type": "base64", "media_type": media_type, "data": data_base64 },
             })
-            .collect();
-        Value::Array(messages)
+        })
     }
 
     /// OpenAI Chat Completions: images as `image_url` data URLs.
     pub fn to_openai(&self) -> Value {
-        let messages: Vec<Value> = self
-            .messages
-            .iter()
-            .map(|m| {
-                let content: Vec<Value> = m
-                    .content
-                    .iter()
-                    .map(|b| match b {
-                        ContentBlock::Text(t) => json!({ "type": "text", "text": t }),
-                        ContentBlock::Image { media_type, data_base64, .. } => json!({
-                            "type": "image_url",
-                            "image_url": { "url": format!("data:{media_type};base64,{data_base64}") },
-                        }),
-                    })
-                    .collect();
-                json!({ "role": "user", "content": content })
+        self.user_messages(|media_type, data_base64| {
+            json!({
+                "type": "image_url",
+                "image_url": { "url": format!("data:{media_type};base64,{data_base64}") },
             })
-            .collect();
-        Value::Array(messages)
+        })
+    }
+
+    /// One user message per hydrated message; text blocks are the same in both
+    /// formats, `image` says how a model API spells an image block.
+    fn user_messages(&self, image: impl Fn(&str, &str) -> Value) -> Value {
+        let messages = self.messages.iter().map(|m| {
+            let content: Vec<Value> = m
+                .content
+                .iter()
+                .map(|b| match b {
+                    ContentBlock::Text(t) => json!({ "type": "text", "text": t }),
+                    ContentBlock::Image { media_type, data_base64, .. } => image(media_type, data_base64),
+                })
+                .collect();
+            json!({ "role": "user", "content": content })
+        });
+        Value::Array(messages.collect())
     }
 }
 
