@@ -50,3 +50,6 @@ fn main() -> anyhow::Result<()> {
         }
     })
 }
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
