@@ -245,6 +245,12 @@ async fn sigkill_loses_no_acknowledged_append_and_tears_none() {
         server = ServerProcess::start(&data, &log, &[]).await;
         verify(&read_stream(&server.url).await, &ledger);
     }
+    // Writers ran right up to each kill, so recovery went through the write-ahead log.
+    assert!(
+        server.log_text().contains("replayed the write-ahead log"),
+        "no restart replayed the log; log:\n{}",
+        server.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

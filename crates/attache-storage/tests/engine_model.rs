@@ -20,6 +20,42 @@ fn run(ops: &[Op]) {
     run_with(ops, embedded());
 }
 
+/// An embedded store that crashes at every restart: the next store opens a
+/// copy of the files as they are on disk while the previous one still runs
+/// (no close, so no final checkpoint). Checkpoints are an hour apart, so
+/// everything since the first open lives in the write-ahead log, and recovery
+/// is the log's replay.
+fn embedded_crashing() -> Opener {
+    let root = tempfile::tempdir().unwrap();
+    let mut generation = 0u32;
+    Box::new(move || {
+        let from = root.path().join(generation.to_string());
+        generation += 1;
+        let to = root.path().join(generation.to_string());
+        std::fs::create_dir_all(&to).unwrap();
+        if from.exists() {
+            copy_dir(&from, &to);
+        }
+        let mut config = EmbeddedConfig::new(&to);
+        config.checkpoint_interval = std::time::Duration::from_secs(3600);
+        let store = EmbeddedStore::open(config).unwrap();
+        Box::pin(async move { Box::new(store) as Box<dyn StreamStore> })
+    })
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: 64,
@@ -31,6 +67,11 @@ proptest! {
     #[test]
     fn embedded_store_behaves_like_the_model(ops in prop::collection::vec(op(), 1..50)) {
         run(&ops);
+    }
+
+    #[test]
+    fn embedded_store_recovers_from_crashes_like_the_model(ops in prop::collection::vec(op(), 1..50)) {
+        run_with_crashes(&ops, embedded_crashing());
     }
 }
 

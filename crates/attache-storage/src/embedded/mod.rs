@@ -13,6 +13,7 @@
 
 mod reader;
 mod registry;
+mod wal;
 mod writer;
 
 pub use registry::EmbeddedRegistry;
@@ -62,6 +63,11 @@ pub struct EmbeddedConfig {
     pub cache_bytes: usize,
     /// How often expired streams are looked for.
     pub sweep_interval: Duration,
+    /// Most bytes the write-ahead log holds between checkpoints; 0 turns the
+    /// log off (every batch is then a durable redb commit).
+    pub wal_bytes: u64,
+    /// How long a batch may live only in the log before a checkpoint.
+    pub checkpoint_interval: Duration,
 }
 
 impl EmbeddedConfig {
@@ -72,6 +78,8 @@ impl EmbeddedConfig {
             max_batch: 1024,
             cache_bytes: 32 << 20,
             sweep_interval: Duration::from_secs(1),
+            wal_bytes: 64 << 20,
+            checkpoint_interval: Duration::from_secs(1),
         }
     }
 }
@@ -213,6 +221,8 @@ impl EmbeddedStore {
         std::fs::create_dir_all(&config.data_dir)?;
         let db_path: PathBuf = Path::new(&config.data_dir).join("streams.redb");
         let db = Database::builder().set_cache_size(config.cache_bytes).create(&db_path)?;
+        let wal = writer::recover(&db, &Path::new(&config.data_dir).join("streams.wal"), &config)?;
+        let journal = writer::Journal::new(wal, &config);
         let state = writer::WriterState::load(&db)?;
         let blobs = BlobDir { root: Path::new(&config.data_dir).join("blobs") };
         std::fs::create_dir_all(&blobs.root)?;
@@ -233,7 +243,7 @@ impl EmbeddedStore {
         let thread_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("attache-writer".into())
-            .spawn(move || writer::run(thread_shared, state, rx, config))?;
+            .spawn(move || writer::run(thread_shared, state, rx, config, journal))?;
         Ok(EmbeddedStore {
             shared,
             commands: parking_lot::Mutex::new(Some(tx)),

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
+use super::wal::{Op, Wal};
 use super::{
     now_ms, Command, EmbeddedConfig, Shared, StreamEntry, BLOB_REFS, CHUNKS, COUNTERS, PRODUCERS, ROW_ENDS_APPEND,
     STREAMS,
@@ -89,24 +90,162 @@ impl WriterState {
     }
 }
 
-/// The tables of one write transaction.
-struct Tables<'t> {
+/// The tables of one write transaction. Every change goes through the methods
+/// below, which also encode it for the write-ahead log.
+pub(crate) struct Tables<'t> {
     streams: Table<'t, u64, &'static [u8]>,
     chunks: Table<'t, (u64, u64), &'static [u8]>,
     producers: Table<'t, (u64, &'static str), (u64, u64)>,
     counters: Table<'t, &'static str, u64>,
     blob_refs: Table<'t, &'static str, u64>,
+    /// This transaction's changes, as log ops.
+    log: Vec<u8>,
 }
 
 impl<'t> Tables<'t> {
-    fn open(txn: &'t WriteTransaction) -> StoreResult<Tables<'t>> {
+    pub(crate) fn open(txn: &'t WriteTransaction) -> StoreResult<Tables<'t>> {
         Ok(Tables {
             streams: txn.open_table(STREAMS)?,
             chunks: txn.open_table(CHUNKS)?,
             producers: txn.open_table(PRODUCERS)?,
             counters: txn.open_table(COUNTERS)?,
             blob_refs: txn.open_table(BLOB_REFS)?,
+            log: Vec::new(),
         })
+    }
+
+    fn put_stream(&mut self, id: u64, meta: &[u8]) -> StoreResult<()> {
+        self.streams.insert(id, meta)?;
+        Op::StreamPut { id, meta }.encode(&mut self.log);
+        Ok(())
+    }
+
+    fn remove_stream(&mut self, id: u64) -> StoreResult<()> {
+        self.streams.remove(id)?;
+        Op::StreamRemove { id }.encode(&mut self.log);
+        Ok(())
+    }
+
+    fn put_chunk(&mut self, id: u64, pos: u64, row: &[u8]) -> StoreResult<()> {
+        self.chunks.insert((id, pos), row)?;
+        Op::ChunkPut { id, pos, row }.encode(&mut self.log);
+        Ok(())
+    }
+
+    fn clear_chunks(&mut self, id: u64) -> StoreResult<()> {
+        self.chunks.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        Op::ChunksClear { id }.encode(&mut self.log);
+        Ok(())
+    }
+
+    fn put_producer(&mut self, id: u64, producer: &str, epoch: u64, last_seq: u64) -> StoreResult<()> {
+        self.producers.insert((id, producer), (epoch, last_seq))?;
+        Op::ProducerPut { id, producer, epoch, last_seq }.encode(&mut self.log);
+        Ok(())
+    }
+
+    fn clear_producers(&mut self, id: u64) -> StoreResult<()> {
+        self.producers.retain_in((id, "")..(id + 1, ""), |_, _| false)?;
+        Op::ProducersClear { id }.encode(&mut self.log);
+        Ok(())
+    }
+
+    fn put_counter(&mut self, name: &str, value: u64) -> StoreResult<()> {
+        self.counters.insert(name, value)?;
+        Op::CounterPut { name, value }.encode(&mut self.log);
+        Ok(())
+    }
+
+    fn put_blob_ref(&mut self, sha256: &str, count: u64) -> StoreResult<()> {
+        self.blob_refs.insert(sha256, count)?;
+        Op::BlobRefPut { sha256, count }.encode(&mut self.log);
+        Ok(())
+    }
+
+    fn remove_blob_ref(&mut self, sha256: &str) -> StoreResult<()> {
+        self.blob_refs.remove(sha256)?;
+        Op::BlobRefRemove { sha256 }.encode(&mut self.log);
+        Ok(())
+    }
+
+    /// Replays one logged change.
+    fn apply(&mut self, op: &Op) -> StoreResult<()> {
+        match *op {
+            Op::StreamPut { id, meta } => self.put_stream(id, meta),
+            Op::StreamRemove { id } => self.remove_stream(id),
+            Op::ChunkPut { id, pos, row } => self.put_chunk(id, pos, row),
+            Op::ChunksClear { id } => self.clear_chunks(id),
+            Op::ProducerPut { id, producer, epoch, last_seq } => self.put_producer(id, producer, epoch, last_seq),
+            Op::ProducersClear { id } => self.clear_producers(id),
+            Op::CounterPut { name, value } => self.put_counter(name, value),
+            Op::BlobRefPut { sha256, count } => self.put_blob_ref(sha256, count),
+            Op::BlobRefRemove { sha256 } => self.remove_blob_ref(sha256),
+        }
+    }
+}
+
+/// The redb counter naming the last log record a durable commit covers.
+const WAL_SEQ: &str = "wal_seq";
+
+/// Opens the log beside `db`, replays what it holds past the last checkpoint
+/// into one durable commit, and returns it ready for new records.
+pub(crate) fn recover(db: &Database, path: &std::path::Path, config: &EmbeddedConfig) -> StoreResult<Wal> {
+    let txn = db.begin_write()?;
+    let checkpointed = txn.open_table(COUNTERS)?.get(WAL_SEQ)?.map(|v| v.value()).unwrap_or(0);
+    txn.abort()?;
+    let (wal, recovered) = Wal::open(path, config.wal_bytes, config.durable, checkpointed)?;
+    if let Some((last, _)) = recovered.records.last() {
+        let last = *last;
+        let txn = db.begin_write()?;
+        {
+            let mut t = Tables::open(&txn)?;
+            for (_, payload) in &recovered.records {
+                for op in Op::decode_all(payload)? {
+                    t.apply(&op)?;
+                }
+            }
+            t.counters.insert(WAL_SEQ, last)?;
+        }
+        txn.commit()?;
+        tracing::info!(records = recovered.records.len(), last_seq = last, "replayed the write-ahead log");
+    }
+    Ok(wal)
+}
+
+/// How a batch becomes durable: by a log record (redb then commits without a
+/// sync) or by a durable redb commit, the checkpoint, which also lets the log
+/// start over. Without a log every commit is a checkpoint.
+pub(crate) struct Journal {
+    wal: Option<Wal>,
+    durable: bool,
+    interval: std::time::Duration,
+    last_checkpoint: Instant,
+    /// The next commit is a checkpoint (shutdown, or the log failed).
+    force: bool,
+}
+
+impl Journal {
+    pub(crate) fn new(wal: Wal, config: &EmbeddedConfig) -> Journal {
+        Journal {
+            wal: (config.wal_bytes > 0).then_some(wal),
+            durable: config.durable,
+            interval: config.checkpoint_interval,
+            last_checkpoint: Instant::now(),
+            force: false,
+        }
+    }
+
+    /// Something is logged and only the log holds it, for longer than the interval (or a checkpoint is forced).
+    fn checkpoint_due(&self) -> bool {
+        self.wal.as_ref().is_some_and(|w| !w.is_empty())
+            && (self.force || self.last_checkpoint.elapsed() >= self.interval)
+    }
+
+    fn must_checkpoint(&self, record_len: usize) -> bool {
+        match &self.wal {
+            None => true,
+            Some(wal) => self.force || self.checkpoint_due() || !wal.fits(record_len),
+        }
     }
 }
 
@@ -147,10 +286,17 @@ impl Reply {
     }
 }
 
-pub(crate) fn run(shared: Arc<Shared>, mut state: WriterState, rx: Receiver<Command>, config: EmbeddedConfig) {
+pub(crate) fn run(
+    shared: Arc<Shared>,
+    mut state: WriterState,
+    rx: Receiver<Command>,
+    config: EmbeddedConfig,
+    mut journal: Journal,
+) {
     let mut last_sweep = Instant::now();
+    let wait = config.sweep_interval.min(config.checkpoint_interval);
     loop {
-        let first = match rx.recv_timeout(config.sweep_interval) {
+        let first = match rx.recv_timeout(wait) {
             Ok(cmd) => Some(cmd),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => break,
@@ -166,11 +312,12 @@ pub(crate) fn run(shared: Arc<Shared>, mut state: WriterState, rx: Receiver<Comm
             last_sweep = Instant::now();
             batch.extend(expired_streams(&shared).into_iter().map(Command::Expire));
         }
-        if batch.is_empty() {
+        // An idle writer still checkpoints what only the log holds.
+        if batch.is_empty() && !journal.checkpoint_due() {
             continue;
         }
         let count = batch.len();
-        if let Err(err) = commit_batch(&shared, &mut state, batch, config.durable) {
+        if let Err(err) = commit_batch(&shared, &mut state, batch, &mut journal) {
             tracing::error!(%err, count, "group commit failed; reloading committed state");
             match WriterState::load(&shared.db) {
                 Ok(fresh) => state = fresh,
@@ -179,6 +326,13 @@ pub(crate) fn run(shared: Arc<Shared>, mut state: WriterState, rx: Receiver<Comm
                     break;
                 }
             }
+        }
+    }
+    // A clean stop leaves nothing for the next start to replay.
+    journal.force = true;
+    if journal.checkpoint_due() {
+        if let Err(err) = commit_batch(&shared, &mut state, Vec::new(), &mut journal) {
+            tracing::error!(%err, "final checkpoint failed; the log will be replayed at the next start");
         }
     }
     tracing::debug!("writer stopped");
@@ -198,15 +352,18 @@ fn expired_streams(shared: &Shared) -> Vec<u64> {
         .collect()
 }
 
-fn commit_batch(shared: &Shared, state: &mut WriterState, batch: Vec<Command>, durable: bool) -> StoreResult<()> {
+fn commit_batch(
+    shared: &Shared,
+    state: &mut WriterState,
+    batch: Vec<Command>,
+    journal: &mut Journal,
+) -> StoreResult<()> {
     let started = Instant::now();
     let size = batch.len();
     let mut txn = shared.db.begin_write()?;
-    txn.set_durability(if durable { Durability::Immediate } else { Durability::None })
-        .map_err(|e| StoreError::Storage(e.to_string()))?;
     let mut changes = Changes::default();
     let mut replies = Vec::with_capacity(batch.len());
-    let outcome = (|| -> StoreResult<()> {
+    let outcome = (|| -> StoreResult<(bool, Vec<u8>)> {
         let mut t = Tables::open(&txn)?;
         for cmd in batch {
             match cmd {
@@ -239,22 +396,67 @@ fn commit_batch(shared: &Shared, state: &mut WriterState, batch: Vec<Command>, d
             }
         }
         // Each touched stream's metadata is written once per batch, however many appends it took.
-        flush_metadata(&mut t, state, &changes)
-    })();
-    if let Err(err) = outcome {
-        for reply in replies {
-            reply.fail(err.clone());
+        flush_metadata(&mut t, state, &changes)?;
+        let checkpoint = journal.must_checkpoint(t.log.len());
+        if checkpoint {
+            if let Some(wal) = &journal.wal {
+                t.counters.insert(WAL_SEQ, wal.last_seq())?;
+            }
         }
-        let _ = txn.abort();
+        Ok((checkpoint, std::mem::take(&mut t.log)))
+    })();
+    let (checkpoint, record) = match outcome {
+        Ok(decided) => decided,
+        Err(err) => {
+            fail_batch(replies, txn, err.clone());
+            return Err(err);
+        }
+    };
+    // A checkpoint is synced by redb itself. Otherwise the record is synced
+    // first, then redb commits without a sync (a batch that changed nothing
+    // needs neither). Without a log, "not durable" means redb never syncs;
+    // with one, only the log goes unsynced.
+    let durability =
+        if checkpoint && (journal.durable || journal.wal.is_some()) { Durability::Immediate } else { Durability::None };
+    if let Err(e) = txn.set_durability(durability) {
+        let err = StoreError::Storage(e.to_string());
+        fail_batch(replies, txn, err.clone());
         return Err(err);
+    }
+    let mut logged = false;
+    if !checkpoint && !record.is_empty() {
+        if let Some(wal) = journal.wal.as_mut() {
+            if let Err(err) = wal.append(&record) {
+                // The next commit goes straight to redb, durably.
+                journal.force = true;
+                fail_batch(replies, txn, err.clone());
+                return Err(err);
+            }
+            logged = true;
+        }
     }
     let applied = started.elapsed();
     if let Err(err) = txn.commit() {
         let err = StoreError::from(err);
+        if logged {
+            if let Some(wal) = journal.wal.as_mut() {
+                // Callers hear of a failure: the record must not come back at the next start.
+                if let Err(e) = wal.retract() {
+                    tracing::error!(err = %e, "could not retract a log record after a failed commit");
+                }
+            }
+        }
         for reply in replies {
             reply.fail(err.clone());
         }
         return Err(err);
+    }
+    if checkpoint {
+        if let Some(wal) = journal.wal.as_mut() {
+            wal.reset();
+        }
+        journal.last_checkpoint = Instant::now();
+        journal.force = false;
     }
     for sha in &changes.unlink {
         if let Err(err) = std::fs::remove_file(shared.blobs.path(sha)) {
@@ -264,6 +466,8 @@ fn commit_batch(shared: &Shared, state: &mut WriterState, batch: Vec<Command>, d
     }
     tracing::trace!(
         size,
+        logged,
+        checkpoint,
         apply_us = applied.as_micros() as u64,
         total_us = started.elapsed().as_micros() as u64,
         "group commit"
@@ -273,6 +477,13 @@ fn commit_batch(shared: &Shared, state: &mut WriterState, batch: Vec<Command>, d
         reply.send();
     }
     Ok(())
+}
+
+fn fail_batch(replies: Vec<Reply>, txn: WriteTransaction, err: StoreError) {
+    for reply in replies {
+        reply.fail(err.clone());
+    }
+    let _ = txn.abort();
 }
 
 /// Domain errors answer one command; storage errors abort the whole batch.
@@ -317,7 +528,7 @@ fn publish(shared: &Shared, state: &WriterState, changes: Changes) {
 fn flush_metadata(t: &mut Tables, state: &WriterState, changes: &Changes) -> StoreResult<()> {
     for id in &changes.touched {
         if let Some(info) = state.streams.get(id) {
-            t.streams.insert(*id, encode(info)?.as_slice())?;
+            t.put_stream(*id, &encode(info)?)?;
         }
     }
     Ok(())
@@ -335,7 +546,7 @@ fn write_rows(t: &mut Tables, id: u64, tail: &mut u64, rows: &[Bytes], json: boo
         buf.clear();
         buf.push(if ends { ROW_ENDS_APPEND } else { 0 });
         buf.extend_from_slice(row);
-        t.chunks.insert((id, pos), buf.as_slice())?;
+        t.put_chunk(id, pos, &buf)?;
     }
     Ok(())
 }
@@ -405,7 +616,7 @@ impl WriterState {
         }
         let id = self.next_id;
         self.next_id += 1;
-        t.counters.insert("next_stream_id", self.next_id)?;
+        t.put_counter("next_stream_id", self.next_id)?;
         write_rows(t, id, &mut tail, &rows, json)?;
         let info = rules::new_stream(id, &req, plan, tail, fork_info);
         self.paths.insert(path, id);
@@ -435,11 +646,11 @@ impl WriterState {
         changes.unlink.retain(|sha| sha != &blob.sha256);
         shared.blobs.adopt(&blob)?;
         let refs = self.blob_refs.get(&blob.sha256).copied().unwrap_or(0) + 1;
-        t.blob_refs.insert(blob.sha256.as_str(), refs)?;
+        t.put_blob_ref(&blob.sha256, refs)?;
         self.blob_refs.insert(blob.sha256.clone(), refs);
         let id = self.next_id;
         self.next_id += 1;
-        t.counters.insert("next_stream_id", self.next_id)?;
+        t.put_counter("next_stream_id", self.next_id)?;
         let info = rules::new_blob_stream(id, &req, BlobRef { sha256: blob.sha256.clone(), len: blob.len });
         self.paths.insert(path, id);
         self.save(t, changes, info.clone())?;
@@ -500,7 +711,7 @@ impl WriterState {
         write_rows(t, id, &mut info.tail, &p.rows, p.json)?;
         rules::finish_append(&mut info, req);
         if let (Some(pr), Some(next)) = (&req.producer, producer_next) {
-            t.producers.insert((id, pr.id.as_str()), (next.epoch, next.last_seq))?;
+            t.put_producer(id, &pr.id, next.epoch, next.last_seq)?;
             self.producers.insert((id, pr.id.clone()), next);
         }
         self.save(t, changes, info.clone())?;
@@ -531,20 +742,20 @@ impl WriterState {
             info.soft_deleted = true;
             return self.save(t, changes, info);
         }
-        t.chunks.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        t.clear_chunks(id)?;
         if let Some(blob) = &info.blob {
             let left = self.blob_refs.get(&blob.sha256).copied().unwrap_or(1).saturating_sub(1);
             if left == 0 {
-                t.blob_refs.remove(blob.sha256.as_str())?;
+                t.remove_blob_ref(&blob.sha256)?;
                 self.blob_refs.remove(&blob.sha256);
                 changes.unlink.push(blob.sha256.clone());
             } else {
-                t.blob_refs.insert(blob.sha256.as_str(), left)?;
+                t.put_blob_ref(&blob.sha256, left)?;
                 self.blob_refs.insert(blob.sha256.clone(), left);
             }
         }
-        t.producers.retain_in((id, "")..(id + 1, ""), |_, _| false)?;
-        t.streams.remove(id)?;
+        t.clear_producers(id)?;
+        t.remove_stream(id)?;
         self.streams.remove(&id);
         if self.paths.get(&info.path) == Some(&id) {
             self.paths.remove(&info.path);

@@ -473,12 +473,14 @@ struct Harness {
     open: Opener,
     store: Option<Box<dyn StreamStore>>,
     model: Model,
+    /// Restart without closing: the opener is called while the old store still runs.
+    crash: bool,
 }
 
 impl Harness {
     async fn new(mut open: Opener) -> Harness {
         let store = open().await;
-        Harness { open, store: Some(store), model: Model::default() }
+        Harness { open, store: Some(store), model: Model::default(), crash: false }
     }
 
     fn store(&self) -> &dyn StreamStore {
@@ -487,6 +489,11 @@ impl Harness {
 
     async fn restart(&mut self) {
         let store = self.store.take().unwrap();
+        if self.crash {
+            self.store = Some((self.open)().await);
+            drop(store);
+            return;
+        }
         store.close().await;
         drop(store);
         self.store = Some((self.open)().await);
@@ -715,9 +722,22 @@ impl Harness {
 }
 /// Runs `ops` against a fresh store from `open` and the model, checking after each step.
 pub fn run_with(ops: &[Op], open: Opener) {
+    run_harness(ops, open, false);
+}
+
+/// As [`run_with`], but each `Restart` is a crash: `open` is called while the
+/// previous store still runs, never closed (it opens a copy of the files as a
+/// crash would leave them).
+#[allow(dead_code)] // Used by the embedded engine's test, not by every test crate that includes the model.
+pub fn run_with_crashes(ops: &[Op], open: Opener) {
+    run_harness(ops, open, true);
+}
+
+fn run_harness(ops: &[Op], open: Opener, crash: bool) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let mut harness = Harness::new(open).await;
+        harness.crash = crash;
         for op in ops {
             harness.step(op).await;
         }

@@ -1,0 +1,452 @@
+//! The write-ahead log in front of redb.
+//!
+//! Why it exists (numbers in docs/ARCHITECTURE.md): a durable redb commit
+//! writes every B-tree page the batch touched, copy-on-write, and syncs them:
+//! for a batch of small appends that is ~24× the payload, scattered over the
+//! file. The log instead writes the batch's changes once, sequentially, into a
+//! file whose blocks already exist (so `fdatasync` flushes data and no
+//! metadata), and syncs that. redb then commits without syncing, which makes
+//! the batch visible to readers; every second, and whenever the log is full, a
+//! durable redb commit (a *checkpoint*) makes everything logged so far
+//! redundant, and the log starts over at its beginning.
+//!
+//! A record is one batch: `magic "AWL1" | payload length u32 | seq u64 | crc32
+//! of (seq, payload) u32 | payload`, little-endian. The payload is a list of
+//! [`Op`]s, each a blind write (a whole value put, or a removal), so applying a
+//! record twice leaves what applying it once did. Records carry consecutive
+//! seqs; a checkpoint stores the last seq it covers in redb (`wal_seq`).
+//! Recovery reads from the start of the file while each record is whole, has
+//! the next seq and checks out: stale records of an earlier round have smaller
+//! seqs, a torn one fails its crc, and zeroes fail the magic.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::error::{StoreError, StoreResult};
+
+const MAGIC: &[u8; 4] = b"AWL1";
+const HEADER: usize = 4 + 4 + 8 + 4;
+/// The file grows in steps of zeroes written ahead of use (never by appending
+/// records, which would make each sync also write the inode).
+const GROW_STEP: u64 = 4 << 20;
+
+/// One change to a table of the stream database. Replaying a record applies these in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Op<'a> {
+    StreamPut {
+        id: u64,
+        meta: &'a [u8],
+    },
+    StreamRemove {
+        id: u64,
+    },
+    ChunkPut {
+        id: u64,
+        pos: u64,
+        row: &'a [u8],
+    },
+    /// Every chunk of stream `id`.
+    ChunksClear {
+        id: u64,
+    },
+    ProducerPut {
+        id: u64,
+        producer: &'a str,
+        epoch: u64,
+        last_seq: u64,
+    },
+    /// Every producer of stream `id`.
+    ProducersClear {
+        id: u64,
+    },
+    CounterPut {
+        name: &'a str,
+        value: u64,
+    },
+    BlobRefPut {
+        sha256: &'a str,
+        count: u64,
+    },
+    BlobRefRemove {
+        sha256: &'a str,
+    },
+}
+
+impl Op<'_> {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        let bytes = |out: &mut Vec<u8>, b: &[u8]| {
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(b);
+        };
+        let int = |out: &mut Vec<u8>, v: u64| out.extend_from_slice(&v.to_le_bytes());
+        match *self {
+            Op::StreamPut { id, meta } => {
+                out.push(1);
+                int(out, id);
+                bytes(out, meta);
+            }
+            Op::StreamRemove { id } => {
+                out.push(2);
+                int(out, id);
+            }
+            Op::ChunkPut { id, pos, row } => {
+                out.push(3);
+                int(out, id);
+                int(out, pos);
+                bytes(out, row);
+            }
+            Op::ChunksClear { id } => {
+                out.push(4);
+                int(out, id);
+            }
+            Op::ProducerPut { id, producer, epoch, last_seq } => {
+                out.push(5);
+                int(out, id);
+                bytes(out, producer.as_bytes());
+                int(out, epoch);
+                int(out, last_seq);
+            }
+            Op::ProducersClear { id } => {
+                out.push(6);
+                int(out, id);
+            }
+            Op::CounterPut { name, value } => {
+                out.push(7);
+                bytes(out, name.as_bytes());
+                int(out, value);
+            }
+            Op::BlobRefPut { sha256, count } => {
+                out.push(8);
+                bytes(out, sha256.as_bytes());
+                int(out, count);
+            }
+            Op::BlobRefRemove { sha256 } => {
+                out.push(9);
+                bytes(out, sha256.as_bytes());
+            }
+        }
+    }
+
+    /// Every op of a record's payload, or why it is not one (never a panic).
+    pub(crate) fn decode_all(mut payload: &[u8]) -> StoreResult<Vec<Op<'_>>> {
+        let mut ops = Vec::new();
+        while !payload.is_empty() {
+            ops.push(Op::decode(&mut payload)?);
+        }
+        Ok(ops)
+    }
+
+    fn decode<'a>(input: &mut &'a [u8]) -> StoreResult<Op<'a>> {
+        fn take<'a>(input: &mut &'a [u8], n: usize) -> StoreResult<&'a [u8]> {
+            if input.len() < n {
+                return Err(corrupt("an op runs past the end of its record"));
+            }
+            let (head, rest) = input.split_at(n);
+            *input = rest;
+            Ok(head)
+        }
+        fn int(input: &mut &[u8]) -> StoreResult<u64> {
+            let b = take(input, 8)?;
+            Ok(u64::from_le_bytes(b.try_into().map_err(|_| corrupt("short integer"))?))
+        }
+        fn bytes<'a>(input: &mut &'a [u8]) -> StoreResult<&'a [u8]> {
+            let b = take(input, 4)?;
+            let len = u32::from_le_bytes(b.try_into().map_err(|_| corrupt("short length"))?) as usize;
+            take(input, len)
+        }
+        fn text<'a>(input: &mut &'a [u8]) -> StoreResult<&'a str> {
+            std::str::from_utf8(bytes(input)?).map_err(|_| corrupt("a name is not UTF-8"))
+        }
+        let tag = take(input, 1)?[0];
+        Ok(match tag {
+            1 => Op::StreamPut { id: int(input)?, meta: bytes(input)? },
+            2 => Op::StreamRemove { id: int(input)? },
+            3 => Op::ChunkPut { id: int(input)?, pos: int(input)?, row: bytes(input)? },
+            4 => Op::ChunksClear { id: int(input)? },
+            5 => Op::ProducerPut { id: int(input)?, producer: text(input)?, epoch: int(input)?, last_seq: int(input)? },
+            6 => Op::ProducersClear { id: int(input)? },
+            7 => Op::CounterPut { name: text(input)?, value: int(input)? },
+            8 => Op::BlobRefPut { sha256: text(input)?, count: int(input)? },
+            9 => Op::BlobRefRemove { sha256: text(input)? },
+            other => return Err(corrupt(&format!("unknown op {other}"))),
+        })
+    }
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Storage(format!("write-ahead log: {what}"))
+}
+
+fn checksum(seq: u64, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&seq.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+/// The log file, written only by the writer thread.
+pub(crate) struct Wal {
+    file: File,
+    /// Where the next record goes.
+    pos: u64,
+    /// Bytes of the file that exist (zeroes or records).
+    allocated: u64,
+    /// Most bytes the file may hold; a batch that does not fit is checkpointed instead.
+    capacity: u64,
+    /// The seq the next record carries.
+    next_seq: u64,
+    /// Where the last record written starts, until the log starts over.
+    last_start: Option<u64>,
+    sync: bool,
+}
+
+/// What recovery found in the log.
+pub(crate) struct Recovered {
+    /// Each whole record after the last checkpoint, in order, with its seq.
+    pub(crate) records: Vec<(u64, Vec<u8>)>,
+}
+
+impl Wal {
+    /// Opens (creating) the log and reads the records that follow checkpoint `checkpointed`.
+    pub(crate) fn open(path: &Path, capacity: u64, sync: bool, checkpointed: u64) -> StoreResult<(Wal, Recovered)> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let allocated = file.metadata()?.len();
+        let mut records = Vec::new();
+        let mut pos = 0u64;
+        let mut expected = checkpointed + 1;
+        while let Some((seq, payload, len)) = read_record(&file, pos, allocated)? {
+            if seq != expected {
+                break;
+            }
+            records.push((seq, payload));
+            pos += len;
+            expected += 1;
+        }
+        // Records are replayed and checkpointed by the caller before any new one is written,
+        // so the log can start over at its beginning.
+        let wal = Wal { file, pos: 0, allocated, capacity, next_seq: expected, last_start: None, sync };
+        Ok((wal, Recovered { records }))
+    }
+
+    /// The seq of the last record written (what a checkpoint now covers).
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Whether any record was written since the last checkpoint.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+
+    /// Whether a record of `payload_len` bytes fits before the log must be checkpointed.
+    pub(crate) fn fits(&self, payload_len: usize) -> bool {
+        self.pos + (HEADER + payload_len) as u64 <= self.capacity
+    }
+
+    /// Writes one record (synced when the log syncs) and returns its seq. On error the
+    /// position does not move: the next record overwrites whatever part was written.
+    pub(crate) fn append(&mut self, payload: &[u8]) -> StoreResult<u64> {
+        let len = (HEADER + payload.len()) as u64;
+        let payload_len = u32::try_from(payload.len()).map_err(|_| corrupt("record too large"))?;
+        if self.pos + len > self.capacity {
+            return Err(corrupt("record does not fit; checkpoint first"));
+        }
+        self.grow_to(self.pos + len)?;
+        let seq = self.next_seq;
+        let mut record = Vec::with_capacity(len as usize);
+        record.extend_from_slice(MAGIC);
+        record.extend_from_slice(&payload_len.to_le_bytes());
+        record.extend_from_slice(&seq.to_le_bytes());
+        record.extend_from_slice(&checksum(seq, payload).to_le_bytes());
+        record.extend_from_slice(payload);
+        self.file.write_all_at(&record, self.pos)?;
+        if self.sync {
+            self.file.sync_data()?;
+        }
+        self.last_start = Some(self.pos);
+        self.pos += len;
+        self.next_seq += 1;
+        Ok(seq)
+    }
+
+    /// Takes back the last record (its commit failed, so its callers heard of a
+    /// failure): its magic is zeroed, synced, and the next record takes its place.
+    pub(crate) fn retract(&mut self) -> StoreResult<()> {
+        let Some(start) = self.last_start.take() else {
+            return Ok(());
+        };
+        self.file.write_all_at(&[0; 4], start)?;
+        self.file.sync_data()?;
+        self.pos = start;
+        self.next_seq -= 1;
+        Ok(())
+    }
+
+    /// After a durable checkpoint covering [`Wal::last_seq`]: the log starts over.
+    pub(crate) fn reset(&mut self) {
+        self.pos = 0;
+        self.last_start = None;
+    }
+
+    /// Writes zeroes (synced) up to at least `end`, so records never extend the file.
+    fn grow_to(&mut self, end: u64) -> StoreResult<()> {
+        if end <= self.allocated {
+            return Ok(());
+        }
+        let target = end.div_ceil(GROW_STEP).saturating_mul(GROW_STEP).min(self.capacity.max(end));
+        let zeroes = vec![0u8; (target - self.allocated).min(GROW_STEP) as usize];
+        let mut at = self.allocated;
+        while at < target {
+            let n = (target - at).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], at)?;
+            at += n as u64;
+        }
+        self.file.sync_all()?;
+        self.allocated = target;
+        Ok(())
+    }
+}
+
+/// The record at `pos`: `(seq, payload, its length on disk)`, or `None` where the log ends.
+fn read_record(file: &File, pos: u64, file_len: u64) -> StoreResult<Option<(u64, Vec<u8>, u64)>> {
+    if pos + HEADER as u64 > file_len {
+        return Ok(None);
+    }
+    let mut header = [0u8; HEADER];
+    file.read_exact_at(&mut header, pos)?;
+    if &header[0..4] != MAGIC {
+        return Ok(None);
+    }
+    let field = |at: usize, n: usize| &header[at..at + n];
+    let payload_len = u32::from_le_bytes(field(4, 4).try_into().unwrap_or([0; 4])) as u64;
+    let seq = u64::from_le_bytes(field(8, 8).try_into().unwrap_or([0; 8]));
+    let crc = u32::from_le_bytes(field(16, 4).try_into().unwrap_or([0; 4]));
+    let end = pos + HEADER as u64 + payload_len;
+    if end > file_len {
+        return Ok(None);
+    }
+    let mut payload = vec![0u8; payload_len as usize];
+    file.read_exact_at(&mut payload, pos + HEADER as u64)?;
+    if checksum(seq, &payload) != crc {
+        return Ok(None);
+    }
+    Ok(Some((seq, payload, end - pos)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample_ops() -> Vec<Op<'static>> {
+        vec![
+            Op::StreamPut { id: 7, meta: b"{\"path\":\"/a\"}" },
+            Op::ChunkPut { id: 7, pos: 0, row: b"\x01hello" },
+            Op::ProducerPut { id: 7, producer: "p-1", epoch: 2, last_seq: 9 },
+            Op::CounterPut { name: "next_stream_id", value: 8 },
+            Op::BlobRefPut { sha256: "ab", count: 2 },
+            Op::BlobRefRemove { sha256: "ab" },
+            Op::ProducersClear { id: 7 },
+            Op::ChunksClear { id: 7 },
+            Op::StreamRemove { id: 7 },
+        ]
+    }
+
+    fn payload(ops: &[Op]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for op in ops {
+            op.encode(&mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn every_op_decodes_to_what_was_encoded() {
+        let ops = sample_ops();
+        let bytes = payload(&ops);
+        assert_eq!(Op::decode_all(&bytes).unwrap(), ops);
+    }
+
+    #[test]
+    fn records_after_the_checkpoint_are_recovered_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        let (mut wal, rec) = Wal::open(&path, 1 << 20, true, 0).unwrap();
+        assert!(rec.records.is_empty());
+        for i in 0..5u8 {
+            assert_eq!(wal.append(&[i; 10]).unwrap(), u64::from(i) + 1);
+        }
+        drop(wal);
+        let (wal, rec) = Wal::open(&path, 1 << 20, true, 2).unwrap();
+        // Checkpoint 2 covers seqs 1 and 2; the log itself starts at seq 1, so nothing follows it.
+        assert!(rec.records.is_empty());
+        assert_eq!(wal.last_seq(), 2);
+        let (_, rec) = Wal::open(&path, 1 << 20, true, 0).unwrap();
+        let seqs: Vec<u64> = rec.records.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+        assert_eq!(rec.records[3].1, vec![3u8; 10]);
+    }
+
+    #[test]
+    fn stale_records_of_an_earlier_round_end_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        let (mut wal, _) = Wal::open(&path, 1 << 20, true, 0).unwrap();
+        for _ in 0..4 {
+            wal.append(&[1; 100]).unwrap();
+        }
+        // Checkpoint at seq 4, then one new (shorter) record at the start.
+        wal.reset();
+        wal.append(&[2; 10]).unwrap();
+        drop(wal);
+        let (wal, rec) = Wal::open(&path, 1 << 20, true, 4).unwrap();
+        assert_eq!(rec.records, vec![(5, vec![2u8; 10])]);
+        assert_eq!(wal.last_seq(), 5);
+    }
+
+    #[test]
+    fn a_torn_record_ends_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        let (mut wal, _) = Wal::open(&path, 1 << 20, true, 0).unwrap();
+        wal.append(&[1; 50]).unwrap();
+        wal.append(&[2; 50]).unwrap();
+        drop(wal);
+        // Damage one byte of the second record's payload.
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[9], (HEADER + 50 + HEADER + 3) as u64).unwrap();
+        let (_, rec) = Wal::open(&path, 1 << 20, true, 0).unwrap();
+        assert_eq!(rec.records.len(), 1);
+    }
+
+    #[test]
+    fn a_full_log_refuses_the_record_and_moves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(&dir.path().join("wal"), 100, false, 0).unwrap();
+        assert!(wal.fits(50));
+        assert!(!wal.fits(81));
+        assert!(wal.append(&[0; 81]).is_err());
+        assert!(wal.is_empty());
+        wal.append(&[0; 80]).unwrap();
+        assert!(!wal.is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Op::decode_all(&bytes);
+        }
+
+        #[test]
+        fn a_truncated_payload_decodes_to_an_error_or_a_prefix_of_its_ops(cut in 0usize..200) {
+            let ops = sample_ops();
+            let bytes = payload(&ops);
+            let cut = cut.min(bytes.len());
+            if let Ok(decoded) = Op::decode_all(&bytes[..cut]) {
+                prop_assert_eq!(&ops[..decoded.len()], &decoded[..]);
+                prop_assert!(cut == bytes.len() || decoded.len() < ops.len());
+            }
+        }
+    }
+}
