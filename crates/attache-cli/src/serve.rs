@@ -129,7 +129,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = resolve(args)?;
     if !config.durable {
-        tracing::warn!("--no-fsync: writes are acknowledged before they are on disk");
+        tracing::warn!(
+            "--no-fsync: writes are acknowledged before they are on disk (a power loss can take the last second)"
+        );
     }
     let server = Server::start(config).await?;
     shutdown_signal().await;

@@ -140,7 +140,12 @@ pub struct Views {
 impl Views {
     /// The view of `main`, caught up with everything committed so far.
     pub async fn get(&self, store: &dyn StreamStore, main: &str) -> ApiResult<tokio::sync::OwnedMutexGuard<MainView>> {
-        let cell = self.views.lock().entry(main.to_owned()).or_default().clone();
+        // Looked up before inserting: the common case allocates no key.
+        let known = self.views.lock().get(main).cloned();
+        let cell = match known {
+            Some(cell) => cell,
+            None => self.views.lock().entry(main.to_owned()).or_default().clone(),
+        };
         let mut view = cell.lock_owned().await;
         loop {
             let batch = match store.read(main, ReadFrom::At(attache_core::Offset(view.applied)), 4 << 20) {

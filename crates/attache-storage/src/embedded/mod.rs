@@ -78,7 +78,7 @@ impl EmbeddedConfig {
             max_batch: 1024,
             cache_bytes: 32 << 20,
             sweep_interval: Duration::from_secs(1),
-            wal_bytes: 64 << 20,
+            wal_bytes: 4 << 20,
             checkpoint_interval: Duration::from_secs(1),
         }
     }
