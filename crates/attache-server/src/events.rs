@@ -60,7 +60,7 @@ pub async fn append_body(store: &dyn StreamStore, body: Bytes) -> ApiResult<()> 
     store
         .append(AppendRequest {
             path: EVENTS_PATH.into(),
-            content_type: ContentType::parse("application/json").ok(),
+            content_type: Some(crate::rows::json_content_type()),
             body,
             close: false,
             seq: None,

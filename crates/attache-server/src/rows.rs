@@ -23,7 +23,11 @@ pub fn new_txid() -> String {
 }
 
 pub fn json_content_type() -> ContentType {
-    ContentType::parse("application/json").unwrap_or_else(|_| ContentType::octet_stream())
+    // Parsed once: this runs on every task write.
+    static JSON: std::sync::LazyLock<ContentType> = std::sync::LazyLock::new(|| {
+        ContentType::parse("application/json").unwrap_or_else(|_| ContentType::octet_stream())
+    });
+    JSON.clone()
 }
 
 /// Serializes rows as one JSON array (one append, flattened into one message per row).

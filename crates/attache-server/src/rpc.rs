@@ -184,7 +184,10 @@ pub async fn handle_value(state: &AppState, who: &PrincipalKey, body: Value) -> 
 }
 
 fn respond(status: StatusCode, body: &Value) -> Response {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut bytes = Vec::with_capacity(512);
+    if serde_json::to_writer(&mut bytes, body).is_err() {
+        bytes.clear();
+    }
     let mut res = (status, bytes).into_response();
     res.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
     res
