@@ -56,17 +56,9 @@ pub async fn ensure_stream(store: &dyn StreamStore) -> Result<(), StoreError> {
 }
 
 /// Appends events to the global stream: `body` is a JSON array, one element per event.
-pub async fn append_body(store: &dyn StreamStore, body: Bytes) -> ApiResult<()> {
-    store
-        .append(AppendRequest {
-            path: EVENTS_PATH.into(),
-            content_type: Some(crate::rows::json_content_type()),
-            body,
-            close: false,
-            seq: None,
-            producer: None,
-        })
-        .await?;
+pub async fn append_events(store: &dyn StreamStore, envelopes: &[Vec<u8>]) -> ApiResult<()> {
+    let req = AppendRequest::json_messages(EVENTS_PATH.into(), crate::rows::json_content_type(), envelopes, false);
+    store.append(req).await?;
     Ok(())
 }
 

@@ -44,14 +44,12 @@ pub async fn append_rows(
     rows: &[ChangeEvent],
     close: bool,
 ) -> ApiResult<AppendOutcome> {
-    let req = AppendRequest {
-        path: main.to_owned(),
-        content_type: Some(json_content_type()),
-        body: rows_body(rows)?,
-        close,
-        seq: None,
-        producer: None,
-    };
+    let messages = rows
+        .iter()
+        .map(serde_json::to_vec)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", e.to_string()))?;
+    let req = AppendRequest::json_messages(main.to_owned(), json_content_type(), &messages, close);
     store.append(req).await.map_err(|e| match e {
         StoreError::Closed { .. } => not_running(),
         other => other.into(),

@@ -258,6 +258,7 @@ async fn post(state: &AppState, path: &StreamPath, headers: &HeaderMap, body: Bo
             close: req.closed(),
             seq,
             producer: producer.clone(),
+            messages: None,
         })
         .await?;
     // 200 says "new data from this producer"; everything else (plain appends,

@@ -484,20 +484,6 @@ struct HeadersOut<'a> {
     txid: &'a str,
 }
 
-/// Serializes JSON messages as one JSON array body (each element one message).
-fn array_body(items: &[Vec<u8>]) -> bytes::Bytes {
-    let mut out = Vec::with_capacity(items.iter().map(|i| i.len() + 1).sum::<usize>() + 2);
-    out.push(b'[');
-    for (i, item) in items.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(item);
-    }
-    out.push(b']');
-    out.into()
-}
-
 /// Appends `rows` plus one `event` row per event to the task's main stream,
 /// and the events to the global events stream: queued now (in order), finished
 /// by the returned future. Each event is serialized once for both streams.
@@ -554,31 +540,23 @@ async fn write_task(
     if let Err(e) = serialized {
         return futures::future::Either::Left(futures::future::ready(Err(TaskError::internal(e))));
     }
-    let main_body = array_body(&main_rows);
-    let global_body = (!envelopes.is_empty()).then(|| array_body(&envelopes));
     let store = state.store.clone();
-    let main = main_path(task_id);
+    let main_req = AppendRequest::json_messages(main_path(task_id), json_content_type(), &main_rows, close);
     let main_write = queue(async move {
-        let req = AppendRequest {
-            path: main,
-            content_type: Some(json_content_type()),
-            body: main_body,
-            close,
-            seq: None,
-            producer: None,
-        };
-        store.append(req).await.map(|_| ()).map_err(|e| match e {
+        store.append(main_req).await.map(|_| ()).map_err(|e| match e {
             StoreError::Closed { .. } => TaskError::from(not_running()),
             other => TaskError::from(other),
         })
     })
     .await;
-    let global_write = match global_body {
-        None => None,
-        Some(body) => {
-            let store = state.store.clone();
-            Some(queue(async move { events::append_body(store.as_ref(), body).await.map_err(TaskError::from) }).await)
-        }
+    let global_write = if envelopes.is_empty() {
+        None
+    } else {
+        let store = state.store.clone();
+        Some(
+            queue(async move { events::append_events(store.as_ref(), &envelopes).await.map_err(TaskError::from) })
+                .await,
+        )
     };
     state.metrics.appends(1 + u64::from(global_write.is_some()));
     futures::future::Either::Right(async move {

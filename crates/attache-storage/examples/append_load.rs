@@ -72,6 +72,7 @@ async fn main() {
                         close: false,
                         seq: None,
                         producer: None,
+                        messages: None,
                     })
                     .await
                     .expect("append");

@@ -128,6 +128,38 @@ pub struct AppendRequest {
     pub close: bool,
     pub seq: Option<String>,
     pub producer: Option<ProducerHeaders>,
+    /// The JSON messages of `body`, when the server built it from messages it
+    /// serialized itself ([`AppendRequest::json_messages`]): the store then does
+    /// not parse `body` again to find them.
+    pub messages: Option<Vec<Bytes>>,
+}
+
+impl AppendRequest {
+    /// An append of server-serialized JSON messages (each one valid JSON) to a JSON stream.
+    pub fn json_messages(path: String, content_type: ContentType, messages: &[Vec<u8>], close: bool) -> AppendRequest {
+        let mut body = Vec::with_capacity(messages.iter().map(|m| m.len() + 1).sum::<usize>() + 2);
+        let mut spans = Vec::with_capacity(messages.len());
+        body.push(b'[');
+        for (i, message) in messages.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            spans.push(body.len()..body.len() + message.len());
+            body.extend_from_slice(message);
+        }
+        body.push(b']');
+        let body = Bytes::from(body);
+        let messages = spans.into_iter().map(|span| body.slice(span)).collect();
+        AppendRequest {
+            path,
+            content_type: Some(content_type),
+            body,
+            close,
+            seq: None,
+            producer: None,
+            messages: Some(messages),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -176,3 +208,20 @@ impl ReadBatch {
 
 /// Wakes live readers after each committed change to one stream.
 pub type ChangeSignal = tokio::sync::watch::Receiver<u64>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use attache_core::json::{split_messages, JsonBodyUse};
+
+    #[test]
+    fn a_json_messages_body_is_the_array_of_exactly_its_messages() {
+        let messages: Vec<Vec<u8>> = vec![br#"{"a":[1,2]}"#.to_vec(), b"0".to_vec(), br#""x,]""#.to_vec()];
+        let json = ContentType::parse("application/json").unwrap();
+        let req = AppendRequest::json_messages("/s".into(), json, &messages, false);
+        let split: Vec<&[u8]> = split_messages(&req.body, JsonBodyUse::Append).unwrap();
+        let given: Vec<&[u8]> = req.messages.as_ref().unwrap().iter().map(|b| b.as_ref()).collect();
+        assert_eq!(split, given);
+        assert_eq!(given, messages.iter().map(Vec::as_slice).collect::<Vec<_>>());
+    }
+}

@@ -33,8 +33,13 @@ impl PreparedAppend {
         if !req.body.is_empty() {
             let type_matches = req.content_type.as_ref().is_some_and(|ct| ct.matches(&info.content_type()));
             if json && type_matches && !info.closed {
-                for msg in split_messages(&req.body, JsonBodyUse::Append)? {
-                    rows.push(req.body.slice_ref(msg));
+                match &req.messages {
+                    Some(messages) if !messages.is_empty() => rows.extend(messages.iter().cloned()),
+                    _ => {
+                        for msg in split_messages(&req.body, JsonBodyUse::Append)? {
+                            rows.push(req.body.slice_ref(msg));
+                        }
+                    }
                 }
             } else {
                 rows.push(req.body.clone());

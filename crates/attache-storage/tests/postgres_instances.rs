@@ -66,6 +66,7 @@ fn json_append(path: &str, body: String) -> AppendRequest {
         close: false,
         seq: None,
         producer: None,
+        messages: None,
     }
 }
 

@@ -462,6 +462,7 @@ pub fn append_request(path: usize, body: &Body, close: bool) -> AppendRequest {
         close,
         seq: None,
         producer: None,
+        messages: None,
     }
 }
 
