@@ -75,7 +75,12 @@ pub struct MainView {
 
 impl MainView {
     fn apply(&mut self, row: &[u8]) {
-        // Most rows (events, runs, text) are not for this view: read only the
+        // Event rows, half of a task's stream, start so as the server writes them;
+        // a row that merely could be one is parsed below and ignored the same way.
+        if row.starts_with(br#"{"type":"event","#) {
+            return;
+        }
+        // Most other rows (runs, text) are not for this view either: read only the
         // collection, key and operation, and leave the value as raw JSON.
         let Ok(event) = serde_json::from_slice::<RowHead>(row) else { return };
         match (event.collection.as_ref(), event.headers.operation.as_ref()) {

@@ -1434,7 +1434,7 @@ async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentI
     let cell = state.tasks.cell(task_id);
     let shared = cell.order.read().await;
     // A deletion may have finished while we waited for the lock.
-    if !state.registry.entity(&entity.url).is_some_and(|e| e.is_running()) {
+    if !state.registry.entity_running(&entity.url) {
         drop(shared);
         state.tasks.release(task_id, cell);
         return Err(task_missing(Missing::TaskNotFound, task_id));
@@ -1646,7 +1646,7 @@ async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     }
     let cell = state.tasks.cell(task_id);
     let shared = cell.order.read().await;
-    if !state.registry.entity(&entity.url).is_some_and(|e| e.is_running()) {
+    if !state.registry.entity_running(&entity.url) {
         drop(shared);
         state.tasks.release(task_id, cell);
         return Err(not_found());

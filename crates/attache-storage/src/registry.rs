@@ -64,6 +64,10 @@ pub type EntityUpdate = Box<dyn FnOnce(&mut EntityRecord) -> StoreResult<()> + S
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
     fn entity(&self, url: &str) -> Option<EntityRecord>;
+    /// Whether the entity at `url` exists and runs (a backend may answer without copying the record).
+    fn entity_running(&self, url: &str) -> bool {
+        self.entity(url).is_some_and(|e| e.is_running())
+    }
     /// Every entity, newest first; `type_filter` narrows to one type.
     fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord>;
     /// Inserts the entity unless one exists at its URL; returns the stored one and whether it was new.

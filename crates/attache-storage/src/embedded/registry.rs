@@ -91,6 +91,10 @@ impl Registry for EmbeddedRegistry {
         self.cache.read().entities.get(url).cloned()
     }
 
+    fn entity_running(&self, url: &str) -> bool {
+        self.cache.read().entities.get(url).is_some_and(EntityRecord::is_running)
+    }
+
     fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord> {
         let cache = self.cache.read();
         let mut all: Vec<EntityRecord> =
