@@ -1,6 +1,6 @@
 //! Counters for `GET /metrics`, in the Prometheus text format: JSON-RPC
 //! requests by method and outcome, task attachments created by type, bytes
-//! they hold, appends the task face makes, and live event readers.
+//! they hold, appends committed to streams, and live event readers.
 //!
 //! Counters are plain atomics indexed by fixed tables (the method list and
 //! the error codes are closed sets), so counting costs no lock on the hot path.
@@ -25,7 +25,6 @@ pub struct Metrics {
     rpc: Vec<[AtomicU64; 8]>,
     attachments_created: [AtomicU64; 5],
     attachment_bytes: AtomicU64,
-    stream_appends: AtomicU64,
     events_published: AtomicU64,
     live_readers: AtomicI64,
 }
@@ -36,7 +35,6 @@ impl Default for Metrics {
             rpc: (0..=crate::tasks::METHODS.len()).map(|_| Default::default()).collect(),
             attachments_created: Default::default(),
             attachment_bytes: AtomicU64::new(0),
-            stream_appends: AtomicU64::new(0),
             events_published: AtomicU64::new(0),
             live_readers: AtomicI64::new(0),
         }
@@ -68,10 +66,6 @@ impl Metrics {
         self.attachment_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    pub fn appends(&self, n: u64) {
-        self.stream_appends.fetch_add(n, Ordering::Relaxed);
-    }
-
     pub fn published(&self) {
         self.events_published.fetch_add(1, Ordering::Relaxed);
     }
@@ -86,7 +80,8 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every counter.
-    pub fn render(&self) -> String {
+    /// `stream_appends` comes from the store, which sees every face's appends.
+    pub fn render(&self, stream_appends: u64) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP attache_rpc_requests_total JSON-RPC calls by method and outcome (ok or error code).\n");
         out.push_str("# TYPE attache_rpc_requests_total counter\n");
@@ -123,8 +118,8 @@ impl Metrics {
             &mut out,
             "attache_stream_appends_total",
             "counter",
-            "Appends the task face made to streams (task main streams and the events stream).",
-            self.stream_appends.load(Ordering::Relaxed).to_string(),
+            "Appends committed to streams, by every face (retries answered from producer state not counted).",
+            stream_appends.to_string(),
         );
         scalar(
             &mut out,
@@ -147,7 +142,7 @@ impl Metrics {
 /// GET /metrics. Any authenticated principal may scrape (in token mode: any
 /// valid token); the counters say how busy the server is, not what it holds.
 pub async fn get_metrics(State(state): State<AppState>, _who: crate::auth::Caller) -> Response {
-    let mut res = state.metrics.render().into_response();
+    let mut res = state.metrics.render(state.store.appends_committed()).into_response();
     res.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     res
 }

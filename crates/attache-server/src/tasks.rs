@@ -558,7 +558,6 @@ async fn write_task(
                 .await,
         )
     };
-    state.metrics.appends(1 + u64::from(global_write.is_some()));
     futures::future::Either::Right(async move {
         let main = finish(main_write).await;
         let global = match global_write {

@@ -955,6 +955,39 @@ async fn metrics_count_calls_attachments_and_appends() {
     assert!(text.contains("attache_stream_appends_total "));
 }
 
+fn appends_total(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("attache_stream_appends_total "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no appends counter in\n{metrics}"))
+}
+
+#[tokio::test]
+async fn metrics_count_every_faces_appends_but_not_producer_retries() {
+    let s = TestServer::start().await;
+    let scrape =
+        || async { appends_total(&s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap()) };
+    let before = scrape().await;
+    s.create("/plain/log", "text/plain").await;
+    s.append("/plain/log", "text/plain", "one").await;
+    assert_eq!(scrape().await, before + 1, "a raw stream append counts");
+    let produce = || {
+        s.request(reqwest::Method::POST, "/plain/log")
+            .header("content-type", "text/plain")
+            .header("producer-id", "p1")
+            .header("producer-epoch", "0")
+            .header("producer-seq", "0")
+            .body("two")
+            .send()
+    };
+    assert!(produce().await.unwrap().status().is_success());
+    assert!(produce().await.unwrap().status().is_success(), "the retry is answered");
+    assert_eq!(scrape().await, before + 2, "the retry wrote nothing and is not counted");
+    create_task(&s, ALICE, "metrics", 50).await;
+    assert!(scrape().await >= before + 4, "task.create appends to the task stream and the events stream");
+}
+
 #[tokio::test]
 async fn tasks_attachments_and_events_survive_a_restart() {
     let mut s = TestServer::start().await;

@@ -65,4 +65,24 @@ pub trait StreamStore: Send + Sync + 'static {
 
     /// Flushes and stops the writer; later calls fail with `ShuttingDown`.
     async fn close(&self);
+
+    /// Appends this store committed since it opened (retries answered from
+    /// producer state not counted), for `/metrics`.
+    fn appends_committed(&self) -> u64;
+}
+
+/// Counts committed appends; each backend holds one and feeds it every append's outcome.
+#[derive(Debug, Default)]
+pub struct AppendCounter(std::sync::atomic::AtomicU64);
+
+impl AppendCounter {
+    pub fn record(&self, outcome: &StoreResult<AppendOutcome>) {
+        if matches!(outcome, Ok(o) if !o.duplicate) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }

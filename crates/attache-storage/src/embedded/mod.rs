@@ -212,6 +212,7 @@ pub struct EmbeddedStore {
     shared: Arc<Shared>,
     commands: parking_lot::Mutex<Option<std::sync::mpsc::Sender<Command>>>,
     writer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+    appends: crate::AppendCounter,
 }
 
 impl EmbeddedStore {
@@ -248,6 +249,7 @@ impl EmbeddedStore {
             shared,
             commands: parking_lot::Mutex::new(Some(tx)),
             writer: parking_lot::Mutex::new(Some(writer)),
+            appends: crate::AppendCounter::default(),
         })
     }
 
@@ -291,6 +293,7 @@ impl StreamStore for EmbeddedStore {
         let outcome = self.call(|tx| Command::Append(prepared, tx)).await;
         // Any write, even a retried one, resets a sliding TTL.
         entry.last_access_ms.store(now_ms(), Ordering::Relaxed);
+        self.appends.record(&outcome);
         outcome
     }
 
@@ -355,6 +358,10 @@ impl StreamStore for EmbeddedStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::NotFound),
             Err(e) => Err(e.into()),
         }
+    }
+
+    fn appends_committed(&self) -> u64 {
+        self.appends.get()
     }
 
     async fn close(&self) {

@@ -393,6 +393,7 @@ pub async fn open(config: PgConfig) -> StoreResult<PgBackend> {
         commands: Mutex::new(Some(tx)),
         stop,
         tasks: Mutex::new(tasks),
+        appends: crate::AppendCounter::default(),
     };
     let registry = PgRegistry::new(shared, io);
     Ok(PgBackend { store, registry })
@@ -561,6 +562,7 @@ pub struct PgStore {
     commands: Mutex<Option<mpsc::UnboundedSender<Command>>>,
     stop: CancellationToken,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    appends: crate::AppendCounter,
 }
 
 impl PgStore {
@@ -616,6 +618,7 @@ impl StreamStore for PgStore {
         let prepared = PreparedAppend::prepare(req, &entry.info())?;
         let outcome = self.call(|tx| Command::Append(prepared, tx)).await;
         entry.touch();
+        self.appends.record(&outcome);
         outcome
     }
 
@@ -668,6 +671,10 @@ impl StreamStore for PgStore {
         let sha = sha256.to_owned();
         let path = self.io.run(async move { shared.blobs.local(&sha).await }).await?;
         Ok(tokio::fs::File::open(path).await?)
+    }
+
+    fn appends_committed(&self) -> u64 {
+        self.appends.get()
     }
 
     async fn close(&self) {
