@@ -619,7 +619,7 @@ fn task_for(
     task_id: &str,
     wanted: Permission,
     style: Missing,
-) -> TaskResult<(EntityRecord, TaskRecord)> {
+) -> TaskResult<(Arc<EntityRecord>, TaskRecord)> {
     let entity = task_entity(state, who, task_id, wanted, style)?;
     let task = TaskRecord::of(&entity).ok_or_else(|| task_missing(style, task_id))?;
     Ok((entity, task))
@@ -661,10 +661,10 @@ fn task_entity(
     task_id: &str,
     wanted: Permission,
     style: Missing,
-) -> TaskResult<EntityRecord> {
+) -> TaskResult<Arc<EntityRecord>> {
     let missing = || task_missing(style, task_id);
     let url = task_url(task_id).ok_or_else(missing)?;
-    let entity = state.registry.entity(&url.to_string()).filter(is_live_task).ok_or_else(missing)?;
+    let entity = state.registry.entity_shared(&url.to_string()).filter(|e| is_live_task(e)).ok_or_else(missing)?;
     match permitted(state, who, &entity, wanted) {
         (false, _) => Err(missing()),
         (true, false) => {

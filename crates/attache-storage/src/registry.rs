@@ -64,6 +64,10 @@ pub type EntityUpdate = Box<dyn FnOnce(&mut EntityRecord) -> StoreResult<()> + S
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
     fn entity(&self, url: &str) -> Option<EntityRecord>;
+    /// The entity at `url`, shared: a backend that caches records hands out its copy without cloning it.
+    fn entity_shared(&self, url: &str) -> Option<std::sync::Arc<EntityRecord>> {
+        self.entity(url).map(std::sync::Arc::new)
+    }
     /// Whether the entity at `url` exists and runs (a backend may answer without copying the record).
     fn entity_running(&self, url: &str) -> bool {
         self.entity(url).is_some_and(|e| e.is_running())

@@ -21,7 +21,7 @@ const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
 #[derive(Default)]
 struct Cache {
-    entities: BTreeMap<String, EntityRecord>,
+    entities: BTreeMap<String, Arc<EntityRecord>>,
     grants: HashMap<String, Vec<GrantRecord>>,
     next_grant: u64,
 }
@@ -50,7 +50,7 @@ impl EmbeddedRegistry {
             let entities = txn.open_table(ENTITIES)?;
             for row in entities.iter()? {
                 let (k, v) = row?;
-                cache.entities.insert(k.value().to_owned(), parse(v.value())?);
+                cache.entities.insert(k.value().to_owned(), Arc::new(parse(v.value())?));
             }
             let grants = txn.open_table(GRANTS)?;
             for row in grants.iter()? {
@@ -88,17 +88,25 @@ impl EmbeddedRegistry {
 #[async_trait]
 impl Registry for EmbeddedRegistry {
     fn entity(&self, url: &str) -> Option<EntityRecord> {
+        self.cache.read().entities.get(url).map(|e| (**e).clone())
+    }
+
+    fn entity_shared(&self, url: &str) -> Option<Arc<EntityRecord>> {
         self.cache.read().entities.get(url).cloned()
     }
 
     fn entity_running(&self, url: &str) -> bool {
-        self.cache.read().entities.get(url).is_some_and(EntityRecord::is_running)
+        self.cache.read().entities.get(url).is_some_and(|e| e.is_running())
     }
 
     fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord> {
         let cache = self.cache.read();
-        let mut all: Vec<EntityRecord> =
-            cache.entities.values().filter(|e| type_filter.is_none_or(|t| e.entity_type == t)).cloned().collect();
+        let mut all: Vec<EntityRecord> = cache
+            .entities
+            .values()
+            .filter(|e| type_filter.is_none_or(|t| e.entity_type == t))
+            .map(|e| (**e).clone())
+            .collect();
         all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.url.cmp(&b.url)));
         all
     }
@@ -115,7 +123,7 @@ impl Registry for EmbeddedRegistry {
             Ok(())
         })
         .await?;
-        self.cache.write().entities.insert(entity.url.clone(), entity.clone());
+        self.cache.write().entities.insert(entity.url.clone(), Arc::new(entity.clone()));
         Ok((entity, true))
     }
 
@@ -130,7 +138,7 @@ impl Registry for EmbeddedRegistry {
             Ok(())
         })
         .await?;
-        self.cache.write().entities.insert(url.to_owned(), entity.clone());
+        self.cache.write().entities.insert(url.to_owned(), Arc::new(entity.clone()));
         Ok(entity)
     }
 
