@@ -80,28 +80,27 @@ impl MainView {
         if row.starts_with(br#"{"type":"event","#) {
             return;
         }
+        // Manifest rows as the server writes them are read in one pass; any row
+        // that does not parse so takes the general path below.
+        if row.starts_with(br#"{"type":"manifest","#) {
+            if let Ok(m) = serde_json::from_slice::<ManifestRow>(row) {
+                self.apply_manifest(&m.key, &m.headers.operation, m.value);
+                return;
+            }
+        }
         // Most other rows (runs, text) are not for this view either: read only the
         // collection, key and operation, and leave the value as raw JSON.
         let Ok(event) = serde_json::from_slice::<RowHead>(row) else { return };
         match (event.collection.as_ref(), event.headers.operation.as_ref()) {
-            (MANIFEST, "delete") => {
-                if let Some(id) = event.key.strip_prefix("attachment:") {
-                    if let Some(old) = self.manifest.remove(id) {
-                        if let Some(name) = old.ext.get("name").and_then(Value::as_str) {
-                            if self.by_name.get(name).map(String::as_str) == Some(id) {
-                                self.by_name.remove(name);
-                            }
-                        }
-                    }
-                }
-            }
-            (MANIFEST, _) => {
-                let Some(value) = event.value else { return };
-                let Ok(entry) = serde_json::from_str::<ManifestEntry>(value.get()) else { return };
-                if let Some(name) = entry.ext.get("name").and_then(Value::as_str) {
-                    self.by_name.insert(name.to_owned(), entry.id.clone());
-                }
-                self.manifest.insert(entry.id.clone(), entry);
+            (MANIFEST, op) => {
+                let entry = match event.value {
+                    Some(v) if op != "delete" => match serde_json::from_str::<ManifestEntry>(v.get()) {
+                        Ok(entry) => Some(entry),
+                        Err(_) => return,
+                    },
+                    _ => None,
+                };
+                self.apply_manifest(&event.key, op, entry);
             }
             ("inbox", "delete") => {
                 self.inbox.remove(event.key.as_ref());
@@ -117,6 +116,39 @@ impl MainView {
             _ => {}
         }
     }
+}
+
+impl MainView {
+    fn apply_manifest(&mut self, key: &str, operation: &str, entry: Option<ManifestEntry>) {
+        if operation == "delete" {
+            if let Some(id) = key.strip_prefix("attachment:") {
+                if let Some(old) = self.manifest.remove(id) {
+                    if let Some(name) = old.ext.get("name").and_then(Value::as_str) {
+                        if self.by_name.get(name).map(String::as_str) == Some(id) {
+                            self.by_name.remove(name);
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        let Some(entry) = entry else { return };
+        if let Some(name) = entry.ext.get("name").and_then(Value::as_str) {
+            self.by_name.insert(name.to_owned(), entry.id.clone());
+        }
+        self.manifest.insert(entry.id.clone(), entry);
+    }
+}
+
+/// A manifest row, read whole in one pass.
+#[derive(serde::Deserialize)]
+struct ManifestRow<'a> {
+    #[serde(borrow)]
+    key: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    value: Option<ManifestEntry>,
+    #[serde(borrow)]
+    headers: HeadersHead<'a>,
 }
 
 /// The parts of a State Protocol row a view looks at first.
