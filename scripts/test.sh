@@ -18,6 +18,9 @@ apt_install() {
 }
 
 need cargo || { echo "[test] cargo (Rust toolchain) is required: https://rustup.rs" >&2; exit 1; }
+# jemalloc (the server's allocator) is built from C source by its crate.
+need cc || apt_install gcc
+need make || apt_install make
 need node || apt_install nodejs
 need npm || apt_install npm
 
