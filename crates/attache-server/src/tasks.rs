@@ -443,16 +443,11 @@ struct Envelope<'a> {
     kind: &'a str,
 }
 
-/// Rows and envelopes serialize into a caller's buffer (one closure serves every row type).
-mod erased {
-    pub trait Row {
-        fn write(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
-    }
-    impl<T: serde::Serialize> Row for T {
-        fn write(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
-            serde_json::to_writer(out, self)
-        }
-    }
+/// Serialized into a buffer sized for a typical row: growing from empty costs ~7 reallocations.
+fn row_bytes<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(768);
+    serde_json::to_writer(&mut out, value)?;
+    Ok(out)
 }
 
 /// A manifest row a write appends to the task's main stream.
@@ -500,22 +495,16 @@ async fn write_task(
     let headers = |operation| HeadersOut { operation, timestamp: &ts, txid: &txid };
     let mut main_rows = Vec::with_capacity(rows.len() + evts.len());
     let mut envelopes = Vec::with_capacity(evts.len());
-    // Serialized into buffers sized for a typical row: growing from empty costs ~7 reallocations each.
-    let to_vec = |v: &dyn erased::Row| -> serde_json::Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(768);
-        v.write(&mut out)?;
-        Ok(out)
-    };
     let serialized = (|| -> serde_json::Result<()> {
         for row in &rows {
             main_rows.push(match row {
-                Row::Upsert { entry, insert } => to_vec(&RowOut {
+                Row::Upsert { entry, insert } => row_bytes(&RowOut {
                     collection: MANIFEST,
                     key: &entry.key,
                     value: Some(&**entry),
                     headers: headers(if *insert { "insert" } else { "update" }),
                 })?,
-                Row::Delete { row_key } => to_vec(&RowOut::<Value> {
+                Row::Delete { row_key } => row_bytes(&RowOut::<Value> {
                     collection: MANIFEST,
                     key: row_key,
                     value: None,
@@ -525,9 +514,9 @@ async fn write_task(
         }
         for e in &evts {
             let id = new_event_id();
-            let envelope = to_vec(&e.envelope(&id, now))?;
+            let envelope = row_bytes(&e.envelope(&id, now))?;
             let raw: &serde_json::value::RawValue = serde_json::from_slice(&envelope)?;
-            main_rows.push(to_vec(&RowOut {
+            main_rows.push(row_bytes(&RowOut {
                 collection: events::EVENT_COLLECTION,
                 key: &id,
                 value: Some(raw),
@@ -1433,7 +1422,7 @@ async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentI
     let cell = state.tasks.cell(task_id);
     let shared = cell.order.read().await;
     // A deletion may have finished while we waited for the lock.
-    if !state.registry.entity_running(&entity.url) {
+    if !state.registry.entity_shared(&entity.url).is_some_and(|e| e.is_running()) {
         drop(shared);
         state.tasks.release(task_id, cell);
         return Err(task_missing(Missing::TaskNotFound, task_id));
@@ -1645,7 +1634,7 @@ async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     }
     let cell = state.tasks.cell(task_id);
     let shared = cell.order.read().await;
-    if !state.registry.entity_running(&entity.url) {
+    if !state.registry.entity_shared(&entity.url).is_some_and(|e| e.is_running()) {
         drop(shared);
         state.tasks.release(task_id, cell);
         return Err(not_found());

@@ -58,6 +58,22 @@ pub struct NewGrant {
     pub created_by: String,
 }
 
+impl NewGrant {
+    /// The stored grant, once the backend has given it an id.
+    pub fn into_record(self, id: u64) -> GrantRecord {
+        GrantRecord {
+            id,
+            entity_url: self.entity_url,
+            subject: self.subject,
+            permission: self.permission,
+            expires_at: self.expires_at,
+            expires_at_ms: self.expires_at_ms,
+            created_by: self.created_by,
+            created_at_ms: chrono::Utc::now().timestamp_millis(),
+        }
+    }
+}
+
 /// A change to one entity, applied atomically with respect to other changes.
 pub type EntityUpdate = Box<dyn FnOnce(&mut EntityRecord) -> StoreResult<()> + Send>;
 
@@ -67,10 +83,6 @@ pub trait Registry: Send + Sync + 'static {
     /// The entity at `url`, shared: a backend that caches records hands out its copy without cloning it.
     fn entity_shared(&self, url: &str) -> Option<std::sync::Arc<EntityRecord>> {
         self.entity(url).map(std::sync::Arc::new)
-    }
-    /// Whether the entity at `url` exists and runs (a backend may answer without copying the record).
-    fn entity_running(&self, url: &str) -> bool {
-        self.entity(url).is_some_and(|e| e.is_running())
     }
     /// Every entity, newest first; `type_filter` narrows to one type.
     fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord>;

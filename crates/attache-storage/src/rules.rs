@@ -261,6 +261,31 @@ pub(crate) fn initial_rows(req: &CreateStream, content_type: &ContentType) -> St
     Ok((rows, json))
 }
 
+/// Where a read of a stream whose tail is `tail` starts.
+pub(crate) fn read_start(from: ReadFrom, tail: u64) -> StoreResult<u64> {
+    let start = match from {
+        ReadFrom::Start => 0,
+        ReadFrom::Tail => tail,
+        ReadFrom::At(Offset(o)) => o,
+    };
+    if start > tail {
+        return Err(StoreError::Invalid("offset is beyond the end of the stream".into()));
+    }
+    Ok(start)
+}
+
+/// The lineage of a fork of `src` that diverges at `position` (the requested
+/// offset `anchor`, refined by `sub_offset`).
+pub(crate) fn fork_info(src: &StreamInfo, position: u64, anchor: u64, sub_offset: u64) -> ForkInfo {
+    ForkInfo {
+        source_id: src.id,
+        source_path: src.path.clone(),
+        offset: position,
+        requested_offset: anchor,
+        requested_sub_offset: sub_offset,
+    }
+}
+
 pub(crate) fn sub_offset_overshoot() -> StoreError {
     StoreError::Invalid("Stream-Fork-Sub-Offset is past the end of the append at the fork offset".into())
 }

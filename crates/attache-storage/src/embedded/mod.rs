@@ -1,15 +1,17 @@
 //! The embedded engine: one redb file for stream metadata, producer state and
-//! stream bytes, written by a single writer thread that commits in groups.
+//! stream bytes, written by a single writer thread that commits in groups and
+//! makes each group durable through a write-ahead log (`wal.rs`).
 //!
-//! Why this shape (numbers in docs/ARCHITECTURE.md): a durable redb commit
-//! costs about one fdatasync, so a commit per append would cap throughput at
-//! the disk's sync rate. The writer thread takes every command waiting in its
-//! queue, applies them all in one write transaction, commits once, and only
-//! then publishes the new metadata, wakes live readers and answers the
-//! callers. Many appends share one sync; nobody hears "ok" before the sync;
-//! no reader sees data a crash could take away. Producer state, metadata and
-//! bytes change in the same transaction, so recovery is redb's own: whatever
-//! committed is there byte for byte, and nothing else.
+//! Why this shape (numbers in docs/ARCHITECTURE.md): a sync per append would
+//! cap throughput at the disk's sync rate. The writer thread takes every
+//! command waiting in its queue, applies them all in one write transaction,
+//! syncs one log record holding the batch's changes, commits redb without a
+//! sync, and only then publishes the new metadata, wakes live readers and
+//! answers the callers. Many appends share one sync; nobody hears "ok" before
+//! the sync; no reader sees data a crash could take away. Producer state,
+//! metadata and bytes change in the same record and transaction, so recovery
+//! (the last durable redb commit plus the log's replay) restores whatever was
+//! acknowledged byte for byte, and nothing else.
 
 mod reader;
 mod registry;
@@ -54,8 +56,9 @@ pub(crate) const ROW_ENDS_APPEND: u8 = 1;
 #[derive(Debug, Clone)]
 pub struct EmbeddedConfig {
     pub data_dir: PathBuf,
-    /// Sync every commit before answering (the default). Off trades the last
-    /// moments before a crash for speed; the user chooses it explicitly.
+    /// Sync every batch (its log record) before answering (the default). Off
+    /// leaves the log unsynced: a crashed process loses nothing, a power loss
+    /// up to a checkpoint interval; the user chooses it explicitly.
     pub durable: bool,
     /// Most commands one group commit takes.
     pub max_batch: usize,
@@ -108,6 +111,11 @@ impl StreamEntry {
 
     pub(crate) fn info(&self) -> Arc<StreamInfo> {
         self.meta.read().clone()
+    }
+
+    /// A read or write resets a sliding TTL.
+    pub(crate) fn touch(&self) {
+        self.last_access_ms.store(now_ms(), Ordering::Relaxed);
     }
 
     pub(crate) fn publish(&self, info: StreamInfo) {
@@ -292,7 +300,7 @@ impl StreamStore for EmbeddedStore {
         let prepared = writer::PreparedAppend::prepare(req, &entry.info())?;
         let outcome = self.call(|tx| Command::Append(prepared, tx)).await;
         // Any write, even a retried one, resets a sliding TTL.
-        entry.last_access_ms.store(now_ms(), Ordering::Relaxed);
+        entry.touch();
         self.appends.record(&outcome);
         outcome
     }
@@ -308,7 +316,7 @@ impl StreamStore for EmbeddedStore {
 
     fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch> {
         let entry = self.entry(path)?;
-        entry.last_access_ms.store(now_ms(), Ordering::Relaxed);
+        entry.touch();
         let info = entry.info();
         if let ReadFrom::At(at) = from {
             let recent = entry.recent.lock();
@@ -332,7 +340,7 @@ impl StreamStore for EmbeddedStore {
 
     fn touch(&self, path: &str) {
         if let Ok(entry) = self.entry(path) {
-            entry.last_access_ms.store(now_ms(), Ordering::Relaxed);
+            entry.touch();
         }
     }
 

@@ -27,14 +27,7 @@ pub(crate) fn segments(shared: &Shared, info: &StreamInfo, lo: u64, hi: u64) -> 
 
 pub(crate) fn read(shared: &Shared, info: &StreamInfo, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch> {
     let tail = info.tail;
-    let start = match from {
-        ReadFrom::Start => 0,
-        ReadFrom::Tail => tail,
-        ReadFrom::At(Offset(o)) => o,
-    };
-    if start > tail {
-        return Err(StoreError::Invalid("offset is beyond the end of the stream".into()));
-    }
+    let start = crate::rules::read_start(from, tail)?;
     if let Some(blob) = &info.blob {
         return read_blob(shared, info, blob, start, max_bytes);
     }

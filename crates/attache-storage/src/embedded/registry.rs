@@ -95,10 +95,6 @@ impl Registry for EmbeddedRegistry {
         self.cache.read().entities.get(url).cloned()
     }
 
-    fn entity_running(&self, url: &str) -> bool {
-        self.cache.read().entities.get(url).is_some_and(|e| e.is_running())
-    }
-
     fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord> {
         let cache = self.cache.read();
         let mut all: Vec<EntityRecord> = cache
@@ -167,16 +163,7 @@ impl Registry for EmbeddedRegistry {
     async fn add_grant(&self, grant: NewGrant) -> StoreResult<GrantRecord> {
         let _guard = self.write.lock().await;
         let id = self.cache.read().next_grant;
-        let record = GrantRecord {
-            id,
-            entity_url: grant.entity_url,
-            subject: grant.subject,
-            permission: grant.permission,
-            expires_at: grant.expires_at,
-            expires_at_ms: grant.expires_at_ms,
-            created_by: grant.created_by,
-            created_at_ms: chrono::Utc::now().timestamp_millis(),
-        };
+        let record = grant.into_record(id);
         let bytes = json(&record)?;
         let url = record.entity_url.clone();
         self.write(move |txn| {

@@ -1,8 +1,9 @@
-//! The single writer: group commit over redb.
+//! The single writer: group commit over redb, made durable by the log.
 //!
 //! It owns the working copy of all metadata and producer state, applies a
-//! batch of commands against it inside one write transaction, commits (one
-//! sync), and only then publishes to readers and answers callers.
+//! batch of commands against it inside one write transaction, makes the batch
+//! durable (one synced log record, or a durable redb commit: a checkpoint),
+//! and only then publishes to readers and answers callers.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -599,13 +600,7 @@ impl WriterState {
         if let (Some(spec), Some((src, _)), Some(anchor)) = (&req.fork, source, plan.anchor) {
             let position = self.resolve_sub_offset(shared, t, &src, anchor, spec.sub_offset)?;
             tail = position;
-            fork_info = Some(ForkInfo {
-                source_id: src.id,
-                source_path: src.path.clone(),
-                offset: position,
-                requested_offset: anchor,
-                requested_sub_offset: spec.sub_offset,
-            });
+            fork_info = Some(rules::fork_info(&src, position, anchor, spec.sub_offset));
             fork_source = Some(src);
         }
         let (rows, json) = rules::initial_rows(&req, &plan.content_type)?;

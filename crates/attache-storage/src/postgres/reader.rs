@@ -84,14 +84,7 @@ pub(crate) async fn read(
     }
     let info = (*info).clone();
     let tail = info.tail;
-    let start = match from {
-        ReadFrom::Start => 0,
-        ReadFrom::Tail => tail,
-        ReadFrom::At(Offset(o)) => o,
-    };
-    if start > tail {
-        return Err(StoreError::Invalid("offset is beyond the end of the stream".into()));
-    }
+    let start = crate::rules::read_start(from, tail)?;
     if let Some(blob) = &info.blob {
         let blob = blob.clone();
         drop(conn);

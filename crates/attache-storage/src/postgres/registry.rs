@@ -244,16 +244,7 @@ impl Registry for PgRegistry {
                 let mut tx = shared.pool.begin().await.map_err(db_err)?;
                 let (id,): (i64,) =
                     sqlx::query_as("SELECT nextval('attache_grant_ids')").fetch_one(&mut *tx).await.map_err(db_err)?;
-                let record = GrantRecord {
-                    id: id as u64,
-                    entity_url: grant.entity_url,
-                    subject: grant.subject,
-                    permission: grant.permission,
-                    expires_at: grant.expires_at,
-                    expires_at_ms: grant.expires_at_ms,
-                    created_by: grant.created_by,
-                    created_at_ms: chrono::Utc::now().timestamp_millis(),
-                };
+                let record = grant.into_record(id as u64);
                 sqlx::query("INSERT INTO attache_grants (entity_url, id, record) VALUES ($1, $2, $3)")
                     .bind(&record.entity_url)
                     .bind(id)

@@ -429,13 +429,7 @@ impl Work {
         if let (Some(spec), Some((src, _)), Some(anchor)) = (&req.fork, source, plan.anchor) {
             let position = self.resolve_sub_offset(shared, &src, anchor, spec.sub_offset).await?;
             tail = position;
-            fork_info = Some(ForkInfo {
-                source_id: src.id,
-                source_path: src.path.clone(),
-                offset: position,
-                requested_offset: anchor,
-                requested_sub_offset: spec.sub_offset,
-            });
+            fork_info = Some(rules::fork_info(&src, position, anchor, spec.sub_offset));
             fork_source = Some(src);
         }
         let (rows, json) = rules::initial_rows(req, &plan.content_type)?;
