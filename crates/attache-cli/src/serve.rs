@@ -45,6 +45,9 @@ pub struct ServeArgs {
     /// Largest JSON-RPC request body, in bytes [default: 4194304]
     #[arg(long, env = "ATTACHE_RPC_MAX_BODY_BYTES")]
     rpc_max_body_bytes: Option<usize>,
+    /// Most requests in one JSON-RPC batch; a longer batch is answered -32600 [default: 100]
+    #[arg(long, env = "ATTACHE_RPC_MAX_BATCH")]
+    rpc_max_batch: Option<usize>,
     /// Where streams, entities and blobs live: `embedded` (files in --data-dir, one instance)
     /// or `postgres://user:pass@host/db` (many instances over one database) [default: embedded]
     #[arg(long, env = "ATTACHE_STORE")]
@@ -74,6 +77,7 @@ struct FileConfig {
     rpc_rate_limit: Option<u32>,
     rpc_rate_window: Option<String>,
     rpc_max_body_bytes: Option<usize>,
+    rpc_max_batch: Option<usize>,
     store: Option<String>,
     object_store: Option<String>,
 }
@@ -113,6 +117,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     }
     if let Some(n) = args.rpc_max_body_bytes.or(file.rpc_max_body_bytes) {
         config.rpc_max_body_bytes = n;
+    }
+    if let Some(n) = args.rpc_max_batch.or(file.rpc_max_batch) {
+        config.rpc_max_batch = n;
     }
     let store = args.store.or(file.store).unwrap_or_else(|| "embedded".into());
     config.store = attache_server::StoreConfig::parse(&store, args.object_store.or(file.object_store))

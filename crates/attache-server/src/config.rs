@@ -24,7 +24,7 @@ pub struct ServerConfig {
     pub auth: Option<crate::auth::AuthMode>,
     /// Largest JSON-RPC request body (`/rpc`; a batch counts whole).
     pub rpc_max_body_bytes: usize,
-    /// Most requests in one JSON-RPC batch.
+    /// Most requests in one JSON-RPC batch (-32600 beyond, refused as the batch is read).
     pub rpc_max_batch: usize,
     /// Calls one principal may make per `rpc_rate_window` (JSON-RPC and MCP); `None`: no limit.
     pub rpc_rate_limit: Option<u32>,

@@ -3,7 +3,8 @@
 //! here, once ([`error_object`]); MCP and WebSocket reuse it.
 //!
 //! Limits: the body size (`rpc_max_body_bytes`), the batch length
-//! (`rpc_max_batch`, 100), and an optional per-principal rate limit
+//! (`rpc_max_batch`, 100; counted while the batch is read, so a longer one
+//! is refused after reading `rpc_max_batch + 1` items), and an optional per-principal rate limit
 //! (`rpc_rate_limit` calls per `rpc_rate_window`), answered with -32000.
 
 use std::collections::HashMap;
@@ -160,26 +161,104 @@ async fn handle_one(state: &AppState, who: &PrincipalKey, msg: Value) -> Option<
 }
 
 /// Runs a parsed body: one request or a batch. `None`: nothing to answer (notifications only).
+/// (The WebSocket face's `execute`, whose message size is bounded by the socket.)
 pub async fn handle_value(state: &AppState, who: &PrincipalKey, body: Value) -> Option<Value> {
     match body {
         Value::Array(items) => {
-            if items.is_empty() {
-                return Some(error_response(Value::Null, &RpcError::InvalidRequest("Batch cannot be empty".into())));
-            }
             let max = state.config.rpc_max_batch;
             if items.len() > max {
-                let why = format!("Batch too large: {} requests, at most {max}", items.len());
-                return Some(error_response(Value::Null, &RpcError::InvalidRequest(why)));
+                return Some(error_response(Value::Null, &too_large_batch(max)));
             }
-            let mut out = Vec::with_capacity(items.len());
-            for item in items {
-                if let Some(res) = handle_one(state, who, item).await {
-                    out.push(res);
-                }
-            }
-            (!out.is_empty()).then_some(Value::Array(out))
+            handle_batch(state, who, items).await
         }
         single => handle_one(state, who, single).await,
+    }
+}
+
+/// Runs the items of a batch in order; `None` when all were notifications.
+async fn handle_batch<I: Into<Value>>(state: &AppState, who: &PrincipalKey, items: Vec<I>) -> Option<Value> {
+    if items.is_empty() {
+        return Some(error_response(Value::Null, &RpcError::InvalidRequest("Batch cannot be empty".into())));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        if let Some(res) = handle_one(state, who, item.into()).await {
+            out.push(res);
+        }
+    }
+    (!out.is_empty()).then_some(Value::Array(out))
+}
+
+fn too_large_batch(max: usize) -> RpcError {
+    RpcError::InvalidRequest(format!("Batch too large: at most {max} requests (rpc_max_batch)"))
+}
+
+/// A request body as read at the edge: one message, or the items of a batch
+/// still as raw JSON (each becomes a `Value` only when its turn comes).
+enum Body {
+    Single(Value),
+    Batch(Vec<BatchItem>),
+}
+
+/// One item of a batch, kept as the JSON text it was sent as.
+struct BatchItem(Box<serde_json::value::RawValue>);
+
+impl From<BatchItem> for Value {
+    fn from(item: BatchItem) -> Value {
+        // The text was checked as JSON when the batch was read.
+        serde_json::from_str(item.0.get()).unwrap_or(Value::Null)
+    }
+}
+
+/// Reads a body; a batch of more than `max` items is refused as soon as its
+/// `max + 1`th item is read, so an oversized batch costs O(`max`) memory,
+/// not a `Value` tree of every item.
+fn parse_body(bytes: &[u8], max: usize) -> Result<Body, RpcError> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'[') {
+        return serde_json::from_slice(bytes).map(Body::Single).map_err(|_| RpcError::Parse);
+    }
+    let mut over = false;
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let items = serde::de::DeserializeSeed::deserialize(BatchSeed { max, over: &mut over }, &mut de)
+        .and_then(|items| de.end().map(|()| items));
+    match items {
+        Ok(items) => Ok(Body::Batch(items)),
+        Err(_) if over => Err(too_large_batch(max)),
+        Err(_) => Err(RpcError::Parse),
+    }
+}
+
+/// Reads the items of a batch up to `max`; sets `over` (and fails) on one more.
+struct BatchSeed<'a> {
+    max: usize,
+    over: &'a mut bool,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for BatchSeed<'_> {
+    type Value = Vec<BatchItem>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+        de.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BatchSeed<'_> {
+    type Value = Vec<BatchItem>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON-RPC batch (an array of requests)")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Box<serde_json::value::RawValue>>()? {
+            if items.len() == self.max {
+                *self.over = true;
+                return Err(serde::de::Error::custom("batch too large"));
+            }
+            items.push(BatchItem(item));
+        }
+        Ok(items)
     }
 }
 
@@ -217,14 +296,15 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
             return respond(e.status, &error_response(Value::Null, &err));
         }
     };
-    let parsed: Value = match serde_json::from_slice(&bytes) {
-        Ok(v) => v,
-        Err(_) => {
-            state.metrics.rpc_call("", &outcome_label(&RpcError::Parse));
-            return respond(StatusCode::OK, &error_response(Value::Null, &RpcError::Parse));
+    let answer = match parse_body(&bytes, state.config.rpc_max_batch) {
+        Ok(Body::Single(v)) => handle_one(&state, &who, v).await,
+        Ok(Body::Batch(items)) => handle_batch(&state, &who, items).await,
+        Err(e) => {
+            state.metrics.rpc_call("", &outcome_label(&e));
+            return respond(StatusCode::OK, &error_response(Value::Null, &e));
         }
     };
-    match handle_value(&state, &who, parsed).await {
+    match answer {
         Some(answer) => respond(StatusCode::OK, &answer),
         None => StatusCode::NO_CONTENT.into_response(),
     }
@@ -246,6 +326,19 @@ mod tests {
         assert_eq!(code(RpcError::Call(TaskError::Internal { message: "disk".into() })), -32603);
         let internal = error_object(&RpcError::Call(TaskError::Internal { message: "disk on fire".into() }));
         assert!(!internal.to_string().contains("disk"), "internal details stay in the log");
+    }
+
+    #[test]
+    fn a_batch_is_refused_at_its_first_item_over_the_limit() {
+        let batch = |n: usize| format!("[{}]", vec![r#"{"jsonrpc":"2.0","method":"x","id":1}"#; n].join(","));
+        assert!(matches!(parse_body(batch(3).as_bytes(), 3), Ok(Body::Batch(items)) if items.len() == 3));
+        assert!(matches!(parse_body(batch(4).as_bytes(), 3), Err(RpcError::InvalidRequest(_))));
+        // Items past the limit are never read: what follows them does not matter.
+        assert!(matches!(parse_body(b"[1,2,3,4,not json", 3), Err(RpcError::InvalidRequest(_))));
+        assert!(matches!(parse_body(b"[1,2,not json", 3), Err(RpcError::Parse)));
+        assert!(matches!(parse_body(b" []", 3), Ok(Body::Batch(items)) if items.is_empty()));
+        assert!(matches!(parse_body(b"[1] x", 3), Err(RpcError::Parse)));
+        assert!(matches!(parse_body(br#"{"a":1}"#, 3), Ok(Body::Single(_))));
     }
 
     #[test]
