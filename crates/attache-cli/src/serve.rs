@@ -48,6 +48,12 @@ pub struct ServeArgs {
     /// Most requests in one JSON-RPC batch; a longer batch is answered -32600 [default: 100]
     #[arg(long, env = "ATTACHE_RPC_MAX_BATCH")]
     rpc_max_batch: Option<usize>,
+    /// Largest WebSocket message on /ws, fragments together; beyond it the socket closes with 1009 [default: 1048576]
+    #[arg(long, env = "ATTACHE_WS_MAX_MESSAGE_BYTES")]
+    ws_max_message_bytes: Option<usize>,
+    /// Most event patterns one /ws connection holds; a subscribe past it is refused with -32602 [default: 100]
+    #[arg(long, env = "ATTACHE_WS_MAX_PATTERNS")]
+    ws_max_patterns: Option<usize>,
     /// Where streams, entities and blobs live: `embedded` (files in --data-dir, one instance)
     /// or `postgres://user:pass@host/db` (many instances over one database) [default: embedded]
     #[arg(long, env = "ATTACHE_STORE")]
@@ -78,6 +84,8 @@ struct FileConfig {
     rpc_rate_window: Option<String>,
     rpc_max_body_bytes: Option<usize>,
     rpc_max_batch: Option<usize>,
+    ws_max_message_bytes: Option<usize>,
+    ws_max_patterns: Option<usize>,
     store: Option<String>,
     object_store: Option<String>,
 }
@@ -120,6 +128,12 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     }
     if let Some(n) = args.rpc_max_batch.or(file.rpc_max_batch) {
         config.rpc_max_batch = n;
+    }
+    if let Some(n) = args.ws_max_message_bytes.or(file.ws_max_message_bytes) {
+        config.ws_max_message_bytes = n;
+    }
+    if let Some(n) = args.ws_max_patterns.or(file.ws_max_patterns) {
+        config.ws_max_patterns = n;
     }
     let store = args.store.or(file.store).unwrap_or_else(|| "embedded".into());
     config.store = attache_server::StoreConfig::parse(&store, args.object_store.or(file.object_store))

@@ -33,6 +33,10 @@ pub struct ServerConfig {
     pub redis_url: Option<String>,
     /// Which backend holds streams, the registry and blobs.
     pub store: StoreConfig,
+    /// Largest WebSocket message on `/ws`, all its fragments together (close 1009 beyond).
+    pub ws_max_message_bytes: usize,
+    /// Most event patterns one `/ws` connection holds (a subscribe past it: -32602).
+    pub ws_max_patterns: usize,
 }
 
 /// Which backend holds streams, the registry and blobs.
@@ -103,6 +107,8 @@ impl ServerConfig {
             rpc_rate_window: Duration::from_secs(60),
             redis_url: None,
             store: StoreConfig::Embedded,
+            ws_max_message_bytes: 1 << 20,
+            ws_max_patterns: 100,
         }
     }
 }

@@ -10,9 +10,17 @@
 //! Patterns are exact event types, `prefix.*` or `*`. Events come from the
 //! global events stream (so only durable ones), filtered to the tasks the
 //! connection's principal may read; `"offset"` in a subscribe replays from there.
+//!
+//! Bounds: a message (all its fragments together) is at most
+//! `ws_max_message_bytes`, else the socket closes with 1009 (message too big);
+//! a connection holds at most `ws_max_patterns` patterns, and a subscribe that
+//! would pass that is refused whole with -32602. Work per event is one hash
+//! lookup plus at most `ws_max_patterns` prefix comparisons.
+
+use std::collections::HashSet;
 
 use attache_core::{Offset, PrincipalKey, ReadOffset};
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
 use serde_json::{json, Value};
@@ -31,9 +39,90 @@ pub fn matches(pattern: &str, event_type: &str) -> bool {
     }
 }
 
+/// The patterns one connection holds: exact types in a set, prefixes (with
+/// `*` for the empty prefix) in a list no longer than the pattern cap.
+#[derive(Debug, Default)]
+pub struct Patterns {
+    /// Every pattern, in the order first subscribed (what `subscribed` echoes).
+    order: Vec<String>,
+    exact: HashSet<String>,
+    prefixes: Vec<String>,
+}
+
+impl Patterns {
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Does any pattern match `event_type`?
+    pub fn matches(&self, event_type: &str) -> bool {
+        self.exact.contains(event_type) || self.prefixes.iter().any(|p| event_type.starts_with(p.as_str()))
+    }
+
+    /// Adds `wanted` (duplicates count once) unless the connection would then
+    /// hold more than `max`; then nothing is added and `Err` says how many it would hold.
+    pub fn add(&mut self, wanted: Vec<String>, max: usize) -> Result<(), usize> {
+        let mut fresh: Vec<String> = Vec::new();
+        let mut seen: HashSet<&str> = HashSet::new();
+        for p in &wanted {
+            if !self.contains(p) && seen.insert(p.as_str()) {
+                if self.order.len() + seen.len() > max {
+                    return Err(self.order.len() + seen.len());
+                }
+                fresh.push(p.clone());
+            }
+        }
+        for p in fresh {
+            match p.strip_suffix('*') {
+                Some(prefix) => self.prefixes.push(prefix.to_owned()),
+                None => {
+                    self.exact.insert(p.clone());
+                }
+            }
+            self.order.push(p);
+        }
+        Ok(())
+    }
+
+    fn contains(&self, pattern: &str) -> bool {
+        match pattern.strip_suffix('*') {
+            Some(prefix) => self.prefixes.iter().any(|p| p == prefix),
+            None => self.exact.contains(pattern),
+        }
+    }
+
+    /// Removes every pattern named in `gone`.
+    pub fn remove(&mut self, gone: &[String]) {
+        let gone: HashSet<&str> = gone.iter().map(String::as_str).collect();
+        self.order.retain(|p| !gone.contains(p.as_str()));
+        self.exact.retain(|p| !gone.contains(p.as_str()));
+        self.prefixes.retain(|p| !gone.contains(format!("{p}*").as_str()));
+    }
+}
+
 /// GET /ws
 pub async fn upgrade(State(state): State<AppState>, Caller(who): Caller, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| serve(state, who, socket))
+    let max = state.config.ws_max_message_bytes;
+    ws.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| serve(state, who, socket))
+}
+
+/// The close frame for a read that failed: 1009 when the message passed the
+/// size limit, 1002 for any other protocol error.
+fn close_for(e: axum::Error, max: usize) -> Message {
+    let too_big = e
+        .into_inner()
+        .downcast_ref::<tungstenite::Error>()
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)));
+    let (code, reason) = if too_big {
+        (close_code::SIZE, format!("message too big: at most {max} bytes (ws_max_message_bytes)"))
+    } else {
+        (close_code::PROTOCOL, "protocol error".to_owned())
+    };
+    Message::Close(Some(CloseFrame { code, reason: reason.into() }))
 }
 
 fn text(v: Value) -> Message {
@@ -55,7 +144,7 @@ async fn serve(state: AppState, who: PrincipalKey, mut socket: WebSocket) {
         Ok(info) => info.tail_offset(),
         Err(_) => return,
     };
-    let mut patterns: Vec<String> = Vec::new();
+    let mut patterns = Patterns::default();
     loop {
         // Decide first, act after: the futures in `select!` borrow `pos`.
         let step = tokio::select! {
@@ -66,12 +155,16 @@ async fn serve(state: AppState, who: PrincipalKey, mut socket: WebSocket) {
         match step {
             Step::Incoming(incoming) => {
                 let msg = match incoming {
-                    Some(Ok(Message::Text(t))) => t.to_string(),
-                    Some(Ok(Message::Binary(b))) => String::from_utf8_lossy(&b).into_owned(),
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Binary(b))) => String::from_utf8_lossy(&b).into_owned().into(),
+                    Some(Err(e)) => {
+                        let _ = socket.send(close_for(e, state.config.ws_max_message_bytes)).await;
+                        return;
+                    }
+                    Some(Ok(Message::Close(_))) | None => return,
                     Some(Ok(_)) => continue,
                 };
-                for reply in on_message(&state, &who, &msg, &mut patterns, &mut pos).await {
+                for reply in on_message(&state, &who, msg.as_str(), &mut patterns, &mut pos).await {
                     if socket.send(reply).await.is_err() {
                         return;
                     }
@@ -85,7 +178,7 @@ async fn serve(state: AppState, who: PrincipalKey, mut socket: WebSocket) {
                 let mut vis = Visibility::new(&state, &who);
                 for event in batch {
                     let kind = event.get("type").and_then(Value::as_str).unwrap_or("").to_owned();
-                    if !patterns.iter().any(|p| matches(p, &kind)) || !vis.may_see(&event) {
+                    if !patterns.matches(&kind) || !vis.may_see(&event) {
                         continue;
                     }
                     let push = json!({ "type": "event", "event": kind, "data": event, "timestamp": now_ms() });
@@ -112,16 +205,25 @@ fn string_list(v: Option<&Value>) -> Option<Vec<String>> {
     v?.as_array()?.iter().map(|e| e.as_str().map(str::to_owned)).collect()
 }
 
+fn too_many_patterns(max: usize) -> Message {
+    error(-32602, &format!("a connection holds at most {max} event patterns (ws_max_patterns); nothing was subscribed"))
+}
+
 async fn on_message(
     state: &AppState,
     who: &PrincipalKey,
     raw: &str,
-    patterns: &mut Vec<String>,
+    patterns: &mut Patterns,
     pos: &mut Offset,
 ) -> Vec<Message> {
     let Ok(msg) = serde_json::from_str::<Value>(raw) else { return vec![error(-32700, "Parse error")] };
     match msg.get("action").and_then(Value::as_str) {
         Some("subscribe") => {
+            let max = state.config.ws_max_patterns;
+            // Counted before anything is copied: a huge list costs its parse, nothing more.
+            if msg.get("events").and_then(Value::as_array).is_some_and(|a| a.len() > max) {
+                return vec![too_many_patterns(max)];
+            }
             let Some(wanted) = string_list(msg.get("events")) else {
                 return vec![error(-32602, "subscribe needs events: an array of strings")];
             };
@@ -134,18 +236,16 @@ async fn on_message(
                     None => return vec![error(-32602, "offset is not a valid events offset")],
                 }
             }
-            for p in wanted {
-                if !patterns.contains(&p) {
-                    patterns.push(p);
-                }
+            if patterns.add(wanted, max).is_err() {
+                return vec![too_many_patterns(max)];
             }
-            vec![text(json!({ "type": "subscribed", "events": patterns, "timestamp": now_ms() }))]
+            vec![text(json!({ "type": "subscribed", "events": patterns.order, "timestamp": now_ms() }))]
         }
         Some("unsubscribe") => {
             let Some(gone) = string_list(msg.get("events")) else {
                 return vec![error(-32602, "unsubscribe needs events: an array of strings")];
             };
-            patterns.retain(|p| !gone.contains(p));
+            patterns.remove(&gone);
             vec![text(json!({ "type": "unsubscribed", "events": gone, "timestamp": now_ms() }))]
         }
         Some("ping") => vec![text(json!({ "type": "pong", "timestamp": now_ms() }))],
@@ -162,7 +262,38 @@ async fn on_message(
 
 #[cfg(test)]
 mod tests {
-    use super::matches;
+    use super::{matches, Patterns};
+
+    fn list(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn held_patterns_match_as_each_pattern_does() {
+        let mut p = Patterns::default();
+        p.add(list(&["task.created", "task.attachment_*", "task.created"]), 10).unwrap();
+        assert_eq!(p.len(), 2, "duplicates count once");
+        for kind in ["task.created", "task.attachment_created", "task.updated", "task.created.more", ""] {
+            let one_by_one = ["task.created", "task.attachment_*"].iter().any(|pat| matches(pat, kind));
+            assert_eq!(p.matches(kind), one_by_one, "{kind}");
+        }
+        p.add(list(&["*"]), 10).unwrap();
+        assert!(p.matches("anything"));
+        p.remove(&list(&["*", "task.created"]));
+        assert!(!p.matches("anything") && !p.matches("task.created") && p.matches("task.attachment_x"));
+        assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn a_subscribe_past_the_cap_adds_nothing() {
+        let mut p = Patterns::default();
+        p.add(list(&["a", "b*"]), 3).unwrap();
+        assert_eq!(p.add(list(&["c", "a", "d"]), 3), Err(4));
+        assert_eq!(p.len(), 2);
+        assert!(!p.matches("c"));
+        p.add(list(&["c", "a", "b*"]), 3).unwrap();
+        assert_eq!(p.len(), 3);
+    }
 
     #[test]
     fn patterns_match_prefixes_and_exact_types() {

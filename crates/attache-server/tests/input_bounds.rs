@@ -8,9 +8,14 @@ mod task_helpers;
 use std::time::{Duration, Instant};
 
 use common::TestServer;
+use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{json, Value};
 use task_helpers::{rpc_raw, ALICE};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::Message;
 
 /// `/healthz` answers at once: the server was not stalled by what a test sent.
 async fn assert_responsive(s: &TestServer) {
@@ -50,5 +55,106 @@ async fn a_batch_is_refused_as_soon_as_it_passes_the_limit() {
     assert_eq!(res.as_array().map(Vec::len), Some(10), "{res}");
     let (_, res) = rpc_raw(&s, ALICE, "[1,2,").await;
     assert_eq!(res["error"]["code"], -32700, "{res}");
-    let _: Value = res;
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws_connect(s: &TestServer) -> Ws {
+    let mut req = s.url("/ws").replace("http://", "ws://").into_client_request().unwrap();
+    req.headers_mut().insert("electric-principal", ALICE.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("the WebSocket opens");
+    assert_eq!(ws_next(&mut ws).await["type"], "connected");
+    ws
+}
+
+/// The next text message as JSON, or `{"closed": code, "reason": ..}` when the server closes.
+async fn ws_next(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a message in time");
+        match msg.expect("the socket is open").expect("no error") {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Close(frame) => {
+                let (code, reason) = frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or_default();
+                return json!({ "closed": code, "reason": reason });
+            }
+            _ => continue,
+        }
+    }
+}
+
+async fn ws_send(ws: &mut Ws, text: String) {
+    ws.send(Message::Text(text.into())).await.expect("the message is sent");
+}
+
+#[tokio::test]
+async fn a_websocket_message_over_the_limit_closes_with_1009() {
+    let s = TestServer::start_with(|c| c.ws_max_message_bytes = 64 << 10).await;
+    let mut ws = ws_connect(&s).await;
+    ws_send(&mut ws, format!(r#"{{"action":"ping","pad":"{}"}}"#, "x".repeat(100 << 10))).await;
+    let closed = ws_next(&mut ws).await;
+    assert_eq!(closed["closed"], 1009, "{closed}");
+    assert!(closed["reason"].as_str().unwrap_or("").contains("65536"), "{closed}");
+    assert_responsive(&s).await;
+}
+
+/// Fragments count together: many small frames of one message pass the
+/// limit as surely as one big frame (the old limit was tungstenite's 64 MiB).
+#[tokio::test]
+async fn a_fragmented_websocket_message_over_the_limit_closes_with_1009() {
+    let s = TestServer::start_with(|c| c.ws_max_message_bytes = 64 << 10).await;
+    let mut ws = ws_connect(&s).await;
+    // A message just under the limit, in fragments, still works.
+    let mut fragments = vec![Frame::message(r#"{"action":"ping","pad":""#, OpCode::Data(Data::Text), false)];
+    fragments.extend((0..7).map(|_| Frame::message("x".repeat(8 << 10), OpCode::Data(Data::Continue), false)));
+    fragments.push(Frame::message(r#""}"#, OpCode::Data(Data::Continue), true));
+    for f in fragments {
+        ws.send(Message::Frame(f)).await.expect("a fragment is sent");
+    }
+    assert_eq!(ws_next(&mut ws).await["type"], "pong");
+    // Twelve fragments of 8 KiB: 96 KiB in one message.
+    ws.send(Message::Frame(Frame::message(r#"{"action":"ping","pad":""#, OpCode::Data(Data::Text), false)))
+        .await
+        .unwrap();
+    for _ in 0..12 {
+        let f = Frame::message("x".repeat(8 << 10), OpCode::Data(Data::Continue), false);
+        if ws.send(Message::Frame(f)).await.is_err() {
+            break; // the server closed already
+        }
+    }
+    let closed = ws_next(&mut ws).await;
+    assert_eq!(closed["closed"], 1009, "{closed}");
+}
+
+#[tokio::test]
+async fn a_subscribe_with_100000_patterns_is_refused_at_once() {
+    let s = TestServer::start().await;
+    let mut ws = ws_connect(&s).await;
+    let patterns: Vec<String> = (0..100_000).map(|i| format!("p{i}")).collect();
+    let started = Instant::now();
+    ws_send(&mut ws, json!({ "action": "subscribe", "events": patterns }).to_string()).await;
+    let refused = ws_next(&mut ws).await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["error"]["code"], -32602, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap_or("").contains("at most 100"), "{refused}");
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert_responsive(&s).await;
+    // Nothing of the refused list was kept; the connection goes on.
+    ws_send(&mut ws, json!({ "action": "subscribe", "events": ["task.*"] }).to_string()).await;
+    let ok = ws_next(&mut ws).await;
+    assert_eq!(ok["events"], json!(["task.*"]), "{ok}");
+}
+
+#[tokio::test]
+async fn patterns_are_capped_per_connection_across_subscribes() {
+    let s = TestServer::start_with(|c| c.ws_max_patterns = 3).await;
+    let mut ws = ws_connect(&s).await;
+    ws_send(&mut ws, json!({ "action": "subscribe", "events": ["a", "b", "a"] }).to_string()).await;
+    assert_eq!(ws_next(&mut ws).await["events"], json!(["a", "b"]));
+    ws_send(&mut ws, json!({ "action": "subscribe", "events": ["c", "d"] }).to_string()).await;
+    let refused = ws_next(&mut ws).await;
+    assert_eq!(refused["error"]["code"], -32602, "{refused}");
+    ws_send(&mut ws, json!({ "action": "unsubscribe", "events": ["a"] }).to_string()).await;
+    assert_eq!(ws_next(&mut ws).await["type"], "unsubscribed");
+    ws_send(&mut ws, json!({ "action": "subscribe", "events": ["c", "d"] }).to_string()).await;
+    assert_eq!(ws_next(&mut ws).await["events"], json!(["b", "c", "d"]));
 }
