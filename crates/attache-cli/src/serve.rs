@@ -54,6 +54,12 @@ pub struct ServeArgs {
     /// Most event patterns one /ws connection holds; a subscribe past it is refused with -32602 [default: 100]
     #[arg(long, env = "ATTACHE_WS_MAX_PATTERNS")]
     ws_max_patterns: Option<usize>,
+    /// Largest header block of one multipart part, in bytes; past it an upload is refused with 400 [default: 8192]
+    #[arg(long, env = "ATTACHE_MULTIPART_MAX_PART_HEADER_BYTES")]
+    multipart_max_part_header_bytes: Option<usize>,
+    /// Most text fields in one multipart upload; past it the upload is refused with 400 [default: 64]
+    #[arg(long, env = "ATTACHE_MULTIPART_MAX_FIELDS")]
+    multipart_max_fields: Option<usize>,
     /// Where streams, entities and blobs live: `embedded` (files in --data-dir, one instance)
     /// or `postgres://user:pass@host/db` (many instances over one database) [default: embedded]
     #[arg(long, env = "ATTACHE_STORE")]
@@ -86,6 +92,8 @@ struct FileConfig {
     rpc_max_batch: Option<usize>,
     ws_max_message_bytes: Option<usize>,
     ws_max_patterns: Option<usize>,
+    multipart_max_part_header_bytes: Option<usize>,
+    multipart_max_fields: Option<usize>,
     store: Option<String>,
     object_store: Option<String>,
 }
@@ -134,6 +142,12 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     }
     if let Some(n) = args.ws_max_patterns.or(file.ws_max_patterns) {
         config.ws_max_patterns = n;
+    }
+    if let Some(n) = args.multipart_max_part_header_bytes.or(file.multipart_max_part_header_bytes) {
+        config.multipart_max_part_header_bytes = n;
+    }
+    if let Some(n) = args.multipart_max_fields.or(file.multipart_max_fields) {
+        config.multipart_max_fields = n;
     }
     let store = args.store.or(file.store).unwrap_or_else(|| "embedded".into());
     config.store = attache_server::StoreConfig::parse(&store, args.object_store.or(file.object_store))

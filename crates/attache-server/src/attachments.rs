@@ -33,9 +33,6 @@ use crate::AppState;
 /// The error code of an upload whose body ended early (recorded as `failed`).
 const INTERRUPTED: &str = "UPLOAD_INTERRUPTED";
 
-/// Largest header block of one multipart part.
-const MAX_PART_HEADER_BYTES: usize = 8 << 10;
-
 /// Longest attache key-value name an attachment may carry.
 pub const MAX_NAME_LEN: usize = 100;
 
@@ -238,6 +235,9 @@ async fn begin<'s>(
 
 fn multipart_error(e: multer::Error) -> ApiError {
     match e {
+        multer::Error::StreamReadFailed(e) if e.is::<crate::multipart::PartHeadersTooLarge>() => {
+            ApiError::new(StatusCode::BAD_REQUEST, "PART_HEADERS_TOO_LARGE", e.to_string())
+        }
         multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", format!("multipart part too large: {e}"))
         }
@@ -276,7 +276,13 @@ pub async fn upload(
     let constraints = multer::Constraints::new().size_limit(
         multer::SizeLimit::new().per_field(64 << 10).for_field("file", max + 1).whole_stream(max + FORM_OVERHEAD),
     );
-    let mut form = multer::Multipart::with_constraints(body.into_data_stream(), boundary, constraints);
+    let limits = &state.config;
+    let guarded = crate::multipart::PartHeaderGuard::new(
+        body.into_data_stream(),
+        &boundary,
+        limits.multipart_max_part_header_bytes,
+    );
+    let mut form = multer::Multipart::with_constraints(guarded, boundary, constraints);
     let mut fields = Fields::default();
     let mut seen = HashSet::new();
     let mut pending: Option<Pending> = None;
@@ -284,13 +290,14 @@ pub async fn upload(
     let outcome: ApiResult<()> = async {
         while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
             let name = field.name().unwrap_or("").to_owned();
-            let header_bytes: usize = field.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
-            if header_bytes > MAX_PART_HEADER_BYTES {
-                return Err(ApiError::bad_request(format!(
-                    "a part's headers are {header_bytes} bytes; at most {MAX_PART_HEADER_BYTES} are allowed"
-                )));
-            }
             if name != "file" {
+                if seen.len() >= limits.multipart_max_fields {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "TOO_MANY_FIELDS",
+                        format!("a form has at most {} text fields", limits.multipart_max_fields),
+                    ));
+                }
                 if !seen.insert(name.clone()) {
                     return Err(ApiError::bad_request(format!("field {name:?} is sent twice")));
                 }

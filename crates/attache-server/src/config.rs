@@ -37,6 +37,10 @@ pub struct ServerConfig {
     pub ws_max_message_bytes: usize,
     /// Most event patterns one `/ws` connection holds (a subscribe past it: -32602).
     pub ws_max_patterns: usize,
+    /// Largest header block of one multipart part (and preamble), read before refusing (400).
+    pub multipart_max_part_header_bytes: usize,
+    /// Most text fields in one multipart upload (400 beyond).
+    pub multipart_max_fields: usize,
 }
 
 /// Which backend holds streams, the registry and blobs.
@@ -109,6 +113,8 @@ impl ServerConfig {
             store: StoreConfig::Embedded,
             ws_max_message_bytes: 1 << 20,
             ws_max_patterns: 100,
+            multipart_max_part_header_bytes: 8 << 10,
+            multipart_max_fields: 64,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod events;
 pub mod headers;
 pub mod mcp;
 pub mod metrics;
+pub mod multipart;
 pub mod router;
 pub mod rows;
 pub mod rpc;

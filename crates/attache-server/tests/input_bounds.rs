@@ -3,15 +3,18 @@
 //! others (docs/SECURITY.md, "Input bounds and caches").
 
 mod common;
+mod entity_support;
 mod task_helpers;
 
 use std::time::{Duration, Instant};
 
 use common::TestServer;
+use entity_support::{api, as_principal, error_of, spawn, Form, BOUNDARY};
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use task_helpers::{rpc_raw, ALICE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -157,4 +160,102 @@ async fn patterns_are_capped_per_connection_across_subscribes() {
     assert_eq!(ws_next(&mut ws).await["type"], "unsubscribed");
     ws_send(&mut ws, json!({ "action": "subscribe", "events": ["c", "d"] }).to_string()).await;
     assert_eq!(ws_next(&mut ws).await["events"], json!(["b", "c", "d"]));
+}
+
+const FILES: &str = "/chat/bounds";
+
+/// Sends the start of an upload that declares 300 MiB, with one part header
+/// that never ends, and returns what the server answers within 10 s. The
+/// old parser buffered the header until it ended; this one answers after at
+/// most the limit.
+async fn answer_to_endless_part_header(s: &TestServer, header_bytes: usize) -> String {
+    let addr = s.url.trim_start_matches("http://").to_owned();
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST {}/attachments HTTP/1.1\r\nHost: {addr}\r\nelectric-principal: {ALICE}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        api(FILES),
+        Form::content_type(),
+        300u64 << 20
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let mut body = Form::new().field("id", "endless").unfinished();
+    body.extend_from_slice(
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"\r\nX-Pad: ").as_bytes(),
+    );
+    body.extend(std::iter::repeat_n(b'a', header_bytes));
+    // The server may stop reading (and answer) before all of this is written.
+    let _ = sock.write_all(&body).await;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer within 10 s to a part header that never ends");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn an_endless_part_header_is_refused_after_the_limit_while_the_server_serves_others() {
+    let s = TestServer::start().await;
+    spawn(&s, Some(ALICE), FILES).await;
+    let answer = answer_to_endless_part_header(&s, 1 << 20).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_responsive(&s).await;
+    // A header within the limit still works.
+    let form = Form::new().field("id", "fine").file(Some("a.txt"), Some("text/plain"), b"bytes").finish();
+    let res = as_principal(s.request(reqwest::Method::POST, &format!("{}/attachments", api(FILES))), Some(ALICE))
+        .header("content-type", Form::content_type())
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn a_part_header_past_the_limit_is_400_part_headers_too_large() {
+    let s = TestServer::start_with(|c| c.multipart_max_part_header_bytes = 1024).await;
+    spawn(&s, Some(ALICE), FILES).await;
+    let padded = format!("Content-Disposition: form-data; name=\"file\"\r\nX-Pad: {}", "a".repeat(2000));
+    let form = Form::new().field("id", "padded").part(&padded, b"bytes").finish();
+    let res = as_principal(s.request(reqwest::Method::POST, &format!("{}/attachments", api(FILES))), Some(ALICE))
+        .header("content-type", Form::content_type())
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    let (status, code, body) = error_of(res).await;
+    assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "PART_HEADERS_TOO_LARGE"), "{body}");
+}
+
+#[tokio::test]
+async fn a_form_with_too_many_text_fields_is_400_too_many_fields() {
+    let s = TestServer::start().await;
+    spawn(&s, Some(ALICE), FILES).await;
+    let post = |form: Vec<u8>| {
+        as_principal(s.request(reqwest::Method::POST, &format!("{}/attachments", api(FILES))), Some(ALICE))
+            .header("content-type", Form::content_type())
+            .body(form)
+            .send()
+    };
+    let mut form = Form::new().field("id", "many");
+    for i in 0..64 {
+        form = form.field(&format!("unknown{i}"), "x");
+    }
+    let res = post(form.file(Some("a.txt"), Some("text/plain"), b"bytes").finish()).await.unwrap();
+    let (status, code, body) = error_of(res).await;
+    assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "TOO_MANY_FIELDS"), "{body}");
+    // 64 text fields in all are fine.
+    let mut form = Form::new().field("id", "enough");
+    for i in 0..63 {
+        form = form.field(&format!("unknown{i}"), "x");
+    }
+    let res = post(form.file(Some("a.txt"), Some("text/plain"), b"bytes").finish()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
 }
