@@ -60,6 +60,12 @@ pub struct ServeArgs {
     /// Most text fields in one multipart upload; past it the upload is refused with 400 [default: 64]
     #[arg(long, env = "ATTACHE_MULTIPART_MAX_FIELDS")]
     multipart_max_fields: Option<usize>,
+    /// An MCP session idle this long ends, e.g. 30m [default: 30m]
+    #[arg(long, env = "ATTACHE_MCP_SESSION_IDLE_TTL", value_parser = humantime::parse_duration)]
+    mcp_session_idle_ttl: Option<Duration>,
+    /// Most MCP sessions open at once; past it a new session is refused with 503 [default: 1000]
+    #[arg(long, env = "ATTACHE_MCP_MAX_SESSIONS")]
+    mcp_max_sessions: Option<usize>,
     /// Where streams, entities and blobs live: `embedded` (files in --data-dir, one instance)
     /// or `postgres://user:pass@host/db` (many instances over one database) [default: embedded]
     #[arg(long, env = "ATTACHE_STORE")]
@@ -94,6 +100,8 @@ struct FileConfig {
     ws_max_patterns: Option<usize>,
     multipart_max_part_header_bytes: Option<usize>,
     multipart_max_fields: Option<usize>,
+    mcp_session_idle_ttl: Option<String>,
+    mcp_max_sessions: Option<usize>,
     store: Option<String>,
     object_store: Option<String>,
 }
@@ -148,6 +156,15 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     }
     if let Some(n) = args.multipart_max_fields.or(file.multipart_max_fields) {
         config.multipart_max_fields = n;
+    }
+    if let Some(t) = args.mcp_session_idle_ttl {
+        config.mcp_session_idle_ttl = t;
+    } else if let Some(t) = file.mcp_session_idle_ttl {
+        config.mcp_session_idle_ttl = humantime::parse_duration(&t)
+            .with_context(|| format!("mcp_session_idle_ttl {t:?} is not a duration like 30m"))?;
+    }
+    if let Some(n) = args.mcp_max_sessions.or(file.mcp_max_sessions) {
+        config.mcp_max_sessions = n;
     }
     let store = args.store.or(file.store).unwrap_or_else(|| "embedded".into());
     config.store = attache_server::StoreConfig::parse(&store, args.object_store.or(file.object_store))

@@ -41,6 +41,10 @@ pub struct ServerConfig {
     pub multipart_max_part_header_bytes: usize,
     /// Most text fields in one multipart upload (400 beyond).
     pub multipart_max_fields: usize,
+    /// An MCP session without a message for this long ends (its id then answers 404).
+    pub mcp_session_idle_ttl: Duration,
+    /// Most MCP sessions open at once (a new one: 503 with Retry-After).
+    pub mcp_max_sessions: usize,
 }
 
 /// Which backend holds streams, the registry and blobs.
@@ -115,6 +119,8 @@ impl ServerConfig {
             ws_max_patterns: 100,
             multipart_max_part_header_bytes: 8 << 10,
             multipart_max_fields: 64,
+            mcp_session_idle_ttl: Duration::from_secs(30 * 60),
+            mcp_max_sessions: 1000,
         }
     }
 }

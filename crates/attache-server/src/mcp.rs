@@ -3,6 +3,12 @@
 //! with a JSON schema of its params. A tool call runs the same function as
 //! the JSON-RPC method, as the principal of the HTTP request that carried it;
 //! a refusal comes back as a tool error whose content is the JSON-RPC error object.
+//!
+//! Sessions are bounded: one idle for `mcp_session_idle_ttl` ends (its id then
+//! answers 404, and the client initializes again, as MCP says), and while
+//! `mcp_max_sessions` are open a new one is refused with 503 and `Retry-After`
+//! (refused rather than evicting the oldest: an open session may be in use,
+//! and a client that opens many must not close others' sessions).
 
 use std::sync::Arc;
 
@@ -12,7 +18,7 @@ use rmcp::model::{
     PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::session::local::{LocalSessionManager, SessionConfig};
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{RoleServer, ServerHandler};
 use serde_json::{json, Map, Value};
@@ -246,32 +252,57 @@ impl ServerHandler for McpFace {
 /// `/mcp` behind authentication: a request without valid credentials gets
 /// the same 401 as every other route, before MCP sees it.
 pub fn routes(state: AppState) -> axum::Router<AppState> {
+    let sessions = Arc::new(session_manager(&state.config));
     axum::Router::new()
-        .nest_service("/mcp", service(state.clone()))
-        .layer(axum::middleware::from_fn_with_state(state, require_auth))
+        .nest_service("/mcp", service(state.clone(), sessions.clone()))
+        .layer(axum::middleware::from_fn_with_state((state, sessions), require_auth))
+}
+
+/// Sessions that end after `mcp_session_idle_ttl` without a message.
+fn session_manager(config: &crate::config::ServerConfig) -> LocalSessionManager {
+    let mut session_config = SessionConfig::default();
+    session_config.keep_alive = Some(config.mcp_session_idle_ttl);
+    let mut manager = LocalSessionManager::default();
+    manager.session_config = session_config;
+    manager
 }
 
 async fn require_auth(
-    axum::extract::State(state): axum::extract::State<AppState>,
+    axum::extract::State((state, sessions)): axum::extract::State<(AppState, Arc<LocalSessionManager>)>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    match state.auth.authenticate(req.headers()) {
-        Ok(_) => next.run(req).await,
-        Err(e) => axum::response::IntoResponse::into_response(e),
+    if let Err(e) = state.auth.authenticate(req.headers()) {
+        return axum::response::IntoResponse::into_response(e);
     }
+    // A POST without a session id opens a session (it carries `initialize`).
+    let opens_session = req.method() == axum::http::Method::POST && !req.headers().contains_key("mcp-session-id");
+    let max = state.config.mcp_max_sessions;
+    if opens_session && sessions.sessions.read().await.len() >= max {
+        let busy = crate::error::ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "TOO_MANY_SESSIONS",
+            format!("the server holds its most MCP sessions ({max}, mcp_max_sessions); retry later"),
+        )
+        .with_header(axum::http::header::RETRY_AFTER, 10);
+        return axum::response::IntoResponse::into_response(busy);
+    }
+    next.run(req).await
 }
 
 /// The `/mcp` service. Host checks guard against DNS rebinding on loopback
 /// (where dev auth trusts a header); elsewhere tokens are required anyway.
-pub fn service(state: AppState) -> StreamableHttpService<McpFace, LocalSessionManager> {
+pub fn service(
+    state: AppState,
+    sessions: Arc<LocalSessionManager>,
+) -> StreamableHttpService<McpFace, LocalSessionManager> {
     let mut config = StreamableHttpServerConfig::default()
         .with_sse_keep_alive(None)
         .with_cancellation_token(state.shutdown.child_token());
     if !state.config.listen.ip().is_loopback() {
         config = config.disable_allowed_hosts();
     }
-    StreamableHttpService::new(move || Ok(McpFace { state: state.clone() }), Default::default(), config)
+    StreamableHttpService::new(move || Ok(McpFace { state: state.clone() }), sessions, config)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ mod task_helpers;
 use std::time::{Duration, Instant};
 
 use common::TestServer;
-use entity_support::{api, as_principal, error_of, spawn, Form, BOUNDARY};
+use entity_support::{api, as_principal, error_of, eventually, spawn, Form, BOUNDARY};
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -258,4 +258,85 @@ async fn a_form_with_too_many_text_fields_is_400_too_many_fields() {
     }
     let res = post(form.file(Some("a.txt"), Some("text/plain"), b"bytes").finish()).await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
+}
+
+/// POSTs `initialize` to `/mcp` as alice; the status and the new session's id.
+async fn mcp_initialize(s: &TestServer) -> (StatusCode, Option<String>) {
+    let res = s
+        .client
+        .post(s.url("/mcp"))
+        .header("electric-principal", ALICE)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(r#"{"jsonrpc":"2.0","method":"initialize","params":{"protocolVersion":"2025-03-26","capabilities":{},"clientInfo":{"name":"t","version":"1"}},"id":1}"#)
+        .send()
+        .await
+        .expect("/mcp answers");
+    (res.status(), common::header(&res, "mcp-session-id"))
+}
+
+#[tokio::test]
+async fn mcp_sessions_past_the_cap_are_refused_with_503_until_one_closes() {
+    let s = TestServer::start_with(|c| c.mcp_max_sessions = 3).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (status, id) = mcp_initialize(&s).await;
+        assert_eq!(status, StatusCode::OK);
+        ids.push(id.expect("a session id"));
+    }
+    let res = s
+        .client
+        .post(s.url("/mcp"))
+        .header("electric-principal", ALICE)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(common::header(&res, "retry-after").is_some());
+    assert_eq!(common::error_code(res).await, "TOO_MANY_SESSIONS");
+    let closed = s
+        .client
+        .delete(s.url("/mcp"))
+        .header("electric-principal", ALICE)
+        .header("mcp-session-id", &ids[0])
+        .send()
+        .await
+        .unwrap();
+    assert!(closed.status().is_success(), "{}", closed.status());
+    let (status, _) = mcp_initialize(&s).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_idle_mcp_session_ends_after_its_ttl_and_frees_its_place() {
+    let s = TestServer::start_with(|c| {
+        c.mcp_max_sessions = 1;
+        c.mcp_session_idle_ttl = Duration::from_millis(500);
+    })
+    .await;
+    let (status, first) = mcp_initialize(&s).await;
+    assert_eq!(status, StatusCode::OK);
+    // The cap holds while the first session lives; once it has been idle for
+    // its TTL it ends, and a new session takes its place (waited for, up to 10 s).
+    let (status, _) = mcp_initialize(&s).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    eventually(Duration::from_secs(10), "the idle session to end", || async {
+        (mcp_initialize(&s).await.0 == StatusCode::OK).then_some(())
+    })
+    .await;
+    let res = s
+        .client
+        .post(s.url("/mcp"))
+        .header("electric-principal", ALICE)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", first.expect("a session id"))
+        .body(r#"{"jsonrpc":"2.0","method":"ping","id":2}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "the expired session's id is gone");
 }
