@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::entity::EntityUrl;
 use crate::error::{Error, Result};
 
 pub const MANIFEST: &str = "manifest";
@@ -123,6 +124,53 @@ impl ManifestEntry {
     pub fn row_key(id: &str) -> String {
         format!("attachment:{id}")
     }
+
+    /// The stream holding this entry's bytes, derived from what the server
+    /// owns: the entity whose main stream holds the row, and the attachment
+    /// id. A manifest row is data (a client may have written it): its
+    /// `streamPath` is compared with the derived address, never followed.
+    /// `None` when the row names any other stream, or its id is not a valid
+    /// attachment id: such a row points at no bytes.
+    pub fn bytes_path(&self, entity: &EntityUrl) -> Option<String> {
+        self.names_its_own_stream(entity).then(|| self.stream_path.clone())
+    }
+
+    /// Is `streamPath` one of the addresses derived for this entry
+    /// (`{entity}/attachments/{id}`, or a version of it)? No allocation: the
+    /// task face asks this of every entry it lists.
+    pub fn names_its_own_stream(&self, entity: &EntityUrl) -> bool {
+        if validate_attachment_id(&self.id).is_err() {
+            return false;
+        }
+        let rest = self
+            .stream_path
+            .strip_prefix('/')
+            .and_then(|r| r.strip_prefix(entity.entity_type()))
+            .and_then(|r| r.strip_prefix('/'))
+            .and_then(|r| r.strip_prefix(entity.instance_id()))
+            .and_then(|r| r.strip_prefix("/attachments/"))
+            .and_then(|r| r.strip_prefix(self.id.as_str()));
+        matches!(rest, Some(suffix) if suffix.is_empty() || is_version_suffix(suffix))
+    }
+}
+
+/// Length of the version the task face appends to an attachment's stream
+/// when it replaces the bytes (`{id}-{version}`: a new stream per version).
+pub const BYTES_VERSION_LEN: usize = 6;
+
+/// `-` and [`BYTES_VERSION_LEN`] lowercase base-36 digits.
+fn is_version_suffix(s: &str) -> bool {
+    s.len() == BYTES_VERSION_LEN + 1
+        && s.starts_with('-')
+        && s.bytes().skip(1).all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+}
+
+/// The stream of version `version` of attachment `id`'s bytes: one of the
+/// addresses [`ManifestEntry::bytes_path`] accepts, or `None` when `version`
+/// is not [`BYTES_VERSION_LEN`] lowercase base-36 digits.
+pub fn versioned_attachment_stream(entity: &EntityUrl, id: &str, version: &str) -> Option<String> {
+    let suffix = format!("-{version}");
+    is_version_suffix(&suffix).then(|| format!("{}{suffix}", entity.attachment_stream(id)))
 }
 
 impl<'de> Deserialize<'de> for ManifestEntry {
@@ -260,6 +308,38 @@ mod tests {
             assert!(validate_attachment_id(bad).is_err(), "{bad:?}");
         }
         assert!(validate_attachment_id(&"x".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn bytes_paths_are_derived_from_the_entity_and_the_id() {
+        let mine = EntityUrl::new("task", "t-1").unwrap();
+        let mut e = sample();
+        assert_eq!(e.bytes_path(&mine).as_deref(), Some("/task/t-1/attachments/a1"));
+        let versioned = versioned_attachment_stream(&mine, "a1", "0az9bc").unwrap();
+        e.stream_path = versioned.clone();
+        assert_eq!(e.bytes_path(&mine), Some(versioned));
+        for forged in [
+            "/chat/victim/attachments/a1",
+            "/task/t-1/attachments/secret",
+            "/task/t-1/attachments/a1x",
+            "/task/t-1/attachments/a1-ABCDEF",
+            "/task/t-1/attachments/a1-abcdefg",
+            "/task/t-1/attachments/a1/../../victim",
+            "/task/t-1/main",
+            "/_attache/events",
+            "/plain/stream",
+            "",
+        ] {
+            e.stream_path = forged.into();
+            assert_eq!(e.bytes_path(&mine), None, "{forged}");
+        }
+        let other = EntityUrl::new("task", "t-2").unwrap();
+        e.stream_path = "/task/t-1/attachments/a1".into();
+        assert_eq!(e.bytes_path(&other), None);
+        e.id = "../x".into();
+        e.stream_path = "/task/t-1/attachments/../x".into();
+        assert_eq!(e.bytes_path(&mine), None);
+        assert_eq!(versioned_attachment_stream(&mine, "a1", "x/y"), None);
     }
 
     #[test]

@@ -438,10 +438,30 @@ pub async fn list(
     let entity = entity_url(&entity_type, &instance_id)?;
     entity_for(&state, &who, &entity, Permission::Read)?;
     let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
-    let mut entries: Vec<&ManifestEntry> = view.manifest.values().collect();
+    let mut entries: Vec<std::borrow::Cow<ManifestEntry>> =
+        view.manifest.values().map(|e| as_listed(&entity, e)).collect();
     entries.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
     Ok(Json(json!({ "attachments": entries })).into_response())
 }
+
+/// An entry as the list shows it: one whose row names a stream other than
+/// the one derived for it points at no bytes, so it is shown `failed`, with
+/// the derived address.
+fn as_listed<'e>(entity: &EntityUrl, e: &'e ManifestEntry) -> std::borrow::Cow<'e, ManifestEntry> {
+    if e.names_its_own_stream(entity) {
+        return std::borrow::Cow::Borrowed(e);
+    }
+    let mut shown = e.clone();
+    shown.stream_path = entity.attachment_stream(&e.id);
+    shown.status = AttachmentStatus::Failed;
+    shown.byte_length = None;
+    shown.sha256 = None;
+    shown.error = Some(UNOWNED_STREAM.into());
+    std::borrow::Cow::Owned(shown)
+}
+
+/// Why a row that names a stream other than its own is not an attachment.
+const UNOWNED_STREAM: &str = "the manifest row names a stream that is not this attachment's";
 
 /// `Content-Disposition` safe for any filename: an ASCII fallback plus RFC 5987 UTF-8.
 pub fn content_disposition(filename: &str) -> String {
@@ -503,12 +523,16 @@ pub async fn read(
 ) -> ApiResult<Response> {
     let entity = entity_url(&entity_type, &instance_id)?;
     let entry = entry_for(&state, &who, &entity, &id, Permission::Read).await?;
+    // A row naming a stream other than the one derived for it points at no bytes.
+    let path = entry.bytes_path(&entity).ok_or_else(not_found)?;
     if entry.status != AttachmentStatus::Complete {
         return Err(ApiError::new(StatusCode::CONFLICT, "NOT_COMPLETE", "Attachment is not complete"));
     }
-    let info = state.store.head(&entry.stream_path).map_err(|_| not_found())?;
+    let info = state.store.head(&path).map_err(|_| not_found())?;
     let len = info.tail;
-    let etag = format!("\"{}\"", entry.sha256.as_deref().unwrap_or("none"));
+    // The content hash the store keeps for stored blobs; the row's only for resumable uploads.
+    let sha256 = info.blob.as_ref().map(|b| b.sha256.as_str()).or(entry.sha256.as_deref());
+    let etag = format!("\"{}\"", sha256.unwrap_or("none"));
     let mut res = if headers
         .get("if-none-match")
         .and_then(|v| v.to_str().ok())
@@ -600,15 +624,19 @@ pub async fn delete(
 ) -> ApiResult<Response> {
     let entity = entity_url(&entity_type, &instance_id)?;
     let entry = entry_for(&state, &who, &entity, &id, Permission::Write).await?;
-    let txid = delete_entry(&state, &entity, &entry).await?;
+    let txid = delete_entry(&state, &entity, &id, &entry).await?;
     Ok((StatusCode::OK, Json(json!({ "txid": txid }))).into_response())
 }
 
-pub async fn delete_entry(state: &AppState, entity: &EntityUrl, entry: &ManifestEntry) -> ApiResult<String> {
+/// Deletes the attachment `id`: its manifest row, then the bytes at the
+/// address derived for it (never at a path a row names).
+pub async fn delete_entry(state: &AppState, entity: &EntityUrl, id: &str, entry: &ManifestEntry) -> ApiResult<String> {
+    validate_attachment_id(id)?;
     let txid = new_txid();
-    let row = ChangeEvent::delete(MANIFEST, &entry.key, &txid, &timestamp(now_ms()));
+    let row = ChangeEvent::delete(MANIFEST, &ManifestEntry::row_key(id), &txid, &timestamp(now_ms()));
     append_rows(state.store.as_ref(), &entity.main_stream(), &[row], false).await?;
-    match state.store.delete(&entry.stream_path).await {
+    let path = entry.bytes_path(entity).unwrap_or_else(|| entity.attachment_stream(id));
+    match state.store.delete(&path).await {
         Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => Ok(txid),
         Err(e) => Err(e.into()),
     }
@@ -664,6 +692,8 @@ pub async fn begin_resumable(
                 && existing.created_by.as_deref() == Some(who.url().as_str())
                 && state.store.head(&path).is_ok_and(|i| !i.closed);
             if same_upload {
+                let mut existing = existing.clone();
+                existing.stream_path = path.clone();
                 return Ok((StatusCode::OK, Json(json!({ "attachment": existing }))).into_response());
             }
             if existing.status != AttachmentStatus::Failed {
@@ -704,14 +734,17 @@ pub async fn finalize(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResu
     if entry.status != AttachmentStatus::Pending {
         return Ok(Some(entry));
     }
-    let info = state.store.head(&entry.stream_path)?;
+    // A resumable upload's bytes are at the attachment's own stream, whatever the row says.
+    validate_attachment_id(id)?;
+    let path = entity.attachment_stream(id);
+    let info = state.store.head(&path)?;
     if !info.closed {
         return Ok(Some(entry));
     }
     let mut hasher = Sha256::new();
     let mut pos = 0;
     while pos < info.tail {
-        let batch = state.store.read(&entry.stream_path, ReadFrom::At(attache_core::Offset(pos)), 4 << 20)?;
+        let batch = state.store.read(&path, ReadFrom::At(attache_core::Offset(pos)), 4 << 20)?;
         for c in &batch.chunks {
             hasher.update(c);
         }
@@ -721,6 +754,7 @@ pub async fn finalize(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResu
         pos = batch.next.0;
     }
     let mut done = entry;
+    done.stream_path = path;
     done.status = AttachmentStatus::Complete;
     done.byte_length = Some(info.tail);
     done.sha256 = Some(hex::encode(hasher.finalize()));
@@ -744,16 +778,22 @@ pub async fn recover(state: &AppState) {
                 Err(_) => continue,
             };
         for (id, entry) in pending {
-            if state.uploads.0.lock().contains(&entry.stream_path) {
+            if validate_attachment_id(&id).is_err() {
                 continue;
             }
-            match state.store.head(&entry.stream_path) {
+            // The upload's stream is derived, never taken from the row.
+            let path = entity.attachment_stream(&id);
+            if state.uploads.0.lock().contains(&path) {
+                continue;
+            }
+            match state.store.head(&path) {
                 Ok(info) if info.closed && info.blob.is_none() => {
                     let _ = finalize(state, &entity, &id).await;
                 }
                 Ok(_) => {}
                 Err(_) => {
                     let mut failed = entry.clone();
+                    failed.stream_path = path;
                     failed.status = AttachmentStatus::Failed;
                     failed.error = Some("upload interrupted: the server stopped before the bytes were stored".into());
                     if write_entry(state, &entity, &failed, &new_txid()).await.is_ok() {

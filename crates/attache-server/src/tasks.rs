@@ -15,7 +15,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 
-use attache_core::manifest::{AttachmentStatus, ManifestEntry, Role, MANIFEST};
+use attache_core::manifest::{
+    versioned_attachment_stream, AttachmentStatus, ManifestEntry, Role, BYTES_VERSION_LEN, MANIFEST,
+};
 use attache_core::state::timestamp;
 use attache_core::{ContentType, EntityUrl, Permission, PrincipalKey, StreamPath};
 use attache_storage::{AppendRequest, CreateStream, EntityRecord, StoreError};
@@ -783,7 +785,7 @@ async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
 
 async fn attachment_count(state: &AppState, task_id: &str) -> TaskResult<usize> {
     let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
-    Ok(keyed(&view).count())
+    Ok(keyed(&view, task_id).count())
 }
 
 async fn get(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
@@ -1063,7 +1065,7 @@ async fn claim(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResu
         let mut row = task.row(&task_id);
         let view = state.views.get(state.store.as_ref(), &main_path(&task_id)).await?;
         let mut attachments = Map::new();
-        for (key, entry) in keyed(&view) {
+        for (key, entry) in keyed(&view, &task_id) {
             attachments.insert(key.to_owned(), attachment_json(&task_id, key, entry));
         }
         row["attachmentCount"] = json!(attachments.len());
@@ -1335,11 +1337,19 @@ fn parse_attachment(p: &Params<'_>) -> TaskResult<AttachmentInput> {
     Ok(AttachmentInput { task_id, key, kind, value, content, url, mime_type, size, data })
 }
 
-/// The keyed, complete attachments of a view: key → entry.
-fn keyed(view: &MainView) -> impl Iterator<Item = (&str, &ManifestEntry)> {
-    view.by_name.iter().filter_map(|(name, id)| {
-        view.manifest.get(id).filter(|e| e.status == AttachmentStatus::Complete).map(|e| (name.as_str(), e))
+/// The keyed, complete attachments of task `task_id`'s view: key → entry.
+/// An entry naming a stream other than the one derived for it is no attachment.
+fn keyed<'v>(view: &'v MainView, task_id: &str) -> impl Iterator<Item = (&'v str, &'v ManifestEntry)> {
+    let url = task_url(task_id);
+    view.by_name.iter().filter_map(move |(name, id)| {
+        let url = url.as_ref()?;
+        view.manifest.get(id).filter(|e| usable(url, e)).map(|e| (name.as_str(), e))
     })
+}
+
+/// Complete, and pointing at its own bytes (see [`ManifestEntry::bytes_path`]).
+fn usable(url: &EntityUrl, e: &ManifestEntry) -> bool {
+    e.status == AttachmentStatus::Complete && e.names_its_own_stream(url)
 }
 
 /// `/principal/user%3Aalice` → `user:alice` (the form the task API shows).
@@ -1441,7 +1451,6 @@ async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentI
         Some(e) => (e.id.clone(), e.created_at.clone()),
         None => (new_attachment_id(), timestamp(now)),
     };
-    let url = EntityUrl::new(TASK_TYPE, task_id).map_err(TaskError::internal)?;
     let mime = input.mime_type.clone().unwrap_or_else(|| input.kind.default_mime().to_owned());
     let mut ext = Map::new();
     ext.insert("name".into(), json!(input.key));
@@ -1462,7 +1471,9 @@ async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentI
     if let Some(s) = input.size {
         ext.insert("size".into(), json!(s));
     }
-    let old_bytes = existing.as_ref().filter(|e| e.byte_length.is_some()).map(|e| e.stream_path.clone());
+    let url = EntityUrl::new(TASK_TYPE, task_id).map_err(TaskError::internal)?;
+    // The old version's bytes, at the address derived for them (a row naming another is followed nowhere).
+    let old_bytes = existing.as_ref().filter(|e| e.byte_length.is_some()).and_then(|e| e.bytes_path(&url));
     let mut entry = ManifestEntry {
         key: ManifestEntry::row_key(&id),
         kind: "attachment".into(),
@@ -1484,7 +1495,9 @@ async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentI
     if let Some(bytes) = input.data {
         // A new version of the bytes gets its own stream; the old one goes once the row points away from it.
         if old_bytes.as_deref() == Some(entry.stream_path.as_str()) || state.store.head(&entry.stream_path).is_ok() {
-            entry.stream_path = url.attachment_stream(&format!("{id}-{}", radix36(rand::random::<u64>(), 6)));
+            let version = radix36(rand::random::<u64>(), BYTES_VERSION_LEN);
+            entry.stream_path = versioned_attachment_stream(&url, &id, &version)
+                .ok_or_else(|| TaskError::internal("a bytes version is base-36 digits"))?;
         }
         stored_bytes += bytes.len() as u64;
         entry.byte_length = Some(bytes.len() as u64);
@@ -1539,12 +1552,13 @@ async fn find_attachment(state: &AppState, who: &PrincipalKey, task_id: &str, ke
     if task_entity(state, who, task_id, Permission::Read, Missing::TaskNotFound).is_err() {
         return Ok(None);
     }
+    let Some(url) = task_url(task_id) else { return Ok(None) };
     let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
     Ok(view
         .by_name
         .get(key)
         .and_then(|id| view.manifest.get(id))
-        .filter(|e| e.status == AttachmentStatus::Complete)
+        .filter(|e| usable(&url, e))
         .map(|e| attachment_json(task_id, key, e)))
 }
 
@@ -1568,7 +1582,7 @@ async fn list_attachments(state: &AppState, who: &PrincipalKey, p: &Params<'_>) 
     let offset = p.opt_int("offset", 0, i64::MAX)?.unwrap_or(0) as usize;
     task_entity(state, who, task_id, Permission::Read, Missing::TaskNotFound)?;
     let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
-    let mut all: Vec<Value> = keyed(&view)
+    let mut all: Vec<Value> = keyed(&view, task_id)
         .map(|(key, e)| attachment_json(task_id, key, e))
         .filter(|a| kind.is_none_or(|k| a["type"] == k.as_str()))
         .collect();
@@ -1656,7 +1670,7 @@ async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         return Err(not_found());
     };
     let now = now_ms();
-    let row = Row::Delete { row_key: entry.key.clone() };
+    let row = Row::Delete { row_key: ManifestEntry::row_key(&entry.id) };
     let event = Event::new(
         "task.attachment_deleted",
         task_id,
@@ -1672,8 +1686,9 @@ async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     cell.release_key(key, key_lock);
     state.tasks.release(task_id, cell);
     outcome?;
-    if entry.byte_length.is_some() {
-        let _ = state.store.delete(&entry.stream_path).await;
+    // Only the address derived for the bytes is deleted, never a path the row names.
+    if let Some(path) = entry.byte_length.and(task_url(task_id)).and_then(|url| entry.bytes_path(&url)) {
+        let _ = state.store.delete(&path).await;
     }
     Ok(json!({ "id": entry.id, "taskId": task_id, "key": key, "deleted": true, "deletedAt": timestamp(now) }))
 }

@@ -54,9 +54,21 @@ impl TestServer {
     /// Stops the server (flushing the store) and starts a new one on the same
     /// data dir and configuration. The port changes; `url` follows it.
     pub async fn restart(&mut self) {
+        self.pause().await;
+        self.resume().await;
+    }
+
+    /// Stops the server (flushing and closing the store) and keeps its data
+    /// dir, so a test can open the store itself; `resume` starts it again.
+    pub async fn pause(&mut self) -> std::path::PathBuf {
         if let Some(server) = self.server.take() {
             server.stop().await;
         }
+        self.dir.path().to_path_buf()
+    }
+
+    /// Starts the server again on the same data dir and configuration (a new port).
+    pub async fn resume(&mut self) {
         let mut config = self.config.clone();
         config.listen = any_port();
         config.data_dir = self.dir.path().to_path_buf();
