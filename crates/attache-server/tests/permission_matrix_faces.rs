@@ -896,11 +896,23 @@ async fn live_change_then_sentinel(matrix: &Matrix, actor: &Actor, f: &Fixture, 
 
 /// Long-polls from the tail until the sentinel arrives.
 async fn long_poll(matrix: &Matrix, actor: &Actor, f: &Fixture, cell: usize) -> (String, String) {
-    let mut offset = match events_tail(matrix, actor).await {
+    let offset = match events_tail(matrix, actor).await {
         Ok(tail) => tail,
         Err(refused) => return refused,
     };
     let sentinel = live_change_then_sentinel(matrix, actor, f, cell).await;
+    long_poll_from(matrix, actor, f, offset, &sentinel).await
+}
+
+/// Long-polls from `offset` until the event of task `sentinel` arrives:
+/// whether the fixture's events came, and every body.
+async fn long_poll_from(
+    matrix: &Matrix,
+    actor: &Actor,
+    f: &Fixture,
+    mut offset: String,
+    sentinel: &str,
+) -> (String, String) {
     let (mut text, mut seen) = (String::new(), false);
     let deadline = tokio::time::Instant::now() + STEP;
     while tokio::time::Instant::now() < deadline {
@@ -923,7 +935,7 @@ async fn long_poll(matrix: &Matrix, actor: &Actor, f: &Fixture, cell: usize) -> 
         assert_eq!(status, 200, "long-poll: {body}");
         let events: Vec<Value> = serde_json::from_str(&body).expect("a JSON array of events");
         seen |= events.iter().any(|e| e["taskId"] == f.id.as_str());
-        if events.iter().any(|e| e["taskId"] == sentinel.as_str()) {
+        if events.iter().any(|e| e["taskId"] == sentinel) {
             return (format!("200 {}", if seen { "seen" } else { "unseen" }), text);
         }
     }
@@ -1149,6 +1161,87 @@ async fn batches_answer_each_call_as_alone_and_leave_private_tasks_unseen() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_faces_show_only_what_every_actor_may_read() {
     check_read_faces(Mode::Token).await;
+}
+
+/// Reads `/ws` messages until an event of task `until` arrives; their text.
+async fn ws_until(ws: &mut Ws, until: &str) -> String {
+    let mut text = String::new();
+    loop {
+        let msg = ws_next(ws).await;
+        text.push_str(&msg.to_string());
+        if msg["type"] == "event" && msg["data"]["taskId"] == until {
+            return text;
+        }
+    }
+}
+
+/// Reads an SSE body until `until` appears in it; the text.
+async fn sse_until(
+    body: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    until: &str,
+) -> String {
+    let mut text = String::new();
+    while !text.contains(until) {
+        let chunk = step("SSE data", body.next()).await.expect("the SSE stream stays open").expect("SSE bytes");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
+/// Grants are checked as events are read, not when a feed opens: once the
+/// owner revokes a reader's grant, no feed the reader holds open or opens
+/// later carries an event of the task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_grant_ends_the_events_of_every_open_feed() {
+    const BEFORE: &str = "seen-before-revoke";
+    const AFTER: &str = "S3CRET-after-revoke";
+    let matrix = Matrix::start(Mode::Token).await;
+    let m = &matrix;
+    let (owner, reader) = (m.owner(), &ACTORS[1]);
+    assert_eq!(reader.principal, "user:reader");
+    let f = m.fixture(0, Setup::Pending).await;
+    let tail = events_tail(m, reader).await.expect("the reader may read events");
+
+    let mut ws = m.ws_connect(reader).await.ok().expect("the reader's WebSocket opens");
+    ws.send(Message::Text(json!({"action": "subscribe", "events": ["*"]}).to_string().into())).await.unwrap();
+    while ws_next(&mut ws).await["type"] != "subscribed" {}
+    let res = m
+        .request(Http::GET, "/_attache/events", reader)
+        .query(&[("offset", tail.as_str()), ("live", "sse")])
+        .send()
+        .await
+        .expect("SSE answers");
+    assert_eq!(res.status().as_u16(), 200);
+    let mut sse = res.bytes_stream();
+
+    m.ok(owner, "task.update", json!({"id": f.id, "updates": {"text": BEFORE}})).await;
+    assert!(ws_until(&mut ws, &f.id).await.contains(BEFORE), "the reader's subscription carries the task's events");
+    sse_until(&mut sse, BEFORE).await;
+
+    let grants =
+        m.request(Http::GET, &format!("/_electric/entities/task/{}/grants", f.id), owner).send().await.unwrap();
+    let grants: Value = grants.json().await.expect("the grants are JSON");
+    let id = grants["grants"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["subject_value"] == "/principal/user%3Areader"))
+        .and_then(|g| g["id"].as_u64())
+        .expect("the reader's grant");
+    let revoke = m.request(Http::DELETE, &format!("/_electric/entities/task/{}/grants/{id}", f.id), owner);
+    assert_eq!(revoke.send().await.unwrap().status().as_u16(), 204);
+
+    m.ok(owner, "task.update", json!({"id": f.id, "updates": {"text": AFTER}})).await;
+    let sentinel = "t-sentinel-revoked";
+    m.ok(reader, "task.create", json!({"id": sentinel, "text": "sentinel"})).await;
+    let ws_text = ws_until(&mut ws, sentinel).await;
+    assert!(!ws_text.contains(AFTER) && !ws_text.contains(&f.id), "/ws after the revocation: {ws_text}");
+    let sse_text = sse_until(&mut sse, &format!("\"{sentinel}\"")).await;
+    assert!(!sse_text.contains(AFTER) && !sse_text.contains(&f.id), "SSE after the revocation: {sse_text}");
+    let (got, text) = long_poll_from(m, reader, &f, tail, sentinel).await;
+    assert_eq!(got, "200 unseen", "long-poll after the revocation: {text}");
+    let (got, text) = catch_up(m, reader, &f, true).await;
+    assert_eq!(got, "200 unseen", "catch-up after the revocation: {text}");
+    assert!(!text.contains(AFTER) && !text.contains(MARKER));
+    assert_eq!(m.call(Face::Rpc, reader, "task.get", json!({"id": f.id})).await.outcome(), "-32602");
 }
 
 /// The rules table itself: a guard against a table that can no longer fail.
