@@ -66,6 +66,9 @@ pub struct ServeArgs {
     /// Most MCP sessions open at once; past it a new session is refused with 503 [default: 1000]
     #[arg(long, env = "ATTACHE_MCP_MAX_SESSIONS")]
     mcp_max_sessions: Option<usize>,
+    /// Most materialized entity views kept in memory; the least recently used is dropped and rebuilt on use [default: 10000]
+    #[arg(long, env = "ATTACHE_VIEW_CACHE_ENTRIES")]
+    view_cache_entries: Option<usize>,
     /// Where streams, entities and blobs live: `embedded` (files in --data-dir, one instance)
     /// or `postgres://user:pass@host/db` (many instances over one database) [default: embedded]
     #[arg(long, env = "ATTACHE_STORE")]
@@ -102,6 +105,7 @@ struct FileConfig {
     multipart_max_fields: Option<usize>,
     mcp_session_idle_ttl: Option<String>,
     mcp_max_sessions: Option<usize>,
+    view_cache_entries: Option<usize>,
     store: Option<String>,
     object_store: Option<String>,
 }
@@ -165,6 +169,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     }
     if let Some(n) = args.mcp_max_sessions.or(file.mcp_max_sessions) {
         config.mcp_max_sessions = n;
+    }
+    if let Some(n) = args.view_cache_entries.or(file.view_cache_entries) {
+        config.view_cache_entries = n;
     }
     let store = args.store.or(file.store).unwrap_or_else(|| "embedded".into());
     config.store = attache_server::StoreConfig::parse(&store, args.object_store.or(file.object_store))

@@ -420,7 +420,7 @@ pub async fn send_message(
     let main = format!("{}/main", entity.url);
     {
         let view = state.views.get(state.store.as_ref(), &main).await?;
-        if view.inbox.contains_key(&key) {
+        if view.inbox.contains(&key) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "DUPLICATE_KEY",

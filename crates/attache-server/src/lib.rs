@@ -110,7 +110,7 @@ impl Server {
             store,
             registry,
             auth: Arc::new(auth),
-            views: Arc::new(rows::Views::default()),
+            views: Arc::new(rows::Views::new(config.view_cache_entries)),
             uploads: Arc::new(attachments::Reservations::default()),
             config: Arc::new(config),
             shutdown: shutdown.clone(),

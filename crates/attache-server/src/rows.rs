@@ -1,7 +1,12 @@
 //! Writing State Protocol rows to an entity's main stream, and the
 //! materialized view of that stream the server keeps per entity.
+//!
+//! The views are a cache (the stream is the truth): at most
+//! `view_cache_entries` of them, the least recently used dropped first, and
+//! each keeps only what the server asks of it (manifest entries, names, inbox
+//! keys; never inbox payloads).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use attache_core::manifest::{ManifestEntry, MANIFEST};
@@ -61,16 +66,15 @@ pub fn not_running() -> ApiError {
 }
 
 /// The collections of one main stream that the server itself reads:
-/// manifest entries by attachment id, and inbox rows by key.
+/// manifest entries by attachment id, and the keys of inbox rows.
 #[derive(Debug, Default)]
 pub struct MainView {
     applied: u64,
     pub manifest: BTreeMap<String, ManifestEntry>,
     /// attache's key-value name → attachment id (task attachments, keyed uploads).
     pub by_name: HashMap<String, String>,
-    pub inbox: BTreeMap<String, Value>,
-    /// Inbox keys in stream order (for walking messages newest first).
-    pub inbox_order: Vec<String>,
+    /// Keys of the inbox rows (what a send checks for duplicates); payloads stay on the stream.
+    pub inbox: HashSet<String>,
 }
 
 impl MainView {
@@ -104,13 +108,11 @@ impl MainView {
             }
             ("inbox", "delete") => {
                 self.inbox.remove(event.key.as_ref());
-                self.inbox_order.retain(|k| k != event.key.as_ref());
             }
             ("inbox", _) => {
-                let Some(value) = event.value.and_then(|v| serde_json::from_str::<Value>(v.get()).ok()) else { return };
-                let key = event.key.into_owned();
-                if self.inbox.insert(key.clone(), value).is_none() {
-                    self.inbox_order.push(key);
+                // A row without a value was never an inbox message.
+                if event.value.is_some() {
+                    self.inbox.insert(event.key.into_owned());
                 }
             }
             _ => {}
@@ -137,6 +139,15 @@ impl MainView {
             self.by_name.insert(name.to_owned(), entry.id.clone());
         }
         self.manifest.insert(entry.id.clone(), entry);
+    }
+}
+
+/// Drops the least recently used entries nobody else holds until `map` has
+/// at most `capacity` (entries in use stay, so it may stay over for a while).
+pub(crate) fn evict_unused<V>(map: &mut hashlink::LinkedHashMap<String, Arc<V>>, capacity: usize) {
+    while map.len() > capacity {
+        let Some(key) = map.iter().find(|(_, v)| Arc::strong_count(v) == 1).map(|(k, _)| k.clone()) else { return };
+        map.remove(&key);
     }
 }
 
@@ -170,22 +181,45 @@ struct HeadersHead<'a> {
     operation: std::borrow::Cow<'a, str>,
 }
 
-/// Per-entity views, caught up from the stream on each use (only the new tail is read).
-#[derive(Default)]
+/// Per-entity views, caught up from the stream on each use (only the new
+/// tail is read), at most `capacity` of them: past it the least recently used
+/// view that nobody holds is dropped (it is rebuilt from its stream if asked
+/// for again). A view in use is never dropped, so its lock keeps meaning
+/// "the only view of this stream".
 pub struct Views {
-    views: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<MainView>>>>,
+    views: parking_lot::Mutex<hashlink::LinkedHashMap<String, Arc<tokio::sync::Mutex<MainView>>>>,
+    capacity: usize,
 }
 
 impl Views {
+    pub fn new(capacity: usize) -> Views {
+        Views { views: Default::default(), capacity }
+    }
+
+    /// The cell of `main`'s view, made the most recently used.
+    fn cell(&self, main: &str) -> Arc<tokio::sync::Mutex<MainView>> {
+        let mut views = self.views.lock();
+        // Looked up before inserting: the common case allocates no key.
+        if let Some(cell) = views.to_back(main) {
+            return cell.clone();
+        }
+        let cell: Arc<tokio::sync::Mutex<MainView>> = Arc::default();
+        views.insert(main.to_owned(), cell.clone());
+        evict_unused(&mut views, self.capacity);
+        cell
+    }
+
+    pub fn len(&self) -> usize {
+        self.views.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The view of `main`, caught up with everything committed so far.
     pub async fn get(&self, store: &dyn StreamStore, main: &str) -> ApiResult<tokio::sync::OwnedMutexGuard<MainView>> {
-        // Looked up before inserting: the common case allocates no key.
-        let known = self.views.lock().get(main).cloned();
-        let cell = match known {
-            Some(cell) => cell,
-            None => self.views.lock().entry(main.to_owned()).or_default().clone(),
-        };
-        let mut view = cell.lock_owned().await;
+        let mut view = self.cell(main).lock_owned().await;
         loop {
             let batch = match store.read(main, ReadFrom::At(attache_core::Offset(view.applied)), 4 << 20) {
                 Ok(b) => b,
@@ -207,5 +241,39 @@ impl Views {
 
     pub fn forget(&self, main: &str) {
         self.views.lock().remove(main);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn past_the_capacity_the_least_recently_used_unheld_entry_goes() {
+        let views = Views::new(3);
+        let a = views.cell("/a");
+        drop(views.cell("/b"));
+        drop(views.cell("/c"));
+        drop(views.cell("/b")); // b is now more recent than c
+        drop(views.cell("/d")); // over: the oldest is a, but a is held; c goes
+        let keys: Vec<String> = views.views.lock().keys().cloned().collect();
+        assert_eq!(keys, ["/a", "/b", "/d"]);
+        drop(a);
+        drop(views.cell("/e")); // now a is the oldest and free
+        let keys: Vec<String> = views.views.lock().keys().cloned().collect();
+        assert_eq!(keys, ["/b", "/d", "/e"]);
+        assert_eq!(views.len(), 3);
+    }
+
+    #[test]
+    fn the_view_keeps_inbox_keys_not_payloads() {
+        let mut view = MainView::default();
+        let row = |op: &str, value: &str| {
+            format!(r#"{{"type":"inbox","key":"m1","value":{value},"headers":{{"operation":"{op}"}}}}"#)
+        };
+        view.apply(row("insert", &format!(r#"{{"payload":"{}"}}"#, "x".repeat(10_000))).as_bytes());
+        assert!(view.inbox.contains("m1"));
+        view.apply(row("delete", "null").as_bytes());
+        assert!(view.inbox.is_empty());
     }
 }

@@ -49,6 +49,9 @@ pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("co
 /// Largest read kept for the live readers that follow it.
 const RECENT_MAX: usize = 64 << 10;
 
+/// A stream idle this long loses its kept read (the writer's sweep drops it).
+const RECENT_IDLE_MS: i64 = 5_000;
+
 /// Flag on a chunk row: this row ends the append that wrote it.
 pub(crate) const ROW_ENDS_APPEND: u8 = 1;
 
@@ -113,6 +116,14 @@ impl StreamEntry {
         self.meta.read().clone()
     }
 
+    /// Drops the read kept for live readers once the stream has been idle for
+    /// `RECENT_IDLE_MS`: the readers it served have moved on.
+    pub(crate) fn drop_idle_read(&self, now_ms: i64) {
+        if now_ms - self.last_access_ms.load(Ordering::Relaxed) >= RECENT_IDLE_MS {
+            *self.recent.lock() = None;
+        }
+    }
+
     /// A read or write resets a sliding TTL.
     pub(crate) fn touch(&self) {
         self.last_access_ms.store(now_ms(), Ordering::Relaxed);
@@ -148,6 +159,15 @@ pub(crate) struct Shared {
     pub(crate) db: Database,
     pub(crate) blobs: BlobDir,
     pub(crate) index: RwLock<Index>,
+}
+
+/// The writer's sweep: the kept reads of idle streams go, so they cost
+/// memory only while live readers use them.
+pub(crate) fn drop_idle_reads(shared: &Shared) {
+    let now = now_ms();
+    for entry in shared.index.read().by_id.values() {
+        entry.drop_idle_read(now);
+    }
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -327,7 +347,12 @@ impl StreamStore for EmbeddedStore {
             }
         }
         let batch = reader::read(&self.shared, &info, from, max_bytes)?;
-        if matches!(from, ReadFrom::At(_)) && !batch.is_empty() && batch.up_to_date() && batch.byte_len() <= RECENT_MAX
+        // Kept only while other live readers wait on the stream (they will ask for the same bytes).
+        if matches!(from, ReadFrom::At(_))
+            && !batch.is_empty()
+            && batch.up_to_date()
+            && batch.byte_len() <= RECENT_MAX
+            && entry.signal.receiver_count() > 1
         {
             *entry.recent.lock() = Some(batch.clone());
         }
@@ -384,3 +409,47 @@ impl StreamStore for EmbeddedStore {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod read_cache_tests {
+    use super::*;
+
+    /// A store with one binary stream `/s` holding `b"abc"`.
+    async fn store_with_stream() -> (tempfile::TempDir, EmbeddedStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        let req = CreateStream {
+            path: attache_core::StreamPath::new("/s".to_owned()).unwrap(),
+            content_type: None,
+            ttl: None,
+            expires_at: None,
+            closed: false,
+            initial: bytes::Bytes::from_static(b"abc"),
+            fork: None,
+            owner: None,
+        };
+        store.create(req).await.unwrap();
+        (dir, store)
+    }
+
+    fn kept(store: &EmbeddedStore) -> bool {
+        store.entry("/s").unwrap().recent.lock().is_some()
+    }
+
+    #[tokio::test]
+    async fn a_read_is_kept_only_while_live_readers_wait_and_goes_once_idle() {
+        let (_dir, store) = store_with_stream().await;
+        let start = ReadFrom::At(attache_core::Offset(0));
+        store.read("/s", start, 1 << 20).unwrap();
+        assert!(!kept(&store), "no live reader: nothing kept");
+        let (_a, _b) = (store.subscribe("/s").unwrap(), store.subscribe("/s").unwrap());
+        store.read("/s", start, 1 << 20).unwrap();
+        assert!(kept(&store), "kept for the live readers");
+        let entry = store.entry("/s").unwrap();
+        let last = entry.last_access_ms.load(Ordering::Relaxed);
+        entry.drop_idle_read(last + RECENT_IDLE_MS - 1);
+        assert!(kept(&store), "kept while the stream is in use");
+        entry.drop_idle_read(last + RECENT_IDLE_MS);
+        assert!(!kept(&store), "dropped once the stream is idle");
+    }
+}

@@ -312,6 +312,7 @@ pub(crate) fn run(
         if last_sweep.elapsed() >= config.sweep_interval {
             last_sweep = Instant::now();
             batch.extend(expired_streams(&shared).into_iter().map(Command::Expire));
+            super::drop_idle_reads(&shared);
         }
         // An idle writer still checkpoints what only the log holds.
         if batch.is_empty() && !journal.checkpoint_due() {
