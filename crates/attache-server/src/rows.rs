@@ -109,11 +109,9 @@ impl MainView {
             ("inbox", "delete") => {
                 self.inbox.remove(event.key.as_ref());
             }
-            ("inbox", _) => {
-                // A row without a value was never an inbox message.
-                if event.value.is_some() {
-                    self.inbox.insert(event.key.into_owned());
-                }
+            // A row without a value was never an inbox message.
+            ("inbox", _) if event.value.is_some() => {
+                self.inbox.insert(event.key.into_owned());
             }
             _ => {}
         }
