@@ -69,6 +69,9 @@ pub struct ServeArgs {
     /// Most materialized entity views kept in memory; the least recently used is dropped and rebuilt on use [default: 10000]
     #[arg(long, env = "ATTACHE_VIEW_CACHE_ENTRIES")]
     view_cache_entries: Option<usize>,
+    /// Largest client data kept in memory with an entity (spawn args and tags together, a task's metadata), in bytes of JSON [default: 65536]
+    #[arg(long, env = "ATTACHE_MAX_ENTITY_DATA_BYTES")]
+    max_entity_data_bytes: Option<usize>,
     /// Where streams, entities and blobs live: `embedded` (files in --data-dir, one instance)
     /// or `postgres://user:pass@host/db` (many instances over one database) [default: embedded]
     #[arg(long, env = "ATTACHE_STORE")]
@@ -106,6 +109,7 @@ struct FileConfig {
     mcp_session_idle_ttl: Option<String>,
     mcp_max_sessions: Option<usize>,
     view_cache_entries: Option<usize>,
+    max_entity_data_bytes: Option<usize>,
     store: Option<String>,
     object_store: Option<String>,
 }
@@ -172,6 +176,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     }
     if let Some(n) = args.view_cache_entries.or(file.view_cache_entries) {
         config.view_cache_entries = n;
+    }
+    if let Some(n) = args.max_entity_data_bytes.or(file.max_entity_data_bytes) {
+        config.max_entity_data_bytes = n;
     }
     let store = args.store.or(file.store).unwrap_or_else(|| "embedded".into());
     config.store = attache_server::StoreConfig::parse(&store, args.object_store.or(file.object_store))

@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub mcp_max_sessions: usize,
     /// Most materialized entity views kept in memory (least recently used dropped; rebuilt on use).
     pub view_cache_entries: usize,
+    /// Largest client data the registry keeps in memory with an entity: spawn
+    /// args and tags together, a task's metadata (413 / -32602 beyond).
+    pub max_entity_data_bytes: usize,
 }
 
 /// Which backend holds streams, the registry and blobs.
@@ -124,6 +127,7 @@ impl ServerConfig {
             mcp_session_idle_ttl: Duration::from_secs(30 * 60),
             mcp_max_sessions: 1000,
             view_cache_entries: 10_000,
+            max_entity_data_bytes: 64 << 10,
         }
     }
 }

@@ -35,6 +35,24 @@ pub async fn json_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body
         .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))
 }
 
+/// How many bytes `v` takes as JSON, counted without writing them anywhere.
+pub fn json_size<T: serde::Serialize + ?Sized>(v: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail; a value that cannot be JSON counts what was written.
+    let _ = serde_json::to_writer(&mut count, v);
+    count.0
+}
+
 /// The public JSON of an entity.
 pub fn entity_json(e: &EntityRecord) -> Value {
     let mut v = json!({
@@ -202,6 +220,15 @@ pub async fn spawn(
         if key.is_empty() || key.len() > 128 {
             return Err(ApiError::bad_request("tag keys are 1 to 128 bytes"));
         }
+    }
+    // Args and tags live in the registry's memory for the entity's life: bounded.
+    let max = state.config.max_entity_data_bytes;
+    if json_size(&body.args) + json_size(&body.tags) > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "ENTITY_DATA_TOO_LARGE",
+            format!("spawn args and tags are at most {max} bytes of JSON together (max_entity_data_bytes)"),
+        ));
     }
     let (entity, fresh, txid) =
         spawn_entity(&state, &who, &url, body.args, body.tags.unwrap_or_default(), None).await?;

@@ -720,11 +720,26 @@ fn illegal(task_id: &str, from: Status, to: Status) -> TaskError {
 
 // ---------------------------------------------------------------- task methods
 
+/// A task's metadata lives in the registry's memory with the task: bounded
+/// by `max_entity_data_bytes` (after an update's merge too).
+fn check_metadata_size(state: &AppState, metadata: &Option<Map<String, Value>>) -> TaskResult<()> {
+    let max = state.config.max_entity_data_bytes;
+    if crate::entities::json_size(metadata) > max {
+        return Err(metadata_too_large(max));
+    }
+    Ok(())
+}
+
+fn metadata_too_large(max: usize) -> TaskError {
+    TaskError::invalid("metadata", format!("metadata is at most {max} bytes of JSON (max_entity_data_bytes)"))
+}
+
 async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
     let text =
         p.string("text", 500).map_err(|_| TaskError::invalid("text", "Text must be between 1 and 500 characters"))?;
     let priority = p.opt_int("priority", 0, 100)?.unwrap_or(50) as u8;
     let metadata = p.opt_object("metadata")?.cloned();
+    check_metadata_size(state, &metadata)?;
     let id = match p.opt_string("id", 128)? {
         Some(id) => {
             if !id.starts_with("t-") || task_url(id).is_none() {
@@ -814,6 +829,7 @@ async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
     let guard = cell.order.write().await;
     let task_id = id.to_owned();
     let now = now_ms();
+    let max_metadata = state.config.max_entity_data_bytes;
     let task = change_task(state, id, move |t| {
         if let Some(s) = status {
             if !t.status.may_become(s) {
@@ -835,6 +851,10 @@ async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
         }
         if let Some(m) = metadata {
             t.metadata.get_or_insert_with(Map::new).extend(m);
+            // Merged, it must still fit (a rejected change is not stored).
+            if crate::entities::json_size(&t.metadata) > max_metadata {
+                return Err(metadata_too_large(max_metadata));
+            }
         }
         t.updated_at = now;
         Ok(())

@@ -340,3 +340,40 @@ async fn an_idle_mcp_session_ends_after_its_ttl_and_frees_its_place() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::NOT_FOUND, "the expired session's id is gone");
 }
+
+#[tokio::test]
+async fn spawn_args_past_the_limit_are_413_and_nothing_is_spawned() {
+    let s = TestServer::start_with(|c| c.max_entity_data_bytes = 1024).await;
+    let spawn_with = |args: Value| {
+        as_principal(s.request(reqwest::Method::PUT, &api("/chat/big-args")), Some(ALICE))
+            .json(&json!({ "args": args }))
+            .send()
+    };
+    let res = spawn_with(json!({ "pad": "x".repeat(2000) })).await.unwrap();
+    let (status, code, body) = error_of(res).await;
+    assert_eq!((status, code.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "ENTITY_DATA_TOO_LARGE"), "{body}");
+    let res = as_principal(s.request(reqwest::Method::GET, &api("/chat/big-args")), Some(ALICE)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    let res = spawn_with(json!({ "pad": "x".repeat(500) })).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+}
+
+/// Task metadata is merged on update, so each update could add to what the
+/// registry keeps; the bound holds for the merged whole.
+#[tokio::test]
+async fn task_metadata_past_the_limit_is_refused_on_create_and_on_a_merging_update() {
+    let s = TestServer::start_with(|c| c.max_entity_data_bytes = 1024).await;
+    let big = json!({ "text": "t", "metadata": { "pad": "x".repeat(2000) } });
+    let res = task_helpers::call(&s, ALICE, "task.create", big).await;
+    assert_eq!(res["error"]["code"], -32602, "{res}");
+    assert_eq!(res["error"]["data"]["field"], "metadata", "{res}");
+    let created =
+        task_helpers::call(&s, ALICE, "task.create", json!({ "text": "t", "metadata": { "a": "x".repeat(600) } }))
+            .await;
+    let id = created["result"]["id"].as_str().expect("a task id").to_owned();
+    let more = json!({ "id": id, "updates": { "metadata": { "b": "x".repeat(600) } } });
+    let res = task_helpers::call(&s, ALICE, "task.update", more).await;
+    assert_eq!(res["error"]["code"], -32602, "{res}");
+    let got = task_helpers::call(&s, ALICE, "task.get", json!({ "id": id })).await;
+    assert!(got["result"]["metadata"].get("b").is_none(), "the refused update changed nothing: {got}");
+}
