@@ -411,9 +411,14 @@ impl Matrix {
 
     /// POSTs one JSON-RPC request or batch to /rpc.
     async fn rpc_raw(&self, actor: &Actor, body: &Value) -> (u16, String) {
+        self.rpc_at("/rpc", actor, body).await
+    }
+
+    /// POSTs one JSON-RPC request or batch to `path` (`/rpc` or `/rpc/batch`).
+    async fn rpc_at(&self, path: &str, actor: &Actor, body: &Value) -> (u16, String) {
         let res = step(
-            "/rpc",
-            self.request(Http::POST, "/rpc", actor)
+            path,
+            self.request(Http::POST, path, actor)
                 .header("content-type", "application/json")
                 .body(body.to_string())
                 .send(),
@@ -739,8 +744,8 @@ async fn ws_next(ws: &mut Ws) -> Value {
 // ---------------------------------------------------------------- a batch
 
 /// A batch mixing calls on the granted fixture and on a private task (no
-/// grants), through `/rpc` and WebSocket `execute`: each item answers as it
-/// would alone, and the private task neither changes nor shows.
+/// grants), through `/rpc/batch` and WebSocket `execute`: each item answers
+/// as it would alone, and the private task neither changes nor shows.
 async fn check_batches(mode: Mode, face: Face) -> usize {
     let matrix = Matrix::start(mode).await;
     let matrix = &matrix;
@@ -789,7 +794,7 @@ async fn check_batches(mode: Mode, face: Face) -> usize {
             };
             let (answers, text) = match face {
                 Face::Rpc => {
-                    let (status, text) = matrix.rpc_raw(actor, &Value::Array(batch)).await;
+                    let (status, text) = matrix.rpc_at("/rpc/batch", actor, &Value::Array(batch)).await;
                     let answers = if status == 200 { serde_json::from_str(&text).ok() } else { None };
                     (answers.ok_or(status), text)
                 }
