@@ -72,6 +72,9 @@ pub struct ServeArgs {
     /// Largest client data kept in memory with an entity (spawn args and tags together, a task's metadata), in bytes of JSON [default: 65536]
     #[arg(long, env = "ATTACHE_MAX_ENTITY_DATA_BYTES")]
     max_entity_data_bytes: Option<usize>,
+    /// Most MCP sessions one principal holds at once; past it a new session is refused with 429 [default: 100]
+    #[arg(long, env = "ATTACHE_MCP_MAX_SESSIONS_PER_PRINCIPAL")]
+    mcp_max_sessions_per_principal: Option<usize>,
     /// Where streams, entities and blobs live: `embedded` (files in --data-dir, one instance)
     /// or `postgres://user:pass@host/db` (many instances over one database) [default: embedded]
     #[arg(long, env = "ATTACHE_STORE")]
@@ -110,6 +113,7 @@ struct FileConfig {
     mcp_max_sessions: Option<usize>,
     view_cache_entries: Option<usize>,
     max_entity_data_bytes: Option<usize>,
+    mcp_max_sessions_per_principal: Option<usize>,
     store: Option<String>,
     object_store: Option<String>,
 }
@@ -179,6 +183,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     }
     if let Some(n) = args.max_entity_data_bytes.or(file.max_entity_data_bytes) {
         config.max_entity_data_bytes = n;
+    }
+    if let Some(n) = args.mcp_max_sessions_per_principal.or(file.mcp_max_sessions_per_principal) {
+        config.mcp_max_sessions_per_principal = n;
     }
     let store = args.store.or(file.store).unwrap_or_else(|| "embedded".into());
     config.store = attache_server::StoreConfig::parse(&store, args.object_store.or(file.object_store))

@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub mcp_session_idle_ttl: Duration,
     /// Most MCP sessions open at once (a new one: 503 with Retry-After).
     pub mcp_max_sessions: usize,
+    /// Most MCP sessions one principal holds at once (a new one: 429 with Retry-After).
+    pub mcp_max_sessions_per_principal: usize,
     /// Most materialized entity views kept in memory (least recently used dropped; rebuilt on use).
     pub view_cache_entries: usize,
     /// Largest client data the registry keeps in memory with an entity: spawn
@@ -126,6 +128,7 @@ impl ServerConfig {
             multipart_max_fields: 64,
             mcp_session_idle_ttl: Duration::from_secs(30 * 60),
             mcp_max_sessions: 1000,
+            mcp_max_sessions_per_principal: 100,
             view_cache_entries: 10_000,
             max_entity_data_bytes: 64 << 10,
         }

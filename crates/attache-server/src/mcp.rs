@@ -8,11 +8,15 @@
 //! answers 404, and the client initializes again, as MCP says), and while
 //! `mcp_max_sessions` are open a new one is refused with 503 and `Retry-After`
 //! (refused rather than evicting the oldest: an open session may be in use,
-//! and a client that opens many must not close others' sessions).
+//! and a client that opens many must not close others' sessions); one
+//! principal holds at most `mcp_max_sessions_per_principal` (429 past it), so
+//! one client cannot take every place.
 
 use std::sync::Arc;
 
 use attache_core::PrincipalKey;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorData, Implementation, ListToolsResult,
     PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
@@ -23,6 +27,7 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use rmcp::{RoleServer, ServerHandler};
 use serde_json::{json, Map, Value};
 
+use crate::error::ApiError;
 use crate::rpc::{error_object, RpcError};
 use crate::tasks;
 use crate::AppState;
@@ -252,10 +257,49 @@ impl ServerHandler for McpFace {
 /// `/mcp` behind authentication: a request without valid credentials gets
 /// the same 401 as every other route, before MCP sees it.
 pub fn routes(state: AppState) -> axum::Router<AppState> {
-    let sessions = Arc::new(session_manager(&state.config));
+    let sessions = Arc::new(Sessions {
+        manager: Arc::new(session_manager(&state.config)),
+        owners: parking_lot::Mutex::new(std::collections::HashMap::new()),
+    });
     axum::Router::new()
-        .nest_service("/mcp", service(state.clone(), sessions.clone()))
+        .nest_service("/mcp", service(state.clone(), sessions.manager.clone()))
         .layer(axum::middleware::from_fn_with_state((state, sessions), require_auth))
+}
+
+/// The open sessions (rmcp's manager) and who opened each, for the caps.
+struct Sessions {
+    manager: Arc<LocalSessionManager>,
+    /// Session id → the principal that opened it; pruned to the live sessions
+    /// whenever a session is about to be opened, so never larger than the cap.
+    owners: parking_lot::Mutex<std::collections::HashMap<String, PrincipalKey>>,
+}
+
+impl Sessions {
+    /// Refuses a new session for `who` when the server or `who` holds its most.
+    async fn admit(&self, who: &PrincipalKey, config: &crate::config::ServerConfig) -> Result<(), ApiError> {
+        let live = self.manager.sessions.read().await;
+        let mut owners = self.owners.lock();
+        owners.retain(|id, _| live.contains_key(id.as_str()));
+        let max = config.mcp_max_sessions;
+        if live.len() >= max {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "TOO_MANY_SESSIONS",
+                format!("the server holds its most MCP sessions ({max}, mcp_max_sessions); retry later"),
+            )
+            .with_header(axum::http::header::RETRY_AFTER, 10));
+        }
+        let mine = config.mcp_max_sessions_per_principal;
+        if owners.values().filter(|o| *o == who).count() >= mine {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOO_MANY_SESSIONS",
+                format!("a principal holds at most {mine} MCP sessions (mcp_max_sessions_per_principal); close one (DELETE /mcp) or let one idle out"),
+            )
+            .with_header(axum::http::header::RETRY_AFTER, 10));
+        }
+        Ok(())
+    }
 }
 
 /// Sessions that end after `mcp_session_idle_ttl` without a message.
@@ -268,26 +312,27 @@ fn session_manager(config: &crate::config::ServerConfig) -> LocalSessionManager 
 }
 
 async fn require_auth(
-    axum::extract::State((state, sessions)): axum::extract::State<(AppState, Arc<LocalSessionManager>)>,
+    axum::extract::State((state, sessions)): axum::extract::State<(AppState, Arc<Sessions>)>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    if let Err(e) = state.auth.authenticate(req.headers()) {
-        return axum::response::IntoResponse::into_response(e);
-    }
+    let who = match state.auth.authenticate(req.headers()) {
+        Ok(who) => who,
+        Err(e) => return e.into_response(),
+    };
     // A POST without a session id opens a session (it carries `initialize`).
     let opens_session = req.method() == axum::http::Method::POST && !req.headers().contains_key("mcp-session-id");
-    let max = state.config.mcp_max_sessions;
-    if opens_session && sessions.sessions.read().await.len() >= max {
-        let busy = crate::error::ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "TOO_MANY_SESSIONS",
-            format!("the server holds its most MCP sessions ({max}, mcp_max_sessions); retry later"),
-        )
-        .with_header(axum::http::header::RETRY_AFTER, 10);
-        return axum::response::IntoResponse::into_response(busy);
+    if !opens_session {
+        return next.run(req).await;
     }
-    next.run(req).await
+    if let Err(e) = sessions.admit(&who, &state.config).await {
+        return e.into_response();
+    }
+    let res = next.run(req).await;
+    if let Some(id) = res.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()) {
+        sessions.owners.lock().insert(id.to_owned(), who);
+    }
+    res
 }
 
 /// The `/mcp` service. Host checks guard against DNS rebinding on loopback

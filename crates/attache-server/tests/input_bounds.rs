@@ -262,10 +262,14 @@ async fn a_form_with_too_many_text_fields_is_400_too_many_fields() {
 
 /// POSTs `initialize` to `/mcp` as alice; the status and the new session's id.
 async fn mcp_initialize(s: &TestServer) -> (StatusCode, Option<String>) {
+    mcp_initialize_as(s, ALICE).await
+}
+
+async fn mcp_initialize_as(s: &TestServer, principal: &str) -> (StatusCode, Option<String>) {
     let res = s
         .client
         .post(s.url("/mcp"))
-        .header("electric-principal", ALICE)
+        .header("electric-principal", principal)
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream")
         .body(r#"{"jsonrpc":"2.0","method":"initialize","params":{"protocolVersion":"2025-03-26","capabilities":{},"clientInfo":{"name":"t","version":"1"}},"id":1}"#)
@@ -376,4 +380,18 @@ async fn task_metadata_past_the_limit_is_refused_on_create_and_on_a_merging_upda
     assert_eq!(res["error"]["code"], -32602, "{res}");
     let got = task_helpers::call(&s, ALICE, "task.get", json!({ "id": id })).await;
     assert!(got["result"]["metadata"].get("b").is_none(), "the refused update changed nothing: {got}");
+}
+
+#[tokio::test]
+async fn one_principal_cannot_take_every_mcp_session() {
+    let s = TestServer::start_with(|c| {
+        c.mcp_max_sessions = 10;
+        c.mcp_max_sessions_per_principal = 2;
+    })
+    .await;
+    for _ in 0..2 {
+        assert_eq!(mcp_initialize(&s).await.0, StatusCode::OK);
+    }
+    assert_eq!(mcp_initialize(&s).await.0, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(mcp_initialize_as(&s, task_helpers::BOB).await.0, StatusCode::OK, "others still get sessions");
 }
