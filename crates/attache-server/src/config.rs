@@ -52,6 +52,10 @@ pub struct ServerConfig {
     /// Largest client data the registry keeps in memory with an entity: spawn
     /// args and tags together, a task's metadata (413 / -32602 beyond).
     pub max_entity_data_bytes: usize,
+    /// Tests only: disk faults injected into the embedded store's file I/O
+    /// (never set by the CLI; `None` costs one branch per write or sync).
+    #[doc(hidden)]
+    pub fault_plan: Option<attache_storage::FaultPlan>,
 }
 
 /// Which backend holds streams, the registry and blobs.
@@ -131,6 +135,7 @@ impl ServerConfig {
             mcp_max_sessions_per_principal: 100,
             view_cache_entries: 10_000,
             max_entity_data_bytes: 64 << 10,
+            fault_plan: None,
         }
     }
 }

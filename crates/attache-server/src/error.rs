@@ -66,6 +66,24 @@ impl From<StoreError> for ApiError {
                 .with_header(h::PRODUCER_RECEIVED_SEQ, received),
             StoreError::Invalid(_) | StoreError::Rule(_) => ApiError::bad_request(msg),
             StoreError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN", msg),
+            StoreError::StorageFull(_) => {
+                tracing::warn!(error = %msg, "a write met a full disk");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "STORAGE_FULL",
+                    "the server's disk is full: this write was not made (nothing acknowledged is lost); retry once space is freed",
+                )
+                .with_header(axum::http::header::RETRY_AFTER, 5)
+            }
+            StoreError::Unavailable(_) => {
+                tracing::warn!(error = %msg, "a request met a disk error");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "STORAGE_UNAVAILABLE",
+                    "the server could not complete this on its disk (an I/O error): it was not acknowledged; retry shortly",
+                )
+                .with_header(axum::http::header::RETRY_AFTER, 1)
+            }
             StoreError::Storage(_) => {
                 tracing::error!(error = %msg, "storage failure");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "storage failure")

@@ -80,6 +80,7 @@ impl Server {
     pub async fn start(config: ServerConfig) -> Result<Server, StartError> {
         let mut store_config = EmbeddedConfig::new(&config.data_dir);
         store_config.durable = config.durable;
+        store_config.fault_plan = config.fault_plan.clone();
         let loopback = config.listen.ip().is_loopback();
         let mode = config.auth.unwrap_or(if loopback { auth::AuthMode::Dev } else { auth::AuthMode::Token });
         if mode == auth::AuthMode::Dev && !loopback {

@@ -24,10 +24,32 @@ pub fn is_reserved(path: &str) -> bool {
     })
 }
 
+/// 200 `ok` while the store's writes succeed; 503 with what fails, and since
+/// when, while they fail (a full or failing disk), so a load balancer or an
+/// operator sees it.
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.store.health() {
+        attache_storage::WriteHealth::Ok => "ok".into_response(),
+        attache_storage::WriteHealth::Failing(f) => {
+            let since = chrono::DateTime::from_timestamp_millis(f.since_ms).map(|t| t.to_rfc3339());
+            let body = serde_json::json!({
+                "status": "failing",
+                "writes": "failing",
+                "since": since,
+                "since_ms": f.since_ms,
+                "disk_full": f.disk_full,
+                "error": f.error,
+            });
+            (StatusCode::SERVICE_UNAVAILABLE, [(axum::http::header::RETRY_AFTER, "5")], axum::Json(body))
+                .into_response()
+        }
+    }
+}
+
 pub fn build(state: AppState) -> Router {
     Router::new()
-        // GET /healthz — anyone: 200 once the server serves.
-        .route("/healthz", get(|| async { "ok" }))
+        // GET /healthz — anyone: 200 "ok" while writes succeed, 503 (JSON) while they fail.
+        .route("/healthz", get(healthz))
         // Attachments: GET list [read] · POST multipart upload [write]
         .route(
             "/_electric/entities/{entity_type}/{instance_id}/attachments",

@@ -9,6 +9,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -16,6 +17,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::error::{StoreError, StoreResult};
+use crate::fault::{FaultPlan, FaultPoint};
+use crate::health::{Health, Source};
 use crate::model::StagedBlob;
 
 /// Chunks in flight per stage.
@@ -28,6 +31,29 @@ pub struct BlobWriter {
     hasher: Option<JoinHandle<[u8; 32]>>,
     disk: Option<JoinHandle<std::io::Result<()>>>,
     len: u64,
+    /// Where disk errors are reported (the store's write-health signal).
+    health: Option<Arc<Health>>,
+}
+
+/// The staging file, with its writes through the fault seam.
+struct StagingFile {
+    file: std::fs::File,
+    faults: Option<FaultPlan>,
+}
+
+impl Write for StagingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.faults.is_none() {
+            return self.file.write(buf);
+        }
+        let file = &mut self.file;
+        crate::fault::write(self.faults.as_ref(), FaultPoint::BlobWrite, buf, |b| file.write_all(b))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 fn stopped() -> StoreError {
@@ -36,7 +62,25 @@ fn stopped() -> StoreError {
 
 impl BlobWriter {
     pub async fn create(path: PathBuf) -> StoreResult<BlobWriter> {
-        let file = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&path).await?.into_std().await;
+        BlobWriter::create_with(path, None, None).await
+    }
+
+    /// A staging file whose writes go through `faults` and whose disk errors `health` hears of.
+    pub(crate) async fn create_with(
+        path: PathBuf,
+        faults: Option<FaultPlan>,
+        health: Option<Arc<Health>>,
+    ) -> StoreResult<BlobWriter> {
+        let file = match tokio::fs::OpenOptions::new().write(true).create_new(true).open(&path).await {
+            Ok(file) => file.into_std().await,
+            Err(e) => {
+                let err = StoreError::from(e);
+                if let Some(health) = &health {
+                    health.fail(Source::Blob, &err);
+                }
+                return Err(err);
+            }
+        };
         let (to_hasher, mut hash_rx) = mpsc::channel::<Bytes>(DEPTH);
         let (to_disk, mut disk_rx) = mpsc::channel::<Bytes>(DEPTH);
         let hasher = tokio::task::spawn_blocking(move || {
@@ -47,12 +91,12 @@ impl BlobWriter {
             h.finalize().into()
         });
         let disk = tokio::task::spawn_blocking(move || {
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, StagingFile { file, faults });
             while let Some(chunk) = disk_rx.blocking_recv() {
                 out.write_all(&chunk)?;
             }
-            let file = out.into_inner().map_err(|e| e.into_error())?;
-            file.sync_all()
+            let staged = out.into_inner().map_err(|e| e.into_error())?;
+            crate::fault::sync(staged.faults.as_ref(), FaultPoint::BlobSync, || staged.file.sync_all())
         });
         Ok(BlobWriter {
             path,
@@ -61,6 +105,7 @@ impl BlobWriter {
             hasher: Some(hasher),
             disk: Some(disk),
             len: 0,
+            health,
         })
     }
 
@@ -79,13 +124,15 @@ impl BlobWriter {
             // A stage stopped early: the disk writer failed. Its error says why.
             self.to_hasher = None;
             self.to_disk = None;
-            return Err(match self.disk.take() {
+            let err = match self.disk.take() {
                 Some(disk) => match disk.await {
                     Ok(Err(e)) => e.into(),
                     _ => stopped(),
                 },
                 None => stopped(),
-            });
+            };
+            self.report(&err);
+            return Err(err);
         }
         self.len += n;
         Ok(())
@@ -97,9 +144,25 @@ impl BlobWriter {
         self.to_disk = None;
         let disk = self.disk.take().ok_or_else(stopped)?;
         let hasher = self.hasher.take().ok_or_else(stopped)?;
-        disk.await.map_err(|e| StoreError::Storage(e.to_string()))??;
+        let written = disk.await.map_err(|e| StoreError::Storage(e.to_string()))?;
+        if let Err(e) = written {
+            let err = StoreError::from(e);
+            self.report(&err);
+            return Err(err);
+        }
+        if let Some(health) = &self.health {
+            health.recovered(Source::Blob);
+        }
         let digest = hasher.await.map_err(|e| StoreError::Storage(e.to_string()))?;
         Ok(StagedBlob { path: std::mem::take(&mut self.path), sha256: hex::encode(digest), len: self.len })
+    }
+}
+
+impl BlobWriter {
+    fn report(&self, err: &StoreError) {
+        if let Some(health) = &self.health {
+            health.fail(Source::Blob, err);
+        }
     }
 }
 

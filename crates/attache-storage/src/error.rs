@@ -37,28 +37,58 @@ pub enum StoreError {
     Rule(#[from] attache_core::Error),
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The disk (or the quota) is full: the write did not happen. Writes
+    /// succeed again once space is freed, without a restart.
+    #[error("no space left for this write: {0}")]
+    StorageFull(String),
+    /// An I/O error (EIO, a short write, a failed sync): the write was not
+    /// acknowledged. A retry may succeed once the store has recovered.
+    #[error("the store could not complete this write or read: {0}")]
+    Unavailable(String),
     #[error("the store is shutting down")]
     ShuttingDown,
 }
 
+impl StoreError {
+    /// Whether this error comes from the disk (full, or failing) rather than
+    /// from the request: it fails the batch it hit, never the store.
+    pub fn is_io(&self) -> bool {
+        matches!(self, StoreError::StorageFull(_) | StoreError::Unavailable(_))
+    }
+}
+
+/// Whether an I/O error means "no space" (disk full or quota exceeded).
+pub(crate) fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        if is_no_space(&e) {
+            StoreError::StorageFull(e.to_string())
+        } else {
+            StoreError::Unavailable(e.to_string())
+        }
+    }
+}
+
 impl From<redb::Error> for StoreError {
     fn from(e: redb::Error) -> Self {
-        StoreError::Storage(e.to_string())
+        match e {
+            redb::Error::Io(io) => io.into(),
+            // redb refuses every operation after an I/O error until the file is reopened.
+            redb::Error::PreviousIo => StoreError::Unavailable("an earlier I/O error; the store is reopening".into()),
+            redb::Error::DatabaseClosed => StoreError::Unavailable("the store is reopening".into()),
+            other => StoreError::Storage(other.to_string()),
+        }
     }
 }
 
 macro_rules! redb_errors {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
-            fn from(e: $t) -> Self { StoreError::Storage(e.to_string()) }
+            fn from(e: $t) -> Self { redb::Error::from(e).into() }
         }
     )*};
 }
-redb_errors!(
-    redb::StorageError,
-    redb::TableError,
-    redb::TransactionError,
-    redb::CommitError,
-    redb::DatabaseError,
-    std::io::Error
-);
+redb_errors!(redb::StorageError, redb::TableError, redb::TransactionError, redb::CommitError, redb::DatabaseError);

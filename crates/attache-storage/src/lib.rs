@@ -9,6 +9,8 @@
 pub mod blob;
 pub mod embedded;
 pub mod error;
+pub mod fault;
+pub(crate) mod health;
 pub mod model;
 pub mod postgres;
 pub mod registry;
@@ -19,6 +21,8 @@ use async_trait::async_trait;
 
 pub use blob::BlobWriter;
 pub use error::{StoreError, StoreResult};
+pub use fault::{Fault, FaultPlan, FaultPoint};
+pub use health::{WriteFailure, WriteHealth};
 pub use model::*;
 pub use registry::{EntityRecord, EntityUpdate, GrantRecord, NewGrant, Registry};
 
@@ -66,9 +70,18 @@ pub trait StreamStore: Send + Sync + 'static {
     /// Flushes and stops the writer; later calls fail with `ShuttingDown`.
     async fn close(&self);
 
+    /// Whether writes are failing (a full or failing disk), and since when.
+    fn health(&self) -> WriteHealth {
+        WriteHealth::Ok
+    }
+
     /// Appends this store committed since it opened (retries answered from
     /// producer state not counted), for `/metrics`.
     fn appends_committed(&self) -> u64;
+}
+
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }
 
 /// Counts committed appends; each backend holds one and feeds it every append's outcome.

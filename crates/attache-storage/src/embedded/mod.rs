@@ -32,8 +32,9 @@ use redb::{Database, TableDefinition};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{StoreError, StoreResult};
+use crate::health::Health;
 use crate::model::*;
-use crate::StreamStore;
+use crate::{StreamStore, WriteHealth};
 
 /// id → JSON-encoded [`StreamInfo`].
 pub(crate) const STREAMS: TableDefinition<u64, &[u8]> = TableDefinition::new("streams");
@@ -74,6 +75,10 @@ pub struct EmbeddedConfig {
     pub wal_bytes: u64,
     /// How long a batch may live only in the log before a checkpoint.
     pub checkpoint_interval: Duration,
+    /// Tests only: disk faults injected into the store's file I/O. `None`
+    /// (always, outside tests) costs one branch per write or sync.
+    #[doc(hidden)]
+    pub fault_plan: Option<crate::FaultPlan>,
 }
 
 impl EmbeddedConfig {
@@ -86,6 +91,7 @@ impl EmbeddedConfig {
             sweep_interval: Duration::from_secs(1),
             wal_bytes: 4 << 20,
             checkpoint_interval: Duration::from_secs(1),
+            fault_plan: None,
         }
     }
 }
@@ -156,9 +162,15 @@ pub(crate) struct Index {
 }
 
 pub(crate) struct Shared {
-    pub(crate) db: Database,
+    /// The stream database; empty while the writer reopens it after a disk
+    /// error (redb refuses every operation after one until it is reopened).
+    db: RwLock<Option<Arc<Database>>>,
+    pub(crate) db_path: PathBuf,
     pub(crate) blobs: BlobDir,
     pub(crate) index: RwLock<Index>,
+    pub(crate) health: Arc<Health>,
+    pub(crate) faults: Option<crate::FaultPlan>,
+    cache_bytes: usize,
 }
 
 /// The writer's sweep: the kept reads of idle streams go, so they cost
@@ -169,10 +181,63 @@ pub(crate) fn drop_idle_reads(shared: &Shared) {
         entry.drop_idle_read(now);
     }
 }
+impl Shared {
+    /// The open stream database, or why there is none right now.
+    pub(crate) fn db(&self) -> StoreResult<Arc<Database>> {
+        self.db
+            .read()
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("the store is reopening after a disk error".into()))
+    }
 
-pub(crate) fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    /// Opens `streams.redb` (through the fault seam when a test asked for one).
+    pub(crate) fn open_db(&self) -> StoreResult<Database> {
+        open_db(&self.db_path, self.cache_bytes, self.faults.as_ref())
+    }
+
+    /// Closes the database for a reopen: it is gone once no reader holds it.
+    /// Readers hold it for one read, so this waits at most a moment.
+    pub(crate) fn close_db(&self) -> StoreResult<()> {
+        let mut slot = self.db.write();
+        let Some(db) = slot.take() else { return Ok(()) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut db = db;
+        loop {
+            match Arc::try_unwrap(db) {
+                Ok(db) => {
+                    // redb's close tries a last commit; after a disk error it fails, and says so.
+                    drop(db);
+                    return Ok(());
+                }
+                Err(shared) if std::time::Instant::now() < deadline => {
+                    db = shared;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(shared) => {
+                    *slot = Some(shared);
+                    return Err(StoreError::Unavailable("readers still hold the database; reopening later".into()));
+                }
+            }
+        }
+    }
+
+    pub(crate) fn install_db(&self, db: Database) {
+        *self.db.write() = Some(Arc::new(db));
+    }
 }
+
+fn open_db(path: &Path, cache_bytes: usize, faults: Option<&crate::FaultPlan>) -> StoreResult<Database> {
+    let mut builder = Database::builder();
+    builder.set_cache_size(cache_bytes);
+    let Some(plan) = faults else {
+        return Ok(builder.create(path)?);
+    };
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    let inner = redb::backends::FileBackend::new(file)?;
+    Ok(builder.create_with_backend(crate::fault::FaultyBackend { inner, plan: plan.clone() })?)
+}
+
+pub(crate) use crate::now_ms;
 
 /// Where blob files live: `blobs/ab/abcdef…` by SHA-256, `blobs/tmp/` while staging.
 pub(crate) struct BlobDir {
@@ -190,17 +255,18 @@ impl BlobDir {
 
     /// Moves a staged blob to its content address (durably), unless identical
     /// bytes are already there; either way the staging file is gone afterwards.
-    pub(crate) fn adopt(&self, staged: &StagedBlob) -> StoreResult<()> {
+    /// Says whether the file is new at its address.
+    pub(crate) fn adopt(&self, staged: &StagedBlob) -> StoreResult<bool> {
         let target = self.path(&staged.sha256);
         if target.exists() {
             std::fs::remove_file(&staged.path)?;
-            return Ok(());
+            return Ok(false);
         }
         let dir = target.parent().ok_or_else(|| StoreError::Storage("blob path has no parent".into()))?;
         std::fs::create_dir_all(dir)?;
         std::fs::rename(&staged.path, &target)?;
         std::fs::File::open(dir)?.sync_all()?;
-        Ok(())
+        Ok(true)
     }
 
     /// Startup: staging files belong to uploads that never finished, and blob
@@ -249,9 +315,10 @@ impl EmbeddedStore {
     pub fn open(config: EmbeddedConfig) -> StoreResult<EmbeddedStore> {
         std::fs::create_dir_all(&config.data_dir)?;
         let db_path: PathBuf = Path::new(&config.data_dir).join("streams.redb");
-        let db = Database::builder().set_cache_size(config.cache_bytes).create(&db_path)?;
-        let wal = writer::recover(&db, &Path::new(&config.data_dir).join("streams.wal"), &config)?;
-        let journal = writer::Journal::new(wal, &config);
+        let db = open_db(&db_path, config.cache_bytes, config.fault_plan.as_ref())?;
+        writer::create_tables(&db)?;
+        let (wal, replayed) = writer::recover(&db, &Path::new(&config.data_dir).join("streams.wal"), &config)?;
+        let journal = writer::Journal::new(wal, &config, replayed);
         let state = writer::WriterState::load(&db)?;
         let blobs = BlobDir { root: Path::new(&config.data_dir).join("blobs") };
         std::fs::create_dir_all(&blobs.root)?;
@@ -267,7 +334,15 @@ impl EmbeddedStore {
             index.by_id.insert(info.id, entry);
         }
         tracing::info!(streams = index.by_id.len(), path = %db_path.display(), "embedded store opened");
-        let shared = Arc::new(Shared { db, blobs, index: RwLock::new(index) });
+        let shared = Arc::new(Shared {
+            db: RwLock::new(Some(Arc::new(db))),
+            db_path,
+            blobs,
+            index: RwLock::new(index),
+            health: Arc::new(Health::default()),
+            faults: config.fault_plan.clone(),
+            cache_bytes: config.cache_bytes,
+        });
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_shared = shared.clone();
         let writer = std::thread::Builder::new()
@@ -379,7 +454,8 @@ impl StreamStore for EmbeddedStore {
 
     async fn stage_blob(&self) -> StoreResult<crate::BlobWriter> {
         let name = format!("{}-{:016x}", now_ms(), rand::random::<u64>());
-        crate::BlobWriter::create(self.shared.blobs.tmp().join(name)).await
+        let path = self.shared.blobs.tmp().join(name);
+        crate::BlobWriter::create_with(path, self.shared.faults.clone(), Some(self.shared.health.clone())).await
     }
 
     async fn open_blob(&self, sha256: &str) -> StoreResult<tokio::fs::File> {
@@ -395,6 +471,10 @@ impl StreamStore for EmbeddedStore {
 
     fn appends_committed(&self) -> u64 {
         self.appends.get()
+    }
+
+    fn health(&self) -> WriteHealth {
+        self.shared.health.snapshot()
     }
 
     async fn close(&self) {

@@ -34,7 +34,8 @@ pub(crate) fn read(shared: &Shared, info: &StreamInfo, from: ReadFrom, max_bytes
     let json = info.is_json();
     let mut page = Page::new(json, max_bytes, start);
     if start < tail {
-        let txn = shared.db.begin_read()?;
+        let db = shared.db()?;
+        let txn = db.begin_read()?;
         let table = txn.open_table(CHUNKS)?;
         'segments: for seg in segments(shared, info, start, tail)? {
             // A binary row holding `lo` may start before it (a fork point or an offset inside a row).

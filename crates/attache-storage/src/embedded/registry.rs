@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use parking_lot::RwLock;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::Mutex;
 
 use crate::error::{StoreError, StoreResult};
@@ -27,7 +27,10 @@ struct Cache {
 }
 
 pub struct EmbeddedRegistry {
-    db: Arc<Database>,
+    /// Only writes use it, one at a time (under `write`), each taking it out
+    /// for its transaction. Empty after a disk error it could not reopen from.
+    db: parking_lot::Mutex<Option<Database>>,
+    path: std::path::PathBuf,
     cache: RwLock<Cache>,
     write: Mutex<()>,
 }
@@ -43,46 +46,100 @@ fn parse<T: serde::de::DeserializeOwned>(b: &[u8]) -> StoreResult<T> {
 impl EmbeddedRegistry {
     pub fn open(dir: &Path) -> StoreResult<EmbeddedRegistry> {
         std::fs::create_dir_all(dir)?;
-        let db = Database::builder().set_cache_size(8 << 20).create(dir.join("registry.redb"))?;
-        let mut cache = Cache { next_grant: 1, ..Default::default() };
-        let txn = db.begin_write()?;
+        let path = dir.join("registry.redb");
         {
-            let entities = txn.open_table(ENTITIES)?;
-            for row in entities.iter()? {
-                let (k, v) = row?;
-                cache.entities.insert(k.value().to_owned(), Arc::new(parse(v.value())?));
-            }
-            let grants = txn.open_table(GRANTS)?;
-            for row in grants.iter()? {
-                let (_, v) = row?;
-                let g: GrantRecord = parse(v.value())?;
-                cache.grants.entry(g.entity_url.clone()).or_default().push(g);
-            }
-            let counters = txn.open_table(COUNTERS)?;
-            let next = counters.get("next_grant_id")?.map(|v| v.value());
-            if let Some(next) = next {
-                cache.next_grant = next;
-            }
+            // Created once here, so a reopen after a disk error only reads.
+            let db = Database::builder().set_cache_size(8 << 20).create(&path)?;
+            let txn = db.begin_write()?;
+            txn.open_table(ENTITIES)?;
+            txn.open_table(GRANTS)?;
+            txn.open_table(COUNTERS)?;
+            txn.commit()?;
         }
-        txn.commit()?;
-        Ok(EmbeddedRegistry { db: Arc::new(db), cache: RwLock::new(cache), write: Mutex::new(()) })
+        let (db, cache) = open_and_load(&path)?;
+        Ok(EmbeddedRegistry {
+            db: parking_lot::Mutex::new(Some(db)),
+            path,
+            cache: RwLock::new(cache),
+            write: Mutex::new(()),
+        })
     }
 
-    /// Runs one durable write transaction off the async threads.
+    /// Runs one durable write transaction off the async threads (the caller
+    /// holds `write`). redb refuses everything after a disk error until the
+    /// file is reopened: it is reopened then, and the cache reloaded from it,
+    /// so the cache says what the file holds whatever the failed commit left.
     async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_write()?;
-            let out = f(&txn)?;
-            txn.commit()?;
-            Ok(out)
+        let db = self.db.lock().take();
+        let path = self.path.clone();
+        let (written, db, reloaded) = tokio::task::spawn_blocking(move || {
+            let mut reloaded = None;
+            let db = match db {
+                Some(db) => db,
+                None => match open_and_load(&path) {
+                    Ok((db, cache)) => {
+                        reloaded = Some(cache);
+                        db
+                    }
+                    Err(err) => return (Err(err), None, None),
+                },
+            };
+            let written = (|| -> StoreResult<T> {
+                let txn = db.begin_write()?;
+                let out = f(&txn)?;
+                txn.commit()?;
+                Ok(out)
+            })();
+            match &written {
+                Err(err) if err.is_io() => {
+                    drop(db);
+                    match open_and_load(&path) {
+                        Ok((db, cache)) => (written, Some(db), Some(cache)),
+                        Err(e) => {
+                            tracing::warn!(err = %e, "the registry cannot be reopened yet; the next write tries again");
+                            (written, None, None)
+                        }
+                    }
+                }
+                _ => (written, Some(db), reloaded),
+            }
         })
         .await
-        .map_err(|e| StoreError::Storage(e.to_string()))?
+        .map_err(|e| StoreError::Storage(e.to_string()))?;
+        *self.db.lock() = db;
+        if let Some(cache) = reloaded {
+            *self.cache.write() = cache;
+        }
+        written
     }
+}
+
+fn open_and_load(path: &Path) -> StoreResult<(Database, Cache)> {
+    let db = Database::builder().set_cache_size(8 << 20).create(path)?;
+    let mut cache = Cache { next_grant: 1, ..Default::default() };
+    {
+        let txn = db.begin_read()?;
+        let entities = txn.open_table(ENTITIES)?;
+        for row in entities.iter()? {
+            let (k, v) = row?;
+            cache.entities.insert(k.value().to_owned(), Arc::new(parse(v.value())?));
+        }
+        let grants = txn.open_table(GRANTS)?;
+        for row in grants.iter()? {
+            let (_, v) = row?;
+            let g: GrantRecord = parse(v.value())?;
+            cache.grants.entry(g.entity_url.clone()).or_default().push(g);
+        }
+        let counters = txn.open_table(COUNTERS)?;
+        let next = counters.get("next_grant_id")?.map(|v| v.value());
+        if let Some(next) = next {
+            cache.next_grant = next;
+        }
+    }
+    Ok((db, cache))
 }
 
 #[async_trait]

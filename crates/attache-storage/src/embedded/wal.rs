@@ -24,6 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{StoreError, StoreResult};
+use crate::fault::{self, FaultPlan, FaultPoint};
 
 const MAGIC: &[u8; 4] = b"AWL1";
 const HEADER: usize = 4 + 4 + 8 + 4;
@@ -198,7 +199,10 @@ pub(crate) struct Wal {
     next_seq: u64,
     /// Where the last record written starts, until the log starts over.
     last_start: Option<u64>,
+    /// The seq of the first record since the last checkpoint.
+    round_start: u64,
     sync: bool,
+    faults: Option<FaultPlan>,
 }
 
 /// What recovery found in the log.
@@ -208,8 +212,16 @@ pub(crate) struct Recovered {
 }
 
 impl Wal {
-    /// Opens (creating) the log and reads the records that follow checkpoint `checkpointed`.
-    pub(crate) fn open(path: &Path, capacity: u64, sync: bool, checkpointed: u64) -> StoreResult<(Wal, Recovered)> {
+    /// Opens (creating) the log and reads the records that follow checkpoint
+    /// `checkpointed`. They stay in the log (the next checkpoint covers them);
+    /// new records follow them.
+    pub(crate) fn open(
+        path: &Path,
+        capacity: u64,
+        sync: bool,
+        checkpointed: u64,
+        faults: Option<FaultPlan>,
+    ) -> StoreResult<(Wal, Recovered)> {
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         let allocated = file.metadata()?.len();
         let mut records = Vec::new();
@@ -223,10 +235,38 @@ impl Wal {
             pos += len;
             expected += 1;
         }
-        // Records are replayed and checkpointed by the caller before any new one is written,
-        // so the log can start over at its beginning.
-        let wal = Wal { file, pos: 0, allocated, capacity, next_seq: expected, last_start: None, sync };
+        let wal = Wal {
+            file,
+            pos,
+            allocated,
+            capacity: capacity.max(pos),
+            next_seq: expected,
+            last_start: None,
+            round_start: checkpointed + 1,
+            sync,
+            faults,
+        };
         Ok((wal, Recovered { records }))
+    }
+
+    /// The records written since the last checkpoint, read back from the
+    /// file: what a reopened database must replay. Only records that were
+    /// written and synced whole count (a failed append never moved `pos`).
+    pub(crate) fn read_back(&self) -> StoreResult<Vec<(u64, Vec<u8>)>> {
+        let mut records = Vec::new();
+        let mut at = 0;
+        let mut expected = self.round_start;
+        while at < self.pos {
+            match read_record(&self.file, at, self.pos)? {
+                Some((seq, payload, len)) if seq == expected => {
+                    records.push((seq, payload));
+                    at += len;
+                    expected += 1;
+                }
+                _ => return Err(corrupt("a record written since the last checkpoint does not read back")),
+            }
+        }
+        Ok(records)
     }
 
     /// The seq of the last record written (what a checkpoint now covers).
@@ -252,7 +292,6 @@ impl Wal {
         if self.pos + len > self.capacity {
             return Err(corrupt("record does not fit; checkpoint first"));
         }
-        self.grow_to(self.pos + len)?;
         let seq = self.next_seq;
         let mut record = Vec::with_capacity(len as usize);
         record.extend_from_slice(MAGIC);
@@ -260,9 +299,13 @@ impl Wal {
         record.extend_from_slice(&seq.to_le_bytes());
         record.extend_from_slice(&checksum(seq, payload).to_le_bytes());
         record.extend_from_slice(payload);
-        self.file.write_all_at(&record, self.pos)?;
-        if self.sync {
-            self.file.sync_data()?;
+        if let Err(err) = self.write_record(&record) {
+            // Whatever part of it landed must not read as a record at the next start (best effort:
+            // the callers hear of a failure, and the next record overwrites it anyway).
+            if self.pos + 4 <= self.allocated {
+                let _ = fault::write_all_at(self.faults.as_ref(), FaultPoint::LogWrite, &self.file, &[0; 4], self.pos);
+            }
+            return Err(err);
         }
         self.last_start = Some(self.pos);
         self.pos += len;
@@ -270,16 +313,39 @@ impl Wal {
         Ok(seq)
     }
 
+    fn write_record(&mut self, record: &[u8]) -> StoreResult<()> {
+        self.grow_to(self.pos + record.len() as u64)?;
+        fault::write_all_at(self.faults.as_ref(), FaultPoint::LogWrite, &self.file, record, self.pos)?;
+        if self.sync {
+            fault::sync(self.faults.as_ref(), FaultPoint::LogSync, || self.file.sync_data())?;
+        }
+        Ok(())
+    }
+
+    /// Checks that the log takes a write and a sync where the next record goes
+    /// (zeroes there already mean "the log ends here").
+    pub(crate) fn probe(&mut self) -> StoreResult<()> {
+        if self.pos + 4 > self.allocated {
+            self.grow_to(self.pos + 4)?;
+        }
+        fault::write_all_at(self.faults.as_ref(), FaultPoint::LogWrite, &self.file, &[0; 4], self.pos)?;
+        fault::sync(self.faults.as_ref(), FaultPoint::LogSync, || self.file.sync_data())?;
+        Ok(())
+    }
+
     /// Takes back the last record (its commit failed, so its callers heard of a
-    /// failure): its magic is zeroed, synced, and the next record takes its place.
+    /// failure): the next record takes its place, and its magic is zeroed and
+    /// synced so that a restart does not replay it. The position moves back
+    /// even when zeroing fails (a reopen in this process replays only what
+    /// precedes it); the error says the record may come back after a crash.
     pub(crate) fn retract(&mut self) -> StoreResult<()> {
         let Some(start) = self.last_start.take() else {
             return Ok(());
         };
-        self.file.write_all_at(&[0; 4], start)?;
-        self.file.sync_data()?;
         self.pos = start;
         self.next_seq -= 1;
+        fault::write_all_at(self.faults.as_ref(), FaultPoint::LogWrite, &self.file, &[0; 4], start)?;
+        fault::sync(self.faults.as_ref(), FaultPoint::LogSync, || self.file.sync_data())?;
         Ok(())
     }
 
@@ -287,6 +353,7 @@ impl Wal {
     pub(crate) fn reset(&mut self) {
         self.pos = 0;
         self.last_start = None;
+        self.round_start = self.next_seq;
     }
 
     /// Writes zeroes (synced) up to at least `end`, so records never extend the file.
@@ -299,10 +366,10 @@ impl Wal {
         let mut at = self.allocated;
         while at < target {
             let n = (target - at).min(zeroes.len() as u64) as usize;
-            self.file.write_all_at(&zeroes[..n], at)?;
+            fault::write_all_at(self.faults.as_ref(), FaultPoint::LogWrite, &self.file, &zeroes[..n], at)?;
             at += n as u64;
         }
-        self.file.sync_all()?;
+        fault::sync(self.faults.as_ref(), FaultPoint::LogSync, || self.file.sync_all())?;
         self.allocated = target;
         Ok(())
     }
@@ -372,17 +439,17 @@ mod tests {
     fn records_after_the_checkpoint_are_recovered_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal");
-        let (mut wal, rec) = Wal::open(&path, 1 << 20, true, 0).unwrap();
+        let (mut wal, rec) = Wal::open(&path, 1 << 20, true, 0, None).unwrap();
         assert!(rec.records.is_empty());
         for i in 0..5u8 {
             assert_eq!(wal.append(&[i; 10]).unwrap(), u64::from(i) + 1);
         }
         drop(wal);
-        let (wal, rec) = Wal::open(&path, 1 << 20, true, 2).unwrap();
+        let (wal, rec) = Wal::open(&path, 1 << 20, true, 2, None).unwrap();
         // Checkpoint 2 covers seqs 1 and 2; the log itself starts at seq 1, so nothing follows it.
         assert!(rec.records.is_empty());
         assert_eq!(wal.last_seq(), 2);
-        let (_, rec) = Wal::open(&path, 1 << 20, true, 0).unwrap();
+        let (_, rec) = Wal::open(&path, 1 << 20, true, 0, None).unwrap();
         let seqs: Vec<u64> = rec.records.iter().map(|(s, _)| *s).collect();
         assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
         assert_eq!(rec.records[3].1, vec![3u8; 10]);
@@ -392,7 +459,7 @@ mod tests {
     fn stale_records_of_an_earlier_round_end_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal");
-        let (mut wal, _) = Wal::open(&path, 1 << 20, true, 0).unwrap();
+        let (mut wal, _) = Wal::open(&path, 1 << 20, true, 0, None).unwrap();
         for _ in 0..4 {
             wal.append(&[1; 100]).unwrap();
         }
@@ -400,7 +467,7 @@ mod tests {
         wal.reset();
         wal.append(&[2; 10]).unwrap();
         drop(wal);
-        let (wal, rec) = Wal::open(&path, 1 << 20, true, 4).unwrap();
+        let (wal, rec) = Wal::open(&path, 1 << 20, true, 4, None).unwrap();
         assert_eq!(rec.records, vec![(5, vec![2u8; 10])]);
         assert_eq!(wal.last_seq(), 5);
     }
@@ -409,21 +476,21 @@ mod tests {
     fn a_torn_record_ends_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal");
-        let (mut wal, _) = Wal::open(&path, 1 << 20, true, 0).unwrap();
+        let (mut wal, _) = Wal::open(&path, 1 << 20, true, 0, None).unwrap();
         wal.append(&[1; 50]).unwrap();
         wal.append(&[2; 50]).unwrap();
         drop(wal);
         // Damage one byte of the second record's payload.
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&[9], (HEADER + 50 + HEADER + 3) as u64).unwrap();
-        let (_, rec) = Wal::open(&path, 1 << 20, true, 0).unwrap();
+        let (_, rec) = Wal::open(&path, 1 << 20, true, 0, None).unwrap();
         assert_eq!(rec.records.len(), 1);
     }
 
     #[test]
     fn a_full_log_refuses_the_record_and_moves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open(&dir.path().join("wal"), 100, false, 0).unwrap();
+        let (mut wal, _) = Wal::open(&dir.path().join("wal"), 100, false, 0, None).unwrap();
         assert!(wal.fits(50));
         assert!(!wal.fits(81));
         assert!(wal.append(&[0; 81]).is_err());

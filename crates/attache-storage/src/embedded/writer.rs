@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use attache_core::ProducerState;
 use bytes::Bytes;
-use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::wal::{Op, Wal};
@@ -22,6 +22,7 @@ use super::{
     STREAMS,
 };
 use crate::error::{StoreError, StoreResult};
+use crate::health::Source;
 use crate::model::*;
 use crate::rules::{self, AppendDecision};
 
@@ -37,19 +38,25 @@ pub(crate) struct WriterState {
     next_id: u64,
 }
 
+/// Creates the tables up front (once, at open), so readers and `load` can open them unconditionally.
+pub(crate) fn create_tables(db: &Database) -> StoreResult<()> {
+    let txn = db.begin_write()?;
+    {
+        txn.open_table(STREAMS)?;
+        txn.open_table(CHUNKS)?;
+        txn.open_table(PRODUCERS)?;
+        txn.open_table(COUNTERS)?;
+        txn.open_table(BLOB_REFS)?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
 impl WriterState {
+    /// The committed state, read (never written: this runs after a failed
+    /// commit too, when the disk may refuse writes).
     pub(crate) fn load(db: &Database) -> StoreResult<WriterState> {
-        // Creating the tables up front lets readers open them unconditionally.
-        let txn = db.begin_write()?;
-        {
-            txn.open_table(STREAMS)?;
-            txn.open_table(CHUNKS)?;
-            txn.open_table(PRODUCERS)?;
-            txn.open_table(COUNTERS)?;
-            txn.open_table(BLOB_REFS)?;
-        }
-        txn.commit()?;
-        let txn = db.begin_write()?;
+        let txn = db.begin_read()?;
         let mut state = WriterState {
             streams: HashMap::new(),
             paths: HashMap::new(),
@@ -86,7 +93,6 @@ impl WriterState {
                 state.next_id = next;
             }
         }
-        txn.abort()?;
         Ok(state)
     }
 }
@@ -188,29 +194,42 @@ impl<'t> Tables<'t> {
 /// The redb counter naming the last log record a durable commit covers.
 const WAL_SEQ: &str = "wal_seq";
 
-/// Opens the log beside `db`, replays what it holds past the last checkpoint
-/// into one durable commit, and returns it ready for new records.
-pub(crate) fn recover(db: &Database, path: &std::path::Path, config: &EmbeddedConfig) -> StoreResult<Wal> {
-    let txn = db.begin_write()?;
-    let checkpointed = txn.open_table(COUNTERS)?.get(WAL_SEQ)?.map(|v| v.value()).unwrap_or(0);
-    txn.abort()?;
-    let (wal, recovered) = Wal::open(path, config.wal_bytes, config.durable, checkpointed)?;
+/// Opens the log beside `db` and replays what it holds past the last
+/// checkpoint. Returns the log, ready for new records, and whether it
+/// replayed anything (the writer's first tick then checkpoints it).
+pub(crate) fn recover(db: &Database, path: &std::path::Path, config: &EmbeddedConfig) -> StoreResult<(Wal, bool)> {
+    let checkpointed = {
+        let txn = db.begin_read()?;
+        let value = txn.open_table(COUNTERS)?.get(WAL_SEQ)?.map(|v| v.value());
+        value.unwrap_or(0)
+    };
+    let (wal, recovered) = Wal::open(path, config.wal_bytes, config.durable, checkpointed, config.fault_plan.clone())?;
+    replay(db, &recovered.records)?;
     if let Some((last, _)) = recovered.records.last() {
-        let last = *last;
-        let txn = db.begin_write()?;
-        {
-            let mut t = Tables::open(&txn)?;
-            for (_, payload) in &recovered.records {
-                for op in Op::decode_all(payload)? {
-                    t.apply(&op)?;
-                }
-            }
-            t.counters.insert(WAL_SEQ, last)?;
-        }
-        txn.commit()?;
-        tracing::info!(records = recovered.records.len(), last_seq = last, "replayed the write-ahead log");
+        tracing::info!(records = recovered.records.len(), last_seq = *last, "replayed the write-ahead log");
     }
-    Ok(wal)
+    Ok((wal, !recovered.records.is_empty()))
+}
+
+/// Applies logged records in one commit without a sync: they stay in the
+/// log, which keeps them durable until the next checkpoint. Writing nothing
+/// durable here is what lets a reopen succeed on a full disk.
+fn replay(db: &Database, records: &[(u64, Vec<u8>)]) -> StoreResult<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::None).map_err(|e| StoreError::Storage(e.to_string()))?;
+    {
+        let mut t = Tables::open(&txn)?;
+        for (_, payload) in records {
+            for op in Op::decode_all(payload)? {
+                t.apply(&op)?;
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 /// How a batch becomes durable: by a log record (redb then commits without a
@@ -221,18 +240,23 @@ pub(crate) struct Journal {
     durable: bool,
     interval: std::time::Duration,
     last_checkpoint: Instant,
-    /// The next commit is a checkpoint (shutdown, or the log failed).
+    /// The next tick checkpoints (shutdown, a replayed log, or the log failed).
     force: bool,
+    /// Why the database is lost, if it is: it refused a commit (redb then
+    /// refuses everything until it is reopened), and the writer reopens it
+    /// before the next batch; batches meanwhile are refused with this error.
+    lost: Option<StoreError>,
 }
 
 impl Journal {
-    pub(crate) fn new(wal: Wal, config: &EmbeddedConfig) -> Journal {
+    pub(crate) fn new(wal: Wal, config: &EmbeddedConfig, replayed: bool) -> Journal {
         Journal {
             wal: (config.wal_bytes > 0).then_some(wal),
             durable: config.durable,
             interval: config.checkpoint_interval,
             last_checkpoint: Instant::now(),
-            force: false,
+            force: replayed,
+            lost: None,
         }
     }
 
@@ -242,10 +266,11 @@ impl Journal {
             && (self.force || self.last_checkpoint.elapsed() >= self.interval)
     }
 
-    fn must_checkpoint(&self, record_len: usize) -> bool {
+    /// A batch whose record the log cannot take commits durably to redb itself.
+    fn must_commit_durably(&self, record_len: usize) -> bool {
         match &self.wal {
             None => true,
-            Some(wal) => self.force || self.checkpoint_due() || !wal.fits(record_len),
+            Some(wal) => !wal.fits(record_len),
         }
     }
 }
@@ -257,6 +282,33 @@ struct Changes {
     removed: Vec<(u64, String)>,
     /// Blob files no stream holds any more, deleted after the commit.
     unlink: Vec<String>,
+    /// Blob files this batch moved to their content address (removed again if it fails).
+    adopted: Vec<String>,
+}
+
+/// Why a batch failed, and what to clean up after it.
+struct Failed {
+    err: StoreError,
+    adopted: Vec<String>,
+}
+
+impl Failed {
+    /// Reports the failure to the write-health signal (before any caller hears of it).
+    fn new(shared: &Shared, err: StoreError, source: Source, changes: &mut Changes) -> Failed {
+        shared.health.fail(source, &err);
+        Failed { err, adopted: std::mem::take(&mut changes.adopted) }
+    }
+}
+
+/// Answers a command that never reached the transaction.
+fn refuse(cmd: Command, err: &StoreError) {
+    match cmd {
+        Command::Create(_, tx) => drop(tx.send(Err(err.clone()))),
+        Command::CreateBlob(_, _, tx) => drop(tx.send(Err(err.clone()))),
+        Command::Append(_, tx) => drop(tx.send(Err(err.clone()))),
+        Command::Delete(_, tx) => drop(tx.send(Err(err.clone()))),
+        Command::Expire(_) => {}
+    }
 }
 
 enum Reply {
@@ -295,7 +347,10 @@ pub(crate) fn run(
     mut journal: Journal,
 ) {
     let mut last_sweep = Instant::now();
-    let wait = config.sweep_interval.min(config.checkpoint_interval);
+    let mut last_probe = Instant::now();
+    // The writer wakes at least every second: the probe of a failing disk runs on its tick.
+    let probe_interval = config.checkpoint_interval.min(std::time::Duration::from_secs(1));
+    let wait = config.sweep_interval.min(probe_interval);
     loop {
         let first = match rx.recv_timeout(wait) {
             Ok(cmd) => Some(cmd),
@@ -314,30 +369,143 @@ pub(crate) fn run(
             batch.extend(expired_streams(&shared).into_iter().map(Command::Expire));
             super::drop_idle_reads(&shared);
         }
-        // An idle writer still checkpoints what only the log holds.
-        if batch.is_empty() && !journal.checkpoint_due() {
+        if journal.lost.is_some() {
+            match reopen(&shared, &mut journal) {
+                Ok(fresh) => state = fresh,
+                Err(err) => tracing::warn!(%err, "the stream database cannot be reopened yet"),
+            }
+        }
+        // A checkpoint commits on its own: what it makes durable is already in
+        // the log, so when it fails no caller does. While writes are failing,
+        // it is also the probe that finds the disk writable again.
+        let probe = shared.health.is_failing() && last_probe.elapsed() >= probe_interval;
+        if journal.checkpoint_due() || probe {
+            last_probe = Instant::now();
+            run_checkpoint(&shared, &mut journal, &mut state);
+        }
+        if let Some(err) = &journal.lost {
+            shared.health.fail(Source::Db, err);
+            for cmd in batch {
+                refuse(cmd, err);
+            }
+            continue;
+        }
+        if batch.is_empty() {
             continue;
         }
         let count = batch.len();
-        if let Err(err) = commit_batch(&shared, &mut state, batch, &mut journal) {
-            tracing::error!(%err, count, "group commit failed; reloading committed state");
-            match WriterState::load(&shared.db) {
-                Ok(fresh) => state = fresh,
-                Err(err) => {
-                    tracing::error!(%err, "cannot reload state after a failed commit; the writer stops");
-                    break;
-                }
-            }
+        if let Err(failed) = commit_batch(&shared, &mut state, batch, &mut journal) {
+            tracing::error!(err = %failed.err, count, "group commit failed; its callers hear why");
+            recover_from(&shared, &mut journal, &mut state, failed);
         }
     }
     // A clean stop leaves nothing for the next start to replay.
     journal.force = true;
-    if journal.checkpoint_due() {
-        if let Err(err) = commit_batch(&shared, &mut state, Vec::new(), &mut journal) {
+    if journal.checkpoint_due() && journal.lost.is_none() {
+        if let Err(err) = checkpoint(&shared, &mut journal) {
             tracing::error!(%err, "final checkpoint failed; the log will be replayed at the next start");
         }
     }
     tracing::debug!("writer stopped");
+}
+
+/// Makes everything logged durable in redb (one durable commit holding only
+/// `wal_seq`), then lets the log start over.
+fn checkpoint(shared: &Shared, journal: &mut Journal) -> StoreResult<()> {
+    let db = shared.db()?;
+    let mut txn = db.begin_write()?;
+    let durability = if journal.durable || journal.wal.is_some() { Durability::Immediate } else { Durability::None };
+    txn.set_durability(durability).map_err(|e| StoreError::Storage(e.to_string()))?;
+    // The allocator state is saved with each checkpoint, so reopening after a disk error is quick.
+    txn.set_quick_repair(true);
+    if let Some(wal) = &journal.wal {
+        txn.open_table(COUNTERS)?.insert(WAL_SEQ, wal.last_seq())?;
+    }
+    txn.commit()?;
+    if let Some(wal) = journal.wal.as_mut() {
+        wal.reset();
+    }
+    journal.last_checkpoint = Instant::now();
+    journal.force = false;
+    Ok(())
+}
+
+/// A checkpoint on the writer's tick, and the probe of a failing disk.
+fn run_checkpoint(shared: &Shared, journal: &mut Journal, state: &mut WriterState) {
+    match checkpoint(shared, journal) {
+        Ok(()) => {
+            shared.health.recovered(Source::Db);
+            shared.health.recovered(Source::Blob);
+            if shared.health.source_failing(Source::Log) {
+                if let Some(wal) = journal.wal.as_mut() {
+                    match wal.probe() {
+                        Ok(()) => shared.health.recovered(Source::Log),
+                        Err(err) => shared.health.fail(Source::Log, &err),
+                    }
+                }
+            }
+        }
+        Err(err) => {
+            tracing::warn!(%err, "checkpoint failed; the log still holds every acknowledged batch");
+            shared.health.fail(Source::Db, &err);
+            if err.is_io() {
+                journal.lost = Some(err);
+                match reopen(shared, journal) {
+                    Ok(fresh) => *state = fresh,
+                    Err(err) => tracing::warn!(%err, "the stream database cannot be reopened yet"),
+                }
+            }
+        }
+    }
+}
+
+/// Closes and reopens the stream database after a disk error, then replays
+/// the log records since the last checkpoint (without a sync: the log keeps
+/// them durable), so the database holds exactly what was acknowledged.
+fn reopen(shared: &Shared, journal: &mut Journal) -> StoreResult<WriterState> {
+    let reopened = (|| -> StoreResult<WriterState> {
+        shared.close_db()?;
+        let db = shared.open_db()?;
+        if let Some(wal) = &journal.wal {
+            replay(&db, &wal.read_back()?)?;
+        }
+        let state = WriterState::load(&db)?;
+        shared.install_db(db);
+        Ok(state)
+    })();
+    match &reopened {
+        Ok(_) => {
+            journal.lost = None;
+            tracing::info!("reopened the stream database after a disk error");
+        }
+        Err(err) => journal.lost = Some(err.clone()),
+    }
+    reopened
+}
+
+/// After a failed batch: report it, and get the committed state back (the
+/// batch changed the working copy before it failed).
+fn recover_from(shared: &Shared, journal: &mut Journal, state: &mut WriterState, failed: Failed) {
+    let fresh = if journal.lost.is_some() {
+        reopen(shared, journal)
+    } else {
+        shared.db().and_then(|db| WriterState::load(&db))
+    };
+    match fresh {
+        Ok(fresh) => *state = fresh,
+        Err(err) => {
+            // The next batch reopens (and reloads) first.
+            tracing::warn!(%err, "cannot reload the committed state yet");
+            shared.health.fail(Source::Db, &err);
+            journal.lost = Some(err);
+            return;
+        }
+    }
+    for sha in failed.adopted {
+        if !state.blob_refs.contains_key(&sha) {
+            let _ = std::fs::remove_file(shared.blobs.path(&sha));
+        }
+    }
 }
 
 fn expired_streams(shared: &Shared) -> Vec<u64> {
@@ -359,15 +527,29 @@ fn commit_batch(
     state: &mut WriterState,
     batch: Vec<Command>,
     journal: &mut Journal,
-) -> StoreResult<()> {
+) -> Result<(), Failed> {
     let started = Instant::now();
     let size = batch.len();
-    let mut txn = shared.db.begin_write()?;
     let mut changes = Changes::default();
+    let begun = shared.db().and_then(|db| Ok((db.begin_write()?, db)));
+    let (mut txn, _db) = match begun {
+        Ok(begun) => begun,
+        Err(err) => {
+            if err.is_io() {
+                journal.lost = Some(err.clone());
+            }
+            let failed = Failed::new(shared, err, Source::Db, &mut changes);
+            for cmd in batch {
+                refuse(cmd, &failed.err);
+            }
+            return Err(failed);
+        }
+    };
     let mut replies = Vec::with_capacity(batch.len());
+    let mut commands = batch.into_iter();
     let outcome = (|| -> StoreResult<(bool, Vec<u8>)> {
         let mut t = Tables::open(&txn)?;
-        for cmd in batch {
+        for cmd in commands.by_ref() {
             match cmd {
                 Command::Create(req, tx) => {
                     let r = state.create(&mut t, &mut changes, shared, req);
@@ -399,40 +581,51 @@ fn commit_batch(
         }
         // Each touched stream's metadata is written once per batch, however many appends it took.
         flush_metadata(&mut t, state, &changes)?;
-        let checkpoint = journal.must_checkpoint(t.log.len());
-        if checkpoint {
+        let durable = journal.must_commit_durably(t.log.len());
+        if durable {
             if let Some(wal) = &journal.wal {
                 t.counters.insert(WAL_SEQ, wal.last_seq())?;
             }
         }
-        Ok((checkpoint, std::mem::take(&mut t.log)))
+        Ok((durable, std::mem::take(&mut t.log)))
     })();
-    let (checkpoint, record) = match outcome {
+    let (durable, record) = match outcome {
         Ok(decided) => decided,
         Err(err) => {
-            fail_batch(replies, txn, err.clone());
-            return Err(err);
+            if err.is_io() {
+                journal.lost = Some(err.clone());
+            }
+            let failed = Failed::new(shared, err, Source::Db, &mut changes);
+            for cmd in commands {
+                refuse(cmd, &failed.err);
+            }
+            fail_batch(replies, txn, failed.err.clone());
+            return Err(failed);
         }
     };
-    // A checkpoint is synced by redb itself. Otherwise the record is synced
-    // first, then redb commits without a sync (a batch that changed nothing
-    // needs neither). Without a log, "not durable" means redb never syncs;
-    // with one, only the log goes unsynced.
+    // A batch the log cannot take commits durably to redb (it is then a
+    // checkpoint). Otherwise the record is synced first, then redb commits
+    // without a sync (a batch that changed nothing needs neither). Without a
+    // log, "not durable" means redb never syncs; with one, only the log goes unsynced.
     let durability =
-        if checkpoint && (journal.durable || journal.wal.is_some()) { Durability::Immediate } else { Durability::None };
+        if durable && (journal.durable || journal.wal.is_some()) { Durability::Immediate } else { Durability::None };
     if let Err(e) = txn.set_durability(durability) {
-        let err = StoreError::Storage(e.to_string());
-        fail_batch(replies, txn, err.clone());
-        return Err(err);
+        let failed = Failed::new(shared, StoreError::Storage(e.to_string()), Source::Db, &mut changes);
+        fail_batch(replies, txn, failed.err.clone());
+        return Err(failed);
+    }
+    if durable {
+        txn.set_quick_repair(true);
     }
     let mut logged = false;
-    if !checkpoint && !record.is_empty() {
+    if !durable && !record.is_empty() {
         if let Some(wal) = journal.wal.as_mut() {
             if let Err(err) = wal.append(&record) {
-                // The next commit goes straight to redb, durably.
+                // The next tick checkpoints, which lets the log start over.
                 journal.force = true;
-                fail_batch(replies, txn, err.clone());
-                return Err(err);
+                let failed = Failed::new(shared, err, Source::Log, &mut changes);
+                fail_batch(replies, txn, failed.err.clone());
+                return Err(failed);
             }
             logged = true;
         }
@@ -442,23 +635,30 @@ fn commit_batch(
         let err = StoreError::from(err);
         if logged {
             if let Some(wal) = journal.wal.as_mut() {
-                // Callers hear of a failure: the record must not come back at the next start.
+                // Callers hear of a failure: the record must not come back.
                 if let Err(e) = wal.retract() {
-                    tracing::error!(err = %e, "could not retract a log record after a failed commit");
+                    tracing::error!(err = %e, "could not erase a log record after a failed commit; a restart may replay it");
                 }
             }
         }
+        // redb refuses everything after a failed commit until it is reopened.
+        journal.lost = Some(err.clone());
+        let failed = Failed::new(shared, err, Source::Db, &mut changes);
         for reply in replies {
-            reply.fail(err.clone());
+            reply.fail(failed.err.clone());
         }
-        return Err(err);
+        return Err(failed);
     }
-    if checkpoint {
+    if durable {
         if let Some(wal) = journal.wal.as_mut() {
             wal.reset();
         }
         journal.last_checkpoint = Instant::now();
         journal.force = false;
+        shared.health.recovered(Source::Db);
+    }
+    if logged {
+        shared.health.recovered(Source::Log);
     }
     for sha in &changes.unlink {
         if let Err(err) = std::fs::remove_file(shared.blobs.path(sha)) {
@@ -469,7 +669,7 @@ fn commit_batch(
     tracing::trace!(
         size,
         logged,
-        checkpoint,
+        durable,
         apply_us = applied.as_micros() as u64,
         total_us = started.elapsed().as_micros() as u64,
         "group commit"
@@ -488,10 +688,10 @@ fn fail_batch(replies: Vec<Reply>, txn: WriteTransaction, err: StoreError) {
     let _ = txn.abort();
 }
 
-/// Domain errors answer one command; storage errors abort the whole batch.
+/// Domain errors answer one command; storage and disk errors abort the whole batch.
 fn escalate<T>(r: StoreResult<T>) -> StoreResult<StoreResult<T>> {
     match r {
-        Err(e @ StoreError::Storage(_)) => Err(e),
+        Err(e @ (StoreError::Storage(_) | StoreError::StorageFull(_) | StoreError::Unavailable(_))) => Err(e),
         other => Ok(other),
     }
 }
@@ -640,7 +840,9 @@ impl WriterState {
         }
         // The same bytes may have lost their last holder earlier in this batch; keep the file.
         changes.unlink.retain(|sha| sha != &blob.sha256);
-        shared.blobs.adopt(&blob)?;
+        if shared.blobs.adopt(&blob)? {
+            changes.adopted.push(blob.sha256.clone());
+        }
         let refs = self.blob_refs.get(&blob.sha256).copied().unwrap_or(0) + 1;
         t.put_blob_ref(&blob.sha256, refs)?;
         self.blob_refs.insert(blob.sha256.clone(), refs);

@@ -146,8 +146,26 @@ impl Drop for Io {
 /// A database error as a storage error. Deadlocks and serialization failures
 /// are marked so a whole batch can be retried.
 pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
-    let retry = matches!(&e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40P01" | "40001")));
-    StoreError::Storage(format!("{}postgres: {e}", if retry { RETRY } else { "" }))
+    let code = match &e {
+        sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
+        _ => None,
+    };
+    match code.as_deref() {
+        Some("40P01" | "40001") => return StoreError::Storage(format!("{RETRY}postgres: {e}")),
+        // disk_full: the database's disk.
+        Some("53100") => return StoreError::StorageFull(format!("postgres: {e}")),
+        // Other resource limits, connection failures, an administrator's shutdown: transient.
+        Some(c) if c.starts_with("53") || c.starts_with("08") || c.starts_with("57P") || c == "58030" => {
+            return StoreError::Unavailable(format!("postgres: {e}"))
+        }
+        _ => {}
+    }
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
+            StoreError::Unavailable(format!("postgres: {e}"))
+        }
+        e => StoreError::Storage(format!("postgres: {e}")),
+    }
 }
 const RETRY: &str = "(retryable) ";
 
@@ -253,6 +271,9 @@ pub(crate) struct Shared {
     pub(crate) index: RwLock<Index>,
     pub(crate) blobs: blobs::Blobs,
     pub(crate) registry: Arc<registry::Cache>,
+    /// Failing while batches fail on the database's disk or connection; a
+    /// committed batch (or the sweep's probe) clears it.
+    pub(crate) health: Arc<crate::health::Health>,
 }
 
 impl Shared {
@@ -427,6 +448,7 @@ async fn connect(config: PgConfig) -> StoreResult<Arc<Shared>> {
         index: RwLock::new(Index::default()),
         blobs,
         registry,
+        health: Arc::default(),
     });
     shared.refresh_all().await?;
     shared.registry.load_all(&shared.pool).await?;
@@ -513,6 +535,13 @@ async fn sweep(
             _ = tokio::time::sleep(interval) => {}
         }
         ticks += 1;
+        if shared.health.is_failing() {
+            // The probe of a failing database: a transaction that takes an id commits a WAL record.
+            match sqlx::query("SELECT txid_current()").execute(&shared.pool).await {
+                Ok(_) => shared.health.recovered(crate::health::Source::Db),
+                Err(e) => shared.health.fail(crate::health::Source::Db, &db_err(e)),
+            }
+        }
         let now = now_ms();
         let mut expired = Vec::new();
         let mut accessed: (Vec<i64>, Vec<i64>) = (Vec::new(), Vec::new());
@@ -675,6 +704,10 @@ impl StreamStore for PgStore {
 
     fn appends_committed(&self) -> u64 {
         self.appends.get()
+    }
+
+    fn health(&self) -> crate::WriteHealth {
+        self.shared.health.snapshot()
     }
 
     async fn close(&self) {

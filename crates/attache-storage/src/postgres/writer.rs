@@ -62,6 +62,7 @@ async fn commit_batch(shared: &Shared, batch: Vec<Command>) {
     let size = batch.len();
     match result {
         Ok((answers, work)) => {
+            shared.health.recovered(crate::health::Source::Db);
             publish(shared, work);
             for (cmd, answer) in batch.into_iter().zip(answers) {
                 reply(cmd, answer);
@@ -69,6 +70,7 @@ async fn commit_batch(shared: &Shared, batch: Vec<Command>) {
         }
         Err(err) => {
             tracing::error!(%err, size, "group commit failed");
+            shared.health.fail(crate::health::Source::Db, &err);
             for cmd in batch {
                 fail(cmd, err.clone());
             }
@@ -101,7 +103,7 @@ fn fail(cmd: Command, err: StoreError) {
 /// Domain errors answer one command; storage errors abort the whole batch.
 fn escalate<T>(r: StoreResult<T>) -> StoreResult<StoreResult<T>> {
     match r {
-        Err(e @ StoreError::Storage(_)) => Err(e),
+        Err(e @ (StoreError::Storage(_) | StoreError::StorageFull(_) | StoreError::Unavailable(_))) => Err(e),
         other => Ok(other),
     }
 }
