@@ -181,6 +181,7 @@ pub(crate) fn drop_idle_reads(shared: &Shared) {
         entry.drop_idle_read(now);
     }
 }
+
 impl Shared {
     /// The open stream database, or why there is none right now.
     pub(crate) fn db(&self) -> StoreResult<Arc<Database>> {
