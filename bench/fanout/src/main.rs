@@ -6,6 +6,9 @@
 //!          Creates a JSON stream and appends `count` small JSON messages, one POST each
 //!          (sequential, keep-alive). Prints `mid=<offset after count/2> tail=<offset>`.
 //!
+//!   soak   --url http://127.0.0.1:PORT --pid PID [--duration 30m] ...
+//!          A long mixed load with the server's memory sampled; see `soak.rs` and bench/soak.sh.
+//!
 //!   fanout --url http://127.0.0.1:PORT [--path /bench/fanout] [--readers 1000] [--rounds 20]
 //!          [--settle-ms 1000] [--pid PID] [--json-out FILE]
 //!          Opens `readers` keep-alive connections. Each round: every reader issues
@@ -16,6 +19,8 @@
 //!          rounds and readers.
 //!
 //! Only talks to the address given (meant for loopback). Bounded in count and time.
+
+mod soak;
 
 use std::time::{Duration, Instant};
 
@@ -39,7 +44,8 @@ struct Resp {
 fn usage() -> ! {
     eprintln!(
         "usage:\n  fanout fill --url URL --path PATH --count N [--msg-bytes B]\n  \
-         fanout fanout --url URL [--path PATH] [--readers N] [--rounds R] [--settle-ms MS] [--pid PID] [--json-out FILE]"
+         fanout fanout --url URL [--path PATH] [--readers N] [--rounds R] [--settle-ms MS] [--pid PID] [--json-out FILE]\n  \
+         fanout soak --url URL --pid PID [--duration 30m] ... (fanout soak --help)"
     );
     std::process::exit(2)
 }
@@ -386,6 +392,9 @@ async fn fanout(a: &Args) -> Result<(), BoxErr> {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("soak") {
+        std::process::exit(soak::main(std::env::args().skip(2).collect()));
+    }
     let a = parse_args();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
