@@ -62,6 +62,13 @@ if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$NEED_FDS" ]; then
 fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/attache-soak.XXXXXX")"
+# The data dir grows by a few hundred MiB in 30 minutes (uploads are deleted as they go). A disk
+# that fills up during the run turns appends into 503s: that would be the disk, not the soak.
+free_mib() { df -Pm "$WORK" | awk 'NR == 2 {print $4}'; }
+FREE_BEFORE="$(free_mib)"
+if [ "$FREE_BEFORE" -lt 2048 ]; then
+  log "WARNING: only $FREE_BEFORE MiB free where the data dir lives ($WORK); a full disk fails the run"
+fi
 SERVER_PID=""
 stop_server() {
   if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
@@ -89,11 +96,19 @@ REV="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 BASE="http://127.0.0.1:$PORT"
 
-# The load keeps its connections under the server's cap. If this binary has a connection cap,
-# set it explicitly above what the load opens (readers + slow readers + writers and workers).
+# The load keeps its connections under the server's cap. If this binary has a connection cap
+# whose default is below what the load opens (readers + slow readers + writers and workers,
+# plus room for reconnects), raise it, so no 503 is expected.
 SERVER_ARGS=(serve --listen "127.0.0.1:$PORT" --data-dir "$WORK/data")
-if "$WORK/attache" serve --help 2>/dev/null | grep -q -- '--max-connections'; then
-  SERVER_ARGS+=(--max-connections "$(( SOAK_READERS + SOAK_SLOW_READERS + 512 ))")
+NEED_CONNS=$(( SOAK_READERS + SOAK_SLOW_READERS + 512 ))
+SERVE_HELP="$("$WORK/attache" serve --help 2>/dev/null | tr -s ' \n' ' ' || true)"
+if [[ "$SERVE_HELP" == *--max-connections* ]]; then
+  CAP="$(grep -o -- '--max-connections[^[]*\[default: [0-9]*' <<<"$SERVE_HELP" | grep -o '[0-9]*$' || true)"
+  if [ -z "$CAP" ]; then  # default not found in the help: set one that is surely enough
+    SERVER_ARGS+=(--max-connections "$(( NEED_CONNS > 4096 ? NEED_CONNS : 4096 ))")
+  elif [ "$CAP" -lt "$NEED_CONNS" ]; then
+    SERVER_ARGS+=(--max-connections "$NEED_CONNS")
+  fi
 fi
 # shellcheck disable=SC2206 # word splitting is the point
 SERVER_ARGS+=(${ATTACHE_EXTRA_ARGS:-})
@@ -114,7 +129,8 @@ set +e
 "$TOOL" soak --url "$BASE" --pid "$SERVER_PID" --duration "$DURATION" --warmup "$WARMUP" \
   --readers "$SOAK_READERS" --slow-readers "$SOAK_SLOW_READERS" "${QUICK_ARGS[@]}" ${SOAK_LOAD_ARGS:-} \
   --report "$SOAK_REPORT" --server-log "$WORK/server.log" \
-  --note "server: \`$VERSION\`, git rev $REV, \`attache ${SERVER_ARGS[*]}\` (fresh data dir, dev auth)" \
+  --note "server: \`$VERSION\` (checkout at git rev $REV), \`attache ${SERVER_ARGS[*]}\` (fresh data dir, dev auth)" \
+  --note "free disk where the data dir lives, before the run: $FREE_BEFORE MiB" \
   --note "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), load average before the run $(cut -d' ' -f1-3 /proc/loadavg), $(uname -r)" \
   --note "command: \`bench/soak.sh --duration $DURATION --warmup $WARMUP$([ "$QUICK" = 1 ] && echo ' (--quick)')\`" \
   | tee "$WORK/verdict.txt"
@@ -123,6 +139,7 @@ set -e
 
 # How the server stops, and how much it wrote.
 DATA_MB="$(du -sm "$WORK/data" 2>/dev/null | cut -f1)"
+FREE_AFTER="$(free_mib)"
 T0=$SECONDS
 ALIVE=0
 kill -0 "$SERVER_PID" 2>/dev/null && ALIVE=1
@@ -132,7 +149,7 @@ if [ -f "$SOAK_REPORT" ]; then
     echo
     echo "## After the run"
     echo
-    echo "- data dir: ${DATA_MB:-?} MiB"
+    echo "- data dir: ${DATA_MB:-?} MiB; free disk there: $FREE_BEFORE MiB before, ${FREE_AFTER:-?} MiB at the end"
     if [ "$ALIVE" = 1 ]; then echo "- SIGTERM to exit: $((SECONDS - T0)) s"; fi
   } >>"$SOAK_REPORT"
 fi

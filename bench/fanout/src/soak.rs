@@ -79,6 +79,8 @@ struct Args {
     abort_interval: Duration,
     rpc_workers: usize,
     rpc_interval: Duration,
+    /// Share of JSON-RPC calls that create a task (and delete the oldest beyond the window).
+    rpc_create_pct: u64,
     long_poll_wait: Duration,
     rss_limit_pct: f64,
     report: Option<String>,
@@ -92,7 +94,7 @@ fn usage() -> ! {
          [--readers 1000] [--slow-readers 100] [--slow-hold 120s] [--json-streams 8] [--binary-streams 4]\n  \
          [--append-interval 500ms] [--firehose-interval 250ms] [--firehose-bytes 8192]\n  \
          [--uploaders 2] [--upload-interval 300ms] [--upload-min 1024] [--upload-max 4194304]\n  \
-         [--aborters 1] [--abort-interval 2s] [--rpc-workers 2] [--rpc-interval 50ms] [--long-poll-wait 45s]\n  \
+         [--aborters 1] [--abort-interval 2s] [--rpc-workers 2] [--rpc-interval 50ms] [--rpc-create-pct 10] [--long-poll-wait 45s]\n  \
          [--rss-limit-pct 10] [--report FILE.md] [--server-log FILE] [--note TEXT]..."
     );
     std::process::exit(2)
@@ -138,6 +140,7 @@ fn parse_args(raw: Vec<String>) -> Args {
         abort_interval: Duration::from_secs(2),
         rpc_workers: 2,
         rpc_interval: Duration::from_millis(50),
+        rpc_create_pct: 10,
         long_poll_wait: Duration::from_secs(45),
         rss_limit_pct: 10.0,
         report: None,
@@ -171,6 +174,7 @@ fn parse_args(raw: Vec<String>) -> Args {
             "--abort-interval" => a.abort_interval = dur(v()),
             "--rpc-workers" => a.rpc_workers = num(v()),
             "--rpc-interval" => a.rpc_interval = dur(v()),
+            "--rpc-create-pct" => a.rpc_create_pct = num(v()).min(100) as u64,
             "--long-poll-wait" => a.long_poll_wait = dur(v()),
             "--rss-limit-pct" => a.rss_limit_pct = v().parse().unwrap_or_else(|_| usage()),
             "--report" => a.report = Some(v()),
@@ -832,6 +836,22 @@ async fn raw_sse(ctx: &Arc<Ctx>, path: &str, who: &str) -> Result<(TcpStream, u1
     Ok((s, status, guard))
 }
 
+/// Reads what is buffered without waiting (at most 1 MiB): true when that ends in the end of
+/// the stream or a reset, i.e. the server closed the connection.
+fn server_closed(s: &TcpStream) -> bool {
+    let mut buf = [0u8; 16 << 10];
+    let mut total = 0usize;
+    while total < 1 << 20 {
+        match s.try_read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
 /// Even `i`: reads 4-64 bytes a second. Odd: stops reading after the head. Each
 /// connection is held for about `--slow-hold`, then dropped and replaced.
 async fn slow_reader(ctx: Arc<Ctx>, i: usize, path: String, who: String) {
@@ -863,23 +883,29 @@ async fn slow_reader(ctx: Arc<Ctx>, i: usize, path: String, who: String) {
             }
             let mut buf = vec![0u8; rng.range(4, 64) as usize];
             match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
-                Ok(Ok(0)) => {
-                    ctx.slow.closed_by_server.fetch_add(1, Ordering::Relaxed);
-                    closed = true;
-                    break;
-                }
+                Ok(Ok(0)) => closed = true,
                 Ok(Ok(n)) => {
                     ctx.slow.bytes.fetch_add(n as u64, Ordering::Relaxed);
                 }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => closed = true,
                 Ok(Err(e)) => {
                     ctx.stats.other(KIND, describe_err(&e));
                     closed = true;
-                    break;
                 }
                 Err(_) => {} // nothing to read this second
             }
+            if closed {
+                break;
+            }
         }
+        // A stalled reader learns only now whether the server gave up on it: what is
+        // buffered, then the end of the stream (or a reset) if it did.
         if !closed {
+            closed = server_closed(&s);
+        }
+        if closed {
+            ctx.slow.closed_by_server.fetch_add(1, Ordering::Relaxed);
+        } else {
             ctx.slow.held_to_end.fetch_add(1, Ordering::Relaxed);
         }
         drop(s);
@@ -1102,8 +1128,12 @@ async fn rpc_worker(ctx: Arc<Ctx>, who: String) {
     let mut id = 0u64;
     while !ctx.stopped() {
         id += 1;
+        // Past the create share, the rest splits 35:35:20 between create_attachment,
+        // get_attachment and list.
+        let c = ctx.args.rpc_create_pct;
         let r = rng.below(100);
-        if tasks.is_empty() || r < 10 {
+        let rest = |share: u64| c + (100 - c) * share / 90;
+        if tasks.is_empty() || r < c || (c == 0 && tasks.len() < 20) {
             let params =
                 json!({"text": format!("soak task {id}"), "priority": rng.range(0, 100), "metadata": {"soak": true}});
             if let Some(res) = rpc_call(&ctx, &mut conn, &who, "rpc task.create", "task.create", params, id).await {
@@ -1115,7 +1145,7 @@ async fn rpc_worker(ctx: Arc<Ctx>, who: String) {
                 let Some(old) = tasks.pop_front() else { break };
                 rpc_call(&ctx, &mut conn, &who, "rpc task.delete", "task.delete", json!({"id": old.id}), id).await;
             }
-        } else if r < 45 || tasks.iter().all(|t| t.keys.is_empty()) {
+        } else if r < rest(35) || tasks.iter().all(|t| t.keys.is_empty()) {
             let ti = rng.below(tasks.len() as u64) as usize;
             let key = format!("k{}", rng.below(16));
             let size = rng.log_uniform(50, 8192) as usize;
@@ -1135,7 +1165,7 @@ async fn rpc_worker(ctx: Arc<Ctx>, who: String) {
                     t.keys.push(key);
                 }
             }
-        } else if r < 80 {
+        } else if r < rest(70) {
             let with_keys: Vec<usize> = (0..tasks.len()).filter(|&i| !tasks[i].keys.is_empty()).collect();
             let t = &tasks[with_keys[rng.below(with_keys.len() as u64) as usize]];
             let key = t.keys[rng.below(t.keys.len() as u64) as usize].clone();
@@ -1546,28 +1576,58 @@ struct LogSummary {
     warn: usize,
     error: usize,
     panics: usize,
-    examples: Vec<String>,
+    /// WARN/ERROR/panic lines without their timestamps, counted, in order of first sight.
+    distinct: Vec<(String, usize)>,
+}
+
+/// Drops ANSI colour sequences (`ESC [ ... letter`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn summarize_log(path: &str) -> LogSummary {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut s = LogSummary { lines: 0, warn: 0, error: 0, panics: 0, examples: Vec::new() };
-    for line in text.lines() {
+    let mut s = LogSummary { lines: 0, warn: 0, error: 0, panics: 0, distinct: Vec::new() };
+    for raw in text.lines() {
         s.lines += 1;
+        let line = strip_ansi(raw);
         let (w, e, p) = (line.contains(" WARN "), line.contains(" ERROR "), line.contains("panicked"));
         s.warn += usize::from(w);
         s.error += usize::from(e);
         s.panics += usize::from(p);
-        if (w || e || p) && s.examples.len() < 10 {
-            let mut l = line.to_owned();
-            if l.len() > 300 {
-                let mut cut = 300;
-                while !l.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                l.truncate(cut);
+        if !(w || e || p) {
+            continue;
+        }
+        // `2026-11-28T05:15:45.927234Z ERROR target: message`: drop the timestamp.
+        let mut msg = match line.split_once(' ') {
+            Some((ts, rest)) if ts.contains('T') && ts.ends_with('Z') => rest.trim().to_owned(),
+            _ => line.trim().to_owned(),
+        };
+        if msg.len() > 240 {
+            let mut cut = 240;
+            while !msg.is_char_boundary(cut) {
+                cut -= 1;
             }
-            s.examples.push(l);
+            msg.truncate(cut);
+            msg.push('…');
+        }
+        if let Some(i) = s.distinct.iter().position(|(m, _)| *m == msg) {
+            s.distinct[i].1 += 1;
+        } else if s.distinct.len() < 20 {
+            s.distinct.push((msg, 1));
         }
     }
     s
@@ -1723,10 +1783,13 @@ fn render(
     if let Some(log) = log {
         let _ = writeln!(o, "\n## Server log\n");
         let _ = writeln!(o, "{} lines: {} WARN, {} ERROR, {} panics.", log.lines, log.warn, log.error, log.panics);
-        if !log.examples.is_empty() {
-            let _ = writeln!(o, "\n```");
-            for e in &log.examples {
-                let _ = writeln!(o, "{e}");
+        if !log.distinct.is_empty() {
+            let _ = writeln!(
+                o,
+                "\nDistinct WARN/ERROR/panic lines (timestamps dropped; at most 20 kinds), with counts:\n\n```"
+            );
+            for (m, n) in &log.distinct {
+                let _ = writeln!(o, "{n:>6} × {m}");
             }
             let _ = writeln!(o, "```");
         }
@@ -1765,6 +1828,17 @@ fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_lines_lose_colours_and_timestamps() {
+        let dir = std::env::temp_dir().join(format!("soak-log-test-{}", std::process::id()));
+        let line = "\u{1b}[2m2026-11-28T05:15:45.927234Z\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m x: disk full";
+        std::fs::write(&dir, format!("{line}\n{line}\nplain INFO line\n")).unwrap();
+        let s = summarize_log(dir.to_str().unwrap());
+        let _ = std::fs::remove_file(&dir);
+        assert_eq!((s.lines, s.error, s.warn), (3, 2, 0));
+        assert_eq!(s.distinct, vec![("ERROR x: disk full".to_string(), 2)]);
+    }
 
     #[test]
     fn durations_parse_with_units() {
