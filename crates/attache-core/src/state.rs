@@ -56,9 +56,95 @@ impl ChangeEvent {
     }
 }
 
+/// The collections (row `type`s) of an entity's main stream that only the
+/// server writes, through the routes that validate them: the manifest of
+/// attachments, the inbox, the entity's lifecycle rows, the task face's
+/// events, and the names kept for the coming tags, signal and grant routes.
+/// A client request never writes these, whoever it claims to be.
+pub const SERVER_OWNED_COLLECTIONS: &[&str] =
+    &[crate::manifest::MANIFEST, INBOX, ENTITY_CREATED, ENTITY_STOPPED, EVENT, "tags", "signal", "grant"];
+
+pub const INBOX: &str = "inbox";
+pub const ENTITY_CREATED: &str = "entity_created";
+pub const ENTITY_STOPPED: &str = "entity_stopped";
+/// The task face's events, one row per event on the task's main stream.
+pub const EVENT: &str = "event";
+
+pub fn is_server_owned(collection: &str) -> bool {
+    SERVER_OWNED_COLLECTIONS.contains(&collection)
+}
+
+/// Why a message a client appends to a main stream is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RowRefusal {
+    /// Not a JSON object with a string `type` (or `type` given twice).
+    #[error(
+        "a main stream holds State Protocol rows: each message must be a JSON object with a string \"type\" ({0})"
+    )]
+    NotARow(String),
+    /// A row of a collection only the server writes.
+    #[error("rows of type {0:?} are written by the server only; use the entity routes")]
+    ServerOwned(String),
+}
+
+/// The part of a row the check reads: `type` alone (other fields are skipped
+/// without being kept; a duplicate `type` is an error, so no reader can see
+/// another one).
+#[derive(Deserialize)]
+struct RowType<'a> {
+    #[serde(rename = "type", borrow)]
+    collection: std::borrow::Cow<'a, str>,
+}
+
+/// May a client append `message` (one JSON message, already split from its
+/// body) to an entity's main stream? One pass over its bytes.
+pub fn check_client_row(message: &[u8]) -> Result<(), RowRefusal> {
+    let row: RowType = serde_json::from_slice(message).map_err(|e| RowRefusal::NotARow(e.to_string()))?;
+    if is_server_owned(&row.collection) {
+        return Err(RowRefusal::ServerOwned(row.collection.into_owned()));
+    }
+    Ok(())
+}
+
 /// An RFC 3339 timestamp with milliseconds, UTC.
 pub fn timestamp(unix_ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(unix_ms)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_append_their_own_rows_only() {
+        assert_eq!(
+            check_client_row(br#"{"type":"errors","key":"e1","value":{},"headers":{"operation":"insert"}}"#),
+            Ok(())
+        );
+        assert_eq!(check_client_row(br#"{"key":"n","type":"note"}"#), Ok(()));
+        for owned in SERVER_OWNED_COLLECTIONS {
+            let row = format!(r#"{{"type":"{owned}","key":"k","value":{{}},"headers":{{"operation":"insert"}}}}"#);
+            assert_eq!(check_client_row(row.as_bytes()), Err(RowRefusal::ServerOwned((*owned).to_owned())));
+        }
+        // Escapes name the same collection.
+        assert_eq!(
+            check_client_row(br#"{"type":"\u006danifest","key":"k"}"#),
+            Err(RowRefusal::ServerOwned("manifest".into()))
+        );
+        for bad in [&b"[1]"[..], b"\"manifest\"", b"3", b"{}", br#"{"type":1}"#, br#"{"type":"a","type":"manifest"}"#] {
+            assert!(matches!(check_client_row(bad), Err(RowRefusal::NotARow(_))), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn the_server_owns_what_it_writes() {
+        for c in ["manifest", "inbox", "entity_created", "entity_stopped", "event", "tags", "signal", "grant"] {
+            assert!(is_server_owned(c), "{c}");
+        }
+        for c in ["errors", "run", "text", "tool_call", "context", "note"] {
+            assert!(!is_server_owned(c), "{c}");
+        }
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use attache_core::state::{timestamp, ChangeEvent};
+use attache_core::state::{timestamp, ChangeEvent, ENTITY_CREATED, ENTITY_STOPPED, INBOX};
 use attache_core::{EntityUrl, ExpiresAt, GrantSubject, Permission, PrincipalKey};
 use attache_storage::{CreateStream, EntityRecord, GrantRecord, NewGrant, StoreError};
 use axum::body::Body;
@@ -152,7 +152,7 @@ pub async fn spawn_entity(
     let now = now_ms();
     let txid = new_txid();
     let created = ChangeEvent::insert(
-        "entity_created",
+        ENTITY_CREATED,
         "entity-created",
         json!({ "entity_type": url.entity_type(), "timestamp": timestamp(now), "args": args.clone().unwrap_or(json!({})) }),
         &txid,
@@ -290,7 +290,7 @@ pub async fn stop_entity(state: &AppState, who: &PrincipalKey, entity: &EntityRe
     if entity.is_running() {
         let now = now_ms();
         let row = ChangeEvent::insert(
-            "entity_stopped",
+            ENTITY_STOPPED,
             "entity-stopped",
             json!({ "timestamp": timestamp(now), "stopped_by": who.url() }),
             &txid,
@@ -469,7 +469,7 @@ pub async fn send_message(
     if let Some(t) = message_type {
         value["message_type"] = json!(t);
     }
-    append_rows(state.store.as_ref(), &main, &[ChangeEvent::insert("inbox", &key, value, &txid, &now)], false).await?;
+    append_rows(state.store.as_ref(), &main, &[ChangeEvent::insert(INBOX, &key, value, &txid, &now)], false).await?;
     Ok((key, txid))
 }
 

@@ -98,6 +98,16 @@ impl From<attache_core::Error> for ApiError {
     }
 }
 
+impl From<attache_core::state::RowRefusal> for ApiError {
+    fn from(e: attache_core::state::RowRefusal) -> ApiError {
+        use attache_core::state::RowRefusal;
+        match e {
+            RowRefusal::NotARow(_) => ApiError::new(StatusCode::BAD_REQUEST, "NOT_A_ROW", e.to_string()),
+            RowRefusal::ServerOwned(_) => ApiError::new(StatusCode::FORBIDDEN, "SERVER_OWNED_ROW", e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });

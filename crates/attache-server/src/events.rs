@@ -31,7 +31,7 @@ use crate::AppState;
 /// The global events stream.
 pub const EVENTS_PATH: &str = "/_attache/events";
 /// The collection of event rows on a task's main stream.
-pub const EVENT_COLLECTION: &str = "event";
+pub const EVENT_COLLECTION: &str = attache_core::state::EVENT;
 /// The principal that owns the events stream.
 pub const OWNER: &str = "system:attache";
 

@@ -18,6 +18,10 @@ use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 
+use attache_core::json::{split_messages, JsonBodyUse};
+use attache_core::manifest::AttachmentStatus;
+use attache_core::state::check_client_row;
+
 use crate::access::{entity_for, owns_stream};
 use crate::error::{ApiError, ApiResult};
 use crate::headers as h;
@@ -124,6 +128,70 @@ fn authorize(state: &AppState, who: &PrincipalKey, method: &Method, path: &Strea
     }
 }
 
+/// What the raw routes may write on the streams an entity owns. The entity
+/// routes validate what they write; here a client writes only its own rows:
+/// - a main stream is closed only by stopping the entity, is created only by
+///   spawning it (no fork), and takes State Protocol rows of collections
+///   clients own (checked in [`post`] and [`put`] against the messages);
+/// - an attachment stream is created only by the attachment routes, and
+///   takes appends only while the manifest records a resumable upload there.
+async fn entity_stream_rules(
+    state: &AppState,
+    method: &Method,
+    entity: &EntityUrl,
+    which: &EntityStream,
+    req: &Req<'_>,
+) -> ApiResult<()> {
+    let use_entity_routes = |hint: String| ApiError::new(StatusCode::CONFLICT, "USE_ENTITY_ROUTES", hint);
+    match (which, method) {
+        (EntityStream::Main, &Method::POST | &Method::PUT) => {
+            if req.closed() {
+                return Err(use_entity_routes(format!(
+                    "an entity's main stream closes when the entity stops: DELETE /_electric/entities{entity}"
+                )));
+            }
+            if *method == Method::PUT && req.get(h::STREAM_FORKED_FROM.as_str())?.is_some() {
+                return Err(use_entity_routes(format!(
+                    "an entity's main stream is created by spawning it: PUT /_electric/entities{entity}"
+                )));
+            }
+            Ok(())
+        }
+        (EntityStream::Attachment(id), &Method::PUT) => Err(use_entity_routes(format!(
+            "attachments are uploaded through POST /_electric/entities{entity}/attachments \
+             or PUT /_electric/entities{entity}/attachments/{id} (resumable)"
+        ))),
+        (EntityStream::Attachment(id), &Method::POST) => {
+            let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+            // A resumable upload at this very stream: pending, or complete (a retried closing append).
+            let resumable = view.manifest.get(id.as_str()).is_some_and(|e| {
+                matches!(e.status, AttachmentStatus::Pending | AttachmentStatus::Complete)
+                    && e.bytes_path(entity).is_some_and(|p| p == entity.attachment_stream(id))
+            });
+            if !resumable {
+                return Err(use_entity_routes(format!(
+                    "only an open resumable upload takes appends here; start one with PUT /_electric/entities{entity}/attachments/{id}"
+                )));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The messages of a client's append to a main stream, each a State Protocol
+/// row of a collection clients own. The body is split once; the store reuses
+/// the split (it does not parse the body again).
+fn client_rows(body: &Bytes, usage: JsonBodyUse) -> ApiResult<Vec<Bytes>> {
+    let messages = split_messages(body, usage)?;
+    let mut rows = Vec::with_capacity(messages.len());
+    for message in messages {
+        check_client_row(message)?;
+        rows.push(body.slice_ref(message));
+    }
+    Ok(rows)
+}
+
 pub async fn dispatch(
     state: AppState,
     who: PrincipalKey,
@@ -133,7 +201,11 @@ pub async fn dispatch(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let result = match authorize(&state, &who, &method, &path) {
+    let mut result = authorize(&state, &who, &method, &path);
+    if let (Ok(()), Some((entity, which))) = (&result, EntityUrl::owning(path.as_str())) {
+        result = entity_stream_rules(&state, &method, &entity, &which, &Req(&headers)).await;
+    }
+    let result = match result {
         Err(e) => Err(e),
         Ok(()) => match method {
             Method::PUT => put(&state, &who, &path, &headers, body).await,
@@ -204,6 +276,9 @@ async fn put(
         None => None,
     };
     let initial = read_body(body, headers, state.config.max_append_bytes).await?;
+    if matches!(EntityUrl::owning(path.as_str()), Some((_, EntityStream::Main))) {
+        client_rows(&initial, JsonBodyUse::Create)?;
+    }
     let outcome = state
         .store
         .create(CreateStream {
@@ -242,7 +317,12 @@ async fn post(state: &AppState, path: &StreamPath, headers: &HeaderMap, body: Bo
     // A close-only request may carry any Content-Type; it is not looked at.
     let content_type = if body.is_empty() { req.content_type().ok().flatten() } else { req.content_type()? };
     let appended = !body.is_empty();
-    let attachment = match EntityUrl::owning(path.as_str()) {
+    let owner = EntityUrl::owning(path.as_str());
+    let messages = match &owner {
+        Some((_, EntityStream::Main)) if appended => Some(client_rows(&body, JsonBodyUse::Append)?),
+        _ => None,
+    };
+    let attachment = match owner {
         Some((entity, EntityStream::Attachment(id))) => Some((entity, id)),
         _ => None,
     };
@@ -258,7 +338,7 @@ async fn post(state: &AppState, path: &StreamPath, headers: &HeaderMap, body: Bo
             close: req.closed(),
             seq,
             producer: producer.clone(),
-            messages: None,
+            messages,
         })
         .await?;
     // 200 says "new data from this producer"; everything else (plain appends,

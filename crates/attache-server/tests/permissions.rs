@@ -215,7 +215,9 @@ const ATTACHMENT_ROUTES: &[Route] = &[
 ];
 
 /// The raw Durable Streams routes on the streams an entity owns. DELETE is
-/// checked like the rest, then refused (409) in favour of the entity routes.
+/// checked like the rest, then refused (409) in favour of the entity routes;
+/// so is a raw PUT creating an attachment stream, and a row of a collection
+/// only the server writes (403 SERVER_OWNED_ROW) whoever sends it.
 const ENTITY_STREAM_ROUTES: &[Route] = &[
     route("GET", "{e}/main?offset=-1", Empty, Rule::Entity(Read), 200),
     route("HEAD", "{e}/main", Empty, Rule::Entity(Read), 200),
@@ -226,12 +228,20 @@ const ENTITY_STREAM_ROUTES: &[Route] = &[
         Rule::Entity(Write),
         204,
     ),
+    route(
+        "POST",
+        "{e}/main",
+        Body::Bytes("application/json", r#"{"type":"inbox","key":"i1","value":{},"headers":{"operation":"insert"}}"#),
+        Rule::Entity(Write),
+        403,
+    ),
     route("PUT", "{e}/main", Body::Bytes("application/json", ""), Rule::Entity(Write), 200),
     route("DELETE", "{e}/main", Empty, Rule::Entity(Delete), 409),
     route("GET", "{e}/attachments/done?offset=-1", Empty, Rule::Entity(Read), 200),
     route("HEAD", "{e}/attachments/done", Empty, Rule::Entity(Read), 200),
     route("POST", "{e}/attachments/open", Body::Bytes("text/plain", "more"), Rule::Entity(Write), 204),
-    route("PUT", "{e}/attachments/open", Body::Bytes("text/plain", ""), Rule::Entity(Write), 200),
+    // Attachment streams are created by the attachment routes only: a permitted raw PUT is refused.
+    route("PUT", "{e}/attachments/open", Body::Bytes("text/plain", ""), Rule::Entity(Write), 409),
     route("DELETE", "{e}/attachments/done", Empty, Rule::Entity(Delete), 409),
 ];
 

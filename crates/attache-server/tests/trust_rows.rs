@@ -329,3 +329,213 @@ async fn a_stranger_cannot_read_through_a_forged_row_on_an_entity_it_may_read() 
     assert_eq!((code_status, code.as_str()), (StatusCode::NOT_FOUND, "NOT_FOUND"));
     ts.stop().await;
 }
+
+// ------------------------------------------------------------ raw routes on entity streams
+
+/// Alice's entity `/chat/shared`, on which mallory holds read and write.
+async fn shared_with_a_writer(ts: &TestServer) -> &'static str {
+    let e = "/chat/shared";
+    spawn_as(ts, ALICE, e).await;
+    for permission in ["read", "write"] {
+        let res = as_principal(ts.request(Method::POST, &format!("{}/grants", api(e))), Some(ALICE))
+            .json(&json!({ "subject_kind": "principal", "subject_value": MALLORY, "permission": permission }))
+            .send()
+            .await
+            .expect("grant answered");
+        assert_eq!(res.status(), StatusCode::CREATED);
+    }
+    e
+}
+
+fn row(collection: &str, key: &str) -> Value {
+    json!({ "type": collection, "key": key, "value": { "from": "/principal/user%3Aalice" }, "headers": { "operation": "insert" } })
+}
+
+async fn raw_as(
+    ts: &TestServer,
+    who: &str,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<reqwest::Body>,
+) -> (StatusCode, String, Value) {
+    let mut rb = as_principal(ts.request(method, path), Some(who));
+    for (name, value) in headers {
+        rb = rb.header(*name, *value);
+    }
+    error_of(rb.body(body).send().await.expect("raw request answered")).await
+}
+
+async fn tail_as(ts: &TestServer, who: &str, path: &str) -> Option<String> {
+    let res = as_principal(ts.request(Method::HEAD, path), Some(who)).send().await.expect("HEAD answered");
+    common::header(&res, common::NEXT_OFFSET)
+}
+
+#[tokio::test]
+async fn a_writer_cannot_close_an_entitys_main_stream() {
+    let ts = TestServer::start().await;
+    let e = shared_with_a_writer(&ts).await;
+    let main = format!("{e}/main");
+    let tail = tail_as(&ts, ALICE, &main).await;
+    let attempts: [(Method, &str); 3] =
+        [(Method::POST, ""), (Method::POST, r#"{"type":"note","key":"n"}"#), (Method::PUT, "")];
+    for (method, body) in attempts {
+        for who in [MALLORY, ALICE, "system:framework"] {
+            let json = [("content-type", "application/json"), ("stream-closed", "true")];
+            let (status, code, body) = raw_as(&ts, who, method.clone(), &main, &json, body).await;
+            assert_eq!(
+                (status, code.as_str()),
+                (StatusCode::CONFLICT, "USE_ENTITY_ROUTES"),
+                "{method} as {who}: {body}"
+            );
+            assert!(body["error"]["message"].as_str().unwrap_or("").contains("DELETE /_electric/entities/chat/shared"));
+        }
+    }
+    assert_eq!(tail_as(&ts, ALICE, &main).await, tail, "the refused closes wrote nothing");
+    assert!(tail_as(&ts, ALICE, &main).await.is_some());
+    let head = as_principal(ts.request(Method::HEAD, &main), Some(ALICE)).send().await.unwrap();
+    assert!(common::header(&head, common::CLOSED).is_none(), "the main stream is still open");
+    let entity: Value =
+        as_principal(ts.request(Method::GET, &api(e)), Some(ALICE)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(entity["status"], "idle", "the entity still runs");
+    let sent = as_principal(ts.request(Method::POST, &format!("{}/send", api(e))), Some(ALICE))
+        .json(&json!({ "payload": "still open" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), StatusCode::OK);
+    // Forking onto a main stream is no way around it.
+    let fork = [("content-type", "application/json"), ("stream-forked-from", main.as_str())];
+    let (status, code, _) = raw_as(&ts, ALICE, Method::PUT, &main, &fork, "").await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "USE_ENTITY_ROUTES"));
+}
+
+#[tokio::test]
+async fn no_client_appends_server_owned_rows_to_a_main_stream() {
+    let ts = TestServer::start().await;
+    let e = shared_with_a_writer(&ts).await;
+    let main = format!("{e}/main");
+    let tail = tail_as(&ts, ALICE, &main).await;
+    let json = [("content-type", "application/json")];
+    let owned = ["manifest", "inbox", "entity_created", "entity_stopped", "event", "tags", "signal", "grant"];
+    for collection in owned {
+        for who in [MALLORY, ALICE, "system:framework"] {
+            let body = row(collection, "forged").to_string();
+            let (status, code, answer) = raw_as(&ts, who, Method::POST, &main, &json, body).await;
+            assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "SERVER_OWNED_ROW"), "{collection} as {who}");
+            assert!(answer["error"]["message"].as_str().unwrap_or("").contains(collection), "{answer}");
+        }
+        // One owned row among client rows refuses the whole append.
+        let batch = json!([row("note", "fine"), row(collection, "forged")]).to_string();
+        let (status, code, _) = raw_as(&ts, MALLORY, Method::POST, &main, &json, batch).await;
+        assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "SERVER_OWNED_ROW"));
+    }
+    // Written with escapes, a type names the same collection.
+    let escaped = r#"{"type":"\u0069nbox","key":"m","value":{},"headers":{"operation":"insert"}}"#;
+    let (status, code, _) = raw_as(&ts, MALLORY, Method::POST, &main, &json, escaped).await;
+    assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "SERVER_OWNED_ROW"));
+    assert_eq!(tail_as(&ts, ALICE, &main).await, tail, "no refused row was appended");
+
+    // The issue's example: a manifest row naming alice's attachment, on mallory's own entity.
+    upload_as(&ts, ALICE, e, "secret", SECRET).await;
+    spawn_as(&ts, MALLORY, "/chat/mine").await;
+    let forged = forged_manifest("x", &format!("{e}/attachments/secret"), "complete", None).to_string();
+    let (status, code, _) = raw_as(&ts, MALLORY, Method::POST, "/chat/mine/main", &json, forged).await;
+    assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "SERVER_OWNED_ROW"));
+    assert_eq!(read_as(&ts, MALLORY, "/chat/mine", "x").await.0, StatusCode::NOT_FOUND);
+    // An initial body on PUT is held to the same rule.
+    let (status, code, _) =
+        raw_as(&ts, MALLORY, Method::PUT, "/chat/mine/main", &json, row("inbox", "i").to_string()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "SERVER_OWNED_ROW"));
+}
+
+#[tokio::test]
+async fn main_streams_take_only_state_protocol_rows() {
+    let ts = TestServer::start().await;
+    let e = shared_with_a_writer(&ts).await;
+    let main = format!("{e}/main");
+    let tail = tail_as(&ts, ALICE, &main).await;
+    let json = [("content-type", "application/json")];
+    for bad in ["1", r#""manifest""#, "[[1]]", "{}", r#"{"type":1}"#, r#"{"type":"note","type":"inbox"}"#, "[{}]"] {
+        let (status, code, body) = raw_as(&ts, MALLORY, Method::POST, &main, &json, bad).await;
+        assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "NOT_A_ROW"), "{bad}: {body}");
+    }
+    assert_eq!(tail_as(&ts, ALICE, &main).await, tail);
+}
+
+#[tokio::test]
+async fn client_rows_such_as_the_runtimes_errors_still_append() {
+    let ts = TestServer::start().await;
+    let e = shared_with_a_writer(&ts).await;
+    let main = format!("{e}/main");
+    let json = [("content-type", "application/json")];
+    // The row attache-client's runtime writes when a handler fails.
+    let errors = json!({
+        "type": "errors",
+        "key": "handler-msg-1-1",
+        "value": { "source": "handler", "handler": "h", "inbox_key": "msg-1", "message": "boom", "timestamp": "2026-01-01T00:00:00.000Z" },
+        "headers": { "operation": "insert", "timestamp": "2026-01-01T00:00:00.000Z", "txid": "t1" },
+    });
+    for who in [MALLORY, ALICE] {
+        let (status, _, body) = raw_as(&ts, who, Method::POST, &main, &json, errors.to_string()).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{who}: {body}");
+    }
+    let batch = json!([row("run", "r1"), row("text", "t1")]).to_string();
+    let producer =
+        [("content-type", "application/json"), ("producer-id", "p1"), ("producer-epoch", "0"), ("producer-seq", "0")];
+    let (status, _, _) = raw_as(&ts, MALLORY, Method::POST, &main, &producer, batch.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = raw_as(&ts, MALLORY, Method::POST, &main, &producer, batch).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "a retried producer append is a duplicate");
+    let (_, body) = raw_read_as(&ts, ALICE, &main).await;
+    let rows: Vec<Value> = serde_json::from_str(&body).expect("a JSON page");
+    let types: Vec<&str> = rows.iter().filter_map(|r| r["type"].as_str()).collect();
+    assert_eq!(types, ["entity_created", "errors", "errors", "run", "text"]);
+    // An idempotent PUT of the existing main stream still answers 200.
+    let (status, _, _) = raw_as(&ts, MALLORY, Method::PUT, &main, &json, "").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn attachment_streams_are_created_by_the_attachment_routes_only() {
+    let ts = TestServer::start().await;
+    let e = shared_with_a_writer(&ts).await;
+    for who in [MALLORY, ALICE, "system:framework"] {
+        let path = format!("{e}/attachments/raw-{}", who.replace(':', "-"));
+        let (status, code, body) =
+            raw_as(&ts, who, Method::PUT, &path, &[("content-type", "application/octet-stream")], "bytes").await;
+        assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "USE_ENTITY_ROUTES"), "{who}: {body}");
+        assert_eq!(tail_as(&ts, ALICE, &path).await, None, "{path} was not created");
+    }
+}
+
+#[tokio::test]
+async fn raw_appends_reach_only_an_open_resumable_upload() {
+    let ts = TestServer::start().await;
+    let e = shared_with_a_writer(&ts).await;
+    upload_as(&ts, ALICE, e, "done", SECRET).await;
+    let begun = as_principal(ts.request(Method::PUT, &format!("{}/attachments/r1", api(e))), Some(ALICE))
+        .json(&json!({ "mimeType": "text/plain" }))
+        .send()
+        .await
+        .expect("resumable begun");
+    assert_eq!(begun.status(), StatusCode::CREATED);
+    let text = [("content-type", "text/plain")];
+    // A writer may append to the open upload, and closing it completes the attachment.
+    let (status, _, _) = raw_as(&ts, MALLORY, Method::POST, &format!("{e}/attachments/r1"), &text, "part one, ").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let closing = [("content-type", "text/plain"), ("stream-closed", "true")];
+    let (status, _, _) = raw_as(&ts, ALICE, Method::POST, &format!("{e}/attachments/r1"), &closing, "part two").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(read_as(&ts, ALICE, e, "r1").await, (StatusCode::OK, b"part one, part two".to_vec()));
+    // No manifest entry, or a versioned sibling path: nothing to append to.
+    for path in [format!("{e}/attachments/nothing"), format!("{e}/attachments/done-abcdef")] {
+        let (status, code, _) = raw_as(&ts, ALICE, Method::POST, &path, &text, "bytes").await;
+        assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "USE_ENTITY_ROUTES"), "{path}");
+    }
+    // A stored upload stays as stored.
+    let octets = [("content-type", "application/octet-stream")];
+    let (status, _, _) = raw_as(&ts, MALLORY, Method::POST, &format!("{e}/attachments/done"), &octets, "more").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(read_as(&ts, ALICE, e, "done").await, (StatusCode::OK, SECRET.to_vec()));
+}
