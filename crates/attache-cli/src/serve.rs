@@ -84,7 +84,22 @@ pub struct ServeArgs {
     /// [default: file://<data-dir>/objects, usable only by instances sharing that directory]
     #[arg(long, env = "ATTACHE_OBJECT_STORE")]
     object_store: Option<String>,
-    /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync, auth, store, object_store
+    /// Most client connections open at once, WebSockets included; beyond it a new connection
+    /// is answered 503 with Retry-After (lowered at start to fit the open-file limit) [default: 4096]
+    #[arg(long, env = "ATTACHE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// How long a client has to send a whole request header, e.g. 10s [default: 10s]
+    #[arg(long, env = "ATTACHE_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration)]
+    header_read_timeout: Option<Duration>,
+    /// How long a kept-alive connection with no request in flight stays open, e.g. 60s [default: 60s]
+    #[arg(long, env = "ATTACHE_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// How long a response may wait on a client that reads nothing before the connection
+    /// is closed, e.g. 30s [default: 30s]
+    #[arg(long, env = "ATTACHE_SLOW_READER_TIMEOUT", value_parser = humantime::parse_duration)]
+    slow_reader_timeout: Option<Duration>,
+    /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync, auth, store, object_store,
+    /// max_connections, header_read_timeout, idle_timeout, slow_reader_timeout
     #[arg(long, env = "ATTACHE_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -116,6 +131,21 @@ struct FileConfig {
     mcp_max_sessions_per_principal: Option<usize>,
     store: Option<String>,
     object_store: Option<String>,
+    max_connections: Option<usize>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    slow_reader_timeout: Option<String>,
+}
+
+/// A duration from its flag, else from the config file (`name` there), else unchanged.
+fn duration(flag: Option<Duration>, file: Option<String>, name: &str, into: &mut Duration) -> anyhow::Result<()> {
+    if let Some(d) = flag {
+        *into = d;
+    } else if let Some(text) = file {
+        *into =
+            humantime::parse_duration(&text).with_context(|| format!("{name} {text:?} is not a duration like 10s"))?;
+    }
+    Ok(())
 }
 
 fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
@@ -187,6 +217,23 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     if let Some(n) = args.mcp_max_sessions_per_principal.or(file.mcp_max_sessions_per_principal) {
         config.mcp_max_sessions_per_principal = n;
     }
+    if let Some(n) = args.max_connections.or(file.max_connections) {
+        anyhow::ensure!(n > 0, "max_connections must be at least 1");
+        config.max_connections = n;
+    }
+    duration(
+        args.header_read_timeout,
+        file.header_read_timeout,
+        "header_read_timeout",
+        &mut config.header_read_timeout,
+    )?;
+    duration(args.idle_timeout, file.idle_timeout, "idle_timeout", &mut config.idle_timeout)?;
+    duration(
+        args.slow_reader_timeout,
+        file.slow_reader_timeout,
+        "slow_reader_timeout",
+        &mut config.slow_reader_timeout,
+    )?;
     let store = args.store.or(file.store).unwrap_or_else(|| "embedded".into());
     config.store = attache_server::StoreConfig::parse(&store, args.object_store.or(file.object_store))
         .map_err(anyhow::Error::msg)?;

@@ -56,6 +56,18 @@ pub struct ServerConfig {
     /// (never set by the CLI; `None` costs one branch per write or sync).
     #[doc(hidden)]
     pub fault_plan: Option<attache_storage::FaultPlan>,
+    /// Most client connections open at once (WebSockets included); beyond it a
+    /// new connection is answered 503 with `Retry-After` and closed. Lowered at
+    /// start to leave room under the process's open-file limit.
+    pub max_connections: usize,
+    /// How long a client has to send a whole request header, from connecting
+    /// (or, on a kept-alive connection, from the first byte of the next request).
+    pub header_read_timeout: Duration,
+    /// How long a kept-alive connection with no request in flight stays open.
+    pub idle_timeout: Duration,
+    /// How long a response may wait on a client that reads nothing before the
+    /// connection is closed (the client resumes from its last offset).
+    pub slow_reader_timeout: Duration,
 }
 
 /// Which backend holds streams, the registry and blobs.
@@ -136,6 +148,10 @@ impl ServerConfig {
             view_cache_entries: 10_000,
             max_entity_data_bytes: 64 << 10,
             fault_plan: None,
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            slow_reader_timeout: Duration::from_secs(30),
         }
     }
 }

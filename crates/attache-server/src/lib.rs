@@ -7,6 +7,7 @@ pub mod access;
 pub mod attachments;
 pub mod auth;
 pub mod config;
+pub mod conn;
 pub mod entities;
 pub mod error;
 pub mod events;
@@ -102,6 +103,17 @@ impl Server {
             }
         };
         let auth = auth::Auth { mode, tokens: TokenStore::new(&config.data_dir) };
+        let mut limits = conn::Limits::of(&config);
+        let fd_limit = conn::raise_fd_limit();
+        limits.max_connections = conn::cap_for(config.max_connections, fd_limit);
+        if limits.max_connections < config.max_connections {
+            tracing::warn!(
+                max_connections = limits.max_connections,
+                asked = config.max_connections,
+                fd_limit,
+                "the open-file limit is too low for --max-connections: lowered it; raise `ulimit -n` to lift it"
+            );
+        }
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen { addr: config.listen, source })?;
@@ -135,12 +147,7 @@ impl Server {
         }
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            let served = axum::serve(listener, app.into_make_service())
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(err) = served {
-                tracing::error!(%err, "server stopped with an error");
-            }
+            conn::serve(listener, app, limits, state.metrics.clone(), stop).await;
             state.store.close().await;
             tracing::info!("store closed");
         });

@@ -1,12 +1,14 @@
 //! Counters for `GET /metrics`, in the Prometheus text format: JSON-RPC
 //! requests by method and outcome, task attachments created by type, bytes
-//! they hold, appends committed to streams, and live event readers.
+//! they hold, appends committed to streams, live event readers, and open
+//! connections and why the server closed others.
 //!
 //! Counters are plain atomics indexed by fixed tables (the method list and
 //! the error codes are closed sets), so counting costs no lock on the hot path.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::HeaderValue;
@@ -27,6 +29,51 @@ pub struct Metrics {
     attachment_bytes: AtomicU64,
     events_published: AtomicU64,
     live_readers: AtomicI64,
+    connections_open: AtomicI64,
+    /// Indexed by `Closed as usize`.
+    connections_closed: [AtomicU64; 4],
+}
+
+/// Why the server closed (or refused) a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// Accepted over `--max-connections`: answered 503 or closed at once.
+    OverCap = 0,
+    /// No complete request header within `--header-read-timeout`.
+    HeaderTimeout = 1,
+    /// Nothing in flight for `--idle-timeout`.
+    IdleTimeout = 2,
+    /// Writes blocked for `--slow-reader-timeout`.
+    SlowReader = 3,
+}
+
+impl Closed {
+    const ALL: [Closed; 4] = [Closed::OverCap, Closed::HeaderTimeout, Closed::IdleTimeout, Closed::SlowReader];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Closed::OverCap => "over_cap",
+            Closed::HeaderTimeout => "header_timeout",
+            Closed::IdleTimeout => "idle_timeout",
+            Closed::SlowReader => "slow_reader",
+        }
+    }
+}
+
+/// Holds one open connection in the gauge for as long as it lives.
+pub struct OpenConnection(Arc<Metrics>);
+
+impl OpenConnection {
+    pub fn new(metrics: Arc<Metrics>) -> OpenConnection {
+        metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(metrics)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Default for Metrics {
@@ -37,6 +84,8 @@ impl Default for Metrics {
             attachment_bytes: AtomicU64::new(0),
             events_published: AtomicU64::new(0),
             live_readers: AtomicI64::new(0),
+            connections_open: AtomicI64::new(0),
+            connections_closed: Default::default(),
         }
     }
 }
@@ -73,6 +122,10 @@ impl Metrics {
     pub fn live_reader(&self) -> LiveReader<'_> {
         self.live_readers.fetch_add(1, Ordering::Relaxed);
         LiveReader(self)
+    }
+
+    pub fn connection_closed(&self, why: Closed) {
+        self.connections_closed[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn live_readers(&self) -> i64 {
@@ -135,6 +188,19 @@ impl Metrics {
             "Event readers currently connected (long-poll, SSE, WebSocket).",
             self.live_readers().to_string(),
         );
+        scalar(
+            &mut out,
+            "attache_connections_open",
+            "gauge",
+            "Client connections open (WebSocket included), not counting those refused over the cap.",
+            self.connections_open.load(Ordering::Relaxed).to_string(),
+        );
+        out.push_str("# HELP attache_connections_closed_total Connections the server closed or refused, by reason.\n");
+        out.push_str("# TYPE attache_connections_closed_total counter\n");
+        for why in Closed::ALL {
+            let n = self.connections_closed[why as usize].load(Ordering::Relaxed);
+            let _ = writeln!(out, "attache_connections_closed_total{{reason=\"{}\"}} {n}", why.as_str());
+        }
         out
     }
 }

@@ -1,0 +1,477 @@
+//! Connections: the accept loop, the cap on open connections, and the timers
+//! that close a connection nobody is using.
+//!
+//! Every accepted socket is wrapped in [`Watched`], which holds one of
+//! `max_connections` permits for as long as the socket lives (an upgraded
+//! WebSocket keeps its permit) and notes when bytes arrive and whether writes
+//! are blocked. [`Tracked`] counts the requests in flight on the connection:
+//! a request is in flight from its header until its response body ends, so a
+//! long-poll or an SSE response in progress is never idle. The connection's
+//! task closes it at the first deadline that passes:
+//!
+//! - header read: a new connection must deliver its first request header
+//!   within `header_read_timeout`; so must a kept-alive one once the first
+//!   byte of its next request has arrived (slowloris);
+//! - idle: a kept-alive connection with nothing in flight, `idle_timeout`
+//!   after its last response;
+//! - slow reader: writes blocked (the client reads nothing) for
+//!   `slow_reader_timeout`. The client resumes from its last offset.
+//!
+//! Beyond the cap a connection is still accepted (the backlog never fills)
+//! and answered `503` with `Retry-After` by a small, bounded set of
+//! rejecting tasks, or closed at once when those are busy too.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::Router;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
+
+use crate::metrics::{Closed, Metrics};
+
+/// Connections over the cap answered 503 at once; beyond these, closed unanswered.
+const REJECTING_AT_ONCE: usize = 64;
+/// How long a connection over the cap may take to send its request and read the 503.
+const REJECT_WITHIN: Duration = Duration::from_secs(2);
+/// First and longest pause after an accept error such as EMFILE.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
+/// The bounds one connection lives under.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub slow_reader_timeout: Duration,
+}
+
+impl Limits {
+    pub fn of(config: &crate::ServerConfig) -> Limits {
+        Limits {
+            max_connections: config.max_connections,
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
+            slow_reader_timeout: config.slow_reader_timeout,
+        }
+    }
+}
+
+/// Accepts until `shutdown`, then waits for the open connections to finish.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let rejecting = Arc::new(Semaphore::new(REJECTING_AT_ONCE));
+    let connections = TaskTracker::new();
+    let mut backoff = ACCEPT_BACKOFF.0;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.cancelled() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => {
+                backoff = ACCEPT_BACKOFF.0;
+                stream
+            }
+            Err(err) if is_connection_error(&err) => continue,
+            Err(err) => {
+                // EMFILE and the like: the pending connection stays in the
+                // backlog; give closing connections a moment, then retry.
+                tracing::error!(%err, pause = ?backoff, "accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
+                continue;
+            }
+        };
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let activity = Arc::new(Activity::new(metrics.clone()));
+                let io = Watched { io: stream, activity: activity.clone(), _permit: permit };
+                connections.spawn(serve_connection(io, activity, app.clone(), limits, shutdown.clone()));
+            }
+            Err(_) => {
+                metrics.connection_closed(Closed::OverCap);
+                if let Ok(permit) = rejecting.clone().try_acquire_owned() {
+                    connections.spawn(reject(stream, limits.max_connections, permit));
+                }
+                // else: dropped here, closed unanswered.
+            }
+        }
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// Errors about one incoming connection, not about the listener.
+fn is_connection_error(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+    )
+}
+
+fn builder() -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/2 WebSockets (RFC 8441) need the CONNECT protocol.
+    builder.http2().enable_connect_protocol();
+    builder
+}
+
+async fn serve_connection(
+    io: Watched,
+    activity: Arc<Activity>,
+    app: Router,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let builder = builder();
+    let service = Tracked { app, activity: activity.clone() };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut stopping = false;
+    loop {
+        let due = activity.deadline(&limits);
+        tokio::select! {
+            served = conn.as_mut() => {
+                if let Err(err) = served {
+                    tracing::debug!(%err, "connection ended with an error");
+                }
+                return;
+            }
+            _ = activity.changed.notified() => {}
+            _ = until(due.map(|(at, _)| at)) => {
+                if let Some((at, why)) = activity.deadline(&limits) {
+                    if at <= Instant::now() {
+                        activity.metrics.connection_closed(why);
+                        tracing::debug!(reason = why.as_str(), "closing connection");
+                        return;
+                    }
+                }
+            }
+            _ = shutdown.cancelled(), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+        // Shutting down: a connection with no request in flight (even one
+        // halfway through a header) closes now; the others finish theirs.
+        if stopping && activity.in_flight.load(Ordering::Acquire) == 0 {
+            return;
+        }
+    }
+}
+
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers every request on a connection over the cap with 503, then closes it.
+async fn reject(stream: TcpStream, max_connections: usize, _permit: OwnedSemaphorePermit) {
+    let service = hyper::service::service_fn(move |_req: Request<Incoming>| async move {
+        let body = serde_json::json!({"error": {
+            "code": "too_many_connections",
+            "message": format!("the server holds its maximum of {max_connections} connections; retry shortly"),
+        }});
+        let mut res = Response::new(Body::from(body.to_string()));
+        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let hm = res.headers_mut();
+        hm.insert("retry-after", HeaderValue::from_static("1"));
+        hm.insert("content-type", HeaderValue::from_static("application/json"));
+        hm.insert("connection", HeaderValue::from_static("close"));
+        Ok::<_, Infallible>(res)
+    });
+    let mut builder = builder();
+    builder.http1().keep_alive(false);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(REJECT_WITHIN, conn).await;
+}
+
+/// What one connection's timers look at; shared by its socket, its requests and its task.
+struct Activity {
+    opened: Instant,
+    /// Requests whose response body has not ended.
+    in_flight: AtomicUsize,
+    /// A request has arrived on this connection.
+    served: AtomicBool,
+    /// Milliseconds after `opened`: when the last response ended.
+    idle_since: AtomicU64,
+    /// Milliseconds after `opened`: the first byte read while idle; `NEVER` when none.
+    reading_since: AtomicU64,
+    /// Milliseconds after `opened`: since when writes are blocked; `NEVER` when they are not.
+    blocked_since: AtomicU64,
+    /// Wakes the connection's task when a deadline may have come closer.
+    changed: Notify,
+    metrics: Arc<Metrics>,
+    _open: crate::metrics::OpenConnection,
+}
+
+const NEVER: u64 = u64::MAX;
+
+impl Activity {
+    fn new(metrics: Arc<Metrics>) -> Activity {
+        Activity {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            idle_since: AtomicU64::new(0),
+            reading_since: AtomicU64::new(NEVER),
+            blocked_since: AtomicU64::new(NEVER),
+            changed: Notify::new(),
+            _open: crate::metrics::OpenConnection::new(metrics.clone()),
+            metrics,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(NEVER - 1)
+    }
+
+    fn at(&self, ms: u64, plus: Duration) -> Instant {
+        self.opened + Duration::from_millis(ms) + plus
+    }
+
+    /// The earliest deadline now in force, and what closing there would be for.
+    fn deadline(&self, limits: &Limits) -> Option<(Instant, Closed)> {
+        let blocked = self.blocked_since.load(Ordering::Acquire);
+        let slow = (blocked != NEVER).then(|| (self.at(blocked, limits.slow_reader_timeout), Closed::SlowReader));
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return slow;
+        }
+        let reading = self.reading_since.load(Ordering::Acquire);
+        let quiet = if !self.served.load(Ordering::Acquire) {
+            (self.at(0, limits.header_read_timeout), Closed::HeaderTimeout)
+        } else if reading != NEVER {
+            (self.at(reading, limits.header_read_timeout), Closed::HeaderTimeout)
+        } else {
+            (self.at(self.idle_since.load(Ordering::Acquire), limits.idle_timeout), Closed::IdleTimeout)
+        };
+        Some(match slow {
+            Some(slow) if slow.0 < quiet.0 => slow,
+            _ => quiet,
+        })
+    }
+
+    fn request_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.served.store(true, Ordering::Release);
+        self.reading_since.store(NEVER, Ordering::Release);
+        InFlight(self.clone())
+    }
+
+    fn read_some(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0 && self.reading_since.load(Ordering::Acquire) == NEVER {
+            self.reading_since.store(self.now_ms(), Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    fn write_blocked(&self, blocked: bool) {
+        let was = self.blocked_since.load(Ordering::Acquire);
+        if blocked && was == NEVER {
+            self.blocked_since.store(self.now_ms(), Ordering::Release);
+            self.changed.notify_one();
+        } else if !blocked && was != NEVER {
+            self.blocked_since.store(NEVER, Ordering::Release);
+        }
+    }
+}
+
+/// One request in flight; the connection is idle again when the last one drops.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.idle_since.store(a.now_ms(), Ordering::Release);
+        if a.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            a.changed.notify_one();
+        }
+    }
+}
+
+/// The router, counting its requests in flight until their response bodies end.
+#[derive(Clone)]
+struct Tracked {
+    app: Router,
+    activity: Arc<Activity>,
+}
+
+type TrackedFuture = Pin<Box<dyn Future<Output = Result<Response<TrackedBody>, Infallible>> + Send>>;
+
+impl hyper::service::Service<Request<Incoming>> for Tracked {
+    type Response = Response<TrackedBody>;
+    type Error = Infallible;
+    type Future = TrackedFuture;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let in_flight = self.activity.request_started();
+        let answer = self.app.clone().oneshot(req);
+        Box::pin(async move {
+            let res = answer.await?;
+            Ok(res.map(|body| TrackedBody { body, _in_flight: in_flight }))
+        })
+    }
+}
+
+/// A response body that keeps its request in flight until it ends or is dropped.
+struct TrackedBody {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// An accepted socket that holds its connection permit and reports reads and blocked writes.
+struct Watched {
+    io: TcpStream,
+    activity: Arc<Activity>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Watched {
+    fn wrote<T>(&self, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        self.activity.write_blocked(polled.is_pending());
+        polled
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.read_some();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.wrote(polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.wrote(polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.wrote(polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit, and
+/// returns the limit then in force (`None` where it cannot be known).
+#[cfg(unix)]
+pub fn raise_fd_limit() -> Option<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    // rlim_t is u64 on the targets we build for; the conversion is for the others.
+    #[allow(clippy::useless_conversion)]
+    Some(u64::try_from(lim.rlim_cur).unwrap_or(u64::MAX))
+}
+
+#[cfg(not(unix))]
+pub fn raise_fd_limit() -> Option<u64> {
+    None
+}
+
+/// File descriptors kept for everything but client connections (store files,
+/// blobs being read or written, connections over the cap being answered).
+pub const FDS_KEPT: u64 = 256;
+
+/// The connection cap that leaves `FDS_KEPT` descriptors free under `fd_limit`.
+pub fn cap_for(max_connections: usize, fd_limit: Option<u64>) -> usize {
+    let room = match fd_limit {
+        Some(limit) => usize::try_from(limit.saturating_sub(FDS_KEPT)).unwrap_or(usize::MAX),
+        None => usize::MAX,
+    };
+    max_connections.min(room).clamp(1, Semaphore::MAX_PERMITS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_leaves_room_under_the_open_file_limit() {
+        assert_eq!(cap_for(4096, Some(1 << 20)), 4096);
+        assert_eq!(cap_for(4096, Some(1024)), 1024 - FDS_KEPT as usize);
+        assert_eq!(cap_for(4096, Some(10)), 1);
+        assert_eq!(cap_for(usize::MAX, None), Semaphore::MAX_PERMITS);
+    }
+}
