@@ -377,6 +377,7 @@ struct Watched {
 }
 
 impl Watched {
+    /// Writes are blocked while the socket takes nothing; any progress unblocks them.
     fn wrote<T>(&self, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         self.activity.write_blocked(polled.is_pending());
         polled
@@ -414,8 +415,8 @@ impl AsyncWrite for Watched {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let polled = Pin::new(&mut self.io).poll_flush(cx);
-        self.wrote(polled)
+        // A socket's flush is a no-op: it says nothing about whether the client reads.
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
