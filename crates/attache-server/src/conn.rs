@@ -137,10 +137,16 @@ fn is_connection_error(err: &io::Error) -> bool {
     )
 }
 
+/// What a connection buffers on its own: its read buffer (so also the largest
+/// request header, 431 beyond) and the response bytes queued for a client
+/// that reads slowly. Response bodies wait for this room before producing more.
+pub const CONNECTION_BUFFER_BYTES: usize = 64 << 10;
+
 fn builder() -> Builder<TokioExecutor> {
     let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(CONNECTION_BUFFER_BYTES);
     // HTTP/2 WebSockets (RFC 8441) need the CONNECT protocol.
-    builder.http2().enable_connect_protocol();
+    builder.http2().enable_connect_protocol().max_send_buf_size(CONNECTION_BUFFER_BYTES);
     builder
 }
 

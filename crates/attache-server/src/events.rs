@@ -10,7 +10,6 @@
 //! publishes tail the same stream, so they carry only durable events, in order.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 
 use attache_core::{ContentType, Offset, Permission, PrincipalKey, ReadOffset, StreamPath};
 use attache_storage::{AppendRequest, CreateStream, ReadFrom, StoreError, StreamStore};
@@ -18,14 +17,15 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 
 use crate::access::may;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::headers as h;
-use crate::streams::{set, sse_event};
+use crate::sse::event as sse_event;
+use crate::streams::set;
 use crate::AppState;
 
 /// The global events stream.
@@ -262,60 +262,75 @@ fn sse_control(next: Offset, up_to_date: bool) -> Bytes {
 }
 
 fn sse(state: AppState, who: PrincipalKey, from: Offset, task_id: Option<String>) -> ApiResult<Response> {
-    let mut signal = state.store.subscribe(EVENTS_PATH)?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(8);
+    let signal = state.store.subscribe(EVENTS_PATH)?;
     let deadline = tokio::time::Instant::now() + state.config.sse_max_duration;
-    tokio::spawn(async move {
-        let _live = state.metrics.live_reader();
-        let mut pos = from;
-        let mut announced = false;
+    let live = state.metrics.live_reader();
+    Ok(crate::sse::response(SseReader {
+        state,
+        who,
+        task_id,
+        pos: from,
+        signal,
+        deadline,
+        announced: false,
+        _live: live,
+    }))
+}
+
+/// One SSE reader of the events stream: reads its next batch when the connection asks for more.
+struct SseReader {
+    state: AppState,
+    who: PrincipalKey,
+    task_id: Option<String>,
+    pos: Offset,
+    signal: attache_storage::ChangeSignal,
+    deadline: tokio::time::Instant,
+    /// A control event has been sent.
+    announced: bool,
+    _live: crate::metrics::LiveReader,
+}
+
+impl crate::sse::Source for SseReader {
+    async fn next(&mut self) -> Option<Bytes> {
+        let max_read = self.state.config.max_read_bytes.min(crate::sse::EVENT_BYTES);
         loop {
-            let batch = match read(state.store.as_ref(), pos, state.config.max_read_bytes) {
+            let batch = match read(self.state.store.as_ref(), self.pos, max_read) {
                 Ok(b) => b,
                 Err(err) => {
                     tracing::warn!(%err, "events sse read failed");
-                    return;
+                    return None;
                 }
             };
-            let moved = batch.next != pos;
-            pos = batch.next;
-            let mut vis = Visibility::new(&state, &who);
+            let moved = batch.next != self.pos;
+            self.pos = batch.next;
+            let mut vis = Visibility::new(&self.state, &self.who);
             let events: Vec<Value> =
-                batch.events.into_iter().filter(|e| wanted(&task_id, e) && vis.may_see(e)).collect();
+                batch.events.into_iter().filter(|e| wanted(&self.task_id, e) && vis.may_see(e)).collect();
+            let mut out = BytesMut::new();
             if !events.is_empty() {
-                let data = Value::Array(events).to_string();
-                if tx.send(Ok(sse_event("data", &data))).await.is_err() {
-                    return;
-                }
+                out.extend_from_slice(&sse_event("data", &Value::Array(events).to_string()));
             }
-            if moved || !announced {
-                if tx.send(Ok(sse_control(pos, batch.up_to_date))).await.is_err() {
-                    return;
-                }
-                announced = true;
+            if moved || !self.announced {
+                out.extend_from_slice(&sse_control(self.pos, batch.up_to_date));
+                self.announced = true;
+            }
+            if !out.is_empty() {
+                return Some(out.freeze());
             }
             if !batch.up_to_date {
                 continue;
             }
             tokio::select! {
-                changed = signal.changed() => {
+                changed = self.signal.changed() => {
                     if changed.is_err() {
-                        return;
+                        return None;
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => return,
-                _ = state.shutdown.cancelled() => return,
-                _ = tx.closed() => return,
+                _ = tokio::time::sleep_until(self.deadline) => return None,
+                _ = self.state.shutdown.cancelled() => return None,
             }
         }
-    });
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let mut res = Response::new(body);
-    let hm = res.headers_mut();
-    hm.insert("content-type", HeaderValue::from_static("text/event-stream"));
-    hm.insert("cache-control", HeaderValue::from_static("no-cache"));
-    hm.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(res)
+    }
 }
 
 /// Waits for and returns the next events after `pos` (advancing it); `None` at shutdown.

@@ -18,6 +18,7 @@ pub mod multipart;
 pub mod router;
 pub mod rows;
 pub mod rpc;
+pub mod sse;
 pub mod streams;
 pub mod tasks;
 pub mod ws;

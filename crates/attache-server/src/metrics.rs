@@ -91,9 +91,9 @@ impl Default for Metrics {
 }
 
 /// Holds one live reader in the gauge for as long as it lives.
-pub struct LiveReader<'a>(&'a Metrics);
+pub struct LiveReader(Arc<Metrics>);
 
-impl Drop for LiveReader<'_> {
+impl Drop for LiveReader {
     fn drop(&mut self) {
         self.0.live_readers.fetch_sub(1, Ordering::Relaxed);
     }
@@ -119,9 +119,9 @@ impl Metrics {
         self.events_published.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn live_reader(&self) -> LiveReader<'_> {
+    pub fn live_reader(self: &Arc<Self>) -> LiveReader {
         self.live_readers.fetch_add(1, Ordering::Relaxed);
-        LiveReader(self)
+        LiveReader(self.clone())
     }
 
     pub fn connection_closed(&self, why: Closed) {

@@ -1,7 +1,6 @@
 //! The Durable Streams face (PROTOCOL.md): PUT, POST, GET (catch-up,
 //! long-poll, SSE), HEAD and DELETE on any stream path.
 
-use std::convert::Infallible;
 use std::time::Duration;
 
 use attache_core::{
@@ -611,23 +610,6 @@ async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiRes
     Ok(res)
 }
 
-/// One SSE event; every line of the payload gets its own `data:` line.
-pub(crate) fn sse_event(name: &str, payload: &str) -> Bytes {
-    let mut out = String::with_capacity(payload.len() + 32);
-    out.push_str("event: ");
-    out.push_str(name);
-    out.push('\n');
-    for line in payload.split('\n') {
-        // A reader strips one space after the colon: add one only when the line
-        // itself starts with a space, so that space survives.
-        out.push_str(if line.starts_with(' ') { "data: " } else { "data:" });
-        out.push_str(line.strip_suffix('\r').unwrap_or(line));
-        out.push('\n');
-    }
-    out.push('\n');
-    Bytes::from(out)
-}
-
 fn sse_data(batch: &ReadBatch, base64: bool) -> Bytes {
     let body = batch_body(batch);
     let text = if base64 {
@@ -635,7 +617,7 @@ fn sse_data(batch: &ReadBatch, base64: bool) -> Bytes {
     } else {
         String::from_utf8_lossy(&body).replace("\r\n", "\n").replace('\r', "\n")
     };
-    sse_event("data", &text)
+    crate::sse::event("data", &text)
 }
 
 fn sse_control(next: Offset, cursor: Option<Cursor>, up_to_date: bool, closed: bool) -> Bytes {
@@ -650,89 +632,96 @@ fn sse_control(next: Offset, cursor: Option<Cursor>, up_to_date: bool, closed: b
     if closed {
         control.insert("streamClosed".into(), true.into());
     }
-    sse_event("control", &serde_json::Value::Object(control).to_string())
+    crate::sse::event("control", &serde_json::Value::Object(control).to_string())
 }
 
 fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiResult<Response> {
     let store = state.store.clone();
-    let mut signal = store.subscribe(path.as_str())?;
+    let signal = store.subscribe(path.as_str())?;
     store.touch(path.as_str());
     let info = store.head(path.as_str())?;
     let base64 = !info.content_type().is_sse_text();
-    let mut pos = match q.offset {
+    let pos = match q.offset {
         ReadOffset::Now => info.tail_offset(),
         ReadOffset::Start => Offset::ZERO,
         ReadOffset::At(o) => o,
     };
     // Validate the offset before answering 200.
     store.read(path.as_str(), ReadFrom::At(pos), 0)?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(8);
-    let path = path.as_str().to_owned();
-    let max_read = state.config.max_read_bytes;
-    let shutdown = state.shutdown.clone();
-    let deadline = tokio::time::Instant::now() + state.config.sse_max_duration;
-    let echoed = q.cursor.clone();
-    tokio::spawn(async move {
-        let mut announced = false;
-        loop {
-            let batch = match store.read(&path, ReadFrom::At(pos), max_read) {
+    let reader = SseReader {
+        store,
+        path: path.as_str().to_owned(),
+        pos,
+        base64,
+        max_read: state.config.max_read_bytes.min(crate::sse::EVENT_BYTES),
+        signal,
+        deadline: tokio::time::Instant::now() + state.config.sse_max_duration,
+        shutdown: state.shutdown.clone(),
+        echoed: q.cursor.clone(),
+        announced: false,
+        done: false,
+    };
+    let mut res = crate::sse::response(reader);
+    if base64 {
+        res.headers_mut().insert(h::SSE_DATA_ENCODING, HeaderValue::from_static("base64"));
+    }
+    Ok(res)
+}
+
+/// One SSE reader of a stream: reads its next batch when the connection asks for more.
+struct SseReader {
+    store: std::sync::Arc<dyn attache_storage::StreamStore>,
+    path: String,
+    pos: Offset,
+    base64: bool,
+    max_read: usize,
+    signal: attache_storage::ChangeSignal,
+    deadline: tokio::time::Instant,
+    shutdown: tokio_util::sync::CancellationToken,
+    echoed: Option<String>,
+    /// A control event has been sent.
+    announced: bool,
+    /// The stream's closed end has been sent.
+    done: bool,
+}
+
+impl crate::sse::Source for SseReader {
+    async fn next(&mut self) -> Option<Bytes> {
+        while !self.done {
+            let batch = match self.store.read(&self.path, ReadFrom::At(self.pos), self.max_read) {
                 Ok(b) => b,
-                Err(StoreError::NotFound | StoreError::Gone) => break,
+                Err(StoreError::NotFound | StoreError::Gone) => return None,
                 Err(err) => {
-                    tracing::warn!(%err, path, "sse read failed");
-                    break;
+                    tracing::warn!(%err, path = self.path, "sse read failed");
+                    return None;
                 }
             };
             let closed = batch.at_closed_end();
-            let cursor = Some(cursor_for(echoed.as_deref()));
+            let cursor = Some(cursor_for(self.echoed.as_deref()));
+            self.done = closed;
             if !batch.is_empty() {
-                pos = batch.next;
-                if tx.send(Ok(sse_data(&batch, base64))).await.is_err() {
-                    return;
-                }
-                if tx.send(Ok(sse_control(pos, cursor, batch.up_to_date(), closed))).await.is_err() {
-                    return;
-                }
-                announced = true;
-                if closed {
-                    break;
-                }
-                continue;
+                self.pos = batch.next;
+                self.announced = true;
+                let mut out = BytesMut::from(sse_data(&batch, self.base64));
+                out.extend_from_slice(&sse_control(self.pos, cursor, batch.up_to_date(), closed));
+                return Some(out.freeze());
             }
-            if !announced || closed {
-                if tx.send(Ok(sse_control(pos, cursor, true, closed))).await.is_err() {
-                    return;
-                }
-                announced = true;
-            }
-            if closed {
-                break;
+            if !self.announced || closed {
+                self.announced = true;
+                return Some(sse_control(self.pos, cursor, true, closed));
             }
             tokio::select! {
-                changed = signal.changed() => {
+                changed = self.signal.changed() => {
                     if changed.is_err() {
-                        match store.subscribe(&path) {
-                            Ok(s) => signal = s,
-                            Err(_) => break,
-                        }
+                        self.signal = self.store.subscribe(&self.path).ok()?;
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => break,
-                _ = shutdown.cancelled() => break,
-                _ = tx.closed() => return,
+                _ = tokio::time::sleep_until(self.deadline) => return None,
+                _ = self.shutdown.cancelled() => return None,
             }
         }
-    });
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let mut res = Response::new(body);
-    let hm = res.headers_mut();
-    hm.insert("content-type", HeaderValue::from_static("text/event-stream"));
-    hm.insert("cache-control", HeaderValue::from_static("no-cache"));
-    hm.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    if base64 {
-        hm.insert(h::SSE_DATA_ENCODING, HeaderValue::from_static("base64"));
+        None
     }
-    Ok(res)
 }
 
 /// How long to wait, as humantime text (for logs and config echo).

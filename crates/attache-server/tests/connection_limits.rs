@@ -169,3 +169,37 @@ async fn http2_with_prior_knowledge_is_still_served() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.version(), http::Version::HTTP_2);
 }
+
+#[tokio::test]
+async fn a_client_that_never_reads_its_sse_response_is_disconnected_and_the_server_keeps_serving() {
+    let slow_reader_timeout = Duration::from_millis(500);
+    let s = TestServer::start_with(|c| {
+        c.slow_reader_timeout = slow_reader_timeout;
+        c.sse_max_duration = Duration::from_secs(600);
+    })
+    .await;
+    s.create("/slow/s", "text/plain").await;
+
+    // A small receive window, so that the server's writes block after little data.
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(4096).expect("a small receive buffer");
+    let mut reader = socket.connect(s.url.trim_start_matches("http://").parse().unwrap()).await.expect("connected");
+    reader.write_all(get("/slow/s?offset=-1&live=sse").as_bytes()).await.expect("the SSE request is sent");
+
+    let appended = 16usize << 20;
+    for _ in 0..16 {
+        s.append("/slow/s", "text/plain", "x".repeat(1 << 20)).await;
+    }
+    // The client reads nothing for a while: this is the behaviour under test, not a wait for the server.
+    tokio::time::sleep(slow_reader_timeout * 6).await;
+
+    let got =
+        read_until_closed(&mut reader).await.expect("the server closed the connection of a reader that read nothing");
+    assert!(got.len() < appended, "the reader was cut off before the end ({} bytes)", got.len());
+    assert!(String::from_utf8_lossy(&got[..64.min(got.len())]).starts_with("HTTP/1.1 200"));
+
+    assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK);
+    // A new reader resumes from where it likes; the stream is whole.
+    let res = s.request(reqwest::Method::GET, "/slow/s").query(&[("offset", "-1")]).send().await.expect("a read");
+    assert_eq!(res.status(), StatusCode::OK);
+}
