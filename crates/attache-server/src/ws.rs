@@ -158,7 +158,9 @@ async fn serve(state: AppState, who: PrincipalKey, mut socket: WebSocket) {
                     Some(Ok(Message::Text(t))) => t,
                     Some(Ok(Message::Binary(b))) => String::from_utf8_lossy(&b).into_owned().into(),
                     Some(Err(e)) => {
-                        let _ = socket.send(close_for(e, state.config.ws_max_message_bytes)).await;
+                        if socket.send(close_for(e, state.config.ws_max_message_bytes)).await.is_ok() {
+                            linger(&mut socket).await;
+                        }
                         return;
                     }
                     Some(Ok(Message::Close(_))) | None => return,
@@ -193,6 +195,20 @@ async fn serve(state: AppState, who: PrincipalKey, mut socket: WebSocket) {
             }
         }
     }
+}
+
+/// After our close frame: reads (and drops) what the client still sends,
+/// until its close, its end, an error or one second, so that closing the
+/// socket does not reset the connection before the client reads why.
+async fn linger(socket: &mut WebSocket) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 enum Step {
