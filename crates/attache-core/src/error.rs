@@ -11,6 +11,8 @@ pub enum Error {
     MalformedOffset(String),
     #[error("invalid Stream-TTL {0:?}: expected a non-negative decimal integer without sign or leading zeros")]
     InvalidTtl(String),
+    #[error("Stream-TTL {0:?} is out of range: at most 3153600000 seconds (100 years); set no TTL for a stream that never expires")]
+    TtlOutOfRange(String),
     #[error("invalid Stream-Expires-At {0:?}: expected an RFC 3339 timestamp")]
     InvalidExpiresAt(String),
     #[error("Stream-TTL and Stream-Expires-At cannot both be set")]

@@ -81,6 +81,17 @@ impl ContentType {
         is_json_media(&self.0)
     }
 
+    /// This type with the parameter that makes a stream keep bytes as they
+    /// come, whatever the media type (a resumable attachment of any type is
+    /// a file: its chunks split JSON anywhere, and a read must give back the
+    /// bytes uploaded). Appends still match it by media type.
+    pub fn stored_as_bytes(&self) -> ContentType {
+        if has_bytes_param(&self.0) {
+            return self.clone();
+        }
+        ContentType(format!("{}; {BYTES_PARAM}", self.0))
+    }
+
     /// Text and JSON travel as UTF-8 in SSE; everything else as base64.
     pub fn is_sse_text(&self) -> bool {
         let m = self.media_type();
@@ -92,8 +103,16 @@ pub fn media_type_of(raw: &str) -> String {
     raw.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
 }
 
+/// The content-type parameter of a stream that keeps bytes as they come ([`ContentType::stored_as_bytes`]).
+pub const BYTES_PARAM: &str = "attache-store=bytes";
+
+fn has_bytes_param(raw: &str) -> bool {
+    raw.split(';').skip(1).any(|p| p.trim().eq_ignore_ascii_case(BYTES_PARAM))
+}
+
+/// Whether a stream of this content type runs in JSON mode.
 pub fn is_json_media(raw: &str) -> bool {
-    media_type_of(raw) == "application/json"
+    media_type_of(raw) == "application/json" && !has_bytes_param(raw)
 }
 
 /// A sliding time-to-live in seconds.
@@ -101,13 +120,21 @@ pub fn is_json_media(raw: &str) -> bool {
 pub struct Ttl(pub u64);
 
 impl Ttl {
-    /// Non-negative decimal without sign, leading zeros, point or exponent.
+    /// The longest TTL accepted: 100 years. Beyond it a deadline in
+    /// milliseconds would no longer fit (an overflow once made such a stream
+    /// expire at once); a stream meant to live for ever sets no TTL.
+    pub const MAX_SECS: u64 = 100 * 365 * 24 * 3600;
+
+    /// Non-negative decimal without sign, leading zeros, point or exponent, at most [`Ttl::MAX_SECS`].
     pub fn parse(raw: &str) -> Result<Ttl> {
         let ok = !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) && (raw == "0" || !raw.starts_with('0'));
         if !ok {
             return Err(Error::InvalidTtl(raw.to_owned()));
         }
-        raw.parse::<u64>().map(Ttl).map_err(|_| Error::InvalidTtl(raw.to_owned()))
+        match raw.parse::<u64>() {
+            Ok(secs) if secs <= Ttl::MAX_SECS => Ok(Ttl(secs)),
+            _ => Err(Error::TtlOutOfRange(raw.to_owned())),
+        }
     }
 }
 
@@ -130,7 +157,10 @@ impl ExpiresAt {
 pub fn expiry_deadline_ms(ttl: Option<Ttl>, expires_at: Option<&ExpiresAt>, last_access_ms: i64) -> Option<i64> {
     match (ttl, expires_at) {
         (_, Some(at)) => Some(at.unix_ms),
-        (Some(Ttl(secs)), None) => Some(last_access_ms.saturating_add((secs as i64).saturating_mul(1000))),
+        (Some(Ttl(secs)), None) => {
+            let ms = i64::try_from(secs).unwrap_or(i64::MAX).saturating_mul(1000);
+            Some(last_access_ms.saturating_add(ms))
+        }
         (None, None) => None,
     }
 }
@@ -144,6 +174,11 @@ mod tests {
     fn ttl_accepts_plain_decimals_only() {
         assert_eq!(Ttl::parse("0").unwrap(), Ttl(0));
         assert_eq!(Ttl::parse("3600").unwrap(), Ttl(3600));
+        assert_eq!(Ttl::parse(&Ttl::MAX_SECS.to_string()).unwrap(), Ttl(Ttl::MAX_SECS));
+        assert!(Ttl::parse(&(Ttl::MAX_SECS + 1).to_string()).is_err());
+        assert!(Ttl::parse("18446744073709551615").is_err());
+        // Even a TTL built by hand never makes a deadline in the past.
+        assert!(expiry_deadline_ms(Some(Ttl(u64::MAX)), None, 1_000).unwrap() > 1_000);
         for bad in ["", "+3600", "03600", "3600.0", "3.6e3", "-1", " 1", "abc", "99999999999999999999999"] {
             assert!(Ttl::parse(bad).is_err(), "{bad:?}");
         }
@@ -155,6 +190,16 @@ mod tests {
         assert!(ExpiresAt::parse("2030-01-01T00:00:00+02:00").is_ok());
         assert!(ExpiresAt::parse("tomorrow").is_err());
         assert!(ExpiresAt::parse("2030-01-01").is_err());
+    }
+
+    #[test]
+    fn a_json_type_stored_as_bytes_is_not_json_mode_but_still_matches_json() {
+        let json = ContentType::parse("application/json").unwrap();
+        let bytes = json.stored_as_bytes();
+        assert!(!bytes.is_json());
+        assert!(bytes.matches(&json));
+        assert_eq!(bytes.stored_as_bytes(), bytes);
+        assert!(ContentType::parse(bytes.as_str()).unwrap().stored_as_bytes() == bytes);
     }
 
     #[test]
@@ -178,7 +223,12 @@ mod tests {
     proptest! {
         #[test]
         fn ttl_parser_agrees_with_canonical_decimal(n in any::<u32>()) {
-            prop_assert_eq!(Ttl::parse(&n.to_string()).unwrap(), Ttl(n as u64));
+            let parsed = Ttl::parse(&n.to_string());
+            if u64::from(n) <= Ttl::MAX_SECS {
+                prop_assert_eq!(parsed.unwrap(), Ttl(u64::from(n)));
+            } else {
+                prop_assert!(parsed.is_err());
+            }
             let padded = format!("0{n}");
             prop_assert!(Ttl::parse(&padded).is_err());
         }

@@ -8,7 +8,7 @@
 //! address) or `failed`. A rejected request (bad field, too large, duplicate
 //! id) retracts its pending row, so it changes nothing.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use attache_core::manifest::{validate_attachment_id, AttachmentStatus, ManifestEntry, Role, Subject, MANIFEST};
 use attache_core::state::{timestamp, ChangeEvent};
@@ -208,11 +208,78 @@ async fn id_is_free(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult
     })
 }
 
-/// An upload in progress: reserved id, pending row written.
+/// An upload in progress: reserved id, pending row written. Dropped without
+/// [`Pending::settled`] (the request was cancelled, e.g. its client went
+/// away, at any await), it settles its row in the background: complete when
+/// the bytes committed, failed (and the stream removed) when they did not.
+/// Without it such a row stayed `pending` for ever and its id was refused.
 struct Pending<'a> {
     _reservation: Reservation<'a>,
     entry: ManifestEntry,
     txid: String,
+    /// Set once the handler itself answered for the row.
+    settled: Option<(AppState, EntityUrl)>,
+}
+
+impl Pending<'_> {
+    /// The handler wrote the row's outcome (or handed the upload on): nothing to clean up.
+    fn settled(&mut self) {
+        self.settled = None;
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let Some((state, entity)) = self.settled.take() else { return };
+        let id = self.entry.id.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move { settle(&state, &entity, &id).await });
+        }
+    }
+}
+
+/// Settles a `pending` row no upload holds any more, from what the store
+/// holds at the derived path: a closed blob stream completes it, a closed
+/// resumable stream is finalized, an open one is a resumable upload still
+/// going (left alone), and no stream at all fails it. Idempotent.
+pub async fn settle(state: &AppState, entity: &EntityUrl, id: &str) {
+    let Ok(view) = state.views.get(state.store.as_ref(), &entity.main_stream()).await else { return };
+    let Some(entry) = view.manifest.get(id).cloned() else { return };
+    drop(view);
+    if entry.status != AttachmentStatus::Pending || validate_attachment_id(id).is_err() {
+        return;
+    }
+    // The upload's stream is derived, never taken from the row.
+    let path = entity.attachment_stream(id);
+    match state.store.head(&path) {
+        Ok(info) if info.closed => match &info.blob {
+            Some(blob) => {
+                let mut done = entry;
+                done.stream_path = path;
+                done.status = AttachmentStatus::Complete;
+                done.sha256 = Some(blob.sha256.clone());
+                done.byte_length = Some(blob.len);
+                if write_entry(state, entity, &done, &new_txid()).await.is_ok() {
+                    tracing::info!(entity = %entity, id, "completed an upload interrupted after its bytes were stored");
+                }
+            }
+            None => {
+                let _ = finalize(state, entity, id).await;
+            }
+        },
+        Ok(_) => {}
+        Err(_) => {
+            let mut failed = entry;
+            failed.stream_path = path.clone();
+            failed.status = AttachmentStatus::Failed;
+            failed.error = Some("upload interrupted: the bytes were not stored".into());
+            if write_entry(state, entity, &failed, &new_txid()).await.is_ok() {
+                tracing::info!(entity = %entity, id, "marked an interrupted upload failed");
+            }
+            // A create sent before the interruption commits before this delete (one writer, in order).
+            let _ = state.store.delete(&path).await;
+        }
+    }
 }
 
 async fn begin<'s>(
@@ -226,11 +293,16 @@ async fn begin<'s>(
     let entry = fields.entry(entity, id, who, part_type)?;
     let reservation = state.uploads.take(&entry.stream_path).ok_or_else(|| duplicate(id))?;
     if !id_is_free(state, entity, id).await? {
-        return Err(duplicate(id));
+        // A pending row no upload holds (we hold the id now) was left by an
+        // interrupted upload: settle it, then look again.
+        settle(state, entity, id).await;
+        if !id_is_free(state, entity, id).await? {
+            return Err(duplicate(id));
+        }
     }
     let txid = new_txid();
     write_entry(state, entity, &entry, &txid).await?;
-    Ok(Pending { _reservation: reservation, entry, txid })
+    Ok(Pending { _reservation: reservation, entry, txid, settled: Some((state.clone(), entity.clone())) })
 }
 
 fn multipart_error(e: multer::Error) -> ApiError {
@@ -362,7 +434,7 @@ pub async fn upload(
             return Err(err);
         }
     };
-    let pending = match pending {
+    let mut pending = match pending {
         Some(p) => p,
         None => begin(&state, &entity, &id, &fields, &who, None).await?,
     };
@@ -402,9 +474,11 @@ pub async fn upload(
     entry.byte_length = Some(len);
     if let Err(e) = write_entry(&state, &entity, &entry, &pending.txid).await {
         // The entity stopped meanwhile: the bytes go; the pending row stays as the record of the attempt.
+        pending.settled();
         let _ = state.store.delete(&entry.stream_path).await;
         return Err(e);
     }
+    pending.settled();
     Ok((StatusCode::CREATED, Json(json!({ "txid": pending.txid, "attachment": entry }))).into_response())
 }
 
@@ -701,12 +775,13 @@ pub async fn begin_resumable(
             }
         }
     }
-    let pending = begin(&state, &entity, &id, &fields, &who, None).await?;
+    let mut pending = begin(&state, &entity, &id, &fields, &who, None).await?;
     let created = state
         .store
         .create(CreateStream {
             path: StreamPath::new(path.clone())?,
-            content_type: ContentType::parse(&pending.entry.mime_type).ok(),
+            // Bytes as uploaded, whatever the type: JSON mode would reframe them.
+            content_type: ContentType::parse(&pending.entry.mime_type).ok().map(|t| t.stored_as_bytes()),
             ttl: None,
             expires_at: None,
             closed: false,
@@ -715,6 +790,8 @@ pub async fn begin_resumable(
             owner: Some(who.to_string()),
         })
         .await;
+    // The upload goes on after this request, through the stream; expiry ends it if it is never closed.
+    pending.settled();
     if let Err(e) = created {
         retract(&state, &entity, &id, &pending.txid).await;
         return Err(match e {
@@ -762,45 +839,27 @@ pub async fn finalize(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResu
     Ok(Some(done))
 }
 
-/// After a restart: uploads that were streaming when the server stopped are
-/// marked `failed`; resumable uploads whose stream was closed are completed.
+/// After a restart: every `pending` row no upload holds is settled
+/// ([`settle`]): uploads that were streaming when the server stopped are
+/// marked `failed`, those whose bytes were stored are completed, and
+/// resumable uploads whose stream was closed are finalized.
 pub async fn recover(state: &AppState) {
     for record in state.registry.entities(None) {
         let Ok(entity) = EntityUrl::parse(&record.url) else { continue };
-        let pending: BTreeMap<String, ManifestEntry> =
-            match state.views.get(state.store.as_ref(), &entity.main_stream()).await {
-                Ok(view) => view
-                    .manifest
-                    .iter()
-                    .filter(|(_, e)| e.status == AttachmentStatus::Pending)
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                Err(_) => continue,
-            };
-        for (id, entry) in pending {
-            if validate_attachment_id(&id).is_err() {
+        let pending: Vec<String> = match state.views.get(state.store.as_ref(), &entity.main_stream()).await {
+            Ok(view) => view
+                .manifest
+                .iter()
+                .filter(|(_, e)| e.status == AttachmentStatus::Pending)
+                .map(|(k, _)| k.clone())
+                .collect(),
+            Err(_) => continue,
+        };
+        for id in pending {
+            if validate_attachment_id(&id).is_err() || state.uploads.0.lock().contains(&entity.attachment_stream(&id)) {
                 continue;
             }
-            // The upload's stream is derived, never taken from the row.
-            let path = entity.attachment_stream(&id);
-            if state.uploads.0.lock().contains(&path) {
-                continue;
-            }
-            match state.store.head(&path) {
-                Ok(info) if info.closed && info.blob.is_none() => {
-                    let _ = finalize(state, &entity, &id).await;
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    let mut failed = entry.clone();
-                    failed.stream_path = path;
-                    failed.status = AttachmentStatus::Failed;
-                    failed.error = Some("upload interrupted: the server stopped before the bytes were stored".into());
-                    if write_entry(state, &entity, &failed, &new_txid()).await.is_ok() {
-                        tracing::info!(entity = %entity, id, "marked an interrupted upload failed");
-                    }
-                }
-            }
+            settle(state, &entity, &id).await;
         }
     }
 }

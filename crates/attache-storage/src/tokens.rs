@@ -71,9 +71,30 @@ fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
+/// Who may read the tokens file: its owner only. The file holds only hashes,
+/// but token ids, principals and expiry times are nobody else's business.
+const FILE_MODE: u32 = 0o600;
+
 impl TokenStore {
+    /// The tokens of `data_dir`. An existing file readable by others (made by
+    /// an older version) is tightened to owner-only here.
     pub fn new(data_dir: &Path) -> TokenStore {
-        TokenStore { path: data_dir.join(FILE), loaded: Mutex::new(Loaded::default()) }
+        let store = TokenStore { path: data_dir.join(FILE), loaded: Mutex::new(Loaded::default()) };
+        store.tighten();
+        store
+    }
+
+    fn tighten(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let Ok(meta) = std::fs::metadata(&self.path) else { return };
+        if meta.permissions().mode() & 0o077 != 0 {
+            match std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(FILE_MODE)) {
+                Ok(()) => {
+                    tracing::info!(path = %self.path.display(), "tokens file was readable by others; now owner-only")
+                }
+                Err(err) => tracing::warn!(%err, path = %self.path.display(), "cannot make the tokens file owner-only"),
+            }
+        }
     }
 
     fn read_all(&self) -> StoreResult<HashMap<String, (TokenInfo, [u8; 32])>> {
@@ -121,7 +142,9 @@ impl TokenStore {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let mut file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = OpenOptions::new().create(true).append(true).mode(FILE_MODE).open(&self.path)?;
+        self.tighten();
         file.lock()?;
         let mut line = serde_json::to_vec(record).map_err(|e| StoreError::Storage(e.to_string()))?;
         line.push(b'\n');

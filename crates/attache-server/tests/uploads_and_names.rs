@@ -1,0 +1,155 @@
+//! Uploads, expiry and stored settings at their edges (issue 10, item 9):
+//! an upload interrupted after its bytes were stored, resumable uploads never
+//! closed, a TTL past any sane range, the length of a resumable JSON
+//! attachment, and who may read the tokens file.
+
+mod common;
+mod entity_support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use attache_core::ContentType;
+use attache_server::auth::AuthMode;
+use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
+use attache_storage::tokens::TokenStore;
+use attache_storage::{AppendRequest, StreamStore};
+use common::TestServer;
+use entity_support::{api, eventually, get_bytes, manifest, rows, spawn, upload};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const CHAT: &str = "/chat/uploads";
+
+#[tokio::test]
+async fn a_ttl_past_one_hundred_years_is_refused_with_400_not_accepted_and_lost() {
+    let ts = TestServer::start().await;
+    for ttl in ["18446744073709551615", "3153600001"] {
+        let res = ts
+            .request(Method::PUT, "/ttl/huge")
+            .header("content-type", "text/plain")
+            .header("stream-ttl", ttl)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "Stream-TTL {ttl}");
+        assert_eq!(ts.request(Method::HEAD, "/ttl/huge").send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    }
+    let res = ts
+        .request(Method::PUT, "/ttl/huge")
+        .header("content-type", "text/plain")
+        .header("stream-ttl", "3153600000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(ts.request(Method::HEAD, "/ttl/huge").send().await.unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_resumable_json_attachment_reads_back_byte_exact_with_its_true_length() {
+    let ts = TestServer::start().await;
+    spawn(&ts, None, CHAT).await;
+    let res = ts
+        .request(Method::PUT, &format!("{}/attachments/doc", api(CHAT)))
+        .json(&json!({ "mimeType": "application/json", "filename": "doc.json" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    // A JSON document in two chunks that each split it mid-value.
+    let whole = br#"[{"a":1}, {"b":[2,3]}]"#;
+    let (first, second) = whole.split_at(9);
+    for (seq, chunk, close) in [(0, first, false), (1, second, true)] {
+        let mut rb = ts
+            .request(Method::POST, &format!("{CHAT}/attachments/doc"))
+            .header("content-type", "application/json")
+            .header("producer-id", "up")
+            .header("producer-epoch", "0")
+            .header("producer-seq", seq.to_string())
+            .body(chunk.to_vec());
+        if close {
+            rb = rb.header("stream-closed", "true");
+        }
+        let res = rb.send().await.unwrap();
+        assert!(res.status().is_success(), "chunk {seq}: {}", res.status());
+    }
+    let entry = manifest(&ts, CHAT).await["doc"].clone();
+    assert_eq!(entry["status"], "complete", "{entry}");
+    assert_eq!(entry["byteLength"], whole.len());
+    let res = ts.request(Method::GET, &format!("{}/attachments/doc", api(CHAT))).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-type"], "application/json");
+    assert_eq!(res.headers()["content-length"], whole.len().to_string().as_str());
+    assert_eq!(res.bytes().await.unwrap(), &whole[..]);
+}
+
+#[tokio::test]
+async fn the_tokens_file_is_owner_only_and_an_older_readable_one_is_tightened_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.jsonl");
+    std::fs::write(&file, b"").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let data_dir = dir.path().to_path_buf();
+    let ts = TestServer::start_with(|c| {
+        c.data_dir = data_dir;
+        c.auth = Some(AuthMode::Token);
+    })
+    .await;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "an existing world-readable tokens file is made owner-only when the server starts");
+    let (_, secret) = TokenStore::new(dir.path()).create("user:alice", None).unwrap();
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let res = ts.request(Method::PUT, "/tok/ok").header("authorization", format!("Bearer {secret}")).send().await;
+    assert_eq!(res.unwrap().status(), StatusCode::CREATED, "the token still works");
+
+    let fresh = tempfile::tempdir().unwrap();
+    TokenStore::new(fresh.path()).create("user:bob", None).unwrap();
+    let mode = std::fs::metadata(fresh.path().join("tokens.jsonl")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "a new tokens file is created owner-only");
+}
+
+/// An upload whose blob stream committed but whose `complete` row never
+/// came (the server stopped in between) used to stay `pending` for ever,
+/// and its id was refused. After a restart it is completed from the stored bytes.
+#[tokio::test]
+async fn an_upload_interrupted_after_its_bytes_were_stored_is_completed_not_left_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_path_buf();
+    let start = |data_dir: std::path::PathBuf| TestServer::start_with(move |c| c.data_dir = data_dir);
+    let ts = start(data_dir.clone()).await;
+    spawn(&ts, None, CHAT).await;
+    let bytes = b"stored before the interruption".to_vec();
+    upload(&ts, CHAT, "doc", "text/plain", &bytes).await;
+    // The state an interruption leaves: the same row, still pending.
+    let main = format!("{CHAT}/main");
+    let mut row = rows(&ts, &main)
+        .await
+        .into_iter()
+        .rfind(|r| r["type"] == "manifest" && r["key"] == "attachment:doc")
+        .expect("the upload wrote its manifest row");
+    row["value"]["status"] = json!("pending");
+    row["value"].as_object_mut().unwrap().remove("sha256");
+    row["value"].as_object_mut().unwrap().remove("byteLength");
+    ts.stop().await;
+    let store = EmbeddedStore::open(EmbeddedConfig::new(&data_dir)).unwrap();
+    let json = ContentType::parse("application/json").unwrap();
+    let body = serde_json::to_vec(&row).unwrap();
+    store.append(AppendRequest::json_messages(main.clone(), json, &[body], false)).await.unwrap();
+    store.close().await;
+    drop(store);
+
+    let ts = start(data_dir.clone()).await;
+    let entry: Value = eventually(Duration::from_secs(5), "the interrupted upload to be settled", || {
+        let ts = &ts;
+        async move {
+            let entry = manifest(ts, CHAT).await.remove("doc")?;
+            (entry["status"] != "pending").then_some(entry)
+        }
+    })
+    .await;
+    assert_eq!(entry["status"], "complete", "{entry}");
+    assert_eq!(entry["byteLength"], bytes.len());
+    assert_eq!(get_bytes(&ts, CHAT, "doc").await, (StatusCode::OK, bytes));
+}
