@@ -188,6 +188,7 @@ pub async fn spawn_entity(
         created_at_ms: now,
         updated_at_ms: now,
         extra,
+        incarnation: Some(hex::encode(rand::random::<[u8; 16]>())),
     };
     let (stored, fresh) = state.registry.insert_entity(record).await?;
     if !fresh && stored.created_by != who.url() {

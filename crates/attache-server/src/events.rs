@@ -91,11 +91,19 @@ pub fn read(store: &dyn StreamStore, from: Offset, max_bytes: usize) -> Result<B
 }
 
 /// Remembers, for one reader, which tasks it may read (grants change rarely;
-/// a reader re-checks per request or per batch).
+/// a reader re-checks per request or per batch), and which incarnation of
+/// each: a task purged and created again under the same id is another task,
+/// and its predecessor's events stay with the predecessor.
 pub struct Visibility<'a> {
     state: &'a AppState,
     who: &'a PrincipalKey,
-    seen: HashMap<String, bool>,
+    seen: HashMap<String, Option<Incarnation>>,
+}
+
+/// The life of a task entity whose events a reader may see.
+struct Incarnation {
+    id: Option<String>,
+    created_at_ms: i64,
 }
 
 impl<'a> Visibility<'a> {
@@ -108,19 +116,39 @@ impl<'a> Visibility<'a> {
             return true;
         }
         let Some(task_id) = event.get("taskId").and_then(Value::as_str) else { return false };
-        if let Some(known) = self.seen.get(task_id) {
-            return *known;
+        if !self.seen.contains_key(task_id) {
+            let url = format!("/{}/{task_id}", crate::tasks::TASK_TYPE);
+            let readable = self
+                .state
+                .registry
+                .entity_shared(&url)
+                .filter(|entity| may(self.state, self.who, entity, Permission::Read))
+                .map(|entity| Incarnation { id: entity.incarnation.clone(), created_at_ms: entity.created_at_ms });
+            self.seen.insert(task_id.to_owned(), readable);
         }
-        let url = format!("/{}/{task_id}", crate::tasks::TASK_TYPE);
-        let visible =
-            self.state.registry.entity(&url).is_some_and(|entity| may(self.state, self.who, &entity, Permission::Read));
-        self.seen.insert(task_id.to_owned(), visible);
-        visible
+        match self.seen.get(task_id) {
+            Some(Some(current)) => of_incarnation(event, current.id.as_deref(), current.created_at_ms),
+            _ => false,
+        }
     }
 
     /// Forgets what it learnt (call between batches of a long-lived reader).
     pub fn refresh(&mut self) {
         self.seen.clear();
+    }
+}
+
+/// Is `event` about this life of its task? The server stamps every event
+/// with the incarnation of the task entity it is about. An event without a
+/// stamp was written before incarnations existed: it counts only for a task
+/// entity that has none either (created before them too), and only from that
+/// entity's creation on, so a purge and re-creation before the upgrade does
+/// not hand the older task's events to the newer one.
+pub fn of_incarnation(event: &Value, incarnation: Option<&str>, created_at_ms: i64) -> bool {
+    match (event.get("incarnation").and_then(Value::as_str), incarnation) {
+        (Some(stamp), Some(current)) => stamp == current,
+        (None, None) => event.get("timestamp").and_then(Value::as_i64).is_some_and(|at| at >= created_at_ms),
+        _ => false,
     }
 }
 
@@ -413,4 +441,24 @@ pub fn start_redis_publisher(state: AppState, client: redis::Client) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::of_incarnation;
+    use serde_json::json;
+
+    #[test]
+    fn events_belong_to_the_incarnation_that_wrote_them() {
+        let stamped = json!({ "taskId": "t-1", "incarnation": "a", "timestamp": 50 });
+        assert!(of_incarnation(&stamped, Some("a"), 10));
+        assert!(!of_incarnation(&stamped, Some("b"), 10));
+        assert!(!of_incarnation(&stamped, None, 10));
+        // Before incarnations: only an unstamped entity, and only from its creation on.
+        let legacy = json!({ "taskId": "t-1", "timestamp": 50 });
+        assert!(of_incarnation(&legacy, None, 50));
+        assert!(!of_incarnation(&legacy, None, 51));
+        assert!(!of_incarnation(&legacy, Some("a"), 10));
+        assert!(!of_incarnation(&json!({ "taskId": "t-1" }), None, 0));
+    }
 }

@@ -419,9 +419,10 @@ impl Event {
         Event { kind, task_id: task_id.to_owned(), payload, metadata }
     }
 
-    fn envelope<'a>(&'a self, id: &'a str, now: i64) -> Envelope<'a> {
+    fn envelope<'a>(&'a self, id: &'a str, incarnation: Option<&'a str>, now: i64) -> Envelope<'a> {
         Envelope {
             id,
+            incarnation,
             kind: self.kind,
             task_id: &self.task_id,
             payload: &self.payload,
@@ -436,6 +437,11 @@ impl Event {
 #[derive(Serialize)]
 struct Envelope<'a> {
     id: &'a str,
+    /// The incarnation of the task entity the event is about (see
+    /// [`events::Visibility`]): events outlive a purged task, and must not be
+    /// read as the events of a task later created with the same id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    incarnation: Option<&'a str>,
     metadata: &'a Value,
     payload: &'a Value,
     #[serde(rename = "taskId")]
@@ -487,6 +493,7 @@ struct HeadersOut<'a> {
 async fn write_task(
     state: &AppState,
     task_id: &str,
+    incarnation: Option<&str>,
     rows: Vec<Row>,
     evts: Vec<Event>,
     close: bool,
@@ -516,7 +523,7 @@ async fn write_task(
         }
         for e in &evts {
             let id = new_event_id();
-            let envelope = row_bytes(&e.envelope(&id, now))?;
+            let envelope = row_bytes(&e.envelope(&id, incarnation, now))?;
             let raw: &serde_json::value::RawValue = serde_json::from_slice(&envelope)?;
             main_rows.push(row_bytes(&RowOut {
                 collection: events::EVENT_COLLECTION,
@@ -666,22 +673,27 @@ fn task_entity(
 }
 
 /// Applies `change` to the task under the registry's compare-and-set; a
-/// rejection from `change` comes back as is.
+/// rejection from `change` comes back as is. `incarnation` is the one the
+/// caller checked its permission against: a task purged and created again
+/// meanwhile (by anyone) is another task, and is missing for this change.
 async fn change_task(
     state: &AppState,
     task_id: &str,
+    incarnation: Option<&str>,
     change: impl FnOnce(&mut TaskRecord) -> TaskResult<()> + Send + 'static,
 ) -> TaskResult<TaskRecord> {
     let url = format!("/{TASK_TYPE}/{task_id}");
     let rejection: Arc<parking_lot::Mutex<Option<TaskError>>> = Arc::default();
     let slot = rejection.clone();
     let id = task_id.to_owned();
+    let expected = incarnation.map(str::to_owned);
     let outcome = state
         .registry
         .update_entity(
             &url,
             Box::new(move |entity| {
-                let Some(mut task) = TaskRecord::of(entity) else {
+                let same = entity.incarnation == expected;
+                let Some(mut task) = TaskRecord::of(entity).filter(|_| same) else {
                     *slot.lock() = Some(task_missing(Missing::TaskColon, &id));
                     return Err(StoreError::NotFound);
                 };
@@ -770,8 +782,8 @@ async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
     let cell = state.tasks.cell(&id);
     let guard = cell.order.write().await;
     let spawned = crate::entities::spawn_entity(state, who, &url, None, BTreeMap::new(), Some(task.to_extra())).await;
-    match spawned {
-        Ok((_, true, _)) => {}
+    let incarnation = match spawned {
+        Ok((record, true, _)) => record.incarnation,
         Ok((_, false, _)) => {
             return Err(TaskError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })))
         }
@@ -779,7 +791,7 @@ async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
             return Err(TaskError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })))
         }
         Err(e) => return Err(e.into()),
-    }
+    };
     let mut out = json!({
         "id": id,
         "text": task.text,
@@ -788,7 +800,7 @@ async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
         "createdAt": timestamp(now),
     });
     let event = Event::new("task.created", &id, out.clone(), json!({ "createdBy": who.to_string() }));
-    let written = write_task(state, &id, vec![], vec![event], false).await;
+    let written = write_task(state, &id, incarnation.as_deref(), vec![], vec![event], false).await;
     drop(guard);
     written.await?;
     state.tasks.release(&id, cell);
@@ -824,13 +836,14 @@ async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
     let metadata = u.opt_object("metadata")?.cloned();
     let changes: Vec<&str> =
         ["text", "status", "priority", "metadata"].into_iter().filter(|k| updates.contains_key(*k)).collect();
-    task_entity(state, who, id, Permission::Write, Missing::TaskColon)?;
+    let entity = task_entity(state, who, id, Permission::Write, Missing::TaskColon)?;
+    let incarnation = entity.incarnation.as_deref();
     let cell = state.tasks.cell(id);
     let guard = cell.order.write().await;
     let task_id = id.to_owned();
     let now = now_ms();
     let max_metadata = state.config.max_entity_data_bytes;
-    let task = change_task(state, id, move |t| {
+    let task = change_task(state, id, incarnation, move |t| {
         if let Some(s) = status {
             if !t.status.may_become(s) {
                 return Err(illegal(&task_id, t.status, s));
@@ -870,7 +883,7 @@ async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
     });
     let event =
         Event::new("task.updated", id, out.clone(), json!({ "updatedBy": who.to_string(), "changes": changes }));
-    let written = write_task(state, id, vec![], vec![event], false).await;
+    let written = write_task(state, id, incarnation, vec![], vec![event], false).await;
     drop(guard);
     written.await?;
     state.tasks.release(id, cell);
@@ -901,15 +914,25 @@ impl OrderBy {
     }
 }
 
-/// The tasks `who` may read, newest first.
-fn visible_tasks(state: &AppState, who: &PrincipalKey, wanted: Permission) -> Vec<(String, TaskRecord)> {
+/// The tasks `who` may read (and do `wanted` on), newest first, with the incarnation of each.
+fn visible_tasks_of<'a>(
+    state: &'a AppState,
+    who: &'a PrincipalKey,
+    wanted: Permission,
+) -> impl Iterator<Item = (String, TaskRecord, Option<String>)> + 'a {
     state
         .registry
         .entities(Some(TASK_TYPE))
         .into_iter()
-        .filter(|e| may(state, who, e, Permission::Read) && (wanted == Permission::Read || may(state, who, e, wanted)))
-        .filter_map(|e| TaskRecord::of(&e).map(|t| (e.instance_id, t)))
-        .collect()
+        .filter(move |e| {
+            may(state, who, e, Permission::Read) && (wanted == Permission::Read || may(state, who, e, wanted))
+        })
+        .filter_map(|e| TaskRecord::of(&e).map(|t| (e.instance_id, t, e.incarnation)))
+}
+
+/// The tasks `who` may read, newest first.
+fn visible_tasks(state: &AppState, who: &PrincipalKey, wanted: Permission) -> Vec<(String, TaskRecord)> {
+    visible_tasks_of(state, who, wanted).map(|(id, t, _)| (id, t)).collect()
 }
 
 async fn list(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
@@ -958,13 +981,14 @@ async fn list(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResul
 async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
     let task_id = p.string("taskId", 128)?;
     let instance = p.string("instanceId", 256)?.to_owned();
-    task_entity(state, who, task_id, Permission::Write, Missing::TaskColon)?;
+    let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskColon)?;
+    let incarnation = entity.incarnation.as_deref();
     let cell = state.tasks.cell(task_id);
     let guard = cell.order.write().await;
     let previous: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
     let (prev_slot, id, inst) = (previous.clone(), task_id.to_owned(), instance.clone());
     let now = now_ms();
-    change_task(state, task_id, move |t| {
+    change_task(state, task_id, incarnation, move |t| {
         if t.status.is_final() {
             return Err(TaskError::rejected(
                 format!("Cannot assign task {id} with status {}", t.status.as_str()),
@@ -992,7 +1016,7 @@ async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
         json!({ "taskId": task_id, "instanceId": instance, "previousAssignment": previous }),
         json!({ "assignedBy": who.to_string() }),
     );
-    let written = write_task(state, task_id, vec![], vec![event], false).await;
+    let written = write_task(state, task_id, incarnation, vec![], vec![event], false).await;
     drop(guard);
     written.await?;
     state.tasks.release(task_id, cell);
@@ -1001,13 +1025,14 @@ async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
 
 async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
     let task_id = p.string("taskId", 128)?;
-    task_entity(state, who, task_id, Permission::Write, Missing::TaskColon)?;
+    let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskColon)?;
+    let incarnation = entity.incarnation.as_deref();
     let cell = state.tasks.cell(task_id);
     let guard = cell.order.write().await;
     let previous: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
     let (prev_slot, id) = (previous.clone(), task_id.to_owned());
     let now = now_ms();
-    change_task(state, task_id, move |t| {
+    change_task(state, task_id, incarnation, move |t| {
         if t.status.is_final() {
             return Err(TaskError::rejected(
                 format!("Cannot unassign task {id} with status {}", t.status.as_str()),
@@ -1030,7 +1055,7 @@ async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskR
         json!({ "taskId": task_id, "previousAssignment": previous }),
         json!({ "unassignedBy": who.to_string(), "unassignedAt": timestamp(now) }),
     );
-    let written = write_task(state, task_id, vec![], vec![event], false).await;
+    let written = write_task(state, task_id, incarnation, vec![], vec![event], false).await;
     drop(guard);
     written.await?;
     state.tasks.release(task_id, cell);
@@ -1042,19 +1067,19 @@ async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskR
 async fn claim(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
     let worker = p.string("workerId", 256)?.to_owned();
     p.opt_int("maxTasks", 1, 10)?;
-    let mut candidates: Vec<(String, TaskRecord)> = visible_tasks(state, who, Permission::Write)
-        .into_iter()
-        .filter(|(_, t)| t.status == Status::Pending && t.assigned_to.as_ref().is_none_or(|a| *a == worker))
+    let mut candidates: Vec<(String, TaskRecord, Option<String>)> = visible_tasks_of(state, who, Permission::Write)
+        .filter(|(_, t, _)| t.status == Status::Pending && t.assigned_to.as_ref().is_none_or(|a| *a == worker))
         .collect();
-    candidates.sort_by(|(ia, a), (ib, b)| {
+    candidates.sort_by(|(ia, a, _), (ib, b, _)| {
         b.priority.cmp(&a.priority).then_with(|| a.created_at.cmp(&b.created_at)).then_with(|| ia.cmp(ib))
     });
-    for (task_id, _) in candidates {
+    for (task_id, _, incarnation) in candidates {
+        let incarnation = incarnation.as_deref();
         let cell = state.tasks.cell(&task_id);
         let guard = cell.order.write().await;
         let w = worker.clone();
         let now = now_ms();
-        let won = change_task(state, &task_id, move |t| {
+        let won = change_task(state, &task_id, incarnation, move |t| {
             if t.status != Status::Pending || t.assigned_to.as_ref().is_some_and(|a| *a != w) {
                 return Err(TaskError::rejected("taken", Value::Null));
             }
@@ -1078,7 +1103,7 @@ async fn claim(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResu
             json!({ "taskId": task_id, "workerId": worker }),
             json!({ "claimedAt": timestamp(now), "claimedBy": who.to_string() }),
         );
-        let written = write_task(state, &task_id, vec![], vec![event], false).await;
+        let written = write_task(state, &task_id, incarnation, vec![], vec![event], false).await;
         drop(guard);
         written.await?;
         state.tasks.release(&task_id, cell);
@@ -1114,7 +1139,8 @@ async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskR
     let worker = p.opt_string("workerId", 256)?.map(str::to_owned);
     let result = p.get("result").cloned();
     let failed = is_empty_result(result.as_ref());
-    let (_, task) = task_for(state, who, task_id, Permission::Write, Missing::TaskColon)?;
+    let (entity, task) = task_for(state, who, task_id, Permission::Write, Missing::TaskColon)?;
+    let incarnation = entity.incarnation.as_deref();
     let next = if failed { Status::Failed } else { Status::Completed };
     if !task.status.may_become(next) || task.status != Status::InProgress {
         return Err(illegal(task_id, task.status, next));
@@ -1145,7 +1171,7 @@ async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskR
     let guard = cell.order.write().await;
     let now = now_ms();
     let (id, stored) = (task_id.to_owned(), if failed { None } else { result });
-    let task = change_task(state, task_id, move |t| {
+    let task = change_task(state, task_id, incarnation, move |t| {
         if t.status != Status::InProgress {
             return Err(illegal(&id, t.status, next));
         }
@@ -1163,7 +1189,7 @@ async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskR
         json!({ "id": task_id, "status": next.as_str(), "duration": now - task.created_at }),
         json!({ "completedBy": worker.clone().unwrap_or_else(|| who.to_string()) }),
     );
-    let written = write_task(state, task_id, vec![], vec![event], false).await;
+    let written = write_task(state, task_id, incarnation, vec![], vec![event], false).await;
     drop(guard);
     written.await?;
     state.tasks.release(task_id, cell);
@@ -1175,11 +1201,12 @@ async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskR
 /// main stream with the `task.deleted` event, and deletes its attachment bytes.
 async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
     let id = p.string("id", 128)?;
-    task_entity(state, who, id, Permission::Delete, Missing::TaskColon)?;
+    let entity = task_entity(state, who, id, Permission::Delete, Missing::TaskColon)?;
+    let incarnation = entity.incarnation.as_deref();
     let cell = state.tasks.cell(id);
     let _guard = cell.order.write().await;
     let now = now_ms();
-    change_task(state, id, move |t| {
+    change_task(state, id, incarnation, move |t| {
         t.deleted_at = Some(now);
         t.updated_at = now;
         Ok(())
@@ -1191,7 +1218,7 @@ async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
         json!({ "id": id, "deletedAt": timestamp(now), "deletedBy": who.to_string() }),
         json!({ "instanceId": who.to_string() }),
     );
-    write_task(state, id, vec![], vec![event], true).await.await?;
+    write_task(state, id, incarnation, vec![], vec![event], true).await.await?;
     let prefix = format!("/{TASK_TYPE}/{id}/attachments/");
     for info in state.store.list_prefix(&prefix, usize::MAX) {
         match state.store.delete(&info.path).await {
@@ -1452,7 +1479,10 @@ async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentI
     let cell = state.tasks.cell(task_id);
     let shared = cell.order.read().await;
     // A deletion may have finished while we waited for the lock.
-    if !state.registry.entity_shared(&entity.url).is_some_and(|e| e.is_running()) {
+    let incarnation = entity.incarnation.as_deref();
+    // A deletion may have finished while we waited for the lock (or the task been purged and created anew).
+    if !state.registry.entity_shared(&entity.url).is_some_and(|e| e.is_running() && e.incarnation == entity.incarnation)
+    {
         drop(shared);
         state.tasks.release(task_id, cell);
         return Err(task_missing(Missing::TaskNotFound, task_id));
@@ -1538,7 +1568,7 @@ async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentI
         }),
         json!({ "createdBy": who.to_string() }),
     );
-    let written = write_task(state, task_id, vec![row], vec![event], false).await;
+    let written = write_task(state, task_id, incarnation, vec![row], vec![event], false).await;
     let seq = cell.record(&input.key, Some(entry.clone()));
     drop(key_guard);
     drop(shared);
@@ -1668,7 +1698,10 @@ async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     }
     let cell = state.tasks.cell(task_id);
     let shared = cell.order.read().await;
-    if !state.registry.entity_shared(&entity.url).is_some_and(|e| e.is_running()) {
+    let incarnation = entity.incarnation.as_deref();
+    // A deletion may have finished while we waited for the lock (or the task been purged and created anew).
+    if !state.registry.entity_shared(&entity.url).is_some_and(|e| e.is_running() && e.incarnation == entity.incarnation)
+    {
         drop(shared);
         state.tasks.release(task_id, cell);
         return Err(not_found());
@@ -1697,7 +1730,7 @@ async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         json!({ "taskId": task_id, "key": key, "attachmentId": entry.id }),
         json!({ "deletedBy": who.to_string(), "deletedAt": timestamp(now) }),
     );
-    let written = write_task(state, task_id, vec![row], vec![event], false).await;
+    let written = write_task(state, task_id, incarnation, vec![row], vec![event], false).await;
     let seq = cell.record(key, None);
     drop(key_guard);
     drop(shared);

@@ -2,6 +2,9 @@
 //! is data, never an address or a permission (docs/SECURITY.md, "Rows and
 //! paths"). Dev mode; principals are named by the `electric-principal` header.
 //!
+//! Built-in system principals are held to the same raw-route rules; the token
+//! mode matrix (tests/permissions.rs, actor "built-in system") checks that.
+//!
 //! Forged manifest rows are planted straight into the store while the server
 //! is stopped: that is how rows written before the raw routes refused them
 //! (or by any other means) look to the server, and the server must not follow
@@ -14,8 +17,8 @@ mod task_helpers;
 use std::time::Duration;
 
 use attache_core::ContentType;
-use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
-use attache_storage::{AppendRequest, StreamStore};
+use attache_storage::embedded::{EmbeddedConfig, EmbeddedRegistry, EmbeddedStore};
+use attache_storage::{AppendRequest, Registry, StreamStore};
 use common::TestServer;
 use entity_support::{api, as_principal, error_of, eventually, sha256_hex, Form};
 use reqwest::{Method, StatusCode};
@@ -380,7 +383,7 @@ async fn a_writer_cannot_close_an_entitys_main_stream() {
     let attempts: [(Method, &str); 3] =
         [(Method::POST, ""), (Method::POST, r#"{"type":"note","key":"n"}"#), (Method::PUT, "")];
     for (method, body) in attempts {
-        for who in [MALLORY, ALICE, "system:framework"] {
+        for who in [MALLORY, ALICE] {
             let json = [("content-type", "application/json"), ("stream-closed", "true")];
             let (status, code, body) = raw_as(&ts, who, method.clone(), &main, &json, body).await;
             assert_eq!(
@@ -419,7 +422,7 @@ async fn no_client_appends_server_owned_rows_to_a_main_stream() {
     let json = [("content-type", "application/json")];
     let owned = ["manifest", "inbox", "entity_created", "entity_stopped", "event", "tags", "signal", "grant"];
     for collection in owned {
-        for who in [MALLORY, ALICE, "system:framework"] {
+        for who in [MALLORY, ALICE] {
             let body = row(collection, "forged").to_string();
             let (status, code, answer) = raw_as(&ts, who, Method::POST, &main, &json, body).await;
             assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "SERVER_OWNED_ROW"), "{collection} as {who}");
@@ -500,7 +503,7 @@ async fn client_rows_such_as_the_runtimes_errors_still_append() {
 async fn attachment_streams_are_created_by_the_attachment_routes_only() {
     let ts = TestServer::start().await;
     let e = shared_with_a_writer(&ts).await;
-    for who in [MALLORY, ALICE, "system:framework"] {
+    for who in [MALLORY, ALICE] {
         let path = format!("{e}/attachments/raw-{}", who.replace(':', "-"));
         let (status, code, body) =
             raw_as(&ts, who, Method::PUT, &path, &[("content-type", "application/octet-stream")], "bytes").await;
@@ -538,4 +541,172 @@ async fn raw_appends_reach_only_an_open_resumable_upload() {
     let (status, _, _) = raw_as(&ts, MALLORY, Method::POST, &format!("{e}/attachments/done"), &octets, "more").await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(read_as(&ts, ALICE, e, "done").await, (StatusCode::OK, SECRET.to_vec()));
+}
+
+// ------------------------------------------------------------ events and task incarnations
+
+const PURGED_TEXT: &str = "alice's purged task text";
+
+/// Alice's task `t-reused-1`, with a few events, purged; then mallory creates a task with the same id.
+async fn purged_and_recreated(ts: &TestServer) -> &'static str {
+    let id = "t-reused-1";
+    task_helpers::ok(ts, ALICE, "task.create", json!({ "id": id, "text": PURGED_TEXT })).await;
+    task_helpers::ok(ts, ALICE, "task.update", json!({ "id": id, "updates": { "text": PURGED_TEXT, "priority": 9 } }))
+        .await;
+    let res =
+        as_principal(ts.request(Method::DELETE, &format!("{}?purge=true", api(&format!("/task/{id}")))), Some(ALICE))
+            .send()
+            .await
+            .expect("purge answered");
+    assert_eq!(res.status(), StatusCode::OK, "alice purges her task");
+    task_helpers::ok(ts, MALLORY, "task.create", json!({ "id": id, "text": "mallory's task" })).await;
+    id
+}
+
+fn assert_only_mallorys(events: &[Value], id: &str, how: &str) {
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "task.created" && e["taskId"] == id && e["payload"]["text"] == "mallory's task"),
+        "{how}: mallory sees her own task's events: {events:?}"
+    );
+    for e in events {
+        assert!(!e.to_string().contains(PURGED_TEXT), "{how}: the purged task's event reached mallory: {e}");
+    }
+}
+
+#[tokio::test]
+async fn events_of_a_purged_task_are_not_read_by_whoever_creates_its_id_again() {
+    let ts = TestServer::start().await;
+    let id = purged_and_recreated(&ts).await;
+
+    // Catch-up, with and without the task filter.
+    for query in [vec![("offset", "-1")], vec![("offset", "-1"), ("taskId", id)]] {
+        let res = as_principal(ts.request(Method::GET, "/_attache/events").query(&query), Some(MALLORY))
+            .send()
+            .await
+            .expect("events answered");
+        assert_eq!(res.status(), StatusCode::OK);
+        let events: Vec<Value> = res.json().await.expect("a JSON array");
+        assert_only_mallorys(&events, id, &format!("catch-up {query:?}"));
+    }
+
+    // Long-poll from the start answers at once with what is there.
+    let res = as_principal(
+        ts.request(Method::GET, "/_attache/events").query(&[("offset", "-1"), ("live", "long-poll")]),
+        Some(MALLORY),
+    )
+    .send()
+    .await
+    .expect("long-poll answered");
+    assert_eq!(res.status(), StatusCode::OK);
+    let events: Vec<Value> = res.json().await.expect("a JSON array");
+    assert_only_mallorys(&events, id, "long-poll");
+
+    // SSE from the start, up to the first up-to-date control event.
+    let res = as_principal(
+        ts.request(Method::GET, "/_attache/events").query(&[("offset", "-1"), ("live", "sse")]),
+        Some(MALLORY),
+    )
+    .send()
+    .await
+    .expect("SSE answered");
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.bytes_stream();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !text.contains("\"upToDate\":true") {
+        use futures::StreamExt;
+        let chunk = tokio::time::timeout_at(deadline, body.next()).await.expect("SSE in time").expect("open").unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let mut events = Vec::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("data:")) {
+        if let Ok(Value::Array(batch)) = serde_json::from_str::<Value>(line) {
+            events.extend(batch);
+        }
+    }
+    assert_only_mallorys(&events, id, "SSE");
+
+    // A WebSocket subscription replaying from the start, up to an event mallory causes now.
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut req = ts.url("/ws").replace("http://", "ws://").into_client_request().expect("a ws request");
+    req.headers_mut().insert("electric-principal", MALLORY.parse().expect("a header value"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("the WebSocket opens");
+    let subscribe = json!({ "action": "subscribe", "events": ["*"], "offset": "-1" }).to_string();
+    ws.send(Message::Text(subscribe.into())).await.expect("subscribe sent");
+    task_helpers::ok(&ts, MALLORY, "task.update", json!({ "id": id, "updates": { "priority": 1 } })).await;
+    let mut events = Vec::new();
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.expect("ws in time").expect("open").unwrap();
+        let Message::Text(t) = msg else { continue };
+        let v: Value = serde_json::from_str(&t).expect("JSON");
+        if v["type"] != "event" {
+            continue;
+        }
+        let done = v["event"] == "task.updated" && v["data"]["payload"]["priority"] == 1;
+        events.push(v["data"].clone());
+        if done {
+            break;
+        }
+    }
+    assert_only_mallorys(&events, id, "WebSocket");
+}
+
+#[tokio::test]
+async fn events_from_before_incarnations_count_only_from_their_tasks_creation_on() {
+    // A task and its events as a server before incarnations left them: no
+    // stamp on the record, none on the events. An older life of the same id
+    // (events before the record's creation) stays hidden.
+    let mut ts = TestServer::start().await;
+    let id = "t-legacy-1";
+    task_helpers::ok(&ts, ALICE, "task.create", json!({ "id": id, "text": "this life" })).await;
+    let dir = ts.pause().await;
+    let created_at = {
+        let registry = EmbeddedRegistry::open(&dir).expect("the registry opens");
+        let record = registry
+            .update_entity(
+                &format!("/task/{id}"),
+                Box::new(|e| {
+                    e.incarnation = None;
+                    Ok(())
+                }),
+            )
+            .await
+            .expect("the record is unstamped");
+        record.created_at_ms
+    };
+    let legacy = |text: &str, at: i64| {
+        serde_json::to_vec(&json!({
+            "id": format!("evt-legacy-{at}"),
+            "metadata": {},
+            "payload": { "text": text },
+            "taskId": id,
+            "timestamp": at,
+            "type": "task.updated",
+        }))
+        .expect("an event serializes")
+    };
+    let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).expect("the store opens");
+    let ct = ContentType::parse("application/json").expect("a content type");
+    let events = [legacy("an older life", created_at - 1_000), legacy("this life, before stamps", created_at + 1)];
+    store.append(AppendRequest::json_messages("/_attache/events".into(), ct, &events, false)).await.expect("appended");
+    store.close().await;
+    drop(store);
+    ts.resume().await;
+
+    let res = as_principal(
+        ts.request(Method::GET, "/_attache/events").query(&[("offset", "-1"), ("taskId", id)]),
+        Some(ALICE),
+    )
+    .send()
+    .await
+    .expect("events answered");
+    let events: Vec<Value> = res.json().await.expect("a JSON array");
+    let texts: Vec<&str> = events.iter().filter_map(|e| e["payload"]["text"].as_str()).collect();
+    assert!(texts.contains(&"this life, before stamps"), "{texts:?}");
+    assert!(!texts.contains(&"an older life"), "{texts:?}");
+    ts.stop().await;
 }

@@ -27,6 +27,12 @@ pub struct EntityRecord {
     /// Face-specific state kept with the entity (the task face keeps its task here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extra: Option<Value>,
+    /// Which life of this URL the record is: a random id the server gives the
+    /// entity when it is spawned, so what a purged entity left behind (its task
+    /// events) is never taken for the next one's. `None` on records written
+    /// before incarnations existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<String>,
 }
 
 impl EntityRecord {

@@ -187,6 +187,7 @@ fn entity(url: &str) -> EntityRecord {
         created_at_ms: 1,
         updated_at_ms: 1,
         extra: Some(serde_json::json!({"count": 0})),
+        incarnation: Some("i1".into()),
     }
 }
 
