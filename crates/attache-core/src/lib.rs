@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod offset;
 pub mod principal;
 pub mod producer;
+pub mod query;
 pub mod state;
 pub mod stream;
 

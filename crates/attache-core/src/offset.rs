@@ -76,7 +76,8 @@ impl Cursor {
         match echoed.and_then(|c| c.parse::<u64>().ok()) {
             Some(client) if client >= current => {
                 let bump = jitter_secs.div_ceil(Self::INTERVAL_SECS as u64).max(1);
-                Cursor(client + bump)
+                // A client may echo any number, up to u64::MAX: saturate, never wrap back.
+                Cursor(client.saturating_add(bump))
             }
             _ => Cursor(current),
         }
@@ -126,6 +127,13 @@ mod tests {
         assert_eq!(Cursor::next(now, Some("999"), 1), Cursor(1000));
         assert!(Cursor::next(now, Some("1000"), 1) > Cursor(1000));
         assert!(Cursor::next(now, Some("5000"), 3600) > Cursor(5000));
+    }
+
+    #[test]
+    fn the_largest_echoed_cursor_saturates_instead_of_overflowing() {
+        let now = Cursor::EPOCH_UNIX_SECS + 20 * 1000;
+        assert_eq!(Cursor::next(now, Some(&u64::MAX.to_string()), 3600), Cursor(u64::MAX));
+        assert_eq!(Cursor::next(now, Some(&(u64::MAX - 1).to_string()), 1), Cursor(u64::MAX));
     }
 
     proptest! {

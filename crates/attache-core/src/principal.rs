@@ -124,10 +124,7 @@ pub fn percent_decode_strict(s: &str) -> Result<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let pair = bytes
-                .get(i + 1..i + 3)
-                .and_then(|p| std::str::from_utf8(p).ok())
-                .and_then(|p| u8::from_str_radix(p, 16).ok())
+            let pair = hex_pair(bytes.get(i + 1..i + 3))
                 .ok_or_else(|| Error::Invalid(format!("malformed percent-escape in {s:?}")))?;
             out.push(pair);
             i += 3;
@@ -137,6 +134,12 @@ pub fn percent_decode_strict(s: &str) -> Result<String> {
         }
     }
     String::from_utf8(out).map_err(|_| Error::Invalid(format!("{s:?} does not decode to UTF-8")))
+}
+
+/// The byte two hex digits spell (`from_str_radix` alone would also take `+1`).
+pub(crate) fn hex_pair(pair: Option<&[u8]>) -> Option<u8> {
+    let pair = pair.filter(|p| p.len() == 2 && p.iter().all(u8::is_ascii_hexdigit))?;
+    u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()
 }
 
 #[cfg(test)]
@@ -157,6 +160,9 @@ mod tests {
     fn malformed_principals_are_rejected() {
         for bad in ["", "sam", "robot:x", "user:", "user:a/b", "user:a b", "/principal/user%3", "/principal/%ZZ"] {
             assert!(PrincipalKey::parse(bad).is_err(), "{bad:?}");
+        }
+        for malformed in ["%+1", "%-1", "a%+f", "%1"] {
+            assert!(percent_decode_strict(malformed).is_err(), "{malformed:?} is not two hex digits");
         }
     }
 

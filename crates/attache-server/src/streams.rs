@@ -421,44 +421,7 @@ fn parse_query(query: Option<&str>) -> ApiResult<ReadQuery> {
     Ok(ReadQuery { offset: parsed, offset_given: offset.is_some(), live, cursor })
 }
 
-/// `application/x-www-form-urlencoded` pairs, percent-decoded.
-pub(crate) fn form_pairs(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-pub(crate) fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let decoded = match (bytes[i], bytes.get(i + 1..i + 3)) {
-            (b'%', Some(pair)) => std::str::from_utf8(pair).ok().and_then(|p| u8::from_str_radix(p, 16).ok()),
-            _ => None,
-        };
-        match (decoded, bytes[i]) {
-            (Some(b), _) => {
-                out.push(b);
-                i += 3;
-            }
-            (None, b'+') => {
-                out.push(b' ');
-                i += 1;
-            }
-            (None, b) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+pub(crate) use attache_core::query::form_pairs;
 
 fn read_from(offset: ReadOffset) -> ReadFrom {
     match offset {
