@@ -67,7 +67,7 @@ pub fn not_running() -> ApiError {
 
 /// The collections of one main stream that the server itself reads:
 /// manifest entries by attachment id, and the keys of inbox rows.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct MainView {
     applied: u64,
     pub manifest: BTreeMap<String, ManifestEntry>,
@@ -78,7 +78,10 @@ pub struct MainView {
 }
 
 impl MainView {
-    fn apply(&mut self, row: &[u8]) {
+    /// Folds one row of the main stream into the view. Rows come from clients
+    /// too: any bytes are read without panicking, and a row that is not a
+    /// well-formed State Protocol row changes nothing.
+    pub fn apply(&mut self, row: &[u8]) {
         // Event rows, half of a task's stream, start so as the server writes them;
         // a row that merely could be one is parsed below and ignored the same way.
         if row.starts_with(br#"{"type":"event","#) {

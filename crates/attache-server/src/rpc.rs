@@ -99,13 +99,15 @@ impl RateLimiter {
 }
 
 /// A well-formed request: its id (`None` for a notification), method and params.
-struct Request {
-    id: Option<Value>,
-    method: String,
-    params: Value,
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub id: Option<Value>,
+    pub method: String,
+    pub params: Value,
 }
 
-fn parse_request(msg: Value) -> Result<Request, (Value, RpcError)> {
+/// Reads one JSON-RPC 2.0 request; an error carries the id to answer with.
+pub fn parse_request(msg: Value) -> Result<Request, (Value, RpcError)> {
     let Value::Object(mut obj) = msg else {
         return Err((Value::Null, RpcError::InvalidRequest("a request is a JSON object".into())));
     };
