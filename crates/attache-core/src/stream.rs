@@ -136,6 +136,12 @@ impl Ttl {
             _ => Err(Error::TtlOutOfRange(raw.to_owned())),
         }
     }
+
+    /// The TTL in milliseconds, saturating: any u64 a client sends stays a
+    /// far-future deadline, never an overflow (a panic, or a wrap into the past).
+    pub fn as_millis(self) -> i64 {
+        i64::try_from(self.0).unwrap_or(i64::MAX).saturating_mul(1000)
+    }
 }
 
 /// An absolute expiry, kept as the client wrote it so it can be echoed.
@@ -157,10 +163,7 @@ impl ExpiresAt {
 pub fn expiry_deadline_ms(ttl: Option<Ttl>, expires_at: Option<&ExpiresAt>, last_access_ms: i64) -> Option<i64> {
     match (ttl, expires_at) {
         (_, Some(at)) => Some(at.unix_ms),
-        (Some(Ttl(secs)), None) => {
-            let ms = i64::try_from(secs).unwrap_or(i64::MAX).saturating_mul(1000);
-            Some(last_access_ms.saturating_add(ms))
-        }
+        (Some(ttl), None) => Some(last_access_ms.saturating_add(ttl.as_millis())),
         (None, None) => None,
     }
 }
@@ -218,6 +221,13 @@ mod tests {
         for bad in ["", "/", "a", "/a/../b", "/a/./b", "/a\nb"] {
             assert!(StreamPath::new(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_largest_ttl_is_a_far_future_deadline() {
+        // Parsing refuses TTLs past MAX_SECS; one stored before that rule still must not overflow.
+        assert_eq!(expiry_deadline_ms(Some(Ttl(u64::MAX)), None, 1_000), Some(i64::MAX));
+        assert_eq!(Ttl(i64::MAX as u64 / 1000 + 1).as_millis(), i64::MAX);
     }
 
     proptest! {

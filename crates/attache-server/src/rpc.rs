@@ -197,13 +197,15 @@ fn too_large_batch(max: usize) -> RpcError {
 
 /// A request body as read at the edge: one message, or the items of a batch
 /// still as raw JSON (each becomes a `Value` only when its turn comes).
-enum Body {
+#[derive(Debug)]
+pub enum Body {
     Single(Value),
     Batch(Vec<BatchItem>),
 }
 
 /// One item of a batch, kept as the JSON text it was sent as.
-struct BatchItem(Box<serde_json::value::RawValue>);
+#[derive(Debug)]
+pub struct BatchItem(Box<serde_json::value::RawValue>);
 
 impl From<BatchItem> for Value {
     fn from(item: BatchItem) -> Value {
@@ -215,7 +217,7 @@ impl From<BatchItem> for Value {
 /// Reads a body; a batch of more than `max` items is refused as soon as its
 /// `max + 1`th item is read, so an oversized batch costs O(`max`) memory,
 /// not a `Value` tree of every item.
-fn parse_body(bytes: &[u8], max: usize) -> Result<Body, RpcError> {
+pub fn parse_body(bytes: &[u8], max: usize) -> Result<Body, RpcError> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'[') {
         return serde_json::from_slice(bytes).map(Body::Single).map_err(|_| RpcError::Parse);
     }

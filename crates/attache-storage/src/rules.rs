@@ -7,7 +7,7 @@
 //! domain error leaves nothing behind.
 
 use attache_core::json::{split_messages, JsonBodyUse};
-use attache_core::{ContentType, Offset, ProducerCheck, ProducerState};
+use attache_core::{ContentType, Offset, ProducerCheck, ProducerState, Ttl};
 use bytes::Bytes;
 
 use crate::error::{StoreError, StoreResult};
@@ -377,7 +377,7 @@ pub(crate) fn expired(info: &StreamInfo, last_access_ms: i64, now_ms: i64) -> bo
         return now_ms >= at;
     }
     match info.ttl_secs {
-        Some(ttl) => now_ms >= last_access_ms.saturating_add(ttl as i64 * 1000),
+        Some(ttl) => now_ms >= last_access_ms.saturating_add(Ttl(ttl).as_millis()),
         None => false,
     }
 }
