@@ -714,12 +714,22 @@ struct Part {
     value: Known,
 }
 
+/// The `file` part, well formed, at a position among the others.
+#[derive(Debug, Clone, TypeGenerator)]
+struct FilePart {
+    at: u8,
+    filename: Option<Known>,
+    content_type: Option<Known>,
+    bytes: Vec<u8>,
+}
+
 /// A whole upload: fields, a well-formed file part somewhere (usually), and
 /// whether the body is finished properly.
 #[derive(Debug, Clone, TypeGenerator)]
 struct Upload {
     parts: Vec<Part>,
-    file: Option<(u8, Option<Known>, Option<Known>, Vec<u8>)>,
+    file: Option<FilePart>,
+    /// Below 32 (one body in eight): the closing delimiter is left out.
     cut_short: u8,
     epilogue: Option<Vec<u8>>,
 }
@@ -748,7 +758,7 @@ impl Upload {
             }
             parts.push((head, p.value.text(PART_VALUES).into_bytes()));
         }
-        if let Some((at, filename, content_type, bytes)) = &self.file {
+        if let Some(FilePart { at, filename, content_type, bytes }) = &self.file {
             let mut head = String::from("Content-Disposition: form-data; name=\"file\"");
             if let Some(f) = filename {
                 head.push_str(&format!("; filename=\"{}\"", f.text(PART_VALUES)));
@@ -764,7 +774,7 @@ impl Upload {
             body.extend_from_slice(value);
             body.extend_from_slice(b"\r\n");
         }
-        if self.cut_short % 8 != 0 {
+        if self.cut_short >= 32 {
             body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
             if let Some(e) = &self.epilogue {
                 body.extend_from_slice(e);
@@ -1234,8 +1244,7 @@ fn fuzz_read_queries_over_http() {
                 let cursor: u64 = cursor.parse().expect("a cursor is a number");
                 let echoed = attache_core::query::form_pairs(&sent)
                     .into_iter()
-                    .filter(|(k, _)| k == "cursor")
-                    .next_back()
+                    .rfind(|(k, _)| k == "cursor")
                     .and_then(|(_, v)| v.parse::<u64>().ok());
                 if let Some(echoed) = echoed {
                     assert!(cursor >= echoed, "cursor {cursor} behind the echoed {echoed}");
