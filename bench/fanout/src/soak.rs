@@ -345,6 +345,9 @@ struct Ctx {
     aborts: AbortStats,
     open_conns: AtomicI64,
     peak_conns: AtomicI64,
+    /// Entities and streams made during the run (memory that grows with them shows per item).
+    tasks_created: AtomicU64,
+    uploads_done: AtomicU64,
 }
 
 impl Ctx {
@@ -955,6 +958,7 @@ async fn uploader(ctx: Arc<Ctx>, j: usize, entity: String, who: String) {
         if let Some((st, _, _)) = conn.exchange("upload", req, Duration::from_secs(120), true).await {
             if st == StatusCode::CREATED {
                 kept.push_back((id, size));
+                ctx.uploads_done.fetch_add(1, Ordering::Relaxed);
             }
         }
         while kept.len() > 8 {
@@ -1139,6 +1143,7 @@ async fn rpc_worker(ctx: Arc<Ctx>, who: String) {
             if let Some(res) = rpc_call(&ctx, &mut conn, &who, "rpc task.create", "task.create", params, id).await {
                 if let Some(tid) = res.get("id").and_then(Value::as_str) {
                     tasks.push_back(RpcTask { id: tid.to_owned(), keys: Vec::new() });
+                    ctx.tasks_created.fetch_add(1, Ordering::Relaxed);
                 }
             }
             while tasks.len() > 20 {
@@ -1193,6 +1198,8 @@ struct Sample {
     client_conns: i64,
     responses: u64,
     server_errors: u64,
+    tasks_created: u64,
+    uploads_done: u64,
 }
 
 fn proc_status(pid: u32) -> Option<(u64, u64, u64)> {
@@ -1234,6 +1241,8 @@ async fn sampler(ctx: Arc<Ctx>, start: Instant) -> (Vec<Sample>, Option<Duration
             client_conns: ctx.open_conns.load(Ordering::Relaxed),
             responses,
             server_errors: ctx.stats.server_errors.load(Ordering::Relaxed),
+            tasks_created: ctx.tasks_created.load(Ordering::Relaxed),
+            uploads_done: ctx.uploads_done.load(Ordering::Relaxed),
         };
         eprintln!(
             "[soak] t={:>5}s rss={:>7.1}MiB hwm={:>7.1}MiB fds={:>5} client_conns={:>5} responses=+{:<6} 5xx={} live_deliveries={}",
@@ -1331,6 +1340,8 @@ async fn run(args: Args) -> Result<bool, BoxErr> {
         aborts: AbortStats::default(),
         open_conns: AtomicI64::new(0),
         peak_conns: AtomicI64::new(0),
+        tasks_created: AtomicU64::new(0),
+        uploads_done: AtomicU64::new(0),
     });
     let started_at = std::time::SystemTime::now();
 
@@ -1526,6 +1537,21 @@ fn verdict(args: &Args, samples: &[Sample], ctx: &Ctx, alive: bool, gone_at: Opt
                 args.rss_limit_pct,
                 if ok { "flat" } else { "NOT flat" }
             ));
+            if let (Some(first), Some(last)) = (post.first(), post.last()) {
+                let tasks = last.tasks_created.saturating_sub(first.tasks_created);
+                if tasks > 0 {
+                    detail.push(format!(
+                        "from t={}s to t={}s RSS moved {:+.1} MiB while {} tasks were created (and as many beyond each \
+                         worker's window of 20 deleted): at most {:+.1} KiB per task created, if all of it were per task \
+                         (information, not judged)",
+                        first.t.as_secs(),
+                        last.t.as_secs(),
+                        mib(last.rss_kb) - mib(first.rss_kb),
+                        tasks,
+                        (last.rss_kb as f64 - first.rss_kb as f64) / tasks as f64
+                    ));
+                }
+            }
             if let Some(slope) = slope_mib_per_hour(&post) {
                 detail.push(format!(
                     "RSS trend after warm-up (least squares): {slope:+.1} MiB/hour (information, not judged)"
@@ -1798,9 +1824,9 @@ fn render(
     let _ = writeln!(o, "\n## Server memory, every {} s\n", args.sample.as_secs());
     let _ = writeln!(
         o,
-        "| t (s) | VmRSS MiB | VmHWM MiB | threads | server fds | client conns | responses in interval | 5xx so far |"
+        "| t (s) | VmRSS MiB | VmHWM MiB | threads | server fds | client conns | responses in interval | 5xx so far | tasks created so far | uploads so far |"
     );
-    let _ = writeln!(o, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(o, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut prev = 0u64;
     for s in samples {
         let mark = if s.t >= args.warmup && samples.iter().find(|x| x.t >= args.warmup).is_some_and(|x| x.t == s.t) {
@@ -1810,7 +1836,7 @@ fn render(
         };
         let _ = writeln!(
             o,
-            "| {}{mark} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {}{mark} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             s.t.as_secs(),
             mib(s.rss_kb),
             mib(s.hwm_kb),
@@ -1818,7 +1844,9 @@ fn render(
             s.fds,
             s.client_conns,
             s.responses - prev,
-            s.server_errors
+            s.server_errors,
+            s.tasks_created,
+            s.uploads_done
         );
         prev = s.responses;
     }
