@@ -320,6 +320,13 @@ async fn require_auth(
         Ok(who) => who,
         Err(e) => return e.into_response(),
     };
+    // A session id is no credential: a session is used (read, written, closed)
+    // only by the principal that opened it; anyone else finds no such session.
+    if let Some(id) = req.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()) {
+        if sessions.owners.lock().get(id).is_some_and(|owner| *owner != who) {
+            return ApiError::not_found("no such MCP session").into_response();
+        }
+    }
     // A POST without a session id opens a session (it carries `initialize`).
     let opens_session = req.method() == axum::http::Method::POST && !req.headers().contains_key("mcp-session-id");
     if !opens_session {

@@ -710,3 +710,35 @@ async fn events_from_before_incarnations_count_only_from_their_tasks_creation_on
     assert!(!texts.contains(&"an older life"), "{texts:?}");
     ts.stop().await;
 }
+
+// ------------------------------------------------------------ MCP session ids
+
+async fn mcp(ts: &TestServer, who: &str, method: Method, session: Option<&str>, body: &str) -> reqwest::Response {
+    let mut rb = as_principal(ts.request(method, "/mcp"), Some(who))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream");
+    if let Some(id) = session {
+        rb = rb.header("mcp-session-id", id);
+    }
+    rb.body(body.to_owned()).send().await.expect("/mcp answers")
+}
+
+#[tokio::test]
+async fn an_mcp_session_id_is_usable_only_by_the_principal_that_opened_it() {
+    let ts = TestServer::start().await;
+    let init = r#"{"jsonrpc":"2.0","method":"initialize","params":{"protocolVersion":"2025-03-26","capabilities":{},"clientInfo":{"name":"t","version":"1"}},"id":1}"#;
+    let res = mcp(&ts, ALICE, Method::POST, None, init).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let session = common::header(&res, "mcp-session-id").expect("a session id");
+    let initialized = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    assert!(mcp(&ts, ALICE, Method::POST, Some(&session), initialized).await.status().is_success());
+
+    // Mallory, holding alice's session id, can neither use nor close it.
+    let list = r#"{"jsonrpc":"2.0","method":"tools/list","id":2}"#;
+    assert_eq!(mcp(&ts, MALLORY, Method::POST, Some(&session), list).await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(mcp(&ts, MALLORY, Method::GET, Some(&session), "").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(mcp(&ts, MALLORY, Method::DELETE, Some(&session), "").await.status(), StatusCode::NOT_FOUND);
+    let res = mcp(&ts, ALICE, Method::POST, Some(&session), list).await;
+    assert_eq!(res.status(), StatusCode::OK, "alice's session is still open");
+    assert!(res.text().await.expect("a body").contains("task__create"));
+}
