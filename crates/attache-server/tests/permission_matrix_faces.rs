@@ -675,12 +675,19 @@ impl Matrix {
         }
         groups.retain(|g| !g.is_empty());
         let total: usize = groups.iter().map(Vec::len).sum();
-        let results: Vec<Vec<(String, String)>> = futures::stream::iter(groups.into_iter().enumerate())
-            .map(|(n, group)| async move {
-                let f = self.fixture(n, group[0].0.setup).await;
+        // Every fixture exists, in its state, before any cell runs: a claim
+        // must never find another cell's fixture half set up (pending, not
+        // yet assigned to its own worker).
+        let fixtures: Vec<Fixture> = futures::stream::iter(groups.iter().enumerate())
+            .map(|(n, group)| self.fixture(n, group[0].0.setup))
+            .buffered(CONCURRENCY)
+            .collect()
+            .await;
+        let results: Vec<Vec<(String, String)>> = futures::stream::iter(groups.into_iter().zip(&fixtures).enumerate())
+            .map(|(n, (group, f))| async move {
                 let mut out = Vec::with_capacity(group.len());
                 for (i, (method, actor)) in group.into_iter().enumerate() {
-                    let (got, body) = self.observe(face, &f, n * ACTORS.len() + i, method, actor).await;
+                    let (got, body) = self.observe(face, f, n * ACTORS.len() + i, method, actor).await;
                     let want = expected(method, actor, self.mode);
                     let cell = format!("{:<28} as {:<32}", method.method, actor.name);
                     out.push((cell, verdict(&want, &got, &body)));
