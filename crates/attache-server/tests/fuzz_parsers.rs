@@ -341,45 +341,91 @@ const PARAM_NAMES: &[&str] = &[
     "requests",
 ];
 
-/// A JSON-RPC message: each member may be missing, mistyped or unexpected.
+/// A JSON-RPC message: each member may be missing, mistyped or unexpected,
+/// but most are well formed, so that inputs reach the task methods.
 #[derive(Debug, Clone, TypeGenerator)]
 struct RpcMsg {
-    jsonrpc: Option<Field>,
-    method: Option<Field>,
-    id: Option<Json>,
-    params: Option<Json>,
-    named_params: Vec<(u8, Field)>,
-    not_an_object: Option<Json>,
+    jsonrpc: Member,
+    method: Member,
+    id: RpcId,
+    params: RpcParams,
+    /// Below 16 (one message in 16): the message is `odd`, not an object.
+    shape: u8,
+    odd: Json,
 }
+
+/// A member: usually a word of the protocol, sometimes anything or absent.
+#[derive(Debug, Clone, TypeGenerator)]
+enum Member {
+    Word(u8),
+    AlsoWord(u8),
+    Odd(Option<Field>),
+}
+
+#[derive(Debug, Clone, TypeGenerator)]
+enum RpcId {
+    Absent,
+    Number(i64),
+    Text(String),
+    Odd(Json),
+}
+
+#[derive(Debug, Clone, TypeGenerator)]
+enum RpcParams {
+    Named(Vec<(u8, Known)>),
+    AlsoNamed(Vec<(u8, Known)>),
+    Any(Json),
+    Absent,
+}
+
+const JSONRPC_WORDS: &[&str] = &["2.0"];
 
 impl RpcMsg {
     fn value(&self) -> Value {
-        if let Some(other) = &self.not_an_object {
-            return other.value();
+        if self.shape < 16 {
+            return self.odd.value();
         }
         let mut m = serde_json::Map::new();
-        if let Some(v) = &self.jsonrpc {
-            m.insert("jsonrpc".into(), v.value(RPC_WORDS));
+        for (name, member, words) in
+            [("jsonrpc", &self.jsonrpc, JSONRPC_WORDS), ("method", &self.method, &RPC_WORDS[2..17])]
+        {
+            let value = match member {
+                Member::Word(i) | Member::AlsoWord(i) => Value::from(words[*i as usize % words.len()]),
+                Member::Odd(Some(f)) => f.value(RPC_WORDS),
+                Member::Odd(None) => continue,
+            };
+            m.insert(name.into(), value);
         }
-        if let Some(v) = &self.method {
-            m.insert("method".into(), v.value(RPC_WORDS));
-        }
-        if let Some(v) = &self.id {
-            m.insert("id".into(), v.value());
-        }
-        match (&self.params, self.named_params.is_empty()) {
-            (Some(p), _) => {
-                m.insert("params".into(), p.value());
+        match &self.id {
+            RpcId::Absent => {}
+            RpcId::Number(n) => {
+                m.insert("id".into(), Value::from(*n));
             }
-            (None, false) => {
-                let params = self
-                    .named_params
+            RpcId::Text(t) => {
+                m.insert("id".into(), Value::from(t.as_str()));
+            }
+            RpcId::Odd(j) => {
+                m.insert("id".into(), j.value());
+            }
+        }
+        match &self.params {
+            RpcParams::Named(named) | RpcParams::AlsoNamed(named) => {
+                let params = named
                     .iter()
-                    .map(|(k, v)| (PARAM_NAMES[*k as usize % PARAM_NAMES.len()].to_owned(), v.value(RPC_WORDS)))
+                    .map(|(k, v)| {
+                        let value = match v {
+                            Known::Other(f) => f.value(RPC_WORDS),
+                            known => Value::from(known.text(RPC_WORDS)),
+                        };
+                        (PARAM_NAMES[*k as usize % PARAM_NAMES.len()].to_owned(), value)
+                    })
                     .collect();
                 m.insert("params".into(), Value::Object(params));
             }
-            (None, true) => {}
+            RpcParams::Any(j) => {
+                m.insert("params".into(), j.value());
+            }
+            RpcParams::Absent => {}
         }
         Value::Object(m)
     }
@@ -508,6 +554,9 @@ fn fuzz_rpc_bodies_over_http() {
                     let answer: Value = serde_json::from_slice(&answer).expect("an answer is JSON");
                     match (&parsed, &answer) {
                         (Some(Value::Array(batch)), Value::Array(answers)) => {
+                            for a in answers {
+                                hh.tally.count(format!("answer {}", a["error"]["code"]));
+                            }
                             assert!(!batch.is_empty() && answers.len() <= batch.len());
                             answers.iter().for_each(|a| assert_rpc_answer(a, &sent_ids, &bytes));
                         }
@@ -516,7 +565,10 @@ fn fuzz_rpc_bodies_over_http() {
                             assert!(batch.is_empty() || batch.len() > 100, "{one}");
                             assert_eq!(one["error"]["code"], -32600);
                         }
-                        (Some(_), one) => assert_rpc_answer(one, &sent_ids, &bytes),
+                        (Some(_), one) => {
+                            hh.tally.count(format!("answer {}", one["error"]["code"]));
+                            assert_rpc_answer(one, &sent_ids, &bytes)
+                        }
                         // Not JSON; or a batch refused for its length before its end was read.
                         (None, one) => {
                             assert!(one["error"]["code"] == -32700 || one["error"]["code"] == -32600, "{one}")
