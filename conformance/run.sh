@@ -25,7 +25,9 @@ fi
 
 TAG=conformance
 . "$HERE/server.sh"
-start_attache --long-poll-timeout "$LONG_POLL_TIMEOUT"
+# The suite sends one CORS preflight from https://example.com; dev mode refuses
+# every foreign origin unless it is listed (docs/SECURITY.md).
+start_attache --long-poll-timeout "$LONG_POLL_TIMEOUT" --cors-origin https://example.com
 
 # Plain output when not on a terminal (CI logs).
 if [ ! -t 1 ] && [ -z "${FORCE_COLOR:-}" ]; then export NO_COLOR=1; fi

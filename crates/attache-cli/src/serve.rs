@@ -33,6 +33,14 @@ pub struct ServeArgs {
     /// `token` requires Authorization: Bearer [default: dev on loopback, token elsewhere]
     #[arg(long, env = "ATTACHE_AUTH", value_parser = ["dev", "token"])]
     auth: Option<String>,
+    /// An origin (scheme://host[:port]) allowed to call from a browser, e.g. a UI at
+    /// http://localhost:5173; repeat for more [default: none in dev mode, any in token mode]
+    #[arg(long = "cors-origin", env = "ATTACHE_CORS_ORIGIN", value_delimiter = ',')]
+    cors_origin: Vec<String>,
+    /// Dev mode: a Host name answered besides loopback names (localhost, *.localhost,
+    /// 127.x.y.z, [::1]); repeat for more [default: loopback names only]
+    #[arg(long = "allow-host", env = "ATTACHE_ALLOW_HOST", value_delimiter = ',')]
+    allow_host: Vec<String>,
     /// Also PUBLISH every task event to this Redis, on a channel named after its type
     #[arg(long, env = "ATTACHE_REDIS_URL")]
     redis_url: Option<String>,
@@ -98,8 +106,9 @@ pub struct ServeArgs {
     /// is closed, e.g. 30s [default: 30s]
     #[arg(long, env = "ATTACHE_SLOW_READER_TIMEOUT", value_parser = humantime::parse_duration)]
     slow_reader_timeout: Option<Duration>,
-    /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync, auth, store, object_store,
-    /// max_connections, header_read_timeout, idle_timeout, slow_reader_timeout
+    /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync, auth,
+    /// cors_origins, allow_hosts (lists), store, object_store, max_connections, header_read_timeout,
+    /// idle_timeout, slow_reader_timeout
     #[arg(long, env = "ATTACHE_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -115,6 +124,8 @@ struct FileConfig {
     max_attachment_bytes: Option<u64>,
     no_fsync: Option<bool>,
     auth: Option<String>,
+    cors_origins: Option<Vec<String>>,
+    allow_hosts: Option<Vec<String>>,
     redis_url: Option<String>,
     rpc_rate_limit: Option<u32>,
     rpc_rate_window: Option<String>,
@@ -173,6 +184,10 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         config.max_attachment_bytes = n;
     }
     config.durable = !(args.no_fsync || file.no_fsync.unwrap_or(false));
+    config.cors_origins =
+        if args.cors_origin.is_empty() { file.cors_origins.unwrap_or_default() } else { args.cors_origin };
+    config.allowed_hosts =
+        if args.allow_host.is_empty() { file.allow_hosts.unwrap_or_default() } else { args.allow_host };
     config.redis_url = args.redis_url.or(file.redis_url);
     config.rpc_rate_limit = args.rpc_rate_limit.or(file.rpc_rate_limit);
     if let Some(w) = args.rpc_rate_window {

@@ -28,7 +28,8 @@ pub const PRINCIPAL_HEADER: &str = "electric-principal";
 /// How the client proves who it is.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Credentials {
-    /// Nothing: a dev-mode server treats the caller as `system:dev-local`.
+    /// Nothing: a dev-mode server treats the caller as `user:anonymous`, an
+    /// ordinary principal that sees only what it created.
     None,
     /// Dev mode: `electric-principal: <kind>:<id>`.
     Principal(PrincipalKey),

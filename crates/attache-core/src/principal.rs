@@ -43,11 +43,14 @@ pub struct PrincipalKey {
     id: String,
 }
 
-/// Principals that may do everything (the server's own actors and the dev default).
+/// Principals that may do everything: the server's own actors. No request
+/// may claim one in dev mode (see `attache_server::auth`).
 pub const BUILT_IN_SYSTEM_PRINCIPALS: &[&str] = &["dev-local", "framework", "auth-sync", "attache"];
 
 impl PrincipalKey {
     pub const DEV_LOCAL: &'static str = "system:dev-local";
+    /// Who a dev-mode request that names no principal acts as.
+    pub const ANONYMOUS: &'static str = "user:anonymous";
     const URL_PREFIX: &'static str = "/principal/";
 
     pub fn new(kind: PrincipalKind, id: &str) -> Result<PrincipalKey> {
@@ -77,6 +80,14 @@ impl PrincipalKey {
 
     pub fn dev_local() -> PrincipalKey {
         PrincipalKey { kind: PrincipalKind::System, id: "dev-local".into() }
+    }
+
+    /// `user:anonymous`: an ordinary user, with no permission beyond what any
+    /// principal has. It owns what it creates (so a client that sends no
+    /// principal can still use its own streams), reads nothing of others,
+    /// and is shared by every request that names no principal.
+    pub fn anonymous() -> PrincipalKey {
+        PrincipalKey { kind: PrincipalKind::User, id: "anonymous".into() }
     }
 
     pub fn kind(&self) -> PrincipalKind {
@@ -154,6 +165,8 @@ mod tests {
         assert_eq!(PrincipalKey::parse(&p.url()).unwrap(), p);
         assert!(PrincipalKey::dev_local().is_built_in_system());
         assert!(!PrincipalKey::parse("system:someone").unwrap().is_built_in_system());
+        assert!(!PrincipalKey::anonymous().is_built_in_system());
+        assert_eq!(PrincipalKey::anonymous().to_string(), PrincipalKey::ANONYMOUS);
     }
 
     #[test]

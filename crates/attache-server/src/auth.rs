@@ -1,6 +1,9 @@
 //! Who is asking. Two modes:
 //! - dev: the `electric-principal` header is trusted; none means
-//!   `system:dev-local`. Allowed only on loopback listeners.
+//!   `user:anonymous`, an ordinary principal that sees only what it created.
+//!   The header may not name a built-in system principal (`system:attache`,
+//!   `system:dev-local`, ...): a client never becomes the server. Allowed only
+//!   on loopback listeners, behind the Host and Origin rules of `origin`.
 //! - token: `Authorization: Bearer <token>`, checked against the token store.
 
 use attache_core::PrincipalKey;
@@ -44,12 +47,20 @@ impl Auth {
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<PrincipalKey, ApiError> {
         match self.mode {
             AuthMode::Dev => match headers.get(PRINCIPAL_HEADER) {
-                None => Ok(PrincipalKey::dev_local()),
+                None => Ok(PrincipalKey::anonymous()),
                 Some(v) => {
                     let raw =
                         v.to_str().map_err(|_| ApiError::bad_request("electric-principal is not visible ASCII"))?;
-                    PrincipalKey::parse(raw)
-                        .map_err(|e| ApiError::bad_request(format!("malformed electric-principal header: {e}")))
+                    let who = PrincipalKey::parse(raw)
+                        .map_err(|e| ApiError::bad_request(format!("malformed electric-principal header: {e}")))?;
+                    if who.is_built_in_system() {
+                        return Err(ApiError::new(
+                            StatusCode::FORBIDDEN,
+                            "PRINCIPAL_NOT_ALLOWED",
+                            format!("{who} is one of the server's own principals; a request may not act as it"),
+                        ));
+                    }
+                    Ok(who)
                 }
             },
             AuthMode::Token => {

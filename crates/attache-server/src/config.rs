@@ -22,6 +22,11 @@ pub struct ServerConfig {
     pub max_attachment_bytes: u64,
     /// Dev (trust `electric-principal`) or token; `None` picks dev on loopback, token elsewhere.
     pub auth: Option<crate::auth::AuthMode>,
+    /// Origins (`scheme://host[:port]`) allowed to make cross-origin requests
+    /// (`--cors-origin`). Empty: none in dev mode, any (`*`) in token mode.
+    pub cors_origins: Vec<String>,
+    /// Host names dev mode answers besides loopback ones (`--allow-host`).
+    pub allowed_hosts: Vec<String>,
     /// Largest JSON-RPC request body (`/rpc`; a batch counts whole).
     pub rpc_max_body_bytes: usize,
     /// Most requests in one JSON-RPC batch (-32600 beyond, refused as the batch is read).
@@ -132,6 +137,8 @@ impl ServerConfig {
             durable: true,
             max_attachment_bytes: 1 << 30,
             auth: None,
+            cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             rpc_max_body_bytes: 4 << 20,
             rpc_max_batch: 100,
             rpc_rate_limit: None,

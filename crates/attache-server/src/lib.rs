@@ -15,6 +15,7 @@ pub mod headers;
 pub mod mcp;
 pub mod metrics;
 pub mod multipart;
+pub mod origin;
 pub mod router;
 pub mod rows;
 pub mod rpc;
@@ -53,6 +54,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// Per-principal call counts for the JSON-RPC and MCP rate limit.
     pub rate_limiter: Arc<rpc::RateLimiter>,
+    /// Host and Origin rules for browsers (`origin`).
+    pub browser: Arc<origin::BrowserPolicy>,
 }
 
 /// Errors that stop the server from starting.
@@ -66,6 +69,8 @@ pub enum StartError {
     DevAuthNotLoopback { addr: SocketAddr },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Browser(String),
     #[error("invalid --redis-url {url:?}: {reason}")]
     RedisUrl { url: String, reason: String },
 }
@@ -88,6 +93,7 @@ impl Server {
         if mode == auth::AuthMode::Dev && !loopback {
             return Err(StartError::DevAuthNotLoopback { addr: config.listen });
         }
+        let browser = origin::BrowserPolicy::new(mode, &config).map_err(StartError::Browser)?;
         let store_err = |source| StartError::Store { dir: config.store.describe(&config.data_dir), source };
         let (store, registry): (Arc<dyn StreamStore>, Arc<dyn Registry>) = match &config.store {
             StoreConfig::Embedded => {
@@ -131,6 +137,7 @@ impl Server {
             tasks: Arc::new(tasks::Writers::default()),
             metrics: Arc::new(metrics::Metrics::default()),
             rate_limiter: Arc::new(rpc::RateLimiter::default()),
+            browser: Arc::new(browser),
         };
         events::ensure_stream(state.store.as_ref())
             .await

@@ -342,18 +342,16 @@ async fn require_auth(
     res
 }
 
-/// The `/mcp` service. Host checks guard against DNS rebinding on loopback
-/// (where dev auth trusts a header); elsewhere tokens are required anyway.
+/// The `/mcp` service. Its own Host check is off: the Host and Origin rules
+/// of every route (`origin::guard`) already ran before a request gets here.
 pub fn service(
     state: AppState,
     sessions: Arc<LocalSessionManager>,
 ) -> StreamableHttpService<McpFace, LocalSessionManager> {
-    let mut config = StreamableHttpServerConfig::default()
+    let config = StreamableHttpServerConfig::default()
         .with_sse_keep_alive(None)
-        .with_cancellation_token(state.shutdown.child_token());
-    if !state.config.listen.ip().is_loopback() {
-        config = config.disable_allowed_hosts();
-    }
+        .with_cancellation_token(state.shutdown.child_token())
+        .disable_allowed_hosts();
     StreamableHttpService::new(move || Ok(McpFace { state: state.clone() }), sessions, config)
 }
 

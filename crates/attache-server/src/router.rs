@@ -11,7 +11,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 
 use crate::error::ApiError;
-use crate::{attachments, entities, events, headers, mcp, metrics, rpc, streams, ws, AppState};
+use crate::{attachments, entities, events, mcp, metrics, origin, rpc, streams, ws, AppState};
 
 /// Path prefixes that belong to attache's other faces, never to streams.
 pub const RESERVED_PREFIXES: &[&str] =
@@ -102,7 +102,8 @@ pub fn build(state: AppState) -> Router {
         .route("/metrics", get(metrics::get_metrics))
         .fallback(stream_route)
         .layer(axum::middleware::from_fn(reject_encoded_separators))
-        .layer(axum::middleware::from_fn(headers::cors_and_security))
+        // Outermost: Host and Origin rules before anything else runs (`origin`).
+        .layer(axum::middleware::from_fn_with_state(state.clone(), origin::guard))
         .with_state(state)
 }
 

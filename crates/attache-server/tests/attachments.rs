@@ -75,7 +75,7 @@ async fn uploads_round_trip_byte_exact_at_boundary_sizes() {
         assert_eq!(entry["mimeType"], "application/x-test");
         assert_eq!(entry["filename"], format!("{id}.bin"));
         assert_eq!(entry["role"], "input");
-        assert_eq!(entry["createdBy"], "/principal/system%3Adev-local");
+        assert_eq!(entry["createdBy"], "/principal/user%3Aanonymous");
         assert!(entry["createdAt"].is_string());
 
         let res = ts.request(Method::GET, &format!("{}/attachments/{id}", api(CHAT))).send().await.unwrap();

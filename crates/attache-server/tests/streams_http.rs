@@ -611,7 +611,8 @@ async fn raw_status(s: &TestServer, method_and_path: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = s.url.trim_start_matches("http://");
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("{method_and_path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let request =
+        format!("{method_and_path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     conn.write_all(request.as_bytes()).await.unwrap();
     let mut reply = Vec::new();
     conn.read_to_end(&mut reply).await.unwrap();

@@ -125,15 +125,19 @@ impl TestServer {
     /// The whole stream from the start, following catch-up pages until the
     /// server says the reader is up to date.
     pub async fn read_all(&self, path: &str) -> Bytes {
+        self.read_all_as(path, None).await
+    }
+
+    /// `read_all` as `principal` (dev mode; none: user:anonymous).
+    pub async fn read_all_as(&self, path: &str, principal: Option<&str>) -> Bytes {
         let mut offset = "-1".to_owned();
         let mut out = Vec::new();
         for _ in 0..10_000 {
-            let res = self
-                .request(Method::GET, path)
-                .query(&[("offset", offset.as_str())])
-                .send()
-                .await
-                .expect("GET is answered");
+            let mut req = self.request(Method::GET, path).query(&[("offset", offset.as_str())]);
+            if let Some(p) = principal {
+                req = req.header("electric-principal", p);
+            }
+            let res = req.send().await.expect("GET is answered");
             assert_eq!(res.status(), StatusCode::OK, "reading {path} at {offset}");
             let up_to_date = header(&res, UP_TO_DATE).is_some();
             offset = header(&res, NEXT_OFFSET).expect("a read answers its next offset");

@@ -79,7 +79,7 @@ pub fn api(entity: &str) -> String {
     format!("/_electric/entities{entity}")
 }
 
-/// Spawns `entity` in dev mode as `principal` (none: system:dev-local); insists it is new.
+/// Spawns `entity` in dev mode as `principal` (none: user:anonymous); insists it is new.
 pub async fn spawn(ts: &TestServer, principal: Option<&str>, entity: &str) -> Value {
     let res = as_principal(ts.request(Method::PUT, &api(entity)), principal).send().await.expect("spawn answered");
     let status = res.status();
@@ -95,7 +95,7 @@ pub fn as_principal(rb: RequestBuilder, principal: Option<&str>) -> RequestBuild
     }
 }
 
-/// POSTs a multipart body to the entity's attachments route (dev mode, dev-local).
+/// POSTs a multipart body to the entity's attachments route (dev mode, no principal: user:anonymous).
 pub async fn upload_raw(ts: &TestServer, entity: &str, body: Vec<u8>) -> Response {
     ts.request(Method::POST, &format!("{}/attachments", api(entity)))
         .header("content-type", Form::content_type())
@@ -130,7 +130,12 @@ pub async fn listed(ts: &TestServer, entity: &str) -> BTreeMap<String, Value> {
 
 /// The rows of a JSON stream, read from the start.
 pub async fn rows(ts: &TestServer, path: &str) -> Vec<Value> {
-    let bytes = ts.read_all(path).await;
+    rows_as(ts, path, None).await
+}
+
+/// `rows` as `principal` (dev mode; none: user:anonymous).
+pub async fn rows_as(ts: &TestServer, path: &str, principal: Option<&str>) -> Vec<Value> {
+    let bytes = ts.read_all_as(path, principal).await;
     // Catch-up pages are JSON arrays, concatenated: `[..][..]`.
     let mut out = Vec::new();
     let mut de = serde_json::Deserializer::from_slice(&bytes).into_iter::<Vec<Value>>();
@@ -142,8 +147,17 @@ pub async fn rows(ts: &TestServer, path: &str) -> Vec<Value> {
 
 /// State Protocol materialization of a main stream: (type, key) → value.
 pub async fn materialize(ts: &TestServer, entity: &str) -> BTreeMap<(String, String), Value> {
+    materialize_as(ts, entity, None).await
+}
+
+/// `materialize` as `principal` (dev mode; none: user:anonymous).
+pub async fn materialize_as(
+    ts: &TestServer,
+    entity: &str,
+    principal: Option<&str>,
+) -> BTreeMap<(String, String), Value> {
     let mut state = BTreeMap::new();
-    for row in rows(ts, &format!("{entity}/main")).await {
+    for row in rows_as(ts, &format!("{entity}/main"), principal).await {
         let (Some(t), Some(k)) = (row["type"].as_str(), row["key"].as_str()) else { continue };
         let key = (t.to_owned(), k.to_owned());
         match row["headers"]["operation"].as_str() {
