@@ -11,9 +11,13 @@ use attache_client::hydrate::HydrationLimits;
 use attache_client::runtime::{errors_of, AttachmentFilter, RuntimeOptions};
 use attache_client::streams::START;
 use attache_client::{
-    AttachmentInput, ErrorCode, HandlerContext, HandlerResult, MaterializedState, Role, Runtime, SendMessage,
+    AttachmentInput, EntityUrl, ErrorCode, HandlerContext, HandlerResult, MaterializedState, NewGrant, PrincipalKey,
+    Role, Runtime, SendMessage, SpawnOptions,
 };
 use common::{image_bytes, spawn, TestServer};
+
+/// The principal the handler runtime of the first test runs as.
+const RUNTIME: &str = "agent:runtime";
 use serde_json::json;
 
 fn quick() -> RuntimeOptions {
@@ -65,8 +69,11 @@ async fn the_runtime_hands_each_new_message_to_the_handler_with_its_attachments_
             HandlerResult::Ok(())
         }
     };
-    let runtime = Runtime::new(server.client(), "chat", handler).options(quick()).start();
-    let entity = spawn(&sam, "/chat/rt").await;
+    // The runtime watches the entities its principal may read: sam grants it hers.
+    let runtime = Runtime::new(server.client_as(RUNTIME), "chat", handler).options(quick()).start();
+    let entity = EntityUrl::parse("/chat/rt").unwrap();
+    let grant = NewGrant::principal(&PrincipalKey::parse(RUNTIME).unwrap(), "read");
+    sam.spawn_entity(&entity, &SpawnOptions { grants: vec![grant], ..SpawnOptions::default() }).await.unwrap();
     assert!(runtime.wait_for(Duration::from_secs(10), |s| s.entities() == 1).await);
     let img = image_bytes(64, 1);
     sam.send_with_attachments(

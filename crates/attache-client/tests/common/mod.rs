@@ -63,7 +63,7 @@ impl TestServer {
         }
     }
 
-    /// A client acting as `system:dev-local` (may do everything).
+    /// A client that names no principal: the server treats it as `user:anonymous`.
     pub fn client(&self) -> RuntimeServerClient {
         RuntimeServerClient::new(&self.url).expect("a client")
     }
