@@ -25,19 +25,30 @@ async fn get_as(ts: &TestServer, principal: Option<&str>, entity: &str) -> (Stat
     (status, res.json().await.unwrap_or(Value::Null))
 }
 
-/// Everything the registry holds, as system:dev-local sees it: every entity
-/// (with its grants), and the total count.
+/// Everything the registry holds, as each principal these tests act as sees
+/// it (no dev-mode request may see all: built-in system principals are refused).
 async fn registry_snapshot(ts: &TestServer) -> Value {
-    let res = ts.request(Method::GET, "/_electric/entities?limit=1000").send().await.expect("list answered");
+    let mut out = serde_json::Map::new();
+    for who in [None, Some(SAM), Some(ANN)] {
+        out.insert(who.unwrap_or("anonymous").to_owned(), registry_snapshot_as(ts, who).await);
+    }
+    Value::Object(out)
+}
+
+/// The entities `who` may read (with their grants and main tails), and the total count.
+async fn registry_snapshot_as(ts: &TestServer, who: Option<&str>) -> Value {
+    let list = as_principal(ts.request(Method::GET, "/_electric/entities?limit=1000"), who);
+    let res = list.send().await.expect("list answered");
     assert_eq!(res.status(), StatusCode::OK);
     let total = header(&res, "x-total-count");
     let list: Vec<Value> = res.json().await.expect("a JSON list");
     let mut out = Vec::new();
     for e in list {
         let url = e["url"].as_str().expect("an entity has a url").to_owned();
-        let grants: Value =
-            ts.request(Method::GET, &format!("{}/grants", api(&url))).send().await.unwrap().json().await.unwrap();
-        let tail = header(&ts.head(&format!("{url}/main")).await, common::NEXT_OFFSET);
+        let grants = as_principal(ts.request(Method::GET, &format!("{}/grants", api(&url))), who);
+        let grants: Value = grants.send().await.unwrap().json().await.unwrap();
+        let head = as_principal(ts.request(Method::HEAD, &format!("{url}/main")), who).send().await.unwrap();
+        let tail = header(&head, common::NEXT_OFFSET);
         out.push(json!({ "entity": e, "grants": grants, "main_tail": tail }));
     }
     json!({ "total": total, "entities": out })
