@@ -1256,6 +1256,69 @@ async fn a_revoked_grant_ends_the_events_of_every_open_feed() {
     assert_eq!(m.call(Face::Rpc, reader, "task.get", json!({"id": f.id})).await.outcome(), "-32602");
 }
 
+/// An MCP session belongs to the principal that opened it: another one that
+/// learns its id can neither call tools in it nor end it (404, as for a
+/// session that does not exist), and the owner's session keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_session_answers_only_the_principal_that_opened_it() {
+    let matrix = Matrix::start(Mode::Token).await;
+    let m = &matrix;
+    let owner = m.owner();
+    let post = |actor: &Actor, session: Option<&str>, body: Value| {
+        let mut rb = m
+            .request(Http::POST, "/mcp", actor)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(body.to_string());
+        if let Some(id) = session {
+            rb = rb.header("mcp-session-id", id).header("mcp-protocol-version", "2025-03-26");
+        }
+        rb.send()
+    };
+    let call = json!({"jsonrpc": "2.0", "method": "tools/call", "id": 2,
+        "params": {"name": "task__list", "arguments": {}}});
+    let results: Vec<(String, String)> = futures::stream::iter(ACTORS)
+        .map(|actor| {
+            let call = call.clone();
+            async move {
+                let initialize = json!({"jsonrpc": "2.0", "method": "initialize", "id": 1, "params": {
+                    "protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "matrix", "version": "1"}}});
+                let res = step("initialize", post(owner, None, initialize)).await.expect("/mcp answers");
+                let session = header(&res, "mcp-session-id").expect("a session id");
+                let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+                step("initialized", post(owner, Some(&session), initialized)).await.expect("/mcp answers");
+
+                let res = step("call", post(actor, Some(&session), call.clone())).await.expect("/mcp answers");
+                let called = res.status().as_u16();
+                let text = res.text().await.unwrap_or_default();
+                let ended = step(
+                    "DELETE",
+                    m.request(Http::DELETE, "/mcp", actor)
+                        .header("mcp-session-id", &session)
+                        .header("mcp-protocol-version", "2025-03-26")
+                        .send(),
+                )
+                .await
+                .expect("/mcp answers")
+                .status()
+                .as_u16();
+                let res = step("owner's call", post(owner, Some(&session), call)).await.expect("/mcp answers");
+                let owners = res.status().as_u16();
+                let got = format!("call {called}, DELETE {ended}, owner's next call {owners}");
+                let want = match actor.who(Mode::Token) {
+                    Who::Refused(status) => format!("call {status}, DELETE {status}, owner's next call 200"),
+                    Who::As(OWNER) => "call 200, DELETE 202, owner's next call 404".into(),
+                    Who::As(_) => "call 404, DELETE 404, owner's next call 200".into(),
+                };
+                (format!("owner's MCP session as {:<32}", actor.name), verdict(&want, &got, &text))
+            }
+        })
+        .buffered(CONCURRENCY)
+        .collect()
+        .await;
+    report("MCP sessions (Token mode)", ACTORS.len(), results);
+}
+
 /// The rules table itself: a guard against a table that can no longer fail.
 #[test]
 fn the_rules_give_every_outcome_somewhere() {
