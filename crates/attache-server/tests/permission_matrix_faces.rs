@@ -1175,6 +1175,35 @@ async fn read_faces_show_only_what_every_actor_may_read() {
     check_read_faces(Mode::Token).await;
 }
 
+// Dev mode: the principal header is trusted; a request without one is
+// `user:anonymous`, which sees nothing of others.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_task_methods_over_rpc_answer_every_actor_by_the_rules() {
+    check_task_methods(Mode::Dev, Face::Rpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_task_tools_over_mcp_answer_every_actor_by_the_rules() {
+    check_task_methods(Mode::Dev, Face::Mcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_task_methods_over_websocket_execute_answer_every_actor_by_the_rules() {
+    check_task_methods(Mode::Dev, Face::WsExecute).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_batches_answer_each_call_as_alone_and_leave_private_tasks_unseen() {
+    check_batches(Mode::Dev, Face::Rpc).await;
+    check_batches(Mode::Dev, Face::WsExecute).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_read_faces_show_only_what_every_actor_may_read() {
+    check_read_faces(Mode::Dev).await;
+}
+
 /// Reads `/ws` messages until an event of task `until` arrives; their text.
 async fn ws_until(ws: &mut Ws, until: &str) -> String {
     let mut text = String::new();
