@@ -66,6 +66,39 @@ async def request(port, method, path, body=b"", headers=None, timeout=10.0):
     return status, data.split(b"\r\n\r\n", 1)[-1], time.perf_counter() - started
 
 
+def probe(port, pid, seconds):
+    """Runs in its own process, so the load's event loop cannot delay it: /healthz on a fresh
+    connection every 200 ms, the server's RSS every second. Prints one JSON line."""
+    import json
+    latencies, failures, samples = [], [], []
+    started = time.monotonic()
+    next_sample = started
+    while time.monotonic() - started < seconds:
+        t0 = time.perf_counter()
+        try:
+            with socket.create_connection((HOST, port), timeout=5) as c:
+                c.sendall(f"GET /healthz HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n".encode())
+                data = b""
+                while True:
+                    got = c.recv(4096)
+                    if not got:
+                        break
+                    data += got
+            took = time.perf_counter() - t0
+            if data.startswith(b"HTTP/1.1 200"):
+                latencies.append(took)
+            else:
+                failures.append(data[:12].decode(errors="replace"))
+        except OSError as err:
+            failures.append(type(err).__name__)
+        now = time.monotonic()
+        if now >= next_sample:
+            samples.append((now - started, rss_kib(pid)))
+            next_sample += 1.0
+        time.sleep(0.2)
+    print(json.dumps({"latencies": latencies, "failures": failures, "samples": samples}))
+
+
 class Counts:
     def __init__(self):
         self.stalled_open = 0
@@ -165,14 +198,14 @@ async def run(args):
         path = "/bench/stall"
         status, _, _ = await request(port, "PUT", path, headers={"content-type": "application/octet-stream"})
         assert status == 201, status
-        chunk = os.urandom(1 << 20)
-        for _ in range(args.stream_mib):
+        chunk = os.urandom(args.append_kib << 10)
+        for _ in range(max(1, (args.stream_mib << 10) // args.append_kib)):
             status, _, _ = await request(port, "POST", path, chunk, {"content-type": "application/octet-stream"})
             assert status == 204, status
         await asyncio.sleep(1)
         idle_rss = rss_kib(server.pid)
         say(f"server: {' '.join(cmd[1:])}")
-        say(f"stream: {args.stream_mib} MiB of random bytes (SSE sends them base64)")
+        say(f"stream: {args.stream_mib} MiB of random bytes in appends of {args.append_kib} KiB (SSE sends them base64)")
         say(f"idle RSS after filling the stream: {idle_rss / 1024:.1f} MiB")
 
         counts = Counts()
@@ -187,20 +220,24 @@ async def run(args):
             if n % 50 == 49:
                 await asyncio.sleep(0.01)
 
-        latencies, failures, samples = [], [], []
+        import json
+        prober = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--probe", str(port), str(server.pid), str(args.seconds),
+            stdout=asyncio.subprocess.PIPE)
+        held = []
         started = time.monotonic()
-        next_sample = started
-        while time.monotonic() - started < args.seconds:
+        while prober.returncode is None:
+            held.append((time.monotonic() - started, counts.stalled_open, counts.sse_open))
             try:
-                status, _, took = await request(port, "GET", "/healthz", timeout=5)
-                (latencies if status == 200 else failures).append(took if status == 200 else status)
-            except (OSError, asyncio.TimeoutError) as err:
-                failures.append(type(err).__name__)
-            now = time.monotonic()
-            if now >= next_sample:
-                samples.append((now - started, rss_kib(server.pid), counts.stalled_open, counts.sse_open))
-                next_sample += 1.0
-            await asyncio.sleep(0.2)
+                await asyncio.wait_for(prober.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        probed = json.loads((await prober.stdout.read()).decode())
+        latencies, failures = probed["latencies"], probed["failures"]
+        samples = []
+        for t, rss in probed["samples"]:
+            near = min(held, key=lambda h: abs(h[0] - t)) if held else (t, 0, 0)
+            samples.append((t, rss, near[1], near[2]))
         stop.set()
         await asyncio.gather(*clients, return_exceptions=True)
 
@@ -250,10 +287,15 @@ def main():
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--sse-hold", type=float, default=40, help="seconds before an SSE reader is replaced")
     ap.add_argument("--stream-mib", type=int, default=32)
+    ap.add_argument("--append-kib", type=int, default=64, help="size of each append filling the stream")
     ap.add_argument("--server-arg", action="append", default=[], help="one more `attache serve` flag (repeat)")
     ap.add_argument("--report", help="also write the summary here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (server log, data)")
+    ap.add_argument("--probe", nargs=3, metavar=("PORT", "PID", "SECONDS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.probe:
+        probe(int(args.probe[0]), int(args.probe[1]), float(args.probe[2]))
+        return
     limit = args.stalled + args.sse + 256
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -74,6 +74,20 @@ impl Limits {
     }
 }
 
+/// Connections the kernel holds for the accept loop (capped by `net.core.somaxconn`):
+/// room for a burst of reconnects, so that a new client is not left retrying its SYN.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the listening socket, with a backlog for bursts of connections.
+pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As `TcpListener::bind` does: a restart can bind while old connections linger in TIME_WAIT.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Accepts until `shutdown`, then waits for the open connections to finish.
 pub async fn serve(
     listener: TcpListener,

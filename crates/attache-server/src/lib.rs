@@ -31,7 +31,6 @@ use attache_storage::embedded::{EmbeddedConfig, EmbeddedRegistry, EmbeddedStore}
 use attache_storage::postgres::PgConfig;
 use attache_storage::tokens::TokenStore;
 use attache_storage::{Registry, StreamStore};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{ServerConfig, StoreConfig};
@@ -121,9 +120,8 @@ impl Server {
                 "the open-file limit is too low for --max-connections: lowered it; raise `ulimit -n` to lift it"
             );
         }
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let listener =
+            conn::listen(config.listen).map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let shutdown = CancellationToken::new();
         let state = AppState {
