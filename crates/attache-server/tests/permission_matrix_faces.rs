@@ -1348,6 +1348,70 @@ async fn an_mcp_session_answers_only_the_principal_that_opened_it() {
     report("MCP sessions (Token mode)", ACTORS.len(), results);
 }
 
+/// A purged task's id is free again, but its past is not the next holder's
+/// (issue 10, item 4):
+/// whoever else creates a task with that id reads none of the old task's
+/// events, on any feed (catch-up, catch-up by task, SSE and `/ws` replays).
+/// (Built-in system principals read every event; whether the old owner sees
+/// its own past under a new task is left open.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_a_purged_task_never_reach_the_next_holder_of_its_id() {
+    let matrix = Matrix::start(Mode::Token).await;
+    let m = &matrix;
+    let owner = m.owner();
+    let actors: Vec<(usize, &Actor)> = ACTORS.iter().enumerate().filter(|(_, a)| a.principal != OWNER).collect();
+    let total = actors.len();
+    let results: Vec<(String, String)> = futures::stream::iter(actors)
+        .map(|(n, actor)| async move {
+            let old = m.fixture(n, Setup::Pending).await;
+            let purge = m.request(Http::DELETE, &format!("/_electric/entities/task/{}?purge=true", old.id), owner);
+            assert_eq!(step("purge", purge.send()).await.expect("purge answers").status().as_u16(), 200);
+            let cell = format!("recreated id as {:<32}", actor.name);
+            let want = match actor.who(Mode::Token) {
+                Who::Refused(status) => status.to_string(),
+                Who::As(SYSTEM) => "catch-up old, by task old, SSE old, /ws old".into(),
+                Who::As(_) => "catch-up none, by task none, SSE none, /ws none".into(),
+            };
+            if let Who::Refused(_) = actor.who(Mode::Token) {
+                let (got, text) = catch_up(m, actor, &old, false).await;
+                return (cell, verdict(&want, &got, &text));
+            }
+            let new_text = format!("the new holder of {}", old.id);
+            m.ok(actor, "task.create", json!({"id": old.id, "text": new_text})).await;
+            // The old task's text (in its task.created event); other cells' fixtures may be readable.
+            let old_text = format!("fixture {} {MARKER}", old.id);
+            let old_or_none = |text: &str| if text.contains(&old_text) { "old" } else { "none" };
+            let (_, all) = catch_up(m, actor, &old, false).await;
+            let (_, by_task) = catch_up(m, actor, &old, true).await;
+            let res = step(
+                "SSE",
+                m.request(Http::GET, "/_attache/events", actor).query(&[("offset", "-1"), ("live", "sse")]).send(),
+            )
+            .await
+            .expect("SSE answers");
+            let sse = sse_until(&mut res.bytes_stream(), &format!("{new_text}\"")).await;
+            let mut ws = m.ws_connect(actor).await.ok().expect("the WebSocket opens");
+            let subscribe = json!({"action": "subscribe", "events": ["*"], "offset": "-1"});
+            ws.send(Message::Text(subscribe.to_string().into())).await.expect("subscribe is sent");
+            let mut replay = String::new();
+            while !replay.contains(&format!("{new_text}\"")) {
+                replay.push_str(&ws_next(&mut ws).await.to_string());
+            }
+            let got = format!(
+                "catch-up {}, by task {}, SSE {}, /ws {}",
+                old_or_none(&all),
+                old_or_none(&by_task),
+                old_or_none(&sse),
+                old_or_none(&replay)
+            );
+            (cell, verdict(&want, &got, &by_task.chars().take(200).collect::<String>()))
+        })
+        .buffered(CONCURRENCY)
+        .collect()
+        .await;
+    report("events of a purged task (Token mode)", total, results);
+}
+
 /// The rules table itself: a guard against a table that can no longer fail.
 #[test]
 fn the_rules_give_every_outcome_somewhere() {
