@@ -77,6 +77,9 @@ pub struct ServeArgs {
     /// Most materialized entity views kept in memory; the least recently used is dropped and rebuilt on use [default: 10000]
     #[arg(long, env = "ATTACHE_VIEW_CACHE_ENTRIES")]
     view_cache_entries: Option<usize>,
+    /// Most deleted tasks kept as tombstones (their owners can still read their events); past it the oldest are purged for good [default: 1000]
+    #[arg(long, env = "ATTACHE_DELETED_TASKS_KEPT")]
+    deleted_tasks_kept: Option<usize>,
     /// Largest client data kept in memory with an entity (spawn args and tags together, a task's metadata), in bytes of JSON [default: 65536]
     #[arg(long, env = "ATTACHE_MAX_ENTITY_DATA_BYTES")]
     max_entity_data_bytes: Option<usize>,
@@ -138,6 +141,7 @@ struct FileConfig {
     mcp_session_idle_ttl: Option<String>,
     mcp_max_sessions: Option<usize>,
     view_cache_entries: Option<usize>,
+    deleted_tasks_kept: Option<usize>,
     max_entity_data_bytes: Option<usize>,
     mcp_max_sessions_per_principal: Option<usize>,
     store: Option<String>,
@@ -225,6 +229,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     }
     if let Some(n) = args.view_cache_entries.or(file.view_cache_entries) {
         config.view_cache_entries = n;
+    }
+    if let Some(n) = args.deleted_tasks_kept.or(file.deleted_tasks_kept) {
+        config.deleted_tasks_kept = n;
     }
     if let Some(n) = args.max_entity_data_bytes.or(file.max_entity_data_bytes) {
         config.max_entity_data_bytes = n;

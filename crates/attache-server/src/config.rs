@@ -54,6 +54,9 @@ pub struct ServerConfig {
     pub mcp_max_sessions_per_principal: usize,
     /// Most materialized entity views kept in memory (least recently used dropped; rebuilt on use).
     pub view_cache_entries: usize,
+    /// Most deleted tasks whose tombstones (record, grants, closed main stream)
+    /// are kept so their owners can still read their events; older ones are purged.
+    pub deleted_tasks_kept: usize,
     /// Largest client data the registry keeps in memory with an entity: spawn
     /// args and tags together, a task's metadata (413 / -32602 beyond).
     pub max_entity_data_bytes: usize,
@@ -153,6 +156,7 @@ impl ServerConfig {
             mcp_max_sessions: 1000,
             mcp_max_sessions_per_principal: 100,
             view_cache_entries: 10_000,
+            deleted_tasks_kept: 1_000,
             max_entity_data_bytes: 64 << 10,
             fault_plan: None,
             max_connections: 4096,

@@ -79,6 +79,19 @@ pub struct Server {
     pub addr: SocketAddr,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    state: AppState,
+}
+
+/// How many entries the server's in-memory structures hold (tests and
+/// diagnostics: what state deleted tasks leave behind).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryCounts {
+    pub registry_entities: usize,
+    pub streams: usize,
+    pub views: usize,
+    pub task_cells: usize,
+    pub tombstones: usize,
 }
 
 impl Server {
@@ -144,6 +157,10 @@ impl Server {
             let client = events::check_redis_url(&url).map_err(|reason| StartError::RedisUrl { url, reason })?;
             events::start_redis_publisher(state.clone(), client);
         }
+        if let Err(e) = tasks::load_tombstones(&state).await {
+            // Not fatal: the next task.delete purges the excess.
+            tracing::warn!(err = ?e, "could not purge the tombstones of deleted tasks past --deleted-tasks-kept");
+        }
         let app = router::build(state.clone());
         // Marking interrupted uploads failed assumes no other instance has uploads
         // in flight: only the embedded store (one instance) can know that.
@@ -152,13 +169,14 @@ impl Server {
             tokio::spawn(async move { attachments::recover(&recovering).await });
         }
         let stop = shutdown.clone();
+        let held = state.clone();
         let task = tokio::spawn(async move {
             conn::serve(listener, app, limits, state.metrics.clone(), stop).await;
             state.store.close().await;
             tracing::info!("store closed");
         });
         tracing::info!(%addr, "attache serving");
-        Ok(Server { addr, shutdown, task })
+        Ok(Server { addr, shutdown, task, state: held })
     }
 
     /// Stops accepting, releases live readers, lets in-flight requests finish, closes the store.
@@ -170,6 +188,18 @@ impl Server {
     /// Waits until the server stops (after `trigger_shutdown` or a fatal error).
     pub async fn wait(self) {
         let _ = self.task.await;
+    }
+
+    #[doc(hidden)]
+    pub fn memory_counts(&self) -> MemoryCounts {
+        let s = &self.state;
+        MemoryCounts {
+            registry_entities: s.registry.entities(None).len(),
+            streams: s.store.list_prefix("/", usize::MAX).len(),
+            views: s.views.len(),
+            task_cells: s.tasks.cells_len(),
+            tombstones: s.tasks.tombstones_len(),
+        }
     }
 
     pub fn trigger_shutdown(&self) {

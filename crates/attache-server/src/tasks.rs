@@ -11,7 +11,7 @@
 //! Writes to one task are ordered by a per-task lock that is held only while
 //! the write is *queued*, not while it syncs: see [`Writers`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -376,11 +376,38 @@ impl TaskCell {
 #[derive(Default)]
 pub struct Writers {
     cells: parking_lot::Mutex<HashMap<String, Arc<TaskCell>>>,
+    /// Deleted tasks whose tombstones are kept, oldest first: (task id, incarnation).
+    tombstones: parking_lot::Mutex<VecDeque<(String, Option<String>)>>,
+}
+
+/// A task's cell, released when dropped (on every path, errors included), so
+/// the map holds only the cells of tasks being written to.
+pub struct CellRef<'a> {
+    writers: &'a Writers,
+    task_id: String,
+    cell: Option<Arc<TaskCell>>,
+}
+
+impl std::ops::Deref for CellRef<'_> {
+    type Target = TaskCell;
+    fn deref(&self) -> &TaskCell {
+        // Present until drop.
+        self.cell.as_deref().unwrap_or_else(|| unreachable!("a CellRef holds its cell until dropped"))
+    }
+}
+
+impl Drop for CellRef<'_> {
+    fn drop(&mut self) {
+        if let Some(cell) = self.cell.take() {
+            self.writers.release(&self.task_id, cell);
+        }
+    }
 }
 
 impl Writers {
-    fn cell(&self, task_id: &str) -> Arc<TaskCell> {
-        self.cells.lock().entry(task_id.to_owned()).or_default().clone()
+    fn cell(&self, task_id: &str) -> CellRef<'_> {
+        let cell = self.cells.lock().entry(task_id.to_owned()).or_default().clone();
+        CellRef { writers: self, task_id: task_id.to_owned(), cell: Some(cell) }
     }
 
     /// Drops the cell of a task nobody is writing to (keeps the map small).
@@ -389,6 +416,18 @@ impl Writers {
         if Arc::strong_count(&cell) == 2 && cell.keys.lock().is_empty() && cell.pending.lock().by_key.is_empty() {
             cells.remove(task_id);
         }
+    }
+
+    /// How many task cells are held (tests and diagnostics).
+    #[doc(hidden)]
+    pub fn cells_len(&self) -> usize {
+        self.cells.lock().len()
+    }
+
+    /// How many deleted tasks keep a tombstone (tests and diagnostics).
+    #[doc(hidden)]
+    pub fn tombstones_len(&self) -> usize {
+        self.tombstones.lock().len()
     }
 }
 
@@ -803,7 +842,7 @@ async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
     let written = write_task(state, &id, incarnation.as_deref(), vec![], vec![event], false).await;
     drop(guard);
     written.await?;
-    state.tasks.release(&id, cell);
+    drop(cell);
     if let Some(m) = &task.metadata {
         out["metadata"] = Value::Object(m.clone());
     }
@@ -886,7 +925,7 @@ async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
     let written = write_task(state, id, incarnation, vec![], vec![event], false).await;
     drop(guard);
     written.await?;
-    state.tasks.release(id, cell);
+    drop(cell);
     Ok(out)
 }
 
@@ -924,6 +963,7 @@ fn visible_tasks_of<'a>(
         .registry
         .entities(Some(TASK_TYPE))
         .into_iter()
+        .filter(is_live_task)
         .filter(move |e| {
             may(state, who, e, Permission::Read) && (wanted == Permission::Read || may(state, who, e, wanted))
         })
@@ -1019,7 +1059,7 @@ async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
     let written = write_task(state, task_id, incarnation, vec![], vec![event], false).await;
     drop(guard);
     written.await?;
-    state.tasks.release(task_id, cell);
+    drop(cell);
     Ok(json!({ "taskId": task_id, "instanceId": instance, "assignedAt": timestamp(now) }))
 }
 
@@ -1058,7 +1098,7 @@ async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskR
     let written = write_task(state, task_id, incarnation, vec![], vec![event], false).await;
     drop(guard);
     written.await?;
-    state.tasks.release(task_id, cell);
+    drop(cell);
     Ok(json!({ "taskId": task_id, "previousAssignment": previous, "unassignedAt": timestamp(now) }))
 }
 
@@ -1106,7 +1146,7 @@ async fn claim(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResu
         let written = write_task(state, &task_id, incarnation, vec![], vec![event], false).await;
         drop(guard);
         written.await?;
-        state.tasks.release(&task_id, cell);
+        drop(cell);
         let mut row = task.row(&task_id);
         let view = state.views.get(state.store.as_ref(), &main_path(&task_id)).await?;
         let mut attachments = Map::new();
@@ -1192,7 +1232,7 @@ async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskR
     let written = write_task(state, task_id, incarnation, vec![], vec![event], false).await;
     drop(guard);
     written.await?;
-    state.tasks.release(task_id, cell);
+    drop(cell);
     Ok(json!({ "id": task_id, "status": next.as_str(), "completedAt": timestamp(now) }))
 }
 
@@ -1226,7 +1266,60 @@ async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
             Err(e) => return Err(e.into()),
         }
     }
+    // Nothing reads a deleted task's view again: it goes now, not when the LRU reaches it.
+    state.views.forget(&main_path(id));
+    drop(_guard);
+    drop(cell);
+    let over = {
+        let mut kept = state.tasks.tombstones.lock();
+        kept.push_back((id.to_owned(), entity.incarnation.clone()));
+        let excess = kept.len().saturating_sub(state.config.deleted_tasks_kept);
+        kept.drain(..excess).collect::<Vec<_>>()
+    };
+    for (old_id, old_incarnation) in over {
+        drop_tombstone(state, &old_id, old_incarnation.as_deref()).await?;
+    }
     Ok(json!({ "id": id, "deleted": true, "deletedAt": timestamp(now) }))
+}
+
+/// Purges the tombstone of a deleted task (its record, grants and closed main
+/// stream), unless the id now names another life of the task. Past
+/// `deleted_tasks_kept` tombstones the oldest go, so deleted tasks cost
+/// nothing for good; their events stay on the events stream, shown to no one
+/// but the system principal from then on (visibility comes from the record).
+async fn drop_tombstone(state: &AppState, task_id: &str, incarnation: Option<&str>) -> TaskResult<()> {
+    let Some(url) = task_url(task_id) else { return Ok(()) };
+    let cell = state.tasks.cell(task_id);
+    let _guard = cell.order.write().await;
+    let still_this_tombstone = state
+        .registry
+        .entity_shared(&url.to_string())
+        .is_some_and(|e| e.incarnation.as_deref() == incarnation && e.entity_type == TASK_TYPE && !is_live_task(&e));
+    if still_this_tombstone {
+        crate::entities::purge_entity(state, &url).await?;
+    }
+    Ok(())
+}
+
+/// Startup: the tombstones of tasks deleted before, oldest deletion first;
+/// those past `deleted_tasks_kept` are purged now.
+pub async fn load_tombstones(state: &AppState) -> TaskResult<()> {
+    let mut deleted: Vec<(i64, String, Option<String>)> = state
+        .registry
+        .entities(Some(TASK_TYPE))
+        .into_iter()
+        .filter_map(|e| {
+            let deleted_at = e.extra.as_ref()?.get("deletedAt")?.as_i64()?;
+            Some((deleted_at, e.instance_id, e.incarnation))
+        })
+        .collect();
+    deleted.sort();
+    let excess = deleted.len().saturating_sub(state.config.deleted_tasks_kept);
+    for (_, id, incarnation) in deleted.drain(..excess) {
+        drop_tombstone(state, &id, incarnation.as_deref()).await?;
+    }
+    state.tasks.tombstones.lock().extend(deleted.into_iter().map(|(_, id, inc)| (id, inc)));
+    Ok(())
 }
 
 // ---------------------------------------------------------------- attachments
@@ -1484,7 +1577,7 @@ async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentI
     if !state.registry.entity_shared(&entity.url).is_some_and(|e| e.is_running() && e.incarnation == entity.incarnation)
     {
         drop(shared);
-        state.tasks.release(task_id, cell);
+        drop(cell);
         return Err(task_missing(Missing::TaskNotFound, task_id));
     }
     let key_lock = cell.key_lock(&input.key);
@@ -1575,7 +1668,7 @@ async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentI
     let outcome = written.await;
     cell.settle(&input.key, seq);
     cell.release_key(&input.key, key_lock);
-    state.tasks.release(task_id, cell);
+    drop(cell);
     outcome?;
     if let Some(old) = old_bytes.filter(|old| *old != entry.stream_path) {
         let _ = state.store.delete(&old).await;
@@ -1703,7 +1796,7 @@ async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     if !state.registry.entity_shared(&entity.url).is_some_and(|e| e.is_running() && e.incarnation == entity.incarnation)
     {
         drop(shared);
-        state.tasks.release(task_id, cell);
+        drop(cell);
         return Err(not_found());
     }
     let key_lock = cell.key_lock(key);
@@ -1719,7 +1812,7 @@ async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         drop(key_guard);
         drop(shared);
         cell.release_key(key, key_lock);
-        state.tasks.release(task_id, cell);
+        drop(cell);
         return Err(not_found());
     };
     let now = now_ms();
@@ -1737,7 +1830,7 @@ async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     let outcome = written.await;
     cell.settle(key, seq);
     cell.release_key(key, key_lock);
-    state.tasks.release(task_id, cell);
+    drop(cell);
     outcome?;
     // Only the address derived for the bytes is deleted, never a path the row names.
     if let Some(path) = entry.byte_length.and(task_url(task_id)).and_then(|url| entry.bytes_path(&url)) {

@@ -1030,3 +1030,78 @@ async fn metrics_need_a_valid_token_in_token_mode() {
     assert_eq!(scraped.status(), StatusCode::OK);
     assert!(scraped.text().await.unwrap().contains("# TYPE"));
 }
+
+// ---- what deleted tasks leave in memory ----
+
+/// Creates a task with an attachment, reads it (so its view is built), and deletes it.
+async fn create_use_and_delete(s: &TestServer, i: usize) {
+    let id = create_task(s, ALICE, &format!("short-lived {i}"), 50).await;
+    ok(s, ALICE, "task.create_attachment", json!({"taskId": id, "key": "k", "type": "text", "content": "x"})).await;
+    ok(s, ALICE, "task.list_attachments", json!({"taskId": id})).await;
+    ok(s, ALICE, "task.delete", json!({"id": id})).await;
+}
+
+#[tokio::test]
+async fn deleted_tasks_leave_no_state_in_memory() {
+    let s = TestServer::start_with(|c| c.deleted_tasks_kept = 3).await;
+    let live = create_task(&s, ALICE, "stays", 50).await;
+    let baseline = s.memory_counts();
+    for i in 0..20 {
+        create_use_and_delete(&s, i).await;
+    }
+    let after = s.memory_counts();
+    assert_eq!(after.task_cells, 0, "no task is being written to: {after:?}");
+    assert_eq!(after.tombstones, 3, "only the last deleted_tasks_kept tombstones stay: {after:?}");
+    assert_eq!(
+        after.registry_entities,
+        baseline.registry_entities + 3,
+        "each kept tombstone is one record; the purged ones leave none: {after:?}"
+    );
+    assert_eq!(after.streams, baseline.streams + 3, "a kept tombstone keeps only its closed main stream: {after:?}");
+    assert!(after.views <= baseline.views, "deleted tasks' views are dropped: {baseline:?} -> {after:?}");
+    // The live task is untouched, and task.list counts only live tasks.
+    let listed = ok(&s, ALICE, "task.list", json!({})).await;
+    assert_eq!(listed["totalCount"], 1, "{listed}");
+    assert_eq!(listed["tasks"][0]["id"], live.as_str());
+}
+
+#[tokio::test]
+async fn the_id_of_a_purged_tombstone_can_be_created_again_without_its_old_events() {
+    let s = TestServer::start_with(|c| c.deleted_tasks_kept = 1).await;
+    create_task_with_id(&s, ALICE, "t-reborn").await;
+    ok(&s, ALICE, "task.delete", json!({"id": "t-reborn"})).await;
+    let err_ = err(&s, ALICE, "task.create", json!({"id": "t-reborn", "text": "again"})).await;
+    assert!(err_["message"].as_str().is_some_and(|m| m.contains("already exists")), "kept tombstone: {err_}");
+    // One more deletion pushes t-reborn's tombstone out.
+    let other = create_task(&s, ALICE, "other", 50).await;
+    ok(&s, ALICE, "task.delete", json!({"id": other})).await;
+    ok(&s, ALICE, "task.create", json!({"id": "t-reborn", "text": "again"})).await;
+    let events = s
+        .request(reqwest::Method::GET, "/_attache/events?offset=-1")
+        .header("electric-principal", ALICE)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let reborn: Vec<&Value> = events.as_array().unwrap().iter().filter(|e| e["taskId"] == "t-reborn").collect();
+    assert_eq!(reborn.len(), 1, "only the new life's task.created, not the purged life's events: {reborn:?}");
+    assert_eq!(reborn[0]["type"], "task.created", "{reborn:?}");
+}
+
+#[tokio::test]
+async fn tombstones_past_the_limit_are_purged_at_startup() {
+    let mut s = TestServer::start_with(|c| c.deleted_tasks_kept = 10).await;
+    let baseline = s.memory_counts();
+    for i in 0..6 {
+        create_use_and_delete(&s, i).await;
+    }
+    assert_eq!(s.memory_counts().tombstones, 6);
+    s.config.deleted_tasks_kept = 2;
+    s.restart().await;
+    let after = s.memory_counts();
+    assert_eq!(after.tombstones, 2, "{after:?}");
+    assert_eq!(after.registry_entities, baseline.registry_entities + 2, "{after:?}");
+    assert_eq!(after.streams, baseline.streams + 2, "{after:?}");
+}
