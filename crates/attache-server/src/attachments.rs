@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use attache_core::manifest::{validate_attachment_id, AttachmentStatus, ManifestEntry, Role, Subject, MANIFEST};
 use attache_core::state::{timestamp, ChangeEvent};
 use attache_core::{ContentType, EntityUrl, Permission, PrincipalKey, StreamPath};
-use attache_storage::{CreateStream, ReadFrom, StoreError, StreamInfo};
+use attache_storage::{CreateStream, EntityRecord, ReadFrom, StoreError, StreamInfo};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -188,6 +188,12 @@ fn manifest_row(entry: &ManifestEntry, txid: &str) -> ApiResult<ChangeEvent> {
 }
 
 /// Writes a manifest entry (pending, complete or failed) as an upsert row.
+/// Is the entity that `record` was read from still the one at its URL, and running?
+/// A purge and a new spawn at the same URL give the record a new incarnation.
+fn same_life(state: &AppState, record: &EntityRecord) -> bool {
+    state.registry.entity(&record.url).is_some_and(|now| now.incarnation == record.incarnation && now.is_running())
+}
+
 pub async fn write_entry(state: &AppState, entity: &EntityUrl, entry: &ManifestEntry, txid: &str) -> ApiResult<()> {
     append_rows(state.store.as_ref(), &entity.main_stream(), &[manifest_row(entry, txid)?], false).await.map(|_| ())
 }
@@ -409,7 +415,7 @@ pub async fn upload(
         Err(e) => Some(e),
     };
     if let Some(err) = failure {
-        if let Some(p) = &pending {
+        if let Some(p) = pending.as_ref().filter(|_| same_life(&state, &record)) {
             // A refused request changes nothing; an upload that broke off is recorded as failed.
             if err.status.is_client_error() && err.code != INTERRUPTED {
                 retract(&state, &entity, &p.entry.id, &p.txid).await;
@@ -472,6 +478,13 @@ pub async fn upload(
     entry.status = AttachmentStatus::Complete;
     entry.sha256 = Some(sha256);
     entry.byte_length = Some(len);
+    if !same_life(&state, &record) {
+        // Purged (and perhaps spawned again by someone else) while the bytes
+        // arrived: nothing of this upload may land in the entity's next life.
+        pending.settled();
+        let _ = state.store.delete(&entry.stream_path).await;
+        return Err(crate::access::entity_not_found(&record.url));
+    }
     if let Err(e) = write_entry(&state, &entity, &entry, &pending.txid).await {
         // The entity stopped meanwhile: the bytes go; the pending row stays as the record of the attempt.
         pending.settled();

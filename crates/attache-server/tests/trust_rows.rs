@@ -742,3 +742,50 @@ async fn an_mcp_session_id_is_usable_only_by_the_principal_that_opened_it() {
     assert_eq!(res.status(), StatusCode::OK, "alice's session is still open");
     assert!(res.text().await.expect("a body").contains("task__create"));
 }
+
+/// An upload still arriving when its entity is purged and spawned again by
+/// someone else lands nowhere: not in the new entity's manifest, not at its
+/// attachment path.
+#[tokio::test]
+async fn an_upload_in_flight_across_a_purge_never_lands_in_the_next_entity_at_that_url() {
+    let ts = TestServer::start().await;
+    let entity = "/chat/race";
+    spawn_as(&ts, ALICE, entity).await;
+    let mut bytes = SECRET.to_vec();
+    bytes.extend(std::iter::repeat_n(b'x', 256 << 10));
+    let body = Form::new().field("id", "sec").file(Some("s.bin"), Some("application/octet-stream"), &bytes).finish();
+    let (first, rest) = body.split_at(body.len() / 2);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+    tx.send(Ok(first.to_vec())).await.expect("the first half is queued");
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let upload = tokio::spawn(
+        as_principal(ts.request(Method::POST, &format!("{}/attachments", api(entity))), Some(ALICE))
+            .header("content-type", Form::content_type())
+            .body(reqwest::Body::wrap_stream(stream))
+            .send(),
+    );
+    // The upload has begun: its pending row is on alice's manifest.
+    eventually(Duration::from_secs(10), "the pending row", || async {
+        let (_, main) = raw_read_as(&ts, ALICE, &format!("{entity}/main")).await;
+        main.contains("attachment:sec").then_some(())
+    })
+    .await;
+    let res = as_principal(ts.request(Method::DELETE, &format!("{}?purge=true", api(entity))), Some(ALICE))
+        .send()
+        .await
+        .expect("purge answered");
+    assert_eq!(res.status(), StatusCode::OK);
+    spawn_as(&ts, MALLORY, entity).await;
+    tx.send(Ok(rest.to_vec())).await.expect("the rest is queued");
+    drop(tx);
+    let res = upload.await.expect("the upload task").expect("the upload is answered");
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "the upload's entity is gone");
+
+    let (status, got) = read_as(&ts, MALLORY, entity, "sec").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(!contains(&got, SECRET));
+    let (_, raw) = raw_read_as(&ts, MALLORY, &format!("{entity}/attachments/sec")).await;
+    assert!(!raw.contains("alice's secret"), "raw attachment stream: {raw}");
+    let (_, main) = raw_read_as(&ts, MALLORY, &format!("{entity}/main")).await;
+    assert!(!main.contains("manifest"), "mallory's main stream holds no row of alice's upload: {main}");
+}
