@@ -71,6 +71,9 @@ pub struct ServeArgs {
     /// An MCP session idle this long ends, e.g. 30m [default: 30m]
     #[arg(long, env = "ATTACHE_MCP_SESSION_IDLE_TTL", value_parser = humantime::parse_duration)]
     mcp_session_idle_ttl: Option<Duration>,
+    /// A resumable upload not closed this long after it began fails and its bytes are deleted, e.g. 24h [default: 24h]
+    #[arg(long, env = "ATTACHE_UPLOAD_EXPIRY", value_parser = humantime::parse_duration)]
+    upload_expiry: Option<Duration>,
     /// Most MCP sessions open at once; past it a new session is refused with 503 [default: 1000]
     #[arg(long, env = "ATTACHE_MCP_MAX_SESSIONS")]
     mcp_max_sessions: Option<usize>,
@@ -139,6 +142,7 @@ struct FileConfig {
     multipart_max_part_header_bytes: Option<usize>,
     multipart_max_fields: Option<usize>,
     mcp_session_idle_ttl: Option<String>,
+    upload_expiry: Option<String>,
     mcp_max_sessions: Option<usize>,
     view_cache_entries: Option<usize>,
     deleted_tasks_kept: Option<usize>,
@@ -223,6 +227,12 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     } else if let Some(t) = file.mcp_session_idle_ttl {
         config.mcp_session_idle_ttl = humantime::parse_duration(&t)
             .with_context(|| format!("mcp_session_idle_ttl {t:?} is not a duration like 30m"))?;
+    }
+    if let Some(t) = args.upload_expiry {
+        config.upload_expiry = t;
+    } else if let Some(t) = file.upload_expiry {
+        config.upload_expiry =
+            humantime::parse_duration(&t).with_context(|| format!("upload_expiry {t:?} is not a duration like 24h"))?;
     }
     if let Some(n) = args.mcp_max_sessions.or(file.mcp_max_sessions) {
         config.mcp_max_sessions = n;

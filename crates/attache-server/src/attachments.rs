@@ -8,7 +8,7 @@
 //! address) or `failed`. A rejected request (bad field, too large, duplicate
 //! id) retracts its pending row, so it changes nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use attache_core::manifest::{validate_attachment_id, AttachmentStatus, ManifestEntry, Role, Subject, MANIFEST};
 use attache_core::state::{timestamp, ChangeEvent};
@@ -47,7 +47,15 @@ fn duplicate(id: &str) -> ApiError {
 /// Upload ids in flight, by attachment stream path: a second upload of the
 /// same id is refused while the first runs.
 #[derive(Default)]
-pub struct Reservations(parking_lot::Mutex<HashSet<String>>);
+pub struct Reservations(parking_lot::Mutex<HashSet<String>>, parking_lot::Mutex<HashMap<String, OpenUpload>>);
+
+/// A resumable upload begun here (or found open at start-up) and not closed
+/// yet, by stream path: what the expiry sweep looks at.
+#[derive(Debug, Clone)]
+pub struct OpenUpload {
+    entity: EntityUrl,
+    id: String,
+}
 
 struct Reservation<'a> {
     set: &'a Reservations,
@@ -273,7 +281,10 @@ pub async fn settle(state: &AppState, entity: &EntityUrl, id: &str) {
                 let _ = finalize(state, entity, id).await;
             }
         },
-        Ok(_) => {}
+        // A resumable upload still going: the expiry sweep ends it if it is never closed.
+        Ok(_) => {
+            state.uploads.1.lock().insert(path, OpenUpload { entity: entity.clone(), id: id.to_owned() });
+        }
         Err(_) => {
             let mut failed = entry;
             failed.stream_path = path.clone();
@@ -812,6 +823,7 @@ pub async fn begin_resumable(
             other => other.into(),
         });
     }
+    state.uploads.1.lock().insert(path, OpenUpload { entity: entity.clone(), id: id.clone() });
     Ok((StatusCode::CREATED, Json(json!({ "txid": pending.txid, "attachment": pending.entry }))).into_response())
 }
 
@@ -874,6 +886,77 @@ pub async fn recover(state: &AppState) {
             }
             settle(state, &entity, &id).await;
         }
+    }
+}
+
+/// Ends resumable uploads never closed: every so often (a quarter of the
+/// expiry, at most a minute), each open upload whose stream was created more
+/// than `upload_expiry` ago gets a `failed` row saying why, and its stream is
+/// deleted. Closed ones leave the list (the close completed them).
+pub fn start_expiry(state: AppState) {
+    let expiry = state.config.upload_expiry;
+    let every = (expiry / 4).clamp(std::time::Duration::from_millis(50), std::time::Duration::from_secs(60));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            expire_uploads(&state, expiry).await;
+        }
+    });
+}
+
+async fn expire_uploads(state: &AppState, expiry: std::time::Duration) {
+    let open: Vec<(String, OpenUpload)> = state.uploads.1.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let deadline = now_ms() - i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX);
+    for (path, upload) in open {
+        let info = match state.store.head(&path) {
+            Ok(info) if !info.closed => info,
+            // Closed (completed) or gone: nothing to expire.
+            _ => {
+                state.uploads.1.lock().remove(&path);
+                continue;
+            }
+        };
+        if info.created_at_ms > deadline {
+            continue;
+        }
+        let view = match state.views.get(state.store.as_ref(), &upload.entity.main_stream()).await {
+            Ok(view) => view,
+            Err(_) => continue,
+        };
+        let entry = view.manifest.get(&upload.id).filter(|e| e.status == AttachmentStatus::Pending).cloned();
+        drop(view);
+        if let Some(mut failed) = entry {
+            failed.stream_path = path.clone();
+            failed.status = AttachmentStatus::Failed;
+            failed.error = Some(format!(
+                "upload expired: a resumable upload must be closed within {} of its start",
+                humanize(expiry)
+            ));
+            if let Err(e) = write_entry(state, &upload.entity, &failed, &new_txid()).await {
+                tracing::warn!(error = %e.message, id = upload.id, "could not mark an expired upload failed");
+                continue;
+            }
+            tracing::info!(entity = %upload.entity, id = upload.id, "a resumable upload expired");
+        }
+        match state.store.delete(&path).await {
+            Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => {
+                state.uploads.1.lock().remove(&path);
+            }
+            Err(e) => tracing::warn!(error = %e, path, "could not delete an expired upload's stream"),
+        }
+    }
+}
+
+fn humanize(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        s if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        s if s > 0 => format!("{s}s"),
+        _ => format!("{}ms", d.as_millis()),
     }
 }
 

@@ -60,6 +60,9 @@ pub struct ServerConfig {
     /// Largest client data the registry keeps in memory with an entity: spawn
     /// args and tags together, a task's metadata (413 / -32602 beyond).
     pub max_entity_data_bytes: usize,
+    /// A resumable upload not closed this long after it began is ended: its
+    /// manifest row becomes `failed` (with the reason) and its stream is deleted.
+    pub upload_expiry: Duration,
     /// Tests only: disk faults injected into the embedded store's file I/O
     /// (never set by the CLI; `None` costs one branch per write or sync).
     #[doc(hidden)]
@@ -158,6 +161,7 @@ impl ServerConfig {
             view_cache_entries: 10_000,
             deleted_tasks_kept: 1_000,
             max_entity_data_bytes: 64 << 10,
+            upload_expiry: Duration::from_secs(24 * 3600),
             fault_plan: None,
             max_connections: 4096,
             header_read_timeout: Duration::from_secs(10),

@@ -168,6 +168,7 @@ impl Server {
             let recovering = state.clone();
             tokio::spawn(async move { attachments::recover(&recovering).await });
         }
+        attachments::start_expiry(state.clone());
         let stop = shutdown.clone();
         let held = state.clone();
         let task = tokio::spawn(async move {

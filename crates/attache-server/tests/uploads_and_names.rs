@@ -153,3 +153,80 @@ async fn an_upload_interrupted_after_its_bytes_were_stored_is_completed_not_left
     assert_eq!(entry["byteLength"], bytes.len());
     assert_eq!(get_bytes(&ts, CHAT, "doc").await, (StatusCode::OK, bytes));
 }
+
+/// A resumable upload begun and never closed used to stay `pending` for
+/// ever, its stream kept. Past `upload_expiry` its row fails with the reason
+/// and its stream is deleted; the id can then be used again.
+#[tokio::test]
+async fn a_resumable_upload_never_closed_expires_failed_and_its_stream_is_deleted() {
+    let ts = TestServer::start_with(|c| c.upload_expiry = Duration::from_millis(300)).await;
+    spawn(&ts, None, CHAT).await;
+    let begin = || ts.request(Method::PUT, &format!("{}/attachments/slow", api(CHAT))).json(&json!({})).send();
+    assert_eq!(begin().await.unwrap().status(), StatusCode::CREATED);
+    let stream = format!("{CHAT}/attachments/slow");
+    let res = ts
+        .request(Method::POST, &stream)
+        .header("content-type", "application/octet-stream")
+        .body(b"part of it".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success());
+    let entry: Value = eventually(Duration::from_secs(5), "the open upload to expire", || {
+        let ts = &ts;
+        async move {
+            let entry = manifest(ts, CHAT).await.remove("slow")?;
+            (entry["status"] == "failed").then_some(entry)
+        }
+    })
+    .await;
+    assert!(entry["error"].as_str().is_some_and(|e| e.contains("expired")), "{entry}");
+    eventually(Duration::from_secs(5), "the expired upload's stream to be deleted", || {
+        let ts = &ts;
+        let stream = stream.clone();
+        async move {
+            let status = ts.request(Method::HEAD, &stream).send().await.unwrap().status();
+            (status == StatusCode::NOT_FOUND).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(begin().await.unwrap().status(), StatusCode::CREATED, "the id is free again");
+}
+
+/// Names (entity URLs, plain stream paths, task ids) are one namespace per
+/// server: a create on a name another principal holds must fail, so it says
+/// 409 where a read says 404. It says only that the name is taken: not who
+/// holds it, nor anything of what is there (docs/SECURITY.md, "Uploads and names").
+#[tokio::test]
+async fn a_create_on_a_name_another_principal_holds_says_only_that_it_is_taken() {
+    let ts = TestServer::start().await;
+    let as_ = |rb: reqwest::RequestBuilder, who: &str| rb.header(entity_support::PRINCIPAL, who.to_owned());
+    let res = as_(ts.request(Method::PUT, "/names/plans"), "user:alice")
+        .header("content-type", "application/x-alice-private")
+        .body("the content")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    spawn(&ts, Some("user:alice"), "/chat/private-1").await;
+
+    let read = as_(ts.request(Method::GET, "/names/plans"), "user:mallory").send().await.unwrap();
+    assert_eq!(read.status(), StatusCode::NOT_FOUND);
+    let read = as_(ts.request(Method::GET, &api("/chat/private-1")), "user:mallory").send().await.unwrap();
+    assert_eq!(read.status(), StatusCode::NOT_FOUND);
+
+    let put = as_(ts.request(Method::PUT, "/names/plans"), "user:mallory")
+        .header("content-type", "application/x-alice-private")
+        .send()
+        .await
+        .unwrap();
+    let spawned = as_(ts.request(Method::PUT, &api("/chat/private-1")), "user:mallory").send().await.unwrap();
+    for res in [put, spawned] {
+        assert_eq!(res.status(), StatusCode::CONFLICT);
+        let headers = format!("{:?}", res.headers());
+        let body = res.text().await.unwrap();
+        for secret in ["alice", "x-alice-private", "the content", "createdAt", "created_by"] {
+            assert!(!body.contains(secret) && !headers.contains(secret), "a 409 reveals {secret:?}: {body} {headers}");
+        }
+    }
+}
