@@ -285,36 +285,32 @@ fn percent_decode(s: &str) -> Vec<u8> {
 
 // --------------------------------------------------------------- JSON-RPC
 
-const RPC_WORDS: &[&str] = &[
-    "2.0",
-    "1.0",
-    "task.create",
-    "task.get",
-    "task.update",
-    "task.list",
-    "task.assign",
-    "task.unassign",
-    "task.claim",
-    "task.complete",
-    "task.delete",
-    "task.create_attachment",
-    "task.get_attachment",
-    "task.list_attachments",
-    "task.get_attachments_batch",
-    "task.delete_attachment",
-    "task.nope",
-    "t-1",
-    "pending",
-    "in_progress",
-    "completed",
-    "json",
-    "markdown",
-    "text",
-    "url",
-    "binary",
-    "k",
-    "worker-1",
-];
+/// Words the JSON-RPC generator draws from: the versions, every task method
+/// (the face's own list, so a new method is fuzzed too), then other values.
+/// `method_words()` is the methods plus one unknown name.
+static RPC_WORDS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    let mut words = vec!["2.0", "1.0"];
+    words.extend_from_slice(attache_server::tasks::METHODS);
+    words.extend_from_slice(&[
+        "task.nope",
+        "t-1",
+        "pending",
+        "in_progress",
+        "completed",
+        "json",
+        "markdown",
+        "text",
+        "url",
+        "binary",
+        "k",
+        "worker-1",
+    ]);
+    words
+});
+
+fn method_words() -> &'static [&'static str] {
+    &RPC_WORDS[2..attache_server::tasks::METHODS.len() + 3]
+}
 
 const PARAM_NAMES: &[&str] = &[
     "text",
@@ -387,11 +383,11 @@ impl RpcMsg {
         }
         let mut m = serde_json::Map::new();
         for (name, member, words) in
-            [("jsonrpc", &self.jsonrpc, JSONRPC_WORDS), ("method", &self.method, &RPC_WORDS[2..17])]
+            [("jsonrpc", &self.jsonrpc, JSONRPC_WORDS), ("method", &self.method, method_words())]
         {
             let value = match member {
                 Member::Word(i) | Member::AlsoWord(i) => Value::from(words[*i as usize % words.len()]),
-                Member::Odd(Some(f)) => f.value(RPC_WORDS),
+                Member::Odd(Some(f)) => f.value(&RPC_WORDS),
                 Member::Odd(None) => continue,
             };
             m.insert(name.into(), value);
@@ -414,8 +410,8 @@ impl RpcMsg {
                     .iter()
                     .map(|(k, v)| {
                         let value = match v {
-                            Known::Other(f) => f.value(RPC_WORDS),
-                            known => Value::from(known.text(RPC_WORDS)),
+                            Known::Other(f) => f.value(&RPC_WORDS),
+                            known => Value::from(known.text(&RPC_WORDS)),
                         };
                         (PARAM_NAMES[*k as usize % PARAM_NAMES.len()].to_owned(), value)
                     })
