@@ -326,7 +326,7 @@ impl Drop for ScratchRedis {
 #[tokio::test]
 async fn redis_subscribers_receive_each_event_on_its_type_channel() {
     let Some(redis_server) = ScratchRedis::start() else {
-        eprintln!("skipped: redis-server is not installed");
+        attache_storage::postgres::test_cluster::missing_service("Redis", "redis-server could not be started");
         return;
     };
     let url = format!("redis://127.0.0.1:{}", redis_server.port);

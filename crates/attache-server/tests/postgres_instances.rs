@@ -20,7 +20,7 @@ async fn two_servers_over_one_database_serve_the_same_streams_or_skip_without_po
     let cluster = match TestCluster::start(false) {
         Ok(c) => c,
         Err(why) => {
-            eprintln!("SKIPPED: no PostgreSQL to test against: {why}");
+            attache_storage::postgres::test_cluster::missing_service("PostgreSQL", &why);
             return;
         }
     };

@@ -20,7 +20,7 @@ fn cluster() -> Option<TestCluster> {
     match TestCluster::start(false) {
         Ok(c) => Some(c),
         Err(why) => {
-            eprintln!("SKIPPED: no PostgreSQL to test against: {why}");
+            attache_storage::postgres::test_cluster::missing_service("PostgreSQL", &why);
             None
         }
     }

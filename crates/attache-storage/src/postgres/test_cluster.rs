@@ -19,8 +19,23 @@ struct Owned {
     as_postgres: bool,
 }
 
-/// Why no cluster could be had (the caller reports it and skips).
+/// Why no cluster could be had (the caller hands it to [`missing_service`]).
 pub type Unavailable = String;
+
+/// The environment variable that makes a missing test service (PostgreSQL,
+/// Redis) a failure instead of a skip. CI (`.ci/run`) sets it.
+pub const REQUIRE_SERVICES: &str = "ATTACHE_REQUIRE_SERVICES";
+
+/// Called by a test whose service is missing: panics when
+/// `ATTACHE_REQUIRE_SERVICES` is set (to anything but `0` or empty), so a CI
+/// run cannot pass by skipping; otherwise prints why the test is skipped.
+pub fn missing_service(service: &str, why: &str) {
+    let required = std::env::var(REQUIRE_SERVICES).is_ok_and(|v| !v.is_empty() && v != "0");
+    if required {
+        panic!("{service} is required ({REQUIRE_SERVICES} is set) but could not be had: {why}");
+    }
+    eprintln!("SKIPPED: no {service} to test against: {why} (set {REQUIRE_SERVICES}=1 to make this a failure)");
+}
 
 fn find_bin(name: &str) -> Option<PathBuf> {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
