@@ -698,16 +698,13 @@ async fn body_for(state: &AppState, info: &StreamInfo, start: u64, end: u64) -> 
             let batch = store
                 .read(&path, ReadFrom::At(attache_core::Offset(pos)), want)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            let mut bytes = bytes::BytesMut::new();
-            for c in &batch.chunks {
-                bytes.extend_from_slice(c);
-            }
+            let mut bytes = batch.body;
             bytes.truncate(want);
             if bytes.is_empty() {
                 return Ok(None);
             }
             let next = pos + bytes.len() as u64;
-            Ok(Some((bytes.freeze(), next)))
+            Ok(Some((bytes, next)))
         }
     });
     Ok(Body::from_stream(stream))
@@ -847,9 +844,7 @@ pub async fn finalize(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResu
     let mut pos = 0;
     while pos < info.tail {
         let batch = state.store.read(&path, ReadFrom::At(attache_core::Offset(pos)), 4 << 20)?;
-        for c in &batch.chunks {
-            hasher.update(c);
-        }
+        hasher.update(&batch.body);
         if batch.next.0 <= pos {
             break;
         }

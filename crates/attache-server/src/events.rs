@@ -74,11 +74,12 @@ pub struct Batch {
 /// only its last event is stamped, with the batch's end).
 pub fn read(store: &dyn StreamStore, from: Offset, max_bytes: usize) -> Result<Batch, StoreError> {
     let batch = store.read(EVENTS_PATH, ReadFrom::At(from), max_bytes)?;
-    let adds_up = batch.start.0 + batch.chunks.iter().map(|c| c.len() as u64 + 1).sum::<u64>() == batch.next.0;
+    let messages = batch.messages();
+    let adds_up = batch.start.0 + messages.iter().map(|c| c.len() as u64 + 1).sum::<u64>() == batch.next.0;
     let mut pos = batch.start.0;
-    let last = batch.chunks.len().saturating_sub(1);
-    let mut events = Vec::with_capacity(batch.chunks.len());
-    for (i, chunk) in batch.chunks.iter().enumerate() {
+    let last = messages.len().saturating_sub(1);
+    let mut events = Vec::with_capacity(messages.len());
+    for (i, chunk) in messages.iter().enumerate() {
         pos += chunk.len() as u64 + 1;
         let Ok(Value::Object(mut event)) = serde_json::from_slice::<Value>(chunk) else { continue };
         if adds_up || i == last {

@@ -230,7 +230,7 @@ impl Views {
                 }
                 Err(e) => return Err(e.into()),
             };
-            for row in &batch.chunks {
+            for row in &batch.messages() {
                 view.apply(row);
             }
             view.applied = batch.next.0;

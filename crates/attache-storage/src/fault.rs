@@ -31,9 +31,13 @@ pub enum FaultPoint {
     BlobWrite,
     /// The sync of a blob staging file.
     BlobSync,
+    /// A write to a stream's segment file (its wire bytes).
+    SegmentWrite,
+    /// A sync of a segment file (at a checkpoint).
+    SegmentSync,
 }
 
-const POINTS: usize = 6;
+const POINTS: usize = 8;
 
 impl FaultPoint {
     fn index(self) -> usize {
@@ -107,6 +111,8 @@ impl FaultPlan {
             FaultPoint::DbSync,
             FaultPoint::BlobWrite,
             FaultPoint::BlobSync,
+            FaultPoint::SegmentWrite,
+            FaultPoint::SegmentSync,
         ] {
             self.fail_all(point, Fault::NoSpace);
         }

@@ -44,11 +44,13 @@ pub(crate) enum Source {
     Db,
     /// Blob staging files.
     Blob,
+    /// Segment files (a stream's bytes).
+    Segment,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    failing: [bool; 3],
+    failing: [bool; 4],
     failure: Option<WriteFailure>,
 }
 

@@ -185,12 +185,35 @@ pub struct ReadBatch {
     pub info: StreamInfo,
     pub start: Offset,
     pub next: Offset,
-    /// Binary: byte runs to concatenate. JSON: one message per element.
-    pub chunks: Vec<Bytes>,
+    /// What a reader receives, as one buffer: binary, the stream's bytes from
+    /// `start` to `next`; JSON, the array of the messages between them
+    /// (`[m1,m2]`, `[]` when there are none), each message's bytes as appended.
+    pub body: Bytes,
     pub json: bool,
 }
 
 impl ReadBatch {
+    /// A batch from its pieces: binary runs to concatenate, or JSON messages (one per element).
+    pub fn from_pieces(info: StreamInfo, start: Offset, next: Offset, json: bool, pieces: &[Bytes]) -> ReadBatch {
+        let body = match (json, pieces) {
+            (false, [one]) => one.clone(),
+            (false, _) => pieces.concat().into(),
+            (true, _) => {
+                let mut out = Vec::with_capacity(pieces.iter().map(|m| m.len() + 1).sum::<usize>() + 2);
+                out.push(b'[');
+                for (i, m) in pieces.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(m);
+                }
+                out.push(b']');
+                out.into()
+            }
+        };
+        ReadBatch { info, start, next, body, json }
+    }
+
     pub fn up_to_date(&self) -> bool {
         self.next.0 >= self.info.tail
     }
@@ -198,12 +221,73 @@ impl ReadBatch {
     pub fn at_closed_end(&self) -> bool {
         self.info.closed && self.up_to_date()
     }
+    /// No message (JSON) or no byte (binary).
     pub fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
+        if self.json {
+            self.body.len() <= 2
+        } else {
+            self.body.is_empty()
+        }
     }
+    /// Bytes of the body.
     pub fn byte_len(&self) -> usize {
-        self.chunks.iter().map(|c| c.len()).sum()
+        self.body.len()
     }
+    /// JSON: each message, in order, as a slice of the body (no copies).
+    /// Binary: the body as one piece (none when empty).
+    pub fn messages(&self) -> Vec<Bytes> {
+        if !self.json {
+            return if self.body.is_empty() { Vec::new() } else { vec![self.body.clone()] };
+        }
+        split_array(&self.body)
+    }
+}
+
+/// The elements of a JSON array whose elements are valid JSON values (what
+/// the store keeps): a scan for the commas outside strings at the top level.
+fn split_array(body: &Bytes) -> Vec<Bytes> {
+    let b = body.as_ref();
+    let mut out = Vec::new();
+    let (Some(open), Some(close)) = (b.iter().position(|&c| c == b'['), b.iter().rposition(|&c| c == b']')) else {
+        return out;
+    };
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut from = open + 1;
+    let mut push = |from: usize, to: usize| {
+        let piece = body.slice(from..to);
+        let trimmed = piece.as_ref();
+        let lead = trimmed.iter().take_while(|c| c.is_ascii_whitespace()).count();
+        let trail = trimmed.iter().rev().take_while(|c| c.is_ascii_whitespace()).count();
+        if lead + trail < trimmed.len() {
+            out.push(piece.slice(lead..trimmed.len() - trail));
+        }
+    };
+    for (i, &c) in b.iter().enumerate().take(close).skip(open + 1) {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == b'\\' {
+                escaped = true;
+            } else if c == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match c {
+            b'"' => in_string = true,
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' if depth == 0 => {
+                push(from, i);
+                from = i + 1;
+            }
+            _ => {}
+        }
+    }
+    push(from, close);
+    out
 }
 
 /// Wakes live readers after each committed change to one stream.
@@ -223,5 +307,48 @@ mod tests {
         let given: Vec<&[u8]> = req.messages.as_ref().unwrap().iter().map(|b| b.as_ref()).collect();
         assert_eq!(split, given);
         assert_eq!(given, messages.iter().map(Vec::as_slice).collect::<Vec<_>>());
+    }
+
+    fn info(json: bool) -> StreamInfo {
+        StreamInfo {
+            id: 1,
+            path: "/s".into(),
+            content_type: if json { "application/json" } else { "application/octet-stream" }.into(),
+            ttl_secs: None,
+            expires_at: None,
+            expires_at_ms: None,
+            created_at_ms: 0,
+            closed: false,
+            tail: 0,
+            fork: None,
+            fork_refs: 0,
+            soft_deleted: false,
+            last_seq: None,
+            closed_by: None,
+            owner: None,
+            blob: None,
+        }
+    }
+
+    #[test]
+    fn a_json_body_splits_back_into_exactly_its_messages() {
+        let messages: Vec<Bytes> = [r#"{"a":[1,{"b":"],"}]}"#, "0", r#""x,\"]""#, "[]", "{}", r#""\\""#, "-1.5e3"]
+            .iter()
+            .map(|m| Bytes::copy_from_slice(m.as_bytes()))
+            .collect();
+        let batch = ReadBatch::from_pieces(info(true), Offset(0), Offset(0), true, &messages);
+        assert_eq!(batch.messages(), messages);
+        assert!(!batch.is_empty());
+        let empty = ReadBatch::from_pieces(info(true), Offset(0), Offset(0), true, &[]);
+        assert_eq!(&empty.body[..], b"[]");
+        assert!(empty.is_empty() && empty.messages().is_empty());
+    }
+
+    #[test]
+    fn a_binary_body_is_its_pieces_concatenated() {
+        let pieces = [Bytes::from_static(b"ab"), Bytes::from_static(b"c")];
+        let batch = ReadBatch::from_pieces(info(false), Offset(0), Offset(3), false, &pieces);
+        assert_eq!(&batch.body[..], b"abc");
+        assert_eq!(batch.messages(), vec![Bytes::from_static(b"abc")]);
     }
 }

@@ -1,6 +1,7 @@
 //! The embedded store under failing disks: for "no space", an I/O error and
 //! a short write at each write and sync point (log write, log sync, a
-//! database commit, a checkpoint, a blob write, a blob sync), the failing
+//! segment write, a database commit, a checkpoint and its segment syncs, a
+//! blob write, a blob sync), the failing
 //! call answers a clean error, every append acknowledged before it is read
 //! back (in the running store, and in a copy of its files taken while it
 //! runs: a crash), and once the fault clears the next write succeeds and the
@@ -115,7 +116,7 @@ fn read_all(store: &EmbeddedStore, path: &str) -> Vec<u8> {
     let mut from = ReadFrom::Start;
     loop {
         let batch = store.read(path, from, 1 << 20).unwrap_or_else(|e| panic!("read {path}: {e}"));
-        out.extend(batch.chunks.iter().flat_map(|c| c.iter().copied()));
+        out.extend(batch.messages().iter().flat_map(|c| c.iter().copied()));
         if batch.up_to_date() {
             return out;
         }
@@ -190,6 +191,13 @@ async fn a_failing_log_write_fails_only_its_batch_and_writes_resume_when_it_clea
 }
 
 #[tokio::test]
+async fn a_failing_segment_write_fails_only_its_batch_and_writes_resume_when_it_clears() {
+    for fault in FAULTS {
+        log_fault(FaultPoint::SegmentWrite, fault).await;
+    }
+}
+
+#[tokio::test]
 async fn a_failing_log_sync_fails_only_its_batch_and_writes_resume_when_it_clears() {
     for fault in FAULTS {
         log_fault(FaultPoint::LogSync, fault).await;
@@ -245,7 +253,7 @@ async fn checkpoint_fault(point: FaultPoint, fault: Fault) {
 
 #[tokio::test]
 async fn a_failing_checkpoint_fails_no_caller_and_the_store_recovers_when_it_clears() {
-    for point in [FaultPoint::DbWrite, FaultPoint::DbSync] {
+    for point in [FaultPoint::DbWrite, FaultPoint::DbSync, FaultPoint::SegmentSync] {
         for fault in FAULTS {
             checkpoint_fault(point, fault).await;
         }

@@ -75,7 +75,7 @@ fn read_all(store: &dyn StreamStore, path: &str) -> Vec<Bytes> {
     let mut from = ReadFrom::Start;
     loop {
         let batch = store.read(path, from, 1 << 16).unwrap();
-        out.extend(batch.chunks.iter().cloned());
+        out.extend(batch.messages().iter().cloned());
         if batch.up_to_date() {
             return out;
         }
@@ -106,7 +106,7 @@ fn two_instances_share_streams_and_wake_each_others_readers_or_skip_without_post
         a.append(json_append("/shared/log", r#"{"n":"first"}"#.into())).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), signal.changed()).await.expect("b hears a's commit").unwrap();
         let got = b.read("/shared/log", ReadFrom::At(before), 1 << 20).unwrap();
-        assert_eq!(got.chunks, vec![Bytes::from_static(br#"{"n":"first"}"#)]);
+        assert_eq!(got.messages(), vec![Bytes::from_static(br#"{"n":"first"}"#)]);
 
         // Concurrent writers on both instances: one order, no position given twice.
         let mut tasks = Vec::new();

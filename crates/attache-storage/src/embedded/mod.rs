@@ -1,6 +1,9 @@
-//! The embedded engine: one redb file for stream metadata, producer state and
-//! stream bytes, written by a single writer thread that commits in groups and
-//! makes each group durable through a write-ahead log (`wal.rs`).
+//! The embedded engine: each stream's bytes in its own segment file, exactly
+//! as readers receive them (`segments.rs`), one redb file for stream
+//! metadata, producer state and message boundaries, written by a single
+//! writer thread that commits in groups and makes each group durable through
+//! a write-ahead log (`wal.rs`). The data dir's layout is versioned
+//! (`format.rs`).
 //!
 //! Why this shape (numbers in docs/ARCHITECTURE.md): a sync per append would
 //! cap throughput at the disk's sync rate. The writer thread takes every
@@ -11,10 +14,15 @@
 //! the sync; no reader sees data a crash could take away. Producer state,
 //! metadata and bytes change in the same record and transaction, so recovery
 //! (the last durable redb commit plus the log's replay) restores whatever was
-//! acknowledged byte for byte, and nothing else.
+//! acknowledged byte for byte, and nothing else. Segment files are written
+//! unsynced (their bytes ride in the log record too) and synced by each
+//! checkpoint before redb's durable commit; at start they are cut back to
+//! their streams' recovered tails.
 
+mod format;
 mod reader;
 mod registry;
+mod segments;
 mod wal;
 mod writer;
 
@@ -38,8 +46,9 @@ use crate::{StreamStore, WriteHealth};
 
 /// id → JSON-encoded [`StreamInfo`].
 pub(crate) const STREAMS: TableDefinition<u64, &[u8]> = TableDefinition::new("streams");
-/// (stream id, start position) → one row: a flags byte, then the bytes.
-pub(crate) const CHUNKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("chunks");
+/// (stream id, position) → flags: a JSON message, or a binary append, starts
+/// there. The bytes are in the stream's segment file.
+pub(crate) const MARKS: TableDefinition<(u64, u64), u8> = TableDefinition::new("marks");
 /// (stream id, producer id) → (epoch, last seq).
 pub(crate) const PRODUCERS: TableDefinition<(u64, &str), (u64, u64)> = TableDefinition::new("producers");
 /// Blob sha256 → how many streams hold it.
@@ -53,7 +62,7 @@ const RECENT_MAX: usize = 64 << 10;
 /// A stream idle this long loses its kept read (the writer's sweep drops it).
 const RECENT_IDLE_MS: i64 = 5_000;
 
-/// Flag on a chunk row: this row ends the append that wrote it.
+/// Flag on a mark: this message ends the append that wrote it.
 pub(crate) const ROW_ENDS_APPEND: u8 = 1;
 
 /// How the embedded store is opened.
@@ -66,8 +75,10 @@ pub struct EmbeddedConfig {
     pub durable: bool,
     /// Most commands one group commit takes.
     pub max_batch: usize,
-    /// redb page cache.
+    /// redb page cache (metadata and message boundaries only: stream bytes are in segment files).
     pub cache_bytes: usize,
+    /// Most segment files kept open (least recently used closed first).
+    pub segment_handles: usize,
     /// How often expired streams are looked for.
     pub sweep_interval: Duration,
     /// Most bytes the write-ahead log holds between checkpoints; 0 turns the
@@ -87,7 +98,8 @@ impl EmbeddedConfig {
             data_dir: data_dir.into(),
             durable: true,
             max_batch: 1024,
-            cache_bytes: 32 << 20,
+            cache_bytes: 4 << 20,
+            segment_handles: 256,
             sweep_interval: Duration::from_secs(1),
             wal_bytes: 4 << 20,
             checkpoint_interval: Duration::from_secs(1),
@@ -167,6 +179,7 @@ pub(crate) struct Shared {
     db: RwLock<Option<Arc<Database>>>,
     pub(crate) db_path: PathBuf,
     pub(crate) blobs: BlobDir,
+    pub(crate) segments: segments::Segments,
     pub(crate) index: RwLock<Index>,
     pub(crate) health: Arc<Health>,
     pub(crate) faults: Option<crate::FaultPlan>,
@@ -302,12 +315,21 @@ pub(crate) enum Command {
     Expire(u64),
 }
 
+/// Damage found at start: the file, where in it, and what was done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub file: PathBuf,
+    pub offset: u64,
+    pub what: String,
+}
+
 /// The embedded store. Cheap to share behind an `Arc`.
 pub struct EmbeddedStore {
     shared: Arc<Shared>,
     commands: parking_lot::Mutex<Option<std::sync::mpsc::Sender<Command>>>,
     writer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     appends: crate::AppendCounter,
+    damage: Vec<Damage>,
 }
 
 impl EmbeddedStore {
@@ -315,12 +337,39 @@ impl EmbeddedStore {
     /// everything that committed before the last stop or crash.
     pub fn open(config: EmbeddedConfig) -> StoreResult<EmbeddedStore> {
         std::fs::create_dir_all(&config.data_dir)?;
-        let db_path: PathBuf = Path::new(&config.data_dir).join("streams.redb");
+        let dir = Path::new(&config.data_dir);
+        let segments =
+            segments::Segments::open(dir.join("segments"), config.segment_handles, config.fault_plan.clone())?;
+        format::prepare(dir, config.cache_bytes, &segments)?;
+        let db_path: PathBuf = dir.join("streams.redb");
         let db = open_db(&db_path, config.cache_bytes, config.fault_plan.as_ref())?;
         writer::create_tables(&db)?;
-        let (wal, replayed) = writer::recover(&db, &Path::new(&config.data_dir).join("streams.wal"), &config)?;
+        let wal_path = dir.join("streams.wal");
+        let (mut wal, replayed, torn_at) = writer::recover(&db, &segments, &wal_path, &config)?;
+        let mut damage = Vec::new();
+        if let Some(offset) = torn_at {
+            let what = "a damaged log record (cut short, or its checksum fails): recovered every record before it; \
+                        its batch was never acknowledged"
+                .to_owned();
+            tracing::warn!(file = %wal_path.display(), offset, "{what}");
+            damage.push(Damage { file: wal_path.clone(), offset, what });
+        }
+        let mut state = writer::WriterState::load(&db)?;
+        for short in writer::reconcile_segments(&db, &segments, &mut wal, &mut state)? {
+            let info = &state.streams[&short.id];
+            let what = format!(
+                "segment file of {} ends at offset {}: the stream is cut back from position {} to {}, the last whole \
+                 {} before the damage",
+                info.path,
+                short.file_len,
+                short.old_tail,
+                short.new_tail,
+                if info.is_json() { "message" } else { "byte" }
+            );
+            tracing::error!(file = %segments.path(short.id).display(), offset = short.file_len, "{what}");
+            damage.push(Damage { file: segments.path(short.id), offset: short.file_len, what });
+        }
         let journal = writer::Journal::new(wal, &config, replayed);
-        let state = writer::WriterState::load(&db)?;
         let blobs = BlobDir { root: Path::new(&config.data_dir).join("blobs") };
         std::fs::create_dir_all(&blobs.root)?;
         let removed = blobs.collect_garbage(&state.blob_refs.keys().cloned().collect())?;
@@ -339,6 +388,7 @@ impl EmbeddedStore {
             db: RwLock::new(Some(Arc::new(db))),
             db_path,
             blobs,
+            segments,
             index: RwLock::new(index),
             health: Arc::new(Health::default()),
             faults: config.fault_plan.clone(),
@@ -354,7 +404,13 @@ impl EmbeddedStore {
             commands: parking_lot::Mutex::new(Some(tx)),
             writer: parking_lot::Mutex::new(Some(writer)),
             appends: crate::AppendCounter::default(),
+            damage,
         })
+    }
+
+    /// Damage the last start found (and recovered around), for operators and tests.
+    pub fn damage(&self) -> &[Damage] {
+        &self.damage
     }
 
     fn send(&self, cmd: Command) -> StoreResult<()> {

@@ -1,12 +1,12 @@
-//! Reads: committed rows only, stitched across fork lineage, bounded in size.
+//! Reads: committed bytes only, as byte ranges of segment files stitched
+//! across fork lineage, into one buffer that is the response body.
 
 use bytes::Bytes;
-use redb::ReadableDatabase;
+use redb::{ReadableDatabase, ReadableTable};
 
-use super::{Shared, CHUNKS};
+use super::{Shared, MARKS};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{BlobRef, ReadBatch, ReadFrom, StreamInfo};
-use crate::rules::{Page, Room};
 use attache_core::Offset;
 
 pub(crate) use crate::rules::Segment;
@@ -14,15 +14,30 @@ pub(crate) use crate::rules::Segment;
 /// Which streams serve `[lo, hi)` of `info`: its sources below each fork point,
 /// itself above.
 pub(crate) fn segments(shared: &Shared, info: &StreamInfo, lo: u64, hi: u64) -> StoreResult<Vec<Segment>> {
-    crate::rules::segments(info, lo, hi, &mut |id| {
-        shared
-            .index
-            .read()
-            .by_id
-            .get(&id)
-            .map(|e| (*e.info()).clone())
-            .ok_or_else(|| StoreError::Storage(format!("fork source {id} is missing")))
-    })
+    crate::rules::segments(info, lo, hi, &mut |id| stream(shared, id))
+}
+
+fn stream(shared: &Shared, id: u64) -> StoreResult<StreamInfo> {
+    shared
+        .index
+        .read()
+        .by_id
+        .get(&id)
+        .map(|e| (*e.info()).clone())
+        .ok_or_else(|| StoreError::Storage(format!("fork source {id} is missing")))
+}
+
+/// The first position of a stream's own bytes in its segment file (a fork's divergence point).
+pub(crate) fn base(info: &StreamInfo) -> u64 {
+    info.fork.as_ref().map_or(0, |f| f.offset)
+}
+
+/// One pread: `[lo, hi)` of stream `id`, whose file starts at position `base`.
+struct Range {
+    id: u64,
+    base: u64,
+    lo: u64,
+    hi: u64,
 }
 
 pub(crate) fn read(shared: &Shared, info: &StreamInfo, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch> {
@@ -32,34 +47,90 @@ pub(crate) fn read(shared: &Shared, info: &StreamInfo, from: ReadFrom, max_bytes
         return read_blob(shared, info, blob, start, max_bytes);
     }
     let json = info.is_json();
-    let mut page = Page::new(json, max_bytes, start);
+    let mut ranges = Vec::new();
+    let mut next = start;
     if start < tail {
-        let db = shared.db()?;
-        let txn = db.begin_read()?;
-        let table = txn.open_table(CHUNKS)?;
-        'segments: for seg in segments(shared, info, start, tail)? {
-            // A binary row holding `lo` may start before it (a fork point or an offset inside a row).
-            let mut first = seg.lo;
-            if !json {
-                if let Some(row) = table.range((seg.id, 0)..=(seg.id, seg.lo))?.next_back() {
-                    let (key, value) = row?;
-                    let row_start = key.value().1;
-                    if row_start + (value.value().len() as u64 - 1) > seg.lo {
-                        first = row_start;
+        let segs = segments(shared, info, start, tail)?;
+        let mut room = max_bytes as u64;
+        let db = if json { Some(shared.db()?) } else { None };
+        let txn = db.as_ref().map(|db| db.begin_read()).transpose()?;
+        let marks = txn.as_ref().map(|t| t.open_table(MARKS)).transpose()?;
+        for seg in segs {
+            let owner_base = if seg.id == info.id { base(info) } else { base(&stream(shared, seg.id)?) };
+            let (lo, hi) = match &marks {
+                None => {
+                    // Binary: any byte range.
+                    if room == 0 {
+                        break;
                     }
+                    (seg.lo, seg.hi.min(seg.lo.saturating_add(room)))
                 }
-            }
-            for row in table.range((seg.id, first)..(seg.id, seg.hi))? {
-                let (key, value) = row?;
-                if page.push(key.value().1, &value.value()[1..], seg.lo, seg.hi) == Room::Full {
-                    break 'segments;
+                Some(marks) => {
+                    // JSON: whole messages only. A start inside a message moves to the next one.
+                    let lo = match marks.get((seg.id, seg.lo))? {
+                        Some(_) => seg.lo,
+                        None => marks
+                            .range((seg.id, seg.lo)..(seg.id, seg.hi))?
+                            .next()
+                            .transpose()?
+                            .map_or(seg.hi, |(k, _)| k.value().1),
+                    };
+                    if lo >= seg.hi {
+                        next = seg.hi;
+                        continue;
+                    }
+                    let limit = lo.saturating_add(room);
+                    let hi = if limit >= seg.hi {
+                        seg.hi
+                    } else {
+                        // The last message start at or before the limit ends the range; a read
+                        // always carries at least one message.
+                        let last = marks.range((seg.id, lo + 1)..=(seg.id, limit))?.next_back().transpose()?;
+                        match last.map(|(k, _)| k.value().1) {
+                            Some(end) => end,
+                            None if ranges.is_empty() => {
+                                let after = marks.range((seg.id, lo + 1)..(seg.id, seg.hi))?.next().transpose()?;
+                                after.map_or(seg.hi, |(k, _)| k.value().1)
+                            }
+                            None => break,
+                        }
+                    };
+                    (lo, hi)
                 }
+            };
+            if hi > lo {
+                ranges.push(Range { id: seg.id, base: owner_base, lo, hi });
+                room = room.saturating_sub(hi - lo);
             }
-            page.finish_segment(seg.hi);
+            next = hi;
+            if hi < seg.hi {
+                break;
+            }
         }
     }
-    let (next, chunks) = (page.pos, page.chunks);
-    Ok(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(next), chunks, json })
+    let body = fill(shared, &ranges, json)?;
+    Ok(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(next), body, json })
+}
+
+/// One buffer holding every range: for JSON, `[` first and the last `,` turned into `]`.
+fn fill(shared: &Shared, ranges: &[Range], json: bool) -> StoreResult<Bytes> {
+    let len: u64 = ranges.iter().map(|r| r.hi - r.lo).sum();
+    let extra = usize::from(json);
+    let mut buf = vec![0u8; len as usize + extra];
+    let mut at = extra;
+    for r in ranges {
+        let n = (r.hi - r.lo) as usize;
+        shared.segments.read(r.id, r.lo - r.base, &mut buf[at..at + n])?;
+        at += n;
+    }
+    if json {
+        buf[0] = b'[';
+        match buf.last_mut() {
+            Some(last) if len > 0 => *last = b']',
+            _ => buf.push(b']'),
+        }
+    }
+    Ok(Bytes::from(buf))
 }
 
 /// A blob-backed stream reads straight from its file.
@@ -72,12 +143,38 @@ fn read_blob(
 ) -> StoreResult<ReadBatch> {
     use std::os::unix::fs::FileExt;
     let end = blob.len.min(start.saturating_add(max_bytes as u64));
-    let mut chunks = Vec::new();
+    let mut body = Bytes::new();
     if end > start {
         let file = std::fs::File::open(shared.blobs.path(&blob.sha256))?;
         let mut buf = vec![0u8; (end - start) as usize];
         file.read_exact_at(&mut buf, start)?;
-        chunks.push(Bytes::from(buf));
+        body = Bytes::from(buf);
     }
-    Ok(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(end), chunks, json: false })
+    Ok(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(end), body, json: false })
+}
+
+/// The marks of stream `id` in `[lo, hi)`, each with its end (the next mark,
+/// or `end` for the last): `(start, end, flags)`.
+pub(crate) fn marks_between<T: ReadableTable<(u64, u64), u8>>(
+    marks: &T,
+    id: u64,
+    lo: u64,
+    hi: u64,
+    end: u64,
+) -> StoreResult<Vec<(u64, u64, u8)>> {
+    let mut out: Vec<(u64, u64, u8)> = Vec::new();
+    for row in marks.range((id, lo)..(id, hi))? {
+        let (k, v) = row?;
+        let pos = k.value().1;
+        if let Some(last) = out.last_mut() {
+            last.1 = pos;
+        }
+        out.push((pos, end, v.value()));
+    }
+    if let Some(last) = out.last_mut() {
+        if let Some(row) = marks.range((id, hi)..(id, u64::MAX))?.next() {
+            last.1 = row?.0.value().1;
+        }
+    }
+    Ok(out)
 }

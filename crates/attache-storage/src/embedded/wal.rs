@@ -10,14 +10,21 @@
 //! durable redb commit (a *checkpoint*) makes everything logged so far
 //! redundant, and the log starts over at its beginning.
 //!
-//! A record is one batch: `magic "AWL1" | payload length u32 | seq u64 | crc32
+//! A record is one batch: `magic "AWL2" | payload length u32 | seq u64 | crc32
 //! of (seq, payload) u32 | payload`, little-endian. The payload is a list of
 //! [`Op`]s, each a blind write (a whole value put, or a removal), so applying a
 //! record twice leaves what applying it once did. Records carry consecutive
 //! seqs; a checkpoint stores the last seq it covers in redb (`wal_seq`).
 //! Recovery reads from the start of the file while each record is whole, has
 //! the next seq and checks out: stale records of an earlier round have smaller
-//! seqs, a torn one fails its crc, and zeroes fail the magic.
+//! seqs, a torn one fails its crc, and zeroes fail the magic. A record whose
+//! magic is right but whose crc fails, or that runs past the end of the file,
+//! is damage: recovery reports it (file and offset) and stops before it.
+//!
+//! Format 2 (magic `AWL2`) carries stream bytes as [`Op::SegWrite`] (the
+//! bytes a segment file gets at an offset) and message boundaries as
+//! [`Op::MarkPut`]; format 1 (`AWL1`, the rows of the old CHUNKS table) is
+//! read only by the upgrade of a format-1 data dir.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -26,7 +33,10 @@ use std::path::Path;
 use crate::error::{StoreError, StoreResult};
 use crate::fault::{self, FaultPlan, FaultPoint};
 
-const MAGIC: &[u8; 4] = b"AWL1";
+/// The magic of a format-2 log record.
+pub(crate) const MAGIC: &[u8; 4] = b"AWL2";
+/// The magic of a format-1 log record (read only by the upgrade).
+pub(crate) const MAGIC_V1: &[u8; 4] = b"AWL1";
 const HEADER: usize = 4 + 4 + 8 + 4;
 /// The file grows in steps of zeroes written ahead of use (never by appending
 /// records, which would make each sync also write the inode).
@@ -42,13 +52,30 @@ pub(crate) enum Op<'a> {
     StreamRemove {
         id: u64,
     },
+    /// Format 1 only: one row of the old CHUNKS table.
     ChunkPut {
         id: u64,
         pos: u64,
         row: &'a [u8],
     },
-    /// Every chunk of stream `id`.
+    /// Format 1 only: every chunk of stream `id`.
     ChunksClear {
+        id: u64,
+    },
+    /// `bytes` at file offset `at` of stream `id`'s segment file.
+    SegWrite {
+        id: u64,
+        at: u64,
+        bytes: &'a [u8],
+    },
+    /// A message (JSON) or append (binary) starts at `pos` of stream `id`.
+    MarkPut {
+        id: u64,
+        pos: u64,
+        flags: u8,
+    },
+    /// Every mark of stream `id`, and its segment file.
+    StreamDrop {
         id: u64,
     },
     ProducerPut {
@@ -75,6 +102,17 @@ pub(crate) enum Op<'a> {
 }
 
 impl Op<'_> {
+    /// Starts a [`Op::SegWrite`] of `len` bytes in `out`; the caller appends
+    /// exactly those bytes. Returns where they start in `out`.
+    pub(crate) fn seg_write_header(out: &mut Vec<u8>, id: u64, at: u64, len: u32) -> usize {
+        out.reserve(21 + len as usize);
+        out.push(10);
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&at.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        out.len()
+    }
+
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         let bytes = |out: &mut Vec<u8>, b: &[u8]| {
             out.extend_from_slice(&(b.len() as u32).to_le_bytes());
@@ -126,6 +164,22 @@ impl Op<'_> {
                 out.push(9);
                 bytes(out, sha256.as_bytes());
             }
+            Op::SegWrite { id, at, bytes: b } => {
+                out.push(10);
+                int(out, id);
+                int(out, at);
+                bytes(out, b);
+            }
+            Op::MarkPut { id, pos, flags } => {
+                out.push(11);
+                int(out, id);
+                int(out, pos);
+                out.push(flags);
+            }
+            Op::StreamDrop { id } => {
+                out.push(12);
+                int(out, id);
+            }
         }
     }
 
@@ -170,6 +224,9 @@ impl Op<'_> {
             7 => Op::CounterPut { name: text(input)?, value: int(input)? },
             8 => Op::BlobRefPut { sha256: text(input)?, count: int(input)? },
             9 => Op::BlobRefRemove { sha256: text(input)? },
+            10 => Op::SegWrite { id: int(input)?, at: int(input)?, bytes: bytes(input)? },
+            11 => Op::MarkPut { id: int(input)?, pos: int(input)?, flags: take(input, 1)?[0] },
+            12 => Op::StreamDrop { id: int(input)? },
             other => return Err(corrupt(&format!("unknown op {other}"))),
         })
     }
@@ -189,6 +246,7 @@ fn checksum(seq: u64, payload: &[u8]) -> u32 {
 /// The log file, written only by the writer thread.
 pub(crate) struct Wal {
     file: File,
+    magic: &'static [u8; 4],
     /// Where the next record goes.
     pos: u64,
     /// Bytes of the file that exist (zeroes or records).
@@ -209,6 +267,8 @@ pub(crate) struct Wal {
 pub(crate) struct Recovered {
     /// Each whole record after the last checkpoint, in order, with its seq.
     pub(crate) records: Vec<(u64, Vec<u8>)>,
+    /// Where a damaged record (right magic, wrong checksum or cut short) ends the log.
+    pub(crate) torn_at: Option<u64>,
 }
 
 impl Wal {
@@ -222,21 +282,41 @@ impl Wal {
         checkpointed: u64,
         faults: Option<FaultPlan>,
     ) -> StoreResult<(Wal, Recovered)> {
+        Wal::open_format(path, MAGIC, capacity, sync, checkpointed, faults)
+    }
+
+    /// [`Wal::open`] for records carrying `magic` (the upgrade reads format 1 this way).
+    pub(crate) fn open_format(
+        path: &Path,
+        magic: &'static [u8; 4],
+        capacity: u64,
+        sync: bool,
+        checkpointed: u64,
+        faults: Option<FaultPlan>,
+    ) -> StoreResult<(Wal, Recovered)> {
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         let allocated = file.metadata()?.len();
         let mut records = Vec::new();
         let mut pos = 0u64;
         let mut expected = checkpointed + 1;
-        while let Some((seq, payload, len)) = read_record(&file, pos, allocated)? {
-            if seq != expected {
-                break;
+        let mut torn_at = None;
+        loop {
+            match read_record(&file, magic, pos, allocated)? {
+                Read::Record(seq, payload, len) if seq == expected => {
+                    records.push((seq, payload));
+                    pos += len;
+                    expected += 1;
+                }
+                Read::Record(..) | Read::End => break,
+                Read::Damaged => {
+                    torn_at = Some(pos);
+                    break;
+                }
             }
-            records.push((seq, payload));
-            pos += len;
-            expected += 1;
         }
         let wal = Wal {
             file,
+            magic,
             pos,
             allocated,
             capacity: capacity.max(pos),
@@ -246,7 +326,7 @@ impl Wal {
             sync,
             faults,
         };
-        Ok((wal, Recovered { records }))
+        Ok((wal, Recovered { records, torn_at }))
     }
 
     /// The records written since the last checkpoint, read back from the
@@ -257,8 +337,8 @@ impl Wal {
         let mut at = 0;
         let mut expected = self.round_start;
         while at < self.pos {
-            match read_record(&self.file, at, self.pos)? {
-                Some((seq, payload, len)) if seq == expected => {
+            match read_record(&self.file, self.magic, at, self.pos)? {
+                Read::Record(seq, payload, len) if seq == expected => {
                     records.push((seq, payload));
                     at += len;
                     expected += 1;
@@ -294,7 +374,7 @@ impl Wal {
         }
         let seq = self.next_seq;
         let mut record = Vec::with_capacity(len as usize);
-        record.extend_from_slice(MAGIC);
+        record.extend_from_slice(self.magic);
         record.extend_from_slice(&payload_len.to_le_bytes());
         record.extend_from_slice(&seq.to_le_bytes());
         record.extend_from_slice(&checksum(seq, payload).to_le_bytes());
@@ -375,15 +455,30 @@ impl Wal {
     }
 }
 
-/// The record at `pos`: `(seq, payload, its length on disk)`, or `None` where the log ends.
-fn read_record(file: &File, pos: u64, file_len: u64) -> StoreResult<Option<(u64, Vec<u8>, u64)>> {
+/// What the log holds at a position.
+enum Read {
+    /// `(seq, payload, its length on disk)`.
+    Record(u64, Vec<u8>, u64),
+    /// Zeroes, the end of the file, or no record at all: the log ends here.
+    End,
+    /// A record's magic, but its checksum fails or it runs past the end of the file.
+    Damaged,
+}
+
+/// The record at `pos`.
+fn read_record(file: &File, magic: &[u8; 4], pos: u64, file_len: u64) -> StoreResult<Read> {
+    if pos + 4 <= file_len && pos + HEADER as u64 > file_len {
+        let mut head = [0u8; 4];
+        file.read_exact_at(&mut head, pos)?;
+        return Ok(if &head == magic { Read::Damaged } else { Read::End });
+    }
     if pos + HEADER as u64 > file_len {
-        return Ok(None);
+        return Ok(Read::End);
     }
     let mut header = [0u8; HEADER];
     file.read_exact_at(&mut header, pos)?;
-    if &header[0..4] != MAGIC {
-        return Ok(None);
+    if &header[0..4] != magic {
+        return Ok(Read::End);
     }
     let field = |at: usize, n: usize| &header[at..at + n];
     let payload_len = u32::from_le_bytes(field(4, 4).try_into().unwrap_or([0; 4])) as u64;
@@ -391,14 +486,14 @@ fn read_record(file: &File, pos: u64, file_len: u64) -> StoreResult<Option<(u64,
     let crc = u32::from_le_bytes(field(16, 4).try_into().unwrap_or([0; 4]));
     let end = pos + HEADER as u64 + payload_len;
     if end > file_len {
-        return Ok(None);
+        return Ok(Read::Damaged);
     }
     let mut payload = vec![0u8; payload_len as usize];
     file.read_exact_at(&mut payload, pos + HEADER as u64)?;
     if checksum(seq, &payload) != crc {
-        return Ok(None);
+        return Ok(Read::Damaged);
     }
-    Ok(Some((seq, payload, end - pos)))
+    Ok(Read::Record(seq, payload, end - pos))
 }
 
 #[cfg(test)]
@@ -410,6 +505,9 @@ mod tests {
         vec![
             Op::StreamPut { id: 7, meta: b"{\"path\":\"/a\"}" },
             Op::ChunkPut { id: 7, pos: 0, row: b"\x01hello" },
+            Op::SegWrite { id: 7, at: 3, bytes: b"\"x\"," },
+            Op::MarkPut { id: 7, pos: 3, flags: 1 },
+            Op::StreamDrop { id: 7 },
             Op::ProducerPut { id: 7, producer: "p-1", epoch: 2, last_seq: 9 },
             Op::CounterPut { name: "next_stream_id", value: 8 },
             Op::BlobRefPut { sha256: "ab", count: 2 },
@@ -426,6 +524,15 @@ mod tests {
             op.encode(&mut out);
         }
         out
+    }
+
+    #[test]
+    fn a_segment_write_started_by_its_header_decodes_as_one() {
+        let mut out = Vec::new();
+        let from = Op::seg_write_header(&mut out, 3, 9, 4);
+        out.extend_from_slice(b"1,2,");
+        assert_eq!(&out[from..], b"1,2,");
+        assert_eq!(Op::decode_all(&out).unwrap(), vec![Op::SegWrite { id: 3, at: 9, bytes: b"1,2," }]);
     }
 
     #[test]
@@ -485,6 +592,33 @@ mod tests {
         file.write_all_at(&[9], (HEADER + 50 + HEADER + 3) as u64).unwrap();
         let (_, rec) = Wal::open(&path, 1 << 20, true, 0, None).unwrap();
         assert_eq!(rec.records.len(), 1);
+        assert_eq!(rec.torn_at, Some((HEADER + 50) as u64), "the damage is reported where it starts");
+    }
+
+    #[test]
+    fn a_record_cut_short_by_the_end_of_the_file_is_reported_as_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        let (mut wal, _) = Wal::open(&path, 1 << 20, true, 0, None).unwrap();
+        wal.append(&[1; 50]).unwrap();
+        wal.append(&[2; 50]).unwrap();
+        drop(wal);
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len((HEADER + 50 + HEADER + 10) as u64).unwrap();
+        let (_, rec) = Wal::open(&path, 1 << 20, true, 0, None).unwrap();
+        assert_eq!(rec.records.len(), 1);
+        assert_eq!(rec.torn_at, Some((HEADER + 50) as u64));
+    }
+
+    #[test]
+    fn a_log_that_ends_in_zeroes_has_no_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        let (mut wal, _) = Wal::open(&path, 1 << 20, true, 0, None).unwrap();
+        wal.append(&[1; 50]).unwrap();
+        drop(wal);
+        let (_, rec) = Wal::open(&path, 1 << 20, true, 0, None).unwrap();
+        assert_eq!((rec.records.len(), rec.torn_at), (1, None));
     }
 
     #[test]

@@ -1,9 +1,12 @@
-//! The single writer: group commit over redb, made durable by the log.
+//! The single writer: group commit over redb and the segment files, made
+//! durable by the log.
 //!
 //! It owns the working copy of all metadata and producer state, applies a
-//! batch of commands against it inside one write transaction, makes the batch
-//! durable (one synced log record, or a durable redb commit: a checkpoint),
-//! and only then publishes to readers and answers callers.
+//! batch of commands against it inside one write transaction (stream bytes go
+//! to their segment files at once, unsynced, and into the log record), makes
+//! the batch durable (one synced log record, or a durable redb commit after
+//! syncing the segment files: a checkpoint), and only then publishes to
+//! readers and answers callers.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -16,9 +19,10 @@ use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
+use super::segments::Segments;
 use super::wal::{Op, Wal};
 use super::{
-    now_ms, Command, EmbeddedConfig, Shared, StreamEntry, BLOB_REFS, CHUNKS, COUNTERS, PRODUCERS, ROW_ENDS_APPEND,
+    now_ms, Command, EmbeddedConfig, Shared, StreamEntry, BLOB_REFS, COUNTERS, MARKS, PRODUCERS, ROW_ENDS_APPEND,
     STREAMS,
 };
 use crate::error::{StoreError, StoreResult};
@@ -43,7 +47,7 @@ pub(crate) fn create_tables(db: &Database) -> StoreResult<()> {
     let txn = db.begin_write()?;
     {
         txn.open_table(STREAMS)?;
-        txn.open_table(CHUNKS)?;
+        txn.open_table(MARKS)?;
         txn.open_table(PRODUCERS)?;
         txn.open_table(COUNTERS)?;
         txn.open_table(BLOB_REFS)?;
@@ -101,23 +105,28 @@ impl WriterState {
 /// below, which also encode it for the write-ahead log.
 pub(crate) struct Tables<'t> {
     streams: Table<'t, u64, &'static [u8]>,
-    chunks: Table<'t, (u64, u64), &'static [u8]>,
+    marks: Table<'t, (u64, u64), u8>,
     producers: Table<'t, (u64, &'static str), (u64, u64)>,
     counters: Table<'t, &'static str, u64>,
     blob_refs: Table<'t, &'static str, u64>,
     /// This transaction's changes, as log ops.
     log: Vec<u8>,
+    segments: &'t Segments,
+    /// A segment file refused a write (the batch fails; the database is fine).
+    segment_failed: bool,
 }
 
 impl<'t> Tables<'t> {
-    pub(crate) fn open(txn: &'t WriteTransaction) -> StoreResult<Tables<'t>> {
+    pub(crate) fn open(txn: &'t WriteTransaction, segments: &'t Segments) -> StoreResult<Tables<'t>> {
         Ok(Tables {
             streams: txn.open_table(STREAMS)?,
-            chunks: txn.open_table(CHUNKS)?,
+            marks: txn.open_table(MARKS)?,
             producers: txn.open_table(PRODUCERS)?,
             counters: txn.open_table(COUNTERS)?,
             blob_refs: txn.open_table(BLOB_REFS)?,
             log: Vec::new(),
+            segments,
+            segment_failed: false,
         })
     }
 
@@ -133,15 +142,39 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    fn put_chunk(&mut self, id: u64, pos: u64, row: &[u8]) -> StoreResult<()> {
-        self.chunks.insert((id, pos), row)?;
-        Op::ChunkPut { id, pos, row }.encode(&mut self.log);
+    fn put_mark(&mut self, id: u64, pos: u64, flags: u8) -> StoreResult<()> {
+        self.marks.insert((id, pos), flags)?;
+        Op::MarkPut { id, pos, flags }.encode(&mut self.log);
         Ok(())
     }
 
-    fn clear_chunks(&mut self, id: u64) -> StoreResult<()> {
-        self.chunks.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
-        Op::ChunksClear { id }.encode(&mut self.log);
+    /// Writes `rows` (each followed by `,` in a JSON stream) at file offset
+    /// `at` of stream `id`'s segment file: encoded into the log record first,
+    /// then written to the file from the record's own bytes (one copy).
+    fn write_segment(&mut self, id: u64, at: u64, rows: &[Bytes], json: bool) -> StoreResult<()> {
+        let len: usize = rows.iter().map(|r| r.len() + usize::from(json)).sum();
+        if len == 0 {
+            return Ok(());
+        }
+        let len32 = u32::try_from(len).map_err(|_| StoreError::Invalid("an append is too large".into()))?;
+        let from = Op::seg_write_header(&mut self.log, id, at, len32);
+        for row in rows {
+            self.log.extend_from_slice(row);
+            if json {
+                self.log.push(b',');
+            }
+        }
+        if let Err(err) = self.segments.write(id, at, &self.log[from..]) {
+            self.segment_failed = true;
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Drops every mark of stream `id`; its segment file goes after the commit (`Changes::dropped`).
+    fn drop_stream(&mut self, id: u64) -> StoreResult<()> {
+        self.marks.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        Op::StreamDrop { id }.encode(&mut self.log);
         Ok(())
     }
 
@@ -175,13 +208,24 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    /// Replays one logged change.
+    /// Replays one logged change (segment bytes are written again at their
+    /// offsets, a dropped stream's file goes at once: both idempotent).
     fn apply(&mut self, op: &Op) -> StoreResult<()> {
         match *op {
             Op::StreamPut { id, meta } => self.put_stream(id, meta),
             Op::StreamRemove { id } => self.remove_stream(id),
-            Op::ChunkPut { id, pos, row } => self.put_chunk(id, pos, row),
-            Op::ChunksClear { id } => self.clear_chunks(id),
+            Op::SegWrite { id, at, bytes } => {
+                Op::SegWrite { id, at, bytes }.encode(&mut self.log);
+                self.segments.write(id, at, bytes)
+            }
+            Op::MarkPut { id, pos, flags } => self.put_mark(id, pos, flags),
+            Op::StreamDrop { id } => {
+                self.drop_stream(id)?;
+                self.segments.remove(id)
+            }
+            Op::ChunkPut { .. } | Op::ChunksClear { .. } => {
+                Err(StoreError::Storage("write-ahead log: a format-1 op in a format-2 log".into()))
+            }
             Op::ProducerPut { id, producer, epoch, last_seq } => self.put_producer(id, producer, epoch, last_seq),
             Op::ProducersClear { id } => self.clear_producers(id),
             Op::CounterPut { name, value } => self.put_counter(name, value),
@@ -197,31 +241,119 @@ const WAL_SEQ: &str = "wal_seq";
 /// Opens the log beside `db` and replays what it holds past the last
 /// checkpoint. Returns the log, ready for new records, and whether it
 /// replayed anything (the writer's first tick then checkpoints it).
-pub(crate) fn recover(db: &Database, path: &std::path::Path, config: &EmbeddedConfig) -> StoreResult<(Wal, bool)> {
-    let checkpointed = {
-        let txn = db.begin_read()?;
-        let value = txn.open_table(COUNTERS)?.get(WAL_SEQ)?.map(|v| v.value());
-        value.unwrap_or(0)
-    };
+pub(crate) fn recover(
+    db: &Database,
+    segments: &Segments,
+    path: &std::path::Path,
+    config: &EmbeddedConfig,
+) -> StoreResult<(Wal, bool, Option<u64>)> {
+    let checkpointed = checkpointed_seq(db)?;
     let (wal, recovered) = Wal::open(path, config.wal_bytes, config.durable, checkpointed, config.fault_plan.clone())?;
-    replay(db, &recovered.records)?;
+    replay(db, segments, &recovered.records)?;
     if let Some((last, _)) = recovered.records.last() {
         tracing::info!(records = recovered.records.len(), last_seq = *last, "replayed the write-ahead log");
     }
-    Ok((wal, !recovered.records.is_empty()))
+    Ok((wal, !recovered.records.is_empty(), recovered.torn_at))
+}
+
+/// The last log record a durable commit covers.
+pub(crate) fn checkpointed_seq(db: &Database) -> StoreResult<u64> {
+    let txn = db.begin_read()?;
+    let value = txn.open_table(COUNTERS)?.get(WAL_SEQ)?.map(|v| v.value());
+    Ok(value.unwrap_or(0))
+}
+
+/// A stream whose segment file is shorter than its committed bytes (found at start).
+pub(crate) struct ShortSegment {
+    pub(crate) id: u64,
+    /// Where the file ends: the first position it cannot serve.
+    pub(crate) file_len: u64,
+    /// Where the stream now ends: the last whole message (or byte) before the damage.
+    pub(crate) new_tail: u64,
+    pub(crate) old_tail: u64,
+}
+
+/// Startup, after the log's replay: every segment file is cut to its
+/// stream's committed bytes (dropping bytes of batches never acknowledged),
+/// files of streams that no longer exist go, and a file shorter than its
+/// stream's committed bytes (damage from outside: files are synced before
+/// the checkpoint that stops the log covering them) cuts the stream back to
+/// the last whole message before the damage, durably, and is reported.
+pub(crate) fn reconcile_segments(
+    db: &Database,
+    segments: &Segments,
+    wal: &mut Wal,
+    state: &mut WriterState,
+) -> StoreResult<Vec<ShortSegment>> {
+    let mut short = Vec::new();
+    let live: HashSet<u64> = state.streams.keys().copied().collect();
+    for id in segments.ids_on_disk()? {
+        if !live.contains(&id) {
+            segments.remove(id)?;
+        }
+    }
+    let mut ids: Vec<u64> = state.streams.iter().filter(|(_, i)| i.blob.is_none()).map(|(id, _)| *id).collect();
+    ids.sort_unstable();
+    let txn = db.begin_read()?;
+    let marks = txn.open_table(MARKS)?;
+    for id in ids {
+        let info = &state.streams[&id];
+        let base = super::reader::base(info);
+        let want = info.tail - base;
+        let len = segments.len(id)?;
+        if len > want {
+            segments.truncate(id, want)?;
+        } else if len < want {
+            let end = base + len;
+            let new_tail = if info.is_json() {
+                // The last message that starts at or before the damage starts the lost part.
+                match marks.range((id, base)..=(id, end))?.next_back().transpose()? {
+                    Some((k, _)) => k.value().1,
+                    None => base,
+                }
+            } else {
+                end
+            };
+            short.push(ShortSegment { id, file_len: len, new_tail, old_tail: info.tail });
+        }
+    }
+    drop(marks);
+    drop(txn);
+    if short.is_empty() {
+        return Ok(short);
+    }
+    // Everything replayed is made durable with the repair, so the log cannot bring the lost part back.
+    segments.sync_dirty()?;
+    let txn = db.begin_write()?;
+    {
+        let mut t = Tables::open(&txn, segments)?;
+        for s in &short {
+            let Some(mut info) = state.streams.get(&s.id).cloned() else { continue };
+            info.tail = s.new_tail;
+            t.marks.retain_in((s.id, s.new_tail)..=(s.id, u64::MAX), |_, _| false)?;
+            t.put_stream(s.id, &encode(&info)?)?;
+            state.streams.insert(s.id, info);
+            let base = state.streams.get(&s.id).map_or(0, super::reader::base);
+            segments.truncate(s.id, s.new_tail - base)?;
+        }
+        t.counters.insert(WAL_SEQ, wal.last_seq())?;
+    }
+    txn.commit()?;
+    wal.reset();
+    Ok(short)
 }
 
 /// Applies logged records in one commit without a sync: they stay in the
 /// log, which keeps them durable until the next checkpoint. Writing nothing
 /// durable here is what lets a reopen succeed on a full disk.
-fn replay(db: &Database, records: &[(u64, Vec<u8>)]) -> StoreResult<()> {
+fn replay(db: &Database, segments: &Segments, records: &[(u64, Vec<u8>)]) -> StoreResult<()> {
     if records.is_empty() {
         return Ok(());
     }
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::None).map_err(|e| StoreError::Storage(e.to_string()))?;
     {
-        let mut t = Tables::open(&txn)?;
+        let mut t = Tables::open(&txn, segments)?;
         for (_, payload) in records {
             for op in Op::decode_all(payload)? {
                 t.apply(&op)?;
@@ -284,6 +416,8 @@ struct Changes {
     unlink: Vec<String>,
     /// Blob files this batch moved to their content address (removed again if it fails).
     adopted: Vec<String>,
+    /// Streams deleted for good: their segment files go after the commit.
+    dropped: Vec<u64>,
 }
 
 /// Why a batch failed, and what to clean up after it.
@@ -412,6 +546,11 @@ pub(crate) fn run(
 /// Makes everything logged durable in redb (one durable commit holding only
 /// `wal_seq`), then lets the log start over.
 fn checkpoint(shared: &Shared, journal: &mut Journal) -> StoreResult<()> {
+    // The segment files first: once redb says the log is redundant, they must hold every byte it held.
+    if let Err(err) = shared.segments.sync_dirty() {
+        shared.health.fail(Source::Segment, &err);
+        return Err(err);
+    }
     let db = shared.db()?;
     let mut txn = db.begin_write()?;
     let durability = if journal.durable || journal.wal.is_some() { Durability::Immediate } else { Durability::None };
@@ -432,10 +571,17 @@ fn checkpoint(shared: &Shared, journal: &mut Journal) -> StoreResult<()> {
 
 /// A checkpoint on the writer's tick, and the probe of a failing disk.
 fn run_checkpoint(shared: &Shared, journal: &mut Journal, state: &mut WriterState) {
+    // A segment file that cannot sync leaves the database alone: the log keeps holding its bytes.
+    if let Err(err) = shared.segments.sync_dirty() {
+        tracing::warn!(%err, "checkpoint: a segment file cannot sync; the log still holds every acknowledged batch");
+        shared.health.fail(Source::Segment, &err);
+        return;
+    }
     match checkpoint(shared, journal) {
         Ok(()) => {
             shared.health.recovered(Source::Db);
             shared.health.recovered(Source::Blob);
+            shared.health.recovered(Source::Segment);
             if shared.health.source_failing(Source::Log) {
                 if let Some(wal) = journal.wal.as_mut() {
                     match wal.probe() {
@@ -467,7 +613,7 @@ fn reopen(shared: &Shared, journal: &mut Journal) -> StoreResult<WriterState> {
         shared.close_db()?;
         let db = shared.open_db()?;
         if let Some(wal) = &journal.wal {
-            replay(&db, &wal.read_back()?)?;
+            replay(&db, &shared.segments, &wal.read_back()?)?;
         }
         let state = WriterState::load(&db)?;
         shared.install_db(db);
@@ -547,37 +693,59 @@ fn commit_batch(
     };
     let mut replies = Vec::with_capacity(batch.len());
     let mut commands = batch.into_iter();
+    let mut segment_failed = false;
     let outcome = (|| -> StoreResult<(bool, Vec<u8>)> {
-        let mut t = Tables::open(&txn)?;
-        for cmd in commands.by_ref() {
-            match cmd {
-                Command::Create(req, tx) => {
-                    let r = state.create(&mut t, &mut changes, shared, req);
-                    let r = escalate(r)?;
-                    replies.push(Reply::Create(tx, r));
-                }
-                Command::CreateBlob(req, blob, tx) => {
-                    let r = escalate(state.create_blob(&mut t, &mut changes, shared, req, blob))?;
-                    replies.push(Reply::CreateBlob(tx, r));
-                }
-                Command::Append(prepared, tx) => {
-                    let r = escalate(state.append(&mut t, &mut changes, prepared))?;
-                    replies.push(Reply::Append(tx, r));
-                }
-                Command::Delete(path, tx) => {
-                    let r = escalate(state.delete(&mut t, &mut changes, shared, &path))?;
-                    replies.push(Reply::Delete(tx, r));
-                }
-                Command::Expire(id) => {
-                    let expired = shared.index.read().by_id.get(&id).is_some_and(|e| {
-                        let info = e.info();
-                        !info.soft_deleted && e.expired(&info, now_ms())
-                    });
-                    if expired && state.streams.contains_key(&id) {
-                        state.remove(&mut t, &mut changes, id)?;
+        let mut t = Tables::open(&txn, &shared.segments)?;
+        let result = (|| -> StoreResult<()> {
+            for cmd in commands.by_ref() {
+                match cmd {
+                    // A disk error fails the whole batch; its own caller hears it with the others.
+                    Command::Create(req, tx) => match escalate(state.create(&mut t, &mut changes, shared, req)) {
+                        Ok(r) => replies.push(Reply::Create(tx, r)),
+                        Err(e) => {
+                            replies.push(Reply::Create(tx, Err(e.clone())));
+                            return Err(e);
+                        }
+                    },
+                    Command::CreateBlob(req, blob, tx) => {
+                        match escalate(state.create_blob(&mut t, &mut changes, shared, req, blob)) {
+                            Ok(r) => replies.push(Reply::CreateBlob(tx, r)),
+                            Err(e) => {
+                                replies.push(Reply::CreateBlob(tx, Err(e.clone())));
+                                return Err(e);
+                            }
+                        }
+                    }
+                    Command::Append(prepared, tx) => match escalate(state.append(&mut t, &mut changes, prepared)) {
+                        Ok(r) => replies.push(Reply::Append(tx, r)),
+                        Err(e) => {
+                            replies.push(Reply::Append(tx, Err(e.clone())));
+                            return Err(e);
+                        }
+                    },
+                    Command::Delete(path, tx) => match escalate(state.delete(&mut t, &mut changes, shared, &path)) {
+                        Ok(r) => replies.push(Reply::Delete(tx, r)),
+                        Err(e) => {
+                            replies.push(Reply::Delete(tx, Err(e.clone())));
+                            return Err(e);
+                        }
+                    },
+                    Command::Expire(id) => {
+                        let expired = shared.index.read().by_id.get(&id).is_some_and(|e| {
+                            let info = e.info();
+                            !info.soft_deleted && e.expired(&info, now_ms())
+                        });
+                        if expired && state.streams.contains_key(&id) {
+                            state.remove(&mut t, &mut changes, id)?;
+                        }
                     }
                 }
             }
+            Ok(())
+        })();
+        if let Err(err) = result {
+            segment_failed = t.segment_failed;
+            return Err(err);
         }
         // Each touched stream's metadata is written once per batch, however many appends it took.
         flush_metadata(&mut t, state, &changes)?;
@@ -592,10 +760,12 @@ fn commit_batch(
     let (durable, record) = match outcome {
         Ok(decided) => decided,
         Err(err) => {
-            if err.is_io() {
+            // A segment file that refuses a write fails the batch; the database did nothing wrong.
+            let source = if segment_failed { Source::Segment } else { Source::Db };
+            if err.is_io() && !segment_failed {
                 journal.lost = Some(err.clone());
             }
-            let failed = Failed::new(shared, err, Source::Db, &mut changes);
+            let failed = Failed::new(shared, err, source, &mut changes);
             for cmd in commands {
                 refuse(cmd, &failed.err);
             }
@@ -630,6 +800,14 @@ fn commit_batch(
             logged = true;
         }
     }
+    if durable {
+        // A durable commit makes the log redundant: the segment files must hold their bytes first.
+        if let Err(err) = shared.segments.sync_dirty() {
+            let failed = Failed::new(shared, err, Source::Segment, &mut changes);
+            fail_batch(replies, txn, failed.err.clone());
+            return Err(failed);
+        }
+    }
     let applied = started.elapsed();
     if let Err(err) = txn.commit() {
         let err = StoreError::from(err);
@@ -659,6 +837,13 @@ fn commit_batch(
     }
     if logged {
         shared.health.recovered(Source::Log);
+    }
+    shared.health.recovered(Source::Segment);
+    for id in &changes.dropped {
+        if let Err(err) = shared.segments.remove(*id) {
+            // A leftover file is removed at the next start.
+            tracing::warn!(%err, id, "could not delete a deleted stream's segment file");
+        }
     }
     for sha in &changes.unlink {
         if let Err(err) = std::fs::remove_file(shared.blobs.path(sha)) {
@@ -740,15 +925,15 @@ fn encode(info: &StreamInfo) -> StoreResult<Vec<u8>> {
     serde_json::to_vec(info).map_err(|e| StoreError::Storage(e.to_string()))
 }
 
-fn write_rows(t: &mut Tables, id: u64, tail: &mut u64, rows: &[Bytes], json: bool) -> StoreResult<()> {
+/// Writes an append's rows at the stream's tail (`base`: where its segment
+/// file starts) and marks where each message (JSON) or the append (binary) starts.
+fn write_rows(t: &mut Tables, id: u64, base: u64, tail: &mut u64, rows: &[Bytes], json: bool) -> StoreResult<()> {
+    let start = *tail;
     // Placed whole first: a domain error must leave nothing written.
     let placed = rules::place_rows(tail, rows, json)?;
-    let mut buf = Vec::new();
-    for (row, (pos, ends)) in rows.iter().zip(placed) {
-        buf.clear();
-        buf.push(if ends { ROW_ENDS_APPEND } else { 0 });
-        buf.extend_from_slice(row);
-        t.put_chunk(id, pos, &buf)?;
+    t.write_segment(id, start - base, rows, json)?;
+    for (pos, ends) in placed {
+        t.put_mark(id, pos, if ends { ROW_ENDS_APPEND } else { 0 })?;
     }
     Ok(())
 }
@@ -813,7 +998,8 @@ impl WriterState {
         let id = self.next_id;
         self.next_id += 1;
         t.put_counter("next_stream_id", self.next_id)?;
-        write_rows(t, id, &mut tail, &rows, json)?;
+        let base = tail;
+        write_rows(t, id, base, &mut tail, &rows, json)?;
         let info = rules::new_stream(id, &req, plan, tail, fork_info);
         self.paths.insert(path, id);
         self.save(t, changes, info.clone())?;
@@ -876,19 +1062,24 @@ impl WriterState {
         if anchor >= src.tail {
             return Err(rules::sub_offset_overshoot());
         }
-        // The stream whose own rows hold `anchor`.
+        // The stream whose own rows hold `anchor`, and where its own bytes end.
         let segs = super::reader::segments(shared, src, anchor, src.tail)?;
         let seg = segs.first().copied().ok_or_else(rules::sub_offset_overshoot)?;
+        let owner_tail = self.streams.get(&seg.id).map_or(seg.hi, |s| s.tail);
         if src.is_json() {
-            let rows = t.chunks.range((seg.id, anchor)..(seg.id, seg.hi))?.map(|row| {
-                let (key, value) = row?;
-                let v = value.value();
-                Ok((key.value().1, v.len() as u64 - 1, v[0] & ROW_ENDS_APPEND != 0))
-            });
+            let rows = super::reader::marks_between(&t.marks, seg.id, anchor, seg.hi, owner_tail)?;
+            let rows =
+                rows.into_iter().map(|(start, end, flags)| Ok((start, end - start - 1, flags & ROW_ENDS_APPEND != 0)));
             rules::json_sub_offset(rows, sub)
         } else {
-            let row = t.chunks.range((seg.id, 0)..=(seg.id, anchor))?.next_back().transpose()?;
-            let row = row.map(|(k, v)| (k.value().1, v.value().len() as u64 - 1));
+            let row = t.marks.range((seg.id, 0)..=(seg.id, anchor))?.next_back().transpose()?.map(|(k, _)| k.value().1);
+            let row = match row {
+                Some(start) => {
+                    let next = t.marks.range((seg.id, start + 1)..(seg.id, u64::MAX))?.next().transpose()?;
+                    Some((start, next.map_or(owner_tail, |(k, _)| k.value().1) - start))
+                }
+                None => None,
+            };
             rules::binary_sub_offset(row, seg.hi, anchor, sub)
         }
     }
@@ -906,7 +1097,8 @@ impl WriterState {
             AppendDecision::Write { producer_next } => producer_next,
         };
         let mut info = info.clone();
-        write_rows(t, id, &mut info.tail, &p.rows, p.json)?;
+        let base = super::reader::base(&info);
+        write_rows(t, id, base, &mut info.tail, &p.rows, p.json)?;
         rules::finish_append(&mut info, req);
         if let (Some(pr), Some(next)) = (&req.producer, producer_next) {
             t.put_producer(id, &pr.id, next.epoch, next.last_seq)?;
@@ -940,7 +1132,8 @@ impl WriterState {
             info.soft_deleted = true;
             return self.save(t, changes, info);
         }
-        t.clear_chunks(id)?;
+        t.drop_stream(id)?;
+        changes.dropped.push(id);
         if let Some(blob) = &info.blob {
             let left = self.blob_refs.get(&blob.sha256).copied().unwrap_or(1).saturating_sub(1);
             if left == 0 {

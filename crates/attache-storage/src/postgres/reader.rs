@@ -159,7 +159,7 @@ pub(crate) async fn read(
             page.finish_segment(seg.hi);
         }
     }
-    Ok(ReadBatch { info, start: Offset(start), next: Offset(page.pos), chunks: page.chunks, json })
+    Ok(ReadBatch::from_pieces(info, Offset(start), Offset(page.pos), json, &page.chunks))
 }
 
 /// A blob-backed stream reads from the local copy of its blob.
@@ -181,5 +181,5 @@ async fn read_blob(
         file.read_exact(&mut buf).await?;
         chunks.push(Bytes::from(buf));
     }
-    Ok(ReadBatch { info, start: Offset(start), next: Offset(end), chunks, json: false })
+    Ok(ReadBatch::from_pieces(info, Offset(start), Offset(end), false, &chunks))
 }

@@ -669,12 +669,12 @@ impl Harness {
             match &mut got {
                 Content::Bytes(b) => {
                     assert!(batch.byte_len() <= page, "a page is at most its size");
-                    b.extend(batch.chunks.iter().flat_map(|c| c.iter().copied()));
+                    b.extend(batch.messages().iter().flat_map(|c| c.iter().copied()));
                     units += batch.byte_len();
                 }
                 Content::Messages(m) => {
-                    m.extend(batch.chunks.iter().map(|c| c.to_vec()));
-                    units += batch.chunks.len();
+                    m.extend(batch.messages().iter().map(|c| c.to_vec()));
+                    units += batch.messages().len();
                 }
             }
             offset = batch.next.0;
@@ -704,9 +704,9 @@ impl Harness {
                     let content = s.content_from(0);
                     let batch = self.store().read(path, ReadFrom::Start, 1 << 20).unwrap();
                     let got = if batch.json {
-                        Content::Messages(batch.chunks.iter().map(|c| c.to_vec()).collect())
+                        Content::Messages(batch.messages().iter().map(|c| c.to_vec()).collect())
                     } else {
-                        Content::Bytes(batch.chunks.iter().flat_map(|c| c.to_vec()).collect())
+                        Content::Bytes(batch.messages().iter().flat_map(|c| c.to_vec()).collect())
                     };
                     assert_eq!(got, content, "{path} content");
                     assert!(batch.up_to_date());

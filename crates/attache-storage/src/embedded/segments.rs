@@ -1,0 +1,251 @@
+//! Segment files: each stream's bytes exactly as a reader receives them.
+//!
+//! `segments/<id>.seg` holds the positions `[base, tail)` of stream `id`
+//! (`base` is a fork's divergence point, else 0) at file offset
+//! `position - base`. A binary stream's file is its bytes; a JSON stream's
+//! file is each message followed by `,`, which is exactly how positions are
+//! counted (a message of `n` bytes takes `n + 1` positions), so a read of any
+//! run of whole messages is one byte range, and `[` + that range with its last
+//! `,` turned into `]` is the response body.
+//!
+//! The writer writes the files without syncing them: the log record of the
+//! batch carries the same bytes and is the durability point. A checkpoint
+//! syncs every file written since the last one before redb commits durably,
+//! and recovery rewrites from the log what the files may have lost, then
+//! truncates every file to its stream's recovered tail.
+//!
+//! Open handles are bounded: an LRU of at most `capacity` files, shared by
+//! the writer and readers (`pread` needs no lock).
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::error::{StoreError, StoreResult};
+use crate::fault::{self, FaultPlan, FaultPoint};
+
+pub(crate) struct Segments {
+    dir: PathBuf,
+    capacity: usize,
+    open: Mutex<Lru>,
+    /// Streams whose files were written since the last checkpoint (writer only).
+    dirty: Mutex<Dirty>,
+    faults: Option<FaultPlan>,
+}
+
+#[derive(Default)]
+struct Lru {
+    files: HashMap<u64, (Arc<File>, u64)>,
+    tick: u64,
+}
+
+#[derive(Default)]
+struct Dirty {
+    ids: HashSet<u64>,
+    /// A file was created or removed: the directory must be synced too.
+    dir: bool,
+}
+
+impl Segments {
+    pub(crate) fn open(dir: PathBuf, capacity: usize, faults: Option<FaultPlan>) -> StoreResult<Segments> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Segments {
+            dir,
+            capacity: capacity.max(1),
+            open: Mutex::new(Lru::default()),
+            dirty: Mutex::new(Dirty::default()),
+            faults,
+        })
+    }
+
+    pub(crate) fn path(&self, id: u64) -> PathBuf {
+        segment_path(&self.dir, id)
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The open file of stream `id`; created when `create` (and missing).
+    fn file(&self, id: u64, create: bool) -> StoreResult<Arc<File>> {
+        {
+            let mut lru = self.open.lock();
+            lru.tick += 1;
+            let tick = lru.tick;
+            if let Some((file, used)) = lru.files.get_mut(&id) {
+                *used = tick;
+                return Ok(file.clone());
+            }
+        }
+        let path = self.path(id);
+        let file = match std::fs::OpenOptions::new().read(true).write(true).create(create).truncate(false).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Storage(format!("segment file {} is missing", path.display())))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if create {
+            self.dirty.lock().dir = true;
+        }
+        let file = Arc::new(file);
+        let mut lru = self.open.lock();
+        if lru.files.len() >= self.capacity {
+            // The least recently used handle goes (an O(capacity) scan, only on a miss).
+            if let Some(oldest) = lru.files.iter().min_by_key(|(_, (_, used))| *used).map(|(id, _)| *id) {
+                lru.files.remove(&oldest);
+            }
+        }
+        lru.tick += 1;
+        let tick = lru.tick;
+        lru.files.insert(id, (file.clone(), tick));
+        Ok(file)
+    }
+
+    /// Writes `bytes` at file offset `at` of stream `id`'s file (unsynced).
+    pub(crate) fn write(&self, id: u64, at: u64, bytes: &[u8]) -> StoreResult<()> {
+        let file = self.file(id, true)?;
+        self.dirty.lock().ids.insert(id);
+        fault::write_all_at(self.faults.as_ref(), FaultPoint::SegmentWrite, &file, bytes, at)?;
+        Ok(())
+    }
+
+    /// Reads exactly `buf.len()` bytes at file offset `at` of stream `id`'s file.
+    pub(crate) fn read(&self, id: u64, at: u64, buf: &mut [u8]) -> StoreResult<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let file = self.file(id, false)?;
+        file.read_exact_at(buf, at).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                StoreError::Storage(format!(
+                    "segment file {} ends before offset {}",
+                    self.path(id).display(),
+                    at + buf.len() as u64
+                ))
+            } else {
+                e.into()
+            }
+        })
+    }
+
+    /// Removes stream `id`'s file (a deleted stream).
+    pub(crate) fn remove(&self, id: u64) -> StoreResult<()> {
+        self.open.lock().files.remove(&id);
+        self.dirty.lock().ids.remove(&id);
+        match std::fs::remove_file(self.path(id)) {
+            Ok(()) => {
+                self.dirty.lock().dir = true;
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Syncs every file written since the last call (and the directory, if
+    /// files came or went). On error the files stay dirty for the next try.
+    pub(crate) fn sync_dirty(&self) -> StoreResult<()> {
+        let (ids, dir) = {
+            let d = self.dirty.lock();
+            (d.ids.iter().copied().collect::<Vec<_>>(), d.dir)
+        };
+        for id in ids {
+            let file = match self.file(id, false) {
+                Ok(f) => f,
+                // Removed since it was written: nothing to sync.
+                Err(StoreError::Storage(_)) => {
+                    self.dirty.lock().ids.remove(&id);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            fault::sync(self.faults.as_ref(), FaultPoint::SegmentSync, || file.sync_data())?;
+            self.dirty.lock().ids.remove(&id);
+        }
+        if dir {
+            fault::sync(self.faults.as_ref(), FaultPoint::SegmentSync, || File::open(&self.dir)?.sync_all())?;
+            self.dirty.lock().dir = false;
+        }
+        Ok(())
+    }
+
+    /// Startup: the length of stream `id`'s file (0 when there is none).
+    pub(crate) fn len(&self, id: u64) -> StoreResult<u64> {
+        match std::fs::metadata(self.path(id)) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Startup: cuts stream `id`'s file to `len` bytes (synced), dropping
+    /// bytes of batches that were never acknowledged.
+    pub(crate) fn truncate(&self, id: u64, len: u64) -> StoreResult<()> {
+        let file = self.file(id, true)?;
+        file.set_len(len)?;
+        file.sync_all()?;
+        Ok(())
+    }
+
+    /// Startup: the stream ids that have a file.
+    pub(crate) fn ids_on_disk(&self) -> StoreResult<Vec<u64>> {
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(id) = name.strip_suffix(".seg").and_then(|hex| u64::from_str_radix(hex, 16).ok()) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn open_handles(&self) -> usize {
+        self.open.lock().files.len()
+    }
+}
+
+pub(crate) fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016x}.seg"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_handles_stay_within_the_bound_and_every_file_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = Segments::open(dir.path().join("segments"), 3, None).unwrap();
+        for id in 0..10u64 {
+            segs.write(id, 0, &id.to_le_bytes()).unwrap();
+            assert!(segs.open_handles() <= 3);
+        }
+        for id in 0..10u64 {
+            let mut buf = [0u8; 8];
+            segs.read(id, 0, &mut buf).unwrap();
+            assert_eq!(u64::from_le_bytes(buf), id);
+            assert!(segs.open_handles() <= 3);
+        }
+        segs.sync_dirty().unwrap();
+        let mut ids = segs.ids_on_disk().unwrap();
+        ids.sort();
+        assert_eq!(ids, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_read_past_the_end_of_a_file_names_the_file_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = Segments::open(dir.path().to_owned(), 4, None).unwrap();
+        segs.write(7, 0, b"abc").unwrap();
+        let mut buf = [0u8; 5];
+        let err = segs.read(7, 0, &mut buf).unwrap_err().to_string();
+        assert!(err.contains("0000000000000007.seg") && err.contains("offset 5"), "{err}");
+    }
+}
