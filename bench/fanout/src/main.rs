@@ -6,6 +6,19 @@
 //!          Creates a JSON stream and appends `count` small JSON messages, one POST each
 //!          (sequential, keep-alive). Prints `mid=<offset after count/2> tail=<offset>`.
 //!
+//!   fill-many --url URL --path /bench/many --streams 1000 --count 250 [--msg-bytes 150]
+//!          [--batch 25] [--content-type application/json] [--conns 8]
+//!          Creates streams PATH/0 .. PATH/(streams-1) and appends `count` messages to each
+//!          (JSON: `batch` messages per POST as one array; other types: `batch` chunks of
+//!          `msg-bytes` per POST), over `conns` connections. Every stream gets the same
+//!          messages. Prints `streams=N first_get_bytes=B messages=M` (one GET offset=-1 of
+//!          PATH/0: its body size and, for JSON, its message count).
+//!
+//!   sse-fanout --url URL [--path PATH] [--readers 1000] [--rounds 20] [--settle-ms 1000]
+//!          [--pid PID] [--json-out FILE]
+//!          Like `fanout`, with SSE subscribers (`live=sse`) that stay connected across
+//!          rounds; see `sse.rs`.
+//!
 //!   soak   --url http://127.0.0.1:PORT --pid PID [--duration 30m] ...
 //!          A long mixed load with the server's memory sampled; see `soak.rs` and bench/soak.sh.
 //!
@@ -21,6 +34,7 @@
 //! Only talks to the address given (meant for loopback). Bounded in count and time.
 
 mod soak;
+mod sse;
 
 use std::time::{Duration, Instant};
 
@@ -32,25 +46,28 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-type Sender = SendRequest<Full<Bytes>>;
-type BoxErr = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type Sender = SendRequest<Full<Bytes>>;
+pub(crate) type BoxErr = Box<dyn std::error::Error + Send + Sync>;
 
-struct Resp {
-    status: StatusCode,
-    next_offset: Option<String>,
-    body_len: usize,
+pub(crate) struct Resp {
+    pub(crate) status: StatusCode,
+    pub(crate) next_offset: Option<String>,
+    pub(crate) body_len: usize,
+    pub(crate) body: Bytes,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage:\n  fanout fill --url URL --path PATH --count N [--msg-bytes B]\n  \
          fanout fanout --url URL [--path PATH] [--readers N] [--rounds R] [--settle-ms MS] [--pid PID] [--json-out FILE]\n  \
+         fanout sse-fanout --url URL [--path PATH] [--readers N] [--rounds R] [--settle-ms MS] [--pid PID] [--json-out FILE]\n  \
+         fanout fill-many --url URL --path PREFIX --streams N --count M [--msg-bytes B] [--batch K] [--content-type T] [--conns C]\n  \
          fanout soak --url URL --pid PID [--duration 30m] ... (fanout soak --help)"
     );
     std::process::exit(2)
 }
 
-struct Args {
+pub(crate) struct Args {
     cmd: String,
     url: String,
     path: String,
@@ -62,6 +79,10 @@ struct Args {
     pid: Option<u32>,
     json_out: Option<String>,
     round_timeout_s: u64,
+    streams: usize,
+    batch: usize,
+    content_type: String,
+    conns: usize,
 }
 
 fn parse_args() -> Args {
@@ -79,6 +100,10 @@ fn parse_args() -> Args {
         pid: None,
         json_out: None,
         round_timeout_s: 60,
+        streams: 1000,
+        batch: 25,
+        content_type: "application/json".into(),
+        conns: 8,
     };
     while let Some(k) = it.next() {
         let mut v = || it.next().unwrap_or_else(|| usage());
@@ -93,6 +118,10 @@ fn parse_args() -> Args {
             "--pid" => a.pid = Some(v().parse().unwrap_or_else(|_| usage())),
             "--json-out" => a.json_out = Some(v()),
             "--round-timeout-s" => a.round_timeout_s = v().parse().unwrap_or_else(|_| usage()),
+            "--streams" => a.streams = v().parse().unwrap_or_else(|_| usage()),
+            "--batch" => a.batch = v().parse().unwrap_or_else(|_| usage()),
+            "--content-type" => a.content_type = v(),
+            "--conns" => a.conns = v().parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
@@ -103,7 +132,7 @@ fn parse_args() -> Args {
 }
 
 /// `http://host:port[/]` -> `host:port`
-fn authority(url: &str) -> String {
+pub(crate) fn authority(url: &str) -> String {
     let s = url.strip_prefix("http://").unwrap_or_else(|| {
         eprintln!("only http:// URLs are supported");
         std::process::exit(2)
@@ -111,7 +140,7 @@ fn authority(url: &str) -> String {
     s.trim_end_matches('/').to_string()
 }
 
-async fn connect(addr: &str) -> Result<Sender, BoxErr> {
+pub(crate) async fn connect(addr: &str) -> Result<Sender, BoxErr> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -121,7 +150,7 @@ async fn connect(addr: &str) -> Result<Sender, BoxErr> {
     Ok(sender)
 }
 
-async fn request(
+pub(crate) async fn request(
     sender: &mut Sender,
     host: &str,
     method: Method,
@@ -150,17 +179,18 @@ async fn request(
         status,
         next_offset,
         body_len: body.len(),
+        body,
     })
 }
 
-fn message(i: usize, bytes: usize) -> String {
+pub(crate) fn message(i: usize, bytes: usize) -> String {
     let head = format!("{{\"i\":{i},\"user\":\"alice\",\"action\":\"click\",\"pad\":\"");
     let tail = "\"}";
     let pad = bytes.saturating_sub(head.len() + tail.len());
     format!("{head}{}{tail}", "x".repeat(pad))
 }
 
-fn vm_rss_kb(pid: u32) -> Option<u64> {
+pub(crate) fn vm_rss_kb(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
         .find(|l| l.starts_with("VmRSS:"))?
@@ -170,7 +200,7 @@ fn vm_rss_kb(pid: u32) -> Option<u64> {
         .ok()
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -210,6 +240,82 @@ async fn fill(a: &Args) -> Result<(), BoxErr> {
         mid.unwrap_or_else(|| "-1".into()),
         tail.unwrap_or_default()
     );
+    Ok(())
+}
+
+/// One POST body of `n` messages starting at message number `first`: a JSON array for
+/// JSON streams, concatenated chunks of `msg_bytes` otherwise.
+fn batch_body(json: bool, first: usize, n: usize, msg_bytes: usize) -> Bytes {
+    if json {
+        let msgs: Vec<String> = (first..first + n).map(|i| message(i, msg_bytes)).collect();
+        Bytes::from(format!("[{}]", msgs.join(",")))
+    } else {
+        let mut v = Vec::with_capacity(n * msg_bytes);
+        for i in first..first + n {
+            v.extend(std::iter::repeat(b'a' + (i % 26) as u8).take(msg_bytes));
+        }
+        Bytes::from(v)
+    }
+}
+
+async fn fill_many(a: &Args) -> Result<(), BoxErr> {
+    let host = authority(&a.url);
+    if a.path.is_empty() || a.streams == 0 || a.batch == 0 {
+        usage()
+    }
+    let json = a.content_type.starts_with("application/json");
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut set = JoinSet::new();
+    for _ in 0..a.conns.max(1).min(a.streams) {
+        let (host, next) = (host.clone(), next.clone());
+        let (prefix, ct, count, batch, msg_bytes, streams) =
+            (a.path.clone(), a.content_type.clone(), a.count, a.batch, a.msg_bytes, a.streams);
+        set.spawn(async move {
+            let mut s = connect(&host).await?;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= streams {
+                    return Ok::<(), BoxErr>(());
+                }
+                let path = format!("{prefix}/{i}");
+                let r = request(&mut s, &host, Method::PUT, &path, Some(&ct), Bytes::new()).await?;
+                if !(r.status == StatusCode::CREATED || r.status == StatusCode::OK) {
+                    return Err(format!("PUT {path} -> {}", r.status).into());
+                }
+                let mut done = 0;
+                while done < count {
+                    let n = batch.min(count - done);
+                    let body = batch_body(json, done, n, msg_bytes);
+                    let r = match request(&mut s, &host, Method::POST, &path, Some(&ct), body.clone()).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            s = connect(&host).await?;
+                            request(&mut s, &host, Method::POST, &path, Some(&ct), body).await?
+                        }
+                    };
+                    if !r.status.is_success() {
+                        return Err(format!("POST {path} -> {}", r.status).into());
+                    }
+                    done += n;
+                }
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    // What one whole-stream GET returns (a server may answer a large stream in parts).
+    let mut s = connect(&host).await?;
+    let r = request(&mut s, &host, Method::GET, &format!("{}/0?offset=-1", a.path), None, Bytes::new()).await?;
+    let messages = if json {
+        serde_json::from_slice::<serde_json::Value>(&r.body)
+            .ok()
+            .and_then(|v| v.as_array().map(|a| a.len().to_string()))
+            .unwrap_or_else(|| "null".into())
+    } else {
+        "null".into()
+    };
+    println!("streams={} first_get_bytes={} messages={messages}", a.streams, r.body_len);
     Ok(())
 }
 
@@ -404,6 +510,8 @@ fn main() {
         match a.cmd.as_str() {
             "fill" => fill(&a).await,
             "fanout" => fanout(&a).await,
+            "sse-fanout" => sse::sse_fanout(&a).await,
+            "fill-many" => fill_many(&a).await,
             _ => usage(),
         }
     });
