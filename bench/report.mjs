@@ -153,7 +153,7 @@ Servers: \`attache\` = \`attache serve\` (default: fsync before acknowledging wr
 \`ds-rust\` = Electric's Rust Durable Streams server (crate \`durable-streams\`,
 \`durable-streams-server --port P --data-dir D\`, its default durable \`wal\` mode: an append is
 acknowledged after a group-commit fdatasync);
-\`attache-nofsync\` = same with \`--no-fsync\`; \`node-mem\` = Node reference
+\`attache-nofsync\` = \`attache serve --no-fsync\`; \`node-mem\` = Node reference
 (\`@durable-streams/server@0.3.7\`) in memory; \`node-file\` = Node reference file-backed
 (\`dataDir\`, LMDB + logs, fdatasync per append). Each server runs alone, fresh data dir,
 on 127.0.0.1; long-poll timeout 30 s.
