@@ -99,6 +99,8 @@ pub enum Permission {
     Read,
     Write,
     Delete,
+    /// Send a signal (`POST .../signal`).
+    Signal,
     Manage,
 }
 
@@ -108,10 +110,11 @@ impl Permission {
             "read" => Ok(Permission::Read),
             "write" => Ok(Permission::Write),
             "delete" => Ok(Permission::Delete),
+            "signal" => Ok(Permission::Signal),
             "manage" => Ok(Permission::Manage),
-            other => {
-                Err(Error::Invalid(format!("unknown permission {other:?}: expected read, write, delete or manage")))
-            }
+            other => Err(Error::Invalid(format!(
+                "unknown permission {other:?}: expected read, write, delete, signal or manage"
+            ))),
         }
     }
     pub fn as_str(&self) -> &'static str {
@@ -119,7 +122,69 @@ impl Permission {
             Permission::Read => "read",
             Permission::Write => "write",
             Permission::Delete => "delete",
+            Permission::Signal => "signal",
             Permission::Manage => "manage",
+        }
+    }
+}
+
+/// A signal sent to an entity (`POST /_electric/entities/{type}/{id}/signal`),
+/// by Electric's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Int,
+    Hup,
+    Term,
+    Kill,
+    Stop,
+    Cont,
+    Usr,
+}
+
+/// What a signal does to an entity in attache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalEffect {
+    /// Stops the entity, as `DELETE` does (status `stopped`, main stream closed).
+    Stops,
+    /// Recorded on the main stream as an unhandled `signal` row, for whatever
+    /// runtime reads the stream; the entity's status does not change.
+    Recorded,
+    /// Refused: attache has no paused state, so recording the signal would
+    /// claim a pause (or resume) that never happens.
+    Unsupported,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 7] =
+        [Signal::Int, Signal::Hup, Signal::Term, Signal::Kill, Signal::Stop, Signal::Cont, Signal::Usr];
+
+    /// The names there are, for error messages.
+    pub const NAMES: &'static str = "SIGINT, SIGHUP, SIGTERM, SIGKILL, SIGSTOP, SIGCONT or SIGUSR";
+
+    pub fn parse(s: &str) -> Result<Signal> {
+        Signal::ALL
+            .into_iter()
+            .find(|sig| sig.as_str() == s)
+            .ok_or_else(|| Error::Invalid(format!("unknown signal {s:?}: expected {}", Signal::NAMES)))
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Signal::Int => "SIGINT",
+            Signal::Hup => "SIGHUP",
+            Signal::Term => "SIGTERM",
+            Signal::Kill => "SIGKILL",
+            Signal::Stop => "SIGSTOP",
+            Signal::Cont => "SIGCONT",
+            Signal::Usr => "SIGUSR",
+        }
+    }
+
+    pub fn effect(&self) -> SignalEffect {
+        match self {
+            Signal::Kill | Signal::Term => SignalEffect::Stops,
+            Signal::Int | Signal::Hup | Signal::Usr => SignalEffect::Recorded,
+            Signal::Stop | Signal::Cont => SignalEffect::Unsupported,
         }
     }
 }
@@ -200,6 +265,21 @@ mod tests {
         assert_eq!(s, EntityStream::Attachment("x1".into()));
         assert!(EntityUrl::owning("/chat/abc/other").is_none());
         assert!(EntityUrl::owning("/v1/stream/x").is_none());
+    }
+
+    #[test]
+    fn signals_parse_by_electric_names_and_only_kill_and_term_stop() {
+        for sig in Signal::ALL {
+            assert_eq!(Signal::parse(sig.as_str()), Ok(sig));
+        }
+        for bad in ["", "sigkill", "KILL", "SIGQUIT", "SIGUSR1", " SIGKILL"] {
+            assert!(Signal::parse(bad).is_err(), "{bad:?}");
+        }
+        let stops: Vec<_> = Signal::ALL.into_iter().filter(|s| s.effect() == SignalEffect::Stops).collect();
+        assert_eq!(stops, [Signal::Term, Signal::Kill]);
+        assert_eq!(Signal::Stop.effect(), SignalEffect::Unsupported);
+        assert_eq!(Signal::Cont.effect(), SignalEffect::Unsupported);
+        assert_eq!(Signal::Usr.effect(), SignalEffect::Recorded);
     }
 
     #[test]

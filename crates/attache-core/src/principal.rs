@@ -82,6 +82,12 @@ impl PrincipalKey {
         PrincipalKey { kind: PrincipalKind::System, id: "dev-local".into() }
     }
 
+    /// `system:attache`: the server itself, as the author of what it does on
+    /// its own (a signal it handled, the task face's events).
+    pub fn server() -> PrincipalKey {
+        PrincipalKey { kind: PrincipalKind::System, id: "attache".into() }
+    }
+
     /// `user:anonymous`: an ordinary user, with no permission beyond what any
     /// principal has. It owns what it creates (so a client that sends no
     /// principal can still use its own streams), reads nothing of others,

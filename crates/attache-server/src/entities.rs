@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use attache_core::state::{timestamp, ChangeEvent, ENTITY_CREATED, ENTITY_STOPPED, INBOX};
+use attache_core::entity::{Signal, SignalEffect};
+use attache_core::state::{timestamp, ChangeEvent, ENTITY_CREATED, ENTITY_STOPPED, INBOX, SIGNAL};
 use attache_core::{EntityUrl, ExpiresAt, GrantSubject, Permission, PrincipalKey};
 use attache_storage::{CreateStream, EntityRecord, GrantRecord, NewGrant, StoreError};
 use axum::body::Body;
@@ -287,17 +288,29 @@ pub async fn stop(
 }
 
 pub async fn stop_entity(state: &AppState, who: &PrincipalKey, entity: &EntityRecord) -> ApiResult<String> {
-    let txid = new_txid();
+    stop_entity_with(state, who, entity, new_txid(), Vec::new()).await
+}
+
+/// Stops the entity; `leading` rows (a `signal` row) go in the same closing
+/// append, before the `entity_stopped` row. Nothing is written to an entity
+/// that is stopped already.
+async fn stop_entity_with(
+    state: &AppState,
+    who: &PrincipalKey,
+    entity: &EntityRecord,
+    txid: String,
+    mut leading: Vec<ChangeEvent>,
+) -> ApiResult<String> {
     if entity.is_running() {
         let now = now_ms();
-        let row = ChangeEvent::insert(
+        leading.push(ChangeEvent::insert(
             ENTITY_STOPPED,
             "entity-stopped",
             json!({ "timestamp": timestamp(now), "stopped_by": who.url() }),
             &txid,
             &timestamp(now),
-        );
-        match append_rows(state.store.as_ref(), &format!("{}/main", entity.url), &[row], true).await {
+        ));
+        match append_rows(state.store.as_ref(), &format!("{}/main", entity.url), &leading, true).await {
             Ok(_) => {}
             // Closed already: a stop that crashed before its registry write is finished now.
             Err(e) if e.code == "NOT_RUNNING" => {}
@@ -316,6 +329,99 @@ pub async fn stop_entity(state: &AppState, who: &PrincipalKey, entity: &EntityRe
             .await?;
     }
     Ok(txid)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SignalBody {
+    #[serde(default)]
+    signal: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    payload: Option<Value>,
+}
+
+fn invalid_signal(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "INVALID_SIGNAL", message)
+}
+
+/// POST /_electric/entities/{type}/{id}/signal [signal]: SIGKILL and SIGTERM
+/// stop the entity as DELETE does (idempotent on a stopped one); SIGINT,
+/// SIGHUP and SIGUSR are recorded as an unhandled `signal` row for whatever
+/// runtime reads the main stream; SIGSTOP and SIGCONT are refused (attache
+/// has no paused state). The answer is Electric's: the states before and after.
+pub async fn signal(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    // An object, not serde's array form of a struct (`["SIGKILL"]`).
+    let body: serde_json::Map<String, Value> = json_body(&headers, body).await?;
+    let body: SignalBody = serde_json::from_value(Value::Object(body))
+        .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))?;
+    let entity = entity_for(&state, &who, &url, Permission::Signal)?;
+    let name = body.signal.ok_or_else(|| invalid_signal(format!("signal is required: {}", Signal::NAMES)))?;
+    let sig = Signal::parse(&name).map_err(|e| invalid_signal(e.to_string()))?;
+    let effect = sig.effect();
+    if effect == SignalEffect::Unsupported {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "SIGNAL_NOT_SUPPORTED",
+            format!(
+                "{} is not supported: attache entities have no paused state (SIGKILL or SIGTERM stop an entity; SIGINT, SIGHUP and SIGUSR are recorded on its main stream)",
+                sig.as_str()
+            ),
+        ));
+    }
+    let previous = entity.status.clone();
+    let now = now_ms();
+    let txid = new_txid();
+    let mut value = json!({
+        "signal": sig.as_str(),
+        "sender": who.url(),
+        "timestamp": timestamp(now),
+    });
+    if let Some(reason) = body.reason {
+        value["reason"] = json!(reason);
+    }
+    if let Some(payload) = body.payload {
+        value["payload"] = payload;
+    }
+    let key = generated_key("sig");
+    let new_state = match effect {
+        SignalEffect::Stops => {
+            value["status"] = json!("handled");
+            value["handled_at"] = json!(timestamp(now));
+            value["handled_by"] = json!(PrincipalKey::server().url());
+            value["outcome"] = json!("transitioned");
+            value["previous_state"] = json!(previous);
+            value["new_state"] = json!("stopped");
+            let row = ChangeEvent::insert(SIGNAL, &key, value, &txid, &timestamp(now));
+            stop_entity_with(&state, &who, &entity, txid.clone(), vec![row]).await?;
+            "stopped".to_owned()
+        }
+        _ => {
+            if !entity.is_running() {
+                return Err(not_running());
+            }
+            value["status"] = json!("unhandled");
+            let row = ChangeEvent::insert(SIGNAL, &key, value, &txid, &timestamp(now));
+            append_rows(state.store.as_ref(), &url.main_stream(), &[row], false).await?;
+            previous.clone()
+        }
+    };
+    Ok(Json(json!({
+        "url": entity.url,
+        "signal": sig.as_str(),
+        "previous_state": previous,
+        "new_state": new_state,
+        "created_at": now,
+        "txid": txid,
+    }))
+    .into_response())
 }
 
 /// Deletes every stream of the entity, then the entity and its grants.

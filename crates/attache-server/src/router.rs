@@ -72,6 +72,8 @@ pub fn build(state: AppState) -> Router {
         )
         // POST an inbox message [write]
         .route("/_electric/entities/{entity_type}/{instance_id}/send", post(entities::send))
+        // POST a signal [signal]: SIGKILL/SIGTERM stop (as DELETE); SIGINT/SIGHUP/SIGUSR recorded; SIGSTOP/SIGCONT 400
+        .route("/_electric/entities/{entity_type}/{instance_id}/signal", post(entities::signal))
         // GET list, POST add [manage]
         .route(
             "/_electric/entities/{entity_type}/{instance_id}/grants",

@@ -482,7 +482,7 @@ async fn unknown_permissions_and_nonsense_grant_subjects_are_400_and_change_noth
     let bad_grants = [
         json!({ "subject_kind": "principal", "subject_value": ANN, "permission": "admin" }),
         json!({ "subject_kind": "principal", "subject_value": ANN, "permission": "READ" }),
-        json!({ "subject_kind": "principal", "subject_value": ANN, "permission": "signal" }),
+        json!({ "subject_kind": "principal", "subject_value": ANN, "permission": "signals" }),
         json!({ "subject_kind": "group", "subject_value": "staff", "permission": "read" }),
         json!({ "subject_kind": "principal", "subject_value": "nobody", "permission": "read" }),
         json!({ "subject_kind": "principal", "subject_value": "robot:r2", "permission": "read" }),
@@ -643,6 +643,7 @@ async fn an_unknown_entity_is_404_not_found_on_every_route() {
         (Method::GET, e.clone()),
         (Method::DELETE, e.clone()),
         (Method::POST, format!("{e}/send")),
+        (Method::POST, format!("{e}/signal")),
         (Method::GET, format!("{e}/grants")),
         (Method::GET, format!("{e}/attachments")),
         (Method::GET, format!("{e}/attachments/x")),
@@ -652,4 +653,200 @@ async fn an_unknown_entity_is_404_not_found_on_every_route() {
         assert_eq!(res.status(), StatusCode::NOT_FOUND, "{method} {path}");
         assert_eq!(error_code(res).await, "NOT_FOUND");
     }
+}
+
+/// POSTs `body` to the entity's signal route as `principal`.
+async fn signal_as(ts: &TestServer, principal: Option<&str>, entity: &str, body: Value) -> reqwest::Response {
+    as_principal(ts.request(Method::POST, &format!("{}/signal", api(entity))), principal)
+        .json(&body)
+        .send()
+        .await
+        .expect("signal answered")
+}
+
+/// HEAD of a stream as `principal`: (tail offset, Stream-Closed).
+async fn head_as(ts: &TestServer, principal: Option<&str>, path: &str) -> (String, Option<String>) {
+    let res = as_principal(ts.request(Method::HEAD, path), principal).send().await.expect("HEAD answered");
+    assert_eq!(res.status(), StatusCode::OK, "HEAD {path}");
+    (header(&res, common::NEXT_OFFSET).expect("a tail offset"), header(&res, CLOSED))
+}
+
+/// The `signal` rows of an entity's main stream, in order.
+async fn signal_rows(ts: &TestServer, entity: &str, principal: Option<&str>) -> Vec<Value> {
+    rows_as(ts, &format!("{entity}/main"), principal).await.into_iter().filter(|r| r["type"] == "signal").collect()
+}
+
+#[tokio::test]
+async fn sigkill_stops_the_entity_as_delete_does_and_records_the_signal() {
+    let ts = TestServer::start().await;
+    let e = "/chat/killed";
+    spawn(&ts, Some(SAM), e).await;
+    let res = signal_as(&ts, Some(SAM), e, json!({ "signal": "SIGKILL", "reason": "Runtime child cleanup" })).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["url"], e);
+    assert_eq!(body["signal"], "SIGKILL");
+    assert_eq!((body["previous_state"].as_str(), body["new_state"].as_str()), (Some("idle"), Some("stopped")));
+    assert!(body["txid"].is_string() && body["created_at"].is_i64(), "{body}");
+
+    let (_, got) = get_as(&ts, Some(SAM), e).await;
+    assert_eq!(got["status"], "stopped");
+    assert_eq!(head_as(&ts, Some(SAM), &format!("{e}/main")).await.1.as_deref(), Some("true"), "main stream closed");
+    let signals = signal_rows(&ts, e, Some(SAM)).await;
+    assert_eq!(signals.len(), 1, "{signals:?}");
+    let row = &signals[0];
+    assert_eq!(row["headers"]["txid"], body["txid"], "the signal row carries the answer's txid");
+    let v = &row["value"];
+    assert_eq!((v["signal"].as_str(), v["status"].as_str()), (Some("SIGKILL"), Some("handled")));
+    assert_eq!((v["outcome"].as_str(), v["new_state"].as_str()), (Some("transitioned"), Some("stopped")));
+    assert_eq!(v["reason"], "Runtime child cleanup");
+    assert_eq!(v["sender"], "/principal/user%3Asam");
+    let state = materialize_as(&ts, e, Some(SAM)).await;
+    assert!(state.contains_key(&("entity_stopped".to_owned(), "entity-stopped".to_owned())), "{state:?}");
+
+    // Stopped means stopped: a send is refused, as after DELETE.
+    let res = as_principal(ts.request(Method::POST, &format!("{}/send", api(e))), Some(SAM))
+        .json(&json!({ "payload": "still there?" }))
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = error_of(res).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "NOT_RUNNING"));
+
+    // SIGKILL or SIGTERM again is harmless (a runtime's cleanup may repeat): 200, nothing written.
+    let tail = head_as(&ts, Some(SAM), &format!("{e}/main")).await.0;
+    for sig in ["SIGKILL", "SIGTERM"] {
+        let res = signal_as(&ts, Some(SAM), e, json!({ "signal": sig })).await;
+        assert_eq!(res.status(), StatusCode::OK, "{sig} again");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!((body["previous_state"].as_str(), body["new_state"].as_str()), (Some("stopped"), Some("stopped")));
+    }
+    assert_eq!(head_as(&ts, Some(SAM), &format!("{e}/main")).await.0, tail);
+}
+
+#[tokio::test]
+async fn sigterm_stops_a_running_entity_too() {
+    let ts = TestServer::start().await;
+    let e = "/chat/termed";
+    spawn(&ts, None, e).await;
+    let res = signal_as(&ts, None, e, json!({ "signal": "SIGTERM" })).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(get_as(&ts, None, e).await.1["status"], "stopped");
+    assert_eq!(head_as(&ts, None, &format!("{e}/main")).await.1.as_deref(), Some("true"));
+}
+
+#[tokio::test]
+async fn sigint_sighup_and_sigusr_are_recorded_as_unhandled_rows_and_the_entity_keeps_running() {
+    let ts = TestServer::start().await;
+    let e = "/chat/nudged";
+    spawn(&ts, Some(SAM), e).await;
+    for sig in ["SIGINT", "SIGHUP", "SIGUSR"] {
+        let res =
+            signal_as(&ts, Some(SAM), e, json!({ "signal": sig, "reason": "nudge", "payload": { "n": sig } })).await;
+        assert_eq!(res.status(), StatusCode::OK, "{sig}");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!((body["previous_state"].as_str(), body["new_state"].as_str()), (Some("idle"), Some("idle")));
+    }
+    let signals = signal_rows(&ts, e, Some(SAM)).await;
+    let names: Vec<&str> = signals.iter().map(|r| r["value"]["signal"].as_str().unwrap()).collect();
+    assert_eq!(names, ["SIGINT", "SIGHUP", "SIGUSR"]);
+    for row in &signals {
+        assert_eq!(row["value"]["status"], "unhandled", "{row}");
+        assert_eq!(row["value"]["payload"]["n"], row["value"]["signal"], "{row}");
+        assert!(row["value"].get("new_state").is_none(), "{row}");
+    }
+    assert_eq!(get_as(&ts, Some(SAM), e).await.1["status"], "idle");
+    let res = as_principal(ts.request(Method::POST, &format!("{}/send", api(e))), Some(SAM))
+        .json(&json!({ "payload": "still listening" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "the entity still takes messages");
+
+    // Recorded signals need a running entity: after a stop, 409 and nothing written.
+    assert_eq!(signal_as(&ts, Some(SAM), e, json!({ "signal": "SIGKILL" })).await.status(), StatusCode::OK);
+    let tail = head_as(&ts, Some(SAM), &format!("{e}/main")).await.0;
+    let (status, code, _) = error_of(signal_as(&ts, Some(SAM), e, json!({ "signal": "SIGHUP" })).await).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "NOT_RUNNING"));
+    assert_eq!(head_as(&ts, Some(SAM), &format!("{e}/main")).await.0, tail);
+}
+
+#[tokio::test]
+async fn unknown_unsupported_and_malformed_signals_are_400_and_change_nothing() {
+    let ts = TestServer::start().await;
+    let e = "/chat/signals";
+    spawn(&ts, Some(SAM), e).await;
+    let tail = head_as(&ts, Some(SAM), &format!("{e}/main")).await.0;
+    let cases = [
+        (json!({ "signal": "SIGSTOP" }), "SIGNAL_NOT_SUPPORTED"),
+        (json!({ "signal": "SIGCONT" }), "SIGNAL_NOT_SUPPORTED"),
+        (json!({ "signal": "SIGQUIT" }), "INVALID_SIGNAL"),
+        (json!({ "signal": "sigkill" }), "INVALID_SIGNAL"),
+        (json!({ "signal": "" }), "INVALID_SIGNAL"),
+        (json!({ "reason": "no signal" }), "INVALID_SIGNAL"),
+        (json!({}), "INVALID_SIGNAL"),
+        (json!({ "signal": 9 }), "INVALID_REQUEST"),
+        (json!({ "signal": "SIGKILL", "reason": 42 }), "INVALID_REQUEST"),
+        (json!(["SIGKILL"]), "INVALID_REQUEST"),
+    ];
+    for (body, want) in cases {
+        let (status, code, answer) = error_of(signal_as(&ts, Some(SAM), e, body.clone()).await).await;
+        assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, want), "{body}: {answer}");
+        if want != "INVALID_REQUEST" {
+            let message = answer["error"]["message"].as_str().unwrap_or("");
+            assert!(message.contains("SIGKILL"), "the message names what works: {answer}");
+        }
+    }
+    assert_eq!(head_as(&ts, Some(SAM), &format!("{e}/main")).await.0, tail, "nothing written");
+    assert_eq!(get_as(&ts, Some(SAM), e).await.1["status"], "idle");
+}
+
+#[tokio::test]
+async fn signalling_needs_the_signal_permission_and_strangers_learn_nothing() {
+    let ts = TestServer::start().await;
+    let e = "/chat/guarded";
+    spawn(&ts, Some(ANN), e).await;
+    let grant = |who: &str, permission: &str| {
+        as_principal(ts.request(Method::POST, &format!("{}/grants", api(e))), Some(ANN))
+            .json(&json!({ "subject_kind": "principal", "subject_value": who, "permission": permission }))
+            .send()
+    };
+    assert_eq!(grant("user:reader", "read").await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(grant(SAM, "read").await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(grant(SAM, "signal").await.unwrap().status(), StatusCode::CREATED);
+    let tail = head_as(&ts, Some(ANN), &format!("{e}/main")).await.0;
+
+    let (status, code, body) =
+        error_of(signal_as(&ts, Some("user:stranger"), e, json!({"signal":"SIGKILL"})).await).await;
+    assert_eq!((status, code.as_str()), (StatusCode::NOT_FOUND, "NOT_FOUND"), "{body}");
+    assert_eq!(
+        error_of(signal_as(&ts, Some("user:stranger"), "/chat/nowhere", json!({"signal":"SIGKILL"})).await).await.0,
+        StatusCode::NOT_FOUND,
+        "the same answer as for an entity that does not exist"
+    );
+    let (status, code, _) = error_of(signal_as(&ts, Some("user:reader"), e, json!({"signal":"SIGKILL"})).await).await;
+    assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "FORBIDDEN"));
+    assert_eq!(head_as(&ts, Some(ANN), &format!("{e}/main")).await.0, tail, "refusals wrote nothing");
+    assert_eq!(get_as(&ts, Some(ANN), e).await.1["status"], "idle");
+
+    let res = signal_as(&ts, Some(SAM), e, json!({ "signal": "SIGKILL" })).await;
+    assert_eq!(res.status(), StatusCode::OK, "a signal grant may stop the entity");
+    assert_eq!(get_as(&ts, Some(ANN), e).await.1["status"], "stopped");
+}
+
+#[tokio::test]
+async fn clients_cannot_forge_signal_rows_on_the_main_stream() {
+    let ts = TestServer::start().await;
+    let e = "/chat/forged";
+    spawn(&ts, None, e).await;
+    let res = ts
+        .request(Method::POST, &format!("{e}/main"))
+        .header("content-type", "application/json")
+        .body(r#"{"type":"signal","key":"sig-1","value":{"signal":"SIGKILL","status":"handled"},"headers":{"operation":"insert"}}"#)
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = error_of(res).await;
+    assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "SERVER_OWNED_ROW"));
+    assert!(signal_rows(&ts, e, None).await.is_empty());
 }

@@ -30,6 +30,7 @@ enum Perm {
     Read,
     Write,
     Delete,
+    Signal,
     Manage,
 }
 
@@ -39,6 +40,7 @@ impl Perm {
             Perm::Read => "read",
             Perm::Write => "write",
             Perm::Delete => "delete",
+            Perm::Signal => "signal",
             Perm::Manage => "manage",
         }
     }
@@ -184,7 +186,7 @@ const fn route(method: &'static str, path: &'static str, body: Body, rule: Rule,
 }
 
 use Body::{Empty, Json, Upload};
-use Perm::{Delete, Manage, Read, Write};
+use Perm::{Delete, Manage, Read, Signal, Write};
 
 const ENTITY_ROUTES: &[Route] = &[
     route("GET", "{api}", Empty, Rule::Entity(Read), 200),
@@ -193,6 +195,7 @@ const ENTITY_ROUTES: &[Route] = &[
     route("DELETE", "{api}", Empty, Rule::Entity(Delete), 200),
     route("DELETE", "{api}?purge=true", Empty, Rule::Entity(Delete), 200),
     route("POST", "{api}/send", Json(r#"{"payload":"hi"}"#), Rule::Entity(Write), 200),
+    route("POST", "{api}/signal", Json(r#"{"signal":"SIGKILL"}"#), Rule::Entity(Signal), 200),
     route("GET", "{api}/grants", Empty, Rule::Entity(Manage), 200),
     route(
         "POST",
