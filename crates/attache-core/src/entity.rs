@@ -218,8 +218,53 @@ impl GrantSubject {
     }
 }
 
-/// The rule, without I/O: may `who` do `wanted` on an entity created by
-/// `owner_url`, given its grants `(subject, permission, expires_at_ms)` at `now_ms`?
+/// What a principal gets from an entity route (Electric's route table: each
+/// route needs one permission).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// It may do what the route does.
+    Allowed,
+    /// It holds something on the entity (so it may know that the entity
+    /// exists), but not this permission: 403.
+    Forbidden,
+    /// It holds nothing on the entity: the entity does not exist for it (404).
+    Hidden,
+}
+
+/// The rule, without I/O: what may `who` do on an entity created by
+/// `owner_url`, given its grants `(subject, permission, expires_at_ms)` at
+/// `now_ms`? The owner and built-in system principals may do anything;
+/// anyone else what an unexpired grant of `wanted`, or of `manage`, allows.
+/// A principal holding any unexpired grant may learn that the entity exists;
+/// one holding none may not.
+pub fn access<'a>(
+    who: &PrincipalKey,
+    owner_url: Option<&str>,
+    grants: impl IntoIterator<Item = (&'a GrantSubject, Permission, Option<i64>)>,
+    wanted: Permission,
+    now_ms: i64,
+) -> Access {
+    if who.is_built_in_system() || owner_url == Some(who.url().as_str()) {
+        return Access::Allowed;
+    }
+    let mut holds_any = false;
+    for (subject, permission, expires) in grants {
+        if expires.is_some_and(|at| now_ms >= at) || !subject.matches(who) {
+            continue;
+        }
+        if permission == wanted || permission == Permission::Manage {
+            return Access::Allowed;
+        }
+        holds_any = true;
+    }
+    if holds_any {
+        Access::Forbidden
+    } else {
+        Access::Hidden
+    }
+}
+
+/// May `who` do `wanted`? ([`access`] is `Allowed`.)
 pub fn permits<'a>(
     who: &PrincipalKey,
     owner_url: Option<&str>,
@@ -227,14 +272,7 @@ pub fn permits<'a>(
     wanted: Permission,
     now_ms: i64,
 ) -> bool {
-    if who.is_built_in_system() || owner_url == Some(who.url().as_str()) {
-        return true;
-    }
-    grants.into_iter().any(|(subject, permission, expires)| {
-        (permission == wanted || permission == Permission::Manage)
-            && expires.is_none_or(|at| now_ms < at)
-            && subject.matches(who)
-    })
+    access(who, owner_url, grants, wanted, now_ms) == Access::Allowed
 }
 
 #[cfg(test)]
@@ -280,6 +318,26 @@ mod tests {
         assert_eq!(Signal::Stop.effect(), SignalEffect::Unsupported);
         assert_eq!(Signal::Cont.effect(), SignalEffect::Unsupported);
         assert_eq!(Signal::Usr.effect(), SignalEffect::Recorded);
+    }
+
+    #[test]
+    fn any_unexpired_grant_reveals_the_entity_and_only_the_wanted_one_allows() {
+        let sam = PrincipalKey::parse("user:sam").unwrap();
+        let to_sam = GrantSubject::parse("principal", "user:sam").unwrap();
+        let to_ann = GrantSubject::parse("principal", "user:ann").unwrap();
+        let owner = Some("/principal/user%3Aowner");
+        let now = 1_000;
+        let write_only = [(&to_sam, Permission::Write, None)];
+        assert_eq!(access(&sam, owner, write_only, Permission::Write, now), Access::Allowed);
+        assert_eq!(access(&sam, owner, write_only, Permission::Read, now), Access::Forbidden);
+        let signal_only = [(&to_sam, Permission::Signal, None)];
+        assert_eq!(access(&sam, owner, signal_only, Permission::Signal, now), Access::Allowed);
+        assert_eq!(access(&sam, owner, signal_only, Permission::Delete, now), Access::Forbidden);
+        // Nothing, someone else's grant, or an expired one: the entity is hidden.
+        assert_eq!(access(&sam, owner, [], Permission::Read, now), Access::Hidden);
+        assert_eq!(access(&sam, owner, [(&to_ann, Permission::Read, None)], Permission::Read, now), Access::Hidden);
+        let lapsed = [(&to_sam, Permission::Manage, Some(now))];
+        assert_eq!(access(&sam, owner, lapsed, Permission::Read, now), Access::Hidden);
     }
 
     #[test]

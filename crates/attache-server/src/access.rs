@@ -1,8 +1,9 @@
 //! Permission checks for every path that touches an entity or a stream.
-//! 404 when the caller may not read (existence does not leak), 403 when it
-//! may read but not do this.
+//! On the entity routes, 404 when the caller holds nothing on the entity
+//! (existence does not leak), 403 when it holds something but not the
+//! permission the route needs.
 
-use attache_core::entity::permits;
+use attache_core::entity::{access, permits, Access};
 use attache_core::{EntityUrl, Permission, PrincipalKey};
 use attache_storage::{EntityRecord, StreamInfo};
 use axum::http::StatusCode;
@@ -30,7 +31,10 @@ pub fn may(state: &AppState, who: &PrincipalKey, entity: &EntityRecord, wanted: 
     )
 }
 
-/// Looks up an entity the caller may act on, or answers 404/403.
+/// Looks up an entity the caller may act on, or answers 404 (it holds nothing
+/// on the entity: the entity does not exist for it) or 403 (it holds
+/// something, not this permission). The route table in `router.rs` says which
+/// permission each route wants (Electric's: a write-only principal may upload).
 pub fn entity_for(
     state: &AppState,
     who: &PrincipalKey,
@@ -39,17 +43,17 @@ pub fn entity_for(
 ) -> ApiResult<EntityRecord> {
     let key = url.to_string();
     let entity = state.registry.entity(&key).ok_or_else(|| entity_not_found(&key))?;
-    if !may(state, who, &entity, Permission::Read) {
-        return Err(entity_not_found(&key));
-    }
-    if !may(state, who, &entity, wanted) {
-        return Err(ApiError::new(
+    let grants = state.registry.grants(&entity.url);
+    let grants = grants.iter().map(|g| (&g.subject, g.permission, g.expires_at_ms));
+    match access(who, Some(&entity.created_by), grants, wanted, now_ms()) {
+        Access::Allowed => Ok(entity),
+        Access::Hidden => Err(entity_not_found(&key)),
+        Access::Forbidden => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "FORBIDDEN",
             format!("{} may not {} {key}", who.url(), wanted.as_str()),
-        ));
+        )),
     }
-    Ok(entity)
 }
 
 /// Plain streams belong to their creator; built-in system principals may do anything.

@@ -61,8 +61,9 @@ pub fn build(state: AppState) -> Router {
             get(attachments::read).put(attachments::begin_resumable).delete(attachments::delete),
         )
         // Any other path: a Durable Stream (GET, HEAD, PUT, POST, DELETE).
-        // Entities (Electric Agents wire format). Permission in brackets; 404 when
-        // the caller may not read the entity, 403 when it may read but not act.
+        // Entities (Electric Agents wire format). Permission in brackets, as Electric's
+        // route table has it; 404 when the caller holds nothing on the entity, 403
+        // when it holds some grant but not this permission (`access::entity_for`).
         // GET /_electric/entities: the entities the caller may read [read, per entity]
         .route("/_electric/entities", get(entities::list))
         // PUT spawn [any principal] · GET/HEAD [read] · DELETE stop, ?purge=true deletes [delete]

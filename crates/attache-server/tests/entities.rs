@@ -850,3 +850,66 @@ async fn clients_cannot_forge_signal_rows_on_the_main_stream() {
     assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "SERVER_OWNED_ROW"));
     assert!(signal_rows(&ts, e, None).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_write_only_principal_uploads_and_sees_only_its_own_manifest_row() {
+    let ts = TestServer::start().await;
+    let e = "/chat/dropbox";
+    spawn(&ts, Some(ANN), e).await;
+    let res = as_principal(ts.request(Method::POST, &format!("{}/grants", api(e))), Some(ANN))
+        .json(&json!({ "subject_kind": "principal", "subject_value": SAM, "permission": "write" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    // Something the uploader must not see.
+    let form = Form::new().field("id", "private").file(Some("p.txt"), Some("text/plain"), b"ann's").finish();
+    let res = as_principal(ts.request(Method::POST, &format!("{}/attachments", api(e))), Some(ANN))
+        .header("content-type", Form::content_type())
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+
+    let upload_as = |who: &'static str| {
+        let form = Form::new().field("id", "drop").file(Some("d.txt"), Some("text/plain"), b"for ann").finish();
+        as_principal(ts.request(Method::POST, &format!("{}/attachments", api(e))), Some(who))
+            .header("content-type", Form::content_type())
+            .body(form)
+            .send()
+    };
+    let res = upload_as(SAM).await.unwrap();
+    let status = res.status();
+    let text = res.text().await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    let row = &body["attachment"];
+    assert_eq!((row["id"].as_str(), row["status"].as_str()), (Some("drop"), Some("complete")), "{body}");
+    assert_eq!(row["createdBy"], "/principal/user%3Asam");
+    assert_eq!(row["streamPath"], "/chat/dropbox/attachments/drop");
+    assert!(!text.contains("private") && !text.contains("ann's"), "only its own row: {text}");
+
+    // It may write, not read: it knows the entity exists (403), and reads nothing of it.
+    for path in [api(e), format!("{}/attachments", api(e)), format!("{}/attachments/drop", api(e))] {
+        let (status, code, body) =
+            error_of(as_principal(ts.request(Method::GET, &path), Some(SAM)).send().await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "FORBIDDEN"), "GET {path}: {body}");
+    }
+    assert!(list_as(&ts, SAM, "?type=chat").await.0.is_empty(), "write alone does not list");
+    // The owner sees the upload.
+    let attachments: Value = as_principal(ts.request(Method::GET, &format!("{}/attachments", api(e))), Some(ANN))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: BTreeSet<&str> =
+        attachments["attachments"].as_array().unwrap().iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, BTreeSet::from(["private", "drop"]));
+
+    // A principal holding nothing still learns nothing: 404, as for no entity at all.
+    let (status, code, _) = error_of(upload_as("user:stranger").await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::NOT_FOUND, "NOT_FOUND"));
+}

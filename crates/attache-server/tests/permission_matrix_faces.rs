@@ -192,6 +192,15 @@ impl Actor {
         }
     }
 
+    /// Does it hold any unexpired grant on a granted fixture (or own it)? Then
+    /// the entity routes may tell it that the fixture exists.
+    fn holds_fixture(&self, mode: Mode) -> bool {
+        match self.who(mode) {
+            Who::Refused(_) => false,
+            Who::As(p) => p == OWNER || p == SYSTEM || FIXTURE_GRANTS.iter().any(|g| g.applies_to(p)),
+        }
+    }
+
     /// The rule on a granted fixture.
     fn may_fixture(&self, mode: Mode, perm: Perm) -> bool {
         self.may(mode, FIXTURE_GRANTS, perm)
@@ -1059,7 +1068,8 @@ enum ReadRule {
     Feed,
     /// A WebSocket subscription: the fixture's replayed and live events iff the actor may read it.
     Subscription,
-    /// 200 with the fixture's data iff the actor may read it, else 404.
+    /// 200 with the fixture's data iff the actor may read it, else 403 if it
+    /// holds some grant on it, else 404.
     Readable,
     /// 200, listing the fixture iff the actor may read it.
     List,
@@ -1077,6 +1087,8 @@ fn expected_read(rule: ReadRule, actor: &Actor, mode: Mode) -> String {
         ReadRule::Subscription if may_read => "events replayed and live".into(),
         ReadRule::Subscription => "events none".into(),
         ReadRule::Readable if may_read => "200 +marker".into(),
+        // The entity and stream routes: a principal holding some grant learns only that the task exists.
+        ReadRule::Readable if actor.holds_fixture(mode) => "403".into(),
         ReadRule::Readable => "404".into(),
         ReadRule::List => format!("200 {}", if may_read { "listed" } else { "unlisted" }),
         ReadRule::Authenticated => "200".into(),

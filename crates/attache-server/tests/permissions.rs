@@ -3,8 +3,10 @@
 //! cell's expected status comes from the rules below, never from a list of
 //! cells:
 //! - 401 without valid credentials;
-//! - 404 when the actor may not read the entity (its existence does not leak);
-//! - 403 when it may read but not do this;
+//! - 404 when the actor holds nothing on the entity (its existence does not leak);
+//! - 403 when it holds something, but not the permission the route needs
+//!   (Electric's table: write for uploads and attachment deletes, read for
+//!   reads, delete for stop, signal for signals, manage for grants);
 //! - otherwise the route's own answer.
 //!
 //! Every cell gets a fresh entity (with the same grants, an attachment, an
@@ -98,6 +100,18 @@ const ACTORS: &[Actor] = &[
         grants: &[to("user:scribe", Perm::Write)],
     },
     Actor {
+        name: "granted signal only",
+        principal: "user:signaller",
+        credentials: Credentials::Token,
+        grants: &[to("user:signaller", Perm::Signal)],
+    },
+    Actor {
+        name: "granted delete only",
+        principal: "user:deleter",
+        credentials: Credentials::Token,
+        grants: &[to("user:deleter", Perm::Delete)],
+    },
+    Actor {
         name: "granted manage",
         principal: "user:manager",
         credentials: Credentials::Token,
@@ -135,6 +149,11 @@ impl Actor {
 
     fn is_system(&self) -> bool {
         self.authenticated() && self.principal == "system:framework"
+    }
+
+    /// Does it hold anything on the entity (so it may learn that it exists)?
+    fn holds_anything(&self) -> bool {
+        self.is_owner() || self.is_system() || (self.authenticated() && self.grants.iter().any(|g| !g.expired))
     }
 
     /// The rule: owners and built-in system principals may do anything;
@@ -262,7 +281,7 @@ fn expected(route: &Route, actor: &Actor) -> String {
         return "401".into();
     }
     match route.rule {
-        Rule::Entity(_) if !actor.may(Read) => "404".into(),
+        Rule::Entity(_) if !actor.holds_anything() => "404".into(),
         Rule::Entity(perm) if !actor.may(perm) => "403".into(),
         Rule::Entity(_) => route.allowed.to_string(),
         Rule::Respawn if actor.is_owner() => route.allowed.to_string(),
