@@ -1,6 +1,6 @@
 //! Disk faults on demand, for tests: the seam every write and sync of the
-//! store's files goes through (the write-ahead log, redb's file through its
-//! `StorageBackend`, blob files).
+//! store's files goes through (the write-ahead log, redb's files through
+//! their `StorageBackend`: `streams.redb` and `registry.redb`, blob files).
 //!
 //! Production opens the store without a plan: each seam call is then one
 //! `Option` check before the plain system call. A test hands the store a
@@ -35,9 +35,13 @@ pub enum FaultPoint {
     SegmentWrite,
     /// A sync of a segment file (at a checkpoint).
     SegmentSync,
+    /// A write to `registry.redb` (its pages, or growing the file).
+    RegistryWrite,
+    /// A sync of `registry.redb` (every registry commit is durable).
+    RegistrySync,
 }
 
-const POINTS: usize = 8;
+const POINTS: usize = 10;
 
 impl FaultPoint {
     fn index(self) -> usize {
@@ -113,6 +117,8 @@ impl FaultPlan {
             FaultPoint::BlobSync,
             FaultPoint::SegmentWrite,
             FaultPoint::SegmentSync,
+            FaultPoint::RegistryWrite,
+            FaultPoint::RegistrySync,
         ] {
             self.fail_all(point, Fault::NoSpace);
         }
@@ -208,11 +214,27 @@ pub(crate) fn write_all_at(
     write(plan, point, buf, |b| file.write_all_at(b, offset))
 }
 
-/// redb's file, through the seam (used only when a test gave a plan).
+/// A redb file, through the seam (used only when a test gave a plan).
 #[derive(Debug)]
 pub(crate) struct FaultyBackend {
     pub(crate) inner: redb::backends::FileBackend,
     pub(crate) plan: FaultPlan,
+    /// Where its writes and syncs count: `DbWrite`/`DbSync` for
+    /// `streams.redb`, `RegistryWrite`/`RegistrySync` for `registry.redb`.
+    pub(crate) points: (FaultPoint, FaultPoint),
+}
+
+impl FaultyBackend {
+    /// `path`'s redb file through the seam, its calls counted at `points` (write, sync).
+    pub(crate) fn open(
+        path: &std::path::Path,
+        plan: &FaultPlan,
+        points: (FaultPoint, FaultPoint),
+    ) -> crate::error::StoreResult<FaultyBackend> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let inner = redb::backends::FileBackend::new(file)?;
+        Ok(FaultyBackend { inner, plan: plan.clone(), points })
+    }
 }
 
 impl redb::StorageBackend for FaultyBackend {
@@ -226,7 +248,7 @@ impl redb::StorageBackend for FaultyBackend {
 
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
         // Growing the file is where a real full disk says no first; a short write makes no sense here.
-        match fault_at(Some(&self.plan), FaultPoint::DbWrite) {
+        match fault_at(Some(&self.plan), self.points.0) {
             None => self.inner.set_len(len),
             Some(Fault::NoSpace) => Err(Fault::NoSpace.error()),
             Some(_) => Err(Fault::Io.error()),
@@ -234,11 +256,11 @@ impl redb::StorageBackend for FaultyBackend {
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
-        sync(Some(&self.plan), FaultPoint::DbSync, || self.inner.sync_data())
+        sync(Some(&self.plan), self.points.1, || self.inner.sync_data())
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
-        write(Some(&self.plan), FaultPoint::DbWrite, data, |b| self.inner.write(offset, b))
+        write(Some(&self.plan), self.points.0, data, |b| self.inner.write(offset, b))
     }
 
     fn close(&self) -> Result<(), io::Error> {

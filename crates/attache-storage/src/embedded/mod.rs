@@ -246,9 +246,9 @@ fn open_db(path: &Path, cache_bytes: usize, faults: Option<&crate::FaultPlan>) -
     let Some(plan) = faults else {
         return Ok(builder.create(path)?);
     };
-    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-    let inner = redb::backends::FileBackend::new(file)?;
-    Ok(builder.create_with_backend(crate::fault::FaultyBackend { inner, plan: plan.clone() })?)
+    let backend =
+        crate::fault::FaultyBackend::open(path, plan, (crate::FaultPoint::DbWrite, crate::FaultPoint::DbSync))?;
+    Ok(builder.create_with_backend(backend)?)
 }
 
 pub(crate) use crate::now_ms;

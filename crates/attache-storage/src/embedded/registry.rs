@@ -33,6 +33,8 @@ pub struct EmbeddedRegistry {
     path: std::path::PathBuf,
     cache: RwLock<Cache>,
     write: Mutex<()>,
+    /// Tests only: disk faults injected into `registry.redb`'s writes and syncs.
+    faults: Option<crate::FaultPlan>,
 }
 
 fn json<T: serde::Serialize>(v: &T) -> StoreResult<Vec<u8>> {
@@ -45,23 +47,30 @@ fn parse<T: serde::de::DeserializeOwned>(b: &[u8]) -> StoreResult<T> {
 
 impl EmbeddedRegistry {
     pub fn open(dir: &Path) -> StoreResult<EmbeddedRegistry> {
+        EmbeddedRegistry::open_with_faults(dir, None)
+    }
+
+    /// [`EmbeddedRegistry::open`], its file's writes and syncs going through
+    /// `faults` (tests; `None` is the plain file).
+    pub fn open_with_faults(dir: &Path, faults: Option<crate::FaultPlan>) -> StoreResult<EmbeddedRegistry> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("registry.redb");
         {
             // Created once here, so a reopen after a disk error only reads.
-            let db = Database::builder().set_cache_size(8 << 20).create(&path)?;
+            let db = open_db(&path, faults.as_ref())?;
             let txn = db.begin_write()?;
             txn.open_table(ENTITIES)?;
             txn.open_table(GRANTS)?;
             txn.open_table(COUNTERS)?;
             txn.commit()?;
         }
-        let (db, cache) = open_and_load(&path)?;
+        let (db, cache) = open_and_load(&path, faults.as_ref())?;
         Ok(EmbeddedRegistry {
             db: parking_lot::Mutex::new(Some(db)),
             path,
             cache: RwLock::new(cache),
             write: Mutex::new(()),
+            faults,
         })
     }
 
@@ -75,11 +84,12 @@ impl EmbeddedRegistry {
     ) -> StoreResult<T> {
         let db = self.db.lock().take();
         let path = self.path.clone();
+        let faults = self.faults.clone();
         let (written, db, reloaded) = tokio::task::spawn_blocking(move || {
             let mut reloaded = None;
             let db = match db {
                 Some(db) => db,
-                None => match open_and_load(&path) {
+                None => match open_and_load(&path, faults.as_ref()) {
                     Ok((db, cache)) => {
                         reloaded = Some(cache);
                         db
@@ -96,7 +106,7 @@ impl EmbeddedRegistry {
             match &written {
                 Err(err) if err.is_io() => {
                     drop(db);
-                    match open_and_load(&path) {
+                    match open_and_load(&path, faults.as_ref()) {
                         Ok((db, cache)) => (written, Some(db), Some(cache)),
                         Err(e) => {
                             tracing::warn!(err = %e, "the registry cannot be reopened yet; the next write tries again");
@@ -117,8 +127,18 @@ impl EmbeddedRegistry {
     }
 }
 
-fn open_and_load(path: &Path) -> StoreResult<(Database, Cache)> {
-    let db = Database::builder().set_cache_size(8 << 20).create(path)?;
+fn open_db(path: &Path, faults: Option<&crate::FaultPlan>) -> StoreResult<Database> {
+    let mut builder = Database::builder();
+    builder.set_cache_size(8 << 20);
+    let Some(plan) = faults else {
+        return Ok(builder.create(path)?);
+    };
+    let points = (crate::FaultPoint::RegistryWrite, crate::FaultPoint::RegistrySync);
+    Ok(builder.create_with_backend(crate::fault::FaultyBackend::open(path, plan, points)?)?)
+}
+
+fn open_and_load(path: &Path, faults: Option<&crate::FaultPlan>) -> StoreResult<(Database, Cache)> {
+    let db = open_db(path, faults)?;
     let mut cache = Cache { next_grant: 1, ..Default::default() };
     {
         let txn = db.begin_read()?;
