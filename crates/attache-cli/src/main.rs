@@ -55,3 +55,13 @@ fn main() -> anyhow::Result<()> {
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read before `main` (the `_RJEM_MALLOC_CONF` environment
+/// variable still overrides them). Memory freed after a burst of load goes back
+/// to the system within about a second, by a background thread, instead of
+/// staying with the process until the next allocation happens to purge it; two
+/// arenas instead of eight per core (this server runs a handful of threads).
+/// docs/ARCHITECTURE.md, "Process-wide choices", has the figures.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &u8 = &b"background_thread:true,narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:0\0"[0];

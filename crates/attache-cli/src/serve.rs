@@ -80,6 +80,9 @@ pub struct ServeArgs {
     /// Most materialized entity views kept in memory; the least recently used is dropped and rebuilt on use [default: 10000]
     #[arg(long, env = "ATTACHE_VIEW_CACHE_ENTRIES")]
     view_cache_entries: Option<usize>,
+    /// The embedded store's page cache (redb: stream metadata and indexes), in bytes [default: 4194304]
+    #[arg(long, env = "ATTACHE_STORE_CACHE_BYTES")]
+    store_cache_bytes: Option<usize>,
     /// Most deleted tasks kept as tombstones (their owners can still read their events); past it the oldest are purged for good [default: 1000]
     #[arg(long, env = "ATTACHE_DELETED_TASKS_KEPT")]
     deleted_tasks_kept: Option<usize>,
@@ -145,6 +148,7 @@ struct FileConfig {
     upload_expiry: Option<String>,
     mcp_max_sessions: Option<usize>,
     view_cache_entries: Option<usize>,
+    store_cache_bytes: Option<usize>,
     deleted_tasks_kept: Option<usize>,
     max_entity_data_bytes: Option<usize>,
     mcp_max_sessions_per_principal: Option<usize>,
@@ -239,6 +243,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     }
     if let Some(n) = args.view_cache_entries.or(file.view_cache_entries) {
         config.view_cache_entries = n;
+    }
+    if let Some(n) = args.store_cache_bytes.or(file.store_cache_bytes) {
+        config.store_cache_bytes = Some(n);
     }
     if let Some(n) = args.deleted_tasks_kept.or(file.deleted_tasks_kept) {
         config.deleted_tasks_kept = n;

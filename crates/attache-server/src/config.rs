@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub mcp_max_sessions_per_principal: usize,
     /// Most materialized entity views kept in memory (least recently used dropped; rebuilt on use).
     pub view_cache_entries: usize,
+    /// The embedded store's page cache, in bytes; `None` keeps the engine's default.
+    pub store_cache_bytes: Option<usize>,
     /// Most deleted tasks whose tombstones (record, grants, closed main stream)
     /// are kept so their owners can still read their events; older ones are purged.
     pub deleted_tasks_kept: usize,
@@ -159,6 +161,7 @@ impl ServerConfig {
             mcp_max_sessions: 1000,
             mcp_max_sessions_per_principal: 100,
             view_cache_entries: 10_000,
+            store_cache_bytes: None,
             deleted_tasks_kept: 1_000,
             max_entity_data_bytes: 64 << 10,
             upload_expiry: Duration::from_secs(24 * 3600),

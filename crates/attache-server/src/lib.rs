@@ -36,9 +36,21 @@ use tokio_util::sync::CancellationToken;
 pub use config::{ServerConfig, StoreConfig};
 pub use error::ApiError;
 
-/// What every handler can reach.
+/// What every handler can reach. One `Arc`: axum clones the state for every
+/// extractor and middleware of every request, and a clone is then one atomic
+/// increment instead of one per field (docs/ARCHITECTURE.md, "request path").
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The server's shared parts, behind [`AppState`].
+pub struct Shared {
     pub store: Arc<dyn StreamStore>,
     pub registry: Arc<dyn Registry>,
     pub auth: Arc<auth::Auth>,
@@ -100,6 +112,9 @@ impl Server {
         let mut store_config = EmbeddedConfig::new(&config.data_dir);
         store_config.durable = config.durable;
         store_config.fault_plan = config.fault_plan.clone();
+        if let Some(bytes) = config.store_cache_bytes {
+            store_config.cache_bytes = bytes;
+        }
         let loopback = config.listen.ip().is_loopback();
         let mode = config.auth.unwrap_or(if loopback { auth::AuthMode::Dev } else { auth::AuthMode::Token });
         if mode == auth::AuthMode::Dev && !loopback {
@@ -137,7 +152,7 @@ impl Server {
             conn::listen(config.listen).map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let shutdown = CancellationToken::new();
-        let state = AppState {
+        let state = AppState(Arc::new(Shared {
             store,
             registry,
             auth: Arc::new(auth),
@@ -149,7 +164,7 @@ impl Server {
             metrics: Arc::new(metrics::Metrics::default()),
             rate_limiter: Arc::new(rpc::RateLimiter::default()),
             browser: Arc::new(browser),
-        };
+        }));
         events::ensure_stream(state.store.as_ref())
             .await
             .map_err(|source| StartError::Store { dir: state.config.store.describe(&state.config.data_dir), source })?;

@@ -155,7 +155,9 @@ fn host_not_allowed(host: &str) -> ApiError {
     )
 }
 
-/// Applies the Host and Origin rules, answers preflights, and stamps every response.
+/// Applies the Host and Origin rules, answers preflights, refuses encoded
+/// separators in the path, and stamps every response. One middleware for all
+/// of it: each layer costs every request a boxed future and a state clone.
 pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let policy = &state.browser;
     let verdict = match policy.check_host(&req).and_then(|()| policy.check_origin(&req)) {
@@ -168,7 +170,13 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
         }
     };
     let preflight = req.method() == Method::OPTIONS;
-    let mut res = if preflight { StatusCode::NO_CONTENT.into_response() } else { next.run(req).await };
+    let mut res = if preflight {
+        StatusCode::NO_CONTENT.into_response()
+    } else if crate::router::has_encoded_separator(req.uri().path()) {
+        ApiError::bad_request("encoded '/', '.', '\\' or NUL in a URL path are not allowed").into_response()
+    } else {
+        next.run(req).await
+    };
     let h = res.headers_mut();
     policy.stamp(h);
     let allow = match verdict {

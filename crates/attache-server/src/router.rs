@@ -104,21 +104,14 @@ pub fn build(state: AppState) -> Router {
         // GET Prometheus text [any authenticated principal]
         .route("/metrics", get(metrics::get_metrics))
         .fallback(stream_route)
-        .layer(axum::middleware::from_fn(reject_encoded_separators))
-        // Outermost: Host and Origin rules before anything else runs (`origin`).
+        // Host and Origin rules, then encoded separators, before anything else runs (`origin`).
         .layer(axum::middleware::from_fn_with_state(state.clone(), origin::guard))
         .with_state(state)
 }
 
-/// Encoded slashes, dots, backslashes and NULs in a path are refused outright:
-/// they are how path confusion starts.
-async fn reject_encoded_separators(req: Request<Body>, next: axum::middleware::Next) -> Response {
-    if has_encoded_separator(req.uri().path()) {
-        return ApiError::bad_request("encoded '/', '.', '\\' or NUL in a URL path are not allowed").into_response();
-    }
-    next.run(req).await
-}
-
+/// Encoded slashes, dots, backslashes and NULs in a path are refused outright
+/// (400, by `origin::guard`): they are how path confusion starts.
+///
 /// `%2F`, `%2E`, `%5C` or `%00`, in any case (no allocation: this runs on every request).
 pub fn has_encoded_separator(path: &str) -> bool {
     path.as_bytes().windows(3).any(|w| {

@@ -68,8 +68,24 @@ pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> 
     }
 }
 
-pub(crate) fn set(headers: &mut HeaderMap, name: impl axum::http::header::IntoHeaderName, value: impl ToString) {
-    if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+/// Sets a header to `value` as text; a value that is not a valid header value is left out.
+/// Formatted on the stack: offsets, lengths and tags cost one allocation (the value's), not two.
+pub(crate) fn set(
+    headers: &mut HeaderMap,
+    name: impl axum::http::header::IntoHeaderName,
+    value: impl std::fmt::Display,
+) {
+    use std::io::Write as _;
+    let mut buf = [0u8; 96];
+    let mut out = std::io::Cursor::new(&mut buf[..]);
+    let formatted = match write!(out, "{value}") {
+        Ok(()) => {
+            let len = usize::try_from(out.position()).unwrap_or(0);
+            HeaderValue::from_bytes(&buf[..len])
+        }
+        Err(_) => HeaderValue::from_str(&value.to_string()),
+    };
+    if let Ok(v) = formatted {
         headers.insert(name, v);
     }
 }
