@@ -221,7 +221,7 @@ enum EntityCommand {
     Grant {
         entity: String,
         subject: String,
-        /// read, write, delete or manage
+        /// read, write, delete, signal, fork, schedule, spawn or manage
         permission: String,
         /// RFC 3339 expiry, e.g. 2030-01-01T00:00:00Z
         #[arg(long)]
@@ -576,8 +576,11 @@ async fn rpc(a: RpcArgs, out: Output) -> anyhow::Result<()> {
 }
 
 fn grant_arg(subject: &str, permission: &str, expires_at: Option<String>) -> anyhow::Result<NewGrant> {
-    if !["read", "write", "delete", "manage"].contains(&permission) {
-        return Err(UsageError(format!("permission {permission:?} must be read, write, delete or manage")).into());
+    if attache_core::Permission::parse(permission).is_err() {
+        return Err(UsageError(format!(
+            "permission {permission:?} must be read, write, delete, signal, fork, schedule, spawn or manage"
+        ))
+        .into());
     }
     let mut grant = match subject.strip_prefix("kind:") {
         Some(kind) => NewGrant::kind(kind, permission),

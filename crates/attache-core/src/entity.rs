@@ -101,7 +101,38 @@ pub enum Permission {
     Delete,
     /// Send a signal (`POST .../signal`).
     Signal,
+    /// Electric's `fork`, `schedule` and `spawn`: grantable (and kept), for the routes that need them.
+    Fork,
+    Schedule,
+    Spawn,
     Manage,
+}
+
+/// Where a grant applies: the entity itself (`self`, the default), or the
+/// entity and every entity spawned under it (`descendants`), as Electric has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Propagation {
+    #[default]
+    #[serde(rename = "self")]
+    Own,
+    Descendants,
+}
+
+impl Propagation {
+    pub fn parse(s: &str) -> Result<Propagation> {
+        match s {
+            "self" => Ok(Propagation::Own),
+            "descendants" => Ok(Propagation::Descendants),
+            other => Err(Error::Invalid(format!("unknown propagation {other:?}: expected self or descendants"))),
+        }
+    }
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Propagation::Own => "self",
+            Propagation::Descendants => "descendants",
+        }
+    }
 }
 
 impl Permission {
@@ -111,9 +142,12 @@ impl Permission {
             "write" => Ok(Permission::Write),
             "delete" => Ok(Permission::Delete),
             "signal" => Ok(Permission::Signal),
+            "fork" => Ok(Permission::Fork),
+            "schedule" => Ok(Permission::Schedule),
+            "spawn" => Ok(Permission::Spawn),
             "manage" => Ok(Permission::Manage),
             other => Err(Error::Invalid(format!(
-                "unknown permission {other:?}: expected read, write, delete, signal or manage"
+                "unknown permission {other:?}: expected read, write, delete, signal, fork, schedule, spawn or manage"
             ))),
         }
     }
@@ -123,6 +157,9 @@ impl Permission {
             Permission::Write => "write",
             Permission::Delete => "delete",
             Permission::Signal => "signal",
+            Permission::Fork => "fork",
+            Permission::Schedule => "schedule",
+            Permission::Spawn => "spawn",
             Permission::Manage => "manage",
         }
     }
@@ -338,6 +375,19 @@ mod tests {
         assert_eq!(access(&sam, owner, [(&to_ann, Permission::Read, None)], Permission::Read, now), Access::Hidden);
         let lapsed = [(&to_sam, Permission::Manage, Some(now))];
         assert_eq!(access(&sam, owner, lapsed, Permission::Read, now), Access::Hidden);
+    }
+
+    #[test]
+    fn every_electric_verb_and_propagation_parses_and_prints_back() {
+        for verb in ["read", "write", "delete", "signal", "fork", "schedule", "spawn", "manage"] {
+            assert_eq!(Permission::parse(verb).map(|p| p.as_str()), Ok(verb));
+        }
+        assert!(Permission::parse("admin").is_err() && Permission::parse("Read").is_err());
+        for p in ["self", "descendants"] {
+            assert_eq!(Propagation::parse(p).map(|p| p.as_str()), Ok(p));
+        }
+        assert!(Propagation::parse("children").is_err());
+        assert_eq!(serde_json::to_string(&Propagation::Own).unwrap(), "\"self\"");
     }
 
     #[test]

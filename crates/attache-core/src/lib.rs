@@ -18,7 +18,7 @@ pub mod query;
 pub mod state;
 pub mod stream;
 
-pub use entity::{EntityStream, EntityUrl, GrantSubject, Permission};
+pub use entity::{EntityStream, EntityUrl, GrantSubject, Permission, Propagation};
 pub use error::{Error, Result};
 pub use offset::{Cursor, Offset, ReadOffset};
 pub use principal::{PrincipalKey, PrincipalKind};

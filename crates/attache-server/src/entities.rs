@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use attache_core::entity::{Signal, SignalEffect};
 use attache_core::state::{timestamp, ChangeEvent, ENTITY_CREATED, ENTITY_STOPPED, INBOX, SIGNAL};
-use attache_core::{EntityUrl, ExpiresAt, GrantSubject, Permission, PrincipalKey};
+use attache_core::{EntityUrl, ExpiresAt, GrantSubject, Permission, PrincipalKey, Propagation};
 use attache_storage::{CreateStream, EntityRecord, GrantRecord, NewGrant, StoreError};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -80,6 +80,10 @@ pub struct GrantBody {
     subject_value: String,
     permission: String,
     #[serde(default)]
+    propagation: Option<String>,
+    #[serde(default)]
+    copy_to_children: Option<bool>,
+    #[serde(default)]
     expires_at: Option<String>,
 }
 
@@ -87,6 +91,7 @@ impl GrantBody {
     fn into_new(self, entity_url: &str, created_by: &PrincipalKey) -> ApiResult<NewGrant> {
         let subject = GrantSubject::parse(&self.subject_kind, &self.subject_value)?;
         let permission = Permission::parse(&self.permission)?;
+        let propagation = self.propagation.as_deref().map(Propagation::parse).transpose()?.unwrap_or_default();
         let expires = self.expires_at.as_deref().map(ExpiresAt::parse).transpose()?;
         Ok(NewGrant {
             entity_url: entity_url.to_owned(),
@@ -95,6 +100,8 @@ impl GrantBody {
             expires_at_ms: expires.as_ref().map(|e| e.unix_ms),
             expires_at: expires.map(|e| e.raw),
             created_by: created_by.url(),
+            propagation,
+            copy_to_children: self.copy_to_children.unwrap_or(false),
         })
     }
 }
@@ -110,8 +117,11 @@ pub fn grant_json(g: &GrantRecord) -> Value {
         "permission": g.permission.as_str(),
         "subject_kind": kind,
         "subject_value": value,
+        "propagation": g.propagation.as_str(),
+        "copy_to_children": g.copy_to_children,
         "created_by": g.created_by,
         "created_at": timestamp(g.created_at_ms),
+        "updated_at": timestamp(g.updated_at_ms.unwrap_or(g.created_at_ms)),
     });
     if let Some(at) = &g.expires_at {
         out["expires_at"] = json!(at);

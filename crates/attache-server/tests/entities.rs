@@ -913,3 +913,77 @@ async fn a_write_only_principal_uploads_and_sees_only_its_own_manifest_row() {
     let (status, code, _) = error_of(upload_as("user:stranger").await.unwrap()).await;
     assert_eq!((status, code.as_str()), (StatusCode::NOT_FOUND, "NOT_FOUND"));
 }
+
+#[tokio::test]
+async fn grants_take_electrics_verbs_propagation_and_copy_to_children_and_answer_its_row_shape() {
+    let ts = TestServer::start().await;
+    let e = "/chat/verbs";
+    spawn(&ts, Some(ANN), e).await;
+    for verb in ["read", "write", "delete", "signal", "fork", "schedule", "spawn", "manage"] {
+        let res = as_principal(ts.request(Method::POST, &format!("{}/grants", api(e))), Some(ANN))
+            .json(&json!({ "subject_kind": "principal", "subject_value": SAM, "permission": verb }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED, "{verb}");
+        let g: Value = res.json().await.unwrap();
+        assert_eq!((g["permission"].as_str(), g["propagation"].as_str()), (Some(verb), Some("self")), "{g}");
+        assert_eq!(g["copy_to_children"], false);
+    }
+    let at = rfc3339_in(3_600_000);
+    let res = as_principal(ts.request(Method::POST, &format!("{}/grants", api(e))), Some(ANN))
+        .json(&json!({ "subject_kind": "principal_kind", "subject_value": "agent", "permission": "spawn",
+                       "propagation": "descendants", "copy_to_children": true, "expires_at": at }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let g: Value = res.json().await.unwrap();
+    let keys: BTreeSet<&str> = g.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from([
+            "id",
+            "entity_url",
+            "permission",
+            "subject_kind",
+            "subject_value",
+            "propagation",
+            "copy_to_children",
+            "created_by",
+            "expires_at",
+            "created_at",
+            "updated_at"
+        ]),
+        "{g}"
+    );
+    assert_eq!((g["propagation"].as_str(), g["copy_to_children"].as_bool()), (Some("descendants"), Some(true)));
+    assert_eq!((g["entity_url"].as_str(), g["created_by"].as_str()), (Some(e), Some("/principal/user%3Aann")));
+    assert_eq!(g["created_at"], g["updated_at"]);
+    // Listed as made.
+    let list: Value = as_principal(ts.request(Method::GET, &format!("{}/grants", api(e))), Some(ANN))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["grants"].as_array().unwrap().last().unwrap(), &g);
+
+    // Bad propagation, copy_to_children or verb: 400, nothing stored.
+    let before = registry_snapshot(&ts).await;
+    for bad in [
+        json!({ "subject_kind": "principal", "subject_value": SAM, "permission": "read", "propagation": "children" }),
+        json!({ "subject_kind": "principal", "subject_value": SAM, "permission": "read", "copy_to_children": "yes" }),
+        json!({ "subject_kind": "principal", "subject_value": SAM, "permission": "execute" }),
+    ] {
+        let res = as_principal(ts.request(Method::POST, &format!("{}/grants", api(e))), Some(ANN))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        let (status, code, body) = error_of(res).await;
+        assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "INVALID_REQUEST"), "{bad}: {body}");
+    }
+    assert_eq!(registry_snapshot(&ts).await, before, "refused grants changed nothing");
+}

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use attache_core::{GrantSubject, Permission};
+use attache_core::{GrantSubject, Permission, Propagation};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -52,6 +52,14 @@ pub struct GrantRecord {
     pub expires_at_ms: Option<i64>,
     pub created_by: String,
     pub created_at_ms: i64,
+    /// `self` (default, and what grants stored before it existed mean) or `descendants`.
+    #[serde(default)]
+    pub propagation: Propagation,
+    #[serde(default)]
+    pub copy_to_children: bool,
+    /// Grants are not changed once made; `None` (older records) means `created_at_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -62,11 +70,14 @@ pub struct NewGrant {
     pub expires_at: Option<String>,
     pub expires_at_ms: Option<i64>,
     pub created_by: String,
+    pub propagation: Propagation,
+    pub copy_to_children: bool,
 }
 
 impl NewGrant {
     /// The stored grant, once the backend has given it an id.
     pub fn into_record(self, id: u64) -> GrantRecord {
+        let now = chrono::Utc::now().timestamp_millis();
         GrantRecord {
             id,
             entity_url: self.entity_url,
@@ -75,7 +86,10 @@ impl NewGrant {
             expires_at: self.expires_at,
             expires_at_ms: self.expires_at_ms,
             created_by: self.created_by,
-            created_at_ms: chrono::Utc::now().timestamp_millis(),
+            created_at_ms: now,
+            propagation: self.propagation,
+            copy_to_children: self.copy_to_children,
+            updated_at_ms: Some(now),
         }
     }
 }

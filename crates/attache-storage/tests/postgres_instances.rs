@@ -232,6 +232,8 @@ fn entity_updates_from_two_instances_are_compare_and_set_or_skip_without_postgre
                 expires_at: None,
                 expires_at_ms: None,
                 created_by: "/_principal/user/alice".into(),
+                propagation: Default::default(),
+                copy_to_children: false,
             })
             .await
             .unwrap();
