@@ -108,11 +108,12 @@ pub struct ServeArgs {
     /// How long a client has to send a whole request header, e.g. 10s [default: 10s]
     #[arg(long, env = "ATTACHE_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration)]
     header_read_timeout: Option<Duration>,
-    /// How long a kept-alive connection with no request in flight stays open, e.g. 60s [default: 60s]
+    /// How long a kept-alive connection with no request in flight stays open, and a WebSocket
+    /// from which no frame arrives (it is pinged every half of this), e.g. 60s [default: 60s]
     #[arg(long, env = "ATTACHE_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
-    /// How long a response may wait on a client that reads nothing before the connection
-    /// is closed, e.g. 30s [default: 30s]
+    /// How long a response (or a WebSocket message) may wait on a client that reads nothing
+    /// before the connection is closed, e.g. 30s [default: 30s]
     #[arg(long, env = "ATTACHE_SLOW_READER_TIMEOUT", value_parser = humantime::parse_duration)]
     slow_reader_timeout: Option<Duration>,
     /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync, auth,

@@ -3,6 +3,9 @@
 //! (existence does not leak), 403 when it holds something but not the
 //! permission the route needs.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use attache_core::entity::{access, permits, Access};
 use attache_core::{EntityUrl, Permission, PrincipalKey};
 use attache_storage::{EntityRecord, StreamInfo};
@@ -64,4 +67,88 @@ pub fn owns_stream(who: &PrincipalKey, info: &StreamInfo) -> bool {
             .as_deref()
             .and_then(|o| o.split_once(':'))
             .is_some_and(|(kind, id)| kind == who.kind().as_str() && id == who.id())
+}
+
+/// Per-entity life locks. An entity URL is reused: after a purge anyone may
+/// spawn a new entity there, with a new `incarnation`. A server write to an
+/// entity's main stream is authorized against one life (the record the
+/// permission check read); it holds that entity's lock shared while it checks
+/// that the life is still the current one and writes ([`hold_life`]), and a
+/// purge holds it exclusively from before it deletes anything until the
+/// record is gone, so a write checked against one life never lands in the
+/// next one. Entries go as soon as nobody holds them.
+#[derive(Debug, Default)]
+pub struct Lives(parking_lot::Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>);
+
+/// A held life lock (shared or exclusive); released, and its entry dropped
+/// when unused, on drop.
+pub struct Life {
+    guard: Option<LifeGuard>,
+    lock: Arc<tokio::sync::RwLock<()>>,
+    lives: Arc<Lives>,
+    url: String,
+}
+
+#[allow(dead_code)] // the guards are held for their Drop
+enum LifeGuard {
+    Shared(tokio::sync::OwnedRwLockReadGuard<()>),
+    Exclusive(tokio::sync::OwnedRwLockWriteGuard<()>),
+}
+
+impl Lives {
+    fn lock_of(&self, url: &str) -> Arc<tokio::sync::RwLock<()>> {
+        self.0.lock().entry(url.to_owned()).or_default().clone()
+    }
+
+    /// Holds `url`'s life shared (writes checked against a life).
+    pub async fn shared(self: &Arc<Self>, url: &str) -> Life {
+        let lock = self.lock_of(url);
+        let guard = LifeGuard::Shared(lock.clone().read_owned().await);
+        Life { guard: Some(guard), lock, lives: self.clone(), url: url.to_owned() }
+    }
+
+    /// Holds `url`'s life exclusively (a purge, a stop).
+    pub async fn exclusive(self: &Arc<Self>, url: &str) -> Life {
+        let lock = self.lock_of(url);
+        let guard = LifeGuard::Exclusive(lock.clone().write_owned().await);
+        Life { guard: Some(guard), lock, lives: self.clone(), url: url.to_owned() }
+    }
+
+    /// How many entities have a life lock entry (tests and diagnostics).
+    pub fn len(&self) -> usize {
+        self.0.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for Life {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut map = self.lives.0.lock();
+        // The map's reference and ours: nobody else holds or waits for it.
+        if Arc::strong_count(&self.lock) == 2 {
+            map.remove(&self.url);
+        }
+    }
+}
+
+/// Is `record`'s life still the one at its URL (same incarnation; purged and
+/// spawned again, by anyone, it is another entity)?
+pub fn same_incarnation(state: &AppState, record: &EntityRecord) -> bool {
+    state.registry.entity_shared(&record.url).is_some_and(|now| now.incarnation == record.incarnation)
+}
+
+/// Holds the life of the entity `record` was read from, shared, for a write
+/// authorized against it; 404 (as for a missing entity) when it was purged
+/// meanwhile, whether or not something else holds the URL now.
+pub async fn hold_life(state: &AppState, record: &EntityRecord) -> ApiResult<Life> {
+    crate::pause::at(state, crate::pause::ENTITY_WRITE).await;
+    let life = state.lives.shared(&record.url).await;
+    if !same_incarnation(state, record) {
+        return Err(entity_not_found(&record.url));
+    }
+    Ok(life)
 }

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::access::{entity_for, now_ms};
+use crate::access::{entity_for, hold_life, now_ms};
 use crate::auth::Caller;
 use crate::entities::{entity_url, json_body};
 use crate::error::{ApiError, ApiResult};
@@ -196,12 +196,6 @@ fn manifest_row(entry: &ManifestEntry, txid: &str) -> ApiResult<ChangeEvent> {
 }
 
 /// Writes a manifest entry (pending, complete or failed) as an upsert row.
-/// Is the entity that `record` was read from still the one at its URL, and running?
-/// A purge and a new spawn at the same URL give the record a new incarnation.
-fn same_life(state: &AppState, record: &EntityRecord) -> bool {
-    state.registry.entity(&record.url).is_some_and(|now| now.incarnation == record.incarnation && now.is_running())
-}
-
 pub async fn write_entry(state: &AppState, entity: &EntityUrl, entry: &ManifestEntry, txid: &str) -> ApiResult<()> {
     append_rows(state.store.as_ref(), &entity.main_stream(), &[manifest_row(entry, txid)?], false).await.map(|_| ())
 }
@@ -301,6 +295,7 @@ pub async fn settle(state: &AppState, entity: &EntityUrl, id: &str) {
 
 async fn begin<'s>(
     state: &'s AppState,
+    record: &EntityRecord,
     entity: &EntityUrl,
     id: &str,
     fields: &Fields,
@@ -318,7 +313,11 @@ async fn begin<'s>(
         }
     }
     let txid = new_txid();
-    write_entry(state, entity, &entry, &txid).await?;
+    {
+        // The row goes only into the life the upload was authorized against.
+        let _life = hold_life(state, record).await?;
+        write_entry(state, entity, &entry, &txid).await?;
+    }
     Ok(Pending { _reservation: reservation, entry, txid, settled: Some((state.clone(), entity.clone())) })
 }
 
@@ -405,7 +404,7 @@ pub async fn upload(
                 fields.filename = field.file_name().map(str::to_owned);
             }
             if let Some(id) = fields.id.clone() {
-                pending = Some(begin(&state, &entity, &id, &fields, &who, part_type.as_deref()).await?);
+                pending = Some(begin(&state, &record, &entity, &id, &fields, &who, part_type.as_deref()).await?);
             }
             fields.mime_type = fields.mime_type.take().or(part_type);
             let mut writer = state.store.stage_blob().await?;
@@ -426,15 +425,18 @@ pub async fn upload(
         Err(e) => Some(e),
     };
     if let Some(err) = failure {
-        if let Some(p) = pending.as_ref().filter(|_| same_life(&state, &record)) {
-            // A refused request changes nothing; an upload that broke off is recorded as failed.
-            if err.status.is_client_error() && err.code != INTERRUPTED {
-                retract(&state, &entity, &p.entry.id, &p.txid).await;
-            } else {
-                let mut failed = p.entry.clone();
-                failed.status = AttachmentStatus::Failed;
-                failed.error = Some(err.message.clone());
-                let _ = write_entry(&state, &entity, &failed, &p.txid).await;
+        if let Some(p) = pending.as_ref() {
+            // Only into the life the upload began in (purged meanwhile: nowhere).
+            if let Ok(_life) = hold_life(&state, &record).await {
+                // A refused request changes nothing; an upload that broke off is recorded as failed.
+                if err.status.is_client_error() && err.code != INTERRUPTED {
+                    retract(&state, &entity, &p.entry.id, &p.txid).await;
+                } else {
+                    let mut failed = p.entry.clone();
+                    failed.status = AttachmentStatus::Failed;
+                    failed.error = Some(err.message.clone());
+                    let _ = write_entry(&state, &entity, &failed, &p.txid).await;
+                }
             }
         }
         return Err(err);
@@ -453,7 +455,7 @@ pub async fn upload(
     };
     let mut pending = match pending {
         Some(p) => p,
-        None => begin(&state, &entity, &id, &fields, &who, None).await?,
+        None => begin(&state, &record, &entity, &id, &fields, &who, None).await?,
     };
     let mut entry = pending.entry.clone();
     entry.subject = fresh.subject;
@@ -489,19 +491,24 @@ pub async fn upload(
     entry.status = AttachmentStatus::Complete;
     entry.sha256 = Some(sha256);
     entry.byte_length = Some(len);
-    if !same_life(&state, &record) {
-        // Purged (and perhaps spawned again by someone else) while the bytes
-        // arrived: nothing of this upload may land in the entity's next life.
-        pending.settled();
-        let _ = state.store.delete(&entry.stream_path).await;
-        return Err(crate::access::entity_not_found(&record.url));
-    }
+    // Purged (and perhaps spawned again by someone else) while the bytes
+    // arrived: nothing of this upload may land in the entity's next life. The
+    // life is held until the row is written, so a purge waits for it.
+    let life = match hold_life(&state, &record).await {
+        Ok(life) => life,
+        Err(e) => {
+            pending.settled();
+            let _ = state.store.delete(&entry.stream_path).await;
+            return Err(e);
+        }
+    };
     if let Err(e) = write_entry(&state, &entity, &entry, &pending.txid).await {
         // The entity stopped meanwhile: the bytes go; the pending row stays as the record of the attempt.
         pending.settled();
         let _ = state.store.delete(&entry.stream_path).await;
         return Err(e);
     }
+    drop(life);
     pending.settled();
     Ok((StatusCode::CREATED, Json(json!({ "txid": pending.txid, "attachment": entry }))).into_response())
 }
@@ -718,15 +725,28 @@ pub async fn delete(
     Path((entity_type, instance_id, id)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
     let entity = entity_url(&entity_type, &instance_id)?;
-    let entry = entry_for(&state, &who, &entity, &id, Permission::Write).await?;
-    let txid = delete_entry(&state, &entity, &id, &entry).await?;
+    let record = entity_for(&state, &who, &entity, Permission::Write)?;
+    let entry = {
+        let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+        view.manifest.get(&id).cloned().ok_or_else(not_found)?
+    };
+    let txid = delete_entry(&state, &record, &entity, &id, &entry).await?;
     Ok((StatusCode::OK, Json(json!({ "txid": txid }))).into_response())
 }
 
 /// Deletes the attachment `id`: its manifest row, then the bytes at the
-/// address derived for it (never at a path a row names).
-pub async fn delete_entry(state: &AppState, entity: &EntityUrl, id: &str, entry: &ManifestEntry) -> ApiResult<String> {
+/// address derived for it (never at a path a row names), both only in the
+/// life of the entity `record` was read from (404 once it was purged: the
+/// URL may hold someone else's entity, with an attachment of the same id).
+pub async fn delete_entry(
+    state: &AppState,
+    record: &EntityRecord,
+    entity: &EntityUrl,
+    id: &str,
+    entry: &ManifestEntry,
+) -> ApiResult<String> {
     validate_attachment_id(id)?;
+    let _life = hold_life(state, record).await?;
     let txid = new_txid();
     let row = ChangeEvent::delete(MANIFEST, &ManifestEntry::row_key(id), &txid, &timestamp(now_ms()));
     append_rows(state.store.as_ref(), &entity.main_stream(), &[row], false).await?;
@@ -796,7 +816,7 @@ pub async fn begin_resumable(
             }
         }
     }
-    let mut pending = begin(&state, &entity, &id, &fields, &who, None).await?;
+    let mut pending = begin(&state, &record, &entity, &id, &fields, &who, None).await?;
     let created = state
         .store
         .create(CreateStream {

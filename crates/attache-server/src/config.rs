@@ -69,6 +69,10 @@ pub struct ServerConfig {
     /// (never set by the CLI; `None` costs one branch per write or sync).
     #[doc(hidden)]
     pub fault_plan: Option<attache_storage::FaultPlan>,
+    /// Tests only: points where a request waits until the test lets it go
+    /// (never set by the CLI; `None` costs one branch per point).
+    #[doc(hidden)]
+    pub pauses: Option<crate::pause::Pauses>,
     /// Most client connections open at once (WebSockets included); beyond it a
     /// new connection is answered 503 with `Retry-After` and closed. Lowered at
     /// start to leave room under the process's open-file limit.
@@ -166,6 +170,7 @@ impl ServerConfig {
             max_entity_data_bytes: 64 << 10,
             upload_expiry: Duration::from_secs(24 * 3600),
             fault_plan: None,
+            pauses: None,
             max_connections: 4096,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),

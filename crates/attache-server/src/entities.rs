@@ -15,7 +15,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::access::{entity_for, may, now_ms};
+use crate::access::{entity_for, entity_not_found, hold_life, may, now_ms, same_incarnation, Life};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::rows::{append_rows, json_content_type, new_txid, not_running, rows_body};
@@ -289,9 +289,15 @@ pub async fn stop(
         Some(other) => return Err(ApiError::bad_request(format!("purge must be true or false, got {other:?}"))),
     };
     let entity = entity_for(&state, &who, &url, Permission::Delete)?;
+    // The life checked above, and only it: a purge and a new spawn meanwhile
+    // (by anyone) made the URL another entity, which this request may not touch.
+    let life = state.lives.exclusive(&entity.url).await;
+    if !same_incarnation(&state, &entity) {
+        return Err(entity_not_found(&entity.url));
+    }
     let txid = stop_entity(&state, &who, &entity).await?;
     if purge {
-        purge_entity(&state, &url).await?;
+        purge_held(&state, &url, &life).await?;
         return Ok((StatusCode::OK, Json(json!({ "txid": txid, "purged": true }))).into_response());
     }
     Ok((StatusCode::OK, Json(json!({ "txid": txid, "status": "stopped" }))).into_response())
@@ -434,8 +440,16 @@ pub async fn signal(
     .into_response())
 }
 
-/// Deletes every stream of the entity, then the entity and its grants.
+/// Deletes every stream of the entity, then the entity and its grants,
+/// holding its life exclusively: no write checked against this life lands
+/// after it (`access::Lives`).
 pub async fn purge_entity(state: &AppState, url: &EntityUrl) -> ApiResult<()> {
+    let life = state.lives.exclusive(&url.to_string()).await;
+    purge_held(state, url, &life).await
+}
+
+/// [`purge_entity`] for a caller that holds the entity's life exclusively.
+async fn purge_held(state: &AppState, url: &EntityUrl, _life: &Life) -> ApiResult<()> {
     let prefix = format!("{url}/attachments/");
     loop {
         let batch = state.store.list_prefix(&prefix, 256);
@@ -561,6 +575,8 @@ pub async fn send_message(
         Some(k) => k,
         None => generated_key("msg-in"),
     };
+    // Checked against this life, written only into it (404 once purged).
+    let _life = hold_life(state, entity).await?;
     let main = format!("{}/main", entity.url);
     {
         let view = state.views.get(state.store.as_ref(), &main).await?;

@@ -16,6 +16,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod multipart;
 pub mod origin;
+pub mod pause;
 pub mod router;
 pub mod rows;
 pub mod rpc;
@@ -55,6 +56,9 @@ pub struct Shared {
     pub registry: Arc<dyn Registry>,
     pub auth: Arc<auth::Auth>,
     pub views: Arc<rows::Views>,
+    /// Per-entity life locks: a server write checked against one life of an
+    /// entity never lands in the next one (`access::Lives`).
+    pub lives: Arc<access::Lives>,
     /// Attachment uploads in flight (their ids are taken).
     pub uploads: Arc<attachments::Reservations>,
     pub config: Arc<ServerConfig>,
@@ -125,7 +129,8 @@ impl Server {
         let (store, registry): (Arc<dyn StreamStore>, Arc<dyn Registry>) = match &config.store {
             StoreConfig::Embedded => {
                 let store = EmbeddedStore::open(store_config).map_err(store_err)?;
-                let registry = EmbeddedRegistry::open(&config.data_dir).map_err(store_err)?;
+                let registry = EmbeddedRegistry::open_with_faults(&config.data_dir, config.fault_plan.clone())
+                    .map_err(store_err)?;
                 (Arc::new(store), Arc::new(registry))
             }
             StoreConfig::Postgres { url, object_store_url } => {
@@ -157,6 +162,7 @@ impl Server {
             registry,
             auth: Arc::new(auth),
             views: Arc::new(rows::Views::new(config.view_cache_entries)),
+            lives: Arc::new(access::Lives::default()),
             uploads: Arc::new(attachments::Reservations::default()),
             config: Arc::new(config),
             shutdown: shutdown.clone(),

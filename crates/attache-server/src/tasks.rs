@@ -529,6 +529,10 @@ struct HeadersOut<'a> {
 /// Appends `rows` plus one `event` row per event to the task's main stream,
 /// and the events to the global events stream: queued now (in order), finished
 /// by the returned future. Each event is serialized once for both streams.
+/// Only into the life `incarnation` names: it holds the task's life lock
+/// shared until the writes finish (`access::Lives`), and a task purged
+/// meanwhile (and perhaps created again, by anyone) is "not found" (-32602),
+/// whatever the compare-and-set before it saw.
 async fn write_task(
     state: &AppState,
     task_id: &str,
@@ -537,6 +541,12 @@ async fn write_task(
     evts: Vec<Event>,
     close: bool,
 ) -> impl Future<Output = TaskResult<()>> + Send + 'static {
+    crate::pause::at(state, crate::pause::TASK_WRITE).await;
+    let url = format!("/{TASK_TYPE}/{task_id}");
+    let life = state.lives.shared(&url).await;
+    if state.registry.entity_shared(&url).is_none_or(|e| e.incarnation.as_deref() != incarnation) {
+        return futures::future::Either::Left(futures::future::ready(Err(task_missing(Missing::TaskColon, task_id))));
+    }
     let now = now_ms();
     let txid = new_txid();
     let ts = timestamp(now);
@@ -596,6 +606,7 @@ async fn write_task(
         )
     };
     futures::future::Either::Right(async move {
+        let _life = life;
         let main = finish(main_write).await;
         let global = match global_write {
             Some(w) => finish(w).await,

@@ -16,8 +16,16 @@
 //! a connection holds at most `ws_max_patterns` patterns, and a subscribe that
 //! would pass that is refused whole with -32602. Work per event is one hash
 //! lookup plus at most `ws_max_patterns` prefix comparisons.
+//!
+//! Timers (the connection's own stop at the upgrade): the server pings every
+//! half `idle_timeout`; a connection from which no frame at all (a pong, a
+//! message) arrives for `idle_timeout` is closed with 1001 (going away). A
+//! send the client does not take for `slow_reader_timeout` (it reads
+//! nothing) ends the connection; a 1008 close frame is offered for a moment
+//! first, in case a little room is left.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use attache_core::{Offset, PrincipalKey, ReadOffset};
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -28,6 +36,7 @@ use serde_json::{json, Value};
 use crate::access::now_ms;
 use crate::auth::Caller;
 use crate::events::{self, Visibility};
+use crate::metrics::Closed;
 use crate::rpc;
 use crate::AppState;
 
@@ -133,10 +142,31 @@ fn error(code: i64, message: &str) -> Message {
     text(json!({ "type": "error", "error": { "code": code, "message": message }, "timestamp": now_ms() }))
 }
 
+/// How long a close frame may wait for room in a slow reader's connection.
+const SLOW_CLOSE_WITHIN: Duration = Duration::from_millis(500);
+
+/// Sends `msg`, giving the client `slow_reader_timeout` to take it. `false`:
+/// the connection is over (gone, or closed here as a slow reader).
+async fn send(state: &AppState, socket: &mut WebSocket, msg: Message) -> bool {
+    match tokio::time::timeout(state.config.slow_reader_timeout, socket.send(msg)).await {
+        Ok(sent) => sent.is_ok(),
+        Err(_) => {
+            state.metrics.connection_closed(Closed::SlowReader);
+            tracing::debug!("closing a WebSocket whose client reads nothing");
+            let reason = "slow reader: the client read nothing for slow_reader_timeout";
+            let close = Message::Close(Some(CloseFrame { code: close_code::POLICY, reason: reason.into() }));
+            let _ = tokio::time::timeout(SLOW_CLOSE_WITHIN, socket.send(close)).await;
+            false
+        }
+    }
+}
+
 async fn serve(state: AppState, who: PrincipalKey, mut socket: WebSocket) {
     let _live = state.metrics.live_reader();
     let client_id = format!("ws-{}-{:08x}", now_ms(), rand::random::<u32>());
-    if socket.send(text(json!({ "type": "connected", "clientId": client_id, "timestamp": now_ms() }))).await.is_err() {
+    if !send(&state, &mut socket, text(json!({ "type": "connected", "clientId": client_id, "timestamp": now_ms() })))
+        .await
+    {
         return;
     }
     let Ok(mut signal) = state.store.subscribe(events::EVENTS_PATH) else { return };
@@ -145,20 +175,45 @@ async fn serve(state: AppState, who: PrincipalKey, mut socket: WebSocket) {
         Err(_) => return,
     };
     let mut patterns = Patterns::default();
+    // At least a moment: a zero timeout would ping without pause.
+    let idle = state.config.idle_timeout.max(Duration::from_millis(100));
+    // Last frame from the client, and last ping to it.
+    let (mut heard, mut pinged) = (tokio::time::Instant::now(), tokio::time::Instant::now());
     loop {
+        let wake = (heard + idle).min(pinged + idle / 2);
         // Decide first, act after: the futures in `select!` borrow `pos`.
         let step = tokio::select! {
             incoming = socket.recv() => Step::Incoming(incoming),
             batch = events::next_events(&state, &mut pos, &mut signal) => Step::Events(batch),
+            _ = tokio::time::sleep_until(wake) => Step::Tick,
             _ = state.shutdown.cancelled() => Step::Shutdown,
         };
         match step {
+            Step::Tick => {
+                let now = tokio::time::Instant::now();
+                if now >= heard + idle {
+                    state.metrics.connection_closed(Closed::IdleTimeout);
+                    let reason = format!("idle timeout: no frame from the client for {}s", idle.as_secs_f64());
+                    let close = Message::Close(Some(CloseFrame { code: close_code::AWAY, reason: reason.into() }));
+                    if send(&state, &mut socket, close).await {
+                        linger(&mut socket).await;
+                    }
+                    return;
+                }
+                if now >= pinged + idle / 2 {
+                    pinged = now;
+                    if !send(&state, &mut socket, Message::Ping(Default::default())).await {
+                        return;
+                    }
+                }
+            }
             Step::Incoming(incoming) => {
+                heard = tokio::time::Instant::now();
                 let msg = match incoming {
                     Some(Ok(Message::Text(t))) => t,
                     Some(Ok(Message::Binary(b))) => String::from_utf8_lossy(&b).into_owned().into(),
                     Some(Err(e)) => {
-                        if socket.send(close_for(e, state.config.ws_max_message_bytes)).await.is_ok() {
+                        if send(&state, &mut socket, close_for(e, state.config.ws_max_message_bytes)).await {
                             linger(&mut socket).await;
                         }
                         return;
@@ -167,7 +222,7 @@ async fn serve(state: AppState, who: PrincipalKey, mut socket: WebSocket) {
                     Some(Ok(_)) => continue,
                 };
                 for reply in on_message(&state, &who, msg.as_str(), &mut patterns, &mut pos).await {
-                    if socket.send(reply).await.is_err() {
+                    if !send(&state, &mut socket, reply).await {
                         return;
                     }
                 }
@@ -184,13 +239,13 @@ async fn serve(state: AppState, who: PrincipalKey, mut socket: WebSocket) {
                         continue;
                     }
                     let push = json!({ "type": "event", "event": kind, "data": event, "timestamp": now_ms() });
-                    if socket.send(text(push)).await.is_err() {
+                    if !send(&state, &mut socket, text(push)).await {
                         return;
                     }
                 }
             }
             Step::Shutdown => {
-                let _ = socket.send(Message::Close(None)).await;
+                let _ = tokio::time::timeout(SLOW_CLOSE_WITHIN, socket.send(Message::Close(None))).await;
                 return;
             }
         }
@@ -214,6 +269,8 @@ async fn linger(socket: &mut WebSocket) {
 enum Step {
     Incoming(Option<Result<Message, axum::Error>>),
     Events(Option<Vec<Value>>),
+    /// A timer: ping the client, or close an idle connection.
+    Tick,
     Shutdown,
 }
 

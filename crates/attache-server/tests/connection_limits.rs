@@ -203,3 +203,157 @@ async fn a_client_that_never_reads_its_sse_response_is_disconnected_and_the_serv
     let res = s.request(reqwest::Method::GET, "/slow/s").query(&[("offset", "-1")]).send().await.expect("a read");
     assert_eq!(res.status(), StatusCode::OK);
 }
+
+// ---------------------------------------------------------------- WebSockets after the upgrade
+
+/// Opens `/ws` as alice over `conn` by hand (no library answers pings for
+/// us); returns what arrived after the 101's header.
+async fn ws_handshake(conn: &mut TcpStream) -> Vec<u8> {
+    let upgrade = "GET /ws HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+                   sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\
+                   electric-principal: user:alice\r\n\r\n";
+    conn.write_all(upgrade.as_bytes()).await.expect("the upgrade is sent");
+    let mut seen = Vec::new();
+    read_until(conn, &mut seen, "\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").expect("the header ends") + 4;
+    seen.split_off(end)
+}
+
+/// A client's text frame (masked with a zero key, so the payload goes as is).
+fn client_text_frame(text: &str) -> Vec<u8> {
+    let payload = text.as_bytes();
+    let mut frame = vec![0x81];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n => {
+            frame.push(0x80 | 126);
+            frame.extend(u16::try_from(n).expect("a short message").to_be_bytes());
+        }
+    }
+    frame.extend([0, 0, 0, 0]);
+    frame.extend(payload);
+    frame
+}
+
+/// The server's frames in `bytes` (unmasked): (opcode, payload).
+fn server_frames(bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at + 2 <= bytes.len() {
+        let opcode = bytes[at] & 0x0f;
+        let (len, head) = match bytes[at + 1] & 0x7f {
+            126 => (u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]) as usize, 4),
+            127 => (u64::from_be_bytes(bytes[at + 2..at + 10].try_into().expect("8 bytes")) as usize, 10),
+            n => (n as usize, 2),
+        };
+        let Some(payload) = bytes.get(at + head..at + head + len) else { break };
+        frames.push((opcode, payload.to_vec()));
+        at += head + len;
+    }
+    frames
+}
+
+/// The `attache_connections_closed_total` counter for `reason`.
+async fn closed_total(s: &TestServer, reason: &str) -> u64 {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(PATIENCE).build().expect("a client");
+    let text = client.get(s.url("/metrics")).send().await.expect("/metrics answers").text().await.expect("a body");
+    let line = format!("attache_connections_closed_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(line.as_str()))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line} in /metrics"))
+}
+
+#[tokio::test]
+async fn a_websocket_from_which_no_frame_arrives_is_closed_with_1001_after_the_idle_timeout() {
+    let s = TestServer::start_with(|c| c.idle_timeout = Duration::from_millis(600)).await;
+    let mut conn = connect(&s).await;
+    let mut got = ws_handshake(&mut conn).await;
+    // The client reads the socket but answers nothing, not even the server's pings.
+    got.extend(read_until_closed(&mut conn).await.expect("the server closes a WebSocket that says nothing"));
+    let frames = server_frames(&got);
+    assert!(frames.iter().any(|(op, _)| *op == 0x9), "the server pinged first: {frames:?}");
+    let (op, payload) = frames.last().expect("frames arrived");
+    assert_eq!(*op, 0x8, "the last frame is a close: {frames:?}");
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1001, "{:?}", String::from_utf8_lossy(payload));
+    assert!(String::from_utf8_lossy(&payload[2..]).contains("idle"), "{:?}", String::from_utf8_lossy(payload));
+    assert!(closed_total(&s, "idle_timeout").await >= 1);
+}
+
+#[tokio::test]
+async fn a_websocket_client_that_answers_pings_stays_open_past_the_idle_timeout() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let idle_timeout = Duration::from_millis(600);
+    let s = TestServer::start_with(|c| c.idle_timeout = idle_timeout).await;
+    let mut req = format!("{}/ws", s.url.replace("http://", "ws://")).into_client_request().expect("a request");
+    req.headers_mut().insert("electric-principal", "user:alice".parse().expect("a header value"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("the WebSocket opens");
+    // The library answers each ping as it reads; pings keep coming well past the idle timeout.
+    let started = tokio::time::Instant::now();
+    let mut pings = 0;
+    while started.elapsed() < idle_timeout * 3 {
+        match tokio::time::timeout(PATIENCE, ws.next()).await {
+            Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+            Ok(Some(Ok(Message::Text(_)))) => {}
+            other => panic!("the WebSocket should stay open, got {other:?} after {pings} pings"),
+        }
+    }
+    assert!(pings >= 4, "{pings} pings");
+    ws.send(Message::Text(r#"{"action":"ping"}"#.into())).await.expect("a message is sent");
+    loop {
+        match tokio::time::timeout(PATIENCE, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.contains("pong") => break,
+            Ok(Some(Ok(Message::Ping(_)))) => {}
+            other => panic!("expected a pong, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_websocket_client_that_reads_nothing_is_disconnected_after_the_slow_reader_timeout() {
+    let s = TestServer::start_with(|c| c.slow_reader_timeout = Duration::from_millis(500)).await;
+    // A task with a large text attachment: each read of it is about 900 KB of answer.
+    let rpc = |body: serde_json::Value| {
+        s.client.post(s.url("/rpc")).header("electric-principal", "user:alice").json(&body).send()
+    };
+    let content = "y".repeat(900 << 10);
+    for (method, params) in [
+        ("task.create", serde_json::json!({ "id": "t-big", "text": "big" })),
+        (
+            "task.create_attachment",
+            serde_json::json!({ "taskId": "t-big", "key": "k", "type": "text", "content": content }),
+        ),
+    ] {
+        let res = rpc(serde_json::json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params }))
+            .await
+            .expect("/rpc answers");
+        let body: serde_json::Value = res.json().await.expect("a JSON answer");
+        assert!(body.get("result").is_some(), "{method}: {body}");
+    }
+    let before = closed_total(&s, "slow_reader").await;
+
+    // A small receive window, so that the server's writes block after little data.
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(4096).expect("a small receive buffer");
+    let mut conn = socket.connect(s.url.trim_start_matches("http://").parse().unwrap()).await.expect("connected");
+    ws_handshake(&mut conn).await;
+    let asks = 16;
+    let read = r#"{"action":"execute","request":{"jsonrpc":"2.0","id":1,"method":"task.get_attachment","params":{"taskId":"t-big","key":"k"}}}"#;
+    for _ in 0..asks {
+        conn.write_all(&client_text_frame(read)).await.expect("a message is sent");
+    }
+    // The client reads nothing now: wait for the server to give up on it.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while closed_total(&s, "slow_reader").await == before {
+        assert!(tokio::time::Instant::now() < deadline, "the slow WebSocket reader was never disconnected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = read_until_closed(&mut conn).await.expect("the connection is closed");
+    assert!(got.len() < asks * (900 << 10), "the reader was cut off before the end ({} bytes)", got.len());
+    assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK);
+}

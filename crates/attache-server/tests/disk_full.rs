@@ -91,3 +91,32 @@ async fn an_io_error_answers_503_with_retry_after_and_the_next_append_succeeds()
     assert!(post(&server, "next;").await.status().is_success());
     assert_eq!(server.read_all(STREAM).await, &b"kept;next;"[..]);
 }
+
+/// `registry.redb` meets a full disk: a spawn (a registry write) answers 507
+/// and leaves no entity; once space is back the same spawn succeeds, with no
+/// restart, and the entity takes writes.
+#[tokio::test]
+async fn a_spawn_that_meets_a_full_registry_disk_answers_507_and_succeeds_once_space_is_freed() {
+    let plan = FaultPlan::new();
+    let server = TestServer::start_with(|c| c.fault_plan = Some(plan.clone())).await;
+    let entity = "/_electric/entities/chat/registry-full";
+    plan.fail_all(FaultPoint::RegistryWrite, Fault::NoSpace);
+    plan.fail_all(FaultPoint::RegistrySync, Fault::NoSpace);
+    let res = server.request(Method::PUT, entity).json(&serde_json::json!({})).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::INSUFFICIENT_STORAGE);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "STORAGE_FULL");
+    assert_eq!(server.request(Method::GET, entity).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert!(plan.injected(FaultPoint::RegistryWrite) + plan.injected(FaultPoint::RegistrySync) > 0);
+
+    plan.clear();
+    let res = server.request(Method::PUT, entity).json(&serde_json::json!({})).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED, "{}", res.text().await.unwrap());
+    let res = server
+        .request(Method::POST, &format!("{entity}/send"))
+        .json(&serde_json::json!({ "payload": "after" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}

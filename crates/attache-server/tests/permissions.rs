@@ -1,8 +1,11 @@
 //! The permission matrix, generated: every route and method that touches an
-//! entity or a stream, against every kind of actor, in token mode. Each
-//! cell's expected status comes from the rules below, never from a list of
-//! cells:
-//! - 401 without valid credentials;
+//! entity or a stream, against every kind of actor, in token mode and in dev
+//! mode. Each cell's expected status comes from the rules below, never from
+//! a list of cells:
+//! - token mode: 401 without valid credentials; dev mode: a malformed
+//!   `electric-principal` is 400, one naming a built-in system principal 403,
+//!   and a request that names no principal is `user:anonymous`, an ordinary
+//!   principal with no grants;
 //! - 404 when the actor holds nothing on the entity (its existence does not leak);
 //! - 403 when it holds something, but not the permission the route needs
 //!   (Electric's table: write for uploads and attachment deletes, read for
@@ -26,6 +29,15 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::{json, Value};
 
 const OWNER: &str = "user:owner";
+const SYSTEM: &str = "system:framework";
+/// Who a dev-mode request that names no principal is.
+const ANONYMOUS: &str = "user:anonymous";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Token,
+    Dev,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Perm {
@@ -63,11 +75,11 @@ const fn to(who: &'static str, perm: Perm) -> Grant {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Credentials {
-    /// A valid token for the actor's principal.
+    /// A valid token for the actor's principal (dev mode: its principal header).
     Token,
-    /// A token the server never issued.
+    /// A token the server never issued (dev mode: a malformed principal header).
     BadToken,
-    /// No Authorization header at all.
+    /// No Authorization header at all (dev mode: no principal header).
     Nothing,
 }
 
@@ -133,36 +145,55 @@ const ACTORS: &[Actor] = &[
         grants: &[Grant { subject_kind: "principal", subject_value: "user:lapsed", perm: Perm::Manage, expired: true }],
     },
     Actor { name: "stranger", principal: "user:stranger", credentials: Credentials::Token, grants: &[] },
-    Actor { name: "built-in system", principal: "system:framework", credentials: Credentials::Token, grants: &[] },
+    Actor { name: "built-in system", principal: SYSTEM, credentials: Credentials::Token, grants: &[] },
     Actor { name: "bad token", principal: "user:owner", credentials: Credentials::BadToken, grants: &[] },
     Actor { name: "no credentials", principal: "user:owner", credentials: Credentials::Nothing, grants: &[] },
 ];
 
 impl Actor {
-    fn authenticated(&self) -> bool {
-        self.credentials == Credentials::Token
+    /// The principal the server must see, or the status that refuses the
+    /// request before any route runs.
+    fn who(&self, mode: Mode) -> Result<&'static str, u16> {
+        match (self.credentials, mode) {
+            // No dev-mode request may act as one of the server's own principals.
+            (Credentials::Token, Mode::Dev) if self.principal == SYSTEM => Err(403),
+            (Credentials::Token, _) => Ok(self.principal),
+            (Credentials::BadToken | Credentials::Nothing, Mode::Token) => Err(401),
+            (Credentials::BadToken, Mode::Dev) => Err(400),
+            (Credentials::Nothing, Mode::Dev) => Ok(ANONYMOUS),
+        }
     }
 
-    fn is_owner(&self) -> bool {
-        self.authenticated() && self.principal == OWNER
+    fn is_owner(&self, mode: Mode) -> bool {
+        self.who(mode) == Ok(OWNER)
     }
 
-    fn is_system(&self) -> bool {
-        self.authenticated() && self.principal == "system:framework"
+    fn is_system(&self, mode: Mode) -> bool {
+        self.who(mode) == Ok(SYSTEM)
     }
 
     /// Does it hold anything on the entity (so it may learn that it exists)?
-    fn holds_anything(&self) -> bool {
-        self.is_owner() || self.is_system() || (self.authenticated() && self.grants.iter().any(|g| !g.expired))
+    fn holds_anything(&self, mode: Mode) -> bool {
+        match self.who(mode) {
+            Err(_) => false,
+            Ok(who) => {
+                who == OWNER || who == SYSTEM || (who == self.principal && self.grants.iter().any(|g| !g.expired))
+            }
+        }
     }
 
     /// The rule: owners and built-in system principals may do anything;
     /// others what an unexpired grant of that permission, or of manage, allows.
-    fn may(&self, perm: Perm) -> bool {
-        self.is_owner()
-            || self.is_system()
-            || (self.authenticated()
-                && self.grants.iter().any(|g| !g.expired && (g.perm == perm || g.perm == Perm::Manage)))
+    fn may(&self, mode: Mode, perm: Perm) -> bool {
+        match self.who(mode) {
+            Err(_) => false,
+            Ok(who) => {
+                who == OWNER
+                    || who == SYSTEM
+                    || (who == self.principal
+                        && self.grants.iter().any(|g| !g.expired && (g.perm == perm || g.perm == Perm::Manage)))
+            }
+        }
     }
 }
 
@@ -276,27 +307,28 @@ const PLAIN_STREAM_ROUTES: &[Route] = &[
 ];
 
 /// What a cell shows: a status, plus for the list whether the entity is in it.
-fn expected(route: &Route, actor: &Actor) -> String {
-    if !actor.authenticated() {
-        return "401".into();
+fn expected(mode: Mode, route: &Route, actor: &Actor) -> String {
+    if let Err(refused) = actor.who(mode) {
+        return refused.to_string();
     }
     match route.rule {
-        Rule::Entity(_) if !actor.holds_anything() => "404".into(),
-        Rule::Entity(perm) if !actor.may(perm) => "403".into(),
+        Rule::Entity(_) if !actor.holds_anything(mode) => "404".into(),
+        Rule::Entity(perm) if !actor.may(mode, perm) => "403".into(),
         Rule::Entity(_) => route.allowed.to_string(),
-        Rule::Respawn if actor.is_owner() => route.allowed.to_string(),
+        Rule::Respawn if actor.is_owner(mode) => route.allowed.to_string(),
         Rule::Respawn => "409".into(),
-        Rule::List if actor.may(Read) => format!("{} listed", route.allowed),
+        Rule::List if actor.may(mode, Read) => format!("{} listed", route.allowed),
         Rule::List => format!("{} unlisted", route.allowed),
-        Rule::PlainStream if actor.is_owner() || actor.is_system() => route.allowed.to_string(),
+        Rule::PlainStream if actor.is_owner(mode) || actor.is_system(mode) => route.allowed.to_string(),
         Rule::PlainStream if route.method == "PUT" => "409".into(),
         Rule::PlainStream => "404".into(),
     }
 }
 
-/// A server in token mode, with a token for every actor's principal.
+/// A server in token mode, with a token for every actor's principal, or in dev mode.
 struct Matrix {
     server: TestServer,
+    mode: Mode,
     tokens: std::collections::HashMap<&'static str, String>,
 }
 
@@ -308,9 +340,12 @@ struct Fixture {
 }
 
 impl Matrix {
-    async fn start() -> Matrix {
+    async fn start(mode: Mode) -> Matrix {
         let server = TestServer::start_with(|c| {
-            c.auth = Some(AuthMode::Token);
+            c.auth = Some(match mode {
+                Mode::Token => AuthMode::Token,
+                Mode::Dev => AuthMode::Dev,
+            });
             c.durable = false;
         })
         .await;
@@ -318,19 +353,25 @@ impl Matrix {
         let principals: BTreeSet<&'static str> = ACTORS.iter().map(|a| a.principal).collect();
         let tokens =
             principals.into_iter().map(|p| (p, store.create(p, None).expect("a token is created").1)).collect();
-        Matrix { server, tokens }
+        Matrix { server, mode, tokens }
     }
 
     fn as_actor(&self, rb: RequestBuilder, actor: &Actor) -> RequestBuilder {
-        match actor.credentials {
-            Credentials::Token => rb.bearer_auth(&self.tokens[actor.principal]),
-            Credentials::BadToken => rb.bearer_auth("att_0000_not-a-token-this-server-issued"),
-            Credentials::Nothing => rb,
+        match (actor.credentials, self.mode) {
+            (Credentials::Token, Mode::Token) => rb.bearer_auth(&self.tokens[actor.principal]),
+            (Credentials::Token, Mode::Dev) => rb.header("electric-principal", actor.principal),
+            (Credentials::BadToken, Mode::Token) => rb.bearer_auth("att_0000_not-a-token-this-server-issued"),
+            (Credentials::BadToken, Mode::Dev) => rb.header("electric-principal", "no-colon"),
+            (Credentials::Nothing, _) => rb,
         }
     }
 
     fn as_owner(&self, method: Method, path: &str) -> RequestBuilder {
-        self.server.request(method, path).bearer_auth(&self.tokens[OWNER])
+        let rb = self.server.request(method, path);
+        match self.mode {
+            Mode::Token => rb.bearer_auth(&self.tokens[OWNER]),
+            Mode::Dev => rb.header("electric-principal", OWNER),
+        }
     }
 
     /// An entity owned by OWNER carrying every actor's grants, with a complete
@@ -465,7 +506,7 @@ impl Matrix {
         let results: Vec<_> = futures::stream::iter(cells)
             .map(|(i, route, actor)| async move {
                 let (got, body, changed) = self.observe(i, route, actor).await;
-                let want = expected(route, actor);
+                let want = expected(self.mode, route, actor);
                 // A refusal changes nothing.
                 let refused = want.starts_with('4');
                 let got = if refused && changed { format!("{got} +changed") } else { got };
@@ -495,33 +536,63 @@ impl Matrix {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entity_routes_answer_every_actor_by_the_rules() {
-    Matrix::start().await.check("entity routes", ENTITY_ROUTES).await;
+    Matrix::start(Mode::Token).await.check("entity routes", ENTITY_ROUTES).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attachment_routes_answer_every_actor_by_the_rules() {
-    Matrix::start().await.check("attachment routes", ATTACHMENT_ROUTES).await;
+    Matrix::start(Mode::Token).await.check("attachment routes", ATTACHMENT_ROUTES).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_stream_routes_on_entity_streams_answer_every_actor_by_the_rules() {
-    Matrix::start().await.check("entity stream routes", ENTITY_STREAM_ROUTES).await;
+    Matrix::start(Mode::Token).await.check("entity stream routes", ENTITY_STREAM_ROUTES).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_stream_routes_answer_every_actor_by_the_rules() {
-    Matrix::start().await.check("plain stream routes", PLAIN_STREAM_ROUTES).await;
+    Matrix::start(Mode::Token).await.check("plain stream routes", PLAIN_STREAM_ROUTES).await;
+}
+
+// Dev mode: the principal header is trusted; a request without one is
+// user:anonymous, a malformed one 400, a built-in system principal 403.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_entity_routes_answer_every_actor_by_the_rules() {
+    Matrix::start(Mode::Dev).await.check("dev mode entity routes", ENTITY_ROUTES).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_attachment_routes_answer_every_actor_by_the_rules() {
+    Matrix::start(Mode::Dev).await.check("dev mode attachment routes", ATTACHMENT_ROUTES).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_raw_stream_routes_on_entity_streams_answer_every_actor_by_the_rules() {
+    Matrix::start(Mode::Dev).await.check("dev mode entity stream routes", ENTITY_STREAM_ROUTES).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_plain_stream_routes_answer_every_actor_by_the_rules() {
+    Matrix::start(Mode::Dev).await.check("dev mode plain stream routes", PLAIN_STREAM_ROUTES).await;
 }
 
 /// The rules table itself: a guard against a table that can no longer fail.
 #[test]
 fn the_rules_give_every_status_class_somewhere() {
-    let all: Vec<String> = [ENTITY_ROUTES, ATTACHMENT_ROUTES, ENTITY_STREAM_ROUTES, PLAIN_STREAM_ROUTES]
-        .iter()
-        .flat_map(|routes| routes.iter())
-        .flat_map(|r| ACTORS.iter().map(move |a| expected(r, a)))
-        .collect();
-    for status in ["401", "403", "404", "409", "200", "201", "204", "200 listed", "200 unlisted"] {
-        assert!(all.iter().any(|s| s == status), "no cell expects {status}");
+    for (mode, refusals) in [(Mode::Token, &["401"][..]), (Mode::Dev, &["400", "403"][..])] {
+        let all: Vec<String> = [ENTITY_ROUTES, ATTACHMENT_ROUTES, ENTITY_STREAM_ROUTES, PLAIN_STREAM_ROUTES]
+            .iter()
+            .flat_map(|routes| routes.iter())
+            .flat_map(|r| ACTORS.iter().map(move |a| expected(mode, r, a)))
+            .collect();
+        let common = ["403", "404", "409", "200", "201", "204", "200 listed", "200 unlisted"];
+        for status in refusals.iter().chain(common.iter()) {
+            assert!(all.iter().any(|s| s == status), "{mode:?}: no cell expects {status}");
+        }
     }
+    // Dev mode: the anonymous principal is a stranger, not a refusal.
+    let anonymous = ACTORS.iter().find(|a| a.credentials == Credentials::Nothing).expect("an anonymous actor");
+    assert_eq!(expected(Mode::Dev, &ENTITY_ROUTES[0], anonymous), "404");
+    assert_eq!(expected(Mode::Token, &ENTITY_ROUTES[0], anonymous), "401");
 }

@@ -789,3 +789,120 @@ async fn an_upload_in_flight_across_a_purge_never_lands_in_the_next_entity_at_th
     let (_, main) = raw_read_as(&ts, MALLORY, &format!("{entity}/main")).await;
     assert!(!main.contains("manifest"), "mallory's main stream holds no row of alice's upload: {main}");
 }
+
+// ------------------------------------------------------------ writes across a purge
+
+/// A server started with pause points a test can arm (`attache_server::pause`).
+async fn start_with_pauses() -> (TestServer, attache_server::pause::Pauses) {
+    let pauses = attache_server::pause::Pauses::default();
+    let given = pauses.clone();
+    (TestServer::start_with(move |c| c.pauses = Some(given)).await, pauses)
+}
+
+/// Waits (10 s at most) until a request waits at the pause.
+async fn reached(pause: &attache_server::pause::Pause, what: &str) {
+    tokio::time::timeout(Duration::from_secs(10), pause.reached())
+        .await
+        .unwrap_or_else(|_| panic!("{what} never reached its pause point"));
+}
+
+async fn purge_as(ts: &TestServer, who: &str, entity: &str) {
+    let res = as_principal(ts.request(Method::DELETE, &format!("{}?purge=true", api(entity))), Some(who))
+        .send()
+        .await
+        .expect("purge answered");
+    assert_eq!(res.status(), StatusCode::OK, "{who} purges {entity}");
+}
+
+const SENT: &str = "alice's message sent across a purge";
+
+/// A send whose permission was checked against alice's entity, and which
+/// reaches its append only after alice purged it and mallory spawned a new
+/// entity at the URL, writes nothing into mallory's entity and answers 404.
+#[tokio::test]
+async fn a_send_checked_before_a_purge_never_lands_in_the_next_entity_at_that_url() {
+    let (ts, pauses) = start_with_pauses().await;
+    let entity = "/chat/send-race";
+    spawn_as(&ts, ALICE, entity).await;
+    let pause = pauses.arm(attache_server::pause::ENTITY_WRITE);
+    let send = as_principal(ts.request(Method::POST, &format!("{}/send", api(entity))), Some(ALICE))
+        .json(&json!({ "payload": SENT, "key": "m-1" }))
+        .send();
+    let meanwhile = async {
+        reached(&pause, "the send").await;
+        purge_as(&ts, ALICE, entity).await;
+        spawn_as(&ts, MALLORY, entity).await;
+        pause.release();
+    };
+    let (res, ()) = tokio::join!(send, meanwhile);
+    let (status, code, body) = error_of(res.expect("the send is answered")).await;
+    assert_eq!((status, code.as_str()), (StatusCode::NOT_FOUND, "NOT_FOUND"), "{body}");
+    let (_, main) = raw_read_as(&ts, MALLORY, &format!("{entity}/main")).await;
+    assert!(!main.contains(SENT), "alice's message landed in mallory's entity: {main}");
+    assert!(!main.contains("\"inbox\""), "mallory's main stream holds no inbox row: {main}");
+    // Mallory's own send with the same key is not taken for a duplicate.
+    let res = as_principal(ts.request(Method::POST, &format!("{}/send", api(entity))), Some(MALLORY))
+        .json(&json!({ "payload": "mallory's", "key": "m-1" }))
+        .send()
+        .await
+        .expect("mallory's send answered");
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+/// An attachment DELETE checked against alice's entity, reaching its write
+/// only after alice purged it and mallory spawned a new entity at the URL
+/// with an attachment of the same id, deletes neither mallory's row nor her
+/// bytes, and answers 404.
+#[tokio::test]
+async fn an_attachment_delete_checked_before_a_purge_never_touches_the_next_entity_at_that_url() {
+    let (ts, pauses) = start_with_pauses().await;
+    let entity = "/chat/delete-race";
+    spawn_as(&ts, ALICE, entity).await;
+    upload_as(&ts, ALICE, entity, "doc", SECRET).await;
+    let pause = pauses.arm(attache_server::pause::ENTITY_WRITE);
+    let delete =
+        as_principal(ts.request(Method::DELETE, &format!("{}/attachments/doc", api(entity))), Some(ALICE)).send();
+    let mallorys: &[u8] = b"mallory's own document";
+    let meanwhile = async {
+        reached(&pause, "the attachment delete").await;
+        purge_as(&ts, ALICE, entity).await;
+        spawn_as(&ts, MALLORY, entity).await;
+        upload_as(&ts, MALLORY, entity, "doc", mallorys).await;
+        pause.release();
+    };
+    let (res, ()) = tokio::join!(delete, meanwhile);
+    let (status, code, body) = error_of(res.expect("the delete is answered")).await;
+    assert_eq!((status, code.as_str()), (StatusCode::NOT_FOUND, "NOT_FOUND"), "{body}");
+    let (status, got) = read_as(&ts, MALLORY, entity, "doc").await;
+    assert_eq!(status, StatusCode::OK, "mallory's attachment is still there");
+    assert_eq!(got, mallorys);
+    let (_, main) = raw_read_as(&ts, MALLORY, &format!("{entity}/main")).await;
+    assert!(!main.contains("\"delete\""), "no delete row landed in mallory's entity: {main}");
+}
+
+/// A task.update whose compare-and-set ran before its task was purged (by
+/// the entity route, which does not wait for the task face's own lock), and
+/// whose write comes after, answers "Task not found" (-32602), not an
+/// internal error, and writes nothing; the id is free for the next task.
+#[tokio::test]
+async fn a_task_update_racing_a_purge_answers_task_not_found() {
+    let (ts, pauses) = start_with_pauses().await;
+    let id = "t-update-race";
+    task_helpers::ok(&ts, ALICE, "task.create", json!({ "id": id, "text": "alice's task" })).await;
+    let pause = pauses.arm(attache_server::pause::TASK_WRITE);
+    let update = task_helpers::call(&ts, ALICE, "task.update", json!({ "id": id, "updates": { "text": PURGED_TEXT } }));
+    let meanwhile = async {
+        reached(&pause, "the update").await;
+        purge_as(&ts, ALICE, &format!("/task/{id}")).await;
+        pause.release();
+    };
+    let (res, ()) = tokio::join!(update, meanwhile);
+    assert_eq!(res["error"]["code"], -32602, "{res}");
+    assert_eq!(res["error"]["data"]["taskId"], id, "{res}");
+
+    task_helpers::ok(&ts, MALLORY, "task.create", json!({ "id": id, "text": "mallory's task" })).await;
+    let got = task_helpers::ok(&ts, MALLORY, "task.get", json!({ "id": id })).await;
+    assert_eq!(got["text"], "mallory's task");
+    let (_, main) = raw_read_as(&ts, MALLORY, &format!("/task/{id}/main")).await;
+    assert!(!main.contains(PURGED_TEXT), "alice's update landed in mallory's task: {main}");
+}

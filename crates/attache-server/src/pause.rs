@@ -1,0 +1,69 @@
+//! Pause points, for tests: a request that reaches an armed point waits
+//! there until the test lets it go, so a test can put another request
+//! (a purge, a re-spawn) exactly inside a window that is otherwise a few
+//! microseconds wide, and check what the first request does then.
+//!
+//! Production runs without [`Pauses`] (`ServerConfig::pauses` is `None`):
+//! each point costs one `Option` check.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::AppState;
+
+/// Between the permission check of a server write to an entity's main
+/// stream (send, attachment delete, upload rows) and the write.
+pub const ENTITY_WRITE: &str = "entity_write";
+/// Between a task change's compare-and-set in the registry and the write of
+/// its rows and events (every task method that writes).
+pub const TASK_WRITE: &str = "task_write";
+
+/// The points armed by a test, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Pauses(Arc<parking_lot::Mutex<HashMap<&'static str, Arc<Pause>>>>);
+
+/// One armed point: the first request to reach it waits for [`Pause::release`].
+#[derive(Debug)]
+pub struct Pause {
+    reached: tokio::sync::watch::Sender<bool>,
+    go: tokio::sync::Semaphore,
+}
+
+impl Pauses {
+    /// The next request to reach `point` waits there until the returned
+    /// pause is released; requests after it pass.
+    pub fn arm(&self, point: &'static str) -> Arc<Pause> {
+        let pause =
+            Arc::new(Pause { reached: tokio::sync::watch::Sender::new(false), go: tokio::sync::Semaphore::new(0) });
+        self.0.lock().insert(point, pause.clone());
+        pause
+    }
+
+    async fn at(&self, point: &str) {
+        let armed = self.0.lock().remove(point);
+        if let Some(pause) = armed {
+            pause.reached.send_replace(true);
+            // Closed never; released by the test (or the pause is dropped with the server).
+            let _ = pause.go.acquire().await.map(tokio::sync::SemaphorePermit::forget);
+        }
+    }
+}
+
+impl Pause {
+    /// Waits until a request waits at the point.
+    pub async fn reached(&self) {
+        let _ = self.reached.subscribe().wait_for(|reached| *reached).await;
+    }
+
+    /// Lets the waiting request (or the next to arrive) go on.
+    pub fn release(&self) {
+        self.go.add_permits(1);
+    }
+}
+
+/// Waits at `point` if a test armed it.
+pub async fn at(state: &AppState, point: &str) {
+    if let Some(pauses) = &state.config.pauses {
+        pauses.at(point).await;
+    }
+}
