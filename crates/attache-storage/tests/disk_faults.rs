@@ -382,6 +382,8 @@ fn grant(url: &str) -> attache_storage::NewGrant {
         expires_at: None,
         expires_at_ms: None,
         created_by: "/principal/user%3Aalice".into(),
+        propagation: attache_core::Propagation::default(),
+        copy_to_children: false,
     }
 }
 
