@@ -407,6 +407,8 @@ pub async fn signal(
         value["payload"] = payload;
     }
     let key = generated_key("sig");
+    // Only into the life checked above, as every entity write (`hold_life`).
+    let _life = hold_life(&state, &entity).await?;
     let new_state = match effect {
         SignalEffect::Stops => {
             value["status"] = json!("handled");

@@ -849,6 +849,34 @@ async fn a_send_checked_before_a_purge_never_lands_in_the_next_entity_at_that_ur
     assert_eq!(res.status(), StatusCode::OK);
 }
 
+/// A signal checked against alice's entity, reaching its write only after
+/// alice purged it and mallory spawned a new entity at the URL, neither
+/// records a signal row in mallory's entity nor stops it, and answers 404.
+#[tokio::test]
+async fn a_signal_checked_before_a_purge_never_reaches_the_next_entity_at_that_url() {
+    let (ts, pauses) = start_with_pauses().await;
+    for (i, signal) in ["SIGINT", "SIGKILL"].into_iter().enumerate() {
+        let entity = format!("/chat/signal-race-{i}");
+        spawn_as(&ts, ALICE, &entity).await;
+        let pause = pauses.arm(attache_server::pause::ENTITY_WRITE);
+        let send = as_principal(ts.request(Method::POST, &format!("{}/signal", api(&entity))), Some(ALICE))
+            .json(&json!({ "signal": signal, "reason": "across a purge" }))
+            .send();
+        let meanwhile = async {
+            reached(&pause, "the signal").await;
+            purge_as(&ts, ALICE, &entity).await;
+            spawn_as(&ts, MALLORY, &entity).await;
+            pause.release();
+        };
+        let (res, ()) = tokio::join!(send, meanwhile);
+        let (status, code, body) = error_of(res.expect("the signal is answered")).await;
+        assert_eq!((status, code.as_str()), (StatusCode::NOT_FOUND, "NOT_FOUND"), "{signal}: {body}");
+        let (_, main) = raw_read_as(&ts, MALLORY, &format!("{entity}/main")).await;
+        assert!(!main.contains("across a purge"), "{signal} landed in mallory's entity: {main}");
+        assert!(!main.contains("entity_stopped"), "{signal} stopped mallory's entity: {main}");
+    }
+}
+
 /// An attachment DELETE checked against alice's entity, reaching its write
 /// only after alice purged it and mallory spawned a new entity at the URL
 /// with an attachment of the same id, deletes neither mallory's row nor her
