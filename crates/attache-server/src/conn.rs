@@ -17,6 +17,12 @@
 //! - slow reader: writes blocked (the client reads nothing) for
 //!   `slow_reader_timeout`. The client resumes from its last offset.
 //!
+//! The header and idle deadlines of each connection are stretched by its own
+//! random 0-10% ([`JITTER_PERMILLE`]): connections opened together (a burst of
+//! clients, or a reconnect storm) are not all closed in the same instant and
+//! do not all reconnect in the same instant, so the work spreads instead of
+//! stalling the accept loop for everyone else (`bench/stall.sh`).
+//!
 //! Beyond the cap a connection is still accepted (the backlog never fills)
 //! and answered `503` with `Retry-After` by a small, bounded set of
 //! rejecting tasks, or closed at once when those are busy too.
@@ -73,6 +79,9 @@ impl Limits {
         }
     }
 }
+
+/// The most a connection's header and idle deadlines are stretched, in thousandths.
+const JITTER_PERMILLE: u64 = 100;
 
 /// Connections the kernel holds for the accept loop (capped by `net.core.somaxconn`):
 /// room for a burst of reconnects, so that a new client is not left retrying its SYN.
@@ -239,6 +248,8 @@ async fn reject(stream: TcpStream, max_connections: usize, _permit: OwnedSemapho
 /// What one connection's timers look at; shared by its socket, its requests and its task.
 struct Activity {
     opened: Instant,
+    /// This connection's stretch of its header and idle deadlines, in thousandths.
+    jitter_permille: u64,
     /// Requests whose response body has not ended.
     in_flight: AtomicUsize,
     /// A request has arrived on this connection.
@@ -261,6 +272,7 @@ impl Activity {
     fn new(metrics: Arc<Metrics>) -> Activity {
         Activity {
             opened: Instant::now(),
+            jitter_permille: rand::random_range(0..=JITTER_PERMILLE),
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
@@ -280,6 +292,12 @@ impl Activity {
         self.opened + Duration::from_millis(ms) + plus
     }
 
+    /// A header or idle timeout stretched by this connection's jitter.
+    fn stretched(&self, timeout: Duration) -> Duration {
+        let permille = u32::try_from(self.jitter_permille).unwrap_or(0);
+        timeout.saturating_add(timeout.saturating_mul(permille) / 1000)
+    }
+
     /// The earliest deadline now in force, and what closing there would be for.
     fn deadline(&self, limits: &Limits) -> Option<(Instant, Closed)> {
         let blocked = self.blocked_since.load(Ordering::Acquire);
@@ -289,11 +307,12 @@ impl Activity {
         }
         let reading = self.reading_since.load(Ordering::Acquire);
         let quiet = if !self.served.load(Ordering::Acquire) {
-            (self.at(0, limits.header_read_timeout), Closed::HeaderTimeout)
+            (self.at(0, self.stretched(limits.header_read_timeout)), Closed::HeaderTimeout)
         } else if reading != NEVER {
-            (self.at(reading, limits.header_read_timeout), Closed::HeaderTimeout)
+            (self.at(reading, self.stretched(limits.header_read_timeout)), Closed::HeaderTimeout)
         } else {
-            (self.at(self.idle_since.load(Ordering::Acquire), limits.idle_timeout), Closed::IdleTimeout)
+            let idle_since = self.idle_since.load(Ordering::Acquire);
+            (self.at(idle_since, self.stretched(limits.idle_timeout)), Closed::IdleTimeout)
         };
         Some(match slow {
             Some(slow) if slow.0 < quiet.0 => slow,
@@ -494,5 +513,28 @@ mod tests {
         assert_eq!(cap_for(4096, Some(1024)), 1024 - FDS_KEPT as usize);
         assert_eq!(cap_for(4096, Some(10)), 1);
         assert_eq!(cap_for(usize::MAX, None), Semaphore::MAX_PERMITS);
+    }
+
+    #[test]
+    fn connections_opened_together_get_spread_header_deadlines_within_a_tenth() {
+        let limits = Limits {
+            max_connections: 10,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            slow_reader_timeout: Duration::from_secs(30),
+        };
+        let metrics = Arc::new(Metrics::default());
+        let mut stretches = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let a = Activity::new(metrics.clone());
+            let (at, why) = a.deadline(&limits).expect("a quiet connection has a deadline");
+            assert_eq!(why, Closed::HeaderTimeout);
+            let stretch = at - a.opened;
+            assert!(stretch >= limits.header_read_timeout, "{stretch:?}");
+            assert!(stretch <= limits.header_read_timeout + limits.header_read_timeout / 10, "{stretch:?}");
+            stretches.insert(stretch);
+        }
+        // 200 draws from 101 values: many distinct deadlines, not one instant for all.
+        assert!(stretches.len() > 20, "{}", stretches.len());
     }
 }

@@ -24,11 +24,18 @@ pub fn is_reserved(path: &str) -> bool {
     })
 }
 
-/// 200 `ok` while the store's writes succeed; 503 with what fails, and since
-/// when, while they fail (a full or failing disk), so a load balancer or an
-/// operator sees it.
+/// 200 `ok` while the store's and the registry's writes succeed; 503 with what
+/// fails, and since when, while they fail (a full or failing disk), so a load
+/// balancer or an operator sees it. While the registry's writes fail, each
+/// check (at most once a second) tries an empty durable write, so the answer
+/// turns 200 again once space is freed, before any real write comes.
 async fn healthz(State(state): State<AppState>) -> Response {
-    match state.store.health() {
+    let mut health = state.store.health();
+    if health.is_ok() {
+        state.registry.probe_writes().await;
+        health = state.registry.health();
+    }
+    match health {
         attache_storage::WriteHealth::Ok => "ok".into_response(),
         attache_storage::WriteHealth::Failing(f) => {
             let since = chrono::DateTime::from_timestamp_millis(f.since_ms).map(|t| t.to_rfc3339());

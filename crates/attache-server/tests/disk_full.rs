@@ -120,3 +120,38 @@ async fn a_spawn_that_meets_a_full_registry_disk_answers_507_and_succeeds_once_s
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
 }
+
+/// While `registry.redb`'s writes fail, `/healthz` says so (503, `disk_full`);
+/// once space is back it answers 200 again within 5 s by itself, before any
+/// real registry write has come.
+#[tokio::test]
+async fn healthz_reports_a_failing_registry_disk_and_turns_200_once_space_is_freed() {
+    let plan = FaultPlan::new();
+    let server = TestServer::start_with(|c| c.fault_plan = Some(plan.clone())).await;
+    assert_eq!(healthz(&server).await.0, StatusCode::OK);
+    plan.fail_all(FaultPoint::RegistryWrite, Fault::NoSpace);
+    plan.fail_all(FaultPoint::RegistrySync, Fault::NoSpace);
+    let res = server
+        .request(Method::PUT, "/_electric/entities/chat/health-probe")
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::INSUFFICIENT_STORAGE);
+    let (status, body) = healthz(&server).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["writes"], "failing");
+    assert_eq!(body["disk_full"], true);
+
+    plan.clear();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = healthz(&server).await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still failing 5 s after space was freed: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

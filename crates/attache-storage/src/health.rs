@@ -46,11 +46,13 @@ pub(crate) enum Source {
     Blob,
     /// Segment files (a stream's bytes).
     Segment,
+    /// The registry's database file (entities, grants).
+    Registry,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    failing: [bool; 4],
+    failing: [bool; 5],
     failure: Option<WriteFailure>,
 }
 

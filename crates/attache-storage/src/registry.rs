@@ -99,6 +99,14 @@ pub type EntityUpdate = Box<dyn FnOnce(&mut EntityRecord) -> StoreResult<()> + S
 
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
+    /// Whether the registry's writes are failing (a full or failing disk), and since when.
+    fn health(&self) -> crate::WriteHealth {
+        crate::WriteHealth::Ok
+    }
+    /// While writes are failing, tries one durable write that changes nothing, so the
+    /// health turns good again once the disk has room, without waiting for a real write.
+    /// Cheap and rate-limited; a no-op while writes succeed.
+    async fn probe_writes(&self) {}
     fn entity(&self, url: &str) -> Option<EntityRecord>;
     /// The entity at `url`, shared: a backend that caches records hands out its copy without cloning it.
     fn entity_shared(&self, url: &str) -> Option<std::sync::Arc<EntityRecord>> {

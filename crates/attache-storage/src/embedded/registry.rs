@@ -35,7 +35,14 @@ pub struct EmbeddedRegistry {
     write: Mutex<()>,
     /// Tests only: disk faults injected into `registry.redb`'s writes and syncs.
     faults: Option<crate::FaultPlan>,
+    /// Whether the last write hit a disk error (for `/healthz`).
+    health: crate::health::Health,
+    /// When `probe_writes` last tried a write, so probes stay rare.
+    probed: parking_lot::Mutex<Option<std::time::Instant>>,
 }
+
+/// The least time between two write probes while the registry's writes fail.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn json<T: serde::Serialize>(v: &T) -> StoreResult<Vec<u8>> {
     serde_json::to_vec(v).map_err(|e| StoreError::Storage(e.to_string()))
@@ -71,6 +78,8 @@ impl EmbeddedRegistry {
             cache: RwLock::new(cache),
             write: Mutex::new(()),
             faults,
+            health: crate::health::Health::default(),
+            probed: parking_lot::Mutex::new(None),
         })
     }
 
@@ -123,6 +132,10 @@ impl EmbeddedRegistry {
         if let Some(cache) = reloaded {
             *self.cache.write() = cache;
         }
+        match &written {
+            Ok(_) => self.health.recovered(crate::health::Source::Registry),
+            Err(err) => self.health.fail(crate::health::Source::Registry, err),
+        }
         written
     }
 }
@@ -164,6 +177,26 @@ fn open_and_load(path: &Path, faults: Option<&crate::FaultPlan>) -> StoreResult<
 
 #[async_trait]
 impl Registry for EmbeddedRegistry {
+    fn health(&self) -> crate::WriteHealth {
+        self.health.snapshot()
+    }
+
+    async fn probe_writes(&self) {
+        if !self.health.is_failing() {
+            return;
+        }
+        {
+            let mut probed = self.probed.lock();
+            if probed.is_some_and(|at| at.elapsed() < PROBE_EVERY) {
+                return;
+            }
+            *probed = Some(std::time::Instant::now());
+        }
+        // A real write in progress answers the question itself: never wait behind it.
+        let Ok(_guard) = self.write.try_lock() else { return };
+        let _ = self.write(|_txn| Ok(())).await;
+    }
+
     fn entity(&self, url: &str) -> Option<EntityRecord> {
         self.cache.read().entities.get(url).map(|e| (**e).clone())
     }
