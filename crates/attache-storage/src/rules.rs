@@ -510,3 +510,280 @@ pub(crate) fn list_prefix<E: CommittedStream>(
         .map(|(info, _)| (*info).clone())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    //! The rules both backends share, checked on their own (no store, no I/O):
+    //! what an append, a create, a fork and a read position mean.
+    use super::*;
+    use attache_core::{ProducerHeaders, StreamPath};
+
+    fn stream(content_type: &str) -> StreamInfo {
+        let req = create("/s", Some(content_type));
+        let plan = plan_create(&req, None).expect("a plain create");
+        new_stream(1, &req, plan, 0, None)
+    }
+
+    fn create(path: &str, content_type: Option<&str>) -> CreateStream {
+        CreateStream {
+            path: StreamPath::new(path).expect("a valid path"),
+            content_type: content_type.map(|c| ContentType::parse(c).expect("a valid type")),
+            ttl: None,
+            expires_at: None,
+            closed: false,
+            initial: Bytes::new(),
+            fork: None,
+            owner: None,
+        }
+    }
+
+    fn append(body: &str, content_type: Option<&str>) -> AppendRequest {
+        AppendRequest {
+            path: "/s".into(),
+            content_type: content_type.map(|c| ContentType::parse(c).expect("a valid type")),
+            body: Bytes::copy_from_slice(body.as_bytes()),
+            close: false,
+            seq: None,
+            producer: None,
+            messages: None,
+        }
+    }
+
+    fn with_producer(mut req: AppendRequest, epoch: u64, seq: u64) -> AppendRequest {
+        req.producer = Some(ProducerHeaders { id: "p".into(), epoch, seq });
+        req
+    }
+
+    fn writes(decision: StoreResult<AppendDecision>) -> Option<ProducerState> {
+        match decision {
+            Ok(AppendDecision::Write { producer_next }) => producer_next,
+            Ok(AppendDecision::Answer(_)) => panic!("expected a write, got an answer"),
+            Err(err) => panic!("expected a write, got {err}"),
+        }
+    }
+
+    fn answered_duplicate(decision: StoreResult<AppendDecision>) -> bool {
+        matches!(decision, Ok(AppendDecision::Answer(outcome)) if outcome.duplicate)
+    }
+
+    #[test]
+    fn an_append_to_an_open_stream_of_its_type_is_written() {
+        let info = stream("text/plain");
+        assert!(writes(decide_append(&info, &append("x", Some("text/plain")), None)).is_none());
+    }
+
+    #[test]
+    fn an_append_without_or_with_another_content_type_is_refused() {
+        let info = stream("text/plain");
+        assert!(matches!(decide_append(&info, &append("x", None), None), Err(StoreError::MissingContentType)));
+        assert!(matches!(
+            decide_append(&info, &append("{}", Some("application/json")), None),
+            Err(StoreError::ContentTypeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_closed_stream_refuses_appends_but_answers_a_repeated_close_and_its_closing_producer() {
+        let mut info = stream("text/plain");
+        let mut closing = with_producer(append("last", Some("text/plain")), 0, 3);
+        closing.close = true;
+        finish_append(&mut info, &closing);
+        assert!(info.closed);
+        assert!(matches!(decide_append(&info, &append("x", Some("text/plain")), None), Err(StoreError::Closed { .. })));
+        // The producer that closed it, retrying the same request: the same success.
+        assert!(answered_duplicate(decide_append(&info, &closing, Some(ProducerState { epoch: 0, last_seq: 3 }))));
+        // A bare close of a closed stream succeeds without writing.
+        let mut close = append("", None);
+        close.close = true;
+        assert!(answered_duplicate(decide_append(&info, &close, None)));
+    }
+
+    #[test]
+    fn a_soft_deleted_stream_is_gone_for_appends() {
+        let mut info = stream("text/plain");
+        info.soft_deleted = true;
+        assert!(matches!(decide_append(&info, &append("x", Some("text/plain")), None), Err(StoreError::Gone)));
+    }
+
+    #[test]
+    fn producers_are_accepted_in_order_deduplicated_fenced_and_refused_on_a_gap() {
+        let info = stream("text/plain");
+        let body = || append("x", Some("text/plain"));
+        let first = writes(decide_append(&info, &with_producer(body(), 0, 0), None));
+        assert_eq!(first, Some(ProducerState { epoch: 0, last_seq: 0 }));
+        let state = first;
+        assert_eq!(
+            writes(decide_append(&info, &with_producer(body(), 0, 1), state)),
+            Some(ProducerState { epoch: 0, last_seq: 1 })
+        );
+        assert!(answered_duplicate(decide_append(&info, &with_producer(body(), 0, 0), state)));
+        assert!(matches!(
+            decide_append(&info, &with_producer(body(), 0, 5), state),
+            Err(StoreError::ProducerGap { expected: 1, received: 5 })
+        ));
+        let bumped = Some(ProducerState { epoch: 2, last_seq: 0 });
+        assert!(matches!(
+            decide_append(&info, &with_producer(body(), 1, 0), bumped),
+            Err(StoreError::StaleEpoch { current: 2 })
+        ));
+        assert!(matches!(
+            decide_append(&info, &with_producer(body(), 3, 1), bumped),
+            Err(StoreError::EpochMustStartAtZero)
+        ));
+    }
+
+    #[test]
+    fn stream_seq_must_grow_bytewise() {
+        let mut info = stream("text/plain");
+        let mut req = append("x", Some("text/plain"));
+        req.seq = Some("b".into());
+        finish_append(&mut info, &req);
+        assert_eq!(info.last_seq.as_deref(), Some("b"));
+        for stale in ["a", "b"] {
+            req.seq = Some(stale.into());
+            assert!(matches!(decide_append(&info, &req, None), Err(StoreError::SeqRegression { .. })), "{stale}");
+        }
+        req.seq = Some("c".into());
+        assert!(writes(decide_append(&info, &req, None)).is_none());
+    }
+
+    #[test]
+    fn json_rows_take_one_position_more_than_their_bytes_and_binary_rows_exactly_theirs() {
+        let rows = [Bytes::from_static(b"{}"), Bytes::from_static(b"[1,2]")];
+        let mut tail = 10;
+        assert_eq!(place_rows(&mut tail, &rows, true).expect("room"), vec![(10, false), (13, true)]);
+        assert_eq!(tail, 19);
+        assert_eq!(row_end(13, 5, true), 19);
+        let mut tail = 10;
+        assert_eq!(place_rows(&mut tail, &rows, false).expect("room"), vec![(10, false), (12, true)]);
+        assert_eq!(tail, 17);
+    }
+
+    #[test]
+    fn rows_that_would_exhaust_positions_are_refused_whole() {
+        let mut tail = Offset::MAX - 2;
+        let rows = [Bytes::from_static(b"a"), Bytes::from_static(b"bcd")];
+        assert!(matches!(place_rows(&mut tail, &rows, false), Err(StoreError::Invalid(_))));
+        assert_eq!(tail, Offset::MAX - 2, "nothing placed");
+    }
+
+    #[test]
+    fn a_read_starts_at_the_start_the_tail_or_an_offset_not_past_the_tail() {
+        assert_eq!(read_start(ReadFrom::Start, 7).expect("start"), 0);
+        assert_eq!(read_start(ReadFrom::Tail, 7).expect("tail"), 7);
+        assert_eq!(read_start(ReadFrom::At(Offset(7)), 7).expect("at the tail"), 7);
+        assert!(matches!(read_start(ReadFrom::At(Offset(8)), 7), Err(StoreError::Invalid(_))));
+    }
+
+    #[test]
+    fn recreating_a_stream_matches_only_the_same_configuration() {
+        let info = stream("text/plain");
+        assert!(matches!(confirm_existing(&info, &create("/s", Some("text/plain"))), Ok(CreateOutcome::Existed(_))));
+        assert!(matches!(
+            confirm_existing(&info, &create("/s", Some("application/json"))),
+            Err(StoreError::ConfigMismatch(_))
+        ));
+        let mut ttl = create("/s", Some("text/plain"));
+        ttl.ttl = Some(Ttl(60));
+        assert!(matches!(confirm_existing(&info, &ttl), Err(StoreError::ConfigMismatch(_))));
+        let mut closed = create("/s", Some("text/plain"));
+        closed.closed = true;
+        assert!(matches!(confirm_existing(&info, &closed), Err(StoreError::ConfigMismatch(_))));
+    }
+
+    #[test]
+    fn a_fork_inherits_type_and_lifetime_and_may_not_anchor_past_the_source_tail() {
+        let mut src = stream("application/json");
+        src.tail = 40;
+        src.ttl_secs = Some(3600);
+        let mut req = create("/f", None);
+        req.fork = Some(ForkSpec { source: StreamPath::new("/s").expect("path"), offset: None, sub_offset: 0 });
+        let plan = plan_create(&req, Some((&src, false))).expect("a fork of a live source");
+        assert_eq!(plan.content_type.as_str(), "application/json");
+        assert_eq!(plan.ttl_secs, Some(3600));
+        assert_eq!(plan.anchor, Some(40), "the source's tail by default");
+
+        req.fork =
+            Some(ForkSpec { source: StreamPath::new("/s").expect("path"), offset: Some(Offset(41)), sub_offset: 0 });
+        assert!(matches!(plan_create(&req, Some((&src, false))), Err(StoreError::Invalid(_))));
+        assert!(matches!(plan_create(&req, None), Err(StoreError::ForkSourceNotFound)));
+        assert!(matches!(plan_create(&req, Some((&src, true))), Err(StoreError::ForkSourceNotFound)));
+        src.soft_deleted = true;
+        assert!(matches!(plan_create(&req, Some((&src, false))), Err(StoreError::ForkSourceGone)));
+    }
+
+    #[test]
+    fn a_fork_with_another_content_type_than_its_source_is_refused() {
+        let src = stream("application/json");
+        let mut req = create("/f", Some("text/plain"));
+        req.fork = Some(ForkSpec { source: StreamPath::new("/s").expect("path"), offset: None, sub_offset: 0 });
+        assert!(matches!(plan_create(&req, Some((&src, false))), Err(StoreError::ConfigMismatch(_))));
+    }
+
+    #[test]
+    fn a_json_sub_offset_counts_messages_within_one_append_only() {
+        let rows = || vec![Ok((10, 2, false)), Ok((13, 4, true)), Ok((18, 1, true))];
+        assert_eq!(json_sub_offset(rows(), 1).expect("first message"), 13);
+        assert_eq!(json_sub_offset(rows(), 2).expect("second message"), 18);
+        assert!(matches!(json_sub_offset(rows(), 3), Err(StoreError::Invalid(_))), "past the append's end");
+    }
+
+    #[test]
+    fn a_binary_sub_offset_stays_inside_the_row_at_the_anchor() {
+        assert_eq!(binary_sub_offset(Some((10, 8)), 100, 12, 3).expect("inside"), 15);
+        assert_eq!(binary_sub_offset(Some((10, 8)), 100, 12, 6).expect("to the row's end"), 18);
+        assert!(binary_sub_offset(Some((10, 8)), 100, 12, 7).is_err());
+        assert!(binary_sub_offset(Some((10, 8)), 14, 12, 3).is_err(), "the segment ends first");
+        assert!(binary_sub_offset(None, 100, 12, 1).is_err());
+    }
+
+    #[test]
+    fn a_stream_expires_at_its_deadline_or_ttl_after_last_use() {
+        let mut info = stream("text/plain");
+        assert!(!expired(&info, 0, i64::MAX), "no lifetime: never");
+        info.ttl_secs = Some(10);
+        assert!(!expired(&info, 1_000, 10_999));
+        assert!(expired(&info, 1_000, 11_000));
+        info.ttl_secs = Some(u64::MAX);
+        assert!(!expired(&info, 1_000, i64::MAX - 1), "saturates instead of overflowing");
+        info.expires_at_ms = Some(5_000);
+        assert!(expired(&info, 4_999, 5_000), "a fixed deadline wins over the TTL");
+    }
+
+    #[test]
+    fn a_read_of_a_fork_is_served_by_its_sources_below_each_fork_point() {
+        let mut base = stream("text/plain");
+        base.tail = 100;
+        let mut fork = stream("text/plain");
+        fork.id = 2;
+        fork.tail = 150;
+        fork.fork = Some(fork_info(&base, 60, 60, 0));
+        let mut lookup = |id: u64| if id == 1 { Ok(base.clone()) } else { Err(StoreError::NotFound) };
+        let segs = segments(&fork, 10, 150, &mut lookup).expect("a two-level lineage");
+        let spans: Vec<_> = segs.iter().map(|s| (s.id, s.lo, s.hi)).collect();
+        assert_eq!(spans, vec![(1, 10, 60), (2, 60, 150)]);
+        let above: Vec<_> =
+            segments(&fork, 70, 150, &mut lookup).expect("above").iter().map(|s| (s.id, s.lo, s.hi)).collect();
+        assert_eq!(above, vec![(2, 70, 150)]);
+    }
+
+    #[test]
+    fn a_json_page_holds_whole_messages_and_at_least_one() {
+        let mut page = Page::new(true, 4, 0);
+        assert_eq!(page.push(0, b"123456", 0, 100), Room::More, "the first message always fits");
+        assert_eq!(page.push(7, b"1", 0, 100), Room::Full);
+        assert_eq!(page.chunks.len(), 1);
+        assert_eq!(page.pos, 7);
+    }
+
+    #[test]
+    fn a_binary_page_slices_rows_to_the_range_and_stops_at_its_size() {
+        let mut page = Page::new(false, 5, 2);
+        assert_eq!(page.push(0, b"abcdef", 2, 100), Room::More);
+        assert_eq!(page.chunks, vec![Bytes::from_static(b"cdef")]);
+        assert_eq!(page.push(6, b"ghij", 2, 100), Room::Full);
+        assert_eq!(page.chunks[1], Bytes::from_static(b"g"));
+        assert_eq!(page.pos, 7);
+        assert_eq!(page.room(), 0);
+    }
+}
