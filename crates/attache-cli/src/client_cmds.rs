@@ -80,7 +80,8 @@ pub struct PutArgs {
     /// The attachment id (default: chosen by the server)
     #[arg(long)]
     id: Option<String>,
-    /// What the attachment is about, TYPE:KEY, e.g. inbox:msg-1
+    /// What the attachment is about, TYPE:KEY, e.g. inbox:msg-1 (TYPE: inbox, run, text,
+    /// tool_call, context) [default: context:ID, or context:FILE-NAME without --id, context:stdin for -]
     #[arg(long, value_name = "TYPE:KEY")]
     subject: Option<String>,
     /// input or output [default: input]
@@ -310,6 +311,27 @@ fn json_object(flag: &str, raw: &str) -> anyhow::Result<Map<String, Value>> {
     }
 }
 
+/// The subject `put` gives an upload that names none (the server requires one,
+/// as Electric does): `context`, keyed by the attachment's id, else the
+/// file's name (`stdin` for `-`), cut to the 256 bytes a key may have.
+fn default_subject(id: Option<&str>, file: &std::path::Path) -> anyhow::Result<Subject> {
+    let key = match id {
+        Some(id) => id.to_owned(),
+        None if file.as_os_str() == "-" => "stdin".to_owned(),
+        None => file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".to_owned()),
+    };
+    let mut cut = String::new();
+    for c in key.chars().filter(|c| !c.is_control()) {
+        if cut.len() + c.len_utf8() > 256 {
+            break;
+        }
+        cut.push(c);
+    }
+    let key = cut;
+    let key = if key.is_empty() { "file".to_owned() } else { key };
+    Subject::new("context", &key).map_err(|e| UsageError(format!("no default subject for this file: {e}")).into())
+}
+
 fn subject_arg(raw: &str) -> anyhow::Result<Subject> {
     let (kind, key) = raw
         .split_once(':')
@@ -356,7 +378,7 @@ async fn put(a: PutArgs, out: Output) -> anyhow::Result<()> {
         }
         input
     };
-    if let Some(id) = a.id {
+    if let Some(id) = a.id.clone() {
         input = input.id(id);
     }
     if let Some(m) = a.mime_type {
@@ -365,9 +387,15 @@ async fn put(a: PutArgs, out: Output) -> anyhow::Result<()> {
     if let Some(f) = a.filename {
         input = input.filename(f);
     }
-    if let Some(s) = &a.subject {
-        input = input.subject(subject_arg(s)?);
-    }
+    let subject = match &a.subject {
+        Some(s) => subject_arg(s)?,
+        None => {
+            let picked = default_subject(a.id.as_deref(), &a.file)?;
+            out.note(&format!("no --subject given: the attachment is about {}:{}", picked.kind, picked.key));
+            picked
+        }
+    };
+    input = input.subject(subject);
     if let Some(r) = &a.role {
         input = input.role(if r == "output" { Role::Output } else { Role::Input });
     }

@@ -122,7 +122,10 @@ async fn put_ls_get_with_a_range_and_rm_round_trip_an_attachment() {
     let id = String::from_utf8(plain.stdout.clone()).unwrap();
     assert!(!id.trim().is_empty() && id.trim() != "cat");
     let note = stderr(&plain);
-    assert!(note.starts_with("uploaded ") && note.lines().count() == 1, "no progress bar when piped: {note:?}");
+    // No --subject: put picks one (the server requires it, as Electric does) and says which.
+    assert_eq!(note.lines().next(), Some("no --subject given: the attachment is about context:cat.png"), "{note:?}");
+    assert!(note.lines().nth(1).is_some_and(|l| l.starts_with("uploaded ")), "{note:?}");
+    assert_eq!(note.lines().count(), 2, "no progress bar when piped: {note:?}");
 
     let listing = s.json(&["ls", "/chat/cli"]).await;
     assert_eq!(listing.as_array().unwrap().len(), 2);
@@ -159,6 +162,11 @@ async fn put_reads_stdin_and_resumable_puts_complete() {
     assert!(out.status.success(), "{}", stderr(&out));
     let entry: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(entry["byteLength"], 17);
+    assert_eq!(
+        entry["subject"],
+        serde_json::json!({"type": "context", "key": "piped"}),
+        "the id keys the default subject"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("big.bin");

@@ -118,6 +118,7 @@ fn closing() -> Vec<u8> {
 
 async fn upload(server: &ServerProcess, id: &str, bytes: &[u8]) -> Value {
     let mut body = field("id", id);
+    body.extend(field("subject", r#"{"type":"context","key":"crash"}"#));
     body.extend(file_head());
     body.extend_from_slice(bytes);
     body.extend(closing());
@@ -201,16 +202,18 @@ where
 
 /// Starts a 200 MiB upload over a raw socket, sends part of it, waits until
 /// the server is visibly mid-upload, and SIGKILLs it. With `id_first` the id
-/// precedes the file, so a pending row exists when the server dies.
+/// and subject precede the file, so a pending row exists when the server dies.
 async fn kill_mid_upload(server: &mut ServerProcess, data_dir: &Path, id: &str, id_first: bool) {
     let (mut body_head, body_tail) = if id_first {
         let mut head = field("id", id);
+        head.extend(field("subject", r#"{"type":"context","key":"crash"}"#));
         head.extend(file_head());
         (head, closing())
     } else {
         let mut tail = closing();
         tail.truncate(2); // "\r\n" ends the file part; the id field follows.
         tail.extend(field("id", id));
+        tail.extend(field("subject", r#"{"type":"context","key":"crash"}"#));
         tail.extend(format!("--{BOUNDARY}--\r\n").into_bytes());
         (file_head(), tail)
     };

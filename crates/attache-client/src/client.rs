@@ -406,6 +406,8 @@ pub struct AttachmentInput {
     pub id: Option<String>,
     pub mime_type: Option<String>,
     pub filename: Option<String>,
+    /// What the attachment is about. The server requires one, as Electric
+    /// does: without it the upload is refused, 400 `attachment subject is required`.
     pub subject: Option<Subject>,
     pub role: Option<Role>,
     pub meta: Option<Map<String, Value>>,

@@ -30,12 +30,21 @@ impl Role {
         match s {
             "input" => Ok(Role::Input),
             "output" => Ok(Role::Output),
-            other => Err(Error::Invalid(format!("invalid attachment role {other:?}: expected input or output"))),
+            other => {
+                Err(Error::Invalid(format!("invalid attachment role {other:?}: expected one of {}", ROLES.join(", "))))
+            }
         }
     }
 }
 
+/// The roles an attachment may have, as Electric names them.
+pub const ROLES: &[&str] = &["input", "output"];
+
+/// The subject types an attachment may have, as Electric names them.
 pub const SUBJECT_TYPES: &[&str] = &["inbox", "run", "text", "tool_call", "context"];
+
+/// Electric's answer to an upload that names no subject (its wording).
+pub const SUBJECT_REQUIRED: &str = "attachment subject is required";
 
 /// What an attachment is about: `{type, key}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,7 +58,8 @@ impl Subject {
     pub fn new(kind: &str, key: &str) -> Result<Subject> {
         if !SUBJECT_TYPES.contains(&kind) {
             return Err(Error::Invalid(format!(
-                "invalid attachment subject type {kind:?}: expected one of inbox, run, text, tool_call, context"
+                "invalid attachment subject type {kind:?}: expected one of {}",
+                SUBJECT_TYPES.join(", ")
             )));
         }
         if key.is_empty() || key.len() > 256 || key.chars().any(|c| c.is_control()) {

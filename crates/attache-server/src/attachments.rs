@@ -10,7 +10,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use attache_core::manifest::{validate_attachment_id, AttachmentStatus, ManifestEntry, Role, Subject, MANIFEST};
+use attache_core::manifest::{
+    validate_attachment_id, AttachmentStatus, ManifestEntry, Role, Subject, MANIFEST, SUBJECT_REQUIRED,
+};
 use attache_core::state::{timestamp, ChangeEvent};
 use attache_core::{ContentType, EntityUrl, Permission, PrincipalKey, StreamPath};
 use attache_storage::{CreateStream, EntityRecord, ReadFrom, StoreError, StreamInfo};
@@ -184,6 +186,16 @@ impl Fields {
             ext,
         })
     }
+}
+
+/// An upload names what it is about, as Electric requires (its wording):
+/// the entry as it will be written, or 400 `attachment subject is required`.
+/// Checked once every field has arrived (a form may send the file first).
+fn with_subject(entry: ManifestEntry) -> ApiResult<ManifestEntry> {
+    if entry.subject.is_none() {
+        return Err(ApiError::bad_request(SUBJECT_REQUIRED));
+    }
+    Ok(entry)
 }
 
 fn manifest_row(entry: &ManifestEntry, txid: &str) -> ApiResult<ChangeEvent> {
@@ -403,7 +415,10 @@ pub async fn upload(
             if fields.filename.is_none() {
                 fields.filename = field.file_name().map(str::to_owned);
             }
-            if let Some(id) = fields.id.clone() {
+            // With its id and subject known before the bytes, the upload is
+            // recorded as pending at once; otherwise once every field is in
+            // (a manifest row always names its subject, as Electric's schema requires).
+            if let (Some(id), Ok(Some(_))) = (fields.id.clone(), fields.subject()) {
                 pending = Some(begin(&state, &record, &entity, &id, &fields, &who, part_type.as_deref()).await?);
             }
             fields.mime_type = fields.mime_type.take().or(part_type);
@@ -444,7 +459,7 @@ pub async fn upload(
     let Some(blob) = staged else { return Err(ApiError::bad_request("Missing file field")) };
     // Fields after the file part complete the entry; check them before anything else is written.
     let id = pending.as_ref().map(|p| p.entry.id.clone()).or_else(|| fields.id.clone()).unwrap_or_else(new_txid);
-    let fresh = match fields.entry(&entity, &id, &who, None) {
+    let fresh = match fields.entry(&entity, &id, &who, None).and_then(with_subject) {
         Ok(entry) => entry,
         Err(err) => {
             if let Some(p) = &pending {
@@ -799,6 +814,7 @@ pub async fn begin_resumable(
         }
     }
     fields.meta = body.meta;
+    with_subject(fields.entry(&entity, &id, &who, None)?)?;
     let path = entity.attachment_stream(&id);
     {
         let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use attache_core::manifest::{
-    versioned_attachment_stream, AttachmentStatus, ManifestEntry, Role, BYTES_VERSION_LEN, MANIFEST,
+    versioned_attachment_stream, AttachmentStatus, ManifestEntry, Role, Subject, BYTES_VERSION_LEN, MANIFEST,
 };
 use attache_core::state::timestamp;
 use attache_core::{ContentType, EntityUrl, Permission, PrincipalKey, StreamPath};
@@ -1634,7 +1634,8 @@ async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentI
         id: id.clone(),
         stream_path: url.attachment_stream(&id),
         status: AttachmentStatus::Complete,
-        subject: None,
+        // Electric's manifest rows always name a subject; a task attachment is context for its task.
+        subject: Some(Subject { kind: "context".into(), key: input.key.clone() }),
         role: Role::Output,
         mime_type: mime.clone(),
         filename: None,

@@ -320,7 +320,12 @@ async fn a_duplicate_id_is_409_and_the_first_stays_byte_identical() {
         let (status, code, body) = error_of(upload_raw(&ts, CHAT, form).await).await;
         assert_eq!(status, StatusCode::CONFLICT, "{code}: {body}");
     }
-    let res = ts.request(Method::PUT, &format!("{}/attachments/dup", api(CHAT))).json(&json!({})).send().await.unwrap();
+    let res = ts
+        .request(Method::PUT, &format!("{}/attachments/dup", api(CHAT)))
+        .json(&json!({"subject": {"type": "context", "key": "test"}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::CONFLICT, "a resumable upload cannot take a used id either");
     assert_eq!(attachment_state(&ts, CHAT).await, before);
     assert_eq!(manifest(&ts, CHAT).await["dup"], entry);
@@ -470,7 +475,11 @@ async fn an_upload_over_max_attachment_bytes_is_413_and_leaves_nothing() {
     assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE, "a streamed upload crossing the limit");
 
     // Resumable uploads have the same limit.
-    let res = ts.request(Method::PUT, &format!("{}/attachments/resumable", api(CHAT))).json(&json!({})).send().await;
+    let res = ts
+        .request(Method::PUT, &format!("{}/attachments/resumable", api(CHAT)))
+        .json(&json!({"subject": {"type": "context", "key": "test"}}))
+        .send()
+        .await;
     assert_eq!(res.unwrap().status(), StatusCode::CREATED);
     let stream = format!("{CHAT}/attachments/resumable");
     let append = |bytes: Vec<u8>| {
@@ -677,7 +686,12 @@ async fn a_resumable_upload_completes_on_close_with_the_right_sha256() {
     assert_eq!(manifest(&ts, CHAT).await["res"]["status"], "pending");
     assert_eq!(get_bytes(&ts, CHAT, "res").await.0, StatusCode::CONFLICT, "a pending attachment is not readable yet");
     // Starting again (a client that lost the answer) resumes the same upload.
-    let res = ts.request(Method::PUT, &path).json(&json!({})).send().await.unwrap();
+    let res = ts
+        .request(Method::PUT, &path)
+        .json(&json!({"subject": {"type": "context", "key": "test"}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.json::<Value>().await.unwrap()["attachment"]["status"], "pending");
 
@@ -730,6 +744,86 @@ async fn a_resumable_upload_completes_on_close_with_the_right_sha256() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::CONFLICT);
-    assert_eq!(ts.request(Method::PUT, &path).json(&json!({})).send().await.unwrap().status(), StatusCode::CONFLICT);
+    assert_eq!(
+        ts.request(Method::PUT, &path)
+            .json(&json!({"subject": {"type": "context", "key": "test"}}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::CONFLICT
+    );
     assert_eq!(get_bytes(&ts, CHAT, "res").await.1, whole);
+}
+
+/// The error message of a refused request, with its status and code.
+async fn refusal(res: reqwest::Response) -> (StatusCode, String, String) {
+    let (status, code, body) = error_of(res).await;
+    (status, code, body["error"]["message"].as_str().unwrap_or("").to_owned())
+}
+
+#[tokio::test]
+async fn an_upload_without_a_subject_is_400_subject_required_and_changes_nothing() {
+    let ts = server_with_entity().await;
+    let before = attachment_state(&ts, CHAT).await;
+    for (why, form) in [
+        // Electric's UI sends the file part first, then the fields.
+        (
+            "file first",
+            Form::new().file(Some("a.txt"), Some("text/plain"), b"x").field("id", "s1").finish_without_subject(),
+        ),
+        // An id before the file writes a pending row early; it is taken back.
+        ("id first", Form::new().field("id", "s2").file(Some("a.txt"), None, b"x").finish_without_subject()),
+        ("no fields", Form::new().file(None, None, b"x").finish_without_subject()),
+        ("half a subject", Form::new().field("subjectType", "inbox").file(None, None, b"x").finish_without_subject()),
+    ] {
+        let (status, code, message) = refusal(upload_raw(&ts, CHAT, form).await).await;
+        let expected = if why == "half a subject" {
+            "attachment subject requires type and key"
+        } else {
+            "attachment subject is required"
+        };
+        assert_eq!(
+            (status, code.as_str(), message.as_str()),
+            (StatusCode::BAD_REQUEST, "INVALID_REQUEST", expected),
+            "{why}"
+        );
+    }
+    // A resumable upload is an upload too.
+    let res = ts.request(Method::PUT, &format!("{}/attachments/r1", api(CHAT))).json(&json!({})).send().await.unwrap();
+    let (status, _, message) = refusal(res).await;
+    assert_eq!((status, message.as_str()), (StatusCode::BAD_REQUEST, "attachment subject is required"));
+    assert_eq!(attachment_state(&ts, CHAT).await, before);
+    for id in ["s1", "s2", "r1"] {
+        assert_eq!(get_bytes(&ts, CHAT, id).await.0, StatusCode::NOT_FOUND, "{id}");
+        let res = ts.request(Method::HEAD, &format!("{CHAT}/attachments/{id}")).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND, "no stream for {id}");
+    }
+    staging_is_empty(&ts, "uploads without a subject").await;
+}
+
+#[tokio::test]
+async fn unknown_subject_types_and_roles_are_400_naming_the_allowed_values() {
+    let ts = server_with_entity().await;
+    let before = attachment_state(&ts, CHAT).await;
+    let types = "inbox, run, text, tool_call, context";
+    for (form, allowed) in [
+        (Form::new().field("subject", r#"{"type":"mail","key":"m1"}"#).file(None, None, b"x").finish(), types),
+        (Form::new().file(None, None, b"x").field("subjectType", "mail").field("subjectKey", "m1").finish(), types),
+        (Form::new().field("role", "observer").file(None, None, b"x").finish(), "input, output"),
+    ] {
+        let (status, code, message) = refusal(upload_raw(&ts, CHAT, form).await).await;
+        assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "INVALID_REQUEST"), "{message}");
+        assert!(message.ends_with(&format!("expected one of {allowed}")), "{message}");
+    }
+    for (body, allowed) in [
+        (json!({"subject": {"type": "mail", "key": "m1"}}), types),
+        (json!({"subject": {"type": "inbox", "key": "m1"}, "role": "observer"}), "input, output"),
+    ] {
+        let res = ts.request(Method::PUT, &format!("{}/attachments/r1", api(CHAT))).json(&body).send().await.unwrap();
+        let (status, _, message) = refusal(res).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{message}");
+        assert!(message.ends_with(&format!("expected one of {allowed}")), "{message}");
+    }
+    assert_eq!(attachment_state(&ts, CHAT).await, before);
 }

@@ -152,7 +152,12 @@ async fn a_stopped_entity_refuses_send_upload_and_raw_append_with_409_not_runnin
     let e = "/chat/stopped";
     spawn(&ts, None, e).await;
     // A resumable upload begun while running cannot be appended to after the stop.
-    let res = ts.request(Method::PUT, &format!("{}/attachments/late", api(e))).json(&json!({})).send().await.unwrap();
+    let res = ts
+        .request(Method::PUT, &format!("{}/attachments/late", api(e)))
+        .json(&json!({"subject": {"type": "context", "key": "test"}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
 
     let res = ts.request(Method::DELETE, &api(e)).send().await.unwrap();
@@ -171,7 +176,8 @@ async fn a_stopped_entity_refuses_send_upload_and_raw_append_with_409_not_runnin
         ts.request(Method::POST, &format!("{}/attachments", api(e)))
             .header("content-type", Form::content_type())
             .body(Form::new().field("id", "x").file(Some("x"), None, b"x").finish()),
-        ts.request(Method::PUT, &format!("{}/attachments/fresh", api(e))).json(&json!({})),
+        ts.request(Method::PUT, &format!("{}/attachments/fresh", api(e)))
+            .json(&json!({"subject": {"type": "context", "key": "test"}})),
         ts.request(Method::POST, &format!("{e}/main"))
             .header("content-type", "application/json")
             .body(r#"{"type":"note","key":"k","value":{},"headers":{"operation":"insert"}}"#),
@@ -197,7 +203,12 @@ async fn purge_deletes_the_entity_its_streams_grants_and_blobs() {
     let e = "/chat/purged";
     spawn(&ts, None, e).await;
     upload(&ts, e, "a1", "text/plain", b"purge me").await;
-    let res = ts.request(Method::PUT, &format!("{}/attachments/r1", api(e))).json(&json!({})).send().await.unwrap();
+    let res = ts
+        .request(Method::PUT, &format!("{}/attachments/r1", api(e)))
+        .json(&json!({"subject": {"type": "context", "key": "test"}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     let res = ts
         .request(Method::POST, &format!("{}/grants", api(e)))

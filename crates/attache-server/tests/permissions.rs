@@ -264,7 +264,13 @@ const ATTACHMENT_ROUTES: &[Route] = &[
     route("GET", "{api}/attachments/done", Empty, Rule::Entity(Read), 200),
     route("HEAD", "{api}/attachments/done", Empty, Rule::Entity(Read), 200),
     route("DELETE", "{api}/attachments/done", Empty, Rule::Entity(Write), 200),
-    route("PUT", "{api}/attachments/fresh", Json(r#"{"mimeType":"text/plain"}"#), Rule::Entity(Write), 201),
+    route(
+        "PUT",
+        "{api}/attachments/fresh",
+        Json(r#"{"mimeType":"text/plain","subject":{"type":"context","key":"test"}}"#),
+        Rule::Entity(Write),
+        201,
+    ),
 ];
 
 /// The raw Durable Streams routes on the streams an entity owns. DELETE is
@@ -410,7 +416,7 @@ impl Matrix {
 
         let res = self
             .as_owner(Method::PUT, &format!("{api}/attachments/open"))
-            .json(&json!({ "mimeType": "text/plain" }))
+            .json(&json!({ "mimeType": "text/plain", "subject": {"type": "context", "key": "test"} }))
             .send()
             .await
             .expect("resumable");

@@ -644,7 +644,7 @@ async fn an_upload_with_a_key_is_a_task_attachment() {
     let t = create_task(&s, ALICE, "upload", 50).await;
     let boundary = "XyZ";
     let body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"key\"\r\n\r\nreport\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"r.pdf\"\r\nContent-Type: application/pdf\r\n\r\n%PDF-1\r\n--{boundary}--\r\n"
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"key\"\r\n\r\nreport\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"subject\"\r\n\r\n{{\"type\":\"context\",\"key\":\"report\"}}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"r.pdf\"\r\nContent-Type: application/pdf\r\n\r\n%PDF-1\r\n--{boundary}--\r\n"
     );
     let res = s
         .client

@@ -20,7 +20,7 @@ use attache_core::ContentType;
 use attache_storage::embedded::{EmbeddedConfig, EmbeddedRegistry, EmbeddedStore};
 use attache_storage::{AppendRequest, Registry, StreamStore};
 use common::TestServer;
-use entity_support::{api, as_principal, error_of, eventually, sha256_hex, Form};
+use entity_support::{api, as_principal, error_of, eventually, sha256_hex, Form, DEFAULT_SUBJECT};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -518,7 +518,7 @@ async fn raw_appends_reach_only_an_open_resumable_upload() {
     let e = shared_with_a_writer(&ts).await;
     upload_as(&ts, ALICE, e, "done", SECRET).await;
     let begun = as_principal(ts.request(Method::PUT, &format!("{}/attachments/r1", api(e))), Some(ALICE))
-        .json(&json!({ "mimeType": "text/plain" }))
+        .json(&json!({ "mimeType": "text/plain", "subject": {"type": "context", "key": "test"} }))
         .send()
         .await
         .expect("resumable begun");
@@ -753,7 +753,12 @@ async fn an_upload_in_flight_across_a_purge_never_lands_in_the_next_entity_at_th
     spawn_as(&ts, ALICE, entity).await;
     let mut bytes = SECRET.to_vec();
     bytes.extend(std::iter::repeat_n(b'x', 256 << 10));
-    let body = Form::new().field("id", "sec").file(Some("s.bin"), Some("application/octet-stream"), &bytes).finish();
+    // The id and subject before the file: the pending row is written before the bytes arrive.
+    let body = Form::new()
+        .field("id", "sec")
+        .field("subject", DEFAULT_SUBJECT)
+        .file(Some("s.bin"), Some("application/octet-stream"), &bytes)
+        .finish();
     let (first, rest) = body.split_at(body.len() / 2);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
     tx.send(Ok(first.to_vec())).await.expect("the first half is queued");

@@ -52,7 +52,7 @@ async fn a_resumable_json_attachment_reads_back_byte_exact_with_its_true_length(
     spawn(&ts, None, CHAT).await;
     let res = ts
         .request(Method::PUT, &format!("{}/attachments/doc", api(CHAT)))
-        .json(&json!({ "mimeType": "application/json", "filename": "doc.json" }))
+        .json(&json!({ "mimeType": "application/json", "filename": "doc.json", "subject": {"type": "context", "key": "test"} }))
         .send()
         .await
         .unwrap();
@@ -161,7 +161,11 @@ async fn an_upload_interrupted_after_its_bytes_were_stored_is_completed_not_left
 async fn a_resumable_upload_never_closed_expires_failed_and_its_stream_is_deleted() {
     let ts = TestServer::start_with(|c| c.upload_expiry = Duration::from_millis(300)).await;
     spawn(&ts, None, CHAT).await;
-    let begin = || ts.request(Method::PUT, &format!("{}/attachments/slow", api(CHAT))).json(&json!({})).send();
+    let begin = || {
+        ts.request(Method::PUT, &format!("{}/attachments/slow", api(CHAT)))
+            .json(&json!({"subject": {"type": "context", "key": "test"}}))
+            .send()
+    };
     assert_eq!(begin().await.unwrap().status(), StatusCode::CREATED);
     let stream = format!("{CHAT}/attachments/slow");
     let res = ts

@@ -18,10 +18,17 @@ use crate::common::TestServer;
 pub const BOUNDARY: &str = "attache-test-7MA4YWxkTrZu0gW";
 pub const PRINCIPAL: &str = "electric-principal";
 
-/// A `multipart/form-data` body, part by part, exactly as written.
+/// A `multipart/form-data` body, part by part, exactly as written, except
+/// that [`Form::finish`] and [`Form::unfinished`] add the subject every
+/// upload needs (`{"type":"context","key":"test"}`, last) when no part named
+/// one; [`Form::finish_without_subject`] does not.
 pub struct Form {
     body: Vec<u8>,
+    names_subject: bool,
 }
+
+/// The subject `Form::finish` adds when a form names none.
+pub const DEFAULT_SUBJECT: &str = r#"{"type":"context","key":"test"}"#;
 
 impl Default for Form {
     fn default() -> Self {
@@ -31,7 +38,7 @@ impl Default for Form {
 
 impl Form {
     pub fn new() -> Form {
-        Form { body: Vec::new() }
+        Form { body: Vec::new(), names_subject: false }
     }
 
     pub fn content_type() -> String {
@@ -46,7 +53,8 @@ impl Form {
         self
     }
 
-    pub fn field(self, name: &str, value: &str) -> Form {
+    pub fn field(mut self, name: &str, value: &str) -> Form {
+        self.names_subject |= matches!(name, "subject" | "subjectType" | "subjectKey");
         self.part(&format!("Content-Disposition: form-data; name=\"{name}\""), value.as_bytes())
     }
 
@@ -62,15 +70,28 @@ impl Form {
         self.part(&headers, bytes)
     }
 
-    /// The body with its closing delimiter.
-    pub fn finish(mut self) -> Vec<u8> {
+    /// The body with its closing delimiter (and a subject, when none was named).
+    pub fn finish(self) -> Vec<u8> {
+        if self.names_subject {
+            self.finish_without_subject()
+        } else {
+            self.field("subject", DEFAULT_SUBJECT).finish_without_subject()
+        }
+    }
+
+    /// The body with its closing delimiter, as written.
+    pub fn finish_without_subject(mut self) -> Vec<u8> {
         self.body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
         self.body
     }
 
-    /// The body as written so far, without a closing delimiter.
+    /// The body as written so far (and a subject, when none was named), without a closing delimiter.
     pub fn unfinished(self) -> Vec<u8> {
-        self.body
+        if self.names_subject {
+            self.body
+        } else {
+            self.field("subject", DEFAULT_SUBJECT).body
+        }
     }
 }
 
