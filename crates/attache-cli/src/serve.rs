@@ -23,7 +23,7 @@ pub struct ServeArgs {
     /// Largest body of a stream append or create, in bytes [default: 16777216]
     #[arg(long, env = "ATTACHE_MAX_APPEND_BYTES")]
     max_append_bytes: Option<usize>,
-    /// Largest attachment, in bytes [default: 1073741824]
+    /// Largest attachment, in bytes; uploads stream to disk [default: 1073741824, 1 GiB]
     #[arg(long, env = "ATTACHE_MAX_ATTACHMENT_BYTES")]
     max_attachment_bytes: Option<u64>,
     /// Acknowledge writes before they are synced to disk (faster; a crash may lose the last moments)

@@ -137,6 +137,12 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// The default of `--max-attachment-bytes`: 1 GiB. Uploads stream to disk,
+/// so the limit bounds disk, not memory (Electric buffers each upload and
+/// stops at 25 MiB). README.md, docs/guides/attachments.md and
+/// `attache serve --help` say this number; tests/attachments.rs checks them.
+pub const DEFAULT_MAX_ATTACHMENT_BYTES: u64 = 1 << 30;
+
 impl ServerConfig {
     pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> ServerConfig {
         ServerConfig {
@@ -147,7 +153,7 @@ impl ServerConfig {
             max_append_bytes: 16 << 20,
             max_read_bytes: 1 << 20,
             durable: true,
-            max_attachment_bytes: 1 << 30,
+            max_attachment_bytes: DEFAULT_MAX_ATTACHMENT_BYTES,
             auth: None,
             cors_origins: Vec::new(),
             allowed_hosts: Vec::new(),

@@ -827,3 +827,47 @@ async fn unknown_subject_types_and_roles_are_400_naming_the_allowed_values() {
     }
     assert_eq!(attachment_state(&ts, CHAT).await, before);
 }
+
+#[tokio::test]
+async fn the_default_attachment_limit_is_1_gib_and_every_document_says_so() {
+    // The server, as started without --max-attachment-bytes: a form declaring
+    // more than 1 GiB (and the form's 1 MiB of room) is refused before its body.
+    let ts = server_with_entity().await;
+    assert_eq!(ts.config.max_attachment_bytes, 1 << 30);
+    let addr = ts.url.trim_start_matches("http://").to_owned();
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.expect("a connection");
+    let head = format!(
+        "POST {}/attachments HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        api(CHAT),
+        Form::content_type(),
+        (1u64 << 30) + (1 << 20) + 1
+    );
+    sock.write_all(head.as_bytes()).await.expect("the head is sent");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read_to_end(&mut sock, &mut answer))
+        .await
+        .expect("answered without the body")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("maximum size of 1073741824 bytes"), "{answer}");
+
+    // Every document that names the default names this one.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let readme = read("README.md");
+    assert!(
+        readme.lines().any(|l| l.contains("`--max-attachment-bytes`") && l.contains("1 GiB")),
+        "README.md's table of flags"
+    );
+    let guide = read("docs/guides/attachments.md");
+    assert!(guide.contains("`attache serve --max-attachment-bytes`, 1 GiB by default"), "docs/guides/attachments.md");
+    assert!(read("crates/attache-cli/src/serve.rs").contains("[default: 1073741824, 1 GiB]"), "attache serve --help");
+    for doc in
+        ["README.md", "docs/guides/attachments.md", "docs/guides/cli.md", "docs/ARCHITECTURE.md", "docs/SECURITY.md"]
+    {
+        for line in read(doc).lines().filter(|l| l.contains("max-attachment-bytes")) {
+            assert!(!line.contains("25 MiB") || line.contains("Electric"), "{doc}: {line}");
+        }
+    }
+}
