@@ -83,6 +83,10 @@ pub struct ServeArgs {
     /// The embedded store's page cache (redb: stream metadata and indexes), in bytes [default: 4194304]
     #[arg(long, env = "ATTACHE_STORE_CACHE_BYTES")]
     store_cache_bytes: Option<usize>,
+    /// Most stream segment files the embedded store keeps open (least recently used closed
+    /// first; lowered at start to fit the open-file limit beside --max-connections) [default: 4096]
+    #[arg(long, env = "ATTACHE_STORE_OPEN_FILES")]
+    store_open_files: Option<usize>,
     /// Most deleted tasks kept as tombstones (their owners can still read their events); past it the oldest are purged for good [default: 1000]
     #[arg(long, env = "ATTACHE_DELETED_TASKS_KEPT")]
     deleted_tasks_kept: Option<usize>,
@@ -150,6 +154,7 @@ struct FileConfig {
     mcp_max_sessions: Option<usize>,
     view_cache_entries: Option<usize>,
     store_cache_bytes: Option<usize>,
+    store_open_files: Option<usize>,
     deleted_tasks_kept: Option<usize>,
     max_entity_data_bytes: Option<usize>,
     mcp_max_sessions_per_principal: Option<usize>,
@@ -247,6 +252,10 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     }
     if let Some(n) = args.store_cache_bytes.or(file.store_cache_bytes) {
         config.store_cache_bytes = Some(n);
+    }
+    if let Some(n) = args.store_open_files.or(file.store_open_files) {
+        anyhow::ensure!(n > 0, "store_open_files must be at least 1");
+        config.store_open_files = n;
     }
     if let Some(n) = args.deleted_tasks_kept.or(file.deleted_tasks_kept) {
         config.deleted_tasks_kept = n;

@@ -56,6 +56,10 @@ pub struct ServerConfig {
     pub view_cache_entries: usize,
     /// The embedded store's page cache, in bytes; `None` keeps the engine's default.
     pub store_cache_bytes: Option<usize>,
+    /// Most segment files the embedded store keeps open (one per stream being
+    /// read or written; least recently used closed first). Shares the
+    /// open-file limit with connections (`conn::fd_budget`).
+    pub store_open_files: usize,
     /// Most deleted tasks whose tombstones (record, grants, closed main stream)
     /// are kept so their owners can still read their events; older ones are purged.
     pub deleted_tasks_kept: usize,
@@ -172,6 +176,7 @@ impl ServerConfig {
             mcp_max_sessions_per_principal: 100,
             view_cache_entries: 10_000,
             store_cache_bytes: None,
+            store_open_files: 4096,
             deleted_tasks_kept: 1_000,
             max_entity_data_bytes: 64 << 10,
             upload_expiry: Duration::from_secs(24 * 3600),

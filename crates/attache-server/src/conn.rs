@@ -490,17 +490,32 @@ pub fn raise_fd_limit() -> Option<u64> {
     None
 }
 
-/// File descriptors kept for everything but client connections (store files,
-/// blobs being read or written, connections over the cap being answered).
+/// File descriptors kept for everything but client connections and open
+/// segment files (the store's database and log files, blobs being read or
+/// written, connections over the cap being answered).
 pub const FDS_KEPT: u64 = 256;
 
-/// The connection cap that leaves `FDS_KEPT` descriptors free under `fd_limit`.
-pub fn cap_for(max_connections: usize, fd_limit: Option<u64>) -> usize {
-    let room = match fd_limit {
-        Some(limit) => usize::try_from(limit.saturating_sub(FDS_KEPT)).unwrap_or(usize::MAX),
-        None => usize::MAX,
+/// The fewest segment files kept open when the open-file limit is too low for both asks.
+pub const MIN_OPEN_FILES: usize = 16;
+
+/// How the open-file limit is shared: `(connections, segment files)`.
+///
+/// `FDS_KEPT` descriptors stay free; when both asks fit in the rest they are
+/// granted whole. Otherwise segment files get at most a quarter of the rest
+/// (at least `MIN_OPEN_FILES`) and connections what remains, so the process
+/// never holds more than `fd_limit` descriptors.
+pub fn fd_budget(max_connections: usize, open_files: usize, fd_limit: Option<u64>) -> (usize, usize) {
+    let open_files = open_files.max(1);
+    let Some(limit) = fd_limit else {
+        return (max_connections.clamp(1, Semaphore::MAX_PERMITS), open_files);
     };
-    max_connections.min(room).clamp(1, Semaphore::MAX_PERMITS)
+    let room = usize::try_from(limit.saturating_sub(FDS_KEPT)).unwrap_or(usize::MAX);
+    if max_connections.saturating_add(open_files) <= room {
+        return (max_connections.clamp(1, Semaphore::MAX_PERMITS), open_files);
+    }
+    let files = open_files.min(room / 4).max(MIN_OPEN_FILES.min(open_files));
+    let conns = max_connections.min(room.saturating_sub(files)).clamp(1, Semaphore::MAX_PERMITS);
+    (conns, files)
 }
 
 #[cfg(test)]
@@ -508,11 +523,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cap_leaves_room_under_the_open_file_limit() {
-        assert_eq!(cap_for(4096, Some(1 << 20)), 4096);
-        assert_eq!(cap_for(4096, Some(1024)), 1024 - FDS_KEPT as usize);
-        assert_eq!(cap_for(4096, Some(10)), 1);
-        assert_eq!(cap_for(usize::MAX, None), Semaphore::MAX_PERMITS);
+    fn connections_and_open_files_share_the_open_file_limit() {
+        // Room for both: both granted.
+        assert_eq!(fd_budget(4096, 4096, Some(20_000)), (4096, 4096));
+        assert_eq!(fd_budget(4096, 4096, Some(1 << 20)), (4096, 4096));
+        // Too little: files get a quarter of what is left after FDS_KEPT, connections the rest.
+        assert_eq!(fd_budget(4096, 4096, Some(1024)), (768 - 192, 192));
+        let (conns, files) = fd_budget(4096, 4096, Some(1024));
+        assert!(conns as u64 + files as u64 + FDS_KEPT <= 1024);
+        // A tiny limit still leaves one connection and a few files.
+        assert_eq!(fd_budget(4096, 4096, Some(10)), (1, MIN_OPEN_FILES));
+        assert_eq!(fd_budget(usize::MAX, 4096, None), (Semaphore::MAX_PERMITS, 4096));
     }
 
     #[test]

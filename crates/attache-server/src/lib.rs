@@ -119,6 +119,18 @@ impl Server {
         if let Some(bytes) = config.store_cache_bytes {
             store_config.cache_bytes = bytes;
         }
+        // Connections and open segment files share the open-file limit (raised to its hard limit first).
+        let fd_limit = conn::raise_fd_limit();
+        let (max_connections, open_files) = conn::fd_budget(config.max_connections, config.store_open_files, fd_limit);
+        if open_files < config.store_open_files {
+            tracing::warn!(
+                open_files,
+                asked = config.store_open_files,
+                fd_limit,
+                "the open-file limit is too low for --store-open-files: lowered it; raise `ulimit -n` to lift it"
+            );
+        }
+        store_config.segment_handles = open_files;
         let loopback = config.listen.ip().is_loopback();
         let mode = config.auth.unwrap_or(if loopback { auth::AuthMode::Dev } else { auth::AuthMode::Token });
         if mode == auth::AuthMode::Dev && !loopback {
@@ -143,8 +155,7 @@ impl Server {
         };
         let auth = auth::Auth { mode, tokens: TokenStore::new(&config.data_dir) };
         let mut limits = conn::Limits::of(&config);
-        let fd_limit = conn::raise_fd_limit();
-        limits.max_connections = conn::cap_for(config.max_connections, fd_limit);
+        limits.max_connections = max_connections;
         if limits.max_connections < config.max_connections {
             tracing::warn!(
                 max_connections = limits.max_connections,

@@ -77,7 +77,8 @@ pub struct EmbeddedConfig {
     pub max_batch: usize,
     /// redb page cache (metadata and message boundaries only: stream bytes are in segment files).
     pub cache_bytes: usize,
-    /// Most segment files kept open (least recently used closed first).
+    /// Most segment files kept open (least recently used closed first). The
+    /// server sets it from `--store-open-files`, within its file-descriptor budget.
     pub segment_handles: usize,
     /// How often expired streams are looked for.
     pub sweep_interval: Duration,
@@ -99,7 +100,7 @@ impl EmbeddedConfig {
             durable: true,
             max_batch: 1024,
             cache_bytes: 4 << 20,
-            segment_handles: 256,
+            segment_handles: 4096,
             sweep_interval: Duration::from_secs(1),
             wal_bytes: 4 << 20,
             checkpoint_interval: Duration::from_secs(1),
@@ -345,14 +346,14 @@ impl EmbeddedStore {
         let db = open_db(&db_path, config.cache_bytes, config.fault_plan.as_ref())?;
         writer::create_tables(&db)?;
         let wal_path = dir.join("streams.wal");
-        let (mut wal, replayed, torn_at) = writer::recover(&db, &segments, &wal_path, &config)?;
+        let (mut wal, replayed, torn) = writer::recover(&db, &segments, &wal_path, &config)?;
         let mut damage = Vec::new();
-        if let Some(offset) = torn_at {
+        for (file, offset) in torn {
             let what = "a damaged log record (cut short, or its checksum fails): recovered every record before it; \
                         its batch was never acknowledged"
                 .to_owned();
-            tracing::warn!(file = %wal_path.display(), offset, "{what}");
-            damage.push(Damage { file: wal_path.clone(), offset, what });
+            tracing::warn!(file = %file.display(), offset, "{what}");
+            damage.push(Damage { file, offset, what });
         }
         let mut state = writer::WriterState::load(&db)?;
         for short in writer::reconcile_segments(&db, &segments, &mut wal, &mut state)? {

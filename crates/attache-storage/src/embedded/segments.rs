@@ -15,12 +15,15 @@
 //! truncates every file to its stream's recovered tail.
 //!
 //! Open handles are bounded: an LRU of at most `capacity` files, shared by
-//! the writer and readers (`pread` needs no lock).
+//! the writer and readers (`pread` needs no lock). The server sizes it from
+//! its file-descriptor budget (`--store-open-files`, 4,096 by default), so a
+//! working set of thousands of live streams never reopens a file per append.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -35,6 +38,8 @@ pub(crate) struct Segments {
     /// Streams whose files were written since the last checkpoint (writer only).
     dirty: Mutex<Dirty>,
     faults: Option<FaultPlan>,
+    /// Files opened so far (each LRU miss opens one).
+    opens: AtomicU64,
 }
 
 #[derive(Default)]
@@ -50,6 +55,13 @@ struct Dirty {
     dir: bool,
 }
 
+/// Files written since a point in time, taken by a checkpoint to sync.
+#[derive(Default, Debug)]
+pub(crate) struct DirtySet {
+    ids: HashSet<u64>,
+    dir: bool,
+}
+
 impl Segments {
     pub(crate) fn open(dir: PathBuf, capacity: usize, faults: Option<FaultPlan>) -> StoreResult<Segments> {
         std::fs::create_dir_all(&dir)?;
@@ -59,6 +71,7 @@ impl Segments {
             open: Mutex::new(Lru::default()),
             dirty: Mutex::new(Dirty::default()),
             faults,
+            opens: AtomicU64::new(0),
         })
     }
 
@@ -89,6 +102,7 @@ impl Segments {
             }
             Err(e) => return Err(e.into()),
         };
+        self.opens.fetch_add(1, Ordering::Relaxed);
         if create {
             self.dirty.lock().dir = true;
         }
@@ -150,27 +164,63 @@ impl Segments {
     /// Syncs every file written since the last call (and the directory, if
     /// files came or went). On error the files stay dirty for the next try.
     pub(crate) fn sync_dirty(&self) -> StoreResult<()> {
-        let (ids, dir) = {
-            let d = self.dirty.lock();
-            (d.ids.iter().copied().collect::<Vec<_>>(), d.dir)
-        };
-        for id in ids {
-            let file = match self.file(id, false) {
-                Ok(f) => f,
-                // Removed since it was written: nothing to sync.
-                Err(StoreError::Storage(_)) => {
-                    self.dirty.lock().ids.remove(&id);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            fault::sync(self.faults.as_ref(), FaultPoint::SegmentSync, || file.sync_data())?;
-            self.dirty.lock().ids.remove(&id);
+        self.sync_set(self.take_dirty())
+    }
+
+    /// Takes the set of files written since the last call: a checkpoint
+    /// syncs them (`sync_set`) while the writer goes on writing (and marking
+    /// files dirty again).
+    pub(crate) fn take_dirty(&self) -> DirtySet {
+        let mut d = self.dirty.lock();
+        DirtySet { ids: std::mem::take(&mut d.ids), dir: std::mem::take(&mut d.dir) }
+    }
+
+    /// Syncs the files of `set` (a file removed meanwhile needs nothing). On
+    /// error, what was not synced is dirty again, for the next checkpoint.
+    pub(crate) fn sync_set(&self, set: DirtySet) -> StoreResult<()> {
+        let DirtySet { mut ids, dir } = set;
+        let mut todo: Vec<u64> = ids.iter().copied().collect();
+        todo.sort_unstable();
+        for id in todo {
+            if let Err(err) = self.sync_file(id) {
+                self.restore(DirtySet { ids, dir });
+                return Err(err);
+            }
+            ids.remove(&id);
         }
         if dir {
-            fault::sync(self.faults.as_ref(), FaultPoint::SegmentSync, || File::open(&self.dir)?.sync_all())?;
-            self.dirty.lock().dir = false;
+            if let Err(err) =
+                fault::sync(self.faults.as_ref(), FaultPoint::SegmentSync, || File::open(&self.dir)?.sync_all())
+            {
+                self.restore(DirtySet { ids, dir });
+                return Err(err.into());
+            }
         }
+        Ok(())
+    }
+
+    /// Puts a set that could not be synced back among the dirty files.
+    pub(crate) fn restore(&self, set: DirtySet) {
+        let mut d = self.dirty.lock();
+        d.ids.extend(set.ids);
+        d.dir |= set.dir;
+    }
+
+    /// Syncs stream `id`'s file through its open handle, or (not kept open:
+    /// a checkpoint runs beside the writer) through one opened for the sync
+    /// and closed after it, so a file deleted meanwhile is never kept open.
+    fn sync_file(&self, id: u64) -> StoreResult<()> {
+        let kept = self.open.lock().files.get(&id).map(|(f, _)| f.clone());
+        let file = match kept {
+            Some(f) => f,
+            None => match File::open(self.path(id)) {
+                Ok(f) => Arc::new(f),
+                // Removed since it was written: nothing to sync.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e.into()),
+            },
+        };
+        fault::sync(self.faults.as_ref(), FaultPoint::SegmentSync, || file.sync_data())?;
         Ok(())
     }
 
@@ -209,6 +259,12 @@ impl Segments {
     pub(crate) fn open_handles(&self) -> usize {
         self.open.lock().files.len()
     }
+
+    /// Files opened so far (a working set larger than the LRU reopens files).
+    #[cfg(test)]
+    pub(crate) fn opens(&self) -> u64 {
+        self.opens.load(Ordering::Relaxed)
+    }
 }
 
 pub(crate) fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -237,6 +293,32 @@ mod tests {
         let mut ids = segs.ids_on_disk().unwrap();
         ids.sort();
         assert_eq!(ids, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_working_set_within_the_bound_opens_each_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = Segments::open(dir.path().join("segments"), 1000, None).unwrap();
+        // 1,000 streams appended to round-robin, three times over, then read.
+        for round in 0..3u64 {
+            for id in 0..1000u64 {
+                segs.write(id, round * 8, &id.to_le_bytes()).unwrap();
+            }
+        }
+        for id in 0..1000u64 {
+            let mut buf = [0u8; 8];
+            segs.read(id, 16, &mut buf).unwrap();
+            assert_eq!(u64::from_le_bytes(buf), id);
+        }
+        assert_eq!(segs.opens(), 1000, "no file is reopened");
+        // One stream more than the bound: round-robin use then misses every time.
+        let small = Segments::open(dir.path().join("small"), 999, None).unwrap();
+        for _ in 0..2 {
+            for id in 0..1000u64 {
+                small.write(id, 0, &id.to_le_bytes()).unwrap();
+            }
+        }
+        assert_eq!(small.opens(), 2000);
     }
 
     #[test]

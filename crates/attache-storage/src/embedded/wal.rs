@@ -275,6 +275,7 @@ impl Wal {
     /// Opens (creating) the log and reads the records that follow checkpoint
     /// `checkpointed`. They stay in the log (the next checkpoint covers them);
     /// new records follow them.
+    #[cfg(test)]
     pub(crate) fn open(
         path: &Path,
         capacity: u64,
@@ -436,6 +437,15 @@ impl Wal {
         self.round_start = self.next_seq;
     }
 
+    /// This file becomes the one records go to, starting over at its
+    /// beginning with seq `next_seq` (the other file holds the seqs before).
+    fn continue_from(&mut self, next_seq: u64) {
+        self.pos = 0;
+        self.last_start = None;
+        self.next_seq = next_seq;
+        self.round_start = next_seq;
+    }
+
     /// Writes zeroes (synced) up to at least `end`, so records never extend the file.
     fn grow_to(&mut self, end: u64) -> StoreResult<()> {
         if end <= self.allocated {
@@ -452,6 +462,238 @@ impl Wal {
         fault::sync(self.faults.as_ref(), FaultPoint::LogSync, || self.file.sync_all())?;
         self.allocated = target;
         Ok(())
+    }
+}
+
+/// The write-ahead log as two files (`streams.wal`, `streams.wal.1`), so a
+/// checkpoint can run beside the writer: records go to the *active* file;
+/// a checkpoint *seals* it (the other file, already free, becomes active),
+/// syncs the segment files on its own thread while appends go on into the
+/// new active file, then commits redb durably with `wal_seq` = the sealed
+/// file's last seq, which frees the sealed file. The log is never trimmed
+/// past what the segment files and redb durably hold.
+///
+/// Recovery reads each file's run of consecutive records from its start
+/// (stale records of an earlier round have smaller seqs and end a run),
+/// keeps the records past the checkpoint, and replays them in seq order.
+pub(crate) struct Logs {
+    files: [Wal; 2],
+    active: usize,
+    /// The other file holds records up to this seq that no durable commit covers yet.
+    sealed: Option<u64>,
+}
+
+/// A file's run of records: `(seq, payload, where the record ends)`.
+type Run = Vec<(u64, Vec<u8>, u64)>;
+
+/// A damaged log record: the file, and where the record starts.
+pub(crate) type LogDamage = (std::path::PathBuf, u64);
+
+/// What recovery found in the two files.
+pub(crate) struct LogsRecovered {
+    /// Each record past the last checkpoint, in seq order.
+    pub(crate) records: Vec<(u64, Vec<u8>)>,
+    /// Damaged records (file, offset where the record starts).
+    pub(crate) damage: Vec<LogDamage>,
+}
+
+impl Logs {
+    /// The two files of the log whose first file is `path`.
+    pub(crate) fn paths(path: &Path) -> [std::path::PathBuf; 2] {
+        let mut second = path.as_os_str().to_owned();
+        second.push(".1");
+        [path.to_owned(), second.into()]
+    }
+
+    /// Opens (creating) both files and reads the records past checkpoint `checkpointed`.
+    pub(crate) fn open(
+        path: &Path,
+        capacity: u64,
+        sync: bool,
+        checkpointed: u64,
+        faults: Option<FaultPlan>,
+    ) -> StoreResult<(Logs, LogsRecovered)> {
+        let paths = Logs::paths(path);
+        let mut created = false;
+        let mut scans = Vec::with_capacity(2);
+        let mut damage = Vec::new();
+        for path in &paths {
+            created |= !path.exists();
+            let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+            let allocated = file.metadata()?.len();
+            let (run, torn_at) = scan(&file, MAGIC, allocated)?;
+            // Damage after a run the checkpoint already covers ends a round nobody needs.
+            if let Some(at) = torn_at.filter(|_| run.last().is_none_or(|(seq, ..)| *seq > checkpointed)) {
+                damage.push((path.clone(), at));
+            }
+            scans.push((file, allocated, run));
+        }
+        if created {
+            // A new file's name must survive a power loss before records in it count.
+            if let Some(dir) = path.parent() {
+                fault::sync(faults.as_ref(), FaultPoint::LogSync, || File::open(dir)?.sync_all())?;
+            }
+        }
+        // The files holding records past the checkpoint, oldest first.
+        let mut live: Vec<usize> = (0..2).filter(|&i| scans[i].2.iter().any(|(seq, ..)| *seq > checkpointed)).collect();
+        live.sort_by_key(|&i| scans[i].2.iter().find(|(seq, ..)| *seq > checkpointed).map(|(seq, ..)| *seq));
+        let mut records = Vec::new();
+        let mut expected = checkpointed + 1;
+        // Per file: (first seq of its run, where its taken records end, last seq taken).
+        let mut taken: [Option<(u64, u64, u64)>; 2] = [None, None];
+        'files: for &i in &live {
+            let first = scans[i].2.first().map_or(0, |(seq, ..)| *seq);
+            for (seq, payload, end) in std::mem::take(&mut scans[i].2) {
+                if seq <= checkpointed {
+                    continue;
+                }
+                if seq != expected {
+                    tracing::warn!(file = %paths[i].display(), seq, expected, "the log's seqs skip; replaying only what precedes the gap");
+                    break 'files;
+                }
+                records.push((seq, payload));
+                taken[i] = Some((first, end, seq));
+                expected += 1;
+            }
+        }
+        let next_seq = expected;
+        let active = match (taken[0], taken[1]) {
+            (Some(a), Some(b)) => usize::from(b.2 > a.2),
+            (None, Some(_)) => 1,
+            _ => 0,
+        };
+        let other = 1 - active;
+        let sealed = taken[other].map(|(_, _, last)| last);
+        let [(f0, a0, _), (f1, a1, _)]: [(File, u64, Run); 2] =
+            scans.try_into().map_err(|_| corrupt("two log files"))?;
+        let mut files = [(f0, a0), (f1, a1)].map(|(file, allocated)| Wal {
+            file,
+            magic: MAGIC,
+            pos: 0,
+            allocated,
+            capacity,
+            next_seq,
+            last_start: None,
+            round_start: next_seq,
+            sync,
+            faults: faults.clone(),
+        });
+        for i in 0..2 {
+            if let Some((first, end, last)) = taken[i] {
+                let f = &mut files[i];
+                f.pos = end;
+                f.capacity = capacity.max(end);
+                f.round_start = first;
+                f.next_seq = last + 1;
+            }
+        }
+        files[active].next_seq = next_seq;
+        Ok((Logs { files, active, sealed }, LogsRecovered { records, damage }))
+    }
+
+    fn active(&self) -> &Wal {
+        &self.files[self.active]
+    }
+
+    fn active_mut(&mut self) -> &mut Wal {
+        &mut self.files[self.active]
+    }
+
+    /// The seq of the last record written.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.active().last_seq()
+    }
+
+    /// Nothing was written since the last checkpoint.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.active().is_empty() && self.sealed.is_none()
+    }
+
+    /// The active file is more than half full (a checkpoint should start before it fills).
+    pub(crate) fn half_full(&self) -> bool {
+        let f = self.active();
+        f.pos.saturating_mul(2) > f.capacity
+    }
+
+    /// Whether a record of `payload_len` bytes fits in the active file.
+    pub(crate) fn fits(&self, payload_len: usize) -> bool {
+        self.active().fits(payload_len)
+    }
+
+    /// The last seq of the sealed file, which a checkpoint must cover before it is free.
+    pub(crate) fn sealed(&self) -> Option<u64> {
+        self.sealed
+    }
+
+    /// Seals the active file (when it holds records and the other file is
+    /// free); records go to the other file from now on. Returns the seq a
+    /// checkpoint must cover to free the sealed file.
+    pub(crate) fn rotate(&mut self) -> Option<u64> {
+        if self.sealed.is_some() || self.active().is_empty() {
+            return None;
+        }
+        let last = self.last_seq();
+        let next = self.active().next_seq;
+        self.active = 1 - self.active;
+        self.active_mut().continue_from(next);
+        self.sealed = Some(last);
+        Some(last)
+    }
+
+    /// A durable commit covers every seq up to `upto`: a sealed file holding no later seq is free.
+    pub(crate) fn trim(&mut self, upto: u64) {
+        if self.sealed.is_some_and(|s| s <= upto) {
+            self.sealed = None;
+            let other = 1 - self.active;
+            self.files[other].reset();
+        }
+    }
+
+    /// A durable commit covers [`Logs::last_seq`]: both files start over.
+    pub(crate) fn reset(&mut self) {
+        self.sealed = None;
+        let other = 1 - self.active;
+        self.files[other].reset();
+        self.active_mut().reset();
+    }
+
+    pub(crate) fn append(&mut self, payload: &[u8]) -> StoreResult<u64> {
+        self.active_mut().append(payload)
+    }
+
+    pub(crate) fn retract(&mut self) -> StoreResult<()> {
+        self.active_mut().retract()
+    }
+
+    pub(crate) fn probe(&mut self) -> StoreResult<()> {
+        self.active_mut().probe()
+    }
+
+    /// Every record no durable commit covers, in seq order (sealed file first).
+    pub(crate) fn read_back(&self) -> StoreResult<Vec<(u64, Vec<u8>)>> {
+        let mut records = Vec::new();
+        if self.sealed.is_some() {
+            records.extend(self.files[1 - self.active].read_back()?);
+        }
+        records.extend(self.active().read_back()?);
+        Ok(records)
+    }
+}
+
+/// A file's run of consecutive records from its start (whatever seq it
+/// starts at), each with where it ends, and where a damaged record ends it.
+fn scan(file: &File, magic: &[u8; 4], allocated: u64) -> StoreResult<(Run, Option<u64>)> {
+    let mut run: Run = Vec::new();
+    let mut pos = 0u64;
+    loop {
+        match read_record(file, magic, pos, allocated)? {
+            Read::Record(seq, payload, len) if run.last().is_none_or(|(last, ..)| seq == last + 1) => {
+                pos += len;
+                run.push((seq, payload, pos));
+            }
+            Read::Record(..) | Read::End => return Ok((run, None)),
+            Read::Damaged => return Ok((run, Some(pos))),
+        }
     }
 }
 
@@ -631,6 +873,95 @@ mod tests {
         assert!(wal.is_empty());
         wal.append(&[0; 80]).unwrap();
         assert!(!wal.is_empty());
+    }
+
+    fn seqs(records: &[(u64, Vec<u8>)]) -> Vec<u64> {
+        records.iter().map(|(s, _)| *s).collect()
+    }
+
+    #[test]
+    fn records_in_both_files_are_recovered_in_seq_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("streams.wal");
+        let (mut logs, rec) = Logs::open(&path, 1 << 20, true, 0, None).unwrap();
+        assert!(rec.records.is_empty());
+        for i in 0..3u8 {
+            logs.append(&[i; 10]).unwrap();
+        }
+        assert_eq!(logs.rotate(), Some(3), "the first file is sealed at seq 3");
+        assert_eq!(logs.rotate(), None, "no second seal while the first is not checkpointed");
+        logs.append(&[3; 10]).unwrap();
+        logs.append(&[4; 10]).unwrap();
+        assert_eq!(seqs(&logs.read_back().unwrap()), vec![1, 2, 3, 4, 5]);
+        drop(logs);
+        // A crash before the checkpoint: both files are replayed, the sealed one first.
+        let (logs, rec) = Logs::open(&path, 1 << 20, true, 0, None).unwrap();
+        assert_eq!(seqs(&rec.records), vec![1, 2, 3, 4, 5]);
+        assert_eq!(rec.records[3].1, vec![3u8; 10]);
+        assert_eq!((logs.last_seq(), logs.sealed()), (5, Some(3)));
+        drop(logs);
+        // A crash after the checkpoint covering the sealed file: only the active file's records.
+        let (mut logs, rec) = Logs::open(&path, 1 << 20, true, 3, None).unwrap();
+        assert_eq!(seqs(&rec.records), vec![4, 5]);
+        assert_eq!(logs.sealed(), None);
+        assert_eq!(logs.append(&[5; 10]).unwrap(), 6);
+    }
+
+    #[test]
+    fn a_freed_file_is_reused_and_its_stale_records_never_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("streams.wal");
+        let (mut logs, _) = Logs::open(&path, 1 << 20, true, 0, None).unwrap();
+        for _ in 0..4 {
+            logs.append(&[1; 100]).unwrap();
+        }
+        assert_eq!(logs.rotate(), Some(4));
+        logs.append(&[2; 10]).unwrap();
+        logs.trim(4);
+        assert_eq!(logs.sealed(), None);
+        assert_eq!(logs.rotate(), Some(5), "the second file is sealed; the first, free, takes records again");
+        assert_eq!(logs.append(&[3; 10]).unwrap(), 6);
+        drop(logs);
+        // Checkpoint 4 is durable: seq 5 (second file) and 6 (first file, before its stale records).
+        let (mut logs, rec) = Logs::open(&path, 1 << 20, true, 4, None).unwrap();
+        assert_eq!(rec.records, vec![(5, vec![2u8; 10]), (6, vec![3u8; 10])]);
+        assert!(rec.damage.is_empty());
+        assert_eq!(logs.sealed(), Some(5));
+        assert_eq!(logs.append(&[4; 10]).unwrap(), 7, "records go on in the file that held the last one");
+        logs.reset();
+        assert!(logs.is_empty());
+    }
+
+    #[test]
+    fn a_data_dir_with_one_log_file_opens_with_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("streams.wal");
+        let (mut wal, _) = Wal::open(&path, 1 << 20, true, 0, None).unwrap();
+        wal.append(&[1; 10]).unwrap();
+        wal.append(&[2; 10]).unwrap();
+        drop(wal);
+        let (mut logs, rec) = Logs::open(&path, 1 << 20, true, 1, None).unwrap();
+        assert_eq!(rec.records, vec![(2, vec![2u8; 10])]);
+        assert_eq!(logs.append(&[3; 10]).unwrap(), 3);
+        assert!(Logs::paths(&path)[1].exists());
+    }
+
+    #[test]
+    fn a_torn_record_in_the_second_file_is_reported_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("streams.wal");
+        let (mut logs, _) = Logs::open(&path, 1 << 20, true, 0, None).unwrap();
+        logs.append(&[1; 50]).unwrap();
+        logs.rotate();
+        logs.append(&[2; 50]).unwrap();
+        logs.append(&[3; 50]).unwrap();
+        drop(logs);
+        let second = &Logs::paths(&path)[1];
+        let file = std::fs::OpenOptions::new().write(true).open(second).unwrap();
+        file.write_all_at(&[9], (HEADER + 50 + HEADER + 3) as u64).unwrap();
+        let (_, rec) = Logs::open(&path, 1 << 20, true, 0, None).unwrap();
+        assert_eq!(seqs(&rec.records), vec![1, 2]);
+        assert_eq!(rec.damage, vec![(second.clone(), (HEADER + 50) as u64)]);
     }
 
     proptest! {

@@ -19,8 +19,8 @@ use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
-use super::segments::Segments;
-use super::wal::{Op, Wal};
+use super::segments::{DirtySet, Segments};
+use super::wal::{LogDamage, Logs, Op};
 use super::{
     now_ms, Command, EmbeddedConfig, Shared, StreamEntry, BLOB_REFS, COUNTERS, MARKS, PRODUCERS, ROW_ENDS_APPEND,
     STREAMS,
@@ -239,21 +239,22 @@ impl<'t> Tables<'t> {
 const WAL_SEQ: &str = "wal_seq";
 
 /// Opens the log beside `db` and replays what it holds past the last
-/// checkpoint. Returns the log, ready for new records, and whether it
-/// replayed anything (the writer's first tick then checkpoints it).
+/// checkpoint. Returns the log, ready for new records, whether it replayed
+/// anything (the writer's first tick then checkpoints it), and the damaged
+/// records found (file, offset).
 pub(crate) fn recover(
     db: &Database,
     segments: &Segments,
     path: &std::path::Path,
     config: &EmbeddedConfig,
-) -> StoreResult<(Wal, bool, Option<u64>)> {
+) -> StoreResult<(Logs, bool, Vec<LogDamage>)> {
     let checkpointed = checkpointed_seq(db)?;
-    let (wal, recovered) = Wal::open(path, config.wal_bytes, config.durable, checkpointed, config.fault_plan.clone())?;
+    let (wal, recovered) = Logs::open(path, config.wal_bytes, config.durable, checkpointed, config.fault_plan.clone())?;
     replay(db, segments, &recovered.records)?;
     if let Some((last, _)) = recovered.records.last() {
         tracing::info!(records = recovered.records.len(), last_seq = *last, "replayed the write-ahead log");
     }
-    Ok((wal, !recovered.records.is_empty(), recovered.torn_at))
+    Ok((wal, !recovered.records.is_empty(), recovered.damage))
 }
 
 /// The last log record a durable commit covers.
@@ -282,7 +283,7 @@ pub(crate) struct ShortSegment {
 pub(crate) fn reconcile_segments(
     db: &Database,
     segments: &Segments,
-    wal: &mut Wal,
+    wal: &mut Logs,
     state: &mut WriterState,
 ) -> StoreResult<Vec<ShortSegment>> {
     let mut short = Vec::new();
@@ -368,7 +369,11 @@ fn replay(db: &Database, segments: &Segments, records: &[(u64, Vec<u8>)]) -> Sto
 /// sync) or by a durable redb commit, the checkpoint, which also lets the log
 /// start over. Without a log every commit is a checkpoint.
 pub(crate) struct Journal {
-    wal: Option<Wal>,
+    wal: Option<Logs>,
+    /// The checkpoint thread (started by `run`), which syncs segment files beside the writer.
+    syncer: Option<Syncer>,
+    /// The seq the checkpoint in progress covers (its segment syncs are running).
+    in_flight: Option<u64>,
     durable: bool,
     interval: std::time::Duration,
     last_checkpoint: Instant,
@@ -381,9 +386,11 @@ pub(crate) struct Journal {
 }
 
 impl Journal {
-    pub(crate) fn new(wal: Wal, config: &EmbeddedConfig, replayed: bool) -> Journal {
+    pub(crate) fn new(wal: Logs, config: &EmbeddedConfig, replayed: bool) -> Journal {
         Journal {
             wal: (config.wal_bytes > 0).then_some(wal),
+            syncer: None,
+            in_flight: None,
             durable: config.durable,
             interval: config.checkpoint_interval,
             last_checkpoint: Instant::now(),
@@ -392,10 +399,48 @@ impl Journal {
         }
     }
 
-    /// Something is logged and only the log holds it, for longer than the interval (or a checkpoint is forced).
+    /// Something is logged and only the log holds it, for longer than the
+    /// interval (or a checkpoint is forced, or the active log file is half full).
     fn checkpoint_due(&self) -> bool {
-        self.wal.as_ref().is_some_and(|w| !w.is_empty())
-            && (self.force || self.last_checkpoint.elapsed() >= self.interval)
+        self.wal.as_ref().is_some_and(|w| {
+            !w.is_empty() && (self.force || self.last_checkpoint.elapsed() >= self.interval || w.half_full())
+        })
+    }
+
+    /// Starts a checkpoint beside the writer: seals the active log file (or
+    /// retries the sealed one) and hands the segment files written so far to
+    /// the checkpoint thread to sync. `finish_checkpoint` completes it.
+    fn start_checkpoint(&mut self, shared: &Shared) -> bool {
+        if self.in_flight.is_some() {
+            return false;
+        }
+        let (Some(wal), Some(syncer)) = (self.wal.as_mut(), self.syncer.as_ref()) else {
+            return false;
+        };
+        let Some(upto) = wal.sealed().or_else(|| wal.rotate()) else {
+            return false;
+        };
+        let set = shared.segments.take_dirty();
+        if let Err(std::sync::mpsc::SendError(job)) = syncer.jobs.send(SyncJob { upto, set }) {
+            // The checkpoint thread is gone (it panicked): the synchronous checkpoints still work.
+            tracing::error!("the checkpoint thread is gone; checkpoints run on the writer");
+            shared.segments.restore(job.set);
+            self.syncer = None;
+            return false;
+        }
+        self.in_flight = Some(upto);
+        self.last_checkpoint = Instant::now();
+        self.force = false;
+        true
+    }
+
+    /// Seals a full active log file so the batch's record goes to the other
+    /// one, when that one is free (and writes are not failing).
+    fn make_room(&mut self, shared: &Shared, record_len: usize) {
+        if !shared.health.is_failing() && self.wal.as_ref().is_some_and(|w| !w.fits(record_len) && w.sealed().is_none())
+        {
+            self.start_checkpoint(shared);
+        }
     }
 
     /// A batch whose record the log cannot take commits durably to redb itself.
@@ -403,6 +448,117 @@ impl Journal {
         match &self.wal {
             None => true,
             Some(wal) => !wal.fits(record_len),
+        }
+    }
+}
+
+/// The checkpoint thread: syncs the segment files a checkpoint covers while
+/// the writer goes on appending (each sync is an `fdatasync` per file
+/// written since the last checkpoint: with 1,000 live streams, a thousand of
+/// them a second, which the writer used to wait for).
+struct Syncer {
+    jobs: std::sync::mpsc::Sender<SyncJob>,
+    done: Receiver<SyncDone>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct SyncJob {
+    upto: u64,
+    set: DirtySet,
+}
+
+struct SyncDone {
+    upto: u64,
+    result: StoreResult<()>,
+}
+
+impl Syncer {
+    fn spawn(shared: Arc<Shared>) -> std::io::Result<Syncer> {
+        let (jobs, rx) = std::sync::mpsc::channel::<SyncJob>();
+        let (tx, done) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new().name("attache-checkpoint".into()).spawn(move || {
+            for job in rx {
+                // On error the files not synced are dirty again (`sync_set`).
+                let result = shared.segments.sync_set(job.set);
+                if tx.send(SyncDone { upto: job.upto, result }).is_err() {
+                    break;
+                }
+            }
+        })?;
+        Ok(Syncer { jobs, done, thread: Some(thread) })
+    }
+
+    fn stop(mut self) {
+        let Syncer { jobs, thread, .. } = &mut self;
+        drop(std::mem::replace(jobs, std::sync::mpsc::channel().0));
+        if let Some(thread) = thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the checkpoint thread panicked");
+            }
+        }
+    }
+}
+
+/// Completes the checkpoint in progress once its segment syncs are done
+/// (`wait`: block until they are): one durable redb commit recording the
+/// sealed log file's last seq, which frees that file. Without `wait`, returns
+/// at once when the syncs still run.
+fn finish_checkpoint(shared: &Shared, journal: &mut Journal, state: &mut WriterState, wait: bool) {
+    let Some(syncer) = journal.syncer.as_ref() else {
+        return;
+    };
+    if journal.in_flight.is_none() {
+        return;
+    }
+    let done = if wait {
+        syncer.done.recv().ok()
+    } else {
+        match syncer.done.try_recv() {
+            Ok(done) => Some(done),
+            Err(std::sync::mpsc::TryRecvError::Empty) => return,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+        }
+    };
+    journal.in_flight = None;
+    let Some(SyncDone { upto, result }) = done else {
+        tracing::error!("the checkpoint thread is gone; checkpoints run on the writer");
+        journal.syncer = None;
+        return;
+    };
+    if let Err(err) = result {
+        tracing::warn!(%err, "checkpoint: a segment file cannot sync; the log still holds every acknowledged batch");
+        shared.health.fail(Source::Segment, &err);
+        return;
+    }
+    if wait {
+        // A synchronous checkpoint follows and covers everything.
+        return;
+    }
+    let committed = (|| -> StoreResult<()> {
+        let db = shared.db()?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Storage(e.to_string()))?;
+        txn.set_quick_repair(true);
+        txn.open_table(COUNTERS)?.insert(WAL_SEQ, upto)?;
+        txn.commit()?;
+        Ok(())
+    })();
+    match committed {
+        Ok(()) => {
+            if let Some(wal) = journal.wal.as_mut() {
+                wal.trim(upto);
+            }
+        }
+        Err(err) => {
+            tracing::warn!(%err, "checkpoint failed; the log still holds every acknowledged batch");
+            shared.health.fail(Source::Db, &err);
+            if err.is_io() {
+                journal.lost = Some(err);
+                match reopen(shared, journal) {
+                    Ok(fresh) => *state = fresh,
+                    Err(err) => tracing::warn!(%err, "the stream database cannot be reopened yet"),
+                }
+            }
         }
     }
 }
@@ -485,6 +641,12 @@ pub(crate) fn run(
     // The writer wakes at least every second: the probe of a failing disk runs on its tick.
     let probe_interval = config.checkpoint_interval.min(std::time::Duration::from_secs(1));
     let wait = config.sweep_interval.min(probe_interval);
+    if journal.wal.is_some() {
+        match Syncer::spawn(shared.clone()) {
+            Ok(syncer) => journal.syncer = Some(syncer),
+            Err(err) => tracing::error!(%err, "cannot start the checkpoint thread; checkpoints run on the writer"),
+        }
+    }
     loop {
         let first = match rx.recv_timeout(wait) {
             Ok(cmd) => Some(cmd),
@@ -510,12 +672,18 @@ pub(crate) fn run(
             }
         }
         // A checkpoint commits on its own: what it makes durable is already in
-        // the log, so when it fails no caller does. While writes are failing,
-        // it is also the probe that finds the disk writable again.
-        let probe = shared.health.is_failing() && last_probe.elapsed() >= probe_interval;
-        if journal.checkpoint_due() || probe {
+        // the log, so when it fails no caller does. Its segment syncs run on
+        // the checkpoint thread while batches go on into the other log file.
+        // While writes are failing, it runs here instead, as the probe that
+        // finds the disk writable again.
+        finish_checkpoint(&shared, &mut journal, &mut state, false);
+        let failing = shared.health.is_failing();
+        let probe = failing && last_probe.elapsed() >= probe_interval;
+        if (failing || journal.syncer.is_none()) && (journal.checkpoint_due() || probe) {
             last_probe = Instant::now();
             run_checkpoint(&shared, &mut journal, &mut state);
+        } else if !failing && journal.checkpoint_due() {
+            journal.start_checkpoint(&shared);
         }
         if let Some(err) = &journal.lost {
             shared.health.fail(Source::Db, err);
@@ -536,16 +704,21 @@ pub(crate) fn run(
     // A clean stop leaves nothing for the next start to replay.
     journal.force = true;
     if journal.checkpoint_due() && journal.lost.is_none() {
-        if let Err(err) = checkpoint(&shared, &mut journal) {
+        if let Err(err) = checkpoint(&shared, &mut journal, &mut state) {
             tracing::error!(%err, "final checkpoint failed; the log will be replayed at the next start");
         }
+    }
+    if let Some(syncer) = journal.syncer.take() {
+        syncer.stop();
     }
     tracing::debug!("writer stopped");
 }
 
 /// Makes everything logged durable in redb (one durable commit holding only
 /// `wal_seq`), then lets the log start over.
-fn checkpoint(shared: &Shared, journal: &mut Journal) -> StoreResult<()> {
+fn checkpoint(shared: &Shared, journal: &mut Journal, state: &mut WriterState) -> StoreResult<()> {
+    // A checkpoint in progress hands its files back if it failed; this one syncs everything.
+    finish_checkpoint(shared, journal, state, true);
     // The segment files first: once redb says the log is redundant, they must hold every byte it held.
     if let Err(err) = shared.segments.sync_dirty() {
         shared.health.fail(Source::Segment, &err);
@@ -571,13 +744,14 @@ fn checkpoint(shared: &Shared, journal: &mut Journal) -> StoreResult<()> {
 
 /// A checkpoint on the writer's tick, and the probe of a failing disk.
 fn run_checkpoint(shared: &Shared, journal: &mut Journal, state: &mut WriterState) {
+    finish_checkpoint(shared, journal, state, true);
     // A segment file that cannot sync leaves the database alone: the log keeps holding its bytes.
     if let Err(err) = shared.segments.sync_dirty() {
         tracing::warn!(%err, "checkpoint: a segment file cannot sync; the log still holds every acknowledged batch");
         shared.health.fail(Source::Segment, &err);
         return;
     }
-    match checkpoint(shared, journal) {
+    match checkpoint(shared, journal, state) {
         Ok(()) => {
             shared.health.recovered(Source::Db);
             shared.health.recovered(Source::Blob);
@@ -749,6 +923,9 @@ fn commit_batch(
         }
         // Each touched stream's metadata is written once per batch, however many appends it took.
         flush_metadata(&mut t, state, &changes)?;
+        // A full active log file is sealed and checkpointed beside the writer
+        // when the other file is free; only when it is not does the batch commit durably.
+        journal.make_room(shared, t.log.len());
         let durable = journal.must_commit_durably(t.log.len());
         if durable {
             if let Some(wal) = &journal.wal {
@@ -801,7 +978,9 @@ fn commit_batch(
         }
     }
     if durable {
-        // A durable commit makes the log redundant: the segment files must hold their bytes first.
+        // A durable commit makes the log redundant: the segment files must hold their bytes first
+        // (those of a checkpoint in progress too: it is waited for, and hands back what failed).
+        finish_checkpoint(shared, journal, state, true);
         if let Err(err) = shared.segments.sync_dirty() {
             let failed = Failed::new(shared, err, Source::Segment, &mut changes);
             fail_batch(replies, txn, failed.err.clone());
