@@ -120,7 +120,7 @@ pub fn schema(method: &str) -> (&'static str, Map<String, Value>) {
             object(json!({ "workerId": s("Worker id"), "maxTasks": int(1, 10, "Ignored: one task per call") }), &["workerId"]),
         ),
         "task.complete" => (
-            "Complete an in-progress task; the result is stored as attachment `result`. No result: failed.",
+            "Complete an assigned task (pending or in progress); the result is stored as attachment `result`. No result: failed.",
             object(json!({ "id": s("Task id"), "taskId": s("Task id (alias)"), "workerId": s("Worker id"), "result": {} }), &[]),
         ),
         "task.delete" => ("Delete a task.", object(json!({ "id": s("Task id") }), &["id"])),

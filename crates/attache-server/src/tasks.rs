@@ -1193,17 +1193,7 @@ async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskR
     let (entity, task) = task_for(state, who, task_id, Permission::Write, Missing::TaskColon)?;
     let incarnation = entity.incarnation.as_deref();
     let next = if failed { Status::Failed } else { Status::Completed };
-    if !task.status.may_become(next) || task.status != Status::InProgress {
-        return Err(illegal(task_id, task.status, next));
-    }
-    if let (Some(w), Some(a)) = (&worker, &task.assigned_to) {
-        if w != a {
-            return Err(TaskError::rejected(
-                format!("Task {task_id} is assigned to {a}, not {w}"),
-                json!({ "taskId": task_id, "currentAssignment": a }),
-            ));
-        }
-    }
+    may_complete(task_id, &task, next, worker.as_deref())?;
     if let (false, Some(value)) = (failed, &result) {
         let input = AttachmentInput {
             task_id: task_id.to_owned(),
@@ -1221,11 +1211,9 @@ async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskR
     let cell = state.tasks.cell(task_id);
     let guard = cell.order.write().await;
     let now = now_ms();
-    let (id, stored) = (task_id.to_owned(), if failed { None } else { result });
+    let (id, stored, by) = (task_id.to_owned(), if failed { None } else { result }, worker.clone());
     let task = change_task(state, task_id, incarnation, move |t| {
-        if t.status != Status::InProgress {
-            return Err(illegal(&id, t.status, next));
-        }
+        may_complete(&id, t, next, by.as_deref())?;
         t.status = next;
         t.error = failed.then(|| "No result provided".to_owned());
         t.result = stored;
@@ -1238,13 +1226,37 @@ async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskR
         "task.completed",
         task_id,
         json!({ "id": task_id, "status": next.as_str(), "duration": now - task.created_at }),
-        json!({ "completedBy": worker.clone().unwrap_or_else(|| who.to_string()) }),
+        // As ClaudeBench: the worker named, else the assignee.
+        json!({ "completedBy": worker.clone().or_else(|| task.assigned_to.clone()).unwrap_or_else(|| who.to_string()) }),
     );
     let written = write_task(state, task_id, incarnation, vec![], vec![event], false).await;
     drop(guard);
     written.await?;
     drop(cell);
     Ok(json!({ "id": task_id, "status": next.as_str(), "completedAt": timestamp(now) }))
+}
+
+/// ClaudeBench's rule for `task.complete`: the task has an assignee and is
+/// not final, so an assigned task completes whether it is still `pending`
+/// (`task.assign` leaves it there) or `in_progress` (claimed). A worker,
+/// when given, must be the assignee.
+fn may_complete(task_id: &str, task: &TaskRecord, next: Status, worker: Option<&str>) -> TaskResult<()> {
+    if task.status.is_final() {
+        return Err(illegal(task_id, task.status, next));
+    }
+    let Some(assignee) = &task.assigned_to else {
+        return Err(TaskError::rejected(
+            format!("Task {task_id} is not assigned"),
+            json!({ "taskId": task_id, "status": task.status.as_str() }),
+        ));
+    };
+    match worker {
+        Some(w) if w != assignee => Err(TaskError::rejected(
+            format!("Task {task_id} is assigned to {assignee}, not {w}"),
+            json!({ "taskId": task_id, "currentAssignment": assignee }),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Marks the task deleted (a tombstone keeps its grants, so readers of the
@@ -1830,7 +1842,8 @@ async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     let now = now_ms();
     let row = Row::Delete { row_key: ManifestEntry::row_key(&entry.id) };
     let event = Event::new(
-        "task.attachment_deleted",
+        // ClaudeBench's delete handler emits this type (with a dot), its create handler `task.attachment_created`.
+        "task.attachment.deleted",
         task_id,
         json!({ "taskId": task_id, "key": key, "attachmentId": entry.id }),
         json!({ "deletedBy": who.to_string(), "deletedAt": timestamp(now) }),

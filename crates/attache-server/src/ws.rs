@@ -374,7 +374,10 @@ mod tests {
         assert!(matches("task.*", "task.attachment_created"));
         assert!(matches("*", "task.created"));
         assert!(matches("task.attachment_created", "task.attachment_created"));
-        assert!(!matches("task.attachment_created", "task.attachment_deleted"));
+        assert!(!matches("task.attachment_created", "task.attachment.deleted"));
+        // ClaudeBench's two attachment types differ in their separator: one prefix does not cover both.
+        assert!(matches("task.attachment.*", "task.attachment.deleted"));
+        assert!(!matches("task.attachment.*", "task.attachment_created"));
         assert!(!matches("task.created", "task.created.more"));
     }
 }

@@ -60,7 +60,7 @@ async fn a_late_subscriber_reads_every_event_from_the_start() {
             "task.assigned",
             "task.unassigned",
             "task.attachment_created",
-            "task.attachment_deleted",
+            "task.attachment.deleted",
             "task.claimed",
             "task.attachment_created",
             "task.completed",
@@ -268,6 +268,31 @@ async fn websocket_subscribers_get_matching_events_of_readable_tasks() {
 
     bob.send(Message::Text(json!({"action": "ping"}).to_string().into())).await.unwrap();
     assert_eq!(ws_next(&mut bob).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn deleting_an_attachment_publishes_task_attachment_deleted_as_claudebench_does() {
+    let s = TestServer::start().await;
+    let mut ws = ws_connect(&s, ALICE).await;
+    // ClaudeBench's names: `task.attachment_created` on create, `task.attachment.deleted` on delete.
+    let events = json!({"action": "subscribe", "events": ["task.attachment_created", "task.attachment.*"]});
+    ws.send(Message::Text(events.to_string().into())).await.unwrap();
+    assert_eq!(ws_next(&mut ws).await["type"], "subscribed");
+    let t = create_task(&s, ALICE, "deleted", 50).await;
+    let a =
+        ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "notes", "type": "text", "content": "x"}))
+            .await;
+    let deleted = ok(&s, ALICE, "task.delete_attachment", json!({"taskId": t, "key": "notes"})).await;
+    assert_eq!(deleted["deleted"], true);
+
+    let created = ws_next(&mut ws).await;
+    assert_eq!(created["event"], "task.attachment_created");
+    let gone = ws_next(&mut ws).await;
+    assert_eq!(gone["event"], "task.attachment.deleted");
+    assert_eq!(gone["data"]["payload"], json!({"taskId": t, "key": "notes", "attachmentId": a["id"]}));
+
+    let (_, all, _) = read_events(&s, ALICE, &[("offset", "-1"), ("taskId", t.as_str())]).await;
+    assert_eq!(types(&all), ["task.created", "task.attachment_created", "task.attachment.deleted"]);
 }
 
 #[tokio::test]

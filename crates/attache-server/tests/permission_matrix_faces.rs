@@ -237,7 +237,7 @@ enum Setup {
     Pending,
     /// Assigned to the cell's own worker (`task.unassign`, `task.claim`).
     Assigned,
-    /// In progress (`task.complete`).
+    /// Assigned to the cell's own worker and in progress (`task.complete`).
     InProgress,
 }
 
@@ -486,6 +486,8 @@ impl Matrix {
                 self.ok(owner, "task.assign", json!({"taskId": id, "instanceId": &worker})).await;
             }
             Setup::InProgress => {
+                // As a claim leaves it: assigned, then in progress (task.complete needs an assignee).
+                self.ok(owner, "task.assign", json!({"taskId": id, "instanceId": &worker})).await;
                 self.ok(owner, "task.update", json!({"id": id, "updates": {"status": "in_progress"}})).await;
             }
         }

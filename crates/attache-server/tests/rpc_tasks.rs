@@ -711,7 +711,8 @@ async fn illegal_status_transitions_are_rejected() {
     assert_eq!(e["code"], -32602);
     assert_eq!(e["data"], json!({"taskId": t, "status": "pending", "requested": "completed"}));
     let e = err(&s, ALICE, "task.complete", json!({"id": t, "result": 1})).await;
-    assert_eq!(e["code"], -32602, "a pending task cannot complete");
+    assert_eq!(e["code"], -32602, "an unassigned pending task cannot complete");
+    assert_eq!(e["message"], format!("Task {t} is not assigned"));
     ok(&s, ALICE, "task.update", json!({"id": t, "updates": {"status": "in_progress"}})).await;
     ok(&s, ALICE, "task.update", json!({"id": t, "updates": {"status": "completed"}})).await;
     for next in ["pending", "in_progress", "failed", "completed"] {
@@ -794,6 +795,46 @@ async fn complete_checks_the_worker_and_keeps_falsy_results() {
     assert_eq!(e["code"], -32602, "completing twice");
     let e = err(&s, ALICE, "task.complete", json!({})).await;
     assert_eq!(e["data"]["validation"], "Either 'id' or 'taskId' must be provided");
+}
+
+#[tokio::test]
+async fn complete_on_an_assigned_pending_task_is_accepted_as_claudebench_does() {
+    // ClaudeBench's task.complete contract test: create, assign (the task stays pending), complete.
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "assigned, not claimed", 50).await;
+    ok(&s, ALICE, "task.assign", json!({"taskId": t, "instanceId": "worker-complete-test"})).await;
+    assert_eq!(ok(&s, ALICE, "task.get", json!({"id": t})).await["status"], "pending");
+    let e = err(&s, ALICE, "task.complete", json!({"id": t, "workerId": "someone-else", "result": 1})).await;
+    assert_eq!((e["code"].as_i64(), &e["data"]["currentAssignment"]), (Some(-32602), &json!("worker-complete-test")));
+    let r = ok(&s, ALICE, "task.complete", json!({"id": t, "result": {"success": true}})).await;
+    assert_eq!(r["status"], "completed");
+    let row = ok(&s, ALICE, "task.get", json!({"id": t})).await;
+    assert_eq!((row["status"].as_str(), row["result"]["success"].as_bool()), (Some("completed"), Some(true)));
+    assert_eq!(err(&s, ALICE, "task.complete", json!({"id": t, "result": 2})).await["code"], -32602, "twice");
+    // The event names the assignee as the one who completed it, as ClaudeBench's does.
+    let events = s
+        .client
+        .get(s.url("/_attache/events"))
+        .query(&[("offset", "-1"), ("taskId", t.as_str())])
+        .header("electric-principal", ALICE)
+        .send()
+        .await
+        .unwrap()
+        .json::<Vec<Value>>()
+        .await
+        .unwrap();
+    let completed = events.iter().find(|e| e["type"] == "task.completed").expect("a task.completed event");
+    assert_eq!(completed["metadata"]["completedBy"], "worker-complete-test");
+
+    // Without a result it fails, as ClaudeBench's "should fail task without result".
+    let f = create_task(&s, ALICE, "fails", 50).await;
+    ok(&s, ALICE, "task.assign", json!({"taskId": f, "instanceId": "worker-complete-test"})).await;
+    let r = ok(&s, ALICE, "task.complete", json!({"id": f, "workerId": "worker-complete-test"})).await;
+    assert_eq!(r["status"], "failed");
+    // An unassigned task cannot complete.
+    let u = create_task(&s, ALICE, "unassigned", 50).await;
+    let e = err(&s, ALICE, "task.complete", json!({"id": u, "result": 1})).await;
+    assert_eq!((e["code"].as_i64(), e["data"]["status"].as_str()), (Some(-32602), Some("pending")));
 }
 
 // ---- permissions ----
