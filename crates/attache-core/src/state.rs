@@ -59,16 +59,18 @@ impl ChangeEvent {
 /// The collections (row `type`s) of an entity's main stream that only the
 /// server writes, through the routes that validate them: the manifest of
 /// attachments, the inbox, the entity's lifecycle rows, the task face's
-/// events, the signals sent to it, and the names kept for the coming tags and grant routes.
+/// events, the signals sent to it, its tags (`POST`/`DELETE .../tags/:key`), and the name kept for grant rows.
 /// A client request never writes these, whoever it claims to be.
 pub const SERVER_OWNED_COLLECTIONS: &[&str] =
-    &[crate::manifest::MANIFEST, INBOX, ENTITY_CREATED, ENTITY_STOPPED, EVENT, SIGNAL, "tags", "grant"];
+    &[crate::manifest::MANIFEST, INBOX, ENTITY_CREATED, ENTITY_STOPPED, EVENT, SIGNAL, TAGS, "grant"];
 
 pub const INBOX: &str = "inbox";
 pub const ENTITY_CREATED: &str = "entity_created";
 pub const ENTITY_STOPPED: &str = "entity_stopped";
 /// Signals sent to the entity (`POST .../signal`), one row each.
 pub const SIGNAL: &str = "signal";
+/// The entity's tags, one row per tag (key: the tag's key; value `{key, value}`), as Electric writes them.
+pub const TAGS: &str = "tags";
 /// The task face's events, one row per event on the task's main stream.
 pub const EVENT: &str = "event";
 

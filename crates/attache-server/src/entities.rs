@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use attache_core::entity::{Signal, SignalEffect};
-use attache_core::state::{timestamp, ChangeEvent, ENTITY_CREATED, ENTITY_STOPPED, INBOX, SIGNAL};
+use attache_core::state::{timestamp, ChangeEvent, ENTITY_CREATED, ENTITY_STOPPED, INBOX, SIGNAL, TAGS};
 use attache_core::{EntityUrl, ExpiresAt, GrantSubject, Permission, PrincipalKey, Propagation};
 use attache_storage::{CreateStream, EntityRecord, GrantRecord, NewGrant, StoreError};
 use axum::body::Body;
@@ -484,10 +484,14 @@ pub struct ListQuery {
     limit: Option<String>,
     #[serde(default)]
     offset: Option<String>,
+    /// `KEY:VALUE` (that tag with that value) or `KEY` (that tag, any value).
+    #[serde(default)]
+    tag: Option<String>,
 }
 
 /// GET /_electric/entities: a JSON array of the entities the caller may read,
-/// newest first; `limit` (1-1000, default 100) and `offset` page through it,
+/// newest first, filtered by `type`, `status` and `tag` (`KEY:VALUE`, or `KEY`
+/// for any value); `limit` (1-1000, default 100) and `offset` page through it,
 /// and `X-Total-Count` / `X-Next-Offset` say how many there are and where the next page starts.
 pub async fn list(
     State(state): State<AppState>,
@@ -511,6 +515,11 @@ pub async fn list(
         .entities(q.entity_type.as_deref())
         .into_iter()
         .filter(|e| q.status.as_deref().is_none_or(|s| e.status == s))
+        .filter(|e| match q.tag.as_deref().map(|t| t.split_once(':').unwrap_or((t, ""))) {
+            None => true,
+            Some((key, "")) => e.tags.contains_key(key),
+            Some((key, value)) => e.tags.get(key).is_some_and(|v| v == value),
+        })
         .filter(|e| may(&state, &who, e, Permission::Read))
         .collect();
     let total = visible.len();
@@ -662,4 +671,114 @@ pub async fn remove_grant(
         return Err(ApiError::not_found("Grant not found"));
     }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagBody {
+    value: Value,
+}
+
+fn tag_key(raw: &str) -> ApiResult<String> {
+    if raw.is_empty() || raw.len() > 128 || raw.chars().any(char::is_control) {
+        return Err(ApiError::bad_request("tag keys are 1 to 128 bytes, no control characters"));
+    }
+    Ok(raw.to_owned())
+}
+
+/// POST /_electric/entities/{type}/{id}/tags/{key} `{"value":"..."}` [write]:
+/// sets a tag, then writes it as Electric does, a `tags` row (`insert` for a
+/// new key, `update` for a changed value) on the main stream. The same value
+/// again changes nothing and writes nothing. Answers the entity (with `txid`
+/// when a row was written).
+pub async fn set_tag(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id, key)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    let key = tag_key(&key)?;
+    let body: TagBody = json_body(&headers, body).await?;
+    let Value::String(value) = body.value else {
+        return Err(ApiError::bad_request("Tag values must be strings"));
+    };
+    let entity = entity_for(&state, &who, &url, Permission::Write)?;
+    change_tag(&state, &entity, key, Some(value)).await
+}
+
+/// DELETE /_electric/entities/{type}/{id}/tags/{key} [write]: removes a tag
+/// (a `tags` `delete` row); removing an absent tag changes nothing.
+pub async fn delete_tag(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id, key)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    let key = tag_key(&key)?;
+    let entity = entity_for(&state, &who, &url, Permission::Write)?;
+    change_tag(&state, &entity, key, None).await
+}
+
+async fn change_tag(
+    state: &AppState,
+    entity: &EntityRecord,
+    key: String,
+    value: Option<String>,
+) -> ApiResult<Response> {
+    if !entity.is_running() {
+        return Err(not_running());
+    }
+    // Exclusive: two tag writes land in the registry and on the stream in one order.
+    let _life = state.lives.exclusive(&entity.url).await;
+    let Some(current) = state.registry.entity(&entity.url).filter(|now| now.incarnation == entity.incarnation) else {
+        return Err(entity_not_found(&entity.url));
+    };
+    if !current.is_running() {
+        return Err(not_running());
+    }
+    let previous = current.tags.get(&key).cloned();
+    if previous == value {
+        return Ok(Json(entity_json(&current)).into_response());
+    }
+    if let Some(v) = &value {
+        let mut tags = current.tags.clone();
+        tags.insert(key.clone(), v.clone());
+        let max = state.config.max_entity_data_bytes;
+        if json_size(&current.args) + json_size(&Some(tags)) > max {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "ENTITY_DATA_TOO_LARGE",
+                format!("args and tags are at most {max} bytes of JSON together (max_entity_data_bytes)"),
+            ));
+        }
+    }
+    let now = now_ms();
+    let (k, v) = (key.clone(), value.clone());
+    let updated = state
+        .registry
+        .update_entity(
+            &entity.url,
+            Box::new(move |e| {
+                match v {
+                    Some(v) => e.tags.insert(k, v),
+                    None => e.tags.remove(&k),
+                };
+                e.updated_at_ms = now;
+                Ok(())
+            }),
+        )
+        .await?;
+    let txid = new_txid();
+    let at = timestamp(now);
+    let row = match (&previous, &value) {
+        (_, None) => ChangeEvent::delete(TAGS, &key, &txid, &at),
+        (None, Some(v)) => ChangeEvent::insert(TAGS, &key, json!({ "key": key, "value": v }), &txid, &at),
+        (Some(_), Some(v)) => ChangeEvent::update(TAGS, &key, json!({ "key": key, "value": v }), &txid, &at),
+    };
+    append_rows(state.store.as_ref(), &format!("{}/main", entity.url), &[row], false).await?;
+    let mut out = entity_json(&updated);
+    out["txid"] = json!(txid);
+    Ok(Json(out).into_response())
 }

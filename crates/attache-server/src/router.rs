@@ -71,7 +71,7 @@ pub fn build(state: AppState) -> Router {
         // Entities (Electric Agents wire format). Permission in brackets, as Electric's
         // route table has it; 404 when the caller holds nothing on the entity, 403
         // when it holds some grant but not this permission (`access::entity_for`).
-        // GET /_electric/entities: the entities the caller may read [read, per entity]
+        // GET /_electric/entities: the entities the caller may read [read, per entity]; ?type, status, tag, limit, offset
         .route("/_electric/entities", get(entities::list))
         // PUT spawn [any principal] · GET/HEAD [read] · DELETE stop, ?purge=true deletes [delete]
         .route(
@@ -82,6 +82,11 @@ pub fn build(state: AppState) -> Router {
         .route("/_electric/entities/{entity_type}/{instance_id}/send", post(entities::send))
         // POST a signal [signal]: SIGKILL/SIGTERM stop (as DELETE); SIGINT/SIGHUP/SIGUSR recorded; SIGSTOP/SIGCONT 400
         .route("/_electric/entities/{entity_type}/{instance_id}/signal", post(entities::signal))
+        // POST set a tag `{"value"}` · DELETE remove it [write]: a `tags` row on the main stream
+        .route(
+            "/_electric/entities/{entity_type}/{instance_id}/tags/{tag_key}",
+            post(entities::set_tag).delete(entities::delete_tag),
+        )
         // GET list, POST add [manage]
         .route(
             "/_electric/entities/{entity_type}/{instance_id}/grants",

@@ -998,3 +998,109 @@ async fn grants_take_electrics_verbs_propagation_and_copy_to_children_and_answer
     }
     assert_eq!(registry_snapshot(&ts).await, before, "refused grants changed nothing");
 }
+
+/// The `tags` rows of an entity's main stream, as `(operation, key, value)`.
+async fn tag_rows(ts: &TestServer, entity: &str) -> Vec<(String, String, Value)> {
+    rows_as(ts, &format!("{entity}/main"), Some(SAM))
+        .await
+        .into_iter()
+        .filter(|r| r["type"] == "tags")
+        .map(|r| {
+            let op = r["headers"]["operation"].as_str().unwrap_or("").to_owned();
+            (op, r["key"].as_str().unwrap_or("").to_owned(), r["value"].clone())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn tags_are_set_and_removed_as_rows_on_the_main_stream_and_filter_the_list() {
+    let server = TestServer::start().await;
+    let ts = &server;
+    let tagged = "/chat/tagged";
+    let res = as_principal(ts.request(Method::PUT, &api(tagged)), Some(SAM))
+        .json(&json!({"tags": {"project": "demo"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    spawn(ts, Some(SAM), "/chat/other").await;
+    let tag = |method: Method, entity: &str, key: &str, body: Option<Value>| {
+        let rb = as_principal(ts.request(method, &format!("{}/tags/{key}", api(entity))), Some(SAM));
+        match body {
+            Some(b) => rb.json(&b),
+            None => rb,
+        }
+        .send()
+    };
+
+    let set = tag(Method::POST, tagged, "color", Some(json!({"value": "red"}))).await.unwrap();
+    assert_eq!(set.status(), StatusCode::OK);
+    let set: Value = set.json().await.unwrap();
+    assert_eq!(set["tags"], json!({"project": "demo", "color": "red"}));
+    assert!(set["txid"].is_string(), "{set}");
+    tag(Method::POST, tagged, "color", Some(json!({"value": "blue"}))).await.unwrap();
+    let again: Value =
+        tag(Method::POST, tagged, "color", Some(json!({"value": "blue"}))).await.unwrap().json().await.unwrap();
+    assert!(again.get("txid").is_none(), "the same value writes nothing: {again}");
+    let removed: Value = tag(Method::DELETE, tagged, "project", None).await.unwrap().json().await.unwrap();
+    assert_eq!(removed["tags"], json!({"color": "blue"}));
+    let absent = tag(Method::DELETE, tagged, "never", None).await.unwrap();
+    assert_eq!(absent.status(), StatusCode::OK);
+    tag(Method::POST, "/chat/other", "color", Some(json!({"value": "red"}))).await.unwrap();
+
+    // As Electric writes them: collection `tags`, key the tag's key, value {key, value}.
+    assert_eq!(
+        tag_rows(ts, tagged).await,
+        vec![
+            ("insert".into(), "color".into(), json!({"key": "color", "value": "red"})),
+            ("update".into(), "color".into(), json!({"key": "color", "value": "blue"})),
+            ("delete".into(), "project".into(), Value::Null),
+        ]
+    );
+    assert_eq!(get_as(ts, Some(SAM), tagged).await.1["tags"], json!({"color": "blue"}));
+
+    // The list filters by tag (KEY:VALUE, or KEY for any value), with type and paging.
+    let list = |query: &'static str| async move {
+        let res = as_principal(ts.request(Method::GET, &format!("/_electric/entities?{query}")), Some(SAM))
+            .send()
+            .await
+            .unwrap();
+        let total = header(&res, "x-total-count");
+        let urls: Vec<String> =
+            res.json::<Vec<Value>>().await.unwrap().iter().map(|e| e["url"].as_str().unwrap().to_owned()).collect();
+        (urls, total)
+    };
+    assert_eq!(list("tag=color:blue").await.0, [tagged]);
+    assert_eq!(list("tag=color:red").await.0, ["/chat/other"]);
+    let (any, total) = list("type=chat&tag=color&limit=1").await;
+    assert_eq!((any.len(), total.as_deref()), (1, Some("2")));
+    assert!(list("tag=project").await.0.is_empty());
+    let (ann_sees, _) = {
+        let res =
+            as_principal(ts.request(Method::GET, "/_electric/entities?tag=color"), Some(ANN)).send().await.unwrap();
+        (res.json::<Vec<Value>>().await.unwrap(), ())
+    };
+    assert!(ann_sees.is_empty(), "the list holds only what the caller may read");
+
+    // Bad input changes nothing.
+    let before = tag_rows(ts, tagged).await;
+    let (status, _, body) =
+        error_of(tag(Method::POST, tagged, "color", Some(json!({"value": 3}))).await.unwrap()).await;
+    assert_eq!(
+        (status, body["error"]["message"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("Tag values must be strings"))
+    );
+    let (status, _, _) = error_of(tag(Method::POST, tagged, "color", Some(json!({"val": "x"}))).await.unwrap()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let res = as_principal(ts.request(Method::POST, &format!("{}/tags/color", api(tagged))), Some(ANN))
+        .json(&json!({"value": "green"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "ann holds nothing on it");
+    as_principal(ts.request(Method::DELETE, &api(tagged)), Some(SAM)).send().await.unwrap();
+    let (status, code, _) =
+        error_of(tag(Method::POST, tagged, "color", Some(json!({"value": "x"}))).await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "NOT_RUNNING"));
+    assert_eq!(tag_rows(ts, tagged).await, before);
+}

@@ -255,6 +255,8 @@ const ENTITY_ROUTES: &[Route] = &[
         201,
     ),
     route("DELETE", "{api}/grants/{grant}", Empty, Rule::Entity(Manage), 204),
+    route("POST", "{api}/tags/color", Json(r#"{"value":"red"}"#), Rule::Entity(Write), 200),
+    route("DELETE", "{api}/tags/color", Empty, Rule::Entity(Write), 200),
     route("GET", "/_electric/entities?type=matrix&limit=1000", Empty, Rule::List, 200),
 ];
 
