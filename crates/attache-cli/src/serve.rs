@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// Most event patterns one /ws connection holds; a subscribe past it is refused with -32602 [default: 100]
     #[arg(long, env = "ATTACHE_WS_MAX_PATTERNS")]
     ws_max_patterns: Option<usize>,
+    /// Most bytes of a refused request's unread body read and discarded so the client can read the refusal;
+    /// past it (or declared larger) the answer closes the connection [default: 134217728, 128 MiB]
+    #[arg(long, env = "ATTACHE_REFUSED_BODY_DRAIN_BYTES")]
+    refused_body_drain_bytes: Option<u64>,
     /// Largest header block of one multipart part, in bytes; past it an upload is refused with 400 [default: 8192]
     #[arg(long, env = "ATTACHE_MULTIPART_MAX_PART_HEADER_BYTES")]
     multipart_max_part_header_bytes: Option<usize>,
@@ -147,6 +151,7 @@ struct FileConfig {
     rpc_max_batch: Option<usize>,
     ws_max_message_bytes: Option<usize>,
     ws_max_patterns: Option<usize>,
+    refused_body_drain_bytes: Option<u64>,
     multipart_max_part_header_bytes: Option<usize>,
     multipart_max_fields: Option<usize>,
     mcp_session_idle_ttl: Option<String>,
@@ -222,6 +227,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     }
     if let Some(n) = args.ws_max_message_bytes.or(file.ws_max_message_bytes) {
         config.ws_max_message_bytes = n;
+    }
+    if let Some(n) = args.refused_body_drain_bytes.or(file.refused_body_drain_bytes) {
+        config.refused_body_drain_bytes = n;
     }
     if let Some(n) = args.ws_max_patterns.or(file.ws_max_patterns) {
         config.ws_max_patterns = n;

@@ -40,6 +40,11 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// Largest WebSocket message on `/ws`, all its fragments together (close 1009 beyond).
     pub ws_max_message_bytes: usize,
+    /// How much of a refused request's unread body is read and discarded so
+    /// the client can read the refusal (`drain`); past it, `Connection: close`.
+    pub refused_body_drain_bytes: u64,
+    /// How long that draining may take.
+    pub refused_body_drain_time: Duration,
     /// Most event patterns one `/ws` connection holds (a subscribe past it: -32602).
     pub ws_max_patterns: usize,
     /// Largest header block of one multipart part (and preamble), read before refusing (400).
@@ -168,6 +173,8 @@ impl ServerConfig {
             redis_url: None,
             store: StoreConfig::Embedded,
             ws_max_message_bytes: 1 << 20,
+            refused_body_drain_bytes: 128 << 20,
+            refused_body_drain_time: Duration::from_secs(30),
             ws_max_patterns: 100,
             multipart_max_part_header_bytes: 8 << 10,
             multipart_max_fields: 64,

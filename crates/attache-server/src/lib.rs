@@ -8,6 +8,7 @@ pub mod attachments;
 pub mod auth;
 pub mod config;
 pub mod conn;
+pub mod drain;
 pub mod entities;
 pub mod error;
 pub mod events;

@@ -118,6 +118,8 @@ pub fn build(state: AppState) -> Router {
         .fallback(stream_route)
         // Host and Origin rules, then encoded separators, before anything else runs (`origin`).
         .layer(axum::middleware::from_fn_with_state(state.clone(), origin::guard))
+        // Outermost: a refusal's unread request body is drained so ordinary clients read the answer (`drain`).
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::drain::drain_refused))
         .with_state(state)
 }
 
