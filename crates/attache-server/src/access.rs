@@ -38,14 +38,14 @@ pub fn may(state: &AppState, who: &PrincipalKey, entity: &EntityRecord, wanted: 
 /// on the entity: the entity does not exist for it) or 403 (it holds
 /// something, not this permission). The route table in `router.rs` says which
 /// permission each route wants (Electric's: a write-only principal may upload).
-pub fn entity_for(
+pub async fn entity_for(
     state: &AppState,
     who: &PrincipalKey,
     url: &EntityUrl,
     wanted: Permission,
 ) -> ApiResult<EntityRecord> {
     let key = url.to_string();
-    let entity = state.registry.entity(&key).ok_or_else(|| entity_not_found(&key))?;
+    let entity = state.registry.entity(&key).await.ok_or_else(|| entity_not_found(&key))?;
     let grants = state.registry.grants(&entity.url);
     let grants = grants.iter().map(|g| (&g.subject, g.permission, g.expires_at_ms));
     match access(who, Some(&entity.created_by), grants, wanted, now_ms()) {
@@ -137,8 +137,8 @@ impl Drop for Life {
 
 /// Is `record`'s life still the one at its URL (same incarnation; purged and
 /// spawned again, by anyone, it is another entity)?
-pub fn same_incarnation(state: &AppState, record: &EntityRecord) -> bool {
-    state.registry.entity_shared(&record.url).is_some_and(|now| now.incarnation == record.incarnation)
+pub async fn same_incarnation(state: &AppState, record: &EntityRecord) -> bool {
+    state.registry.entity_shared(&record.url).await.is_some_and(|now| now.incarnation == record.incarnation)
 }
 
 /// Holds the life of the entity `record` was read from, shared, for a write
@@ -147,7 +147,7 @@ pub fn same_incarnation(state: &AppState, record: &EntityRecord) -> bool {
 pub async fn hold_life(state: &AppState, record: &EntityRecord) -> ApiResult<Life> {
     crate::pause::at(state, crate::pause::ENTITY_WRITE).await;
     let life = state.lives.shared(&record.url).await;
-    if !same_incarnation(state, record) {
+    if !same_incarnation(state, record).await {
         return Err(entity_not_found(&record.url));
     }
     Ok(life)

@@ -271,7 +271,7 @@ pub async fn settle(state: &AppState, entity: &EntityUrl, id: &str) {
     }
     // The upload's stream is derived, never taken from the row.
     let path = entity.attachment_stream(id);
-    match state.store.head(&path) {
+    match state.store.head(&path).await {
         Ok(info) if info.closed => match &info.blob {
             Some(blob) => {
                 let mut done = entry;
@@ -360,7 +360,7 @@ pub async fn upload(
     body: Body,
 ) -> ApiResult<Response> {
     let entity = entity_url(&entity_type, &instance_id)?;
-    let record = entity_for(&state, &who, &entity, Permission::Write)?;
+    let record = entity_for(&state, &who, &entity, Permission::Write).await?;
     if !record.is_running() {
         return Err(not_running());
     }
@@ -544,7 +544,7 @@ async fn entry_for(
     id: &str,
     wanted: Permission,
 ) -> ApiResult<ManifestEntry> {
-    entity_for(state, who, entity, wanted)?;
+    entity_for(state, who, entity, wanted).await?;
     let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
     view.manifest.get(id).cloned().ok_or_else(not_found)
 }
@@ -556,7 +556,7 @@ pub async fn list(
     Path((entity_type, instance_id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let entity = entity_url(&entity_type, &instance_id)?;
-    entity_for(&state, &who, &entity, Permission::Read)?;
+    entity_for(&state, &who, &entity, Permission::Read).await?;
     let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
     let mut entries: Vec<std::borrow::Cow<ManifestEntry>> =
         view.manifest.values().map(|e| as_listed(&entity, e)).collect();
@@ -648,7 +648,7 @@ pub async fn read(
     if entry.status != AttachmentStatus::Complete {
         return Err(ApiError::new(StatusCode::CONFLICT, "NOT_COMPLETE", "Attachment is not complete"));
     }
-    let info = state.store.head(&path).map_err(|_| not_found())?;
+    let info = state.store.head(&path).await.map_err(|_| not_found())?;
     let len = info.tail;
     // The content hash the store keeps for stored blobs; the row's only for resumable uploads.
     let sha256 = info.blob.as_ref().map(|b| b.sha256.as_str()).or(entry.sha256.as_deref());
@@ -719,6 +719,7 @@ async fn body_for(state: &AppState, info: &StreamInfo, start: u64, end: u64) -> 
             let want = ((end - pos) as usize).min(1 << 20);
             let batch = store
                 .read(&path, ReadFrom::At(attache_core::Offset(pos)), want)
+                .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             let mut bytes = batch.body;
             bytes.truncate(want);
@@ -740,7 +741,7 @@ pub async fn delete(
     Path((entity_type, instance_id, id)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
     let entity = entity_url(&entity_type, &instance_id)?;
-    let record = entity_for(&state, &who, &entity, Permission::Write)?;
+    let record = entity_for(&state, &who, &entity, Permission::Write).await?;
     let entry = {
         let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
         view.manifest.get(&id).cloned().ok_or_else(not_found)?
@@ -796,7 +797,7 @@ pub async fn begin_resumable(
     let entity = entity_url(&entity_type, &instance_id)?;
     validate_attachment_id(&id)?;
     let body: ResumableBody = json_body(&headers, body).await?;
-    let record = entity_for(&state, &who, &entity, Permission::Write)?;
+    let record = entity_for(&state, &who, &entity, Permission::Write).await?;
     if !record.is_running() {
         return Err(not_running());
     }
@@ -821,7 +822,7 @@ pub async fn begin_resumable(
         if let Some(existing) = view.manifest.get(&id) {
             let same_upload = existing.status == AttachmentStatus::Pending
                 && existing.created_by.as_deref() == Some(who.url().as_str())
-                && state.store.head(&path).is_ok_and(|i| !i.closed);
+                && state.store.head(&path).await.is_ok_and(|i| !i.closed);
             if same_upload {
                 let mut existing = existing.clone();
                 existing.stream_path = path.clone();
@@ -872,14 +873,14 @@ pub async fn finalize(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResu
     // A resumable upload's bytes are at the attachment's own stream, whatever the row says.
     validate_attachment_id(id)?;
     let path = entity.attachment_stream(id);
-    let info = state.store.head(&path)?;
+    let info = state.store.head(&path).await?;
     if !info.closed {
         return Ok(Some(entry));
     }
     let mut hasher = Sha256::new();
     let mut pos = 0;
     while pos < info.tail {
-        let batch = state.store.read(&path, ReadFrom::At(attache_core::Offset(pos)), 4 << 20)?;
+        let batch = state.store.read(&path, ReadFrom::At(attache_core::Offset(pos)), 4 << 20).await?;
         hasher.update(&batch.body);
         if batch.next.0 <= pos {
             break;
@@ -942,7 +943,7 @@ async fn expire_uploads(state: &AppState, expiry: std::time::Duration) {
     let open: Vec<(String, OpenUpload)> = state.uploads.1.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let deadline = now_ms() - i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX);
     for (path, upload) in open {
-        let info = match state.store.head(&path) {
+        let info = match state.store.head(&path).await {
             Ok(info) if !info.closed => info,
             // Closed (completed) or gone: nothing to expire.
             _ => {
@@ -992,8 +993,8 @@ fn humanize(d: std::time::Duration) -> String {
 }
 
 /// Checks that an append to a resumable attachment stream stays within the size limit.
-pub fn check_append_size(state: &AppState, path: &str, body_len: usize) -> ApiResult<()> {
-    if let Ok(info) = state.store.head(path) {
+pub async fn check_append_size(state: &AppState, path: &str, body_len: usize) -> ApiResult<()> {
+    if let Ok(info) = state.store.head(path).await {
         if info.tail + body_len as u64 > state.config.max_attachment_bytes {
             return Err(too_large(state.config.max_attachment_bytes));
         }

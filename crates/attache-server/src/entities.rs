@@ -153,7 +153,7 @@ pub async fn spawn_entity(
     extra: Option<Value>,
 ) -> ApiResult<(EntityRecord, bool, String)> {
     let key = url.to_string();
-    if let Some(existing) = state.registry.entity(&key) {
+    if let Some(existing) = state.registry.entity(&key).await {
         return if existing.created_by == who.url() {
             Ok((existing, false, String::new()))
         } else {
@@ -264,7 +264,7 @@ pub async fn get_entity(
     Path((entity_type, instance_id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let url = entity_url(&entity_type, &instance_id)?;
-    let entity = entity_for(&state, &who, &url, Permission::Read)?;
+    let entity = entity_for(&state, &who, &url, Permission::Read).await?;
     Ok(Json(entity_json(&entity)).into_response())
 }
 
@@ -288,11 +288,11 @@ pub async fn stop(
         Some("true") => true,
         Some(other) => return Err(ApiError::bad_request(format!("purge must be true or false, got {other:?}"))),
     };
-    let entity = entity_for(&state, &who, &url, Permission::Delete)?;
+    let entity = entity_for(&state, &who, &url, Permission::Delete).await?;
     // The life checked above, and only it: a purge and a new spawn meanwhile
     // (by anyone) made the URL another entity, which this request may not touch.
     let life = state.lives.exclusive(&entity.url).await;
-    if !same_incarnation(&state, &entity) {
+    if !same_incarnation(&state, &entity).await {
         return Err(entity_not_found(&entity.url));
     }
     let txid = stop_entity(&state, &who, &entity).await?;
@@ -378,7 +378,7 @@ pub async fn signal(
     let body: serde_json::Map<String, Value> = json_body(&headers, body).await?;
     let body: SignalBody = serde_json::from_value(Value::Object(body))
         .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))?;
-    let entity = entity_for(&state, &who, &url, Permission::Signal)?;
+    let entity = entity_for(&state, &who, &url, Permission::Signal).await?;
     let name = body.signal.ok_or_else(|| invalid_signal(format!("signal is required: {}", Signal::NAMES)))?;
     let sig = Signal::parse(&name).map_err(|e| invalid_signal(e.to_string()))?;
     let effect = sig.effect();
@@ -454,7 +454,7 @@ pub async fn purge_entity(state: &AppState, url: &EntityUrl) -> ApiResult<()> {
 async fn purge_held(state: &AppState, url: &EntityUrl, _life: &Life) -> ApiResult<()> {
     let prefix = format!("{url}/attachments/");
     loop {
-        let batch = state.store.list_prefix(&prefix, 256);
+        let batch = state.store.list_prefix(&prefix, 256).await;
         if batch.is_empty() {
             break;
         }
@@ -626,7 +626,7 @@ pub async fn send(
 ) -> ApiResult<Response> {
     let url = entity_url(&entity_type, &instance_id)?;
     let body: SendBody = json_body(&headers, body).await?;
-    let entity = entity_for(&state, &who, &url, Permission::Write)?;
+    let entity = entity_for(&state, &who, &url, Permission::Write).await?;
     let (key, txid) =
         send_message(&state, &who, &entity, body.payload.unwrap_or(Value::Null), body.key, body.message_type).await?;
     Ok((StatusCode::OK, Json(json!({ "txid": txid, "key": key }))).into_response())
@@ -638,7 +638,7 @@ pub async fn list_grants(
     Path((entity_type, instance_id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let url = entity_url(&entity_type, &instance_id)?;
-    let entity = entity_for(&state, &who, &url, Permission::Manage)?;
+    let entity = entity_for(&state, &who, &url, Permission::Manage).await?;
     let grants: Vec<Value> = state.registry.grants(&entity.url).iter().map(grant_json).collect();
     Ok(Json(json!({ "grants": grants })).into_response())
 }
@@ -652,7 +652,7 @@ pub async fn add_grant(
 ) -> ApiResult<Response> {
     let url = entity_url(&entity_type, &instance_id)?;
     let body: GrantBody = json_body(&headers, body).await?;
-    let entity = entity_for(&state, &who, &url, Permission::Manage)?;
+    let entity = entity_for(&state, &who, &url, Permission::Manage).await?;
     let grant = body.into_new(&entity.url, &who)?;
     let stored = state.registry.add_grant(grant).await?;
     Ok((StatusCode::CREATED, Json(grant_json(&stored))).into_response())
@@ -666,7 +666,7 @@ pub async fn remove_grant(
     let url = entity_url(&entity_type, &instance_id)?;
     let id =
         grant_id.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| ApiError::bad_request("Invalid grant id"))?;
-    let entity = entity_for(&state, &who, &url, Permission::Manage)?;
+    let entity = entity_for(&state, &who, &url, Permission::Manage).await?;
     if !state.registry.remove_grant(&entity.url, id).await? {
         return Err(ApiError::not_found("Grant not found"));
     }

@@ -72,8 +72,8 @@ pub struct Batch {
 /// Reads committed events from `from`. Each event gets the offset just past
 /// it (JSON messages take `len + 1` positions; when a batch does not add up,
 /// only its last event is stamped, with the batch's end).
-pub fn read(store: &dyn StreamStore, from: Offset, max_bytes: usize) -> Result<Batch, StoreError> {
-    let batch = store.read(EVENTS_PATH, ReadFrom::At(from), max_bytes)?;
+pub async fn read(store: &dyn StreamStore, from: Offset, max_bytes: usize) -> Result<Batch, StoreError> {
+    let batch = store.read(EVENTS_PATH, ReadFrom::At(from), max_bytes).await?;
     let messages = batch.messages();
     let adds_up = batch.start.0 + messages.iter().map(|c| c.len() as u64 + 1).sum::<u64>() == batch.next.0;
     let mut pos = batch.start.0;
@@ -112,7 +112,18 @@ impl<'a> Visibility<'a> {
         Visibility { state, who, seen: HashMap::new() }
     }
 
-    pub fn may_see(&mut self, event: &Value) -> bool {
+    /// The events of `events` that `keep` wants and the caller may see, in order.
+    pub async fn filter(&mut self, events: Vec<Value>, keep: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut out = Vec::with_capacity(events.len());
+        for event in events {
+            if keep(&event) && self.may_see(&event).await {
+                out.push(event);
+            }
+        }
+        out
+    }
+
+    pub async fn may_see(&mut self, event: &Value) -> bool {
         if self.who.is_built_in_system() {
             return true;
         }
@@ -123,6 +134,7 @@ impl<'a> Visibility<'a> {
                 .state
                 .registry
                 .entity_shared(&url)
+                .await
                 .filter(|entity| may(self.state, self.who, entity, Permission::Read))
                 .map(|entity| Incarnation { id: entity.incarnation.clone(), created_at_ms: entity.created_at_ms });
             self.seen.insert(task_id.to_owned(), readable);
@@ -154,10 +166,10 @@ pub fn of_incarnation(event: &Value, incarnation: Option<&str>, created_at_ms: i
 }
 
 /// Where a reader starts: `-1` the beginning, `now` the tail, else an offset.
-pub fn start_offset(store: &dyn StreamStore, offset: ReadOffset) -> Result<Offset, StoreError> {
+pub async fn start_offset(store: &dyn StreamStore, offset: ReadOffset) -> Result<Offset, StoreError> {
     Ok(match offset {
         ReadOffset::Start => Offset::ZERO,
-        ReadOffset::Now => store.head(EVENTS_PATH)?.tail_offset(),
+        ReadOffset::Now => store.head(EVENTS_PATH).await?.tail_offset(),
         ReadOffset::At(o) => o,
     })
 }
@@ -222,22 +234,21 @@ pub async fn get_events(
         return Err(ApiError::bad_request("live reads need an offset"));
     }
     let store = state.store.clone();
-    let from = start_offset(store.as_ref(), q.offset)?;
+    let from = start_offset(store.as_ref(), q.offset).await?;
     // Validate the offset before waiting or answering 200.
-    store.read(EVENTS_PATH, ReadFrom::At(from), 0)?;
+    store.read(EVENTS_PATH, ReadFrom::At(from), 0).await?;
     match q.live {
         None => {
             if q.offset == ReadOffset::Now {
                 return Ok(json_response(&[], from, true));
             }
-            let batch = read(store.as_ref(), from, state.config.max_read_bytes)?;
+            let batch = read(store.as_ref(), from, state.config.max_read_bytes).await?;
             let mut vis = Visibility::new(&state, &who);
-            let events: Vec<Value> =
-                batch.events.into_iter().filter(|e| wanted(&q.task_id, e) && vis.may_see(e)).collect();
+            let events = vis.filter(batch.events, |e| wanted(&q.task_id, e)).await;
             Ok(json_response(&events, batch.next, batch.up_to_date))
         }
         Some(false) => long_poll(&state, &who, from, &q.task_id).await,
-        Some(true) => sse(state, who, from, q.task_id),
+        Some(true) => sse(state, who, from, q.task_id).await,
     }
 }
 
@@ -249,14 +260,14 @@ async fn long_poll(
 ) -> ApiResult<Response> {
     let _live = state.metrics.live_reader();
     let store = state.store.clone();
-    let mut signal = store.subscribe(EVENTS_PATH)?;
+    let mut signal = store.subscribe(EVENTS_PATH).await?;
     let deadline = tokio::time::Instant::now() + state.config.long_poll_timeout;
     let mut pos = from;
     loop {
-        let batch = read(store.as_ref(), pos, state.config.max_read_bytes)?;
+        let batch = read(store.as_ref(), pos, state.config.max_read_bytes).await?;
         pos = batch.next;
         let mut vis = Visibility::new(state, who);
-        let events: Vec<Value> = batch.events.into_iter().filter(|e| wanted(task_id, e) && vis.may_see(e)).collect();
+        let events = vis.filter(batch.events, |e| wanted(task_id, e)).await;
         if !events.is_empty() {
             return Ok(json_response(&events, pos, batch.up_to_date));
         }
@@ -266,7 +277,7 @@ async fn long_poll(
         tokio::select! {
             changed = signal.changed() => {
                 if changed.is_err() {
-                    signal = store.subscribe(EVENTS_PATH)?;
+                    signal = store.subscribe(EVENTS_PATH).await?;
                 }
             }
             _ = tokio::time::sleep_until(deadline) => break,
@@ -290,8 +301,8 @@ fn sse_control(next: Offset, up_to_date: bool) -> Bytes {
     sse_event("control", &Value::Object(control).to_string())
 }
 
-fn sse(state: AppState, who: PrincipalKey, from: Offset, task_id: Option<String>) -> ApiResult<Response> {
-    let signal = state.store.subscribe(EVENTS_PATH)?;
+async fn sse(state: AppState, who: PrincipalKey, from: Offset, task_id: Option<String>) -> ApiResult<Response> {
+    let signal = state.store.subscribe(EVENTS_PATH).await?;
     let deadline = tokio::time::Instant::now() + state.config.sse_max_duration;
     let live = state.metrics.live_reader();
     Ok(crate::sse::response(SseReader {
@@ -323,7 +334,7 @@ impl crate::sse::Source for SseReader {
     async fn next(&mut self) -> Option<Bytes> {
         let max_read = self.state.config.max_read_bytes.min(crate::sse::EVENT_BYTES);
         loop {
-            let batch = match read(self.state.store.as_ref(), self.pos, max_read) {
+            let batch = match read(self.state.store.as_ref(), self.pos, max_read).await {
                 Ok(b) => b,
                 Err(err) => {
                     tracing::warn!(%err, "events sse read failed");
@@ -333,8 +344,7 @@ impl crate::sse::Source for SseReader {
             let moved = batch.next != self.pos;
             self.pos = batch.next;
             let mut vis = Visibility::new(&self.state, &self.who);
-            let events: Vec<Value> =
-                batch.events.into_iter().filter(|e| wanted(&self.task_id, e) && vis.may_see(e)).collect();
+            let events = vis.filter(batch.events, |e| wanted(&self.task_id, e)).await;
             let mut out = BytesMut::new();
             if !events.is_empty() {
                 out.extend_from_slice(&sse_event("data", &Value::Array(events).to_string()));
@@ -369,7 +379,7 @@ pub async fn next_events(
     signal: &mut attache_storage::ChangeSignal,
 ) -> Option<Vec<Value>> {
     loop {
-        match read(state.store.as_ref(), *pos, state.config.max_read_bytes) {
+        match read(state.store.as_ref(), *pos, state.config.max_read_bytes).await {
             Ok(batch) => {
                 let advanced = batch.next != *pos;
                 *pos = batch.next;
@@ -388,7 +398,7 @@ pub async fn next_events(
         tokio::select! {
             changed = signal.changed() => {
                 if changed.is_err() {
-                    *signal = state.store.subscribe(EVENTS_PATH).ok()?;
+                    *signal = state.store.subscribe(EVENTS_PATH).await.ok()?;
                 }
             }
             _ = state.shutdown.cancelled() => return None,
@@ -406,8 +416,8 @@ pub fn check_redis_url(url: &str) -> Result<redis::Client, String> {
 /// Events wait (in the durable stream) while Redis is unreachable.
 pub fn start_redis_publisher(state: AppState, client: redis::Client) {
     tokio::spawn(async move {
-        let Ok(mut pos) = state.store.head(EVENTS_PATH).map(|i| i.tail_offset()) else { return };
-        let Ok(mut signal) = state.store.subscribe(EVENTS_PATH) else { return };
+        let Ok(mut pos) = state.store.head(EVENTS_PATH).await.map(|i| i.tail_offset()) else { return };
+        let Ok(mut signal) = state.store.subscribe(EVENTS_PATH).await else { return };
         let mut conn: Option<redis::aio::MultiplexedConnection> = None;
         while let Some(events) = next_events(&state, &mut pos, &mut signal).await {
             for event in events {

@@ -225,11 +225,11 @@ impl Server {
     }
 
     #[doc(hidden)]
-    pub fn memory_counts(&self) -> MemoryCounts {
+    pub async fn memory_counts(&self) -> MemoryCounts {
         let s = &self.state;
         MemoryCounts {
             registry_entities: s.registry.entities(None).len(),
-            streams: s.store.list_prefix("/", usize::MAX).len(),
+            streams: s.store.list_prefix("/", usize::MAX).await.len(),
             views: s.views.len(),
             task_cells: s.tasks.cells_len(),
             tombstones: s.tasks.tombstones_len(),

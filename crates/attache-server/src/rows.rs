@@ -222,7 +222,7 @@ impl Views {
     pub async fn get(&self, store: &dyn StreamStore, main: &str) -> ApiResult<tokio::sync::OwnedMutexGuard<MainView>> {
         let mut view = self.cell(main).lock_owned().await;
         loop {
-            let batch = match store.read(main, ReadFrom::At(attache_core::Offset(view.applied)), 4 << 20) {
+            let batch = match store.read(main, ReadFrom::At(attache_core::Offset(view.applied)), 4 << 20).await {
                 Ok(b) => b,
                 Err(StoreError::NotFound) => {
                     *view = MainView::default();

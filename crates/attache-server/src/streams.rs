@@ -101,14 +101,14 @@ fn stream_headers(headers: &mut HeaderMap, info: &StreamInfo) {
 
 /// Who may touch a stream path: entity-owned streams follow the entity's
 /// permissions; plain streams belong to their creator.
-fn authorize(state: &AppState, who: &PrincipalKey, method: &Method, path: &StreamPath) -> ApiResult<()> {
+async fn authorize(state: &AppState, who: &PrincipalKey, method: &Method, path: &StreamPath) -> ApiResult<()> {
     if let Some((entity, which)) = EntityUrl::owning(path.as_str()) {
         let wanted = match *method {
             Method::POST | Method::PUT => Permission::Write,
             Method::DELETE => Permission::Delete,
             _ => Permission::Read,
         };
-        let record = entity_for(state, who, &entity, wanted)?;
+        let record = entity_for(state, who, &entity, wanted).await?;
         if matches!(*method, Method::POST | Method::PUT) && !record.is_running() {
             return Err(not_running());
         }
@@ -127,7 +127,7 @@ fn authorize(state: &AppState, who: &PrincipalKey, method: &Method, path: &Strea
         }
         return Ok(());
     }
-    match state.store.head(path.as_str()) {
+    match state.store.head(path.as_str()).await {
         Ok(info) if !owns_stream(who, &info) => {
             if *method == Method::PUT {
                 Err(ApiError::new(
@@ -216,7 +216,7 @@ pub async fn dispatch(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let mut result = authorize(&state, &who, &method, &path);
+    let mut result = authorize(&state, &who, &method, &path).await;
     if let (Ok(()), Some((entity, which))) = (&result, EntityUrl::owning(path.as_str())) {
         result = entity_stream_rules(&state, &method, &entity, &which, &Req(&headers)).await;
     }
@@ -226,7 +226,7 @@ pub async fn dispatch(
             Method::PUT => put(&state, &who, &path, &headers, body).await,
             Method::POST => post(&state, &path, &headers, body).await,
             Method::GET => get(&state, &path, query.as_deref(), &headers).await,
-            Method::HEAD => head(&state, &path),
+            Method::HEAD => head(&state, &path).await,
             Method::DELETE => delete(&state, &path).await,
             _ => Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -276,7 +276,7 @@ async fn put(
             source: {
                 let source = StreamPath::new(source)?;
                 // Forking reads the source: the caller must be able to read it.
-                authorize(state, who, &Method::GET, &source).map_err(|e| match e.status {
+                authorize(state, who, &Method::GET, &source).await.map_err(|e| match e.status {
                     StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => ApiError::from(StoreError::ForkSourceNotFound),
                     _ => e,
                 })?;
@@ -342,7 +342,7 @@ async fn post(state: &AppState, path: &StreamPath, headers: &HeaderMap, body: Bo
         _ => None,
     };
     if attachment.is_some() {
-        crate::attachments::check_append_size(state, path.as_str(), body.len())?;
+        crate::attachments::check_append_size(state, path.as_str(), body.len()).await?;
     }
     let outcome = state
         .store
@@ -379,8 +379,8 @@ async fn post(state: &AppState, path: &StreamPath, headers: &HeaderMap, body: Bo
     Ok(res)
 }
 
-fn head(state: &AppState, path: &StreamPath) -> ApiResult<Response> {
-    let info = state.store.head(path.as_str())?;
+async fn head(state: &AppState, path: &StreamPath) -> ApiResult<Response> {
+    let info = state.store.head(path.as_str()).await?;
     let mut res = StatusCode::OK.into_response();
     let hm = res.headers_mut();
     stream_headers(hm, &info);
@@ -454,10 +454,10 @@ fn cursor_for(echoed: Option<&str>) -> Cursor {
 async fn get(state: &AppState, path: &StreamPath, query: Option<&str>, headers: &HeaderMap) -> ApiResult<Response> {
     let q = parse_query(query)?;
     match q.live {
-        None => catch_up(state, path, &q, headers),
+        None => catch_up(state, path, &q, headers).await,
         Some(_) if !q.offset_given => Err(ApiError::bad_request("live reads need an offset")),
         Some(Live::LongPoll) => long_poll(state, path, &q).await,
-        Some(Live::Sse) => sse(state, path, &q),
+        Some(Live::Sse) => sse(state, path, &q).await,
     }
 }
 
@@ -483,8 +483,8 @@ fn read_headers(hm: &mut HeaderMap, batch: &ReadBatch) {
     }
 }
 
-fn catch_up(state: &AppState, path: &StreamPath, q: &ReadQuery, headers: &HeaderMap) -> ApiResult<Response> {
-    let batch = state.store.read(path.as_str(), read_from(q.offset), state.config.max_read_bytes)?;
+async fn catch_up(state: &AppState, path: &StreamPath, q: &ReadQuery, headers: &HeaderMap) -> ApiResult<Response> {
+    let batch = state.store.read(path.as_str(), read_from(q.offset), state.config.max_read_bytes).await?;
     if q.offset == ReadOffset::Now {
         let body = if batch.json { Bytes::from_static(b"[]") } else { Bytes::new() };
         let mut res = Response::new(Body::from(body));
@@ -517,17 +517,17 @@ fn catch_up(state: &AppState, path: &StreamPath, q: &ReadQuery, headers: &Header
 
 async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiResult<Response> {
     let store = &state.store;
-    let mut signal = store.subscribe(path.as_str())?;
+    let mut signal = store.subscribe(path.as_str()).await?;
     store.touch(path.as_str());
     let from = match q.offset {
-        ReadOffset::Now => store.head(path.as_str())?.tail_offset(),
+        ReadOffset::Now => store.head(path.as_str()).await?.tail_offset(),
         ReadOffset::Start => Offset::ZERO,
         ReadOffset::At(o) => o,
     };
     let deadline = tokio::time::Instant::now() + state.config.long_poll_timeout;
     let cursor = cursor_for(q.cursor.as_deref());
     loop {
-        let batch = store.read(path.as_str(), ReadFrom::At(from), state.config.max_read_bytes)?;
+        let batch = store.read(path.as_str(), ReadFrom::At(from), state.config.max_read_bytes).await?;
         if !batch.is_empty() {
             let mut res = Response::new(Body::from(batch_body(&batch)));
             let hm = res.headers_mut();
@@ -550,14 +550,14 @@ async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiRes
             changed = signal.changed() => {
                 if changed.is_err() {
                     // The stream was removed; the next read says so (or finds its successor).
-                    signal = store.subscribe(path.as_str())?;
+                    signal = store.subscribe(path.as_str()).await?;
                 }
             }
             _ = tokio::time::sleep_until(deadline) => break,
             _ = state.shutdown.cancelled() => break,
         }
     }
-    let info = store.head(path.as_str())?;
+    let info = store.head(path.as_str()).await?;
     let mut res = StatusCode::NO_CONTENT.into_response();
     let hm = res.headers_mut();
     set(hm, h::STREAM_NEXT_OFFSET, from);
@@ -596,11 +596,11 @@ fn sse_control(next: Offset, cursor: Option<Cursor>, up_to_date: bool, closed: b
     crate::sse::event("control", &serde_json::Value::Object(control).to_string())
 }
 
-fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiResult<Response> {
+async fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiResult<Response> {
     let store = state.store.clone();
-    let signal = store.subscribe(path.as_str())?;
+    let signal = store.subscribe(path.as_str()).await?;
     store.touch(path.as_str());
-    let info = store.head(path.as_str())?;
+    let info = store.head(path.as_str()).await?;
     let base64 = !info.content_type().is_sse_text();
     let pos = match q.offset {
         ReadOffset::Now => info.tail_offset(),
@@ -608,7 +608,7 @@ fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiResult<Response
         ReadOffset::At(o) => o,
     };
     // Validate the offset before answering 200.
-    store.read(path.as_str(), ReadFrom::At(pos), 0)?;
+    store.read(path.as_str(), ReadFrom::At(pos), 0).await?;
     let reader = SseReader {
         store,
         path: path.as_str().to_owned(),
@@ -649,7 +649,7 @@ struct SseReader {
 impl crate::sse::Source for SseReader {
     async fn next(&mut self) -> Option<Bytes> {
         while !self.done {
-            let batch = match self.store.read(&self.path, ReadFrom::At(self.pos), self.max_read) {
+            let batch = match self.store.read(&self.path, ReadFrom::At(self.pos), self.max_read).await {
                 Ok(b) => b,
                 Err(StoreError::NotFound | StoreError::Gone) => return None,
                 Err(err) => {
@@ -674,7 +674,7 @@ impl crate::sse::Source for SseReader {
             tokio::select! {
                 changed = self.signal.changed() => {
                     if changed.is_err() {
-                        self.signal = self.store.subscribe(&self.path).ok()?;
+                        self.signal = self.store.subscribe(&self.path).await.ok()?;
                     }
                 }
                 _ = tokio::time::sleep_until(self.deadline) => return None,

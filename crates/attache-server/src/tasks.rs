@@ -544,7 +544,7 @@ async fn write_task(
     crate::pause::at(state, crate::pause::TASK_WRITE).await;
     let url = format!("/{TASK_TYPE}/{task_id}");
     let life = state.lives.shared(&url).await;
-    if state.registry.entity_shared(&url).is_none_or(|e| e.incarnation.as_deref() != incarnation) {
+    if state.registry.entity_shared(&url).await.is_none_or(|e| e.incarnation.as_deref() != incarnation) {
         return futures::future::Either::Left(futures::future::ready(Err(task_missing(Missing::TaskColon, task_id))));
     }
     let now = now_ms();
@@ -661,14 +661,14 @@ fn task_missing(style: Missing, task_id: &str) -> TaskError {
 }
 
 /// The task `who` may act on with `wanted`; a task it may not read does not exist for it.
-fn task_for(
+async fn task_for(
     state: &AppState,
     who: &PrincipalKey,
     task_id: &str,
     wanted: Permission,
     style: Missing,
 ) -> TaskResult<(Arc<EntityRecord>, TaskRecord)> {
-    let entity = task_entity(state, who, task_id, wanted, style)?;
+    let entity = task_entity(state, who, task_id, wanted, style).await?;
     let task = TaskRecord::of(&entity).ok_or_else(|| task_missing(style, task_id))?;
     Ok((entity, task))
 }
@@ -703,7 +703,7 @@ fn permitted(state: &AppState, who: &PrincipalKey, entity: &EntityRecord, wanted
 
 /// The entity of a live task `who` may act on with `wanted`; a task it may
 /// not read does not exist for it (-32602), one it may read but not change is -32002.
-fn task_entity(
+async fn task_entity(
     state: &AppState,
     who: &PrincipalKey,
     task_id: &str,
@@ -712,7 +712,8 @@ fn task_entity(
 ) -> TaskResult<Arc<EntityRecord>> {
     let missing = || task_missing(style, task_id);
     let url = task_url(task_id).ok_or_else(missing)?;
-    let entity = state.registry.entity_shared(&url.to_string()).filter(|e| is_live_task(e)).ok_or_else(missing)?;
+    let entity =
+        state.registry.entity_shared(&url.to_string()).await.filter(|e| is_live_task(e)).ok_or_else(missing)?;
     match permitted(state, who, &entity, wanted) {
         (false, _) => Err(missing()),
         (true, false) => {
@@ -812,7 +813,7 @@ async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
         None => new_task_id(),
     };
     let url = task_url(&id).ok_or_else(|| TaskError::invalid("id", "invalid task id"))?;
-    if state.registry.entity(&url.to_string()).is_some() {
+    if state.registry.entity(&url.to_string()).await.is_some() {
         return Err(TaskError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })));
     }
     let now = now_ms();
@@ -867,7 +868,7 @@ async fn attachment_count(state: &AppState, task_id: &str) -> TaskResult<usize> 
 
 async fn get(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
     let id = p.string("id", 128)?;
-    let (_, task) = task_for(state, who, id, Permission::Read, Missing::TaskColon)?;
+    let (_, task) = task_for(state, who, id, Permission::Read, Missing::TaskColon).await?;
     let mut row = task.row(id);
     row["attachmentCount"] = json!(attachment_count(state, id).await?);
     Ok(row)
@@ -886,7 +887,7 @@ async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
     let metadata = u.opt_object("metadata")?.cloned();
     let changes: Vec<&str> =
         ["text", "status", "priority", "metadata"].into_iter().filter(|k| updates.contains_key(*k)).collect();
-    let entity = task_entity(state, who, id, Permission::Write, Missing::TaskColon)?;
+    let entity = task_entity(state, who, id, Permission::Write, Missing::TaskColon).await?;
     let incarnation = entity.incarnation.as_deref();
     let cell = state.tasks.cell(id);
     let guard = cell.order.write().await;
@@ -1032,7 +1033,7 @@ async fn list(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResul
 async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
     let task_id = p.string("taskId", 128)?;
     let instance = p.string("instanceId", 256)?.to_owned();
-    let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskColon)?;
+    let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskColon).await?;
     let incarnation = entity.incarnation.as_deref();
     let cell = state.tasks.cell(task_id);
     let guard = cell.order.write().await;
@@ -1076,7 +1077,7 @@ async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
 
 async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
     let task_id = p.string("taskId", 128)?;
-    let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskColon)?;
+    let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskColon).await?;
     let incarnation = entity.incarnation.as_deref();
     let cell = state.tasks.cell(task_id);
     let guard = cell.order.write().await;
@@ -1190,7 +1191,7 @@ async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskR
     let worker = p.opt_string("workerId", 256)?.map(str::to_owned);
     let result = p.get("result").cloned();
     let failed = is_empty_result(result.as_ref());
-    let (entity, task) = task_for(state, who, task_id, Permission::Write, Missing::TaskColon)?;
+    let (entity, task) = task_for(state, who, task_id, Permission::Write, Missing::TaskColon).await?;
     let incarnation = entity.incarnation.as_deref();
     let next = if failed { Status::Failed } else { Status::Completed };
     may_complete(task_id, &task, next, worker.as_deref())?;
@@ -1264,7 +1265,7 @@ fn may_complete(task_id: &str, task: &TaskRecord, next: Status, worker: Option<&
 /// main stream with the `task.deleted` event, and deletes its attachment bytes.
 async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
     let id = p.string("id", 128)?;
-    let entity = task_entity(state, who, id, Permission::Delete, Missing::TaskColon)?;
+    let entity = task_entity(state, who, id, Permission::Delete, Missing::TaskColon).await?;
     let incarnation = entity.incarnation.as_deref();
     let cell = state.tasks.cell(id);
     let _guard = cell.order.write().await;
@@ -1283,7 +1284,7 @@ async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
     );
     write_task(state, id, incarnation, vec![], vec![event], true).await.await?;
     let prefix = format!("/{TASK_TYPE}/{id}/attachments/");
-    for info in state.store.list_prefix(&prefix, usize::MAX) {
+    for info in state.store.list_prefix(&prefix, usize::MAX).await {
         match state.store.delete(&info.path).await {
             Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => {}
             Err(e) => return Err(e.into()),
@@ -1314,10 +1315,10 @@ async fn drop_tombstone(state: &AppState, task_id: &str, incarnation: Option<&st
     let Some(url) = task_url(task_id) else { return Ok(()) };
     let cell = state.tasks.cell(task_id);
     let _guard = cell.order.write().await;
-    let still_this_tombstone = state
-        .registry
-        .entity_shared(&url.to_string())
-        .is_some_and(|e| e.incarnation.as_deref() == incarnation && e.entity_type == TASK_TYPE && !is_live_task(&e));
+    let still_this_tombstone =
+        state.registry.entity_shared(&url.to_string()).await.is_some_and(|e| {
+            e.incarnation.as_deref() == incarnation && e.entity_type == TASK_TYPE && !is_live_task(&e)
+        });
     if still_this_tombstone {
         crate::entities::purge_entity(state, &url).await?;
     }
@@ -1587,7 +1588,7 @@ async fn write_bytes(state: &AppState, who: &PrincipalKey, path: &str, mime: &st
 /// the old type survives. Returns the entry as written.
 async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentInput) -> TaskResult<ManifestEntry> {
     let task_id = input.task_id.as_str();
-    let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskNotFound)?;
+    let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskNotFound).await?;
     if !entity.is_running() {
         return Err(task_missing(Missing::TaskNotFound, task_id));
     }
@@ -1597,7 +1598,11 @@ async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentI
     // A deletion may have finished while we waited for the lock.
     let incarnation = entity.incarnation.as_deref();
     // A deletion may have finished while we waited for the lock (or the task been purged and created anew).
-    if !state.registry.entity_shared(&entity.url).is_some_and(|e| e.is_running() && e.incarnation == entity.incarnation)
+    if !state
+        .registry
+        .entity_shared(&entity.url)
+        .await
+        .is_some_and(|e| e.is_running() && e.incarnation == entity.incarnation)
     {
         drop(shared);
         drop(cell);
@@ -1661,7 +1666,9 @@ async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentI
     };
     if let Some(bytes) = input.data {
         // A new version of the bytes gets its own stream; the old one goes once the row points away from it.
-        if old_bytes.as_deref() == Some(entry.stream_path.as_str()) || state.store.head(&entry.stream_path).is_ok() {
+        if old_bytes.as_deref() == Some(entry.stream_path.as_str())
+            || state.store.head(&entry.stream_path).await.is_ok()
+        {
             let version = radix36(rand::random::<u64>(), BYTES_VERSION_LEN);
             entry.stream_path = versioned_attachment_stream(&url, &id, &version)
                 .ok_or_else(|| TaskError::internal("a bytes version is base-36 digits"))?;
@@ -1716,7 +1723,7 @@ async fn create_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
 
 /// The attachment `key` of a task `who` may read, or `None`.
 async fn find_attachment(state: &AppState, who: &PrincipalKey, task_id: &str, key: &str) -> TaskResult<Option<Value>> {
-    if task_entity(state, who, task_id, Permission::Read, Missing::TaskNotFound).is_err() {
+    if task_entity(state, who, task_id, Permission::Read, Missing::TaskNotFound).await.is_err() {
         return Ok(None);
     }
     let Some(url) = task_url(task_id) else { return Ok(None) };
@@ -1747,7 +1754,7 @@ async fn list_attachments(state: &AppState, who: &PrincipalKey, p: &Params<'_>) 
     let kind = p.opt_enum("type", AttachmentKind::parse, TYPES)?;
     let limit = p.opt_int("limit", 1, 100)?.unwrap_or(50) as usize;
     let offset = p.opt_int("offset", 0, i64::MAX)?.unwrap_or(0) as usize;
-    task_entity(state, who, task_id, Permission::Read, Missing::TaskNotFound)?;
+    task_entity(state, who, task_id, Permission::Read, Missing::TaskNotFound).await?;
     let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
     let mut all: Vec<Value> = keyed(&view, task_id)
         .map(|(key, e)| attachment_json(task_id, key, e))
@@ -1806,10 +1813,11 @@ async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
             json!({ "taskId": task_id, "key": key }),
         )
     };
-    let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskNotFound).map_err(|e| match e {
-        TaskError::Rejected { .. } => not_found(),
-        other => other,
-    })?;
+    let entity =
+        task_entity(state, who, task_id, Permission::Write, Missing::TaskNotFound).await.map_err(|e| match e {
+            TaskError::Rejected { .. } => not_found(),
+            other => other,
+        })?;
     if !entity.is_running() {
         return Err(not_found());
     }
@@ -1817,7 +1825,11 @@ async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     let shared = cell.order.read().await;
     let incarnation = entity.incarnation.as_deref();
     // A deletion may have finished while we waited for the lock (or the task been purged and created anew).
-    if !state.registry.entity_shared(&entity.url).is_some_and(|e| e.is_running() && e.incarnation == entity.incarnation)
+    if !state
+        .registry
+        .entity_shared(&entity.url)
+        .await
+        .is_some_and(|e| e.is_running() && e.incarnation == entity.incarnation)
     {
         drop(shared);
         drop(cell);

@@ -169,8 +169,8 @@ async fn serve(state: AppState, who: PrincipalKey, mut socket: WebSocket) {
     {
         return;
     }
-    let Ok(mut signal) = state.store.subscribe(events::EVENTS_PATH) else { return };
-    let mut pos = match state.store.head(events::EVENTS_PATH) {
+    let Ok(mut signal) = state.store.subscribe(events::EVENTS_PATH).await else { return };
+    let mut pos = match state.store.head(events::EVENTS_PATH).await {
         Ok(info) => info.tail_offset(),
         Err(_) => return,
     };
@@ -235,7 +235,7 @@ async fn serve(state: AppState, who: PrincipalKey, mut socket: WebSocket) {
                 let mut vis = Visibility::new(&state, &who);
                 for event in batch {
                     let kind = event.get("type").and_then(Value::as_str).unwrap_or("").to_owned();
-                    if !patterns.matches(&kind) || !vis.may_see(&event) {
+                    if !patterns.matches(&kind) || !vis.may_see(&event).await {
                         continue;
                     }
                     let push = json!({ "type": "event", "event": kind, "data": event, "timestamp": now_ms() });
@@ -301,9 +301,10 @@ async fn on_message(
                 return vec![error(-32602, "subscribe needs events: an array of strings")];
             };
             if let Some(raw_offset) = msg.get("offset").and_then(Value::as_str) {
-                let parsed = ReadOffset::parse(Some(raw_offset))
-                    .ok()
-                    .and_then(|o| events::start_offset(state.store.as_ref(), o).ok());
+                let parsed = match ReadOffset::parse(Some(raw_offset)) {
+                    Ok(o) => events::start_offset(state.store.as_ref(), o).await.ok(),
+                    Err(_) => None,
+                };
                 match parsed {
                     Some(o) => *pos = o,
                     None => return vec![error(-32602, "offset is not a valid events offset")],

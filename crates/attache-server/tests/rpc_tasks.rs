@@ -1086,11 +1086,11 @@ async fn create_use_and_delete(s: &TestServer, i: usize) {
 async fn deleted_tasks_leave_no_state_in_memory() {
     let s = TestServer::start_with(|c| c.deleted_tasks_kept = 3).await;
     let live = create_task(&s, ALICE, "stays", 50).await;
-    let baseline = s.memory_counts();
+    let baseline = s.memory_counts().await;
     for i in 0..20 {
         create_use_and_delete(&s, i).await;
     }
-    let after = s.memory_counts();
+    let after = s.memory_counts().await;
     assert_eq!(after.task_cells, 0, "no task is being written to: {after:?}");
     assert_eq!(after.tombstones, 3, "only the last deleted_tasks_kept tombstones stay: {after:?}");
     assert_eq!(
@@ -1134,14 +1134,14 @@ async fn the_id_of_a_purged_tombstone_can_be_created_again_without_its_old_event
 #[tokio::test]
 async fn tombstones_past_the_limit_are_purged_at_startup() {
     let mut s = TestServer::start_with(|c| c.deleted_tasks_kept = 10).await;
-    let baseline = s.memory_counts();
+    let baseline = s.memory_counts().await;
     for i in 0..6 {
         create_use_and_delete(&s, i).await;
     }
-    assert_eq!(s.memory_counts().tombstones, 6);
+    assert_eq!(s.memory_counts().await.tombstones, 6);
     s.config.deleted_tasks_kept = 2;
     s.restart().await;
-    let after = s.memory_counts();
+    let after = s.memory_counts().await;
     assert_eq!(after.tombstones, 2, "{after:?}");
     assert_eq!(after.registry_entities, baseline.registry_entities + 2, "{after:?}");
     assert_eq!(after.streams, baseline.streams + 2, "{after:?}");

@@ -81,7 +81,7 @@ async fn main() {
     let mut config = EmbeddedConfig::new(&work);
     config.checkpoint_interval = Duration::from_secs(3600);
     let store = EmbeddedStore::open(config).expect("reopen");
-    let json_tail = store.head("/json").expect("head").tail;
+    let json_tail = store.head("/json").await.expect("head").tail;
     // A fork of /json two messages in, a fork of /bin in the middle of an append.
     store.create(create("/json-fork", None, b"", Some(("/json", 0, 2)), false)).await.expect("fork");
     store.append(append("/json-fork", j, br#"["fork-own"]"#, None)).await.expect("a");
@@ -89,12 +89,12 @@ async fn main() {
     store.append(append("/bin-fork", b, b"+fork", None)).await.expect("a");
     store.append(append("/json", j, br#"["after-fork",{"d":[1,2,3]}]"#, Some((0, 2)))).await.expect("a");
     store.append(append("/bin", b, b"!", None)).await.expect("a");
-    assert!(store.head("/json").expect("head").tail > json_tail);
+    assert!(store.head("/json").await.expect("head").tail > json_tail);
     copy_dir(&work, &out.join("data"));
     let mut expected = Vec::new();
     for path in ["/json", "/bin", "/closed", "/json-fork", "/bin-fork"] {
-        let info = store.head(path).expect("head");
-        let batch = store.read(path, ReadFrom::Start, usize::MAX).expect("read");
+        let info = store.head(path).await.expect("head");
+        let batch = store.read(path, ReadFrom::Start, usize::MAX).await.expect("read");
         let mut at = 0u64;
         let mut pieces = Vec::new();
         for c in &batch.messages() {

@@ -81,7 +81,7 @@ async fn main() {
             let mut s = r;
             while Instant::now() < deadline {
                 let path = format!("/r/{}", s % streams);
-                let batch = store.read(&path, ReadFrom::Start, 1 << 20).expect("read");
+                let batch = store.read(&path, ReadFrom::Start, 1 << 20).await.expect("read");
                 bytes.fetch_add(batch.byte_len() as u64, Ordering::Relaxed);
                 reads.fetch_add(1, Ordering::Relaxed);
                 s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) >> 1;

@@ -31,6 +31,14 @@ pub use registry::{EntityRecord, EntityUpdate, GrantRecord, NewGrant, Registry};
 /// Every mutating call returns only after its effect is durable (unless the
 /// store was opened with durability off), and readers never observe a write
 /// before it is durable.
+///
+/// Every call that may wait on I/O is `async`, and no backend blocks the
+/// caller's async worker thread on it: the embedded backend runs its blocking
+/// reads (redb, segment files) behind one `spawn_blocking` boundary, bounded
+/// by its read permits, and answers from memory where it can (metadata, the
+/// read kept for live readers); the PostgreSQL backend awaits its queries.
+/// The synchronous calls left (`touch`, `health`, `appends_committed`) only
+/// look at memory.
 #[async_trait]
 pub trait StreamStore: Send + Sync + 'static {
     /// Creates a stream (or a fork), or confirms an identical one exists.
@@ -43,19 +51,21 @@ pub trait StreamStore: Send + Sync + 'static {
     async fn delete(&self, path: &str) -> StoreResult<()>;
 
     /// The committed metadata of a stream, without touching its TTL.
-    fn head(&self, path: &str) -> StoreResult<StreamInfo>;
+    async fn head(&self, path: &str) -> StoreResult<StreamInfo>;
 
     /// Reads committed data from `from`, at most about `max_bytes`; resets a sliding TTL.
-    fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch>;
+    async fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch>;
 
     /// A signal that changes after every committed change to the stream.
-    fn subscribe(&self, path: &str) -> StoreResult<ChangeSignal>;
+    async fn subscribe(&self, path: &str) -> StoreResult<ChangeSignal>;
 
-    /// Resets a sliding TTL, as a read or write does (live reads call it when they start).
+    /// Resets a sliding TTL, as a read or write does (live reads call it when
+    /// they start). Memory only: a stream this instance has not loaded yet is
+    /// touched by the read that loads it.
     fn touch(&self, path: &str);
 
     /// Streams whose path starts with `prefix`, in path order (for listings and maintenance).
-    fn list_prefix(&self, prefix: &str, limit: usize) -> Vec<StreamInfo>;
+    async fn list_prefix(&self, prefix: &str, limit: usize) -> Vec<StreamInfo>;
 
     /// Creates a closed stream whose bytes are `blob` (moved into the blob
     /// store, or dropped if identical bytes are stored already: content addressing).

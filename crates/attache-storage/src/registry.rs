@@ -107,12 +107,15 @@ pub trait Registry: Send + Sync + 'static {
     /// health turns good again once the disk has room, without waiting for a real write.
     /// Cheap and rate-limited; a no-op while writes succeed.
     async fn probe_writes(&self) {}
-    fn entity(&self, url: &str) -> Option<EntityRecord>;
+    /// The entity at `url`. A backend shared by several instances may ask its
+    /// database (an entity spawned elsewhere a moment ago), so this awaits.
+    async fn entity(&self, url: &str) -> Option<EntityRecord>;
     /// The entity at `url`, shared: a backend that caches records hands out its copy without cloning it.
-    fn entity_shared(&self, url: &str) -> Option<std::sync::Arc<EntityRecord>> {
-        self.entity(url).map(std::sync::Arc::new)
+    async fn entity_shared(&self, url: &str) -> Option<std::sync::Arc<EntityRecord>> {
+        self.entity(url).await.map(std::sync::Arc::new)
     }
-    /// Every entity, newest first; `type_filter` narrows to one type.
+    /// Every entity, newest first; `type_filter` narrows to one type. Memory
+    /// only in every backend (each keeps every record, refreshed on change).
     fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord>;
     /// Inserts the entity unless one exists at its URL; returns the stored one and whether it was new.
     async fn insert_entity(&self, entity: EntityRecord) -> StoreResult<(EntityRecord, bool)>;
@@ -120,6 +123,7 @@ pub trait Registry: Send + Sync + 'static {
     async fn update_entity(&self, url: &str, update: EntityUpdate) -> StoreResult<EntityRecord>;
     /// Removes the entity and its grants for good.
     async fn remove_entity(&self, url: &str) -> StoreResult<bool>;
+    /// The grants on an entity. Memory only, as `entities`.
     fn grants(&self, entity_url: &str) -> Vec<GrantRecord>;
     async fn add_grant(&self, grant: NewGrant) -> StoreResult<GrantRecord>;
     async fn remove_grant(&self, entity_url: &str, id: u64) -> StoreResult<bool>;

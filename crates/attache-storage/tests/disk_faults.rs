@@ -61,9 +61,9 @@ impl Fixture {
     }
 
     /// The stream holds exactly the acknowledged appends.
-    fn check(&self, store: &EmbeddedStore, why: &str) {
+    async fn check(&self, store: &EmbeddedStore, why: &str) {
         let expected: Vec<u8> = self.acked.concat();
-        assert_eq!(read_all(store, STREAM), expected, "{why}: the stream holds exactly what was acknowledged");
+        assert_eq!(read_all(store, STREAM).await, expected, "{why}: the stream holds exactly what was acknowledged");
     }
 
     /// A store opened on a copy of the files as they are now (the running store is never closed: a crash).
@@ -79,9 +79,9 @@ impl Fixture {
         self.plan.clear();
         self.append("after").await.unwrap_or_else(|e| panic!("{why}: the first write after the fault cleared: {e}"));
         wait_healthy(&self.store, why).await;
-        self.check(&self.store, why);
+        self.check(&self.store, why).await;
         let (_copy, reopened) = self.crash_copy();
-        self.check(&reopened, &format!("{why}, after a crash"));
+        self.check(&reopened, &format!("{why}, after a crash")).await;
         reopened.close().await;
     }
 }
@@ -111,11 +111,11 @@ fn append(path: &str, body: &[u8]) -> AppendRequest {
     }
 }
 
-fn read_all(store: &EmbeddedStore, path: &str) -> Vec<u8> {
+async fn read_all(store: &EmbeddedStore, path: &str) -> Vec<u8> {
     let mut out = Vec::new();
     let mut from = ReadFrom::Start;
     loop {
-        let batch = store.read(path, from, 1 << 20).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        let batch = store.read(path, from, 1 << 20).await.unwrap_or_else(|e| panic!("read {path}: {e}"));
         out.extend(batch.messages().iter().flat_map(|c| c.iter().copied()));
         if batch.up_to_date() {
             return out;
@@ -176,7 +176,7 @@ async fn log_fault(point: FaultPoint, fault: Fault) {
     assert_clean(&err, fault, &why);
     assert!(f.plan.injected(point) > 0, "{why}: the fault was met");
     assert!(failing(&f.store), "{why}: the store says writes fail");
-    f.check(&f.store, &format!("{why}, while failing"));
+    f.check(&f.store, &format!("{why}, while failing")).await;
     let err = f.append("lost again").await.expect_err("writes keep failing while the fault lasts");
     assert!(err.is_io(), "{why}: {err:?}");
     f.clear_and_recover(&why).await;
@@ -298,16 +298,16 @@ async fn blob_fault(point: FaultPoint, fault: Fault) {
     assert!(failing(&f.store), "{why}: the store says writes fail");
     let staging = f.dir.join("blobs/tmp");
     assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0, "{why}: the partial staging file is gone");
-    assert!(f.store.head("/faults/blob-1").is_err(), "{why}: the failed upload made no stream");
+    assert!(f.store.head("/faults/blob-1").await.is_err(), "{why}: the failed upload made no stream");
     f.plan.clear();
     let second = upload(&f.store, "/faults/blob-1", b"the second attachment").await.unwrap();
     wait_healthy(&f.store, &why).await;
-    assert_eq!(read_all(&f.store, "/faults/blob-0"), first);
-    assert_eq!(read_all(&f.store, "/faults/blob-1"), second);
+    assert_eq!(read_all(&f.store, "/faults/blob-0").await, first);
+    assert_eq!(read_all(&f.store, "/faults/blob-1").await, second);
     f.clear_and_recover(&why).await;
     let (_copy, reopened) = f.crash_copy();
-    assert_eq!(read_all(&reopened, "/faults/blob-0"), first, "{why}: after a crash");
-    assert_eq!(read_all(&reopened, "/faults/blob-1"), second, "{why}: after a crash");
+    assert_eq!(read_all(&reopened, "/faults/blob-0").await, first, "{why}: after a crash");
+    assert_eq!(read_all(&reopened, "/faults/blob-1").await, second, "{why}: after a crash");
     reopened.close().await;
     f.store.close().await;
 }
@@ -348,9 +348,9 @@ async fn a_single_failed_sync_among_many_appends_loses_nothing_acknowledged() {
     }
     assert_eq!(failures, 1, "exactly the append whose sync failed is refused");
     wait_healthy(&f.store, "one failed sync").await;
-    f.check(&f.store, "one failed sync");
+    f.check(&f.store, "one failed sync").await;
     let (_copy, reopened) = f.crash_copy();
-    f.check(&reopened, "one failed sync, after a crash");
+    f.check(&reopened, "one failed sync, after a crash").await;
     reopened.close().await;
     f.store.close().await;
 }
@@ -417,7 +417,7 @@ async fn a_failing_registry_write_or_sync_fails_its_change_cleanly_and_the_regis
         let err = registry.insert_entity(entity("/chat/lost")).await.expect_err("an insert meets the fault");
         assert_clean(&err, fault, &format!("{why}: insert"));
         assert!(plan.injected(point) > 0, "{why}: the fault was met");
-        assert!(registry.entity("/chat/lost").is_none(), "{why}: a failed insert is not shown");
+        assert!(registry.entity("/chat/lost").await.is_none(), "{why}: a failed insert is not shown");
         let err = registry.add_grant(grant("/chat/kept")).await.expect_err("a grant meets the fault");
         assert!(err.is_io(), "{why}: grant: {err:?}");
         let err = registry
@@ -431,7 +431,10 @@ async fn a_failing_registry_write_or_sync_fails_its_change_cleanly_and_the_regis
             .await
             .expect_err("an update meets the fault");
         assert!(err.is_io(), "{why}: update: {err:?}");
-        assert!(registry.entity("/chat/kept").is_some_and(|e| e.is_running()), "{why}: a failed update is not shown");
+        assert!(
+            registry.entity("/chat/kept").await.is_some_and(|e| e.is_running()),
+            "{why}: a failed update is not shown"
+        );
         assert_eq!(registry.grants("/chat/kept").len(), 1, "{why}: a failed grant is not shown");
 
         plan.clear();
@@ -447,7 +450,7 @@ async fn a_failing_registry_write_or_sync_fails_its_change_cleanly_and_the_regis
             .await
             .unwrap_or_else(|e| panic!("{why}: update after: {e:?}"));
         registry.add_grant(grant("/chat/after")).await.unwrap_or_else(|e| panic!("{why}: grant after: {e:?}"));
-        assert!(registry.entity("/chat/after").is_some());
+        assert!(registry.entity("/chat/after").await.is_some());
         let shown = |r: &EmbeddedRegistry| -> Vec<(String, i64, usize)> {
             r.entities(None).into_iter().map(|e| (e.url.clone(), e.updated_at_ms, r.grants(&e.url).len())).collect()
         };
@@ -459,7 +462,7 @@ async fn a_failing_registry_write_or_sync_fails_its_change_cleanly_and_the_regis
         assert_eq!(shown(&reopened), running, "{why}");
         let urls: Vec<&str> = running.iter().map(|(url, _, _)| url.as_str()).collect();
         assert!(urls.contains(&"/chat/kept") && urls.contains(&"/chat/after"), "{why}: {urls:?}");
-        assert_eq!(reopened.entity("/chat/kept").map(|e| e.updated_at_ms), Some(2), "{why}");
+        assert_eq!(reopened.entity("/chat/kept").await.map(|e| e.updated_at_ms), Some(2), "{why}");
         assert_eq!(reopened.grants("/chat/after").len(), 1, "{why}");
         if point == FaultPoint::RegistryWrite {
             // Nothing of a change whose write failed is anywhere.

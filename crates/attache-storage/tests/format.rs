@@ -57,8 +57,8 @@ fn append(path: &str, ct: &str, body: &[u8], producer: Option<(u64, u64)>) -> Ap
 }
 
 /// Every piece of a stream from `from` on, as `(position, bytes)`: JSON messages, or binary bytes in one piece.
-fn pieces_from(store: &EmbeddedStore, path: &str, from: u64) -> Vec<(u64, Vec<u8>)> {
-    let batch = store.read(path, ReadFrom::At(Offset(from)), usize::MAX).unwrap();
+async fn pieces_from(store: &EmbeddedStore, path: &str, from: u64) -> Vec<(u64, Vec<u8>)> {
+    let batch = store.read(path, ReadFrom::At(Offset(from)), usize::MAX).await.unwrap();
     assert!(batch.up_to_date());
     let mut at = from;
     let mut out = Vec::new();
@@ -91,10 +91,10 @@ fn expected_from(stream: &serde_json::Value, from: u64) -> Vec<(u64, Vec<u8>)> {
     }
 }
 
-fn check_fixture_streams(store: &EmbeddedStore, expected: &[serde_json::Value], why: &str) {
+async fn check_fixture_streams(store: &EmbeddedStore, expected: &[serde_json::Value], why: &str) {
     for stream in expected {
         let path = stream["path"].as_str().unwrap();
-        let info = store.head(path).unwrap_or_else(|e| panic!("{why}: {path}: {e}"));
+        let info = store.head(path).await.unwrap_or_else(|e| panic!("{why}: {path}: {e}"));
         assert_eq!(info.tail, stream["tail"].as_u64().unwrap(), "{why}: {path} tail");
         assert_eq!(info.closed, stream["closed"].as_bool().unwrap(), "{why}: {path} closed");
         assert_eq!(info.content_type, stream["content_type"].as_str().unwrap(), "{why}: {path} type");
@@ -103,10 +103,10 @@ fn check_fixture_streams(store: &EmbeddedStore, expected: &[serde_json::Value], 
             stream["pieces"].as_array().unwrap().iter().map(|p| p[0].as_u64().unwrap()).collect();
         offsets.push(info.tail);
         for from in offsets {
-            assert_eq!(pieces_from(store, path, from), expected_from(stream, from), "{why}: {path} from {from}");
+            assert_eq!(pieces_from(store, path, from).await, expected_from(stream, from), "{why}: {path} from {from}");
         }
     }
-    assert_eq!(store.head("/gone").unwrap_err(), StoreError::NotFound, "{why}: a deleted stream stays deleted");
+    assert_eq!(store.head("/gone").await.unwrap_err(), StoreError::NotFound, "{why}: a deleted stream stays deleted");
 }
 
 #[tokio::test]
@@ -121,7 +121,7 @@ async fn a_format_1_data_dir_upgrades_itself_on_first_start_with_every_offset_in
     assert!(store.damage().is_empty(), "{:?}", store.damage());
     let stamp = std::fs::read_to_string(dir.join("FORMAT")).unwrap();
     assert_eq!(stamp.trim(), "attache-embedded-format 2");
-    check_fixture_streams(&store, &expected, "upgraded");
+    check_fixture_streams(&store, &expected, "upgraded").await;
     // Producer state came along: the last request of p1 is a duplicate, the next one appends.
     let retry =
         store.append(append("/json", "application/json", br#"["after-fork",{"d":[1,2,3]}]"#, Some((0, 2)))).await;
@@ -129,7 +129,7 @@ async fn a_format_1_data_dir_upgrades_itself_on_first_start_with_every_offset_in
     let next = store.append(append("/json", "application/json", br#"{"e":5}"#, Some((0, 3)))).await.unwrap();
     assert!(!next.duplicate);
     let tail = expected[0]["tail"].as_u64().unwrap();
-    assert_eq!(pieces_from(&store, "/json", tail), vec![(tail, br#"{"e":5}"#.to_vec())]);
+    assert_eq!(pieces_from(&store, "/json", tail).await, vec![(tail, br#"{"e":5}"#.to_vec())]);
     // Forks still read through their sources, and take appends.
     store.append(append("/bin-fork", "application/octet-stream", b"?", None)).await.unwrap();
     store.close().await;
@@ -137,8 +137,8 @@ async fn a_format_1_data_dir_upgrades_itself_on_first_start_with_every_offset_in
     // The second start finds format 2 and changes nothing.
     let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).unwrap();
     assert!(store.damage().is_empty());
-    assert_eq!(pieces_from(&store, "/json", tail), vec![(tail, br#"{"e":5}"#.to_vec())]);
-    let bin_fork = store.read("/bin-fork", ReadFrom::Start, usize::MAX).unwrap();
+    assert_eq!(pieces_from(&store, "/json", tail).await, vec![(tail, br#"{"e":5}"#.to_vec())]);
+    let bin_fork = store.read("/bin-fork", ReadFrom::Start, usize::MAX).await.unwrap();
     assert_eq!(&bin_fork.body[..], b"hello bin+fork?");
     store.close().await;
 }
@@ -166,7 +166,7 @@ async fn a_torn_segment_file_is_reported_and_its_stream_recovers_up_to_the_damag
         store.append(append("/j", json, m.as_bytes(), None)).await.unwrap();
         store.append(append("/b", bin, m.as_bytes(), None)).await.unwrap();
     }
-    let (jid, bid) = (store.head("/j").unwrap().id, store.head("/b").unwrap().id);
+    let (jid, bid) = (store.head("/j").await.unwrap().id, store.head("/b").await.unwrap().id);
     // A clean stop: everything is in the segment files, synced, and the log is empty.
     store.close().await;
     drop(store);
@@ -183,22 +183,22 @@ async fn a_torn_segment_file_is_reported_and_its_stream_recovers_up_to_the_damag
     want.sort();
     assert_eq!(files, want, "each damaged file is reported with where it ends");
     let messages: Vec<Vec<u8>> =
-        store.read("/j", ReadFrom::Start, usize::MAX).unwrap().messages().iter().map(|m| m.to_vec()).collect();
+        store.read("/j", ReadFrom::Start, usize::MAX).await.unwrap().messages().iter().map(|m| m.to_vec()).collect();
     assert_eq!(
         messages,
         vec![b"\"one\"".to_vec(), b"\"two\"".to_vec(), b"\"three\"".to_vec()],
         "whole messages before the damage"
     );
-    assert_eq!(store.head("/j").unwrap().tail, "\"one\",\"two\",\"three\",".len() as u64);
-    assert_eq!(&store.read("/b", ReadFrom::Start, usize::MAX).unwrap().body[..], b"\"one\"\"two\"\"three\"\"fo");
-    assert_eq!(store.head("/b").unwrap().tail, 20);
+    assert_eq!(store.head("/j").await.unwrap().tail, "\"one\",\"two\",\"three\",".len() as u64);
+    assert_eq!(&store.read("/b", ReadFrom::Start, usize::MAX).await.unwrap().body[..], b"\"one\"\"two\"\"three\"\"fo");
+    assert_eq!(store.head("/b").await.unwrap().tail, 20);
     // The streams go on from there, and the next start finds nothing wrong.
     store.append(append("/j", json, b"\"six\"", None)).await.unwrap();
     store.close().await;
     drop(store);
     let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
     assert!(store.damage().is_empty(), "{:?}", store.damage());
-    let body = store.read("/j", ReadFrom::Start, usize::MAX).unwrap().body;
+    let body = store.read("/j", ReadFrom::Start, usize::MAX).await.unwrap().body;
     assert_eq!(&body[..], br#"["one","two","three","six"]"#);
     store.close().await;
 }
@@ -215,7 +215,7 @@ async fn a_torn_log_record_is_reported_and_nothing_past_it_is_served() {
     store.create(create("/j", json)).await.unwrap();
     store.append(append("/j", json, b"\"kept\"", None)).await.unwrap();
     store.append(append("/j", json, b"\"torn\"", None)).await.unwrap();
-    let id = store.head("/j").unwrap().id;
+    let id = store.head("/j").await.unwrap().id;
     // A crash: the files as they are now, the store never stopped.
     let crashed = root.path().join("crashed");
     copy_dir(&live, &crashed);
@@ -235,7 +235,7 @@ async fn a_torn_log_record_is_reported_and_nothing_past_it_is_served() {
     assert_eq!(damage.len(), 1, "{damage:?}");
     assert_eq!(damage[0].file, wal);
     assert!(damage[0].offset > 0 && damage[0].offset < last as u64, "the record's start: {}", damage[0].offset);
-    let body = reopened.read("/j", ReadFrom::Start, usize::MAX).unwrap().body;
+    let body = reopened.read("/j", ReadFrom::Start, usize::MAX).await.unwrap().body;
     assert_eq!(&body[..], br#"["kept"]"#, "everything before the damage, nothing past it");
     assert_eq!(
         std::fs::metadata(segment_file(&crashed, id)).unwrap().len(),
@@ -243,7 +243,7 @@ async fn a_torn_log_record_is_reported_and_nothing_past_it_is_served() {
         "the segment file is cut to the recovered tail"
     );
     reopened.append(append("/j", json, b"\"next\"", None)).await.unwrap();
-    assert_eq!(&reopened.read("/j", ReadFrom::Start, usize::MAX).unwrap().body[..], br#"["kept","next"]"#);
+    assert_eq!(&reopened.read("/j", ReadFrom::Start, usize::MAX).await.unwrap().body[..], br#"["kept","next"]"#);
     reopened.close().await;
     store.close().await;
 }
@@ -256,15 +256,15 @@ async fn a_json_read_bounded_by_size_ends_on_a_message_boundary_and_carries_at_l
     store.create(create("/j", json)).await.unwrap();
     store.append(append("/j", json, br#"["aaaa","bb",["c,]"],"dddddddddddddddddddd"]"#, None)).await.unwrap();
     // `"aaaa",` is 7 bytes, `"bb",` 5, `["c,]"],` 8, the last 23.
-    let page = |from: u64, max: usize| {
-        let b = store.read("/j", ReadFrom::At(Offset(from)), max).unwrap();
+    let page = async |from: u64, max: usize| {
+        let b = store.read("/j", ReadFrom::At(Offset(from)), max).await.unwrap();
         (String::from_utf8(b.body.to_vec()).unwrap(), b.next.0)
     };
-    assert_eq!(page(0, 12), (r#"["aaaa","bb"]"#.to_owned(), 12));
-    assert_eq!(page(0, 11), (r#"["aaaa"]"#.to_owned(), 7));
-    assert_eq!(page(0, 1), (r#"["aaaa"]"#.to_owned(), 7), "at least one message");
-    assert_eq!(page(12, 8), (r#"[["c,]"]]"#.to_owned(), 20));
-    assert_eq!(page(12, 1 << 20), (r#"[["c,]"],"dddddddddddddddddddd"]"#.to_owned(), 43));
-    assert_eq!(page(43, 10), ("[]".to_owned(), 43));
+    assert_eq!(page(0, 12).await, (r#"["aaaa","bb"]"#.to_owned(), 12));
+    assert_eq!(page(0, 11).await, (r#"["aaaa"]"#.to_owned(), 7));
+    assert_eq!(page(0, 1).await, (r#"["aaaa"]"#.to_owned(), 7), "at least one message");
+    assert_eq!(page(12, 8).await, (r#"[["c,]"]]"#.to_owned(), 20));
+    assert_eq!(page(12, 1 << 20).await, (r#"[["c,]"],"dddddddddddddddddddd"]"#.to_owned(), 43));
+    assert_eq!(page(43, 10).await, ("[]".to_owned(), 43));
     store.close().await;
 }

@@ -70,11 +70,11 @@ fn json_append(path: &str, body: String) -> AppendRequest {
     }
 }
 
-fn read_all(store: &dyn StreamStore, path: &str) -> Vec<Bytes> {
+async fn read_all(store: &dyn StreamStore, path: &str) -> Vec<Bytes> {
     let mut out = Vec::new();
     let mut from = ReadFrom::Start;
     loop {
-        let batch = store.read(path, from, 1 << 16).unwrap();
+        let batch = store.read(path, from, 1 << 16).await.unwrap();
         out.extend(batch.messages().iter().cloned());
         if batch.up_to_date() {
             return out;
@@ -97,15 +97,15 @@ fn two_instances_share_streams_and_wake_each_others_readers_or_skip_without_post
 
         // A stream created on one instance is there on the other at once (asked of the database).
         a.create(json_stream("/shared/log")).await.unwrap();
-        assert_eq!(b.head("/shared/log").unwrap().tail, 0);
+        assert_eq!(b.head("/shared/log").await.unwrap().tail, 0);
         assert!(matches!(b.create(json_stream("/shared/log")).await.unwrap(), CreateOutcome::Existed(_)));
 
         // A reader waiting on b wakes when a commits.
-        let mut signal = b.subscribe("/shared/log").unwrap();
-        let before = b.read("/shared/log", ReadFrom::Tail, 1 << 20).unwrap().next;
+        let mut signal = b.subscribe("/shared/log").await.unwrap();
+        let before = b.read("/shared/log", ReadFrom::Tail, 1 << 20).await.unwrap().next;
         a.append(json_append("/shared/log", r#"{"n":"first"}"#.into())).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), signal.changed()).await.expect("b hears a's commit").unwrap();
-        let got = b.read("/shared/log", ReadFrom::At(before), 1 << 20).unwrap();
+        let got = b.read("/shared/log", ReadFrom::At(before), 1 << 20).await.unwrap();
         assert_eq!(got.messages(), vec![Bytes::from_static(br#"{"n":"first"}"#)]);
 
         // Concurrent writers on both instances: one order, no position given twice.
@@ -121,8 +121,8 @@ fn two_instances_share_streams_and_wake_each_others_readers_or_skip_without_post
         for t in tasks {
             t.await.unwrap();
         }
-        let on_a = read_all(a.as_ref(), "/shared/log");
-        let on_b = read_all(b.as_ref(), "/shared/log");
+        let on_a = read_all(a.as_ref(), "/shared/log").await;
+        let on_b = read_all(b.as_ref(), "/shared/log").await;
         assert_eq!(on_a.len(), 1 + 8 * 40);
         assert_eq!(on_a, on_b, "both instances read the same messages in the same order");
         let unique: HashSet<&Bytes> = on_a.iter().collect();
@@ -135,7 +135,7 @@ fn two_instances_share_streams_and_wake_each_others_readers_or_skip_without_post
             assert!(last.insert(w, i).unwrap_or(-1) < i);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(a.head("/shared/log").unwrap().tail, b.head("/shared/log").unwrap().tail);
+        assert_eq!(a.head("/shared/log").await.unwrap().tail, b.head("/shared/log").await.unwrap().tail);
 
         // An idempotent producer is deduplicated whichever instance the retry reaches.
         let mut req = json_append("/shared/log", r#"{"p":0}"#.into());
@@ -149,10 +149,10 @@ fn two_instances_share_streams_and_wake_each_others_readers_or_skip_without_post
         assert_eq!(created, 1);
 
         // A delete on one instance is seen by the other's readers.
-        let mut signal = b.subscribe("/shared/race").unwrap();
+        let mut signal = b.subscribe("/shared/race").await.unwrap();
         a.delete("/shared/race").await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), signal.changed()).await.expect("b hears the delete").unwrap();
-        assert_eq!(b.head("/shared/race").unwrap_err(), StoreError::NotFound);
+        assert_eq!(b.head("/shared/race").await.unwrap_err(), StoreError::NotFound);
 
         // A blob uploaded through one instance is read through the other.
         let mut writer = a.stage_blob().await.unwrap();
@@ -163,7 +163,7 @@ fn two_instances_share_streams_and_wake_each_others_readers_or_skip_without_post
         req.content_type = Some(ContentType::octet_stream());
         let info = a.create_blob_stream(req, staged).await.unwrap();
         let sha = info.blob.as_ref().unwrap().sha256.clone();
-        let got: Vec<u8> = read_all(b.as_ref(), "/shared/blob").concat();
+        let got: Vec<u8> = read_all(b.as_ref(), "/shared/blob").await.concat();
         assert_eq!(got, payload);
         let mut file = b.open_blob(&sha).await.unwrap();
         let mut bytes = Vec::new();
@@ -246,6 +246,6 @@ fn entity_updates_from_two_instances_are_compare_and_set_or_skip_without_postgre
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(seen, "b learns of a's grant");
-        assert_eq!(b.entity("/task/t1").unwrap().extra.unwrap()["count"], 120);
+        assert_eq!(b.entity("/task/t1").await.unwrap().extra.unwrap()["count"], 120);
     });
 }

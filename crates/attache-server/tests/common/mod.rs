@@ -84,8 +84,8 @@ impl TestServer {
     }
 
     /// How many entries the server's in-memory structures hold right now.
-    pub fn memory_counts(&self) -> attache_server::MemoryCounts {
-        self.server.as_ref().expect("the server is running").memory_counts()
+    pub async fn memory_counts(&self) -> attache_server::MemoryCounts {
+        self.server.as_ref().expect("the server is running").memory_counts().await
     }
 
     pub fn url(&self, path: &str) -> String {

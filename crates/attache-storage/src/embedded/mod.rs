@@ -39,6 +39,8 @@ use parking_lot::RwLock;
 use redb::{Database, TableDefinition};
 use tokio::sync::{oneshot, watch};
 
+use attache_core::Offset;
+
 use crate::error::{StoreError, StoreResult};
 use crate::health::Health;
 use crate::model::*;
@@ -80,6 +82,9 @@ pub struct EmbeddedConfig {
     /// Most segment files kept open (least recently used closed first). The
     /// server sets it from `--store-open-files`, within its file-descriptor budget.
     pub segment_handles: usize,
+    /// Most reads running at once on blocking threads (redb and segment
+    /// files); further reads wait their turn on the async side.
+    pub read_threads: usize,
     /// How often expired streams are looked for.
     pub sweep_interval: Duration,
     /// Most bytes the write-ahead log holds between checkpoints; 0 turns the
@@ -101,6 +106,7 @@ impl EmbeddedConfig {
             max_batch: 1024,
             cache_bytes: 4 << 20,
             segment_handles: 4096,
+            read_threads: 16,
             sweep_interval: Duration::from_secs(1),
             wal_bytes: 4 << 20,
             checkpoint_interval: Duration::from_secs(1),
@@ -331,6 +337,9 @@ pub struct EmbeddedStore {
     writer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     appends: crate::AppendCounter,
     damage: Vec<Damage>,
+    /// Read permits: the one `spawn_blocking` boundary of the read path is
+    /// crossed by at most `read_threads` reads at once.
+    reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl EmbeddedStore {
@@ -395,6 +404,7 @@ impl EmbeddedStore {
             faults: config.fault_plan.clone(),
             cache_bytes: config.cache_bytes,
         });
+        let reads = Arc::new(tokio::sync::Semaphore::new(config.read_threads.max(1)));
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_shared = shared.clone();
         let writer = std::thread::Builder::new()
@@ -406,6 +416,7 @@ impl EmbeddedStore {
             writer: parking_lot::Mutex::new(Some(writer)),
             appends: crate::AppendCounter::default(),
             damage,
+            reads,
         })
     }
 
@@ -463,14 +474,19 @@ impl StreamStore for EmbeddedStore {
         self.call(|tx| Command::Delete(path, tx)).await
     }
 
-    fn head(&self, path: &str) -> StoreResult<StreamInfo> {
+    async fn head(&self, path: &str) -> StoreResult<StreamInfo> {
         Ok((*self.entry(path)?.info()).clone())
     }
 
-    fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch> {
+    async fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch> {
         let entry = self.entry(path)?;
         entry.touch();
         let info = entry.info();
+        // From memory where it can: nothing past the tail, or the read kept for live readers.
+        let start = crate::rules::read_start(from, info.tail)?;
+        if start >= info.tail && info.blob.is_none() {
+            return Ok(ReadBatch::from_pieces((*info).clone(), Offset(start), Offset(start), info.is_json(), &[]));
+        }
         if let ReadFrom::At(at) = from {
             let recent = entry.recent.lock();
             if let Some(hit) = recent.as_ref().filter(|b| {
@@ -479,7 +495,12 @@ impl StreamStore for EmbeddedStore {
                 return Ok(hit.clone());
             }
         }
-        let batch = reader::read(&self.shared, &info, from, max_bytes)?;
+        // The rest reads redb and segment files: on a blocking thread, never on an async worker.
+        let _permit = self.reads.acquire().await.map_err(|_| StoreError::ShuttingDown)?;
+        let shared = self.shared.clone();
+        let batch = tokio::task::spawn_blocking(move || reader::read(&shared, &info, from, max_bytes))
+            .await
+            .map_err(|e| StoreError::Storage(format!("read task failed: {e}")))??;
         // Kept only while other live readers wait on the stream (they will ask for the same bytes).
         if matches!(from, ReadFrom::At(_))
             && !batch.is_empty()
@@ -492,7 +513,7 @@ impl StreamStore for EmbeddedStore {
         Ok(batch)
     }
 
-    fn subscribe(&self, path: &str) -> StoreResult<ChangeSignal> {
+    async fn subscribe(&self, path: &str) -> StoreResult<ChangeSignal> {
         Ok(self.entry(path)?.signal.subscribe())
     }
 
@@ -502,7 +523,7 @@ impl StreamStore for EmbeddedStore {
         }
     }
 
-    fn list_prefix(&self, prefix: &str, limit: usize) -> Vec<StreamInfo> {
+    async fn list_prefix(&self, prefix: &str, limit: usize) -> Vec<StreamInfo> {
         crate::rules::list_prefix(&self.shared.index.read().by_path, prefix, limit, now_ms())
     }
 
@@ -578,10 +599,10 @@ mod read_cache_tests {
     async fn a_read_is_kept_only_while_live_readers_wait_and_goes_once_idle() {
         let (_dir, store) = store_with_stream().await;
         let start = ReadFrom::At(attache_core::Offset(0));
-        store.read("/s", start, 1 << 20).unwrap();
+        store.read("/s", start, 1 << 20).await.unwrap();
         assert!(!kept(&store), "no live reader: nothing kept");
-        let (_a, _b) = (store.subscribe("/s").unwrap(), store.subscribe("/s").unwrap());
-        store.read("/s", start, 1 << 20).unwrap();
+        let (_a, _b) = (store.subscribe("/s").await.unwrap(), store.subscribe("/s").await.unwrap());
+        store.read("/s", start, 1 << 20).await.unwrap();
         assert!(kept(&store), "kept for the live readers");
         let entry = store.entry("/s").unwrap();
         let last = entry.last_access_ms.load(Ordering::Relaxed);

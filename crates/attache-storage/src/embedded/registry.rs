@@ -197,11 +197,11 @@ impl Registry for EmbeddedRegistry {
         let _ = self.write(|_txn| Ok(())).await;
     }
 
-    fn entity(&self, url: &str) -> Option<EntityRecord> {
+    async fn entity(&self, url: &str) -> Option<EntityRecord> {
         self.cache.read().entities.get(url).map(|e| (**e).clone())
     }
 
-    fn entity_shared(&self, url: &str) -> Option<Arc<EntityRecord>> {
+    async fn entity_shared(&self, url: &str) -> Option<Arc<EntityRecord>> {
         self.cache.read().entities.get(url).cloned()
     }
 
@@ -219,7 +219,7 @@ impl Registry for EmbeddedRegistry {
 
     async fn insert_entity(&self, entity: EntityRecord) -> StoreResult<(EntityRecord, bool)> {
         let _guard = self.write.lock().await;
-        if let Some(existing) = self.entity(&entity.url) {
+        if let Some(existing) = self.entity(&entity.url).await {
             return Ok((existing, false));
         }
         let bytes = json(&entity)?;
@@ -235,7 +235,7 @@ impl Registry for EmbeddedRegistry {
 
     async fn update_entity(&self, url: &str, update: EntityUpdate) -> StoreResult<EntityRecord> {
         let _guard = self.write.lock().await;
-        let mut entity = self.entity(url).ok_or(StoreError::NotFound)?;
+        let mut entity = self.entity(url).await.ok_or(StoreError::NotFound)?;
         update(&mut entity)?;
         let bytes = json(&entity)?;
         let key = url.to_owned();
@@ -250,7 +250,7 @@ impl Registry for EmbeddedRegistry {
 
     async fn remove_entity(&self, url: &str) -> StoreResult<bool> {
         let _guard = self.write.lock().await;
-        if self.entity(url).is_none() {
+        if self.entity(url).await.is_none() {
             return Ok(false);
         }
         let key = url.to_owned();

@@ -16,9 +16,10 @@
 //!   `NOTIFY attache_changes` (sent by the committing transaction, so it
 //!   arrives after the commit); `read` re-reads the stream's row first, so a
 //!   read on one instance sees what another committed before it.
-//! - The seam's reads are synchronous; PostgreSQL is not. All database I/O
-//!   runs on a small runtime of its own, and a synchronous call waits for its
-//!   query there (it never needs the caller's runtime, so it works under any).
+//! - All database I/O runs on a small runtime of its own; the seam's calls
+//!   await their queries there (they never need the caller's runtime to
+//!   drive the pool, so the store works under any), and no call blocks the
+//!   caller's thread on a query.
 
 mod blobs;
 mod reader;
@@ -93,8 +94,8 @@ impl PgConfig {
     }
 }
 
-/// The database's own runtime. Synchronous seam calls wait on it; dropping
-/// it from async code is allowed (its threads are let go, not joined).
+/// The database's own runtime. Seam calls await their queries on it;
+/// dropping it from async code is allowed (its threads are let go, not joined).
 pub(crate) struct Io {
     rt: Option<tokio::runtime::Runtime>,
 }
@@ -113,25 +114,12 @@ impl Io {
         self.rt.as_ref().expect("the runtime lives as long as Io").handle()
     }
 
-    /// Runs `fut` on the database runtime and waits for it from async code.
+    /// Runs `fut` on the database runtime and awaits it from the caller's.
     pub(crate) async fn run<T: Send + 'static>(
         &self,
         fut: impl Future<Output = StoreResult<T>> + Send + 'static,
     ) -> StoreResult<T> {
         self.handle().spawn(fut).await.map_err(|e| StoreError::Storage(format!("database task failed: {e}")))?
-    }
-
-    /// Runs `fut` on the database runtime and blocks this thread until it is done.
-    /// Never call it from the database runtime itself.
-    pub(crate) fn block<T: Send + 'static>(
-        &self,
-        fut: impl Future<Output = StoreResult<T>> + Send + 'static,
-    ) -> StoreResult<T> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.handle().spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.recv().map_err(|_| StoreError::ShuttingDown)?
     }
 }
 
@@ -609,16 +597,27 @@ impl PgStore {
 
     /// The stream at `path`, from memory or (if this instance has not heard
     /// of it yet) from the database; expired streams are reported missing.
-    fn entry(&self, path: &str) -> StoreResult<Arc<StreamEntry>> {
+    async fn entry(&self, path: &str) -> StoreResult<Arc<StreamEntry>> {
         let cached = self.shared.index.read().by_path.get(path).cloned();
         let entry = match cached {
             Some(entry) => entry,
             None => {
                 let shared = self.shared.clone();
                 let path = path.to_owned();
-                self.io.block(shared.load_path(path))?.ok_or(StoreError::NotFound)?
+                self.io.run(shared.load_path(path)).await?.ok_or(StoreError::NotFound)?
             }
         };
+        self.live(entry)
+    }
+
+    /// The stream at `path` if this instance knows it (memory only).
+    fn cached(&self, path: &str) -> StoreResult<Arc<StreamEntry>> {
+        let entry = self.shared.index.read().by_path.get(path).cloned().ok_or(StoreError::NotFound)?;
+        self.live(entry)
+    }
+
+    /// `entry` unless it is soft-deleted (410) or expired (missing, its deletion queued).
+    fn live(&self, entry: Arc<StreamEntry>) -> StoreResult<Arc<StreamEntry>> {
         let info = entry.info();
         if info.soft_deleted {
             return Err(StoreError::Gone);
@@ -643,7 +642,7 @@ impl StreamStore for PgStore {
     }
 
     async fn append(&self, req: AppendRequest) -> StoreResult<AppendOutcome> {
-        let entry = self.entry(&req.path)?;
+        let entry = self.entry(&req.path).await?;
         let prepared = PreparedAppend::prepare(req, &entry.info())?;
         let outcome = self.call(|tx| Command::Append(prepared, tx)).await;
         entry.touch();
@@ -656,28 +655,28 @@ impl StreamStore for PgStore {
         self.call(|tx| Command::Delete(path, tx)).await
     }
 
-    fn head(&self, path: &str) -> StoreResult<StreamInfo> {
-        Ok((*self.entry(path)?.info()).clone())
+    async fn head(&self, path: &str) -> StoreResult<StreamInfo> {
+        Ok((*self.entry(path).await?.info()).clone())
     }
 
-    fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch> {
-        let entry = self.entry(path)?;
+    async fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch> {
+        let entry = self.entry(path).await?;
         entry.touch();
         let shared = self.shared.clone();
-        self.io.block(reader::read(shared, entry, from, max_bytes))
+        self.io.run(reader::read(shared, entry, from, max_bytes)).await
     }
 
-    fn subscribe(&self, path: &str) -> StoreResult<ChangeSignal> {
-        Ok(self.entry(path)?.signal.subscribe())
+    async fn subscribe(&self, path: &str) -> StoreResult<ChangeSignal> {
+        Ok(self.entry(path).await?.signal.subscribe())
     }
 
     fn touch(&self, path: &str) {
-        if let Ok(entry) = self.entry(path) {
+        if let Ok(entry) = self.cached(path) {
             entry.touch();
         }
     }
 
-    fn list_prefix(&self, prefix: &str, limit: usize) -> Vec<StreamInfo> {
+    async fn list_prefix(&self, prefix: &str, limit: usize) -> Vec<StreamInfo> {
         crate::rules::list_prefix(&self.shared.index.read().by_path, prefix, limit, now_ms())
     }
 

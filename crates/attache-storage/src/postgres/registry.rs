@@ -121,14 +121,14 @@ impl PgRegistry {
 
 #[async_trait]
 impl Registry for PgRegistry {
-    fn entity(&self, url: &str) -> Option<EntityRecord> {
+    async fn entity(&self, url: &str) -> Option<EntityRecord> {
         if let Some((_, e)) = self.cache().state.read().entities.get(url) {
             return Some(e.clone());
         }
         // Spawned on another instance a moment ago, perhaps: ask the database.
         let shared = self.shared.clone();
         let url = url.to_owned();
-        self.io.block(async move { shared.registry.refresh(&shared.pool, &url).await }).ok().flatten()
+        self.io.run(async move { shared.registry.refresh(&shared.pool, &url).await }).await.ok().flatten()
     }
 
     fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord> {

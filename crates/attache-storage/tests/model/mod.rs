@@ -633,14 +633,14 @@ impl Harness {
                     (expected, got) => panic!("delete: expected {expected:?}, got {got:?}"),
                 }
             }
-            Op::Read { path, from, page } => self.read(self.at(*path), *from, *page),
+            Op::Read { path, from, page } => self.read(self.at(*path), *from, *page).await,
             Op::Restart => self.restart().await,
         }
-        self.check_all();
+        self.check_all().await;
     }
 
     /// Reads `path` from `from` in pages of about `page` bytes until caught up.
-    fn read(&mut self, path: usize, from: ReadStart, page: usize) {
+    async fn read(&mut self, path: usize, from: ReadStart, page: usize) {
         let expected = self.model.live(path).map(|s| {
             let (offset, units) = match from {
                 ReadStart::Start => (0, 0),
@@ -656,14 +656,14 @@ impl Harness {
             Ok(e) => e,
             Err(e) => {
                 let got = self.store().read(PATHS[path], ReadFrom::Start, page);
-                assert_eq!(Err(e), got.map(|_| ()).map_err(kind), "read");
+                assert_eq!(Err(e), got.await.map(|_| ()).map_err(kind), "read");
                 return;
             }
         };
         let json = self.model.streams[&path].json;
         let mut got = if json { Content::Messages(Vec::new()) } else { Content::Bytes(Vec::new()) };
         let start = if matches!(from, ReadStart::Start) { ReadFrom::Start } else { ReadFrom::At(Offset(offset)) };
-        let mut batch = self.store().read(PATHS[path], start, page).unwrap();
+        let mut batch = self.store().read(PATHS[path], start, page).await.unwrap();
         loop {
             assert_eq!(batch.start.0, offset, "a page starts where asked");
             match &mut got {
@@ -685,16 +685,16 @@ impl Harness {
                 break;
             }
             assert!(!batch.is_empty(), "a page that is not the last makes progress");
-            batch = self.store().read(PATHS[path], ReadFrom::At(Offset(offset)), page).unwrap();
+            batch = self.store().read(PATHS[path], ReadFrom::At(Offset(offset)), page).await.unwrap();
         }
         assert_eq!(got, expected, "read of {} from {from:?}", PATHS[path]);
     }
 
     /// Every path exists, is gone, or is absent exactly as the model says,
     /// with the same closure, tail and whole content.
-    fn check_all(&mut self) {
+    async fn check_all(&mut self) {
         for (i, path) in PATHS.iter().enumerate() {
-            let head = self.store().head(path);
+            let head = self.store().head(path).await;
             match self.model.live(i) {
                 Ok(s) => {
                     let info = head.unwrap_or_else(|e| panic!("HEAD {path}: {e}"));
@@ -702,7 +702,7 @@ impl Harness {
                     assert_eq!(info.tail, s.tail_offset(), "{path} tail");
                     assert_eq!(info.is_json(), s.json, "{path} mode");
                     let content = s.content_from(0);
-                    let batch = self.store().read(path, ReadFrom::Start, 1 << 20).unwrap();
+                    let batch = self.store().read(path, ReadFrom::Start, 1 << 20).await.unwrap();
                     let got = if batch.json {
                         Content::Messages(batch.messages().iter().map(|c| c.to_vec()).collect())
                     } else {
@@ -714,7 +714,7 @@ impl Harness {
                 Err(e) => assert_eq!(Err(e), head.map(|_| ()).map_err(kind), "HEAD {path}"),
             }
         }
-        let listed: Vec<String> = self.store().list_prefix("/m/", 100).into_iter().map(|i| i.path).collect();
+        let listed: Vec<String> = self.store().list_prefix("/m/", 100).await.into_iter().map(|i| i.path).collect();
         let mut live: Vec<String> =
             (0..PATHS.len()).filter(|i| self.model.live(*i).is_ok()).map(|i| PATHS[i].to_owned()).collect();
         live.sort();
