@@ -704,7 +704,7 @@ pub async fn set_tag(
     let Value::String(value) = body.value else {
         return Err(ApiError::bad_request("Tag values must be strings"));
     };
-    let entity = entity_for(&state, &who, &url, Permission::Write)?;
+    let entity = entity_for(&state, &who, &url, Permission::Write).await?;
     change_tag(&state, &entity, key, Some(value)).await
 }
 
@@ -717,7 +717,7 @@ pub async fn delete_tag(
 ) -> ApiResult<Response> {
     let url = entity_url(&entity_type, &instance_id)?;
     let key = tag_key(&key)?;
-    let entity = entity_for(&state, &who, &url, Permission::Write)?;
+    let entity = entity_for(&state, &who, &url, Permission::Write).await?;
     change_tag(&state, &entity, key, None).await
 }
 
@@ -732,7 +732,8 @@ async fn change_tag(
     }
     // Exclusive: two tag writes land in the registry and on the stream in one order.
     let _life = state.lives.exclusive(&entity.url).await;
-    let Some(current) = state.registry.entity(&entity.url).filter(|now| now.incarnation == entity.incarnation) else {
+    let Some(current) = state.registry.entity(&entity.url).await.filter(|now| now.incarnation == entity.incarnation)
+    else {
         return Err(entity_not_found(&entity.url));
     };
     if !current.is_running() {
