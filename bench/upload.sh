@@ -36,7 +36,7 @@ B="http://127.0.0.1:$P"
 for _ in $(seq 1 100); do curl -fs "$B/healthz" >/dev/null && break; sleep 0.1; done
 curl -fs -X PUT "$B/_electric/entities/bench/up" >/dev/null
 sync
-up=$(curl -fs -o /dev/null -w '%{time_total}' -X POST "$B/_electric/entities/bench/up/attachments" -F id=big -F "file=@$WORK/src.bin")
+up=$(curl -fs -o /dev/null -w '%{time_total}' -X POST "$B/_electric/entities/bench/up/attachments" -F id=big -F 'subject={"type":"context","key":"bench"}' -F "file=@$WORK/src.bin")
 up_rss=$(awk '/VmHWM/ {print $2}' /proc/$PID/status)
 down=$(curl -fs -o /dev/null -w '%{time_total}' "$B/_electric/entities/bench/up/attachments/big")
 rss=$(awk '/VmHWM/ {print $2}' /proc/$PID/status)

@@ -101,6 +101,7 @@ test("the main stream materializes to what the server wrote", async () => {
 
   const doomed = new FormData()
   doomed.append("id", "att-2")
+  doomed.append("subject", JSON.stringify({ type: "context", key: "doomed" }))
   doomed.append("file", new Blob(["gone soon"]), "gone.txt")
   assert.equal((await call("POST", `${API}/attachments`, doomed)).status, 201)
   assert.equal((await call("DELETE", `${API}/attachments/att-2`)).status, 200)

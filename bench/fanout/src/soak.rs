@@ -931,6 +931,8 @@ fn multipart(id: &str, data: &[u8]) -> Vec<u8> {
 fn multipart_head(id: &str) -> Vec<u8> {
     format!(
         "--{BOUNDARY}\r\ncontent-disposition: form-data; name=\"id\"\r\n\r\n{id}\r\n\
+         --{BOUNDARY}\r\ncontent-disposition: form-data; name=\"subject\"\r\n\r\n\
+         {{\"type\":\"context\",\"key\":\"{id}\"}}\r\n\
          --{BOUNDARY}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"{id}.bin\"\r\n\
          content-type: application/octet-stream\r\n\r\n"
     )
