@@ -26,21 +26,7 @@ fn run(ops: &[Op]) {
 /// everything since the first open lives in the write-ahead log, and recovery
 /// is the log's replay.
 fn embedded_crashing() -> Opener {
-    let root = tempfile::tempdir().unwrap();
-    let mut generation = 0u32;
-    Box::new(move || {
-        let from = root.path().join(generation.to_string());
-        generation += 1;
-        let to = root.path().join(generation.to_string());
-        std::fs::create_dir_all(&to).unwrap();
-        if from.exists() {
-            copy_dir(&from, &to);
-        }
-        let mut config = EmbeddedConfig::new(&to);
-        config.checkpoint_interval = std::time::Duration::from_secs(3600);
-        let store = EmbeddedStore::open(config).unwrap();
-        Box::pin(async move { Box::new(store) as Box<dyn StreamStore> })
-    })
+    crashing_with(|config| config.checkpoint_interval = std::time::Duration::from_secs(3600))
 }
 
 /// Like `embedded_crashing`, but checkpoints every millisecond and the log's
@@ -48,6 +34,16 @@ fn embedded_crashing() -> Opener {
 /// file sealed, its segment files syncing on the checkpoint thread while
 /// batches go on into the other file, the durable commit that frees it.
 fn embedded_crashing_mid_checkpoint() -> Opener {
+    crashing_with(|config| {
+        config.checkpoint_interval = std::time::Duration::from_millis(1);
+        config.wal_bytes = 2 << 10;
+    })
+}
+
+/// An embedded store, configured by `configure`, that crashes at every
+/// restart: each open takes a copy of the previous generation's files while
+/// that store still runs.
+fn crashing_with(configure: impl Fn(&mut EmbeddedConfig) + Send + 'static) -> Opener {
     let root = tempfile::tempdir().unwrap();
     let mut generation = 0u32;
     Box::new(move || {
@@ -59,8 +55,7 @@ fn embedded_crashing_mid_checkpoint() -> Opener {
             copy_dir(&from, &to);
         }
         let mut config = EmbeddedConfig::new(&to);
-        config.checkpoint_interval = std::time::Duration::from_millis(1);
-        config.wal_bytes = 2 << 10;
+        configure(&mut config);
         let store = EmbeddedStore::open(config).unwrap();
         Box::pin(async move { Box::new(store) as Box<dyn StreamStore> })
     })

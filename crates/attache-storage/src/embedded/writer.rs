@@ -549,17 +549,7 @@ fn finish_checkpoint(shared: &Shared, journal: &mut Journal, state: &mut WriterS
                 wal.trim(upto);
             }
         }
-        Err(err) => {
-            tracing::warn!(%err, "checkpoint failed; the log still holds every acknowledged batch");
-            shared.health.fail(Source::Db, &err);
-            if err.is_io() {
-                journal.lost = Some(err);
-                match reopen(shared, journal) {
-                    Ok(fresh) => *state = fresh,
-                    Err(err) => tracing::warn!(%err, "the stream database cannot be reopened yet"),
-                }
-            }
-        }
+        Err(err) => checkpoint_failed(shared, journal, state, err),
     }
 }
 
@@ -765,16 +755,21 @@ fn run_checkpoint(shared: &Shared, journal: &mut Journal, state: &mut WriterStat
                 }
             }
         }
-        Err(err) => {
-            tracing::warn!(%err, "checkpoint failed; the log still holds every acknowledged batch");
-            shared.health.fail(Source::Db, &err);
-            if err.is_io() {
-                journal.lost = Some(err);
-                match reopen(shared, journal) {
-                    Ok(fresh) => *state = fresh,
-                    Err(err) => tracing::warn!(%err, "the stream database cannot be reopened yet"),
-                }
-            }
+        Err(err) => checkpoint_failed(shared, journal, state, err),
+    }
+}
+
+/// A checkpoint's durable commit failed: the log still holds every
+/// acknowledged batch. After a disk error redb refuses everything until the
+/// file is reopened, so it is reopened (and the log replayed) now.
+fn checkpoint_failed(shared: &Shared, journal: &mut Journal, state: &mut WriterState, err: StoreError) {
+    tracing::warn!(%err, "checkpoint failed; the log still holds every acknowledged batch");
+    shared.health.fail(Source::Db, &err);
+    if err.is_io() {
+        journal.lost = Some(err);
+        match reopen(shared, journal) {
+            Ok(fresh) => *state = fresh,
+            Err(err) => tracing::warn!(%err, "the stream database cannot be reopened yet"),
         }
     }
 }
