@@ -9,6 +9,13 @@
 //! once), the answer carries `Connection: close`. A request sent
 //! with `Expect: 100-continue` is not drained: its client sends no body
 //! unless asked to (curl does this for bodies over 1 MiB).
+//!
+//! Bounded twice more: at most [`DRAINING_AT_ONCE`] refused bodies are
+//! drained at once in the whole process (past it a refusal is answered at once
+//! with `Connection: close`), and only HTTP/1 requests are drained: over
+//! HTTP/2 a refused stream ends with the answer and the rest of its body is
+//! refused by the protocol itself (no connection is torn down), so many
+//! streams on one connection never hold a drain each.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -19,7 +26,7 @@ use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 use futures::{Stream, StreamExt};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::AppState;
 
@@ -55,10 +62,16 @@ impl Drop for Returning {
     }
 }
 
+/// Refused bodies drained at the same time, in the whole process.
+pub const DRAINING_AT_ONCE: usize = 256;
+static DRAINING: Semaphore = Semaphore::const_new(DRAINING_AT_ONCE);
+
 /// The middleware (outermost, so refusals of every layer are drained).
 pub async fn drain_refused(State(state): State<AppState>, req: Request, next: Next) -> Response {
     // A client that asked `Expect: 100-continue` sends no body unless told to: nothing to drain.
-    if req.headers().contains_key(header::EXPECT) {
+    if req.headers().contains_key(header::EXPECT)
+        || matches!(req.version(), axum::http::Version::HTTP_2 | axum::http::Version::HTTP_3)
+    {
         return next.run(req).await;
     }
     let declared =
@@ -78,6 +91,11 @@ pub async fn drain_refused(State(state): State<AppState>, req: Request, next: Ne
         res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return res;
     }
+    let Ok(_draining) = DRAINING.try_acquire() else {
+        tracing::debug!("too many refused bodies draining at once; closing the connection instead");
+        res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return res;
+    };
     let deadline = tokio::time::Instant::now() + state.config.refused_body_drain_time;
     let mut drained = 0u64;
     let whole = loop {

@@ -705,7 +705,8 @@ pub async fn set_tag(
         return Err(ApiError::bad_request("Tag values must be strings"));
     };
     let entity = entity_for(&state, &who, &url, Permission::Write).await?;
-    change_tag(&state, &entity, key, Some(value)).await
+    let reader = crate::access::may(&state, &who, &entity, Permission::Read);
+    change_tag(&state, &entity, key, Some(value), reader).await
 }
 
 /// DELETE /_electric/entities/{type}/{id}/tags/{key} [write]: removes a tag
@@ -718,15 +719,27 @@ pub async fn delete_tag(
     let url = entity_url(&entity_type, &instance_id)?;
     let key = tag_key(&key)?;
     let entity = entity_for(&state, &who, &url, Permission::Write).await?;
-    change_tag(&state, &entity, key, None).await
+    let reader = crate::access::may(&state, &who, &entity, Permission::Read);
+    change_tag(&state, &entity, key, None, reader).await
 }
 
+/// Answers the entity (and the row's `txid`) to a caller that may read it; a
+/// write-only caller learns only its own write: the `txid`, or `{}` when
+/// nothing changed (never the entity's args, tags or timestamps).
 async fn change_tag(
     state: &AppState,
     entity: &EntityRecord,
     key: String,
     value: Option<String>,
+    reader: bool,
 ) -> ApiResult<Response> {
+    let answer = |entity: &EntityRecord, txid: Option<&str>| {
+        let mut out = if reader { entity_json(entity) } else { json!({}) };
+        if let Some(txid) = txid {
+            out["txid"] = json!(txid);
+        }
+        Json(out).into_response()
+    };
     if !entity.is_running() {
         return Err(not_running());
     }
@@ -741,7 +754,7 @@ async fn change_tag(
     }
     let previous = current.tags.get(&key).cloned();
     if previous == value {
-        return Ok(Json(entity_json(&current)).into_response());
+        return Ok(answer(&current, None));
     }
     if let Some(v) = &value {
         let mut tags = current.tags.clone();
@@ -779,7 +792,5 @@ async fn change_tag(
         (Some(_), Some(v)) => ChangeEvent::update(TAGS, &key, json!({ "key": key, "value": v }), &txid, &at),
     };
     append_rows(state.store.as_ref(), &format!("{}/main", entity.url), &[row], false).await?;
-    let mut out = entity_json(&updated);
-    out["txid"] = json!(txid);
-    Ok(Json(out).into_response())
+    Ok(answer(&updated, Some(&txid)))
 }

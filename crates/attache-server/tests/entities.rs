@@ -1104,3 +1104,50 @@ async fn tags_are_set_and_removed_as_rows_on_the_main_stream_and_filter_the_list
     assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "NOT_RUNNING"));
     assert_eq!(tag_rows(ts, tagged).await, before);
 }
+
+/// A principal granted only `write` may set and remove tags, and learns only
+/// its own write (the row's txid), never the entity's spawn args, other tags
+/// or creator: those need `read`.
+#[tokio::test]
+async fn a_write_only_principal_setting_a_tag_learns_only_its_txid() {
+    let ts = TestServer::start().await;
+    let e = "/chat/tag-dropbox";
+    let res = as_principal(ts.request(Method::PUT, &api(e)), Some(ANN))
+        .json(&json!({"args": {"secret": "ARGSECRET"}, "tags": {"project": "TAGSECRET"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let res = as_principal(ts.request(Method::POST, &format!("{}/grants", api(e))), Some(ANN))
+        .json(&json!({ "subject_kind": "principal", "subject_value": SAM, "permission": "write" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    for (method, key, body) in [
+        (Method::POST, "x", Some(json!({"value": "y"}))),
+        (Method::POST, "x", Some(json!({"value": "y"}))),
+        (Method::DELETE, "x", None),
+        (Method::DELETE, "never", None),
+    ] {
+        let rb = as_principal(ts.request(method.clone(), &format!("{}/tags/{key}", api(e))), Some(SAM));
+        let rb = match body {
+            Some(b) => rb.json(&b),
+            None => rb,
+        };
+        let res = rb.send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let text = res.text().await.unwrap();
+        for secret in ["ARGSECRET", "TAGSECRET", "user%3Aann", "spawn_args", "created_by"] {
+            assert!(!text.contains(secret), "{method} {key}: the answer holds {secret}: {text}");
+        }
+    }
+    // The owner still gets the entity.
+    let res = as_principal(ts.request(Method::POST, &format!("{}/tags/z", api(e))), Some(ANN))
+        .json(&json!({"value": "w"}))
+        .send()
+        .await
+        .unwrap();
+    let owner: Value = res.json().await.unwrap();
+    assert_eq!(owner["tags"]["project"], "TAGSECRET");
+}
