@@ -376,8 +376,8 @@ impl TaskCell {
 #[derive(Default)]
 pub struct Writers {
     cells: parking_lot::Mutex<HashMap<String, Arc<TaskCell>>>,
-    /// Deleted tasks whose tombstones are kept, oldest first: (task id, incarnation).
-    tombstones: parking_lot::Mutex<VecDeque<(String, Option<String>)>>,
+    /// Deleted tasks whose tombstones are kept, oldest first.
+    tombstones: parking_lot::Mutex<VecDeque<Tombstone>>,
 }
 
 /// A task's cell, released when dropped (on every path, errors included), so
@@ -1296,14 +1296,55 @@ async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskRes
     drop(cell);
     let over = {
         let mut kept = state.tasks.tombstones.lock();
-        kept.push_back((id.to_owned(), entity.incarnation.clone()));
-        let excess = kept.len().saturating_sub(state.config.deleted_tasks_kept);
-        kept.drain(..excess).collect::<Vec<_>>()
+        kept.push_back(Tombstone {
+            id: id.to_owned(),
+            incarnation: entity.incarnation.clone(),
+            owner: entity.created_by.clone(),
+        });
+        evict_tombstones(&mut kept, state.config.deleted_tasks_kept, &entity.created_by)
     };
-    for (old_id, old_incarnation) in over {
-        drop_tombstone(state, &old_id, old_incarnation.as_deref()).await?;
+    for old in over {
+        drop_tombstone(state, &old.id, old.incarnation.as_deref()).await?;
     }
     Ok(json!({ "id": id, "deleted": true, "deletedAt": timestamp(now) }))
+}
+
+/// A deleted task whose record is kept (so its id stays taken and its events
+/// stay visible to those who could see it), and who created it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tombstone {
+    id: String,
+    incarnation: Option<String>,
+    owner: String,
+}
+
+/// Takes the tombstones past `budget` out of `kept`, each the oldest of the
+/// principal holding the most (the deleter first among equals): one
+/// principal's deletions never push out the tombstones of a principal that
+/// holds fewer than it does, so no one can erase another's history (and take
+/// its ids) by deleting tasks of its own; the total stays within `budget`.
+fn evict_tombstones(kept: &mut VecDeque<Tombstone>, budget: usize, deleter: &str) -> Vec<Tombstone> {
+    let mut out = Vec::new();
+    while kept.len() > budget {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for t in kept.iter() {
+            *counts.entry(t.owner.as_str()).or_default() += 1;
+        }
+        let most = counts.values().copied().max().unwrap_or(0);
+        let heaviest = if counts.get(deleter).copied() == Some(most) {
+            deleter.to_owned()
+        } else {
+            kept.iter()
+                .find(|t| counts.get(t.owner.as_str()).copied() == Some(most))
+                .map(|t| t.owner.clone())
+                .unwrap_or_default()
+        };
+        match kept.iter().position(|t| t.owner == heaviest) {
+            Some(at) => out.extend(kept.remove(at)),
+            None => break,
+        }
+    }
+    out
 }
 
 /// Purges the tombstone of a deleted task (its record, grants and closed main
@@ -1328,21 +1369,22 @@ async fn drop_tombstone(state: &AppState, task_id: &str, incarnation: Option<&st
 /// Startup: the tombstones of tasks deleted before, oldest deletion first;
 /// those past `deleted_tasks_kept` are purged now.
 pub async fn load_tombstones(state: &AppState) -> TaskResult<()> {
-    let mut deleted: Vec<(i64, String, Option<String>)> = state
+    let mut deleted: Vec<(i64, Tombstone)> = state
         .registry
         .entities(Some(TASK_TYPE))
         .into_iter()
         .filter_map(|e| {
             let deleted_at = e.extra.as_ref()?.get("deletedAt")?.as_i64()?;
-            Some((deleted_at, e.instance_id, e.incarnation))
+            Some((deleted_at, Tombstone { id: e.instance_id, incarnation: e.incarnation, owner: e.created_by }))
         })
         .collect();
-    deleted.sort();
-    let excess = deleted.len().saturating_sub(state.config.deleted_tasks_kept);
-    for (_, id, incarnation) in deleted.drain(..excess) {
-        drop_tombstone(state, &id, incarnation.as_deref()).await?;
+    deleted.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
+    let mut kept: VecDeque<Tombstone> = deleted.into_iter().map(|(_, t)| t).collect();
+    let over = evict_tombstones(&mut kept, state.config.deleted_tasks_kept, "");
+    for old in over {
+        drop_tombstone(state, &old.id, old.incarnation.as_deref()).await?;
     }
-    state.tasks.tombstones.lock().extend(deleted.into_iter().map(|(_, id, inc)| (id, inc)));
+    state.tasks.tombstones.lock().extend(kept);
     Ok(())
 }
 

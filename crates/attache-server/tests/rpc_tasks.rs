@@ -1146,3 +1146,32 @@ async fn tombstones_past_the_limit_are_purged_at_startup() {
     assert_eq!(after.registry_entities, baseline.registry_entities + 2, "{after:?}");
     assert_eq!(after.streams, baseline.streams + 2, "{after:?}");
 }
+
+/// The tombstone budget is shared fairly: a principal deleting tasks of its
+/// own evicts its own oldest tombstones, never those of a principal holding
+/// fewer, so it can neither erase another's history nor take its task ids.
+#[tokio::test]
+async fn deleting_your_own_tasks_never_evicts_the_tombstone_of_a_principal_holding_fewer() {
+    let s = TestServer::start_with(|c| c.deleted_tasks_kept = 2).await;
+    create_task_with_id(&s, ALICE, "t-alice-kept").await;
+    ok(&s, ALICE, "task.delete", json!({"id": "t-alice-kept"})).await;
+    for i in 0..5 {
+        let id = create_task(&s, BOB, &format!("bob's {i}"), 50).await;
+        ok(&s, BOB, "task.delete", json!({"id": id})).await;
+    }
+    assert_eq!(s.memory_counts().await.tombstones, 2, "the budget holds");
+    let taken = err(&s, BOB, "task.create", json!({"id": "t-alice-kept", "text": "mine now"})).await;
+    assert!(taken["message"].as_str().is_some_and(|m| m.contains("already exists")), "{taken}");
+    // Alice still sees her deleted task's events.
+    let events = s
+        .request(reqwest::Method::GET, "/_attache/events?offset=-1")
+        .header("electric-principal", ALICE)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let kept = events.as_array().unwrap().iter().filter(|e| e["taskId"] == "t-alice-kept").count();
+    assert!(kept >= 2, "task.created and task.deleted stay visible to alice: {events}");
+}
