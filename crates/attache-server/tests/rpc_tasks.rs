@@ -1117,15 +1117,7 @@ async fn the_id_of_a_purged_tombstone_can_be_created_again_without_its_old_event
     let other = create_task(&s, ALICE, "other", 50).await;
     ok(&s, ALICE, "task.delete", json!({"id": other})).await;
     ok(&s, ALICE, "task.create", json!({"id": "t-reborn", "text": "again"})).await;
-    let events = s
-        .request(reqwest::Method::GET, "/_attache/events?offset=-1")
-        .header("electric-principal", ALICE)
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
+    let events = events_seen_by(&s, ALICE).await;
     let reborn: Vec<&Value> = events.as_array().unwrap().iter().filter(|e| e["taskId"] == "t-reborn").collect();
     assert_eq!(reborn.len(), 1, "only the new life's task.created, not the purged life's events: {reborn:?}");
     assert_eq!(reborn[0]["type"], "task.created", "{reborn:?}");
@@ -1163,15 +1155,19 @@ async fn deleting_your_own_tasks_never_evicts_the_tombstone_of_a_principal_holdi
     let taken = err(&s, BOB, "task.create", json!({"id": "t-alice-kept", "text": "mine now"})).await;
     assert!(taken["message"].as_str().is_some_and(|m| m.contains("already exists")), "{taken}");
     // Alice still sees her deleted task's events.
-    let events = s
-        .request(reqwest::Method::GET, "/_attache/events?offset=-1")
-        .header("electric-principal", ALICE)
+    let events = events_seen_by(&s, ALICE).await;
+    let kept = events.as_array().unwrap().iter().filter(|e| e["taskId"] == "t-alice-kept").count();
+    assert!(kept >= 2, "task.created and task.deleted stay visible to alice: {events}");
+}
+
+/// Every event `who` may see, from the start of the events stream.
+async fn events_seen_by(s: &TestServer, who: &str) -> Value {
+    s.request(reqwest::Method::GET, "/_attache/events?offset=-1")
+        .header("electric-principal", who)
         .send()
         .await
         .unwrap()
         .json::<Value>()
         .await
-        .unwrap();
-    let kept = events.as_array().unwrap().iter().filter(|e| e["taskId"] == "t-alice-kept").count();
-    assert!(kept >= 2, "task.created and task.deleted stay visible to alice: {events}");
+        .unwrap()
 }
