@@ -689,8 +689,7 @@ fn tag_key(raw: &str) -> ApiResult<String> {
 /// POST /_electric/entities/{type}/{id}/tags/{key} `{"value":"..."}` [write]:
 /// sets a tag, then writes it as Electric does, a `tags` row (`insert` for a
 /// new key, `update` for a changed value) on the main stream. The same value
-/// again changes nothing and writes nothing. Answers the entity (with `txid`
-/// when a row was written).
+/// again changes nothing and writes nothing. Answers as [`change_tag`] says.
 pub async fn set_tag(
     State(state): State<AppState>,
     Caller(who): Caller,
@@ -705,8 +704,7 @@ pub async fn set_tag(
         return Err(ApiError::bad_request("Tag values must be strings"));
     };
     let entity = entity_for(&state, &who, &url, Permission::Write).await?;
-    let reader = crate::access::may(&state, &who, &entity, Permission::Read);
-    change_tag(&state, &entity, key, Some(value), reader).await
+    change_tag(&state, &who, &entity, key, Some(value)).await
 }
 
 /// DELETE /_electric/entities/{type}/{id}/tags/{key} [write]: removes a tag
@@ -719,8 +717,7 @@ pub async fn delete_tag(
     let url = entity_url(&entity_type, &instance_id)?;
     let key = tag_key(&key)?;
     let entity = entity_for(&state, &who, &url, Permission::Write).await?;
-    let reader = crate::access::may(&state, &who, &entity, Permission::Read);
-    change_tag(&state, &entity, key, None, reader).await
+    change_tag(&state, &who, &entity, key, None).await
 }
 
 /// Answers the entity (and the row's `txid`) to a caller that may read it; a
@@ -728,11 +725,12 @@ pub async fn delete_tag(
 /// nothing changed (never the entity's args, tags or timestamps).
 async fn change_tag(
     state: &AppState,
+    who: &PrincipalKey,
     entity: &EntityRecord,
     key: String,
     value: Option<String>,
-    reader: bool,
 ) -> ApiResult<Response> {
+    let reader = crate::access::may(state, who, entity, Permission::Read);
     let answer = |entity: &EntityRecord, txid: Option<&str>| {
         let mut out = if reader { entity_json(entity) } else { json!({}) };
         if let Some(txid) = txid {

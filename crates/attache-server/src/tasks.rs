@@ -1325,24 +1325,26 @@ pub struct Tombstone {
 /// its ids) by deleting tasks of its own; the total stays within `budget`.
 fn evict_tombstones(kept: &mut VecDeque<Tombstone>, budget: usize, deleter: &str) -> Vec<Tombstone> {
     let mut out = Vec::new();
+    if kept.len() <= budget {
+        return out;
+    }
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for t in kept.iter() {
+        *counts.entry(t.owner.clone()).or_default() += 1;
+    }
     while kept.len() > budget {
-        let mut counts: HashMap<&str, usize> = HashMap::new();
-        for t in kept.iter() {
-            *counts.entry(t.owner.as_str()).or_default() += 1;
-        }
         let most = counts.values().copied().max().unwrap_or(0);
         let heaviest = if counts.get(deleter).copied() == Some(most) {
             deleter.to_owned()
         } else {
-            kept.iter()
-                .find(|t| counts.get(t.owner.as_str()).copied() == Some(most))
-                .map(|t| t.owner.clone())
-                .unwrap_or_default()
+            let first = kept.iter().find(|t| counts.get(&t.owner).copied() == Some(most));
+            first.map(|t| t.owner.clone()).unwrap_or_default()
         };
-        match kept.iter().position(|t| t.owner == heaviest) {
-            Some(at) => out.extend(kept.remove(at)),
-            None => break,
+        let Some(gone) = kept.iter().position(|t| t.owner == heaviest).and_then(|at| kept.remove(at)) else { break };
+        if let Some(n) = counts.get_mut(&gone.owner) {
+            *n -= 1;
         }
+        out.push(gone);
     }
     out
 }
