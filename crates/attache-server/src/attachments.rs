@@ -236,7 +236,13 @@ async fn id_is_free(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult
 struct Pending<'a> {
     _reservation: Reservation<'a>,
     entry: ManifestEntry,
+    /// The txid of the row that settles the upload (complete, failed or
+    /// retracted), the one a one-shot upload answers with: a client waiting
+    /// for it sees the final status, never only `pending`.
     txid: String,
+    /// The txid of the `pending` row, what a resumable upload answers with
+    /// (its bytes come later, through the stream).
+    pending_txid: String,
     /// Set once the handler itself answered for the row.
     settled: Option<(AppState, EntityUrl)>,
 }
@@ -324,13 +330,19 @@ async fn begin<'s>(
             return Err(duplicate(id));
         }
     }
-    let txid = new_txid();
+    let pending_txid = new_txid();
     {
         // The row goes only into the life the upload was authorized against.
         let _life = hold_life(state, record).await?;
-        write_entry(state, entity, &entry, &txid).await?;
+        write_entry(state, entity, &entry, &pending_txid).await?;
     }
-    Ok(Pending { _reservation: reservation, entry, txid, settled: Some((state.clone(), entity.clone())) })
+    Ok(Pending {
+        _reservation: reservation,
+        entry,
+        txid: new_txid(),
+        pending_txid,
+        settled: Some((state.clone(), entity.clone())),
+    })
 }
 
 fn multipart_error(e: multer::Error) -> ApiError {
@@ -858,7 +870,8 @@ pub async fn begin_resumable(
         });
     }
     state.uploads.1.lock().insert(path, OpenUpload { entity: entity.clone(), id: id.clone() });
-    Ok((StatusCode::CREATED, Json(json!({ "txid": pending.txid, "attachment": pending.entry }))).into_response())
+    Ok((StatusCode::CREATED, Json(json!({ "txid": pending.pending_txid, "attachment": pending.entry })))
+        .into_response())
 }
 
 /// Completes a resumable upload whose stream is closed: hashes the bytes and

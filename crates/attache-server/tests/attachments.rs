@@ -602,6 +602,24 @@ async fn content_disposition_is_safe_for_any_filename() {
 }
 
 #[tokio::test]
+async fn an_upload_answers_with_the_txid_of_its_complete_row_not_of_its_pending_row() {
+    // A client that waits for the answer's txid in the main stream (as
+    // Electric's clients do) must then see the upload complete, not pending.
+    let ts = server_with_entity().await;
+    let form = Form::new().field("id", "t1").file(Some("t1.bin"), Some("text/plain"), b"abc").finish();
+    let res = upload_raw(&ts, CHAT, form).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let txid = res.json::<Value>().await.unwrap()["txid"].as_str().expect("a txid").to_owned();
+    let mine: Vec<Value> =
+        rows(&ts, &format!("{CHAT}/main")).await.into_iter().filter(|r| r["key"] == "attachment:t1").collect();
+    let statuses: Vec<(&str, bool)> = mine
+        .iter()
+        .map(|r| (r["value"]["status"].as_str().unwrap_or("?"), r["headers"]["txid"] == txid.as_str()))
+        .collect();
+    assert_eq!(statuses, [("pending", false), ("complete", true)], "{mine:?}");
+}
+
+#[tokio::test]
 async fn a_deleted_attachment_is_404_afterwards_and_its_bytes_are_reclaimed() {
     let ts = server_with_entity().await;
     upload(&ts, CHAT, "gone", "text/plain", b"soon gone").await;
