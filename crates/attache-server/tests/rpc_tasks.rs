@@ -1107,6 +1107,24 @@ async fn deleted_tasks_leave_no_state_in_memory() {
 }
 
 #[tokio::test]
+async fn an_attachment_refused_by_a_full_disk_leaves_no_key_lock_or_task_cell_behind() {
+    let plan = attache_storage::FaultPlan::new();
+    let s = TestServer::start_with(|c| c.fault_plan = Some(plan.clone())).await;
+    let id = create_task(&s, ALICE, "the disk fills", 50).await;
+    let data = base64::engine::general_purpose::STANDARD.encode(b"inline bytes");
+    let put = json!({"taskId": id, "key": "k", "type": "binary", "data": data});
+    plan.disk_full();
+    // The bytes are written with the key lock held; their refusal returns early.
+    let refused = err(&s, ALICE, "task.create_attachment", put.clone()).await;
+    assert_eq!(refused["code"], -32603, "{refused}");
+    let after = s.memory_counts().await;
+    assert_eq!(after.task_cells, 0, "the refused write gave back its key lock, so its task cell went: {after:?}");
+    plan.clear();
+    ok(&s, ALICE, "task.create_attachment", put).await;
+    assert_eq!(s.memory_counts().await.task_cells, 0);
+}
+
+#[tokio::test]
 async fn the_id_of_a_purged_tombstone_can_be_created_again_without_its_old_events() {
     let s = TestServer::start_with(|c| c.deleted_tasks_kept = 1).await;
     create_task_with_id(&s, ALICE, "t-reborn").await;

@@ -1,0 +1,574 @@
+//! Task attachments: the `task.*_attachment*` methods. Each attachment is a
+//! manifest row on the task's main stream keyed by `ext["name"]`; inline
+//! bytes go to a closed stream at the address derived from the attachment
+//! id. Writes of one key are serialized by its key lock (see `ordering`).
+
+use attache_core::manifest::{
+    versioned_attachment_stream, AttachmentStatus, ManifestEntry, Role, Subject, BYTES_VERSION_LEN,
+};
+use attache_core::state::timestamp;
+use attache_core::{ContentType, EntityUrl, Permission, PrincipalKey, StreamPath};
+use attache_storage::{CreateStream, EntityRecord};
+use base64::Engine;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::dispatch::{task_entity, task_missing, Missing};
+use super::ids::{main_path, new_attachment_id, radix36, task_url};
+use super::writes::{write_task, Event, Row};
+use super::{Params, TaskError, TaskResult, MAX_INLINE_BINARY, MAX_INLINE_BYTES, TASK_TYPE};
+use crate::access::now_ms;
+use crate::rows::MainView;
+use crate::AppState;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachmentKind {
+    Json,
+    Markdown,
+    Text,
+    Url,
+    Binary,
+}
+
+impl AttachmentKind {
+    pub fn parse(s: &str) -> Option<AttachmentKind> {
+        Some(match s {
+            "json" => AttachmentKind::Json,
+            "markdown" => AttachmentKind::Markdown,
+            "text" => AttachmentKind::Text,
+            "url" => AttachmentKind::Url,
+            "binary" => AttachmentKind::Binary,
+            _ => return None,
+        })
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachmentKind::Json => "json",
+            AttachmentKind::Markdown => "markdown",
+            AttachmentKind::Text => "text",
+            AttachmentKind::Url => "url",
+            AttachmentKind::Binary => "binary",
+        }
+    }
+    fn default_mime(self) -> &'static str {
+        match self {
+            AttachmentKind::Json => "application/json",
+            AttachmentKind::Markdown => "text/markdown",
+            AttachmentKind::Text => "text/plain",
+            AttachmentKind::Url => "text/uri-list",
+            AttachmentKind::Binary => ContentType::OCTET_STREAM,
+        }
+    }
+}
+
+pub(super) const TYPES: &str = "json, markdown, text, url, binary";
+
+/// A validated `task.create_attachment` request.
+pub struct AttachmentInput {
+    pub(super) task_id: String,
+    pub(super) key: String,
+    pub(super) kind: AttachmentKind,
+    pub(super) value: Option<Value>,
+    pub(super) content: Option<String>,
+    pub(super) url: Option<String>,
+    pub(super) mime_type: Option<String>,
+    pub(super) size: Option<u64>,
+    pub(super) data: Option<Vec<u8>>,
+}
+
+/// http(s) URLs with a host; never fetched.
+pub(super) fn valid_url(s: &str) -> bool {
+    match s.parse::<axum::http::Uri>() {
+        Ok(uri) => {
+            matches!(uri.scheme_str(), Some("http" | "https"))
+                && uri.host().is_some_and(|h| !h.is_empty())
+                && !s.chars().any(char::is_whitespace)
+        }
+        Err(_) => false,
+    }
+}
+
+pub(super) fn parse_attachment(p: &Params<'_>) -> TaskResult<AttachmentInput> {
+    let task_id = p.string("taskId", 128)?.to_owned();
+    let key = p.string("key", 100)?.to_owned();
+    if key.chars().any(char::is_control) {
+        return Err(TaskError::invalid("key", "key must not contain control characters"));
+    }
+    let kind = p
+        .opt_enum("type", AttachmentKind::parse, TYPES)?
+        .ok_or_else(|| TaskError::invalid("type", format!("type is required: one of {TYPES}")))?;
+    let mime_type = p.opt_string("mimeType", 255)?.map(str::to_owned);
+    if let Some(m) = &mime_type {
+        ContentType::parse(m).map_err(|_| TaskError::invalid("mimeType", format!("invalid mimeType {m:?}")))?;
+    }
+    let size = match p.get("size") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| TaskError::invalid("size", "size must be a positive integer"))?,
+        ),
+    };
+    let content = p.opt_str("content")?.map(str::to_owned);
+    let url = p.opt_str("url")?.map(str::to_owned);
+    let data = match p.opt_str("data")? {
+        None => None,
+        Some(b64) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|_| TaskError::invalid("data", "data must be base64"))?;
+            if bytes.len() > MAX_INLINE_BINARY {
+                return Err(TaskError::invalid(
+                    "data",
+                    format!(
+                        "data is over {MAX_INLINE_BINARY} bytes: upload it to /_electric/entities/task/{task_id}/attachments with a key field"
+                    ),
+                ));
+            }
+            Some(bytes)
+        }
+    };
+    let value = p.present("value").then(|| p.get("value").cloned().unwrap_or(Value::Null));
+    // Each field belongs to the types that use it; one meant for another type is a mistake worth reporting.
+    let misplaced = |field: &str, kinds: &[AttachmentKind]| -> TaskResult<()> {
+        if p.present(field) && !kinds.contains(&kind) {
+            return Err(TaskError::invalid(field, format!("{field} is not used by {} attachments", kind.as_str())));
+        }
+        Ok(())
+    };
+    misplaced("value", &[AttachmentKind::Json])?;
+    misplaced("content", &[AttachmentKind::Markdown, AttachmentKind::Text])?;
+    misplaced("url", &[AttachmentKind::Url, AttachmentKind::Binary])?;
+    misplaced("data", &[AttachmentKind::Binary])?;
+    match kind {
+        AttachmentKind::Json => {
+            let v =
+                value.as_ref().ok_or_else(|| TaskError::invalid("value", "JSON attachments require a value field"))?;
+            if serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX) > MAX_INLINE_BYTES {
+                return Err(TaskError::invalid("value", format!("value is over {MAX_INLINE_BYTES} bytes")));
+            }
+        }
+        AttachmentKind::Markdown | AttachmentKind::Text => {
+            let c = content.as_ref().ok_or_else(|| {
+                TaskError::invalid("content", format!("{} attachments require a content field", kind.as_str()))
+            })?;
+            if c.len() > MAX_INLINE_BYTES {
+                return Err(TaskError::invalid("content", format!("content is over {MAX_INLINE_BYTES} bytes")));
+            }
+        }
+        AttachmentKind::Url => {
+            url.as_ref().ok_or_else(|| TaskError::invalid("url", "URL attachments require a url field"))?;
+        }
+        AttachmentKind::Binary => {}
+    }
+    if let Some(u) = &url {
+        if !valid_url(u) {
+            return Err(TaskError::invalid("url", "url must be an http or https URL"));
+        }
+    }
+    if let (Some(bytes), Some(declared)) = (&data, size) {
+        if bytes.len() as u64 != declared {
+            return Err(TaskError::invalid("size", format!("size is {declared} but data holds {} bytes", bytes.len())));
+        }
+    }
+    Ok(AttachmentInput { task_id, key, kind, value, content, url, mime_type, size, data })
+}
+
+/// The keyed, complete attachments of task `task_id`'s view: key → entry.
+/// An entry naming a stream other than the one derived for it is no attachment.
+pub(super) fn keyed<'v>(view: &'v MainView, task_id: &str) -> impl Iterator<Item = (&'v str, &'v ManifestEntry)> {
+    let url = task_url(task_id);
+    view.by_name.iter().filter_map(move |(name, id)| {
+        let url = url.as_ref()?;
+        view.manifest.get(id).filter(|e| usable(url, e)).map(|e| (name.as_str(), e))
+    })
+}
+
+/// Complete, and pointing at its own bytes (see [`ManifestEntry::bytes_path`]).
+pub(super) fn usable(url: &EntityUrl, e: &ManifestEntry) -> bool {
+    e.status == AttachmentStatus::Complete && e.names_its_own_stream(url)
+}
+
+/// `/principal/user%3Aalice` → `user:alice` (the form the task API shows).
+pub(super) fn principal_key_of(url: &str) -> String {
+    url.strip_prefix("/principal/")
+        .and_then(|encoded| attache_core::principal::percent_decode_strict(encoded).ok())
+        .unwrap_or_else(|| url.to_owned())
+}
+
+/// An attachment as the task API shows it. Uploads (no `taskType`) are binary.
+pub fn attachment_json(task_id: &str, key: &str, e: &ManifestEntry) -> Value {
+    let kind =
+        e.ext.get("taskType").and_then(Value::as_str).and_then(AttachmentKind::parse).unwrap_or(AttachmentKind::Binary);
+    let mut out = Map::new();
+    out.insert("id".into(), json!(e.id));
+    out.insert("taskId".into(), json!(task_id));
+    out.insert("key".into(), json!(key));
+    out.insert("type".into(), json!(kind.as_str()));
+    match kind {
+        AttachmentKind::Json => {
+            out.insert("value".into(), e.ext.get("value").cloned().unwrap_or(Value::Null));
+        }
+        AttachmentKind::Markdown | AttachmentKind::Text => {
+            out.insert("content".into(), e.ext.get("content").cloned().unwrap_or(json!("")));
+        }
+        AttachmentKind::Url | AttachmentKind::Binary => {
+            if let Some(u) = e.ext.get("url") {
+                out.insert("url".into(), u.clone());
+            }
+        }
+    }
+    if let Some(size) = e.ext.get("size").cloned().or_else(|| e.byte_length.map(|n| json!(n))) {
+        out.insert("size".into(), size);
+    }
+    if kind == AttachmentKind::Binary || e.mime_type != kind.default_mime() {
+        out.insert("mimeType".into(), json!(e.mime_type));
+    }
+    if e.byte_length.is_some() {
+        out.insert("streamPath".into(), json!(e.stream_path));
+        if let Some(sha) = &e.sha256 {
+            out.insert("sha256".into(), json!(sha));
+        }
+    }
+    if let Some(by) = &e.created_by {
+        out.insert("createdBy".into(), json!(principal_key_of(by)));
+    }
+    out.insert("createdAt".into(), json!(e.created_at));
+    out.insert("updatedAt".into(), e.ext.get("updatedAt").cloned().unwrap_or_else(|| json!(e.created_at)));
+    Value::Object(out)
+}
+
+/// Writes `bytes` as the closed attachment stream at `path`.
+pub(super) async fn write_bytes(
+    state: &AppState,
+    who: &PrincipalKey,
+    path: &str,
+    mime: &str,
+    bytes: Vec<u8>,
+) -> TaskResult<()> {
+    state
+        .store
+        .create(CreateStream {
+            path: StreamPath::new(path).map_err(TaskError::internal)?,
+            content_type: ContentType::parse(mime).ok(),
+            ttl: None,
+            expires_at: None,
+            closed: true,
+            initial: bytes.into(),
+            fork: None,
+            owner: Some(who.to_string()),
+        })
+        .await?;
+    Ok(())
+}
+
+/// Is the task still the running life we checked? A deletion may have
+/// finished while we waited for the task lock (or the task been purged and created anew).
+async fn still_running(state: &AppState, entity: &EntityRecord) -> bool {
+    state
+        .registry
+        .entity_shared(&entity.url)
+        .await
+        .is_some_and(|e| e.is_running() && e.incarnation == entity.incarnation)
+}
+
+/// Creates or replaces the attachment `input.key` of a task. A replacement
+/// keeps the id and createdAt and rewrites every other field, so nothing of
+/// the old type survives. Returns the entry as written.
+pub(super) async fn put_attachment(
+    state: &AppState,
+    who: &PrincipalKey,
+    input: AttachmentInput,
+) -> TaskResult<ManifestEntry> {
+    let task_id = input.task_id.as_str();
+    let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskNotFound).await?;
+    if !entity.is_running() {
+        return Err(task_missing(Missing::TaskNotFound, task_id));
+    }
+    let main = main_path(task_id);
+    let cell = state.tasks.cell(task_id);
+    let shared = cell.order.read().await;
+    let incarnation = entity.incarnation.as_deref();
+    if !still_running(state, &entity).await {
+        drop(shared);
+        drop(cell);
+        return Err(task_missing(Missing::TaskNotFound, task_id));
+    }
+    // Released on drop, on every path: an early return leaves no lock entry behind.
+    let claim = cell.claim_key(&input.key);
+    let key_guard = claim.lock().await;
+    let existing = match cell.pending(&input.key) {
+        Some(entry) => entry,
+        None => {
+            let view = state.views.get(state.store.as_ref(), &main).await?;
+            view.by_name.get(&input.key).and_then(|id| view.manifest.get(id)).cloned()
+        }
+    };
+    let now = now_ms();
+    let (id, created_at) = match &existing {
+        Some(e) => (e.id.clone(), e.created_at.clone()),
+        None => (new_attachment_id(), timestamp(now)),
+    };
+    let mime = input.mime_type.clone().unwrap_or_else(|| input.kind.default_mime().to_owned());
+    let mut ext = Map::new();
+    ext.insert("name".into(), json!(input.key));
+    ext.insert("taskType".into(), json!(input.kind.as_str()));
+    ext.insert("updatedAt".into(), json!(timestamp(now)));
+    let mut stored_bytes = 0u64;
+    if let Some(v) = &input.value {
+        stored_bytes += serde_json::to_vec(v).map(|b| b.len() as u64).unwrap_or(0);
+        ext.insert("value".into(), v.clone());
+    }
+    if let Some(c) = &input.content {
+        stored_bytes += c.len() as u64;
+        ext.insert("content".into(), json!(c));
+    }
+    if let Some(u) = &input.url {
+        ext.insert("url".into(), json!(u));
+    }
+    if let Some(s) = input.size {
+        ext.insert("size".into(), json!(s));
+    }
+    let url = EntityUrl::new(TASK_TYPE, task_id).map_err(TaskError::internal)?;
+    // The old version's bytes, at the address derived for them (a row naming another is followed nowhere).
+    let old_bytes = existing.as_ref().filter(|e| e.byte_length.is_some()).and_then(|e| e.bytes_path(&url));
+    let mut entry = ManifestEntry {
+        key: ManifestEntry::row_key(&id),
+        kind: "attachment".into(),
+        id: id.clone(),
+        stream_path: url.attachment_stream(&id),
+        status: AttachmentStatus::Complete,
+        // Electric's manifest rows always name a subject; a task attachment is context for its task.
+        subject: Some(Subject { kind: "context".into(), key: input.key.clone() }),
+        role: Role::Output,
+        mime_type: mime.clone(),
+        filename: None,
+        byte_length: None,
+        sha256: None,
+        created_at,
+        created_by: Some(who.url()),
+        error: None,
+        meta: None,
+        ext,
+    };
+    if let Some(bytes) = input.data {
+        // A new version of the bytes gets its own stream; the old one goes once the row points away from it.
+        if old_bytes.as_deref() == Some(entry.stream_path.as_str())
+            || state.store.head(&entry.stream_path).await.is_ok()
+        {
+            let version = radix36(rand::random::<u64>(), BYTES_VERSION_LEN);
+            entry.stream_path = versioned_attachment_stream(&url, &id, &version)
+                .ok_or_else(|| TaskError::internal("a bytes version is base-36 digits"))?;
+        }
+        stored_bytes += bytes.len() as u64;
+        entry.byte_length = Some(bytes.len() as u64);
+        entry.sha256 = Some(hex::encode(Sha256::digest(&bytes)));
+        write_bytes(state, who, &entry.stream_path, &mime, bytes).await?;
+    }
+    let row = Row::Upsert { entry: Box::new(entry.clone()), insert: existing.is_none() };
+    let event = Event::new(
+        "task.attachment_created",
+        task_id,
+        json!({
+            "taskId": task_id,
+            "key": input.key,
+            "type": input.kind.as_str(),
+            "attachmentId": id,
+            "instanceId": who.to_string(),
+            "timestamp": now,
+        }),
+        json!({ "createdBy": who.to_string() }),
+    );
+    let written = write_task(state, task_id, incarnation, vec![row], vec![event], false).await;
+    let seq = cell.record(&input.key, Some(entry.clone()));
+    drop(key_guard);
+    drop(shared);
+    let outcome = written.await;
+    cell.settle(&input.key, seq);
+    drop(claim);
+    drop(cell);
+    outcome?;
+    if let Some(old) = old_bytes.filter(|old| *old != entry.stream_path) {
+        let _ = state.store.delete(&old).await;
+    }
+    state.metrics.attachment_created(input.kind.as_str(), stored_bytes);
+    Ok(entry)
+}
+
+pub(super) async fn create_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+    let input = parse_attachment(p)?;
+    let (task_id, key, kind) = (input.task_id.clone(), input.key.clone(), input.kind);
+    let entry = put_attachment(state, who, input).await?;
+    Ok(json!({
+        "id": entry.id,
+        "taskId": task_id,
+        "key": key,
+        "type": kind.as_str(),
+        "createdAt": entry.created_at,
+    }))
+}
+
+/// The attachment `key` of a task `who` may read, or `None`.
+pub(super) async fn find_attachment(
+    state: &AppState,
+    who: &PrincipalKey,
+    task_id: &str,
+    key: &str,
+) -> TaskResult<Option<Value>> {
+    if task_entity(state, who, task_id, Permission::Read, Missing::TaskNotFound).await.is_err() {
+        return Ok(None);
+    }
+    let Some(url) = task_url(task_id) else { return Ok(None) };
+    let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
+    Ok(view
+        .by_name
+        .get(key)
+        .and_then(|id| view.manifest.get(id))
+        .filter(|e| usable(&url, e))
+        .map(|e| attachment_json(task_id, key, e)))
+}
+
+pub(super) async fn get_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+    let task_id = p.string("taskId", 128)?;
+    let key = p.string("key", 100)?;
+    match find_attachment(state, who, task_id, key).await? {
+        Some(found) => Ok(found),
+        None => Err(TaskError::rejected(
+            format!("Attachment with key '{key}' not found for task {task_id}"),
+            json!({ "taskId": task_id, "key": key }),
+        )),
+    }
+}
+
+/// Ordered by creation time, then id: stable across calls and upserts (an upsert keeps createdAt).
+pub(super) async fn list_attachments(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+    let task_id = p.string("taskId", 128)?;
+    let kind = p.opt_enum("type", AttachmentKind::parse, TYPES)?;
+    let limit = p.opt_int("limit", 1, 100)?.unwrap_or(50) as usize;
+    let offset = p.opt_int("offset", 0, i64::MAX)?.unwrap_or(0) as usize;
+    task_entity(state, who, task_id, Permission::Read, Missing::TaskNotFound).await?;
+    let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
+    let mut all: Vec<Value> = keyed(&view, task_id)
+        .map(|(key, e)| attachment_json(task_id, key, e))
+        .filter(|a| kind.is_none_or(|k| a["type"] == k.as_str()))
+        .collect();
+    drop(view);
+    all.sort_by(|a, b| {
+        let (ca, cb) = (a["createdAt"].as_str().unwrap_or(""), b["createdAt"].as_str().unwrap_or(""));
+        ca.cmp(cb).then_with(|| a["id"].as_str().cmp(&b["id"].as_str()))
+    });
+    let total = all.len();
+    let page: Vec<Value> = all.into_iter().skip(offset).take(limit).collect();
+    Ok(json!({ "attachments": page, "totalCount": total, "hasMore": offset.saturating_add(limit) < total }))
+}
+
+/// All or nothing: when any item is missing (or its task is not readable),
+/// the call fails with -32602 naming the first missing item in `data.taskId`
+/// and `data.key`, and every missing item in `data.missing`.
+pub(super) async fn get_attachments_batch(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+    let requests = match p.get("requests") {
+        Some(Value::Array(items)) if !items.is_empty() && items.len() <= 100 => items,
+        _ => return Err(TaskError::invalid("requests", "requests must be an array of 1 to 100 {taskId, key} items")),
+    };
+    let mut wanted = Vec::with_capacity(requests.len());
+    for item in requests {
+        let Value::Object(m) = item else {
+            return Err(TaskError::invalid("requests", "each request is an object {taskId, key}"));
+        };
+        let ip = Params(m);
+        wanted.push((ip.string("taskId", 128)?.to_owned(), ip.string("key", 100)?.to_owned()));
+    }
+    let mut found = Vec::with_capacity(wanted.len());
+    let mut missing = Vec::new();
+    for (task_id, key) in &wanted {
+        match find_attachment(state, who, task_id, key).await? {
+            Some(attachment) => found.push(attachment),
+            None => missing.push(json!({ "taskId": task_id, "key": key })),
+        }
+    }
+    if let Some(first) = missing.first() {
+        let (t, k) = (first["taskId"].as_str().unwrap_or(""), first["key"].as_str().unwrap_or(""));
+        return Err(TaskError::rejected(
+            format!("Attachment not found: {t}/{k}"),
+            json!({ "taskId": t, "key": k, "missing": missing }),
+        ));
+    }
+    Ok(json!({ "attachments": found }))
+}
+
+pub(super) async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+    let task_id = p.string("taskId", 128)?;
+    let key = p.string("key", 100)?;
+    let not_found = || {
+        TaskError::rejected(
+            format!("Attachment '{key}' not found for task {task_id}"),
+            json!({ "taskId": task_id, "key": key }),
+        )
+    };
+    let entity =
+        task_entity(state, who, task_id, Permission::Write, Missing::TaskNotFound).await.map_err(|e| match e {
+            TaskError::Rejected { .. } => not_found(),
+            other => other,
+        })?;
+    if !entity.is_running() {
+        return Err(not_found());
+    }
+    let cell = state.tasks.cell(task_id);
+    let shared = cell.order.read().await;
+    let incarnation = entity.incarnation.as_deref();
+    if !still_running(state, &entity).await {
+        drop(shared);
+        drop(cell);
+        return Err(not_found());
+    }
+    let claim = cell.claim_key(key);
+    let key_guard = claim.lock().await;
+    let existing = match cell.pending(key) {
+        Some(entry) => entry,
+        None => {
+            let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
+            view.by_name.get(key).and_then(|id| view.manifest.get(id)).cloned()
+        }
+    };
+    let Some(entry) = existing else {
+        return Err(not_found());
+    };
+    let now = now_ms();
+    let row = Row::Delete { row_key: ManifestEntry::row_key(&entry.id) };
+    let event = Event::new(
+        // ClaudeBench's delete handler emits this type (with a dot), its create handler `task.attachment_created`.
+        "task.attachment.deleted",
+        task_id,
+        json!({ "taskId": task_id, "key": key, "attachmentId": entry.id }),
+        json!({ "deletedBy": who.to_string(), "deletedAt": timestamp(now) }),
+    );
+    let written = write_task(state, task_id, incarnation, vec![row], vec![event], false).await;
+    let seq = cell.record(key, None);
+    drop(key_guard);
+    drop(shared);
+    let outcome = written.await;
+    cell.settle(key, seq);
+    drop(claim);
+    drop(cell);
+    outcome?;
+    // Only the address derived for the bytes is deleted, never a path the row names.
+    if let Some(path) = entry.byte_length.and(task_url(task_id)).and_then(|url| entry.bytes_path(&url)) {
+        let _ = state.store.delete(&path).await;
+    }
+    Ok(json!({ "id": entry.id, "taskId": task_id, "key": key, "deleted": true, "deletedAt": timestamp(now) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_http_urls_are_accepted() {
+        assert!(valid_url("https://docs.example.com/database-optimization-guide"));
+        assert!(valid_url("http://localhost:8080/x?y=1"));
+        for bad in ["ftp://x.org/a", "javascript:alert(1)", "file:///etc/passwd", "https://", "not a url", "/relative"]
+        {
+            assert!(!valid_url(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The method table every face calls through (`call`), and what the methods
+//! share: finding a task `who` may act on, the compare-and-set change of a
+//! task record, and the face's "not found" and "illegal change" refusals.
+
+use std::sync::Arc;
+
+use attache_core::{Permission, PrincipalKey};
+use attache_storage::{EntityRecord, StoreError};
+use serde_json::{json, Value};
+
+use super::attachments::{
+    create_attachment, delete_attachment, get_attachment, get_attachments_batch, list_attachments,
+};
+use super::ids::task_url;
+use super::methods::{assign, claim, complete, create, delete, get, list, unassign, update};
+use super::{params_object, Params, Status, TaskError, TaskRecord, TaskResult, TASK_TYPE};
+use crate::access::now_ms;
+use crate::AppState;
+
+/// Calls one method for `who`. Every face (JSON-RPC, MCP, WebSocket) comes through here.
+pub async fn call(state: &AppState, who: &PrincipalKey, method: &str, params: Value) -> TaskResult<Value> {
+    let map = params_object(params)?;
+    let p = Params(&map);
+    match method {
+        "task.create" => create(state, who, &p).await,
+        "task.get" => get(state, who, &p).await,
+        "task.update" => update(state, who, &p).await,
+        "task.list" => list(state, who, &p).await,
+        "task.assign" => assign(state, who, &p).await,
+        "task.unassign" => unassign(state, who, &p).await,
+        "task.claim" => claim(state, who, &p).await,
+        "task.complete" => complete(state, who, &p).await,
+        "task.delete" => delete(state, who, &p).await,
+        "task.create_attachment" => create_attachment(state, who, &p).await,
+        "task.get_attachment" => get_attachment(state, who, &p).await,
+        "task.list_attachments" => list_attachments(state, who, &p).await,
+        "task.get_attachments_batch" => get_attachments_batch(state, who, &p).await,
+        "task.delete_attachment" => delete_attachment(state, who, &p).await,
+        other => Err(TaskError::MethodNotFound { method: other.to_owned() }),
+    }
+}
+
+/// "Task not found: t-1" (task methods) or "Task t-1 not found" (attachment methods), as the spec pages say.
+#[derive(Clone, Copy)]
+pub(super) enum Missing {
+    TaskColon,
+    TaskNotFound,
+}
+
+pub(super) fn task_missing(style: Missing, task_id: &str) -> TaskError {
+    let message = match style {
+        Missing::TaskColon => format!("Task not found: {task_id}"),
+        Missing::TaskNotFound => format!("Task {task_id} not found"),
+    };
+    TaskError::rejected(message, json!({ "taskId": task_id }))
+}
+
+/// The task `who` may act on with `wanted`; a task it may not read does not exist for it.
+pub(super) async fn task_for(
+    state: &AppState,
+    who: &PrincipalKey,
+    task_id: &str,
+    wanted: Permission,
+    style: Missing,
+) -> TaskResult<(Arc<EntityRecord>, TaskRecord)> {
+    let entity = task_entity(state, who, task_id, wanted, style).await?;
+    let task = TaskRecord::of(&entity).ok_or_else(|| task_missing(style, task_id))?;
+    Ok((entity, task))
+}
+
+/// A live (not deleted) task, by its record alone: cheaper than parsing it.
+pub(super) fn is_live_task(e: &EntityRecord) -> bool {
+    e.entity_type == TASK_TYPE
+        && e.extra
+            .as_ref()
+            .and_then(Value::as_object)
+            .is_some_and(|x| x.contains_key("status") && x.get("deletedAt").is_none_or(Value::is_null))
+}
+
+/// May `who` read the entity, and may it do `wanted`? (One look at the grants.)
+pub(super) fn permitted(
+    state: &AppState,
+    who: &PrincipalKey,
+    entity: &EntityRecord,
+    wanted: Permission,
+) -> (bool, bool) {
+    if who.is_built_in_system() || entity.created_by == who.url() {
+        return (true, true);
+    }
+    let grants = state.registry.grants(&entity.url);
+    let now = now_ms();
+    let check = |p| {
+        attache_core::entity::permits(
+            who,
+            Some(&entity.created_by),
+            grants.iter().map(|g| (&g.subject, g.permission, g.expires_at_ms)),
+            p,
+            now,
+        )
+    };
+    (check(Permission::Read), wanted == Permission::Read || check(wanted))
+}
+
+/// The entity of a live task `who` may act on with `wanted`; a task it may
+/// not read does not exist for it (-32602), one it may read but not change is -32002.
+pub(super) async fn task_entity(
+    state: &AppState,
+    who: &PrincipalKey,
+    task_id: &str,
+    wanted: Permission,
+    style: Missing,
+) -> TaskResult<Arc<EntityRecord>> {
+    let missing = || task_missing(style, task_id);
+    let url = task_url(task_id).ok_or_else(missing)?;
+    let entity =
+        state.registry.entity_shared(&url.to_string()).await.filter(|e| is_live_task(e)).ok_or_else(missing)?;
+    match permitted(state, who, &entity, wanted) {
+        (false, _) => Err(missing()),
+        (true, false) => {
+            Err(TaskError::Unauthorized { message: format!("{who} may not {} task {task_id}", wanted.as_str()) })
+        }
+        (true, true) => Ok(entity),
+    }
+}
+
+/// Applies `change` to the task under the registry's compare-and-set; a
+/// rejection from `change` comes back as is. `incarnation` is the one the
+/// caller checked its permission against: a task purged and created again
+/// meanwhile (by anyone) is another task, and is missing for this change.
+pub(super) async fn change_task(
+    state: &AppState,
+    task_id: &str,
+    incarnation: Option<&str>,
+    change: impl FnOnce(&mut TaskRecord) -> TaskResult<()> + Send + 'static,
+) -> TaskResult<TaskRecord> {
+    let url = format!("/{TASK_TYPE}/{task_id}");
+    let rejection: Arc<parking_lot::Mutex<Option<TaskError>>> = Arc::default();
+    let slot = rejection.clone();
+    let id = task_id.to_owned();
+    let expected = incarnation.map(str::to_owned);
+    let outcome = state
+        .registry
+        .update_entity(
+            &url,
+            Box::new(move |entity| {
+                let same = entity.incarnation == expected;
+                let Some(mut task) = TaskRecord::of(entity).filter(|_| same) else {
+                    *slot.lock() = Some(task_missing(Missing::TaskColon, &id));
+                    return Err(StoreError::NotFound);
+                };
+                if let Err(e) = change(&mut task) {
+                    *slot.lock() = Some(e);
+                    return Err(StoreError::Invalid("rejected".into()));
+                }
+                entity.updated_at_ms = task.updated_at;
+                if task.deleted_at.is_some() {
+                    entity.status = "stopped".into();
+                }
+                entity.extra = Some(task.to_extra());
+                Ok(())
+            }),
+        )
+        .await;
+    match outcome {
+        Ok(entity) => {
+            let extra = entity.extra.unwrap_or(Value::Null);
+            serde_json::from_value(extra).map_err(TaskError::internal)
+        }
+        Err(e) => match rejection.lock().take() {
+            Some(rejected) => Err(rejected),
+            None if e == StoreError::NotFound => Err(task_missing(Missing::TaskColon, task_id)),
+            None => Err(e.into()),
+        },
+    }
+}
+
+pub(super) fn illegal(task_id: &str, from: Status, to: Status) -> TaskError {
+    TaskError::rejected(
+        format!("Cannot change status of task {task_id} from {} to {}", from.as_str(), to.as_str()),
+        json!({ "taskId": task_id, "status": from.as_str(), "requested": to.as_str() }),
+    )
+}

@@ -1,0 +1,642 @@
+//! The `task.*` methods on the task record (create, get, update, list,
+//! assign, unassign, claim, complete, delete) and the tombstones deleted
+//! tasks leave, bounded by `deleted_tasks_kept`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use attache_core::state::timestamp;
+use attache_core::{Permission, PrincipalKey};
+use attache_storage::StoreError;
+use serde_json::{json, Map, Value};
+
+use super::attachments::{attachment_json, keyed, put_attachment, AttachmentInput, AttachmentKind};
+use super::dispatch::{change_task, illegal, is_live_task, task_entity, task_for, Missing};
+use super::ids::{main_path, new_task_id, task_url};
+use super::writes::{write_task, Event};
+use super::{Params, Status, TaskError, TaskRecord, TaskResult, TASK_TYPE};
+use crate::access::{may, now_ms};
+use crate::AppState;
+
+/// A task's metadata lives in the registry's memory with the task: bounded
+/// by `max_entity_data_bytes` (after an update's merge too).
+pub(super) fn check_metadata_size(state: &AppState, metadata: &Option<Map<String, Value>>) -> TaskResult<()> {
+    let max = state.config.max_entity_data_bytes;
+    if crate::entities::json_size(metadata) > max {
+        return Err(metadata_too_large(max));
+    }
+    Ok(())
+}
+
+pub(super) fn metadata_too_large(max: usize) -> TaskError {
+    TaskError::invalid("metadata", format!("metadata is at most {max} bytes of JSON (max_entity_data_bytes)"))
+}
+
+pub(super) async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+    let text =
+        p.string("text", 500).map_err(|_| TaskError::invalid("text", "Text must be between 1 and 500 characters"))?;
+    let priority = p.opt_int("priority", 0, 100)?.unwrap_or(50) as u8;
+    let metadata = p.opt_object("metadata")?.cloned();
+    check_metadata_size(state, &metadata)?;
+    let id = match p.opt_string("id", 128)? {
+        Some(id) => {
+            if !id.starts_with("t-") || task_url(id).is_none() {
+                return Err(TaskError::invalid("id", "id must start with t- and be a valid entity id"));
+            }
+            id.to_owned()
+        }
+        None => new_task_id(),
+    };
+    let url = task_url(&id).ok_or_else(|| TaskError::invalid("id", "invalid task id"))?;
+    if state.registry.entity(&url.to_string()).await.is_some() {
+        return Err(TaskError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })));
+    }
+    let now = now_ms();
+    let task = TaskRecord {
+        text: text.to_owned(),
+        status: Status::Pending,
+        priority,
+        metadata,
+        assigned_to: None,
+        result: None,
+        error: None,
+        created_at: now,
+        updated_at: now,
+        completed_at: None,
+        deleted_at: None,
+    };
+    let cell = state.tasks.cell(&id);
+    let guard = cell.order.write().await;
+    let spawned = crate::entities::spawn_entity(state, who, &url, None, BTreeMap::new(), Some(task.to_extra())).await;
+    let incarnation = match spawned {
+        Ok((record, true, _)) => record.incarnation,
+        Ok((_, false, _)) => {
+            return Err(TaskError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })))
+        }
+        Err(e) if e.code == "DUPLICATE_URL" => {
+            return Err(TaskError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = json!({
+        "id": id,
+        "text": task.text,
+        "status": task.status.as_str(),
+        "priority": task.priority,
+        "createdAt": timestamp(now),
+    });
+    let event = Event::new("task.created", &id, out.clone(), json!({ "createdBy": who.to_string() }));
+    let written = write_task(state, &id, incarnation.as_deref(), vec![], vec![event], false).await;
+    drop(guard);
+    written.await?;
+    drop(cell);
+    if let Some(m) = &task.metadata {
+        out["metadata"] = Value::Object(m.clone());
+    }
+    Ok(out)
+}
+
+pub(super) async fn attachment_count(state: &AppState, task_id: &str) -> TaskResult<usize> {
+    let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
+    Ok(keyed(&view, task_id).count())
+}
+
+pub(super) async fn get(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+    let id = p.string("id", 128)?;
+    let (_, task) = task_for(state, who, id, Permission::Read, Missing::TaskColon).await?;
+    let mut row = task.row(id);
+    row["attachmentCount"] = json!(attachment_count(state, id).await?);
+    Ok(row)
+}
+
+pub(super) async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+    let id = p.string("id", 128)?;
+    let updates = p.opt_object("updates")?.ok_or_else(|| TaskError::invalid("updates", "updates is required"))?;
+    let u = Params(updates);
+    let text = u
+        .opt_string("text", 500)
+        .map_err(|_| TaskError::invalid("text", "Text must be between 1 and 500 characters"))?
+        .map(str::to_owned);
+    let status = u.opt_enum("status", Status::parse, "pending, in_progress, completed, failed")?;
+    let priority = u.opt_int("priority", 0, 100)?;
+    let metadata = u.opt_object("metadata")?.cloned();
+    let changes: Vec<&str> =
+        ["text", "status", "priority", "metadata"].into_iter().filter(|k| updates.contains_key(*k)).collect();
+    let entity = task_entity(state, who, id, Permission::Write, Missing::TaskColon).await?;
+    let incarnation = entity.incarnation.as_deref();
+    let cell = state.tasks.cell(id);
+    let guard = cell.order.write().await;
+    let task_id = id.to_owned();
+    let now = now_ms();
+    let max_metadata = state.config.max_entity_data_bytes;
+    let task = change_task(state, id, incarnation, move |t| {
+        if let Some(s) = status {
+            if !t.status.may_become(s) {
+                return Err(illegal(&task_id, t.status, s));
+            }
+            if s.is_final() && t.completed_at.is_none() {
+                t.completed_at = Some(now);
+            }
+            if s == Status::Pending {
+                t.assigned_to = None;
+            }
+            t.status = s;
+        }
+        if let Some(text) = text {
+            t.text = text;
+        }
+        if let Some(pr) = priority {
+            t.priority = pr as u8;
+        }
+        if let Some(m) = metadata {
+            t.metadata.get_or_insert_with(Map::new).extend(m);
+            // Merged, it must still fit (a rejected change is not stored).
+            if crate::entities::json_size(&t.metadata) > max_metadata {
+                return Err(metadata_too_large(max_metadata));
+            }
+        }
+        t.updated_at = now;
+        Ok(())
+    })
+    .await?;
+    let out = json!({
+        "id": id,
+        "text": task.text,
+        "status": task.status.as_str(),
+        "priority": task.priority,
+        "createdAt": timestamp(task.created_at),
+        "updatedAt": timestamp(task.updated_at),
+    });
+    let event =
+        Event::new("task.updated", id, out.clone(), json!({ "updatedBy": who.to_string(), "changes": changes }));
+    let written = write_task(state, id, incarnation, vec![], vec![event], false).await;
+    drop(guard);
+    written.await?;
+    drop(cell);
+    Ok(out)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum OrderBy {
+    CreatedAt,
+    UpdatedAt,
+    CompletedAt,
+    Priority,
+    Status,
+    AssignedTo,
+}
+
+impl OrderBy {
+    fn parse(s: &str) -> Option<OrderBy> {
+        Some(match s {
+            "createdAt" => OrderBy::CreatedAt,
+            "updatedAt" => OrderBy::UpdatedAt,
+            "completedAt" => OrderBy::CompletedAt,
+            "priority" => OrderBy::Priority,
+            "status" => OrderBy::Status,
+            "assignedTo" => OrderBy::AssignedTo,
+            _ => return None,
+        })
+    }
+}
+
+/// The tasks `who` may read (and do `wanted` on), newest first, with the incarnation of each.
+pub(super) fn visible_tasks_of<'a>(
+    state: &'a AppState,
+    who: &'a PrincipalKey,
+    wanted: Permission,
+) -> impl Iterator<Item = (String, TaskRecord, Option<String>)> + 'a {
+    state
+        .registry
+        .entities(Some(TASK_TYPE))
+        .into_iter()
+        .filter(is_live_task)
+        .filter(move |e| {
+            may(state, who, e, Permission::Read) && (wanted == Permission::Read || may(state, who, e, wanted))
+        })
+        .filter_map(|e| TaskRecord::of(&e).map(|t| (e.instance_id, t, e.incarnation)))
+}
+
+/// The tasks `who` may read, newest first.
+pub(super) fn visible_tasks(state: &AppState, who: &PrincipalKey, wanted: Permission) -> Vec<(String, TaskRecord)> {
+    visible_tasks_of(state, who, wanted).map(|(id, t, _)| (id, t)).collect()
+}
+
+pub(super) async fn list(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+    let status = p.opt_enum("status", Status::parse, "pending, in_progress, completed, failed")?;
+    let assigned = p.opt_string("assignedTo", 256)?;
+    let priority = p.opt_int("priority", 0, 100)?;
+    let limit = p.opt_int("limit", 1, 1000)?.unwrap_or(100) as usize;
+    let offset = p.opt_int("offset", 0, i64::MAX)?.unwrap_or(0) as usize;
+    let order_by = p
+        .opt_enum("orderBy", OrderBy::parse, "createdAt, updatedAt, completedAt, priority, status, assignedTo")?
+        .unwrap_or(OrderBy::CreatedAt);
+    let desc = p.opt_enum("order", |s| matches!(s, "asc" | "desc").then(|| s == "desc"), "asc, desc")?.unwrap_or(true);
+    let mut tasks: Vec<(String, TaskRecord)> = visible_tasks(state, who, Permission::Read)
+        .into_iter()
+        .filter(|(_, t)| status.is_none_or(|s| t.status == s))
+        .filter(|(_, t)| assigned.is_none_or(|a| t.assigned_to.as_deref() == Some(a)))
+        .filter(|(_, t)| priority.is_none_or(|pr| i64::from(t.priority) == pr))
+        .collect();
+    // Ties break on creation time, then id, so pages are stable.
+    tasks.sort_by(|(ia, a), (ib, b)| {
+        let primary = match order_by {
+            OrderBy::CreatedAt => a.created_at.cmp(&b.created_at),
+            OrderBy::UpdatedAt => a.updated_at.cmp(&b.updated_at),
+            OrderBy::CompletedAt => a.completed_at.cmp(&b.completed_at),
+            OrderBy::Priority => a.priority.cmp(&b.priority),
+            OrderBy::Status => a.status.as_str().cmp(b.status.as_str()),
+            OrderBy::AssignedTo => a.assigned_to.cmp(&b.assigned_to),
+        };
+        let ord = primary.then_with(|| a.created_at.cmp(&b.created_at)).then_with(|| ia.cmp(ib));
+        if desc {
+            ord.reverse()
+        } else {
+            ord
+        }
+    });
+    let total = tasks.len();
+    let mut rows = Vec::with_capacity(limit.min(total));
+    for (id, t) in tasks.iter().skip(offset).take(limit) {
+        let mut row = t.row(id);
+        row["attachmentCount"] = json!(attachment_count(state, id).await?);
+        rows.push(row);
+    }
+    Ok(json!({ "tasks": rows, "totalCount": total, "hasMore": offset.saturating_add(limit) < total }))
+}
+
+pub(super) async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+    let task_id = p.string("taskId", 128)?;
+    let instance = p.string("instanceId", 256)?.to_owned();
+    let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskColon).await?;
+    let incarnation = entity.incarnation.as_deref();
+    let cell = state.tasks.cell(task_id);
+    let guard = cell.order.write().await;
+    let previous: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
+    let (prev_slot, id, inst) = (previous.clone(), task_id.to_owned(), instance.clone());
+    let now = now_ms();
+    change_task(state, task_id, incarnation, move |t| {
+        if t.status.is_final() {
+            return Err(TaskError::rejected(
+                format!("Cannot assign task {id} with status {}", t.status.as_str()),
+                json!({ "taskId": id, "status": t.status.as_str() }),
+            ));
+        }
+        match &t.assigned_to {
+            Some(current) if *current != inst => {
+                return Err(TaskError::rejected(
+                    format!("Task {id} is already assigned to {current}."),
+                    json!({ "taskId": id, "currentAssignment": current }),
+                ))
+            }
+            _ => {}
+        }
+        *prev_slot.lock() = t.assigned_to.replace(inst);
+        t.updated_at = now;
+        Ok(())
+    })
+    .await?;
+    let previous = previous.lock().take();
+    let event = Event::new(
+        "task.assigned",
+        task_id,
+        json!({ "taskId": task_id, "instanceId": instance, "previousAssignment": previous }),
+        json!({ "assignedBy": who.to_string() }),
+    );
+    let written = write_task(state, task_id, incarnation, vec![], vec![event], false).await;
+    drop(guard);
+    written.await?;
+    drop(cell);
+    Ok(json!({ "taskId": task_id, "instanceId": instance, "assignedAt": timestamp(now) }))
+}
+
+pub(super) async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+    let task_id = p.string("taskId", 128)?;
+    let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskColon).await?;
+    let incarnation = entity.incarnation.as_deref();
+    let cell = state.tasks.cell(task_id);
+    let guard = cell.order.write().await;
+    let previous: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
+    let (prev_slot, id) = (previous.clone(), task_id.to_owned());
+    let now = now_ms();
+    change_task(state, task_id, incarnation, move |t| {
+        if t.status.is_final() {
+            return Err(TaskError::rejected(
+                format!("Cannot unassign task {id} with status {}", t.status.as_str()),
+                json!({ "taskId": id, "status": t.status.as_str() }),
+            ));
+        }
+        let Some(prev) = t.assigned_to.take() else {
+            return Err(TaskError::rejected(format!("Task {id} is not currently assigned"), json!({ "taskId": id })));
+        };
+        *prev_slot.lock() = Some(prev);
+        t.status = Status::Pending;
+        t.updated_at = now;
+        Ok(())
+    })
+    .await?;
+    let previous = previous.lock().take();
+    let event = Event::new(
+        "task.unassigned",
+        task_id,
+        json!({ "taskId": task_id, "previousAssignment": previous }),
+        json!({ "unassignedBy": who.to_string(), "unassignedAt": timestamp(now) }),
+    );
+    let written = write_task(state, task_id, incarnation, vec![], vec![event], false).await;
+    drop(guard);
+    written.await?;
+    drop(cell);
+    Ok(json!({ "taskId": task_id, "previousAssignment": previous, "unassignedAt": timestamp(now) }))
+}
+
+/// Highest priority first, then the oldest, then the smallest id; only
+/// pending tasks that are unassigned or assigned to this worker.
+pub(super) async fn claim(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+    let worker = p.string("workerId", 256)?.to_owned();
+    p.opt_int("maxTasks", 1, 10)?;
+    let mut candidates: Vec<(String, TaskRecord, Option<String>)> = visible_tasks_of(state, who, Permission::Write)
+        .filter(|(_, t, _)| t.status == Status::Pending && t.assigned_to.as_ref().is_none_or(|a| *a == worker))
+        .collect();
+    candidates.sort_by(|(ia, a, _), (ib, b, _)| {
+        b.priority.cmp(&a.priority).then_with(|| a.created_at.cmp(&b.created_at)).then_with(|| ia.cmp(ib))
+    });
+    for (task_id, _, incarnation) in candidates {
+        let incarnation = incarnation.as_deref();
+        let cell = state.tasks.cell(&task_id);
+        let guard = cell.order.write().await;
+        let w = worker.clone();
+        let now = now_ms();
+        let won = change_task(state, &task_id, incarnation, move |t| {
+            if t.status != Status::Pending || t.assigned_to.as_ref().is_some_and(|a| *a != w) {
+                return Err(TaskError::rejected("taken", Value::Null));
+            }
+            t.status = Status::InProgress;
+            t.assigned_to = Some(w);
+            t.updated_at = now;
+            Ok(())
+        })
+        .await;
+        let task = match won {
+            Ok(task) => task,
+            Err(TaskError::Rejected { .. }) => {
+                drop(guard);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let event = Event::new(
+            "task.claimed",
+            &task_id,
+            json!({ "taskId": task_id, "workerId": worker }),
+            json!({ "claimedAt": timestamp(now), "claimedBy": who.to_string() }),
+        );
+        let written = write_task(state, &task_id, incarnation, vec![], vec![event], false).await;
+        drop(guard);
+        written.await?;
+        drop(cell);
+        let mut row = task.row(&task_id);
+        let view = state.views.get(state.store.as_ref(), &main_path(&task_id)).await?;
+        let mut attachments = Map::new();
+        for (key, entry) in keyed(&view, &task_id) {
+            attachments.insert(key.to_owned(), attachment_json(&task_id, key, entry));
+        }
+        row["attachmentCount"] = json!(attachments.len());
+        row["attachments"] = Value::Object(attachments);
+        return Ok(json!({ "claimed": true, "taskId": task_id, "task": row }));
+    }
+    Ok(json!({ "claimed": false }))
+}
+
+/// Absent, null, "", [] and {} are empty: the task failed. 0 and false are results.
+pub(super) fn is_empty_result(v: Option<&Value>) -> bool {
+    match v {
+        None | Some(Value::Null) => true,
+        Some(Value::String(s)) => s.is_empty(),
+        Some(Value::Array(a)) => a.is_empty(),
+        Some(Value::Object(o)) => o.is_empty(),
+        Some(_) => false,
+    }
+}
+
+pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+    let task_id = match (p.opt_string("id", 128)?, p.opt_string("taskId", 128)?) {
+        (Some(id), _) | (None, Some(id)) => id,
+        (None, None) => return Err(TaskError::invalid("id", "Either 'id' or 'taskId' must be provided")),
+    };
+    let worker = p.opt_string("workerId", 256)?.map(str::to_owned);
+    let result = p.get("result").cloned();
+    let failed = is_empty_result(result.as_ref());
+    let (entity, task) = task_for(state, who, task_id, Permission::Write, Missing::TaskColon).await?;
+    let incarnation = entity.incarnation.as_deref();
+    let next = if failed { Status::Failed } else { Status::Completed };
+    may_complete(task_id, &task, next, worker.as_deref())?;
+    if let (false, Some(value)) = (failed, &result) {
+        let input = AttachmentInput {
+            task_id: task_id.to_owned(),
+            key: "result".into(),
+            kind: AttachmentKind::Json,
+            value: Some(value.clone()),
+            content: None,
+            url: None,
+            mime_type: None,
+            size: None,
+            data: None,
+        };
+        put_attachment(state, who, input).await?;
+    }
+    let cell = state.tasks.cell(task_id);
+    let guard = cell.order.write().await;
+    let now = now_ms();
+    let (id, stored, by) = (task_id.to_owned(), if failed { None } else { result }, worker.clone());
+    let task = change_task(state, task_id, incarnation, move |t| {
+        may_complete(&id, t, next, by.as_deref())?;
+        t.status = next;
+        t.error = failed.then(|| "No result provided".to_owned());
+        t.result = stored;
+        t.completed_at = Some(now);
+        t.updated_at = now;
+        Ok(())
+    })
+    .await?;
+    let event = Event::new(
+        "task.completed",
+        task_id,
+        json!({ "id": task_id, "status": next.as_str(), "duration": now - task.created_at }),
+        // As ClaudeBench: the worker named, else the assignee.
+        json!({ "completedBy": worker.clone().or_else(|| task.assigned_to.clone()).unwrap_or_else(|| who.to_string()) }),
+    );
+    let written = write_task(state, task_id, incarnation, vec![], vec![event], false).await;
+    drop(guard);
+    written.await?;
+    drop(cell);
+    Ok(json!({ "id": task_id, "status": next.as_str(), "completedAt": timestamp(now) }))
+}
+
+/// ClaudeBench's rule for `task.complete`: the task has an assignee and is
+/// not final, so an assigned task completes whether it is still `pending`
+/// (`task.assign` leaves it there) or `in_progress` (claimed). A worker,
+/// when given, must be the assignee.
+pub(super) fn may_complete(task_id: &str, task: &TaskRecord, next: Status, worker: Option<&str>) -> TaskResult<()> {
+    if task.status.is_final() {
+        return Err(illegal(task_id, task.status, next));
+    }
+    let Some(assignee) = &task.assigned_to else {
+        return Err(TaskError::rejected(
+            format!("Task {task_id} is not assigned"),
+            json!({ "taskId": task_id, "status": task.status.as_str() }),
+        ));
+    };
+    match worker {
+        Some(w) if w != assignee => Err(TaskError::rejected(
+            format!("Task {task_id} is assigned to {assignee}, not {w}"),
+            json!({ "taskId": task_id, "currentAssignment": assignee }),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Marks the task deleted (a tombstone keeps its grants, so readers of the
+/// events stream can still be told who may see its past events), closes its
+/// main stream with the `task.deleted` event, and deletes its attachment bytes.
+pub(super) async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+    let id = p.string("id", 128)?;
+    let entity = task_entity(state, who, id, Permission::Delete, Missing::TaskColon).await?;
+    let incarnation = entity.incarnation.as_deref();
+    let cell = state.tasks.cell(id);
+    let _guard = cell.order.write().await;
+    let now = now_ms();
+    change_task(state, id, incarnation, move |t| {
+        t.deleted_at = Some(now);
+        t.updated_at = now;
+        Ok(())
+    })
+    .await?;
+    let event = Event::new(
+        "task.deleted",
+        id,
+        json!({ "id": id, "deletedAt": timestamp(now), "deletedBy": who.to_string() }),
+        json!({ "instanceId": who.to_string() }),
+    );
+    write_task(state, id, incarnation, vec![], vec![event], true).await.await?;
+    let prefix = format!("/{TASK_TYPE}/{id}/attachments/");
+    for info in state.store.list_prefix(&prefix, usize::MAX).await {
+        match state.store.delete(&info.path).await {
+            Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Nothing reads a deleted task's view again: it goes now, not when the LRU reaches it.
+    state.views.forget(&main_path(id));
+    drop(_guard);
+    drop(cell);
+    let over = {
+        let mut kept = state.tasks.tombstones.lock();
+        kept.push_back(Tombstone {
+            id: id.to_owned(),
+            incarnation: entity.incarnation.clone(),
+            owner: entity.created_by.clone(),
+        });
+        evict_tombstones(&mut kept, state.config.deleted_tasks_kept, &entity.created_by)
+    };
+    for old in over {
+        drop_tombstone(state, &old.id, old.incarnation.as_deref()).await?;
+    }
+    Ok(json!({ "id": id, "deleted": true, "deletedAt": timestamp(now) }))
+}
+
+/// A deleted task whose record is kept (so its id stays taken and its events
+/// stay visible to those who could see it), and who created it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tombstone {
+    id: String,
+    incarnation: Option<String>,
+    owner: String,
+}
+
+/// Takes the tombstones past `budget` out of `kept`, each the oldest of the
+/// principal holding the most (the deleter first among equals): one
+/// principal's deletions never push out the tombstones of a principal that
+/// holds fewer than it does, so no one can erase another's history (and take
+/// its ids) by deleting tasks of its own; the total stays within `budget`.
+pub(super) fn evict_tombstones(kept: &mut VecDeque<Tombstone>, budget: usize, deleter: &str) -> Vec<Tombstone> {
+    let mut out = Vec::new();
+    if kept.len() <= budget {
+        return out;
+    }
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for t in kept.iter() {
+        *counts.entry(t.owner.clone()).or_default() += 1;
+    }
+    while kept.len() > budget {
+        let most = counts.values().copied().max().unwrap_or(0);
+        let heaviest = if counts.get(deleter).copied() == Some(most) {
+            deleter.to_owned()
+        } else {
+            let first = kept.iter().find(|t| counts.get(&t.owner).copied() == Some(most));
+            first.map(|t| t.owner.clone()).unwrap_or_default()
+        };
+        let Some(gone) = kept.iter().position(|t| t.owner == heaviest).and_then(|at| kept.remove(at)) else { break };
+        if let Some(n) = counts.get_mut(&gone.owner) {
+            *n -= 1;
+        }
+        out.push(gone);
+    }
+    out
+}
+
+/// Purges the tombstone of a deleted task (its record, grants and closed main
+/// stream), unless the id now names another life of the task. Past
+/// `deleted_tasks_kept` tombstones the oldest go, so deleted tasks cost
+/// nothing for good; their events stay on the events stream, shown to no one
+/// but the system principal from then on (visibility comes from the record).
+pub(super) async fn drop_tombstone(state: &AppState, task_id: &str, incarnation: Option<&str>) -> TaskResult<()> {
+    let Some(url) = task_url(task_id) else { return Ok(()) };
+    let cell = state.tasks.cell(task_id);
+    let _guard = cell.order.write().await;
+    let still_this_tombstone =
+        state.registry.entity_shared(&url.to_string()).await.is_some_and(|e| {
+            e.incarnation.as_deref() == incarnation && e.entity_type == TASK_TYPE && !is_live_task(&e)
+        });
+    if still_this_tombstone {
+        crate::entities::purge_entity(state, &url).await?;
+    }
+    Ok(())
+}
+
+/// Startup: the tombstones of tasks deleted before, oldest deletion first;
+/// those past `deleted_tasks_kept` are purged now.
+pub async fn load_tombstones(state: &AppState) -> TaskResult<()> {
+    let mut deleted: Vec<(i64, Tombstone)> = state
+        .registry
+        .entities(Some(TASK_TYPE))
+        .into_iter()
+        .filter_map(|e| {
+            let deleted_at = e.extra.as_ref()?.get("deletedAt")?.as_i64()?;
+            Some((deleted_at, Tombstone { id: e.instance_id, incarnation: e.incarnation, owner: e.created_by }))
+        })
+        .collect();
+    deleted.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
+    let mut kept: VecDeque<Tombstone> = deleted.into_iter().map(|(_, t)| t).collect();
+    let over = evict_tombstones(&mut kept, state.config.deleted_tasks_kept, "");
+    for old in over {
+        drop_tombstone(state, &old.id, old.incarnation.as_deref()).await?;
+    }
+    state.tasks.tombstones.lock().extend(kept);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_results_fail_but_falsy_values_do_not() {
+        assert!(is_empty_result(None));
+        for v in [json!(null), json!(""), json!([]), json!({})] {
+            assert!(is_empty_result(Some(&v)), "{v}");
+        }
+        for v in [json!(0), json!(false), json!("x"), json!([0])] {
+            assert!(!is_empty_result(Some(&v)), "{v}");
+        }
+    }
+}

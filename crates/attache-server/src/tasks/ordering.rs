@@ -1,0 +1,163 @@
+//! Per-task write ordering: the task lock, the per-key attachment locks and
+//! the writes queued but not yet visible. Every lock and map entry is held
+//! by a guard that gives it back on drop, so no early return leaks one.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+
+use attache_core::manifest::ManifestEntry;
+
+use super::Tombstone;
+
+/// Writes not yet visible in the materialized view: key → the entry being
+/// written (`None`: being deleted), tagged with the write's sequence number.
+#[derive(Default)]
+pub struct Pending {
+    next: u64,
+    by_key: HashMap<String, (u64, Option<ManifestEntry>)>,
+}
+
+/// Write ordering for one task. A write holds its locks while it is decided
+/// and *queued*, and releases them before it syncs: the embedded store queues
+/// an append on its first poll and commits its queue in order, so this keeps
+/// the writes in order while many of them share one group commit.
+///
+/// Task changes (status, assignment, deletion) take `order` exclusively.
+/// Attachment writes share `order` and serialize per key only, so writes of
+/// different keys proceed in parallel. Until a queued write is visible in the
+/// view, [`Pending`] remembers it, so a second upsert of the same key reuses
+/// the id the first one chose.
+#[derive(Default)]
+pub struct TaskCell {
+    pub(super) order: tokio::sync::RwLock<()>,
+    pub(super) keys: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(super) pending: parking_lot::Mutex<Pending>,
+}
+
+impl TaskCell {
+    /// Claims `key` for a write: the key's lock stays in the map while the
+    /// claim lives and leaves it when the last claim is dropped.
+    pub(super) fn claim_key(&self, key: &str) -> KeyClaim<'_> {
+        let lock = self.keys.lock().entry(key.to_owned()).or_default().clone();
+        KeyClaim { cell: self, key: key.to_owned(), lock }
+    }
+
+    /// The entry a queued write of `key` is writing, if one is in flight.
+    pub(super) fn pending(&self, key: &str) -> Option<Option<ManifestEntry>> {
+        self.pending.lock().by_key.get(key).map(|(_, e)| e.clone())
+    }
+
+    pub(super) fn record(&self, key: &str, entry: Option<ManifestEntry>) -> u64 {
+        let mut p = self.pending.lock();
+        p.next += 1;
+        let seq = p.next;
+        p.by_key.insert(key.to_owned(), (seq, entry));
+        seq
+    }
+
+    pub(super) fn settle(&self, key: &str, seq: u64) {
+        let mut p = self.pending.lock();
+        if p.by_key.get(key).is_some_and(|(s, _)| *s == seq) {
+            p.by_key.remove(key);
+        }
+    }
+}
+
+/// A writer's claim on one attachment key of a task. Dropping it (on every
+/// path, early returns and errors included) removes the key's lock from the
+/// map when no other writer claims it, so the task's cell can go too.
+pub struct KeyClaim<'c> {
+    cell: &'c TaskCell,
+    key: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl KeyClaim<'_> {
+    /// Waits for the writers of this key before us; hold the guard while the write is decided and queued.
+    pub(super) async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.lock.lock().await
+    }
+}
+
+impl Drop for KeyClaim<'_> {
+    fn drop(&mut self) {
+        let mut keys = self.cell.keys.lock();
+        // Two references: the map's and ours; nobody can clone it while we hold the map.
+        if Arc::strong_count(&self.lock) == 2 {
+            keys.remove(&self.key);
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Writers {
+    cells: parking_lot::Mutex<HashMap<String, Arc<TaskCell>>>,
+    /// Deleted tasks whose tombstones are kept, oldest first.
+    pub(super) tombstones: parking_lot::Mutex<VecDeque<Tombstone>>,
+}
+
+/// A task's cell, released when dropped (on every path, errors included), so
+/// the map holds only the cells of tasks being written to.
+pub struct CellRef<'a> {
+    writers: &'a Writers,
+    task_id: String,
+    cell: Option<Arc<TaskCell>>,
+}
+
+impl std::ops::Deref for CellRef<'_> {
+    type Target = TaskCell;
+    fn deref(&self) -> &TaskCell {
+        // Present until drop.
+        self.cell.as_deref().unwrap_or_else(|| unreachable!("a CellRef holds its cell until dropped"))
+    }
+}
+
+impl Drop for CellRef<'_> {
+    fn drop(&mut self) {
+        if let Some(cell) = self.cell.take() {
+            self.writers.release(&self.task_id, cell);
+        }
+    }
+}
+
+impl Writers {
+    pub(super) fn cell(&self, task_id: &str) -> CellRef<'_> {
+        let cell = self.cells.lock().entry(task_id.to_owned()).or_default().clone();
+        CellRef { writers: self, task_id: task_id.to_owned(), cell: Some(cell) }
+    }
+
+    /// Drops the cell of a task nobody is writing to (keeps the map small).
+    fn release(&self, task_id: &str, cell: Arc<TaskCell>) {
+        let mut cells = self.cells.lock();
+        if Arc::strong_count(&cell) == 2 && cell.keys.lock().is_empty() && cell.pending.lock().by_key.is_empty() {
+            cells.remove(task_id);
+        }
+    }
+
+    /// How many task cells are held (tests and diagnostics).
+    #[doc(hidden)]
+    pub fn cells_len(&self) -> usize {
+        self.cells.lock().len()
+    }
+
+    /// How many deleted tasks keep a tombstone (tests and diagnostics).
+    #[doc(hidden)]
+    pub fn tombstones_len(&self) -> usize {
+        self.tombstones.lock().len()
+    }
+}
+
+/// Polls a write once (which queues it), so it can be finished after the task lock is released.
+pub(super) async fn queue<F: Future + Send>(fut: F) -> std::pin::Pin<Box<futures::future::MaybeDone<F>>> {
+    let mut started = Box::pin(futures::future::maybe_done(fut));
+    let _ = futures::poll!(started.as_mut());
+    started
+}
+
+pub(super) async fn finish<F: Future + Send>(
+    mut started: std::pin::Pin<Box<futures::future::MaybeDone<F>>>,
+) -> Option<F::Output> {
+    started.as_mut().await;
+    started.as_mut().take_output()
+}
