@@ -43,7 +43,7 @@ pub fn run(args: TokenArgs) -> anyhow::Result<()> {
     match args.command {
         TokenCommand::Create { principal, expires_in } => {
             let key = PrincipalKey::parse(&principal).with_context(|| format!("{principal:?} is not a principal"))?;
-            let expires_at_ms = expires_in.map(|d| chrono_now_ms() + d.as_millis() as i64);
+            let expires_at_ms = expires_in.map(|d| attache_core::now_ms() + d.as_millis() as i64);
             let (info, token) = store.create(&key.to_string(), expires_at_ms)?;
             if args.json {
                 println!(
@@ -78,8 +78,4 @@ pub fn run(args: TokenArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn chrono_now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

@@ -15,7 +15,7 @@ use crate::error::{Error, Result, RpcError};
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// The task-attachment kinds.
-pub const TASK_ATTACHMENT_TYPES: &[&str] = &["json", "markdown", "text", "url", "binary"];
+pub const TASK_ATTACHMENT_TYPES: &[&str] = attache_core::task::ATTACHMENT_KINDS;
 
 impl RuntimeServerClient {
     /// Calls any JSON-RPC method and returns its `result`.

@@ -13,7 +13,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use attache_core::manifest::{ManifestEntry, Role, Subject, MANIFEST};
-use attache_core::EntityUrl;
+use attache_core::state::ChangeEvent;
+use attache_core::{now_ms, EntityUrl};
 use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
@@ -21,7 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{AttachmentInput, RuntimeServerClient};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::hydrate::{hydrate, messages_of, Conversation, HttpSource, HydrationLimits};
 use crate::state::{Applied, InboxMessage, MaterializedState, INBOX};
 use crate::streams::{LiveMode, TailOptions, START};
@@ -119,12 +120,10 @@ impl Attachments {
     /// the local manifest as soon as this returns.
     pub async fn create(&self, input: AttachmentInput) -> Result<ManifestEntry> {
         let receipt = self.client.upload_attachment(&self.entity, input).await?;
-        let row = json!({
-            "type": MANIFEST,
-            "key": receipt.attachment.key,
-            "value": receipt.attachment,
-            "headers": { "operation": "upsert", "txid": receipt.txid },
-        });
+        let value = serde_json::to_value(&receipt.attachment).map_err(|e| Error::Protocol(e.to_string()))?;
+        let now = attache_core::state::timestamp(now_ms());
+        let row = ChangeEvent::update(MANIFEST, &receipt.attachment.key, value, &receipt.txid, &now);
+        let row = serde_json::to_value(&row).map_err(|e| Error::Protocol(e.to_string()))?;
         write_state(&self.state, |s| s.apply(&row));
         Ok(receipt.attachment)
     }
@@ -453,23 +452,16 @@ pub async fn report_failure(
 ) -> Result<()> {
     let now = now_ms();
     let timestamp = attache_core::state::timestamp(now);
-    let row = json!({
-        "type": ERRORS,
-        "key": format!("handler-{}-{now}", message.key),
-        "value": {
-            "source": "handler",
-            "handler": handler,
-            "inbox_key": message.key,
-            "message": error,
-            "timestamp": timestamp,
-        },
-        "headers": { "operation": "insert", "timestamp": timestamp, "txid": crate::send::new_uuid() },
+    let value = json!({
+        "source": "handler",
+        "handler": handler,
+        "inbox_key": message.key,
+        "message": error,
+        "timestamp": timestamp,
     });
+    let key = format!("handler-{}-{now}", message.key);
+    let row = ChangeEvent::insert(ERRORS, &key, value, &crate::send::new_uuid(), &timestamp);
     client.append_json(&entity.main_stream(), &row).await.map(|_| ())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// The `errors` rows of a materialized stream.

@@ -17,6 +17,7 @@ pub mod producer;
 pub mod query;
 pub mod state;
 pub mod stream;
+pub mod task;
 
 pub use entity::{EntityStream, EntityUrl, GrantSubject, Permission, Propagation};
 pub use error::{Error, Result};
@@ -24,3 +25,9 @@ pub use offset::{Cursor, Offset, ReadOffset};
 pub use principal::{PrincipalKey, PrincipalKind};
 pub use producer::{ProducerCheck, ProducerHeaders, ProducerState};
 pub use stream::{ContentType, ExpiresAt, StreamPath, Ttl};
+
+/// Milliseconds since the Unix epoch, the unit of every time attache stores
+/// (expiry, grants, rows): the one clock read the crates share.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

@@ -1,10 +1,41 @@
 //! State Protocol change events (STATE-PROTOCOL.md of `@durable-streams/state`):
 //! the rows entity main streams are made of.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A row borrowed from its parts and serialized straight to bytes (no
+/// `Value` is built): the one place the shape of a State Protocol row is
+/// written. [`ChangeEvent`], the owned row, serializes through it; writers
+/// on a hot path (the task face) serialize it directly.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RowRef<'a, V: Serialize + ?Sized = Value> {
+    #[serde(rename = "type")]
+    pub collection: &'a str,
+    pub key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<&'a V>,
+    pub headers: HeadersRef<'a>,
+}
+
+/// The `headers` of a [`RowRef`].
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct HeadersRef<'a> {
+    pub operation: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub txid: Option<&'a str>,
+}
+
+impl<'a> HeadersRef<'a> {
+    /// Headers of a written row: its operation, when, and in which transaction.
+    pub fn new(operation: &'a str, timestamp: &'a str, txid: &'a str) -> HeadersRef<'a> {
+        HeadersRef { operation, timestamp: Some(timestamp), txid: Some(txid) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ChangeHeaders {
     pub operation: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -14,7 +45,7 @@ pub struct ChangeHeaders {
 }
 
 /// `{type, key, value?, headers: {operation, timestamp, txid}}`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ChangeEvent {
     #[serde(rename = "type")]
     pub collection: String,
@@ -24,7 +55,35 @@ pub struct ChangeEvent {
     pub headers: ChangeHeaders,
 }
 
+impl ChangeHeaders {
+    fn as_ref(&self) -> HeadersRef<'_> {
+        HeadersRef { operation: &self.operation, timestamp: self.timestamp.as_deref(), txid: self.txid.as_deref() }
+    }
+}
+
+impl Serialize for ChangeHeaders {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_ref().serialize(s)
+    }
+}
+
+impl Serialize for ChangeEvent {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_row().serialize(s)
+    }
+}
+
 impl ChangeEvent {
+    /// The row, borrowed (what it serializes as).
+    pub fn as_row(&self) -> RowRef<'_> {
+        RowRef {
+            collection: &self.collection,
+            key: &self.key,
+            value: self.value.as_ref(),
+            headers: self.headers.as_ref(),
+        }
+    }
+
     fn new(
         operation: &str,
         collection: &str,
@@ -120,6 +179,30 @@ pub fn timestamp(unix_ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_row_serializes_the_same_owned_or_borrowed_with_its_fields_in_protocol_order() {
+        let owned = ChangeEvent::insert("manifest", "k", serde_json::json!({"a": 1}), "tx", "2026-01-01T00:00:00.000Z");
+        let text = serde_json::to_string(&owned).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"manifest","key":"k","value":{"a":1},"headers":{"operation":"insert","timestamp":"2026-01-01T00:00:00.000Z","txid":"tx"}}"#
+        );
+        let value = serde_json::json!({"a": 1});
+        let borrowed = RowRef {
+            collection: "manifest",
+            key: "k",
+            value: Some(&value),
+            headers: HeadersRef::new("insert", "2026-01-01T00:00:00.000Z", "tx"),
+        };
+        assert_eq!(serde_json::to_string(&borrowed).unwrap(), text);
+        let deleted = ChangeEvent::delete("manifest", "k", "tx", "t");
+        assert_eq!(
+            serde_json::to_string(&deleted).unwrap(),
+            r#"{"type":"manifest","key":"k","headers":{"operation":"delete","timestamp":"t","txid":"tx"}}"#
+        );
+        assert_eq!(serde_json::from_str::<ChangeEvent>(&text).unwrap(), owned);
+    }
 
     #[test]
     fn clients_append_their_own_rows_only() {

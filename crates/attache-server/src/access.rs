@@ -14,9 +14,7 @@ use axum::http::StatusCode;
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
+pub use attache_core::now_ms;
 
 pub fn entity_not_found(url: &str) -> ApiError {
     ApiError::not_found(format!("Entity not found at {url}"))

@@ -129,7 +129,7 @@ impl<'a> Visibility<'a> {
         }
         let Some(task_id) = event.get("taskId").and_then(Value::as_str) else { return false };
         if !self.seen.contains_key(task_id) {
-            let url = format!("/{}/{task_id}", crate::tasks::TASK_TYPE);
+            let url = format!("/{}/{task_id}", attache_core::task::TASK_TYPE);
             let readable = self
                 .state
                 .registry

@@ -14,6 +14,7 @@
 
 use std::sync::Arc;
 
+use attache_core::task::ATTACHMENT_KINDS;
 use attache_core::PrincipalKey;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -58,7 +59,6 @@ fn object(properties: Value, required: &[&str]) -> Map<String, Value> {
 }
 
 const STATUSES: [&str; 4] = ["pending", "in_progress", "completed", "failed"];
-const TYPES: [&str; 5] = ["json", "markdown", "text", "url", "binary"];
 
 /// Description and params schema of each method.
 pub fn schema(method: &str) -> (&'static str, Map<String, Value>) {
@@ -130,7 +130,7 @@ pub fn schema(method: &str) -> (&'static str, Map<String, Value>) {
                 json!({
                     "taskId": s("Task id"),
                     "key": { "type": "string", "minLength": 1, "maxLength": 100 },
-                    "type": { "type": "string", "enum": TYPES },
+                    "type": { "type": "string", "enum": ATTACHMENT_KINDS },
                     "value": { "description": "Any JSON value (json type)" },
                     "content": s("Text (markdown and text types)"),
                     "url": { "type": "string", "format": "uri", "description": "http(s) URL, never fetched" },
@@ -150,7 +150,7 @@ pub fn schema(method: &str) -> (&'static str, Map<String, Value>) {
             object(
                 json!({
                     "taskId": s("Task id"),
-                    "type": { "type": "string", "enum": TYPES },
+                    "type": { "type": "string", "enum": ATTACHMENT_KINDS },
                     "limit": int(1, 100, "Page size (default 50)"),
                     "offset": { "type": "integer", "minimum": 0 },
                 }),

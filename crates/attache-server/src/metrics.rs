@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use attache_core::task::{ATTACHMENT_KINDS, METHODS};
 use axum::extract::State;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
@@ -18,9 +19,6 @@ use crate::AppState;
 
 /// Outcomes a JSON-RPC call is counted under.
 pub const OUTCOMES: &[&str] = &["ok", "-32700", "-32600", "-32601", "-32602", "-32000", "-32002", "-32603"];
-
-/// Attachment types, in the order `attachments_created` counts them.
-pub const ATTACHMENT_TYPES: &[&str] = &["json", "markdown", "text", "url", "binary"];
 
 pub struct Metrics {
     /// `[method index][outcome index]`; the last method row counts unknown methods.
@@ -79,7 +77,7 @@ impl Drop for OpenConnection {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
-            rpc: (0..=crate::tasks::METHODS.len()).map(|_| Default::default()).collect(),
+            rpc: (0..=METHODS.len()).map(|_| Default::default()).collect(),
             attachments_created: Default::default(),
             attachment_bytes: AtomicU64::new(0),
             events_published: AtomicU64::new(0),
@@ -101,7 +99,7 @@ impl Drop for LiveReader {
 
 impl Metrics {
     pub fn rpc_call(&self, method: &str, outcome: &str) {
-        let m = crate::tasks::METHODS.iter().position(|name| *name == method).unwrap_or(crate::tasks::METHODS.len());
+        let m = METHODS.iter().position(|name| *name == method).unwrap_or(METHODS.len());
         let o = OUTCOMES.iter().position(|name| *name == outcome).unwrap_or(OUTCOMES.len() - 1);
         if let Some(row) = self.rpc.get(m) {
             row[o].fetch_add(1, Ordering::Relaxed);
@@ -109,7 +107,7 @@ impl Metrics {
     }
 
     pub fn attachment_created(&self, kind: &str, bytes: u64) {
-        if let Some(i) = ATTACHMENT_TYPES.iter().position(|t| *t == kind) {
+        if let Some(i) = ATTACHMENT_KINDS.iter().position(|t| *t == kind) {
             self.attachments_created[i].fetch_add(1, Ordering::Relaxed);
         }
         self.attachment_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -139,7 +137,7 @@ impl Metrics {
         out.push_str("# HELP attache_rpc_requests_total JSON-RPC calls by method and outcome (ok or error code).\n");
         out.push_str("# TYPE attache_rpc_requests_total counter\n");
         for (m, row) in self.rpc.iter().enumerate() {
-            let method = crate::tasks::METHODS.get(m).copied().unwrap_or("unknown");
+            let method = METHODS.get(m).copied().unwrap_or("unknown");
             for (o, counter) in row.iter().enumerate() {
                 let n = counter.load(Ordering::Relaxed);
                 if n > 0 {
@@ -153,7 +151,7 @@ impl Metrics {
         }
         out.push_str("# HELP attache_attachments_created_total Task attachments created or replaced, by type.\n");
         out.push_str("# TYPE attache_attachments_created_total counter\n");
-        for (i, kind) in ATTACHMENT_TYPES.iter().enumerate() {
+        for (i, kind) in ATTACHMENT_KINDS.iter().enumerate() {
             let n = self.attachments_created[i].load(Ordering::Relaxed);
             let _ = writeln!(out, "attache_attachments_created_total{{type=\"{kind}\"}} {n}");
         }

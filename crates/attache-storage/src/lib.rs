@@ -90,9 +90,7 @@ pub trait StreamStore: Send + Sync + 'static {
     fn appends_committed(&self) -> u64;
 }
 
-pub(crate) fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
+pub(crate) use attache_core::now_ms;
 
 /// Counts committed appends; each backend holds one and feeds it every append's outcome.
 #[derive(Debug, Default)]

@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::{StoreError, StoreResult};
+use crate::now_ms;
 
 const FILE: &str = "tokens.jsonl";
 const PREFIX: &str = "att";
@@ -61,10 +62,6 @@ struct Loaded {
 pub struct TokenStore {
     path: PathBuf,
     loaded: Mutex<Loaded>,
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 fn digest(secret: &str) -> [u8; 32] {

@@ -139,7 +139,7 @@ impl RuntimeServerClient {
     }
 
     /// Appends one JSON value (an array appends its items as separate messages).
-    pub async fn append_json(&self, path: &str, value: &Value) -> Result<Appended> {
+    pub async fn append_json<T: serde::Serialize + ?Sized>(&self, path: &str, value: &T) -> Result<Appended> {
         let body = serde_json::to_vec(value).map_err(|e| Error::Invalid(e.to_string()))?;
         self.append(path, "application/json", body).await
     }

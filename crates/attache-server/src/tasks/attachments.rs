@@ -7,6 +7,7 @@ use attache_core::manifest::{
     versioned_attachment_stream, AttachmentStatus, ManifestEntry, Role, Subject, BYTES_VERSION_LEN,
 };
 use attache_core::state::timestamp;
+use attache_core::task::{AttachmentKind, ATTACHMENT_KINDS};
 use attache_core::{ContentType, EntityUrl, Permission, PrincipalKey, StreamPath};
 use attache_storage::{CreateStream, EntityRecord};
 use base64::Engine;
@@ -21,47 +22,10 @@ use crate::access::now_ms;
 use crate::rows::MainView;
 use crate::AppState;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttachmentKind {
-    Json,
-    Markdown,
-    Text,
-    Url,
-    Binary,
+/// "json, markdown, text, url, binary": the kinds, as refusals name them.
+fn kinds() -> String {
+    ATTACHMENT_KINDS.join(", ")
 }
-
-impl AttachmentKind {
-    pub fn parse(s: &str) -> Option<AttachmentKind> {
-        Some(match s {
-            "json" => AttachmentKind::Json,
-            "markdown" => AttachmentKind::Markdown,
-            "text" => AttachmentKind::Text,
-            "url" => AttachmentKind::Url,
-            "binary" => AttachmentKind::Binary,
-            _ => return None,
-        })
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AttachmentKind::Json => "json",
-            AttachmentKind::Markdown => "markdown",
-            AttachmentKind::Text => "text",
-            AttachmentKind::Url => "url",
-            AttachmentKind::Binary => "binary",
-        }
-    }
-    fn default_mime(self) -> &'static str {
-        match self {
-            AttachmentKind::Json => "application/json",
-            AttachmentKind::Markdown => "text/markdown",
-            AttachmentKind::Text => "text/plain",
-            AttachmentKind::Url => "text/uri-list",
-            AttachmentKind::Binary => ContentType::OCTET_STREAM,
-        }
-    }
-}
-
-pub(super) const TYPES: &str = "json, markdown, text, url, binary";
 
 /// A validated `task.create_attachment` request.
 pub struct AttachmentInput {
@@ -95,8 +59,8 @@ pub(super) fn parse_attachment(p: &Params<'_>) -> TaskResult<AttachmentInput> {
         return Err(TaskError::invalid("key", "key must not contain control characters"));
     }
     let kind = p
-        .opt_enum("type", AttachmentKind::parse, TYPES)?
-        .ok_or_else(|| TaskError::invalid("type", format!("type is required: one of {TYPES}")))?;
+        .opt_enum("type", AttachmentKind::parse, &kinds())?
+        .ok_or_else(|| TaskError::invalid("type", format!("type is required: one of {}", kinds())))?;
     let mime_type = p.opt_string("mimeType", 255)?.map(str::to_owned);
     if let Some(m) = &mime_type {
         ContentType::parse(m).map_err(|_| TaskError::invalid("mimeType", format!("invalid mimeType {m:?}")))?;
@@ -443,7 +407,7 @@ pub(super) async fn get_attachment(state: &AppState, who: &PrincipalKey, p: &Par
 /// Ordered by creation time, then id: stable across calls and upserts (an upsert keeps createdAt).
 pub(super) async fn list_attachments(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
     let task_id = p.string("taskId", 128)?;
-    let kind = p.opt_enum("type", AttachmentKind::parse, TYPES)?;
+    let kind = p.opt_enum("type", AttachmentKind::parse, &kinds())?;
     let limit = p.opt_int("limit", 1, 100)?.unwrap_or(50) as usize;
     let offset = p.opt_int("offset", 0, i64::MAX)?.unwrap_or(0) as usize;
     task_entity(state, who, task_id, Permission::Read, Missing::TaskNotFound).await?;

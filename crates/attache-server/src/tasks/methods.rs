@@ -10,10 +10,11 @@ use attache_core::{Permission, PrincipalKey};
 use attache_storage::StoreError;
 use serde_json::{json, Map, Value};
 
-use super::attachments::{attachment_json, keyed, put_attachment, AttachmentInput, AttachmentKind};
+use super::attachments::{attachment_json, keyed, put_attachment, AttachmentInput};
 use super::dispatch::{change_task, illegal, is_live_task, task_entity, task_for, Missing};
 use super::ids::{main_path, new_task_id, task_url};
 use super::writes::{write_task, Event};
+use super::AttachmentKind;
 use super::{Params, Status, TaskError, TaskRecord, TaskResult, TASK_TYPE};
 use crate::access::{may, now_ms};
 use crate::AppState;

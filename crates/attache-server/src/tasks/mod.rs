@@ -33,7 +33,8 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 
-pub use attachments::{attachment_json, AttachmentInput, AttachmentKind};
+pub use attache_core::task::AttachmentKind;
+pub use attachments::{attachment_json, AttachmentInput};
 pub use dispatch::call;
 pub use ids::{new_attachment_id, new_task_id};
 pub use methods::{load_tombstones, Tombstone};
@@ -42,25 +43,7 @@ pub use params::{params_object, Params};
 pub use record::{Status, TaskRecord};
 pub use writes::Event;
 
-pub const TASK_TYPE: &str = "task";
-
-/// Every method of the face, in the order metrics and MCP list them.
-pub const METHODS: &[&str] = &[
-    "task.create",
-    "task.get",
-    "task.update",
-    "task.list",
-    "task.assign",
-    "task.unassign",
-    "task.claim",
-    "task.complete",
-    "task.delete",
-    "task.create_attachment",
-    "task.get_attachment",
-    "task.list_attachments",
-    "task.get_attachments_batch",
-    "task.delete_attachment",
-];
+pub use attache_core::task::{METHODS, TASK_TYPE};
 
 /// Largest inline JSON value, markdown or text content (bytes as serialized).
 pub const MAX_INLINE_BYTES: usize = 1 << 20;

@@ -5,7 +5,7 @@
 use std::future::Future;
 
 use attache_core::manifest::{ManifestEntry, MANIFEST};
-use attache_core::state::timestamp;
+use attache_core::state::{timestamp, HeadersRef, RowRef};
 use attache_storage::{AppendRequest, StoreError};
 use serde::Serialize;
 use serde_json::Value;
@@ -83,23 +83,6 @@ pub(super) enum Row {
     },
 }
 
-#[derive(Serialize)]
-pub(super) struct RowOut<'a, V: Serialize + ?Sized> {
-    #[serde(rename = "type")]
-    collection: &'a str,
-    key: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    value: Option<&'a V>,
-    headers: HeadersOut<'a>,
-}
-
-#[derive(Serialize)]
-pub(super) struct HeadersOut<'a> {
-    operation: &'a str,
-    timestamp: &'a str,
-    txid: &'a str,
-}
-
 /// Appends `rows` plus one `event` row per event to the task's main stream,
 /// and the events to the global events stream: queued now (in order), finished
 /// by the returned future. Each event is serialized once for both streams.
@@ -124,19 +107,19 @@ pub(super) async fn write_task(
     let now = now_ms();
     let txid = new_txid();
     let ts = timestamp(now);
-    let headers = |operation| HeadersOut { operation, timestamp: &ts, txid: &txid };
+    let headers = |operation| HeadersRef::new(operation, &ts, &txid);
     let mut main_rows = Vec::with_capacity(rows.len() + evts.len());
     let mut envelopes = Vec::with_capacity(evts.len());
     let serialized = (|| -> serde_json::Result<()> {
         for row in &rows {
             main_rows.push(match row {
-                Row::Upsert { entry, insert } => row_bytes(&RowOut {
+                Row::Upsert { entry, insert } => row_bytes(&RowRef {
                     collection: MANIFEST,
                     key: &entry.key,
                     value: Some(&**entry),
                     headers: headers(if *insert { "insert" } else { "update" }),
                 })?,
-                Row::Delete { row_key } => row_bytes(&RowOut::<Value> {
+                Row::Delete { row_key } => row_bytes(&RowRef::<Value> {
                     collection: MANIFEST,
                     key: row_key,
                     value: None,
@@ -148,7 +131,7 @@ pub(super) async fn write_task(
             let id = new_event_id();
             let envelope = row_bytes(&e.envelope(&id, incarnation, now))?;
             let raw: &serde_json::value::RawValue = serde_json::from_slice(&envelope)?;
-            main_rows.push(row_bytes(&RowOut {
+            main_rows.push(row_bytes(&RowRef {
                 collection: events::EVENT_COLLECTION,
                 key: &id,
                 value: Some(raw),

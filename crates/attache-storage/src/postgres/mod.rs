@@ -161,9 +161,7 @@ pub(crate) fn retryable(e: &StoreError) -> bool {
     matches!(e, StoreError::Storage(m) if m.starts_with(RETRY))
 }
 
-pub(crate) fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
+pub(crate) use crate::now_ms;
 
 pub(crate) fn decode_info(json: &str) -> StoreResult<StreamInfo> {
     serde_json::from_str(json).map_err(|e| StoreError::Storage(format!("corrupt stream metadata: {e}")))
