@@ -44,13 +44,10 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ATTACHE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async {
-        match cli.command {
-            Command::Serve(args) => serve::run(args).await,
-            Command::Token(_) | Command::Client(_) => Ok(()),
-        }
-    })
+    match cli.command {
+        Command::Serve(args) => serve::main(args),
+        Command::Token(_) | Command::Client(_) => Ok(()),
+    }
 }
 
 #[global_allocator]

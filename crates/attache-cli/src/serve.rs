@@ -91,6 +91,10 @@ pub struct ServeArgs {
     /// first; lowered at start to fit the open-file limit beside --max-connections) [default: 4096]
     #[arg(long, env = "ATTACHE_STORE_OPEN_FILES")]
     store_open_files: Option<usize>,
+    /// Most threads for blocking work (file reads and writes, store reads, hashing); work past it
+    /// waits its turn. Threads idle for a minute exit [default: 32]
+    #[arg(long, env = "ATTACHE_BLOCKING_THREADS")]
+    blocking_threads: Option<usize>,
     /// Most deleted tasks kept as tombstones (their owners can still read their events); past it the oldest are purged for good [default: 1000]
     #[arg(long, env = "ATTACHE_DELETED_TASKS_KEPT")]
     deleted_tasks_kept: Option<usize>,
@@ -160,6 +164,7 @@ struct FileConfig {
     view_cache_entries: Option<usize>,
     store_cache_bytes: Option<usize>,
     store_open_files: Option<usize>,
+    blocking_threads: Option<usize>,
     deleted_tasks_kept: Option<usize>,
     max_entity_data_bytes: Option<usize>,
     mcp_max_sessions_per_principal: Option<usize>,
@@ -182,7 +187,19 @@ fn duration(flag: Option<Duration>, file: Option<String>, name: &str, into: &mut
     Ok(())
 }
 
-fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
+/// Settings of the process rather than of the server: read before the
+/// runtime that runs the server starts.
+struct Process {
+    blocking_threads: usize,
+}
+
+/// The default of `--blocking-threads`: enough for the store's read permits
+/// (16) beside uploads, blob hashing and registry writes. Tokio's own default
+/// (512) lets a burst of file work start hundreds of threads, each with its
+/// stack and allocator caches: memory that a long run only ever gains.
+const DEFAULT_BLOCKING_THREADS: usize = 32;
+
+fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
     let file: FileConfig = match &args.config {
         Some(path) => {
             let text =
@@ -265,6 +282,8 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         anyhow::ensure!(n > 0, "store_open_files must be at least 1");
         config.store_open_files = n;
     }
+    let blocking_threads = args.blocking_threads.or(file.blocking_threads).unwrap_or(DEFAULT_BLOCKING_THREADS);
+    anyhow::ensure!(blocking_threads > 0, "blocking_threads must be at least 1");
     if let Some(n) = args.deleted_tasks_kept.or(file.deleted_tasks_kept) {
         config.deleted_tasks_kept = n;
     }
@@ -300,11 +319,21 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
                 .with_context(|| format!("auth must be dev or token, got {mode:?}"))?,
         );
     }
-    Ok(config)
+    Ok((config, Process { blocking_threads }))
 }
 
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let config = resolve(args)?;
+/// Runs the server until SIGTERM or SIGINT, on a runtime built for it.
+pub fn main(args: ServeArgs) -> anyhow::Result<()> {
+    let (config, process) = resolve(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(process.blocking_threads)
+        .thread_keep_alive(Duration::from_secs(60))
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(config))
+}
+
+async fn run(config: ServerConfig) -> anyhow::Result<()> {
     if !config.durable {
         tracing::warn!(
             "--no-fsync: writes are acknowledged before they are on disk (a power loss can take the last second)"

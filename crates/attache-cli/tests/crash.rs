@@ -2,109 +2,17 @@
 //! appends must lose nothing that was acknowledged and tear nothing; SIGTERM
 //! must stop the server cleanly, answering the readers it holds.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{client, ServerProcess};
 use reqwest::StatusCode;
 
 const STREAM: &str = "/crash/log";
 const WRITERS: usize = 16;
-
-/// The binary under test: `ATTACHE_BIN` if set, else the one Cargo built.
-fn binary() -> PathBuf {
-    std::env::var_os("ATTACHE_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_attache")))
-}
-
-fn free_port() -> u16 {
-    // Bound and released at once; the server binds it a moment later.
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// One `attache serve` process; killed on drop so a failing test leaks nothing.
-struct ServerProcess {
-    child: Child,
-    url: String,
-    log: PathBuf,
-}
-
-impl ServerProcess {
-    async fn start(data_dir: &Path, log: &Path, extra: &[&str]) -> ServerProcess {
-        let port = free_port();
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new(binary())
-            .arg("serve")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("the attache binary starts");
-        let server = ServerProcess { child, url: format!("http://127.0.0.1:{port}"), log: log.to_path_buf() };
-        server.wait_healthy().await;
-        server
-    }
-
-    async fn wait_healthy(&self) {
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            let health = client.get(format!("{}/healthz", self.url)).send().await;
-            if health.is_ok_and(|r| r.status() == StatusCode::OK) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the server never became healthy; log:\n{}", self.log_text());
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn sigkill(&mut self) {
-        // On Unix, `Child::kill` is SIGKILL: no shutdown code runs.
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn sigterm(&self) {
-        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("kill(1) runs");
-        assert!(status.success());
-    }
-
-    /// The exit status, if the process ends within `limit`.
-    async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap()
-}
 
 /// One record: which writer, in which kill cycle, its number in that run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -212,19 +120,15 @@ async fn sigkill_loses_no_acknowledged_append_and_tears_none() {
     let data = dir.path().join("data");
     let log = dir.path().join("server.log");
     let mut server = ServerProcess::start(&data, &log, &[]).await;
-    let created = client()
-        .put(format!("{}{STREAM}", server.url))
-        .header("content-type", "application/octet-stream")
-        .send()
-        .await
-        .unwrap();
+    let created =
+        client().put(server.url(STREAM)).header("content-type", "application/octet-stream").send().await.unwrap();
     assert_eq!(created.status(), StatusCode::CREATED);
 
     let mut ledger = Ledger::new();
     for cycle in 0..3 {
         let acks = Arc::new(Mutex::new(0u64));
         let writers: Vec<_> =
-            (0..WRITERS).map(|w| tokio::spawn(writer(server.url.clone(), w, cycle, acks.clone()))).collect();
+            (0..WRITERS).map(|w| tokio::spawn(writer(server.url(""), w, cycle, acks.clone()))).collect();
         // Let them write for about a second, and at least until some succeed.
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(1)
@@ -243,7 +147,7 @@ async fn sigkill_loses_no_acknowledged_append_and_tears_none() {
         assert!(*acks.lock().unwrap() > 0, "no append succeeded in cycle {cycle}");
 
         server = ServerProcess::start(&data, &log, &[]).await;
-        verify(&read_stream(&server.url).await, &ledger);
+        verify(&read_stream(&server.url("")).await, &ledger);
     }
     // Writers ran right up to each kill, so recovery went through the write-ahead log.
     assert!(
@@ -260,7 +164,7 @@ async fn sigterm_answers_a_waiting_long_poll_and_exits_0() {
     let log = dir.path().join("server.log");
     let mut server = ServerProcess::start(&data, &log, &["--long-poll-timeout", "60s"]).await;
     let client = client();
-    let url = format!("{}/term", server.url);
+    let url = server.url("/term");
     let created = client.put(&url).header("content-type", "text/plain").body("before").send().await.unwrap();
     assert_eq!(created.status(), StatusCode::CREATED);
     let tail = created.headers()["stream-next-offset"].to_str().unwrap().to_owned();
@@ -286,7 +190,7 @@ async fn sigterm_answers_a_waiting_long_poll_and_exits_0() {
 
     // A clean stop leaves the data readable by the next server.
     let server = ServerProcess::start(&data, &log, &[]).await;
-    assert_eq!(read_stream_at(&server.url, "/term").await, b"before");
+    assert_eq!(read_stream_at(&server.url(""), "/term").await, b"before");
 }
 
 async fn read_stream_at(url: &str, path: &str) -> Vec<u8> {

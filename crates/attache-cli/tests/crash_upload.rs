@@ -3,89 +3,22 @@
 //! `complete`; the staging dir is empty, no blob file is left that no
 //! complete attachment names, and attachments completed before are intact.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{client, closing, field, file_head, upload, ServerProcess, BOUNDARY};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
 const ENTITY: &str = "/crash/uploads";
-const BOUNDARY: &str = "crash-upload-boundary-q8Zr";
 /// What the killed upload declares it will send.
 const BIG: usize = 200 << 20;
 /// How much of it is sent before the kill.
 const SENT_BEFORE_KILL: usize = 24 << 20;
-
-fn binary() -> PathBuf {
-    std::env::var_os("ATTACHE_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_attache")))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("its address").port()
-}
-
-/// One `attache serve` process (dev auth on loopback); killed on drop.
-struct ServerProcess {
-    child: Child,
-    addr: String,
-    log: PathBuf,
-}
-
-impl ServerProcess {
-    async fn start(data_dir: &Path, log: &Path) -> ServerProcess {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("a log file");
-        let child = Command::new(binary())
-            .args(["serve", "--listen", &addr, "--data-dir"])
-            .arg(data_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("the attache binary starts");
-        let server = ServerProcess { child, addr, log: log.to_path_buf() };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let health = client().get(server.url("/healthz")).send().await;
-            if health.is_ok_and(|r| r.status() == StatusCode::OK) {
-                return server;
-            }
-            assert!(Instant::now() < deadline, "the server never became healthy; log:\n{}", server.log_text());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn sigkill(&mut self) {
-        // `Child::kill` is SIGKILL on Unix: no shutdown code runs.
-        self.child.kill().expect("SIGKILL is delivered");
-        self.child.wait().expect("the process is reaped");
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("an HTTP client")
-}
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -98,39 +31,6 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-fn field(name: &str, value: &str) -> Vec<u8> {
-    format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").into_bytes()
-}
-
-fn file_head() -> Vec<u8> {
-    format!(
-        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    )
-    .into_bytes()
-}
-
-fn closing() -> Vec<u8> {
-    format!("\r\n--{BOUNDARY}--\r\n").into_bytes()
-}
-
-async fn upload(server: &ServerProcess, id: &str, bytes: &[u8]) -> Value {
-    let mut body = field("id", id);
-    body.extend(field("subject", r#"{"type":"context","key":"crash"}"#));
-    body.extend(file_head());
-    body.extend_from_slice(bytes);
-    body.extend(closing());
-    let res = client()
-        .post(server.url(&format!("/_electric/entities{ENTITY}/attachments")))
-        .header("content-type", format!("multipart/form-data; boundary={BOUNDARY}"))
-        .body(body)
-        .send()
-        .await
-        .expect("the upload is answered");
-    assert_eq!(res.status(), StatusCode::CREATED, "uploading {id}");
-    res.json::<Value>().await.expect("JSON")["attachment"].clone()
 }
 
 /// The manifest as the server lists it, by id.
@@ -290,17 +190,17 @@ async fn a_server_killed_mid_upload_restarts_with_the_upload_failed_and_no_orpha
     let dir = tempfile::tempdir().expect("a temporary dir");
     let data_dir = dir.path().join("data");
     let log = dir.path().join("server.log");
-    let mut server = ServerProcess::start(&data_dir, &log).await;
+    let mut server = ServerProcess::start(&data_dir, &log, &[]).await;
     let res = client().put(server.url(&format!("/_electric/entities{ENTITY}"))).send().await.expect("spawn");
     assert_eq!(res.status(), StatusCode::CREATED);
     let kept_bytes = pattern(3 << 20, 1);
-    let kept = upload(&server, "kept", &kept_bytes).await;
+    let kept = upload(&server, ENTITY, "kept", &kept_bytes).await;
     assert_eq!(kept["status"], "complete");
 
     for (round, id_first) in [(1, true), (2, false)] {
         let id = format!("big-{round}");
         kill_mid_upload(&mut server, &data_dir, &id, id_first).await;
-        server = ServerProcess::start(&data_dir, &log).await;
+        server = ServerProcess::start(&data_dir, &log, &[]).await;
         check_recovered(&server, &data_dir, &id).await;
 
         // What completed before the crash is intact: bytes and manifest entry.
@@ -311,7 +211,7 @@ async fn a_server_killed_mid_upload_restarts_with_the_upload_failed_and_no_orpha
         assert!(res.bytes().await.expect("the body") == kept_bytes, "round {round}: kept bytes differ");
 
         // The interrupted id can be used again.
-        let again = upload(&server, &id, b"second try").await;
+        let again = upload(&server, ENTITY, &id, b"second try").await;
         assert_eq!(again["status"], "complete");
     }
 }

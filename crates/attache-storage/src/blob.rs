@@ -1,11 +1,14 @@
 //! Staging blob bytes: written as they stream, hashed on the way, synced
 //! once at the end. Memory stays flat whatever the size.
 //!
-//! Hashing and writing each run on their own blocking thread, fed the same
-//! chunks (shared `Bytes`, no copies) through small bounded channels, so
-//! SHA-256, the write syscalls and receiving the next chunk overlap instead
-//! of taking turns. The bounded channels are the backpressure: a slow disk
-//! slows the upload, it never fills memory.
+//! Chunks gather into batches of [`BATCH`] bytes; each full batch is hashed
+//! and written by one short job on the blocking pool while the next batch
+//! arrives from the client, so receiving, hashing and writing overlap. At
+//! most one job per upload runs at a time (the backpressure: a slow disk
+//! slows the upload, it never fills memory), and no thread waits on the
+//! client: an upload whose client sends slowly holds no thread between its
+//! batches, so slow uploads cannot starve the bounded blocking pool
+//! (`--blocking-threads`) that reads and other uploads share.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -13,7 +16,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::error::{StoreError, StoreResult};
@@ -21,15 +23,36 @@ use crate::fault::{FaultPlan, FaultPoint};
 use crate::health::{Health, Source};
 use crate::model::StagedBlob;
 
-/// Chunks in flight per stage.
-const DEPTH: usize = 8;
+/// Bytes gathered before a batch is hashed and written: large enough that a
+/// job's cost is the work, not the hop to a thread; small enough that an
+/// upload holds at most two of them (one gathering, one being written).
+const BATCH: usize = 256 * 1024;
+
+/// What a batch job takes and gives back: the file and the running hash.
+struct Sink {
+    file: StagingFile,
+    hash: Sha256,
+}
+
+impl Sink {
+    fn take(mut self, chunks: Vec<Bytes>) -> std::io::Result<Sink> {
+        for chunk in &chunks {
+            self.hash.update(chunk);
+            self.file.write_all(chunk)?;
+        }
+        Ok(self)
+    }
+}
 
 pub struct BlobWriter {
     path: PathBuf,
-    to_hasher: Option<mpsc::Sender<Bytes>>,
-    to_disk: Option<mpsc::Sender<Bytes>>,
-    hasher: Option<JoinHandle<[u8; 32]>>,
-    disk: Option<JoinHandle<std::io::Result<()>>>,
+    /// The file and hash, when no batch job holds them.
+    sink: Option<Sink>,
+    /// The batch job writing now, if any; it gives the sink back.
+    writing: Option<JoinHandle<std::io::Result<Sink>>>,
+    /// Chunks gathered for the next batch, and their length.
+    gathered: Vec<Bytes>,
+    gathered_len: usize,
     len: u64,
     /// Where disk errors are reported (the store's write-health signal).
     health: Option<Arc<Health>>,
@@ -81,29 +104,12 @@ impl BlobWriter {
                 return Err(err);
             }
         };
-        let (to_hasher, mut hash_rx) = mpsc::channel::<Bytes>(DEPTH);
-        let (to_disk, mut disk_rx) = mpsc::channel::<Bytes>(DEPTH);
-        let hasher = tokio::task::spawn_blocking(move || {
-            let mut h = Sha256::new();
-            while let Some(chunk) = hash_rx.blocking_recv() {
-                h.update(&chunk);
-            }
-            h.finalize().into()
-        });
-        let disk = tokio::task::spawn_blocking(move || {
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, StagingFile { file, faults });
-            while let Some(chunk) = disk_rx.blocking_recv() {
-                out.write_all(&chunk)?;
-            }
-            let staged = out.into_inner().map_err(|e| e.into_error())?;
-            crate::fault::sync(staged.faults.as_ref(), FaultPoint::BlobSync, || staged.file.sync_all())
-        });
         Ok(BlobWriter {
             path,
-            to_hasher: Some(to_hasher),
-            to_disk: Some(to_disk),
-            hasher: Some(hasher),
-            disk: Some(disk),
+            sink: Some(Sink { file: StagingFile { file, faults }, hash: Sha256::new() }),
+            writing: None,
+            gathered: Vec::new(),
+            gathered_len: 0,
             len: 0,
             health,
         })
@@ -118,42 +124,64 @@ impl BlobWriter {
     }
 
     pub async fn write(&mut self, chunk: Bytes) -> StoreResult<()> {
-        let (Some(h), Some(d)) = (&self.to_hasher, &self.to_disk) else { return Err(stopped()) };
-        let n = chunk.len() as u64;
-        if h.send(chunk.clone()).await.is_err() || d.send(chunk).await.is_err() {
-            // A stage stopped early: the disk writer failed. Its error says why.
-            self.to_hasher = None;
-            self.to_disk = None;
-            let err = match self.disk.take() {
-                Some(disk) => match disk.await {
-                    Ok(Err(e)) => e.into(),
-                    _ => stopped(),
-                },
-                None => stopped(),
-            };
-            self.report(&err);
-            return Err(err);
+        if self.sink.is_none() && self.writing.is_none() {
+            return Err(stopped());
         }
-        self.len += n;
+        self.len += chunk.len() as u64;
+        self.gathered_len += chunk.len();
+        self.gathered.push(chunk);
+        if self.gathered_len >= BATCH {
+            self.start_batch().await?;
+        }
         Ok(())
     }
 
-    /// Waits for both stages, syncs the bytes; they are durable once this returns.
-    pub async fn finish(mut self) -> StoreResult<StagedBlob> {
-        self.to_hasher = None;
-        self.to_disk = None;
-        let disk = self.disk.take().ok_or_else(stopped)?;
-        let hasher = self.hasher.take().ok_or_else(stopped)?;
-        let written = disk.await.map_err(|e| StoreError::Storage(e.to_string()))?;
-        if let Err(e) = written {
-            let err = StoreError::from(e);
-            self.report(&err);
-            return Err(err);
+    /// Waits for the batch job in flight (if any) and takes the sink back.
+    async fn sink(&mut self) -> StoreResult<Sink> {
+        if let Some(job) = self.writing.take() {
+            let done = job.await.map_err(|e| StoreError::Storage(e.to_string()))?;
+            match done {
+                Ok(sink) => return Ok(sink),
+                Err(e) => {
+                    let err = StoreError::from(e);
+                    self.report(&err);
+                    return Err(err);
+                }
+            }
         }
+        self.sink.take().ok_or_else(stopped)
+    }
+
+    /// Hands the gathered chunks to a job, after the previous job is done.
+    async fn start_batch(&mut self) -> StoreResult<()> {
+        let sink = self.sink().await?;
+        let chunks = std::mem::take(&mut self.gathered);
+        self.gathered_len = 0;
+        self.writing = Some(tokio::task::spawn_blocking(move || sink.take(chunks)));
+        Ok(())
+    }
+
+    /// Writes what is left, syncs the bytes; they are durable once this returns.
+    pub async fn finish(mut self) -> StoreResult<StagedBlob> {
+        let sink = self.sink().await?;
+        let chunks = std::mem::take(&mut self.gathered);
+        let last = tokio::task::spawn_blocking(move || {
+            let sink = sink.take(chunks)?;
+            let Sink { file, hash } = sink;
+            crate::fault::sync(file.faults.as_ref(), FaultPoint::BlobSync, || file.file.sync_all())?;
+            Ok::<_, std::io::Error>(hash.finalize())
+        });
+        let digest = match last.await.map_err(|e| StoreError::Storage(e.to_string()))? {
+            Ok(digest) => digest,
+            Err(e) => {
+                let err = StoreError::from(e);
+                self.report(&err);
+                return Err(err);
+            }
+        };
         if let Some(health) = &self.health {
             health.recovered(Source::Blob);
         }
-        let digest = hasher.await.map_err(|e| StoreError::Storage(e.to_string()))?;
         Ok(StagedBlob { path: std::mem::take(&mut self.path), sha256: hex::encode(digest), len: self.len })
     }
 }
@@ -167,7 +195,8 @@ impl BlobWriter {
 }
 
 impl Drop for BlobWriter {
-    /// An unfinished upload leaves nothing behind (the stages stop when their channels close).
+    /// An unfinished upload leaves nothing behind (a batch job still writing
+    /// writes to the unlinked file, which goes when the job ends).
     fn drop(&mut self) {
         if !self.path.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&self.path);
