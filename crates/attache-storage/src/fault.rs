@@ -89,7 +89,7 @@ struct PlanState {
 
 /// Which calls fail, shared between a test and the store it opened. Cheap to clone.
 #[derive(Debug, Clone, Default)]
-pub struct FaultPlan(Arc<parking_lot::Mutex<PlanState>>);
+pub struct FaultPlan(Arc<parking_lot::Mutex<PlanState>>, Arc<parking_lot::RwLock<()>>);
 
 impl FaultPlan {
     pub fn new() -> FaultPlan {
@@ -127,6 +127,16 @@ impl FaultPlan {
     /// No call fails any more (space was freed, the disk came back).
     pub fn clear(&self) {
         self.0.lock().rules.clear();
+    }
+
+    /// Runs `f` while no write or sync of the store's files is in progress
+    /// and none starts: what `f` sees of the files (e.g. a copy of them) is
+    /// what a process killed at that instant would leave, every write issued
+    /// before it whole and none after it. Each seam call holds the other
+    /// side of this lock for its duration.
+    pub fn frozen<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _no_io = self.1.write();
+        f()
     }
 
     /// How many calls reached `point` since the plan was made.
@@ -172,6 +182,11 @@ fn fault_at(plan: Option<&FaultPlan>, point: FaultPoint) -> Option<Fault> {
     plan.and_then(|p| p.hit(point))
 }
 
+/// Holds off [`FaultPlan::frozen`] for the length of one seam call.
+fn in_progress(plan: Option<&FaultPlan>) -> Option<parking_lot::RwLockReadGuard<'_, ()>> {
+    plan.map(|p| p.1.read())
+}
+
 /// `write` through the seam: `write(buf)` runs unless a fault says otherwise
 /// (a short write runs it on the first half of `buf`).
 pub(crate) fn write(
@@ -180,6 +195,7 @@ pub(crate) fn write(
     buf: &[u8],
     write: impl FnOnce(&[u8]) -> io::Result<()>,
 ) -> io::Result<()> {
+    let _io = in_progress(plan);
     match fault_at(plan, point) {
         None => write(buf),
         Some(Fault::ShortWrite) => {
@@ -196,6 +212,7 @@ pub(crate) fn sync(
     point: FaultPoint,
     sync: impl FnOnce() -> io::Result<()>,
 ) -> io::Result<()> {
+    let _io = in_progress(plan);
     match fault_at(plan, point) {
         None => sync(),
         Some(Fault::ShortWrite) => Err(Fault::Io.error()),
@@ -248,6 +265,7 @@ impl redb::StorageBackend for FaultyBackend {
 
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
         // Growing the file is where a real full disk says no first; a short write makes no sense here.
+        let _io = in_progress(Some(&self.plan));
         match fault_at(Some(&self.plan), self.points.0) {
             None => self.inner.set_len(len),
             Some(Fault::NoSpace) => Err(Fault::NoSpace.error()),

@@ -69,7 +69,8 @@ impl Fixture {
     /// A store opened on a copy of the files as they are now (the running store is never closed: a crash).
     fn crash_copy(&self) -> (tempfile::TempDir, EmbeddedStore) {
         let copy = tempfile::tempdir().unwrap();
-        copy_dir(&self.dir, copy.path());
+        // Between two writes, as a kill would leave the files.
+        self.plan.frozen(|| copy_dir(&self.dir, copy.path()));
         let store = EmbeddedStore::open(EmbeddedConfig::new(copy.path())).unwrap();
         (copy, store)
     }

@@ -3,7 +3,7 @@
 mod model;
 
 use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
-use attache_storage::StreamStore;
+use attache_storage::{FaultPlan, StreamStore};
 use model::*;
 use proptest::prelude::*;
 
@@ -46,16 +46,26 @@ fn embedded_crashing_mid_checkpoint() -> Opener {
 fn crashing_with(configure: impl Fn(&mut EmbeddedConfig) + Send + 'static) -> Opener {
     let root = tempfile::tempdir().unwrap();
     let mut generation = 0u32;
+    // The running generation's files go through this plan (no faults), so a
+    // copy of them can be taken between two writes, as a kill would leave
+    // them: a copy taken during a write would hold a state no crash can.
+    let mut running: Option<FaultPlan> = None;
     Box::new(move || {
         let from = root.path().join(generation.to_string());
         generation += 1;
         let to = root.path().join(generation.to_string());
         std::fs::create_dir_all(&to).unwrap();
         if from.exists() {
-            copy_dir(&from, &to);
+            match &running {
+                Some(plan) => plan.frozen(|| copy_dir(&from, &to)),
+                None => copy_dir(&from, &to),
+            }
         }
         let mut config = EmbeddedConfig::new(&to);
         configure(&mut config);
+        let plan = FaultPlan::new();
+        config.fault_plan = Some(plan.clone());
+        running = Some(plan);
         let store = EmbeddedStore::open(config).unwrap();
         Box::pin(async move { Box::new(store) as Box<dyn StreamStore> })
     })
