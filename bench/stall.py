@@ -208,6 +208,16 @@ async def run(args):
         say(f"stream: {args.stream_mib} MiB of random bytes in appends of {args.append_kib} KiB (SSE sends them base64)")
         say(f"idle RSS after filling the stream: {idle_rss / 1024:.1f} MiB")
 
+        import json
+        # The probe starts first, at the priority this script was started with; the load then
+        # runs --load-nice lower, as the clients of a real server run on other machines and do
+        # not take its cores (on this 2-core machine Python's 2,200 clients otherwise compete
+        # with the server and the probe for CPU, which is not the server's latency).
+        prober = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--probe", str(port), str(server.pid), str(args.seconds),
+            stdout=asyncio.subprocess.PIPE)
+        if args.load_nice:
+            os.nice(args.load_nice)
         counts = Counts()
         stop = asyncio.Event()
         clients = []
@@ -219,11 +229,6 @@ async def run(args):
             clients.append(asyncio.ensure_future(sse_client(port, path, args.sse_hold, counts, stop)))
             if n % 50 == 49:
                 await asyncio.sleep(0.01)
-
-        import json
-        prober = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--probe", str(port), str(server.pid), str(args.seconds),
-            stdout=asyncio.subprocess.PIPE)
         held = []
         started = time.monotonic()
         while prober.returncode is None:
@@ -244,7 +249,7 @@ async def run(args):
         _, metrics, _ = await request(port, "GET", "/metrics")
         peak = max(s[1] for s in samples if s[1] is not None)
         say(f"load: {args.stalled} stalled connections, {args.sse} SSE readers that never read "
-            f"(each replaced after {args.sse_hold:g} s), {args.seconds:g} s")
+            f"(each replaced after {args.sse_hold:g} s), {args.seconds:g} s; the load's process at nice +{args.load_nice}")
         say("RSS (MiB) every 5 s, with the connections held then:")
         for t, rss, st, sse in samples[::5]:
             say(f"  t={t:5.1f}s  RSS {rss / 1024:7.1f}  stalled {st:5d}  sse {sse:4d}")
@@ -289,6 +294,8 @@ def main():
     ap.add_argument("--stream-mib", type=int, default=32)
     ap.add_argument("--append-kib", type=int, default=64, help="size of each append filling the stream")
     ap.add_argument("--server-arg", action="append", default=[], help="one more `attache serve` flag (repeat)")
+    ap.add_argument("--load-nice", type=int, default=10,
+                    help="niceness added to the load's process (the server and the probe keep theirs); 0: none")
     ap.add_argument("--report", help="also write the summary here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (server log, data)")
     ap.add_argument("--probe", nargs=3, metavar=("PORT", "PID", "SECONDS"), help=argparse.SUPPRESS)
