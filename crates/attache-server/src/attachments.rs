@@ -504,6 +504,7 @@ pub async fn upload(
                 initial: Default::default(),
                 fork: None,
                 owner: Some(who.to_string()),
+                take_kept_path: true,
             },
             blob,
         )
@@ -858,6 +859,7 @@ pub async fn begin_resumable(
             initial: Default::default(),
             fork: None,
             owner: Some(who.to_string()),
+            take_kept_path: true,
         })
         .await;
     // The upload goes on after this request, through the stream; expiry ends it if it is never closed.

@@ -182,6 +182,7 @@ pub async fn spawn_entity(
             initial: rows_body(&[created])?,
             fork: None,
             owner: Some(who.to_string()),
+            take_kept_path: true,
         })
         .await;
     match outcome {

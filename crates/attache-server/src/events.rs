@@ -47,6 +47,7 @@ pub async fn ensure_stream(store: &dyn StreamStore) -> Result<(), StoreError> {
             initial: Bytes::new(),
             fork: None,
             owner: Some(OWNER.into()),
+            take_kept_path: true,
         })
         .await;
     match created {

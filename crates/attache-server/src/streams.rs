@@ -280,6 +280,13 @@ async fn put(
                     StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => ApiError::from(StoreError::ForkSourceNotFound),
                     _ => e,
                 })?;
+                if let Some((entity, EntityStream::Attachment(id))) = EntityUrl::owning(source.as_str()) {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "USE_ENTITY_ROUTES",
+                        format!("attachments are not forked; read one through GET /_electric/entities{entity}/attachments/{id}"),
+                    ));
+                }
                 source
             },
             offset: fork_offset.map(Offset::parse).transpose()?,
@@ -305,6 +312,7 @@ async fn put(
             initial,
             fork,
             owner: Some(who.to_string()),
+            take_kept_path: false,
         })
         .await?;
     let (status, info) = match &outcome {

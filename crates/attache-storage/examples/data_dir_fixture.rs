@@ -29,6 +29,7 @@ fn create(path: &str, ct: Option<&str>, initial: &[u8], fork: Option<(&str, u64,
             sub_offset: sub,
         }),
         owner: Some("user:alice".into()),
+        take_kept_path: false,
     }
 }
 

@@ -46,6 +46,7 @@ async fn main() {
                     initial: Default::default(),
                     fork: None,
                     owner: None,
+                    take_kept_path: false,
                 })
                 .await
                 .expect("create");

@@ -47,11 +47,17 @@ pub trait StreamStore: Send + Sync + 'static {
     /// Appends to (and/or closes) a stream.
     async fn append(&self, req: AppendRequest) -> StoreResult<AppendOutcome>;
 
-    /// Deletes a stream; a stream with live forks is soft-deleted (410 afterwards).
+    /// Deletes a stream; a stream with live forks is soft-deleted (410
+    /// afterwards) and keeps its path until a create takes it
+    /// ([`CreateStream::take_kept_path`]).
     async fn delete(&self, path: &str) -> StoreResult<()>;
 
     /// The committed metadata of a stream, without touching its TTL.
     async fn head(&self, path: &str) -> StoreResult<StreamInfo>;
+
+    /// The stream `path` names, even one deleted but kept for its forks
+    /// (`soft_deleted`): who may learn that it exists is the caller's rule.
+    async fn named(&self, path: &str) -> StoreResult<StreamInfo>;
 
     /// Reads committed data from `from`, at most about `max_bytes`; resets a sliding TTL.
     async fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch>;

@@ -20,7 +20,12 @@ pub struct StreamInfo {
     pub fork: Option<ForkInfo>,
     /// How many forks read through this stream.
     pub fork_refs: u32,
+    /// Deleted while forks read through it: kept only for their reads.
     pub soft_deleted: bool,
+    /// Soft-deleted and no longer named by `path`: a create took the path for
+    /// a new stream, and this one lives on under its id until its last fork goes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unlinked: bool,
     /// Last `Stream-Seq` accepted (scope: the stream).
     pub last_seq: Option<String>,
     /// The producer request that closed the stream, so its retry is a duplicate.
@@ -104,6 +109,12 @@ pub struct CreateStream {
     pub initial: Bytes,
     pub fork: Option<ForkSpec>,
     pub owner: Option<String>,
+    /// Whether this create takes the path from a stream deleted but kept for
+    /// its forks (which then lives on under its id, unnamed). Without it, such
+    /// a path is held as PROTOCOL.md says (a create there is 409). The server's
+    /// own creates take it; the raw route takes it only for a caller that may
+    /// not see the kept stream (docs/SECURITY.md).
+    pub take_kept_path: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -323,6 +334,7 @@ mod tests {
             fork: None,
             fork_refs: 0,
             soft_deleted: false,
+            unlinked: false,
             last_seq: None,
             closed_by: None,
             owner: None,

@@ -154,6 +154,35 @@ pub(crate) fn row_end(start: u64, len: u64, json: bool) -> u64 {
     start + len + u64::from(json)
 }
 
+/// What a create does with the stream its path names now.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum AtPath {
+    /// It holds the path: confirm it (200) or refuse (409), as [`confirm_existing`] says.
+    Holds,
+    /// It has expired: delete it, then create.
+    Remove,
+    /// It is deleted and kept only for its forks, and the create takes its
+    /// path: it lives on under its id, unnamed ([`StreamInfo::unlinked`]).
+    Unlink,
+}
+
+/// A path is a name, a stream's data has an identity: a stream deleted while
+/// forks read through it gives up its name to a create that asks for it, and
+/// its data stays for the forks until the last one goes.
+pub(crate) fn at_path(info: &StreamInfo, expired: bool, req: &CreateStream) -> AtPath {
+    if info.soft_deleted {
+        if req.take_kept_path {
+            AtPath::Unlink
+        } else {
+            AtPath::Holds
+        }
+    } else if expired {
+        AtPath::Remove
+    } else {
+        AtPath::Holds
+    }
+}
+
 /// PUT on an existing path: 200 when the configuration matches, 409 when not.
 pub(crate) fn confirm_existing(info: &StreamInfo, req: &CreateStream) -> StoreResult<CreateOutcome> {
     if info.soft_deleted {
@@ -221,6 +250,10 @@ pub(crate) fn plan_create(req: &CreateStream, source: Option<(&StreamInfo, bool)
     }
     if src_expired {
         return Err(StoreError::ForkSourceNotFound);
+    }
+    if src.blob.is_some() {
+        // Its bytes are a blob file, not rows a fork could read through.
+        return Err(StoreError::Invalid("a stream stored as one blob (an attachment's bytes) cannot be forked".into()));
     }
     let src_type = src.content_type();
     if let Some(ct) = &req.content_type {
@@ -342,6 +375,7 @@ pub(crate) fn new_stream(
         fork,
         fork_refs: 0,
         soft_deleted: false,
+        unlinked: false,
         last_seq: None,
         closed_by: None,
         owner: req.owner.clone(),
@@ -364,6 +398,7 @@ pub(crate) fn new_blob_stream(id: u64, req: &CreateStream, blob: BlobRef) -> Str
         fork: None,
         fork_refs: 0,
         soft_deleted: false,
+        unlinked: false,
         last_seq: None,
         closed_by: None,
         owner: req.owner.clone(),
@@ -534,6 +569,7 @@ mod tests {
             initial: Bytes::new(),
             fork: None,
             owner: None,
+            take_kept_path: false,
         }
     }
 
@@ -603,6 +639,21 @@ mod tests {
         let mut info = stream("text/plain");
         info.soft_deleted = true;
         assert!(matches!(decide_append(&info, &append("x", Some("text/plain")), None), Err(StoreError::Gone)));
+    }
+
+    #[test]
+    fn a_stream_kept_for_forks_gives_up_its_path_only_to_a_create_that_takes_it() {
+        let mut info = stream("text/plain");
+        let mut req = create("/s", Some("text/plain"));
+        assert_eq!(at_path(&info, false, &req), AtPath::Holds);
+        assert_eq!(at_path(&info, true, &req), AtPath::Remove);
+        info.soft_deleted = true;
+        assert_eq!(at_path(&info, false, &req), AtPath::Holds, "the protocol's 409");
+        assert_eq!(at_path(&info, true, &req), AtPath::Holds, "a kept stream does not expire");
+        req.take_kept_path = true;
+        assert_eq!(at_path(&info, false, &req), AtPath::Unlink);
+        info.soft_deleted = false;
+        assert_eq!(at_path(&info, false, &req), AtPath::Holds, "a live stream is never unlinked");
     }
 
     #[test]
@@ -689,6 +740,16 @@ mod tests {
         let mut closed = create("/s", Some("text/plain"));
         closed.closed = true;
         assert!(matches!(confirm_existing(&info, &closed), Err(StoreError::ConfigMismatch(_))));
+    }
+
+    #[test]
+    fn a_stream_stored_as_a_blob_is_not_forked() {
+        let mut src = stream("text/plain");
+        src.blob = Some(BlobRef { sha256: "0".repeat(64), len: 3 });
+        src.tail = 3;
+        let mut req = create("/f", None);
+        req.fork = Some(ForkSpec { source: StreamPath::new("/s").expect("path"), offset: None, sub_offset: 0 });
+        assert!(matches!(plan_create(&req, Some((&src, false))), Err(StoreError::Invalid(_))));
     }
 
     #[test]

@@ -97,6 +97,7 @@ fn create(path: &str) -> CreateStream {
         initial: Bytes::new(),
         fork: None,
         owner: None,
+        take_kept_path: false,
     }
 }
 

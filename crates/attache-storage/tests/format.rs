@@ -41,6 +41,7 @@ fn create(path: &str, ct: &str) -> CreateStream {
         initial: Bytes::new(),
         fork: None,
         owner: None,
+        take_kept_path: false,
     }
 }
 

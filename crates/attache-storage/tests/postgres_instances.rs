@@ -55,6 +55,7 @@ fn json_stream(path: &str) -> CreateStream {
         initial: Bytes::new(),
         fork: None,
         owner: None,
+        take_kept_path: false,
     }
 }
 

@@ -221,6 +221,7 @@ pub(super) async fn write_bytes(
             initial: bytes.into(),
             fork: None,
             owner: Some(who.to_string()),
+            take_kept_path: true,
         })
         .await?;
     Ok(())

@@ -260,7 +260,13 @@ pub(super) async fn list(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -
     let mut rows = Vec::with_capacity(limit.min(total));
     for (id, t) in tasks.iter().skip(offset).take(limit) {
         let mut row = t.row(id);
-        row["attachmentCount"] = json!(attachment_count(state, id).await?);
+        // One task whose stream cannot be read must not fail the list for
+        // everyone who sees it: it is listed, counted as having no attachments.
+        let count = attachment_count(state, id).await.unwrap_or_else(|e| {
+            tracing::warn!(task = %id, error = ?e, "task.list: the task's stream could not be read");
+            0
+        });
+        row["attachmentCount"] = json!(count);
         rows.push(row);
     }
     Ok(json!({ "tasks": rows, "totalCount": total, "hasMore": offset.saturating_add(limit) < total }))

@@ -389,9 +389,12 @@ impl EmbeddedStore {
         let now = now_ms();
         let mut index = Index::default();
         for info in state.streams.values() {
-            let entry = StreamEntry::new(info.clone(), now);
-            index.by_path.insert(info.path.clone(), entry.clone());
-            index.by_id.insert(info.id, entry);
+            index.by_id.insert(info.id, StreamEntry::new(info.clone(), now));
+        }
+        for (path, id) in state.named() {
+            if let Some(entry) = index.by_id.get(id) {
+                index.by_path.insert(path.clone(), entry.clone());
+            }
         }
         tracing::info!(streams = index.by_id.len(), path = %db_path.display(), "embedded store opened");
         let shared = Arc::new(Shared {
@@ -440,12 +443,21 @@ impl EmbeddedStore {
     /// The committed entry at `path`, or why there is none. Expired streams
     /// are reported missing at once and their deletion is queued.
     pub(crate) fn entry(&self, path: &str) -> StoreResult<Arc<StreamEntry>> {
-        let entry = self.shared.index.read().by_path.get(path).cloned().ok_or(StoreError::NotFound)?;
-        let info = entry.info();
-        if info.soft_deleted {
+        let entry = self.named_entry(path)?;
+        if entry.info().soft_deleted {
             return Err(StoreError::Gone);
         }
-        if entry.expired(&info, now_ms()) {
+        Ok(entry)
+    }
+
+    /// The committed entry `path` names, even one deleted but kept for its forks.
+    fn named_entry(&self, path: &str) -> StoreResult<Arc<StreamEntry>> {
+        let entry = self.shared.index.read().by_path.get(path).cloned().ok_or(StoreError::NotFound)?;
+        let info = entry.info();
+        if info.unlinked {
+            return Err(StoreError::NotFound);
+        }
+        if !info.soft_deleted && entry.expired(&info, now_ms()) {
             let _ = self.send(Command::Expire(info.id));
             return Err(StoreError::NotFound);
         }
@@ -476,6 +488,10 @@ impl StreamStore for EmbeddedStore {
 
     async fn head(&self, path: &str) -> StoreResult<StreamInfo> {
         Ok((*self.entry(path)?.info()).clone())
+    }
+
+    async fn named(&self, path: &str) -> StoreResult<StreamInfo> {
+        Ok((*self.named_entry(path)?.info()).clone())
     }
 
     async fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch> {
@@ -586,6 +602,7 @@ mod read_cache_tests {
             initial: bytes::Bytes::from_static(b"abc"),
             fork: None,
             owner: None,
+            take_kept_path: false,
         };
         store.create(req).await.unwrap();
         (dir, store)

@@ -28,7 +28,7 @@ use super::{
 use crate::error::{StoreError, StoreResult};
 use crate::health::Source;
 use crate::model::*;
-use crate::rules::{self, AppendDecision};
+use crate::rules::{self, AppendDecision, AtPath};
 
 pub(crate) use crate::rules::PreparedAppend;
 
@@ -57,6 +57,11 @@ pub(crate) fn create_tables(db: &Database) -> StoreResult<()> {
 }
 
 impl WriterState {
+    /// The id each path names (streams kept for forks after their path was taken are not named).
+    pub(crate) fn named(&self) -> impl Iterator<Item = (&String, &u64)> {
+        self.paths.iter()
+    }
+
     /// The committed state, read (never written: this runs after a failed
     /// commit too, when the disk may refuse writes).
     pub(crate) fn load(db: &Database) -> StoreResult<WriterState> {
@@ -74,7 +79,8 @@ impl WriterState {
                 let (_, value) = row?;
                 let info: StreamInfo = serde_json::from_slice(value.value())
                     .map_err(|e| StoreError::Storage(format!("corrupt stream metadata: {e}")))?;
-                if !info.soft_deleted || info.fork_refs > 0 {
+                // A stream kept for its forks after its path was taken is named by its id only.
+                if (!info.soft_deleted || info.fork_refs > 0) && !info.unlinked {
                     state.paths.insert(info.path.clone(), info.id);
                 }
                 state.streams.insert(info.id, info);
@@ -1067,10 +1073,15 @@ fn publish(shared: &Shared, state: &WriterState, changes: Changes) {
             Some(entry) => {
                 entry.last_access_ms.store(now, Ordering::Relaxed);
                 entry.publish(info.clone());
+                if info.unlinked && index.by_path.get(&info.path).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+                    index.by_path.remove(&info.path);
+                }
             }
             None => {
                 let entry = StreamEntry::new(info.clone(), now);
-                index.by_path.insert(info.path.clone(), entry.clone());
+                if !info.unlinked {
+                    index.by_path.insert(info.path.clone(), entry.clone());
+                }
                 index.by_id.insert(*id, entry);
             }
         }
@@ -1136,10 +1147,10 @@ impl WriterState {
     ) -> StoreResult<CreateOutcome> {
         let path = req.path.as_str().to_owned();
         if let Some(&id) = self.paths.get(&path) {
-            if self.expired(shared, id) && !self.streams[&id].soft_deleted {
-                self.remove(t, changes, id)?;
-            } else {
-                return self.confirm_existing(id, &req);
+            match rules::at_path(&self.streams[&id], self.expired(shared, id), &req) {
+                AtPath::Holds => return self.confirm_existing(id, &req),
+                AtPath::Remove => self.remove(t, changes, id)?,
+                AtPath::Unlink => self.unlink(t, changes, id)?,
             }
         }
         let source = match &req.fork {
@@ -1192,11 +1203,14 @@ impl WriterState {
     ) -> StoreResult<StreamInfo> {
         let path = req.path.as_str().to_owned();
         if let Some(&id) = self.paths.get(&path) {
-            if !self.expired(shared, id) || self.streams[&id].soft_deleted {
-                let _ = std::fs::remove_file(&blob.path);
-                return Err(StoreError::ConfigMismatch("a stream already exists at this path".into()));
+            match rules::at_path(&self.streams[&id], self.expired(shared, id), &req) {
+                AtPath::Holds => {
+                    let _ = std::fs::remove_file(&blob.path);
+                    return Err(StoreError::ConfigMismatch("a stream already exists at this path".into()));
+                }
+                AtPath::Remove => self.remove(t, changes, id)?,
+                AtPath::Unlink => self.unlink(t, changes, id)?,
             }
-            self.remove(t, changes, id)?;
         }
         // The same bytes may have lost their last holder earlier in this batch; keep the file.
         changes.unlink.retain(|sha| sha != &blob.sha256);
@@ -1294,6 +1308,19 @@ impl WriterState {
             return Err(StoreError::NotFound);
         }
         Ok(())
+    }
+
+    /// A stream kept for its forks gives up its path: it stays under its id
+    /// until its last fork goes (`remove` then drops it).
+    fn unlink(&mut self, t: &mut Tables, changes: &mut Changes, id: u64) -> StoreResult<()> {
+        let Some(mut info) = self.streams.get(&id).cloned() else {
+            return Ok(());
+        };
+        if self.paths.get(&info.path) == Some(&id) {
+            self.paths.remove(&info.path);
+        }
+        info.unlinked = true;
+        self.save(t, changes, info)
     }
 
     /// Deletes a stream: soft while forks read through it, otherwise for good,

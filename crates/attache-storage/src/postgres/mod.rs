@@ -267,19 +267,31 @@ impl Shared {
     pub(crate) fn apply(&self, row: StreamRow) -> Arc<StreamEntry> {
         let id = row.info.id;
         let existing = self.index.read().by_id.get(&id).cloned();
+        let unlinked = row.info.unlinked.then(|| row.info.path.clone());
         if let Some(entry) = existing {
             entry.last_access_ms.fetch_max(row.last_access_ms, Ordering::Relaxed);
             entry.publish(row.version, row.info);
+            if let Some(path) = unlinked {
+                self.unname(&path, &entry);
+            }
             return entry;
         }
         let mut index = self.index.write();
         if let Some(entry) = index.by_id.get(&id).cloned() {
             drop(index);
             entry.publish(row.version, row.info);
+            if let Some(path) = unlinked {
+                self.unname(&path, &entry);
+            }
             return entry;
         }
         let path = row.info.path.clone();
         let entry = StreamEntry::new(row.version, row.info, row.last_access_ms.max(now_ms()));
+        if unlinked.is_some() {
+            // Kept for its forks under its id only: it names no path.
+            index.by_id.insert(id, entry.clone());
+            return entry;
+        }
         // Paths are unique among committed rows: whatever held this one is gone.
         if let Some(old) = index.by_path.insert(path, entry.clone()) {
             let old_id = old.info().id;
@@ -288,6 +300,14 @@ impl Shared {
         }
         index.by_id.insert(id, entry.clone());
         entry
+    }
+
+    /// A stream whose path was taken no longer answers for it.
+    fn unname(&self, path: &str, entry: &Arc<StreamEntry>) {
+        let mut index = self.index.write();
+        if index.by_path.get(path).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            index.by_path.remove(path);
+        }
     }
 
     /// Forgets a stream whose row is gone (ids are never reused), waking its readers.
@@ -596,16 +616,21 @@ impl PgStore {
     /// The stream at `path`, from memory or (if this instance has not heard
     /// of it yet) from the database; expired streams are reported missing.
     async fn entry(&self, path: &str) -> StoreResult<Arc<StreamEntry>> {
+        let entry = self.lookup(path).await?;
+        self.live(entry)
+    }
+
+    /// The entry `path` names, from memory or the database, unchecked.
+    async fn lookup(&self, path: &str) -> StoreResult<Arc<StreamEntry>> {
         let cached = self.shared.index.read().by_path.get(path).cloned();
-        let entry = match cached {
-            Some(entry) => entry,
+        match cached {
+            Some(entry) => Ok(entry),
             None => {
                 let shared = self.shared.clone();
                 let path = path.to_owned();
-                self.io.run(shared.load_path(path)).await?.ok_or(StoreError::NotFound)?
+                self.io.run(shared.load_path(path)).await?.ok_or(StoreError::NotFound)
             }
-        };
-        self.live(entry)
+        }
     }
 
     /// The stream at `path` if this instance knows it (memory only).
@@ -616,11 +641,21 @@ impl PgStore {
 
     /// `entry` unless it is soft-deleted (410) or expired (missing, its deletion queued).
     fn live(&self, entry: Arc<StreamEntry>) -> StoreResult<Arc<StreamEntry>> {
-        let info = entry.info();
-        if info.soft_deleted {
+        let entry = self.named_entry(entry)?;
+        if entry.info().soft_deleted {
             return Err(StoreError::Gone);
         }
-        if entry.expired(&info, now_ms()) {
+        Ok(entry)
+    }
+
+    /// `entry` if its path still names it (even deleted but kept for its forks)
+    /// and it has not expired (missing, its deletion queued).
+    fn named_entry(&self, entry: Arc<StreamEntry>) -> StoreResult<Arc<StreamEntry>> {
+        let info = entry.info();
+        if info.unlinked {
+            return Err(StoreError::NotFound);
+        }
+        if !info.soft_deleted && entry.expired(&info, now_ms()) {
             let _ = self.send(Command::Expire(info.id));
             return Err(StoreError::NotFound);
         }
@@ -655,6 +690,11 @@ impl StreamStore for PgStore {
 
     async fn head(&self, path: &str) -> StoreResult<StreamInfo> {
         Ok((*self.entry(path).await?.info()).clone())
+    }
+
+    async fn named(&self, path: &str) -> StoreResult<StreamInfo> {
+        let entry = self.lookup(path).await?;
+        Ok((*self.named_entry(entry)?.info()).clone())
     }
 
     async fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch> {

@@ -4,14 +4,19 @@
 -- One row per stream: its metadata as JSON (attache_storage::StreamInfo),
 -- a version bumped on every committed change (instances keep the newest they
 -- have seen), and when it was last read or written (sliding TTL, flushed by
--- each instance about once a second).
+-- each instance about once a second). `path` is the name: NULL for a stream
+-- deleted while forks read through it whose path a new stream took (it lives
+-- on under its id until its last fork goes).
 CREATE TABLE IF NOT EXISTS attache_streams (
     id BIGINT PRIMARY KEY,
-    path TEXT NOT NULL UNIQUE,
+    path TEXT UNIQUE,
     info TEXT NOT NULL,
     version BIGINT NOT NULL,
     last_access_ms BIGINT NOT NULL
 );
+
+-- Tables made before names could be given up.
+ALTER TABLE attache_streams ALTER COLUMN path DROP NOT NULL;
 
 CREATE SEQUENCE IF NOT EXISTS attache_stream_ids;
 

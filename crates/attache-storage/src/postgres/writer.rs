@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use super::{db_err, now_ms, retryable, stream_row, Command, Shared, StreamRow, CHANGES, STREAM_COLUMNS};
 use crate::error::{StoreError, StoreResult};
 use crate::model::*;
-use crate::rules::{self, AppendDecision, PreparedAppend};
+use crate::rules::{self, AppendDecision, AtPath, PreparedAppend};
 
 pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Command>, max_batch: usize) {
     while let Some(first) = rx.recv().await {
@@ -269,7 +269,9 @@ fn publish(shared: &Shared, committed: Committed) {
 impl Work {
     fn hold(&mut self, row: StreamRow) {
         let id = row.info.id;
-        self.paths.insert(row.info.path.clone(), Some(id));
+        if !row.info.unlinked {
+            self.paths.insert(row.info.path.clone(), Some(id));
+        }
         self.streams.insert(id, Locked { info: row.info, version: row.version, last_access_ms: row.last_access_ms });
     }
 
@@ -407,10 +409,10 @@ impl Work {
         let path = req.path.as_str();
         if let Some(id) = self.id_at(path).await? {
             let info = self.stream(id).await?.ok_or(StoreError::NotFound)?;
-            if self.expired(shared, id) && !info.soft_deleted {
-                self.remove(id).await?;
-            } else {
-                return rules::confirm_existing(&info, req);
+            match rules::at_path(&info, self.expired(shared, id), req) {
+                AtPath::Holds => return rules::confirm_existing(&info, req),
+                AtPath::Remove => self.remove(id).await?,
+                AtPath::Unlink => self.unlink(info),
             }
         }
         let source = match &req.fork {
@@ -452,10 +454,11 @@ impl Work {
         let path = req.path.as_str();
         if let Some(id) = self.id_at(path).await? {
             let info = self.stream(id).await?.ok_or(StoreError::NotFound)?;
-            if !self.expired(shared, id) || info.soft_deleted {
-                return Err(StoreError::ConfigMismatch("a stream already exists at this path".into()));
+            match rules::at_path(&info, self.expired(shared, id), req) {
+                AtPath::Holds => return Err(StoreError::ConfigMismatch("a stream already exists at this path".into())),
+                AtPath::Remove => self.remove(id).await?,
+                AtPath::Unlink => self.unlink(info),
             }
-            self.remove(id).await?;
         }
         *self.blob_refs.entry(blob.sha256.clone()).or_default() += 1;
         let id = self.next_id().await?;
@@ -557,6 +560,16 @@ impl Work {
         Ok(())
     }
 
+    /// A stream kept for its forks gives up its path: its row stays, unnamed
+    /// (path NULL), until its last fork goes (`remove` then drops it).
+    fn unlink(&mut self, mut info: StreamInfo) {
+        if self.paths.get(&info.path) == Some(&Some(info.id)) {
+            self.paths.insert(info.path.clone(), None);
+        }
+        info.unlinked = true;
+        self.save(info);
+    }
+
     /// Deletes a stream: soft while forks read through it, otherwise for good,
     /// releasing its source (and that source, if it was waiting only on this fork).
     async fn remove(&mut self, id: u64) -> StoreResult<()> {
@@ -612,6 +625,16 @@ impl Work {
             .await
             .map_err(db_err)?;
         }
+        let unlinked: Vec<i64> =
+            self.dirty.iter().filter(|id| self.streams[*id].info.unlinked).map(|&id| id as i64).collect();
+        if !unlinked.is_empty() {
+            // Before the upsert below too: the path given up here is taken in this batch.
+            sqlx::query("UPDATE attache_streams SET path = NULL WHERE id = ANY($1)")
+                .bind(&unlinked)
+                .execute(&mut *self.tx)
+                .await
+                .map_err(db_err)?;
+        }
         let now = now_ms();
         let mut rows = Vec::with_capacity(self.dirty.len());
         let chunks = std::mem::take(&mut self.chunks);
@@ -626,7 +649,7 @@ impl Work {
         for id in &self.dirty {
             let l = &self.streams[id];
             s.0.push(*id as i64);
-            s.1.push(l.info.path.clone());
+            s.1.push((!l.info.unlinked).then(|| l.info.path.clone()));
             s.2.push(serde_json::to_string(&l.info).map_err(|e| StoreError::Storage(e.to_string()))?);
             s.3.push(l.version + 1);
             s.4.push(now);

@@ -451,6 +451,7 @@ pub fn create_request(path: usize, json: bool, closed: bool, initial: &Body) -> 
         initial: Bytes::from(initial.bytes()),
         fork: None,
         owner: None,
+        take_kept_path: false,
     }
 }
 
@@ -557,6 +558,7 @@ impl Harness {
                             sub_offset: 0,
                         }),
                         owner: None,
+                        take_kept_path: false,
                     })
                     .await;
                 let existed = self.model.streams.contains_key(path);
