@@ -99,9 +99,22 @@ fn stream_headers(headers: &mut HeaderMap, info: &StreamInfo) {
     }
 }
 
+/// What the caller may do at a path it is allowed to touch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// The path's stream, if any, is the caller's to see (the protocol's answers).
+    Visible,
+    /// The path names a stream deleted but kept for its forks that the caller
+    /// may not see: for it the path is free, so its `PUT` takes the path.
+    KeptForOthers,
+}
+
 /// Who may touch a stream path: entity-owned streams follow the entity's
-/// permissions; plain streams belong to their creator.
-async fn authorize(state: &AppState, who: &PrincipalKey, method: &Method, path: &StreamPath) -> ApiResult<()> {
+/// permissions; plain streams belong to their creator. A plain stream another
+/// principal owns is, to the caller, a path that never existed (404), except
+/// that a live one holds its name (a `PUT` is 409); one deleted but kept for
+/// its forks holds nothing the caller can see.
+async fn authorize(state: &AppState, who: &PrincipalKey, method: &Method, path: &StreamPath) -> ApiResult<Access> {
     if let Some((entity, which)) = EntityUrl::owning(path.as_str()) {
         let wanted = match *method {
             Method::POST | Method::PUT => Permission::Write,
@@ -125,21 +138,19 @@ async fn authorize(state: &AppState, who: &PrincipalKey, method: &Method, path: 
             };
             return Err(ApiError::new(StatusCode::CONFLICT, "USE_ENTITY_ROUTES", hint));
         }
-        return Ok(());
+        return Ok(Access::Visible);
     }
-    match state.store.head(path.as_str()).await {
-        Ok(info) if !owns_stream(who, &info) => {
-            if *method == Method::PUT {
-                Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "CONFLICT",
-                    "a stream owned by another principal exists at this path",
-                ))
-            } else {
-                Err(ApiError::from(StoreError::NotFound))
-            }
-        }
-        _ => Ok(()),
+    match state.store.named(path.as_str()).await {
+        Ok(info) if !owns_stream(who, &info) => match *method {
+            Method::PUT if info.soft_deleted => Ok(Access::KeptForOthers),
+            Method::PUT => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "CONFLICT",
+                "a stream owned by another principal exists at this path",
+            )),
+            _ => Err(ApiError::from(StoreError::NotFound)),
+        },
+        _ => Ok(Access::Visible),
     }
 }
 
@@ -217,13 +228,13 @@ pub async fn dispatch(
     body: Body,
 ) -> Response {
     let mut result = authorize(&state, &who, &method, &path).await;
-    if let (Ok(()), Some((entity, which))) = (&result, EntityUrl::owning(path.as_str())) {
-        result = entity_stream_rules(&state, &method, &entity, &which, &Req(&headers)).await;
+    if let (Ok(_), Some((entity, which))) = (&result, EntityUrl::owning(path.as_str())) {
+        result = entity_stream_rules(&state, &method, &entity, &which, &Req(&headers)).await.map(|()| Access::Visible);
     }
     let result = match result {
         Err(e) => Err(e),
-        Ok(()) => match method {
-            Method::PUT => put(&state, &who, &path, &headers, body).await,
+        Ok(access) => match method {
+            Method::PUT => put(&state, &who, &path, &headers, body, access).await,
             Method::POST => post(&state, &path, &headers, body).await,
             Method::GET => get(&state, &path, query.as_deref(), &headers).await,
             Method::HEAD => head(&state, &path).await,
@@ -260,6 +271,7 @@ async fn put(
     path: &StreamPath,
     headers: &HeaderMap,
     body: Body,
+    access: Access,
 ) -> ApiResult<Response> {
     let req = Req(headers);
     let content_type = req.content_type()?;
@@ -312,7 +324,7 @@ async fn put(
             initial,
             fork,
             owner: Some(who.to_string()),
-            take_kept_path: false,
+            take_kept_path: access == Access::KeptForOthers,
         })
         .await?;
     let (status, info) = match &outcome {

@@ -1,9 +1,10 @@
 //! A stream deleted while forks read through it is kept for them (PROTOCOL.md
 //! §4.2, "soft-deleted"). A path is a name and a stream's data has an
 //! identity: such a stream must never hold a name the server gives out again
-//! (an entity's main stream, an attachment, a task) (docs/SECURITY.md,
-//! "Uploads and names"). Each scenario runs on the embedded store and on
-//! PostgreSQL, and across a restart.
+//! (an entity's main stream, an attachment, a task), and a principal that may
+//! not see it must find the path as if it never existed (docs/SECURITY.md,
+//! "Streams kept for their forks"). Each scenario runs on the embedded store
+//! and on PostgreSQL, and across a restart.
 
 mod common;
 mod entity_support;
@@ -127,6 +128,52 @@ async fn a_task_purged_while_forked_can_be_created_again_and_listing_works(ts: &
     }
 }
 
+/// A plain stream deleted while forked: its owner gets the protocol's
+/// answers (410, and 409 for a create); anyone else gets exactly what a path
+/// that never existed gets (404, and a create takes the path).
+async fn a_kept_plain_stream_is_gone_to_its_owner_and_never_existed_to_others(ts: &mut TestServer) {
+    let res = as_(ts.request(Method::PUT, "/plain/kept"), ALICE)
+        .header("content-type", "text/plain")
+        .body("alice's bytes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(fork_as(ts, ALICE, "/plain/kept-fork", "/plain/kept").await, StatusCode::CREATED);
+    assert_eq!(status_as(ts, ALICE, Method::DELETE, "/plain/kept").await, StatusCode::NO_CONTENT);
+
+    for method in [Method::GET, Method::HEAD, Method::POST, Method::DELETE] {
+        assert_eq!(status_as(ts, ALICE, method.clone(), "/plain/kept").await, StatusCode::GONE, "owner {method}");
+        let never = status_as(ts, MALLORY, method.clone(), "/plain/never").await;
+        assert_eq!(never, StatusCode::NOT_FOUND);
+        assert_eq!(status_as(ts, MALLORY, method.clone(), "/plain/kept").await, never, "stranger {method}");
+    }
+    assert_eq!(status_as(ts, ALICE, Method::PUT, "/plain/kept").await, StatusCode::CONFLICT);
+    assert_eq!(fork_as(ts, ALICE, "/plain/f2", "/plain/kept").await, StatusCode::CONFLICT);
+    assert_eq!(
+        fork_as(ts, MALLORY, "/plain/f3", "/plain/kept").await,
+        fork_as(ts, MALLORY, "/plain/f4", "/plain/never").await
+    );
+
+    // For the stranger the path is free: its create makes a new stream.
+    let res = as_(ts.request(Method::PUT, "/plain/kept"), MALLORY)
+        .header("content-type", "text/plain")
+        .body("mallory's bytes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    for _ in 0..2 {
+        assert_eq!(ts.read_all_as("/plain/kept", Some(MALLORY)).await, "mallory's bytes");
+        assert_eq!(status_as(ts, ALICE, Method::GET, "/plain/kept").await, StatusCode::NOT_FOUND);
+        assert_eq!(ts.read_all_as("/plain/kept-fork", Some(ALICE)).await, "alice's bytes");
+        ts.restart().await;
+    }
+    // The old data goes with its last fork; the new stream stays.
+    assert_eq!(status_as(ts, ALICE, Method::DELETE, "/plain/kept-fork").await, StatusCode::NO_CONTENT);
+    assert_eq!(ts.read_all_as("/plain/kept", Some(MALLORY)).await, "mallory's bytes");
+}
+
 async fn embedded() -> TestServer {
     TestServer::start().await
 }
@@ -162,10 +209,16 @@ async fn embedded_a_task_purged_while_forked_can_be_created_again_and_listing_wo
     a_task_purged_while_forked_can_be_created_again_and_listing_works(&mut embedded().await).await;
 }
 
+#[tokio::test]
+async fn embedded_a_kept_plain_stream_is_gone_to_its_owner_and_never_existed_to_others() {
+    a_kept_plain_stream_is_gone_to_its_owner_and_never_existed_to_others(&mut embedded().await).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_streams_kept_for_forks_hold_no_name_or_skip_without_postgres() {
     let Some((_cluster, mut ts)) = postgres().await else { return };
     a_purged_entity_whose_main_stream_was_forked_can_be_spawned_again(&mut ts).await;
     attachments_are_not_forked_and_a_deleted_id_can_be_uploaded_again(&mut ts).await;
     a_task_purged_while_forked_can_be_created_again_and_listing_works(&mut ts).await;
+    a_kept_plain_stream_is_gone_to_its_owner_and_never_existed_to_others(&mut ts).await;
 }
