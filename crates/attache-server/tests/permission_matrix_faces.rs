@@ -66,6 +66,7 @@ enum Perm {
     Read,
     Write,
     Delete,
+    Signal,
     Manage,
 }
 
@@ -75,12 +76,13 @@ impl Perm {
             Perm::Read => "read",
             Perm::Write => "write",
             Perm::Delete => "delete",
+            Perm::Signal => "signal",
             Perm::Manage => "manage",
         }
     }
 }
 
-use Perm::{Delete, Manage, Read, Write};
+use Perm::{Delete, Manage, Read, Signal, Write};
 
 /// One grant every granted fixture carries.
 #[derive(Debug, Clone, Copy)]
@@ -115,6 +117,8 @@ const FIXTURE_GRANTS: &[Grant] = &[
     to("user:writer", Write),
     to("user:scribe", Write),
     to("user:manager", Manage),
+    to("user:signaller", Signal),
+    to("user:deleter", Delete),
     to_kind("agent", Read),
     to_kind("agent", Write),
     Grant { subject_kind: "principal", subject_value: "user:lapsed", perm: Manage, expired: true },
@@ -153,6 +157,8 @@ const ACTORS: &[Actor] = &[
     actor("granted read+write", "user:writer"),
     actor("granted write only", "user:scribe"),
     actor("granted manage", "user:manager"),
+    actor("granted signal only", "user:signaller"),
+    actor("granted delete only", "user:deleter"),
     actor("kind grant (agent: read+write)", "agent:bot"),
     actor("expired manage grant", "user:lapsed"),
     actor("stranger", "user:stranger"),

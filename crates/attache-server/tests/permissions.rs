@@ -9,7 +9,8 @@
 //! - 404 when the actor holds nothing on the entity (its existence does not leak);
 //! - 403 when it holds something, but not the permission the route needs
 //!   (Electric's table: write for uploads and attachment deletes, read for
-//!   reads, delete for stop, signal for signals, manage for grants);
+//!   reads, delete for stop and purge, signal for signals, SIGKILL and
+//!   SIGTERM included, which stop the entity as in Electric; manage for grants);
 //! - otherwise the route's own answer.
 //!
 //! Every cell gets a fresh entity (with the same grants, an attachment, an

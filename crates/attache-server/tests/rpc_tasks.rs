@@ -1189,3 +1189,72 @@ async fn events_seen_by(s: &TestServer, who: &str) -> Value {
         .await
         .unwrap()
 }
+
+/// Stopping is one rule on every face (docs/SECURITY.md, "Stopping and
+/// erasing"): as in Electric, `signal` stops an entity through `/signal`
+/// (SIGKILL, SIGTERM) and `delete` through `DELETE`; erasing (purge,
+/// `task.delete`) needs `delete`. A task is an entity: one stopped by a
+/// signal refuses every change on the task face with one answer, and its
+/// owner can still delete it.
+#[tokio::test]
+async fn a_signal_grant_stops_a_task_as_in_electric_and_the_task_face_answers_it_consistently() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "stoppable", 50).await;
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "k", "type": "text", "content": "x"})).await;
+    let entity = format!("/_electric/entities/task/{t}");
+    let res = s
+        .client
+        .post(s.url(&format!("{entity}/grants")))
+        .header("electric-principal", ALICE)
+        .json(&json!({"subject_kind": "principal", "subject_value": BOB, "permission": "signal"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+
+    // Signal alone: no stop through DELETE, no erasing, nothing on the task face.
+    let as_bob = |rb: reqwest::RequestBuilder| rb.header("electric-principal", BOB);
+    for url in [entity.clone(), format!("{entity}?purge=true")] {
+        let res = as_bob(s.client.delete(s.url(&url))).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN, "DELETE {url}");
+    }
+    assert_eq!(err(&s, BOB, "task.delete", json!({"id": t})).await["code"], -32602);
+    let res = as_bob(s.client.post(s.url(&format!("{entity}/signal"))))
+        .json(&json!({"signal": "SIGKILL"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "signal stops it");
+
+    // Stopped: readable, every change refused alike, and its owner may delete it.
+    let got = ok(&s, ALICE, "task.get", json!({"id": t})).await;
+    assert_eq!(got["id"], json!(t));
+    let stopped = json!({"code": -32602, "message": format!("Task {t} is stopped and accepts no more changes"), "data": {"taskId": t}});
+    for (method, params) in [
+        ("task.update", json!({"id": t, "updates": {"priority": 1}})),
+        ("task.assign", json!({"taskId": t, "instanceId": "w"})),
+        ("task.complete", json!({"id": t})),
+        ("task.create_attachment", json!({"taskId": t, "key": "k2", "type": "text", "content": "y"})),
+        ("task.delete_attachment", json!({"taskId": t, "key": "k"})),
+    ] {
+        assert_eq!(err(&s, ALICE, method, params).await, stopped, "{method}");
+    }
+    assert_eq!(
+        ok(&s, ALICE, "task.claim", json!({"workerId": "w"})).await["claimed"],
+        false,
+        "a stopped task is not claimed"
+    );
+    assert_eq!(ok(&s, ALICE, "task.get", json!({"id": t})).await["status"], "pending", "nothing changed");
+
+    let deleted = ok(&s, ALICE, "task.delete", json!({"id": t})).await;
+    assert_eq!(deleted["deleted"], true);
+    assert_eq!(err(&s, ALICE, "task.get", json!({"id": t})).await["code"], -32602);
+    let res = s
+        .client
+        .head(s.url(&format!("/task/{t}/attachments/k")))
+        .header("electric-principal", ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "its attachments went with it");
+}

@@ -14,7 +14,7 @@ use base64::Engine;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::dispatch::{task_entity, task_missing, Missing};
+use super::dispatch::{task_entity, task_missing, task_stopped, Missing};
 use super::ids::{main_path, new_attachment_id, radix36, task_url};
 use super::writes::{write_task, Event, Row};
 use super::{Params, TaskError, TaskResult, MAX_INLINE_BINARY, MAX_INLINE_BYTES, TASK_TYPE};
@@ -248,7 +248,7 @@ pub(super) async fn put_attachment(
     let task_id = input.task_id.as_str();
     let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskNotFound).await?;
     if !entity.is_running() {
-        return Err(task_missing(Missing::TaskNotFound, task_id));
+        return Err(task_stopped(task_id));
     }
     let main = main_path(task_id);
     let cell = state.tasks.cell(task_id);
@@ -470,13 +470,15 @@ pub(super) async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &
             json!({ "taskId": task_id, "key": key }),
         )
     };
-    let entity =
-        task_entity(state, who, task_id, Permission::Write, Missing::TaskNotFound).await.map_err(|e| match e {
-            TaskError::Rejected { .. } => not_found(),
-            other => other,
-        })?;
+    let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskNotFound).await.map_err(|e| {
+        if e == task_missing(Missing::TaskNotFound, task_id) {
+            not_found()
+        } else {
+            e
+        }
+    })?;
     if !entity.is_running() {
-        return Err(not_found());
+        return Err(task_stopped(task_id));
     }
     let cell = state.tasks.cell(task_id);
     let shared = cell.order.read().await;

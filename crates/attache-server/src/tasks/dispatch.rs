@@ -55,6 +55,15 @@ pub(super) fn task_missing(style: Missing, task_id: &str) -> TaskError {
     TaskError::rejected(message, json!({ "taskId": task_id }))
 }
 
+/// What a change to a task stopped by a signal or by `DELETE` on its entity
+/// answers (a stopped task is read and deleted, never changed). The text
+/// when the write itself finds the task stopped, without its id.
+pub(super) const STOPPED: &str = "Task is stopped and accepts no more changes";
+
+pub(super) fn task_stopped(task_id: &str) -> TaskError {
+    TaskError::rejected(format!("Task {task_id} is stopped and accepts no more changes"), json!({ "taskId": task_id }))
+}
+
 /// The task `who` may act on with `wanted`; a task it may not read does not exist for it.
 pub(super) async fn task_for(
     state: &AppState,
@@ -119,6 +128,8 @@ pub(super) async fn task_entity(
         (true, false) => {
             Err(TaskError::Unauthorized { message: format!("{who} may not {} task {task_id}", wanted.as_str()) })
         }
+        // A change to a stopped task is refused before any of the method's own rules.
+        (true, true) if wanted == Permission::Write && !entity.is_running() => Err(task_stopped(task_id)),
         (true, true) => Ok(entity),
     }
 }
@@ -148,7 +159,14 @@ pub(super) async fn change_task(
                     *slot.lock() = Some(task_missing(Missing::TaskColon, &id));
                     return Err(StoreError::NotFound);
                 };
-                if let Err(e) = change(&mut task) {
+                let changed = change(&mut task);
+                // Stopped (a signal or DELETE on its entity): deleting it is
+                // the only change left, whatever else the change would say.
+                if !entity.is_running() && task.deleted_at.is_none() {
+                    *slot.lock() = Some(task_stopped(&id));
+                    return Err(StoreError::Invalid("stopped".into()));
+                }
+                if let Err(e) = changed {
                     *slot.lock() = Some(e);
                     return Err(StoreError::Invalid("rejected".into()));
                 }

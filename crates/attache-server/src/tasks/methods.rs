@@ -524,7 +524,14 @@ pub(super) async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         json!({ "id": id, "deletedAt": timestamp(now), "deletedBy": who.to_string() }),
         json!({ "instanceId": who.to_string() }),
     );
-    write_task(state, id, incarnation, vec![], vec![event], true).await.await?;
+    let stopped = !entity.is_running();
+    match write_task(state, id, incarnation, vec![], vec![event], !stopped).await.await {
+        Ok(()) => {}
+        // Stopped before (a signal, or DELETE on its entity): its main stream
+        // is closed; the event still reaches the events stream, and the rest goes.
+        Err(TaskError::Rejected { message, .. }) if stopped && message == super::dispatch::STOPPED => {}
+        Err(e) => return Err(e),
+    }
     let prefix = format!("/{TASK_TYPE}/{id}/attachments/");
     for info in state.store.list_prefix(&prefix, usize::MAX).await {
         match state.store.delete(&info.path).await {

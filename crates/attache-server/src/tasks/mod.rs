@@ -92,9 +92,7 @@ impl From<ApiError> for TaskError {
     fn from(e: ApiError) -> TaskError {
         match e.status {
             StatusCode::FORBIDDEN => TaskError::Unauthorized { message: e.message },
-            StatusCode::CONFLICT if e.code == "NOT_RUNNING" => {
-                TaskError::rejected("Task was deleted and accepts no more changes", json!({}))
-            }
+            StatusCode::CONFLICT if e.code == "NOT_RUNNING" => TaskError::rejected(dispatch::STOPPED, json!({})),
             _ => TaskError::internal(e.message),
         }
     }
