@@ -95,6 +95,14 @@ pub struct ServeArgs {
     /// waits its turn. Threads idle for a minute exit [default: 32]
     #[arg(long, env = "ATTACHE_BLOCKING_THREADS")]
     blocking_threads: Option<usize>,
+    /// Most embedded-store reads running at once on blocking threads (reads that need the
+    /// index or a file not in the page cache; the rest wait their turn) [default: 16]
+    #[arg(long, env = "ATTACHE_STORE_READ_THREADS")]
+    store_read_threads: Option<usize>,
+    /// Most bytes the embedded store keeps in memory of the newest writes to streams with
+    /// live readers, all streams together (at most 64 KiB served per stream) [default: 16777216]
+    #[arg(long, env = "ATTACHE_STORE_TAIL_CACHE_BYTES")]
+    store_tail_cache_bytes: Option<usize>,
     /// Most deleted tasks kept as tombstones (their owners can still read their events); past it the oldest are purged for good [default: 1000]
     #[arg(long, env = "ATTACHE_DELETED_TASKS_KEPT")]
     deleted_tasks_kept: Option<usize>,
@@ -165,6 +173,8 @@ struct FileConfig {
     store_cache_bytes: Option<usize>,
     store_open_files: Option<usize>,
     blocking_threads: Option<usize>,
+    store_read_threads: Option<usize>,
+    store_tail_cache_bytes: Option<usize>,
     deleted_tasks_kept: Option<usize>,
     max_entity_data_bytes: Option<usize>,
     mcp_max_sessions_per_principal: Option<usize>,
@@ -284,6 +294,13 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
     }
     let blocking_threads = args.blocking_threads.or(file.blocking_threads).unwrap_or(DEFAULT_BLOCKING_THREADS);
     anyhow::ensure!(blocking_threads > 0, "blocking_threads must be at least 1");
+    if let Some(n) = args.store_read_threads.or(file.store_read_threads) {
+        anyhow::ensure!(n > 0, "store_read_threads must be at least 1");
+        config.store_read_threads = n;
+    }
+    if let Some(n) = args.store_tail_cache_bytes.or(file.store_tail_cache_bytes) {
+        config.store_tail_cache_bytes = n;
+    }
     if let Some(n) = args.deleted_tasks_kept.or(file.deleted_tasks_kept) {
         config.deleted_tasks_kept = n;
     }

@@ -65,6 +65,12 @@ pub struct ServerConfig {
     /// read or written; least recently used closed first). Shares the
     /// open-file limit with connections (`conn::fd_budget`).
     pub store_open_files: usize,
+    /// Most embedded-store reads running at once on blocking threads (those
+    /// that need the index or a file not in the page cache); further ones wait.
+    pub store_read_threads: usize,
+    /// Most bytes the embedded store keeps of the newest writes to streams
+    /// with live readers, all streams together (`embedded/tail.rs`).
+    pub store_tail_cache_bytes: usize,
     /// Most deleted tasks whose tombstones (record, grants, closed main stream)
     /// are kept so their owners can still read their events; older ones are purged.
     pub deleted_tasks_kept: usize,
@@ -184,6 +190,8 @@ impl ServerConfig {
             view_cache_entries: 10_000,
             store_cache_bytes: None,
             store_open_files: 4096,
+            store_read_threads: 16,
+            store_tail_cache_bytes: 16 << 20,
             deleted_tasks_kept: 1_000,
             max_entity_data_bytes: 64 << 10,
             upload_expiry: Duration::from_secs(24 * 3600),

@@ -77,6 +77,10 @@ pub async fn drain_refused(State(state): State<AppState>, req: Request, next: Ne
     let declared =
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let (parts, body) = req.into_parts();
+    // No body (a GET, a HEAD, an empty POST): nothing could be left unread.
+    if http_body::Body::is_end_stream(&body) {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
     let (tx, mut rx) = oneshot::channel();
     let wrapped =
         Body::from_stream(Returning { inner: Some(body.into_data_stream()), finished: false, back: Some(tx) });

@@ -23,6 +23,7 @@ mod format;
 mod reader;
 mod registry;
 mod segments;
+mod tail;
 mod wal;
 mod writer;
 
@@ -83,8 +84,12 @@ pub struct EmbeddedConfig {
     /// server sets it from `--store-open-files`, within its file-descriptor budget.
     pub segment_handles: usize,
     /// Most reads running at once on blocking threads (redb and segment
-    /// files); further reads wait their turn on the async side.
+    /// files); further reads wait their turn on the async side. Reads served
+    /// from memory or from the page cache never take one.
     pub read_threads: usize,
+    /// Most bytes all streams' tail caches hold together (the newest bytes
+    /// of streams with live readers, kept by the writer: `tail.rs`).
+    pub tail_cache_bytes: usize,
     /// How often expired streams are looked for.
     pub sweep_interval: Duration,
     /// Most bytes the write-ahead log holds between checkpoints; 0 turns the
@@ -107,9 +112,10 @@ impl EmbeddedConfig {
             cache_bytes: 4 << 20,
             segment_handles: 4096,
             read_threads: 16,
+            tail_cache_bytes: 16 << 20,
             sweep_interval: Duration::from_secs(1),
-            wal_bytes: 4 << 20,
-            checkpoint_interval: Duration::from_secs(1),
+            wal_bytes: 32 << 20,
+            checkpoint_interval: Duration::from_secs(3),
             fault_plan: None,
         }
     }
@@ -124,6 +130,8 @@ pub(crate) struct StreamEntry {
     /// The last small read that reached the tail: live readers woken by the
     /// same append ask for the same bytes, and are served by one read.
     pub(crate) recent: parking_lot::Mutex<Option<ReadBatch>>,
+    /// The newest bytes written while live readers wait (kept by the writer).
+    pub(crate) tail: parking_lot::Mutex<tail::TailCache>,
 }
 
 impl StreamEntry {
@@ -134,6 +142,7 @@ impl StreamEntry {
             last_access_ms: AtomicI64::new(now_ms),
             removed: AtomicBool::new(false),
             recent: parking_lot::Mutex::new(None),
+            tail: parking_lot::Mutex::new(tail::TailCache::default()),
         })
     }
 
@@ -143,10 +152,41 @@ impl StreamEntry {
 
     /// Drops the read kept for live readers once the stream has been idle for
     /// `RECENT_IDLE_MS`: the readers it served have moved on.
-    pub(crate) fn drop_idle_read(&self, now_ms: i64) {
+    pub(crate) fn drop_idle_read(&self, now_ms: i64, tails: &tail::TailBudget) {
         if now_ms - self.last_access_ms.load(Ordering::Relaxed) >= RECENT_IDLE_MS {
             *self.recent.lock() = None;
+            self.drop_tail(tails);
         }
+    }
+
+    /// Drops the tail cache (the stream is idle or gone) and gives its bytes back to the budget.
+    pub(crate) fn drop_tail(&self, tails: &tail::TailBudget) {
+        let dropped = std::mem::take(&mut *self.tail.lock());
+        tails.change(-(dropped.held() as isize));
+    }
+
+    /// Keeps `batch` for the other live readers of the stream, who will ask for the same bytes.
+    fn keep_for_readers(&self, from: ReadFrom, batch: &ReadBatch) {
+        if matches!(from, ReadFrom::At(_))
+            && !batch.is_empty()
+            && batch.up_to_date()
+            && batch.byte_len() <= RECENT_MAX
+            && self.signal.receiver_count() > 1
+        {
+            *self.recent.lock() = Some(batch.clone());
+        }
+    }
+
+    /// The read kept for live readers, when it is the one asked for.
+    fn kept_read(&self, from: ReadFrom, info: &StreamInfo, max_bytes: usize) -> Option<ReadBatch> {
+        let ReadFrom::At(at) = from else { return None };
+        let recent = self.recent.lock();
+        recent
+            .as_ref()
+            .filter(|b| {
+                b.start == at && b.info.tail == info.tail && b.info.closed == info.closed && b.byte_len() <= max_bytes
+            })
+            .cloned()
     }
 
     /// A read or write resets a sliding TTL.
@@ -191,6 +231,8 @@ pub(crate) struct Shared {
     pub(crate) health: Arc<Health>,
     pub(crate) faults: Option<crate::FaultPlan>,
     cache_bytes: usize,
+    /// What the tail caches hold together.
+    pub(crate) tails: tail::TailBudget,
 }
 
 /// The writer's sweep: the kept reads of idle streams go, so they cost
@@ -198,7 +240,7 @@ pub(crate) struct Shared {
 pub(crate) fn drop_idle_reads(shared: &Shared) {
     let now = now_ms();
     for entry in shared.index.read().by_id.values() {
-        entry.drop_idle_read(now);
+        entry.drop_idle_read(now, &shared.tails);
     }
 }
 
@@ -406,6 +448,7 @@ impl EmbeddedStore {
             health: Arc::new(Health::default()),
             faults: config.fault_plan.clone(),
             cache_bytes: config.cache_bytes,
+            tails: tail::TailBudget::new(config.tail_cache_bytes),
         });
         let reads = Arc::new(tokio::sync::Semaphore::new(config.read_threads.max(1)));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -503,29 +546,27 @@ impl StreamStore for EmbeddedStore {
         if start >= info.tail && info.blob.is_none() {
             return Ok(ReadBatch::from_pieces((*info).clone(), Offset(start), Offset(start), info.is_json(), &[]));
         }
-        if let ReadFrom::At(at) = from {
-            let recent = entry.recent.lock();
-            if let Some(hit) = recent.as_ref().filter(|b| {
-                b.start == at && b.info.tail == info.tail && b.info.closed == info.closed && b.byte_len() <= max_bytes
-            }) {
-                return Ok(hit.clone());
-            }
+        if let Some(hit) = entry.kept_read(from, &info, max_bytes) {
+            return Ok(hit);
+        }
+        // Bytes just written while live readers wait, or page-cached bytes that need no index: on
+        // this worker, at memory speed (neither waits for the disk).
+        let hit = entry.tail.lock().read(&info, start, max_bytes);
+        if let Some(batch) = hit.or_else(|| reader::read_cached(&self.shared, &info, start, max_bytes)) {
+            entry.keep_for_readers(from, &batch);
+            return Ok(batch);
         }
         // The rest reads redb and segment files: on a blocking thread, never on an async worker.
         let _permit = self.reads.acquire().await.map_err(|_| StoreError::ShuttingDown)?;
+        // Another live reader may have read the same bytes meanwhile.
+        if let Some(hit) = entry.kept_read(from, &info, max_bytes) {
+            return Ok(hit);
+        }
         let shared = self.shared.clone();
         let batch = tokio::task::spawn_blocking(move || reader::read(&shared, &info, from, max_bytes))
             .await
             .map_err(|e| StoreError::Storage(format!("read task failed: {e}")))??;
-        // Kept only while other live readers wait on the stream (they will ask for the same bytes).
-        if matches!(from, ReadFrom::At(_))
-            && !batch.is_empty()
-            && batch.up_to_date()
-            && batch.byte_len() <= RECENT_MAX
-            && entry.signal.receiver_count() > 1
-        {
-            *entry.recent.lock() = Some(batch.clone());
-        }
+        entry.keep_for_readers(from, &batch);
         Ok(batch)
     }
 
@@ -608,6 +649,84 @@ mod read_cache_tests {
         (dir, store)
     }
 
+    fn json() -> Option<attache_core::stream::ContentType> {
+        Some(attache_core::stream::ContentType::parse("application/json").unwrap())
+    }
+
+    #[tokio::test]
+    async fn reads_served_from_memory_match_the_segment_file_at_every_offset_and_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        let req = CreateStream {
+            path: attache_core::StreamPath::new("/j".to_owned()).unwrap(),
+            content_type: json(),
+            ttl: None,
+            expires_at: None,
+            closed: false,
+            initial: bytes::Bytes::new(),
+            fork: None,
+            owner: None,
+        };
+        store.create(req).await.unwrap();
+        // A live reader: the writer keeps the newest bytes for it.
+        let _live = store.subscribe("/j").await.unwrap();
+        for i in 0..700 {
+            // Messages of varied sizes, every third append carrying two.
+            let pad = "y".repeat(i * 13 % 500);
+            let body = if i % 3 == 0 {
+                format!("[{{\"i\":{i},\"p\":\"{pad}\"}},{i}]")
+            } else {
+                format!("{{\"i\":{i},\"p\":\"{pad}\"}}")
+            };
+            let req = AppendRequest {
+                path: "/j".into(),
+                content_type: json(),
+                body: bytes::Bytes::from(body),
+                close: false,
+                seq: None,
+                producer: None,
+                messages: None,
+            };
+            store.append(req).await.unwrap();
+        }
+        let entry = store.entry("/j").unwrap();
+        let info = entry.info();
+        let whole = reader::read(&store.shared, &info, ReadFrom::At(Offset(0)), usize::MAX).unwrap();
+        let mut starts = vec![];
+        let mut pos = 0u64;
+        for m in whole.messages() {
+            starts.push(pos);
+            pos += m.len() as u64 + 1;
+        }
+        assert_eq!(pos, info.tail);
+        let held = entry.tail.lock().held();
+        assert!(held > 0 && held <= 2 * tail::TAIL_MAX, "the live reader's stream has a bounded tail cache");
+        let cached: Vec<u64> =
+            starts.iter().copied().filter(|&p| entry.tail.lock().read(&info, p, 1 << 20).is_some()).collect();
+        assert!(cached.len() > 20 && cached[0] > 0, "the cache holds only the newest messages");
+        for &at in &cached {
+            for max in [0usize, 1, 100, 700, 5_000, 1 << 20] {
+                let want = reader::read(&store.shared, &info, ReadFrom::At(Offset(at)), max).unwrap();
+                let got = entry.tail.lock().read(&info, at, max).expect("served from the tail cache");
+                assert_eq!((&got.body, got.next, got.start), (&want.body, want.next, want.start), "at {at}, max {max}");
+            }
+            // Inside a message: never served from memory.
+            assert!(entry.tail.lock().read(&info, at + 1, 1 << 20).is_none());
+        }
+        // The whole stream from its start needs no index: served from the page cache, the same bytes.
+        let got = reader::read_cached(&store.shared, &info, 0, 1 << 20).expect("page-cached whole-stream read");
+        assert_eq!((&got.body, got.next), (&whole.body, whole.next));
+        assert!(reader::read_cached(&store.shared, &info, starts[1], 1 << 20).is_none(), "needs the index");
+        // Through the store, the answer is the segment file's.
+        let want = reader::read(&store.shared, &info, ReadFrom::At(Offset(starts[5])), 900).unwrap();
+        assert_eq!(store.read("/j", ReadFrom::At(Offset(starts[5])), 900).await.unwrap().body, want.body);
+        // Deleting the stream gives its cache back to the budget.
+        drop(entry);
+        assert!(store.shared.tails.held() > 0);
+        store.delete("/j").await.unwrap();
+        assert_eq!(store.shared.tails.held(), 0);
+    }
+
     fn kept(store: &EmbeddedStore) -> bool {
         store.entry("/s").unwrap().recent.lock().is_some()
     }
@@ -623,9 +742,9 @@ mod read_cache_tests {
         assert!(kept(&store), "kept for the live readers");
         let entry = store.entry("/s").unwrap();
         let last = entry.last_access_ms.load(Ordering::Relaxed);
-        entry.drop_idle_read(last + RECENT_IDLE_MS - 1);
+        entry.drop_idle_read(last + RECENT_IDLE_MS - 1, &store.shared.tails);
         assert!(kept(&store), "kept while the stream is in use");
-        entry.drop_idle_read(last + RECENT_IDLE_MS);
+        entry.drop_idle_read(last + RECENT_IDLE_MS, &store.shared.tails);
         assert!(!kept(&store), "dropped once the stream is idle");
     }
 }

@@ -112,15 +112,75 @@ pub(crate) fn read(shared: &Shared, info: &StreamInfo, from: ReadFrom, max_bytes
     Ok(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(next), body, json })
 }
 
+/// A read that needs neither the index nor the disk, answered where it is
+/// asked (an async worker): binary byte ranges, and JSON reads that start at
+/// the first message of a segment file and take all of it (`offset=-1` of a
+/// stream that fits one read), filled only from open files whose bytes are
+/// in the page cache. `None` whenever anything else would be needed; the
+/// blocking path (`read`) then answers, with the same result.
+pub(crate) fn read_cached(shared: &Shared, info: &StreamInfo, start: u64, max_bytes: usize) -> Option<ReadBatch> {
+    let tail = info.tail;
+    if info.blob.is_some() || start >= tail {
+        return None;
+    }
+    let json = info.is_json();
+    let mut ranges = Vec::new();
+    let mut next = start;
+    let mut room = max_bytes as u64;
+    for seg in segments(shared, info, start, tail).ok()? {
+        let owner_base = if seg.id == info.id { base(info) } else { base(&stream(shared, seg.id).ok()?) };
+        let (lo, hi) = if json {
+            // Only a segment's first position is a message start known without the index,
+            // and only a range that takes the segment whole needs no index for its end.
+            if seg.lo != owner_base || seg.lo.saturating_add(room) < seg.hi {
+                return None;
+            }
+            (seg.lo, seg.hi)
+        } else {
+            if room == 0 {
+                break;
+            }
+            (seg.lo, seg.hi.min(seg.lo.saturating_add(room)))
+        };
+        if hi > lo {
+            ranges.push(Range { id: seg.id, base: owner_base, lo, hi });
+            room = room.saturating_sub(hi - lo);
+        }
+        next = hi;
+        if hi < seg.hi {
+            break;
+        }
+    }
+    let body = fill_with(&ranges, json, |r, buf| shared.segments.read_cached(r.id, r.lo - r.base, buf).then_some(()))?;
+    Some(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(next), body, json })
+}
+
 /// One buffer holding every range: for JSON, `[` first and the last `,` turned into `]`.
 fn fill(shared: &Shared, ranges: &[Range], json: bool) -> StoreResult<Bytes> {
+    let mut failed = None;
+    let body = fill_with(ranges, json, |r, buf| match shared.segments.read(r.id, r.lo - r.base, buf) {
+        Ok(()) => Some(()),
+        Err(err) => {
+            failed = Some(err);
+            None
+        }
+    });
+    match (body, failed) {
+        (Some(body), _) => Ok(body),
+        (None, Some(err)) => Err(err),
+        (None, None) => Err(StoreError::Storage("a segment read failed".into())),
+    }
+}
+
+/// [`fill`] with the reads done by `read` (`None`: give up).
+fn fill_with(ranges: &[Range], json: bool, mut read: impl FnMut(&Range, &mut [u8]) -> Option<()>) -> Option<Bytes> {
     let len: u64 = ranges.iter().map(|r| r.hi - r.lo).sum();
     let extra = usize::from(json);
     let mut buf = vec![0u8; len as usize + extra];
     let mut at = extra;
     for r in ranges {
         let n = (r.hi - r.lo) as usize;
-        shared.segments.read(r.id, r.lo - r.base, &mut buf[at..at + n])?;
+        read(r, &mut buf[at..at + n])?;
         at += n;
     }
     if json {
@@ -130,7 +190,7 @@ fn fill(shared: &Shared, ranges: &[Range], json: bool) -> StoreResult<Bytes> {
             _ => buf.push(b']'),
         }
     }
-    Ok(Bytes::from(buf))
+    Some(Bytes::from(buf))
 }
 
 /// A blob-backed stream reads straight from its file.

@@ -128,6 +128,27 @@ impl Segments {
         Ok(())
     }
 
+    /// Writes `pieces`, one after the other, from file offset `at` of stream
+    /// `id`'s file (unsynced): the appends one batch made to one stream, in
+    /// one `pwritev` (a piece at a time when a test injects faults).
+    pub(crate) fn write_run(&self, id: u64, at: u64, pieces: &[&[u8]]) -> StoreResult<()> {
+        if let [one] = pieces {
+            return self.write(id, at, one);
+        }
+        let file = self.file(id, true)?;
+        self.dirty.lock().ids.insert(id);
+        if self.faults.is_some() {
+            let mut at = at;
+            for piece in pieces {
+                fault::write_all_at(self.faults.as_ref(), FaultPoint::SegmentWrite, &file, piece, at)?;
+                at += piece.len() as u64;
+            }
+            return Ok(());
+        }
+        write_all_vectored_at(&file, at, pieces)?;
+        Ok(())
+    }
+
     /// Reads exactly `buf.len()` bytes at file offset `at` of stream `id`'s file.
     pub(crate) fn read(&self, id: u64, at: u64, buf: &mut [u8]) -> StoreResult<()> {
         if buf.is_empty() {
@@ -145,6 +166,22 @@ impl Segments {
                 e.into()
             }
         })
+    }
+
+    /// Reads exactly `buf.len()` bytes at file offset `at` of stream `id`'s
+    /// file only if that costs no disk I/O: the file is already open and
+    /// every byte is in the page cache (`preadv2` with `RWF_NOWAIT`). Returns
+    /// `false` otherwise (the caller then reads on a blocking thread, which
+    /// also reports any error): this is what lets a hot read run on an async
+    /// worker without ever waiting for the disk there.
+    pub(crate) fn read_cached(&self, id: u64, at: u64, buf: &mut [u8]) -> bool {
+        if buf.is_empty() {
+            return true;
+        }
+        let Some(file) = self.open.lock().files.get(&id).map(|(f, _)| f.clone()) else {
+            return false;
+        };
+        read_nowait(&file, at, buf)
     }
 
     /// Removes stream `id`'s file (a deleted stream).
@@ -267,6 +304,82 @@ impl Segments {
     }
 }
 
+/// `pwritev` of every piece from `at`, resumed after short writes.
+#[cfg(target_os = "linux")]
+fn write_all_vectored_at(file: &File, mut at: u64, pieces: &[&[u8]]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // At most IOV_MAX (1,024) pieces a call.
+    for chunk in pieces.chunks(1024) {
+        let mut iov: Vec<libc::iovec> =
+            chunk.iter().map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() }).collect();
+        let mut first = 0;
+        while first < iov.len() {
+            let offset = libc::off_t::try_from(at).map_err(|_| std::io::Error::other("segment offset too large"))?;
+            let count = (iov.len() - first) as libc::c_int;
+            // SAFETY: every iovec points into a piece borrowed for this call; the fd is open (held by `file`).
+            let n = unsafe { libc::pwritev(file.as_raw_fd(), iov[first..].as_ptr(), count, offset) };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            let mut n = n as usize;
+            at += n as u64;
+            // Skip what was written: whole pieces, then the start of a partly written one.
+            while first < iov.len() && n >= iov[first].iov_len {
+                n -= iov[first].iov_len;
+                first += 1;
+            }
+            if n > 0 {
+                // SAFETY: `n` is less than this piece's length, so the pointer stays inside it.
+                iov[first].iov_base = unsafe { iov[first].iov_base.cast::<u8>().add(n).cast() };
+                iov[first].iov_len -= n;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn write_all_vectored_at(file: &File, mut at: u64, pieces: &[&[u8]]) -> std::io::Result<()> {
+    for piece in pieces {
+        file.write_all_at(piece, at)?;
+        at += piece.len() as u64;
+    }
+    Ok(())
+}
+
+/// Fills `buf` from file offset `at` without blocking on the disk: `false`
+/// as soon as a byte is not in the page cache (or on any error, or the end of
+/// the file, which the blocking path reports properly).
+#[cfg(target_os = "linux")]
+fn read_nowait(file: &File, at: u64, buf: &mut [u8]) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let iov = libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() };
+        let Ok(offset) = libc::off_t::try_from(at + done as u64) else { return false };
+        // SAFETY: `iov` points into `buf`, which outlives the call; the fd is open (held by `file`).
+        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+        if n <= 0 {
+            return false;
+        }
+        done += n as usize;
+    }
+    true
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_nowait(_file: &File, _at: u64, _buf: &mut [u8]) -> bool {
+    false
+}
+
 pub(crate) fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.seg"))
 }
@@ -319,6 +432,24 @@ mod tests {
             }
         }
         assert_eq!(small.opens(), 2000);
+    }
+
+    #[test]
+    fn a_run_of_pieces_lands_back_to_back_as_one_write_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = Segments::open(dir.path().to_owned(), 4, None).unwrap();
+        segs.write(3, 0, b"ab").unwrap();
+        let pieces: Vec<Vec<u8>> = (0..2000u32).map(|i| i.to_string().into_bytes()).collect();
+        let refs: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+        segs.write_run(3, 2, &refs).unwrap();
+        let want: Vec<u8> = b"ab".iter().copied().chain(pieces.concat()).collect();
+        let mut got = vec![0u8; want.len()];
+        segs.read(3, 0, &mut got).unwrap();
+        assert_eq!(got, want);
+        let mut cached = vec![0u8; want.len()];
+        assert!(segs.read_cached(3, 0, &mut cached), "just written: in the page cache");
+        assert_eq!(cached, want);
+        assert!(!segs.read_cached(4, 0, &mut cached[..1]), "no open file: not served without blocking");
     }
 
     #[test]

@@ -120,6 +120,25 @@ pub(crate) struct Tables<'t> {
     segments: &'t Segments,
     /// A segment file refused a write (the batch fails; the database is fine).
     segment_failed: bool,
+    /// The bytes this transaction writes to segment files (at its end,
+    /// `flush_segments`: one write per stream), kept for the tail caches too.
+    fresh: Vec<Fresh>,
+    /// JSON message starts of `fresh` writes.
+    fresh_marks: Vec<u64>,
+}
+
+/// What a batch's transaction decided: whether it commits durably, its log
+/// record, and the segment writes in it (with their message starts).
+type Decided = (bool, Vec<u8>, Vec<Fresh>, Vec<u64>);
+
+/// Bytes a batch writes to a stream: `log[bytes]` at position `pos` (file
+/// offset `at`), with its message starts `fresh_marks[marks]` (JSON).
+pub(crate) struct Fresh {
+    id: u64,
+    pos: u64,
+    at: u64,
+    bytes: std::ops::Range<usize>,
+    marks: std::ops::Range<usize>,
 }
 
 impl<'t> Tables<'t> {
@@ -133,6 +152,8 @@ impl<'t> Tables<'t> {
             log: Vec::new(),
             segments,
             segment_failed: false,
+            fresh: Vec::new(),
+            fresh_marks: Vec::new(),
         })
     }
 
@@ -154,13 +175,20 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    /// Writes `rows` (each followed by `,` in a JSON stream) at file offset
-    /// `at` of stream `id`'s segment file: encoded into the log record first,
-    /// then written to the file from the record's own bytes (one copy).
-    fn write_segment(&mut self, id: u64, at: u64, rows: &[Bytes], json: bool) -> StoreResult<()> {
+    /// Encodes `rows` (each followed by `,` in a JSON stream) into the log
+    /// record as a write at file offset `at` of stream `id`'s segment file;
+    /// `flush_segments` writes them to the file from the record's own bytes
+    /// (one copy). Returns where those bytes are in the record (`None`: nothing to write).
+    fn write_segment(
+        &mut self,
+        id: u64,
+        at: u64,
+        rows: &[Bytes],
+        json: bool,
+    ) -> StoreResult<Option<std::ops::Range<usize>>> {
         let len: usize = rows.iter().map(|r| r.len() + usize::from(json)).sum();
         if len == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let len32 = u32::try_from(len).map_err(|_| StoreError::Invalid("an append is too large".into()))?;
         let from = Op::seg_write_header(&mut self.log, id, at, len32);
@@ -170,9 +198,33 @@ impl<'t> Tables<'t> {
                 self.log.push(b',');
             }
         }
-        if let Err(err) = self.segments.write(id, at, &self.log[from..]) {
-            self.segment_failed = true;
-            return Err(err);
+        Ok(Some(from..self.log.len()))
+    }
+
+    /// Writes the batch's segment bytes: each stream's run of appends in one
+    /// vectored write (a batch of appends to one stream costs one syscall, not one each).
+    fn flush_segments(&mut self) -> StoreResult<()> {
+        let mut order: Vec<usize> = (0..self.fresh.len()).collect();
+        // Stable: a stream's writes keep their order (ascending, back to back).
+        order.sort_by_key(|&i| self.fresh[i].id);
+        let mut i = 0;
+        let mut pieces: Vec<&[u8]> = Vec::new();
+        while i < order.len() {
+            let first = &self.fresh[order[i]];
+            let mut end = first.at;
+            pieces.clear();
+            while let Some(f) = order.get(i).map(|&k| &self.fresh[k]) {
+                if f.id != first.id || f.at != end {
+                    break;
+                }
+                pieces.push(&self.log[f.bytes.clone()]);
+                end += f.bytes.len() as u64;
+                i += 1;
+            }
+            if let Err(err) = self.segments.write_run(first.id, first.at, &pieces) {
+                self.segment_failed = true;
+                return Err(err);
+            }
         }
         Ok(())
     }
@@ -869,7 +921,7 @@ fn commit_batch(
     let mut replies = Vec::with_capacity(batch.len());
     let mut commands = batch.into_iter();
     let mut segment_failed = false;
-    let outcome = (|| -> StoreResult<(bool, Vec<u8>)> {
+    let outcome = (|| -> StoreResult<Decided> {
         let mut t = Tables::open(&txn, &shared.segments)?;
         let result = (|| -> StoreResult<()> {
             for cmd in commands.by_ref() {
@@ -918,6 +970,7 @@ fn commit_batch(
             }
             Ok(())
         })();
+        let result = result.and_then(|()| t.flush_segments());
         if let Err(err) = result {
             segment_failed = t.segment_failed;
             return Err(err);
@@ -933,9 +986,9 @@ fn commit_batch(
                 t.counters.insert(WAL_SEQ, wal.last_seq())?;
             }
         }
-        Ok((durable, std::mem::take(&mut t.log)))
+        Ok((durable, std::mem::take(&mut t.log), std::mem::take(&mut t.fresh), std::mem::take(&mut t.fresh_marks)))
     })();
-    let (durable, record) = match outcome {
+    let (durable, record, fresh, fresh_marks) = match outcome {
         Ok(decided) => decided,
         Err(err) => {
             // A segment file that refuses a write fails the batch; the database did nothing wrong.
@@ -1039,11 +1092,36 @@ fn commit_batch(
         total_us = started.elapsed().as_micros() as u64,
         "group commit"
     );
+    feed_tails(shared, &record, &fresh, &fresh_marks);
     publish(shared, state, changes);
     for reply in replies {
         reply.send();
     }
     Ok(())
+}
+
+/// After the commit, before readers are woken: the bytes just made durable
+/// go into the tail caches of the streams that live readers wait on.
+fn feed_tails(shared: &Shared, record: &[u8], fresh: &[Fresh], marks: &[u64]) {
+    if fresh.is_empty() {
+        return;
+    }
+    let index = shared.index.read();
+    for f in fresh {
+        // A stream created in this batch has no reader yet.
+        let Some(entry) = index.by_id.get(&f.id) else { continue };
+        if entry.signal.receiver_count() == 0 {
+            continue;
+        }
+        let (Some(bytes), Some(marks)) = (record.get(f.bytes.clone()), marks.get(f.marks.clone())) else { continue };
+        let mut cache = entry.tail.lock();
+        let delta = cache.extend(f.pos, bytes, marks);
+        if !shared.tails.change(delta) {
+            // Over the budget: this stream's readers go to its segment file.
+            let held = std::mem::take(&mut *cache).held();
+            shared.tails.change(-(held as isize));
+        }
+    }
 }
 
 fn fail_batch(replies: Vec<Reply>, txn: WriteTransaction, err: StoreError) {
@@ -1092,6 +1170,7 @@ fn publish(shared: &Shared, state: &WriterState, changes: Changes) {
                 index.by_path.remove(&path);
             }
             entry.removed.store(true, Ordering::Release);
+            entry.drop_tail(&shared.tails);
             entry.signal.send_modify(|v| *v = v.wrapping_add(1));
         }
     }
@@ -1116,7 +1195,13 @@ fn write_rows(t: &mut Tables, id: u64, base: u64, tail: &mut u64, rows: &[Bytes]
     let start = *tail;
     // Placed whole first: a domain error must leave nothing written.
     let placed = rules::place_rows(tail, rows, json)?;
-    t.write_segment(id, start - base, rows, json)?;
+    if let Some(bytes) = t.write_segment(id, start - base, rows, json)? {
+        let from = t.fresh_marks.len();
+        if json {
+            t.fresh_marks.extend(placed.iter().map(|(pos, _)| *pos));
+        }
+        t.fresh.push(Fresh { id, pos: start, at: start - base, bytes, marks: from..t.fresh_marks.len() });
+    }
     for (pos, ends) in placed {
         t.put_mark(id, pos, if ends { ROW_ENDS_APPEND } else { 0 })?;
     }
