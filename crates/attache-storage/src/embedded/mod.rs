@@ -666,6 +666,7 @@ mod read_cache_tests {
             initial: bytes::Bytes::new(),
             fork: None,
             owner: None,
+            take_kept_path: false,
         };
         store.create(req).await.unwrap();
         // A live reader: the writer keeps the newest bytes for it.
@@ -717,6 +718,7 @@ mod read_cache_tests {
         let got = reader::read_cached(&store.shared, &info, 0, 1 << 20).expect("page-cached whole-stream read");
         assert_eq!((&got.body, got.next), (&whole.body, whole.next));
         assert!(reader::read_cached(&store.shared, &info, starts[1], 1 << 20).is_none(), "needs the index");
+
         // Through the store, the answer is the segment file's.
         let want = reader::read(&store.shared, &info, ReadFrom::At(Offset(starts[5])), 900).unwrap();
         assert_eq!(store.read("/j", ReadFrom::At(Offset(starts[5])), 900).await.unwrap().body, want.body);
@@ -725,6 +727,33 @@ mod read_cache_tests {
         assert!(store.shared.tails.held() > 0);
         store.delete("/j").await.unwrap();
         assert_eq!(store.shared.tails.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn only_reads_up_to_the_inline_bound_are_copied_on_the_asking_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        let bytes: Vec<u8> = (0..300u32 << 10).map(|i| (i % 251) as u8).collect();
+        let req = CreateStream {
+            path: attache_core::StreamPath::new("/b".to_owned()).unwrap(),
+            content_type: None,
+            ttl: None,
+            expires_at: None,
+            closed: false,
+            initial: bytes::Bytes::from(bytes.clone()),
+            fork: None,
+            owner: None,
+            take_kept_path: false,
+        };
+        store.create(req).await.unwrap();
+        let info = store.entry("/b").unwrap().info();
+        let small = reader::read_cached(&store.shared, &info, 1000, 100 << 10).expect("a hot small read");
+        assert_eq!(&small.body[..], &bytes[1000..1000 + (100 << 10)]);
+        assert!(
+            reader::read_cached(&store.shared, &info, 0, 1 << 20).is_none(),
+            "a read larger than INLINE_READ_MAX is copied on a blocking thread"
+        );
+        assert_eq!(&store.read("/b", ReadFrom::At(Offset(0)), 1 << 20).await.unwrap().body[..], &bytes[..]);
     }
 
     fn kept(store: &EmbeddedStore) -> bool {

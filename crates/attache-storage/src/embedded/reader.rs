@@ -112,12 +112,21 @@ pub(crate) fn read(shared: &Shared, info: &StreamInfo, from: ReadFrom, max_bytes
     Ok(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(next), body, json })
 }
 
+/// Most bytes a read fills on the async worker that asked for it. A larger
+/// read is copied on a blocking thread even when its bytes are in the page
+/// cache, so its copy runs beside the worker's socket writes instead of
+/// before them: on this 2-core machine, 1 MiB reads copied on the worker ran
+/// at a third of the rate of the same reads on the blocking pool, at the same
+/// CPU per read (docs/ARCHITECTURE.md).
+pub(crate) const INLINE_READ_MAX: u64 = 256 << 10;
+
 /// A read that needs neither the index nor the disk, answered where it is
 /// asked (an async worker): binary byte ranges, and JSON reads that start at
 /// the first message of a segment file and take all of it (`offset=-1` of a
-/// stream that fits one read), filled only from open files whose bytes are
-/// in the page cache. `None` whenever anything else would be needed; the
-/// blocking path (`read`) then answers, with the same result.
+/// stream that fits one read), at most [`INLINE_READ_MAX`] bytes, filled only
+/// from open files whose bytes are in the page cache. `None` whenever
+/// anything else would be needed; the blocking path (`read`) then answers,
+/// with the same result.
 pub(crate) fn read_cached(shared: &Shared, info: &StreamInfo, start: u64, max_bytes: usize) -> Option<ReadBatch> {
     let tail = info.tail;
     if info.blob.is_some() || start >= tail {
@@ -150,6 +159,9 @@ pub(crate) fn read_cached(shared: &Shared, info: &StreamInfo, start: u64, max_by
         if hi < seg.hi {
             break;
         }
+    }
+    if ranges.iter().map(|r| r.hi - r.lo).sum::<u64>() > INLINE_READ_MAX {
+        return None;
     }
     let body = fill_with(&ranges, json, |r, buf| shared.segments.read_cached(r.id, r.lo - r.base, buf).then_some(()))?;
     Some(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(next), body, json })

@@ -164,6 +164,7 @@ mod tests {
             fork: None,
             fork_refs: 0,
             soft_deleted: false,
+            unlinked: false,
             last_seq: None,
             closed_by: None,
             owner: None,
