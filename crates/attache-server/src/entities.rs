@@ -18,23 +18,9 @@ use serde_json::{json, Value};
 use crate::access::{entity_for, entity_not_found, hold_life, may, now_ms, same_incarnation, Life};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
+use crate::http::{entity_url, json_body};
 use crate::rows::{append_rows, json_content_type, new_txid, not_running, rows_body};
 use crate::AppState;
-
-/// Largest JSON body the entity routes accept.
-pub const MAX_JSON_BODY: usize = 1 << 20;
-
-pub fn entity_url(entity_type: &str, instance_id: &str) -> ApiResult<EntityUrl> {
-    EntityUrl::new(entity_type, instance_id).map_err(ApiError::from)
-}
-
-/// Reads a JSON body (empty means `{}`), with a size limit and clear 400s.
-pub async fn json_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: Body) -> ApiResult<T> {
-    let bytes = crate::streams::read_body(body, headers, MAX_JSON_BODY).await?;
-    let text = if bytes.iter().all(u8::is_ascii_whitespace) { &b"{}"[..] } else { &bytes[..] };
-    serde_json::from_slice(text)
-        .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))
-}
 
 /// How many bytes `v` takes as JSON, counted without writing them anywhere.
 pub fn json_size<T: serde::Serialize + ?Sized>(v: &T) -> usize {

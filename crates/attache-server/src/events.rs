@@ -24,8 +24,8 @@ use crate::access::may;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::headers as h;
+use crate::http::set;
 use crate::sse::event as sse_event;
-use crate::streams::set;
 use crate::AppState;
 
 /// The global events stream.
@@ -184,7 +184,7 @@ struct Query {
 
 fn parse_query(raw: Option<&str>) -> ApiResult<Query> {
     let mut q = Query { offset: ReadOffset::Start, offset_given: false, live: None, task_id: None };
-    for (k, v) in crate::streams::form_pairs(raw.unwrap_or("")) {
+    for (k, v) in attache_core::query::form_pairs(raw.unwrap_or("")) {
         match k.as_str() {
             "offset" => {
                 q.offset = ReadOffset::parse(Some(&v))?;

@@ -13,6 +13,7 @@ pub mod entities;
 pub mod error;
 pub mod events;
 pub mod headers;
+pub mod http;
 pub mod mcp;
 pub mod metrics;
 pub mod multipart;

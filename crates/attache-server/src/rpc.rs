@@ -292,7 +292,7 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
             return res;
         }
     };
-    let bytes = match crate::streams::read_body(body, headers, state.config.rpc_max_body_bytes).await {
+    let bytes = match crate::http::read_body(body, headers, state.config.rpc_max_body_bytes).await {
         Ok(b) => b,
         Err(e) => {
             let err = RpcError::InvalidRequest(e.message);

@@ -15,15 +15,16 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
-use http_body_util::BodyExt;
 
 use attache_core::json::{split_messages, JsonBodyUse};
 use attache_core::manifest::AttachmentStatus;
+use attache_core::query::form_pairs;
 use attache_core::state::check_client_row;
 
 use crate::access::{entity_for, owns_stream};
 use crate::error::{ApiError, ApiResult};
 use crate::headers as h;
+use crate::http::{read_body, set};
 use crate::rows::not_running;
 use crate::AppState;
 
@@ -50,43 +51,6 @@ impl<'a> Req<'a> {
 
     fn content_type(&self) -> ApiResult<Option<ContentType>> {
         self.get("content-type")?.map(ContentType::parse).transpose().map_err(ApiError::from)
-    }
-}
-
-/// Reads a whole body of at most `limit` bytes; over it is a 413.
-pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> ApiResult<Bytes> {
-    let declared = headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::payload_too_large(limit));
-    }
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Err(ApiError::payload_too_large(limit))
-        }
-        Err(e) => Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
-    }
-}
-
-/// Sets a header to `value` as text; a value that is not a valid header value is left out.
-/// Formatted on the stack: offsets, lengths and tags cost one allocation (the value's), not two.
-pub(crate) fn set(
-    headers: &mut HeaderMap,
-    name: impl axum::http::header::IntoHeaderName,
-    value: impl std::fmt::Display,
-) {
-    use std::io::Write as _;
-    let mut buf = [0u8; 96];
-    let mut out = std::io::Cursor::new(&mut buf[..]);
-    let formatted = match write!(out, "{value}") {
-        Ok(()) => {
-            let len = usize::try_from(out.position()).unwrap_or(0);
-            HeaderValue::from_bytes(&buf[..len])
-        }
-        Err(_) => HeaderValue::from_str(&value.to_string()),
-    };
-    if let Ok(v) = formatted {
-        headers.insert(name, v);
     }
 }
 
@@ -456,8 +420,6 @@ fn parse_query(query: Option<&str>) -> ApiResult<ReadQuery> {
     let parsed = ReadOffset::parse(offset.as_deref())?;
     Ok(ReadQuery { offset: parsed, offset_given: offset.is_some(), live, cursor })
 }
-
-pub(crate) use attache_core::query::form_pairs;
 
 fn read_from(offset: ReadOffset) -> ReadFrom {
     match offset {

@@ -1,0 +1,61 @@
+//! DELETE .../attachments/{id}: the manifest delete row, then the bytes at
+//! the address derived for them.
+
+use attache_core::manifest::{validate_attachment_id, ManifestEntry, MANIFEST};
+use attache_core::state::{timestamp, ChangeEvent};
+use attache_core::{EntityUrl, Permission};
+use attache_storage::{EntityRecord, StoreError};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::access::{entity_for, hold_life, now_ms};
+use crate::auth::Caller;
+use crate::error::ApiResult;
+use crate::http::entity_url;
+use crate::rows::{append_rows, new_txid};
+use crate::AppState;
+
+use super::not_found;
+
+/// DELETE /_electric/entities/{type}/{id}/attachments/{att} [write]: a manifest
+/// delete row, then the bytes are released (kept while another attachment holds the same content).
+pub async fn delete(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id, id)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let entity = entity_url(&entity_type, &instance_id)?;
+    let record = entity_for(&state, &who, &entity, Permission::Write).await?;
+    let entry = {
+        let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+        view.manifest.get(&id).cloned().ok_or_else(not_found)?
+    };
+    let txid = delete_entry(&state, &record, &entity, &id, &entry).await?;
+    Ok((StatusCode::OK, Json(json!({ "txid": txid }))).into_response())
+}
+
+/// Deletes the attachment `id`: its manifest row, then the bytes at the
+/// address derived for it (never at a path a row names), both only in the
+/// life of the entity `record` was read from (404 once it was purged: the
+/// URL may hold someone else's entity, with an attachment of the same id).
+pub async fn delete_entry(
+    state: &AppState,
+    record: &EntityRecord,
+    entity: &EntityUrl,
+    id: &str,
+    entry: &ManifestEntry,
+) -> ApiResult<String> {
+    validate_attachment_id(id)?;
+    let _life = hold_life(state, record).await?;
+    let txid = new_txid();
+    let row = ChangeEvent::delete(MANIFEST, &ManifestEntry::row_key(id), &txid, &timestamp(now_ms()));
+    append_rows(state.store.as_ref(), &entity.main_stream(), &[row], false).await?;
+    let path = entry.bytes_path(entity).unwrap_or_else(|| entity.attachment_stream(id));
+    match state.store.delete(&path).await {
+        Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => Ok(txid),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,173 @@
+//! Entity attachments: streamed multipart upload, ranged reads, delete,
+//! listing, and resumable uploads over an open attachment stream.
+//!
+//! The bytes of an upload stream straight to a staging file while SHA-256
+//! and the length are computed; nothing holds the whole body. The manifest
+//! row on the entity's main stream goes `pending` (as soon as the id is
+//! known) → `complete` (after the bytes are durable under their content
+//! address) or `failed`. A rejected request (bad field, too large, duplicate
+//! id) retracts its pending row, so it changes nothing.
+//!
+//! One file per operation, as Garage's `api/s3/{put,get,...}`: `upload`
+//! (multipart), `resumable` (PUT, append, close, finalize), `read` (GET,
+//! HEAD, list), `delete`, `recovery` (settling uploads a restart or an
+//! expiry left pending); `pending` is the machinery an upload in progress
+//! shares (reserved ids, the pending row and its settling); here, what all
+//! of them use: the form's descriptive fields and the refusals.
+
+mod delete;
+mod pending;
+mod read;
+mod recovery;
+mod resumable;
+mod upload;
+
+use attache_core::manifest::{validate_attachment_id, AttachmentStatus, ManifestEntry, Role, Subject};
+use attache_core::state::timestamp;
+use attache_core::{ContentType, EntityUrl, PrincipalKey};
+use axum::http::StatusCode;
+use serde_json::{json, Map, Value};
+
+use crate::access::now_ms;
+use crate::error::{ApiError, ApiResult};
+
+pub use delete::{delete, delete_entry};
+pub use pending::{finalize, settle, write_entry, OpenUpload, Reservations};
+pub use read::{content_disposition, list, parse_range, read, RangeRequest};
+pub use recovery::{recover, start_expiry};
+pub use resumable::{begin_resumable, check_append_size, ResumableBody};
+pub use upload::upload;
+
+/// The error code of an upload whose body ended early (recorded as `failed`).
+const INTERRUPTED: &str = "UPLOAD_INTERRUPTED";
+
+/// Longest attache key-value name an attachment may carry.
+pub const MAX_NAME_LEN: usize = 100;
+
+fn not_found() -> ApiError {
+    ApiError::not_found("Attachment not found")
+}
+
+fn duplicate(id: &str) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "DUPLICATE_ID", format!("Attachment already exists at id \"{id}\""))
+}
+
+fn too_large(max: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "PAYLOAD_TOO_LARGE",
+        format!("Attachment exceeds maximum size of {max} bytes"),
+    )
+}
+
+/// The descriptive fields of an attachment, as sent.
+#[derive(Debug, Default, Clone)]
+struct Fields {
+    id: Option<String>,
+    mime_type: Option<String>,
+    filename: Option<String>,
+    subject: Option<Subject>,
+    role: Option<Role>,
+    meta: Option<Map<String, Value>>,
+    name: Option<String>,
+    subject_type: Option<String>,
+    subject_key: Option<String>,
+}
+
+impl Fields {
+    /// Takes one text field; an empty value counts as absent.
+    fn set(&mut self, field: &str, value: String) -> ApiResult<()> {
+        let value = value.trim().to_owned();
+        if value.is_empty() {
+            // An empty text field counts as absent, except an id: naming none is an error.
+            return match field {
+                "id" => Err(validate_attachment_id("")
+                    .err()
+                    .map(ApiError::from)
+                    .unwrap_or_else(|| ApiError::bad_request("empty id"))),
+                _ => Ok(()),
+            };
+        }
+        match field {
+            "id" => {
+                validate_attachment_id(&value)?;
+                self.id = Some(value);
+            }
+            "mimeType" => {
+                ContentType::parse(&value).map_err(|_| ApiError::bad_request(format!("invalid mimeType {value:?}")))?;
+                self.mime_type = Some(value);
+            }
+            "filename" => {
+                if value.len() > 1024 {
+                    return Err(ApiError::bad_request("filename is at most 1024 bytes"));
+                }
+                self.filename = Some(value);
+            }
+            "subject" => self.subject = Some(Subject::parse_json(&value)?),
+            "subjectType" => self.subject_type = Some(value),
+            "subjectKey" => self.subject_key = Some(value),
+            "role" => self.role = Some(Role::parse(&value)?),
+            "meta" => {
+                let parsed: Value =
+                    serde_json::from_str(&value).map_err(|_| ApiError::bad_request("Invalid JSON field: meta"))?;
+                match parsed {
+                    Value::Object(map) => self.meta = Some(map),
+                    _ => return Err(ApiError::bad_request("attachment meta must be an object")),
+                }
+            }
+            "key" => {
+                if value.len() > MAX_NAME_LEN || value.chars().any(char::is_control) {
+                    return Err(ApiError::bad_request("key is 1 to 100 printable characters"));
+                }
+                self.name = Some(value);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn subject(&self) -> ApiResult<Option<Subject>> {
+        match (&self.subject, &self.subject_type, &self.subject_key) {
+            (Some(s), _, _) => Ok(Some(s.clone())),
+            (None, Some(t), Some(k)) => Ok(Some(Subject::new(t, k)?)),
+            (None, None, None) => Ok(None),
+            _ => Err(ApiError::bad_request("attachment subject requires type and key")),
+        }
+    }
+
+    fn entry(
+        &self,
+        entity: &EntityUrl,
+        id: &str,
+        who: &PrincipalKey,
+        part_type: Option<&str>,
+    ) -> ApiResult<ManifestEntry> {
+        let mime_type = self
+            .mime_type
+            .clone()
+            .or_else(|| part_type.map(str::to_owned))
+            .unwrap_or_else(|| ContentType::OCTET_STREAM.into());
+        let mut ext = Map::new();
+        if let Some(name) = &self.name {
+            ext.insert("name".into(), json!(name));
+        }
+        Ok(ManifestEntry {
+            key: ManifestEntry::row_key(id),
+            kind: "attachment".into(),
+            id: id.to_owned(),
+            stream_path: entity.attachment_stream(id),
+            status: AttachmentStatus::Pending,
+            subject: self.subject()?,
+            role: self.role.unwrap_or(Role::Input),
+            mime_type,
+            filename: self.filename.clone(),
+            byte_length: None,
+            sha256: None,
+            created_at: timestamp(now_ms()),
+            created_by: Some(who.url()),
+            error: None,
+            meta: self.meta.clone(),
+            ext,
+        })
+    }
+}

@@ -1,0 +1,244 @@
+//! An upload in progress: its id reserved (a second upload of the same id
+//! waits its turn or is refused), its `pending` manifest row written as soon
+//! as the id and subject are known, and settled (complete or failed) on
+//! every path, by a drop guard when the request is cancelled.
+
+use std::collections::{HashMap, HashSet};
+
+use attache_core::manifest::{validate_attachment_id, AttachmentStatus, ManifestEntry, MANIFEST, SUBJECT_REQUIRED};
+use attache_core::state::{timestamp, ChangeEvent};
+use attache_core::{EntityUrl, PrincipalKey};
+use attache_storage::{EntityRecord, ReadFrom};
+use sha2::{Digest, Sha256};
+
+use crate::access::{hold_life, now_ms};
+use crate::error::{ApiError, ApiResult};
+use crate::rows::{append_rows, new_txid};
+use crate::AppState;
+
+use super::{duplicate, Fields};
+
+/// Upload ids in flight, by attachment stream path: a second upload of the
+/// same id is refused while the first runs.
+#[derive(Default)]
+pub struct Reservations(
+    pub(super) parking_lot::Mutex<HashSet<String>>,
+    pub(super) parking_lot::Mutex<HashMap<String, OpenUpload>>,
+);
+
+/// A resumable upload begun here (or found open at start-up) and not closed
+/// yet, by stream path: what the expiry sweep looks at.
+#[derive(Debug, Clone)]
+pub struct OpenUpload {
+    pub(super) entity: EntityUrl,
+    pub(super) id: String,
+}
+
+pub(super) struct Reservation<'a> {
+    set: &'a Reservations,
+    key: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.set.0.lock().remove(&self.key);
+    }
+}
+
+impl Reservations {
+    pub(super) fn take(&self, key: &str) -> Option<Reservation<'_>> {
+        self.0.lock().insert(key.to_owned()).then(|| Reservation { set: self, key: key.to_owned() })
+    }
+}
+
+/// An upload names what it is about, as Electric requires (its wording):
+/// the entry as it will be written, or 400 `attachment subject is required`.
+/// Checked once every field has arrived (a form may send the file first).
+pub(super) fn with_subject(entry: ManifestEntry) -> ApiResult<ManifestEntry> {
+    if entry.subject.is_none() {
+        return Err(ApiError::bad_request(SUBJECT_REQUIRED));
+    }
+    Ok(entry)
+}
+
+pub(super) fn manifest_row(entry: &ManifestEntry, txid: &str) -> ApiResult<ChangeEvent> {
+    let value = serde_json::to_value(entry).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let now = timestamp(now_ms());
+    Ok(match entry.status {
+        AttachmentStatus::Pending => ChangeEvent::insert(MANIFEST, &entry.key, value, txid, &now),
+        _ => ChangeEvent::update(MANIFEST, &entry.key, value, txid, &now),
+    })
+}
+
+/// Writes a manifest entry (pending, complete or failed) as an upsert row.
+pub async fn write_entry(state: &AppState, entity: &EntityUrl, entry: &ManifestEntry, txid: &str) -> ApiResult<()> {
+    append_rows(state.store.as_ref(), &entity.main_stream(), &[manifest_row(entry, txid)?], false).await.map(|_| ())
+}
+
+pub(super) async fn retract(state: &AppState, entity: &EntityUrl, id: &str, txid: &str) {
+    let row = ChangeEvent::delete(MANIFEST, &ManifestEntry::row_key(id), txid, &timestamp(now_ms()));
+    if let Err(e) = append_rows(state.store.as_ref(), &entity.main_stream(), &[row], false).await {
+        tracing::warn!(error = %e.message, id, "could not retract a pending attachment row");
+    }
+}
+
+/// Can `id` be (re)used? Free, or only a failed attempt is recorded.
+pub(super) async fn id_is_free(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult<bool> {
+    let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+    Ok(match view.manifest.get(id) {
+        None => true,
+        Some(e) => e.status == AttachmentStatus::Failed,
+    })
+}
+
+/// An upload in progress: reserved id, pending row written. Dropped without
+/// [`Pending::settled`] (the request was cancelled, e.g. its client went
+/// away, at any await), it settles its row in the background: complete when
+/// the bytes committed, failed (and the stream removed) when they did not.
+/// Without it such a row stayed `pending` for ever and its id was refused.
+pub(super) struct Pending<'a> {
+    _reservation: Reservation<'a>,
+    pub(super) entry: ManifestEntry,
+    /// The txid of the row that settles the upload (complete, failed or
+    /// retracted), the one a one-shot upload answers with: a client waiting
+    /// for it sees the final status, never only `pending`.
+    pub(super) txid: String,
+    /// The txid of the `pending` row, what a resumable upload answers with
+    /// (its bytes come later, through the stream).
+    pub(super) pending_txid: String,
+    /// Set once the handler itself answered for the row.
+    settled: Option<(AppState, EntityUrl)>,
+}
+
+impl Pending<'_> {
+    /// The handler wrote the row's outcome (or handed the upload on): nothing to clean up.
+    pub(super) fn settled(&mut self) {
+        self.settled = None;
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let Some((state, entity)) = self.settled.take() else { return };
+        let id = self.entry.id.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move { settle(&state, &entity, &id).await });
+        }
+    }
+}
+
+/// Settles a `pending` row no upload holds any more, from what the store
+/// holds at the derived path: a closed blob stream completes it, a closed
+/// resumable stream is finalized, an open one is a resumable upload still
+/// going (left alone), and no stream at all fails it. Idempotent.
+pub async fn settle(state: &AppState, entity: &EntityUrl, id: &str) {
+    let Ok(view) = state.views.get(state.store.as_ref(), &entity.main_stream()).await else { return };
+    let Some(entry) = view.manifest.get(id).cloned() else { return };
+    drop(view);
+    if entry.status != AttachmentStatus::Pending || validate_attachment_id(id).is_err() {
+        return;
+    }
+    // The upload's stream is derived, never taken from the row.
+    let path = entity.attachment_stream(id);
+    match state.store.head(&path).await {
+        Ok(info) if info.closed => match &info.blob {
+            Some(blob) => {
+                let mut done = entry;
+                done.stream_path = path;
+                done.status = AttachmentStatus::Complete;
+                done.sha256 = Some(blob.sha256.clone());
+                done.byte_length = Some(blob.len);
+                if write_entry(state, entity, &done, &new_txid()).await.is_ok() {
+                    tracing::info!(entity = %entity, id, "completed an upload interrupted after its bytes were stored");
+                }
+            }
+            None => {
+                let _ = finalize(state, entity, id).await;
+            }
+        },
+        // A resumable upload still going: the expiry sweep ends it if it is never closed.
+        Ok(_) => {
+            state.uploads.1.lock().insert(path, OpenUpload { entity: entity.clone(), id: id.to_owned() });
+        }
+        Err(_) => {
+            let mut failed = entry;
+            failed.stream_path = path.clone();
+            failed.status = AttachmentStatus::Failed;
+            failed.error = Some("upload interrupted: the bytes were not stored".into());
+            if write_entry(state, entity, &failed, &new_txid()).await.is_ok() {
+                tracing::info!(entity = %entity, id, "marked an interrupted upload failed");
+            }
+            // A create sent before the interruption commits before this delete (one writer, in order).
+            let _ = state.store.delete(&path).await;
+        }
+    }
+}
+
+pub(super) async fn begin<'s>(
+    state: &'s AppState,
+    record: &EntityRecord,
+    entity: &EntityUrl,
+    id: &str,
+    fields: &Fields,
+    who: &PrincipalKey,
+    part_type: Option<&str>,
+) -> ApiResult<Pending<'s>> {
+    let entry = fields.entry(entity, id, who, part_type)?;
+    let reservation = state.uploads.take(&entry.stream_path).ok_or_else(|| duplicate(id))?;
+    if !id_is_free(state, entity, id).await? {
+        // A pending row no upload holds (we hold the id now) was left by an
+        // interrupted upload: settle it, then look again.
+        settle(state, entity, id).await;
+        if !id_is_free(state, entity, id).await? {
+            return Err(duplicate(id));
+        }
+    }
+    let pending_txid = new_txid();
+    {
+        // The row goes only into the life the upload was authorized against.
+        let _life = hold_life(state, record).await?;
+        write_entry(state, entity, &entry, &pending_txid).await?;
+    }
+    Ok(Pending {
+        _reservation: reservation,
+        entry,
+        txid: new_txid(),
+        pending_txid,
+        settled: Some((state.clone(), entity.clone())),
+    })
+}
+
+/// Completes a resumable upload whose stream is closed: hashes the bytes and
+/// writes the `complete` row. Idempotent; called after the closing append and at recovery.
+pub async fn finalize(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult<Option<ManifestEntry>> {
+    let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+    let Some(entry) = view.manifest.get(id).cloned() else { return Ok(None) };
+    drop(view);
+    if entry.status != AttachmentStatus::Pending {
+        return Ok(Some(entry));
+    }
+    // A resumable upload's bytes are at the attachment's own stream, whatever the row says.
+    validate_attachment_id(id)?;
+    let path = entity.attachment_stream(id);
+    let info = state.store.head(&path).await?;
+    if !info.closed {
+        return Ok(Some(entry));
+    }
+    let mut hasher = Sha256::new();
+    let mut pos = 0;
+    while pos < info.tail {
+        let batch = state.store.read(&path, ReadFrom::At(attache_core::Offset(pos)), 4 << 20).await?;
+        hasher.update(&batch.body);
+        if batch.next.0 <= pos {
+            break;
+        }
+        pos = batch.next.0;
+    }
+    let mut done = entry;
+    done.stream_path = path;
+    done.status = AttachmentStatus::Complete;
+    done.byte_length = Some(info.tail);
+    done.sha256 = Some(hex::encode(hasher.finalize()));
+    write_entry(state, entity, &done, &new_txid()).await?;
+    Ok(Some(done))
+}
