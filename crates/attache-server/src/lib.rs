@@ -12,6 +12,7 @@ pub mod drain;
 pub mod entities;
 pub mod error;
 pub mod events;
+pub mod fork;
 pub mod headers;
 pub mod http;
 pub mod mcp;

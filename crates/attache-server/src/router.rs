@@ -82,6 +82,8 @@ pub fn build(state: AppState) -> Router {
         .route("/_electric/entities/{entity_type}/{instance_id}/send", post(entities::send))
         // POST a signal [signal]: SIGKILL/SIGTERM stop (as DELETE); SIGINT/SIGHUP/SIGUSR recorded; SIGSTOP/SIGCONT 400
         .route("/_electric/entities/{entity_type}/{instance_id}/signal", post(entities::signal))
+        // POST fork into a new entity [fork]: main stream forked, attachments linked (`fork`)
+        .route("/_electric/entities/{entity_type}/{instance_id}/fork", post(crate::fork::fork))
         // POST set a tag `{"value"}` · DELETE remove it [write]: a `tags` row on the main stream
         .route(
             "/_electric/entities/{entity_type}/{instance_id}/tags/{tag_key}",

@@ -10,7 +10,8 @@
 //! - 403 when it holds something, but not the permission the route needs
 //!   (Electric's table: write for uploads and attachment deletes, read for
 //!   reads, delete for stop and purge, signal for signals, SIGKILL and
-//!   SIGTERM included, which stop the entity as in Electric; manage for grants);
+//!   SIGTERM included, which stop the entity as in Electric; fork for forks;
+//!   manage for grants);
 //! - otherwise the route's own answer.
 //!
 //! Every cell gets a fresh entity (with the same grants, an attachment, an
@@ -46,6 +47,7 @@ enum Perm {
     Write,
     Delete,
     Signal,
+    Fork,
     Manage,
 }
 
@@ -56,6 +58,7 @@ impl Perm {
             Perm::Write => "write",
             Perm::Delete => "delete",
             Perm::Signal => "signal",
+            Perm::Fork => "fork",
             Perm::Manage => "manage",
         }
     }
@@ -237,7 +240,7 @@ const fn route(method: &'static str, path: &'static str, body: Body, rule: Rule,
 }
 
 use Body::{Empty, Json, Upload};
-use Perm::{Delete, Manage, Read, Signal, Write};
+use Perm::{Delete, Fork, Manage, Read, Signal, Write};
 
 const ENTITY_ROUTES: &[Route] = &[
     route("GET", "{api}", Empty, Rule::Entity(Read), 200),
@@ -247,6 +250,8 @@ const ENTITY_ROUTES: &[Route] = &[
     route("DELETE", "{api}?purge=true", Empty, Rule::Entity(Delete), 200),
     route("POST", "{api}/send", Json(r#"{"payload":"hi"}"#), Rule::Entity(Write), 200),
     route("POST", "{api}/signal", Json(r#"{"signal":"SIGKILL"}"#), Rule::Entity(Signal), 200),
+    // No instance_id: the fork gets a fresh one, so cells never collide.
+    route("POST", "{api}/fork", Json("{}"), Rule::Entity(Fork), 201),
     route("GET", "{api}/grants", Empty, Rule::Entity(Manage), 200),
     route(
         "POST",

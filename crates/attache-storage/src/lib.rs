@@ -77,6 +77,17 @@ pub trait StreamStore: Send + Sync + 'static {
     /// store, or dropped if identical bytes are stored already: content addressing).
     async fn create_blob_stream(&self, req: CreateStream, blob: StagedBlob) -> StoreResult<StreamInfo>;
 
+    /// Creates a closed stream at `req.path` over the blob of the blob-backed
+    /// stream at `source`: no byte is copied, the blob gains one reference,
+    /// so deleting either stream leaves the other's bytes, and the bytes go
+    /// with the last stream that holds them. `req.content_type` defaults to
+    /// the source's. `NotFound` when `source` is absent or expired, `Gone`
+    /// when it is kept only for its forks, `Invalid` when it holds no blob,
+    /// `ConfigMismatch` when a stream exists at `req.path`. (Forking a blob
+    /// stream as a Durable Streams fork would read through the source's id;
+    /// this gives the new stream a life of its own.)
+    async fn link_blob_stream(&self, req: CreateStream, source: &str) -> StoreResult<StreamInfo>;
+
     /// A new staging file for blob bytes; it disappears unless handed to `create_blob_stream`.
     async fn stage_blob(&self) -> StoreResult<BlobWriter>;
 

@@ -384,6 +384,11 @@ pub(crate) fn new_stream(
 }
 
 /// A closed stream whose bytes are one blob.
+/// `link_blob_stream` on a stream that holds no blob.
+pub(crate) fn not_a_blob_stream() -> StoreError {
+    StoreError::Invalid("the source stream holds no blob (only attachment streams can be linked)".into())
+}
+
 pub(crate) fn new_blob_stream(id: u64, req: &CreateStream, blob: BlobRef) -> StreamInfo {
     StreamInfo {
         id,

@@ -358,6 +358,8 @@ impl BlobDir {
 pub(crate) enum Command {
     Create(CreateStream, oneshot::Sender<StoreResult<CreateOutcome>>),
     CreateBlob(CreateStream, StagedBlob, oneshot::Sender<StoreResult<StreamInfo>>),
+    /// A blob stream over the blob of the stream at the given path (`link_blob_stream`).
+    LinkBlob(CreateStream, String, oneshot::Sender<StoreResult<StreamInfo>>),
     Append(writer::PreparedAppend, oneshot::Sender<StoreResult<AppendOutcome>>),
     Delete(String, oneshot::Sender<StoreResult<()>>),
     /// Deletes a stream found expired (fire and forget).
@@ -586,6 +588,11 @@ impl StreamStore for EmbeddedStore {
 
     async fn create_blob_stream(&self, req: CreateStream, blob: StagedBlob) -> StoreResult<StreamInfo> {
         self.call(|tx| Command::CreateBlob(req, blob, tx)).await
+    }
+
+    async fn link_blob_stream(&self, req: CreateStream, source: &str) -> StoreResult<StreamInfo> {
+        let source = source.to_owned();
+        self.call(|tx| Command::LinkBlob(req, source, tx)).await
     }
 
     async fn stage_blob(&self) -> StoreResult<crate::BlobWriter> {

@@ -642,7 +642,7 @@ impl Failed {
 fn refuse(cmd: Command, err: &StoreError) {
     match cmd {
         Command::Create(_, tx) => drop(tx.send(Err(err.clone()))),
-        Command::CreateBlob(_, _, tx) => drop(tx.send(Err(err.clone()))),
+        Command::CreateBlob(_, _, tx) | Command::LinkBlob(_, _, tx) => drop(tx.send(Err(err.clone()))),
         Command::Append(_, tx) => drop(tx.send(Err(err.clone()))),
         Command::Delete(_, tx) => drop(tx.send(Err(err.clone()))),
         Command::Expire(_) => {}
@@ -936,6 +936,15 @@ fn commit_batch(
                     },
                     Command::CreateBlob(req, blob, tx) => {
                         match escalate(state.create_blob(&mut t, &mut changes, shared, req, blob)) {
+                            Ok(r) => replies.push(Reply::CreateBlob(tx, r)),
+                            Err(e) => {
+                                replies.push(Reply::CreateBlob(tx, Err(e.clone())));
+                                return Err(e);
+                            }
+                        }
+                    }
+                    Command::LinkBlob(req, source, tx) => {
+                        match escalate(state.link_blob(&mut t, &mut changes, shared, req, &source)) {
                             Ok(r) => replies.push(Reply::CreateBlob(tx, r)),
                             Err(e) => {
                                 replies.push(Reply::CreateBlob(tx, Err(e.clone())));
@@ -1309,6 +1318,50 @@ impl WriterState {
         self.next_id += 1;
         t.put_counter("next_stream_id", self.next_id)?;
         let info = rules::new_blob_stream(id, &req, BlobRef { sha256: blob.sha256.clone(), len: blob.len });
+        self.paths.insert(path, id);
+        self.save(t, changes, info.clone())?;
+        Ok(info)
+    }
+
+    /// A closed stream over the blob of the blob-backed stream at `source`:
+    /// one more reference, no byte copied (`StreamStore::link_blob_stream`).
+    fn link_blob(
+        &mut self,
+        t: &mut Tables,
+        changes: &mut Changes,
+        shared: &Shared,
+        mut req: CreateStream,
+        source: &str,
+    ) -> StoreResult<StreamInfo> {
+        let src_id = *self.paths.get(source).ok_or(StoreError::NotFound)?;
+        let src = self.streams.get(&src_id).ok_or(StoreError::NotFound)?;
+        if src.soft_deleted {
+            return Err(StoreError::Gone);
+        }
+        if self.expired(shared, src_id) {
+            return Err(StoreError::NotFound);
+        }
+        let blob = src.blob.clone().ok_or_else(rules::not_a_blob_stream)?;
+        if req.content_type.is_none() {
+            req.content_type = Some(src.content_type());
+        }
+        let path = req.path.as_str().to_owned();
+        if let Some(&id) = self.paths.get(&path) {
+            match rules::at_path(&self.streams[&id], self.expired(shared, id), &req) {
+                AtPath::Holds => return Err(StoreError::ConfigMismatch("a stream already exists at this path".into())),
+                AtPath::Remove => self.remove(t, changes, id)?,
+                AtPath::Unlink => self.unlink(t, changes, id)?,
+            }
+        }
+        // The source holds the blob, so it cannot have lost its last holder; kept as create_blob keeps it.
+        changes.unlink.retain(|sha| sha != &blob.sha256);
+        let refs = self.blob_refs.get(&blob.sha256).copied().unwrap_or(0) + 1;
+        t.put_blob_ref(&blob.sha256, refs)?;
+        self.blob_refs.insert(blob.sha256.clone(), refs);
+        let id = self.next_id;
+        self.next_id += 1;
+        t.put_counter("next_stream_id", self.next_id)?;
+        let info = rules::new_blob_stream(id, &req, blob);
         self.paths.insert(path, id);
         self.save(t, changes, info.clone())?;
         Ok(info)

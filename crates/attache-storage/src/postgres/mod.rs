@@ -387,6 +387,8 @@ impl Shared {
 pub(crate) enum Command {
     Create(CreateStream, oneshot::Sender<StoreResult<CreateOutcome>>),
     CreateBlob(CreateStream, BlobRef, oneshot::Sender<StoreResult<StreamInfo>>),
+    /// A blob stream over the blob of the stream at the given path (`link_blob_stream`).
+    LinkBlob(CreateStream, String, oneshot::Sender<StoreResult<StreamInfo>>),
     Append(PreparedAppend, oneshot::Sender<StoreResult<AppendOutcome>>),
     Delete(String, oneshot::Sender<StoreResult<()>>),
     /// Deletes a stream found expired, if it still is (fire and forget).
@@ -723,6 +725,13 @@ impl StreamStore for PgStore {
         let shared = self.shared.clone();
         self.io.run(async move { shared.blobs.publish(&shared.pool, blob).await }).await?;
         self.call(|tx| Command::CreateBlob(req, blob_ref, tx)).await
+    }
+
+    async fn link_blob_stream(&self, req: CreateStream, source: &str) -> StoreResult<StreamInfo> {
+        // The source's row is locked by the batch, so no delete of it (on any
+        // instance) drops the blob's last reference before this one is counted.
+        let source = source.to_owned();
+        self.call(|tx| Command::LinkBlob(req, source, tx)).await
     }
 
     async fn stage_blob(&self) -> StoreResult<crate::BlobWriter> {

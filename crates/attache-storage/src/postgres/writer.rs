@@ -84,6 +84,7 @@ fn reply(cmd: Command, answer: Answer) {
     match (cmd, answer) {
         (Command::Create(_, tx), Answer::Create(r)) => drop(tx.send(r)),
         (Command::CreateBlob(_, _, tx), Answer::CreateBlob(r)) => drop(tx.send(r)),
+        (Command::LinkBlob(_, _, tx), Answer::CreateBlob(r)) => drop(tx.send(r)),
         (Command::Append(_, tx), Answer::Append(r)) => drop(tx.send(r)),
         (Command::Delete(_, tx), Answer::Delete(r)) => drop(tx.send(r)),
         _ => {}
@@ -93,7 +94,7 @@ fn reply(cmd: Command, answer: Answer) {
 fn fail(cmd: Command, err: StoreError) {
     match cmd {
         Command::Create(_, tx) => drop(tx.send(Err(err))),
-        Command::CreateBlob(_, _, tx) => drop(tx.send(Err(err))),
+        Command::CreateBlob(_, _, tx) | Command::LinkBlob(_, _, tx) => drop(tx.send(Err(err))),
         Command::Append(_, tx) => drop(tx.send(Err(err))),
         Command::Delete(_, tx) => drop(tx.send(Err(err))),
         Command::Expire(_) => {}
@@ -175,6 +176,11 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
                 paths.push(req.path.as_str().to_owned());
                 keys.push(path_key(req.path.as_str()));
             }
+            Command::LinkBlob(req, source, _) => {
+                paths.push(req.path.as_str().to_owned());
+                keys.push(path_key(req.path.as_str()));
+                paths.push(source.clone());
+            }
             Command::Append(p, _) => paths.push(p.req.path.clone()),
             Command::Delete(path, _) => paths.push(path.clone()),
             Command::Expire(id) => ids.push(*id as i64),
@@ -237,6 +243,9 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
         let answer = match cmd {
             Command::Create(req, _) => Answer::Create(escalate(w.create(shared, req).await)?),
             Command::CreateBlob(req, blob, _) => Answer::CreateBlob(escalate(w.create_blob(shared, req, blob).await)?),
+            Command::LinkBlob(req, source, _) => {
+                Answer::CreateBlob(escalate(w.link_blob(shared, req.clone(), source).await)?)
+            }
             Command::Append(p, _) => Answer::Append(escalate(w.append(p).await)?),
             Command::Delete(path, _) => Answer::Delete(escalate(w.delete(shared, path).await)?),
             Command::Expire(id) => {
@@ -466,6 +475,24 @@ impl Work {
         self.paths.insert(path.to_owned(), Some(id));
         self.save(info.clone());
         Ok(info)
+    }
+
+    /// A closed stream over the blob of the blob-backed stream at `source`:
+    /// one more reference, no byte copied (`StreamStore::link_blob_stream`).
+    async fn link_blob(&mut self, shared: &Shared, mut req: CreateStream, source: &str) -> StoreResult<StreamInfo> {
+        let src_id = self.id_at(source).await?.ok_or(StoreError::NotFound)?;
+        let src = self.stream(src_id).await?.ok_or(StoreError::NotFound)?;
+        if src.soft_deleted {
+            return Err(StoreError::Gone);
+        }
+        if self.expired(shared, src_id) {
+            return Err(StoreError::NotFound);
+        }
+        let blob = src.blob.clone().ok_or_else(rules::not_a_blob_stream)?;
+        if req.content_type.is_none() {
+            req.content_type = Some(src.content_type());
+        }
+        self.create_blob(shared, &req, &blob).await
     }
 
     /// Refines a fork point by `sub` messages (JSON) or bytes past `anchor`,

@@ -1,0 +1,340 @@
+//! The entities face's fork route: `POST /_electric/entities/{type}/{id}/fork`.
+//!
+//! A fork is a new entity whose main stream is a Durable Streams fork of the
+//! source's (its history up to the fork point, then its own), and whose
+//! attachments are those the fork's manifest shows complete at that point,
+//! each at the fork's own address. Blob-backed attachment streams are linked
+//! (`StreamStore::link_blob_stream`: one more reference to the same
+//! content-addressed bytes, nothing copied); the few attachment streams that
+//! are not blobs (finished resumable uploads) are Durable Streams forks of
+//! their closed source. Each carried manifest row is rewritten so its
+//! `streamPath` is the fork's stream, derived from the fork's URL and the
+//! attachment id, never read from the row. Pending and failed attachments
+//! are not carried: the fork's manifest gets a `delete` row for each.
+
+use std::collections::BTreeMap;
+
+use attache_core::manifest::{AttachmentStatus, ManifestEntry, MANIFEST};
+use attache_core::state::{timestamp, ChangeEvent};
+use attache_core::{EntityUrl, Offset, Permission, PrincipalKey, StreamPath};
+use attache_storage::{CreateOutcome, CreateStream, EntityRecord, ForkSpec, StoreError, StreamInfo};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::access::{entity_for, hold_life, now_ms};
+use crate::auth::Caller;
+use crate::entities::{entity_json, entity_url, json_body, json_size};
+use crate::error::{ApiError, ApiResult};
+use crate::rows::{append_rows, new_txid, not_running};
+use crate::AppState;
+
+/// Electric's fork pointer: a position on the source's main stream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkPointer {
+    /// A Durable Streams offset; `null` is the start of the stream.
+    offset: Option<String>,
+    #[serde(default)]
+    sub_offset: u64,
+}
+
+/// The body Electric's fork takes. `waitTimeoutMs` is accepted and has
+/// nothing to wait for here (no runs); `parent` waits for lineage.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkBody {
+    #[serde(default)]
+    instance_id: Option<String>,
+    #[serde(default)]
+    fork_pointer: Option<ForkPointer>,
+    #[serde(default)]
+    anchor: Option<String>,
+    #[serde(default)]
+    parent: Option<String>,
+    #[serde(default)]
+    tags: Option<BTreeMap<String, String>>,
+    #[serde(default, rename = "waitTimeoutMs")]
+    _wait_timeout_ms: Option<f64>,
+}
+
+/// The one named anchor Electric has; attache keeps no runs, so it is the tail.
+const LATEST_COMPLETED_RUN: &str = "latest_completed_run";
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::bad_request(message)
+}
+
+fn duplicate(url: &str) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "DUPLICATE_URL", format!("Entity already exists at URL \"{url}\""))
+}
+
+/// Where on the source's main stream the fork starts: `None` is its tail.
+fn fork_point(body: &ForkBody) -> ApiResult<(Option<Offset>, u64)> {
+    match (&body.fork_pointer, body.anchor.as_deref()) {
+        (Some(_), Some(_)) => Err(invalid("fork_pointer and anchor are mutually exclusive")),
+        (None, Some(LATEST_COMPLETED_RUN)) | (None, None) => Ok((None, 0)),
+        (None, Some(other)) => Err(invalid(format!("unknown anchor {other:?}: expected {LATEST_COMPLETED_RUN:?}"))),
+        (Some(p), None) => {
+            let offset = match p.offset.as_deref() {
+                None | Some("-1") => Offset::ZERO,
+                Some(raw) => Offset::parse(raw)
+                    .map_err(|_| invalid(format!("fork_pointer.offset {raw:?} is not a stream offset")))?,
+            };
+            Ok((Some(offset), p.sub_offset))
+        }
+    }
+}
+
+/// POST /_electric/entities/{type}/{id}/fork [fork]: forks a running entity
+/// into a new one at `/{type}/{instance_id}`, owned by the caller. Answers
+/// 201 `{root, entities, txid}` as Electric does (one entity: attache has no
+/// subtrees yet). Everything the request can get wrong is refused before
+/// anything is written.
+pub async fn fork(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let source_url = entity_url(&entity_type, &instance_id)?;
+    // An object, not serde's array form of a struct.
+    let raw: serde_json::Map<String, Value> = json_body(&headers, body).await?;
+    let body: ForkBody = serde_json::from_value(Value::Object(raw))
+        .map_err(|e| invalid(format!("Request body does not match API schema: {e}")))?;
+    let (offset, sub_offset) = fork_point(&body)?;
+    if body.parent.is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "PARENT_NOT_SUPPORTED",
+            "parent is not supported on fork yet: attache records no entity lineage",
+        ));
+    }
+    let fork_id = match body.instance_id.as_deref() {
+        Some(id) => id.to_owned(),
+        None => format!("{instance_id}-fork-{}", &new_txid()[..8]),
+    };
+    let fork_url = entity_url(&entity_type, &fork_id)?;
+    let source = entity_for(&state, &who, &source_url, Permission::Fork).await?;
+    if !source.is_running() {
+        return Err(not_running());
+    }
+    let mut tags = source.tags.clone();
+    for (key, value) in body.tags.unwrap_or_default() {
+        if key.is_empty() || key.len() > 128 {
+            return Err(invalid("tag keys are 1 to 128 bytes"));
+        }
+        tags.insert(key, value);
+    }
+    let max = state.config.max_entity_data_bytes;
+    if json_size(&source.args) + json_size(&Some(&tags)) > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "ENTITY_DATA_TOO_LARGE",
+            format!("args and tags are at most {max} bytes of JSON together (max_entity_data_bytes)"),
+        ));
+    }
+    if state.registry.entity(&fork_url.to_string()).await.is_some() {
+        return Err(duplicate(&fork_url.to_string()));
+    }
+    // The source's life, shared: a purge of the source waits for the fork.
+    let _life = hold_life(&state, &source).await?;
+    let source_main = state.store.head(&source_url.main_stream()).await?;
+    if source_main.closed {
+        return Err(not_running());
+    }
+    if let Some(at) = offset {
+        if at.0 > source_main.tail {
+            return Err(invalid(format!(
+                "fork_pointer.offset {at} is past the source's tail {}",
+                source_main.tail_offset()
+            )));
+        }
+    }
+    let mut made = Made { state: &state, paths: Vec::new(), done: false };
+    let created = state
+        .store
+        .create(CreateStream {
+            path: StreamPath::new(fork_url.main_stream())?,
+            content_type: None,
+            ttl: None,
+            expires_at: None,
+            closed: false,
+            initial: Default::default(),
+            fork: Some(ForkSpec { source: StreamPath::new(source_url.main_stream())?, offset, sub_offset }),
+            owner: Some(who.to_string()),
+            // The server's own create: a stream kept for its forks gives the path up (as a spawn's does).
+            take_kept_path: true,
+        })
+        .await?;
+    match created {
+        CreateOutcome::Created(_) => made.paths.push(fork_url.main_stream()),
+        // Someone else's stream (a fork or spawn in flight): theirs, not undone.
+        CreateOutcome::Existed(_) => return Err(duplicate(&fork_url.to_string())),
+    }
+    let txid = new_txid();
+    let rows = carry_attachments(&state, &source_url, &fork_url, &who, &txid, &mut made).await?;
+    if !rows.is_empty() {
+        append_rows(state.store.as_ref(), &fork_url.main_stream(), &rows, false).await?;
+    }
+    let now = now_ms();
+    let record = EntityRecord {
+        url: fork_url.to_string(),
+        entity_type: fork_url.entity_type().to_owned(),
+        instance_id: fork_url.instance_id().to_owned(),
+        status: "idle".into(),
+        tags,
+        args: source.args.clone(),
+        created_by: who.url(),
+        created_at_ms: now,
+        updated_at_ms: now,
+        extra: None,
+        incarnation: Some(hex::encode(rand::random::<[u8; 16]>())),
+    };
+    let (stored, fresh) = state.registry.insert_entity(record).await?;
+    if !fresh {
+        return Err(duplicate(&stored.url));
+    }
+    made.done = true;
+    let root = entity_json(&stored);
+    Ok((StatusCode::CREATED, Json(json!({ "root": root, "entities": [root], "txid": txid }))).into_response())
+}
+
+/// Streams this request created, deleted again unless it succeeds (the
+/// deletes run in a task: a guard cannot await).
+struct Made<'a> {
+    state: &'a AppState,
+    paths: Vec<String>,
+    done: bool,
+}
+
+impl Drop for Made<'_> {
+    fn drop(&mut self) {
+        if self.done || self.paths.is_empty() {
+            return;
+        }
+        let store = self.state.store.clone();
+        let views = self.state.views.clone();
+        let paths = std::mem::take(&mut self.paths);
+        tokio::spawn(async move {
+            // Attachments first, the main stream last (it is what makes the fork visible).
+            for path in paths.iter().rev() {
+                match store.delete(path).await {
+                    Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => {}
+                    Err(e) => tracing::warn!(error = %e, path, "could not undo a failed fork's stream"),
+                }
+                views.forget(path);
+            }
+        });
+    }
+}
+
+/// Gives the fork its own stream for each attachment its manifest shows
+/// complete, and answers the rows that make its manifest say so: the entry
+/// with `streamPath` at the fork, or `delete` for what is not carried.
+async fn carry_attachments(
+    state: &AppState,
+    source: &EntityUrl,
+    fork: &EntityUrl,
+    who: &PrincipalKey,
+    txid: &str,
+    made: &mut Made<'_>,
+) -> ApiResult<Vec<ChangeEvent>> {
+    let entries: Vec<ManifestEntry> = {
+        let view = state.views.get(state.store.as_ref(), &fork.main_stream()).await?;
+        view.manifest.values().cloned().collect()
+    };
+    let at = timestamp(now_ms());
+    let mut rows = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let carried = match entry.status {
+            AttachmentStatus::Complete => carry_one(state, source, fork, who, &entry, made).await?,
+            AttachmentStatus::Pending | AttachmentStatus::Failed => None,
+        };
+        let row = match carried {
+            Some(entry) => {
+                let value = serde_json::to_value(&entry).map_err(|e| invalid(e.to_string()))?;
+                ChangeEvent::update(MANIFEST, &entry.key, value, txid, &at)
+            }
+            None => ChangeEvent::delete(MANIFEST, &entry.key, txid, &at),
+        };
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// The fork's copy of one complete attachment, or `None` when its bytes are
+/// no longer at the source (deleted, or replaced by other bytes since the fork point).
+async fn carry_one(
+    state: &AppState,
+    source: &EntityUrl,
+    fork: &EntityUrl,
+    who: &PrincipalKey,
+    entry: &ManifestEntry,
+    made: &mut Made<'_>,
+) -> ApiResult<Option<ManifestEntry>> {
+    // Derived from the entity and the id; the row's own `streamPath` is only compared.
+    let Some(from) = entry.bytes_path(source) else { return Ok(None) };
+    let suffix = &from[source.to_string().len()..];
+    let to = format!("{fork}{suffix}");
+    let info = match state.store.head(&from).await {
+        Ok(info) if info.closed => info,
+        Ok(_) | Err(StoreError::NotFound) | Err(StoreError::Gone) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if !same_bytes(entry, &info) {
+        return Ok(None);
+    }
+    let req = CreateStream {
+        path: StreamPath::new(to.clone())?,
+        content_type: None,
+        ttl: None,
+        expires_at: None,
+        closed: true,
+        initial: Default::default(),
+        fork: None,
+        owner: Some(who.to_string()),
+        take_kept_path: true,
+    };
+    let linked = if info.blob.is_some() {
+        state.store.link_blob_stream(req, &from).await
+    } else {
+        let spec = ForkSpec { source: StreamPath::new(from.clone())?, offset: None, sub_offset: 0 };
+        state.store.create(CreateStream { fork: Some(spec), ..req }).await.and_then(|o| match o {
+            CreateOutcome::Created(info) => Ok(info),
+            CreateOutcome::Existed(_) => Err(StoreError::ConfigMismatch("a stream already exists at this path".into())),
+        })
+    };
+    let linked = match linked {
+        Ok(linked) => linked,
+        // Deleted between the look and the link: not carried.
+        Err(StoreError::NotFound) | Err(StoreError::Gone) | Err(StoreError::ForkSourceNotFound) => return Ok(None),
+        Err(StoreError::ForkSourceGone) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if !same_bytes(entry, &linked) {
+        // Replaced between the look and the link: the new stream goes again.
+        match state.store.delete(&to).await {
+            Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => {}
+            Err(e) => return Err(e.into()),
+        }
+        return Ok(None);
+    }
+    made.paths.push(to.clone());
+    let mut carried = entry.clone();
+    carried.stream_path = to;
+    Ok(Some(carried))
+}
+
+/// Does the stream hold the bytes the entry describes (its hash, else its length)?
+fn same_bytes(entry: &ManifestEntry, info: &StreamInfo) -> bool {
+    match (&info.blob, &entry.sha256) {
+        (Some(blob), Some(sha)) => &blob.sha256 == sha,
+        _ => entry.byte_length.is_none_or(|len| len == info.tail),
+    }
+}

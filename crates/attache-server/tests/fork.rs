@@ -1,0 +1,240 @@
+//! Forking an entity over HTTP (`POST /_electric/entities/{type}/{id}/fork`,
+//! dev mode): the main stream is forked, the attachments the fork can see
+//! are carried by reference to the same content-addressed bytes (no copy),
+//! each manifest row is rewritten to the fork's own stream, and every bad
+//! request is a 4xx that writes nothing.
+
+mod common;
+mod entity_support;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::TestServer;
+use entity_support::{
+    api, as_principal, error_of, eventually, files_under, get_bytes, listed, manifest, pattern, rows_as, sha256_hex,
+    spawn, stored_blobs, upload,
+};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const ANN: &str = "user:ann";
+const SAM: &str = "user:sam";
+
+/// Bytes the data dir takes on disk (allocated blocks, not apparent sizes).
+fn disk_usage(dir: &Path) -> u64 {
+    files_under(dir).iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.blocks() * 512).sum()
+}
+
+async fn fork(ts: &TestServer, who: Option<&str>, entity: &str, body: Value) -> reqwest::Response {
+    as_principal(ts.request(Method::POST, &format!("{}/fork", api(entity))), who)
+        .json(&body)
+        .send()
+        .await
+        .expect("fork answered")
+}
+
+async fn delete_attachment(ts: &TestServer, entity: &str, id: &str) {
+    let res = ts.request(Method::DELETE, &format!("{}/attachments/{id}", api(entity))).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "deleting {id} of {entity}");
+}
+
+#[tokio::test]
+async fn forking_an_entity_with_a_100_mib_attachment_links_its_bytes_instead_of_copying_them() {
+    let ts = TestServer::start().await;
+    spawn(&ts, None, "/chat/big").await;
+    let bytes = pattern(100 << 20, 7);
+    let sha = sha256_hex(&bytes);
+    upload(&ts, "/chat/big", "movie", "video/mp4", &bytes).await;
+    let dir = ts.config.data_dir.clone();
+    let before = disk_usage(&dir);
+
+    let res = fork(&ts, None, "/chat/big", json!({ "instance_id": "big-fork" })).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["root"]["url"], "/chat/big-fork", "{body}");
+    assert_eq!(body["entities"], json!([body["root"]]));
+
+    let after = disk_usage(&dir);
+    let grown = after.saturating_sub(before);
+    println!("data dir before the fork {before} B, after {after} B: grew {grown} B for a 100 MiB attachment");
+    assert!(grown < 4 << 20, "forking grew the data dir by {grown} bytes: the attachment was copied");
+    assert_eq!(stored_blobs(&dir).len(), 1, "one blob file for both");
+
+    let entry = &listed(&ts, "/chat/big-fork").await["movie"];
+    assert_eq!(entry["streamPath"], "/chat/big-fork/attachments/movie", "{entry}");
+    assert_eq!(entry["sha256"], sha.as_str());
+    assert_eq!(manifest(&ts, "/chat/big-fork").await["movie"]["streamPath"], "/chat/big-fork/attachments/movie");
+    assert_eq!(manifest(&ts, "/chat/big").await["movie"]["streamPath"], "/chat/big/attachments/movie");
+    for entity in ["/chat/big", "/chat/big-fork"] {
+        let (status, got) = get_bytes(&ts, entity, "movie").await;
+        assert_eq!(status, StatusCode::OK, "{entity}");
+        assert!(got == bytes, "{entity} reads the attachment back byte for byte");
+    }
+
+    // The original goes: the fork keeps its bytes.
+    delete_attachment(&ts, "/chat/big", "movie").await;
+    assert_eq!(get_bytes(&ts, "/chat/big", "movie").await.0, StatusCode::NOT_FOUND);
+    let (status, got) = get_bytes(&ts, "/chat/big-fork", "movie").await;
+    assert!(status == StatusCode::OK && got == bytes, "the fork's copy outlives the original's");
+    assert_eq!(stored_blobs(&dir).len(), 1);
+
+    // Both gone: the blob is freed.
+    delete_attachment(&ts, "/chat/big-fork", "movie").await;
+    eventually(Duration::from_secs(10), "the blob to be freed once neither holds it", || {
+        let left = stored_blobs(&dir);
+        async move { left.is_empty().then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_fork_carries_complete_attachments_at_its_own_paths_and_drops_pending_ones() {
+    let ts = TestServer::start().await;
+    let e = "/chat/src";
+    spawn(&ts, None, e).await;
+    let small = pattern(70_000, 1);
+    upload(&ts, e, "blob", "text/plain", &small).await;
+    // A finished resumable upload: its stream is a closed stream, not a blob.
+    let begin = |id: &str| {
+        ts.request(Method::PUT, &format!("{}/attachments/{id}", api(e)))
+            .json(&json!({ "subject": { "type": "context", "key": "k" } }))
+    };
+    assert_eq!(begin("res").send().await.unwrap().status(), StatusCode::CREATED);
+    let resumed = pattern(5_000, 2);
+    let res = ts
+        .request(Method::POST, &format!("{e}/attachments/res"))
+        .header("content-type", "application/octet-stream")
+        .header("stream-closed", "true")
+        .body(resumed.clone())
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "closing the resumable upload: {}", res.status());
+    eventually(Duration::from_secs(5), "the resumable upload to complete", || {
+        let ts = &ts;
+        async move { (manifest(ts, e).await["res"]["status"] == "complete").then_some(()) }
+    })
+    .await;
+    // Still pending: not carried.
+    assert_eq!(begin("open").send().await.unwrap().status(), StatusCode::CREATED);
+
+    let res = fork(&ts, None, e, json!({ "instance_id": "dst", "anchor": "latest_completed_run" })).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let carried = manifest(&ts, "/chat/dst").await;
+    assert_eq!(carried.keys().collect::<Vec<_>>(), ["blob", "res"], "{carried:?}");
+    for id in ["blob", "res"] {
+        assert_eq!(carried[id]["streamPath"], format!("/chat/dst/attachments/{id}"));
+        assert_eq!(carried[id]["status"], "complete");
+    }
+    assert_eq!(get_bytes(&ts, "/chat/dst", "blob").await, (StatusCode::OK, small.clone()));
+    assert_eq!(get_bytes(&ts, "/chat/dst", "res").await, (StatusCode::OK, resumed.clone()));
+    assert_eq!(ts.head("/chat/dst/attachments/open").await.status(), StatusCode::NOT_FOUND);
+    // The source is unchanged, its pending upload still open.
+    assert_eq!(manifest(&ts, e).await["open"]["status"], "pending");
+    assert_eq!(get_bytes(&ts, e, "blob").await, (StatusCode::OK, small));
+    assert_eq!(get_bytes(&ts, e, "res").await, (StatusCode::OK, resumed));
+}
+
+#[tokio::test]
+async fn a_fork_pointer_forks_the_history_up_to_it_with_only_the_attachments_seen_there() {
+    let ts = TestServer::start().await;
+    let e = "/chat/early";
+    spawn(&ts, None, e).await;
+    upload(&ts, e, "first", "text/plain", b"one").await;
+    let at = ts.tail(&format!("{e}/main")).await;
+    upload(&ts, e, "second", "text/plain", b"two").await;
+    let res =
+        fork(&ts, None, e, json!({ "instance_id": "then", "fork_pointer": { "offset": at, "sub_offset": 0 } })).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let carried = manifest(&ts, "/chat/then").await;
+    assert_eq!(carried.keys().collect::<Vec<_>>(), ["first"]);
+    assert_eq!(get_bytes(&ts, "/chat/then", "first").await, (StatusCode::OK, b"one".to_vec()));
+    assert_eq!(ts.head("/chat/then/attachments/second").await.status(), StatusCode::NOT_FOUND);
+}
+
+/// What a refused fork must leave as it was: no entity, no stream, no blob.
+async fn nothing_written(ts: &TestServer, fork_url: &str, blobs: usize) {
+    let res = ts.request(Method::GET, &api(fork_url)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "no entity at {fork_url}");
+    assert_eq!(ts.head(&format!("{fork_url}/main")).await.status(), StatusCode::NOT_FOUND, "no main stream");
+    assert_eq!(ts.head(&format!("{fork_url}/attachments/a")).await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(stored_blobs(&ts.config.data_dir).len(), blobs);
+}
+
+#[tokio::test]
+async fn bad_forks_are_4xx_with_a_clear_error_and_write_nothing() {
+    let ts = TestServer::start().await;
+    let e = "/chat/orig";
+    spawn(&ts, Some(ANN), e).await;
+    let res = as_principal(ts.request(Method::POST, &format!("{}/attachments", api(e))), Some(ANN))
+        .header("content-type", entity_support::Form::content_type())
+        .body(entity_support::Form::new().field("id", "a").file(Some("a.txt"), Some("text/plain"), b"bytes").finish())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let grant = |permission: &str| {
+        as_principal(ts.request(Method::POST, &format!("{}/grants", api(e))), Some(ANN))
+            .json(&json!({ "subject_kind": "principal", "subject_value": SAM, "permission": permission }))
+    };
+
+    let cases: Vec<(Option<&str>, Value, StatusCode, &str)> = vec![
+        // Past the tail.
+        (
+            Some(ANN),
+            json!({ "instance_id": "f", "fork_pointer": { "offset": "0000000000000000_0000000099999999", "sub_offset": 0 } }),
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+        ),
+        (
+            Some(ANN),
+            json!({ "instance_id": "f", "fork_pointer": { "offset": "soon", "sub_offset": 0 } }),
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+        ),
+        (
+            Some(ANN),
+            json!({ "instance_id": "f", "anchor": "latest_completed_run", "fork_pointer": { "offset": null, "sub_offset": 0 } }),
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+        ),
+        (Some(ANN), json!({ "instance_id": "f", "anchor": "yesterday" }), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        (Some(ANN), json!({ "instance_id": "f", "colour": "blue" }), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        (Some(ANN), json!({ "instance_id": "no/slash" }), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        // Holding nothing on the source: it does not exist for the caller.
+        (Some(SAM), json!({ "instance_id": "f" }), StatusCode::NOT_FOUND, "NOT_FOUND"),
+    ];
+    for (who, body, status, code) in &cases {
+        let (got, got_code, err) = error_of(fork(&ts, *who, e, body.clone()).await).await;
+        assert_eq!((got, got_code.as_str()), (*status, *code), "{body}: {err}");
+        assert!(!err["error"]["message"].as_str().unwrap_or("").is_empty(), "{err}");
+        nothing_written(&ts, "/chat/f", 1).await;
+    }
+
+    // Holding read but not fork: 403.
+    assert_eq!(grant("read").send().await.unwrap().status(), StatusCode::CREATED);
+    let (status, code, err) = error_of(fork(&ts, Some(SAM), e, json!({ "instance_id": "f" })).await).await;
+    assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "FORBIDDEN"), "{err}");
+    nothing_written(&ts, "/chat/f", 1).await;
+    // With fork granted it works, and the fork is the forker's.
+    assert_eq!(grant("fork").send().await.unwrap().status(), StatusCode::CREATED);
+    let res = fork(&ts, Some(SAM), e, json!({ "instance_id": "sams" })).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["root"]["created_by"], "/principal/user%3Asam", "{body}");
+
+    // A taken instance id: 409, the existing entity untouched.
+    let before = rows_as(&ts, "/chat/sams/main", Some(SAM)).await;
+    let (status, code, err) = error_of(fork(&ts, Some(ANN), e, json!({ "instance_id": "sams" })).await).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "DUPLICATE_URL"), "{err}");
+    assert_eq!(rows_as(&ts, "/chat/sams/main", Some(SAM)).await, before);
+
+    // A stopped source: 409 NOT_RUNNING.
+    let res = as_principal(ts.request(Method::DELETE, &api(e)), Some(ANN)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let (status, code, err) = error_of(fork(&ts, Some(ANN), e, json!({ "instance_id": "f" })).await).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "NOT_RUNNING"), "{err}");
+    nothing_written(&ts, "/chat/f", 1).await;
+}
