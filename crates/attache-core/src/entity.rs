@@ -101,9 +101,11 @@ pub enum Permission {
     Delete,
     /// Send a signal (`POST .../signal`).
     Signal,
-    /// Electric's `fork`, `schedule` and `spawn`: grantable (and kept), for the routes that need them.
+    /// Fork the entity (`POST .../fork`).
     Fork,
+    /// Electric's `schedule`: grantable (and kept), for the routes that will need it.
     Schedule,
+    /// Spawn (or fork) an entity under this one (Electric's `parent`).
     Spawn,
     Manage,
 }

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use attache_core::entity::{access, permits, Access};
-use attache_core::{EntityUrl, Permission, PrincipalKey};
-use attache_storage::{EntityRecord, StreamInfo};
+use attache_core::{EntityUrl, Permission, PrincipalKey, Propagation};
+use attache_storage::{EntityRecord, GrantRecord, StreamInfo};
 use axum::http::StatusCode;
 
 use crate::error::{ApiError, ApiResult};
@@ -20,9 +20,24 @@ pub fn entity_not_found(url: &str) -> ApiError {
     ApiError::not_found(format!("Entity not found at {url}"))
 }
 
+/// The grants that apply to `entity`: its own (whatever their propagation),
+/// and the `descendants` grants of each ancestor whose life is still the one
+/// it was spawned under (a purged ancestor's URL spawned again by anyone is
+/// another entity, and its grants reach no one's old children). Memory only.
+pub fn grants_for(state: &AppState, entity: &EntityRecord) -> Vec<GrantRecord> {
+    let mut grants = state.registry.grants(&entity.url);
+    for ancestor in &entity.ancestors {
+        if state.registry.is_current(&ancestor.url, ancestor.incarnation.as_deref()) {
+            let inherited = state.registry.grants(&ancestor.url);
+            grants.extend(inherited.into_iter().filter(|g| g.propagation == Propagation::Descendants));
+        }
+    }
+    grants
+}
+
 /// May `who` do `wanted` on `entity`?
 pub fn may(state: &AppState, who: &PrincipalKey, entity: &EntityRecord, wanted: Permission) -> bool {
-    let grants = state.registry.grants(&entity.url);
+    let grants = grants_for(state, entity);
     permits(
         who,
         Some(&entity.created_by),
@@ -44,7 +59,7 @@ pub async fn entity_for(
 ) -> ApiResult<EntityRecord> {
     let key = url.to_string();
     let entity = state.registry.entity(&key).await.ok_or_else(|| entity_not_found(&key))?;
-    let grants = state.registry.grants(&entity.url);
+    let grants = grants_for(state, &entity);
     let grants = grants.iter().map(|g| (&g.subject, g.permission, g.expires_at_ms));
     match access(who, Some(&entity.created_by), grants, wanted, now_ms()) {
         Access::Allowed => Ok(entity),

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use attache_core::entity::{Signal, SignalEffect};
 use attache_core::state::{timestamp, ChangeEvent, ENTITY_CREATED, ENTITY_STOPPED, INBOX, SIGNAL, TAGS};
 use attache_core::{EntityUrl, ExpiresAt, GrantSubject, Permission, PrincipalKey, Propagation};
-use attache_storage::{CreateStream, EntityRecord, GrantRecord, NewGrant, StoreError};
+use attache_storage::{Ancestor, CreateStream, EntityRecord, GrantRecord, NewGrant, StoreError};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -55,6 +55,9 @@ pub fn entity_json(e: &EntityRecord) -> Value {
     });
     if let Some(args) = &e.args {
         v["spawn_args"] = args.clone();
+    }
+    if let Some(parent) = &e.parent {
+        v["parent"] = json!(parent);
     }
     v
 }
@@ -127,6 +130,82 @@ pub struct SpawnBody {
     initial_message_type: Option<String>,
     #[serde(default)]
     grants: Option<Vec<GrantBody>>,
+    /// Electric's `parent`: the entity this one is spawned under (`/type/id`).
+    #[serde(default)]
+    parent: Option<String>,
+}
+
+/// Most ancestors an entity may have: every permission check on it looks at
+/// each one's grants, so a spawn (or fork) deeper than this is refused.
+pub const MAX_LINEAGE_DEPTH: usize = 32;
+
+/// Where a child goes in the lineage: its parent's record, and its ancestors.
+pub struct Lineage {
+    pub parent: EntityRecord,
+    pub ancestors: Vec<Ancestor>,
+}
+
+/// Resolves Electric's `parent` for a spawn or a fork: it must be an entity
+/// the caller may `spawn` under (`404` when it does not exist for the
+/// caller, `403` when the caller holds something on it but not `spawn`), and
+/// not at the lineage's depth limit. Writes nothing.
+pub async fn lineage_under(state: &AppState, who: &PrincipalKey, parent: &str) -> ApiResult<Lineage> {
+    let url = EntityUrl::parse(parent)
+        .map_err(|e| ApiError::bad_request(format!("parent {parent:?} is not an entity URL (/type/id): {e}")))?;
+    let record = match entity_for(state, who, &url, Permission::Spawn).await {
+        Ok(record) => record,
+        Err(e) if e.status == StatusCode::NOT_FOUND => {
+            return Err(ApiError::not_found(format!("Parent entity not found at {url}")))
+        }
+        Err(e) if e.status == StatusCode::FORBIDDEN => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "FORBIDDEN",
+                format!("{} may not spawn children under {url}", who.url()),
+            ))
+        }
+        Err(e) => return Err(e),
+    };
+    if record.ancestors.len() >= MAX_LINEAGE_DEPTH {
+        return Err(ApiError::bad_request(format!(
+            "{url} is {MAX_LINEAGE_DEPTH} generations deep: no entity may be spawned under it"
+        )));
+    }
+    let mut ancestors = Vec::with_capacity(record.ancestors.len() + 1);
+    ancestors.push(Ancestor { url: record.url.clone(), incarnation: record.incarnation.clone() });
+    ancestors.extend(record.ancestors.iter().cloned());
+    Ok(Lineage { parent: record, ancestors })
+}
+
+/// Electric's `copy_to_children`: the parent's unexpired grants so marked are
+/// copied to a new child, as `self` grants still marked (so they go on to
+/// its children), made by the spawner.
+pub async fn copy_grants_to_child(
+    state: &AppState,
+    who: &PrincipalKey,
+    parent: &EntityRecord,
+    child: &str,
+) -> ApiResult<()> {
+    let now = now_ms();
+    for g in state.registry.grants(&parent.url) {
+        if !g.copy_to_children || g.expires_at_ms.is_some_and(|at| now >= at) {
+            continue;
+        }
+        state
+            .registry
+            .add_grant(NewGrant {
+                entity_url: child.to_owned(),
+                subject: g.subject,
+                permission: g.permission,
+                expires_at: g.expires_at,
+                expires_at_ms: g.expires_at_ms,
+                created_by: who.url(),
+                propagation: Propagation::Own,
+                copy_to_children: true,
+            })
+            .await?;
+    }
+    Ok(())
 }
 
 /// Spawns an entity for `who`. Used by the HTTP route and by other faces (tasks).
@@ -137,6 +216,19 @@ pub async fn spawn_entity(
     args: Option<Value>,
     tags: BTreeMap<String, String>,
     extra: Option<Value>,
+) -> ApiResult<(EntityRecord, bool, String)> {
+    spawn_entity_under(state, who, url, args, tags, extra, None).await
+}
+
+/// [`spawn_entity`], as a child of `lineage`'s parent when given.
+async fn spawn_entity_under(
+    state: &AppState,
+    who: &PrincipalKey,
+    url: &EntityUrl,
+    args: Option<Value>,
+    tags: BTreeMap<String, String>,
+    extra: Option<Value>,
+    lineage: Option<&Lineage>,
 ) -> ApiResult<(EntityRecord, bool, String)> {
     let key = url.to_string();
     if let Some(existing) = state.registry.entity(&key).await {
@@ -187,6 +279,8 @@ pub async fn spawn_entity(
         updated_at_ms: now,
         extra,
         incarnation: Some(hex::encode(rand::random::<[u8; 16]>())),
+        parent: lineage.map(|l| l.parent.url.clone()),
+        ancestors: lineage.map(|l| l.ancestors.clone()).unwrap_or_default(),
     };
     let (stored, fresh) = state.registry.insert_entity(record).await?;
     if !fresh && stored.created_by != who.url() {
@@ -229,10 +323,18 @@ pub async fn spawn(
             format!("spawn args and tags are at most {max} bytes of JSON together (max_entity_data_bytes)"),
         ));
     }
+    let lineage = match body.parent.as_deref() {
+        Some(parent) => Some(lineage_under(&state, &who, parent).await?),
+        None => None,
+    };
     let (entity, fresh, txid) =
-        spawn_entity(&state, &who, &url, body.args, body.tags.unwrap_or_default(), None).await?;
+        spawn_entity_under(&state, &who, &url, body.args, body.tags.unwrap_or_default(), None, lineage.as_ref())
+            .await?;
     if !fresh {
         return Ok((StatusCode::OK, Json(entity_json(&entity))).into_response());
+    }
+    if let Some(lineage) = &lineage {
+        copy_grants_to_child(&state, &who, &lineage.parent, &entity.url).await?;
     }
     for grant in grants {
         state.registry.add_grant(grant).await?;
@@ -474,11 +576,14 @@ pub struct ListQuery {
     /// `KEY:VALUE` (that tag with that value) or `KEY` (that tag, any value).
     #[serde(default)]
     tag: Option<String>,
+    /// The children of this entity (`/type/id`), as Electric's list takes it.
+    #[serde(default)]
+    parent: Option<String>,
 }
 
 /// GET /_electric/entities: a JSON array of the entities the caller may read,
-/// newest first, filtered by `type`, `status` and `tag` (`KEY:VALUE`, or `KEY`
-/// for any value); `limit` (1-1000, default 100) and `offset` page through it,
+/// newest first, filtered by `type`, `status`, `parent` (its children) and `tag`
+/// (`KEY:VALUE`, or `KEY` for any value); `limit` (1-1000, default 100) and `offset` page through it,
 /// and `X-Total-Count` / `X-Next-Offset` say how many there are and where the next page starts.
 pub async fn list(
     State(state): State<AppState>,
@@ -502,6 +607,7 @@ pub async fn list(
         .entities(q.entity_type.as_deref())
         .into_iter()
         .filter(|e| q.status.as_deref().is_none_or(|s| e.status == s))
+        .filter(|e| q.parent.as_deref().is_none_or(|p| e.parent.as_deref() == Some(p)))
         .filter(|e| match q.tag.as_deref().map(|t| t.split_once(':').unwrap_or((t, ""))) {
             None => true,
             Some((key, "")) => e.tags.contains_key(key),

@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 
 use crate::access::{entity_for, hold_life, now_ms};
 use crate::auth::Caller;
-use crate::entities::{entity_json, entity_url, json_body, json_size};
+use crate::entities::{copy_grants_to_child, entity_json, entity_url, json_body, json_size, lineage_under};
 use crate::error::{ApiError, ApiResult};
 use crate::rows::{append_rows, new_txid, not_running};
 use crate::AppState;
@@ -44,7 +44,7 @@ pub struct ForkPointer {
 }
 
 /// The body Electric's fork takes. `waitTimeoutMs` is accepted and has
-/// nothing to wait for here (no runs); `parent` waits for lineage.
+/// nothing to wait for here (no runs); `parent` makes the fork its child.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForkBody {
@@ -92,8 +92,8 @@ fn fork_point(body: &ForkBody) -> ApiResult<(Option<Offset>, u64)> {
 
 /// POST /_electric/entities/{type}/{id}/fork [fork]: forks a running entity
 /// into a new one at `/{type}/{instance_id}`, owned by the caller. Answers
-/// 201 `{root, entities, txid}` as Electric does (one entity: attache has no
-/// subtrees yet). Everything the request can get wrong is refused before
+/// 201 `{root, entities, txid}` as Electric does (one entity: attache forks
+/// the entity alone, not its children). Everything the request can get wrong is refused before
 /// anything is written.
 pub async fn fork(
     State(state): State<AppState>,
@@ -108,13 +108,6 @@ pub async fn fork(
     let body: ForkBody = serde_json::from_value(Value::Object(raw))
         .map_err(|e| invalid(format!("Request body does not match API schema: {e}")))?;
     let (offset, sub_offset) = fork_point(&body)?;
-    if body.parent.is_some() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "PARENT_NOT_SUPPORTED",
-            "parent is not supported on fork yet: attache records no entity lineage",
-        ));
-    }
     let fork_id = match body.instance_id.as_deref() {
         Some(id) => id.to_owned(),
         None => format!("{instance_id}-fork-{}", &new_txid()[..8]),
@@ -142,6 +135,11 @@ pub async fn fork(
     if state.registry.entity(&fork_url.to_string()).await.is_some() {
         return Err(duplicate(&fork_url.to_string()));
     }
+    // Electric's `parent`: the fork is a child of it (the caller needs `spawn` there).
+    let lineage = match body.parent.as_deref() {
+        Some(parent) => Some(lineage_under(&state, &who, parent).await?),
+        None => None,
+    };
     // The source's life, shared: a purge of the source waits for the fork.
     let _life = hold_life(&state, &source).await?;
     let source_main = state.store.head(&source_url.main_stream()).await?;
@@ -195,12 +193,17 @@ pub async fn fork(
         updated_at_ms: now,
         extra: None,
         incarnation: Some(hex::encode(rand::random::<[u8; 16]>())),
+        parent: lineage.as_ref().map(|l| l.parent.url.clone()),
+        ancestors: lineage.as_ref().map(|l| l.ancestors.clone()).unwrap_or_default(),
     };
     let (stored, fresh) = state.registry.insert_entity(record).await?;
     if !fresh {
         return Err(duplicate(&stored.url));
     }
     made.done = true;
+    if let Some(lineage) = &lineage {
+        copy_grants_to_child(&state, &who, &lineage.parent, &stored.url).await?;
+    }
     let root = entity_json(&stored);
     Ok((StatusCode::CREATED, Json(json!({ "root": root, "entities": [root], "txid": txid }))).into_response())
 }

@@ -238,3 +238,28 @@ async fn bad_forks_are_4xx_with_a_clear_error_and_write_nothing() {
     assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "NOT_RUNNING"), "{err}");
     nothing_written(&ts, "/chat/f", 1).await;
 }
+
+#[tokio::test]
+async fn a_fork_with_a_parent_is_its_child_and_needs_spawn_there() {
+    let ts = TestServer::start().await;
+    spawn(&ts, Some(ANN), "/chat/orig").await;
+    spawn(&ts, Some(ANN), "/team/root").await;
+    let grant = |entity: &str, permission: &str| {
+        as_principal(ts.request(Method::POST, &format!("{}/grants", api(entity))), Some(ANN))
+            .json(&json!({ "subject_kind": "principal", "subject_value": SAM, "permission": permission }))
+    };
+    assert_eq!(grant("/chat/orig", "fork").send().await.unwrap().status(), StatusCode::CREATED);
+    let body = json!({ "instance_id": "f", "parent": "/team/root" });
+    let (status, code, err) = error_of(fork(&ts, Some(SAM), "/chat/orig", body.clone()).await).await;
+    assert_eq!((status, code.as_str()), (StatusCode::NOT_FOUND, "NOT_FOUND"), "{err}");
+    nothing_written(&ts, "/chat/f", 0).await;
+    assert_eq!(grant("/team/root", "read").send().await.unwrap().status(), StatusCode::CREATED);
+    let (status, code, err) = error_of(fork(&ts, Some(SAM), "/chat/orig", body.clone()).await).await;
+    assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "FORBIDDEN"), "{err}");
+    nothing_written(&ts, "/chat/f", 0).await;
+    assert_eq!(grant("/team/root", "spawn").send().await.unwrap().status(), StatusCode::CREATED);
+    let res = fork(&ts, Some(SAM), "/chat/orig", body).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let out: Value = res.json().await.unwrap();
+    assert_eq!(out["root"]["parent"], "/team/root", "{out}");
+}

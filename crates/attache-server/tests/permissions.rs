@@ -11,11 +11,14 @@
 //!   (Electric's table: write for uploads and attachment deletes, read for
 //!   reads, delete for stop and purge, signal for signals, SIGKILL and
 //!   SIGTERM included, which stop the entity as in Electric; fork for forks;
-//!   manage for grants);
+//!   spawn for spawning a child under the entity; manage for grants);
+//! - grants on the entity's parent apply to it when made with
+//!   `propagation: "descendants"`, and not when made for the parent alone;
 //! - otherwise the route's own answer.
 //!
 //! Every cell gets a fresh entity (with the same grants, an attachment, an
-//! open resumable upload and a plain stream), so mutations never interfere.
+//! open resumable upload and a plain stream), spawned under one parent that
+//! carries the parent-scoped grants, so mutations never interfere.
 
 mod common;
 mod entity_support;
@@ -31,6 +34,8 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::{json, Value};
 
 const OWNER: &str = "user:owner";
+/// Every fixture entity's parent.
+const PARENT: &str = "/matrixparent/p";
 const SYSTEM: &str = "system:framework";
 /// Who a dev-mode request that names no principal is.
 const ANONYMOUS: &str = "user:anonymous";
@@ -48,6 +53,7 @@ enum Perm {
     Delete,
     Signal,
     Fork,
+    Spawn,
     Manage,
 }
 
@@ -59,22 +65,46 @@ impl Perm {
             Perm::Delete => "delete",
             Perm::Signal => "signal",
             Perm::Fork => "fork",
+            Perm::Spawn => "spawn",
             Perm::Manage => "manage",
         }
     }
 }
 
-/// A grant every fixture entity carries, for one actor.
+/// Where a grant is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// On the fixture entity.
+    Entity,
+    /// On its parent, `propagation: "descendants"`: it applies to the entity.
+    ParentDescendants,
+    /// On its parent, `propagation: "self"`: it does not.
+    ParentOnly,
+}
+
+/// A grant every fixture entity (or its parent) carries, for one actor.
 #[derive(Debug, Clone, Copy)]
 struct Grant {
     subject_kind: &'static str,
     subject_value: &'static str,
     perm: Perm,
     expired: bool,
+    scope: Scope,
+}
+
+impl Grant {
+    /// Does it reach the fixture entity?
+    fn applies(&self) -> bool {
+        !self.expired && self.scope != Scope::ParentOnly
+    }
 }
 
 const fn to(who: &'static str, perm: Perm) -> Grant {
-    Grant { subject_kind: "principal", subject_value: who, perm, expired: false }
+    Grant { subject_kind: "principal", subject_value: who, perm, expired: false, scope: Scope::Entity }
+}
+
+const fn on_parent(who: &'static str, perm: Perm, scope: Scope) -> Grant {
+    Grant { subject_kind: "principal", subject_value: who, perm, expired: false, scope }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,15 +168,54 @@ const ACTORS: &[Actor] = &[
         principal: "agent:bot",
         credentials: Credentials::Token,
         grants: &[
-            Grant { subject_kind: "principal_kind", subject_value: "agent", perm: Perm::Read, expired: false },
-            Grant { subject_kind: "principal_kind", subject_value: "agent", perm: Perm::Write, expired: false },
+            Grant {
+                subject_kind: "principal_kind",
+                subject_value: "agent",
+                perm: Perm::Read,
+                expired: false,
+                scope: Scope::Entity,
+            },
+            Grant {
+                subject_kind: "principal_kind",
+                subject_value: "agent",
+                perm: Perm::Write,
+                expired: false,
+                scope: Scope::Entity,
+            },
         ],
     },
     Actor {
         name: "expired manage grant",
         principal: "user:lapsed",
         credentials: Credentials::Token,
-        grants: &[Grant { subject_kind: "principal", subject_value: "user:lapsed", perm: Perm::Manage, expired: true }],
+        grants: &[Grant {
+            subject_kind: "principal",
+            subject_value: "user:lapsed",
+            perm: Perm::Manage,
+            expired: true,
+            scope: Scope::Entity,
+        }],
+    },
+    Actor {
+        name: "granted spawn only",
+        principal: "user:spawner",
+        credentials: Credentials::Token,
+        grants: &[to("user:spawner", Perm::Spawn)],
+    },
+    Actor {
+        name: "parent's descendants read+fork",
+        principal: "user:heir",
+        credentials: Credentials::Token,
+        grants: &[
+            on_parent("user:heir", Perm::Read, Scope::ParentDescendants),
+            on_parent("user:heir", Perm::Fork, Scope::ParentDescendants),
+        ],
+    },
+    Actor {
+        name: "parent's own manage only",
+        principal: "user:uncle",
+        credentials: Credentials::Token,
+        grants: &[on_parent("user:uncle", Perm::Manage, Scope::ParentOnly)],
     },
     Actor { name: "stranger", principal: "user:stranger", credentials: Credentials::Token, grants: &[] },
     Actor { name: "built-in system", principal: SYSTEM, credentials: Credentials::Token, grants: &[] },
@@ -181,7 +250,7 @@ impl Actor {
         match self.who(mode) {
             Err(_) => false,
             Ok(who) => {
-                who == OWNER || who == SYSTEM || (who == self.principal && self.grants.iter().any(|g| !g.expired))
+                who == OWNER || who == SYSTEM || (who == self.principal && self.grants.iter().any(Grant::applies))
             }
         }
     }
@@ -195,7 +264,7 @@ impl Actor {
                 who == OWNER
                     || who == SYSTEM
                     || (who == self.principal
-                        && self.grants.iter().any(|g| !g.expired && (g.perm == perm || g.perm == Perm::Manage)))
+                        && self.grants.iter().any(|g| g.applies() && (g.perm == perm || g.perm == Perm::Manage)))
             }
         }
     }
@@ -240,7 +309,7 @@ const fn route(method: &'static str, path: &'static str, body: Body, rule: Rule,
 }
 
 use Body::{Empty, Json, Upload};
-use Perm::{Delete, Fork, Manage, Read, Signal, Write};
+use Perm::{Delete, Fork, Manage, Read, Signal, Spawn, Write};
 
 const ENTITY_ROUTES: &[Route] = &[
     route("GET", "{api}", Empty, Rule::Entity(Read), 200),
@@ -252,6 +321,8 @@ const ENTITY_ROUTES: &[Route] = &[
     route("POST", "{api}/signal", Json(r#"{"signal":"SIGKILL"}"#), Rule::Entity(Signal), 200),
     // No instance_id: the fork gets a fresh one, so cells never collide.
     route("POST", "{api}/fork", Json("{}"), Rule::Entity(Fork), 201),
+    // A child spawned under the entity: `spawn` on it (`{n}`: the cell, so children never collide).
+    route("PUT", "/_electric/entities/matrixkid/c{n}", Json(r#"{"parent":"{e}"}"#), Rule::Entity(Spawn), 201),
     route("GET", "{api}/grants", Empty, Rule::Entity(Manage), 200),
     route(
         "POST",
@@ -367,7 +438,26 @@ impl Matrix {
         let principals: BTreeSet<&'static str> = ACTORS.iter().map(|a| a.principal).collect();
         let tokens =
             principals.into_iter().map(|p| (p, store.create(p, None).expect("a token is created").1)).collect();
-        Matrix { server, mode, tokens }
+        let matrix = Matrix { server, mode, tokens };
+        // The fixtures' parent, carrying every parent-scoped grant.
+        let grants: Vec<Value> = ACTORS
+            .iter()
+            .flat_map(|a| a.grants)
+            .filter(|g| g.scope != Scope::Entity)
+            .map(|g| {
+                let propagation = if g.scope == Scope::ParentDescendants { "descendants" } else { "self" };
+                json!({ "subject_kind": g.subject_kind, "subject_value": g.subject_value,
+                        "permission": g.perm.name(), "propagation": propagation })
+            })
+            .collect();
+        let res = matrix
+            .as_owner(Method::PUT, &entity_support::api(PARENT))
+            .json(&json!({ "grants": grants }))
+            .send()
+            .await
+            .expect("spawn the parent");
+        assert_eq!(res.status(), StatusCode::CREATED, "the fixtures' parent: {}", res.text().await.unwrap());
+        matrix
     }
 
     fn as_actor(&self, rb: RequestBuilder, actor: &Actor) -> RequestBuilder {
@@ -397,6 +487,7 @@ impl Matrix {
         let grants: Vec<Value> = ACTORS
             .iter()
             .flat_map(|a| a.grants)
+            .filter(|g| g.scope == Scope::Entity)
             .map(|g| {
                 let mut v = json!({
                     "subject_kind": g.subject_kind,
@@ -409,7 +500,12 @@ impl Matrix {
                 v
             })
             .collect();
-        let res = self.as_owner(Method::PUT, &api).json(&json!({ "grants": grants })).send().await.expect("spawn");
+        let res = self
+            .as_owner(Method::PUT, &api)
+            .json(&json!({ "grants": grants, "parent": PARENT }))
+            .send()
+            .await
+            .expect("spawn");
         assert_eq!(res.status(), StatusCode::CREATED, "fixture spawn {entity}: {}", res.text().await.unwrap());
 
         let form = Form::new().field("id", "done").file(Some("done.txt"), Some("text/plain"), b"hello").finish();
@@ -482,12 +578,13 @@ impl Matrix {
             .replace("{api}", &entity_support::api(&f.entity))
             .replace("{e}", &f.entity)
             .replace("{plain}", &f.plain)
-            .replace("{grant}", &f.grant.to_string());
+            .replace("{grant}", &f.grant.to_string())
+            .replace("{n}", &n.to_string());
         let method = Method::from_bytes(route.method.as_bytes()).expect("a method name");
         let mut rb = self.as_actor(self.server.request(method, &path), actor);
         rb = match route.body {
             Body::Empty => rb,
-            Body::Json(j) => rb.header("content-type", "application/json").body(j),
+            Body::Json(j) => rb.header("content-type", "application/json").body(j.replace("{e}", &f.entity)),
             Body::Bytes(ct, b) => rb.header("content-type", ct).body(b),
             Body::Upload => rb
                 .header("content-type", Form::content_type())

@@ -24,7 +24,7 @@ pub use error::{StoreError, StoreResult};
 pub use fault::{Fault, FaultPlan, FaultPoint};
 pub use health::{WriteFailure, WriteHealth};
 pub use model::*;
-pub use registry::{EntityRecord, EntityUpdate, GrantRecord, NewGrant, Registry};
+pub use registry::{Ancestor, EntityRecord, EntityUpdate, GrantRecord, NewGrant, Registry};
 
 /// Durable, append-only streams: metadata, bytes and change notification.
 ///

@@ -33,6 +33,22 @@ pub struct EntityRecord {
     /// before incarnations existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incarnation: Option<String>,
+    /// The entity it was spawned (or forked) under, Electric's `parent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Its ancestors, nearest first (the parent, its parent, ...), each with
+    /// the incarnation it had at the spawn: a `descendants` grant of an
+    /// ancestor applies only while that life is the one at its URL.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ancestors: Vec<Ancestor>,
+}
+
+/// One ancestor of an entity: its URL and which life of that URL it was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ancestor {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<String>,
 }
 
 impl EntityRecord {
@@ -114,6 +130,10 @@ pub trait Registry: Send + Sync + 'static {
     async fn entity_shared(&self, url: &str) -> Option<std::sync::Arc<EntityRecord>> {
         self.entity(url).await.map(std::sync::Arc::new)
     }
+    /// Is the entity at `url` the life `incarnation`, as this instance
+    /// knows it? Memory only, as `entities` (lineage checks run on every
+    /// permission check).
+    fn is_current(&self, url: &str, incarnation: Option<&str>) -> bool;
     /// Every entity, newest first; `type_filter` narrows to one type. Memory
     /// only in every backend (each keeps every record, refreshed on change).
     fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord>;

@@ -373,6 +373,8 @@ fn entity(url: &str) -> attache_storage::EntityRecord {
         updated_at_ms: 1,
         extra: None,
         incarnation: Some(url.to_owned()),
+        parent: None,
+        ancestors: Vec::new(),
     }
 }
 

@@ -189,6 +189,8 @@ fn entity(url: &str) -> EntityRecord {
         updated_at_ms: 1,
         extra: Some(serde_json::json!({"count": 0})),
         incarnation: Some("i1".into()),
+        parent: None,
+        ancestors: Vec::new(),
     }
 }
 

@@ -205,6 +205,10 @@ impl Registry for EmbeddedRegistry {
         self.cache.read().entities.get(url).cloned()
     }
 
+    fn is_current(&self, url: &str, incarnation: Option<&str>) -> bool {
+        self.cache.read().entities.get(url).is_some_and(|e| e.incarnation.as_deref() == incarnation)
+    }
+
     fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord> {
         let cache = self.cache.read();
         let mut all: Vec<EntityRecord> = cache

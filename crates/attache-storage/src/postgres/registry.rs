@@ -131,6 +131,10 @@ impl Registry for PgRegistry {
         self.io.run(async move { shared.registry.refresh(&shared.pool, &url).await }).await.ok().flatten()
     }
 
+    fn is_current(&self, url: &str, incarnation: Option<&str>) -> bool {
+        self.cache().state.read().entities.get(url).is_some_and(|(_, e)| e.incarnation.as_deref() == incarnation)
+    }
+
     fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord> {
         let state = self.cache().state.read();
         let mut all: Vec<EntityRecord> = state
