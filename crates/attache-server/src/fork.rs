@@ -28,8 +28,9 @@ use serde_json::{json, Value};
 
 use crate::access::{entity_for, hold_life, now_ms};
 use crate::auth::Caller;
-use crate::entities::{copy_grants_to_child, entity_json, entity_url, json_body, json_size, lineage_under};
+use crate::entities::{copy_grants_to_child, entity_json, json_size, lineage_under};
 use crate::error::{ApiError, ApiResult};
+use crate::http::{entity_url, json_body};
 use crate::rows::{append_rows, new_txid, not_running};
 use crate::AppState;
 
