@@ -4,7 +4,8 @@
 # pg_ctl in a temporary directory on a free loopback port; as the `postgres`
 # user when run as root), runs conformance/run.sh with ATTACHE_STORE pointing
 # at it, then stops and removes the cluster. Without PostgreSQL binaries it
-# says so and exits 0. Arguments go to run.sh.
+# says so and exits 0 (1 when ATTACHE_REQUIRE_SERVICES is set, as in CI).
+# Arguments go to run.sh.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -12,6 +13,10 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
 if [ -z "$BIN" ] || [ ! -x "$BIN/initdb" ]; then
   if command -v initdb >/dev/null 2>&1; then BIN="$(dirname "$(command -v initdb)")"; else
+    if [ -n "${ATTACHE_REQUIRE_SERVICES:-}" ]; then
+      echo "[conformance/postgres] FAILED: no PostgreSQL binaries (initdb) installed, and ATTACHE_REQUIRE_SERVICES is set" >&2
+      exit 1
+    fi
     echo "[conformance/postgres] SKIPPED: no PostgreSQL binaries (initdb) installed" >&2
     exit 0
   fi

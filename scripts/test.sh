@@ -17,12 +17,30 @@ apt_install() {
   fi
 }
 
-need cargo || { echo "[test] cargo (Rust toolchain) is required: https://rustup.rs" >&2; exit 1; }
+need cargo || { echo "[test] cargo (Rust toolchain, 1.85 or newer) is required: https://rustup.rs" >&2; exit 1; }
+# fmt and clippy are rustup components a minimal toolchain leaves out.
+if need rustup; then
+  cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt >&2
+  cargo clippy --version >/dev/null 2>&1 || rustup component add clippy >&2
+fi
 # jemalloc (the server's allocator) is built from C source by its crate.
 need cc || apt_install gcc
 need make || apt_install make
 need node || apt_install nodejs
 need npm || apt_install npm
+# The conformance suite's vitest needs Node >= 20.19 (Debian 12 packages 18):
+# an older Node gets a newer one beside it, from the npm registry.
+node_ok() { node -e 'const [a,b]=process.versions.node.split(".").map(Number);process.exit(a>20||(a===20&&b>=19)?0:1)'; }
+if ! node_ok; then
+  NODE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/attache-node"
+  echo "[test] node $(node --version) is too old for the conformance suite; installing node 22 into $NODE_DIR" >&2
+  npm install --prefix "$NODE_DIR" --no-audit --no-fund --silent node@22 >&2
+  export PATH="$NODE_DIR/node_modules/.bin:$PATH"
+  node_ok || { echo "[test] could not get node >= 20.19" >&2; exit 1; }
+fi
+# PostgreSQL and Redis binaries: the tests start throwaway instances of their own.
+if [ -z "$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] && ! need initdb; then apt_install postgresql; fi
+need redis-server || apt_install redis-server
 
 echo "[test] cargo fmt --check" >&2
 cargo fmt --all -- --check
