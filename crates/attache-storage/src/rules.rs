@@ -5,6 +5,10 @@
 //! the request. A backend calls them inside its write transaction, in the same
 //! order as the embedded writer: check everything first, then write, so a
 //! domain error leaves nothing behind.
+//!
+//! Why one file of this size: about 550 lines are the rules; the rest is their
+//! unit tests, kept beside them so both backends' shared decisions are tested
+//! in one place.
 
 use attache_core::json::{split_messages, JsonBodyUse};
 use attache_core::{ContentType, Offset, ProducerCheck, ProducerState, Ttl};

@@ -18,6 +18,10 @@
 //! unsynced (their bytes ride in the log record too) and synced by each
 //! checkpoint before redb's durable commit; at start they are cut back to
 //! their streams' recovered tails.
+//!
+//! Why one file of this size: the `StreamStore` impl is the seam's one front for
+//! the engine (reads, writes, blobs and the registry live in their own files);
+//! it is being changed by the engine work of issue 11 and is split after it.
 
 mod format;
 mod reader;

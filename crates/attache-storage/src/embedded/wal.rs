@@ -25,6 +25,10 @@
 //! bytes a segment file gets at an offset) and message boundaries as
 //! [`Op::MarkPut`]; format 1 (`AWL1`, the rows of the old CHUNKS table) is
 //! read only by the upgrade of a format-1 data dir.
+//!
+//! Why one file of this size: about 740 lines are the log (framing, the two
+//! files and their rotation, replay); the rest is its unit tests (torn tails,
+//! damaged records, rotation), kept beside what they test.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -7,6 +7,11 @@
 //! the batch durable (one synced log record, or a durable redb commit after
 //! syncing the segment files: a checkpoint), and only then publishes to
 //! readers and answers callers.
+//!
+//! Why one file of this size: the batch loop, start-up recovery, the journal and
+//! the checkpoint thread share `WriterState`, `Tables` and `Journal`, and the
+//! engine work of issue 11 changes them together; the split along those seams
+//! (tables, recovery, checkpoint, batch) waits until that work has landed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;

@@ -20,6 +20,11 @@
 //!   await their queries there (they never need the caller's runtime to
 //!   drive the pool, so the store works under any), and no call blocks the
 //!   caller's thread on a query.
+//!
+//! Why one file of this size: the shared state (`Shared`, the stream cache),
+//! connecting, `LISTEN`, the expiry sweep and the `StreamStore` impl; reads,
+//! writes, blobs and the registry are their own files. Connecting, listening and
+//! the sweep are the next cut, after the engine work of issue 11 lands.
 
 mod blobs;
 mod reader;

@@ -7,6 +7,10 @@
 //! creates of one path on a transaction-scoped advisory lock. A batch that
 //! deadlocks with another instance's is rolled back and run again whole:
 //! nothing of it was visible or acknowledged.
+//!
+//! Why one file of this size: one batch's transaction (locks, rules, rows,
+//! NOTIFY) and its retry on deadlock read best together, and the engine work
+//! of issue 11 is changing them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
