@@ -384,15 +384,23 @@ pub async fn stop(
     if !same_incarnation(&state, &entity).await {
         return Err(entity_not_found(&entity.url));
     }
-    let txid = stop_entity(&state, &who, &entity).await?;
+    // A txid only when this stop wrote rows: a client would wait for it in vain otherwise.
+    let mut answer = match stop_entity(&state, &who, &entity).await? {
+        Some(txid) => json!({ "txid": txid }),
+        None => json!({}),
+    };
     if purge {
         purge_held(&state, &url, &life).await?;
-        return Ok((StatusCode::OK, Json(json!({ "txid": txid, "purged": true }))).into_response());
+        answer["purged"] = json!(true);
+    } else {
+        answer["status"] = json!("stopped");
     }
-    Ok((StatusCode::OK, Json(json!({ "txid": txid, "status": "stopped" }))).into_response())
+    Ok((StatusCode::OK, Json(answer)).into_response())
 }
 
-pub async fn stop_entity(state: &AppState, who: &PrincipalKey, entity: &EntityRecord) -> ApiResult<String> {
+/// Stops the entity; the txid of the rows that stopped it, or `None` when it
+/// was stopped already (nothing written).
+pub async fn stop_entity(state: &AppState, who: &PrincipalKey, entity: &EntityRecord) -> ApiResult<Option<String>> {
     stop_entity_with(state, who, entity, new_txid(), Vec::new()).await
 }
 
@@ -405,8 +413,11 @@ async fn stop_entity_with(
     entity: &EntityRecord,
     txid: String,
     mut leading: Vec<ChangeEvent>,
-) -> ApiResult<String> {
-    if entity.is_running() {
+) -> ApiResult<Option<String>> {
+    if !entity.is_running() {
+        return Ok(None);
+    }
+    {
         let now = now_ms();
         leading.push(ChangeEvent::insert(
             ENTITY_STOPPED,
@@ -433,7 +444,7 @@ async fn stop_entity_with(
             )
             .await?;
     }
-    Ok(txid)
+    Ok(Some(txid))
 }
 
 #[derive(Debug, Deserialize)]
@@ -498,6 +509,7 @@ pub async fn signal(
     let key = generated_key("sig");
     // Only into the life checked above, as every entity write (`hold_life`).
     let _life = hold_life(&state, &entity).await?;
+    let mut wrote = true;
     let new_state = match effect {
         SignalEffect::Stops => {
             value["status"] = json!("handled");
@@ -507,7 +519,7 @@ pub async fn signal(
             value["previous_state"] = json!(previous);
             value["new_state"] = json!("stopped");
             let row = ChangeEvent::insert(SIGNAL, &key, value, &txid, &timestamp(now));
-            stop_entity_with(&state, &who, &entity, txid.clone(), vec![row]).await?;
+            wrote = stop_entity_with(&state, &who, &entity, txid.clone(), vec![row]).await?.is_some();
             "stopped".to_owned()
         }
         _ => {
@@ -520,15 +532,18 @@ pub async fn signal(
             previous.clone()
         }
     };
-    Ok(Json(json!({
+    let mut answer = json!({
         "url": entity.url,
         "signal": sig.as_str(),
         "previous_state": previous,
         "new_state": new_state,
         "created_at": now,
-        "txid": txid,
-    }))
-    .into_response())
+    });
+    // Only when rows were written: a stop of a stopped entity writes none.
+    if wrote {
+        answer["txid"] = json!(txid);
+    }
+    Ok(Json(answer).into_response())
 }
 
 /// Deletes every stream of the entity, then the entity and its grants,

@@ -731,7 +731,14 @@ async fn sigkill_stops_the_entity_as_delete_does_and_records_the_signal() {
         assert_eq!(res.status(), StatusCode::OK, "{sig} again");
         let body: Value = res.json().await.unwrap();
         assert_eq!((body["previous_state"].as_str(), body["new_state"].as_str()), (Some("stopped"), Some("stopped")));
+        // No txid: none was written, and a client waiting for one would wait for ever.
+        assert!(body.get("txid").is_none(), "{sig} again answers no txid: {body}");
     }
+    // DELETE of the stopped entity: the same.
+    let res = as_principal(ts.request(Method::DELETE, &api(e)), Some(SAM)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body: Value = res.json().await.unwrap();
+    assert!(body.get("txid").is_none(), "DELETE of a stopped entity answers no txid: {body}");
     assert_eq!(head_as(&ts, Some(SAM), &format!("{e}/main")).await.0, tail);
 }
 
