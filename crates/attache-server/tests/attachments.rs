@@ -454,10 +454,13 @@ async fn an_upload_over_max_attachment_bytes_is_413_and_leaves_nothing() {
     assert_eq!(before.2, 1);
 
     // Over by one byte; far over (refused on Content-Length); and streamed without a length.
+    // Each the same answer, naming the limit, however the size came to light.
+    let said = format!("Attachment exceeds maximum size of {MAX} bytes");
     for (id, size) in [("over-by-one", MAX + 1), ("far-over", 4 << 20)] {
         let form = Form::new().field("id", id).file(None, None, &pattern(size, 2)).finish();
         let (status, code, body) = error_of(upload_raw(&ts, CHAT, form).await).await;
         assert_eq!((status, code.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"), "{id}: {body}");
+        assert!(body.to_string().contains(&said), "{id}: {body}");
     }
     let mut streamed = Form::new().field("id", "streamed").unfinished();
     streamed.extend_from_slice(
@@ -472,7 +475,9 @@ async fn an_upload_over_max_attachment_bytes_is_413_and_leaves_nothing() {
         .send()
         .await
         .unwrap();
-    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE, "a streamed upload crossing the limit");
+    let (status, _, body) = error_of(res).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "a streamed upload crossing the limit");
+    assert!(body.to_string().contains(&said), "streamed: {body}");
 
     // Resumable uploads have the same limit.
     let res = ts

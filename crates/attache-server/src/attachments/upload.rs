@@ -23,10 +23,17 @@ use crate::AppState;
 use super::pending::{begin, retract, with_subject, write_entry, Pending};
 use super::{duplicate, too_large, Fields, INTERRUPTED};
 
-pub(super) fn multipart_error(e: multer::Error) -> ApiError {
+/// The answer to a broken or oversized form. `max` is the attachment limit:
+/// a file over it gets the same answer whether its size was declared
+/// (Content-Length) or found while streaming (chunked, or a form whose
+/// other parts kept it under the declared bound).
+pub(super) fn multipart_error(e: multer::Error, max: u64) -> ApiError {
     match e {
         multer::Error::StreamReadFailed(e) if e.is::<crate::multipart::PartHeadersTooLarge>() => {
             ApiError::new(StatusCode::BAD_REQUEST, "PART_HEADERS_TOO_LARGE", e.to_string())
+        }
+        multer::Error::FieldSizeExceeded { ref field_name, .. } if field_name.as_deref() == Some("file") => {
+            too_large(max)
         }
         multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", format!("multipart part too large: {e}"))
@@ -78,7 +85,7 @@ pub async fn upload(
     let mut pending: Option<Pending> = None;
     let mut staged = None;
     let outcome: ApiResult<()> = async {
-        while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
+        while let Some(mut field) = form.next_field().await.map_err(|e| multipart_error(e, max))? {
             let name = field.name().unwrap_or("").to_owned();
             if name != "file" {
                 if seen.len() >= limits.multipart_max_fields {
@@ -91,7 +98,7 @@ pub async fn upload(
                 if !seen.insert(name.clone()) {
                     return Err(ApiError::bad_request(format!("field {name:?} is sent twice")));
                 }
-                let text = field.text().await.map_err(multipart_error)?;
+                let text = field.text().await.map_err(|e| multipart_error(e, max))?;
                 fields.set(&name, text)?;
                 continue;
             }
@@ -113,7 +120,7 @@ pub async fn upload(
             }
             fields.mime_type = fields.mime_type.take().or(part_type);
             let mut writer = state.store.stage_blob().await?;
-            while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+            while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, max))? {
                 if writer.len() + chunk.len() as u64 > max {
                     return Err(too_large(max));
                 }
