@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use attache_core::entity::{Signal, SignalEffect};
 use attache_core::state::{timestamp, ChangeEvent, ENTITY_CREATED, ENTITY_STOPPED, INBOX, SIGNAL, TAGS};
 use attache_core::{EntityUrl, ExpiresAt, GrantSubject, Permission, PrincipalKey, Propagation};
-use attache_storage::{Ancestor, CreateStream, EntityRecord, GrantRecord, NewGrant, StoreError};
+use attache_storage::{Ancestor, CreateOutcome, CreateStream, EntityRecord, GrantRecord, NewGrant, StoreError};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -220,6 +220,11 @@ pub async fn spawn_entity(
     spawn_entity_under(state, who, url, args, tags, extra, None).await
 }
 
+/// A create on a taken entity URL: says that it is taken, nothing more.
+fn duplicate_url(url: &str) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "DUPLICATE_URL", format!("Entity already exists at URL \"{url}\""))
+}
+
 /// [`spawn_entity`], as a child of `lineage`'s parent when given.
 async fn spawn_entity_under(
     state: &AppState,
@@ -235,7 +240,7 @@ async fn spawn_entity_under(
         return if existing.created_by == who.url() {
             Ok((existing, false, String::new()))
         } else {
-            Err(ApiError::new(StatusCode::CONFLICT, "DUPLICATE_URL", format!("Entity already exists at URL \"{key}\"")))
+            Err(duplicate_url(&key))
         };
     }
     let now = now_ms();
@@ -248,7 +253,9 @@ async fn spawn_entity_under(
         &timestamp(now),
     );
     // The stream first: a crash before the registry write leaves an orphan
-    // stream that no one can reach and that a retried spawn adopts.
+    // stream that no one can reach and that the same caller's retried spawn
+    // adopts. Any other stream at the path (another's spawn, or a fork, in
+    // flight) holds the name: 409, as for a taken name.
     let outcome = state
         .store
         .create(CreateStream {
@@ -264,7 +271,10 @@ async fn spawn_entity_under(
         })
         .await;
     match outcome {
-        Ok(_) | Err(StoreError::ConfigMismatch(_)) => {}
+        Ok(CreateOutcome::Created(_)) => {}
+        // Identical configuration (not a fork, open, JSON), and this caller's: a crashed spawn of its own.
+        Ok(CreateOutcome::Existed(info)) if info.owner.as_deref() == Some(who.to_string().as_str()) => {}
+        Ok(CreateOutcome::Existed(_)) | Err(StoreError::ConfigMismatch(_)) => return Err(duplicate_url(&key)),
         Err(e) => return Err(e.into()),
     }
     let record = EntityRecord {
@@ -284,11 +294,7 @@ async fn spawn_entity_under(
     };
     let (stored, fresh) = state.registry.insert_entity(record).await?;
     if !fresh && stored.created_by != who.url() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "DUPLICATE_URL",
-            format!("Entity already exists at URL \"{key}\""),
-        ));
+        return Err(duplicate_url(&key));
     }
     Ok((stored, fresh, txid))
 }

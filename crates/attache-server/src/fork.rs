@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use attache_core::manifest::{AttachmentStatus, ManifestEntry, MANIFEST};
 use attache_core::state::{timestamp, ChangeEvent};
 use attache_core::{EntityUrl, Offset, Permission, PrincipalKey, StreamPath};
-use attache_storage::{CreateOutcome, CreateStream, EntityRecord, ForkSpec, StoreError, StreamInfo};
+use attache_storage::{CreateOutcome, CreateStream, EntityRecord, ForkSpec, StoreError, StreamInfo, StreamStore};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -155,7 +155,7 @@ pub async fn fork(
             )));
         }
     }
-    let mut made = Made { state: &state, paths: Vec::new(), done: false };
+    let mut made = Made { state: &state, streams: Vec::new(), done: false };
     let created = state
         .store
         .create(CreateStream {
@@ -170,11 +170,14 @@ pub async fn fork(
             // The server's own create: a stream kept for its forks gives the path up (as a spawn's does).
             take_kept_path: true,
         })
-        .await?;
+        .await;
     match created {
-        CreateOutcome::Created(_) => made.paths.push(fork_url.main_stream()),
+        Ok(CreateOutcome::Created(info)) => made.streams.push((fork_url.main_stream(), info.id)),
         // Someone else's stream (a fork or spawn in flight): theirs, not undone.
-        CreateOutcome::Existed(_) => return Err(duplicate(&fork_url.to_string())),
+        Ok(CreateOutcome::Existed(_)) | Err(StoreError::ConfigMismatch(_)) => {
+            return Err(duplicate(&fork_url.to_string()))
+        }
+        Err(e) => return Err(e.into()),
     }
     let txid = new_txid();
     let rows = carry_attachments(&state, &source_url, &fork_url, &who, &txid, &mut made).await?;
@@ -197,6 +200,7 @@ pub async fn fork(
         parent: lineage.as_ref().map(|l| l.parent.url.clone()),
         ancestors: lineage.as_ref().map(|l| l.ancestors.clone()).unwrap_or_default(),
     };
+    crate::pause::at(&state, crate::pause::FORK_RECORD).await;
     let (stored, fresh) = state.registry.insert_entity(record).await?;
     if !fresh {
         return Err(duplicate(&stored.url));
@@ -209,32 +213,48 @@ pub async fn fork(
     Ok((StatusCode::CREATED, Json(json!({ "root": root, "entities": [root], "txid": txid }))).into_response())
 }
 
-/// Streams this request created, deleted again unless it succeeds (the
-/// deletes run in a task: a guard cannot await).
+/// Streams this request created, by path and id, deleted again unless it
+/// succeeds (the deletes run in a task: a guard cannot await). Only the
+/// stream this request created goes: one another request put at the path
+/// since has another id and stays.
 struct Made<'a> {
     state: &'a AppState,
-    paths: Vec<String>,
+    streams: Vec<(String, u64)>,
     done: bool,
 }
 
 impl Drop for Made<'_> {
     fn drop(&mut self) {
-        if self.done || self.paths.is_empty() {
+        if self.done || self.streams.is_empty() {
             return;
         }
         let store = self.state.store.clone();
         let views = self.state.views.clone();
-        let paths = std::mem::take(&mut self.paths);
+        let streams = std::mem::take(&mut self.streams);
         tokio::spawn(async move {
             // Attachments first, the main stream last (it is what makes the fork visible).
-            for path in paths.iter().rev() {
-                match store.delete(path).await {
-                    Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => {}
-                    Err(e) => tracing::warn!(error = %e, path, "could not undo a failed fork's stream"),
+            for (path, id) in streams.iter().rev() {
+                if let Err(e) = undo_stream(store.as_ref(), path, *id).await {
+                    tracing::warn!(error = %e, path, "could not undo a failed fork's stream");
                 }
+                // What the fork read there is no one's now (a cache: whoever holds the path reloads).
                 views.forget(path);
             }
         });
+    }
+}
+
+/// Deletes the stream at `path` if it is still the one with `id` (the one
+/// this request created), never another's stream at the same path.
+async fn undo_stream(store: &dyn StreamStore, path: &str, id: u64) -> Result<(), StoreError> {
+    match store.head(path).await {
+        Ok(info) if info.id == id => {}
+        Ok(_) | Err(StoreError::NotFound) | Err(StoreError::Gone) => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    match store.delete(path).await {
+        Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -319,17 +339,16 @@ async fn carry_one(
         // Deleted between the look and the link: not carried.
         Err(StoreError::NotFound) | Err(StoreError::Gone) | Err(StoreError::ForkSourceNotFound) => return Ok(None),
         Err(StoreError::ForkSourceGone) => return Ok(None),
+        // A stream already at the fork's attachment path is not the fork's: never adopted.
+        Err(StoreError::ConfigMismatch(_)) => return Err(duplicate(&fork.to_string())),
         Err(e) => return Err(e.into()),
     };
     if !same_bytes(entry, &linked) {
         // Replaced between the look and the link: the new stream goes again.
-        match state.store.delete(&to).await {
-            Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => {}
-            Err(e) => return Err(e.into()),
-        }
+        undo_stream(state.store.as_ref(), &to, linked.id).await?;
         return Ok(None);
     }
-    made.paths.push(to.clone());
+    made.streams.push((to.clone(), linked.id));
     let mut carried = entry.clone();
     carried.stream_path = to;
     Ok(Some(carried))

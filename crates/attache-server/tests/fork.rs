@@ -263,3 +263,47 @@ async fn a_fork_with_a_parent_is_its_child_and_needs_spawn_there() {
     let out: Value = res.json().await.unwrap();
     assert_eq!(out["root"]["parent"], "/team/root", "{out}");
 }
+
+/// A spawn at a fork's URL while the fork has made its streams and not yet
+/// its record (paused there) is 409 `DUPLICATE_URL`: it never adopts the
+/// fork's main stream. The fork then succeeds whole. Before, the spawn took
+/// the fork's stream (201, holding the forker's history), the fork answered
+/// 409, and its undo deleted that stream by path: the spawner's entity had
+/// no main stream for ever (send 404).
+#[tokio::test]
+async fn a_spawn_at_the_url_of_a_fork_in_flight_is_409_and_the_fork_stays_whole() {
+    let pauses = attache_server::pause::Pauses::default();
+    let given = pauses.clone();
+    let ts = TestServer::start_with(move |c| c.pauses = Some(given)).await;
+    spawn(&ts, None, "/chat/source").await;
+    upload(&ts, "/chat/source", "a", "text/plain", b"the forker's attachment").await;
+
+    let pause = pauses.arm(attache_server::pause::FORK_RECORD);
+    let forked = fork(&ts, None, "/chat/source", json!({ "instance_id": "target" }));
+    let meanwhile = async {
+        tokio::time::timeout(Duration::from_secs(10), pause.reached()).await.expect("the fork reached its pause");
+        let res = as_principal(ts.request(Method::PUT, &api("/chat/target")), Some(SAM)).send().await.unwrap();
+        let got = error_of(res).await;
+        pause.release();
+        got
+    };
+    let (res, (status, code, err)) = tokio::join!(forked, meanwhile);
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "DUPLICATE_URL"), "sam's spawn: {err}");
+    assert_eq!(err["error"]["message"], "Entity already exists at URL \"/chat/target\"", "it says only that");
+    assert_eq!(res.status(), StatusCode::CREATED, "the fork");
+
+    // The fork is whole: its main stream, its attachment, and sends land.
+    assert_eq!(get_bytes(&ts, "/chat/target", "a").await, (StatusCode::OK, b"the forker's attachment".to_vec()));
+    let res = ts
+        .request(Method::POST, &format!("{}/send", api("/chat/target")))
+        .json(&json!({ "payload": "after the race", "key": "m-1" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "a send to the fork");
+    let main = serde_json::to_string(&rows_as(&ts, "/chat/target/main", None).await).unwrap();
+    assert!(main.contains("after the race"), "{main}");
+    // Sam holds nothing there.
+    let res = as_principal(ts.request(Method::GET, &api("/chat/target")), Some(SAM)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+}
