@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// Most requests in one JSON-RPC batch; a longer batch is answered -32600 [default: 100]
     #[arg(long, env = "ATTACHE_RPC_MAX_BATCH")]
     rpc_max_batch: Option<usize>,
+    /// Most bytes of attachment values one JSON-RPC answer (a request or a whole batch), MCP tool call
+    /// or /ws execute carries; a call past it is answered -32000 [default: 16777216]
+    #[arg(long, env = "ATTACHE_RPC_MAX_RESPONSE_BYTES")]
+    rpc_max_response_bytes: Option<u64>,
     /// Largest WebSocket message on /ws, fragments together; beyond it the socket closes with 1009 [default: 1048576]
     #[arg(long, env = "ATTACHE_WS_MAX_MESSAGE_BYTES")]
     ws_max_message_bytes: Option<usize>,
@@ -161,6 +165,7 @@ struct FileConfig {
     rpc_rate_window: Option<String>,
     rpc_max_body_bytes: Option<usize>,
     rpc_max_batch: Option<usize>,
+    rpc_max_response_bytes: Option<u64>,
     ws_max_message_bytes: Option<usize>,
     ws_max_patterns: Option<usize>,
     refused_body_drain_bytes: Option<u64>,
@@ -251,6 +256,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
     }
     if let Some(n) = args.rpc_max_batch.or(file.rpc_max_batch) {
         config.rpc_max_batch = n;
+    }
+    if let Some(n) = args.rpc_max_response_bytes.or(file.rpc_max_response_bytes) {
+        config.rpc_max_response_bytes = n;
     }
     if let Some(n) = args.ws_max_message_bytes.or(file.ws_max_message_bytes) {
         config.ws_max_message_bytes = n;

@@ -33,6 +33,9 @@ pub struct ServerConfig {
     pub rpc_max_batch: usize,
     /// Calls one principal may make per `rpc_rate_window` (JSON-RPC and MCP); `None`: no limit.
     pub rpc_rate_limit: Option<u32>,
+    /// Most bytes of attachment values one JSON-RPC answer carries (a request
+    /// or a whole batch; an MCP tool call; a `/ws` execute): a call past it is -32000.
+    pub rpc_max_response_bytes: u64,
     pub rpc_rate_window: Duration,
     /// Where task events are PUBLISHed, one channel per event type (`redis://127.0.0.1:6379`).
     pub redis_url: Option<String>,
@@ -175,6 +178,7 @@ impl ServerConfig {
             rpc_max_body_bytes: 4 << 20,
             rpc_max_batch: 100,
             rpc_rate_limit: None,
+            rpc_max_response_bytes: 16 << 20,
             rpc_rate_window: Duration::from_secs(60),
             redis_url: None,
             store: StoreConfig::Embedded,

@@ -240,7 +240,10 @@ impl ServerHandler for McpFace {
             match self.state.rate_limiter.check(&who, limits.rpc_rate_limit, limits.rpc_rate_window.as_millis() as u64)
             {
                 Err(e) => Err(e),
-                Ok(()) => tasks::call(&self.state, &who, method, params).await,
+                Ok(()) => {
+                    let budget = crate::rpc::response_budget(&self.state);
+                    tasks::call(&self.state, &who, method, params, &budget).await
+                }
             };
         Ok(match outcome {
             Ok(result) => CallToolResult::structured(result).into(),

@@ -4,8 +4,11 @@
 //!
 //! Limits: the body size (`rpc_max_body_bytes`), the batch length
 //! (`rpc_max_batch`, 100; counted while the batch is read, so a longer one
-//! is refused after reading `rpc_max_batch + 1` items), and an optional per-principal rate limit
-//! (`rpc_rate_limit` calls per `rpc_rate_window`), answered with -32000.
+//! is refused after reading `rpc_max_batch + 1` items), an optional per-principal rate limit
+//! (`rpc_rate_limit` calls per `rpc_rate_window`), answered with -32000, and
+//! the bytes of attachment values one answer carries (`rpc_max_response_bytes`,
+//! for a single request and a whole batch alike; a call that would pass it is
+//! answered -32000, earlier calls of its batch keep their answers).
 
 use std::collections::HashMap;
 
@@ -15,7 +18,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-use crate::tasks::{self, TaskError};
+use crate::tasks::{self, ResponseBudget, TaskError};
 use crate::AppState;
 
 /// What can go wrong with one JSON-RPC message.
@@ -49,6 +52,14 @@ pub fn error_object(e: &RpcError) -> Value {
             -32000,
             format!("Rate limit exceeded: {limit} requests per {window_ms}ms"),
             Some(json!({ "limit": limit, "windowMs": window_ms })),
+        ),
+        RpcError::Call(TaskError::ResponseTooLarge { limit }) => (
+            -32000,
+            format!(
+                "Response too large: attachment values in one response are limited to {limit} bytes \
+                 (rpc_max_response_bytes); fetch attachments one at a time with task.get_attachment"
+            ),
+            Some(json!({ "limit": limit })),
         ),
         RpcError::Call(TaskError::MethodNotFound { method }) => (-32601, format!("Method not found: {method}"), None),
         // The detail went to the log; the caller learns only that the fault is ours.
@@ -136,8 +147,8 @@ pub fn parse_request(msg: Value) -> Result<Request, (Value, RpcError)> {
     Ok(Request { id, method, params })
 }
 
-/// Runs one message; `None` for a notification.
-async fn handle_one(state: &AppState, who: &PrincipalKey, msg: Value) -> Option<Value> {
+/// Runs one message, its attachment values taken from `budget`; `None` for a notification.
+async fn handle_one(state: &AppState, who: &PrincipalKey, msg: Value, budget: &ResponseBudget) -> Option<Value> {
     let req = match parse_request(msg) {
         Ok(r) => r,
         Err((id, e)) => {
@@ -149,7 +160,7 @@ async fn handle_one(state: &AppState, who: &PrincipalKey, msg: Value) -> Option<
     let outcome = match state.rate_limiter.check(who, limits.rpc_rate_limit, limits.rpc_rate_window.as_millis() as u64)
     {
         Err(e) => Err(RpcError::Call(e)),
-        Ok(()) => tasks::call(state, who, &req.method, req.params).await.map_err(RpcError::Call),
+        Ok(()) => tasks::call(state, who, &req.method, req.params, budget).await.map_err(RpcError::Call),
     };
     match &outcome {
         Ok(_) => state.metrics.rpc_call(&req.method, "ok"),
@@ -165,26 +176,37 @@ async fn handle_one(state: &AppState, who: &PrincipalKey, msg: Value) -> Option<
 /// Runs a parsed body: one request or a batch. `None`: nothing to answer (notifications only).
 /// (The WebSocket face's `execute`, whose message size is bounded by the socket.)
 pub async fn handle_value(state: &AppState, who: &PrincipalKey, body: Value) -> Option<Value> {
+    let budget = response_budget(state);
     match body {
         Value::Array(items) => {
             let max = state.config.rpc_max_batch;
             if items.len() > max {
                 return Some(error_response(Value::Null, &too_large_batch(max)));
             }
-            handle_batch(state, who, items).await
+            handle_batch(state, who, items, &budget).await
         }
-        single => handle_one(state, who, single).await,
+        single => handle_one(state, who, single, &budget).await,
     }
 }
 
-/// Runs the items of a batch in order; `None` when all were notifications.
-async fn handle_batch<I: Into<Value>>(state: &AppState, who: &PrincipalKey, items: Vec<I>) -> Option<Value> {
+/// What one answer (a request or a whole batch) may carry of attachment values.
+pub(crate) fn response_budget(state: &AppState) -> ResponseBudget {
+    ResponseBudget::new(state.config.rpc_max_response_bytes)
+}
+
+/// Runs the items of a batch in order, sharing one budget; `None` when all were notifications.
+async fn handle_batch<I: Into<Value>>(
+    state: &AppState,
+    who: &PrincipalKey,
+    items: Vec<I>,
+    budget: &ResponseBudget,
+) -> Option<Value> {
     if items.is_empty() {
         return Some(error_response(Value::Null, &RpcError::InvalidRequest("Batch cannot be empty".into())));
     }
     let mut out = Vec::with_capacity(items.len());
     for item in items {
-        if let Some(res) = handle_one(state, who, item.into()).await {
+        if let Some(res) = handle_one(state, who, item.into(), budget).await {
             out.push(res);
         }
     }
@@ -300,9 +322,10 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
             return respond(e.status, &error_response(Value::Null, &err));
         }
     };
+    let budget = response_budget(&state);
     let answer = match parse_body(&bytes, state.config.rpc_max_batch) {
-        Ok(Body::Single(v)) => handle_one(&state, &who, v).await,
-        Ok(Body::Batch(items)) => handle_batch(&state, &who, items).await,
+        Ok(Body::Single(v)) => handle_one(&state, &who, v, &budget).await,
+        Ok(Body::Batch(items)) => handle_batch(&state, &who, items, &budget).await,
         Err(e) => {
             state.metrics.rpc_call("", &outcome_label(&e));
             return respond(StatusCode::OK, &error_response(Value::Null, &e));
@@ -327,6 +350,7 @@ mod tests {
         assert_eq!(code(RpcError::Call(TaskError::invalid("f", "bad"))), -32602);
         assert_eq!(code(RpcError::Call(TaskError::Unauthorized { message: "no".into() })), -32002);
         assert_eq!(code(RpcError::Call(TaskError::RateLimited { limit: 1, window_ms: 1000 })), -32000);
+        assert_eq!(code(RpcError::Call(TaskError::ResponseTooLarge { limit: 1 })), -32000);
         assert_eq!(code(RpcError::Call(TaskError::Internal { message: "disk".into() })), -32603);
         let internal = error_object(&RpcError::Call(TaskError::Internal { message: "disk on fire".into() }));
         assert!(!internal.to_string().contains("disk"), "internal details stay in the log");

@@ -125,3 +125,23 @@ async fn mcp_without_credentials_is_refused_in_token_mode() {
         .unwrap();
     assert_eq!(res.status(), reqwest::StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn a_tool_call_past_rpc_max_response_bytes_is_a_32000_tool_error_and_each_call_has_its_own_budget() {
+    let s = TestServer::start_with(|c| c.rpc_max_response_bytes = 1 << 20).await;
+    let t = create_task(&s, ALICE, "big", 50).await;
+    let content = "x".repeat(300 << 10);
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "a", "type": "text", "content": content})).await;
+    let client = connect(&s, ALICE).await;
+    let same = |n: usize| json!({"requests": vec![json!({"taskId": t, "key": "a"}); n]});
+    let over = tool(&client, "task__get_attachments_batch", same(4)).await;
+    assert_eq!(over.is_error, Some(true));
+    let error = &over.structured_content.as_ref().unwrap()["error"];
+    assert_eq!((&error["code"], &error["data"]), (&json!(-32000), &json!({"limit": 1 << 20})));
+    assert!(error["message"].as_str().unwrap().contains("task.get_attachment"), "{error}");
+    for _ in 0..2 {
+        let three = structured(&tool(&client, "task__get_attachments_batch", same(3)).await);
+        assert_eq!(three["attachments"].as_array().map(Vec::len), Some(3));
+    }
+    client.cancel().await.unwrap();
+}

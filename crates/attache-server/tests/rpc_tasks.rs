@@ -977,6 +977,61 @@ async fn rate_limited_principals_get_32000() {
     ok(&s, BOB, "task.list", json!({})).await;
 }
 
+/// A task with `n` text attachments `a0`.. of 300 KiB each (307,202 bytes as JSON).
+async fn task_with_big_attachments(s: &TestServer, n: usize) -> String {
+    let t = create_task(s, ALICE, "big", 50).await;
+    for i in 0..n {
+        let params = json!({"taskId": t, "key": format!("a{i}"), "type": "text", "content": "x".repeat(300 << 10)});
+        ok(s, ALICE, "task.create_attachment", params).await;
+    }
+    t
+}
+
+fn is_response_too_large(e: &Value) -> bool {
+    let message = e["message"].as_str().unwrap_or("");
+    e["code"] == -32000
+        && e["data"] == json!({"limit": 1 << 20})
+        && message.contains("1048576 bytes")
+        && message.contains("task.get_attachment")
+}
+
+#[tokio::test]
+async fn attachment_reads_past_rpc_max_response_bytes_are_refused_with_32000() {
+    let s = TestServer::start_with(|c| c.rpc_max_response_bytes = 1 << 20).await;
+    let t = task_with_big_attachments(&s, 4).await;
+    // The same attachment asked for four times would be 1.2 MB of values.
+    let same = |n: usize| json!({"requests": vec![json!({"taskId": t, "key": "a0"}); n]});
+    let e = err(&s, ALICE, "task.get_attachments_batch", same(4)).await;
+    assert!(is_response_too_large(&e), "{e}");
+    let three = ok(&s, ALICE, "task.get_attachments_batch", same(3)).await;
+    assert_eq!(three["attachments"].as_array().map(Vec::len), Some(3));
+
+    let e = err(&s, ALICE, "task.list_attachments", json!({"taskId": t})).await;
+    assert!(is_response_too_large(&e), "{e}");
+    let page = ok(&s, ALICE, "task.list_attachments", json!({"taskId": t, "limit": 3})).await;
+    assert_eq!((page["attachments"].as_array().map(Vec::len), &page["totalCount"]), (Some(3), &json!(4)));
+    assert_eq!(ok(&s, ALICE, "task.get_attachment", json!({"taskId": t, "key": "a3"})).await["key"], "a3");
+}
+
+#[tokio::test]
+async fn a_jsonrpc_batch_shares_one_response_budget_and_keeps_the_answers_before_it() {
+    let s = TestServer::start_with(|c| c.rpc_max_response_bytes = 1 << 20).await;
+    let t = task_with_big_attachments(&s, 4).await;
+    let get = |i: usize| json!({"jsonrpc": "2.0", "method": "task.get_attachment", "params": {"taskId": t, "key": format!("a{i}")}, "id": i});
+    let body = json!([get(0), get(1), get(2), get(3), get(0), {"jsonrpc": "2.0", "method": "task.get", "params": {"id": t}, "id": "task"}]);
+    let (status, res) = rpc_raw(&s, ALICE, body.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    let items = res.as_array().unwrap();
+    assert_eq!(items.len(), 6);
+    for (i, item) in items[..3].iter().enumerate() {
+        assert_eq!(item["result"]["key"], format!("a{i}"), "{i}");
+    }
+    for item in &items[3..5] {
+        assert!(is_response_too_large(&item["error"]), "{item}");
+    }
+    assert_eq!(items[5]["result"]["id"], t, "a call carrying no attachment values is still answered");
+}
+
 #[tokio::test]
 async fn metrics_count_calls_attachments_and_appends() {
     let s = TestServer::start().await;

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::dispatch::{task_entity, task_missing, task_stopped, Missing};
 use super::ids::{main_path, new_attachment_id, radix36, task_url};
 use super::writes::{write_task, Event, Row};
-use super::{Params, TaskError, TaskResult, MAX_INLINE_BINARY, MAX_INLINE_BYTES, TASK_TYPE};
+use super::{Params, ResponseBudget, TaskError, TaskResult, MAX_INLINE_BINARY, MAX_INLINE_BYTES, TASK_TYPE};
 use crate::access::now_ms;
 use crate::rows::MainView;
 use crate::AppState;
@@ -162,8 +162,7 @@ pub(super) fn principal_key_of(url: &str) -> String {
 
 /// An attachment as the task API shows it. Uploads (no `taskType`) are binary.
 pub fn attachment_json(task_id: &str, key: &str, e: &ManifestEntry) -> Value {
-    let kind =
-        e.ext.get("taskType").and_then(Value::as_str).and_then(AttachmentKind::parse).unwrap_or(AttachmentKind::Binary);
+    let kind = kind_of(e);
     let mut out = Map::new();
     out.insert("id".into(), json!(e.id));
     out.insert("taskId".into(), json!(task_id));
@@ -200,6 +199,11 @@ pub fn attachment_json(task_id: &str, key: &str, e: &ManifestEntry) -> Value {
     out.insert("createdAt".into(), json!(e.created_at));
     out.insert("updatedAt".into(), e.ext.get("updatedAt").cloned().unwrap_or_else(|| json!(e.created_at)));
     Value::Object(out)
+}
+
+/// The attachment's type; uploads (no `taskType`) are binary.
+fn kind_of(e: &ManifestEntry) -> AttachmentKind {
+    e.ext.get("taskType").and_then(Value::as_str).and_then(AttachmentKind::parse).unwrap_or(AttachmentKind::Binary)
 }
 
 /// Writes `bytes` as the closed attachment stream at `path`.
@@ -373,30 +377,36 @@ pub(super) async fn create_attachment(state: &AppState, who: &PrincipalKey, p: &
     }))
 }
 
-/// The attachment `key` of a task `who` may read, or `None`.
+/// The attachment `key` of a task `who` may read, or `None`; its value is
+/// taken from `budget` before it is copied (refused when over it).
 pub(super) async fn find_attachment(
     state: &AppState,
     who: &PrincipalKey,
     task_id: &str,
     key: &str,
+    budget: &ResponseBudget,
 ) -> TaskResult<Option<Value>> {
     if task_entity(state, who, task_id, Permission::Read, Missing::TaskNotFound).await.is_err() {
         return Ok(None);
     }
     let Some(url) = task_url(task_id) else { return Ok(None) };
     let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
-    Ok(view
-        .by_name
-        .get(key)
-        .and_then(|id| view.manifest.get(id))
-        .filter(|e| usable(&url, e))
-        .map(|e| attachment_json(task_id, key, e)))
+    let Some(entry) = view.by_name.get(key).and_then(|id| view.manifest.get(id)).filter(|e| usable(&url, e)) else {
+        return Ok(None);
+    };
+    budget.take(entry)?;
+    Ok(Some(attachment_json(task_id, key, entry)))
 }
 
-pub(super) async fn get_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+pub(super) async fn get_attachment(
+    state: &AppState,
+    who: &PrincipalKey,
+    p: &Params<'_>,
+    budget: &ResponseBudget,
+) -> TaskResult<Value> {
     let task_id = p.string("taskId", 128)?;
     let key = p.string("key", 100)?;
-    match find_attachment(state, who, task_id, key).await? {
+    match find_attachment(state, who, task_id, key, budget).await? {
         Some(found) => Ok(found),
         None => Err(TaskError::rejected(
             format!("Attachment with key '{key}' not found for task {task_id}"),
@@ -405,32 +415,43 @@ pub(super) async fn get_attachment(state: &AppState, who: &PrincipalKey, p: &Par
     }
 }
 
-/// Ordered by creation time, then id: stable across calls and upserts (an upsert keeps createdAt).
-pub(super) async fn list_attachments(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+/// Ordered by creation time, then id: stable across calls and upserts (an
+/// upsert keeps createdAt). Only the page asked for is copied, each value
+/// taken from `budget` first.
+pub(super) async fn list_attachments(
+    state: &AppState,
+    who: &PrincipalKey,
+    p: &Params<'_>,
+    budget: &ResponseBudget,
+) -> TaskResult<Value> {
     let task_id = p.string("taskId", 128)?;
     let kind = p.opt_enum("type", AttachmentKind::parse, &kinds())?;
     let limit = p.opt_int("limit", 1, 100)?.unwrap_or(50) as usize;
     let offset = p.opt_int("offset", 0, i64::MAX)?.unwrap_or(0) as usize;
     task_entity(state, who, task_id, Permission::Read, Missing::TaskNotFound).await?;
     let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
-    let mut all: Vec<Value> = keyed(&view, task_id)
-        .map(|(key, e)| attachment_json(task_id, key, e))
-        .filter(|a| kind.is_none_or(|k| a["type"] == k.as_str()))
-        .collect();
-    drop(view);
-    all.sort_by(|a, b| {
-        let (ca, cb) = (a["createdAt"].as_str().unwrap_or(""), b["createdAt"].as_str().unwrap_or(""));
-        ca.cmp(cb).then_with(|| a["id"].as_str().cmp(&b["id"].as_str()))
-    });
+    let mut all: Vec<(&str, &ManifestEntry)> =
+        keyed(&view, task_id).filter(|(_, e)| kind.is_none_or(|k| kind_of(e) == k)).collect();
+    all.sort_by(|(_, a), (_, b)| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
     let total = all.len();
-    let page: Vec<Value> = all.into_iter().skip(offset).take(limit).collect();
+    let mut page = Vec::with_capacity(limit.min(total));
+    for (key, e) in all.into_iter().skip(offset).take(limit) {
+        budget.take(e)?;
+        page.push(attachment_json(task_id, key, e));
+    }
     Ok(json!({ "attachments": page, "totalCount": total, "hasMore": offset.saturating_add(limit) < total }))
 }
 
 /// All or nothing: when any item is missing (or its task is not readable),
 /// the call fails with -32602 naming the first missing item in `data.taskId`
-/// and `data.key`, and every missing item in `data.missing`.
-pub(super) async fn get_attachments_batch(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+/// and `data.key`, and every missing item in `data.missing`. Values are
+/// taken from `budget` as they are loaded: the first over it fails the call.
+pub(super) async fn get_attachments_batch(
+    state: &AppState,
+    who: &PrincipalKey,
+    p: &Params<'_>,
+    budget: &ResponseBudget,
+) -> TaskResult<Value> {
     let requests = match p.get("requests") {
         Some(Value::Array(items)) if !items.is_empty() && items.len() <= 100 => items,
         _ => return Err(TaskError::invalid("requests", "requests must be an array of 1 to 100 {taskId, key} items")),
@@ -446,7 +467,7 @@ pub(super) async fn get_attachments_batch(state: &AppState, who: &PrincipalKey, 
     let mut found = Vec::with_capacity(wanted.len());
     let mut missing = Vec::new();
     for (task_id, key) in &wanted {
-        match find_attachment(state, who, task_id, key).await? {
+        match find_attachment(state, who, task_id, key, budget).await? {
             Some(attachment) => found.push(attachment),
             None => missing.push(json!({ "taskId": task_id, "key": key })),
         }

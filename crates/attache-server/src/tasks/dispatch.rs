@@ -13,12 +13,19 @@ use super::attachments::{
 };
 use super::ids::task_url;
 use super::methods::{assign, claim, complete, create, delete, get, list, unassign, update};
-use super::{params_object, Params, Status, TaskError, TaskRecord, TaskResult, TASK_TYPE};
+use super::{params_object, Params, ResponseBudget, Status, TaskError, TaskRecord, TaskResult, TASK_TYPE};
 use crate::access::now_ms;
 use crate::AppState;
 
-/// Calls one method for `who`. Every face (JSON-RPC, MCP, WebSocket) comes through here.
-pub async fn call(state: &AppState, who: &PrincipalKey, method: &str, params: Value) -> TaskResult<Value> {
+/// Calls one method for `who`. Every face (JSON-RPC, MCP, WebSocket) comes
+/// through here; attachment values the answer carries are taken from `budget`.
+pub async fn call(
+    state: &AppState,
+    who: &PrincipalKey,
+    method: &str,
+    params: Value,
+    budget: &ResponseBudget,
+) -> TaskResult<Value> {
     let map = params_object(params)?;
     let p = Params(&map);
     match method {
@@ -32,9 +39,9 @@ pub async fn call(state: &AppState, who: &PrincipalKey, method: &str, params: Va
         "task.complete" => complete(state, who, &p).await,
         "task.delete" => delete(state, who, &p).await,
         "task.create_attachment" => create_attachment(state, who, &p).await,
-        "task.get_attachment" => get_attachment(state, who, &p).await,
-        "task.list_attachments" => list_attachments(state, who, &p).await,
-        "task.get_attachments_batch" => get_attachments_batch(state, who, &p).await,
+        "task.get_attachment" => get_attachment(state, who, &p, budget).await,
+        "task.list_attachments" => list_attachments(state, who, &p, budget).await,
+        "task.get_attachments_batch" => get_attachments_batch(state, who, &p, budget).await,
         "task.delete_attachment" => delete_attachment(state, who, &p).await,
         other => Err(TaskError::MethodNotFound { method: other.to_owned() }),
     }

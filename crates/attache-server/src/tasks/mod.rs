@@ -11,7 +11,8 @@
 //! Writes to one task are ordered by a per-task lock that is held only while
 //! the write is *queued*, not while it syncs: see [`Writers`].
 //!
-//! One file per part: `dispatch` (the method table and the checks every
+//! One file per part: `budget` (the bytes of attachment values one
+//! response may carry), `dispatch` (the method table and the checks every
 //! method shares), `record` (the task's fields and status rules), `params`
 //! (reading a call's params), `ids`, `ordering` (the per-task and per-key
 //! locks), `writes` (rows and events appended for a change), `methods`
@@ -19,6 +20,7 @@
 //! `task.*_attachment*` methods).
 
 mod attachments;
+mod budget;
 mod dispatch;
 mod ids;
 mod methods;
@@ -35,6 +37,7 @@ use crate::error::ApiError;
 
 pub use attache_core::task::AttachmentKind;
 pub use attachments::{attachment_json, AttachmentInput};
+pub use budget::ResponseBudget;
 pub use dispatch::call;
 pub use ids::{new_attachment_id, new_task_id};
 pub use methods::{load_tombstones, Tombstone};
@@ -61,6 +64,8 @@ pub enum TaskError {
     Unauthorized { message: String },
     /// The caller exceeded its rate limit (-32000).
     RateLimited { limit: u32, window_ms: u64 },
+    /// The response would carry more than `limit` bytes of attachment values (-32000).
+    ResponseTooLarge { limit: u64 },
     /// No such method (-32601).
     MethodNotFound { method: String },
     /// A real fault of the server or its store (-32603).
