@@ -21,7 +21,7 @@ use attache_core::manifest::AttachmentStatus;
 use attache_core::query::form_pairs;
 use attache_core::state::check_client_row;
 
-use crate::access::{entity_for, owns_stream};
+use crate::access::{entity_for, hold_life, owns_stream, Life};
 use crate::error::{ApiError, ApiResult};
 use crate::headers as h;
 use crate::http::{read_body, set};
@@ -198,8 +198,7 @@ pub async fn dispatch(
     let result = match result {
         Err(e) => Err(e),
         Ok(access) => match method {
-            Method::PUT => put(&state, &who, &path, &headers, body, access).await,
-            Method::POST => post(&state, &path, &headers, body).await,
+            Method::PUT | Method::POST => write(&state, &who, &method, &path, &headers, body, access).await,
             Method::GET => get(&state, &path, query.as_deref(), &headers).await,
             Method::HEAD => head(&state, &path).await,
             Method::DELETE => delete(&state, &path).await,
@@ -222,6 +221,41 @@ pub async fn dispatch(
     }
 }
 
+/// PUT and POST. The body is read, then the caller is checked again against
+/// what holds the path now: the check made before the body says nothing
+/// about a stream created, or an entity purged and spawned again, while a
+/// client took its time sending the body (it may stall it at will). For an
+/// entity's streams the entity's life is held from that check through the
+/// write, as the entity routes hold it (`hold_life`).
+async fn write(
+    state: &AppState,
+    who: &PrincipalKey,
+    method: &Method,
+    path: &StreamPath,
+    headers: &HeaderMap,
+    body: Body,
+    checked: Access,
+) -> ApiResult<Response> {
+    let body = read_body(body, headers, state.config.max_append_bytes).await?;
+    let access = authorize(state, who, method, path).await?;
+    if access != checked {
+        // What the path holds changed under the request (a kept stream's name taken, or freed).
+        return Err(ApiError::from(StoreError::NotFound));
+    }
+    let life = match EntityUrl::owning(path.as_str()) {
+        Some((entity, which)) => {
+            entity_stream_rules(state, method, &entity, &which, &Req(headers)).await?;
+            let record = entity_for(state, who, &entity, Permission::Write).await?;
+            Some(hold_life(state, &record).await?)
+        }
+        None => None,
+    };
+    match *method {
+        Method::PUT => put(state, who, path, headers, body, access, life).await,
+        _ => post(state, path, headers, body, life).await,
+    }
+}
+
 /// Parses a strict non-negative integer header (no sign, no leading zeros).
 fn strict_uint(name: &str, raw: &str) -> ApiResult<u64> {
     Ttl::parse(raw)
@@ -234,8 +268,9 @@ async fn put(
     who: &PrincipalKey,
     path: &StreamPath,
     headers: &HeaderMap,
-    body: Body,
+    initial: Bytes,
     access: Access,
+    _life: Option<Life>,
 ) -> ApiResult<Response> {
     let req = Req(headers);
     let content_type = req.content_type()?;
@@ -273,7 +308,6 @@ async fn put(
         }
         None => None,
     };
-    let initial = read_body(body, headers, state.config.max_append_bytes).await?;
     if matches!(EntityUrl::owning(path.as_str()), Some((_, EntityStream::Main))) {
         client_rows(&initial, JsonBodyUse::Create)?;
     }
@@ -304,7 +338,13 @@ async fn put(
     Ok(res)
 }
 
-async fn post(state: &AppState, path: &StreamPath, headers: &HeaderMap, body: Body) -> ApiResult<Response> {
+async fn post(
+    state: &AppState,
+    path: &StreamPath,
+    headers: &HeaderMap,
+    body: Bytes,
+    life: Option<Life>,
+) -> ApiResult<Response> {
     let req = Req(headers);
     let producer = ProducerHeaders::parse(
         req.get(h::PRODUCER_ID.as_str())?,
@@ -312,7 +352,6 @@ async fn post(state: &AppState, path: &StreamPath, headers: &HeaderMap, body: Bo
         req.get(h::PRODUCER_SEQ.as_str())?,
     )?;
     let seq = req.get(h::STREAM_SEQ.as_str())?.map(str::to_owned);
-    let body = read_body(body, headers, state.config.max_append_bytes).await?;
     // A close-only request may carry any Content-Type; it is not looked at.
     let content_type = if body.is_empty() { req.content_type().ok().flatten() } else { req.content_type()? };
     let appended = !body.is_empty();
@@ -340,6 +379,8 @@ async fn post(state: &AppState, path: &StreamPath, headers: &HeaderMap, body: Bo
             messages,
         })
         .await?;
+    // The write is in; completing an attachment below takes the life itself.
+    drop(life);
     // 200 says "new data from this producer"; everything else (plain appends,
     // closes, duplicates) is 204.
     let status = match (&producer, outcome.duplicate, appended) {

@@ -939,3 +939,107 @@ async fn a_task_update_racing_a_purge_answers_task_not_found() {
     let (_, main) = raw_read_as(&ts, MALLORY, &format!("/task/{id}/main")).await;
     assert!(!main.contains(PURGED_TEXT), "alice's update landed in mallory's task: {main}");
 }
+
+/// Sends a request's head and all but the last byte of its body, and holds
+/// it: the server has checked it and waits for the rest.
+async fn stalled_write(
+    ts: &TestServer,
+    method: &str,
+    path: &str,
+    principal: &str,
+    extra: &str,
+    body: &[u8],
+) -> Stalled {
+    use tokio::io::AsyncWriteExt;
+    let addr = ts.url.trim_start_matches("http://").to_owned();
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.expect("a connection");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nelectric-principal: {principal}\r\n{extra}\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await.expect("the head");
+    sock.write_all(&body[..body.len() - 1]).await.expect("most of the body");
+    // Let the server read the head and run its first check.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Stalled { sock, last: body[body.len() - 1] }
+}
+
+struct Stalled {
+    sock: tokio::net::TcpStream,
+    last: u8,
+}
+
+impl Stalled {
+    /// Sends the last byte; the answer's status line.
+    async fn finish(mut self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.sock.write_all(&[self.last]).await.expect("the last byte");
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), self.sock.read(&mut answer))
+            .await
+            .expect("an answer")
+            .expect("read");
+        String::from_utf8_lossy(&answer[..n]).lines().next().unwrap_or_default().to_owned()
+    }
+}
+
+#[tokio::test]
+async fn a_raw_write_is_checked_again_against_what_holds_the_path_when_its_body_has_arrived() {
+    let ts = TestServer::start().await;
+    let json = "Content-Type: application/json\r\n";
+
+    // An append checked while the path was free, finished after alice created her stream there.
+    let append = stalled_write(&ts, "POST", "/alice/inbox", MALLORY, json, br#"[{"from":"MALLORY"}]"#).await;
+    // A fork of a path that did not exist yet, finished after alice wrote her secret there.
+    let fork = stalled_write(
+        &ts,
+        "PUT",
+        "/mallory/f",
+        MALLORY,
+        "Content-Type: application/json\r\nStream-Forked-From: /alice/secret\r\n",
+        b"[]",
+    )
+    .await;
+    for path in ["/alice/inbox", "/alice/secret"] {
+        let res = as_principal(ts.request(Method::PUT, path), Some(ALICE))
+            .header("content-type", "application/json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+    }
+    let res = as_principal(ts.request(Method::POST, "/alice/secret"), Some(ALICE))
+        .header("content-type", "application/json")
+        .body(format!(r#"[{{"diary":"{DIARY}"}}]"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert!(append.finish().await.contains(" 404 "), "mallory's append into alice's new stream is refused");
+    assert!(fork.finish().await.contains(" 404 "), "mallory's fork of alice's new stream is refused");
+    let inbox = ts.read_all_as("/alice/inbox", Some(ALICE)).await;
+    assert!(!String::from_utf8_lossy(&inbox).contains("MALLORY"), "{}", String::from_utf8_lossy(&inbox));
+    let res = as_principal(ts.request(Method::GET, "/mallory/f?offset=-1"), Some(MALLORY)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "no fork was made");
+
+    // An entity: mallory's grant is checked, then alice purges and spawns the URL again without it.
+    spawn_as(&ts, ALICE, "/chat/c1").await;
+    let res = as_principal(ts.request(Method::POST, &format!("{}/grants", api("/chat/c1"))), Some(ALICE))
+        .json(&json!({ "subject_kind": "principal", "subject_value": MALLORY, "permission": "write" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let row = br#"[{"type":"notes","key":"n1","value":{"by":"MALLORY"},"headers":{"operation":"insert"}}]"#;
+    let append = stalled_write(&ts, "POST", "/chat/c1/main", MALLORY, json, row).await;
+    let res = as_principal(ts.request(Method::DELETE, &format!("{}?purge=true", api("/chat/c1"))), Some(ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    spawn_as(&ts, ALICE, "/chat/c1").await;
+    assert!(append.finish().await.contains(" 404 "), "mallory's append lands in no life of /chat/c1");
+    let main = ts.read_all_as("/chat/c1/main", Some(ALICE)).await;
+    assert!(!String::from_utf8_lossy(&main).contains("MALLORY"), "{}", String::from_utf8_lossy(&main));
+}
