@@ -140,9 +140,17 @@ pub struct ServeArgs {
     /// before the connection is closed, e.g. 30s [default: 30s]
     #[arg(long, env = "ATTACHE_SLOW_READER_TIMEOUT", value_parser = humantime::parse_duration)]
     slow_reader_timeout: Option<Duration>,
+    /// Most bytes all request bodies being received into memory hold at once (stream appends and
+    /// creates, /rpc, JSON bodies); a body past it is answered 503 with Retry-After [default: 268435456, 256 MiB]
+    #[arg(long, env = "ATTACHE_BODY_BUFFER_BYTES")]
+    body_buffer_bytes: Option<usize>,
+    /// How long such a body has to arrive, all of it; a slower one is answered 408 and its
+    /// connection closed, e.g. 60s [default: 60s]
+    #[arg(long, env = "ATTACHE_BODY_READ_TIMEOUT", value_parser = humantime::parse_duration)]
+    body_read_timeout: Option<Duration>,
     /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync, auth,
     /// cors_origins, allow_hosts (lists), store, object_store, max_connections, header_read_timeout,
-    /// idle_timeout, slow_reader_timeout
+    /// idle_timeout, slow_reader_timeout, body_buffer_bytes, body_read_timeout
     #[arg(long, env = "ATTACHE_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -189,6 +197,8 @@ struct FileConfig {
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
     slow_reader_timeout: Option<String>,
+    body_buffer_bytes: Option<usize>,
+    body_read_timeout: Option<String>,
 }
 
 /// A duration from its flag, else from the config file (`name` there), else unchanged.
@@ -335,6 +345,10 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         "slow_reader_timeout",
         &mut config.slow_reader_timeout,
     )?;
+    if let Some(n) = args.body_buffer_bytes.or(file.body_buffer_bytes) {
+        config.body_buffer_bytes = n;
+    }
+    duration(args.body_read_timeout, file.body_read_timeout, "body_read_timeout", &mut config.body_read_timeout)?;
     let store = args.store.or(file.store).unwrap_or_else(|| "embedded".into());
     config.store = attache_server::StoreConfig::parse(&store, args.object_store.or(file.object_store))
         .map_err(anyhow::Error::msg)?;

@@ -103,6 +103,13 @@ pub struct ServerConfig {
     /// How long a response may wait on a client that reads nothing before the
     /// connection is closed (the client resumes from its last offset).
     pub slow_reader_timeout: Duration,
+    /// Most bytes all request bodies being collected into memory hold at once
+    /// (stream appends and creates, `/rpc`, JSON bodies); a body that would go
+    /// past it is answered 503 with `Retry-After` at once.
+    pub body_buffer_bytes: usize,
+    /// How long a body collected into memory has to arrive, all of it, once
+    /// its handler starts reading it (408 and the connection closed beyond).
+    pub body_read_timeout: Duration,
 }
 
 /// Which backend holds streams, the registry and blobs.
@@ -205,6 +212,8 @@ impl ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             slow_reader_timeout: Duration::from_secs(30),
+            body_buffer_bytes: 256 << 20,
+            body_read_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -85,7 +85,12 @@ pub async fn drain_refused(State(state): State<AppState>, req: Request, next: Ne
     let wrapped =
         Body::from_stream(Returning { inner: Some(body.into_data_stream()), finished: false, back: Some(tx) });
     let mut res = next.run(Request::from_parts(parts, wrapped)).await;
-    if res.status().is_success() || res.status().is_informational() {
+    // A refusal that closes the connection itself (a body out of time or
+    // out of budget: `http::read_body`) is not waited on.
+    if res.status().is_success()
+        || res.status().is_informational()
+        || res.headers().get(header::CONNECTION).is_some_and(|v| v == "close")
+    {
         return res;
     }
     let Ok(mut rest) = rx.try_recv() else { return res };

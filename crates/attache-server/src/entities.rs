@@ -307,7 +307,7 @@ pub async fn spawn(
     body: Body,
 ) -> ApiResult<Response> {
     let url = entity_url(&entity_type, &instance_id)?;
-    let body: SpawnBody = json_body(&headers, body).await?;
+    let body: SpawnBody = json_body(&state.bodies, &headers, body).await?;
     // Validate everything before anything is written.
     let grants = body
         .grants
@@ -481,7 +481,7 @@ pub async fn signal(
 ) -> ApiResult<Response> {
     let url = entity_url(&entity_type, &instance_id)?;
     // An object, not serde's array form of a struct (`["SIGKILL"]`).
-    let body: serde_json::Map<String, Value> = json_body(&headers, body).await?;
+    let body: serde_json::Map<String, Value> = json_body(&state.bodies, &headers, body).await?;
     let body: SignalBody = serde_json::from_value(Value::Object(body))
         .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))?;
     let entity = entity_for(&state, &who, &url, Permission::Signal).await?;
@@ -739,7 +739,7 @@ pub async fn send(
     body: Body,
 ) -> ApiResult<Response> {
     let url = entity_url(&entity_type, &instance_id)?;
-    let body: SendBody = json_body(&headers, body).await?;
+    let body: SendBody = json_body(&state.bodies, &headers, body).await?;
     let entity = entity_for(&state, &who, &url, Permission::Write).await?;
     let (key, txid) =
         send_message(&state, &who, &entity, body.payload.unwrap_or(Value::Null), body.key, body.message_type).await?;
@@ -765,7 +765,7 @@ pub async fn add_grant(
     body: Body,
 ) -> ApiResult<Response> {
     let url = entity_url(&entity_type, &instance_id)?;
-    let body: GrantBody = json_body(&headers, body).await?;
+    let body: GrantBody = json_body(&state.bodies, &headers, body).await?;
     let entity = entity_for(&state, &who, &url, Permission::Manage).await?;
     let grant = body.into_new(&entity.url, &who)?;
     let stored = state.registry.add_grant(grant).await?;
@@ -813,7 +813,7 @@ pub async fn set_tag(
 ) -> ApiResult<Response> {
     let url = entity_url(&entity_type, &instance_id)?;
     let key = tag_key(&key)?;
-    let body: TagBody = json_body(&headers, body).await?;
+    let body: TagBody = json_body(&state.bodies, &headers, body).await?;
     let Value::String(value) = body.value else {
         return Err(ApiError::bad_request("Tag values must be strings"));
     };

@@ -105,7 +105,7 @@ pub async fn fork(
 ) -> ApiResult<Response> {
     let source_url = entity_url(&entity_type, &instance_id)?;
     // An object, not serde's array form of a struct.
-    let raw: serde_json::Map<String, Value> = json_body(&headers, body).await?;
+    let raw: serde_json::Map<String, Value> = json_body(&state.bodies, &headers, body).await?;
     let body: ForkBody = serde_json::from_value(Value::Object(raw))
         .map_err(|e| invalid(format!("Request body does not match API schema: {e}")))?;
     let (offset, sub_offset) = fork_point(&body)?;

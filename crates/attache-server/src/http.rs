@@ -3,10 +3,13 @@
 //! and setting a header from text. SSE framing is in `sse`, header names in
 //! `headers`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
 use attache_core::EntityUrl;
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue};
-use bytes::Bytes;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 
 use crate::error::{ApiError, ApiResult};
@@ -20,25 +23,133 @@ pub fn entity_url(entity_type: &str, instance_id: &str) -> ApiResult<EntityUrl> 
 }
 
 /// Reads a JSON body (empty means `{}`), with a size limit and clear 400s.
-pub async fn json_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: Body) -> ApiResult<T> {
-    let bytes = read_body(body, headers, MAX_JSON_BODY).await?;
+pub async fn json_body<T: serde::de::DeserializeOwned>(
+    bodies: &BodyBudget,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<T> {
+    let bytes = read_body(bodies, body, headers, MAX_JSON_BODY).await?;
     let text = if bytes.iter().all(u8::is_ascii_whitespace) { &b"{}"[..] } else { &bytes[..] };
     serde_json::from_slice(text)
         .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))
 }
 
-/// Reads a whole body of at most `limit` bytes; over it is a 413.
-pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> ApiResult<Bytes> {
+/// What bodies being collected into memory may hold, all requests together
+/// (`--body-buffer-bytes`), and how long one may take to arrive
+/// (`--body-read-timeout`). A body reserves its declared length up front (or
+/// its chunks as they come) and gives it back when collected or dropped; past
+/// the budget the request is answered 503 at once, never made to wait.
+#[derive(Debug)]
+pub struct BodyBudget {
+    held: AtomicUsize,
+    capacity: usize,
+    timeout: Duration,
+}
+
+impl BodyBudget {
+    pub fn new(capacity: usize, timeout: Duration) -> BodyBudget {
+        BodyBudget { held: AtomicUsize::new(0), capacity, timeout }
+    }
+
+    /// Bytes held now by bodies being collected.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, n: usize) -> ApiResult<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(n).filter(|&total| total <= self.capacity)
+            })
+            .map(drop)
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "BODY_BUDGET_EXHAUSTED",
+                    format!(
+                        "request bodies being received hold the server's whole buffer budget of {} bytes; retry later",
+                        self.capacity
+                    ),
+                )
+                .with_header(header::RETRY_AFTER, 1)
+                .with_header(header::CONNECTION, "close")
+            })
+    }
+}
+
+/// Bytes one body holds of the budget; given back on drop.
+struct Held<'a> {
+    budget: &'a BodyBudget,
+    bytes: usize,
+}
+
+impl Held<'_> {
+    /// Holds at least `total` bytes (503 when the budget has not that many left).
+    fn grow_to(&mut self, total: usize) -> ApiResult<()> {
+        if total > self.bytes {
+            self.budget.take(total - self.bytes)?;
+            self.bytes = total;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes; over it is a 413. The bytes
+/// come out of `bodies` while it is read (503 when it has too few left), and a
+/// body not all there within its read timeout is a 408; both close the
+/// connection rather than wait for the rest.
+pub(crate) async fn read_body(bodies: &BodyBudget, body: Body, headers: &HeaderMap, limit: usize) -> ApiResult<Bytes> {
     let declared = headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::payload_too_large(limit));
     }
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Err(ApiError::payload_too_large(limit))
+    let mut held = Held { budget: bodies, bytes: 0 };
+    held.grow_to(declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0))?;
+    let collect = async {
+        let mut body = body;
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut len = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
+            let Ok(data) = frame.into_data() else { continue };
+            len += data.len();
+            if len > limit {
+                return Err(ApiError::payload_too_large(limit));
+            }
+            held.grow_to(len)?;
+            if !data.is_empty() {
+                chunks.push(data);
+            }
         }
-        Err(e) => Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
+        Ok(match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.swap_remove(0),
+            _ => {
+                let mut whole = BytesMut::with_capacity(len);
+                for c in &chunks {
+                    whole.extend_from_slice(c);
+                }
+                whole.freeze()
+            }
+        })
+    };
+    match tokio::time::timeout(bodies.timeout, collect).await {
+        Ok(result) => result,
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "BODY_READ_TIMEOUT",
+            format!("the request body did not arrive within {:?}", bodies.timeout),
+        )
+        .with_header(header::CONNECTION, "close")),
     }
 }
 

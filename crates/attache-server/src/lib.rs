@@ -74,6 +74,8 @@ pub struct Shared {
     pub rate_limiter: Arc<rpc::RateLimiter>,
     /// Host and Origin rules for browsers (`origin`).
     pub browser: Arc<origin::BrowserPolicy>,
+    /// Bytes held by request bodies being collected, and their read timeout (`http::read_body`).
+    pub bodies: http::BodyBudget,
 }
 
 /// Errors that stop the server from starting.
@@ -173,6 +175,7 @@ impl Server {
             conn::listen(config.listen).map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let shutdown = CancellationToken::new();
+        let bodies = http::BodyBudget::new(config.body_buffer_bytes, config.body_read_timeout);
         let state = AppState(Arc::new(Shared {
             store,
             registry,
@@ -186,6 +189,7 @@ impl Server {
             metrics: Arc::new(metrics::Metrics::default()),
             rate_limiter: Arc::new(rpc::RateLimiter::default()),
             browser: Arc::new(browser),
+            bodies,
         }));
         events::ensure_stream(state.store.as_ref())
             .await

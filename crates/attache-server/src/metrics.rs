@@ -131,8 +131,9 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every counter.
-    /// `stream_appends` comes from the store, which sees every face's appends.
-    pub fn render(&self, stream_appends: u64) -> String {
+    /// `stream_appends` comes from the store, which sees every face's appends;
+    /// `body_buffer_bytes` from `http::BodyBudget`.
+    pub fn render(&self, stream_appends: u64, body_buffer_bytes: usize) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP attache_rpc_requests_total JSON-RPC calls by method and outcome (ok or error code).\n");
         out.push_str("# TYPE attache_rpc_requests_total counter\n");
@@ -193,6 +194,13 @@ impl Metrics {
             "Client connections open (WebSocket included), not counting those refused over the cap.",
             self.connections_open.load(Ordering::Relaxed).to_string(),
         );
+        scalar(
+            &mut out,
+            "attache_body_buffer_bytes",
+            "gauge",
+            "Bytes held by request bodies being received into memory (bounded by --body-buffer-bytes).",
+            body_buffer_bytes.to_string(),
+        );
         out.push_str("# HELP attache_connections_closed_total Connections the server closed or refused, by reason.\n");
         out.push_str("# TYPE attache_connections_closed_total counter\n");
         for why in Closed::ALL {
@@ -206,7 +214,7 @@ impl Metrics {
 /// GET /metrics. Any authenticated principal may scrape (in token mode: any
 /// valid token); the counters say how busy the server is, not what it holds.
 pub async fn get_metrics(State(state): State<AppState>, _who: crate::auth::Caller) -> Response {
-    let mut res = state.metrics.render(state.store.appends_committed()).into_response();
+    let mut res = state.metrics.render(state.store.appends_committed(), state.bodies.held()).into_response();
     res.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     res
 }

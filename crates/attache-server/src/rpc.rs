@@ -314,12 +314,14 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
             return res;
         }
     };
-    let bytes = match crate::http::read_body(body, headers, state.config.rpc_max_body_bytes).await {
+    let bytes = match crate::http::read_body(&state.bodies, body, headers, state.config.rpc_max_body_bytes).await {
         Ok(b) => b,
         Err(e) => {
             let err = RpcError::InvalidRequest(e.message);
             state.metrics.rpc_call("", &outcome_label(&err));
-            return respond(e.status, &error_response(Value::Null, &err));
+            let mut res = respond(e.status, &error_response(Value::Null, &err));
+            res.headers_mut().extend(e.headers);
+            return res;
         }
     };
     let budget = response_budget(&state);

@@ -236,7 +236,7 @@ async fn write(
     body: Body,
     checked: Access,
 ) -> ApiResult<Response> {
-    let body = read_body(body, headers, state.config.max_append_bytes).await?;
+    let body = read_body(&state.bodies, body, headers, state.config.max_append_bytes).await?;
     let access = authorize(state, who, method, path).await?;
     if access != checked {
         // What the path holds changed under the request (a kept stream's name taken, or freed).

@@ -357,3 +357,86 @@ async fn a_websocket_client_that_reads_nothing_is_disconnected_after_the_slow_re
     assert!(got.len() < asks * (900 << 10), "the reader was cut off before the end ({} bytes)", got.len());
     assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK);
 }
+
+/// Sends a POST of `len` declared bytes and all of its body but the last byte, then stalls.
+async fn stall_a_body(s: &TestServer, path: &str, len: usize) -> TcpStream {
+    let mut conn = connect(s).await;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: user:alice\r\n\
+         content-type: application/octet-stream\r\ncontent-length: {len}\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.expect("a request header is sent");
+    conn.write_all(&vec![b'x'; len - 1]).await.expect("all of the body but one byte is sent");
+    conn
+}
+
+/// The `attache_body_buffer_bytes` gauge.
+async fn body_buffer_bytes(s: &TestServer) -> u64 {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(PATIENCE).build().expect("a client");
+    let text = client.get(s.url("/metrics")).send().await.expect("/metrics answers").text().await.expect("a body");
+    text.lines()
+        .find_map(|l| l.strip_prefix("attache_body_buffer_bytes "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no attache_body_buffer_bytes in /metrics"))
+}
+
+/// Polls the gauge until it reads `want` (panics after `PATIENCE`).
+async fn body_buffer_bytes_reach(s: &TestServer, want: u64) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let held = body_buffer_bytes(s).await;
+        if held == want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "attache_body_buffer_bytes stayed {held}, not {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_body_past_the_body_buffer_budget_is_answered_503_at_once_and_the_budget_frees_when_a_stalled_body_goes() {
+    let s = TestServer::start_with(|c| {
+        c.body_buffer_bytes = 1 << 20;
+        c.body_read_timeout = Duration::from_secs(600);
+    })
+    .await;
+    // No stream of one's own is needed: a POST to a path with no stream is read before its 404.
+    let first = stall_a_body(&s, "/nothing/here", 700 << 10).await;
+    body_buffer_bytes_reach(&s, 700 << 10).await;
+
+    let started = std::time::Instant::now();
+    let mut second = stall_a_body(&s, "/nothing/there", 700 << 10).await;
+    let answer = read_until_closed(&mut second).await.expect("the server answers and closes without the last byte");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 503"), "{answer}");
+    assert!(answer.contains("\r\nretry-after: 1\r\n"), "{answer}");
+    assert!(answer.contains("\"code\":\"body_budget_exhausted\""), "{answer}");
+    assert!(started.elapsed() < PATIENCE / 2, "answered after {:?}", started.elapsed());
+    assert_eq!(body_buffer_bytes(&s).await, 700 << 10, "the refused body holds nothing");
+
+    // The stalled body goes away: its bytes come back, and a whole body is read again.
+    drop(first);
+    body_buffer_bytes_reach(&s, 0).await;
+    let res = s
+        .client
+        .post(s.url("/nothing/there"))
+        .header("electric-principal", "user:alice")
+        .header("content-type", "application/octet-stream")
+        .body(vec![b'x'; 700 << 10])
+        .send()
+        .await
+        .expect("a whole body is sent");
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_body_not_all_there_within_the_body_read_timeout_is_answered_408_and_frees_its_bytes() {
+    let s = TestServer::start_with(|c| c.body_read_timeout = Duration::from_millis(500)).await;
+    let mut stalled = stall_a_body(&s, "/nothing/here", 700 << 10).await;
+    let answer = read_until_closed(&mut stalled).await.expect("the server answers and closes within the timeout");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"body_read_timeout\""), "{answer}");
+    assert_eq!(body_buffer_bytes(&s).await, 0);
+    assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK);
+}

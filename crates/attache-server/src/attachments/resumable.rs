@@ -46,7 +46,7 @@ pub async fn begin_resumable(
 ) -> ApiResult<Response> {
     let entity = entity_url(&entity_type, &instance_id)?;
     validate_attachment_id(&id)?;
-    let body: ResumableBody = json_body(&headers, body).await?;
+    let body: ResumableBody = json_body(&state.bodies, &headers, body).await?;
     let record = entity_for(&state, &who, &entity, Permission::Write).await?;
     if !record.is_running() {
         return Err(not_running());
