@@ -69,6 +69,10 @@ pub fn not_running() -> ApiError {
 /// manifest entries by attachment id, and the keys of inbox rows.
 #[derive(Debug, Default, PartialEq)]
 pub struct MainView {
+    /// The stream the view was built from: another instance may purge the
+    /// entity and a new life may create a new stream at the same path, so a
+    /// view is only caught up from the stream it started on.
+    stream: Option<u64>,
     applied: u64,
     pub manifest: BTreeMap<String, ManifestEntry>,
     /// attache's key-value name → attachment id (task attachments, keyed uploads).
@@ -228,8 +232,19 @@ impl Views {
                     *view = MainView::default();
                     return Ok(view);
                 }
+                // Shorter than what the view applied: not the stream it was built from.
+                Err(StoreError::Invalid(_)) if view.applied > 0 => {
+                    *view = MainView::default();
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             };
+            if view.stream.is_some_and(|id| id != batch.info.id) {
+                // A new stream at this path (a purge and a new life, perhaps through another instance).
+                *view = MainView::default();
+                continue;
+            }
+            view.stream = Some(batch.info.id);
             for row in &batch.messages() {
                 view.apply(row);
             }

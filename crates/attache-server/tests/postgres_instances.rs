@@ -5,6 +5,7 @@
 //! installed it prints why and passes.
 
 mod common;
+mod entity_support;
 
 use std::time::Duration;
 
@@ -103,4 +104,45 @@ async fn two_servers_over_one_database_serve_the_same_streams_or_skip_without_po
     assert!(gone, "a hears of b's delete");
     a.stop().await;
     b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_through_one_instance_leaves_no_view_of_the_old_life_on_another() {
+    let cluster = match TestCluster::start(false) {
+        Ok(c) => c,
+        Err(why) => {
+            attache_storage::postgres::test_cluster::missing_service("PostgreSQL", &why);
+            return;
+        }
+    };
+    let url = cluster.fresh_database().await.expect("a test database");
+    let objects = tempfile::tempdir().unwrap();
+    let store = StoreConfig::Postgres { url, object_store_url: Some(format!("file://{}", objects.path().display())) };
+    let a = TestServer::start_with({
+        let store = store.clone();
+        move |c| c.store = store
+    })
+    .await;
+    let b = TestServer::start_with(move |c| c.store = store).await;
+    let e = "/chat/lives";
+    entity_support::spawn(&a, None, e).await;
+    entity_support::upload(&a, e, "old-life", "text/plain", b"the old life's attachment").await;
+    assert!(entity_support::listed(&a, e).await.contains_key("old-life"), "a has built its view");
+
+    // Purged and spawned again through b, with enough rows that the new
+    // stream is longer than what a's view applied.
+    let res = b.request(Method::DELETE, &format!("{}?purge=true", entity_support::api(e))).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    entity_support::spawn(&b, None, e).await;
+    for n in 0..20 {
+        let res = b
+            .request(Method::POST, &format!("{}/send", entity_support::api(e)))
+            .json(&serde_json::json!({ "payload": { "n": n, "pad": "x".repeat(200) } }))
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success(), "send {n}: {}", res.status());
+    }
+    let listed = entity_support::listed(&a, e).await;
+    assert!(listed.is_empty(), "a shows the new life's attachments, none of the old: {listed:?}");
 }
