@@ -199,7 +199,7 @@ pub async fn dispatch(
         Err(e) => Err(e),
         Ok(access) => match method {
             Method::PUT | Method::POST => write(&state, &who, &method, &path, &headers, body, access).await,
-            Method::GET => get(&state, &path, query.as_deref(), &headers).await,
+            Method::GET => get(&state, &who, &path, query.as_deref(), &headers).await,
             Method::HEAD => head(&state, &path).await,
             Method::DELETE => delete(&state, &path).await,
             _ => Err(ApiError::new(
@@ -474,13 +474,49 @@ fn cursor_for(echoed: Option<&str>) -> Cursor {
     Cursor::next(chrono::Utc::now().timestamp(), echoed, rand::random_range(1..=3600))
 }
 
-async fn get(state: &AppState, path: &StreamPath, query: Option<&str>, headers: &HeaderMap) -> ApiResult<Response> {
+async fn get(
+    state: &AppState,
+    who: &PrincipalKey,
+    path: &StreamPath,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
     let q = parse_query(query)?;
+    let reader = LiveReader::of(state, who, path);
     match q.live {
         None => catch_up(state, path, &q, headers).await,
         Some(_) if !q.offset_given => Err(ApiError::bad_request("live reads need an offset")),
-        Some(Live::LongPoll) => long_poll(state, path, &q).await,
-        Some(Live::Sse) => sse(state, path, &q).await,
+        Some(Live::LongPoll) => long_poll(state, path, &q, &reader).await,
+        Some(Live::Sse) => sse(state, path, &q, reader).await,
+    }
+}
+
+/// Who waits on a live read of an entity's stream, to be checked again
+/// before each batch that arrives after a wait: a grant revoked (or the
+/// entity purged) while a reader waits ends what that reader is sent, as on
+/// `/_attache/events`. Plain streams need no second look: their owner does
+/// not change, and a deleted stream ends its readers.
+#[derive(Clone)]
+struct LiveReader {
+    state: AppState,
+    who: PrincipalKey,
+    entity: Option<EntityUrl>,
+}
+
+impl LiveReader {
+    fn of(state: &AppState, who: &PrincipalKey, path: &StreamPath) -> LiveReader {
+        LiveReader {
+            state: state.clone(),
+            who: who.clone(),
+            entity: EntityUrl::owning(path.as_str()).map(|(entity, _)| entity),
+        }
+    }
+
+    async fn may_still_read(&self) -> bool {
+        match &self.entity {
+            Some(entity) => entity_for(&self.state, &self.who, entity, Permission::Read).await.is_ok(),
+            None => true,
+        }
     }
 }
 
@@ -538,7 +574,7 @@ async fn catch_up(state: &AppState, path: &StreamPath, q: &ReadQuery, headers: &
     Ok(res)
 }
 
-async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiResult<Response> {
+async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery, reader: &LiveReader) -> ApiResult<Response> {
     let store = &state.store;
     let mut signal = store.subscribe(path.as_str()).await?;
     store.touch(path.as_str());
@@ -549,8 +585,12 @@ async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiRes
     };
     let deadline = tokio::time::Instant::now() + state.config.long_poll_timeout;
     let cursor = cursor_for(q.cursor.as_deref());
+    let mut waited = false;
     loop {
         let batch = store.read(path.as_str(), ReadFrom::At(from), state.config.max_read_bytes).await?;
+        if waited && !reader.may_still_read().await {
+            return Err(ApiError::from(StoreError::NotFound));
+        }
         if !batch.is_empty() {
             let mut res = Response::new(Body::from(batch_body(&batch)));
             let hm = res.headers_mut();
@@ -579,6 +619,7 @@ async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiRes
             _ = tokio::time::sleep_until(deadline) => break,
             _ = state.shutdown.cancelled() => break,
         }
+        waited = true;
     }
     let info = store.head(path.as_str()).await?;
     let mut res = StatusCode::NO_CONTENT.into_response();
@@ -619,7 +660,7 @@ fn sse_control(next: Offset, cursor: Option<Cursor>, up_to_date: bool, closed: b
     crate::sse::event("control", &serde_json::Value::Object(control).to_string())
 }
 
-async fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiResult<Response> {
+async fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery, live: LiveReader) -> ApiResult<Response> {
     let store = state.store.clone();
     let signal = store.subscribe(path.as_str()).await?;
     store.touch(path.as_str());
@@ -644,6 +685,8 @@ async fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery) -> ApiResult<Re
         echoed: q.cursor.clone(),
         announced: false,
         done: false,
+        live,
+        waited: false,
     };
     let mut res = crate::sse::response(reader);
     if base64 {
@@ -667,6 +710,9 @@ struct SseReader {
     announced: bool,
     /// The stream's closed end has been sent.
     done: bool,
+    /// Who reads, checked again after each wait.
+    live: LiveReader,
+    waited: bool,
 }
 
 impl crate::sse::Source for SseReader {
@@ -680,6 +726,9 @@ impl crate::sse::Source for SseReader {
                     return None;
                 }
             };
+            if std::mem::take(&mut self.waited) && !self.live.may_still_read().await {
+                return None;
+            }
             let closed = batch.at_closed_end();
             let cursor = Some(cursor_for(self.echoed.as_deref()));
             self.done = closed;
@@ -703,6 +752,7 @@ impl crate::sse::Source for SseReader {
                 _ = tokio::time::sleep_until(self.deadline) => return None,
                 _ = self.shutdown.cancelled() => return None,
             }
+            self.waited = true;
         }
         None
     }

@@ -1043,3 +1043,65 @@ async fn a_raw_write_is_checked_again_against_what_holds_the_path_when_its_body_
     let main = ts.read_all_as("/chat/c1/main", Some(ALICE)).await;
     assert!(!String::from_utf8_lossy(&main).contains("MALLORY"), "{}", String::from_utf8_lossy(&main));
 }
+
+#[tokio::test]
+async fn a_live_reader_of_an_entity_stream_gets_nothing_written_after_its_grant_is_revoked() {
+    use futures::StreamExt;
+    let ts = TestServer::start().await;
+    let e = "/chat/revoked";
+    spawn_as(&ts, ALICE, e).await;
+    let res = as_principal(ts.request(Method::POST, &format!("{}/grants", api(e))), Some(ALICE))
+        .json(&json!({ "subject_kind": "principal", "subject_value": MALLORY, "permission": "read" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let grant = res.json::<Value>().await.unwrap()["id"].as_u64().expect("a grant id");
+    let head = as_principal(ts.request(Method::HEAD, &format!("{e}/main")), Some(ALICE)).send().await.unwrap();
+    let tail = head.headers()["stream-next-offset"].to_str().unwrap().to_owned();
+
+    // Mallory follows the main stream live, by SSE and by long-poll, from its tail.
+    let sse = as_principal(ts.request(Method::GET, &format!("{e}/main")), Some(MALLORY))
+        .query(&[("offset", tail.as_str()), ("live", "sse")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), StatusCode::OK);
+    let poll = tokio::spawn(
+        as_principal(ts.request(Method::GET, &format!("{e}/main")), Some(MALLORY))
+            .query(&[("offset", tail.as_str()), ("live", "long-poll")])
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let res = as_principal(ts.request(Method::DELETE, &format!("{}/grants/{grant}", api(e))), Some(ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "revoke: {}", res.status());
+    let res = as_principal(ts.request(Method::POST, &format!("{}/send", api(e))), Some(ALICE))
+        .json(&json!({ "payload": { "text": DIARY } }))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success());
+
+    let polled =
+        tokio::time::timeout(Duration::from_secs(10), poll).await.expect("the long-poll ends").unwrap().unwrap();
+    let status = polled.status();
+    let body = polled.text().await.unwrap();
+    assert!(!body.contains(DIARY), "long-poll after revocation ({status}): {body}");
+    let mut seen = String::new();
+    let mut body = sse.bytes_stream();
+    // The SSE answer ends (or sends nothing more) without the new message.
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(c) => seen.push_str(&String::from_utf8_lossy(&c)),
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(!seen.contains(DIARY), "SSE after revocation: {seen}");
+}
