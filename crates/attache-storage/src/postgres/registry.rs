@@ -28,6 +28,11 @@ struct State {
     /// url → (row version, record).
     entities: BTreeMap<String, (i64, EntityRecord)>,
     grants: HashMap<String, Vec<GrantRecord>>,
+    /// Entities this instance removed, counted: a refresh that read the
+    /// database before a removal committed must not put the removed record
+    /// back into the cache after it (a spawn at the purged URL then saw the
+    /// old, stopped entity).
+    removals: u64,
 }
 
 /// What this instance knows of the registry.
@@ -58,6 +63,7 @@ impl Cache {
 
     /// Re-reads one entity and its grants (after a notification).
     pub(crate) async fn refresh(&self, pool: &PgPool, url: &str) -> StoreResult<Option<EntityRecord>> {
+        let removals_before = self.state.read().removals;
         let entity: Option<(String, i64)> =
             sqlx::query_as("SELECT record, version FROM attache_entities WHERE url = $1")
                 .bind(url)
@@ -75,7 +81,11 @@ impl Cache {
         match entity {
             Some((record, version)) => {
                 let record: EntityRecord = parse(&record)?;
-                let newer = state.entities.get(url).is_none_or(|(v, _)| *v <= version);
+                let newer = match state.entities.get(url) {
+                    Some((v, _)) => *v <= version,
+                    // Not cached: maybe removed while this read ran; then the next lookup reads again.
+                    None => state.removals == removals_before,
+                };
                 if newer {
                     state.entities.insert(url.to_owned(), (version, record.clone()));
                 }
@@ -232,6 +242,7 @@ impl Registry for PgRegistry {
                 let mut state = shared.registry.state.write();
                 state.entities.remove(&url);
                 state.grants.remove(&url);
+                state.removals += 1;
                 Ok(removed.rows_affected() > 0)
             })
             .await
