@@ -380,3 +380,47 @@ async fn redis_subscribers_receive_each_event_on_its_type_channel() {
     assert_eq!(created["payload"]["attachmentId"], a["id"]);
     assert_eq!(created["payload"]["taskId"], t.as_str());
 }
+
+#[tokio::test]
+async fn a_long_poll_that_may_see_nothing_in_a_long_log_answers_an_empty_page_instead_of_reading_it_all() {
+    let s = TestServer::start_with(|c| {
+        c.max_read_bytes = 1024;
+        c.long_poll_timeout = Duration::from_secs(10);
+    })
+    .await;
+    for n in 0..60 {
+        create_task(&s, "user:alice", &format!("alice's task {n}"), 50).await;
+    }
+    let started = std::time::Instant::now();
+    let res = s
+        .request(reqwest::Method::GET, "/_attache/events")
+        .header("electric-principal", "user:mallory")
+        .query(&[("offset", "-1"), ("live", "long-poll")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "an empty page, not a wait");
+    assert!(started.elapsed() < Duration::from_secs(5), "answered without waiting out the long-poll");
+    let next = header(&res, NEXT_OFFSET).expect("where the scan stopped");
+    assert!(res.headers().get("stream-up-to-date").is_none(), "not up to date: the log goes on");
+    assert_eq!(res.json::<Value>().await.unwrap(), json!([]));
+    // Going on from there, mallory reaches the end seeing nothing of alice's.
+    let mut offset = next;
+    for _ in 0..100 {
+        let res = s
+            .request(reqwest::Method::GET, "/_attache/events")
+            .header("electric-principal", "user:mallory")
+            .query(&[("offset", offset.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let up_to_date = res.headers().get("stream-up-to-date").is_some();
+        offset = header(&res, NEXT_OFFSET).expect("a next offset");
+        assert_eq!(res.json::<Value>().await.unwrap(), json!([]));
+        if up_to_date {
+            return;
+        }
+    }
+    panic!("the log has an end");
+}
