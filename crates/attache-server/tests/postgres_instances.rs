@@ -16,13 +16,21 @@ use reqwest::{Method, StatusCode};
 
 const JSON: &str = "application/json";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_servers_over_one_database_serve_the_same_streams_or_skip_without_postgres() {
+/// Two servers over one fresh database and one object store (a throwaway
+/// cluster, or `ATTACHE_TEST_PG_URL`); `None` (after saying why) without PostgreSQL.
+struct Instances {
+    a: TestServer,
+    b: TestServer,
+    _objects: tempfile::TempDir,
+    _cluster: TestCluster,
+}
+
+async fn two_instances() -> Option<Instances> {
     let cluster = match TestCluster::start(false) {
         Ok(c) => c,
         Err(why) => {
             attache_storage::postgres::test_cluster::missing_service("PostgreSQL", &why);
-            return;
+            return None;
         }
     };
     let url = cluster.fresh_database().await.expect("a test database");
@@ -36,6 +44,12 @@ async fn two_servers_over_one_database_serve_the_same_streams_or_skip_without_po
     };
     let a = start(store.clone()).await;
     let b = start(store).await;
+    Some(Instances { a, b, _objects: objects, _cluster: cluster })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_over_one_database_serve_the_same_streams_or_skip_without_postgres() {
+    let Some(Instances { a, b, _objects, _cluster }) = two_instances().await else { return };
 
     a.create("/shared/chat", JSON).await;
     let tail = a.append("/shared/chat", JSON, r#"{"from":"a","n":1}"#).await;
@@ -108,22 +122,7 @@ async fn two_servers_over_one_database_serve_the_same_streams_or_skip_without_po
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purge_through_one_instance_leaves_no_view_of_the_old_life_on_another() {
-    let cluster = match TestCluster::start(false) {
-        Ok(c) => c,
-        Err(why) => {
-            attache_storage::postgres::test_cluster::missing_service("PostgreSQL", &why);
-            return;
-        }
-    };
-    let url = cluster.fresh_database().await.expect("a test database");
-    let objects = tempfile::tempdir().unwrap();
-    let store = StoreConfig::Postgres { url, object_store_url: Some(format!("file://{}", objects.path().display())) };
-    let a = TestServer::start_with({
-        let store = store.clone();
-        move |c| c.store = store
-    })
-    .await;
-    let b = TestServer::start_with(move |c| c.store = store).await;
+    let Some(Instances { a, b, _objects, _cluster }) = two_instances().await else { return };
     let e = "/chat/lives";
     entity_support::spawn(&a, None, e).await;
     entity_support::upload(&a, e, "old-life", "text/plain", b"the old life's attachment").await;
