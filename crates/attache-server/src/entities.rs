@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use crate::access::{entity_for, entity_not_found, hold_life, may, now_ms, same_incarnation, Life};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::http::{entity_url, json_body};
+use crate::http::{entity_url, json_body, json_object_body};
 use crate::rows::{append_rows, json_content_type, new_txid, not_running, rows_body};
 use crate::AppState;
 
@@ -480,10 +480,7 @@ pub async fn signal(
     body: Body,
 ) -> ApiResult<Response> {
     let url = entity_url(&entity_type, &instance_id)?;
-    // An object, not serde's array form of a struct (`["SIGKILL"]`).
-    let body: serde_json::Map<String, Value> = json_body(&state.bodies, &headers, body).await?;
-    let body: SignalBody = serde_json::from_value(Value::Object(body))
-        .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))?;
+    let body: SignalBody = json_object_body(&state.bodies, &headers, body).await?;
     let entity = entity_for(&state, &who, &url, Permission::Signal).await?;
     let name = body.signal.ok_or_else(|| invalid_signal(format!("signal is required: {}", Signal::NAMES)))?;
     let sig = Signal::parse(&name).map_err(|e| invalid_signal(e.to_string()))?;

@@ -24,13 +24,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::access::{entity_for, hold_life, now_ms};
 use crate::auth::Caller;
 use crate::entities::{copy_grants_to_child, entity_json, json_size, lineage_under};
 use crate::error::{ApiError, ApiResult};
-use crate::http::{entity_url, json_body};
+use crate::http::{entity_url, json_object_body};
 use crate::rows::{append_rows, new_txid, not_running};
 use crate::AppState;
 
@@ -104,10 +104,7 @@ pub async fn fork(
     body: Body,
 ) -> ApiResult<Response> {
     let source_url = entity_url(&entity_type, &instance_id)?;
-    // An object, not serde's array form of a struct.
-    let raw: serde_json::Map<String, Value> = json_body(&state.bodies, &headers, body).await?;
-    let body: ForkBody = serde_json::from_value(Value::Object(raw))
-        .map_err(|e| invalid(format!("Request body does not match API schema: {e}")))?;
+    let body: ForkBody = json_object_body(&state.bodies, &headers, body).await?;
     let (offset, sub_offset) = fork_point(&body)?;
     let fork_id = match body.instance_id.as_deref() {
         Some(id) => id.to_owned(),

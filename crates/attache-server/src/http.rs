@@ -34,6 +34,18 @@ pub async fn json_body<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))
 }
 
+/// [`json_body`] for bodies that must be a JSON object: serde would also take
+/// a struct in its array form (`["SIGKILL"]`), which no client means.
+pub async fn json_object_body<T: serde::de::DeserializeOwned>(
+    bodies: &BodyBudget,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<T> {
+    let object: serde_json::Map<String, serde_json::Value> = json_body(bodies, headers, body).await?;
+    serde_json::from_value(serde_json::Value::Object(object))
+        .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))
+}
+
 /// What bodies being collected into memory may hold, all requests together
 /// (`--body-buffer-bytes`), and how long one may take to arrive
 /// (`--body-read-timeout`). A body reserves its declared length up front (or

@@ -387,10 +387,23 @@ pub(crate) fn new_stream(
     }
 }
 
-/// A closed stream whose bytes are one blob.
-/// `link_blob_stream` on a stream that holds no blob.
-pub(crate) fn not_a_blob_stream() -> StoreError {
-    StoreError::Invalid("the source stream holds no blob (only attachment streams can be linked)".into())
+/// What `link_blob_stream` links to: the blob of `src`, refused when the
+/// source is gone, expired or holds no blob. The new stream takes the
+/// source's content type unless `req` names one.
+pub(crate) fn plan_link(src: &StreamInfo, expired: bool, req: &mut CreateStream) -> StoreResult<BlobRef> {
+    if src.soft_deleted {
+        return Err(StoreError::Gone);
+    }
+    if expired {
+        return Err(StoreError::NotFound);
+    }
+    let blob = src.blob.clone().ok_or_else(|| {
+        StoreError::Invalid("the source stream holds no blob (only attachment streams can be linked)".into())
+    })?;
+    if req.content_type.is_none() {
+        req.content_type = Some(src.content_type());
+    }
+    Ok(blob)
 }
 
 pub(crate) fn new_blob_stream(id: u64, req: &CreateStream, blob: BlobRef) -> StreamInfo {

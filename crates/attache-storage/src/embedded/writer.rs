@@ -1340,16 +1340,7 @@ impl WriterState {
     ) -> StoreResult<StreamInfo> {
         let src_id = *self.paths.get(source).ok_or(StoreError::NotFound)?;
         let src = self.streams.get(&src_id).ok_or(StoreError::NotFound)?;
-        if src.soft_deleted {
-            return Err(StoreError::Gone);
-        }
-        if self.expired(shared, src_id) {
-            return Err(StoreError::NotFound);
-        }
-        let blob = src.blob.clone().ok_or_else(rules::not_a_blob_stream)?;
-        if req.content_type.is_none() {
-            req.content_type = Some(src.content_type());
-        }
+        let blob = rules::plan_link(src, self.expired(shared, src_id), &mut req)?;
         let path = req.path.as_str().to_owned();
         if let Some(&id) = self.paths.get(&path) {
             match rules::at_path(&self.streams[&id], self.expired(shared, id), &req) {

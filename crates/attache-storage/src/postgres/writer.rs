@@ -486,16 +486,7 @@ impl Work {
     async fn link_blob(&mut self, shared: &Shared, mut req: CreateStream, source: &str) -> StoreResult<StreamInfo> {
         let src_id = self.id_at(source).await?.ok_or(StoreError::NotFound)?;
         let src = self.stream(src_id).await?.ok_or(StoreError::NotFound)?;
-        if src.soft_deleted {
-            return Err(StoreError::Gone);
-        }
-        if self.expired(shared, src_id) {
-            return Err(StoreError::NotFound);
-        }
-        let blob = src.blob.clone().ok_or_else(rules::not_a_blob_stream)?;
-        if req.content_type.is_none() {
-            req.content_type = Some(src.content_type());
-        }
+        let blob = rules::plan_link(&src, self.expired(shared, src_id), &mut req)?;
         self.create_blob(shared, &req, &blob).await
     }
 
