@@ -237,21 +237,26 @@ async fn write(
     checked: Access,
 ) -> ApiResult<Response> {
     let body = read_body(&state.bodies, body, headers, state.config.max_append_bytes).await?;
-    let access = authorize(state, who, method, path).await?;
-    if access != checked {
-        // What the path holds changed under the request (a kept stream's name taken, or freed).
-        return Err(ApiError::from(StoreError::NotFound));
-    }
     let life = match EntityUrl::owning(path.as_str()) {
         Some((entity, which)) => {
-            entity_stream_rules(state, method, &entity, &which, &Req(headers)).await?;
+            // `authorize`'s check for a write, on the record whose life is then held.
             let record = entity_for(state, who, &entity, Permission::Write).await?;
+            if !record.is_running() {
+                return Err(not_running());
+            }
+            entity_stream_rules(state, method, &entity, &which, &Req(headers)).await?;
             Some(hold_life(state, &record).await?)
         }
-        None => None,
+        None => {
+            if authorize(state, who, method, path).await? != checked {
+                // What the path holds changed under the request (a kept stream's name taken, or freed).
+                return Err(ApiError::from(StoreError::NotFound));
+            }
+            None
+        }
     };
     match *method {
-        Method::PUT => put(state, who, path, headers, body, access, life).await,
+        Method::PUT => put(state, who, path, headers, body, checked, life).await,
         _ => post(state, path, headers, body, life).await,
     }
 }
