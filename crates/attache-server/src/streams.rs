@@ -487,12 +487,11 @@ async fn get(
     headers: &HeaderMap,
 ) -> ApiResult<Response> {
     let q = parse_query(query)?;
-    let reader = LiveReader::of(state, who, path);
     match q.live {
         None => catch_up(state, path, &q, headers).await,
         Some(_) if !q.offset_given => Err(ApiError::bad_request("live reads need an offset")),
-        Some(Live::LongPoll) => long_poll(state, path, &q, &reader).await,
-        Some(Live::Sse) => sse(state, path, &q, reader).await,
+        Some(Live::LongPoll) => long_poll(state, path, &q, &LiveReader::of(state, who, path)).await,
+        Some(Live::Sse) => sse(state, path, &q, LiveReader::of(state, who, path)).await,
     }
 }
 
