@@ -1,0 +1,116 @@
+//! Grants on an entity: Electric's grant body and JSON, and the routes
+//! that list, add and revoke them [manage].
+
+use attache_core::state::timestamp;
+use attache_core::{ExpiresAt, GrantSubject, Permission, PrincipalKey, Propagation};
+use attache_storage::{GrantRecord, NewGrant};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::access::entity_for;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::http::{entity_url, json_body};
+use crate::AppState;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantBody {
+    subject_kind: String,
+    subject_value: String,
+    permission: String,
+    #[serde(default)]
+    propagation: Option<String>,
+    #[serde(default)]
+    copy_to_children: Option<bool>,
+    #[serde(default)]
+    expires_at: Option<String>,
+}
+
+impl GrantBody {
+    pub(super) fn into_new(self, entity_url: &str, created_by: &PrincipalKey) -> ApiResult<NewGrant> {
+        let subject = GrantSubject::parse(&self.subject_kind, &self.subject_value)?;
+        let permission = Permission::parse(&self.permission)?;
+        let propagation = self.propagation.as_deref().map(Propagation::parse).transpose()?.unwrap_or_default();
+        let expires = self.expires_at.as_deref().map(ExpiresAt::parse).transpose()?;
+        Ok(NewGrant {
+            entity_url: entity_url.to_owned(),
+            subject,
+            permission,
+            expires_at_ms: expires.as_ref().map(|e| e.unix_ms),
+            expires_at: expires.map(|e| e.raw),
+            created_by: created_by.url(),
+            propagation,
+            copy_to_children: self.copy_to_children.unwrap_or(false),
+        })
+    }
+}
+
+pub fn grant_json(g: &GrantRecord) -> Value {
+    let (kind, value) = match &g.subject {
+        GrantSubject::Principal(v) => ("principal", v),
+        GrantSubject::PrincipalKind(v) => ("principal_kind", v),
+    };
+    let mut out = json!({
+        "id": g.id,
+        "entity_url": g.entity_url,
+        "permission": g.permission.as_str(),
+        "subject_kind": kind,
+        "subject_value": value,
+        "propagation": g.propagation.as_str(),
+        "copy_to_children": g.copy_to_children,
+        "created_by": g.created_by,
+        "created_at": timestamp(g.created_at_ms),
+        "updated_at": timestamp(g.updated_at_ms.unwrap_or(g.created_at_ms)),
+    });
+    if let Some(at) = &g.expires_at {
+        out["expires_at"] = json!(at);
+    }
+    out
+}
+
+pub async fn list_grants(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    let entity = entity_for(&state, &who, &url, Permission::Manage).await?;
+    let grants: Vec<Value> = state.registry.grants(&entity.url).iter().map(grant_json).collect();
+    Ok(Json(json!({ "grants": grants })).into_response())
+}
+
+pub async fn add_grant(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    let body: GrantBody = json_body(&state.bodies, &headers, body).await?;
+    let entity = entity_for(&state, &who, &url, Permission::Manage).await?;
+    let grant = body.into_new(&entity.url, &who)?;
+    let stored = state.registry.add_grant(grant).await?;
+    Ok((StatusCode::CREATED, Json(grant_json(&stored))).into_response())
+}
+
+pub async fn remove_grant(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id, grant_id)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    let id =
+        grant_id.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| ApiError::bad_request("Invalid grant id"))?;
+    let entity = entity_for(&state, &who, &url, Permission::Manage).await?;
+    if !state.registry.remove_grant(&entity.url, id).await? {
+        return Err(ApiError::not_found("Grant not found"));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -1,0 +1,86 @@
+//! The entities face, in the wire format of Electric Agents
+//! (`/_electric/entities`), one file per part: `spawn` (and the lineage a
+//! child goes under), `read` (one entity, the list), `lifecycle` (stop,
+//! purge), `signal`, `send` (inbox messages), `tags`, `grants`. What they
+//! share is here: the entity's JSON, the JSON size bound on args and tags,
+//! and generated row keys. The fork route is `crate::fork`.
+
+use attache_storage::EntityRecord;
+use serde_json::{json, Value};
+
+use crate::access::now_ms;
+
+mod grants;
+mod lifecycle;
+mod read;
+mod send;
+mod signal;
+mod spawn;
+mod tags;
+
+pub use grants::{add_grant, grant_json, list_grants, remove_grant, GrantBody};
+pub use lifecycle::{purge_entity, stop, stop_entity, StopQuery};
+pub use read::{get_entity, list, ListQuery};
+pub use send::{send, send_message, SendBody};
+pub use signal::{signal, SignalBody};
+pub use spawn::{copy_grants_to_child, lineage_under, spawn, spawn_entity, Lineage, SpawnBody, MAX_LINEAGE_DEPTH};
+pub use tags::{delete_tag, set_tag, TagBody};
+
+/// How many bytes `v` takes as JSON, counted without writing them anywhere.
+pub fn json_size<T: serde::Serialize + ?Sized>(v: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail; a value that cannot be JSON counts what was written.
+    let _ = serde_json::to_writer(&mut count, v);
+    count.0
+}
+
+/// The public JSON of an entity.
+pub fn entity_json(e: &EntityRecord) -> Value {
+    let mut v = json!({
+        "url": e.url,
+        "type": e.entity_type,
+        "instance_id": e.instance_id,
+        "status": e.status,
+        "streams": { "main": format!("{}/main", e.url) },
+        "tags": e.tags,
+        "created_by": e.created_by,
+        "created_at": e.created_at_ms,
+        "updated_at": e.updated_at_ms,
+    });
+    if let Some(args) = &e.args {
+        v["spawn_args"] = args.clone();
+    }
+    if let Some(parent) = &e.parent {
+        v["parent"] = json!(parent);
+    }
+    v
+}
+
+fn generated_key(prefix: &str) -> String {
+    let n: u32 = rand::random();
+    format!("{prefix}-{}-{}", now_ms(), radix36(n as u64))
+}
+
+fn radix36(mut n: u64) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap_or_default()
+}

@@ -1,0 +1,96 @@
+//! Reading entities: one (`GET .../{type}/{id}`) and the list the caller
+//! may read (`GET /_electric/entities`).
+
+use attache_core::Permission;
+use attache_storage::EntityRecord;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::access::{entity_for, may};
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::http::entity_url;
+use crate::AppState;
+
+use super::entity_json;
+
+pub async fn get_entity(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    let entity = entity_for(&state, &who, &url, Permission::Read).await?;
+    Ok(Json(entity_json(&entity)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    #[serde(default, rename = "type")]
+    entity_type: Option<String>,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    limit: Option<String>,
+    #[serde(default)]
+    offset: Option<String>,
+    /// `KEY:VALUE` (that tag with that value) or `KEY` (that tag, any value).
+    #[serde(default)]
+    tag: Option<String>,
+    /// The children of this entity (`/type/id`), as Electric's list takes it.
+    #[serde(default)]
+    parent: Option<String>,
+}
+
+/// GET /_electric/entities: a JSON array of the entities the caller may read,
+/// newest first, filtered by `type`, `status`, `parent` (its children) and `tag`
+/// (`KEY:VALUE`, or `KEY` for any value); `limit` (1-1000, default 100) and `offset` page through it,
+/// and `X-Total-Count` / `X-Next-Offset` say how many there are and where the next page starts.
+pub async fn list(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Response> {
+    let limit = match q.limit.as_deref() {
+        None => 100,
+        Some(s) => s
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| ApiError::bad_request("limit must be 1 to 1000"))?,
+    };
+    let offset = match q.offset.as_deref() {
+        None => 0,
+        Some(s) => s.parse::<usize>().map_err(|_| ApiError::bad_request("offset must be a non-negative integer"))?,
+    };
+    let visible: Vec<EntityRecord> = state
+        .registry
+        .entities(q.entity_type.as_deref())
+        .into_iter()
+        .filter(|e| q.status.as_deref().is_none_or(|s| e.status == s))
+        .filter(|e| q.parent.as_deref().is_none_or(|p| e.parent.as_deref() == Some(p)))
+        .filter(|e| match q.tag.as_deref().map(|t| t.split_once(':').unwrap_or((t, ""))) {
+            None => true,
+            Some((key, "")) => e.tags.contains_key(key),
+            Some((key, value)) => e.tags.get(key).is_some_and(|v| v == value),
+        })
+        .filter(|e| may(&state, &who, e, Permission::Read))
+        .collect();
+    let total = visible.len();
+    let page: Vec<Value> = visible.iter().skip(offset).take(limit).map(entity_json).collect();
+    let mut res = Json(page).into_response();
+    let hm = res.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&total.to_string()) {
+        hm.insert("x-total-count", v);
+    }
+    if offset + limit < total {
+        if let Ok(v) = HeaderValue::from_str(&(offset + limit).to_string()) {
+            hm.insert("x-next-offset", v);
+        }
+    }
+    Ok(res)
+}

@@ -1,0 +1,119 @@
+//! `POST .../{type}/{id}/signal`: Electric's signals, as stops or as
+//! `signal` rows on the main stream.
+
+use attache_core::entity::{Signal, SignalEffect};
+use attache_core::state::{timestamp, ChangeEvent, SIGNAL};
+use attache_core::{Permission, PrincipalKey};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::access::{entity_for, hold_life, now_ms};
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::http::{entity_url, json_object_body};
+use crate::rows::{append_rows, new_txid, not_running};
+use crate::AppState;
+
+use super::generated_key;
+use super::lifecycle::stop_entity_with;
+
+#[derive(Debug, Deserialize)]
+pub struct SignalBody {
+    #[serde(default)]
+    signal: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    payload: Option<Value>,
+}
+
+fn invalid_signal(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "INVALID_SIGNAL", message)
+}
+
+/// POST /_electric/entities/{type}/{id}/signal [signal]: SIGKILL and SIGTERM
+/// stop the entity as DELETE does (idempotent on a stopped one); SIGINT,
+/// SIGHUP and SIGUSR are recorded as an unhandled `signal` row for whatever
+/// runtime reads the main stream; SIGSTOP and SIGCONT are refused (attache
+/// has no paused state). The answer is Electric's: the states before and after.
+pub async fn signal(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    let body: SignalBody = json_object_body(&state.bodies, &headers, body).await?;
+    let entity = entity_for(&state, &who, &url, Permission::Signal).await?;
+    let name = body.signal.ok_or_else(|| invalid_signal(format!("signal is required: {}", Signal::NAMES)))?;
+    let sig = Signal::parse(&name).map_err(|e| invalid_signal(e.to_string()))?;
+    let effect = sig.effect();
+    if effect == SignalEffect::Unsupported {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "SIGNAL_NOT_SUPPORTED",
+            format!(
+                "{} is not supported: attache entities have no paused state (SIGKILL or SIGTERM stop an entity; SIGINT, SIGHUP and SIGUSR are recorded on its main stream)",
+                sig.as_str()
+            ),
+        ));
+    }
+    let previous = entity.status.clone();
+    let now = now_ms();
+    let txid = new_txid();
+    let mut value = json!({
+        "signal": sig.as_str(),
+        "sender": who.url(),
+        "timestamp": timestamp(now),
+    });
+    if let Some(reason) = body.reason {
+        value["reason"] = json!(reason);
+    }
+    if let Some(payload) = body.payload {
+        value["payload"] = payload;
+    }
+    let key = generated_key("sig");
+    // Only into the life checked above, as every entity write (`hold_life`).
+    let _life = hold_life(&state, &entity).await?;
+    let mut wrote = true;
+    let new_state = match effect {
+        SignalEffect::Stops => {
+            value["status"] = json!("handled");
+            value["handled_at"] = json!(timestamp(now));
+            value["handled_by"] = json!(PrincipalKey::server().url());
+            value["outcome"] = json!("transitioned");
+            value["previous_state"] = json!(previous);
+            value["new_state"] = json!("stopped");
+            let row = ChangeEvent::insert(SIGNAL, &key, value, &txid, &timestamp(now));
+            wrote = stop_entity_with(&state, &who, &entity, txid.clone(), vec![row]).await?.is_some();
+            "stopped".to_owned()
+        }
+        _ => {
+            if !entity.is_running() {
+                return Err(not_running());
+            }
+            value["status"] = json!("unhandled");
+            let row = ChangeEvent::insert(SIGNAL, &key, value, &txid, &timestamp(now));
+            append_rows(state.store.as_ref(), &url.main_stream(), &[row], false).await?;
+            previous.clone()
+        }
+    };
+    let mut answer = json!({
+        "url": entity.url,
+        "signal": sig.as_str(),
+        "previous_state": previous,
+        "new_state": new_state,
+        "created_at": now,
+    });
+    // Only when rows were written: a stop of a stopped entity writes none.
+    if wrote {
+        answer["txid"] = json!(txid);
+    }
+    Ok(Json(answer).into_response())
+}

@@ -1,0 +1,261 @@
+//! Spawning an entity (`PUT /_electric/entities/{type}/{id}`), and the
+//! lineage a spawn or a fork puts a child under.
+
+use std::collections::BTreeMap;
+
+use attache_core::state::{timestamp, ChangeEvent, ENTITY_CREATED};
+use attache_core::{EntityUrl, Permission, PrincipalKey, Propagation};
+use attache_storage::{Ancestor, CreateOutcome, CreateStream, EntityRecord, NewGrant, StoreError};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::access::{entity_for, now_ms};
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::http::{entity_url, json_body};
+use crate::rows::{json_content_type, new_txid, rows_body};
+use crate::AppState;
+
+use super::grants::GrantBody;
+use super::send::send_message;
+use super::{entity_json, json_size};
+
+#[derive(Debug, Default, Deserialize)]
+pub struct SpawnBody {
+    #[serde(default)]
+    args: Option<Value>,
+    #[serde(default)]
+    tags: Option<BTreeMap<String, String>>,
+    #[serde(default, rename = "initialMessage")]
+    initial_message: Option<Value>,
+    #[serde(default, rename = "initialMessageType")]
+    initial_message_type: Option<String>,
+    #[serde(default)]
+    grants: Option<Vec<GrantBody>>,
+    /// Electric's `parent`: the entity this one is spawned under (`/type/id`).
+    #[serde(default)]
+    parent: Option<String>,
+}
+
+/// Most ancestors an entity may have: every permission check on it looks at
+/// each one's grants, so a spawn (or fork) deeper than this is refused.
+pub const MAX_LINEAGE_DEPTH: usize = 32;
+
+/// Where a child goes in the lineage: its parent's record, and its ancestors.
+pub struct Lineage {
+    pub parent: EntityRecord,
+    pub ancestors: Vec<Ancestor>,
+}
+
+/// Resolves Electric's `parent` for a spawn or a fork: it must be an entity
+/// the caller may `spawn` under (`404` when it does not exist for the
+/// caller, `403` when the caller holds something on it but not `spawn`), and
+/// not at the lineage's depth limit. Writes nothing.
+pub async fn lineage_under(state: &AppState, who: &PrincipalKey, parent: &str) -> ApiResult<Lineage> {
+    let url = EntityUrl::parse(parent)
+        .map_err(|e| ApiError::bad_request(format!("parent {parent:?} is not an entity URL (/type/id): {e}")))?;
+    let record = match entity_for(state, who, &url, Permission::Spawn).await {
+        Ok(record) => record,
+        Err(e) if e.status == StatusCode::NOT_FOUND => {
+            return Err(ApiError::not_found(format!("Parent entity not found at {url}")))
+        }
+        Err(e) if e.status == StatusCode::FORBIDDEN => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "FORBIDDEN",
+                format!("{} may not spawn children under {url}", who.url()),
+            ))
+        }
+        Err(e) => return Err(e),
+    };
+    if record.ancestors.len() >= MAX_LINEAGE_DEPTH {
+        return Err(ApiError::bad_request(format!(
+            "{url} is {MAX_LINEAGE_DEPTH} generations deep: no entity may be spawned under it"
+        )));
+    }
+    let mut ancestors = Vec::with_capacity(record.ancestors.len() + 1);
+    ancestors.push(Ancestor { url: record.url.clone(), incarnation: record.incarnation.clone() });
+    ancestors.extend(record.ancestors.iter().cloned());
+    Ok(Lineage { parent: record, ancestors })
+}
+
+/// Electric's `copy_to_children`: the parent's unexpired grants so marked are
+/// copied to a new child, as `self` grants still marked (so they go on to
+/// its children), made by the spawner.
+pub async fn copy_grants_to_child(
+    state: &AppState,
+    who: &PrincipalKey,
+    parent: &EntityRecord,
+    child: &str,
+) -> ApiResult<()> {
+    let now = now_ms();
+    for g in state.registry.grants(&parent.url) {
+        if !g.copy_to_children || g.expires_at_ms.is_some_and(|at| now >= at) {
+            continue;
+        }
+        state
+            .registry
+            .add_grant(NewGrant {
+                entity_url: child.to_owned(),
+                subject: g.subject,
+                permission: g.permission,
+                expires_at: g.expires_at,
+                expires_at_ms: g.expires_at_ms,
+                created_by: who.url(),
+                propagation: Propagation::Own,
+                copy_to_children: true,
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Spawns an entity for `who`. Used by the HTTP route and by other faces (tasks).
+pub async fn spawn_entity(
+    state: &AppState,
+    who: &PrincipalKey,
+    url: &EntityUrl,
+    args: Option<Value>,
+    tags: BTreeMap<String, String>,
+    extra: Option<Value>,
+) -> ApiResult<(EntityRecord, bool, String)> {
+    spawn_entity_under(state, who, url, args, tags, extra, None).await
+}
+
+/// A create on a taken entity URL: says that it is taken, nothing more.
+fn duplicate_url(url: &str) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "DUPLICATE_URL", format!("Entity already exists at URL \"{url}\""))
+}
+
+/// [`spawn_entity`], as a child of `lineage`'s parent when given.
+async fn spawn_entity_under(
+    state: &AppState,
+    who: &PrincipalKey,
+    url: &EntityUrl,
+    args: Option<Value>,
+    tags: BTreeMap<String, String>,
+    extra: Option<Value>,
+    lineage: Option<&Lineage>,
+) -> ApiResult<(EntityRecord, bool, String)> {
+    let key = url.to_string();
+    if let Some(existing) = state.registry.entity(&key).await {
+        return if existing.created_by == who.url() {
+            Ok((existing, false, String::new()))
+        } else {
+            Err(duplicate_url(&key))
+        };
+    }
+    let now = now_ms();
+    let txid = new_txid();
+    let created = ChangeEvent::insert(
+        ENTITY_CREATED,
+        "entity-created",
+        json!({ "entity_type": url.entity_type(), "timestamp": timestamp(now), "args": args.clone().unwrap_or(json!({})) }),
+        &txid,
+        &timestamp(now),
+    );
+    // The stream first: a crash before the registry write leaves an orphan
+    // stream that no one can reach and that the same caller's retried spawn
+    // adopts. Any other stream at the path (another's spawn, or a fork, in
+    // flight) holds the name: 409, as for a taken name.
+    let outcome = state
+        .store
+        .create(CreateStream {
+            path: attache_core::StreamPath::new(url.main_stream())?,
+            content_type: Some(json_content_type()),
+            ttl: None,
+            expires_at: None,
+            closed: false,
+            initial: rows_body(&[created])?,
+            fork: None,
+            owner: Some(who.to_string()),
+            take_kept_path: true,
+        })
+        .await;
+    match outcome {
+        Ok(CreateOutcome::Created(_)) => {}
+        // Identical configuration (not a fork, open, JSON), and this caller's: a crashed spawn of its own.
+        Ok(CreateOutcome::Existed(info)) if info.owner.as_deref() == Some(who.to_string().as_str()) => {}
+        Ok(CreateOutcome::Existed(_)) | Err(StoreError::ConfigMismatch(_)) => return Err(duplicate_url(&key)),
+        Err(e) => return Err(e.into()),
+    }
+    let record = EntityRecord {
+        url: key.clone(),
+        entity_type: url.entity_type().to_owned(),
+        instance_id: url.instance_id().to_owned(),
+        status: "idle".into(),
+        tags,
+        args,
+        created_by: who.url(),
+        created_at_ms: now,
+        updated_at_ms: now,
+        extra,
+        incarnation: Some(hex::encode(rand::random::<[u8; 16]>())),
+        parent: lineage.map(|l| l.parent.url.clone()),
+        ancestors: lineage.map(|l| l.ancestors.clone()).unwrap_or_default(),
+    };
+    let (stored, fresh) = state.registry.insert_entity(record).await?;
+    if !fresh && stored.created_by != who.url() {
+        return Err(duplicate_url(&key));
+    }
+    Ok((stored, fresh, txid))
+}
+
+pub async fn spawn(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((entity_type, instance_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let url = entity_url(&entity_type, &instance_id)?;
+    let body: SpawnBody = json_body(&state.bodies, &headers, body).await?;
+    // Validate everything before anything is written.
+    let grants = body
+        .grants
+        .unwrap_or_default()
+        .into_iter()
+        .map(|g| g.into_new(&url.to_string(), &who))
+        .collect::<ApiResult<Vec<_>>>()?;
+    for key in body.tags.iter().flat_map(|t| t.keys()) {
+        if key.is_empty() || key.len() > 128 {
+            return Err(ApiError::bad_request("tag keys are 1 to 128 bytes"));
+        }
+    }
+    // Args and tags live in the registry's memory for the entity's life: bounded.
+    let max = state.config.max_entity_data_bytes;
+    if json_size(&body.args) + json_size(&body.tags) > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "ENTITY_DATA_TOO_LARGE",
+            format!("spawn args and tags are at most {max} bytes of JSON together (max_entity_data_bytes)"),
+        ));
+    }
+    let lineage = match body.parent.as_deref() {
+        Some(parent) => Some(lineage_under(&state, &who, parent).await?),
+        None => None,
+    };
+    let (entity, fresh, txid) =
+        spawn_entity_under(&state, &who, &url, body.args, body.tags.unwrap_or_default(), None, lineage.as_ref())
+            .await?;
+    if !fresh {
+        return Ok((StatusCode::OK, Json(entity_json(&entity))).into_response());
+    }
+    if let Some(lineage) = &lineage {
+        copy_grants_to_child(&state, &who, &lineage.parent, &entity.url).await?;
+    }
+    for grant in grants {
+        state.registry.add_grant(grant).await?;
+    }
+    if let Some(payload) = body.initial_message {
+        send_message(&state, &who, &entity, payload, None, body.initial_message_type).await?;
+    }
+    let mut out = entity_json(&entity);
+    out["txid"] = json!(txid);
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
