@@ -1,7 +1,9 @@
 //! Permission checks for every path that touches an entity or a stream.
 //! On the entity routes, 404 when the caller holds nothing on the entity
 //! (existence does not leak), 403 when it holds something but not the
-//! permission the route needs.
+//! permission the route needs. Every entity route starts from one
+//! [`EntityRoute`] (the caller and the entity its URL names) and checks its
+//! permission with [`EntityRoute::authorize`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,7 +11,9 @@ use std::sync::Arc;
 use attache_core::entity::{access, permits, Access};
 use attache_core::{EntityUrl, Permission, PrincipalKey, Propagation};
 use attache_storage::{EntityRecord, GrantRecord, StreamInfo};
-use axum::http::StatusCode;
+use axum::extract::{FromRequestParts, Path};
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
 
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
@@ -17,7 +21,7 @@ use crate::AppState;
 pub use attache_core::now_ms;
 
 pub fn entity_not_found(url: &str) -> ApiError {
-    ApiError::not_found(format!("Entity not found at {url}"))
+    ApiError::EntityNotFound { url: url.to_owned() }
 }
 
 /// The grants that apply to `entity`: its own (whatever their propagation),
@@ -64,11 +68,50 @@ pub async fn entity_for(
     match access(who, Some(&entity.created_by), grants, wanted, now_ms()) {
         Access::Allowed => Ok(entity),
         Access::Hidden => Err(entity_not_found(&key)),
-        Access::Forbidden => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "FORBIDDEN",
-            format!("{} may not {} {key}", who.url(), wanted.as_str()),
-        )),
+        Access::Forbidden => {
+            Err(ApiError::NotPermitted { message: format!("{} may not {} {key}", who.url(), wanted.as_str()) })
+        }
+    }
+}
+
+/// What every entity route (`/_electric/entities/{entity_type}/{instance_id}/...`)
+/// starts from, as an extractor: the authenticated caller (401 first, as
+/// [`crate::auth::Caller`]), then the entity URL the route names (400 when it
+/// is not one). The entity itself is looked up by [`EntityRoute::authorize`],
+/// which a route calls once it has refused what it can refuse without it, so
+/// each route keeps its order of checks.
+#[derive(Debug, Clone)]
+pub struct EntityRoute {
+    pub who: PrincipalKey,
+    pub url: EntityUrl,
+}
+
+/// The entity part of an entity route's path; the route's other parameters
+/// (an attachment id, a grant id, a tag key) are extracted by the route.
+#[derive(serde::Deserialize)]
+struct EntityPathParams {
+    entity_type: String,
+    instance_id: String,
+}
+
+impl FromRequestParts<AppState> for EntityRoute {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<EntityRoute, Response> {
+        let who = state.auth.authenticate(&parts.headers).map_err(IntoResponse::into_response)?;
+        let Path(params) =
+            Path::<EntityPathParams>::from_request_parts(parts, state).await.map_err(IntoResponse::into_response)?;
+        let url =
+            crate::http::entity_url(&params.entity_type, &params.instance_id).map_err(IntoResponse::into_response)?;
+        Ok(EntityRoute { who, url })
+    }
+}
+
+impl EntityRoute {
+    /// The entity, for a caller that may do `wanted` on it: 404 when it holds
+    /// nothing on it, 403 when it holds something else ([`entity_for`]).
+    pub async fn authorize(&self, state: &AppState, wanted: Permission) -> ApiResult<EntityRecord> {
+        entity_for(state, &self.who, &self.url, wanted).await
     }
 }
 

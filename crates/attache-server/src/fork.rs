@@ -19,15 +19,14 @@ use attache_core::state::{timestamp, ChangeEvent};
 use attache_core::{EntityUrl, Offset, Permission, PrincipalKey, StreamPath};
 use attache_storage::{CreateOutcome, CreateStream, EntityRecord, ForkSpec, StoreError, StreamInfo, StreamStore};
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::access::{entity_for, hold_life, now_ms};
-use crate::auth::Caller;
+use crate::access::{hold_life, now_ms, EntityRoute};
 use crate::entities::{copy_grants_to_child, entity_json, json_size, lineage_under};
 use crate::error::{ApiError, ApiResult};
 use crate::http::{entity_url, json_object_body};
@@ -71,7 +70,7 @@ fn invalid(message: impl Into<String>) -> ApiError {
 }
 
 fn duplicate(url: &str) -> ApiError {
-    ApiError::new(StatusCode::CONFLICT, "DUPLICATE_URL", format!("Entity already exists at URL \"{url}\""))
+    ApiError::DuplicateUrl { url: url.to_owned() }
 }
 
 /// Where on the source's main stream the fork starts: `None` is its tail.
@@ -98,20 +97,19 @@ fn fork_point(body: &ForkBody) -> ApiResult<(Option<Offset>, u64)> {
 /// anything is written.
 pub async fn fork(
     State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id)): Path<(String, String)>,
+    route: EntityRoute,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let source_url = entity_url(&entity_type, &instance_id)?;
+    let EntityRoute { who, url: source_url } = &route;
     let body: ForkBody = json_object_body(&state.bodies, &headers, body).await?;
     let (offset, sub_offset) = fork_point(&body)?;
     let fork_id = match body.instance_id.as_deref() {
         Some(id) => id.to_owned(),
-        None => format!("{instance_id}-fork-{}", &new_txid()[..8]),
+        None => format!("{}-fork-{}", source_url.instance_id(), &new_txid()[..8]),
     };
-    let fork_url = entity_url(&entity_type, &fork_id)?;
-    let source = entity_for(&state, &who, &source_url, Permission::Fork).await?;
+    let fork_url = entity_url(source_url.entity_type(), &fork_id)?;
+    let source = route.authorize(&state, Permission::Fork).await?;
     if !source.is_running() {
         return Err(not_running());
     }
@@ -135,7 +133,7 @@ pub async fn fork(
     }
     // Electric's `parent`: the fork is a child of it (the caller needs `spawn` there).
     let lineage = match body.parent.as_deref() {
-        Some(parent) => Some(lineage_under(&state, &who, parent).await?),
+        Some(parent) => Some(lineage_under(&state, who, parent).await?),
         None => None,
     };
     // The source's life, shared: a purge of the source waits for the fork.
@@ -177,7 +175,7 @@ pub async fn fork(
         Err(e) => return Err(e.into()),
     }
     let txid = new_txid();
-    let rows = carry_attachments(&state, &source_url, &fork_url, &who, &txid, &mut made).await?;
+    let rows = carry_attachments(&state, source_url, &fork_url, who, &txid, &mut made).await?;
     if !rows.is_empty() {
         append_rows(state.store.as_ref(), &fork_url.main_stream(), &rows, false).await?;
     }
@@ -204,7 +202,7 @@ pub async fn fork(
     }
     made.done = true;
     if let Some(lineage) = &lineage {
-        copy_grants_to_child(&state, &who, &lineage.parent, &stored.url).await?;
+        copy_grants_to_child(&state, who, &lineage.parent, &stored.url).await?;
     }
     let root = entity_json(&stored);
     Ok((StatusCode::CREATED, Json(json!({ "root": root, "entities": [root], "txid": txid }))).into_response())

@@ -200,7 +200,7 @@ impl McpFace {
             .extensions
             .get::<axum::http::request::Parts>()
             .ok_or_else(|| ErrorData::internal_error("no HTTP request behind this call", None))?;
-        self.state.auth.authenticate(&parts.headers).map_err(|e| ErrorData::invalid_request(e.message, None))
+        self.state.auth.authenticate(&parts.headers).map_err(|e| ErrorData::invalid_request(e.refusal().message, None))
     }
 }
 

@@ -163,6 +163,7 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
     let verdict = match policy.check_host(&req).and_then(|()| policy.check_origin(&req)) {
         Ok(verdict) => verdict,
         Err(refused) => {
+            let refused = refused.refusal();
             tracing::debug!(code = refused.code, message = %refused.message, "browser request refused");
             let mut res = refused.into_response();
             policy.stamp(res.headers_mut());

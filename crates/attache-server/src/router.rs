@@ -70,7 +70,7 @@ pub fn build(state: AppState) -> Router {
         // Any other path: a Durable Stream (GET, HEAD, PUT, POST, DELETE).
         // Entities (Electric Agents wire format). Permission in brackets, as Electric's
         // route table has it; 404 when the caller holds nothing on the entity, 403
-        // when it holds some grant but not this permission (`access::entity_for`).
+        // when it holds some grant but not this permission (`access::EntityRoute::authorize`).
         // GET /_electric/entities: the entities the caller may read [read, per entity]; ?type, status, tag, limit, offset
         .route("/_electric/entities", get(entities::list))
         // PUT spawn [any principal] · GET/HEAD [read] · DELETE stop, ?purge=true deletes [delete]

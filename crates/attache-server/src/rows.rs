@@ -62,7 +62,7 @@ pub async fn append_rows(
 }
 
 pub fn not_running() -> ApiError {
-    ApiError::new(axum::http::StatusCode::CONFLICT, "NOT_RUNNING", "Entity is stopped and accepts no more writes")
+    ApiError::NotRunning
 }
 
 /// The collections of one main stream that the server itself reads:

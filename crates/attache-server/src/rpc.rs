@@ -18,7 +18,8 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-use crate::tasks::{self, ResponseBudget, TaskError};
+use crate::error::ApiError;
+use crate::tasks::{self, ResponseBudget};
 use crate::AppState;
 
 /// What can go wrong with one JSON-RPC message.
@@ -29,7 +30,7 @@ pub enum RpcError {
     /// Not a JSON-RPC 2.0 request, an empty or oversized batch, or an oversized body (-32600).
     InvalidRequest(String),
     /// The method ran and refused, or failed (its own code).
-    Call(TaskError),
+    Call(ApiError),
 }
 
 /// The one mapping from errors to JSON-RPC error objects `{code, message, data?}`.
@@ -37,23 +38,25 @@ pub fn error_object(e: &RpcError) -> Value {
     let (code, message, data): (i64, String, Option<Value>) = match e {
         RpcError::Parse => (-32700, "Parse error".into(), None),
         RpcError::InvalidRequest(why) => (-32600, "Invalid Request".into(), Some(json!({ "reason": why }))),
-        RpcError::Call(TaskError::InvalidParams { validation, field }) => {
+        RpcError::Call(ApiError::InvalidParams { validation, field }) => {
             let mut data = json!({ "validation": validation });
             if let Some(f) = field {
                 data["field"] = json!(f);
             }
             (-32602, "Invalid params".into(), Some(data))
         }
-        RpcError::Call(TaskError::Rejected { message, data }) => {
+        RpcError::Call(ApiError::Rejected { message, data }) => {
             (-32602, message.clone(), (!data.is_null()).then(|| data.clone()))
         }
-        RpcError::Call(TaskError::Unauthorized { message }) => (-32002, message.clone(), None),
-        RpcError::Call(TaskError::RateLimited { limit, window_ms }) => (
+        // The write found the task's entity stopped (a signal, or DELETE on it).
+        RpcError::Call(ApiError::NotRunning) => (-32602, tasks::STOPPED.into(), Some(json!({}))),
+        RpcError::Call(ApiError::NotPermitted { message }) => (-32002, message.clone(), None),
+        RpcError::Call(ApiError::RateLimited { limit, window_ms }) => (
             -32000,
             format!("Rate limit exceeded: {limit} requests per {window_ms}ms"),
             Some(json!({ "limit": limit, "windowMs": window_ms })),
         ),
-        RpcError::Call(TaskError::ResponseTooLarge { limit }) => (
+        RpcError::Call(ApiError::ResponseTooLarge { limit }) => (
             -32000,
             format!(
                 "Response too large: attachment values in one response are limited to {limit} bytes \
@@ -61,9 +64,17 @@ pub fn error_object(e: &RpcError) -> Value {
             ),
             Some(json!({ "limit": limit })),
         ),
-        RpcError::Call(TaskError::MethodNotFound { method }) => (-32601, format!("Method not found: {method}"), None),
-        // The detail went to the log; the caller learns only that the fault is ours.
-        RpcError::Call(TaskError::Internal { .. }) => (-32603, "Internal error".into(), None),
+        RpcError::Call(ApiError::MethodNotFound { method }) => (-32601, format!("Method not found: {method}"), None),
+        // A fault, or a refusal no task method answers with (the task face
+        // looks its tasks up itself): the detail went to the log
+        // (`tasks::call`); the caller learns only that the fault is ours.
+        RpcError::Call(
+            ApiError::Internal { .. }
+            | ApiError::Store(_)
+            | ApiError::EntityNotFound { .. }
+            | ApiError::DuplicateUrl { .. }
+            | ApiError::Refused(_),
+        ) => (-32603, "Internal error".into(), None),
     };
     let mut out = json!({ "code": code, "message": message });
     if let Some(d) = data {
@@ -88,7 +99,7 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     /// Counts one call of `who`; `Err` when over `limit` in the current window.
-    pub fn check(&self, who: &PrincipalKey, limit: Option<u32>, window_ms: u64) -> Result<(), TaskError> {
+    pub fn check(&self, who: &PrincipalKey, limit: Option<u32>, window_ms: u64) -> Result<(), ApiError> {
         let Some(limit) = limit else { return Ok(()) };
         let now = crate::access::now_ms();
         let window = window_ms.max(1) as i64;
@@ -102,7 +113,7 @@ impl RateLimiter {
             *slot = (start, 0);
         }
         if slot.1 >= limit {
-            return Err(TaskError::RateLimited { limit, window_ms });
+            return Err(ApiError::RateLimited { limit, window_ms });
         }
         slot.1 += 1;
         Ok(())
@@ -140,7 +151,7 @@ pub fn parse_request(msg: Value) -> Result<Request, (Value, RpcError)> {
     match params {
         Value::Null | Value::Object(_) => {}
         Value::Array(_) => {
-            return Err((reply_id, RpcError::Call(TaskError::invalid("params", "params must be an object (named)"))))
+            return Err((reply_id, RpcError::Call(ApiError::invalid("params", "params must be an object (named)"))))
         }
         _ => return invalid("params must be an object"),
     }
@@ -307,20 +318,22 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
     let who = match state.auth.authenticate(headers) {
         Ok(who) => who,
         Err(e) => {
-            let err = RpcError::Call(TaskError::Unauthorized { message: e.message });
+            let refusal = e.refusal();
+            let err = RpcError::Call(ApiError::NotPermitted { message: refusal.message });
             state.metrics.rpc_call("", &outcome_label(&err));
-            let mut res = respond(e.status, &error_response(Value::Null, &err));
-            res.headers_mut().extend(e.headers);
+            let mut res = respond(refusal.status, &error_response(Value::Null, &err));
+            res.headers_mut().extend(refusal.headers);
             return res;
         }
     };
     let bytes = match crate::http::read_body(&state.bodies, body, headers, state.config.rpc_max_body_bytes).await {
         Ok(b) => b,
         Err(e) => {
-            let err = RpcError::InvalidRequest(e.message);
+            let refusal = e.refusal();
+            let err = RpcError::InvalidRequest(refusal.message);
             state.metrics.rpc_call("", &outcome_label(&err));
-            let mut res = respond(e.status, &error_response(Value::Null, &err));
-            res.headers_mut().extend(e.headers);
+            let mut res = respond(refusal.status, &error_response(Value::Null, &err));
+            res.headers_mut().extend(refusal.headers);
             return res;
         }
     };
@@ -348,13 +361,13 @@ mod tests {
         let code = |e: RpcError| error_object(&e)["code"].as_i64().unwrap();
         assert_eq!(code(RpcError::Parse), -32700);
         assert_eq!(code(RpcError::InvalidRequest("x".into())), -32600);
-        assert_eq!(code(RpcError::Call(TaskError::MethodNotFound { method: "x".into() })), -32601);
-        assert_eq!(code(RpcError::Call(TaskError::invalid("f", "bad"))), -32602);
-        assert_eq!(code(RpcError::Call(TaskError::Unauthorized { message: "no".into() })), -32002);
-        assert_eq!(code(RpcError::Call(TaskError::RateLimited { limit: 1, window_ms: 1000 })), -32000);
-        assert_eq!(code(RpcError::Call(TaskError::ResponseTooLarge { limit: 1 })), -32000);
-        assert_eq!(code(RpcError::Call(TaskError::Internal { message: "disk".into() })), -32603);
-        let internal = error_object(&RpcError::Call(TaskError::Internal { message: "disk on fire".into() }));
+        assert_eq!(code(RpcError::Call(ApiError::MethodNotFound { method: "x".into() })), -32601);
+        assert_eq!(code(RpcError::Call(ApiError::invalid("f", "bad"))), -32602);
+        assert_eq!(code(RpcError::Call(ApiError::NotPermitted { message: "no".into() })), -32002);
+        assert_eq!(code(RpcError::Call(ApiError::RateLimited { limit: 1, window_ms: 1000 })), -32000);
+        assert_eq!(code(RpcError::Call(ApiError::ResponseTooLarge { limit: 1 })), -32000);
+        assert_eq!(code(RpcError::Call(ApiError::Internal { message: "disk".into() })), -32603);
+        let internal = error_object(&RpcError::Call(ApiError::Internal { message: "disk on fire".into() }));
         assert!(!internal.to_string().contains("disk"), "internal details stay in the log");
     }
 

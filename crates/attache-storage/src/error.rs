@@ -37,6 +37,11 @@ pub enum StoreError {
     Rule(#[from] attache_core::Error),
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The database aborted the transaction for another's (a deadlock, a
+    /// serialization failure): nothing was written, and the same work run
+    /// again may succeed ([`StoreError::is_retryable`]).
+    #[error("storage failure (contention, retryable): {0}")]
+    Contention(String),
     /// The disk (or the quota) is full: the write did not happen. Writes
     /// succeed again once space is freed, without a restart.
     #[error("no space left for this write: {0}")]
@@ -54,6 +59,25 @@ impl StoreError {
     /// from the request: it fails the batch it hit, never the store.
     pub fn is_io(&self) -> bool {
         matches!(self, StoreError::StorageFull(_) | StoreError::Unavailable(_))
+    }
+
+    /// Whether the same work, run again as a whole, may succeed: the
+    /// database aborted it for contention with another transaction.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Contention(_))
+    }
+
+    /// Whether this error fails a whole write batch (the store or its disk
+    /// failed, or the batch met contention) rather than answering the one
+    /// command it came from.
+    pub fn fails_batch(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Storage(_)
+                | StoreError::Contention(_)
+                | StoreError::StorageFull(_)
+                | StoreError::Unavailable(_)
+        )
     }
 }
 

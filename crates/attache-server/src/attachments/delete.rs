@@ -11,10 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::access::{entity_for, hold_life, now_ms};
-use crate::auth::Caller;
+use crate::access::{hold_life, now_ms, EntityRoute};
 use crate::error::ApiResult;
-use crate::http::entity_url;
 use crate::rows::{append_rows, new_txid};
 use crate::AppState;
 
@@ -24,16 +22,16 @@ use super::not_found;
 /// delete row, then the bytes are released (kept while another attachment holds the same content).
 pub async fn delete(
     State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id, id)): Path<(String, String, String)>,
+    route: EntityRoute,
+    Path((_, _, id)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
-    let entity = entity_url(&entity_type, &instance_id)?;
-    let record = entity_for(&state, &who, &entity, Permission::Write).await?;
+    let entity = &route.url;
+    let record = route.authorize(&state, Permission::Write).await?;
     let entry = {
         let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
         view.manifest.get(&id).cloned().ok_or_else(not_found)?
     };
-    let txid = delete_entry(&state, &record, &entity, &id, &entry).await?;
+    let txid = delete_entry(&state, &record, entity, &id, &entry).await?;
     Ok((StatusCode::OK, Json(json!({ "txid": txid }))).into_response())
 }
 

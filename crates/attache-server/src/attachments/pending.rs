@@ -78,7 +78,7 @@ pub async fn write_entry(state: &AppState, entity: &EntityUrl, entry: &ManifestE
 pub(super) async fn retract(state: &AppState, entity: &EntityUrl, id: &str, txid: &str) {
     let row = ChangeEvent::delete(MANIFEST, &ManifestEntry::row_key(id), txid, &timestamp(now_ms()));
     if let Err(e) = append_rows(state.store.as_ref(), &entity.main_stream(), &[row], false).await {
-        tracing::warn!(error = %e.message, id, "could not retract a pending attachment row");
+        tracing::warn!(error = %e, id, "could not retract a pending attachment row");
     }
 }
 

@@ -11,10 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::access::entity_for;
-use crate::auth::Caller;
+use crate::access::{entity_for, EntityRoute};
 use crate::error::{ApiError, ApiResult};
-use crate::http::{entity_url, set};
+use crate::http::set;
 use crate::AppState;
 
 use super::not_found;
@@ -33,16 +32,12 @@ pub(super) async fn entry_for(
 }
 
 /// GET /_electric/entities/{type}/{id}/attachments [read]: the manifest, oldest first.
-pub async fn list(
-    State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id)): Path<(String, String)>,
-) -> ApiResult<Response> {
-    let entity = entity_url(&entity_type, &instance_id)?;
-    entity_for(&state, &who, &entity, Permission::Read).await?;
+pub async fn list(State(state): State<AppState>, route: EntityRoute) -> ApiResult<Response> {
+    let entity = &route.url;
+    route.authorize(&state, Permission::Read).await?;
     let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
     let mut entries: Vec<std::borrow::Cow<ManifestEntry>> =
-        view.manifest.values().map(|e| as_listed(&entity, e)).collect();
+        view.manifest.values().map(|e| as_listed(entity, e)).collect();
     entries.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
     Ok(Json(json!({ "attachments": entries })).into_response())
 }
@@ -120,14 +115,14 @@ pub fn parse_range(header: Option<&str>, len: u64) -> RangeRequest {
 /// GET and HEAD /_electric/entities/{type}/{id}/attachments/{att} [read]
 pub async fn read(
     State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id, id)): Path<(String, String, String)>,
+    route: EntityRoute,
+    Path((_, _, id)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let entity = entity_url(&entity_type, &instance_id)?;
-    let entry = entry_for(&state, &who, &entity, &id, Permission::Read).await?;
+    let EntityRoute { who, url: entity } = &route;
+    let entry = entry_for(&state, who, entity, &id, Permission::Read).await?;
     // A row naming a stream other than the one derived for it points at no bytes.
-    let path = entry.bytes_path(&entity).ok_or_else(not_found)?;
+    let path = entry.bytes_path(entity).ok_or_else(not_found)?;
     if entry.status != AttachmentStatus::Complete {
         return Err(ApiError::new(StatusCode::CONFLICT, "NOT_COMPLETE", "Attachment is not complete"));
     }

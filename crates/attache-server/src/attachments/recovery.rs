@@ -83,7 +83,7 @@ pub(super) async fn expire_uploads(state: &AppState, expiry: std::time::Duration
                 humanize(expiry)
             ));
             if let Err(e) = write_entry(state, &upload.entity, &failed, &new_txid()).await {
-                tracing::warn!(error = %e.message, id = upload.id, "could not mark an expired upload failed");
+                tracing::warn!(error = %e, id = upload.id, "could not mark an expired upload failed");
                 continue;
             }
             tracing::info!(entity = %upload.entity, id = upload.id, "a resumable upload expired");

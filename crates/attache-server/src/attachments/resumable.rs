@@ -13,10 +13,9 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::access::entity_for;
-use crate::auth::Caller;
+use crate::access::EntityRoute;
 use crate::error::ApiResult;
-use crate::http::{entity_url, json_body};
+use crate::http::json_body;
 use crate::rows::not_running;
 use crate::AppState;
 
@@ -39,15 +38,15 @@ pub struct ResumableBody {
 /// (with idempotent-producer headers) and the stream is closed to finish.
 pub async fn begin_resumable(
     State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id, id)): Path<(String, String, String)>,
+    route: EntityRoute,
+    Path((_, _, id)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let entity = entity_url(&entity_type, &instance_id)?;
+    let EntityRoute { who, url: entity } = &route;
     validate_attachment_id(&id)?;
     let body: ResumableBody = json_body(&state.bodies, &headers, body).await?;
-    let record = entity_for(&state, &who, &entity, Permission::Write).await?;
+    let record = route.authorize(&state, Permission::Write).await?;
     if !record.is_running() {
         return Err(not_running());
     }
@@ -65,7 +64,7 @@ pub async fn begin_resumable(
         }
     }
     fields.meta = body.meta;
-    with_subject(fields.entry(&entity, &id, &who, None)?)?;
+    with_subject(fields.entry(entity, &id, who, None)?)?;
     let path = entity.attachment_stream(&id);
     {
         let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
@@ -83,7 +82,7 @@ pub async fn begin_resumable(
             }
         }
     }
-    let mut pending = begin(&state, &record, &entity, &id, &fields, &who, None).await?;
+    let mut pending = begin(&state, &record, entity, &id, &fields, who, None).await?;
     let created = state
         .store
         .create(CreateStream {
@@ -102,7 +101,7 @@ pub async fn begin_resumable(
     // The upload goes on after this request, through the stream; expiry ends it if it is never closed.
     pending.settled();
     if let Err(e) = created {
-        retract(&state, &entity, &id, &pending.txid).await;
+        retract(&state, entity, &id, &pending.txid).await;
         return Err(match e {
             StoreError::ConfigMismatch(_) => duplicate(&id),
             other => other.into(),

@@ -7,16 +7,14 @@ use attache_core::manifest::AttachmentStatus;
 use attache_core::{ContentType, Permission, StreamPath};
 use attache_storage::{CreateStream, StoreError};
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::access::{entity_for, hold_life};
-use crate::auth::Caller;
+use crate::access::{hold_life, EntityRoute};
 use crate::error::{ApiError, ApiResult};
-use crate::http::entity_url;
 use crate::rows::{new_txid, not_running};
 use crate::AppState;
 
@@ -51,13 +49,12 @@ pub(super) fn multipart_error(e: multer::Error, max: u64) -> ApiError {
 /// POST /_electric/entities/{type}/{id}/attachments (multipart/form-data) [write]
 pub async fn upload(
     State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id)): Path<(String, String)>,
+    route: EntityRoute,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let entity = entity_url(&entity_type, &instance_id)?;
-    let record = entity_for(&state, &who, &entity, Permission::Write).await?;
+    let EntityRoute { who, url: entity } = &route;
+    let record = route.authorize(&state, Permission::Write).await?;
     if !record.is_running() {
         return Err(not_running());
     }
@@ -116,7 +113,7 @@ pub async fn upload(
             // recorded as pending at once; otherwise once every field is in
             // (a manifest row always names its subject, as Electric's schema requires).
             if let (Some(id), Ok(Some(_))) = (fields.id.clone(), fields.subject()) {
-                pending = Some(begin(&state, &record, &entity, &id, &fields, &who, part_type.as_deref()).await?);
+                pending = Some(begin(&state, &record, entity, &id, &fields, who, part_type.as_deref()).await?);
             }
             fields.mime_type = fields.mime_type.take().or(part_type);
             let mut writer = state.store.stage_blob().await?;
@@ -141,13 +138,14 @@ pub async fn upload(
             // Only into the life the upload began in (purged meanwhile: nowhere).
             if let Ok(_life) = hold_life(&state, &record).await {
                 // A refused request changes nothing; an upload that broke off is recorded as failed.
-                if err.status.is_client_error() && err.code != INTERRUPTED {
-                    retract(&state, &entity, &p.entry.id, &p.txid).await;
+                let refusal = err.refusal();
+                if refusal.status.is_client_error() && refusal.code != INTERRUPTED {
+                    retract(&state, entity, &p.entry.id, &p.txid).await;
                 } else {
                     let mut failed = p.entry.clone();
                     failed.status = AttachmentStatus::Failed;
-                    failed.error = Some(err.message.clone());
-                    let _ = write_entry(&state, &entity, &failed, &p.txid).await;
+                    failed.error = Some(refusal.message);
+                    let _ = write_entry(&state, entity, &failed, &p.txid).await;
                 }
             }
         }
@@ -156,18 +154,18 @@ pub async fn upload(
     let Some(blob) = staged else { return Err(ApiError::bad_request("Missing file field")) };
     // Fields after the file part complete the entry; check them before anything else is written.
     let id = pending.as_ref().map(|p| p.entry.id.clone()).or_else(|| fields.id.clone()).unwrap_or_else(new_txid);
-    let fresh = match fields.entry(&entity, &id, &who, None).and_then(with_subject) {
+    let fresh = match fields.entry(entity, &id, who, None).and_then(with_subject) {
         Ok(entry) => entry,
         Err(err) => {
             if let Some(p) = &pending {
-                retract(&state, &entity, &p.entry.id, &p.txid).await;
+                retract(&state, entity, &p.entry.id, &p.txid).await;
             }
             return Err(err);
         }
     };
     let mut pending = match pending {
         Some(p) => p,
-        None => begin(&state, &record, &entity, &id, &fields, &who, None).await?,
+        None => begin(&state, &record, entity, &id, &fields, who, None).await?,
     };
     let mut entry = pending.entry.clone();
     entry.subject = fresh.subject;
@@ -195,7 +193,7 @@ pub async fn upload(
         )
         .await;
     if let Err(e) = created {
-        retract(&state, &entity, &entry.id, &pending.txid).await;
+        retract(&state, entity, &entry.id, &pending.txid).await;
         return Err(match e {
             StoreError::ConfigMismatch(_) => duplicate(&entry.id),
             other => other.into(),
@@ -215,7 +213,7 @@ pub async fn upload(
             return Err(e);
         }
     };
-    if let Err(e) = write_entry(&state, &entity, &entry, &pending.txid).await {
+    if let Err(e) = write_entry(&state, entity, &entry, &pending.txid).await {
         // The entity stopped meanwhile: the bytes go; the pending row stays as the record of the attempt.
         pending.settled();
         let _ = state.store.delete(&entry.stream_path).await;

@@ -12,10 +12,9 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::access::entity_for;
-use crate::auth::Caller;
+use crate::access::EntityRoute;
 use crate::error::{ApiError, ApiResult};
-use crate::http::{entity_url, json_body};
+use crate::http::json_body;
 use crate::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -74,41 +73,34 @@ pub fn grant_json(g: &GrantRecord) -> Value {
     out
 }
 
-pub async fn list_grants(
-    State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id)): Path<(String, String)>,
-) -> ApiResult<Response> {
-    let url = entity_url(&entity_type, &instance_id)?;
-    let entity = entity_for(&state, &who, &url, Permission::Manage).await?;
+pub async fn list_grants(State(state): State<AppState>, route: EntityRoute) -> ApiResult<Response> {
+    let entity = route.authorize(&state, Permission::Manage).await?;
     let grants: Vec<Value> = state.registry.grants(&entity.url).iter().map(grant_json).collect();
     Ok(Json(json!({ "grants": grants })).into_response())
 }
 
 pub async fn add_grant(
     State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id)): Path<(String, String)>,
+    route: EntityRoute,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let url = entity_url(&entity_type, &instance_id)?;
+    let who = &route.who;
     let body: GrantBody = json_body(&state.bodies, &headers, body).await?;
-    let entity = entity_for(&state, &who, &url, Permission::Manage).await?;
-    let grant = body.into_new(&entity.url, &who)?;
+    let entity = route.authorize(&state, Permission::Manage).await?;
+    let grant = body.into_new(&entity.url, who)?;
     let stored = state.registry.add_grant(grant).await?;
     Ok((StatusCode::CREATED, Json(grant_json(&stored))).into_response())
 }
 
 pub async fn remove_grant(
     State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id, grant_id)): Path<(String, String, String)>,
+    route: EntityRoute,
+    Path((_, _, grant_id)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
-    let url = entity_url(&entity_type, &instance_id)?;
     let id =
         grant_id.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| ApiError::bad_request("Invalid grant id"))?;
-    let entity = entity_for(&state, &who, &url, Permission::Manage).await?;
+    let entity = route.authorize(&state, Permission::Manage).await?;
     if !state.registry.remove_grant(&entity.url, id).await? {
         return Err(ApiError::not_found("Grant not found"));
     }

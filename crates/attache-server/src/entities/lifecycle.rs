@@ -4,17 +4,15 @@
 use attache_core::state::{timestamp, ChangeEvent, ENTITY_STOPPED};
 use attache_core::{EntityUrl, Permission, PrincipalKey};
 use attache_storage::{EntityRecord, StoreError};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::access::{entity_for, entity_not_found, now_ms, same_incarnation, Life};
-use crate::auth::Caller;
+use crate::access::{entity_not_found, now_ms, same_incarnation, EntityRoute, Life};
 use crate::error::{ApiError, ApiResult};
-use crate::http::entity_url;
 use crate::rows::{append_rows, new_txid};
 use crate::AppState;
 
@@ -28,17 +26,16 @@ pub struct StopQuery {
 /// `?purge=true` it also deletes its streams, attachments and grants for good.
 pub async fn stop(
     State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id)): Path<(String, String)>,
+    route: EntityRoute,
     Query(q): Query<StopQuery>,
 ) -> ApiResult<Response> {
-    let url = entity_url(&entity_type, &instance_id)?;
+    let EntityRoute { who, url } = &route;
     let purge = match q.purge.as_deref() {
         None | Some("false") => false,
         Some("true") => true,
         Some(other) => return Err(ApiError::bad_request(format!("purge must be true or false, got {other:?}"))),
     };
-    let entity = entity_for(&state, &who, &url, Permission::Delete).await?;
+    let entity = route.authorize(&state, Permission::Delete).await?;
     // The life checked above, and only it: a purge and a new spawn meanwhile
     // (by anyone) made the URL another entity, which this request may not touch.
     let life = state.lives.exclusive(&entity.url).await;
@@ -46,12 +43,12 @@ pub async fn stop(
         return Err(entity_not_found(&entity.url));
     }
     // A txid only when this stop wrote rows: a client would wait for it in vain otherwise.
-    let mut answer = match stop_entity(&state, &who, &entity).await? {
+    let mut answer = match stop_entity(&state, who, &entity).await? {
         Some(txid) => json!({ "txid": txid }),
         None => json!({}),
     };
     if purge {
-        purge_held(&state, &url, &life).await?;
+        purge_held(&state, url, &life).await?;
         answer["purged"] = json!(true);
     } else {
         answer["status"] = json!("stopped");
@@ -90,7 +87,7 @@ pub(super) async fn stop_entity_with(
         match append_rows(state.store.as_ref(), &format!("{}/main", entity.url), &leading, true).await {
             Ok(_) => {}
             // Closed already: a stop that crashed before its registry write is finished now.
-            Err(e) if e.code == "NOT_RUNNING" => {}
+            Err(ApiError::NotRunning) => {}
             Err(e) => return Err(e),
         }
         state

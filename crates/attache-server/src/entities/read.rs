@@ -3,28 +3,22 @@
 
 use attache_core::Permission;
 use attache_storage::EntityRecord;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::access::{entity_for, may};
+use crate::access::{may, EntityRoute};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::http::entity_url;
 use crate::AppState;
 
 use super::entity_json;
 
-pub async fn get_entity(
-    State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id)): Path<(String, String)>,
-) -> ApiResult<Response> {
-    let url = entity_url(&entity_type, &instance_id)?;
-    let entity = entity_for(&state, &who, &url, Permission::Read).await?;
+pub async fn get_entity(State(state): State<AppState>, route: EntityRoute) -> ApiResult<Response> {
+    let entity = route.authorize(&state, Permission::Read).await?;
     Ok(Json(entity_json(&entity)).into_response())
 }
 

@@ -4,17 +4,16 @@ use attache_core::state::{timestamp, ChangeEvent, INBOX};
 use attache_core::{Permission, PrincipalKey};
 use attache_storage::EntityRecord;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::access::{entity_for, hold_life, now_ms};
-use crate::auth::Caller;
+use crate::access::{hold_life, now_ms, EntityRoute};
 use crate::error::{ApiError, ApiResult};
-use crate::http::{entity_url, json_body};
+use crate::http::json_body;
 use crate::rows::{append_rows, new_txid, not_running};
 use crate::AppState;
 
@@ -83,15 +82,14 @@ pub async fn send_message(
 
 pub async fn send(
     State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id)): Path<(String, String)>,
+    route: EntityRoute,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let url = entity_url(&entity_type, &instance_id)?;
+    let who = &route.who;
     let body: SendBody = json_body(&state.bodies, &headers, body).await?;
-    let entity = entity_for(&state, &who, &url, Permission::Write).await?;
+    let entity = route.authorize(&state, Permission::Write).await?;
     let (key, txid) =
-        send_message(&state, &who, &entity, body.payload.unwrap_or(Value::Null), body.key, body.message_type).await?;
+        send_message(&state, who, &entity, body.payload.unwrap_or(Value::Null), body.key, body.message_type).await?;
     Ok((StatusCode::OK, Json(json!({ "txid": txid, "key": key }))).into_response())
 }

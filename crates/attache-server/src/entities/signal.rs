@@ -5,17 +5,16 @@ use attache_core::entity::{Signal, SignalEffect};
 use attache_core::state::{timestamp, ChangeEvent, SIGNAL};
 use attache_core::{Permission, PrincipalKey};
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::access::{entity_for, hold_life, now_ms};
-use crate::auth::Caller;
+use crate::access::{hold_life, now_ms, EntityRoute};
 use crate::error::{ApiError, ApiResult};
-use crate::http::{entity_url, json_object_body};
+use crate::http::json_object_body;
 use crate::rows::{append_rows, new_txid, not_running};
 use crate::AppState;
 
@@ -43,14 +42,13 @@ fn invalid_signal(message: impl Into<String>) -> ApiError {
 /// has no paused state). The answer is Electric's: the states before and after.
 pub async fn signal(
     State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id)): Path<(String, String)>,
+    route: EntityRoute,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let url = entity_url(&entity_type, &instance_id)?;
+    let EntityRoute { who, url } = &route;
     let body: SignalBody = json_object_body(&state.bodies, &headers, body).await?;
-    let entity = entity_for(&state, &who, &url, Permission::Signal).await?;
+    let entity = route.authorize(&state, Permission::Signal).await?;
     let name = body.signal.ok_or_else(|| invalid_signal(format!("signal is required: {}", Signal::NAMES)))?;
     let sig = Signal::parse(&name).map_err(|e| invalid_signal(e.to_string()))?;
     let effect = sig.effect();
@@ -91,7 +89,7 @@ pub async fn signal(
             value["previous_state"] = json!(previous);
             value["new_state"] = json!("stopped");
             let row = ChangeEvent::insert(SIGNAL, &key, value, &txid, &timestamp(now));
-            wrote = stop_entity_with(&state, &who, &entity, txid.clone(), vec![row]).await?.is_some();
+            wrote = stop_entity_with(&state, who, &entity, txid.clone(), vec![row]).await?.is_some();
             "stopped".to_owned()
         }
         _ => {

@@ -7,17 +7,16 @@ use attache_core::state::{timestamp, ChangeEvent, ENTITY_CREATED};
 use attache_core::{EntityUrl, Permission, PrincipalKey, Propagation};
 use attache_storage::{Ancestor, CreateOutcome, CreateStream, EntityRecord, NewGrant, StoreError};
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::access::{entity_for, now_ms};
-use crate::auth::Caller;
+use crate::access::{entity_for, now_ms, EntityRoute};
 use crate::error::{ApiError, ApiResult};
-use crate::http::{entity_url, json_body};
+use crate::http::json_body;
 use crate::rows::{json_content_type, new_txid, rows_body};
 use crate::AppState;
 
@@ -61,15 +60,11 @@ pub async fn lineage_under(state: &AppState, who: &PrincipalKey, parent: &str) -
         .map_err(|e| ApiError::bad_request(format!("parent {parent:?} is not an entity URL (/type/id): {e}")))?;
     let record = match entity_for(state, who, &url, Permission::Spawn).await {
         Ok(record) => record,
-        Err(e) if e.status == StatusCode::NOT_FOUND => {
+        Err(ApiError::EntityNotFound { .. }) => {
             return Err(ApiError::not_found(format!("Parent entity not found at {url}")))
         }
-        Err(e) if e.status == StatusCode::FORBIDDEN => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "FORBIDDEN",
-                format!("{} may not spawn children under {url}", who.url()),
-            ))
+        Err(ApiError::NotPermitted { .. }) => {
+            return Err(ApiError::NotPermitted { message: format!("{} may not spawn children under {url}", who.url()) })
         }
         Err(e) => return Err(e),
     };
@@ -129,7 +124,7 @@ pub async fn spawn_entity(
 
 /// A create on a taken entity URL: says that it is taken, nothing more.
 fn duplicate_url(url: &str) -> ApiError {
-    ApiError::new(StatusCode::CONFLICT, "DUPLICATE_URL", format!("Entity already exists at URL \"{url}\""))
+    ApiError::DuplicateUrl { url: url.to_owned() }
 }
 
 /// [`spawn_entity`], as a child of `lineage`'s parent when given.
@@ -208,19 +203,18 @@ async fn spawn_entity_under(
 
 pub async fn spawn(
     State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id)): Path<(String, String)>,
+    route: EntityRoute,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let url = entity_url(&entity_type, &instance_id)?;
+    let EntityRoute { who, url } = &route;
     let body: SpawnBody = json_body(&state.bodies, &headers, body).await?;
     // Validate everything before anything is written.
     let grants = body
         .grants
         .unwrap_or_default()
         .into_iter()
-        .map(|g| g.into_new(&url.to_string(), &who))
+        .map(|g| g.into_new(&url.to_string(), who))
         .collect::<ApiResult<Vec<_>>>()?;
     for key in body.tags.iter().flat_map(|t| t.keys()) {
         if key.is_empty() || key.len() > 128 {
@@ -237,23 +231,22 @@ pub async fn spawn(
         ));
     }
     let lineage = match body.parent.as_deref() {
-        Some(parent) => Some(lineage_under(&state, &who, parent).await?),
+        Some(parent) => Some(lineage_under(&state, who, parent).await?),
         None => None,
     };
     let (entity, fresh, txid) =
-        spawn_entity_under(&state, &who, &url, body.args, body.tags.unwrap_or_default(), None, lineage.as_ref())
-            .await?;
+        spawn_entity_under(&state, who, url, body.args, body.tags.unwrap_or_default(), None, lineage.as_ref()).await?;
     if !fresh {
         return Ok((StatusCode::OK, Json(entity_json(&entity))).into_response());
     }
     if let Some(lineage) = &lineage {
-        copy_grants_to_child(&state, &who, &lineage.parent, &entity.url).await?;
+        copy_grants_to_child(&state, who, &lineage.parent, &entity.url).await?;
     }
     for grant in grants {
         state.registry.add_grant(grant).await?;
     }
     if let Some(payload) = body.initial_message {
-        send_message(&state, &who, &entity, payload, None, body.initial_message_type).await?;
+        send_message(&state, who, &entity, payload, None, body.initial_message_type).await?;
     }
     let mut out = entity_json(&entity);
     out["txid"] = json!(txid);

@@ -12,10 +12,9 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::access::{entity_for, entity_not_found, now_ms};
-use crate::auth::Caller;
+use crate::access::{entity_not_found, now_ms, EntityRoute};
 use crate::error::{ApiError, ApiResult};
-use crate::http::{entity_url, json_body};
+use crate::http::json_body;
 use crate::rows::{append_rows, new_txid, not_running};
 use crate::AppState;
 
@@ -40,32 +39,32 @@ fn tag_key(raw: &str) -> ApiResult<String> {
 /// again changes nothing and writes nothing. Answers as [`change_tag`] says.
 pub async fn set_tag(
     State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id, key)): Path<(String, String, String)>,
+    route: EntityRoute,
+    Path((_, _, key)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let url = entity_url(&entity_type, &instance_id)?;
+    let who = &route.who;
     let key = tag_key(&key)?;
     let body: TagBody = json_body(&state.bodies, &headers, body).await?;
     let Value::String(value) = body.value else {
         return Err(ApiError::bad_request("Tag values must be strings"));
     };
-    let entity = entity_for(&state, &who, &url, Permission::Write).await?;
-    change_tag(&state, &who, &entity, key, Some(value)).await
+    let entity = route.authorize(&state, Permission::Write).await?;
+    change_tag(&state, who, &entity, key, Some(value)).await
 }
 
 /// DELETE /_electric/entities/{type}/{id}/tags/{key} [write]: removes a tag
 /// (a `tags` `delete` row); removing an absent tag changes nothing.
 pub async fn delete_tag(
     State(state): State<AppState>,
-    Caller(who): Caller,
-    Path((entity_type, instance_id, key)): Path<(String, String, String)>,
+    route: EntityRoute,
+    Path((_, _, key)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
-    let url = entity_url(&entity_type, &instance_id)?;
+    let who = &route.who;
     let key = tag_key(&key)?;
-    let entity = entity_for(&state, &who, &url, Permission::Write).await?;
-    change_tag(&state, &who, &entity, key, None).await
+    let entity = route.authorize(&state, Permission::Write).await?;
+    change_tag(&state, who, &entity, key, None).await
 }
 
 /// Answers the entity (and the row's `txid`) to a caller that may read it; a

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::dispatch::{task_entity, task_missing, task_stopped, Missing};
 use super::ids::{main_path, new_attachment_id, radix36, task_url};
 use super::writes::{write_task, Event, Row};
-use super::{Params, ResponseBudget, TaskError, TaskResult, MAX_INLINE_BINARY, MAX_INLINE_BYTES, TASK_TYPE};
+use super::{ApiError, ApiResult, Params, ResponseBudget, MAX_INLINE_BINARY, MAX_INLINE_BYTES, TASK_TYPE};
 use crate::access::now_ms;
 use crate::rows::MainView;
 use crate::AppState;
@@ -52,25 +52,25 @@ pub(super) fn valid_url(s: &str) -> bool {
     }
 }
 
-pub(super) fn parse_attachment(p: &Params<'_>) -> TaskResult<AttachmentInput> {
+pub(super) fn parse_attachment(p: &Params<'_>) -> ApiResult<AttachmentInput> {
     let task_id = p.string("taskId", 128)?.to_owned();
     let key = p.string("key", 100)?.to_owned();
     if key.chars().any(char::is_control) {
-        return Err(TaskError::invalid("key", "key must not contain control characters"));
+        return Err(ApiError::invalid("key", "key must not contain control characters"));
     }
     let kind = p
         .opt_enum("type", AttachmentKind::parse, &kinds())?
-        .ok_or_else(|| TaskError::invalid("type", format!("type is required: one of {}", kinds())))?;
+        .ok_or_else(|| ApiError::invalid("type", format!("type is required: one of {}", kinds())))?;
     let mime_type = p.opt_string("mimeType", 255)?.map(str::to_owned);
     if let Some(m) = &mime_type {
-        ContentType::parse(m).map_err(|_| TaskError::invalid("mimeType", format!("invalid mimeType {m:?}")))?;
+        ContentType::parse(m).map_err(|_| ApiError::invalid("mimeType", format!("invalid mimeType {m:?}")))?;
     }
     let size = match p.get("size") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
             v.as_u64()
                 .filter(|n| *n > 0)
-                .ok_or_else(|| TaskError::invalid("size", "size must be a positive integer"))?,
+                .ok_or_else(|| ApiError::invalid("size", "size must be a positive integer"))?,
         ),
     };
     let content = p.opt_str("content")?.map(str::to_owned);
@@ -80,9 +80,9 @@ pub(super) fn parse_attachment(p: &Params<'_>) -> TaskResult<AttachmentInput> {
         Some(b64) => {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
-                .map_err(|_| TaskError::invalid("data", "data must be base64"))?;
+                .map_err(|_| ApiError::invalid("data", "data must be base64"))?;
             if bytes.len() > MAX_INLINE_BINARY {
-                return Err(TaskError::invalid(
+                return Err(ApiError::invalid(
                     "data",
                     format!(
                         "data is over {MAX_INLINE_BINARY} bytes: upload it to /_electric/entities/task/{task_id}/attachments with a key field"
@@ -94,9 +94,9 @@ pub(super) fn parse_attachment(p: &Params<'_>) -> TaskResult<AttachmentInput> {
     };
     let value = p.present("value").then(|| p.get("value").cloned().unwrap_or(Value::Null));
     // Each field belongs to the types that use it; one meant for another type is a mistake worth reporting.
-    let misplaced = |field: &str, kinds: &[AttachmentKind]| -> TaskResult<()> {
+    let misplaced = |field: &str, kinds: &[AttachmentKind]| -> ApiResult<()> {
         if p.present(field) && !kinds.contains(&kind) {
-            return Err(TaskError::invalid(field, format!("{field} is not used by {} attachments", kind.as_str())));
+            return Err(ApiError::invalid(field, format!("{field} is not used by {} attachments", kind.as_str())));
         }
         Ok(())
     };
@@ -107,32 +107,32 @@ pub(super) fn parse_attachment(p: &Params<'_>) -> TaskResult<AttachmentInput> {
     match kind {
         AttachmentKind::Json => {
             let v =
-                value.as_ref().ok_or_else(|| TaskError::invalid("value", "JSON attachments require a value field"))?;
+                value.as_ref().ok_or_else(|| ApiError::invalid("value", "JSON attachments require a value field"))?;
             if serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX) > MAX_INLINE_BYTES {
-                return Err(TaskError::invalid("value", format!("value is over {MAX_INLINE_BYTES} bytes")));
+                return Err(ApiError::invalid("value", format!("value is over {MAX_INLINE_BYTES} bytes")));
             }
         }
         AttachmentKind::Markdown | AttachmentKind::Text => {
             let c = content.as_ref().ok_or_else(|| {
-                TaskError::invalid("content", format!("{} attachments require a content field", kind.as_str()))
+                ApiError::invalid("content", format!("{} attachments require a content field", kind.as_str()))
             })?;
             if c.len() > MAX_INLINE_BYTES {
-                return Err(TaskError::invalid("content", format!("content is over {MAX_INLINE_BYTES} bytes")));
+                return Err(ApiError::invalid("content", format!("content is over {MAX_INLINE_BYTES} bytes")));
             }
         }
         AttachmentKind::Url => {
-            url.as_ref().ok_or_else(|| TaskError::invalid("url", "URL attachments require a url field"))?;
+            url.as_ref().ok_or_else(|| ApiError::invalid("url", "URL attachments require a url field"))?;
         }
         AttachmentKind::Binary => {}
     }
     if let Some(u) = &url {
         if !valid_url(u) {
-            return Err(TaskError::invalid("url", "url must be an http or https URL"));
+            return Err(ApiError::invalid("url", "url must be an http or https URL"));
         }
     }
     if let (Some(bytes), Some(declared)) = (&data, size) {
         if bytes.len() as u64 != declared {
-            return Err(TaskError::invalid("size", format!("size is {declared} but data holds {} bytes", bytes.len())));
+            return Err(ApiError::invalid("size", format!("size is {declared} but data holds {} bytes", bytes.len())));
         }
     }
     Ok(AttachmentInput { task_id, key, kind, value, content, url, mime_type, size, data })
@@ -213,11 +213,11 @@ pub(super) async fn write_bytes(
     path: &str,
     mime: &str,
     bytes: Vec<u8>,
-) -> TaskResult<()> {
+) -> ApiResult<()> {
     state
         .store
         .create(CreateStream {
-            path: StreamPath::new(path).map_err(TaskError::internal)?,
+            path: StreamPath::new(path).map_err(ApiError::internal)?,
             content_type: ContentType::parse(mime).ok(),
             ttl: None,
             expires_at: None,
@@ -248,7 +248,7 @@ pub(super) async fn put_attachment(
     state: &AppState,
     who: &PrincipalKey,
     input: AttachmentInput,
-) -> TaskResult<ManifestEntry> {
+) -> ApiResult<ManifestEntry> {
     let task_id = input.task_id.as_str();
     let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskNotFound).await?;
     if !entity.is_running() {
@@ -298,7 +298,7 @@ pub(super) async fn put_attachment(
     if let Some(s) = input.size {
         ext.insert("size".into(), json!(s));
     }
-    let url = EntityUrl::new(TASK_TYPE, task_id).map_err(TaskError::internal)?;
+    let url = EntityUrl::new(TASK_TYPE, task_id).map_err(ApiError::internal)?;
     // The old version's bytes, at the address derived for them (a row naming another is followed nowhere).
     let old_bytes = existing.as_ref().filter(|e| e.byte_length.is_some()).and_then(|e| e.bytes_path(&url));
     let mut entry = ManifestEntry {
@@ -327,7 +327,7 @@ pub(super) async fn put_attachment(
         {
             let version = radix36(rand::random::<u64>(), BYTES_VERSION_LEN);
             entry.stream_path = versioned_attachment_stream(&url, &id, &version)
-                .ok_or_else(|| TaskError::internal("a bytes version is base-36 digits"))?;
+                .ok_or_else(|| ApiError::internal("a bytes version is base-36 digits"))?;
         }
         stored_bytes += bytes.len() as u64;
         entry.byte_length = Some(bytes.len() as u64);
@@ -364,7 +364,7 @@ pub(super) async fn put_attachment(
     Ok(entry)
 }
 
-pub(super) async fn create_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+pub(super) async fn create_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
     let input = parse_attachment(p)?;
     let (task_id, key, kind) = (input.task_id.clone(), input.key.clone(), input.kind);
     let entry = put_attachment(state, who, input).await?;
@@ -385,7 +385,7 @@ pub(super) async fn find_attachment(
     task_id: &str,
     key: &str,
     budget: &ResponseBudget,
-) -> TaskResult<Option<Value>> {
+) -> ApiResult<Option<Value>> {
     if task_entity(state, who, task_id, Permission::Read, Missing::TaskNotFound).await.is_err() {
         return Ok(None);
     }
@@ -403,12 +403,12 @@ pub(super) async fn get_attachment(
     who: &PrincipalKey,
     p: &Params<'_>,
     budget: &ResponseBudget,
-) -> TaskResult<Value> {
+) -> ApiResult<Value> {
     let task_id = p.string("taskId", 128)?;
     let key = p.string("key", 100)?;
     match find_attachment(state, who, task_id, key, budget).await? {
         Some(found) => Ok(found),
-        None => Err(TaskError::rejected(
+        None => Err(ApiError::rejected(
             format!("Attachment with key '{key}' not found for task {task_id}"),
             json!({ "taskId": task_id, "key": key }),
         )),
@@ -423,7 +423,7 @@ pub(super) async fn list_attachments(
     who: &PrincipalKey,
     p: &Params<'_>,
     budget: &ResponseBudget,
-) -> TaskResult<Value> {
+) -> ApiResult<Value> {
     let task_id = p.string("taskId", 128)?;
     let kind = p.opt_enum("type", AttachmentKind::parse, &kinds())?;
     let limit = p.opt_int("limit", 1, 100)?.unwrap_or(50) as usize;
@@ -451,15 +451,15 @@ pub(super) async fn get_attachments_batch(
     who: &PrincipalKey,
     p: &Params<'_>,
     budget: &ResponseBudget,
-) -> TaskResult<Value> {
+) -> ApiResult<Value> {
     let requests = match p.get("requests") {
         Some(Value::Array(items)) if !items.is_empty() && items.len() <= 100 => items,
-        _ => return Err(TaskError::invalid("requests", "requests must be an array of 1 to 100 {taskId, key} items")),
+        _ => return Err(ApiError::invalid("requests", "requests must be an array of 1 to 100 {taskId, key} items")),
     };
     let mut wanted = Vec::with_capacity(requests.len());
     for item in requests {
         let Value::Object(m) = item else {
-            return Err(TaskError::invalid("requests", "each request is an object {taskId, key}"));
+            return Err(ApiError::invalid("requests", "each request is an object {taskId, key}"));
         };
         let ip = Params(m);
         wanted.push((ip.string("taskId", 128)?.to_owned(), ip.string("key", 100)?.to_owned()));
@@ -474,7 +474,7 @@ pub(super) async fn get_attachments_batch(
     }
     if let Some(first) = missing.first() {
         let (t, k) = (first["taskId"].as_str().unwrap_or(""), first["key"].as_str().unwrap_or(""));
-        return Err(TaskError::rejected(
+        return Err(ApiError::rejected(
             format!("Attachment not found: {t}/{k}"),
             json!({ "taskId": t, "key": k, "missing": missing }),
         ));
@@ -482,11 +482,11 @@ pub(super) async fn get_attachments_batch(
     Ok(json!({ "attachments": found }))
 }
 
-pub(super) async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+pub(super) async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
     let task_id = p.string("taskId", 128)?;
     let key = p.string("key", 100)?;
     let not_found = || {
-        TaskError::rejected(
+        ApiError::rejected(
             format!("Attachment '{key}' not found for task {task_id}"),
             json!({ "taskId": task_id, "key": key }),
         )

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use attache_core::manifest::ManifestEntry;
 
-use super::{TaskError, TaskResult};
+use super::{ApiError, ApiResult};
 
 /// What one response may still carry of attachment values.
 #[derive(Debug)]
@@ -25,13 +25,13 @@ impl ResponseBudget {
     /// response would pass the limit. What a call took stays taken even if
     /// the call then fails: each value is loaded at most once per answer, and
     /// once the budget is spent a later call fails at its first value.
-    pub(super) fn take(&self, e: &ManifestEntry) -> TaskResult<()> {
+    pub(super) fn take(&self, e: &ManifestEntry) -> ApiResult<()> {
         let n = value_bytes(e);
         let limit = self.limit;
         self.used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| used.checked_add(n).filter(|t| *t <= limit))
             .map(|_| ())
-            .map_err(|_| TaskError::ResponseTooLarge { limit })
+            .map_err(|_| ApiError::ResponseTooLarge { limit })
     }
 }
 
@@ -88,9 +88,9 @@ mod tests {
         };
         entry.ext.insert("content".into(), Value::String("ab\n".into())); // 6 bytes as JSON: "ab\n"
         budget.take(&entry).unwrap();
-        assert_eq!(budget.take(&entry), Err(TaskError::ResponseTooLarge { limit: 10 }));
+        assert_eq!(budget.take(&entry), Err(ApiError::ResponseTooLarge { limit: 10 }));
         entry.ext.insert("content".into(), Value::String("ab".into())); // 4 bytes
         budget.take(&entry).unwrap();
-        assert_eq!(budget.take(&entry), Err(TaskError::ResponseTooLarge { limit: 10 }), "10 taken: nothing more");
+        assert_eq!(budget.take(&entry), Err(ApiError::ResponseTooLarge { limit: 10 }), "10 taken: nothing more");
     }
 }

@@ -13,7 +13,7 @@ use super::attachments::{
 };
 use super::ids::task_url;
 use super::methods::{assign, claim, complete, create, delete, get, list, unassign, update};
-use super::{params_object, Params, ResponseBudget, Status, TaskError, TaskRecord, TaskResult, TASK_TYPE};
+use super::{params_object, ApiError, ApiResult, Params, ResponseBudget, Status, TaskRecord, TASK_TYPE};
 use crate::access::now_ms;
 use crate::AppState;
 
@@ -25,7 +25,22 @@ pub async fn call(
     method: &str,
     params: Value,
     budget: &ResponseBudget,
-) -> TaskResult<Value> {
+) -> ApiResult<Value> {
+    let answer = run(state, who, method, params, budget).await;
+    if let Err(e) = &answer {
+        // Logged once here, for every face; the caller is told only that the fault is ours.
+        e.log_fault("tasks");
+    }
+    answer
+}
+
+async fn run(
+    state: &AppState,
+    who: &PrincipalKey,
+    method: &str,
+    params: Value,
+    budget: &ResponseBudget,
+) -> ApiResult<Value> {
     let map = params_object(params)?;
     let p = Params(&map);
     match method {
@@ -43,7 +58,7 @@ pub async fn call(
         "task.list_attachments" => list_attachments(state, who, &p, budget).await,
         "task.get_attachments_batch" => get_attachments_batch(state, who, &p, budget).await,
         "task.delete_attachment" => delete_attachment(state, who, &p).await,
-        other => Err(TaskError::MethodNotFound { method: other.to_owned() }),
+        other => Err(ApiError::MethodNotFound { method: other.to_owned() }),
     }
 }
 
@@ -54,21 +69,21 @@ pub(super) enum Missing {
     TaskNotFound,
 }
 
-pub(super) fn task_missing(style: Missing, task_id: &str) -> TaskError {
+pub(super) fn task_missing(style: Missing, task_id: &str) -> ApiError {
     let message = match style {
         Missing::TaskColon => format!("Task not found: {task_id}"),
         Missing::TaskNotFound => format!("Task {task_id} not found"),
     };
-    TaskError::rejected(message, json!({ "taskId": task_id }))
+    ApiError::rejected(message, json!({ "taskId": task_id }))
 }
 
 /// What a change to a task stopped by a signal or by `DELETE` on its entity
 /// answers (a stopped task is read and deleted, never changed). The text
 /// when the write itself finds the task stopped, without its id.
-pub(super) const STOPPED: &str = "Task is stopped and accepts no more changes";
+pub const STOPPED: &str = "Task is stopped and accepts no more changes";
 
-pub(super) fn task_stopped(task_id: &str) -> TaskError {
-    TaskError::rejected(format!("Task {task_id} is stopped and accepts no more changes"), json!({ "taskId": task_id }))
+pub(super) fn task_stopped(task_id: &str) -> ApiError {
+    ApiError::rejected(format!("Task {task_id} is stopped and accepts no more changes"), json!({ "taskId": task_id }))
 }
 
 /// The task `who` may act on with `wanted`; a task it may not read does not exist for it.
@@ -78,7 +93,7 @@ pub(super) async fn task_for(
     task_id: &str,
     wanted: Permission,
     style: Missing,
-) -> TaskResult<(Arc<EntityRecord>, TaskRecord)> {
+) -> ApiResult<(Arc<EntityRecord>, TaskRecord)> {
     let entity = task_entity(state, who, task_id, wanted, style).await?;
     let task = TaskRecord::of(&entity).ok_or_else(|| task_missing(style, task_id))?;
     Ok((entity, task))
@@ -125,7 +140,7 @@ pub(super) async fn task_entity(
     task_id: &str,
     wanted: Permission,
     style: Missing,
-) -> TaskResult<Arc<EntityRecord>> {
+) -> ApiResult<Arc<EntityRecord>> {
     let missing = || task_missing(style, task_id);
     let url = task_url(task_id).ok_or_else(missing)?;
     let entity =
@@ -133,7 +148,7 @@ pub(super) async fn task_entity(
     match permitted(state, who, &entity, wanted) {
         (false, _) => Err(missing()),
         (true, false) => {
-            Err(TaskError::Unauthorized { message: format!("{who} may not {} task {task_id}", wanted.as_str()) })
+            Err(ApiError::NotPermitted { message: format!("{who} may not {} task {task_id}", wanted.as_str()) })
         }
         // A change to a stopped task is refused before any of the method's own rules.
         (true, true) if wanted == Permission::Write && !entity.is_running() => Err(task_stopped(task_id)),
@@ -149,10 +164,10 @@ pub(super) async fn change_task(
     state: &AppState,
     task_id: &str,
     incarnation: Option<&str>,
-    change: impl FnOnce(&mut TaskRecord) -> TaskResult<()> + Send + 'static,
-) -> TaskResult<TaskRecord> {
+    change: impl FnOnce(&mut TaskRecord) -> ApiResult<()> + Send + 'static,
+) -> ApiResult<TaskRecord> {
     let url = format!("/{TASK_TYPE}/{task_id}");
-    let rejection: Arc<parking_lot::Mutex<Option<TaskError>>> = Arc::default();
+    let rejection: Arc<parking_lot::Mutex<Option<ApiError>>> = Arc::default();
     let slot = rejection.clone();
     let id = task_id.to_owned();
     let expected = incarnation.map(str::to_owned);
@@ -189,7 +204,7 @@ pub(super) async fn change_task(
     match outcome {
         Ok(entity) => {
             let extra = entity.extra.unwrap_or(Value::Null);
-            serde_json::from_value(extra).map_err(TaskError::internal)
+            serde_json::from_value(extra).map_err(ApiError::internal)
         }
         Err(e) => match rejection.lock().take() {
             Some(rejected) => Err(rejected),
@@ -199,8 +214,8 @@ pub(super) async fn change_task(
     }
 }
 
-pub(super) fn illegal(task_id: &str, from: Status, to: Status) -> TaskError {
-    TaskError::rejected(
+pub(super) fn illegal(task_id: &str, from: Status, to: Status) -> ApiError {
+    ApiError::rejected(
         format!("Cannot change status of task {task_id} from {} to {}", from.as_str(), to.as_str()),
         json!({ "taskId": task_id, "status": from.as_str(), "requested": to.as_str() }),
     )

@@ -15,13 +15,13 @@ use super::dispatch::{change_task, illegal, is_live_task, task_entity, task_for,
 use super::ids::{main_path, new_task_id, task_url};
 use super::writes::{write_task, Event};
 use super::AttachmentKind;
-use super::{Params, Status, TaskError, TaskRecord, TaskResult, TASK_TYPE};
+use super::{ApiError, ApiResult, Params, Status, TaskRecord, TASK_TYPE};
 use crate::access::{may, now_ms};
 use crate::AppState;
 
 /// A task's metadata lives in the registry's memory with the task: bounded
 /// by `max_entity_data_bytes` (after an update's merge too).
-pub(super) fn check_metadata_size(state: &AppState, metadata: &Option<Map<String, Value>>) -> TaskResult<()> {
+pub(super) fn check_metadata_size(state: &AppState, metadata: &Option<Map<String, Value>>) -> ApiResult<()> {
     let max = state.config.max_entity_data_bytes;
     if crate::entities::json_size(metadata) > max {
         return Err(metadata_too_large(max));
@@ -29,28 +29,28 @@ pub(super) fn check_metadata_size(state: &AppState, metadata: &Option<Map<String
     Ok(())
 }
 
-pub(super) fn metadata_too_large(max: usize) -> TaskError {
-    TaskError::invalid("metadata", format!("metadata is at most {max} bytes of JSON (max_entity_data_bytes)"))
+pub(super) fn metadata_too_large(max: usize) -> ApiError {
+    ApiError::invalid("metadata", format!("metadata is at most {max} bytes of JSON (max_entity_data_bytes)"))
 }
 
-pub(super) async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+pub(super) async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
     let text =
-        p.string("text", 500).map_err(|_| TaskError::invalid("text", "Text must be between 1 and 500 characters"))?;
+        p.string("text", 500).map_err(|_| ApiError::invalid("text", "Text must be between 1 and 500 characters"))?;
     let priority = p.opt_int("priority", 0, 100)?.unwrap_or(50) as u8;
     let metadata = p.opt_object("metadata")?.cloned();
     check_metadata_size(state, &metadata)?;
     let id = match p.opt_string("id", 128)? {
         Some(id) => {
             if !id.starts_with("t-") || task_url(id).is_none() {
-                return Err(TaskError::invalid("id", "id must start with t- and be a valid entity id"));
+                return Err(ApiError::invalid("id", "id must start with t- and be a valid entity id"));
             }
             id.to_owned()
         }
         None => new_task_id(),
     };
-    let url = task_url(&id).ok_or_else(|| TaskError::invalid("id", "invalid task id"))?;
+    let url = task_url(&id).ok_or_else(|| ApiError::invalid("id", "invalid task id"))?;
     if state.registry.entity(&url.to_string()).await.is_some() {
-        return Err(TaskError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })));
+        return Err(ApiError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })));
     }
     let now = now_ms();
     let task = TaskRecord {
@@ -72,12 +72,12 @@ pub(super) async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     let incarnation = match spawned {
         Ok((record, true, _)) => record.incarnation,
         Ok((_, false, _)) => {
-            return Err(TaskError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })))
+            return Err(ApiError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })))
         }
-        Err(e) if e.code == "DUPLICATE_URL" => {
-            return Err(TaskError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })))
+        Err(ApiError::DuplicateUrl { .. }) => {
+            return Err(ApiError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })))
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
     let mut out = json!({
         "id": id,
@@ -97,12 +97,12 @@ pub(super) async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     Ok(out)
 }
 
-pub(super) async fn attachment_count(state: &AppState, task_id: &str) -> TaskResult<usize> {
+pub(super) async fn attachment_count(state: &AppState, task_id: &str) -> ApiResult<usize> {
     let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
     Ok(keyed(&view, task_id).count())
 }
 
-pub(super) async fn get(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+pub(super) async fn get(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
     let id = p.string("id", 128)?;
     let (_, task) = task_for(state, who, id, Permission::Read, Missing::TaskColon).await?;
     let mut row = task.row(id);
@@ -110,13 +110,13 @@ pub(super) async fn get(state: &AppState, who: &PrincipalKey, p: &Params<'_>) ->
     Ok(row)
 }
 
-pub(super) async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+pub(super) async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
     let id = p.string("id", 128)?;
-    let updates = p.opt_object("updates")?.ok_or_else(|| TaskError::invalid("updates", "updates is required"))?;
+    let updates = p.opt_object("updates")?.ok_or_else(|| ApiError::invalid("updates", "updates is required"))?;
     let u = Params(updates);
     let text = u
         .opt_string("text", 500)
-        .map_err(|_| TaskError::invalid("text", "Text must be between 1 and 500 characters"))?
+        .map_err(|_| ApiError::invalid("text", "Text must be between 1 and 500 characters"))?
         .map(str::to_owned);
     let status = u.opt_enum("status", Status::parse, "pending, in_progress, completed, failed")?;
     let priority = u.opt_int("priority", 0, 100)?;
@@ -223,7 +223,7 @@ pub(super) fn visible_tasks(state: &AppState, who: &PrincipalKey, wanted: Permis
     visible_tasks_of(state, who, wanted).map(|(id, t, _)| (id, t)).collect()
 }
 
-pub(super) async fn list(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+pub(super) async fn list(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
     let status = p.opt_enum("status", Status::parse, "pending, in_progress, completed, failed")?;
     let assigned = p.opt_string("assignedTo", 256)?;
     let priority = p.opt_int("priority", 0, 100)?;
@@ -272,7 +272,7 @@ pub(super) async fn list(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -
     Ok(json!({ "tasks": rows, "totalCount": total, "hasMore": offset.saturating_add(limit) < total }))
 }
 
-pub(super) async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+pub(super) async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
     let task_id = p.string("taskId", 128)?;
     let instance = p.string("instanceId", 256)?.to_owned();
     let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskColon).await?;
@@ -284,14 +284,14 @@ pub(super) async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     let now = now_ms();
     change_task(state, task_id, incarnation, move |t| {
         if t.status.is_final() {
-            return Err(TaskError::rejected(
+            return Err(ApiError::rejected(
                 format!("Cannot assign task {id} with status {}", t.status.as_str()),
                 json!({ "taskId": id, "status": t.status.as_str() }),
             ));
         }
         match &t.assigned_to {
             Some(current) if *current != inst => {
-                return Err(TaskError::rejected(
+                return Err(ApiError::rejected(
                     format!("Task {id} is already assigned to {current}."),
                     json!({ "taskId": id, "currentAssignment": current }),
                 ))
@@ -317,7 +317,7 @@ pub(super) async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     Ok(json!({ "taskId": task_id, "instanceId": instance, "assignedAt": timestamp(now) }))
 }
 
-pub(super) async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+pub(super) async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
     let task_id = p.string("taskId", 128)?;
     let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskColon).await?;
     let incarnation = entity.incarnation.as_deref();
@@ -328,13 +328,13 @@ pub(super) async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_
     let now = now_ms();
     change_task(state, task_id, incarnation, move |t| {
         if t.status.is_final() {
-            return Err(TaskError::rejected(
+            return Err(ApiError::rejected(
                 format!("Cannot unassign task {id} with status {}", t.status.as_str()),
                 json!({ "taskId": id, "status": t.status.as_str() }),
             ));
         }
         let Some(prev) = t.assigned_to.take() else {
-            return Err(TaskError::rejected(format!("Task {id} is not currently assigned"), json!({ "taskId": id })));
+            return Err(ApiError::rejected(format!("Task {id} is not currently assigned"), json!({ "taskId": id })));
         };
         *prev_slot.lock() = Some(prev);
         t.status = Status::Pending;
@@ -358,7 +358,7 @@ pub(super) async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_
 
 /// Highest priority first, then the oldest, then the smallest id; only
 /// pending tasks that are unassigned or assigned to this worker.
-pub(super) async fn claim(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+pub(super) async fn claim(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
     let worker = p.string("workerId", 256)?.to_owned();
     p.opt_int("maxTasks", 1, 10)?;
     let mut candidates: Vec<(String, TaskRecord, Option<String>)> = visible_tasks_of(state, who, Permission::Write)
@@ -375,7 +375,7 @@ pub(super) async fn claim(state: &AppState, who: &PrincipalKey, p: &Params<'_>) 
         let now = now_ms();
         let won = change_task(state, &task_id, incarnation, move |t| {
             if t.status != Status::Pending || t.assigned_to.as_ref().is_some_and(|a| *a != w) {
-                return Err(TaskError::rejected("taken", Value::Null));
+                return Err(ApiError::rejected("taken", Value::Null));
             }
             t.status = Status::InProgress;
             t.assigned_to = Some(w);
@@ -385,7 +385,7 @@ pub(super) async fn claim(state: &AppState, who: &PrincipalKey, p: &Params<'_>) 
         .await;
         let task = match won {
             Ok(task) => task,
-            Err(TaskError::Rejected { .. }) => {
+            Err(ApiError::Rejected { .. }) => {
                 drop(guard);
                 continue;
             }
@@ -425,10 +425,10 @@ pub(super) fn is_empty_result(v: Option<&Value>) -> bool {
     }
 }
 
-pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
     let task_id = match (p.opt_string("id", 128)?, p.opt_string("taskId", 128)?) {
         (Some(id), _) | (None, Some(id)) => id,
-        (None, None) => return Err(TaskError::invalid("id", "Either 'id' or 'taskId' must be provided")),
+        (None, None) => return Err(ApiError::invalid("id", "Either 'id' or 'taskId' must be provided")),
     };
     let worker = p.opt_string("workerId", 256)?.map(str::to_owned);
     let result = p.get("result").cloned();
@@ -483,18 +483,18 @@ pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_
 /// not final, so an assigned task completes whether it is still `pending`
 /// (`task.assign` leaves it there) or `in_progress` (claimed). A worker,
 /// when given, must be the assignee.
-pub(super) fn may_complete(task_id: &str, task: &TaskRecord, next: Status, worker: Option<&str>) -> TaskResult<()> {
+pub(super) fn may_complete(task_id: &str, task: &TaskRecord, next: Status, worker: Option<&str>) -> ApiResult<()> {
     if task.status.is_final() {
         return Err(illegal(task_id, task.status, next));
     }
     let Some(assignee) = &task.assigned_to else {
-        return Err(TaskError::rejected(
+        return Err(ApiError::rejected(
             format!("Task {task_id} is not assigned"),
             json!({ "taskId": task_id, "status": task.status.as_str() }),
         ));
     };
     match worker {
-        Some(w) if w != assignee => Err(TaskError::rejected(
+        Some(w) if w != assignee => Err(ApiError::rejected(
             format!("Task {task_id} is assigned to {assignee}, not {w}"),
             json!({ "taskId": task_id, "currentAssignment": assignee }),
         )),
@@ -505,7 +505,7 @@ pub(super) fn may_complete(task_id: &str, task: &TaskRecord, next: Status, worke
 /// Marks the task deleted (a tombstone keeps its grants, so readers of the
 /// events stream can still be told who may see its past events), closes its
 /// main stream with the `task.deleted` event, and deletes its attachment bytes.
-pub(super) async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> TaskResult<Value> {
+pub(super) async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
     let id = p.string("id", 128)?;
     let entity = task_entity(state, who, id, Permission::Delete, Missing::TaskColon).await?;
     let incarnation = entity.incarnation.as_deref();
@@ -529,7 +529,7 @@ pub(super) async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         Ok(()) => {}
         // Stopped before (a signal, or DELETE on its entity): its main stream
         // is closed; the event still reaches the events stream, and the rest goes.
-        Err(TaskError::Rejected { message, .. }) if stopped && message == super::dispatch::STOPPED => {}
+        Err(ApiError::NotRunning) if stopped => {}
         Err(e) => return Err(e),
     }
     let prefix = format!("/{TASK_TYPE}/{id}/attachments/");
@@ -603,7 +603,7 @@ pub(super) fn evict_tombstones(kept: &mut VecDeque<Tombstone>, budget: usize, de
 /// `deleted_tasks_kept` tombstones the oldest go, so deleted tasks cost
 /// nothing for good; their events stay on the events stream, shown to no one
 /// but the system principal from then on (visibility comes from the record).
-pub(super) async fn drop_tombstone(state: &AppState, task_id: &str, incarnation: Option<&str>) -> TaskResult<()> {
+pub(super) async fn drop_tombstone(state: &AppState, task_id: &str, incarnation: Option<&str>) -> ApiResult<()> {
     let Some(url) = task_url(task_id) else { return Ok(()) };
     let cell = state.tasks.cell(task_id);
     let _guard = cell.order.write().await;
@@ -619,7 +619,7 @@ pub(super) async fn drop_tombstone(state: &AppState, task_id: &str, incarnation:
 
 /// Startup: the tombstones of tasks deleted before, oldest deletion first;
 /// those past `deleted_tasks_kept` are purged now.
-pub async fn load_tombstones(state: &AppState) -> TaskResult<()> {
+pub async fn load_tombstones(state: &AppState) -> ApiResult<()> {
     let mut deleted: Vec<(i64, Tombstone)> = state
         .registry
         .entities(Some(TASK_TYPE))

@@ -29,16 +29,12 @@ mod params;
 mod record;
 mod writes;
 
-use attache_storage::StoreError;
-use axum::http::StatusCode;
-use serde_json::{json, Value};
-
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiResult};
 
 pub use attache_core::task::AttachmentKind;
 pub use attachments::{attachment_json, AttachmentInput};
 pub use budget::ResponseBudget;
-pub use dispatch::call;
+pub use dispatch::{call, STOPPED};
 pub use ids::{new_attachment_id, new_task_id};
 pub use methods::{load_tombstones, Tombstone};
 pub use ordering::{CellRef, Pending, TaskCell, Writers};
@@ -53,52 +49,6 @@ pub const MAX_INLINE_BYTES: usize = 1 << 20;
 /// Largest binary sent inline as base64 `data`; larger files go through the upload route.
 pub const MAX_INLINE_BINARY: usize = 1 << 20;
 
-/// What went wrong, in the face's words. `rpc::error_object` maps each to its JSON-RPC code, once.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TaskError {
-    /// The params fail validation (-32602, message "Invalid params").
-    InvalidParams { validation: String, field: Option<String> },
-    /// A task, attachment or precondition the caller named does not hold (-32602 with `data`).
-    Rejected { message: String, data: Value },
-    /// The caller may see the task but not do this (-32002).
-    Unauthorized { message: String },
-    /// The caller exceeded its rate limit (-32000).
-    RateLimited { limit: u32, window_ms: u64 },
-    /// The response would carry more than `limit` bytes of attachment values (-32000).
-    ResponseTooLarge { limit: u64 },
-    /// No such method (-32601).
-    MethodNotFound { method: String },
-    /// A real fault of the server or its store (-32603).
-    Internal { message: String },
-}
-
-pub type TaskResult<T> = Result<T, TaskError>;
-
-impl TaskError {
-    pub fn invalid(field: &str, validation: impl Into<String>) -> TaskError {
-        TaskError::InvalidParams { validation: validation.into(), field: Some(field.to_owned()) }
-    }
-    fn rejected(message: impl Into<String>, data: Value) -> TaskError {
-        TaskError::Rejected { message: message.into(), data }
-    }
-    fn internal(e: impl std::fmt::Display) -> TaskError {
-        tracing::error!(error = %e, "task face internal fault");
-        TaskError::Internal { message: e.to_string() }
-    }
-}
-
-impl From<StoreError> for TaskError {
-    fn from(e: StoreError) -> TaskError {
-        TaskError::internal(e)
-    }
-}
-
-impl From<ApiError> for TaskError {
-    fn from(e: ApiError) -> TaskError {
-        match e.status {
-            StatusCode::FORBIDDEN => TaskError::Unauthorized { message: e.message },
-            StatusCode::CONFLICT if e.code == "NOT_RUNNING" => TaskError::rejected(dispatch::STOPPED, json!({})),
-            _ => TaskError::internal(e.message),
-        }
-    }
-}
+// Errors: the server's one `ApiError` (`crate::error`); the task face's
+// outcomes are its `InvalidParams`, `Rejected`, `NotPermitted`, ... variants,
+// mapped to JSON-RPC codes once, in `rpc::error_object`.

@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{TaskError, TaskResult};
+use super::{ApiError, ApiResult};
 
 /// The `params` object of a call, read field by field with exact validation messages.
 pub struct Params<'a>(pub(super) &'a Map<String, Value>);
@@ -15,42 +15,42 @@ impl<'a> Params<'a> {
     pub(super) fn get(&self, name: &str) -> Option<&'a Value> {
         self.0.get(name)
     }
-    pub(super) fn opt_str(&self, name: &str) -> TaskResult<Option<&'a str>> {
+    pub(super) fn opt_str(&self, name: &str) -> ApiResult<Option<&'a str>> {
         match self.0.get(name) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => Err(TaskError::invalid(name, format!("{name} must be a string"))),
+            Some(_) => Err(ApiError::invalid(name, format!("{name} must be a string"))),
         }
     }
     /// A required string of 1 to `max` characters.
-    pub(super) fn string(&self, name: &str, max: usize) -> TaskResult<&'a str> {
-        let s = self.opt_str(name)?.ok_or_else(|| TaskError::invalid(name, format!("{name} is required")))?;
+    pub(super) fn string(&self, name: &str, max: usize) -> ApiResult<&'a str> {
+        let s = self.opt_str(name)?.ok_or_else(|| ApiError::invalid(name, format!("{name} is required")))?;
         let n = s.chars().count();
         if n == 0 || n > max {
-            return Err(TaskError::invalid(name, format!("{name} must be between 1 and {max} characters")));
+            return Err(ApiError::invalid(name, format!("{name} must be between 1 and {max} characters")));
         }
         Ok(s)
     }
-    pub(super) fn opt_string(&self, name: &str, max: usize) -> TaskResult<Option<&'a str>> {
+    pub(super) fn opt_string(&self, name: &str, max: usize) -> ApiResult<Option<&'a str>> {
         if self.opt_str(name)?.is_none() {
             return Ok(None);
         }
         self.string(name, max).map(Some)
     }
-    pub(super) fn opt_int(&self, name: &str, min: i64, max: i64) -> TaskResult<Option<i64>> {
+    pub(super) fn opt_int(&self, name: &str, min: i64, max: i64) -> ApiResult<Option<i64>> {
         match self.0.get(name) {
             None => Ok(None),
             Some(v) => match v.as_i64() {
                 Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
-                _ => Err(TaskError::invalid(name, format!("{name} must be an integer from {min} to {max}"))),
+                _ => Err(ApiError::invalid(name, format!("{name} must be an integer from {min} to {max}"))),
             },
         }
     }
-    pub(super) fn opt_object(&self, name: &str) -> TaskResult<Option<&'a Map<String, Value>>> {
+    pub(super) fn opt_object(&self, name: &str) -> ApiResult<Option<&'a Map<String, Value>>> {
         match self.0.get(name) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Object(m)) => Ok(Some(m)),
-            Some(_) => Err(TaskError::invalid(name, format!("{name} must be an object"))),
+            Some(_) => Err(ApiError::invalid(name, format!("{name} must be an object"))),
         }
     }
     pub(super) fn opt_enum<T>(
@@ -58,21 +58,21 @@ impl<'a> Params<'a> {
         name: &str,
         parse: impl Fn(&str) -> Option<T>,
         allowed: &str,
-    ) -> TaskResult<Option<T>> {
+    ) -> ApiResult<Option<T>> {
         match self.opt_str(name)? {
             None => Ok(None),
             Some(s) => {
-                parse(s).map(Some).ok_or_else(|| TaskError::invalid(name, format!("{name} must be one of {allowed}")))
+                parse(s).map(Some).ok_or_else(|| ApiError::invalid(name, format!("{name} must be one of {allowed}")))
             }
         }
     }
 }
 
 /// Params must be an object; absent or null means `{}`.
-pub fn params_object(params: Value) -> TaskResult<Map<String, Value>> {
+pub fn params_object(params: Value) -> ApiResult<Map<String, Value>> {
     match params {
         Value::Null => Ok(Map::new()),
         Value::Object(m) => Ok(m),
-        _ => Err(TaskError::InvalidParams { validation: "params must be an object".into(), field: None }),
+        _ => Err(ApiError::InvalidParams { validation: "params must be an object".into(), field: None }),
     }
 }

@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::dispatch::{task_missing, Missing};
 use super::ids::{main_path, new_event_id};
 use super::ordering::{finish, queue};
-use super::{TaskError, TaskResult, TASK_TYPE};
+use super::{ApiError, ApiResult, TASK_TYPE};
 use crate::access::now_ms;
 use crate::events;
 use crate::rows::{json_content_type, new_txid, not_running};
@@ -97,7 +97,7 @@ pub(super) async fn write_task(
     rows: Vec<Row>,
     evts: Vec<Event>,
     close: bool,
-) -> impl Future<Output = TaskResult<()>> + Send + 'static {
+) -> impl Future<Output = ApiResult<()>> + Send + 'static {
     crate::pause::at(state, crate::pause::TASK_WRITE).await;
     let url = format!("/{TASK_TYPE}/{task_id}");
     let life = state.lives.shared(&url).await;
@@ -142,14 +142,14 @@ pub(super) async fn write_task(
         Ok(())
     })();
     if let Err(e) = serialized {
-        return futures::future::Either::Left(futures::future::ready(Err(TaskError::internal(e))));
+        return futures::future::Either::Left(futures::future::ready(Err(ApiError::internal(e))));
     }
     let store = state.store.clone();
     let main_req = AppendRequest::json_messages(main_path(task_id), json_content_type(), &main_rows, close);
     let main_write = queue(async move {
         store.append(main_req).await.map(|_| ()).map_err(|e| match e {
-            StoreError::Closed { .. } => TaskError::from(not_running()),
-            other => TaskError::from(other),
+            StoreError::Closed { .. } => not_running(),
+            other => ApiError::from(other),
         })
     })
     .await;
@@ -157,10 +157,7 @@ pub(super) async fn write_task(
         None
     } else {
         let store = state.store.clone();
-        Some(
-            queue(async move { events::append_events(store.as_ref(), &envelopes).await.map_err(TaskError::from) })
-                .await,
-        )
+        Some(queue(async move { events::append_events(store.as_ref(), &envelopes).await }).await)
     };
     futures::future::Either::Right(async move {
         let _life = life;
@@ -172,7 +169,7 @@ pub(super) async fn write_task(
         match (main, global) {
             (Some(Ok(())), Some(Ok(()))) => Ok(()),
             (Some(Err(e)), _) | (_, Some(Err(e))) => Err(e),
-            _ => Err(TaskError::internal("a queued write vanished")),
+            _ => Err(ApiError::internal("a queued write vanished")),
         }
     })
 }

@@ -137,14 +137,14 @@ impl Drop for Io {
 }
 
 /// A database error as a storage error. Deadlocks and serialization failures
-/// are marked so a whole batch can be retried.
+/// are `Contention`, so a whole batch can be retried (`StoreError::is_retryable`).
 pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
     let code = match &e {
         sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
         _ => None,
     };
     match code.as_deref() {
-        Some("40P01" | "40001") => return StoreError::Storage(format!("{RETRY}postgres: {e}")),
+        Some("40P01" | "40001") => return StoreError::Contention(format!("postgres: {e}")),
         // disk_full: the database's disk.
         Some("53100") => return StoreError::StorageFull(format!("postgres: {e}")),
         // Other resource limits, connection failures, an administrator's shutdown: transient.
@@ -160,12 +160,6 @@ pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
         e => StoreError::Storage(format!("postgres: {e}")),
     }
 }
-const RETRY: &str = "(retryable) ";
-
-pub(crate) fn retryable(e: &StoreError) -> bool {
-    matches!(e, StoreError::Storage(m) if m.starts_with(RETRY))
-}
-
 pub(crate) use crate::now_ms;
 
 pub(crate) fn decode_info(json: &str) -> StoreResult<StreamInfo> {

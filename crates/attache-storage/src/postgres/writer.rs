@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{Postgres, Transaction};
 use tokio::sync::mpsc;
 
-use super::{db_err, now_ms, retryable, stream_row, Command, Shared, StreamRow, CHANGES, STREAM_COLUMNS};
+use super::{db_err, now_ms, stream_row, Command, Shared, StreamRow, CHANGES, STREAM_COLUMNS};
 use crate::error::{StoreError, StoreResult};
 use crate::model::*;
 use crate::rules::{self, AppendDecision, AtPath, PreparedAppend};
@@ -55,7 +55,7 @@ async fn commit_batch(shared: &Shared, batch: Vec<Command>) {
     let mut attempt = 0;
     let result = loop {
         match apply_batch(shared, &batch).await {
-            Err(err) if retryable(&err) && attempt < 8 => {
+            Err(err) if err.is_retryable() && attempt < 8 => {
                 attempt += 1;
                 tracing::debug!(%err, attempt, "batch met another instance's; running it again");
                 tokio::time::sleep(std::time::Duration::from_millis(rand::random::<u64>() % (5 << attempt))).await;
@@ -108,7 +108,7 @@ fn fail(cmd: Command, err: StoreError) {
 /// Domain errors answer one command; storage errors abort the whole batch.
 fn escalate<T>(r: StoreResult<T>) -> StoreResult<StoreResult<T>> {
     match r {
-        Err(e @ (StoreError::Storage(_) | StoreError::StorageFull(_) | StoreError::Unavailable(_))) => Err(e),
+        Err(e) if e.fails_batch() => Err(e),
         other => Ok(other),
     }
 }
