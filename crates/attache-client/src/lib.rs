@@ -11,11 +11,13 @@
 pub mod client;
 pub mod error;
 pub mod hydrate;
+mod ids;
 pub mod rpc;
 pub mod runtime;
 pub mod send;
 pub mod state;
 pub mod streams;
+mod transport;
 
 pub use attache_core::manifest::{AttachmentStatus, ManifestEntry, Role, Subject};
 pub use attache_core::{EntityUrl, PrincipalKey};

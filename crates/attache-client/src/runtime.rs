@@ -460,7 +460,7 @@ pub async fn report_failure(
         "timestamp": timestamp,
     });
     let key = format!("handler-{}-{now}", message.key);
-    let row = ChangeEvent::insert(ERRORS, &key, value, &crate::send::new_uuid(), &timestamp);
+    let row = ChangeEvent::insert(ERRORS, &key, value, &crate::ids::new_uuid(), &timestamp);
     client.append_json(&entity.main_stream(), &row).await.map(|_| ())
 }
 

@@ -19,14 +19,7 @@ pub struct SentWithAttachments {
     pub txids: Vec<String>,
 }
 
-/// A random v4 UUID (attachment ids the client chooses).
-pub fn new_uuid() -> String {
-    let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
-}
+pub use crate::ids::new_uuid;
 
 /// A message key in Electric's client style: `client-<ms>-<random>`.
 pub fn new_message_key() -> String {

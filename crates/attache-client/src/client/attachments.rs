@@ -13,8 +13,8 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::ReaderStream;
 
-use super::{entity_route, header, RuntimeServerClient};
 use crate::error::{Error, Result};
+use crate::transport::{entity_route, header, RuntimeServerClient};
 
 /// Where an attachment's bytes come from.
 pub enum AttachmentBody {
@@ -355,7 +355,7 @@ impl RuntimeServerClient {
         chunk_bytes: usize,
     ) -> Result<ManifestEntry> {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
-        let id = input.id.clone().unwrap_or_else(crate::send::new_uuid);
+        let id = input.id.clone().unwrap_or_else(crate::ids::new_uuid);
         let pending = self.begin_resumable_upload(entity, &id, &input).await?;
         let info = self.head_stream(&pending.stream_path).await?;
         let have = attache_core::Offset::parse(&info.next_offset).map(|o| o.0).unwrap_or(0);

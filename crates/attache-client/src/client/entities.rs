@@ -7,8 +7,8 @@ use reqwest::{Method, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{entity_route, header, RuntimeServerClient};
 use crate::error::Result;
+use crate::transport::{entity_route, header, RuntimeServerClient};
 
 /// An entity as the server describes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -15,8 +15,8 @@ use bytes::{Bytes, BytesMut};
 use reqwest::{Method, Response, StatusCode};
 use serde_json::Value;
 
-use crate::client::{content_type_header, header, RuntimeServerClient};
 use crate::error::{Error, Result};
+use crate::transport::{content_type_header, header, RuntimeServerClient};
 
 pub const NEXT_OFFSET: &str = "stream-next-offset";
 pub const UP_TO_DATE: &str = "stream-up-to-date";

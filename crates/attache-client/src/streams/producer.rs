@@ -7,8 +7,8 @@ use bytes::Bytes;
 use reqwest::{Method, StatusCode};
 
 use super::{stream_path, Appended, CLOSED, NEXT_OFFSET};
-use crate::client::{api_error, content_type_header, header, RuntimeServerClient};
 use crate::error::{Error, ErrorCode, Result};
+use crate::transport::{api_error, content_type_header, header, RuntimeServerClient};
 
 /// An idempotent producer (PROTOCOL.md §5.2.1): appends carry
 /// `(Producer-Id, Producer-Epoch, Producer-Seq)`, so a retried append is

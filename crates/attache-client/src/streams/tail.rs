@@ -11,8 +11,8 @@ use serde_json::Value;
 
 use super::sse::SseParser;
 use super::{stream_path, Chunk, CLOSED, CURSOR, NEXT_OFFSET, SSE_DATA_ENCODING, START};
-use crate::client::{api_error, header, RuntimeServerClient};
 use crate::error::{Error, Result};
+use crate::transport::{api_error, header, RuntimeServerClient};
 
 impl RuntimeServerClient {
     /// A live reader of `path` from `options.offset`.
