@@ -1,6 +1,10 @@
 //! Entity attachments over HTTP (dev mode): byte-exact round trips, multipart
 //! edge cases built by hand, refusals that change nothing, ranged and
 //! conditional reads, delete, content-addressed dedupe, resumable uploads.
+//!
+//! Why one file of this size: each file under tests/ is its own test binary (one more link of the
+//! server and all its dependencies), and this one is one face's suite: its fixtures and helpers at
+//! the top, then tests that each start their own server and read alone.
 
 mod common;
 mod entity_support;

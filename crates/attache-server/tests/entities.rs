@@ -1,5 +1,9 @@
 //! Entities over HTTP (dev mode, `electric-principal` header): spawn, stop,
 //! purge, list, send, grants, and bad input that must change nothing.
+//!
+//! Why one file of this size: each file under tests/ is its own test binary (one more link of the
+//! server and all its dependencies), and this one is one face's suite: its fixtures and helpers at
+//! the top, then tests that each start their own server and read alone.
 
 mod common;
 mod entity_support;

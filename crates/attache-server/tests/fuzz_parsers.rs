@@ -20,6 +20,9 @@
 //!
 //! A failure prints the input and `BOLERO_RANDOM_SEED=..`; setting that
 //! variable replays it.
+//!
+//! Why one file of this size: one bolero target per parser, each with its generator beside it; one
+//! binary keeps `cargo bolero` to one build for all of them.
 
 mod common;
 

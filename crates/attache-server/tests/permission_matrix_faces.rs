@@ -25,6 +25,12 @@
 //! bytes, event payloads) carries a marker no request ever sends, and a
 //! response to an actor that may not read the fixture must not contain it;
 //! what the owner sees of the fixture is compared before and after each call.
+//!
+//! Why one file of this size: it is the matrix of the task faces (JSON-RPC, MCP, WebSocket, events)
+//! over one fixture and one marker check; in pieces, no one could check it for a missing cell.
+//! Besides, each file under tests/ is its own test binary (one more link of the server and all its
+//! dependencies), and this one is one face's suite: its fixtures and helpers at the top, then tests
+//! that each start their own server and read alone.
 
 mod common;
 

@@ -19,6 +19,12 @@
 //! Every cell gets a fresh entity (with the same grants, an attachment, an
 //! open resumable upload and a plain stream), spawned under one parent that
 //! carries the parent-scoped grants, so mutations never interfere.
+//!
+//! Why one file of this size: the matrix is one table (route × principal × grant) over one fixture;
+//! in pieces, no one could check it for a missing cell. Besides, each file under tests/ is its own
+//! test binary (one more link of the server and all its dependencies), and this one is one face's
+//! suite: its fixtures and helpers at the top, then tests that each start their own server and read
+//! alone.
 
 mod common;
 mod entity_support;

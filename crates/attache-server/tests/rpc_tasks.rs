@@ -1,6 +1,11 @@
 //! The task face over `POST /rpc`: every method's happy path and every
 //! error code, each spec-page example request sent verbatim with its answer
 //! checked field by field, concurrent claims and upserts, upserts across types.
+//!
+//! Why one file of this size: each file under tests/ is its own test binary (one more link of the
+//! server and all its dependencies), and this one is one face's suite: its fixtures and helpers at
+//! the top, then tests that each start their own server and read alone. The spec pages' examples
+//! are checked in the pages' order.
 
 mod common;
 mod task_helpers;

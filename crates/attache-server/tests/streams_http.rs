@@ -1,6 +1,10 @@
 //! The Durable Streams face over real HTTP: the protocol's happy paths, and
 //! above all its bad inputs. Every rejected request is checked to have
 //! changed nothing a client can observe (HEAD's tail and closure, GET's bytes).
+//!
+//! Why one file of this size: each file under tests/ is its own test binary (one more link of the
+//! server and all its dependencies), and this one is one face's suite: its fixtures and helpers at
+//! the top, then tests that each start their own server and read alone.
 
 mod common;
 

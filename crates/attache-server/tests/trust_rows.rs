@@ -9,6 +9,11 @@
 //! is stopped: that is how rows written before the raw routes refused them
 //! (or by any other means) look to the server, and the server must not follow
 //! them whichever way they got there.
+//!
+//! Why one file of this size: each file under tests/ is its own test binary (one more link of the
+//! server and all its dependencies), and this one is one face's suite: its fixtures and helpers at
+//! the top, then tests that each start their own server and read alone. Every test here shares the
+//! stop-plant-restart fixture.
 
 mod common;
 mod entity_support;

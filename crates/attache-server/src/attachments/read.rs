@@ -2,7 +2,7 @@
 //! .../attachments (the manifest, oldest first).
 
 use attache_core::manifest::{AttachmentStatus, ManifestEntry};
-use attache_core::{EntityUrl, Permission, PrincipalKey};
+use attache_core::{EntityUrl, Permission};
 use attache_storage::{ReadFrom, StoreError, StreamInfo};
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -11,23 +11,17 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::access::{entity_for, EntityRoute};
+use crate::access::EntityRoute;
 use crate::error::{ApiError, ApiResult};
 use crate::http::set;
 use crate::AppState;
 
 use super::not_found;
 
-/// The manifest entry of a readable attachment.
-pub(super) async fn entry_for(
-    state: &AppState,
-    who: &PrincipalKey,
-    entity: &EntityUrl,
-    id: &str,
-    wanted: Permission,
-) -> ApiResult<ManifestEntry> {
-    entity_for(state, who, entity, wanted).await?;
-    let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+/// The manifest entry `id` of the entity `route` names, for a caller that may `wanted` it.
+async fn entry_for(state: &AppState, route: &EntityRoute, id: &str, wanted: Permission) -> ApiResult<ManifestEntry> {
+    route.authorize(state, wanted).await?;
+    let view = state.views.get(state.store.as_ref(), &route.url.main_stream()).await?;
     view.manifest.get(id).cloned().ok_or_else(not_found)
 }
 
@@ -119,8 +113,8 @@ pub async fn read(
     Path((_, _, id)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let EntityRoute { who, url: entity } = &route;
-    let entry = entry_for(&state, who, entity, &id, Permission::Read).await?;
+    let entity = &route.url;
+    let entry = entry_for(&state, &route, &id, Permission::Read).await?;
     // A row naming a stream other than the one derived for it points at no bytes.
     let path = entry.bytes_path(entity).ok_or_else(not_found)?;
     if entry.status != AttachmentStatus::Complete {

@@ -12,6 +12,10 @@
 //! position it means in model units (bytes, or messages in JSON mode), and
 //! insists the mapping stays consistent: one offset, one position, and
 //! offsets ordered like positions.
+//!
+//! Why one file of this size: the model, the operation generator and the comparison are one unit:
+//! each operation's expected outcome sits beside how it is generated and applied, and both
+//! backends' tests share it.
 
 #![allow(dead_code)]
 
