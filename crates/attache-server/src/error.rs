@@ -182,7 +182,9 @@ fn store_refusal(e: &StoreError) -> Refusal {
         StoreError::ProducerGap { expected, received } => Refusal::new(StatusCode::CONFLICT, "SEQUENCE_GAP", msg)
             .with_header(h::PRODUCER_EXPECTED_SEQ, expected)
             .with_header(h::PRODUCER_RECEIVED_SEQ, received),
-        StoreError::Invalid(_) | StoreError::Rule(_) => Refusal::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", msg),
+        StoreError::Invalid(_) | StoreError::Rule(_) | StoreError::ForkOffsetInsideMessage { .. } => {
+            Refusal::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", msg)
+        }
         StoreError::ShuttingDown => Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN", msg),
         StoreError::StorageFull(_) => Refusal::new(
             StatusCode::INSUFFICIENT_STORAGE,

@@ -172,6 +172,12 @@ pub async fn fork(
         Ok(CreateOutcome::Existed(_)) | Err(StoreError::ConfigMismatch(_)) => {
             return Err(duplicate(&fork_url.to_string()))
         }
+        Err(StoreError::ForkOffsetInsideMessage { offset }) => {
+            return Err(invalid(format!(
+                "fork_pointer.offset {offset} falls inside a message of the source's main stream: \
+                 fork at a message boundary (an offset the server returned)"
+            )))
+        }
         Err(e) => return Err(e.into()),
     }
     let txid = new_txid();

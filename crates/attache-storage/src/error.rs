@@ -31,6 +31,14 @@ pub enum StoreError {
     ForkSourceNotFound,
     #[error("fork source stream was deleted")]
     ForkSourceGone,
+    /// A JSON stream forks only between messages: an offset inside one
+    /// would give the fork half a message (PROTOCOL.md §6 lets a server
+    /// refuse such an offset with 400 instead of leaving reads undefined).
+    #[error(
+        "the fork offset {offset} falls inside a JSON message of the source stream: \
+         a JSON stream forks only at a message boundary (an offset the server returned)"
+    )]
+    ForkOffsetInsideMessage { offset: Offset },
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]

@@ -323,6 +323,13 @@ pub(crate) fn fork_info(src: &StreamInfo, position: u64, anchor: u64, sub_offset
     }
 }
 
+/// Whether a fork of `src` at `anchor` must be checked to start a message:
+/// a JSON stream forks only between messages (its tail is always between).
+/// A binary stream forks at any byte.
+pub(crate) fn fork_needs_message_start(src: &StreamInfo, anchor: u64) -> bool {
+    src.is_json() && anchor < src.tail
+}
+
 pub(crate) fn sub_offset_overshoot() -> StoreError {
     StoreError::Invalid("Stream-Fork-Sub-Offset is past the end of the append at the fork offset".into())
 }

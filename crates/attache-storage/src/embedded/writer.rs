@@ -19,7 +19,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use attache_core::ProducerState;
+use attache_core::{Offset, ProducerState};
 use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
@@ -1268,6 +1268,7 @@ impl WriterState {
         let mut fork_info = None;
         let mut fork_source = None;
         if let (Some(spec), Some((src, _)), Some(anchor)) = (&req.fork, source, plan.anchor) {
+            self.check_message_start(shared, t, &src, anchor)?;
             let position = self.resolve_sub_offset(shared, t, &src, anchor, spec.sub_offset)?;
             tail = position;
             fork_info = Some(rules::fork_info(&src, position, anchor, spec.sub_offset));
@@ -1370,6 +1371,25 @@ impl WriterState {
 
     /// Refines a fork point by `sub` messages (JSON) or bytes (otherwise) past
     /// `anchor`, within the one append that starts at the anchor.
+    /// Refuses a fork of a JSON stream at an offset inside a message: the
+    /// rows holding `anchor` (the source's own, or an ancestor's below a fork
+    /// point) must have a message start there (`MARKS`).
+    fn check_message_start(&self, shared: &Shared, t: &Tables, src: &StreamInfo, anchor: u64) -> StoreResult<()> {
+        if !rules::fork_needs_message_start(src, anchor) {
+            return Ok(());
+        }
+        let segs = super::reader::segments(shared, src, anchor, src.tail)?;
+        let starts = match segs.first() {
+            Some(seg) => t.marks.get((seg.id, anchor))?.is_some(),
+            None => false,
+        };
+        if starts {
+            Ok(())
+        } else {
+            Err(StoreError::ForkOffsetInsideMessage { offset: Offset(anchor) })
+        }
+    }
+
     fn resolve_sub_offset(
         &self,
         shared: &Shared,

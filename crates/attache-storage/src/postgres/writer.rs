@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use attache_core::ProducerState;
+use attache_core::{Offset, ProducerState};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use sqlx::{Postgres, Transaction};
@@ -444,6 +444,7 @@ impl Work {
         let mut fork_info = None;
         let mut fork_source = None;
         if let (Some(spec), Some((src, _)), Some(anchor)) = (&req.fork, source, plan.anchor) {
+            self.check_message_start(shared, &src, anchor).await?;
             let position = self.resolve_sub_offset(shared, &src, anchor, spec.sub_offset).await?;
             tail = position;
             fork_info = Some(rules::fork_info(&src, position, anchor, spec.sub_offset));
@@ -488,6 +489,36 @@ impl Work {
         let src = self.stream(src_id).await?.ok_or(StoreError::NotFound)?;
         let blob = rules::plan_link(&src, self.expired(shared, src_id), &mut req)?;
         self.create_blob(shared, &req, &blob).await
+    }
+
+    /// Refuses a fork of a JSON stream at an offset inside a message: the
+    /// rows holding `anchor` (the source's own, or an ancestor's below a fork
+    /// point) must have a message (one `attache_chunks` row) start there.
+    async fn check_message_start(&mut self, shared: &Shared, src: &StreamInfo, anchor: u64) -> StoreResult<()> {
+        if !rules::fork_needs_message_start(src, anchor) {
+            return Ok(());
+        }
+        self.flush_chunks().await?;
+        let mut known: HashMap<u64, StreamInfo> = self.streams.iter().map(|(id, s)| (*id, s.info.clone())).collect();
+        let segs = super::reader::segments(shared, &mut self.tx, src, anchor, src.tail, &mut known).await?;
+        let starts = match segs.first() {
+            Some(seg) => {
+                let (found,): (bool,) =
+                    sqlx::query_as("SELECT EXISTS (SELECT 1 FROM attache_chunks WHERE stream_id = $1 AND pos = $2)")
+                        .bind(seg.id as i64)
+                        .bind(anchor as i64)
+                        .fetch_one(&mut *self.tx)
+                        .await
+                        .map_err(db_err)?;
+                found
+            }
+            None => false,
+        };
+        if starts {
+            Ok(())
+        } else {
+            Err(StoreError::ForkOffsetInsideMessage { offset: Offset(anchor) })
+        }
     }
 
     /// Refines a fork point by `sub` messages (JSON) or bytes past `anchor`,

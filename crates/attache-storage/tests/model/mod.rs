@@ -213,7 +213,10 @@ pub fn kind(err: StoreError) -> Kind {
         StoreError::ConfigMismatch(_) => Kind::Conflict,
         StoreError::Closed { .. } => Kind::Closed,
         StoreError::ContentTypeMismatch { .. } => Kind::TypeMismatch,
-        StoreError::MissingContentType | StoreError::Invalid(_) | StoreError::Rule(_) => Kind::BadRequest,
+        StoreError::MissingContentType
+        | StoreError::Invalid(_)
+        | StoreError::Rule(_)
+        | StoreError::ForkOffsetInsideMessage { .. } => Kind::BadRequest,
         StoreError::ForkSourceNotFound => Kind::SourceNotFound,
         StoreError::ForkSourceGone => Kind::SourceGone,
         other => panic!("the engine failed unexpectedly: {other}"),
