@@ -285,6 +285,63 @@ async fn entity_commands_spawn_get_grant_and_stop() {
 }
 
 #[tokio::test]
+async fn entity_fork_forks_at_a_caught_up_offset_under_a_parent_and_spawn_takes_a_parent() {
+    let s = Running::start().await;
+    let sam = ["--principal", "user:sam"];
+    let with = |args: &[&'static str]| [args, &sam[..]].concat();
+    s.ok(&with(&["entity", "spawn", "/notes/p"])).await;
+    let child = s.json(&with(&["entity", "spawn", "/notes/c", "--parent", "/notes/p"])).await;
+    assert_eq!(child["parent"], "/notes/p", "{child}");
+    let missing = s.run(&with(&["entity", "spawn", "/notes/orphan", "--parent", "/notes/nowhere"])).await;
+    assert_eq!(missing.status.code(), Some(3), "{}", stderr(&missing));
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.txt");
+    std::fs::write(&file, b"early bytes").unwrap();
+    let file = file.to_str().unwrap();
+    s.ok(&[&with(&["put", "/notes/c"])[..], &[file, "--id", "early"]].concat()).await;
+    // Where a reader caught up is an offset the fork may start from.
+    let caught = s.run(&with(&["tail", "/notes/c", "--once"])).await;
+    assert!(caught.status.success(), "{}", stderr(&caught));
+    let note = stderr(&caught);
+    let at = note.split("caught up at offset ").nth(1).and_then(|r| r.split(' ').next()).expect(&note).to_owned();
+    s.ok(&[&with(&["put", "/notes/c"])[..], &[file, "--id", "late"]].concat()).await;
+
+    let forked = s
+        .json(
+            &[
+                &with(&["entity", "fork", "/notes/c", "--id", "then", "--parent", "/notes/p", "--tag", "k=v"])[..],
+                &["--at", &at],
+            ]
+            .concat(),
+        )
+        .await;
+    assert_eq!(forked["root"]["url"], "/notes/then", "{forked}");
+    assert_eq!(forked["root"]["parent"], "/notes/p", "{forked}");
+    assert_eq!(forked["root"]["tags"]["k"], "v", "{forked}");
+    assert_eq!(forked["entities"].as_array().map(Vec::len), Some(1), "{forked}");
+    let carried = s.json(&with(&["ls", "/notes/then"])).await;
+    let ids: Vec<&str> = carried.as_array().unwrap().iter().filter_map(|e| e["id"].as_str()).collect();
+    assert_eq!(ids, ["early"], "the fork has what the source had at --at");
+
+    // Without --json: the fork's URL on stdout (named by the server), a remark on stderr.
+    let plain = s.run(&with(&["entity", "fork", "/notes/c"])).await;
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    let url = String::from_utf8(plain.stdout.clone()).unwrap();
+    assert!(url.trim().starts_with("/notes/c-fork-"), "{url}");
+    assert!(stderr(&plain).starts_with(&format!("forked /notes/c into {}", url.trim())), "{}", stderr(&plain));
+
+    // An offset inside a message is refused (exit 6, the server's reason); --sub-offset needs --at.
+    let inside =
+        s.run(&with(&["entity", "fork", "/notes/c", "--id", "bad", "--at", "0000000000000000_0000000000000001"])).await;
+    assert_eq!(inside.status.code(), Some(6), "{}", stderr(&inside));
+    assert!(stderr(&inside).contains("inside a message"), "{}", stderr(&inside));
+    let usage = s.run(&with(&["entity", "fork", "/notes/c", "--sub-offset", "1"])).await;
+    assert_eq!(usage.status.code(), Some(2), "{}", stderr(&usage));
+    assert_eq!(s.run(&with(&["entity", "get", "/notes/bad"])).await.status.code(), Some(3), "nothing was made");
+}
+
+#[tokio::test]
 async fn rpc_calls_task_methods_and_reports_rpc_errors_with_their_own_exit_code() {
     let s = Running::start().await;
     let task = s.json(&["rpc", "task.create", r#"{"text":"from the shell","priority":60}"#]).await;

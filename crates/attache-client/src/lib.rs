@@ -22,8 +22,8 @@ mod transport;
 pub use attache_core::manifest::{AttachmentStatus, ManifestEntry, Role, Subject};
 pub use attache_core::{EntityUrl, PrincipalKey};
 pub use client::{
-    AttachmentBody, AttachmentInput, AttachmentReceipt, ByteRange, Credentials, Entity, Grant, NewGrant,
-    RuntimeServerClient, SendMessage, SendReceipt, SpawnOptions, DEFAULT_URL,
+    AttachmentBody, AttachmentInput, AttachmentReceipt, ByteRange, Credentials, Entity, ForkOptions, ForkPointer,
+    Forked, Grant, NewGrant, RuntimeServerClient, SendMessage, SendReceipt, SpawnOptions, DEFAULT_URL,
 };
 pub use error::{Error, ErrorCode, Result, RpcError};
 pub use hydrate::{Conversation, HydrationLimits};

@@ -9,8 +9,8 @@ use std::time::Duration;
 use attache_client::client::{ByteRange, NewGrant};
 use attache_client::streams::{AppendOptions, CreateStream, LiveMode, TailOptions, NOW, START};
 use attache_client::{
-    AttachmentInput, AttachmentStatus, EntityUrl, ErrorCode, IdempotentProducer, LiveState, PrincipalKey, Role,
-    SendMessage, Subject,
+    AttachmentInput, AttachmentStatus, EntityUrl, ErrorCode, ForkOptions, ForkPointer, IdempotentProducer, LiveState,
+    PrincipalKey, Role, SendMessage, SpawnOptions, Subject,
 };
 use bytes::Bytes;
 use common::{image_bytes, spawn, TestServer};
@@ -51,6 +51,63 @@ async fn entities_spawn_read_send_grant_and_stop_round_trip() {
     assert_eq!(refused.code(), Some(&ErrorCode::NotRunning));
     sam.stop_entity(&entity, true).await.unwrap();
     assert!(sam.get_entity(&entity).await.unwrap_err().is_not_found());
+}
+
+#[tokio::test]
+async fn an_entity_spawns_under_a_parent_and_forks_at_a_pointer_with_what_it_held_there() {
+    let server = TestServer::start().await;
+    let sam = server.client_as("user:sam");
+    let parent = spawn(&sam, "/chat/parent").await;
+    let child = EntityUrl::parse("/chat/child").unwrap();
+    let options = SpawnOptions { parent: Some(parent.clone()), ..SpawnOptions::default() };
+    let spawned = sam.spawn_entity(&child, &options).await.unwrap();
+    assert_eq!(spawned.parent.as_deref(), Some("/chat/parent"));
+    let nowhere = SpawnOptions { parent: Some(EntityUrl::parse("/chat/nowhere").unwrap()), ..SpawnOptions::default() };
+    let orphan = sam.spawn_entity(&EntityUrl::parse("/chat/orphan").unwrap(), &nowhere).await.unwrap_err();
+    assert!(orphan.is_not_found(), "a parent that does not exist: {orphan}");
+
+    let early = |id: &str| AttachmentInput::bytes(&b"bytes"[..]).id(id).inbox("m1").unwrap();
+    sam.create_attachment(&child, early("first")).await.unwrap();
+    let at = sam.head_stream(&child.main_stream()).await.unwrap().next_offset;
+    sam.create_attachment(&child, early("second")).await.unwrap();
+
+    let mut options = ForkOptions {
+        instance_id: Some("then".into()),
+        fork_pointer: Some(ForkPointer::at(at.clone())),
+        parent: Some(parent.clone()),
+        ..ForkOptions::default()
+    };
+    options.tags.insert("k".into(), "v".into());
+    let forked = sam.fork_entity(&child, &options).await.unwrap();
+    assert_eq!(forked.root.url, "/chat/then");
+    assert_eq!(forked.root.parent.as_deref(), Some("/chat/parent"));
+    assert_eq!(forked.root.tags.get("k").map(String::as_str), Some("v"));
+    assert_eq!(forked.entities.iter().map(|e| e.url.as_str()).collect::<Vec<_>>(), ["/chat/then"]);
+    assert!(!forked.txid.is_empty());
+    let then = EntityUrl::parse("/chat/then").unwrap();
+    let carried = sam.list_attachments(&then).await.unwrap();
+    assert_eq!(carried.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["first"]);
+    assert_eq!(sam.read_attachment(&then, "first").await.unwrap(), Bytes::from_static(b"bytes"));
+
+    // No options: the tail, named by the server.
+    let whole = sam.fork_entity(&child, &ForkOptions::default()).await.unwrap();
+    assert!(whole.root.url.starts_with("/chat/child-fork-"), "{}", whole.root.url);
+    assert_eq!(whole.root.parent, None);
+
+    // Refusals: a pointer inside a message (400), a taken id (409), a stranger (404).
+    let inside = ForkOptions {
+        instance_id: Some("bad".into()),
+        fork_pointer: Some(ForkPointer { offset: Some("0000000000000000_0000000000000001".into()), sub_offset: 0 }),
+        ..ForkOptions::default()
+    };
+    let refused = sam.fork_entity(&child, &inside).await.unwrap_err();
+    assert_eq!(refused.status(), Some(400), "{refused}");
+    assert!(refused.to_string().contains("inside a message"), "{refused}");
+    assert!(sam.get_entity(&EntityUrl::parse("/chat/bad").unwrap()).await.unwrap_err().is_not_found());
+    let taken = sam.fork_entity(&child, &options).await.unwrap_err();
+    assert_eq!(taken.status(), Some(409), "{taken}");
+    let ann = server.client_as("user:ann");
+    assert!(ann.fork_entity(&child, &ForkOptions::default()).await.unwrap_err().is_not_found());
 }
 
 #[tokio::test]

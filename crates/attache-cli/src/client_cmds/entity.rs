@@ -1,11 +1,12 @@
-//! `entity ...` (spawn, get, ls, stop, grant, grants, revoke) and `send`, a
-//! message to an entity's inbox with files attached.
+//! `entity ...` (spawn, fork, get, ls, stop, grant, grants, revoke) and
+//! `send`, a message to an entity's inbox with files attached.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use attache_client::client::{guess_mime_type, NewGrant};
-use attache_client::{AttachmentInput, PrincipalKey, SendMessage, SpawnOptions};
+use attache_client::{AttachmentInput, ForkOptions, ForkPointer, PrincipalKey, SendMessage, SpawnOptions};
 use serde_json::json;
 
 use super::{describe, entity_arg, json_arg, Conn};
@@ -54,6 +55,30 @@ enum EntityCommand {
         /// A grant, SUBJECT=PERMISSION (user:ann=read, agent=write); repeat for more
         #[arg(long = "grant", value_name = "SUBJECT=PERMISSION")]
         grants: Vec<String>,
+        /// Spawn it as a child of this entity (you need spawn on it)
+        #[arg(long, value_name = "ENTITY")]
+        parent: Option<String>,
+    },
+    /// Fork an entity: a new one of the same type with its history up to a
+    /// point (its tail by default) and the attachments complete there
+    Fork {
+        /// The entity to fork (you need fork on it)
+        entity: String,
+        /// The fork's instance id [default: ID-fork-<8 hex>]
+        #[arg(long)]
+        id: Option<String>,
+        /// Fork at this offset of the source's main stream (one the server returned), not at its tail
+        #[arg(long, value_name = "OFFSET")]
+        at: Option<String>,
+        /// Then this many messages further, within the append at --at
+        #[arg(long, value_name = "N", requires = "at")]
+        sub_offset: Option<u64>,
+        /// Make the fork a child of this entity (you need spawn on it)
+        #[arg(long, value_name = "ENTITY")]
+        parent: Option<String>,
+        /// A tag added to the source's, K=V; repeat for more
+        #[arg(long = "tag", value_name = "K=V")]
+        tags: Vec<String>,
     },
     /// Show an entity
     Get { entity: String },
@@ -124,6 +149,16 @@ pub(super) async fn send(a: SendArgs, out: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--tag K=V`, repeated.
+fn tag_args(tags: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for tag in tags {
+        let (k, v) = tag.split_once('=').ok_or_else(|| UsageError(format!("--tag {tag:?} must be K=V")))?;
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(out)
+}
+
 fn grant_arg(subject: &str, permission: &str, expires_at: Option<String>) -> anyhow::Result<NewGrant> {
     if attache_core::Permission::parse(permission).is_err() {
         return Err(UsageError(format!(
@@ -148,16 +183,14 @@ fn grant_arg(subject: &str, permission: &str, expires_at: Option<String>) -> any
 pub(super) async fn entity(a: EntityArgs, out: Output) -> anyhow::Result<()> {
     let client = a.conn.client()?;
     match a.command {
-        EntityCommand::Spawn { entity, args, tags, message, grants } => {
+        EntityCommand::Spawn { entity, args, tags, message, grants, parent } => {
             let url = entity_arg(&entity)?;
             let mut options = SpawnOptions {
                 args: args.as_deref().map(|r| json_arg("--args", r)).transpose()?,
+                parent: parent.as_deref().map(entity_arg).transpose()?,
                 ..SpawnOptions::default()
             };
-            for tag in tags {
-                let (k, v) = tag.split_once('=').ok_or_else(|| UsageError(format!("--tag {tag:?} must be K=V")))?;
-                options.tags.insert(k.to_owned(), v.to_owned());
-            }
+            options.tags = tag_args(&tags)?;
             options.initial_message = message.map(|m| json!({ "text": m }));
             for g in grants {
                 let (subject, permission) = g.rsplit_once('=').ok_or_else(|| {
@@ -171,6 +204,26 @@ pub(super) async fn entity(a: EntityArgs, out: Output) -> anyhow::Result<()> {
             } else {
                 out.line(&spawned.url);
                 out.note(&format!("spawned {} (main stream {})", spawned.url, spawned.streams.main));
+            }
+        }
+        EntityCommand::Fork { entity, id, at, sub_offset, parent, tags } => {
+            let source = entity_arg(&entity)?;
+            let options = ForkOptions {
+                instance_id: id,
+                fork_pointer: at
+                    .map(|offset| ForkPointer { offset: Some(offset), sub_offset: sub_offset.unwrap_or(0) }),
+                parent: parent.as_deref().map(entity_arg).transpose()?,
+                tags: tag_args(&tags)?,
+            };
+            let forked = client.fork_entity(&source, &options).await?;
+            if out.json {
+                out.json_value(&forked)?;
+            } else {
+                out.line(&forked.root.url);
+                out.note(&format!(
+                    "forked {source} into {} (main stream {})",
+                    forked.root.url, forked.root.streams.main
+                ));
             }
         }
         EntityCommand::Get { entity } => {

@@ -1,10 +1,10 @@
-//! Entities: spawn, read, stop, signal, send to the inbox, list; grants and tags.
+//! Entities: spawn (under a parent), fork, read, stop, send to the inbox, list; grants.
 
 use std::collections::BTreeMap;
 
 use attache_core::{EntityUrl, PrincipalKey};
 use reqwest::{Method, Response};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 use crate::error::Result;
@@ -25,6 +25,9 @@ pub struct Entity {
     pub spawn_args: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
+    /// The entity it was spawned (or forked) under, `/type/id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     #[serde(default)]
     pub created_at: i64,
     #[serde(default)]
@@ -55,6 +58,64 @@ pub struct SpawnOptions {
     pub initial_message_type: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub grants: Vec<NewGrant>,
+    /// Spawn as a child of this entity (the caller needs `spawn` on it): its
+    /// grants propagated to descendants apply to the child, and those marked
+    /// `copy_to_children` are copied onto it.
+    #[serde(serialize_with = "entity_url_text", skip_serializing_if = "Option::is_none")]
+    pub parent: Option<EntityUrl>,
+}
+
+/// The body of a fork (Electric's): the fork's id, where on the source's
+/// main stream it diverges, its parent and extra tags.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ForkOptions {
+    /// The fork's instance id (same type as the source); the server names it
+    /// `{id}-fork-{8 hex}` without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// Where the fork diverges; the source's tail without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fork_pointer: Option<ForkPointer>,
+    /// Make the fork a child of this entity (the caller needs `spawn` on it).
+    #[serde(serialize_with = "entity_url_text", skip_serializing_if = "Option::is_none")]
+    pub parent: Option<EntityUrl>,
+    /// Tags added to (or replacing) the source's.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A position on the source's main stream: an offset the server returned
+/// (opaque, as every offset; `None`: the start), then `sub_offset` messages
+/// further within the append there. An offset inside a message is refused (400).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ForkPointer {
+    pub offset: Option<String>,
+    pub sub_offset: u64,
+}
+
+impl ForkPointer {
+    /// The history up to `offset` (e.g. the `next_offset` of a read or append).
+    pub fn at(offset: impl Into<String>) -> ForkPointer {
+        ForkPointer { offset: Some(offset.into()), sub_offset: 0 }
+    }
+}
+
+/// What a fork answers: the new entity (`root`), every entity it made (the
+/// root alone: attache forks an entity without its children) and the txid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Forked {
+    pub root: Entity,
+    #[serde(default)]
+    pub entities: Vec<Entity>,
+    #[serde(default)]
+    pub txid: String,
+}
+
+fn entity_url_text<S: Serializer>(url: &Option<EntityUrl>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => s.collect_str(url),
+        None => s.serialize_none(),
+    }
 }
 
 /// A grant to add: `subject_kind` is `principal` or `principal_kind`.
@@ -147,6 +208,14 @@ impl RuntimeServerClient {
     pub async fn spawn_entity(&self, entity: &EntityUrl, options: &SpawnOptions) -> Result<Entity> {
         let res = self.entity_call(Method::PUT, entity_route(entity, ""), Some(options)).await?;
         self.json(res, "spawn answer").await
+    }
+
+    /// `POST /_electric/entities/{type}/{id}/fork`: forks `entity` (needs
+    /// `fork` on it) into a new entity of the same type, owned by the caller:
+    /// its history up to the pointer, and the attachments complete there.
+    pub async fn fork_entity(&self, entity: &EntityUrl, options: &ForkOptions) -> Result<Forked> {
+        let res = self.entity_call(Method::POST, entity_route(entity, "/fork"), Some(options)).await?;
+        self.json(res, "fork answer").await
     }
 
     pub async fn get_entity(&self, entity: &EntityUrl) -> Result<Entity> {

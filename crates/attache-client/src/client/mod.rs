@@ -11,4 +11,6 @@ pub use attachments::{
     guess_mime_type, AttachmentBody, AttachmentDownload, AttachmentInput, AttachmentReceipt, ByteRange,
     RESUMABLE_CHUNK_BYTES,
 };
-pub use entities::{Entity, EntityStreams, Grant, NewGrant, SendMessage, SendReceipt, SpawnOptions};
+pub use entities::{
+    Entity, EntityStreams, ForkOptions, ForkPointer, Forked, Grant, NewGrant, SendMessage, SendReceipt, SpawnOptions,
+};
