@@ -15,7 +15,11 @@ use attache_storage::{AppendRequest, CreateStream, ReadFrom, StoreError, StreamS
 use bytes::Bytes;
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format1")
+    fixture_of(1)
+}
+
+fn fixture_of(format: u32) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/format{format}"))
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -121,7 +125,7 @@ async fn a_format_1_data_dir_upgrades_itself_on_first_start_with_every_offset_in
     let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).unwrap();
     assert!(store.damage().is_empty(), "{:?}", store.damage());
     let stamp = std::fs::read_to_string(dir.join("FORMAT")).unwrap();
-    assert_eq!(stamp.trim(), "attache-embedded-format 2");
+    assert_eq!(stamp.trim(), "attache-embedded-format 3");
     check_fixture_streams(&store, &expected, "upgraded").await;
     // Producer state came along: the last request of p1 is a duplicate, the next one appends.
     let retry =
@@ -135,7 +139,7 @@ async fn a_format_1_data_dir_upgrades_itself_on_first_start_with_every_offset_in
     store.append(append("/bin-fork", "application/octet-stream", b"?", None)).await.unwrap();
     store.close().await;
     drop(store);
-    // The second start finds format 2 and changes nothing.
+    // The second start finds format 3 and changes nothing.
     let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).unwrap();
     assert!(store.damage().is_empty());
     assert_eq!(pieces_from(&store, "/json", tail).await, vec![(tail, br#"{"e":5}"#.to_vec())]);
@@ -144,12 +148,40 @@ async fn a_format_1_data_dir_upgrades_itself_on_first_start_with_every_offset_in
     store.close().await;
 }
 
+#[tokio::test]
+async fn a_format_2_data_dir_upgrades_itself_with_every_boundary_and_its_log_intact() {
+    // Made by `examples/data_dir_fixture.rs` on the format-2 engine (a boundary
+    // row per message in redb), copied while batches were only in its log.
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    copy_dir(&fixture_of(2).join("data"), &dir);
+    let expected: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(fixture_of(2).join("expected.json")).unwrap()).unwrap();
+    assert_eq!(std::fs::read_to_string(dir.join("FORMAT")).unwrap().trim(), "attache-embedded-format 2");
+    let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).unwrap();
+    assert!(store.damage().is_empty(), "{:?}", store.damage());
+    assert_eq!(std::fs::read_to_string(dir.join("FORMAT")).unwrap().trim(), "attache-embedded-format 3");
+    check_fixture_streams(&store, &expected, "upgraded from format 2").await;
+    let retry =
+        store.append(append("/json", "application/json", br#"["after-fork",{"d":[1,2,3]}]"#, Some((0, 2)))).await;
+    assert!(retry.unwrap().duplicate, "a retry of the last producer request is a duplicate");
+    let tail = expected[0]["tail"].as_u64().unwrap();
+    store.append(append("/json", "application/json", br#"{"e":5}"#, Some((0, 3)))).await.unwrap();
+    store.close().await;
+    drop(store);
+    let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).unwrap();
+    assert!(store.damage().is_empty());
+    check_fixture_streams(&store, &expected[1..], "reopened").await;
+    assert_eq!(pieces_from(&store, "/json", tail).await, vec![(tail, br#"{"e":5}"#.to_vec())]);
+    store.close().await;
+}
+
 #[test]
 fn a_data_dir_of_another_format_is_refused_with_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("FORMAT"), "attache-embedded-format 3\n").unwrap();
+    std::fs::write(dir.path().join("FORMAT"), "attache-embedded-format 4\n").unwrap();
     let err = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).err().expect("refused").to_string();
-    assert!(err.contains("format 3") && err.contains("run the release that wrote it"), "{err}");
+    assert!(err.contains("format 4") && err.contains("run the release that wrote it"), "{err}");
 }
 
 fn segment_file(dir: &Path, id: u64) -> PathBuf {

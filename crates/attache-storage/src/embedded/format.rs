@@ -24,16 +24,21 @@ use std::path::Path;
 
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 
+use super::marks::{pack, put_runs, MARK_RUNS};
 use super::segments::Segments;
 use super::wal::{Op, Wal, MAGIC_V1};
-use super::{BLOB_REFS, COUNTERS, MARKS, PRODUCERS, STREAMS};
+use super::{BLOB_REFS, COUNTERS, PRODUCERS, STREAMS};
 use crate::error::{StoreError, StoreResult};
 use crate::model::StreamInfo;
 
 /// The layout this build writes.
-pub(crate) const CURRENT: u32 = 2;
+pub(crate) const CURRENT: u32 = 3;
 const FILE: &str = "FORMAT";
 const PREFIX: &str = "attache-embedded-format ";
+
+/// Format 2: (stream id, position) → flags, a row per message boundary
+/// (format 3 keeps them as runs, `marks.rs`).
+const MARKS: TableDefinition<(u64, u64), u8> = TableDefinition::new("marks");
 
 /// Format 1: (stream id, start position) → a flags byte, then the row's bytes.
 const CHUNKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("chunks");
@@ -55,6 +60,12 @@ pub(crate) fn prepare(dir: &Path, cache_bytes: usize, segments: &Segments) -> St
                 text.trim().strip_prefix(PREFIX).and_then(|v| v.parse::<u32>().ok()).ok_or_else(|| {
                     StoreError::Storage(format!("{} does not name a format: {text:?}", stamp.display()))
                 })?;
+            if version == 2 {
+                let runs = upgrade_v2(dir, cache_bytes)?;
+                tracing::info!(runs, dir = %dir.display(), "upgraded the data dir from format 2 to format {CURRENT}");
+                write_stamp(dir)?;
+                return Ok(Some(Upgrade::default()));
+            }
             if version != CURRENT {
                 return Err(StoreError::Storage(format!(
                     "the data dir {} holds format {version}, written by another release of attache; this build \
@@ -67,6 +78,7 @@ pub(crate) fn prepare(dir: &Path, cache_bytes: usize, segments: &Segments) -> St
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let upgraded = if dir.join("streams.redb").exists() {
                 let done = upgrade_v1(dir, cache_bytes, segments)?;
+                upgrade_v2(dir, cache_bytes)?;
                 tracing::info!(
                     streams = done.streams,
                     bytes = done.bytes,
@@ -202,6 +214,45 @@ fn upgrade_v1(dir: &Path, cache_bytes: usize, segments: &Segments) -> StoreResul
         Err(e) => return Err(e.into()),
     }
     Ok(done)
+}
+
+/// Format 2 to 3: the boundary rows become runs, in one durable commit
+/// (a crash before it leaves format 2 to upgrade again; after it, nothing
+/// is left to convert). The log's records are the same in both formats.
+/// Returns how many runs were written.
+fn upgrade_v2(dir: &Path, cache_bytes: usize) -> StoreResult<usize> {
+    let mut builder = Database::builder();
+    builder.set_cache_size(cache_bytes);
+    let db = builder.create(dir.join("streams.redb"))?;
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Storage(e.to_string()))?;
+    let mut written = 0;
+    {
+        let rows = txn.open_table(MARKS)?;
+        let mut runs = txn.open_table(MARK_RUNS)?;
+        let mut current: Option<u64> = None;
+        let mut marks: Vec<u64> = Vec::new();
+        for row in rows.iter()? {
+            let (k, v) = row?;
+            let (id, pos) = k.value();
+            if current != Some(id) {
+                if let Some(prev) = current {
+                    put_runs(&mut runs, prev, &marks)?;
+                    written += marks.len().div_ceil(super::marks::RUN_MAX);
+                }
+                current = Some(id);
+                marks.clear();
+            }
+            marks.push(pack(pos, v.value()));
+        }
+        if let Some(prev) = current {
+            put_runs(&mut runs, prev, &marks)?;
+            written += marks.len().div_ceil(super::marks::RUN_MAX);
+        }
+    }
+    txn.delete_table(MARKS)?;
+    txn.commit()?;
+    Ok(written)
 }
 
 /// One format-1 log op, applied as format 1 applied it.

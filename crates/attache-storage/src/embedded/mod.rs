@@ -1,18 +1,18 @@
 //! The embedded engine: each stream's bytes in its own segment file, exactly
 //! as readers receive them (`segments.rs`), one redb file for stream
-//! metadata, producer state and message boundaries, written by a single
-//! writer thread that commits in groups and makes each group durable through
-//! a write-ahead log (`wal.rs`). The data dir's layout is versioned
-//! (`format.rs`).
+//! metadata, producer state and message boundaries (`marks.rs`), written by a
+//! single writer thread that commits in groups and makes each group durable
+//! through a write-ahead log (`wal.rs`); redb gets the log's changes at each
+//! checkpoint. The data dir's layout is versioned (`format.rs`).
 //!
 //! Why this shape (numbers in docs/ARCHITECTURE.md): a sync per append would
 //! cap throughput at the disk's sync rate. The writer thread takes every
-//! command waiting in its queue, applies them all in one write transaction,
-//! syncs one log record holding the batch's changes, commits redb without a
-//! sync, and only then publishes the new metadata, wakes live readers and
+//! command waiting in its queue, applies them all to its working copy,
+//! syncs one log record holding the batch's changes, and only then
+//! publishes the new boundaries and metadata, wakes live readers and
 //! answers the callers. Many appends share one sync; nobody hears "ok" before
 //! the sync; no reader sees data a crash could take away. Producer state,
-//! metadata and bytes change in the same record and transaction, so recovery
+//! metadata and bytes change in the same log record, so recovery
 //! (the last durable redb commit plus the log's replay) restores whatever was
 //! acknowledged byte for byte, and nothing else. Segment files are written
 //! unsynced (their bytes ride in the log record too) and synced by each
@@ -24,6 +24,7 @@
 //! it is being changed by the engine work of issue 11 and is split after it.
 
 mod format;
+mod marks;
 mod reader;
 mod registry;
 mod segments;
@@ -53,9 +54,6 @@ use crate::{StreamStore, WriteHealth};
 
 /// id → JSON-encoded [`StreamInfo`].
 pub(crate) const STREAMS: TableDefinition<u64, &[u8]> = TableDefinition::new("streams");
-/// (stream id, position) → flags: a JSON message, or a binary append, starts
-/// there. The bytes are in the stream's segment file.
-pub(crate) const MARKS: TableDefinition<(u64, u64), u8> = TableDefinition::new("marks");
 /// (stream id, producer id) → (epoch, last seq).
 pub(crate) const PRODUCERS: TableDefinition<(u64, &str), (u64, u64)> = TableDefinition::new("producers");
 /// Blob sha256 → how many streams hold it.
@@ -136,6 +134,8 @@ pub(crate) struct StreamEntry {
     pub(crate) recent: parking_lot::Mutex<Option<ReadBatch>>,
     /// The newest bytes written while live readers wait (kept by the writer).
     pub(crate) tail: parking_lot::Mutex<tail::TailCache>,
+    /// Message boundaries logged since the last checkpoint, not yet in redb (`marks.rs`).
+    pub(crate) pending: parking_lot::Mutex<marks::Pending>,
 }
 
 impl StreamEntry {
@@ -147,6 +147,7 @@ impl StreamEntry {
             removed: AtomicBool::new(false),
             recent: parking_lot::Mutex::new(None),
             tail: parking_lot::Mutex::new(tail::TailCache::default()),
+            pending: parking_lot::Mutex::new(marks::Pending::default()),
         })
     }
 
@@ -237,6 +238,9 @@ pub(crate) struct Shared {
     cache_bytes: usize,
     /// What the tail caches hold together.
     pub(crate) tails: tail::TailBudget,
+    /// Moves each time a checkpoint takes boundaries out of the pending lists
+    /// (redb has them): a reader that saw it move looks again (`marks.rs`).
+    pub(crate) marks_gen: std::sync::atomic::AtomicU64,
 }
 
 /// The writer's sweep: the kept reads of idle streams go, so they cost
@@ -455,6 +459,7 @@ impl EmbeddedStore {
             faults: config.fault_plan.clone(),
             cache_bytes: config.cache_bytes,
             tails: tail::TailBudget::new(config.tail_cache_bytes),
+            marks_gen: std::sync::atomic::AtomicU64::new(0),
         });
         let reads = Arc::new(tokio::sync::Semaphore::new(config.read_threads.max(1)));
         let (tx, rx) = std::sync::mpsc::channel();

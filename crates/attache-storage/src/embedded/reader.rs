@@ -1,10 +1,13 @@
 //! Reads: committed bytes only, as byte ranges of segment files stitched
 //! across fork lineage, into one buffer that is the response body.
 
-use bytes::Bytes;
-use redb::{ReadableDatabase, ReadableTable};
+use std::sync::atomic::Ordering;
 
-use super::{Shared, MARKS};
+use bytes::Bytes;
+use redb::ReadableDatabase;
+
+use super::marks::{first_in, last_in, Both, MarkIndex, PendingIndex, Runs, MARK_RUNS};
+use super::Shared;
 use crate::error::{StoreError, StoreResult};
 use crate::model::{BlobRef, ReadBatch, ReadFrom, StreamInfo};
 use attache_core::Offset;
@@ -47,69 +50,85 @@ pub(crate) fn read(shared: &Shared, info: &StreamInfo, from: ReadFrom, max_bytes
         return read_blob(shared, info, blob, start, max_bytes);
     }
     let json = info.is_json();
-    let mut ranges = Vec::new();
-    let mut next = start;
-    if start < tail {
-        let segs = segments(shared, info, start, tail)?;
-        let mut room = max_bytes as u64;
-        let db = if json { Some(shared.db()?) } else { None };
-        let txn = db.as_ref().map(|db| db.begin_read()).transpose()?;
-        let marks = txn.as_ref().map(|t| t.open_table(MARKS)).transpose()?;
-        for seg in segs {
-            let owner_base = if seg.id == info.id { base(info) } else { base(&stream(shared, seg.id)?) };
-            let (lo, hi) = match &marks {
-                None => {
-                    // Binary: any byte range.
-                    if room == 0 {
-                        break;
-                    }
-                    (seg.lo, seg.hi.min(seg.lo.saturating_add(room)))
-                }
-                Some(marks) => {
-                    // JSON: whole messages only. A start inside a message moves to the next one.
-                    let lo = match marks.get((seg.id, seg.lo))? {
-                        Some(_) => seg.lo,
-                        None => marks
-                            .range((seg.id, seg.lo)..(seg.id, seg.hi))?
-                            .next()
-                            .transpose()?
-                            .map_or(seg.hi, |(k, _)| k.value().1),
-                    };
-                    if lo >= seg.hi {
-                        next = seg.hi;
-                        continue;
-                    }
-                    let limit = lo.saturating_add(room);
-                    let hi = if limit >= seg.hi {
-                        seg.hi
-                    } else {
-                        // The last message start at or before the limit ends the range; a read
-                        // always carries at least one message.
-                        let last = marks.range((seg.id, lo + 1)..=(seg.id, limit))?.next_back().transpose()?;
-                        match last.map(|(k, _)| k.value().1) {
-                            Some(end) => end,
-                            None if ranges.is_empty() => {
-                                let after = marks.range((seg.id, lo + 1)..(seg.id, seg.hi))?.next().transpose()?;
-                                after.map_or(seg.hi, |(k, _)| k.value().1)
-                            }
-                            None => break,
-                        }
-                    };
-                    (lo, hi)
-                }
-            };
-            if hi > lo {
-                ranges.push(Range { id: seg.id, base: owner_base, lo, hi });
-                room = room.saturating_sub(hi - lo);
-            }
-            next = hi;
-            if hi < seg.hi {
-                break;
+    let (ranges, next) = if start >= tail {
+        (Vec::new(), start)
+    } else if !json {
+        plan(shared, info, start, max_bytes, None)?
+    } else {
+        // Boundaries are in redb or in memory; a checkpoint moving them from
+        // one to the other while this looked makes it look again (`marks.rs`).
+        loop {
+            let generation = shared.marks_gen.load(Ordering::Acquire);
+            let db = shared.db()?;
+            let txn = db.begin_read()?;
+            let runs = Runs(txn.open_table(MARK_RUNS)?);
+            let both = Both(&runs, &PendingIndex(shared));
+            let planned = plan(shared, info, start, max_bytes, Some(&both))?;
+            if shared.marks_gen.load(Ordering::Acquire) == generation {
+                break planned;
             }
         }
-    }
+    };
     let body = fill(shared, &ranges, json)?;
     Ok(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(next), body, json })
+}
+
+/// The byte ranges a read of `info` from `start` takes (whole messages only
+/// when `marks` is given: JSON), and where the next read starts.
+fn plan(
+    shared: &Shared,
+    info: &StreamInfo,
+    start: u64,
+    max_bytes: usize,
+    marks: Option<&dyn MarkIndex>,
+) -> StoreResult<(Vec<Range>, u64)> {
+    let tail = info.tail;
+    let mut ranges = Vec::new();
+    let mut next = start;
+    let segs = segments(shared, info, start, tail)?;
+    let mut room = max_bytes as u64;
+    for seg in segs {
+        let owner_base = if seg.id == info.id { base(info) } else { base(&stream(shared, seg.id)?) };
+        let (lo, hi) = match marks {
+            None => {
+                // Binary: any byte range.
+                if room == 0 {
+                    break;
+                }
+                (seg.lo, seg.hi.min(seg.lo.saturating_add(room)))
+            }
+            Some(ix) => {
+                // JSON: whole messages only. A start inside a message moves to the next one.
+                let lo = first_in(ix, seg.id, seg.lo, seg.hi)?.unwrap_or(seg.hi);
+                if lo >= seg.hi {
+                    next = seg.hi;
+                    continue;
+                }
+                let limit = lo.saturating_add(room);
+                let hi = if limit >= seg.hi {
+                    seg.hi
+                } else {
+                    // The last message start at or before the limit ends the range; a read
+                    // always carries at least one message.
+                    match last_in(ix, seg.id, lo + 1, limit)? {
+                        Some(end) => end,
+                        None if ranges.is_empty() => first_in(ix, seg.id, lo + 1, seg.hi)?.unwrap_or(seg.hi),
+                        None => break,
+                    }
+                };
+                (lo, hi)
+            }
+        };
+        if hi > lo {
+            ranges.push(Range { id: seg.id, base: owner_base, lo, hi });
+            room = room.saturating_sub(hi - lo);
+        }
+        next = hi;
+        if hi < seg.hi {
+            break;
+        }
+    }
+    Ok((ranges, next))
 }
 
 /// Most bytes a read fills on the async worker that asked for it. A larger
@@ -223,30 +242,4 @@ fn read_blob(
         body = Bytes::from(buf);
     }
     Ok(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(end), body, json: false })
-}
-
-/// The marks of stream `id` in `[lo, hi)`, each with its end (the next mark,
-/// or `end` for the last): `(start, end, flags)`.
-pub(crate) fn marks_between<T: ReadableTable<(u64, u64), u8>>(
-    marks: &T,
-    id: u64,
-    lo: u64,
-    hi: u64,
-    end: u64,
-) -> StoreResult<Vec<(u64, u64, u8)>> {
-    let mut out: Vec<(u64, u64, u8)> = Vec::new();
-    for row in marks.range((id, lo)..(id, hi))? {
-        let (k, v) = row?;
-        let pos = k.value().1;
-        if let Some(last) = out.last_mut() {
-            last.1 = pos;
-        }
-        out.push((pos, end, v.value()));
-    }
-    if let Some(last) = out.last_mut() {
-        if let Some(row) = marks.range((id, hi)..(id, u64::MAX))?.next() {
-            last.1 = row?.0.value().1;
-        }
-    }
-    Ok(out)
 }

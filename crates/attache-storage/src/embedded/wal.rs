@@ -337,6 +337,7 @@ impl Wal {
     /// The records written since the last checkpoint, read back from the
     /// file: what a reopened database must replay. Only records that were
     /// written and synced whole count (a failed append never moved `pos`).
+    #[cfg(test)]
     pub(crate) fn read_back(&self) -> StoreResult<Vec<(u64, Vec<u8>)>> {
         let mut records = Vec::new();
         let mut at = 0;
@@ -352,6 +353,12 @@ impl Wal {
             }
         }
         Ok(records)
+    }
+
+    /// A reader of the records written since the last checkpoint, as they are
+    /// now (records appended later are not in it).
+    pub(crate) fn records(&self) -> StoreResult<LogRecords> {
+        Ok(LogRecords { file: self.file.try_clone()?, magic: self.magic, end: self.pos, first: self.round_start })
     }
 
     /// The seq of the last record written (what a checkpoint now covers).
@@ -414,22 +421,6 @@ impl Wal {
             self.grow_to(self.pos + 4)?;
         }
         fault::write_all_at(self.faults.as_ref(), FaultPoint::LogWrite, &self.file, &[0; 4], self.pos)?;
-        fault::sync(self.faults.as_ref(), FaultPoint::LogSync, || self.file.sync_data())?;
-        Ok(())
-    }
-
-    /// Takes back the last record (its commit failed, so its callers heard of a
-    /// failure): the next record takes its place, and its magic is zeroed and
-    /// synced so that a restart does not replay it. The position moves back
-    /// even when zeroing fails (a reopen in this process replays only what
-    /// precedes it); the error says the record may come back after a crash.
-    pub(crate) fn retract(&mut self) -> StoreResult<()> {
-        let Some(start) = self.last_start.take() else {
-            return Ok(());
-        };
-        self.pos = start;
-        self.next_seq -= 1;
-        fault::write_all_at(self.faults.as_ref(), FaultPoint::LogWrite, &self.file, &[0; 4], start)?;
         fault::sync(self.faults.as_ref(), FaultPoint::LogSync, || self.file.sync_data())?;
         Ok(())
     }
@@ -665,15 +656,28 @@ impl Logs {
         self.active_mut().append(payload)
     }
 
-    pub(crate) fn retract(&mut self) -> StoreResult<()> {
-        self.active_mut().retract()
-    }
-
     pub(crate) fn probe(&mut self) -> StoreResult<()> {
         self.active_mut().probe()
     }
 
+    /// The sealed file's records (what the checkpoint in progress applies to redb).
+    pub(crate) fn sealed_records(&self) -> StoreResult<Option<LogRecords>> {
+        match self.sealed {
+            Some(_) => Ok(Some(self.files[1 - self.active].records()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every record no durable commit covers, in seq order (sealed file first), one at a time.
+    pub(crate) fn for_each_unapplied(&self, f: &mut dyn FnMut(&[u8]) -> StoreResult<()>) -> StoreResult<()> {
+        if let Some(sealed) = self.sealed_records()? {
+            sealed.for_each(f)?;
+        }
+        self.active().records()?.for_each(f)
+    }
+
     /// Every record no durable commit covers, in seq order (sealed file first).
+    #[cfg(test)]
     pub(crate) fn read_back(&self) -> StoreResult<Vec<(u64, Vec<u8>)>> {
         let mut records = Vec::new();
         if self.sealed.is_some() {
@@ -681,6 +685,35 @@ impl Logs {
         }
         records.extend(self.active().read_back()?);
         Ok(records)
+    }
+}
+
+/// The records of one log file from its start up to where it stood when
+/// the reader was made, read one at a time (on the checkpoint thread too,
+/// while the writer appends to the other file).
+pub(crate) struct LogRecords {
+    file: File,
+    magic: &'static [u8; 4],
+    end: u64,
+    first: u64,
+}
+
+impl LogRecords {
+    /// Calls `f` with each record's payload, in seq order.
+    pub(crate) fn for_each(&self, f: &mut dyn FnMut(&[u8]) -> StoreResult<()>) -> StoreResult<()> {
+        let mut at = 0;
+        let mut expected = self.first;
+        while at < self.end {
+            match read_record(&self.file, self.magic, at, self.end)? {
+                Read::Record(seq, payload, len) if seq == expected => {
+                    f(&payload)?;
+                    at += len;
+                    expected += 1;
+                }
+                _ => return Err(corrupt("a record written since the last checkpoint does not read back")),
+            }
+        }
+        Ok(())
     }
 }
 

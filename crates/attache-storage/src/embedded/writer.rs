@@ -1,12 +1,14 @@
-//! The single writer: group commit over redb and the segment files, made
-//! durable by the log.
+//! The single writer: group commit over the segment files, made durable by
+//! the log; redb follows at checkpoints.
 //!
 //! It owns the working copy of all metadata and producer state, applies a
-//! batch of commands against it inside one write transaction (stream bytes go
-//! to their segment files at once, unsynced, and into the log record), makes
-//! the batch durable (one synced log record, or a durable redb commit after
-//! syncing the segment files: a checkpoint), and only then publishes to
-//! readers and answers callers.
+//! batch of commands against it (stream bytes go to their segment files at
+//! once, unsynced, and every change into the log record), makes the batch
+//! durable (one synced log record), and only then publishes to readers and
+//! answers callers. redb gets the batch's changes from the log at the next
+//! checkpoint (the checkpoint thread applies the sealed log file in one
+//! durable commit); until then the working copy, the streams' pending
+//! boundary lists (`marks.rs`) and the log hold them.
 //!
 //! Why one file of this size: the batch loop, start-up recovery, the journal and
 //! the checkpoint thread share `WriterState`, `Tables` and `Journal`, and the
@@ -22,13 +24,14 @@ use std::time::Instant;
 use attache_core::{Offset, ProducerState};
 use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, WriteTransaction};
+
+use super::marks::{self, cut_runs, drop_runs, put_runs, MarkIndex, Runs, MARK_RUNS};
 use tokio::sync::oneshot;
 
 use super::segments::{DirtySet, Segments};
-use super::wal::{LogDamage, Logs, Op};
+use super::wal::{LogDamage, LogRecords, Logs, Op};
 use super::{
-    now_ms, Command, EmbeddedConfig, Shared, StreamEntry, BLOB_REFS, COUNTERS, MARKS, PRODUCERS, ROW_ENDS_APPEND,
-    STREAMS,
+    now_ms, Command, EmbeddedConfig, Shared, StreamEntry, BLOB_REFS, COUNTERS, PRODUCERS, ROW_ENDS_APPEND, STREAMS,
 };
 use crate::error::{StoreError, StoreResult};
 use crate::health::Source;
@@ -52,7 +55,7 @@ pub(crate) fn create_tables(db: &Database) -> StoreResult<()> {
     let txn = db.begin_write()?;
     {
         txn.open_table(STREAMS)?;
-        txn.open_table(MARKS)?;
+        txn.open_table(MARK_RUNS)?;
         txn.open_table(PRODUCERS)?;
         txn.open_table(COUNTERS)?;
         txn.open_table(BLOB_REFS)?;
@@ -112,14 +115,14 @@ impl WriterState {
     }
 }
 
-/// The tables of one write transaction. Every change goes through the methods
-/// below, which also encode it for the write-ahead log.
+/// A batch's changes, encoded for the write-ahead log, and (when applying
+/// logged records to redb: a checkpoint, a replay, or a batch committed
+/// straight to redb) the tables they go to. A group commit runs without
+/// tables: redb gets its changes from the log at the next checkpoint
+/// (`marks.rs` says why), so every change goes through the methods below,
+/// which encode it and, with tables, apply it.
 pub(crate) struct Tables<'t> {
-    streams: Table<'t, u64, &'static [u8]>,
-    marks: Table<'t, (u64, u64), u8>,
-    producers: Table<'t, (u64, &'static str), (u64, u64)>,
-    counters: Table<'t, &'static str, u64>,
-    blob_refs: Table<'t, &'static str, u64>,
+    db: Option<DbTables<'t>>,
     /// This transaction's changes, as log ops.
     log: Vec<u8>,
     segments: &'t Segments,
@@ -130,11 +133,23 @@ pub(crate) struct Tables<'t> {
     fresh: Vec<Fresh>,
     /// JSON message starts of `fresh` writes.
     fresh_marks: Vec<u64>,
+    /// Without tables: the boundaries this batch logged, (stream id, packed),
+    /// for the streams' pending lists once the record is durable.
+    pending: Vec<(u64, u64)>,
+    /// With tables: boundaries per stream, written as runs by `finish`.
+    runs: std::collections::BTreeMap<u64, Vec<u64>>,
+    /// Replayed segment writes and drops touch the files (start-up, reopen),
+    /// or not (a checkpoint: the writer already did).
+    touch_files: bool,
 }
 
-/// What a batch's transaction decided: whether it commits durably, its log
-/// record, and the segment writes in it (with their message starts).
-type Decided = (bool, Vec<u8>, Vec<Fresh>, Vec<u64>);
+struct DbTables<'t> {
+    streams: Table<'t, u64, &'static [u8]>,
+    mark_runs: Table<'t, (u64, u64), &'static [u8]>,
+    producers: Table<'t, (u64, &'static str), (u64, u64)>,
+    counters: Table<'t, &'static str, u64>,
+    blob_refs: Table<'t, &'static str, u64>,
+}
 
 /// Bytes a batch writes to a stream: `log[bytes]` at position `pos` (file
 /// offset `at`), with its message starts `fresh_marks[marks]` (JSON).
@@ -147,35 +162,67 @@ pub(crate) struct Fresh {
 }
 
 impl<'t> Tables<'t> {
-    pub(crate) fn open(txn: &'t WriteTransaction, segments: &'t Segments) -> StoreResult<Tables<'t>> {
-        Ok(Tables {
-            streams: txn.open_table(STREAMS)?,
-            marks: txn.open_table(MARKS)?,
-            producers: txn.open_table(PRODUCERS)?,
-            counters: txn.open_table(COUNTERS)?,
-            blob_refs: txn.open_table(BLOB_REFS)?,
+    /// A group commit's changes: logged only.
+    pub(crate) fn batch(segments: &'t Segments) -> Tables<'t> {
+        Tables {
+            db: None,
             log: Vec::new(),
             segments,
             segment_failed: false,
             fresh: Vec::new(),
             fresh_marks: Vec::new(),
-        })
+            pending: Vec::new(),
+            runs: Default::default(),
+            touch_files: true,
+        }
+    }
+
+    /// Changes applied to the tables of `txn` (and encoded, unused, for the log).
+    pub(crate) fn open(txn: &'t WriteTransaction, segments: &'t Segments) -> StoreResult<Tables<'t>> {
+        let mut t = Tables::batch(segments);
+        t.db = Some(DbTables {
+            streams: txn.open_table(STREAMS)?,
+            mark_runs: txn.open_table(MARK_RUNS)?,
+            producers: txn.open_table(PRODUCERS)?,
+            counters: txn.open_table(COUNTERS)?,
+            blob_refs: txn.open_table(BLOB_REFS)?,
+        });
+        Ok(t)
+    }
+
+    /// Writes the boundaries gathered by an apply as runs (one row per stream and apply).
+    pub(crate) fn finish(&mut self) -> StoreResult<()> {
+        if let Some(db) = self.db.as_mut() {
+            for (id, marks) in std::mem::take(&mut self.runs) {
+                put_runs(&mut db.mark_runs, id, &marks)?;
+            }
+        }
+        Ok(())
     }
 
     fn put_stream(&mut self, id: u64, meta: &[u8]) -> StoreResult<()> {
-        self.streams.insert(id, meta)?;
+        if let Some(db) = self.db.as_mut() {
+            db.streams.insert(id, meta)?;
+        }
         Op::StreamPut { id, meta }.encode(&mut self.log);
         Ok(())
     }
 
     fn remove_stream(&mut self, id: u64) -> StoreResult<()> {
-        self.streams.remove(id)?;
+        if let Some(db) = self.db.as_mut() {
+            db.streams.remove(id)?;
+        }
         Op::StreamRemove { id }.encode(&mut self.log);
         Ok(())
     }
 
     fn put_mark(&mut self, id: u64, pos: u64, flags: u8) -> StoreResult<()> {
-        self.marks.insert((id, pos), flags)?;
+        let packed = marks::pack(pos, flags);
+        if self.db.is_some() {
+            self.runs.entry(id).or_default().push(packed);
+        } else {
+            self.pending.push((id, packed));
+        }
         Op::MarkPut { id, pos, flags }.encode(&mut self.log);
         Ok(())
     }
@@ -234,57 +281,77 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    /// Drops every mark of stream `id`; its segment file goes after the commit (`Changes::dropped`).
+    /// Drops every boundary of stream `id`; its segment file goes after the commit (`Changes::dropped`).
     fn drop_stream(&mut self, id: u64) -> StoreResult<()> {
-        self.marks.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        if let Some(db) = self.db.as_mut() {
+            drop_runs(&mut db.mark_runs, id)?;
+            self.runs.remove(&id);
+        }
+        self.pending.retain(|(i, _)| *i != id);
         Op::StreamDrop { id }.encode(&mut self.log);
         Ok(())
     }
 
     fn put_producer(&mut self, id: u64, producer: &str, epoch: u64, last_seq: u64) -> StoreResult<()> {
-        self.producers.insert((id, producer), (epoch, last_seq))?;
+        if let Some(db) = self.db.as_mut() {
+            db.producers.insert((id, producer), (epoch, last_seq))?;
+        }
         Op::ProducerPut { id, producer, epoch, last_seq }.encode(&mut self.log);
         Ok(())
     }
 
     fn clear_producers(&mut self, id: u64) -> StoreResult<()> {
-        self.producers.retain_in((id, "")..(id + 1, ""), |_, _| false)?;
+        if let Some(db) = self.db.as_mut() {
+            db.producers.retain_in((id, "")..(id + 1, ""), |_, _| false)?;
+        }
         Op::ProducersClear { id }.encode(&mut self.log);
         Ok(())
     }
 
     fn put_counter(&mut self, name: &str, value: u64) -> StoreResult<()> {
-        self.counters.insert(name, value)?;
+        if let Some(db) = self.db.as_mut() {
+            db.counters.insert(name, value)?;
+        }
         Op::CounterPut { name, value }.encode(&mut self.log);
         Ok(())
     }
 
     fn put_blob_ref(&mut self, sha256: &str, count: u64) -> StoreResult<()> {
-        self.blob_refs.insert(sha256, count)?;
+        if let Some(db) = self.db.as_mut() {
+            db.blob_refs.insert(sha256, count)?;
+        }
         Op::BlobRefPut { sha256, count }.encode(&mut self.log);
         Ok(())
     }
 
     fn remove_blob_ref(&mut self, sha256: &str) -> StoreResult<()> {
-        self.blob_refs.remove(sha256)?;
+        if let Some(db) = self.db.as_mut() {
+            db.blob_refs.remove(sha256)?;
+        }
         Op::BlobRefRemove { sha256 }.encode(&mut self.log);
         Ok(())
     }
 
-    /// Replays one logged change (segment bytes are written again at their
-    /// offsets, a dropped stream's file goes at once: both idempotent).
+    /// Applies one logged change (segment bytes are written again at their
+    /// offsets, a dropped stream's file goes at once: both idempotent; a
+    /// checkpoint, whose files already hold them, skips both).
     fn apply(&mut self, op: &Op) -> StoreResult<()> {
         match *op {
             Op::StreamPut { id, meta } => self.put_stream(id, meta),
             Op::StreamRemove { id } => self.remove_stream(id),
             Op::SegWrite { id, at, bytes } => {
-                Op::SegWrite { id, at, bytes }.encode(&mut self.log);
-                self.segments.write(id, at, bytes)
+                if self.touch_files {
+                    self.segments.write(id, at, bytes)?;
+                }
+                Ok(())
             }
             Op::MarkPut { id, pos, flags } => self.put_mark(id, pos, flags),
             Op::StreamDrop { id } => {
                 self.drop_stream(id)?;
-                self.segments.remove(id)
+                if self.touch_files {
+                    self.segments.remove(id)?;
+                }
+                Ok(())
             }
             Op::ChunkPut { .. } | Op::ChunksClear { .. } => {
                 Err(StoreError::Storage("write-ahead log: a format-1 op in a format-2 log".into()))
@@ -296,6 +363,45 @@ impl<'t> Tables<'t> {
             Op::BlobRefRemove { sha256 } => self.remove_blob_ref(sha256),
         }
     }
+
+    /// Applies every op of a logged record's payload.
+    fn apply_record(&mut self, payload: &[u8]) -> StoreResult<()> {
+        for op in Op::decode_all(payload)? {
+            self.apply(&op)?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies logged records (`payloads`, in seq order) to redb in one write
+/// transaction of the given durability, recording `upto` as the last record
+/// it covers when asked. `touch_files`: replayed segment writes and drops
+/// reach the files too (start-up, reopen), or not (a checkpoint).
+pub(crate) fn apply_logged(
+    db: &Database,
+    segments: &Segments,
+    durability: Durability,
+    touch_files: bool,
+    upto: Option<u64>,
+    each: impl FnOnce(&mut dyn FnMut(&[u8]) -> StoreResult<()>) -> StoreResult<()>,
+) -> StoreResult<()> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(durability).map_err(|e| StoreError::Storage(e.to_string()))?;
+    if matches!(durability, Durability::Immediate) {
+        // The allocator state is saved with each durable commit, so reopening after a disk error is quick.
+        txn.set_quick_repair(true);
+    }
+    {
+        let mut t = Tables::open(&txn, segments)?;
+        t.touch_files = touch_files;
+        each(&mut |payload| t.apply_record(payload))?;
+        t.finish()?;
+        if let (Some(upto), Some(db)) = (upto, t.db.as_mut()) {
+            db.counters.insert(WAL_SEQ, upto)?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 /// The redb counter naming the last log record a durable commit covers.
@@ -359,7 +465,7 @@ pub(crate) fn reconcile_segments(
     let mut ids: Vec<u64> = state.streams.iter().filter(|(_, i)| i.blob.is_none()).map(|(id, _)| *id).collect();
     ids.sort_unstable();
     let txn = db.begin_read()?;
-    let marks = txn.open_table(MARKS)?;
+    let runs = Runs(txn.open_table(MARK_RUNS)?);
     for id in ids {
         let info = &state.streams[&id];
         let base = super::reader::base(info);
@@ -371,17 +477,14 @@ pub(crate) fn reconcile_segments(
             let end = base + len;
             let new_tail = if info.is_json() {
                 // The last message that starts at or before the damage starts the lost part.
-                match marks.range((id, base)..=(id, end))?.next_back().transpose()? {
-                    Some((k, _)) => k.value().1,
-                    None => base,
-                }
+                marks::last_in(&runs, id, base, end)?.unwrap_or(base)
             } else {
                 end
             };
             short.push(ShortSegment { id, file_len: len, new_tail, old_tail: info.tail });
         }
     }
-    drop(marks);
+    drop(runs);
     drop(txn);
     if short.is_empty() {
         return Ok(short);
@@ -394,13 +497,17 @@ pub(crate) fn reconcile_segments(
         for s in &short {
             let Some(mut info) = state.streams.get(&s.id).cloned() else { continue };
             info.tail = s.new_tail;
-            t.marks.retain_in((s.id, s.new_tail)..=(s.id, u64::MAX), |_, _| false)?;
+            if let Some(db) = t.db.as_mut() {
+                cut_runs(&mut db.mark_runs, s.id, s.new_tail)?;
+            }
             t.put_stream(s.id, &encode(&info)?)?;
             state.streams.insert(s.id, info);
             let base = state.streams.get(&s.id).map_or(0, super::reader::base);
             segments.truncate(s.id, s.new_tail - base)?;
         }
-        t.counters.insert(WAL_SEQ, wal.last_seq())?;
+        if let Some(db) = t.db.as_mut() {
+            db.counters.insert(WAL_SEQ, wal.last_seq())?;
+        }
     }
     txn.commit()?;
     wal.reset();
@@ -414,18 +521,7 @@ fn replay(db: &Database, segments: &Segments, records: &[(u64, Vec<u8>)]) -> Sto
     if records.is_empty() {
         return Ok(());
     }
-    let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::None).map_err(|e| StoreError::Storage(e.to_string()))?;
-    {
-        let mut t = Tables::open(&txn, segments)?;
-        for (_, payload) in records {
-            for op in Op::decode_all(payload)? {
-                t.apply(&op)?;
-            }
-        }
-    }
-    txn.commit()?;
-    Ok(())
+    apply_logged(db, segments, Durability::None, true, None, |f| records.iter().try_for_each(|(_, payload)| f(payload)))
 }
 
 /// How a batch becomes durable: by a log record (redb then commits without a
@@ -471,8 +567,10 @@ impl Journal {
     }
 
     /// Starts a checkpoint beside the writer: seals the active log file (or
-    /// retries the sealed one) and hands the segment files written so far to
-    /// the checkpoint thread to sync. `finish_checkpoint` completes it.
+    /// retries the sealed one) and hands the segment files written so far,
+    /// and the sealed file's records, to the checkpoint thread, which syncs
+    /// the files and then applies the records to redb in one durable commit.
+    /// `finish_checkpoint` completes it.
     fn start_checkpoint(&mut self, shared: &Shared) -> bool {
         if self.in_flight.is_some() {
             return false;
@@ -483,8 +581,16 @@ impl Journal {
         let Some(upto) = wal.sealed().or_else(|| wal.rotate()) else {
             return false;
         };
+        let records = match wal.sealed_records() {
+            Ok(Some(records)) => records,
+            Ok(None) => return false,
+            Err(err) => {
+                tracing::warn!(%err, "checkpoint: cannot read the sealed log file back; retrying later");
+                return false;
+            }
+        };
         let set = shared.segments.take_dirty();
-        if let Err(std::sync::mpsc::SendError(job)) = syncer.jobs.send(SyncJob { upto, set }) {
+        if let Err(std::sync::mpsc::SendError(job)) = syncer.jobs.send(SyncJob { upto, set, records }) {
             // The checkpoint thread is gone (it panicked): the synchronous checkpoints still work.
             tracing::error!("the checkpoint thread is gone; checkpoints run on the writer");
             shared.segments.restore(job.set);
@@ -505,20 +611,13 @@ impl Journal {
             self.start_checkpoint(shared);
         }
     }
-
-    /// A batch whose record the log cannot take commits durably to redb itself.
-    fn must_commit_durably(&self, record_len: usize) -> bool {
-        match &self.wal {
-            None => true,
-            Some(wal) => !wal.fits(record_len),
-        }
-    }
 }
 
-/// The checkpoint thread: syncs the segment files a checkpoint covers while
-/// the writer goes on appending (each sync is an `fdatasync` per file
-/// written since the last checkpoint: with 1,000 live streams, a thousand of
-/// them a second, which the writer used to wait for).
+/// The checkpoint thread: syncs the segment files a checkpoint covers, then
+/// applies the sealed log file's records to redb in one durable commit,
+/// while the writer goes on appending (the syncs are an `fdatasync` per
+/// file written since the last checkpoint, and the commit writes every
+/// stream's metadata and boundaries once per checkpoint instead of once per batch).
 struct Syncer {
     jobs: std::sync::mpsc::Sender<SyncJob>,
     done: Receiver<SyncDone>,
@@ -528,11 +627,13 @@ struct Syncer {
 struct SyncJob {
     upto: u64,
     set: DirtySet,
+    records: LogRecords,
 }
 
 struct SyncDone {
     upto: u64,
-    result: StoreResult<()>,
+    /// What failed: the segment syncs, or redb's commit.
+    result: Result<(), (Source, StoreError)>,
 }
 
 impl Syncer {
@@ -542,7 +643,13 @@ impl Syncer {
         let thread = std::thread::Builder::new().name("attache-checkpoint".into()).spawn(move || {
             for job in rx {
                 // On error the files not synced are dirty again (`sync_set`).
-                let result = shared.segments.sync_set(job.set);
+                let result = shared.segments.sync_set(job.set).map_err(|e| (Source::Segment, e)).and_then(|()| {
+                    let db = shared.db().map_err(|e| (Source::Db, e))?;
+                    apply_logged(&db, &shared.segments, Durability::Immediate, false, Some(job.upto), |f| {
+                        job.records.for_each(f)
+                    })
+                    .map_err(|e| (Source::Db, e))
+                });
                 if tx.send(SyncDone { upto: job.upto, result }).is_err() {
                     break;
                 }
@@ -562,10 +669,10 @@ impl Syncer {
     }
 }
 
-/// Completes the checkpoint in progress once its segment syncs are done
-/// (`wait`: block until they are): one durable redb commit recording the
-/// sealed log file's last seq, which frees that file. Without `wait`, returns
-/// at once when the syncs still run.
+/// Completes the checkpoint in progress once the checkpoint thread is done
+/// with it (`wait`: block until it is): the sealed log file is free, and
+/// the boundaries it held leave memory (redb has them). Without `wait`,
+/// returns at once while the thread still works.
 fn finish_checkpoint(shared: &Shared, journal: &mut Journal, state: &mut WriterState, wait: bool) {
     let Some(syncer) = journal.syncer.as_ref() else {
         return;
@@ -588,31 +695,28 @@ fn finish_checkpoint(shared: &Shared, journal: &mut Journal, state: &mut WriterS
         journal.syncer = None;
         return;
     };
-    if let Err(err) = result {
-        tracing::warn!(%err, "checkpoint: a segment file cannot sync; the log still holds every acknowledged batch");
-        shared.health.fail(Source::Segment, &err);
-        return;
-    }
-    if wait {
-        // A synchronous checkpoint follows and covers everything.
-        return;
-    }
-    let committed = (|| -> StoreResult<()> {
-        let db = shared.db()?;
-        let mut txn = db.begin_write()?;
-        txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Storage(e.to_string()))?;
-        txn.set_quick_repair(true);
-        txn.open_table(COUNTERS)?.insert(WAL_SEQ, upto)?;
-        txn.commit()?;
-        Ok(())
-    })();
-    match committed {
+    match result {
         Ok(()) => {
             if let Some(wal) = journal.wal.as_mut() {
                 wal.trim(upto);
             }
+            applied(shared, upto);
         }
-        Err(err) => checkpoint_failed(shared, journal, state, err),
+        Err((Source::Segment, err)) => {
+            tracing::warn!(%err, "checkpoint: a segment file cannot sync; the log still holds every acknowledged batch");
+            shared.health.fail(Source::Segment, &err);
+        }
+        Err((_, err)) => checkpoint_failed(shared, journal, state, err),
+    }
+}
+
+/// A durable redb commit now holds every record up to `upto`: their
+/// boundaries leave the streams' pending lists. Readers that looked at both
+/// while this ran see the generation move and look again (`marks.rs`).
+fn applied(shared: &Shared, upto: u64) {
+    shared.marks_gen.fetch_add(1, Ordering::AcqRel);
+    for entry in shared.index.read().by_id.values() {
+        entry.pending.lock().drop_upto(upto);
     }
 }
 
@@ -719,6 +823,7 @@ pub(crate) fn run(
             super::drop_idle_reads(&shared);
         }
         if journal.lost.is_some() {
+            finish_checkpoint(&shared, &mut journal, &mut state, true);
             match reopen(&shared, &mut journal) {
                 Ok(fresh) => state = fresh,
                 Err(err) => tracing::warn!(%err, "the stream database cannot be reopened yet"),
@@ -767,10 +872,10 @@ pub(crate) fn run(
     tracing::debug!("writer stopped");
 }
 
-/// Makes everything logged durable in redb (one durable commit holding only
-/// `wal_seq`), then lets the log start over.
+/// Makes everything logged durable in redb (one durable commit applying
+/// every record no checkpoint covers yet), then lets the log start over.
 fn checkpoint(shared: &Shared, journal: &mut Journal, state: &mut WriterState) -> StoreResult<()> {
-    // A checkpoint in progress hands its files back if it failed; this one syncs everything.
+    // A checkpoint in progress completes first (or hands its files back); this one covers everything.
     finish_checkpoint(shared, journal, state, true);
     // The segment files first: once redb says the log is redundant, they must hold every byte it held.
     if let Err(err) = shared.segments.sync_dirty() {
@@ -778,17 +883,22 @@ fn checkpoint(shared: &Shared, journal: &mut Journal, state: &mut WriterState) -
         return Err(err);
     }
     let db = shared.db()?;
-    let mut txn = db.begin_write()?;
-    let durability = if journal.durable || journal.wal.is_some() { Durability::Immediate } else { Durability::None };
-    txn.set_durability(durability).map_err(|e| StoreError::Storage(e.to_string()))?;
-    // The allocator state is saved with each checkpoint, so reopening after a disk error is quick.
-    txn.set_quick_repair(true);
-    if let Some(wal) = &journal.wal {
-        txn.open_table(COUNTERS)?.insert(WAL_SEQ, wal.last_seq())?;
-    }
-    txn.commit()?;
-    if let Some(wal) = journal.wal.as_mut() {
-        wal.reset();
+    match &journal.wal {
+        Some(wal) => {
+            let upto = wal.last_seq();
+            apply_logged(&db, &shared.segments, Durability::Immediate, false, Some(upto), |f| {
+                wal.for_each_unapplied(f)
+            })?;
+            if let Some(wal) = journal.wal.as_mut() {
+                wal.reset();
+            }
+            applied(shared, upto);
+        }
+        // Without a log every batch commits to redb: this commit only probes the disk.
+        None => {
+            let durability = if journal.durable { Durability::Immediate } else { Durability::None };
+            apply_logged(&db, &shared.segments, durability, false, None, |_| Ok(()))?;
+        }
     }
     journal.last_checkpoint = Instant::now();
     journal.force = false;
@@ -840,12 +950,13 @@ fn checkpoint_failed(shared: &Shared, journal: &mut Journal, state: &mut WriterS
 /// Closes and reopens the stream database after a disk error, then replays
 /// the log records since the last checkpoint (without a sync: the log keeps
 /// them durable), so the database holds exactly what was acknowledged.
+/// The checkpoint thread must be idle (`finish_checkpoint` with `wait`).
 fn reopen(shared: &Shared, journal: &mut Journal) -> StoreResult<WriterState> {
     let reopened = (|| -> StoreResult<WriterState> {
         shared.close_db()?;
         let db = shared.open_db()?;
         if let Some(wal) = &journal.wal {
-            replay(&db, &shared.segments, &wal.read_back()?)?;
+            apply_logged(&db, &shared.segments, Durability::None, true, None, |f| wal.for_each_unapplied(f))?;
         }
         let state = WriterState::load(&db)?;
         shared.install_db(db);
@@ -861,14 +972,22 @@ fn reopen(shared: &Shared, journal: &mut Journal) -> StoreResult<WriterState> {
     reopened
 }
 
+/// The state every acknowledged batch left: redb's (which lags the log
+/// between checkpoints) with the log's records since the last checkpoint
+/// applied, without a sync. The checkpoint thread must be idle.
+fn reload(shared: &Shared, journal: &Journal) -> StoreResult<WriterState> {
+    let db = shared.db()?;
+    if let Some(wal) = &journal.wal {
+        apply_logged(&db, &shared.segments, Durability::None, false, None, |f| wal.for_each_unapplied(f))?;
+    }
+    WriterState::load(&db)
+}
+
 /// After a failed batch: report it, and get the committed state back (the
 /// batch changed the working copy before it failed).
 fn recover_from(shared: &Shared, journal: &mut Journal, state: &mut WriterState, failed: Failed) {
-    let fresh = if journal.lost.is_some() {
-        reopen(shared, journal)
-    } else {
-        shared.db().and_then(|db| WriterState::load(&db))
-    };
+    finish_checkpoint(shared, journal, state, true);
+    let fresh = if journal.lost.is_some() { reopen(shared, journal) } else { reload(shared, journal) };
     match fresh {
         Ok(fresh) => *state = fresh,
         Err(err) => {
@@ -909,25 +1028,17 @@ fn commit_batch(
     let started = Instant::now();
     let size = batch.len();
     let mut changes = Changes::default();
-    let begun = shared.db().and_then(|db| Ok((db.begin_write()?, db)));
-    let (mut txn, _db) = match begun {
-        Ok(begun) => begun,
-        Err(err) => {
-            if err.is_io() {
-                journal.lost = Some(err.clone());
-            }
-            let failed = Failed::new(shared, err, Source::Db, &mut changes);
-            for cmd in batch {
-                refuse(cmd, &failed.err);
-            }
-            return Err(failed);
+    if let Err(err) = shared.db() {
+        let failed = Failed::new(shared, err, Source::Db, &mut changes);
+        for cmd in batch {
+            refuse(cmd, &failed.err);
         }
-    };
+        return Err(failed);
+    }
     let mut replies = Vec::with_capacity(batch.len());
     let mut commands = batch.into_iter();
-    let mut segment_failed = false;
-    let outcome = (|| -> StoreResult<Decided> {
-        let mut t = Tables::open(&txn, &shared.segments)?;
+    let mut t = Tables::batch(&shared.segments);
+    let outcome = (|| -> StoreResult<()> {
         let result = (|| -> StoreResult<()> {
             for cmd in commands.by_ref() {
                 match cmd {
@@ -984,106 +1095,74 @@ fn commit_batch(
             }
             Ok(())
         })();
-        let result = result.and_then(|()| t.flush_segments());
-        if let Err(err) = result {
-            segment_failed = t.segment_failed;
-            return Err(err);
-        }
-        // Each touched stream's metadata is written once per batch, however many appends it took.
-        flush_metadata(&mut t, state, &changes)?;
-        // A full active log file is sealed and checkpointed beside the writer
-        // when the other file is free; only when it is not does the batch commit durably.
-        journal.make_room(shared, t.log.len());
-        let durable = journal.must_commit_durably(t.log.len());
-        if durable {
-            if let Some(wal) = &journal.wal {
-                t.counters.insert(WAL_SEQ, wal.last_seq())?;
-            }
-        }
-        Ok((durable, std::mem::take(&mut t.log), std::mem::take(&mut t.fresh), std::mem::take(&mut t.fresh_marks)))
+        result.and_then(|()| t.flush_segments())?;
+        // Each touched stream's metadata is logged once per batch, however many appends it took.
+        flush_metadata(&mut t, state, &changes)
     })();
-    let (durable, record, fresh, fresh_marks) = match outcome {
-        Ok(decided) => decided,
-        Err(err) => {
-            // A segment file that refuses a write fails the batch; the database did nothing wrong.
-            let source = if segment_failed { Source::Segment } else { Source::Db };
-            if err.is_io() && !segment_failed {
+    if let Err(err) = outcome {
+        // A segment file that refuses a write fails the batch; the database did nothing wrong.
+        let source = if t.segment_failed { Source::Segment } else { Source::Db };
+        let failed = Failed::new(shared, err, source, &mut changes);
+        for cmd in commands {
+            refuse(cmd, &failed.err);
+        }
+        fail_batch(replies, failed.err.clone());
+        return Err(failed);
+    }
+    let Tables { log: record, fresh, fresh_marks, pending, .. } = t;
+    // The record is synced to the log (redb gets it at the next checkpoint);
+    // one the log cannot take, even after a checkpoint empties it, and every
+    // batch of a store without a log, commits straight to redb.
+    let mut logged = None;
+    let mut direct = false;
+    if !record.is_empty() {
+        if journal.wal.is_some() {
+            journal.make_room(shared, record.len());
+            if !journal.wal.as_ref().is_some_and(|w| w.fits(record.len())) {
+                // Both files are taken: everything logged goes to redb now, which empties the log.
+                if let Err(err) = checkpoint(shared, journal, state) {
+                    if err.is_io() {
+                        journal.lost = Some(err.clone());
+                    }
+                    let failed = Failed::new(shared, err, Source::Db, &mut changes);
+                    fail_batch(replies, failed.err.clone());
+                    return Err(failed);
+                }
+            }
+            match journal.wal.as_mut().filter(|w| w.fits(record.len())) {
+                Some(wal) => match wal.append(&record) {
+                    Ok(seq) => logged = Some(seq),
+                    Err(err) => {
+                        // The next tick checkpoints, which lets the log start over.
+                        journal.force = true;
+                        let failed = Failed::new(shared, err, Source::Log, &mut changes);
+                        fail_batch(replies, failed.err.clone());
+                        return Err(failed);
+                    }
+                },
+                None => direct = true,
+            }
+        } else {
+            direct = true;
+        }
+    }
+    if direct {
+        if let Err((source, err)) = commit_direct(shared, journal, &record) {
+            if source == Source::Db && err.is_io() {
+                // redb refuses everything after a failed commit until it is reopened.
                 journal.lost = Some(err.clone());
             }
             let failed = Failed::new(shared, err, source, &mut changes);
-            for cmd in commands {
-                refuse(cmd, &failed.err);
-            }
-            fail_batch(replies, txn, failed.err.clone());
-            return Err(failed);
-        }
-    };
-    // A batch the log cannot take commits durably to redb (it is then a
-    // checkpoint). Otherwise the record is synced first, then redb commits
-    // without a sync (a batch that changed nothing needs neither). Without a
-    // log, "not durable" means redb never syncs; with one, only the log goes unsynced.
-    let durability =
-        if durable && (journal.durable || journal.wal.is_some()) { Durability::Immediate } else { Durability::None };
-    if let Err(e) = txn.set_durability(durability) {
-        let failed = Failed::new(shared, StoreError::Storage(e.to_string()), Source::Db, &mut changes);
-        fail_batch(replies, txn, failed.err.clone());
-        return Err(failed);
-    }
-    if durable {
-        txn.set_quick_repair(true);
-    }
-    let mut logged = false;
-    if !durable && !record.is_empty() {
-        if let Some(wal) = journal.wal.as_mut() {
-            if let Err(err) = wal.append(&record) {
-                // The next tick checkpoints, which lets the log start over.
-                journal.force = true;
-                let failed = Failed::new(shared, err, Source::Log, &mut changes);
-                fail_batch(replies, txn, failed.err.clone());
-                return Err(failed);
-            }
-            logged = true;
-        }
-    }
-    if durable {
-        // A durable commit makes the log redundant: the segment files must hold their bytes first
-        // (those of a checkpoint in progress too: it is waited for, and hands back what failed).
-        finish_checkpoint(shared, journal, state, true);
-        if let Err(err) = shared.segments.sync_dirty() {
-            let failed = Failed::new(shared, err, Source::Segment, &mut changes);
-            fail_batch(replies, txn, failed.err.clone());
+            fail_batch(replies, failed.err.clone());
             return Err(failed);
         }
     }
-    let applied = started.elapsed();
-    if let Err(err) = txn.commit() {
-        let err = StoreError::from(err);
-        if logged {
-            if let Some(wal) = journal.wal.as_mut() {
-                // Callers hear of a failure: the record must not come back.
-                if let Err(e) = wal.retract() {
-                    tracing::error!(err = %e, "could not erase a log record after a failed commit; a restart may replay it");
-                }
-            }
-        }
-        // redb refuses everything after a failed commit until it is reopened.
-        journal.lost = Some(err.clone());
-        let failed = Failed::new(shared, err, Source::Db, &mut changes);
-        for reply in replies {
-            reply.fail(failed.err.clone());
-        }
-        return Err(failed);
-    }
-    if durable {
-        if let Some(wal) = journal.wal.as_mut() {
-            wal.reset();
-        }
-        journal.last_checkpoint = Instant::now();
-        journal.force = false;
-        shared.health.recovered(Source::Db);
-    }
-    if logged {
+    let applied_at = started.elapsed();
+    if logged.is_some() {
         shared.health.recovered(Source::Log);
+    }
+    if direct && journal.durable {
+        shared.health.recovered(Source::Db);
     }
     shared.health.recovered(Source::Segment);
     for id in &changes.dropped {
@@ -1100,18 +1179,33 @@ fn commit_batch(
     }
     tracing::trace!(
         size,
-        logged,
-        durable,
-        apply_us = applied.as_micros() as u64,
+        logged = logged.is_some(),
+        direct,
+        apply_us = applied_at.as_micros() as u64,
         total_us = started.elapsed().as_micros() as u64,
         "group commit"
     );
     feed_tails(shared, &record, &fresh, &fresh_marks);
-    publish(shared, state, changes);
+    // Boundaries of a batch committed straight to redb are there already.
+    let pending = logged.map(|seq| (seq, pending));
+    publish(shared, state, changes, pending);
     for reply in replies {
         reply.send();
     }
     Ok(())
+}
+
+/// Commits one batch's record straight to redb: the segment files are
+/// synced first (when the store is durable), so redb never names bytes a
+/// crash could take back.
+fn commit_direct(shared: &Shared, journal: &Journal, record: &[u8]) -> Result<(), (Source, StoreError)> {
+    let durable = journal.durable || journal.wal.is_some();
+    if durable {
+        shared.segments.sync_dirty().map_err(|e| (Source::Segment, e))?;
+    }
+    let db = shared.db().map_err(|e| (Source::Db, e))?;
+    let durability = if durable { Durability::Immediate } else { Durability::None };
+    apply_logged(&db, &shared.segments, durability, false, None, |f| f(record)).map_err(|e| (Source::Db, e))
 }
 
 /// After the commit, before readers are woken: the bytes just made durable
@@ -1138,11 +1232,10 @@ fn feed_tails(shared: &Shared, record: &[u8], fresh: &[Fresh], marks: &[u64]) {
     }
 }
 
-fn fail_batch(replies: Vec<Reply>, txn: WriteTransaction, err: StoreError) {
+fn fail_batch(replies: Vec<Reply>, err: StoreError) {
     for reply in replies {
         reply.fail(err.clone());
     }
-    let _ = txn.abort();
 }
 
 /// Domain errors answer one command; storage and disk errors abort the whole batch.
@@ -1153,10 +1246,31 @@ fn escalate<T>(r: StoreResult<T>) -> StoreResult<StoreResult<T>> {
     }
 }
 
-/// After the commit: readers see the new metadata, then waiters wake.
-fn publish(shared: &Shared, state: &WriterState, changes: Changes) {
+/// After the commit: readers see the batch's boundaries (logged by record
+/// `seq`, not yet in redb), then the new metadata; then waiters wake.
+fn publish(shared: &Shared, state: &WriterState, changes: Changes, pending: Option<(u64, Vec<(u64, u64)>)>) {
     let now = now_ms();
     let mut index = shared.index.write();
+    let mut fresh_entries: HashMap<u64, Arc<StreamEntry>> = HashMap::new();
+    if let Some((seq, marks)) = pending {
+        let mut by_stream: HashMap<u64, Vec<u64>> = HashMap::new();
+        for (id, m) in marks {
+            by_stream.entry(id).or_default().push(m);
+        }
+        for (id, marks) in by_stream {
+            let entry = match index.by_id.get(&id) {
+                Some(entry) => entry.clone(),
+                // Created by this batch: its entry is made here, with its boundaries, before anyone can read it.
+                None => match state.streams.get(&id) {
+                    Some(info) => {
+                        fresh_entries.entry(id).or_insert_with(|| StreamEntry::new(info.clone(), now)).clone()
+                    }
+                    None => continue,
+                },
+            };
+            entry.pending.lock().push(seq, marks);
+        }
+    }
     for id in &changes.touched {
         let Some(info) = state.streams.get(id) else {
             continue;
@@ -1170,7 +1284,7 @@ fn publish(shared: &Shared, state: &WriterState, changes: Changes) {
                 }
             }
             None => {
-                let entry = StreamEntry::new(info.clone(), now);
+                let entry = fresh_entries.remove(id).unwrap_or_else(|| StreamEntry::new(info.clone(), now));
                 if !info.unlinked {
                     index.by_path.insert(info.path.clone(), entry.clone());
                 }
@@ -1201,6 +1315,17 @@ fn flush_metadata(t: &mut Tables, state: &WriterState, changes: &Changes) -> Sto
 
 fn encode(info: &StreamInfo) -> StoreResult<Vec<u8>> {
     serde_json::to_vec(info).map_err(|e| StoreError::Storage(e.to_string()))
+}
+
+/// Runs `f` over every boundary the writer knows: redb's runs, the
+/// streams' pending lists and this batch's own (the writer alone moves
+/// boundaries from memory to redb, so its view needs no retry).
+fn with_marks<R>(shared: &Shared, t: &Tables, f: impl FnOnce(&dyn MarkIndex) -> StoreResult<R>) -> StoreResult<R> {
+    let db = shared.db()?;
+    let txn = db.begin_read()?;
+    let runs = Runs(txn.open_table(MARK_RUNS)?);
+    let memory = marks::Both(&marks::PendingIndex(shared), &marks::BatchMarks(&t.pending));
+    f(&marks::Both(&runs, &memory))
 }
 
 /// Writes an append's rows at the stream's tail (`base`: where its segment
@@ -1373,14 +1498,14 @@ impl WriterState {
     /// `anchor`, within the one append that starts at the anchor.
     /// Refuses a fork of a JSON stream at an offset inside a message: the
     /// rows holding `anchor` (the source's own, or an ancestor's below a fork
-    /// point) must have a message start there (`MARKS`).
+    /// point) must have a message start there.
     fn check_message_start(&self, shared: &Shared, t: &Tables, src: &StreamInfo, anchor: u64) -> StoreResult<()> {
         if !rules::fork_needs_message_start(src, anchor) {
             return Ok(());
         }
         let segs = super::reader::segments(shared, src, anchor, src.tail)?;
         let starts = match segs.first() {
-            Some(seg) => t.marks.get((seg.id, anchor))?.is_some(),
+            Some(seg) => with_marks(shared, t, |ix| marks::is_start(ix, seg.id, anchor))?,
             None => false,
         };
         if starts {
@@ -1408,22 +1533,24 @@ impl WriterState {
         let segs = super::reader::segments(shared, src, anchor, src.tail)?;
         let seg = segs.first().copied().ok_or_else(rules::sub_offset_overshoot)?;
         let owner_tail = self.streams.get(&seg.id).map_or(seg.hi, |s| s.tail);
-        if src.is_json() {
-            let rows = super::reader::marks_between(&t.marks, seg.id, anchor, seg.hi, owner_tail)?;
-            let rows =
-                rows.into_iter().map(|(start, end, flags)| Ok((start, end - start - 1, flags & ROW_ENDS_APPEND != 0)));
-            rules::json_sub_offset(rows, sub)
-        } else {
-            let row = t.marks.range((seg.id, 0)..=(seg.id, anchor))?.next_back().transpose()?.map(|(k, _)| k.value().1);
-            let row = match row {
-                Some(start) => {
-                    let next = t.marks.range((seg.id, start + 1)..(seg.id, u64::MAX))?.next().transpose()?;
-                    Some((start, next.map_or(owner_tail, |(k, _)| k.value().1) - start))
-                }
-                None => None,
-            };
-            rules::binary_sub_offset(row, seg.hi, anchor, sub)
-        }
+        with_marks(shared, t, |ix| {
+            if src.is_json() {
+                let rows = marks::between(ix, seg.id, anchor, seg.hi, owner_tail)?;
+                let rows = rows
+                    .into_iter()
+                    .map(|(start, end, flags)| Ok((start, end - start - 1, flags & ROW_ENDS_APPEND != 0)));
+                rules::json_sub_offset(rows, sub)
+            } else {
+                let row = match ix.prev_upto(seg.id, anchor)? {
+                    Some((start, _)) => {
+                        let next = ix.next_from(seg.id, start + 1)?.map(|(p, _)| p);
+                        Some((start, next.unwrap_or(owner_tail) - start))
+                    }
+                    None => None,
+                };
+                rules::binary_sub_offset(row, seg.hi, anchor, sub)
+            }
+        })
     }
 
     fn append(&mut self, t: &mut Tables, changes: &mut Changes, p: PreparedAppend) -> StoreResult<AppendOutcome> {
