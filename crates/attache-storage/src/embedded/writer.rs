@@ -1247,50 +1247,68 @@ fn escalate<T>(r: StoreResult<T>) -> StoreResult<StoreResult<T>> {
 }
 
 /// After the commit: readers see the batch's boundaries (logged by record
-/// `seq`, not yet in redb), then the new metadata; then waiters wake.
+/// `seq`, not yet in redb), then the new metadata; then waiters wake. The
+/// index is write-locked only when streams come, go or lose their name:
+/// readers of existing streams are not held up by a batch of appends.
 fn publish(shared: &Shared, state: &WriterState, changes: Changes, pending: Option<(u64, Vec<(u64, u64)>)>) {
     let now = now_ms();
-    let mut index = shared.index.write();
-    let mut fresh_entries: HashMap<u64, Arc<StreamEntry>> = HashMap::new();
-    if let Some((seq, marks)) = pending {
-        let mut by_stream: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut by_stream: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut seq = 0;
+    if let Some((s, marks)) = pending {
+        seq = s;
         for (id, m) in marks {
             by_stream.entry(id).or_default().push(m);
         }
-        for (id, marks) in by_stream {
-            let entry = match index.by_id.get(&id) {
-                Some(entry) => entry.clone(),
-                // Created by this batch: its entry is made here, with its boundaries, before anyone can read it.
-                None => match state.streams.get(&id) {
-                    Some(info) => {
-                        fresh_entries.entry(id).or_insert_with(|| StreamEntry::new(info.clone(), now)).clone()
-                    }
-                    None => continue,
-                },
+    }
+    // Streams this batch created, and existing ones that lost their name.
+    let mut fresh: Vec<Arc<StreamEntry>> = Vec::new();
+    let mut unnamed: Vec<Arc<StreamEntry>> = Vec::new();
+    {
+        let index = shared.index.read();
+        for (id, marks) in by_stream.iter_mut() {
+            if let Some(entry) = index.by_id.get(id) {
+                entry.pending.lock().push(seq, std::mem::take(marks));
+            }
+        }
+        for id in &changes.touched {
+            let Some(info) = state.streams.get(id) else {
+                continue;
             };
-            entry.pending.lock().push(seq, marks);
+            match index.by_id.get(id) {
+                Some(entry) => {
+                    entry.last_access_ms.store(now, Ordering::Relaxed);
+                    entry.publish(info.clone());
+                    if info.unlinked && index.by_path.get(&info.path).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+                        unnamed.push(entry.clone());
+                    }
+                }
+                None => {
+                    // Created by this batch: made with its boundaries before anyone can find it.
+                    let entry = StreamEntry::new(info.clone(), now);
+                    if let Some(marks) = by_stream.get_mut(id) {
+                        entry.pending.lock().push(seq, std::mem::take(marks));
+                    }
+                    fresh.push(entry);
+                }
+            }
         }
     }
-    for id in &changes.touched {
-        let Some(info) = state.streams.get(id) else {
-            continue;
-        };
-        match index.by_id.get(id) {
-            Some(entry) => {
-                entry.last_access_ms.store(now, Ordering::Relaxed);
-                entry.publish(info.clone());
-                if info.unlinked && index.by_path.get(&info.path).is_some_and(|e| Arc::ptr_eq(e, entry)) {
-                    index.by_path.remove(&info.path);
-                }
-            }
-            None => {
-                let entry = fresh_entries.remove(id).unwrap_or_else(|| StreamEntry::new(info.clone(), now));
-                if !info.unlinked {
-                    index.by_path.insert(info.path.clone(), entry.clone());
-                }
-                index.by_id.insert(*id, entry);
-            }
+    if fresh.is_empty() && unnamed.is_empty() && changes.removed.is_empty() {
+        return;
+    }
+    let mut index = shared.index.write();
+    for entry in unnamed {
+        let path = entry.info().path.clone();
+        if index.by_path.get(&path).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
+            index.by_path.remove(&path);
         }
+    }
+    for entry in fresh {
+        let info = entry.info();
+        if !info.unlinked {
+            index.by_path.insert(info.path.clone(), entry.clone());
+        }
+        index.by_id.insert(info.id, entry);
     }
     for (id, path) in changes.removed {
         if let Some(entry) = index.by_id.remove(&id) {
