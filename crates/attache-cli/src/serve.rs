@@ -148,9 +148,21 @@ pub struct ServeArgs {
     /// connection closed, e.g. 60s [default: 60s]
     #[arg(long, env = "ATTACHE_BODY_READ_TIMEOUT", value_parser = humantime::parse_duration)]
     body_read_timeout: Option<Duration>,
+    /// Largest reason and payload of one signal together, in bytes of JSON; a larger signal
+    /// is refused with 413 [default: 16384]
+    #[arg(long, env = "ATTACHE_MAX_SIGNAL_BYTES")]
+    max_signal_bytes: Option<usize>,
+    /// Most signals recorded as rows (SIGINT, SIGHUP, SIGUSR) on one entity per --signal-rate-window,
+    /// whoever sends them; past it 429 with Retry-After. 0: no limit [default: 60]
+    #[arg(long, env = "ATTACHE_SIGNAL_RATE_LIMIT")]
+    signal_rate_limit: Option<u32>,
+    /// The signal rate limit's window, e.g. 60s [default: 60s]
+    #[arg(long, env = "ATTACHE_SIGNAL_RATE_WINDOW", value_parser = humantime::parse_duration)]
+    signal_rate_window: Option<Duration>,
     /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync, auth,
     /// cors_origins, allow_hosts (lists), store, object_store, max_connections, header_read_timeout,
-    /// idle_timeout, slow_reader_timeout, body_buffer_bytes, body_read_timeout
+    /// idle_timeout, slow_reader_timeout, body_buffer_bytes, body_read_timeout, max_signal_bytes,
+    /// signal_rate_limit, signal_rate_window
     #[arg(long, env = "ATTACHE_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -199,6 +211,9 @@ struct FileConfig {
     slow_reader_timeout: Option<String>,
     body_buffer_bytes: Option<usize>,
     body_read_timeout: Option<String>,
+    max_signal_bytes: Option<usize>,
+    signal_rate_limit: Option<u32>,
+    signal_rate_window: Option<String>,
 }
 
 /// A duration from its flag, else from the config file (`name` there), else unchanged.
@@ -349,6 +364,14 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         config.body_buffer_bytes = n;
     }
     duration(args.body_read_timeout, file.body_read_timeout, "body_read_timeout", &mut config.body_read_timeout)?;
+    if let Some(n) = args.max_signal_bytes.or(file.max_signal_bytes) {
+        config.max_signal_bytes = n;
+    }
+    if let Some(n) = args.signal_rate_limit.or(file.signal_rate_limit) {
+        config.signal_rate_limit = (n > 0).then_some(n);
+    }
+    duration(args.signal_rate_window, file.signal_rate_window, "signal_rate_window", &mut config.signal_rate_window)?;
+    anyhow::ensure!(!config.signal_rate_window.is_zero(), "signal_rate_window must be longer than 0");
     let store = args.store.or(file.store).unwrap_or_else(|| "embedded".into());
     config.store = attache_server::StoreConfig::parse(&store, args.object_store.or(file.object_store))
         .map_err(anyhow::Error::msg)?;

@@ -110,6 +110,14 @@ pub struct ServerConfig {
     /// How long a body collected into memory has to arrive, all of it, once
     /// its handler starts reading it (408 and the connection closed beyond).
     pub body_read_timeout: Duration,
+    /// Largest `reason` and `payload` of one signal together, counted as JSON
+    /// (413 `SIGNAL_TOO_LARGE` beyond): each is kept in a row of the main stream.
+    pub max_signal_bytes: usize,
+    /// Most signals recorded as rows (SIGINT, SIGHUP, SIGUSR) on one entity
+    /// per `signal_rate_window`, whoever sends them (429 with `Retry-After`
+    /// beyond); `None`: no limit. Stops (SIGKILL, SIGTERM) are not counted.
+    pub signal_rate_limit: Option<u32>,
+    pub signal_rate_window: Duration,
 }
 
 /// Which backend holds streams, the registry and blobs.
@@ -214,6 +222,9 @@ impl ServerConfig {
             slow_reader_timeout: Duration::from_secs(30),
             body_buffer_bytes: 256 << 20,
             body_read_timeout: Duration::from_secs(60),
+            max_signal_bytes: 16 << 10,
+            signal_rate_limit: Some(60),
+            signal_rate_window: Duration::from_secs(60),
         }
     }
 }

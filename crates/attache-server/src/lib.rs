@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod multipart;
 pub mod origin;
 pub mod pause;
+pub mod rate;
 pub mod router;
 pub mod rows;
 pub mod rpc;
@@ -71,7 +72,9 @@ pub struct Shared {
     pub tasks: Arc<tasks::Writers>,
     pub metrics: Arc<metrics::Metrics>,
     /// Per-principal call counts for the JSON-RPC and MCP rate limit.
-    pub rate_limiter: Arc<rpc::RateLimiter>,
+    pub rate_limiter: Arc<rate::RateLimiter>,
+    /// Per-entity counts of signals recorded as rows (`--signal-rate-limit`).
+    pub signal_limiter: Arc<rate::RateLimiter>,
     /// Host and Origin rules for browsers (`origin`).
     pub browser: Arc<origin::BrowserPolicy>,
     /// Bytes held by request bodies being collected, and their read timeout (`http::read_body`).
@@ -187,7 +190,8 @@ impl Server {
             shutdown: shutdown.clone(),
             tasks: Arc::new(tasks::Writers::default()),
             metrics: Arc::new(metrics::Metrics::default()),
-            rate_limiter: Arc::new(rpc::RateLimiter::default()),
+            rate_limiter: Arc::new(rate::RateLimiter::default()),
+            signal_limiter: Arc::new(rate::RateLimiter::default()),
             browser: Arc::new(browser),
             bodies,
         }));

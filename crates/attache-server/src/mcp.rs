@@ -236,15 +236,18 @@ impl ServerHandler for McpFace {
         let who = self.caller(&context)?;
         let params = Value::Object(request.arguments.unwrap_or_default());
         let limits = &self.state.config;
-        let outcome =
-            match self.state.rate_limiter.check(&who, limits.rpc_rate_limit, limits.rpc_rate_window.as_millis() as u64)
-            {
-                Err(e) => Err(e),
-                Ok(()) => {
-                    let budget = crate::rpc::response_budget(&self.state);
-                    tasks::call(&self.state, &who, method, params, &budget).await
-                }
-            };
+        let outcome = match crate::rpc::check_rate(
+            &self.state.rate_limiter,
+            &who,
+            limits.rpc_rate_limit,
+            limits.rpc_rate_window.as_millis() as u64,
+        ) {
+            Err(e) => Err(e),
+            Ok(()) => {
+                let budget = crate::rpc::response_budget(&self.state);
+                tasks::call(&self.state, &who, method, params, &budget).await
+            }
+        };
         Ok(match outcome {
             Ok(result) => CallToolResult::structured(result).into(),
             Err(e) => {

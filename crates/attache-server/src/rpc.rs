@@ -10,8 +10,6 @@
 //! for a single request and a whole batch alike; a call that would pass it is
 //! answered -32000, earlier calls of its batch keep their answers).
 
-use std::collections::HashMap;
-
 use attache_core::PrincipalKey;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
@@ -19,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
+use crate::rate::RateLimiter;
 use crate::tasks::{self, ResponseBudget};
 use crate::AppState;
 
@@ -91,33 +90,15 @@ fn error_response(id: Value, e: &RpcError) -> Value {
     json!({ "jsonrpc": "2.0", "error": error_object(e), "id": id })
 }
 
-/// Per-principal fixed-window rate limit.
-#[derive(Default)]
-pub struct RateLimiter {
-    windows: parking_lot::Mutex<HashMap<String, (i64, u32)>>,
-}
-
-impl RateLimiter {
-    /// Counts one call of `who`; `Err` when over `limit` in the current window.
-    pub fn check(&self, who: &PrincipalKey, limit: Option<u32>, window_ms: u64) -> Result<(), ApiError> {
-        let Some(limit) = limit else { return Ok(()) };
-        let now = crate::access::now_ms();
-        let window = window_ms.max(1) as i64;
-        let start = now - now.rem_euclid(window);
-        let mut windows = self.windows.lock();
-        if windows.len() > 100_000 {
-            windows.retain(|_, (s, _)| *s == start);
-        }
-        let slot = windows.entry(who.to_string()).or_insert((start, 0));
-        if slot.0 != start {
-            *slot = (start, 0);
-        }
-        if slot.1 >= limit {
-            return Err(ApiError::RateLimited { limit, window_ms });
-        }
-        slot.1 += 1;
-        Ok(())
-    }
+/// Counts one JSON-RPC or MCP call of `who` against `rpc_rate_limit`.
+pub fn check_rate(
+    limiter: &RateLimiter,
+    who: &PrincipalKey,
+    limit: Option<u32>,
+    window_ms: u64,
+) -> Result<(), ApiError> {
+    let Some(limit) = limit else { return Ok(()) };
+    limiter.hit(&who.to_string(), limit, window_ms).map_err(|_| ApiError::RateLimited { limit, window_ms })
 }
 
 /// A well-formed request: its id (`None` for a notification), method and params.
@@ -168,11 +149,11 @@ async fn handle_one(state: &AppState, who: &PrincipalKey, msg: Value, budget: &R
         }
     };
     let limits = &state.config;
-    let outcome = match state.rate_limiter.check(who, limits.rpc_rate_limit, limits.rpc_rate_window.as_millis() as u64)
-    {
-        Err(e) => Err(RpcError::Call(e)),
-        Ok(()) => tasks::call(state, who, &req.method, req.params, budget).await.map_err(RpcError::Call),
-    };
+    let outcome =
+        match check_rate(&state.rate_limiter, who, limits.rpc_rate_limit, limits.rpc_rate_window.as_millis() as u64) {
+            Err(e) => Err(RpcError::Call(e)),
+            Ok(()) => tasks::call(state, who, &req.method, req.params, budget).await.map_err(RpcError::Call),
+        };
     match &outcome {
         Ok(_) => state.metrics.rpc_call(&req.method, "ok"),
         Err(e) => state.metrics.rpc_call(&req.method, &outcome_label(e)),
@@ -389,10 +370,10 @@ mod tests {
         let rl = RateLimiter::default();
         let a = PrincipalKey::parse("user:a").unwrap();
         let b = PrincipalKey::parse("user:b").unwrap();
-        assert!(rl.check(&a, None, 1000).is_ok());
-        assert!(rl.check(&a, Some(2), 60_000).is_ok());
-        assert!(rl.check(&a, Some(2), 60_000).is_ok());
-        assert!(rl.check(&a, Some(2), 60_000).is_err());
-        assert!(rl.check(&b, Some(2), 60_000).is_ok());
+        assert!(check_rate(&rl, &a, None, 1000).is_ok());
+        assert!(check_rate(&rl, &a, Some(2), 60_000).is_ok());
+        assert!(check_rate(&rl, &a, Some(2), 60_000).is_ok());
+        assert!(check_rate(&rl, &a, Some(2), 60_000).is_err());
+        assert!(check_rate(&rl, &b, Some(2), 60_000).is_ok());
     }
 }

@@ -857,6 +857,69 @@ async fn signalling_needs_the_signal_permission_and_strangers_learn_nothing() {
 }
 
 #[tokio::test]
+async fn a_signal_only_holder_records_signals_of_bounded_size_at_a_bounded_rate() {
+    // Three recorded signals per entity per 2 s here; the size bound is the default (16 KiB).
+    let ts = TestServer::start_with(|c| {
+        c.signal_rate_limit = Some(3);
+        c.signal_rate_window = Duration::from_secs(2);
+    })
+    .await;
+    let (e, other) = ("/chat/signalled", "/chat/elsewhere");
+    spawn(&ts, Some(ANN), e).await;
+    spawn(&ts, Some(ANN), other).await;
+    let res = as_principal(ts.request(Method::POST, &format!("{}/grants", api(e))), Some(ANN))
+        .json(&json!({ "subject_kind": "principal", "subject_value": SAM, "permission": "signal" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let main = format!("{e}/main");
+    let tail = head_as(&ts, Some(ANN), &main).await.0;
+
+    // A reason and payload over 16 KiB of JSON: 413, nothing written.
+    let big = "x".repeat(16 << 10);
+    for body in [
+        json!({ "signal": "SIGINT", "payload": { "blob": big } }),
+        json!({ "signal": "SIGHUP", "reason": big }),
+        json!({ "signal": "SIGUSR", "reason": &big[..9 << 10], "payload": &big[..8 << 10] }),
+    ] {
+        let (status, code, answer) = error_of(signal_as(&ts, Some(SAM), e, body).await).await;
+        assert_eq!((status, code.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "SIGNAL_TOO_LARGE"), "{answer}");
+        assert!(answer["error"]["message"].as_str().is_some_and(|m| m.contains("16384")), "{answer}");
+    }
+    assert_eq!(head_as(&ts, Some(ANN), &main).await.0, tail, "refused signals wrote nothing");
+
+    // Wait for the start of a window, so the three below fall in one.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    tokio::time::sleep(Duration::from_millis((2000 - now % 2000) as u64 + 20)).await;
+    for n in 0..3 {
+        let res = signal_as(&ts, Some(SAM), e, json!({ "signal": "SIGHUP", "payload": { "n": n } })).await;
+        assert_eq!(res.status(), StatusCode::OK, "signal {n} of the window");
+    }
+    let tail = head_as(&ts, Some(ANN), &main).await.0;
+    let res = signal_as(&ts, Some(SAM), e, json!({ "signal": "SIGHUP" })).await;
+    let retry = header(&res, "retry-after").and_then(|v| v.parse::<u64>().ok());
+    let (status, code, answer) = error_of(res).await;
+    assert_eq!((status, code.as_str()), (StatusCode::TOO_MANY_REQUESTS, "SIGNAL_RATE_LIMITED"), "{answer}");
+    assert!(matches!(retry, Some(1..=2)), "Retry-After within the window: {retry:?}");
+    // The bound is the entity's, whoever signals: its owner waits too, other entities do not.
+    let (status, ..) = error_of(signal_as(&ts, Some(ANN), e, json!({ "signal": "SIGINT" })).await).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(signal_as(&ts, Some(ANN), other, json!({ "signal": "SIGINT" })).await.status(), StatusCode::OK);
+    assert_eq!(head_as(&ts, Some(ANN), &main).await.0, tail, "refused signals wrote nothing");
+    assert_eq!(signal_rows(&ts, e, Some(ANN)).await.len(), 3);
+
+    // After Retry-After, signals are recorded again; stops are never limited.
+    tokio::time::sleep(Duration::from_secs(retry.unwrap_or(2))).await;
+    assert_eq!(signal_as(&ts, Some(SAM), e, json!({ "signal": "SIGHUP" })).await.status(), StatusCode::OK);
+    for _ in 0..3 {
+        let _ = signal_as(&ts, Some(SAM), e, json!({ "signal": "SIGINT" })).await;
+    }
+    assert_eq!(signal_as(&ts, Some(SAM), e, json!({ "signal": "SIGTERM" })).await.status(), StatusCode::OK);
+    assert_eq!(get_as(&ts, Some(ANN), e).await.1["status"], "stopped");
+}
+
+#[tokio::test]
 async fn clients_cannot_forge_signal_rows_on_the_main_stream() {
     let ts = TestServer::start().await;
     let e = "/chat/forged";

@@ -40,6 +40,10 @@ fn invalid_signal(message: impl Into<String>) -> ApiError {
 /// SIGHUP and SIGUSR are recorded as an unhandled `signal` row for whatever
 /// runtime reads the main stream; SIGSTOP and SIGCONT are refused (attache
 /// has no paused state). The answer is Electric's: the states before and after.
+/// Every row kept is bounded: `reason` and `payload` together at most
+/// `max_signal_bytes` of JSON (413), and recorded signals at most
+/// `signal_rate_limit` per entity per window (429 with `Retry-After`), so a
+/// principal holding only `signal` cannot grow the main stream without bound.
 pub async fn signal(
     State(state): State<AppState>,
     route: EntityRoute,
@@ -61,6 +65,39 @@ pub async fn signal(
                 sig.as_str()
             ),
         ));
+    }
+    let held = super::json_size(&body.reason) + super::json_size(&body.payload);
+    if held > state.config.max_signal_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "SIGNAL_TOO_LARGE",
+            format!(
+                "a signal's reason and payload are {held} bytes of JSON; at most {} (max_signal_bytes)",
+                state.config.max_signal_bytes
+            ),
+        ));
+    }
+    if effect == SignalEffect::Recorded {
+        if !entity.is_running() {
+            return Err(not_running());
+        }
+        // Each recorded signal is a row kept on the main stream: a principal
+        // holding only `signal` may not grow it without bound.
+        if let Some(limit) = state.config.signal_rate_limit {
+            let window = state.config.signal_rate_window;
+            if let Err(wait_ms) = state.signal_limiter.hit(&entity.url, limit, window.as_millis() as u64) {
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "SIGNAL_RATE_LIMITED",
+                    format!(
+                        "{} records at most {limit} signals per {} s (signal_rate_limit); retry later (SIGKILL and SIGTERM are not limited)",
+                        entity.url,
+                        window.as_secs_f64()
+                    ),
+                )
+                .with_header(axum::http::header::RETRY_AFTER, wait_ms.div_ceil(1000)));
+            }
+        }
     }
     let previous = entity.status.clone();
     let now = now_ms();
@@ -93,9 +130,6 @@ pub async fn signal(
             "stopped".to_owned()
         }
         _ => {
-            if !entity.is_running() {
-                return Err(not_running());
-            }
             value["status"] = json!("unhandled");
             let row = ChangeEvent::insert(SIGNAL, &key, value, &txid, &timestamp(now));
             append_rows(state.store.as_ref(), &url.main_stream(), &[row], false).await?;
