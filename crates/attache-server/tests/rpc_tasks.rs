@@ -1019,6 +1019,30 @@ async fn attachment_reads_past_rpc_max_response_bytes_are_refused_with_32000() {
 }
 
 #[tokio::test]
+async fn a_claim_skips_a_task_whose_attachments_pass_rpc_max_response_bytes_and_claims_nothing_when_none_fit() {
+    let s = TestServer::start_with(|c| c.rpc_max_response_bytes = 1 << 20).await;
+    // Priority 50 with 1.2 MB of values; a smaller task below it, priority 10.
+    let big = task_with_big_attachments(&s, 4).await;
+    let small = create_task(&s, ALICE, "small", 10).await;
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": small, "key": "k", "type": "json", "value": [1, 2]}))
+        .await;
+
+    let r = ok(&s, ALICE, "task.claim", json!({"workerId": "w1"})).await;
+    assert_eq!((r["claimed"].as_bool(), r["taskId"].as_str()), (Some(true), Some(small.as_str())), "{r}");
+    assert_eq!(r["task"]["attachments"]["k"]["value"], json!([1, 2]));
+    // Only the big one is left: refused, and it is not claimed.
+    let e = err(&s, ALICE, "task.claim", json!({"workerId": "w1"})).await;
+    assert!(is_response_too_large(&e), "{e}");
+    let t = ok(&s, ALICE, "task.get", json!({"id": big})).await;
+    assert_eq!((t["status"].as_str(), &t["assignedTo"]), (Some("pending"), &Value::Null), "{t}");
+    // Within the budget it is claimed whole.
+    ok(&s, ALICE, "task.delete_attachment", json!({"taskId": big, "key": "a3"})).await;
+    let r = ok(&s, ALICE, "task.claim", json!({"workerId": "w1"})).await;
+    assert_eq!(r["taskId"], big, "{r}");
+    assert_eq!(r["task"]["attachmentCount"], 3);
+}
+
+#[tokio::test]
 async fn a_jsonrpc_batch_shares_one_response_budget_and_keeps_the_answers_before_it() {
     let s = TestServer::start_with(|c| c.rpc_max_response_bytes = 1 << 20).await;
     let t = task_with_big_attachments(&s, 4).await;

@@ -26,7 +26,13 @@ impl ResponseBudget {
     /// the call then fails: each value is loaded at most once per answer, and
     /// once the budget is spent a later call fails at its first value.
     pub(super) fn take(&self, e: &ManifestEntry) -> ApiResult<()> {
-        let n = value_bytes(e);
+        self.take_all(std::iter::once(e))
+    }
+
+    /// Takes the bytes of all of `entries`' values together, or refuses
+    /// taking none of them: what a claim carries of the task it claims.
+    pub(super) fn take_all<'e>(&self, entries: impl Iterator<Item = &'e ManifestEntry>) -> ApiResult<()> {
+        let n = entries.map(value_bytes).fold(0u64, u64::saturating_add);
         let limit = self.limit;
         self.used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| used.checked_add(n).filter(|t| *t <= limit))
@@ -65,10 +71,8 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn values_are_taken_until_the_next_would_pass_the_limit() {
-        let budget = ResponseBudget::new(10);
-        let mut entry = ManifestEntry {
+    fn entry() -> ManifestEntry {
+        ManifestEntry {
             key: ManifestEntry::row_key("a"),
             kind: "attachment".into(),
             id: "a".into(),
@@ -85,12 +89,29 @@ mod tests {
             error: None,
             meta: None,
             ext: serde_json::Map::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn values_are_taken_until_the_next_would_pass_the_limit() {
+        let budget = ResponseBudget::new(10);
+        let mut entry = entry();
         entry.ext.insert("content".into(), Value::String("ab\n".into())); // 6 bytes as JSON: "ab\n"
         budget.take(&entry).unwrap();
         assert_eq!(budget.take(&entry), Err(ApiError::ResponseTooLarge { limit: 10 }));
         entry.ext.insert("content".into(), Value::String("ab".into())); // 4 bytes
         budget.take(&entry).unwrap();
         assert_eq!(budget.take(&entry), Err(ApiError::ResponseTooLarge { limit: 10 }), "10 taken: nothing more");
+    }
+
+    #[test]
+    fn values_taken_together_are_taken_whole_or_not_at_all() {
+        let budget = ResponseBudget::new(10);
+        let mut entry = entry();
+        entry.ext.insert("content".into(), Value::String("ab\n".into())); // 6 bytes as JSON
+        let two = [entry.clone(), entry.clone()];
+        assert_eq!(budget.take_all(two.iter()), Err(ApiError::ResponseTooLarge { limit: 10 }));
+        budget.take_all(two[..1].iter()).unwrap();
+        budget.take_all(std::iter::empty()).unwrap();
     }
 }

@@ -50,7 +50,7 @@ async fn run(
         "task.list" => list(state, who, &p).await,
         "task.assign" => assign(state, who, &p).await,
         "task.unassign" => unassign(state, who, &p).await,
-        "task.claim" => claim(state, who, &p).await,
+        "task.claim" => claim(state, who, &p, budget).await,
         "task.complete" => complete(state, who, &p).await,
         "task.delete" => delete(state, who, &p).await,
         "task.create_attachment" => create_attachment(state, who, &p).await,

@@ -15,7 +15,7 @@ use super::dispatch::{change_task, illegal, is_live_task, task_entity, task_for,
 use super::ids::{main_path, new_task_id, task_url};
 use super::writes::{write_task, Event};
 use super::AttachmentKind;
-use super::{ApiError, ApiResult, Params, Status, TaskRecord, TASK_TYPE};
+use super::{ApiError, ApiResult, Params, ResponseBudget, Status, TaskRecord, TASK_TYPE};
 use crate::access::{may, now_ms};
 use crate::AppState;
 
@@ -357,8 +357,17 @@ pub(super) async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_
 }
 
 /// Highest priority first, then the oldest, then the smallest id; only
-/// pending tasks that are unassigned or assigned to this worker.
-pub(super) async fn claim(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
+/// pending tasks that are unassigned or assigned to this worker. The answer
+/// carries the claimed task's attachments, values included, taken from
+/// `budget` before the claim: a task whose values do not fit is skipped
+/// (it stays pending, for a claim with room), and a claim that skipped one
+/// and found nothing else answers `ResponseTooLarge`, having claimed nothing.
+pub(super) async fn claim(
+    state: &AppState,
+    who: &PrincipalKey,
+    p: &Params<'_>,
+    budget: &ResponseBudget,
+) -> ApiResult<Value> {
     let worker = p.string("workerId", 256)?.to_owned();
     p.opt_int("maxTasks", 1, 10)?;
     let mut candidates: Vec<(String, TaskRecord, Option<String>)> = visible_tasks_of(state, who, Permission::Write)
@@ -367,10 +376,27 @@ pub(super) async fn claim(state: &AppState, who: &PrincipalKey, p: &Params<'_>) 
     candidates.sort_by(|(ia, a, _), (ib, b, _)| {
         b.priority.cmp(&a.priority).then_with(|| a.created_at.cmp(&b.created_at)).then_with(|| ia.cmp(ib))
     });
+    let mut too_large = None;
     for (task_id, _, incarnation) in candidates {
         let incarnation = incarnation.as_deref();
         let cell = state.tasks.cell(&task_id);
         let guard = cell.order.write().await;
+        // Attachment writes wait for this guard: what is read here is what
+        // the task holds when it is claimed, and what the answer carries.
+        let attachments = {
+            let view = state.views.get(state.store.as_ref(), &main_path(&task_id)).await?;
+            let entries: Vec<_> = keyed(&view, &task_id).collect();
+            if let Err(e) = budget.take_all(entries.iter().map(|(_, entry)| *entry)) {
+                too_large = Some(e);
+                drop(guard);
+                continue;
+            }
+            let mut attachments = Map::new();
+            for (key, entry) in entries {
+                attachments.insert(key.to_owned(), attachment_json(&task_id, key, entry));
+            }
+            attachments
+        };
         let w = worker.clone();
         let now = now_ms();
         let won = change_task(state, &task_id, incarnation, move |t| {
@@ -386,6 +412,8 @@ pub(super) async fn claim(state: &AppState, who: &PrincipalKey, p: &Params<'_>) 
         let task = match won {
             Ok(task) => task,
             Err(ApiError::Rejected { .. }) => {
+                // Its values were taken for nothing; they stay counted, as
+                // for any call that loaded them (`ResponseBudget::take`).
                 drop(guard);
                 continue;
             }
@@ -402,16 +430,14 @@ pub(super) async fn claim(state: &AppState, who: &PrincipalKey, p: &Params<'_>) 
         written.await?;
         drop(cell);
         let mut row = task.row(&task_id);
-        let view = state.views.get(state.store.as_ref(), &main_path(&task_id)).await?;
-        let mut attachments = Map::new();
-        for (key, entry) in keyed(&view, &task_id) {
-            attachments.insert(key.to_owned(), attachment_json(&task_id, key, entry));
-        }
         row["attachmentCount"] = json!(attachments.len());
         row["attachments"] = Value::Object(attachments);
         return Ok(json!({ "claimed": true, "taskId": task_id, "task": row }));
     }
-    Ok(json!({ "claimed": false }))
+    match too_large {
+        Some(e) => Err(e),
+        None => Ok(json!({ "claimed": false })),
+    }
 }
 
 /// Absent, null, "", [] and {} are empty: the task failed. 0 and false are results.
