@@ -246,14 +246,10 @@ impl Drop for Made<'_> {
 }
 
 /// Deletes the stream at `path` if it is still the one with `id` (the one
-/// this request created), never another's stream at the same path.
+/// this request created), never another's stream at the same path: the
+/// store decides that in the write that deletes (`delete_id`).
 async fn undo_stream(store: &dyn StreamStore, path: &str, id: u64) -> Result<(), StoreError> {
-    match store.head(path).await {
-        Ok(info) if info.id == id => {}
-        Ok(_) | Err(StoreError::NotFound) | Err(StoreError::Gone) => return Ok(()),
-        Err(e) => return Err(e),
-    }
-    match store.delete(path).await {
+    match store.delete_id(path, id).await {
         Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => Ok(()),
         Err(e) => Err(e),
     }

@@ -22,6 +22,10 @@ pub const TASK_WRITE: &str = "task_write";
 /// registry record: the window in which the fork's URL has streams and no entity.
 pub const FORK_RECORD: &str = "fork_record";
 
+/// Between a raw `DELETE` of a plain stream's check (the caller owns the
+/// stream there) and the delete.
+pub const STREAM_DELETE: &str = "stream_delete";
+
 /// The points armed by a test, by name.
 #[derive(Debug, Clone, Default)]
 pub struct Pauses(Arc<parking_lot::Mutex<HashMap<&'static str, Arc<Pause>>>>);

@@ -205,7 +205,7 @@ pub async fn dispatch(
             Method::PUT | Method::POST => write(&state, &who, &method, &path, &headers, body, access).await,
             Method::GET => get(&state, &who, &path, query.as_deref(), &headers).await,
             Method::HEAD => head(&state, &path).await,
-            Method::DELETE => delete(&state, &path).await,
+            Method::DELETE => delete(&state, &who, &path).await,
             _ => Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "METHOD_NOT_ALLOWED",
@@ -430,8 +430,17 @@ async fn head(state: &AppState, path: &StreamPath) -> ApiResult<Response> {
     Ok(res)
 }
 
-async fn delete(state: &AppState, path: &StreamPath) -> ApiResult<Response> {
-    state.store.delete(path.as_str()).await?;
+/// Deletes the caller's stream at `path`: the one checked here, by id, so a
+/// stream someone else made at the path after the check (the caller's own
+/// deleted meanwhile) is never the one deleted. Entity streams never get
+/// here (`authorize`: 409 `USE_ENTITY_ROUTES`).
+async fn delete(state: &AppState, who: &PrincipalKey, path: &StreamPath) -> ApiResult<Response> {
+    let info = state.store.named(path.as_str()).await?;
+    if !owns_stream(who, &info) {
+        return Err(StoreError::NotFound.into());
+    }
+    crate::pause::at(state, crate::pause::STREAM_DELETE).await;
+    state.store.delete_id(path.as_str(), info.id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

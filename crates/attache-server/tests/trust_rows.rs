@@ -1110,3 +1110,39 @@ async fn a_live_reader_of_an_entity_stream_gets_nothing_written_after_its_grant_
     .await;
     assert!(!seen.contains(DIARY), "SSE after revocation: {seen}");
 }
+
+/// A raw `DELETE` checked against alice's plain stream, which reaches its
+/// delete only after that stream was deleted and mallory created her own at
+/// the path, deletes nothing of mallory's: it deletes the stream it checked
+/// (by id), which is gone, and answers 404.
+#[tokio::test]
+async fn a_raw_delete_checked_before_the_path_changed_hands_never_deletes_the_new_stream() {
+    let (ts, pauses) = start_with_pauses().await;
+    let path = "/plain/delete-race";
+    let put = |who: &'static str| {
+        as_principal(ts.request(Method::PUT, path), Some(who)).header("content-type", "text/plain").send()
+    };
+    assert_eq!(put(ALICE).await.unwrap().status(), StatusCode::CREATED);
+    let pause = pauses.arm(attache_server::pause::STREAM_DELETE);
+    let delete = as_principal(ts.request(Method::DELETE, path), Some(ALICE)).send();
+    let meanwhile = async {
+        reached(&pause, "alice's delete").await;
+        // Alice's stream goes (her second delete passes the pause), and mallory takes the path.
+        let second = as_principal(ts.request(Method::DELETE, path), Some(ALICE)).send().await.unwrap();
+        assert_eq!(second.status(), StatusCode::NO_CONTENT);
+        assert_eq!(put(MALLORY).await.unwrap().status(), StatusCode::CREATED);
+        let res = as_principal(ts.request(Method::POST, path), Some(MALLORY))
+            .header("content-type", "text/plain")
+            .body("mallory's line")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::NO_CONTENT);
+        pause.release();
+    };
+    let (res, ()) = tokio::join!(delete, meanwhile);
+    let (status, code, body) = error_of(res.expect("the delete is answered")).await;
+    assert_eq!((status, code.as_str()), (StatusCode::NOT_FOUND, "NOT_FOUND"), "{body}");
+    let (status, text) = raw_read_as(&ts, MALLORY, path).await;
+    assert_eq!((status, text.as_str()), (StatusCode::OK, "mallory's line"), "mallory's stream is whole");
+}

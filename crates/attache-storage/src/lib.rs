@@ -52,6 +52,13 @@ pub trait StreamStore: Send + Sync + 'static {
     /// ([`CreateStream::take_kept_path`]).
     async fn delete(&self, path: &str) -> StoreResult<()>;
 
+    /// [`delete`](StreamStore::delete) of the stream at `path` only while it
+    /// is the stream `id`, decided in the same write that deletes it: a
+    /// caller that checked one stream (its owner, that it created it) never
+    /// deletes another made at the same path since. `NotFound` when the
+    /// path holds another stream, or none.
+    async fn delete_id(&self, path: &str, id: u64) -> StoreResult<()>;
+
     /// The committed metadata of a stream, without touching its TTL.
     async fn head(&self, path: &str) -> StoreResult<StreamInfo>;
 

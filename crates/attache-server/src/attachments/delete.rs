@@ -48,11 +48,19 @@ pub async fn delete_entry(
 ) -> ApiResult<String> {
     validate_attachment_id(id)?;
     let _life = hold_life(state, record).await?;
+    // The stream at the derived address before the row goes: that one is
+    // deleted after it, never one a new upload of the same id made since.
+    let path = entry.bytes_path(entity).unwrap_or_else(|| entity.attachment_stream(id));
+    let stream = match state.store.head(&path).await {
+        Ok(info) => Some(info.id),
+        Err(StoreError::NotFound) | Err(StoreError::Gone) => None,
+        Err(e) => return Err(e.into()),
+    };
     let txid = new_txid();
     let row = ChangeEvent::delete(MANIFEST, &ManifestEntry::row_key(id), &txid, &timestamp(now_ms()));
     append_rows(state.store.as_ref(), &entity.main_stream(), &[row], false).await?;
-    let path = entry.bytes_path(entity).unwrap_or_else(|| entity.attachment_stream(id));
-    match state.store.delete(&path).await {
+    let Some(stream) = stream else { return Ok(txid) };
+    match state.store.delete_id(&path, stream).await {
         Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => Ok(txid),
         Err(e) => Err(e.into()),
     }

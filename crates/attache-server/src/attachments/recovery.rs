@@ -88,7 +88,8 @@ pub(super) async fn expire_uploads(state: &AppState, expiry: std::time::Duration
             }
             tracing::info!(entity = %upload.entity, id = upload.id, "a resumable upload expired");
         }
-        match state.store.delete(&path).await {
+        // The upload's stream found above, never one made at its path since.
+        match state.store.delete_id(&path, info.id).await {
             Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => {
                 state.uploads.1.lock().remove(&path);
             }

@@ -192,13 +192,16 @@ pub async fn upload(
             blob,
         )
         .await;
-    if let Err(e) = created {
-        retract(&state, entity, &entry.id, &pending.txid).await;
-        return Err(match e {
-            StoreError::ConfigMismatch(_) => duplicate(&entry.id),
-            other => other.into(),
-        });
-    }
+    let created = match created {
+        Ok(created) => created,
+        Err(e) => {
+            retract(&state, entity, &entry.id, &pending.txid).await;
+            return Err(match e {
+                StoreError::ConfigMismatch(_) => duplicate(&entry.id),
+                other => other.into(),
+            });
+        }
+    };
     entry.status = AttachmentStatus::Complete;
     entry.sha256 = Some(sha256);
     entry.byte_length = Some(len);
@@ -209,14 +212,15 @@ pub async fn upload(
         Ok(life) => life,
         Err(e) => {
             pending.settled();
-            let _ = state.store.delete(&entry.stream_path).await;
+            // The stream this upload made, never one the next life made at its path since.
+            let _ = state.store.delete_id(&entry.stream_path, created.id).await;
             return Err(e);
         }
     };
     if let Err(e) = write_entry(&state, entity, &entry, &pending.txid).await {
         // The entity stopped meanwhile: the bytes go; the pending row stays as the record of the attempt.
         pending.settled();
-        let _ = state.store.delete(&entry.stream_path).await;
+        let _ = state.store.delete_id(&entry.stream_path, created.id).await;
         return Err(e);
     }
     drop(life);

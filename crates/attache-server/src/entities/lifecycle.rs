@@ -122,7 +122,8 @@ async fn purge_held(state: &AppState, url: &EntityUrl, _life: &Life) -> ApiResul
             break;
         }
         for info in batch {
-            match state.store.delete(&info.path).await {
+            // The stream listed, not one made at its path since.
+            match state.store.delete_id(&info.path, info.id).await {
                 Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => {}
                 Err(e) => return Err(e.into()),
             }

@@ -301,6 +301,11 @@ pub(super) async fn put_attachment(
     let url = EntityUrl::new(TASK_TYPE, task_id).map_err(ApiError::internal)?;
     // The old version's bytes, at the address derived for them (a row naming another is followed nowhere).
     let old_bytes = existing.as_ref().filter(|e| e.byte_length.is_some()).and_then(|e| e.bytes_path(&url));
+    // Which stream holds them now: that one goes once the row points away, never one made at its path since.
+    let old_stream = match &old_bytes {
+        Some(path) => state.store.head(path).await.ok().map(|info| info.id),
+        None => None,
+    };
     let mut entry = ManifestEntry {
         key: ManifestEntry::row_key(&id),
         kind: "attachment".into(),
@@ -357,8 +362,8 @@ pub(super) async fn put_attachment(
     drop(claim);
     drop(cell);
     outcome?;
-    if let Some(old) = old_bytes.filter(|old| *old != entry.stream_path) {
-        let _ = state.store.delete(&old).await;
+    if let (Some(old), Some(id)) = (old_bytes.filter(|old| *old != entry.stream_path), old_stream) {
+        let _ = state.store.delete_id(&old, id).await;
     }
     state.metrics.attachment_created(input.kind.as_str(), stored_bytes);
     Ok(entry)
@@ -521,6 +526,12 @@ pub(super) async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &
     let Some(entry) = existing else {
         return Err(not_found());
     };
+    // Only the address derived for the bytes is deleted, never a path the row
+    // names; and only the stream there now, never one made at it after the row.
+    let bytes = match entry.byte_length.and(task_url(task_id)).and_then(|url| entry.bytes_path(&url)) {
+        Some(path) => state.store.head(&path).await.ok().map(|info| (path, info.id)),
+        None => None,
+    };
     let now = now_ms();
     let row = Row::Delete { row_key: ManifestEntry::row_key(&entry.id) };
     let event = Event::new(
@@ -539,9 +550,8 @@ pub(super) async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &
     drop(claim);
     drop(cell);
     outcome?;
-    // Only the address derived for the bytes is deleted, never a path the row names.
-    if let Some(path) = entry.byte_length.and(task_url(task_id)).and_then(|url| entry.bytes_path(&url)) {
-        let _ = state.store.delete(&path).await;
+    if let Some((path, id)) = bytes {
+        let _ = state.store.delete_id(&path, id).await;
     }
     Ok(json!({ "id": entry.id, "taskId": task_id, "key": key, "deleted": true, "deletedAt": timestamp(now) }))
 }

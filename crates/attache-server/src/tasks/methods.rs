@@ -560,7 +560,8 @@ pub(super) async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     }
     let prefix = format!("/{TASK_TYPE}/{id}/attachments/");
     for info in state.store.list_prefix(&prefix, usize::MAX).await {
-        match state.store.delete(&info.path).await {
+        // The stream listed, not one made at its path since.
+        match state.store.delete_id(&info.path, info.id).await {
             Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => {}
             Err(e) => return Err(e.into()),
         }

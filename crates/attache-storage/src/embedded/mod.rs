@@ -370,6 +370,8 @@ pub(crate) enum Command {
     LinkBlob(CreateStream, String, oneshot::Sender<StoreResult<StreamInfo>>),
     Append(writer::PreparedAppend, oneshot::Sender<StoreResult<AppendOutcome>>),
     Delete(String, oneshot::Sender<StoreResult<()>>),
+    /// Deletes the stream at the path only while it has the id (`delete_id`).
+    DeleteId(String, u64, oneshot::Sender<StoreResult<()>>),
     /// Deletes a stream found expired (fire and forget).
     Expire(u64),
 }
@@ -538,6 +540,11 @@ impl StreamStore for EmbeddedStore {
     async fn delete(&self, path: &str) -> StoreResult<()> {
         let path = path.to_owned();
         self.call(|tx| Command::Delete(path, tx)).await
+    }
+
+    async fn delete_id(&self, path: &str, id: u64) -> StoreResult<()> {
+        let path = path.to_owned();
+        self.call(|tx| Command::DeleteId(path, id, tx)).await
     }
 
     async fn head(&self, path: &str) -> StoreResult<StreamInfo> {

@@ -753,7 +753,7 @@ fn refuse(cmd: Command, err: &StoreError) {
         Command::Create(_, tx) => drop(tx.send(Err(err.clone()))),
         Command::CreateBlob(_, _, tx) | Command::LinkBlob(_, _, tx) => drop(tx.send(Err(err.clone()))),
         Command::Append(_, tx) => drop(tx.send(Err(err.clone()))),
-        Command::Delete(_, tx) => drop(tx.send(Err(err.clone()))),
+        Command::Delete(_, tx) | Command::DeleteId(_, _, tx) => drop(tx.send(Err(err.clone()))),
         Command::Expire(_) => {}
     }
 }
@@ -1075,6 +1075,15 @@ fn commit_batch(
                             return Err(e);
                         }
                     },
+                    Command::DeleteId(path, id, tx) => {
+                        match escalate(state.delete_id(&mut t, &mut changes, shared, &path, id)) {
+                            Ok(r) => replies.push(Reply::Delete(tx, r)),
+                            Err(e) => {
+                                replies.push(Reply::Delete(tx, Err(e.clone())));
+                                return Err(e);
+                            }
+                        }
+                    }
                     Command::Delete(path, tx) => match escalate(state.delete(&mut t, &mut changes, shared, &path)) {
                         Ok(r) => replies.push(Reply::Delete(tx, r)),
                         Err(e) => {
@@ -1607,6 +1616,21 @@ impl WriterState {
             return Err(StoreError::NotFound);
         }
         Ok(())
+    }
+
+    /// [`delete`](Self::delete) only while `path` holds the stream `id`.
+    fn delete_id(
+        &mut self,
+        t: &mut Tables,
+        changes: &mut Changes,
+        shared: &Shared,
+        path: &str,
+        id: u64,
+    ) -> StoreResult<()> {
+        if self.paths.get(path) != Some(&id) {
+            return Err(StoreError::NotFound);
+        }
+        self.delete(t, changes, shared, path)
     }
 
     /// A stream kept for its forks gives up its path: it stays under its id

@@ -90,7 +90,7 @@ fn reply(cmd: Command, answer: Answer) {
         (Command::CreateBlob(_, _, tx), Answer::CreateBlob(r)) => drop(tx.send(r)),
         (Command::LinkBlob(_, _, tx), Answer::CreateBlob(r)) => drop(tx.send(r)),
         (Command::Append(_, tx), Answer::Append(r)) => drop(tx.send(r)),
-        (Command::Delete(_, tx), Answer::Delete(r)) => drop(tx.send(r)),
+        (Command::Delete(_, tx) | Command::DeleteId(_, _, tx), Answer::Delete(r)) => drop(tx.send(r)),
         _ => {}
     }
 }
@@ -100,7 +100,7 @@ fn fail(cmd: Command, err: StoreError) {
         Command::Create(_, tx) => drop(tx.send(Err(err))),
         Command::CreateBlob(_, _, tx) | Command::LinkBlob(_, _, tx) => drop(tx.send(Err(err))),
         Command::Append(_, tx) => drop(tx.send(Err(err))),
-        Command::Delete(_, tx) => drop(tx.send(Err(err))),
+        Command::Delete(_, tx) | Command::DeleteId(_, _, tx) => drop(tx.send(Err(err))),
         Command::Expire(_) => {}
     }
 }
@@ -186,7 +186,7 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
                 paths.push(source.clone());
             }
             Command::Append(p, _) => paths.push(p.req.path.clone()),
-            Command::Delete(path, _) => paths.push(path.clone()),
+            Command::Delete(path, _) | Command::DeleteId(path, _, _) => paths.push(path.clone()),
             Command::Expire(id) => ids.push(*id as i64),
         }
     }
@@ -251,7 +251,8 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
                 Answer::CreateBlob(escalate(w.link_blob(shared, req.clone(), source).await)?)
             }
             Command::Append(p, _) => Answer::Append(escalate(w.append(p).await)?),
-            Command::Delete(path, _) => Answer::Delete(escalate(w.delete(shared, path).await)?),
+            Command::Delete(path, _) => Answer::Delete(escalate(w.delete(shared, path, None).await)?),
+            Command::DeleteId(path, id, _) => Answer::Delete(escalate(w.delete(shared, path, Some(*id)).await)?),
             Command::Expire(id) => {
                 if let Some(s) = w.stream(*id).await? {
                     if !s.soft_deleted && w.expired(shared, *id) {
@@ -599,8 +600,12 @@ impl Work {
         Ok(AppendOutcome { info, producer: producer_next, duplicate: false })
     }
 
-    async fn delete(&mut self, shared: &Shared, path: &str) -> StoreResult<()> {
+    /// Deletes the stream at `path`; with `only`, only while it is that stream.
+    async fn delete(&mut self, shared: &Shared, path: &str, only: Option<u64>) -> StoreResult<()> {
         let id = self.id_at(path).await?.ok_or(StoreError::NotFound)?;
+        if only.is_some_and(|only| only != id) {
+            return Err(StoreError::NotFound);
+        }
         let info = self.stream(id).await?.ok_or(StoreError::NotFound)?;
         if info.soft_deleted {
             return Err(StoreError::Gone);
