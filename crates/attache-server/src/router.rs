@@ -20,7 +20,9 @@ pub const RESERVED_PREFIXES: &[&str] =
 pub fn is_reserved(path: &str) -> bool {
     RESERVED_PREFIXES.iter().any(|prefix| {
         let bare = prefix.trim_end_matches('/');
-        path == bare || (prefix.ends_with('/') && path.starts_with(prefix)) || path.starts_with(&format!("{bare}/"))
+        path == bare
+            || (prefix.ends_with('/') && path.starts_with(prefix))
+            || path.strip_prefix(bare).is_some_and(|rest| rest.starts_with('/'))
     })
 }
 
