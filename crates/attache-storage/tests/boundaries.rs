@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use attache_core::{ContentType, Offset, StreamPath};
 use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
-use attache_storage::{AppendRequest, CreateStream, ForkSpec, ReadFrom, StreamStore};
+use attache_storage::{AppendRequest, CreateStream, Fault, FaultPlan, FaultPoint, ForkSpec, ReadFrom, StreamStore};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
@@ -151,6 +151,82 @@ async fn reads_find_every_message_start_while_checkpoints_move_boundaries_to_the
             let b = store.read(path, ReadFrom::At(Offset(*at)), 1).await.unwrap();
             assert_eq!(b.messages().first().map(|m| m.to_vec()), Some(msg.as_bytes().to_vec()), "{path}@{at}");
         }
+    }
+    store.close().await;
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}: not within 5 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A crash while a checkpoint is in flight leaves records in both log
+/// files. The next start replays both in one commit (their boundaries go to
+/// the database only: no pending list holds them), and its first checkpoint
+/// applies the sealed file alone, writing that file's boundaries again.
+/// Every message start must still be found, until the next checkpoint and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_starts_logged_after_a_checkpoint_in_flight_at_a_crash_are_found_after_the_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("store");
+    let plan = FaultPlan::new();
+    let mut config = EmbeddedConfig::new(&dir);
+    config.checkpoint_interval = Duration::from_millis(20);
+    config.sweep_interval = Duration::from_secs(3600);
+    config.fault_plan = Some(plan.clone());
+    let store = EmbeddedStore::open(config).unwrap();
+    let synced = plan.calls(FaultPoint::DbSync);
+    store.create(create("/s", None)).await.unwrap();
+    wait_for("the stream's creation is checkpointed", || plan.calls(FaultPoint::DbSync) > synced).await;
+    // From now on a checkpoint seals the log file it covers, then fails: that file stays sealed.
+    plan.fail_all(FaultPoint::SegmentSync, Fault::Io);
+    let mut messages: Vec<(u64, String)> = Vec::new();
+    let mut tail = 0;
+    for n in 0..20 {
+        let msg = format!(r#"{{"n":{n}}}"#);
+        let out = store.append(append("/s", msg.clone())).await.unwrap();
+        messages.push((tail, msg));
+        tail = out.info.tail;
+        if n == 4 {
+            wait_for("a checkpoint seals the log file and fails", || plan.injected(FaultPoint::SegmentSync) > 0).await;
+        }
+    }
+    let copy = tempfile::tempdir().unwrap();
+    // A crash: the files as they are between two writes.
+    plan.frozen(|| copy_dir(&dir, copy.path()));
+    store.close().await;
+    let plan = FaultPlan::new();
+    let mut config = EmbeddedConfig::new(copy.path());
+    // The first tick checkpoints the replayed log's sealed file; the active one waits an hour.
+    config.checkpoint_interval = Duration::from_secs(3600);
+    config.sweep_interval = Duration::from_secs(3600);
+    config.fault_plan = Some(plan.clone());
+    let store = EmbeddedStore::open(config).unwrap();
+    let synced = plan.calls(FaultPoint::DbSync);
+    wait_for("the sealed file is checkpointed", || plan.calls(FaultPoint::DbSync) > synced).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for (at, msg) in &messages {
+        let batch = store.read("/s", ReadFrom::At(Offset(*at)), 1).await.unwrap();
+        assert_eq!(batch.start, Offset(*at), "a read from a message start starts there");
+        let got = batch.messages().first().map(|m| String::from_utf8(m.to_vec()).unwrap());
+        assert_eq!(got.as_deref(), Some(msg.as_str()), "the message at {at}");
+        store.create(create(&format!("/fork{at}"), Some(("/s", *at)))).await.unwrap();
     }
     store.close().await;
 }

@@ -145,7 +145,45 @@ impl<T: ReadableTable<(u64, u64), &'static [u8]>> MarkIndex for Runs<T> {
 }
 
 /// Writes `marks` (packed, ascending) of stream `id` as runs of at most [`RUN_MAX`].
+///
+/// Runs of a stream never overlap: the lookups above read only the run
+/// with the greatest first position at or before where they look. The same
+/// records can reach redb twice from different starting points (a replay at
+/// start, a reload or a reopen applies both log files in one commit; the
+/// checkpoint after it applies the sealed file alone, then the active one),
+/// so runs already holding a position in `marks`' span are merged with them
+/// and written again. A checkpoint that only adds later boundaries finds none.
 pub(crate) fn put_runs(table: &mut Table<(u64, u64), &[u8]>, id: u64, marks: &[u64]) -> StoreResult<()> {
+    let (Some(&first), Some(&last)) = (marks.first(), marks.last()) else { return Ok(()) };
+    let (lo, hi) = (pos_of(first), pos_of(last));
+    let mut overlapped: Vec<(u64, Vec<u8>)> = Vec::new();
+    if let Some(row) = table.range((id, 0)..(id, lo))?.next_back() {
+        let (k, run) = row?;
+        let run = run.value();
+        if run.len() >= 8 && pos_of(nth(run, run.len() / 8 - 1)) >= lo {
+            overlapped.push((k.value().1, run.to_vec()));
+        }
+    }
+    for row in table.range((id, lo)..=(id, hi))? {
+        let (k, run) = row?;
+        overlapped.push((k.value().1, run.value().to_vec()));
+    }
+    if overlapped.is_empty() {
+        return write_runs(table, id, marks);
+    }
+    // Position → packed boundary; `marks` win over what was there.
+    let mut merged: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    for (key, run) in &overlapped {
+        table.remove((id, *key))?;
+        merged.extend(decode(run).map(|m| (pos_of(m), m)));
+    }
+    merged.extend(marks.iter().map(|&m| (pos_of(m), m)));
+    let merged: Vec<u64> = merged.into_values().collect();
+    write_runs(table, id, &merged)
+}
+
+/// Writes `marks` (packed, ascending, overlapping no run) as runs of at most [`RUN_MAX`].
+fn write_runs(table: &mut Table<(u64, u64), &[u8]>, id: u64, marks: &[u64]) -> StoreResult<()> {
     let mut buf = Vec::with_capacity(marks.len().min(RUN_MAX) * 8);
     for run in marks.chunks(RUN_MAX) {
         buf.clear();
@@ -360,6 +398,49 @@ mod tests {
         assert_eq!(runs.prev_upto(7, 100).unwrap(), Some((5, 1)));
         assert_eq!(runs.next_from(7, 6).unwrap(), None);
         assert_eq!(runs.next_from(8, 0).unwrap(), Some((0, 0)));
+    }
+
+    /// `runs` answers every lookup of stream 7 as `truth` (packed, ascending) does.
+    fn assert_answers_like(runs: &dyn MarkIndex, truth: &[u64], why: &str) {
+        let end = truth.last().map_or(0, |&m| pos_of(m)) + 10;
+        for pos in 0..end {
+            let next = truth.iter().copied().find(|&m| pos_of(m) >= pos).map(unpack);
+            let prev = truth.iter().copied().rev().find(|&m| pos_of(m) <= pos).map(unpack);
+            assert_eq!(runs.next_from(7, pos).unwrap(), next, "{why}: next boundary from {pos}");
+            assert_eq!(runs.prev_upto(7, pos).unwrap(), prev, "{why}: last boundary up to {pos}");
+        }
+    }
+
+    #[test]
+    fn boundaries_applied_again_from_another_start_are_all_found() {
+        // A crash with a checkpoint in flight: the replay at start applies
+        // both log files in one commit (1,030 boundaries: a full run and a
+        // short one), the checkpoint after it the sealed file alone (the
+        // first 10), the next one the active file, which has grown since.
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("t.redb")).unwrap();
+        let all: Vec<u64> = (0..1200).map(|i| pack(i * 10, if i % 2 == 0 { ROW_FLAG } else { 0 })).collect();
+        let apply = |marks: &[u64]| {
+            let txn = db.begin_write().unwrap();
+            put_runs(&mut txn.open_table(MARK_RUNS).unwrap(), 7, marks).unwrap();
+            txn.commit().unwrap();
+        };
+        let check = |truth: &[u64], why: &str| {
+            let read = redb::ReadableDatabase::begin_read(&db).unwrap();
+            assert_answers_like(&Runs(read.open_table(MARK_RUNS).unwrap()), truth, why);
+        };
+        apply(&all[..1030]);
+        apply(&all[..10]);
+        check(&all[..1030], "after the sealed file's checkpoint");
+        apply(&all[10..]);
+        check(&all, "after the active file's checkpoint");
+        // A reload applies from the middle again; a cut still cuts everything after it.
+        apply(&all[500..700]);
+        check(&all, "after a reload");
+        let txn = db.begin_write().unwrap();
+        cut_runs(&mut txn.open_table(MARK_RUNS).unwrap(), 7, 6005).unwrap();
+        txn.commit().unwrap();
+        check(&all[..601], "after a cut");
     }
 
     const ROW_FLAG: u8 = super::super::ROW_ENDS_APPEND;
