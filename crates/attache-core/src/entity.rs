@@ -71,13 +71,13 @@ impl EntityUrl {
     pub fn owning(path: &str) -> Option<(EntityUrl, EntityStream)> {
         let mut parts = path.strip_prefix('/')?.splitn(4, '/');
         let (t, i, kind) = (parts.next()?, parts.next()?, parts.next()?);
-        let rest = parts.next();
-        let entity = EntityUrl::new(t, i).ok()?;
-        match (kind, rest) {
-            ("main", None) => Some((entity, EntityStream::Main)),
-            ("attachments", Some(id)) if !id.is_empty() => Some((entity, EntityStream::Attachment(id.to_owned()))),
-            _ => None,
-        }
+        // Which stream first: most paths are no entity's, and need no allocation to say so.
+        let which = match (kind, parts.next()) {
+            ("main", None) => EntityStream::Main,
+            ("attachments", Some(id)) if !id.is_empty() => EntityStream::Attachment(id.to_owned()),
+            _ => return None,
+        };
+        Some((EntityUrl::new(t, i).ok()?, which))
     }
 }
 
