@@ -230,3 +230,68 @@ async fn message_starts_logged_after_a_checkpoint_in_flight_at_a_crash_are_found
     }
     store.close().await;
 }
+
+/// Crashes at any moment of a busy store (checkpoints every millisecond, a
+/// log holding thousands of boundaries, so runs span more than one row and
+/// the replay and the checkpoints after it write them from different
+/// starts): after each restart, once its first checkpoint is done (the
+/// replayed log's sealed file, if the crash left one), and again after a
+/// clean restart, every acknowledged message is found from its own start,
+/// and a read from the start returns them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_start_survives_crashes_at_any_moment_of_a_busy_store() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("store");
+    let plan = FaultPlan::new();
+    let mut config = EmbeddedConfig::new(&dir);
+    config.checkpoint_interval = Duration::from_millis(1);
+    config.wal_bytes = 64 << 10;
+    config.sweep_interval = Duration::from_secs(3600);
+    config.fault_plan = Some(plan.clone());
+    let store = EmbeddedStore::open(config).unwrap();
+    store.create(create("/s", None)).await.unwrap();
+    let mut messages: Vec<(u64, String)> = Vec::new();
+    let mut tail = 0;
+    let mut n = 0u64;
+    let check = |store: EmbeddedStore, messages: Vec<(u64, String)>, why: String| async move {
+        for (at, msg) in messages.iter().step_by(7) {
+            let batch = store.read("/s", ReadFrom::At(Offset(*at)), 1).await.unwrap();
+            let got = batch.messages().first().map(|m| String::from_utf8(m.to_vec()).unwrap());
+            assert_eq!(got.as_deref(), Some(msg.as_str()), "{why}: the message at {at}");
+        }
+        let all = store.read("/s", ReadFrom::Start, usize::MAX).await.unwrap();
+        let got: Vec<String> = all.messages().iter().map(|m| String::from_utf8(m.to_vec()).unwrap()).collect();
+        let want: Vec<String> = messages.iter().map(|(_, m)| m.clone()).collect();
+        assert!(got == want, "{why}: every message, in order");
+        store.close().await;
+    };
+    for round in 0..4 {
+        for _ in 0..20 + round * 9 {
+            let batch: Vec<String> = (0..64).map(|i| (n * 64 + i).to_string()).collect();
+            n += 1;
+            let out = store.append(append("/s", format!("[{}]", batch.join(",")))).await.unwrap();
+            for m in batch {
+                let len = m.len() as u64;
+                messages.push((tail, m));
+                tail += len + 1;
+            }
+            assert_eq!(tail, out.info.tail, "message positions");
+        }
+        let copy = root.path().join(format!("crash{round}"));
+        plan.frozen(|| copy_dir(&dir, &copy));
+        let restart_plan = FaultPlan::new();
+        let mut config = EmbeddedConfig::new(&copy);
+        // Only the first checkpoint runs (at the first tick), until the clean stop.
+        config.checkpoint_interval = Duration::from_secs(3600);
+        config.sweep_interval = Duration::from_secs(3600);
+        config.fault_plan = Some(restart_plan.clone());
+        let restarted = EmbeddedStore::open(config).unwrap();
+        let synced = restart_plan.calls(FaultPoint::DbSync);
+        wait_for("the first checkpoint after the crash", || restart_plan.calls(FaultPoint::DbSync) > synced).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        check(restarted, messages.clone(), format!("round {round}, after the crash")).await;
+        let reopened = EmbeddedStore::open(EmbeddedConfig::new(&copy)).unwrap();
+        check(reopened, messages.clone(), format!("round {round}, after a clean restart")).await;
+    }
+    store.close().await;
+}
