@@ -74,6 +74,22 @@ impl WriterState {
     /// commit too, when the disk may refuse writes).
     pub(crate) fn load(db: &Database) -> StoreResult<WriterState> {
         let txn = db.begin_read()?;
+        WriterState::from_tables(
+            &txn.open_table(STREAMS)?,
+            &txn.open_table(PRODUCERS)?,
+            &txn.open_table(BLOB_REFS)?,
+            &txn.open_table(COUNTERS)?,
+        )
+    }
+
+    /// The state the tables hold (a read transaction's, or a write
+    /// transaction's that is never committed: `reload`).
+    fn from_tables(
+        streams: &impl ReadableTable<u64, &'static [u8]>,
+        producers: &impl ReadableTable<(u64, &'static str), (u64, u64)>,
+        blob_refs: &impl ReadableTable<&'static str, u64>,
+        counters: &impl ReadableTable<&'static str, u64>,
+    ) -> StoreResult<WriterState> {
         let mut state = WriterState {
             streams: HashMap::new(),
             paths: HashMap::new(),
@@ -81,35 +97,28 @@ impl WriterState {
             blob_refs: HashMap::new(),
             next_id: 1,
         };
-        {
-            let streams = txn.open_table(STREAMS)?;
-            for row in streams.iter()? {
-                let (_, value) = row?;
-                let info: StreamInfo = serde_json::from_slice(value.value())
-                    .map_err(|e| StoreError::Storage(format!("corrupt stream metadata: {e}")))?;
-                // A stream kept for its forks after its path was taken is named by its id only.
-                if (!info.soft_deleted || info.fork_refs > 0) && !info.unlinked {
-                    state.paths.insert(info.path.clone(), info.id);
-                }
-                state.streams.insert(info.id, info);
+        for row in streams.iter()? {
+            let (_, value) = row?;
+            let info: StreamInfo = serde_json::from_slice(value.value())
+                .map_err(|e| StoreError::Storage(format!("corrupt stream metadata: {e}")))?;
+            // A stream kept for its forks after its path was taken is named by its id only.
+            if (!info.soft_deleted || info.fork_refs > 0) && !info.unlinked {
+                state.paths.insert(info.path.clone(), info.id);
             }
-            let producers = txn.open_table(PRODUCERS)?;
-            for row in producers.iter()? {
-                let (key, value) = row?;
-                let (id, producer) = key.value();
-                let (epoch, last_seq) = value.value();
-                state.producers.insert((id, producer.to_owned()), ProducerState { epoch, last_seq });
-            }
-            let blob_refs = txn.open_table(BLOB_REFS)?;
-            for row in blob_refs.iter()? {
-                let (key, value) = row?;
-                state.blob_refs.insert(key.value().to_owned(), value.value());
-            }
-            let counters = txn.open_table(COUNTERS)?;
-            let next = counters.get("next_stream_id")?.map(|v| v.value());
-            if let Some(next) = next {
-                state.next_id = next;
-            }
+            state.streams.insert(info.id, info);
+        }
+        for row in producers.iter()? {
+            let (key, value) = row?;
+            let (id, producer) = key.value();
+            let (epoch, last_seq) = value.value();
+            state.producers.insert((id, producer.to_owned()), ProducerState { epoch, last_seq });
+        }
+        for row in blob_refs.iter()? {
+            let (key, value) = row?;
+            state.blob_refs.insert(key.value().to_owned(), value.value());
+        }
+        if let Some(next) = counters.get("next_stream_id")?.map(|v| v.value()) {
+            state.next_id = next;
         }
         Ok(state)
     }
@@ -977,10 +986,21 @@ fn reopen(shared: &Shared, journal: &mut Journal) -> StoreResult<WriterState> {
 /// applied, without a sync. The checkpoint thread must be idle.
 fn reload(shared: &Shared, journal: &Journal) -> StoreResult<WriterState> {
     let db = shared.db()?;
-    if let Some(wal) = &journal.wal {
-        apply_logged(&db, &shared.segments, Durability::None, false, None, |f| wal.for_each_unapplied(f))?;
-    }
-    WriterState::load(&db)
+    let Some(wal) = &journal.wal else {
+        return WriterState::load(&db);
+    };
+    // Applied in a transaction that is never committed: redb is left as the
+    // last checkpoint wrote it (a failed batch writes nothing to it).
+    let txn = db.begin_write()?;
+    let state = {
+        let mut t = Tables::open(&txn, &shared.segments)?;
+        t.touch_files = false;
+        wal.for_each_unapplied(&mut |payload| t.apply_record(payload))?;
+        let db_tables = t.db.as_ref().ok_or_else(|| StoreError::Storage("tables are open".into()))?;
+        WriterState::from_tables(&db_tables.streams, &db_tables.producers, &db_tables.blob_refs, &db_tables.counters)?
+    };
+    txn.abort()?;
+    Ok(state)
 }
 
 /// After a failed batch: report it, and get the committed state back (the
