@@ -1,6 +1,7 @@
 //! Reads: committed bytes only, as byte ranges of segment files stitched
 //! across fork lineage, into one buffer that is the response body.
 
+use std::mem::MaybeUninit;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
@@ -204,18 +205,31 @@ fn fill(shared: &Shared, ranges: &[Range], json: bool) -> StoreResult<Bytes> {
 }
 
 /// [`fill`] with the reads done by `read` (`None`: give up).
-fn fill_with(ranges: &[Range], json: bool, mut read: impl FnMut(&Range, &mut [u8]) -> Option<()>) -> Option<Bytes> {
+fn fill_with(
+    ranges: &[Range],
+    json: bool,
+    mut read: impl FnMut(&Range, &mut [MaybeUninit<u8>]) -> Option<()>,
+) -> Option<Bytes> {
     let len: u64 = ranges.iter().map(|r| r.hi - r.lo).sum();
     let extra = usize::from(json);
-    let mut buf = vec![0u8; len as usize + extra];
+    let total = len as usize + extra;
+    // Not zeroed first: every byte is written below (a 1 MiB read spent a
+    // tenth of its time zeroing the buffer the file then overwrote).
+    let mut buf: Vec<u8> = Vec::with_capacity(total + extra);
+    let spare = &mut buf.spare_capacity_mut()[..total];
     let mut at = extra;
     for r in ranges {
         let n = (r.hi - r.lo) as usize;
-        read(r, &mut buf[at..at + n])?;
+        read(r, &mut spare[at..at + n])?;
         at += n;
     }
     if json {
-        buf[0] = b'[';
+        spare[0].write(b'[');
+    }
+    // SAFETY: `read` filled every byte of `[extra, total)` (it returns `None`
+    // otherwise, and the buffer is dropped unread), and `[0, extra)` was just written.
+    unsafe { buf.set_len(total) };
+    if json {
         match buf.last_mut() {
             Some(last) if len > 0 => *last = b']',
             _ => buf.push(b']'),

@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -150,22 +150,27 @@ impl Segments {
     }
 
     /// Reads exactly `buf.len()` bytes at file offset `at` of stream `id`'s file.
-    pub(crate) fn read(&self, id: u64, at: u64, buf: &mut [u8]) -> StoreResult<()> {
+    pub(crate) fn read(&self, id: u64, at: u64, buf: &mut [MaybeUninit<u8>]) -> StoreResult<()> {
         if buf.is_empty() {
             return Ok(());
         }
         let file = self.file(id, false)?;
-        file.read_exact_at(buf, at).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                StoreError::Storage(format!(
-                    "segment file {} ends before offset {}",
-                    self.path(id).display(),
-                    at + buf.len() as u64
-                ))
-            } else {
-                e.into()
+        let mut done = 0usize;
+        while done < buf.len() {
+            match pread_uninit(&file, at + done as u64, &mut buf[done..]) {
+                Ok(0) => {
+                    return Err(StoreError::Storage(format!(
+                        "segment file {} ends before offset {}",
+                        self.path(id).display(),
+                        at + buf.len() as u64
+                    )))
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
             }
-        })
+        }
+        Ok(())
     }
 
     /// Reads exactly `buf.len()` bytes at file offset `at` of stream `id`'s
@@ -174,7 +179,7 @@ impl Segments {
     /// `false` otherwise (the caller then reads on a blocking thread, which
     /// also reports any error): this is what lets a hot read run on an async
     /// worker without ever waiting for the disk there.
-    pub(crate) fn read_cached(&self, id: u64, at: u64, buf: &mut [u8]) -> bool {
+    pub(crate) fn read_cached(&self, id: u64, at: u64, buf: &mut [MaybeUninit<u8>]) -> bool {
         if buf.is_empty() {
             return true;
         }
@@ -357,8 +362,22 @@ fn write_all_vectored_at(file: &File, mut at: u64, pieces: &[&[u8]]) -> std::io:
 /// Fills `buf` from file offset `at` without blocking on the disk: `false`
 /// as soon as a byte is not in the page cache (or on any error, or the end of
 /// the file, which the blocking path reports properly).
+/// One `pread` into memory that need not be initialized; the bytes it
+/// reports read are initialized afterwards.
+fn pread_uninit(file: &File, at: u64, buf: &mut [MaybeUninit<u8>]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let offset = libc::off_t::try_from(at).map_err(|_| std::io::Error::other("offset out of range"))?;
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`, which
+    // outlives the call; the fd is open (held by `file`).
+    let n = unsafe { libc::pread(file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 #[cfg(target_os = "linux")]
-fn read_nowait(file: &File, at: u64, buf: &mut [u8]) -> bool {
+fn read_nowait(file: &File, at: u64, buf: &mut [MaybeUninit<u8>]) -> bool {
     use std::os::fd::AsRawFd;
     let mut done = 0usize;
     while done < buf.len() {
@@ -376,7 +395,7 @@ fn read_nowait(file: &File, at: u64, buf: &mut [u8]) -> bool {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn read_nowait(_file: &File, _at: u64, _buf: &mut [u8]) -> bool {
+fn read_nowait(_file: &File, _at: u64, _buf: &mut [MaybeUninit<u8>]) -> bool {
     false
 }
 
@@ -388,6 +407,18 @@ pub(crate) fn segment_path(dir: &Path, id: u64) -> PathBuf {
 mod tests {
     use super::*;
 
+    /// `len` bytes read at `at`, through the same read as a response's.
+    fn read_bytes(segs: &Segments, id: u64, at: u64, len: usize) -> StoreResult<Vec<u8>> {
+        let mut buf = vec![MaybeUninit::<u8>::uninit(); len];
+        segs.read(id, at, &mut buf)?;
+        Ok(buf.into_iter().map(|b| unsafe { b.assume_init() }).collect())
+    }
+
+    fn read_cached_bytes(segs: &Segments, id: u64, at: u64, len: usize) -> Option<Vec<u8>> {
+        let mut buf = vec![MaybeUninit::<u8>::uninit(); len];
+        segs.read_cached(id, at, &mut buf).then(|| buf.into_iter().map(|b| unsafe { b.assume_init() }).collect())
+    }
+
     #[test]
     fn open_handles_stay_within_the_bound_and_every_file_still_reads() {
         let dir = tempfile::tempdir().unwrap();
@@ -397,9 +428,8 @@ mod tests {
             assert!(segs.open_handles() <= 3);
         }
         for id in 0..10u64 {
-            let mut buf = [0u8; 8];
-            segs.read(id, 0, &mut buf).unwrap();
-            assert_eq!(u64::from_le_bytes(buf), id);
+            let buf = read_bytes(&segs, id, 0, 8).unwrap();
+            assert_eq!(u64::from_le_bytes(buf.try_into().unwrap()), id);
             assert!(segs.open_handles() <= 3);
         }
         segs.sync_dirty().unwrap();
@@ -419,9 +449,8 @@ mod tests {
             }
         }
         for id in 0..1000u64 {
-            let mut buf = [0u8; 8];
-            segs.read(id, 16, &mut buf).unwrap();
-            assert_eq!(u64::from_le_bytes(buf), id);
+            let buf = read_bytes(&segs, id, 16, 8).unwrap();
+            assert_eq!(u64::from_le_bytes(buf.try_into().unwrap()), id);
         }
         assert_eq!(segs.opens(), 1000, "no file is reopened");
         // One stream more than the bound: round-robin use then misses every time.
@@ -443,13 +472,10 @@ mod tests {
         let refs: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
         segs.write_run(3, 2, &refs).unwrap();
         let want: Vec<u8> = b"ab".iter().copied().chain(pieces.concat()).collect();
-        let mut got = vec![0u8; want.len()];
-        segs.read(3, 0, &mut got).unwrap();
-        assert_eq!(got, want);
-        let mut cached = vec![0u8; want.len()];
-        assert!(segs.read_cached(3, 0, &mut cached), "just written: in the page cache");
-        assert_eq!(cached, want);
-        assert!(!segs.read_cached(4, 0, &mut cached[..1]), "no open file: not served without blocking");
+        assert_eq!(read_bytes(&segs, 3, 0, want.len()).unwrap(), want);
+        let cached = read_cached_bytes(&segs, 3, 0, want.len());
+        assert_eq!(cached, Some(want), "just written: in the page cache");
+        assert!(read_cached_bytes(&segs, 4, 0, 1).is_none(), "no open file: not served without blocking");
     }
 
     #[test]
@@ -457,8 +483,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let segs = Segments::open(dir.path().to_owned(), 4, None).unwrap();
         segs.write(7, 0, b"abc").unwrap();
-        let mut buf = [0u8; 5];
-        let err = segs.read(7, 0, &mut buf).unwrap_err().to_string();
+        let err = read_bytes(&segs, 7, 0, 5).unwrap_err().to_string();
         assert!(err.contains("0000000000000007.seg") && err.contains("offset 5"), "{err}");
     }
 }
