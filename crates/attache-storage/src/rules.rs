@@ -374,16 +374,29 @@ pub(crate) fn new_stream(
     fork: Option<ForkInfo>,
 ) -> StreamInfo {
     StreamInfo {
-        id,
-        path: req.path.as_str().to_owned(),
-        content_type: plan.content_type.as_str().to_owned(),
         ttl_secs: plan.ttl_secs,
         expires_at: plan.expires.as_ref().map(|e| e.0.clone()),
         expires_at_ms: plan.expires.map(|e| e.1),
-        created_at_ms: chrono::Utc::now().timestamp_millis(),
-        closed: req.closed,
         tail,
         fork,
+        ..fresh_stream(id, req, &plan.content_type)
+    }
+}
+
+/// What every stream `req` creates starts as, created now: open as asked,
+/// empty, and without expiry, fork or blob.
+fn fresh_stream(id: u64, req: &CreateStream, content_type: &ContentType) -> StreamInfo {
+    StreamInfo {
+        id,
+        path: req.path.as_str().to_owned(),
+        content_type: content_type.as_str().to_owned(),
+        ttl_secs: None,
+        expires_at: None,
+        expires_at_ms: None,
+        created_at_ms: chrono::Utc::now().timestamp_millis(),
+        closed: req.closed,
+        tail: 0,
+        fork: None,
         fork_refs: 0,
         soft_deleted: false,
         unlinked: false,
@@ -414,25 +427,8 @@ pub(crate) fn plan_link(src: &StreamInfo, expired: bool, req: &mut CreateStream)
 }
 
 pub(crate) fn new_blob_stream(id: u64, req: &CreateStream, blob: BlobRef) -> StreamInfo {
-    StreamInfo {
-        id,
-        path: req.path.as_str().to_owned(),
-        content_type: req.content_type.clone().unwrap_or_else(ContentType::octet_stream).as_str().to_owned(),
-        ttl_secs: None,
-        expires_at: None,
-        expires_at_ms: None,
-        created_at_ms: chrono::Utc::now().timestamp_millis(),
-        closed: true,
-        tail: blob.len,
-        fork: None,
-        fork_refs: 0,
-        soft_deleted: false,
-        unlinked: false,
-        last_seq: None,
-        closed_by: None,
-        owner: req.owner.clone(),
-        blob: Some(blob),
-    }
+    let content_type = req.content_type.clone().unwrap_or_else(ContentType::octet_stream);
+    StreamInfo { closed: true, tail: blob.len, blob: Some(blob), ..fresh_stream(id, req, &content_type) }
 }
 
 /// Whether a stream has expired, given when it was last used.
