@@ -304,6 +304,32 @@ fn split_array(body: &Bytes) -> Vec<Bytes> {
 /// Wakes live readers after each committed change to one stream.
 pub type ChangeSignal = tokio::sync::watch::Receiver<u64>;
 
+/// A plain stream `/s` (id 1) for unit tests: JSON or bytes, its tail at `tail`.
+#[cfg(test)]
+impl StreamInfo {
+    pub(crate) fn for_tests(tail: u64, json: bool) -> StreamInfo {
+        StreamInfo {
+            id: 1,
+            path: "/s".into(),
+            content_type: if json { "application/json" } else { "application/octet-stream" }.into(),
+            ttl_secs: None,
+            expires_at: None,
+            expires_at_ms: None,
+            created_at_ms: 0,
+            closed: false,
+            tail,
+            fork: None,
+            fork_refs: 0,
+            soft_deleted: false,
+            unlinked: false,
+            last_seq: None,
+            closed_by: None,
+            owner: None,
+            blob: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,38 +346,16 @@ mod tests {
         assert_eq!(given, messages.iter().map(Vec::as_slice).collect::<Vec<_>>());
     }
 
-    fn info(json: bool) -> StreamInfo {
-        StreamInfo {
-            id: 1,
-            path: "/s".into(),
-            content_type: if json { "application/json" } else { "application/octet-stream" }.into(),
-            ttl_secs: None,
-            expires_at: None,
-            expires_at_ms: None,
-            created_at_ms: 0,
-            closed: false,
-            tail: 0,
-            fork: None,
-            fork_refs: 0,
-            soft_deleted: false,
-            unlinked: false,
-            last_seq: None,
-            closed_by: None,
-            owner: None,
-            blob: None,
-        }
-    }
-
     #[test]
     fn a_json_body_splits_back_into_exactly_its_messages() {
         let messages: Vec<Bytes> = [r#"{"a":[1,{"b":"],"}]}"#, "0", r#""x,\"]""#, "[]", "{}", r#""\\""#, "-1.5e3"]
             .iter()
             .map(|m| Bytes::copy_from_slice(m.as_bytes()))
             .collect();
-        let batch = ReadBatch::from_pieces(info(true), Offset(0), Offset(0), true, &messages);
+        let batch = ReadBatch::from_pieces(StreamInfo::for_tests(0, true), Offset(0), Offset(0), true, &messages);
         assert_eq!(batch.messages(), messages);
         assert!(!batch.is_empty());
-        let empty = ReadBatch::from_pieces(info(true), Offset(0), Offset(0), true, &[]);
+        let empty = ReadBatch::from_pieces(StreamInfo::for_tests(0, true), Offset(0), Offset(0), true, &[]);
         assert_eq!(&empty.body[..], b"[]");
         assert!(empty.is_empty() && empty.messages().is_empty());
     }
@@ -359,7 +363,7 @@ mod tests {
     #[test]
     fn a_binary_body_is_its_pieces_concatenated() {
         let pieces = [Bytes::from_static(b"ab"), Bytes::from_static(b"c")];
-        let batch = ReadBatch::from_pieces(info(false), Offset(0), Offset(3), false, &pieces);
+        let batch = ReadBatch::from_pieces(StreamInfo::for_tests(0, false), Offset(0), Offset(3), false, &pieces);
         assert_eq!(&batch.body[..], b"abc");
         assert_eq!(batch.messages(), vec![Bytes::from_static(b"abc")]);
     }

@@ -151,25 +151,7 @@ mod tests {
     use super::*;
 
     fn info(tail: u64, json: bool) -> StreamInfo {
-        StreamInfo {
-            id: 1,
-            path: "/s".into(),
-            content_type: if json { "application/json" } else { "application/octet-stream" }.into(),
-            ttl_secs: None,
-            expires_at: None,
-            expires_at_ms: None,
-            created_at_ms: 0,
-            closed: false,
-            tail,
-            fork: None,
-            fork_refs: 0,
-            soft_deleted: false,
-            unlinked: false,
-            last_seq: None,
-            closed_by: None,
-            owner: None,
-            blob: None,
-        }
+        StreamInfo::for_tests(tail, json)
     }
 
     /// JSON messages `m` (each followed by `,`) written from position `pos`: bytes and starts.
