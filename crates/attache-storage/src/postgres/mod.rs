@@ -321,6 +321,16 @@ impl Shared {
         }
     }
 
+    /// Applies rows read from `attache_streams`; answers the ids they hold.
+    fn apply_rows(&self, rows: Vec<(i64, String, i64, i64)>) -> StoreResult<std::collections::HashSet<u64>> {
+        let mut seen = std::collections::HashSet::with_capacity(rows.len());
+        for row in rows {
+            seen.insert(row.0 as u64);
+            self.apply(stream_row(row)?);
+        }
+        Ok(seen)
+    }
+
     /// Re-reads the given streams (after notifications).
     async fn refresh(&self, ids: Vec<u64>) -> StoreResult<()> {
         let wanted: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
@@ -330,11 +340,7 @@ impl Shared {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db_err)?;
-        let mut seen = std::collections::HashSet::new();
-        for row in rows {
-            seen.insert(row.0 as u64);
-            self.apply(stream_row(row)?);
-        }
+        let seen = self.apply_rows(rows)?;
         for id in ids {
             if !seen.contains(&id) {
                 self.forget(id);
@@ -350,11 +356,7 @@ impl Shared {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db_err)?;
-        let mut seen = std::collections::HashSet::new();
-        for row in rows {
-            seen.insert(row.0 as u64);
-            self.apply(stream_row(row)?);
-        }
+        let seen = self.apply_rows(rows)?;
         let cached: Vec<u64> = self.index.read().by_id.keys().copied().collect();
         for id in cached {
             if !seen.contains(&id) {
