@@ -170,15 +170,19 @@ impl Tail {
         }
     }
 
-    async fn long_poll(&mut self) -> Result<Option<Chunk>> {
-        let mut rb = self
-            .client
-            .request(Method::GET, &self.path)
-            .query(&[("offset", self.offset.as_str()), ("live", "long-poll")]);
+    /// A live read from the current offset (`live` is `long-poll` or `sse`),
+    /// carrying the cursor the server last gave.
+    async fn live_read(&mut self, live: &str) -> Result<reqwest::Response> {
+        let mut rb =
+            self.client.request(Method::GET, &self.path).query(&[("offset", self.offset.as_str()), ("live", live)]);
         if let Some(c) = &self.cursor {
             rb = rb.query(&[("cursor", c.as_str())]);
         }
-        let res = rb.send().await.map_err(|e| self.client.transport(e))?;
+        rb.send().await.map_err(|e| self.client.transport(e))
+    }
+
+    async fn long_poll(&mut self) -> Result<Option<Chunk>> {
+        let res = self.live_read("long-poll").await?;
         if let Some(c) = header(&res, CURSOR) {
             self.cursor = Some(c);
         }
@@ -204,14 +208,7 @@ impl Tail {
 
     async fn sse_step(&mut self) -> Result<Option<Chunk>> {
         if self.sse.is_none() {
-            let mut rb = self
-                .client
-                .request(Method::GET, &self.path)
-                .query(&[("offset", self.offset.as_str()), ("live", "sse")]);
-            if let Some(c) = &self.cursor {
-                rb = rb.query(&[("cursor", c.as_str())]);
-            }
-            let res = rb.send().await.map_err(|e| self.client.transport(e))?;
+            let res = self.live_read("sse").await?;
             if !res.status().is_success() {
                 return Err(api_error(&Method::GET, &self.path, res).await);
             }
