@@ -304,6 +304,24 @@ fn split_array(body: &Bytes) -> Vec<Bytes> {
 /// Wakes live readers after each committed change to one stream.
 pub type ChangeSignal = tokio::sync::watch::Receiver<u64>;
 
+/// A create of a plain, open, empty stream at `path` for unit tests.
+#[cfg(test)]
+impl CreateStream {
+    pub(crate) fn for_tests(path: &str, content_type: Option<&str>) -> CreateStream {
+        CreateStream {
+            path: StreamPath::new(path).expect("a valid path"),
+            content_type: content_type.map(|c| ContentType::parse(c).expect("a valid type")),
+            ttl: None,
+            expires_at: None,
+            closed: false,
+            initial: Bytes::new(),
+            fork: None,
+            owner: None,
+            take_kept_path: false,
+        }
+    }
+}
+
 /// A plain stream `/s` (id 1) for unit tests: JSON or bytes, its tail at `tail`.
 #[cfg(test)]
 impl StreamInfo {

@@ -579,23 +579,9 @@ mod tests {
     use attache_core::{ProducerHeaders, StreamPath};
 
     fn stream(content_type: &str) -> StreamInfo {
-        let req = create("/s", Some(content_type));
+        let req = CreateStream::for_tests("/s", Some(content_type));
         let plan = plan_create(&req, None).expect("a plain create");
         new_stream(1, &req, plan, 0, None)
-    }
-
-    fn create(path: &str, content_type: Option<&str>) -> CreateStream {
-        CreateStream {
-            path: StreamPath::new(path).expect("a valid path"),
-            content_type: content_type.map(|c| ContentType::parse(c).expect("a valid type")),
-            ttl: None,
-            expires_at: None,
-            closed: false,
-            initial: Bytes::new(),
-            fork: None,
-            owner: None,
-            take_kept_path: false,
-        }
     }
 
     fn append(body: &str, content_type: Option<&str>) -> AppendRequest {
@@ -669,7 +655,7 @@ mod tests {
     #[test]
     fn a_stream_kept_for_forks_gives_up_its_path_only_to_a_create_that_takes_it() {
         let mut info = stream("text/plain");
-        let mut req = create("/s", Some("text/plain"));
+        let mut req = CreateStream::for_tests("/s", Some("text/plain"));
         assert_eq!(at_path(&info, false, &req), AtPath::Holds);
         assert_eq!(at_path(&info, true, &req), AtPath::Remove);
         info.soft_deleted = true;
@@ -754,15 +740,18 @@ mod tests {
     #[test]
     fn recreating_a_stream_matches_only_the_same_configuration() {
         let info = stream("text/plain");
-        assert!(matches!(confirm_existing(&info, &create("/s", Some("text/plain"))), Ok(CreateOutcome::Existed(_))));
         assert!(matches!(
-            confirm_existing(&info, &create("/s", Some("application/json"))),
+            confirm_existing(&info, &CreateStream::for_tests("/s", Some("text/plain"))),
+            Ok(CreateOutcome::Existed(_))
+        ));
+        assert!(matches!(
+            confirm_existing(&info, &CreateStream::for_tests("/s", Some("application/json"))),
             Err(StoreError::ConfigMismatch(_))
         ));
-        let mut ttl = create("/s", Some("text/plain"));
+        let mut ttl = CreateStream::for_tests("/s", Some("text/plain"));
         ttl.ttl = Some(Ttl(60));
         assert!(matches!(confirm_existing(&info, &ttl), Err(StoreError::ConfigMismatch(_))));
-        let mut closed = create("/s", Some("text/plain"));
+        let mut closed = CreateStream::for_tests("/s", Some("text/plain"));
         closed.closed = true;
         assert!(matches!(confirm_existing(&info, &closed), Err(StoreError::ConfigMismatch(_))));
     }
@@ -772,7 +761,7 @@ mod tests {
         let mut src = stream("text/plain");
         src.blob = Some(BlobRef { sha256: "0".repeat(64), len: 3 });
         src.tail = 3;
-        let mut req = create("/f", None);
+        let mut req = CreateStream::for_tests("/f", None);
         req.fork = Some(ForkSpec { source: StreamPath::new("/s").expect("path"), offset: None, sub_offset: 0 });
         assert!(matches!(plan_create(&req, Some((&src, false))), Err(StoreError::Invalid(_))));
     }
@@ -782,7 +771,7 @@ mod tests {
         let mut src = stream("application/json");
         src.tail = 40;
         src.ttl_secs = Some(3600);
-        let mut req = create("/f", None);
+        let mut req = CreateStream::for_tests("/f", None);
         req.fork = Some(ForkSpec { source: StreamPath::new("/s").expect("path"), offset: None, sub_offset: 0 });
         let plan = plan_create(&req, Some((&src, false))).expect("a fork of a live source");
         assert_eq!(plan.content_type.as_str(), "application/json");
@@ -801,7 +790,7 @@ mod tests {
     #[test]
     fn a_fork_with_another_content_type_than_its_source_is_refused() {
         let src = stream("application/json");
-        let mut req = create("/f", Some("text/plain"));
+        let mut req = CreateStream::for_tests("/f", Some("text/plain"));
         req.fork = Some(ForkSpec { source: StreamPath::new("/s").expect("path"), offset: None, sub_offset: 0 });
         assert!(matches!(plan_create(&req, Some((&src, false))), Err(StoreError::ConfigMismatch(_))));
     }

@@ -657,17 +657,7 @@ mod read_cache_tests {
     async fn store_with_stream() -> (tempfile::TempDir, EmbeddedStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
-        let req = CreateStream {
-            path: attache_core::StreamPath::new("/s".to_owned()).unwrap(),
-            content_type: None,
-            ttl: None,
-            expires_at: None,
-            closed: false,
-            initial: bytes::Bytes::from_static(b"abc"),
-            fork: None,
-            owner: None,
-            take_kept_path: false,
-        };
+        let req = CreateStream { initial: bytes::Bytes::from_static(b"abc"), ..CreateStream::for_tests("/s", None) };
         store.create(req).await.unwrap();
         (dir, store)
     }
@@ -680,17 +670,7 @@ mod read_cache_tests {
     async fn reads_served_from_memory_match_the_segment_file_at_every_offset_and_limit() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
-        let req = CreateStream {
-            path: attache_core::StreamPath::new("/j".to_owned()).unwrap(),
-            content_type: json(),
-            ttl: None,
-            expires_at: None,
-            closed: false,
-            initial: bytes::Bytes::new(),
-            fork: None,
-            owner: None,
-            take_kept_path: false,
-        };
+        let req = CreateStream::for_tests("/j", Some("application/json"));
         store.create(req).await.unwrap();
         // A live reader: the writer keeps the newest bytes for it.
         let _live = store.subscribe("/j").await.unwrap();
@@ -757,17 +737,7 @@ mod read_cache_tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
         let bytes: Vec<u8> = (0..300u32 << 10).map(|i| (i % 251) as u8).collect();
-        let req = CreateStream {
-            path: attache_core::StreamPath::new("/b".to_owned()).unwrap(),
-            content_type: None,
-            ttl: None,
-            expires_at: None,
-            closed: false,
-            initial: bytes::Bytes::from(bytes.clone()),
-            fork: None,
-            owner: None,
-            take_kept_path: false,
-        };
+        let req = CreateStream { initial: bytes::Bytes::from(bytes.clone()), ..CreateStream::for_tests("/b", None) };
         store.create(req).await.unwrap();
         let info = store.entry("/b").unwrap().info();
         let small = reader::read_cached(&store.shared, &info, 1000, 100 << 10).expect("a hot small read");

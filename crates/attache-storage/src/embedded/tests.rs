@@ -47,17 +47,7 @@ async fn pending_boundaries_are_bounded_by_the_log_while_checkpoints_fail_and_le
     config.sweep_interval = Duration::from_secs(3600);
     config.fault_plan = Some(plan.clone());
     let store = EmbeddedStore::open(config.clone()).unwrap();
-    let req = CreateStream {
-        path: attache_core::StreamPath::new("/s".to_owned()).unwrap(),
-        content_type: Some(attache_core::stream::ContentType::parse("application/json").unwrap()),
-        ttl: None,
-        expires_at: None,
-        closed: false,
-        initial: Bytes::new(),
-        fork: None,
-        owner: None,
-        take_kept_path: false,
-    };
+    let req = CreateStream::for_tests("/s", Some("application/json"));
     store.create(req).await.unwrap();
     plan.fail_all(FaultPoint::SegmentSync, Fault::Io);
     // Many small messages per append: boundaries, not bytes, fill the log.
