@@ -326,25 +326,10 @@ impl CreateStream {
 #[cfg(test)]
 impl StreamInfo {
     pub(crate) fn for_tests(tail: u64, json: bool) -> StreamInfo {
-        StreamInfo {
-            id: 1,
-            path: "/s".into(),
-            content_type: if json { "application/json" } else { "application/octet-stream" }.into(),
-            ttl_secs: None,
-            expires_at: None,
-            expires_at_ms: None,
-            created_at_ms: 0,
-            closed: false,
-            tail,
-            fork: None,
-            fork_refs: 0,
-            soft_deleted: false,
-            unlinked: false,
-            last_seq: None,
-            closed_by: None,
-            owner: None,
-            blob: None,
-        }
+        let content_type = if json { "application/json" } else { "application/octet-stream" };
+        let req = CreateStream::for_tests("/s", Some(content_type));
+        let content_type = ContentType::parse(content_type).expect("a valid type");
+        StreamInfo { tail, created_at_ms: 0, ..crate::rules::fresh_stream(1, &req, &content_type) }
     }
 }
 

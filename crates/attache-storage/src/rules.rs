@@ -385,7 +385,7 @@ pub(crate) fn new_stream(
 
 /// What every stream `req` creates starts as, created now: open as asked,
 /// empty, and without expiry, fork or blob.
-fn fresh_stream(id: u64, req: &CreateStream, content_type: &ContentType) -> StreamInfo {
+pub(crate) fn fresh_stream(id: u64, req: &CreateStream, content_type: &ContentType) -> StreamInfo {
     StreamInfo {
         id,
         path: req.path.as_str().to_owned(),
