@@ -216,6 +216,13 @@ struct FileConfig {
     signal_rate_window: Option<String>,
 }
 
+/// A setting from its flag, else from the config file, else unchanged.
+fn setting<T>(flag: Option<T>, file: Option<T>, into: &mut T) {
+    if let Some(v) = flag.or(file) {
+        *into = v;
+    }
+}
+
 /// A duration from its flag, else from the config file (`name` there), else unchanged.
 fn duration(flag: Option<Duration>, file: Option<String>, name: &str, into: &mut Duration) -> anyhow::Result<()> {
     if let Some(d) = flag {
@@ -257,12 +264,8 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         config.long_poll_timeout = humantime::parse_duration(&t)
             .with_context(|| format!("long_poll_timeout {t:?} is not a duration like 2s"))?;
     }
-    if let Some(n) = args.max_append_bytes.or(file.max_append_bytes) {
-        config.max_append_bytes = n;
-    }
-    if let Some(n) = args.max_attachment_bytes.or(file.max_attachment_bytes) {
-        config.max_attachment_bytes = n;
-    }
+    setting(args.max_append_bytes, file.max_append_bytes, &mut config.max_append_bytes);
+    setting(args.max_attachment_bytes, file.max_attachment_bytes, &mut config.max_attachment_bytes);
     config.durable = !(args.no_fsync || file.no_fsync.unwrap_or(false));
     config.cors_origins =
         if args.cors_origin.is_empty() { file.cors_origins.unwrap_or_default() } else { args.cors_origin };
@@ -276,30 +279,18 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         config.rpc_rate_window = humantime::parse_duration(&w)
             .with_context(|| format!("rpc_rate_window {w:?} is not a duration like 60s"))?;
     }
-    if let Some(n) = args.rpc_max_body_bytes.or(file.rpc_max_body_bytes) {
-        config.rpc_max_body_bytes = n;
-    }
-    if let Some(n) = args.rpc_max_batch.or(file.rpc_max_batch) {
-        config.rpc_max_batch = n;
-    }
-    if let Some(n) = args.rpc_max_response_bytes.or(file.rpc_max_response_bytes) {
-        config.rpc_max_response_bytes = n;
-    }
-    if let Some(n) = args.ws_max_message_bytes.or(file.ws_max_message_bytes) {
-        config.ws_max_message_bytes = n;
-    }
-    if let Some(n) = args.refused_body_drain_bytes.or(file.refused_body_drain_bytes) {
-        config.refused_body_drain_bytes = n;
-    }
-    if let Some(n) = args.ws_max_patterns.or(file.ws_max_patterns) {
-        config.ws_max_patterns = n;
-    }
-    if let Some(n) = args.multipart_max_part_header_bytes.or(file.multipart_max_part_header_bytes) {
-        config.multipart_max_part_header_bytes = n;
-    }
-    if let Some(n) = args.multipart_max_fields.or(file.multipart_max_fields) {
-        config.multipart_max_fields = n;
-    }
+    setting(args.rpc_max_body_bytes, file.rpc_max_body_bytes, &mut config.rpc_max_body_bytes);
+    setting(args.rpc_max_batch, file.rpc_max_batch, &mut config.rpc_max_batch);
+    setting(args.rpc_max_response_bytes, file.rpc_max_response_bytes, &mut config.rpc_max_response_bytes);
+    setting(args.ws_max_message_bytes, file.ws_max_message_bytes, &mut config.ws_max_message_bytes);
+    setting(args.refused_body_drain_bytes, file.refused_body_drain_bytes, &mut config.refused_body_drain_bytes);
+    setting(args.ws_max_patterns, file.ws_max_patterns, &mut config.ws_max_patterns);
+    setting(
+        args.multipart_max_part_header_bytes,
+        file.multipart_max_part_header_bytes,
+        &mut config.multipart_max_part_header_bytes,
+    );
+    setting(args.multipart_max_fields, file.multipart_max_fields, &mut config.multipart_max_fields);
     if let Some(t) = args.mcp_session_idle_ttl {
         config.mcp_session_idle_ttl = t;
     } else if let Some(t) = file.mcp_session_idle_ttl {
@@ -312,12 +303,8 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         config.upload_expiry =
             humantime::parse_duration(&t).with_context(|| format!("upload_expiry {t:?} is not a duration like 24h"))?;
     }
-    if let Some(n) = args.mcp_max_sessions.or(file.mcp_max_sessions) {
-        config.mcp_max_sessions = n;
-    }
-    if let Some(n) = args.view_cache_entries.or(file.view_cache_entries) {
-        config.view_cache_entries = n;
-    }
+    setting(args.mcp_max_sessions, file.mcp_max_sessions, &mut config.mcp_max_sessions);
+    setting(args.view_cache_entries, file.view_cache_entries, &mut config.view_cache_entries);
     if let Some(n) = args.store_cache_bytes.or(file.store_cache_bytes) {
         config.store_cache_bytes = Some(n);
     }
@@ -331,18 +318,14 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         anyhow::ensure!(n > 0, "store_read_threads must be at least 1");
         config.store_read_threads = n;
     }
-    if let Some(n) = args.store_tail_cache_bytes.or(file.store_tail_cache_bytes) {
-        config.store_tail_cache_bytes = n;
-    }
-    if let Some(n) = args.deleted_tasks_kept.or(file.deleted_tasks_kept) {
-        config.deleted_tasks_kept = n;
-    }
-    if let Some(n) = args.max_entity_data_bytes.or(file.max_entity_data_bytes) {
-        config.max_entity_data_bytes = n;
-    }
-    if let Some(n) = args.mcp_max_sessions_per_principal.or(file.mcp_max_sessions_per_principal) {
-        config.mcp_max_sessions_per_principal = n;
-    }
+    setting(args.store_tail_cache_bytes, file.store_tail_cache_bytes, &mut config.store_tail_cache_bytes);
+    setting(args.deleted_tasks_kept, file.deleted_tasks_kept, &mut config.deleted_tasks_kept);
+    setting(args.max_entity_data_bytes, file.max_entity_data_bytes, &mut config.max_entity_data_bytes);
+    setting(
+        args.mcp_max_sessions_per_principal,
+        file.mcp_max_sessions_per_principal,
+        &mut config.mcp_max_sessions_per_principal,
+    );
     if let Some(n) = args.max_connections.or(file.max_connections) {
         anyhow::ensure!(n > 0, "max_connections must be at least 1");
         config.max_connections = n;
@@ -360,13 +343,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         "slow_reader_timeout",
         &mut config.slow_reader_timeout,
     )?;
-    if let Some(n) = args.body_buffer_bytes.or(file.body_buffer_bytes) {
-        config.body_buffer_bytes = n;
-    }
+    setting(args.body_buffer_bytes, file.body_buffer_bytes, &mut config.body_buffer_bytes);
     duration(args.body_read_timeout, file.body_read_timeout, "body_read_timeout", &mut config.body_read_timeout)?;
-    if let Some(n) = args.max_signal_bytes.or(file.max_signal_bytes) {
-        config.max_signal_bytes = n;
-    }
+    setting(args.max_signal_bytes, file.max_signal_bytes, &mut config.max_signal_bytes);
     if let Some(n) = args.signal_rate_limit.or(file.signal_rate_limit) {
         config.signal_rate_limit = (n > 0).then_some(n);
     }
@@ -424,4 +403,20 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_setting_takes_its_flag_over_the_config_file_and_keeps_its_default_without_either() {
+        let mut value = 1;
+        setting(None, None, &mut value);
+        assert_eq!(value, 1);
+        setting(None, Some(2), &mut value);
+        assert_eq!(value, 2);
+        setting(Some(3), Some(4), &mut value);
+        assert_eq!(value, 3);
+    }
 }
