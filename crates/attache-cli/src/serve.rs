@@ -223,13 +223,20 @@ fn setting<T>(flag: Option<T>, file: Option<T>, into: &mut T) {
     }
 }
 
-/// A duration from its flag, else from the config file (`name` there), else unchanged.
-fn duration(flag: Option<Duration>, file: Option<String>, name: &str, into: &mut Duration) -> anyhow::Result<()> {
+/// A duration from its flag, else from the config file (`name` there, refused
+/// with `example` as a duration it would take), else unchanged.
+fn duration(
+    flag: Option<Duration>,
+    file: Option<String>,
+    name: &str,
+    example: &str,
+    into: &mut Duration,
+) -> anyhow::Result<()> {
     if let Some(d) = flag {
         *into = d;
     } else if let Some(text) = file {
-        *into =
-            humantime::parse_duration(&text).with_context(|| format!("{name} {text:?} is not a duration like 10s"))?;
+        *into = humantime::parse_duration(&text)
+            .with_context(|| format!("{name} {text:?} is not a duration like {example}"))?;
     }
     Ok(())
 }
@@ -258,12 +265,7 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
     let listen = args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4437)));
     let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./attache-data"));
     let mut config = ServerConfig::new(listen, data_dir);
-    if let Some(t) = args.long_poll_timeout {
-        config.long_poll_timeout = t;
-    } else if let Some(t) = file.long_poll_timeout {
-        config.long_poll_timeout = humantime::parse_duration(&t)
-            .with_context(|| format!("long_poll_timeout {t:?} is not a duration like 2s"))?;
-    }
+    duration(args.long_poll_timeout, file.long_poll_timeout, "long_poll_timeout", "2s", &mut config.long_poll_timeout)?;
     setting(args.max_append_bytes, file.max_append_bytes, &mut config.max_append_bytes);
     setting(args.max_attachment_bytes, file.max_attachment_bytes, &mut config.max_attachment_bytes);
     config.durable = !(args.no_fsync || file.no_fsync.unwrap_or(false));
@@ -273,12 +275,7 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         if args.allow_host.is_empty() { file.allow_hosts.unwrap_or_default() } else { args.allow_host };
     config.redis_url = args.redis_url.or(file.redis_url);
     config.rpc_rate_limit = args.rpc_rate_limit.or(file.rpc_rate_limit);
-    if let Some(w) = args.rpc_rate_window {
-        config.rpc_rate_window = w;
-    } else if let Some(w) = file.rpc_rate_window {
-        config.rpc_rate_window = humantime::parse_duration(&w)
-            .with_context(|| format!("rpc_rate_window {w:?} is not a duration like 60s"))?;
-    }
+    duration(args.rpc_rate_window, file.rpc_rate_window, "rpc_rate_window", "60s", &mut config.rpc_rate_window)?;
     setting(args.rpc_max_body_bytes, file.rpc_max_body_bytes, &mut config.rpc_max_body_bytes);
     setting(args.rpc_max_batch, file.rpc_max_batch, &mut config.rpc_max_batch);
     setting(args.rpc_max_response_bytes, file.rpc_max_response_bytes, &mut config.rpc_max_response_bytes);
@@ -291,18 +288,14 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         &mut config.multipart_max_part_header_bytes,
     );
     setting(args.multipart_max_fields, file.multipart_max_fields, &mut config.multipart_max_fields);
-    if let Some(t) = args.mcp_session_idle_ttl {
-        config.mcp_session_idle_ttl = t;
-    } else if let Some(t) = file.mcp_session_idle_ttl {
-        config.mcp_session_idle_ttl = humantime::parse_duration(&t)
-            .with_context(|| format!("mcp_session_idle_ttl {t:?} is not a duration like 30m"))?;
-    }
-    if let Some(t) = args.upload_expiry {
-        config.upload_expiry = t;
-    } else if let Some(t) = file.upload_expiry {
-        config.upload_expiry =
-            humantime::parse_duration(&t).with_context(|| format!("upload_expiry {t:?} is not a duration like 24h"))?;
-    }
+    duration(
+        args.mcp_session_idle_ttl,
+        file.mcp_session_idle_ttl,
+        "mcp_session_idle_ttl",
+        "30m",
+        &mut config.mcp_session_idle_ttl,
+    )?;
+    duration(args.upload_expiry, file.upload_expiry, "upload_expiry", "24h", &mut config.upload_expiry)?;
     setting(args.mcp_max_sessions, file.mcp_max_sessions, &mut config.mcp_max_sessions);
     setting(args.view_cache_entries, file.view_cache_entries, &mut config.view_cache_entries);
     if let Some(n) = args.store_cache_bytes.or(file.store_cache_bytes) {
@@ -334,22 +327,36 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         args.header_read_timeout,
         file.header_read_timeout,
         "header_read_timeout",
+        "10s",
         &mut config.header_read_timeout,
     )?;
-    duration(args.idle_timeout, file.idle_timeout, "idle_timeout", &mut config.idle_timeout)?;
+    duration(args.idle_timeout, file.idle_timeout, "idle_timeout", "10s", &mut config.idle_timeout)?;
     duration(
         args.slow_reader_timeout,
         file.slow_reader_timeout,
         "slow_reader_timeout",
+        "10s",
         &mut config.slow_reader_timeout,
     )?;
     setting(args.body_buffer_bytes, file.body_buffer_bytes, &mut config.body_buffer_bytes);
-    duration(args.body_read_timeout, file.body_read_timeout, "body_read_timeout", &mut config.body_read_timeout)?;
+    duration(
+        args.body_read_timeout,
+        file.body_read_timeout,
+        "body_read_timeout",
+        "10s",
+        &mut config.body_read_timeout,
+    )?;
     setting(args.max_signal_bytes, file.max_signal_bytes, &mut config.max_signal_bytes);
     if let Some(n) = args.signal_rate_limit.or(file.signal_rate_limit) {
         config.signal_rate_limit = (n > 0).then_some(n);
     }
-    duration(args.signal_rate_window, file.signal_rate_window, "signal_rate_window", &mut config.signal_rate_window)?;
+    duration(
+        args.signal_rate_window,
+        file.signal_rate_window,
+        "signal_rate_window",
+        "10s",
+        &mut config.signal_rate_window,
+    )?;
     anyhow::ensure!(!config.signal_rate_window.is_zero(), "signal_rate_window must be longer than 0");
     let store = args.store.or(file.store).unwrap_or_else(|| "embedded".into());
     config.store = attache_server::StoreConfig::parse(&store, args.object_store.or(file.object_store))
@@ -418,5 +425,17 @@ mod tests {
         assert_eq!(value, 2);
         setting(Some(3), Some(4), &mut value);
         assert_eq!(value, 3);
+    }
+
+    #[test]
+    fn a_duration_takes_its_flag_over_the_config_file_and_refuses_file_text_naming_the_setting() {
+        let mut value = Duration::from_secs(1);
+        duration(None, Some("2m".into()), "upload_expiry", "24h", &mut value).unwrap();
+        assert_eq!(value, Duration::from_secs(120));
+        duration(Some(Duration::from_secs(3)), Some("2m".into()), "upload_expiry", "24h", &mut value).unwrap();
+        assert_eq!(value, Duration::from_secs(3));
+        let err = duration(None, Some("soon".into()), "upload_expiry", "24h", &mut value).unwrap_err();
+        assert_eq!(err.to_string(), r#"upload_expiry "soon" is not a duration like 24h"#);
+        assert_eq!(value, Duration::from_secs(3));
     }
 }
