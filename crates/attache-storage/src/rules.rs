@@ -330,6 +330,19 @@ pub(crate) fn fork_needs_message_start(src: &StreamInfo, anchor: u64) -> bool {
     src.is_json() && anchor < src.tail
 }
 
+/// Whether a fork at `anchor` + `sub` is at `anchor` itself (no sub-offset);
+/// a sub-offset from the tail or past it is refused. Otherwise the backend
+/// looks up the append at `anchor`.
+pub(crate) fn sub_offset_is_anchor(src: &StreamInfo, anchor: u64, sub: u64) -> StoreResult<bool> {
+    if sub == 0 {
+        return Ok(true);
+    }
+    if anchor >= src.tail {
+        return Err(sub_offset_overshoot());
+    }
+    Ok(false)
+}
+
 pub(crate) fn sub_offset_overshoot() -> StoreError {
     StoreError::Invalid("Stream-Fork-Sub-Offset is past the end of the append at the fork offset".into())
 }

@@ -1489,13 +1489,25 @@ impl WriterState {
         if shared.blobs.adopt(&blob)? {
             changes.adopted.push(blob.sha256.clone());
         }
+        self.add_blob_stream(t, changes, path, &req, BlobRef { sha256: blob.sha256.clone(), len: blob.len })
+    }
+
+    /// A new closed stream at `path` over `blob`, which gains a holder.
+    fn add_blob_stream(
+        &mut self,
+        t: &mut Tables,
+        changes: &mut Changes,
+        path: String,
+        req: &CreateStream,
+        blob: BlobRef,
+    ) -> StoreResult<StreamInfo> {
         let refs = self.blob_refs.get(&blob.sha256).copied().unwrap_or(0) + 1;
         t.put_blob_ref(&blob.sha256, refs)?;
         self.blob_refs.insert(blob.sha256.clone(), refs);
         let id = self.next_id;
         self.next_id += 1;
         t.put_counter("next_stream_id", self.next_id)?;
-        let info = rules::new_blob_stream(id, &req, BlobRef { sha256: blob.sha256.clone(), len: blob.len });
+        let info = rules::new_blob_stream(id, req, blob);
         self.paths.insert(path, id);
         self.save(t, changes, info.clone())?;
         Ok(info)
@@ -1524,15 +1536,7 @@ impl WriterState {
         }
         // The source holds the blob, so it cannot have lost its last holder; kept as create_blob keeps it.
         changes.unlink.retain(|sha| sha != &blob.sha256);
-        let refs = self.blob_refs.get(&blob.sha256).copied().unwrap_or(0) + 1;
-        t.put_blob_ref(&blob.sha256, refs)?;
-        self.blob_refs.insert(blob.sha256.clone(), refs);
-        let id = self.next_id;
-        self.next_id += 1;
-        t.put_counter("next_stream_id", self.next_id)?;
-        let info = rules::new_blob_stream(id, &req, blob);
-        self.paths.insert(path, id);
-        self.save(t, changes, info.clone())?;
+        let info = self.add_blob_stream(t, changes, path, &req, blob)?;
         Ok(info)
     }
 
@@ -1570,11 +1574,8 @@ impl WriterState {
         anchor: u64,
         sub: u64,
     ) -> StoreResult<u64> {
-        if sub == 0 {
+        if rules::sub_offset_is_anchor(src, anchor, sub)? {
             return Ok(anchor);
-        }
-        if anchor >= src.tail {
-            return Err(rules::sub_offset_overshoot());
         }
         // The stream whose own rows hold `anchor`, and where its own bytes end.
         let segs = super::reader::segments(shared, src, anchor, src.tail)?;

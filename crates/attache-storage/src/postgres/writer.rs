@@ -531,11 +531,8 @@ impl Work {
         anchor: u64,
         sub: u64,
     ) -> StoreResult<u64> {
-        if sub == 0 {
+        if rules::sub_offset_is_anchor(src, anchor, sub)? {
             return Ok(anchor);
-        }
-        if anchor >= src.tail {
-            return Err(rules::sub_offset_overshoot());
         }
         self.flush_chunks().await?;
         let mut known: HashMap<u64, StreamInfo> = self.streams.iter().map(|(id, s)| (*id, s.info.clone())).collect();
