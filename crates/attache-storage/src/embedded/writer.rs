@@ -147,9 +147,22 @@ pub(crate) struct Tables<'t> {
     pending: Vec<(u64, u64)>,
     /// With tables: boundaries per stream, written as runs by `finish`.
     runs: std::collections::BTreeMap<u64, Vec<u64>>,
+    /// With tables: the last value each key was given (`None`: removed),
+    /// written once by `finish`. A checkpoint applies seconds of records in
+    /// which a hot stream's metadata changed tens of thousands of times; only
+    /// the last change reaches redb (every op is a blind write, so the last one decides).
+    last: LastWrites,
     /// Replayed segment writes and drops touch the files (start-up, reopen),
     /// or not (a checkpoint: the writer already did).
     touch_files: bool,
+}
+
+#[derive(Default)]
+struct LastWrites {
+    streams: HashMap<u64, Option<Vec<u8>>>,
+    producers: HashMap<(u64, String), (u64, u64)>,
+    counters: HashMap<String, u64>,
+    blob_refs: HashMap<String, Option<u64>>,
 }
 
 struct DbTables<'t> {
@@ -182,6 +195,7 @@ impl<'t> Tables<'t> {
             fresh_marks: Vec::new(),
             pending: Vec::new(),
             runs: Default::default(),
+            last: LastWrites::default(),
             touch_files: true,
         }
     }
@@ -199,27 +213,46 @@ impl<'t> Tables<'t> {
         Ok(t)
     }
 
-    /// Writes the boundaries gathered by an apply as runs (one row per stream and apply).
+    /// Writes what an apply gathered: each key's last value, and the
+    /// boundaries as runs (one row per stream and apply).
     pub(crate) fn finish(&mut self) -> StoreResult<()> {
-        if let Some(db) = self.db.as_mut() {
-            for (id, marks) in std::mem::take(&mut self.runs) {
-                put_runs(&mut db.mark_runs, id, &marks)?;
+        let Some(db) = self.db.as_mut() else { return Ok(()) };
+        let last = std::mem::take(&mut self.last);
+        for (id, meta) in last.streams {
+            match meta {
+                Some(meta) => db.streams.insert(id, meta.as_slice()).map(drop)?,
+                None => db.streams.remove(id).map(drop)?,
             }
+        }
+        for ((id, producer), value) in last.producers {
+            db.producers.insert((id, producer.as_str()), value)?;
+        }
+        for (name, value) in last.counters {
+            db.counters.insert(name.as_str(), value)?;
+        }
+        for (sha, count) in last.blob_refs {
+            match count {
+                Some(count) => db.blob_refs.insert(sha.as_str(), count).map(drop)?,
+                None => db.blob_refs.remove(sha.as_str()).map(drop)?,
+            }
+        }
+        for (id, marks) in std::mem::take(&mut self.runs) {
+            put_runs(&mut db.mark_runs, id, &marks)?;
         }
         Ok(())
     }
 
     fn put_stream(&mut self, id: u64, meta: &[u8]) -> StoreResult<()> {
-        if let Some(db) = self.db.as_mut() {
-            db.streams.insert(id, meta)?;
+        if self.db.is_some() {
+            self.last.streams.insert(id, Some(meta.to_vec()));
         }
         Op::StreamPut { id, meta }.encode(&mut self.log);
         Ok(())
     }
 
     fn remove_stream(&mut self, id: u64) -> StoreResult<()> {
-        if let Some(db) = self.db.as_mut() {
-            db.streams.remove(id)?;
+        if self.db.is_some() {
+            self.last.streams.insert(id, None);
         }
         Op::StreamRemove { id }.encode(&mut self.log);
         Ok(())
@@ -302,8 +335,8 @@ impl<'t> Tables<'t> {
     }
 
     fn put_producer(&mut self, id: u64, producer: &str, epoch: u64, last_seq: u64) -> StoreResult<()> {
-        if let Some(db) = self.db.as_mut() {
-            db.producers.insert((id, producer), (epoch, last_seq))?;
+        if self.db.is_some() {
+            self.last.producers.insert((id, producer.to_owned()), (epoch, last_seq));
         }
         Op::ProducerPut { id, producer, epoch, last_seq }.encode(&mut self.log);
         Ok(())
@@ -311,31 +344,33 @@ impl<'t> Tables<'t> {
 
     fn clear_producers(&mut self, id: u64) -> StoreResult<()> {
         if let Some(db) = self.db.as_mut() {
+            // What redb holds goes now; what this apply gathered goes with it.
             db.producers.retain_in((id, "")..(id + 1, ""), |_, _| false)?;
+            self.last.producers.retain(|(i, _), _| *i != id);
         }
         Op::ProducersClear { id }.encode(&mut self.log);
         Ok(())
     }
 
     fn put_counter(&mut self, name: &str, value: u64) -> StoreResult<()> {
-        if let Some(db) = self.db.as_mut() {
-            db.counters.insert(name, value)?;
+        if self.db.is_some() {
+            self.last.counters.insert(name.to_owned(), value);
         }
         Op::CounterPut { name, value }.encode(&mut self.log);
         Ok(())
     }
 
     fn put_blob_ref(&mut self, sha256: &str, count: u64) -> StoreResult<()> {
-        if let Some(db) = self.db.as_mut() {
-            db.blob_refs.insert(sha256, count)?;
+        if self.db.is_some() {
+            self.last.blob_refs.insert(sha256.to_owned(), Some(count));
         }
         Op::BlobRefPut { sha256, count }.encode(&mut self.log);
         Ok(())
     }
 
     fn remove_blob_ref(&mut self, sha256: &str) -> StoreResult<()> {
-        if let Some(db) = self.db.as_mut() {
-            db.blob_refs.remove(sha256)?;
+        if self.db.is_some() {
+            self.last.blob_refs.insert(sha256.to_owned(), None);
         }
         Op::BlobRefRemove { sha256 }.encode(&mut self.log);
         Ok(())
@@ -514,6 +549,7 @@ pub(crate) fn reconcile_segments(
             let base = state.streams.get(&s.id).map_or(0, super::reader::base);
             segments.truncate(s.id, s.new_tail - base)?;
         }
+        t.finish()?;
         if let Some(db) = t.db.as_mut() {
             db.counters.insert(WAL_SEQ, wal.last_seq())?;
         }
@@ -996,6 +1032,7 @@ fn reload(shared: &Shared, journal: &Journal) -> StoreResult<WriterState> {
         let mut t = Tables::open(&txn, &shared.segments)?;
         t.touch_files = false;
         wal.for_each_unapplied(&mut |payload| t.apply_record(payload))?;
+        t.finish()?;
         let db_tables = t.db.as_ref().ok_or_else(|| StoreError::Storage("tables are open".into()))?;
         WriterState::from_tables(&db_tables.streams, &db_tables.producers, &db_tables.blob_refs, &db_tables.counters)?
     };
