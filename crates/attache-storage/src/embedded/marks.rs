@@ -270,7 +270,7 @@ impl Pending {
         i.checked_sub(1).and_then(|i| self.marks.get(i)).copied().map(unpack)
     }
 
-    /// Bytes held (for memory accounting in tests and metrics).
+    /// How many boundaries are held.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.marks.len()

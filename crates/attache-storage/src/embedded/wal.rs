@@ -5,10 +5,10 @@
 //! for a batch of small appends that is ~24× the payload, scattered over the
 //! file. The log instead writes the batch's changes once, sequentially, into a
 //! file whose blocks already exist (so `fdatasync` flushes data and no
-//! metadata), and syncs that. redb then commits without syncing, which makes
-//! the batch visible to readers; every second, and whenever the log is full, a
-//! durable redb commit (a *checkpoint*) makes everything logged so far
-//! redundant, and the log starts over at its beginning.
+//! metadata), and syncs that, which makes the batch visible to readers; redb
+//! gets nothing per batch. Every 3 s, and whenever a log file is half full, a
+//! *checkpoint* applies the logged records to redb in one durable commit
+//! (`writer.rs`), and the log file it covered starts over at its beginning.
 //!
 //! A record is one batch: `magic "AWL2" | payload length u32 | seq u64 | crc32
 //! of (seq, payload) u32 | payload`, little-endian. The payload is a list of
@@ -260,7 +260,6 @@ pub(crate) struct Wal {
     /// The seq the next record carries.
     next_seq: u64,
     /// Where the last record written starts, until the log starts over.
-    last_start: Option<u64>,
     /// The seq of the first record since the last checkpoint.
     round_start: u64,
     sync: bool,
@@ -326,7 +325,6 @@ impl Wal {
             allocated,
             capacity: capacity.max(pos),
             next_seq: expected,
-            last_start: None,
             round_start: checkpointed + 1,
             sync,
             faults,
@@ -399,7 +397,6 @@ impl Wal {
             }
             return Err(err);
         }
-        self.last_start = Some(self.pos);
         self.pos += len;
         self.next_seq += 1;
         Ok(seq)
@@ -428,7 +425,6 @@ impl Wal {
     /// After a durable checkpoint covering [`Wal::last_seq`]: the log starts over.
     pub(crate) fn reset(&mut self) {
         self.pos = 0;
-        self.last_start = None;
         self.round_start = self.next_seq;
     }
 
@@ -436,7 +432,6 @@ impl Wal {
     /// beginning with seq `next_seq` (the other file holds the seqs before).
     fn continue_from(&mut self, next_seq: u64) {
         self.pos = 0;
-        self.last_start = None;
         self.next_seq = next_seq;
         self.round_start = next_seq;
     }
@@ -568,7 +563,6 @@ impl Logs {
             allocated,
             capacity,
             next_seq,
-            last_start: None,
             round_start: next_seq,
             sync,
             faults: faults.clone(),
