@@ -67,24 +67,32 @@ pub(crate) fn last_in(ix: &dyn MarkIndex, id: u64, lo: u64, hi: u64) -> StoreRes
 }
 
 /// The boundaries of stream `id` in `[lo, hi)`, each with its end (the next
-/// boundary, or `end` for the last): `(start, end, flags)`.
-pub(crate) fn between(ix: &dyn MarkIndex, id: u64, lo: u64, hi: u64, end: u64) -> StoreResult<Vec<(u64, u64, u8)>> {
-    let mut out: Vec<(u64, u64, u8)> = Vec::new();
-    let mut at = lo;
-    while let Some((pos, flags)) = ix.next_from(id, at)? {
-        if pos >= hi {
-            if let Some(last) = out.last_mut() {
-                last.1 = pos;
+/// boundary, or `end` for the last): `(start, end, flags)`. Lazy: a caller
+/// that stops early (a fork's sub-offset stops at the end of one append)
+/// looks up only what it takes.
+pub(crate) fn between<'a>(
+    ix: &'a dyn MarkIndex,
+    id: u64,
+    lo: u64,
+    hi: u64,
+    end: u64,
+) -> impl Iterator<Item = StoreResult<(u64, u64, u8)>> + 'a {
+    let mut current = Some(ix.next_from(id, lo));
+    std::iter::from_fn(move || {
+        let (pos, flags) = match current.take()? {
+            Ok(Some((pos, flags))) if pos < hi => (pos, flags),
+            Ok(_) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        match ix.next_from(id, pos + 1) {
+            Ok(following) => {
+                let row_end = following.map_or(end, |(p, _)| p);
+                current = Some(Ok(following));
+                Some(Ok((pos, row_end, flags)))
             }
-            break;
+            Err(e) => Some(Err(e)),
         }
-        if let Some(last) = out.last_mut() {
-            last.1 = pos;
-        }
-        out.push((pos, end, flags));
-        at = pos + 1;
-    }
-    Ok(out)
+    })
 }
 
 /// Runs in a redb table (a read transaction's, or a write transaction's).
@@ -369,7 +377,10 @@ mod tests {
         assert_eq!(runs.prev_upto(7, 25).unwrap(), Some((20, 1)));
         assert!(is_start(&runs, 7, 5).unwrap());
         assert!(!is_start(&runs, 7, 6).unwrap());
-        assert_eq!(between(&runs, 7, 5, 20, 30).unwrap(), vec![(5, 9, ROW_FLAG), (9, 12, 0), (12, 20, 0)]);
+        assert_eq!(
+            between(&runs, 7, 5, 20, 30).collect::<StoreResult<Vec<_>>>().unwrap(),
+            vec![(5, 9, ROW_FLAG), (9, 12, 0), (12, 20, 0)]
+        );
         struct P(Pending);
         impl MarkIndex for P {
             fn next_from(&self, _: u64, pos: u64) -> StoreResult<Option<(u64, u8)>> {

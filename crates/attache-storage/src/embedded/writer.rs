@@ -1620,10 +1620,8 @@ impl WriterState {
         let owner_tail = self.streams.get(&seg.id).map_or(seg.hi, |s| s.tail);
         with_marks(shared, t, |ix| {
             if src.is_json() {
-                let rows = marks::between(ix, seg.id, anchor, seg.hi, owner_tail)?;
-                let rows = rows
-                    .into_iter()
-                    .map(|(start, end, flags)| Ok((start, end - start - 1, flags & ROW_ENDS_APPEND != 0)));
+                let rows = marks::between(ix, seg.id, anchor, seg.hi, owner_tail)
+                    .map(|row| row.map(|(start, end, flags)| (start, end - start - 1, flags & ROW_ENDS_APPEND != 0)));
                 rules::json_sub_offset(rows, sub)
             } else {
                 let row = match ix.prev_upto(seg.id, anchor)? {
