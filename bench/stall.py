@@ -70,7 +70,7 @@ def probe(port, pid, seconds):
     """Runs in its own process, so the load's event loop cannot delay it: /healthz on a fresh
     connection every 200 ms, the server's RSS every second. Prints one JSON line."""
     import json
-    latencies, failures, samples = [], [], []
+    latencies, failures, samples, slow = [], [], [], []
     started = time.monotonic()
     next_sample = started
     while time.monotonic() - started < seconds:
@@ -87,6 +87,7 @@ def probe(port, pid, seconds):
             took = time.perf_counter() - t0
             if data.startswith(b"HTTP/1.1 200"):
                 latencies.append(took)
+                slow.append((took, time.monotonic() - started))
             else:
                 failures.append(data[:12].decode(errors="replace"))
         except OSError as err:
@@ -96,7 +97,8 @@ def probe(port, pid, seconds):
             samples.append((now - started, rss_kib(pid)))
             next_sample += 1.0
         time.sleep(0.2)
-    print(json.dumps({"latencies": latencies, "failures": failures, "samples": samples}))
+    slow = sorted(slow, reverse=True)[:5]
+    print(json.dumps({"latencies": latencies, "failures": failures, "samples": samples, "slowest": slow}))
 
 
 class Counts:
@@ -260,6 +262,7 @@ async def run(args):
             say(f"/healthz on a fresh connection: {len(lat)} answered 200, {len(failures)} not "
                 f"({sorted(set(map(str, failures)))}); ms p50 {p(0.5):.2f}  p99 {p(0.99):.2f}  max {lat[-1]:.2f}  "
                 f"mean {statistics.mean(lat):.2f}")
+            say("slowest /healthz: " + ", ".join(f"{took * 1000:.1f} ms at t={t:.1f}s" for took, t in probed["slowest"]))
         else:
             say(f"/healthz never answered 200: {failures[:10]}")
         say(f"stalled connections closed by the server: {counts.stalled_closed_by_server}; "

@@ -117,6 +117,7 @@ pub async fn serve(
         let stream = match accepted {
             Ok((stream, _peer)) => {
                 backoff = ACCEPT_BACKOFF.0;
+                tune(&stream);
                 stream
             }
             Err(err) if is_connection_error(&err) => continue,
@@ -150,6 +151,40 @@ pub async fn serve(
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// Most response bytes the kernel holds unsent for one connection (beyond
+/// what the client's receive window has taken): writes wait once this much
+/// is queued. Without it the kernel's send buffer grows to megabytes per
+/// socket, and a burst of readers that do not read (or read slowly) makes the
+/// server copy megabytes into each socket before it notices (`bench/stall.sh`:
+/// 200 such SSE readers opened at once held `/healthz` for half a second).
+pub const SOCKET_UNSENT_BYTES: usize = 64 << 10;
+
+/// Per-socket options: answers go out as soon as they are written (no Nagle
+/// delay between an SSE event and the next), and the unsent queue is bounded.
+fn tune(stream: &TcpStream) {
+    if let Err(err) = stream.set_nodelay(true) {
+        tracing::debug!(%err, "cannot set TCP_NODELAY");
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd as _;
+        let lowat = libc::c_int::try_from(SOCKET_UNSENT_BYTES).unwrap_or(libc::c_int::MAX);
+        // SAFETY: a valid socket descriptor, an option of type int, its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                std::ptr::addr_of!(lowat).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(err = %io::Error::last_os_error(), "cannot set TCP_NOTSENT_LOWAT");
+        }
+    }
 }
 
 /// Errors about one incoming connection, not about the listener.
@@ -534,6 +569,32 @@ mod tests {
         // A tiny limit still leaves one connection and a few files.
         assert_eq!(fd_budget(4096, 4096, Some(10)), (1, MIN_OPEN_FILES));
         assert_eq!(fd_budget(usize::MAX, 4096, None), (Semaphore::MAX_PERMITS, 4096));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_sockets_send_at_once_and_bound_their_unsent_bytes() {
+        use std::os::fd::AsRawFd as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        tune(&accepted);
+        assert!(accepted.nodelay().unwrap());
+        let mut lowat: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid socket, an int-sized option and its size.
+        let rc = unsafe {
+            libc::getsockopt(
+                accepted.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                std::ptr::addr_of_mut!(lowat).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        assert_eq!(usize::try_from(lowat).unwrap(), SOCKET_UNSENT_BYTES);
     }
 
     #[test]

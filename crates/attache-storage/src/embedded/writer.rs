@@ -922,6 +922,11 @@ pub(crate) fn run(
 fn checkpoint(shared: &Shared, journal: &mut Journal, state: &mut WriterState) -> StoreResult<()> {
     // A checkpoint in progress completes first (or hands its files back); this one covers everything.
     finish_checkpoint(shared, journal, state, true);
+    // The checkpoint that just finished may have failed and lost the database
+    // (its reopen failing too): its error says why, not "reopening".
+    if let Some(err) = &journal.lost {
+        return Err(err.clone());
+    }
     // The segment files first: once redb says the log is redundant, they must hold every byte it held.
     if let Err(err) = shared.segments.sync_dirty() {
         shared.health.fail(Source::Segment, &err);
