@@ -7,7 +7,9 @@
 //! are blocked. [`Tracked`] counts the requests in flight on the connection:
 //! a request is in flight from its header until its response body ends, so a
 //! long-poll or an SSE response in progress is never idle. The connection's
-//! task closes it at the first deadline that passes:
+//! task closes it at the first deadline that passes (it looks every quarter
+//! of the shortest timeout, at most every second, and requests only update
+//! atomics, so a busy connection pays no timer work per request):
 //!
 //! - header read: a new connection must deliver its first request header
 //!   within `header_read_timeout`; so must a kept-alive one once the first
@@ -219,9 +221,14 @@ async fn serve_connection(
     let service = Tracked { app, activity: activity.clone() };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
+    // The timer is checked every `period` (and at the deadline, when that is
+    // sooner), not re-armed per request: requests only update atomics, so a
+    // busy kept-alive connection costs its task no extra wake-ups.
+    let period = check_period(&limits);
+    let check = tokio::time::sleep_until(next_check(&activity, &limits, period));
+    tokio::pin!(check);
     let mut stopping = false;
     loop {
-        let due = activity.deadline(&limits);
         tokio::select! {
             served = conn.as_mut() => {
                 if let Err(err) = served {
@@ -229,8 +236,7 @@ async fn serve_connection(
                 }
                 return;
             }
-            _ = activity.changed.notified() => {}
-            _ = until(due.map(|(at, _)| at)) => {
+            _ = &mut check => {
                 if let Some((at, why)) = activity.deadline(&limits) {
                     if at <= Instant::now() {
                         activity.metrics.connection_closed(why);
@@ -238,9 +244,12 @@ async fn serve_connection(
                         return;
                     }
                 }
+                check.as_mut().reset(next_check(&activity, &limits, period));
             }
+            _ = activity.stopping.notified(), if stopping => {}
             _ = shutdown.cancelled(), if !stopping => {
                 stopping = true;
+                activity.stop.store(true, Ordering::Release);
                 conn.as_mut().graceful_shutdown();
             }
         }
@@ -252,10 +261,19 @@ async fn serve_connection(
     }
 }
 
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// How often a connection looks at its deadlines: a deadline is kept to
+/// within a quarter of the shortest timeout (at most a second late).
+fn check_period(limits: &Limits) -> Duration {
+    let shortest = limits.header_read_timeout.min(limits.idle_timeout).min(limits.slow_reader_timeout);
+    (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// The next look: the deadline in force, or one period from now if that is sooner.
+fn next_check(activity: &Activity, limits: &Limits, period: Duration) -> Instant {
+    let soon = Instant::now() + period;
+    match activity.deadline(limits) {
+        Some((at, _)) if at < soon => at,
+        _ => soon,
     }
 }
 
@@ -295,8 +313,9 @@ struct Activity {
     reading_since: AtomicU64,
     /// Milliseconds after `opened`: since when writes are blocked; `NEVER` when they are not.
     blocked_since: AtomicU64,
-    /// Wakes the connection's task when a deadline may have come closer.
-    changed: Notify,
+    /// The server is shutting down: the last request to end wakes the connection's task.
+    stop: AtomicBool,
+    stopping: Notify,
     metrics: Arc<Metrics>,
     _open: crate::metrics::OpenConnection,
 }
@@ -313,7 +332,8 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             reading_since: AtomicU64::new(NEVER),
             blocked_since: AtomicU64::new(NEVER),
-            changed: Notify::new(),
+            stop: AtomicBool::new(false),
+            stopping: Notify::new(),
             _open: crate::metrics::OpenConnection::new(metrics.clone()),
             metrics,
         }
@@ -365,7 +385,6 @@ impl Activity {
     fn read_some(&self) {
         if self.in_flight.load(Ordering::Acquire) == 0 && self.reading_since.load(Ordering::Acquire) == NEVER {
             self.reading_since.store(self.now_ms(), Ordering::Release);
-            self.changed.notify_one();
         }
     }
 
@@ -373,7 +392,6 @@ impl Activity {
         let was = self.blocked_since.load(Ordering::Acquire);
         if blocked && was == NEVER {
             self.blocked_since.store(self.now_ms(), Ordering::Release);
-            self.changed.notify_one();
         } else if !blocked && was != NEVER {
             self.blocked_since.store(NEVER, Ordering::Release);
         }
@@ -387,8 +405,8 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let a = &self.0;
         a.idle_since.store(a.now_ms(), Ordering::Release);
-        if a.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            a.changed.notify_one();
+        if a.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 && a.stop.load(Ordering::Acquire) {
+            a.stopping.notify_one();
         }
     }
 }
