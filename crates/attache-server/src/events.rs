@@ -56,11 +56,9 @@ pub async fn ensure_stream(store: &dyn StreamStore) -> Result<(), StoreError> {
     }
 }
 
-/// Appends events to the global stream: `body` is a JSON array, one element per event.
-pub async fn append_events(store: &dyn StreamStore, envelopes: &[Vec<u8>]) -> ApiResult<()> {
-    let req = AppendRequest::json_messages(EVENTS_PATH.into(), crate::rows::json_content_type(), envelopes, false);
-    store.append(req).await?;
-    Ok(())
+/// The append of events (serialized envelopes, one message each) to the global stream.
+pub fn events_append(envelopes: &[Vec<u8>]) -> AppendRequest {
+    AppendRequest::json_messages(EVENTS_PATH.into(), crate::rows::json_content_type(), envelopes, false)
 }
 
 /// Events read from the global stream, each with `offset`: where to resume after it.

@@ -44,8 +44,30 @@ pub trait StreamStore: Send + Sync + 'static {
     /// Creates a stream (or a fork), or confirms an identical one exists.
     async fn create(&self, req: CreateStream) -> StoreResult<CreateOutcome>;
 
-    /// Appends to (and/or closes) a stream.
+    /// Appends to (and/or closes) a stream. Its place in the stream's order
+    /// is decided when it reaches the backend's writer, at some await of the
+    /// returned future: two of these in flight at once commit in either
+    /// order. A caller that needs an order uses [`append_in_order`](StreamStore::append_in_order).
     async fn append(&self, req: AppendRequest) -> StoreResult<AppendOutcome>;
+
+    /// Appends to (and/or closes) a stream, its place in the stream's commit
+    /// order fixed before this returns. **The ordering contract:** of two
+    /// calls of `append_in_order` on this store for the same stream, where
+    /// one returned before the other was made (one task making them in
+    /// sequence, or several taking turns under a lock), the first commits
+    /// first: the second's bytes are never visible, and never acknowledged,
+    /// before the first's outcome is decided, and when both commit the
+    /// first's bytes come first in the stream. A call that fails (a refusal,
+    /// a failed commit) takes only itself out: the calls after it still
+    /// commit, in order.
+    ///
+    /// The append goes ahead whether or not the returned future is polled;
+    /// the future only answers (once the append is durable, or refused), and
+    /// dropping it drops the answer, not the append. No order is promised
+    /// between streams, between calls made concurrently, between store
+    /// instances (PostgreSQL: other processes on the same database), or
+    /// against [`append`](StreamStore::append).
+    fn append_in_order(&self, req: AppendRequest) -> InOrderAppend;
 
     /// Deletes a stream; a stream with live forks is soft-deleted (410
     /// afterwards) and keeps its path until a create takes it
@@ -95,6 +117,19 @@ pub trait StreamStore: Send + Sync + 'static {
     /// this gives the new stream a life of its own.)
     async fn link_blob_stream(&self, req: CreateStream, source: &str) -> StoreResult<StreamInfo>;
 
+    /// [`create_blob_stream`](StreamStore::create_blob_stream) and an append
+    /// to another stream, in one commit: both or neither (an upload's blob
+    /// stream and its `complete` manifest row). A refusal of either (a stream
+    /// at `req.path`: `ConfigMismatch`; `row`'s stream missing, closed or of
+    /// another type) commits nothing and drops the staged blob; `row` takes
+    /// no producer headers (`Invalid`) and must name another stream.
+    async fn create_blob_stream_and_append(
+        &self,
+        req: CreateStream,
+        blob: StagedBlob,
+        row: AppendRequest,
+    ) -> StoreResult<(StreamInfo, AppendOutcome)>;
+
     /// A new staging file for blob bytes; it disappears unless handed to `create_blob_stream`.
     async fn stage_blob(&self) -> StoreResult<BlobWriter>;
 
@@ -114,6 +149,10 @@ pub trait StreamStore: Send + Sync + 'static {
     fn appends_committed(&self) -> u64;
 }
 
+/// The answer of an [`StreamStore::append_in_order`]: an append already in
+/// its place, completing once it is durable (or refused).
+pub type InOrderAppend = futures::future::BoxFuture<'static, StoreResult<AppendOutcome>>;
+
 pub(crate) use attache_core::now_ms;
 
 /// Counts committed appends; each backend holds one and feeds it every append's outcome.
@@ -122,7 +161,14 @@ pub struct AppendCounter(std::sync::atomic::AtomicU64);
 
 impl AppendCounter {
     pub fn record(&self, outcome: &StoreResult<AppendOutcome>) {
-        if matches!(outcome, Ok(o) if !o.duplicate) {
+        if let Ok(o) = outcome {
+            self.count(o);
+        }
+    }
+
+    /// Counts one committed append (not a retry answered from producer state).
+    pub fn count(&self, outcome: &AppendOutcome) {
+        if !outcome.duplicate {
             self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }

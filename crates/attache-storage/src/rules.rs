@@ -53,6 +53,18 @@ impl PreparedAppend {
     }
 }
 
+/// The row a blob stream is created with (`StreamStore::create_blob_stream_and_append`):
+/// written to another stream, and never a retry (no producer, a body).
+pub(crate) fn check_blob_row(req: &CreateStream, row: &AppendRequest) -> StoreResult<()> {
+    if row.path == req.path.as_str() {
+        return Err(StoreError::Invalid("a blob stream's row goes to another stream".into()));
+    }
+    if row.producer.is_some() || row.body.is_empty() {
+        return Err(StoreError::Invalid("a blob stream's row has a body and no producer".into()));
+    }
+    Ok(())
+}
+
 /// What to do with an append, decided against the stream's committed state.
 pub(crate) enum AppendDecision {
     /// Nothing to write: answer with this (a retry, or a close of a closed stream).

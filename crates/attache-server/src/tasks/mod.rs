@@ -9,7 +9,8 @@
 //! main stream (collection `event`) and to the global events stream.
 //!
 //! Writes to one task are ordered by a per-task lock that is held only while
-//! the write is *queued*, not while it syncs: see [`Writers`].
+//! the write is decided and *placed* in its streams' commit order
+//! (`StreamStore::append_in_order`), not while it syncs: see [`Writers`].
 //!
 //! One file per part: `budget` (the bytes of attachment values one
 //! response may carry), `dispatch` (the method table and the checks every

@@ -3,7 +3,6 @@
 //! by a guard that gives it back on drop, so no early return leaks one.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::sync::Arc;
 
 use attache_core::manifest::ManifestEntry;
@@ -19,9 +18,10 @@ pub struct Pending {
 }
 
 /// Write ordering for one task. A write holds its locks while it is decided
-/// and *queued*, and releases them before it syncs: the embedded store queues
-/// an append on its first poll and commits its queue in order, so this keeps
-/// the writes in order while many of them share one group commit.
+/// and *placed* in its streams' commit order (`StreamStore::append_in_order`,
+/// whose contract is that appends placed in sequence commit in that
+/// sequence), and releases them before it syncs: so the writes stay in order
+/// while many of them share one group commit.
 ///
 /// Task changes (status, assignment, deletion) take `order` exclusively.
 /// Attachment writes share `order` and serialize per key only, so writes of
@@ -146,18 +146,4 @@ impl Writers {
     pub fn tombstones_len(&self) -> usize {
         self.tombstones.lock().len()
     }
-}
-
-/// Polls a write once (which queues it), so it can be finished after the task lock is released.
-pub(super) async fn queue<F: Future + Send>(fut: F) -> std::pin::Pin<Box<futures::future::MaybeDone<F>>> {
-    let mut started = Box::pin(futures::future::maybe_done(fut));
-    let _ = futures::poll!(started.as_mut());
-    started
-}
-
-pub(super) async fn finish<F: Future + Send>(
-    mut started: std::pin::Pin<Box<futures::future::MaybeDone<F>>>,
-) -> Option<F::Output> {
-    started.as_mut().await;
-    started.as_mut().take_output()
 }

@@ -1,6 +1,7 @@
 //! What a change writes: manifest rows and `event` rows on the task's main
-//! stream, the same events on the global events stream, queued in order and
-//! finished after the task lock is released (`write_task`).
+//! stream, the same events on the global events stream, placed in each
+//! stream's commit order (`StreamStore::append_in_order`) while the task
+//! lock is held and awaited after it is released (`write_task`).
 
 use std::future::Future;
 
@@ -12,7 +13,6 @@ use serde_json::Value;
 
 use super::dispatch::{task_missing, Missing};
 use super::ids::{main_path, new_event_id};
-use super::ordering::{finish, queue};
 use super::{ApiError, ApiResult, TASK_TYPE};
 use crate::access::now_ms;
 use crate::events;
@@ -84,8 +84,10 @@ pub(super) enum Row {
 }
 
 /// Appends `rows` plus one `event` row per event to the task's main stream,
-/// and the events to the global events stream: queued now (in order), finished
-/// by the returned future. Each event is serialized once for both streams.
+/// and the events to the global events stream: placed in both streams'
+/// commit order before this returns (`StreamStore::append_in_order`: the
+/// caller holds the task's lock, so the task's writes commit in the order
+/// they were decided), durable when the returned future completes. Each event is serialized once for both streams.
 /// Only into the life `incarnation` names: it holds the task's life lock
 /// shared until the writes finish (`access::Lives`), and a task purged
 /// meanwhile (and perhaps created again, by anyone) is "not found" (-32602),
@@ -144,32 +146,19 @@ pub(super) async fn write_task(
     if let Err(e) = serialized {
         return futures::future::Either::Left(futures::future::ready(Err(ApiError::internal(e))));
     }
-    let store = state.store.clone();
     let main_req = AppendRequest::json_messages(main_path(task_id), json_content_type(), &main_rows, close);
-    let main_write = queue(async move {
-        store.append(main_req).await.map(|_| ()).map_err(|e| match e {
-            StoreError::Closed { .. } => not_running(),
-            other => ApiError::from(other),
-        })
-    })
-    .await;
-    let global_write = if envelopes.is_empty() {
-        None
-    } else {
-        let store = state.store.clone();
-        Some(queue(async move { events::append_events(store.as_ref(), &envelopes).await }).await)
-    };
+    let main_write = state.store.append_in_order(main_req);
+    let global_write = (!envelopes.is_empty()).then(|| state.store.append_in_order(events::events_append(&envelopes)));
     futures::future::Either::Right(async move {
         let _life = life;
-        let main = finish(main_write).await;
+        let main = main_write.await.map(drop).map_err(|e| match e {
+            StoreError::Closed { .. } => not_running(),
+            other => ApiError::from(other),
+        });
         let global = match global_write {
-            Some(w) => finish(w).await,
-            None => Some(Ok(())),
+            Some(w) => w.await.map(drop).map_err(ApiError::from),
+            None => Ok(()),
         };
-        match (main, global) {
-            (Some(Ok(())), Some(Ok(()))) => Ok(()),
-            (Some(Err(e)), _) | (_, Some(Err(e))) => Err(e),
-            _ => Err(ApiError::internal("a queued write vanished")),
-        }
+        main.and(global)
     })
 }

@@ -366,6 +366,8 @@ impl BlobDir {
 pub(crate) enum Command {
     Create(CreateStream, oneshot::Sender<StoreResult<CreateOutcome>>),
     CreateBlob(CreateStream, StagedBlob, oneshot::Sender<StoreResult<StreamInfo>>),
+    /// A blob stream and an append to another stream, both or neither (`create_blob_stream_and_append`).
+    CreateBlobWithRow(Box<(CreateStream, StagedBlob, writer::PreparedAppend)>, oneshot::Sender<BlobWithRow>),
     /// A blob stream over the blob of the stream at the given path (`link_blob_stream`).
     LinkBlob(CreateStream, String, oneshot::Sender<StoreResult<StreamInfo>>),
     Append(writer::PreparedAppend, oneshot::Sender<StoreResult<AppendOutcome>>),
@@ -375,6 +377,9 @@ pub(crate) enum Command {
     /// Deletes a stream found expired (fire and forget).
     Expire(u64),
 }
+
+/// The answer of [`Command::CreateBlobWithRow`].
+pub(crate) type BlobWithRow = StoreResult<Box<(StreamInfo, AppendOutcome)>>;
 
 /// Damage found at start: the file, where in it, and what was done.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -389,7 +394,7 @@ pub struct EmbeddedStore {
     shared: Arc<Shared>,
     commands: parking_lot::Mutex<Option<std::sync::mpsc::Sender<Command>>>,
     writer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
-    appends: crate::AppendCounter,
+    appends: Arc<crate::AppendCounter>,
     damage: Vec<Damage>,
     /// Read permits: the one `spawn_blocking` boundary of the read path is
     /// crossed by at most `read_threads` reads at once.
@@ -473,7 +478,7 @@ impl EmbeddedStore {
             shared,
             commands: parking_lot::Mutex::new(Some(tx)),
             writer: parking_lot::Mutex::new(Some(writer)),
-            appends: crate::AppendCounter::default(),
+            appends: Arc::default(),
             damage,
             reads,
         })
@@ -528,13 +533,29 @@ impl StreamStore for EmbeddedStore {
     }
 
     async fn append(&self, req: AppendRequest) -> StoreResult<AppendOutcome> {
-        let entry = self.entry(&req.path)?;
-        let prepared = writer::PreparedAppend::prepare(req, &entry.info())?;
-        let outcome = self.call(|tx| Command::Append(prepared, tx)).await;
-        // Any write, even a retried one, resets a sliding TTL.
-        entry.touch();
-        self.appends.record(&outcome);
-        outcome
+        self.append_in_order(req).await
+    }
+
+    /// The writer takes commands from one channel and commits them in the
+    /// order they arrive (batches in turn, each in its order), so the send,
+    /// made here before returning, fixes the append's place.
+    fn append_in_order(&self, req: AppendRequest) -> crate::InOrderAppend {
+        let sent = (|| -> StoreResult<_> {
+            let entry = self.entry(&req.path)?;
+            let prepared = writer::PreparedAppend::prepare(req, &entry.info())?;
+            let (tx, rx) = oneshot::channel();
+            self.send(Command::Append(prepared, tx))?;
+            Ok((entry, rx))
+        })();
+        let appends = self.appends.clone();
+        Box::pin(async move {
+            let (entry, rx) = sent?;
+            let outcome = rx.await.unwrap_or(Err(StoreError::ShuttingDown));
+            // Any write, even a retried one, resets a sliding TTL.
+            entry.touch();
+            appends.record(&outcome);
+            outcome
+        })
     }
 
     async fn delete(&self, path: &str) -> StoreResult<()> {
@@ -604,6 +625,23 @@ impl StreamStore for EmbeddedStore {
 
     async fn create_blob_stream(&self, req: CreateStream, blob: StagedBlob) -> StoreResult<StreamInfo> {
         self.call(|tx| Command::CreateBlob(req, blob, tx)).await
+    }
+
+    async fn create_blob_stream_and_append(
+        &self,
+        req: CreateStream,
+        blob: StagedBlob,
+        row: AppendRequest,
+    ) -> StoreResult<(StreamInfo, AppendOutcome)> {
+        crate::rules::check_blob_row(&req, &row)?;
+        let entry = self.entry(&row.path)?;
+        let prepared = writer::PreparedAppend::prepare(row, &entry.info())?;
+        let outcome = self.call(|tx| Command::CreateBlobWithRow(Box::new((req, blob, prepared)), tx)).await.map(|b| *b);
+        entry.touch();
+        if let Ok((_, appended)) = &outcome {
+            self.appends.count(appended);
+        }
+        outcome
     }
 
     async fn link_blob_stream(&self, req: CreateStream, source: &str) -> StoreResult<StreamInfo> {

@@ -31,7 +31,8 @@ use tokio::sync::oneshot;
 use super::segments::{DirtySet, Segments};
 use super::wal::{LogDamage, LogRecords, Logs, Op};
 use super::{
-    now_ms, Command, EmbeddedConfig, Shared, StreamEntry, BLOB_REFS, COUNTERS, PRODUCERS, ROW_ENDS_APPEND, STREAMS,
+    now_ms, BlobWithRow, Command, EmbeddedConfig, Shared, StreamEntry, BLOB_REFS, COUNTERS, PRODUCERS, ROW_ENDS_APPEND,
+    STREAMS,
 };
 use crate::error::{StoreError, StoreResult};
 use crate::health::Source;
@@ -797,6 +798,7 @@ fn refuse(cmd: Command, err: &StoreError) {
     match cmd {
         Command::Create(_, tx) => drop(tx.send(Err(err.clone()))),
         Command::CreateBlob(_, _, tx) | Command::LinkBlob(_, _, tx) => drop(tx.send(Err(err.clone()))),
+        Command::CreateBlobWithRow(_, tx) => drop(tx.send(Err(err.clone()))),
         Command::Append(_, tx) => drop(tx.send(Err(err.clone()))),
         Command::Delete(_, tx) | Command::DeleteId(_, _, tx) => drop(tx.send(Err(err.clone()))),
         Command::Expire(_) => {}
@@ -806,6 +808,7 @@ fn refuse(cmd: Command, err: &StoreError) {
 enum Reply {
     Create(oneshot::Sender<StoreResult<CreateOutcome>>, StoreResult<CreateOutcome>),
     CreateBlob(oneshot::Sender<StoreResult<StreamInfo>>, StoreResult<StreamInfo>),
+    CreateBlobWithRow(oneshot::Sender<BlobWithRow>, BlobWithRow),
     Append(oneshot::Sender<StoreResult<AppendOutcome>>, StoreResult<AppendOutcome>),
     Delete(oneshot::Sender<StoreResult<()>>, StoreResult<()>),
 }
@@ -816,6 +819,7 @@ impl Reply {
         match self {
             Reply::Create(tx, r) => drop(tx.send(r)),
             Reply::CreateBlob(tx, r) => drop(tx.send(r)),
+            Reply::CreateBlobWithRow(tx, r) => drop(tx.send(r)),
             Reply::Append(tx, r) => drop(tx.send(r)),
             Reply::Delete(tx, r) => drop(tx.send(r)),
         }
@@ -825,6 +829,7 @@ impl Reply {
         match self {
             Reply::Create(tx, _) => drop(tx.send(Err(err))),
             Reply::CreateBlob(tx, _) => drop(tx.send(Err(err))),
+            Reply::CreateBlobWithRow(tx, _) => drop(tx.send(Err(err))),
             Reply::Append(tx, _) => drop(tx.send(Err(err))),
             Reply::Delete(tx, _) => drop(tx.send(Err(err))),
         }
@@ -1117,6 +1122,16 @@ fn commit_batch(
                             Ok(r) => replies.push(Reply::CreateBlob(tx, r)),
                             Err(e) => {
                                 replies.push(Reply::CreateBlob(tx, Err(e.clone())));
+                                return Err(e);
+                            }
+                        }
+                    }
+                    Command::CreateBlobWithRow(parts, tx) => {
+                        let (req, blob, row) = *parts;
+                        match escalate(state.create_blob_with_row(&mut t, &mut changes, shared, req, blob, row)) {
+                            Ok(r) => replies.push(Reply::CreateBlobWithRow(tx, r)),
+                            Err(e) => {
+                                replies.push(Reply::CreateBlobWithRow(tx, Err(e.clone())));
                                 return Err(e);
                             }
                         }
@@ -1532,6 +1547,45 @@ impl WriterState {
             changes.adopted.push(blob.sha256.clone());
         }
         self.add_blob_stream(t, changes, path, &req, BlobRef { sha256: blob.sha256.clone(), len: blob.len })
+    }
+
+    /// `create_blob` and an append to another stream, in this batch's one
+    /// record: both or neither (`StreamStore::create_blob_stream_and_append`).
+    /// The append is checked before anything changes, so once the blob
+    /// stream is made nothing but a disk error (which fails the whole batch)
+    /// can stop the append.
+    fn create_blob_with_row(
+        &mut self,
+        t: &mut Tables,
+        changes: &mut Changes,
+        shared: &Shared,
+        req: CreateStream,
+        blob: StagedBlob,
+        row: PreparedAppend,
+    ) -> BlobWithRow {
+        self.check_append(&row)?;
+        let info = self.create_blob(t, changes, shared, req, blob)?;
+        let outcome = self.append(t, changes, row).map_err(|e| match e {
+            e @ (StoreError::Storage(_) | StoreError::StorageFull(_) | StoreError::Unavailable(_)) => e,
+            other => {
+                StoreError::Storage(format!("an append checked before its blob stream was refused after: {other}"))
+            }
+        })?;
+        Ok(Box::new((info, outcome)))
+    }
+
+    /// Would [`append`](Self::append) take `p` now? Changes nothing.
+    fn check_append(&self, p: &PreparedAppend) -> StoreResult<()> {
+        let id = *self.paths.get(&p.req.path).ok_or(StoreError::NotFound)?;
+        if id != p.stream_id {
+            return Err(StoreError::NotFound);
+        }
+        let info = self.streams.get(&id).ok_or(StoreError::NotFound)?;
+        let state = p.req.producer.as_ref().and_then(|pr| self.producers.get(&(id, pr.id.clone())).copied());
+        match rules::decide_append(info, &p.req, state)? {
+            AppendDecision::Write { .. } => rules::place_rows(&mut info.tail.clone(), &p.rows, p.json).map(drop),
+            AppendDecision::Answer(_) => Err(StoreError::Invalid("the row of a blob stream must write".into())),
+        }
     }
 
     /// A new closed stream at `path` over `blob`, which gains a holder.

@@ -27,6 +27,7 @@
 //! the sweep are the next cut, after the engine work of issue 11 lands.
 
 mod blobs;
+mod order;
 mod reader;
 mod registry;
 pub mod test_cluster;
@@ -388,6 +389,8 @@ impl Shared {
 pub(crate) enum Command {
     Create(CreateStream, oneshot::Sender<StoreResult<CreateOutcome>>),
     CreateBlob(CreateStream, BlobRef, oneshot::Sender<StoreResult<StreamInfo>>),
+    /// A blob stream and an append to another stream, both or neither (`create_blob_stream_and_append`).
+    CreateBlobWithRow(Box<(CreateStream, BlobRef, PreparedAppend)>, oneshot::Sender<BlobWithRow>),
     /// A blob stream over the blob of the stream at the given path (`link_blob_stream`).
     LinkBlob(CreateStream, String, oneshot::Sender<StoreResult<StreamInfo>>),
     Append(PreparedAppend, oneshot::Sender<StoreResult<AppendOutcome>>),
@@ -397,6 +400,9 @@ pub(crate) enum Command {
     /// Deletes a stream found expired, if it still is (fire and forget).
     Expire(u64),
 }
+
+/// The answer of [`Command::CreateBlobWithRow`].
+pub(crate) type BlobWithRow = StoreResult<Box<(StreamInfo, AppendOutcome)>>;
 
 /// Both seams of the scale-out backend, sharing one pool and one listener.
 pub struct PgBackend {
@@ -425,7 +431,8 @@ pub async fn open(config: PgConfig) -> StoreResult<PgBackend> {
         commands: Mutex::new(Some(tx)),
         stop,
         tasks: Mutex::new(tasks),
-        appends: crate::AppendCounter::default(),
+        appends: Arc::default(),
+        lines: Arc::default(),
     };
     let registry = PgRegistry::new(shared, io);
     Ok(PgBackend { store, registry })
@@ -602,7 +609,9 @@ pub struct PgStore {
     commands: Mutex<Option<mpsc::UnboundedSender<Command>>>,
     stop: CancellationToken,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    appends: crate::AppendCounter,
+    appends: Arc<crate::AppendCounter>,
+    /// The per-stream FIFO of `append_in_order` (`order.rs`).
+    lines: Arc<order::Lines>,
 }
 
 impl PgStore {
@@ -656,21 +665,62 @@ impl PgStore {
     /// `entry` if its path still names it (even deleted but kept for its forks)
     /// and it has not expired (missing, its deletion queued).
     fn named_entry(&self, entry: Arc<StreamEntry>) -> StoreResult<Arc<StreamEntry>> {
-        let info = entry.info();
-        if info.unlinked {
-            return Err(StoreError::NotFound);
-        }
-        if !info.soft_deleted && entry.expired(&info, now_ms()) {
-            let _ = self.send(Command::Expire(info.id));
-            return Err(StoreError::NotFound);
-        }
-        Ok(entry)
+        named_entry(entry, |cmd| {
+            let _ = self.send(cmd);
+        })
     }
 
     /// This instance's id in notifications (for tests and logs).
     pub fn instance(&self) -> &str {
         &self.shared.instance
     }
+}
+
+/// `entry` if its path still names it and it has not expired (then its deletion goes to `send`).
+fn named_entry(entry: Arc<StreamEntry>, send: impl FnOnce(Command)) -> StoreResult<Arc<StreamEntry>> {
+    let info = entry.info();
+    if info.unlinked {
+        return Err(StoreError::NotFound);
+    }
+    if !info.soft_deleted && entry.expired(&info, now_ms()) {
+        send(Command::Expire(info.id));
+        return Err(StoreError::NotFound);
+    }
+    Ok(entry)
+}
+
+/// `entry` unless it is soft-deleted, unlinked or expired.
+fn live_entry(entry: Arc<StreamEntry>, send: impl FnOnce(Command)) -> StoreResult<Arc<StreamEntry>> {
+    let entry = named_entry(entry, send)?;
+    if entry.info().soft_deleted {
+        return Err(StoreError::Gone);
+    }
+    Ok(entry)
+}
+
+/// An append handed to the writer: its stream, and where its answer comes.
+type Sent = (Arc<StreamEntry>, oneshot::Receiver<StoreResult<AppendOutcome>>);
+
+/// Prepares `req` against `entry` and puts it in the writer's channel.
+fn send_append(
+    commands: &mpsc::UnboundedSender<Command>,
+    entry: StoreResult<Arc<StreamEntry>>,
+    req: AppendRequest,
+) -> StoreResult<Sent> {
+    let entry = entry?;
+    let prepared = PreparedAppend::prepare(req, &entry.info())?;
+    let (tx, rx) = oneshot::channel();
+    commands.send(Command::Append(prepared, tx)).map_err(|_| StoreError::ShuttingDown)?;
+    Ok((entry, rx))
+}
+
+/// The answer to a sent append, once the writer has it.
+async fn answer(sent: StoreResult<Sent>, appends: Arc<crate::AppendCounter>) -> StoreResult<AppendOutcome> {
+    let (entry, rx) = sent?;
+    let outcome = rx.await.unwrap_or(Err(StoreError::ShuttingDown));
+    entry.touch();
+    appends.record(&outcome);
+    outcome
 }
 
 #[async_trait]
@@ -686,6 +736,42 @@ impl StreamStore for PgStore {
         entry.touch();
         self.appends.record(&outcome);
         outcome
+    }
+
+    /// A stream known here goes into the writer's channel now; one that must
+    /// be looked up first takes a turn in its stream's line (`order.rs`).
+    fn append_in_order(&self, req: AppendRequest) -> crate::InOrderAppend {
+        let Some(commands) = self.commands.lock().clone() else {
+            return Box::pin(futures::future::ready(Err(StoreError::ShuttingDown)));
+        };
+        let appends = self.appends.clone();
+        let lines = self.lines.lock();
+        if !lines.has_line(&req.path) {
+            let known = self.shared.index.read().by_path.get(&req.path).cloned();
+            if let Some(entry) = known {
+                let entry = live_entry(entry, |cmd| drop(commands.send(cmd)));
+                let sent = send_append(&commands, entry, req);
+                drop(lines);
+                return Box::pin(answer(sent, appends));
+            }
+        }
+        let (turn, before) = lines.take_turn(&req.path);
+        let shared = self.shared.clone();
+        // On the database's runtime: the append goes ahead whether or not the caller polls.
+        let task = self.io.handle().spawn(async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            let found = match shared.clone().load_path(req.path.clone()).await {
+                Ok(Some(entry)) => live_entry(entry, |cmd| drop(commands.send(cmd))),
+                Ok(None) => Err(StoreError::NotFound),
+                Err(e) => Err(e),
+            };
+            let sent = send_append(&commands, found, req);
+            drop(turn);
+            answer(sent, appends).await
+        });
+        Box::pin(async move { task.await.map_err(|e| StoreError::Storage(format!("database task failed: {e}")))? })
     }
 
     async fn delete(&self, path: &str) -> StoreResult<()> {
@@ -733,6 +819,27 @@ impl StreamStore for PgStore {
         let shared = self.shared.clone();
         self.io.run(async move { shared.blobs.publish(&shared.pool, blob).await }).await?;
         self.call(|tx| Command::CreateBlob(req, blob_ref, tx)).await
+    }
+
+    async fn create_blob_stream_and_append(
+        &self,
+        req: CreateStream,
+        blob: StagedBlob,
+        row: AppendRequest,
+    ) -> StoreResult<(StreamInfo, AppendOutcome)> {
+        crate::rules::check_blob_row(&req, &row)?;
+        let entry = self.entry(&row.path).await?;
+        let prepared = PreparedAppend::prepare(row, &entry.info())?;
+        let blob_ref = BlobRef { sha256: blob.sha256.clone(), len: blob.len };
+        let shared = self.shared.clone();
+        self.io.run(async move { shared.blobs.publish(&shared.pool, blob).await }).await?;
+        let outcome =
+            self.call(|tx| Command::CreateBlobWithRow(Box::new((req, blob_ref, prepared)), tx)).await.map(|b| *b);
+        entry.touch();
+        if let Ok((_, appended)) = &outcome {
+            self.appends.count(appended);
+        }
+        outcome
     }
 
     async fn link_blob_stream(&self, req: CreateStream, source: &str) -> StoreResult<StreamInfo> {

@@ -45,6 +45,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Com
 enum Answer {
     Create(StoreResult<CreateOutcome>),
     CreateBlob(StoreResult<StreamInfo>),
+    CreateBlobWithRow(super::BlobWithRow),
     Append(StoreResult<AppendOutcome>),
     Delete(StoreResult<()>),
     None,
@@ -89,6 +90,7 @@ fn reply(cmd: Command, answer: Answer) {
         (Command::Create(_, tx), Answer::Create(r)) => drop(tx.send(r)),
         (Command::CreateBlob(_, _, tx), Answer::CreateBlob(r)) => drop(tx.send(r)),
         (Command::LinkBlob(_, _, tx), Answer::CreateBlob(r)) => drop(tx.send(r)),
+        (Command::CreateBlobWithRow(_, tx), Answer::CreateBlobWithRow(r)) => drop(tx.send(r)),
         (Command::Append(_, tx), Answer::Append(r)) => drop(tx.send(r)),
         (Command::Delete(_, tx) | Command::DeleteId(_, _, tx), Answer::Delete(r)) => drop(tx.send(r)),
         _ => {}
@@ -99,6 +101,7 @@ fn fail(cmd: Command, err: StoreError) {
     match cmd {
         Command::Create(_, tx) => drop(tx.send(Err(err))),
         Command::CreateBlob(_, _, tx) | Command::LinkBlob(_, _, tx) => drop(tx.send(Err(err))),
+        Command::CreateBlobWithRow(_, tx) => drop(tx.send(Err(err))),
         Command::Append(_, tx) => drop(tx.send(Err(err))),
         Command::Delete(_, tx) | Command::DeleteId(_, _, tx) => drop(tx.send(Err(err))),
         Command::Expire(_) => {}
@@ -180,6 +183,12 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
                 paths.push(req.path.as_str().to_owned());
                 keys.push(path_key(req.path.as_str()));
             }
+            Command::CreateBlobWithRow(parts, _) => {
+                let (req, _, row) = &**parts;
+                paths.push(req.path.as_str().to_owned());
+                keys.push(path_key(req.path.as_str()));
+                paths.push(row.req.path.clone());
+            }
             Command::LinkBlob(req, source, _) => {
                 paths.push(req.path.as_str().to_owned());
                 keys.push(path_key(req.path.as_str()));
@@ -247,6 +256,10 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
         let answer = match cmd {
             Command::Create(req, _) => Answer::Create(escalate(w.create(shared, req).await)?),
             Command::CreateBlob(req, blob, _) => Answer::CreateBlob(escalate(w.create_blob(shared, req, blob).await)?),
+            Command::CreateBlobWithRow(parts, _) => {
+                let (req, blob, row) = &**parts;
+                Answer::CreateBlobWithRow(escalate(w.create_blob_with_row(shared, req, blob, row).await)?)
+            }
             Command::LinkBlob(req, source, _) => {
                 Answer::CreateBlob(escalate(w.link_blob(shared, req.clone(), source).await)?)
             }
@@ -481,6 +494,44 @@ impl Work {
         self.paths.insert(path.to_owned(), Some(id));
         self.save(info.clone());
         Ok(info)
+    }
+
+    /// `create_blob` and an append to another stream, both or neither
+    /// (`StreamStore::create_blob_stream_and_append`): the append is checked
+    /// before anything changes, so once the blob stream is made nothing but
+    /// a database error (which rolls the whole batch back) can stop it.
+    async fn create_blob_with_row(
+        &mut self,
+        shared: &Shared,
+        req: &CreateStream,
+        blob: &BlobRef,
+        row: &PreparedAppend,
+    ) -> super::BlobWithRow {
+        self.check_append(row).await?;
+        let info = self.create_blob(shared, req, blob).await?;
+        let outcome = self.append(row).await.map_err(|e| match e {
+            e if e.fails_batch() => e,
+            other => {
+                StoreError::Storage(format!("an append checked before its blob stream was refused after: {other}"))
+            }
+        })?;
+        Ok(Box::new((info, outcome)))
+    }
+
+    /// Would [`append`](Self::append) take `p` now? Changes nothing (but locks the stream's row).
+    async fn check_append(&mut self, p: &PreparedAppend) -> StoreResult<()> {
+        let req = &p.req;
+        let id = self.id_at(&req.path).await?.ok_or(StoreError::NotFound)?;
+        let info = self.stream(id).await?.ok_or(StoreError::NotFound)?;
+        let rows = if id == p.stream_id { p.rows.clone() } else { PreparedAppend::prepare(req.clone(), &info)?.rows };
+        let state = match &req.producer {
+            Some(pr) => self.producer(id, &pr.id).await?,
+            None => None,
+        };
+        match rules::decide_append(&info, req, state)? {
+            AppendDecision::Write { .. } => rules::place_rows(&mut info.tail.clone(), &rows, p.json).map(drop),
+            AppendDecision::Answer(_) => Err(StoreError::Invalid("the row of a blob stream must write".into())),
+        }
     }
 
     /// A closed stream over the blob of the blob-backed stream at `source`:
