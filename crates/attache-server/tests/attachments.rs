@@ -12,10 +12,11 @@ mod entity_support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use attache_storage::{Fault, FaultPlan, FaultPoint};
 use common::{header, TestServer, CLOSED};
 use entity_support::{
     api, error_of, eventually, get_bytes, listed, manifest, pattern, rows, sha256_hex, spawn, staged_blobs,
-    stored_blobs, upload, upload_raw, Form, BOUNDARY,
+    stored_blobs, upload, upload_raw, Form, BOUNDARY, DEFAULT_SUBJECT,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -100,7 +101,8 @@ async fn uploads_round_trip_byte_exact_at_boundary_sizes() {
             .filter(|r| r["type"] == "manifest" && r["key"] == format!("attachment:{id}"))
             .map(|r| r["value"]["status"].clone())
             .collect();
-        assert_eq!(statuses, vec![json!("pending"), json!("complete")], "{size}: pending, then complete");
+        // `upload` sends the subject after the file: no pending row, the first row is the outcome.
+        assert_eq!(statuses, vec![json!("complete")], "{size}: one row, complete");
     }
 }
 
@@ -615,17 +617,68 @@ async fn an_upload_answers_with_the_txid_of_its_complete_row_not_of_its_pending_
     // A client that waits for the answer's txid in the main stream (as
     // Electric's clients do) must then see the upload complete, not pending.
     let ts = server_with_entity().await;
-    let form = Form::new().field("id", "t1").file(Some("t1.bin"), Some("text/plain"), b"abc").finish();
-    let res = upload_raw(&ts, CHAT, form).await;
-    assert_eq!(res.status(), StatusCode::CREATED);
-    let txid = res.json::<Value>().await.unwrap()["txid"].as_str().expect("a txid").to_owned();
-    let mine: Vec<Value> =
-        rows(&ts, &format!("{CHAT}/main")).await.into_iter().filter(|r| r["key"] == "attachment:t1").collect();
-    let statuses: Vec<(&str, bool)> = mine
-        .iter()
-        .map(|r| (r["value"]["status"].as_str().unwrap_or("?"), r["headers"]["txid"] == txid.as_str()))
-        .collect();
-    assert_eq!(statuses, [("pending", false), ("complete", true)], "{mine:?}");
+    // Its id and subject before the bytes: recorded pending while they
+    // stream. After them: the first row is the outcome (its bytes and row
+    // commit together).
+    let early = Form::new().field("id", "t1").field("subject", DEFAULT_SUBJECT);
+    let late = Form::new().field("id", "t2");
+    for (id, form, want) in [
+        ("t1", early, &[("pending", false, "insert"), ("complete", true, "update")][..]),
+        ("t2", late, &[("complete", true, "insert")][..]),
+    ] {
+        let res = upload_raw(&ts, CHAT, form.file(Some("t.bin"), Some("text/plain"), b"abc").finish()).await;
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let txid = res.json::<Value>().await.unwrap()["txid"].as_str().expect("a txid").to_owned();
+        let key = format!("attachment:{id}");
+        let mine: Vec<Value> =
+            rows(&ts, &format!("{CHAT}/main")).await.into_iter().filter(|r| r["key"] == key.as_str()).collect();
+        let statuses: Vec<(&str, bool, &str)> = mine
+            .iter()
+            .map(|r| {
+                let status = r["value"]["status"].as_str().unwrap_or("?");
+                (status, r["headers"]["txid"] == txid.as_str(), r["headers"]["operation"].as_str().unwrap_or("?"))
+            })
+            .collect();
+        assert_eq!(statuses, want, "{mine:?}");
+    }
+}
+
+/// Whichever durable commit of an upload fails (its pending row, its bytes
+/// and complete row, or whatever comes next), once the upload is answered
+/// its row is never `pending`: absent or `failed` after an error, `complete`
+/// (its bytes readable) after 201. Before, the blob stream and the complete
+/// row were two commits, and a failure between them left the row `pending`
+/// until a restart (here: the third commit).
+#[tokio::test]
+async fn a_commit_that_fails_at_any_step_of_an_upload_leaves_no_pending_row() {
+    let plan = FaultPlan::new();
+    let ts = TestServer::start_with(|c| c.fault_plan = Some(plan.clone())).await;
+    spawn(&ts, None, CHAT).await;
+    for n in 1..=4u64 {
+        let id = format!("fault-{n}");
+        let bytes = pattern(50_000, n);
+        let form = Form::new().field("id", &id).field("subject", DEFAULT_SUBJECT);
+        plan.fail_nth(FaultPoint::LogSync, n, Fault::Io);
+        let res = upload_raw(&ts, CHAT, form.file(Some("f.bin"), Some("text/plain"), &bytes).finish()).await;
+        let status = res.status();
+        plan.clear();
+        let entry = manifest(&ts, CHAT).await.remove(&id);
+        let row = entry.as_ref().map(|e| e["status"].as_str().unwrap_or("?").to_owned());
+        if status == StatusCode::CREATED {
+            assert_eq!(row.as_deref(), Some("complete"), "commit {n} failing: answered 201");
+            assert_eq!(get_bytes(&ts, CHAT, &id).await, (StatusCode::OK, bytes.clone()));
+        } else {
+            assert!(status.is_server_error(), "commit {n} failing: answered {status}");
+            assert!(
+                matches!(row.as_deref(), None | Some("failed")),
+                "commit {n} failing: answered {status}, row {row:?}"
+            );
+            // The id may be tried again.
+            upload(&ts, CHAT, &id, "text/plain", &bytes).await;
+        }
+    }
+    assert!(plan.injected(FaultPoint::LogSync) >= 2, "the faults met the upload's commits");
+    staging_is_empty(&ts, "uploads that met failing commits").await;
 }
 
 #[tokio::test]

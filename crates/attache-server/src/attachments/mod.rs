@@ -3,10 +3,11 @@
 //!
 //! The bytes of an upload stream straight to a staging file while SHA-256
 //! and the length are computed; nothing holds the whole body. The manifest
-//! row on the entity's main stream goes `pending` (as soon as the id is
-//! known) → `complete` (after the bytes are durable under their content
-//! address) or `failed`. A rejected request (bad field, too large, duplicate
-//! id) retracts its pending row, so it changes nothing.
+//! row on the entity's main stream goes `pending` (when the id and subject
+//! come before the bytes) → `complete` (committed with the blob stream that
+//! holds the bytes, in one store call) or `failed`. A rejected request (bad
+//! field, too large, duplicate id) retracts its pending row, so it changes
+//! nothing.
 //!
 //! One file per operation, as Garage's `api/s3/{put,get,...}`: `upload`
 //! (multipart), `resumable` (PUT, append, close, finalize), `read` (GET,

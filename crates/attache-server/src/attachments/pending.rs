@@ -1,22 +1,25 @@
 //! An upload in progress: its id reserved (a second upload of the same id
 //! waits its turn or is refused), its `pending` manifest row written as soon
-//! as the id and subject are known, and settled (complete or failed) on
-//! every path, by a drop guard when the request is cancelled.
+//! as the id and subject are known before the bytes, and settled on every
+//! path by one guard ([`Pending`]): the handler's success marks it settled,
+//! any failure goes through [`Pending::fail`] (the refusal's row), and a
+//! cancelled request (its client went away, at any await) leaves it to the
+//! guard's drop, which settles the row in the background.
 
 use std::collections::{HashMap, HashSet};
 
 use attache_core::manifest::{validate_attachment_id, AttachmentStatus, ManifestEntry, MANIFEST, SUBJECT_REQUIRED};
 use attache_core::state::{timestamp, ChangeEvent};
 use attache_core::{EntityUrl, PrincipalKey};
-use attache_storage::{EntityRecord, ReadFrom};
+use attache_storage::{AppendRequest, EntityRecord, ReadFrom};
 use sha2::{Digest, Sha256};
 
 use crate::access::{hold_life, now_ms};
 use crate::error::{ApiError, ApiResult};
-use crate::rows::{append_rows, new_txid};
+use crate::rows::{append_rows, json_content_type, new_txid};
 use crate::AppState;
 
-use super::{duplicate, Fields};
+use super::{duplicate, Fields, INTERRUPTED};
 
 /// Upload ids in flight, by attachment stream path: a second upload of the
 /// same id is refused while the first runs.
@@ -70,6 +73,25 @@ pub(super) fn manifest_row(entry: &ManifestEntry, txid: &str) -> ApiResult<Chang
     })
 }
 
+/// The append of `entry` as an `insert` row (`first`: no row of this upload
+/// before it) or an `update`, for a store call that writes it with other
+/// changes (`create_blob_stream_and_append`).
+pub(super) fn entry_append(
+    entity: &EntityUrl,
+    entry: &ManifestEntry,
+    txid: &str,
+    first: bool,
+) -> ApiResult<AppendRequest> {
+    let value = serde_json::to_value(entry).map_err(ApiError::internal)?;
+    let now = timestamp(now_ms());
+    let row = match first {
+        true => ChangeEvent::insert(MANIFEST, &entry.key, value, txid, &now),
+        false => ChangeEvent::update(MANIFEST, &entry.key, value, txid, &now),
+    };
+    let message = serde_json::to_vec(&row).map_err(ApiError::internal)?;
+    Ok(AppendRequest::json_messages(entity.main_stream(), json_content_type(), &[message], false))
+}
+
 /// Writes a manifest entry (pending, complete or failed) as an upsert row.
 pub async fn write_entry(state: &AppState, entity: &EntityUrl, entry: &ManifestEntry, txid: &str) -> ApiResult<()> {
     append_rows(state.store.as_ref(), &entity.main_stream(), &[manifest_row(entry, txid)?], false).await.map(|_| ())
@@ -91,14 +113,17 @@ pub(super) async fn id_is_free(state: &AppState, entity: &EntityUrl, id: &str) -
     })
 }
 
-/// An upload in progress: reserved id, pending row written. Dropped without
-/// [`Pending::settled`] (the request was cancelled, e.g. its client went
-/// away, at any await), it settles its row in the background: complete when
-/// the bytes committed, failed (and the stream removed) when they did not.
-/// Without it such a row stayed `pending` for ever and its id was refused.
+/// An upload in progress: reserved id, and (`row`) its pending row written.
+/// Dropped without [`Pending::settled`] or [`Pending::fail`] (the request was
+/// cancelled, e.g. its client went away, at any await), it settles its row
+/// in the background: complete when the bytes committed, failed (and the
+/// stream removed) when they did not. Without it such a row stayed `pending`
+/// for ever and its id was refused.
 pub(super) struct Pending<'a> {
     _reservation: Reservation<'a>,
     pub(super) entry: ManifestEntry,
+    /// Whether the `pending` row was written (else the upload's first row is its outcome).
+    pub(super) row: bool,
     /// The txid of the row that settles the upload (complete, failed or
     /// retracted), the one a one-shot upload answers with: a client waiting
     /// for it sees the final status, never only `pending`.
@@ -115,11 +140,44 @@ impl Pending<'_> {
     pub(super) fn settled(&mut self) {
         self.settled = None;
     }
+
+    /// The upload failed with `err`: its pending row (if written) is settled
+    /// as the refusal says, in the life the upload began in (purged
+    /// meanwhile: nowhere). A refused request changes nothing (the row is
+    /// retracted); an upload that broke off, or that the store failed, is
+    /// recorded as `failed`, saying why. A row that cannot be written now is
+    /// left to the drop guard (settled in the background).
+    pub(super) async fn fail(mut self, state: &AppState, record: &EntityRecord, err: &ApiError) {
+        let Some((_, entity)) = self.settled.clone() else { return };
+        if !self.row {
+            self.settled();
+            return;
+        }
+        let Ok(_life) = hold_life(state, record).await else {
+            self.settled();
+            return;
+        };
+        let refusal = err.refusal();
+        if refusal.status.is_client_error() && refusal.code != INTERRUPTED {
+            retract(state, &entity, &self.entry.id, &self.txid).await;
+            self.settled();
+            return;
+        }
+        let mut failed = self.entry.clone();
+        failed.status = AttachmentStatus::Failed;
+        failed.error = Some(refusal.message);
+        if write_entry(state, &entity, &failed, &self.txid).await.is_ok() {
+            self.settled();
+        }
+    }
 }
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         let Some((state, entity)) = self.settled.take() else { return };
+        if !self.row {
+            return;
+        }
         let id = self.entry.id.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move { settle(&state, &entity, &id).await });
@@ -174,6 +232,7 @@ pub async fn settle(state: &AppState, entity: &EntityUrl, id: &str) {
     }
 }
 
+/// Begins an upload: reserves its id and writes its `pending` row.
 pub(super) async fn begin<'s>(
     state: &'s AppState,
     record: &EntityRecord,
@@ -184,6 +243,25 @@ pub(super) async fn begin<'s>(
     part_type: Option<&str>,
 ) -> ApiResult<Pending<'s>> {
     let entry = fields.entry(entity, id, who, part_type)?;
+    let mut pending = reserve(state, entity, entry).await?;
+    {
+        // The row goes only into the life the upload was authorized against.
+        let _life = hold_life(state, record).await?;
+        write_entry(state, entity, &pending.entry, &pending.pending_txid).await?;
+    }
+    pending.row = true;
+    Ok(pending)
+}
+
+/// Reserves the id of the upload of `entry`, writing no row: an upload
+/// whose bytes are all in before its id is known writes only its outcome.
+pub(super) async fn reserve<'s>(
+    state: &'s AppState,
+    entity: &EntityUrl,
+    entry: ManifestEntry,
+) -> ApiResult<Pending<'s>> {
+    let id = entry.id.clone();
+    let id = id.as_str();
     let reservation = state.uploads.take(&entry.stream_path).ok_or_else(|| duplicate(id))?;
     if !id_is_free(state, entity, id).await? {
         // A pending row no upload holds (we hold the id now) was left by an
@@ -193,17 +271,12 @@ pub(super) async fn begin<'s>(
             return Err(duplicate(id));
         }
     }
-    let pending_txid = new_txid();
-    {
-        // The row goes only into the life the upload was authorized against.
-        let _life = hold_life(state, record).await?;
-        write_entry(state, entity, &entry, &pending_txid).await?;
-    }
     Ok(Pending {
         _reservation: reservation,
         entry,
+        row: false,
         txid: new_txid(),
-        pending_txid,
+        pending_txid: new_txid(),
         settled: Some((state.clone(), entity.clone())),
     })
 }

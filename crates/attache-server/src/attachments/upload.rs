@@ -3,9 +3,9 @@
 
 use std::collections::HashSet;
 
-use attache_core::manifest::AttachmentStatus;
+use attache_core::manifest::{AttachmentStatus, ManifestEntry};
 use attache_core::{ContentType, Permission, StreamPath};
-use attache_storage::{CreateStream, StoreError};
+use attache_storage::{CreateStream, StagedBlob, StoreError};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -18,7 +18,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::rows::{new_txid, not_running};
 use crate::AppState;
 
-use super::pending::{begin, retract, with_subject, write_entry, Pending};
+use super::pending::{begin, entry_append, reserve, with_subject, Pending};
 use super::{duplicate, too_large, Fields, INTERRUPTED};
 
 /// The answer to a broken or oversized form. `max` is the attachment limit:
@@ -79,9 +79,10 @@ pub async fn upload(
     let mut form = multer::Multipart::with_constraints(guarded, boundary, constraints);
     let mut fields = Fields::default();
     let mut seen = HashSet::new();
+    // The upload's guard: its reserved id and pending row, settled on every path (`Pending`).
     let mut pending: Option<Pending> = None;
-    let mut staged = None;
-    let outcome: ApiResult<()> = async {
+    let outcome: ApiResult<Response> = async {
+        let mut staged = None;
         while let Some(mut field) = form.next_field().await.map_err(|e| multipart_error(e, max))? {
             let name = field.name().unwrap_or("").to_owned();
             if name != "file" {
@@ -110,8 +111,9 @@ pub async fn upload(
                 fields.filename = field.file_name().map(str::to_owned);
             }
             // With its id and subject known before the bytes, the upload is
-            // recorded as pending at once; otherwise once every field is in
-            // (a manifest row always names its subject, as Electric's schema requires).
+            // recorded as pending at once (a manifest row always names its
+            // subject, as Electric's schema requires); otherwise its first
+            // row is its outcome.
             if let (Some(id), Ok(Some(_))) = (fields.id.clone(), fields.subject()) {
                 pending = Some(begin(&state, &record, entity, &id, &fields, who, part_type.as_deref()).await?);
             }
@@ -125,105 +127,63 @@ pub async fn upload(
             }
             staged = Some(writer.finish().await?);
         }
-        Ok(())
+        let blob = staged.ok_or_else(|| ApiError::bad_request("Missing file field"))?;
+        // Fields after the file part complete the entry; checked before anything else is written.
+        let id = pending.as_ref().map(|p| p.entry.id.clone()).or_else(|| fields.id.clone()).unwrap_or_else(new_txid);
+        let fresh = with_subject(fields.entry(entity, &id, who, None)?)?;
+        if pending.is_none() {
+            pending = Some(reserve(&state, entity, fresh.clone()).await?);
+        }
+        let Some(upload) = pending.as_mut() else { return Err(ApiError::internal("an upload lost its reservation")) };
+        let entry = complete(&upload.entry, fresh, &blob);
+        let row = entry_append(entity, &entry, &upload.txid, !upload.row)?;
+        // Purged (and perhaps spawned again by someone else) while the bytes
+        // arrived: nothing of this upload may land in the entity's next life.
+        // The life is held until the blob stream and its row commit, together.
+        let _life = hold_life(&state, &record).await?;
+        let stream = CreateStream {
+            path: StreamPath::new(entry.stream_path.clone())?,
+            content_type: ContentType::parse(&entry.mime_type).ok(),
+            ttl: None,
+            expires_at: None,
+            closed: true,
+            initial: Default::default(),
+            fork: None,
+            owner: Some(who.to_string()),
+            take_kept_path: true,
+        };
+        state.store.create_blob_stream_and_append(stream, blob, row).await.map_err(|e| match e {
+            StoreError::ConfigMismatch(_) => duplicate(&entry.id),
+            StoreError::Closed { .. } => not_running(),
+            other => other.into(),
+        })?;
+        upload.settled();
+        Ok((StatusCode::CREATED, Json(json!({ "txid": upload.txid, "attachment": entry }))).into_response())
     }
     .await;
-    let failure = match outcome {
-        Ok(()) if staged.is_none() => Some(ApiError::bad_request("Missing file field")),
-        Ok(()) => None,
-        Err(e) => Some(e),
+    let err = match outcome {
+        Ok(response) => return Ok(response),
+        Err(err) => err,
     };
-    if let Some(err) = failure {
-        if let Some(p) = pending.as_ref() {
-            // Only into the life the upload began in (purged meanwhile: nowhere).
-            if let Ok(_life) = hold_life(&state, &record).await {
-                // A refused request changes nothing; an upload that broke off is recorded as failed.
-                let refusal = err.refusal();
-                if refusal.status.is_client_error() && refusal.code != INTERRUPTED {
-                    retract(&state, entity, &p.entry.id, &p.txid).await;
-                } else {
-                    let mut failed = p.entry.clone();
-                    failed.status = AttachmentStatus::Failed;
-                    failed.error = Some(refusal.message);
-                    let _ = write_entry(&state, entity, &failed, &p.txid).await;
-                }
-            }
-        }
-        return Err(err);
+    if let Some(p) = pending {
+        p.fail(&state, &record, &err).await;
     }
-    let Some(blob) = staged else { return Err(ApiError::bad_request("Missing file field")) };
-    // Fields after the file part complete the entry; check them before anything else is written.
-    let id = pending.as_ref().map(|p| p.entry.id.clone()).or_else(|| fields.id.clone()).unwrap_or_else(new_txid);
-    let fresh = match fields.entry(entity, &id, who, None).and_then(with_subject) {
-        Ok(entry) => entry,
-        Err(err) => {
-            if let Some(p) = &pending {
-                retract(&state, entity, &p.entry.id, &p.txid).await;
-            }
-            return Err(err);
-        }
-    };
-    let mut pending = match pending {
-        Some(p) => p,
-        None => begin(&state, &record, entity, &id, &fields, who, None).await?,
-    };
-    let mut entry = pending.entry.clone();
-    entry.subject = fresh.subject;
-    entry.role = fresh.role;
-    entry.meta = fresh.meta;
-    entry.ext = fresh.ext;
-    entry.filename = fresh.filename;
-    entry.mime_type = fresh.mime_type;
-    let (sha256, len) = (blob.sha256.clone(), blob.len);
-    let created = state
-        .store
-        .create_blob_stream(
-            CreateStream {
-                path: StreamPath::new(entry.stream_path.clone())?,
-                content_type: ContentType::parse(&entry.mime_type).ok(),
-                ttl: None,
-                expires_at: None,
-                closed: true,
-                initial: Default::default(),
-                fork: None,
-                owner: Some(who.to_string()),
-                take_kept_path: true,
-            },
-            blob,
-        )
-        .await;
-    let created = match created {
-        Ok(created) => created,
-        Err(e) => {
-            retract(&state, entity, &entry.id, &pending.txid).await;
-            return Err(match e {
-                StoreError::ConfigMismatch(_) => duplicate(&entry.id),
-                other => other.into(),
-            });
-        }
-    };
-    entry.status = AttachmentStatus::Complete;
-    entry.sha256 = Some(sha256);
-    entry.byte_length = Some(len);
-    // Purged (and perhaps spawned again by someone else) while the bytes
-    // arrived: nothing of this upload may land in the entity's next life. The
-    // life is held until the row is written, so a purge waits for it.
-    let life = match hold_life(&state, &record).await {
-        Ok(life) => life,
-        Err(e) => {
-            pending.settled();
-            // The stream this upload made, never one the next life made at its path since.
-            let _ = state.store.delete_id(&entry.stream_path, created.id).await;
-            return Err(e);
-        }
-    };
-    if let Err(e) = write_entry(&state, entity, &entry, &pending.txid).await {
-        // The entity stopped meanwhile: the bytes go; the pending row stays as the record of the attempt.
-        pending.settled();
-        let _ = state.store.delete_id(&entry.stream_path, created.id).await;
-        return Err(e);
+    Err(err)
+}
+
+/// The `complete` entry of an upload: what the form said (`fresh`), under
+/// the id, address and creation the upload began with, and the blob's hash and length.
+fn complete(begun: &ManifestEntry, fresh: ManifestEntry, blob: &StagedBlob) -> ManifestEntry {
+    ManifestEntry {
+        status: AttachmentStatus::Complete,
+        sha256: Some(blob.sha256.clone()),
+        byte_length: Some(blob.len),
+        subject: fresh.subject,
+        role: fresh.role,
+        meta: fresh.meta,
+        ext: fresh.ext,
+        filename: fresh.filename,
+        mime_type: fresh.mime_type,
+        ..begun.clone()
     }
-    drop(life);
-    pending.settled();
-    Ok((StatusCode::CREATED, Json(json!({ "txid": pending.txid, "attachment": entry }))).into_response())
 }
