@@ -74,6 +74,9 @@ pub struct ServerConfig {
     /// Most bytes the embedded store keeps of the newest writes to streams
     /// with live readers, all streams together (`embedded/tail.rs`).
     pub store_tail_cache_bytes: usize,
+    /// With the PostgreSQL store: most bytes of whole blobs cached on local
+    /// disk beside the object store (least recently used evicted first; 0: none).
+    pub blob_cache_bytes: u64,
     /// Most deleted tasks whose tombstones (record, grants, closed main stream)
     /// are kept so their owners can still read their events; older ones are purged.
     pub deleted_tasks_kept: usize,
@@ -211,6 +214,7 @@ impl ServerConfig {
             store_open_files: 4096,
             store_read_threads: 16,
             store_tail_cache_bytes: 16 << 20,
+            blob_cache_bytes: attache_storage::postgres::DEFAULT_BLOB_CACHE_BYTES,
             deleted_tasks_kept: 1_000,
             max_entity_data_bytes: 64 << 10,
             upload_expiry: Duration::from_secs(24 * 3600),

@@ -145,3 +145,60 @@ async fn a_purge_through_one_instance_leaves_no_view_of_the_old_life_on_another(
     let listed = entity_support::listed(&a, e).await;
     assert!(listed.is_empty(), "a shows the new life's attachments, none of the old: {listed:?}");
 }
+
+/// Bytes and files under `dir`.
+fn disk_use(dir: &std::path::Path) -> (u64, usize) {
+    let (mut bytes, mut files) = (0, 0);
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                todo.push(entry.path());
+            } else {
+                bytes += meta.len();
+                files += 1;
+            }
+        }
+    }
+    (bytes, files)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranged_attachment_reads_on_another_instance_fetch_only_the_range() {
+    let Some(Instances { a, b, _objects, _cluster }) = two_instances().await else { return };
+    let e = "/chat/ranges";
+    entity_support::spawn(&a, None, e).await;
+    let bytes = entity_support::pattern(3 << 20, 7);
+    entity_support::upload(&a, e, "big", "application/octet-stream", &bytes).await;
+    let path = format!("{}/attachments/big", entity_support::api(e));
+    let len = bytes.len();
+    let cache_b = b.config.data_dir.join("blob-cache");
+
+    for (range, start, end) in [
+        ("bytes=0-99".to_owned(), 0, 99),
+        (format!("bytes={}-{}", len / 2, len / 2 + 300_000), len / 2, len / 2 + 300_000),
+        ("bytes=-10".to_owned(), len - 10, len - 1),
+        (format!("bytes={}-{}", len - 5, len + 1000), len - 5, len - 1),
+    ] {
+        let res = b.request(Method::GET, &path).header("range", &range).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(header(&res, "content-range"), Some(format!("bytes {start}-{end}/{len}")), "{range}");
+        assert_eq!(header(&res, "content-length"), Some((end - start + 1).to_string()), "{range}");
+        assert!(res.bytes().await.unwrap() == bytes[start..=end], "{range}: the bytes written");
+        assert_eq!(disk_use(&cache_b), (0, 0), "{range}: a partial read copies nothing to b's disk");
+    }
+    let res = b.request(Method::GET, &path).header("range", format!("bytes={len}-")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(header(&res, "content-range"), Some(format!("bytes */{len}")));
+    let res = b.request(Method::HEAD, &path).header("range", "bytes=10-19").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(header(&res, "content-length").as_deref(), Some("10"));
+
+    let res = b.request(Method::GET, &path).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.bytes().await.unwrap() == bytes, "the whole attachment, from the object store");
+    let res = a.request(Method::GET, &path).header("range", "bytes=1000-1999").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::PARTIAL_CONTENT);
+    assert!(res.bytes().await.unwrap() == bytes[1000..2000], "a range on the uploading instance");
+}

@@ -1,5 +1,7 @@
-//! Staging blob bytes: written as they stream, hashed on the way, synced
-//! once at the end. Memory stays flat whatever the size.
+//! Blob bytes: staging them on the way in, and ranged reads on the way out.
+//!
+//! **Staging** ([`BlobWriter`]): written as they stream, hashed on the way,
+//! synced once at the end. Memory stays flat whatever the size.
 //!
 //! Chunks gather into batches of [`BATCH`] bytes; each full batch is hashed
 //! and written by one short job on the blocking pool while the next batch
@@ -9,12 +11,22 @@
 //! client: an upload whose client sends slowly holds no thread between its
 //! batches, so slow uploads cannot starve the bounded blocking pool
 //! (`--blocking-threads`) that reads and other uploads share.
+//!
+//! **Reading** ([`BlobRead`]): every backend answers
+//! [`StreamStore::read_blob`](crate::StreamStore::read_blob) with the blob's
+//! length and a stream of the asked range in chunks of at most
+//! [`BLOB_CHUNK`] bytes. A local file is read by [`file_range`]: one
+//! positioned read per chunk on the blocking pool, taken only when the
+//! consumer asks for the next chunk (a slow client holds no thread and at
+//! most one chunk).
 
 use std::io::Write;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::stream::BoxStream;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
@@ -202,6 +214,82 @@ impl Drop for BlobWriter {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// Largest chunk a blob read yields: large enough that a chunk's cost is the
+/// bytes, not the hop to a blocking thread; small enough that a reader holds
+/// little while its client is slow.
+pub const BLOB_CHUNK: usize = 256 * 1024;
+
+/// The answer to a ranged blob read.
+pub struct BlobRead {
+    /// The whole blob's length.
+    pub len: u64,
+    /// The bytes `body` yields: the asked range cut at `len` (empty, at
+    /// `len..len`, when the asked range starts at or past the end, or is empty).
+    pub range: Range<u64>,
+    /// `range`'s bytes in order, in chunks of 1 to [`BLOB_CHUNK`] bytes. An
+    /// error ends it (the bytes may have been deleted or the disk failed
+    /// since the read began).
+    pub body: BoxStream<'static, StoreResult<Bytes>>,
+}
+
+impl std::fmt::Debug for BlobRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobRead").field("len", &self.len).field("range", &self.range).finish_non_exhaustive()
+    }
+}
+
+/// `asked` cut to a blob of `len` bytes; `len..len` when nothing of it is there.
+pub fn clamp_range(asked: &Range<u64>, len: u64) -> Range<u64> {
+    let end = asked.end.min(len);
+    if asked.start >= end {
+        return len..len;
+    }
+    asked.start..end
+}
+
+/// Whether `sha256` can name a blob (64 hex digits): anything else is a
+/// client's guess that never reaches a path.
+pub fn is_blob_name(sha256: &str) -> bool {
+    sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A read of `range` (already within the file) of an open blob file: one
+/// positioned read of at most [`BLOB_CHUNK`] bytes per chunk, on the blocking
+/// pool, each behind a permit of `permits` when given (the embedded store's
+/// read permits).
+pub(crate) fn file_range(
+    file: Arc<std::fs::File>,
+    range: Range<u64>,
+    permits: Option<Arc<tokio::sync::Semaphore>>,
+) -> BoxStream<'static, StoreResult<Bytes>> {
+    use futures::StreamExt;
+    let end = range.end;
+    let chunks = futures::stream::try_unfold(range.start, move |pos| {
+        let file = file.clone();
+        let permits = permits.clone();
+        async move {
+            if pos >= end {
+                return Ok(None);
+            }
+            let want = ((end - pos) as usize).min(BLOB_CHUNK);
+            let _permit = match permits {
+                Some(p) => Some(p.acquire_owned().await.map_err(|_| StoreError::ShuttingDown)?),
+                None => None,
+            };
+            let chunk = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; want];
+                file.read_exact_at(&mut buf, pos)?;
+                Ok::<_, std::io::Error>(Bytes::from(buf))
+            })
+            .await
+            .map_err(|e| StoreError::Storage(format!("blob read task failed: {e}")))??;
+            Ok(Some((chunk, pos + want as u64)))
+        }
+    });
+    chunks.boxed()
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ pub mod tokens;
 
 use async_trait::async_trait;
 
-pub use blob::BlobWriter;
+pub use blob::{BlobRead, BlobWriter, BLOB_CHUNK};
 pub use error::{StoreError, StoreResult};
 pub use fault::{Fault, FaultPlan, FaultPoint};
 pub use health::{WriteFailure, WriteHealth};
@@ -133,8 +133,19 @@ pub trait StreamStore: Send + Sync + 'static {
     /// A new staging file for blob bytes; it disappears unless handed to `create_blob_stream`.
     async fn stage_blob(&self) -> StoreResult<BlobWriter>;
 
-    /// Opens a stored blob for reading.
-    async fn open_blob(&self, sha256: &str) -> StoreResult<tokio::fs::File>;
+    /// Bytes `range` of the stored blob `sha256` (the hash a stream's
+    /// [`BlobRef`] names), as a stream of bounded chunks ([`BlobRead`]): the
+    /// range is cut at the blob's end, and one that starts at or past it (or
+    /// is empty) reads nothing. Only the asked bytes are read: the embedded
+    /// store reads them from the blob's file by positioned reads behind its
+    /// read permits, the PostgreSQL store from its local cache when it holds
+    /// the whole blob, else by a ranged GET of the object store. Memory is
+    /// bounded by a few chunks per read whatever the range; a consumer that
+    /// stops polling stops the reading. `NotFound` when no such blob is
+    /// stored (or `sha256` is not 64 hex digits). There is no call that
+    /// hands out a file: nothing above the store needs one, and the
+    /// PostgreSQL store may have no local copy.
+    async fn read_blob(&self, sha256: &str, range: std::ops::Range<u64>) -> StoreResult<BlobRead>;
 
     /// Flushes and stops the writer; later calls fail with `ShuttingDown`.
     async fn close(&self);

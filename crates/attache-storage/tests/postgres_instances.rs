@@ -166,10 +166,10 @@ fn two_instances_share_streams_and_wake_each_others_readers_or_skip_without_post
         let sha = info.blob.as_ref().unwrap().sha256.clone();
         let got: Vec<u8> = read_all(b.as_ref(), "/shared/blob").await.concat();
         assert_eq!(got, payload);
-        let mut file = b.open_blob(&sha).await.unwrap();
-        let mut bytes = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut file, &mut bytes).await.unwrap();
-        assert_eq!(bytes, payload);
+        let read = b.read_blob(&sha, 0..u64::MAX).await.unwrap();
+        assert_eq!(read.len, payload.len() as u64);
+        let chunks: Vec<Bytes> = futures::TryStreamExt::try_collect(read.body).await.unwrap();
+        assert_eq!(chunks.concat(), payload);
 
         a.close().await;
         b.close().await;

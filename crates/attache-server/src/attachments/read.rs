@@ -6,7 +6,7 @@ use attache_core::{EntityUrl, Permission};
 use attache_storage::{ReadFrom, StoreError, StreamInfo};
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -111,6 +111,7 @@ pub async fn read(
     State(state): State<AppState>,
     route: EntityRoute,
     Path((_, _, id)): Path<(String, String, String)>,
+    method: Method,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let entity = &route.url;
@@ -145,7 +146,9 @@ pub async fn read(
                 .with_header(axum::http::header::CONTENT_RANGE, format!("bytes */{len}")));
             }
         };
-        let mut res = Response::new(body_for(&state, &info, start, end).await?);
+        // A HEAD answers the same headers and reads no byte.
+        let body = if method == Method::HEAD { Body::empty() } else { body_for(&state, &info, start, end).await? };
+        let mut res = Response::new(body);
         *res.status_mut() = status;
         let hm = res.headers_mut();
         set(hm, "content-length", end - start);
@@ -163,14 +166,20 @@ pub async fn read(
     Ok(res)
 }
 
-/// The bytes `[start, end)` of an attachment stream, streamed from storage.
+/// The bytes `[start, end)` of an attachment stream, streamed from storage
+/// (a stored blob's range is all the store reads, in bounded chunks).
 pub(super) async fn body_for(state: &AppState, info: &StreamInfo, start: u64, end: u64) -> ApiResult<Body> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
     if let Some(blob) = &info.blob {
-        let mut file = state.store.open_blob(&blob.sha256).await?;
-        file.seek(std::io::SeekFrom::Start(start)).await.map_err(StoreError::from)?;
-        let reader = file.take(end - start);
-        return Ok(Body::from_stream(tokio_util::io::ReaderStream::with_capacity(reader, 256 << 10)));
+        let read = state.store.read_blob(&blob.sha256, start..end).await?;
+        if read.range != (start..end) {
+            // Headers promise `end - start` bytes: a blob shorter than its stream says is an error, not a short body.
+            return Err(StoreError::Storage(format!(
+                "blob {} holds {:?} of {start}..{end} (its length is {})",
+                blob.sha256, read.range, read.len
+            ))
+            .into());
+        }
+        return Ok(Body::from_stream(read.body));
     }
     // A resumable upload's bytes live in the stream's rows: read them in slices.
     let store = state.store.clone();

@@ -7,21 +7,35 @@
 //! in the writer's batch. Collection deletes an object only while holding
 //! its row locked with no references and no live pin, and deletes the object
 //! before the row: an upload that pins after that finds no row and uploads
-//! again. Reads go through a local cache of whole blobs (content-addressed,
-//! so a cached copy is never stale).
+//! again.
+//!
+//! Reads fetch only the bytes asked for: from the bounded local cache of whole
+//! blobs when it holds the blob (`blob_cache.rs`), else by one ranged GET of
+//! the object store, streamed to the reader through a channel of a few
+//! chunks (a reader that stops stops the fetch). A read of a whole blob that
+//! the cache admits is written to it on the way past.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, PutPayload, WriteMultipart};
+use object_store::{GetOptions, GetRange, ObjectStore, PutPayload, WriteMultipart};
 use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 
+use super::blob_cache::BlobCache;
 use super::{db_err, now_ms, PgConfig};
+use crate::blob::{clamp_range, file_range, BlobRead, BLOB_CHUNK};
 use crate::error::{StoreError, StoreResult};
 use crate::model::StagedBlob;
+
+/// Chunks a fetch holds for its reader before it waits for the reader.
+const FETCH_AHEAD: usize = 2;
 
 /// Blobs up to this size go up in one request; bigger ones in parts of it.
 const PART_BYTES: usize = 8 << 20;
@@ -29,7 +43,7 @@ const PART_BYTES: usize = 8 << 20;
 pub(crate) struct Blobs {
     objects: Arc<dyn ObjectStore>,
     staging: PathBuf,
-    cache: PathBuf,
+    cache: Arc<BlobCache>,
     grace_ms: i64,
 }
 
@@ -78,11 +92,10 @@ impl Blobs {
         };
         let objects = object_store(&url)?;
         let staging = config.data_dir.join("staging");
-        let cache = config.data_dir.join("blob-cache");
-        // Staging files belong to uploads that never finished.
+        // Staging files belong to uploads (and cache fills) that never finished.
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging)?;
-        std::fs::create_dir_all(&cache)?;
+        let cache = Arc::new(BlobCache::open(config.data_dir.join("blob-cache"), config.blob_cache_bytes)?);
         Ok(Blobs { objects, staging, cache, grace_ms: config.blob_grace.as_millis() as i64 })
     }
 
@@ -91,11 +104,7 @@ impl Blobs {
         crate::BlobWriter::create(self.staging.join(name)).await
     }
 
-    fn cached(&self, sha256: &str) -> PathBuf {
-        self.cache.join(sha256.get(0..2).unwrap_or("xx")).join(sha256)
-    }
-
-    /// Pins, uploads (unless present) and keeps a local copy; the caller then
+    /// Pins, uploads (unless present) and keeps a local copy if the cache admits it; the caller then
     /// references the blob in a batch. The staging file is gone afterwards.
     pub(crate) async fn publish(&self, pool: &PgPool, staged: StagedBlob) -> StoreResult<()> {
         let result = self.publish_inner(pool, &staged).await;
@@ -120,14 +129,8 @@ impl Blobs {
             Ok(_) | Err(object_store::Error::NotFound { .. }) => self.upload(&staged.path, &target).await?,
             Err(e) => return Err(store_err(e)),
         }
-        let local = self.cached(&staged.sha256);
-        if tokio::fs::metadata(&local).await.is_err() {
-            if let Some(dir) = local.parent() {
-                tokio::fs::create_dir_all(dir).await?;
-            }
-            tokio::fs::rename(&staged.path, &local).await?;
-        }
-        Ok(())
+        // The staged file is synced (`BlobWriter::finish`): it moves in as it is.
+        self.cache.adopt(&staged.sha256, staged.len, &staged.path).await
     }
 
     async fn upload(&self, file: &Path, target: &ObjectPath) -> StoreResult<()> {
@@ -155,36 +158,67 @@ impl Blobs {
         Ok(())
     }
 
-    /// A local copy of the blob, fetched from the object store if this instance has none.
-    pub(crate) async fn local(&self, sha256: &str) -> StoreResult<PathBuf> {
-        let local = self.cached(sha256);
-        if tokio::fs::metadata(&local).await.is_ok() {
-            return Ok(local);
+    /// Bytes `asked` of blob `sha256`: from the cache if it holds the blob,
+    /// else by a ranged GET of the object store (see the module comment).
+    pub(crate) async fn read(&self, sha256: &str, asked: Range<u64>) -> StoreResult<BlobRead> {
+        if let Some(path) = self.cache.lookup(sha256) {
+            let opened = tokio::task::spawn_blocking(move || {
+                let file = std::fs::File::open(path)?;
+                let len = file.metadata()?.len();
+                Ok::<_, std::io::Error>((file, len))
+            })
+            .await
+            .map_err(|e| StoreError::Storage(format!("blob read task failed: {e}")))?;
+            match opened {
+                Ok((file, len)) => {
+                    let range = clamp_range(&asked, len);
+                    let body = file_range(Arc::new(file), range.clone(), None);
+                    return Ok(BlobRead { len, range, body });
+                }
+                // Evicted since the lookup: read the object store.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.cache.forget(sha256),
+                Err(e) => return Err(e.into()),
+            }
         }
-        let got = match self.objects.get(&object_path(sha256)).await {
-            Ok(got) => got,
+        let location = object_path(sha256);
+        // A ranged GET answers the object's length with the bytes; only a
+        // range it refuses (empty, or starting past the end) costs a HEAD.
+        let mut refused = None;
+        if asked.start < asked.end {
+            let options = GetOptions { range: Some(GetRange::Bounded(asked.clone())), ..GetOptions::default() };
+            match self.objects.get_opts(&location, options).await {
+                Ok(got) => {
+                    let len = got.meta.size;
+                    let range = got.range.clone();
+                    let tee = if range == (0..len) && self.cache.admits(len) {
+                        Some(Tee {
+                            cache: self.cache.clone(),
+                            sha256: sha256.to_owned(),
+                            staging: self.staging.clone(),
+                        })
+                    } else {
+                        None
+                    };
+                    let (tx, rx) = mpsc::channel(FETCH_AHEAD);
+                    tokio::spawn(fetch(got.into_stream(), range.end - range.start, tx, tee));
+                    let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+                    return Ok(BlobRead { len, range, body: body.boxed() });
+                }
+                Err(object_store::Error::NotFound { .. }) => return Err(StoreError::NotFound),
+                Err(e) => refused = Some(e),
+            }
+        }
+        let len = match self.objects.head(&location).await {
+            Ok(meta) => meta.size,
             Err(object_store::Error::NotFound { .. }) => return Err(StoreError::NotFound),
             Err(e) => return Err(store_err(e)),
         };
-        let tmp = self.staging.join(format!("fetch-{}-{:016x}", now_ms(), rand::random::<u64>()));
-        let fetched = async {
-            let mut out = tokio::fs::File::create(&tmp).await?;
-            let mut body = got.into_stream();
-            while let Some(chunk) = body.next().await {
-                out.write_all(&chunk.map_err(store_err)?).await?;
-            }
-            out.flush().await?;
-            if let Some(dir) = local.parent() {
-                tokio::fs::create_dir_all(dir).await?;
-            }
-            tokio::fs::rename(&tmp, &local).await?;
-            Ok::<_, StoreError>(())
+        let range = clamp_range(&asked, len);
+        if let (Some(e), false) = (refused, range.is_empty()) {
+            // The range exists: the GET failed for another reason.
+            return Err(store_err(e));
         }
-        .await;
-        if fetched.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
-        fetched.map(|_| local)
+        Ok(BlobRead { len, range, body: futures::stream::empty().boxed() })
     }
 
     /// Deletes blobs no stream holds and no upload has pinned.
@@ -221,9 +255,96 @@ impl Blobs {
                 .await
                 .map_err(db_err)?;
             tx.commit().await.map_err(db_err)?;
-            let _ = tokio::fs::remove_file(self.cached(&sha)).await;
+            self.cache.remove(&sha).await;
             removed += 1;
         }
         Ok(removed)
+    }
+}
+
+/// Where a whole-blob fetch is written on its way to the reader, to be cached.
+struct Tee {
+    cache: Arc<BlobCache>,
+    sha256: String,
+    staging: PathBuf,
+}
+
+/// A cache fill in progress: removed unless it completes.
+struct Filling {
+    file: tokio::fs::File,
+    path: PathBuf,
+    written: u64,
+}
+
+impl Drop for Filling {
+    fn drop(&mut self) {
+        // Moved into the cache by then if it completed (a no-op then).
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Hands `body` (`len` bytes) to the reader in chunks of at most
+/// [`BLOB_CHUNK`], at most [`FETCH_AHEAD`] ahead of it, and (with a `tee`)
+/// writes it to the cache. Stops when the reader goes: a partial fill is dropped.
+async fn fetch(
+    mut body: BoxStream<'static, object_store::Result<Bytes>>,
+    len: u64,
+    tx: mpsc::Sender<StoreResult<Bytes>>,
+    tee: Option<Tee>,
+) {
+    let mut filling = match &tee {
+        Some(tee) => {
+            let path = tee.staging.join(format!("fill-{}-{:016x}", now_ms(), rand::random::<u64>()));
+            match tokio::fs::File::create(&path).await {
+                Ok(file) => Some(Filling { file, path, written: 0 }),
+                Err(err) => {
+                    tracing::debug!(%err, "blob cache fill not started");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    while let Some(next) = body.next().await {
+        let mut chunk = match next {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                let _ = tx.send(Err(store_err(e))).await;
+                return;
+            }
+        };
+        if let Some(fill) = &mut filling {
+            match fill.file.write_all(&chunk).await {
+                Ok(()) => fill.written += chunk.len() as u64,
+                Err(err) => {
+                    tracing::debug!(%err, "blob cache fill abandoned");
+                    filling = None;
+                }
+            }
+        }
+        while !chunk.is_empty() {
+            let part = chunk.split_to(chunk.len().min(BLOB_CHUNK));
+            if tx.send(Ok(part)).await.is_err() {
+                return;
+            }
+        }
+    }
+    let (Some(mut fill), Some(tee)) = (filling, tee) else { return };
+    if fill.written != len {
+        return;
+    }
+    // Synced before it is renamed in: a cached copy is whole or absent, even after a power loss.
+    let synced = async {
+        fill.file.flush().await?;
+        fill.file.sync_all().await?;
+        Ok::<_, StoreError>(())
+    }
+    .await;
+    let adopted = match synced {
+        Ok(()) => tee.cache.adopt(&tee.sha256, len, &fill.path).await,
+        Err(e) => Err(e),
+    };
+    if let Err(err) = adopted {
+        tracing::debug!(%err, "blob cache fill not kept");
     }
 }

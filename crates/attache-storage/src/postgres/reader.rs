@@ -162,7 +162,8 @@ pub(crate) async fn read(
     Ok(ReadBatch::from_pieces(info, Offset(start), Offset(page.pos), json, &page.chunks))
 }
 
-/// A blob-backed stream reads from the local copy of its blob.
+/// A blob-backed stream reads the bytes asked for (at most `max_bytes`, so
+/// gathering them is bounded) from the blob store: cache or ranged fetch.
 async fn read_blob(
     shared: &Shared,
     info: StreamInfo,
@@ -170,16 +171,20 @@ async fn read_blob(
     start: u64,
     max_bytes: usize,
 ) -> StoreResult<ReadBatch> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    use futures::TryStreamExt;
     let end = blob.len.min(start.saturating_add(max_bytes as u64));
     let mut chunks = Vec::new();
     if end > start {
-        let path = shared.blobs.local(&blob.sha256).await?;
-        let mut file = tokio::fs::File::open(path).await?;
-        file.seek(std::io::SeekFrom::Start(start)).await?;
-        let mut buf = vec![0u8; (end - start) as usize];
-        file.read_exact(&mut buf).await?;
-        chunks.push(Bytes::from(buf));
+        let read = shared.blobs.read(&blob.sha256, start..end).await?;
+        chunks = read.body.try_collect().await?;
+        let got: u64 = chunks.iter().map(|c: &Bytes| c.len() as u64).sum();
+        if got != end - start {
+            return Err(StoreError::Storage(format!(
+                "blob {} holds {got} bytes at {start}, its stream says {}",
+                blob.sha256,
+                end - start
+            )));
+        }
     }
     Ok(ReadBatch::from_pieces(info, Offset(start), Offset(end), false, &chunks))
 }
