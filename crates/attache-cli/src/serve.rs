@@ -125,6 +125,11 @@ pub struct ServeArgs {
     /// [default: file://<data-dir>/objects, usable only by instances sharing that directory]
     #[arg(long, env = "ATTACHE_OBJECT_STORE")]
     object_store: Option<String>,
+    /// With --store postgres://...: most bytes of whole blobs kept on local disk
+    /// (<data-dir>/blob-cache) to serve reads without the object store; least recently used
+    /// evicted first; 0 caches nothing [default: 1073741824, 1 GiB]
+    #[arg(long, env = "ATTACHE_BLOB_CACHE_BYTES")]
+    blob_cache_bytes: Option<u64>,
     /// Most client connections open at once, WebSockets included; beyond it a new connection
     /// is answered 503 with Retry-After (lowered at start to fit the open-file limit) [default: 4096]
     #[arg(long, env = "ATTACHE_MAX_CONNECTIONS")]
@@ -160,7 +165,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ATTACHE_SIGNAL_RATE_WINDOW", value_parser = humantime::parse_duration)]
     signal_rate_window: Option<Duration>,
     /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync, auth,
-    /// cors_origins, allow_hosts (lists), store, object_store, max_connections, header_read_timeout,
+    /// cors_origins, allow_hosts (lists), store, object_store, blob_cache_bytes, max_connections, header_read_timeout,
     /// idle_timeout, slow_reader_timeout, body_buffer_bytes, body_read_timeout, max_signal_bytes,
     /// signal_rate_limit, signal_rate_window
     #[arg(long, env = "ATTACHE_CONFIG")]
@@ -205,6 +210,7 @@ struct FileConfig {
     mcp_max_sessions_per_principal: Option<usize>,
     store: Option<String>,
     object_store: Option<String>,
+    blob_cache_bytes: Option<u64>,
     max_connections: Option<usize>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
@@ -312,6 +318,7 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         config.store_read_threads = n;
     }
     setting(args.store_tail_cache_bytes, file.store_tail_cache_bytes, &mut config.store_tail_cache_bytes);
+    setting(args.blob_cache_bytes, file.blob_cache_bytes, &mut config.blob_cache_bytes);
     setting(args.deleted_tasks_kept, file.deleted_tasks_kept, &mut config.deleted_tasks_kept);
     setting(args.max_entity_data_bytes, file.max_entity_data_bytes, &mut config.max_entity_data_bytes);
     setting(
