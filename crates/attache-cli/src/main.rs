@@ -50,6 +50,7 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -59,6 +60,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// staying with the process until the next allocation happens to purge it; two
 /// arenas instead of eight per core (this server runs a handful of threads).
 /// docs/ARCHITECTURE.md, "Process-wide choices", has the figures.
+#[cfg(feature = "jemalloc")]
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: &u8 = &b"background_thread:true,narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:0\0"[0];
