@@ -110,6 +110,8 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let rejecting = Arc::new(Semaphore::new(REJECTING_AT_ONCE));
     let connections = TaskTracker::new();
+    let live = Arc::new(Live::default());
+    let mut next_id = 0u64;
     let mut backoff = ACCEPT_BACKOFF.0;
     loop {
         let accepted = tokio::select! {
@@ -138,8 +140,10 @@ pub async fn serve(
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
                 let activity = Arc::new(Activity::new(metrics.clone()));
+                next_id += 1;
+                let listed = live.add(next_id, activity.clone());
                 let io = Watched { io: stream, activity: activity.clone(), _permit: permit };
-                connections.spawn(serve_connection(io, activity, app.clone(), limits, shutdown.clone()));
+                connections.spawn(serve_connection(io, activity, app.clone(), limits, listed));
             }
             Err(_) => {
                 metrics.connection_closed(Closed::OverCap);
@@ -151,8 +155,45 @@ pub async fn serve(
         }
     }
     drop(listener);
+    live.stop_all();
     connections.close();
     connections.wait().await;
+}
+
+/// The open connections, so that a shutdown can tell each one. (Each
+/// connection polling one shared `CancellationToken` took that token's lock
+/// on every wake-up, from both workers: under load a worker waited on it for
+/// milliseconds whenever its holder was preempted, the append p99's tail.)
+#[derive(Default)]
+struct Live {
+    connections: parking_lot::Mutex<std::collections::HashMap<u64, Arc<Activity>>>,
+}
+
+impl Live {
+    fn add(self: &Arc<Self>, id: u64, activity: Arc<Activity>) -> Listed {
+        self.connections.lock().insert(id, activity);
+        Listed { live: self.clone(), id }
+    }
+
+    /// Tells every open connection to finish its requests and close.
+    fn stop_all(&self) {
+        for activity in self.connections.lock().values() {
+            activity.stop.store(true, Ordering::Release);
+            activity.stopping.notify_one();
+        }
+    }
+}
+
+/// A connection's place in [`Live`], given back when the connection ends.
+struct Listed {
+    live: Arc<Live>,
+    id: u64,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.live.connections.lock().remove(&self.id);
+    }
 }
 
 /// Most response bytes the kernel holds unsent for one connection (beyond
@@ -210,13 +251,7 @@ fn builder() -> Builder<TokioExecutor> {
     builder
 }
 
-async fn serve_connection(
-    io: Watched,
-    activity: Arc<Activity>,
-    app: Router,
-    limits: Limits,
-    shutdown: CancellationToken,
-) {
+async fn serve_connection(io: Watched, activity: Arc<Activity>, app: Router, limits: Limits, _listed: Listed) {
     let builder = builder();
     let service = Tracked { app, activity: activity.clone() };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -246,11 +281,12 @@ async fn serve_connection(
                 }
                 check.as_mut().reset(next_check(&activity, &limits, period));
             }
-            _ = activity.stopping.notified(), if stopping => {}
-            _ = shutdown.cancelled(), if !stopping => {
-                stopping = true;
-                activity.stop.store(true, Ordering::Release);
-                conn.as_mut().graceful_shutdown();
+            // The server is stopping (`Live::stop_all`), or, once it is, a request ended.
+            _ = activity.stopping.notified() => {
+                if !stopping && activity.stop.load(Ordering::Acquire) {
+                    stopping = true;
+                    conn.as_mut().graceful_shutdown();
+                }
             }
         }
         // Shutting down: a connection with no request in flight (even one
@@ -313,7 +349,8 @@ struct Activity {
     reading_since: AtomicU64,
     /// Milliseconds after `opened`: since when writes are blocked; `NEVER` when they are not.
     blocked_since: AtomicU64,
-    /// The server is shutting down: the last request to end wakes the connection's task.
+    /// The server is shutting down (`Live::stop_all` sets it and wakes the
+    /// task; from then on the last request to end wakes it too).
     stop: AtomicBool,
     stopping: Notify,
     metrics: Arc<Metrics>,
