@@ -145,6 +145,10 @@ pub struct ServeArgs {
     /// before the connection is closed, e.g. 30s [default: 30s]
     #[arg(long, env = "ATTACHE_SLOW_READER_TIMEOUT", value_parser = humantime::parse_duration)]
     slow_reader_timeout: Option<Duration>,
+    /// At shutdown (SIGTERM), how long requests in flight have to finish before their
+    /// connections are closed, e.g. 30s [default: 30s]
+    #[arg(long, env = "ATTACHE_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
+    shutdown_grace: Option<Duration>,
     /// Most bytes all request bodies being received into memory hold at once (stream appends and
     /// creates, /rpc, JSON bodies); a body past it is answered 503 with Retry-After [default: 268435456, 256 MiB]
     #[arg(long, env = "ATTACHE_BODY_BUFFER_BYTES")]
@@ -166,7 +170,7 @@ pub struct ServeArgs {
     signal_rate_window: Option<Duration>,
     /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync, auth,
     /// cors_origins, allow_hosts (lists), store, object_store, blob_cache_bytes, max_connections, header_read_timeout,
-    /// idle_timeout, slow_reader_timeout, body_buffer_bytes, body_read_timeout, max_signal_bytes,
+    /// idle_timeout, slow_reader_timeout, shutdown_grace, body_buffer_bytes, body_read_timeout, max_signal_bytes,
     /// signal_rate_limit, signal_rate_window
     #[arg(long, env = "ATTACHE_CONFIG")]
     config: Option<PathBuf>,
@@ -215,6 +219,7 @@ struct FileConfig {
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
     slow_reader_timeout: Option<String>,
+    shutdown_grace: Option<String>,
     body_buffer_bytes: Option<usize>,
     body_read_timeout: Option<String>,
     max_signal_bytes: Option<usize>,
@@ -345,6 +350,7 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         "10s",
         &mut config.slow_reader_timeout,
     )?;
+    duration(args.shutdown_grace, file.shutdown_grace, "shutdown_grace", "30s", &mut config.shutdown_grace)?;
     setting(args.body_buffer_bytes, file.body_buffer_bytes, &mut config.body_buffer_bytes);
     duration(
         args.body_read_timeout,

@@ -106,6 +106,10 @@ pub struct ServerConfig {
     /// How long a response may wait on a client that reads nothing before the
     /// connection is closed (the client resumes from its last offset).
     pub slow_reader_timeout: Duration,
+    /// At shutdown, how long requests in flight have to finish (a body still
+    /// arriving, a response still being read) before their connections are
+    /// closed: a client that stalls an upload's body cannot hold the process open.
+    pub shutdown_grace: Duration,
     /// Most bytes all request bodies being collected into memory hold at once
     /// (stream appends and creates, `/rpc`, JSON bodies); a body that would go
     /// past it is answered 503 with `Retry-After` at once.
@@ -224,6 +228,7 @@ impl ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             slow_reader_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
             body_buffer_bytes: 256 << 20,
             body_read_timeout: Duration::from_secs(60),
             max_signal_bytes: 16 << 10,

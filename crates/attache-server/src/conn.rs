@@ -19,6 +19,10 @@
 //! - slow reader: writes blocked (the client reads nothing) for
 //!   `slow_reader_timeout`. The client resumes from its last offset.
 //!
+//! - shutdown: once the server stops, a request still in flight after
+//!   `shutdown_grace` (a stalled upload body, a response read slowly) has its
+//!   connection closed, so no client holds the process open.
+//!
 //! The header and idle deadlines of each connection are stretched by its own
 //! random 0-10% ([`JITTER_PERMILLE`]): connections opened together (a burst of
 //! clients, or a reconnect storm) are not all closed in the same instant and
@@ -69,6 +73,7 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub slow_reader_timeout: Duration,
+    pub shutdown_grace: Duration,
 }
 
 impl Limits {
@@ -78,6 +83,7 @@ impl Limits {
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout,
             slow_reader_timeout: config.slow_reader_timeout,
+            shutdown_grace: config.shutdown_grace,
         }
     }
 }
@@ -262,7 +268,8 @@ async fn serve_connection(io: Watched, activity: Arc<Activity>, app: Router, lim
     let period = check_period(&limits);
     let check = tokio::time::sleep_until(next_check(&activity, &limits, period));
     tokio::pin!(check);
-    let mut stopping = false;
+    // Shutting down: when the requests in flight lose their grace.
+    let mut stopping: Option<Instant> = None;
     loop {
         tokio::select! {
             served = conn.as_mut() => {
@@ -272,26 +279,39 @@ async fn serve_connection(io: Watched, activity: Arc<Activity>, app: Router, lim
                 return;
             }
             _ = &mut check => {
+                let now = Instant::now();
+                if stopping.is_some_and(|cut| cut <= now) {
+                    // A body that stalls (an upload has no body deadline) or a
+                    // response read slowly must not hold the process open.
+                    tracing::info!("closing a connection whose request outlived the shutdown grace");
+                    return;
+                }
                 if let Some((at, why)) = activity.deadline(&limits) {
-                    if at <= Instant::now() {
+                    if at <= now {
                         activity.metrics.connection_closed(why);
                         tracing::debug!(reason = why.as_str(), "closing connection");
                         return;
                     }
                 }
-                check.as_mut().reset(next_check(&activity, &limits, period));
+                let next = next_check(&activity, &limits, period);
+                check.as_mut().reset(stopping.map_or(next, |cut| cut.min(next)));
             }
             // The server is stopping (`Live::stop_all`), or, once it is, a request ended.
             _ = activity.stopping.notified() => {
-                if !stopping && activity.stop.load(Ordering::Acquire) {
-                    stopping = true;
+                if stopping.is_none() && activity.stop.load(Ordering::Acquire) {
+                    let cut = Instant::now() + limits.shutdown_grace;
+                    stopping = Some(cut);
                     conn.as_mut().graceful_shutdown();
+                    if cut < check.deadline() {
+                        check.as_mut().reset(cut);
+                    }
                 }
             }
         }
         // Shutting down: a connection with no request in flight (even one
-        // halfway through a header) closes now; the others finish theirs.
-        if stopping && activity.in_flight.load(Ordering::Acquire) == 0 {
+        // halfway through a header) closes now; the others finish theirs
+        // within the shutdown grace.
+        if stopping.is_some() && activity.in_flight.load(Ordering::Acquire) == 0 {
             return;
         }
     }
@@ -659,6 +679,7 @@ mod tests {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             slow_reader_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
         };
         let metrics = Arc::new(Metrics::default());
         let mut stretches = std::collections::BTreeSet::new();

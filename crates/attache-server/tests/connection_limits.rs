@@ -440,3 +440,57 @@ async fn a_body_not_all_there_within_the_body_read_timeout_is_answered_408_and_f
     assert_eq!(body_buffer_bytes(&s).await, 0);
     assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK);
 }
+
+/// A multipart upload whose body stalls (it has no body read timeout: it
+/// streams to disk) must not hold a shutdown open: after the shutdown grace
+/// its connection is closed and the server stops. Before, `Server::stop`
+/// (SIGTERM) waited for as long as the client kept the body open.
+#[tokio::test]
+async fn a_shutdown_closes_an_upload_whose_body_stalls_once_the_shutdown_grace_is_over() {
+    let s = TestServer::start_with(|c| {
+        c.shutdown_grace = Duration::from_millis(500);
+        c.idle_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let created = s
+        .request(reqwest::Method::PUT, "/_electric/entities/chat/c1")
+        .header("electric-principal", "user:alice")
+        .body("{}")
+        .send()
+        .await
+        .expect("the entity is created");
+    assert!(created.status().is_success(), "{}", created.status());
+    let part = "--B\r\ncontent-disposition: form-data; name=\"subject\"\r\n\r\n{\"type\":\"inbox\",\"key\":\"m1\"}\r\n\
+                --B\r\ncontent-disposition: form-data; name=\"id\"\r\n\r\nstalled\r\n\
+                --B\r\ncontent-disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\n";
+    let mut conn = connect(&s).await;
+    let head = format!(
+        "POST /_electric/entities/chat/c1/attachments HTTP/1.1\r\nhost: 127.0.0.1\r\n\
+         electric-principal: user:alice\r\ncontent-type: multipart/form-data; boundary=B\r\n\
+         content-length: {}\r\n\r\n{part}",
+        part.len() + (1 << 20)
+    );
+    conn.write_all(head.as_bytes()).await.expect("the head and the first parts are sent");
+    conn.write_all(&[b'x'; 4096]).await.expect("some of the file is sent");
+    // The upload is under way once its pending row is listed.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let listed = s
+            .request(reqwest::Method::GET, "/_electric/entities/chat/c1/attachments")
+            .header("electric-principal", "user:alice")
+            .send()
+            .await
+            .expect("the manifest answers");
+        if listed.text().await.expect("a manifest").contains("\"stalled\"") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the upload never began");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(PATIENCE, s.stop())
+        .await
+        .expect("the server stops within the shutdown grace although an upload's body stalls");
+    assert!(started.elapsed() >= Duration::from_millis(400), "the upload had its grace: {:?}", started.elapsed());
+    assert!(read_until_closed(&mut conn).await.is_some(), "the stalled upload's connection is closed");
+}
