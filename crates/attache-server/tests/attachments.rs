@@ -578,6 +578,27 @@ async fn ranges_heads_and_conditional_reads_follow_rfc_9110() {
     assert_eq!(res.status(), StatusCode::RANGE_NOT_SATISFIABLE);
 }
 
+/// A range whose last byte (or suffix length) is past 2^64 is still a valid,
+/// satisfiable range (RFC 9110 14.1.1: a last-pos past the end means the end);
+/// before, a number too big for u64 made any such range 416.
+#[tokio::test]
+async fn a_range_whose_numbers_overflow_u64_is_cut_at_the_end_not_refused() {
+    let ts = server_with_entity().await;
+    let bytes = pattern(1000, 7);
+    upload(&ts, CHAT, "huge-ranges", "application/octet-stream", &bytes).await;
+    let path = format!("{}/attachments/huge-ranges", api(CHAT));
+    for (range, start) in [("bytes=10-99999999999999999999999", 10), ("bytes=-99999999999999999999999", 0)] {
+        let res = ts.request(Method::GET, &path).header("range", range).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(header(&res, "content-range"), Some(format!("bytes {start}-999/1000")), "{range}");
+        assert_eq!(res.bytes().await.unwrap(), bytes[start..], "{range}");
+    }
+    // A first byte past 2^64 is past the end: unsatisfiable, as any first byte past the end.
+    let res = ts.request(Method::GET, &path).header("range", "bytes=99999999999999999999999-").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(header(&res, "content-range").as_deref(), Some("bytes */1000"));
+}
+
 #[tokio::test]
 async fn content_disposition_is_safe_for_any_filename() {
     let ts = server_with_entity().await;

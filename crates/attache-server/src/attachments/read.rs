@@ -88,7 +88,12 @@ pub fn parse_range(header: Option<&str>, len: u64) -> RangeRequest {
         return RangeRequest::Full;
     }
     let Some((a, b)) = spec.trim().split_once('-') else { return RangeRequest::Unsatisfiable };
-    let num = |s: &str| if s.bytes().all(|c| c.is_ascii_digit()) { s.parse::<u64>().ok() } else { None };
+    // Digits only; a number past u64 stands for "past any end" (a valid
+    // range such as `bytes=0-99999999999999999999999` is the whole blob, not 416).
+    let num = |s: &str| match s.bytes().all(|c| c.is_ascii_digit()) && !s.is_empty() {
+        true => Some(s.parse::<u64>().unwrap_or(u64::MAX)),
+        false => None,
+    };
     match (a.trim(), b.trim()) {
         ("", n) => match num(n) {
             Some(0) | None => RangeRequest::Unsatisfiable,
@@ -227,6 +232,10 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=0-1,3-4"), 10), RangeRequest::Full);
         assert_eq!(parse_range(Some("items=0-1"), 10), RangeRequest::Full);
         assert_eq!(parse_range(Some("bytes=x-1"), 10), RangeRequest::Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=2-99999999999999999999999"), 10), RangeRequest::Partial(2, 9));
+        assert_eq!(parse_range(Some("bytes=-99999999999999999999999"), 10), RangeRequest::Partial(0, 9));
+        assert_eq!(parse_range(Some("bytes=99999999999999999999999-"), 10), RangeRequest::Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=-"), 10), RangeRequest::Unsatisfiable);
     }
 
     #[test]
