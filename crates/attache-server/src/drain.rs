@@ -21,9 +21,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use axum::body::{Body, BodyDataStream, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderValue};
-use axum::middleware::Next;
 use axum::response::Response;
 use futures::{Stream, StreamExt};
 use tokio::sync::{oneshot, Semaphore};
@@ -66,25 +65,29 @@ impl Drop for Returning {
 pub const DRAINING_AT_ONCE: usize = 256;
 static DRAINING: Semaphore = Semaphore::const_new(DRAINING_AT_ONCE);
 
-/// The middleware (outermost, so refusals of every layer are drained).
-pub async fn drain_refused(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// The outermost step of the front door (`router::front`), so refusals of every later step are drained.
+pub async fn drain_refused<F, Fut>(state: &AppState, req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     // A client that asked `Expect: 100-continue` sends no body unless told to: nothing to drain.
     if req.headers().contains_key(header::EXPECT)
         || matches!(req.version(), axum::http::Version::HTTP_2 | axum::http::Version::HTTP_3)
     {
-        return next.run(req).await;
+        return next(req).await;
     }
     let declared =
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let (parts, body) = req.into_parts();
     // No body (a GET, a HEAD, an empty POST): nothing could be left unread.
     if http_body::Body::is_end_stream(&body) {
-        return next.run(Request::from_parts(parts, body)).await;
+        return next(Request::from_parts(parts, body)).await;
     }
     let (tx, mut rx) = oneshot::channel();
     let wrapped =
         Body::from_stream(Returning { inner: Some(body.into_data_stream()), finished: false, back: Some(tx) });
-    let mut res = next.run(Request::from_parts(parts, wrapped)).await;
+    let mut res = next(Request::from_parts(parts, wrapped)).await;
     // A refusal that closes the connection itself (a body out of time or
     // out of budget: `http::read_body`) is not waited on.
     if res.status().is_success()

@@ -18,9 +18,8 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::AuthMode;
@@ -156,9 +155,14 @@ fn host_not_allowed(host: &str) -> ApiError {
 }
 
 /// Applies the Host and Origin rules, answers preflights, refuses encoded
-/// separators in the path, and stamps every response. One middleware for all
-/// of it: each layer costs every request a boxed future and a state clone.
-pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// separators in the path, and stamps every response. A step of the front
+/// door (`router::front`): each middleware layer costs every request a boxed
+/// future and a state clone, so there is one for all of it.
+pub async fn guard<F, Fut>(state: &AppState, req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let policy = &state.browser;
     let verdict = match policy.check_host(&req).and_then(|()| policy.check_origin(&req)) {
         Ok(verdict) => verdict,
@@ -176,7 +180,7 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
     } else if has_encoded_separator(req.uri().path()) {
         ApiError::bad_request("encoded '/', '.', '\\' or NUL in a URL path are not allowed").into_response()
     } else {
-        next.run(req).await
+        next(req).await
     };
     let h = res.headers_mut();
     policy.stamp(h);

@@ -120,11 +120,16 @@ pub fn build(state: AppState) -> Router {
         // GET Prometheus text [any authenticated principal]
         .route("/metrics", get(metrics::get_metrics))
         .fallback(stream_route)
-        // Host and Origin rules, then encoded separators, before anything else runs (`origin`).
-        .layer(axum::middleware::from_fn_with_state(state.clone(), origin::guard))
-        // Outermost: a refusal's unread request body is drained so ordinary clients read the answer (`drain`).
-        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::drain::drain_refused))
+        // Before anything else runs, the front door (one layer: each costs every request).
+        .layer(axum::middleware::from_fn_with_state(state.clone(), front))
         .with_state(state)
+}
+
+/// The one middleware: outermost, a refusal's unread request body is drained
+/// so ordinary clients read the answer (`drain`); then the Host and Origin
+/// rules and the encoded-separator refusal (`origin`); then the route.
+async fn front(State(state): State<AppState>, req: Request<Body>, next: axum::middleware::Next) -> Response {
+    crate::drain::drain_refused(&state, req, |req| origin::guard(&state, req, |req| next.run(req))).await
 }
 
 async fn stream_route(State(state): State<AppState>, req: Request<Body>) -> Response {
