@@ -107,7 +107,7 @@ pub struct ServeArgs {
     /// live readers, all streams together (at most 64 KiB served per stream) [default: 16777216]
     #[arg(long, env = "ATTACHE_STORE_TAIL_CACHE_BYTES")]
     store_tail_cache_bytes: Option<usize>,
-    /// Most deleted tasks kept as tombstones (their owners can still read their events); past it the oldest are purged for good [default: 1000]
+    /// Most deleted tasks kept as tombstones (their owners can still read their events); past it the oldest are purged for good [default: 200]
     #[arg(long, env = "ATTACHE_DELETED_TASKS_KEPT")]
     deleted_tasks_kept: Option<usize>,
     /// Largest client data kept in memory with an entity (spawn args and tags together, a task's metadata), in bytes of JSON [default: 65536]

@@ -219,7 +219,7 @@ impl ServerConfig {
             store_read_threads: 16,
             store_tail_cache_bytes: 16 << 20,
             blob_cache_bytes: attache_storage::postgres::DEFAULT_BLOB_CACHE_BYTES,
-            deleted_tasks_kept: 1_000,
+            deleted_tasks_kept: 200,
             max_entity_data_bytes: 64 << 10,
             upload_expiry: Duration::from_secs(24 * 3600),
             fault_plan: None,
