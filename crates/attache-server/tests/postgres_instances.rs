@@ -202,3 +202,67 @@ async fn ranged_attachment_reads_on_another_instance_fetch_only_the_range() {
     assert_eq!(res.status(), StatusCode::PARTIAL_CONTENT);
     assert!(res.bytes().await.unwrap() == bytes[1000..2000], "a range on the uploading instance");
 }
+
+/// An upload in flight on one instance is not an interrupted one to another
+/// instance: an upload of the same id through the other (a client's retry
+/// through another instance, or someone else) is refused 409 and changes
+/// nothing; the first completes with its own bytes. Before, the second
+/// instance took the pending row for one left by a crash: it marked it
+/// failed, uploaded its own bytes (201), and the first upload's refusal
+/// (409: the path was taken) then retracted the row, so the manifest lost
+/// the attachment a 201 had been answered for, and its stream was orphaned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_in_flight_on_one_instance_keeps_its_id_against_an_upload_through_another() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(Instances { a, b, _objects, _cluster }) = two_instances().await else { return };
+    let e = "/chat/racing";
+    entity_support::spawn(&a, None, e).await;
+    let first = entity_support::pattern(100_000, 1);
+    let second = entity_support::pattern(50_000, 2);
+    // The id and subject come before the file: the pending row is written at once.
+    let form = entity_support::Form::new()
+        .field("subject", entity_support::DEFAULT_SUBJECT)
+        .field("id", "same")
+        .file(Some("f"), Some("application/octet-stream"), &first)
+        .finish();
+    let (sent, rest) = form.split_at(form.len() - 60_000);
+    let mut conn = tokio::net::TcpStream::connect(a.url.trim_start_matches("http://")).await.unwrap();
+    let head = format!(
+        "POST {}/attachments HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: {}\r\ncontent-length: {}\r\n\r\n",
+        entity_support::api(e),
+        entity_support::Form::content_type(),
+        form.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(sent).await.unwrap();
+    entity_support::eventually(Duration::from_secs(10), "b sees a's pending row", || async {
+        let m = entity_support::listed(&b, e).await;
+        m.get("same").filter(|r| r["status"] == "pending").map(|_| ())
+    })
+    .await;
+
+    let form = entity_support::Form::new().field("id", "same").file(Some("g"), None, &second).finish();
+    let res = entity_support::upload_raw(&b, e, form).await;
+    let (status, code, _) = entity_support::error_of(res).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "DUPLICATE_ID"), "the id is a's upload's");
+
+    conn.write_all(rest).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    while !String::from_utf8_lossy(&answer).contains("\"attachment\"") {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "a's upload answered: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 201"), "{}", String::from_utf8_lossy(&answer));
+    for server in [&a, &b] {
+        let row = entity_support::eventually(Duration::from_secs(10), "the row is complete", || async {
+            entity_support::listed(server, e).await.get("same").filter(|r| r["status"] == "complete").cloned()
+        })
+        .await;
+        assert_eq!(row["sha256"], entity_support::sha256_hex(&first));
+        let (status, bytes) = entity_support::get_bytes(server, e, "same").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(bytes == first, "a's bytes");
+    }
+}

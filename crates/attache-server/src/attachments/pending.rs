@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::access::{hold_life, now_ms};
 use crate::error::{ApiError, ApiResult};
 use crate::rows::{append_rows, json_content_type, new_txid};
-use crate::AppState;
+use crate::{AppState, StoreConfig};
 
 use super::{duplicate, Fields, INTERRUPTED};
 
@@ -232,6 +232,27 @@ pub async fn settle(state: &AppState, entity: &EntityUrl, id: &str) {
     }
 }
 
+/// Is the `pending` row of `id`, which no upload on this instance holds, one
+/// an interrupted upload left? On the embedded store (one instance) it is. On
+/// PostgreSQL another instance may be streaming that upload right now (our
+/// reservations are in this process), so only a row older than
+/// `upload_expiry` is taken for abandoned: settling a live one marked it
+/// failed and deleted its path, and when that upload then finished it either
+/// lost its 201'd row (retracted by the second upload's refusal) or its bytes.
+async fn abandoned(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult<bool> {
+    if state.config.store == StoreConfig::Embedded {
+        return Ok(true);
+    }
+    let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+    let Some(entry) = view.manifest.get(id) else { return Ok(true) };
+    let expiry = i64::try_from(state.config.upload_expiry.as_millis()).unwrap_or(i64::MAX);
+    Ok(match chrono::DateTime::parse_from_rfc3339(&entry.created_at) {
+        Ok(at) => at.timestamp_millis().saturating_add(expiry) <= now_ms(),
+        // Rows are written with the server's timestamps; one that is not one is nobody's upload.
+        Err(_) => true,
+    })
+}
+
 /// Begins an upload: reserves its id and writes its `pending` row.
 pub(super) async fn begin<'s>(
     state: &'s AppState,
@@ -264,9 +285,11 @@ pub(super) async fn reserve<'s>(
     let id = id.as_str();
     let reservation = state.uploads.take(&entry.stream_path).ok_or_else(|| duplicate(id))?;
     if !id_is_free(state, entity, id).await? {
-        // A pending row no upload holds (we hold the id now) was left by an
-        // interrupted upload: settle it, then look again.
-        settle(state, entity, id).await;
+        // A pending row no upload here holds (we hold the id now) may have
+        // been left by an interrupted upload: settle it, then look again.
+        if abandoned(state, entity, id).await? {
+            settle(state, entity, id).await;
+        }
         if !id_is_free(state, entity, id).await? {
             return Err(duplicate(id));
         }
