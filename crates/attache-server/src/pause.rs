@@ -26,6 +26,10 @@ pub const FORK_RECORD: &str = "fork_record";
 /// stream there) and the delete.
 pub const STREAM_DELETE: &str = "stream_delete";
 
+/// Between the settling of an interrupted upload's `pending` row finding no
+/// stream at its path (and writing `failed`) and its delete of that path.
+pub const SETTLE_DELETE: &str = "settle_delete";
+
 /// The points armed by a test, by name.
 #[derive(Debug, Clone, Default)]
 pub struct Pauses(Arc<parking_lot::Mutex<HashMap<&'static str, Arc<Pause>>>>);

@@ -972,3 +972,72 @@ async fn the_default_attachment_limit_is_1_gib_and_every_document_says_so() {
         }
     }
 }
+
+/// An upload cancelled before its commit (an HTTP/2 client resets the
+/// stream) keeps its id reserved until its row is settled in the
+/// background. Before, the id was free at once: a new upload of it went
+/// ahead while the settling ran, and the settling's delete of the path
+/// (meant for a create sent before the cancel) deleted the new upload's
+/// stream after it had answered 201: its row said complete, its bytes were gone.
+#[tokio::test]
+async fn an_upload_of_an_id_being_settled_after_a_cancel_is_refused_or_keeps_its_bytes() {
+    let pauses = attache_server::pause::Pauses::default();
+    let given = pauses.clone();
+    let ts = TestServer::start_with(move |c| c.pauses = Some(given)).await;
+    spawn(&ts, None, CHAT).await;
+    let path = format!("{}/attachments", api(CHAT));
+    let first = Form::new()
+        .field("subject", DEFAULT_SUBJECT)
+        .field("id", "x")
+        .file(Some("f"), None, &pattern(10_000, 1))
+        .finish();
+
+    // The first upload over HTTP/2: held at its pending row's write, then at its commit.
+    let addr = ts.url.trim_start_matches("http://").to_owned();
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+    tokio::spawn(conn);
+    let at_row = pauses.arm(attache_server::pause::ENTITY_WRITE);
+    let req = http::Request::post(ts.url(&path))
+        .header("content-type", Form::content_type())
+        .body(http_body_util::Full::new(bytes::Bytes::from(first)))
+        .unwrap();
+    let answer = tokio::spawn(sender.send_request(req));
+    at_row.reached().await;
+    let at_commit = pauses.arm(attache_server::pause::ENTITY_WRITE);
+    at_row.release();
+    at_commit.reached().await;
+    assert_eq!(listed(&ts, CHAT).await["x"]["status"], "pending");
+
+    // Cancelled there: the row is settled in the background, held before its delete.
+    let at_delete = pauses.arm(attache_server::pause::SETTLE_DELETE);
+    answer.abort();
+    drop(sender);
+    at_delete.reached().await;
+
+    let second = pattern(20_000, 2);
+    let form = Form::new().field("id", "x").file(Some("g"), None, &second).finish();
+    let res = upload_raw(&ts, CHAT, form).await;
+    let status = res.status();
+    at_delete.release();
+    if status == StatusCode::CREATED {
+        // Answered 201: its bytes must stay, whatever the settling does after.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (got, bytes) = get_bytes(&ts, CHAT, "x").await;
+        assert_eq!(got, StatusCode::OK, "an upload answered 201 has its bytes");
+        assert!(bytes == second);
+    } else {
+        assert_eq!(status, StatusCode::CONFLICT, "the id is busy while it is settled");
+        // Once settled (failed), the id is free again.
+        eventually(Duration::from_secs(10), "the cancelled upload settled", || async {
+            (listed(&ts, CHAT).await["x"]["status"] == "failed").then_some(())
+        })
+        .await;
+        let form = Form::new().field("id", "x").file(Some("g"), None, &second).finish();
+        assert_eq!(upload_raw(&ts, CHAT, form).await.status(), StatusCode::CREATED);
+        let (got, bytes) = get_bytes(&ts, CHAT, "x").await;
+        assert_eq!(got, StatusCode::OK);
+        assert!(bytes == second);
+    }
+}

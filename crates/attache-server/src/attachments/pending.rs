@@ -39,18 +39,33 @@ pub struct OpenUpload {
 
 pub(super) struct Reservation<'a> {
     set: &'a Reservations,
-    key: String,
+    /// `None` once handed on ([`Reservation::hand_on`]).
+    key: Option<String>,
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        self.set.0.lock().remove(&self.key);
+        if let Some(key) = &self.key {
+            self.set.0.lock().remove(key);
+        }
+    }
+}
+
+impl Reservation<'_> {
+    /// The reserved key, kept taken after this is dropped: the caller gives
+    /// it back ([`Reservations::give_back`]) when it is done with the id.
+    fn hand_on(&mut self) -> Option<String> {
+        self.key.take()
     }
 }
 
 impl Reservations {
     pub(super) fn take(&self, key: &str) -> Option<Reservation<'_>> {
-        self.0.lock().insert(key.to_owned()).then(|| Reservation { set: self, key: key.to_owned() })
+        self.0.lock().insert(key.to_owned()).then(|| Reservation { set: self, key: Some(key.to_owned()) })
+    }
+
+    fn give_back(&self, key: &str) {
+        self.0.lock().remove(key);
     }
 }
 
@@ -120,7 +135,7 @@ pub(super) async fn id_is_free(state: &AppState, entity: &EntityUrl, id: &str) -
 /// stream removed) when they did not. Without it such a row stayed `pending`
 /// for ever and its id was refused.
 pub(super) struct Pending<'a> {
-    _reservation: Reservation<'a>,
+    reservation: Reservation<'a>,
     pub(super) entry: ManifestEntry,
     /// Whether the `pending` row was written (else the upload's first row is its outcome).
     pub(super) row: bool,
@@ -180,7 +195,16 @@ impl Drop for Pending<'_> {
         }
         let id = self.entry.id.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move { settle(&state, &entity, &id).await });
+            // The id stays reserved until its row is settled: a new upload
+            // of it meanwhile would be settled too (its row failed, its
+            // fresh stream deleted by this settling's delete of the path).
+            let key = self.reservation.hand_on();
+            handle.spawn(async move {
+                settle(&state, &entity, &id).await;
+                if let Some(key) = key {
+                    state.uploads.give_back(&key);
+                }
+            });
         }
     }
 }
@@ -227,6 +251,7 @@ pub async fn settle(state: &AppState, entity: &EntityUrl, id: &str) {
                 tracing::info!(entity = %entity, id, "marked an interrupted upload failed");
             }
             // A create sent before the interruption commits before this delete (one writer, in order).
+            crate::pause::at(state, crate::pause::SETTLE_DELETE).await;
             let _ = state.store.delete(&path).await;
         }
     }
@@ -295,7 +320,7 @@ pub(super) async fn reserve<'s>(
         }
     }
     Ok(Pending {
-        _reservation: reservation,
+        reservation,
         entry,
         row: false,
         txid: new_txid(),
