@@ -3,8 +3,9 @@
 //! An upload is staged in a local file (hashed and synced as it streams),
 //! then *pinned* (a row in `attache_blobs` that collection leaves alone until
 //! the pin expires), uploaded under `blobs/<aa>/<sha256>` unless those bytes
-//! are already there, and only then referenced by the stream that holds it,
-//! in the writer's batch. Collection deletes an object only while holding
+//! are already there (read into memory a part at a time, within the budget
+//! of all uploads: `upload_budget.rs`), and only then referenced by the
+//! stream that holds it, in the writer's batch. Collection deletes an object only while holding
 //! its row locked with no references and no live pin, and deletes the object
 //! before the row: an upload that pins after that finds no row and uploads
 //! again.
@@ -23,12 +24,14 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
-use object_store::{GetOptions, GetRange, ObjectStore, PutPayload, WriteMultipart};
+use object_store::{GetOptions, GetRange, MultipartUpload, ObjectStore, PutPayload};
 use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use super::blob_cache::BlobCache;
+use super::upload_budget::UploadBudget;
 use super::{db_err, now_ms, PgConfig};
 use crate::blob::{clamp_range, file_range, BlobRead, BLOB_CHUNK};
 use crate::error::{StoreError, StoreResult};
@@ -38,13 +41,29 @@ use crate::model::StagedBlob;
 const FETCH_AHEAD: usize = 2;
 
 /// Blobs up to this size go up in one request; bigger ones in parts of it.
-const PART_BYTES: usize = 8 << 20;
+/// S3 allows parts from 5 MiB and at most 10,000 of them: 8 MiB parts carry
+/// blobs up to 78 GiB in fewer requests, and the budget, not the part size,
+/// bounds the memory all uploads hold.
+pub(crate) const PART_BYTES: usize = 8 << 20;
+
+/// Parts one upload sends at once (the budget permitting).
+const PARTS_IN_FLIGHT: usize = 4;
 
 pub(crate) struct Blobs {
     objects: Arc<dyn ObjectStore>,
     staging: PathBuf,
     cache: Arc<BlobCache>,
+    budget: UploadBudget,
     grace_ms: i64,
+}
+
+/// The outcome of one part's send, from [`JoinSet::join_next`].
+fn part_sent(joined: Option<Result<object_store::Result<()>, tokio::task::JoinError>>) -> StoreResult<()> {
+    match joined {
+        Some(Ok(sent)) => sent.map_err(store_err),
+        Some(Err(e)) => Err(StoreError::Storage(format!("part upload task failed: {e}"))),
+        None => Ok(()),
+    }
 }
 
 fn object_path(sha256: &str) -> ObjectPath {
@@ -96,7 +115,8 @@ impl Blobs {
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging)?;
         let cache = Arc::new(BlobCache::open(config.data_dir.join("blob-cache"), config.blob_cache_bytes)?);
-        Ok(Blobs { objects, staging, cache, grace_ms: config.blob_grace.as_millis() as i64 })
+        let budget = UploadBudget::new(config.upload_buffer_bytes, PART_BYTES);
+        Ok(Blobs { objects, staging, cache, budget, grace_ms: config.blob_grace.as_millis() as i64 })
     }
 
     pub(crate) async fn stage(&self) -> StoreResult<crate::BlobWriter> {
@@ -133,29 +153,71 @@ impl Blobs {
         self.cache.adopt(&staged.sha256, staged.len, &staged.path).await
     }
 
+    /// Sends the staged `file` to `target`: one `PUT` up to [`PART_BYTES`], else
+    /// parts of it, at most [`PARTS_IN_FLIGHT`] at once. Each part (or small
+    /// blob) is read into memory only once the budget has room for it, and
+    /// gives the room back when its send is over (`upload_budget.rs`).
     async fn upload(&self, file: &Path, target: &ObjectPath) -> StoreResult<()> {
         let mut file = tokio::fs::File::open(file).await?;
         let len = file.metadata().await?.len() as usize;
         if len <= PART_BYTES {
-            let mut buf = Vec::with_capacity(len);
-            file.read_to_end(&mut buf).await?;
+            let _held = self.budget.take(len).await?;
+            let mut buf = vec![0u8; len];
+            file.read_exact(&mut buf).await?;
             self.objects.put(target, PutPayload::from(buf)).await.map_err(store_err)?;
             return Ok(());
         }
-        let upload = self.objects.put_multipart(target).await.map_err(store_err)?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            // Memory stays bounded: at most a few parts in flight.
-            writer.wait_for_capacity(4).await.map_err(store_err)?;
-            let n = file.read(&mut buf).await?;
-            if n == 0 {
-                break;
+        let mut upload = self.objects.put_multipart(target).await.map_err(store_err)?;
+        let sent = self.send_parts(&mut file, len, upload.as_mut()).await;
+        let done = match sent {
+            Ok(()) => upload.complete().await.map(drop).map_err(store_err),
+            Err(e) => Err(e),
+        };
+        if done.is_err() {
+            // S3 keeps the parts of an upload neither completed nor aborted.
+            if let Err(err) = upload.abort().await {
+                tracing::debug!(%err, "multipart upload not aborted");
             }
-            writer.write(&buf[..n]);
         }
-        writer.finish().await.map_err(store_err)?;
+        done
+    }
+
+    async fn send_parts(
+        &self,
+        file: &mut tokio::fs::File,
+        len: usize,
+        upload: &mut dyn MultipartUpload,
+    ) -> StoreResult<()> {
+        // Spawned, so a part is sent while this upload waits for room for the
+        // next (a part not polled would hold its room for ever); aborted if
+        // this upload is dropped.
+        let mut sending = JoinSet::new();
+        let mut left = len;
+        while left > 0 {
+            if sending.len() >= PARTS_IN_FLIGHT {
+                part_sent(sending.join_next().await)?;
+            }
+            let n = left.min(PART_BYTES);
+            let held = self.budget.take(n).await?;
+            let mut buf = vec![0u8; n];
+            file.read_exact(&mut buf).await?;
+            let part = upload.put_part(PutPayload::from(buf));
+            sending.spawn(async move {
+                let sent = part.await;
+                drop(held);
+                sent
+            });
+            left -= n;
+        }
+        while let Some(joined) = sending.join_next().await {
+            part_sent(Some(joined))?;
+        }
         Ok(())
+    }
+
+    /// The most bytes uploads have held in memory at once (never above the budget).
+    pub(crate) fn upload_buffer_high_water(&self) -> u64 {
+        self.budget.high_water()
     }
 
     /// Bytes `asked` of blob `sha256`: from the cache if it holds the blob,

@@ -32,6 +32,7 @@ mod order;
 mod reader;
 mod registry;
 pub mod test_cluster;
+mod upload_budget;
 mod writer;
 
 pub use registry::PgRegistry;
@@ -65,6 +66,10 @@ const SCHEMA_LOCK: i64 = 0x0061_7474_6163_6865;
 /// The local blob cache's bound unless configured: 1 GiB of scratch disk.
 pub const DEFAULT_BLOB_CACHE_BYTES: u64 = 1 << 30;
 
+/// The bound on blob bytes all uploads hold in memory on their way to the
+/// object store unless configured: 64 MiB, eight 8 MiB parts.
+pub const DEFAULT_UPLOAD_BUFFER_BYTES: u64 = 64 << 20;
+
 /// How the scale-out backend is opened.
 #[derive(Debug, Clone)]
 pub struct PgConfig {
@@ -79,6 +84,9 @@ pub struct PgConfig {
     /// Most bytes the local cache of whole blobs holds (least recently used
     /// evicted first; 0 caches nothing): `blob_cache.rs`.
     pub blob_cache_bytes: u64,
+    /// Most bytes of blobs all uploads hold in memory at once while they are
+    /// sent to the object store (at least one 8 MiB part): `upload_budget.rs`.
+    pub upload_buffer_bytes: u64,
     /// Most commands one group commit takes.
     pub max_batch: usize,
     /// Database connections per instance (the writer and the listener take one each).
@@ -99,6 +107,7 @@ impl PgConfig {
             object_store_url: None,
             data_dir: data_dir.into(),
             blob_cache_bytes: DEFAULT_BLOB_CACHE_BYTES,
+            upload_buffer_bytes: DEFAULT_UPLOAD_BUFFER_BYTES,
             max_batch: 1024,
             pool_size: 8,
             sweep_interval: Duration::from_secs(1),
@@ -681,6 +690,13 @@ impl PgStore {
     /// This instance's id in notifications (for tests and logs).
     pub fn instance(&self) -> &str {
         &self.shared.instance
+    }
+
+    /// The most bytes of blobs uploads have held in memory at once on their
+    /// way to the object store since the store opened (for tests; never
+    /// above [`PgConfig::upload_buffer_bytes`]).
+    pub fn upload_buffer_high_water(&self) -> u64 {
+        self.shared.blobs.upload_buffer_high_water()
     }
 }
 
