@@ -130,6 +130,11 @@ pub struct ServeArgs {
     /// evicted first; 0 caches nothing [default: 1073741824, 1 GiB]
     #[arg(long, env = "ATTACHE_BLOB_CACHE_BYTES")]
     blob_cache_bytes: Option<u64>,
+    /// With --store postgres://...: most bytes of blobs all uploads hold in memory at once while
+    /// they are sent to the object store (read from local staging a part at a time); an upload
+    /// past it waits for room; below one 8 MiB part counts as one part [default: 67108864, 64 MiB]
+    #[arg(long, env = "ATTACHE_OBJECT_STORE_UPLOAD_BUFFER_BYTES")]
+    object_store_upload_buffer_bytes: Option<u64>,
     /// Most client connections open at once, WebSockets included; beyond it a new connection
     /// is answered 503 with Retry-After (lowered at start to fit the open-file limit) [default: 4096]
     #[arg(long, env = "ATTACHE_MAX_CONNECTIONS")]
@@ -169,8 +174,8 @@ pub struct ServeArgs {
     #[arg(long, env = "ATTACHE_SIGNAL_RATE_WINDOW", value_parser = humantime::parse_duration)]
     signal_rate_window: Option<Duration>,
     /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync, auth,
-    /// cors_origins, allow_hosts (lists), store, object_store, blob_cache_bytes, max_connections, header_read_timeout,
-    /// idle_timeout, slow_reader_timeout, shutdown_grace, body_buffer_bytes, body_read_timeout, max_signal_bytes,
+    /// cors_origins, allow_hosts (lists), store, object_store, blob_cache_bytes, object_store_upload_buffer_bytes,
+    /// max_connections, header_read_timeout, idle_timeout, slow_reader_timeout, shutdown_grace, body_buffer_bytes, body_read_timeout, max_signal_bytes,
     /// signal_rate_limit, signal_rate_window
     #[arg(long, env = "ATTACHE_CONFIG")]
     config: Option<PathBuf>,
@@ -215,6 +220,7 @@ struct FileConfig {
     store: Option<String>,
     object_store: Option<String>,
     blob_cache_bytes: Option<u64>,
+    object_store_upload_buffer_bytes: Option<u64>,
     max_connections: Option<usize>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
@@ -324,6 +330,11 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
     }
     setting(args.store_tail_cache_bytes, file.store_tail_cache_bytes, &mut config.store_tail_cache_bytes);
     setting(args.blob_cache_bytes, file.blob_cache_bytes, &mut config.blob_cache_bytes);
+    setting(
+        args.object_store_upload_buffer_bytes,
+        file.object_store_upload_buffer_bytes,
+        &mut config.object_store_upload_buffer_bytes,
+    );
     setting(args.deleted_tasks_kept, file.deleted_tasks_kept, &mut config.deleted_tasks_kept);
     setting(args.max_entity_data_bytes, file.max_entity_data_bytes, &mut config.max_entity_data_bytes);
     setting(

@@ -77,6 +77,10 @@ pub struct ServerConfig {
     /// With the PostgreSQL store: most bytes of whole blobs cached on local
     /// disk beside the object store (least recently used evicted first; 0: none).
     pub blob_cache_bytes: u64,
+    /// With the PostgreSQL store: most bytes of blobs all uploads hold in
+    /// memory at once on their way to the object store (at least one 8 MiB
+    /// part); an upload past it waits for room.
+    pub object_store_upload_buffer_bytes: u64,
     /// Most deleted tasks whose tombstones (record, grants, closed main stream)
     /// are kept so their owners can still read their events; older ones are purged.
     pub deleted_tasks_kept: usize,
@@ -219,6 +223,7 @@ impl ServerConfig {
             store_read_threads: 16,
             store_tail_cache_bytes: 16 << 20,
             blob_cache_bytes: attache_storage::postgres::DEFAULT_BLOB_CACHE_BYTES,
+            object_store_upload_buffer_bytes: attache_storage::postgres::DEFAULT_UPLOAD_BUFFER_BYTES,
             deleted_tasks_kept: 200,
             max_entity_data_bytes: 64 << 10,
             upload_expiry: Duration::from_secs(24 * 3600),

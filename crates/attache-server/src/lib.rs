@@ -159,6 +159,7 @@ impl Server {
                 let mut pg = PgConfig::new(url.clone(), &config.data_dir);
                 pg.object_store_url = object_store_url.clone();
                 pg.blob_cache_bytes = config.blob_cache_bytes;
+                pg.upload_buffer_bytes = config.object_store_upload_buffer_bytes;
                 pg.durable = config.durable;
                 let backend = attache_storage::postgres::open(pg).await.map_err(store_err)?;
                 (Arc::new(backend.store), Arc::new(backend.registry))
