@@ -132,7 +132,7 @@ pub struct ServeArgs {
     blob_cache_bytes: Option<u64>,
     /// With --store postgres://...: most bytes of blobs all uploads hold in memory at once while
     /// they are sent to the object store (read from local staging a part at a time); an upload
-    /// past it waits for room; below one 8 MiB part counts as one part [default: 67108864, 64 MiB]
+    /// past it waits for room; below one 8 MiB part counts as one part [default: 33554432, 32 MiB]
     #[arg(long, env = "ATTACHE_OBJECT_STORE_UPLOAD_BUFFER_BYTES")]
     object_store_upload_buffer_bytes: Option<u64>,
     /// Most client connections open at once, WebSockets included; beyond it a new connection

@@ -67,8 +67,10 @@ const SCHEMA_LOCK: i64 = 0x0061_7474_6163_6865;
 pub const DEFAULT_BLOB_CACHE_BYTES: u64 = 1 << 30;
 
 /// The bound on blob bytes all uploads hold in memory on their way to the
-/// object store unless configured: 64 MiB, eight 8 MiB parts.
-pub const DEFAULT_UPLOAD_BUFFER_BYTES: u64 = 64 << 20;
+/// object store unless configured: 32 MiB, four 8 MiB parts (as many as one
+/// upload sends at once). 64 MiB raised the peak RSS of ten concurrent 40 MB
+/// uploads by another ~30 MB and made them no faster (docs/SECURITY.md).
+pub const DEFAULT_UPLOAD_BUFFER_BYTES: u64 = 32 << 20;
 
 /// How the scale-out backend is opened.
 #[derive(Debug, Clone)]
