@@ -10,32 +10,15 @@
 use std::ops::Range;
 use std::path::Path;
 
-use attache_core::{ContentType, StreamPath};
 use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
 use attache_storage::postgres::test_cluster::TestCluster;
 use attache_storage::postgres::{self, PgConfig};
-use attache_storage::{CreateStream, StoreError, StreamStore, BLOB_CHUNK};
+use attache_storage::{StoreError, StreamStore, BLOB_CHUNK};
 use bytes::Bytes;
 use futures::TryStreamExt;
 
-fn blob_stream(path: &str) -> CreateStream {
-    CreateStream {
-        path: StreamPath::new(path).unwrap(),
-        content_type: Some(ContentType::octet_stream()),
-        ttl: None,
-        expires_at: None,
-        closed: true,
-        initial: Bytes::new(),
-        fork: None,
-        owner: None,
-        take_kept_path: false,
-    }
-}
-
-/// Bytes that differ at every position a wrong offset could land on.
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    (0..len as u32).map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8).collect()
-}
+mod blobs;
+use blobs::{blob_stream, pattern};
 
 /// Stores `bytes` as the blob of a new stream at `path`; its sha256.
 async fn store_blob(store: &dyn StreamStore, path: &str, bytes: &[u8]) -> String {

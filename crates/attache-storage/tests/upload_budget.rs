@@ -5,33 +5,16 @@
 //! PostgreSQL it prints why and passes (`ATTACHE_REQUIRE_SERVICES=1` makes
 //! that a failure).
 
-use attache_core::{ContentType, StreamPath};
 use attache_storage::postgres::test_cluster::TestCluster;
 use attache_storage::postgres::{self, PgConfig};
-use attache_storage::{CreateStream, StreamStore};
+use attache_storage::StreamStore;
 use bytes::Bytes;
 use futures::TryStreamExt;
 
 const MIB: usize = 1 << 20;
 
-fn blob_stream(path: &str) -> CreateStream {
-    CreateStream {
-        path: StreamPath::new(path).unwrap(),
-        content_type: Some(ContentType::octet_stream()),
-        ttl: None,
-        expires_at: None,
-        closed: true,
-        initial: Bytes::new(),
-        fork: None,
-        owner: None,
-        take_kept_path: false,
-    }
-}
-
-/// Bytes that differ at every position a misplaced part could land on.
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    (0..len as u32).map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8).collect()
-}
+mod blobs;
+use blobs::{blob_stream, pattern};
 
 #[test]
 fn concurrent_uploads_hold_no_more_than_the_upload_buffer_budget() {
