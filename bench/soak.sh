@@ -32,7 +32,7 @@ done
 if [ "$QUICK" = 1 ]; then
   DURATION=2m
   : "${WARMUP:=30s}" "${SOAK_READERS:=200}" "${SOAK_SLOW_READERS:=20}"
-  QUICK_ARGS=(--slow-hold 30s --note "quick run: a smoke test of the load and the report. Its RSS verdict judges the first minutes, while the embedded store's page caches (32 MiB + 8 MiB) are still filling; only a full-length run judges a plateau")
+  QUICK_ARGS=(--slow-hold 30s --note "quick run: a smoke test of the load and the report. Its RSS verdict judges the first minutes, while the embedded store's page caches (4 MiB + 8 MiB) are still filling; only a full-length run judges a plateau")
 else
   QUICK_ARGS=()
 fi
