@@ -400,7 +400,7 @@ async fn post(
     };
     if let (Some((entity, id)), true) = (&attachment, outcome.info.closed) {
         // Closing a resumable upload's stream completes the attachment.
-        crate::attachments::finalize(state, entity, id).await?;
+        crate::attachments::finalize_closed(state, entity, id).await?;
     }
     let mut res = status.into_response();
     let hm = res.headers_mut();

@@ -15,8 +15,8 @@ use std::time::Duration;
 use attache_storage::{Fault, FaultPlan, FaultPoint};
 use common::{header, TestServer, CLOSED};
 use entity_support::{
-    api, error_of, eventually, get_bytes, listed, manifest, pattern, rows, sha256_hex, spawn, staged_blobs,
-    stored_blobs, upload, upload_raw, Form, BOUNDARY, DEFAULT_SUBJECT,
+    api, as_principal, error_of, eventually, get_bytes, listed, manifest, materialize_as, pattern, rows, sha256_hex,
+    spawn, staged_blobs, stored_blobs, upload, upload_raw, Form, StalledUpload, BOUNDARY, DEFAULT_SUBJECT,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -1040,4 +1040,156 @@ async fn an_upload_of_an_id_being_settled_after_a_cancel_is_refused_or_keeps_its
         assert_eq!(got, StatusCode::OK);
         assert!(bytes == second);
     }
+}
+
+/// The manifest entries of `entity`'s main stream as `principal` reads them (none: user:anonymous).
+async fn manifest_as(ts: &TestServer, principal: Option<&str>, entity: &str) -> BTreeMap<String, Value> {
+    materialize_as(ts, entity, principal)
+        .await
+        .into_iter()
+        .filter(|((t, _), _)| t == "manifest")
+        .map(|((_, k), v)| (k.strip_prefix("attachment:").unwrap_or(&k).to_owned(), v))
+        .collect()
+}
+
+/// Waits until the upload of `id` to `entity` has written its `pending` row.
+async fn upload_is_pending(ts: &TestServer, principal: Option<&str>, entity: &str, id: &str) {
+    eventually(Duration::from_secs(10), &format!("the pending row of {id}"), || async {
+        manifest_as(ts, principal, entity).await.get(id).filter(|e| e["status"] == "pending").map(|_| ())
+    })
+    .await;
+}
+
+/// Nothing of attachment `id` of `entity` is reachable: no row, no bytes at
+/// the attachment route or at its stream, and (once reclaimed) no blob file.
+async fn attachment_is_gone(ts: &TestServer, entity: &str, id: &str) {
+    assert!(!manifest(ts, entity).await.contains_key(id), "no row of {id}");
+    assert!(!listed(ts, entity).await.contains_key(id), "{id} is not listed");
+    assert_eq!(get_bytes(ts, entity, id).await.0, StatusCode::NOT_FOUND, "no bytes of {id}");
+    assert_eq!(ts.head(&format!("{entity}/attachments/{id}")).await.status(), StatusCode::NOT_FOUND);
+    let dir = ts.config.data_dir.clone();
+    eventually(Duration::from_secs(5), "the deleted bytes to be reclaimed", || {
+        let left = stored_blobs(&dir);
+        async move { left.is_empty().then_some(()) }
+    })
+    .await;
+}
+
+/// A DELETE of an attachment whose upload is still streaming is refused
+/// with 409 `UPLOAD_IN_PROGRESS` (docs/SECURITY.md), and the upload then
+/// completes. Before, the DELETE answered 200 and the upload's `complete`
+/// row brought the attachment back.
+#[tokio::test]
+async fn deleting_an_attachment_while_its_upload_streams_is_409_and_the_upload_completes() {
+    let ts = server_with_entity().await;
+    let bytes = pattern(256 << 10, 31);
+    let stalled = StalledUpload::start(&ts, None, CHAT, &[("id", "racing")], &bytes).await;
+    upload_is_pending(&ts, None, CHAT, "racing").await;
+
+    let path = format!("{}/attachments/racing", api(CHAT));
+    let (status, code, body) = error_of(ts.request(Method::DELETE, &path).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "UPLOAD_IN_PROGRESS"), "{body}");
+    assert_eq!(manifest(&ts, CHAT).await["racing"]["status"], "pending", "the refused DELETE changed nothing");
+
+    let (status, answer) = stalled.finish().await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    assert_eq!(manifest(&ts, CHAT).await["racing"]["status"], "complete");
+    assert_eq!(get_bytes(&ts, CHAT, "racing").await, (StatusCode::OK, bytes));
+
+    // Once the upload is done, the delete goes through and nothing of it stays reachable.
+    assert_eq!(ts.request(Method::DELETE, &path).send().await.unwrap().status(), StatusCode::OK);
+    attachment_is_gone(&ts, CHAT, "racing").await;
+}
+
+/// A resumable upload runs until its stream is closed: a DELETE meanwhile
+/// is 409 `UPLOAD_IN_PROGRESS`, the upload completes on close, and a DELETE
+/// after that removes it. Before, the DELETE answered 200 while the upload's
+/// stream stayed open for appends.
+#[tokio::test]
+async fn deleting_a_resumable_upload_while_its_stream_is_open_is_409() {
+    let ts = server_with_entity().await;
+    let path = format!("{}/attachments/open", api(CHAT));
+    let stream = format!("{CHAT}/attachments/open");
+    let res = ts.request(Method::PUT, &path).json(&json!({ "subject": { "type": "context", "key": "test" } }));
+    assert_eq!(res.send().await.unwrap().status(), StatusCode::CREATED);
+    let append = |body: &'static [u8], close: bool| {
+        let mut rb = ts.request(Method::POST, &stream).header("content-type", "application/octet-stream").body(body);
+        if close {
+            rb = rb.header("stream-closed", "true");
+        }
+        rb.send()
+    };
+    assert!(append(b"first ", false).await.unwrap().status().is_success());
+
+    let (status, code, body) = error_of(ts.request(Method::DELETE, &path).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "UPLOAD_IN_PROGRESS"), "{body}");
+    assert!(append(b"last", true).await.unwrap().status().is_success());
+    assert_eq!(manifest(&ts, CHAT).await["open"]["status"], "complete");
+    assert_eq!(get_bytes(&ts, CHAT, "open").await, (StatusCode::OK, b"first last".to_vec()));
+
+    assert_eq!(ts.request(Method::DELETE, &path).send().await.unwrap().status(), StatusCode::OK);
+    assert!(!manifest(&ts, CHAT).await.contains_key("open"));
+    assert_eq!(get_bytes(&ts, CHAT, "open").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(ts.head(&stream).await.status(), StatusCode::NOT_FOUND);
+}
+
+/// One JSON-RPC call as `principal`; the whole response object.
+async fn rpc(ts: &TestServer, principal: &str, method: &str, params: Value) -> Value {
+    let res = ts
+        .request(Method::POST, "/rpc")
+        .header("electric-principal", principal)
+        .json(&json!({ "jsonrpc": "2.0", "method": method, "params": params, "id": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    res.json().await.unwrap()
+}
+
+/// The task face meets the same rule: while a keyed upload of a task's
+/// attachment streams, `task.delete_attachment` and `task.create_attachment`
+/// of its key are refused (-32602, `data.code` `UPLOAD_IN_PROGRESS`) and the
+/// upload completes; a delete after it removes the row and the bytes.
+/// Before, the delete answered success and the upload brought the attachment back.
+#[tokio::test]
+async fn task_writes_of_a_key_being_uploaded_are_refused_and_the_upload_completes() {
+    let ts = TestServer::start().await;
+    const ALICE: &str = "user:alice";
+    let created = rpc(&ts, ALICE, "task.create", json!({ "text": "race", "priority": 50 })).await;
+    let task = created["result"]["id"].as_str().expect("a task id").to_owned();
+    let entity = format!("/task/{task}");
+    let bytes = pattern(256 << 10, 32);
+    let stalled = StalledUpload::start(&ts, Some(ALICE), &entity, &[("id", "up1"), ("key", "report")], &bytes).await;
+    upload_is_pending(&ts, Some(ALICE), &entity, "up1").await;
+
+    for (method, params) in [
+        ("task.delete_attachment", json!({ "taskId": task, "key": "report" })),
+        ("task.create_attachment", json!({ "taskId": task, "key": "report", "type": "text", "content": "x" })),
+    ] {
+        let res = rpc(&ts, ALICE, method, params).await;
+        assert_eq!(res["error"]["code"], -32602, "{method}: {res}");
+        assert_eq!(res["error"]["data"]["code"], "UPLOAD_IN_PROGRESS", "{method}: {res}");
+    }
+    assert_eq!(
+        manifest_as(&ts, Some(ALICE), &entity).await["up1"]["status"],
+        "pending",
+        "the refused calls changed nothing"
+    );
+
+    let (status, answer) = stalled.finish().await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let got = rpc(&ts, ALICE, "task.get_attachment", json!({ "taskId": task, "key": "report" })).await;
+    assert_eq!(got["result"]["size"], bytes.len() as u64, "{got}");
+    let read = |path: String| as_principal(ts.request(Method::GET, &path), Some(ALICE)).send();
+    let res = read(format!("{}/attachments/up1", api(&entity))).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.bytes().await.unwrap().to_vec(), bytes);
+
+    let deleted = rpc(&ts, ALICE, "task.delete_attachment", json!({ "taskId": task, "key": "report" })).await;
+    assert_eq!(deleted["result"]["deleted"], true, "{deleted}");
+    assert!(!manifest_as(&ts, Some(ALICE), &entity).await.contains_key("up1"));
+    let res = read(format!("{}/attachments/up1", api(&entity))).await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "no bytes through the attachment route");
+    let res = read(format!("{entity}/attachments/up1")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "no bytes at the attachment's stream");
 }

@@ -424,3 +424,78 @@ async fn a_long_poll_that_may_see_nothing_in_a_long_log_answers_an_empty_page_in
     }
     panic!("the log has an end");
 }
+
+/// A task change whose rows the store refuses publishes no event: each
+/// method waits between its compare-and-set and its write (the `task_write`
+/// pause) while the owner stops the task's entity (`DELETE` on it closes
+/// its main stream), so the write of the change's rows is refused. The call
+/// answers the stopped error (-32602) and `/_attache/events` shows nothing
+/// of it. Before, the event went to the events stream whatever the rows' fate.
+#[tokio::test]
+async fn a_task_change_whose_rows_are_refused_publishes_no_event() {
+    type Setup = fn(&str) -> Vec<(&'static str, Value)>;
+    let cases: [(&str, &str, Setup, Value); 7] = [
+        ("task.update", "task.updated", |_| vec![], json!({ "id": "T", "updates": { "priority": 60 } })),
+        ("task.assign", "task.assigned", |_| vec![], json!({ "taskId": "T", "instanceId": "w1" })),
+        (
+            "task.unassign",
+            "task.unassigned",
+            |t| vec![("task.assign", json!({ "taskId": t, "instanceId": "w1" }))],
+            json!({ "taskId": "T" }),
+        ),
+        ("task.claim", "task.claimed", |_| vec![], json!({ "workerId": "w1" })),
+        (
+            "task.complete",
+            "task.completed",
+            |_| vec![("task.claim", json!({ "workerId": "w1" }))],
+            json!({ "id": "T", "result": "done" }),
+        ),
+        (
+            "task.create_attachment",
+            "task.attachment_created",
+            |_| vec![],
+            json!({ "taskId": "T", "key": "k", "type": "json", "value": 1 }),
+        ),
+        (
+            "task.delete_attachment",
+            "task.attachment.deleted",
+            |t| vec![("task.create_attachment", json!({ "taskId": t, "key": "k", "type": "json", "value": 1 }))],
+            json!({ "taskId": "T", "key": "k" }),
+        ),
+    ];
+    for (method, event, setup, params) in cases {
+        let pauses = attache_server::pause::Pauses::default();
+        let given = pauses.clone();
+        let s = TestServer::start_with(move |c| c.pauses = Some(given)).await;
+        let t = create_task(&s, ALICE, "refused", 50).await;
+        for (m, p) in setup(&t) {
+            ok(&s, ALICE, m, p).await;
+        }
+        let params: Value = serde_json::from_str(&params.to_string().replace("\"T\"", &format!("\"{t}\""))).unwrap();
+        let pause = pauses.arm(attache_server::pause::TASK_WRITE);
+        let stop = async {
+            pause.reached().await;
+            let res = s
+                .client
+                .delete(s.url(&format!("/_electric/entities/task/{t}")))
+                .header("electric-principal", ALICE)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "{method}: the owner stops the task's entity");
+            pause.release();
+        };
+        let (answer, ()) = tokio::join!(call(&s, ALICE, method, params), stop);
+        assert_eq!(answer["error"]["code"], -32602, "{method}: {answer}");
+        assert_eq!(answer["error"]["message"], "Task is stopped and accepts no more changes", "{method}: {answer}");
+
+        let (status, events, _) = read_events(&s, ALICE, &[("offset", "-1")]).await;
+        assert_eq!(status, StatusCode::OK);
+        let mine: Vec<&Value> = events.iter().filter(|e| e["taskId"] == t.as_str()).collect();
+        assert_eq!(mine.first().map(|e| e["type"].clone()), Some(json!("task.created")), "{method}: {mine:?}");
+        // The setup's own events are there (so the reader sees this task's events); the refused change's is not.
+        let expected = 1 + setup(&t).len();
+        assert_eq!(mine.len(), expected, "{method}: only the setup's events: {mine:?}");
+        assert!(mine.iter().all(|e| e["type"] != event), "{method}: its event {event} was published: {mine:?}");
+    }
+}

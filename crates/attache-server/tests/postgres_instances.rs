@@ -266,3 +266,49 @@ async fn an_upload_in_flight_on_one_instance_keeps_its_id_against_an_upload_thro
         assert!(bytes == first, "a's bytes");
     }
 }
+
+/// The delete rule holds across instances: while an upload streams through
+/// one instance, a `DELETE` of it through another (which does not hold its
+/// reservation, only sees its young `pending` row) is 409
+/// `UPLOAD_IN_PROGRESS`; the upload completes; a `DELETE` after it removes
+/// the row and the bytes for both. Before, the `DELETE` answered 200 and the
+/// upload's `complete` row brought the attachment back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_through_one_instance_of_an_upload_streaming_through_another_is_409() {
+    let Some(Instances { a, b, _objects, _cluster }) = two_instances().await else { return };
+    let e = "/chat/delete-racing";
+    entity_support::spawn(&a, None, e).await;
+    let bytes = entity_support::pattern(200_000, 3);
+    let stalled = entity_support::StalledUpload::start(&a, None, e, &[("id", "doc")], &bytes).await;
+    entity_support::eventually(Duration::from_secs(10), "b sees a's pending row", || async {
+        let m = entity_support::listed(&b, e).await;
+        m.get("doc").filter(|r| r["status"] == "pending").map(|_| ())
+    })
+    .await;
+    let path = format!("{}/attachments/doc", entity_support::api(e));
+    let res = b.request(Method::DELETE, &path).send().await.unwrap();
+    let (status, code, body) = entity_support::error_of(res).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "UPLOAD_IN_PROGRESS"), "{body}");
+
+    let (status, answer) = stalled.finish().await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    entity_support::eventually(Duration::from_secs(10), "b sees the complete row", || async {
+        entity_support::listed(&b, e).await.get("doc").filter(|r| r["status"] == "complete").map(|_| ())
+    })
+    .await;
+    assert_eq!(b.request(Method::DELETE, &path).send().await.unwrap().status(), StatusCode::OK);
+    for server in [&a, &b] {
+        entity_support::eventually(Duration::from_secs(10), "the attachment is gone", || async {
+            (!entity_support::listed(server, e).await.contains_key("doc")).then_some(())
+        })
+        .await;
+        assert_eq!(entity_support::get_bytes(server, e, "doc").await.0, StatusCode::NOT_FOUND);
+    }
+    // Another instance learns of the stream's delete through NOTIFY, a moment later.
+    for server in [&a, &b] {
+        entity_support::eventually(Duration::from_secs(10), "no stream at the attachment's path", || async {
+            (server.head(&format!("{e}/attachments/doc")).await.status() == StatusCode::NOT_FOUND).then_some(())
+        })
+        .await;
+    }
+}

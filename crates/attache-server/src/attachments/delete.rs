@@ -1,5 +1,6 @@
 //! DELETE .../attachments/{id}: the manifest delete row, then the bytes at
-//! the address derived for them.
+//! the address derived for them; 409 `UPLOAD_IN_PROGRESS` while the
+//! attachment's upload runs (see [`super::hold_id`]).
 
 use attache_core::manifest::{validate_attachment_id, ManifestEntry, MANIFEST};
 use attache_core::state::{timestamp, ChangeEvent};
@@ -17,6 +18,7 @@ use crate::rows::{append_rows, new_txid};
 use crate::AppState;
 
 use super::not_found;
+use super::pending::hold_id;
 
 /// DELETE /_electric/entities/{type}/{id}/attachments/{att} [write]: a manifest
 /// delete row, then the bytes are released (kept while another attachment holds the same content).
@@ -27,11 +29,11 @@ pub async fn delete(
 ) -> ApiResult<Response> {
     let entity = &route.url;
     let record = route.authorize(&state, Permission::Write).await?;
-    let entry = {
+    {
         let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
-        view.manifest.get(&id).cloned().ok_or_else(not_found)?
-    };
-    let txid = delete_entry(&state, &record, entity, &id, &entry).await?;
+        view.manifest.get(&id).ok_or_else(not_found)?;
+    }
+    let txid = delete_entry(&state, &record, entity, &id).await?;
     Ok((StatusCode::OK, Json(json!({ "txid": txid }))).into_response())
 }
 
@@ -39,15 +41,18 @@ pub async fn delete(
 /// address derived for it (never at a path a row names), both only in the
 /// life of the entity `record` was read from (404 once it was purged: the
 /// URL may hold someone else's entity, with an attachment of the same id).
-pub async fn delete_entry(
-    state: &AppState,
-    record: &EntityRecord,
-    entity: &EntityUrl,
-    id: &str,
-    entry: &ManifestEntry,
-) -> ApiResult<String> {
+/// While the upload of `id` runs, 409 `UPLOAD_IN_PROGRESS`: its final row
+/// would bring the attachment back after a 200 ([`hold_id`], held until the
+/// delete is done, so no upload of the id begins or commits meanwhile; the
+/// row is read under it: a settled upload shows its outcome).
+pub async fn delete_entry(state: &AppState, record: &EntityRecord, entity: &EntityUrl, id: &str) -> ApiResult<String> {
     validate_attachment_id(id)?;
     let _life = hold_life(state, record).await?;
+    let _held = hold_id(state, entity, id).await?;
+    let entry = {
+        let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+        view.manifest.get(id).cloned().ok_or_else(not_found)?
+    };
     // The stream at the derived address before the row goes: that one is
     // deleted after it, never one a new upload of the same id made since.
     let path = entry.bytes_path(entity).unwrap_or_else(|| entity.attachment_stream(id));

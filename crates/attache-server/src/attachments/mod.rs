@@ -33,7 +33,10 @@ use crate::access::now_ms;
 use crate::error::{ApiError, ApiResult};
 
 pub use delete::{delete, delete_entry};
-pub use pending::{finalize, settle, write_entry, OpenUpload, Reservations};
+pub use pending::{
+    finalize, finalize_closed, hold_id, settle, upload_in_progress, write_entry, OpenUpload, Reservation, Reservations,
+    UPLOAD_IN_PROGRESS,
+};
 pub use read::{content_disposition, list, parse_range, read, RangeRequest};
 pub use recovery::{recover, start_expiry};
 pub use resumable::{begin_resumable, check_append_size, ResumableBody};

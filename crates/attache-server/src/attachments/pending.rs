@@ -22,11 +22,14 @@ use crate::{AppState, StoreConfig};
 use super::{duplicate, Fields, INTERRUPTED};
 
 /// Upload ids in flight, by attachment stream path: a second upload of the
-/// same id is refused while the first runs.
+/// same id is refused while the first runs, and so is a delete of it (or a
+/// task-face write of its key): see [`hold_id`]. The `Notify` wakes the
+/// closing of a resumable upload waiting for its id ([`Reservations::take_wait`]).
 #[derive(Default)]
 pub struct Reservations(
     pub(super) parking_lot::Mutex<HashSet<String>>,
     pub(super) parking_lot::Mutex<HashMap<String, OpenUpload>>,
+    tokio::sync::Notify,
 );
 
 /// A resumable upload begun here (or found open at start-up) and not closed
@@ -37,7 +40,9 @@ pub struct OpenUpload {
     pub(super) id: String,
 }
 
-pub(super) struct Reservation<'a> {
+/// An attachment id taken (by an upload, a delete, a task-face write of its
+/// key, or the closing of a resumable upload), given back on drop.
+pub struct Reservation<'a> {
     set: &'a Reservations,
     /// `None` once handed on ([`Reservation::hand_on`]).
     key: Option<String>,
@@ -46,7 +51,7 @@ pub(super) struct Reservation<'a> {
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         if let Some(key) = &self.key {
-            self.set.0.lock().remove(key);
+            self.set.give_back(key);
         }
     }
 }
@@ -64,9 +69,74 @@ impl Reservations {
         self.0.lock().insert(key.to_owned()).then(|| Reservation { set: self, key: Some(key.to_owned()) })
     }
 
+    /// Takes `key`, waiting for its holder to give it back: for a change
+    /// that must happen (the closing of a resumable upload completes it) and
+    /// that every holder lets through soon (a delete, a settling, an upload
+    /// refused because the id is taken).
+    pub(super) async fn take_wait(&self, key: &str) -> Reservation<'_> {
+        loop {
+            let given_back = self.2.notified();
+            tokio::pin!(given_back);
+            // Registered before the check: a give-back between the two is not missed.
+            given_back.as_mut().enable();
+            if let Some(reservation) = self.take(key) {
+                return reservation;
+            }
+            given_back.await;
+        }
+    }
+
     fn give_back(&self, key: &str) {
         self.0.lock().remove(key);
+        self.2.notify_waiters();
     }
+}
+
+/// 409 `UPLOAD_IN_PROGRESS`: the attachment is being uploaded (or another
+/// request holds its id for a moment); a delete or a task-face write of it
+/// waits for the upload to end.
+pub fn upload_in_progress(id: &str) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::CONFLICT,
+        UPLOAD_IN_PROGRESS,
+        format!("Attachment \"{id}\" is being uploaded (or changed by another request); try again once it is done"),
+    )
+}
+
+/// The refusal code of [`upload_in_progress`].
+pub const UPLOAD_IN_PROGRESS: &str = "UPLOAD_IN_PROGRESS";
+
+/// Takes attachment `id` of `entity` for a change that is not its upload (a
+/// delete; a task-face write of its key): while the returned reservation
+/// lives, no upload of `id` begins or commits on this instance, and no
+/// resumable upload of it completes. Refused with [`upload_in_progress`]
+/// while one runs: here (its id taken), or a `pending` row that is an upload
+/// still going (on PostgreSQL, maybe on another instance: younger than
+/// `upload_expiry`; a resumable upload whose stream is open). A `pending`
+/// row an interrupted upload left, or whose bytes are all in (a closed
+/// stream), is settled first, and the change then sees its outcome.
+///
+/// The rule this keeps: a delete never answers 200 for an attachment whose
+/// upload then brings it back.
+pub async fn hold_id<'s>(state: &'s AppState, entity: &EntityUrl, id: &str) -> ApiResult<Reservation<'s>> {
+    validate_attachment_id(id)?;
+    let path = entity.attachment_stream(id);
+    let reservation = state.uploads.take(&path).ok_or_else(|| upload_in_progress(id))?;
+    if is_pending(state, entity, id).await? {
+        let bytes_in = state.store.head(&path).await.is_ok_and(|info| info.closed);
+        if bytes_in || abandoned(state, entity, id).await? {
+            settle(state, entity, id).await;
+        }
+        if is_pending(state, entity, id).await? {
+            return Err(upload_in_progress(id));
+        }
+    }
+    Ok(reservation)
+}
+
+async fn is_pending(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult<bool> {
+    let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+    Ok(view.manifest.get(id).is_some_and(|e| e.status == AttachmentStatus::Pending))
 }
 
 /// An upload names what it is about, as Electric requires (its wording):
@@ -327,6 +397,16 @@ pub(super) async fn reserve<'s>(
         pending_txid: new_txid(),
         settled: Some((state.clone(), entity.clone())),
     })
+}
+
+/// Completes the resumable upload `id` whose stream a client just closed,
+/// holding its id meanwhile (waiting for a delete or a settling that holds
+/// it): a delete then sees either the `pending` row (and answers 409) or the
+/// `complete` one, never a `complete` row written after its delete row.
+pub async fn finalize_closed(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult<Option<ManifestEntry>> {
+    validate_attachment_id(id)?;
+    let _held = state.uploads.take_wait(&entity.attachment_stream(id)).await;
+    finalize(state, entity, id).await
 }
 
 /// Completes a resumable upload whose stream is closed: hashes the bytes and

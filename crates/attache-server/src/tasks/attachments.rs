@@ -4,7 +4,8 @@
 //! id. Writes of one key are serialized by its key lock (see `ordering`).
 
 use attache_core::manifest::{
-    versioned_attachment_stream, AttachmentStatus, ManifestEntry, Role, Subject, BYTES_VERSION_LEN,
+    validate_attachment_id, versioned_attachment_stream, AttachmentStatus, ManifestEntry, Role, Subject,
+    BYTES_VERSION_LEN,
 };
 use attache_core::state::timestamp;
 use attache_core::task::{AttachmentKind, ATTACHMENT_KINDS};
@@ -16,9 +17,11 @@ use sha2::{Digest, Sha256};
 
 use super::dispatch::{task_entity, task_missing, task_stopped, Missing};
 use super::ids::{main_path, new_attachment_id, radix36, task_url};
-use super::writes::{write_task, Event, Row};
+use super::ordering::TaskCell;
+use super::writes::{write_task, Event, MainWrite, Row};
 use super::{ApiError, ApiResult, Params, ResponseBudget, MAX_INLINE_BINARY, MAX_INLINE_BYTES, TASK_TYPE};
 use crate::access::now_ms;
+use crate::attachments::{Reservation, UPLOAD_IN_PROGRESS};
 use crate::rows::MainView;
 use crate::AppState;
 
@@ -241,6 +244,43 @@ async fn still_running(state: &AppState, entity: &EntityRecord) -> bool {
         .is_some_and(|e| e.is_running() && e.incarnation == entity.incarnation)
 }
 
+/// The entry of `key` as the task's writes leave it: a queued write's, else the view's.
+async fn current_entry(
+    state: &AppState,
+    cell: &TaskCell,
+    task_id: &str,
+    key: &str,
+) -> ApiResult<Option<ManifestEntry>> {
+    if let Some(entry) = cell.pending(key) {
+        return Ok(entry);
+    }
+    let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
+    Ok(view.by_name.get(key).and_then(|id| view.manifest.get(id)).cloned())
+}
+
+/// Holds the attachment id behind `key` while a task-face write of it is
+/// decided and placed, with the key's lock (`attachments::hold_id`): no
+/// upload of that id begins or commits meanwhile, and while one runs (a
+/// keyed upload through the entity routes) the write is refused (-32602,
+/// `data.code` `UPLOAD_IN_PROGRESS`): its final row would undo the write.
+/// Given back with the key's lock, before the sync: the next write of the
+/// key waits for the lock, never meets this hold. `None` for an id no
+/// upload can have (not one the server derives an address for).
+async fn hold_key<'s>(state: &'s AppState, task_id: &str, key: &str, id: &str) -> ApiResult<Option<Reservation<'s>>> {
+    if validate_attachment_id(id).is_err() {
+        return Ok(None);
+    }
+    let url = EntityUrl::new(TASK_TYPE, task_id).map_err(ApiError::internal)?;
+    match crate::attachments::hold_id(state, &url, id).await {
+        Ok(held) => Ok(Some(held)),
+        Err(e) if e.refusal().code == UPLOAD_IN_PROGRESS => Err(ApiError::rejected(
+            format!("Attachment '{key}' of task {task_id} is being uploaded (or deleted); try again once that is done"),
+            json!({ "taskId": task_id, "key": key, "code": UPLOAD_IN_PROGRESS }),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
 /// Creates or replaces the attachment `input.key` of a task. A replacement
 /// keeps the id and createdAt and rewrites every other field, so nothing of
 /// the old type survives. Returns the entry as written.
@@ -254,7 +294,6 @@ pub(super) async fn put_attachment(
     if !entity.is_running() {
         return Err(task_stopped(task_id));
     }
-    let main = main_path(task_id);
     let cell = state.tasks.cell(task_id);
     let shared = cell.order.read().await;
     let incarnation = entity.incarnation.as_deref();
@@ -266,13 +305,15 @@ pub(super) async fn put_attachment(
     // Released on drop, on every path: an early return leaves no lock entry behind.
     let claim = cell.claim_key(&input.key);
     let key_guard = claim.lock().await;
-    let existing = match cell.pending(&input.key) {
-        Some(entry) => entry,
-        None => {
-            let view = state.views.get(state.store.as_ref(), &main).await?;
-            view.by_name.get(&input.key).and_then(|id| view.manifest.get(id)).cloned()
-        }
+    let mut existing = current_entry(state, &cell, task_id, &input.key).await?;
+    // A replacement of an attachment being uploaded waits for the upload; read again under the hold.
+    let held = match &existing {
+        Some(e) => hold_key(state, task_id, &input.key, &e.id).await?,
+        None => None,
     };
+    if held.is_some() {
+        existing = current_entry(state, &cell, task_id, &input.key).await?;
+    }
     let now = now_ms();
     let (id, created_at) = match &existing {
         Some(e) => (e.id.clone(), e.created_at.clone()),
@@ -353,9 +394,10 @@ pub(super) async fn put_attachment(
         }),
         json!({ "createdBy": who.to_string() }),
     );
-    let written = write_task(state, task_id, incarnation, vec![row], vec![event], false).await;
+    let written = write_task(state, task_id, incarnation, vec![row], vec![event], MainWrite::Append).await;
     let seq = cell.record(&input.key, Some(entry.clone()));
     drop(key_guard);
+    drop(held);
     drop(shared);
     let outcome = written.await;
     cell.settle(&input.key, seq);
@@ -516,15 +558,15 @@ pub(super) async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &
     }
     let claim = cell.claim_key(key);
     let key_guard = claim.lock().await;
-    let existing = match cell.pending(key) {
-        Some(entry) => entry,
-        None => {
-            let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
-            view.by_name.get(key).and_then(|id| view.manifest.get(id)).cloned()
-        }
-    };
-    let Some(entry) = existing else {
+    let Some(found) = current_entry(state, &cell, task_id, key).await? else {
         return Err(not_found());
+    };
+    // A delete of an attachment being uploaded is refused: the upload's final
+    // row would bring it back. Held until the delete row is placed; read again under the hold.
+    let held = hold_key(state, task_id, key, &found.id).await?;
+    let entry = match held {
+        Some(_) => current_entry(state, &cell, task_id, key).await?.ok_or_else(not_found)?,
+        None => found,
     };
     // Only the address derived for the bytes is deleted, never a path the row
     // names; and only the stream there now, never one made at it after the row.
@@ -541,9 +583,10 @@ pub(super) async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &
         json!({ "taskId": task_id, "key": key, "attachmentId": entry.id }),
         json!({ "deletedBy": who.to_string(), "deletedAt": timestamp(now) }),
     );
-    let written = write_task(state, task_id, incarnation, vec![row], vec![event], false).await;
+    let written = write_task(state, task_id, incarnation, vec![row], vec![event], MainWrite::Append).await;
     let seq = cell.record(key, None);
     drop(key_guard);
+    drop(held);
     drop(shared);
     let outcome = written.await;
     cell.settle(key, seq);

@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use super::attachments::{attachment_json, keyed, put_attachment, AttachmentInput};
 use super::dispatch::{change_task, illegal, is_live_task, task_entity, task_for, Missing};
 use super::ids::{main_path, new_task_id, task_url};
-use super::writes::{write_task, Event};
+use super::writes::{write_task, Event, MainWrite};
 use super::AttachmentKind;
 use super::{ApiError, ApiResult, Params, ResponseBudget, Status, TaskRecord, TASK_TYPE};
 use crate::access::{may, now_ms};
@@ -87,7 +87,7 @@ pub(super) async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         "createdAt": timestamp(now),
     });
     let event = Event::new("task.created", &id, out.clone(), json!({ "createdBy": who.to_string() }));
-    let written = write_task(state, &id, incarnation.as_deref(), vec![], vec![event], false).await;
+    let written = write_task(state, &id, incarnation.as_deref(), vec![], vec![event], MainWrite::Append).await;
     drop(guard);
     written.await?;
     drop(cell);
@@ -170,7 +170,7 @@ pub(super) async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     });
     let event =
         Event::new("task.updated", id, out.clone(), json!({ "updatedBy": who.to_string(), "changes": changes }));
-    let written = write_task(state, id, incarnation, vec![], vec![event], false).await;
+    let written = write_task(state, id, incarnation, vec![], vec![event], MainWrite::Append).await;
     drop(guard);
     written.await?;
     drop(cell);
@@ -310,7 +310,7 @@ pub(super) async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         json!({ "taskId": task_id, "instanceId": instance, "previousAssignment": previous }),
         json!({ "assignedBy": who.to_string() }),
     );
-    let written = write_task(state, task_id, incarnation, vec![], vec![event], false).await;
+    let written = write_task(state, task_id, incarnation, vec![], vec![event], MainWrite::Append).await;
     drop(guard);
     written.await?;
     drop(cell);
@@ -349,7 +349,7 @@ pub(super) async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_
         json!({ "taskId": task_id, "previousAssignment": previous }),
         json!({ "unassignedBy": who.to_string(), "unassignedAt": timestamp(now) }),
     );
-    let written = write_task(state, task_id, incarnation, vec![], vec![event], false).await;
+    let written = write_task(state, task_id, incarnation, vec![], vec![event], MainWrite::Append).await;
     drop(guard);
     written.await?;
     drop(cell);
@@ -425,7 +425,7 @@ pub(super) async fn claim(
             json!({ "taskId": task_id, "workerId": worker }),
             json!({ "claimedAt": timestamp(now), "claimedBy": who.to_string() }),
         );
-        let written = write_task(state, &task_id, incarnation, vec![], vec![event], false).await;
+        let written = write_task(state, &task_id, incarnation, vec![], vec![event], MainWrite::Append).await;
         drop(guard);
         written.await?;
         drop(cell);
@@ -498,7 +498,7 @@ pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_
         // As ClaudeBench: the worker named, else the assignee.
         json!({ "completedBy": worker.clone().or_else(|| task.assigned_to.clone()).unwrap_or_else(|| who.to_string()) }),
     );
-    let written = write_task(state, task_id, incarnation, vec![], vec![event], false).await;
+    let written = write_task(state, task_id, incarnation, vec![], vec![event], MainWrite::Append).await;
     drop(guard);
     written.await?;
     drop(cell);
@@ -550,14 +550,11 @@ pub(super) async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         json!({ "id": id, "deletedAt": timestamp(now), "deletedBy": who.to_string() }),
         json!({ "instanceId": who.to_string() }),
     );
-    let stopped = !entity.is_running();
-    match write_task(state, id, incarnation, vec![], vec![event], !stopped).await.await {
-        Ok(()) => {}
-        // Stopped before (a signal, or DELETE on its entity): its main stream
-        // is closed; the event still reaches the events stream, and the rest goes.
-        Err(ApiError::NotRunning) if stopped => {}
-        Err(e) => return Err(e),
-    }
+    // Stopped before (a signal, or DELETE on its entity): its main stream is
+    // closed and takes no event row; the event still reaches the events
+    // stream (the deletion is the registry's, done above), and the rest goes.
+    let main = if entity.is_running() { MainWrite::AppendAndClose } else { MainWrite::Closed };
+    write_task(state, id, incarnation, vec![], vec![event], main).await.await?;
     let prefix = format!("/{TASK_TYPE}/{id}/attachments/");
     for info in state.store.list_prefix(&prefix, usize::MAX).await {
         // The stream listed, not one made at its path since.

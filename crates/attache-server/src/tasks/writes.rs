@@ -5,6 +5,8 @@
 
 use std::future::Future;
 
+use futures::FutureExt;
+
 use attache_core::manifest::{ManifestEntry, MANIFEST};
 use attache_core::state::{timestamp, HeadersRef, RowRef};
 use attache_storage::{AppendRequest, StoreError};
@@ -13,6 +15,7 @@ use serde_json::Value;
 
 use super::dispatch::{task_missing, Missing};
 use super::ids::{main_path, new_event_id};
+use super::ordering::Published;
 use super::{ApiError, ApiResult, TASK_TYPE};
 use crate::access::now_ms;
 use crate::events;
@@ -83,11 +86,34 @@ pub(super) enum Row {
     },
 }
 
+/// What a task write does to the task's main stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum MainWrite {
+    /// Appends the rows and event rows.
+    Append,
+    /// Appends them and closes the stream (`task.delete`).
+    AppendAndClose,
+    /// Nothing: the stream was closed before the change (a stopped task
+    /// being deleted); the change is the registry's, and its events go to
+    /// the global stream only.
+    Closed,
+}
+
 /// Appends `rows` plus one `event` row per event to the task's main stream,
-/// and the events to the global events stream: placed in both streams'
-/// commit order before this returns (`StreamStore::append_in_order`: the
-/// caller holds the task's lock, so the task's writes commit in the order
-/// they were decided), durable when the returned future completes. Each event is serialized once for both streams.
+/// and then the events to the global events stream: the main append is
+/// placed in its stream's commit order before this returns
+/// (`StreamStore::append_in_order`: the caller holds the task's lock, so the
+/// task's writes commit in the order they were decided), durable when the
+/// returned future completes. Each event is serialized once for both streams.
+///
+/// The events are published (appended to the global stream) only once the
+/// main append is acknowledged, and never when it was refused or failed (a
+/// closed stream, a failed disk write): watchers never see a change that did
+/// not happen. They are placed in the order of the task's writes (each
+/// waits for the placing of the one queued before it, `Publications`), by a
+/// spawned task: a caller that goes away does not take the events of its
+/// committed change with it.
+///
 /// Only into the life `incarnation` names: it holds the task's life lock
 /// shared until the writes finish (`access::Lives`), and a task purged
 /// meanwhile (and perhaps created again, by anyone) is "not found" (-32602),
@@ -98,7 +124,7 @@ pub(super) async fn write_task(
     incarnation: Option<&str>,
     rows: Vec<Row>,
     evts: Vec<Event>,
-    close: bool,
+    main: MainWrite,
 ) -> impl Future<Output = ApiResult<()>> + Send + 'static {
     crate::pause::at(state, crate::pause::TASK_WRITE).await;
     let url = format!("/{TASK_TYPE}/{task_id}");
@@ -146,19 +172,51 @@ pub(super) async fn write_task(
     if let Err(e) = serialized {
         return futures::future::Either::Left(futures::future::ready(Err(ApiError::internal(e))));
     }
-    let main_req = AppendRequest::json_messages(main_path(task_id), json_content_type(), &main_rows, close);
-    let main_write = state.store.append_in_order(main_req);
-    let global_write = (!envelopes.is_empty()).then(|| state.store.append_in_order(events::events_append(&envelopes)));
-    futures::future::Either::Right(async move {
+    let main_req = (main != MainWrite::Closed).then(|| {
+        AppendRequest::json_messages(
+            main_path(task_id),
+            json_content_type(),
+            &main_rows,
+            main == MainWrite::AppendAndClose,
+        )
+    });
+    let (placed, published) = futures::channel::oneshot::channel::<()>();
+    let published: Published = published.map(drop).boxed().shared();
+    // Placed and queued under one lock: the publications of the task's
+    // writes are queued in the order their rows are placed.
+    let (main_write, seq, before) = {
+        let mut publications = state.tasks.publications.lock();
+        let main_write = main_req.map(|req| state.store.append_in_order(req));
+        let (seq, before) = publications.queue(task_id, published);
+        (main_write, seq, before)
+    };
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let state = state.clone();
+    let task_id = task_id.to_owned();
+    tokio::spawn(async move {
         let _life = life;
-        let main = main_write.await.map(drop).map_err(|e| match e {
-            StoreError::Closed { .. } => not_running(),
-            other => ApiError::from(other),
-        });
+        let main = match main_write {
+            Some(w) => w.await.map(drop).map_err(|e| match e {
+                StoreError::Closed { .. } => not_running(),
+                other => ApiError::from(other),
+            }),
+            None => Ok(()),
+        };
+        if let Some(before) = before {
+            before.await;
+        }
+        // Only an acknowledged change is published.
+        let global_write = (main.is_ok() && !envelopes.is_empty())
+            .then(|| state.store.append_in_order(events::events_append(&envelopes)));
+        drop(placed);
+        state.tasks.publications.lock().placed(&task_id, seq);
         let global = match global_write {
             Some(w) => w.await.map(drop).map_err(ApiError::from),
             None => Ok(()),
         };
-        main.and(global)
+        let _ = answer.send(main.and(global));
+    });
+    futures::future::Either::Right(async move {
+        answered.await.unwrap_or_else(|_| Err(ApiError::internal("a task write's publisher ended without an answer")))
     })
 }

@@ -283,3 +283,72 @@ pub async fn error_of(res: Response) -> (StatusCode, String, Value) {
     let code = body["error"]["code"].as_str().unwrap_or("").to_owned();
     (status, code, body)
 }
+
+/// A multipart upload sent over its own connection up to the middle of its
+/// file, then held there: the server has written the upload's `pending` row
+/// (its id and subject come before the file) and waits for the rest.
+pub struct StalledUpload {
+    sock: tokio::net::TcpStream,
+    rest: Vec<u8>,
+}
+
+impl StalledUpload {
+    /// Sends the request head and the form up to the middle of `file`, as
+    /// `principal` (none: user:anonymous in dev mode), with `fields` before the file.
+    pub async fn start(
+        ts: &TestServer,
+        principal: Option<&str>,
+        entity: &str,
+        fields: &[(&str, &str)],
+        file: &[u8],
+    ) -> StalledUpload {
+        use tokio::io::AsyncWriteExt;
+        let mut form = Form::new();
+        for (name, value) in fields {
+            form = form.field(name, value);
+        }
+        let mut sent = form.unfinished();
+        sent.extend_from_slice(
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f.bin\"\r\n\r\n")
+                .as_bytes(),
+        );
+        let half = file.len() / 2;
+        sent.extend_from_slice(&file[..half]);
+        let mut rest = file[half..].to_vec();
+        rest.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+        let addr = ts.url.trim_start_matches("http://").to_owned();
+        let mut head = format!(
+            "POST {}/attachments HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            api(entity),
+            Form::content_type(),
+            sent.len() + rest.len()
+        );
+        if let Some(p) = principal {
+            head.push_str(&format!("{PRINCIPAL}: {p}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut sock = tokio::net::TcpStream::connect(&addr).await.expect("a connection");
+        sock.write_all(head.as_bytes()).await.expect("the head is sent");
+        sock.write_all(&sent).await.expect("half the body is sent");
+        sock.flush().await.expect("flushed");
+        StalledUpload { sock, rest }
+    }
+
+    /// Sends the rest of the body; the status and the JSON body of the answer.
+    pub async fn finish(mut self) -> (StatusCode, Value) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.sock.write_all(&self.rest).await.expect("the rest is sent");
+        self.sock.flush().await.expect("flushed");
+        let mut answer = Vec::new();
+        self.sock.read_to_end(&mut answer).await.expect("the answer arrives");
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse::<u16>().ok())
+            .and_then(|code| StatusCode::from_u16(code).ok())
+            .unwrap_or_else(|| panic!("an HTTP answer: {text}"));
+        let body = text.split_once("\r\n\r\n").map(|(_, body)| body).unwrap_or("");
+        (status, serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned())))
+    }
+}
