@@ -159,28 +159,16 @@ pub(crate) async fn request(
     body: Bytes,
 ) -> Result<Resp, BoxErr> {
     sender.ready().await?;
-    let mut b = Request::builder()
-        .method(method)
-        .uri(path_and_query)
-        .header("host", host);
+    let mut b = Request::builder().method(method).uri(path_and_query).header("host", host);
     if let Some(ct) = content_type {
         b = b.header("content-type", ct);
     }
     let req = b.body(Full::new(body))?;
     let res = sender.send_request(req).await?;
     let status = res.status();
-    let next_offset = res
-        .headers()
-        .get("stream-next-offset")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let next_offset = res.headers().get("stream-next-offset").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let body = res.into_body().collect().await?.to_bytes();
-    Ok(Resp {
-        status,
-        next_offset,
-        body_len: body.len(),
-        body,
-    })
+    Ok(Resp { status, next_offset, body_len: body.len(), body })
 }
 
 pub(crate) fn message(i: usize, bytes: usize) -> String {
@@ -192,12 +180,7 @@ pub(crate) fn message(i: usize, bytes: usize) -> String {
 
 pub(crate) fn vm_rss_kb(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 pub(crate) fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -235,11 +218,7 @@ async fn fill(a: &Args) -> Result<(), BoxErr> {
             mid = tail.clone();
         }
     }
-    println!(
-        "mid={} tail={}",
-        mid.unwrap_or_else(|| "-1".into()),
-        tail.unwrap_or_default()
-    );
+    println!("mid={} tail={}", mid.unwrap_or_else(|| "-1".into()), tail.unwrap_or_default());
     Ok(())
 }
 
@@ -321,11 +300,7 @@ async fn fill_many(a: &Args) -> Result<(), BoxErr> {
 
 async fn fanout(a: &Args) -> Result<(), BoxErr> {
     let host = authority(&a.url);
-    let path = if a.path.is_empty() {
-        format!("/bench/fanout-{}", std::process::id())
-    } else {
-        a.path.clone()
-    };
+    let path = if a.path.is_empty() { format!("/bench/fanout-{}", std::process::id()) } else { a.path.clone() };
 
     // Create the stream and seed it with one message.
     let mut writer = connect(&host).await?;
@@ -333,7 +308,8 @@ async fn fanout(a: &Args) -> Result<(), BoxErr> {
     if !(r.status == StatusCode::CREATED || r.status == StatusCode::OK) {
         return Err(format!("PUT {path} -> {}", r.status).into());
     }
-    let r = request(&mut writer, &host, Method::POST, &path, Some("application/json"), Bytes::from(message(0, 150))).await?;
+    let r = request(&mut writer, &host, Method::POST, &path, Some("application/json"), Bytes::from(message(0, 150)))
+        .await?;
     let mut offset = r.next_offset.ok_or("no Stream-Next-Offset on POST")?;
 
     // Server memory before any reader connects (the stream exists, seeded with one message).
@@ -397,11 +373,28 @@ async fn fanout(a: &Args) -> Result<(), BoxErr> {
         }
 
         let t0 = Instant::now();
-        let pr = match request(&mut writer, &host, Method::POST, &path, Some("application/json"), Bytes::from(message(round + 1, 150))).await {
+        let pr = match request(
+            &mut writer,
+            &host,
+            Method::POST,
+            &path,
+            Some("application/json"),
+            Bytes::from(message(round + 1, 150)),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => {
                 writer = connect(&host).await?;
-                request(&mut writer, &host, Method::POST, &path, Some("application/json"), Bytes::from(message(round + 1, 150))).await?
+                request(
+                    &mut writer,
+                    &host,
+                    Method::POST,
+                    &path,
+                    Some("application/json"),
+                    Bytes::from(message(round + 1, 150)),
+                )
+                .await?
             }
         };
         post_ms.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -465,11 +458,8 @@ async fn fanout(a: &Args) -> Result<(), BoxErr> {
     let mut post_sorted = post_ms.clone();
     post_sorted.sort_by(|x, y| x.partial_cmp(y).unwrap());
     let rss_max = rss_samples.iter().copied().max();
-    let rss_mean = if rss_samples.is_empty() {
-        None
-    } else {
-        Some(rss_samples.iter().sum::<u64>() / rss_samples.len() as u64)
-    };
+    let rss_mean =
+        if rss_samples.is_empty() { None } else { Some(rss_samples.iter().sum::<u64>() / rss_samples.len() as u64) };
     let fmt_list = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(",");
     let json = format!(
         "{{\"readers\":{},\"rounds\":{},\"samples\":{},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"max_ms\":{:.3},\"mean_ms\":{:.3},\"post_p50_ms\":{:.3},\"misses\":{},\"early\":{},\"rss_before_kb\":{},\"rss_wait_kb_max\":{},\"rss_wait_kb_mean\":{},\"round_p50_ms\":[{}],\"round_p99_ms\":[{}],\"round_max_ms\":[{}]}}",
@@ -502,10 +492,7 @@ fn main() {
         std::process::exit(soak::main(std::env::args().skip(2).collect()));
     }
     let a = parse_args();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let r = rt.block_on(async {
         match a.cmd.as_str() {
             "fill" => fill(&a).await,

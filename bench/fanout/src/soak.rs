@@ -1202,6 +1202,34 @@ struct Sample {
     server_errors: u64,
     tasks_created: u64,
     uploads_done: u64,
+    /// jemalloc's figures from `/metrics` (None when the server does not report them).
+    alloc: Option<Allocator>,
+}
+
+/// What the server's allocator says it holds, in KiB (`attache_allocator_*_bytes`).
+#[derive(Clone, Copy, Debug)]
+struct Allocator {
+    allocated_kb: u64,
+    resident_kb: u64,
+    retained_kb: u64,
+}
+
+async fn allocator(ctx: &Ctx, conn: &mut Conn) -> Option<Allocator> {
+    let req = request(ctx, Method::GET, "/metrics", "soak-sampler").body(Full::new(Bytes::new())).ok()?;
+    let (status, _, body) = conn.exchange("metrics", req, Duration::from_secs(5), false).await?;
+    if !status.is_success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&body);
+    let kb = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.split_whitespace().next() == Some(name))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? / 1024)
+    };
+    Some(Allocator {
+        allocated_kb: kb("attache_allocator_allocated_bytes")?,
+        resident_kb: kb("attache_allocator_resident_bytes")?,
+        retained_kb: kb("attache_allocator_retained_bytes")?,
+    })
 }
 
 fn proc_status(pid: u32) -> Option<(u64, u64, u64)> {
@@ -1222,6 +1250,7 @@ async fn sampler(ctx: Arc<Ctx>, start: Instant) -> (Vec<Sample>, Option<Duration
     let mut out = Vec::new();
     let mut last_responses = 0u64;
     let mut k = 0u32;
+    let mut metrics = Conn::new(&ctx);
     loop {
         let at = start + ctx.args.sample * k;
         if at - start > ctx.args.duration {
@@ -1233,6 +1262,7 @@ async fn sampler(ctx: Arc<Ctx>, start: Instant) -> (Vec<Sample>, Option<Duration
             eprintln!("[soak] t={}s: the server (pid {}) is gone", t.as_secs(), ctx.args.pid);
             return (out, Some(t));
         };
+        let alloc = allocator(&ctx, &mut metrics).await;
         let responses = ctx.stats.responses.load(Ordering::Relaxed);
         let s = Sample {
             t,
@@ -1245,12 +1275,14 @@ async fn sampler(ctx: Arc<Ctx>, start: Instant) -> (Vec<Sample>, Option<Duration
             server_errors: ctx.stats.server_errors.load(Ordering::Relaxed),
             tasks_created: ctx.tasks_created.load(Ordering::Relaxed),
             uploads_done: ctx.uploads_done.load(Ordering::Relaxed),
+            alloc,
         };
         eprintln!(
-            "[soak] t={:>5}s rss={:>7.1}MiB hwm={:>7.1}MiB fds={:>5} client_conns={:>5} responses=+{:<6} 5xx={} live_deliveries={}",
+            "[soak] t={:>5}s rss={:>7.1}MiB hwm={:>7.1}MiB heap={} fds={:>5} client_conns={:>5} responses=+{:<6} 5xx={} live_deliveries={}",
             t.as_secs(),
             rss_kb as f64 / 1024.0,
             hwm_kb as f64 / 1024.0,
+            alloc.map_or("-".to_string(), |a| format!("{:.1}MiB", mib(a.allocated_kb))),
             s.fds,
             s.client_conns,
             responses - last_responses,
@@ -1554,6 +1586,21 @@ fn verdict(args: &Args, samples: &[Sample], ctx: &Ctx, alive: bool, gone_at: Opt
                     ));
                 }
             }
+            let heap: Vec<(u64, Allocator)> = post.iter().filter_map(|s| s.alloc.map(|a| (s.t.as_secs(), a))).collect();
+            if let (Some((t0, first)), Some(max)) = (heap.first(), heap.iter().map(|(_, a)| a.allocated_kb).max()) {
+                let resident = heap.iter().map(|(_, a)| a.resident_kb).max().unwrap_or(0);
+                detail.push(format!(
+                    "allocator (jemalloc, from /metrics): live allocations {:.1} MiB at t={t0}s, largest after it {:.1} MiB \
+                     ({:+.1} MiB); resident pages {:.1} → max {:.1} MiB; retained (unmapped, not in RSS) at the end \
+                     {:.1} MiB; RSS beyond resident is code, stacks and kernel-side mappings (information, not judged)",
+                    mib(first.allocated_kb),
+                    mib(max),
+                    mib(max) - mib(first.allocated_kb),
+                    mib(first.resident_kb),
+                    mib(resident),
+                    heap.last().map_or(0.0, |(_, a)| mib(a.retained_kb))
+                ));
+            }
             if let Some(slope) = slope_mib_per_hour(&post) {
                 detail.push(format!(
                     "RSS trend after warm-up (least squares): {slope:+.1} MiB/hour (information, not judged)"
@@ -1826,9 +1873,9 @@ fn render(
     let _ = writeln!(o, "\n## Server memory, every {} s\n", args.sample.as_secs());
     let _ = writeln!(
         o,
-        "| t (s) | VmRSS MiB | VmHWM MiB | threads | server fds | client conns | responses in interval | 5xx so far | tasks created so far | uploads so far |"
+        "| t (s) | VmRSS MiB | VmHWM MiB | heap MiB | allocator resident MiB | threads | server fds | client conns | responses in interval | 5xx so far | tasks created so far | uploads so far |"
     );
-    let _ = writeln!(o, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(o, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut prev = 0u64;
     for s in samples {
         let mark = if s.t >= args.warmup && samples.iter().find(|x| x.t >= args.warmup).is_some_and(|x| x.t == s.t) {
@@ -1838,10 +1885,12 @@ fn render(
         };
         let _ = writeln!(
             o,
-            "| {}{mark} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {}{mark} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.t.as_secs(),
             mib(s.rss_kb),
             mib(s.hwm_kb),
+            s.alloc.map_or("-".to_string(), |a| format!("{:.1}", mib(a.allocated_kb))),
+            s.alloc.map_or("-".to_string(), |a| format!("{:.1}", mib(a.resident_kb))),
             s.threads,
             s.fds,
             s.client_conns,

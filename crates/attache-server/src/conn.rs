@@ -13,7 +13,9 @@
 //!
 //! - header read: a new connection must deliver its first request header
 //!   within `header_read_timeout`; so must a kept-alive one once the first
-//!   byte of its next request has arrived (slowloris);
+//!   byte of its next request has arrived (slowloris), counted on HTTP/1 from
+//!   when it arrives even if the client pipelines it behind a response still
+//!   going out ([`RequestBody`] tells the next header from a request body);
 //! - idle: a kept-alive connection with nothing in flight, `idle_timeout`
 //!   after its last response;
 //! - slow reader: writes blocked (the client reads nothing) for
@@ -365,8 +367,14 @@ struct Activity {
     served: AtomicBool,
     /// Milliseconds after `opened`: when the last response ended.
     idle_since: AtomicU64,
-    /// Milliseconds after `opened`: the first byte read while idle; `NEVER` when none.
+    /// Milliseconds after `opened`: the first byte of a next request header
+    /// (read while idle, or on HTTP/1 after every request body in flight has
+    /// ended, a pipelined one); `NEVER` when none.
     reading_since: AtomicU64,
+    /// Request bodies on this connection not yet read to their end.
+    open_bodies: AtomicUsize,
+    /// HTTP/2: bytes read while a request is in flight may belong to any stream.
+    multiplexed: AtomicBool,
     /// Milliseconds after `opened`: since when writes are blocked; `NEVER` when they are not.
     blocked_since: AtomicU64,
     /// The server is shutting down (`Live::stop_all` sets it and wakes the
@@ -388,6 +396,8 @@ impl Activity {
             served: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             reading_since: AtomicU64::new(NEVER),
+            open_bodies: AtomicUsize::new(0),
+            multiplexed: AtomicBool::new(false),
             blocked_since: AtomicU64::new(NEVER),
             stop: AtomicBool::new(false),
             stopping: Notify::new(),
@@ -439,8 +449,16 @@ impl Activity {
         InFlight(self.clone())
     }
 
+    /// Bytes arrived. Between requests, or on HTTP/1 once every request body
+    /// has been read while a response still goes out (the client pipelines its
+    /// next request), they start the next header and its deadline.
     fn read_some(&self) {
-        if self.in_flight.load(Ordering::Acquire) == 0 && self.reading_since.load(Ordering::Acquire) == NEVER {
+        if self.reading_since.load(Ordering::Acquire) != NEVER {
+            return;
+        }
+        let between = self.in_flight.load(Ordering::Acquire) == 0
+            || (self.open_bodies.load(Ordering::Acquire) == 0 && !self.multiplexed.load(Ordering::Acquire));
+        if between {
             self.reading_since.store(self.now_ms(), Ordering::Release);
         }
     }
@@ -484,11 +502,69 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let in_flight = self.activity.request_started();
+        if req.version() == http::Version::HTTP_2 {
+            self.activity.multiplexed.store(true, Ordering::Release);
+        }
+        let activity = &self.activity;
+        let req = req.map(|body| RequestBody::new(body, activity));
         let answer = self.app.clone().oneshot(req);
         Box::pin(async move {
             let res = answer.await?;
             Ok(res.map(|body| TrackedBody { body, _in_flight: in_flight }))
         })
+    }
+}
+
+/// A request body, counted among its connection's open bodies until it ends or is dropped.
+struct RequestBody {
+    body: Incoming,
+    open: Option<Arc<Activity>>,
+}
+
+impl RequestBody {
+    fn new(body: Incoming, activity: &Arc<Activity>) -> RequestBody {
+        use http_body::Body as _;
+        let open = (!body.is_end_stream()).then(|| {
+            activity.open_bodies.fetch_add(1, Ordering::AcqRel);
+            activity.clone()
+        });
+        RequestBody { body, open }
+    }
+
+    fn ended(&mut self) {
+        if let Some(activity) = self.open.take() {
+            activity.open_bodies.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        self.ended();
+    }
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) || self.body.is_end_stream() {
+            self.ended();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

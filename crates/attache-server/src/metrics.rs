@@ -1,14 +1,15 @@
 //! Counters for `GET /metrics`, in the Prometheus text format: JSON-RPC
 //! requests by method and outcome, task attachments created by type, bytes
-//! they hold, appends committed to streams, live event readers, and open
-//! connections and why the server closed others.
+//! they hold, appends committed to streams, live event readers, open
+//! connections and why the server closed others, and, when the binary
+//! registered one ([`set_allocator_probe`]), what its memory allocator holds.
 //!
 //! Counters are plain atomics indexed by fixed tables (the method list and
 //! the error codes are closed sets), so counting costs no lock on the hot path.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use attache_core::task::{ATTACHMENT_KINDS, METHODS};
 use axum::extract::State;
@@ -16,6 +17,17 @@ use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 
 use crate::AppState;
+
+/// The allocator's own figures, in bytes: `(metric name, help, value)`, read
+/// at each scrape. The binary chooses the allocator, so it provides the probe.
+pub type AllocatorProbe = fn() -> Vec<(&'static str, &'static str, u64)>;
+
+static ALLOCATOR_PROBE: OnceLock<AllocatorProbe> = OnceLock::new();
+
+/// Registers the process's allocator probe for `/metrics` (the first call wins).
+pub fn set_allocator_probe(probe: AllocatorProbe) {
+    let _ = ALLOCATOR_PROBE.set(probe);
+}
 
 /// Outcomes a JSON-RPC call is counted under.
 pub const OUTCOMES: &[&str] = &["ok", "-32700", "-32600", "-32601", "-32602", "-32000", "-32002", "-32603"];
@@ -206,6 +218,11 @@ impl Metrics {
         for why in Closed::ALL {
             let n = self.connections_closed[why as usize].load(Ordering::Relaxed);
             let _ = writeln!(out, "attache_connections_closed_total{{reason=\"{}\"}} {n}", why.as_str());
+        }
+        if let Some(probe) = ALLOCATOR_PROBE.get() {
+            for (name, help, bytes) in probe() {
+                scalar(&mut out, name, "gauge", help, bytes.to_string());
+            }
         }
         out
     }

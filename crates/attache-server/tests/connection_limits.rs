@@ -95,6 +95,51 @@ async fn a_kept_alive_connection_that_starts_a_request_and_stalls_is_closed() {
 }
 
 #[tokio::test]
+async fn half_a_header_pipelined_behind_a_long_poll_is_closed_after_the_header_read_timeout() {
+    let s = TestServer::start_with(|c| {
+        c.header_read_timeout = Duration::from_millis(300);
+        c.idle_timeout = Duration::from_secs(600);
+    })
+    .await;
+    s.create("/pipelined/s", "text/plain").await;
+    let mut conn = connect(&s).await;
+    conn.write_all(get("/pipelined/s?offset=now&live=long-poll").as_bytes()).await.expect("a long-poll is sent");
+    // Let the long-poll start waiting, then pipeline half of the next header behind it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: ").await.expect("half a header is sent");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.append("/pipelined/s", "text/plain", "wake").await;
+    // The long-poll is answered; the half header then has its header deadline, not the idle one.
+    let sent = read_until_closed(&mut conn).await.expect("the server closes the stalled pipelined request");
+    let sent = String::from_utf8_lossy(&sent);
+    assert!(sent.starts_with("HTTP/1.1 200") && sent.contains("wake"), "{sent}");
+    assert!(!sent.contains("\r\n\r\nok"), "the half header is not answered: {sent}");
+}
+
+#[tokio::test]
+async fn a_connection_that_uploaded_a_body_stays_open_for_the_idle_timeout_not_the_header_timeout() {
+    let s = TestServer::start_with(|c| {
+        c.header_read_timeout = Duration::from_millis(200);
+        c.idle_timeout = Duration::from_secs(600);
+    })
+    .await;
+    s.create("/uploaded/s", "text/plain").await;
+    let mut conn = connect(&s).await;
+    let head = "POST /uploaded/s HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: text/plain\r\ncontent-length: 8\r\n\r\n";
+    conn.write_all(head.as_bytes()).await.expect("the header is sent");
+    // The body arrives while the request is in flight: it is not a next header.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    conn.write_all(b"12345678").await.expect("the body is sent");
+    let mut seen = Vec::new();
+    read_until(&mut conn, &mut seen, "\r\n\r\n").await;
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 204"), "{:?}", String::from_utf8_lossy(&seen));
+    // Well past the header timeout, the kept-alive connection still serves.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    conn.write_all(get("/healthz").as_bytes()).await.expect("a next request is sent");
+    read_until(&mut conn, &mut seen, "\r\n\r\nok").await;
+}
+
+#[tokio::test]
 async fn connections_over_the_cap_are_answered_503_with_retry_after_until_one_frees() {
     let s = TestServer::start_with(|c| {
         c.max_connections = 3;
