@@ -1215,7 +1215,7 @@ struct Allocator {
 }
 
 async fn allocator(ctx: &Ctx, conn: &mut Conn) -> Option<Allocator> {
-    let req = request(ctx, Method::GET, "/metrics", "soak-sampler").body(Full::new(Bytes::new())).ok()?;
+    let req = request(ctx, Method::GET, "/metrics", "user:soak-sampler").body(Full::new(Bytes::new())).ok()?;
     let (status, _, body) = conn.exchange("metrics", req, Duration::from_secs(5), false).await?;
     if !status.is_success() {
         return None;
