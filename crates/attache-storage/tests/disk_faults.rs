@@ -357,6 +357,55 @@ async fn a_single_failed_sync_among_many_appends_loses_nothing_acknowledged() {
     f.store.close().await;
 }
 
+/// Many writers at once: a batch's log sync runs while the writer applies the
+/// next batch. A failed sync fails its batch and the batch applied beside it
+/// (built on it), and nothing else: every acknowledged append is there, in
+/// order, in the running store and after a crash, and writes go on.
+#[tokio::test]
+async fn a_failed_log_sync_while_the_next_batch_is_applied_beside_it_loses_nothing_acknowledged() {
+    const WRITERS: usize = 8;
+    const EACH: usize = 60;
+    let f = Fixture::open(|c| c.checkpoint_interval = Duration::from_secs(3600)).await;
+    for w in 0..WRITERS {
+        f.store.create(create(&format!("/faults/w{w}"))).await.unwrap();
+    }
+    f.plan.fail_nth(FaultPoint::LogSync, 40, Fault::Io);
+    let store = &f.store;
+    let writers = (0..WRITERS).map(|w| async move {
+        let (mut acked, mut refused) = (Vec::new(), 0);
+        for i in 0..EACH {
+            let body = format!("<w{w}-{i}>").into_bytes();
+            match store.append(append(&format!("/faults/w{w}"), &body)).await {
+                Ok(_) => acked.push(body),
+                Err(err) => {
+                    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+                    refused += 1;
+                }
+            }
+        }
+        (acked, refused)
+    });
+    let results = futures::future::join_all(writers).await;
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for (a, r) in results {
+        acked.push(a);
+        refused += r;
+    }
+    assert!(refused >= 1, "the failed sync refused its appends");
+    assert!(refused <= 2 * WRITERS, "only the failed batch and the one beside it are refused: {refused}");
+    wait_healthy(&f.store, "a failed sync among concurrent appends").await;
+    let (_copy, reopened) = f.crash_copy();
+    for (w, acked) in acked.iter().enumerate() {
+        let path = format!("/faults/w{w}");
+        assert_eq!(read_all(&f.store, &path).await, acked.concat(), "writer {w}: the running store");
+        assert_eq!(read_all(&reopened, &path).await, acked.concat(), "writer {w}: after a crash");
+    }
+    reopened.close().await;
+    f.store.append(append("/faults/w0", b"after")).await.expect("writes go on");
+    f.store.close().await;
+}
+
 // ---------------------------------------------------------------- registry.redb
 
 fn entity(url: &str) -> attache_storage::EntityRecord {
