@@ -32,3 +32,37 @@ async fn metrics_report_the_allocators_live_and_resident_bytes() {
         "allocated {allocated} <= active {active} <= resident {resident}"
     );
 }
+
+async fn allocated(server: &ServerProcess) -> u64 {
+    let text = client().get(server.url("/metrics")).send().await.expect("/metrics").text().await.expect("the metrics");
+    gauge(&text, "attache_allocator_allocated_bytes").expect("allocated bytes are reported")
+}
+
+/// What an open, kept-alive HTTP/1 connection costs the server between
+/// requests: hyper's 8 KiB read buffer and 8 KiB write buffer and the
+/// connection's task. hyper_util's protocol detection handed hyper the first
+/// 24 bytes of a request alone, and the read after it grew the read buffer to
+/// 16 KiB (about 29 KiB a connection in all).
+#[tokio::test]
+async fn an_idle_kept_alive_connection_holds_under_24_kib() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const CONNECTIONS: usize = 200;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = ServerProcess::start(&dir.path().join("data"), &dir.path().join("server.log"), &[]).await;
+    let addr = server.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let before = allocated(&server).await;
+    let mut open = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.expect("a connection");
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").await.expect("a request");
+        let mut answer = [0u8; 512];
+        let n = conn.read(&mut answer).await.expect("an answer");
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&answer[..n]));
+        open.push(conn);
+    }
+    let after = allocated(&server).await;
+    let each = after.saturating_sub(before) / CONNECTIONS as u64;
+    eprintln!("heap per idle connection: {each} bytes");
+    assert!(each < 24 << 10, "an idle connection holds {each} bytes of heap");
+    drop(open);
+}

@@ -251,18 +251,82 @@ fn is_connection_error(err: &io::Error) -> bool {
 /// that reads slowly. Response bodies wait for this room before producing more.
 pub const CONNECTION_BUFFER_BYTES: usize = 64 << 10;
 
-fn builder() -> Builder<TokioExecutor> {
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(CONNECTION_BUFFER_BYTES);
-    // HTTP/2 WebSockets (RFC 8441) need the CONNECT protocol.
-    builder.http2().enable_connect_protocol().max_send_buf_size(CONNECTION_BUFFER_BYTES);
-    builder
+/// The HTTP/2 connection preface (RFC 9113, 3.4): how a client that speaks
+/// HTTP/2 with prior knowledge starts.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the client speaks HTTP/2, told from its first bytes without
+/// reading them, so that hyper's HTTP/1 read buffer gets the whole request in
+/// its first read. (hyper_util's auto builder reads the first 24 bytes itself
+/// and hands them over alone; the read that followed grew each connection's
+/// 8 KiB read buffer to 16 KiB: 8 KiB more for every open connection.)
+async fn speaks_http2(socket: &TcpStream) -> io::Result<bool> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let n = socket.peek(&mut first).await?;
+        if n == 0 || first[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // Part of the preface so far (its 24 bytes nearly always come in one
+        // segment): look again shortly; the header deadline still applies.
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// An HTTP/1 or HTTP/2 connection being served.
+trait Serving: Future<Output = Result<(), hyper::Error>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl Serving for hyper::server::conn::http1::UpgradeableConnection<TokioIo<Watched>, Tracked> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl Serving for hyper::server::conn::http2::Connection<TokioIo<Watched>, Tracked, TokioExecutor> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self);
+    }
 }
 
 async fn serve_connection(io: Watched, activity: Arc<Activity>, app: Router, limits: Limits, _listed: Listed) {
-    let builder = builder();
     let service = Tracked { app, activity: activity.clone() };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let header_deadline = activity.deadline(&limits).map_or_else(Instant::now, |(at, _)| at);
+    let http2 = tokio::select! {
+        http2 = speaks_http2(&io.io) => match http2 {
+            Ok(http2) => http2,
+            Err(err) => {
+                tracing::debug!(%err, "connection failed before its first request");
+                return;
+            }
+        },
+        _ = tokio::time::sleep_until(header_deadline) => {
+            activity.metrics.connection_closed(Closed::HeaderTimeout);
+            return;
+        }
+        // The server is stopping: a connection with no request yet closes now.
+        _ = activity.stopping.notified() => return,
+    };
+    if http2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        // HTTP/2 WebSockets (RFC 8441) need the CONNECT protocol.
+        builder.enable_connect_protocol().max_send_buf_size(CONNECTION_BUFFER_BYTES);
+        drive(builder.serve_connection(TokioIo::new(io), service), activity, limits).await;
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.max_buf_size(CONNECTION_BUFFER_BYTES);
+        drive(builder.serve_connection(TokioIo::new(io), service).with_upgrades(), activity, limits).await;
+    }
+}
+
+/// Serves a connection until it ends or one of its deadlines passes.
+async fn drive(conn: impl Serving, activity: Arc<Activity>, limits: Limits) {
     tokio::pin!(conn);
     // The timer is checked every `period` (and at the deadline, when that is
     // sooner), not re-armed per request: requests only update atomics, so a
@@ -350,7 +414,7 @@ async fn reject(stream: TcpStream, max_connections: usize, _permit: OwnedSemapho
         hm.insert("connection", HeaderValue::from_static("close"));
         Ok::<_, Infallible>(res)
     });
-    let mut builder = builder();
+    let mut builder = Builder::new(TokioExecutor::new());
     builder.http1().keep_alive(false);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     let _ = tokio::time::timeout(REJECT_WITHIN, conn).await;

@@ -1445,7 +1445,9 @@ fn log_batch(
 /// Waits for the sync of a batch written by [`log_batch`]; on success it is durable.
 fn synced(shared: &Shared, journal: &mut Journal, mut unsynced: Unsynced) -> Result<(Prepared, u64), Failed> {
     let result = match &journal.log_syncer {
-        Some(syncer) => syncer.done.recv().unwrap_or_else(|_| Err(std::io::Error::other("the log-sync thread is gone"))),
+        Some(syncer) => {
+            syncer.done.recv().unwrap_or_else(|_| Err(std::io::Error::other("the log-sync thread is gone")))
+        }
         None => Err(std::io::Error::other("the log-sync thread is gone")),
     };
     match result {
@@ -1489,7 +1491,13 @@ fn finish(shared: &Shared, state: &WriterState, journal: &Journal, batch: Prepar
             tracing::warn!(%err, sha, "could not delete an unreferenced blob");
         }
     }
-    tracing::trace!(size, logged = logged.is_some(), direct, total_us = started.elapsed().as_micros() as u64, "group commit");
+    tracing::trace!(
+        size,
+        logged = logged.is_some(),
+        direct,
+        total_us = started.elapsed().as_micros() as u64,
+        "group commit"
+    );
     feed_tails(shared, &record, &fresh, &fresh_marks);
     // Boundaries of a batch committed straight to redb are there already.
     let pending = logged.map(|seq| (seq, pending));
