@@ -33,7 +33,6 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
 
 use crate::error::{StoreError, StoreResult};
 use crate::fault::{self, FaultPlan, FaultPoint};
@@ -250,8 +249,7 @@ fn checksum(seq: u64, payload: &[u8]) -> u32 {
 
 /// The log file, written only by the writer thread.
 pub(crate) struct Wal {
-    /// Shared with [`LogSync`]: a sync may run on another thread while the writer goes on.
-    file: Arc<File>,
+    file: File,
     magic: &'static [u8; 4],
     /// Where the next record goes.
     pos: u64,
@@ -266,20 +264,6 @@ pub(crate) struct Wal {
     round_start: u64,
     sync: bool,
     faults: Option<FaultPlan>,
-}
-
-/// Syncs one log file; cheap to clone and to send to another thread.
-#[derive(Clone)]
-pub(crate) struct LogSync {
-    file: Arc<File>,
-    faults: Option<FaultPlan>,
-}
-
-impl LogSync {
-    /// `fdatasync`: every record written to the file before this call is durable when it returns `Ok`.
-    pub(crate) fn sync(&self) -> std::io::Result<()> {
-        fault::sync(self.faults.as_ref(), FaultPoint::LogSync, || self.file.sync_data())
-    }
 }
 
 /// What recovery found in the log.
@@ -335,7 +319,7 @@ impl Wal {
             }
         }
         let wal = Wal {
-            file: Arc::new(file),
+            file,
             magic,
             pos,
             allocated,
@@ -392,23 +376,7 @@ impl Wal {
 
     /// Writes one record (synced when the log syncs) and returns its seq. On error the
     /// position does not move: the next record overwrites whatever part was written.
-    #[cfg(test)]
     pub(crate) fn append(&mut self, payload: &[u8]) -> StoreResult<u64> {
-        let (seq, start) = self.write(payload)?;
-        if self.sync {
-            if let Err(err) = self.sync_handle().sync() {
-                self.rewind(seq, start);
-                return Err(err.into());
-            }
-        }
-        Ok(seq)
-    }
-
-    /// Writes one record without syncing it; returns its seq and where it
-    /// starts. Until a sync covers it ([`LogSync`]), a crash may take it back:
-    /// nothing may be acknowledged or published on it before. If that sync
-    /// fails, [`Wal::rewind`] takes it (and every record written after it) back.
-    pub(crate) fn write(&mut self, payload: &[u8]) -> StoreResult<(u64, u64)> {
         let len = (HEADER + payload.len()) as u64;
         let payload_len = u32::try_from(payload.len()).map_err(|_| corrupt("record too large"))?;
         if self.pos + len > self.capacity {
@@ -421,33 +389,26 @@ impl Wal {
         record.extend_from_slice(&seq.to_le_bytes());
         record.extend_from_slice(&checksum(seq, payload).to_le_bytes());
         record.extend_from_slice(payload);
-        self.grow_to(self.pos + len)?;
-        if let Err(err) = fault::write_all_at(self.faults.as_ref(), FaultPoint::LogWrite, &self.file, &record, self.pos)
-        {
-            self.rewind(seq, self.pos);
-            return Err(err.into());
+        if let Err(err) = self.write_record(&record) {
+            // Whatever part of it landed must not read as a record at the next start (best effort:
+            // the callers hear of a failure, and the next record overwrites it anyway).
+            if self.pos + 4 <= self.allocated {
+                let _ = fault::write_all_at(self.faults.as_ref(), FaultPoint::LogWrite, &self.file, &[0; 4], self.pos);
+            }
+            return Err(err);
         }
-        let start = self.pos;
         self.pos += len;
         self.next_seq += 1;
-        Ok((seq, start))
+        Ok(seq)
     }
 
-    /// Takes back the record `seq` written at `start` and all after it: the
-    /// next record is written there with that seq, and (best effort: the
-    /// callers hear of the failure, and the next record overwrites it anyway)
-    /// what was written there no longer reads as a record at the next start.
-    pub(crate) fn rewind(&mut self, seq: u64, start: u64) {
-        if start + 4 <= self.allocated {
-            let _ = fault::write_all_at(self.faults.as_ref(), FaultPoint::LogWrite, &self.file, &[0; 4], start);
+    fn write_record(&mut self, record: &[u8]) -> StoreResult<()> {
+        self.grow_to(self.pos + record.len() as u64)?;
+        fault::write_all_at(self.faults.as_ref(), FaultPoint::LogWrite, &self.file, record, self.pos)?;
+        if self.sync {
+            fault::sync(self.faults.as_ref(), FaultPoint::LogSync, || self.file.sync_data())?;
         }
-        self.pos = start;
-        self.next_seq = seq;
-    }
-
-    /// What syncs this file, from any thread (`None` when the log does not sync).
-    pub(crate) fn sync_handle(&self) -> LogSync {
-        LogSync { file: self.file.clone(), faults: self.faults.clone() }
+        Ok(())
     }
 
     /// Checks that the log takes a write and a sync where the next record goes
@@ -596,7 +557,7 @@ impl Logs {
         let [(f0, a0, _), (f1, a1, _)]: [(File, u64, Run); 2] =
             scans.try_into().map_err(|_| corrupt("two log files"))?;
         let mut files = [(f0, a0), (f1, a1)].map(|(file, allocated)| Wal {
-            file: Arc::new(file),
+            file,
             magic: MAGIC,
             pos: 0,
             allocated,
@@ -685,28 +646,8 @@ impl Logs {
         self.active_mut().reset();
     }
 
-    #[cfg(test)]
     pub(crate) fn append(&mut self, payload: &[u8]) -> StoreResult<u64> {
         self.active_mut().append(payload)
-    }
-
-    /// [`Wal::write`] to the active file, and what syncs it. The file stays
-    /// active until the record is synced or rewound: the writer rotates and
-    /// checkpoints only with no record waiting for its sync.
-    pub(crate) fn write(&mut self, payload: &[u8]) -> StoreResult<(u64, u64, LogSync)> {
-        let active = self.active_mut();
-        let (seq, start) = active.write(payload)?;
-        Ok((seq, start, active.sync_handle()))
-    }
-
-    /// [`Wal::rewind`] on the active file.
-    pub(crate) fn rewind(&mut self, seq: u64, start: u64) {
-        self.active_mut().rewind(seq, start);
-    }
-
-    /// Whether records are synced (`--no-fsync` turns it off).
-    pub(crate) fn syncs(&self) -> bool {
-        self.active().sync
     }
 
     pub(crate) fn probe(&mut self) -> StoreResult<()> {

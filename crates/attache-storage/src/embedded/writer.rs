@@ -29,7 +29,7 @@ use super::marks::{self, cut_runs, drop_runs, put_runs, MarkIndex, Runs, MARK_RU
 use tokio::sync::oneshot;
 
 use super::segments::{DirtySet, Segments};
-use super::wal::{LogDamage, LogRecords, LogSync, Logs, Op};
+use super::wal::{LogDamage, LogRecords, Logs, Op};
 use super::{
     now_ms, BlobWithRow, Command, EmbeddedConfig, Shared, StreamEntry, BLOB_REFS, COUNTERS, PRODUCERS, ROW_ENDS_APPEND,
     STREAMS,
@@ -577,9 +577,6 @@ pub(crate) struct Journal {
     wal: Option<Logs>,
     /// The checkpoint thread (started by `run`), which syncs segment files beside the writer.
     syncer: Option<Syncer>,
-    /// The log-sync thread (started by `run` when the log syncs): a batch's
-    /// log sync runs there while the writer applies the next batch.
-    log_syncer: Option<LogSyncer>,
     /// The seq the checkpoint in progress covers (its segment syncs are running).
     in_flight: Option<u64>,
     durable: bool,
@@ -598,7 +595,6 @@ impl Journal {
         Journal {
             wal: (config.wal_bytes > 0).then_some(wal),
             syncer: None,
-            log_syncer: None,
             in_flight: None,
             durable: config.durable,
             interval: config.checkpoint_interval,
@@ -653,11 +649,6 @@ impl Journal {
         true
     }
 
-    /// The checkpoint in progress is done and waits for `finish_checkpoint`.
-    fn checkpoint_finished(&self) -> bool {
-        self.in_flight.is_some() && self.syncer.as_ref().is_some_and(|s| s.finished.load(Ordering::Acquire))
-    }
-
     /// Seals a full active log file so the batch's record goes to the other
     /// one, when that one is free (and writes are not failing).
     fn make_room(&mut self, shared: &Shared, record_len: usize) {
@@ -676,43 +667,7 @@ impl Journal {
 struct Syncer {
     jobs: std::sync::mpsc::Sender<SyncJob>,
     done: Receiver<SyncDone>,
-    /// The checkpoint in progress is done: its result waits in `done`.
-    finished: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
-}
-
-/// The log-sync thread: `fdatasync`s the log file a batch's record went to,
-/// one job at a time and in order, while the writer applies the next batch.
-/// The writer waits for each result before it writes the next record, so at
-/// most one record is ever unsynced.
-struct LogSyncer {
-    jobs: std::sync::mpsc::SyncSender<LogSync>,
-    done: Receiver<std::io::Result<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl LogSyncer {
-    fn spawn() -> std::io::Result<LogSyncer> {
-        let (jobs, rx) = std::sync::mpsc::sync_channel::<LogSync>(1);
-        let (tx, done) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new().name("attache-log-sync".into()).spawn(move || {
-            for job in rx {
-                if tx.send(job.sync()).is_err() {
-                    break;
-                }
-            }
-        })?;
-        Ok(LogSyncer { jobs, done, thread: Some(thread) })
-    }
-
-    fn stop(mut self) {
-        drop(std::mem::replace(&mut self.jobs, std::sync::mpsc::sync_channel(1).0));
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("the log-sync thread panicked");
-            }
-        }
-    }
 }
 
 struct SyncJob {
@@ -731,8 +686,6 @@ impl Syncer {
     fn spawn(shared: Arc<Shared>) -> std::io::Result<Syncer> {
         let (jobs, rx) = std::sync::mpsc::channel::<SyncJob>();
         let (tx, done) = std::sync::mpsc::channel();
-        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let done_flag = finished.clone();
         let thread = std::thread::Builder::new().name("attache-checkpoint".into()).spawn(move || {
             for job in rx {
                 // On error the files not synced are dirty again (`sync_set`).
@@ -743,13 +696,12 @@ impl Syncer {
                     })
                     .map_err(|e| (Source::Db, e))
                 });
-                done_flag.store(true, Ordering::Release);
                 if tx.send(SyncDone { upto: job.upto, result }).is_err() {
                     break;
                 }
             }
         })?;
-        Ok(Syncer { jobs, done, finished, thread: Some(thread) })
+        Ok(Syncer { jobs, done, thread: Some(thread) })
     }
 
     fn stop(mut self) {
@@ -784,7 +736,6 @@ fn finish_checkpoint(shared: &Shared, journal: &mut Journal, state: &mut WriterS
         }
     };
     journal.in_flight = None;
-    syncer.finished.store(false, Ordering::Release);
     let Some(SyncDone { upto, result }) = done else {
         tracing::error!("the checkpoint thread is gone; checkpoints run on the writer");
         journal.syncer = None;
@@ -903,26 +854,11 @@ pub(crate) fn run(
             Err(err) => tracing::error!(%err, "cannot start the checkpoint thread; checkpoints run on the writer"),
         }
     }
-    if journal.wal.as_ref().is_some_and(Logs::syncs) {
-        match LogSyncer::spawn() {
-            Ok(syncer) => journal.log_syncer = Some(syncer),
-            Err(err) => tracing::error!(%err, "cannot start the log-sync thread; the writer syncs the log itself"),
-        }
-    }
-    // The batch whose log sync runs beside the next batch's apply.
-    let mut syncing: Option<Unsynced> = None;
-    // A command taken to see whether more wait (the next batch's first).
-    let mut next: Option<Command> = None;
     loop {
-        let first = match next.take() {
-            Some(cmd) => Some(cmd),
-            // A batch is syncing: apply what is already here beside it, or wait for it.
-            None if syncing.is_some() => rx.try_recv().ok(),
-            None => match rx.recv_timeout(wait) {
-                Ok(cmd) => Some(cmd),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
-            },
+        let first = match rx.recv_timeout(wait) {
+            Ok(cmd) => Some(cmd),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
         };
         let mut batch: Vec<Command> = first.into_iter().collect();
         while batch.len() < config.max_batch {
@@ -931,19 +867,7 @@ pub(crate) fn run(
                 Err(_) => break,
             }
         }
-        let sweep = last_sweep.elapsed() >= config.sweep_interval;
-        // Checkpoints, reopens and probes work on the log's files: never with a record waiting for its sync.
-        let housekeeping = sweep
-            || journal.lost.is_some()
-            || shared.health.is_failing()
-            || (journal.checkpoint_due() && journal.in_flight.is_none())
-            || journal.checkpoint_finished();
-        if batch.is_empty() || housekeeping {
-            if let Some(unsynced) = syncing.take() {
-                settle(&shared, &mut state, &mut journal, unsynced, None);
-            }
-        }
-        if sweep {
+        if last_sweep.elapsed() >= config.sweep_interval {
             last_sweep = Instant::now();
             batch.extend(expired_streams(&shared).into_iter().map(Command::Expire));
             super::drop_idle_reads(&shared);
@@ -980,34 +904,10 @@ pub(crate) fn run(
             continue;
         }
         let count = batch.len();
-        // Applied while the batch before it syncs (when one does).
-        let prepared = prepare(&shared, &mut state, batch);
-        let prepared = match syncing.take() {
-            Some(unsynced) => match settle(&shared, &mut state, &mut journal, unsynced, Some(prepared)) {
-                Some(prepared) => prepared,
-                None => continue,
-            },
-            None => prepared,
-        };
-        let logged = prepared.and_then(|prepared| {
-            // Its sync runs beside the next batch only when a next batch is already waiting.
-            let overlap = journal.log_syncer.is_some() && {
-                next = rx.try_recv().ok();
-                next.is_some()
-            };
-            log_batch(&shared, &mut state, &mut journal, prepared, overlap)
-        });
-        match logged {
-            Ok(Logged::Durable(batch, seq, direct)) => finish(&shared, &state, &journal, batch, seq, direct),
-            Ok(Logged::Syncing(unsynced)) => syncing = Some(unsynced),
-            Err(failed) => {
-                tracing::error!(err = %failed.err, count, "group commit failed; its callers hear why");
-                recover_from(&shared, &mut journal, &mut state, failed);
-            }
+        if let Err(failed) = commit_batch(&shared, &mut state, batch, &mut journal) {
+            tracing::error!(err = %failed.err, count, "group commit failed; its callers hear why");
+            recover_from(&shared, &mut journal, &mut state, failed);
         }
-    }
-    if let Some(unsynced) = syncing.take() {
-        settle(&shared, &mut state, &mut journal, unsynced, None);
     }
     // A clean stop leaves nothing for the next start to replay.
     journal.force = true;
@@ -1019,42 +919,7 @@ pub(crate) fn run(
     if let Some(syncer) = journal.syncer.take() {
         syncer.stop();
     }
-    if let Some(syncer) = journal.log_syncer.take() {
-        syncer.stop();
-    }
     tracing::debug!("writer stopped");
-}
-
-/// Waits for a syncing batch and finishes it. If its sync failed, it fails,
-/// and so does the batch prepared beside it (`then`: built on it, its record
-/// not yet written); the working copy is reloaded. Returns the prepared
-/// batch when it may go on.
-fn settle(
-    shared: &Shared,
-    state: &mut WriterState,
-    journal: &mut Journal,
-    unsynced: Unsynced,
-    then: Option<Result<Prepared, Failed>>,
-) -> Option<Result<Prepared, Failed>> {
-    match synced(shared, journal, unsynced) {
-        Ok((batch, seq)) => {
-            finish(shared, state, journal, batch, Some(seq), false);
-            then
-        }
-        Err(mut failed) => {
-            tracing::error!(err = %failed.err, "log sync failed; its batch and the one after it fail");
-            match then {
-                Some(Ok(mut prepared)) => {
-                    failed.adopted.append(&mut prepared.changes.adopted);
-                    fail_batch(prepared.replies, failed.err.clone());
-                }
-                Some(Err(mut other)) => failed.adopted.append(&mut other.adopted),
-                None => {}
-            }
-            recover_from(shared, journal, state, failed);
-            None
-        }
-    }
 }
 
 /// Makes everything logged durable in redb (one durable commit applying
@@ -1221,40 +1086,12 @@ fn expired_streams(shared: &Shared) -> Vec<u64> {
         .collect()
 }
 
-/// A batch applied to the working copy, its log record not yet durable.
-struct Prepared {
-    started: Instant,
-    size: usize,
-    record: Vec<u8>,
-    fresh: Vec<Fresh>,
-    fresh_marks: Vec<u64>,
-    pending: Vec<(u64, u64)>,
-    replies: Vec<Reply>,
-    changes: Changes,
-    /// The touched streams' metadata as this batch left it: the next batch
-    /// may change the working copy before this one is published.
-    infos: Vec<StreamInfo>,
-}
-
-/// A batch whose record is written to the log while its sync runs on the
-/// log-sync thread, beside the writer applying the next batch.
-struct Unsynced {
-    batch: Prepared,
-    seq: u64,
-    start: u64,
-}
-
-/// How a logged batch stands once its record is written.
-enum Logged {
-    /// Durable: by a synced log record (`Some(seq)`), or straight in redb.
-    Durable(Prepared, Option<u64>, bool),
-    /// Written; its sync runs on the log-sync thread.
-    Syncing(Unsynced),
-}
-
-/// Applies a batch to the working copy: stream bytes go to their segment
-/// files (unsynced), every change into the batch's log record.
-fn prepare(shared: &Shared, state: &mut WriterState, batch: Vec<Command>) -> Result<Prepared, Failed> {
+fn commit_batch(
+    shared: &Shared,
+    state: &mut WriterState,
+    batch: Vec<Command>,
+    journal: &mut Journal,
+) -> Result<(), Failed> {
     let started = Instant::now();
     let size = batch.len();
     let mut changes = Changes::default();
@@ -1359,21 +1196,6 @@ fn prepare(shared: &Shared, state: &mut WriterState, batch: Vec<Command>) -> Res
         return Err(failed);
     }
     let Tables { log: record, fresh, fresh_marks, pending, .. } = t;
-    let infos = changes.touched.iter().filter_map(|id| state.streams.get(id).cloned()).collect();
-    Ok(Prepared { started, size, record, fresh, fresh_marks, pending, replies, changes, infos })
-}
-
-/// Writes a prepared batch's record: to the log (synced here, or on the
-/// log-sync thread when `overlap` and more commands wait), or, when the log
-/// cannot take it or there is none, straight to redb.
-fn log_batch(
-    shared: &Shared,
-    state: &mut WriterState,
-    journal: &mut Journal,
-    mut batch: Prepared,
-    overlap: bool,
-) -> Result<Logged, Failed> {
-    let record = &batch.record;
     // The record is synced to the log (redb gets it at the next checkpoint);
     // one the log cannot take, even after a checkpoint empties it, and every
     // batch of a store without a log, commits straight to redb.
@@ -1388,40 +1210,22 @@ fn log_batch(
                     if err.is_io() {
                         journal.lost = Some(err.clone());
                     }
-                    let failed = Failed::new(shared, err, Source::Db, &mut batch.changes);
-                    fail_batch(batch.replies, failed.err.clone());
+                    let failed = Failed::new(shared, err, Source::Db, &mut changes);
+                    fail_batch(replies, failed.err.clone());
                     return Err(failed);
                 }
             }
             match journal.wal.as_mut().filter(|w| w.fits(record.len())) {
-                Some(wal) => {
-                    let written = match wal.write(record) {
-                        Err(err) => Err(err),
-                        Ok((seq, start, sync)) => {
-                            let syncer = journal.log_syncer.as_ref().filter(|_| overlap && wal.syncs());
-                            if syncer.is_some_and(|syncer| syncer.jobs.send(sync.clone()).is_ok()) {
-                                return Ok(Logged::Syncing(Unsynced { batch, seq, start }));
-                            }
-                            match if wal.syncs() { sync.sync() } else { Ok(()) } {
-                                Ok(()) => Ok(seq),
-                                Err(err) => {
-                                    wal.rewind(seq, start);
-                                    Err(err.into())
-                                }
-                            }
-                        }
-                    };
-                    match written {
-                        Ok(seq) => logged = Some(seq),
-                        Err(err) => {
-                            // The next tick checkpoints, which lets the log start over.
-                            journal.force = true;
-                            let failed = Failed::new(shared, err, Source::Log, &mut batch.changes);
-                            fail_batch(batch.replies, failed.err.clone());
-                            return Err(failed);
-                        }
+                Some(wal) => match wal.append(&record) {
+                    Ok(seq) => logged = Some(seq),
+                    Err(err) => {
+                        // The next tick checkpoints, which lets the log start over.
+                        journal.force = true;
+                        let failed = Failed::new(shared, err, Source::Log, &mut changes);
+                        fail_batch(replies, failed.err.clone());
+                        return Err(failed);
                     }
-                }
+                },
                 None => direct = true,
             }
         } else {
@@ -1429,45 +1233,17 @@ fn log_batch(
         }
     }
     if direct {
-        if let Err((source, err)) = commit_direct(shared, journal, &batch.record) {
+        if let Err((source, err)) = commit_direct(shared, journal, &record) {
             if source == Source::Db && err.is_io() {
                 // redb refuses everything after a failed commit until it is reopened.
                 journal.lost = Some(err.clone());
             }
-            let failed = Failed::new(shared, err, source, &mut batch.changes);
-            fail_batch(batch.replies, failed.err.clone());
+            let failed = Failed::new(shared, err, source, &mut changes);
+            fail_batch(replies, failed.err.clone());
             return Err(failed);
         }
     }
-    Ok(Logged::Durable(batch, logged, direct))
-}
-
-/// Waits for the sync of a batch written by [`log_batch`]; on success it is durable.
-fn synced(shared: &Shared, journal: &mut Journal, mut unsynced: Unsynced) -> Result<(Prepared, u64), Failed> {
-    let result = match &journal.log_syncer {
-        Some(syncer) => {
-            syncer.done.recv().unwrap_or_else(|_| Err(std::io::Error::other("the log-sync thread is gone")))
-        }
-        None => Err(std::io::Error::other("the log-sync thread is gone")),
-    };
-    match result {
-        Ok(()) => Ok((unsynced.batch, unsynced.seq)),
-        Err(err) => {
-            if let Some(wal) = journal.wal.as_mut() {
-                wal.rewind(unsynced.seq, unsynced.start);
-            }
-            journal.force = true;
-            let failed = Failed::new(shared, err.into(), Source::Log, &mut unsynced.batch.changes);
-            fail_batch(unsynced.batch.replies, failed.err.clone());
-            Err(failed)
-        }
-    }
-}
-
-/// A durable batch: its files go, live readers get its bytes, readers see
-/// it, and its callers hear their answers.
-fn finish(shared: &Shared, state: &WriterState, journal: &Journal, batch: Prepared, logged: Option<u64>, direct: bool) {
-    let Prepared { started, size, record, fresh, fresh_marks, pending, replies, changes, infos } = batch;
+    let applied_at = started.elapsed();
     if logged.is_some() {
         shared.health.recovered(Source::Log);
     }
@@ -1482,10 +1258,6 @@ fn finish(shared: &Shared, state: &WriterState, journal: &Journal, batch: Prepar
         }
     }
     for sha in &changes.unlink {
-        // A batch applied since (beside this one's sync) may hold the blob again.
-        if state.blob_refs.contains_key(sha) {
-            continue;
-        }
         if let Err(err) = std::fs::remove_file(shared.blobs.path(sha)) {
             // A leftover file is collected at the next start.
             tracing::warn!(%err, sha, "could not delete an unreferenced blob");
@@ -1495,16 +1267,18 @@ fn finish(shared: &Shared, state: &WriterState, journal: &Journal, batch: Prepar
         size,
         logged = logged.is_some(),
         direct,
+        apply_us = applied_at.as_micros() as u64,
         total_us = started.elapsed().as_micros() as u64,
         "group commit"
     );
     feed_tails(shared, &record, &fresh, &fresh_marks);
     // Boundaries of a batch committed straight to redb are there already.
     let pending = logged.map(|seq| (seq, pending));
-    publish(shared, infos, changes, pending);
+    publish(shared, state, changes, pending);
     for reply in replies {
         reply.send();
     }
+    Ok(())
 }
 
 /// Commits one batch's record straight to redb: the segment files are
@@ -1562,7 +1336,7 @@ fn escalate<T>(r: StoreResult<T>) -> StoreResult<StoreResult<T>> {
 /// `seq`, not yet in redb), then the new metadata; then waiters wake. The
 /// index is write-locked only when streams come, go or lose their name:
 /// readers of existing streams are not held up by a batch of appends.
-fn publish(shared: &Shared, infos: Vec<StreamInfo>, changes: Changes, pending: Option<(u64, Vec<(u64, u64)>)>) {
+fn publish(shared: &Shared, state: &WriterState, changes: Changes, pending: Option<(u64, Vec<(u64, u64)>)>) {
     let now = now_ms();
     let mut by_stream: HashMap<u64, Vec<u64>> = HashMap::new();
     let mut seq = 0;
@@ -1582,22 +1356,22 @@ fn publish(shared: &Shared, infos: Vec<StreamInfo>, changes: Changes, pending: O
                 entry.pending.lock().push(seq, std::mem::take(marks));
             }
         }
-        for info in infos {
-            let id = info.id;
-            match index.by_id.get(&id) {
+        for id in &changes.touched {
+            let Some(info) = state.streams.get(id) else {
+                continue;
+            };
+            match index.by_id.get(id) {
                 Some(entry) => {
                     entry.last_access_ms.store(now, Ordering::Relaxed);
-                    let lost_name =
-                        info.unlinked && index.by_path.get(&info.path).is_some_and(|e| Arc::ptr_eq(e, entry));
-                    entry.publish(info);
-                    if lost_name {
+                    entry.publish(info.clone());
+                    if info.unlinked && index.by_path.get(&info.path).is_some_and(|e| Arc::ptr_eq(e, entry)) {
                         unnamed.push(entry.clone());
                     }
                 }
                 None => {
                     // Created by this batch: made with its boundaries before anyone can find it.
-                    let entry = StreamEntry::new(info, now);
-                    if let Some(marks) = by_stream.get_mut(&id) {
+                    let entry = StreamEntry::new(info.clone(), now);
+                    if let Some(marks) = by_stream.get_mut(id) {
                         entry.pending.lock().push(seq, std::mem::take(marks));
                     }
                     fresh.push(entry);
