@@ -255,41 +255,55 @@ pub const CONNECTION_BUFFER_BYTES: usize = 64 << 10;
 /// HTTP/2 with prior knowledge starts.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Whether the client speaks HTTP/2, told from its first bytes without
-/// reading them, so that hyper's HTTP/1 read buffer gets the whole request in
-/// its first read. (hyper_util's auto builder reads the first 24 bytes itself
-/// and hands them over alone; the read that followed grew each connection's
-/// 8 KiB read buffer to 16 KiB: 8 KiB more for every open connection.)
-async fn speaks_http2(socket: &TcpStream) -> io::Result<bool> {
+/// What a connection's first bytes say it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+    /// Part of the HTTP/2 preface so far: hyper_util's auto builder reads on
+    /// and decides (a peek would only see the same bytes again).
+    Undecided,
+}
+
+/// What the client speaks, told from its first bytes without reading them,
+/// so that hyper's HTTP/1 read buffer gets the whole request in its first
+/// read. (hyper_util's auto builder reads the first 24 bytes itself and hands
+/// them over alone; the read that followed grew each connection's 8 KiB read
+/// buffer to 16 KiB: 8 KiB more for every open connection.)
+async fn protocol(socket: &TcpStream) -> io::Result<Protocol> {
     let mut first = [0u8; H2_PREFACE.len()];
-    let mut pause = Duration::from_millis(1);
-    loop {
-        let n = socket.peek(&mut first).await?;
-        if n == 0 || first[..n] != H2_PREFACE[..n] {
-            return Ok(false);
-        }
-        if n == H2_PREFACE.len() {
-            return Ok(true);
-        }
-        // Part of the preface so far (its 24 bytes nearly always come in one
-        // segment): look again shortly; the header deadline still applies.
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
+    let n = socket.peek(&mut first).await?;
+    Ok(if n == 0 || first[..n] != H2_PREFACE[..n] {
+        Protocol::Http1
+    } else if n == H2_PREFACE.len() {
+        Protocol::Http2
+    } else {
+        Protocol::Undecided
+    })
 }
 
 /// An HTTP/1 or HTTP/2 connection being served.
-trait Serving: Future<Output = Result<(), hyper::Error>> {
+trait Serving: Future<Output = Result<(), Self::Error>> {
+    type Error: std::fmt::Display;
     fn graceful_shutdown(self: Pin<&mut Self>);
 }
 
 impl Serving for hyper::server::conn::http1::UpgradeableConnection<TokioIo<Watched>, Tracked> {
+    type Error = hyper::Error;
     fn graceful_shutdown(self: Pin<&mut Self>) {
         hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
     }
 }
 
+impl Serving for hyper_util::server::conn::auto::UpgradeableConnection<'_, TokioIo<Watched>, Tracked, TokioExecutor> {
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper_util::server::conn::auto::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
 impl Serving for hyper::server::conn::http2::Connection<TokioIo<Watched>, Tracked, TokioExecutor> {
+    type Error = hyper::Error;
     fn graceful_shutdown(self: Pin<&mut Self>) {
         hyper::server::conn::http2::Connection::graceful_shutdown(self);
     }
@@ -298,9 +312,9 @@ impl Serving for hyper::server::conn::http2::Connection<TokioIo<Watched>, Tracke
 async fn serve_connection(io: Watched, activity: Arc<Activity>, app: Router, limits: Limits, _listed: Listed) {
     let service = Tracked { app, activity: activity.clone() };
     let header_deadline = activity.deadline(&limits).map_or_else(Instant::now, |(at, _)| at);
-    let http2 = tokio::select! {
-        http2 = speaks_http2(&io.io) => match http2 {
-            Ok(http2) => http2,
+    let protocol = tokio::select! {
+        protocol = protocol(&io.io) => match protocol {
+            Ok(protocol) => protocol,
             Err(err) => {
                 tracing::debug!(%err, "connection failed before its first request");
                 return;
@@ -313,15 +327,24 @@ async fn serve_connection(io: Watched, activity: Arc<Activity>, app: Router, lim
         // The server is stopping: a connection with no request yet closes now.
         _ = activity.stopping.notified() => return,
     };
-    if http2 {
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        // HTTP/2 WebSockets (RFC 8441) need the CONNECT protocol.
-        builder.enable_connect_protocol().max_send_buf_size(CONNECTION_BUFFER_BYTES);
-        drive(builder.serve_connection(TokioIo::new(io), service), activity, limits).await;
-    } else {
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder.max_buf_size(CONNECTION_BUFFER_BYTES);
-        drive(builder.serve_connection(TokioIo::new(io), service).with_upgrades(), activity, limits).await;
+    match protocol {
+        Protocol::Http1 => {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.max_buf_size(CONNECTION_BUFFER_BYTES);
+            drive(builder.serve_connection(TokioIo::new(io), service).with_upgrades(), activity, limits).await;
+        }
+        Protocol::Http2 => {
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            // HTTP/2 WebSockets (RFC 8441) need the CONNECT protocol.
+            builder.enable_connect_protocol().max_send_buf_size(CONNECTION_BUFFER_BYTES);
+            drive(builder.serve_connection(TokioIo::new(io), service), activity, limits).await;
+        }
+        Protocol::Undecided => {
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder.http1().max_buf_size(CONNECTION_BUFFER_BYTES);
+            builder.http2().enable_connect_protocol().max_send_buf_size(CONNECTION_BUFFER_BYTES);
+            drive(builder.serve_connection_with_upgrades(TokioIo::new(io), service), activity, limits).await;
+        }
     }
 }
 

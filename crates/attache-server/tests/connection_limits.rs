@@ -202,6 +202,28 @@ async fn an_idle_kept_alive_connection_is_closed_but_an_open_sse_response_is_not
 }
 
 #[tokio::test]
+async fn http2_whose_preface_arrives_in_pieces_is_answered_with_settings() {
+    let s = TestServer::start().await;
+    let mut conn = connect(&s).await;
+    conn.write_all(b"PRI * HTTP/2.0\r\n").await.expect("half the preface");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The rest of the preface, then an empty SETTINGS frame.
+    conn.write_all(b"\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.expect("the rest");
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(PATIENCE, conn.read_exact(&mut frame)).await.expect("an answer in time").expect("a frame");
+    assert_eq!(frame[3], 0x04, "the server's first HTTP/2 frame is SETTINGS: {frame:?}");
+}
+
+#[tokio::test]
+async fn part_of_the_http2_preface_then_silence_is_closed_after_the_header_read_timeout() {
+    let s = TestServer::start_with(|c| c.header_read_timeout = Duration::from_millis(300)).await;
+    let mut conn = connect(&s).await;
+    conn.write_all(b"PRI * HTT").await.expect("part of the preface");
+    let sent = read_until_closed(&mut conn).await.expect("the server closes the stalled connection");
+    assert!(sent.is_empty(), "{:?}", String::from_utf8_lossy(&sent));
+}
+
+#[tokio::test]
 async fn http2_with_prior_knowledge_is_still_served() {
     let s = TestServer::start().await;
     let io = hyper_util::rt::TokioIo::new(connect(&s).await);
