@@ -19,7 +19,10 @@
 //! - idle: a kept-alive connection with nothing in flight, `idle_timeout`
 //!   after its last response;
 //! - slow reader: writes blocked (the client reads nothing) for
-//!   `slow_reader_timeout`. The client resumes from its last offset.
+//!   `slow_reader_timeout`. The client resumes from its last offset. While
+//!   writes are blocked this is the only deadline: a response handed to
+//!   hyper whole is still going out, and neither the idle deadline nor the
+//!   header deadline of a request pipelined behind it cuts it short.
 //!
 //! - shutdown: once the server stops, a request still in flight after
 //!   `shutdown_grace` (a stalled upload body, a response read slowly) has its
@@ -511,7 +514,11 @@ impl Activity {
     fn deadline(&self, limits: &Limits) -> Option<(Instant, Closed)> {
         let blocked = self.blocked_since.load(Ordering::Acquire);
         let slow = (blocked != NEVER).then(|| (self.at(blocked, limits.slow_reader_timeout), Closed::SlowReader));
-        if self.in_flight.load(Ordering::Acquire) > 0 {
+        // A response still going out (in flight, or handed to hyper whole and
+        // waiting for the client to take it) keeps the connection busy: only
+        // the slow-reader deadline runs. (Else the header deadline of a request
+        // pipelined behind it, or the idle one, cut the response short.)
+        if self.in_flight.load(Ordering::Acquire) > 0 || slow.is_some() {
             return slow;
         }
         let reading = self.reading_since.load(Ordering::Acquire);

@@ -117,6 +117,35 @@ async fn half_a_header_pipelined_behind_a_long_poll_is_closed_after_the_header_r
 }
 
 #[tokio::test]
+async fn a_request_pipelined_behind_a_large_response_read_slowly_is_answered_after_it_whole() {
+    let s = TestServer::start_with(|c| {
+        c.header_read_timeout = Duration::from_millis(300);
+        c.idle_timeout = Duration::from_secs(600);
+    })
+    .await;
+    s.create("/large/s", "application/octet-stream").await;
+    let large = vec![b'z'; 1 << 20];
+    s.append("/large/s", "application/octet-stream", large.clone()).await;
+    // A client with a small receive window: the response takes a while to go out.
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(4096).expect("a small receive buffer");
+    let addr = s.url.trim_start_matches("http://").parse().expect("the server's address");
+    let mut conn = socket.connect(addr).await.expect("the server accepts a connection");
+    conn.write_all(get("/large/s?offset=-1").as_bytes()).await.expect("a read is sent");
+    // The next request is pipelined (whole) while the response still goes out,
+    // and the client reads nothing for longer than the header read timeout.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    conn.write_all(get("/healthz").as_bytes()).await.expect("the pipelined request is sent");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut seen = Vec::new();
+    read_until(&mut conn, &mut seen, "\r\n\r\nok").await;
+    let head_end = seen.windows(4).position(|w| w == b"\r\n\r\n").expect("the first response's header") + 4;
+    let body = &seen[head_end..head_end + large.len()];
+    assert!(body.iter().all(|b| *b == b'z'), "the large response arrives whole");
+    assert!(String::from_utf8_lossy(&seen[head_end + large.len()..]).starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
 async fn a_connection_that_uploaded_a_body_stays_open_for_the_idle_timeout_not_the_header_timeout() {
     let s = TestServer::start_with(|c| {
         c.header_read_timeout = Duration::from_millis(200);
