@@ -1342,3 +1342,25 @@ async fn a_signal_grant_stops_a_task_as_in_electric_and_the_task_face_answers_it
         .unwrap();
     assert_eq!(res.status(), StatusCode::NOT_FOUND, "its attachments went with it");
 }
+
+/// Concurrent upserts of one key are serialized, last writer wins: none is
+/// refused as if an upload of the key were running (a write's hold on the
+/// key's id goes before the key's lock lets the next write in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_of_one_attachment_key_all_succeed() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "upserts", 50).await;
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "k", "type": "json", "value": {"n": 0}})).await;
+    for round in 0..25 {
+        let writes = (0..64).map(|i| {
+            let (s, t) = (&s, t.clone());
+            async move {
+                let params = json!({"taskId": t, "key": "k", "type": "json", "value": {"round": round, "n": i}});
+                call(s, ALICE, "task.create_attachment", params).await
+            }
+        });
+        for res in futures::future::join_all(writes).await {
+            assert!(res.get("error").is_none(), "round {round}: {res}");
+        }
+    }
+}

@@ -396,8 +396,9 @@ pub(super) async fn put_attachment(
     );
     let written = write_task(state, task_id, incarnation, vec![row], vec![event], MainWrite::Append).await;
     let seq = cell.record(&input.key, Some(entry.clone()));
-    drop(key_guard);
+    // The hold goes first: the next write of the key, let in by the key's lock, must not meet it.
     drop(held);
+    drop(key_guard);
     drop(shared);
     let outcome = written.await;
     cell.settle(&input.key, seq);
@@ -585,8 +586,9 @@ pub(super) async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &
     );
     let written = write_task(state, task_id, incarnation, vec![row], vec![event], MainWrite::Append).await;
     let seq = cell.record(key, None);
-    drop(key_guard);
+    // The hold goes first: the next write of the key, let in by the key's lock, must not meet it.
     drop(held);
+    drop(key_guard);
     drop(shared);
     let outcome = written.await;
     cell.settle(key, seq);
