@@ -117,6 +117,23 @@ async fn half_a_header_pipelined_behind_a_long_poll_is_closed_after_the_header_r
 }
 
 #[tokio::test]
+async fn half_a_header_sent_in_the_same_segment_as_a_request_is_closed_after_the_header_read_timeout() {
+    let s = TestServer::start_with(|c| {
+        c.header_read_timeout = Duration::from_millis(300);
+        c.idle_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let mut conn = connect(&s).await;
+    // One write: a whole request and, behind it, the start of the next one that never ends.
+    let both = format!("{}GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: ", get("/healthz"));
+    conn.write_all(both.as_bytes()).await.expect("a request and half a header are sent");
+    let sent =
+        read_until_closed(&mut conn).await.expect("the server closes the stalled request, not after the idle timeout");
+    let sent = String::from_utf8_lossy(&sent);
+    assert_eq!(sent.matches("HTTP/1.1 200").count(), 1, "the whole request is answered, the half one is not: {sent}");
+}
+
+#[tokio::test]
 async fn a_request_pipelined_behind_a_large_response_read_slowly_is_answered_after_it_whole() {
     let s = TestServer::start_with(|c| {
         c.header_read_timeout = Duration::from_millis(300);

@@ -257,6 +257,65 @@ fn fuzz_range_stays_inside_the_length() {
     });
 }
 
+// ------------------------------------------------------- HTTP/1 request heads
+
+/// The lean HTTP/1 path's head parser: never panics; a head it takes is whole
+/// (every shorter prefix of it is `Partial`), its body within the lean bound,
+/// and the request it builds names the method and path on the wire.
+#[test]
+fn fuzz_http1_heads_taken_by_the_lean_path_are_whole_and_bounded() {
+    use attache_server::conn::wire::{parse_head, Parsed, LEAN_BODY_MAX};
+    let words = [
+        "GET",
+        "POST",
+        "HEAD",
+        "PUT",
+        " ",
+        "/s",
+        "/a/b?offset=-1&live=sse",
+        " HTTP/1.1",
+        " HTTP/1.0",
+        "\r\n",
+        "\n",
+        "Host: h",
+        "Content-Length: ",
+        "content-length:",
+        "Transfer-Encoding: chunked",
+        "Connection: close",
+        "Connection: keep-alive, Upgrade",
+        "Upgrade: websocket",
+        "Expect: 100-continue",
+        ": ",
+        "\r\n\r\n",
+        "%2F",
+        "65536",
+        "65537",
+        "*",
+        "http://h/s",
+    ];
+    check!().with_type::<(Vec<Piece>, Vec<u8>)>().for_each(|(pieces, tail)| {
+        let mut raw = render(pieces, &words).into_bytes();
+        raw.extend_from_slice(tail);
+        match parse_head(&raw) {
+            Parsed::Partial | Parsed::HandOver => {}
+            Parsed::Lean(head) => {
+                assert!(head.len <= raw.len() && head.body_len <= LEAN_BODY_MAX, "{head:?}");
+                assert!(raw[..head.len].ends_with(b"\n"), "a head ends with its blank line");
+                for cut in 0..head.len {
+                    assert_eq!(parse_head(&raw[..cut]), Parsed::Partial, "a prefix of a whole head, cut at {cut}");
+                }
+                let bytes = bytes::Bytes::copy_from_slice(&raw);
+                if let Some(req) = head.request(&bytes, ()) {
+                    let line = String::from_utf8_lossy(&raw[..head.len]);
+                    let line = line.trim_start_matches(['\r', '\n']);
+                    assert!(line.starts_with(&format!("{} {}", req.method(), req.uri())), "{line:?} vs {req:?}");
+                    assert!(req.uri().path().starts_with('/'), "{req:?}");
+                }
+            }
+        }
+    });
+}
+
 #[test]
 fn fuzz_content_disposition_is_a_safe_header_for_any_filename() {
     check!().with_type::<String>().for_each(|filename| {

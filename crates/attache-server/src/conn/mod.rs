@@ -34,6 +34,10 @@
 //! do not all reconnect in the same instant, so the work spreads instead of
 //! stalling the accept loop for everyone else (`bench/stall.sh`).
 //!
+//! HTTP/1 connections are served by the lean path ([`http1`], its wire code
+//! in [`wire`]), which hands a connection to hyper at its first request that
+//! is not plain; HTTP/2 connections are hyper's.
+//!
 //! Beyond the cap a connection is still accepted (the backlog never fills)
 //! and answered `503` with `Retry-After` by a small, bounded set of
 //! rejecting tasks, or closed at once when those are busy too.
@@ -63,6 +67,9 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
 use crate::metrics::{Closed, Metrics};
+
+mod http1;
+pub mod wire;
 
 /// Connections over the cap answered 503 at once; beyond these, closed unanswered.
 const REJECTING_AT_ONCE: usize = 64;
@@ -291,13 +298,6 @@ trait Serving: Future<Output = Result<(), Self::Error>> {
     fn graceful_shutdown(self: Pin<&mut Self>);
 }
 
-impl Serving for hyper::server::conn::http1::UpgradeableConnection<TokioIo<Watched>, Tracked> {
-    type Error = hyper::Error;
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
-    }
-}
-
 impl Serving for hyper_util::server::conn::auto::UpgradeableConnection<'_, TokioIo<Watched>, Tracked, TokioExecutor> {
     type Error = Box<dyn std::error::Error + Send + Sync>;
     fn graceful_shutdown(self: Pin<&mut Self>) {
@@ -312,8 +312,23 @@ impl Serving for hyper::server::conn::http2::Connection<TokioIo<Watched>, Tracke
     }
 }
 
+/// How hyper serves the HTTP/1 connections the lean path hands it.
+fn http1_builder() -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.max_buf_size(CONNECTION_BUFFER_BYTES);
+    builder
+}
+
+/// Boxed: hyper's connections are large, and held inline they would size
+/// every connection's task for the largest of them, lean HTTP/1 ones included.
+impl<S: Serving + ?Sized> Serving for Pin<Box<S>> {
+    type Error = S::Error;
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        self.get_mut().as_mut().graceful_shutdown();
+    }
+}
+
 async fn serve_connection(io: Watched, activity: Arc<Activity>, app: Router, limits: Limits, _listed: Listed) {
-    let service = Tracked { app, activity: activity.clone() };
     let header_deadline = activity.deadline(&limits).map_or_else(Instant::now, |(at, _)| at);
     let protocol = tokio::select! {
         protocol = protocol(&io.io) => match protocol {
@@ -331,22 +346,20 @@ async fn serve_connection(io: Watched, activity: Arc<Activity>, app: Router, lim
         _ = activity.stopping.notified() => return,
     };
     match protocol {
-        Protocol::Http1 => {
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.max_buf_size(CONNECTION_BUFFER_BYTES);
-            drive(builder.serve_connection(TokioIo::new(io), service).with_upgrades(), activity, limits).await;
-        }
+        Protocol::Http1 => drive(http1::serve(io, activity.clone(), app), activity, limits).await,
         Protocol::Http2 => {
+            let service = Tracked { app, activity: activity.clone() };
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             // HTTP/2 WebSockets (RFC 8441) need the CONNECT protocol.
             builder.enable_connect_protocol().max_send_buf_size(CONNECTION_BUFFER_BYTES);
-            drive(builder.serve_connection(TokioIo::new(io), service), activity, limits).await;
+            drive(Box::pin(builder.serve_connection(TokioIo::new(io), service)), activity, limits).await;
         }
         Protocol::Undecided => {
+            let service = Tracked { app, activity: activity.clone() };
             let mut builder = Builder::new(TokioExecutor::new());
             builder.http1().max_buf_size(CONNECTION_BUFFER_BYTES);
             builder.http2().enable_connect_protocol().max_send_buf_size(CONNECTION_BUFFER_BYTES);
-            drive(builder.serve_connection_with_upgrades(TokioIo::new(io), service), activity, limits).await;
+            drive(Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service)), activity, limits).await;
         }
     }
 }
@@ -553,6 +566,15 @@ impl Activity {
         let between = self.in_flight.load(Ordering::Acquire) == 0
             || (self.open_bodies.load(Ordering::Acquire) == 0 && !self.multiplexed.load(Ordering::Acquire));
         if between {
+            self.reading_since.store(self.now_ms(), Ordering::Release);
+        }
+    }
+
+    /// A response ended with bytes of the next request already received (in
+    /// the same read as the request before, perhaps): its header deadline runs
+    /// from now.
+    fn header_waiting(&self) {
+        if self.reading_since.load(Ordering::Acquire) == NEVER {
             self.reading_since.store(self.now_ms(), Ordering::Release);
         }
     }

@@ -1,0 +1,404 @@
+//! The lean HTTP/1 connection: plain requests are read, routed and answered
+//! here, straight on the socket; the first request that is not plain hands
+//! the connection to hyper for the rest of its life.
+//!
+//! Why (issue 11; docs/ARCHITECTURE.md, "The lean HTTP/1 path"): nearly all
+//! of the traffic is small requests on kept-alive connections (appends,
+//! reads, long-polls, SSE subscriptions), and for those hyper's connection
+//! machinery cost as much CPU as the rest of a request, and 16 KiB of buffers
+//! per open connection, idle or not. Here a connection holds a read buffer
+//! only while bytes are arriving and a response head only while it goes out:
+//! an idle connection, a waiting long-poll and an SSE subscriber hold none.
+//!
+//! Which requests are plain is [`wire::parse_head`]'s to say (HTTP/1.1, a
+//! body of at most [`wire::LEAN_BODY_MAX`] bytes with a `Content-Length`, no
+//! `Transfer-Encoding`, `Expect` or upgrade). Every request, lean or not, goes
+//! through the same router, so the same handlers, front door and trust rules
+//! answer it. Hyper answers all the rest (malformed and oversized heads,
+//! chunked and large bodies, `100-continue`, WebSocket upgrades), given the
+//! bytes already read ahead of the socket's ([`Rewind`]).
+//!
+//! The connection's deadlines stay with [`super::drive`]; this loop tells its
+//! [`Activity`] what happens: bytes arriving, a request in flight from its
+//! head until its response's last byte, writes blocked, and bytes of a next
+//! request already received when a response ends (their header deadline runs
+//! from then, even when they came in the same segment as the request before).
+//! While a request is in flight the socket is still watched: a client that
+//! closes its connection cancels its request at once (a long-poll or an SSE
+//! subscriber that went away does not wait for its timeout), as with hyper.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::Router;
+use bytes::{Buf as _, Bytes, BytesMut};
+use futures::FutureExt as _;
+use http_body::Body as _;
+use http_body_util::BodyExt as _;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tower::ServiceExt as _;
+
+use super::wire::{self, Framing, Parsed};
+use super::{Activity, Serving, Tracked, Watched, CONNECTION_BUFFER_BYTES};
+
+/// What a read asks the socket for at least: a request head and a small body fit.
+const READ_CHUNK: usize = 8 << 10;
+
+/// A lean HTTP/1 connection being served.
+pub(super) struct Lean {
+    served: Pin<Box<dyn Future<Output = io::Result<()>> + Send>>,
+    shutdown: Arc<Shutdown>,
+}
+
+/// The server asked the connection to finish its request and close.
+#[derive(Default)]
+struct Shutdown {
+    asked: AtomicBool,
+    notify: Notify,
+}
+
+impl Shutdown {
+    fn asked(&self) -> bool {
+        self.asked.load(Ordering::Acquire)
+    }
+}
+
+impl Future for Lean {
+    type Output = io::Result<()>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.served.as_mut().poll(cx)
+    }
+}
+
+impl Serving for Lean {
+    type Error = io::Error;
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        self.shutdown.asked.store(true, Ordering::Release);
+        self.shutdown.notify.notify_one();
+    }
+}
+
+/// Serves `io`, whose first bytes are HTTP/1 (or nothing yet).
+pub(super) fn serve(io: Watched, activity: Arc<Activity>, app: Router) -> Lean {
+    let shutdown = Arc::new(Shutdown::default());
+    Lean { served: Box::pin(run(io, activity, app, shutdown.clone())), shutdown }
+}
+
+async fn run(mut io: Watched, activity: Arc<Activity>, app: Router, shutdown: Arc<Shutdown>) -> io::Result<()> {
+    let mut buf = BytesMut::new();
+    loop {
+        let head = loop {
+            match wire::parse_head(&buf) {
+                Parsed::Partial if buf.len() < CONNECTION_BUFFER_BYTES => {
+                    if !fill(&io.io, &mut buf, &activity).await? {
+                        return Ok(());
+                    }
+                }
+                // Past the largest head, or not plain: hyper answers (431, 400, ...).
+                Parsed::Partial | Parsed::HandOver => {
+                    let prefix = wire::rewind_prefix(None, &buf);
+                    return hand_over(io, prefix, activity, app, shutdown).await;
+                }
+                Parsed::Lean(head) => break head,
+            }
+        };
+        let head_bytes = buf.split_to(head.len).freeze();
+        let Some(req) = head.request(&head_bytes, ()) else {
+            let prefix = wire::rewind_prefix(Some(&head_bytes), &buf);
+            return hand_over(io, prefix, activity, app, shutdown).await;
+        };
+        let in_flight = activity.request_started();
+        if buf.len() < head.body_len {
+            // What arrives now is this request's body, not a next header.
+            activity.open_bodies.fetch_add(1, Ordering::AcqRel);
+            while buf.len() < head.body_len {
+                if !fill(&io.io, &mut buf, &activity).await? {
+                    return Ok(());
+                }
+            }
+            activity.open_bodies.fetch_sub(1, Ordering::AcqRel);
+        }
+        let body = match head.body_len {
+            0 => Body::empty(),
+            n => Body::from(buf.split_to(n).freeze()),
+        };
+        drop(head_bytes);
+        if buf.is_empty() {
+            // Give back the buffer's share of the allocation the request's parts point into.
+            buf = BytesMut::new();
+        }
+        let req = req.map(|()| body);
+        let head_request = req.method() == http::Method::HEAD;
+        // Boxed: the router's future is large, and held inline it would size
+        // every connection's task for it, idle ones included.
+        let answer = Box::pin(app.clone().oneshot(req));
+        let res = tokio::select! {
+            res = answer => match res {
+                Ok(res) => res,
+                Err(never) => match never {},
+            },
+            closed = watch(&io.io, &mut buf, &activity) => return closed,
+        };
+        let close = !head.keep_alive || shutdown.asked() || asks_close(&res);
+        if !respond(&io.io, &activity, &mut buf, res, head_request, close).await? || close || shutdown.asked() {
+            drop(in_flight);
+            // A FIN after the last byte, so the client reads the whole answer.
+            let _ = io.io.shutdown().await;
+            return Ok(());
+        }
+        drop(in_flight);
+        if buf.is_empty() {
+            buf = BytesMut::new();
+        } else {
+            activity.header_waiting();
+        }
+    }
+}
+
+/// Whether the response itself says the connection closes after it.
+fn asks_close<B>(res: &http::Response<B>) -> bool {
+    res.headers()
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")))
+}
+
+/// Reads what the socket has into `buf`; `false` at the end of the stream.
+/// Takes a buffer only once bytes are there, so a quiet connection holds none.
+async fn fill(io: &TcpStream, buf: &mut BytesMut, activity: &Activity) -> io::Result<bool> {
+    loop {
+        io.readable().await?;
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        match io.try_read_buf(buf) {
+            Ok(0) => return Ok(false),
+            Ok(_) => {
+                activity.read_some();
+                return Ok(true);
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Watches the socket while a request is in flight: resolves when the client
+/// has gone (end of stream or an error), taking what it pipelines meanwhile
+/// into `buf` until that holds a whole buffer's worth (then it waits its turn).
+async fn watch(io: &TcpStream, buf: &mut BytesMut, activity: &Activity) -> io::Result<()> {
+    loop {
+        if buf.len() >= CONNECTION_BUFFER_BYTES {
+            return std::future::pending().await;
+        }
+        if !fill(io, buf, activity).await? {
+            return Ok(());
+        }
+    }
+}
+
+/// Writes every byte of `parts`, noting when the socket takes nothing.
+async fn write_all(io: &TcpStream, activity: &Activity, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
+    let mut parts = parts;
+    IoSlice::advance_slices(&mut parts, 0);
+    while !parts.is_empty() {
+        match io.try_write_vectored(parts) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                activity.write_blocked(false);
+                IoSlice::advance_slices(&mut parts, n);
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                activity.write_blocked(true);
+                io.writable().await?;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+/// Writes the response; `false` when the connection cannot carry another
+/// request after it (the client left, or the body failed or broke its length).
+async fn respond(
+    io: &TcpStream,
+    activity: &Activity,
+    buf: &mut BytesMut,
+    res: http::Response<Body>,
+    head_request: bool,
+    close: bool,
+) -> io::Result<bool> {
+    let exact = res.body().size_hint().exact();
+    let framing = wire::framing(&res, head_request, exact);
+    let mut head = Vec::with_capacity(256 + 32 * res.headers().len());
+    wire::write_head(&mut head, &res, framing, exact, &http_date(), close);
+    let mut body = res.into_body();
+    let (chunked, length) = match framing {
+        Framing::None => {
+            write_all(io, activity, &mut [IoSlice::new(&head)]).await?;
+            return Ok(true);
+        }
+        Framing::Chunked => (true, None),
+        Framing::Length(n) => (false, Some(n)),
+    };
+    let mut unsent_head = Some(head);
+    let mut sent = 0u64;
+    loop {
+        // While the head is unsent, a frame ready now goes out with it in one write.
+        let next = match unsent_head.as_ref() {
+            Some(head) => match body.frame().now_or_never() {
+                Some(next) => next,
+                None => {
+                    write_all(io, activity, &mut [IoSlice::new(head)]).await?;
+                    unsent_head = None;
+                    continue;
+                }
+            },
+            None => tokio::select! {
+                next = body.frame() => next,
+                closed = watch(io, buf, activity) => {
+                    closed?;
+                    return Ok(false);
+                }
+            },
+        };
+        let head = unsent_head.take().unwrap_or_default();
+        let data = match next {
+            None => {
+                let last: &[u8] = if chunked { wire::LAST_CHUNK } else { b"" };
+                write_all(io, activity, &mut [IoSlice::new(&head), IoSlice::new(last)]).await?;
+                // A body shorter than its declared length cannot be told from a cut one.
+                return Ok(length.is_none_or(|n| n == sent));
+            }
+            Some(Err(err)) => {
+                tracing::debug!(%err, "response body failed; closing the connection");
+                write_all(io, activity, &mut [IoSlice::new(&head)]).await?;
+                return Ok(false);
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_trailers) => Bytes::new(),
+            },
+        };
+        if let Some(n) = length {
+            if sent + data.len() as u64 > n {
+                tracing::debug!(declared = n, "response body longer than its length; closing the connection");
+                let room = usize::try_from(n - sent).unwrap_or(usize::MAX);
+                write_all(io, activity, &mut [IoSlice::new(&head), IoSlice::new(&data[..room])]).await?;
+                return Ok(false);
+            }
+        }
+        sent += data.len() as u64;
+        if chunked && !data.is_empty() {
+            let mut line = [0u8; 18];
+            let line = wire::chunk_line(data.len(), &mut line);
+            write_all(
+                io,
+                activity,
+                &mut [IoSlice::new(&head), IoSlice::new(line), IoSlice::new(&data), IoSlice::new(b"\r\n")],
+            )
+            .await?;
+        } else {
+            write_all(io, activity, &mut [IoSlice::new(&head), IoSlice::new(&data)]).await?;
+        }
+    }
+}
+
+/// The `date` header's value, formatted once a second per thread.
+fn http_date() -> [u8; 29] {
+    use std::cell::Cell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static DATE: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|cached| {
+        let (at, date) = cached.get();
+        if at == second {
+            return date;
+        }
+        let mut date = [b' '; 29];
+        let formatted = httpdate::fmt_http_date(now);
+        let n = formatted.len().min(date.len());
+        date[..n].copy_from_slice(&formatted.as_bytes()[..n]);
+        cached.set((second, date));
+        date
+    })
+}
+
+/// Hyper serves the connection from here on, reading `prefix` first.
+async fn hand_over(
+    io: Watched,
+    prefix: Bytes,
+    activity: Arc<Activity>,
+    app: Router,
+    shutdown: Arc<Shutdown>,
+) -> io::Result<()> {
+    let service = Tracked { app, activity };
+    let conn = super::http1_builder().serve_connection(TokioIo::new(Rewind { prefix, io }), service).with_upgrades();
+    tokio::pin!(conn);
+    let mut shutting = false;
+    loop {
+        if !shutting && shutdown.asked() {
+            shutting = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        tokio::select! {
+            served = conn.as_mut() => return served.map_err(io::Error::other),
+            _ = shutdown.notify.notified() => {}
+        }
+    }
+}
+
+/// A socket whose first bytes were already read: they are read again first.
+struct Rewind {
+    prefix: Bytes,
+    io: Watched,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
