@@ -39,12 +39,12 @@ async fn allocated(server: &ServerProcess) -> u64 {
 }
 
 /// What an open, kept-alive HTTP/1 connection costs the server between
-/// requests: hyper's 8 KiB read buffer and 8 KiB write buffer and the
-/// connection's task. hyper_util's protocol detection handed hyper the first
-/// 24 bytes of a request alone, and the read after it grew the read buffer to
-/// 16 KiB (about 29 KiB a connection in all).
+/// requests: its task and its timers, and no buffer (the lean HTTP/1 path
+/// reads into a buffer only while bytes arrive). hyper's connection held an
+/// 8 KiB read buffer and an 8 KiB write buffer (~22 KiB a connection in all;
+/// ~29 KiB before its protocol detection was replaced by a peek).
 #[tokio::test]
-async fn an_idle_kept_alive_connection_holds_under_24_kib() {
+async fn an_idle_kept_alive_connection_holds_under_8_kib() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const CONNECTIONS: usize = 200;
     let dir = tempfile::tempdir().expect("a temp dir");
@@ -63,6 +63,48 @@ async fn an_idle_kept_alive_connection_holds_under_24_kib() {
     let after = allocated(&server).await;
     let each = after.saturating_sub(before) / CONNECTIONS as u64;
     eprintln!("heap per idle connection: {each} bytes");
-    assert!(each < 24 << 10, "an idle connection holds {each} bytes of heap");
+    assert!(each < 8 << 10, "an idle connection holds {each} bytes of heap");
+    drop(open);
+}
+
+/// What a live SSE subscriber waiting for the next append costs: its
+/// connection, its reader and its response body. Through hyper it held
+/// ~25 KiB (hyper's two buffers, a read buffer kept alive by the request's
+/// header values, and the permission check's future inside every body).
+#[tokio::test]
+async fn a_waiting_sse_subscriber_holds_under_16_kib() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SUBSCRIBERS: usize = 200;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = ServerProcess::start(&dir.path().join("data"), &dir.path().join("server.log"), &[]).await;
+    let created = client()
+        .put(server.url("/mem/sse"))
+        .header("content-type", "text/plain")
+        .header("electric-principal", "user:mem")
+        .send()
+        .await
+        .expect("the stream is created");
+    assert!(created.status().is_success(), "{}", created.status());
+    let addr = server.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let before = allocated(&server).await;
+    let mut open = Vec::with_capacity(SUBSCRIBERS);
+    for _ in 0..SUBSCRIBERS {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.expect("a connection");
+        let request = "GET /mem/sse?offset=-1&live=sse HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: user:mem\r\n\r\n";
+        conn.write_all(request.as_bytes()).await.expect("a request");
+        // The first control event says the subscriber is up to date and waiting.
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&seen).contains("event: control") {
+            let n = conn.read(&mut buf).await.expect("the response");
+            assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        open.push(conn);
+    }
+    let after = allocated(&server).await;
+    let each = after.saturating_sub(before) / SUBSCRIBERS as u64;
+    eprintln!("heap per waiting SSE subscriber: {each} bytes");
+    assert!(each < 16 << 10, "a waiting SSE subscriber holds {each} bytes of heap");
     drop(open);
 }

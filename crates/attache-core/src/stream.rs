@@ -73,7 +73,12 @@ impl ContentType {
     }
 
     pub fn matches(&self, other: &ContentType) -> bool {
-        self.media_type() == other.media_type()
+        self.matches_raw(&other.0)
+    }
+
+    /// [`ContentType::matches`] against a stored content type, as written.
+    pub fn matches_raw(&self, raw: &str) -> bool {
+        media_of(&self.0).eq_ignore_ascii_case(media_of(raw))
     }
 
     /// JSON mode (PROTOCOL.md §9.1): message boundaries are kept.
@@ -94,13 +99,19 @@ impl ContentType {
 
     /// Text and JSON travel as UTF-8 in SSE; everything else as base64.
     pub fn is_sse_text(&self) -> bool {
-        let m = self.media_type();
-        m.starts_with("text/") || m == "application/json"
+        let m = media_of(&self.0);
+        m.get(..5).is_some_and(|t| t.eq_ignore_ascii_case("text/")) || m.eq_ignore_ascii_case("application/json")
     }
 }
 
 pub fn media_type_of(raw: &str) -> String {
-    raw.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+    media_of(raw).to_ascii_lowercase()
+}
+
+/// The media type as written (any case), without parameters: compared with
+/// `eq_ignore_ascii_case`, so the checks on every append allocate nothing.
+fn media_of(raw: &str) -> &str {
+    raw.split(';').next().unwrap_or("").trim()
 }
 
 /// The content-type parameter of a stream that keeps bytes as they come ([`ContentType::stored_as_bytes`]).
@@ -112,7 +123,7 @@ fn has_bytes_param(raw: &str) -> bool {
 
 /// Whether a stream of this content type runs in JSON mode.
 pub fn is_json_media(raw: &str) -> bool {
-    media_type_of(raw) == "application/json" && !has_bytes_param(raw)
+    media_of(raw).eq_ignore_ascii_case("application/json") && !has_bytes_param(raw)
 }
 
 /// A sliding time-to-live in seconds.

@@ -79,6 +79,8 @@ pub struct Shared {
     pub browser: Arc<origin::BrowserPolicy>,
     /// Bytes held by request bodies being collected, and their read timeout (`http::read_body`).
     pub bodies: http::BodyBudget,
+    /// SSE data events framed once for all the readers of the same bytes (`sse`).
+    pub sse_events: sse::SharedEvents,
 }
 
 /// Errors that stop the server from starting.
@@ -196,6 +198,7 @@ impl Server {
             signal_limiter: Arc::new(rate::RateLimiter::default()),
             browser: Arc::new(browser),
             bodies,
+            sse_events: sse::SharedEvents::default(),
         }));
         events::ensure_stream(state.store.as_ref())
             .await

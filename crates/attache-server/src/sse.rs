@@ -54,3 +54,92 @@ pub(crate) fn response(source: impl Source) -> Response {
     hm.insert("x-accel-buffering", HeaderValue::from_static("no"));
     res
 }
+
+/// The most data events [`SharedEvents`] keeps, and the largest it keeps.
+const SHARED_EVENTS: usize = 64;
+const SHARED_EVENT_BYTES: usize = 16 << 10;
+
+/// Which bytes a data event carries: the same stream (ids are never reused),
+/// the same range, the same encoding, hence the same event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct EventKey {
+    pub stream: u64,
+    pub start: u64,
+    pub next: u64,
+    pub base64: bool,
+}
+
+/// Data events formatted once for every SSE reader that reads the same bytes:
+/// an append to a stream with 1,000 subscribers is read once (the store keeps
+/// the read for live readers) and now framed once, not 1,000 times. Bounded:
+/// at most [`SHARED_EVENTS`] events of at most [`SHARED_EVENT_BYTES`] each
+/// (1 MiB), least recently used first out.
+pub struct SharedEvents {
+    events: parking_lot::Mutex<hashlink::LruCache<EventKey, Bytes>>,
+}
+
+impl Default for SharedEvents {
+    fn default() -> Self {
+        SharedEvents { events: parking_lot::Mutex::new(hashlink::LruCache::new(SHARED_EVENTS)) }
+    }
+}
+
+impl SharedEvents {
+    /// The event for `key`, framed by `frame` if no reader has framed it yet.
+    pub(crate) fn get_or_frame(&self, key: EventKey, frame: impl FnOnce() -> Bytes) -> Bytes {
+        if let Some(event) = self.events.lock().get(&key) {
+            return event.clone();
+        }
+        let event = frame();
+        if event.len() <= SHARED_EVENT_BYTES {
+            self.events.lock().insert(key, event.clone());
+        }
+        event
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_is_framed_once_per_range_and_the_cache_stays_bounded() {
+        let shared = SharedEvents::default();
+        let key = EventKey { stream: 1, start: 0, next: 5, base64: false };
+        let mut framed = 0;
+        for _ in 0..3 {
+            let event = shared.get_or_frame(key, || {
+                framed += 1;
+                event("data", "hello")
+            });
+            assert_eq!(&event[..], b"event: data\ndata:hello\n\n");
+        }
+        assert_eq!(framed, 1);
+        // Another encoding of the same range is another event.
+        shared.get_or_frame(EventKey { base64: true, ..key }, || event("data", "aGVsbG8="));
+        assert_eq!(shared.len(), 2);
+        for next in 0..(SHARED_EVENTS as u64 * 2) {
+            shared.get_or_frame(EventKey { next, ..key }, || event("data", "x"));
+        }
+        assert_eq!(shared.len(), SHARED_EVENTS);
+        // Too large to keep: framed every time.
+        let big = "y".repeat(SHARED_EVENT_BYTES);
+        let key = EventKey { stream: 2, start: 0, next: big.len() as u64, base64: false };
+        let mut framed = 0;
+        for _ in 0..2 {
+            shared.get_or_frame(key, || {
+                framed += 1;
+                event("data", &big)
+            });
+        }
+        assert_eq!(framed, 2);
+    }
+}

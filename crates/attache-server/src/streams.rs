@@ -533,7 +533,9 @@ impl LiveReader {
 
     async fn may_still_read(&self) -> bool {
         match &self.entity {
-            Some(entity) => entity_for(&self.state, &self.who, entity, Permission::Read).await.is_ok(),
+            // Boxed: held inline, this check would size every live reader's body
+            // (SSE) for the whole permission lookup, while it runs once per wake-up.
+            Some(entity) => Box::pin(entity_for(&self.state, &self.who, entity, Permission::Read)).await.is_ok(),
             None => true,
         }
     }
@@ -693,6 +695,7 @@ async fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery, live: LiveReade
     // Validate the offset before answering 200.
     store.read(path.as_str(), ReadFrom::At(pos), 0).await?;
     let reader = SseReader {
+        state: state.clone(),
         store,
         path: path.as_str().to_owned(),
         pos,
@@ -716,6 +719,7 @@ async fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery, live: LiveReade
 
 /// One SSE reader of a stream: reads its next batch when the connection asks for more.
 struct SseReader {
+    state: AppState,
     store: std::sync::Arc<dyn attache_storage::StreamStore>,
     path: String,
     pos: Offset,
@@ -752,10 +756,19 @@ impl crate::sse::Source for SseReader {
             let cursor = Some(cursor_for(self.echoed.as_deref()));
             self.done = closed;
             if !batch.is_empty() {
+                let key = crate::sse::EventKey {
+                    stream: batch.info.id,
+                    start: batch.start.0,
+                    next: batch.next.0,
+                    base64: self.base64,
+                };
+                let data = self.state.sse_events.get_or_frame(key, || sse_data(&batch, self.base64));
                 self.pos = batch.next;
                 self.announced = true;
-                let mut out = BytesMut::from(sse_data(&batch, self.base64));
-                out.extend_from_slice(&sse_control(self.pos, cursor, batch.up_to_date(), closed));
+                let control = sse_control(self.pos, cursor, batch.up_to_date(), closed);
+                let mut out = BytesMut::with_capacity(data.len() + control.len());
+                out.extend_from_slice(&data);
+                out.extend_from_slice(&control);
                 return Some(out.freeze());
             }
             if !self.announced || closed {

@@ -35,7 +35,7 @@ impl PreparedAppend {
         let json = info.is_json();
         let mut rows = Vec::new();
         if !req.body.is_empty() {
-            let type_matches = req.content_type.as_ref().is_some_and(|ct| ct.matches(&info.content_type()));
+            let type_matches = req.content_type.as_ref().is_some_and(|ct| ct.matches_raw(&info.content_type));
             if json && type_matches && !info.closed {
                 match &req.messages {
                     Some(messages) if !messages.is_empty() => rows.extend(messages.iter().cloned()),
@@ -105,7 +105,7 @@ pub(crate) fn decide_append(
     if !req.body.is_empty() {
         match &req.content_type {
             None => return Err(StoreError::MissingContentType),
-            Some(ct) if !ct.matches(&info.content_type()) => {
+            Some(ct) if !ct.matches_raw(&info.content_type) => {
                 return Err(StoreError::ContentTypeMismatch {
                     expected: info.content_type.clone(),
                     got: ct.as_str().to_owned(),
@@ -209,7 +209,7 @@ pub(crate) fn confirm_existing(info: &StreamInfo, req: &CreateStream) -> StoreRe
         Some(_) => info.content_type(),
         None => ContentType::octet_stream(),
     });
-    if !requested_type.matches(&info.content_type()) {
+    if !requested_type.matches_raw(&info.content_type) {
         return mismatch("content type");
     }
     match (&req.fork, &info.fork) {

@@ -110,7 +110,12 @@ async fn run(mut io: Watched, activity: Arc<Activity>, app: Router, shutdown: Ar
                 Parsed::Lean(head) => break head,
             }
         };
-        let head_bytes = buf.split_to(head.len).freeze();
+        // Copied out to its own small allocation: the request's header values
+        // and path point into it, and a long-poll or an SSE response holds
+        // them for as long as it lasts; sliced from the read buffer, they would
+        // keep all of it alive with them.
+        let head_bytes = Bytes::copy_from_slice(&buf[..head.len]);
+        buf.advance(head.len);
         let Some(req) = head.request(&head_bytes, ()) else {
             let prefix = wire::rewind_prefix(Some(&head_bytes), &buf);
             return hand_over(io, prefix, activity, app, shutdown).await;
@@ -126,13 +131,18 @@ async fn run(mut io: Watched, activity: Arc<Activity>, app: Router, shutdown: Ar
             }
             activity.open_bodies.fetch_sub(1, Ordering::AcqRel);
         }
+        // Copied too: stores may keep a body's bytes (a stream's tail cache).
         let body = match head.body_len {
             0 => Body::empty(),
-            n => Body::from(buf.split_to(n).freeze()),
+            n => {
+                let body = Bytes::copy_from_slice(&buf[..n]);
+                buf.advance(n);
+                Body::from(body)
+            }
         };
         drop(head_bytes);
         if buf.is_empty() {
-            // Give back the buffer's share of the allocation the request's parts point into.
+            // Nothing of a next request: the buffer goes until bytes arrive.
             buf = BytesMut::new();
         }
         let req = req.map(|()| body);
