@@ -554,6 +554,37 @@ async fn a_body_not_all_there_within_the_body_read_timeout_is_answered_408_and_f
     assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK);
 }
 
+/// A body small enough for the lean HTTP/1 path (which reads a plain
+/// request's body whole before its handler runs) that stalls gets the 408 a
+/// large one gets, and a route that reads no body still answers: before, the
+/// lean path waited for the rest with no deadline at all (the request was in
+/// flight, so neither the header nor the idle timeout ran), and a client could
+/// hold every connection the server has by sending all but one byte of a
+/// small body on each.
+#[tokio::test]
+async fn a_small_body_not_all_there_is_answered_408_and_a_route_that_reads_none_still_answers() {
+    let s = TestServer::start_with(|c| {
+        c.header_read_timeout = Duration::from_millis(500);
+        c.body_read_timeout = Duration::from_millis(500);
+        c.idle_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let mut stalled = stall_a_body(&s, "/nothing/here", 1 << 10).await;
+    let answer = read_until_closed(&mut stalled).await.expect("the server answers and closes");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"body_read_timeout\""), "{answer}");
+    assert_eq!(body_buffer_bytes(&s).await, 0);
+
+    let mut conn = connect(&s).await;
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 100\r\n\r\nabc")
+        .await
+        .expect("a request with part of its body is sent");
+    let mut seen = Vec::new();
+    read_until(&mut conn, &mut seen, "\r\n\r\nok").await;
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&seen));
+}
+
 /// A multipart upload whose body stalls (it has no body read timeout: it
 /// streams to disk) must not hold a shutdown open: after the shutdown grace
 /// its connection is closed and the server stops. Before, `Server::stop`

@@ -264,3 +264,29 @@ async fn a_client_that_closes_its_connection_during_a_long_poll_is_let_go_at_onc
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// RFC 9110, 8.6: no `Content-Length` on a 204, and on a 304 none but the
+/// length of the 200 it stands for. The router sets `content-length: 0` on
+/// every empty answer; hyper dropped it on these, the lean path sent it.
+#[tokio::test]
+async fn answers_204_and_304_carry_no_content_length() {
+    let s = TestServer::start().await;
+    s.create("/h1/bodiless", "text/plain").await;
+    s.append("/h1/bodiless", "text/plain", "twelve bytes").await;
+    let mut conn = connect(&s).await;
+    let mut pending = Vec::new();
+    conn.write_all(post("/h1/bodiless", "more").as_bytes()).await.expect("sent");
+    let appended = read_answer(&mut conn, &mut pending, false).await;
+    assert_eq!(appended.status, 204, "{appended:?}");
+    assert_eq!(appended.header("content-length"), None, "{appended:?}");
+    conn.write_all(get("/h1/bodiless?offset=-1").as_bytes()).await.expect("sent");
+    let read = read_answer(&mut conn, &mut pending, false).await;
+    let etag = read.header("etag").expect("a read has an etag").to_string();
+    let again = format!("GET /h1/bodiless?offset=-1 HTTP/1.1\r\nhost: 127.0.0.1\r\nif-none-match: {etag}\r\n\r\n");
+    conn.write_all(format!("{again}{}", get("/healthz")).as_bytes()).await.expect("sent");
+    let unchanged = read_answer(&mut conn, &mut pending, false).await;
+    assert_eq!(unchanged.status, 304, "{unchanged:?}");
+    assert_ne!(unchanged.header("content-length"), Some("0"), "{unchanged:?}");
+    let health = read_answer(&mut conn, &mut pending, false).await;
+    assert_eq!((health.status, health.body.as_slice()), (200, &b"ok"[..]));
+}

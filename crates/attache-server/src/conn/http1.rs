@@ -33,6 +33,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::Router;
@@ -87,12 +88,20 @@ impl Serving for Lean {
 }
 
 /// Serves `io`, whose first bytes are HTTP/1 (or nothing yet).
-pub(super) fn serve(io: Watched, activity: Arc<Activity>, app: Router) -> Lean {
+/// `body_wait`: how long the rest of a plain request's body may take to
+/// arrive after its head before hyper reads it instead.
+pub(super) fn serve(io: Watched, activity: Arc<Activity>, app: Router, body_wait: Duration) -> Lean {
     let shutdown = Arc::new(Shutdown::default());
-    Lean { served: Box::pin(run(io, activity, app, shutdown.clone())), shutdown }
+    Lean { served: Box::pin(run(io, activity, app, shutdown.clone(), body_wait)), shutdown }
 }
 
-async fn run(mut io: Watched, activity: Arc<Activity>, app: Router, shutdown: Arc<Shutdown>) -> io::Result<()> {
+async fn run(
+    mut io: Watched,
+    activity: Arc<Activity>,
+    app: Router,
+    shutdown: Arc<Shutdown>,
+    body_wait: Duration,
+) -> io::Result<()> {
     let mut buf = BytesMut::new();
     loop {
         let head = loop {
@@ -124,12 +133,24 @@ async fn run(mut io: Watched, activity: Arc<Activity>, app: Router, shutdown: Ar
         if buf.len() < head.body_len {
             // What arrives now is this request's body, not a next header.
             activity.open_bodies.fetch_add(1, Ordering::AcqRel);
-            while buf.len() < head.body_len {
-                if !fill(&io.io, &mut buf, &activity).await? {
-                    return Ok(());
+            let arrived = tokio::time::timeout(body_wait, fill_to(&io.io, &mut buf, head.body_len, &activity)).await;
+            activity.open_bodies.fetch_sub(1, Ordering::AcqRel);
+            match arrived {
+                Ok(whole) => {
+                    if !whole? {
+                        return Ok(());
+                    }
+                }
+                // The request is in flight, so no connection deadline runs
+                // while its body is awaited: a body this slow goes to hyper,
+                // which hands it to the handler as it comes, under the
+                // handler's own body read timeout (408), as a large body does.
+                Err(_slow) => {
+                    drop(in_flight);
+                    let prefix = wire::rewind_prefix(Some(&head_bytes), &buf);
+                    return hand_over(io, prefix, activity, app, shutdown).await;
                 }
             }
-            activity.open_bodies.fetch_sub(1, Ordering::AcqRel);
         }
         // Copied too: stores may keep a body's bytes (a stream's tail cache).
         let body = match head.body_len {
@@ -199,6 +220,16 @@ async fn fill(io: &TcpStream, buf: &mut BytesMut, activity: &Activity) -> io::Re
             Err(err) => return Err(err),
         }
     }
+}
+
+/// Reads until `buf` holds `len` bytes; `false` if the stream ends first.
+async fn fill_to(io: &TcpStream, buf: &mut BytesMut, len: usize, activity: &Activity) -> io::Result<bool> {
+    while buf.len() < len {
+        if !fill(io, buf, activity).await? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Watches the socket while a request is in flight: resolves when the client

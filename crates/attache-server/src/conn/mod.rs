@@ -346,7 +346,9 @@ async fn serve_connection(io: Watched, activity: Arc<Activity>, app: Router, lim
         _ = activity.stopping.notified() => return,
     };
     match protocol {
-        Protocol::Http1 => drive(http1::serve(io, activity.clone(), app), activity, limits).await,
+        Protocol::Http1 => {
+            drive(http1::serve(io, activity.clone(), app, limits.header_read_timeout), activity, limits).await
+        }
         Protocol::Http2 => {
             let service = Tracked { app, activity: activity.clone() };
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());

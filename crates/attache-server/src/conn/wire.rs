@@ -199,6 +199,11 @@ pub fn write_head<B>(
         if name == http::header::TRANSFER_ENCODING || name == http::header::CONNECTION {
             continue;
         }
+        // None on 1xx and 204, and on 304 none but the 200's length (RFC 9110,
+        // 8.6): the router sets `content-length: 0` on every empty answer.
+        if name == http::header::CONTENT_LENGTH && status_has_no_body(status) {
+            continue;
+        }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -376,6 +381,7 @@ mod tests {
         assert_eq!(framing(&res, true, None), Framing::None);
         *res.status_mut() = StatusCode::NO_CONTENT;
         assert_eq!(framing(&res, false, Some(0)), Framing::None);
+        assert!(!head_of(&res, Framing::None, Some(0), false).contains("content-length"));
         let mut head_answer = Response::new(());
         assert!(head_of(&head_answer, Framing::None, Some(9), false).contains("content-length: 9\r\n"));
         *head_answer.status_mut() = StatusCode::NOT_MODIFIED;
