@@ -166,7 +166,7 @@ fn store_refusal(e: &StoreError) -> Refusal {
     match e {
         StoreError::NotFound | StoreError::ForkSourceNotFound => Refusal::new(StatusCode::NOT_FOUND, "NOT_FOUND", msg),
         StoreError::Gone => Refusal::new(StatusCode::GONE, "GONE", msg),
-        StoreError::ConfigMismatch(_) | StoreError::ForkSourceGone => {
+        StoreError::ConfigMismatch(_) | StoreError::ForkSourceGone | StoreError::Moved => {
             Refusal::new(StatusCode::CONFLICT, "CONFLICT", msg)
         }
         StoreError::Closed { next } => Refusal::new(StatusCode::CONFLICT, "STREAM_CLOSED", msg)

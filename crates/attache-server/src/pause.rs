@@ -30,6 +30,11 @@ pub const STREAM_DELETE: &str = "stream_delete";
 /// stream at its path (and writing `failed`) and its delete of that path.
 pub const SETTLE_DELETE: &str = "settle_delete";
 
+/// Between a delete of an attachment's reading its manifest row and the
+/// stream at its address and its writing the delete (row and stream, one
+/// conditional store call).
+pub const ATTACHMENT_DELETE: &str = "attachment_delete";
+
 /// The points armed by a test, by name.
 #[derive(Debug, Clone, Default)]
 pub struct Pauses(Arc<parking_lot::Mutex<HashMap<&'static str, Arc<Pause>>>>);

@@ -82,6 +82,12 @@ pub struct MainView {
 }
 
 impl MainView {
+    /// Where the stream ended when the view was caught up: a write decided
+    /// from this view is conditioned on it (`StreamStore::append_if_tail`).
+    pub fn tail(&self) -> attache_core::Offset {
+        attache_core::Offset(self.applied)
+    }
+
     /// Folds one row of the main stream into the view. Rows come from clients
     /// too: any bytes are read without panicking, and a row that is not a
     /// well-formed State Protocol row changes nothing.

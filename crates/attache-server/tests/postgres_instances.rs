@@ -9,6 +9,7 @@ mod entity_support;
 
 use std::time::Duration;
 
+use attache_server::pause::{Pauses, ATTACHMENT_DELETE, ENTITY_WRITE};
 use attache_server::StoreConfig;
 use attache_storage::postgres::test_cluster::TestCluster;
 use common::*;
@@ -26,6 +27,11 @@ struct Instances {
 }
 
 async fn two_instances() -> Option<Instances> {
+    two_instances_pausing(None).await
+}
+
+/// [`two_instances`], with `pauses` armable on the first (`a`).
+async fn two_instances_pausing(pauses: Option<Pauses>) -> Option<Instances> {
     let cluster = match TestCluster::start(false) {
         Ok(c) => c,
         Err(why) => {
@@ -36,14 +42,15 @@ async fn two_instances() -> Option<Instances> {
     let url = cluster.fresh_database().await.expect("a test database");
     let objects = tempfile::tempdir().unwrap();
     let store = StoreConfig::Postgres { url, object_store_url: Some(format!("file://{}", objects.path().display())) };
-    let start = |store: StoreConfig| {
+    let start = |store: StoreConfig, pauses: Option<Pauses>| {
         TestServer::start_with(move |c| {
             c.store = store;
             c.long_poll_timeout = Duration::from_secs(20);
+            c.pauses = pauses;
         })
     };
-    let a = start(store.clone()).await;
-    let b = start(store).await;
+    let a = start(store.clone(), pauses).await;
+    let b = start(store, None).await;
     Some(Instances { a, b, _objects: objects, _cluster: cluster })
 }
 
@@ -310,5 +317,139 @@ async fn a_delete_through_one_instance_of_an_upload_streaming_through_another_is
             (server.head(&format!("{e}/attachments/doc")).await.status() == StatusCode::NOT_FOUND).then_some(())
         })
         .await;
+    }
+}
+
+/// An upload of `id` on `entity` through `server` that breaks off mid-file:
+/// its row ends `failed` (an attempt an upload may take the id over from).
+async fn failed_attempt(server: &TestServer, entity: &str, id: &str) {
+    let stalled =
+        entity_support::StalledUpload::start(server, None, entity, &[("id", id)], &entity_support::pattern(100_000, 9))
+            .await;
+    entity_support::eventually(Duration::from_secs(10), "the attempt's pending row", || async {
+        entity_support::listed(server, entity).await.get(id).filter(|r| r["status"] == "pending").map(|_| ())
+    })
+    .await;
+    drop(stalled);
+    entity_support::eventually(Duration::from_secs(10), "the attempt to end failed", || async {
+        entity_support::listed(server, entity).await.get(id).filter(|r| r["status"] == "failed").map(|_| ())
+    })
+    .await;
+}
+
+/// A delete is written only against what it read, whatever another instance
+/// did since. A `DELETE` of a `failed` attachment through `a`, held between
+/// its reading the row (and no stream at the address) and its write, while
+/// a resumable upload of the same id begins through `b` (its `pending` row,
+/// its open stream): the delete reads again and answers 409
+/// `UPLOAD_IN_PROGRESS`, and the upload completes with its bytes on both
+/// instances. Before, the delete answered 200 and its row took away the new
+/// upload's `pending` row: the upload `b` had answered 201 for could take
+/// no more bytes (409), its open stream named by no row until it expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_held_across_a_new_upload_through_another_instance_reads_again_and_is_409() {
+    let pauses = Pauses::default();
+    let Some(Instances { a, b, _objects, _cluster }) = two_instances_pausing(Some(pauses.clone())).await else {
+        return;
+    };
+    let e = "/chat/delete-meets-new-upload";
+    entity_support::spawn(&a, None, e).await;
+    failed_attempt(&a, e, "doc").await;
+
+    let held = pauses.arm(ATTACHMENT_DELETE);
+    let path = format!("{}/attachments/doc", entity_support::api(e));
+    let delete = tokio::spawn(a.request(Method::DELETE, &path).send());
+    held.reached().await;
+
+    let res =
+        b.request(Method::PUT, &path).json(&serde_json::json!({ "subject": { "type": "context", "key": "test" } }));
+    let res = res.send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED, "b begins a new upload of the failed id");
+    entity_support::eventually(Duration::from_secs(10), "a sees b's pending row", || async {
+        entity_support::listed(&a, e).await.get("doc").filter(|r| r["status"] == "pending").map(|_| ())
+    })
+    .await;
+    held.release();
+    let res = delete.await.unwrap().unwrap();
+    let (status, code, body) = entity_support::error_of(res).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "UPLOAD_IN_PROGRESS"), "{body}");
+
+    let bytes = entity_support::pattern(70_000, 4);
+    let res = b
+        .request(Method::POST, &format!("{e}/attachments/doc"))
+        .header("content-type", "application/octet-stream")
+        .header("stream-closed", "true")
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "the upload's bytes and close: {}", res.status());
+    for server in [&a, &b] {
+        let row = entity_support::eventually(Duration::from_secs(10), "the new upload is complete", || async {
+            entity_support::listed(server, e).await.get("doc").filter(|r| r["status"] == "complete").cloned()
+        })
+        .await;
+        assert_eq!(row["sha256"], entity_support::sha256_hex(&bytes));
+        let (status, got) = entity_support::get_bytes(server, e, "doc").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(got == bytes, "the new upload's bytes");
+    }
+}
+
+/// The `pending` row of an upload is written only against a view in which
+/// its id is free. An upload through `a` that found the id free (a `failed`
+/// attempt), held just before writing its `pending` row, while an upload of
+/// the same id through `b` writes its own: `a`'s reads again and is refused
+/// 409 `DUPLICATE_ID`, writing nothing; `b`'s completes, row and bytes.
+/// Before, `a` wrote its row over `b`'s and won the stream (201); `b`'s
+/// commit then met `a`'s stream (409) and retracted the id's row: the
+/// manifest lost the attachment `a` had answered 201 for, its bytes left
+/// with no row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_held_before_its_pending_row_yields_to_one_begun_through_another_instance() {
+    let pauses = Pauses::default();
+    let Some(Instances { a, b, _objects, _cluster }) = two_instances_pausing(Some(pauses.clone())).await else {
+        return;
+    };
+    let e = "/chat/uploads-racing";
+    entity_support::spawn(&a, None, e).await;
+    failed_attempt(&a, e, "doc").await;
+
+    let first = entity_support::pattern(30_000, 1);
+    let form = entity_support::Form::new()
+        .field("subject", entity_support::DEFAULT_SUBJECT)
+        .field("id", "doc")
+        .file(Some("f"), None, &first)
+        .finish();
+    let held = pauses.arm(ENTITY_WRITE);
+    let through_a = {
+        let a = a.request(Method::POST, &format!("{}/attachments", entity_support::api(e)));
+        tokio::spawn(a.header("content-type", entity_support::Form::content_type()).body(form).send())
+    };
+    held.reached().await;
+
+    // Past the lean path's whole-body read (64 KiB), so b streams it and writes its pending row at once.
+    let second = entity_support::pattern(200_000, 2);
+    let stalled = entity_support::StalledUpload::start(&b, None, e, &[("id", "doc")], &second).await;
+    entity_support::eventually(Duration::from_secs(10), "a sees b's pending row", || async {
+        let row = entity_support::listed(&a, e).await.get("doc").cloned();
+        row.filter(|r| r["status"] == "pending").map(|_| ())
+    })
+    .await;
+    held.release();
+    let (status, code, body) = entity_support::error_of(through_a.await.unwrap().unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "DUPLICATE_ID"), "{body}");
+
+    let (status, answer) = stalled.finish().await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    for server in [&a, &b] {
+        let row = entity_support::eventually(Duration::from_secs(10), "b's upload is complete", || async {
+            entity_support::listed(server, e).await.get("doc").filter(|r| r["status"] == "complete").cloned()
+        })
+        .await;
+        assert_eq!(row["sha256"], entity_support::sha256_hex(&second));
+        let (status, got) = entity_support::get_bytes(server, e, "doc").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(got == second, "b's bytes");
     }
 }

@@ -39,6 +39,12 @@ pub enum StoreError {
          a JSON stream forks only at a message boundary (an offset the server returned)"
     )]
     ForkOffsetInsideMessage { offset: Offset },
+    /// A conditional write's condition no longer holds: the stream's tail
+    /// moved past the one the caller read, or its path holds another stream
+    /// than the caller saw. Nothing was written; the caller reads again and
+    /// decides again ([`StreamStore::append_if_tail`](crate::StreamStore::append_if_tail)).
+    #[error("the stream changed since it was read; nothing was written")]
+    Moved,
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]

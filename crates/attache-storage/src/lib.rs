@@ -81,6 +81,33 @@ pub trait StreamStore: Send + Sync + 'static {
     /// path holds another stream, or none.
     async fn delete_id(&self, path: &str, id: u64) -> StoreResult<()>;
 
+    /// The seam's compare-and-set: appends `row` only while its stream's
+    /// tail is still `tail` (the caller read the stream up to there and
+    /// decided from what it read), and, with `bytes`, deletes the live
+    /// stream at `bytes.path` in the same commit, only while that is the
+    /// stream `bytes.id` (`None`: only while no live stream is there, and
+    /// nothing is deleted). **The contract:** both or neither, and only
+    /// against the state the caller saw. When either condition no longer
+    /// holds, nothing is written and the answer is [`StoreError::Moved`]:
+    /// another write (from any task, or on PostgreSQL any instance on the
+    /// same database) came between the caller's read and this call, and the
+    /// caller reads again and decides again. Every write that can make the
+    /// condition false (an append to the row's stream; a create or delete at
+    /// `bytes.path`) is ordered against this one: on the embedded store by
+    /// its one writer, on PostgreSQL by the row lock of the row's stream and
+    /// the advisory lock of `bytes.path` that creates there take too.
+    ///
+    /// This is what keeps a decision made from an entity's main stream (a
+    /// manifest row: "no upload of this id runs", "this id is free") true
+    /// when it is written: see docs/ARCHITECTURE.md (Attachment writes are
+    /// conditional). `row` takes no producer headers (`Invalid`).
+    async fn append_if_tail(
+        &self,
+        row: AppendRequest,
+        tail: attache_core::Offset,
+        bytes: Option<StreamAt>,
+    ) -> StoreResult<AppendOutcome>;
+
     /// The committed metadata of a stream, without touching its TTL.
     async fn head(&self, path: &str) -> StoreResult<StreamInfo>;
 

@@ -145,6 +145,17 @@ pub struct AppendRequest {
     pub messages: Option<Vec<Bytes>>,
 }
 
+/// What a conditional write ([`StreamStore::append_if_tail`](crate::StreamStore::append_if_tail))
+/// expects at a path, as the caller last saw it: the live stream `id`, or
+/// (`None`) no live stream (none at all, one deleted but kept for its forks,
+/// or one expired: what [`head`](crate::StreamStore::head) answers
+/// `NotFound`/`Gone` for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamAt {
+    pub path: String,
+    pub id: Option<u64>,
+}
+
 impl AppendRequest {
     /// An append of server-serialized JSON messages (each one valid JSON) to a JSON stream.
     pub fn json_messages(path: String, content_type: ContentType, messages: &[Vec<u8>], close: bool) -> AppendRequest {

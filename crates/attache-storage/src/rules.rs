@@ -65,6 +65,33 @@ pub(crate) fn check_blob_row(req: &CreateStream, row: &AppendRequest) -> StoreRe
     Ok(())
 }
 
+/// The row of a conditional write (`StreamStore::append_if_tail`): never a
+/// retry (no producer), and not to the stream it may delete.
+pub(crate) fn check_conditional_row(row: &AppendRequest, bytes: Option<&StreamAt>) -> StoreResult<()> {
+    if row.producer.is_some() || row.body.is_empty() {
+        return Err(StoreError::Invalid("a conditional row has a body and no producer".into()));
+    }
+    if bytes.is_some_and(|at| at.path == row.path) {
+        return Err(StoreError::Invalid("a conditional row goes to another stream than the one it deletes".into()));
+    }
+    Ok(())
+}
+
+/// Do the conditions of a conditional write hold? `tail` is the committed
+/// tail of the row's stream; `live` the live stream at `bytes.path` (none
+/// when absent, soft-deleted or expired), as of the writer's commit.
+pub(crate) fn check_conditions(
+    tail: u64,
+    expected: attache_core::Offset,
+    bytes: Option<&StreamAt>,
+    live: Option<u64>,
+) -> StoreResult<()> {
+    if tail != expected.0 || bytes.is_some_and(|at| at.id != live) {
+        return Err(StoreError::Moved);
+    }
+    Ok(())
+}
+
 /// What to do with an append, decided against the stream's committed state.
 pub(crate) enum AppendDecision {
     /// Nothing to write: answer with this (a retry, or a close of a closed stream).

@@ -1,11 +1,12 @@
-//! DELETE .../attachments/{id}: the manifest delete row, then the bytes at
-//! the address derived for them; 409 `UPLOAD_IN_PROGRESS` while the
-//! attachment's upload runs (see [`super::hold_id`]).
+//! DELETE .../attachments/{id}: the manifest delete row and the bytes at the
+//! address derived for them, in one commit conditioned on what the delete
+//! read; 409 `UPLOAD_IN_PROGRESS` while the attachment's upload runs (see
+//! [`super::hold_id`]), on this instance or another.
 
-use attache_core::manifest::{validate_attachment_id, ManifestEntry, MANIFEST};
+use attache_core::manifest::{validate_attachment_id, AttachmentStatus, ManifestEntry, MANIFEST};
 use attache_core::state::{timestamp, ChangeEvent};
 use attache_core::{EntityUrl, Permission};
-use attache_storage::{EntityRecord, StoreError};
+use attache_storage::{AppendRequest, EntityRecord, StoreError, StreamAt};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -13,12 +14,12 @@ use axum::Json;
 use serde_json::json;
 
 use crate::access::{hold_life, now_ms, EntityRoute};
-use crate::error::ApiResult;
-use crate::rows::{append_rows, new_txid};
+use crate::error::{ApiError, ApiResult};
+use crate::rows::{json_content_type, new_txid, not_running};
 use crate::AppState;
 
 use super::not_found;
-use super::pending::hold_id;
+use super::pending::{hold_id, upload_in_progress, CONDITIONAL_ATTEMPTS};
 
 /// DELETE /_electric/entities/{type}/{id}/attachments/{att} [write]: a manifest
 /// delete row, then the bytes are released (kept while another attachment holds the same content).
@@ -37,36 +38,56 @@ pub async fn delete(
     Ok((StatusCode::OK, Json(json!({ "txid": txid }))).into_response())
 }
 
-/// Deletes the attachment `id`: its manifest row, then the bytes at the
-/// address derived for it (never at a path a row names), both only in the
-/// life of the entity `record` was read from (404 once it was purged: the
-/// URL may hold someone else's entity, with an attachment of the same id).
-/// While the upload of `id` runs, 409 `UPLOAD_IN_PROGRESS`: its final row
-/// would bring the attachment back after a 200 ([`hold_id`], held until the
-/// delete is done, so no upload of the id begins or commits meanwhile; the
-/// row is read under it: a settled upload shows its outcome).
+/// Deletes the attachment `id`: its manifest row and the bytes at the
+/// address derived for it (never at a path a row names), in one
+/// conditional store call, both only in the life of the entity `record` was
+/// read from (404 once it was purged: the URL may hold someone else's
+/// entity, with an attachment of the same id). While the upload of `id`
+/// runs, 409 `UPLOAD_IN_PROGRESS`: its final row would bring the attachment
+/// back after a 200 ([`hold_id`], held until the delete is done, so no
+/// upload of the id begins or commits on this instance meanwhile).
+///
+/// Another instance (PostgreSQL) holds none of our reservations: an upload
+/// of `id` may begin there between our reading the row and our writing its
+/// delete. So the delete is written only against what it was decided from
+/// ([`StreamStore::append_if_tail`](attache_storage::StreamStore::append_if_tail)):
+/// the main stream's tail as read (no row since, a new upload's `pending`
+/// row included) and the stream seen at the address (no stream made there
+/// since). When either moved, the row is read again and the delete decided
+/// again (409 if an upload now runs); a stream another upload made at the
+/// address is never deleted, and no row is left naming bytes that are gone.
 pub async fn delete_entry(state: &AppState, record: &EntityRecord, entity: &EntityUrl, id: &str) -> ApiResult<String> {
     validate_attachment_id(id)?;
     let _life = hold_life(state, record).await?;
     let _held = hold_id(state, entity, id).await?;
-    let entry = {
-        let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
-        view.manifest.get(id).cloned().ok_or_else(not_found)?
-    };
-    // The stream at the derived address before the row goes: that one is
-    // deleted after it, never one a new upload of the same id made since.
-    let path = entry.bytes_path(entity).unwrap_or_else(|| entity.attachment_stream(id));
-    let stream = match state.store.head(&path).await {
-        Ok(info) => Some(info.id),
-        Err(StoreError::NotFound) | Err(StoreError::Gone) => None,
-        Err(e) => return Err(e.into()),
-    };
-    let txid = new_txid();
-    let row = ChangeEvent::delete(MANIFEST, &ManifestEntry::row_key(id), &txid, &timestamp(now_ms()));
-    append_rows(state.store.as_ref(), &entity.main_stream(), &[row], false).await?;
-    let Some(stream) = stream else { return Ok(txid) };
-    match state.store.delete_id(&path, stream).await {
-        Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => Ok(txid),
-        Err(e) => Err(e.into()),
+    for attempt in 0..CONDITIONAL_ATTEMPTS {
+        let (entry, tail) = {
+            let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+            (view.manifest.get(id).cloned().ok_or_else(not_found)?, view.tail())
+        };
+        // An upload that began (elsewhere) since `hold_id` looked.
+        if entry.status == AttachmentStatus::Pending {
+            return Err(upload_in_progress(id));
+        }
+        let path = entry.bytes_path(entity).unwrap_or_else(|| entity.attachment_stream(id));
+        let stream = match state.store.head(&path).await {
+            Ok(info) => Some(info.id),
+            Err(StoreError::NotFound) | Err(StoreError::Gone) => None,
+            Err(e) => return Err(e.into()),
+        };
+        crate::pause::at(state, crate::pause::ATTACHMENT_DELETE).await;
+        let txid = new_txid();
+        let row = ChangeEvent::delete(MANIFEST, &ManifestEntry::row_key(id), &txid, &timestamp(now_ms()));
+        let row = serde_json::to_vec(&row).map_err(ApiError::internal)?;
+        let append = AppendRequest::json_messages(entity.main_stream(), json_content_type(), &[row], false);
+        match state.store.append_if_tail(append, tail, Some(StreamAt { path, id: stream })).await {
+            Ok(_) => return Ok(txid),
+            // Another write came between: read again. A few turns suffice
+            // unless the entity is written to without pause; then 409 (retry).
+            Err(StoreError::Moved) => tokio::time::sleep(std::time::Duration::from_millis(1 << attempt)).await,
+            Err(StoreError::Closed { .. }) => return Err(not_running()),
+            Err(e) => return Err(e.into()),
+        }
     }
+    Err(upload_in_progress(id))
 }

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use attache_core::manifest::{validate_attachment_id, AttachmentStatus, ManifestEntry, MANIFEST, SUBJECT_REQUIRED};
 use attache_core::state::{timestamp, ChangeEvent};
 use attache_core::{EntityUrl, PrincipalKey};
-use attache_storage::{AppendRequest, EntityRecord, ReadFrom};
+use attache_storage::{AppendRequest, EntityRecord, ReadFrom, StoreError};
 use sha2::{Digest, Sha256};
 
 use crate::access::{hold_life, now_ms};
@@ -363,11 +363,45 @@ pub(super) async fn begin<'s>(
     {
         // The row goes only into the life the upload was authorized against.
         let _life = hold_life(state, record).await?;
-        write_entry(state, entity, &pending.entry, &pending.pending_txid).await?;
+        write_pending(state, entity, &pending).await?;
     }
     pending.row = true;
     Ok(pending)
 }
+
+/// Writes the `pending` row of an upload only against a view of the main
+/// stream in which its id is free, conditioned on that view's tail
+/// ([`StreamStore::append_if_tail`](attache_storage::StreamStore::append_if_tail)):
+/// an upload of the same id that began on another instance meanwhile (its
+/// `pending` row), or a delete, is seen before this row is written, never
+/// after. 409 `DUPLICATE_ID` when the id is taken by then.
+async fn write_pending(state: &AppState, entity: &EntityUrl, pending: &Pending<'_>) -> ApiResult<()> {
+    let id = pending.entry.id.as_str();
+    let row = serde_json::to_vec(&manifest_row(&pending.entry, &pending.pending_txid)?).map_err(ApiError::internal)?;
+    for attempt in 0..CONDITIONAL_ATTEMPTS {
+        let tail = {
+            let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+            if view.manifest.get(id).is_some_and(|e| e.status != AttachmentStatus::Failed) {
+                return Err(duplicate(id));
+            }
+            view.tail()
+        };
+        let append =
+            AppendRequest::json_messages(entity.main_stream(), json_content_type(), std::slice::from_ref(&row), false);
+        match state.store.append_if_tail(append, tail, None).await {
+            Ok(_) => return Ok(()),
+            // Another row came between: read again (see `delete_entry`).
+            Err(StoreError::Moved) => tokio::time::sleep(std::time::Duration::from_millis(1 << attempt)).await,
+            Err(StoreError::Closed { .. }) => return Err(crate::rows::not_running()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(upload_in_progress(id))
+}
+
+/// How many times a conditional write reads again after another write came
+/// between its read and its write (about a quarter of a second in all).
+pub(super) const CONDITIONAL_ATTEMPTS: u32 = 8;
 
 /// Reserves the id of the upload of `entry`, writing no row: an upload
 /// whose bytes are all in before its id is known writes only its outcome.

@@ -374,6 +374,9 @@ pub(crate) enum Command {
     Delete(String, oneshot::Sender<StoreResult<()>>),
     /// Deletes the stream at the path only while it has the id (`delete_id`).
     DeleteId(String, u64, oneshot::Sender<StoreResult<()>>),
+    /// An append while its stream's tail is the given one, and a delete at
+    /// a path while it holds the given stream, both or neither (`append_if_tail`).
+    AppendIf(Box<(writer::PreparedAppend, Offset, Option<StreamAt>)>, oneshot::Sender<StoreResult<AppendOutcome>>),
     /// Deletes a stream found expired (fire and forget).
     Expire(u64),
 }
@@ -566,6 +569,21 @@ impl StreamStore for EmbeddedStore {
     async fn delete_id(&self, path: &str, id: u64) -> StoreResult<()> {
         let path = path.to_owned();
         self.call(|tx| Command::DeleteId(path, id, tx)).await
+    }
+
+    async fn append_if_tail(
+        &self,
+        row: AppendRequest,
+        tail: Offset,
+        bytes: Option<StreamAt>,
+    ) -> StoreResult<AppendOutcome> {
+        crate::rules::check_conditional_row(&row, bytes.as_ref())?;
+        let entry = self.entry(&row.path)?;
+        let prepared = writer::PreparedAppend::prepare(row, &entry.info())?;
+        let outcome = self.call(|tx| Command::AppendIf(Box::new((prepared, tail, bytes)), tx)).await;
+        entry.touch();
+        self.appends.record(&outcome);
+        outcome
     }
 
     async fn head(&self, path: &str) -> StoreResult<StreamInfo> {

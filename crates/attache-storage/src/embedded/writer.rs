@@ -801,6 +801,7 @@ fn refuse(cmd: Command, err: &StoreError) {
         Command::CreateBlobWithRow(_, tx) => drop(tx.send(Err(err.clone()))),
         Command::Append(_, tx) => drop(tx.send(Err(err.clone()))),
         Command::Delete(_, tx) | Command::DeleteId(_, _, tx) => drop(tx.send(Err(err.clone()))),
+        Command::AppendIf(_, tx) => drop(tx.send(Err(err.clone()))),
         Command::Expire(_) => {}
     }
 }
@@ -1157,6 +1158,16 @@ fn commit_batch(
                             Ok(r) => replies.push(Reply::Delete(tx, r)),
                             Err(e) => {
                                 replies.push(Reply::Delete(tx, Err(e.clone())));
+                                return Err(e);
+                            }
+                        }
+                    }
+                    Command::AppendIf(parts, tx) => {
+                        let (row, tail, bytes) = *parts;
+                        match escalate(state.append_if(&mut t, &mut changes, shared, row, tail, bytes)) {
+                            Ok(r) => replies.push(Reply::Append(tx, r)),
+                            Err(e) => {
+                                replies.push(Reply::Append(tx, Err(e.clone())));
                                 return Err(e);
                             }
                         }
@@ -1572,6 +1583,43 @@ impl WriterState {
             }
         })?;
         Ok(Box::new((info, outcome)))
+    }
+
+    /// `StreamStore::append_if_tail`: every condition is checked before
+    /// anything changes, so once the row is written only a disk error (which
+    /// fails the whole batch) can stop the delete.
+    fn append_if(
+        &mut self,
+        t: &mut Tables,
+        changes: &mut Changes,
+        shared: &Shared,
+        row: PreparedAppend,
+        tail: Offset,
+        bytes: Option<StreamAt>,
+    ) -> StoreResult<AppendOutcome> {
+        self.check_append(&row)?;
+        let live = bytes.as_ref().and_then(|at| {
+            let id = *self.paths.get(&at.path)?;
+            let info = self.streams.get(&id)?;
+            (!info.soft_deleted && !self.expired(shared, id)).then_some(id)
+        });
+        let committed = self.streams.get(&row.stream_id).ok_or(StoreError::NotFound)?.tail;
+        rules::check_conditions(committed, tail, bytes.as_ref(), live)?;
+        let outcome = self.append(t, changes, row).map_err(|e| match e {
+            e if e.fails_batch() => e,
+            other => StoreError::Storage(format!("a conditional append checked before was refused after: {other}")),
+        })?;
+        if let Some(StreamAt { path, id: Some(_) }) = bytes {
+            match self.delete(t, changes, shared, &path) {
+                Ok(()) | Err(StoreError::NotFound) => {}
+                Err(e) if e.fails_batch() => return Err(e),
+                // Checked live above: a refusal now would leave the row without the delete.
+                Err(other) => {
+                    return Err(StoreError::Storage(format!("a delete checked before was refused after: {other}")))
+                }
+            }
+        }
+        Ok(outcome)
     }
 
     /// Would [`append`](Self::append) take `p` now? Changes nothing.

@@ -93,6 +93,7 @@ fn reply(cmd: Command, answer: Answer) {
         (Command::CreateBlobWithRow(_, tx), Answer::CreateBlobWithRow(r)) => drop(tx.send(r)),
         (Command::Append(_, tx), Answer::Append(r)) => drop(tx.send(r)),
         (Command::Delete(_, tx) | Command::DeleteId(_, _, tx), Answer::Delete(r)) => drop(tx.send(r)),
+        (Command::AppendIf(_, tx), Answer::Append(r)) => drop(tx.send(r)),
         _ => {}
     }
 }
@@ -104,6 +105,7 @@ fn fail(cmd: Command, err: StoreError) {
         Command::CreateBlobWithRow(_, tx) => drop(tx.send(Err(err))),
         Command::Append(_, tx) => drop(tx.send(Err(err))),
         Command::Delete(_, tx) | Command::DeleteId(_, _, tx) => drop(tx.send(Err(err))),
+        Command::AppendIf(_, tx) => drop(tx.send(Err(err))),
         Command::Expire(_) => {}
     }
 }
@@ -136,6 +138,9 @@ struct Work {
     removed: Vec<(u64, String)>,
     chunks: Vec<(u64, u64, bool, Bytes)>,
     blob_refs: BTreeMap<String, i64>,
+    /// Streams whose committed row is published here though unchanged: a
+    /// conditional write found this instance's copy behind (`append_if`).
+    refresh: Vec<u64>,
 }
 
 /// What publishing needs once the batch committed.
@@ -162,6 +167,7 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
         removed: Vec::new(),
         chunks: Vec::new(),
         blob_refs: BTreeMap::new(),
+        refresh: Vec::new(),
     };
     // Every path the batch names is read (and its row locked) once, up front.
     // Paths it may create are locked first, in one order, in a statement of
@@ -195,6 +201,15 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
                 paths.push(source.clone());
             }
             Command::Append(p, _) => paths.push(p.req.path.clone()),
+            Command::AppendIf(parts, _) => {
+                let (row, _, bytes) = &**parts;
+                paths.push(row.req.path.clone());
+                if let Some(at) = bytes {
+                    // Taken by every create at the path too: "no stream there" stays true until this commits.
+                    paths.push(at.path.clone());
+                    keys.push(path_key(&at.path));
+                }
+            }
             Command::Delete(path, _) | Command::DeleteId(path, _, _) => paths.push(path.clone()),
             Command::Expire(id) => ids.push(*id as i64),
         }
@@ -264,6 +279,10 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
                 Answer::CreateBlob(escalate(w.link_blob(shared, req.clone(), source).await)?)
             }
             Command::Append(p, _) => Answer::Append(escalate(w.append(p).await)?),
+            Command::AppendIf(parts, _) => {
+                let (row, tail, bytes) = &**parts;
+                Answer::Append(escalate(w.append_if(shared, row, *tail, bytes.as_ref()).await)?)
+            }
             Command::Delete(path, _) => Answer::Delete(escalate(w.delete(shared, path, None).await)?),
             Command::DeleteId(path, id, _) => Answer::Delete(escalate(w.delete(shared, path, Some(*id)).await)?),
             Command::Expire(id) => {
@@ -518,6 +537,52 @@ impl Work {
         Ok(Box::new((info, outcome)))
     }
 
+    /// `StreamStore::append_if_tail`: every condition is checked (under the
+    /// row lock of the row's stream and the advisory lock of the deleted
+    /// path) before anything changes, so once the row is written only a
+    /// database error (which rolls the whole batch back) can stop the delete.
+    async fn append_if(
+        &mut self,
+        shared: &Shared,
+        row: &PreparedAppend,
+        tail: Offset,
+        bytes: Option<&StreamAt>,
+    ) -> StoreResult<AppendOutcome> {
+        self.check_append(row).await?;
+        let id = self.id_at(&row.req.path).await?.ok_or(StoreError::NotFound)?;
+        let committed = self.stream(id).await?.ok_or(StoreError::NotFound)?.tail;
+        let live = match bytes {
+            Some(at) => match self.id_at(&at.path).await? {
+                Some(id) => match self.stream(id).await? {
+                    Some(info) if !info.soft_deleted && !self.expired(shared, id) => Some(id),
+                    _ => None,
+                },
+                None => None,
+            },
+            None => None,
+        };
+        if let Err(moved) = rules::check_conditions(committed, tail, bytes, live) {
+            // The caller reads again: from the committed state, not a cache NOTIFY has yet to update.
+            self.refresh.push(id);
+            return Err(moved);
+        }
+        let outcome = self.append(row).await.map_err(|e| match e {
+            e if e.fails_batch() => e,
+            other => StoreError::Storage(format!("a conditional append checked before was refused after: {other}")),
+        })?;
+        if let Some(StreamAt { path, id: Some(only) }) = bytes {
+            match self.delete(shared, path, Some(*only)).await {
+                Ok(()) | Err(StoreError::NotFound) => {}
+                Err(e) if e.fails_batch() => return Err(e),
+                // Checked live above: a refusal now would leave the row without the delete.
+                Err(other) => {
+                    return Err(StoreError::Storage(format!("a delete checked before was refused after: {other}")))
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
     /// Would [`append`](Self::append) take `p` now? Changes nothing (but locks the stream's row).
     async fn check_append(&mut self, p: &PreparedAppend) -> StoreResult<()> {
         let req = &p.req;
@@ -760,6 +825,11 @@ impl Work {
             s.3.push(l.version + 1);
             s.4.push(now);
             rows.push(StreamRow { version: l.version + 1, info: l.info.clone(), last_access_ms: now });
+        }
+        for id in &self.refresh {
+            if let Some(l) = self.streams.get(id).filter(|l| l.version > 0 && !self.dirty.contains(id)) {
+                rows.push(StreamRow { version: l.version, info: l.info.clone(), last_access_ms: l.last_access_ms });
+            }
         }
         let mut p = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for key in &self.dirty_producers {

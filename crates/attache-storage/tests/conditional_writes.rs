@@ -1,0 +1,120 @@
+//! `append_if_tail` on both backends: a row is written (and a stream
+//! deleted with it) only against the state its caller read, both or
+//! neither; otherwise `Moved` and nothing changes. On PostgreSQL the other
+//! write comes from a second store on the same database (another instance).
+//! The PostgreSQL half runs on a throwaway cluster (or
+//! `ATTACHE_TEST_PG_URL`); without PostgreSQL it prints why and passes.
+
+use attache_core::{ContentType, StreamPath};
+use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
+use attache_storage::postgres::test_cluster::TestCluster;
+use attache_storage::postgres::{self, PgConfig};
+use attache_storage::{AppendRequest, CreateOutcome, CreateStream, ReadFrom, StoreError, StreamAt, StreamStore};
+use bytes::Bytes;
+
+fn stream(path: &str, content_type: &str) -> CreateStream {
+    CreateStream {
+        path: StreamPath::new(path).unwrap(),
+        content_type: Some(ContentType::parse(content_type).unwrap()),
+        ttl: None,
+        expires_at: None,
+        closed: false,
+        initial: Bytes::new(),
+        fork: None,
+        owner: Some("user:alice".into()),
+        take_kept_path: false,
+    }
+}
+
+async fn create(store: &dyn StreamStore, path: &str, content_type: &str) -> u64 {
+    match store.create(stream(path, content_type)).await.unwrap() {
+        CreateOutcome::Created(info) => info.id,
+        CreateOutcome::Existed(info) => panic!("{path} existed: {info:?}"),
+    }
+}
+
+fn row(n: u32) -> AppendRequest {
+    let message = format!(r#"{{"n":{n}}}"#).into_bytes();
+    AppendRequest::json_messages("/e/main".into(), ContentType::parse("application/json").unwrap(), &[message], false)
+}
+
+async fn rows(store: &dyn StreamStore) -> Vec<u8> {
+    store.read("/e/main", ReadFrom::Start, 1 << 20).await.unwrap().body.to_vec()
+}
+
+/// `mine` decides and writes; `other` is another writer (the same store, or
+/// another instance on the same database).
+async fn a_conditional_write_lands_only_on_the_state_it_was_decided_from(
+    mine: &dyn StreamStore,
+    other: &dyn StreamStore,
+) {
+    create(mine, "/e/main", "application/json").await;
+    let bytes = create(mine, "/e/bytes", "application/octet-stream").await;
+    mine.append(row(1)).await.unwrap();
+    let read = mine.head("/e/main").await.unwrap().tail;
+
+    // Another row came between the read and the write: nothing written.
+    other.append(row(2)).await.unwrap();
+    let at = StreamAt { path: "/e/bytes".into(), id: Some(bytes) };
+    let moved = mine.append_if_tail(row(3), attache_core::Offset(read), Some(at.clone())).await;
+    assert_eq!(moved.unwrap_err(), StoreError::Moved);
+    assert_eq!(rows(mine).await, br#"[{"n":1},{"n":2}]"#, "no row of the refused write");
+    assert_eq!(mine.head("/e/bytes").await.unwrap().id, bytes, "and its stream is still there");
+
+    // Read again (the refusal left this store's copy up to date): the tail holds now,
+    // but the path holds another stream than the one expected.
+    let read = mine.head("/e/main").await.unwrap().tail;
+    let wrong = StreamAt { path: "/e/bytes".into(), id: Some(bytes + 1000) };
+    let moved = mine.append_if_tail(row(3), attache_core::Offset(read), Some(wrong)).await;
+    assert_eq!(moved.unwrap_err(), StoreError::Moved);
+    // Or a stream was made where none was seen.
+    other.create(stream("/e/new", "application/octet-stream")).await.unwrap();
+    let none = StreamAt { path: "/e/new".into(), id: None };
+    assert_eq!(
+        mine.append_if_tail(row(3), attache_core::Offset(read), Some(none)).await.unwrap_err(),
+        StoreError::Moved
+    );
+    assert_eq!(rows(mine).await, br#"[{"n":1},{"n":2}]"#);
+
+    // As read: the row and the delete, in one commit.
+    let outcome = mine.append_if_tail(row(3), attache_core::Offset(read), Some(at)).await.unwrap();
+    assert!(outcome.info.tail > read);
+    assert_eq!(rows(mine).await, br#"[{"n":1},{"n":2},{"n":3}]"#);
+    assert_eq!(mine.head("/e/bytes").await.unwrap_err(), StoreError::NotFound);
+    // No stream expected and none there: the row alone.
+    let read = outcome.info.tail;
+    let none = StreamAt { path: "/e/bytes".into(), id: None };
+    mine.append_if_tail(row(4), attache_core::Offset(read), Some(none)).await.unwrap();
+    let read = mine.head("/e/main").await.unwrap().tail;
+    mine.append_if_tail(row(5), attache_core::Offset(read), None).await.unwrap();
+    assert_eq!(rows(mine).await, br#"[{"n":1},{"n":2},{"n":3},{"n":4},{"n":5}]"#);
+}
+
+#[tokio::test]
+async fn embedded_a_conditional_write_lands_only_on_the_state_it_was_decided_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+    a_conditional_write_lands_only_on_the_state_it_was_decided_from(&store, &store).await;
+    store.close().await;
+}
+
+#[test]
+fn postgres_a_conditional_write_lands_only_on_the_state_another_instance_left_or_skip_without_postgres() {
+    let cluster = match TestCluster::start(false) {
+        Ok(c) => c,
+        Err(why) => {
+            attache_storage::postgres::test_cluster::missing_service("PostgreSQL", &why);
+            return;
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let url = cluster.fresh_database().await.expect("create a test database");
+        let (s1, s2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let one = postgres::open(PgConfig::new(url.clone(), s1.path())).await.expect("open the first instance");
+        let two = postgres::open(PgConfig::new(url, s2.path())).await.expect("open the second instance");
+        a_conditional_write_lands_only_on_the_state_it_was_decided_from(&one.store, &two.store).await;
+        one.store.close().await;
+        two.store.close().await;
+    });
+}
