@@ -83,7 +83,7 @@ pub struct MainView {
 
 impl MainView {
     /// Where the stream ended when the view was caught up: a write decided
-    /// from this view is conditioned on it (`StreamStore::append_if_tail`).
+    /// from this view is conditioned on it (`StreamStore::append_guarded`).
     pub fn tail(&self) -> attache_core::Offset {
         attache_core::Offset(self.applied)
     }

@@ -39,10 +39,11 @@ pub enum StoreError {
          a JSON stream forks only at a message boundary (an offset the server returned)"
     )]
     ForkOffsetInsideMessage { offset: Offset },
-    /// A conditional write's condition no longer holds: the stream's tail
-    /// moved past the one the caller read, or its path holds another stream
-    /// than the caller saw. Nothing was written; the caller reads again and
-    /// decides again ([`StreamStore::append_if_tail`](crate::StreamStore::append_if_tail)).
+    /// A conditional write's condition no longer holds: another guarded
+    /// append of the same key landed past where the caller read, or a path
+    /// holds another stream than the caller saw. Nothing was written; the
+    /// caller reads again and decides again
+    /// ([`StreamStore::append_guarded`](crate::StreamStore::append_guarded)).
     #[error("the stream changed since it was read; nothing was written")]
     Moved,
     #[error("{0}")]

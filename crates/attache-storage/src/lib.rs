@@ -81,30 +81,39 @@ pub trait StreamStore: Send + Sync + 'static {
     /// path holds another stream, or none.
     async fn delete_id(&self, path: &str, id: u64) -> StoreResult<()>;
 
-    /// The seam's compare-and-set: appends `row` only while its stream's
-    /// tail is still `tail` (the caller read the stream up to there and
-    /// decided from what it read), and, with `bytes`, deletes the live
-    /// stream at `bytes.path` in the same commit, only while that is the
+    /// The seam's compare-and-set over the rows of one key: appends `row`
+    /// only while no other guarded append of the same `guard.key` landed on
+    /// its stream at or past `guard.since` (the caller read the stream up to
+    /// there and decided from what it read), and, with `bytes`, deletes the
+    /// live stream at `bytes.path` in the same commit, only while that is the
     /// stream `bytes.id` (`None`: only while no live stream is there, and
-    /// nothing is deleted). **The contract:** both or neither, and only
-    /// against the state the caller saw. When either condition no longer
-    /// holds, nothing is written and the answer is [`StoreError::Moved`]:
-    /// another write (from any task, or on PostgreSQL any instance on the
-    /// same database) came between the caller's read and this call, and the
-    /// caller reads again and decides again. Every write that can make the
-    /// condition false (an append to the row's stream; a create or delete at
-    /// `bytes.path`) is ordered against this one: on the embedded store by
-    /// its one writer, on PostgreSQL by the row lock of the row's stream and
-    /// the advisory lock of `bytes.path` that creates there take too.
+    /// nothing is deleted). The append is recorded as the key's newest.
+    ///
+    /// **The contract:** both or neither, and only against the state the
+    /// caller saw. When a condition no longer holds, nothing is written and
+    /// the answer is [`StoreError::Moved`]: the caller reads again and
+    /// decides again. Conditions are checked in the commit that writes:
+    /// against every guarded append and every create or delete at
+    /// `bytes.path`, from any task, or on PostgreSQL any instance on the same
+    /// database (embedded: the one writer orders them; PostgreSQL: the row
+    /// lock of the row's stream, which every append to it takes, and the
+    /// advisory lock of `bytes.path`, which every create there takes).
+    /// Appends of other keys, and unguarded appends, do not move the guard:
+    /// a busy stream does not starve a guarded write (a guard on the whole
+    /// tail refused a third of attachment deletes on an entity taking 800
+    /// sends a second). So every write whose interleaving matters must be
+    /// guarded, or change `bytes.path`. A backend may refuse more than this
+    /// (never less): the embedded store forgets a key after a minute once it
+    /// tracks 10,000, and then guards a write on it by the whole tail.
     ///
     /// This is what keeps a decision made from an entity's main stream (a
     /// manifest row: "no upload of this id runs", "this id is free") true
     /// when it is written: see docs/ARCHITECTURE.md (Attachment writes are
     /// conditional). `row` takes no producer headers (`Invalid`).
-    async fn append_if_tail(
+    async fn append_guarded(
         &self,
         row: AppendRequest,
-        tail: attache_core::Offset,
+        guard: RowGuard,
         bytes: Option<StreamAt>,
     ) -> StoreResult<AppendOutcome>;
 

@@ -145,7 +145,17 @@ pub struct AppendRequest {
     pub messages: Option<Vec<Bytes>>,
 }
 
-/// What a conditional write ([`StreamStore::append_if_tail`](crate::StreamStore::append_if_tail))
+/// The guard of a conditional append ([`StreamStore::append_guarded`](crate::StreamStore::append_guarded)):
+/// what the caller decided from (`key`: the rows its decision is about; an
+/// entity's manifest key, `attachment:{id}`) and up to where it read the
+/// stream (`since`: its tail then).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowGuard {
+    pub key: String,
+    pub since: attache_core::Offset,
+}
+
+/// What a conditional write ([`StreamStore::append_guarded`](crate::StreamStore::append_guarded))
 /// expects at a path, as the caller last saw it: the live stream `id`, or
 /// (`None`) no live stream (none at all, one deleted but kept for its forks,
 /// or one expired: what [`head`](crate::StreamStore::head) answers

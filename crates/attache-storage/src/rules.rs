@@ -65,7 +65,7 @@ pub(crate) fn check_blob_row(req: &CreateStream, row: &AppendRequest) -> StoreRe
     Ok(())
 }
 
-/// The row of a conditional write (`StreamStore::append_if_tail`): never a
+/// The row of a conditional write (`StreamStore::append_guarded`): never a
 /// retry (no producer), and not to the stream it may delete.
 pub(crate) fn check_conditional_row(row: &AppendRequest, bytes: Option<&StreamAt>) -> StoreResult<()> {
     if row.producer.is_some() || row.body.is_empty() {
@@ -77,16 +77,17 @@ pub(crate) fn check_conditional_row(row: &AppendRequest, bytes: Option<&StreamAt
     Ok(())
 }
 
-/// Do the conditions of a conditional write hold? `tail` is the committed
-/// tail of the row's stream; `live` the live stream at `bytes.path` (none
-/// when absent, soft-deleted or expired), as of the writer's commit.
+/// Do the conditions of a conditional write hold? `last` is where the
+/// newest guarded append of the guard's key to the row's stream began (if
+/// the backend knows one); `live` the live stream at `bytes.path` (none when
+/// absent, soft-deleted or expired), as of the writer's commit.
 pub(crate) fn check_conditions(
-    tail: u64,
-    expected: attache_core::Offset,
+    last: Option<u64>,
+    guard: &RowGuard,
     bytes: Option<&StreamAt>,
     live: Option<u64>,
 ) -> StoreResult<()> {
-    if tail != expected.0 || bytes.is_some_and(|at| at.id != live) {
+    if last.is_some_and(|pos| pos >= guard.since.0) || bytes.is_some_and(|at| at.id != live) {
         return Err(StoreError::Moved);
     }
     Ok(())

@@ -1,6 +1,7 @@
-//! `append_if_tail` on both backends: a row is written (and a stream
-//! deleted with it) only against the state its caller read, both or
-//! neither; otherwise `Moved` and nothing changes. On PostgreSQL the other
+//! `append_guarded` on both backends: a row is written (and a stream
+//! deleted with it) only against the state its caller read (no guarded row
+//! of its key since, the stream it saw at the path), both or neither;
+//! otherwise `Moved` and nothing changes. Rows of other keys do not refuse it. On PostgreSQL the other
 //! write comes from a second store on the same database (another instance).
 //! The PostgreSQL half runs on a throwaway cluster (or
 //! `ATTACHE_TEST_PG_URL`); without PostgreSQL it prints why and passes.
@@ -9,7 +10,9 @@ use attache_core::{ContentType, StreamPath};
 use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
 use attache_storage::postgres::test_cluster::TestCluster;
 use attache_storage::postgres::{self, PgConfig};
-use attache_storage::{AppendRequest, CreateOutcome, CreateStream, ReadFrom, StoreError, StreamAt, StreamStore};
+use attache_storage::{
+    AppendRequest, CreateOutcome, CreateStream, ReadFrom, RowGuard, StoreError, StreamAt, StreamStore,
+};
 use bytes::Bytes;
 
 fn stream(path: &str, content_type: &str) -> CreateStream {
@@ -42,64 +45,64 @@ async fn rows(store: &dyn StreamStore) -> Vec<u8> {
     store.read("/e/main", ReadFrom::Start, 1 << 20).await.unwrap().body.to_vec()
 }
 
+fn guard(key: &str, since: u64) -> RowGuard {
+    RowGuard { key: key.into(), since: attache_core::Offset(since) }
+}
+
 /// `mine` decides and writes; `other` is another writer (the same store, or
 /// another instance on the same database).
-async fn a_conditional_write_lands_only_on_the_state_it_was_decided_from(
-    mine: &dyn StreamStore,
-    other: &dyn StreamStore,
-) {
+async fn a_guarded_write_lands_only_on_the_state_it_was_decided_from(mine: &dyn StreamStore, other: &dyn StreamStore) {
     create(mine, "/e/main", "application/json").await;
     let bytes = create(mine, "/e/bytes", "application/octet-stream").await;
     mine.append(row(1)).await.unwrap();
     let read = mine.head("/e/main").await.unwrap().tail;
 
-    // Another row came between the read and the write: nothing written.
-    other.append(row(2)).await.unwrap();
+    // A guarded row of the same key came between the read and the write: nothing written.
+    other.append_guarded(row(2), guard("k", read), None).await.unwrap();
     let at = StreamAt { path: "/e/bytes".into(), id: Some(bytes) };
-    let moved = mine.append_if_tail(row(3), attache_core::Offset(read), Some(at.clone())).await;
+    let moved = mine.append_guarded(row(3), guard("k", read), Some(at.clone())).await;
     assert_eq!(moved.unwrap_err(), StoreError::Moved);
     assert_eq!(rows(mine).await, br#"[{"n":1},{"n":2}]"#, "no row of the refused write");
     assert_eq!(mine.head("/e/bytes").await.unwrap().id, bytes, "and its stream is still there");
 
-    // Read again (the refusal left this store's copy up to date): the tail holds now,
-    // but the path holds another stream than the one expected.
+    // Read again (the refusal left this store's copy up to date). Rows of other
+    // keys, and unguarded rows, since then do not refuse it...
     let read = mine.head("/e/main").await.unwrap().tail;
+    other.append(row(3)).await.unwrap();
+    other.append_guarded(row(4), guard("other key", read), None).await.unwrap();
+    // ...but a path holding another stream than the one seen does,
     let wrong = StreamAt { path: "/e/bytes".into(), id: Some(bytes + 1000) };
-    let moved = mine.append_if_tail(row(3), attache_core::Offset(read), Some(wrong)).await;
-    assert_eq!(moved.unwrap_err(), StoreError::Moved);
-    // Or a stream was made where none was seen.
+    assert_eq!(mine.append_guarded(row(5), guard("k", read), Some(wrong)).await.unwrap_err(), StoreError::Moved);
+    // and so does a stream made where none was seen.
     other.create(stream("/e/new", "application/octet-stream")).await.unwrap();
     let none = StreamAt { path: "/e/new".into(), id: None };
-    assert_eq!(
-        mine.append_if_tail(row(3), attache_core::Offset(read), Some(none)).await.unwrap_err(),
-        StoreError::Moved
-    );
-    assert_eq!(rows(mine).await, br#"[{"n":1},{"n":2}]"#);
+    assert_eq!(mine.append_guarded(row(5), guard("k", read), Some(none)).await.unwrap_err(), StoreError::Moved);
+    assert_eq!(rows(mine).await, br#"[{"n":1},{"n":2},{"n":3},{"n":4}]"#);
 
     // As read: the row and the delete, in one commit.
-    let outcome = mine.append_if_tail(row(3), attache_core::Offset(read), Some(at)).await.unwrap();
+    let outcome = mine.append_guarded(row(5), guard("k", read), Some(at)).await.unwrap();
     assert!(outcome.info.tail > read);
-    assert_eq!(rows(mine).await, br#"[{"n":1},{"n":2},{"n":3}]"#);
-    assert_eq!(mine.head("/e/bytes").await.unwrap_err(), StoreError::NotFound);
-    // No stream expected and none there: the row alone.
-    let read = outcome.info.tail;
-    let none = StreamAt { path: "/e/bytes".into(), id: None };
-    mine.append_if_tail(row(4), attache_core::Offset(read), Some(none)).await.unwrap();
-    let read = mine.head("/e/main").await.unwrap().tail;
-    mine.append_if_tail(row(5), attache_core::Offset(read), None).await.unwrap();
     assert_eq!(rows(mine).await, br#"[{"n":1},{"n":2},{"n":3},{"n":4},{"n":5}]"#);
+    assert_eq!(mine.head("/e/bytes").await.unwrap_err(), StoreError::NotFound);
+    // That write is now the key's newest: a guard read before it is refused,
+    let stale = other.append_guarded(row(6), guard("k", read), None).await;
+    assert_eq!(stale.unwrap_err(), StoreError::Moved);
+    // one read after it is not. No stream expected and none there: the row alone.
+    let none = StreamAt { path: "/e/bytes".into(), id: None };
+    other.append_guarded(row(6), guard("k", outcome.info.tail), Some(none)).await.unwrap();
+    assert_eq!(rows(mine).await, br#"[{"n":1},{"n":2},{"n":3},{"n":4},{"n":5},{"n":6}]"#);
 }
 
 #[tokio::test]
-async fn embedded_a_conditional_write_lands_only_on_the_state_it_was_decided_from() {
+async fn embedded_a_guarded_write_lands_only_on_the_state_it_was_decided_from() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
-    a_conditional_write_lands_only_on_the_state_it_was_decided_from(&store, &store).await;
+    a_guarded_write_lands_only_on_the_state_it_was_decided_from(&store, &store).await;
     store.close().await;
 }
 
 #[test]
-fn postgres_a_conditional_write_lands_only_on_the_state_another_instance_left_or_skip_without_postgres() {
+fn postgres_a_guarded_write_lands_only_on_the_state_another_instance_left_or_skip_without_postgres() {
     let cluster = match TestCluster::start(false) {
         Ok(c) => c,
         Err(why) => {
@@ -113,7 +116,7 @@ fn postgres_a_conditional_write_lands_only_on_the_state_another_instance_left_or
         let (s1, s2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let one = postgres::open(PgConfig::new(url.clone(), s1.path())).await.expect("open the first instance");
         let two = postgres::open(PgConfig::new(url, s2.path())).await.expect("open the second instance");
-        a_conditional_write_lands_only_on_the_state_it_was_decided_from(&one.store, &two.store).await;
+        a_guarded_write_lands_only_on_the_state_it_was_decided_from(&one.store, &two.store).await;
         one.store.close().await;
         two.store.close().await;
     });

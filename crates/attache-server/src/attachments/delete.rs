@@ -6,7 +6,7 @@
 use attache_core::manifest::{validate_attachment_id, AttachmentStatus, ManifestEntry, MANIFEST};
 use attache_core::state::{timestamp, ChangeEvent};
 use attache_core::{EntityUrl, Permission};
-use attache_storage::{AppendRequest, EntityRecord, StoreError, StreamAt};
+use attache_storage::{AppendRequest, EntityRecord, RowGuard, StoreError, StreamAt};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -50,12 +50,13 @@ pub async fn delete(
 /// Another instance (PostgreSQL) holds none of our reservations: an upload
 /// of `id` may begin there between our reading the row and our writing its
 /// delete. So the delete is written only against what it was decided from
-/// ([`StreamStore::append_if_tail`](attache_storage::StreamStore::append_if_tail)):
-/// the main stream's tail as read (no row since, a new upload's `pending`
-/// row included) and the stream seen at the address (no stream made there
-/// since). When either moved, the row is read again and the delete decided
-/// again (409 if an upload now runs); a stream another upload made at the
-/// address is never deleted, and no row is left naming bytes that are gone.
+/// ([`StreamStore::append_guarded`](attache_storage::StreamStore::append_guarded)):
+/// no guarded row of the attachment's key past where it read (a new
+/// upload's `pending` row, another delete), and the stream seen at the
+/// address (no stream made there since). When either moved, the row is read
+/// again and the delete decided again (409 if an upload now runs); a stream
+/// another upload made at the address is never deleted, and no row is left
+/// naming bytes that are gone.
 pub async fn delete_entry(state: &AppState, record: &EntityRecord, entity: &EntityUrl, id: &str) -> ApiResult<String> {
     validate_attachment_id(id)?;
     let _life = hold_life(state, record).await?;
@@ -80,10 +81,11 @@ pub async fn delete_entry(state: &AppState, record: &EntityRecord, entity: &Enti
         let row = ChangeEvent::delete(MANIFEST, &ManifestEntry::row_key(id), &txid, &timestamp(now_ms()));
         let row = serde_json::to_vec(&row).map_err(ApiError::internal)?;
         let append = AppendRequest::json_messages(entity.main_stream(), json_content_type(), &[row], false);
-        match state.store.append_if_tail(append, tail, Some(StreamAt { path, id: stream })).await {
+        let guard = RowGuard { key: ManifestEntry::row_key(id), since: tail };
+        match state.store.append_guarded(append, guard, Some(StreamAt { path, id: stream })).await {
             Ok(_) => return Ok(txid),
-            // Another write came between: read again. A few turns suffice
-            // unless the entity is written to without pause; then 409 (retry).
+            // A write of this attachment came between: read again (and
+            // after a few turns that each met one, 409: try again).
             Err(StoreError::Moved) => tokio::time::sleep(std::time::Duration::from_millis(1 << attempt)).await,
             Err(StoreError::Closed { .. }) => return Err(not_running()),
             Err(e) => return Err(e.into()),

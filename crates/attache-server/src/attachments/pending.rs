@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use attache_core::manifest::{validate_attachment_id, AttachmentStatus, ManifestEntry, MANIFEST, SUBJECT_REQUIRED};
 use attache_core::state::{timestamp, ChangeEvent};
 use attache_core::{EntityUrl, PrincipalKey};
-use attache_storage::{AppendRequest, EntityRecord, ReadFrom, StoreError};
+use attache_storage::{AppendRequest, EntityRecord, ReadFrom, RowGuard, StoreError};
 use sha2::{Digest, Sha256};
 
 use crate::access::{hold_life, now_ms};
@@ -370,8 +370,8 @@ pub(super) async fn begin<'s>(
 }
 
 /// Writes the `pending` row of an upload only against a view of the main
-/// stream in which its id is free, conditioned on that view's tail
-/// ([`StreamStore::append_if_tail`](attache_storage::StreamStore::append_if_tail)):
+/// stream in which its id is free, guarded by its key from where that view
+/// ends ([`StreamStore::append_guarded`](attache_storage::StreamStore::append_guarded)):
 /// an upload of the same id that began on another instance meanwhile (its
 /// `pending` row), or a delete, is seen before this row is written, never
 /// after. 409 `DUPLICATE_ID` when the id is taken by then.
@@ -388,9 +388,10 @@ async fn write_pending(state: &AppState, entity: &EntityUrl, pending: &Pending<'
         };
         let append =
             AppendRequest::json_messages(entity.main_stream(), json_content_type(), std::slice::from_ref(&row), false);
-        match state.store.append_if_tail(append, tail, None).await {
+        let guard = RowGuard { key: pending.entry.key.clone(), since: tail };
+        match state.store.append_guarded(append, guard, None).await {
             Ok(_) => return Ok(()),
-            // Another row came between: read again (see `delete_entry`).
+            // A row of this id came between: read again (see `delete_entry`).
             Err(StoreError::Moved) => tokio::time::sleep(std::time::Duration::from_millis(1 << attempt)).await,
             Err(StoreError::Closed { .. }) => return Err(crate::rows::not_running()),
             Err(e) => return Err(e.into()),
@@ -399,8 +400,8 @@ async fn write_pending(state: &AppState, entity: &EntityUrl, pending: &Pending<'
     Err(upload_in_progress(id))
 }
 
-/// How many times a conditional write reads again after another write came
-/// between its read and its write (about a quarter of a second in all).
+/// How many times a guarded write reads again after another write of its
+/// key came between its read and its write (a quarter of a second of backoff in all).
 pub(super) const CONDITIONAL_ATTEMPTS: u32 = 8;
 
 /// Reserves the id of the upload of `entry`, writing no row: an upload

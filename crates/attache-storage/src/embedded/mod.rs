@@ -374,9 +374,10 @@ pub(crate) enum Command {
     Delete(String, oneshot::Sender<StoreResult<()>>),
     /// Deletes the stream at the path only while it has the id (`delete_id`).
     DeleteId(String, u64, oneshot::Sender<StoreResult<()>>),
-    /// An append while its stream's tail is the given one, and a delete at
-    /// a path while it holds the given stream, both or neither (`append_if_tail`).
-    AppendIf(Box<(writer::PreparedAppend, Offset, Option<StreamAt>)>, oneshot::Sender<StoreResult<AppendOutcome>>),
+    /// An append while no other of its key landed since the guard's offset,
+    /// and a delete at a path while it holds the given stream, both or
+    /// neither (`append_guarded`).
+    AppendIf(Box<(writer::PreparedAppend, RowGuard, Option<StreamAt>)>, oneshot::Sender<StoreResult<AppendOutcome>>),
     /// Deletes a stream found expired (fire and forget).
     Expire(u64),
 }
@@ -571,16 +572,16 @@ impl StreamStore for EmbeddedStore {
         self.call(|tx| Command::DeleteId(path, id, tx)).await
     }
 
-    async fn append_if_tail(
+    async fn append_guarded(
         &self,
         row: AppendRequest,
-        tail: Offset,
+        guard: RowGuard,
         bytes: Option<StreamAt>,
     ) -> StoreResult<AppendOutcome> {
         crate::rules::check_conditional_row(&row, bytes.as_ref())?;
         let entry = self.entry(&row.path)?;
         let prepared = writer::PreparedAppend::prepare(row, &entry.info())?;
-        let outcome = self.call(|tx| Command::AppendIf(Box::new((prepared, tail, bytes)), tx)).await;
+        let outcome = self.call(|tx| Command::AppendIf(Box::new((prepared, guard, bytes)), tx)).await;
         entry.touch();
         self.appends.record(&outcome);
         outcome

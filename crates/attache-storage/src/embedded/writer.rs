@@ -49,6 +49,50 @@ pub(crate) struct WriterState {
     /// How many streams hold each blob.
     pub(crate) blob_refs: HashMap<String, u64>,
     next_id: u64,
+    /// Where the newest guarded append of each key began (memory only: kept
+    /// across the reload after a failed batch, empty at open, when no caller
+    /// holds an offset read before).
+    pub(crate) row_keys: RowKeys,
+}
+
+/// The newest guarded append of each (stream, key) (`StreamStore::append_guarded`),
+/// at most [`RowKeys::MAX`] of them: past that, keys not written for a
+/// minute are forgotten, and a guard on a forgotten key of that stream
+/// falls back to the whole tail (refusing more, never less).
+#[derive(Default)]
+pub(crate) struct RowKeys {
+    last: HashMap<(u64, String), (u64, Instant)>,
+    /// Per stream, past the newest position forgotten.
+    floor: HashMap<u64, u64>,
+}
+
+impl RowKeys {
+    const MAX: usize = 10_000;
+
+    /// Where the newest guarded append of `key` to `stream` began, as far as
+    /// a guard read at `since` on a stream now at `tail` must know: a
+    /// forgotten key counts as written at `since` unless the stream has not moved.
+    fn last(&self, stream: u64, key: &str, since: u64, tail: u64) -> Option<u64> {
+        match self.last.get(&(stream, key.to_owned())) {
+            Some((pos, _)) => Some(*pos),
+            None => self.floor.get(&stream).filter(|floor| since < **floor && tail != since).map(|_| since),
+        }
+    }
+
+    fn record(&mut self, stream: u64, key: &str, pos: u64) {
+        self.last.insert((stream, key.to_owned()), (pos, Instant::now()));
+        if self.last.len() > Self::MAX {
+            let floor = &mut self.floor;
+            self.last.retain(|(stream, _), (pos, at)| {
+                let keep = at.elapsed() < std::time::Duration::from_secs(60);
+                if !keep {
+                    let f = floor.entry(*stream).or_default();
+                    *f = (*f).max(*pos + 1);
+                }
+                keep
+            });
+        }
+    }
 }
 
 /// Creates the tables up front (once, at open), so readers and `load` can open them unconditionally.
@@ -66,6 +110,13 @@ pub(crate) fn create_tables(db: &Database) -> StoreResult<()> {
 }
 
 impl WriterState {
+    /// This state, reloaded after a failed batch, with the guarded keys of
+    /// `old`: callers may hold offsets they read before the failure.
+    fn keeping_row_keys(mut self, old: &mut WriterState) -> WriterState {
+        self.row_keys = std::mem::take(&mut old.row_keys);
+        self
+    }
+
     /// The id each path names (streams kept for forks after their path was taken are not named).
     pub(crate) fn named(&self) -> impl Iterator<Item = (&String, &u64)> {
         self.paths.iter()
@@ -97,6 +148,7 @@ impl WriterState {
             producers: HashMap::new(),
             blob_refs: HashMap::new(),
             next_id: 1,
+            row_keys: RowKeys::default(),
         };
         for row in streams.iter()? {
             let (_, value) = row?;
@@ -876,7 +928,7 @@ pub(crate) fn run(
         if journal.lost.is_some() {
             finish_checkpoint(&shared, &mut journal, &mut state, true);
             match reopen(&shared, &mut journal) {
-                Ok(fresh) => state = fresh,
+                Ok(fresh) => state = fresh.keeping_row_keys(&mut state),
                 Err(err) => tracing::warn!(%err, "the stream database cannot be reopened yet"),
             }
         }
@@ -997,7 +1049,7 @@ fn checkpoint_failed(shared: &Shared, journal: &mut Journal, state: &mut WriterS
     if err.is_io() {
         journal.lost = Some(err);
         match reopen(shared, journal) {
-            Ok(fresh) => *state = fresh,
+            Ok(fresh) => *state = fresh.keeping_row_keys(state),
             Err(err) => tracing::warn!(%err, "the stream database cannot be reopened yet"),
         }
     }
@@ -1057,7 +1109,7 @@ fn recover_from(shared: &Shared, journal: &mut Journal, state: &mut WriterState,
     finish_checkpoint(shared, journal, state, true);
     let fresh = if journal.lost.is_some() { reopen(shared, journal) } else { reload(shared, journal) };
     match fresh {
-        Ok(fresh) => *state = fresh,
+        Ok(fresh) => *state = fresh.keeping_row_keys(state),
         Err(err) => {
             // The next batch reopens (and reloads) first.
             tracing::warn!(%err, "cannot reload the committed state yet");
@@ -1163,8 +1215,8 @@ fn commit_batch(
                         }
                     }
                     Command::AppendIf(parts, tx) => {
-                        let (row, tail, bytes) = *parts;
-                        match escalate(state.append_if(&mut t, &mut changes, shared, row, tail, bytes)) {
+                        let (row, guard, bytes) = *parts;
+                        match escalate(state.append_if(&mut t, &mut changes, shared, row, guard, bytes)) {
                             Ok(r) => replies.push(Reply::Append(tx, r)),
                             Err(e) => {
                                 replies.push(Reply::Append(tx, Err(e.clone())));
@@ -1585,7 +1637,7 @@ impl WriterState {
         Ok(Box::new((info, outcome)))
     }
 
-    /// `StreamStore::append_if_tail`: every condition is checked before
+    /// `StreamStore::append_guarded`: every condition is checked before
     /// anything changes, so once the row is written only a disk error (which
     /// fails the whole batch) can stop the delete.
     fn append_if(
@@ -1594,7 +1646,7 @@ impl WriterState {
         changes: &mut Changes,
         shared: &Shared,
         row: PreparedAppend,
-        tail: Offset,
+        guard: RowGuard,
         bytes: Option<StreamAt>,
     ) -> StoreResult<AppendOutcome> {
         self.check_append(&row)?;
@@ -1603,8 +1655,13 @@ impl WriterState {
             let info = self.streams.get(&id)?;
             (!info.soft_deleted && !self.expired(shared, id)).then_some(id)
         });
-        let committed = self.streams.get(&row.stream_id).ok_or(StoreError::NotFound)?.tail;
-        rules::check_conditions(committed, tail, bytes.as_ref(), live)?;
+        let stream = row.stream_id;
+        let start = self.streams.get(&stream).ok_or(StoreError::NotFound)?.tail;
+        let last = self.row_keys.last(stream, &guard.key, guard.since.0, start);
+        rules::check_conditions(last, &guard, bytes.as_ref(), live)?;
+        // Recorded before the write: a batch that fails after leaves a key
+        // that refuses more, never one that lets a conflicting write through.
+        self.row_keys.record(stream, &guard.key, start);
         let outcome = self.append(t, changes, row).map_err(|e| match e {
             e if e.fails_batch() => e,
             other => StoreError::Storage(format!("a conditional append checked before was refused after: {other}")),

@@ -416,12 +416,10 @@ pub(crate) enum Command {
     Delete(String, oneshot::Sender<StoreResult<()>>),
     /// Deletes the stream at the path only while it has the id (`delete_id`).
     DeleteId(String, u64, oneshot::Sender<StoreResult<()>>),
-    /// An append while its stream's tail is the given one, and a delete at
-    /// a path while it holds the given stream, both or neither (`append_if_tail`).
-    AppendIf(
-        Box<(PreparedAppend, attache_core::Offset, Option<StreamAt>)>,
-        oneshot::Sender<StoreResult<AppendOutcome>>,
-    ),
+    /// An append while no other of its key landed since the guard's offset,
+    /// and a delete at a path while it holds the given stream, both or
+    /// neither (`append_guarded`).
+    AppendIf(Box<(PreparedAppend, RowGuard, Option<StreamAt>)>, oneshot::Sender<StoreResult<AppendOutcome>>),
     /// Deletes a stream found expired, if it still is (fire and forget).
     Expire(u64),
 }
@@ -816,16 +814,16 @@ impl StreamStore for PgStore {
         self.call(|tx| Command::DeleteId(path, id, tx)).await
     }
 
-    async fn append_if_tail(
+    async fn append_guarded(
         &self,
         row: AppendRequest,
-        tail: attache_core::Offset,
+        guard: RowGuard,
         bytes: Option<StreamAt>,
     ) -> StoreResult<AppendOutcome> {
         crate::rules::check_conditional_row(&row, bytes.as_ref())?;
         let entry = self.entry(&row.path).await?;
         let prepared = PreparedAppend::prepare(row, &entry.info())?;
-        let outcome = self.call(|tx| Command::AppendIf(Box::new((prepared, tail, bytes)), tx)).await;
+        let outcome = self.call(|tx| Command::AppendIf(Box::new((prepared, guard, bytes)), tx)).await;
         entry.touch();
         self.appends.record(&outcome);
         outcome

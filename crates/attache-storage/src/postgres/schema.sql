@@ -38,6 +38,16 @@ CREATE TABLE IF NOT EXISTS attache_producers (
     PRIMARY KEY (stream_id, producer)
 );
 
+-- Guarded appends (StreamStore::append_guarded): where the newest append of
+-- each key to a stream began, written in the same transaction as the append
+-- under the stream's row lock. Rows go with their stream.
+CREATE TABLE IF NOT EXISTS attache_row_keys (
+    stream_id BIGINT NOT NULL,
+    key TEXT NOT NULL,
+    pos BIGINT NOT NULL,
+    PRIMARY KEY (stream_id, key)
+);
+
 -- Content-addressed blobs in the object store: how many streams hold each,
 -- and until when an upload in flight keeps it from collection.
 CREATE TABLE IF NOT EXISTS attache_blobs (

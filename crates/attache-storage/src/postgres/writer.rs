@@ -141,6 +141,10 @@ struct Work {
     /// Streams whose committed row is published here though unchanged: a
     /// conditional write found this instance's copy behind (`append_if`).
     refresh: Vec<u64>,
+    /// Guarded keys (`append_guarded`) as of this batch: where the newest
+    /// append of each began (`None`: none recorded), and which to write.
+    row_keys: HashMap<(u64, String), Option<u64>>,
+    dirty_row_keys: BTreeSet<(u64, String)>,
 }
 
 /// What publishing needs once the batch committed.
@@ -168,6 +172,8 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
         chunks: Vec::new(),
         blob_refs: BTreeMap::new(),
         refresh: Vec::new(),
+        row_keys: HashMap::new(),
+        dirty_row_keys: BTreeSet::new(),
     };
     // Every path the batch names is read (and its row locked) once, up front.
     // Paths it may create are locked first, in one order, in a statement of
@@ -280,8 +286,8 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
             }
             Command::Append(p, _) => Answer::Append(escalate(w.append(p).await)?),
             Command::AppendIf(parts, _) => {
-                let (row, tail, bytes) = &**parts;
-                Answer::Append(escalate(w.append_if(shared, row, *tail, bytes.as_ref()).await)?)
+                let (row, guard, bytes) = &**parts;
+                Answer::Append(escalate(w.append_if(shared, row, guard, bytes.as_ref()).await)?)
             }
             Command::Delete(path, _) => Answer::Delete(escalate(w.delete(shared, path, None).await)?),
             Command::DeleteId(path, id, _) => Answer::Delete(escalate(w.delete(shared, path, Some(*id)).await)?),
@@ -537,20 +543,22 @@ impl Work {
         Ok(Box::new((info, outcome)))
     }
 
-    /// `StreamStore::append_if_tail`: every condition is checked (under the
-    /// row lock of the row's stream and the advisory lock of the deleted
-    /// path) before anything changes, so once the row is written only a
-    /// database error (which rolls the whole batch back) can stop the delete.
+    /// `StreamStore::append_guarded`: every condition is checked before
+    /// anything changes, under the row lock of the row's stream (which also
+    /// orders the guarded keys in `attache_row_keys`) and the advisory lock
+    /// of the deleted path, so once the row is written only a database error
+    /// (which rolls the whole batch back) can stop the delete.
     async fn append_if(
         &mut self,
         shared: &Shared,
         row: &PreparedAppend,
-        tail: Offset,
+        guard: &RowGuard,
         bytes: Option<&StreamAt>,
     ) -> StoreResult<AppendOutcome> {
         self.check_append(row).await?;
         let id = self.id_at(&row.req.path).await?.ok_or(StoreError::NotFound)?;
-        let committed = self.stream(id).await?.ok_or(StoreError::NotFound)?.tail;
+        let start = self.stream(id).await?.ok_or(StoreError::NotFound)?.tail;
+        let last = self.row_key(id, &guard.key).await?;
         let live = match bytes {
             Some(at) => match self.id_at(&at.path).await? {
                 Some(id) => match self.stream(id).await? {
@@ -561,7 +569,7 @@ impl Work {
             },
             None => None,
         };
-        if let Err(moved) = rules::check_conditions(committed, tail, bytes, live) {
+        if let Err(moved) = rules::check_conditions(last, guard, bytes, live) {
             // The caller reads again: from the committed state, not a cache NOTIFY has yet to update.
             self.refresh.push(id);
             return Err(moved);
@@ -570,6 +578,8 @@ impl Work {
             e if e.fails_batch() => e,
             other => StoreError::Storage(format!("a conditional append checked before was refused after: {other}")),
         })?;
+        self.row_keys.insert((id, guard.key.clone()), Some(start));
+        self.dirty_row_keys.insert((id, guard.key.clone()));
         if let Some(StreamAt { path, id: Some(only) }) = bytes {
             match self.delete(shared, path, Some(*only)).await {
                 Ok(()) | Err(StoreError::NotFound) => {}
@@ -581,6 +591,25 @@ impl Work {
             }
         }
         Ok(outcome)
+    }
+
+    /// Where the newest guarded append of `key` to stream `id` began, as of
+    /// this batch (read under the stream's row lock, which every append to
+    /// it takes, so no other instance records one meanwhile).
+    async fn row_key(&mut self, id: u64, key: &str) -> StoreResult<Option<u64>> {
+        let k = (id, key.to_owned());
+        if let Some(pos) = self.row_keys.get(&k) {
+            return Ok(*pos);
+        }
+        let row: Option<(i64,)> = sqlx::query_as("SELECT pos FROM attache_row_keys WHERE stream_id = $1 AND key = $2")
+            .bind(id as i64)
+            .bind(key)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(db_err)?;
+        let pos = row.map(|(pos,)| pos as u64);
+        self.row_keys.insert(k, pos);
+        Ok(pos)
     }
 
     /// Would [`append`](Self::append) take `p` now? Changes nothing (but locks the stream's row).
@@ -788,7 +817,8 @@ impl Work {
             let gone: Vec<i64> = removed.iter().map(|&id| id as i64).collect();
             sqlx::query(
                 "WITH c AS (DELETE FROM attache_chunks WHERE stream_id = ANY($1)), \
-                 p AS (DELETE FROM attache_producers WHERE stream_id = ANY($1)) \
+                 p AS (DELETE FROM attache_producers WHERE stream_id = ANY($1)), \
+                 k AS (DELETE FROM attache_row_keys WHERE stream_id = ANY($1)) \
                  DELETE FROM attache_streams WHERE id = ANY($1)",
             )
             .bind(&gone)
@@ -878,6 +908,27 @@ impl Work {
         .execute(&mut *self.tx)
         .await
         .map_err(db_err)?;
+        let (mut k_ids, mut k_keys, mut k_pos) = (Vec::new(), Vec::new(), Vec::new());
+        for key in &self.dirty_row_keys {
+            if let (false, Some(Some(pos))) = (removed.contains(&key.0), self.row_keys.get(key)) {
+                k_ids.push(key.0 as i64);
+                k_keys.push(key.1.clone());
+                k_pos.push(*pos as i64);
+            }
+        }
+        if !k_ids.is_empty() {
+            sqlx::query(
+                "INSERT INTO attache_row_keys (stream_id, key, pos) \
+                 SELECT * FROM UNNEST($1::int8[], $2::text[], $3::int8[]) \
+                 ON CONFLICT (stream_id, key) DO UPDATE SET pos = EXCLUDED.pos",
+            )
+            .bind(&k_ids)
+            .bind(&k_keys)
+            .bind(&k_pos)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db_err)?;
+        }
         self.blob_refs.retain(|_, d| *d != 0);
         if !self.blob_refs.is_empty() {
             let shas: Vec<String> = self.blob_refs.keys().cloned().collect();
