@@ -57,8 +57,9 @@ pub(crate) struct WriterState {
 
 /// The newest guarded append of each (stream, key) (`StreamStore::append_guarded`),
 /// at most [`RowKeys::MAX`] of them: past that, keys not written for a
-/// minute are forgotten, and a guard on a forgotten key of that stream
-/// falls back to the whole tail (refusing more, never less).
+/// minute are forgotten (all of them, if half are younger), and a guard on a
+/// forgotten key of that stream falls back to the whole tail (refusing
+/// more, never less).
 #[derive(Default)]
 pub(crate) struct RowKeys {
     last: HashMap<(u64, String), (u64, Instant)>,
@@ -82,16 +83,25 @@ impl RowKeys {
     fn record(&mut self, stream: u64, key: &str, pos: u64) {
         self.last.insert((stream, key.to_owned()), (pos, Instant::now()));
         if self.last.len() > Self::MAX {
-            let floor = &mut self.floor;
-            self.last.retain(|(stream, _), (pos, at)| {
-                let keep = at.elapsed() < std::time::Duration::from_secs(60);
-                if !keep {
-                    let f = floor.entry(*stream).or_default();
-                    *f = (*f).max(*pos + 1);
-                }
-                keep
-            });
+            self.forget(|at| at.elapsed() >= std::time::Duration::from_secs(60));
+            // Still full (10,000 keys in a minute): all go, so pruning stays rare.
+            if self.last.len() > Self::MAX / 2 {
+                self.forget(|_| true);
+            }
         }
+    }
+
+    /// Forgets the keys `old` says, raising their streams' floors past them.
+    fn forget(&mut self, old: impl Fn(&Instant) -> bool) {
+        let floor = &mut self.floor;
+        self.last.retain(|(stream, _), (pos, at)| {
+            let keep = !old(at);
+            if !keep {
+                let f = floor.entry(*stream).or_default();
+                *f = (*f).max(*pos + 1);
+            }
+            keep
+        });
     }
 }
 
@@ -1909,5 +1919,29 @@ impl WriterState {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RowKeys;
+
+    #[test]
+    fn a_forgotten_guard_key_refuses_more_never_less() {
+        let mut keys = RowKeys::default();
+        keys.record(1, "attachment:a", 100);
+        assert_eq!(keys.last(1, "attachment:a", 50, 200), Some(100), "written past a read at 50");
+        assert_eq!(keys.last(1, "attachment:b", 50, 200), None, "another key never written");
+        // Past the bound with every key young: all are forgotten, floors raised past them.
+        for n in 0..RowKeys::MAX as u64 {
+            keys.record(1, &format!("attachment:{n}"), 1_000 + n);
+        }
+        assert!(keys.last.len() <= RowKeys::MAX / 2);
+        // A read before a forgotten write now falls back to the whole tail:
+        // refused while the stream moved, let through while it did not.
+        assert_eq!(keys.last(1, "attachment:a", 50, 20_000), Some(50));
+        assert_eq!(keys.last(1, "attachment:a", 20_000, 20_000), None);
+        assert_eq!(keys.last(1, "attachment:a", 20_000, 20_100), None, "read after every forgotten write");
+        assert_eq!(keys.last(2, "attachment:a", 50, 20_000), None, "another stream forgot nothing");
     }
 }
