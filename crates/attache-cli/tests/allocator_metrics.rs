@@ -90,7 +90,8 @@ async fn a_waiting_sse_subscriber_holds_under_16_kib() {
     let mut open = Vec::with_capacity(SUBSCRIBERS);
     for _ in 0..SUBSCRIBERS {
         let mut conn = tokio::net::TcpStream::connect(&addr).await.expect("a connection");
-        let request = "GET /mem/sse?offset=-1&live=sse HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: user:mem\r\n\r\n";
+        let request =
+            "GET /mem/sse?offset=-1&live=sse HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: user:mem\r\n\r\n";
         conn.write_all(request.as_bytes()).await.expect("a request");
         // The first control event says the subscriber is up to date and waiting.
         let mut seen = Vec::new();
