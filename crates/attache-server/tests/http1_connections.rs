@@ -290,3 +290,29 @@ async fn answers_204_and_304_carry_no_content_length() {
     let health = read_answer(&mut conn, &mut pending, false).await;
     assert_eq!((health.status, health.body.as_slice()), (200, &b"ok"[..]));
 }
+
+/// A client that sends its requests and then shuts down its writing half
+/// (`shutdown(SHUT_WR)`) still reads the answers to all it sent, as with
+/// hyper, which takes an end of stream behind requests it holds unanswered
+/// for a half-close. The lean path took it for a client gone and dropped the
+/// request in flight about half the time.
+#[tokio::test]
+async fn requests_sent_before_the_client_half_closes_are_all_answered() {
+    let s = TestServer::start().await;
+    s.create("/h1/half", "text/plain").await;
+    s.append("/h1/half", "text/plain", "kept").await;
+    const SENT: usize = 8;
+    let mut conn = connect(&s).await;
+    let mut batch = String::new();
+    for _ in 0..SENT / 2 {
+        batch.push_str(&get("/h1/half?offset=-1"));
+        batch.push_str(&get("/healthz"));
+    }
+    conn.write_all(batch.as_bytes()).await.expect("sent");
+    conn.shutdown().await.expect("the writing half is shut");
+    let mut got = Vec::new();
+    tokio::time::timeout(PATIENCE, conn.read_to_end(&mut got)).await.expect("closed in time").expect("read");
+    let got = String::from_utf8_lossy(&got);
+    assert_eq!(got.matches("HTTP/1.1 200 OK\r\n").count(), SENT, "{got}");
+    assert_eq!(got.matches("kept").count(), SENT / 2, "{got}");
+}

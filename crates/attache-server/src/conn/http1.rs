@@ -171,7 +171,10 @@ async fn run(
         // Boxed: the router's future is large, and held inline it would size
         // every connection's task for it, idle ones included.
         let answer = Box::pin(app.clone().oneshot(req));
+        // Biased: an answer ready at once goes out even when the client has
+        // already half-closed (its end of stream is seen by `watch` too).
         let res = tokio::select! {
+            biased;
             res = answer => match res {
                 Ok(res) => res,
                 Err(never) => match never {},
@@ -235,12 +238,17 @@ async fn fill_to(io: &TcpStream, buf: &mut BytesMut, len: usize, activity: &Acti
 /// Watches the socket while a request is in flight: resolves when the client
 /// has gone (end of stream or an error), taking what it pipelines meanwhile
 /// into `buf` until that holds a whole buffer's worth (then it waits its turn).
+/// An end of stream behind pipelined bytes is a half-close, as hyper takes it:
+/// the client waits for the answers to all it sent, so this one goes on.
 async fn watch(io: &TcpStream, buf: &mut BytesMut, activity: &Activity) -> io::Result<()> {
     loop {
         if buf.len() >= CONNECTION_BUFFER_BYTES {
             return std::future::pending().await;
         }
         if !fill(io, buf, activity).await? {
+            if !buf.is_empty() {
+                return std::future::pending().await;
+            }
             return Ok(());
         }
     }
