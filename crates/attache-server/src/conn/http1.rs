@@ -16,7 +16,7 @@
 //! through the same router, so the same handlers, front door and trust rules
 //! answer it. Hyper answers all the rest (malformed and oversized heads,
 //! chunked and large bodies, `100-continue`, WebSocket upgrades), given the
-//! bytes already read ahead of the socket's ([`Rewind`]).
+//! bytes already read ahead of the socket's (`Watched::unread`).
 //!
 //! The connection's deadlines stay with [`super::drive`]; this loop tells its
 //! [`Activity`] what happens: bytes arriving, a request in flight from its
@@ -42,7 +42,7 @@ use futures::FutureExt as _;
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tower::ServiceExt as _;
@@ -393,7 +393,7 @@ async fn hand_over(
     shutdown: Arc<Shutdown>,
 ) -> io::Result<()> {
     let service = Tracked { app, activity };
-    let conn = super::http1_builder().serve_connection(TokioIo::new(Rewind { prefix, io }), service).with_upgrades();
+    let conn = super::http1_builder().serve_connection(TokioIo::new(io.with_unread(prefix)), service).with_upgrades();
     tokio::pin!(conn);
     let mut shutting = false;
     loop {
@@ -405,49 +405,5 @@ async fn hand_over(
             served = conn.as_mut() => return served.map_err(io::Error::other),
             _ = shutdown.notify.notified() => {}
         }
-    }
-}
-
-/// A socket whose first bytes were already read: they are read again first.
-struct Rewind {
-    prefix: Bytes,
-    io: Watched,
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

@@ -160,7 +160,7 @@ pub async fn serve(
                 let activity = Arc::new(Activity::new(metrics.clone()));
                 next_id += 1;
                 let listed = live.add(next_id, activity.clone());
-                let io = Watched { io: stream, activity: activity.clone(), _permit: permit };
+                let io = Watched { io: stream, activity: activity.clone(), _permit: permit, unread: Bytes::new() };
                 connections.spawn(serve_connection(io, activity, app.clone(), limits, listed));
             }
             Err(_) => {
@@ -717,9 +717,18 @@ struct Watched {
     io: TcpStream,
     activity: Arc<Activity>,
     _permit: OwnedSemaphorePermit,
+    /// Bytes already read off the socket and handed back (the lean HTTP/1
+    /// path's, when it hands the connection to hyper): read again first.
+    unread: Bytes,
 }
 
 impl Watched {
+    /// This socket, with `unread` to be read before what the socket has.
+    fn with_unread(mut self, unread: Bytes) -> Watched {
+        self.unread = unread;
+        self
+    }
+
     /// Writes are blocked while the socket takes nothing; any progress unblocks them.
     fn wrote<T>(&self, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         self.activity.write_blocked(polled.is_pending());
@@ -729,6 +738,13 @@ impl Watched {
 
 impl AsyncRead for Watched {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if !self.unread.is_empty() {
+            use bytes::Buf as _;
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread[..n]);
+            self.unread.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
