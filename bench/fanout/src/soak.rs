@@ -1714,7 +1714,7 @@ fn expected(kind: &str, status: u16) -> bool {
         "append json" | "append binary" => matches!(status, 200 | 204),
         "upload" | "setup" => matches!(status, 200 | 201),
         "attachment get" => matches!(status, 200 | 206),
-        "attachment delete" | "after the run" | "live sse" | "slow sse" => status == 200,
+        "attachment delete" | "after the run" | "live sse" | "slow sse" | "metrics" => status == 200,
         "live long-poll" => matches!(status, 200 | 204),
         "upload cut: half-close" => status == 400,
         k if k.starts_with("rpc ") => status == 200,
