@@ -93,6 +93,29 @@ async fn a_guarded_write_lands_only_on_the_state_it_was_decided_from(mine: &dyn 
     assert_eq!(rows(mine).await, br#"[{"n":1},{"n":2},{"n":3},{"n":4},{"n":5},{"n":6}]"#);
 }
 
+/// A task's main stream takes guarded rows (one key per attachment) and is
+/// deleted with the task: the writer forgets a deleted stream's keys, so
+/// what it holds does not grow with the streams ever written (the soak's
+/// slow heap drift, ~8-13 MiB/hour, included these).
+#[tokio::test]
+async fn embedded_a_deleted_streams_guarded_keys_are_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+    for n in 0..50 {
+        create(&store, "/e/main", "application/json").await;
+        for key in ["attachment:a", "attachment:b"] {
+            let read = store.head("/e/main").await.unwrap().tail;
+            store.append_guarded(row(n), guard(key, read), None).await.unwrap();
+        }
+        store.delete("/e/main").await.unwrap();
+    }
+    assert_eq!(store.guarded_keys_held(), 0, "50 streams written and deleted leave no guarded key behind");
+    create(&store, "/e/main", "application/json").await;
+    store.append_guarded(row(0), guard("attachment:a", 0), None).await.unwrap();
+    assert_eq!(store.guarded_keys_held(), 1, "a live stream's key is held");
+    store.close().await;
+}
+
 #[tokio::test]
 async fn embedded_a_guarded_write_lands_only_on_the_state_it_was_decided_from() {
     let dir = tempfile::tempdir().unwrap();

@@ -241,6 +241,9 @@ pub(crate) struct Shared {
     /// Moves each time a checkpoint takes boundaries out of the pending lists
     /// (redb has them): a reader that saw it move looks again (`marks.rs`).
     pub(crate) marks_gen: std::sync::atomic::AtomicU64,
+    /// Entries the writer's guarded keys (`writer::RowKeys`) hold after its
+    /// last batch: keys and floors together (tests and diagnostics).
+    pub(crate) row_keys_held: std::sync::atomic::AtomicUsize,
 }
 
 /// The writer's sweep: the kept reads of idle streams go, so they cost
@@ -471,6 +474,7 @@ impl EmbeddedStore {
             cache_bytes: config.cache_bytes,
             tails: tail::TailBudget::new(config.tail_cache_bytes),
             marks_gen: std::sync::atomic::AtomicU64::new(0),
+            row_keys_held: std::sync::atomic::AtomicUsize::new(0),
         });
         let reads = Arc::new(tokio::sync::Semaphore::new(config.read_threads.max(1)));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -491,6 +495,13 @@ impl EmbeddedStore {
     /// Damage the last start found (and recovered around), for operators and tests.
     pub fn damage(&self) -> &[Damage] {
         &self.damage
+    }
+
+    /// How many guarded keys and floors the writer holds in memory, as of its
+    /// last committed batch (tests and diagnostics).
+    #[doc(hidden)]
+    pub fn guarded_keys_held(&self) -> usize {
+        self.shared.row_keys_held.load(Ordering::Acquire)
     }
 
     fn send(&self, cmd: Command) -> StoreResult<()> {

@@ -59,7 +59,9 @@ pub(crate) struct WriterState {
 /// at most [`RowKeys::MAX`] of them: past that, keys not written for a
 /// minute are forgotten (all of them, if half are younger), and a guard on a
 /// forgotten key of that stream falls back to the whole tail (refusing
-/// more, never less).
+/// more, never less). A stream removed for good takes its keys and its floor
+/// with it once its removal is committed ([`RowKeys::forget_streams`]), so
+/// the floors never outnumber the streams that exist.
 #[derive(Default)]
 pub(crate) struct RowKeys {
     last: HashMap<(u64, String), (u64, Instant)>,
@@ -89,6 +91,25 @@ impl RowKeys {
                 self.forget(|_| true);
             }
         }
+    }
+
+    /// Keys and floors held.
+    fn held(&self) -> usize {
+        self.last.len() + self.floor.len()
+    }
+
+    /// Forgets everything about `ids`, streams whose removal is committed
+    /// (ids are never reused, so nothing will ask about them again). Not
+    /// before the commit: a batch that fails leaves them, and their keys, in place.
+    fn forget_streams(&mut self, ids: &[u64]) {
+        if ids.is_empty() {
+            return;
+        }
+        let ids: HashSet<u64> = ids.iter().copied().collect();
+        for id in &ids {
+            self.floor.remove(id);
+        }
+        self.last.retain(|(stream, _), _| !ids.contains(stream));
     }
 
     /// Forgets the keys `old` says, raising their streams' floors past them.
@@ -1324,6 +1345,8 @@ fn commit_batch(
         shared.health.recovered(Source::Db);
     }
     shared.health.recovered(Source::Segment);
+    state.row_keys.forget_streams(&changes.dropped);
+    shared.row_keys_held.store(state.row_keys.held(), Ordering::Release);
     for id in &changes.dropped {
         if let Err(err) = shared.segments.remove(*id) {
             // A leftover file is removed at the next start.
