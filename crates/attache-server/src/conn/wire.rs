@@ -55,7 +55,7 @@ fn range_in(whole: &[u8], part: &[u8]) -> (usize, usize) {
 }
 
 /// Whether a `Connection` header's comma-separated tokens include `token`.
-fn has_token(value: &[u8], token: &str) -> bool {
+pub fn has_token(value: &[u8], token: &str) -> bool {
     value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
