@@ -69,6 +69,22 @@ pub trait StreamStore: Send + Sync + 'static {
     /// against [`append`](StreamStore::append).
     fn append_in_order(&self, req: AppendRequest) -> InOrderAppend;
 
+    /// [`append_in_order`](StreamStore::append_in_order) of `req`, and of
+    /// `then` to another stream, in one commit: both or neither. Each takes
+    /// its place in its own stream's order before this returns, under the
+    /// same ordering contract (for that contract this call counts as one
+    /// call on each stream). A refusal of either (a stream missing, closed
+    /// or of another type) commits nothing, and the answer is that refusal;
+    /// so is a failed commit. The answer on success is `req`'s outcome.
+    /// Neither may carry producer headers, and the two must name different
+    /// streams (`Invalid`).
+    ///
+    /// This is how a change and its announcement stay one fact: a task's
+    /// rows on its main stream and its events on the global events stream
+    /// share one durable commit, and the events exist exactly when the
+    /// change does (one fdatasync per change, not two in a row).
+    fn append_in_order_with(&self, req: AppendRequest, then: AppendRequest) -> InOrderAppend;
+
     /// Deletes a stream; a stream with live forks is soft-deleted (410
     /// afterwards) and keeps its path until a create takes it
     /// ([`CreateStream::take_kept_path`]).

@@ -65,6 +65,30 @@ pub(crate) fn check_blob_row(req: &CreateStream, row: &AppendRequest) -> StoreRe
     Ok(())
 }
 
+/// The two appends of `StreamStore::append_in_order_with`: never retries
+/// (no producer), to two different streams.
+pub(crate) fn check_paired_appends(req: &AppendRequest, then: &AppendRequest) -> StoreResult<()> {
+    if req.producer.is_some() || then.producer.is_some() {
+        return Err(StoreError::Invalid("appends committed together carry no producer".into()));
+    }
+    if req.path == then.path {
+        return Err(StoreError::Invalid("appends committed together go to two different streams".into()));
+    }
+    Ok(())
+}
+
+/// The error of a write refused after the checks before it said it would go
+/// (the second half of a both-or-neither command): a storage error stays
+/// itself (it fails the whole batch), anything else becomes one, since half
+/// of the command may already be written.
+pub(crate) fn checked_then_refused(e: StoreError, what: &str) -> StoreError {
+    if e.fails_batch() {
+        e
+    } else {
+        StoreError::Storage(format!("{what} checked before was refused after: {e}"))
+    }
+}
+
 /// The row of a conditional write (`StreamStore::append_guarded`): never a
 /// retry (no producer), and not to the stream it may delete.
 pub(crate) fn check_conditional_row(row: &AppendRequest, bytes: Option<&StreamAt>) -> StoreResult<()> {

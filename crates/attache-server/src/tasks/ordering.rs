@@ -90,42 +90,9 @@ impl Drop for KeyClaim<'_> {
     }
 }
 
-/// The last event publication of each task still in flight: a write's
-/// events go to the global stream only once its rows are acknowledged, and
-/// after the events of the task's write placed before it (`write_task`).
-/// An entry leaves when its publication is placed and no later one followed.
-#[derive(Default)]
-pub(super) struct Publications {
-    next: u64,
-    last: HashMap<String, (u64, Published)>,
-}
-
-/// Resolves once a write's events are placed on the global stream (or it
-/// was decided they are not published): the next write of the task may place its own.
-pub(super) type Published = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
-
-impl Publications {
-    /// Queues a publication of `task_id`'s events; returns its number and
-    /// the one before it to wait for.
-    pub(super) fn queue(&mut self, task_id: &str, mine: Published) -> (u64, Option<Published>) {
-        self.next += 1;
-        let seq = self.next;
-        let before = self.last.insert(task_id.to_owned(), (seq, mine)).map(|(_, p)| p);
-        (seq, before)
-    }
-
-    /// Publication `seq` is placed: forget it unless a later one is queued.
-    pub(super) fn placed(&mut self, task_id: &str, seq: u64) {
-        if self.last.get(task_id).is_some_and(|(s, _)| *s == seq) {
-            self.last.remove(task_id);
-        }
-    }
-}
-
 #[derive(Default)]
 pub struct Writers {
     cells: parking_lot::Mutex<HashMap<String, Arc<TaskCell>>>,
-    pub(super) publications: parking_lot::Mutex<Publications>,
     /// Deleted tasks whose tombstones are kept, oldest first.
     pub(super) tombstones: parking_lot::Mutex<VecDeque<Tombstone>>,
 }

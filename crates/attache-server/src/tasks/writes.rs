@@ -1,11 +1,9 @@
 //! What a change writes: manifest rows and `event` rows on the task's main
-//! stream, the same events on the global events stream, placed in each
-//! stream's commit order (`StreamStore::append_in_order`) while the task
-//! lock is held and awaited after it is released (`write_task`).
+//! stream, the same events on the global events stream, in one commit placed
+//! in both streams' commit order (`StreamStore::append_in_order_with`) while
+//! the task lock is held and awaited after it is released (`write_task`).
 
 use std::future::Future;
-
-use futures::FutureExt;
 
 use attache_core::manifest::{ManifestEntry, MANIFEST};
 use attache_core::state::{timestamp, HeadersRef, RowRef};
@@ -15,7 +13,6 @@ use serde_json::Value;
 
 use super::dispatch::{task_missing, Missing};
 use super::ids::{main_path, new_event_id};
-use super::ordering::Published;
 use super::{ApiError, ApiResult, TASK_TYPE};
 use crate::access::now_ms;
 use crate::events;
@@ -100,19 +97,16 @@ pub(super) enum MainWrite {
 }
 
 /// Appends `rows` plus one `event` row per event to the task's main stream,
-/// and then the events to the global events stream: the main append is
-/// placed in its stream's commit order before this returns
-/// (`StreamStore::append_in_order`: the caller holds the task's lock, so the
-/// task's writes commit in the order they were decided), durable when the
-/// returned future completes. Each event is serialized once for both streams.
-///
-/// The events are published (appended to the global stream) only once the
-/// main append is acknowledged, and never when it was refused or failed (a
-/// closed stream, a failed disk write): watchers never see a change that did
-/// not happen. They are placed in the order of the task's writes (each
-/// waits for the placing of the one queued before it, `Publications`), by a
-/// spawned task: a caller that goes away does not take the events of its
-/// committed change with it.
+/// and the events to the global events stream, in one commit: both or
+/// neither (`StreamStore::append_in_order_with`), so an event is published
+/// exactly when its change is acknowledged, never for a change refused or
+/// failed (a closed stream, a failed disk write), and a change costs one
+/// durable commit, not two in a row. Both appends are placed in their
+/// streams' commit order before this returns (the caller holds the task's
+/// lock, so the task's writes, and their events, commit in the order they
+/// were decided), durable when the returned future completes. Each event is
+/// serialized once for both streams. The write goes ahead whether or not the
+/// future is awaited: a caller that goes away takes only the answer with it.
 ///
 /// Only into the life `incarnation` names: it holds the task's life lock
 /// shared until the writes finish (`access::Lives`), and a task purged
@@ -180,43 +174,21 @@ pub(super) async fn write_task(
             main == MainWrite::AppendAndClose,
         )
     });
-    let (placed, published) = futures::channel::oneshot::channel::<()>();
-    let published: Published = published.map(drop).boxed().shared();
-    // Placed and queued under one lock: the publications of the task's
-    // writes are queued in the order their rows are placed.
-    let (main_write, seq, before) = {
-        let mut publications = state.tasks.publications.lock();
-        let main_write = main_req.map(|req| state.store.append_in_order(req));
-        let (seq, before) = publications.queue(task_id, published);
-        (main_write, seq, before)
+    let events_req = (!envelopes.is_empty()).then(|| events::events_append(&envelopes));
+    let has_main = main_req.is_some();
+    let write = match (main_req, events_req) {
+        (Some(main), Some(events)) => Some(state.store.append_in_order_with(main, events)),
+        (Some(only), None) | (None, Some(only)) => Some(state.store.append_in_order(only)),
+        (None, None) => None,
     };
-    let (answer, answered) = tokio::sync::oneshot::channel();
-    let state = state.clone();
-    let task_id = task_id.to_owned();
-    tokio::spawn(async move {
+    futures::future::Either::Right(async move {
         let _life = life;
-        let main = match main_write {
+        match write {
             Some(w) => w.await.map(drop).map_err(|e| match e {
-                StoreError::Closed { .. } => not_running(),
+                StoreError::Closed { .. } if has_main => not_running(),
                 other => ApiError::from(other),
             }),
             None => Ok(()),
-        };
-        if let Some(before) = before {
-            before.await;
         }
-        // Only an acknowledged change is published.
-        let global_write = (main.is_ok() && !envelopes.is_empty())
-            .then(|| state.store.append_in_order(events::events_append(&envelopes)));
-        drop(placed);
-        state.tasks.publications.lock().placed(&task_id, seq);
-        let global = match global_write {
-            Some(w) => w.await.map(drop).map_err(ApiError::from),
-            None => Ok(()),
-        };
-        let _ = answer.send(main.and(global));
-    });
-    futures::future::Either::Right(async move {
-        answered.await.unwrap_or_else(|_| Err(ApiError::internal("a task write's publisher ended without an answer")))
     })
 }

@@ -381,6 +381,8 @@ pub(crate) enum Command {
     /// and a delete at a path while it holds the given stream, both or
     /// neither (`append_guarded`).
     AppendIf(Box<(writer::PreparedAppend, RowGuard, Option<StreamAt>)>, oneshot::Sender<StoreResult<AppendOutcome>>),
+    /// Two appends to two streams, both or neither (`append_in_order_with`); answers the first's outcome.
+    AppendPair(Box<(writer::PreparedAppend, writer::PreparedAppend)>, oneshot::Sender<StoreResult<AppendOutcome>>),
     /// Deletes a stream found expired (fire and forget).
     Expire(u64),
 }
@@ -569,6 +571,29 @@ impl StreamStore for EmbeddedStore {
             // Any write, even a retried one, resets a sliding TTL.
             entry.touch();
             appends.record(&outcome);
+            outcome
+        })
+    }
+
+    /// Both appends go to the writer in one command, sent before this returns.
+    fn append_in_order_with(&self, req: AppendRequest, then: AppendRequest) -> crate::InOrderAppend {
+        let sent = (|| -> StoreResult<_> {
+            crate::rules::check_paired_appends(&req, &then)?;
+            let (entry, other) = (self.entry(&req.path)?, self.entry(&then.path)?);
+            let first = writer::PreparedAppend::prepare(req, &entry.info())?;
+            let second = writer::PreparedAppend::prepare(then, &other.info())?;
+            let (tx, rx) = oneshot::channel();
+            self.send(Command::AppendPair(Box::new((first, second)), tx))?;
+            Ok(([entry, other], rx))
+        })();
+        let appends = self.appends.clone();
+        Box::pin(async move {
+            let (entries, rx) = sent?;
+            let outcome = rx.await.unwrap_or(Err(StoreError::ShuttingDown));
+            for entry in entries {
+                entry.touch();
+                appends.record(&outcome);
+            }
             outcome
         })
     }

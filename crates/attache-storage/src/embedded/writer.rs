@@ -884,7 +884,7 @@ fn refuse(cmd: Command, err: &StoreError) {
         Command::CreateBlobWithRow(_, tx) => drop(tx.send(Err(err.clone()))),
         Command::Append(_, tx) => drop(tx.send(Err(err.clone()))),
         Command::Delete(_, tx) | Command::DeleteId(_, _, tx) => drop(tx.send(Err(err.clone()))),
-        Command::AppendIf(_, tx) => drop(tx.send(Err(err.clone()))),
+        Command::AppendIf(_, tx) | Command::AppendPair(_, tx) => drop(tx.send(Err(err.clone()))),
         Command::Expire(_) => {}
     }
 }
@@ -1248,6 +1248,16 @@ fn commit_batch(
                     Command::AppendIf(parts, tx) => {
                         let (row, guard, bytes) = *parts;
                         match escalate(state.append_if(&mut t, &mut changes, shared, row, guard, bytes)) {
+                            Ok(r) => replies.push(Reply::Append(tx, r)),
+                            Err(e) => {
+                                replies.push(Reply::Append(tx, Err(e.clone())));
+                                return Err(e);
+                            }
+                        }
+                    }
+                    Command::AppendPair(pair, tx) => {
+                        let (first, second) = *pair;
+                        match escalate(state.append_pair(&mut t, &mut changes, first, second)) {
                             Ok(r) => replies.push(Reply::Append(tx, r)),
                             Err(e) => {
                                 replies.push(Reply::Append(tx, Err(e.clone())));
@@ -1661,12 +1671,8 @@ impl WriterState {
     ) -> BlobWithRow {
         self.check_append(&row)?;
         let info = self.create_blob(t, changes, shared, req, blob)?;
-        let outcome = self.append(t, changes, row).map_err(|e| match e {
-            e @ (StoreError::Storage(_) | StoreError::StorageFull(_) | StoreError::Unavailable(_)) => e,
-            other => {
-                StoreError::Storage(format!("an append checked before its blob stream was refused after: {other}"))
-            }
-        })?;
+        let outcome =
+            self.append(t, changes, row).map_err(|e| rules::checked_then_refused(e, "the append of a blob stream"))?;
         Ok(Box::new((info, outcome)))
     }
 
@@ -1695,20 +1701,34 @@ impl WriterState {
         // Recorded before the write: a batch that fails after leaves a key
         // that refuses more, never one that lets a conflicting write through.
         self.row_keys.record(stream, &guard.key, start);
-        let outcome = self.append(t, changes, row).map_err(|e| match e {
-            e if e.fails_batch() => e,
-            other => StoreError::Storage(format!("a conditional append checked before was refused after: {other}")),
-        })?;
+        let outcome =
+            self.append(t, changes, row).map_err(|e| rules::checked_then_refused(e, "a conditional append"))?;
         if let Some(StreamAt { path, id: Some(_) }) = bytes {
             match self.delete(t, changes, shared, &path) {
                 Ok(()) | Err(StoreError::NotFound) => {}
-                Err(e) if e.fails_batch() => return Err(e),
                 // Checked live above: a refusal now would leave the row without the delete.
-                Err(other) => {
-                    return Err(StoreError::Storage(format!("a delete checked before was refused after: {other}")))
-                }
+                Err(e) => return Err(rules::checked_then_refused(e, "a conditional delete")),
             }
         }
+        Ok(outcome)
+    }
+
+    /// Two appends to two streams, both or neither
+    /// (`StreamStore::append_in_order_with`): both are checked before
+    /// anything changes, so once the first is written only a disk error
+    /// (which fails the whole batch) can stop the second.
+    fn append_pair(
+        &mut self,
+        t: &mut Tables,
+        changes: &mut Changes,
+        first: PreparedAppend,
+        second: PreparedAppend,
+    ) -> StoreResult<AppendOutcome> {
+        self.check_append(&first)?;
+        self.check_append(&second)?;
+        let outcome = self.append(t, changes, first).map_err(|e| rules::checked_then_refused(e, "an append"))?;
+        self.append(t, changes, second)
+            .map_err(|e| rules::checked_then_refused(e, "the append paired with another"))?;
         Ok(outcome)
     }
 
@@ -1722,7 +1742,9 @@ impl WriterState {
         let state = p.req.producer.as_ref().and_then(|pr| self.producers.get(&(id, pr.id.clone())).copied());
         match rules::decide_append(info, &p.req, state)? {
             AppendDecision::Write { .. } => rules::place_rows(&mut info.tail.clone(), &p.rows, p.json).map(drop),
-            AppendDecision::Answer(_) => Err(StoreError::Invalid("the row of a blob stream must write".into())),
+            AppendDecision::Answer(_) => Err(StoreError::Invalid(
+                "a row committed with another change must write: no retry, no close of a closed stream".into(),
+            )),
         }
     }
 

@@ -420,6 +420,8 @@ pub(crate) enum Command {
     /// and a delete at a path while it holds the given stream, both or
     /// neither (`append_guarded`).
     AppendIf(Box<(PreparedAppend, RowGuard, Option<StreamAt>)>, oneshot::Sender<StoreResult<AppendOutcome>>),
+    /// Two appends to two streams, both or neither (`append_in_order_with`); answers the first's outcome.
+    AppendPair(Box<(PreparedAppend, PreparedAppend)>, oneshot::Sender<StoreResult<AppendOutcome>>),
     /// Deletes a stream found expired, if it still is (fire and forget).
     Expire(u64),
 }
@@ -728,29 +730,88 @@ fn live_entry(entry: Arc<StreamEntry>, send: impl FnOnce(Command)) -> StoreResul
     Ok(entry)
 }
 
-/// An append handed to the writer: its stream, and where its answer comes.
-type Sent = (Arc<StreamEntry>, oneshot::Receiver<StoreResult<AppendOutcome>>);
+/// An append handed to the writer: its streams, and where its answer comes.
+type Sent = (Vec<Arc<StreamEntry>>, oneshot::Receiver<StoreResult<AppendOutcome>>);
 
-/// Prepares `req` against `entry` and puts it in the writer's channel.
-fn send_append(
+/// Prepares `reqs` (one append, or the two of `append_in_order_with`)
+/// against their streams and puts them in the writer's channel as one command.
+fn send_appends(
     commands: &mpsc::UnboundedSender<Command>,
-    entry: StoreResult<Arc<StreamEntry>>,
-    req: AppendRequest,
+    entries: Vec<StoreResult<Arc<StreamEntry>>>,
+    reqs: Vec<AppendRequest>,
 ) -> StoreResult<Sent> {
-    let entry = entry?;
-    let prepared = PreparedAppend::prepare(req, &entry.info())?;
+    let entries = entries.into_iter().collect::<StoreResult<Vec<_>>>()?;
+    let mut prepared = Vec::with_capacity(reqs.len());
+    for (req, entry) in reqs.into_iter().zip(&entries) {
+        prepared.push(PreparedAppend::prepare(req, &entry.info())?);
+    }
     let (tx, rx) = oneshot::channel();
-    commands.send(Command::Append(prepared, tx)).map_err(|_| StoreError::ShuttingDown)?;
-    Ok((entry, rx))
+    let cmd = match <[PreparedAppend; 2]>::try_from(prepared) {
+        Ok([first, second]) => Command::AppendPair(Box::new((first, second)), tx),
+        Err(mut one) => Command::Append(one.pop().ok_or(StoreError::Invalid("nothing to append".into()))?, tx),
+    };
+    commands.send(cmd).map_err(|_| StoreError::ShuttingDown)?;
+    Ok((entries, rx))
 }
 
 /// The answer to a sent append, once the writer has it.
 async fn answer(sent: StoreResult<Sent>, appends: Arc<crate::AppendCounter>) -> StoreResult<AppendOutcome> {
-    let (entry, rx) = sent?;
+    let (entries, rx) = sent?;
     let outcome = rx.await.unwrap_or(Err(StoreError::ShuttingDown));
-    entry.touch();
-    appends.record(&outcome);
+    for entry in entries {
+        entry.touch();
+        appends.record(&outcome);
+    }
     outcome
+}
+
+impl PgStore {
+    /// `append_in_order` of one append, or of the two of
+    /// `append_in_order_with` as one command. When every stream is known
+    /// here and none has a line, the command goes into the writer's channel
+    /// now; otherwise it takes a turn in each stream's line (`order.rs`),
+    /// all taken at once under the lines' lock, so no two calls wait on each
+    /// other in a circle.
+    fn in_order(&self, reqs: Vec<AppendRequest>) -> crate::InOrderAppend {
+        let Some(commands) = self.commands.lock().clone() else {
+            return Box::pin(futures::future::ready(Err(StoreError::ShuttingDown)));
+        };
+        let appends = self.appends.clone();
+        let mut lines = self.lines.lock();
+        if reqs.iter().all(|r| !lines.has_line(&r.path)) {
+            let known: Option<Vec<_>> = {
+                let index = self.shared.index.read();
+                reqs.iter().map(|r| index.by_path.get(&r.path).cloned()).collect()
+            };
+            if let Some(known) = known {
+                let entries = known.into_iter().map(|e| live_entry(e, |cmd| drop(commands.send(cmd)))).collect();
+                let sent = send_appends(&commands, entries, reqs);
+                drop(lines);
+                return Box::pin(answer(sent, appends));
+            }
+        }
+        let mut turns: Vec<_> = reqs.iter().map(|r| lines.take_turn(&r.path)).collect();
+        drop(lines);
+        let shared = self.shared.clone();
+        // On the database's runtime: the append goes ahead whether or not the caller polls.
+        let task = self.io.handle().spawn(async move {
+            let mut entries = Vec::with_capacity(reqs.len());
+            for ((_, before), req) in turns.iter_mut().zip(&reqs) {
+                if let Some(before) = before.take() {
+                    let _ = before.await;
+                }
+                entries.push(match shared.clone().load_path(req.path.clone()).await {
+                    Ok(Some(entry)) => live_entry(entry, |cmd| drop(commands.send(cmd))),
+                    Ok(None) => Err(StoreError::NotFound),
+                    Err(e) => Err(e),
+                });
+            }
+            let sent = send_appends(&commands, entries, reqs);
+            drop(turns);
+            answer(sent, appends).await
+        });
+        Box::pin(async move { task.await.map_err(|e| StoreError::Storage(format!("database task failed: {e}")))? })
+    }
 }
 
 #[async_trait]
@@ -771,37 +832,14 @@ impl StreamStore for PgStore {
     /// A stream known here goes into the writer's channel now; one that must
     /// be looked up first takes a turn in its stream's line (`order.rs`).
     fn append_in_order(&self, req: AppendRequest) -> crate::InOrderAppend {
-        let Some(commands) = self.commands.lock().clone() else {
-            return Box::pin(futures::future::ready(Err(StoreError::ShuttingDown)));
-        };
-        let appends = self.appends.clone();
-        let lines = self.lines.lock();
-        if !lines.has_line(&req.path) {
-            let known = self.shared.index.read().by_path.get(&req.path).cloned();
-            if let Some(entry) = known {
-                let entry = live_entry(entry, |cmd| drop(commands.send(cmd)));
-                let sent = send_append(&commands, entry, req);
-                drop(lines);
-                return Box::pin(answer(sent, appends));
-            }
+        self.in_order(vec![req])
+    }
+
+    fn append_in_order_with(&self, req: AppendRequest, then: AppendRequest) -> crate::InOrderAppend {
+        if let Err(e) = crate::rules::check_paired_appends(&req, &then) {
+            return Box::pin(futures::future::ready(Err(e)));
         }
-        let (turn, before) = lines.take_turn(&req.path);
-        let shared = self.shared.clone();
-        // On the database's runtime: the append goes ahead whether or not the caller polls.
-        let task = self.io.handle().spawn(async move {
-            if let Some(before) = before {
-                let _ = before.await;
-            }
-            let found = match shared.clone().load_path(req.path.clone()).await {
-                Ok(Some(entry)) => live_entry(entry, |cmd| drop(commands.send(cmd))),
-                Ok(None) => Err(StoreError::NotFound),
-                Err(e) => Err(e),
-            };
-            let sent = send_append(&commands, found, req);
-            drop(turn);
-            answer(sent, appends).await
-        });
-        Box::pin(async move { task.await.map_err(|e| StoreError::Storage(format!("database task failed: {e}")))? })
+        self.in_order(vec![req, then])
     }
 
     async fn delete(&self, path: &str) -> StoreResult<()> {

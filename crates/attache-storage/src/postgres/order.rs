@@ -71,7 +71,7 @@ impl Locked<'_> {
     }
 
     /// Takes the next turn in `path`'s line: the turn, and what to wait for before sending.
-    pub(crate) fn take_turn(mut self, path: &str) -> (Turn, Option<oneshot::Receiver<()>>) {
+    pub(crate) fn take_turn(&mut self, path: &str) -> (Turn, Option<oneshot::Receiver<()>>) {
         let id = self.lines.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let before = self.last.insert(path.to_owned(), Last { id, sent: rx }).map(|l| l.sent);

@@ -93,7 +93,7 @@ fn reply(cmd: Command, answer: Answer) {
         (Command::CreateBlobWithRow(_, tx), Answer::CreateBlobWithRow(r)) => drop(tx.send(r)),
         (Command::Append(_, tx), Answer::Append(r)) => drop(tx.send(r)),
         (Command::Delete(_, tx) | Command::DeleteId(_, _, tx), Answer::Delete(r)) => drop(tx.send(r)),
-        (Command::AppendIf(_, tx), Answer::Append(r)) => drop(tx.send(r)),
+        (Command::AppendIf(_, tx) | Command::AppendPair(_, tx), Answer::Append(r)) => drop(tx.send(r)),
         _ => {}
     }
 }
@@ -105,7 +105,7 @@ fn fail(cmd: Command, err: StoreError) {
         Command::CreateBlobWithRow(_, tx) => drop(tx.send(Err(err))),
         Command::Append(_, tx) => drop(tx.send(Err(err))),
         Command::Delete(_, tx) | Command::DeleteId(_, _, tx) => drop(tx.send(Err(err))),
-        Command::AppendIf(_, tx) => drop(tx.send(Err(err))),
+        Command::AppendIf(_, tx) | Command::AppendPair(_, tx) => drop(tx.send(Err(err))),
         Command::Expire(_) => {}
     }
 }
@@ -207,6 +207,10 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
                 paths.push(source.clone());
             }
             Command::Append(p, _) => paths.push(p.req.path.clone()),
+            Command::AppendPair(pair, _) => {
+                paths.push(pair.0.req.path.clone());
+                paths.push(pair.1.req.path.clone());
+            }
             Command::AppendIf(parts, _) => {
                 let (row, _, bytes) = &**parts;
                 paths.push(row.req.path.clone());
@@ -285,6 +289,7 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
                 Answer::CreateBlob(escalate(w.link_blob(shared, req.clone(), source).await)?)
             }
             Command::Append(p, _) => Answer::Append(escalate(w.append(p).await)?),
+            Command::AppendPair(pair, _) => Answer::Append(escalate(w.append_pair(&pair.0, &pair.1).await)?),
             Command::AppendIf(parts, _) => {
                 let (row, guard, bytes) = &**parts;
                 Answer::Append(escalate(w.append_if(shared, row, guard, bytes.as_ref()).await)?)
@@ -534,12 +539,8 @@ impl Work {
     ) -> super::BlobWithRow {
         self.check_append(row).await?;
         let info = self.create_blob(shared, req, blob).await?;
-        let outcome = self.append(row).await.map_err(|e| match e {
-            e if e.fails_batch() => e,
-            other => {
-                StoreError::Storage(format!("an append checked before its blob stream was refused after: {other}"))
-            }
-        })?;
+        let outcome =
+            self.append(row).await.map_err(|e| rules::checked_then_refused(e, "the append of a blob stream"))?;
         Ok(Box::new((info, outcome)))
     }
 
@@ -574,22 +575,28 @@ impl Work {
             self.refresh.push(id);
             return Err(moved);
         }
-        let outcome = self.append(row).await.map_err(|e| match e {
-            e if e.fails_batch() => e,
-            other => StoreError::Storage(format!("a conditional append checked before was refused after: {other}")),
-        })?;
+        let outcome = self.append(row).await.map_err(|e| rules::checked_then_refused(e, "a conditional append"))?;
         self.row_keys.insert((id, guard.key.clone()), Some(start));
         self.dirty_row_keys.insert((id, guard.key.clone()));
         if let Some(StreamAt { path, id: Some(only) }) = bytes {
             match self.delete(shared, path, Some(*only)).await {
                 Ok(()) | Err(StoreError::NotFound) => {}
-                Err(e) if e.fails_batch() => return Err(e),
                 // Checked live above: a refusal now would leave the row without the delete.
-                Err(other) => {
-                    return Err(StoreError::Storage(format!("a delete checked before was refused after: {other}")))
-                }
+                Err(e) => return Err(rules::checked_then_refused(e, "a conditional delete")),
             }
         }
+        Ok(outcome)
+    }
+
+    /// Two appends to two streams, both or neither
+    /// (`StreamStore::append_in_order_with`): both are checked (and their
+    /// streams' rows locked) before anything changes, so once the first is
+    /// written only a database error (which rolls the batch back) can stop the second.
+    async fn append_pair(&mut self, first: &PreparedAppend, second: &PreparedAppend) -> StoreResult<AppendOutcome> {
+        self.check_append(first).await?;
+        self.check_append(second).await?;
+        let outcome = self.append(first).await.map_err(|e| rules::checked_then_refused(e, "an append"))?;
+        self.append(second).await.map_err(|e| rules::checked_then_refused(e, "the append paired with another"))?;
         Ok(outcome)
     }
 
@@ -624,7 +631,9 @@ impl Work {
         };
         match rules::decide_append(&info, req, state)? {
             AppendDecision::Write { .. } => rules::place_rows(&mut info.tail.clone(), &rows, p.json).map(drop),
-            AppendDecision::Answer(_) => Err(StoreError::Invalid("the row of a blob stream must write".into())),
+            AppendDecision::Answer(_) => Err(StoreError::Invalid(
+                "a row committed with another change must write: no retry, no close of a closed stream".into(),
+            )),
         }
     }
 

@@ -1,0 +1,118 @@
+//! `append_in_order_with` on both backends: two appends to two streams in
+//! one commit, both or neither. A refusal of either (its stream closed,
+//! missing or of another type) writes nothing to the other; each keeps its
+//! place in its own stream's order; bad pairs are `Invalid`. On PostgreSQL
+//! the second stream is one another instance created (so the call must look
+//! it up: the path through `order.rs`'s lines). The PostgreSQL half runs on
+//! a throwaway cluster (or `ATTACHE_TEST_PG_URL`); without PostgreSQL it
+//! prints why and passes (CI sets ATTACHE_REQUIRE_SERVICES and fails instead).
+
+use attache_core::ProducerHeaders;
+use attache_core::{ContentType, StreamPath};
+use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
+use attache_storage::postgres::test_cluster::TestCluster;
+use attache_storage::postgres::{self, PgConfig};
+use attache_storage::{AppendRequest, CreateStream, ReadFrom, StoreError, StreamStore};
+use bytes::Bytes;
+
+fn stream(path: &str, content_type: &str) -> CreateStream {
+    CreateStream {
+        path: StreamPath::new(path).unwrap(),
+        content_type: Some(ContentType::parse(content_type).unwrap()),
+        ttl: None,
+        expires_at: None,
+        closed: false,
+        initial: Bytes::new(),
+        fork: None,
+        owner: None,
+        take_kept_path: false,
+    }
+}
+
+fn rows(path: &str, from: u32, to: u32, close: bool) -> AppendRequest {
+    let messages: Vec<Vec<u8>> = (from..to).map(|n| format!(r#"{{"n":{n}}}"#).into_bytes()).collect();
+    AppendRequest::json_messages(path.into(), ContentType::parse("application/json").unwrap(), &messages, close)
+}
+
+async fn body(store: &dyn StreamStore, path: &str) -> String {
+    let batch = store.read(path, ReadFrom::Start, 1 << 20).await.unwrap();
+    String::from_utf8(batch.body.to_vec()).unwrap()
+}
+
+/// `mine` makes the calls; `other` made `/events` (the same store, or another instance).
+async fn two_appends_commit_together_or_not_at_all(mine: &dyn StreamStore, other: &dyn StreamStore) {
+    mine.create(stream("/task/main", "application/json")).await.unwrap();
+    other.create(stream("/events", "application/json")).await.unwrap();
+    mine.create(stream("/bytes", "application/octet-stream")).await.unwrap();
+
+    // Many pairs placed in sequence, none awaited until all are placed: each
+    // stream holds them in placement order.
+    let placed: Vec<_> = (0..20)
+        .map(|n| mine.append_in_order_with(rows("/task/main", n, n + 1, false), rows("/events", n, n + 1, false)))
+        .collect();
+    for (n, answer) in placed.into_iter().enumerate().rev() {
+        let outcome = answer.await.unwrap_or_else(|e| panic!("pair {n}: {e}"));
+        assert!(!outcome.duplicate);
+    }
+    let expected: String = format!("[{}]", (0..20).map(|n| format!(r#"{{"n":{n}}}"#)).collect::<Vec<_>>().join(","));
+    assert_eq!(body(mine, "/task/main").await, expected);
+    assert_eq!(body(mine, "/events").await, expected);
+    let answer = mine.append_in_order_with(rows("/task/main", 20, 22, false), rows("/events", 20, 21, false)).await;
+    assert_eq!(answer.unwrap().info.path.as_str(), "/task/main", "the answer is the first append's");
+
+    // The second refused (a stream of another type): the first is not written either.
+    let before = body(mine, "/task/main").await;
+    let refused = mine.append_in_order_with(rows("/task/main", 100, 101, false), rows("/bytes", 0, 1, false)).await;
+    assert!(refused.is_err(), "a JSON row to a binary stream is refused: {refused:?}");
+    assert_eq!(body(mine, "/task/main").await, before, "no row of a pair whose second half was refused");
+    // The second missing: the same.
+    let missing = mine.append_in_order_with(rows("/task/main", 100, 101, false), rows("/nowhere", 0, 1, false)).await;
+    assert_eq!(missing.unwrap_err(), StoreError::NotFound);
+    assert_eq!(body(mine, "/task/main").await, before);
+
+    // The first closes its stream with its rows; then a pair whose first is refused (closed) writes no event.
+    mine.append_in_order_with(rows("/task/main", 22, 23, true), rows("/events", 22, 23, false)).await.unwrap();
+    let events = body(mine, "/events").await;
+    let closed = mine.append_in_order_with(rows("/task/main", 23, 24, false), rows("/events", 23, 24, false)).await;
+    assert!(matches!(closed, Err(StoreError::Closed { .. })), "{closed:?}");
+    assert_eq!(body(mine, "/events").await, events, "no event for a change that was refused");
+    assert!(events.ends_with(r#"{"n":22}]"#), "{events}");
+
+    // Bad pairs: one stream twice, producer headers.
+    let same = mine.append_in_order_with(rows("/events", 0, 1, false), rows("/events", 1, 2, false)).await;
+    assert!(matches!(same, Err(StoreError::Invalid(_))), "{same:?}");
+    let mut retry = rows("/events", 0, 1, false);
+    retry.producer = Some(ProducerHeaders { id: "p".into(), epoch: 0, seq: 0 });
+    let producer = mine.append_in_order_with(rows("/task/other", 0, 1, false), retry).await;
+    assert!(matches!(producer, Err(StoreError::Invalid(_))), "{producer:?}");
+    assert_eq!(body(mine, "/events").await, events);
+}
+
+#[tokio::test]
+async fn embedded_two_appends_commit_together_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+    two_appends_commit_together_or_not_at_all(&store, &store).await;
+    store.close().await;
+}
+
+#[test]
+fn postgres_two_appends_commit_together_or_not_at_all_or_skip_without_postgres() {
+    let cluster = match TestCluster::start(false) {
+        Ok(c) => c,
+        Err(why) => {
+            attache_storage::postgres::test_cluster::missing_service("PostgreSQL", &why);
+            return;
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let url = cluster.fresh_database().await.expect("create a test database");
+        let (s1, s2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let one = postgres::open(PgConfig::new(url.clone(), s1.path())).await.expect("open the first instance");
+        let two = postgres::open(PgConfig::new(url, s2.path())).await.expect("open the second instance");
+        two_appends_commit_together_or_not_at_all(&one.store, &two.store).await;
+        one.store.close().await;
+        two.store.close().await;
+    });
+}
