@@ -88,6 +88,14 @@ pub struct ServeArgs {
     /// Most materialized entity views kept in memory; the least recently used is dropped and rebuilt on use [default: 10000]
     #[arg(long, env = "ATTACHE_VIEW_CACHE_ENTRIES")]
     view_cache_entries: Option<usize>,
+    /// Most bytes (estimated) the entity views kept in memory hold together; past it the least
+    /// recently used are dropped, and a larger view is not kept [default: 67108864, 64 MiB]
+    #[arg(long, env = "ATTACHE_VIEW_CACHE_BYTES")]
+    view_cache_bytes: Option<usize>,
+    /// Most attachments one entity (or task) holds, counting pending and failed uploads' rows;
+    /// an upload of a new id past it is refused with 409 TOO_MANY_ATTACHMENTS [default: 10000]
+    #[arg(long, env = "ATTACHE_MAX_ATTACHMENTS_PER_ENTITY")]
+    max_attachments_per_entity: Option<usize>,
     /// The embedded store's page cache (redb: stream metadata and indexes), in bytes [default: 4194304]
     #[arg(long, env = "ATTACHE_STORE_CACHE_BYTES")]
     store_cache_bytes: Option<usize>,
@@ -209,6 +217,8 @@ struct FileConfig {
     upload_expiry: Option<String>,
     mcp_max_sessions: Option<usize>,
     view_cache_entries: Option<usize>,
+    view_cache_bytes: Option<usize>,
+    max_attachments_per_entity: Option<usize>,
     store_cache_bytes: Option<usize>,
     store_open_files: Option<usize>,
     blocking_threads: Option<usize>,
@@ -315,6 +325,11 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
     duration(args.upload_expiry, file.upload_expiry, "upload_expiry", "24h", &mut config.upload_expiry)?;
     setting(args.mcp_max_sessions, file.mcp_max_sessions, &mut config.mcp_max_sessions);
     setting(args.view_cache_entries, file.view_cache_entries, &mut config.view_cache_entries);
+    setting(args.view_cache_bytes, file.view_cache_bytes, &mut config.view_cache_bytes);
+    if let Some(n) = args.max_attachments_per_entity.or(file.max_attachments_per_entity) {
+        anyhow::ensure!(n > 0, "max_attachments_per_entity must be at least 1");
+        config.max_attachments_per_entity = n;
+    }
     if let Some(n) = args.store_cache_bytes.or(file.store_cache_bytes) {
         config.store_cache_bytes = Some(n);
     }

@@ -62,6 +62,13 @@ pub struct ServerConfig {
     pub mcp_max_sessions_per_principal: usize,
     /// Most materialized entity views kept in memory (least recently used dropped; rebuilt on use).
     pub view_cache_entries: usize,
+    /// Most bytes (estimated) the views kept in memory hold together; past it
+    /// the least recently used are dropped too, and a larger view is not kept.
+    pub view_cache_bytes: usize,
+    /// Most manifest entries (attachments in any status: pending, complete,
+    /// failed) one entity holds; an upload or task attachment of a new id
+    /// past it is refused (409 `TOO_MANY_ATTACHMENTS`, -32602 on the task face).
+    pub max_attachments_per_entity: usize,
     /// The embedded store's page cache, in bytes; `None` keeps the engine's default.
     pub store_cache_bytes: Option<usize>,
     /// Most segment files the embedded store keeps open (one per stream being
@@ -218,6 +225,8 @@ impl ServerConfig {
             mcp_max_sessions: 1000,
             mcp_max_sessions_per_principal: 100,
             view_cache_entries: 10_000,
+            view_cache_bytes: 64 << 20,
+            max_attachments_per_entity: 10_000,
             store_cache_bytes: None,
             store_open_files: 4096,
             store_read_threads: 16,

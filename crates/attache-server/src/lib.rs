@@ -116,6 +116,8 @@ pub struct MemoryCounts {
     pub registry_entities: usize,
     pub streams: usize,
     pub views: usize,
+    /// What the cached views hold, estimated (bounded by `view_cache_bytes`).
+    pub view_bytes: usize,
     pub task_cells: usize,
     pub tombstones: usize,
 }
@@ -187,7 +189,7 @@ impl Server {
             store,
             registry,
             auth: Arc::new(auth),
-            views: Arc::new(rows::Views::new(config.view_cache_entries)),
+            views: Arc::new(rows::Views::new(config.view_cache_entries, config.view_cache_bytes)),
             lives: Arc::new(access::Lives::default()),
             uploads: Arc::new(attachments::Reservations::default()),
             config: Arc::new(config),
@@ -248,6 +250,7 @@ impl Server {
             registry_entities: s.registry.entities(None).len(),
             streams: s.store.list_prefix("/", usize::MAX).await.len(),
             views: s.views.len(),
+            view_bytes: s.views.bytes(),
             task_cells: s.tasks.cells_len(),
             tombstones: s.tasks.tombstones_len(),
         }

@@ -2,9 +2,12 @@
 //! materialized view of that stream the server keeps per entity.
 //!
 //! The views are a cache (the stream is the truth): at most
-//! `view_cache_entries` of them, the least recently used dropped first, and
-//! each keeps only what the server asks of it (manifest entries, names, inbox
-//! keys; never inbox payloads).
+//! `view_cache_entries` of them and `view_cache_bytes` of them together (an
+//! estimate), the least recently used dropped first, and each keeps only
+//! what the server asks of it (manifest entries, names, inbox keys; never
+//! inbox payloads). One view's manifest is bounded by
+//! `max_attachments_per_entity` (the upload routes and the task face refuse
+//! a new id past it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -69,6 +72,8 @@ pub fn not_running() -> ApiError {
 /// manifest entries by attachment id, and the keys of inbox rows.
 #[derive(Debug, Default, PartialEq)]
 pub struct MainView {
+    /// What the collections below hold, estimated (see [`MainView::estimated_bytes`]).
+    bytes: usize,
     /// The stream the view was built from: another instance may purge the
     /// entity and a new life may create a new stream at the same path, so a
     /// view is only caught up from the stream it started on.
@@ -86,6 +91,13 @@ impl MainView {
     /// from this view is conditioned on it (`StreamStore::append_guarded`).
     pub fn tail(&self) -> attache_core::Offset {
         attache_core::Offset(self.applied)
+    }
+
+    /// The memory this view holds, estimated: the lengths of its strings and
+    /// JSON values plus a fixed cost per entry and per map slot. Kept up to
+    /// date as rows are applied, so reading it costs nothing.
+    pub fn estimated_bytes(&self) -> usize {
+        std::mem::size_of::<MainView>() + self.bytes
     }
 
     /// Folds one row of the main stream into the view. Rows come from clients
@@ -119,12 +131,14 @@ impl MainView {
                 };
                 self.apply_manifest(&event.key, op, entry);
             }
-            ("inbox", "delete") => {
-                self.inbox.remove(event.key.as_ref());
-            }
+            ("inbox", "delete") => self.remove_inbox_key(&event.key),
             // A row without a value was never an inbox message.
             ("inbox", _) if event.value.is_some() => {
-                self.inbox.insert(event.key.into_owned());
+                let key = event.key.into_owned();
+                let charge = SLOT + key.len();
+                if self.inbox.insert(key) {
+                    self.bytes += charge;
+                }
             }
             _ => {}
         }
@@ -132,13 +146,21 @@ impl MainView {
 }
 
 impl MainView {
+    fn remove_inbox_key(&mut self, key: &str) {
+        if self.inbox.remove(key) {
+            self.bytes = self.bytes.saturating_sub(SLOT + key.len());
+        }
+    }
+
     fn apply_manifest(&mut self, key: &str, operation: &str, entry: Option<ManifestEntry>) {
         if operation == "delete" {
             if let Some(id) = key.strip_prefix("attachment:") {
                 if let Some(old) = self.manifest.remove(id) {
+                    self.bytes = self.bytes.saturating_sub(entry_bytes(&old));
                     if let Some(name) = old.ext.get("name").and_then(Value::as_str) {
                         if self.by_name.get(name).map(String::as_str) == Some(id) {
                             self.by_name.remove(name);
+                            self.bytes = self.bytes.saturating_sub(SLOT + name.len() + id.len());
                         }
                     }
                 }
@@ -147,18 +169,58 @@ impl MainView {
         }
         let Some(entry) = entry else { return };
         if let Some(name) = entry.ext.get("name").and_then(Value::as_str) {
-            self.by_name.insert(name.to_owned(), entry.id.clone());
+            self.bytes += SLOT + name.len() + entry.id.len();
+            if let Some(old) = self.by_name.insert(name.to_owned(), entry.id.clone()) {
+                self.bytes = self.bytes.saturating_sub(SLOT + name.len() + old.len());
+            }
         }
-        self.manifest.insert(entry.id.clone(), entry);
+        self.bytes += entry_bytes(&entry);
+        if let Some(old) = self.manifest.insert(entry.id.clone(), entry) {
+            self.bytes = self.bytes.saturating_sub(entry_bytes(&old));
+        }
     }
 }
 
-/// Drops the least recently used entries nobody else holds until `map` has
-/// at most `capacity` (entries in use stay, so it may stay over for a while).
-pub(crate) fn evict_unused<V>(map: &mut hashlink::LinkedHashMap<String, Arc<V>>, capacity: usize) {
-    while map.len() > capacity {
-        let Some(key) = map.iter().find(|(_, v)| Arc::strong_count(v) == 1).map(|(k, _)| k.clone()) else { return };
-        map.remove(&key);
+/// What one slot of the inbox set or the name map costs beside its strings:
+/// the table's slot, with room to grow, and allocation headers.
+const SLOT: usize = 48;
+
+/// The estimated memory of a manifest entry held in a view, its key in the
+/// map included: what [`MainView::estimated_bytes`] counts it for. Checked
+/// against the allocations a view makes (10,000 upload entries: 1,729 bytes
+/// each allocated, 1,758 estimated; with a 1 KiB task value, 2,753 and
+/// 2,782; inbox keys of 26 bytes: 68 and 75), tree nodes being about half full.
+fn entry_bytes(e: &ManifestEntry) -> usize {
+    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    2 * (std::mem::size_of::<String>() + std::mem::size_of::<ManifestEntry>())
+        + 2 * e.id.len()
+        + e.key.len()
+        + e.kind.len()
+        + e.stream_path.len()
+        + e.subject.as_ref().map_or(0, |s| s.kind.len() + s.key.len())
+        + e.mime_type.len()
+        + opt(&e.filename)
+        + opt(&e.sha256)
+        + e.created_at.len()
+        + opt(&e.created_by)
+        + opt(&e.error)
+        + e.meta.as_ref().map_or(0, map_bytes)
+        + map_bytes(&e.ext)
+}
+
+/// A JSON object: tree nodes of 11 slots, about half full, and what its keys and values hold.
+fn map_bytes(m: &serde_json::Map<String, Value>) -> usize {
+    const NODE: usize = 11 * (std::mem::size_of::<String>() + std::mem::size_of::<Value>()) + 16;
+    m.len().div_ceil(6) * NODE + m.iter().map(|(k, v)| k.len() + value_bytes(v)).sum::<usize>()
+}
+
+/// What a JSON value holds beyond its own slot (its depth is bounded by the parser's recursion limit).
+fn value_bytes(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len(),
+        Value::Array(items) => items.iter().map(|v| std::mem::size_of::<Value>() + value_bytes(v)).sum(),
+        Value::Object(m) => map_bytes(m),
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
     }
 }
 
@@ -193,50 +255,175 @@ struct HeadersHead<'a> {
 }
 
 /// Per-entity views, caught up from the stream on each use (only the new
-/// tail is read), at most `capacity` of them: past it the least recently used
-/// view that nobody holds is dropped (it is rebuilt from its stream if asked
-/// for again). A view in use is never dropped, so its lock keeps meaning
-/// "the only view of this stream".
+/// tail is read), at most `max_entries` of them and `max_bytes` of them
+/// together ([`MainView::estimated_bytes`]): past either the least recently
+/// used views that nobody holds are dropped (rebuilt from their streams if
+/// asked for again), and a view larger than `max_bytes` on its own is
+/// dropped as soon as nobody holds it, before any other. A view in use is
+/// never dropped, so its lock keeps meaning "the only view of this stream";
+/// the cache is then over its bounds until the view is given back, and the
+/// last guard given back trims it ([`ViewGuard`]).
 pub struct Views {
-    views: parking_lot::Mutex<hashlink::LinkedHashMap<String, Arc<tokio::sync::Mutex<MainView>>>>,
-    capacity: usize,
+    cache: parking_lot::Mutex<Cache>,
+    /// Set while the cache is over a bound because the views past it are held.
+    over: std::sync::atomic::AtomicBool,
+    max_entries: usize,
+    max_bytes: usize,
+}
+
+type Cell = Arc<tokio::sync::Mutex<MainView>>;
+
+#[derive(Default)]
+struct Cache {
+    /// Least recently used first; each view with what it was last charged.
+    views: hashlink::LinkedHashMap<String, (Cell, usize)>,
+    /// The charges together.
+    bytes: usize,
+    /// The views charged more than the byte bound on their own (rare: a few at most).
+    oversized: Vec<String>,
+}
+
+impl Cache {
+    /// `main`'s view was charged `was` and now holds `now`.
+    fn charge(&mut self, main: &str, was: usize, now: usize, max_bytes: usize) {
+        self.bytes = self.bytes.saturating_sub(was) + now;
+        match (was > max_bytes, now > max_bytes) {
+            (false, true) => self.oversized.push(main.to_owned()),
+            (true, false) => self.oversized.retain(|k| k != main),
+            _ => {}
+        }
+    }
+
+    fn remove(&mut self, main: &str, max_bytes: usize) {
+        if let Some((_, charge)) = self.views.remove(main) {
+            self.charge(main, charge, 0, max_bytes);
+        }
+    }
+
+    /// Drops views nobody holds until the cache is within both bounds: first
+    /// any view over the byte bound on its own (it never fits), then the least
+    /// recently used. Says whether it is within them (else what is over is held).
+    fn trim(&mut self, max_entries: usize, max_bytes: usize) -> bool {
+        let unused = |cell: &Cell| Arc::strong_count(cell) == 1;
+        let never_fit: Vec<String> = self
+            .oversized
+            .iter()
+            .filter(|k| self.views.get(k.as_str()).is_some_and(|(cell, _)| unused(cell)))
+            .cloned()
+            .collect();
+        for main in never_fit {
+            self.remove(&main, max_bytes);
+        }
+        // Views over the byte bound still held go once given back: the rest
+        // is held to the bound without them, not emptied for them.
+        let held_oversized: usize =
+            self.oversized.iter().filter_map(|k| self.views.get(k.as_str())).map(|(_, charge)| *charge).sum();
+        while self.views.len() > max_entries || self.bytes.saturating_sub(held_oversized) > max_bytes {
+            let Some(victim) = self.views.iter().find(|(_, (cell, _))| unused(cell)).map(|(k, _)| k.clone()) else {
+                return false;
+            };
+            self.remove(&victim, max_bytes);
+        }
+        // Held views over the byte bound go once they are given back.
+        self.oversized.is_empty()
+    }
+}
+
+/// A view, locked for its caller and caught up ([`Views::get`]). Given back
+/// on drop; when the cache is over its bounds, the last one given back trims it.
+pub struct ViewGuard<'v> {
+    guard: Option<tokio::sync::OwnedMutexGuard<MainView>>,
+    views: &'v Views,
+}
+
+impl std::ops::Deref for ViewGuard<'_> {
+    type Target = MainView;
+    fn deref(&self) -> &MainView {
+        // Present until drop.
+        self.guard.as_deref().unwrap_or_else(|| unreachable!("a ViewGuard holds its view until dropped"))
+    }
+}
+
+impl Drop for ViewGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        if self.views.over.load(std::sync::atomic::Ordering::Relaxed) {
+            self.views.trim(&mut self.views.cache.lock());
+        }
+    }
 }
 
 impl Views {
-    pub fn new(capacity: usize) -> Views {
-        Views { views: Default::default(), capacity }
+    pub fn new(max_entries: usize, max_bytes: usize) -> Views {
+        Views { cache: Default::default(), over: Default::default(), max_entries, max_bytes }
+    }
+
+    fn trim(&self, cache: &mut Cache) {
+        let within = cache.trim(self.max_entries, self.max_bytes);
+        self.over.store(!within, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The cell of `main`'s view, made the most recently used.
-    fn cell(&self, main: &str) -> Arc<tokio::sync::Mutex<MainView>> {
-        let mut views = self.views.lock();
+    fn cell(&self, main: &str) -> Cell {
+        let mut cache = self.cache.lock();
         // Looked up before inserting: the common case allocates no key.
-        if let Some(cell) = views.to_back(main) {
+        if let Some((cell, _)) = cache.views.to_back(main) {
             return cell.clone();
         }
-        let cell: Arc<tokio::sync::Mutex<MainView>> = Arc::default();
-        views.insert(main.to_owned(), cell.clone());
-        evict_unused(&mut views, self.capacity);
+        let cell: Cell = Arc::default();
+        let charge = MainView::default().estimated_bytes();
+        cache.views.insert(main.to_owned(), (cell.clone(), charge));
+        cache.charge(main, 0, charge, self.max_bytes);
+        self.trim(&mut cache);
         cell
     }
 
+    /// Records what `main`'s view (`cell`, still the one cached) holds now.
+    fn recharge(&self, main: &str, cell: &Cell, now: usize) {
+        let mut cache = self.cache.lock();
+        let Some((cached, charge)) = cache.views.get_mut(main) else { return };
+        if !Arc::ptr_eq(cached, cell) || *charge == now {
+            return;
+        }
+        let was = std::mem::replace(charge, now);
+        cache.charge(main, was, now, self.max_bytes);
+        self.trim(&mut cache);
+    }
+
     pub fn len(&self) -> usize {
-        self.views.lock().len()
+        self.cache.lock().views.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// The estimated bytes of the views cached now.
+    pub fn bytes(&self) -> usize {
+        self.cache.lock().bytes
+    }
+
     /// The view of `main`, caught up with everything committed so far.
-    pub async fn get(&self, store: &dyn StreamStore, main: &str) -> ApiResult<tokio::sync::OwnedMutexGuard<MainView>> {
-        let mut view = self.cell(main).lock_owned().await;
+    pub async fn get(&self, store: &dyn StreamStore, main: &str) -> ApiResult<ViewGuard<'_>> {
+        let cell = self.cell(main);
+        let mut view = cell.clone().lock_owned().await;
+        let before = view.estimated_bytes();
+        let caught_up = Self::catch_up(store, main, &mut view).await;
+        let now = view.estimated_bytes();
+        if now != before {
+            self.recharge(main, &cell, now);
+        }
+        drop(cell);
+        caught_up.map(|()| ViewGuard { guard: Some(view), views: self })
+    }
+
+    async fn catch_up(store: &dyn StreamStore, main: &str, view: &mut MainView) -> ApiResult<()> {
         loop {
             let batch = match store.read(main, ReadFrom::At(attache_core::Offset(view.applied)), 4 << 20).await {
                 Ok(b) => b,
                 Err(StoreError::NotFound) => {
                     *view = MainView::default();
-                    return Ok(view);
+                    return Ok(());
                 }
                 // Shorter than what the view applied: not the stream it was built from.
                 Err(StoreError::Invalid(_)) if view.applied > 0 => {
@@ -256,13 +443,13 @@ impl Views {
             }
             view.applied = batch.next.0;
             if batch.up_to_date() {
-                return Ok(view);
+                return Ok(());
             }
         }
     }
 
     pub fn forget(&self, main: &str) {
-        self.views.lock().remove(main);
+        self.cache.lock().remove(main, self.max_bytes);
     }
 }
 
@@ -272,19 +459,93 @@ mod tests {
 
     #[test]
     fn past_the_capacity_the_least_recently_used_unheld_entry_goes() {
-        let views = Views::new(3);
+        let views = Views::new(3, usize::MAX);
         let a = views.cell("/a");
         drop(views.cell("/b"));
         drop(views.cell("/c"));
         drop(views.cell("/b")); // b is now more recent than c
         drop(views.cell("/d")); // over: the oldest is a, but a is held; c goes
-        let keys: Vec<String> = views.views.lock().keys().cloned().collect();
+        let keys = views.keys();
         assert_eq!(keys, ["/a", "/b", "/d"]);
         drop(a);
         drop(views.cell("/e")); // now a is the oldest and free
-        let keys: Vec<String> = views.views.lock().keys().cloned().collect();
+        let keys = views.keys();
         assert_eq!(keys, ["/b", "/d", "/e"]);
         assert_eq!(views.len(), 3);
+    }
+
+    impl Views {
+        fn keys(&self) -> Vec<String> {
+            self.cache.lock().views.keys().cloned().collect()
+        }
+    }
+
+    fn manifest_row(id: &str, name: &str, content_bytes: usize) -> String {
+        format!(
+            r#"{{"type":"manifest","key":"attachment:{id}","value":{{"key":"attachment:{id}","kind":"attachment","id":"{id}","streamPath":"/t/x/attachments/{id}","status":"complete","role":"output","mimeType":"text/plain","createdAt":"2025-01-01T00:00:00Z","name":"{name}","content":"{}"}},"headers":{{"operation":"upsert"}}}}"#,
+            "c".repeat(content_bytes)
+        )
+    }
+
+    #[test]
+    fn a_view_estimate_follows_its_rows_and_returns_to_empty_when_they_go() {
+        let mut view = MainView::default();
+        let empty = view.estimated_bytes();
+        view.apply(manifest_row("a", "k", 10).as_bytes());
+        let one = view.estimated_bytes();
+        assert!(one > empty + 10, "{one} {empty}");
+        // A bigger value is counted as such; replacing the row replaces its charge.
+        view.apply(manifest_row("a", "k", 100_000).as_bytes());
+        assert!(view.estimated_bytes() >= one + 99_990);
+        view.apply(manifest_row("a", "k", 10).as_bytes());
+        assert_eq!(view.estimated_bytes(), one);
+        view.apply(r#"{"type":"inbox","key":"m1","value":{},"headers":{"operation":"insert"}}"#.as_bytes());
+        view.apply(r#"{"type":"inbox","key":"m1","value":{},"headers":{"operation":"insert"}}"#.as_bytes());
+        assert_eq!(view.estimated_bytes(), one + SLOT + 2);
+        view.apply(r#"{"type":"inbox","key":"m1","headers":{"operation":"delete"}}"#.as_bytes());
+        view.apply(r#"{"type":"manifest","key":"attachment:a","headers":{"operation":"delete"}}"#.as_bytes());
+        assert_eq!(view.estimated_bytes(), empty);
+        assert!(view.by_name.is_empty() && view.manifest.is_empty());
+    }
+
+    #[test]
+    fn past_the_byte_bound_the_least_recently_used_unheld_views_go() {
+        let empty = MainView::default().estimated_bytes();
+        let views = Views::new(100, 8 * empty);
+        // Three views growing to 3 empty views' worth each: 3, 6, then 9 of 8.
+        let a = views.cell("/a");
+        views.recharge("/a", &a, 3 * empty);
+        let b = views.cell("/b");
+        views.recharge("/b", &b, 3 * empty);
+        drop(b);
+        let c = views.cell("/c");
+        views.recharge("/c", &c, 3 * empty);
+        // a is the oldest but held, so b goes.
+        assert_eq!(views.keys(), ["/a", "/c"]);
+        assert_eq!(views.bytes(), 6 * empty);
+        views.forget("/c");
+        assert_eq!(views.bytes(), 3 * empty);
+        drop((a, c));
+    }
+
+    #[test]
+    fn a_view_larger_than_the_byte_bound_goes_as_soon_as_it_is_given_back_and_alone() {
+        let empty = MainView::default().estimated_bytes();
+        let views = Views::new(100, 10 * empty);
+        drop(views.cell("/small"));
+        let big = views.cell("/big");
+        views.recharge("/big", &big, 11 * empty);
+        // Held: kept, and the small view, which fits beside the bound, stays too.
+        assert_eq!(views.keys(), ["/small", "/big"]);
+        assert!(views.over.load(std::sync::atomic::Ordering::Relaxed));
+        drop(big);
+        // The next guard given back (here: the next trim) drops it, and only it.
+        let mut cache = views.cache.lock();
+        views.trim(&mut cache);
+        drop(cache);
+        assert_eq!(views.keys(), ["/small"]);
+        assert_eq!(views.bytes(), empty);
+        assert!(!views.over.load(std::sync::atomic::Ordering::Relaxed));
     }
 
     #[test]

@@ -9,7 +9,9 @@ mod task_helpers;
 use std::time::{Duration, Instant};
 
 use common::TestServer;
-use entity_support::{api, as_principal, error_of, eventually, spawn, Form, BOUNDARY};
+use entity_support::{
+    api, as_principal, error_of, eventually, get_bytes, listed, spawn, upload, upload_raw, Form, BOUNDARY,
+};
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -396,4 +398,172 @@ async fn one_principal_cannot_take_every_mcp_session() {
     }
     assert_eq!(mcp_initialize(&s).await.0, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(mcp_initialize_as(&s, task_helpers::BOB).await.0, StatusCode::OK, "others still get sessions");
+}
+
+/// A resumable upload of `id` begun on `entity` (dev mode, user:anonymous).
+async fn begin_resumable(s: &TestServer, entity: &str, id: &str) -> reqwest::Response {
+    s.request(reqwest::Method::PUT, &format!("{}/attachments/{id}", api(entity)))
+        .json(&json!({ "subject": { "type": "context", "key": "test" } }))
+        .send()
+        .await
+        .expect("answered")
+}
+
+/// A multipart upload of `id` whose body ends inside its file: recorded `failed`.
+async fn cut_upload(s: &TestServer, entity: &str, id: &str) {
+    let mut body = Form::new().field("id", id).unfinished();
+    body.extend_from_slice(
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"c\"\r\n\r\nhalf a fil")
+            .as_bytes(),
+    );
+    let (status, code, _) = error_of(upload_raw(s, entity, body).await).await;
+    assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "UPLOAD_INTERRUPTED"));
+    assert_eq!(listed(s, entity).await[id]["status"], "failed");
+}
+
+/// One entity's view grows with every attachment id it holds, failed and
+/// pending rows included, so their number is bounded per entity. At the
+/// bound a new id is refused (multipart and resumable), and what the entity
+/// holds still reads, is replaced and deletes; a delete frees a place.
+#[tokio::test]
+async fn an_entity_at_its_attachment_cap_refuses_a_new_id_with_409_and_a_delete_frees_a_place() {
+    let s = TestServer::start_with(|c| c.max_attachments_per_entity = 3).await;
+    let entity = "/chat/capped";
+    spawn(&s, None, entity).await;
+    upload(&s, entity, "done", "text/plain", b"kept bytes").await;
+    assert_eq!(begin_resumable(&s, entity, "open").await.status(), StatusCode::CREATED);
+    cut_upload(&s, entity, "cut").await;
+    let before = listed(&s, entity).await;
+    assert_eq!(before.len(), 3, "{before:?}");
+
+    let form = Form::new().field("id", "more").file(Some("m"), None, b"more bytes").finish();
+    let (status, code, body) = error_of(upload_raw(&s, entity, form).await).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "TOO_MANY_ATTACHMENTS"), "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("at most 3") && message.contains("DELETE"), "{message}");
+    // An id chosen by the server (none in the form) takes a place too.
+    let form = Form::new().file(Some("m"), None, b"more bytes").finish();
+    assert_eq!(error_of(upload_raw(&s, entity, form).await).await.1, "TOO_MANY_ATTACHMENTS");
+    let (status, code, _) = error_of(begin_resumable(&s, entity, "more").await).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "TOO_MANY_ATTACHMENTS"));
+    assert_eq!(listed(&s, entity).await, before, "the refusals wrote nothing");
+
+    // What it holds: read, the failed id uploaded again, the open upload finished.
+    assert_eq!(get_bytes(&s, entity, "done").await, (StatusCode::OK, b"kept bytes".to_vec()));
+    upload(&s, entity, "cut", "text/plain", b"second try").await;
+    let stream = format!("{entity}/attachments/open");
+    let res = s
+        .request(reqwest::Method::POST, &stream)
+        .header("content-type", "application/octet-stream")
+        .header("stream-closed", "true")
+        .body("resumed")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    eventually(Duration::from_secs(10), "the resumable upload to complete", || async {
+        (listed(&s, entity).await["open"]["status"] == "complete").then_some(())
+    })
+    .await;
+    assert_eq!(get_bytes(&s, entity, "open").await, (StatusCode::OK, b"resumed".to_vec()));
+
+    // A delete frees one place, and only one.
+    let res = s.request(reqwest::Method::DELETE, &format!("{}/attachments/done", api(entity))).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    upload(&s, entity, "more", "text/plain", b"more bytes").await;
+    let form = Form::new().field("id", "one-too-many").file(Some("m"), None, b"x").finish();
+    assert_eq!(error_of(upload_raw(&s, entity, form).await).await.1, "TOO_MANY_ATTACHMENTS");
+    assert_eq!(get_bytes(&s, entity, "more").await, (StatusCode::OK, b"more bytes".to_vec()));
+}
+
+/// The task face counts the same rows (a task is an entity): a new key past
+/// the cap is -32602 with `data.code` `TOO_MANY_ATTACHMENTS`, like its
+/// `UPLOAD_IN_PROGRESS` refusal; replacing, reading and deleting go on.
+#[tokio::test]
+async fn a_task_at_its_attachment_cap_refuses_a_new_key_with_32602_and_a_delete_frees_a_place() {
+    let s = TestServer::start_with(|c| c.max_attachments_per_entity = 3).await;
+    let task = task_helpers::create_task(&s, ALICE, "capped", 50).await;
+    let put = |key: &str, value: Value| json!({ "taskId": task, "key": key, "type": "json", "value": value });
+    for key in ["a", "b"] {
+        task_helpers::ok(&s, ALICE, "task.create_attachment", put(key, json!({ "v": key }))).await;
+    }
+    // An upload's failed row, through the entity face, counts as well.
+    let entity = format!("/task/{task}");
+    let mut body = Form::new().field("id", "cut").unfinished();
+    body.extend_from_slice(
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"c\"\r\n\r\nhalf").as_bytes(),
+    );
+    let res = as_principal(s.request(reqwest::Method::POST, &format!("{}/attachments", api(&entity))), Some(ALICE))
+        .header("content-type", Form::content_type())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+
+    let error = task_helpers::err(&s, ALICE, "task.create_attachment", put("c", json!(1))).await;
+    assert_eq!(error["code"], -32602, "{error}");
+    assert_eq!(error["data"]["code"], "TOO_MANY_ATTACHMENTS", "{error}");
+    assert_eq!(error["data"]["limit"], 3, "{error}");
+    assert_eq!(error["data"]["key"], "c", "{error}");
+    let listed = task_helpers::ok(&s, ALICE, "task.list_attachments", json!({ "taskId": task })).await;
+    assert_eq!(listed["totalCount"], 2, "nothing written: {listed}");
+    // The entity face answers its own refusal for the same task.
+    let form = Form::new().field("id", "up").file(Some("u"), None, b"x").finish();
+    let res = as_principal(s.request(reqwest::Method::POST, &format!("{}/attachments", api(&entity))), Some(ALICE))
+        .header("content-type", Form::content_type())
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(res).await.1, "TOO_MANY_ATTACHMENTS");
+
+    // Replacing a key takes no new place; reads and deletes go on.
+    task_helpers::ok(&s, ALICE, "task.create_attachment", put("a", json!({ "v": "a2" }))).await;
+    let got = task_helpers::ok(&s, ALICE, "task.get_attachment", json!({ "taskId": task, "key": "a" })).await;
+    assert_eq!(got["value"], json!({ "v": "a2" }));
+    task_helpers::ok(&s, ALICE, "task.delete_attachment", json!({ "taskId": task, "key": "b" })).await;
+    task_helpers::ok(&s, ALICE, "task.create_attachment", put("c", json!(1))).await;
+    let error = task_helpers::err(&s, ALICE, "task.create_attachment", put("d", json!(1))).await;
+    assert_eq!(error["data"]["code"], "TOO_MANY_ATTACHMENTS", "{error}");
+}
+
+/// The views the server keeps (an entity's manifest, names and inbox keys)
+/// are bounded in bytes as well as in number: past `view_cache_bytes` the
+/// least recently used go, a view larger than the bound is not kept once
+/// answered, and every answer is what a view rebuilt from the stream says.
+#[tokio::test]
+async fn entity_views_past_the_byte_bound_are_dropped_and_rebuilt_with_the_same_answers() {
+    const BOUND: usize = 64 << 10;
+    let s = TestServer::start_with(|c| c.view_cache_bytes = BOUND).await;
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let task = task_helpers::create_task(&s, ALICE, "big values", 50).await;
+        let value = json!({ "n": n, "pad": "v".repeat(20 << 10) });
+        let params = json!({ "taskId": task, "key": "k", "type": "json", "value": value });
+        task_helpers::ok(&s, ALICE, "task.create_attachment", params).await;
+        tasks.push(task);
+    }
+    for _ in 0..2 {
+        for (n, task) in tasks.iter().enumerate() {
+            let got = task_helpers::ok(&s, ALICE, "task.get_attachment", json!({ "taskId": task, "key": "k" })).await;
+            assert_eq!(got["value"]["n"], n, "rebuilt from its stream");
+            let counts = s.memory_counts().await;
+            assert!(counts.view_bytes <= BOUND, "{n}: {} bytes of views kept", counts.view_bytes);
+        }
+    }
+    // Eight views of 20 KiB and more: at most three fit.
+    let counts = s.memory_counts().await;
+    assert!(counts.views <= 3, "{} views kept", counts.views);
+    // One view larger than the bound on its own: answered, then not kept.
+    let task = task_helpers::create_task(&s, ALICE, "huge", 50).await;
+    for key in ["a", "b", "c", "d"] {
+        let params = json!({ "taskId": task, "key": key, "type": "json", "value": "h".repeat(20 << 10) });
+        task_helpers::ok(&s, ALICE, "task.create_attachment", params).await;
+    }
+    let listed = task_helpers::ok(&s, ALICE, "task.list_attachments", json!({ "taskId": task })).await;
+    assert_eq!(listed["totalCount"], 4);
+    assert_eq!(listed["attachments"][3]["value"], "h".repeat(20 << 10));
+    let counts = s.memory_counts().await;
+    assert!(counts.view_bytes <= BOUND, "{} bytes of views kept", counts.view_bytes);
 }

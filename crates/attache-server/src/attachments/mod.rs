@@ -31,6 +31,7 @@ use serde_json::{json, Map, Value};
 
 use crate::access::now_ms;
 use crate::error::{ApiError, ApiResult};
+use crate::rows::MainView;
 
 pub use delete::{delete, delete_entry};
 pub use pending::{
@@ -54,6 +55,30 @@ fn not_found() -> ApiError {
 
 fn duplicate(id: &str) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, "DUPLICATE_ID", format!("Attachment already exists at id \"{id}\""))
+}
+
+/// The refusal code of an upload of a new id to an entity holding
+/// `max_attachments_per_entity` attachments.
+pub const TOO_MANY_ATTACHMENTS: &str = "TOO_MANY_ATTACHMENTS";
+
+/// Whether `view` has room for attachment `id`: one it holds already (in any
+/// status) takes no new place; a new one needs the entity to hold fewer than
+/// `max` (every manifest entry counts: pending, complete and failed).
+pub fn has_room(view: &MainView, id: &str, max: usize) -> bool {
+    view.manifest.len() < max || view.manifest.contains_key(id)
+}
+
+/// 409 `TOO_MANY_ATTACHMENTS`: the entity holds as many attachments as one may.
+fn too_many(entity: &EntityUrl, held: usize, max: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        TOO_MANY_ATTACHMENTS,
+        format!(
+            "{entity} holds {held} attachments; one entity holds at most {max} (max_attachments_per_entity), \
+             rows of failed or interrupted uploads count too: delete attachments it no longer needs \
+             (DELETE /_electric/entities{entity}/attachments/{{id}}) to make room"
+        ),
+    )
 }
 
 fn too_large(max: u64) -> ApiError {

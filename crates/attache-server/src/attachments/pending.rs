@@ -19,7 +19,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::rows::{append_rows, json_content_type, new_txid};
 use crate::{AppState, StoreConfig};
 
-use super::{duplicate, Fields, INTERRUPTED};
+use super::{duplicate, has_room, too_many, Fields, INTERRUPTED};
 
 /// Upload ids in flight, by attachment stream path: a second upload of the
 /// same id is refused while the first runs, and so is a delete of it (or a
@@ -189,9 +189,15 @@ pub(super) async fn retract(state: &AppState, entity: &EntityUrl, id: &str, txid
     }
 }
 
-/// Can `id` be (re)used? Free, or only a failed attempt is recorded.
+/// Can `id` be (re)used? Free, or only a failed attempt is recorded. A new
+/// id on an entity that holds `max_attachments_per_entity` attachments is
+/// refused (409 `TOO_MANY_ATTACHMENTS`).
 pub(super) async fn id_is_free(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult<bool> {
     let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+    let max = state.config.max_attachments_per_entity;
+    if !has_room(&view, id, max) {
+        return Err(too_many(entity, view.manifest.len(), max));
+    }
     Ok(match view.manifest.get(id) {
         None => true,
         Some(e) => e.status == AttachmentStatus::Failed,
@@ -383,6 +389,10 @@ async fn write_pending(state: &AppState, entity: &EntityUrl, pending: &Pending<'
             let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
             if view.manifest.get(id).is_some_and(|e| e.status != AttachmentStatus::Failed) {
                 return Err(duplicate(id));
+            }
+            let max = state.config.max_attachments_per_entity;
+            if !has_room(&view, id, max) {
+                return Err(too_many(entity, view.manifest.len(), max));
             }
             view.tail()
         };

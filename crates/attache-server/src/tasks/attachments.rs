@@ -21,7 +21,7 @@ use super::ordering::TaskCell;
 use super::writes::{write_task, Event, MainWrite, Row};
 use super::{ApiError, ApiResult, Params, ResponseBudget, MAX_INLINE_BINARY, MAX_INLINE_BYTES, TASK_TYPE};
 use crate::access::now_ms;
-use crate::attachments::{Reservation, UPLOAD_IN_PROGRESS};
+use crate::attachments::{has_room, Reservation, TOO_MANY_ATTACHMENTS, UPLOAD_IN_PROGRESS};
 use crate::rows::MainView;
 use crate::AppState;
 
@@ -281,6 +281,27 @@ async fn hold_key<'s>(state: &'s AppState, task_id: &str, key: &str, id: &str) -
     }
 }
 
+/// A new attachment `id` (for a key the task does not hold) needs the task to hold
+/// fewer than `max_attachments_per_entity` attachments (every manifest entry
+/// counts, uploads' pending and failed rows too): else -32602, `data.code`
+/// `TOO_MANY_ATTACHMENTS`.
+async fn room_for(state: &AppState, task_id: &str, key: &str, id: &str) -> ApiResult<()> {
+    let max = state.config.max_attachments_per_entity;
+    let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
+    if has_room(&view, id, max) {
+        return Ok(());
+    }
+    Err(ApiError::rejected(
+        format!(
+            "Task {task_id} holds {} attachments; a task holds at most {max} (max_attachments_per_entity): \
+             delete attachments it no longer needs (task.delete_attachment, or DELETE \
+             /_electric/entities/task/{task_id}/attachments/{{id}} for failed uploads) to make room",
+            view.manifest.len()
+        ),
+        json!({ "taskId": task_id, "key": key, "code": TOO_MANY_ATTACHMENTS, "limit": max }),
+    ))
+}
+
 /// Creates or replaces the attachment `input.key` of a task. A replacement
 /// keeps the id and createdAt and rewrites every other field, so nothing of
 /// the old type survives. Returns the entry as written.
@@ -319,6 +340,9 @@ pub(super) async fn put_attachment(
         Some(e) => (e.id.clone(), e.created_at.clone()),
         None => (new_attachment_id(), timestamp(now)),
     };
+    if existing.is_none() {
+        room_for(state, task_id, &input.key, &id).await?;
+    }
     let mime = input.mime_type.clone().unwrap_or_else(|| input.kind.default_mime().to_owned());
     let mut ext = Map::new();
     ext.insert("name".into(), json!(input.key));
