@@ -30,6 +30,10 @@ pub const STREAM_DELETE: &str = "stream_delete";
 /// stream at its path (and writing `failed`) and its delete of that path.
 pub const SETTLE_DELETE: &str = "settle_delete";
 
+/// After a cancelled upload's background settling has settled its `pending`
+/// row and given its id back (a test waits here for the settling to be over).
+pub const UPLOAD_SETTLED: &str = "upload_settled";
+
 /// Between a delete of an attachment's reading its manifest row and the
 /// stream at its address and its writing the delete (row and stream, one
 /// conditional store call).

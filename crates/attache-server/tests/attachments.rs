@@ -1012,6 +1012,7 @@ async fn an_upload_of_an_id_being_settled_after_a_cancel_is_refused_or_keeps_its
 
     // Cancelled there: the row is settled in the background, held before its delete.
     let at_delete = pauses.arm(attache_server::pause::SETTLE_DELETE);
+    let settled = pauses.arm(attache_server::pause::UPLOAD_SETTLED);
     answer.abort();
     drop(sender);
     at_delete.reached().await;
@@ -1021,19 +1022,19 @@ async fn an_upload_of_an_id_being_settled_after_a_cancel_is_refused_or_keeps_its
     let res = upload_raw(&ts, CHAT, form).await;
     let status = res.status();
     at_delete.release();
+    // The settling is over (its row written, its delete done, the id given
+    // back): waited for as an event, not for a while.
+    settled.reached().await;
+    settled.release();
     if status == StatusCode::CREATED {
-        // Answered 201: its bytes must stay, whatever the settling does after.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Answered 201: its bytes must stay, whatever the settling did after.
         let (got, bytes) = get_bytes(&ts, CHAT, "x").await;
         assert_eq!(got, StatusCode::OK, "an upload answered 201 has its bytes");
         assert!(bytes == second);
     } else {
         assert_eq!(status, StatusCode::CONFLICT, "the id is busy while it is settled");
         // Once settled (failed), the id is free again.
-        eventually(Duration::from_secs(10), "the cancelled upload settled", || async {
-            (listed(&ts, CHAT).await["x"]["status"] == "failed").then_some(())
-        })
-        .await;
+        assert_eq!(listed(&ts, CHAT).await["x"]["status"], "failed", "the cancelled upload settled");
         let form = Form::new().field("id", "x").file(Some("g"), None, &second).finish();
         assert_eq!(upload_raw(&ts, CHAT, form).await.status(), StatusCode::CREATED);
         let (got, bytes) = get_bytes(&ts, CHAT, "x").await;

@@ -280,6 +280,7 @@ impl Drop for Pending<'_> {
                 if let Some(key) = key {
                     state.uploads.give_back(&key);
                 }
+                crate::pause::at(&state, crate::pause::UPLOAD_SETTLED).await;
             });
         }
     }
