@@ -26,9 +26,14 @@ pub const FORK_RECORD: &str = "fork_record";
 /// stream there) and the delete.
 pub const STREAM_DELETE: &str = "stream_delete";
 
-/// Between the settling of an interrupted upload's `pending` row finding no
-/// stream at its path (and writing `failed`) and its delete of that path.
-pub const SETTLE_DELETE: &str = "settle_delete";
+/// Between the settling of a `pending` row no upload holds deciding its
+/// outcome from the store (`failed`: no stream at its path; `complete`: its
+/// bytes stored) and writing it (only while nothing of the id moved since).
+pub const SETTLE_WRITE: &str = "settle_write";
+
+/// Between the finalizing of a closed resumable upload's hashing its bytes
+/// (and reading its `pending` row) and writing its `complete` row.
+pub const FINALIZE_WRITE: &str = "finalize_write";
 
 /// After a cancelled upload's background settling has settled its `pending`
 /// row and given its id back (a test waits here for the settling to be over).

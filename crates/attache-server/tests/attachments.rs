@@ -1010,8 +1010,8 @@ async fn an_upload_of_an_id_being_settled_after_a_cancel_is_refused_or_keeps_its
     at_commit.reached().await;
     assert_eq!(listed(&ts, CHAT).await["x"]["status"], "pending");
 
-    // Cancelled there: the row is settled in the background, held before its delete.
-    let at_delete = pauses.arm(attache_server::pause::SETTLE_DELETE);
+    // Cancelled there: the row is settled in the background, held before its write.
+    let at_delete = pauses.arm(attache_server::pause::SETTLE_WRITE);
     let settled = pauses.arm(attache_server::pause::UPLOAD_SETTLED);
     answer.abort();
     drop(sender);

@@ -9,8 +9,8 @@ mod entity_support;
 
 use std::time::Duration;
 
-use attache_server::pause::{Pauses, ATTACHMENT_DELETE, ENTITY_WRITE};
-use attache_server::StoreConfig;
+use attache_server::pause::{Pauses, ATTACHMENT_DELETE, ENTITY_WRITE, FINALIZE_WRITE, SETTLE_WRITE, UPLOAD_SETTLED};
+use attache_server::{ServerConfig, StoreConfig};
 use attache_storage::postgres::test_cluster::TestCluster;
 use common::*;
 use reqwest::{Method, StatusCode};
@@ -32,6 +32,11 @@ async fn two_instances() -> Option<Instances> {
 
 /// [`two_instances`], with `pauses` armable on the first (`a`).
 async fn two_instances_pausing(pauses: Option<Pauses>) -> Option<Instances> {
+    two_instances_with(pauses, |_| {}).await
+}
+
+/// [`two_instances_pausing`], with `tweak_b` adjusting the second's configuration.
+async fn two_instances_with(pauses: Option<Pauses>, tweak_b: fn(&mut ServerConfig)) -> Option<Instances> {
     let cluster = match TestCluster::start(false) {
         Ok(c) => c,
         Err(why) => {
@@ -42,15 +47,16 @@ async fn two_instances_pausing(pauses: Option<Pauses>) -> Option<Instances> {
     let url = cluster.fresh_database().await.expect("a test database");
     let objects = tempfile::tempdir().unwrap();
     let store = StoreConfig::Postgres { url, object_store_url: Some(format!("file://{}", objects.path().display())) };
-    let start = |store: StoreConfig, pauses: Option<Pauses>| {
+    let start = |store: StoreConfig, pauses: Option<Pauses>, tweak: fn(&mut ServerConfig)| {
         TestServer::start_with(move |c| {
             c.store = store;
             c.long_poll_timeout = Duration::from_secs(20);
             c.pauses = pauses;
+            tweak(c);
         })
     };
-    let a = start(store.clone(), pauses).await;
-    let b = start(store, None).await;
+    let a = start(store.clone(), pauses, |_| {}).await;
+    let b = start(store, None, tweak_b).await;
     Some(Instances { a, b, _objects: objects, _cluster: cluster })
 }
 
@@ -451,5 +457,182 @@ async fn an_upload_held_before_its_pending_row_yields_to_one_begun_through_anoth
         let (status, got) = entity_support::get_bytes(server, e, "doc").await;
         assert_eq!(status, StatusCode::OK);
         assert!(got == second, "b's bytes");
+    }
+}
+
+/// `b` takes a `pending` row for one an interrupted upload left once it is
+/// older than this: as if `a`'s upload had been running for a day.
+fn expiring_at_once(c: &mut ServerConfig) {
+    c.upload_expiry = Duration::from_millis(1);
+}
+
+/// An upload's own rows are written only over its own row. An upload
+/// through `a`, held after its `pending` row and before its commit, outlives
+/// the upload expiry of `b`, which takes the id over for an upload of its
+/// own (201). `a`'s commit then meets `b`'s stream (409 `DUPLICATE_ID`),
+/// and its refusal's retraction finds that the id's row is no longer its
+/// own: `b`'s attachment keeps its row and its bytes on both instances.
+/// Before, the retraction deleted whatever row the id had: `b`'s 201'd
+/// attachment was left with bytes and no row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upload_retracts_only_its_own_row_not_one_another_instance_wrote_since() {
+    let pauses = Pauses::default();
+    let Some(Instances { a, b, _objects, _cluster }) = two_instances_with(Some(pauses.clone()), expiring_at_once).await
+    else {
+        return;
+    };
+    let e = "/chat/retract-only-mine";
+    entity_support::spawn(&a, None, e).await;
+    let first = entity_support::pattern(20_000, 1);
+    let form = entity_support::Form::new()
+        .field("subject", entity_support::DEFAULT_SUBJECT)
+        .field("id", "doc")
+        .file(Some("f"), None, &first)
+        .finish();
+    let at_row = pauses.arm(ENTITY_WRITE);
+    let through_a = {
+        let a = a.request(Method::POST, &format!("{}/attachments", entity_support::api(e)));
+        tokio::spawn(a.header("content-type", entity_support::Form::content_type()).body(form).send())
+    };
+    at_row.reached().await;
+    let at_commit = pauses.arm(ENTITY_WRITE);
+    at_row.release();
+    at_commit.reached().await;
+    entity_support::eventually(Duration::from_secs(10), "b sees a's pending row", || async {
+        entity_support::listed(&b, e).await.get("doc").filter(|r| r["status"] == "pending").map(|_| ())
+    })
+    .await;
+
+    let second = entity_support::pattern(30_000, 2);
+    let form = entity_support::Form::new().field("id", "doc").file(Some("g"), None, &second).finish();
+    let res = entity_support::upload_raw(&b, e, form).await;
+    assert_eq!(res.status(), StatusCode::CREATED, "b takes the id of an upload older than its expiry");
+    at_commit.release();
+    let (status, code, body) = entity_support::error_of(through_a.await.unwrap().unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "DUPLICATE_ID"), "{body}");
+
+    for server in [&a, &b] {
+        let row = entity_support::eventually(Duration::from_secs(10), "b's upload is complete", || async {
+            entity_support::listed(server, e).await.get("doc").filter(|r| r["status"] == "complete").cloned()
+        })
+        .await;
+        assert_eq!(row["sha256"], entity_support::sha256_hex(&second));
+        let (status, got) = entity_support::get_bytes(server, e, "doc").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(got == second, "b's bytes");
+    }
+}
+
+/// The settling of an interrupted upload writes its `failed` row only while
+/// no stream is at the attachment's address and nothing else wrote the id:
+/// an upload through `a` cancelled before its commit is settled in the
+/// background, held between finding no stream and writing; meanwhile `b`
+/// (the upload being older than its expiry) takes the id and stores a new
+/// upload (201). The settling then reads again and leaves `b`'s attachment
+/// alone. Before, it had written `failed` and then deleted the stream at
+/// the path: `b`'s 201'd attachment lost its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settling_held_across_a_new_upload_through_another_instance_leaves_its_bytes() {
+    use tokio::io::AsyncWriteExt;
+    let pauses = Pauses::default();
+    let Some(Instances { a, b, _objects, _cluster }) = two_instances_with(Some(pauses.clone()), expiring_at_once).await
+    else {
+        return;
+    };
+    let e = "/chat/settle-meets-new-upload";
+    entity_support::spawn(&a, None, e).await;
+    // Small enough for the lean path, which cancels a request whose client leaves.
+    let form = entity_support::Form::new()
+        .field("subject", entity_support::DEFAULT_SUBJECT)
+        .field("id", "doc")
+        .file(Some("f"), None, &entity_support::pattern(10_000, 1))
+        .finish();
+    let head = format!(
+        "POST {}/attachments HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: {}\r\ncontent-length: {}\r\n\r\n",
+        entity_support::api(e),
+        entity_support::Form::content_type(),
+        form.len()
+    );
+    let at_row = pauses.arm(ENTITY_WRITE);
+    let mut conn = tokio::net::TcpStream::connect(a.url.trim_start_matches("http://")).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&form).await.unwrap();
+    at_row.reached().await;
+    let at_commit = pauses.arm(ENTITY_WRITE);
+    at_row.release();
+    at_commit.reached().await;
+
+    // The client goes away: the row is settled in the background, held before its write.
+    let at_settle = pauses.arm(SETTLE_WRITE);
+    let settled = pauses.arm(UPLOAD_SETTLED);
+    drop(conn);
+    at_settle.reached().await;
+    at_commit.release();
+
+    let second = entity_support::pattern(30_000, 2);
+    let form = entity_support::Form::new().field("id", "doc").file(Some("g"), None, &second).finish();
+    let res = entity_support::upload_raw(&b, e, form).await;
+    assert_eq!(res.status(), StatusCode::CREATED, "b takes the id of an upload older than its expiry");
+    at_settle.release();
+    settled.reached().await;
+    settled.release();
+
+    for server in [&a, &b] {
+        let row = entity_support::eventually(Duration::from_secs(10), "b's upload is complete", || async {
+            entity_support::listed(server, e).await.get("doc").filter(|r| r["status"] == "complete").cloned()
+        })
+        .await;
+        assert_eq!(row["sha256"], entity_support::sha256_hex(&second));
+        let (status, got) = entity_support::get_bytes(server, e, "doc").await;
+        assert_eq!(status, StatusCode::OK, "b's attachment keeps its bytes");
+        assert!(got == second, "b's bytes");
+    }
+}
+
+/// A resumable upload's `complete` row is written only against the
+/// `pending` row its closing read: the close through `a`, held between
+/// hashing the bytes and writing the row, while a `DELETE` through `b`
+/// completes the attachment and deletes it (200). The close then reads
+/// again and writes nothing: the attachment stays deleted on both
+/// instances. Before, the close wrote its `complete` row after the delete:
+/// the attachment was listed `complete` with its bytes gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumable_close_held_across_a_delete_through_another_instance_brings_nothing_back() {
+    let pauses = Pauses::default();
+    let Some(Instances { a, b, _objects, _cluster }) = two_instances_pausing(Some(pauses.clone())).await else {
+        return;
+    };
+    let e = "/chat/close-meets-delete";
+    entity_support::spawn(&a, None, e).await;
+    let path = format!("{}/attachments/doc", entity_support::api(e));
+    let res =
+        a.request(Method::PUT, &path).json(&serde_json::json!({ "subject": { "type": "context", "key": "test" } }));
+    assert_eq!(res.send().await.unwrap().status(), StatusCode::CREATED);
+
+    let held = pauses.arm(FINALIZE_WRITE);
+    let close = tokio::spawn(
+        a.request(Method::POST, &format!("{e}/attachments/doc"))
+            .header("content-type", "application/octet-stream")
+            .header("stream-closed", "true")
+            .body(entity_support::pattern(5_000, 3))
+            .send(),
+    );
+    held.reached().await;
+    entity_support::eventually(Duration::from_secs(10), "b sees the closed stream", || async {
+        (b.head(&format!("{e}/attachments/doc")).await.headers().get(CLOSED).is_some()).then_some(())
+    })
+    .await;
+    let res = b.request(Method::DELETE, &path).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "b completes the closed upload and deletes it");
+    held.release();
+    let res = close.await.unwrap().unwrap();
+    assert!(res.status().is_success(), "the close was committed: {}", res.status());
+
+    for server in [&a, &b] {
+        entity_support::eventually(Duration::from_secs(10), "the attachment stays deleted", || async {
+            (!entity_support::listed(server, e).await.contains_key("doc")).then_some(())
+        })
+        .await;
+        assert_eq!(entity_support::get_bytes(server, e, "doc").await.0, StatusCode::NOT_FOUND);
     }
 }

@@ -6,7 +6,7 @@
 use attache_core::manifest::{validate_attachment_id, AttachmentStatus, ManifestEntry, MANIFEST};
 use attache_core::state::{timestamp, ChangeEvent};
 use attache_core::{EntityUrl, Permission};
-use attache_storage::{AppendRequest, EntityRecord, RowGuard, StoreError, StreamAt};
+use attache_storage::{EntityRecord, StoreError, StreamAt};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -14,12 +14,12 @@ use axum::Json;
 use serde_json::json;
 
 use crate::access::{hold_life, now_ms, EntityRoute};
-use crate::error::{ApiError, ApiResult};
-use crate::rows::{json_content_type, new_txid, not_running};
+use crate::error::ApiResult;
+use crate::rows::new_txid;
 use crate::AppState;
 
 use super::not_found;
-use super::pending::{hold_id, upload_in_progress, CONDITIONAL_ATTEMPTS};
+use super::pending::{hold_id, upload_in_progress, write_decided, Decided};
 
 /// DELETE /_electric/entities/{type}/{id}/attachments/{att} [write]: a manifest
 /// delete row, then the bytes are released (kept while another attachment holds the same content).
@@ -61,7 +61,10 @@ pub async fn delete_entry(state: &AppState, record: &EntityRecord, entity: &Enti
     validate_attachment_id(id)?;
     let _life = hold_life(state, record).await?;
     let _held = hold_id(state, entity, id).await?;
-    for attempt in 0..CONDITIONAL_ATTEMPTS {
+    let txid = new_txid();
+    let row_txid = &txid;
+    let pause = Some(crate::pause::ATTACHMENT_DELETE);
+    let deleted = write_decided(state, entity, id, pause, move || async move {
         let (entry, tail) = {
             let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
             (view.manifest.get(id).cloned().ok_or_else(not_found)?, view.tail())
@@ -76,20 +79,10 @@ pub async fn delete_entry(state: &AppState, record: &EntityRecord, entity: &Enti
             Err(StoreError::NotFound) | Err(StoreError::Gone) => None,
             Err(e) => return Err(e.into()),
         };
-        crate::pause::at(state, crate::pause::ATTACHMENT_DELETE).await;
-        let txid = new_txid();
-        let row = ChangeEvent::delete(MANIFEST, &ManifestEntry::row_key(id), &txid, &timestamp(now_ms()));
-        let row = serde_json::to_vec(&row).map_err(ApiError::internal)?;
-        let append = AppendRequest::json_messages(entity.main_stream(), json_content_type(), &[row], false);
-        let guard = RowGuard { key: ManifestEntry::row_key(id), since: tail };
-        match state.store.append_guarded(append, guard, Some(StreamAt { path, id: stream })).await {
-            Ok(_) => return Ok(txid),
-            // A write of this attachment came between: read again (and
-            // after a few turns that each met one, 409: try again).
-            Err(StoreError::Moved) => tokio::time::sleep(std::time::Duration::from_millis(1 << attempt)).await,
-            Err(StoreError::Closed { .. }) => return Err(not_running()),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(upload_in_progress(id))
+        let row = ChangeEvent::delete(MANIFEST, &ManifestEntry::row_key(id), row_txid, &timestamp(now_ms()));
+        Ok(Decided::Write { row, since: tail, bytes: Some(StreamAt { path, id: stream }), answer: () })
+    })
+    .await?;
+    // After a few turns that each met another write of this attachment: 409, try again.
+    deleted.map(|()| txid).ok_or_else(|| upload_in_progress(id))
 }

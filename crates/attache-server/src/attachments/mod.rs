@@ -35,7 +35,7 @@ use crate::rows::MainView;
 
 pub use delete::{delete, delete_entry};
 pub use pending::{
-    finalize, finalize_closed, hold_id, settle, upload_in_progress, write_entry, OpenUpload, Reservation, Reservations,
+    finalize, finalize_closed, hold_id, settle, upload_in_progress, OpenUpload, Reservation, Reservations,
     UPLOAD_IN_PROGRESS,
 };
 pub use read::{content_disposition, list, parse_range, read, RangeRequest};

@@ -10,13 +10,14 @@ use std::collections::{HashMap, HashSet};
 
 use attache_core::manifest::{validate_attachment_id, AttachmentStatus, ManifestEntry, MANIFEST, SUBJECT_REQUIRED};
 use attache_core::state::{timestamp, ChangeEvent};
+use attache_core::Offset;
 use attache_core::{EntityUrl, PrincipalKey};
-use attache_storage::{AppendRequest, EntityRecord, ReadFrom, RowGuard, StoreError};
+use attache_storage::{AppendRequest, EntityRecord, ReadFrom, RowGuard, StoreError, StreamAt};
 use sha2::{Digest, Sha256};
 
 use crate::access::{hold_life, now_ms};
 use crate::error::{ApiError, ApiResult};
-use crate::rows::{append_rows, json_content_type, new_txid};
+use crate::rows::{json_content_type, new_txid, not_running};
 use crate::{AppState, StoreConfig};
 
 use super::{duplicate, has_room, too_many, Fields, INTERRUPTED};
@@ -177,16 +178,93 @@ pub(super) fn entry_append(
     Ok(AppendRequest::json_messages(entity.main_stream(), json_content_type(), &[message], false))
 }
 
-/// Writes a manifest entry (pending, complete or failed) as an upsert row.
-pub async fn write_entry(state: &AppState, entity: &EntityUrl, entry: &ManifestEntry, txid: &str) -> ApiResult<()> {
-    append_rows(state.store.as_ref(), &entity.main_stream(), &[manifest_row(entry, txid)?], false).await.map(|_| ())
+/// What a manifest write decided from the store's state does ([`write_decided`]).
+pub(super) enum Decided<T> {
+    /// Nothing to write: the answer is `T`.
+    Answer(T),
+    /// Write `row` only against what it was decided from: no other guarded
+    /// write of its key at or past `since` (the tail of the view it was
+    /// decided from) and, with `bytes`, the live stream at that path as seen
+    /// (deleted in the same commit when it names one). Then the answer is `T`.
+    Write { row: ChangeEvent, since: Offset, bytes: Option<StreamAt>, answer: T },
 }
 
-pub(super) async fn retract(state: &AppState, entity: &EntityUrl, id: &str, txid: &str) {
-    let row = ChangeEvent::delete(MANIFEST, &ManifestEntry::row_key(id), txid, &timestamp(now_ms()));
-    if let Err(e) = append_rows(state.store.as_ref(), &entity.main_stream(), &[row], false).await {
-        tracing::warn!(error = %e, id, "could not retract a pending attachment row");
+/// The compare-and-set loop of every manifest write decided from what the
+/// store holds (a delete, an upload's rows, their settling): `decide` reads
+/// (the view, the stream at the attachment's address) and says what to
+/// write, and the row is written only against that
+/// ([`StreamStore::append_guarded`](attache_storage::StreamStore::append_guarded),
+/// guarded by the attachment's manifest key). When another write of the key
+/// (on PostgreSQL perhaps through another instance), or a stream made or
+/// deleted at the address, came between, it reads and decides again: at most
+/// [`CONDITIONAL_ATTEMPTS`] times (a quarter of a second of backoff in all),
+/// then `Ok(None)` and the caller answers 409 or leaves the row as it is.
+/// `pause` (tests) holds the request between a decision and its write.
+pub(super) async fn write_decided<T, Decide, Decision>(
+    state: &AppState,
+    entity: &EntityUrl,
+    id: &str,
+    pause: Option<&'static str>,
+    mut decide: Decide,
+) -> ApiResult<Option<T>>
+where
+    Decide: FnMut() -> Decision,
+    Decision: std::future::Future<Output = ApiResult<Decided<T>>>,
+{
+    for attempt in 0..CONDITIONAL_ATTEMPTS {
+        let (row, since, bytes, answer) = match decide().await? {
+            Decided::Answer(answer) => return Ok(Some(answer)),
+            Decided::Write { row, since, bytes, answer } => (row, since, bytes, answer),
+        };
+        if let Some(point) = pause {
+            crate::pause::at(state, point).await;
+        }
+        let message = serde_json::to_vec(&row).map_err(ApiError::internal)?;
+        let append = AppendRequest::json_messages(entity.main_stream(), json_content_type(), &[message], false);
+        let guard = RowGuard { key: ManifestEntry::row_key(id), since };
+        match state.store.append_guarded(append, guard, bytes).await {
+            Ok(_) => return Ok(Some(answer)),
+            Err(StoreError::Moved) => tokio::time::sleep(std::time::Duration::from_millis(1 << attempt)).await,
+            Err(StoreError::Closed { .. }) => return Err(not_running()),
+            Err(e) => return Err(e.into()),
+        }
     }
+    Ok(None)
+}
+
+/// Settles the row this upload wrote (`mine`, its `pending` entry) with
+/// `row` (its failed entry, or a retraction): only while the row of its id
+/// is still that one. An instance that took the id over meanwhile (on
+/// PostgreSQL, once this upload outlived `upload_expiry`) wrote its own row,
+/// which is left as it is. Says whether the row is settled (written, or
+/// found to be another upload's).
+async fn settle_mine(state: &AppState, entity: &EntityUrl, mine: &ManifestEntry, row: ChangeEvent) -> bool {
+    let row = &row;
+    let written = write_decided(state, entity, &mine.id, None, move || async move {
+        let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+        if view.manifest.get(&mine.id) != Some(mine) {
+            return Ok(Decided::Answer(()));
+        }
+        Ok(Decided::Write { row: row.clone(), since: view.tail(), bytes: None, answer: () })
+    })
+    .await;
+    match written {
+        Ok(Some(())) => true,
+        Ok(None) => {
+            tracing::warn!(id = mine.id, "could not settle an upload's row: other writes of its id kept coming");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, id = mine.id, "could not settle an upload's row");
+            false
+        }
+    }
+}
+
+/// Retracts the `pending` row `mine` of a refused upload (a delete row), if it is still its id's row.
+pub(super) async fn retract(state: &AppState, entity: &EntityUrl, mine: &ManifestEntry, txid: &str) -> bool {
+    let row = ChangeEvent::delete(MANIFEST, &mine.key, txid, &timestamp(now_ms()));
+    settle_mine(state, entity, mine, row).await
 }
 
 /// Can `id` be (re)used? Free, or only a failed attempt is recorded. A new
@@ -250,14 +328,15 @@ impl Pending<'_> {
         };
         let refusal = err.refusal();
         if refusal.status.is_client_error() && refusal.code != INTERRUPTED {
-            retract(state, &entity, &self.entry.id, &self.txid).await;
+            retract(state, &entity, &self.entry, &self.txid).await;
             self.settled();
             return;
         }
         let mut failed = self.entry.clone();
         failed.status = AttachmentStatus::Failed;
         failed.error = Some(refusal.message);
-        if write_entry(state, &entity, &failed, &self.txid).await.is_ok() {
+        let Ok(row) = manifest_row(&failed, &self.txid) else { return };
+        if settle_mine(state, &entity, &self.entry, row).await {
             self.settled();
         }
     }
@@ -289,48 +368,78 @@ impl Drop for Pending<'_> {
 /// Settles a `pending` row no upload holds any more, from what the store
 /// holds at the derived path: a closed blob stream completes it, a closed
 /// resumable stream is finalized, an open one is a resumable upload still
-/// going (left alone), and no stream at all fails it. Idempotent.
+/// going (left alone), and no stream at all fails it. Each outcome row is
+/// written only against what it was decided from ([`write_decided`]): the
+/// `failed` row only while no stream is at the path (a create sent before
+/// an interruption that commits first, or a new upload's stream, makes it
+/// decide again, and sees that stream), never over a row another write of
+/// the id put there since. Idempotent.
 pub async fn settle(state: &AppState, entity: &EntityUrl, id: &str) {
-    let Ok(view) = state.views.get(state.store.as_ref(), &entity.main_stream()).await else { return };
-    let Some(entry) = view.manifest.get(id).cloned() else { return };
-    drop(view);
-    if entry.status != AttachmentStatus::Pending || validate_attachment_id(id).is_err() {
+    /// What a settling found.
+    enum Settled {
+        Nothing,
+        Completed,
+        Failed,
+        Closed,
+        Open,
+    }
+    if validate_attachment_id(id).is_err() {
         return;
     }
     // The upload's stream is derived, never taken from the row.
-    let path = entity.attachment_stream(id);
-    match state.store.head(&path).await {
-        Ok(info) if info.closed => match &info.blob {
-            Some(blob) => {
-                let mut done = entry;
-                done.stream_path = path;
-                done.status = AttachmentStatus::Complete;
-                done.sha256 = Some(blob.sha256.clone());
-                done.byte_length = Some(blob.len);
-                if write_entry(state, entity, &done, &new_txid()).await.is_ok() {
-                    tracing::info!(entity = %entity, id, "completed an upload interrupted after its bytes were stored");
+    let path = &entity.attachment_stream(id);
+    let settled = write_decided(state, entity, id, Some(crate::pause::SETTLE_WRITE), move || async move {
+        let (entry, tail) = {
+            let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+            (view.manifest.get(id).cloned(), view.tail())
+        };
+        let Some(entry) = entry.filter(|e| e.status == AttachmentStatus::Pending) else {
+            return Ok(Decided::Answer(Settled::Nothing));
+        };
+        Ok(match state.store.head(path).await {
+            Ok(info) if info.closed => match &info.blob {
+                Some(blob) => {
+                    let mut done = entry;
+                    done.stream_path = path.clone();
+                    done.status = AttachmentStatus::Complete;
+                    done.sha256 = Some(blob.sha256.clone());
+                    done.byte_length = Some(blob.len);
+                    let row = manifest_row(&done, &new_txid())?;
+                    Decided::Write { row, since: tail, bytes: None, answer: Settled::Completed }
                 }
+                None => Decided::Answer(Settled::Closed),
+            },
+            Ok(_) => Decided::Answer(Settled::Open),
+            Err(_) => {
+                let mut failed = entry;
+                failed.stream_path = path.clone();
+                failed.status = AttachmentStatus::Failed;
+                failed.error = Some("upload interrupted: the bytes were not stored".into());
+                let row = manifest_row(&failed, &new_txid())?;
+                // Only while no live stream is at the path: nothing to delete after.
+                let bytes = Some(StreamAt { path: path.clone(), id: None });
+                Decided::Write { row, since: tail, bytes, answer: Settled::Failed }
             }
-            None => {
-                let _ = finalize(state, entity, id).await;
-            }
-        },
+        })
+    })
+    .await;
+    match settled {
+        Ok(Some(Settled::Nothing)) => {}
+        Ok(Some(Settled::Completed)) => {
+            tracing::info!(entity = %entity, id, "completed an upload interrupted after its bytes were stored")
+        }
+        Ok(Some(Settled::Failed)) => tracing::info!(entity = %entity, id, "marked an interrupted upload failed"),
+        Ok(Some(Settled::Closed)) => {
+            let _ = finalize(state, entity, id).await;
+        }
         // A resumable upload still going: the expiry sweep ends it if it is never closed.
-        Ok(_) => {
-            state.uploads.1.lock().insert(path, OpenUpload { entity: entity.clone(), id: id.to_owned() });
+        Ok(Some(Settled::Open)) => {
+            state.uploads.1.lock().insert(path.clone(), OpenUpload { entity: entity.clone(), id: id.to_owned() });
         }
-        Err(_) => {
-            let mut failed = entry;
-            failed.stream_path = path.clone();
-            failed.status = AttachmentStatus::Failed;
-            failed.error = Some("upload interrupted: the bytes were not stored".into());
-            if write_entry(state, entity, &failed, &new_txid()).await.is_ok() {
-                tracing::info!(entity = %entity, id, "marked an interrupted upload failed");
-            }
-            // A create sent before the interruption commits before this delete (one writer, in order).
-            crate::pause::at(state, crate::pause::SETTLE_DELETE).await;
-            let _ = state.store.delete(&path).await;
+        Ok(None) => {
+            tracing::warn!(entity = %entity, id, "could not settle an upload: other writes of its id kept coming")
         }
+        Err(e) => tracing::warn!(error = %e, entity = %entity, id, "could not settle an upload"),
     }
 }
 
@@ -384,31 +493,20 @@ pub(super) async fn begin<'s>(
 /// after. 409 `DUPLICATE_ID` when the id is taken by then.
 async fn write_pending(state: &AppState, entity: &EntityUrl, pending: &Pending<'_>) -> ApiResult<()> {
     let id = pending.entry.id.as_str();
-    let row = serde_json::to_vec(&manifest_row(&pending.entry, &pending.pending_txid)?).map_err(ApiError::internal)?;
-    for attempt in 0..CONDITIONAL_ATTEMPTS {
-        let tail = {
-            let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
-            if view.manifest.get(id).is_some_and(|e| e.status != AttachmentStatus::Failed) {
-                return Err(duplicate(id));
-            }
-            let max = state.config.max_attachments_per_entity;
-            if !has_room(&view, id, max) {
-                return Err(too_many(entity, view.manifest.len(), max));
-            }
-            view.tail()
-        };
-        let append =
-            AppendRequest::json_messages(entity.main_stream(), json_content_type(), std::slice::from_ref(&row), false);
-        let guard = RowGuard { key: pending.entry.key.clone(), since: tail };
-        match state.store.append_guarded(append, guard, None).await {
-            Ok(_) => return Ok(()),
-            // A row of this id came between: read again (see `delete_entry`).
-            Err(StoreError::Moved) => tokio::time::sleep(std::time::Duration::from_millis(1 << attempt)).await,
-            Err(StoreError::Closed { .. }) => return Err(crate::rows::not_running()),
-            Err(e) => return Err(e.into()),
+    let written = write_decided(state, entity, id, None, move || async move {
+        let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+        if view.manifest.get(id).is_some_and(|e| e.status != AttachmentStatus::Failed) {
+            return Err(duplicate(id));
         }
-    }
-    Err(upload_in_progress(id))
+        let max = state.config.max_attachments_per_entity;
+        if !has_room(&view, id, max) {
+            return Err(too_many(entity, view.manifest.len(), max));
+        }
+        let row = manifest_row(&pending.entry, &pending.pending_txid)?;
+        Ok(Decided::Write { row, since: view.tail(), bytes: None, answer: () })
+    })
+    .await?;
+    written.ok_or_else(|| upload_in_progress(id))
 }
 
 /// How many times a guarded write reads again after another write of its
@@ -456,36 +554,47 @@ pub async fn finalize_closed(state: &AppState, entity: &EntityUrl, id: &str) -> 
 }
 
 /// Completes a resumable upload whose stream is closed: hashes the bytes and
-/// writes the `complete` row. Idempotent; called after the closing append and at recovery.
+/// writes the `complete` row, only against the `pending` row it read
+/// ([`write_decided`]): a delete of the attachment meanwhile (on PostgreSQL
+/// perhaps through another instance) is seen, and no `complete` row then
+/// names bytes that are gone. Idempotent; called after the closing append
+/// and at recovery. 409 `UPLOAD_IN_PROGRESS` when other writes of the id
+/// kept coming.
 pub async fn finalize(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult<Option<ManifestEntry>> {
-    let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
-    let Some(entry) = view.manifest.get(id).cloned() else { return Ok(None) };
-    drop(view);
-    if entry.status != AttachmentStatus::Pending {
-        return Ok(Some(entry));
-    }
     // A resumable upload's bytes are at the attachment's own stream, whatever the row says.
     validate_attachment_id(id)?;
-    let path = entity.attachment_stream(id);
-    let info = state.store.head(&path).await?;
-    if !info.closed {
-        return Ok(Some(entry));
-    }
-    let mut hasher = Sha256::new();
-    let mut pos = 0;
-    while pos < info.tail {
-        let batch = state.store.read(&path, ReadFrom::At(attache_core::Offset(pos)), 4 << 20).await?;
-        hasher.update(&batch.body);
-        if batch.next.0 <= pos {
-            break;
+    let path = &entity.attachment_stream(id);
+    let done = write_decided(state, entity, id, Some(crate::pause::FINALIZE_WRITE), move || async move {
+        let (entry, tail) = {
+            let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+            (view.manifest.get(id).cloned(), view.tail())
+        };
+        let Some(entry) = entry else { return Ok(Decided::Answer(None)) };
+        if entry.status != AttachmentStatus::Pending {
+            return Ok(Decided::Answer(Some(entry)));
         }
-        pos = batch.next.0;
-    }
-    let mut done = entry;
-    done.stream_path = path;
-    done.status = AttachmentStatus::Complete;
-    done.byte_length = Some(info.tail);
-    done.sha256 = Some(hex::encode(hasher.finalize()));
-    write_entry(state, entity, &done, &new_txid()).await?;
-    Ok(Some(done))
+        let info = state.store.head(path).await?;
+        if !info.closed {
+            return Ok(Decided::Answer(Some(entry)));
+        }
+        let mut hasher = Sha256::new();
+        let mut pos = 0;
+        while pos < info.tail {
+            let batch = state.store.read(path, ReadFrom::At(attache_core::Offset(pos)), 4 << 20).await?;
+            hasher.update(&batch.body);
+            if batch.next.0 <= pos {
+                break;
+            }
+            pos = batch.next.0;
+        }
+        let mut done = entry;
+        done.stream_path = path.clone();
+        done.status = AttachmentStatus::Complete;
+        done.byte_length = Some(info.tail);
+        done.sha256 = Some(hex::encode(hasher.finalize()));
+        let row = manifest_row(&done, &new_txid())?;
+        Ok(Decided::Write { row, since: tail, bytes: None, answer: Some(done) })
+    })
+    .await?;
+    done.ok_or_else(|| upload_in_progress(id))
 }

@@ -3,13 +3,13 @@
 
 use attache_core::manifest::{validate_attachment_id, AttachmentStatus};
 use attache_core::EntityUrl;
-use attache_storage::StoreError;
+use attache_storage::{StoreError, StreamAt};
 
 use crate::access::now_ms;
 use crate::rows::new_txid;
 use crate::AppState;
 
-use super::pending::{settle, write_entry, OpenUpload};
+use super::pending::{manifest_row, settle, write_decided, Decided, OpenUpload};
 
 /// After a restart: every `pending` row no upload holds is settled
 /// ([`settle`]): uploads that were streaming when the server stopped are
@@ -69,31 +69,45 @@ pub(super) async fn expire_uploads(state: &AppState, expiry: std::time::Duration
         if info.created_at_ms > deadline {
             continue;
         }
-        let view = match state.views.get(state.store.as_ref(), &upload.entity.main_stream()).await {
-            Ok(view) => view,
-            Err(_) => continue,
-        };
-        let entry = view.manifest.get(&upload.id).filter(|e| e.status == AttachmentStatus::Pending).cloned();
-        drop(view);
-        if let Some(mut failed) = entry {
-            failed.stream_path = path.clone();
+        // Its `failed` row and the delete of the stream found above (never one
+        // made at its path since) in one commit, only against the `pending`
+        // row read: an upload's row another write replaced meanwhile is left.
+        let (entity, id, stream) =
+            (&upload.entity, upload.id.as_str(), StreamAt { path: path.clone(), id: Some(info.id) });
+        let stream = &stream;
+        let expired = write_decided(state, entity, id, None, move || async move {
+            let (entry, tail) = {
+                let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+                (view.manifest.get(id).filter(|e| e.status == AttachmentStatus::Pending).cloned(), view.tail())
+            };
+            let Some(mut failed) = entry else { return Ok(Decided::Answer(false)) };
+            failed.stream_path = stream.path.clone();
             failed.status = AttachmentStatus::Failed;
             failed.error = Some(format!(
                 "upload expired: a resumable upload must be closed within {} of its start",
                 humanize(expiry)
             ));
-            if let Err(e) = write_entry(state, &upload.entity, &failed, &new_txid()).await {
-                tracing::warn!(error = %e, id = upload.id, "could not mark an expired upload failed");
-                continue;
-            }
-            tracing::info!(entity = %upload.entity, id = upload.id, "a resumable upload expired");
-        }
-        // The upload's stream found above, never one made at its path since.
-        match state.store.delete_id(&path, info.id).await {
-            Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => {
+            let row = manifest_row(&failed, &new_txid())?;
+            Ok(Decided::Write { row, since: tail, bytes: Some(stream.clone()), answer: true })
+        })
+        .await;
+        match expired {
+            Ok(Some(true)) => {
+                tracing::info!(entity = %entity, id, "a resumable upload expired");
                 state.uploads.1.lock().remove(&path);
             }
-            Err(e) => tracing::warn!(error = %e, path, "could not delete an expired upload's stream"),
+            // No pending row of it: its stream goes alone.
+            Ok(Some(false)) => match state.store.delete_id(&path, info.id).await {
+                Ok(()) | Err(StoreError::NotFound) | Err(StoreError::Gone) => {
+                    state.uploads.1.lock().remove(&path);
+                }
+                Err(e) => tracing::warn!(error = %e, path, "could not delete an expired upload's stream"),
+            },
+            // Tried again at the next sweep.
+            Ok(None) => {
+                tracing::warn!(entity = %entity, id, "could not expire an upload: other writes of its id kept coming")
+            }
+            Err(e) => tracing::warn!(error = %e, entity = %entity, id, "could not mark an expired upload failed"),
         }
     }
 }

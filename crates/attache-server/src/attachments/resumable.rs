@@ -101,7 +101,7 @@ pub async fn begin_resumable(
     // The upload goes on after this request, through the stream; expiry ends it if it is never closed.
     pending.settled();
     if let Err(e) = created {
-        retract(&state, entity, &id, &pending.txid).await;
+        retract(&state, entity, &pending.entry, &pending.txid).await;
         return Err(match e {
             StoreError::ConfigMismatch(_) => duplicate(&id),
             other => other.into(),
