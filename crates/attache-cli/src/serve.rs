@@ -96,6 +96,15 @@ pub struct ServeArgs {
     /// an upload of a new id past it is refused with 409 TOO_MANY_ATTACHMENTS [default: 10000]
     #[arg(long, env = "ATTACHE_MAX_ATTACHMENTS_PER_ENTITY")]
     max_attachments_per_entity: Option<usize>,
+    /// Most bytes of inline task attachment values (JSON value, text content, url) one entity
+    /// holds together, counted as held in memory; a task.create_attachment past it is refused
+    /// with -32602, data.code TOO_MANY_ATTACHMENT_BYTES [default: 67108864, 64 MiB]
+    #[arg(long, env = "ATTACHE_MAX_INLINE_BYTES_PER_ENTITY")]
+    max_inline_bytes_per_entity: Option<usize>,
+    /// How many of an entity's latest inbox message keys are kept and checked for duplicates
+    /// (409 DUPLICATE_KEY); a key older than that is no longer checked [default: 10000]
+    #[arg(long, env = "ATTACHE_INBOX_KEYS_PER_ENTITY")]
+    inbox_keys_per_entity: Option<usize>,
     /// The embedded store's page cache (redb: stream metadata and indexes), in bytes [default: 4194304]
     #[arg(long, env = "ATTACHE_STORE_CACHE_BYTES")]
     store_cache_bytes: Option<usize>,
@@ -219,6 +228,8 @@ struct FileConfig {
     view_cache_entries: Option<usize>,
     view_cache_bytes: Option<usize>,
     max_attachments_per_entity: Option<usize>,
+    max_inline_bytes_per_entity: Option<usize>,
+    inbox_keys_per_entity: Option<usize>,
     store_cache_bytes: Option<usize>,
     store_open_files: Option<usize>,
     blocking_threads: Option<usize>,
@@ -329,6 +340,14 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
     if let Some(n) = args.max_attachments_per_entity.or(file.max_attachments_per_entity) {
         anyhow::ensure!(n > 0, "max_attachments_per_entity must be at least 1");
         config.max_attachments_per_entity = n;
+    }
+    if let Some(n) = args.max_inline_bytes_per_entity.or(file.max_inline_bytes_per_entity) {
+        anyhow::ensure!(n > 0, "max_inline_bytes_per_entity must be at least 1");
+        config.max_inline_bytes_per_entity = n;
+    }
+    if let Some(n) = args.inbox_keys_per_entity.or(file.inbox_keys_per_entity) {
+        anyhow::ensure!(n > 0, "inbox_keys_per_entity must be at least 1");
+        config.inbox_keys_per_entity = n;
     }
     if let Some(n) = args.store_cache_bytes.or(file.store_cache_bytes) {
         config.store_cache_bytes = Some(n);

@@ -69,6 +69,14 @@ pub struct ServerConfig {
     /// failed) one entity holds; an upload or task attachment of a new id
     /// past it is refused (409 `TOO_MANY_ATTACHMENTS`, -32602 on the task face).
     pub max_attachments_per_entity: usize,
+    /// Most bytes of inline values (JSON `value`, text `content`, `url`) one
+    /// entity's task attachments hold together, counted as its view holds
+    /// them (`rows::inline_bytes`); a `task.create_attachment` past it is
+    /// refused (-32602, `data.code` `TOO_MANY_ATTACHMENT_BYTES`).
+    pub max_inline_bytes_per_entity: usize,
+    /// How many of an entity's latest inbox keys its view keeps, and a send
+    /// checks for duplicates (409 `DUPLICATE_KEY`); older keys are forgotten.
+    pub inbox_keys_per_entity: usize,
     /// The embedded store's page cache, in bytes; `None` keeps the engine's default.
     pub store_cache_bytes: Option<usize>,
     /// Most segment files the embedded store keeps open (one per stream being
@@ -227,6 +235,8 @@ impl ServerConfig {
             view_cache_entries: 10_000,
             view_cache_bytes: 64 << 20,
             max_attachments_per_entity: 10_000,
+            max_inline_bytes_per_entity: 64 << 20,
+            inbox_keys_per_entity: 10_000,
             store_cache_bytes: None,
             store_open_files: 4096,
             store_read_threads: 16,

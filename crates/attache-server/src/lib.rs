@@ -189,7 +189,11 @@ impl Server {
             store,
             registry,
             auth: Arc::new(auth),
-            views: Arc::new(rows::Views::new(config.view_cache_entries, config.view_cache_bytes)),
+            views: Arc::new(rows::Views::new(
+                config.view_cache_entries,
+                config.view_cache_bytes,
+                config.inbox_keys_per_entity,
+            )),
             lives: Arc::new(access::Lives::default()),
             uploads: Arc::new(attachments::Reservations::default()),
             config: Arc::new(config),

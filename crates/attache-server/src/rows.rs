@@ -5,11 +5,14 @@
 //! `view_cache_entries` of them and `view_cache_bytes` of them together (an
 //! estimate), the least recently used dropped first, and each keeps only
 //! what the server asks of it (manifest entries, names, inbox keys; never
-//! inbox payloads). One view's manifest is bounded by
+//! inbox payloads). One view is bounded too: its manifest by
 //! `max_attachments_per_entity` (the upload routes and the task face refuse
-//! a new id past it).
+//! a new id past it), the inline values of its task attachments by
+//! `max_inline_bytes_per_entity` (the task face refuses a value past it),
+//! and its inbox keys by `inbox_keys_per_entity` (only the keys of the
+//! latest messages are kept, as digests).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use attache_core::manifest::{ManifestEntry, MANIFEST};
@@ -18,6 +21,7 @@ use attache_core::ContentType;
 use attache_storage::{AppendOutcome, AppendRequest, ReadFrom, StoreError, StreamStore};
 use bytes::Bytes;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use crate::error::{ApiError, ApiResult};
 
@@ -80,10 +84,12 @@ pub struct MainView {
     stream: Option<u64>,
     applied: u64,
     pub manifest: BTreeMap<String, ManifestEntry>,
+    /// The inline values of the manifest's entries together ([`inline_bytes`]).
+    inline: usize,
     /// attache's key-value name → attachment id (task attachments, keyed uploads).
     pub by_name: HashMap<String, String>,
-    /// Keys of the inbox rows (what a send checks for duplicates); payloads stay on the stream.
-    pub inbox: HashSet<String>,
+    /// The keys of the latest inbox rows (what a send checks for duplicates); payloads stay on the stream.
+    pub inbox: InboxKeys,
 }
 
 impl MainView {
@@ -97,13 +103,20 @@ impl MainView {
     /// JSON values plus a fixed cost per entry and per map slot. Kept up to
     /// date as rows are applied, so reading it costs nothing.
     pub fn estimated_bytes(&self) -> usize {
-        std::mem::size_of::<MainView>() + self.bytes
+        std::mem::size_of::<MainView>() + self.bytes + self.inbox.heap_bytes()
     }
 
-    /// Folds one row of the main stream into the view. Rows come from clients
-    /// too: any bytes are read without panicking, and a row that is not a
-    /// well-formed State Protocol row changes nothing.
-    pub fn apply(&mut self, row: &[u8]) {
+    /// The inline values (JSON `value`, text `content`, `url`) of the
+    /// attachments the view holds, together: see [`inline_bytes`].
+    pub fn inline_bytes(&self) -> usize {
+        self.inline
+    }
+
+    /// Folds one row of the main stream into the view, keeping the keys of
+    /// the latest `inbox_window` inbox rows. Rows come from clients too: any
+    /// bytes are read without panicking, and a row that is not a well-formed
+    /// State Protocol row changes nothing.
+    pub fn apply(&mut self, row: &[u8], inbox_window: usize) {
         // Event rows, half of a task's stream, start so as the server writes them;
         // a row that merely could be one is parsed below and ignored the same way.
         if row.starts_with(br#"{"type":"event","#) {
@@ -131,32 +144,21 @@ impl MainView {
                 };
                 self.apply_manifest(&event.key, op, entry);
             }
-            ("inbox", "delete") => self.remove_inbox_key(&event.key),
+            ("inbox", "delete") => self.inbox.remove(&event.key),
             // A row without a value was never an inbox message.
-            ("inbox", _) if event.value.is_some() => {
-                let key = event.key.into_owned();
-                let charge = SLOT + key.len();
-                if self.inbox.insert(key) {
-                    self.bytes += charge;
-                }
-            }
+            ("inbox", _) if event.value.is_some() => self.inbox.insert(&event.key, inbox_window),
             _ => {}
         }
     }
 }
 
 impl MainView {
-    fn remove_inbox_key(&mut self, key: &str) {
-        if self.inbox.remove(key) {
-            self.bytes = self.bytes.saturating_sub(SLOT + key.len());
-        }
-    }
-
     fn apply_manifest(&mut self, key: &str, operation: &str, entry: Option<ManifestEntry>) {
         if operation == "delete" {
             if let Some(id) = key.strip_prefix("attachment:") {
                 if let Some(old) = self.manifest.remove(id) {
                     self.bytes = self.bytes.saturating_sub(entry_bytes(&old));
+                    self.inline = self.inline.saturating_sub(inline_bytes(&old));
                     if let Some(name) = old.ext.get("name").and_then(Value::as_str) {
                         if self.by_name.get(name).map(String::as_str) == Some(id) {
                             self.by_name.remove(name);
@@ -175,13 +177,101 @@ impl MainView {
             }
         }
         self.bytes += entry_bytes(&entry);
+        self.inline += inline_bytes(&entry);
         if let Some(old) = self.manifest.insert(entry.id.clone(), entry) {
             self.bytes = self.bytes.saturating_sub(entry_bytes(&old));
+            self.inline = self.inline.saturating_sub(inline_bytes(&old));
         }
     }
 }
 
-/// What one slot of the inbox set or the name map costs beside its strings:
+/// What the view keeps of an inbox key: the first 128 bits of its SHA-256,
+/// so every key costs the same whatever its length (up to 256 bytes). Two
+/// keys of one entity's window share a digest with probability about
+/// n²/2¹²⁹ (n keys in the window: below 10⁻²⁹ for 10⁵ of them); finding
+/// such a pair on purpose takes about 2⁶⁴ hashes. A collision could only
+/// refuse a new key as a duplicate, never accept a duplicate.
+pub type KeyDigest = [u8; 16];
+
+fn key_digest(key: &str) -> KeyDigest {
+    let full = Sha256::digest(key.as_bytes());
+    let mut digest = [0u8; 16];
+    digest.copy_from_slice(&full[..16]);
+    digest
+}
+
+/// The keys of an entity's latest inbox messages, as [`KeyDigest`]s in the
+/// order they were sent: at most `inbox_keys_per_entity` of them, the
+/// oldest forgotten first, so a view holds the same few hundred KiB at most
+/// however many messages its entity receives. A forgotten key is no longer
+/// checked: a send reusing it is written (as Electric writes every send,
+/// keys never checked), its row replacing the old one at that key in the
+/// materialized inbox.
+#[derive(Debug, Default)]
+pub struct InboxKeys {
+    /// Oldest first. A key sent again (or a row written twice) moves to the back.
+    keys: hashlink::LinkedHashSet<KeyDigest>,
+}
+
+impl PartialEq for InboxKeys {
+    fn eq(&self, other: &InboxKeys) -> bool {
+        self.keys.len() == other.keys.len() && self.keys.iter().eq(other.keys.iter())
+    }
+}
+
+impl InboxKeys {
+    /// Is `key` the key of one of the latest messages kept?
+    pub fn contains(&self, key: &str) -> bool {
+        self.keys.contains(&key_digest(key))
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Records a message at `key`, forgetting the oldest past `window`.
+    fn insert(&mut self, key: &str, window: usize) {
+        self.keys.insert(key_digest(key));
+        while self.keys.len() > window {
+            self.keys.pop_front();
+        }
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.keys.remove(&key_digest(key));
+    }
+
+    /// What the set allocates, estimated: a node per key (its digest and two
+    /// links; nodes of forgotten keys are kept for reuse, so the most keys
+    /// held at once) and the table's slots (a pointer and a control byte each,
+    /// the table at most 7/8 full, in a power of two of buckets).
+    fn heap_bytes(&self) -> usize {
+        const NODE: usize = std::mem::size_of::<KeyDigest>() + 2 * std::mem::size_of::<usize>();
+        const BUCKET: usize = std::mem::size_of::<usize>() + 1;
+        let capacity = self.keys.capacity();
+        let buckets = if capacity == 0 { 0 } else { (capacity * 8 / 7).next_power_of_two() };
+        self.keys.len() * NODE + buckets * BUCKET
+    }
+}
+
+/// The bytes of an attachment's inline values that count against
+/// `max_inline_bytes_per_entity`: its JSON `value`, its text `content` and
+/// its `url`, as the view holds them (what [`MainView::estimated_bytes`]
+/// counts for them). Text counts its length, and so does a JSON string; a
+/// JSON array or object counts its members' slots too, so one of many small
+/// members counts up to ~16 times its JSON text. Uploads keep none.
+pub fn inline_bytes(e: &ManifestEntry) -> usize {
+    INLINE_FIELDS.iter().filter_map(|f| e.ext.get(*f)).map(value_bytes).sum()
+}
+
+/// The fields of a task attachment that hold its value inline.
+const INLINE_FIELDS: [&str; 3] = ["value", "content", "url"];
+
+/// What one slot of the name map costs beside its strings:
 /// the table's slot, with room to grow, and allocation headers.
 const SLOT: usize = 48;
 
@@ -189,7 +279,7 @@ const SLOT: usize = 48;
 /// map included: what [`MainView::estimated_bytes`] counts it for. Checked
 /// against the allocations a view makes (10,000 upload entries: 1,729 bytes
 /// each allocated, 1,758 estimated; with a 1 KiB task value, 2,753 and
-/// 2,782; inbox keys of 26 bytes: 68 and 75), tree nodes being about half full.
+/// 2,782), tree nodes being about half full.
 fn entry_bytes(e: &ManifestEntry) -> usize {
     let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
     2 * (std::mem::size_of::<String>() + std::mem::size_of::<ManifestEntry>())
@@ -269,6 +359,8 @@ pub struct Views {
     over: std::sync::atomic::AtomicBool,
     max_entries: usize,
     max_bytes: usize,
+    /// The inbox keys each view keeps (`inbox_keys_per_entity`).
+    inbox_window: usize,
 }
 
 type Cell = Arc<tokio::sync::Mutex<MainView>>;
@@ -354,8 +446,8 @@ impl Drop for ViewGuard<'_> {
 }
 
 impl Views {
-    pub fn new(max_entries: usize, max_bytes: usize) -> Views {
-        Views { cache: Default::default(), over: Default::default(), max_entries, max_bytes }
+    pub fn new(max_entries: usize, max_bytes: usize, inbox_window: usize) -> Views {
+        Views { cache: Default::default(), over: Default::default(), max_entries, max_bytes, inbox_window }
     }
 
     fn trim(&self, cache: &mut Cache) {
@@ -408,7 +500,7 @@ impl Views {
         let cell = self.cell(main);
         let mut view = cell.clone().lock_owned().await;
         let before = view.estimated_bytes();
-        let caught_up = Self::catch_up(store, main, &mut view).await;
+        let caught_up = Self::catch_up(store, main, &mut view, self.inbox_window).await;
         let now = view.estimated_bytes();
         if now != before {
             self.recharge(main, &cell, now);
@@ -417,7 +509,7 @@ impl Views {
         caught_up.map(|()| ViewGuard { guard: Some(view), views: self })
     }
 
-    async fn catch_up(store: &dyn StreamStore, main: &str, view: &mut MainView) -> ApiResult<()> {
+    async fn catch_up(store: &dyn StreamStore, main: &str, view: &mut MainView, inbox_window: usize) -> ApiResult<()> {
         loop {
             let batch = match store.read(main, ReadFrom::At(attache_core::Offset(view.applied)), 4 << 20).await {
                 Ok(b) => b,
@@ -439,7 +531,7 @@ impl Views {
             }
             view.stream = Some(batch.info.id);
             for row in &batch.messages() {
-                view.apply(row);
+                view.apply(row, inbox_window);
             }
             view.applied = batch.next.0;
             if batch.up_to_date() {
@@ -459,7 +551,7 @@ mod tests {
 
     #[test]
     fn past_the_capacity_the_least_recently_used_unheld_entry_goes() {
-        let views = Views::new(3, usize::MAX);
+        let views = Views::new(3, usize::MAX, 10);
         let a = views.cell("/a");
         drop(views.cell("/b"));
         drop(views.cell("/c"));
@@ -491,27 +583,55 @@ mod tests {
     fn a_view_estimate_follows_its_rows_and_returns_to_empty_when_they_go() {
         let mut view = MainView::default();
         let empty = view.estimated_bytes();
-        view.apply(manifest_row("a", "k", 10).as_bytes());
+        view.apply(manifest_row("a", "k", 10).as_bytes(), 10);
         let one = view.estimated_bytes();
         assert!(one > empty + 10, "{one} {empty}");
+        assert_eq!(view.inline_bytes(), 10);
         // A bigger value is counted as such; replacing the row replaces its charge.
-        view.apply(manifest_row("a", "k", 100_000).as_bytes());
+        view.apply(manifest_row("a", "k", 100_000).as_bytes(), 10);
         assert!(view.estimated_bytes() >= one + 99_990);
-        view.apply(manifest_row("a", "k", 10).as_bytes());
+        assert_eq!(view.inline_bytes(), 100_000);
+        view.apply(manifest_row("b", "l", 5).as_bytes(), 10);
+        assert_eq!(view.inline_bytes(), 100_005);
+        view.apply(manifest_row("a", "k", 10).as_bytes(), 10);
+        assert_eq!(view.inline_bytes(), 15);
+        view.apply(r#"{"type":"manifest","key":"attachment:b","headers":{"operation":"delete"}}"#.as_bytes(), 10);
         assert_eq!(view.estimated_bytes(), one);
-        view.apply(r#"{"type":"inbox","key":"m1","value":{},"headers":{"operation":"insert"}}"#.as_bytes());
-        view.apply(r#"{"type":"inbox","key":"m1","value":{},"headers":{"operation":"insert"}}"#.as_bytes());
-        assert_eq!(view.estimated_bytes(), one + SLOT + 2);
-        view.apply(r#"{"type":"inbox","key":"m1","headers":{"operation":"delete"}}"#.as_bytes());
-        view.apply(r#"{"type":"manifest","key":"attachment:a","headers":{"operation":"delete"}}"#.as_bytes());
+        view.apply(r#"{"type":"manifest","key":"attachment:a","headers":{"operation":"delete"}}"#.as_bytes(), 10);
         assert_eq!(view.estimated_bytes(), empty);
+        assert_eq!(view.inline_bytes(), 0);
         assert!(view.by_name.is_empty() && view.manifest.is_empty());
+    }
+
+    fn inbox_row(key: &str) -> String {
+        format!(r#"{{"type":"inbox","key":"{key}","value":{{}},"headers":{{"operation":"insert"}}}}"#)
+    }
+
+    #[test]
+    fn the_view_keeps_the_keys_of_the_latest_messages_only_whatever_their_length() {
+        let mut view = MainView::default();
+        for n in 0..1000 {
+            view.apply(inbox_row(&format!("{n:0>200}")).as_bytes(), 100);
+        }
+        assert_eq!(view.inbox.len(), 100);
+        assert!(view.inbox.contains(&format!("{:0>200}", 999)) && view.inbox.contains(&format!("{:0>200}", 900)));
+        assert!(!view.inbox.contains(&format!("{:0>200}", 899)));
+        // 100 keys of 200 bytes, held in a few KiB: a digest, two links and a slot or two each.
+        let held = view.estimated_bytes() - MainView::default().estimated_bytes();
+        assert!(held < 100 * 80, "{held}");
+        // A key sent again moves to the back of the window; a deleted key is free again.
+        view.apply(inbox_row(&format!("{:0>200}", 900)).as_bytes(), 100);
+        view.apply(inbox_row("new").as_bytes(), 100);
+        assert!(view.inbox.contains(&format!("{:0>200}", 900)) && !view.inbox.contains(&format!("{:0>200}", 901)));
+        view.apply(r#"{"type":"inbox","key":"new","headers":{"operation":"delete"}}"#.as_bytes(), 100);
+        assert!(!view.inbox.contains("new"));
+        assert_eq!(view.inbox.len(), 99);
     }
 
     #[test]
     fn past_the_byte_bound_the_least_recently_used_unheld_views_go() {
         let empty = MainView::default().estimated_bytes();
-        let views = Views::new(100, 8 * empty);
+        let views = Views::new(100, 8 * empty, 10);
         // Three views growing to 3 empty views' worth each: 3, 6, then 9 of 8.
         let a = views.cell("/a");
         views.recharge("/a", &a, 3 * empty);
@@ -531,7 +651,7 @@ mod tests {
     #[test]
     fn a_view_larger_than_the_byte_bound_goes_as_soon_as_it_is_given_back_and_alone() {
         let empty = MainView::default().estimated_bytes();
-        let views = Views::new(100, 10 * empty);
+        let views = Views::new(100, 10 * empty, 10);
         drop(views.cell("/small"));
         let big = views.cell("/big");
         views.recharge("/big", &big, 11 * empty);
@@ -554,9 +674,10 @@ mod tests {
         let row = |op: &str, value: &str| {
             format!(r#"{{"type":"inbox","key":"m1","value":{value},"headers":{{"operation":"{op}"}}}}"#)
         };
-        view.apply(row("insert", &format!(r#"{{"payload":"{}"}}"#, "x".repeat(10_000))).as_bytes());
+        view.apply(row("insert", &format!(r#"{{"payload":"{}"}}"#, "x".repeat(10_000))).as_bytes(), 10);
         assert!(view.inbox.contains("m1"));
-        view.apply(row("delete", "null").as_bytes());
+        assert!(view.estimated_bytes() < MainView::default().estimated_bytes() + 1024);
+        view.apply(row("delete", "null").as_bytes(), 10);
         assert!(view.inbox.is_empty());
     }
 }

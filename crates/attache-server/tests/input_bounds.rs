@@ -567,3 +567,141 @@ async fn entity_views_past_the_byte_bound_are_dropped_and_rebuilt_with_the_same_
     let counts = s.memory_counts().await;
     assert!(counts.view_bytes <= BOUND, "{} bytes of views kept", counts.view_bytes);
 }
+
+/// A task's inline values (JSON `value`, text `content`, `url`) live in its
+/// view, which a request holds whole: together they are bounded per entity.
+/// Past `max_inline_bytes_per_entity` a `task.create_attachment` is -32602
+/// with `data.code` `TOO_MANY_ATTACHMENT_BYTES` (as its other refusals) and
+/// nothing is written; a replacement counts what it adds, a smaller value
+/// always fits, a delete frees its bytes, and bytes kept in their own stream
+/// (binary `data`) do not count.
+#[tokio::test]
+async fn a_task_past_its_inline_byte_bound_refuses_a_value_with_32602_and_a_delete_or_a_smaller_value_makes_room() {
+    const LIMIT: usize = 10_000;
+    let s = TestServer::start_with(|c| c.max_inline_bytes_per_entity = LIMIT).await;
+    let task = task_helpers::create_task(&s, ALICE, "inline bytes", 50).await;
+    let text =
+        |key: &str, len: usize| json!({ "taskId": task, "key": key, "type": "text", "content": "t".repeat(len) });
+    let create = |params: Value| task_helpers::call(&s, ALICE, "task.create_attachment", params);
+    let refused = |res: Value| {
+        let error = &res["error"];
+        assert_eq!(error["code"], -32602, "{res}");
+        assert_eq!(error["data"]["code"], "TOO_MANY_ATTACHMENT_BYTES", "{res}");
+        assert_eq!(error["data"]["limit"], LIMIT, "{res}");
+        error["data"].clone()
+    };
+    let listed = || async {
+        let listed = task_helpers::ok(&s, ALICE, "task.list_attachments", json!({ "taskId": task })).await;
+        let mut sizes: Vec<(String, usize)> = listed["attachments"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|a| (a["key"].as_str().unwrap_or("").to_owned(), a["content"].as_str().map_or(0, str::len)))
+            .collect();
+        sizes.sort();
+        sizes
+    };
+    task_helpers::ok(&s, ALICE, "task.create_attachment", text("a", 4_000)).await;
+    task_helpers::ok(&s, ALICE, "task.create_attachment", text("b", 4_000)).await;
+
+    let data = refused(create(text("c", 4_000)).await);
+    assert_eq!(
+        (data["key"].clone(), data["held"].clone(), data["size"].clone()),
+        (json!("c"), json!(8_000), json!(4_000))
+    );
+    let res = create(text("c", 4_000)).await;
+    let message = res["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("max_inline_bytes_per_entity") && message.contains("at most 10000"), "{message}");
+    // A JSON value counts as held: a string its length.
+    let value = json!({ "taskId": task, "key": "v", "type": "json", "value": "v".repeat(2_001) });
+    assert_eq!(refused(create(value).await)["size"], 2_001);
+    let url = format!("https://example.com/{}", "u".repeat(2_000));
+    refused(create(json!({ "taskId": task, "key": "u", "type": "url", "url": url })).await);
+    assert_eq!(listed().await, [("a".into(), 4_000), ("b".into(), 4_000)], "the refusals wrote nothing");
+
+    // Bytes kept in their own stream are not held in the view.
+    let data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, vec![7u8; 6_000]);
+    let binary = json!({ "taskId": task, "key": "bin", "type": "binary", "data": data });
+    task_helpers::ok(&s, ALICE, "task.create_attachment", binary).await;
+    // A replacement counts what it adds: 4,000 more for a fills the bound, one byte more passes it.
+    refused(create(text("a", 6_001)).await);
+    task_helpers::ok(&s, ALICE, "task.create_attachment", text("a", 6_000)).await;
+    refused(create(text("d", 1)).await);
+    // A smaller value always fits, and gives back what it shrinks by.
+    task_helpers::ok(&s, ALICE, "task.create_attachment", text("b", 1_000)).await;
+    task_helpers::ok(&s, ALICE, "task.create_attachment", text("c", 3_000)).await;
+    refused(create(text("d", 1)).await);
+    // A delete frees its bytes.
+    task_helpers::ok(&s, ALICE, "task.delete_attachment", json!({ "taskId": task, "key": "a" })).await;
+    task_helpers::ok(&s, ALICE, "task.create_attachment", text("d", 6_000)).await;
+    assert_eq!(
+        listed().await,
+        [("b".into(), 1_000), ("bin".into(), 0), ("c".into(), 3_000), ("d".into(), 6_000)],
+        "every answer held"
+    );
+}
+
+/// Sends `key` to `entity` (dev mode, user:anonymous); the status and body.
+async fn send_keyed(s: &TestServer, entity: &str, key: &str, payload: Value) -> (StatusCode, Value) {
+    let res = s
+        .request(reqwest::Method::POST, &format!("{}/send", api(entity)))
+        .json(&json!({ "payload": payload, "key": key }))
+        .send()
+        .await
+        .expect("send answered");
+    let status = res.status();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+/// Every message sent to an entity used to leave its key in the entity's
+/// view for good. The view keeps the keys of its latest
+/// `inbox_keys_per_entity` messages only (as digests, whatever their
+/// length): a send reusing one of them is 409 `DUPLICATE_KEY`, an older key
+/// is no longer checked (Electric checks none) and its row replaces the old
+/// one at that key, and a view rebuilt from the stream (a byte bound of 1
+/// drops every view once answered) decides the same.
+#[tokio::test]
+async fn a_send_is_checked_against_the_latest_keys_only_and_the_view_keeps_no_more() {
+    for rebuilt in [false, true] {
+        let s = TestServer::start_with(|c| {
+            c.inbox_keys_per_entity = 3;
+            if rebuilt {
+                c.view_cache_bytes = 1;
+            }
+        })
+        .await;
+        let entity = "/chat/inbox-window";
+        spawn(&s, None, entity).await;
+        let send = |key: &'static str, n: u32| send_keyed(&s, entity, key, json!(n));
+        for key in ["k1", "k2", "k3"] {
+            assert_eq!(send(key, 1).await.0, StatusCode::OK, "{rebuilt}");
+        }
+        let (status, body) = send("k1", 2).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("DUPLICATE_KEY")), "{body}");
+        assert_eq!(send("k4", 1).await.0, StatusCode::OK);
+        // k1 was the oldest of four: forgotten, so sent again, its row replacing the first.
+        assert_eq!(send("k1", 2).await.0, StatusCode::OK, "rebuilt: {rebuilt}");
+        let state = entity_support::materialize(&s, entity).await;
+        assert_eq!(state[&("inbox".to_owned(), "k1".to_owned())]["payload"], 2);
+        // The window now holds k3, k4, k1.
+        assert_eq!(send("k3", 3).await.0, StatusCode::CONFLICT);
+        assert_eq!(send("k1", 3).await.0, StatusCode::CONFLICT);
+        assert_eq!(send("k2", 3).await.0, StatusCode::OK);
+
+        // However many messages, and however long their keys, the view holds three keys.
+        let long = |n: usize| format!("{n:0>256}");
+        for n in 0..300 {
+            let (status, body) = send_keyed(&s, entity, &long(n), json!(n)).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+        assert_eq!(send_keyed(&s, entity, &long(299), json!(0)).await.0, StatusCode::CONFLICT);
+        assert_eq!(send_keyed(&s, entity, &long(296), json!(0)).await.0, StatusCode::OK);
+        let counts = s.memory_counts().await;
+        if rebuilt {
+            assert_eq!(counts.views, 0, "a view over the byte bound is dropped once answered");
+        } else {
+            // An empty view with three keys: well under 1 KiB (300 keys of 256 bytes held ~90 KB).
+            assert!(counts.view_bytes < 1024, "{} bytes of views kept", counts.view_bytes);
+        }
+    }
+}

@@ -52,6 +52,9 @@ pub async fn send_message(
     // Checked against this life, written only into it (404 once purged).
     let _life = hold_life(state, entity).await?;
     let main = format!("{}/main", entity.url);
+    // Checked against the keys of the entity's latest `inbox_keys_per_entity`
+    // messages, all its view keeps: a key older than those is not checked
+    // (Electric checks none), and its row replaces the old one at that key.
     {
         let view = state.views.get(state.store.as_ref(), &main).await?;
         if view.inbox.contains(&key) {

@@ -22,8 +22,12 @@ use super::writes::{write_task, Event, MainWrite, Row};
 use super::{ApiError, ApiResult, Params, ResponseBudget, MAX_INLINE_BINARY, MAX_INLINE_BYTES, TASK_TYPE};
 use crate::access::now_ms;
 use crate::attachments::{has_room, Reservation, TOO_MANY_ATTACHMENTS, UPLOAD_IN_PROGRESS};
-use crate::rows::MainView;
+use crate::rows::{inline_bytes, MainView};
 use crate::AppState;
+
+/// The `data.code` of a `task.create_attachment` refused because the task's
+/// inline values would pass `max_inline_bytes_per_entity` together.
+pub const TOO_MANY_ATTACHMENT_BYTES: &str = "TOO_MANY_ATTACHMENT_BYTES";
 
 /// "json, markdown, text, url, binary": the kinds, as refusals name them.
 fn kinds() -> String {
@@ -281,24 +285,53 @@ async fn hold_key<'s>(state: &'s AppState, task_id: &str, key: &str, id: &str) -
     }
 }
 
-/// A new attachment `id` (for a key the task does not hold) needs the task to hold
-/// fewer than `max_attachments_per_entity` attachments (every manifest entry
-/// counts, uploads' pending and failed rows too): else -32602, `data.code`
-/// `TOO_MANY_ATTACHMENTS`.
-async fn room_for(state: &AppState, task_id: &str, key: &str, id: &str) -> ApiResult<()> {
-    let max = state.config.max_attachments_per_entity;
+/// Room in the task for `entry`, decided against its view (nothing written
+/// when there is none). A new attachment (for a key the task does not hold)
+/// needs the task to hold fewer than `max_attachments_per_entity`
+/// attachments (every manifest entry counts, uploads' pending and failed
+/// rows too): else -32602, `data.code` `TOO_MANY_ATTACHMENTS`. And its inline
+/// values ([`inline_bytes`]) must fit beside the task's others in
+/// `max_inline_bytes_per_entity`, a replaced version's given back first:
+/// else -32602, `data.code` `TOO_MANY_ATTACHMENT_BYTES`. A value no larger
+/// than the one it replaces always fits, so a task over the bound (a lower
+/// bound at a restart) can shrink.
+async fn room_for(state: &AppState, task_id: &str, key: &str, entry: &ManifestEntry, new_key: bool) -> ApiResult<()> {
     let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
-    if has_room(&view, id, max) {
+    let max = state.config.max_attachments_per_entity;
+    if new_key && !has_room(&view, &entry.id, max) {
+        return Err(ApiError::rejected(
+            format!(
+                "Task {task_id} holds {} attachments; a task holds at most {max} (max_attachments_per_entity): \
+                 delete attachments it no longer needs (task.delete_attachment, or DELETE \
+                 /_electric/entities/task/{task_id}/attachments/{{id}} for failed uploads) to make room",
+                view.manifest.len()
+            ),
+            json!({ "taskId": task_id, "key": key, "code": TOO_MANY_ATTACHMENTS, "limit": max }),
+        ));
+    }
+    let limit = state.config.max_inline_bytes_per_entity;
+    let size = inline_bytes(entry);
+    let replaced = view.manifest.get(&entry.id).map_or(0, inline_bytes);
+    let others = view.inline_bytes().saturating_sub(replaced);
+    if size <= replaced || others.saturating_add(size) <= limit {
         return Ok(());
     }
     Err(ApiError::rejected(
         format!(
-            "Task {task_id} holds {} attachments; a task holds at most {max} (max_attachments_per_entity): \
-             delete attachments it no longer needs (task.delete_attachment, or DELETE \
-             /_electric/entities/task/{task_id}/attachments/{{id}} for failed uploads) to make room",
-            view.manifest.len()
+            "Task {task_id}'s other attachments hold {others} bytes of inline values and this one {size}; \
+             a task holds at most {limit} together (max_inline_bytes_per_entity): delete attachments or \
+             replace them with smaller values to make room, or send large content as bytes (type binary \
+             with data, or an upload to /_electric/entities/task/{task_id}/attachments), which is kept \
+             in its own stream and not counted"
         ),
-        json!({ "taskId": task_id, "key": key, "code": TOO_MANY_ATTACHMENTS, "limit": max }),
+        json!({
+            "taskId": task_id,
+            "key": key,
+            "code": TOO_MANY_ATTACHMENT_BYTES,
+            "limit": limit,
+            "held": others,
+            "size": size,
+        }),
     ))
 }
 
@@ -340,9 +373,6 @@ pub(super) async fn put_attachment(
         Some(e) => (e.id.clone(), e.created_at.clone()),
         None => (new_attachment_id(), timestamp(now)),
     };
-    if existing.is_none() {
-        room_for(state, task_id, &input.key, &id).await?;
-    }
     let mime = input.mime_type.clone().unwrap_or_else(|| input.kind.default_mime().to_owned());
     let mut ext = Map::new();
     ext.insert("name".into(), json!(input.key));
@@ -390,6 +420,7 @@ pub(super) async fn put_attachment(
         meta: None,
         ext,
     };
+    room_for(state, task_id, &input.key, &entry, existing.is_none()).await?;
     if let Some(bytes) = input.data {
         // A new version of the bytes gets its own stream; the old one goes once the row points away from it.
         if old_bytes.as_deref() == Some(entry.stream_path.as_str())
