@@ -90,6 +90,28 @@ pub struct MainView {
     pub by_name: HashMap<String, String>,
     /// The keys of the latest inbox rows (what a send checks for duplicates); payloads stay on the stream.
     pub inbox: InboxKeys,
+    /// The stream's change signal, held while the view is: the store keeps
+    /// the newest bytes of a stream someone follows in memory (the embedded
+    /// store's tail cache, bounded by its budget), so catching the view up
+    /// with the rows written since it last read is answered from there,
+    /// without the index, a segment file or a blocking-thread hop.
+    follow: Follow,
+}
+
+/// A view's hold on its stream's change signal (compares equal always: it is not part of what the view says).
+#[derive(Default)]
+struct Follow(Option<attache_storage::ChangeSignal>);
+
+impl PartialEq for Follow {
+    fn eq(&self, _: &Follow) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Follow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Follow(held)" } else { "Follow(none)" })
+    }
 }
 
 impl MainView {
@@ -528,6 +550,10 @@ impl Views {
                 // A new stream at this path (a purge and a new life, perhaps through another instance).
                 *view = MainView::default();
                 continue;
+            }
+            if view.stream.is_none() {
+                // Followed from its first read on, so the bytes written next are kept for it.
+                view.follow = Follow(store.subscribe(main).await.ok());
             }
             view.stream = Some(batch.info.id);
             for row in &batch.messages() {
