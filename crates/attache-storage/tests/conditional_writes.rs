@@ -6,31 +6,15 @@
 //! The PostgreSQL half runs on a throwaway cluster (or
 //! `ATTACHE_TEST_PG_URL`); without PostgreSQL it prints why and passes.
 
-use attache_core::{ContentType, StreamPath};
-use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
-use attache_storage::postgres::test_cluster::TestCluster;
-use attache_storage::postgres::{self, PgConfig};
-use attache_storage::{
-    AppendRequest, CreateOutcome, CreateStream, ReadFrom, RowGuard, StoreError, StreamAt, StreamStore,
-};
-use bytes::Bytes;
+mod support;
 
-fn stream(path: &str, content_type: &str) -> CreateStream {
-    CreateStream {
-        path: StreamPath::new(path).unwrap(),
-        content_type: Some(ContentType::parse(content_type).unwrap()),
-        ttl: None,
-        expires_at: None,
-        closed: false,
-        initial: Bytes::new(),
-        fork: None,
-        owner: Some("user:alice".into()),
-        take_kept_path: false,
-    }
-}
+use attache_core::ContentType;
+use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
+use attache_storage::{AppendRequest, CreateOutcome, ReadFrom, RowGuard, StoreError, StreamAt, StreamStore};
+use support::{on_two_postgres_instances, stream};
 
 async fn create(store: &dyn StreamStore, path: &str, content_type: &str) -> u64 {
-    match store.create(stream(path, content_type)).await.unwrap() {
+    match store.create(stream(path, content_type, Some("user:alice"))).await.unwrap() {
         CreateOutcome::Created(info) => info.id,
         CreateOutcome::Existed(info) => panic!("{path} existed: {info:?}"),
     }
@@ -74,7 +58,7 @@ async fn a_guarded_write_lands_only_on_the_state_it_was_decided_from(mine: &dyn 
     let wrong = StreamAt { path: "/e/bytes".into(), id: Some(bytes + 1000) };
     assert_eq!(mine.append_guarded(row(5), guard("k", read), Some(wrong)).await.unwrap_err(), StoreError::Moved);
     // and so does a stream made where none was seen.
-    other.create(stream("/e/new", "application/octet-stream")).await.unwrap();
+    other.create(stream("/e/new", "application/octet-stream", Some("user:alice"))).await.unwrap();
     let none = StreamAt { path: "/e/new".into(), id: None };
     assert_eq!(mine.append_guarded(row(5), guard("k", read), Some(none)).await.unwrap_err(), StoreError::Moved);
     assert_eq!(rows(mine).await, br#"[{"n":1},{"n":2},{"n":3},{"n":4}]"#);
@@ -126,21 +110,7 @@ async fn embedded_a_guarded_write_lands_only_on_the_state_it_was_decided_from() 
 
 #[test]
 fn postgres_a_guarded_write_lands_only_on_the_state_another_instance_left_or_skip_without_postgres() {
-    let cluster = match TestCluster::start(false) {
-        Ok(c) => c,
-        Err(why) => {
-            attache_storage::postgres::test_cluster::missing_service("PostgreSQL", &why);
-            return;
-        }
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    rt.block_on(async {
-        let url = cluster.fresh_database().await.expect("create a test database");
-        let (s1, s2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let one = postgres::open(PgConfig::new(url.clone(), s1.path())).await.expect("open the first instance");
-        let two = postgres::open(PgConfig::new(url, s2.path())).await.expect("open the second instance");
-        a_guarded_write_lands_only_on_the_state_it_was_decided_from(&one.store, &two.store).await;
-        one.store.close().await;
-        two.store.close().await;
+    on_two_postgres_instances(|one, two| {
+        Box::pin(a_guarded_write_lands_only_on_the_state_it_was_decided_from(one, two))
     });
 }

@@ -7,27 +7,12 @@
 //! a throwaway cluster (or `ATTACHE_TEST_PG_URL`); without PostgreSQL it
 //! prints why and passes (CI sets ATTACHE_REQUIRE_SERVICES and fails instead).
 
-use attache_core::ProducerHeaders;
-use attache_core::{ContentType, StreamPath};
-use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
-use attache_storage::postgres::test_cluster::TestCluster;
-use attache_storage::postgres::{self, PgConfig};
-use attache_storage::{AppendRequest, CreateStream, ReadFrom, StoreError, StreamStore};
-use bytes::Bytes;
+mod support;
 
-fn stream(path: &str, content_type: &str) -> CreateStream {
-    CreateStream {
-        path: StreamPath::new(path).unwrap(),
-        content_type: Some(ContentType::parse(content_type).unwrap()),
-        ttl: None,
-        expires_at: None,
-        closed: false,
-        initial: Bytes::new(),
-        fork: None,
-        owner: None,
-        take_kept_path: false,
-    }
-}
+use attache_core::{ContentType, ProducerHeaders};
+use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
+use attache_storage::{AppendRequest, ReadFrom, StoreError, StreamStore};
+use support::{on_two_postgres_instances, stream};
 
 fn rows(path: &str, from: u32, to: u32, close: bool) -> AppendRequest {
     let messages: Vec<Vec<u8>> = (from..to).map(|n| format!(r#"{{"n":{n}}}"#).into_bytes()).collect();
@@ -41,9 +26,9 @@ async fn body(store: &dyn StreamStore, path: &str) -> String {
 
 /// `mine` makes the calls; `other` made `/events` (the same store, or another instance).
 async fn two_appends_commit_together_or_not_at_all(mine: &dyn StreamStore, other: &dyn StreamStore) {
-    mine.create(stream("/task/main", "application/json")).await.unwrap();
-    other.create(stream("/events", "application/json")).await.unwrap();
-    mine.create(stream("/bytes", "application/octet-stream")).await.unwrap();
+    mine.create(stream("/task/main", "application/json", None)).await.unwrap();
+    other.create(stream("/events", "application/json", None)).await.unwrap();
+    mine.create(stream("/bytes", "application/octet-stream", None)).await.unwrap();
 
     // Many pairs placed in sequence, none awaited until all are placed: each
     // stream holds them in placement order.
@@ -98,21 +83,5 @@ async fn embedded_two_appends_commit_together_or_not_at_all() {
 
 #[test]
 fn postgres_two_appends_commit_together_or_not_at_all_or_skip_without_postgres() {
-    let cluster = match TestCluster::start(false) {
-        Ok(c) => c,
-        Err(why) => {
-            attache_storage::postgres::test_cluster::missing_service("PostgreSQL", &why);
-            return;
-        }
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    rt.block_on(async {
-        let url = cluster.fresh_database().await.expect("create a test database");
-        let (s1, s2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let one = postgres::open(PgConfig::new(url.clone(), s1.path())).await.expect("open the first instance");
-        let two = postgres::open(PgConfig::new(url, s2.path())).await.expect("open the second instance");
-        two_appends_commit_together_or_not_at_all(&one.store, &two.store).await;
-        one.store.close().await;
-        two.store.close().await;
-    });
+    on_two_postgres_instances(|one, two| Box::pin(two_appends_commit_together_or_not_at_all(one, two)));
 }

@@ -92,6 +92,9 @@ pub struct EmbeddedConfig {
     /// Most bytes all streams' tail caches hold together (the newest bytes
     /// of streams with live readers, kept by the writer: `tail.rs`).
     pub tail_cache_bytes: usize,
+    /// Smallest read [`StreamStore::read_sendable`] may answer with a range
+    /// of a segment file instead of a copy (64 KiB); `u64::MAX`: never.
+    pub file_body_min: u64,
     /// How often expired streams are looked for.
     pub sweep_interval: Duration,
     /// Most bytes the write-ahead log holds between checkpoints; 0 turns the
@@ -115,6 +118,7 @@ impl EmbeddedConfig {
             segment_handles: 4096,
             read_threads: 16,
             tail_cache_bytes: 16 << 20,
+            file_body_min: reader::FILE_BODY_MIN,
             sweep_interval: Duration::from_secs(1),
             wal_bytes: 32 << 20,
             checkpoint_interval: Duration::from_secs(3),
@@ -387,6 +391,21 @@ pub(crate) enum Command {
     Expire(u64),
 }
 
+/// The answer to appends sent to the writer, once it has decided them. Any
+/// write, even a retried one, resets its streams' sliding TTLs.
+async fn answered<const N: usize>(
+    sent: StoreResult<([Arc<StreamEntry>; N], oneshot::Receiver<StoreResult<AppendOutcome>>)>,
+    appends: Arc<crate::AppendCounter>,
+) -> StoreResult<AppendOutcome> {
+    let (entries, rx) = sent?;
+    let outcome = rx.await.unwrap_or(Err(StoreError::ShuttingDown));
+    for entry in entries {
+        entry.touch();
+        appends.record(&outcome);
+    }
+    outcome
+}
+
 /// The answer of [`Command::CreateBlobWithRow`].
 pub(crate) type BlobWithRow = StoreResult<Box<(StreamInfo, AppendOutcome)>>;
 
@@ -408,6 +427,9 @@ pub struct EmbeddedStore {
     /// Read permits: the one `spawn_blocking` boundary of the read path is
     /// crossed by at most `read_threads` reads at once.
     reads: Arc<tokio::sync::Semaphore>,
+    /// One per file body alive ([`crate::FILE_BODIES_MAX`]).
+    file_bodies: Arc<tokio::sync::Semaphore>,
+    file_body_min: u64,
 }
 
 impl EmbeddedStore {
@@ -479,6 +501,7 @@ impl EmbeddedStore {
             row_keys_held: std::sync::atomic::AtomicUsize::new(0),
         });
         let reads = Arc::new(tokio::sync::Semaphore::new(config.read_threads.max(1)));
+        let file_body_min = config.file_body_min;
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_shared = shared.clone();
         let writer = std::thread::Builder::new()
@@ -491,6 +514,8 @@ impl EmbeddedStore {
             appends: Arc::default(),
             damage,
             reads,
+            file_bodies: Arc::new(tokio::sync::Semaphore::new(crate::FILE_BODIES_MAX)),
+            file_body_min,
         })
     }
 
@@ -541,6 +566,38 @@ impl EmbeddedStore {
         }
         Ok(entry)
     }
+
+    /// A read of `entry` (found and touched by the caller).
+    async fn read_entry(&self, entry: Arc<StreamEntry>, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch> {
+        let info = entry.info();
+        // From memory where it can: nothing past the tail, or the read kept for live readers.
+        let start = crate::rules::read_start(from, info.tail)?;
+        if start >= info.tail && info.blob.is_none() {
+            return Ok(ReadBatch::from_pieces((*info).clone(), Offset(start), Offset(start), info.is_json(), &[]));
+        }
+        if let Some(hit) = entry.kept_read(from, &info, max_bytes) {
+            return Ok(hit);
+        }
+        // Bytes just written while live readers wait, or page-cached bytes that need no index: on
+        // this worker, at memory speed (neither waits for the disk).
+        let hit = entry.tail.lock().read(&info, start, max_bytes);
+        if let Some(batch) = hit.or_else(|| reader::read_cached(&self.shared, &info, start, max_bytes)) {
+            entry.keep_for_readers(from, &batch);
+            return Ok(batch);
+        }
+        // The rest reads redb and segment files: on a blocking thread, never on an async worker.
+        let _permit = self.reads.acquire().await.map_err(|_| StoreError::ShuttingDown)?;
+        // Another live reader may have read the same bytes meanwhile.
+        if let Some(hit) = entry.kept_read(from, &info, max_bytes) {
+            return Ok(hit);
+        }
+        let shared = self.shared.clone();
+        let batch = tokio::task::spawn_blocking(move || reader::read(&shared, &info, from, max_bytes))
+            .await
+            .map_err(|e| StoreError::Storage(format!("read task failed: {e}")))??;
+        entry.keep_for_readers(from, &batch);
+        Ok(batch)
+    }
 }
 
 #[async_trait]
@@ -562,17 +619,9 @@ impl StreamStore for EmbeddedStore {
             let prepared = writer::PreparedAppend::prepare(req, &entry.info())?;
             let (tx, rx) = oneshot::channel();
             self.send(Command::Append(prepared, tx))?;
-            Ok((entry, rx))
+            Ok(([entry], rx))
         })();
-        let appends = self.appends.clone();
-        Box::pin(async move {
-            let (entry, rx) = sent?;
-            let outcome = rx.await.unwrap_or(Err(StoreError::ShuttingDown));
-            // Any write, even a retried one, resets a sliding TTL.
-            entry.touch();
-            appends.record(&outcome);
-            outcome
-        })
+        Box::pin(answered(sent, self.appends.clone()))
     }
 
     /// Both appends go to the writer in one command, sent before this returns.
@@ -586,16 +635,7 @@ impl StreamStore for EmbeddedStore {
             self.send(Command::AppendPair(Box::new((first, second)), tx))?;
             Ok(([entry, other], rx))
         })();
-        let appends = self.appends.clone();
-        Box::pin(async move {
-            let (entries, rx) = sent?;
-            let outcome = rx.await.unwrap_or(Err(StoreError::ShuttingDown));
-            for entry in entries {
-                entry.touch();
-                appends.record(&outcome);
-            }
-            outcome
-        })
+        Box::pin(answered(sent, self.appends.clone()))
     }
 
     async fn delete(&self, path: &str) -> StoreResult<()> {
@@ -634,34 +674,31 @@ impl StreamStore for EmbeddedStore {
     async fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch> {
         let entry = self.entry(path)?;
         entry.touch();
+        self.read_entry(entry, from, max_bytes).await
+    }
+
+    /// A large read of one segment file whose bytes are in the page cache
+    /// is left there, for the server to send without copying it (`reader::file_body`).
+    async fn read_sendable(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<SendableRead> {
+        let entry = self.entry(path)?;
+        entry.touch();
         let info = entry.info();
-        // From memory where it can: nothing past the tail, or the read kept for live readers.
         let start = crate::rules::read_start(from, info.tail)?;
-        if start >= info.tail && info.blob.is_none() {
-            return Ok(ReadBatch::from_pieces((*info).clone(), Offset(start), Offset(start), info.is_json(), &[]));
+        // Past the bound on bodies alive, the read is copied.
+        if let Ok(held) = self.file_bodies.clone().try_acquire_owned() {
+            if let Some(range) = reader::file_body(&self.shared, &info, start, max_bytes, self.file_body_min) {
+                let reader::FileRange { file, at, len, framing, next } = range;
+                let body = crate::FileBody::new(file, at, len, framing, Some(self.reads.clone()), held);
+                return Ok(SendableRead {
+                    json: info.is_json(),
+                    info: (*info).clone(),
+                    start: Offset(start),
+                    next: Offset(next),
+                    body: ReadBody::File(body),
+                });
+            }
         }
-        if let Some(hit) = entry.kept_read(from, &info, max_bytes) {
-            return Ok(hit);
-        }
-        // Bytes just written while live readers wait, or page-cached bytes that need no index: on
-        // this worker, at memory speed (neither waits for the disk).
-        let hit = entry.tail.lock().read(&info, start, max_bytes);
-        if let Some(batch) = hit.or_else(|| reader::read_cached(&self.shared, &info, start, max_bytes)) {
-            entry.keep_for_readers(from, &batch);
-            return Ok(batch);
-        }
-        // The rest reads redb and segment files: on a blocking thread, never on an async worker.
-        let _permit = self.reads.acquire().await.map_err(|_| StoreError::ShuttingDown)?;
-        // Another live reader may have read the same bytes meanwhile.
-        if let Some(hit) = entry.kept_read(from, &info, max_bytes) {
-            return Ok(hit);
-        }
-        let shared = self.shared.clone();
-        let batch = tokio::task::spawn_blocking(move || reader::read(&shared, &info, from, max_bytes))
-            .await
-            .map_err(|e| StoreError::Storage(format!("read task failed: {e}")))??;
-        entry.keep_for_readers(from, &batch);
-        Ok(batch)
+        Ok(self.read_entry(entry, from, max_bytes).await?.into())
     }
 
     async fn subscribe(&self, path: &str) -> StoreResult<ChangeSignal> {
@@ -855,6 +892,146 @@ mod read_cache_tests {
             "a read larger than INLINE_READ_MAX is copied on a blocking thread"
         );
         assert_eq!(&store.read("/b", ReadFrom::At(Offset(0)), 1 << 20).await.unwrap().body[..], &bytes[..]);
+    }
+
+    /// The bytes of a sendable read, however it holds them.
+    async fn body_of(read: &SendableRead) -> Vec<u8> {
+        use futures::StreamExt as _;
+        match &read.body {
+            ReadBody::Bytes(b) => b.to_vec(),
+            ReadBody::File(f) => f.chunks().map(|c| c.unwrap()).collect::<Vec<_>>().await.concat(),
+        }
+    }
+
+    fn is_file(read: &SendableRead) -> bool {
+        matches!(read.body, ReadBody::File(_))
+    }
+
+    #[tokio::test]
+    async fn large_hot_reads_of_one_file_are_left_in_it_with_the_bytes_and_positions_of_a_copied_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        let bytes: Vec<u8> = (0..(1u32 << 20) + 5000).map(|i| (i % 251) as u8).collect();
+        let req = CreateStream { initial: bytes::Bytes::from(bytes.clone()), ..CreateStream::for_tests("/b", None) };
+        store.create(req).await.unwrap();
+        let json = Some("application/json");
+        let messages: Vec<String> = (0..40).map(|i| format!("{{\"i\":{i},\"p\":\"{}\"}}", "z".repeat(3000))).collect();
+        let initial = bytes::Bytes::from(format!("[{}]", messages.join(",")));
+        store.create(CreateStream { initial, ..CreateStream::for_tests("/j", json) }).await.unwrap();
+        let tail = bytes.len() as u64;
+        // (start, max): file bodies where at least 64 KiB of the file are asked, else copies.
+        for (start, max, file) in [
+            (0, 1 << 20, true),
+            (12_345, 1 << 20, true),
+            (tail - 70_000, 1 << 20, true),
+            (tail - 1000, 1 << 20, false),
+            (0, 1000, false),
+            (0, usize::MAX, true),
+        ] {
+            let from = ReadFrom::At(Offset(start));
+            let got = store.read_sendable("/b", from, max).await.unwrap();
+            let want = store.read("/b", from, max).await.unwrap();
+            assert_eq!(is_file(&got), file, "from {start}, max {max}");
+            assert_eq!((got.start, got.next, got.json), (want.start, want.next, want.json), "from {start}");
+            assert_eq!(got.body.len(), want.body.len() as u64);
+            assert_eq!(body_of(&got).await, want.body.to_vec(), "from {start}, max {max}");
+        }
+        // JSON: the whole file from its first message is `[` + the file + `]`; any other read is copied.
+        let whole = store.read_sendable("/j", ReadFrom::Start, 1 << 20).await.unwrap();
+        assert!(is_file(&whole));
+        let want = store.read("/j", ReadFrom::Start, 1 << 20).await.unwrap();
+        assert_eq!(body_of(&whole).await, want.body.to_vec());
+        assert_eq!(whole.next, want.next);
+        assert_eq!(want.messages().len(), 40);
+        let cut = store.read_sendable("/j", ReadFrom::Start, 100_000).await.unwrap();
+        assert!(!is_file(&cut), "a read cut short needs the index");
+        assert_eq!(body_of(&cut).await, store.read("/j", ReadFrom::Start, 100_000).await.unwrap().body.to_vec());
+
+        // A fork: below its fork point the bytes are its source's, read by copying; above, its own file.
+        let fork = CreateStream {
+            fork: Some(ForkSpec {
+                source: attache_core::StreamPath::new("/b").unwrap(),
+                offset: Some(Offset(500_000)),
+                sub_offset: 0,
+            }),
+            content_type: None,
+            ..CreateStream::for_tests("/f", None)
+        };
+        store.create(fork).await.unwrap();
+        let more: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        let append = AppendRequest {
+            path: "/f".into(),
+            content_type: Some(attache_core::stream::ContentType::octet_stream()),
+            body: bytes::Bytes::from(more.clone()),
+            close: false,
+            seq: None,
+            producer: None,
+            messages: None,
+        };
+        store.append(append).await.unwrap();
+        let across = store.read_sendable("/f", ReadFrom::Start, 1 << 20).await.unwrap();
+        assert!(!is_file(&across));
+        let mut want = bytes[..500_000].to_vec();
+        want.extend_from_slice(&more);
+        assert_eq!(body_of(&across).await, want);
+        let own = store.read_sendable("/f", ReadFrom::At(Offset(500_000 + 7)), 1 << 20).await.unwrap();
+        assert!(is_file(&own));
+        assert_eq!(body_of(&own).await, more[7..].to_vec());
+        assert_eq!(own.next, Offset(800_000));
+    }
+
+    #[tokio::test]
+    async fn file_bodies_alive_at_once_are_bounded_and_past_the_bound_reads_are_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let req = CreateStream { initial: bytes::Bytes::from(bytes.clone()), ..CreateStream::for_tests("/b", None) };
+        store.create(req).await.unwrap();
+        let mut alive = Vec::new();
+        for _ in 0..crate::FILE_BODIES_MAX {
+            let read = store.read_sendable("/b", ReadFrom::Start, 1 << 20).await.unwrap();
+            assert!(is_file(&read));
+            alive.push(read);
+        }
+        let past = store.read_sendable("/b", ReadFrom::Start, 1 << 20).await.unwrap();
+        assert!(!is_file(&past), "past the bound: copied");
+        assert_eq!(body_of(&past).await, bytes);
+        alive.pop();
+        assert!(
+            is_file(&store.read_sendable("/b", ReadFrom::Start, 1 << 20).await.unwrap()),
+            "a body gone frees its place"
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_read_whose_bytes_are_not_in_the_page_cache_is_copied_and_a_deleted_streams_body_still_reads() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 249) as u8).collect();
+        let req = CreateStream { initial: bytes::Bytes::from(bytes.clone()), ..CreateStream::for_tests("/b", None) };
+        store.create(req).await.unwrap();
+        let id = store.entry("/b").unwrap().info().id;
+        let file = store.shared.segments.open_file(id).unwrap();
+        file.sync_all().unwrap();
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: statfs and advice on an open file.
+        assert_eq!(unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) }, 0);
+        if fs.f_type != libc::TMPFS_MAGIC {
+            assert_eq!(unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+            let cold = store.read_sendable("/b", ReadFrom::Start, 1 << 20).await.unwrap();
+            assert!(
+                !is_file(&cold),
+                "bytes on disk only: copied on a blocking thread, never sent from an async worker"
+            );
+            assert_eq!(body_of(&cold).await, bytes);
+        }
+        let hot = store.read_sendable("/b", ReadFrom::Start, 1 << 20).await.unwrap();
+        assert!(is_file(&hot), "read back in: sent from the file");
+        store.delete("/b").await.unwrap();
+        assert!(!store.shared.segments.path(id).exists());
+        assert_eq!(body_of(&hot).await, bytes, "the open file keeps the bytes the read saw");
     }
 
     fn kept(store: &EmbeddedStore) -> bool {
