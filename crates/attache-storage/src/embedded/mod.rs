@@ -391,10 +391,13 @@ pub(crate) enum Command {
     Expire(u64),
 }
 
+/// Where the writer's answer to an append comes.
+type AppendAnswer = oneshot::Receiver<StoreResult<AppendOutcome>>;
+
 /// The answer to appends sent to the writer, once it has decided them. Any
 /// write, even a retried one, resets its streams' sliding TTLs.
 async fn answered<const N: usize>(
-    sent: StoreResult<([Arc<StreamEntry>; N], oneshot::Receiver<StoreResult<AppendOutcome>>)>,
+    sent: StoreResult<([Arc<StreamEntry>; N], AppendAnswer)>,
     appends: Arc<crate::AppendCounter>,
 ) -> StoreResult<AppendOutcome> {
     let (entries, rx) = sent?;
