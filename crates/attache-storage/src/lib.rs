@@ -10,6 +10,7 @@ pub mod blob;
 pub mod embedded;
 pub mod error;
 pub mod fault;
+pub mod file_body;
 pub(crate) mod health;
 pub mod model;
 pub mod postgres;
@@ -22,6 +23,7 @@ use async_trait::async_trait;
 pub use blob::{BlobRead, BlobWriter, BLOB_CHUNK};
 pub use error::{StoreError, StoreResult};
 pub use fault::{Fault, FaultPlan, FaultPoint};
+pub use file_body::{FileBody, FILE_BODIES_MAX};
 pub use health::{WriteFailure, WriteHealth};
 pub use model::*;
 pub use registry::{Ancestor, EntityRecord, EntityUpdate, GrantRecord, NewGrant, Registry};
@@ -142,6 +144,21 @@ pub trait StreamStore: Send + Sync + 'static {
 
     /// Reads committed data from `from`, at most about `max_bytes`; resets a sliding TTL.
     async fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<ReadBatch>;
+
+    /// [`read`](StreamStore::read), for a response that goes out as it is:
+    /// the same positions and the same body bytes, but a backend may leave a
+    /// large body where it lies, as a range of a file ([`ReadBody::File`]),
+    /// for the server to send without copying it (`sendfile`). The default
+    /// answers [`read`](StreamStore::read)'s bytes (PostgreSQL).
+    ///
+    /// The embedded store names a file range when the read is at least
+    /// 64 KiB of one segment file that is open and wholly in the page cache
+    /// (binary; JSON when the read takes the file whole, so needs no index),
+    /// and fewer than [`FILE_BODIES_MAX`] such bodies are alive; a file
+    /// range is only ever of committed bytes, as a read's bytes are.
+    async fn read_sendable(&self, path: &str, from: ReadFrom, max_bytes: usize) -> StoreResult<SendableRead> {
+        Ok(self.read(path, from, max_bytes).await?.into())
+    }
 
     /// A signal that changes after every committed change to the stream.
     async fn subscribe(&self, path: &str) -> StoreResult<ChangeSignal>;

@@ -275,6 +275,64 @@ impl ReadBatch {
     }
 }
 
+/// A read as it goes out ([`StreamStore::read_sendable`](crate::StreamStore::read_sendable)):
+/// a [`ReadBatch`]'s positions, with its body either in memory or left where
+/// it lies in a file.
+#[derive(Debug, Clone)]
+pub struct SendableRead {
+    pub info: StreamInfo,
+    pub start: Offset,
+    pub next: Offset,
+    pub json: bool,
+    /// The same bytes a [`ReadBatch`] of this read would hold as its body.
+    pub body: ReadBody,
+}
+
+/// Where a [`SendableRead`]'s body is.
+#[derive(Debug, Clone)]
+pub enum ReadBody {
+    Bytes(Bytes),
+    /// A range of a file, framed (JSON: `[` and `]` around the messages).
+    File(crate::FileBody),
+}
+
+impl ReadBody {
+    /// Bytes of the body.
+    pub fn len(&self) -> u64 {
+        match self {
+            ReadBody::Bytes(b) => b.len() as u64,
+            ReadBody::File(f) => f.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<ReadBatch> for SendableRead {
+    fn from(batch: ReadBatch) -> SendableRead {
+        SendableRead {
+            info: batch.info,
+            start: batch.start,
+            next: batch.next,
+            json: batch.json,
+            body: ReadBody::Bytes(batch.body),
+        }
+    }
+}
+
+impl SendableRead {
+    /// As [`ReadBatch::up_to_date`].
+    pub fn up_to_date(&self) -> bool {
+        self.next.0 >= self.info.tail
+    }
+    /// As [`ReadBatch::at_closed_end`].
+    pub fn at_closed_end(&self) -> bool {
+        self.info.closed && self.up_to_date()
+    }
+}
+
 /// The elements of a JSON array whose elements are valid JSON values (what
 /// the store keeps): a scan for the commas outside strings at the top level.
 fn split_array(body: &Bytes) -> Vec<Bytes> {

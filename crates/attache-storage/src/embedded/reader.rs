@@ -187,6 +187,66 @@ pub(crate) fn read_cached(shared: &Shared, info: &StreamInfo, start: u64, max_by
     Some(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(next), body, json })
 }
 
+/// Smallest read left in its file ([`file_body`]): below it a copy costs
+/// little, and the page-cache check and the extra system calls of sending
+/// from a file are a larger share of the read.
+pub(crate) const FILE_BODY_MIN: u64 = 64 << 10;
+
+/// A read answered as a range of one segment file, decided on the asking
+/// async worker without any I/O: the read is one range of the stream's own
+/// file (not of a fork's source), at least `min` bytes, the file is open
+/// and every byte of the range is in the page cache (so sending it never
+/// waits for the disk). Binary: any range. JSON: only a read that starts at
+/// the file's first message and takes the file whole (no index needed); the
+/// body is `[`, the range without its last `,`, then `]`. Returns the file,
+/// its offset and length in the file, the framing, and where the next read
+/// starts; `None` whenever anything else holds, and the read is copied as
+/// [`read`] does it (the same bytes).
+pub(crate) fn file_body(
+    shared: &Shared,
+    info: &StreamInfo,
+    start: u64,
+    max_bytes: usize,
+    min: u64,
+) -> Option<FileRange> {
+    let tail = info.tail;
+    let base = base(info);
+    if info.blob.is_some() || start >= tail || start < base {
+        return None;
+    }
+    let room = max_bytes as u64;
+    let (hi, framing): (u64, (&'static [u8], &'static [u8])) = if info.is_json() {
+        // Whole file only: its first position is a message start, its end a message end.
+        if start != base || start.saturating_add(room) < tail {
+            return None;
+        }
+        (tail, (b"[", b"]"))
+    } else {
+        (tail.min(start.saturating_add(room)), (b"", b""))
+    };
+    let len = hi - start;
+    if len < min.max(1) {
+        return None;
+    }
+    let file = shared.segments.open_file(info.id)?;
+    let at = start - base;
+    if !super::segments::resident(&file, at, len) {
+        return None;
+    }
+    // JSON: the range's last byte is the `,` that ends its last message; `]` replaces it.
+    let file_len = if info.is_json() { len - 1 } else { len };
+    Some(FileRange { file, at, len: file_len, framing, next: hi })
+}
+
+/// What [`file_body`] found.
+pub(crate) struct FileRange {
+    pub(crate) file: std::sync::Arc<std::fs::File>,
+    pub(crate) at: u64,
+    pub(crate) len: u64,
+    pub(crate) framing: (&'static [u8], &'static [u8]),
+    pub(crate) next: u64,
+}
+
 /// One buffer holding every range: for JSON, `[` first and the last `,` turned into `]`.
 fn fill(shared: &Shared, ranges: &[Range], json: bool) -> StoreResult<Bytes> {
     let mut failed = None;

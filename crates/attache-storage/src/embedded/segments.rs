@@ -189,6 +189,16 @@ impl Segments {
         read_nowait(&file, at, buf)
     }
 
+    /// Stream `id`'s file if it is open (no I/O: `None` otherwise), counted as used.
+    pub(crate) fn open_file(&self, id: u64) -> Option<Arc<File>> {
+        let mut lru = self.open.lock();
+        lru.tick += 1;
+        let tick = lru.tick;
+        let (file, used) = lru.files.get_mut(&id)?;
+        *used = tick;
+        Some(file.clone())
+    }
+
     /// Removes stream `id`'s file (a deleted stream).
     pub(crate) fn remove(&self, id: u64) -> StoreResult<()> {
         self.open.lock().files.remove(&id);
@@ -399,6 +409,58 @@ fn read_nowait(_file: &File, _at: u64, _buf: &mut [MaybeUninit<u8>]) -> bool {
     false
 }
 
+/// Whether every byte of `[at, at + len)` of `file` is in the page cache,
+/// learnt without reading any (`mincore` of a mapping that is never
+/// touched): a read that will be sent from the file later, with no copy to
+/// check it by, is handed out on an async worker only when sending it
+/// cannot wait for the disk there. `false` on any error.
+#[cfg(target_os = "linux")]
+pub(crate) fn resident(file: &File, at: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return true;
+    }
+    let page = page_size();
+    let first = at / page * page;
+    let Ok(span) = usize::try_from(at + len - first) else { return false };
+    let Ok(offset) = libc::off_t::try_from(first) else { return false };
+    // SAFETY: a new read-only mapping of an open file; nothing reads through
+    // it, it is only asked about and unmapped below.
+    let map =
+        unsafe { libc::mmap(std::ptr::null_mut(), span, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), offset) };
+    if map == libc::MAP_FAILED {
+        return false;
+    }
+    const PAGES_A_CALL: usize = 512;
+    let mut vec = [0u8; PAGES_A_CALL];
+    let page = page as usize;
+    let mut done = 0usize;
+    let mut all = true;
+    while all && done < span {
+        let n = (span - done).min(PAGES_A_CALL * page);
+        // SAFETY: `[done, done + n)` lies inside the mapping, `done` is a
+        // multiple of the page size, and `vec` has room for one byte per page of it.
+        let rc = unsafe { libc::mincore(map.cast::<u8>().add(done).cast(), n, vec.as_mut_ptr()) };
+        all = rc == 0 && vec[..n.div_ceil(page)].iter().all(|b| b & 1 == 1);
+        done += n;
+    }
+    // SAFETY: the mapping made above, unmapped once.
+    unsafe { libc::munmap(map, span) };
+    all
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn resident(_file: &File, _at: u64, _len: u64) -> bool {
+    false
+}
+
+#[cfg(target_os = "linux")]
+fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf only reads a system value.
+    *PAGE.get_or_init(|| u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1))
+}
+
 pub(crate) fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.seg"))
 }
@@ -476,6 +538,34 @@ mod tests {
         let cached = read_cached_bytes(&segs, 3, 0, want.len());
         assert_eq!(cached, Some(want), "just written: in the page cache");
         assert!(read_cached_bytes(&segs, 4, 0, 1).is_none(), "no open file: not served without blocking");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn bytes_just_written_are_resident_and_dropped_ones_are_not() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let segs = Segments::open(dir.path().to_owned(), 4, None).unwrap();
+        let bytes = vec![7u8; 3 << 20];
+        segs.write(1, 0, &bytes).unwrap();
+        let file = segs.open_file(1).expect("written: open");
+        assert!(segs.open_file(2).is_none(), "never opened: no I/O to open it");
+        assert!(resident(&file, 0, 3 << 20));
+        assert!(resident(&file, 4095, 2_000_001), "unaligned ranges");
+        // Out of the page cache (synced first: dirty pages cannot be dropped).
+        file.sync_all().unwrap();
+        // SAFETY: advice on an open file.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        // SAFETY: statfs of an open file into a zeroed struct.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) }, 0);
+        if fs.f_type == libc::TMPFS_MAGIC {
+            return; // tmpfs keeps its pages: nothing can be dropped there.
+        }
+        assert!(!resident(&file, 1 << 20, 1 << 20), "dropped from the page cache");
+        let _ = read_bytes(&segs, 1, 1 << 20, 1 << 20).unwrap();
+        assert!(resident(&file, 1 << 20, 1 << 20), "read back in");
     }
 
     #[test]

@@ -719,6 +719,17 @@ impl Harness {
                     };
                     assert_eq!(got, content, "{path} content");
                     assert!(batch.up_to_date());
+                    // The same read as it goes out (a file range where the store leaves it in one).
+                    let sent = self.store().read_sendable(path, ReadFrom::Start, 1 << 20).await.unwrap();
+                    assert_eq!((sent.start, sent.next, sent.json), (batch.start, batch.next, batch.json), "{path}");
+                    let body: Vec<u8> = match &sent.body {
+                        attache_storage::ReadBody::Bytes(b) => b.to_vec(),
+                        attache_storage::ReadBody::File(f) => {
+                            use futures::StreamExt as _;
+                            f.chunks().map(|c| c.unwrap()).collect::<Vec<_>>().await.concat()
+                        }
+                    };
+                    assert_eq!(body, batch.body.to_vec(), "{path}: the read as it goes out");
                 }
                 Err(e) => assert_eq!(Err(e), head.map(|_| ()).map_err(kind), "HEAD {path}"),
             }
