@@ -96,9 +96,10 @@ pub struct ServeArgs {
     /// an upload of a new id past it is refused with 409 TOO_MANY_ATTACHMENTS [default: 10000]
     #[arg(long, env = "ATTACHE_MAX_ATTACHMENTS_PER_ENTITY")]
     max_attachments_per_entity: Option<usize>,
-    /// Most bytes of inline task attachment values (JSON value, text content, url) one entity
-    /// holds together, counted as held in memory; a task.create_attachment past it is refused
-    /// with -32602, data.code TOO_MANY_ATTACHMENT_BYTES [default: 67108864, 64 MiB]
+    /// Most bytes of inline attachment values (task attachments' JSON value, text content, url;
+    /// uploads' meta) one entity holds together, counted as held in memory; a
+    /// task.create_attachment past it is refused with -32602, data.code TOO_MANY_ATTACHMENT_BYTES,
+    /// an upload with 409 TOO_MANY_ATTACHMENT_BYTES [default: 67108864, 64 MiB]
     #[arg(long, env = "ATTACHE_MAX_INLINE_BYTES_PER_ENTITY")]
     max_inline_bytes_per_entity: Option<usize>,
     /// How many of an entity's latest inbox message keys are kept and checked for duplicates

@@ -69,10 +69,11 @@ pub struct ServerConfig {
     /// failed) one entity holds; an upload or task attachment of a new id
     /// past it is refused (409 `TOO_MANY_ATTACHMENTS`, -32602 on the task face).
     pub max_attachments_per_entity: usize,
-    /// Most bytes of inline values (JSON `value`, text `content`, `url`) one
-    /// entity's task attachments hold together, counted as its view holds
-    /// them (`rows::inline_bytes`); a `task.create_attachment` past it is
-    /// refused (-32602, `data.code` `TOO_MANY_ATTACHMENT_BYTES`).
+    /// Most bytes of inline values (task attachments' JSON `value`, text
+    /// `content`, `url`; uploads' `meta`) one entity's attachments hold
+    /// together, counted as its view holds them (`rows::inline_bytes`); a
+    /// `task.create_attachment` past it is refused (-32602, `data.code`
+    /// `TOO_MANY_ATTACHMENT_BYTES`), an upload 409 `TOO_MANY_ATTACHMENT_BYTES`.
     pub max_inline_bytes_per_entity: usize,
     /// How many of an entity's latest inbox keys its view keeps, and a send
     /// checks for duplicates (409 `DUPLICATE_KEY`); older keys are forgotten.

@@ -282,12 +282,15 @@ impl InboxKeys {
 
 /// The bytes of an attachment's inline values that count against
 /// `max_inline_bytes_per_entity`: its JSON `value`, its text `content` and
-/// its `url`, as the view holds them (what [`MainView::estimated_bytes`]
-/// counts for them). Text counts its length, and so does a JSON string; a
-/// JSON array or object counts its members' slots too, so one of many small
-/// members counts up to ~16 times its JSON text. Uploads keep none.
+/// its `url` (task attachments), and an upload's `meta` object, as the view
+/// holds them (what [`MainView::estimated_bytes`] counts for them). Text
+/// counts its length, and so does a JSON string; a JSON array or object
+/// counts its members' slots too, so one of many small members counts up to
+/// ~16 times its JSON text. An upload's other fields are short (bounded
+/// each) and not counted.
 pub fn inline_bytes(e: &ManifestEntry) -> usize {
-    INLINE_FIELDS.iter().filter_map(|f| e.ext.get(*f)).map(value_bytes).sum()
+    INLINE_FIELDS.iter().filter_map(|f| e.ext.get(*f)).map(value_bytes).sum::<usize>()
+        + e.meta.as_ref().map_or(0, map_bytes)
 }
 
 /// The fields of a task attachment that hold its value inline.

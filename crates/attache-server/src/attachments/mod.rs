@@ -31,7 +31,7 @@ use serde_json::{json, Map, Value};
 
 use crate::access::now_ms;
 use crate::error::{ApiError, ApiResult};
-use crate::rows::MainView;
+use crate::rows::{inline_bytes, MainView};
 
 pub use delete::{delete, delete_entry};
 pub use pending::{
@@ -68,6 +68,44 @@ pub fn has_room(view: &MainView, id: &str, max: usize) -> bool {
     view.manifest.len() < max || view.manifest.contains_key(id)
 }
 
+/// The refusal code of an upload whose `meta` would take the entity's
+/// inline values past `max_inline_bytes_per_entity` (the task face's code
+/// for the same bound).
+pub const TOO_MANY_ATTACHMENT_BYTES: &str = "TOO_MANY_ATTACHMENT_BYTES";
+
+/// Whether `entry`'s inline values ([`inline_bytes`]: an upload's `meta`)
+/// fit in `view` beside the entity's others within `limit`, those of the row
+/// it replaces given back first; an entry holding no more than the row it
+/// replaces always fits. Else 409 `TOO_MANY_ATTACHMENT_BYTES`: without it a
+/// client could make one entity's view, which a request holds whole, as
+/// large as 10,000 uploads' `meta` (GiBs), by uploading tiny files.
+fn bytes_fit(view: &MainView, entity: &EntityUrl, entry: &ManifestEntry, limit: usize) -> ApiResult<()> {
+    let size = inline_bytes(entry);
+    let replaced = view.manifest.get(&entry.id).map_or(0, inline_bytes);
+    let others = view.inline_bytes().saturating_sub(replaced);
+    if size <= replaced || others.saturating_add(size) <= limit {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        TOO_MANY_ATTACHMENT_BYTES,
+        format!(
+            "{entity}'s other attachments hold {others} bytes of inline values (task attachments' values, \
+             uploads' meta) and this upload's meta {size}; one entity holds at most {limit} together \
+             (max_inline_bytes_per_entity): send a smaller meta, or delete attachments \
+             (DELETE /_electric/entities{entity}/attachments/{{id}}) to make room"
+        ),
+    ))
+}
+
+/// The longest `mimeType` an attachment may carry (as the task face's).
+const MAX_MIME_TYPE_LEN: usize = 255;
+
+/// The longest text field of an upload form or a resumable upload's body
+/// (a multipart text field is bounded by the same figure as it is read),
+/// `meta` counted as JSON text.
+const MAX_FIELD_BYTES: usize = 64 << 10;
+
 /// 409 `TOO_MANY_ATTACHMENTS`: the entity holds as many attachments as one may.
 fn too_many(entity: &EntityUrl, held: usize, max: usize) -> ApiError {
     ApiError::new(
@@ -79,6 +117,17 @@ fn too_many(entity: &EntityUrl, held: usize, max: usize) -> ApiError {
              (DELETE /_electric/entities{entity}/attachments/{{id}}) to make room"
         ),
     )
+}
+
+/// A valid media type of at most [`MAX_MIME_TYPE_LEN`] bytes (it is kept in
+/// the manifest row, so in the entity's view, and served as `Content-Type`).
+fn check_mime_type(value: &str) -> ApiResult<()> {
+    if value.len() > MAX_MIME_TYPE_LEN || ContentType::parse(value).is_err() {
+        return Err(ApiError::bad_request(format!(
+            "invalid mimeType {value:?}: a media type of at most {MAX_MIME_TYPE_LEN} bytes"
+        )));
+    }
+    Ok(())
 }
 
 fn too_large(max: u64) -> ApiError {
@@ -106,6 +155,9 @@ struct Fields {
 impl Fields {
     /// Takes one text field; an empty value counts as absent.
     fn set(&mut self, field: &str, value: String) -> ApiResult<()> {
+        if value.len() > MAX_FIELD_BYTES {
+            return Err(ApiError::bad_request(format!("{field} is at most {MAX_FIELD_BYTES} bytes")));
+        }
         let value = value.trim().to_owned();
         if value.is_empty() {
             // An empty text field counts as absent, except an id: naming none is an error.
@@ -123,7 +175,7 @@ impl Fields {
                 self.id = Some(value);
             }
             "mimeType" => {
-                ContentType::parse(&value).map_err(|_| ApiError::bad_request(format!("invalid mimeType {value:?}")))?;
+                check_mime_type(&value)?;
                 self.mime_type = Some(value);
             }
             "filename" => {
@@ -155,6 +207,18 @@ impl Fields {
         Ok(())
     }
 
+    /// Takes a resumable upload's `meta` object, bounded as a form's text field is.
+    fn set_meta(&mut self, meta: Option<Map<String, Value>>) -> ApiResult<()> {
+        if let Some(m) = &meta {
+            let len = serde_json::to_vec(m).map_err(ApiError::internal)?.len();
+            if len > MAX_FIELD_BYTES {
+                return Err(ApiError::bad_request(format!("meta is at most {MAX_FIELD_BYTES} bytes of JSON")));
+            }
+        }
+        self.meta = meta;
+        Ok(())
+    }
+
     fn subject(&self) -> ApiResult<Option<Subject>> {
         match (&self.subject, &self.subject_type, &self.subject_key) {
             (Some(s), _, _) => Ok(Some(s.clone())),
@@ -176,6 +240,7 @@ impl Fields {
             .clone()
             .or_else(|| part_type.map(str::to_owned))
             .unwrap_or_else(|| ContentType::OCTET_STREAM.into());
+        check_mime_type(&mime_type)?;
         let mut ext = Map::new();
         if let Some(name) = &self.name {
             ext.insert("name".into(), json!(name));

@@ -20,7 +20,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::rows::{json_content_type, new_txid, not_running};
 use crate::{AppState, StoreConfig};
 
-use super::{duplicate, has_room, too_many, Fields, INTERRUPTED};
+use super::{bytes_fit, duplicate, has_room, too_many, Fields, INTERRUPTED};
 
 /// Upload ids in flight, by attachment stream path: a second upload of the
 /// same id is refused while the first runs, and so is a delete of it (or a
@@ -267,15 +267,18 @@ pub(super) async fn retract(state: &AppState, entity: &EntityUrl, mine: &Manifes
     settle_mine(state, entity, mine, row).await
 }
 
-/// Can `id` be (re)used? Free, or only a failed attempt is recorded. A new
-/// id on an entity that holds `max_attachments_per_entity` attachments is
-/// refused (409 `TOO_MANY_ATTACHMENTS`).
-pub(super) async fn id_is_free(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult<bool> {
+/// Can `entry`'s id be (re)used? Free, or only a failed attempt is
+/// recorded. A new id on an entity that holds `max_attachments_per_entity`
+/// attachments is refused (409 `TOO_MANY_ATTACHMENTS`), and so is a `meta`
+/// that does not fit in `max_inline_bytes_per_entity` (409 `TOO_MANY_ATTACHMENT_BYTES`).
+pub(super) async fn id_is_free(state: &AppState, entity: &EntityUrl, entry: &ManifestEntry) -> ApiResult<bool> {
+    let id = entry.id.as_str();
     let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
     let max = state.config.max_attachments_per_entity;
     if !has_room(&view, id, max) {
         return Err(too_many(entity, view.manifest.len(), max));
     }
+    bytes_fit(&view, entity, entry, state.config.max_inline_bytes_per_entity)?;
     Ok(match view.manifest.get(id) {
         None => true,
         Some(e) => e.status == AttachmentStatus::Failed,
@@ -502,6 +505,7 @@ async fn write_pending(state: &AppState, entity: &EntityUrl, pending: &Pending<'
         if !has_room(&view, id, max) {
             return Err(too_many(entity, view.manifest.len(), max));
         }
+        bytes_fit(&view, entity, &pending.entry, state.config.max_inline_bytes_per_entity)?;
         let row = manifest_row(&pending.entry, &pending.pending_txid)?;
         Ok(Decided::Write { row, since: view.tail(), bytes: None, answer: () })
     })
@@ -523,13 +527,13 @@ pub(super) async fn reserve<'s>(
     let id = entry.id.clone();
     let id = id.as_str();
     let reservation = state.uploads.take(&entry.stream_path).ok_or_else(|| duplicate(id))?;
-    if !id_is_free(state, entity, id).await? {
+    if !id_is_free(state, entity, &entry).await? {
         // A pending row no upload here holds (we hold the id now) may have
         // been left by an interrupted upload: settle it, then look again.
         if abandoned(state, entity, id).await? {
             settle(state, entity, id).await;
         }
-        if !id_is_free(state, entity, id).await? {
+        if !id_is_free(state, entity, &entry).await? {
             return Err(duplicate(id));
         }
     }

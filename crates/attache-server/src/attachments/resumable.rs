@@ -63,7 +63,7 @@ pub async fn begin_resumable(
             fields.set(name, v)?;
         }
     }
-    fields.meta = body.meta;
+    fields.set_meta(body.meta)?;
     with_subject(fields.entry(entity, &id, who, None)?)?;
     let path = entity.attachment_stream(&id);
     {
