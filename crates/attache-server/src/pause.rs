@@ -18,6 +18,10 @@ pub const ENTITY_WRITE: &str = "entity_write";
 /// its rows and events (every task method that writes).
 pub const TASK_WRITE: &str = "task_write";
 
+/// Between a task-face attachment write's decision from the task's view
+/// (`task.create_attachment`, `task.delete_attachment`) and its guarded write.
+pub const TASK_ATTACHMENT_WRITE: &str = "task_attachment_write";
+
 /// Between a fork's creating its streams (main and attachments) and its
 /// registry record: the window in which the fork's URL has streams and no entity.
 pub const FORK_RECORD: &str = "fork_record";

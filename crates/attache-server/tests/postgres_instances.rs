@@ -6,10 +6,13 @@
 
 mod common;
 mod entity_support;
+mod task_helpers;
 
 use std::time::Duration;
 
-use attache_server::pause::{Pauses, ATTACHMENT_DELETE, ENTITY_WRITE, FINALIZE_WRITE, SETTLE_WRITE, UPLOAD_SETTLED};
+use attache_server::pause::{
+    Pauses, ATTACHMENT_DELETE, ENTITY_WRITE, FINALIZE_WRITE, SETTLE_WRITE, TASK_ATTACHMENT_WRITE, UPLOAD_SETTLED,
+};
 use attache_server::{ServerConfig, StoreConfig};
 use attache_storage::postgres::test_cluster::TestCluster;
 use common::*;
@@ -634,5 +637,62 @@ async fn a_resumable_close_held_across_a_delete_through_another_instance_brings_
         })
         .await;
         assert_eq!(entity_support::get_bytes(server, e, "doc").await.0, StatusCode::NOT_FOUND);
+    }
+}
+
+/// The attachment ids the manifest rows of a task's main stream name for `key`.
+async fn task_attachment_ids(server: &TestServer, task: &str, key: &str) -> std::collections::BTreeSet<String> {
+    let rows = entity_support::rows_as(server, &format!("/task/{task}/main"), Some(task_helpers::ALICE)).await;
+    rows.iter()
+        .filter(|r| r["type"] == "manifest" && r["value"]["name"] == key)
+        .filter_map(|r| r["value"]["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// `task.create_attachment` of one new key through two instances at once:
+/// `a`'s, held between deciding from its view (the key is free) and its
+/// write, while `b` creates the key, reads again and becomes a replacement
+/// of `b`'s attachment (same id). One attachment under the key, with `a`'s
+/// value, the same through both instances. Before, both wrote an `insert`
+/// with an id of their own: two attachments named by one key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_attachment_creations_of_one_key_through_two_instances_make_one_attachment() {
+    use task_helpers::{create_task, ok, ALICE};
+    let pauses = Pauses::default();
+    let Some(Instances { a, b, _objects, _cluster }) = two_instances_pausing(Some(pauses.clone())).await else {
+        return;
+    };
+    let task = create_task(&a, ALICE, "one key, two instances", 1).await;
+    let params = |from: &str| {
+        serde_json::json!({
+            "jsonrpc": "2.0", "method": "task.create_attachment", "id": 1,
+            "params": { "taskId": task, "key": "result", "type": "json", "value": { "from": from } },
+        })
+    };
+    let held = pauses.arm(TASK_ATTACHMENT_WRITE);
+    let first = tokio::spawn(
+        a.client
+            .post(a.url("/rpc"))
+            .header("electric-principal", ALICE)
+            .header("content-type", "application/json")
+            .body(params("a").to_string())
+            .send(),
+    );
+    held.reached().await;
+    let by_b = ok(&b, ALICE, "task.create_attachment", params("b")["params"].clone()).await;
+    held.release();
+    let res: serde_json::Value = first.await.unwrap().unwrap().json().await.unwrap();
+    let by_a = res.get("result").unwrap_or_else(|| panic!("a's create succeeds: {res}"));
+    assert_eq!(by_a["id"], by_b["id"], "a's write became a replacement of b's attachment");
+    for server in [&a, &b] {
+        let ids = entity_support::eventually(Duration::from_secs(10), "both rows reach the instance", || async {
+            let got =
+                ok(server, ALICE, "task.get_attachment", serde_json::json!({ "taskId": task, "key": "result" })).await;
+            (got["value"]["from"] == "a").then_some(())
+        })
+        .await;
+        let _: () = ids;
+        let ids = task_attachment_ids(server, &task, "result").await;
+        assert_eq!(ids.len(), 1, "one attachment under the key: {ids:?}");
     }
 }

@@ -81,11 +81,18 @@ pub trait StreamStore: Send + Sync + 'static {
     /// Neither may carry producer headers, and the two must name different
     /// streams (`Invalid`).
     ///
+    /// With `guard`, `req` is also conditional, as the row of
+    /// [`append_guarded`](StreamStore::append_guarded) is (without its
+    /// stream condition): written only while no other guarded append of
+    /// `guard.key` landed on its stream at or past `guard.since`, and then
+    /// recorded as the key's newest; otherwise neither is written and the
+    /// answer is [`StoreError::Moved`].
+    ///
     /// This is how a change and its announcement stay one fact: a task's
     /// rows on its main stream and its events on the global events stream
     /// share one durable commit, and the events exist exactly when the
     /// change does (one fdatasync per change, not two in a row).
-    fn append_in_order_with(&self, req: AppendRequest, then: AppendRequest) -> InOrderAppend;
+    fn append_in_order_with(&self, req: AppendRequest, then: AppendRequest, guard: Option<RowGuard>) -> InOrderAppend;
 
     /// Deletes a stream; a stream with live forks is soft-deleted (410
     /// afterwards) and keeps its path until a create takes it

@@ -10,14 +10,13 @@ use attache_core::manifest::{
 use attache_core::state::timestamp;
 use attache_core::task::{AttachmentKind, ATTACHMENT_KINDS};
 use attache_core::{ContentType, EntityUrl, Permission, PrincipalKey, StreamPath};
-use attache_storage::{CreateStream, EntityRecord};
+use attache_storage::{CreateStream, EntityRecord, RowGuard};
 use base64::Engine;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::dispatch::{task_entity, task_missing, task_stopped, Missing};
 use super::ids::{main_path, new_attachment_id, radix36, task_url};
-use super::ordering::TaskCell;
 use super::writes::{write_task, Event, MainWrite, Row};
 use super::{ApiError, ApiResult, Params, ResponseBudget, MAX_INLINE_BINARY, MAX_INLINE_BYTES, TASK_TYPE};
 use crate::access::now_ms;
@@ -248,18 +247,16 @@ async fn still_running(state: &AppState, entity: &EntityRecord) -> bool {
         .is_some_and(|e| e.is_running() && e.incarnation == entity.incarnation)
 }
 
-/// The entry of `key` as the task's writes leave it: a queued write's, else the view's.
-async fn current_entry(
+/// The entry `key` names in the task's view, and where the view ends: a
+/// write decided from it is guarded from there (`write_task`). Only for a
+/// caller that holds the key's lock (no write of the key is in flight).
+async fn current_entry_at(
     state: &AppState,
-    cell: &TaskCell,
     task_id: &str,
     key: &str,
-) -> ApiResult<Option<ManifestEntry>> {
-    if let Some(entry) = cell.pending(key) {
-        return Ok(entry);
-    }
+) -> ApiResult<(Option<ManifestEntry>, attache_core::Offset)> {
     let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
-    Ok(view.by_name.get(key).and_then(|id| view.manifest.get(id)).cloned())
+    Ok((view.by_name.get(key).and_then(|id| view.manifest.get(id)).cloned(), view.tail()))
 }
 
 /// Holds the attachment id behind `key` while a task-face write of it is
@@ -277,10 +274,7 @@ async fn hold_key<'s>(state: &'s AppState, task_id: &str, key: &str, id: &str) -
     let url = EntityUrl::new(TASK_TYPE, task_id).map_err(ApiError::internal)?;
     match crate::attachments::hold_id(state, &url, id).await {
         Ok(held) => Ok(Some(held)),
-        Err(e) if e.refusal().code == UPLOAD_IN_PROGRESS => Err(ApiError::rejected(
-            format!("Attachment '{key}' of task {task_id} is being uploaded (or deleted); try again once that is done"),
-            json!({ "taskId": task_id, "key": key, "code": UPLOAD_IN_PROGRESS }),
-        )),
+        Err(e) if e.refusal().code == UPLOAD_IN_PROGRESS => Err(upload_in_progress(task_id, key)),
         Err(e) => Err(e),
     }
 }
@@ -358,22 +352,121 @@ pub(super) async fn put_attachment(
     }
     // Released on drop, on every path: an early return leaves no lock entry behind.
     let claim = cell.claim_key(&input.key);
+    // Held until the write is durable: the next write of the key decides from
+    // a view that shows this one, so its guard (below) never meets it.
     let key_guard = claim.lock().await;
-    let mut existing = current_entry(state, &cell, task_id, &input.key).await?;
-    // A replacement of an attachment being uploaded waits for the upload; read again under the hold.
-    let held = match &existing {
-        Some(e) => hold_key(state, task_id, &input.key, &e.id).await?,
+    let (first_read, _) = current_entry_at(state, task_id, &input.key).await?;
+    // A replacement of an attachment being uploaded waits for the upload; read again (below) under the hold.
+    let held_id = first_read.map(|e| e.id);
+    let held = match &held_id {
+        Some(id) => hold_key(state, task_id, &input.key, id).await?,
         None => None,
     };
-    if held.is_some() {
-        existing = current_entry(state, &cell, task_id, &input.key).await?;
-    }
-    let now = now_ms();
-    let (id, created_at) = match &existing {
-        Some(e) => (e.id.clone(), e.created_at.clone()),
-        None => (new_attachment_id(), timestamp(now)),
-    };
+    let url = EntityUrl::new(TASK_TYPE, task_id).map_err(ApiError::internal)?;
     let mime = input.mime_type.clone().unwrap_or_else(|| input.kind.default_mime().to_owned());
+    // The bytes, once written: the id they were written for and the stream that holds them.
+    let mut written_bytes: Option<(String, String, u64)> = None;
+    let mut attempt = 0;
+    let outcome = loop {
+        let (existing, since) = match current_entry_at(state, task_id, &input.key).await {
+            Ok(read) => read,
+            Err(e) => break Err(e),
+        };
+        // The key now names another attachment than the one held (another instance replaced it).
+        if held_id.is_some() && existing.as_ref().map(|e| &e.id) != held_id.as_ref() {
+            break Err(write_conflict(task_id, &input.key));
+        }
+        // An upload of the id began (through another instance) since the check.
+        if existing.as_ref().is_some_and(|e| e.status == AttachmentStatus::Pending) {
+            break Err(upload_in_progress(task_id, &input.key));
+        }
+        let decided = decide_put(state, who, &input, &url, &mime, existing.as_ref(), &mut written_bytes).await;
+        let (entry, old_bytes, guard_key, stored_bytes) = match decided {
+            Ok(d) => d,
+            Err(e) => break Err(e),
+        };
+        let row = Row::Upsert { entry: Box::new(entry.clone()), insert: existing.is_none() };
+        let event = Event::new(
+            "task.attachment_created",
+            task_id,
+            json!({
+                "taskId": task_id,
+                "key": input.key,
+                "type": input.kind.as_str(),
+                "attachmentId": entry.id,
+                "instanceId": who.to_string(),
+                "timestamp": now_ms(),
+            }),
+            json!({ "createdBy": who.to_string() }),
+        );
+        crate::pause::at(state, crate::pause::TASK_ATTACHMENT_WRITE).await;
+        let guard = RowGuard { key: guard_key, since };
+        let written =
+            write_task(state, task_id, incarnation, vec![row], vec![event], MainWrite::Append, Some(guard)).await;
+        let result = written.await;
+        match result {
+            Err(e) if e == moved() => {
+                attempt += 1;
+                if attempt == CONDITIONAL_ATTEMPTS {
+                    break Err(write_conflict(task_id, &input.key));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1 << attempt)).await;
+            }
+            other => break other.map(|()| (entry, old_bytes, stored_bytes)),
+        }
+    };
+    drop(held);
+    drop(key_guard);
+    drop(shared);
+    drop(claim);
+    drop(cell);
+    let (entry, old_bytes, stored_bytes) = match outcome {
+        Ok(done) => done,
+        Err(e) => {
+            // Bytes no row names go with the refusal.
+            if let Some((_, path, id)) = written_bytes {
+                let _ = state.store.delete_id(&path, id).await;
+            }
+            return Err(e);
+        }
+    };
+    if let Some((old, id)) = old_bytes.filter(|(old, _)| *old != entry.stream_path) {
+        let _ = state.store.delete_id(&old, id).await;
+    }
+    state.metrics.attachment_created(input.kind.as_str(), stored_bytes);
+    Ok(entry)
+}
+
+/// What a put of `input` writes, decided against `existing` (the entry its
+/// key names now): the entry, the old version's bytes to delete once the
+/// row points away from them (their address and the stream there now), the
+/// key its write is guarded by (the entry's row key, or for a new key its
+/// name, so that two creations of one name on two instances meet), and the
+/// bytes it stores. The bytes of `input.data` are written once, for the id
+/// first decided (`written`); a later decision for another id (another
+/// instance created the key meanwhile) is a write conflict.
+async fn decide_put(
+    state: &AppState,
+    who: &PrincipalKey,
+    input: &AttachmentInput,
+    url: &EntityUrl,
+    mime: &str,
+    existing: Option<&ManifestEntry>,
+    written: &mut Option<(String, String, u64)>,
+) -> ApiResult<(ManifestEntry, Option<(String, u64)>, String, u64)> {
+    let task_id = input.task_id.as_str();
+    let now = now_ms();
+    let (id, created_at) = match existing {
+        Some(e) => (e.id.clone(), e.created_at.clone()),
+        None => match written {
+            // Bytes already written for a new id: keep it.
+            Some((id, _, _)) => (id.clone(), timestamp(now)),
+            None => (new_attachment_id(), timestamp(now)),
+        },
+    };
+    if written.as_ref().is_some_and(|(wid, _, _)| *wid != id) {
+        return Err(write_conflict(task_id, &input.key));
+    }
     let mut ext = Map::new();
     ext.insert("name".into(), json!(input.key));
     ext.insert("taskType".into(), json!(input.kind.as_str()));
@@ -393,12 +486,11 @@ pub(super) async fn put_attachment(
     if let Some(s) = input.size {
         ext.insert("size".into(), json!(s));
     }
-    let url = EntityUrl::new(TASK_TYPE, task_id).map_err(ApiError::internal)?;
     // The old version's bytes, at the address derived for them (a row naming another is followed nowhere).
-    let old_bytes = existing.as_ref().filter(|e| e.byte_length.is_some()).and_then(|e| e.bytes_path(&url));
+    let old_bytes = existing.filter(|e| e.byte_length.is_some()).and_then(|e| e.bytes_path(url));
     // Which stream holds them now: that one goes once the row points away, never one made at its path since.
-    let old_stream = match &old_bytes {
-        Some(path) => state.store.head(path).await.ok().map(|info| info.id),
+    let old_bytes = match old_bytes {
+        Some(path) => state.store.head(&path).await.ok().map(|info| (path, info.id)),
         None => None,
     };
     let mut entry = ManifestEntry {
@@ -410,7 +502,7 @@ pub(super) async fn put_attachment(
         // Electric's manifest rows always name a subject; a task attachment is context for its task.
         subject: Some(Subject { kind: "context".into(), key: input.key.clone() }),
         role: Role::Output,
-        mime_type: mime.clone(),
+        mime_type: mime.to_owned(),
         filename: None,
         byte_length: None,
         sha256: None,
@@ -421,51 +513,65 @@ pub(super) async fn put_attachment(
         ext,
     };
     room_for(state, task_id, &input.key, &entry, existing.is_none()).await?;
-    if let Some(bytes) = input.data {
-        // A new version of the bytes gets its own stream; the old one goes once the row points away from it.
-        if old_bytes.as_deref() == Some(entry.stream_path.as_str())
-            || state.store.head(&entry.stream_path).await.is_ok()
-        {
-            let version = radix36(rand::random::<u64>(), BYTES_VERSION_LEN);
-            entry.stream_path = versioned_attachment_stream(&url, &id, &version)
-                .ok_or_else(|| ApiError::internal("a bytes version is base-36 digits"))?;
-        }
+    if let Some(bytes) = &input.data {
         stored_bytes += bytes.len() as u64;
         entry.byte_length = Some(bytes.len() as u64);
-        entry.sha256 = Some(hex::encode(Sha256::digest(&bytes)));
-        write_bytes(state, who, &entry.stream_path, &mime, bytes).await?;
+        entry.sha256 = Some(hex::encode(Sha256::digest(bytes)));
+        match written {
+            Some((_, path, _)) => entry.stream_path = path.clone(),
+            None => {
+                // A new version of the bytes gets its own stream; the old one goes once the row points away from it.
+                if old_bytes.as_ref().is_some_and(|(old, _)| *old == entry.stream_path)
+                    || state.store.head(&entry.stream_path).await.is_ok()
+                {
+                    let version = radix36(rand::random::<u64>(), BYTES_VERSION_LEN);
+                    entry.stream_path = versioned_attachment_stream(url, &id, &version)
+                        .ok_or_else(|| ApiError::internal("a bytes version is base-36 digits"))?;
+                }
+                write_bytes(state, who, &entry.stream_path, mime, bytes.clone()).await?;
+                let stream = state.store.head(&entry.stream_path).await?.id;
+                *written = Some((id.clone(), entry.stream_path.clone(), stream));
+            }
+        }
     }
-    let row = Row::Upsert { entry: Box::new(entry.clone()), insert: existing.is_none() };
-    let event = Event::new(
-        "task.attachment_created",
-        task_id,
-        json!({
-            "taskId": task_id,
-            "key": input.key,
-            "type": input.kind.as_str(),
-            "attachmentId": id,
-            "instanceId": who.to_string(),
-            "timestamp": now,
-        }),
-        json!({ "createdBy": who.to_string() }),
-    );
-    let written = write_task(state, task_id, incarnation, vec![row], vec![event], MainWrite::Append).await;
-    let seq = cell.record(&input.key, Some(entry.clone()));
-    // The hold goes first: the next write of the key, let in by the key's lock, must not meet it.
-    drop(held);
-    drop(key_guard);
-    drop(shared);
-    let outcome = written.await;
-    cell.settle(&input.key, seq);
-    drop(claim);
-    drop(cell);
-    outcome?;
-    if let (Some(old), Some(id)) = (old_bytes.filter(|old| *old != entry.stream_path), old_stream) {
-        let _ = state.store.delete_id(&old, id).await;
-    }
-    state.metrics.attachment_created(input.kind.as_str(), stored_bytes);
-    Ok(entry)
+    let guard_key = match existing {
+        Some(e) => ManifestEntry::row_key(&e.id),
+        None => format!("task-key:{}", input.key),
+    };
+    Ok((entry, old_bytes, guard_key, stored_bytes))
 }
+
+/// A task-face write of `key` met another write of it that came between its
+/// decision and its commit (on PostgreSQL, through another instance), again
+/// and again; nothing was written. -32602 with `data.code` `WRITE_CONFLICT`:
+/// the client may try again.
+fn write_conflict(task_id: &str, key: &str) -> ApiError {
+    ApiError::rejected(
+        format!("Attachment '{key}' of task {task_id} was changed by another request meanwhile; try again"),
+        json!({ "taskId": task_id, "key": key, "code": WRITE_CONFLICT }),
+    )
+}
+
+/// -32602 `UPLOAD_IN_PROGRESS`: an upload of the attachment `key` names runs
+/// (or its delete does); its final row would undo this write.
+fn upload_in_progress(task_id: &str, key: &str) -> ApiError {
+    ApiError::rejected(
+        format!("Attachment '{key}' of task {task_id} is being uploaded (or deleted); try again once that is done"),
+        json!({ "taskId": task_id, "key": key, "code": UPLOAD_IN_PROGRESS }),
+    )
+}
+
+/// What `write_task` answers when its guard found another write of the key
+/// since the decision (`StoreError::Moved`): the caller reads and decides again.
+pub(super) fn moved() -> ApiError {
+    ApiError::rejected("moved", json!({ "code": WRITE_CONFLICT }))
+}
+
+/// The code of [`write_conflict`].
+pub const WRITE_CONFLICT: &str = "WRITE_CONFLICT";
+
+/// How often a task-face write of an attachment reads and decides again when another write of its key came between.
+const CONDITIONAL_ATTEMPTS: u32 = 8;
 
 pub(super) async fn create_attachment(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
     let input = parse_attachment(p)?;
@@ -613,43 +719,64 @@ pub(super) async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &
         return Err(not_found());
     }
     let claim = cell.claim_key(key);
+    // Held until the delete is durable: the next write of the key decides from a view that shows it.
     let key_guard = claim.lock().await;
-    let Some(found) = current_entry(state, &cell, task_id, key).await? else {
+    let Some(found) = current_entry_at(state, task_id, key).await?.0 else {
         return Err(not_found());
     };
     // A delete of an attachment being uploaded is refused: the upload's final
-    // row would bring it back. Held until the delete row is placed; read again under the hold.
+    // row would bring it back. Held until the delete row is committed; read again under the hold.
     let held = hold_key(state, task_id, key, &found.id).await?;
-    let entry = match held {
-        Some(_) => current_entry(state, &cell, task_id, key).await?.ok_or_else(not_found)?,
-        None => found,
-    };
-    // Only the address derived for the bytes is deleted, never a path the row
-    // names; and only the stream there now, never one made at it after the row.
-    let bytes = match entry.byte_length.and(task_url(task_id)).and_then(|url| entry.bytes_path(&url)) {
-        Some(path) => state.store.head(&path).await.ok().map(|info| (path, info.id)),
-        None => None,
-    };
     let now = now_ms();
-    let row = Row::Delete { row_key: ManifestEntry::row_key(&entry.id) };
-    let event = Event::new(
-        // ClaudeBench's delete handler emits this type (with a dot), its create handler `task.attachment_created`.
-        "task.attachment.deleted",
-        task_id,
-        json!({ "taskId": task_id, "key": key, "attachmentId": entry.id }),
-        json!({ "deletedBy": who.to_string(), "deletedAt": timestamp(now) }),
-    );
-    let written = write_task(state, task_id, incarnation, vec![row], vec![event], MainWrite::Append).await;
-    let seq = cell.record(key, None);
-    // The hold goes first: the next write of the key, let in by the key's lock, must not meet it.
+    let mut attempt = 0;
+    let outcome = loop {
+        let (entry, since) = match current_entry_at(state, task_id, key).await {
+            // An upload of the id began (through another instance) since the check.
+            Ok((Some(entry), _)) if entry.id == found.id && entry.status == AttachmentStatus::Pending => {
+                break Err(upload_in_progress(task_id, key))
+            }
+            Ok((Some(entry), since)) if entry.id == found.id => (entry, since),
+            // Deleted, or replaced by another attachment, through another instance meanwhile.
+            Ok((Some(_), _)) => break Err(write_conflict(task_id, key)),
+            Ok((None, _)) => break Err(not_found()),
+            Err(e) => break Err(e),
+        };
+        // Only the address derived for the bytes is deleted, never a path the row
+        // names; and only the stream there now, never one made at it after the row.
+        let bytes = match entry.byte_length.and(task_url(task_id)).and_then(|url| entry.bytes_path(&url)) {
+            Some(path) => state.store.head(&path).await.ok().map(|info| (path, info.id)),
+            None => None,
+        };
+        let row = Row::Delete { row_key: ManifestEntry::row_key(&entry.id) };
+        let event = Event::new(
+            // ClaudeBench's delete handler emits this type (with a dot), its create handler `task.attachment_created`.
+            "task.attachment.deleted",
+            task_id,
+            json!({ "taskId": task_id, "key": key, "attachmentId": entry.id }),
+            json!({ "deletedBy": who.to_string(), "deletedAt": timestamp(now) }),
+        );
+        crate::pause::at(state, crate::pause::TASK_ATTACHMENT_WRITE).await;
+        let guard = RowGuard { key: ManifestEntry::row_key(&entry.id), since };
+        let written =
+            write_task(state, task_id, incarnation, vec![row], vec![event], MainWrite::Append, Some(guard)).await;
+        let result = written.await;
+        match result {
+            Err(e) if e == moved() => {
+                attempt += 1;
+                if attempt == CONDITIONAL_ATTEMPTS {
+                    break Err(write_conflict(task_id, key));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1 << attempt)).await;
+            }
+            other => break other.map(|()| (entry, bytes)),
+        }
+    };
     drop(held);
     drop(key_guard);
     drop(shared);
-    let outcome = written.await;
-    cell.settle(key, seq);
     drop(claim);
     drop(cell);
-    outcome?;
+    let (entry, bytes) = outcome?;
     if let Some((path, id)) = bytes {
         let _ = state.store.delete_id(&path, id).await;
     }

@@ -87,7 +87,7 @@ pub(super) async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         "createdAt": timestamp(now),
     });
     let event = Event::new("task.created", &id, out.clone(), json!({ "createdBy": who.to_string() }));
-    let written = write_task(state, &id, incarnation.as_deref(), vec![], vec![event], MainWrite::Append).await;
+    let written = write_task(state, &id, incarnation.as_deref(), vec![], vec![event], MainWrite::Append, None).await;
     drop(guard);
     written.await?;
     drop(cell);
@@ -170,7 +170,7 @@ pub(super) async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     });
     let event =
         Event::new("task.updated", id, out.clone(), json!({ "updatedBy": who.to_string(), "changes": changes }));
-    let written = write_task(state, id, incarnation, vec![], vec![event], MainWrite::Append).await;
+    let written = write_task(state, id, incarnation, vec![], vec![event], MainWrite::Append, None).await;
     drop(guard);
     written.await?;
     drop(cell);
@@ -310,7 +310,7 @@ pub(super) async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         json!({ "taskId": task_id, "instanceId": instance, "previousAssignment": previous }),
         json!({ "assignedBy": who.to_string() }),
     );
-    let written = write_task(state, task_id, incarnation, vec![], vec![event], MainWrite::Append).await;
+    let written = write_task(state, task_id, incarnation, vec![], vec![event], MainWrite::Append, None).await;
     drop(guard);
     written.await?;
     drop(cell);
@@ -349,7 +349,7 @@ pub(super) async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_
         json!({ "taskId": task_id, "previousAssignment": previous }),
         json!({ "unassignedBy": who.to_string(), "unassignedAt": timestamp(now) }),
     );
-    let written = write_task(state, task_id, incarnation, vec![], vec![event], MainWrite::Append).await;
+    let written = write_task(state, task_id, incarnation, vec![], vec![event], MainWrite::Append, None).await;
     drop(guard);
     written.await?;
     drop(cell);
@@ -425,7 +425,7 @@ pub(super) async fn claim(
             json!({ "taskId": task_id, "workerId": worker }),
             json!({ "claimedAt": timestamp(now), "claimedBy": who.to_string() }),
         );
-        let written = write_task(state, &task_id, incarnation, vec![], vec![event], MainWrite::Append).await;
+        let written = write_task(state, &task_id, incarnation, vec![], vec![event], MainWrite::Append, None).await;
         drop(guard);
         written.await?;
         drop(cell);
@@ -498,7 +498,7 @@ pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_
         // As ClaudeBench: the worker named, else the assignee.
         json!({ "completedBy": worker.clone().or_else(|| task.assigned_to.clone()).unwrap_or_else(|| who.to_string()) }),
     );
-    let written = write_task(state, task_id, incarnation, vec![], vec![event], MainWrite::Append).await;
+    let written = write_task(state, task_id, incarnation, vec![], vec![event], MainWrite::Append, None).await;
     drop(guard);
     written.await?;
     drop(cell);
@@ -554,7 +554,7 @@ pub(super) async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     // closed and takes no event row; the event still reaches the events
     // stream (the deletion is the registry's, done above), and the rest goes.
     let main = if entity.is_running() { MainWrite::AppendAndClose } else { MainWrite::Closed };
-    write_task(state, id, incarnation, vec![], vec![event], main).await.await?;
+    write_task(state, id, incarnation, vec![], vec![event], main, None).await.await?;
     let prefix = format!("/{TASK_TYPE}/{id}/attachments/");
     for info in state.store.list_prefix(&prefix, usize::MAX).await {
         // The stream listed, not one made at its path since.

@@ -38,7 +38,7 @@ pub use budget::ResponseBudget;
 pub use dispatch::{call, STOPPED};
 pub use ids::{new_attachment_id, new_task_id};
 pub use methods::{load_tombstones, Tombstone};
-pub use ordering::{CellRef, Pending, TaskCell, Writers};
+pub use ordering::{CellRef, TaskCell, Writers};
 pub use params::{params_object, Params};
 pub use record::{Status, TaskRecord};
 pub use writes::Event;

@@ -1,21 +1,10 @@
-//! Per-task write ordering: the task lock, the per-key attachment locks and
-//! the writes queued but not yet visible. Every lock and map entry is held
+//! Per-task write ordering: the task lock and the per-key attachment locks. Every lock and map entry is held
 //! by a guard that gives it back on drop, so no early return leaks one.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use attache_core::manifest::ManifestEntry;
-
 use super::Tombstone;
-
-/// Writes not yet visible in the materialized view: key → the entry being
-/// written (`None`: being deleted), tagged with the write's sequence number.
-#[derive(Default)]
-pub struct Pending {
-    next: u64,
-    by_key: HashMap<String, (u64, Option<ManifestEntry>)>,
-}
 
 /// Write ordering for one task. A write holds its locks while it is decided
 /// and *placed* in its streams' commit order (`StreamStore::append_in_order`,
@@ -25,14 +14,14 @@ pub struct Pending {
 ///
 /// Task changes (status, assignment, deletion) take `order` exclusively.
 /// Attachment writes share `order` and serialize per key only, so writes of
-/// different keys proceed in parallel. Until a queued write is visible in the
-/// view, [`Pending`] remembers it, so a second upsert of the same key reuses
-/// the id the first one chose.
+/// different keys proceed in parallel. An attachment write holds its key's
+/// lock until it is durable (not only placed): the next write of the key
+/// decides from a view that shows it, which its guard needs
+/// (`tasks/attachments.rs`, `StreamStore::append_in_order_with`).
 #[derive(Default)]
 pub struct TaskCell {
     pub(super) order: tokio::sync::RwLock<()>,
     pub(super) keys: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    pub(super) pending: parking_lot::Mutex<Pending>,
 }
 
 impl TaskCell {
@@ -41,26 +30,6 @@ impl TaskCell {
     pub(super) fn claim_key(&self, key: &str) -> KeyClaim<'_> {
         let lock = self.keys.lock().entry(key.to_owned()).or_default().clone();
         KeyClaim { cell: self, key: key.to_owned(), lock }
-    }
-
-    /// The entry a queued write of `key` is writing, if one is in flight.
-    pub(super) fn pending(&self, key: &str) -> Option<Option<ManifestEntry>> {
-        self.pending.lock().by_key.get(key).map(|(_, e)| e.clone())
-    }
-
-    pub(super) fn record(&self, key: &str, entry: Option<ManifestEntry>) -> u64 {
-        let mut p = self.pending.lock();
-        p.next += 1;
-        let seq = p.next;
-        p.by_key.insert(key.to_owned(), (seq, entry));
-        seq
-    }
-
-    pub(super) fn settle(&self, key: &str, seq: u64) {
-        let mut p = self.pending.lock();
-        if p.by_key.get(key).is_some_and(|(s, _)| *s == seq) {
-            p.by_key.remove(key);
-        }
     }
 }
 
@@ -130,7 +99,7 @@ impl Writers {
     /// Drops the cell of a task nobody is writing to (keeps the map small).
     fn release(&self, task_id: &str, cell: Arc<TaskCell>) {
         let mut cells = self.cells.lock();
-        if Arc::strong_count(&cell) == 2 && cell.keys.lock().is_empty() && cell.pending.lock().by_key.is_empty() {
+        if Arc::strong_count(&cell) == 2 && cell.keys.lock().is_empty() {
             cells.remove(task_id);
         }
     }

@@ -7,7 +7,7 @@ use std::future::Future;
 
 use attache_core::manifest::{ManifestEntry, MANIFEST};
 use attache_core::state::{timestamp, HeadersRef, RowRef};
-use attache_storage::{AppendRequest, StoreError};
+use attache_storage::{AppendRequest, RowGuard, StoreError};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -119,6 +119,7 @@ pub(super) async fn write_task(
     rows: Vec<Row>,
     evts: Vec<Event>,
     main: MainWrite,
+    guard: Option<RowGuard>,
 ) -> impl Future<Output = ApiResult<()>> + Send + 'static {
     crate::pause::at(state, crate::pause::TASK_WRITE).await;
     let url = format!("/{TASK_TYPE}/{task_id}");
@@ -177,7 +178,7 @@ pub(super) async fn write_task(
     let events_req = (!envelopes.is_empty()).then(|| events::events_append(&envelopes));
     let has_main = main_req.is_some();
     let write = match (main_req, events_req) {
-        (Some(main), Some(events)) => Some(state.store.append_in_order_with(main, events)),
+        (Some(main), Some(events)) => Some(state.store.append_in_order_with(main, events, guard)),
         (Some(only), None) | (None, Some(only)) => Some(state.store.append_in_order(only)),
         (None, None) => None,
     };
@@ -186,6 +187,7 @@ pub(super) async fn write_task(
         match write {
             Some(w) => w.await.map(drop).map_err(|e| match e {
                 StoreError::Closed { .. } if has_main => not_running(),
+                StoreError::Moved => super::attachments::moved(),
                 other => ApiError::from(other),
             }),
             None => Ok(()),

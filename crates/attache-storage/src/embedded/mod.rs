@@ -385,8 +385,12 @@ pub(crate) enum Command {
     /// and a delete at a path while it holds the given stream, both or
     /// neither (`append_guarded`).
     AppendIf(Box<(writer::PreparedAppend, RowGuard, Option<StreamAt>)>, oneshot::Sender<StoreResult<AppendOutcome>>),
-    /// Two appends to two streams, both or neither (`append_in_order_with`); answers the first's outcome.
-    AppendPair(Box<(writer::PreparedAppend, writer::PreparedAppend)>, oneshot::Sender<StoreResult<AppendOutcome>>),
+    /// Two appends to two streams, both or neither, the first perhaps guarded
+    /// (`append_in_order_with`); answers the first's outcome.
+    AppendPair(
+        Box<(writer::PreparedAppend, writer::PreparedAppend, Option<RowGuard>)>,
+        oneshot::Sender<StoreResult<AppendOutcome>>,
+    ),
     /// Deletes a stream found expired (fire and forget).
     Expire(u64),
 }
@@ -628,14 +632,19 @@ impl StreamStore for EmbeddedStore {
     }
 
     /// Both appends go to the writer in one command, sent before this returns.
-    fn append_in_order_with(&self, req: AppendRequest, then: AppendRequest) -> crate::InOrderAppend {
+    fn append_in_order_with(
+        &self,
+        req: AppendRequest,
+        then: AppendRequest,
+        guard: Option<RowGuard>,
+    ) -> crate::InOrderAppend {
         let sent = (|| -> StoreResult<_> {
             crate::rules::check_paired_appends(&req, &then)?;
             let (entry, other) = (self.entry(&req.path)?, self.entry(&then.path)?);
             let first = writer::PreparedAppend::prepare(req, &entry.info())?;
             let second = writer::PreparedAppend::prepare(then, &other.info())?;
             let (tx, rx) = oneshot::channel();
-            self.send(Command::AppendPair(Box::new((first, second)), tx))?;
+            self.send(Command::AppendPair(Box::new((first, second, guard)), tx))?;
             Ok(([entry, other], rx))
         })();
         Box::pin(answered(sent, self.appends.clone()))

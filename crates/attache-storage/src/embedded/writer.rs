@@ -1256,8 +1256,8 @@ fn commit_batch(
                         }
                     }
                     Command::AppendPair(pair, tx) => {
-                        let (first, second) = *pair;
-                        match escalate(state.append_pair(&mut t, &mut changes, first, second)) {
+                        let (first, second, guard) = *pair;
+                        match escalate(state.append_pair(&mut t, &mut changes, shared, first, second, guard)) {
                             Ok(r) => replies.push(Reply::Append(tx, r)),
                             Err(e) => {
                                 replies.push(Reply::Append(tx, Err(e.clone())));
@@ -1713,20 +1713,27 @@ impl WriterState {
         Ok(outcome)
     }
 
-    /// Two appends to two streams, both or neither
-    /// (`StreamStore::append_in_order_with`): both are checked before
-    /// anything changes, so once the first is written only a disk error
-    /// (which fails the whole batch) can stop the second.
+    /// Two appends to two streams, both or neither, the first perhaps
+    /// guarded (`StreamStore::append_in_order_with`): both are checked (and
+    /// the guard's condition) before anything changes, so once the first is
+    /// written only a disk error (which fails the whole batch) can stop the second.
     fn append_pair(
         &mut self,
         t: &mut Tables,
         changes: &mut Changes,
+        shared: &Shared,
         first: PreparedAppend,
         second: PreparedAppend,
+        guard: Option<RowGuard>,
     ) -> StoreResult<AppendOutcome> {
-        self.check_append(&first)?;
         self.check_append(&second)?;
-        let outcome = self.append(t, changes, first).map_err(|e| rules::checked_then_refused(e, "an append"))?;
+        let outcome = match guard {
+            Some(guard) => self.append_if(t, changes, shared, first, guard, None)?,
+            None => {
+                self.check_append(&first)?;
+                self.append(t, changes, first).map_err(|e| rules::checked_then_refused(e, "an append"))?
+            }
+        };
         self.append(t, changes, second)
             .map_err(|e| rules::checked_then_refused(e, "the append paired with another"))?;
         Ok(outcome)

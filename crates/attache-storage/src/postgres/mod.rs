@@ -420,8 +420,9 @@ pub(crate) enum Command {
     /// and a delete at a path while it holds the given stream, both or
     /// neither (`append_guarded`).
     AppendIf(Box<(PreparedAppend, RowGuard, Option<StreamAt>)>, oneshot::Sender<StoreResult<AppendOutcome>>),
-    /// Two appends to two streams, both or neither (`append_in_order_with`); answers the first's outcome.
-    AppendPair(Box<(PreparedAppend, PreparedAppend)>, oneshot::Sender<StoreResult<AppendOutcome>>),
+    /// Two appends to two streams, both or neither, the first perhaps guarded
+    /// (`append_in_order_with`); answers the first's outcome.
+    AppendPair(Box<(PreparedAppend, PreparedAppend, Option<RowGuard>)>, oneshot::Sender<StoreResult<AppendOutcome>>),
     /// Deletes a stream found expired, if it still is (fire and forget).
     Expire(u64),
 }
@@ -733,12 +734,14 @@ fn live_entry(entry: Arc<StreamEntry>, send: impl FnOnce(Command)) -> StoreResul
 /// An append handed to the writer: its streams, and where its answer comes.
 type Sent = (Vec<Arc<StreamEntry>>, oneshot::Receiver<StoreResult<AppendOutcome>>);
 
-/// Prepares `reqs` (one append, or the two of `append_in_order_with`)
-/// against their streams and puts them in the writer's channel as one command.
+/// Prepares `reqs` (one append, or the two of `append_in_order_with`, the
+/// first under `guard`) against their streams and puts them in the writer's
+/// channel as one command.
 fn send_appends(
     commands: &mpsc::UnboundedSender<Command>,
     entries: Vec<StoreResult<Arc<StreamEntry>>>,
     reqs: Vec<AppendRequest>,
+    guard: Option<RowGuard>,
 ) -> StoreResult<Sent> {
     let entries = entries.into_iter().collect::<StoreResult<Vec<_>>>()?;
     let mut prepared = Vec::with_capacity(reqs.len());
@@ -747,7 +750,7 @@ fn send_appends(
     }
     let (tx, rx) = oneshot::channel();
     let cmd = match <[PreparedAppend; 2]>::try_from(prepared) {
-        Ok([first, second]) => Command::AppendPair(Box::new((first, second)), tx),
+        Ok([first, second]) => Command::AppendPair(Box::new((first, second, guard)), tx),
         Err(mut one) => Command::Append(one.pop().ok_or(StoreError::Invalid("nothing to append".into()))?, tx),
     };
     commands.send(cmd).map_err(|_| StoreError::ShuttingDown)?;
@@ -772,7 +775,7 @@ impl PgStore {
     /// now; otherwise it takes a turn in each stream's line (`order.rs`),
     /// all taken at once under the lines' lock, so no two calls wait on each
     /// other in a circle.
-    fn in_order(&self, reqs: Vec<AppendRequest>) -> crate::InOrderAppend {
+    fn in_order(&self, reqs: Vec<AppendRequest>, guard: Option<RowGuard>) -> crate::InOrderAppend {
         let Some(commands) = self.commands.lock().clone() else {
             return Box::pin(futures::future::ready(Err(StoreError::ShuttingDown)));
         };
@@ -785,7 +788,7 @@ impl PgStore {
             };
             if let Some(known) = known {
                 let entries = known.into_iter().map(|e| live_entry(e, |cmd| drop(commands.send(cmd)))).collect();
-                let sent = send_appends(&commands, entries, reqs);
+                let sent = send_appends(&commands, entries, reqs, guard);
                 drop(lines);
                 return Box::pin(answer(sent, appends));
             }
@@ -806,7 +809,7 @@ impl PgStore {
                     Err(e) => Err(e),
                 });
             }
-            let sent = send_appends(&commands, entries, reqs);
+            let sent = send_appends(&commands, entries, reqs, guard);
             drop(turns);
             answer(sent, appends).await
         });
@@ -832,14 +835,19 @@ impl StreamStore for PgStore {
     /// A stream known here goes into the writer's channel now; one that must
     /// be looked up first takes a turn in its stream's line (`order.rs`).
     fn append_in_order(&self, req: AppendRequest) -> crate::InOrderAppend {
-        self.in_order(vec![req])
+        self.in_order(vec![req], None)
     }
 
-    fn append_in_order_with(&self, req: AppendRequest, then: AppendRequest) -> crate::InOrderAppend {
+    fn append_in_order_with(
+        &self,
+        req: AppendRequest,
+        then: AppendRequest,
+        guard: Option<RowGuard>,
+    ) -> crate::InOrderAppend {
         if let Err(e) = crate::rules::check_paired_appends(&req, &then) {
             return Box::pin(futures::future::ready(Err(e)));
         }
-        self.in_order(vec![req, then])
+        self.in_order(vec![req, then], guard)
     }
 
     async fn delete(&self, path: &str) -> StoreResult<()> {

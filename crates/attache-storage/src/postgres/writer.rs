@@ -289,7 +289,10 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
                 Answer::CreateBlob(escalate(w.link_blob(shared, req.clone(), source).await)?)
             }
             Command::Append(p, _) => Answer::Append(escalate(w.append(p).await)?),
-            Command::AppendPair(pair, _) => Answer::Append(escalate(w.append_pair(&pair.0, &pair.1).await)?),
+            Command::AppendPair(pair, _) => {
+                let (first, second, guard) = &**pair;
+                Answer::Append(escalate(w.append_pair(shared, first, second, guard.as_ref()).await)?)
+            }
             Command::AppendIf(parts, _) => {
                 let (row, guard, bytes) = &**parts;
                 Answer::Append(escalate(w.append_if(shared, row, guard, bytes.as_ref()).await)?)
@@ -588,14 +591,26 @@ impl Work {
         Ok(outcome)
     }
 
-    /// Two appends to two streams, both or neither
-    /// (`StreamStore::append_in_order_with`): both are checked (and their
-    /// streams' rows locked) before anything changes, so once the first is
-    /// written only a database error (which rolls the batch back) can stop the second.
-    async fn append_pair(&mut self, first: &PreparedAppend, second: &PreparedAppend) -> StoreResult<AppendOutcome> {
-        self.check_append(first).await?;
+    /// Two appends to two streams, both or neither, the first perhaps
+    /// guarded (`StreamStore::append_in_order_with`): both are checked (and
+    /// the guard's condition, and their streams' rows locked) before anything
+    /// changes, so once the first is written only a database error (which
+    /// rolls the batch back) can stop the second.
+    async fn append_pair(
+        &mut self,
+        shared: &Shared,
+        first: &PreparedAppend,
+        second: &PreparedAppend,
+        guard: Option<&RowGuard>,
+    ) -> StoreResult<AppendOutcome> {
         self.check_append(second).await?;
-        let outcome = self.append(first).await.map_err(|e| rules::checked_then_refused(e, "an append"))?;
+        let outcome = match guard {
+            Some(guard) => self.append_if(shared, first, guard, None).await?,
+            None => {
+                self.check_append(first).await?;
+                self.append(first).await.map_err(|e| rules::checked_then_refused(e, "an append"))?
+            }
+        };
         self.append(second).await.map_err(|e| rules::checked_then_refused(e, "the append paired with another"))?;
         Ok(outcome)
     }
