@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use attache_core::EntityUrl;
+use attache_storage::FileBody;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use bytes::{Bytes, BytesMut};
@@ -184,5 +185,56 @@ pub(crate) fn set(
     };
     if let Ok(v) = formatted {
         headers.insert(name, v);
+    }
+}
+
+/// Marks a response whose body is a [`FileBody`]: the lean HTTP/1 path takes
+/// it and sends the file range with `sendfile`, leaving the ordinary body
+/// (the same bytes, read in chunks) unpolled. Any other path never looks at
+/// it and sends that body.
+#[derive(Clone)]
+pub(crate) struct SendFile(pub(crate) FileBody);
+
+/// A response whose body is `file`'s bytes: an ordinary body of exactly
+/// that length (so `content-length` as for bytes in memory), reading the
+/// file in bounded chunks only when polled, with [`SendFile`] beside it.
+pub(crate) fn file_response(file: FileBody) -> axum::response::Response {
+    let body = FileChunks { chunks: file.chunks(), left: file.len() };
+    let mut res = axum::response::Response::new(Body::new(body));
+    res.extensions_mut().insert(SendFile(file));
+    res
+}
+
+/// [`FileBody::chunks`] as an HTTP body whose exact length is known.
+struct FileChunks {
+    chunks: futures::stream::BoxStream<'static, attache_storage::StoreResult<Bytes>>,
+    left: u64,
+}
+
+impl http_body::Body for FileChunks {
+    type Data = Bytes;
+    type Error = attache_storage::StoreError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use futures::StreamExt as _;
+        match std::task::ready!(self.chunks.poll_next_unpin(cx)) {
+            Some(Ok(chunk)) => {
+                self.left = self.left.saturating_sub(chunk.len() as u64);
+                std::task::Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
+            }
+            Some(Err(err)) => std::task::Poll::Ready(Some(Err(err))),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
     }
 }

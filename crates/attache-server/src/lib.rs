@@ -145,6 +145,9 @@ impl Server {
         store_config.segment_handles = open_files;
         store_config.read_threads = config.store_read_threads.max(1);
         store_config.tail_cache_bytes = config.store_tail_cache_bytes;
+        if let Some(min) = config.store_file_body_min {
+            store_config.file_body_min = min;
+        }
         let loopback = config.listen.ip().is_loopback();
         let mode = config.auth.unwrap_or(if loopback { auth::AuthMode::Dev } else { auth::AuthMode::Token });
         if mode == auth::AuthMode::Dev && !loopback {

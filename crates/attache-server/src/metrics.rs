@@ -42,6 +42,9 @@ pub struct Metrics {
     connections_open: AtomicI64,
     /// Indexed by `Closed as usize`.
     connections_closed: [AtomicU64; 4],
+    /// Responses whose body went out with `sendfile`, and the file bytes they sent.
+    file_sends: AtomicU64,
+    file_sent_bytes: AtomicU64,
 }
 
 /// Why the server closed (or refused) a connection.
@@ -96,6 +99,8 @@ impl Default for Metrics {
             live_readers: AtomicI64::new(0),
             connections_open: AtomicI64::new(0),
             connections_closed: Default::default(),
+            file_sends: AtomicU64::new(0),
+            file_sent_bytes: AtomicU64::new(0),
         }
     }
 }
@@ -136,6 +141,12 @@ impl Metrics {
 
     pub fn connection_closed(&self, why: Closed) {
         self.connections_closed[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A response's body went out with `sendfile`: `bytes` of a file, none copied by the server.
+    pub fn file_sent(&self, bytes: u64) {
+        self.file_sends.fetch_add(1, Ordering::Relaxed);
+        self.file_sent_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     pub fn live_readers(&self) -> i64 {
@@ -212,6 +223,20 @@ impl Metrics {
             "gauge",
             "Bytes held by request bodies being received into memory (bounded by --body-buffer-bytes).",
             body_buffer_bytes.to_string(),
+        );
+        scalar(
+            &mut out,
+            "attache_sendfile_responses_total",
+            "counter",
+            "Responses (large catch-up reads) whose body went from a file to the socket with sendfile, uncopied.",
+            self.file_sends.load(Ordering::Relaxed).to_string(),
+        );
+        scalar(
+            &mut out,
+            "attache_sendfile_bytes_total",
+            "counter",
+            "File bytes those responses sent.",
+            self.file_sent_bytes.load(Ordering::Relaxed).to_string(),
         );
         out.push_str("# HELP attache_connections_closed_total Connections the server closed or refused, by reason.\n");
         out.push_str("# TYPE attache_connections_closed_total counter\n");

@@ -12,7 +12,7 @@ use attache_core::{
     ReadOffset, StreamPath, Ttl,
 };
 use attache_storage::{
-    AppendRequest, CreateOutcome, CreateStream, ForkSpec, ReadBatch, ReadFrom, StoreError, StreamInfo,
+    AppendRequest, CreateOutcome, CreateStream, ForkSpec, ReadBatch, ReadBody, ReadFrom, StoreError, StreamInfo,
 };
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
@@ -547,48 +547,63 @@ fn batch_body(batch: &ReadBatch) -> Bytes {
     batch.body.clone()
 }
 
-fn etag(batch: &ReadBatch) -> String {
-    let closed = if batch.at_closed_end() { ":c" } else { "" };
-    format!("\"{}:{}:{}{}\"", batch.info.id, batch.start.0, batch.next.0, closed)
+/// The ETag of a read of `info` from `start` to `next`.
+fn etag(info: &StreamInfo, start: Offset, next: Offset) -> String {
+    let closed = if at_closed_end(info, next) { ":c" } else { "" };
+    format!("\"{}:{}:{}{}\"", info.id, start.0, next.0, closed)
 }
 
-fn read_headers(hm: &mut HeaderMap, batch: &ReadBatch) {
-    set(hm, "content-type", &batch.info.content_type);
-    set(hm, h::STREAM_NEXT_OFFSET, batch.next);
-    if batch.up_to_date() {
+/// A read that ends at `next` has reached the closed end of the stream.
+fn at_closed_end(info: &StreamInfo, next: Offset) -> bool {
+    info.closed && next.0 >= info.tail
+}
+
+/// The headers of a read of `info` that ends at `next`.
+fn read_headers(hm: &mut HeaderMap, info: &StreamInfo, next: Offset) {
+    set(hm, "content-type", &info.content_type);
+    set(hm, h::STREAM_NEXT_OFFSET, next);
+    if next.0 >= info.tail {
         hm.insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
     }
-    if batch.at_closed_end() {
+    if at_closed_end(info, next) {
         hm.insert(h::STREAM_CLOSED, HeaderValue::from_static("true"));
     }
 }
 
+/// A catch-up read. Its body is the store's buffer, or the range of a
+/// segment file the store left it in (`StreamStore::read_sendable`), which
+/// the lean HTTP/1 path sends with `sendfile` and any other path reads in
+/// bounded chunks (`http::file_response`).
 async fn catch_up(state: &AppState, path: &StreamPath, q: &ReadQuery, headers: &HeaderMap) -> ApiResult<Response> {
-    let batch = state.store.read(path.as_str(), read_from(q.offset), state.config.max_read_bytes).await?;
+    let read = state.store.read_sendable(path.as_str(), read_from(q.offset), state.config.max_read_bytes).await?;
     if q.offset == ReadOffset::Now {
-        let body = if batch.json { Bytes::from_static(b"[]") } else { Bytes::new() };
+        let body = if read.json { Bytes::from_static(b"[]") } else { Bytes::new() };
         let mut res = Response::new(Body::from(body));
         let hm = res.headers_mut();
-        read_headers(hm, &batch);
+        read_headers(hm, &read.info, read.next);
         hm.insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
-        if batch.info.closed {
+        if read.info.closed {
             hm.insert(h::STREAM_CLOSED, HeaderValue::from_static("true"));
         }
         hm.insert("cache-control", HeaderValue::from_static("no-store"));
         return Ok(res);
     }
-    let tag = etag(&batch);
+    let tag = etag(&read.info, read.start, read.next);
     let matches = headers
         .get("if-none-match")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"));
-    let mut res =
-        if matches { StatusCode::NOT_MODIFIED.into_response() } else { Response::new(Body::from(batch_body(&batch))) };
+    let (info, next) = (read.info, read.next);
+    let mut res = match read.body {
+        _ if matches => StatusCode::NOT_MODIFIED.into_response(),
+        ReadBody::Bytes(bytes) => Response::new(Body::from(bytes)),
+        ReadBody::File(file) => crate::http::file_response(file),
+    };
     let hm = res.headers_mut();
     if !matches {
-        read_headers(hm, &batch);
+        read_headers(hm, &info, next);
     } else {
-        set(hm, h::STREAM_NEXT_OFFSET, batch.next);
+        set(hm, h::STREAM_NEXT_OFFSET, next);
     }
     set(hm, "etag", tag);
     hm.insert("cache-control", HeaderValue::from_static("private, max-age=60, stale-while-revalidate=300"));
@@ -615,8 +630,8 @@ async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery, reader: &
         if !batch.is_empty() {
             let mut res = Response::new(Body::from(batch_body(&batch)));
             let hm = res.headers_mut();
-            read_headers(hm, &batch);
-            set(hm, "etag", etag(&batch));
+            read_headers(hm, &batch.info, batch.next);
+            set(hm, "etag", etag(&batch.info, batch.start, batch.next));
             if !batch.at_closed_end() {
                 set(hm, h::STREAM_CURSOR, cursor);
             }
@@ -626,7 +641,7 @@ async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery, reader: &
         if batch.at_closed_end() {
             let mut res = StatusCode::NO_CONTENT.into_response();
             let hm = res.headers_mut();
-            read_headers(hm, &batch);
+            read_headers(hm, &batch.info, batch.next);
             hm.insert("cache-control", HeaderValue::from_static("no-store"));
             return Ok(res);
         }

@@ -47,8 +47,11 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tower::ServiceExt as _;
 
+use attache_storage::FileBody;
+
 use super::wire::{self, Framing, Parsed};
 use super::{Activity, Serving, Tracked, Watched, CONNECTION_BUFFER_BYTES};
+use crate::http::SendFile;
 
 /// What a read asks the socket for at least: a request head and a small body fit.
 const READ_CHUNK: usize = 8 << 10;
@@ -272,21 +275,79 @@ async fn write_all(io: &TcpStream, activity: &Activity, parts: &mut [IoSlice<'_>
     Ok(())
 }
 
+/// Sends `file`'s range with `sendfile(2)`: from the page cache into the
+/// socket, with no copy in this process and no buffer of its own. Waits for
+/// the socket as [`write_all`] does (so a client that reads nothing is cut
+/// off by the slow-reader deadline, as for any response); where the kernel
+/// cannot send from the file, the rest is copied in bounded chunks instead.
+async fn send_file(io: &TcpStream, activity: &Activity, file: &FileBody) -> io::Result<()> {
+    use std::os::fd::AsFd as _;
+    let len = file.file_len();
+    let mut sent = 0u64;
+    while sent < len {
+        match io.try_io(tokio::io::Interest::WRITABLE, || file.send_to(io.as_fd(), sent)) {
+            Ok(0) => {
+                // The file ended before the range did: what was promised cannot be sent.
+                tracing::warn!(sent, len, "a segment file ended inside a read being sent; closing the connection");
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            Ok(n) => {
+                activity.write_blocked(false);
+                sent += n as u64;
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                activity.write_blocked(true);
+                io.writable().await?;
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) if err.kind() == io::ErrorKind::Unsupported => {
+                tracing::debug!(%err, "sendfile refused; copying the rest of the read");
+                return copy_file_chunks(io, activity, file, sent).await;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+/// The rest of `file`'s range from `sent` on, read in bounded chunks and written.
+async fn copy_file_chunks(io: &TcpStream, activity: &Activity, file: &FileBody, sent: u64) -> io::Result<()> {
+    use futures::StreamExt as _;
+    let mut chunks = file.file_chunks(sent);
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(io::Error::other)?;
+        write_all(io, activity, &mut [IoSlice::new(&chunk)]).await?;
+    }
+    Ok(())
+}
+
 /// Writes the response; `false` when the connection cannot carry another
 /// request after it (the client left, or the body failed or broke its length).
 async fn respond(
     io: &TcpStream,
     activity: &Activity,
     buf: &mut BytesMut,
-    res: http::Response<Body>,
+    mut res: http::Response<Body>,
     head_request: bool,
     close: bool,
 ) -> io::Result<bool> {
+    let file = res.extensions_mut().remove::<SendFile>();
     let exact = res.body().size_hint().exact();
     let framing = wire::framing(&res, head_request, exact);
     let mut head = Vec::with_capacity(256 + 32 * res.headers().len());
     wire::write_head(&mut head, &res, framing, exact, &http_date(), close);
     let mut body = res.into_body();
+    if let (Some(SendFile(file)), Framing::Length(n)) = (file, framing) {
+        // Only while the body is still the file's (nothing replaced it on the way out).
+        if exact == Some(n) && n == file.len() {
+            drop(body);
+            write_all(io, activity, &mut [IoSlice::new(&head), IoSlice::new(file.prefix())]).await?;
+            send_file(io, activity, &file).await?;
+            write_all(io, activity, &mut [IoSlice::new(file.suffix())]).await?;
+            activity.metrics.file_sent(file.file_len());
+            return Ok(true);
+        }
+    }
     let (chunked, length) = match framing {
         Framing::None => {
             write_all(io, activity, &mut [IoSlice::new(&head)]).await?;
