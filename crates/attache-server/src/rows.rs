@@ -168,7 +168,13 @@ impl MainView {
             }
             ("inbox", "delete") => self.inbox.remove(&event.key),
             // A row without a value was never an inbox message.
-            ("inbox", _) if event.value.is_some() => self.inbox.insert(&event.key, inbox_window),
+            ("inbox", _) => {
+                if let Some(value) = event.value {
+                    // The sender as the server wrote it; a row without one counts as one unnamed sender's.
+                    let from = serde_json::from_str::<InboxFrom>(value.get()).ok().and_then(|v| v.from);
+                    self.inbox.insert(&event.key, from.as_deref().unwrap_or(""), inbox_window);
+                }
+            }
             _ => {}
         }
     }
@@ -222,29 +228,54 @@ fn key_digest(key: &str) -> KeyDigest {
     digest
 }
 
-/// The keys of an entity's latest inbox messages, as [`KeyDigest`]s in the
-/// order they were sent: at most `inbox_keys_per_entity` of them, the
-/// oldest forgotten first, so a view holds the same few hundred KiB at most
-/// however many messages its entity receives. A forgotten key is no longer
-/// checked: a send reusing it is written (as Electric writes every send,
-/// keys never checked), its row replacing the old one at that key in the
-/// materialized inbox.
+/// Who sent an inbox message, as the first 128 bits of the SHA-256 of the
+/// row's `from` (the sender's principal URL, written by the server).
+type SenderDigest = [u8; 16];
+
+/// The keys of an entity's latest inbox messages, as [`KeyDigest`]s, each
+/// with its sender: at most `inbox_keys_per_entity` of them, so a view holds
+/// well under a MiB however many messages its entity receives. Past the
+/// window the key forgotten is the oldest of the sender holding the most
+/// keys: a sender's messages push out another sender's keys only while that
+/// one holds more than it, so each sender's latest `window / senders` keys
+/// stay checked whatever the others send (with two senders, its latest half
+/// of the window), and a sender that sends more only forgets its own. A forgotten key is no
+/// longer checked: a send reusing it is written (as Electric writes every
+/// send, keys never checked), its row replacing the old one at that key in
+/// the materialized inbox. Before, the window was the entity's latest
+/// messages whoever sent them, and a grantee with `write` that sent as many
+/// messages as the window holds could then replace any earlier message of
+/// another sender (`entity_view_bounds::a_sender_cannot_push_another_senders_inbox_keys_out_of_the_window`).
 #[derive(Debug, Default)]
 pub struct InboxKeys {
-    /// Oldest first. A key sent again (or a row written twice) moves to the back.
-    keys: hashlink::LinkedHashSet<KeyDigest>,
+    /// Each key kept: its sender, and its place in that sender's queue.
+    keys: HashMap<KeyDigest, (SenderDigest, u64)>,
+    /// Per sender: its keys, oldest first, and how many are still kept (an
+    /// entry whose key has since gone or been sent again is skipped when met).
+    senders: HashMap<SenderDigest, SenderKeys>,
+    /// Senders by how many keys they hold, so the one holding the most is found at once.
+    by_count: std::collections::BTreeSet<(usize, SenderDigest)>,
+    /// The next place in a queue.
+    next: u64,
+}
+
+#[derive(Debug, Default)]
+struct SenderKeys {
+    queue: std::collections::VecDeque<(KeyDigest, u64)>,
+    kept: usize,
 }
 
 impl PartialEq for InboxKeys {
+    /// The same keys, from the same senders, in the same order per sender.
     fn eq(&self, other: &InboxKeys) -> bool {
-        self.keys.len() == other.keys.len() && self.keys.iter().eq(other.keys.iter())
+        self.keys.len() == other.keys.len() && self.kept_in_order() == other.kept_in_order()
     }
 }
 
 impl InboxKeys {
     /// Is `key` the key of one of the latest messages kept?
     pub fn contains(&self, key: &str) -> bool {
-        self.keys.contains(&key_digest(key))
+        self.keys.contains_key(&key_digest(key))
     }
 
     pub fn len(&self) -> usize {
@@ -255,28 +286,87 @@ impl InboxKeys {
         self.keys.is_empty()
     }
 
-    /// Records a message at `key`, forgetting the oldest past `window`.
-    fn insert(&mut self, key: &str, window: usize) {
-        self.keys.insert(key_digest(key));
+    /// Records a message at `key` from `from`, forgetting past `window` (see [`InboxKeys`]).
+    fn insert(&mut self, key: &str, from: &str, window: usize) {
+        let (digest, sender) = (key_digest(key), key_digest(from));
+        let place = self.next;
+        self.next += 1;
+        if let Some((was, _)) = self.keys.insert(digest, (sender, place)) {
+            self.count(was, -1);
+        }
+        self.count(sender, 1);
+        let keys = self.senders.entry(sender).or_default();
+        keys.queue.push_back((digest, place));
+        // Entries of keys sent again or deleted are dropped now and then, so a queue stays near its count.
+        if keys.queue.len() > 2 * keys.kept + 16 {
+            let kept = &self.keys;
+            keys.queue.retain(|(d, p)| kept.get(d).is_some_and(|&(s, q)| s == sender && q == *p));
+        }
         while self.keys.len() > window {
-            self.keys.pop_front();
+            if !self.forget_one() {
+                break;
+            }
         }
     }
 
-    fn remove(&mut self, key: &str) {
-        self.keys.remove(&key_digest(key));
+    /// Forgets the oldest key of the sender holding the most.
+    fn forget_one(&mut self) -> bool {
+        let Some(&(_, sender)) = self.by_count.last() else { return false };
+        let Some(keys) = self.senders.get_mut(&sender) else { return false };
+        while let Some((digest, place)) = keys.queue.pop_front() {
+            if self.keys.get(&digest) == Some(&(sender, place)) {
+                self.keys.remove(&digest);
+                self.count(sender, -1);
+                return true;
+            }
+        }
+        false
     }
 
-    /// What the set allocates, estimated: a node per key (its digest and two
-    /// links; nodes of forgotten keys are kept for reuse, so the most keys
-    /// held at once) and the table's slots (a pointer and a control byte each,
-    /// the table at most 7/8 full, in a power of two of buckets).
+    fn remove(&mut self, key: &str) {
+        if let Some((sender, _)) = self.keys.remove(&key_digest(key)) {
+            self.count(sender, -1);
+        }
+    }
+
+    /// `sender` keeps one key more (`+1`) or one fewer (`-1`); a sender keeping none is forgotten.
+    fn count(&mut self, sender: SenderDigest, by: isize) {
+        let keys = self.senders.entry(sender).or_default();
+        self.by_count.remove(&(keys.kept, sender));
+        keys.kept = keys.kept.saturating_add_signed(by);
+        if keys.kept == 0 {
+            self.senders.remove(&sender);
+        } else {
+            self.by_count.insert((keys.kept, sender));
+        }
+    }
+
+    /// Each sender's kept keys, oldest first.
+    fn kept_in_order(&self) -> BTreeMap<SenderDigest, Vec<KeyDigest>> {
+        self.senders
+            .iter()
+            .map(|(sender, keys)| {
+                let kept = keys.queue.iter().filter(|(d, p)| self.keys.get(d) == Some(&(*sender, *p)));
+                (*sender, kept.map(|(d, _)| *d).collect())
+            })
+            .collect()
+    }
+
+    /// What the maps allocate, estimated: the tables' slots (an entry and a
+    /// control byte each, a table at most 7/8 full in a power of two of
+    /// buckets; the key table's capacity stays at the most keys held), the
+    /// queues' entries (as allocated), and per sender its place in the count
+    /// order (tree nodes about half full).
     fn heap_bytes(&self) -> usize {
-        const NODE: usize = std::mem::size_of::<KeyDigest>() + 2 * std::mem::size_of::<usize>();
-        const BUCKET: usize = std::mem::size_of::<usize>() + 1;
-        let capacity = self.keys.capacity();
-        let buckets = if capacity == 0 { 0 } else { (capacity * 8 / 7).next_power_of_two() };
-        self.keys.len() * NODE + buckets * BUCKET
+        const SLOT: usize = std::mem::size_of::<(KeyDigest, (SenderDigest, u64))>() + 1;
+        const ENTRY: usize = std::mem::size_of::<(KeyDigest, u64)>();
+        const SENDER: usize = std::mem::size_of::<(SenderDigest, SenderKeys)>() + 1;
+        const ORDER: usize = 2 * std::mem::size_of::<(usize, SenderDigest)>();
+        let buckets = |capacity: usize| if capacity == 0 { 0 } else { (capacity * 8 / 7).next_power_of_two() };
+        buckets(self.keys.capacity()) * SLOT
+            + self.senders.values().map(|k| k.queue.capacity() * ENTRY).sum::<usize>()
+            + buckets(self.senders.capacity()) * SENDER
+            + self.by_count.len() * ORDER
     }
 }
 
@@ -350,6 +440,13 @@ struct ManifestRow<'a> {
     headers: HeadersHead<'a>,
 }
 
+/// Who sent an inbox row (the rest of its value, the payload too, is skipped unread).
+#[derive(serde::Deserialize)]
+struct InboxFrom<'a> {
+    #[serde(borrow, default)]
+    from: Option<std::borrow::Cow<'a, str>>,
+}
+
 /// The parts of a State Protocol row a view looks at first.
 #[derive(serde::Deserialize)]
 struct RowHead<'a> {
@@ -380,6 +477,9 @@ struct HeadersHead<'a> {
 /// last guard given back trims it ([`ViewGuard`]).
 pub struct Views {
     cache: parking_lot::Mutex<Cache>,
+    /// Inbox keys of sends checked but not yet committed, by main stream
+    /// ([`Views::reserve_inbox_key`]).
+    sending: parking_lot::Mutex<std::collections::HashSet<(String, KeyDigest)>>,
     /// Set while the cache is over a bound because the views past it are held.
     over: std::sync::atomic::AtomicBool,
     max_entries: usize,
@@ -446,6 +546,18 @@ impl Cache {
     }
 }
 
+/// A send's hold on its inbox key until its row is committed ([`Views::reserve_inbox_key`]).
+pub struct InboxKeyReservation<'v> {
+    views: &'v Views,
+    held: (String, KeyDigest),
+}
+
+impl Drop for InboxKeyReservation<'_> {
+    fn drop(&mut self) {
+        self.views.sending.lock().remove(&self.held);
+    }
+}
+
 /// A view, locked for its caller and caught up ([`Views::get`]). Given back
 /// on drop; when the cache is over its bounds, the last one given back trims it.
 pub struct ViewGuard<'v> {
@@ -472,7 +584,29 @@ impl Drop for ViewGuard<'_> {
 
 impl Views {
     pub fn new(max_entries: usize, max_bytes: usize, inbox_window: usize) -> Views {
-        Views { cache: Default::default(), over: Default::default(), max_entries, max_bytes, inbox_window }
+        Views {
+            cache: Default::default(),
+            sending: Default::default(),
+            over: Default::default(),
+            max_entries,
+            max_bytes,
+            inbox_window,
+        }
+    }
+
+    /// Reserves inbox key `key` of `main` for a send that found it free in
+    /// the view and now writes it: call it while holding that view. `None`
+    /// when another send holds it, whose row is not committed yet, so the
+    /// view does not show it: this send is a duplicate of that one. The
+    /// reservation goes when dropped, once the send's row is committed (or
+    /// refused). Before, two sends of one key at once both found it free
+    /// and both were written.
+    pub fn reserve_inbox_key(&self, main: &str, key: &str) -> Option<InboxKeyReservation<'_>> {
+        let held = (main.to_owned(), key_digest(key));
+        if !self.sending.lock().insert(held.clone()) {
+            return None;
+        }
+        Some(InboxKeyReservation { views: self, held })
     }
 
     fn trim(&self, cache: &mut Cache) {
@@ -645,9 +779,10 @@ mod tests {
         assert_eq!(view.inbox.len(), 100);
         assert!(view.inbox.contains(&format!("{:0>200}", 999)) && view.inbox.contains(&format!("{:0>200}", 900)));
         assert!(!view.inbox.contains(&format!("{:0>200}", 899)));
-        // 100 keys of 200 bytes, held in a few KiB: a digest, two links and a slot or two each.
+        // 100 keys of 200 bytes, held in a few KiB: a digest, its sender and a
+        // place in a slot or two of the key table, and a queue entry, each.
         let held = view.estimated_bytes() - MainView::default().estimated_bytes();
-        assert!(held < 100 * 80, "{held}");
+        assert!(held < 100 * 160, "{held}");
         // A key sent again moves to the back of the window; a deleted key is free again.
         view.apply(inbox_row(&format!("{:0>200}", 900)).as_bytes(), 100);
         view.apply(inbox_row("new").as_bytes(), 100);

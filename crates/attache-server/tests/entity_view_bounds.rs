@@ -6,7 +6,7 @@ mod common;
 mod entity_support;
 
 use common::TestServer;
-use entity_support::{api, error_of, listed, spawn, upload_raw, Form};
+use entity_support::{api, as_principal, error_of, listed, materialize_as, spawn, upload_raw, Form};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Map, Value};
 
@@ -90,4 +90,89 @@ async fn an_upload_with_a_media_type_over_255_bytes_is_400() {
     assert!(listed(&s, entity).await.is_empty());
     let form = Form::new().field("id", "d").field("mimeType", "text/plain; charset=utf-8").file(None, None, b"x");
     assert_eq!(upload_raw(&s, entity, form.finish()).await.status(), StatusCode::CREATED);
+}
+
+const ALICE: &str = "user:alice";
+const BOB: &str = "user:bob";
+
+/// Sends `key` to `entity` as `who`; the status.
+async fn send_as(s: &TestServer, who: &str, entity: &str, key: &str, payload: Value) -> StatusCode {
+    as_principal(s.request(Method::POST, &format!("{}/send", api(entity))), Some(who))
+        .json(&json!({ "key": key, "payload": payload }))
+        .send()
+        .await
+        .expect("send answered")
+        .status()
+}
+
+/// An entity's inbox keeps the keys of its latest messages only (a window of
+/// `inbox_keys_per_entity`), and a key forgotten may be sent again, its row
+/// replacing the first one where clients materialize the inbox. Past the
+/// window the key forgotten is the oldest of the sender holding the most, so
+/// a grantee with `write` cannot push the owner's keys out by sending, and
+/// then replace the owner's message with its own: before, it sent as many
+/// messages as the window holds, then the owner's key, and every
+/// `MaterializedState` showed its message in place of the owner's. A view
+/// rebuilt from the stream decides the same.
+#[tokio::test]
+async fn a_sender_cannot_push_another_senders_inbox_keys_out_of_the_window() {
+    for rebuilt in [false, true] {
+        let s = TestServer::start_with(|c| {
+            c.inbox_keys_per_entity = 4;
+            if rebuilt {
+                c.view_cache_bytes = 1;
+            }
+        })
+        .await;
+        let entity = "/chat/window";
+        spawn(&s, Some(ALICE), entity).await;
+        let grant = json!({ "subject_kind": "principal", "subject_value": BOB, "permission": "write" });
+        let res = as_principal(s.request(Method::POST, &format!("{}/grants", api(entity))), Some(ALICE))
+            .json(&grant)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        assert_eq!(send_as(&s, ALICE, entity, "order-1", json!("buy")).await, StatusCode::OK);
+        for n in 0..10 {
+            assert_eq!(send_as(&s, BOB, entity, &format!("fill-{n}"), json!(n)).await, StatusCode::OK);
+        }
+        assert_eq!(send_as(&s, BOB, entity, "order-1", json!("sell")).await, StatusCode::CONFLICT, "{rebuilt}");
+        let inbox = materialize_as(&s, entity, Some(ALICE)).await;
+        let row = &inbox[&("inbox".to_owned(), "order-1".to_owned())];
+        assert_eq!((row["payload"].clone(), row["from"].clone()), (json!("buy"), json!("/principal/user%3Aalice")));
+        // The window still turns over: bob's own oldest keys are forgotten.
+        assert_eq!(send_as(&s, BOB, entity, "fill-0", json!("again")).await, StatusCode::OK, "{rebuilt}");
+        assert_eq!(send_as(&s, BOB, entity, "fill-9", json!("again")).await, StatusCode::CONFLICT);
+    }
+}
+
+/// Sends of one key at once: one is written, the others are 409
+/// `DUPLICATE_KEY`. Before, each found the key free in the view (the others'
+/// rows not committed yet) and most of them were written.
+#[tokio::test]
+async fn sends_of_one_key_at_once_write_it_once() {
+    let s = TestServer::start().await;
+    let entity = "/chat/at-once";
+    spawn(&s, None, entity).await;
+    for round in 0..10 {
+        let key = format!("k{round}");
+        let sends = (0..16).map(|n| {
+            let (s, key) = (&s, key.clone());
+            async move {
+                s.request(Method::POST, &format!("{}/send", api(entity)))
+                    .json(&json!({ "key": key, "payload": n }))
+                    .send()
+                    .await
+                    .expect("send answered")
+                    .status()
+            }
+        });
+        let statuses = futures::future::join_all(sends).await;
+        let written = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+        assert_eq!(written, 1, "round {round}: {statuses:?}");
+        assert!(statuses.iter().all(|s| *s == StatusCode::OK || *s == StatusCode::CONFLICT), "{statuses:?}");
+    }
+    let rows = entity_support::rows(&s, &format!("{entity}/main")).await;
+    assert_eq!(rows.iter().filter(|r| r["type"] == "inbox").count(), 10, "one row a key");
 }

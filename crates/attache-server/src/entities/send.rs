@@ -53,18 +53,19 @@ pub async fn send_message(
     let _life = hold_life(state, entity).await?;
     let main = format!("{}/main", entity.url);
     // Checked against the keys of the entity's latest `inbox_keys_per_entity`
-    // messages, all its view keeps: a key older than those is not checked
-    // (Electric checks none), and its row replaces the old one at that key.
-    {
+    // messages, all its view keeps (`rows::InboxKeys`: a key older than those
+    // is not checked, as Electric checks none, and its row replaces the old
+    // one at that key), and against the sends of it not yet committed, which
+    // the view cannot show yet: held until this row is.
+    let duplicate =
+        || ApiError::new(StatusCode::CONFLICT, "DUPLICATE_KEY", format!("an inbox message with key {key:?} exists"));
+    let _sending = {
         let view = state.views.get(state.store.as_ref(), &main).await?;
         if view.inbox.contains(&key) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "DUPLICATE_KEY",
-                format!("an inbox message with key {key:?} exists"),
-            ));
+            return Err(duplicate());
         }
-    }
+        state.views.reserve_inbox_key(&main, &key).ok_or_else(duplicate)?
+    };
     let now = timestamp(now_ms());
     let txid = new_txid();
     let mut value = json!({
