@@ -671,6 +671,41 @@ async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery, reader: &
     Ok(res)
 }
 
+/// A text stream's SSE event carries text: a read that more bytes follow and
+/// that ends inside a UTF-8 character ends before it instead, so the next
+/// event begins with the whole character (cut, each half would decode to
+/// U+FFFD). Bytes that end the stream mid-character, or a read holding no
+/// whole character, are sent as they are.
+fn end_on_char_boundary(mut batch: ReadBatch) -> ReadBatch {
+    if batch.json || batch.up_to_date() {
+        return batch;
+    }
+    let cut = unfinished_char_len(&batch.body);
+    if cut > 0 && cut < batch.body.len() {
+        batch.body.truncate(batch.body.len() - cut);
+        batch.next = Offset(batch.next.0 - cut as u64);
+    }
+    batch
+}
+
+/// How many bytes at the end of `bytes` begin a UTF-8 character they do not finish (0-3).
+fn unfinished_char_len(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let b = bytes[bytes.len() - back];
+        if b & 0xC0 == 0x80 {
+            continue; // a continuation byte: the character began earlier
+        }
+        let len = match b {
+            0xC2..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF4 => 4,
+            _ => return 0,
+        };
+        return if back < len { back } else { 0 };
+    }
+    0
+}
+
 fn sse_data(batch: &ReadBatch, base64: bool) -> Bytes {
     let body = batch_body(batch);
     let text = if base64 {
@@ -757,7 +792,8 @@ impl crate::sse::Source for SseReader {
     async fn next(&mut self) -> Option<Bytes> {
         while !self.done {
             let batch = match self.store.read(&self.path, ReadFrom::At(self.pos), self.max_read).await {
-                Ok(b) => b,
+                Ok(b) if self.base64 => b,
+                Ok(b) => end_on_char_boundary(b),
                 Err(StoreError::NotFound | StoreError::Gone) => return None,
                 Err(err) => {
                     tracing::warn!(%err, path = self.path, "sse read failed");
@@ -808,4 +844,21 @@ impl crate::sse::Source for SseReader {
 /// How long to wait, as humantime text (for logs and config echo).
 pub fn describe(d: Duration) -> String {
     humantime::format_duration(d).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unfinished_char_len;
+
+    #[test]
+    fn an_unfinished_character_is_measured_and_anything_else_is_zero() {
+        let text = "aé€😀".as_bytes();
+        // Every cut of the text: what is left of a character it cuts.
+        let unfinished: Vec<usize> = (0..=text.len()).map(|end| unfinished_char_len(&text[..end])).collect();
+        assert_eq!(unfinished, [0, 0, 1, 0, 1, 2, 0, 1, 2, 3, 0]);
+        // Not UTF-8 at the end (a lone continuation byte, 0xFF, an overlong lead): nothing to hold back.
+        for bytes in [&b"a\x80"[..], b"a\xff", b"a\xc0", b"\x80\x80\x80", b""] {
+            assert_eq!(unfinished_char_len(bytes), 0, "{bytes:?}");
+        }
+    }
 }

@@ -859,6 +859,34 @@ async fn sse_text_keeps_leading_spaces_of_each_line() {
     assert_eq!(data.data, text);
 }
 
+/// A text stream is read in events of at most 64 KiB; a character that an
+/// event's end would cut in two goes whole into the next event. Cut, each
+/// half decodes to U+FFFD and the reader gets other text than was appended
+/// (found by @durable-streams/client reading a 3 MiB text append over SSE).
+#[tokio::test]
+async fn sse_text_events_never_split_a_character() {
+    let s = TestServer::start().await;
+    // 1 + 9n bytes: with one ASCII byte first, event ends fall inside
+    // the 2-, 3- and 4-byte characters in turn.
+    let text = format!("a{}", "é€😀".repeat(30_000));
+    let res = put(&s, "/sse-utf8", TEXT).header(CLOSED, "true").body(text.clone()).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let res = sse(&s, "/sse-utf8", "-1").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // The whole response (the stream is closed, so the server ends it), then its events.
+    let body =
+        tokio::time::timeout(Duration::from_secs(10), res.bytes()).await.expect("the SSE response ends").unwrap();
+    let body = std::str::from_utf8(&body).expect("an SSE body is UTF-8");
+    let events: Vec<SseEvent> = body.split_terminator("\n\n").map(parse_event).collect();
+    let data: Vec<&str> = events.iter().filter(|e| e.name == "data").map(|e| e.data.as_str()).collect();
+    assert!(data.len() > 1, "the text spans several events");
+    assert!(!data.iter().any(|d| d.contains('\u{FFFD}')), "a character was cut between events");
+    assert_eq!(data.concat(), text);
+    let controls: Vec<serde_json::Value> =
+        events.iter().filter(|e| e.name == "control").map(SseEvent::control).collect();
+    assert_eq!(controls.last().unwrap()["streamClosed"], true);
+}
+
 #[tokio::test]
 async fn sse_on_a_closed_stream_at_its_tail_sends_one_closed_control() {
     let s = TestServer::start().await;
