@@ -8,6 +8,7 @@
 //! are checked in the pages' order.
 
 mod common;
+mod entity_support;
 mod task_helpers;
 
 use base64::Engine;
@@ -1362,5 +1363,33 @@ async fn concurrent_writes_of_one_attachment_key_all_succeed() {
         for res in futures::future::join_all(writes).await {
             assert!(res.get("error").is_none(), "round {round}: {res}");
         }
+    }
+}
+
+/// Completions of one task racing: one wins, the others are refused before
+/// they write anything, so the `result` attachment is the winner's result
+/// and carries one `task.attachment_created` event. Before, a losing
+/// completion replaced the winner's result attachment (and published its
+/// event) before its refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_completions_leave_the_winners_result_and_nothing_of_the_losers() {
+    let s = TestServer::start().await;
+    for round in 0..10 {
+        let t = create_task(&s, ALICE, "race to complete", 50).await;
+        ok(&s, ALICE, "task.assign", json!({"taskId": t, "instanceId": "worker-001"})).await;
+        let completions = (0..8).map(|i| {
+            let (s, t) = (&s, t.clone());
+            async move { call(s, ALICE, "task.complete", json!({"id": t, "result": {"by": i}})).await }
+        });
+        let answers = futures::future::join_all(completions).await;
+        let won: Vec<_> = answers.iter().filter(|r| r.get("result").is_some()).collect();
+        assert_eq!(won.len(), 1, "round {round}: one completion wins: {answers:?}");
+        let task = ok(&s, ALICE, "task.get", json!({"id": t})).await;
+        let attachment = ok(&s, ALICE, "task.get_attachment", json!({"taskId": t, "key": "result"})).await;
+        assert_eq!(attachment["value"], task["result"], "round {round}: the result attachment is the winner's");
+        let rows = entity_support::rows_as(&s, &format!("/task/{t}/main"), Some(ALICE)).await;
+        let created =
+            rows.iter().filter(|r| r["type"] == "event" && r["value"]["type"] == "task.attachment_created").count();
+        assert_eq!(created, 1, "round {round}: one result attachment written");
     }
 }

@@ -459,6 +459,11 @@ pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_
     let worker = p.opt_string("workerId", 256)?.map(str::to_owned);
     let result = p.get("result").cloned();
     let failed = is_empty_result(result.as_ref());
+    let cell = state.tasks.cell(task_id);
+    // One completion of a task at a time: the next reads the task after this
+    // one, so a completion that loses is refused before it writes its result
+    // attachment (which would replace the winner's, with its event).
+    let completing = cell.completing.lock().await;
     let (entity, task) = task_for(state, who, task_id, Permission::Write, Missing::TaskColon).await?;
     let incarnation = entity.incarnation.as_deref();
     let next = if failed { Status::Failed } else { Status::Completed };
@@ -477,7 +482,6 @@ pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_
         };
         put_attachment(state, who, input).await?;
     }
-    let cell = state.tasks.cell(task_id);
     let guard = cell.order.write().await;
     let now = now_ms();
     let (id, stored, by) = (task_id.to_owned(), if failed { None } else { result }, worker.clone());
@@ -501,6 +505,7 @@ pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_
     let written = write_task(state, task_id, incarnation, vec![], vec![event], MainWrite::Append, None).await;
     drop(guard);
     written.await?;
+    drop(completing);
     drop(cell);
     Ok(json!({ "id": task_id, "status": next.as_str(), "completedAt": timestamp(now) }))
 }

@@ -22,6 +22,8 @@ use super::Tombstone;
 pub struct TaskCell {
     pub(super) order: tokio::sync::RwLock<()>,
     pub(super) keys: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held by `task.complete` from its first read of the task to its write.
+    pub(super) completing: tokio::sync::Mutex<()>,
 }
 
 impl TaskCell {
