@@ -24,7 +24,7 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
-    /// Run the server on the embedded store.
+    /// Run the server, on the embedded store or on PostgreSQL (--store).
     Serve(serve::ServeArgs),
     /// Manage bearer tokens (token auth mode).
     Token(token::TokenArgs),

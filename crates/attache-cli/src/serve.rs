@@ -26,7 +26,8 @@ pub struct ServeArgs {
     /// Largest attachment, in bytes; uploads stream to disk [default: 1073741824, 1 GiB]
     #[arg(long, env = "ATTACHE_MAX_ATTACHMENT_BYTES")]
     max_attachment_bytes: Option<u64>,
-    /// Acknowledge writes before they are synced to disk (faster; a crash may lose the last moments)
+    /// Do not sync the write-ahead log before acknowledging a write (faster; a crashed process loses
+    /// nothing, a power loss up to the last checkpoint: about a second)
     #[arg(long, env = "ATTACHE_NO_FSYNC")]
     no_fsync: bool,
     /// Who is asking: `dev` trusts the electric-principal header (loopback only),
@@ -191,10 +192,9 @@ pub struct ServeArgs {
     /// The signal rate limit's window, e.g. 60s [default: 60s]
     #[arg(long, env = "ATTACHE_SIGNAL_RATE_WINDOW", value_parser = humantime::parse_duration)]
     signal_rate_window: Option<Duration>,
-    /// A TOML file with any of: listen, data_dir, long_poll_timeout, max_append_bytes, no_fsync, auth,
-    /// cors_origins, allow_hosts (lists), store, object_store, blob_cache_bytes, object_store_upload_buffer_bytes,
-    /// max_connections, header_read_timeout, idle_timeout, slow_reader_timeout, shutdown_grace, body_buffer_bytes, body_read_timeout, max_signal_bytes,
-    /// signal_rate_limit, signal_rate_window
+    /// A TOML file with any of the settings above, each named as its flag with underscores
+    /// (max_attachments_per_entity = 5000, long_poll_timeout = "30s", no_fsync = true); cors_origins
+    /// and allow_hosts are lists. A flag or its environment variable wins over the file
     #[arg(long, env = "ATTACHE_CONFIG")]
     config: Option<PathBuf>,
 }
