@@ -17,7 +17,7 @@ apt_install() {
   fi
 }
 
-need cargo || { echo "[test] cargo (Rust toolchain, 1.85 or newer) is required: https://rustup.rs" >&2; exit 1; }
+need cargo || { echo "[test] cargo (Rust toolchain, 1.90 or newer) is required: https://rustup.rs" >&2; exit 1; }
 # fmt and clippy are rustup components a minimal toolchain leaves out.
 if need rustup; then
   cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt >&2
@@ -25,6 +25,8 @@ if need rustup; then
 fi
 # jemalloc (the server's allocator) is built from C source by its crate.
 need cc || apt_install gcc
+# The conformance scripts wait for the server's /healthz with curl.
+need curl || apt_install curl
 need make || apt_install make
 need node || apt_install nodejs
 need npm || apt_install npm
@@ -46,13 +48,15 @@ echo "[test] cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "[test] cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The binary the tests and the conformance suites run: where cargo puts it.
+BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/attache"
 echo "[test] cargo build --release" >&2
 cargo build --release --quiet
 echo "[test] cargo test" >&2
-ATTACHE_BIN="$PWD/target/release/attache" cargo test --workspace --quiet
+ATTACHE_BIN="$BIN" cargo test --workspace --quiet
 echo "[test] conformance suite" >&2
-ATTACHE_BIN="$PWD/target/release/attache" bash conformance/run.sh
+ATTACHE_BIN="$BIN" bash conformance/run.sh
 echo "[test] conformance suite on the postgres backend (throwaway cluster)" >&2
-ATTACHE_BIN="$PWD/target/release/attache" bash conformance/run-postgres.sh
+ATTACHE_BIN="$BIN" bash conformance/run-postgres.sh
 echo "[test] State Protocol materializer against the server" >&2
-ATTACHE_BIN="$PWD/target/release/attache" bash conformance/state/run.sh
+ATTACHE_BIN="$BIN" bash conformance/state/run.sh
