@@ -399,20 +399,11 @@ pub(super) async fn put_attachment(
             }),
             json!({ "createdBy": who.to_string() }),
         );
-        crate::pause::at(state, crate::pause::TASK_ATTACHMENT_WRITE).await;
         let guard = RowGuard { key: guard_key, since };
-        let written =
-            write_task(state, task_id, incarnation, vec![row], vec![event], MainWrite::Append, Some(guard)).await;
-        let result = written.await;
-        match result {
-            Err(e) if e == moved() => {
-                attempt += 1;
-                if attempt == CONDITIONAL_ATTEMPTS {
-                    break Err(write_conflict(task_id, &input.key));
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(1 << attempt)).await;
-            }
-            other => break other.map(|()| (entry, old_bytes, stored_bytes)),
+        match write_guarded(state, task_id, &input.key, incarnation, row, event, guard, &mut attempt).await {
+            Ok(true) => break Ok((entry, old_bytes, stored_bytes)),
+            Ok(false) => {}
+            Err(e) => break Err(e),
         }
     };
     drop(held);
@@ -559,6 +550,39 @@ fn upload_in_progress(task_id: &str, key: &str) -> ApiError {
         format!("Attachment '{key}' of task {task_id} is being uploaded (or deleted); try again once that is done"),
         json!({ "taskId": task_id, "key": key, "code": UPLOAD_IN_PROGRESS }),
     )
+}
+
+/// One guarded write of a task attachment's row and its event, decided from
+/// the view up to `guard.since`: `Ok(true)` written; `Ok(false)` another
+/// write of the key came between, so the caller reads and decides again
+/// (after a backoff); past [`CONDITIONAL_ATTEMPTS`] that is -32602
+/// `WRITE_CONFLICT`. `attempt` counts the tries. Tests hold a request
+/// between its decision and this write (`pause::TASK_ATTACHMENT_WRITE`).
+#[allow(clippy::too_many_arguments)]
+async fn write_guarded(
+    state: &AppState,
+    task_id: &str,
+    key: &str,
+    incarnation: Option<&str>,
+    row: Row,
+    event: Event,
+    guard: RowGuard,
+    attempt: &mut u32,
+) -> ApiResult<bool> {
+    crate::pause::at(state, crate::pause::TASK_ATTACHMENT_WRITE).await;
+    let written = write_task(state, task_id, incarnation, vec![row], vec![event], MainWrite::Append, Some(guard)).await;
+    match written.await {
+        Ok(()) => Ok(true),
+        Err(e) if e == moved() => {
+            *attempt += 1;
+            if *attempt == CONDITIONAL_ATTEMPTS {
+                return Err(write_conflict(task_id, key));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1 << *attempt)).await;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// What `write_task` answers when its guard found another write of the key
@@ -755,20 +779,11 @@ pub(super) async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &
             json!({ "taskId": task_id, "key": key, "attachmentId": entry.id }),
             json!({ "deletedBy": who.to_string(), "deletedAt": timestamp(now) }),
         );
-        crate::pause::at(state, crate::pause::TASK_ATTACHMENT_WRITE).await;
         let guard = RowGuard { key: ManifestEntry::row_key(&entry.id), since };
-        let written =
-            write_task(state, task_id, incarnation, vec![row], vec![event], MainWrite::Append, Some(guard)).await;
-        let result = written.await;
-        match result {
-            Err(e) if e == moved() => {
-                attempt += 1;
-                if attempt == CONDITIONAL_ATTEMPTS {
-                    break Err(write_conflict(task_id, key));
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(1 << attempt)).await;
-            }
-            other => break other.map(|()| (entry, bytes)),
+        match write_guarded(state, task_id, key, incarnation, row, event, guard, &mut attempt).await {
+            Ok(true) => break Ok((entry, bytes)),
+            Ok(false) => {}
+            Err(e) => break Err(e),
         }
     };
     drop(held);
