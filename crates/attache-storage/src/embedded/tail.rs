@@ -1,5 +1,6 @@
-//! The tail cache: the last bytes written to a stream that live readers
-//! wait on, kept in memory by the writer as it commits them, so the readers
+//! The tail cache: the last bytes written to a stream someone follows (a
+//! live reader waiting on it, or a cached entity view holding its change
+//! signal), kept in memory by the writer as it commits them, so the readers
 //! woken by an append are answered without the index or a segment file (and
 //! without the blocking-thread hop those need).
 //!
@@ -7,7 +8,7 @@
 //! twice that are held between compactions, which keeps trimming linear in
 //! the bytes written), and all streams' caches together hold at most the
 //! store's `tail_cache_bytes` (a stream whose cache would pass it has none).
-//! Only streams with a live reader get one, and the writer's sweep drops the
+//! Only streams with a subscriber to their change signal get one, and the writer's sweep drops the
 //! cache of a stream idle for a few seconds (with its kept read).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
