@@ -208,3 +208,15 @@ pub async fn hold_life(state: &AppState, record: &EntityRecord) -> ApiResult<Lif
     }
     Ok(life)
 }
+
+/// [`hold_life`], exclusively: for a write that stops the entity, so that no
+/// write decided while it ran (a task change, `tasks::writes::hold_task`)
+/// straddles the stop.
+pub async fn hold_life_exclusive(state: &AppState, record: &EntityRecord) -> ApiResult<Life> {
+    crate::pause::at(state, crate::pause::ENTITY_WRITE).await;
+    let life = state.lives.exclusive(&record.url).await;
+    if !same_incarnation(state, record).await {
+        return Err(entity_not_found(&record.url));
+    }
+    Ok(life)
+}

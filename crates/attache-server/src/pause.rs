@@ -14,8 +14,11 @@ use crate::AppState;
 /// Between the permission check of a server write to an entity's main
 /// stream (send, attachment delete, upload rows) and the write.
 pub const ENTITY_WRITE: &str = "entity_write";
-/// Between a task change's compare-and-set in the registry and the write of
-/// its rows and events (every task method that writes).
+/// Between a task write's decision and the write of its rows and events
+/// (every task method that writes). A change of the task record (create,
+/// update, assign, claim, complete, delete) waits here after its
+/// compare-and-set in the registry, holding the task's life, so a stop or a
+/// purge waits for it; an attachment write waits here before taking it.
 pub const TASK_WRITE: &str = "task_write";
 
 /// Between a task-face attachment write's decision from the task's view

@@ -425,31 +425,19 @@ async fn a_long_poll_that_may_see_nothing_in_a_long_log_answers_an_empty_page_in
     panic!("the log has an end");
 }
 
-/// A task change whose rows the store refuses publishes no event: each
-/// method waits between its compare-and-set and its write (the `task_write`
-/// pause) while the owner stops the task's entity (`DELETE` on it closes
-/// its main stream), so the write of the change's rows is refused. The call
+type Setup = fn(&str) -> Vec<(&'static str, Value)>;
+
+/// A task write whose rows the store refuses publishes no event: an
+/// attachment write waits between its decision and its write (the
+/// `task_write` pause) while the owner stops the task's entity (`DELETE` on
+/// it closes its main stream), so the write of its rows is refused. The call
 /// answers the stopped error (-32602) and `/_attache/events` shows nothing
-/// of it. Before, the event went to the events stream whatever the rows' fate.
+/// of it. Before, the event went to the events stream whatever the rows'
+/// fate. (A change of the task record waits there holding the task's life,
+/// so a stop waits for it: the next test.)
 #[tokio::test]
 async fn a_task_change_whose_rows_are_refused_publishes_no_event() {
-    type Setup = fn(&str) -> Vec<(&'static str, Value)>;
-    let cases: [(&str, &str, Setup, Value); 7] = [
-        ("task.update", "task.updated", |_| vec![], json!({ "id": "T", "updates": { "priority": 60 } })),
-        ("task.assign", "task.assigned", |_| vec![], json!({ "taskId": "T", "instanceId": "w1" })),
-        (
-            "task.unassign",
-            "task.unassigned",
-            |t| vec![("task.assign", json!({ "taskId": t, "instanceId": "w1" }))],
-            json!({ "taskId": "T" }),
-        ),
-        ("task.claim", "task.claimed", |_| vec![], json!({ "workerId": "w1" })),
-        (
-            "task.complete",
-            "task.completed",
-            |_| vec![("task.claim", json!({ "workerId": "w1" }))],
-            json!({ "id": "T", "result": "done" }),
-        ),
+    let cases: [(&str, &str, Setup, Value); 2] = [
         (
             "task.create_attachment",
             "task.attachment_created",
@@ -475,13 +463,7 @@ async fn a_task_change_whose_rows_are_refused_publishes_no_event() {
         let pause = pauses.arm(attache_server::pause::TASK_WRITE);
         let stop = async {
             pause.reached().await;
-            let res = s
-                .client
-                .delete(s.url(&format!("/_electric/entities/task/{t}")))
-                .header("electric-principal", ALICE)
-                .send()
-                .await
-                .unwrap();
+            let res = stop_task(&s, &t, false).await;
             assert_eq!(res.status(), StatusCode::OK, "{method}: the owner stops the task's entity");
             pause.release();
         };
@@ -489,13 +471,101 @@ async fn a_task_change_whose_rows_are_refused_publishes_no_event() {
         assert_eq!(answer["error"]["code"], -32602, "{method}: {answer}");
         assert_eq!(answer["error"]["message"], "Task is stopped and accepts no more changes", "{method}: {answer}");
 
-        let (status, events, _) = read_events(&s, ALICE, &[("offset", "-1")]).await;
-        assert_eq!(status, StatusCode::OK);
-        let mine: Vec<&Value> = events.iter().filter(|e| e["taskId"] == t.as_str()).collect();
+        let mine = events_of(&s, &t).await;
         assert_eq!(mine.first().map(|e| e["type"].clone()), Some(json!("task.created")), "{method}: {mine:?}");
         // The setup's own events are there (so the reader sees this task's events); the refused change's is not.
         let expected = 1 + setup(&t).len();
         assert_eq!(mine.len(), expected, "{method}: only the setup's events: {mine:?}");
         assert!(mine.iter().all(|e| e["type"] != event), "{method}: its event {event} was published: {mine:?}");
+    }
+}
+
+/// Stops the task's entity as its owner: `DELETE` on it, or SIGTERM.
+async fn stop_task(s: &TestServer, t: &str, by_signal: bool) -> reqwest::Response {
+    let entity = s.url(&format!("/_electric/entities/task/{t}"));
+    let request = if by_signal {
+        s.client.post(format!("{entity}/signal")).json(&json!({ "signal": "SIGTERM" }))
+    } else {
+        s.client.delete(entity)
+    };
+    request.header("electric-principal", ALICE).send().await.unwrap()
+}
+
+/// Alice's events of task `t`, oldest first.
+async fn events_of(s: &TestServer, t: &str) -> Vec<Value> {
+    let (status, events, _) = read_events(s, ALICE, &[("offset", "-1")]).await;
+    assert_eq!(status, StatusCode::OK);
+    events.into_iter().filter(|e| e["taskId"] == t).collect()
+}
+
+/// A stop (`DELETE` on the task's entity, or SIGTERM) that comes while a
+/// change of the task record is between its compare-and-set and its write
+/// (the `task_write` pause) waits for the write: the change is answered,
+/// its event published, the record shows it, and the task is stopped after.
+/// Whatever the order, the record shows a change exactly when its event was
+/// written. Before, the stop closed the main stream in between: the call
+/// answered "stopped" and published nothing, but the record kept the change.
+#[tokio::test]
+async fn a_stop_during_a_task_change_waits_for_its_write_and_the_record_shows_only_written_changes() {
+    let cases: [(&str, &str, Setup, Value); 5] = [
+        ("task.update", "task.updated", |_| vec![], json!({ "id": "T", "updates": { "priority": 60 } })),
+        ("task.assign", "task.assigned", |_| vec![], json!({ "taskId": "T", "instanceId": "w1" })),
+        (
+            "task.unassign",
+            "task.unassigned",
+            |t| vec![("task.assign", json!({ "taskId": t, "instanceId": "w1" }))],
+            json!({ "taskId": "T" }),
+        ),
+        ("task.claim", "task.claimed", |_| vec![], json!({ "workerId": "w1" })),
+        // Without a result: a result attachment would reach the pause first.
+        (
+            "task.complete",
+            "task.completed",
+            |_| vec![("task.claim", json!({ "workerId": "w1" }))],
+            json!({ "id": "T" }),
+        ),
+    ];
+    for by_signal in [false, true] {
+        for (method, event, setup, params) in cases.clone() {
+            let case = format!("{method} (stopped by {})", if by_signal { "SIGTERM" } else { "DELETE" });
+            let pauses = attache_server::pause::Pauses::default();
+            let given = pauses.clone();
+            let s = TestServer::start_with(move |c| c.pauses = Some(given)).await;
+            let t = create_task(&s, ALICE, "stopped meanwhile", 50).await;
+            for (m, p) in setup(&t) {
+                ok(&s, ALICE, m, p).await;
+            }
+            let before = ok(&s, ALICE, "task.get", json!({ "id": t })).await;
+            let params: Value =
+                serde_json::from_str(&params.to_string().replace("\"T\"", &format!("\"{t}\""))).unwrap();
+            let pause = pauses.arm(attache_server::pause::TASK_WRITE);
+            let stop = async {
+                tokio::time::timeout(Duration::from_secs(10), pause.reached()).await.expect("the change pauses");
+                let stop = stop_task(&s, &t, by_signal);
+                tokio::pin!(stop);
+                // Given this long, a stop that does not wait for the change is over.
+                let early = tokio::time::timeout(Duration::from_millis(500), &mut stop).await.ok();
+                pause.release();
+                let res = match early {
+                    Some(res) => res,
+                    None => stop.await,
+                };
+                assert_eq!(res.status(), StatusCode::OK, "{case}: the owner stops the task");
+            };
+            let (answer, ()) = tokio::join!(call(&s, ALICE, method, params), stop);
+
+            let after = ok(&s, ALICE, "task.get", json!({ "id": t })).await;
+            let published = events_of(&s, &t).await.iter().any(|e| e["type"] == event);
+            if answer.get("error").is_some() {
+                assert!(!published, "{case}: a refused change published {event}: {answer}");
+                assert_eq!(after, before, "{case}: refused ({answer}), yet the record shows the change");
+            } else {
+                assert!(published, "{case}: an answered change published no {event}");
+                assert_ne!(after, before, "{case}: answered, yet the record does not show it");
+            }
+            assert!(answer.get("error").is_none(), "{case}: the stop waits for the change's write: {answer}");
+            let refused = err(&s, ALICE, "task.update", json!({ "id": t, "updates": { "priority": 1 } })).await;
+            assert_eq!(refused["code"], -32602, "{case}: stopped after: {refused}");
+        }
     }
 }

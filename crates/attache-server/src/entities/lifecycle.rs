@@ -64,7 +64,9 @@ pub async fn stop_entity(state: &AppState, who: &PrincipalKey, entity: &EntityRe
 
 /// Stops the entity; `leading` rows (a `signal` row) go in the same closing
 /// append, before the `entity_stopped` row. Nothing is written to an entity
-/// that is stopped already.
+/// that is stopped already. The caller holds the entity's life exclusively:
+/// a task change holds it shared from its decision to its write
+/// (`tasks::writes::hold_task`), so no stop comes between the two.
 pub(super) async fn stop_entity_with(
     state: &AppState,
     who: &PrincipalKey,

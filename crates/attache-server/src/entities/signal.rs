@@ -12,7 +12,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::access::{hold_life, now_ms, EntityRoute};
+use crate::access::{hold_life, hold_life_exclusive, now_ms, EntityRoute};
 use crate::error::{ApiError, ApiResult};
 use crate::http::json_object_body;
 use crate::rows::{append_rows, new_txid, not_running};
@@ -114,8 +114,13 @@ pub async fn signal(
         value["payload"] = payload;
     }
     let key = generated_key("sig");
-    // Only into the life checked above, as every entity write (`hold_life`).
-    let _life = hold_life(&state, &entity).await?;
+    // Only into the life checked above, as every entity write (`hold_life`);
+    // a stop holds it exclusively, as `DELETE` does.
+    let _life = if effect == SignalEffect::Stops {
+        hold_life_exclusive(&state, &entity).await?
+    } else {
+        hold_life(&state, &entity).await?
+    };
     let mut wrote = true;
     let new_state = match effect {
         SignalEffect::Stops => {

@@ -570,7 +570,8 @@ async fn write_guarded(
     attempt: &mut u32,
 ) -> ApiResult<bool> {
     crate::pause::at(state, crate::pause::TASK_ATTACHMENT_WRITE).await;
-    let written = write_task(state, task_id, incarnation, vec![row], vec![event], MainWrite::Append, Some(guard)).await;
+    let written =
+        write_task(state, task_id, incarnation, None, vec![row], vec![event], MainWrite::Append, Some(guard)).await;
     match written.await {
         Ok(()) => Ok(true),
         Err(e) if e == moved() => {

@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use super::attachments::{attachment_json, keyed, put_attachment, AttachmentInput};
 use super::dispatch::{change_task, illegal, is_live_task, task_entity, task_for, Missing};
 use super::ids::{main_path, new_task_id, task_url};
-use super::writes::{write_task, Event, MainWrite};
+use super::writes::{hold_task, write_task, Event, MainWrite};
 use super::AttachmentKind;
 use super::{ApiError, ApiResult, Params, ResponseBudget, Status, TaskRecord, TASK_TYPE};
 use crate::access::{may, now_ms};
@@ -68,6 +68,8 @@ pub(super) async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     };
     let cell = state.tasks.cell(&id);
     let guard = cell.order.write().await;
+    // Held from before the spawn: a stop of the new task waits for its `task.created`.
+    let life = state.lives.shared(&url.to_string()).await;
     let spawned = crate::entities::spawn_entity(state, who, &url, None, BTreeMap::new(), Some(task.to_extra())).await;
     let incarnation = match spawned {
         Ok((record, true, _)) => record.incarnation,
@@ -87,7 +89,8 @@ pub(super) async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         "createdAt": timestamp(now),
     });
     let event = Event::new("task.created", &id, out.clone(), json!({ "createdBy": who.to_string() }));
-    let written = write_task(state, &id, incarnation.as_deref(), vec![], vec![event], MainWrite::Append, None).await;
+    let written =
+        write_task(state, &id, incarnation.as_deref(), Some(life), vec![], vec![event], MainWrite::Append, None).await;
     drop(guard);
     written.await?;
     drop(cell);
@@ -127,6 +130,7 @@ pub(super) async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     let incarnation = entity.incarnation.as_deref();
     let cell = state.tasks.cell(id);
     let guard = cell.order.write().await;
+    let life = hold_task(state, id, incarnation).await?;
     let task_id = id.to_owned();
     let now = now_ms();
     let max_metadata = state.config.max_entity_data_bytes;
@@ -170,7 +174,7 @@ pub(super) async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     });
     let event =
         Event::new("task.updated", id, out.clone(), json!({ "updatedBy": who.to_string(), "changes": changes }));
-    let written = write_task(state, id, incarnation, vec![], vec![event], MainWrite::Append, None).await;
+    let written = write_task(state, id, incarnation, Some(life), vec![], vec![event], MainWrite::Append, None).await;
     drop(guard);
     written.await?;
     drop(cell);
@@ -279,6 +283,7 @@ pub(super) async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     let incarnation = entity.incarnation.as_deref();
     let cell = state.tasks.cell(task_id);
     let guard = cell.order.write().await;
+    let life = hold_task(state, task_id, incarnation).await?;
     let previous: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
     let (prev_slot, id, inst) = (previous.clone(), task_id.to_owned(), instance.clone());
     let now = now_ms();
@@ -310,7 +315,8 @@ pub(super) async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         json!({ "taskId": task_id, "instanceId": instance, "previousAssignment": previous }),
         json!({ "assignedBy": who.to_string() }),
     );
-    let written = write_task(state, task_id, incarnation, vec![], vec![event], MainWrite::Append, None).await;
+    let written =
+        write_task(state, task_id, incarnation, Some(life), vec![], vec![event], MainWrite::Append, None).await;
     drop(guard);
     written.await?;
     drop(cell);
@@ -323,6 +329,7 @@ pub(super) async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_
     let incarnation = entity.incarnation.as_deref();
     let cell = state.tasks.cell(task_id);
     let guard = cell.order.write().await;
+    let life = hold_task(state, task_id, incarnation).await?;
     let previous: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
     let (prev_slot, id) = (previous.clone(), task_id.to_owned());
     let now = now_ms();
@@ -349,7 +356,8 @@ pub(super) async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_
         json!({ "taskId": task_id, "previousAssignment": previous }),
         json!({ "unassignedBy": who.to_string(), "unassignedAt": timestamp(now) }),
     );
-    let written = write_task(state, task_id, incarnation, vec![], vec![event], MainWrite::Append, None).await;
+    let written =
+        write_task(state, task_id, incarnation, Some(life), vec![], vec![event], MainWrite::Append, None).await;
     drop(guard);
     written.await?;
     drop(cell);
@@ -381,6 +389,12 @@ pub(super) async fn claim(
         let incarnation = incarnation.as_deref();
         let cell = state.tasks.cell(&task_id);
         let guard = cell.order.write().await;
+        let life = match hold_task(state, &task_id, incarnation).await {
+            Ok(life) => life,
+            // Purged since it was listed: not a candidate any more.
+            Err(ApiError::Rejected { .. }) => continue,
+            Err(e) => return Err(e),
+        };
         // Attachment writes wait for this guard: what is read here is what
         // the task holds when it is claimed, and what the answer carries.
         let attachments = {
@@ -425,7 +439,8 @@ pub(super) async fn claim(
             json!({ "taskId": task_id, "workerId": worker }),
             json!({ "claimedAt": timestamp(now), "claimedBy": who.to_string() }),
         );
-        let written = write_task(state, &task_id, incarnation, vec![], vec![event], MainWrite::Append, None).await;
+        let written =
+            write_task(state, &task_id, incarnation, Some(life), vec![], vec![event], MainWrite::Append, None).await;
         drop(guard);
         written.await?;
         drop(cell);
@@ -483,6 +498,7 @@ pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_
         put_attachment(state, who, input).await?;
     }
     let guard = cell.order.write().await;
+    let life = hold_task(state, task_id, incarnation).await?;
     let now = now_ms();
     let (id, stored, by) = (task_id.to_owned(), if failed { None } else { result }, worker.clone());
     let task = change_task(state, task_id, incarnation, move |t| {
@@ -502,7 +518,8 @@ pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_
         // As ClaudeBench: the worker named, else the assignee.
         json!({ "completedBy": worker.clone().or_else(|| task.assigned_to.clone()).unwrap_or_else(|| who.to_string()) }),
     );
-    let written = write_task(state, task_id, incarnation, vec![], vec![event], MainWrite::Append, None).await;
+    let written =
+        write_task(state, task_id, incarnation, Some(life), vec![], vec![event], MainWrite::Append, None).await;
     drop(guard);
     written.await?;
     drop(completing);
@@ -542,6 +559,7 @@ pub(super) async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     let incarnation = entity.incarnation.as_deref();
     let cell = state.tasks.cell(id);
     let _guard = cell.order.write().await;
+    let life = hold_task(state, id, incarnation).await?;
     let now = now_ms();
     change_task(state, id, incarnation, move |t| {
         t.deleted_at = Some(now);
@@ -559,7 +577,7 @@ pub(super) async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     // closed and takes no event row; the event still reaches the events
     // stream (the deletion is the registry's, done above), and the rest goes.
     let main = if entity.is_running() { MainWrite::AppendAndClose } else { MainWrite::Closed };
-    write_task(state, id, incarnation, vec![], vec![event], main, None).await.await?;
+    write_task(state, id, incarnation, Some(life), vec![], vec![event], main, None).await.await?;
     let prefix = format!("/{TASK_TYPE}/{id}/attachments/");
     for info in state.store.list_prefix(&prefix, usize::MAX).await {
         // The stream listed, not one made at its path since.

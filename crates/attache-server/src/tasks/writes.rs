@@ -1,7 +1,8 @@
 //! What a change writes: manifest rows and `event` rows on the task's main
 //! stream, the same events on the global events stream, in one commit placed
 //! in both streams' commit order (`StreamStore::append_in_order_with`) while
-//! the task lock is held and awaited after it is released (`write_task`).
+//! the task lock is held and awaited after it is released (`write_task`),
+//! within the task's life held shared (`hold_task`).
 
 use std::future::Future;
 
@@ -14,7 +15,7 @@ use serde_json::Value;
 use super::dispatch::{task_missing, Missing};
 use super::ids::{main_path, new_event_id};
 use super::{ApiError, ApiResult, TASK_TYPE};
-use crate::access::now_ms;
+use crate::access::{now_ms, Life};
 use crate::events;
 use crate::rows::{json_content_type, new_txid, not_running};
 use crate::AppState;
@@ -96,6 +97,24 @@ pub(super) enum MainWrite {
     Closed,
 }
 
+/// Holds the task's life shared (`access::Lives`) while it is still the life
+/// `incarnation` names ("not found", -32602, once purged). A change of the
+/// task record takes it before its compare-and-set and keeps it until its
+/// write is durable ([`write_task`]): a stop (`DELETE` on the entity, a
+/// stopping signal) and a purge hold the life exclusively, so one either
+/// comes before the decision, which then sees the task stopped (or missing)
+/// and changes nothing, or waits until the change is written. Without it a
+/// stop between the two closed the main stream under a change the registry
+/// already showed, and the call answered "stopped" leaving it there.
+pub(super) async fn hold_task(state: &AppState, task_id: &str, incarnation: Option<&str>) -> ApiResult<Life> {
+    let url = format!("/{TASK_TYPE}/{task_id}");
+    let life = state.lives.shared(&url).await;
+    if state.registry.entity_shared(&url).await.is_none_or(|e| e.incarnation.as_deref() != incarnation) {
+        return Err(task_missing(Missing::TaskColon, task_id));
+    }
+    Ok(life)
+}
+
 /// Appends `rows` plus one `event` row per event to the task's main stream,
 /// and the events to the global events stream, in one commit: both or
 /// neither (`StreamStore::append_in_order_with`), so an event is published
@@ -108,25 +127,31 @@ pub(super) enum MainWrite {
 /// serialized once for both streams. The write goes ahead whether or not the
 /// future is awaited: a caller that goes away takes only the answer with it.
 ///
-/// Only into the life `incarnation` names: it holds the task's life lock
-/// shared until the writes finish (`access::Lives`), and a task purged
+/// Only into the life `incarnation` names, held shared until the writes
+/// finish: `held` when the caller took it before deciding ([`hold_task`]:
+/// every change of the task record), else taken here, and a task purged
 /// meanwhile (and perhaps created again, by anyone) is "not found" (-32602),
-/// whatever the compare-and-set before it saw.
+/// whatever the decision before it saw (attachment writes, decided from the
+/// task's view: a stop meanwhile refuses the write, which leaves nothing).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn write_task(
     state: &AppState,
     task_id: &str,
     incarnation: Option<&str>,
+    held: Option<Life>,
     rows: Vec<Row>,
     evts: Vec<Event>,
     main: MainWrite,
     guard: Option<RowGuard>,
 ) -> impl Future<Output = ApiResult<()>> + Send + 'static {
     crate::pause::at(state, crate::pause::TASK_WRITE).await;
-    let url = format!("/{TASK_TYPE}/{task_id}");
-    let life = state.lives.shared(&url).await;
-    if state.registry.entity_shared(&url).await.is_none_or(|e| e.incarnation.as_deref() != incarnation) {
-        return futures::future::Either::Left(futures::future::ready(Err(task_missing(Missing::TaskColon, task_id))));
-    }
+    let life = match held {
+        Some(life) => life,
+        None => match hold_task(state, task_id, incarnation).await {
+            Ok(life) => life,
+            Err(e) => return futures::future::Either::Left(futures::future::ready(Err(e))),
+        },
+    };
     let now = now_ms();
     let txid = new_txid();
     let ts = timestamp(now);
