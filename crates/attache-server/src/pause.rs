@@ -21,6 +21,10 @@ pub const ENTITY_WRITE: &str = "entity_write";
 /// purge waits for it; an attachment write waits here before taking it.
 pub const TASK_WRITE: &str = "task_write";
 
+/// Between a send's check of its chosen inbox key against the entity's view
+/// (and its reservation of the key) and its guarded write.
+pub const INBOX_WRITE: &str = "inbox_write";
+
 /// Between a task-face attachment write's decision from the task's view
 /// (`task.create_attachment`, `task.delete_attachment`) and its guarded write.
 pub const TASK_ATTACHMENT_WRITE: &str = "task_attachment_write";

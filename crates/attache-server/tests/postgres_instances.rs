@@ -11,7 +11,8 @@ mod task_helpers;
 use std::time::Duration;
 
 use attache_server::pause::{
-    Pauses, ATTACHMENT_DELETE, ENTITY_WRITE, FINALIZE_WRITE, SETTLE_WRITE, TASK_ATTACHMENT_WRITE, UPLOAD_SETTLED,
+    Pauses, ATTACHMENT_DELETE, ENTITY_WRITE, FINALIZE_WRITE, INBOX_WRITE, SETTLE_WRITE, TASK_ATTACHMENT_WRITE,
+    UPLOAD_SETTLED,
 };
 use attache_server::{ServerConfig, StoreConfig};
 use attache_storage::postgres::test_cluster::TestCluster;
@@ -694,5 +695,50 @@ async fn task_attachment_creations_of_one_key_through_two_instances_make_one_att
         let _: () = ids;
         let ids = task_attachment_ids(server, &task, "result").await;
         assert_eq!(ids.len(), 1, "one attachment under the key: {ids:?}");
+    }
+}
+
+/// A send of an inbox key through `a`, held between finding the key free in
+/// its view (and reserving it there) and its write, while a send of the
+/// same key through `b` is written: `a`'s reads again and gets the answer a
+/// duplicate send gets through one instance, 409 `DUPLICATE_KEY`, writing
+/// nothing; the entity holds one message of the key, the same through both
+/// instances. Before, both were written (the check and the reservation are
+/// one instance's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_of_one_inbox_key_through_two_instances_write_it_once() {
+    let pauses = Pauses::default();
+    let Some(Instances { a, b, _objects, _cluster }) = two_instances_pausing(Some(pauses.clone())).await else {
+        return;
+    };
+    let e = "/chat/one-inbox-key";
+    entity_support::spawn(&a, None, e).await;
+    let send = |server: &TestServer, from: &str| {
+        server
+            .request(Method::POST, &format!("{}/send", entity_support::api(e)))
+            .json(&serde_json::json!({ "key": "order-1", "payload": { "from": from } }))
+            .send()
+    };
+    let held = pauses.arm(INBOX_WRITE);
+    let through_a = tokio::spawn(send(&a, "a"));
+    held.reached().await;
+    let res = send(&b, "b").await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "b's send is written");
+    held.release();
+    let refused = entity_support::error_of(through_a.await.unwrap().unwrap()).await;
+    let duplicate = entity_support::error_of(send(&b, "b, again").await.unwrap()).await;
+    assert_eq!((duplicate.0, duplicate.1.as_str()), (StatusCode::CONFLICT, "DUPLICATE_KEY"), "{}", duplicate.2);
+    assert_eq!(refused, duplicate, "a's send is answered as a duplicate through one instance is");
+
+    for server in [&a, &b] {
+        let rows = entity_support::eventually(Duration::from_secs(10), "b's row reaches the instance", || async {
+            let rows = entity_support::rows_as(server, &format!("{e}/main"), None).await;
+            let mine: Vec<serde_json::Value> =
+                rows.into_iter().filter(|r| r["type"] == "inbox" && r["key"] == "order-1").collect();
+            (!mine.is_empty()).then_some(mine)
+        })
+        .await;
+        assert_eq!(rows.len(), 1, "one message of the key: {rows:?}");
+        assert_eq!(rows[0]["value"]["payload"]["from"], "b");
     }
 }
