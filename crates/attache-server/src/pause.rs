@@ -50,6 +50,11 @@ pub const FINALIZE_WRITE: &str = "finalize_write";
 /// row and given its id back (a test waits here for the settling to be over).
 pub const UPLOAD_SETTLED: &str = "upload_settled";
 
+/// Between a multipart upload's reading that its id's row is still its own
+/// (its `pending` row, or none) and its commit of the blob stream with the
+/// `complete` row.
+pub const UPLOAD_COMMIT: &str = "upload_commit";
+
 /// Between a delete of an attachment's reading its manifest row and the
 /// stream at its address and its writing the delete (row and stream, one
 /// conditional store call).

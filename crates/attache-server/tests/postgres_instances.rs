@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use attache_server::pause::{
     Pauses, ATTACHMENT_DELETE, ENTITY_WRITE, FINALIZE_WRITE, INBOX_WRITE, SETTLE_WRITE, TASK_ATTACHMENT_WRITE,
-    UPLOAD_SETTLED,
+    UPLOAD_COMMIT, UPLOAD_SETTLED,
 };
 use attache_server::{ServerConfig, StoreConfig};
 use attache_storage::postgres::test_cluster::TestCluster;
@@ -524,6 +524,58 @@ async fn a_refused_upload_retracts_only_its_own_row_not_one_another_instance_wro
         let (status, got) = entity_support::get_bytes(server, e, "doc").await;
         assert_eq!(status, StatusCode::OK);
         assert!(got == second, "b's bytes");
+    }
+}
+
+/// A multipart upload's blob stream and `complete` row are written only
+/// while the id's row is still the upload's own. An upload through `a`,
+/// held after reading that its `pending` row is still there and before its
+/// commit, outlives the upload expiry of `b`, where the attachment is
+/// deleted (`b` settles the abandoned-looking upload as `failed`, then
+/// deletes it: 200). `a`'s commit then finds that another write of the id
+/// came since and is 409 `DUPLICATE_ID`, storing nothing: the attachment
+/// stays deleted, row and bytes, on both instances. Before, the commit
+/// (unguarded) made the stream and wrote the `complete` row after the
+/// delete's 200: the attachment came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multipart_commit_held_across_a_delete_through_another_instance_brings_nothing_back() {
+    let pauses = Pauses::default();
+    let Some(Instances { a, b, _objects, _cluster }) = two_instances_with(Some(pauses.clone()), expiring_at_once).await
+    else {
+        return;
+    };
+    let e = "/chat/commit-meets-delete";
+    entity_support::spawn(&a, None, e).await;
+    let bytes = entity_support::pattern(20_000, 5);
+    let form = entity_support::Form::new()
+        .field("subject", entity_support::DEFAULT_SUBJECT)
+        .field("id", "doc")
+        .file(Some("f"), None, &bytes)
+        .finish();
+    let held = pauses.arm(UPLOAD_COMMIT);
+    let through_a = {
+        let a = a.request(Method::POST, &format!("{}/attachments", entity_support::api(e)));
+        tokio::spawn(a.header("content-type", entity_support::Form::content_type()).body(form).send())
+    };
+    held.reached().await;
+    entity_support::eventually(Duration::from_secs(10), "b sees a's pending row", || async {
+        entity_support::listed(&b, e).await.get("doc").filter(|r| r["status"] == "pending").map(|_| ())
+    })
+    .await;
+    let res = b.request(Method::DELETE, &format!("{}/attachments/doc", entity_support::api(e))).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "b deletes an upload older than its expiry");
+    held.release();
+    let (status, code, body) = entity_support::error_of(through_a.await.unwrap().unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "DUPLICATE_ID"), "{body}");
+
+    for server in [&a, &b] {
+        entity_support::eventually(Duration::from_secs(10), "the attachment stays deleted", || async {
+            (!entity_support::listed(server, e).await.contains_key("doc")).then_some(())
+        })
+        .await;
+        assert_eq!(entity_support::get_bytes(server, e, "doc").await.0, StatusCode::NOT_FOUND);
+        let head = server.head(&format!("{e}/attachments/doc")).await;
+        assert_eq!(head.status(), StatusCode::NOT_FOUND, "no stream at the attachment's address");
     }
 }
 

@@ -199,11 +199,20 @@ pub trait StreamStore: Send + Sync + 'static {
     /// at `req.path`: `ConfigMismatch`; `row`'s stream missing, closed or of
     /// another type) commits nothing and drops the staged blob; `row` takes
     /// no producer headers (`Invalid`) and must name another stream.
+    ///
+    /// With `guard`, `row` is also conditional, as the row of
+    /// [`append_guarded`](StreamStore::append_guarded) is (without its
+    /// stream condition): both are written only while no other guarded
+    /// append of `guard.key` landed on `row`'s stream at or past
+    /// `guard.since`, and the row is then recorded as the key's newest;
+    /// otherwise nothing is written, the staged blob is dropped, and the
+    /// answer is [`StoreError::Moved`].
     async fn create_blob_stream_and_append(
         &self,
         req: CreateStream,
         blob: StagedBlob,
         row: AppendRequest,
+        guard: Option<RowGuard>,
     ) -> StoreResult<(StreamInfo, AppendOutcome)>;
 
     /// A new staging file for blob bytes; it disappears unless handed to `create_blob_stream`.

@@ -77,6 +77,76 @@ async fn a_guarded_write_lands_only_on_the_state_it_was_decided_from(mine: &dyn 
     assert_eq!(rows(mine).await, br#"[{"n":1},{"n":2},{"n":3},{"n":4},{"n":5},{"n":6}]"#);
 }
 
+async fn staged(store: &dyn StreamStore, bytes: &'static [u8]) -> attache_storage::StagedBlob {
+    let mut writer = store.stage_blob().await.unwrap();
+    writer.write(bytes::Bytes::from_static(bytes)).await.unwrap();
+    writer.finish().await.unwrap()
+}
+
+fn blob_stream(path: &str) -> attache_storage::CreateStream {
+    attache_storage::CreateStream { closed: true, ..stream(path, "application/octet-stream", Some("user:alice")) }
+}
+
+/// An upload's blob stream and its `complete` row, guarded by the row's key
+/// (`create_blob_stream_and_append` with a guard): neither is written when a
+/// guarded row of the key landed since the read, both are when none did,
+/// and the row is then the key's newest.
+async fn a_guarded_blob_stream_and_row_land_only_on_the_state_they_were_decided_from(
+    mine: &dyn StreamStore,
+    other: &dyn StreamStore,
+) {
+    create(mine, "/e/main", "application/json").await;
+    mine.append(row(1)).await.unwrap();
+    let read = mine.head("/e/main").await.unwrap().tail;
+
+    other.append_guarded(row(2), guard("attachment:x", read), None).await.unwrap();
+    let moved = mine
+        .create_blob_stream_and_append(
+            blob_stream("/e/attachments/x"),
+            staged(mine, b"xx").await,
+            row(3),
+            Some(guard("attachment:x", read)),
+        )
+        .await;
+    assert_eq!(moved.unwrap_err(), StoreError::Moved);
+    assert_eq!(rows(mine).await, br#"[{"n":1},{"n":2}]"#, "no row of the refused write");
+    assert_eq!(mine.head("/e/attachments/x").await.unwrap_err(), StoreError::NotFound, "and no blob stream");
+
+    // Read again: rows of other keys since do not refuse it.
+    let read = mine.head("/e/main").await.unwrap().tail;
+    other.append_guarded(row(3), guard("attachment:y", read), None).await.unwrap();
+    let (info, outcome) = mine
+        .create_blob_stream_and_append(
+            blob_stream("/e/attachments/x"),
+            staged(mine, b"xx").await,
+            row(4),
+            Some(guard("attachment:x", read)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(info.blob.map(|b| b.len), Some(2));
+    assert_eq!(rows(mine).await, br#"[{"n":1},{"n":2},{"n":3},{"n":4}]"#);
+    // Now the key's newest: a guard read before it is refused.
+    let stale = other.append_guarded(row(5), guard("attachment:x", read), None).await;
+    assert_eq!(stale.unwrap_err(), StoreError::Moved);
+    other.append_guarded(row(5), guard("attachment:x", outcome.info.tail), None).await.unwrap();
+}
+
+#[tokio::test]
+async fn embedded_a_guarded_blob_stream_and_row_land_only_on_the_state_they_were_decided_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+    a_guarded_blob_stream_and_row_land_only_on_the_state_they_were_decided_from(&store, &store).await;
+    store.close().await;
+}
+
+#[test]
+fn postgres_a_guarded_blob_stream_and_row_land_only_on_the_state_another_instance_left_or_skip_without_postgres() {
+    on_two_postgres_instances(|one, two| {
+        Box::pin(a_guarded_blob_stream_and_row_land_only_on_the_state_they_were_decided_from(one, two))
+    });
+}
+
 /// A task's main stream takes guarded rows (one key per attachment) and is
 /// deleted with the task: the writer forgets a deleted stream's keys, so
 /// what it holds does not grow with the streams ever written (the soak's

@@ -134,7 +134,7 @@ async fn a_blob_stream_and_its_row_commit_together_or_not_at_all(store: &dyn Str
     let row = |n| numbered("/e/a/main", n);
 
     let (info, appended) = store
-        .create_blob_stream_and_append(blob_stream("/e/a/attachments/x"), staged(store, b"xx").await, row(1))
+        .create_blob_stream_and_append(blob_stream("/e/a/attachments/x"), staged(store, b"xx").await, row(1), None)
         .await
         .unwrap();
     assert_eq!(info.blob.as_ref().map(|b| b.len), Some(2));
@@ -146,7 +146,7 @@ async fn a_blob_stream_and_its_row_commit_together_or_not_at_all(store: &dyn Str
 
     // The path is taken: no row.
     let taken = store
-        .create_blob_stream_and_append(blob_stream("/e/a/attachments/x"), staged(store, b"yy").await, row(2))
+        .create_blob_stream_and_append(blob_stream("/e/a/attachments/x"), staged(store, b"yy").await, row(2), None)
         .await;
     assert!(matches!(taken, Err(StoreError::ConfigMismatch(_))), "{taken:?}");
     assert_eq!(numbers(store, "/e/a/main").await, [1]);
@@ -155,7 +155,7 @@ async fn a_blob_stream_and_its_row_commit_together_or_not_at_all(store: &dyn Str
     let close = AppendRequest { close: true, body: Bytes::new(), messages: None, ..row(0) };
     store.append(close).await.unwrap();
     let closed = store
-        .create_blob_stream_and_append(blob_stream("/e/a/attachments/y"), staged(store, b"zz").await, row(3))
+        .create_blob_stream_and_append(blob_stream("/e/a/attachments/y"), staged(store, b"zz").await, row(3), None)
         .await;
     assert!(matches!(closed, Err(StoreError::Closed { .. })), "{closed:?}");
     assert_eq!(store.head("/e/a/attachments/y").await.unwrap_err(), StoreError::NotFound);
@@ -164,6 +164,7 @@ async fn a_blob_stream_and_its_row_commit_together_or_not_at_all(store: &dyn Str
             blob_stream("/e/b/attachments/y"),
             staged(store, b"zz").await,
             numbered("/e/b/main", 4),
+            None,
         )
         .await;
     assert_eq!(missing.unwrap_err(), StoreError::NotFound);

@@ -4,8 +4,8 @@
 use std::collections::HashSet;
 
 use attache_core::manifest::{AttachmentStatus, ManifestEntry};
-use attache_core::{ContentType, Permission, StreamPath};
-use attache_storage::{CreateStream, StagedBlob, StoreError};
+use attache_core::{ContentType, EntityUrl, Permission, StreamPath};
+use attache_storage::{CreateStream, RowGuard, StagedBlob, StoreError};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::access::{hold_life, EntityRoute};
 use crate::error::{ApiError, ApiResult};
 use crate::rows::{new_txid, not_running};
-use crate::AppState;
+use crate::{AppState, StoreConfig};
 
 use super::pending::{begin, entry_append, reserve, with_subject, Pending};
 use super::{duplicate, too_large, Fields, INTERRUPTED};
@@ -152,8 +152,11 @@ pub async fn upload(
             owner: Some(who.to_string()),
             take_kept_path: true,
         };
-        state.store.create_blob_stream_and_append(stream, blob, row).await.map_err(|e| match e {
+        let guard = commit_guard(&state, entity, upload).await?;
+        crate::pause::at(&state, crate::pause::UPLOAD_COMMIT).await;
+        state.store.create_blob_stream_and_append(stream, blob, row, guard).await.map_err(|e| match e {
             StoreError::ConfigMismatch(_) => duplicate(&entry.id),
+            StoreError::Moved => taken_over(&entry.id),
             StoreError::Closed { .. } => not_running(),
             other => other.into(),
         })?;
@@ -169,6 +172,47 @@ pub async fn upload(
         p.fail(&state, &record, &err).await;
     }
     Err(err)
+}
+
+/// What the commit of an upload is guarded by: on PostgreSQL, the id's row
+/// as the upload left it (its own `pending` row; without one, none or a
+/// `failed` attempt), read now and guarded from there (`RowGuard` on the
+/// manifest key), so the blob stream and the `complete` row are written
+/// only while no other write of the id came since. Another instance holds
+/// none of our reservations: once the upload outlived `upload_expiry` it may
+/// settle the `pending` row, delete the attachment, or begin an upload of
+/// its own, and this commit then brought the attachment back after the
+/// delete, or wrote over the other upload's row. Refused (409
+/// [`taken_over`]) when the row is no longer the upload's. The embedded
+/// store is one process: the reservation already keeps every other writer
+/// of the id away, and a guard would only risk a refusal for nothing (its
+/// forgotten keys), which would cost the staged bytes.
+async fn commit_guard(state: &AppState, entity: &EntityUrl, upload: &Pending<'_>) -> ApiResult<Option<RowGuard>> {
+    if state.config.store == StoreConfig::Embedded {
+        return Ok(None);
+    }
+    let id = upload.entry.id.as_str();
+    let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
+    let current = view.manifest.get(id);
+    let still_its_own = match upload.row {
+        true => current == Some(&upload.entry),
+        false => current.is_none_or(|e| e.status == AttachmentStatus::Failed),
+    };
+    if !still_its_own {
+        return Err(taken_over(id));
+    }
+    Ok(Some(RowGuard { key: ManifestEntry::row_key(id), since: view.tail() }))
+}
+
+/// 409 `DUPLICATE_ID`: another request wrote the id while this upload ran
+/// (through another instance: an upload of its own, or the settling and
+/// delete of this one once it outlived `upload_expiry`); nothing was stored.
+fn taken_over(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "DUPLICATE_ID",
+        format!("Attachment id \"{id}\" was taken by another request while this upload ran; nothing was stored"),
+    )
 }
 
 /// The `complete` entry of an upload: what the form said (`fresh`), under

@@ -374,7 +374,10 @@ pub(crate) enum Command {
     Create(CreateStream, oneshot::Sender<StoreResult<CreateOutcome>>),
     CreateBlob(CreateStream, StagedBlob, oneshot::Sender<StoreResult<StreamInfo>>),
     /// A blob stream and an append to another stream, both or neither (`create_blob_stream_and_append`).
-    CreateBlobWithRow(Box<(CreateStream, StagedBlob, writer::PreparedAppend)>, oneshot::Sender<BlobWithRow>),
+    CreateBlobWithRow(
+        Box<(CreateStream, StagedBlob, writer::PreparedAppend, Option<RowGuard>)>,
+        oneshot::Sender<BlobWithRow>,
+    ),
     /// A blob stream over the blob of the stream at the given path (`link_blob_stream`).
     LinkBlob(CreateStream, String, oneshot::Sender<StoreResult<StreamInfo>>),
     Append(writer::PreparedAppend, oneshot::Sender<StoreResult<AppendOutcome>>),
@@ -736,11 +739,13 @@ impl StreamStore for EmbeddedStore {
         req: CreateStream,
         blob: StagedBlob,
         row: AppendRequest,
+        guard: Option<RowGuard>,
     ) -> StoreResult<(StreamInfo, AppendOutcome)> {
         crate::rules::check_blob_row(&req, &row)?;
         let entry = self.entry(&row.path)?;
         let prepared = writer::PreparedAppend::prepare(row, &entry.info())?;
-        let outcome = self.call(|tx| Command::CreateBlobWithRow(Box::new((req, blob, prepared)), tx)).await.map(|b| *b);
+        let outcome =
+            self.call(|tx| Command::CreateBlobWithRow(Box::new((req, blob, prepared, guard)), tx)).await.map(|b| *b);
         entry.touch();
         if let Ok((_, appended)) = &outcome {
             self.appends.count(appended);

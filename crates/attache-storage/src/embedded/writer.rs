@@ -1211,8 +1211,9 @@ fn commit_batch(
                         }
                     }
                     Command::CreateBlobWithRow(parts, tx) => {
-                        let (req, blob, row) = *parts;
-                        match escalate(state.create_blob_with_row(&mut t, &mut changes, shared, req, blob, row)) {
+                        let (req, blob, row, guard) = *parts;
+                        match escalate(state.create_blob_with_row(&mut t, &mut changes, shared, req, blob, row, guard))
+                        {
                             Ok(r) => replies.push(Reply::CreateBlobWithRow(tx, r)),
                             Err(e) => {
                                 replies.push(Reply::CreateBlobWithRow(tx, Err(e.clone())));
@@ -1656,10 +1657,12 @@ impl WriterState {
     }
 
     /// `create_blob` and an append to another stream, in this batch's one
-    /// record: both or neither (`StreamStore::create_blob_stream_and_append`).
-    /// The append is checked before anything changes, so once the blob
-    /// stream is made nothing but a disk error (which fails the whole batch)
-    /// can stop the append.
+    /// record: both or neither (`StreamStore::create_blob_stream_and_append`),
+    /// the append perhaps guarded (as `append_if`'s row). The append and the
+    /// guard are checked before anything changes, so once the blob stream is
+    /// made nothing but a disk error (which fails the whole batch) can stop
+    /// the append.
+    #[allow(clippy::too_many_arguments)]
     fn create_blob_with_row(
         &mut self,
         t: &mut Tables,
@@ -1668,9 +1671,21 @@ impl WriterState {
         req: CreateStream,
         blob: StagedBlob,
         row: PreparedAppend,
+        guard: Option<RowGuard>,
     ) -> BlobWithRow {
         self.check_append(&row)?;
+        let stream = row.stream_id;
+        let start = self.streams.get(&stream).ok_or(StoreError::NotFound)?.tail;
+        if let Some(guard) = &guard {
+            let last = self.row_keys.last(stream, &guard.key, guard.since.0, start);
+            rules::check_conditions(last, guard, None, None)?;
+        }
         let info = self.create_blob(t, changes, shared, req, blob)?;
+        // Recorded once the stream is made (a refused create writes nothing)
+        // and before the append, which only a disk error can stop then.
+        if let Some(guard) = &guard {
+            self.row_keys.record(stream, &guard.key, start);
+        }
         let outcome =
             self.append(t, changes, row).map_err(|e| rules::checked_then_refused(e, "the append of a blob stream"))?;
         Ok(Box::new((info, outcome)))

@@ -409,7 +409,7 @@ pub(crate) enum Command {
     Create(CreateStream, oneshot::Sender<StoreResult<CreateOutcome>>),
     CreateBlob(CreateStream, BlobRef, oneshot::Sender<StoreResult<StreamInfo>>),
     /// A blob stream and an append to another stream, both or neither (`create_blob_stream_and_append`).
-    CreateBlobWithRow(Box<(CreateStream, BlobRef, PreparedAppend)>, oneshot::Sender<BlobWithRow>),
+    CreateBlobWithRow(Box<(CreateStream, BlobRef, PreparedAppend, Option<RowGuard>)>, oneshot::Sender<BlobWithRow>),
     /// A blob stream over the blob of the stream at the given path (`link_blob_stream`).
     LinkBlob(CreateStream, String, oneshot::Sender<StoreResult<StreamInfo>>),
     Append(PreparedAppend, oneshot::Sender<StoreResult<AppendOutcome>>),
@@ -917,6 +917,7 @@ impl StreamStore for PgStore {
         req: CreateStream,
         blob: StagedBlob,
         row: AppendRequest,
+        guard: Option<RowGuard>,
     ) -> StoreResult<(StreamInfo, AppendOutcome)> {
         crate::rules::check_blob_row(&req, &row)?;
         let entry = self.entry(&row.path).await?;
@@ -924,8 +925,10 @@ impl StreamStore for PgStore {
         let blob_ref = BlobRef { sha256: blob.sha256.clone(), len: blob.len };
         let shared = self.shared.clone();
         self.io.run(async move { shared.blobs.publish(&shared.pool, blob).await }).await?;
-        let outcome =
-            self.call(|tx| Command::CreateBlobWithRow(Box::new((req, blob_ref, prepared)), tx)).await.map(|b| *b);
+        let outcome = self
+            .call(|tx| Command::CreateBlobWithRow(Box::new((req, blob_ref, prepared, guard)), tx))
+            .await
+            .map(|b| *b);
         entry.touch();
         if let Ok((_, appended)) = &outcome {
             self.appends.count(appended);

@@ -196,7 +196,7 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
                 keys.push(path_key(req.path.as_str()));
             }
             Command::CreateBlobWithRow(parts, _) => {
-                let (req, _, row) = &**parts;
+                let (req, _, row, _) = &**parts;
                 paths.push(req.path.as_str().to_owned());
                 keys.push(path_key(req.path.as_str()));
                 paths.push(row.req.path.clone());
@@ -282,8 +282,10 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
             Command::Create(req, _) => Answer::Create(escalate(w.create(shared, req).await)?),
             Command::CreateBlob(req, blob, _) => Answer::CreateBlob(escalate(w.create_blob(shared, req, blob).await)?),
             Command::CreateBlobWithRow(parts, _) => {
-                let (req, blob, row) = &**parts;
-                Answer::CreateBlobWithRow(escalate(w.create_blob_with_row(shared, req, blob, row).await)?)
+                let (req, blob, row, guard) = &**parts;
+                Answer::CreateBlobWithRow(escalate(
+                    w.create_blob_with_row(shared, req, blob, row, guard.as_ref()).await,
+                )?)
             }
             Command::LinkBlob(req, source, _) => {
                 Answer::CreateBlob(escalate(w.link_blob(shared, req.clone(), source).await)?)
@@ -530,18 +532,35 @@ impl Work {
     }
 
     /// `create_blob` and an append to another stream, both or neither
-    /// (`StreamStore::create_blob_stream_and_append`): the append is checked
-    /// before anything changes, so once the blob stream is made nothing but
-    /// a database error (which rolls the whole batch back) can stop it.
+    /// (`StreamStore::create_blob_stream_and_append`), the append perhaps
+    /// guarded (as `append_if`'s row, under the same row lock): the append
+    /// and the guard are checked before anything changes, so once the blob
+    /// stream is made nothing but a database error (which rolls the whole
+    /// batch back) can stop it.
     async fn create_blob_with_row(
         &mut self,
         shared: &Shared,
         req: &CreateStream,
         blob: &BlobRef,
         row: &PreparedAppend,
+        guard: Option<&RowGuard>,
     ) -> super::BlobWithRow {
         self.check_append(row).await?;
+        let id = self.id_at(&row.req.path).await?.ok_or(StoreError::NotFound)?;
+        let start = self.stream(id).await?.ok_or(StoreError::NotFound)?.tail;
+        if let Some(guard) = guard {
+            let last = self.row_key(id, &guard.key).await?;
+            if let Err(moved) = rules::check_conditions(last, guard, None, None) {
+                // The caller reads again: from the committed state, not a cache NOTIFY has yet to update.
+                self.refresh.push(id);
+                return Err(moved);
+            }
+        }
         let info = self.create_blob(shared, req, blob).await?;
+        if let Some(guard) = guard {
+            self.row_keys.insert((id, guard.key.clone()), Some(start));
+            self.dirty_row_keys.insert((id, guard.key.clone()));
+        }
         let outcome =
             self.append(row).await.map_err(|e| rules::checked_then_refused(e, "the append of a blob stream"))?;
         Ok(Box::new((info, outcome)))
