@@ -1,6 +1,9 @@
 //! The embedded registry: a second small redb file, cached whole in memory.
 //! Every write is one durable redb transaction under a mutex, so updates
-//! are atomic compare-and-set operations (task claims rely on that).
+//! are atomic compare-and-set operations (task claims rely on that). A write
+//! runs on a task of its own, so a caller that goes away (a cancelled
+//! request) never leaves it half done: its commit, the cache and the file
+//! handle always end up together.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -26,7 +29,10 @@ struct Cache {
     next_grant: u64,
 }
 
-pub struct EmbeddedRegistry {
+/// The registry, shared with the write tasks it spawns ([`EmbeddedRegistry::detached`]).
+pub struct EmbeddedRegistry(Arc<Inner>);
+
+struct Inner {
     /// Only writes use it, one at a time (under `write`), each taking it out
     /// for its transaction. Empty after a disk error it could not reopen from.
     db: parking_lot::Mutex<Option<Database>>,
@@ -72,7 +78,7 @@ impl EmbeddedRegistry {
             txn.commit()?;
         }
         let (db, cache) = open_and_load(&path, faults.as_ref())?;
-        Ok(EmbeddedRegistry {
+        Ok(EmbeddedRegistry(Arc::new(Inner {
             db: parking_lot::Mutex::new(Some(db)),
             path,
             cache: RwLock::new(cache),
@@ -80,9 +86,27 @@ impl EmbeddedRegistry {
             faults,
             health: crate::health::Health::default(),
             probed: parking_lot::Mutex::new(None),
-        })
+        })))
     }
 
+    /// Runs a write (`Inner`'s methods) to its end on a task of its own and
+    /// waits for it. Awaited inline, a write dropped by its caller while its
+    /// transaction ran on the blocking pool never put the file handle back
+    /// nor updated the cache: the next writers failed ("Database already
+    /// open") until the handle was dropped, and the cache missed a change the
+    /// file held until some later write reloaded it.
+    async fn detached<T, F>(&self, write: impl FnOnce(Arc<Inner>) -> F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = StoreResult<T>> + Send + 'static,
+    {
+        tokio::spawn(write(self.0.clone()))
+            .await
+            .map_err(|e| StoreError::Storage(format!("registry write task failed: {e}")))?
+    }
+}
+
+impl Inner {
     /// Runs one durable write transaction off the async threads (the caller
     /// holds `write`). redb refuses everything after a disk error until the
     /// file is reopened: it is reopened then, and the cache reloaded from it,
@@ -138,6 +162,14 @@ impl EmbeddedRegistry {
         }
         written
     }
+
+    fn cached(&self, url: &str) -> Option<EntityRecord> {
+        self.cache.read().entities.get(url).map(|e| (**e).clone())
+    }
+
+    fn cached_grants(&self, entity_url: &str) -> Vec<GrantRecord> {
+        self.cache.read().grants.get(entity_url).cloned().unwrap_or_default()
+    }
 }
 
 fn open_db(path: &Path, faults: Option<&crate::FaultPlan>) -> StoreResult<Database> {
@@ -178,39 +210,43 @@ fn open_and_load(path: &Path, faults: Option<&crate::FaultPlan>) -> StoreResult<
 #[async_trait]
 impl Registry for EmbeddedRegistry {
     fn health(&self) -> crate::WriteHealth {
-        self.health.snapshot()
+        self.0.health.snapshot()
     }
 
     async fn probe_writes(&self) {
-        if !self.health.is_failing() {
+        if !self.0.health.is_failing() {
             return;
         }
         {
-            let mut probed = self.probed.lock();
+            let mut probed = self.0.probed.lock();
             if probed.is_some_and(|at| at.elapsed() < PROBE_EVERY) {
                 return;
             }
             *probed = Some(std::time::Instant::now());
         }
         // A real write in progress answers the question itself: never wait behind it.
-        let Ok(_guard) = self.write.try_lock() else { return };
-        let _ = self.write(|_txn| Ok(())).await;
+        let _ = self
+            .detached(|r| async move {
+                let Ok(_guard) = r.write.try_lock() else { return Ok(()) };
+                r.write(|_txn| Ok(())).await
+            })
+            .await;
     }
 
     async fn entity(&self, url: &str) -> Option<EntityRecord> {
-        self.cache.read().entities.get(url).map(|e| (**e).clone())
+        self.0.cache.read().entities.get(url).map(|e| (**e).clone())
     }
 
     async fn entity_shared(&self, url: &str) -> Option<Arc<EntityRecord>> {
-        self.cache.read().entities.get(url).cloned()
+        self.0.cache.read().entities.get(url).cloned()
     }
 
     fn is_current(&self, url: &str, incarnation: Option<&str>) -> bool {
-        self.cache.read().entities.get(url).is_some_and(|e| e.incarnation.as_deref() == incarnation)
+        self.0.cache.read().entities.get(url).is_some_and(|e| e.incarnation.as_deref() == incarnation)
     }
 
     fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord> {
-        let cache = self.cache.read();
+        let cache = self.0.cache.read();
         let mut all: Vec<EntityRecord> = cache
             .entities
             .values()
@@ -221,9 +257,39 @@ impl Registry for EmbeddedRegistry {
         all
     }
 
+    fn grants(&self, entity_url: &str) -> Vec<GrantRecord> {
+        self.0.cache.read().grants.get(entity_url).cloned().unwrap_or_default()
+    }
+
+    async fn insert_entity(&self, entity: EntityRecord) -> StoreResult<(EntityRecord, bool)> {
+        self.detached(move |r| async move { r.insert_entity(entity).await }).await
+    }
+
+    async fn update_entity(&self, url: &str, update: EntityUpdate) -> StoreResult<EntityRecord> {
+        let url = url.to_owned();
+        self.detached(move |r| async move { r.update_entity(&url, update).await }).await
+    }
+
+    async fn remove_entity(&self, url: &str) -> StoreResult<bool> {
+        let url = url.to_owned();
+        self.detached(move |r| async move { r.remove_entity(&url).await }).await
+    }
+
+    async fn add_grant(&self, grant: NewGrant) -> StoreResult<GrantRecord> {
+        self.detached(move |r| async move { r.add_grant(grant).await }).await
+    }
+
+    async fn remove_grant(&self, entity_url: &str, id: u64) -> StoreResult<bool> {
+        let url = entity_url.to_owned();
+        self.detached(move |r| async move { r.remove_grant(&url, id).await }).await
+    }
+}
+
+/// The writes, each run to its end by [`EmbeddedRegistry::detached`].
+impl Inner {
     async fn insert_entity(&self, entity: EntityRecord) -> StoreResult<(EntityRecord, bool)> {
         let _guard = self.write.lock().await;
-        if let Some(existing) = self.entity(&entity.url).await {
+        if let Some(existing) = self.cached(&entity.url) {
             return Ok((existing, false));
         }
         let bytes = json(&entity)?;
@@ -239,7 +305,7 @@ impl Registry for EmbeddedRegistry {
 
     async fn update_entity(&self, url: &str, update: EntityUpdate) -> StoreResult<EntityRecord> {
         let _guard = self.write.lock().await;
-        let mut entity = self.entity(url).await.ok_or(StoreError::NotFound)?;
+        let mut entity = self.cached(url).ok_or(StoreError::NotFound)?;
         update(&mut entity)?;
         let bytes = json(&entity)?;
         let key = url.to_owned();
@@ -254,7 +320,7 @@ impl Registry for EmbeddedRegistry {
 
     async fn remove_entity(&self, url: &str) -> StoreResult<bool> {
         let _guard = self.write.lock().await;
-        if self.entity(url).await.is_none() {
+        if self.cached(url).is_none() {
             return Ok(false);
         }
         let key = url.to_owned();
@@ -268,10 +334,6 @@ impl Registry for EmbeddedRegistry {
         cache.entities.remove(url);
         cache.grants.remove(url);
         Ok(true)
-    }
-
-    fn grants(&self, entity_url: &str) -> Vec<GrantRecord> {
-        self.cache.read().grants.get(entity_url).cloned().unwrap_or_default()
     }
 
     async fn add_grant(&self, grant: NewGrant) -> StoreResult<GrantRecord> {
@@ -294,7 +356,7 @@ impl Registry for EmbeddedRegistry {
 
     async fn remove_grant(&self, entity_url: &str, id: u64) -> StoreResult<bool> {
         let _guard = self.write.lock().await;
-        if !self.grants(entity_url).iter().any(|g| g.id == id) {
+        if !self.cached_grants(entity_url).iter().any(|g| g.id == id) {
             return Ok(false);
         }
         let url = entity_url.to_owned();
