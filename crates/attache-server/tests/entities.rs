@@ -1225,3 +1225,38 @@ async fn a_write_only_principal_setting_a_tag_learns_only_its_txid() {
     let owner: Value = res.json().await.unwrap();
     assert_eq!(owner["tags"]["project"], "TAGSECRET");
 }
+
+/// Stops racing each other (SIGKILL, SIGTERM, DELETE at once, each checked
+/// while the entity still ran): only the one whose rows closed the main
+/// stream answers a txid. Before, each stop that found the stream closed by
+/// another answered a txid of rows never written, which a client waits for
+/// in vain.
+#[tokio::test]
+async fn of_concurrent_stops_only_the_one_that_wrote_answers_a_txid() {
+    let ts = TestServer::start().await;
+    for round in 0..10 {
+        let e = format!("/chat/stops-{round}");
+        spawn(&ts, Some(SAM), &e).await;
+        let stops = ["SIGKILL", "SIGTERM", "DELETE", "SIGKILL"].map(|how| {
+            let (ts, e) = (&ts, e.clone());
+            async move {
+                let res = if how == "DELETE" {
+                    as_principal(ts.request(Method::DELETE, &api(&e)), Some(SAM)).send().await.expect("DELETE answered")
+                } else {
+                    signal_as(ts, Some(SAM), &e, json!({ "signal": how })).await
+                };
+                assert_eq!(res.status(), StatusCode::OK, "{how}");
+                res.json::<Value>().await.expect("a JSON answer")
+            }
+        });
+        let answers = futures::future::join_all(stops).await;
+        let txids: Vec<&str> = answers.iter().filter_map(|a| a["txid"].as_str()).collect();
+        let written: BTreeSet<String> = rows_as(&ts, &format!("{e}/main"), Some(SAM))
+            .await
+            .iter()
+            .filter_map(|r| r["headers"]["txid"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(txids.len(), 1, "round {round}: one stop wrote: {answers:?}");
+        assert!(written.contains(txids[0]), "round {round}: the txid answered is on the main stream");
+    }
+}

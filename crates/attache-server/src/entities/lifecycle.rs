@@ -77,6 +77,7 @@ pub(super) async fn stop_entity_with(
     if !entity.is_running() {
         return Ok(None);
     }
+    let mut wrote = true;
     {
         let now = now_ms();
         leading.push(ChangeEvent::insert(
@@ -88,8 +89,10 @@ pub(super) async fn stop_entity_with(
         ));
         match append_rows(state.store.as_ref(), &format!("{}/main", entity.url), &leading, true).await {
             Ok(_) => {}
-            // Closed already: a stop that crashed before its registry write is finished now.
-            Err(ApiError::NotRunning) => {}
+            // Closed already, by a stop that came first (this record was
+            // read before it) or one that crashed before its registry
+            // write, finished now: none of these rows was written, so no txid.
+            Err(ApiError::NotRunning) => wrote = false,
             Err(e) => return Err(e),
         }
         state
@@ -104,7 +107,7 @@ pub(super) async fn stop_entity_with(
             )
             .await?;
     }
-    Ok(Some(txid))
+    Ok(wrote.then_some(txid))
 }
 
 /// Deletes every stream of the entity, then the entity and its grants,
