@@ -81,6 +81,31 @@ impl Auth {
             }
         }
     }
+
+    /// Whether the credentials a connection presented when it opened still
+    /// stand for `who`: a connection that outlives its request (a WebSocket)
+    /// asks again before it acts or sends, so a token revoked or expired
+    /// meanwhile ends it instead of acting for good.
+    pub fn still_valid(&self, presented: &Presented, who: &PrincipalKey) -> bool {
+        self.authenticate(&presented.0).is_ok_and(|now| &now == who)
+    }
+}
+
+/// The credential headers of a request, kept to be checked again later
+/// (`Auth::still_valid`); nothing else of the request is kept.
+#[derive(Debug, Clone)]
+pub struct Presented(HeaderMap);
+
+impl Presented {
+    pub fn of(headers: &HeaderMap) -> Presented {
+        let mut kept = HeaderMap::new();
+        for name in [axum::http::header::AUTHORIZATION.as_str(), PRINCIPAL_HEADER] {
+            if let Some(v) = headers.get(name) {
+                kept.insert(axum::http::HeaderName::from_static(name), v.clone());
+            }
+        }
+        Presented(kept)
+    }
 }
 
 /// The authenticated principal of a request.

@@ -30,11 +30,12 @@ use std::time::Duration;
 use attache_core::{Offset, PrincipalKey, ReadOffset};
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{json, Value};
 
 use crate::access::now_ms;
-use crate::auth::Caller;
+use crate::auth::{Caller, Presented};
 use crate::events::{self, Visibility};
 use crate::metrics::Closed;
 use crate::rpc;
@@ -114,9 +115,15 @@ impl Patterns {
 }
 
 /// GET /ws
-pub async fn upgrade(State(state): State<AppState>, Caller(who): Caller, ws: WebSocketUpgrade) -> Response {
+pub async fn upgrade(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
     let max = state.config.ws_max_message_bytes;
-    ws.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| serve(state, who, socket))
+    let presented = Presented::of(&headers);
+    ws.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| serve(state, who, presented, socket))
 }
 
 /// The close frame for a read that failed: 1009 when the message passed the
@@ -161,7 +168,7 @@ async fn send(state: &AppState, socket: &mut WebSocket, msg: Message) -> bool {
     }
 }
 
-async fn serve(state: AppState, who: PrincipalKey, mut socket: WebSocket) {
+async fn serve(state: AppState, who: PrincipalKey, presented: Presented, mut socket: WebSocket) {
     let _live = state.metrics.live_reader();
     let client_id = format!("ws-{}-{:08x}", now_ms(), rand::random::<u32>());
     if !send(&state, &mut socket, text(json!({ "type": "connected", "clientId": client_id, "timestamp": now_ms() })))
@@ -188,6 +195,17 @@ async fn serve(state: AppState, who: PrincipalKey, mut socket: WebSocket) {
             _ = tokio::time::sleep_until(wake) => Step::Tick,
             _ = state.shutdown.cancelled() => Step::Shutdown,
         };
+        // The credentials are checked again before anything is acted on or
+        // sent (and at each ping, for a subscriber that sends nothing): a
+        // token revoked or expired while the socket is open ends it.
+        if !matches!(step, Step::Shutdown) && !state.auth.still_valid(&presented, &who) {
+            let reason = "credentials no longer valid (token revoked or expired): connect again";
+            let close = Message::Close(Some(CloseFrame { code: close_code::POLICY, reason: reason.into() }));
+            if send(&state, &mut socket, close).await {
+                linger(&mut socket).await;
+            }
+            return;
+        }
         match step {
             Step::Tick => {
                 let now = tokio::time::Instant::now();

@@ -1,0 +1,110 @@
+//! A WebSocket outlives the request that opened it: its token is checked
+//! again while it stays open, so a token revoked (or expired) meanwhile ends
+//! it instead of letting it act and read for good.
+
+mod common;
+
+use std::time::Duration;
+
+use attache_server::auth::AuthMode;
+use attache_storage::tokens::TokenStore;
+use common::TestServer;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+const STEP: Duration = Duration::from_secs(10);
+
+async fn open(server: &TestServer, token: &str) -> Ws {
+    let mut req = server.url("/ws").replace("http://", "ws://").into_client_request().expect("a ws request");
+    req.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("a header value"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("the upgrade is accepted");
+    assert_eq!(next(&mut ws).await.expect("a hello")["type"], "connected");
+    ws
+}
+
+/// The next text message as JSON; `None` once the server has closed, with its close code.
+async fn next(ws: &mut Ws) -> Result<Value, Option<CloseCode>> {
+    loop {
+        let msg = tokio::time::timeout(STEP, ws.next()).await.expect("the server answers in time");
+        match msg {
+            Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).expect("a JSON message")),
+            Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| f.code)),
+            None | Some(Err(_)) => return Err(None),
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+async fn rpc(server: &TestServer, token: &str, method: &str, params: Value) -> Value {
+    let body = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });
+    let res = server.client.post(server.url("/rpc")).bearer_auth(token).json(&body).send().await.expect("/rpc answers");
+    res.json().await.expect("a JSON-RPC answer")
+}
+
+async fn token_server() -> (TestServer, TokenStore) {
+    let server = TestServer::start_with(|c| {
+        c.auth = Some(AuthMode::Token);
+        c.durable = false;
+    })
+    .await;
+    let tokens = TokenStore::new(&server.config.data_dir);
+    (server, tokens)
+}
+
+#[tokio::test]
+async fn a_websocket_whose_token_is_revoked_executes_nothing_more_and_is_closed_with_1008() {
+    let (server, tokens) = token_server().await;
+    let (ws_token, socket_token) = tokens.create("user:ann", None).expect("a token");
+    let (_, other_token) = tokens.create("user:ann", None).expect("a second token");
+    let mut ws = open(&server, &socket_token).await;
+
+    let create = |id: &str| {
+        json!({ "action": "execute", "request": { "jsonrpc": "2.0", "id": 1, "method": "task.create",
+            "params": { "id": id, "text": "made over the socket" } } })
+    };
+    ws.send(Message::Text(create("t-before-revoke").to_string().into())).await.expect("sent");
+    let answer = next(&mut ws).await.expect("an answer while the token is valid");
+    assert_eq!(answer["result"]["id"], "t-before-revoke", "{answer}");
+
+    assert!(tokens.revoke(&ws_token.id).expect("revoked"));
+    // The revoked token is refused on a new request at once ...
+    let refused = server.client.get(server.url("/metrics")).bearer_auth(&socket_token).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    // ... and the open socket acts no more on it.
+    let _ = ws.send(Message::Text(create("t-after-revoke").to_string().into())).await;
+    match next(&mut ws).await {
+        Err(code) => assert_eq!(code, Some(CloseCode::Policy), "closed with 1008"),
+        Ok(answer) => panic!("a revoked token's socket still executes: {answer}"),
+    }
+    let got = rpc(&server, &other_token, "task.get", json!({ "id": "t-after-revoke" })).await;
+    assert!(got.get("error").is_some(), "the call made after the revoke must not have run: {got}");
+}
+
+#[tokio::test]
+async fn a_websocket_subscriber_whose_token_is_revoked_gets_no_later_event() {
+    let (server, tokens) = token_server().await;
+    let (ws_token, socket_token) = tokens.create("user:ann", None).expect("a token");
+    let (_, other_token) = tokens.create("user:ann", None).expect("a second token");
+    let created = rpc(&server, &other_token, "task.create", json!({ "id": "t-1", "text": "first" })).await;
+    assert_eq!(created["result"]["id"], "t-1", "{created}");
+    let mut ws = open(&server, &socket_token).await;
+    ws.send(Message::Text(json!({ "action": "subscribe", "events": ["task.*"] }).to_string().into())).await.unwrap();
+    assert_eq!(next(&mut ws).await.expect("subscribed")["type"], "subscribed");
+
+    let update = |text: &str| json!({ "id": "t-1", "updates": { "text": text } });
+    rpc(&server, &other_token, "task.update", update("BEFORE-REVOKE")).await;
+    let event = next(&mut ws).await.expect("the event while the token is valid");
+    assert!(event.to_string().contains("BEFORE-REVOKE"), "{event}");
+
+    assert!(tokens.revoke(&ws_token.id).expect("revoked"));
+    rpc(&server, &other_token, "task.update", update("AFTER-REVOKE")).await;
+    match next(&mut ws).await {
+        Err(code) => assert_eq!(code, Some(CloseCode::Policy), "closed with 1008"),
+        Ok(event) => panic!("a revoked token's socket still receives events: {event}"),
+    }
+}
