@@ -46,6 +46,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     #[cfg(feature = "jemalloc")]
     attache_server::metrics::set_allocator_probe(jemalloc_stats);
+    #[cfg(feature = "jemalloc-profiling")]
+    dump_heap_profile_on_sigusr2();
     match cli.command {
         Command::Serve(args) => serve::main(args),
         Command::Token(_) | Command::Client(_) => Ok(()),
@@ -66,6 +68,34 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: &u8 = &b"background_thread:true,narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:0\0"[0];
+
+/// Profiling builds only (`--features jemalloc-profiling`, started with
+/// `_RJEM_MALLOC_CONF=prof:true,prof_prefix:<dir>/heap`): each SIGUSR2 writes
+/// jemalloc's sampled heap profile next to that prefix, for `jeprof --base` to
+/// tell what grew between two moments of a soak (bench/README.md, "Heap growth").
+#[cfg(feature = "jemalloc-profiling")]
+fn dump_heap_profile_on_sigusr2() {
+    use tokio::signal::unix::{SignalKind, signal};
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        rt.block_on(async {
+            let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+                return;
+            };
+            while usr2.recv().await.is_some() {
+                // SAFETY: `prof.dump` takes a file name or null (the profile goes to
+                // `prof_prefix` with a sequence number); null is always valid.
+                let done = unsafe { tikv_jemalloc_ctl::raw::write(b"prof.dump\0", std::ptr::null::<std::ffi::c_char>()) };
+                match done {
+                    Ok(()) => tracing::info!("heap profile written"),
+                    Err(e) => tracing::warn!(error = %e, "heap profile not written (started without prof:true?)"),
+                }
+            }
+        });
+    });
+}
 
 /// jemalloc's figures for `/metrics`: what the program holds (allocated),
 /// the pages that holds (active), what jemalloc keeps resident for itself and

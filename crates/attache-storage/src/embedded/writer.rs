@@ -55,37 +55,70 @@ pub(crate) struct WriterState {
     pub(crate) row_keys: RowKeys,
 }
 
-/// The newest guarded append of each (stream, key) (`StreamStore::append_guarded`),
-/// at most [`RowKeys::MAX`] of them: past that, keys not written for a
-/// minute are forgotten (all of them, if half are younger), and a guard on a
-/// forgotten key of that stream falls back to the whole tail (refusing
-/// more, never less). A stream removed for good takes its keys and its floor
-/// with it once its removal is committed ([`RowKeys::forget_streams`]), so
-/// the floors never outnumber the streams that exist.
+/// The newest guarded append of each (stream, key) (`StreamStore::append_guarded`)
+/// written in the last minute, at most [`RowKeys::MAX`] of them: older keys
+/// are forgotten (swept every [`RowKeys::SWEEP`]; past the bound, all of
+/// them at once if half are younger), and a guard on a forgotten key of that
+/// stream falls back to the whole tail (refusing more, never less: only a
+/// guard read before the forgotten write, a minute or more ago, is refused
+/// and reads again). A guard is read and written within a request, so a
+/// minute is ample; kept until the bound instead, the keys of a busy entity
+/// filled 10,000 entries over half an hour of steady uploads (~1.2 MB, the
+/// largest growth of a soak's heap after its warm-up, bench/RESULTS.md). A
+/// stream removed for good takes its keys and its floor with it once its
+/// removal is committed ([`RowKeys::forget_streams`]), so the floors never
+/// outnumber the streams that exist. Keys are held as 128-bit digests
+/// ([`key_digest`]): every key costs the same, and a lookup allocates nothing.
 #[derive(Default)]
 pub(crate) struct RowKeys {
-    last: HashMap<(u64, String), (u64, Instant)>,
+    last: HashMap<(u64, KeyDigest), (u64, Instant)>,
     /// Per stream, past the newest position forgotten.
     floor: HashMap<u64, u64>,
+    /// When keys older than [`RowKeys::KEEP`] were last forgotten.
+    swept: Option<Instant>,
+}
+
+/// The first 128 bits of a guard key's SHA-256. Two keys sharing one only
+/// make a guard on either refuse a write the other made: more, never less.
+type KeyDigest = [u8; 16];
+
+fn key_digest(key: &str) -> KeyDigest {
+    use sha2::Digest as _;
+    let full = sha2::Sha256::digest(key.as_bytes());
+    let mut digest = [0u8; 16];
+    digest.copy_from_slice(&full[..16]);
+    digest
 }
 
 impl RowKeys {
     const MAX: usize = 10_000;
+    /// How long a key is kept after its write.
+    const KEEP: std::time::Duration = std::time::Duration::from_secs(60);
+    /// How often keys past [`RowKeys::KEEP`] are looked for.
+    const SWEEP: std::time::Duration = std::time::Duration::from_secs(10);
 
     /// Where the newest guarded append of `key` to `stream` began, as far as
     /// a guard read at `since` on a stream now at `tail` must know: a
     /// forgotten key counts as written at `since` unless the stream has not moved.
     fn last(&self, stream: u64, key: &str, since: u64, tail: u64) -> Option<u64> {
-        match self.last.get(&(stream, key.to_owned())) {
+        match self.last.get(&(stream, key_digest(key))) {
             Some((pos, _)) => Some(*pos),
             None => self.floor.get(&stream).filter(|floor| since < **floor && tail != since).map(|_| since),
         }
     }
 
     fn record(&mut self, stream: u64, key: &str, pos: u64) {
-        self.last.insert((stream, key.to_owned()), (pos, Instant::now()));
+        self.record_at(stream, key, pos, Instant::now());
+    }
+
+    fn record_at(&mut self, stream: u64, key: &str, pos: u64, now: Instant) {
+        self.last.insert((stream, key_digest(key)), (pos, now));
+        if self.swept.is_none_or(|at| now.duration_since(at) >= Self::SWEEP) {
+            self.swept = Some(now);
+            self.forget(|at| now.duration_since(*at) >= Self::KEEP);
+        }
         if self.last.len() > Self::MAX {
-            self.forget(|at| at.elapsed() >= std::time::Duration::from_secs(60));
+            self.forget(|at| now.duration_since(*at) >= Self::KEEP);
             // Still full (10,000 keys in a minute): all go, so pruning stays rare.
             if self.last.len() > Self::MAX / 2 {
                 self.forget(|_| true);
@@ -123,6 +156,10 @@ impl RowKeys {
             }
             keep
         });
+        // A burst's table is not kept for the quiet minutes after it.
+        if self.last.capacity() > 4 * self.last.len() + 64 {
+            self.last.shrink_to(2 * self.last.len());
+        }
     }
 }
 
@@ -1992,6 +2029,7 @@ impl WriterState {
 #[cfg(test)]
 mod tests {
     use super::RowKeys;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn a_forgotten_guard_key_refuses_more_never_less() {
@@ -2010,5 +2048,22 @@ mod tests {
         assert_eq!(keys.last(1, "attachment:a", 20_000, 20_000), None);
         assert_eq!(keys.last(1, "attachment:a", 20_000, 20_100), None, "read after every forgotten write");
         assert_eq!(keys.last(2, "attachment:a", 50, 20_000), None, "another stream forgot nothing");
+    }
+
+    #[test]
+    fn a_guard_key_is_forgotten_a_minute_after_its_write_however_few_keys_there_are() {
+        let start = Instant::now();
+        let mut keys = RowKeys::default();
+        keys.record_at(1, "attachment:a", 100, start);
+        keys.record_at(1, "attachment:b", 200, start + Duration::from_secs(30));
+        assert_eq!(keys.last.len(), 2, "both younger than a minute");
+        keys.record_at(2, "attachment:c", 10, start + Duration::from_secs(61));
+        assert_eq!(keys.last.len(), 2, "a's minute is over, b's is not");
+        assert_eq!(keys.last(1, "attachment:b", 150, 300), Some(200));
+        // a is forgotten: a guard read before its write is refused, one read after is not.
+        assert_eq!(keys.last(1, "attachment:a", 50, 300), Some(50));
+        assert_eq!(keys.last(1, "attachment:a", 150, 300), None);
+        keys.record_at(2, "attachment:d", 20, start + Duration::from_secs(95));
+        assert_eq!(keys.last.len(), 2, "b went at its minute too");
     }
 }
