@@ -100,7 +100,34 @@ pub struct MainView {
 
 /// A view's hold on its stream's change signal (compares equal always: it is not part of what the view says).
 #[derive(Default)]
-struct Follow(Option<attache_storage::ChangeSignal>);
+struct Follow {
+    signal: Option<attache_storage::ChangeSignal>,
+    /// The signal was marked seen before the view's last read, that read
+    /// reached the tail, the store's signal moves for every commit before its
+    /// writer is answered (`StreamStore::signal_covers_commits`), and the
+    /// stream cannot expire: while the signal stays where it was marked,
+    /// nothing was committed that the view lacks, and a catch-up reads nothing.
+    settled: bool,
+}
+
+impl Follow {
+    /// Marks the signal seen (before a read); `false` when there is none to mark.
+    fn mark_seen(&mut self) -> bool {
+        self.settled = false;
+        match &mut self.signal {
+            Some(signal) => {
+                signal.borrow_and_update();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Nothing committed to the stream since the view's last read (see `settled`).
+    fn unchanged(&self) -> bool {
+        self.settled && self.signal.as_ref().is_some_and(|s| s.has_changed().is_ok_and(|moved| !moved))
+    }
+}
 
 impl PartialEq for Follow {
     fn eq(&self, _: &Follow) -> bool {
@@ -110,7 +137,7 @@ impl PartialEq for Follow {
 
 impl std::fmt::Debug for Follow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "Follow(held)" } else { "Follow(none)" })
+        f.write_str(if self.signal.is_some() { "Follow(held)" } else { "Follow(none)" })
     }
 }
 
@@ -669,7 +696,13 @@ impl Views {
     }
 
     async fn catch_up(store: &dyn StreamStore, main: &str, view: &mut MainView, inbox_window: usize) -> ApiResult<()> {
+        // Most calls of a task write ask for the view several times; only the first reads.
+        if view.follow.unchanged() {
+            return Ok(());
+        }
         loop {
+            // Marked before the read: whatever commits after it moves the signal again.
+            let marked = view.follow.mark_seen();
             let batch = match store.read(main, ReadFrom::At(attache_core::Offset(view.applied)), 4 << 20).await {
                 Ok(b) => b,
                 Err(StoreError::NotFound) => {
@@ -689,8 +722,9 @@ impl Views {
                 continue;
             }
             if view.stream.is_none() {
-                // Followed from its first read on, so the bytes written next are kept for it.
-                view.follow = Follow(store.subscribe(main).await.ok());
+                // Followed from its first read on, so the bytes written next are kept for it
+                // (subscribed after this read: it settles at the next one).
+                view.follow = Follow { signal: store.subscribe(main).await.ok(), settled: false };
             }
             view.stream = Some(batch.info.id);
             for row in &batch.messages() {
@@ -698,6 +732,9 @@ impl Views {
             }
             view.applied = batch.next.0;
             if batch.up_to_date() {
+                let info = &batch.info;
+                view.follow.settled =
+                    marked && store.signal_covers_commits() && info.ttl_secs.is_none() && info.expires_at_ms.is_none();
                 return Ok(());
             }
         }

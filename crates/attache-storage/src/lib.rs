@@ -170,6 +170,20 @@ pub trait StreamStore: Send + Sync + 'static {
     /// A signal that changes after every committed change to the stream.
     async fn subscribe(&self, path: &str) -> StoreResult<ChangeSignal>;
 
+    /// Whether every commit a read of a stream can see has moved the stream's
+    /// [`subscribe`](StreamStore::subscribe) signal before any writer of it
+    /// is answered, and nothing else (another instance) commits to it: then a
+    /// reader that marked the signal seen before its last read, and finds it
+    /// unmoved, knows every acknowledged write is in what it read, and may
+    /// skip the read (the server's entity views do). The signal moves on a
+    /// delete or unlink too; a stream with a TTL or an expiry time can still
+    /// vanish without it. Embedded: yes (one writer publishes, then moves the
+    /// signal, then answers). PostgreSQL: no (a read sees another instance's
+    /// commit before its `NOTIFY` moves the signal here).
+    fn signal_covers_commits(&self) -> bool {
+        false
+    }
+
     /// Resets a sliding TTL, as a read or write does (live reads call it when
     /// they start). Memory only: a stream this instance has not loaded yet is
     /// touched by the read that loads it.

@@ -1,5 +1,7 @@
 //! The values that cross the storage seam.
 
+use std::sync::Arc;
+
 use attache_core::{ContentType, ExpiresAt, Offset, ProducerHeaders, ProducerState, StreamPath, Ttl};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -222,28 +224,49 @@ pub struct ReadBatch {
     /// (`[m1,m2]`, `[]` when there are none), each message's bytes as appended.
     pub body: Bytes,
     pub json: bool,
+    /// JSON, when the read knew them: where each message starts in `body`
+    /// (ascending; the first is 1, just past the `[`), so [`ReadBatch::messages`]
+    /// slices the body without scanning it. `None`: the body is scanned.
+    pub(crate) starts: Option<Arc<[u32]>>,
 }
 
 impl ReadBatch {
     /// A batch from its pieces: binary runs to concatenate, or JSON messages (one per element).
     pub fn from_pieces(info: StreamInfo, start: Offset, next: Offset, json: bool, pieces: &[Bytes]) -> ReadBatch {
+        let mut starts = None;
         let body = match (json, pieces) {
             (false, [one]) => one.clone(),
             (false, _) => pieces.concat().into(),
             (true, _) => {
                 let mut out = Vec::with_capacity(pieces.iter().map(|m| m.len() + 1).sum::<usize>() + 2);
+                let mut at = Vec::with_capacity(pieces.len());
                 out.push(b'[');
                 for (i, m) in pieces.iter().enumerate() {
                     if i > 0 {
                         out.push(b',');
                     }
+                    at.push(out.len());
                     out.extend_from_slice(m);
                 }
                 out.push(b']');
+                starts = Self::starts_of(at.into_iter(), out.len());
                 out.into()
             }
         };
-        ReadBatch { info, start, next, body, json }
+        ReadBatch { info, start, next, body, json, starts }
+    }
+
+    /// A batch as a backend's read assembled it; `starts` as [`ReadBatch::starts`]
+    /// says, for a JSON body whose message starts the read knew.
+    pub(crate) fn new(info: StreamInfo, start: Offset, next: Offset, body: Bytes, json: bool) -> ReadBatch {
+        ReadBatch { info, start, next, body, json, starts: None }
+    }
+
+    /// Message starts in a body of `len` bytes, as stored: `None` when a body
+    /// that long could not hold them as `u32`.
+    pub(crate) fn starts_of(starts: impl ExactSizeIterator<Item = usize>, len: usize) -> Option<Arc<[u32]>> {
+        u32::try_from(len).ok()?;
+        Some(starts.map(|s| s as u32).collect())
     }
 
     pub fn up_to_date(&self) -> bool {
@@ -271,8 +294,33 @@ impl ReadBatch {
         if !self.json {
             return if self.body.is_empty() { Vec::new() } else { vec![self.body.clone()] };
         }
-        split_array(&self.body)
+        match &self.starts {
+            Some(starts) => slice_at(&self.body, starts).unwrap_or_else(|| split_array(&self.body)),
+            None => split_array(&self.body),
+        }
     }
+}
+
+/// The messages of a JSON array body whose element starts are known: each
+/// runs to the byte before the next one's start (its `,`), the last to the
+/// byte before the closing `]`. `None` when the starts do not fit the body.
+fn slice_at(body: &Bytes, starts: &[u32]) -> Option<Vec<Bytes>> {
+    let close = body.len().checked_sub(1).filter(|&c| body.get(c) == Some(&b']'))?;
+    let mut out = Vec::with_capacity(starts.len());
+    for (i, &s) in starts.iter().enumerate() {
+        let from = s as usize;
+        let to = match starts.get(i + 1) {
+            Some(&n) => (n as usize).checked_sub(1)?,
+            None => close,
+        };
+        let piece = body.get(from..to)?;
+        let lead = piece.iter().take_while(|c| c.is_ascii_whitespace()).count();
+        let trail = piece[lead..].iter().rev().take_while(|c| c.is_ascii_whitespace()).count();
+        if lead + trail < piece.len() {
+            out.push(body.slice(from + lead..to - trail));
+        }
+    }
+    Some(out)
 }
 
 /// A read as it goes out ([`StreamStore::read_sendable`](crate::StreamStore::read_sendable)):
@@ -440,6 +488,23 @@ mod tests {
         let empty = ReadBatch::from_pieces(StreamInfo::for_tests(0, true), Offset(0), Offset(0), true, &[]);
         assert_eq!(&empty.body[..], b"[]");
         assert!(empty.is_empty() && empty.messages().is_empty());
+    }
+
+    #[test]
+    fn messages_sliced_at_known_starts_are_the_messages_the_scan_finds() {
+        let messages: Vec<Bytes> = [r#"{"a":[1,{"b":"],"}]}"#, "0", r#""x,\"]""#, "[]", r#""\\""#]
+            .iter()
+            .map(|m| Bytes::copy_from_slice(m.as_bytes()))
+            .collect();
+        let batch = ReadBatch::from_pieces(StreamInfo::for_tests(0, true), Offset(0), Offset(0), true, &messages);
+        assert!(batch.starts.is_some(), "from_pieces knows where its messages start");
+        assert_eq!(batch.messages(), messages);
+        assert_eq!(split_array(&batch.body), messages);
+        // Starts that do not fit the body are not trusted: the body is scanned instead.
+        let wrong = ReadBatch { starts: Some(vec![1, 999].into()), ..batch.clone() };
+        assert_eq!(wrong.messages(), messages);
+        let unclosed = ReadBatch { body: batch.body.slice(..batch.body.len() - 1), ..batch.clone() };
+        assert_eq!(slice_at(&unclosed.body, &[1]), None);
     }
 
     #[test]

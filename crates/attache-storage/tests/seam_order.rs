@@ -4,7 +4,9 @@
 //!   sequence, whenever (and in whatever order) their futures are awaited,
 //!   and a refused one takes only itself out;
 //! - `create_blob_stream_and_append`: an upload's blob stream and its row
-//!   commit together or not at all.
+//!   commit together or not at all;
+//! - `signal_covers_commits` (embedded): a write's signal has moved before
+//!   its writer is answered.
 //!
 //! The PostgreSQL half runs on a throwaway cluster (or `ATTACHE_TEST_PG_URL`);
 //! without PostgreSQL it prints why and passes.
@@ -186,6 +188,47 @@ async fn embedded_appends_placed_in_order_commit_in_that_order() {
     let (_dir, store) = embedded();
     interleaved_appends_commit_in_the_order_they_were_placed(store.clone(), "/order/a").await;
     a_dropped_answer_does_not_drop_the_append(store.as_ref(), "/order/b").await;
+    store.close().await;
+}
+
+/// `signal_covers_commits`: every commit has moved its stream's signal by
+/// the time its caller is answered, whichever call made it and however many
+/// writers share its group commit. Each writer marks its own receiver seen
+/// before it writes, and finds it moved once answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_write_has_moved_its_streams_signal_before_it_is_answered() {
+    let (_dir, store) = embedded();
+    assert!(store.signal_covers_commits());
+    store.create(stream("/signal/rows", "application/json")).await.unwrap();
+    store.create(stream("/signal/events", "application/json")).await.unwrap();
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let mut rows = store.subscribe("/signal/rows").await.unwrap();
+            let mut events = store.subscribe("/signal/events").await.unwrap();
+            for n in 0..100 {
+                rows.borrow_and_update();
+                events.borrow_and_update();
+                if n % 2 == 0 {
+                    store.append_in_order(numbered("/signal/rows", w * 1000 + n)).await.unwrap();
+                } else {
+                    let pair = (numbered("/signal/rows", n), numbered("/signal/events", n));
+                    store.append_in_order_with(pair.0, pair.1, None).await.unwrap();
+                    assert!(events.has_changed().unwrap(), "writer {w}, paired append {n}: events");
+                }
+                assert!(rows.has_changed().unwrap(), "writer {w}, append {n}: rows");
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    // A delete moves it too (the receiver then finds its stream gone).
+    let mut rows = store.subscribe("/signal/rows").await.unwrap();
+    rows.borrow_and_update();
+    store.delete("/signal/rows").await.unwrap();
+    assert!(rows.has_changed().is_err() || rows.has_changed().unwrap());
     store.close().await;
 }
 

@@ -720,6 +720,12 @@ impl StreamStore for EmbeddedStore {
         Ok(self.entry(path)?.signal.subscribe())
     }
 
+    /// The writer publishes a batch's metadata, then moves each touched
+    /// stream's signal (`writer::publish`), then answers its callers.
+    fn signal_covers_commits(&self) -> bool {
+        true
+    }
+
     fn touch(&self, path: &str) {
         if let Ok(entry) = self.entry(path) {
             entry.touch();

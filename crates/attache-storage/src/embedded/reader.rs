@@ -71,7 +71,7 @@ pub(crate) fn read(shared: &Shared, info: &StreamInfo, from: ReadFrom, max_bytes
         }
     };
     let body = fill(shared, &ranges, json)?;
-    Ok(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(next), body, json })
+    Ok(ReadBatch::new(info.clone(), Offset(start), Offset(next), body, json))
 }
 
 /// The byte ranges a read of `info` from `start` takes (whole messages only
@@ -184,7 +184,7 @@ pub(crate) fn read_cached(shared: &Shared, info: &StreamInfo, start: u64, max_by
         return None;
     }
     let body = fill_with(&ranges, json, |r, buf| shared.segments.read_cached(r.id, r.lo - r.base, buf).then_some(()))?;
-    Some(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(next), body, json })
+    Some(ReadBatch::new(info.clone(), Offset(start), Offset(next), body, json))
 }
 
 /// Smallest read left in its file ([`file_body`]): below it a copy costs
@@ -315,5 +315,5 @@ fn read_blob(
         file.read_exact_at(&mut buf, start)?;
         body = Bytes::from(buf);
     }
-    Ok(ReadBatch { info: info.clone(), start: Offset(start), next: Offset(end), body, json: false })
+    Ok(ReadBatch::new(info.clone(), Offset(start), Offset(end), body, false))
 }

@@ -103,19 +103,24 @@ impl TailCache {
         let from = (at - self.start) as usize;
         let to = (hi - self.start) as usize;
         let range = self.bytes.get(from..to)?;
-        let body = if json {
-            let mut out = Vec::with_capacity(range.len() + 1);
-            out.push(b'[');
-            out.extend_from_slice(range);
-            match out.last_mut() {
-                Some(last) if !range.is_empty() => *last = b']',
-                _ => out.push(b']'),
-            }
-            Bytes::from(out)
-        } else {
-            Bytes::copy_from_slice(range)
-        };
-        Some(ReadBatch { info: info.clone(), start: Offset(at), next: Offset(hi), body, json })
+        if !json {
+            return Some(ReadBatch::new(info.clone(), Offset(at), Offset(hi), Bytes::copy_from_slice(range), false));
+        }
+        let mut out = Vec::with_capacity(range.len() + 1);
+        out.push(b'[');
+        out.extend_from_slice(range);
+        match out.last_mut() {
+            Some(last) if !range.is_empty() => *last = b']',
+            _ => out.push(b']'),
+        }
+        // The messages' starts are known here, so whoever splits the read never scans it for them.
+        let first = self.marks.partition_point(|&m| m < at);
+        let end = self.marks.partition_point(|&m| m < hi);
+        let starts =
+            ReadBatch::starts_of(self.marks.get(first..end)?.iter().map(|&m| (m - at) as usize + 1), out.len());
+        let mut batch = ReadBatch::new(info.clone(), Offset(at), Offset(hi), Bytes::from(out), true);
+        batch.starts = starts;
+        Some(batch)
     }
 }
 
@@ -179,6 +184,14 @@ mod tests {
         assert_eq!(&cache.read(&info, 10, 3).unwrap().body[..], b"[1]");
         assert_eq!(&cache.read(&info, 10, 0).unwrap().body[..], b"[1]");
         assert_eq!(cache.read(&info, 10, 3).unwrap().next, Offset(12));
+        // Each read knows where its messages start, and says the same as a scan of its body.
+        for at in [10, 12] {
+            let batch = cache.read(&info, at, 1 << 20).unwrap();
+            assert!(batch.starts.is_some());
+            let scanned = ReadBatch { starts: None, ..batch.clone() };
+            assert_eq!(batch.messages(), scanned.messages());
+        }
+        assert_eq!(cache.read(&info, 12, 1 << 20).unwrap().messages(), ["22", "333"]);
         // Not a message start, before the cache, or a tail the cache does not reach: not served here.
         assert!(cache.read(&info, 11, 1 << 20).is_none());
         assert!(cache.read(&info, 9, 1 << 20).is_none());
