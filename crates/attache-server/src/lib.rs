@@ -232,6 +232,7 @@ impl Server {
         let held = state.clone();
         let task = tokio::spawn(async move {
             conn::serve(listener, app, limits, state.metrics.clone(), stop).await;
+            state.tasks.finish_detached(state.config.shutdown_grace).await;
             state.store.close().await;
             tracing::info!("store closed");
         });

@@ -569,3 +569,77 @@ async fn a_stop_during_a_task_change_waits_for_its_write_and_the_record_shows_on
         }
     }
 }
+
+/// A change of the task record whose request is dropped (the client closes
+/// its connection) while the change is between its compare-and-set and its
+/// write (held at the `task_write` pause) is finished all the same: the
+/// record shows it and its event is published, never one without the other.
+/// Before, the dropped request took the write with it: the record kept the
+/// change (priority, assignee, status, the task itself) and no `task.*`
+/// event or main-stream row was ever written.
+#[tokio::test]
+async fn a_task_change_whose_request_is_dropped_after_its_decision_is_written_with_its_event() {
+    let cases: [(&str, &str, Setup, Value); 7] = [
+        ("task.create", "task.created", |_| vec![], json!({ "id": "T", "text": "dropped", "priority": 60 })),
+        ("task.update", "task.updated", |_| vec![], json!({ "id": "T", "updates": { "priority": 60 } })),
+        ("task.assign", "task.assigned", |_| vec![], json!({ "taskId": "T", "instanceId": "w1" })),
+        (
+            "task.unassign",
+            "task.unassigned",
+            |t| vec![("task.assign", json!({ "taskId": t, "instanceId": "w1" }))],
+            json!({ "taskId": "T" }),
+        ),
+        ("task.claim", "task.claimed", |_| vec![], json!({ "workerId": "w1" })),
+        // Without a result: a result attachment would reach the pause first.
+        (
+            "task.complete",
+            "task.completed",
+            |_| vec![("task.claim", json!({ "workerId": "w1" }))],
+            json!({ "id": "T" }),
+        ),
+        ("task.delete", "task.deleted", |_| vec![], json!({ "id": "T" })),
+    ];
+    let mut wrong = Vec::new();
+    for (method, event, setup, params) in cases {
+        let pauses = attache_server::pause::Pauses::default();
+        let given = pauses.clone();
+        let s = TestServer::start_with(move |c| c.pauses = Some(given)).await;
+        let t = if method == "task.create" {
+            "t-dropped".to_owned()
+        } else {
+            create_task(&s, ALICE, "dropped meanwhile", 50).await
+        };
+        for (m, p) in setup(&t) {
+            ok(&s, ALICE, m, p).await;
+        }
+        let before = call(&s, ALICE, "task.get", json!({ "id": t })).await;
+        let params: Value = serde_json::from_str(&params.to_string().replace("\"T\"", &format!("\"{t}\""))).unwrap();
+        let pause = pauses.arm(attache_server::pause::TASK_WRITE);
+        call_dropped_at(&s, ALICE, method, &params, &pause).await;
+        pause.release();
+
+        // What the change does runs on its own now: given time, its event is there.
+        let mut published = false;
+        for _ in 0..50 {
+            published = events_of(&s, &t).await.iter().any(|e| e["type"] == event);
+            if published {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let after = call(&s, ALICE, "task.get", json!({ "id": t })).await;
+        let changed = after != before;
+        if changed != published {
+            wrong.push(format!(
+                "{method}: the record {} the change, yet {event} was {}published: {before} -> {after}",
+                if changed { "shows" } else { "does not show" },
+                if published { "" } else { "not " },
+            ));
+        } else if !published {
+            wrong.push(format!("{method}: a change decided before its request was dropped is not finished"));
+        }
+        let cells = s.memory_counts().await.task_cells;
+        assert_eq!(cells, 0, "{method}: the finished change gave back its task cell");
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use attache_server::pause::{
     Pauses, ATTACHMENT_DELETE, ENTITY_WRITE, FINALIZE_WRITE, INBOX_WRITE, SETTLE_WRITE, TASK_ATTACHMENT_WRITE,
-    UPLOAD_COMMIT, UPLOAD_SETTLED,
+    TASK_WRITE, UPLOAD_COMMIT, UPLOAD_SETTLED,
 };
 use attache_server::{ServerConfig, StoreConfig};
 use attache_storage::postgres::test_cluster::TestCluster;
@@ -792,5 +792,56 @@ async fn sends_of_one_inbox_key_through_two_instances_write_it_once() {
         .await;
         assert_eq!(rows.len(), 1, "one message of the key: {rows:?}");
         assert_eq!(rows[0]["value"]["payload"]["from"], "b");
+    }
+}
+
+/// A change of the task record through `a` whose request is dropped (the
+/// client closes its connection) while the change is between its
+/// compare-and-set in PostgreSQL and its write (held at the `task_write`
+/// pause) is written all the same: read through `b`, its event is
+/// published and the record shows it. Before, the record kept the change
+/// with no event and no row on the task's main stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_change_whose_request_is_dropped_after_its_decision_is_written_with_its_event() {
+    use serde_json::{json, Value};
+    use task_helpers::{call_dropped_at, create_task, ok, ALICE};
+    let pauses = Pauses::default();
+    let Some(Instances { a, b, _objects, _cluster }) = two_instances_pausing(Some(pauses.clone())).await else {
+        return;
+    };
+    // The claim first: it takes the one pending task there is.
+    let cases = [
+        ("task.claim", "task.claimed", json!({ "workerId": "w1" }), "status", json!("in_progress")),
+        ("task.update", "task.updated", json!({ "updates": { "priority": 60 } }), "priority", json!(60)),
+    ];
+    for (method, event, params, field, changed) in cases {
+        let task = create_task(&a, ALICE, "dropped meanwhile", 50).await;
+        let mut params = params;
+        if method == "task.update" {
+            params["id"] = json!(task);
+        }
+        let pause = pauses.arm(TASK_WRITE);
+        call_dropped_at(&a, ALICE, method, &params, &pause).await;
+        pause.release();
+        entity_support::eventually(Duration::from_secs(10), "the dropped change's event", || async {
+            let res = b
+                .client
+                .get(b.url("/_attache/events"))
+                .query(&[("offset", "-1")])
+                .header("electric-principal", ALICE)
+                .send()
+                .await
+                .unwrap();
+            let events: Vec<Value> = res.json().await.unwrap();
+            events.iter().any(|e| e["taskId"] == task.as_str() && e["type"] == event).then_some(())
+        })
+        .await;
+        // `b` learns of the record's change through PostgreSQL, a little after the write.
+        let record = entity_support::eventually(Duration::from_secs(10), "the change in the record", || async {
+            let record = ok(&b, ALICE, "task.get", json!({ "id": task })).await;
+            (record[field] == changed).then_some(record)
+        })
+        .await;
+        assert_eq!(record[field], changed, "{method}: the record shows the change its event tells of: {record}");
     }
 }

@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use attache_core::state::timestamp;
 use attache_core::{Permission, PrincipalKey};
-use attache_storage::StoreError;
+use attache_storage::{EntityRecord, StoreError};
 use serde_json::{json, Map, Value};
 
 use super::attachments::{attachment_json, keyed, put_attachment, AttachmentInput};
 use super::dispatch::{change_task, illegal, is_live_task, task_entity, task_for, Missing};
 use super::ids::{main_path, new_task_id, task_url};
-use super::writes::{hold_task, write_task, Event, MainWrite};
+use super::writes::{change_and_write, write_task, Event, Held, MainWrite};
 use super::AttachmentKind;
 use super::{ApiError, ApiResult, Params, ResponseBudget, Status, TaskRecord, TASK_TYPE};
 use crate::access::{may, now_ms};
@@ -67,35 +67,43 @@ pub(super) async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         deleted_at: None,
     };
     let cell = state.tasks.cell(&id);
-    let guard = cell.order.write().await;
+    let order = cell.lock_order().await;
     // Held from before the spawn: a stop of the new task waits for its `task.created`.
     let life = state.lives.shared(&url.to_string()).await;
-    let spawned = crate::entities::spawn_entity(state, who, &url, None, BTreeMap::new(), Some(task.to_extra())).await;
-    let incarnation = match spawned {
-        Ok((record, true, _)) => record.incarnation,
-        Ok((_, false, _)) => {
-            return Err(ApiError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })))
-        }
-        Err(ApiError::DuplicateUrl { .. }) => {
-            return Err(ApiError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })))
-        }
-        Err(e) => return Err(e),
-    };
-    let mut out = json!({
-        "id": id,
-        "text": task.text,
-        "status": task.status.as_str(),
-        "priority": task.priority,
-        "createdAt": timestamp(now),
-    });
-    let event = Event::new("task.created", &id, out.clone(), json!({ "createdBy": who.to_string() }));
-    let written =
-        write_task(state, &id, incarnation.as_deref(), Some(life), vec![], vec![event], MainWrite::Append, None).await;
-    drop(guard);
-    written.await?;
-    drop(cell);
-    if let Some(m) = &task.metadata {
-        out["metadata"] = Value::Object(m.clone());
+    // From the spawn to its event, on a task of its own: a dropped request
+    // never leaves a task that has no `task.created` (`Writers::run_to_end`).
+    let (state_, who) = (state.clone(), who.clone());
+    let (mut out, metadata) = state
+        .tasks
+        .run_to_end(async move {
+            let state = &state_;
+            let extra = Some(task.to_extra());
+            let spawned = crate::entities::spawn_entity(state, &who, &url, None, BTreeMap::new(), extra).await;
+            let incarnation = match spawned {
+                Ok((record, true, _)) => record.incarnation,
+                Ok((_, false, _)) | Err(ApiError::DuplicateUrl { .. }) => {
+                    return Err(ApiError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })))
+                }
+                Err(e) => return Err(e),
+            };
+            let out = json!({
+                "id": id,
+                "text": task.text,
+                "status": task.status.as_str(),
+                "priority": task.priority,
+                "createdAt": timestamp(now),
+            });
+            let event = Event::new("task.created", &id, out.clone(), json!({ "createdBy": who.to_string() }));
+            let inc = incarnation.as_deref();
+            let written = write_task(state, &id, inc, Some(life), vec![], vec![event], MainWrite::Append, None).await;
+            drop(order);
+            written.await?;
+            drop(cell);
+            Ok((out, task.metadata))
+        })
+        .await?;
+    if let Some(m) = metadata {
+        out["metadata"] = Value::Object(m);
     }
     Ok(out)
 }
@@ -128,13 +136,11 @@ pub(super) async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         ["text", "status", "priority", "metadata"].into_iter().filter(|k| updates.contains_key(*k)).collect();
     let entity = task_entity(state, who, id, Permission::Write, Missing::TaskColon).await?;
     let incarnation = entity.incarnation.as_deref();
-    let cell = state.tasks.cell(id);
-    let guard = cell.order.write().await;
-    let life = hold_task(state, id, incarnation).await?;
-    let task_id = id.to_owned();
+    let held = Held::take(state, state.tasks.cell(id), id, incarnation).await?;
+    let (task_id, by) = (id.to_owned(), who.to_string());
     let now = now_ms();
     let max_metadata = state.config.max_entity_data_bytes;
-    let task = change_task(state, id, incarnation, move |t| {
+    let change = move |t: &mut TaskRecord| {
         if let Some(s) = status {
             if !t.status.may_become(s) {
                 return Err(illegal(&task_id, t.status, s));
@@ -162,23 +168,21 @@ pub(super) async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         }
         t.updated_at = now;
         Ok(())
+    };
+    let id_ = id.to_owned();
+    change_and_write(state, held, id, incarnation, change, move |task| {
+        let out = json!({
+            "id": id_,
+            "text": task.text,
+            "status": task.status.as_str(),
+            "priority": task.priority,
+            "createdAt": timestamp(task.created_at),
+            "updatedAt": timestamp(task.updated_at),
+        });
+        let event = Event::new("task.updated", &id_, out.clone(), json!({ "updatedBy": by, "changes": changes }));
+        (event, out)
     })
-    .await?;
-    let out = json!({
-        "id": id,
-        "text": task.text,
-        "status": task.status.as_str(),
-        "priority": task.priority,
-        "createdAt": timestamp(task.created_at),
-        "updatedAt": timestamp(task.updated_at),
-    });
-    let event =
-        Event::new("task.updated", id, out.clone(), json!({ "updatedBy": who.to_string(), "changes": changes }));
-    let written = write_task(state, id, incarnation, Some(life), vec![], vec![event], MainWrite::Append, None).await;
-    drop(guard);
-    written.await?;
-    drop(cell);
-    Ok(out)
+    .await
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -281,13 +285,11 @@ pub(super) async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     let instance = p.string("instanceId", 256)?.to_owned();
     let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskColon).await?;
     let incarnation = entity.incarnation.as_deref();
-    let cell = state.tasks.cell(task_id);
-    let guard = cell.order.write().await;
-    let life = hold_task(state, task_id, incarnation).await?;
+    let held = Held::take(state, state.tasks.cell(task_id), task_id, incarnation).await?;
     let previous: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
     let (prev_slot, id, inst) = (previous.clone(), task_id.to_owned(), instance.clone());
     let now = now_ms();
-    change_task(state, task_id, incarnation, move |t| {
+    let change = move |t: &mut TaskRecord| {
         if t.status.is_final() {
             return Err(ApiError::rejected(
                 format!("Cannot assign task {id} with status {}", t.status.as_str()),
@@ -306,34 +308,30 @@ pub(super) async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
         *prev_slot.lock() = t.assigned_to.replace(inst);
         t.updated_at = now;
         Ok(())
+    };
+    let (id, by) = (task_id.to_owned(), who.to_string());
+    change_and_write(state, held, task_id, incarnation, change, move |_| {
+        let previous = previous.lock().take();
+        let event = Event::new(
+            "task.assigned",
+            &id,
+            json!({ "taskId": id, "instanceId": instance, "previousAssignment": previous }),
+            json!({ "assignedBy": by }),
+        );
+        (event, json!({ "taskId": id, "instanceId": instance, "assignedAt": timestamp(now) }))
     })
-    .await?;
-    let previous = previous.lock().take();
-    let event = Event::new(
-        "task.assigned",
-        task_id,
-        json!({ "taskId": task_id, "instanceId": instance, "previousAssignment": previous }),
-        json!({ "assignedBy": who.to_string() }),
-    );
-    let written =
-        write_task(state, task_id, incarnation, Some(life), vec![], vec![event], MainWrite::Append, None).await;
-    drop(guard);
-    written.await?;
-    drop(cell);
-    Ok(json!({ "taskId": task_id, "instanceId": instance, "assignedAt": timestamp(now) }))
+    .await
 }
 
 pub(super) async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
     let task_id = p.string("taskId", 128)?;
     let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskColon).await?;
     let incarnation = entity.incarnation.as_deref();
-    let cell = state.tasks.cell(task_id);
-    let guard = cell.order.write().await;
-    let life = hold_task(state, task_id, incarnation).await?;
+    let held = Held::take(state, state.tasks.cell(task_id), task_id, incarnation).await?;
     let previous: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
     let (prev_slot, id) = (previous.clone(), task_id.to_owned());
     let now = now_ms();
-    change_task(state, task_id, incarnation, move |t| {
+    let change = move |t: &mut TaskRecord| {
         if t.status.is_final() {
             return Err(ApiError::rejected(
                 format!("Cannot unassign task {id} with status {}", t.status.as_str()),
@@ -347,21 +345,19 @@ pub(super) async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_
         t.status = Status::Pending;
         t.updated_at = now;
         Ok(())
+    };
+    let (id, by) = (task_id.to_owned(), who.to_string());
+    change_and_write(state, held, task_id, incarnation, change, move |_| {
+        let previous = previous.lock().take();
+        let event = Event::new(
+            "task.unassigned",
+            &id,
+            json!({ "taskId": id, "previousAssignment": previous }),
+            json!({ "unassignedBy": by, "unassignedAt": timestamp(now) }),
+        );
+        (event, json!({ "taskId": id, "previousAssignment": previous, "unassignedAt": timestamp(now) }))
     })
-    .await?;
-    let previous = previous.lock().take();
-    let event = Event::new(
-        "task.unassigned",
-        task_id,
-        json!({ "taskId": task_id, "previousAssignment": previous }),
-        json!({ "unassignedBy": who.to_string(), "unassignedAt": timestamp(now) }),
-    );
-    let written =
-        write_task(state, task_id, incarnation, Some(life), vec![], vec![event], MainWrite::Append, None).await;
-    drop(guard);
-    written.await?;
-    drop(cell);
-    Ok(json!({ "taskId": task_id, "previousAssignment": previous, "unassignedAt": timestamp(now) }))
+    .await
 }
 
 /// Highest priority first, then the oldest, then the smallest id; only
@@ -387,10 +383,8 @@ pub(super) async fn claim(
     let mut too_large = None;
     for (task_id, _, incarnation) in candidates {
         let incarnation = incarnation.as_deref();
-        let cell = state.tasks.cell(&task_id);
-        let guard = cell.order.write().await;
-        let life = match hold_task(state, &task_id, incarnation).await {
-            Ok(life) => life,
+        let held = match Held::take(state, state.tasks.cell(&task_id), &task_id, incarnation).await {
+            Ok(held) => held,
             // Purged since it was listed: not a candidate any more.
             Err(ApiError::Rejected { .. }) => continue,
             Err(e) => return Err(e),
@@ -402,7 +396,7 @@ pub(super) async fn claim(
             let entries: Vec<_> = keyed(&view, &task_id).collect();
             if let Err(e) = budget.take_all(entries.iter().map(|(_, entry)| *entry)) {
                 too_large = Some(e);
-                drop(guard);
+                drop(held);
                 continue;
             }
             let mut attachments = Map::new();
@@ -413,7 +407,7 @@ pub(super) async fn claim(
         };
         let w = worker.clone();
         let now = now_ms();
-        let won = change_task(state, &task_id, incarnation, move |t| {
+        let change = move |t: &mut TaskRecord| {
             if t.status != Status::Pending || t.assigned_to.as_ref().is_some_and(|a| *a != w) {
                 return Err(ApiError::rejected("taken", Value::Null));
             }
@@ -421,29 +415,27 @@ pub(super) async fn claim(
             t.assigned_to = Some(w);
             t.updated_at = now;
             Ok(())
+        };
+        let (id, w, by) = (task_id.clone(), worker.clone(), who.to_string());
+        let won = change_and_write(state, held, &task_id, incarnation, change, move |task| {
+            let event = Event::new(
+                "task.claimed",
+                &id,
+                json!({ "taskId": id, "workerId": w }),
+                json!({ "claimedAt": timestamp(now), "claimedBy": by }),
+            );
+            (event, task.clone())
         })
         .await;
         let task = match won {
             Ok(task) => task,
-            Err(ApiError::Rejected { .. }) => {
-                // Its values were taken for nothing; they stay counted, as
-                // for any call that loaded them (`ResponseBudget::take`).
-                drop(guard);
-                continue;
-            }
+            // Taken (or stopped, or purged) meanwhile; nothing written (the
+            // write, guarded by nothing, refuses no other way). Its values
+            // were taken for nothing; they stay counted, as for any call
+            // that loaded them (`ResponseBudget::take`).
+            Err(ApiError::Rejected { .. }) => continue,
             Err(e) => return Err(e),
         };
-        let event = Event::new(
-            "task.claimed",
-            &task_id,
-            json!({ "taskId": task_id, "workerId": worker }),
-            json!({ "claimedAt": timestamp(now), "claimedBy": who.to_string() }),
-        );
-        let written =
-            write_task(state, &task_id, incarnation, Some(life), vec![], vec![event], MainWrite::Append, None).await;
-        drop(guard);
-        written.await?;
-        drop(cell);
         let mut row = task.row(&task_id);
         row["attachmentCount"] = json!(attachments.len());
         row["attachments"] = Value::Object(attachments);
@@ -477,8 +469,9 @@ pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_
     let cell = state.tasks.cell(task_id);
     // One completion of a task at a time: the next reads the task after this
     // one, so a completion that loses is refused before it writes its result
-    // attachment (which would replace the winner's, with its event).
-    let completing = cell.completing.lock().await;
+    // attachment (which would replace the winner's, with its event). Held
+    // to the end of the write, wherever that runs.
+    let completing = cell.lock_completing().await;
     let (entity, task) = task_for(state, who, task_id, Permission::Write, Missing::TaskColon).await?;
     let incarnation = entity.incarnation.as_deref();
     let next = if failed { Status::Failed } else { Status::Completed };
@@ -497,11 +490,11 @@ pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_
         };
         put_attachment(state, who, input).await?;
     }
-    let guard = cell.order.write().await;
-    let life = hold_task(state, task_id, incarnation).await?;
+    let mut held = Held::take(state, cell, task_id, incarnation).await?;
+    held.completing = Some(completing);
     let now = now_ms();
     let (id, stored, by) = (task_id.to_owned(), if failed { None } else { result }, worker.clone());
-    let task = change_task(state, task_id, incarnation, move |t| {
+    let change = move |t: &mut TaskRecord| {
         may_complete(&id, t, next, by.as_deref())?;
         t.status = next;
         t.error = failed.then(|| "No result provided".to_owned());
@@ -509,22 +502,19 @@ pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_
         t.completed_at = Some(now);
         t.updated_at = now;
         Ok(())
+    };
+    let (id, who) = (task_id.to_owned(), who.to_string());
+    change_and_write(state, held, task_id, incarnation, change, move |task| {
+        let event = Event::new(
+            "task.completed",
+            &id,
+            json!({ "id": id, "status": next.as_str(), "duration": now - task.created_at }),
+            // As ClaudeBench: the worker named, else the assignee.
+            json!({ "completedBy": worker.or_else(|| task.assigned_to.clone()).unwrap_or(who) }),
+        );
+        (event, json!({ "id": id, "status": next.as_str(), "completedAt": timestamp(now) }))
     })
-    .await?;
-    let event = Event::new(
-        "task.completed",
-        task_id,
-        json!({ "id": task_id, "status": next.as_str(), "duration": now - task.created_at }),
-        // As ClaudeBench: the worker named, else the assignee.
-        json!({ "completedBy": worker.clone().or_else(|| task.assigned_to.clone()).unwrap_or_else(|| who.to_string()) }),
-    );
-    let written =
-        write_task(state, task_id, incarnation, Some(life), vec![], vec![event], MainWrite::Append, None).await;
-    drop(guard);
-    written.await?;
-    drop(completing);
-    drop(cell);
-    Ok(json!({ "id": task_id, "status": next.as_str(), "completedAt": timestamp(now) }))
+    .await
 }
 
 /// ClaudeBench's rule for `task.complete`: the task has an assignee and is
@@ -556,10 +546,18 @@ pub(super) fn may_complete(task_id: &str, task: &TaskRecord, next: Status, worke
 pub(super) async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
     let id = p.string("id", 128)?;
     let entity = task_entity(state, who, id, Permission::Delete, Missing::TaskColon).await?;
+    let held = Held::take(state, state.tasks.cell(id), id, entity.incarnation.as_deref()).await?;
+    // From the compare-and-set to the tombstone, on a task of its own: a
+    // dropped request never leaves a deletion without its event, its
+    // attachments' bytes or its place among the tombstones (`Writers::run_to_end`).
+    let (state_, id, by) = (state.clone(), id.to_owned(), who.to_string());
+    state.tasks.run_to_end(async move { finish_delete(&state_, held, &id, &entity, &by).await }).await
+}
+
+/// `task.delete` from its compare-and-set on, holding `held`.
+async fn finish_delete(state: &AppState, held: Held, id: &str, entity: &EntityRecord, who: &str) -> ApiResult<Value> {
+    let Held { life, order, completing: _, cell } = held;
     let incarnation = entity.incarnation.as_deref();
-    let cell = state.tasks.cell(id);
-    let _guard = cell.order.write().await;
-    let life = hold_task(state, id, incarnation).await?;
     let now = now_ms();
     change_task(state, id, incarnation, move |t| {
         t.deleted_at = Some(now);
@@ -570,8 +568,8 @@ pub(super) async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     let event = Event::new(
         "task.deleted",
         id,
-        json!({ "id": id, "deletedAt": timestamp(now), "deletedBy": who.to_string() }),
-        json!({ "instanceId": who.to_string() }),
+        json!({ "id": id, "deletedAt": timestamp(now), "deletedBy": who }),
+        json!({ "instanceId": who }),
     );
     // Stopped before (a signal, or DELETE on its entity): its main stream is
     // closed and takes no event row; the event still reaches the events
@@ -588,7 +586,7 @@ pub(super) async fn delete(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     }
     // Nothing reads a deleted task's view again: it goes now, not when the LRU reaches it.
     state.views.forget(&main_path(id));
-    drop(_guard);
+    drop(order);
     drop(cell);
     let over = {
         let mut kept = state.tasks.tombstones.lock();

@@ -2,9 +2,14 @@
 //! by a guard that gives it back on drop, so no early return leaks one.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::Tombstone;
+use tokio::sync::{OwnedMutexGuard, OwnedRwLockWriteGuard};
+use tokio_util::task::TaskTracker;
+
+use super::{ApiError, ApiResult, Tombstone};
 
 /// Write ordering for one task. A write holds its locks while it is decided
 /// and *placed* in its streams' commit order (`StreamStore::append_in_order`,
@@ -18,15 +23,29 @@ use super::Tombstone;
 /// lock until it is durable (not only placed): the next write of the key
 /// decides from a view that shows it, which its guard needs
 /// (`tasks/attachments.rs`, `StreamStore::append_in_order_with`).
+///
+/// A change of the task record holds `order` (and `task.complete` its
+/// `completing`) by owned guards: from its compare-and-set on it runs on a
+/// task of its own ([`Writers::run_to_end`]), which takes them along.
 #[derive(Default)]
 pub struct TaskCell {
-    pub(super) order: tokio::sync::RwLock<()>,
+    pub(super) order: Arc<tokio::sync::RwLock<()>>,
     pub(super) keys: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Held by `task.complete` from its first read of the task to its write.
-    pub(super) completing: tokio::sync::Mutex<()>,
+    pub(super) completing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl TaskCell {
+    /// Takes `order` exclusively, for a change of the task record.
+    pub(super) async fn lock_order(&self) -> OwnedRwLockWriteGuard<()> {
+        self.order.clone().write_owned().await
+    }
+
+    /// Takes `completing`, for `task.complete`.
+    pub(super) async fn lock_completing(&self) -> OwnedMutexGuard<()> {
+        self.completing.clone().lock_owned().await
+    }
+
     /// Claims `key` for a write: the key's lock stays in the map while the
     /// claim lives and leaves it when the last claim is dropped.
     pub(super) fn claim_key(&self, key: &str) -> KeyClaim<'_> {
@@ -66,17 +85,20 @@ pub struct Writers {
     cells: parking_lot::Mutex<HashMap<String, Arc<TaskCell>>>,
     /// Deleted tasks whose tombstones are kept, oldest first.
     pub(super) tombstones: parking_lot::Mutex<VecDeque<Tombstone>>,
+    /// The changes running to their end on tasks of their own ([`Writers::run_to_end`]).
+    detached: TaskTracker,
 }
 
 /// A task's cell, released when dropped (on every path, errors included), so
-/// the map holds only the cells of tasks being written to.
-pub struct CellRef<'a> {
-    writers: &'a Writers,
+/// the map holds only the cells of tasks being written to. Owned (it holds
+/// the map by `Arc`), so a change running on a task of its own keeps it.
+pub struct CellRef {
+    writers: Arc<Writers>,
     task_id: String,
     cell: Option<Arc<TaskCell>>,
 }
 
-impl std::ops::Deref for CellRef<'_> {
+impl std::ops::Deref for CellRef {
     type Target = TaskCell;
     fn deref(&self) -> &TaskCell {
         // Present until drop.
@@ -84,7 +106,7 @@ impl std::ops::Deref for CellRef<'_> {
     }
 }
 
-impl Drop for CellRef<'_> {
+impl Drop for CellRef {
     fn drop(&mut self) {
         if let Some(cell) = self.cell.take() {
             self.writers.release(&self.task_id, cell);
@@ -93,9 +115,37 @@ impl Drop for CellRef<'_> {
 }
 
 impl Writers {
-    pub(super) fn cell(&self, task_id: &str) -> CellRef<'_> {
+    pub(super) fn cell(self: &Arc<Self>, task_id: &str) -> CellRef {
         let cell = self.cells.lock().entry(task_id.to_owned()).or_default().clone();
-        CellRef { writers: self, task_id: task_id.to_owned(), cell: Some(cell) }
+        CellRef { writers: self.clone(), task_id: task_id.to_owned(), cell: Some(cell) }
+    }
+
+    /// Runs `step` to its end on a task of its own and waits for its answer.
+    /// A change of the task record goes through here from its compare-and-set
+    /// in the registry to its durable write, taking along the task's lock and
+    /// life (taken before, by the request: so at most one such step per task
+    /// is deciding at a time, and a client that resets its connections piles
+    /// up no work beyond what its requests hold). Awaited inline, a request
+    /// dropped in between (its client closed the connection) took the write
+    /// with it, and the record kept a change with no row and no event. A step
+    /// that panicked answers an internal error.
+    pub(super) async fn run_to_end<T: Send + 'static>(
+        &self,
+        step: impl Future<Output = ApiResult<T>> + Send + 'static,
+    ) -> ApiResult<T> {
+        match self.detached.spawn(step).await {
+            Ok(answer) => answer,
+            Err(e) => Err(ApiError::internal(format_args!("a task change failed to run: {e}"))),
+        }
+    }
+
+    /// At shutdown, once no request is left: waits up to `within` for the
+    /// changes still running on their own, so they write before the store closes.
+    pub async fn finish_detached(&self, within: Duration) {
+        self.detached.close();
+        if tokio::time::timeout(within, self.detached.wait()).await.is_err() {
+            tracing::warn!(left = self.detached.len(), "task changes still running at shutdown");
+        }
     }
 
     /// Drops the cell of a task nobody is writing to (keeps the map small).

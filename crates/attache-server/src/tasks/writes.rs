@@ -2,7 +2,9 @@
 //! stream, the same events on the global events stream, in one commit placed
 //! in both streams' commit order (`StreamStore::append_in_order_with`) while
 //! the task lock is held and awaited after it is released (`write_task`),
-//! within the task's life held shared (`hold_task`).
+//! within the task's life held shared (`hold_task`). A change of the task
+//! record runs from its compare-and-set to that write on a task of its own
+//! (`change_and_write`), so a dropped request never leaves one half done.
 
 use std::future::Future;
 
@@ -12,9 +14,11 @@ use attache_storage::{AppendRequest, RowGuard, StoreError};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::dispatch::{task_missing, Missing};
+use tokio::sync::{OwnedMutexGuard, OwnedRwLockWriteGuard};
+
+use super::dispatch::{change_task, task_missing, Missing};
 use super::ids::{main_path, new_event_id};
-use super::{ApiError, ApiResult, TASK_TYPE};
+use super::{ApiError, ApiResult, CellRef, TaskRecord, TASK_TYPE};
 use crate::access::{now_ms, Life};
 use crate::events;
 use crate::rows::{json_content_type, new_txid, not_running};
@@ -113,6 +117,80 @@ pub(super) async fn hold_task(state: &AppState, task_id: &str, incarnation: Opti
         return Err(task_missing(Missing::TaskColon, task_id));
     }
     Ok(life)
+}
+
+/// What a change of the task record holds from before its decision until its
+/// rows and events are durable, taken in this order by the request: the
+/// task's cell, its lock exclusively (the change is decided and placed in its
+/// streams' commit order under it) and its life, shared ([`hold_task`]).
+/// Owned, so the change can take it along to the task it runs on
+/// ([`super::Writers::run_to_end`]).
+pub(super) struct Held {
+    pub(super) life: Life,
+    pub(super) order: OwnedRwLockWriteGuard<()>,
+    /// `task.complete`'s hold on the task's completions, kept to the end.
+    pub(super) completing: Option<OwnedMutexGuard<()>>,
+    pub(super) cell: CellRef,
+}
+
+impl Held {
+    /// Takes the lock of `cell`'s task, then its life while it is still the
+    /// life `incarnation` names ("not found" once purged).
+    pub(super) async fn take(
+        state: &AppState,
+        cell: CellRef,
+        task_id: &str,
+        incarnation: Option<&str>,
+    ) -> ApiResult<Held> {
+        let order = cell.lock_order().await;
+        let life = hold_task(state, task_id, incarnation).await?;
+        Ok(Held { life, order, completing: None, cell })
+    }
+}
+
+/// Applies `change` to the task record under the registry's compare-and-set
+/// ([`change_task`]) and writes the event `event` makes of the changed record
+/// ([`write_task`], on the main stream and the events stream), answering what
+/// `event` gives with it. From the compare-and-set to the durable write it
+/// runs on a task of its own ([`super::Writers::run_to_end`]), holding
+/// `held`: a request dropped in between (its client closed the connection)
+/// no longer leaves the change in the record with no row and no event; the
+/// change is written all the same, only its answer goes nowhere. A refused
+/// change writes nothing and comes back as `change` refused it.
+pub(super) async fn change_and_write<T: Send + 'static>(
+    state: &AppState,
+    held: Held,
+    task_id: &str,
+    incarnation: Option<&str>,
+    change: impl FnOnce(&mut TaskRecord) -> ApiResult<()> + Send + 'static,
+    event: impl FnOnce(&TaskRecord) -> (Event, T) + Send + 'static,
+) -> ApiResult<T> {
+    let (state_, task_id, incarnation) = (state.clone(), task_id.to_owned(), incarnation.map(str::to_owned));
+    state
+        .tasks
+        .run_to_end(async move {
+            let state = &state_;
+            let Held { life, order, completing, cell } = held;
+            let task = change_task(state, &task_id, incarnation.as_deref(), change).await?;
+            let (event, answer) = event(&task);
+            let written = write_task(
+                state,
+                &task_id,
+                incarnation.as_deref(),
+                Some(life),
+                vec![],
+                vec![event],
+                MainWrite::Append,
+                None,
+            )
+            .await;
+            drop(order);
+            written.await?;
+            drop(completing);
+            drop(cell);
+            Ok(answer)
+        })
+        .await
 }
 
 /// Appends `rows` plus one `event` row per event to the task's main stream,
