@@ -248,6 +248,9 @@ impl ServerHandler for McpFace {
                 tasks::call(&self.state, &who, method, params, &budget).await
             }
         };
+        // rmcp's result carries the answer as a tree (and as text beside it):
+        // made from the answer's text, which the budget counted.
+        let outcome = outcome.and_then(|text| serde_json::from_str(text.get()).map_err(ApiError::internal));
         Ok(match outcome {
             Ok(result) => CallToolResult::structured(result).into(),
             Err(e) => {

@@ -6,19 +6,24 @@
 //! (`rpc_max_batch`, 100; counted while the batch is read, so a longer one
 //! is refused after reading `rpc_max_batch + 1` items), an optional per-principal rate limit
 //! (`rpc_rate_limit` calls per `rpc_rate_window`), answered with -32000, and
-//! the bytes of attachment values one answer carries (`rpc_max_response_bytes`,
-//! for a single request and a whole batch alike; a call that would pass it is
-//! answered -32000, earlier calls of its batch keep their answers).
+//! the bytes one answer carries (`rpc_max_response_bytes`, for a single
+//! request and a whole batch alike; a call that would pass it is answered
+//! -32000, or for `task.list` cut short with `hasMore`, and earlier calls of
+//! its batch keep their answers). Each call's answer is kept as its JSON
+//! text from the moment it is made (`tasks::Answer`), so a batch holds about
+//! that many bytes of answers.
 
 use attache_core::PrincipalKey;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::rate::RateLimiter;
-use crate::tasks::{self, ResponseBudget};
+use crate::tasks::{self, Answer, ResponseBudget};
 use crate::AppState;
 
 /// What can go wrong with one JSON-RPC message.
@@ -58,8 +63,9 @@ pub fn error_object(e: &RpcError) -> Value {
         RpcError::Call(ApiError::ResponseTooLarge { limit }) => (
             -32000,
             format!(
-                "Response too large: attachment values in one response are limited to {limit} bytes \
-                 (rpc_max_response_bytes); fetch attachments one at a time with task.get_attachment"
+                "Response too large: one response (a request or a whole batch) carries at most {limit} bytes \
+                 (rpc_max_response_bytes); ask for less (task.list with a smaller limit, fewer calls in a batch) \
+                 or fetch attachments one at a time with task.get_attachment"
             ),
             Some(json!({ "limit": limit })),
         ),
@@ -88,6 +94,20 @@ fn outcome_label(e: &RpcError) -> String {
 
 fn error_response(id: Value, e: &RpcError) -> Value {
     json!({ "jsonrpc": "2.0", "error": error_object(e), "id": id })
+}
+
+/// A JSON-RPC response around an answer kept as text.
+#[derive(Serialize)]
+struct Reply<'a> {
+    jsonrpc: &'static str,
+    result: &'a RawValue,
+    id: &'a Value,
+}
+
+/// One message's response as text: what a batch holds until it is sent.
+fn as_text(v: &impl Serialize) -> Box<RawValue> {
+    // Serializing a tree or text already checked as JSON cannot fail; `null` if it did.
+    serde_json::value::to_raw_value(v).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
 /// Counts one JSON-RPC or MCP call of `who` against `rpc_rate_limit`.
@@ -139,13 +159,18 @@ pub fn parse_request(msg: Value) -> Result<Request, (Value, RpcError)> {
     Ok(Request { id, method, params })
 }
 
-/// Runs one message, its attachment values taken from `budget`; `None` for a notification.
-async fn handle_one(state: &AppState, who: &PrincipalKey, msg: Value, budget: &ResponseBudget) -> Option<Value> {
+/// Runs one message, its answer taken from `budget`; `None` for a notification.
+async fn handle_one(
+    state: &AppState,
+    who: &PrincipalKey,
+    msg: Value,
+    budget: &ResponseBudget,
+) -> Option<Box<RawValue>> {
     let req = match parse_request(msg) {
         Ok(r) => r,
         Err((id, e)) => {
             state.metrics.rpc_call("", &outcome_label(&e));
-            return Some(error_response(id, &e));
+            return Some(as_text(&error_response(id, &e)));
         }
     };
     let limits = &state.config;
@@ -160,20 +185,24 @@ async fn handle_one(state: &AppState, who: &PrincipalKey, msg: Value, budget: &R
     }
     let id = req.id?;
     Some(match outcome {
-        Ok(result) => json!({ "jsonrpc": "2.0", "result": result, "id": id }),
-        Err(e) => error_response(id, &e),
+        Ok(result) => reply(&result, &id),
+        Err(e) => as_text(&error_response(id, &e)),
     })
+}
+
+fn reply(result: &Answer, id: &Value) -> Box<RawValue> {
+    as_text(&Reply { jsonrpc: "2.0", result, id })
 }
 
 /// Runs a parsed body: one request or a batch. `None`: nothing to answer (notifications only).
 /// (The WebSocket face's `execute`, whose message size is bounded by the socket.)
-pub async fn handle_value(state: &AppState, who: &PrincipalKey, body: Value) -> Option<Value> {
+pub async fn handle_value(state: &AppState, who: &PrincipalKey, body: Value) -> Option<Box<RawValue>> {
     let budget = response_budget(state);
     match body {
         Value::Array(items) => {
             let max = state.config.rpc_max_batch;
             if items.len() > max {
-                return Some(error_response(Value::Null, &too_large_batch(max)));
+                return Some(as_text(&error_response(Value::Null, &too_large_batch(max))));
             }
             handle_batch(state, who, items, &budget).await
         }
@@ -181,7 +210,7 @@ pub async fn handle_value(state: &AppState, who: &PrincipalKey, body: Value) -> 
     }
 }
 
-/// What one answer (a request or a whole batch) may carry of attachment values.
+/// What one answer (a request or a whole batch) may carry.
 pub(crate) fn response_budget(state: &AppState) -> ResponseBudget {
     ResponseBudget::new(state.config.rpc_max_response_bytes)
 }
@@ -192,9 +221,9 @@ async fn handle_batch<I: Into<Value>>(
     who: &PrincipalKey,
     items: Vec<I>,
     budget: &ResponseBudget,
-) -> Option<Value> {
+) -> Option<Box<RawValue>> {
     if items.is_empty() {
-        return Some(error_response(Value::Null, &RpcError::InvalidRequest("Batch cannot be empty".into())));
+        return Some(as_text(&error_response(Value::Null, &RpcError::InvalidRequest("Batch cannot be empty".into()))));
     }
     let mut out = Vec::with_capacity(items.len());
     for item in items {
@@ -202,7 +231,21 @@ async fn handle_batch<I: Into<Value>>(
             out.push(res);
         }
     }
-    (!out.is_empty()).then_some(Value::Array(out))
+    (!out.is_empty()).then(|| join(out))
+}
+
+/// The responses of a batch as one array, each dropped once copied.
+fn join(items: Vec<Box<RawValue>>) -> Box<RawValue> {
+    let mut text = String::with_capacity(items.iter().map(|i| i.get().len() + 1).sum::<usize>() + 1);
+    text.push('[');
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(item.get());
+    }
+    text.push(']');
+    RawValue::from_string(text).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
 fn too_large_batch(max: usize) -> RpcError {
@@ -280,7 +323,7 @@ impl<'de> serde::de::Visitor<'de> for BatchSeed<'_> {
     }
 }
 
-fn respond(status: StatusCode, body: &Value) -> Response {
+fn respond(status: StatusCode, body: &impl Serialize) -> Response {
     let mut bytes = Vec::with_capacity(512);
     if serde_json::to_writer(&mut bytes, body).is_err() {
         bytes.clear();
@@ -328,7 +371,12 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
         }
     };
     match answer {
-        Some(answer) => respond(StatusCode::OK, &answer),
+        // The batch's text is the body as it is: not copied again.
+        Some(answer) => {
+            let mut res = (StatusCode::OK, String::from(Box::<str>::from(answer))).into_response();
+            res.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+            res
+        }
         None => StatusCode::NO_CONTENT.into_response(),
     }
 }

@@ -343,7 +343,7 @@ async fn on_message(
         Some("ping") => vec![text(json!({ "type": "pong", "timestamp": now_ms() }))],
         Some("execute") => match msg.get("request") {
             Some(request) => match rpc::handle_value(state, who, request.clone()).await {
-                Some(answer) => vec![text(answer)],
+                Some(answer) => vec![Message::Text(String::from(Box::<str>::from(answer)).into())],
                 None => vec![],
             },
             None => vec![error(-32602, "execute needs request: a JSON-RPC request")],

@@ -1062,6 +1062,82 @@ async fn a_jsonrpc_batch_shares_one_response_budget_and_keeps_the_answers_before
     assert_eq!(items[5]["result"]["id"], t, "a call carrying no attachment values is still answered");
 }
 
+/// Metadata of `members` small members: about 13 bytes of JSON each.
+fn wide_metadata(members: usize) -> Value {
+    Value::Object((0..members).map(|i| (format!("m{i:05}"), json!(i))).collect())
+}
+
+#[tokio::test]
+async fn a_batch_of_task_lists_over_large_metadata_is_answered_within_rpc_max_response_bytes() {
+    const LIMIT: usize = 256 << 10;
+    let s = TestServer::start_with(|c| c.rpc_max_response_bytes = LIMIT as u64).await;
+    // 20 tasks of ~20 KB of metadata each: ~400 KB of records, more than the limit.
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let r = ok(&s, ALICE, "task.create", json!({"text": format!("t{i}"), "metadata": wide_metadata(1500)})).await;
+        ids.push(r["id"].as_str().unwrap().to_owned());
+    }
+    let list = |id: usize| json!({"jsonrpc": "2.0", "method": "task.list", "params": {"limit": 1000}, "id": id});
+    let mut batch: Vec<Value> = (0..10).map(list).collect();
+    batch.push(json!({"jsonrpc": "2.0", "method": "task.get", "params": {"id": ids[0]}, "id": "get"}));
+    let res = s
+        .client
+        .post(s.url("/rpc"))
+        .header("content-type", "application/json")
+        .header("electric-principal", ALICE)
+        .body(Value::Array(batch).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.bytes().await.unwrap();
+    // Before, every list answered all 20 tasks: 4 MB.
+    assert!(body.len() <= LIMIT + 4096, "the batch's answer is {} bytes, over the limit of {LIMIT}", body.len());
+    let items: Vec<Value> = serde_json::from_slice(&body).unwrap();
+    assert_eq!(items.len(), 11);
+    // The first list answers the rows that fit, newest first, and says there are more.
+    let first = &items[0]["result"];
+    let rows = first["tasks"].as_array().unwrap();
+    assert!((1..20).contains(&rows.len()), "{} rows", rows.len());
+    assert_eq!((&first["totalCount"], &first["hasMore"]), (&json!(20), &json!(true)));
+    assert_eq!(rows[0]["id"], ids[19]);
+    assert_eq!(rows[0]["metadata"], wide_metadata(1500), "rows are whole");
+    // The budget is spent: the later lists, and a task.get of one such task, are refused.
+    for item in &items[1..] {
+        let e = &item["error"];
+        assert_eq!((&e["code"], &e["data"]["limit"]), (&json!(-32000), &json!(LIMIT)), "{item}");
+        assert!(e["message"].as_str().unwrap().contains("Response too large"), "{e}");
+    }
+    // The next page starts after the rows answered and ends the list.
+    let answered = rows.len();
+    let rest = ok(&s, ALICE, "task.list", json!({"limit": 1000, "offset": answered})).await;
+    let rest_rows = rest["tasks"].as_array().unwrap();
+    assert_eq!((rest_rows.len(), &rest["hasMore"]), (20 - answered, &json!(false)));
+    assert_eq!(rest_rows.last().unwrap()["id"], ids[0]);
+}
+
+#[tokio::test]
+async fn a_task_record_over_rpc_max_response_bytes_is_refused_before_it_is_written_or_read() {
+    let s = TestServer::start_with(|c| c.rpc_max_response_bytes = 8 << 10).await;
+    let wide = wide_metadata(1500);
+    // task.create answers its metadata: one that would not fit is refused before it writes.
+    let e = err(&s, ALICE, "task.create", json!({"text": "wide", "metadata": wide})).await;
+    assert_eq!((&e["code"], &e["data"]["limit"]), (&json!(-32000), &json!(8 << 10)), "{e}");
+    assert_eq!(ok(&s, ALICE, "task.list", json!({})).await["totalCount"], 0, "nothing written");
+    // task.update answers no metadata; then the task's row passes the limit.
+    let t = create_task(&s, ALICE, "wide", 50).await;
+    ok(&s, ALICE, "task.update", json!({"id": t, "updates": {"metadata": wide}})).await;
+    for (method, params) in [("task.list", json!({})), ("task.get", json!({"id": t}))] {
+        let e = err(&s, ALICE, method, params).await;
+        assert_eq!(e["code"], -32000, "{method}: a row over the whole limit is refused, never cut to nothing: {e}");
+    }
+    // task.claim skips it (it stays pending) and answers that it found none that fits.
+    let e = err(&s, ALICE, "task.claim", json!({"workerId": "w1"})).await;
+    assert_eq!(e["code"], -32000, "{e}");
+    let listed = ok(&s, ALICE, "task.list", json!({"status": "in_progress"})).await;
+    assert_eq!(listed["totalCount"], 0, "not claimed");
+}
+
 #[tokio::test]
 async fn metrics_count_calls_attachments_and_appends() {
     let s = TestServer::start().await;

@@ -1,15 +1,27 @@
-//! The bytes of attachment values one response may carry
-//! (`rpc_max_response_bytes`): one budget per JSON-RPC request or batch,
-//! MCP tool call or WebSocket `execute`, taken from as each value is loaded,
-//! so an answer over it is refused before it is built.
+//! The bytes one response may carry (`rpc_max_response_bytes`): one budget
+//! per JSON-RPC request or batch, MCP tool call or WebSocket `execute`.
+//! Every answer counts whole, as the JSON text it is sent as: attachment
+//! values are taken as each is loaded and `task.list` takes each row as it
+//! is written, so an answer over the limit is refused (or, for `task.list`,
+//! cut short) before it is built; what else an answer holds (one task's
+//! record at most) is taken once it is built ([`ResponseBudget::counted`]).
+//! An answer is kept as text from then on ([`Answer`]), so a batch holds
+//! about the limit of answers, not a tree of values several times larger.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use attache_core::manifest::ManifestEntry;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 use super::{ApiError, ApiResult};
 
-/// What one response may still carry of attachment values.
+/// One call's answer, as the JSON text it is sent as.
+pub type Answer = Box<RawValue>;
+
+/// What one response may still carry.
 #[derive(Debug)]
 pub struct ResponseBudget {
     limit: u64,
@@ -26,31 +38,74 @@ impl ResponseBudget {
     /// the call then fails: each value is loaded at most once per answer, and
     /// once the budget is spent a later call fails at its first value.
     pub(super) fn take(&self, e: &ManifestEntry) -> ApiResult<()> {
-        self.take_all(std::iter::once(e))
+        self.take_all(0, std::iter::once(e))
     }
 
-    /// Takes the bytes of all of `entries`' values together, or refuses
-    /// taking none of them: what a claim carries of the task it claims.
-    pub(super) fn take_all<'e>(&self, entries: impl Iterator<Item = &'e ManifestEntry>) -> ApiResult<()> {
-        let n = entries.map(value_bytes).fold(0u64, u64::saturating_add);
+    /// Takes `besides` and the bytes of all of `entries`' values together,
+    /// or refuses taking none of them: what a claim carries of the task it
+    /// claims (its row, its attachments).
+    pub(super) fn take_all<'e>(&self, besides: u64, entries: impl Iterator<Item = &'e ManifestEntry>) -> ApiResult<()> {
+        self.take_bytes(entries.map(value_bytes).fold(besides, u64::saturating_add))
+    }
+
+    /// Takes `n` bytes, or refuses taking none.
+    pub(super) fn take_bytes(&self, n: u64) -> ApiResult<()> {
         let limit = self.limit;
         self.used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| used.checked_add(n).filter(|t| *t <= limit))
             .map(|_| ())
             .map_err(|_| ApiError::ResponseTooLarge { limit })
     }
+
+    fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes `n` bytes even past the limit: what a call that changed
+    /// something answers is counted, never refused once it is written.
+    fn take_over(&self, n: u64) {
+        // `fetch_update` with a closure that always answers cannot fail.
+        let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| Some(used.saturating_add(n)));
+    }
+
+    /// Runs one call whose answer is built as a tree, then takes what the
+    /// answer's text holds beyond what the call took while building it, and
+    /// keeps the text. Such an answer is small or holds one task's record
+    /// (bounded by `max_entity_data_bytes`) besides the attachment values it
+    /// took as it loaded them, so building it before it is counted costs a
+    /// bounded amount. A read (`writes` false) over the budget is refused; a
+    /// write's answer is counted but not refused (its change is made; what it
+    /// carries of a task, `task.create`'s metadata and `task.claim`'s task, it
+    /// took before it wrote), so a batch passes the limit by at most one such
+    /// answer. Calls of one budget run one after another (a batch is
+    /// answered in order), so what was taken meanwhile is this call's.
+    pub(super) async fn counted(
+        &self,
+        writes: bool,
+        call: impl Future<Output = ApiResult<Value>>,
+    ) -> ApiResult<Answer> {
+        let before = self.used();
+        let answer = serde_json::value::to_raw_value(&call.await?).map_err(ApiError::internal)?;
+        let rest = (answer.get().len() as u64).saturating_sub(self.used().saturating_sub(before));
+        match writes {
+            false => self.take_bytes(rest)?,
+            true => self.take_over(rest),
+        }
+        Ok(answer)
+    }
+}
+
+/// The bytes `v` takes as JSON, counted without building the text.
+pub(super) fn json_bytes(v: &impl Serialize) -> u64 {
+    let mut count = Count(0);
+    // Writing to a counter cannot fail; a value that could not be written counts as what was written.
+    let _ = serde_json::to_writer(&mut count, v);
+    count.0
 }
 
 /// The bytes an attachment's value or content takes as JSON, counted without building it.
 fn value_bytes(e: &ManifestEntry) -> u64 {
-    let mut count = Count(0);
-    for field in ["value", "content"] {
-        if let Some(v) = e.ext.get(field) {
-            // Writing to a counter cannot fail; a value that could not be written counts as nothing here.
-            let _ = serde_json::to_writer(&mut count, v);
-        }
-    }
-    count.0
+    ["value", "content"].into_iter().filter_map(|field| e.ext.get(field)).map(json_bytes).sum()
 }
 
 struct Count(u64);
@@ -110,8 +165,25 @@ mod tests {
         let mut entry = entry();
         entry.ext.insert("content".into(), Value::String("ab\n".into())); // 6 bytes as JSON
         let two = [entry.clone(), entry.clone()];
-        assert_eq!(budget.take_all(two.iter()), Err(ApiError::ResponseTooLarge { limit: 10 }));
-        budget.take_all(two[..1].iter()).unwrap();
-        budget.take_all(std::iter::empty()).unwrap();
+        assert_eq!(budget.take_all(0, two.iter()), Err(ApiError::ResponseTooLarge { limit: 10 }));
+        budget.take_all(0, two[..1].iter()).unwrap();
+        budget.take_all(4, std::iter::empty()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_answer_counts_whole_a_read_past_the_limit_is_refused_and_a_write_is_counted() {
+        let ten = || async { Ok(Value::String("0123456789".into())) }; // 12 bytes as JSON
+        let budget = ResponseBudget::new(20);
+        assert_eq!(budget.counted(false, ten()).await.unwrap().get(), r#""0123456789""#);
+        let refused = budget.counted(false, ten()).await;
+        assert!(matches!(refused, Err(ApiError::ResponseTooLarge { limit: 20 })), "{refused:?}");
+        budget.counted(true, ten()).await.unwrap();
+        assert_eq!(budget.take_bytes(0), Err(ApiError::ResponseTooLarge { limit: 20 }), "24 taken: spent");
+        // What a call took while it built its answer counts toward it, not twice.
+        let budget = ResponseBudget::new(12);
+        budget
+            .counted(false, async { budget.take_bytes(10).map(|()| Value::String("0123456789".into())) })
+            .await
+            .unwrap();
     }
 }

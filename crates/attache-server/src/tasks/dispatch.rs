@@ -11,22 +11,37 @@ use serde_json::{json, Value};
 use super::attachments::{
     create_attachment, delete_attachment, get_attachment, get_attachments_batch, list_attachments,
 };
+use super::budget::Answer;
 use super::ids::task_url;
-use super::methods::{assign, claim, complete, create, delete, get, list, unassign, update};
+use super::list::list;
+use super::methods::{assign, claim, complete, create, delete, get, unassign, update};
 use super::{params_object, ApiError, ApiResult, Params, ResponseBudget, Status, TaskRecord, TASK_TYPE};
 use crate::access::now_ms;
 use crate::AppState;
 
 /// Calls one method for `who`. Every face (JSON-RPC, MCP, WebSocket) comes
-/// through here; attachment values the answer carries are taken from `budget`.
+/// through here; the answer, as text, is taken from `budget` whole.
 pub async fn call(
     state: &AppState,
     who: &PrincipalKey,
     method: &str,
     params: Value,
     budget: &ResponseBudget,
-) -> ApiResult<Value> {
-    let answer = run(state, who, method, params, budget).await;
+) -> ApiResult<Answer> {
+    let answer = match method {
+        // Written row by row, each taken as it is written.
+        "task.list" => match params_object(params) {
+            Ok(map) => list(state, who, &Params(&map), budget).await,
+            Err(e) => Err(e),
+        },
+        _ => {
+            let reads = matches!(
+                method,
+                "task.get" | "task.get_attachment" | "task.list_attachments" | "task.get_attachments_batch"
+            );
+            budget.counted(!reads, run(state, who, method, params, budget)).await
+        }
+    };
     if let Err(e) = &answer {
         // Logged once here, for every face; the caller is told only that the fault is ours.
         e.log_fault("tasks");
@@ -44,10 +59,9 @@ async fn run(
     let map = params_object(params)?;
     let p = Params(&map);
     match method {
-        "task.create" => create(state, who, &p).await,
+        "task.create" => create(state, who, &p, budget).await,
         "task.get" => get(state, who, &p).await,
         "task.update" => update(state, who, &p).await,
-        "task.list" => list(state, who, &p).await,
         "task.assign" => assign(state, who, &p).await,
         "task.unassign" => unassign(state, who, &p).await,
         "task.claim" => claim(state, who, &p, budget).await,

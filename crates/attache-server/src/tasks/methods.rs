@@ -11,6 +11,7 @@ use attache_storage::{EntityRecord, StoreError};
 use serde_json::{json, Map, Value};
 
 use super::attachments::{attachment_json, keyed, put_attachment, AttachmentInput};
+use super::budget::json_bytes;
 use super::dispatch::{change_task, illegal, is_live_task, task_entity, task_for, Missing};
 use super::ids::{main_path, new_task_id, task_url};
 use super::writes::{change_and_write, write_task, Event, Held, MainWrite};
@@ -33,12 +34,19 @@ pub(super) fn metadata_too_large(max: usize) -> ApiError {
     ApiError::invalid("metadata", format!("metadata is at most {max} bytes of JSON (max_entity_data_bytes)"))
 }
 
-pub(super) async fn create(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
+/// The answer echoes the metadata: taken from `budget` before anything is written.
+pub(super) async fn create(
+    state: &AppState,
+    who: &PrincipalKey,
+    p: &Params<'_>,
+    budget: &ResponseBudget,
+) -> ApiResult<Value> {
     let text =
         p.string("text", 500).map_err(|_| ApiError::invalid("text", "Text must be between 1 and 500 characters"))?;
     let priority = p.opt_int("priority", 0, 100)?.unwrap_or(50) as u8;
     let metadata = p.opt_object("metadata")?.cloned();
     check_metadata_size(state, &metadata)?;
+    budget.take_bytes(json_bytes(&metadata))?;
     let id = match p.opt_string("id", 128)? {
         Some(id) => {
             if !id.starts_with("t-") || task_url(id).is_none() {
@@ -185,30 +193,6 @@ pub(super) async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     .await
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum OrderBy {
-    CreatedAt,
-    UpdatedAt,
-    CompletedAt,
-    Priority,
-    Status,
-    AssignedTo,
-}
-
-impl OrderBy {
-    fn parse(s: &str) -> Option<OrderBy> {
-        Some(match s {
-            "createdAt" => OrderBy::CreatedAt,
-            "updatedAt" => OrderBy::UpdatedAt,
-            "completedAt" => OrderBy::CompletedAt,
-            "priority" => OrderBy::Priority,
-            "status" => OrderBy::Status,
-            "assignedTo" => OrderBy::AssignedTo,
-            _ => return None,
-        })
-    }
-}
-
 /// The tasks `who` may read (and do `wanted` on), newest first, with the incarnation of each.
 pub(super) fn visible_tasks_of<'a>(
     state: &'a AppState,
@@ -224,60 +208,6 @@ pub(super) fn visible_tasks_of<'a>(
             may(state, who, e, Permission::Read) && (wanted == Permission::Read || may(state, who, e, wanted))
         })
         .filter_map(|e| TaskRecord::of(&e).map(|t| (e.instance_id, t, e.incarnation)))
-}
-
-/// The tasks `who` may read, newest first.
-pub(super) fn visible_tasks(state: &AppState, who: &PrincipalKey, wanted: Permission) -> Vec<(String, TaskRecord)> {
-    visible_tasks_of(state, who, wanted).map(|(id, t, _)| (id, t)).collect()
-}
-
-pub(super) async fn list(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
-    let status = p.opt_enum("status", Status::parse, "pending, in_progress, completed, failed")?;
-    let assigned = p.opt_string("assignedTo", 256)?;
-    let priority = p.opt_int("priority", 0, 100)?;
-    let limit = p.opt_int("limit", 1, 1000)?.unwrap_or(100) as usize;
-    let offset = p.opt_int("offset", 0, i64::MAX)?.unwrap_or(0) as usize;
-    let order_by = p
-        .opt_enum("orderBy", OrderBy::parse, "createdAt, updatedAt, completedAt, priority, status, assignedTo")?
-        .unwrap_or(OrderBy::CreatedAt);
-    let desc = p.opt_enum("order", |s| matches!(s, "asc" | "desc").then(|| s == "desc"), "asc, desc")?.unwrap_or(true);
-    let mut tasks: Vec<(String, TaskRecord)> = visible_tasks(state, who, Permission::Read)
-        .into_iter()
-        .filter(|(_, t)| status.is_none_or(|s| t.status == s))
-        .filter(|(_, t)| assigned.is_none_or(|a| t.assigned_to.as_deref() == Some(a)))
-        .filter(|(_, t)| priority.is_none_or(|pr| i64::from(t.priority) == pr))
-        .collect();
-    // Ties break on creation time, then id, so pages are stable.
-    tasks.sort_by(|(ia, a), (ib, b)| {
-        let primary = match order_by {
-            OrderBy::CreatedAt => a.created_at.cmp(&b.created_at),
-            OrderBy::UpdatedAt => a.updated_at.cmp(&b.updated_at),
-            OrderBy::CompletedAt => a.completed_at.cmp(&b.completed_at),
-            OrderBy::Priority => a.priority.cmp(&b.priority),
-            OrderBy::Status => a.status.as_str().cmp(b.status.as_str()),
-            OrderBy::AssignedTo => a.assigned_to.cmp(&b.assigned_to),
-        };
-        let ord = primary.then_with(|| a.created_at.cmp(&b.created_at)).then_with(|| ia.cmp(ib));
-        if desc {
-            ord.reverse()
-        } else {
-            ord
-        }
-    });
-    let total = tasks.len();
-    let mut rows = Vec::with_capacity(limit.min(total));
-    for (id, t) in tasks.iter().skip(offset).take(limit) {
-        let mut row = t.row(id);
-        // One task whose stream cannot be read must not fail the list for
-        // everyone who sees it: it is listed, counted as having no attachments.
-        let count = attachment_count(state, id).await.unwrap_or_else(|e| {
-            tracing::warn!(task = %id, error = ?e, "task.list: the task's stream could not be read");
-            0
-        });
-        row["attachmentCount"] = json!(count);
-        rows.push(row);
-    }
-    Ok(json!({ "tasks": rows, "totalCount": total, "hasMore": offset.saturating_add(limit) < total }))
 }
 
 pub(super) async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
@@ -362,10 +292,11 @@ pub(super) async fn unassign(state: &AppState, who: &PrincipalKey, p: &Params<'_
 
 /// Highest priority first, then the oldest, then the smallest id; only
 /// pending tasks that are unassigned or assigned to this worker. The answer
-/// carries the claimed task's attachments, values included, taken from
-/// `budget` before the claim: a task whose values do not fit is skipped
-/// (it stays pending, for a claim with room), and a claim that skipped one
-/// and found nothing else answers `ResponseTooLarge`, having claimed nothing.
+/// carries the claimed task's row (its metadata) and attachments, values
+/// included, taken from `budget` before the claim: a task that does not fit
+/// is skipped (it stays pending, for a claim with room), and a claim that
+/// skipped one and found nothing else answers `ResponseTooLarge`, having
+/// claimed nothing.
 pub(super) async fn claim(
     state: &AppState,
     who: &PrincipalKey,
@@ -381,7 +312,7 @@ pub(super) async fn claim(
         b.priority.cmp(&a.priority).then_with(|| a.created_at.cmp(&b.created_at)).then_with(|| ia.cmp(ib))
     });
     let mut too_large = None;
-    for (task_id, _, incarnation) in candidates {
+    for (task_id, listed, incarnation) in candidates {
         let incarnation = incarnation.as_deref();
         let held = match Held::take(state, state.tasks.cell(&task_id), &task_id, incarnation).await {
             Ok(held) => held,
@@ -394,7 +325,10 @@ pub(super) async fn claim(
         let attachments = {
             let view = state.views.get(state.store.as_ref(), &main_path(&task_id)).await?;
             let entries: Vec<_> = keyed(&view, &task_id).collect();
-            if let Err(e) = budget.take_all(entries.iter().map(|(_, entry)| *entry)) {
+            // With the task's row (its metadata), as listed: a few bytes
+            // it gains by the claim are counted with the answer.
+            let row = json_bytes(&listed.row(&task_id));
+            if let Err(e) = budget.take_all(row, entries.iter().map(|(_, entry)| *entry)) {
                 too_large = Some(e);
                 drop(held);
                 continue;

@@ -12,18 +12,19 @@
 //! the write is decided and *placed* in its streams' commit order
 //! (`StreamStore::append_in_order`), not while it syncs: see [`Writers`].
 //!
-//! One file per part: `budget` (the bytes of attachment values one
-//! response may carry), `dispatch` (the method table and the checks every
-//! method shares), `record` (the task's fields and status rules), `params`
-//! (reading a call's params), `ids`, `ordering` (the per-task and per-key
-//! locks), `writes` (rows and events appended for a change), `methods`
-//! (the `task.*` methods and tombstones) and `attachments` (the
-//! `task.*_attachment*` methods).
+//! One file per part: `budget` (the bytes one response may carry),
+//! `dispatch` (the method table and the checks every method shares),
+//! `record` (the task's fields and status rules), `params` (reading a
+//! call's params), `ids`, `list` (`task.list`), `ordering` (the per-task and
+//! per-key locks), `writes` (rows and events appended for a change),
+//! `methods` (the other `task.*` methods and tombstones) and `attachments`
+//! (the `task.*_attachment*` methods).
 
 mod attachments;
 mod budget;
 mod dispatch;
 mod ids;
+mod list;
 mod methods;
 mod ordering;
 mod params;
@@ -34,7 +35,7 @@ use crate::error::{ApiError, ApiResult};
 
 pub use attache_core::task::AttachmentKind;
 pub use attachments::{attachment_json, AttachmentInput};
-pub use budget::ResponseBudget;
+pub use budget::{Answer, ResponseBudget};
 pub use dispatch::{call, STOPPED};
 pub use ids::{new_attachment_id, new_task_id};
 pub use methods::{load_tombstones, Tombstone};
