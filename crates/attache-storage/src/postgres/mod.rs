@@ -30,7 +30,7 @@ mod blob_cache;
 mod blobs;
 mod order;
 mod reader;
-mod registry;
+pub mod registry;
 pub mod test_cluster;
 mod upload_budget;
 mod writer;
@@ -536,11 +536,16 @@ async fn listen(shared: Arc<Shared>, stop: CancellationToken, listening: oneshot
                 // The connection dropped: notifications may be lost, so start over.
                 Ok(None) | Err(_) => break,
             };
+            if first.channel() == REGISTRY_CHANGES {
+                shared.registry.pause(registry::NOTIFIED).await;
+            }
             let mut streams = Vec::new();
-            let mut entities = Vec::new();
+            let mut entities = std::collections::HashSet::new();
             for n in std::iter::once(first).chain(std::iter::from_fn(|| listener.next_buffered())) {
                 if n.channel() == REGISTRY_CHANGES {
-                    entities.push(n.payload().to_owned());
+                    // Heard before it is read again: a read of it in flight must not install what it found.
+                    shared.registry.heard(n.payload());
+                    entities.insert(n.payload().to_owned());
                     continue;
                 }
                 let Some((id, instance)) = n.payload().split_once(':') else { continue };
@@ -550,14 +555,18 @@ async fn listen(shared: Arc<Shared>, stop: CancellationToken, listening: oneshot
                     }
                 }
             }
-            if !streams.is_empty() {
-                if let Err(err) = shared.refresh(streams).await {
-                    tracing::warn!(%err, "cannot refresh streams after a notification");
-                }
-            }
+            // Grants and entities first: a live reader woken by the streams
+            // checks its permission again, against what this batch changed
+            // (a revoke committed before an append is applied before the
+            // append wakes anyone).
             for url in entities {
                 if let Err(err) = shared.registry.refresh(&shared.pool, &url).await {
                     tracing::warn!(%err, "cannot refresh an entity after a notification");
+                }
+            }
+            if !streams.is_empty() {
+                if let Err(err) = shared.refresh(streams).await {
+                    tracing::warn!(%err, "cannot refresh streams after a notification");
                 }
             }
         }

@@ -3,17 +3,35 @@
 //! `NOTIFY attache_registry`. Each write is one transaction; `update_entity`
 //! locks the entity's row (`SELECT ... FOR UPDATE`) for its compare-and-set,
 //! so two instances claiming one task cannot both win.
+//!
+//! The cache never takes what a read found over something newer it heard of
+//! meanwhile. Whatever reads an entity and its grants to put them in the
+//! cache (a lookup of an entity not cached yet, the listener after a
+//! notification, a write of this instance) holds a [`Ticket`] from before its
+//! read; every change of the URL this instance hears of (a notification
+//! taken from the listening connection, a write of its own committed, a
+//! reload of everything) is counted on the tickets held for it, and a read
+//! whose ticket counted one reads again instead of installing. A change the
+//! read missed and the instance has not heard of yet will be heard: its
+//! notification arrives after its commit, and the listener reads the URL
+//! again then. Before, a lookup that read a grant before its revoke (through
+//! another instance) and installed after the listener had applied the
+//! revoke put the grant back, for as long as the entity did not change again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use sqlx::PgPool;
 
 use super::{db_err, Io, Shared, REGISTRY_CHANGES};
 use crate::error::{StoreError, StoreResult};
 use crate::registry::{EntityRecord, EntityUpdate, GrantRecord, NewGrant, Registry};
+
+/// How many times a refresh reads again when changes keep being heard while it
+/// reads; then it installs nothing (the change it heard brings a read of its own).
+const REFRESH_ATTEMPTS: usize = 4;
 
 fn json<T: serde::Serialize>(v: &T) -> StoreResult<String> {
     serde_json::to_string(v).map_err(|e| StoreError::Storage(e.to_string()))
@@ -28,17 +46,62 @@ struct State {
     /// url → (row version, record).
     entities: BTreeMap<String, (i64, EntityRecord)>,
     grants: HashMap<String, Vec<GrantRecord>>,
-    /// Entities this instance removed, counted: a refresh that read the
-    /// database before a removal committed must not put the removed record
-    /// back into the cache after it (a spawn at the purged URL then saw the
-    /// old, stopped entity).
-    removals: u64,
+    /// URLs being read or written now, each with the changes heard of it
+    /// since the oldest ticket for it was taken. An entry lives as long as
+    /// its tickets, so this holds no more than the reads and writes in flight.
+    reading: HashMap<String, Reading>,
+    /// Whole reloads of the registry (after the listening connection was
+    /// lost, when notifications may have been missed).
+    reloads: u64,
+}
+
+#[derive(Default)]
+struct Reading {
+    tickets: usize,
+    changes: u64,
+}
+
+impl State {
+    /// A change of `url` was heard: reads of it in flight must not install what they found.
+    fn heard(&mut self, url: &str) {
+        if let Some(reading) = self.reading.get_mut(url) {
+            reading.changes += 1;
+        }
+    }
+}
+
+/// Taken before a read (or write) of one URL; [`Ticket::unchanged`] says
+/// whether the cache heard of no change of the URL since.
+struct Ticket<'a> {
+    cache: &'a Cache,
+    url: String,
+    changes: u64,
+    reloads: u64,
+}
+
+impl Ticket<'_> {
+    fn unchanged(&self, state: &State) -> bool {
+        state.reloads == self.reloads && state.reading.get(&self.url).is_some_and(|r| r.changes == self.changes)
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let mut state = self.cache.state.write();
+        if let Some(reading) = state.reading.get_mut(&self.url) {
+            reading.tickets -= 1;
+            if reading.tickets == 0 {
+                state.reading.remove(&self.url);
+            }
+        }
+    }
 }
 
 /// What this instance knows of the registry.
 #[derive(Default)]
 pub(crate) struct Cache {
     state: RwLock<State>,
+    pauses: Pauses,
 }
 
 impl Cache {
@@ -49,63 +112,170 @@ impl Cache {
             .map_err(db_err)?;
         let grants: Vec<(String,)> =
             sqlx::query_as("SELECT record FROM attache_grants ORDER BY id").fetch_all(pool).await.map_err(db_err)?;
-        let mut state = State::default();
+        let mut loaded: BTreeMap<String, (i64, EntityRecord)> = BTreeMap::new();
+        let mut loaded_grants: HashMap<String, Vec<GrantRecord>> = HashMap::new();
         for (url, record, version) in entities {
-            state.entities.insert(url, (version, parse(&record)?));
+            loaded.insert(url, (version, parse(&record)?));
         }
         for (record,) in grants {
             let g: GrantRecord = parse(&record)?;
-            state.grants.entry(g.entity_url.clone()).or_default().push(g);
+            loaded_grants.entry(g.entity_url.clone()).or_default().push(g);
         }
-        *self.state.write() = state;
+        let mut state = self.state.write();
+        state.entities = loaded;
+        state.grants = loaded_grants;
+        // Reads in flight may have missed a change no notification will tell of.
+        state.reloads += 1;
         Ok(())
     }
 
-    /// Re-reads one entity and its grants (after a notification).
-    pub(crate) async fn refresh(&self, pool: &PgPool, url: &str) -> StoreResult<Option<EntityRecord>> {
-        let removals_before = self.state.read().removals;
-        let entity: Option<(String, i64)> =
-            sqlx::query_as("SELECT record, version FROM attache_entities WHERE url = $1")
-                .bind(url)
-                .fetch_optional(pool)
-                .await
-                .map_err(db_err)?;
-        let grants: Vec<(String,)> =
-            sqlx::query_as("SELECT record FROM attache_grants WHERE entity_url = $1 ORDER BY id")
-                .bind(url)
-                .fetch_all(pool)
-                .await
-                .map_err(db_err)?;
-        let grants = grants.iter().map(|(g,)| parse(g)).collect::<StoreResult<Vec<GrantRecord>>>()?;
+    fn ticket(&self, url: &str) -> Ticket<'_> {
         let mut state = self.state.write();
-        match entity {
-            Some((record, version)) => {
-                let record: EntityRecord = parse(&record)?;
-                let newer = match state.entities.get(url) {
-                    Some((v, _)) => *v <= version,
-                    // Not cached: maybe removed while this read ran; then the next lookup reads again.
-                    None => state.removals == removals_before,
-                };
-                if newer {
-                    state.entities.insert(url.to_owned(), (version, record.clone()));
+        let reloads = state.reloads;
+        let reading = state.reading.entry(url.to_owned()).or_default();
+        reading.tickets += 1;
+        Ticket { cache: self, url: url.to_owned(), changes: reading.changes, reloads }
+    }
+
+    /// Waits at `point` if a test armed it.
+    pub(crate) async fn pause(&self, point: &str) {
+        self.pauses.at(point).await;
+    }
+
+    /// Notes a change of `url` announced by a notification (before it is read again).
+    pub(crate) fn heard(&self, url: &str) {
+        self.state.write().heard(url);
+    }
+
+    /// Re-reads one entity and its grants (after a notification, or for a
+    /// lookup of an entity not cached) and installs them, unless a change of
+    /// it was heard meanwhile: then it reads again.
+    pub(crate) async fn refresh(&self, pool: &PgPool, url: &str) -> StoreResult<Option<EntityRecord>> {
+        self.refresh_then(pool, url, None).await
+    }
+
+    async fn refresh_then(&self, pool: &PgPool, url: &str, pause: Option<&str>) -> StoreResult<Option<EntityRecord>> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let ticket = self.ticket(url);
+            let entity: Option<(String, i64)> =
+                sqlx::query_as("SELECT record, version FROM attache_entities WHERE url = $1")
+                    .bind(url)
+                    .fetch_optional(pool)
+                    .await
+                    .map_err(db_err)?;
+            let grants: Vec<(String,)> =
+                sqlx::query_as("SELECT record FROM attache_grants WHERE entity_url = $1 ORDER BY id")
+                    .bind(url)
+                    .fetch_all(pool)
+                    .await
+                    .map_err(db_err)?;
+            let grants = grants.iter().map(|(g,)| parse(g)).collect::<StoreResult<Vec<GrantRecord>>>()?;
+            let entity =
+                entity.map(|(record, version)| parse::<EntityRecord>(&record).map(|r| (version, r))).transpose()?;
+            if let Some(point) = pause {
+                self.pauses.at(point).await;
+            }
+            let mut state = self.state.write();
+            if !ticket.unchanged(&state) {
+                if attempt < REFRESH_ATTEMPTS {
+                    continue;
                 }
-                state.grants.insert(url.to_owned(), grants);
-                Ok(Some(record))
+                // Still changing: what was read may be older than what the cache holds.
+                return Ok(entity.map(|(_, record)| record));
             }
-            None => {
-                state.entities.remove(url);
-                state.grants.remove(url);
-                Ok(None)
-            }
+            return Ok(match entity {
+                Some((version, record)) => {
+                    // Versions only grow while the entity lives (a removal was heard, or the ticket would show it).
+                    if state.entities.get(url).is_none_or(|(v, _)| *v <= version) {
+                        state.entities.insert(url.to_owned(), (version, record.clone()));
+                    }
+                    state.grants.insert(url.to_owned(), grants);
+                    Some(record)
+                }
+                None => {
+                    state.entities.remove(url);
+                    state.grants.remove(url);
+                    None
+                }
+            });
         }
     }
 
-    fn put(&self, version: i64, record: EntityRecord) {
-        let mut state = self.state.write();
-        let newer = state.entities.get(&record.url).is_none_or(|(v, _)| *v < version);
-        if newer {
-            state.entities.insert(record.url.clone(), (version, record));
+    /// After a write of this instance to `url` committed: applies `change`
+    /// to the cache if nothing of the URL was heard since the write's ticket
+    /// was taken (the cache then holds what the write changed), else reads
+    /// the URL again. Either way reads of it in flight read again.
+    async fn wrote(&self, pool: &PgPool, ticket: Ticket<'_>, change: impl FnOnce(&mut State)) {
+        let url = {
+            let mut state = self.state.write();
+            let unchanged = ticket.unchanged(&state);
+            state.heard(&ticket.url);
+            if unchanged {
+                change(&mut state);
+                return;
+            }
+            ticket.url.clone()
+        };
+        drop(ticket);
+        // Committed whatever happens here: a failed read leaves it to the write's own notification.
+        if let Err(err) = self.refresh(pool, &url).await {
+            tracing::warn!(%err, url, "cannot read an entity again after writing it");
         }
+    }
+}
+
+/// Test hooks: points where the next registry call to arrive waits until
+/// the test lets it go. Nothing is armed outside tests: each point costs a
+/// lock of an empty map.
+#[doc(hidden)]
+#[derive(Default)]
+pub struct Pauses(Mutex<HashMap<&'static str, Arc<Pause>>>);
+
+/// Between a lookup's read of an entity it had not cached (record and
+/// grants) and its putting them in the cache.
+#[doc(hidden)]
+pub const LOOKUP_INSTALL: &str = "lookup_install";
+
+/// In the listener, when a registry notification has arrived, before any of
+/// its batch is taken.
+#[doc(hidden)]
+pub const NOTIFIED: &str = "notified";
+
+#[doc(hidden)]
+pub struct Pause {
+    reached: tokio::sync::watch::Sender<bool>,
+    go: tokio::sync::Semaphore,
+}
+
+impl Pauses {
+    /// The next call to reach `point` waits there until the pause is released.
+    pub fn arm(&self, point: &'static str) -> Arc<Pause> {
+        let pause =
+            Arc::new(Pause { reached: tokio::sync::watch::Sender::new(false), go: tokio::sync::Semaphore::new(0) });
+        self.0.lock().insert(point, pause.clone());
+        pause
+    }
+
+    pub(crate) async fn at(&self, point: &str) {
+        let armed = self.0.lock().remove(point);
+        if let Some(pause) = armed {
+            pause.reached.send_replace(true);
+            let _ = pause.go.acquire().await.map(tokio::sync::SemaphorePermit::forget);
+        }
+    }
+}
+
+impl Pause {
+    /// Waits until a call waits at the point.
+    pub async fn reached(&self) {
+        let _ = self.reached.subscribe().wait_for(|reached| *reached).await;
+    }
+
+    /// Lets the waiting call go on.
+    pub fn release(&self) {
+        self.go.add_permits(1);
     }
 }
 
@@ -127,6 +297,12 @@ impl PgRegistry {
     fn cache(&self) -> &Cache {
         &self.shared.registry
     }
+
+    /// Test hooks ([`LOOKUP_INSTALL`], [`NOTIFIED`]).
+    #[doc(hidden)]
+    pub fn pauses(&self) -> &Pauses {
+        &self.cache().pauses
+    }
 }
 
 #[async_trait]
@@ -138,7 +314,11 @@ impl Registry for PgRegistry {
         // Spawned on another instance a moment ago, perhaps: ask the database.
         let shared = self.shared.clone();
         let url = url.to_owned();
-        self.io.run(async move { shared.registry.refresh(&shared.pool, &url).await }).await.ok().flatten()
+        self.io
+            .run(async move { shared.registry.refresh_then(&shared.pool, &url, Some(LOOKUP_INSTALL)).await })
+            .await
+            .ok()
+            .flatten()
     }
 
     fn is_current(&self, url: &str, incarnation: Option<&str>) -> bool {
@@ -162,6 +342,8 @@ impl Registry for PgRegistry {
         let shared = self.shared.clone();
         self.io
             .run(async move {
+                let cache = &shared.registry;
+                let ticket = cache.ticket(&entity.url);
                 let mut tx = shared.pool.begin().await.map_err(db_err)?;
                 let inserted = sqlx::query(
                     "INSERT INTO attache_entities (url, record, version) VALUES ($1, $2, 1) ON CONFLICT (url) DO NOTHING",
@@ -180,12 +362,14 @@ impl Registry for PgRegistry {
                             .map_err(db_err)?;
                     tx.commit().await.map_err(db_err)?;
                     let existing: EntityRecord = parse(&record)?;
-                    shared.registry.put(version, existing.clone());
+                    let put = existing.clone();
+                    cache.wrote(&shared.pool, ticket, |state| put_entity(state, version, put)).await;
                     return Ok((existing, false));
                 }
                 announce(&mut tx, &entity.url).await?;
                 tx.commit().await.map_err(db_err)?;
-                shared.registry.put(1, entity.clone());
+                let put = entity.clone();
+                cache.wrote(&shared.pool, ticket, |state| put_entity(state, 1, put)).await;
                 Ok((entity, true))
             })
             .await
@@ -196,6 +380,8 @@ impl Registry for PgRegistry {
         let url = url.to_owned();
         self.io
             .run(async move {
+                let cache = &shared.registry;
+                let ticket = cache.ticket(&url);
                 let mut tx = shared.pool.begin().await.map_err(db_err)?;
                 let row: Option<(String, i64)> =
                     sqlx::query_as("SELECT record, version FROM attache_entities WHERE url = $1 FOR UPDATE")
@@ -215,7 +401,8 @@ impl Registry for PgRegistry {
                     .map_err(db_err)?;
                 announce(&mut tx, &url).await?;
                 tx.commit().await.map_err(db_err)?;
-                shared.registry.put(version + 1, entity.clone());
+                let put = entity.clone();
+                cache.wrote(&shared.pool, ticket, |state| put_entity(state, version + 1, put)).await;
                 Ok(entity)
             })
             .await
@@ -226,6 +413,8 @@ impl Registry for PgRegistry {
         let url = url.to_owned();
         self.io
             .run(async move {
+                let cache = &shared.registry;
+                let ticket = cache.ticket(&url);
                 let mut tx = shared.pool.begin().await.map_err(db_err)?;
                 let removed = sqlx::query("DELETE FROM attache_entities WHERE url = $1")
                     .bind(&url)
@@ -239,10 +428,12 @@ impl Registry for PgRegistry {
                     .map_err(db_err)?;
                 announce(&mut tx, &url).await?;
                 tx.commit().await.map_err(db_err)?;
-                let mut state = shared.registry.state.write();
-                state.entities.remove(&url);
-                state.grants.remove(&url);
-                state.removals += 1;
+                cache
+                    .wrote(&shared.pool, ticket, |state| {
+                        state.entities.remove(&url);
+                        state.grants.remove(&url);
+                    })
+                    .await;
                 Ok(removed.rows_affected() > 0)
             })
             .await
@@ -256,6 +447,8 @@ impl Registry for PgRegistry {
         let shared = self.shared.clone();
         self.io
             .run(async move {
+                let cache = &shared.registry;
+                let ticket = cache.ticket(&grant.entity_url);
                 let mut tx = shared.pool.begin().await.map_err(db_err)?;
                 let (id,): (i64,) =
                     sqlx::query_as("SELECT nextval('attache_grant_ids')").fetch_one(&mut *tx).await.map_err(db_err)?;
@@ -269,11 +462,15 @@ impl Registry for PgRegistry {
                     .map_err(db_err)?;
                 announce(&mut tx, &record.entity_url).await?;
                 tx.commit().await.map_err(db_err)?;
-                let mut state = shared.registry.state.write();
-                let list = state.grants.entry(record.entity_url.clone()).or_default();
-                if !list.iter().any(|g| g.id == record.id) {
-                    list.push(record.clone());
-                }
+                let added = record.clone();
+                cache
+                    .wrote(&shared.pool, ticket, |state| {
+                        let list = state.grants.entry(added.entity_url.clone()).or_default();
+                        if !list.iter().any(|g| g.id == added.id) {
+                            list.push(added);
+                        }
+                    })
+                    .await;
                 Ok(record)
             })
             .await
@@ -284,6 +481,8 @@ impl Registry for PgRegistry {
         let url = entity_url.to_owned();
         self.io
             .run(async move {
+                let cache = &shared.registry;
+                let ticket = cache.ticket(&url);
                 let mut tx = shared.pool.begin().await.map_err(db_err)?;
                 let removed = sqlx::query("DELETE FROM attache_grants WHERE entity_url = $1 AND id = $2")
                     .bind(&url)
@@ -293,11 +492,22 @@ impl Registry for PgRegistry {
                     .map_err(db_err)?;
                 announce(&mut tx, &url).await?;
                 tx.commit().await.map_err(db_err)?;
-                if let Some(list) = shared.registry.state.write().grants.get_mut(&url) {
-                    list.retain(|g| g.id != id);
-                }
+                cache
+                    .wrote(&shared.pool, ticket, |state| {
+                        if let Some(list) = state.grants.get_mut(&url) {
+                            list.retain(|g| g.id != id);
+                        }
+                    })
+                    .await;
                 Ok(removed.rows_affected() > 0)
             })
             .await
+    }
+}
+
+/// Puts a record the cache's holder wrote, unless the cache holds a newer version of it.
+fn put_entity(state: &mut State, version: i64, record: EntityRecord) {
+    if state.entities.get(&record.url).is_none_or(|(v, _)| *v < version) {
+        state.entities.insert(record.url.clone(), (version, record));
     }
 }
