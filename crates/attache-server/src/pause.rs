@@ -60,6 +60,22 @@ pub const UPLOAD_COMMIT: &str = "upload_commit";
 /// conditional store call).
 pub const ATTACHMENT_DELETE: &str = "attachment_delete";
 
+/// Between a tag change's registry write and its `tags` row on the main
+/// stream (`entities::tags`; the change runs on a task of its own from there).
+pub const TAG_ROW: &str = "tag_row";
+
+/// Between a stop's closing rows on the main stream (DELETE, SIGKILL or
+/// SIGTERM) and its registry write of the status `stopped`.
+pub const STOP_RECORD: &str = "stop_record";
+
+/// Between a purge's deleting the entity's streams and its removing the
+/// entity's record and grants from the registry.
+pub const PURGE_RECORD: &str = "purge_record";
+
+/// Between a spawn's registry record and what the spawn adds to it: the
+/// grants copied from its parent and given in its body, its initial message.
+pub const SPAWN_REST: &str = "spawn_rest";
+
 /// The points armed by a test, by name.
 #[derive(Debug, Clone, Default)]
 pub struct Pauses(Arc<parking_lot::Mutex<HashMap<&'static str, Arc<Pause>>>>);

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use common::{error_code, header, TestServer, CLOSED};
 use entity_support::{
-    api, as_principal, error_of, eventually, materialize, materialize_as, rows_as, spawn, stored_blobs, upload, Form,
+    api, as_principal, error_of, eventually, materialize, materialize_as, request_dropped_at, rows_as, spawn,
+    stored_blobs, upload, Form,
 };
 use reqwest::header::HeaderValue;
 use reqwest::{Method, StatusCode};
@@ -1259,4 +1260,164 @@ async fn of_concurrent_stops_only_the_one_that_wrote_answers_a_txid() {
         assert_eq!(txids.len(), 1, "round {round}: one stop wrote: {answers:?}");
         assert!(written.contains(txids[0]), "round {round}: the txid answered is on the main stream");
     }
+}
+
+/// A server armed with pause points, and the points.
+async fn start_with_pauses() -> (TestServer, attache_server::pause::Pauses) {
+    let pauses = attache_server::pause::Pauses::default();
+    let given = pauses.clone();
+    (TestServer::start_with(move |c| c.pauses = Some(given)).await, pauses)
+}
+
+/// Looks with `look` until `done` accepts what it sees or 5 s pass; what it saw last.
+async fn settled<T, Fut: std::future::Future<Output = T>>(
+    mut look: impl FnMut() -> Fut,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let mut seen = look().await;
+    for _ in 0..50 {
+        if done(&seen) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen = look().await;
+    }
+    seen
+}
+
+/// The tags an entity's `tags` rows make, by key.
+async fn tags_on_stream(ts: &TestServer, entity: &str) -> Value {
+    let mut out = serde_json::Map::new();
+    for (op, key, value) in tag_rows(ts, entity).await {
+        if op == "delete" {
+            out.remove(&key);
+        } else {
+            out.insert(key, value["value"].clone());
+        }
+    }
+    Value::Object(out)
+}
+
+/// A tag change whose request is dropped (the client closes its connection)
+/// between its registry write and its `tags` row (held at `tag_row`) is
+/// finished all the same: the record and the main stream show the same
+/// tags, the change in both. Before, the dropped request took the row with
+/// it: the record kept the tag and no row ever said so.
+#[tokio::test]
+async fn a_tag_change_whose_request_is_dropped_after_its_registry_write_is_written_as_its_row_too() {
+    let (ts, pauses) = start_with_pauses().await;
+    let e = "/chat/tag-dropped";
+    spawn(&ts, Some(SAM), e).await;
+    let res = as_principal(ts.request(Method::POST, &format!("{}/tags/gone", api(e))), Some(SAM))
+        .json(&json!({ "value": "soon" }))
+        .send()
+        .await
+        .expect("tag answered");
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut wrong = Vec::new();
+    let cases = [
+        (Method::POST, "color", Some(json!({ "value": "red" })), Some("red")),
+        (Method::POST, "gone", Some(json!({ "value": "changed" })), Some("changed")),
+        (Method::DELETE, "gone", None, None),
+    ];
+    for (method, key, body, want) in cases {
+        let pause = pauses.arm(attache_server::pause::TAG_ROW);
+        let path = format!("{}/tags/{key}", api(e));
+        request_dropped_at(&ts, method.clone(), &path, SAM, body.as_ref(), &pause).await;
+        pause.release();
+        let want = want.map(|v| json!(v)).unwrap_or(Value::Null);
+        let (record, rows) = settled(
+            || async { (get_as(&ts, Some(SAM), e).await.1["tags"].clone(), tags_on_stream(&ts, e).await) },
+            |(record, rows)| record == rows && record[key] == want,
+        )
+        .await;
+        if record != rows || record[key] != want {
+            wrong.push(format!("{method} tag {key}: the record's tags {record}, the rows' {rows}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// A stop (DELETE, SIGTERM, SIGKILL) whose request is dropped between its
+/// closing rows and its registry write (held at `stop_record`) is finished
+/// all the same: the record says stopped under the closed main stream.
+/// Before, the record kept saying running over a closed stream, where a task
+/// change then passed its compare-and-set and had its write refused.
+#[tokio::test]
+async fn a_stop_whose_request_is_dropped_after_its_closing_rows_is_recorded_as_stopped() {
+    let (ts, pauses) = start_with_pauses().await;
+    let mut wrong = Vec::new();
+    for how in ["DELETE", "SIGTERM", "SIGKILL"] {
+        let e = format!("/chat/stop-dropped-{}", how.to_lowercase());
+        spawn(&ts, Some(SAM), &e).await;
+        let pause = pauses.arm(attache_server::pause::STOP_RECORD);
+        if how == "DELETE" {
+            request_dropped_at(&ts, Method::DELETE, &api(&e), SAM, None, &pause).await;
+        } else {
+            let path = format!("{}/signal", api(&e));
+            request_dropped_at(&ts, Method::POST, &path, SAM, Some(&json!({ "signal": how })), &pause).await;
+        }
+        pause.release();
+        let (status, closed) = settled(
+            || async {
+                let status = get_as(&ts, Some(SAM), &e).await.1["status"].clone();
+                (status, head_as(&ts, Some(SAM), &format!("{e}/main")).await.1)
+            },
+            |(status, _)| status == "stopped",
+        )
+        .await;
+        if status != "stopped" || closed.as_deref() != Some("true") {
+            wrong.push(format!("{how}: the record says {status}, the main stream closed: {closed:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// A purge whose request is dropped between deleting the entity's streams
+/// and removing its record (held at `purge_record`) is finished all the
+/// same: the entity is gone, record and streams, and its URL free. Before,
+/// the record stayed, over no main stream.
+#[tokio::test]
+async fn a_purge_whose_request_is_dropped_midway_is_finished() {
+    let (ts, pauses) = start_with_pauses().await;
+    let e = "/chat/purge-dropped";
+    spawn(&ts, Some(SAM), e).await;
+    let pause = pauses.arm(attache_server::pause::PURGE_RECORD);
+    request_dropped_at(&ts, Method::DELETE, &format!("{}?purge=true", api(e)), SAM, None, &pause).await;
+    pause.release();
+    let status = settled(|| async { get_as(&ts, Some(SAM), e).await.0 }, |s| *s == StatusCode::NOT_FOUND).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the purged entity's record is gone");
+    let main = as_principal(ts.request(Method::GET, &format!("{e}/main")), Some(SAM)).send().await.unwrap();
+    assert_eq!(main.status(), StatusCode::NOT_FOUND, "its main stream is gone");
+    spawn(&ts, Some(ANN), e).await;
+}
+
+/// A spawn whose request is dropped after its registry record, before its
+/// grants and initial message (held at `spawn_rest`), is finished all the
+/// same: the entity has the grant and the inbox row its spawn asked for.
+/// Before, it had neither, and a retried spawn answered 200 with the entity
+/// as it was, adding neither.
+#[tokio::test]
+async fn a_spawn_whose_request_is_dropped_after_its_record_gets_its_grants_and_initial_message() {
+    let (ts, pauses) = start_with_pauses().await;
+    let e = "/chat/spawn-dropped";
+    let body = json!({
+        "grants": [{ "subject_kind": "principal", "subject_value": ANN, "permission": "read" }],
+        "initialMessage": { "hello": "dropped" },
+    });
+    let pause = pauses.arm(attache_server::pause::SPAWN_REST);
+    request_dropped_at(&ts, Method::PUT, &api(e), SAM, Some(&body), &pause).await;
+    pause.release();
+    let (ann_reads, inbox) = settled(
+        || async {
+            let ann_reads = get_as(&ts, Some(ANN), e).await.0;
+            let inbox = rows_as(&ts, &format!("{e}/main"), Some(SAM)).await.iter().any(|r| r["type"] == "inbox");
+            (ann_reads, inbox)
+        },
+        |(ann_reads, inbox)| *ann_reads == StatusCode::OK && *inbox,
+    )
+    .await;
+    assert_eq!(get_as(&ts, Some(SAM), e).await.0, StatusCode::OK, "the entity is spawned");
+    assert_eq!(ann_reads, StatusCode::OK, "the grant the spawn gave ann is there");
+    assert!(inbox, "the initial message is on the main stream");
 }

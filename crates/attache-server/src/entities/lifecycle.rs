@@ -42,17 +42,28 @@ pub async fn stop(
     if !same_incarnation(&state, &entity).await {
         return Err(entity_not_found(&entity.url));
     }
-    // A txid only when this stop wrote rows: a client would wait for it in vain otherwise.
-    let mut answer = match stop_entity(&state, who, &entity).await? {
-        Some(txid) => json!({ "txid": txid }),
-        None => json!({}),
-    };
-    if purge {
-        purge_held(&state, url, &life).await?;
-        answer["purged"] = json!(true);
-    } else {
-        answer["status"] = json!("stopped");
-    }
+    // From the closing rows to the registry (and through the purge), on a
+    // task of its own holding the life: a request dropped midway no longer
+    // leaves a closed main stream under a record still running, nor a purge
+    // half done (`run_to_end`).
+    let (state_, who, url) = (state.clone(), who.clone(), url.clone());
+    let answer = super::run_to_end(&state, async move {
+        let state = &state_;
+        // A txid only when this stop wrote rows: a client would wait for it in vain otherwise.
+        let mut answer = match stop_entity(state, &who, &entity).await? {
+            Some(txid) => json!({ "txid": txid }),
+            None => json!({}),
+        };
+        if purge {
+            purge_held(state, &url, &life).await?;
+            answer["purged"] = json!(true);
+        } else {
+            answer["status"] = json!("stopped");
+        }
+        drop(life);
+        Ok(answer)
+    })
+    .await?;
     Ok((StatusCode::OK, Json(answer)).into_response())
 }
 
@@ -66,7 +77,12 @@ pub async fn stop_entity(state: &AppState, who: &PrincipalKey, entity: &EntityRe
 /// append, before the `entity_stopped` row. Nothing is written to an entity
 /// that is stopped already. The caller holds the entity's life exclusively:
 /// a task change holds it shared from its decision to its write
-/// (`tasks::writes::hold_task`), so no stop comes between the two.
+/// (`tasks::writes::hold_task`), so no stop comes between the two. The
+/// caller runs it on a task of its own holding that life (`run_to_end`):
+/// awaited by a request that is dropped between the closing rows and the
+/// registry write, it left the main stream closed under a record that still
+/// said running, where a task change then passed its compare-and-set and had
+/// its write refused.
 pub(super) async fn stop_entity_with(
     state: &AppState,
     who: &PrincipalKey,
@@ -95,6 +111,7 @@ pub(super) async fn stop_entity_with(
             Err(ApiError::NotRunning) => wrote = false,
             Err(e) => return Err(e),
         }
+        crate::pause::at(state, crate::pause::STOP_RECORD).await;
         state
             .registry
             .update_entity(
@@ -112,7 +129,9 @@ pub(super) async fn stop_entity_with(
 
 /// Deletes every stream of the entity, then the entity and its grants,
 /// holding its life exclusively: no write checked against this life lands
-/// after it (`access::Lives`).
+/// after it (`access::Lives`). Its callers (a deleted task's tombstone going,
+/// at start-up or within `task.delete`) already run to their end on a task of
+/// their own; `DELETE ?purge=true` runs [`purge_held`] on one (`run_to_end`).
 pub async fn purge_entity(state: &AppState, url: &EntityUrl) -> ApiResult<()> {
     let life = state.lives.exclusive(&url.to_string()).await;
     purge_held(state, url, &life).await
@@ -139,6 +158,7 @@ async fn purge_held(state: &AppState, url: &EntityUrl, _life: &Life) -> ApiResul
         Err(e) => return Err(e.into()),
     }
     state.views.forget(&url.main_stream());
+    crate::pause::at(state, crate::pause::PURGE_RECORD).await;
     state.registry.remove_entity(&url.to_string()).await?;
     Ok(())
 }

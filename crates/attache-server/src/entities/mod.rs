@@ -26,6 +26,23 @@ pub use signal::{signal, SignalBody};
 pub use spawn::{copy_grants_to_child, lineage_under, spawn, spawn_entity, Lineage, SpawnBody, MAX_LINEAGE_DEPTH};
 pub use tags::{delete_tag, set_tag, TagBody};
 
+/// Runs `step`, a change of an entity in more than one step (its registry
+/// record and rows on its main stream, or its streams and its record), to
+/// its end on a task of its own, and waits for its answer
+/// (`tasks::Writers::run_to_end`, whose tracker shutdown waits for). The
+/// caller takes the entity's life lock first and moves it into `step`: so at
+/// most one such step per entity runs at a time, and a client that resets
+/// its connections piles up no more work than its requests hold. Awaited
+/// inline, a request dropped midway (its client closed the connection) left
+/// the change half done: a tag in the record with no row, a closed main
+/// stream under a record still running, a purge with the record left.
+async fn run_to_end<T: Send + 'static>(
+    state: &crate::AppState,
+    step: impl std::future::Future<Output = crate::error::ApiResult<T>> + Send + 'static,
+) -> crate::error::ApiResult<T> {
+    state.tasks.run_to_end(step).await
+}
+
 /// How many bytes `v` takes as JSON, counted without writing them anywhere.
 pub fn json_size<T: serde::Serialize + ?Sized>(v: &T) -> usize {
     struct Count(usize);

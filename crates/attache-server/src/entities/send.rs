@@ -11,7 +11,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::access::{hold_life, now_ms, EntityRoute};
+use crate::access::{hold_life, now_ms, EntityRoute, Life};
 use crate::error::{ApiError, ApiResult};
 use crate::http::json_body;
 use crate::rows::{json_content_type, new_txid, not_running};
@@ -41,6 +41,20 @@ pub async fn send_message(
     key: Option<String>,
     message_type: Option<String>,
 ) -> ApiResult<(String, String)> {
+    send_message_in(state, who, entity, payload, key, message_type, None).await
+}
+
+/// [`send_message`]; `held`: the entity's life, when the caller holds it
+/// already (a spawn, exclusively, for its initial message); taken shared otherwise.
+pub(super) async fn send_message_in(
+    state: &AppState,
+    who: &PrincipalKey,
+    entity: &EntityRecord,
+    payload: Value,
+    key: Option<String>,
+    message_type: Option<String>,
+    held: Option<&Life>,
+) -> ApiResult<(String, String)> {
     if !entity.is_running() {
         return Err(not_running());
     }
@@ -53,7 +67,10 @@ pub async fn send_message(
         None => generated_key("msg-in"),
     };
     // Checked against this life, written only into it (404 once purged).
-    let _life = hold_life(state, entity).await?;
+    let _life = match held {
+        Some(_) => None,
+        None => Some(hold_life(state, entity).await?),
+    };
     let main = format!("{}/main", entity.url);
     let now = timestamp(now_ms());
     let txid = new_txid();

@@ -116,14 +116,10 @@ pub async fn signal(
     let key = generated_key("sig");
     // Only into the life checked above, as every entity write (`hold_life`);
     // a stop holds it exclusively, as `DELETE` does.
-    let _life = if effect == SignalEffect::Stops {
-        hold_life_exclusive(&state, &entity).await?
-    } else {
-        hold_life(&state, &entity).await?
-    };
     let mut wrote = true;
     let new_state = match effect {
         SignalEffect::Stops => {
+            let life = hold_life_exclusive(&state, &entity).await?;
             value["status"] = json!("handled");
             value["handled_at"] = json!(timestamp(now));
             value["handled_by"] = json!(PrincipalKey::server().url());
@@ -131,10 +127,20 @@ pub async fn signal(
             value["previous_state"] = json!(previous);
             value["new_state"] = json!("stopped");
             let row = ChangeEvent::insert(SIGNAL, &key, value, &txid, &timestamp(now));
-            wrote = stop_entity_with(&state, who, &entity, txid.clone(), vec![row]).await?.is_some();
+            // From the closing rows to the registry write, on a task of its
+            // own holding the life, as `DELETE` (`super::run_to_end`).
+            let (state_, who, entity, txid) = (state.clone(), who.clone(), entity.clone(), txid.clone());
+            wrote = super::run_to_end(&state, async move {
+                let stopped = stop_entity_with(&state_, &who, &entity, txid, vec![row]).await;
+                drop(life);
+                Ok(stopped?.is_some())
+            })
+            .await?;
             "stopped".to_owned()
         }
         _ => {
+            // One write (the row; the rate count is memory): nothing to leave half done.
+            let _life = hold_life(&state, &entity).await?;
             value["status"] = json!("unhandled");
             let row = ChangeEvent::insert(SIGNAL, &key, value, &txid, &timestamp(now));
             append_rows(state.store.as_ref(), &url.main_stream(), &[row], false).await?;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use attache_core::state::{timestamp, ChangeEvent, ENTITY_CREATED};
 use attache_core::{EntityUrl, Permission, PrincipalKey, Propagation};
-use attache_storage::{Ancestor, CreateOutcome, CreateStream, EntityRecord, NewGrant, StoreError};
+use attache_storage::{Ancestor, CreateOutcome, CreateStream, EntityRecord, NewGrant, RawJson, StoreError};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -21,7 +21,7 @@ use crate::rows::{json_content_type, new_txid, rows_body};
 use crate::AppState;
 
 use super::grants::GrantBody;
-use super::send::send_message;
+use super::send::send_message_in;
 use super::{entity_json, json_size};
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,7 +117,7 @@ pub async fn spawn_entity(
     url: &EntityUrl,
     args: Option<Value>,
     tags: BTreeMap<String, String>,
-    extra: Option<Value>,
+    extra: Option<RawJson>,
 ) -> ApiResult<(EntityRecord, bool, String)> {
     spawn_entity_under(state, who, url, args, tags, extra, None).await
 }
@@ -134,7 +134,7 @@ async fn spawn_entity_under(
     url: &EntityUrl,
     args: Option<Value>,
     tags: BTreeMap<String, String>,
-    extra: Option<Value>,
+    extra: Option<RawJson>,
     lineage: Option<&Lineage>,
 ) -> ApiResult<(EntityRecord, bool, String)> {
     let key = url.to_string();
@@ -234,21 +234,37 @@ pub async fn spawn(
         Some(parent) => Some(lineage_under(&state, who, parent).await?),
         None => None,
     };
-    let (entity, fresh, txid) =
-        spawn_entity_under(&state, who, url, body.args, body.tags.unwrap_or_default(), None, lineage.as_ref()).await?;
-    if !fresh {
-        return Ok((StatusCode::OK, Json(entity_json(&entity))).into_response());
-    }
-    if let Some(lineage) = &lineage {
-        copy_grants_to_child(&state, who, &lineage.parent, &entity.url).await?;
-    }
-    for grant in grants {
-        state.registry.add_grant(grant).await?;
-    }
-    if let Some(payload) = body.initial_message {
-        send_message(&state, who, &entity, payload, None, body.initial_message_type).await?;
-    }
-    let mut out = entity_json(&entity);
-    out["txid"] = json!(txid);
-    Ok((StatusCode::CREATED, Json(out)).into_response())
+    // The URL's life, exclusively (one spawn of it at a time, none during a
+    // purge of it), and from the main stream's creation through the grants
+    // and the initial message on a task of its own holding it: a request
+    // dropped midway no longer leaves the entity without the grants or the
+    // initial message its spawn gave (a retried spawn answers 200 with the
+    // entity as it is, and would not add them; `super::run_to_end`).
+    let life = state.lives.exclusive(&url.to_string()).await;
+    let (state_, who, url) = (state.clone(), who.clone(), url.clone());
+    let (status, out) = super::run_to_end(&state, async move {
+        let state = &state_;
+        let tags = body.tags.unwrap_or_default();
+        let (entity, fresh, txid) =
+            spawn_entity_under(state, &who, &url, body.args, tags, None, lineage.as_ref()).await?;
+        if !fresh {
+            return Ok((StatusCode::OK, entity_json(&entity)));
+        }
+        crate::pause::at(state, crate::pause::SPAWN_REST).await;
+        if let Some(lineage) = &lineage {
+            copy_grants_to_child(state, &who, &lineage.parent, &entity.url).await?;
+        }
+        for grant in grants {
+            state.registry.add_grant(grant).await?;
+        }
+        if let Some(payload) = body.initial_message {
+            send_message_in(state, &who, &entity, payload, None, body.initial_message_type, Some(&life)).await?;
+        }
+        drop(life);
+        let mut out = entity_json(&entity);
+        out["txid"] = json!(txid);
+        Ok((StatusCode::CREATED, out))
+    })
+    .await?;
+    Ok((status, Json(out)).into_response())
 }

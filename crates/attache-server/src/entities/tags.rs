@@ -89,7 +89,7 @@ async fn change_tag(
         return Err(not_running());
     }
     // Exclusive: two tag writes land in the registry and on the stream in one order.
-    let _life = state.lives.exclusive(&entity.url).await;
+    let life = state.lives.exclusive(&entity.url).await;
     let Some(current) = state.registry.entity(&entity.url).await.filter(|now| now.incarnation == entity.incarnation)
     else {
         return Err(entity_not_found(&entity.url));
@@ -113,29 +113,40 @@ async fn change_tag(
             ));
         }
     }
-    let now = now_ms();
-    let (k, v) = (key.clone(), value.clone());
-    let updated = state
-        .registry
-        .update_entity(
-            &entity.url,
-            Box::new(move |e| {
-                match v {
-                    Some(v) => e.tags.insert(k, v),
-                    None => e.tags.remove(&k),
-                };
-                e.updated_at_ms = now;
-                Ok(())
-            }),
-        )
-        .await?;
-    let txid = new_txid();
-    let at = timestamp(now);
-    let row = match (&previous, &value) {
-        (_, None) => ChangeEvent::delete(TAGS, &key, &txid, &at),
-        (None, Some(v)) => ChangeEvent::insert(TAGS, &key, json!({ "key": key, "value": v }), &txid, &at),
-        (Some(_), Some(v)) => ChangeEvent::update(TAGS, &key, json!({ "key": key, "value": v }), &txid, &at),
-    };
-    append_rows(state.store.as_ref(), &format!("{}/main", entity.url), &[row], false).await?;
+    // From the registry write to the row, on a task of its own holding the
+    // life: a request dropped in between (its client closed the connection)
+    // no longer leaves the tag in the record with no row (`run_to_end`).
+    let (state_, url) = (state.clone(), entity.url.clone());
+    let (updated, txid) = super::run_to_end(state, async move {
+        let state = &state_;
+        let now = now_ms();
+        let (k, v) = (key.clone(), value.clone());
+        let updated = state
+            .registry
+            .update_entity(
+                &url,
+                Box::new(move |e| {
+                    match v {
+                        Some(v) => e.tags.insert(k, v),
+                        None => e.tags.remove(&k),
+                    };
+                    e.updated_at_ms = now;
+                    Ok(())
+                }),
+            )
+            .await?;
+        crate::pause::at(state, crate::pause::TAG_ROW).await;
+        let txid = new_txid();
+        let at = timestamp(now);
+        let row = match (&previous, &value) {
+            (_, None) => ChangeEvent::delete(TAGS, &key, &txid, &at),
+            (None, Some(v)) => ChangeEvent::insert(TAGS, &key, json!({ "key": key, "value": v }), &txid, &at),
+            (Some(_), Some(v)) => ChangeEvent::update(TAGS, &key, json!({ "key": key, "value": v }), &txid, &at),
+        };
+        append_rows(state.store.as_ref(), &format!("{url}/main"), &[row], false).await?;
+        drop(life);
+        Ok((updated, txid))
+    })
+    .await?;
     Ok(answer(&updated, Some(&txid)))
 }

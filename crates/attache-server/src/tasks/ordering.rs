@@ -85,7 +85,7 @@ pub struct Writers {
     cells: parking_lot::Mutex<HashMap<String, Arc<TaskCell>>>,
     /// Deleted tasks whose tombstones are kept, oldest first.
     pub(super) tombstones: parking_lot::Mutex<VecDeque<Tombstone>>,
-    /// The changes running to their end on tasks of their own ([`Writers::run_to_end`]).
+    /// The changes (of tasks and of entities) running to their end on tasks of their own ([`Writers::run_to_end`]).
     detached: TaskTracker,
 }
 
@@ -128,14 +128,17 @@ impl Writers {
     /// up no work beyond what its requests hold). Awaited inline, a request
     /// dropped in between (its client closed the connection) took the write
     /// with it, and the record kept a change with no row and no event. A step
-    /// that panicked answers an internal error.
-    pub(super) async fn run_to_end<T: Send + 'static>(
+    /// that panicked answers an internal error. The entity face runs its
+    /// changes of an entity (a tag, a stop, a purge, a spawn) here too, from
+    /// under the entity's life lock (`entities::run_to_end`), so shutdown
+    /// waits for them as for task changes ([`Writers::finish_detached`]).
+    pub(crate) async fn run_to_end<T: Send + 'static>(
         &self,
         step: impl Future<Output = ApiResult<T>> + Send + 'static,
     ) -> ApiResult<T> {
         match self.detached.spawn(step).await {
             Ok(answer) => answer,
-            Err(e) => Err(ApiError::internal(format_args!("a task change failed to run: {e}"))),
+            Err(e) => Err(ApiError::internal(format_args!("a change failed to run to its end: {e}"))),
         }
     }
 
@@ -144,7 +147,7 @@ impl Writers {
     pub async fn finish_detached(&self, within: Duration) {
         self.detached.close();
         if tokio::time::timeout(within, self.detached.wait()).await.is_err() {
-            tracing::warn!(left = self.detached.len(), "task changes still running at shutdown");
+            tracing::warn!(left = self.detached.len(), "task and entity changes still running at shutdown");
         }
     }
 
