@@ -75,7 +75,7 @@ pub static malloc_conf: &u8 = &b"background_thread:true,narenas:2,dirty_decay_ms
 /// tell what grew between two moments of a soak (bench/README.md, "Heap growth").
 #[cfg(feature = "jemalloc-profiling")]
 fn dump_heap_profile_on_sigusr2() {
-    use tokio::signal::unix::{SignalKind, signal};
+    use tokio::signal::unix::{signal, SignalKind};
     std::thread::spawn(|| {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
             return;
@@ -87,7 +87,8 @@ fn dump_heap_profile_on_sigusr2() {
             while usr2.recv().await.is_some() {
                 // SAFETY: `prof.dump` takes a file name or null (the profile goes to
                 // `prof_prefix` with a sequence number); null is always valid.
-                let done = unsafe { tikv_jemalloc_ctl::raw::write(b"prof.dump\0", std::ptr::null::<std::ffi::c_char>()) };
+                let done =
+                    unsafe { tikv_jemalloc_ctl::raw::write(b"prof.dump\0", std::ptr::null::<std::ffi::c_char>()) };
                 match done {
                     Ok(()) => tracing::info!("heap profile written"),
                     Err(e) => tracing::warn!(error = %e, "heap profile not written (started without prof:true?)"),
