@@ -3,10 +3,12 @@
 //! changes) and small; they are durable before they are acknowledged.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use attache_core::{GrantSubject, Permission, Propagation};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::error::StoreResult;
@@ -24,9 +26,10 @@ pub struct EntityRecord {
     pub created_by: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
-    /// Face-specific state kept with the entity (the task face keeps its task here).
+    /// Face-specific state kept with the entity (the task face keeps its
+    /// task here), as its JSON text: the registry's cache holds every entity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub extra: Option<Value>,
+    pub extra: Option<RawJson>,
     /// Which life of this URL the record is: a random id the server gives the
     /// entity when it is spawned, so what a purged entity left behind (its task
     /// events) is never taken for the next one's. `None` on records written
@@ -41,6 +44,58 @@ pub struct EntityRecord {
     /// ancestor applies only while that life is the one at its URL.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ancestors: Vec<Ancestor>,
+}
+
+/// A JSON value kept as its text, stored and sent as that JSON (the record's
+/// format is unchanged), read when a caller needs it (`parse`). Held so, a
+/// value costs about its text: as a `Value` tree, an object of many small
+/// members costs ~10 times that (a task's metadata of ~5,200 members just
+/// under `max_entity_data_bytes`, 64 KiB, took ~660 KB of the registry
+/// cache). Clones share the text.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RawJson(Arc<str>);
+
+impl RawJson {
+    /// `v` as JSON text.
+    pub fn of(v: &impl Serialize) -> serde_json::Result<RawJson> {
+        Ok(RawJson(serde_json::to_string(v)?.into()))
+    }
+
+    /// `null`.
+    pub fn null() -> RawJson {
+        RawJson("null".into())
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        &self.0
+    }
+
+    /// Reads the value as a `T` (which may borrow from the text).
+    pub fn parse<'a, T: Deserialize<'a>>(&'a self) -> serde_json::Result<T> {
+        serde_json::from_str(&self.0)
+    }
+}
+
+impl std::fmt::Debug for RawJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for RawJson {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // The text was JSON when it was made; written as it is.
+        let raw: &RawValue = serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
+        raw.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawJson {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RawJson, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d)?;
+        Ok(RawJson(raw.get().into()))
+    }
 }
 
 /// One ancestor of an entity: its URL and which life of that URL it was.

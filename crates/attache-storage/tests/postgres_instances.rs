@@ -187,11 +187,19 @@ fn entity(url: &str) -> EntityRecord {
         created_by: "/_principal/user/alice".into(),
         created_at_ms: 1,
         updated_at_ms: 1,
-        extra: Some(serde_json::json!({"count": 0})),
+        extra: Some(count(0)),
         incarnation: Some("i1".into()),
         parent: None,
         ancestors: Vec::new(),
     }
+}
+
+fn count(n: u64) -> attache_storage::RawJson {
+    attache_storage::RawJson::of(&serde_json::json!({ "count": n })).unwrap()
+}
+
+fn count_of(extra: &attache_storage::RawJson) -> u64 {
+    extra.parse::<serde_json::Value>().unwrap()["count"].as_u64().unwrap()
 }
 
 #[test]
@@ -211,8 +219,8 @@ fn entity_updates_from_two_instances_are_compare_and_set_or_skip_without_postgre
                     reg.update_entity(
                         "/task/t1",
                         Box::new(|e| {
-                            let extra = e.extra.get_or_insert_with(|| serde_json::json!({"count": 0}));
-                            extra["count"] = serde_json::json!(extra["count"].as_u64().unwrap() + 1);
+                            let n = e.extra.as_ref().map_or(0, count_of);
+                            e.extra = Some(count(n + 1));
                             Ok(())
                         }),
                     )
@@ -225,7 +233,7 @@ fn entity_updates_from_two_instances_are_compare_and_set_or_skip_without_postgre
             t.await.unwrap();
         }
         let final_a = a.update_entity("/task/t1", Box::new(|_| Ok(()))).await.unwrap();
-        assert_eq!(final_a.extra.unwrap()["count"], 120, "no update was lost");
+        assert_eq!(count_of(&final_a.extra.unwrap()), 120, "no update was lost");
         // Grants made on one instance reach the other's cache through notifications.
         let grant = a
             .add_grant(attache_storage::NewGrant {
@@ -249,6 +257,6 @@ fn entity_updates_from_two_instances_are_compare_and_set_or_skip_without_postgre
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(seen, "b learns of a's grant");
-        assert_eq!(b.entity("/task/t1").await.unwrap().extra.unwrap()["count"], 120);
+        assert_eq!(count_of(&b.entity("/task/t1").await.unwrap().extra.unwrap()), 120);
     });
 }

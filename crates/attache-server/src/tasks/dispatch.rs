@@ -15,6 +15,7 @@ use super::budget::Answer;
 use super::ids::task_url;
 use super::list::list;
 use super::methods::{assign, claim, complete, create, delete, get, unassign, update};
+use super::record::TaskView;
 use super::{params_object, ApiError, ApiResult, Params, ResponseBudget, Status, TaskRecord, TASK_TYPE};
 use crate::access::now_ms;
 use crate::AppState;
@@ -113,13 +114,9 @@ pub(super) async fn task_for(
     Ok((entity, task))
 }
 
-/// A live (not deleted) task, by its record alone: cheaper than parsing it.
+/// A live (not deleted) task, read as a view (its metadata left as text).
 pub(super) fn is_live_task(e: &EntityRecord) -> bool {
-    e.entity_type == TASK_TYPE
-        && e.extra
-            .as_ref()
-            .and_then(Value::as_object)
-            .is_some_and(|x| x.contains_key("status") && x.get("deletedAt").is_none_or(Value::is_null))
+    TaskView::of(e).is_some()
 }
 
 /// May `who` read the entity, and may it do `wanted`? (One look at the grants.)
@@ -216,10 +213,10 @@ pub(super) async fn change_task(
         )
         .await;
     match outcome {
-        Ok(entity) => {
-            let extra = entity.extra.unwrap_or(Value::Null);
-            serde_json::from_value(extra).map_err(ApiError::internal)
-        }
+        Ok(entity) => match &entity.extra {
+            Some(extra) => extra.parse().map_err(ApiError::internal),
+            None => Err(ApiError::internal("a changed task without its record")),
+        },
         Err(e) => match rejection.lock().take() {
             Some(rejected) => Err(rejected),
             None if e == StoreError::NotFound => Err(task_missing(Missing::TaskColon, task_id)),

@@ -8,13 +8,12 @@
 
 use std::io::Write as _;
 
-use attache_core::{Permission, PrincipalKey};
-use serde_json::json;
-
 use super::budget::{json_bytes, Answer};
 use super::methods::{attachment_count, visible_tasks_of};
-use super::{ApiError, ApiResult, Params, ResponseBudget, Status, TaskRecord};
+use super::record::TaskView;
+use super::{ApiError, ApiResult, Params, ResponseBudget, Status, TASK_TYPE};
 use crate::AppState;
+use attache_core::{Permission, PrincipalKey};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum OrderBy {
@@ -55,7 +54,8 @@ pub(super) async fn list(
         .opt_enum("orderBy", OrderBy::parse, "createdAt, updatedAt, completedAt, priority, status, assignedTo")?
         .unwrap_or(OrderBy::CreatedAt);
     let desc = p.opt_enum("order", |s| matches!(s, "asc" | "desc").then(|| s == "desc"), "asc, desc")?.unwrap_or(true);
-    let mut tasks: Vec<(String, TaskRecord)> = visible_tasks_of(state, who, Permission::Read)
+    let entities = state.registry.entities(Some(TASK_TYPE));
+    let mut tasks: Vec<(String, TaskView)> = visible_tasks_of(state, who, Permission::Read, &entities)
         .map(|(id, t, _)| (id, t))
         .filter(|(_, t)| status.is_none_or(|s| t.status == s))
         .filter(|(_, t)| assigned.is_none_or(|a| t.assigned_to.as_deref() == Some(a)))
@@ -92,7 +92,7 @@ pub(super) async fn list(
             tracing::warn!(task = %id, error = ?e, "task.list: the task's stream could not be read");
             0
         });
-        row["attachmentCount"] = json!(count);
+        row.attachment_count = Some(count);
         let comma = u64::from(answered > 0);
         match budget.take_bytes(json_bytes(&row) + comma) {
             Ok(()) => {}

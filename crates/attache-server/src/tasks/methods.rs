@@ -14,6 +14,7 @@ use super::attachments::{attachment_json, keyed, put_attachment, AttachmentInput
 use super::budget::json_bytes;
 use super::dispatch::{change_task, illegal, is_live_task, task_entity, task_for, Missing};
 use super::ids::{main_path, new_task_id, task_url};
+use super::record::{deleted_at, TaskView};
 use super::writes::{change_and_write, write_task, Event, Held, MainWrite};
 use super::AttachmentKind;
 use super::{ApiError, ApiResult, Params, ResponseBudget, Status, TaskRecord, TASK_TYPE};
@@ -193,21 +194,21 @@ pub(super) async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     .await
 }
 
-/// The tasks `who` may read (and do `wanted` on), newest first, with the incarnation of each.
+/// The tasks among `entities` (the registry's tasks, newest first) `who` may
+/// read (and do `wanted` on), as views of their records (metadata left as
+/// text), with the incarnation of each.
 pub(super) fn visible_tasks_of<'a>(
     state: &'a AppState,
     who: &'a PrincipalKey,
     wanted: Permission,
-) -> impl Iterator<Item = (String, TaskRecord, Option<String>)> + 'a {
-    state
-        .registry
-        .entities(Some(TASK_TYPE))
-        .into_iter()
-        .filter(is_live_task)
-        .filter(move |e| {
-            may(state, who, e, Permission::Read) && (wanted == Permission::Read || may(state, who, e, wanted))
-        })
-        .filter_map(|e| TaskRecord::of(&e).map(|t| (e.instance_id, t, e.incarnation)))
+    entities: &'a [EntityRecord],
+) -> impl Iterator<Item = (String, TaskView<'a>, Option<String>)> + 'a {
+    entities.iter().filter_map(move |e| {
+        let task = TaskView::of(e)?;
+        let permitted =
+            may(state, who, e, Permission::Read) && (wanted == Permission::Read || may(state, who, e, wanted));
+        permitted.then(|| (e.instance_id.clone(), task, e.incarnation.clone()))
+    })
 }
 
 pub(super) async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
@@ -305,9 +306,11 @@ pub(super) async fn claim(
 ) -> ApiResult<Value> {
     let worker = p.string("workerId", 256)?.to_owned();
     p.opt_int("maxTasks", 1, 10)?;
-    let mut candidates: Vec<(String, TaskRecord, Option<String>)> = visible_tasks_of(state, who, Permission::Write)
-        .filter(|(_, t, _)| t.status == Status::Pending && t.assigned_to.as_ref().is_none_or(|a| *a == worker))
-        .collect();
+    let entities = state.registry.entities(Some(TASK_TYPE));
+    let mut candidates: Vec<(String, TaskView, Option<String>)> =
+        visible_tasks_of(state, who, Permission::Write, &entities)
+            .filter(|(_, t, _)| t.status == Status::Pending && t.assigned_to.as_ref().is_none_or(|a| *a == worker))
+            .collect();
     candidates.sort_by(|(ia, a, _), (ib, b, _)| {
         b.priority.cmp(&a.priority).then_with(|| a.created_at.cmp(&b.created_at)).then_with(|| ia.cmp(ib))
     });
@@ -604,7 +607,7 @@ pub async fn load_tombstones(state: &AppState) -> ApiResult<()> {
         .entities(Some(TASK_TYPE))
         .into_iter()
         .filter_map(|e| {
-            let deleted_at = e.extra.as_ref()?.get("deletedAt")?.as_i64()?;
+            let deleted_at = deleted_at(&e)?;
             Some((deleted_at, Tombstone { id: e.instance_id, incarnation: e.incarnation, owner: e.created_by }))
         })
         .collect();
