@@ -27,7 +27,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::access::{hold_life, now_ms, EntityRoute};
-use crate::entities::{copy_grants_to_child, entity_json, json_size, lineage_under};
+use crate::entities::{copy_grants_to_child, entity_json, json_size, lineage_under, Lineage};
 use crate::error::{ApiError, ApiResult};
 use crate::http::{entity_url, json_object_body};
 use crate::rows::{append_rows, new_txid, not_running};
@@ -128,7 +128,9 @@ pub async fn fork(
             format!("args and tags are at most {max} bytes of JSON together (max_entity_data_bytes)"),
         ));
     }
-    if state.registry.entity(&fork_url.to_string()).await.is_some() {
+    // The source's own URL apart: were the source purged since it was read,
+    // the fork would wait below for a life it holds itself.
+    if fork_url == *source_url || state.registry.entity(&fork_url.to_string()).await.is_some() {
         return Err(duplicate(&fork_url.to_string()));
     }
     // Electric's `parent`: the fork is a child of it (the caller needs `spawn` there).
@@ -136,8 +138,17 @@ pub async fn fork(
         Some(parent) => Some(lineage_under(&state, who, parent).await?),
         None => None,
     };
-    // The source's life, shared: a purge of the source waits for the fork.
-    let _life = hold_life(&state, &source).await?;
+    // The fork's URL's life exclusively (one spawn or fork of it at a time,
+    // none during its purge) and the source's shared (a purge of the source
+    // waits for the fork), taken in the URLs' order so two forks each of the
+    // other's URL cannot wait for each other.
+    let (life, source_life) = if fork_url < *source_url {
+        let life = state.lives.exclusive(&fork_url.to_string()).await;
+        (life, hold_life(&state, &source).await?)
+    } else {
+        let source_life = hold_life(&state, &source).await?;
+        (state.lives.exclusive(&fork_url.to_string()).await, source_life)
+    };
     let source_main = state.store.head(&source_url.main_stream()).await?;
     if source_main.closed {
         return Err(not_running());
@@ -150,7 +161,48 @@ pub async fn fork(
             )));
         }
     }
-    let mut made = Made { state: &state, streams: Vec::new(), done: false };
+    // From its streams through its record to its copied grants, on a task of
+    // its own holding both lives: a request dropped midway (its client closed
+    // the connection) leaves the whole fork, or, when a step fails, none of
+    // its streams (`entities::run_to_end`). Awaited inline, a dropped request
+    // left the record without the grants copied from its parent.
+    let plan =
+        Plan { who: who.clone(), source, source_url: source_url.clone(), fork_url, offset, sub_offset, tags, lineage };
+    let state_ = state.clone();
+    let (root, txid) = crate::entities::run_to_end(&state, async move {
+        let state = &state_;
+        let mut made = Made { state, streams: Vec::new(), done: false };
+        let forked = make_fork(state, &plan, &mut made).await;
+        if forked.is_err() {
+            // Awaited here, within the step: the streams are gone before the answer.
+            made.undo().await;
+        }
+        drop((life, source_life));
+        forked
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(json!({ "root": root, "entities": [root], "txid": txid }))).into_response())
+}
+
+/// What a fork's request decided and checked: [`make_fork`] carries it out,
+/// holding the fork's URL's life exclusively and the source's shared.
+struct Plan {
+    who: PrincipalKey,
+    source: EntityRecord,
+    source_url: EntityUrl,
+    fork_url: EntityUrl,
+    offset: Option<Offset>,
+    sub_offset: u64,
+    tags: BTreeMap<String, String>,
+    lineage: Option<Lineage>,
+}
+
+/// Makes the fork `plan` describes: its main stream, its attachments' streams
+/// and their manifest rows, its registry record, the grants copied from its
+/// parent; answers its entity JSON and its txid. Each stream it creates is in
+/// `made`, for the caller to undo when this fails before the record.
+async fn make_fork(state: &AppState, plan: &Plan, made: &mut Made<'_>) -> ApiResult<(serde_json::Value, String)> {
+    let Plan { who, source, source_url, fork_url, offset, sub_offset, tags, lineage } = plan;
     let created = state
         .store
         .create(CreateStream {
@@ -160,7 +212,11 @@ pub async fn fork(
             expires_at: None,
             closed: false,
             initial: Default::default(),
-            fork: Some(ForkSpec { source: StreamPath::new(source_url.main_stream())?, offset, sub_offset }),
+            fork: Some(ForkSpec {
+                source: StreamPath::new(source_url.main_stream())?,
+                offset: *offset,
+                sub_offset: *sub_offset,
+            }),
             owner: Some(who.to_string()),
             // The server's own create: a stream kept for its forks gives the path up (as a spawn's does).
             take_kept_path: true,
@@ -168,7 +224,7 @@ pub async fn fork(
         .await;
     match created {
         Ok(CreateOutcome::Created(info)) => made.streams.push((fork_url.main_stream(), info.id)),
-        // Someone else's stream (a fork or spawn in flight): theirs, not undone.
+        // Someone else's stream (a crashed spawn's, say; no spawn runs meanwhile): theirs, not undone.
         Ok(CreateOutcome::Existed(_)) | Err(StoreError::ConfigMismatch(_)) => {
             return Err(duplicate(&fork_url.to_string()))
         }
@@ -181,7 +237,7 @@ pub async fn fork(
         Err(e) => return Err(e.into()),
     }
     let txid = new_txid();
-    let rows = carry_attachments(&state, source_url, &fork_url, who, &txid, &mut made).await?;
+    let rows = carry_attachments(state, source_url, fork_url, who, &txid, made).await?;
     if !rows.is_empty() {
         append_rows(state.store.as_ref(), &fork_url.main_stream(), &rows, false).await?;
     }
@@ -191,7 +247,7 @@ pub async fn fork(
         entity_type: fork_url.entity_type().to_owned(),
         instance_id: fork_url.instance_id().to_owned(),
         status: "idle".into(),
-        tags,
+        tags: tags.clone(),
         args: source.args.clone(),
         created_by: who.url(),
         created_at_ms: now,
@@ -201,27 +257,39 @@ pub async fn fork(
         parent: lineage.as_ref().map(|l| l.parent.url.clone()),
         ancestors: lineage.as_ref().map(|l| l.ancestors.clone()).unwrap_or_default(),
     };
-    crate::pause::at(&state, crate::pause::FORK_RECORD).await;
+    crate::pause::at(state, crate::pause::FORK_RECORD).await;
     let (stored, fresh) = state.registry.insert_entity(record).await?;
     if !fresh {
         return Err(duplicate(&stored.url));
     }
     made.done = true;
-    if let Some(lineage) = &lineage {
-        copy_grants_to_child(&state, who, &lineage.parent, &stored.url).await?;
+    crate::pause::at(state, crate::pause::FORK_GRANTS).await;
+    if let Some(lineage) = lineage {
+        copy_grants_to_child(state, who, &lineage.parent, &stored.url).await?;
     }
-    let root = entity_json(&stored);
-    Ok((StatusCode::CREATED, Json(json!({ "root": root, "entities": [root], "txid": txid }))).into_response())
+    Ok((entity_json(&stored), txid))
 }
 
-/// Streams this request created, by path and id, deleted again unless it
-/// succeeds (the deletes run in a task: a guard cannot await). Only the
-/// stream this request created goes: one another request put at the path
-/// since has another id and stays.
+/// Streams this fork created, by path and id, deleted again unless it
+/// succeeds: by [`Made::undo`] when it fails, else (a panic) by the guard
+/// on drop, in a task (a guard cannot await). Only the stream this fork
+/// created goes: one another request put at the path since has another id
+/// and stays.
 struct Made<'a> {
     state: &'a AppState,
     streams: Vec<(String, u64)>,
     done: bool,
+}
+
+impl Made<'_> {
+    /// Deletes the streams made so far, now.
+    async fn undo(&mut self) {
+        if self.done {
+            return;
+        }
+        let streams = std::mem::take(&mut self.streams);
+        undo_streams(self.state.store.as_ref(), &self.state.views, streams).await;
+    }
 }
 
 impl Drop for Made<'_> {
@@ -232,16 +300,19 @@ impl Drop for Made<'_> {
         let store = self.state.store.clone();
         let views = self.state.views.clone();
         let streams = std::mem::take(&mut self.streams);
-        tokio::spawn(async move {
-            // Attachments first, the main stream last (it is what makes the fork visible).
-            for (path, id) in streams.iter().rev() {
-                if let Err(e) = undo_stream(store.as_ref(), path, *id).await {
-                    tracing::warn!(error = %e, path, "could not undo a failed fork's stream");
-                }
-                // What the fork read there is no one's now (a cache: whoever holds the path reloads).
-                views.forget(path);
-            }
-        });
+        tokio::spawn(async move { undo_streams(store.as_ref(), &views, streams).await });
+    }
+}
+
+/// Deletes a failed fork's `streams` (path and id), attachments first, the
+/// main stream last (it is what makes the fork visible).
+async fn undo_streams(store: &dyn StreamStore, views: &crate::rows::Views, streams: Vec<(String, u64)>) {
+    for (path, id) in streams.iter().rev() {
+        if let Err(e) = undo_stream(store, path, *id).await {
+            tracing::warn!(error = %e, path, "could not undo a failed fork's stream");
+        }
+        // What the fork read there is no one's now (a cache: whoever holds the path reloads).
+        views.forget(path);
     }
 }
 

@@ -33,6 +33,10 @@ pub const TASK_ATTACHMENT_WRITE: &str = "task_attachment_write";
 /// registry record: the window in which the fork's URL has streams and no entity.
 pub const FORK_RECORD: &str = "fork_record";
 
+/// Between a fork's registry record and the grants it copies from its
+/// parent (Electric's `copy_to_children`), when it names one.
+pub const FORK_GRANTS: &str = "fork_grants";
+
 /// Between a raw `DELETE` of a plain stream's check (the caller owns the
 /// stream there) and the delete.
 pub const STREAM_DELETE: &str = "stream_delete";

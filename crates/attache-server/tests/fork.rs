@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use common::TestServer;
 use entity_support::{
-    api, as_principal, error_of, eventually, files_under, get_bytes, listed, manifest, pattern, rows_as, sha256_hex,
-    spawn, stored_blobs, upload,
+    api, as_principal, error_of, eventually, files_under, get_bytes, listed, manifest, pattern, request_dropped_at,
+    rows_as, sha256_hex, spawn, stored_blobs, upload,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -265,11 +265,12 @@ async fn a_fork_with_a_parent_is_its_child_and_needs_spawn_there() {
 }
 
 /// A spawn at a fork's URL while the fork has made its streams and not yet
-/// its record (paused there) is 409 `DUPLICATE_URL`: it never adopts the
-/// fork's main stream. The fork then succeeds whole. Before, the spawn took
-/// the fork's stream (201, holding the forker's history), the fork answered
-/// 409, and its undo deleted that stream by path: the spawner's entity had
-/// no main stream for ever (send 404).
+/// its record (paused there) waits for the fork (which holds the URL's life)
+/// and is then 409 `DUPLICATE_URL`: it never adopts the fork's main stream.
+/// The fork succeeds whole. Before, the spawn took the fork's stream (201,
+/// holding the forker's history), the fork answered 409, and its undo
+/// deleted that stream by path: the spawner's entity had no main stream for
+/// ever (send 404).
 #[tokio::test]
 async fn a_spawn_at_the_url_of_a_fork_in_flight_is_409_and_the_fork_stays_whole() {
     let pauses = attache_server::pause::Pauses::default();
@@ -282,10 +283,12 @@ async fn a_spawn_at_the_url_of_a_fork_in_flight_is_409_and_the_fork_stays_whole(
     let forked = fork(&ts, None, "/chat/source", json!({ "instance_id": "target" }));
     let meanwhile = async {
         tokio::time::timeout(Duration::from_secs(10), pause.reached()).await.expect("the fork reached its pause");
-        let res = as_principal(ts.request(Method::PUT, &api("/chat/target")), Some(SAM)).send().await.unwrap();
-        let got = error_of(res).await;
+        let spawned = as_principal(ts.request(Method::PUT, &api("/chat/target")), Some(SAM)).send();
+        tokio::pin!(spawned);
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut spawned).await;
+        assert!(early.is_err(), "sam's spawn answered while the fork held its URL: {early:?}");
         pause.release();
-        got
+        error_of(spawned.await.unwrap()).await
     };
     let (res, (status, code, err)) = tokio::join!(forked, meanwhile);
     assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "DUPLICATE_URL"), "sam's spawn: {err}");
@@ -306,4 +309,102 @@ async fn a_spawn_at_the_url_of_a_fork_in_flight_is_409_and_the_fork_stays_whole(
     // Sam holds nothing there.
     let res = as_principal(ts.request(Method::GET, &api("/chat/target")), Some(SAM)).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
+}
+
+/// Whatever of a fork `/chat/{id}` of ann's `/chat/source` under
+/// `/team/root` is missing: its record (with its parent), its main stream
+/// with the source's history, its attachment's bytes, the grant to sam it
+/// copies from its parent. Empty when the fork is whole.
+async fn fork_missing(ts: &TestServer, fork_url: &str) -> Vec<String> {
+    let mut missing = Vec::new();
+    let res = as_principal(ts.request(Method::GET, &api(fork_url)), Some(ANN)).send().await.unwrap();
+    let status = res.status();
+    let record: Value = res.json().await.unwrap_or(Value::Null);
+    if status != StatusCode::OK || record["parent"] != "/team/root" {
+        missing.push(format!("the record ({status}: {record})"));
+    }
+    let main = as_principal(ts.request(Method::GET, &format!("{fork_url}/main")), Some(ANN)).query(&[("offset", "-1")]);
+    let res = main.send().await.unwrap();
+    let status = res.status();
+    let main = res.text().await.unwrap_or_default();
+    if status != StatusCode::OK || !main.contains("before the fork") {
+        missing.push(format!("the main stream with the source's history ({status}: {main})"));
+    }
+    let bytes = as_principal(ts.request(Method::GET, &format!("{}/attachments/a", api(fork_url))), Some(ANN));
+    let res = bytes.send().await.unwrap();
+    let status = res.status();
+    if status != StatusCode::OK || res.bytes().await.unwrap().as_ref() != b"the source's attachment" {
+        missing.push(format!("the attachment's stream ({status})"));
+    }
+    let res = as_principal(ts.request(Method::GET, &api(fork_url)), Some(SAM)).send().await.unwrap();
+    if res.status() != StatusCode::OK {
+        missing.push(format!("the grant copied from the parent (sam reads the fork: {})", res.status()));
+    }
+    missing
+}
+
+/// A fork whose request is dropped (the client closes its connection)
+/// midway is finished all the same, held between its streams and its
+/// record (`fork_record`) or between its record and the grants it copies
+/// from its parent (`fork_grants`), then released: it has its record, its
+/// main stream with the source's history, its attachment and the parent's
+/// `copy_to_children` grant. Before, the dropped request took the rest with
+/// it: held at `fork_record`, its streams were undone and no fork was left
+/// for the 201 nobody read (streams with no record, had the undo failed);
+/// held at `fork_grants`, the record stood without the copied grant.
+#[tokio::test]
+async fn a_fork_whose_request_is_dropped_midway_is_finished_whole() {
+    let pauses = attache_server::pause::Pauses::default();
+    let given = pauses.clone();
+    let ts = TestServer::start_with(move |c| c.pauses = Some(given)).await;
+    spawn(&ts, Some(ANN), "/chat/source").await;
+    spawn(&ts, Some(ANN), "/team/root").await;
+    let res = as_principal(ts.request(Method::POST, &format!("{}/send", api("/chat/source"))), Some(ANN))
+        .json(&json!({ "payload": "before the fork", "key": "m-1" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let form = entity_support::Form::new().field("id", "a").file(
+        Some("a.txt"),
+        Some("text/plain"),
+        b"the source's attachment",
+    );
+    let res = as_principal(ts.request(Method::POST, &format!("{}/attachments", api("/chat/source"))), Some(ANN))
+        .header("content-type", entity_support::Form::content_type())
+        .body(form.finish())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let res = as_principal(ts.request(Method::POST, &format!("{}/grants", api("/team/root"))), Some(ANN))
+        .json(&json!({ "subject_kind": "principal", "subject_value": SAM, "permission": "read", "copy_to_children": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+
+    let mut wrong = Vec::new();
+    for (point, id) in
+        [(attache_server::pause::FORK_RECORD, "at-record"), (attache_server::pause::FORK_GRANTS, "at-grants")]
+    {
+        let pause = pauses.arm(point);
+        let body = json!({ "instance_id": id, "parent": "/team/root" });
+        let path = format!("{}/fork", api("/chat/source"));
+        request_dropped_at(&ts, Method::POST, &path, ANN, Some(&body), &pause).await;
+        pause.release();
+        let fork_url = format!("/chat/{id}");
+        let mut missing = fork_missing(&ts, &fork_url).await;
+        for _ in 0..50 {
+            if missing.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            missing = fork_missing(&ts, &fork_url).await;
+        }
+        if !missing.is_empty() {
+            wrong.push(format!("dropped at {point}, the fork is missing {}", missing.join("; ")));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }

@@ -35,8 +35,9 @@ pub use tags::{delete_tag, set_tag, TagBody};
 /// its connections piles up no more work than its requests hold. Awaited
 /// inline, a request dropped midway (its client closed the connection) left
 /// the change half done: a tag in the record with no row, a closed main
-/// stream under a record still running, a purge with the record left.
-async fn run_to_end<T: Send + 'static>(
+/// stream under a record still running, a purge with the record left. The
+/// fork route runs its streams, record and copied grants here too (`fork`).
+pub(crate) async fn run_to_end<T: Send + 'static>(
     state: &crate::AppState,
     step: impl std::future::Future<Output = crate::error::ApiResult<T>> + Send + 'static,
 ) -> crate::error::ApiResult<T> {
