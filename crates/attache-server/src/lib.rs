@@ -118,6 +118,8 @@ pub struct MemoryCounts {
     pub views: usize,
     /// What the cached views hold, estimated (bounded by `view_cache_bytes`).
     pub view_bytes: usize,
+    /// Manifest rows offered to the views and not read back yet (`rows::Views::offer`).
+    pub view_offers: usize,
     pub task_cells: usize,
     pub tombstones: usize,
 }
@@ -259,6 +261,7 @@ impl Server {
             streams: s.store.list_prefix("/", usize::MAX).await.len(),
             views: s.views.len(),
             view_bytes: s.views.bytes(),
+            view_offers: s.views.offers_len(),
             task_cells: s.tasks.cells_len(),
             tombstones: s.tasks.tombstones_len(),
         }

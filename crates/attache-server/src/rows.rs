@@ -30,8 +30,19 @@ pub fn new_txid() -> String {
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40; // version 4
     b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-    let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+                                 // 8-4-4-4-12 hex digits, written in place (every task write mints one).
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [b'-'; 36];
+    let mut at = 0;
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            at += 1;
+        }
+        out[at] = HEX[usize::from(byte >> 4)];
+        out[at + 1] = HEX[usize::from(byte & 0xf)];
+        at += 2;
+    }
+    out.iter().map(|&c| char::from(c)).collect()
 }
 
 pub fn json_content_type() -> ContentType {
@@ -173,7 +184,7 @@ impl MainView {
         }
         // Manifest rows as the server writes them are read in one pass; any row
         // that does not parse so takes the general path below.
-        if row.starts_with(br#"{"type":"manifest","#) {
+        if row.starts_with(MANIFEST_ROW) {
             if let Ok(m) = serde_json::from_slice::<ManifestRow>(row) {
                 self.apply_manifest(&m.key, &m.headers.operation, m.value);
                 return;
@@ -207,6 +218,9 @@ impl MainView {
     }
 }
 
+/// How a manifest row starts as the server writes it.
+const MANIFEST_ROW: &[u8] = br#"{"type":"manifest","#;
+
 impl MainView {
     fn apply_manifest(&mut self, key: &str, operation: &str, entry: Option<ManifestEntry>) {
         if operation == "delete" {
@@ -224,7 +238,13 @@ impl MainView {
             }
             return;
         }
-        let Some(entry) = entry else { return };
+        if let Some(entry) = entry {
+            self.insert_entry(entry);
+        }
+    }
+
+    /// An `insert` or `update` row's entry, in place of the one of its id.
+    fn insert_entry(&mut self, entry: ManifestEntry) {
         if let Some(name) = entry.ext.get("name").and_then(Value::as_str) {
             self.bytes += SLOT + name.len() + entry.id.len();
             if let Some(old) = self.by_name.insert(name.to_owned(), entry.id.clone()) {
@@ -504,6 +524,9 @@ struct HeadersHead<'a> {
 /// last guard given back trims it ([`ViewGuard`]).
 pub struct Views {
     cache: parking_lot::Mutex<Cache>,
+    /// Manifest rows being appended by this instance, each with the entry it
+    /// was written from ([`Views::offer`]).
+    offers: parking_lot::Mutex<Offers>,
     /// Inbox keys of sends checked but not yet committed, by main stream
     /// ([`Views::reserve_inbox_key`]).
     sending: parking_lot::Mutex<std::collections::HashSet<(String, KeyDigest)>>,
@@ -516,6 +539,79 @@ pub struct Views {
 }
 
 type Cell = Arc<tokio::sync::Mutex<MainView>>;
+
+/// Most manifest rows offered at once ([`Views::offer`]), and most bytes of
+/// them together; past either, the oldest offer goes (its row is parsed
+/// when read, as any other). A row larger than [`OFFER_ROW_MAX`] is not offered.
+const OFFERS_MAX: usize = 256;
+const OFFERS_MAX_BYTES: usize = 1 << 20;
+const OFFER_ROW_MAX: usize = 16 << 10;
+
+/// Manifest rows this instance is appending, with the entries they were
+/// written from, oldest first: a catch-up that reads one of them back takes
+/// its entry instead of parsing it. Matched by the row's bytes, which name
+/// the attachment, its entity and the write's transaction id, and from
+/// which the entry is what a parse would give ([`ManifestEntry::reads_back_as_itself`]).
+#[derive(Default)]
+struct Offers {
+    list: std::collections::VecDeque<Offer>,
+    /// The offered rows' bytes, twice (the entry holds about as much again).
+    bytes: usize,
+    next: u64,
+}
+
+struct Offer {
+    token: u64,
+    /// The main stream the row is appended to.
+    main: String,
+    row: Bytes,
+    entry: ManifestEntry,
+}
+
+/// Names an offer, to withdraw it when its append fails ([`Views::withdraw`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OfferToken(u64);
+
+impl Offers {
+    fn charge(row: &Bytes) -> usize {
+        2 * row.len() + std::mem::size_of::<Offer>()
+    }
+
+    fn push(&mut self, main: &str, row: Bytes, entry: ManifestEntry) -> OfferToken {
+        self.next += 1;
+        let token = self.next;
+        self.bytes += Self::charge(&row);
+        self.list.push_back(Offer { token, main: main.to_owned(), row, entry });
+        while self.list.len() > OFFERS_MAX || self.bytes > OFFERS_MAX_BYTES {
+            let Some(old) = self.list.pop_front() else { break };
+            self.bytes -= Self::charge(&old.row);
+        }
+        OfferToken(token)
+    }
+
+    /// The entry offered with exactly these bytes, taken.
+    fn take(&mut self, row: &[u8]) -> Option<ManifestEntry> {
+        let at = self.list.iter().position(|o| o.row.len() == row.len() && o.row[..] == *row)?;
+        let offer = self.list.remove(at)?;
+        self.bytes -= Self::charge(&offer.row);
+        Some(offer.entry)
+    }
+
+    fn withdraw(&mut self, token: OfferToken) {
+        self.retain(|o| o.token != token.0);
+    }
+
+    fn retain(&mut self, keep: impl Fn(&Offer) -> bool) {
+        let mut freed = 0;
+        self.list.retain(|o| {
+            keep(o) || {
+                freed += Self::charge(&o.row);
+                false
+            }
+        });
+        self.bytes -= freed;
+    }
+}
 
 #[derive(Default)]
 struct Cache {
@@ -613,6 +709,7 @@ impl Views {
     pub fn new(max_entries: usize, max_bytes: usize, inbox_window: usize) -> Views {
         Views {
             cache: Default::default(),
+            offers: Default::default(),
             sending: Default::default(),
             over: Default::default(),
             max_entries,
@@ -668,6 +765,33 @@ impl Views {
         self.trim(&mut cache);
     }
 
+    /// Offers `entry`, about to be appended (`insert` or `update`) as the
+    /// manifest row `row` (its bytes as the stream will hold them) by a
+    /// caller that has not placed the append yet: the catch-up that reads
+    /// the row back applies the entry as it is instead of parsing the row.
+    /// `None` when it is not offered: an entry a parse of its row would not
+    /// give back exactly ([`ManifestEntry::reads_back_as_itself`]), or a row
+    /// over [`OFFER_ROW_MAX`] bytes. An offer whose append fails is withdrawn
+    /// ([`Views::withdraw`]); one never read back goes with the oldest, past
+    /// [`OFFERS_MAX`] offers or [`OFFERS_MAX_BYTES`].
+    pub fn offer(&self, main: &str, row: Bytes, entry: ManifestEntry) -> Option<OfferToken> {
+        if row.len() > OFFER_ROW_MAX || !row.starts_with(MANIFEST_ROW) || !entry.reads_back_as_itself() {
+            return None;
+        }
+        Some(self.offers.lock().push(main, row, entry))
+    }
+
+    /// Withdraws an offer whose row was not appended.
+    pub fn withdraw(&self, token: OfferToken) {
+        self.offers.lock().withdraw(token);
+    }
+
+    /// Rows offered and not yet read back (tests and diagnostics).
+    #[doc(hidden)]
+    pub fn offers_len(&self) -> usize {
+        self.offers.lock().list.len()
+    }
+
     pub fn len(&self) -> usize {
         self.cache.lock().views.len()
     }
@@ -686,7 +810,7 @@ impl Views {
         let cell = self.cell(main);
         let mut view = cell.clone().lock_owned().await;
         let before = view.estimated_bytes();
-        let caught_up = Self::catch_up(store, main, &mut view, self.inbox_window).await;
+        let caught_up = self.catch_up(store, main, &mut view).await;
         let now = view.estimated_bytes();
         if now != before {
             self.recharge(main, &cell, now);
@@ -695,7 +819,8 @@ impl Views {
         caught_up.map(|()| ViewGuard { guard: Some(view), views: self })
     }
 
-    async fn catch_up(store: &dyn StreamStore, main: &str, view: &mut MainView, inbox_window: usize) -> ApiResult<()> {
+    async fn catch_up(&self, store: &dyn StreamStore, main: &str, view: &mut MainView) -> ApiResult<()> {
+        let inbox_window = self.inbox_window;
         // Most calls of a task write ask for the view several times; only the first reads.
         if view.follow.unchanged() {
             return Ok(());
@@ -728,7 +853,15 @@ impl Views {
             }
             view.stream = Some(batch.info.id);
             for row in &batch.messages() {
-                view.apply(row, inbox_window);
+                // A row this instance offered as it appended it is applied as the entry it was written from.
+                let offered = match row.starts_with(MANIFEST_ROW) {
+                    true => self.offers.lock().take(row),
+                    false => None,
+                };
+                match offered {
+                    Some(entry) => view.insert_entry(entry),
+                    None => view.apply(row, inbox_window),
+                }
             }
             view.applied = batch.next.0;
             if batch.up_to_date() {
@@ -740,14 +873,109 @@ impl Views {
         }
     }
 
+    /// Drops `main`'s view, and the rows offered for it (its entity is gone).
     pub fn forget(&self, main: &str) {
         self.cache.lock().remove(main, self.max_bytes);
+        self.offers.lock().retain(|o| o.main != main);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn task_entry(id: &str, name: &str, value: Value) -> ManifestEntry {
+        let mut ext = serde_json::Map::new();
+        ext.insert("name".into(), Value::from(name));
+        ext.insert("taskType".into(), Value::from("json"));
+        ext.insert("value".into(), value);
+        ManifestEntry {
+            key: ManifestEntry::row_key(id),
+            kind: "attachment".into(),
+            id: id.into(),
+            stream_path: format!("/task/t-1/attachments/{id}"),
+            status: attache_core::manifest::AttachmentStatus::Complete,
+            subject: None,
+            role: attache_core::manifest::Role::Output,
+            mime_type: "application/json".into(),
+            filename: None,
+            byte_length: None,
+            sha256: None,
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+            created_by: Some("/principal/user%3Asam".into()),
+            error: None,
+            meta: None,
+            ext,
+        }
+    }
+
+    /// The row the task face writes for `entry`.
+    fn upsert_row(entry: &ManifestEntry, operation: &'static str) -> Bytes {
+        let txid = new_txid();
+        let row = attache_core::state::RowRef {
+            collection: MANIFEST,
+            key: &entry.key,
+            value: Some(entry),
+            headers: attache_core::state::HeadersRef::new(operation, "2026-01-01T00:00:00.000Z", &txid),
+        };
+        Bytes::from(serde_json::to_vec(&row).unwrap())
+    }
+
+    #[test]
+    fn an_offered_entry_applied_in_place_of_its_row_leaves_the_view_a_parse_would() {
+        let views = Views::new(10, usize::MAX, 10);
+        let (mut parsed, mut offered) = (MainView::default(), MainView::default());
+        for (n, operation) in [(1, "insert"), (2, "update"), (3, "insert")] {
+            let entry = task_entry(&format!("a{}", n % 2), &format!("k{}", n % 2), serde_json::json!({"n": n}));
+            let row = upsert_row(&entry, operation);
+            assert!(views.offer("/task/t-1/main", row.clone(), entry).is_some());
+            parsed.apply(&row, 10);
+            offered.insert_entry(views.offers.lock().take(&row).expect("the row's bytes find its offer"));
+        }
+        assert_eq!(offered, parsed);
+        assert_eq!(offered.estimated_bytes(), parsed.estimated_bytes());
+        assert_eq!(offered.inline_bytes(), parsed.inline_bytes());
+        assert_eq!(views.offers_len(), 0, "each offer is taken once");
+    }
+
+    #[test]
+    fn offers_are_withdrawn_refused_when_inexact_and_bounded() {
+        let views = Views::new(10, usize::MAX, 10);
+        let entry = task_entry("a", "k", serde_json::json!(1));
+        let row = upsert_row(&entry, "insert");
+        let token = views.offer("/task/t-1/main", row.clone(), entry.clone()).unwrap();
+        // Bytes that differ by one find nothing.
+        let mut other = row.to_vec();
+        *other.last_mut().unwrap() = b' ';
+        assert!(views.offers.lock().take(&other).is_none());
+        views.withdraw(token);
+        assert!(views.offers.lock().take(&row).is_none());
+        // A float could read back one step away: parsed, not offered.
+        let float = task_entry("b", "k", serde_json::json!(0.1));
+        assert!(views.offer("/task/t-1/main", upsert_row(&float, "insert"), float).is_none());
+        // Past the bound the oldest offers go.
+        for n in 0..OFFERS_MAX + 10 {
+            let e = task_entry(&format!("a{n}"), "k", serde_json::json!(n));
+            views.offer(&format!("/task/t-{}/main", n % 2), upsert_row(&e, "insert"), e).unwrap();
+        }
+        assert_eq!(views.offers_len(), OFFERS_MAX);
+        assert!(views.offers.lock().bytes <= OFFERS_MAX_BYTES);
+        // A forgotten stream's offers go with its view.
+        views.forget("/task/t-0/main");
+        assert_eq!(views.offers_len(), OFFERS_MAX / 2);
+        views.forget("/task/t-1/main");
+        assert_eq!((views.offers_len(), views.offers.lock().bytes), (0, 0));
+    }
+
+    #[test]
+    fn a_txid_is_a_version_4_uuid_in_its_usual_form() {
+        let id = new_txid();
+        let groups: Vec<&str> = id.split('-').collect();
+        assert_eq!(groups.iter().map(|g| g.len()).collect::<Vec<_>>(), [8, 4, 4, 4, 12], "{id}");
+        assert!(id.chars().all(|c| c == '-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{id}");
+        assert!(groups[2].starts_with('4') && matches!(&groups[3][..1], "8" | "9" | "a" | "b"), "{id}");
+        assert_ne!(new_txid(), id);
+    }
 
     #[test]
     fn past_the_capacity_the_least_recently_used_unheld_entry_goes() {

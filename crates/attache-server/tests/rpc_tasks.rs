@@ -1235,11 +1235,13 @@ async fn metrics_need_a_valid_token_in_token_mode() {
 
 // ---- what deleted tasks leave in memory ----
 
-/// Creates a task with an attachment, reads it (so its view is built), and deletes it.
+/// Creates a task with an attachment, reads it (so its view is built),
+/// writes one more attachment it does not read back, and deletes it.
 async fn create_use_and_delete(s: &TestServer, i: usize) {
     let id = create_task(s, ALICE, &format!("short-lived {i}"), 50).await;
     ok(s, ALICE, "task.create_attachment", json!({"taskId": id, "key": "k", "type": "text", "content": "x"})).await;
     ok(s, ALICE, "task.list_attachments", json!({"taskId": id})).await;
+    ok(s, ALICE, "task.create_attachment", json!({"taskId": id, "key": "j", "type": "json", "value": {"n": 1}})).await;
     ok(s, ALICE, "task.delete", json!({"id": id})).await;
 }
 
@@ -1261,6 +1263,7 @@ async fn deleted_tasks_leave_no_state_in_memory() {
     );
     assert_eq!(after.streams, baseline.streams + 3, "a kept tombstone keeps only its closed main stream: {after:?}");
     assert!(after.views <= baseline.views, "deleted tasks' views are dropped: {baseline:?} -> {after:?}");
+    assert_eq!(after.view_offers, 0, "their rows were read back, or went with their views: {after:?}");
     // The live task is untouched, and task.list counts only live tasks.
     let listed = ok(&s, ALICE, "task.list", json!({})).await;
     assert_eq!(listed["totalCount"], 1, "{listed}");

@@ -35,7 +35,12 @@ pub(super) fn task_url(task_id: &str) -> Option<EntityUrl> {
 }
 
 pub(super) fn main_path(task_id: &str) -> String {
-    format!("/{TASK_TYPE}/{task_id}/main")
+    // Pushed, not formatted: every task call asks for it.
+    let mut path = String::with_capacity(TASK_TYPE.len() + task_id.len() + 7);
+    for part in ["/", TASK_TYPE, "/", task_id, "/main"] {
+        path.push_str(part);
+    }
+    path
 }
 
 #[cfg(test)]
@@ -51,5 +56,11 @@ mod tests {
         assert_eq!(parts[0], "ta");
         assert!(parts[1].parse::<i64>().is_ok());
         assert_eq!(parts[2].len(), 9);
+    }
+
+    #[test]
+    fn a_tasks_main_stream_is_its_entity_url_and_main() {
+        assert_eq!(main_path("t-1"), "/task/t-1/main");
+        assert_eq!(main_path("t-1"), task_url("t-1").unwrap().main_stream());
     }
 }

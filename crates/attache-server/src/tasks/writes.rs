@@ -21,7 +21,7 @@ use super::ids::{main_path, new_event_id};
 use super::{ApiError, ApiResult, CellRef, TaskRecord, TASK_TYPE};
 use crate::access::{now_ms, Life};
 use crate::events;
-use crate::rows::{json_content_type, new_txid, not_running};
+use crate::rows::{json_content_type, new_txid, not_running, OfferToken, Views};
 use crate::AppState;
 
 /// One event, as stored on the global stream and as rows of collection `event`.
@@ -278,6 +278,12 @@ pub(super) async fn write_task(
             main == MainWrite::AppendAndClose,
         )
     });
+    // The entries go to the view with their rows before the append is placed,
+    // so the catch-up that reads them back need not parse them (`Views::offer`).
+    let offered = match &main_req {
+        Some(req) => offer_entries(&state.views, rows, req),
+        None => Vec::new(),
+    };
     let events_req = (!envelopes.is_empty()).then(|| events::events_append(&envelopes));
     let has_main = main_req.is_some();
     let write = match (main_req, events_req) {
@@ -285,15 +291,35 @@ pub(super) async fn write_task(
         (Some(only), None) | (None, Some(only)) => Some(state.store.append_in_order(only)),
         (None, None) => None,
     };
+    let views = state.views.clone();
     futures::future::Either::Right(async move {
         let _life = life;
-        match write {
+        let written = match write {
             Some(w) => w.await.map(drop).map_err(|e| match e {
                 StoreError::Closed { .. } if has_main => not_running(),
                 StoreError::Moved => super::attachments::moved(),
                 other => ApiError::from(other),
             }),
             None => Ok(()),
+        };
+        if written.is_err() {
+            for token in offered {
+                views.withdraw(token);
+            }
         }
+        written
     })
+}
+
+/// Offers the view each upserted entry with its row's bytes in `req` (the
+/// append of `rows`, in their order, then the event rows).
+fn offer_entries(views: &Views, rows: Vec<Row>, req: &AppendRequest) -> Vec<OfferToken> {
+    let Some(messages) = &req.messages else { return Vec::new() };
+    rows.into_iter()
+        .zip(messages)
+        .filter_map(|(row, bytes)| match row {
+            Row::Upsert { entry, .. } => views.offer(&req.path, bytes.clone(), *entry),
+            Row::Delete { .. } => None,
+        })
+        .collect()
 }
