@@ -2,8 +2,9 @@
 # Soak: a long mixed load against attache's release binary, with the server's memory sampled
 # every 10 s (issue 10, deliverable 6). See bench/README.md, section "Soak".
 #
-#   bench/soak.sh                      # 30 minutes, 1,000 live readers, 100 slow readers; verdict after a 5 min warm-up
-#   bench/soak.sh --duration 10m       # shorter (the warm-up stays 5 min unless --warmup is given)
+#   bench/soak.sh                      # 30 minutes, 1,000 live readers, 100 slow readers; verdict after a 10 min warm-up
+#                                      # (redb's 4 MiB page cache fills for ~10 min of this load: bench/RESULTS.md)
+#   bench/soak.sh --duration 15m --warmup 5m   # shorter (the warm-up stays 10 min unless --warmup is given)
 #   bench/soak.sh --quick              # ~2 min smoke run: 200 live readers, 20 slow readers, 30 s warm-up
 #
 # Writes bench/soak-latest.md (RSS samples, status counts per kind of request, the verdict) and
@@ -36,7 +37,7 @@ if [ "$QUICK" = 1 ]; then
 else
   QUICK_ARGS=()
 fi
-WARMUP="${WARMUP:-5m}"
+WARMUP="${WARMUP:-10m}"
 SOAK_READERS="${SOAK_READERS:-1000}"
 SOAK_SLOW_READERS="${SOAK_SLOW_READERS:-100}"
 BENCH_TARGET_DIR="${BENCH_TARGET_DIR:-$(cd "$REPO/.." && pwd)/bench-target}"
