@@ -7,6 +7,8 @@
 //! runs: a crash), and once the fault clears the next write succeeds and the
 //! write-health signal turns healthy, with no reopen.
 
+mod support;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,7 @@ use attache_storage::{
     AppendRequest, CreateStream, Fault, FaultPlan, FaultPoint, ReadFrom, StoreError, StreamStore, WriteHealth,
 };
 use bytes::Bytes;
+use support::entity;
 
 const FAULTS: [Fault; 3] = [Fault::NoSpace, Fault::Io, Fault::ShortWrite];
 const STREAM: &str = "/faults/log";
@@ -407,25 +410,6 @@ async fn a_failed_log_sync_while_the_next_batch_is_applied_beside_it_loses_nothi
 }
 
 // ---------------------------------------------------------------- registry.redb
-
-fn entity(url: &str) -> attache_storage::EntityRecord {
-    let (entity_type, instance_id) = url.trim_start_matches('/').split_once('/').expect("/type/id");
-    attache_storage::EntityRecord {
-        url: url.to_owned(),
-        entity_type: entity_type.to_owned(),
-        instance_id: instance_id.to_owned(),
-        status: "idle".into(),
-        tags: Default::default(),
-        args: None,
-        created_by: "/principal/user%3Aalice".into(),
-        created_at_ms: 1,
-        updated_at_ms: 1,
-        extra: None,
-        incarnation: Some(url.to_owned()),
-        parent: None,
-        ancestors: Vec::new(),
-    }
-}
 
 fn grant(url: &str) -> attache_storage::NewGrant {
     attache_storage::NewGrant {

@@ -4,46 +4,18 @@
 //! Runs on a throwaway PostgreSQL cluster (or `ATTACHE_TEST_PG_URL`); without
 //! any PostgreSQL installed it prints why and passes.
 
+mod support;
+
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use attache_core::{ContentType, ProducerHeaders, StreamPath};
-use attache_storage::postgres::test_cluster::TestCluster;
-use attache_storage::postgres::{self, PgBackend, PgConfig};
 use attache_storage::{
     AppendRequest, CreateOutcome, CreateStream, EntityRecord, ReadFrom, Registry, StoreError, StreamStore,
 };
 use bytes::Bytes;
-
-fn cluster() -> Option<TestCluster> {
-    match TestCluster::start(false) {
-        Ok(c) => Some(c),
-        Err(why) => {
-            attache_storage::postgres::test_cluster::missing_service("PostgreSQL", &why);
-            None
-        }
-    }
-}
-
-/// Two instances (each with its own scratch directory) over one database and one object store.
-async fn two_instances(
-    cluster: &TestCluster,
-    objects: &std::path::Path,
-) -> (PgBackend, PgBackend, Vec<tempfile::TempDir>) {
-    let url = cluster.fresh_database().await.expect("create a test database");
-    let mut dirs = Vec::new();
-    let mut open = || {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = PgConfig::new(url.clone(), dir.path());
-        config.object_store_url = Some(format!("file://{}", objects.display()));
-        dirs.push(dir);
-        postgres::open(config)
-    };
-    let a = open().await.expect("open instance a");
-    let b = open().await.expect("open instance b");
-    (a, b, dirs)
-}
+use support::{postgres_cluster, runtime, two_instances};
 
 fn json_stream(path: &str) -> CreateStream {
     CreateStream {
@@ -84,13 +56,9 @@ async fn read_all(store: &dyn StreamStore, path: &str) -> Vec<Bytes> {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
 #[test]
 fn two_instances_share_streams_and_wake_each_others_readers_or_skip_without_postgres() {
-    let Some(cluster) = cluster() else { return };
+    let Some(cluster) = postgres_cluster() else { return };
     let objects = tempfile::tempdir().unwrap();
     runtime().block_on(async {
         let (a, b, _dirs) = two_instances(&cluster, objects.path()).await;
@@ -204,7 +172,7 @@ fn count_of(extra: &attache_storage::RawJson) -> u64 {
 
 #[test]
 fn entity_updates_from_two_instances_are_compare_and_set_or_skip_without_postgres() {
-    let Some(cluster) = cluster() else { return };
+    let Some(cluster) = postgres_cluster() else { return };
     let objects = tempfile::tempdir().unwrap();
     runtime().block_on(async {
         let (a, b, _dirs) = two_instances(&cluster, objects.path()).await;

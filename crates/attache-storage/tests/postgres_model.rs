@@ -4,6 +4,7 @@
 //! store over the same database.
 
 mod model;
+mod support;
 
 use attache_storage::postgres::test_cluster::TestCluster;
 use attache_storage::postgres::{self, PgConfig};
@@ -30,19 +31,9 @@ fn postgres_store(cluster: &TestCluster) -> Opener {
     })
 }
 
-fn cluster() -> Option<TestCluster> {
-    match TestCluster::start(false) {
-        Ok(c) => Some(c),
-        Err(why) => {
-            attache_storage::postgres::test_cluster::missing_service("PostgreSQL", &why);
-            None
-        }
-    }
-}
-
 #[test]
 fn postgres_store_behaves_like_the_model_or_skips_without_postgres() {
-    let Some(cluster) = cluster() else { return };
+    let Some(cluster) = support::postgres_cluster() else { return };
     run_with(&model::a_fork_that_fails_does_not_keep_its_source_alive(), postgres_store(&cluster));
     run_with(&model::fork_chains_read_through_deleted_sources_across_restarts(), postgres_store(&cluster));
     let cases = std::env::var("ATTACHE_PG_MODEL_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(24);

@@ -12,45 +12,15 @@
 //! PostgreSQL cluster (or `ATTACHE_TEST_PG_URL`); without any PostgreSQL
 //! installed it prints why and passes.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use attache_storage::postgres::registry::{LOOKUP_INSTALL, NOTIFIED};
-use attache_storage::postgres::test_cluster::TestCluster;
-use attache_storage::postgres::{self, PgBackend, PgConfig, PgRegistry};
+use attache_storage::postgres::PgRegistry;
 use attache_storage::{EntityRecord, NewGrant, Registry};
-
-fn cluster() -> Option<TestCluster> {
-    match TestCluster::start(false) {
-        Ok(c) => Some(c),
-        Err(why) => {
-            attache_storage::postgres::test_cluster::missing_service("PostgreSQL", &why);
-            None
-        }
-    }
-}
-
-async fn two_instances(
-    cluster: &TestCluster,
-    objects: &std::path::Path,
-) -> (PgBackend, PgBackend, Vec<tempfile::TempDir>) {
-    let url = cluster.fresh_database().await.expect("create a test database");
-    let mut dirs = Vec::new();
-    let mut open = || {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = PgConfig::new(url.clone(), dir.path());
-        config.object_store_url = Some(format!("file://{}", objects.display()));
-        dirs.push(dir);
-        postgres::open(config)
-    };
-    let a = open().await.expect("open instance a");
-    let b = open().await.expect("open instance b");
-    (a, b, dirs)
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
+use support::{postgres_cluster, runtime, two_instances};
 
 fn entity(url: &str) -> EntityRecord {
     EntityRecord {
@@ -134,7 +104,7 @@ where
 
 #[test]
 fn a_lookup_that_read_a_grant_before_its_revoke_through_another_instance_does_not_bring_it_back() {
-    let Some(cluster) = cluster() else { return };
+    let Some(cluster) = postgres_cluster() else { return };
     let objects = tempfile::tempdir().unwrap();
     runtime().block_on(async {
         let (a, b, _dirs) = two_instances(&cluster, objects.path()).await;
@@ -164,7 +134,7 @@ fn a_lookup_that_read_a_grant_before_its_revoke_through_another_instance_does_no
 
 #[test]
 fn a_lookup_that_read_an_entity_before_its_removal_through_another_instance_does_not_bring_it_back() {
-    let Some(cluster) = cluster() else { return };
+    let Some(cluster) = postgres_cluster() else { return };
     let objects = tempfile::tempdir().unwrap();
     runtime().block_on(async {
         let (a, b, _dirs) = two_instances(&cluster, objects.path()).await;

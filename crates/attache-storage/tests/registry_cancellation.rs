@@ -2,29 +2,13 @@
 //! disconnected while the write's transaction ran) is finished anyway, and
 //! leaves the registry whole for the next writer.
 
+mod support;
+
 use std::time::Duration;
 
 use attache_storage::embedded::EmbeddedRegistry;
-use attache_storage::{EntityRecord, Registry};
-
-fn entity(url: &str) -> EntityRecord {
-    let (entity_type, instance_id) = url.trim_start_matches('/').split_once('/').expect("/type/id");
-    EntityRecord {
-        url: url.to_owned(),
-        entity_type: entity_type.to_owned(),
-        instance_id: instance_id.to_owned(),
-        status: "idle".into(),
-        tags: Default::default(),
-        args: None,
-        created_by: "/principal/user%3Aalice".into(),
-        created_at_ms: 1,
-        updated_at_ms: 1,
-        extra: None,
-        incarnation: Some(url.to_owned()),
-        parent: None,
-        ancestors: Vec::new(),
-    }
-}
+use attache_storage::Registry;
+use support::entity;
 
 /// Starts an update of `/task/t`'s `updated_at_ms` to `at` and drops it at
 /// its first wait, as a cancelled request drops it.
