@@ -11,10 +11,9 @@ mod entity_support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{error_code, header, TestServer, CLOSED};
+use common::{error_code, header, request_dropped_at, TestServer, CLOSED};
 use entity_support::{
-    api, as_principal, error_of, eventually, materialize, materialize_as, request_dropped_at, rows_as, spawn,
-    stored_blobs, upload, Form,
+    api, as_principal, error_of, eventually, materialize, materialize_as, rows_as, spawn, stored_blobs, upload, Form,
 };
 use reqwest::header::HeaderValue;
 use reqwest::{Method, StatusCode};

@@ -427,6 +427,30 @@ async fn a_long_poll_that_may_see_nothing_in_a_long_log_answers_an_empty_page_in
 
 type Setup = fn(&str) -> Vec<(&'static str, Value)>;
 
+/// The calls that change an existing task's record, each with the event it
+/// publishes, the calls that set the task up for it, and its params (`"T"`
+/// stands for the task's id).
+fn task_record_changes() -> [(&'static str, &'static str, Setup, Value); 5] {
+    [
+        ("task.update", "task.updated", |_| vec![], json!({ "id": "T", "updates": { "priority": 60 } })),
+        ("task.assign", "task.assigned", |_| vec![], json!({ "taskId": "T", "instanceId": "w1" })),
+        (
+            "task.unassign",
+            "task.unassigned",
+            |t| vec![("task.assign", json!({ "taskId": t, "instanceId": "w1" }))],
+            json!({ "taskId": "T" }),
+        ),
+        ("task.claim", "task.claimed", |_| vec![], json!({ "workerId": "w1" })),
+        // Without a result: a result attachment would reach the pause first.
+        (
+            "task.complete",
+            "task.completed",
+            |_| vec![("task.claim", json!({ "workerId": "w1" }))],
+            json!({ "id": "T" }),
+        ),
+    ]
+}
+
 /// A task write whose rows the store refuses publishes no event: an
 /// attachment write waits between its decision and its write (the
 /// `task_write` pause) while the owner stops the task's entity (`DELETE` on
@@ -507,24 +531,7 @@ async fn events_of(s: &TestServer, t: &str) -> Vec<Value> {
 /// answered "stopped" and published nothing, but the record kept the change.
 #[tokio::test]
 async fn a_stop_during_a_task_change_waits_for_its_write_and_the_record_shows_only_written_changes() {
-    let cases: [(&str, &str, Setup, Value); 5] = [
-        ("task.update", "task.updated", |_| vec![], json!({ "id": "T", "updates": { "priority": 60 } })),
-        ("task.assign", "task.assigned", |_| vec![], json!({ "taskId": "T", "instanceId": "w1" })),
-        (
-            "task.unassign",
-            "task.unassigned",
-            |t| vec![("task.assign", json!({ "taskId": t, "instanceId": "w1" }))],
-            json!({ "taskId": "T" }),
-        ),
-        ("task.claim", "task.claimed", |_| vec![], json!({ "workerId": "w1" })),
-        // Without a result: a result attachment would reach the pause first.
-        (
-            "task.complete",
-            "task.completed",
-            |_| vec![("task.claim", json!({ "workerId": "w1" }))],
-            json!({ "id": "T" }),
-        ),
-    ];
+    let cases = task_record_changes();
     for by_signal in [false, true] {
         for (method, event, setup, params) in cases.clone() {
             let case = format!("{method} (stopped by {})", if by_signal { "SIGTERM" } else { "DELETE" });
@@ -579,26 +586,10 @@ async fn a_stop_during_a_task_change_waits_for_its_write_and_the_record_shows_on
 /// event or main-stream row was ever written.
 #[tokio::test]
 async fn a_task_change_whose_request_is_dropped_after_its_decision_is_written_with_its_event() {
-    let cases: [(&str, &str, Setup, Value); 7] = [
-        ("task.create", "task.created", |_| vec![], json!({ "id": "T", "text": "dropped", "priority": 60 })),
-        ("task.update", "task.updated", |_| vec![], json!({ "id": "T", "updates": { "priority": 60 } })),
-        ("task.assign", "task.assigned", |_| vec![], json!({ "taskId": "T", "instanceId": "w1" })),
-        (
-            "task.unassign",
-            "task.unassigned",
-            |t| vec![("task.assign", json!({ "taskId": t, "instanceId": "w1" }))],
-            json!({ "taskId": "T" }),
-        ),
-        ("task.claim", "task.claimed", |_| vec![], json!({ "workerId": "w1" })),
-        // Without a result: a result attachment would reach the pause first.
-        (
-            "task.complete",
-            "task.completed",
-            |_| vec![("task.claim", json!({ "workerId": "w1" }))],
-            json!({ "id": "T" }),
-        ),
-        ("task.delete", "task.deleted", |_| vec![], json!({ "id": "T" })),
-    ];
+    let create: (&str, &str, Setup, Value) =
+        ("task.create", "task.created", |_| vec![], json!({ "id": "T", "text": "dropped", "priority": 60 }));
+    let delete: (&str, &str, Setup, Value) = ("task.delete", "task.deleted", |_| vec![], json!({ "id": "T" }));
+    let cases = [create].into_iter().chain(task_record_changes()).chain([delete]);
     let mut wrong = Vec::new();
     for (method, event, setup, params) in cases {
         let pauses = attache_server::pause::Pauses::default();

@@ -11,10 +11,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::TestServer;
+use common::{request_dropped_at, TestServer};
 use entity_support::{
-    api, as_principal, error_of, eventually, files_under, get_bytes, listed, manifest, pattern, request_dropped_at,
-    rows_as, sha256_hex, spawn, stored_blobs, upload,
+    api, as_principal, error_of, eventually, files_under, get_bytes, listed, manifest, pattern, rows_as, sha256_hex,
+    spawn, stored_blobs, upload,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};

@@ -201,3 +201,34 @@ pub async fn error_code(res: Response) -> String {
     let body: serde_json::Value = res.json().await.expect("an error body is JSON");
     body["error"]["code"].as_str().unwrap_or_else(|| panic!("no error.code in {body}")).to_owned()
 }
+
+/// Sends one request (`method` on `path`, with a JSON `body` when given) as
+/// `principal` over a connection of its own (raw HTTP/1.1), waits until it
+/// is held at `pause`, then closes the connection as a client that goes away
+/// does, and waits until the server has dropped the request (it closes its
+/// side, unanswered). The pause is left to the caller to release.
+pub async fn request_dropped_at(
+    ts: &TestServer,
+    method: Method,
+    path: &str,
+    principal: &str,
+    body: Option<&serde_json::Value>,
+    pause: &attache_server::pause::Pause,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let body = body.map(serde_json::Value::to_string).unwrap_or_default();
+    let addr = ts.url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("the server accepts");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         electric-principal: {principal}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).await.expect("the request is sent");
+    tokio::time::timeout(Duration::from_secs(10), pause.reached()).await.expect("the request pauses");
+    conn.shutdown().await.expect("the client closes its side");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await;
+    let read = read.expect("the server closes the connection");
+    assert!(read.is_err() || answer.is_empty(), "{method} {path}: answered, not dropped: {answer:?}");
+}

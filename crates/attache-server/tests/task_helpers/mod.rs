@@ -38,23 +38,8 @@ pub async fn call_dropped_at(
     params: &Value,
     pause: &attache_server::pause::Pause,
 ) {
-    use std::time::Duration;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let body = json!({ "jsonrpc": "2.0", "method": method, "params": params, "id": 1 }).to_string();
-    let addr = s.url.trim_start_matches("http://");
-    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("the server accepts");
-    let request = format!(
-        "POST /rpc HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
-         electric-principal: {principal}\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(request.as_bytes()).await.expect("the request is sent");
-    tokio::time::timeout(Duration::from_secs(10), pause.reached()).await.expect("the call pauses");
-    conn.shutdown().await.expect("the client closes its side");
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await;
-    let read = read.expect("the server closes the connection");
-    assert!(read.is_err() || answer.is_empty(), "{method}: answered, not dropped: {answer:?}");
+    let body = json!({ "jsonrpc": "2.0", "method": method, "params": params, "id": 1 });
+    crate::common::request_dropped_at(s, reqwest::Method::POST, "/rpc", principal, Some(&body), pause).await;
 }
 
 /// One call; the whole response object.
