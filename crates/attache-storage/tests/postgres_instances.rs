@@ -15,7 +15,7 @@ use attache_storage::{
     AppendRequest, CreateOutcome, CreateStream, EntityRecord, ReadFrom, Registry, StoreError, StreamStore,
 };
 use bytes::Bytes;
-use support::{postgres_cluster, runtime, two_instances};
+use support::on_two_postgres_backends;
 
 fn json_stream(path: &str) -> CreateStream {
     CreateStream {
@@ -58,10 +58,7 @@ async fn read_all(store: &dyn StreamStore, path: &str) -> Vec<Bytes> {
 
 #[test]
 fn two_instances_share_streams_and_wake_each_others_readers_or_skip_without_postgres() {
-    let Some(cluster) = postgres_cluster() else { return };
-    let objects = tempfile::tempdir().unwrap();
-    runtime().block_on(async {
-        let (a, b, _dirs) = two_instances(&cluster, objects.path()).await;
+    on_two_postgres_backends(|a, b| async move {
         let (a, b): (Arc<dyn StreamStore>, Arc<dyn StreamStore>) = (Arc::new(a.store), Arc::new(b.store));
 
         // A stream created on one instance is there on the other at once (asked of the database).
@@ -172,10 +169,7 @@ fn count_of(extra: &attache_storage::RawJson) -> u64 {
 
 #[test]
 fn entity_updates_from_two_instances_are_compare_and_set_or_skip_without_postgres() {
-    let Some(cluster) = postgres_cluster() else { return };
-    let objects = tempfile::tempdir().unwrap();
-    runtime().block_on(async {
-        let (a, b, _dirs) = two_instances(&cluster, objects.path()).await;
+    on_two_postgres_backends(|a, b| async move {
         let (a, b): (Arc<dyn Registry>, Arc<dyn Registry>) = (Arc::new(a.registry), Arc::new(b.registry));
         assert!(a.insert_entity(entity("/task/t1")).await.unwrap().1);
         assert!(!b.insert_entity(entity("/task/t1")).await.unwrap().1, "b sees a's entity");

@@ -20,7 +20,7 @@ use std::time::Duration;
 use attache_storage::postgres::registry::{LOOKUP_INSTALL, NOTIFIED};
 use attache_storage::postgres::PgRegistry;
 use attache_storage::{EntityRecord, NewGrant, Registry};
-use support::{postgres_cluster, runtime, two_instances};
+use support::on_two_postgres_backends;
 
 fn entity(url: &str) -> EntityRecord {
     EntityRecord {
@@ -104,10 +104,7 @@ where
 
 #[test]
 fn a_lookup_that_read_a_grant_before_its_revoke_through_another_instance_does_not_bring_it_back() {
-    let Some(cluster) = postgres_cluster() else { return };
-    let objects = tempfile::tempdir().unwrap();
-    runtime().block_on(async {
-        let (a, b, _dirs) = two_instances(&cluster, objects.path()).await;
+    on_two_postgres_backends(|a, b| async move {
         let (a, b) = (Arc::new(a.registry), Arc::new(b.registry));
         let url = "/task/t1";
         let granted = Arc::new(parking_lot::Mutex::new(None));
@@ -134,10 +131,7 @@ fn a_lookup_that_read_a_grant_before_its_revoke_through_another_instance_does_no
 
 #[test]
 fn a_lookup_that_read_an_entity_before_its_removal_through_another_instance_does_not_bring_it_back() {
-    let Some(cluster) = postgres_cluster() else { return };
-    let objects = tempfile::tempdir().unwrap();
-    runtime().block_on(async {
-        let (a, b, _dirs) = two_instances(&cluster, objects.path()).await;
+    on_two_postgres_backends(|a, b| async move {
         let (a, b) = (Arc::new(a.registry), Arc::new(b.registry));
         let url = "/task/t1";
         let b = lookup_across_a_change(a, b, url, async {}, |a| async move {

@@ -4,6 +4,7 @@
 //! `ATTACHE_REQUIRE_SERVICES` makes that a failure, as in CI).
 #![allow(dead_code)] // each test binary uses its own part of this
 
+use std::future::Future;
 use std::path::Path;
 
 use attache_core::{ContentType, StreamPath};
@@ -79,6 +80,17 @@ pub async fn two_instances(cluster: &TestCluster, objects: &Path) -> (PgBackend,
     let a = open().await.expect("open instance a");
     let b = open().await.expect("open instance b");
     (a, b, dirs)
+}
+
+/// Runs `scenario` with two instances from `two_instances` on a fresh
+/// database, or only says why not without PostgreSQL.
+pub fn on_two_postgres_backends<F: Future<Output = ()>>(scenario: impl FnOnce(PgBackend, PgBackend) -> F) {
+    let Some(cluster) = postgres_cluster() else { return };
+    let objects = tempfile::tempdir().unwrap();
+    runtime().block_on(async {
+        let (a, b, _dirs) = two_instances(&cluster, objects.path()).await;
+        scenario(a, b).await;
+    });
 }
 
 /// Runs `scenario` with two store instances on one fresh PostgreSQL database
