@@ -40,7 +40,10 @@ pub async fn call(
                 method,
                 "task.get" | "task.get_attachment" | "task.list_attachments" | "task.get_attachments_batch"
             );
-            budget.counted(!reads, run(state, who, method, params, budget)).await
+            // Boxed: the methods' futures are kilobytes (~5.5 KiB), and held inline
+            // every future above this one (the budget's, the face's, the router's
+            // box) carried them and was copied whole as it was built.
+            budget.counted(!reads, Box::pin(run(state, who, method, params, budget))).await
         }
     };
     if let Err(e) = &answer {
