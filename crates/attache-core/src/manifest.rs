@@ -132,7 +132,7 @@ pub struct ManifestEntry {
 
 impl ManifestEntry {
     pub fn row_key(id: &str) -> String {
-        format!("attachment:{id}")
+        ["attachment:", id].concat()
     }
 
     /// The stream holding this entry's bytes, derived from what the server

@@ -114,7 +114,8 @@ pub(super) fn parse_attachment(p: &Params<'_>) -> ApiResult<AttachmentInput> {
         AttachmentKind::Json => {
             let v =
                 value.as_ref().ok_or_else(|| ApiError::invalid("value", "JSON attachments require a value field"))?;
-            if serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX) > MAX_INLINE_BYTES {
+            // Counted as it would be written, without writing it.
+            if super::budget::json_bytes(v) > MAX_INLINE_BYTES as u64 {
                 return Err(ApiError::invalid("value", format!("value is over {MAX_INLINE_BYTES} bytes")));
             }
         }
@@ -259,6 +260,12 @@ async fn current_entry_at(
     Ok((view.by_name.get(key).and_then(|id| view.manifest.get(id)).cloned(), view.tail()))
 }
 
+/// The id of the entry `key` names in the task's view (no copy of the entry).
+async fn current_id(state: &AppState, task_id: &str, key: &str) -> ApiResult<Option<String>> {
+    let view = state.views.get(state.store.as_ref(), &main_path(task_id)).await?;
+    Ok(view.by_name.get(key).filter(|id| view.manifest.contains_key(*id)).cloned())
+}
+
 /// Holds the attachment id behind `key` while a task-face write of it is
 /// decided and placed, with the key's lock (`attachments::hold_id`): no
 /// upload of that id begins or commits meanwhile, and while one runs (a
@@ -355,9 +362,8 @@ pub(super) async fn put_attachment(
     // Held until the write is durable: the next write of the key decides from
     // a view that shows this one, so its guard (below) never meets it.
     let key_guard = claim.lock().await;
-    let (first_read, _) = current_entry_at(state, task_id, &input.key).await?;
     // A replacement of an attachment being uploaded waits for the upload; read again (below) under the hold.
-    let held_id = first_read.map(|e| e.id);
+    let held_id = current_id(state, task_id, &input.key).await?;
     let held = match &held_id {
         Some(id) => hold_key(state, task_id, &input.key, id).await?,
         None => None,
@@ -464,7 +470,7 @@ async fn decide_put(
     ext.insert("updatedAt".into(), json!(timestamp(now)));
     let mut stored_bytes = 0u64;
     if let Some(v) = &input.value {
-        stored_bytes += serde_json::to_vec(v).map(|b| b.len() as u64).unwrap_or(0);
+        stored_bytes += super::budget::json_bytes(v);
         ext.insert("value".into(), v.clone());
     }
     if let Some(c) = &input.content {

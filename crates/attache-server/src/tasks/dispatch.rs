@@ -157,8 +157,7 @@ pub(super) async fn task_entity(
 ) -> ApiResult<Arc<EntityRecord>> {
     let missing = || task_missing(style, task_id);
     let url = task_url(task_id).ok_or_else(missing)?;
-    let entity =
-        state.registry.entity_shared(&url.to_string()).await.filter(|e| is_live_task(e)).ok_or_else(missing)?;
+    let entity = state.registry.entity_shared(&url.path()).await.filter(|e| is_live_task(e)).ok_or_else(missing)?;
     match permitted(state, who, &entity, wanted) {
         (false, _) => Err(missing()),
         (true, false) => {

@@ -6,14 +6,32 @@ use attache_core::EntityUrl;
 use super::TASK_TYPE;
 use crate::access::now_ms;
 
-pub(super) fn radix36(mut n: u64, width: usize) -> String {
+pub(super) fn radix36(n: u64, width: usize) -> String {
+    let mut out = String::with_capacity(width);
+    push_radix36(&mut out, n, width);
+    out
+}
+
+/// `n`'s last `width` (at most 16) base-36 digits, zero-padded, appended to `out`.
+fn push_radix36(out: &mut String, mut n: u64, width: usize) {
     const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = vec![b'0'; width];
-    for slot in out.iter_mut().rev() {
+    let mut digits = [b'0'; 16];
+    let width = width.min(digits.len());
+    for slot in digits[..width].iter_mut().rev() {
         *slot = DIGITS[(n % 36) as usize];
         n /= 36;
     }
-    String::from_utf8(out).unwrap_or_default()
+    out.extend(digits[..width].iter().map(|&d| char::from(d)));
+}
+
+/// `{prefix}{ms}-{9 base36}`, written into one buffer of its size (an event id is minted on every task write).
+fn minted(prefix: &str) -> String {
+    use std::fmt::Write as _;
+    let mut id = String::with_capacity(prefix.len() + 20 + 1 + 9);
+    id.push_str(prefix);
+    let _ = write!(id, "{}-", now_ms());
+    push_radix36(&mut id, rand::random::<u64>(), 9);
+    id
 }
 
 /// `t-<ms>-<6 base36>`: unlike `t-<ms>`, two tasks created in one millisecond get different ids.
@@ -23,11 +41,11 @@ pub fn new_task_id() -> String {
 
 /// `ta-<ms>-<9 base36>`, as ClaudeBench mints them.
 pub fn new_attachment_id() -> String {
-    format!("ta-{}-{}", now_ms(), radix36(rand::random::<u64>(), 9))
+    minted("ta-")
 }
 
 pub(super) fn new_event_id() -> String {
-    format!("evt-{}-{}", now_ms(), radix36(rand::random::<u64>(), 9))
+    minted("evt-")
 }
 
 pub(super) fn task_url(task_id: &str) -> Option<EntityUrl> {
@@ -35,12 +53,8 @@ pub(super) fn task_url(task_id: &str) -> Option<EntityUrl> {
 }
 
 pub(super) fn main_path(task_id: &str) -> String {
-    // Pushed, not formatted: every task call asks for it.
-    let mut path = String::with_capacity(TASK_TYPE.len() + task_id.len() + 7);
-    for part in ["/", TASK_TYPE, "/", task_id, "/main"] {
-        path.push_str(part);
-    }
-    path
+    // Joined, not formatted: every task call asks for it.
+    ["/", TASK_TYPE, "/", task_id, "/main"].concat()
 }
 
 #[cfg(test)]
@@ -56,6 +70,12 @@ mod tests {
         assert_eq!(parts[0], "ta");
         assert!(parts[1].parse::<i64>().is_ok());
         assert_eq!(parts[2].len(), 9);
+        let e = new_event_id();
+        let parts: Vec<&str> = e.split('-').collect();
+        assert!(parts[0] == "evt" && parts[1].parse::<i64>().is_ok() && parts[2].len() == 9, "{e}");
+        assert!(parts[2].bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()), "{e}");
+        assert_eq!(radix36(36 * 36 + 35, 4), "010z");
+        assert_eq!(radix36(u64::MAX, 3), radix36(u64::MAX % (36 * 36 * 36), 3));
     }
 
     #[test]

@@ -111,7 +111,7 @@ pub(super) enum MainWrite {
 /// stop between the two closed the main stream under a change the registry
 /// already showed, and the call answered "stopped" leaving it there.
 pub(super) async fn hold_task(state: &AppState, task_id: &str, incarnation: Option<&str>) -> ApiResult<Life> {
-    let url = format!("/{TASK_TYPE}/{task_id}");
+    let url = ["/", TASK_TYPE, "/", task_id].concat();
     let life = state.lives.shared(&url).await;
     if state.registry.entity_shared(&url).await.is_none_or(|e| e.incarnation.as_deref() != incarnation) {
         return Err(task_missing(Missing::TaskColon, task_id));
