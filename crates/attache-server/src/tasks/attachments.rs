@@ -338,12 +338,8 @@ async fn room_for(state: &AppState, task_id: &str, key: &str, entry: &ManifestEn
 
 /// Creates or replaces the attachment `input.key` of a task. A replacement
 /// keeps the id and createdAt and rewrites every other field, so nothing of
-/// the old type survives. Returns the entry as written.
-pub(super) async fn put_attachment(
-    state: &AppState,
-    who: &PrincipalKey,
-    input: AttachmentInput,
-) -> ApiResult<ManifestEntry> {
+/// the old type survives. Returns what the caller needs of the entry written.
+pub(super) async fn put_attachment(state: &AppState, who: &PrincipalKey, input: AttachmentInput) -> ApiResult<Written> {
     let task_id = input.task_id.as_str();
     let entity = task_entity(state, who, task_id, Permission::Write, Missing::TaskNotFound).await?;
     if !entity.is_running() {
@@ -391,7 +387,13 @@ pub(super) async fn put_attachment(
             Ok(d) => d,
             Err(e) => break Err(e),
         };
-        let row = Row::Upsert { entry: Box::new(entry.clone()), insert: existing.is_none() };
+        // The entry goes to the write (and then to the view); what the answer needs is kept.
+        let written = Written {
+            id: entry.id.clone(),
+            created_at: entry.created_at.clone(),
+            stream_path: entry.stream_path.clone(),
+        };
+        let row = Row::Upsert { entry: Box::new(entry), insert: existing.is_none() };
         let event = Event::new(
             "task.attachment_created",
             task_id,
@@ -399,7 +401,7 @@ pub(super) async fn put_attachment(
                 "taskId": task_id,
                 "key": input.key,
                 "type": input.kind.as_str(),
-                "attachmentId": entry.id,
+                "attachmentId": written.id,
                 "instanceId": who.to_string(),
                 "timestamp": now_ms(),
             }),
@@ -407,7 +409,7 @@ pub(super) async fn put_attachment(
         );
         let guard = RowGuard { key: guard_key, since };
         match write_guarded(state, task_id, &input.key, incarnation, row, event, guard, &mut attempt).await {
-            Ok(true) => break Ok((entry, old_bytes, stored_bytes)),
+            Ok(true) => break Ok((written, old_bytes, stored_bytes)),
             Ok(false) => {}
             Err(e) => break Err(e),
         }
@@ -417,7 +419,7 @@ pub(super) async fn put_attachment(
     drop(shared);
     drop(claim);
     drop(cell);
-    let (entry, old_bytes, stored_bytes) = match outcome {
+    let (written, old_bytes, stored_bytes) = match outcome {
         Ok(done) => done,
         Err(e) => {
             // Bytes no row names go with the refusal.
@@ -427,11 +429,19 @@ pub(super) async fn put_attachment(
             return Err(e);
         }
     };
-    if let Some((old, id)) = old_bytes.filter(|(old, _)| *old != entry.stream_path) {
+    if let Some((old, id)) = old_bytes.filter(|(old, _)| *old != written.stream_path) {
         let _ = state.store.delete_id(&old, id).await;
     }
     state.metrics.attachment_created(input.kind.as_str(), stored_bytes);
-    Ok(entry)
+    Ok(written)
+}
+
+/// What a put wrote, as far as its caller needs it: the attachment's id and
+/// creation time (`task.create_attachment` answers them) and its bytes' stream.
+pub(super) struct Written {
+    pub(super) id: String,
+    pub(super) created_at: String,
+    stream_path: String,
 }
 
 /// What a put of `input` writes, decided against `existing` (the entry its
