@@ -30,11 +30,12 @@ use crate::AppState;
 /// What is exposed to and accepted from browser scripts on allowed origins.
 const EXPOSED: &str = "Stream-Next-Offset, Stream-Cursor, Stream-Up-To-Date, Stream-Closed, Stream-TTL, \
 Stream-Expires-At, Stream-Sse-Data-Encoding, Producer-Epoch, Producer-Seq, Producer-Expected-Seq, \
-Producer-Received-Seq, ETag, Location, Content-Type, Content-Length, Content-Range, Content-Disposition, Accept-Ranges";
+Producer-Received-Seq, ETag, Location, Content-Type, Content-Length, Content-Range, Content-Disposition, Accept-Ranges, \
+Mcp-Session-Id, X-Total-Count, X-Next-Offset, Retry-After, WWW-Authenticate";
 /// A fixed list: what a browser asks for is never echoed back.
 const ALLOWED_HEADERS: &str = "Content-Type, Authorization, If-None-Match, If-Match, Range, Stream-Seq, Stream-TTL, \
 Stream-Expires-At, Stream-Closed, Stream-Forked-From, Stream-Fork-Offset, Stream-Fork-Sub-Offset, Producer-Id, \
-Producer-Epoch, Producer-Seq, Electric-Principal, Mcp-Session-Id, Mcp-Protocol-Version";
+Producer-Epoch, Producer-Seq, Electric-Principal, Mcp-Session-Id, Mcp-Protocol-Version, Last-Event-ID";
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS";
 
 /// The browser rules of one server, fixed at start.

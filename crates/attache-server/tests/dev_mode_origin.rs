@@ -156,6 +156,33 @@ async fn listed_origin_gets_its_own_origin_back_and_a_fixed_header_list() {
     }
 }
 
+/// What browser clients read and send beyond the Durable Streams headers: the
+/// MCP SDK's session id (its next request needs it) and its reconnect's
+/// `Last-Event-ID`, the entity list's paging headers, and when to retry.
+#[tokio::test]
+async fn a_browser_page_may_read_and_send_every_header_its_clients_use() {
+    let s = TestServer::start_with(|c| c.cors_origins = vec![UI.to_owned()]).await;
+    let res = s
+        .request(Method::OPTIONS, "/mcp")
+        .header("origin", UI)
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "last-event-id, mcp-session-id, mcp-protocol-version")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    let allowed = header(&res, "access-control-allow-headers").unwrap().to_ascii_lowercase();
+    for name in ["last-event-id", "mcp-session-id", "mcp-protocol-version"] {
+        assert!(allowed.split(", ").any(|h| h == name), "{name} not in {allowed}");
+    }
+    let res = s.request(Method::GET, "/_electric/entities").header("origin", UI).header(PRINCIPAL, ALICE).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let exposed = header(&res, "access-control-expose-headers").unwrap().to_ascii_lowercase();
+    for name in ["mcp-session-id", "x-total-count", "x-next-offset", "retry-after", "stream-next-offset"] {
+        assert!(exposed.split(", ").any(|h| h == name), "{name} not in {exposed}");
+    }
+}
+
 #[tokio::test]
 async fn same_origin_requests_pass_without_cors_headers() {
     let s = TestServer::start().await;
