@@ -24,7 +24,7 @@ if need rustup; then
   cargo clippy --version >/dev/null 2>&1 || rustup component add clippy >&2
 fi
 # jemalloc (the server's allocator) is built from C source by its crate.
-need cc || apt_install gcc
+need cc || apt_install gcc libc6-dev
 # The conformance scripts wait for the server's /healthz with curl.
 need curl || apt_install curl
 need make || apt_install make
@@ -36,7 +36,8 @@ node_ok() { node -e 'const [a,b]=process.versions.node.split(".").map(Number);pr
 if ! node_ok; then
   NODE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/attache-node"
   echo "[test] node $(node --version) is too old for the conformance suite; installing node 22 into $NODE_DIR" >&2
-  npm install --prefix "$NODE_DIR" --no-audit --no-fund --silent node@22 >&2
+  # npm and npx come along: the distribution's own npm loads modules only its own node finds.
+  npm install --prefix "$NODE_DIR" --no-audit --no-fund --silent node@22 npm@10 >&2
   export PATH="$NODE_DIR/node_modules/.bin:$PATH"
   node_ok || { echo "[test] could not get node >= 20.19" >&2; exit 1; }
 fi
