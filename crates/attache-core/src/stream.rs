@@ -76,9 +76,14 @@ impl ContentType {
         self.matches_raw(&other.0)
     }
 
-    /// [`ContentType::matches`] against a stored content type, as written.
+    /// [`ContentType::matches`] against a stored content type, as written. A
+    /// stream that keeps bytes as they come also takes
+    /// `application/octet-stream`, the type it is advertised as when its own
+    /// is JSON ([`advertised_media`]).
     pub fn matches_raw(&self, raw: &str) -> bool {
-        media_of(&self.0).eq_ignore_ascii_case(media_of(raw))
+        let media = media_of(&self.0);
+        media.eq_ignore_ascii_case(media_of(raw))
+            || (media.eq_ignore_ascii_case(Self::OCTET_STREAM) && has_bytes_param(raw))
     }
 
     /// JSON mode (PROTOCOL.md §9.1): message boundaries are kept.
@@ -112,6 +117,21 @@ pub fn media_type_of(raw: &str) -> String {
 /// `eq_ignore_ascii_case`, so the checks on every append allocate nothing.
 fn media_of(raw: &str) -> &str {
     raw.split(';').next().unwrap_or("").trim()
+}
+
+/// The content type a stream is advertised as (the `Content-Type` of its
+/// reads and `HEAD`): as stored, except that a stream of a JSON type that
+/// keeps bytes as they come (`bytes`: a resumable attachment's, or a blob's)
+/// is `application/octet-stream`. Durable Streams clients take
+/// `application/json` for JSON mode: they would send each chunk of the file
+/// framed as a JSON array, which a bytes stream stores as it comes, and
+/// parse its reads as messages.
+pub fn advertised_media(raw: &str, bytes: bool) -> &str {
+    if media_of(raw).eq_ignore_ascii_case("application/json") && (bytes || has_bytes_param(raw)) {
+        ContentType::OCTET_STREAM
+    } else {
+        raw
+    }
 }
 
 /// The content-type parameter of a stream that keeps bytes as they come ([`ContentType::stored_as_bytes`]).
@@ -204,6 +224,17 @@ mod tests {
         assert!(ExpiresAt::parse("2030-01-01T00:00:00+02:00").is_ok());
         assert!(ExpiresAt::parse("tomorrow").is_err());
         assert!(ExpiresAt::parse("2030-01-01").is_err());
+    }
+
+    #[test]
+    fn a_json_stream_that_keeps_bytes_is_advertised_and_appended_to_as_octet_stream() {
+        let bytes = ContentType::parse("application/json").unwrap().stored_as_bytes();
+        assert_eq!(advertised_media(bytes.as_str(), false), ContentType::OCTET_STREAM);
+        assert!(ContentType::octet_stream().matches_raw(bytes.as_str()));
+        assert_eq!(advertised_media("application/json", true), ContentType::OCTET_STREAM, "a blob");
+        assert_eq!(advertised_media("application/json", false), "application/json");
+        assert_eq!(advertised_media("image/png; attache-store=bytes", false), "image/png; attache-store=bytes");
+        assert!(!ContentType::octet_stream().matches_raw("application/json"), "a JSON-mode stream takes only JSON");
     }
 
     #[test]

@@ -60,7 +60,7 @@ impl<'a> Req<'a> {
 
 /// The stream-state headers shared by PUT, HEAD and reads.
 fn stream_headers(headers: &mut HeaderMap, info: &StreamInfo) {
-    set(headers, "content-type", &info.content_type);
+    set(headers, "content-type", info.advertised_content_type());
     set(headers, h::STREAM_NEXT_OFFSET, info.tail_offset());
     if info.closed {
         headers.insert(h::STREAM_CLOSED, HeaderValue::from_static("true"));
@@ -560,7 +560,7 @@ fn at_closed_end(info: &StreamInfo, next: Offset) -> bool {
 
 /// The headers of a read of `info` that ends at `next`.
 fn read_headers(hm: &mut HeaderMap, info: &StreamInfo, next: Offset) {
-    set(hm, "content-type", &info.content_type);
+    set(hm, "content-type", info.advertised_content_type());
     set(hm, h::STREAM_NEXT_OFFSET, next);
     if next.0 >= info.tail {
         hm.insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
@@ -736,7 +736,7 @@ async fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery, live: LiveReade
     let signal = store.subscribe(path.as_str()).await?;
     store.touch(path.as_str());
     let info = store.head(path.as_str()).await?;
-    let base64 = !info.content_type().is_sse_text();
+    let base64 = !ContentType::parse(info.advertised_content_type()).is_ok_and(|t| t.is_sse_text());
     let pos = match q.offset {
         ReadOffset::Now => info.tail_offset(),
         ReadOffset::Start => Offset::ZERO,

@@ -84,6 +84,67 @@ async fn a_resumable_json_attachment_reads_back_byte_exact_with_its_true_length(
     assert_eq!(res.bytes().await.unwrap(), &whole[..]);
 }
 
+/// A Durable Streams client learns a stream's mode from its `Content-Type`:
+/// told `application/json`, it framed each chunk of a JSON file as an array
+/// (`[chunk]`), which the upload's stream stored as it came, and the
+/// attachment completed with bytes that were not the file. The stream of a
+/// JSON attachment (resumable or uploaded whole) is advertised as
+/// `application/octet-stream`, and takes appends of that type.
+#[tokio::test]
+async fn a_json_attachments_stream_is_advertised_as_bytes_so_stream_clients_upload_the_file_unchanged() {
+    let ts = TestServer::start().await;
+    spawn(&ts, None, CHAT).await;
+    let res = ts
+        .request(Method::PUT, &format!("{}/attachments/data", api(CHAT)))
+        .json(&json!({ "mimeType": "application/json", "filename": "data.json", "subject": {"type": "context", "key": "t"} }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let stream = format!("{CHAT}/attachments/data");
+    let head = ts.request(Method::HEAD, &stream).send().await.unwrap();
+    assert_eq!(head.headers()["content-type"], "application/octet-stream");
+    // What a client in binary mode sends: the file's bytes, in two chunks, as the advertised type.
+    let file = br#"{"rows":[1,2,3],"note":"a json file"}"#;
+    let (first, second) = file.split_at(12);
+    for (seq, chunk, close) in [(0, first, false), (1, second, true)] {
+        let mut rb = ts
+            .request(Method::POST, &stream)
+            .header("content-type", "application/octet-stream")
+            .header("producer-id", "up")
+            .header("producer-epoch", "0")
+            .header("producer-seq", seq.to_string())
+            .body(chunk.to_vec());
+        if close {
+            rb = rb.header("stream-closed", "true");
+        }
+        let res = rb.send().await.unwrap();
+        assert!(res.status().is_success(), "chunk {seq}: {}", res.status());
+    }
+    let entry = manifest(&ts, CHAT).await["data"].clone();
+    assert_eq!((entry["status"].as_str(), entry["byteLength"].as_u64()), (Some("complete"), Some(file.len() as u64)));
+    assert_eq!(get_bytes(&ts, CHAT, "data").await, (StatusCode::OK, file.to_vec()));
+    let raw = ts.request(Method::GET, &format!("{stream}?offset=-1")).send().await.unwrap();
+    assert_eq!(raw.headers()["content-type"], "application/octet-stream");
+    assert_eq!(raw.bytes().await.unwrap(), &file[..]);
+
+    // An attachment uploaded whole: its stream says the same.
+    upload(&ts, CHAT, "whole", "application/json", file).await;
+    let head = ts.request(Method::HEAD, &format!("{CHAT}/attachments/whole")).send().await.unwrap();
+    assert_eq!(head.headers()["content-type"], "application/octet-stream");
+    // A JSON-mode stream still takes only JSON.
+    let res = ts.request(Method::PUT, "/plain/json").header("content-type", "application/json").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let res = ts
+        .request(Method::POST, "/plain/json")
+        .header("content-type", "application/octet-stream")
+        .body("[1]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+}
+
 #[tokio::test]
 async fn the_tokens_file_is_owner_only_and_an_older_readable_one_is_tightened_at_start() {
     let dir = tempfile::tempdir().unwrap();

@@ -84,6 +84,10 @@ impl StreamInfo {
     pub fn is_json(&self) -> bool {
         attache_core::stream::is_json_media(&self.content_type)
     }
+    /// The content type its reads and `HEAD` answer with ([`attache_core::stream::advertised_media`]).
+    pub fn advertised_content_type(&self) -> &str {
+        attache_core::stream::advertised_media(&self.content_type, self.blob.is_some())
+    }
     pub fn tail_offset(&self) -> Offset {
         Offset(self.tail)
     }
