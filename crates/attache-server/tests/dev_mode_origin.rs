@@ -175,7 +175,13 @@ async fn a_browser_page_may_read_and_send_every_header_its_clients_use() {
     for name in ["last-event-id", "mcp-session-id", "mcp-protocol-version"] {
         assert!(allowed.split(", ").any(|h| h == name), "{name} not in {allowed}");
     }
-    let res = s.request(Method::GET, "/_electric/entities").header("origin", UI).header(PRINCIPAL, ALICE).send().await.unwrap();
+    let res = s
+        .request(Method::GET, "/_electric/entities")
+        .header("origin", UI)
+        .header(PRINCIPAL, ALICE)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let exposed = header(&res, "access-control-expose-headers").unwrap().to_ascii_lowercase();
     for name in ["mcp-session-id", "x-total-count", "x-next-offset", "retry-after", "stream-next-offset"] {
