@@ -43,8 +43,12 @@ pub(crate) const MAGIC: &[u8; 4] = b"AWL2";
 pub(crate) const MAGIC_V1: &[u8; 4] = b"AWL1";
 const HEADER: usize = 4 + 4 + 8 + 4;
 /// The file grows in steps of zeroes written ahead of use (never by appending
-/// records, which would make each sync also write the inode).
+/// records, which would make each sync also write the inode), on a thread
+/// of their own while the writer goes on ([`Wal::grow_ahead`]).
 const GROW_STEP: u64 = 4 << 20;
+/// Zeroes written ahead are pushed to the disk this many bytes at a time, so
+/// a record's `fdatasync` meanwhile never has more than this of them to write.
+const ZERO_CHUNK: usize = 256 << 10;
 
 /// One change to a table of the stream database. Replaying a record applies these in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,6 +268,9 @@ pub(crate) struct Wal {
     round_start: u64,
     sync: bool,
     faults: Option<FaultPlan>,
+    /// Zeroes being written past `allocated` on another thread: where they
+    /// will end. Nothing else writes there until it is joined.
+    growing: Option<std::thread::JoinHandle<std::io::Result<u64>>>,
 }
 
 /// What recovery found in the log.
@@ -328,6 +335,7 @@ impl Wal {
             round_start: checkpointed + 1,
             sync,
             faults,
+            growing: None,
         };
         Ok((wal, Recovered { records, torn_at }))
     }
@@ -399,6 +407,7 @@ impl Wal {
         }
         self.pos += len;
         self.next_seq += 1;
+        self.grow_ahead();
         Ok(seq)
     }
 
@@ -436,24 +445,98 @@ impl Wal {
         self.round_start = next_seq;
     }
 
-    /// Writes zeroes (synced) up to at least `end`, so records never extend the file.
+    /// Makes the file hold at least `end` bytes (zeroes where no record is),
+    /// so records never extend it: takes the zeroes written ahead, or writes
+    /// (and syncs) them here when those do not reach.
     fn grow_to(&mut self, end: u64) -> StoreResult<()> {
         if end <= self.allocated {
             return Ok(());
         }
-        let target = end.div_ceil(GROW_STEP).saturating_mul(GROW_STEP).min(self.capacity.max(end));
-        let zeroes = vec![0u8; (target - self.allocated).min(GROW_STEP) as usize];
-        let mut at = self.allocated;
-        while at < target {
-            let n = (target - at).min(zeroes.len() as u64) as usize;
-            fault::write_all_at(self.faults.as_ref(), FaultPoint::LogWrite, &self.file, &zeroes[..n], at)?;
-            at += n as u64;
+        self.join_growth();
+        if end <= self.allocated {
+            return Ok(());
         }
-        fault::sync(self.faults.as_ref(), FaultPoint::LogSync, || self.file.sync_all())?;
+        let target = end.div_ceil(GROW_STEP).saturating_mul(GROW_STEP).min(self.capacity.max(end));
+        zero_fill(&self.file, self.faults.as_ref(), self.allocated, target)?;
         self.allocated = target;
         Ok(())
     }
+
+    /// Waits for the zeroes being written ahead, and takes them when they were
+    /// (a failure leaves the file as it was to the writer, which then writes
+    /// its own zeroes there and meets the fault itself).
+    fn join_growth(&mut self) {
+        let Some(growing) = self.growing.take() else {
+            return;
+        };
+        match growing.join() {
+            Ok(Ok(end)) => self.allocated = self.allocated.max(end),
+            Ok(Err(err)) => tracing::debug!(%err, "the log's zeroes written ahead failed; the writer writes them"),
+            Err(_) => tracing::error!("the thread writing the log's zeroes ahead panicked"),
+        }
+    }
+
+    /// Starts writing the next step of zeroes on a thread of its own when
+    /// less than half a step is left. Written on the writer, 4 MiB of zeroes
+    /// (copied into the page cache, then synced) stalled every appender for
+    /// 10-20 ms, several times a second while a new server's log grew
+    /// (bench/RESULTS.md, session 13).
+    pub(crate) fn grow_ahead(&mut self) {
+        if self.growing.is_some() || self.allocated >= self.capacity || self.allocated - self.pos >= GROW_STEP / 2 {
+            return;
+        }
+        let Ok(file) = self.file.try_clone() else {
+            return;
+        };
+        let (faults, from) = (self.faults.clone(), self.allocated);
+        let to = from.saturating_add(GROW_STEP).min(self.capacity);
+        let spawned = std::thread::Builder::new()
+            .name("attache-log-grow".into())
+            .spawn(move || zero_fill(&file, faults.as_ref(), from, to).map(|()| to));
+        match spawned {
+            Ok(handle) => self.growing = Some(handle),
+            Err(err) => tracing::debug!(%err, "cannot start a thread to grow the log; the writer grows it"),
+        }
+    }
 }
+
+impl Drop for Wal {
+    /// A log reopened in this process (a store closed and opened again) must
+    /// not meet zeroes still being written where it puts records.
+    fn drop(&mut self) {
+        self.join_growth();
+    }
+}
+
+/// Writes zeroes over `[from, to)` of `file`, a chunk at a time, each pushed
+/// to the disk before the next, then syncs the file (its new size too).
+fn zero_fill(file: &File, faults: Option<&FaultPlan>, from: u64, to: u64) -> std::io::Result<()> {
+    let zeroes = vec![0u8; ((to - from) as usize).min(ZERO_CHUNK)];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(zeroes.len() as u64) as usize;
+        fault::write_all_at(faults, FaultPoint::LogWrite, file, &zeroes[..n], at)?;
+        write_out(file, at, n);
+        at += n as u64;
+    }
+    fault::sync(faults, FaultPoint::LogSync, || file.sync_all())
+}
+
+/// Starts and waits for the write-back of `[at, at + len)` (no sync of
+/// metadata: the final `sync_all` does that); best effort.
+#[cfg(target_os = "linux")]
+fn write_out(file: &File, at: u64, len: usize) {
+    use std::os::fd::AsRawFd as _;
+    let (Ok(offset), Ok(nbytes)) = (libc::off64_t::try_from(at), libc::off64_t::try_from(len)) else {
+        return;
+    };
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: a valid open descriptor and a range of it; the call only starts and waits for I/O.
+    unsafe { libc::sync_file_range(file.as_raw_fd(), offset, nbytes, flags) };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn write_out(_file: &File, _at: u64, _len: usize) {}
 
 /// The write-ahead log as two files (`streams.wal`, `streams.wal.1`), so a
 /// checkpoint can run beside the writer: records go to the *active* file;
@@ -566,6 +649,7 @@ impl Logs {
             round_start: next_seq,
             sync,
             faults: faults.clone(),
+            growing: None,
         });
         for i in 0..2 {
             if let Some((first, end, last)) = taken[i] {
@@ -577,6 +661,7 @@ impl Logs {
             }
         }
         files[active].next_seq = next_seq;
+        files[active].grow_ahead();
         Ok((Logs { files, active, sealed }, LogsRecovered { records, damage }))
     }
 
@@ -625,6 +710,7 @@ impl Logs {
         let next = self.active().next_seq;
         self.active = 1 - self.active;
         self.active_mut().continue_from(next);
+        self.active_mut().grow_ahead();
         self.sealed = Some(last);
         Some(last)
     }
@@ -881,6 +967,54 @@ mod tests {
         let (_, rec) = Wal::open(&path, 1 << 20, true, 0, None).unwrap();
         assert_eq!(rec.records.len(), 1);
         assert_eq!(rec.torn_at, Some((HEADER + 50) as u64));
+    }
+
+    #[test]
+    fn the_log_grows_ahead_of_its_records_on_another_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        let plan = FaultPlan::new();
+        let (mut wal, _) = Wal::open(&path, 64 << 20, true, 0, Some(plan.clone())).unwrap();
+        // The first record waits for its room (nothing was written ahead yet).
+        wal.append(&[1; 50]).unwrap();
+        assert_eq!(wal.allocated, GROW_STEP);
+        // Less than half a step left: the next step is being written ahead.
+        let record = vec![2u8; (GROW_STEP / 2) as usize];
+        wal.append(&record).unwrap();
+        let growing = wal.growing.take().expect("zeroes are written ahead");
+        assert_eq!(growing.join().unwrap().unwrap(), 2 * GROW_STEP);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * GROW_STEP, "synced by that thread, not the writer");
+        wal.allocated = 2 * GROW_STEP;
+        let syncs = plan.calls(FaultPoint::LogSync);
+        wal.append(&record).unwrap();
+        assert_eq!(
+            plan.calls(FaultPoint::LogSync),
+            syncs + 1,
+            "a record that fits in the room written ahead syncs only itself"
+        );
+        drop(wal);
+        let (_, rec) = Wal::open(&path, 64 << 20, true, 0, None).unwrap();
+        assert_eq!((rec.records.len(), rec.torn_at), (3, None), "the zeroes past the records read as the end");
+    }
+
+    #[test]
+    fn zeroes_ahead_that_fail_are_written_by_the_writer_when_it_needs_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = FaultPlan::new();
+        let (mut wal, _) = Wal::open(&dir.path().join("wal"), 64 << 20, true, 0, Some(plan.clone())).unwrap();
+        wal.append(&[1; 50]).unwrap();
+        // The record's write is the next call; the thread writing zeroes ahead makes the one after.
+        plan.fail_nth(FaultPoint::LogWrite, 2, crate::fault::Fault::NoSpace);
+        let record = vec![2u8; (GROW_STEP / 2) as usize];
+        wal.append(&record).unwrap();
+        wal.join_growth();
+        assert_eq!(plan.injected(FaultPoint::LogWrite), 1, "the zeroes ahead met the fault");
+        assert_eq!(wal.allocated, GROW_STEP, "and were not taken");
+        wal.append(&record).unwrap();
+        assert!(wal.allocated >= 2 * GROW_STEP, "the writer wrote its own");
+        drop(wal);
+        let (_, rec) = Wal::open(&dir.path().join("wal"), 64 << 20, true, 0, None).unwrap();
+        assert_eq!((rec.records.len(), rec.torn_at), (3, None));
     }
 
     #[test]
