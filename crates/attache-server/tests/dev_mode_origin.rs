@@ -25,6 +25,17 @@ fn access_control_headers(res: &reqwest::Response) -> Vec<String> {
     res.headers().keys().map(|k| k.as_str().to_owned()).filter(|k| k.starts_with("access-control-")).collect()
 }
 
+/// A browser's CORS preflight from `origin` for a GET of `path` sending `headers`.
+async fn preflight(s: &TestServer, path: &str, origin: &str, headers: &str) -> reqwest::Response {
+    s.request(Method::OPTIONS, path)
+        .header("origin", origin)
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", headers)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// `PUT` then one append, as `principal` (none: anonymous).
 async fn create_stream(s: &TestServer, principal: Option<&str>, path: &str, body: &str) {
     let mut put = s.request(Method::PUT, path).header("content-type", "text/plain");
@@ -123,14 +134,7 @@ async fn preflight_from_a_foreign_origin_is_refused_without_cors_headers() {
 async fn listed_origin_gets_its_own_origin_back_and_a_fixed_header_list() {
     let s = TestServer::start_with(|c| c.cors_origins = vec![UI.to_owned()]).await;
     create_stream(&s, Some(ALICE), "/alice/notes", "hello").await;
-    let res = s
-        .request(Method::OPTIONS, "/alice/notes")
-        .header("origin", UI)
-        .header("access-control-request-method", "GET")
-        .header("access-control-request-headers", "electric-principal, x-anything-at-all")
-        .send()
-        .await
-        .unwrap();
+    let res = preflight(&s, "/alice/notes", UI, "electric-principal, x-anything-at-all").await;
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     assert_eq!(header(&res, "access-control-allow-origin").as_deref(), Some(UI));
     assert!(header(&res, "vary").is_some_and(|v| v.contains("Origin")));
@@ -162,14 +166,7 @@ async fn listed_origin_gets_its_own_origin_back_and_a_fixed_header_list() {
 #[tokio::test]
 async fn a_browser_page_may_read_and_send_every_header_its_clients_use() {
     let s = TestServer::start_with(|c| c.cors_origins = vec![UI.to_owned()]).await;
-    let res = s
-        .request(Method::OPTIONS, "/mcp")
-        .header("origin", UI)
-        .header("access-control-request-method", "GET")
-        .header("access-control-request-headers", "last-event-id, mcp-session-id, mcp-protocol-version")
-        .send()
-        .await
-        .unwrap();
+    let res = preflight(&s, "/mcp", UI, "last-event-id, mcp-session-id, mcp-protocol-version").await;
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     let allowed = header(&res, "access-control-allow-headers").unwrap().to_ascii_lowercase();
     for name in ["last-event-id", "mcp-session-id", "mcp-protocol-version"] {

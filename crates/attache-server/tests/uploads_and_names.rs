@@ -21,6 +21,24 @@ use serde_json::{json, Value};
 
 const CHAT: &str = "/chat/uploads";
 
+/// Appends `chunks` to a resumable upload's `stream` as one producer would, closing it with the last.
+async fn upload_in_chunks(ts: &TestServer, stream: &str, content_type: &str, chunks: &[&[u8]]) {
+    for (seq, chunk) in chunks.iter().enumerate() {
+        let mut rb = ts
+            .request(Method::POST, stream)
+            .header("content-type", content_type)
+            .header("producer-id", "up")
+            .header("producer-epoch", "0")
+            .header("producer-seq", seq.to_string())
+            .body(chunk.to_vec());
+        if seq + 1 == chunks.len() {
+            rb = rb.header("stream-closed", "true");
+        }
+        let res = rb.send().await.unwrap();
+        assert!(res.status().is_success(), "chunk {seq}: {}", res.status());
+    }
+}
+
 #[tokio::test]
 async fn a_ttl_past_one_hundred_years_is_refused_with_400_not_accepted_and_lost() {
     let ts = TestServer::start().await;
@@ -60,20 +78,7 @@ async fn a_resumable_json_attachment_reads_back_byte_exact_with_its_true_length(
     // A JSON document in two chunks that each split it mid-value.
     let whole = br#"[{"a":1}, {"b":[2,3]}]"#;
     let (first, second) = whole.split_at(9);
-    for (seq, chunk, close) in [(0, first, false), (1, second, true)] {
-        let mut rb = ts
-            .request(Method::POST, &format!("{CHAT}/attachments/doc"))
-            .header("content-type", "application/json")
-            .header("producer-id", "up")
-            .header("producer-epoch", "0")
-            .header("producer-seq", seq.to_string())
-            .body(chunk.to_vec());
-        if close {
-            rb = rb.header("stream-closed", "true");
-        }
-        let res = rb.send().await.unwrap();
-        assert!(res.status().is_success(), "chunk {seq}: {}", res.status());
-    }
+    upload_in_chunks(&ts, &format!("{CHAT}/attachments/doc"), "application/json", &[first, second]).await;
     let entry = manifest(&ts, CHAT).await["doc"].clone();
     assert_eq!(entry["status"], "complete", "{entry}");
     assert_eq!(entry["byteLength"], whole.len());
@@ -107,20 +112,7 @@ async fn a_json_attachments_stream_is_advertised_as_bytes_so_stream_clients_uplo
     // What a client in binary mode sends: the file's bytes, in two chunks, as the advertised type.
     let file = br#"{"rows":[1,2,3],"note":"a json file"}"#;
     let (first, second) = file.split_at(12);
-    for (seq, chunk, close) in [(0, first, false), (1, second, true)] {
-        let mut rb = ts
-            .request(Method::POST, &stream)
-            .header("content-type", "application/octet-stream")
-            .header("producer-id", "up")
-            .header("producer-epoch", "0")
-            .header("producer-seq", seq.to_string())
-            .body(chunk.to_vec());
-        if close {
-            rb = rb.header("stream-closed", "true");
-        }
-        let res = rb.send().await.unwrap();
-        assert!(res.status().is_success(), "chunk {seq}: {}", res.status());
-    }
+    upload_in_chunks(&ts, &stream, "application/octet-stream", &[first, second]).await;
     let entry = manifest(&ts, CHAT).await["data"].clone();
     assert_eq!((entry["status"].as_str(), entry["byteLength"].as_u64()), (Some("complete"), Some(file.len() as u64)));
     assert_eq!(get_bytes(&ts, CHAT, "data").await, (StatusCode::OK, file.to_vec()));
