@@ -36,6 +36,11 @@ async fn preflight(s: &TestServer, path: &str, origin: &str, headers: &str) -> r
         .unwrap()
 }
 
+/// A GET of `path` as alice, from a page of the listed UI origin.
+async fn get_from_ui(s: &TestServer, path: &str) -> reqwest::Response {
+    s.request(Method::GET, path).header("origin", UI).header(PRINCIPAL, ALICE).send().await.unwrap()
+}
+
 /// `PUT` then one append, as `principal` (none: anonymous).
 async fn create_stream(s: &TestServer, principal: Option<&str>, path: &str, body: &str) {
     let mut put = s.request(Method::PUT, path).header("content-type", "text/plain");
@@ -142,13 +147,7 @@ async fn listed_origin_gets_its_own_origin_back_and_a_fixed_header_list() {
     assert!(allowed.contains("electric-principal") && allowed.contains("if-none-match"), "{allowed}");
     assert!(!allowed.contains("x-anything-at-all"), "requested headers are not echoed: {allowed}");
 
-    let res = s
-        .request(Method::GET, "/alice/notes?offset=-1")
-        .header("origin", UI)
-        .header(PRINCIPAL, ALICE)
-        .send()
-        .await
-        .unwrap();
+    let res = get_from_ui(&s, "/alice/notes?offset=-1").await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(header(&res, "access-control-allow-origin").as_deref(), Some(UI));
     assert_eq!(res.text().await.unwrap(), "hello");
@@ -172,13 +171,7 @@ async fn a_browser_page_may_read_and_send_every_header_its_clients_use() {
     for name in ["last-event-id", "mcp-session-id", "mcp-protocol-version"] {
         assert!(allowed.split(", ").any(|h| h == name), "{name} not in {allowed}");
     }
-    let res = s
-        .request(Method::GET, "/_electric/entities")
-        .header("origin", UI)
-        .header(PRINCIPAL, ALICE)
-        .send()
-        .await
-        .unwrap();
+    let res = get_from_ui(&s, "/_electric/entities").await;
     assert_eq!(res.status(), StatusCode::OK);
     let exposed = header(&res, "access-control-expose-headers").unwrap().to_ascii_lowercase();
     for name in ["mcp-session-id", "x-total-count", "x-next-offset", "retry-after", "stream-next-offset"] {
