@@ -13,8 +13,9 @@
 //!
 //! Bounds: a message (all its fragments together) is at most
 //! `ws_max_message_bytes`, else the socket closes with 1009 (message too big);
-//! a connection holds at most `ws_max_patterns` patterns, and a subscribe that
-//! would pass that is refused whole with -32602. Work per event is one hash
+//! a connection holds at most `ws_max_patterns` patterns of at most
+//! [`MAX_PATTERN_BYTES`] each, and a subscribe that would pass either is
+//! refused whole with -32602. Work per event is one hash
 //! lookup plus at most `ws_max_patterns` prefix comparisons.
 //!
 //! Timers (the connection's own stop at the upgrade): the server pings every
@@ -40,6 +41,11 @@ use crate::events::{self, Visibility};
 use crate::metrics::Closed;
 use crate::rpc;
 use crate::AppState;
+
+/// The longest event pattern a subscribe may name (event types are a few
+/// dozen bytes): the patterns a connection holds, echoed whole by every
+/// `subscribed` reply, stay within `ws_max_patterns` times this.
+pub const MAX_PATTERN_BYTES: usize = 256;
 
 /// Does `pattern` (`task.*`, `*`, or an exact type) match `event_type`?
 pub fn matches(pattern: &str, event_type: &str) -> bool {
@@ -314,6 +320,18 @@ async fn on_message(
             // Counted before anything is copied: a huge list costs its parse, nothing more.
             if msg.get("events").and_then(Value::as_array).is_some_and(|a| a.len() > max) {
                 return vec![too_many_patterns(max)];
+            }
+            // Each reply echoes every pattern held: with patterns of any length,
+            // a hundred subscribes of 1 MiB each made the last reply 100 MiB.
+            if msg
+                .get("events")
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|p| p.as_str().is_some_and(|p| p.len() > MAX_PATTERN_BYTES)))
+            {
+                return vec![error(
+                    -32602,
+                    &format!("an event pattern is at most {MAX_PATTERN_BYTES} bytes; nothing was subscribed"),
+                )];
             }
             let Some(wanted) = string_list(msg.get("events")) else {
                 return vec![error(-32602, "subscribe needs events: an array of strings")];

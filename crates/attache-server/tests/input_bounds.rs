@@ -166,6 +166,23 @@ async fn patterns_are_capped_per_connection_across_subscribes() {
     assert_eq!(ws_next(&mut ws).await["events"], json!(["b", "c", "d"]));
 }
 
+/// Every `subscribed` reply echoes the patterns held: with patterns of any
+/// length, a hundred subscribes of 1 MiB made the hundredth reply 100 MiB
+/// (4.9 GB sent back to one connection). A pattern is at most 256 bytes.
+#[tokio::test]
+async fn a_pattern_longer_than_256_bytes_is_refused_and_replies_stay_small() {
+    let s = TestServer::start().await;
+    let mut ws = ws_connect(&s).await;
+    let long = format!("task.{}", "a".repeat(300 << 10));
+    ws_send(&mut ws, json!({ "action": "subscribe", "events": ["task.created", long] }).to_string()).await;
+    let refused = ws_next(&mut ws).await;
+    assert_eq!(refused["error"]["code"], -32602, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap_or("").contains("256 bytes"), "{refused}");
+    let at_most = format!("task.{}", "b".repeat(251));
+    ws_send(&mut ws, json!({ "action": "subscribe", "events": [at_most] }).to_string()).await;
+    assert_eq!(ws_next(&mut ws).await["events"], json!([at_most]), "nothing of the refused subscribe was kept");
+}
+
 const FILES: &str = "/chat/bounds";
 
 /// Sends the start of an upload that declares 300 MiB, with one part header
