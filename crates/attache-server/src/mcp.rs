@@ -336,6 +336,19 @@ async fn require_auth(
             return ApiError::not_found("no such MCP session").into_response();
         }
     }
+    // A POST's body is read here, as every other route reads its body: within
+    // the body budget and read timeout (408 / 503 / 413 with JSON-RPC's size
+    // limit). Left to rmcp, a stalled 4 MiB body was held past every timeout,
+    // outside the budget (200 of them: +830 MB).
+    let req = if req.method() == axum::http::Method::POST {
+        let (parts, body) = req.into_parts();
+        match crate::http::read_body(&state.bodies, body, &parts.headers, state.config.rpc_max_body_bytes).await {
+            Ok(bytes) => axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)),
+            Err(e) => return e.into_response(),
+        }
+    } else {
+        req
+    };
     // A POST without a session id opens a session (it carries `initialize`).
     let opens_session = req.method() == axum::http::Method::POST && !req.headers().contains_key("mcp-session-id");
     if !opens_session {

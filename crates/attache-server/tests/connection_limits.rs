@@ -554,6 +554,22 @@ async fn a_body_not_all_there_within_the_body_read_timeout_is_answered_408_and_f
     assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK);
 }
 
+/// `/mcp` reads its bodies as every other route does: held in the body
+/// budget while they come, and answered 408 when not all there in time.
+/// Before, rmcp buffered a stalled 4 MiB body outside the budget and past
+/// every timeout (200 such requests: +830 MB for as long as the client liked).
+#[tokio::test]
+async fn a_stalled_mcp_body_counts_in_the_body_budget_and_is_answered_408() {
+    let s = TestServer::start_with(|c| c.body_read_timeout = Duration::from_millis(800)).await;
+    let mut stalled = stall_a_body(&s, "/mcp", 700 << 10).await;
+    body_buffer_bytes_reach(&s, 700 << 10).await;
+    let answer = read_until_closed(&mut stalled).await.expect("the server answers and closes within the timeout");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"body_read_timeout\""), "{answer}");
+    assert_eq!(body_buffer_bytes(&s).await, 0);
+}
+
 /// A body small enough for the lean HTTP/1 path (which reads a plain
 /// request's body whole before its handler runs) that stalls gets the 408 a
 /// large one gets, and a route that reads no body still answers: before, the
