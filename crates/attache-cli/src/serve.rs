@@ -181,6 +181,11 @@ pub struct ServeArgs {
     /// connection closed, e.g. 60s [default: 60s]
     #[arg(long, env = "ATTACHE_BODY_READ_TIMEOUT", value_parser = humantime::parse_duration)]
     body_read_timeout: Option<Duration>,
+    /// Most bytes large answers (64 KiB and more: stream reads and SSE events) waiting for
+    /// their clients to read them hold at once; a read past it is answered 503
+    /// with Retry-After, an SSE reader waits for room [default: 67108864, 64 MiB]
+    #[arg(long, env = "ATTACHE_RESPONSE_BUFFER_BYTES")]
+    response_buffer_bytes: Option<usize>,
     /// Largest reason and payload of one signal together, in bytes of JSON; a larger signal
     /// is refused with 413 [default: 16384]
     #[arg(long, env = "ATTACHE_MAX_SIGNAL_BYTES")]
@@ -250,6 +255,7 @@ struct FileConfig {
     shutdown_grace: Option<String>,
     body_buffer_bytes: Option<usize>,
     body_read_timeout: Option<String>,
+    response_buffer_bytes: Option<usize>,
     max_signal_bytes: Option<usize>,
     signal_rate_limit: Option<u32>,
     signal_rate_window: Option<String>,
@@ -398,6 +404,7 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
     )?;
     duration(args.shutdown_grace, file.shutdown_grace, "shutdown_grace", "30s", &mut config.shutdown_grace)?;
     setting(args.body_buffer_bytes, file.body_buffer_bytes, &mut config.body_buffer_bytes);
+    setting(args.response_buffer_bytes, file.response_buffer_bytes, &mut config.response_buffer_bytes);
     duration(
         args.body_read_timeout,
         file.body_read_timeout,

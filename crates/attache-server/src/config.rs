@@ -143,6 +143,10 @@ pub struct ServerConfig {
     /// How long a body collected into memory has to arrive, all of it, once
     /// its handler starts reading it (408 and the connection closed beyond).
     pub body_read_timeout: Duration,
+    /// Most bytes large answers (64 KiB and more) made and not yet sent hold
+    /// at once, all requests together (`http::SendBudget`); a read past it is
+    /// answered 503 with `Retry-After`, an SSE reader waits for room.
+    pub response_buffer_bytes: usize,
     /// Largest `reason` and `payload` of one signal together, counted as JSON
     /// (413 `SIGNAL_TOO_LARGE` beyond): each is kept in a row of the main stream.
     pub max_signal_bytes: usize,
@@ -263,6 +267,7 @@ impl ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             body_buffer_bytes: 256 << 20,
             body_read_timeout: Duration::from_secs(60),
+            response_buffer_bytes: 64 << 20,
             max_signal_bytes: 16 << 10,
             signal_rate_limit: Some(60),
             signal_rate_window: Duration::from_secs(60),

@@ -4,6 +4,7 @@
 //! `headers`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use attache_core::EntityUrl;
@@ -113,6 +114,119 @@ impl Held<'_> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// Bytes of large answers made and not yet sent, all requests together
+/// (`--response-buffer-bytes`). A read of a stream is made in memory before
+/// it is sent, and a client that reads nothing (or an HTTP/2 stream that
+/// opens no window) keeps it there: 200 such clients of one 15 MiB JSON
+/// message held 3 GB. An answer of at least [`SEND_BUDGET_FROM`] bytes takes
+/// its size from this budget before it is made and gives it back once sent
+/// or dropped with its connection; past the budget a read is answered 503 at
+/// once (an SSE reader waits for room instead).
+#[derive(Debug)]
+pub struct SendBudget {
+    held: AtomicUsize,
+    capacity: usize,
+}
+
+/// Answers smaller than this take nothing from the [`SendBudget`]: a socket's
+/// own buffers hold about this much, and counting every small read would
+/// cost each one an atomic update.
+pub(crate) const SEND_BUDGET_FROM: usize = 64 << 10;
+
+impl SendBudget {
+    pub fn new(capacity: usize) -> Arc<SendBudget> {
+        Arc::new(SendBudget { held: AtomicUsize::new(0), capacity })
+    }
+
+    /// Bytes held now by answers not yet sent.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// `n` bytes for an answer about to be made (nothing below [`SEND_BUDGET_FROM`]):
+    /// `Err` when the budget has not that many left.
+    pub(crate) fn try_take(self: &Arc<Self>, n: usize) -> Result<Option<SendPermit>, SendBudgetFull> {
+        if n < SEND_BUDGET_FROM {
+            return Ok(None);
+        }
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(n).filter(|&total| total <= self.capacity)
+            })
+            .map(|_| Some(SendPermit { budget: self.clone(), bytes: n }))
+            .map_err(|_| SendBudgetFull { capacity: self.capacity })
+    }
+
+    /// [`SendBudget::try_take`], refused as the 503 a client gets.
+    pub(crate) fn take(self: &Arc<Self>, n: usize) -> ApiResult<Option<SendPermit>> {
+        self.try_take(n).map_err(|full| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "RESPONSE_BUDGET_EXHAUSTED",
+                format!(
+                    "answers waiting for their clients to read them hold the server's whole buffer of {} bytes \
+                     (response_buffer_bytes); retry later",
+                    full.capacity
+                ),
+            )
+            .with_header(header::RETRY_AFTER, 1)
+        })
+    }
+}
+
+/// The [`SendBudget`] has too little left.
+#[derive(Debug)]
+pub(crate) struct SendBudgetFull {
+    capacity: usize,
+}
+
+/// Bytes one answer holds of the [`SendBudget`]; given back on drop.
+#[derive(Debug)]
+pub(crate) struct SendPermit {
+    budget: Arc<SendBudget>,
+    bytes: usize,
+}
+
+impl Drop for SendPermit {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// A response body of `bytes` that holds `permit` for as long as it lives:
+/// until it is sent whole, or dropped with its connection.
+pub(crate) fn held_body(bytes: Bytes, permit: Option<SendPermit>) -> Body {
+    match permit {
+        None => Body::from(bytes),
+        Some(permit) => Body::new(HeldBody { bytes: Some(bytes), _permit: permit }),
+    }
+}
+
+struct HeldBody {
+    bytes: Option<Bytes>,
+    _permit: SendPermit,
+}
+
+impl http_body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.bytes.take().map(|b| Ok(http_body::Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.bytes.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.bytes.as_ref().map_or(0, |b| b.len() as u64))
     }
 }
 

@@ -79,6 +79,8 @@ pub struct Shared {
     pub browser: Arc<origin::BrowserPolicy>,
     /// Bytes held by request bodies being collected, and their read timeout (`http::read_body`).
     pub bodies: http::BodyBudget,
+    /// Bytes held by large answers not yet sent (`http::SendBudget`).
+    pub answers: Arc<http::SendBudget>,
     /// SSE data events framed once for all the readers of the same bytes (`sse`).
     pub sse_events: sse::SharedEvents,
 }
@@ -190,6 +192,7 @@ impl Server {
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let shutdown = CancellationToken::new();
         let bodies = http::BodyBudget::new(config.body_buffer_bytes, config.body_read_timeout);
+        let config_response_buffer_bytes = config.response_buffer_bytes;
         let state = AppState(Arc::new(Shared {
             store,
             registry,
@@ -209,6 +212,7 @@ impl Server {
             signal_limiter: Arc::new(rate::RateLimiter::default()),
             browser: Arc::new(browser),
             bodies,
+            answers: http::SendBudget::new(config_response_buffer_bytes),
             sse_events: sse::SharedEvents::default(),
         }));
         events::ensure_stream(state.store.as_ref())

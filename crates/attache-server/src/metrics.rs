@@ -156,7 +156,7 @@ impl Metrics {
     /// The Prometheus text exposition of every counter.
     /// `stream_appends` comes from the store, which sees every face's appends;
     /// `body_buffer_bytes` from `http::BodyBudget`.
-    pub fn render(&self, stream_appends: u64, body_buffer_bytes: usize) -> String {
+    pub fn render(&self, stream_appends: u64, body_buffer_bytes: usize, response_buffer_bytes: usize) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP attache_rpc_requests_total JSON-RPC calls by method and outcome (ok or error code).\n");
         out.push_str("# TYPE attache_rpc_requests_total counter\n");
@@ -226,6 +226,13 @@ impl Metrics {
         );
         scalar(
             &mut out,
+            "attache_response_buffer_bytes",
+            "gauge",
+            "Bytes held by large answers made and not yet sent (bounded by --response-buffer-bytes).",
+            response_buffer_bytes.to_string(),
+        );
+        scalar(
+            &mut out,
             "attache_sendfile_responses_total",
             "counter",
             "Responses (large catch-up reads) whose body went from a file to the socket with sendfile, uncopied.",
@@ -256,7 +263,10 @@ impl Metrics {
 /// GET /metrics. Any authenticated principal may scrape (in token mode: any
 /// valid token); the counters say how busy the server is, not what it holds.
 pub async fn get_metrics(State(state): State<AppState>, _who: crate::auth::Caller) -> Response {
-    let mut res = state.metrics.render(state.store.appends_committed(), state.bodies.held()).into_response();
+    let mut res = state
+        .metrics
+        .render(state.store.appends_committed(), state.bodies.held(), state.answers.held())
+        .into_response();
     res.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     res
 }

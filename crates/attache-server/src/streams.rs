@@ -596,7 +596,10 @@ async fn catch_up(state: &AppState, path: &StreamPath, q: &ReadQuery, headers: &
     let (info, next) = (read.info, read.next);
     let mut res = match read.body {
         _ if matches => StatusCode::NOT_MODIFIED.into_response(),
-        ReadBody::Bytes(bytes) => Response::new(Body::from(bytes)),
+        ReadBody::Bytes(bytes) => {
+            let permit = state.answers.take(bytes.len())?;
+            Response::new(crate::http::held_body(bytes, permit))
+        }
         ReadBody::File(file) => crate::http::file_response(file),
     };
     let hm = res.headers_mut();
@@ -628,7 +631,8 @@ async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery, reader: &
             return Err(ApiError::from(StoreError::NotFound));
         }
         if !batch.is_empty() {
-            let mut res = Response::new(Body::from(batch_body(&batch)));
+            let permit = state.answers.take(batch.body.len())?;
+            let mut res = Response::new(crate::http::held_body(batch_body(&batch), permit));
             let hm = res.headers_mut();
             read_headers(hm, &batch.info, batch.next);
             set(hm, "etag", etag(&batch.info, batch.start, batch.next));
@@ -759,6 +763,7 @@ async fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery, live: LiveReade
         done: false,
         live,
         waited: false,
+        sent: None,
     };
     let mut res = crate::sse::response(reader);
     if base64 {
@@ -786,10 +791,34 @@ struct SseReader {
     /// Who reads, checked again after each wait.
     live: LiveReader,
     waited: bool,
+    /// The last large event's share of the response budget: held until the
+    /// connection asks for the next event, which it does once it sent this one.
+    sent: Option<crate::http::SendPermit>,
+}
+
+impl SseReader {
+    /// Room in the response budget for an event of about `bytes`, waited
+    /// for (a reader that cannot have it yet is not refused: it waits for
+    /// readers that do not read to be cut off); `None` when the response
+    /// ends first.
+    async fn room_for(&self, bytes: usize) -> Option<Option<crate::http::SendPermit>> {
+        loop {
+            if let Ok(permit) = self.state.answers.try_take(bytes) {
+                return Some(permit);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = tokio::time::sleep_until(self.deadline) => return None,
+                _ = self.shutdown.cancelled() => return None,
+            }
+        }
+    }
 }
 
 impl crate::sse::Source for SseReader {
     async fn next(&mut self) -> Option<Bytes> {
+        // Asked for more: the event before has been sent.
+        self.sent = None;
         while !self.done {
             let batch = match self.store.read(&self.path, ReadFrom::At(self.pos), self.max_read).await {
                 Ok(b) if self.base64 => b,
@@ -807,6 +836,9 @@ impl crate::sse::Source for SseReader {
             let cursor = Some(cursor_for(self.echoed.as_deref()));
             self.done = closed;
             if !batch.is_empty() {
+                // Framed as base64 (4/3 of the bytes) or text, and a control event.
+                let framed = if self.base64 { batch.body.len() / 3 * 4 + 4 } else { batch.body.len() } + 256;
+                self.sent = Box::pin(self.room_for(framed)).await?;
                 let key = crate::sse::EventKey {
                     stream: batch.info.id,
                     start: batch.start.0,

@@ -222,6 +222,11 @@ impl Drop for Listed {
 /// 200 such SSE readers opened at once held `/healthz` for half a second).
 pub const SOCKET_UNSENT_BYTES: usize = 64 << 10;
 
+/// Requests one HTTP/2 connection may have open at once (RFC 9113 asks for
+/// at least 100; hyper's default is 200). Each may hold an answer its client
+/// never opens a window for: `--response-buffer-bytes` bounds their bytes.
+const HTTP2_MAX_STREAMS: u32 = 100;
+
 /// Per-socket options: answers go out as soon as they are written (no Nagle
 /// delay between an SSE event and the next), and the unsent queue is bounded.
 fn tune(stream: &TcpStream) {
@@ -353,14 +358,21 @@ async fn serve_connection(io: Watched, activity: Arc<Activity>, app: Router, lim
             let service = Tracked { app, activity: activity.clone() };
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             // HTTP/2 WebSockets (RFC 8441) need the CONNECT protocol.
-            builder.enable_connect_protocol().max_send_buf_size(CONNECTION_BUFFER_BYTES);
+            builder
+                .enable_connect_protocol()
+                .max_send_buf_size(CONNECTION_BUFFER_BYTES)
+                .max_concurrent_streams(HTTP2_MAX_STREAMS);
             drive(Box::pin(builder.serve_connection(TokioIo::new(io), service)), activity, limits).await;
         }
         Protocol::Undecided => {
             let service = Tracked { app, activity: activity.clone() };
             let mut builder = Builder::new(TokioExecutor::new());
             builder.http1().max_buf_size(CONNECTION_BUFFER_BYTES);
-            builder.http2().enable_connect_protocol().max_send_buf_size(CONNECTION_BUFFER_BYTES);
+            builder
+                .http2()
+                .enable_connect_protocol()
+                .max_send_buf_size(CONNECTION_BUFFER_BYTES)
+                .max_concurrent_streams(HTTP2_MAX_STREAMS);
             drive(Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service)), activity, limits).await;
         }
     }
