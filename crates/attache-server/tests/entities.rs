@@ -632,6 +632,13 @@ async fn encoded_slashes_and_dots_in_urls_are_400_and_change_nothing() {
         "/plain/a%2Fb",
         "/plain%2Fa",
         "/plain/%2E%2Ea",
+        // Unreserved characters spelled another way: one path, one spelling
+        // (`/chat/a/m%61in` was a plain stream anyone could create beside `/chat/a/main`).
+        "/chat/a/m%61in",
+        "/chat/%61/main",
+        "/_electric/entities/chat/%61",
+        "/plain/%61",
+        "/plain/a%7E",
     ];
     for path in paths {
         for method in [Method::PUT, Method::GET, Method::POST, Method::DELETE] {

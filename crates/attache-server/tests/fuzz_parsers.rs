@@ -1097,7 +1097,12 @@ fn check_ws_replies(msg: &WsMsg, sent: &Message, replies: &[Value]) {
             let valid_offset = offset.is_none()
                 || v["offset"].as_str().is_some_and(|o| ReadOffset::parse(Some(o)).is_ok())
                 || !v["offset"].is_string();
-            if valid_offset {
+            let too_long = v["events"].as_array().is_some_and(|a| {
+                a.iter().any(|e| e.as_str().is_some_and(|e| e.len() > attache_server::ws::MAX_PATTERN_BYTES))
+            });
+            if too_long {
+                assert!(replies.iter().any(|r| r["error"]["code"] == -32602), "{what}");
+            } else if valid_offset {
                 let subscribed = replies.iter().find(|r| r["type"] == "subscribed").unwrap_or_else(|| panic!("{what}"));
                 for e in events.iter().take(WS_EVENTS) {
                     let e = e.text(WS_WORDS);
