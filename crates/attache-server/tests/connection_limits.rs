@@ -594,7 +594,8 @@ async fn a_body_past_the_body_buffer_budget_is_answered_503_at_once_and_the_budg
     .await;
     // No stream of one's own is needed: a POST to a path with no stream is read before its 404.
     let first = stall_a_body(&s, "/nothing/here", 700 << 10).await;
-    body_buffer_bytes_reach(&s, 700 << 10).await;
+    // What arrived of it: all but its last byte.
+    body_buffer_bytes_reach(&s, (700 << 10) - 1).await;
 
     let started = std::time::Instant::now();
     let mut second = stall_a_body(&s, "/nothing/there", 700 << 10).await;
@@ -604,7 +605,7 @@ async fn a_body_past_the_body_buffer_budget_is_answered_503_at_once_and_the_budg
     assert!(answer.contains("\r\nretry-after: 1\r\n"), "{answer}");
     assert!(answer.contains("\"code\":\"body_budget_exhausted\""), "{answer}");
     assert!(started.elapsed() < PATIENCE / 2, "answered after {:?}", started.elapsed());
-    assert_eq!(body_buffer_bytes(&s).await, 700 << 10, "the refused body holds nothing");
+    assert_eq!(body_buffer_bytes(&s).await, (700 << 10) - 1, "the refused body holds nothing");
 
     // The stalled body goes away: its bytes come back, and a whole body is read again.
     drop(first);
@@ -619,6 +620,43 @@ async fn a_body_past_the_body_buffer_budget_is_answered_503_at_once_and_the_budg
         .await
         .expect("a whole body is sent");
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
+}
+
+/// A body holds the bytes it sent, not the length it declared: declaring
+/// costs a client nothing, and 16 connections each declaring 16 MiB and
+/// sending one byte held the whole 256 MiB budget, every other principal's
+/// body refused 503 for as long as the read timeout, again and again.
+#[tokio::test]
+async fn bodies_that_declare_much_and_send_little_hold_only_what_they_sent() {
+    let s = TestServer::start_with(|c| {
+        c.body_buffer_bytes = 1 << 20;
+        c.body_read_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let mut stalled = Vec::new();
+    for i in 0..8 {
+        let mut conn = connect(&s).await;
+        let head = format!(
+            "POST /nothing/{i} HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: user:mallory\r\n\
+             content-type: application/octet-stream\r\ncontent-length: {}\r\n\r\nx",
+            700 << 10
+        );
+        conn.write_all(head.as_bytes()).await.expect("a header and one byte are sent");
+        stalled.push(conn);
+    }
+    body_buffer_bytes_reach(&s, 8).await;
+    let res = s
+        .client
+        .post(s.url("/nothing/there"))
+        .header("electric-principal", "user:alice")
+        .header("content-type", "application/octet-stream")
+        .body(vec![b'x'; 700 << 10])
+        .send()
+        .await
+        .expect("a whole body is sent");
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "read whole, then answered by its route");
+    drop(stalled);
+    body_buffer_bytes_reach(&s, 0).await;
 }
 
 #[tokio::test]
@@ -641,7 +679,7 @@ async fn a_body_not_all_there_within_the_body_read_timeout_is_answered_408_and_f
 async fn a_stalled_mcp_body_counts_in_the_body_budget_and_is_answered_408() {
     let s = TestServer::start_with(|c| c.body_read_timeout = Duration::from_millis(800)).await;
     let mut stalled = stall_a_body(&s, "/mcp", 700 << 10).await;
-    body_buffer_bytes_reach(&s, 700 << 10).await;
+    body_buffer_bytes_reach(&s, (700 << 10) - 1).await;
     let answer = read_until_closed(&mut stalled).await.expect("the server answers and closes within the timeout");
     let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
     assert!(answer.starts_with("http/1.1 408"), "{answer}");
