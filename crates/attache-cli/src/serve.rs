@@ -197,6 +197,19 @@ pub struct ServeArgs {
     /// The signal rate limit's window, e.g. 60s [default: 60s]
     #[arg(long, env = "ATTACHE_SIGNAL_RATE_WINDOW", value_parser = humantime::parse_duration)]
     signal_rate_window: Option<Duration>,
+    /// How long a multipart upload's body may bring no byte at all; past it the upload is
+    /// answered 408, its connection closed and it is recorded failed, e.g. 30s [default: 30s]
+    #[arg(long, env = "ATTACHE_UPLOAD_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    upload_idle_timeout: Option<Duration>,
+    /// The slowest a multipart upload's body may arrive on average, in bytes per second, once
+    /// its first --upload-idle-timeout is over; a slower one is answered 408. 0: no floor [default: 512]
+    #[arg(long, env = "ATTACHE_UPLOAD_MIN_RATE")]
+    upload_min_rate: Option<u64>,
+    /// Most multipart uploads in progress at once (HTTP/2 streams count one each); past it a new
+    /// one is answered 503 TOO_MANY_UPLOADS with Retry-After. Lowered at start to fit the
+    /// open-file limit [default: half of --max-connections, at most 1024]
+    #[arg(long, env = "ATTACHE_MAX_CONCURRENT_UPLOADS")]
+    max_concurrent_uploads: Option<usize>,
     /// A TOML file with any of the settings above, each named as its flag with underscores
     /// (max_attachments_per_entity = 5000, long_poll_timeout = "30s", no_fsync = true); cors_origins
     /// and allow_hosts are lists. A flag or its environment variable wins over the file
@@ -259,6 +272,9 @@ struct FileConfig {
     max_signal_bytes: Option<usize>,
     signal_rate_limit: Option<u32>,
     signal_rate_window: Option<String>,
+    upload_idle_timeout: Option<String>,
+    upload_min_rate: Option<u64>,
+    max_concurrent_uploads: Option<usize>,
 }
 
 /// A setting from its flag, else from the config file, else unchanged.
@@ -424,6 +440,19 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         &mut config.signal_rate_window,
     )?;
     anyhow::ensure!(!config.signal_rate_window.is_zero(), "signal_rate_window must be longer than 0");
+    duration(
+        args.upload_idle_timeout,
+        file.upload_idle_timeout,
+        "upload_idle_timeout",
+        "30s",
+        &mut config.upload_idle_timeout,
+    )?;
+    anyhow::ensure!(!config.upload_idle_timeout.is_zero(), "upload_idle_timeout must be longer than 0");
+    setting(args.upload_min_rate, file.upload_min_rate, &mut config.upload_min_rate);
+    if let Some(n) = args.max_concurrent_uploads.or(file.max_concurrent_uploads) {
+        anyhow::ensure!(n > 0, "max_concurrent_uploads must be at least 1");
+        config.max_concurrent_uploads = Some(n);
+    }
     let store = args.store.or(file.store).unwrap_or_else(|| "embedded".into());
     config.store = attache_server::StoreConfig::parse(&store, args.object_store.or(file.object_store))
         .map_err(anyhow::Error::msg)?;

@@ -147,6 +147,20 @@ pub struct ServerConfig {
     /// at once, all requests together (`http::SendBudget`); a read past it is
     /// answered 503 with `Retry-After`, an SSE reader waits for room.
     pub response_buffer_bytes: usize,
+    /// How long a multipart upload's body may bring no byte at all, counted
+    /// while the server waits for it (408 `BODY_READ_TIMEOUT` and the
+    /// connection closed beyond; the upload is recorded `failed`).
+    pub upload_idle_timeout: Duration,
+    /// The slowest a multipart upload's body may arrive on average, in bytes
+    /// per second of the time the server waits for it, once the first
+    /// `upload_idle_timeout` of waiting is over (408 beyond); 0: no floor.
+    pub upload_min_rate: u64,
+    /// Most multipart uploads in progress at once (each holds a staging file
+    /// and a connection or an HTTP/2 stream); past it a new one is answered
+    /// 503 `TOO_MANY_UPLOADS` with `Retry-After` before it opens any file.
+    /// `None`: half of `max_connections`, at most 1,024. Lowered at start to
+    /// fit the open-file limit (`conn::fd_budget`).
+    pub max_concurrent_uploads: Option<usize>,
     /// Largest `reason` and `payload` of one signal together, counted as JSON
     /// (413 `SIGNAL_TOO_LARGE` beyond): each is kept in a row of the main stream.
     pub max_signal_bytes: usize,
@@ -213,7 +227,25 @@ fn redact(url: &str) -> String {
 /// `attache serve --help` say this number; tests/attachments.rs checks them.
 pub const DEFAULT_MAX_ATTACHMENT_BYTES: u64 = 1 << 30;
 
+/// The default of `--upload-min-rate`, in bytes per second: Apache's
+/// `mod_reqtimeout` asks request bodies for 500. Slower than any real link
+/// (4 kbit/s), it only stops a client that trickles bytes to keep an upload
+/// (its staging file, its connection) open.
+pub const DEFAULT_UPLOAD_MIN_RATE: u64 = 512;
+
+/// The most uploads in progress at once when `--max-concurrent-uploads` is not given.
+pub const DEFAULT_MAX_CONCURRENT_UPLOADS: usize = 1024;
+
 impl ServerConfig {
+    /// `--max-concurrent-uploads`, or its default: half of `max_connections`
+    /// (so stalled uploads never take every connection), at most
+    /// [`DEFAULT_MAX_CONCURRENT_UPLOADS`], at least 1.
+    pub fn concurrent_uploads(&self) -> usize {
+        self.max_concurrent_uploads
+            .unwrap_or_else(|| (self.max_connections / 2).min(DEFAULT_MAX_CONCURRENT_UPLOADS))
+            .max(1)
+    }
+
     pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> ServerConfig {
         ServerConfig {
             listen,
@@ -268,6 +300,9 @@ impl ServerConfig {
             body_buffer_bytes: 256 << 20,
             body_read_timeout: Duration::from_secs(60),
             response_buffer_bytes: 64 << 20,
+            upload_idle_timeout: Duration::from_secs(30),
+            upload_min_rate: DEFAULT_UPLOAD_MIN_RATE,
+            max_concurrent_uploads: None,
             max_signal_bytes: 16 << 10,
             signal_rate_limit: Some(60),
             signal_rate_window: Duration::from_secs(60),

@@ -274,13 +274,16 @@ pub(crate) async fn read_body(bodies: &BodyBudget, body: Body, headers: &HeaderM
     };
     match tokio::time::timeout(bodies.timeout, collect).await {
         Ok(result) => result,
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "BODY_READ_TIMEOUT",
-            format!("the request body did not arrive within {:?}", bodies.timeout),
-        )
-        .with_header(header::CONNECTION, "close")),
+        Err(_) => Err(body_read_timeout(format!("the request body did not arrive within {:?}", bodies.timeout))),
     }
+}
+
+/// The refusal code of a body that did not arrive in time.
+pub const BODY_READ_TIMEOUT: &str = "BODY_READ_TIMEOUT";
+
+/// 408 [`BODY_READ_TIMEOUT`], closing the connection (the rest of the body is not waited for).
+pub(crate) fn body_read_timeout(message: String) -> ApiError {
+    ApiError::new(StatusCode::REQUEST_TIMEOUT, BODY_READ_TIMEOUT, message).with_header(header::CONNECTION, "close")
 }
 
 /// Sets a header to `value` as text; a value that is not a valid header value is left out.

@@ -65,6 +65,8 @@ pub struct Shared {
     pub lives: Arc<access::Lives>,
     /// Attachment uploads in flight (their ids are taken).
     pub uploads: Arc<attachments::Reservations>,
+    /// Places for multipart uploads in progress (`--max-concurrent-uploads`).
+    pub upload_slots: attachments::UploadSlots,
     pub config: Arc<ServerConfig>,
     /// Cancelled at shutdown: live readers finish their responses at once.
     pub shutdown: CancellationToken,
@@ -135,9 +137,20 @@ impl Server {
         if let Some(bytes) = config.store_cache_bytes {
             store_config.cache_bytes = bytes;
         }
-        // Connections and open segment files share the open-file limit (raised to its hard limit first).
+        // Connections, open segment files and uploads' staging files share the
+        // open-file limit (raised to its hard limit first).
         let fd_limit = conn::raise_fd_limit();
-        let (max_connections, open_files) = conn::fd_budget(config.max_connections, config.store_open_files, fd_limit);
+        let uploads_asked = config.concurrent_uploads();
+        let shares = conn::fd_budget(config.max_connections, config.store_open_files, uploads_asked, fd_limit);
+        let (max_connections, open_files) = (shares.connections, shares.open_files);
+        if shares.uploads < uploads_asked {
+            tracing::warn!(
+                uploads = shares.uploads,
+                asked = uploads_asked,
+                fd_limit,
+                "the open-file limit is too low for --max-concurrent-uploads: lowered it; raise `ulimit -n` to lift it"
+            );
+        }
         if open_files < config.store_open_files {
             tracing::warn!(
                 open_files,
@@ -204,6 +217,7 @@ impl Server {
             )),
             lives: Arc::new(access::Lives::default()),
             uploads: Arc::new(attachments::Reservations::default()),
+            upload_slots: attachments::UploadSlots::new(shares.uploads),
             config: Arc::new(config),
             shutdown: shutdown.clone(),
             tasks: Arc::new(tasks::Writers::default()),

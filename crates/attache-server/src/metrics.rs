@@ -40,6 +40,8 @@ pub struct Metrics {
     events_published: AtomicU64,
     live_readers: AtomicI64,
     connections_open: AtomicI64,
+    /// Multipart uploads in progress (`attachments::UploadSlots`).
+    uploads_in_progress: AtomicI64,
     /// Indexed by `Closed as usize`.
     connections_closed: [AtomicU64; 4],
     /// Responses whose body went out with `sendfile`, and the file bytes they sent.
@@ -98,10 +100,20 @@ impl Default for Metrics {
             events_published: AtomicU64::new(0),
             live_readers: AtomicI64::new(0),
             connections_open: AtomicI64::new(0),
+            uploads_in_progress: AtomicI64::new(0),
             connections_closed: Default::default(),
             file_sends: AtomicU64::new(0),
             file_sent_bytes: AtomicU64::new(0),
         }
+    }
+}
+
+/// Holds one multipart upload in the `attache_uploads_in_progress` gauge for as long as it lives.
+pub struct UploadInProgress(Arc<Metrics>);
+
+impl Drop for UploadInProgress {
+    fn drop(&mut self) {
+        self.0.uploads_in_progress.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -132,6 +144,12 @@ impl Metrics {
 
     pub fn published(&self) {
         self.events_published.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Holds one upload in progress in the gauge for as long as the guard lives.
+    pub fn upload_in_progress(self: &Arc<Self>) -> UploadInProgress {
+        self.uploads_in_progress.fetch_add(1, Ordering::Relaxed);
+        UploadInProgress(self.clone())
     }
 
     pub fn live_reader(self: &Arc<Self>) -> LiveReader {
@@ -209,6 +227,13 @@ impl Metrics {
             "gauge",
             "Event readers currently connected (long-poll, SSE, WebSocket).",
             self.live_readers().to_string(),
+        );
+        scalar(
+            &mut out,
+            "attache_uploads_in_progress",
+            "gauge",
+            "Multipart uploads in progress, each holding a staging file (bounded by --max-concurrent-uploads).",
+            self.uploads_in_progress.load(Ordering::Relaxed).to_string(),
         );
         scalar(
             &mut out,

@@ -17,6 +17,7 @@
 //! of them use: the form's descriptive fields and the refusals.
 
 mod delete;
+mod pace;
 mod pending;
 mod read;
 mod recovery;
@@ -34,6 +35,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::rows::{inline_bytes, MainView};
 
 pub use delete::{delete, delete_entry};
+pub use pace::{UploadSlot, UploadSlots, UploadStalled, TOO_MANY_UPLOADS};
 pub use pending::{
     finalize, finalize_closed, hold_id, settle, upload_in_progress, OpenUpload, Reservation, Reservations,
     UPLOAD_IN_PROGRESS,

@@ -330,7 +330,9 @@ impl Pending<'_> {
             return;
         };
         let refusal = err.refusal();
-        if refusal.status.is_client_error() && refusal.code != INTERRUPTED {
+        // A body that broke off or stopped coming (408) is an interrupted upload, not a refusal.
+        let interrupted = refusal.code == INTERRUPTED || refusal.code == crate::http::BODY_READ_TIMEOUT;
+        if refusal.status.is_client_error() && !interrupted {
             retract(state, &entity, &self.entry, &self.txid).await;
             self.settled();
             return;

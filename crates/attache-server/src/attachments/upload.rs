@@ -18,6 +18,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::rows::{new_txid, not_running};
 use crate::{AppState, StoreConfig};
 
+use super::pace::{Paced, UploadStalled};
 use super::pending::{begin, entry_append, reserve, with_subject, Pending};
 use super::{duplicate, too_large, Fields, INTERRUPTED};
 
@@ -30,6 +31,10 @@ pub(super) fn multipart_error(e: multer::Error, max: u64) -> ApiError {
         multer::Error::StreamReadFailed(e) if e.is::<crate::multipart::PartHeadersTooLarge>() => {
             ApiError::new(StatusCode::BAD_REQUEST, "PART_HEADERS_TOO_LARGE", e.to_string())
         }
+        multer::Error::StreamReadFailed(e) if e.is::<UploadStalled>() => match e.downcast_ref::<UploadStalled>() {
+            Some(stalled) => stalled.refusal(),
+            None => crate::http::body_read_timeout(e.to_string()),
+        },
         multer::Error::FieldSizeExceeded { ref field_name, .. } if field_name.as_deref() == Some("file") => {
             too_large(max)
         }
@@ -71,11 +76,10 @@ pub async fn upload(
         multer::SizeLimit::new().per_field(64 << 10).for_field("file", max + 1).whole_stream(max + FORM_OVERHEAD),
     );
     let limits = &state.config;
-    let guarded = crate::multipart::PartHeaderGuard::new(
-        body.into_data_stream(),
-        &boundary,
-        limits.multipart_max_part_header_bytes,
-    );
+    // A place among the uploads in progress, before any file is opened; held until the answer.
+    let _slot = state.upload_slots.take(&state.metrics)?;
+    let paced = Paced::new(body.into_data_stream(), limits.upload_idle_timeout, limits.upload_min_rate);
+    let guarded = crate::multipart::PartHeaderGuard::new(paced, &boundary, limits.multipart_max_part_header_bytes);
     let mut form = multer::Multipart::with_constraints(guarded, boundary, constraints);
     let mut fields = Fields::default();
     let mut seen = HashSet::new();

@@ -822,32 +822,49 @@ pub fn raise_fd_limit() -> Option<u64> {
     None
 }
 
-/// File descriptors kept for everything but client connections and open
-/// segment files (the store's database and log files, blobs being read or
-/// written, connections over the cap being answered).
+/// File descriptors kept for everything but client connections, open
+/// segment files and multipart uploads' staging files (the store's database
+/// and log files, blobs being read, connections over the cap being answered).
 pub const FDS_KEPT: u64 = 256;
 
 /// The fewest segment files kept open when the open-file limit is too low for both asks.
 pub const MIN_OPEN_FILES: usize = 16;
 
-/// How the open-file limit is shared: `(connections, segment files)`.
+/// How the open-file limit is shared ([`fd_budget`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdShares {
+    /// Client connections open at once (`--max-connections`).
+    pub connections: usize,
+    /// Segment files the embedded store keeps open (`--store-open-files`).
+    pub open_files: usize,
+    /// Multipart uploads in progress at once, each holding its staging file
+    /// (`--max-concurrent-uploads`).
+    pub uploads: usize,
+}
+
+/// How the open-file limit is shared between connections, segment files and
+/// uploads in progress (each holds one staging file).
 ///
-/// `FDS_KEPT` descriptors stay free; when both asks fit in the rest they are
-/// granted whole. Otherwise segment files get at most a quarter of the rest
-/// (at least `MIN_OPEN_FILES`) and connections what remains, so the process
-/// never holds more than `fd_limit` descriptors.
-pub fn fd_budget(max_connections: usize, open_files: usize, fd_limit: Option<u64>) -> (usize, usize) {
+/// `FDS_KEPT` descriptors stay free; when all three asks fit in the rest they
+/// are granted whole. Otherwise segment files get at most a quarter of the
+/// rest (at least `MIN_OPEN_FILES`), uploads at most an eighth (at least
+/// one) and connections what remains, so the process never holds more than
+/// `fd_limit` descriptors: the caps are reached first.
+pub fn fd_budget(max_connections: usize, open_files: usize, uploads: usize, fd_limit: Option<u64>) -> FdShares {
     let open_files = open_files.max(1);
+    let uploads = uploads.clamp(1, Semaphore::MAX_PERMITS);
     let Some(limit) = fd_limit else {
-        return (max_connections.clamp(1, Semaphore::MAX_PERMITS), open_files);
+        return FdShares { connections: max_connections.clamp(1, Semaphore::MAX_PERMITS), open_files, uploads };
     };
     let room = usize::try_from(limit.saturating_sub(FDS_KEPT)).unwrap_or(usize::MAX);
-    if max_connections.saturating_add(open_files) <= room {
-        return (max_connections.clamp(1, Semaphore::MAX_PERMITS), open_files);
+    if max_connections.saturating_add(open_files).saturating_add(uploads) <= room {
+        return FdShares { connections: max_connections.clamp(1, Semaphore::MAX_PERMITS), open_files, uploads };
     }
     let files = open_files.min(room / 4).max(MIN_OPEN_FILES.min(open_files));
-    let conns = max_connections.min(room.saturating_sub(files)).clamp(1, Semaphore::MAX_PERMITS);
-    (conns, files)
+    let uploads = uploads.min(room / 8).max(1);
+    let connections =
+        max_connections.min(room.saturating_sub(files).saturating_sub(uploads)).clamp(1, Semaphore::MAX_PERMITS);
+    FdShares { connections, open_files: files, uploads }
 }
 
 #[cfg(test)]
@@ -855,17 +872,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn connections_and_open_files_share_the_open_file_limit() {
-        // Room for both: both granted.
-        assert_eq!(fd_budget(4096, 4096, Some(20_000)), (4096, 4096));
-        assert_eq!(fd_budget(4096, 4096, Some(1 << 20)), (4096, 4096));
-        // Too little: files get a quarter of what is left after FDS_KEPT, connections the rest.
-        assert_eq!(fd_budget(4096, 4096, Some(1024)), (768 - 192, 192));
-        let (conns, files) = fd_budget(4096, 4096, Some(1024));
-        assert!(conns as u64 + files as u64 + FDS_KEPT <= 1024);
-        // A tiny limit still leaves one connection and a few files.
-        assert_eq!(fd_budget(4096, 4096, Some(10)), (1, MIN_OPEN_FILES));
-        assert_eq!(fd_budget(usize::MAX, 4096, None), (Semaphore::MAX_PERMITS, 4096));
+    fn connections_open_files_and_uploads_share_the_open_file_limit() {
+        let shares = |connections, open_files, uploads| FdShares { connections, open_files, uploads };
+        // Room for all: all granted.
+        assert_eq!(fd_budget(4096, 4096, 1024, Some(20_000)), shares(4096, 4096, 1024));
+        assert_eq!(fd_budget(4096, 4096, 1024, Some(1 << 20)), shares(4096, 4096, 1024));
+        // Too little: files get a quarter of what is left after FDS_KEPT,
+        // uploads an eighth, connections the rest.
+        assert_eq!(fd_budget(4096, 4096, 1024, Some(1024)), shares(768 - 192 - 96, 192, 96));
+        let got = fd_budget(4096, 4096, 1024, Some(1024));
+        assert!((got.connections + got.open_files + got.uploads) as u64 + FDS_KEPT <= 1024);
+        // An ask below its share is granted whole, and leaves the rest to connections.
+        assert_eq!(fd_budget(4096, 4096, 10, Some(1024)), shares(768 - 192 - 10, 192, 10));
+        // A tiny limit still leaves one connection, a few files and one upload.
+        assert_eq!(fd_budget(4096, 4096, 1024, Some(10)), shares(1, MIN_OPEN_FILES, 1));
+        assert_eq!(fd_budget(usize::MAX, 4096, 1024, None), shares(Semaphore::MAX_PERMITS, 4096, 1024));
     }
 
     #[cfg(target_os = "linux")]
