@@ -124,3 +124,46 @@ async fn a_waiting_sse_subscriber_holds_under_16_kib() {
     assert!(each < 16 << 10, "a waiting SSE subscriber holds {each} bytes of heap");
     drop(open);
 }
+
+/// SSE readers that read nothing wait for room in `--response-buffer-bytes`
+/// holding no read of their own: each used to read its next batch (here a
+/// 2 MiB message) before waiting, and 200 readers of a 15 MiB message held
+/// 3 GB while the budget's gauge read 60 MiB.
+#[tokio::test]
+async fn sse_readers_waiting_for_the_response_budget_hold_no_read() {
+    use tokio::io::AsyncWriteExt;
+    const READERS: usize = 12;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = ServerProcess::start(
+        &dir.path().join("data"),
+        &dir.path().join("server.log"),
+        &["--response-buffer-bytes", "3145728", "--slow-reader-timeout", "600s"],
+    )
+    .await;
+    let url = server.url("/big/sse");
+    let res = client().put(&url).header("content-type", "application/json").send().await.expect("a create");
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let message = format!("[\"{}\"]", "x".repeat(2 << 20));
+    let res =
+        client().post(&url).header("content-type", "application/json").body(message).send().await.expect("an append");
+    assert!(res.status().is_success());
+    let addr = server.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let before = allocated(&server).await;
+    let mut readers = Vec::with_capacity(READERS);
+    for _ in 0..READERS {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.set_recv_buffer_size(4096).expect("a small receive buffer");
+        let mut conn = socket.connect(addr.parse().expect("an address")).await.expect("connected");
+        conn.write_all(b"GET /big/sse?offset=-1&live=sse HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+            .await
+            .expect("a request");
+        readers.push(conn);
+    }
+    // The readers read nothing: this wait is the behaviour under test (each would read its batch by now).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let grown = allocated(&server).await.saturating_sub(before);
+    eprintln!("heap grown with {READERS} waiting SSE readers of a 2 MiB message: {grown} bytes");
+    // One reader's event (and its read while it is framed) fits; twelve reads do not.
+    assert!(grown < 10 << 20, "waiting readers hold their reads: +{grown} bytes");
+    drop(readers);
+}

@@ -154,10 +154,17 @@ impl SendBudget {
         }
         self.held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                held.checked_add(n).filter(|&total| total <= self.capacity)
+                held.checked_add(n).filter(|&total| total <= self.capacity || held == 0)
             })
             .map(|_| Some(SendPermit { budget: self.clone(), bytes: n }))
             .map_err(|_| SendBudgetFull { capacity: self.capacity })
+    }
+
+    /// Whether [`SendBudget::try_take`] of `n` bytes would be granted now (an
+    /// answer larger than the whole budget is granted when nothing else is held).
+    pub(crate) fn has_room(&self, n: usize) -> bool {
+        let held = self.held();
+        n < SEND_BUDGET_FROM || held == 0 || held.saturating_add(n) <= self.capacity
     }
 
     /// [`SendBudget::try_take`], refused as the 503 a client gets.

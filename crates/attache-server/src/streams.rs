@@ -797,21 +797,19 @@ struct SseReader {
 }
 
 impl SseReader {
-    /// Room in the response budget for an event of about `bytes`, waited
-    /// for (a reader that cannot have it yet is not refused: it waits for
+    /// Waits until the response budget has room for an event of about
+    /// `bytes` (a reader that cannot have it yet is not refused: it waits for
     /// readers that do not read to be cut off); `None` when the response
-    /// ends first.
-    async fn room_for(&self, bytes: usize) -> Option<Option<crate::http::SendPermit>> {
-        loop {
-            if let Ok(permit) = self.state.answers.try_take(bytes) {
-                return Some(permit);
-            }
+    /// ends first. The reader holds no read meanwhile.
+    async fn wait_for_room(&self, bytes: usize) -> Option<()> {
+        while !self.state.answers.has_room(bytes) {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 _ = tokio::time::sleep_until(self.deadline) => return None,
                 _ = self.shutdown.cancelled() => return None,
             }
         }
+        Some(())
     }
 }
 
@@ -838,7 +836,19 @@ impl crate::sse::Source for SseReader {
             if !batch.is_empty() {
                 // Framed as base64 (4/3 of the bytes) or text, and a control event.
                 let framed = if self.base64 { batch.body.len() / 3 * 4 + 4 } else { batch.body.len() } + 256;
-                self.sent = Box::pin(self.room_for(framed)).await?;
+                match self.state.answers.try_take(framed) {
+                    Ok(permit) => self.sent = permit,
+                    Err(_) => {
+                        // No room: the read is let go, so a waiting reader holds
+                        // none of it (it did: 200 readers of a 15 MiB message
+                        // waiting with their reads took 3 GB), and made again
+                        // once there is room.
+                        drop(batch);
+                        self.done = false;
+                        Box::pin(self.wait_for_room(framed)).await?;
+                        continue;
+                    }
+                }
                 let key = crate::sse::EventKey {
                     stream: batch.info.id,
                     start: batch.start.0,
