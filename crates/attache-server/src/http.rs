@@ -160,6 +160,23 @@ impl SendBudget {
             .map_err(|_| SendBudgetFull { capacity: self.capacity })
     }
 
+    /// `n` bytes for an answer already made, granted even past the budget (a
+    /// JSON-RPC answer: its call ran, and refusing its answer would hide what
+    /// the call did). Such callers look at [`SendBudget::is_full`] before
+    /// they run, so the budget is passed by at most the answers in flight.
+    pub(crate) fn take_over(self: &Arc<Self>, n: usize) -> Option<SendPermit> {
+        if n < SEND_BUDGET_FROM {
+            return None;
+        }
+        self.held.fetch_add(n, Ordering::AcqRel);
+        Some(SendPermit { budget: self.clone(), bytes: n })
+    }
+
+    /// The budget has no room left for another large answer.
+    pub(crate) fn is_full(&self) -> bool {
+        !self.has_room(SEND_BUDGET_FROM)
+    }
+
     /// Whether [`SendBudget::try_take`] of `n` bytes would be granted now (an
     /// answer larger than the whole budget is granted when nothing else is held).
     pub(crate) fn has_room(&self, n: usize) -> bool {
@@ -169,19 +186,21 @@ impl SendBudget {
 
     /// [`SendBudget::try_take`], refused as the 503 a client gets.
     pub(crate) fn take(self: &Arc<Self>, n: usize) -> ApiResult<Option<SendPermit>> {
-        self.try_take(n).map_err(|full| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "RESPONSE_BUDGET_EXHAUSTED",
-                format!(
-                    "answers waiting for their clients to read them hold the server's whole buffer of {} bytes \
-                     (response_buffer_bytes); retry later",
-                    full.capacity
-                ),
-            )
-            .with_header(header::RETRY_AFTER, 1)
-        })
+        self.try_take(n).map_err(|full| response_budget_exhausted(full.capacity))
     }
+}
+
+/// 503 `RESPONSE_BUDGET_EXHAUSTED`: answers not yet sent hold the whole [`SendBudget`].
+pub(crate) fn response_budget_exhausted(capacity: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "RESPONSE_BUDGET_EXHAUSTED",
+        format!(
+            "answers waiting for their clients to read them hold the server's whole buffer of {capacity} bytes \
+             (response_buffer_bytes); retry later"
+        ),
+    )
+    .with_header(header::RETRY_AFTER, 1)
 }
 
 /// The [`SendBudget`] has too little left.

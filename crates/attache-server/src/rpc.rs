@@ -361,6 +361,19 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
             return res;
         }
     };
+    // Answers not yet sent hold the response budget (a client that reads
+    // nothing, an HTTP/2 stream with no window): while it is full, calls are
+    // refused before they run, so nothing they would do is hidden by a
+    // refusal. 100 callers that read nothing of 15 MiB answers held 1.5 GB.
+    if state.answers.is_full() {
+        let refusal = crate::http::response_budget_exhausted(state.config.response_buffer_bytes).refusal();
+        // As a body the budget refuses: 503 with Retry-After, error -32600 with the reason.
+        let err = RpcError::InvalidRequest(refusal.message);
+        state.metrics.rpc_call("", &outcome_label(&err));
+        let mut res = respond(refusal.status, &error_response(Value::Null, &err));
+        res.headers_mut().extend(refusal.headers);
+        return res;
+    }
     let budget = response_budget(&state);
     let answer = match parse_body(&bytes, state.config.rpc_max_batch) {
         Ok(Body::Single(v)) => handle_one(&state, &who, v, &budget).await,
@@ -373,7 +386,9 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
     match answer {
         // The batch's text is the body as it is: not copied again.
         Some(answer) => {
-            let mut res = (StatusCode::OK, String::from(Box::<str>::from(answer))).into_response();
+            let text = bytes::Bytes::from(String::from(Box::<str>::from(answer)));
+            let permit = state.answers.take_over(text.len());
+            let mut res = Response::new(crate::http::held_body(text, permit));
             res.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
             res
         }

@@ -559,6 +559,65 @@ async fn a_read_past_the_response_budget_held_by_a_client_that_reads_nothing_is_
     gauge_until(&s, ANSWERS, |held| held == 0, "0 once sent").await;
 }
 
+/// A JSON-RPC call as alice; the HTTP status and the answer.
+async fn rpc_call(s: &TestServer, method: &str, params: serde_json::Value) -> (StatusCode, serde_json::Value) {
+    let body = serde_json::json!({ "jsonrpc": "2.0", "method": method, "params": params, "id": 1 });
+    let res = s.client.post(s.url("/rpc")).header("electric-principal", "user:alice").json(&body).send().await.unwrap();
+    let status = res.status();
+    (status, res.json().await.unwrap())
+}
+
+/// JSON-RPC answers not yet sent hold the response budget too: 100 callers
+/// of 15 MiB answers that read nothing held 1.5 GB. While it is full, calls
+/// are refused before they run (503, error -32600), so a refusal never hides
+/// what a call did; an answer already made is always sent.
+#[tokio::test]
+async fn json_rpc_calls_are_refused_before_they_run_while_unsent_answers_hold_the_response_budget() {
+    let s = TestServer::start_with(|c| {
+        c.response_buffer_bytes = 2 << 20;
+        c.slow_reader_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let (status, created) = rpc_call(&s, "task.create", serde_json::json!({ "text": "big answers" })).await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let task = created["result"]["id"].as_str().expect("a task id").to_owned();
+    // Values are at most 1 MiB: a batch of three reads of one makes a 2.7 MiB answer.
+    let value = "v".repeat(900 << 10);
+    let params = serde_json::json!({ "taskId": task, "key": "big", "type": "json", "value": value });
+    let (status, attached) = rpc_call(&s, "task.create_attachment", params).await;
+    assert_eq!(status, StatusCode::OK, "{attached}");
+
+    let read = |id: u32| {
+        serde_json::json!({ "jsonrpc": "2.0", "method": "task.get_attachment",
+            "params": { "taskId": task, "key": "big" }, "id": id })
+    };
+    let call = serde_json::json!([read(2), read(3), read(4)]).to_string();
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(4096).expect("a small receive buffer");
+    let mut stalled = socket.connect(s.url.trim_start_matches("http://").parse().unwrap()).await.expect("connected");
+    let head = format!(
+        "POST /rpc HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: user:alice\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{call}",
+        call.len()
+    );
+    stalled.write_all(head.as_bytes()).await.expect("the call is sent");
+    gauge_until(&s, ANSWERS, |held| held >= 2 << 20, "the unsent answer").await;
+
+    let (status, refused) = rpc_call(&s, "task.create", serde_json::json!({ "text": "not now" })).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{refused}");
+    assert_eq!(refused["error"]["code"], -32600, "{refused}");
+    assert!(refused["error"]["data"]["reason"].as_str().unwrap_or("").contains("response_buffer_bytes"), "{refused}");
+    let (_, listed) = rpc_call(&s, "task.list", serde_json::json!({})).await;
+    drop(stalled);
+    gauge_until(&s, ANSWERS, |held| held == 0, "0").await;
+    let (_, listed_after) = rpc_call(&s, "task.list", serde_json::json!({})).await;
+    assert_eq!(
+        listed_after["result"]["tasks"].as_array().map(Vec::len),
+        Some(1),
+        "the refused call created nothing: {listed} {listed_after}"
+    );
+}
+
 /// SSE readers that read nothing hold at most the budget together: a second
 /// one waits for room (it is not refused: its events come once the first
 /// goes).
