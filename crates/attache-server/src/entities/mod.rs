@@ -76,7 +76,7 @@ pub fn entity_json(e: &EntityRecord) -> Value {
         "updated_at": e.updated_at_ms,
     });
     if let Some(args) = &e.args {
-        v["spawn_args"] = args.clone();
+        v["spawn_args"] = args.parse().unwrap_or(Value::Null);
     }
     if let Some(parent) = &e.parent {
         v["parent"] = json!(parent);

@@ -185,7 +185,7 @@ async fn spawn_entity_under(
         instance_id: url.instance_id().to_owned(),
         status: "idle".into(),
         tags,
-        args,
+        args: args.as_ref().map(attache_storage::registry::RawJson::of).transpose().map_err(ApiError::internal)?,
         created_by: who.url(),
         created_at_ms: now,
         updated_at_ms: now,
