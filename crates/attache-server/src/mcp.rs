@@ -269,6 +269,7 @@ pub fn routes(state: AppState) -> axum::Router<AppState> {
     let sessions = Arc::new(Sessions {
         manager: Arc::new(session_manager(&state.config)),
         owners: parking_lot::Mutex::new(std::collections::HashMap::new()),
+        opening: parking_lot::Mutex::new(std::collections::HashMap::new()),
     });
     axum::Router::new()
         .nest_service("/mcp", service(state.clone(), sessions.manager.clone()))
@@ -281,16 +282,40 @@ struct Sessions {
     /// Session id → the principal that opened it; pruned to the live sessions
     /// whenever a session is about to be opened, so never larger than the cap.
     owners: parking_lot::Mutex<std::collections::HashMap<String, PrincipalKey>>,
+    /// Sessions being opened now (admitted, not yet recorded in `owners`),
+    /// by principal: counted by the caps, so opens racing each other cannot
+    /// all pass them (400 concurrent `initialize`s of one principal opened 396
+    /// sessions past its cap of 100).
+    opening: parking_lot::Mutex<std::collections::HashMap<PrincipalKey, usize>>,
+}
+
+/// One admitted session open in progress; leaves `Sessions::opening` on drop.
+struct Opening<'a> {
+    sessions: &'a Sessions,
+    who: PrincipalKey,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        let mut opening = self.sessions.opening.lock();
+        if let Some(n) = opening.get_mut(&self.who) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                opening.remove(&self.who);
+            }
+        }
+    }
 }
 
 impl Sessions {
     /// Refuses a new session for `who` when the server or `who` holds its most.
-    async fn admit(&self, who: &PrincipalKey, config: &crate::config::ServerConfig) -> Result<(), ApiError> {
+    async fn admit(&self, who: &PrincipalKey, config: &crate::config::ServerConfig) -> Result<Opening<'_>, ApiError> {
         let live = self.manager.sessions.read().await;
         let mut owners = self.owners.lock();
         owners.retain(|id, _| live.contains_key(id.as_str()));
+        let mut opening = self.opening.lock();
         let max = config.mcp_max_sessions;
-        if live.len() >= max {
+        if live.len() + opening.values().sum::<usize>() >= max {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "TOO_MANY_SESSIONS",
@@ -299,7 +324,8 @@ impl Sessions {
             .with_header(axum::http::header::RETRY_AFTER, 10));
         }
         let mine = config.mcp_max_sessions_per_principal;
-        if owners.values().filter(|o| *o == who).count() >= mine {
+        let opening_mine = opening.get(who).copied().unwrap_or(0);
+        if owners.values().filter(|o| *o == who).count() + opening_mine >= mine {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "TOO_MANY_SESSIONS",
@@ -307,7 +333,8 @@ impl Sessions {
             )
             .with_header(axum::http::header::RETRY_AFTER, 10));
         }
-        Ok(())
+        *opening.entry(who.clone()).or_default() += 1;
+        Ok(Opening { sessions: self, who: who.clone() })
     }
 }
 
@@ -354,13 +381,15 @@ async fn require_auth(
     if !opens_session {
         return next.run(req).await;
     }
-    if let Err(e) = sessions.admit(&who, &state.config).await {
-        return e.into_response();
-    }
+    let opening = match sessions.admit(&who, &state.config).await {
+        Ok(opening) => opening,
+        Err(e) => return e.into_response(),
+    };
     let res = next.run(req).await;
     if let Some(id) = res.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()) {
         sessions.owners.lock().insert(id.to_owned(), who);
     }
+    drop(opening);
     res
 }
 

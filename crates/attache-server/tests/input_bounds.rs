@@ -300,6 +300,23 @@ async fn mcp_initialize_as(s: &TestServer, principal: &str) -> (StatusCode, Opti
     (res.status(), common::header(&res, "mcp-session-id"))
 }
 
+/// Opens racing each other are counted by the caps while they run: the
+/// session's owner was recorded only once its open returned, so 400
+/// concurrent `initialize`s of one principal opened 396 sessions past its
+/// cap of 100, enough to fill the server's for everyone.
+#[tokio::test]
+async fn concurrent_mcp_opens_of_one_principal_stop_at_its_cap() {
+    let s = TestServer::start_with(|c| c.mcp_max_sessions_per_principal = 3).await;
+    let opens = futures::future::join_all((0..24).map(|_| mcp_initialize(&s))).await;
+    let opened = opens.iter().filter(|(status, id)| *status == StatusCode::OK && id.is_some()).count();
+    assert!(opened <= 3, "{opened} sessions opened past the cap of 3: {opens:?}");
+    assert!(opened >= 1, "{opens:?}");
+    assert!(
+        opens.iter().all(|(status, _)| matches!(*status, StatusCode::OK | StatusCode::TOO_MANY_REQUESTS)),
+        "{opens:?}"
+    );
+}
+
 #[tokio::test]
 async fn mcp_sessions_past_the_cap_are_refused_with_503_until_one_closes() {
     let s = TestServer::start_with(|c| c.mcp_max_sessions = 3).await;
