@@ -618,6 +618,38 @@ async fn json_rpc_calls_are_refused_before_they_run_while_unsent_answers_hold_th
     );
 }
 
+/// A page of the entity list is held within the response budget too (50
+/// pages of large spawn args over one HTTP/2 connection with no window held
+/// 1.3 GB): past it, 503 at once.
+#[tokio::test]
+async fn an_entity_list_past_the_response_budget_is_answered_503() {
+    let s = TestServer::start_with(|c| {
+        c.response_buffer_bytes = 256 << 10;
+        c.slow_reader_timeout = Duration::from_secs(600);
+    })
+    .await;
+    s.create("/big/json", "application/json").await;
+    s.append("/big/json", "application/json", format!("[\"{}\"]", "x".repeat(1 << 20))).await;
+    let _stalled = non_reader(&s, "/big/json?offset=-1").await;
+    gauge_until(&s, ANSWERS, |held| held >= 1 << 20, "held").await;
+    let args = serde_json::json!({ "args": vec![0; 30_000] }).to_string();
+    for i in 0..3 {
+        let res = s
+            .client
+            .put(s.url(&format!("/_electric/entities/chat/wide-{i}")))
+            .header("electric-principal", "user:alice")
+            .body(args.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+    }
+    let res =
+        s.client.get(s.url("/_electric/entities")).header("electric-principal", "user:alice").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(res.text().await.unwrap().contains("RESPONSE_BUDGET_EXHAUSTED"));
+}
+
 /// SSE readers that read nothing hold at most the budget together: a second
 /// one waits for room (it is not refused: its events come once the first
 /// goes).
