@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestServer;
+use common::{connect, read_until_closed, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -53,10 +53,6 @@ async fn counter(s: &TestServer, name: &str) -> u64 {
 
 async fn sendfiles(s: &TestServer) -> u64 {
     counter(s, "attache_sendfile_responses_total").await
-}
-
-async fn connect(s: &TestServer) -> TcpStream {
-    TcpStream::connect(s.url.trim_start_matches("http://")).await.expect("the server accepts a connection")
 }
 
 /// A connection whose receive buffer is small, so the server's writes block after little data.
@@ -156,19 +152,6 @@ async fn exchange(s: &TestServer, request: &str) -> Answer {
     let mut conn = connect(s).await;
     conn.write_all(request.as_bytes()).await.expect("the request is sent");
     read_answer(&mut conn, &mut Vec::new()).await
-}
-
-async fn read_until_closed(conn: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 64 << 10];
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
-            Err(_) => return None,
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-        }
-    }
 }
 
 #[tokio::test]

@@ -8,17 +8,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestServer;
+use common::{connect, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Longer than any wait in these tests should take; a wait that runs into it fails the test.
 const PATIENCE: Duration = Duration::from_secs(15);
-
-async fn connect(s: &TestServer) -> TcpStream {
-    let addr = s.url.trim_start_matches("http://");
-    TcpStream::connect(addr).await.expect("the server accepts a connection")
-}
 
 /// One response read off the wire: status, headers (lower-case names) and body.
 #[derive(Debug)]

@@ -11,35 +11,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestServer;
+use common::{connect, read_until_closed, TestServer};
 use reqwest::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Longer than any wait in these tests should take; a wait that runs into it fails the test.
 const PATIENCE: Duration = Duration::from_secs(15);
 
 const ENTITY: &str = "/_electric/entities/chat/c1";
-
-async fn connect(s: &TestServer) -> TcpStream {
-    let addr = s.url.trim_start_matches("http://");
-    TcpStream::connect(addr).await.expect("the server accepts a connection")
-}
-
-/// Reads until the server closes the connection; returns what it sent, or
-/// `None` when it was still open after `PATIENCE`.
-async fn read_until_closed(conn: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 64 << 10];
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
-            Err(_) => return None,
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-}
 
 async fn spawn_entity(s: &TestServer) {
     let created = s

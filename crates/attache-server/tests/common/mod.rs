@@ -232,3 +232,27 @@ pub async fn request_dropped_at(
     let read = read.expect("the server closes the connection");
     assert!(read.is_err() || answer.is_empty(), "{method} {path}: answered, not dropped: {answer:?}");
 }
+
+/// Longer than any wait on a raw connection should take; a wait that runs into it fails the test.
+pub const RAW_PATIENCE: Duration = Duration::from_secs(15);
+
+/// A raw TCP connection to the server (for what an HTTP client would not send).
+pub async fn connect(s: &TestServer) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(s.url.trim_start_matches("http://")).await.expect("the server accepts a connection")
+}
+
+/// Reads until the server closes the connection; returns what it sent, or
+/// `None` when it was still open after [`RAW_PATIENCE`].
+pub async fn read_until_closed(conn: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let deadline = tokio::time::Instant::now() + RAW_PATIENCE;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
