@@ -507,6 +507,19 @@ async fn non_reader(s: &TestServer, path: &str) -> TcpStream {
 
 const ANSWERS: &str = "attache_response_buffer_bytes";
 
+/// A server whose response budget is `budget` bytes (slow readers never cut
+/// off), with a JSON stream at `path` holding one message of about `message` bytes.
+async fn budget_server(budget: usize, path: &str, message: usize) -> TestServer {
+    let s = TestServer::start_with(|c| {
+        c.response_buffer_bytes = budget;
+        c.slow_reader_timeout = Duration::from_secs(600);
+    })
+    .await;
+    s.create(path, "application/json").await;
+    s.append(path, "application/json", format!("[\"{}\"]", "x".repeat(message))).await;
+    s
+}
+
 /// A read is made in memory before it is sent, and a client that reads
 /// nothing keeps it there: 200 such clients of one 15 MiB JSON message held
 /// 3 GB. Large answers not yet sent share `--response-buffer-bytes`: a read
@@ -514,13 +527,7 @@ const ANSWERS: &str = "attache_response_buffer_bytes";
 /// goes.
 #[tokio::test]
 async fn a_read_past_the_response_budget_held_by_a_client_that_reads_nothing_is_answered_503() {
-    let s = TestServer::start_with(|c| {
-        c.response_buffer_bytes = 3 << 20;
-        c.slow_reader_timeout = Duration::from_secs(600);
-    })
-    .await;
-    s.create("/big/json", "application/json").await;
-    s.append("/big/json", "application/json", format!("[\"{}\"]", "x".repeat(2 << 20))).await;
+    let s = budget_server(3 << 20, "/big/json", 2 << 20).await;
     let stalled = non_reader(&s, "/big/json?offset=-1").await;
     let held = gauge_until(&s, ANSWERS, |held| held > 0, "held").await;
     assert!(held >= 2 << 20, "the whole read is held: {held}");
@@ -603,13 +610,7 @@ async fn json_rpc_calls_are_refused_before_they_run_while_unsent_answers_hold_th
 /// 1.3 GB): past it, 503 at once.
 #[tokio::test]
 async fn an_entity_list_past_the_response_budget_is_answered_503() {
-    let s = TestServer::start_with(|c| {
-        c.response_buffer_bytes = 256 << 10;
-        c.slow_reader_timeout = Duration::from_secs(600);
-    })
-    .await;
-    s.create("/big/json", "application/json").await;
-    s.append("/big/json", "application/json", format!("[\"{}\"]", "x".repeat(1 << 20))).await;
+    let s = budget_server(256 << 10, "/big/json", 1 << 20).await;
     let _stalled = non_reader(&s, "/big/json?offset=-1").await;
     gauge_until(&s, ANSWERS, |held| held >= 1 << 20, "held").await;
     let args = serde_json::json!({ "args": vec![0; 30_000] }).to_string();
