@@ -153,11 +153,15 @@ impl SendBudget {
             return Ok(None);
         }
         self.held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                held.checked_add(n).filter(|&total| total <= self.capacity || held == 0)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| self.fits(held, n).then(|| held + n))
             .map(|_| Some(SendPermit { budget: self.clone(), bytes: n }))
-            .map_err(|_| SendBudgetFull { capacity: self.capacity })
+            .map_err(|_| SendBudgetFull)
+    }
+
+    /// Whether `n` more bytes fit beside `held`: within the budget, or alone
+    /// (an answer larger than the whole budget goes when nothing else is held).
+    fn fits(&self, held: usize, n: usize) -> bool {
+        held == 0 || held.saturating_add(n) <= self.capacity
     }
 
     /// `n` bytes for an answer already made, granted even past the budget (a
@@ -180,34 +184,32 @@ impl SendBudget {
     /// Whether [`SendBudget::try_take`] of `n` bytes would be granted now (an
     /// answer larger than the whole budget is granted when nothing else is held).
     pub(crate) fn has_room(&self, n: usize) -> bool {
-        let held = self.held();
-        n < SEND_BUDGET_FROM || held == 0 || held.saturating_add(n) <= self.capacity
+        n < SEND_BUDGET_FROM || self.fits(self.held(), n)
     }
 
     /// [`SendBudget::try_take`], refused as the 503 a client gets.
     pub(crate) fn take(self: &Arc<Self>, n: usize) -> ApiResult<Option<SendPermit>> {
-        self.try_take(n).map_err(|full| response_budget_exhausted(full.capacity))
+        self.try_take(n).map_err(|SendBudgetFull| self.exhausted())
     }
-}
 
-/// 503 `RESPONSE_BUDGET_EXHAUSTED`: answers not yet sent hold the whole [`SendBudget`].
-pub(crate) fn response_budget_exhausted(capacity: usize) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "RESPONSE_BUDGET_EXHAUSTED",
-        format!(
-            "answers waiting for their clients to read them hold the server's whole buffer of {capacity} bytes \
-             (response_buffer_bytes); retry later"
-        ),
-    )
-    .with_header(header::RETRY_AFTER, 1)
+    /// 503 `RESPONSE_BUDGET_EXHAUSTED`: answers not yet sent hold the whole budget.
+    pub(crate) fn exhausted(&self) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "RESPONSE_BUDGET_EXHAUSTED",
+            format!(
+                "answers waiting for their clients to read them hold the server's whole buffer of {} bytes \
+                 (response_buffer_bytes); retry later",
+                self.capacity
+            ),
+        )
+        .with_header(header::RETRY_AFTER, 1)
+    }
 }
 
 /// The [`SendBudget`] has too little left.
 #[derive(Debug)]
-pub(crate) struct SendBudgetFull {
-    capacity: usize,
-}
+pub(crate) struct SendBudgetFull;
 
 /// Bytes one answer holds of the [`SendBudget`]; given back on drop.
 #[derive(Debug)]

@@ -366,7 +366,7 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
     // refused before they run, so nothing they would do is hidden by a
     // refusal. 100 callers that read nothing of 15 MiB answers held 1.5 GB.
     if state.answers.is_full() {
-        let refusal = crate::http::response_budget_exhausted(state.config.response_buffer_bytes).refusal();
+        let refusal = state.answers.exhausted().refusal();
         // As a body the budget refuses: 503 with Retry-After, error -32600 with the reason.
         let err = RpcError::InvalidRequest(refusal.message);
         state.metrics.rpc_call("", &outcome_label(&err));

@@ -486,6 +486,18 @@ async fn gauge_until(s: &TestServer, name: &str, ok: impl Fn(u64) -> bool, what:
     }
 }
 
+/// A whole body of `len` bytes POSTed to `path` as alice (read before its route answers).
+async fn post_whole_body(s: &TestServer, path: &str, len: usize) -> reqwest::Response {
+    s.client
+        .post(s.url(path))
+        .header("electric-principal", "user:alice")
+        .header("content-type", "application/octet-stream")
+        .body(vec![b'x'; len])
+        .send()
+        .await
+        .expect("a whole body is sent")
+}
+
 /// The `attache_body_buffer_bytes` gauge.
 async fn body_buffer_bytes(s: &TestServer) -> u64 {
     gauge(s, "attache_body_buffer_bytes").await
@@ -682,15 +694,7 @@ async fn a_body_past_the_body_buffer_budget_is_answered_503_at_once_and_the_budg
     // The stalled body goes away: its bytes come back, and a whole body is read again.
     drop(first);
     body_buffer_bytes_reach(&s, 0).await;
-    let res = s
-        .client
-        .post(s.url("/nothing/there"))
-        .header("electric-principal", "user:alice")
-        .header("content-type", "application/octet-stream")
-        .body(vec![b'x'; 700 << 10])
-        .send()
-        .await
-        .expect("a whole body is sent");
+    let res = post_whole_body(&s, "/nothing/there", 700 << 10).await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
 }
 
@@ -717,15 +721,7 @@ async fn bodies_that_declare_much_and_send_little_hold_only_what_they_sent() {
         stalled.push(conn);
     }
     body_buffer_bytes_reach(&s, 8).await;
-    let res = s
-        .client
-        .post(s.url("/nothing/there"))
-        .header("electric-principal", "user:alice")
-        .header("content-type", "application/octet-stream")
-        .body(vec![b'x'; 700 << 10])
-        .send()
-        .await
-        .expect("a whole body is sent");
+    let res = post_whole_body(&s, "/nothing/there", 700 << 10).await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND, "read whole, then answered by its route");
     drop(stalled);
     body_buffer_bytes_reach(&s, 0).await;

@@ -8,6 +8,7 @@
 //! library would not.
 
 mod common;
+mod entity_support;
 
 use std::time::Duration;
 
@@ -22,14 +23,7 @@ const PATIENCE: Duration = Duration::from_secs(15);
 const ENTITY: &str = "/_electric/entities/chat/c1";
 
 async fn spawn_entity(s: &TestServer) {
-    let created = s
-        .request(reqwest::Method::PUT, ENTITY)
-        .header("electric-principal", "user:alice")
-        .body("{}")
-        .send()
-        .await
-        .expect("the entity is created");
-    assert!(created.status().is_success(), "{}", created.status());
+    entity_support::spawn(s, Some("user:alice"), "/chat/c1").await;
 }
 
 /// The form's parts up to the file's bytes: its subject and `id` come first, so its `pending` row is written.
