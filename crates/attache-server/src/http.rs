@@ -258,6 +258,77 @@ impl http_body::Body for HeldBody {
     }
 }
 
+/// `body`, keeping `held` (a share of the [`SendBudget`], or a slot one is
+/// put in later) until the body is sent whole or dropped with its connection.
+pub(crate) fn holding<T: Send + Unpin + 'static>(body: Body, held: T) -> Body {
+    Body::new(Holding { body, _held: held })
+}
+
+struct Holding<T> {
+    body: Body,
+    _held: T,
+}
+
+impl<T: Send + Unpin + 'static> http_body::Body for Holding<T> {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// How often a chunk waiting for room in the [`SendBudget`] looks again (as an SSE reader does).
+const ROOM_POLL: Duration = Duration::from_millis(50);
+
+/// `chunks` (`len` bytes in all, each chunk at most `chunk`) as they are
+/// sent within the [`SendBudget`]: each takes its size before it is read
+/// (what is left, up to `chunk`: a small body takes nothing) and holds it
+/// until the next is asked for, which the connection does once it has sent
+/// it. A chunk that finds no room waits for it, holding nothing: the
+/// response has begun (its status and length are out), so it is late, never
+/// cut short. Over HTTP/2 a stream that opens no window is never asked for
+/// its next chunk: it held its last one (256 KiB, 100 streams a connection)
+/// outside any budget, for as long as the connection lived.
+pub(crate) fn paced<E: Send + 'static>(
+    answers: Arc<SendBudget>,
+    len: u64,
+    chunk: usize,
+    chunks: futures::stream::BoxStream<'static, Result<Bytes, E>>,
+) -> futures::stream::BoxStream<'static, Result<Bytes, E>> {
+    use futures::StreamExt as _;
+    type State<E> = (futures::stream::BoxStream<'static, Result<Bytes, E>>, u64, Option<SendPermit>);
+    let step = move |(mut chunks, left, sent): State<E>| {
+        let answers = answers.clone();
+        async move {
+            // Asked for more: the chunk before has been sent.
+            drop(sent);
+            let next = usize::try_from(left).unwrap_or(usize::MAX).min(chunk);
+            let permit = loop {
+                match answers.try_take(next) {
+                    Ok(permit) => break permit,
+                    Err(SendBudgetFull) => tokio::time::sleep(ROOM_POLL).await,
+                }
+            };
+            let item = chunks.next().await?;
+            let taken = item.as_ref().map_or(0, |b| b.len() as u64);
+            Some((item, (chunks, left.saturating_sub(taken), permit)))
+        }
+    };
+    futures::stream::unfold((chunks, len, None), step).boxed()
+}
+
 /// Reads a whole body of at most `limit` bytes; over it is a 413. The bytes
 /// come out of `bodies` while it is read (503 when it has too few left), and a
 /// body not all there within its read timeout is a 408; both close the
@@ -345,9 +416,11 @@ pub(crate) struct SendFile(pub(crate) FileBody);
 
 /// A response whose body is `file`'s bytes: an ordinary body of exactly
 /// that length (so `content-length` as for bytes in memory), reading the
-/// file in bounded chunks only when polled, with [`SendFile`] beside it.
-pub(crate) fn file_response(file: FileBody) -> axum::response::Response {
-    let body = FileChunks { chunks: file.chunks(), left: file.len() };
+/// file in bounded chunks only when polled, each within `answers`
+/// ([`paced`]), with [`SendFile`] beside it.
+pub(crate) fn file_response(file: FileBody, answers: &Arc<SendBudget>) -> axum::response::Response {
+    let chunks = paced(answers.clone(), file.len(), attache_storage::BLOB_CHUNK, file.chunks());
+    let body = FileChunks { chunks, left: file.len() };
     let mut res = axum::response::Response::new(Body::new(body));
     res.extensions_mut().insert(SendFile(file));
     res

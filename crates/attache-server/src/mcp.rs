@@ -248,6 +248,15 @@ impl ServerHandler for McpFace {
                 tasks::call(&self.state, &who, method, params, &budget).await
             }
         };
+        // The answer holds its size of the response budget until the HTTP
+        // response carrying it is sent (or dropped with its connection): the
+        // slot `require_auth` gave the request, kept by that response's body.
+        if let (Ok(text), Some(slot)) = (
+            &outcome,
+            context.extensions.get::<axum::http::request::Parts>().and_then(|p| p.extensions.get::<AnswerSlot>()),
+        ) {
+            *slot.0.lock() = self.state.answers.take_over(text.get().len());
+        }
         // rmcp's result carries the answer as a tree (and as text beside it):
         // made from the answer's text, which the budget counted.
         let outcome = outcome.and_then(|text| serde_json::from_str(text.get()).map_err(ApiError::internal));
@@ -275,6 +284,11 @@ pub fn routes(state: AppState) -> axum::Router<AppState> {
         .nest_service("/mcp", service(state.clone(), sessions.manager.clone()))
         .layer(axum::middleware::from_fn_with_state((state, sessions), require_auth))
 }
+
+/// Where a tool call puts the share of the response budget its answer holds;
+/// the body of the HTTP response that carries the answer keeps it.
+#[derive(Clone, Default)]
+struct AnswerSlot(Arc<parking_lot::Mutex<Option<crate::http::SendPermit>>>);
 
 /// The open sessions (rmcp's manager) and who opened each, for the caps.
 struct Sessions {
@@ -379,7 +393,19 @@ async fn require_auth(
     // A POST without a session id opens a session (it carries `initialize`).
     let opens_session = req.method() == axum::http::Method::POST && !req.headers().contains_key("mcp-session-id");
     if !opens_session {
-        return next.run(req).await;
+        if req.method() != axum::http::Method::POST {
+            return next.run(req).await;
+        }
+        // A message in a session (a tool call): as a call on /rpc, refused
+        // before it runs while answers not yet sent hold the whole response
+        // budget, and its answer holds its size of the budget until sent.
+        if state.answers.is_full() {
+            return state.answers.exhausted().into_response();
+        }
+        let slot = AnswerSlot::default();
+        let mut req = req;
+        req.extensions_mut().insert(slot.clone());
+        return next.run(req).await.map(|body| crate::http::holding(body, slot));
     }
     let opening = match sessions.admit(&who, &state.config).await {
         Ok(opening) => opening,

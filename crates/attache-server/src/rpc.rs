@@ -210,6 +210,38 @@ pub async fn handle_value(state: &AppState, who: &PrincipalKey, body: Value) -> 
     }
 }
 
+/// While answers not yet sent hold the whole response budget: the error a
+/// call (or batch) gets before it runs, -32600 whose reason names
+/// `response_buffer_bytes`, and the HTTP refusal (503, `Retry-After`).
+pub(crate) fn refused_while_full(state: &AppState) -> Option<(RpcError, crate::error::Refusal)> {
+    if !state.answers.is_full() {
+        return None;
+    }
+    let refusal = state.answers.exhausted().refusal();
+    let err = RpcError::InvalidRequest(refusal.message.clone());
+    state.metrics.rpc_call("", &outcome_label(&err));
+    Some((err, refusal))
+}
+
+/// [`handle_value`] for a face that sends its answers itself (`/ws`
+/// `execute`): refused whole while the response budget is full, and its
+/// answer's text with the share of the budget it holds until sent.
+pub(crate) async fn handle_value_within_budget(
+    state: &AppState,
+    who: &PrincipalKey,
+    body: Value,
+) -> Option<(String, Option<crate::http::SendPermit>)> {
+    let text = match refused_while_full(state) {
+        Some((err, _)) => {
+            let id = body.get("id").filter(|id| matches!(id, Value::String(_) | Value::Number(_))).cloned();
+            String::from(Box::<str>::from(as_text(&error_response(id.unwrap_or(Value::Null), &err))))
+        }
+        None => String::from(Box::<str>::from(handle_value(state, who, body).await?)),
+    };
+    let permit = state.answers.take_over(text.len());
+    Some((text, permit))
+}
+
 /// What one answer (a request or a whole batch) may carry.
 pub(crate) fn response_budget(state: &AppState) -> ResponseBudget {
     ResponseBudget::new(state.config.rpc_max_response_bytes)
@@ -365,11 +397,8 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
     // nothing, an HTTP/2 stream with no window): while it is full, calls are
     // refused before they run, so nothing they would do is hidden by a
     // refusal. 100 callers that read nothing of 15 MiB answers held 1.5 GB.
-    if state.answers.is_full() {
-        let refusal = state.answers.exhausted().refusal();
+    if let Some((err, refusal)) = refused_while_full(&state) {
         // As a body the budget refuses: 503 with Retry-After, error -32600 with the reason.
-        let err = RpcError::InvalidRequest(refusal.message);
-        state.metrics.rpc_call("", &outcome_label(&err));
         let mut res = respond(refusal.status, &error_response(Value::Null, &err));
         res.headers_mut().extend(refusal.headers);
         return res;

@@ -600,7 +600,7 @@ async fn catch_up(state: &AppState, path: &StreamPath, q: &ReadQuery, headers: &
             let permit = state.answers.take(bytes.len())?;
             Response::new(crate::http::held_body(bytes, permit))
         }
-        ReadBody::File(file) => crate::http::file_response(file),
+        ReadBody::File(file) => crate::http::file_response(file, &state.answers),
     };
     let hm = res.headers_mut();
     if !matches {

@@ -312,14 +312,14 @@ async fn on_message(
     raw: &str,
     patterns: &mut Patterns,
     pos: &mut Offset,
-) -> Vec<Message> {
-    let Ok(msg) = serde_json::from_str::<Value>(raw) else { return vec![error(-32700, "Parse error")] };
-    match msg.get("action").and_then(Value::as_str) {
+) -> Replies {
+    let Ok(msg) = serde_json::from_str::<Value>(raw) else { return vec![error(-32700, "Parse error")].into() };
+    Replies::from(match msg.get("action").and_then(Value::as_str) {
         Some("subscribe") => {
             let max = state.config.ws_max_patterns;
             // Counted before anything is copied: a huge list costs its parse, nothing more.
             if msg.get("events").and_then(Value::as_array).is_some_and(|a| a.len() > max) {
-                return vec![too_many_patterns(max)];
+                return vec![too_many_patterns(max)].into();
             }
             // Each reply echoes every pattern held: with patterns of any length,
             // a hundred subscribes of 1 MiB each made the last reply 100 MiB.
@@ -331,10 +331,11 @@ async fn on_message(
                 return vec![error(
                     -32602,
                     &format!("an event pattern is at most {MAX_PATTERN_BYTES} bytes; nothing was subscribed"),
-                )];
+                )]
+                .into();
             }
             let Some(wanted) = string_list(msg.get("events")) else {
-                return vec![error(-32602, "subscribe needs events: an array of strings")];
+                return vec![error(-32602, "subscribe needs events: an array of strings")].into();
             };
             if let Some(raw_offset) = msg.get("offset").and_then(Value::as_str) {
                 let parsed = match ReadOffset::parse(Some(raw_offset)) {
@@ -343,30 +344,71 @@ async fn on_message(
                 };
                 match parsed {
                     Some(o) => *pos = o,
-                    None => return vec![error(-32602, "offset is not a valid events offset")],
+                    None => return vec![error(-32602, "offset is not a valid events offset")].into(),
                 }
             }
             if patterns.add(wanted, max).is_err() {
-                return vec![too_many_patterns(max)];
+                return vec![too_many_patterns(max)].into();
             }
             vec![text(json!({ "type": "subscribed", "events": patterns.order, "timestamp": now_ms() }))]
         }
         Some("unsubscribe") => {
             let Some(gone) = string_list(msg.get("events")) else {
-                return vec![error(-32602, "unsubscribe needs events: an array of strings")];
+                return vec![error(-32602, "unsubscribe needs events: an array of strings")].into();
             };
             patterns.remove(&gone);
             vec![text(json!({ "type": "unsubscribed", "events": gone, "timestamp": now_ms() }))]
         }
         Some("ping") => vec![text(json!({ "type": "pong", "timestamp": now_ms() }))],
+        // As a call on /rpc: refused before it runs while answers not yet sent
+        // hold the whole response budget, and its answer holds its share of
+        // the budget until it is sent (the `for` loop over these replies in
+        // `serve` ends after its last send).
         Some("execute") => match msg.get("request") {
-            Some(request) => match rpc::handle_value(state, who, request.clone()).await {
-                Some(answer) => vec![Message::Text(String::from(Box::<str>::from(answer)).into())],
+            Some(request) => match rpc::handle_value_within_budget(state, who, request.clone()).await {
+                Some((answer, held)) => return Replies { messages: vec![Message::Text(answer.into())], held },
                 None => vec![],
             },
             None => vec![error(-32602, "execute needs request: a JSON-RPC request")],
         },
         _ => vec![error(-32600, "action must be subscribe, unsubscribe, ping or execute")],
+    })
+}
+
+/// The replies to one message, in order, and the share of the response
+/// budget an `execute` answer holds: iterating them keeps it until the
+/// iterator is dropped, after the last of them is sent.
+struct Replies {
+    messages: Vec<Message>,
+    held: Option<crate::http::SendPermit>,
+}
+
+impl From<Vec<Message>> for Replies {
+    fn from(messages: Vec<Message>) -> Replies {
+        Replies { messages, held: None }
+    }
+}
+
+impl IntoIterator for Replies {
+    type Item = Message;
+    type IntoIter = Sending;
+
+    fn into_iter(self) -> Sending {
+        Sending { messages: self.messages.into_iter(), _held: self.held }
+    }
+}
+
+/// [`Replies`] being sent.
+struct Sending {
+    messages: std::vec::IntoIter<Message>,
+    _held: Option<crate::http::SendPermit>,
+}
+
+impl Iterator for Sending {
+    type Item = Message;
+
+    fn next(&mut self) -> Option<Message> {
+        self.messages.next()
     }
 }
 

@@ -643,6 +643,229 @@ async fn an_entity_list_past_the_response_budget_is_answered_503() {
     assert!(res.text().await.unwrap().contains("RESPONSE_BUDGET_EXHAUSTED"));
 }
 
+/// A task (as alice) with a 900 KiB JSON attachment `big`: each read of it is a large answer.
+async fn task_with_a_large_attachment(s: &TestServer) -> String {
+    let (status, created) = rpc_call(s, "task.create", serde_json::json!({ "text": "big answers" })).await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let task = created["result"]["id"].as_str().expect("a task id").to_owned();
+    let value = "v".repeat(900 << 10);
+    let params = serde_json::json!({ "taskId": task, "key": "big", "type": "json", "value": value });
+    let (status, attached) = rpc_call(s, "task.create_attachment", params).await;
+    assert_eq!(status, StatusCode::OK, "{attached}");
+    task
+}
+
+/// `/ws` `execute` answers count in the response budget as `/rpc` answers
+/// do: an answer a client does not read holds its size until sent, and
+/// while such answers fill the budget an execute is refused before it runs
+/// (error -32600 naming `response_buffer_bytes`). Before, they took nothing
+/// from it: a socket that reads nothing held each 2.7 MiB answer outside it.
+#[tokio::test]
+async fn websocket_executes_are_refused_before_they_run_while_unsent_answers_hold_the_response_budget() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let s = TestServer::start_with(|c| {
+        c.response_buffer_bytes = 2 << 20;
+        c.slow_reader_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let task = task_with_a_large_attachment(&s).await;
+    let read = |id: u32| {
+        serde_json::json!({ "jsonrpc": "2.0", "method": "task.get_attachment",
+            "params": { "taskId": task, "key": "big" }, "id": id })
+    };
+    let execute = serde_json::json!({ "action": "execute", "request": [read(2), read(3), read(4)] }).to_string();
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(4096).expect("a small receive buffer");
+    let mut stalled = socket.connect(s.url.trim_start_matches("http://").parse().unwrap()).await.expect("connected");
+    ws_handshake(&mut stalled).await;
+    stalled.write_all(&client_text_frame(&execute)).await.expect("the execute is sent");
+    gauge_until(&s, ANSWERS, |held| held >= 2 << 20, "the unsent answer").await;
+
+    let mut req = format!("{}/ws", s.url.replace("http://", "ws://")).into_client_request().expect("a request");
+    req.headers_mut().insert("electric-principal", "user:alice".parse().expect("a header value"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("the WebSocket opens");
+    let create = serde_json::json!({ "action": "execute", "request":
+        { "jsonrpc": "2.0", "method": "task.create", "params": { "text": "not now" }, "id": 7 } });
+    ws.send(Message::Text(create.to_string().into())).await.expect("the execute is sent");
+    let refused = loop {
+        match tokio::time::timeout(PATIENCE, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: serde_json::Value = serde_json::from_str(&t).expect("JSON");
+                if v.get("jsonrpc").is_some() {
+                    break v;
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected an answer, got {other:?}"),
+        }
+    };
+    assert_eq!(refused["id"], 7, "{refused}");
+    assert_eq!(refused["error"]["code"], -32600, "{refused}");
+    assert!(refused["error"]["data"]["reason"].as_str().unwrap_or("").contains("response_buffer_bytes"), "{refused}");
+
+    drop(stalled);
+    gauge_until(&s, ANSWERS, |held| held == 0, "0").await;
+    let (_, listed) = rpc_call(&s, "task.list", serde_json::json!({})).await;
+    assert_eq!(
+        listed["result"]["tasks"].as_array().map(Vec::len),
+        Some(1),
+        "the refused call created nothing: {listed}"
+    );
+}
+
+/// An MCP POST as alice in `session` (or opening one), as a client sends it.
+fn mcp_post(s: &TestServer, session: Option<&str>, body: serde_json::Value) -> reqwest::RequestBuilder {
+    let rb = s
+        .client
+        .post(s.url("/mcp"))
+        .header("electric-principal", "user:alice")
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(body.to_string());
+    match session {
+        Some(id) => rb.header("mcp-session-id", id).header("mcp-protocol-version", "2025-03-26"),
+        None => rb,
+    }
+}
+
+/// MCP tool answers count in the response budget as `/rpc` answers do: an
+/// answer a client does not read holds its size until the response carrying
+/// it is sent, and while such answers fill the budget a message in a
+/// session is answered 503 before it runs. Before, they took nothing from it.
+#[tokio::test]
+async fn mcp_tool_answers_hold_the_response_budget_until_sent_and_calls_past_it_are_answered_503() {
+    let s = TestServer::start_with(|c| {
+        c.response_buffer_bytes = 512 << 10;
+        c.slow_reader_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let task = task_with_a_large_attachment(&s).await;
+    let initialize = serde_json::json!({ "jsonrpc": "2.0", "method": "initialize", "id": 1, "params": {
+        "protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": { "name": "t", "version": "1" } } });
+    let res = mcp_post(&s, None, initialize).send().await.expect("/mcp answers");
+    assert_eq!(res.status(), StatusCode::OK);
+    let session = common::header(&res, "mcp-session-id").expect("a session id");
+    let initialized = serde_json::json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
+    mcp_post(&s, Some(&session), initialized).send().await.expect("/mcp answers");
+
+    let call = serde_json::json!({ "jsonrpc": "2.0", "method": "tools/call", "id": 2, "params":
+        { "name": "task__get_attachment", "arguments": { "taskId": task, "key": "big" } } })
+    .to_string();
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(4096).expect("a small receive buffer");
+    let mut stalled = socket.connect(s.url.trim_start_matches("http://").parse().unwrap()).await.expect("connected");
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: user:alice\r\n\
+         content-type: application/json\r\naccept: application/json, text/event-stream\r\n\
+         mcp-session-id: {session}\r\nmcp-protocol-version: 2025-03-26\r\ncontent-length: {}\r\n\r\n{call}",
+        call.len()
+    );
+    stalled.write_all(head.as_bytes()).await.expect("the call is sent");
+    gauge_until(&s, ANSWERS, |held| held >= 900 << 10, "the unsent answer").await;
+
+    let list = serde_json::json!({ "jsonrpc": "2.0", "method": "tools/call", "id": 3, "params":
+        { "name": "task__list", "arguments": {} } });
+    let res = mcp_post(&s, Some(&session), list.clone()).send().await.expect("/mcp answers");
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    assert!(res.text().await.unwrap().contains("RESPONSE_BUDGET_EXHAUSTED"));
+
+    drop(stalled);
+    gauge_until(&s, ANSWERS, |held| held == 0, "0").await;
+    let res = mcp_post(&s, Some(&session), list).send().await.expect("/mcp answers");
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+/// An HTTP/2 client with a stream window of `window` bytes (and room on the
+/// connection for many such streams): a stream whose body it does not read
+/// is never given more.
+async fn http2_with_window(
+    s: &TestServer,
+    window: u32,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let io = hyper_util::rt::TokioIo::new(connect(s).await);
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(64 << 20)
+        .handshake(io)
+        .await
+        .expect("an HTTP/2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// An attachment read over HTTP/2 takes each chunk (256 KiB) from the
+/// response budget until it is sent: a stream that opens no window holds
+/// its chunk within the budget, and while the budget is full a read is
+/// answered 503 before it starts. Before, each such stream held its chunk
+/// outside any budget for as long as the connection lived (100 streams a
+/// connection).
+#[tokio::test]
+async fn attachment_chunks_over_http2_hold_the_response_budget_until_sent() {
+    let s = TestServer::start_with(|c| {
+        c.response_buffer_bytes = 256 << 10;
+        c.slow_reader_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let entity = "/_electric/entities/chat/c1";
+    let res = s.client.put(s.url(entity)).header("electric-principal", "user:alice").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let bytes: Vec<u8> = (0..2u32 << 20).map(|i| (i % 251) as u8).collect();
+    let mut form =
+        b"--B\r\ncontent-disposition: form-data; name=\"subject\"\r\n\r\n{\"type\":\"context\",\"key\":\"k\"}\r\n\
+        --B\r\ncontent-disposition: form-data; name=\"id\"\r\n\r\nbig\r\n\
+        --B\r\ncontent-disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n\
+        content-type: application/octet-stream\r\n\r\n"
+            .to_vec();
+    form.extend(&bytes);
+    form.extend(b"\r\n--B--\r\n");
+    let res = s
+        .client
+        .post(s.url(&format!("{entity}/attachments")))
+        .header("electric-principal", "user:alice")
+        .header("content-type", "multipart/form-data; boundary=B")
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED, "{}", res.text().await.unwrap());
+    let read = || {
+        http::Request::get(s.url(&format!("{entity}/attachments/big")))
+            .header("electric-principal", "user:alice")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+
+    let mut stalled = http2_with_window(&s, 1024).await;
+    let held = stalled.send_request(read()).await.expect("the read begins");
+    assert_eq!(held.status(), StatusCode::OK);
+    gauge_until(&s, ANSWERS, |n| n >= 256 << 10, "the chunk the stream holds").await;
+
+    let res = s
+        .client
+        .get(s.url(&format!("{entity}/attachments/big")))
+        .header("electric-principal", "user:alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(res.text().await.unwrap().contains("RESPONSE_BUDGET_EXHAUSTED"));
+
+    drop((held, stalled));
+    gauge_until(&s, ANSWERS, |n| n == 0, "0").await;
+    // A client that reads gets every byte, its chunks one after another within the budget.
+    let mut reader = http2_with_window(&s, 65_535).await;
+    let res = reader.send_request(read()).await.expect("the read begins");
+    assert_eq!(res.status(), StatusCode::OK);
+    use http_body_util::BodyExt as _;
+    let got = res.into_body().collect().await.expect("the whole body").to_bytes();
+    assert!(got[..] == bytes[..], "{} of {} bytes, or not the same", got.len(), bytes.len());
+    gauge_until(&s, ANSWERS, |n| n == 0, "0 once sent").await;
+}
+
 /// SSE readers that read nothing hold at most the budget together: a second
 /// one waits for room (it is not refused: its events come once the first
 /// goes).

@@ -9,6 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures::StreamExt as _;
 use serde_json::json;
 
 use crate::access::EntityRoute;
@@ -151,7 +152,13 @@ pub async fn read(
                 .with_header(axum::http::header::CONTENT_RANGE, format!("bytes */{len}")));
             }
         };
-        // A HEAD answers the same headers and reads no byte.
+        // A HEAD answers the same headers and reads no byte. A read begun
+        // while answers not yet sent hold the whole response budget would
+        // only wait (`body_for`): answered 503 at once instead, before it
+        // opens anything.
+        if method != Method::HEAD && end - start >= crate::http::SEND_BUDGET_FROM as u64 && state.answers.is_full() {
+            return Err(state.answers.exhausted());
+        }
         let body = if method == Method::HEAD { Body::empty() } else { body_for(&state, &info, start, end).await? };
         let mut res = Response::new(body);
         *res.status_mut() = status;
@@ -172,7 +179,8 @@ pub async fn read(
 }
 
 /// The bytes `[start, end)` of an attachment stream, streamed from storage
-/// (a stored blob's range is all the store reads, in bounded chunks).
+/// (a stored blob's range is all the store reads, in bounded chunks), each
+/// chunk within the response budget until it is sent (`http::paced`).
 pub(super) async fn body_for(state: &AppState, info: &StreamInfo, start: u64, end: u64) -> ApiResult<Body> {
     if let Some(blob) = &info.blob {
         let read = state.store.read_blob(&blob.sha256, start..end).await?;
@@ -184,7 +192,8 @@ pub(super) async fn body_for(state: &AppState, info: &StreamInfo, start: u64, en
             ))
             .into());
         }
-        return Ok(Body::from_stream(read.body));
+        let chunks = crate::http::paced(state.answers.clone(), end - start, attache_storage::BLOB_CHUNK, read.body);
+        return Ok(Body::from_stream(chunks));
     }
     // A resumable upload's bytes live in the stream's rows: read them in slices.
     let store = state.store.clone();
@@ -196,7 +205,7 @@ pub(super) async fn body_for(state: &AppState, info: &StreamInfo, start: u64, en
             if pos >= end {
                 return Ok::<_, std::io::Error>(None);
             }
-            let want = ((end - pos) as usize).min(1 << 20);
+            let want = ((end - pos) as usize).min(RESUMABLE_SLICE);
             let batch = store
                 .read(&path, ReadFrom::At(attache_core::Offset(pos)), want)
                 .await
@@ -210,8 +219,11 @@ pub(super) async fn body_for(state: &AppState, info: &StreamInfo, start: u64, en
             Ok(Some((bytes, next)))
         }
     });
-    Ok(Body::from_stream(stream))
+    Ok(Body::from_stream(crate::http::paced(state.answers.clone(), end - start, RESUMABLE_SLICE, stream.boxed())))
 }
+
+/// The most of a resumable upload's rows one chunk of its read carries.
+const RESUMABLE_SLICE: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {
