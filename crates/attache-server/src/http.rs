@@ -70,6 +70,24 @@ impl BodyBudget {
         self.held.load(Ordering::Relaxed)
     }
 
+    /// The budget's size (`--body-buffer-bytes`).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Takes `n` bytes for a body read outside [`read_body`] (a WebSocket
+    /// message in progress: `ws::frames`); `false`, taking nothing, past the budget.
+    pub(crate) fn try_hold(&self, n: usize) -> bool {
+        self.take(n).is_ok()
+    }
+
+    /// Gives back `n` bytes taken by [`BodyBudget::try_hold`].
+    pub(crate) fn give_back(&self, n: usize) {
+        if n > 0 {
+            self.held.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+
     fn take(&self, n: usize) -> ApiResult<()> {
         if n == 0 {
             return Ok(());

@@ -43,7 +43,7 @@ pub struct Metrics {
     /// Multipart uploads in progress (`attachments::UploadSlots`).
     uploads_in_progress: AtomicI64,
     /// Indexed by `Closed as usize`.
-    connections_closed: [AtomicU64; 4],
+    connections_closed: [AtomicU64; 5],
     /// Responses whose body went out with `sendfile`, and the file bytes they sent.
     file_sends: AtomicU64,
     file_sent_bytes: AtomicU64,
@@ -60,10 +60,13 @@ pub enum Closed {
     IdleTimeout = 2,
     /// Writes blocked for `--slow-reader-timeout`.
     SlowReader = 3,
+    /// A WebSocket message begun and not finished within `--body-read-timeout`.
+    MessageTimeout = 4,
 }
 
 impl Closed {
-    const ALL: [Closed; 4] = [Closed::OverCap, Closed::HeaderTimeout, Closed::IdleTimeout, Closed::SlowReader];
+    const ALL: [Closed; 5] =
+        [Closed::OverCap, Closed::HeaderTimeout, Closed::IdleTimeout, Closed::SlowReader, Closed::MessageTimeout];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -71,6 +74,7 @@ impl Closed {
             Closed::HeaderTimeout => "header_timeout",
             Closed::IdleTimeout => "idle_timeout",
             Closed::SlowReader => "slow_reader",
+            Closed::MessageTimeout => "message_timeout",
         }
     }
 }

@@ -13,6 +13,10 @@
 //!
 //! Bounds: a message (all its fragments together) is at most
 //! `ws_max_message_bytes`, else the socket closes with 1009 (message too big);
+//! a message in progress holds its declared bytes of the body budget
+//! (`--body-buffer-bytes`; past it the socket closes with 1013, try again
+//! later) and must end within `--body-read-timeout` of its first byte, pings
+//! and pongs between its fragments notwithstanding (else 1008: [`frames`]);
 //! a connection holds at most `ws_max_patterns` patterns of at most
 //! [`MAX_PATTERN_BYTES`] each, and a subscribe that would pass either is
 //! refused whole with -32602. Work per event is one hash
@@ -25,22 +29,35 @@
 //! nothing) ends the connection; a 1008 close frame is offered for a moment
 //! first, in case a little room is left.
 
+pub mod frames;
+
 use std::collections::HashSet;
 use std::time::Duration;
 
 use attache_core::{Offset, PrincipalKey, ReadOffset};
-use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode, Version};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+use tokio_tungstenite::WebSocketStream;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::Message;
 
 use crate::access::now_ms;
 use crate::auth::{Caller, Presented};
+use crate::error::ApiError;
 use crate::events::{self, Visibility};
 use crate::metrics::Closed;
 use crate::rpc;
 use crate::AppState;
+
+/// The socket `/ws` serves: tungstenite over the upgraded connection, its
+/// incoming frames watched ([`frames::Watched`]).
+type Socket = WebSocketStream<frames::Watched<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// The longest event pattern a subscribe may name (event types are a few
 /// dozen bytes): the patterns a connection holds, echoed whole by every
@@ -120,31 +137,113 @@ impl Patterns {
     }
 }
 
-/// GET /ws
-pub async fn upgrade(
-    State(state): State<AppState>,
-    Caller(who): Caller,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
-) -> Response {
-    let max = state.config.ws_max_message_bytes;
-    let presented = Presented::of(&headers);
-    ws.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| serve(state, who, presented, socket))
+/// GET /ws (HTTP/1.1 upgrade), or CONNECT with `:protocol websocket` (HTTP/2,
+/// RFC 8441). The handshake is done here rather than by axum's extractor so
+/// that the connection's bytes pass through [`frames::Watched`] before
+/// tungstenite reads them.
+pub async fn upgrade(State(state): State<AppState>, Caller(who): Caller, mut req: Request) -> Response {
+    let accept = match handshake(&req) {
+        Ok(accept) => accept,
+        Err(e) => return e.into_response(),
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return ApiError::new(StatusCode::UPGRADE_REQUIRED, "NOT_UPGRADABLE", "this connection cannot be upgraded")
+            .with_header(header::UPGRADE, "websocket")
+            .into_response();
+    };
+    let presented = Presented::of(req.headers());
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let max = state.config.ws_max_message_bytes;
+        let (io, clock) = frames::Watched::new(TokioIo::new(upgraded), state.clone(), max);
+        // tungstenite's 128 KiB read and write buffers would be reserved per
+        // connection; /ws messages are small, and larger ones grow the buffer.
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max))
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
+        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        serve(state, who, presented, socket, clock).await;
+    });
+    match accept {
+        Some(accept) => Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+            .body(Body::empty())
+            .unwrap_or_default(),
+        // HTTP/2: a 2xx with no body opens the tunnel (RFC 9113 section 8.5).
+        None => Response::new(Body::empty()),
+    }
+}
+
+/// Checks a WebSocket opening handshake (RFC 6455 section 4.2.1, RFC 8441);
+/// `Some(Sec-WebSocket-Accept)` over HTTP/1.1, `None` over HTTP/2.
+fn handshake(req: &Request) -> Result<Option<HeaderValue>, ApiError> {
+    let refuse = |message: &str| ApiError::new(StatusCode::BAD_REQUEST, "NOT_A_WEBSOCKET_HANDSHAKE", message);
+    let headers = req.headers();
+    let accept = if req.version() <= Version::HTTP_11 {
+        if req.method() != Method::GET {
+            return Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "METHOD_NOT_ALLOWED",
+                "a WebSocket opens with GET",
+            ));
+        }
+        let has_token = |name: header::HeaderName, token: &str| {
+            headers
+                .get_all(name)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
+        };
+        if !has_token(header::CONNECTION, "upgrade") {
+            return Err(refuse("Connection must include upgrade"));
+        }
+        if !has_token(header::UPGRADE, "websocket") {
+            return Err(refuse("Upgrade must be websocket"));
+        }
+        let key = headers.get(header::SEC_WEBSOCKET_KEY).ok_or_else(|| refuse("Sec-WebSocket-Key is missing"))?;
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        Some(HeaderValue::from_str(&accept).map_err(ApiError::internal)?)
+    } else {
+        if req.method() != Method::CONNECT
+            || req.extensions().get::<hyper::ext::Protocol>().is_none_or(|p| p.as_str() != "websocket")
+        {
+            return Err(refuse("over HTTP/2 a WebSocket opens with CONNECT and :protocol websocket"));
+        }
+        None
+    };
+    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v.as_bytes() != b"13") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "NOT_A_WEBSOCKET_HANDSHAKE",
+            "Sec-WebSocket-Version must be 13",
+        )
+        .with_header(header::SEC_WEBSOCKET_VERSION, "13"));
+    }
+    Ok(accept)
 }
 
 /// The close frame for a read that failed: 1009 when the message passed the
-/// size limit, 1002 for any other protocol error.
-fn close_for(e: axum::Error, max: usize) -> Message {
-    let too_big = e
-        .into_inner()
-        .downcast_ref::<tungstenite::Error>()
-        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)));
-    let (code, reason) = if too_big {
-        (close_code::SIZE, format!("message too big: at most {max} bytes (ws_max_message_bytes)"))
-    } else {
-        (close_code::PROTOCOL, "protocol error".to_owned())
+/// size limit, 1013 when the messages in progress of all clients hold the
+/// body budget, 1002 for any other protocol error.
+fn close_for(e: tungstenite::Error, max: usize) -> Message {
+    let (code, reason) = match &e {
+        tungstenite::Error::Capacity(_) => {
+            (CloseCode::Size, format!("message too big: at most {max} bytes (ws_max_message_bytes)"))
+        }
+        tungstenite::Error::Io(io) if io.get_ref().is_some_and(|e| e.is::<frames::BudgetFull>()) => {
+            (CloseCode::Again, format!("server busy: {io}; try again later"))
+        }
+        _ => (CloseCode::Protocol, "protocol error".to_owned()),
     };
-    Message::Close(Some(CloseFrame { code, reason: reason.into() }))
+    close(code, reason)
+}
+
+fn close(code: CloseCode, reason: impl Into<String>) -> Message {
+    Message::Close(Some(CloseFrame { code, reason: reason.into().into() }))
 }
 
 fn text(v: Value) -> Message {
@@ -160,21 +259,26 @@ const SLOW_CLOSE_WITHIN: Duration = Duration::from_millis(500);
 
 /// Sends `msg`, giving the client `slow_reader_timeout` to take it. `false`:
 /// the connection is over (gone, or closed here as a slow reader).
-async fn send(state: &AppState, socket: &mut WebSocket, msg: Message) -> bool {
+async fn send(state: &AppState, socket: &mut Socket, msg: Message) -> bool {
     match tokio::time::timeout(state.config.slow_reader_timeout, socket.send(msg)).await {
         Ok(sent) => sent.is_ok(),
         Err(_) => {
             state.metrics.connection_closed(Closed::SlowReader);
             tracing::debug!("closing a WebSocket whose client reads nothing");
             let reason = "slow reader: the client read nothing for slow_reader_timeout";
-            let close = Message::Close(Some(CloseFrame { code: close_code::POLICY, reason: reason.into() }));
-            let _ = tokio::time::timeout(SLOW_CLOSE_WITHIN, socket.send(close)).await;
+            let _ = tokio::time::timeout(SLOW_CLOSE_WITHIN, socket.send(close(CloseCode::Policy, reason))).await;
             false
         }
     }
 }
 
-async fn serve(state: AppState, who: PrincipalKey, presented: Presented, mut socket: WebSocket) {
+async fn serve(
+    state: AppState,
+    who: PrincipalKey,
+    presented: Presented,
+    mut socket: Socket,
+    clock: std::sync::Arc<frames::MessageClock>,
+) {
     let _live = state.metrics.live_reader();
     let client_id = format!("ws-{}-{:08x}", now_ms(), rand::random::<u32>());
     if !send(&state, &mut socket, text(json!({ "type": "connected", "clientId": client_id, "timestamp": now_ms() })))
@@ -193,10 +297,15 @@ async fn serve(state: AppState, who: PrincipalKey, presented: Presented, mut soc
     // Last frame from the client, and last ping to it.
     let (mut heard, mut pinged) = (tokio::time::Instant::now(), tokio::time::Instant::now());
     loop {
-        let wake = (heard + idle).min(pinged + idle / 2);
+        let mut wake = (heard + idle).min(pinged + idle / 2);
+        if let Some(began) = clock.began() {
+            wake = wake.min(tokio::time::Instant::from_std(began + state.config.body_read_timeout));
+        }
         // Decide first, act after: the futures in `select!` borrow `pos`.
         let step = tokio::select! {
-            incoming = socket.recv() => Step::Incoming(incoming),
+            incoming = socket.next() => Step::Incoming(incoming),
+            // A message began: its deadline goes into the next wake.
+            _ = clock.message_began() => Step::Tick,
             batch = events::next_events(&state, &mut pos, &mut signal) => Step::Events(batch),
             _ = tokio::time::sleep_until(wake) => Step::Tick,
             _ = state.shutdown.cancelled() => Step::Shutdown,
@@ -206,8 +315,7 @@ async fn serve(state: AppState, who: PrincipalKey, presented: Presented, mut soc
         // token revoked or expired while the socket is open ends it.
         if !matches!(step, Step::Shutdown) && !state.auth.still_valid(&presented, &who) {
             let reason = "credentials no longer valid (token revoked or expired): connect again";
-            let close = Message::Close(Some(CloseFrame { code: close_code::POLICY, reason: reason.into() }));
-            if send(&state, &mut socket, close).await {
+            if send(&state, &mut socket, close(CloseCode::Policy, reason)).await {
                 linger(&mut socket).await;
             }
             return;
@@ -215,11 +323,21 @@ async fn serve(state: AppState, who: PrincipalKey, presented: Presented, mut soc
         match step {
             Step::Tick => {
                 let now = tokio::time::Instant::now();
+                let limit = state.config.body_read_timeout;
+                if clock.began().is_some_and(|began| now.into_std() >= began + limit) {
+                    // Pongs between its fragments kept the connection from idling: the message
+                    // itself must end in time, as a request body must.
+                    state.metrics.connection_closed(Closed::MessageTimeout);
+                    let reason = format!("message not finished within {}s (body_read_timeout)", limit.as_secs_f64());
+                    if send(&state, &mut socket, close(CloseCode::Policy, reason)).await {
+                        linger(&mut socket).await;
+                    }
+                    return;
+                }
                 if now >= heard + idle {
                     state.metrics.connection_closed(Closed::IdleTimeout);
                     let reason = format!("idle timeout: no frame from the client for {}s", idle.as_secs_f64());
-                    let close = Message::Close(Some(CloseFrame { code: close_code::AWAY, reason: reason.into() }));
-                    if send(&state, &mut socket, close).await {
+                    if send(&state, &mut socket, close(CloseCode::Away, reason)).await {
                         linger(&mut socket).await;
                     }
                     return;
@@ -279,9 +397,9 @@ async fn serve(state: AppState, who: PrincipalKey, presented: Presented, mut soc
 /// After our close frame: reads (and drops) what the client still sends,
 /// until its close, its end, an error or one second, so that closing the
 /// socket does not reset the connection before the client reads why.
-async fn linger(socket: &mut WebSocket) {
+async fn linger(socket: &mut Socket) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        while let Some(Ok(msg)) = socket.recv().await {
+        while let Some(Ok(msg)) = socket.next().await {
             if matches!(msg, Message::Close(_)) {
                 break;
             }
@@ -291,7 +409,7 @@ async fn linger(socket: &mut WebSocket) {
 }
 
 enum Step {
-    Incoming(Option<Result<Message, axum::Error>>),
+    Incoming(Option<Result<Message, tungstenite::Error>>),
     Events(Option<Vec<Value>>),
     /// A timer: ping the client, or close an idle connection.
     Tick,

@@ -257,6 +257,82 @@ fn fuzz_range_stays_inside_the_length() {
     });
 }
 
+// ------------------------------------------------- WebSocket frame headers
+
+/// A frame as a client sends it: FIN, opcode, payload length, and how its
+/// length is written (7 bits when it fits, else 16 or 64: clients may use a
+/// longer form than needed).
+#[derive(Debug, bolero::TypeGenerator)]
+struct WsFrame {
+    fin: bool,
+    opcode: u8,
+    len: u16,
+    long_form: u8,
+    masked: bool,
+}
+
+impl WsFrame {
+    fn opcode(&self) -> u8 {
+        [0u8, 1, 2, 8, 9, 10, 3, 15][usize::from(self.opcode % 8)]
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let len = usize::from(self.len % 3000);
+        let mut out = vec![if self.fin { 0x80 } else { 0 } | self.opcode()];
+        let mask = if self.masked { 0x80 } else { 0 };
+        match (len, self.long_form % 3) {
+            (n, 0) if n < 126 => out.push(mask | n as u8),
+            (n, 0 | 1) if n <= 0xffff => {
+                out.push(mask | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            (n, _) => {
+                out.push(mask | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        if self.masked {
+            out.extend_from_slice(&[9, 8, 7, 6]);
+        }
+        out.extend(std::iter::repeat_n(b'p', len));
+        out
+    }
+}
+
+/// `ws::frames::FrameWatch` follows a client's bytes however they are cut:
+/// after every cut it holds what a model of whole frames says is in
+/// progress (the declared bytes of the open data message, at most the cap),
+/// and counts the same data messages ended.
+#[test]
+fn fuzz_websocket_frame_watch_follows_any_cut_of_the_bytes() {
+    use attache_server::ws::frames::FrameWatch;
+    check!().with_type::<(Vec<WsFrame>, Vec<u16>, u16)>().for_each(|(frames, cuts, cap)| {
+        let cap = usize::from(*cap % 4000) + 1;
+        let mut watch = FrameWatch::new(cap);
+        let (mut held, mut open) = (0usize, false);
+        let mut cut = cuts.iter().cycle();
+        for f in frames.iter().take(40) {
+            let bytes = f.bytes();
+            let mut rest = &bytes[..];
+            let mut fed_ended = 0;
+            while !rest.is_empty() {
+                let n = cut.next().map_or(rest.len(), |c| usize::from(*c) % rest.len() + 1);
+                fed_ended += watch.feed(&rest[..n]);
+                rest = &rest[n..];
+            }
+            if f.opcode() < 8 {
+                held = (held + usize::from(f.len % 3000)).min(cap);
+                open = !f.fin;
+                if f.fin {
+                    held = 0;
+                }
+            }
+            assert_eq!(fed_ended, usize::from(f.opcode() < 8 && f.fin), "{f:?}");
+            assert_eq!((watch.held(), watch.open()), (held, open), "after {f:?}");
+        }
+    });
+}
+
 // ------------------------------------------------------- HTTP/1 request heads
 
 /// The lean HTTP/1 path's head parser: never panics; a head it takes is whole

@@ -132,6 +132,125 @@ async fn a_fragmented_websocket_message_over_the_limit_closes_with_1009() {
     assert_eq!(closed["closed"], 1009, "{closed}");
 }
 
+/// Session 13's attack: a message begun and never finished held its bytes for
+/// as long as the client answered pings (pongs kept the connection from
+/// idling). It must end within `--body-read-timeout`, pongs or not.
+#[tokio::test]
+async fn a_websocket_message_left_unfinished_is_closed_with_1008_at_the_body_read_timeout_though_pongs_arrive() {
+    let s = TestServer::start_with(|c| {
+        c.body_read_timeout = Duration::from_secs(1);
+        c.idle_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let mut ws = ws_connect(&s).await;
+    let first = Frame::message(r#"{"action":"ping","pad":""#, OpCode::Data(Data::Text), false);
+    ws.send(Message::Frame(first)).await.expect("a fragment is sent");
+    let started = Instant::now();
+    let closed = loop {
+        assert!(started.elapsed() < Duration::from_secs(8), "the unfinished message was never cut off");
+        match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame.expect("a close frame with a code"),
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => panic!("the socket ended without a close frame: {other:?}"),
+            // A pong every 200 ms: the connection is never idle.
+            Err(_) => ws.send(Message::Pong(Default::default())).await.expect("a pong is sent"),
+        }
+    };
+    assert_eq!(u16::from(closed.code), 1008, "{closed:?}");
+    assert!(closed.reason.contains("body_read_timeout"), "{closed:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "closed after {:?}", started.elapsed());
+    assert_responsive(&s).await;
+}
+
+/// A raw `/ws` connection, upgraded, its `connected` message read.
+async fn raw_ws(s: &TestServer) -> tokio::net::TcpStream {
+    let mut conn = common::connect(s).await;
+    let upgrade = format!(
+        "GET /ws HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: {ALICE}\r\nconnection: Upgrade\r\n\
+         upgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    conn.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        conn.read_exact(&mut byte).await.expect("the upgrade is answered");
+        got.push(byte[0]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&got));
+    // The `connected` message: a short unmasked text frame.
+    let mut head = [0u8; 2];
+    conn.read_exact(&mut head).await.expect("the connected message");
+    assert_eq!((head[0], head[1] < 126), (0x81, true), "a short text frame first");
+    let mut connected = vec![0u8; head[1] as usize];
+    conn.read_exact(&mut connected).await.expect("the connected message");
+    assert!(String::from_utf8_lossy(&connected).contains("connected"));
+    conn
+}
+
+/// The close code of the server's close frame among `frames` (server frames are unmasked).
+fn close_code_in(mut frames: &[u8]) -> Option<u16> {
+    while frames.len() >= 2 {
+        let (len, at) = match frames[1] & 0x7f {
+            126 => (u16::from_be_bytes([frames[2], frames[3]]) as usize, 4),
+            127 => (u64::from_be_bytes(frames[2..10].try_into().ok()?) as usize, 10),
+            n => (n as usize, 2),
+        };
+        let payload = frames.get(at..at + len)?;
+        if frames[0] & 0x0f == 8 {
+            return Some(u16::from_be_bytes([*payload.first()?, *payload.get(1)?]));
+        }
+        frames = &frames[at + len..];
+    }
+    None
+}
+
+/// tungstenite reserves a frame's declared length when it reads the header:
+/// 14 bytes sent cost the server the whole frame. Messages in progress hold
+/// their declared bytes of the body budget, and one that would pass it ends
+/// its socket with 1013 (try again later).
+#[tokio::test]
+async fn websocket_messages_in_progress_hold_the_body_budget_and_one_past_it_closes_with_1013() {
+    let s = TestServer::start_with(|c| {
+        c.body_buffer_bytes = 1 << 20;
+        c.ws_max_message_bytes = 600 << 10;
+    })
+    .await;
+    // A masked text frame declaring 500 KiB, then 10 bytes of it.
+    let mut started = vec![0x81, 0x80 | 127];
+    started.extend_from_slice(&(500u64 << 10).to_be_bytes());
+    started.extend_from_slice(&[1, 2, 3, 4]);
+    started.extend_from_slice(&[b'x'; 10]);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut conn = raw_ws(&s).await;
+        conn.write_all(&started).await.unwrap();
+        held.push(conn);
+    }
+    let mut third = raw_ws(&s).await;
+    third.write_all(&started).await.unwrap();
+    let sent = common::read_until_closed(&mut third).await.expect("the third socket is closed");
+    assert_eq!(close_code_in(&sent), Some(1013), "{:?}", String::from_utf8_lossy(&sent));
+    // The two within the budget are still open; once one goes, its bytes come back.
+    for conn in &mut held {
+        let mut byte = [0u8; 1];
+        let still = tokio::time::timeout(Duration::from_millis(100), conn.read(&mut byte)).await;
+        assert!(still.is_err(), "a socket within the budget stays open: {still:?}");
+    }
+    held.pop();
+    let again = eventually(Duration::from_secs(5), "the budget to take a message again", || async {
+        let mut conn = raw_ws(&s).await;
+        conn.write_all(&started).await.unwrap();
+        let mut byte = [0u8; 64];
+        match tokio::time::timeout(Duration::from_millis(200), conn.read(&mut byte)).await {
+            Err(_) => Some(conn),
+            Ok(_) => None,
+        }
+    })
+    .await;
+    drop((again, held));
+    assert_responsive(&s).await;
+}
+
 #[tokio::test]
 async fn a_subscribe_with_100000_patterns_is_refused_at_once() {
     let s = TestServer::start().await;
