@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::principal::{PrincipalKey, PrincipalKind};
+use crate::principal::{percent_decode_strict, PrincipalKey, PrincipalKind};
 
 /// An entity's address: `/{type}/{instanceId}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -31,7 +31,25 @@ fn check_segment(what: &str, s: &str) -> Result<()> {
     Ok(())
 }
 
+/// The characters a new entity's type and instance id are spelled with, for
+/// error messages: RFC 3986's unreserved characters.
+pub const NAME_CHARS: &str = "letters A-Z and a-z, digits 0-9, '-', '.', '_' and '~'";
+
+/// One of [`NAME_CHARS`]. A URL path spells these one way only: as
+/// themselves (`encodeURIComponent` leaves them as they are, and the server
+/// refuses their percent-encodings with 400, `origin::has_encoded_separator`),
+/// so a name made of them is one stream path for every client.
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
 impl EntityUrl {
+    /// An entity URL as addressed: the entity may exist, made by this release
+    /// or by an older one, whose names were looser (any characters but '/',
+    /// '\\', '%', '*' and control characters). Every route that reaches an
+    /// existing entity, and the stream routes, take names by this rule, so
+    /// stored entities stay readable and deletable; a new entity's name takes
+    /// [`EntityUrl::for_new_entity`]'s stricter one.
     pub fn new(entity_type: &str, instance_id: &str) -> Result<EntityUrl> {
         check_segment("entity type", entity_type)?;
         if entity_type.starts_with('_') || entity_type.contains('*') {
@@ -44,7 +62,43 @@ impl EntityUrl {
         Ok(EntityUrl { entity_type: entity_type.to_owned(), instance_id: instance_id.to_owned() })
     }
 
-    /// Parses `/{type}/{instanceId}`.
+    /// The URL a new entity takes (spawn, fork, `task.create`): [`EntityUrl::new`]'s
+    /// rules, and its type and instance id spelled only with [`NAME_CHARS`],
+    /// so every client addresses its streams by one path. An id with a space,
+    /// '?', '#', a non-ASCII letter or a sub-delimiter (`!`, `'`, `(`, `:`,
+    /// ...) had spellings that reached different streams, or none.
+    pub fn for_new_entity(entity_type: &str, instance_id: &str) -> Result<EntityUrl> {
+        let url = EntityUrl::new(entity_type, instance_id)?;
+        for (what, s) in [("entity type", entity_type), ("instance id", instance_id)] {
+            if !s.bytes().all(is_name_byte) {
+                return Err(Error::InvalidEntityName(format!(
+                    "{what} {s:?} may contain only {NAME_CHARS}: other characters have more than one spelling in a URL path"
+                )));
+            }
+        }
+        Ok(url)
+    }
+
+    /// If `path` is shaped like an entity's stream (`/{t}/{i}/main`,
+    /// `/{t}/{i}/attachments/{x}`) with its type or id percent-encoded, the
+    /// entity whose stream it spells another way. Such a path is no entity's
+    /// ([`EntityUrl::owning`] is `None`), but a client that decodes URLs reads
+    /// it as the entity's: a plain stream may not be created there.
+    pub fn respelled_by(path: &str) -> Option<EntityUrl> {
+        let mut parts = path.strip_prefix('/')?.splitn(4, '/');
+        let (t, i, kind) = (parts.next()?, parts.next()?, parts.next()?);
+        match (kind, parts.next()) {
+            ("main", None) => {}
+            ("attachments", Some(id)) if !id.is_empty() => {}
+            _ => return None,
+        }
+        if !t.contains('%') && !i.contains('%') {
+            return None;
+        }
+        EntityUrl::new(&percent_decode_strict(t).ok()?, &percent_decode_strict(i).ok()?).ok()
+    }
+
+    /// Parses `/{type}/{instanceId}` (as addressed, [`EntityUrl::new`]).
     pub fn parse(url: &str) -> Result<EntityUrl> {
         let rest =
             url.strip_prefix('/').ok_or_else(|| Error::Invalid(format!("entity url {url:?} must start with '/'")))?;
@@ -347,6 +401,102 @@ mod tests {
             ("chat", "a%2Fb"),
         ] {
             assert!(EntityUrl::new(t, i).is_err(), "{t}/{i}");
+        }
+    }
+
+    #[test]
+    fn new_entity_names_use_unreserved_characters_and_old_ones_stay_addressable() {
+        for (t, i) in [("chat", "abc"), ("chat", "T-1.b_c~d"), ("task", "t-1795967306688-0a1b2c"), ("a.b", "x")] {
+            assert!(EntityUrl::for_new_entity(t, i).is_ok(), "{t}/{i}");
+        }
+        for i in
+            ["a b", "a?b", "a#b", "caf\u{e9}", "a'b", "a(b)", "a!b", "a:b", "a@b", "a+b", "a,b", "a;b", "a=b", "a|b"]
+        {
+            assert!(matches!(EntityUrl::for_new_entity("chat", i), Err(Error::InvalidEntityName(_))), "{i:?}");
+            assert!(matches!(EntityUrl::for_new_entity(i, "x"), Err(Error::InvalidEntityName(_))), "{i:?}");
+            // Made by an older release, such an entity is still addressed.
+            assert_eq!(EntityUrl::new("chat", i).map(|u| u.instance_id().to_owned()), Ok(i.to_owned()));
+        }
+        // The rules of every name still hold first.
+        for (t, i) in [("_x", "a"), ("chat", ".a"), ("chat", "a*"), ("chat", "a%41")] {
+            assert!(matches!(EntityUrl::for_new_entity(t, i), Err(Error::Invalid(_))), "{t}/{i}");
+        }
+        let message = EntityUrl::for_new_entity("chat", "a b").unwrap_err().to_string();
+        assert!(message.contains("A-Z") && message.contains("'~'"), "{message}");
+    }
+
+    #[test]
+    fn a_percent_encoded_entity_stream_path_names_the_entity_it_respells() {
+        let respelled = |p: &str| EntityUrl::respelled_by(p).map(|e| e.to_string());
+        assert_eq!(respelled("/chat/a%20b/main").as_deref(), Some("/chat/a b"));
+        assert_eq!(respelled("/chat/a%21b/attachments/x").as_deref(), Some("/chat/a!b"));
+        assert_eq!(respelled("/ch%C3%A4t/x/main").as_deref(), Some("/ch\u{e4}t/x"));
+        assert_eq!(respelled("/principal/user%3Asam/main").as_deref(), Some("/principal/user:sam"));
+        for not_one in [
+            "/chat/abc/main",    // spelled as it is: the entity's own path
+            "/chat/a%25b/main",  // "a%b" is no entity's name
+            "/chat/a%2Fb/main",  // nor "a/b"
+            "/chat/a%zzb/main",  // a malformed escape decodes to nothing
+            "/chat/a%C3/main",   // nor do bytes that are not UTF-8
+            "/_x/a%20b/main",    // "_x" is no entity type
+            "/chat/a%20b/other", // not an entity's stream
+            "/chat/a%20b/attachments/",
+            "/v1/stream/a%20b",
+        ] {
+            assert_eq!(respelled(not_one), None, "{not_one}");
+        }
+    }
+
+    /// `s` with the characters `mask` picks (bit n for the n-th, mod 64) written as `%XX` escapes of their bytes.
+    fn escaped(s: &str, mask: u64) -> String {
+        let mut out = String::new();
+        for (n, c) in s.chars().enumerate() {
+            if mask >> (n % 64) & 1 == 1 {
+                c.encode_utf8(&mut [0; 4]).bytes().for_each(|b| out.push_str(&format!("%{b:02X}")));
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    proptest::proptest! {
+        /// A new name is an addressable name whose every byte is one of the 66
+        /// unreserved characters, which `encodeURIComponent` leaves as they are.
+        #[test]
+        fn new_names_are_names_spelled_with_unreserved_characters_only(
+            t in "[a-zA-Z0-9._~!*'() %?#:@+é_-]{0,10}",
+            i in "[a-zA-Z0-9._~!*'() %?#:@+é/-]{0,10}",
+        ) {
+            const UNRESERVED: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~";
+            let unreserved = |s: &str| s.chars().all(|c| UNRESERVED.contains(c));
+            let new = EntityUrl::for_new_entity(&t, &i);
+            proptest::prop_assert_eq!(new.is_ok(), EntityUrl::new(&t, &i).is_ok() && unreserved(&t) && unreserved(&i));
+            if new.is_ok() {
+                proptest::prop_assert_eq!(crate::principal::encode_uri_component(&i), i);
+            }
+        }
+
+        /// Every other spelling of any entity's stream (some of its type's or
+        /// id's bytes percent-encoded) is no entity's stream, and is known as a
+        /// spelling of that entity's: no plain stream may take it.
+        #[test]
+        fn every_other_spelling_of_an_entity_stream_respells_that_entity(
+            t in "[a-z0-9._~!'() ?#:@+é-]{1,8}",
+            i in "[a-zA-Z0-9._~!'() ?#:@+é-]{1,12}",
+            t_mask in proptest::prelude::any::<u64>(),
+            i_mask in proptest::prelude::any::<u64>(),
+            attachment in proptest::prelude::any::<bool>(),
+        ) {
+            let Ok(entity) = EntityUrl::new(&t, &i) else { return Ok(()) };
+            let suffix = if attachment { "/attachments/x" } else { "/main" };
+            let path = format!("/{}/{}{suffix}", escaped(&t, t_mask), escaped(&i, i_mask));
+            if path == format!("{entity}{suffix}") {
+                proptest::prop_assert!(EntityUrl::owning(&path).is_some_and(|(e, _)| e == entity));
+            } else {
+                proptest::prop_assert_eq!(EntityUrl::owning(&path), None);
+                proptest::prop_assert_eq!(EntityUrl::respelled_by(&path), Some(entity));
+            }
         }
     }
 

@@ -27,6 +27,9 @@ pub enum Error {
     EmptyJsonArray,
     #[error("invalid stream path {0:?}: {1}")]
     InvalidPath(String, &'static str),
+    /// A new entity's type or instance id outside the characters it may use.
+    #[error("{0}")]
+    InvalidEntityName(String),
     #[error("{0}")]
     Invalid(String),
 }

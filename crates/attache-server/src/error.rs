@@ -206,7 +206,12 @@ fn store_refusal(e: &StoreError) -> Refusal {
 
 impl From<attache_core::Error> for ApiError {
     fn from(e: attache_core::Error) -> ApiError {
-        ApiError::bad_request(e.to_string())
+        match e {
+            attache_core::Error::InvalidEntityName(message) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "INVALID_ENTITY_NAME", message)
+            }
+            e => ApiError::bad_request(e.to_string()),
+        }
     }
 }
 

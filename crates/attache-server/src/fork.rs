@@ -29,7 +29,7 @@ use serde_json::json;
 use crate::access::{hold_life, now_ms, EntityRoute};
 use crate::entities::{copy_grants_to_child, entity_json, json_size, lineage_under, Lineage};
 use crate::error::{ApiError, ApiResult};
-use crate::http::{entity_url, json_object_body};
+use crate::http::json_object_body;
 use crate::rows::{append_rows, new_txid, not_running};
 use crate::AppState;
 
@@ -108,7 +108,7 @@ pub async fn fork(
         Some(id) => id.to_owned(),
         None => format!("{}-fork-{}", source_url.instance_id(), &new_txid()[..8]),
     };
-    let fork_url = entity_url(source_url.entity_type(), &fork_id)?;
+    let fork_url = EntityUrl::for_new_entity(source_url.entity_type(), &fork_id)?;
     let source = route.authorize(&state, Permission::Fork).await?;
     if !source.is_running() {
         return Err(not_running());

@@ -108,6 +108,23 @@ async fn authorize(state: &AppState, who: &PrincipalKey, method: &Method, path: 
         }
         return Ok(Access::Visible);
     }
+    // No plain stream is created at another spelling of an entity's stream
+    // path: to a client that decodes URLs, `/chat/a%20b/main` is the entity
+    // `/chat/a b`'s main stream. One made by an older release stays readable,
+    // appendable and deletable by its owner. Said from the path alone.
+    if *method == Method::PUT {
+        if let Some(entity) = EntityUrl::respelled_by(path.as_str()) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "ENTITY_PATH_ESCAPED",
+                format!(
+                    "{path} is the entity {entity}'s stream path spelled with percent-escapes: no stream may be created \
+                     there. Entity types and ids are spelled with {} only",
+                    attache_core::entity::NAME_CHARS
+                ),
+            ));
+        }
+    }
     match state.store.named(path.as_str()).await {
         Ok(info) if !owns_stream(who, &info) => match *method {
             Method::PUT if info.soft_deleted => Ok(Access::KeptForOthers),

@@ -657,6 +657,163 @@ async fn encoded_slashes_and_dots_in_urls_are_400_and_change_nothing() {
     assert_eq!(ts.head("/plain/a/b").await.status(), StatusCode::NOT_FOUND);
 }
 
+/// Ids that need percent-encoding in a URL path, or have more than one
+/// spelling there, as a client writes them in the entity routes' URLs, and
+/// as the id they decode to.
+const ESCAPED_NAMES: &[(&str, &str)] = &[
+    ("a%20b", "a b"),
+    ("a%3Fb", "a?b"),
+    ("a%23b", "a#b"),
+    ("caf%C3%A9", "caf\u{e9}"),
+    ("a'b", "a'b"),
+    ("a(b)", "a(b)"),
+    ("a!b", "a!b"),
+    ("a%21b", "a!b"),
+    ("a:b", "a:b"),
+    ("a@b", "a@b"),
+    ("a+b", "a+b"),
+    ("a;b", "a;b"),
+    ("a%7Cb", "a|b"),
+];
+
+#[tokio::test]
+async fn new_entity_names_outside_the_unreserved_characters_are_400_on_spawn_fork_and_task_create() {
+    let ts = TestServer::start().await;
+    spawn(&ts, Some(SAM), "/chat/src").await;
+    let before = registry_snapshot(&ts).await;
+    let refused = |what: String, status: StatusCode, code: String, body: Value| {
+        assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "INVALID_ENTITY_NAME"), "{what}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("A-Z") && message.contains("'~'"), "{what}: the allowed characters are named: {body}");
+    };
+    for (spelled, _) in ESCAPED_NAMES {
+        for path in [api(&format!("/chat/{spelled}")), api(&format!("/{spelled}/x"))] {
+            let (status, code, body) =
+                error_of(as_principal(ts.request(Method::PUT, &path), Some(SAM)).send().await.unwrap()).await;
+            refused(format!("PUT {path}"), status, code, body);
+        }
+        let fork = as_principal(ts.request(Method::POST, &format!("{}/fork", api("/chat/src"))), Some(SAM));
+        let id = ESCAPED_NAMES.iter().find(|(s, _)| s == spelled).map(|(_, id)| *id).unwrap_or_default();
+        let (status, code, body) = error_of(fork.json(&json!({ "instance_id": id })).send().await.unwrap()).await;
+        refused(format!("fork to {id:?}"), status, code, body);
+        let create = json!({ "jsonrpc": "2.0", "id": 1, "method": "task.create",
+            "params": { "text": "t", "id": format!("t-{id}") } });
+        let res = as_principal(ts.request(Method::POST, "/rpc"), Some(SAM)).json(&create).send().await.unwrap();
+        let answer: Value = res.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], -32602, "task.create t-{id}: {answer}");
+        assert!(answer["error"]["data"]["validation"].as_str().is_some_and(|m| m.contains("'~'")), "{answer}");
+    }
+    assert_eq!(registry_snapshot(&ts).await, before);
+    // The unreserved characters make a name, and its stream has that one spelling.
+    spawn(&ts, Some(SAM), "/chat/A-z_0.9~").await;
+    assert_eq!(rows_as(&ts, "/chat/A-z_0.9~/main", Some(SAM)).await[0]["type"], "entity_created");
+    let other = as_principal(ts.request(Method::GET, "/chat/A-z_0.9%7E/main"), Some(SAM)).send().await.unwrap();
+    assert_eq!(other.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_plain_stream_is_not_created_at_an_entity_stream_path_spelled_with_escapes() {
+    // Before: anyone could create `/chat/a%20b/main` (or `/chat/a%21b/main`)
+    // as a plain stream and write any row there, which a client that decodes
+    // URLs reads as the entity `/chat/a b`'s main stream.
+    let ts = TestServer::start().await;
+    for path in [
+        "/chat/a%20b/main",
+        "/chat/a%21b/main",
+        "/chat/caf%C3%A9/main",
+        "/chat/x%3Ay/attachments/z",
+        "/ch%20at/x/main",
+        "/principal/user%3Asam/main",
+    ] {
+        let put = as_principal(ts.request(Method::PUT, path), Some(ANN)).header("content-type", "application/json");
+        let (status, code, body) = error_of(put.send().await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "ENTITY_PATH_ESCAPED"), "PUT {path}: {body}");
+        let head = as_principal(ts.request(Method::HEAD, path), Some(ANN)).send().await.unwrap();
+        assert_eq!(head.status(), StatusCode::NOT_FOUND, "{path} was not created");
+    }
+    // Escapes elsewhere are a plain stream's own business, as before.
+    for path in ["/plain/a%20b", "/chat/a%20b/other", "/chat/a%25b/main", "/_x/a%20b/main"] {
+        let put = as_principal(ts.request(Method::PUT, path), Some(ANN)).header("content-type", "text/plain");
+        assert_eq!(put.send().await.unwrap().status(), StatusCode::CREATED, "PUT {path}");
+    }
+}
+
+/// Plants what an older release could store: the entity `url` (its record
+/// and its main stream), spawned by `owner`, with a name this release refuses
+/// for new entities, and a plain stream `plain` owned by `plain_owner`.
+async fn plant_older_release_data(ts: &mut TestServer, url: &str, owner: &str, plain: &str, plain_owner: &str) {
+    use attache_storage::embedded::{EmbeddedConfig, EmbeddedRegistry, EmbeddedStore};
+    use attache_storage::{CreateStream, Registry, StreamStore};
+    spawn(ts, Some(owner), "/chat/template").await;
+    let created = rows_as(ts, "/chat/template/main", Some(owner)).await;
+    let dir = ts.pause().await;
+    let json = attache_core::ContentType::parse("application/json").unwrap();
+    let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).expect("the store opens");
+    for (path, body, who) in
+        [(format!("{url}/main"), json!(created), owner), (plain.to_owned(), json!([{ "a": 1 }]), plain_owner)]
+    {
+        let create = CreateStream {
+            path: attache_core::StreamPath::new(path).unwrap(),
+            content_type: Some(json.clone()),
+            ttl: None,
+            expires_at: None,
+            closed: false,
+            initial: serde_json::to_vec(&body).unwrap().into(),
+            fork: None,
+            owner: Some(who.to_owned()),
+            take_kept_path: false,
+        };
+        store.create(create).await.expect("the stream is created");
+    }
+    store.close().await;
+    drop(store);
+    let registry = EmbeddedRegistry::open(&dir).expect("the registry opens");
+    let mut record = registry.entity("/chat/template").await.expect("the template's record");
+    let entity = attache_core::EntityUrl::parse(url).unwrap();
+    record.url = url.to_owned();
+    record.instance_id = entity.instance_id().to_owned();
+    record.incarnation = Some("0123456789abcdef0123456789abcdef".into());
+    registry.insert_entity(record).await.expect("the record is planted");
+    drop(registry);
+    ts.resume().await;
+}
+
+#[tokio::test]
+async fn entities_named_by_an_older_release_stay_readable_and_deletable_by_their_owner() {
+    let mut ts = TestServer::start().await;
+    plant_older_release_data(&mut ts, "/chat/it's", SAM, "/chat/a%20b/main", ANN).await;
+    let old = api("/chat/it's");
+    let (status, body) = get_as(&ts, Some(SAM), "/chat/it's").await;
+    assert_eq!((status, body["instance_id"].as_str()), (StatusCode::OK, Some("it's")), "{body}");
+    assert_eq!(get_as(&ts, Some(ANN), "/chat/it's").await.0, StatusCode::NOT_FOUND);
+    // Its routes and its streams by the raw routes, as before.
+    let send = as_principal(ts.request(Method::POST, &format!("{old}/send")), Some(SAM));
+    assert_eq!(send.json(&json!({ "payload": "hi", "key": "m1" })).send().await.unwrap().status(), StatusCode::OK);
+    let main = rows_as(&ts, "/chat/it's/main", Some(SAM)).await;
+    assert!(main.iter().any(|r| r["type"] == "inbox" && r["value"]["payload"] == "hi"), "{main:?}");
+    // Its name is not taken again, and it can move to a name of today (fork).
+    let respawn = as_principal(ts.request(Method::PUT, &old), Some(SAM)).send().await.unwrap();
+    assert_eq!(error_of(respawn).await.1, "INVALID_ENTITY_NAME");
+    let fork = as_principal(ts.request(Method::POST, &format!("{old}/fork")), Some(SAM));
+    assert_eq!(fork.json(&json!({ "instance_id": "its" })).send().await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(get_as(&ts, Some(SAM), "/chat/its").await.0, StatusCode::OK);
+    // A plain stream an older release let ANN create at an escaped entity path: hers to read, append, delete.
+    assert_eq!(rows_as(&ts, "/chat/a%20b/main", Some(ANN)).await, vec![json!({ "a": 1 })]);
+    let append = as_principal(ts.request(Method::POST, "/chat/a%20b/main"), Some(ANN));
+    let append = append.header("content-type", "application/json").body(r#"{"a":2}"#).send().await.unwrap();
+    assert_eq!(append.status(), StatusCode::NO_CONTENT);
+    let delete = as_principal(ts.request(Method::DELETE, "/chat/a%20b/main"), Some(ANN)).send().await.unwrap();
+    assert_eq!(delete.status(), StatusCode::NO_CONTENT);
+    // Purged by its owner, the old entity is gone.
+    let purge = as_principal(ts.request(Method::DELETE, &format!("{old}?purge=true")), Some(SAM)).send().await.unwrap();
+    assert_eq!(purge.status(), StatusCode::OK);
+    assert_eq!(get_as(&ts, Some(SAM), "/chat/it's").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        as_principal(ts.request(Method::HEAD, "/chat/it's/main"), Some(SAM)).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
 #[tokio::test]
 async fn an_unknown_entity_is_404_not_found_on_every_route() {
     let ts = TestServer::start().await;

@@ -162,6 +162,45 @@ async fn a_websocket_message_left_unfinished_is_closed_with_1008_at_the_body_rea
     assert_responsive(&s).await;
 }
 
+/// The server offers RFC 8441's extended CONNECT on HTTP/2; `/ws` takes it:
+/// the same socket, with the same bounds, as over an HTTP/1.1 upgrade.
+#[tokio::test]
+async fn a_websocket_opens_over_http2_with_extended_connect_and_keeps_its_bounds() {
+    let s = TestServer::start_with(|c| c.ws_max_message_bytes = 16 << 10).await;
+    let io = hyper_util::rt::TokioIo::new(common::connect(&s).await);
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.expect("HTTP/2");
+    tokio::spawn(conn);
+    let mut req = http::Request::connect(s.url("/ws"))
+        .header("sec-websocket-version", "13")
+        .header("electric-principal", ALICE)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    req.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+    let res = sender.send_request(req).await.expect("an answer");
+    assert_eq!(res.status(), StatusCode::OK);
+    let tunnel = hyper::upgrade::on(res).await.expect("the stream becomes the socket's");
+    let io = hyper_util::rt::TokioIo::new(tunnel);
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        io,
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    let connected = ws.next().await.expect("a message").expect("no error");
+    assert!(connected.to_text().unwrap_or("").contains("connected"), "{connected:?}");
+    ws.send(Message::Text(r#"{"action":"ping"}"#.into())).await.unwrap();
+    let pong = ws.next().await.expect("a message").expect("no error");
+    assert!(pong.to_text().unwrap_or("").contains("pong"), "{pong:?}");
+    ws.send(Message::Text(format!(r#"{{"action":"ping","pad":"{}"}}"#, "x".repeat(24 << 10)).into()))
+        .await
+        .unwrap();
+    match ws.next().await {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1009, "{frame:?}"),
+        other => panic!("expected a 1009 close, got {other:?}"),
+    }
+}
+
 /// A raw `/ws` connection, upgraded, its `connected` message read.
 async fn raw_ws(s: &TestServer) -> tokio::net::TcpStream {
     let mut conn = common::connect(s).await;

@@ -137,6 +137,8 @@ async fn spawn_entity_under(
     extra: Option<RawJson>,
     lineage: Option<&Lineage>,
 ) -> ApiResult<(EntityRecord, bool, String)> {
+    // Refused whether or not an entity (of an older release) holds the name: the answer says nothing of it.
+    EntityUrl::for_new_entity(url.entity_type(), url.instance_id())?;
     let key = url.to_string();
     if let Some(existing) = state.registry.entity(&key).await {
         return if existing.created_by == who.url() {

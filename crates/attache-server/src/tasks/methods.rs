@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use attache_core::state::timestamp;
-use attache_core::{Permission, PrincipalKey};
+use attache_core::{EntityUrl, Permission, PrincipalKey};
 use attache_storage::{EntityRecord, StoreError};
 use serde_json::{json, Map, Value};
 
@@ -50,9 +50,11 @@ pub(super) async fn create(
     budget.take_bytes(json_bytes(&metadata))?;
     let id = match p.opt_string("id", 128)? {
         Some(id) => {
-            if !id.starts_with("t-") || task_url(id).is_none() {
+            if !id.starts_with("t-") {
                 return Err(ApiError::invalid("id", "id must start with t- and be a valid entity id"));
             }
+            // A task is the entity /task/{id}: its id is a new entity's name.
+            EntityUrl::for_new_entity(TASK_TYPE, id).map_err(|e| ApiError::invalid("id", e.to_string()))?;
             id.to_owned()
         }
         None => new_task_id(),
