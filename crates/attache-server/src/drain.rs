@@ -10,6 +10,11 @@
 //! with `Expect: 100-continue` is not drained: its client sends no body
 //! unless asked to (curl does this for bodies over 1 MiB).
 //!
+//! A drain also stops once nothing has come for [`DRAIN_IDLE`]: a client that
+//! sends its whole body before it reads sends without pause, and one that
+//! stalls (a refused upload that stopped sending) gets its answer then,
+//! with `Connection: close`, instead of after the whole drain time.
+//!
 //! Bounded twice more: at most [`DRAINING_AT_ONCE`] refused bodies are
 //! drained at once in the whole process (past it a refusal is answered at once
 //! with `Connection: close`), and only HTTP/1 requests are drained: over
@@ -61,6 +66,10 @@ impl Drop for Returning {
     }
 }
 
+/// A drain that receives nothing for this long stops (a stalled client,
+/// not one sending its body before it reads).
+pub const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Refused bodies drained at the same time, in the whole process.
 pub const DRAINING_AT_ONCE: usize = 256;
 static DRAINING: Semaphore = Semaphore::const_new(DRAINING_AT_ONCE);
@@ -111,7 +120,8 @@ where
     let deadline = tokio::time::Instant::now() + state.config.refused_body_drain_time;
     let mut drained = 0u64;
     let whole = loop {
-        match tokio::time::timeout_at(deadline, rest.next()).await {
+        let wait_until = deadline.min(tokio::time::Instant::now() + DRAIN_IDLE);
+        match tokio::time::timeout_at(wait_until, rest.next()).await {
             Ok(None) => break true,
             Ok(Some(Ok(chunk))) => {
                 drained += chunk.len() as u64;

@@ -254,3 +254,26 @@ async fn uploads_past_max_concurrent_uploads_are_answered_503_at_once_and_http2_
     drop(tx);
     let _ = http2.await;
 }
+
+/// A refused upload whose client stalls mid-body hears its 503 within the
+/// drain's idle gap (2 s), not after the whole drain time (30 s): the
+/// refusal's body is drained only while it keeps coming.
+#[tokio::test]
+async fn a_refused_upload_that_stalls_hears_its_503_within_the_drain_idle_gap() {
+    let s = TestServer::start_with(|c| {
+        c.max_concurrent_uploads = Some(1);
+        c.upload_idle_timeout = Duration::from_secs(600);
+        c.idle_timeout = Duration::from_secs(600);
+    })
+    .await;
+    spawn_entity(&s).await;
+    let _held = stall_an_upload(&s, "one").await;
+    uploads_in_progress_reach(&s, 1).await;
+    let started = std::time::Instant::now();
+    let mut refused = stall_an_upload(&s, "two").await;
+    let answer = read_until_closed(&mut refused).await.expect("the refused upload's connection is closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("TOO_MANY_UPLOADS") && answer.contains("\r\nconnection: close\r\n"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(6), "answered after {:?}", started.elapsed());
+}
