@@ -186,6 +186,11 @@ pub struct ServeArgs {
     /// with Retry-After, an SSE reader waits for room [default: 67108864, 64 MiB]
     #[arg(long, env = "ATTACHE_RESPONSE_BUFFER_BYTES")]
     response_buffer_bytes: Option<usize>,
+    /// The most of --body-buffer-bytes and of --response-buffer-bytes one principal holds, in
+    /// percent of each; past it its request is answered as past the whole budget (503), while
+    /// others still have room. 100: no share [default: 25]
+    #[arg(long, env = "ATTACHE_BUDGET_SHARE_PER_PRINCIPAL", value_parser = clap::value_parser!(u8).range(1..=100))]
+    budget_share_per_principal: Option<u8>,
     /// Largest reason and payload of one signal together, in bytes of JSON; a larger signal
     /// is refused with 413 [default: 16384]
     #[arg(long, env = "ATTACHE_MAX_SIGNAL_BYTES")]
@@ -269,6 +274,7 @@ struct FileConfig {
     body_buffer_bytes: Option<usize>,
     body_read_timeout: Option<String>,
     response_buffer_bytes: Option<usize>,
+    budget_share_per_principal: Option<u8>,
     max_signal_bytes: Option<usize>,
     signal_rate_limit: Option<u32>,
     signal_rate_window: Option<String>,
@@ -421,6 +427,11 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
     duration(args.shutdown_grace, file.shutdown_grace, "shutdown_grace", "30s", &mut config.shutdown_grace)?;
     setting(args.body_buffer_bytes, file.body_buffer_bytes, &mut config.body_buffer_bytes);
     setting(args.response_buffer_bytes, file.response_buffer_bytes, &mut config.response_buffer_bytes);
+    setting(
+        args.budget_share_per_principal,
+        file.budget_share_per_principal.map(|p| p.clamp(1, 100)),
+        &mut config.budget_share_per_principal,
+    );
     duration(
         args.body_read_timeout,
         file.body_read_timeout,

@@ -82,6 +82,20 @@ impl Auth {
         }
     }
 
+    /// Whom a request's budgets are counted to (`http::Shares`): its
+    /// principal, told from its credentials without checking them again (the
+    /// route checked them before it read its body); `None` when they name none.
+    pub fn owner_of(&self, headers: &HeaderMap) -> Option<PrincipalKey> {
+        match self.mode {
+            AuthMode::Dev => self.authenticate(headers).ok(),
+            AuthMode::Token => {
+                let raw = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+                let token = raw.strip_prefix("Bearer ").or_else(|| raw.strip_prefix("bearer "))?;
+                PrincipalKey::parse(&self.tokens.principal_of(token.trim())?).ok()
+            }
+        }
+    }
+
     /// Whether the credentials a connection presented when it opened still
     /// stand for `who`: a connection that outlives its request (a WebSocket)
     /// asks again before it acts or sends, so a token revoked or expired

@@ -147,6 +147,11 @@ pub struct ServerConfig {
     /// at once, all requests together (`http::SendBudget`); a read past it is
     /// answered 503 with `Retry-After`, an SSE reader waits for room.
     pub response_buffer_bytes: usize,
+    /// The most of `body_buffer_bytes` and of `response_buffer_bytes` one
+    /// principal holds, in percent of each (`http::Shares`): past it its
+    /// request is answered as past the whole budget, while other principals
+    /// still have room. 100: no share.
+    pub budget_share_per_principal: u8,
     /// How long a multipart upload's body may bring no byte at all, counted
     /// while the server waits for it (408 `BODY_READ_TIMEOUT` and the
     /// connection closed beyond; the upload is recorded `failed`).
@@ -300,6 +305,7 @@ impl ServerConfig {
             body_buffer_bytes: 256 << 20,
             body_read_timeout: Duration::from_secs(60),
             response_buffer_bytes: 64 << 20,
+            budget_share_per_principal: 25,
             upload_idle_timeout: Duration::from_secs(30),
             upload_min_rate: DEFAULT_UPLOAD_MIN_RATE,
             max_concurrent_uploads: None,

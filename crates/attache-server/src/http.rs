@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use attache_core::EntityUrl;
+use attache_core::{EntityUrl, PrincipalKey};
 use attache_storage::FileBody;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -53,16 +53,27 @@ pub async fn json_object_body<T: serde::de::DeserializeOwned>(
 /// (`--body-read-timeout`). A body takes its bytes as they come and gives them
 /// back when collected or dropped; past the budget the request is answered
 /// 503 at once, never made to wait.
-#[derive(Debug)]
+/// One principal holds at most its share of it (`--budget-share-per-principal`).
 pub struct BodyBudget {
     held: AtomicUsize,
     capacity: usize,
     timeout: Duration,
+    shares: Shares,
+    /// Who sends a body, told from its request's credentials (`Auth::owner_of`).
+    auth: Arc<crate::auth::Auth>,
+}
+
+impl std::fmt::Debug for BodyBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyBudget").field("held", &self.held).field("capacity", &self.capacity).finish()
+    }
 }
 
 impl BodyBudget {
-    pub fn new(capacity: usize, timeout: Duration) -> BodyBudget {
-        BodyBudget { held: AtomicUsize::new(0), capacity, timeout }
+    /// A budget of `capacity` bytes, of which one principal holds at most
+    /// `share_percent` percent, whose bodies arrive within `timeout`.
+    pub fn new(capacity: usize, timeout: Duration, share_percent: u8, auth: Arc<crate::auth::Auth>) -> BodyBudget {
+        BodyBudget { held: AtomicUsize::new(0), capacity, timeout, shares: Shares::new(capacity, share_percent), auth }
     }
 
     /// Bytes held now by bodies being collected.
@@ -110,19 +121,43 @@ impl BodyBudget {
                 .with_header(header::CONNECTION, "close")
             })
     }
+
+    /// `n` more bytes for a body of `who` that holds `own` already: as
+    /// [`BodyBudget::take`], and within `who`'s share (503 past it as past the whole).
+    fn take_as(&self, who: Option<&PrincipalKey>, n: usize, own: usize) -> ApiResult<()> {
+        self.take(n)?;
+        match who {
+            Some(who) if !self.shares.take(who, n, own) => {
+                self.held.fetch_sub(n, Ordering::AcqRel);
+                Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "BODY_BUDGET_EXHAUSTED",
+                    format!(
+                        "request bodies of {who} being received hold its share of the server's buffer budget: {} of {} \
+                         bytes (budget_share_per_principal, body_buffer_bytes); retry later",
+                        self.shares.most, self.capacity
+                    ),
+                )
+                .with_header(header::RETRY_AFTER, 1)
+                .with_header(header::CONNECTION, "close"))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
-/// Bytes one body holds of the budget; given back on drop.
+/// Bytes one body holds of the budget, and of its sender's share; given back on drop.
 struct Held<'a> {
     budget: &'a BodyBudget,
     bytes: usize,
+    who: Option<PrincipalKey>,
 }
 
 impl Held<'_> {
-    /// Holds at least `total` bytes (503 when the budget has not that many left).
+    /// Holds at least `total` bytes (503 when the budget or the sender's share has not that many left).
     fn grow_to(&mut self, total: usize) -> ApiResult<()> {
         if total > self.bytes {
-            self.budget.take(total - self.bytes)?;
+            self.budget.take_as(self.who.as_ref(), total - self.bytes, self.bytes)?;
             self.bytes = total;
         }
         Ok(())
@@ -132,6 +167,74 @@ impl Held<'_> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+        if let Some(who) = &self.who {
+            self.budget.shares.give_back(who, self.bytes);
+        }
+    }
+}
+
+/// What each principal holds of a budget, and the most one may: a share of
+/// the whole (`--budget-share-per-principal`), so that one principal's slow
+/// bodies, or answers it does not read, cannot hold all of it and lock every
+/// other principal out. A principal that holds nothing else may always
+/// take one body or answer (as an answer larger than the whole budget is
+/// granted when nothing else is held), so a share smaller than one request
+/// slows a principal down but never stops it.
+pub(crate) struct Shares {
+    held: parking_lot::Mutex<std::collections::HashMap<PrincipalKey, usize>>,
+    most: usize,
+}
+
+impl Shares {
+    fn new(capacity: usize, percent: u8) -> Shares {
+        let most = (capacity as u128 * u128::from(percent.clamp(1, 100)) / 100) as usize;
+        Shares { held: parking_lot::Mutex::new(std::collections::HashMap::new()), most }
+    }
+
+    /// Whether `who`, holding `own` bytes in the request at hand, may take
+    /// `n` more: it holds nothing else, or stays within its share.
+    fn fits(
+        &self,
+        held: &std::collections::HashMap<PrincipalKey, usize>,
+        who: &PrincipalKey,
+        n: usize,
+        own: usize,
+    ) -> bool {
+        let mine = held.get(who).copied().unwrap_or(0);
+        mine <= own || mine.saturating_add(n) <= self.most
+    }
+
+    /// Takes `n` bytes for `who` (see [`Shares::fits`]); `false`, taking nothing, past its share.
+    fn take(&self, who: &PrincipalKey, n: usize, own: usize) -> bool {
+        let mut held = self.held.lock();
+        if !self.fits(&held, who, n, own) {
+            return false;
+        }
+        self.take_over(&mut held, who, n);
+        true
+    }
+
+    fn take_over(&self, held: &mut std::collections::HashMap<PrincipalKey, usize>, who: &PrincipalKey, n: usize) {
+        match held.get_mut(who) {
+            Some(mine) => *mine += n,
+            None => {
+                held.insert(who.clone(), n);
+            }
+        }
+    }
+
+    fn has_room(&self, who: &PrincipalKey, n: usize) -> bool {
+        self.fits(&self.held.lock(), who, n, 0)
+    }
+
+    fn give_back(&self, who: &PrincipalKey, n: usize) {
+        let mut held = self.held.lock();
+        if let Some(mine) = held.get_mut(who) {
+            *mine = mine.saturating_sub(n);
+            if *mine == 0 {
+                held.remove(who);
+            }
+        }
     }
 }
 
@@ -142,11 +245,18 @@ impl Drop for Held<'_> {
 /// message held 3 GB. An answer of at least [`SEND_BUDGET_FROM`] bytes takes
 /// its size from this budget before it is made and gives it back once sent
 /// or dropped with its connection; past the budget a read is answered 503 at
-/// once (an SSE reader waits for room instead).
-#[derive(Debug)]
+/// once (an SSE reader waits for room instead). One principal's answers
+/// hold at most its share of it (`--budget-share-per-principal`).
 pub struct SendBudget {
     held: AtomicUsize,
     capacity: usize,
+    shares: Shares,
+}
+
+impl std::fmt::Debug for SendBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendBudget").field("held", &self.held).field("capacity", &self.capacity).finish()
+    }
 }
 
 /// Answers smaller than this take nothing from the [`SendBudget`]: a socket's
@@ -155,8 +265,9 @@ pub struct SendBudget {
 pub(crate) const SEND_BUDGET_FROM: usize = 64 << 10;
 
 impl SendBudget {
-    pub fn new(capacity: usize) -> Arc<SendBudget> {
-        Arc::new(SendBudget { held: AtomicUsize::new(0), capacity })
+    /// A budget of `capacity` bytes, of which one principal holds at most `share_percent` percent.
+    pub fn new(capacity: usize, share_percent: u8) -> Arc<SendBudget> {
+        Arc::new(SendBudget { held: AtomicUsize::new(0), capacity, shares: Shares::new(capacity, share_percent) })
     }
 
     /// Bytes held now by answers not yet sent.
@@ -164,16 +275,30 @@ impl SendBudget {
         self.held.load(Ordering::Relaxed)
     }
 
-    /// `n` bytes for an answer about to be made (nothing below [`SEND_BUDGET_FROM`]):
-    /// `Err` when the budget has not that many left.
-    pub(crate) fn try_take(self: &Arc<Self>, n: usize) -> Result<Option<SendPermit>, SendBudgetFull> {
+    /// `n` bytes for an answer to `who` about to be made (nothing below
+    /// [`SEND_BUDGET_FROM`]): `Err` when the budget, or `who`'s share of it,
+    /// has not that many left.
+    pub(crate) fn try_take(
+        self: &Arc<Self>,
+        who: Option<&PrincipalKey>,
+        n: usize,
+    ) -> Result<Option<SendPermit>, SendBudgetFull> {
         if n < SEND_BUDGET_FROM {
             return Ok(None);
         }
         self.held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| self.fits(held, n).then(|| held + n))
-            .map(|_| Some(SendPermit { budget: self.clone(), bytes: n }))
-            .map_err(|_| SendBudgetFull)
+            .map_err(|_| SendBudgetFull)?;
+        let mut permit = SendPermit { budget: self.clone(), bytes: n, who: None };
+        match who {
+            // Dropped holding no share: gives back the budget's bytes only.
+            Some(who) if !self.shares.take(who, n, 0) => Err(SendBudgetFull),
+            Some(who) => {
+                permit.who = Some(who.clone());
+                Ok(Some(permit))
+            }
+            None => Ok(Some(permit)),
+        }
     }
 
     /// Whether `n` more bytes fit beside `held`: within the budget, or alone
@@ -182,43 +307,52 @@ impl SendBudget {
         held == 0 || held.saturating_add(n) <= self.capacity
     }
 
-    /// `n` bytes for an answer already made, granted even past the budget (a
-    /// JSON-RPC answer: its call ran, and refusing its answer would hide what
-    /// the call did). Such callers look at [`SendBudget::is_full`] before
-    /// they run, so the budget is passed by at most the answers in flight.
-    pub(crate) fn take_over(self: &Arc<Self>, n: usize) -> Option<SendPermit> {
+    /// `n` bytes for an answer to `who` already made, granted even past the
+    /// budget and its share (a JSON-RPC answer: its call ran, and refusing its
+    /// answer would hide what the call did). Such callers look at
+    /// [`SendBudget::is_full`] before they run, so the budget is passed by at
+    /// most the answers in flight.
+    pub(crate) fn take_over(self: &Arc<Self>, who: &PrincipalKey, n: usize) -> Option<SendPermit> {
         if n < SEND_BUDGET_FROM {
             return None;
         }
         self.held.fetch_add(n, Ordering::AcqRel);
-        Some(SendPermit { budget: self.clone(), bytes: n })
+        self.shares.take_over(&mut self.shares.held.lock(), who, n);
+        Some(SendPermit { budget: self.clone(), bytes: n, who: Some(who.clone()) })
     }
 
-    /// The budget has no room left for another large answer.
-    pub(crate) fn is_full(&self) -> bool {
-        !self.has_room(SEND_BUDGET_FROM)
+    /// The budget, or `who`'s share of it, has no room left for another large answer.
+    pub(crate) fn is_full(&self, who: &PrincipalKey) -> bool {
+        !self.has_room(Some(who), SEND_BUDGET_FROM)
     }
 
     /// Whether [`SendBudget::try_take`] of `n` bytes would be granted now (an
     /// answer larger than the whole budget is granted when nothing else is held).
-    pub(crate) fn has_room(&self, n: usize) -> bool {
-        n < SEND_BUDGET_FROM || self.fits(self.held(), n)
+    pub(crate) fn has_room(&self, who: Option<&PrincipalKey>, n: usize) -> bool {
+        n < SEND_BUDGET_FROM || (self.fits(self.held(), n) && who.is_none_or(|who| self.shares.has_room(who, n)))
+    }
+
+    /// [`SendBudget::try_take`] for no one in particular (within the whole budget only), refused as the 503 a client gets.
+    pub(crate) fn take(self: &Arc<Self>, n: usize) -> ApiResult<Option<SendPermit>> {
+        self.take_as(None, n)
     }
 
     /// [`SendBudget::try_take`], refused as the 503 a client gets.
-    pub(crate) fn take(self: &Arc<Self>, n: usize) -> ApiResult<Option<SendPermit>> {
-        self.try_take(n).map_err(|SendBudgetFull| self.exhausted())
+    pub(crate) fn take_as(self: &Arc<Self>, who: Option<&PrincipalKey>, n: usize) -> ApiResult<Option<SendPermit>> {
+        self.try_take(who, n).map_err(|SendBudgetFull| self.exhausted())
     }
 
-    /// 503 `RESPONSE_BUDGET_EXHAUSTED`: answers not yet sent hold the whole budget.
+    /// 503 `RESPONSE_BUDGET_EXHAUSTED`: answers not yet sent hold the whole
+    /// budget, or the caller's share of it.
     pub(crate) fn exhausted(&self) -> ApiError {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "RESPONSE_BUDGET_EXHAUSTED",
             format!(
                 "answers waiting for their clients to read them hold the server's whole buffer of {} bytes \
-                 (response_buffer_bytes); retry later",
-                self.capacity
+                 (response_buffer_bytes), or the caller's share of it, {} bytes (budget_share_per_principal); \
+                 retry later",
+                self.capacity, self.shares.most
             ),
         )
         .with_header(header::RETRY_AFTER, 1)
@@ -229,16 +363,20 @@ impl SendBudget {
 #[derive(Debug)]
 pub(crate) struct SendBudgetFull;
 
-/// Bytes one answer holds of the [`SendBudget`]; given back on drop.
+/// Bytes one answer holds of the [`SendBudget`], and of its reader's share; given back on drop.
 #[derive(Debug)]
 pub(crate) struct SendPermit {
     budget: Arc<SendBudget>,
     bytes: usize,
+    who: Option<PrincipalKey>,
 }
 
 impl Drop for SendPermit {
     fn drop(&mut self) {
         self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+        if let Some(who) = &self.who {
+            self.budget.shares.give_back(who, self.bytes);
+        }
     }
 }
 
@@ -321,6 +459,7 @@ const ROOM_POLL: Duration = Duration::from_millis(50);
 /// outside any budget, for as long as the connection lived.
 pub(crate) fn paced<E: Send + 'static>(
     answers: Arc<SendBudget>,
+    who: PrincipalKey,
     len: u64,
     chunk: usize,
     chunks: futures::stream::BoxStream<'static, Result<Bytes, E>>,
@@ -328,13 +467,13 @@ pub(crate) fn paced<E: Send + 'static>(
     use futures::StreamExt as _;
     type State<E> = (futures::stream::BoxStream<'static, Result<Bytes, E>>, u64, Option<SendPermit>);
     let step = move |(mut chunks, left, sent): State<E>| {
-        let answers = answers.clone();
+        let (answers, who) = (answers.clone(), who.clone());
         async move {
             // Asked for more: the chunk before has been sent.
             drop(sent);
             let next = usize::try_from(left).unwrap_or(usize::MAX).min(chunk);
             let permit = loop {
-                match answers.try_take(next) {
+                match answers.try_take(Some(&who), next) {
                     Ok(permit) => break permit,
                     Err(SendBudgetFull) => tokio::time::sleep(ROOM_POLL).await,
                 }
@@ -360,7 +499,7 @@ pub(crate) async fn read_body(bodies: &BodyBudget, body: Body, headers: &HeaderM
     // declared lengths cost a client nothing, and 16 connections each
     // declaring 16 MiB and sending one byte held the whole budget (every
     // other body refused) for as long as the read timeout, again and again.
-    let mut held = Held { budget: bodies, bytes: 0 };
+    let mut held = Held { budget: bodies, bytes: 0, who: bodies.auth.owner_of(headers) };
     let collect = async {
         let mut body = body;
         let mut chunks: Vec<Bytes> = Vec::new();
@@ -436,8 +575,8 @@ pub(crate) struct SendFile(pub(crate) FileBody);
 /// that length (so `content-length` as for bytes in memory), reading the
 /// file in bounded chunks only when polled, each within `answers`
 /// ([`paced`]), with [`SendFile`] beside it.
-pub(crate) fn file_response(file: FileBody, answers: &Arc<SendBudget>) -> axum::response::Response {
-    let chunks = paced(answers.clone(), file.len(), attache_storage::BLOB_CHUNK, file.chunks());
+pub(crate) fn file_response(file: FileBody, answers: &Arc<SendBudget>, who: &PrincipalKey) -> axum::response::Response {
+    let chunks = paced(answers.clone(), who.clone(), file.len(), attache_storage::BLOB_CHUNK, file.chunks());
     let body = FileChunks { chunks, left: file.len() };
     let mut res = axum::response::Response::new(Body::new(body));
     res.extensions_mut().insert(SendFile(file));

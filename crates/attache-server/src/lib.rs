@@ -204,12 +204,14 @@ impl Server {
             conn::listen(config.listen).map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let shutdown = CancellationToken::new();
-        let bodies = http::BodyBudget::new(config.body_buffer_bytes, config.body_read_timeout);
-        let config_response_buffer_bytes = config.response_buffer_bytes;
+        let auth = Arc::new(auth);
+        let share = config.budget_share_per_principal;
+        let bodies = http::BodyBudget::new(config.body_buffer_bytes, config.body_read_timeout, share, auth.clone());
+        let answers = http::SendBudget::new(config.response_buffer_bytes, share);
         let state = AppState(Arc::new(Shared {
             store,
             registry,
-            auth: Arc::new(auth),
+            auth,
             views: Arc::new(rows::Views::new(
                 config.view_cache_entries,
                 config.view_cache_bytes,
@@ -226,7 +228,7 @@ impl Server {
             signal_limiter: Arc::new(rate::RateLimiter::default()),
             browser: Arc::new(browser),
             bodies,
-            answers: http::SendBudget::new(config_response_buffer_bytes),
+            answers,
             sse_events: sse::SharedEvents::default(),
         }));
         events::ensure_stream(state.store.as_ref())

@@ -255,7 +255,7 @@ impl ServerHandler for McpFace {
             &outcome,
             context.extensions.get::<axum::http::request::Parts>().and_then(|p| p.extensions.get::<AnswerSlot>()),
         ) {
-            *slot.0.lock() = self.state.answers.take_over(text.get().len());
+            *slot.0.lock() = self.state.answers.take_over(&who, text.get().len());
         }
         // rmcp's result carries the answer as a tree (and as text beside it):
         // made from the answer's text, which the budget counted.
@@ -399,7 +399,7 @@ async fn require_auth(
         // A message in a session (a tool call): as a call on /rpc, refused
         // before it runs while answers not yet sent hold the whole response
         // budget, and its answer holds its size of the budget until sent.
-        if state.answers.is_full() {
+        if state.answers.is_full(&who) {
             return state.answers.exhausted().into_response();
         }
         let slot = AnswerSlot::default();

@@ -213,8 +213,8 @@ pub async fn handle_value(state: &AppState, who: &PrincipalKey, body: Value) -> 
 /// While answers not yet sent hold the whole response budget: the error a
 /// call (or batch) gets before it runs, -32600 whose reason names
 /// `response_buffer_bytes`, and the HTTP refusal (503, `Retry-After`).
-pub(crate) fn refused_while_full(state: &AppState) -> Option<(RpcError, crate::error::Refusal)> {
-    if !state.answers.is_full() {
+pub(crate) fn refused_while_full(state: &AppState, who: &PrincipalKey) -> Option<(RpcError, crate::error::Refusal)> {
+    if !state.answers.is_full(who) {
         return None;
     }
     let refusal = state.answers.exhausted().refusal();
@@ -231,14 +231,14 @@ pub(crate) async fn handle_value_within_budget(
     who: &PrincipalKey,
     body: Value,
 ) -> Option<(String, Option<crate::http::SendPermit>)> {
-    let text = match refused_while_full(state) {
+    let text = match refused_while_full(state, who) {
         Some((err, _)) => {
             let id = body.get("id").filter(|id| matches!(id, Value::String(_) | Value::Number(_))).cloned();
             String::from(Box::<str>::from(as_text(&error_response(id.unwrap_or(Value::Null), &err))))
         }
         None => String::from(Box::<str>::from(handle_value(state, who, body).await?)),
     };
-    let permit = state.answers.take_over(text.len());
+    let permit = state.answers.take_over(who, text.len());
     Some((text, permit))
 }
 
@@ -397,7 +397,7 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
     // nothing, an HTTP/2 stream with no window): while it is full, calls are
     // refused before they run, so nothing they would do is hidden by a
     // refusal. 100 callers that read nothing of 15 MiB answers held 1.5 GB.
-    if let Some((err, refusal)) = refused_while_full(&state) {
+    if let Some((err, refusal)) = refused_while_full(&state, &who) {
         // As a body the budget refuses: 503 with Retry-After, error -32600 with the reason.
         let mut res = respond(refusal.status, &error_response(Value::Null, &err));
         res.headers_mut().extend(refusal.headers);
@@ -416,7 +416,7 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
         // The batch's text is the body as it is: not copied again.
         Some(answer) => {
             let text = bytes::Bytes::from(String::from(Box::<str>::from(answer)));
-            let permit = state.answers.take_over(text.len());
+            let permit = state.answers.take_over(&who, text.len());
             let mut res = Response::new(crate::http::held_body(text, permit));
             res.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
             res

@@ -520,7 +520,7 @@ async fn get(
 ) -> ApiResult<Response> {
     let q = parse_query(query)?;
     match q.live {
-        None => catch_up(state, path, &q, headers).await,
+        None => catch_up(state, who, path, &q, headers).await,
         Some(_) if !q.offset_given => Err(ApiError::bad_request("live reads need an offset")),
         Some(Live::LongPoll) => long_poll(state, path, &q, &LiveReader::of(state, who, path)).await,
         Some(Live::Sse) => sse(state, path, &q, LiveReader::of(state, who, path)).await,
@@ -591,7 +591,13 @@ fn read_headers(hm: &mut HeaderMap, info: &StreamInfo, next: Offset) {
 /// segment file the store left it in (`StreamStore::read_sendable`), which
 /// the lean HTTP/1 path sends with `sendfile` and any other path reads in
 /// bounded chunks (`http::file_response`).
-async fn catch_up(state: &AppState, path: &StreamPath, q: &ReadQuery, headers: &HeaderMap) -> ApiResult<Response> {
+async fn catch_up(
+    state: &AppState,
+    who: &PrincipalKey,
+    path: &StreamPath,
+    q: &ReadQuery,
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
     let read = state.store.read_sendable(path.as_str(), read_from(q.offset), state.config.max_read_bytes).await?;
     if q.offset == ReadOffset::Now {
         let body = if read.json { Bytes::from_static(b"[]") } else { Bytes::new() };
@@ -614,10 +620,10 @@ async fn catch_up(state: &AppState, path: &StreamPath, q: &ReadQuery, headers: &
     let mut res = match read.body {
         _ if matches => StatusCode::NOT_MODIFIED.into_response(),
         ReadBody::Bytes(bytes) => {
-            let permit = state.answers.take(bytes.len())?;
+            let permit = state.answers.take_as(Some(who), bytes.len())?;
             Response::new(crate::http::held_body(bytes, permit))
         }
-        ReadBody::File(file) => crate::http::file_response(file, &state.answers),
+        ReadBody::File(file) => crate::http::file_response(file, &state.answers, who),
     };
     let hm = res.headers_mut();
     if !matches {
@@ -648,7 +654,7 @@ async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery, reader: &
             return Err(ApiError::from(StoreError::NotFound));
         }
         if !batch.is_empty() {
-            let permit = state.answers.take(batch.body.len())?;
+            let permit = state.answers.take_as(Some(&reader.who), batch.body.len())?;
             let mut res = Response::new(crate::http::held_body(batch_body(&batch), permit));
             let hm = res.headers_mut();
             read_headers(hm, &batch.info, batch.next);
@@ -819,7 +825,7 @@ impl SseReader {
     /// readers that do not read to be cut off); `None` when the response
     /// ends first. The reader holds no read meanwhile.
     async fn wait_for_room(&self, bytes: usize) -> Option<()> {
-        while !self.state.answers.has_room(bytes) {
+        while !self.state.answers.has_room(Some(&self.live.who), bytes) {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 _ = tokio::time::sleep_until(self.deadline) => return None,
@@ -853,7 +859,7 @@ impl crate::sse::Source for SseReader {
             if !batch.is_empty() {
                 // Framed as base64 (4/3 of the bytes) or text, and a control event.
                 let framed = if self.base64 { batch.body.len() / 3 * 4 + 4 } else { batch.body.len() } + 256;
-                match self.state.answers.try_take(framed) {
+                match self.state.answers.try_take(Some(&self.live.who), framed) {
                     Ok(permit) => self.sent = permit,
                     Err(_) => {
                         // No room: the read is let go, so a waiting reader holds

@@ -453,9 +453,14 @@ async fn a_websocket_client_that_reads_nothing_is_disconnected_after_the_slow_re
 
 /// Sends a POST of `len` declared bytes and all of its body but the last byte, then stalls.
 async fn stall_a_body(s: &TestServer, path: &str, len: usize) -> TcpStream {
+    stall_a_body_as(s, "user:alice", path, len).await
+}
+
+/// [`stall_a_body`] as `who`.
+async fn stall_a_body_as(s: &TestServer, who: &str, path: &str, len: usize) -> TcpStream {
     let mut conn = connect(s).await;
     let head = format!(
-        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: user:alice\r\n\
+        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: {who}\r\n\
          content-type: application/octet-stream\r\ncontent-length: {len}\r\n\r\n"
     );
     conn.write_all(head.as_bytes()).await.expect("a request header is sent");
@@ -510,10 +515,16 @@ async fn body_buffer_bytes_reach(s: &TestServer, want: u64) {
 
 /// A client with a small receive window that sends `GET path` and reads nothing.
 async fn non_reader(s: &TestServer, path: &str) -> TcpStream {
+    non_reader_as(s, "user:anonymous", path).await
+}
+
+/// [`non_reader`] as `who`.
+async fn non_reader_as(s: &TestServer, who: &str, path: &str) -> TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
     socket.set_recv_buffer_size(4096).expect("a small receive buffer");
     let mut conn = socket.connect(s.url.trim_start_matches("http://").parse().unwrap()).await.expect("connected");
-    conn.write_all(get(path).as_bytes()).await.expect("the request is sent");
+    let head = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: {who}\r\n\r\n");
+    conn.write_all(head.as_bytes()).await.expect("the request is sent");
     conn
 }
 
@@ -948,6 +959,77 @@ async fn bodies_that_declare_much_and_send_little_hold_only_what_they_sent() {
     assert_eq!(res.status(), StatusCode::NOT_FOUND, "read whole, then answered by its route");
     drop(stalled);
     body_buffer_bytes_reach(&s, 0).await;
+}
+
+/// One principal's bodies hold at most its share of the body budget (a
+/// quarter by default): its slow bodies past it are answered 503 at once,
+/// and every other principal's bodies still find room. Before, one
+/// principal's stalled bodies could hold the whole budget, every other
+/// principal refused for as long as the body read timeout, again and again.
+#[tokio::test]
+async fn one_principals_stalled_bodies_hold_at_most_its_share_of_the_body_budget() {
+    let s = TestServer::start_with(|c| {
+        c.body_buffer_bytes = 1 << 20;
+        c.body_read_timeout = Duration::from_secs(600);
+    })
+    .await;
+    // Its first body is read whatever its share (a principal holding nothing else always may).
+    let _first = stall_a_body_as(&s, "user:mallory", "/nothing/1", 200 << 10).await;
+    body_buffer_bytes_reach(&s, (200 << 10) - 1).await;
+    let mut second = stall_a_body_as(&s, "user:mallory", "/nothing/2", 200 << 10).await;
+    let answer = read_until_closed(&mut second).await.expect("the server answers and closes without the last byte");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 503"), "{answer}");
+    assert!(answer.contains("\r\nretry-after: 1\r\n"), "{answer}");
+    assert!(answer.contains("\"code\":\"body_budget_exhausted\""), "{answer}");
+    assert!(answer.contains("budget_share_per_principal"), "{answer}");
+    assert_eq!(body_buffer_bytes(&s).await, (200 << 10) - 1, "the refused body holds nothing");
+
+    // Another principal's body is read whole: 200 KiB + 700 KiB fit the budget.
+    let res = post_whole_body(&s, "/nothing/there", 700 << 10).await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "read whole, then answered by its route");
+}
+
+/// One principal's answers not yet sent hold at most its share of the
+/// response budget (a quarter by default): its reads past it are answered
+/// 503, while another principal's reads still find room. Before, one
+/// principal's clients that read nothing (or one HTTP/2 connection that
+/// opens no window) could hold the whole budget for everyone.
+#[tokio::test]
+async fn one_principals_unread_answers_hold_at_most_its_share_of_the_response_budget() {
+    let s = budget_server(12 << 20, "/theirs/json", 2 << 20).await;
+    for (method, body) in
+        [(reqwest::Method::PUT, String::new()), (reqwest::Method::POST, format!("[\"{}\"]", "m".repeat(2 << 20)))]
+    {
+        let res = s
+            .request(method, "/mallory/json")
+            .header("electric-principal", "user:mallory")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("mallory's stream answers");
+        assert!(res.status().is_success(), "{}", res.status());
+    }
+    let _stalled = non_reader_as(&s, "user:mallory", "/mallory/json?offset=-1").await;
+    gauge_until(&s, ANSWERS, |held| held >= 2 << 20, "mallory's unread answer").await;
+
+    let res = s
+        .request(reqwest::Method::GET, "/mallory/json")
+        .header("electric-principal", "user:mallory")
+        .query(&[("offset", "-1")])
+        .send()
+        .await
+        .expect("a read");
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let text = res.text().await.unwrap();
+    assert!(text.contains("RESPONSE_BUDGET_EXHAUSTED") && text.contains("budget_share_per_principal"), "{text}");
+
+    // Another principal reads: 2 MiB + 2 MiB fit the budget (its share is 3 MiB).
+    let res = s.request(reqwest::Method::GET, "/theirs/json").query(&[("offset", "-1")]).send().await.expect("a read");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.bytes().await.unwrap().len(), (2 << 20) + 4);
 }
 
 #[tokio::test]

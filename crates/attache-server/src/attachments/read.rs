@@ -2,7 +2,7 @@
 //! .../attachments (the manifest, oldest first).
 
 use attache_core::manifest::{AttachmentStatus, ManifestEntry};
-use attache_core::{EntityUrl, Permission};
+use attache_core::{EntityUrl, Permission, PrincipalKey};
 use attache_storage::{ReadFrom, StoreError, StreamInfo};
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -156,10 +156,17 @@ pub async fn read(
         // while answers not yet sent hold the whole response budget would
         // only wait (`body_for`): answered 503 at once instead, before it
         // opens anything.
-        if method != Method::HEAD && end - start >= crate::http::SEND_BUDGET_FROM as u64 && state.answers.is_full() {
+        if method != Method::HEAD
+            && end - start >= crate::http::SEND_BUDGET_FROM as u64
+            && state.answers.is_full(&route.who)
+        {
             return Err(state.answers.exhausted());
         }
-        let body = if method == Method::HEAD { Body::empty() } else { body_for(&state, &info, start, end).await? };
+        let body = if method == Method::HEAD {
+            Body::empty()
+        } else {
+            body_for(&state, &route.who, &info, start, end).await?
+        };
         let mut res = Response::new(body);
         *res.status_mut() = status;
         let hm = res.headers_mut();
@@ -181,7 +188,13 @@ pub async fn read(
 /// The bytes `[start, end)` of an attachment stream, streamed from storage
 /// (a stored blob's range is all the store reads, in bounded chunks), each
 /// chunk within the response budget until it is sent (`http::paced`).
-pub(super) async fn body_for(state: &AppState, info: &StreamInfo, start: u64, end: u64) -> ApiResult<Body> {
+pub(super) async fn body_for(
+    state: &AppState,
+    who: &PrincipalKey,
+    info: &StreamInfo,
+    start: u64,
+    end: u64,
+) -> ApiResult<Body> {
     if let Some(blob) = &info.blob {
         let read = state.store.read_blob(&blob.sha256, start..end).await?;
         if read.range != (start..end) {
@@ -192,7 +205,8 @@ pub(super) async fn body_for(state: &AppState, info: &StreamInfo, start: u64, en
             ))
             .into());
         }
-        let chunks = crate::http::paced(state.answers.clone(), end - start, attache_storage::BLOB_CHUNK, read.body);
+        let chunks =
+            crate::http::paced(state.answers.clone(), who.clone(), end - start, attache_storage::BLOB_CHUNK, read.body);
         return Ok(Body::from_stream(chunks));
     }
     // A resumable upload's bytes live in the stream's rows: read them in slices.
@@ -219,7 +233,13 @@ pub(super) async fn body_for(state: &AppState, info: &StreamInfo, start: u64, en
             Ok(Some((bytes, next)))
         }
     });
-    Ok(Body::from_stream(crate::http::paced(state.answers.clone(), end - start, RESUMABLE_SLICE, stream.boxed())))
+    Ok(Body::from_stream(crate::http::paced(
+        state.answers.clone(),
+        who.clone(),
+        end - start,
+        RESUMABLE_SLICE,
+        stream.boxed(),
+    )))
 }
 
 /// The most of a resumable upload's rows one chunk of its read carries.
