@@ -43,6 +43,18 @@ fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+/// Checks that `s`, a new name that becomes a stream path segment (an entity's
+/// type or id, an attachment id), is spelled with [`NAME_CHARS`] only; the
+/// refusal names them.
+pub(crate) fn check_name_chars(what: &str, s: &str) -> std::result::Result<(), String> {
+    if s.bytes().all(is_name_byte) {
+        return Ok(());
+    }
+    Err(format!(
+        "{what} {s:?} may contain only {NAME_CHARS}: other characters have more than one spelling in a URL path"
+    ))
+}
+
 impl EntityUrl {
     /// An entity URL as addressed: the entity may exist, made by this release
     /// or by an older one, whose names were looser (any characters but '/',
@@ -69,13 +81,8 @@ impl EntityUrl {
     /// ...) had spellings that reached different streams, or none.
     pub fn for_new_entity(entity_type: &str, instance_id: &str) -> Result<EntityUrl> {
         let url = EntityUrl::new(entity_type, instance_id)?;
-        for (what, s) in [("entity type", entity_type), ("instance id", instance_id)] {
-            if !s.bytes().all(is_name_byte) {
-                return Err(Error::InvalidEntityName(format!(
-                    "{what} {s:?} may contain only {NAME_CHARS}: other characters have more than one spelling in a URL path"
-                )));
-            }
-        }
+        check_name_chars("entity type", entity_type).map_err(Error::InvalidEntityName)?;
+        check_name_chars("instance id", instance_id).map_err(Error::InvalidEntityName)?;
         Ok(url)
     }
 

@@ -97,6 +97,19 @@ pub fn validate_attachment_id(id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Validates the id of a new attachment (an upload's `id`, a resumable
+/// upload's URL): [`validate_attachment_id`]'s rules, and spelled with
+/// [`crate::entity::NAME_CHARS`] only, as a new entity's name is. Its bytes
+/// live at `/{type}/{instance}/attachments/{id}`, which every client must
+/// address by one path (a resumable upload's appends go there): an id with a
+/// space left an upload no client could append to. Attachments stored under
+/// other ids by older releases are still read and deleted
+/// ([`validate_attachment_id`]).
+pub fn validate_new_attachment_id(id: &str) -> Result<()> {
+    validate_attachment_id(id)?;
+    crate::entity::check_name_chars("attachment id", id).map_err(Error::Invalid)
+}
+
 /// One attachment's manifest entry. Deserialized by hand (below): serde's
 /// `flatten` buffers every field before reading it, which made parsing these
 /// rows a tenth of the task face's CPU.
@@ -384,6 +397,16 @@ mod tests {
             assert!(validate_attachment_id(bad).is_err(), "{bad:?}");
         }
         assert!(validate_attachment_id(&"x".repeat(128)).is_ok());
+        // A new attachment's id is spelled one way in a URL path; one stored by an older release is still valid.
+        for id in ["a1", "ta-1795967306688-0a1b2c3d4", "A-z_0.9~", "0e8c1f4a-3b5d-4c6e-9f7a-2b4d6f8a0c1e"] {
+            assert!(validate_new_attachment_id(id).is_ok(), "{id:?}");
+        }
+        for id in ["x y", "x!y", "caf\u{e9}", "x'y", "x:y", "x?y", "x#y", "x+y"] {
+            let refused = validate_new_attachment_id(id).unwrap_err().to_string();
+            assert!(refused.contains("'~'"), "{id:?}: {refused}");
+            assert!(validate_attachment_id(id).is_ok(), "{id:?}");
+        }
+        assert!(validate_new_attachment_id(".x").is_err() && validate_new_attachment_id("").is_err());
     }
 
     #[test]

@@ -23,7 +23,9 @@
 
 use attache_core::entity::{EntityStream, EntityUrl};
 use attache_core::json::{split_messages, JsonBodyUse};
-use attache_core::manifest::{validate_attachment_id, ManifestEntry, Subject, SUBJECT_TYPES};
+use attache_core::manifest::{
+    validate_attachment_id, validate_new_attachment_id, ManifestEntry, Subject, SUBJECT_TYPES,
+};
 use attache_core::principal::{encode_uri_component, percent_decode_strict, PrincipalKey};
 use attache_core::producer::MAX_SAFE_INTEGER;
 use attache_core::query::{form_pairs, percent_decode};
@@ -542,6 +544,10 @@ fn fuzz_subject_and_attachment_id_validation() {
             assert!(!text.is_empty() && text.len() <= 128 && !text.starts_with('.'));
             assert!(!text.contains(['/', '\\', '%']) && !text.chars().any(char::is_control));
         }
+        if validate_new_attachment_id(&text).is_ok() {
+            assert!(validate_attachment_id(&text).is_ok());
+            assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)), "{text:?}");
+        }
     });
 }
 
@@ -553,6 +559,9 @@ const NAME_WORDS: &[&str] = &["/", "chat", "abc", "_", "*", ".", "%2F", "\\", "m
 fn fuzz_entity_urls_round_trip() {
     check!().with_type::<(Vec<Piece>, Vec<Piece>, Vec<Piece>)>().for_each(|(t, i, a)| {
         let (t, i, a) = (render(t, NAME_WORDS), render(i, NAME_WORDS), render(a, NAME_WORDS));
+        if let Ok(entity) = EntityUrl::for_new_entity(&t, &i) {
+            assert_eq!(EntityUrl::new(&t, &i).as_ref(), Ok(&entity), "a new name is an addressable one");
+        }
         if let Ok(entity) = EntityUrl::new(&t, &i) {
             assert_eq!(EntityUrl::parse(&entity.to_string()).as_ref(), Ok(&entity));
             assert_eq!(EntityUrl::owning(&entity.main_stream()), Some((entity.clone(), EntityStream::Main)));

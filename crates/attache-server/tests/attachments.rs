@@ -1194,3 +1194,74 @@ async fn task_writes_of_a_key_being_uploaded_are_refused_and_the_upload_complete
     let res = read(format!("{entity}/attachments/up1")).await.unwrap();
     assert_eq!(res.status(), StatusCode::NOT_FOUND, "no bytes at the attachment's stream");
 }
+
+// ------------------------------------------------------------ attachment ids
+
+#[tokio::test]
+async fn new_attachment_ids_outside_the_unreserved_characters_are_400_on_upload_and_resumable_start() {
+    // Before: an upload with id "r s" was stored at `/chat/files/attachments/r s`,
+    // which no client can ask for; a resumable one stayed pending, since its
+    // appends (`POST /chat/files/attachments/r%20s`) reached no upload.
+    let ts = server_with_entity().await;
+    let before = attachment_state(&ts, CHAT).await;
+    for id in ["x y", "x!y", "caf\u{e9}", "x:y", "x'y", "x(y)", "x@y", "x+y"] {
+        let form = Form::new().field("id", id).file(Some("f.bin"), Some("application/octet-stream"), b"bytes").finish();
+        let (status, _, body) = error_of(upload_raw(&ts, CHAT, form).await).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "upload {id:?}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("A-Z") && message.contains("'~'"), "upload {id:?}: {body}");
+    }
+    for spelled in ["r%20s", "r!s", "r%3As", "caf%C3%A9"] {
+        let begin = ts.request(Method::PUT, &format!("{}/attachments/{spelled}", api(CHAT)));
+        let begin = begin.json(&json!({ "mimeType": "text/plain", "subject": { "type": "inbox", "key": "m1" } }));
+        let (status, _, body) = error_of(begin.send().await.unwrap()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "resumable {spelled}: {body}");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("'~'")), "{body}");
+    }
+    assert_eq!(attachment_state(&ts, CHAT).await, before);
+    // The unreserved characters make an id, and its stream has that one spelling.
+    upload(&ts, CHAT, "A-z_0.9~", "text/plain", b"one spelling").await;
+    let raw = ts.request(Method::GET, &format!("{CHAT}/attachments/A-z_0.9~?offset=-1")).send().await.unwrap();
+    assert_eq!((raw.status(), raw.bytes().await.unwrap().to_vec()), (StatusCode::OK, b"one spelling".to_vec()));
+}
+
+#[tokio::test]
+async fn an_attachment_an_older_release_stored_under_another_id_stays_readable_and_deletable() {
+    use attache_storage::embedded::{EmbeddedConfig, EmbeddedStore};
+    use attache_storage::{AppendRequest, CreateStream, StreamStore};
+    let mut ts = server_with_entity().await;
+    let bytes = b"stored by an older release";
+    let dir = ts.pause().await;
+    let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).expect("the store opens");
+    let octets = attache_core::ContentType::parse("application/octet-stream").unwrap();
+    let create = CreateStream {
+        path: attache_core::StreamPath::new(format!("{CHAT}/attachments/old id")).unwrap(),
+        content_type: Some(octets.stored_as_bytes()),
+        ttl: None,
+        expires_at: None,
+        closed: true,
+        initial: bytes.to_vec().into(),
+        fork: None,
+        owner: Some("user:anonymous".into()),
+        take_kept_path: false,
+    };
+    store.create(create).await.expect("the attachment's stream is planted");
+    let row = json!({ "type": "manifest", "key": "attachment:old id", "headers": { "operation": "insert" }, "value": {
+        "key": "attachment:old id", "kind": "attachment", "id": "old id",
+        "streamPath": format!("{CHAT}/attachments/old id"), "status": "complete", "role": "input",
+        "mimeType": "application/octet-stream", "createdAt": "2026-01-01T00:00:00.000Z",
+        "createdBy": "/principal/user%3Aanonymous", "subject": { "type": "inbox", "key": "m1" },
+        "byteLength": bytes.len(), "sha256": sha256_hex(bytes) } });
+    let json_type = attache_core::ContentType::parse("application/json").unwrap();
+    let append =
+        AppendRequest::json_messages(format!("{CHAT}/main"), json_type, &[serde_json::to_vec(&row).unwrap()], false);
+    store.append(append).await.expect("its manifest row is planted");
+    store.close().await;
+    drop(store);
+    ts.resume().await;
+    assert_eq!(get_bytes(&ts, CHAT, "old%20id").await, (StatusCode::OK, bytes.to_vec()));
+    assert!(listed(&ts, CHAT).await.contains_key("old id"));
+    let delete = ts.request(Method::DELETE, &format!("{}/attachments/old%20id", api(CHAT))).send().await.unwrap();
+    assert_eq!(delete.status(), StatusCode::OK);
+    assert_eq!(get_bytes(&ts, CHAT, "old%20id").await.0, StatusCode::NOT_FOUND);
+}

@@ -313,7 +313,7 @@ impl RuntimeServerClient {
         struct Begun {
             attachment: ManifestEntry,
         }
-        attache_core::manifest::validate_attachment_id(id)?;
+        attache_core::manifest::validate_new_attachment_id(id)?;
         let mut body = Map::new();
         let mime = input.mime_type.clone().unwrap_or_else(|| match &input.body {
             AttachmentBody::File(p) => guess_mime_type(p).to_owned(),
@@ -423,7 +423,7 @@ impl RuntimeServerClient {
 async fn attachment_form(input: AttachmentInput) -> Result<reqwest::multipart::Form> {
     use reqwest::multipart::{Form, Part};
     if let Some(id) = &input.id {
-        attache_core::manifest::validate_attachment_id(id)?;
+        attache_core::manifest::validate_new_attachment_id(id)?;
     }
     let (part, default_name, default_mime) = match input.body {
         AttachmentBody::Bytes(bytes) => {

@@ -24,7 +24,9 @@ mod recovery;
 mod resumable;
 mod upload;
 
-use attache_core::manifest::{validate_attachment_id, AttachmentStatus, ManifestEntry, Role, Subject};
+use attache_core::manifest::{
+    validate_attachment_id, validate_new_attachment_id, AttachmentStatus, ManifestEntry, Role, Subject,
+};
 use attache_core::state::timestamp;
 use attache_core::{ContentType, EntityUrl, PrincipalKey};
 use axum::http::StatusCode;
@@ -173,7 +175,8 @@ impl Fields {
         }
         match field {
             "id" => {
-                validate_attachment_id(&value)?;
+                // A new attachment: its id becomes its stream's path segment.
+                validate_new_attachment_id(&value)?;
                 self.id = Some(value);
             }
             "mimeType" => {

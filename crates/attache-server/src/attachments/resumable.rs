@@ -2,7 +2,7 @@
 //! stream (appends with producer headers, closed to finish), its size limit
 //! and its finalization (hash, `complete` row).
 
-use attache_core::manifest::{validate_attachment_id, AttachmentStatus};
+use attache_core::manifest::{validate_new_attachment_id, AttachmentStatus};
 use attache_core::{ContentType, Permission, StreamPath};
 use attache_storage::{CreateStream, StoreError};
 use axum::body::Body;
@@ -44,7 +44,7 @@ pub async fn begin_resumable(
     body: Body,
 ) -> ApiResult<Response> {
     let EntityRoute { who, url: entity } = &route;
-    validate_attachment_id(&id)?;
+    validate_new_attachment_id(&id)?;
     let body: ResumableBody = json_body(&state.bodies, &headers, body).await?;
     let record = route.authorize(&state, Permission::Write).await?;
     if !record.is_running() {
