@@ -990,6 +990,64 @@ async fn one_principals_stalled_bodies_hold_at_most_its_share_of_the_body_budget
     assert_eq!(res.status(), StatusCode::NOT_FOUND, "read whole, then answered by its route");
 }
 
+/// In token mode a body is counted to its token's principal: two tokens of
+/// one principal share one share, and another principal still finds room.
+#[tokio::test]
+async fn in_token_mode_the_body_share_is_each_tokens_principals_whatever_token_it_sends() {
+    use attache_storage::tokens::TokenStore;
+    let s = TestServer::start_with(|c| {
+        c.auth = Some(attache_server::auth::AuthMode::Token);
+        c.body_buffer_bytes = 1 << 20;
+        c.body_read_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let store = TokenStore::new(&s.config.data_dir);
+    let (_, first) = store.create("user:mallory", None).expect("a token");
+    let (_, second) = store.create("user:mallory", None).expect("a token");
+    let (_, alice) = store.create("user:alice", None).expect("a token");
+    let stall = |token: String, path: &'static str| {
+        let s = &s;
+        async move {
+            let mut conn = connect(s).await;
+            let len = 200 << 10;
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\n\
+                 content-type: application/octet-stream\r\ncontent-length: {len}\r\n\r\n"
+            );
+            conn.write_all(head.as_bytes()).await.expect("a request header is sent");
+            conn.write_all(&vec![b'x'; len - 1]).await.expect("all of the body but one byte is sent");
+            conn
+        }
+    };
+    let _held = stall(first, "/nothing/1").await;
+    // /metrics as alice (it asks for credentials in token mode), until the first body is held.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let res = s.client.get(s.url("/metrics")).bearer_auth(&alice).send().await.expect("/metrics answers");
+        let text = res.text().await.expect("a body");
+        if text.lines().any(|l| l == format!("attache_body_buffer_bytes {}", (200 << 10) - 1)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the first body was never held: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut refused = stall(second, "/nothing/2").await;
+    let answer = read_until_closed(&mut refused).await.expect("the server answers and closes without the last byte");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 503") && answer.contains("budget_share_per_principal"), "{answer}");
+
+    let res = s
+        .client
+        .post(s.url("/nothing/there"))
+        .bearer_auth(alice)
+        .header("content-type", "application/octet-stream")
+        .body(vec![b'x'; 700 << 10])
+        .send()
+        .await
+        .expect("a whole body is sent");
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "read whole, then answered by its route");
+}
+
 /// One principal's answers not yet sent hold at most its share of the
 /// response budget (a quarter by default): its reads past it are answered
 /// 503, while another principal's reads still find room. Before, one
