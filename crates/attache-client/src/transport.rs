@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use attache_core::principal::encode_uri_component;
 use attache_core::{EntityUrl, PrincipalKey};
 use reqwest::header::HeaderValue;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
@@ -163,9 +164,18 @@ pub(crate) fn header(res: &Response, name: &str) -> Option<String> {
     res.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
-/// `/_electric/entities/{type}/{id}` + `rest`.
+/// `/_electric/entities/{type}/{id}` + `rest`, the type and id percent-encoded
+/// as `encodeURIComponent` does: a new entity's name is unchanged by it, and
+/// an entity an older release named with a space, `?` or `#` is reached too
+/// (the server decodes the route's segments).
 pub(crate) fn entity_route(entity: &EntityUrl, rest: &str) -> String {
-    format!("/_electric/entities{entity}{rest}")
+    let (t, i) = (encode_uri_component(entity.entity_type()), encode_uri_component(entity.instance_id()));
+    ["/_electric/entities/", &t, "/", &i, rest].concat()
+}
+
+/// `entity_route(entity, "/attachments/{id}")`, the id percent-encoded the same way.
+pub(crate) fn attachment_route(entity: &EntityUrl, id: &str) -> String {
+    entity_route(entity, &["/attachments/", &encode_uri_component(id)].concat())
 }
 
 /// Headers the SDK sends on appends.
@@ -182,6 +192,15 @@ mod tests {
         assert!(RuntimeServerClient::new("http://127.0.0.1:4437/").is_ok());
         assert!(RuntimeServerClient::new("ftp://x").is_err());
         assert!(RuntimeServerClient::new("not a url").is_err());
+    }
+
+    #[test]
+    fn entity_routes_encode_the_names_older_releases_allowed_and_keep_new_ones() {
+        let new = EntityUrl::new("chat", "A-z_0.9~").unwrap();
+        assert_eq!(entity_route(&new, "/send"), "/_electric/entities/chat/A-z_0.9~/send");
+        let old = EntityUrl::new("chat", "a b?c#d").unwrap();
+        assert_eq!(entity_route(&old, ""), "/_electric/entities/chat/a%20b%3Fc%23d");
+        assert_eq!(attachment_route(&new, "x y"), "/_electric/entities/chat/A-z_0.9~/attachments/x%20y");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::ReaderStream;
 
 use crate::error::{Error, Result};
-use crate::transport::{entity_route, header, RuntimeServerClient};
+use crate::transport::{attachment_route, entity_route, header, RuntimeServerClient};
 
 /// Where an attachment's bytes come from.
 pub enum AttachmentBody {
@@ -242,7 +242,7 @@ impl RuntimeServerClient {
         range: Option<ByteRange>,
     ) -> Result<AttachmentDownload> {
         attache_core::manifest::validate_attachment_id(id)?;
-        let route = entity_route(entity, &format!("/attachments/{id}"));
+        let route = attachment_route(entity, id);
         let mut rb = self.request(Method::GET, &route);
         if let Some(r) = range {
             rb = rb.header("range", r.header());
@@ -290,7 +290,7 @@ impl RuntimeServerClient {
             txid: String,
         }
         attache_core::manifest::validate_attachment_id(id)?;
-        let route = entity_route(entity, &format!("/attachments/{id}"));
+        let route = attachment_route(entity, id);
         let res = self.send(self.request(Method::DELETE, &route), &Method::DELETE, &route).await?;
         Ok(self.json::<Deleted>(res, "delete answer").await?.txid)
     }
@@ -339,7 +339,7 @@ impl RuntimeServerClient {
         if let Some(k) = &input.key {
             body.insert("key".into(), Value::String(k.clone()));
         }
-        let route = entity_route(entity, &format!("/attachments/{id}"));
+        let route = attachment_route(entity, id);
         let res = self.send(self.request(Method::PUT, &route).json(&body), &Method::PUT, &route).await?;
         Ok(self.json::<Begun>(res, "resumable upload answer").await?.attachment)
     }
