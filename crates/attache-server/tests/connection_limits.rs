@@ -654,6 +654,41 @@ async fn an_entity_list_past_the_response_budget_is_answered_503() {
     assert!(res.text().await.unwrap().contains("RESPONSE_BUDGET_EXHAUSTED"));
 }
 
+/// One HTTP/2 connection whose streams open no window holds at most its
+/// principal's share of the response budget: its streams past the share
+/// wait (holding nothing) or are answered 503, and another principal's
+/// read is sent whole. Before, eight such streams took the whole budget
+/// and every other read was answered 503 for as long as the connection lived.
+#[tokio::test]
+async fn an_http2_connection_whose_streams_open_no_window_holds_at_most_its_principals_share() {
+    let s = TestServer::start_with(|c| {
+        c.response_buffer_bytes = 1 << 20;
+        c.slow_reader_timeout = Duration::from_secs(600);
+    })
+    .await;
+    entity_with_a_large_attachment(&s, "user:mallory", "/_electric/entities/chat/m1").await;
+    let bytes = entity_with_a_large_attachment(&s, "user:alice", "/_electric/entities/chat/a1").await;
+    let stalled = http2_with_window(&s, 1024).await;
+    let reads = (0..8).map(|_| {
+        let mut sender = stalled.clone();
+        let req = attachment_read(&s, "user:mallory", "/_electric/entities/chat/m1");
+        async move { sender.send_request(req).await.expect("answered") }
+    });
+    let held = futures::future::join_all(reads).await;
+    assert!(held.iter().any(|r| r.status() == StatusCode::OK), "the first read begins");
+    gauge_until(&s, ANSWERS, |n| n >= 256 << 10, "the first stream's chunk").await;
+    assert!(gauge(&s, ANSWERS).await <= 256 << 10, "mallory holds at most her share (a quarter of 1 MiB)");
+
+    let mut reader = http2_with_window(&s, 65_535).await;
+    let res = reader.send_request(attachment_read(&s, "user:alice", "/_electric/entities/chat/a1")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    use http_body_util::BodyExt as _;
+    let got = res.into_body().collect().await.expect("the whole body").to_bytes();
+    assert!(got[..] == bytes[..], "{} of {} bytes, or not the same", got.len(), bytes.len());
+    drop((held, stalled));
+    gauge_until(&s, ANSWERS, |n| n == 0, "0").await;
+}
+
 /// A task (as alice) with a 900 KiB JSON attachment `big`: each read of it is a large answer.
 async fn task_with_a_large_attachment(s: &TestServer) -> String {
     let (status, created) = rpc_call(s, "task.create", serde_json::json!({ "text": "big answers" })).await;
@@ -808,6 +843,40 @@ async fn http2_with_window(
     sender
 }
 
+/// Spawns `entity` as `who` with a 2 MiB attachment `big`; returns its bytes.
+async fn entity_with_a_large_attachment(s: &TestServer, who: &str, entity: &str) -> Vec<u8> {
+    let res = s.client.put(s.url(entity)).header("electric-principal", who).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let bytes: Vec<u8> = (0..2u32 << 20).map(|i| (i % 251) as u8).collect();
+    let mut form =
+        b"--B\r\ncontent-disposition: form-data; name=\"subject\"\r\n\r\n{\"type\":\"context\",\"key\":\"k\"}\r\n\
+        --B\r\ncontent-disposition: form-data; name=\"id\"\r\n\r\nbig\r\n\
+        --B\r\ncontent-disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n\
+        content-type: application/octet-stream\r\n\r\n"
+            .to_vec();
+    form.extend(&bytes);
+    form.extend(b"\r\n--B--\r\n");
+    let res = s
+        .client
+        .post(s.url(&format!("{entity}/attachments")))
+        .header("electric-principal", who)
+        .header("content-type", "multipart/form-data; boundary=B")
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED, "{}", res.text().await.unwrap());
+    bytes
+}
+
+/// GET of `entity`'s attachment `big` as `who`, over HTTP/2.
+fn attachment_read(s: &TestServer, who: &str, entity: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::get(s.url(&format!("{entity}/attachments/big")))
+        .header("electric-principal", who)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap()
+}
+
 /// An attachment read over HTTP/2 takes each chunk (256 KiB) from the
 /// response budget until it is sent: a stream that opens no window holds
 /// its chunk within the budget, and while the budget is full a read is
@@ -822,33 +891,8 @@ async fn attachment_chunks_over_http2_hold_the_response_budget_until_sent() {
     })
     .await;
     let entity = "/_electric/entities/chat/c1";
-    let res = s.client.put(s.url(entity)).header("electric-principal", "user:alice").send().await.unwrap();
-    assert_eq!(res.status(), StatusCode::CREATED);
-    let bytes: Vec<u8> = (0..2u32 << 20).map(|i| (i % 251) as u8).collect();
-    let mut form =
-        b"--B\r\ncontent-disposition: form-data; name=\"subject\"\r\n\r\n{\"type\":\"context\",\"key\":\"k\"}\r\n\
-        --B\r\ncontent-disposition: form-data; name=\"id\"\r\n\r\nbig\r\n\
-        --B\r\ncontent-disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n\
-        content-type: application/octet-stream\r\n\r\n"
-            .to_vec();
-    form.extend(&bytes);
-    form.extend(b"\r\n--B--\r\n");
-    let res = s
-        .client
-        .post(s.url(&format!("{entity}/attachments")))
-        .header("electric-principal", "user:alice")
-        .header("content-type", "multipart/form-data; boundary=B")
-        .body(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::CREATED, "{}", res.text().await.unwrap());
-    let read = || {
-        http::Request::get(s.url(&format!("{entity}/attachments/big")))
-            .header("electric-principal", "user:alice")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap()
-    };
+    let bytes = entity_with_a_large_attachment(&s, "user:alice", entity).await;
+    let read = || attachment_read(&s, "user:alice", entity);
 
     let mut stalled = http2_with_window(&s, 1024).await;
     let held = stalled.send_request(read()).await.expect("the read begins");
