@@ -180,7 +180,7 @@ impl Drop for Held<'_> {
 /// take one body or answer (as an answer larger than the whole budget is
 /// granted when nothing else is held), so a share smaller than one request
 /// slows a principal down but never stops it.
-pub(crate) struct Shares {
+struct Shares {
     held: parking_lot::Mutex<std::collections::HashMap<PrincipalKey, usize>>,
     most: usize,
 }
@@ -210,17 +210,13 @@ impl Shares {
         if !self.fits(&held, who, n, own) {
             return false;
         }
-        self.take_over(&mut held, who, n);
+        add(&mut held, who, n);
         true
     }
 
-    fn take_over(&self, held: &mut std::collections::HashMap<PrincipalKey, usize>, who: &PrincipalKey, n: usize) {
-        match held.get_mut(who) {
-            Some(mine) => *mine += n,
-            None => {
-                held.insert(who.clone(), n);
-            }
-        }
+    /// Takes `n` bytes for `who` whatever it holds (an answer already made).
+    fn take_over(&self, who: &PrincipalKey, n: usize) {
+        add(&mut self.held.lock(), who, n);
     }
 
     fn has_room(&self, who: &PrincipalKey, n: usize) -> bool {
@@ -234,6 +230,15 @@ impl Shares {
             if *mine == 0 {
                 held.remove(who);
             }
+        }
+    }
+}
+
+fn add(held: &mut std::collections::HashMap<PrincipalKey, usize>, who: &PrincipalKey, n: usize) {
+    match held.get_mut(who) {
+        Some(mine) => *mine += n,
+        None => {
+            held.insert(who.clone(), n);
         }
     }
 }
@@ -317,7 +322,7 @@ impl SendBudget {
             return None;
         }
         self.held.fetch_add(n, Ordering::AcqRel);
-        self.shares.take_over(&mut self.shares.held.lock(), who, n);
+        self.shares.take_over(who, n);
         Some(SendPermit { budget: self.clone(), bytes: n, who: Some(who.clone()) })
     }
 
