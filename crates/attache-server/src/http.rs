@@ -86,16 +86,18 @@ impl BodyBudget {
         self.capacity
     }
 
-    /// Takes `n` bytes for a body read outside [`read_body`] (a WebSocket
-    /// message in progress: `ws::frames`); `false`, taking nothing, past the budget.
-    pub(crate) fn try_hold(&self, n: usize) -> bool {
-        self.take(n).is_ok()
+    /// Takes `n` more bytes for a body of `who` read outside [`read_body`]
+    /// (a WebSocket message in progress: `ws::frames`) that holds `own`
+    /// already; `false`, taking nothing, past the budget or `who`'s share.
+    pub(crate) fn try_hold(&self, who: &PrincipalKey, n: usize, own: usize) -> bool {
+        n == 0 || self.take_as(Some(who), n, own).is_ok()
     }
 
-    /// Gives back `n` bytes taken by [`BodyBudget::try_hold`].
-    pub(crate) fn give_back(&self, n: usize) {
+    /// Gives back `n` bytes `who` took with [`BodyBudget::try_hold`].
+    pub(crate) fn give_back(&self, who: &PrincipalKey, n: usize) {
         if n > 0 {
             self.held.fetch_sub(n, Ordering::AcqRel);
+            self.shares.give_back(who, n);
         }
     }
 
@@ -335,11 +337,6 @@ impl SendBudget {
     /// answer larger than the whole budget is granted when nothing else is held).
     pub(crate) fn has_room(&self, who: Option<&PrincipalKey>, n: usize) -> bool {
         n < SEND_BUDGET_FROM || (self.fits(self.held(), n) && who.is_none_or(|who| self.shares.has_room(who, n)))
-    }
-
-    /// [`SendBudget::try_take`] for no one in particular (within the whole budget only), refused as the 503 a client gets.
-    pub(crate) fn take(self: &Arc<Self>, n: usize) -> ApiResult<Option<SendPermit>> {
-        self.take_as(None, n)
     }
 
     /// [`SendBudget::try_take`], refused as the 503 a client gets.

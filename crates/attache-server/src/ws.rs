@@ -155,7 +155,7 @@ pub async fn upgrade(State(state): State<AppState>, Caller(who): Caller, mut req
     tokio::spawn(async move {
         let Ok(upgraded) = on_upgrade.await else { return };
         let max = state.config.ws_max_message_bytes;
-        let (io, clock) = frames::Watched::new(TokioIo::new(upgraded), state.clone(), max);
+        let (io, clock) = frames::Watched::new(TokioIo::new(upgraded), state.clone(), who.clone(), max);
         // tungstenite's 128 KiB read and write buffers would be reserved per
         // connection; /ws messages are small, and larger ones grow the buffer.
         let config = WebSocketConfig::default()

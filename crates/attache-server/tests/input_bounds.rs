@@ -192,9 +192,7 @@ async fn a_websocket_opens_over_http2_with_extended_connect_and_keeps_its_bounds
     ws.send(Message::Text(r#"{"action":"ping"}"#.into())).await.unwrap();
     let pong = ws.next().await.expect("a message").expect("no error");
     assert!(pong.to_text().unwrap_or("").contains("pong"), "{pong:?}");
-    ws.send(Message::Text(format!(r#"{{"action":"ping","pad":"{}"}}"#, "x".repeat(24 << 10)).into()))
-        .await
-        .unwrap();
+    ws.send(Message::Text(format!(r#"{{"action":"ping","pad":"{}"}}"#, "x".repeat(24 << 10)).into())).await.unwrap();
     match ws.next().await {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1009, "{frame:?}"),
         other => panic!("expected a 1009 close, got {other:?}"),
@@ -203,9 +201,14 @@ async fn a_websocket_opens_over_http2_with_extended_connect_and_keeps_its_bounds
 
 /// A raw `/ws` connection, upgraded, its `connected` message read.
 async fn raw_ws(s: &TestServer) -> tokio::net::TcpStream {
+    raw_ws_as(s, ALICE).await
+}
+
+/// [`raw_ws`] as `principal`.
+async fn raw_ws_as(s: &TestServer, principal: &str) -> tokio::net::TcpStream {
     let mut conn = common::connect(s).await;
     let upgrade = format!(
-        "GET /ws HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: {ALICE}\r\nconnection: Upgrade\r\n\
+        "GET /ws HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: {principal}\r\nconnection: Upgrade\r\n\
          upgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     );
     conn.write_all(upgrade.as_bytes()).await.unwrap();
@@ -251,14 +254,12 @@ fn close_code_in(mut frames: &[u8]) -> Option<u16> {
 async fn websocket_messages_in_progress_hold_the_body_budget_and_one_past_it_closes_with_1013() {
     let s = TestServer::start_with(|c| {
         c.body_buffer_bytes = 1 << 20;
+        // The whole budget, not one principal's share of it (the next test).
+        c.budget_share_per_principal = 100;
         c.ws_max_message_bytes = 600 << 10;
     })
     .await;
-    // A masked text frame declaring 500 KiB, then 10 bytes of it.
-    let mut started = vec![0x81, 0x80 | 127];
-    started.extend_from_slice(&(500u64 << 10).to_be_bytes());
-    started.extend_from_slice(&[1, 2, 3, 4]);
-    started.extend_from_slice(&[b'x'; 10]);
+    let started = frame_begun(500 << 10);
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut conn = raw_ws(&s).await;
@@ -288,6 +289,44 @@ async fn websocket_messages_in_progress_hold_the_body_budget_and_one_past_it_clo
     .await;
     drop((again, held));
     assert_responsive(&s).await;
+}
+
+/// A masked text frame's header declaring `len` bytes, and 10 bytes of it.
+fn frame_begun(len: u64) -> Vec<u8> {
+    let mut started = vec![0x81, 0x80 | 127];
+    started.extend_from_slice(&len.to_be_bytes());
+    started.extend_from_slice(&[1, 2, 3, 4]);
+    started.extend_from_slice(&[b'x'; 10]);
+    started
+}
+
+/// Messages in progress count to their principal's share of the body budget
+/// (`--budget-share-per-principal`), as its HTTP bodies do: one principal's
+/// unfinished messages cannot hold the budget every other principal needs.
+#[tokio::test]
+async fn one_principals_websocket_messages_in_progress_hold_at_most_its_share_of_the_body_budget() {
+    let s = TestServer::start_with(|c| {
+        c.body_buffer_bytes = 1 << 20;
+        c.budget_share_per_principal = 25;
+        c.ws_max_message_bytes = 600 << 10;
+    })
+    .await;
+    let started = frame_begun(200 << 10);
+    // Mallory's first message takes 200 KiB of her 256 KiB share; her second would pass it.
+    let mut first = raw_ws_as(&s, "user:mallory").await;
+    first.write_all(&started).await.unwrap();
+    let mut second = raw_ws_as(&s, "user:mallory").await;
+    second.write_all(&started).await.unwrap();
+    let sent = common::read_until_closed(&mut second).await.expect("mallory's second socket is closed");
+    assert_eq!(close_code_in(&sent), Some(1013), "{:?}", String::from_utf8_lossy(&sent));
+    assert!(String::from_utf8_lossy(&sent).contains("budget_share_per_principal"));
+    // Alice still finds room.
+    let mut alice = raw_ws_as(&s, ALICE).await;
+    alice.write_all(&started).await.unwrap();
+    let mut byte = [0u8; 1];
+    let still = tokio::time::timeout(Duration::from_millis(300), alice.read(&mut byte)).await;
+    assert!(still.is_err(), "alice's message within her share keeps its socket open: {still:?}");
+    drop((first, alice));
 }
 
 #[tokio::test]

@@ -11,8 +11,9 @@
 //!
 //! - charges the declared bytes of the data message in progress to the body
 //!   budget (`--body-buffer-bytes`), as a request body being read is charged:
-//!   past the budget the read fails with [`BudgetFull`] and `/ws` closes with
-//!   1013 (try again later);
+//!   past the budget (or the principal's share of it,
+//!   `--budget-share-per-principal`) the read fails with [`BudgetFull`] and
+//!   `/ws` closes with 1013 (try again later);
 //! - notes when that message began ([`MessageClock`]): `/ws` closes a message
 //!   not finished within `--body-read-timeout` with 1008.
 //!
@@ -189,7 +190,8 @@ impl MessageClock {
 /// body budget past its capacity: `/ws` closes with 1013.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "a WebSocket message in progress would pass the server's buffer budget of {capacity} bytes (body_buffer_bytes)"
+    "a WebSocket message in progress would pass the server's buffer budget of {capacity} bytes, or its principal's \
+     share of it (body_buffer_bytes, budget_share_per_principal)"
 )]
 pub struct BudgetFull {
     pub capacity: usize,
@@ -202,13 +204,20 @@ pub struct Watched<T> {
     /// Bytes taken from `budget` for the message in progress.
     charged: usize,
     budget: crate::AppState,
+    /// Whose share of the budget the message takes.
+    who: attache_core::PrincipalKey,
     clock: Arc<MessageClock>,
 }
 
 impl<T> Watched<T> {
-    pub(crate) fn new(io: T, budget: crate::AppState, max_message: usize) -> (Watched<T>, Arc<MessageClock>) {
+    pub(crate) fn new(
+        io: T,
+        budget: crate::AppState,
+        who: attache_core::PrincipalKey,
+        max_message: usize,
+    ) -> (Watched<T>, Arc<MessageClock>) {
         let clock = Arc::new(MessageClock::new());
-        (Watched { io, watch: FrameWatch::new(max_message), charged: 0, budget, clock: clock.clone() }, clock)
+        (Watched { io, watch: FrameWatch::new(max_message), charged: 0, budget, who, clock: clock.clone() }, clock)
     }
 
     fn bodies(&self) -> &BodyBudget {
@@ -221,12 +230,12 @@ impl<T> Watched<T> {
         let ended = self.watch.feed(bytes);
         let held = self.watch.held();
         if held > self.charged {
-            if !self.bodies().try_hold(held - self.charged) {
+            if !self.bodies().try_hold(&self.who, held - self.charged, self.charged) {
                 let capacity = self.bodies().capacity();
                 return Err(io::Error::other(BudgetFull { capacity }));
             }
         } else {
-            self.bodies().give_back(self.charged - held);
+            self.bodies().give_back(&self.who, self.charged - held);
         }
         self.charged = held;
         if !self.watch.open() {
@@ -242,7 +251,7 @@ impl<T> Watched<T> {
 
 impl<T> Drop for Watched<T> {
     fn drop(&mut self) {
-        self.budget.bodies.give_back(self.charged);
+        self.budget.bodies.give_back(&self.who, self.charged);
     }
 }
 
