@@ -104,7 +104,8 @@ SERVER_ARGS=(serve --listen "127.0.0.1:$PORT" --data-dir "$WORK/data")
 NEED_CONNS=$(( SOAK_READERS + SOAK_SLOW_READERS + 512 ))
 SERVE_HELP="$("$WORK/attache" serve --help 2>/dev/null | tr -s ' \n' ' ' || true)"
 if [[ "$SERVE_HELP" == *--max-connections* ]]; then
-  CAP="$(grep -o -- '--max-connections[^[]*\[default: [0-9]*' <<<"$SERVE_HELP" | grep -o '[0-9]*$' || true)"
+  # The first match is the flag's own entry (other flags' help may name it too).
+  CAP="$(grep -o -- '--max-connections[^[]*\[default: [0-9]*' <<<"$SERVE_HELP" | head -1 | grep -o '[0-9]*$' || true)"
   if [ -z "$CAP" ]; then  # default not found in the help: set one that is surely enough
     SERVER_ARGS+=(--max-connections "$(( NEED_CONNS > 4096 ? NEED_CONNS : 4096 ))")
   elif [ "$CAP" -lt "$NEED_CONNS" ]; then
