@@ -610,6 +610,46 @@ async fn binary_data_is_stored_as_bytes_and_readable() {
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
 }
 
+/// A binary attachment replaced by one of another type (JSON, text, a URL)
+/// keeps none of its bytes: before, the new entry's nominal stream path was
+/// the old bytes' own address, so they stayed readable there (through the
+/// entity route, under the new content type, and through the raw stream
+/// route) even after `task.delete_attachment`, and forks copied them.
+#[tokio::test]
+async fn a_binary_attachment_replaced_by_another_type_keeps_no_bytes_readable() {
+    let s = TestServer::start().await;
+    let t = create_task(&s, ALICE, "replace bytes", 50).await;
+    for replacement in [
+        json!({"type": "json", "value": {"a": 1}}),
+        json!({"type": "text", "content": "plain"}),
+        json!({"type": "url", "url": "https://example.com/x"}),
+    ] {
+        let mut put = json!({"taskId": t, "key": "k", "type": "binary", "data": "U0VDUkVU"});
+        let made = ok(&s, ALICE, "task.create_attachment", put.clone()).await;
+        let id = made["id"].as_str().expect("an id").to_owned();
+        let raw = format!("/task/{t}/attachments/{id}");
+        let entity_read = format!("/_electric/entities/task/{t}/attachments/{id}");
+        let read = |path: String| {
+            let s = &s;
+            async move {
+                let res = s.client.get(s.url(&path)).header("electric-principal", ALICE).send().await.unwrap();
+                (res.status(), res.bytes().await.unwrap())
+            }
+        };
+        assert_eq!(read(entity_read.clone()).await, (StatusCode::OK, bytes::Bytes::from_static(b"SECRET")));
+
+        put.as_object_mut().unwrap().remove("data");
+        for (k, v) in replacement.as_object().unwrap() {
+            put[k] = v.clone();
+        }
+        ok(&s, ALICE, "task.create_attachment", put).await;
+        assert_eq!(read(entity_read.clone()).await.0, StatusCode::NOT_FOUND, "after {replacement}");
+        assert_eq!(read(raw.clone()).await.0, StatusCode::NOT_FOUND, "after {replacement}");
+        ok(&s, ALICE, "task.delete_attachment", json!({"taskId": t, "key": "k"})).await;
+        assert_eq!(read(raw).await.0, StatusCode::NOT_FOUND, "after the delete");
+    }
+}
+
 #[tokio::test]
 async fn task_attachments_are_manifest_rows_on_the_task_main_stream() {
     let s = TestServer::start().await;

@@ -127,6 +127,13 @@ pub async fn read(
     if entry.status != AttachmentStatus::Complete {
         return Err(ApiError::new(StatusCode::CONFLICT, "NOT_COMPLETE", "Attachment is not complete"));
     }
+    // A complete attachment without a length keeps no bytes (a task's JSON,
+    // text or URL attachment, whose value is in its row): whatever stream is
+    // at its address (the bytes of a version it replaced, left by releases
+    // before session 14) is not its content.
+    if entry.byte_length.is_none() {
+        return Err(not_found());
+    }
     let info = state.store.head(&path).await.map_err(|_| not_found())?;
     let len = info.tail;
     // The content hash the store keeps for stored blobs; the row's only for resumable uploads.

@@ -391,7 +391,7 @@ pub(super) async fn put_attachment(state: &AppState, who: &PrincipalKey, input: 
         let written = Written {
             id: entry.id.clone(),
             created_at: entry.created_at.clone(),
-            stream_path: entry.stream_path.clone(),
+            bytes_stream: entry.byte_length.map(|_| entry.stream_path.clone()),
         };
         let row = Row::Upsert { entry: Box::new(entry), insert: existing.is_none() };
         let event = Event::new(
@@ -429,7 +429,11 @@ pub(super) async fn put_attachment(state: &AppState, who: &PrincipalKey, input: 
             return Err(e);
         }
     };
-    if let Some((old, id)) = old_bytes.filter(|(old, _)| *old != written.stream_path) {
+    // The old version's bytes go once the row points away from them: to a new
+    // version's stream, or to none (a JSON, text or URL attachment keeps no
+    // bytes, and its nominal stream path is the old bytes' own address:
+    // kept, they stayed readable there after the replacement and its delete).
+    if let Some((old, id)) = old_bytes.filter(|(old, _)| written.bytes_stream.as_ref() != Some(old)) {
         let _ = state.store.delete_id(&old, id).await;
     }
     state.metrics.attachment_created(input.kind.as_str(), stored_bytes);
@@ -437,11 +441,12 @@ pub(super) async fn put_attachment(state: &AppState, who: &PrincipalKey, input: 
 }
 
 /// What a put wrote, as far as its caller needs it: the attachment's id and
-/// creation time (`task.create_attachment` answers them) and its bytes' stream.
+/// creation time (`task.create_attachment` answers them) and its bytes'
+/// stream (`None`: the attachment keeps no bytes).
 pub(super) struct Written {
     pub(super) id: String,
     pub(super) created_at: String,
-    stream_path: String,
+    bytes_stream: Option<String>,
 }
 
 /// What a put of `input` writes, decided against `existing` (the entry its
@@ -784,7 +789,15 @@ pub(super) async fn delete_attachment(state: &AppState, who: &PrincipalKey, p: &
         };
         // Only the address derived for the bytes is deleted, never a path the row
         // names; and only the stream there now, never one made at it after the row.
-        let bytes = match entry.byte_length.and(task_url(task_id)).and_then(|url| entry.bytes_path(&url)) {
+        // An attachment with no bytes may still have a stream at its own address:
+        // the bytes of a binary version it replaced, kept by releases before
+        // session 14; they go with it.
+        let url = task_url(task_id);
+        let path = match entry.byte_length {
+            Some(_) => url.and_then(|url| entry.bytes_path(&url)),
+            None => url.map(|url| url.attachment_stream(&entry.id)),
+        };
+        let bytes = match path {
             Some(path) => state.store.head(&path).await.ok().map(|info| (path, info.id)),
             None => None,
         };
