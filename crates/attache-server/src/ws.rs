@@ -360,7 +360,16 @@ async fn serve(
                         }
                         return;
                     }
-                    Some(Ok(Message::Close(_))) | None => return,
+                    // tungstenite queues the reply to a client's close frame; it
+                    // goes out only when the socket is flushed, so flush it (a
+                    // client otherwise sees 1006, an abnormal close).
+                    Some(Ok(Message::Close(_))) => {
+                        // The Sink's close, which flushes; the stream's own `close` sends a close frame
+                        // (refused: one was received).
+                        let _ = tokio::time::timeout(SLOW_CLOSE_WITHIN, SinkExt::close(&mut socket)).await;
+                        return;
+                    }
+                    None => return,
                     Some(Ok(_)) => continue,
                 };
                 for reply in on_message(&state, &who, msg.as_str(), &mut patterns, &mut pos).await {

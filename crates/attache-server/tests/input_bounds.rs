@@ -199,6 +199,20 @@ async fn a_websocket_opens_over_http2_with_extended_connect_and_keeps_its_bounds
     }
 }
 
+/// A client's close frame is answered with the server's (RFC 6455 5.5.1), so
+/// a client closing normally sees a clean close, not 1006. Before, the server
+/// dropped the socket with the reply still queued.
+#[tokio::test]
+async fn a_websocket_closed_by_its_client_is_answered_with_a_close_frame() {
+    let s = TestServer::start().await;
+    let mut ws = ws_connect(&s).await;
+    ws.close(None).await.expect("the close frame is sent");
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("an answer in time") {
+        Some(Ok(Message::Close(_))) => {}
+        other => panic!("expected the server's close frame, got {other:?}"),
+    }
+}
+
 /// A raw `/ws` connection, upgraded, its `connected` message read.
 async fn raw_ws(s: &TestServer) -> tokio::net::TcpStream {
     raw_ws_as(s, ALICE).await
