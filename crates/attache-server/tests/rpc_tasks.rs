@@ -709,6 +709,22 @@ async fn an_upload_with_a_key_is_a_task_attachment() {
     );
     let list = ok(&s, ALICE, "task.list_attachments", json!({"taskId": t, "type": "binary"})).await;
     assert_eq!(list["totalCount"], 1);
+    // A `key` alone names its subject: context for the task, as the task face writes it.
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"key\"\r\n\r\nkeyed\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"k.txt\"\r\nContent-Type: text/plain\r\n\r\nhello\r\n--{boundary}--\r\n"
+    );
+    let res = s
+        .client
+        .post(s.url(&format!("/_electric/entities/task/{t}/attachments")))
+        .header("electric-principal", ALICE)
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED, "{}", res.text().await.unwrap_or_default());
+    let got = ok(&s, ALICE, "task.get_attachment", json!({"taskId": t, "key": "keyed"})).await;
+    assert_fields(&got, &json!({"key": "keyed", "type": "binary", "size": 5}));
     // And the other way: the entity route lists what the task face wrote.
     ok(&s, ALICE, "task.create_attachment", json!({"taskId": t, "key": "note", "type": "text", "content": "hi"})).await;
     let res = s

@@ -228,7 +228,11 @@ impl Fields {
         match (&self.subject, &self.subject_type, &self.subject_key) {
             (Some(s), _, _) => Ok(Some(s.clone())),
             (None, Some(t), Some(k)) => Ok(Some(Subject::new(t, k)?)),
-            (None, None, None) => Ok(None),
+            // A keyed (task) attachment is context for its entity, as the task face writes it.
+            (None, None, None) => match &self.name {
+                Some(key) => Ok(Some(Subject::new("context", key)?)),
+                None => Ok(None),
+            },
             _ => Err(ApiError::bad_request("attachment subject requires type and key")),
         }
     }
