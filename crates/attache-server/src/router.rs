@@ -114,7 +114,7 @@ pub fn build(state: AppState) -> Router {
         // GET task events by offset, catch-up, long-poll or SSE [read, per task]
         .route("/_attache/events", get(events::get_events))
         // GET WebSocket: subscribe to task events by pattern [read, per task]; execute as /rpc
-        .route("/ws", get(ws::upgrade).connect(ws::upgrade))
+        .route("/ws", get(ws::upgrade))
         // POST/GET/DELETE MCP streamable HTTP: the task methods as tools [authenticated; as /rpc]
         .merge(mcp::routes(state.clone()))
         // GET Prometheus text [any authenticated principal]

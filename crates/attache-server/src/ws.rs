@@ -37,7 +37,7 @@ use std::time::Duration;
 use attache_core::{Offset, PrincipalKey, ReadOffset};
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode, Version};
+use axum::http::{header, HeaderValue, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
@@ -137,10 +137,10 @@ impl Patterns {
     }
 }
 
-/// GET /ws (HTTP/1.1 upgrade), or CONNECT with `:protocol websocket` (HTTP/2,
-/// RFC 8441). The handshake is done here rather than by axum's extractor so
-/// that the connection's bytes pass through [`frames::Watched`] before
-/// tungstenite reads them.
+/// GET /ws: the HTTP/1.1 upgrade (RFC 6455). The handshake is done here
+/// rather than by axum's extractor so that the connection's bytes pass
+/// through [`frames::Watched`] before tungstenite reads them. HTTP/2 offers
+/// no extended CONNECT (`conn`), so every WebSocket is a connection of its own.
 pub async fn upgrade(State(state): State<AppState>, Caller(who): Caller, mut req: Request) -> Response {
     let accept = match handshake(&req) {
         Ok(accept) => accept,
@@ -166,64 +166,40 @@ pub async fn upgrade(State(state): State<AppState>, Caller(who): Caller, mut req
         let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         serve(state, who, presented, socket, clock).await;
     });
-    match accept {
-        Some(accept) => Response::builder()
-            .status(StatusCode::SWITCHING_PROTOCOLS)
-            .header(header::CONNECTION, "upgrade")
-            .header(header::UPGRADE, "websocket")
-            .header(header::SEC_WEBSOCKET_ACCEPT, accept)
-            .body(Body::empty())
-            .unwrap_or_default(),
-        // HTTP/2: a 2xx with no body opens the tunnel (RFC 9113 section 8.5).
-        None => Response::new(Body::empty()),
-    }
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .unwrap_or_default()
 }
 
-/// Checks a WebSocket opening handshake (RFC 6455 section 4.2.1, RFC 8441);
-/// `Some(Sec-WebSocket-Accept)` over HTTP/1.1, `None` over HTTP/2.
-fn handshake(req: &Request) -> Result<Option<HeaderValue>, ApiError> {
+/// Checks a WebSocket opening handshake (RFC 6455 section 4.2.1) and
+/// answers its `Sec-WebSocket-Accept`.
+fn handshake(req: &Request) -> Result<HeaderValue, ApiError> {
     let refuse = |message: &str| ApiError::new(StatusCode::BAD_REQUEST, "NOT_A_WEBSOCKET_HANDSHAKE", message);
     let headers = req.headers();
-    let accept = if req.version() <= Version::HTTP_11 {
-        if req.method() != Method::GET {
-            return Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "METHOD_NOT_ALLOWED",
-                "a WebSocket opens with GET",
-            ));
-        }
-        let has_token = |name: header::HeaderName, token: &str| {
-            headers
-                .get_all(name)
-                .iter()
-                .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
-        };
-        if !has_token(header::CONNECTION, "upgrade") {
-            return Err(refuse("Connection must include upgrade"));
-        }
-        if !has_token(header::UPGRADE, "websocket") {
-            return Err(refuse("Upgrade must be websocket"));
-        }
-        let key = headers.get(header::SEC_WEBSOCKET_KEY).ok_or_else(|| refuse("Sec-WebSocket-Key is missing"))?;
-        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-        Some(HeaderValue::from_str(&accept).map_err(ApiError::internal)?)
-    } else {
-        if req.method() != Method::CONNECT
-            || req.extensions().get::<hyper::ext::Protocol>().is_none_or(|p| p.as_str() != "websocket")
-        {
-            return Err(refuse("over HTTP/2 a WebSocket opens with CONNECT and :protocol websocket"));
-        }
-        None
-    };
-    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v.as_bytes() != b"13") {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "NOT_A_WEBSOCKET_HANDSHAKE",
-            "Sec-WebSocket-Version must be 13",
-        )
-        .with_header(header::SEC_WEBSOCKET_VERSION, "13"));
+    if req.version() != Version::HTTP_11 {
+        return Err(refuse("a WebSocket opens with an HTTP/1.1 upgrade"));
     }
-    Ok(accept)
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
+    };
+    if !has_token(header::CONNECTION, "upgrade") {
+        return Err(refuse("Connection must include upgrade"));
+    }
+    if !has_token(header::UPGRADE, "websocket") {
+        return Err(refuse("Upgrade must be websocket"));
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v.as_bytes() != b"13") {
+        return Err(refuse("Sec-WebSocket-Version must be 13").with_header(header::SEC_WEBSOCKET_VERSION, "13"));
+    }
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).ok_or_else(|| refuse("Sec-WebSocket-Key is missing"))?;
+    HeaderValue::from_str(&tungstenite::handshake::derive_accept_key(key.as_bytes())).map_err(ApiError::internal)
 }
 
 /// The close frame for a read that failed: 1009 when the message passed the
@@ -303,7 +279,16 @@ async fn serve(
         }
         // Decide first, act after: the futures in `select!` borrow `pos`.
         let step = tokio::select! {
-            incoming = socket.next() => Step::Incoming(incoming),
+            // A client whose socket is full is read from again only once what
+            // waits for it is written (`MessageClock::output_blocked`).
+            incoming = async {
+                if clock.output_blocked() {
+                    if let Err(e) = SinkExt::flush(&mut socket).await {
+                        return Some(Err(e));
+                    }
+                }
+                socket.next().await
+            } => Step::Incoming(incoming),
             // A message began: its deadline goes into the next wake.
             _ = clock.message_began() => Step::Tick,
             batch = events::next_events(&state, &mut pos, &mut signal) => Step::Events(batch),

@@ -302,7 +302,8 @@ impl WsFrame {
 /// `ws::frames::FrameWatch` follows a client's bytes however they are cut:
 /// after every cut it holds what a model of whole frames says is in
 /// progress (the declared bytes of the open data message, at most the cap),
-/// and counts the same data messages ended.
+/// and counts the same data messages ended; a control frame declaring more
+/// than 125 bytes is refused at its second byte.
 #[test]
 fn fuzz_websocket_frame_watch_follows_any_cut_of_the_bytes() {
     use attache_server::ws::frames::FrameWatch;
@@ -315,11 +316,21 @@ fn fuzz_websocket_frame_watch_follows_any_cut_of_the_bytes() {
             let bytes = f.bytes();
             let mut rest = &bytes[..];
             let mut fed_ended = 0;
+            // Refused by the 7-bit length field: more than 125, or a longer form (126, 127) at all.
+            let too_long = f.opcode() >= 8 && bytes[1] & 0x7f > 125;
             while !rest.is_empty() {
                 let n = cut.next().map_or(rest.len(), |c| usize::from(*c) % rest.len() + 1);
-                fed_ended += watch.feed(&rest[..n]);
+                match watch.feed(&rest[..n]) {
+                    Ok(ended) => fed_ended += ended,
+                    // Refused within its first two bytes, as soon as its length is seen; the stream ends.
+                    Err(_) => {
+                        assert!(too_long && bytes.len() - rest.len() < 2, "{f:?} refused");
+                        return;
+                    }
+                }
                 rest = &rest[n..];
             }
+            assert!(!too_long, "{f:?} was not refused");
             if f.opcode() < 8 {
                 held = (held + usize::from(f.len % 3000)).min(cap);
                 open = !f.fin;

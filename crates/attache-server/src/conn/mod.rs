@@ -227,6 +227,16 @@ pub const SOCKET_UNSENT_BYTES: usize = 64 << 10;
 /// never opens a window for: `--response-buffer-bytes` bounds their bytes.
 const HTTP2_MAX_STREAMS: u32 = 100;
 
+/// What an HTTP/2 client may send before the server reads it, per stream and
+/// per connection: RFC 9113's initial 65,535, not hyper's 1 MiB. Bytes sent on
+/// a request whose handler never reads them (a long-poll, an SSE read) sat in
+/// that window outside every budget: 200 connections held 182 MiB (session 14).
+/// No extended CONNECT (RFC 8441) is offered: WebSockets open over HTTP/1.1
+/// only, each a connection `--max-connections` counts (up to 100 of them
+/// could share one HTTP/2 connection, uncounted, and an HTTP/2 connection
+/// whose only work is a tunnel was cut by the header timeout).
+const HTTP2_RECEIVE_WINDOW: u32 = 65_535;
+
 /// Per-socket options: answers go out as soon as they are written (no Nagle
 /// delay between an SSE event and the next), and the unsent queue is bounded.
 fn tune(stream: &TcpStream) {
@@ -357,10 +367,10 @@ async fn serve_connection(io: Watched, activity: Arc<Activity>, app: Router, lim
         Protocol::Http2 => {
             let service = Tracked { app, activity: activity.clone() };
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            // HTTP/2 WebSockets (RFC 8441) need the CONNECT protocol.
             builder
-                .enable_connect_protocol()
                 .max_send_buf_size(CONNECTION_BUFFER_BYTES)
+                .initial_stream_window_size(HTTP2_RECEIVE_WINDOW)
+                .initial_connection_window_size(HTTP2_RECEIVE_WINDOW)
                 .max_concurrent_streams(HTTP2_MAX_STREAMS);
             drive(Box::pin(builder.serve_connection(TokioIo::new(io), service)), activity, limits).await;
         }
@@ -370,8 +380,9 @@ async fn serve_connection(io: Watched, activity: Arc<Activity>, app: Router, lim
             builder.http1().max_buf_size(CONNECTION_BUFFER_BYTES);
             builder
                 .http2()
-                .enable_connect_protocol()
                 .max_send_buf_size(CONNECTION_BUFFER_BYTES)
+                .initial_stream_window_size(HTTP2_RECEIVE_WINDOW)
+                .initial_connection_window_size(HTTP2_RECEIVE_WINDOW)
                 .max_concurrent_streams(HTTP2_MAX_STREAMS);
             drive(Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service)), activity, limits).await;
         }

@@ -25,7 +25,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -37,6 +37,15 @@ use crate::http::BodyBudget;
 
 /// The longest frame header: 2 bytes, an 8-byte extended length, a 4-byte mask.
 const MAX_HEADER: usize = 14;
+
+/// The longest control frame's payload (RFC 6455 5.5).
+const MAX_CONTROL_PAYLOAD: u8 = 125;
+
+/// A control frame (ping, pong, close) declared more than 125 bytes: the
+/// socket closes with 1002 (protocol error) before any of it is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a WebSocket control frame carries at most 125 bytes")]
+pub struct ControlFrameTooLong;
 
 /// Follows frame boundaries in a client's byte stream.
 #[derive(Debug)]
@@ -74,8 +83,11 @@ impl FrameWatch {
     }
 
     /// Follows `bytes`, the next bytes of the stream; returns how many data
-    /// messages ended in them.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> usize {
+    /// messages ended in them, or [`ControlFrameTooLong`] for a control frame
+    /// that declares more than 125 bytes (RFC 6455 5.5): tungstenite reserves
+    /// a frame's declared length before it checks that rule, so a ping
+    /// declaring 1 MiB held 1 MiB uncharged until the idle timeout.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<usize, ControlFrameTooLong> {
         let mut ended = 0;
         while !bytes.is_empty() {
             if self.have == 0 && self.left > 0 {
@@ -95,6 +107,9 @@ impl FrameWatch {
                 // The first byte of a data frame: its message is in progress from here.
                 self.open = true;
             }
+            if self.have == 2 && self.header[0] & 0x0f >= 8 && self.header[1] & 0x7f > MAX_CONTROL_PAYLOAD {
+                return Err(ControlFrameTooLong);
+            }
             if let Some(len) = self.header_len().filter(|&need| need == self.have).map(|_| self.payload_len()) {
                 self.have = 0;
                 self.data = self.header[0] & 0x0f < 8;
@@ -109,7 +124,7 @@ impl FrameWatch {
                 }
             }
         }
-        ended
+        Ok(ended)
     }
 
     /// The whole header's length, once its first two bytes are known.
@@ -158,11 +173,18 @@ pub struct MessageClock {
     began: AtomicU64,
     /// Woken when a message begins, so the loop sets its deadline at once.
     began_signal: Notify,
+    /// The last write to the client found its socket full (it reads nothing).
+    output_blocked: AtomicBool,
 }
 
 impl MessageClock {
     fn new() -> MessageClock {
-        MessageClock { origin: Instant::now(), began: AtomicU64::new(0), began_signal: Notify::new() }
+        MessageClock {
+            origin: Instant::now(),
+            began: AtomicU64::new(0),
+            began_signal: Notify::new(),
+            output_blocked: AtomicBool::new(false),
+        }
     }
 
     /// When the message in progress began (`None`: none is).
@@ -171,6 +193,15 @@ impl MessageClock {
             0 => None,
             ms => Some(self.origin + Duration::from_millis(ms - 1)),
         }
+    }
+
+    /// Did the last write to the client find its socket full? Then `/ws`
+    /// reads nothing more until what waits is written: tungstenite answers
+    /// each ping with a pong it queues, and reading on while they waited grew
+    /// the queue without bound (a ping flood that read nothing: 900 MiB in
+    /// 10 s, session 14).
+    pub fn output_blocked(&self) -> bool {
+        self.output_blocked.load(Ordering::Acquire)
     }
 
     /// Resolves when a message begins (or has begun since the last call).
@@ -227,7 +258,7 @@ impl<T> Watched<T> {
     /// Follows newly read bytes: charges or gives back budget, moves the clock.
     fn follow(&mut self, bytes: &[u8]) -> io::Result<()> {
         let was_open = self.watch.open();
-        let ended = self.watch.feed(bytes);
+        let ended = self.watch.feed(bytes).map_err(io::Error::other)?;
         let held = self.watch.held();
         if held > self.charged {
             if !self.bodies().try_hold(&self.who, held - self.charged, self.charged) {
@@ -266,9 +297,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
     }
 }
 
+impl<T> Watched<T> {
+    /// Notes whether a write found the socket full.
+    fn wrote<R>(&self, polled: Poll<R>) -> Poll<R> {
+        self.clock.output_blocked.store(polled.is_pending(), Ordering::Release);
+        polled
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.wrote(polled)
     }
 
     fn poll_write_vectored(
@@ -276,7 +316,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.wrote(polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -317,14 +358,14 @@ mod tests {
     #[test]
     fn a_fragmented_message_is_held_across_pongs_until_its_last_fragment() {
         let mut w = FrameWatch::new(1 << 20);
-        assert_eq!(w.feed(&frame(false, 1, &[b'a'; 200])), 0);
+        assert_eq!(w.feed(&frame(false, 1, &[b'a'; 200])), Ok(0));
         assert!(w.open());
         assert_eq!(w.held(), 200);
-        assert_eq!(w.feed(&frame(true, 0xA, b"pong")), 0, "a control frame between fragments ends nothing");
+        assert_eq!(w.feed(&frame(true, 0xA, b"pong")), Ok(0), "a control frame between fragments ends nothing");
         assert_eq!(w.held(), 200);
-        assert_eq!(w.feed(&frame(false, 0, &[b'b'; 70_000])), 0);
+        assert_eq!(w.feed(&frame(false, 0, &[b'b'; 70_000])), Ok(0));
         assert_eq!(w.held(), 70_200);
-        assert_eq!(w.feed(&frame(true, 0, b"end")), 1);
+        assert_eq!(w.feed(&frame(true, 0, b"end")), Ok(1));
         assert!(!w.open());
         assert_eq!(w.held(), 0);
     }
@@ -333,10 +374,20 @@ mod tests {
     fn a_declared_length_is_held_from_the_header_on_and_capped() {
         let mut w = FrameWatch::new(1000);
         let whole = frame(true, 2, &[7; 5000]);
-        assert_eq!(w.feed(&whole[..10]), 0);
+        assert_eq!(w.feed(&whole[..10]), Ok(0));
         assert_eq!(w.held(), 1000, "charged as declared, at most the message cap");
-        assert_eq!(w.feed(&whole[10..]), 1);
+        assert_eq!(w.feed(&whole[10..]), Ok(1));
         assert_eq!(w.held(), 0);
+    }
+
+    #[test]
+    fn a_control_frame_declaring_more_than_125_bytes_is_refused_at_its_second_byte() {
+        let mut w = FrameWatch::new(1 << 20);
+        let ping = frame(true, 9, &[0; 126]);
+        assert_eq!(w.feed(&ping[..1]), Ok(0));
+        assert_eq!(w.feed(&ping[1..2]), Err(super::ControlFrameTooLong));
+        let mut w = FrameWatch::new(1 << 20);
+        assert_eq!(w.feed(&frame(true, 9, &[0; 125])), Ok(0), "125 bytes is a control frame's most");
     }
 
     #[test]
@@ -349,7 +400,7 @@ mod tests {
         stream.extend(frame(true, 1, b""));
         for cut in 0..stream.len() {
             let mut w = FrameWatch::new(1 << 20);
-            let ended = w.feed(&stream[..cut]) + w.feed(&stream[cut..]);
+            let ended = w.feed(&stream[..cut]).unwrap() + w.feed(&stream[cut..]).unwrap();
             assert_eq!(ended, 3, "cut at {cut}");
             assert!(!w.open());
         }
