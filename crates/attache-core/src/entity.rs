@@ -87,12 +87,24 @@ impl EntityUrl {
     }
 
     /// If `path` is shaped like an entity's stream (`/{t}/{i}/main`,
-    /// `/{t}/{i}/attachments/{x}`) with its type or id percent-encoded, the
+    /// `/{t}/{i}/attachments/{x}`) with its type or id percent-encoded, or
+    /// with empty segments (`/t//i/main`, `//t/i/main`, `/t/i/main/`), the
     /// entity whose stream it spells another way. Such a path is no entity's
-    /// ([`EntityUrl::owning`] is `None`), but a client that decodes URLs reads
-    /// it as the entity's: a plain stream may not be created there.
+    /// ([`EntityUrl::owning`] is `None`), but a client that decodes URLs (or a
+    /// proxy that merges slashes) reads it as the entity's: a plain stream may
+    /// not be created there.
     pub fn respelled_by(path: &str) -> Option<EntityUrl> {
-        let mut parts = path.strip_prefix('/')?.splitn(4, '/');
+        let rest = path.strip_prefix('/')?;
+        if rest.split('/').any(str::is_empty) {
+            let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+            return match segments.as_slice() {
+                [t, i, "main"] | [t, i, "attachments", _] => {
+                    EntityUrl::new(&percent_decode_strict(t).ok()?, &percent_decode_strict(i).ok()?).ok()
+                }
+                _ => None,
+            };
+        }
+        let mut parts = rest.splitn(4, '/');
         let (t, i, kind) = (parts.next()?, parts.next()?, parts.next()?);
         match (kind, parts.next()) {
             ("main", None) => {}
@@ -439,7 +451,13 @@ mod tests {
         assert_eq!(respelled("/chat/a%21b/attachments/x").as_deref(), Some("/chat/a!b"));
         assert_eq!(respelled("/ch%C3%A4t/x/main").as_deref(), Some("/ch\u{e4}t/x"));
         assert_eq!(respelled("/principal/user%3Asam/main").as_deref(), Some("/principal/user:sam"));
+        // Empty segments: a proxy that merges slashes reads these as the entity's.
+        for merged in ["/chat//c1/main", "//chat/c1/main", "/chat/c1/main/", "/chat/c1//attachments/x"] {
+            assert_eq!(respelled(merged).as_deref(), Some("/chat/c1"), "{merged}");
+        }
         for not_one in [
+            "/chat//c1/other",
+            "/chat//c1/attachments/x/y",
             "/chat/abc/main",    // spelled as it is: the entity's own path
             "/chat/a%25b/main",  // "a%b" is no entity's name
             "/chat/a%2Fb/main",  // nor "a/b"

@@ -110,7 +110,8 @@ async fn authorize(state: &AppState, who: &PrincipalKey, method: &Method, path: 
     }
     // No plain stream is created at another spelling of an entity's stream
     // path: to a client that decodes URLs, `/chat/a%20b/main` is the entity
-    // `/chat/a b`'s main stream. One made by an older release stays readable,
+    // `/chat/a b`'s main stream (and to a proxy that merges slashes,
+    // `/chat//c1/main` is `/chat/c1`'s). One made by an older release stays readable,
     // appendable and deletable by its owner. Said from the path alone.
     if *method == Method::PUT {
         if let Some(entity) = EntityUrl::respelled_by(path.as_str()) {
@@ -118,8 +119,8 @@ async fn authorize(state: &AppState, who: &PrincipalKey, method: &Method, path: 
                 StatusCode::BAD_REQUEST,
                 "ENTITY_PATH_ESCAPED",
                 format!(
-                    "{path} is the entity {entity}'s stream path spelled with percent-escapes: no stream may be created \
-                     there. Entity types and ids are spelled with {} only",
+                    "{path} is the entity {entity}'s stream path spelled another way (percent-escapes or empty \
+                     segments): no stream may be created there. Entity types and ids are spelled with {} only",
                     attache_core::entity::NAME_CHARS
                 ),
             ));

@@ -724,6 +724,9 @@ async fn a_plain_stream_is_not_created_at_an_entity_stream_path_spelled_with_esc
         "/chat/x%3Ay/attachments/z",
         "/ch%20at/x/main",
         "/principal/user%3Asam/main",
+        "/chat//c1/main",
+        "//chat/c1/main",
+        "/chat/c1/main/",
     ] {
         let put = as_principal(ts.request(Method::PUT, path), Some(ANN)).header("content-type", "application/json");
         let (status, code, body) = error_of(put.send().await.unwrap()).await;
