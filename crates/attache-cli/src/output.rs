@@ -122,6 +122,8 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
             Error::Rpc { .. } => exit::RPC_ERROR,
             Error::Transport { .. } => exit::UNREACHABLE,
             Error::Invalid(_) | Error::Core(_) => exit::USAGE,
+            // The upload under this id is another input's: a conflict with what the server holds.
+            Error::UploadMismatch { .. } => exit::CONFLICT,
             _ => exit::FAILURE,
         };
     }

@@ -176,6 +176,45 @@ async fn put_reads_stdin_and_resumable_puts_complete() {
 }
 
 #[tokio::test]
+async fn a_resumable_put_rerun_with_another_file_exits_5_and_the_first_file_still_completes() {
+    let s = Running::start().await;
+    s.ok(&["entity", "spawn", "/chat/resume"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.bin"), dir.path().join("b.bin"));
+    let a_bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&a, &a_bytes).unwrap();
+    std::fs::write(&b, vec![1u8; 1000]).unwrap();
+
+    // A first `put --resumable` of A that died after its first chunk: begun as
+    // the CLI begins it (same principal, same input), 64 KiB appended.
+    let client = attache_client::RuntimeServerClient::new(&s.url()).unwrap();
+    let entity = attache_client::EntityUrl::parse("/chat/resume").unwrap();
+    let input = attache_client::AttachmentInput::file(&a)
+        .id("big")
+        .subject(attache_client::Subject::new("context", "big").unwrap());
+    let pending = client.begin_resumable_upload(&entity, "big", &input).await.unwrap();
+    let mut producer =
+        attache_client::IdempotentProducer::new(&client, &pending.stream_path, &pending.mime_type, "dying", 0).unwrap();
+    let held = producer.append(a_bytes[..65_536].to_vec()).await.unwrap().next_offset;
+
+    let out = s.run(&["put", "/chat/resume", b.to_str().unwrap(), "--id", "big", "--resumable"]).await;
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("does not match this input"), "{}", stderr(&out));
+    let info = client.head_stream(&pending.stream_path).await.unwrap();
+    assert_eq!((info.next_offset, info.closed), (held, false), "nothing appended, not closed");
+    assert_eq!(
+        client.get_attachment(&entity, "big").await.unwrap().unwrap().status,
+        attache_client::AttachmentStatus::Pending
+    );
+
+    let entry = s.json(&["put", "/chat/resume", a.to_str().unwrap(), "--id", "big", "--resumable"]).await;
+    assert_eq!((entry["status"].as_str(), entry["byteLength"].as_u64()), (Some("complete"), Some(200_000)));
+    let copy = dir.path().join("copy.bin");
+    s.ok(&["get", "/chat/resume", "big", "-o", copy.to_str().unwrap()]).await;
+    assert_eq!(std::fs::read(&copy).unwrap(), a_bytes);
+}
+
+#[tokio::test]
 async fn send_attaches_files_and_tail_once_shows_the_inbox_and_manifest_rows() {
     let s = Running::start().await;
     s.ok(&["entity", "spawn", "/chat/send", "--principal", "user:sam"]).await;

@@ -146,6 +146,12 @@ pub enum Error {
     /// The caller's input is not valid.
     #[error("{0}")]
     Invalid(String),
+    /// A resumable upload cannot go on with this input: the bytes the server
+    /// holds for it, or the bytes it completed with, are not this input's (another
+    /// file under the same id, or the file changed). Nothing more was appended,
+    /// and the reason says what state the upload was left in.
+    #[error("resumable upload {id:?} does not match this input: {reason}")]
+    UploadMismatch { id: String, reason: String },
     #[error(transparent)]
     Core(#[from] attache_core::Error),
     #[error("{context}: {source}")]

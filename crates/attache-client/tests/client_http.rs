@@ -212,6 +212,106 @@ async fn resumable_uploads_complete_and_a_rerun_continues_where_the_server_stopp
     assert_eq!(client.read_attachment(&entity, "big").await.unwrap(), Bytes::from(bytes));
 }
 
+/// A first run of an upload that died after its first chunk: begun as the SDK
+/// begins it, 4000 bytes of `first` appended, never closed. Returns the
+/// stream's path and the offset it stopped at.
+async fn an_upload_that_died_after_one_chunk(
+    client: &attache_client::RuntimeServerClient,
+    entity: &EntityUrl,
+    begun_with: AttachmentInput,
+    first: &[u8],
+) -> (String, String) {
+    let pending = client.begin_resumable_upload(entity, "big", &begun_with).await.unwrap();
+    assert_eq!(pending.status, AttachmentStatus::Pending);
+    let mut producer = IdempotentProducer::new(client, &pending.stream_path, &pending.mime_type, "dying", 0).unwrap();
+    producer.append(Bytes::from(first[..4000].to_vec())).await.unwrap();
+    let held = client.head_stream(&pending.stream_path).await.unwrap().next_offset;
+    (pending.stream_path, held)
+}
+
+async fn assert_refused_and_nothing_appended(
+    client: &attache_client::RuntimeServerClient,
+    entity: &EntityUrl,
+    input: AttachmentInput,
+    (path, held): &(String, String),
+) {
+    let err = client.upload_attachment_resumable(entity, input, 3000).await.unwrap_err();
+    assert!(matches!(&err, attache_client::Error::UploadMismatch { id, .. } if id == "big"), "{err}");
+    assert_eq!(&client.head_stream(path).await.unwrap().next_offset, held, "nothing appended: {err}");
+    let entry = client.get_attachment(entity, "big").await.unwrap().unwrap();
+    assert_eq!(entry.status, AttachmentStatus::Pending, "{err}");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn resuming_an_upload_with_another_file_is_refused_and_appends_nothing() {
+    let server = TestServer::start().await;
+    let client = server.client();
+    let entity = spawn(&client, "/chat/resume-other").await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = image_bytes(10_000, 9);
+    let b = image_bytes(10_000, 10);
+    let (file_a, file_b, short) = (dir.path().join("a.bin"), dir.path().join("b.bin"), dir.path().join("s.bin"));
+    std::fs::write(&file_a, &a).unwrap();
+    std::fs::write(&file_b, &b).unwrap();
+    std::fs::write(&short, &a[..1000]).unwrap();
+    let input = |p: &std::path::Path| AttachmentInput::file(p).id("big").inbox("m").unwrap();
+
+    let died = an_upload_that_died_after_one_chunk(&client, &entity, input(&file_a), &a).await;
+    // Another file of the same size, a file shorter than what the server holds,
+    // and A edited after the first run (its first bytes unchanged): refused.
+    assert_refused_and_nothing_appended(&client, &entity, input(&file_b), &died).await;
+    assert_refused_and_nothing_appended(&client, &entity, input(&short), &died).await;
+    let mut edited = a.clone();
+    edited[9_000] ^= 0xff;
+    assert_refused_and_nothing_appended(
+        &client,
+        &entity,
+        AttachmentInput::bytes(edited).id("big").inbox("m").unwrap(),
+        &died,
+    )
+    .await;
+
+    // A itself resumes and completes with A's bytes; its fingerprint stays in meta.
+    let done = client.upload_attachment_resumable(&entity, input(&file_a), 3000).await.unwrap();
+    assert_eq!(done.status, AttachmentStatus::Complete);
+    assert_eq!((done.byte_length, done.sha256.as_deref()), (Some(10_000), Some(sha256_hex(&a).as_str())));
+    assert_eq!(client.read_attachment(&entity, "big").await.unwrap(), Bytes::from(a.clone()));
+    let recorded = &done.meta.as_ref().unwrap()[attache_client::client::UPLOAD_FINGERPRINT_KEY];
+    assert_eq!(recorded, &json!({"size": 10_000, "sha256": sha256_hex(&a)}));
+}
+
+#[tokio::test]
+async fn resuming_an_upload_that_recorded_no_fingerprint_compares_the_bytes_the_server_holds() {
+    let server = TestServer::start().await;
+    let client = server.client();
+    let entity = spawn(&client, "/chat/resume-reader").await;
+    let a = image_bytes(10_000, 9);
+    let b = image_bytes(10_000, 10);
+    let reader = |bytes: &[u8]| {
+        AttachmentInput::reader(std::io::Cursor::new(bytes.to_vec()), None).id("big").inbox("m").unwrap()
+    };
+
+    // Begun from a reader (a pipe): nothing records which input the bytes are.
+    let died = an_upload_that_died_after_one_chunk(&client, &entity, reader(&a), &a).await;
+    assert_eq!(client.get_attachment(&entity, "big").await.unwrap().unwrap().meta, None);
+    assert_refused_and_nothing_appended(&client, &entity, reader(&b), &died).await;
+    assert_refused_and_nothing_appended(
+        &client,
+        &entity,
+        AttachmentInput::bytes(b.clone()).id("big").inbox("m").unwrap(),
+        &died,
+    )
+    .await;
+
+    let done = client.upload_attachment_resumable(&entity, reader(&a), 3000).await.unwrap();
+    assert_eq!((done.byte_length, done.sha256.as_deref()), (Some(10_000), Some(sha256_hex(&a).as_str())));
+}
+
 #[tokio::test]
 async fn streams_create_append_read_close_and_delete() {
     let server = TestServer::start().await;

@@ -41,7 +41,8 @@ pub struct PutArgs {
     /// A key-value name the attachment is also known by
     #[arg(long)]
     key: Option<String>,
-    /// Upload in chunks over the attachment's stream; run again with the same --id to resume
+    /// Upload in chunks over the attachment's stream; run again with the same --id and the same file
+    /// to resume (another file, or the file changed, is refused: exit 5)
     #[arg(long, requires = "id")]
     resumable: bool,
 }
