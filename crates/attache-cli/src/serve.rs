@@ -186,9 +186,10 @@ pub struct ServeArgs {
     /// with Retry-After, an SSE reader waits for room [default: 67108864, 64 MiB]
     #[arg(long, env = "ATTACHE_RESPONSE_BUFFER_BYTES")]
     response_buffer_bytes: Option<usize>,
-    /// The most of --body-buffer-bytes and of --response-buffer-bytes one principal holds, in
-    /// percent of each; past it its request is answered as past the whole budget (503), while
-    /// others still have room. 100: no share [default: 25]
+    /// The most of --body-buffer-bytes, of --response-buffer-bytes and of --max-concurrent-uploads
+    /// one principal holds, in percent of each (always one upload); past it its request is
+    /// answered as past the whole budget (503), while others still have room. 100: no share
+    /// [default: 25]
     #[arg(long, env = "ATTACHE_BUDGET_SHARE_PER_PRINCIPAL", value_parser = clap::value_parser!(u8).range(1..=100))]
     budget_share_per_principal: Option<u8>,
     /// Largest reason and payload of one signal together, in bytes of JSON; a larger signal
@@ -210,9 +211,10 @@ pub struct ServeArgs {
     /// its first --upload-idle-timeout is over; a slower one is answered 408. 0: no floor [default: 512]
     #[arg(long, env = "ATTACHE_UPLOAD_MIN_RATE")]
     upload_min_rate: Option<u64>,
-    /// Most multipart uploads in progress at once (HTTP/2 streams count one each); past it a new
-    /// one is answered 503 TOO_MANY_UPLOADS with Retry-After. Lowered at start to fit the
-    /// open-file limit [default: half of --max-connections, at most 1024]
+    /// Most multipart uploads in progress at once (HTTP/2 streams count one each), one principal's
+    /// at most --budget-share-per-principal of them; past it a new one is answered 503
+    /// TOO_MANY_UPLOADS with Retry-After. Lowered at start to fit the open-file limit
+    /// [default: half of --max-connections, at most 1024]
     #[arg(long, env = "ATTACHE_MAX_CONCURRENT_UPLOADS")]
     max_concurrent_uploads: Option<usize>,
     /// A TOML file with any of the settings above, each named as its flag with underscores

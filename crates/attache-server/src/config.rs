@@ -147,10 +147,11 @@ pub struct ServerConfig {
     /// at once, all requests together (`http::SendBudget`); a read past it is
     /// answered 503 with `Retry-After`, an SSE reader waits for room.
     pub response_buffer_bytes: usize,
-    /// The most of `body_buffer_bytes` and of `response_buffer_bytes` one
-    /// principal holds, in percent of each (`http::Shares`): past it its
-    /// request is answered as past the whole budget, while other principals
-    /// still have room. 100: no share.
+    /// The most of `body_buffer_bytes`, of `response_buffer_bytes` and of
+    /// `max_concurrent_uploads` one principal holds, in percent of each
+    /// (`http::Shares`; always one upload): past it its request is answered
+    /// as past the whole budget, while other principals still have room.
+    /// 100: no share.
     pub budget_share_per_principal: u8,
     /// How long a multipart upload's body may bring no byte at all, counted
     /// while the server waits for it (408 `BODY_READ_TIMEOUT` and the
@@ -161,7 +162,8 @@ pub struct ServerConfig {
     /// `upload_idle_timeout` of waiting is over (408 beyond); 0: no floor.
     pub upload_min_rate: u64,
     /// Most multipart uploads in progress at once (each holds a staging file
-    /// and a connection or an HTTP/2 stream); past it a new one is answered
+    /// and a connection or an HTTP/2 stream), one principal's at most
+    /// `budget_share_per_principal` of them; past it a new one is answered
     /// 503 `TOO_MANY_UPLOADS` with `Retry-After` before it opens any file.
     /// `None`: half of `max_connections`, at most 1,024. Lowered at start to
     /// fit the open-file limit (`conn::fd_budget`).

@@ -177,18 +177,21 @@ impl Drop for Held<'_> {
 
 /// What each principal holds of a budget, and the most one may: a share of
 /// the whole (`--budget-share-per-principal`), so that one principal's slow
-/// bodies, or answers it does not read, cannot hold all of it and lock every
-/// other principal out. A principal that holds nothing else may always
-/// take one body or answer (as an answer larger than the whole budget is
-/// granted when nothing else is held), so a share smaller than one request
-/// slows a principal down but never stops it.
-struct Shares {
+/// bodies, answers it does not read, or stalled uploads cannot hold all of it
+/// and lock every other principal out. Counted in bytes for the body and
+/// response budgets, in places for `--max-concurrent-uploads`
+/// (`attachments::UploadSlots`). A principal that holds nothing else may
+/// always take one body, answer or upload (as an answer larger than the whole
+/// budget is granted when nothing else is held), so a share smaller than one
+/// request slows a principal down but never stops it.
+pub(crate) struct Shares {
     held: parking_lot::Mutex<std::collections::HashMap<PrincipalKey, usize>>,
     most: usize,
 }
 
 impl Shares {
-    fn new(capacity: usize, percent: u8) -> Shares {
+    /// Shares of `percent` percent (1 to 100) of `capacity`.
+    pub(crate) fn new(capacity: usize, percent: u8) -> Shares {
         let most = (capacity as u128 * u128::from(percent.clamp(1, 100)) / 100) as usize;
         Shares { held: parking_lot::Mutex::new(std::collections::HashMap::new()), most }
     }
@@ -206,8 +209,13 @@ impl Shares {
         mine <= own || mine.saturating_add(n) <= self.most
     }
 
-    /// Takes `n` bytes for `who` (see [`Shares::fits`]); `false`, taking nothing, past its share.
-    fn take(&self, who: &PrincipalKey, n: usize, own: usize) -> bool {
+    /// The most one principal holds, unless it holds nothing else.
+    pub(crate) fn most(&self) -> usize {
+        self.most
+    }
+
+    /// Takes `n` for `who` (see [`Shares::fits`]); `false`, taking nothing, past its share.
+    pub(crate) fn take(&self, who: &PrincipalKey, n: usize, own: usize) -> bool {
         let mut held = self.held.lock();
         if !self.fits(&held, who, n, own) {
             return false;
@@ -225,7 +233,7 @@ impl Shares {
         self.fits(&self.held.lock(), who, n, 0)
     }
 
-    fn give_back(&self, who: &PrincipalKey, n: usize) {
+    pub(crate) fn give_back(&self, who: &PrincipalKey, n: usize) {
         let mut held = self.held.lock();
         if let Some(mine) = held.get_mut(who) {
             *mine = mine.saturating_sub(n);

@@ -219,7 +219,7 @@ impl Server {
             )),
             lives: Arc::new(access::Lives::default()),
             uploads: Arc::new(attachments::Reservations::default()),
-            upload_slots: attachments::UploadSlots::new(shares.uploads),
+            upload_slots: attachments::UploadSlots::new(shares.uploads, share),
             config: Arc::new(config),
             shutdown: shutdown.clone(),
             tasks: Arc::new(tasks::Writers::default()),

@@ -688,19 +688,34 @@ async fn task_attachments_are_manifest_rows_on_the_task_main_stream() {
 async fn an_upload_with_a_key_is_a_task_attachment() {
     let s = TestServer::start().await;
     let t = create_task(&s, ALICE, "upload", 50).await;
-    let boundary = "XyZ";
-    let body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"key\"\r\n\r\nreport\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"subject\"\r\n\r\n{{\"type\":\"context\",\"key\":\"report\"}}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"r.pdf\"\r\nContent-Type: application/pdf\r\n\r\n%PDF-1\r\n--{boundary}--\r\n"
-    );
-    let res = s
-        .client
-        .post(s.url(&format!("/_electric/entities/task/{t}/attachments")))
-        .header("electric-principal", ALICE)
-        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    // A multipart upload of `parts` (name, filename, content type, value) to the task's entity route.
+    let upload = |parts: &[(&str, Option<&str>, Option<&str>, &str)]| {
+        let mut body = String::new();
+        for (name, filename, mime, value) in parts {
+            body.push_str(&format!("--XyZ\r\nContent-Disposition: form-data; name=\"{name}\""));
+            if let Some(f) = filename {
+                body.push_str(&format!("; filename=\"{f}\""));
+            }
+            if let Some(m) = mime {
+                body.push_str(&format!("\r\nContent-Type: {m}"));
+            }
+            body.push_str(&format!("\r\n\r\n{value}\r\n"));
+        }
+        body.push_str("--XyZ--\r\n");
+        s.client
+            .post(s.url(&format!("/_electric/entities/task/{t}/attachments")))
+            .header("electric-principal", ALICE)
+            .header("content-type", "multipart/form-data; boundary=XyZ")
+            .body(body)
+            .send()
+    };
+    let res = upload(&[
+        ("key", None, None, "report"),
+        ("subject", None, None, r#"{"type":"context","key":"report"}"#),
+        ("file", Some("r.pdf"), Some("application/pdf"), "%PDF-1"),
+    ])
+    .await
+    .unwrap();
     assert_eq!(res.status(), StatusCode::CREATED, "{}", res.text().await.unwrap_or_default());
     let got = ok(&s, ALICE, "task.get_attachment", json!({"taskId": t, "key": "report"})).await;
     assert_fields(
@@ -710,18 +725,8 @@ async fn an_upload_with_a_key_is_a_task_attachment() {
     let list = ok(&s, ALICE, "task.list_attachments", json!({"taskId": t, "type": "binary"})).await;
     assert_eq!(list["totalCount"], 1);
     // A `key` alone names its subject: context for the task, as the task face writes it.
-    let body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"key\"\r\n\r\nkeyed\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"k.txt\"\r\nContent-Type: text/plain\r\n\r\nhello\r\n--{boundary}--\r\n"
-    );
-    let res = s
-        .client
-        .post(s.url(&format!("/_electric/entities/task/{t}/attachments")))
-        .header("electric-principal", ALICE)
-        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let res =
+        upload(&[("key", None, None, "keyed"), ("file", Some("k.txt"), Some("text/plain"), "hello")]).await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED, "{}", res.text().await.unwrap_or_default());
     let got = ok(&s, ALICE, "task.get_attachment", json!({"taskId": t, "key": "keyed"})).await;
     assert_fields(&got, &json!({"key": "keyed", "type": "binary", "size": 5}));

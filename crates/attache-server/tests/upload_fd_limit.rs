@@ -47,6 +47,8 @@ async fn uploads_in_progress(client: &reqwest::Client, s: &TestServer) -> u64 {
 async fn stalled_uploads_under_a_low_open_file_limit_take_no_more_than_their_share_of_descriptors() {
     lower_fd_limit(FD_LIMIT);
     let s = TestServer::start_with(|c| {
+        // One principal sends every upload here; its share is tested in upload_limits.
+        c.budget_share_per_principal = 100;
         c.upload_idle_timeout = Duration::from_secs(600);
         c.idle_timeout = Duration::from_secs(600);
     })

@@ -3,7 +3,8 @@
 //! after `--upload-idle-timeout` and recorded `failed`, its staging file
 //! removed; a slow body that keeps coming is not cut; and past
 //! `--max-concurrent-uploads` (HTTP/1 uploads and HTTP/2 streams alike) a new
-//! upload is answered 503 at once, before it opens a file. The stalling
+//! upload is answered 503 at once, before it opens a file, as is one past
+//! its principal's share of them (`--budget-share-per-principal`). The stalling
 //! clients speak HTTP over raw sockets, so that they can stall where a
 //! library would not.
 
@@ -38,13 +39,18 @@ fn form_head(id: &str) -> String {
 const FORM_TAIL: &str = "\r\n--B--\r\n";
 
 /// Sends an upload's head, its form up to the file and 4 KiB of the file
-/// (of 1 MiB declared), then stalls.
+/// (of 1 MiB declared), then stalls (as user:alice, to `ENTITY`).
 async fn stall_an_upload(s: &TestServer, id: &str) -> TcpStream {
+    stall_an_upload_as(s, "user:alice", ENTITY, id).await
+}
+
+/// As [`stall_an_upload`], as `principal` to `entity`.
+async fn stall_an_upload_as(s: &TestServer, principal: &str, entity: &str, id: &str) -> TcpStream {
     let part = form_head(id);
     let mut conn = connect(s).await;
     let head = format!(
-        "POST {ENTITY}/attachments HTTP/1.1\r\nhost: 127.0.0.1\r\n\
-         electric-principal: user:alice\r\ncontent-type: multipart/form-data; boundary=B\r\n\
+        "POST {entity}/attachments HTTP/1.1\r\nhost: 127.0.0.1\r\n\
+         electric-principal: {principal}\r\ncontent-type: multipart/form-data; boundary=B\r\n\
          content-length: {}\r\n\r\n{part}",
         part.len() + (1 << 20)
     );
@@ -99,15 +105,20 @@ async fn uploads_in_progress_reach(s: &TestServer, want: u64) {
     }
 }
 
-/// A whole upload of `bytes` as attachment `id`, over a fresh connection.
+/// A whole upload of `bytes` as attachment `id`, over a fresh connection (as user:alice, to `ENTITY`).
 async fn upload(s: &TestServer, id: &str, bytes: &[u8]) -> reqwest::Response {
+    upload_as(s, "user:alice", ENTITY, id, bytes).await
+}
+
+/// As [`upload`], as `principal` to `entity`.
+async fn upload_as(s: &TestServer, principal: &str, entity: &str, id: &str, bytes: &[u8]) -> reqwest::Response {
     let mut body = form_head(id).into_bytes();
     body.extend_from_slice(bytes);
     body.extend_from_slice(FORM_TAIL.as_bytes());
     let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(PATIENCE).build().expect("a client");
     client
-        .post(s.url(&format!("{ENTITY}/attachments")))
-        .header("electric-principal", "user:alice")
+        .post(s.url(&format!("{entity}/attachments")))
+        .header("electric-principal", principal)
         .header("content-type", "multipart/form-data; boundary=B")
         .body(body)
         .send()
@@ -201,6 +212,8 @@ async fn a_slow_upload_whose_bytes_keep_coming_is_not_cut_by_the_upload_idle_tim
 async fn uploads_past_max_concurrent_uploads_are_answered_503_at_once_and_http2_streams_count() {
     let s = TestServer::start_with(|c| {
         c.max_concurrent_uploads = Some(2);
+        // One principal takes both places here; its share is tested below.
+        c.budget_share_per_principal = 100;
         c.upload_idle_timeout = Duration::from_secs(600);
         c.idle_timeout = Duration::from_secs(600);
     })
@@ -253,6 +266,51 @@ async fn uploads_past_max_concurrent_uploads_are_answered_503_at_once_and_http2_
     assert_eq!(uploads_in_progress(&s).await, 1);
     drop(tx);
     let _ = http2.await;
+}
+
+/// One principal's uploads hold at most its share of
+/// `--max-concurrent-uploads` (`--budget-share-per-principal`, 25%: 2 of 8):
+/// mallory's third stalled upload is answered 503 `TOO_MANY_UPLOADS` with
+/// `Retry-After` as soon as its body stops (the drain's idle gap), before
+/// it takes a place, its message naming the flag, while alice's upload still
+/// goes through; a place mallory gives back is hers again. Before, the places
+/// were shared by all: one principal's 1,024 stalled uploads, each kept
+/// alive by a byte now and then, answered every other principal's upload 503.
+#[tokio::test]
+async fn one_principals_stalled_uploads_hold_at_most_its_share_of_max_concurrent_uploads() {
+    const MALLORYS: &str = "/_electric/entities/chat/m1";
+    let s = TestServer::start_with(|c| {
+        c.max_concurrent_uploads = Some(8);
+        c.budget_share_per_principal = 25;
+        c.upload_idle_timeout = Duration::from_secs(600);
+        c.idle_timeout = Duration::from_secs(600);
+    })
+    .await;
+    spawn_entity(&s).await;
+    entity_support::spawn(&s, Some("user:mallory"), "/chat/m1").await;
+
+    let first = stall_an_upload_as(&s, "user:mallory", MALLORYS, "m-one").await;
+    let _second = stall_an_upload_as(&s, "user:mallory", MALLORYS, "m-two").await;
+    uploads_in_progress_reach(&s, 2).await;
+
+    let started = std::time::Instant::now();
+    let mut third = stall_an_upload_as(&s, "user:mallory", MALLORYS, "m-three").await;
+    let answer = read_until_closed(&mut third).await.expect("mallory's third upload is answered and closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("\r\nretry-after: 5\r\n"), "{answer}");
+    assert!(answer.contains("\"code\":\"TOO_MANY_UPLOADS\""), "{answer}");
+    assert!(answer.contains("budget_share_per_principal"), "the message names the flag: {answer}");
+    assert!(started.elapsed() < Duration::from_secs(6), "answered after {:?}", started.elapsed());
+    assert_eq!(uploads_in_progress(&s).await, 2, "the refused upload holds no place");
+
+    // Another principal still uploads.
+    assert_eq!(upload(&s, "alices", b"hello").await.status(), StatusCode::CREATED);
+
+    // A place mallory gives back is hers again.
+    drop(first);
+    uploads_in_progress_reach(&s, 1).await;
+    assert_eq!(upload_as(&s, "user:mallory", MALLORYS, "m-four", b"hello").await.status(), StatusCode::CREATED);
 }
 
 /// A refused upload whose client stalls mid-body hears its 503 within the

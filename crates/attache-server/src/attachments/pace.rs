@@ -1,6 +1,6 @@
 //! What a multipart upload may hold, and for how long: a place among
-//! `--max-concurrent-uploads` ([`UploadSlots`]) taken before the upload opens
-//! its staging file, and a body that keeps coming ([`Paced`]): no byte for
+//! `--max-concurrent-uploads` ([`UploadSlots`]), within its principal's share
+//! of them, taken before the upload opens its staging file, and a body that keeps coming ([`Paced`]): no byte for
 //! `--upload-idle-timeout`, or slower on average than `--upload-min-rate`, is
 //! a 408 and the upload is recorded `failed`.
 //!
@@ -23,31 +23,49 @@ use futures::Stream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
+use attache_core::PrincipalKey;
+
 use crate::error::{ApiError, ApiResult};
+use crate::http::Shares;
 use crate::metrics::{Metrics, UploadInProgress};
 
-/// The refusal code of an upload past `--max-concurrent-uploads`.
+/// The refusal code of an upload past `--max-concurrent-uploads`, or past its principal's share of it.
 pub const TOO_MANY_UPLOADS: &str = "TOO_MANY_UPLOADS";
 
 /// How long a client refused for [`TOO_MANY_UPLOADS`] is asked to wait.
 const RETRY_AFTER_SECS: u64 = 5;
 
-/// The places for multipart uploads in progress.
+/// The places for multipart uploads in progress, and what each principal
+/// holds of them: at most its share (`--budget-share-per-principal`, as the
+/// body and response budgets), so that one principal's stalled uploads
+/// cannot take every place and lock every other principal's uploads out.
 pub struct UploadSlots {
     places: Arc<Semaphore>,
     max: usize,
+    shares: Arc<Shares>,
 }
 
-/// One upload's place (and its count in `attache_uploads_in_progress`), given back on drop.
+/// One upload's place, its count in its principal's share and in
+/// `attache_uploads_in_progress`; given back on drop.
 pub struct UploadSlot {
     _place: OwnedSemaphorePermit,
     _counted: UploadInProgress,
+    shares: Arc<Shares>,
+    who: PrincipalKey,
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        self.shares.give_back(&self.who, 1);
+    }
 }
 
 impl UploadSlots {
-    pub fn new(max: usize) -> UploadSlots {
+    /// `max` places, of which one principal holds at most `share_percent`
+    /// percent (and always one, when it holds none).
+    pub fn new(max: usize, share_percent: u8) -> UploadSlots {
         let max = max.clamp(1, Semaphore::MAX_PERMITS);
-        UploadSlots { places: Arc::new(Semaphore::new(max)), max }
+        UploadSlots { places: Arc::new(Semaphore::new(max)), max, shares: Arc::new(Shares::new(max, share_percent)) }
     }
 
     /// Uploads in progress now.
@@ -55,22 +73,35 @@ impl UploadSlots {
         self.max.saturating_sub(self.places.available_permits())
     }
 
-    /// A place for one more upload, or 503 `TOO_MANY_UPLOADS` at once (never a wait).
-    pub fn take(&self, metrics: &Arc<Metrics>) -> ApiResult<UploadSlot> {
-        let place = self.places.clone().try_acquire_owned();
-        place.map(|place| UploadSlot { _place: place, _counted: metrics.upload_in_progress() }).map_err(|_| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                TOO_MANY_UPLOADS,
-                format!(
-                    "{} uploads are in progress, as many as the server takes at once (max_concurrent_uploads); \
-                     retry later",
-                    self.max
-                ),
-            )
-            .with_header(header::RETRY_AFTER, RETRY_AFTER_SECS)
+    /// A place for one more upload of `who`, or 503 `TOO_MANY_UPLOADS` at
+    /// once (never a wait) when every place is taken or `who` holds its share.
+    pub fn take(&self, who: &PrincipalKey, metrics: &Arc<Metrics>) -> ApiResult<UploadSlot> {
+        let place = self.places.clone().try_acquire_owned().map_err(|_| {
+            too_many(format!(
+                "{} uploads are in progress, as many as the server takes at once (max_concurrent_uploads); retry later",
+                self.max
+            ))
+        })?;
+        if !self.shares.take(who, 1, 0) {
+            return Err(too_many(format!(
+                "uploads of {who} in progress hold its share of the {} the server takes at once: {} \
+                 (budget_share_per_principal of max_concurrent_uploads); retry later",
+                self.max,
+                self.shares.most().max(1)
+            )));
+        }
+        Ok(UploadSlot {
+            _place: place,
+            _counted: metrics.upload_in_progress(),
+            shares: self.shares.clone(),
+            who: who.clone(),
         })
     }
+}
+
+fn too_many(message: String) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, TOO_MANY_UPLOADS, message)
+        .with_header(header::RETRY_AFTER, RETRY_AFTER_SECS)
 }
 
 /// An upload body that stopped coming, or came too slowly.
@@ -269,14 +300,37 @@ mod tests {
     #[test]
     fn places_are_refused_past_the_cap_and_given_back_on_drop() {
         let metrics = Arc::new(Metrics::default());
-        let slots = UploadSlots::new(2);
-        let a = slots.take(&metrics).expect("a first place");
-        let _b = slots.take(&metrics).expect("a second place");
+        let slots = UploadSlots::new(2, 100);
+        let alice = PrincipalKey::parse("user:alice").expect("a principal");
+        let a = slots.take(&alice, &metrics).expect("a first place");
+        let _b = slots.take(&alice, &metrics).expect("a second place");
         assert_eq!(slots.in_progress(), 2);
-        let refused = slots.take(&metrics).err().expect("no third place");
+        let refused = slots.take(&alice, &metrics).err().expect("no third place");
         assert_eq!(refused.refusal().code, TOO_MANY_UPLOADS);
         drop(a);
         assert_eq!(slots.in_progress(), 1);
-        assert!(slots.take(&metrics).is_ok());
+        assert!(slots.take(&alice, &metrics).is_ok());
+    }
+
+    #[test]
+    fn one_principal_holds_at_most_its_share_and_always_one_place() {
+        let metrics = Arc::new(Metrics::default());
+        let slots = UploadSlots::new(8, 25);
+        let [alice, mallory] = ["user:alice", "user:mallory"].map(|p| PrincipalKey::parse(p).expect("a principal"));
+        let held =
+            [slots.take(&mallory, &metrics), slots.take(&mallory, &metrics)].map(|s| s.expect("within the share"));
+        let refused = slots.take(&mallory, &metrics).err().expect("past the share");
+        assert_eq!(refused.refusal().code, TOO_MANY_UPLOADS);
+        assert_eq!(slots.in_progress(), 2, "a refused upload holds no place");
+        assert!(slots.take(&alice, &metrics).is_ok());
+        drop(held);
+        assert!(slots.take(&mallory, &metrics).is_ok(), "its places given back, the share is free again");
+
+        // A share below one upload still lets a principal holding none take one.
+        let slots = UploadSlots::new(2, 1);
+        let first = slots.take(&mallory, &metrics).expect("one place, always");
+        assert!(slots.take(&mallory, &metrics).is_err());
+        assert!(slots.take(&alice, &metrics).is_ok());
+        drop(first);
     }
 }

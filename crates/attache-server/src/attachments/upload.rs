@@ -76,8 +76,8 @@ pub async fn upload(
         multer::SizeLimit::new().per_field(64 << 10).for_field("file", max + 1).whole_stream(max + FORM_OVERHEAD),
     );
     let limits = &state.config;
-    // A place among the uploads in progress, before any file is opened; held until the answer.
-    let _slot = state.upload_slots.take(&state.metrics)?;
+    // A place among the uploads in progress, within the caller's share, before any file is opened; held until the answer.
+    let _slot = state.upload_slots.take(who, &state.metrics)?;
     let paced = Paced::new(body.into_data_stream(), limits.upload_idle_timeout, limits.upload_min_rate);
     let guarded = crate::multipart::PartHeaderGuard::new(paced, &boundary, limits.multipart_max_part_header_bytes);
     let mut form = multer::Multipart::with_constraints(guarded, boundary, constraints);
