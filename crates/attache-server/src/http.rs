@@ -322,20 +322,6 @@ impl SendBudget {
         held == 0 || held.saturating_add(n) <= self.capacity
     }
 
-    /// `n` bytes for an answer to `who` already made, granted even past the
-    /// budget and its share (a JSON-RPC answer: its call ran, and refusing its
-    /// answer would hide what the call did). Such callers look at
-    /// [`SendBudget::is_full`] before they run, so the budget is passed by at
-    /// most the answers in flight.
-    pub(crate) fn take_over(self: &Arc<Self>, who: &PrincipalKey, n: usize) -> Option<SendPermit> {
-        if n < SEND_BUDGET_FROM {
-            return None;
-        }
-        self.held.fetch_add(n, Ordering::AcqRel);
-        self.shares.take_over(who, n);
-        Some(SendPermit { budget: self.clone(), bytes: n, who: Some(who.clone()) })
-    }
-
     /// The budget, or `who`'s share of it, has no room left for another large answer.
     pub(crate) fn is_full(&self, who: &PrincipalKey) -> bool {
         !self.has_room(Some(who), SEND_BUDGET_FROM)
@@ -357,7 +343,7 @@ impl SendBudget {
     pub(crate) fn exhausted(&self) -> ApiError {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "RESPONSE_BUDGET_EXHAUSTED",
+            RESPONSE_BUDGET_EXHAUSTED,
             format!(
                 "answers waiting for their clients to read them hold the server's whole buffer of {} bytes \
                  (response_buffer_bytes), or the caller's share of it, {} bytes (budget_share_per_principal); \
@@ -368,6 +354,9 @@ impl SendBudget {
         .with_header(header::RETRY_AFTER, 1)
     }
 }
+
+/// The code of [`SendBudget::exhausted`]'s refusal.
+pub(crate) const RESPONSE_BUDGET_EXHAUSTED: &str = "RESPONSE_BUDGET_EXHAUSTED";
 
 /// The [`SendBudget`] has too little left.
 #[derive(Debug)]
@@ -387,6 +376,78 @@ impl Drop for SendPermit {
         if let Some(who) = &self.who {
             self.budget.shares.give_back(who, self.bytes);
         }
+    }
+}
+
+impl SendPermit {
+    /// A permit holding nothing yet for an answer to `who`, grown as the
+    /// answer is counted ([`SendPermit::try_grow`]): a JSON-RPC, `/ws`
+    /// `execute` or MCP answer, built in memory before it is sent.
+    pub(crate) fn empty(budget: &Arc<SendBudget>, who: &PrincipalKey) -> SendPermit {
+        SendPermit { budget: budget.clone(), bytes: 0, who: Some(who.clone()) }
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The budget this permit holds of.
+    pub(crate) fn budget(&self) -> &SendBudget {
+        &self.budget
+    }
+
+    /// Takes `n` more bytes, or refuses taking nothing when the budget, or
+    /// the principal's share of it, has not that many left beside what this
+    /// permit holds. An answer alone may pass both (as [`SendBudget::try_take`]
+    /// grants an answer larger than the whole budget when nothing else is held).
+    pub(crate) fn try_grow(&mut self, n: usize) -> Result<(), SendBudgetFull> {
+        let (budget, own) = (&self.budget, self.bytes);
+        budget
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held <= own || held.saturating_add(n) <= budget.capacity).then(|| held.saturating_add(n))
+            })
+            .map_err(|_| SendBudgetFull)?;
+        if let Some(who) = &self.who {
+            if !budget.shares.take(who, n, own) {
+                budget.held.fetch_sub(n, Ordering::AcqRel);
+                return Err(SendBudgetFull);
+            }
+        }
+        self.bytes += n;
+        Ok(())
+    }
+
+    /// Takes `n` more bytes whatever is held: the answer of a call that
+    /// changed something, which is sent whatever it costs.
+    pub(crate) fn grow_over(&mut self, n: usize) {
+        self.budget.held.fetch_add(n, Ordering::AcqRel);
+        if let Some(who) = &self.who {
+            self.budget.shares.take_over(who, n);
+        }
+        self.bytes += n;
+    }
+
+    /// Holds exactly `n` bytes, the text of the answer as it is sent (taken
+    /// whatever is held, or given back); `None`, holding nothing, below
+    /// [`SEND_BUDGET_FROM`].
+    pub(crate) fn settle(mut self, n: usize) -> Option<SendPermit> {
+        if n < SEND_BUDGET_FROM {
+            return None;
+        }
+        match n.checked_sub(self.bytes) {
+            Some(more) => self.grow_over(more),
+            None => {
+                let less = self.bytes - n;
+                self.budget.held.fetch_sub(less, Ordering::AcqRel);
+                if let Some(who) = &self.who {
+                    self.budget.shares.give_back(who, less);
+                }
+                self.bytes = n;
+            }
+        }
+        Some(self)
     }
 }
 

@@ -236,6 +236,9 @@ impl ServerHandler for McpFace {
         let who = self.caller(&context)?;
         let params = Value::Object(request.arguments.unwrap_or_default());
         let limits = &self.state.config;
+        // Each byte of the answer is taken from the response budget as it is
+        // counted: a read that would pass it is refused as it is built.
+        let budget = crate::rpc::response_budget(&self.state, &who);
         let outcome = match crate::rpc::check_rate(
             &self.state.rate_limiter,
             &who,
@@ -243,10 +246,7 @@ impl ServerHandler for McpFace {
             limits.rpc_rate_window.as_millis() as u64,
         ) {
             Err(e) => Err(e),
-            Ok(()) => {
-                let budget = crate::rpc::response_budget(&self.state);
-                tasks::call(&self.state, &who, method, params, &budget).await
-            }
+            Ok(()) => tasks::call(&self.state, &who, method, params, &budget).await,
         };
         // The answer holds its size of the response budget until the HTTP
         // response carrying it is sent (or dropped with its connection): the
@@ -255,7 +255,7 @@ impl ServerHandler for McpFace {
             &outcome,
             context.extensions.get::<axum::http::request::Parts>().and_then(|p| p.extensions.get::<AnswerSlot>()),
         ) {
-            *slot.0.lock() = self.state.answers.take_over(&who, text.get().len());
+            *slot.0.lock() = budget.into_permit(text.get().len());
         }
         // rmcp's result carries the answer as a tree (and as text beside it):
         // made from the answer's text, which the budget counted.

@@ -80,6 +80,11 @@ pub const PURGE_RECORD: &str = "purge_record";
 /// grants copied from its parent and given in its body, its initial message.
 pub const SPAWN_REST: &str = "spawn_rest";
 
+/// Between a JSON-RPC request's look at the response budget (refused while
+/// it is full) and its calls' running: the window in which calls that
+/// arrive together all pass the look.
+pub const RPC_CALL: &str = "rpc_call";
+
 /// The points armed by a test, by name.
 #[derive(Debug, Clone, Default)]
 pub struct Pauses(Arc<parking_lot::Mutex<HashMap<&'static str, Arc<Pause>>>>);

@@ -70,6 +70,12 @@ pub fn error_object(e: &RpcError) -> Value {
             Some(json!({ "limit": limit })),
         ),
         RpcError::Call(ApiError::MethodNotFound { method }) => (-32601, format!("Method not found: {method}"), None),
+        // A read whose answer, as it was built, would pass the response
+        // budget (or the caller's share of it): as a call refused before it
+        // runs while the budget is full (`refused_while_full`).
+        RpcError::Call(ApiError::Refused(r)) if r.code == crate::http::RESPONSE_BUDGET_EXHAUSTED => {
+            (-32600, "Invalid Request".into(), Some(json!({ "reason": r.message })))
+        }
         // A fault, or a refusal no task method answers with (the task face
         // looks its tasks up itself): the detail went to the log
         // (`tasks::call`); the caller learns only that the fault is ours.
@@ -196,17 +202,21 @@ fn reply(result: &Answer, id: &Value) -> Box<RawValue> {
 
 /// Runs a parsed body: one request or a batch. `None`: nothing to answer (notifications only).
 /// (The WebSocket face's `execute`, whose message size is bounded by the socket.)
-pub async fn handle_value(state: &AppState, who: &PrincipalKey, body: Value) -> Option<Box<RawValue>> {
-    let budget = response_budget(state);
+pub async fn handle_value(
+    state: &AppState,
+    who: &PrincipalKey,
+    body: Value,
+    budget: &ResponseBudget,
+) -> Option<Box<RawValue>> {
     match body {
         Value::Array(items) => {
             let max = state.config.rpc_max_batch;
             if items.len() > max {
                 return Some(as_text(&error_response(Value::Null, &too_large_batch(max))));
             }
-            handle_batch(state, who, items, &budget).await
+            handle_batch(state, who, items, budget).await
         }
-        single => handle_one(state, who, single, &budget).await,
+        single => handle_one(state, who, single, budget).await,
     }
 }
 
@@ -225,7 +235,8 @@ pub(crate) fn refused_while_full(state: &AppState, who: &PrincipalKey) -> Option
 
 /// [`handle_value`] for a face that sends its answers itself (`/ws`
 /// `execute`): refused whole while the response budget is full, and its
-/// answer's text with the share of the budget it holds until sent.
+/// answer's text with the share of the budget it holds until sent (taken as
+/// the answer was counted, [`response_budget`]).
 pub(crate) async fn handle_value_within_budget(
     state: &AppState,
     who: &PrincipalKey,
@@ -236,15 +247,23 @@ pub(crate) async fn handle_value_within_budget(
             let id = body.get("id").filter(|id| matches!(id, Value::String(_) | Value::Number(_))).cloned();
             String::from(Box::<str>::from(as_text(&error_response(id.unwrap_or(Value::Null), &err))))
         }
-        None => String::from(Box::<str>::from(handle_value(state, who, body).await?)),
+        None => {
+            let budget = response_budget(state, who);
+            let text = String::from(Box::<str>::from(handle_value(state, who, body, &budget).await?));
+            let permit = budget.into_permit(text.len());
+            return Some((text, permit));
+        }
     };
-    let permit = state.answers.take_over(who, text.len());
-    Some((text, permit))
+    Some((text, None))
 }
 
-/// What one answer (a request or a whole batch) may carry.
-pub(crate) fn response_budget(state: &AppState) -> ResponseBudget {
-    ResponseBudget::new(state.config.rpc_max_response_bytes)
+/// What one answer (a request or a whole batch) to `who` may carry: at most
+/// `rpc_max_response_bytes`, each byte also taken from the process's budget
+/// of answers not yet sent (`response_buffer_bytes`, and `who`'s share of
+/// it) as it is counted, so a read is refused as it is built rather than
+/// held past the budget once made.
+pub(crate) fn response_budget(state: &AppState, who: &PrincipalKey) -> ResponseBudget {
+    ResponseBudget::within(state.config.rpc_max_response_bytes, &state.answers, who)
 }
 
 /// Runs the items of a batch in order, sharing one budget; `None` when all were notifications.
@@ -403,7 +422,8 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
         res.headers_mut().extend(refusal.headers);
         return res;
     }
-    let budget = response_budget(&state);
+    crate::pause::at(&state, crate::pause::RPC_CALL).await;
+    let budget = response_budget(&state, &who);
     let answer = match parse_body(&bytes, state.config.rpc_max_batch) {
         Ok(Body::Single(v)) => handle_one(&state, &who, v, &budget).await,
         Ok(Body::Batch(items)) => handle_batch(&state, &who, items, &budget).await,
@@ -416,7 +436,8 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
         // The batch's text is the body as it is: not copied again.
         Some(answer) => {
             let text = bytes::Bytes::from(String::from(Box::<str>::from(answer)));
-            let permit = state.answers.take_over(&who, text.len());
+            // What the answer took as it was counted, held until it is sent.
+            let permit = budget.into_permit(text.len());
             let mut res = Response::new(crate::http::held_body(text, permit));
             res.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
             res

@@ -628,6 +628,80 @@ async fn json_rpc_calls_are_refused_before_they_run_while_unsent_answers_hold_th
     );
 }
 
+/// JSON-RPC calls that arrive together each take their answer from the
+/// response budget as the answer is built, so reads past it are refused as
+/// they are built (error -32600 naming `response_buffer_bytes`) and the
+/// answers held by clients that read nothing stay within the budget and one
+/// answer more. Before, the budget was looked at before a call ran and
+/// taken once its answer was made: every call that came together passed the
+/// look, and 60 calls of 15 MiB answers held 900 MB against 64 MiB.
+#[tokio::test]
+async fn json_rpc_reads_arriving_together_take_their_answers_from_the_response_budget_as_they_are_built() {
+    const BUDGET: u64 = 2 << 20;
+    const CALLS: usize = 12;
+    let pauses = attache_server::pause::Pauses::default();
+    let given = pauses.clone();
+    let s = TestServer::start_with(move |c| {
+        c.pauses = Some(given);
+        c.response_buffer_bytes = BUDGET as usize;
+        // One principal may hold the whole budget: what is counted here is the budget itself.
+        c.budget_share_per_principal = 100;
+        c.slow_reader_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let (status, created) = rpc_call(&s, "task.create", serde_json::json!({ "text": "big answers" })).await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let task = created["result"]["id"].as_str().expect("a task id").to_owned();
+    let value = "v".repeat(900 << 10);
+    let params = serde_json::json!({ "taskId": task, "key": "big", "type": "json", "value": value });
+    let (status, attached) = rpc_call(&s, "task.create_attachment", params).await;
+    assert_eq!(status, StatusCode::OK, "{attached}");
+
+    // Each call from its own client that reads nothing, held after its look
+    // at the budget (nothing is held yet, so each passes) until all are there.
+    let call = serde_json::json!({ "jsonrpc": "2.0", "method": "task.get_attachment",
+        "params": { "taskId": task, "key": "big" }, "id": 1 })
+    .to_string();
+    let mut conns = Vec::new();
+    for _ in 0..CALLS {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.set_recv_buffer_size(4096).expect("a small receive buffer");
+        let mut conn = socket.connect(s.url.trim_start_matches("http://").parse().unwrap()).await.expect("connected");
+        let head = format!(
+            "POST /rpc HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: user:alice\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{call}",
+            call.len(),
+        );
+        let at_call = pauses.arm(attache_server::pause::RPC_CALL);
+        conn.write_all(head.as_bytes()).await.expect("the call is sent");
+        at_call.reached().await;
+        conns.push((conn, at_call));
+    }
+    for (_, at_call) in &conns {
+        at_call.release();
+    }
+    // Each is answered: refused whole, or the head of its answer (the rest
+    // waits for a reader that never comes).
+    let mut refused = 0;
+    for (conn, _) in &mut conns {
+        let mut seen = Vec::new();
+        read_until(conn, &mut seen, "\r\n\r\n{\"").await;
+        read_until(conn, &mut seen, "\"r").await;
+        let text = String::from_utf8_lossy(&seen);
+        if text.contains("-32600") {
+            refused += 1;
+        }
+    }
+    let held = gauge(&s, ANSWERS).await;
+    let answer = 900 << 10;
+    eprintln!("{held} bytes held by unsent answers, {refused} of {CALLS} calls refused");
+    assert!(held <= BUDGET + answer + (16 << 10), "unsent answers held {held} bytes against a budget of {BUDGET}");
+    assert!(held >= answer, "the answers granted are held until sent: {held}");
+    assert!(refused >= CALLS - 3, "only the answers that fit were made: {refused} of {CALLS} refused ({held} held)");
+    drop(conns);
+    gauge_until(&s, ANSWERS, |held| held == 0, "0").await;
+}
+
 /// A page of the entity list is held within the response budget too (50
 /// pages of large spawn args over one HTTP/2 connection with no window held
 /// 1.3 GB): past it, 503 at once.

@@ -7,16 +7,29 @@
 //! record at most) is taken once it is built ([`ResponseBudget::counted`]).
 //! An answer is kept as text from then on ([`Answer`]), so a batch holds
 //! about the limit of answers, not a tree of values several times larger.
+//!
+//! The same counting takes from the process's budget of answers not yet
+//! sent (`--response-buffer-bytes`, [`SendBudget`], and the caller's share
+//! of it) once an answer reaches [`SEND_BUDGET_FROM`]: a read whose answer
+//! would pass it is refused as it is built ([`SendBudget::exhausted`]), a
+//! write's answer is taken whatever is held. Before, the budget was looked
+//! at before a call ran and taken once its answer was made, so calls that
+//! came together all passed the look and each then held an answer: 60
+//! calls of 15 MiB answers from clients that read nothing held 900 MB
+//! against a budget of 64 MiB.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use attache_core::manifest::ManifestEntry;
+use attache_core::PrincipalKey;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::{ApiError, ApiResult};
+use crate::http::{SendBudget, SendPermit, SEND_BUDGET_FROM};
 
 /// One call's answer, as the JSON text it is sent as.
 pub type Answer = Box<RawValue>;
@@ -26,11 +39,56 @@ pub type Answer = Box<RawValue>;
 pub struct ResponseBudget {
     limit: u64,
     used: AtomicU64,
+    /// What the answer holds of the process's [`SendBudget`], grown as it is
+    /// counted (nothing until it reaches [`SEND_BUDGET_FROM`]); `None` for a
+    /// budget that counts this response alone.
+    held: Option<parking_lot::Mutex<SendPermit>>,
 }
 
 impl ResponseBudget {
+    /// A budget of `limit` bytes for one response, counted against nothing else.
     pub fn new(limit: u64) -> ResponseBudget {
-        ResponseBudget { limit, used: AtomicU64::new(0) }
+        ResponseBudget { limit, used: AtomicU64::new(0), held: None }
+    }
+
+    /// A budget of `limit` bytes for one response to `who`, whose bytes are
+    /// also taken from `answers` (and `who`'s share of it) as they are counted.
+    pub(crate) fn within(limit: u64, answers: &Arc<SendBudget>, who: &PrincipalKey) -> ResponseBudget {
+        ResponseBudget {
+            limit,
+            used: AtomicU64::new(0),
+            held: Some(parking_lot::Mutex::new(SendPermit::empty(answers, who))),
+        }
+    }
+
+    /// What the response, once its text is `n` bytes, holds of the process's
+    /// budget until it is sent: exactly `n` (the envelope a face wraps the
+    /// answers in is taken whatever is held), or nothing below [`SEND_BUDGET_FROM`].
+    pub(crate) fn into_permit(self, n: usize) -> Option<SendPermit> {
+        self.held.and_then(|held| held.into_inner().settle(n))
+    }
+
+    /// Holds `used` bytes of the process's budget, the response's count so
+    /// far: refused (taking nothing) past the budget or the caller's share
+    /// unless `over`.
+    fn hold(&self, used: u64, over: bool) -> ApiResult<()> {
+        let Some(held) = &self.held else { return Ok(()) };
+        let used = usize::try_from(used).unwrap_or(usize::MAX);
+        if used < SEND_BUDGET_FROM {
+            return Ok(());
+        }
+        let mut permit = held.lock();
+        let more = used.saturating_sub(permit.bytes());
+        match (more, over) {
+            (0, _) => Ok(()),
+            (more, true) => {
+                permit.grow_over(more);
+                Ok(())
+            }
+            // 503 `RESPONSE_BUDGET_EXHAUSTED`; the JSON-RPC faces answer it as
+            // error -32600 naming `response_buffer_bytes` (`rpc::error_object`).
+            (more, false) => permit.try_grow(more).map_err(|_| permit.budget().exhausted()),
+        }
     }
 
     /// Takes the bytes of `e`'s value, or refuses (taking nothing) when the
@@ -49,12 +107,17 @@ impl ResponseBudget {
     }
 
     /// Takes `n` bytes, or refuses taking none.
+    /// Refused past the limit, or past what the process's budget (or the
+    /// caller's share of it) has left.
     pub(super) fn take_bytes(&self, n: u64) -> ApiResult<()> {
         let limit = self.limit;
-        self.used
+        let before = self
+            .used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| used.checked_add(n).filter(|t| *t <= limit))
-            .map(|_| ())
-            .map_err(|_| ApiError::ResponseTooLarge { limit })
+            .map_err(|_| ApiError::ResponseTooLarge { limit })?;
+        self.hold(before + n, false).inspect_err(|_| {
+            self.used.fetch_sub(n, Ordering::Relaxed);
+        })
     }
 
     fn used(&self) -> u64 {
@@ -65,7 +128,10 @@ impl ResponseBudget {
     /// something answers is counted, never refused once it is written.
     fn take_over(&self, n: u64) {
         // `fetch_update` with a closure that always answers cannot fail.
-        let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| Some(used.saturating_add(n)));
+        let before = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| Some(used.saturating_add(n)));
+        let before = before.unwrap_or_else(|used| used);
+        // Taken whatever is held: a refusal here could only hide the change.
+        let _ = self.hold(before.saturating_add(n), true);
     }
 
     /// Runs one call whose answer is built as a tree, then takes what the
