@@ -206,8 +206,12 @@ fn handshake(req: &Request) -> Result<HeaderValue, ApiError> {
 /// size limit, 1013 when the messages in progress of all clients hold the
 /// body budget, 1002 for any other protocol error.
 fn close_for(e: tungstenite::Error, max: usize) -> Message {
+    let refused = |e: &std::io::Error| e.get_ref().and_then(|e| e.downcast_ref::<frames::Refused>()).copied();
     let (code, reason) = match &e {
         tungstenite::Error::Capacity(_) => {
+            (CloseCode::Size, format!("message too big: at most {max} bytes (ws_max_message_bytes)"))
+        }
+        tungstenite::Error::Io(io) if refused(io) == Some(frames::Refused::MessageTooBig) => {
             (CloseCode::Size, format!("message too big: at most {max} bytes (ws_max_message_bytes)"))
         }
         tungstenite::Error::Io(io) if io.get_ref().is_some_and(|e| e.is::<frames::BudgetFull>()) => {

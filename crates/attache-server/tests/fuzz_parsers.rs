@@ -306,7 +306,7 @@ impl WsFrame {
 /// than 125 bytes is refused at its second byte.
 #[test]
 fn fuzz_websocket_frame_watch_follows_any_cut_of_the_bytes() {
-    use attache_server::ws::frames::FrameWatch;
+    use attache_server::ws::frames::{FrameWatch, Refused};
     check!().with_type::<(Vec<WsFrame>, Vec<u16>, u16)>().for_each(|(frames, cuts, cap)| {
         let cap = usize::from(*cap % 4000) + 1;
         let mut watch = FrameWatch::new(cap);
@@ -316,23 +316,28 @@ fn fuzz_websocket_frame_watch_follows_any_cut_of_the_bytes() {
             let bytes = f.bytes();
             let mut rest = &bytes[..];
             let mut fed_ended = 0;
-            // Refused by the 7-bit length field: more than 125, or a longer form (126, 127) at all.
-            let too_long = f.opcode() >= 8 && bytes[1] & 0x7f > 125;
+            // A control frame is refused by its 7-bit length field: more than 125, or a longer
+            // form (126, 127) at all; a data frame that would take its message past the cap.
+            let refused = if f.opcode() >= 8 {
+                (bytes[1] & 0x7f > 125).then_some(Refused::ControlFrameTooLong)
+            } else {
+                (held + usize::from(f.len % 3000) > cap).then_some(Refused::MessageTooBig)
+            };
             while !rest.is_empty() {
                 let n = cut.next().map_or(rest.len(), |c| usize::from(*c) % rest.len() + 1);
                 match watch.feed(&rest[..n]) {
                     Ok(ended) => fed_ended += ended,
-                    // Refused within its first two bytes, as soon as its length is seen; the stream ends.
-                    Err(_) => {
-                        assert!(too_long && bytes.len() - rest.len() < 2, "{f:?} refused");
+                    // Refused at its header, before any of its payload; the stream ends.
+                    Err(why) => {
+                        assert_eq!(Some(why), refused, "{f:?}");
                         return;
                     }
                 }
                 rest = &rest[n..];
             }
-            assert!(!too_long, "{f:?} was not refused");
+            assert_eq!(refused, None, "{f:?} was not refused");
             if f.opcode() < 8 {
-                held = (held + usize::from(f.len % 3000)).min(cap);
+                held += usize::from(f.len % 3000);
                 open = !f.fin;
                 if f.fin {
                     held = 0;

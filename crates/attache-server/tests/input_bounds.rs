@@ -270,6 +270,30 @@ async fn a_control_frame_declaring_more_than_125_bytes_closes_the_socket_with_10
     assert_eq!(close_code_in(&sent), Some(1002), "{:?}", String::from_utf8_lossy(&sent));
 }
 
+/// A data frame that would take its message past `--ws-max-message-bytes`
+/// closes the socket with 1009 at its header. tungstenite checks the
+/// message's size only once a frame is whole: a first fragment of almost the
+/// limit and a second frame declaring as much, never finished, held twice what
+/// the body budget was charged (session 14's second attack pass).
+#[tokio::test]
+async fn a_fragment_that_would_pass_the_message_limit_closes_the_socket_at_its_header() {
+    let s = TestServer::start_with(|c| c.ws_max_message_bytes = 64 << 10).await;
+    let mut conn = raw_ws(&s).await;
+    // A first fragment of 60 KiB, whole.
+    let mut first = vec![0x01, 0x80 | 126];
+    first.extend_from_slice(&(60u16 << 10).to_be_bytes());
+    first.extend_from_slice(&[0, 0, 0, 0]);
+    first.extend_from_slice(&[b' '; 60 << 10]);
+    conn.write_all(&first).await.unwrap();
+    // Then only the header of a continuation declaring 60 KiB more.
+    let mut second = vec![0x80, 0x80 | 126];
+    second.extend_from_slice(&(60u16 << 10).to_be_bytes());
+    second.extend_from_slice(&[0, 0, 0, 0]);
+    conn.write_all(&second).await.unwrap();
+    let sent = common::read_until_closed(&mut conn).await.expect("the socket is closed at the header");
+    assert_eq!(close_code_in(&sent), Some(1009), "{:?}", String::from_utf8_lossy(&sent));
+}
+
 /// A client's close frame is answered with the server's (RFC 6455 5.5.1), so
 /// a client closing normally sees a clean close, not 1006. Before, the server
 /// dropped the socket with the reply still queued.

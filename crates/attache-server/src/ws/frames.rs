@@ -41,11 +41,20 @@ const MAX_HEADER: usize = 14;
 /// The longest control frame's payload (RFC 6455 5.5).
 const MAX_CONTROL_PAYLOAD: u8 = 125;
 
-/// A control frame (ping, pong, close) declared more than 125 bytes: the
-/// socket closes with 1002 (protocol error) before any of it is held.
+/// A frame refused at its header, before tungstenite reserves its declared length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a WebSocket control frame carries at most 125 bytes")]
-pub struct ControlFrameTooLong;
+pub enum Refused {
+    /// A control frame (ping, pong, close) declared more than 125 bytes: the
+    /// socket closes with 1002 (protocol error).
+    #[error("a WebSocket control frame carries at most 125 bytes")]
+    ControlFrameTooLong,
+    /// A data frame would take its message past `ws_max_message_bytes`: the
+    /// socket closes with 1009. tungstenite checks the message's size only
+    /// once a frame is whole, so a first fragment of almost the limit and a
+    /// second frame declaring as much held twice what was charged.
+    #[error("a WebSocket message is at most ws_max_message_bytes")]
+    MessageTooBig,
+}
 
 /// Follows frame boundaries in a client's byte stream.
 #[derive(Debug)]
@@ -83,11 +92,12 @@ impl FrameWatch {
     }
 
     /// Follows `bytes`, the next bytes of the stream; returns how many data
-    /// messages ended in them, or [`ControlFrameTooLong`] for a control frame
-    /// that declares more than 125 bytes (RFC 6455 5.5): tungstenite reserves
-    /// a frame's declared length before it checks that rule, so a ping
-    /// declaring 1 MiB held 1 MiB uncharged until the idle timeout.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<usize, ControlFrameTooLong> {
+    /// messages ended in them, or why a frame is refused at its header: a
+    /// control frame that declares more than 125 bytes (RFC 6455 5.5;
+    /// tungstenite reserves a frame's declared length before it checks that
+    /// rule, so a ping declaring 1 MiB held 1 MiB uncharged until the idle
+    /// timeout), or a data frame that would take its message past the cap.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<usize, Refused> {
         let mut ended = 0;
         while !bytes.is_empty() {
             if self.have == 0 && self.left > 0 {
@@ -108,7 +118,7 @@ impl FrameWatch {
                 self.open = true;
             }
             if self.have == 2 && self.header[0] & 0x0f >= 8 && self.header[1] & 0x7f > MAX_CONTROL_PAYLOAD {
-                return Err(ControlFrameTooLong);
+                return Err(Refused::ControlFrameTooLong);
             }
             if let Some(len) = self.header_len().filter(|&need| need == self.have).map(|_| self.payload_len()) {
                 self.have = 0;
@@ -116,7 +126,10 @@ impl FrameWatch {
                 self.fin = self.header[0] & 0x80 != 0;
                 if self.data {
                     let len = usize::try_from(len).unwrap_or(usize::MAX);
-                    self.held = self.held.saturating_add(len).min(self.cap);
+                    if self.held.saturating_add(len) > self.cap {
+                        return Err(Refused::MessageTooBig);
+                    }
+                    self.held += len;
                 }
                 self.left = len;
                 if len == 0 {
@@ -371,13 +384,17 @@ mod tests {
     }
 
     #[test]
-    fn a_declared_length_is_held_from_the_header_on_and_capped() {
-        let mut w = FrameWatch::new(1000);
+    fn a_declared_length_is_held_from_the_header_on_and_a_message_past_the_cap_is_refused_there() {
+        let mut w = FrameWatch::new(10_000);
         let whole = frame(true, 2, &[7; 5000]);
         assert_eq!(w.feed(&whole[..10]), Ok(0));
-        assert_eq!(w.held(), 1000, "charged as declared, at most the message cap");
+        assert_eq!(w.held(), 5000, "charged as declared, before the payload comes");
         assert_eq!(w.feed(&whole[10..]), Ok(1));
         assert_eq!(w.held(), 0);
+        // A first fragment of most of the cap, then a second frame declaring as much.
+        assert_eq!(w.feed(&frame(false, 1, &[1; 9000])), Ok(0));
+        let second = frame(true, 0, &[2; 9000]);
+        assert_eq!(w.feed(&second[..8]), Err(super::Refused::MessageTooBig));
     }
 
     #[test]
@@ -385,7 +402,7 @@ mod tests {
         let mut w = FrameWatch::new(1 << 20);
         let ping = frame(true, 9, &[0; 126]);
         assert_eq!(w.feed(&ping[..1]), Ok(0));
-        assert_eq!(w.feed(&ping[1..2]), Err(super::ControlFrameTooLong));
+        assert_eq!(w.feed(&ping[1..2]), Err(super::Refused::ControlFrameTooLong));
         let mut w = FrameWatch::new(1 << 20);
         assert_eq!(w.feed(&frame(true, 9, &[0; 125])), Ok(0), "125 bytes is a control frame's most");
     }
