@@ -294,6 +294,58 @@ async fn a_fragment_that_would_pass_the_message_limit_closes_the_socket_at_its_h
     assert_eq!(close_code_in(&sent), Some(1009), "{:?}", String::from_utf8_lossy(&sent));
 }
 
+/// Each request in flight on an HTTP/2 connection beyond its first takes a
+/// place of `--max-connections` of its own, so waiting requests cost places
+/// however they arrive. Before, 100 long-polls shared one HTTP/2 connection's
+/// single place: 1,000 connections held 100,000 of them, 1.2 GiB, with
+/// nothing counted (session 14's second attack pass).
+#[tokio::test]
+async fn http2_requests_in_flight_beyond_the_first_take_places_of_max_connections() {
+    let s = TestServer::start_with(|c| {
+        c.max_connections = 6;
+        c.long_poll_timeout = Duration::from_secs(5);
+    })
+    .await;
+    s.create("/h2/places", "text/plain").await;
+    let io = hyper_util::rt::TokioIo::new(common::connect(&s).await);
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.expect("HTTP/2");
+    let driver = tokio::spawn(conn);
+    let mut waiting = Vec::new();
+    for _ in 0..10 {
+        let req = http::Request::get(s.url("/h2/places?offset=now&live=long-poll"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let mut sender = sender.clone();
+        waiting.push(tokio::spawn(async move { sender.send_request(req).await.map(|r| r.status()) }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The connection's place and the five others: four long-polls are refused at once
+    // (five if the test client's kept-alive connection from the create still holds one).
+    let mut refused = 0;
+    for w in &mut waiting {
+        if let Ok(Ok(Ok(status))) = tokio::time::timeout(Duration::from_millis(300), &mut *w).await {
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            refused += 1;
+        }
+    }
+    assert!((4..=5).contains(&refused), "{refused} requests refused of 10 with 6 places");
+    // Every place is taken: a new connection is over the cap too.
+    let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let res = fresh.get(s.url("/healthz")).send().await.expect("an answer");
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The HTTP/2 connection goes: its places come back once its requests end (a
+    // long-poll at its timeout: hyper runs each stream's request as a task of its own).
+    driver.abort();
+    drop((waiting, sender));
+    entity_support::eventually(Duration::from_secs(15), "the places to come back", || async {
+        let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().ok()?;
+        let res = client.get(s.url("/healthz")).send().await.ok()?;
+        (res.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+}
+
 /// A client's close frame is answered with the server's (RFC 6455 5.5.1), so
 /// a client closing normally sees a clean close, not 1006. Before, the server
 /// dropped the socket with the reply still queued.

@@ -450,7 +450,7 @@ async fn hand_over(
     app: Router,
     shutdown: Arc<Shutdown>,
 ) -> io::Result<()> {
-    let service = Tracked { app, activity };
+    let service = Tracked { app, activity, places: None };
     let conn = super::http1_builder().serve_connection(TokioIo::new(io.with_unread(prefix)), service).with_upgrades();
     tokio::pin!(conn);
     let mut shutting = false;

@@ -161,7 +161,8 @@ pub async fn serve(
                 next_id += 1;
                 let listed = live.add(next_id, activity.clone());
                 let io = Watched { io: stream, activity: activity.clone(), _permit: permit, unread: Bytes::new() };
-                connections.spawn(serve_connection(io, activity, app.clone(), limits, listed));
+                let places = Places { permits: permits.clone(), max: limits.max_connections };
+                connections.spawn(serve_connection(io, activity, app.clone(), limits, listed, places));
             }
             Err(_) => {
                 metrics.connection_closed(Closed::OverCap);
@@ -343,7 +344,14 @@ impl<S: Serving + ?Sized> Serving for Pin<Box<S>> {
     }
 }
 
-async fn serve_connection(io: Watched, activity: Arc<Activity>, app: Router, limits: Limits, _listed: Listed) {
+async fn serve_connection(
+    io: Watched,
+    activity: Arc<Activity>,
+    app: Router,
+    limits: Limits,
+    _listed: Listed,
+    places: Places,
+) {
     let header_deadline = activity.deadline(&limits).map_or_else(Instant::now, |(at, _)| at);
     let protocol = tokio::select! {
         protocol = protocol(&io.io) => match protocol {
@@ -365,7 +373,7 @@ async fn serve_connection(io: Watched, activity: Arc<Activity>, app: Router, lim
             drive(http1::serve(io, activity.clone(), app, limits.header_read_timeout), activity, limits).await
         }
         Protocol::Http2 => {
-            let service = Tracked { app, activity: activity.clone() };
+            let service = Tracked { app, activity: activity.clone(), places: Some(places) };
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             builder
                 .max_send_buf_size(CONNECTION_BUFFER_BYTES)
@@ -375,7 +383,7 @@ async fn serve_connection(io: Watched, activity: Arc<Activity>, app: Router, lim
             drive(Box::pin(builder.serve_connection(TokioIo::new(io), service)), activity, limits).await;
         }
         Protocol::Undecided => {
-            let service = Tracked { app, activity: activity.clone() };
+            let service = Tracked { app, activity: activity.clone(), places: Some(places) };
             let mut builder = Builder::new(TokioExecutor::new());
             builder.http1().max_buf_size(CONNECTION_BUFFER_BYTES);
             builder
@@ -463,19 +471,25 @@ fn next_check(activity: &Activity, limits: &Limits, period: Duration) -> Instant
     }
 }
 
+/// The 503 of a connection, or an HTTP/2 request, past `--max-connections`.
+fn over_cap(max_connections: usize) -> Response<Body> {
+    let body = serde_json::json!({"error": {
+        "code": "too_many_connections",
+        "message": format!("the server holds its maximum of {max_connections} connections; retry shortly"),
+    }});
+    let mut res = Response::new(Body::from(body.to_string()));
+    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let hm = res.headers_mut();
+    hm.insert("retry-after", HeaderValue::from_static("1"));
+    hm.insert("content-type", HeaderValue::from_static("application/json"));
+    res
+}
+
 /// Answers every request on a connection over the cap with 503, then closes it.
 async fn reject(stream: TcpStream, max_connections: usize, _permit: OwnedSemaphorePermit) {
     let service = hyper::service::service_fn(move |_req: Request<Incoming>| async move {
-        let body = serde_json::json!({"error": {
-            "code": "too_many_connections",
-            "message": format!("the server holds its maximum of {max_connections} connections; retry shortly"),
-        }});
-        let mut res = Response::new(Body::from(body.to_string()));
-        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        let hm = res.headers_mut();
-        hm.insert("retry-after", HeaderValue::from_static("1"));
-        hm.insert("content-type", HeaderValue::from_static("application/json"));
-        hm.insert("connection", HeaderValue::from_static("close"));
+        let mut res = over_cap(max_connections);
+        res.headers_mut().insert("connection", HeaderValue::from_static("close"));
         Ok::<_, Infallible>(res)
     });
     let mut builder = Builder::new(TokioExecutor::new());
@@ -632,6 +646,20 @@ impl Drop for InFlight {
 struct Tracked {
     app: Router,
     activity: Arc<Activity>,
+    /// The places of `--max-connections`, for the requests of an HTTP/2 connection beyond its first.
+    places: Option<Places>,
+}
+
+/// The places of `--max-connections`. Each request in flight on an HTTP/2
+/// connection beyond its first takes one of its own, so that a waiting
+/// request costs a place however it arrives: 100 long-polls on one HTTP/2
+/// connection cost ~1.2 MiB, and 1,000 such connections took the server to
+/// 1.2 GiB with nothing counted (session 14's second attack pass), where the
+/// same requests over HTTP/1 take 100 connections.
+#[derive(Clone)]
+pub(crate) struct Places {
+    permits: Arc<Semaphore>,
+    max: usize,
 }
 
 type TrackedFuture = Pin<Box<dyn Future<Output = Result<Response<TrackedBody>, Infallible>> + Send>>;
@@ -643,15 +671,29 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let in_flight = self.activity.request_started();
+        let mut place = None;
         if req.version() == http::Version::HTTP_2 {
             self.activity.multiplexed.store(true, Ordering::Release);
+            // The connection's own place covers one request; each other in flight takes one.
+            if let Some(places) = self.places.as_ref().filter(|_| self.activity.in_flight.load(Ordering::Acquire) > 1) {
+                match places.permits.clone().try_acquire_owned() {
+                    Ok(permit) => place = Some(permit),
+                    Err(_) => {
+                        self.activity.metrics.connection_closed(Closed::OverCap);
+                        let res = over_cap(places.max);
+                        return Box::pin(async move {
+                            Ok(res.map(|body| TrackedBody { body, _in_flight: in_flight, _place: None }))
+                        });
+                    }
+                }
+            }
         }
         let activity = &self.activity;
         let req = req.map(|body| RequestBody::new(body, activity));
         let answer = self.app.clone().oneshot(req);
         Box::pin(async move {
             let res = answer.await?;
-            Ok(res.map(|body| TrackedBody { body, _in_flight: in_flight }))
+            Ok(res.map(|body| TrackedBody { body, _in_flight: in_flight, _place: place }))
         })
     }
 }
@@ -713,6 +755,8 @@ impl http_body::Body for RequestBody {
 struct TrackedBody {
     body: Body,
     _in_flight: InFlight,
+    /// The place of `--max-connections` an HTTP/2 request beyond its connection's first holds.
+    _place: Option<OwnedSemaphorePermit>,
 }
 
 impl http_body::Body for TrackedBody {
