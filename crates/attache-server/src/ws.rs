@@ -206,20 +206,24 @@ fn handshake(req: &Request) -> Result<HeaderValue, ApiError> {
 /// size limit, 1013 when the messages in progress of all clients hold the
 /// body budget, 1002 for any other protocol error.
 fn close_for(e: tungstenite::Error, max: usize) -> Message {
-    let refused = |e: &std::io::Error| e.get_ref().and_then(|e| e.downcast_ref::<frames::Refused>()).copied();
+    // Why the watch in front of tungstenite (`frames`) failed a read, if it did.
+    let watched = |io: &std::io::Error| {
+        io.get_ref().map(|e| (e.downcast_ref::<frames::Refused>().copied(), e.is::<frames::BudgetFull>()))
+    };
     let (code, reason) = match &e {
-        tungstenite::Error::Capacity(_) => {
-            (CloseCode::Size, format!("message too big: at most {max} bytes (ws_max_message_bytes)"))
-        }
-        tungstenite::Error::Io(io) if refused(io) == Some(frames::Refused::MessageTooBig) => {
-            (CloseCode::Size, format!("message too big: at most {max} bytes (ws_max_message_bytes)"))
-        }
-        tungstenite::Error::Io(io) if io.get_ref().is_some_and(|e| e.is::<frames::BudgetFull>()) => {
-            (CloseCode::Again, format!("server busy: {io}; try again later"))
-        }
+        tungstenite::Error::Capacity(_) => (CloseCode::Size, too_big(max)),
+        tungstenite::Error::Io(io) => match watched(io) {
+            Some((Some(frames::Refused::MessageTooBig), _)) => (CloseCode::Size, too_big(max)),
+            Some((_, true)) => (CloseCode::Again, format!("server busy: {io}; try again later")),
+            _ => (CloseCode::Protocol, "protocol error".to_owned()),
+        },
         _ => (CloseCode::Protocol, "protocol error".to_owned()),
     };
     close(code, reason)
+}
+
+fn too_big(max: usize) -> String {
+    format!("message too big: at most {max} bytes (ws_max_message_bytes)")
 }
 
 fn close(code: CloseCode, reason: impl Into<String>) -> Message {

@@ -588,14 +588,8 @@ async fn json_rpc_calls_are_refused_before_they_run_while_unsent_answers_hold_th
         c.slow_reader_timeout = Duration::from_secs(600);
     })
     .await;
-    let (status, created) = rpc_call(&s, "task.create", serde_json::json!({ "text": "big answers" })).await;
-    assert_eq!(status, StatusCode::OK, "{created}");
-    let task = created["result"]["id"].as_str().expect("a task id").to_owned();
     // Values are at most 1 MiB: a batch of three reads of one makes a 2.7 MiB answer.
-    let value = "v".repeat(900 << 10);
-    let params = serde_json::json!({ "taskId": task, "key": "big", "type": "json", "value": value });
-    let (status, attached) = rpc_call(&s, "task.create_attachment", params).await;
-    assert_eq!(status, StatusCode::OK, "{attached}");
+    let task = task_with_a_large_attachment(&s).await;
 
     let read = |id: u32| {
         serde_json::json!({ "jsonrpc": "2.0", "method": "task.get_attachment",
@@ -649,13 +643,7 @@ async fn json_rpc_reads_arriving_together_take_their_answers_from_the_response_b
         c.slow_reader_timeout = Duration::from_secs(600);
     })
     .await;
-    let (status, created) = rpc_call(&s, "task.create", serde_json::json!({ "text": "big answers" })).await;
-    assert_eq!(status, StatusCode::OK, "{created}");
-    let task = created["result"]["id"].as_str().expect("a task id").to_owned();
-    let value = "v".repeat(900 << 10);
-    let params = serde_json::json!({ "taskId": task, "key": "big", "type": "json", "value": value });
-    let (status, attached) = rpc_call(&s, "task.create_attachment", params).await;
-    assert_eq!(status, StatusCode::OK, "{attached}");
+    let task = task_with_a_large_attachment(&s).await;
 
     // Each call from its own client that reads nothing, held after its look
     // at the budget (nothing is held yet, so each passes) until all are there.
