@@ -570,17 +570,29 @@ pub(crate) async fn read_body(bodies: &BodyBudget, body: Body, headers: &HeaderM
     // declared lengths cost a client nothing, and 16 connections each
     // declaring 16 MiB and sending one byte held the whole budget (every
     // other body refused) for as long as the read timeout, again and again.
-    let mut held = Held { budget: bodies, bytes: 0, who: bodies.auth.owner_of(headers) };
+    //
+    // A body whole in its first frame (every body the lean HTTP/1 path hands
+    // over) is held for no time, so it is charged to the budget alone: only a
+    // body still arriving after its first frame is charged to its sender's
+    // share too, from its first byte, and only then is the sender told from
+    // the request's credentials (a second parse of them and a lock per body
+    // were a measurable part of a small append).
+    let mut held = Held { budget: bodies, bytes: 0, who: None };
     let collect = async {
         let mut body = body;
         let mut chunks: Vec<Bytes> = Vec::new();
         let mut len = 0usize;
+        let mut named = false;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
             let Ok(data) = frame.into_data() else { continue };
             len += data.len();
             if len > limit {
                 return Err(ApiError::payload_too_large(limit));
+            }
+            if !named && !http_body::Body::is_end_stream(&body) {
+                named = true;
+                held.who = bodies.auth.owner_of(headers);
             }
             held.grow_to(len)?;
             if !data.is_empty() {

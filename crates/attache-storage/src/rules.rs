@@ -190,6 +190,12 @@ pub(crate) fn decide_append(
     Ok(AppendDecision::Write { producer_next })
 }
 
+/// Whether an accepted append changes nothing of a stream's metadata but
+/// its tail: [`finish_append`] leaves it as it is.
+pub(crate) fn append_moves_only_tail(req: &AppendRequest) -> bool {
+    !req.close && req.seq.is_none()
+}
+
 /// The metadata changes an accepted append makes besides moving the tail.
 pub(crate) fn finish_append(info: &mut StreamInfo, req: &AppendRequest) {
     if req.close {

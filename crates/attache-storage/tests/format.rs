@@ -125,7 +125,7 @@ async fn a_format_1_data_dir_upgrades_itself_on_first_start_with_every_offset_in
     let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).unwrap();
     assert!(store.damage().is_empty(), "{:?}", store.damage());
     let stamp = std::fs::read_to_string(dir.join("FORMAT")).unwrap();
-    assert_eq!(stamp.trim(), "attache-embedded-format 3");
+    assert_eq!(stamp.trim(), "attache-embedded-format 4");
     check_fixture_streams(&store, &expected, "upgraded").await;
     // Producer state came along: the last request of p1 is a duplicate, the next one appends.
     let retry =
@@ -139,7 +139,7 @@ async fn a_format_1_data_dir_upgrades_itself_on_first_start_with_every_offset_in
     store.append(append("/bin-fork", "application/octet-stream", b"?", None)).await.unwrap();
     store.close().await;
     drop(store);
-    // The second start finds format 3 and changes nothing.
+    // The second start finds format 4 and changes nothing.
     let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).unwrap();
     assert!(store.damage().is_empty());
     assert_eq!(pieces_from(&store, "/json", tail).await, vec![(tail, br#"{"e":5}"#.to_vec())]);
@@ -160,7 +160,7 @@ async fn a_format_2_data_dir_upgrades_itself_with_every_boundary_and_its_log_int
     assert_eq!(std::fs::read_to_string(dir.join("FORMAT")).unwrap().trim(), "attache-embedded-format 2");
     let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).unwrap();
     assert!(store.damage().is_empty(), "{:?}", store.damage());
-    assert_eq!(std::fs::read_to_string(dir.join("FORMAT")).unwrap().trim(), "attache-embedded-format 3");
+    assert_eq!(std::fs::read_to_string(dir.join("FORMAT")).unwrap().trim(), "attache-embedded-format 4");
     check_fixture_streams(&store, &expected, "upgraded from format 2").await;
     let retry =
         store.append(append("/json", "application/json", br#"["after-fork",{"d":[1,2,3]}]"#, Some((0, 2)))).await;
@@ -176,12 +176,44 @@ async fn a_format_2_data_dir_upgrades_itself_with_every_boundary_and_its_log_int
     store.close().await;
 }
 
+#[tokio::test]
+async fn a_format_3_data_dir_is_restamped_and_keeps_every_stream_and_its_log() {
+    // Made by `examples/data_dir_fixture.rs` on the format-3 engine (session
+    // 14's release), copied while batches were only in its log.
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    copy_dir(&fixture_of(3).join("data"), &dir);
+    let expected: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(fixture_of(3).join("expected.json")).unwrap()).unwrap();
+    assert_eq!(std::fs::read_to_string(dir.join("FORMAT")).unwrap().trim(), "attache-embedded-format 3");
+    let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).unwrap();
+    assert!(store.damage().is_empty(), "{:?}", store.damage());
+    assert_eq!(std::fs::read_to_string(dir.join("FORMAT")).unwrap().trim(), "attache-embedded-format 4");
+    check_fixture_streams(&store, &expected, "upgraded from format 3").await;
+    let retry =
+        store.append(append("/json", "application/json", br#"["after-fork",{"d":[1,2,3]}]"#, Some((0, 2)))).await;
+    assert!(retry.unwrap().duplicate, "a retry of the last producer request is a duplicate");
+    let tail = expected[0]["tail"].as_u64().unwrap();
+    // Appends after the upgrade log only their tails; a restart replays them.
+    store.append(append("/json", "application/json", br#"{"e":5}"#, None)).await.unwrap();
+    store.append(append("/bin", "application/octet-stream", b"??", None)).await.unwrap();
+    store.close().await;
+    drop(store);
+    let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).unwrap();
+    assert!(store.damage().is_empty());
+    check_fixture_streams(&store, &expected[2..], "reopened").await;
+    assert_eq!(pieces_from(&store, "/json", tail).await, vec![(tail, br#"{"e":5}"#.to_vec())]);
+    let bin_tail = expected[1]["tail"].as_u64().unwrap();
+    assert_eq!(store.head("/bin").await.unwrap().tail, bin_tail + 2);
+    store.close().await;
+}
+
 #[test]
 fn a_data_dir_of_another_format_is_refused_with_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("FORMAT"), "attache-embedded-format 4\n").unwrap();
+    std::fs::write(dir.path().join("FORMAT"), "attache-embedded-format 5\n").unwrap();
     let err = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).err().expect("refused").to_string();
-    assert!(err.contains("format 4") && err.contains("run the release that wrote it"), "{err}");
+    assert!(err.contains("format 5") && err.contains("run the release that wrote it"), "{err}");
 }
 
 fn segment_file(dir: &Path, id: u64) -> PathBuf {

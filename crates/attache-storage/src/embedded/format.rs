@@ -1,6 +1,11 @@
-//! The data dir's format version, and the upgrade from format 1.
+//! The data dir's format version, and the upgrades from older ones.
 //!
-//! `FORMAT` in the data dir names the layout (`attache-embedded-format 2`).
+//! `FORMAT` in the data dir names the layout (`attache-embedded-format 4`).
+//! Format 2 kept a redb row per message boundary (format 3: runs of them);
+//! format 4 adds one log op, an append's new tail without the rest of its
+//! stream's metadata (`wal::Op::StreamTail`), so a format-3 dir is format 4
+//! once restamped, and a format-3 release refuses a format-4 dir rather than
+//! replay a log it cannot read.
 //! Format 1 (no `FORMAT` file, written by releases before segment files)
 //! kept every JSON message and every binary append as a row of redb's
 //! `chunks` table, behind a log of `AWL1` records. The first start of this
@@ -32,7 +37,7 @@ use crate::error::{StoreError, StoreResult};
 use crate::model::StreamInfo;
 
 /// The layout this build writes.
-pub(crate) const CURRENT: u32 = 3;
+pub(crate) const CURRENT: u32 = 4;
 const FILE: &str = "FORMAT";
 const PREFIX: &str = "attache-embedded-format ";
 
@@ -64,6 +69,14 @@ pub(crate) fn prepare(dir: &Path, cache_bytes: usize, segments: &Segments) -> St
                 let runs = upgrade_v2(dir, cache_bytes)?;
                 tracing::info!(runs, dir = %dir.display(), "upgraded the data dir from format 2 to format {CURRENT}");
                 write_stamp(dir)?;
+                return Ok(Some(Upgrade::default()));
+            }
+            if version == 3 {
+                // Format 4 only adds a log op (`Op::StreamTail`) that format 3
+                // never wrote: its files are format 4 as they are. The stamp
+                // keeps a format-3 release from replaying a log it cannot read.
+                write_stamp(dir)?;
+                tracing::info!(dir = %dir.display(), "upgraded the data dir from format 3 to format {CURRENT}");
                 return Ok(Some(Upgrade::default()));
             }
             if version != CURRENT {
@@ -285,7 +298,7 @@ fn apply_v1(txn: &redb::WriteTransaction, op: &Op) -> StoreResult<()> {
         Op::BlobRefRemove { sha256 } => {
             txn.open_table(BLOB_REFS)?.remove(sha256)?;
         }
-        Op::SegWrite { .. } | Op::MarkPut { .. } | Op::StreamDrop { .. } => {
+        Op::SegWrite { .. } | Op::MarkPut { .. } | Op::StreamDrop { .. } | Op::StreamTail { .. } => {
             return Err(StoreError::Storage("a format-2 op in a format-1 log".into()));
         }
     }

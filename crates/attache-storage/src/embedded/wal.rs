@@ -107,6 +107,13 @@ pub(crate) enum Op<'a> {
     BlobRefRemove {
         sha256: &'a str,
     },
+    /// Stream `id` now ends at `tail`, and nothing else of its metadata
+    /// changed since its last [`Op::StreamPut`] (format 4: an append's change,
+    /// 17 bytes where its whole metadata was ~260 of JSON).
+    StreamTail {
+        id: u64,
+        tail: u64,
+    },
 }
 
 impl Op<'_> {
@@ -188,6 +195,11 @@ impl Op<'_> {
                 out.push(12);
                 int(out, id);
             }
+            Op::StreamTail { id, tail } => {
+                out.push(13);
+                int(out, id);
+                int(out, tail);
+            }
         }
     }
 
@@ -235,6 +247,7 @@ impl Op<'_> {
             10 => Op::SegWrite { id: int(input)?, at: int(input)?, bytes: bytes(input)? },
             11 => Op::MarkPut { id: int(input)?, pos: int(input)?, flags: take(input, 1)?[0] },
             12 => Op::StreamDrop { id: int(input)? },
+            13 => Op::StreamTail { id: int(input)?, tail: int(input)? },
             other => return Err(corrupt(&format!("unknown op {other}"))),
         })
     }
@@ -867,6 +880,7 @@ mod tests {
             Op::SegWrite { id: 7, at: 3, bytes: b"\"x\"," },
             Op::MarkPut { id: 7, pos: 3, flags: 1 },
             Op::StreamDrop { id: 7 },
+            Op::StreamTail { id: 7, tail: 1 << 40 },
             Op::ProducerPut { id: 7, producer: "p-1", epoch: 2, last_seq: 9 },
             Op::CounterPut { name: "next_stream_id", value: 8 },
             Op::BlobRefPut { sha256: "ab", count: 2 },

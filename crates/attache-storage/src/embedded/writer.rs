@@ -289,6 +289,9 @@ pub(crate) struct Tables<'t> {
 #[derive(Default)]
 struct LastWrites {
     streams: HashMap<u64, Option<Vec<u8>>>,
+    /// Tails logged by [`Op::StreamTail`] after a stream's last metadata in
+    /// `streams` (or in redb): merged into it by `finish`.
+    tails: HashMap<u64, u64>,
     producers: HashMap<(u64, String), (u64, u64)>,
     counters: HashMap<String, u64>,
     blob_refs: HashMap<String, Option<u64>>,
@@ -346,7 +349,25 @@ impl<'t> Tables<'t> {
     /// boundaries as runs (one row per stream and apply).
     pub(crate) fn finish(&mut self) -> StoreResult<()> {
         let Some(db) = self.db.as_mut() else { return Ok(()) };
-        let last = std::mem::take(&mut self.last);
+        let mut last = std::mem::take(&mut self.last);
+        for (id, tail) in last.tails.drain() {
+            let stored = match last.streams.get(&id) {
+                Some(Some(meta)) => Some(meta.clone()),
+                // Removed after its tail moved: nothing to merge into.
+                Some(None) => continue,
+                None => db.streams.get(id)?.map(|meta| meta.value().to_vec()),
+            };
+            let Some(stored) = stored else {
+                // A tail op always follows its stream's first metadata in the
+                // log; a stream with none is one a later op dropped.
+                tracing::warn!(id, "the log moves the tail of a stream it holds no metadata for");
+                continue;
+            };
+            let mut info: StreamInfo =
+                serde_json::from_slice(&stored).map_err(|e| StoreError::Storage(format!("stream {id}: {e}")))?;
+            info.tail = info.tail.max(tail);
+            last.streams.insert(id, Some(encode(&info)?));
+        }
         for (id, meta) in last.streams {
             match meta {
                 Some(meta) => db.streams.insert(id, meta.as_slice()).map(drop)?,
@@ -384,14 +405,24 @@ impl<'t> Tables<'t> {
     fn put_stream(&mut self, id: u64, meta: &[u8]) -> StoreResult<()> {
         if self.db.is_some() {
             self.last.streams.insert(id, Some(meta.to_vec()));
+            self.last.tails.remove(&id);
         }
         self.log_op(Op::StreamPut { id, meta });
         Ok(())
     }
 
+    /// Stream `id` ends at `tail` now, its metadata otherwise unchanged.
+    fn put_tail(&mut self, id: u64, tail: u64) {
+        if self.db.is_some() {
+            self.last.tails.insert(id, tail);
+        }
+        self.log_op(Op::StreamTail { id, tail });
+    }
+
     fn remove_stream(&mut self, id: u64) -> StoreResult<()> {
         if self.db.is_some() {
             self.last.streams.insert(id, None);
+            self.last.tails.remove(&id);
         }
         self.log_op(Op::StreamRemove { id });
         Ok(())
@@ -522,6 +553,10 @@ impl<'t> Tables<'t> {
         match *op {
             Op::StreamPut { id, meta } => self.put_stream(id, meta),
             Op::StreamRemove { id } => self.remove_stream(id),
+            Op::StreamTail { id, tail } => {
+                self.put_tail(id, tail);
+                Ok(())
+            }
             Op::SegWrite { id, at, bytes } => {
                 if self.touch_files {
                     self.segments.write(id, at, bytes)?;
@@ -916,6 +951,9 @@ fn applied(shared: &Shared, upto: u64) {
 #[derive(Default)]
 struct Changes {
     touched: HashSet<u64>,
+    /// Of `touched`, the streams whose metadata changed beyond their tail
+    /// (the rest, appended to, log only their new tail).
+    reshaped: HashSet<u64>,
     removed: Vec<(u64, String)>,
     /// Blob files no stream holds any more, deleted after the commit.
     unlink: Vec<String>,
@@ -1587,7 +1625,11 @@ fn publish(shared: &Shared, state: &WriterState, changes: Changes, pending: Opti
 fn flush_metadata(t: &mut Tables, state: &WriterState, changes: &Changes) -> StoreResult<()> {
     for id in &changes.touched {
         if let Some(info) = state.streams.get(id) {
-            t.put_stream(*id, &encode(info)?)?;
+            if changes.reshaped.contains(id) {
+                t.put_stream(*id, &encode(info)?)?;
+            } else {
+                t.put_tail(*id, info.tail);
+            }
         }
     }
     Ok(())
@@ -1631,8 +1673,17 @@ impl WriterState {
     /// Records new metadata for a stream; it is written once per batch, in `flush_metadata`.
     fn save(&mut self, _t: &mut Tables, changes: &mut Changes, info: StreamInfo) -> StoreResult<()> {
         changes.touched.insert(info.id);
+        changes.reshaped.insert(info.id);
         self.streams.insert(info.id, info);
         Ok(())
+    }
+
+    /// As [`save`](Self::save), for metadata that differs from the stream's
+    /// only in its tail (an append that neither closes the stream nor sets
+    /// `Stream-Seq`): the batch logs the tail alone.
+    fn save_tail(&mut self, changes: &mut Changes, info: StreamInfo) {
+        changes.touched.insert(info.id);
+        self.streams.insert(info.id, info);
     }
 
     fn expired(&self, shared: &Shared, id: u64) -> bool {
@@ -1961,12 +2012,17 @@ impl WriterState {
         let mut info = info.clone();
         let base = super::reader::base(&info);
         write_rows(t, id, base, &mut info.tail, &p.rows, p.json)?;
+        let tail_only = rules::append_moves_only_tail(req);
         rules::finish_append(&mut info, req);
         if let (Some(pr), Some(next)) = (&req.producer, producer_next) {
             t.put_producer(id, &pr.id, next.epoch, next.last_seq)?;
             self.producers.insert((id, pr.id.clone()), next);
         }
-        self.save(t, changes, info.clone())?;
+        if tail_only {
+            self.save_tail(changes, info.clone());
+        } else {
+            self.save(t, changes, info.clone())?;
+        }
         Ok(AppendOutcome { info, producer: producer_next, duplicate: false })
     }
 
@@ -2043,6 +2099,7 @@ impl WriterState {
         }
         self.producers.retain(|(sid, _), _| *sid != id);
         changes.touched.remove(&id);
+        changes.reshaped.remove(&id);
         changes.removed.push((id, info.path.clone()));
         if let Some(fork) = info.fork {
             if let Some(mut src) = self.streams.get(&fork.source_id).cloned() {
@@ -2083,6 +2140,83 @@ mod tests {
         t.finish().unwrap();
         drop(t);
         txn.commit().unwrap();
+    }
+
+    /// Applies each payload in a durable commit of its own (a checkpoint
+    /// each) and returns stream `id`'s tail as redb then holds it.
+    fn tail_after_checkpoints(payloads: &[Vec<u8>], id: u64) -> Option<u64> {
+        use redb::ReadableDatabase;
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("t.redb")).unwrap();
+        super::create_tables(&db).unwrap();
+        let segments = super::Segments::open(dir.path().join("segments"), 16, None).unwrap();
+        for payload in payloads {
+            super::apply_logged(&db, &segments, redb::Durability::Immediate, false, None, |f| f(payload)).unwrap();
+        }
+        let txn = db.begin_read().unwrap();
+        let table = txn.open_table(super::STREAMS).unwrap();
+        let meta = table.get(id).unwrap()?;
+        Some(serde_json::from_slice::<super::StreamInfo>(meta.value()).unwrap().tail)
+    }
+
+    fn meta(id: u64, tail: u64) -> Vec<u8> {
+        let info = super::StreamInfo {
+            id,
+            path: format!("/s{id}"),
+            content_type: "application/json".into(),
+            ttl_secs: None,
+            expires_at: None,
+            expires_at_ms: None,
+            created_at_ms: 0,
+            closed: false,
+            tail,
+            fork: None,
+            fork_refs: 0,
+            soft_deleted: false,
+            unlinked: false,
+            last_seq: None,
+            closed_by: None,
+            owner: None,
+            blob: None,
+        };
+        serde_json::to_vec(&info).unwrap()
+    }
+
+    #[test]
+    fn a_logged_tail_moves_the_metadata_it_follows_in_the_same_checkpoint_or_an_earlier_one() {
+        use super::super::wal::Op;
+        let ops = |ops: &[Op]| {
+            let mut out = Vec::new();
+            for op in ops {
+                op.encode(&mut out);
+            }
+            out
+        };
+        let m = meta(7, 3);
+        let put = Op::StreamPut { id: 7, meta: &m };
+        let tail = |t| Op::StreamTail { id: 7, tail: t };
+        assert_eq!(tail_after_checkpoints(&[ops(&[put.clone(), tail(10), tail(25)])], 7), Some(25), "one checkpoint");
+        assert_eq!(
+            tail_after_checkpoints(&[ops(std::slice::from_ref(&put)), ops(&[tail(10)]), ops(&[tail(40)])], 7),
+            Some(40),
+            "metadata in redb from an earlier checkpoint"
+        );
+        let m9 = meta(7, 9);
+        assert_eq!(
+            tail_after_checkpoints(&[ops(&[put.clone(), tail(50), Op::StreamPut { id: 7, meta: &m9 }])], 7),
+            Some(9),
+            "metadata put after a tail is the whole truth"
+        );
+        assert_eq!(
+            tail_after_checkpoints(&[ops(&[put.clone(), tail(10), Op::StreamRemove { id: 7 }])], 7),
+            None,
+            "a removed stream stays removed"
+        );
+        assert_eq!(
+            tail_after_checkpoints(&[ops(&[put, tail(10)]), ops(&[Op::StreamRemove { id: 7 }, tail(90)])], 7),
+            None,
+            "a tail of a stream removed before it brings nothing back"
+        );
     }
 
     #[test]
