@@ -1102,17 +1102,23 @@ async fn deleting_an_attachment_while_its_upload_streams_is_409_and_the_upload_c
     attachment_is_gone(&ts, CHAT, "racing").await;
 }
 
-/// A resumable upload runs until its stream is closed: a DELETE meanwhile
-/// is 409 `UPLOAD_IN_PROGRESS`, the upload completes on close, and a DELETE
-/// after that removes it. Before, the DELETE answered 200 while the upload's
-/// stream stayed open for appends.
+/// A resumable upload runs until its stream is closed, and a DELETE
+/// meanwhile ends it: 200, its row and its stream gone in one commit, a
+/// chunk or a close sent after it refused (409 `USE_ENTITY_ROUTES`: no
+/// upload there), and the id free for a new upload,
+/// which completes with its own bytes only. Before (session 14), the DELETE
+/// was 409 `UPLOAD_IN_PROGRESS` until the client closed the stream or
+/// `--upload-expiry` ended it: an upload given up could not be cancelled.
+/// (Before session 8, the DELETE answered 200 while the stream stayed open
+/// for appends.)
 #[tokio::test]
-async fn deleting_a_resumable_upload_while_its_stream_is_open_is_409() {
+async fn deleting_a_resumable_upload_while_its_stream_is_open_ends_it() {
     let ts = server_with_entity().await;
     let path = format!("{}/attachments/open", api(CHAT));
     let stream = format!("{CHAT}/attachments/open");
-    let res = ts.request(Method::PUT, &path).json(&json!({ "subject": { "type": "context", "key": "test" } }));
-    assert_eq!(res.send().await.unwrap().status(), StatusCode::CREATED);
+    let begin =
+        || ts.request(Method::PUT, &path).json(&json!({ "subject": { "type": "context", "key": "test" } })).send();
+    assert_eq!(begin().await.unwrap().status(), StatusCode::CREATED);
     let append = |body: &'static [u8], close: bool| {
         let mut rb = ts.request(Method::POST, &stream).header("content-type", "application/octet-stream").body(body);
         if close {
@@ -1121,16 +1127,25 @@ async fn deleting_a_resumable_upload_while_its_stream_is_open_is_409() {
         rb.send()
     };
     assert!(append(b"first ", false).await.unwrap().status().is_success());
-
-    let (status, code, body) = error_of(ts.request(Method::DELETE, &path).send().await.unwrap()).await;
-    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "UPLOAD_IN_PROGRESS"), "{body}");
-    assert!(append(b"last", true).await.unwrap().status().is_success());
-    assert_eq!(manifest(&ts, CHAT).await["open"]["status"], "complete");
-    assert_eq!(get_bytes(&ts, CHAT, "open").await, (StatusCode::OK, b"first last".to_vec()));
+    assert_eq!(manifest(&ts, CHAT).await["open"]["status"], "pending");
 
     assert_eq!(ts.request(Method::DELETE, &path).send().await.unwrap().status(), StatusCode::OK);
-    assert!(!manifest(&ts, CHAT).await.contains_key("open"));
+    assert!(!manifest(&ts, CHAT).await.contains_key("open"), "the upload's row is gone");
+    assert_eq!(ts.head(&stream).await.status(), StatusCode::NOT_FOUND, "and its stream");
     assert_eq!(get_bytes(&ts, CHAT, "open").await.0, StatusCode::NOT_FOUND);
+    // No upload at the address any more: nothing to append to (the raw route's rule).
+    for (body, close) in [(&b"late"[..], false), (b"last", true)] {
+        let (status, code, body) = error_of(append(body, close).await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "USE_ENTITY_ROUTES"), "close {close}: {body}");
+    }
+    assert!(!manifest(&ts, CHAT).await.contains_key("open"), "nothing brought it back");
+
+    // The id is free again: a new upload of it completes with its own bytes.
+    assert_eq!(begin().await.unwrap().status(), StatusCode::CREATED);
+    assert!(append(b"again", true).await.unwrap().status().is_success());
+    assert_eq!(manifest(&ts, CHAT).await["open"]["status"], "complete");
+    assert_eq!(get_bytes(&ts, CHAT, "open").await, (StatusCode::OK, b"again".to_vec()));
+    assert_eq!(ts.request(Method::DELETE, &path).send().await.unwrap().status(), StatusCode::OK);
     assert_eq!(ts.head(&stream).await.status(), StatusCode::NOT_FOUND);
 }
 

@@ -19,7 +19,7 @@ use crate::rows::new_txid;
 use crate::AppState;
 
 use super::not_found;
-use super::pending::{hold_id, upload_in_progress, write_decided, Decided};
+use super::pending::{hold_id, open_resumable, upload_in_progress, write_decided, Decided, WhileOpen};
 
 /// DELETE /_electric/entities/{type}/{id}/attachments/{att} [write]: a manifest
 /// delete row, then the bytes are released (kept while another attachment holds the same content).
@@ -45,7 +45,10 @@ pub async fn delete(
 /// entity, with an attachment of the same id). While the upload of `id`
 /// runs, 409 `UPLOAD_IN_PROGRESS`: its final row would bring the attachment
 /// back after a 200 ([`hold_id`], held until the delete is done, so no
-/// upload of the id begins or commits on this instance meanwhile).
+/// upload of the id begins or commits on this instance meanwhile). A
+/// resumable upload whose stream is still open is not waited for: the
+/// delete ends it, its row and its stream in one commit (a chunk or a close
+/// sent after that is refused: 409 `USE_ENTITY_ROUTES`, no upload there).
 ///
 /// Another instance (PostgreSQL) holds none of our reservations: an upload
 /// of `id` may begin there between our reading the row and our writing its
@@ -60,7 +63,7 @@ pub async fn delete(
 pub async fn delete_entry(state: &AppState, record: &EntityRecord, entity: &EntityUrl, id: &str) -> ApiResult<String> {
     validate_attachment_id(id)?;
     let _life = hold_life(state, record).await?;
-    let _held = hold_id(state, entity, id).await?;
+    let _held = hold_id(state, entity, id, WhileOpen::Abort).await?;
     let txid = new_txid();
     let row_txid = &txid;
     let pause = Some(crate::pause::ATTACHMENT_DELETE);
@@ -69,11 +72,16 @@ pub async fn delete_entry(state: &AppState, record: &EntityRecord, entity: &Enti
             let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
             (view.manifest.get(id).cloned().ok_or_else(not_found)?, view.tail())
         };
-        // An upload that began (elsewhere) since `hold_id` looked.
-        if entry.status == AttachmentStatus::Pending {
+        // An upload that began (elsewhere) since `hold_id` looked, unless it
+        // is a resumable one still open, which the delete ends.
+        let aborting = entry.status == AttachmentStatus::Pending;
+        if aborting && !open_resumable(state, entity, id).await? {
             return Err(upload_in_progress(id));
         }
-        let path = entry.bytes_path(entity).unwrap_or_else(|| entity.attachment_stream(id));
+        let path = match aborting {
+            true => entity.attachment_stream(id),
+            false => entry.bytes_path(entity).unwrap_or_else(|| entity.attachment_stream(id)),
+        };
         let stream = match state.store.head(&path).await {
             Ok(info) => Some(info.id),
             Err(StoreError::NotFound) | Err(StoreError::Gone) => None,

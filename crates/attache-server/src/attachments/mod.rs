@@ -39,7 +39,7 @@ use crate::rows::{inline_bytes, MainView};
 pub use delete::{delete, delete_entry};
 pub use pace::{UploadSlot, UploadSlots, UploadStalled, TOO_MANY_UPLOADS};
 pub use pending::{
-    finalize, finalize_closed, hold_id, settle, upload_in_progress, OpenUpload, Reservation, Reservations,
+    finalize, finalize_closed, hold_id, settle, upload_in_progress, OpenUpload, Reservation, Reservations, WhileOpen,
     UPLOAD_IN_PROGRESS,
 };
 pub use read::{content_disposition, list, parse_range, read, RangeRequest};

@@ -117,9 +117,17 @@ pub const UPLOAD_IN_PROGRESS: &str = "UPLOAD_IN_PROGRESS";
 /// row an interrupted upload left, or whose bytes are all in (a closed
 /// stream), is settled first, and the change then sees its outcome.
 ///
+/// With [`WhileOpen::Abort`] (a `DELETE`), a resumable upload whose stream
+/// is open is not refused: the caller ends it ([`open_resumable`]).
+///
 /// The rule this keeps: a delete never answers 200 for an attachment whose
 /// upload then brings it back.
-pub async fn hold_id<'s>(state: &'s AppState, entity: &EntityUrl, id: &str) -> ApiResult<Reservation<'s>> {
+pub async fn hold_id<'s>(
+    state: &'s AppState,
+    entity: &EntityUrl,
+    id: &str,
+    open: WhileOpen,
+) -> ApiResult<Reservation<'s>> {
     validate_attachment_id(id)?;
     let path = entity.attachment_stream(id);
     let reservation = state.uploads.take(&path).ok_or_else(|| upload_in_progress(id))?;
@@ -129,10 +137,34 @@ pub async fn hold_id<'s>(state: &'s AppState, entity: &EntityUrl, id: &str) -> A
             settle(state, entity, id).await;
         }
         if is_pending(state, entity, id).await? {
+            if open == WhileOpen::Abort && open_resumable(state, entity, id).await? {
+                return Ok(reservation);
+            }
             return Err(upload_in_progress(id));
         }
     }
     Ok(reservation)
+}
+
+/// What [`hold_id`] does with a resumable upload of the id whose stream is still open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhileOpen {
+    /// 409 `UPLOAD_IN_PROGRESS`, as for any upload running (a task-face write of its key).
+    Refuse,
+    /// Let the caller end it (`DELETE`: its row and its stream go in one commit).
+    Abort,
+}
+
+/// Whether attachment `id`'s bytes are those of a resumable upload not yet
+/// closed: a stream at the attachment's own address that takes appends. Only
+/// a resumable upload makes one before its bytes are all in (a multipart
+/// upload's stream is made with its `complete` row, in one commit).
+pub async fn open_resumable(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult<bool> {
+    match state.store.head(&entity.attachment_stream(id)).await {
+        Ok(info) => Ok(!info.closed && info.blob.is_none()),
+        Err(StoreError::NotFound | StoreError::Gone) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn is_pending(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult<bool> {

@@ -279,7 +279,7 @@ async fn hold_key<'s>(state: &'s AppState, task_id: &str, key: &str, id: &str) -
         return Ok(None);
     }
     let url = EntityUrl::new(TASK_TYPE, task_id).map_err(ApiError::internal)?;
-    match crate::attachments::hold_id(state, &url, id).await {
+    match crate::attachments::hold_id(state, &url, id, crate::attachments::WhileOpen::Refuse).await {
         Ok(held) => Ok(Some(held)),
         Err(e) if e.refusal().code == UPLOAD_IN_PROGRESS => Err(upload_in_progress(task_id, key)),
         Err(e) => Err(e),
