@@ -148,23 +148,33 @@ async fn a_format_1_data_dir_upgrades_itself_on_first_start_with_every_offset_in
     store.close().await;
 }
 
+/// A copy of fixture `format`'s data dir, opened (which upgrades it) and
+/// checked: stamped format 4, nothing damaged, every stream and producer as
+/// the fixture's engine left it. Returns the copy's root, its data dir, the
+/// fixture's expected streams and the open store.
+async fn upgraded_fixture(format: u32) -> (tempfile::TempDir, PathBuf, Vec<serde_json::Value>, EmbeddedStore) {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    copy_dir(&fixture_of(format).join("data"), &dir);
+    let expected: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(fixture_of(format).join("expected.json")).unwrap()).unwrap();
+    let stamp = format!("attache-embedded-format {format}");
+    assert_eq!(std::fs::read_to_string(dir.join("FORMAT")).unwrap().trim(), stamp);
+    let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).unwrap();
+    assert!(store.damage().is_empty(), "{:?}", store.damage());
+    assert_eq!(std::fs::read_to_string(dir.join("FORMAT")).unwrap().trim(), "attache-embedded-format 4");
+    check_fixture_streams(&store, &expected, &format!("upgraded from format {format}")).await;
+    let retry =
+        store.append(append("/json", "application/json", br#"["after-fork",{"d":[1,2,3]}]"#, Some((0, 2)))).await;
+    assert!(retry.unwrap().duplicate, "a retry of the last producer request is a duplicate");
+    (root, dir, expected, store)
+}
+
 #[tokio::test]
 async fn a_format_2_data_dir_upgrades_itself_with_every_boundary_and_its_log_intact() {
     // Made by `examples/data_dir_fixture.rs` on the format-2 engine (a boundary
     // row per message in redb), copied while batches were only in its log.
-    let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("data");
-    copy_dir(&fixture_of(2).join("data"), &dir);
-    let expected: Vec<serde_json::Value> =
-        serde_json::from_slice(&std::fs::read(fixture_of(2).join("expected.json")).unwrap()).unwrap();
-    assert_eq!(std::fs::read_to_string(dir.join("FORMAT")).unwrap().trim(), "attache-embedded-format 2");
-    let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).unwrap();
-    assert!(store.damage().is_empty(), "{:?}", store.damage());
-    assert_eq!(std::fs::read_to_string(dir.join("FORMAT")).unwrap().trim(), "attache-embedded-format 4");
-    check_fixture_streams(&store, &expected, "upgraded from format 2").await;
-    let retry =
-        store.append(append("/json", "application/json", br#"["after-fork",{"d":[1,2,3]}]"#, Some((0, 2)))).await;
-    assert!(retry.unwrap().duplicate, "a retry of the last producer request is a duplicate");
+    let (_root, dir, expected, store) = upgraded_fixture(2).await;
     let tail = expected[0]["tail"].as_u64().unwrap();
     store.append(append("/json", "application/json", br#"{"e":5}"#, Some((0, 3)))).await.unwrap();
     store.close().await;
@@ -180,21 +190,10 @@ async fn a_format_2_data_dir_upgrades_itself_with_every_boundary_and_its_log_int
 async fn a_format_3_data_dir_is_restamped_and_keeps_every_stream_and_its_log() {
     // Made by `examples/data_dir_fixture.rs` on the format-3 engine (session
     // 14's release), copied while batches were only in its log.
-    let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("data");
-    copy_dir(&fixture_of(3).join("data"), &dir);
-    let expected: Vec<serde_json::Value> =
-        serde_json::from_slice(&std::fs::read(fixture_of(3).join("expected.json")).unwrap()).unwrap();
-    assert_eq!(std::fs::read_to_string(dir.join("FORMAT")).unwrap().trim(), "attache-embedded-format 3");
-    let store = EmbeddedStore::open(EmbeddedConfig::new(&dir)).unwrap();
-    assert!(store.damage().is_empty(), "{:?}", store.damage());
-    assert_eq!(std::fs::read_to_string(dir.join("FORMAT")).unwrap().trim(), "attache-embedded-format 4");
-    check_fixture_streams(&store, &expected, "upgraded from format 3").await;
-    let retry =
-        store.append(append("/json", "application/json", br#"["after-fork",{"d":[1,2,3]}]"#, Some((0, 2)))).await;
-    assert!(retry.unwrap().duplicate, "a retry of the last producer request is a duplicate");
+    let (_root, dir, expected, store) = upgraded_fixture(3).await;
     let tail = expected[0]["tail"].as_u64().unwrap();
-    // Appends after the upgrade log only their tails; a restart replays them.
+    // Appends after the upgrade log only their tails; the close's checkpoint
+    // folds them into the metadata the format-3 log and redb hold.
     store.append(append("/json", "application/json", br#"{"e":5}"#, None)).await.unwrap();
     store.append(append("/bin", "application/octet-stream", b"??", None)).await.unwrap();
     store.close().await;

@@ -2160,26 +2160,7 @@ mod tests {
     }
 
     fn meta(id: u64, tail: u64) -> Vec<u8> {
-        let info = super::StreamInfo {
-            id,
-            path: format!("/s{id}"),
-            content_type: "application/json".into(),
-            ttl_secs: None,
-            expires_at: None,
-            expires_at_ms: None,
-            created_at_ms: 0,
-            closed: false,
-            tail,
-            fork: None,
-            fork_refs: 0,
-            soft_deleted: false,
-            unlinked: false,
-            last_seq: None,
-            closed_by: None,
-            owner: None,
-            blob: None,
-        };
-        serde_json::to_vec(&info).unwrap()
+        serde_json::to_vec(&super::StreamInfo { id, ..super::StreamInfo::for_tests(tail, true) }).unwrap()
     }
 
     #[test]
