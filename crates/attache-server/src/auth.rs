@@ -10,7 +10,7 @@ use attache_core::PrincipalKey;
 use attache_storage::tokens::{TokenRejection, TokenStore};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -103,6 +103,40 @@ impl Auth {
     pub fn still_valid(&self, presented: &Presented, who: &PrincipalKey) -> bool {
         self.authenticate(&presented.0).is_ok_and(|now| &now == who)
     }
+}
+
+/// The subprotocol prefix that carries a token in a WebSocket handshake:
+/// `Sec-WebSocket-Protocol: attache.bearer.<token>`. A browser's WebSocket
+/// API can set no header but this one, so in token mode `/ws` takes its
+/// credential from it when `Authorization` is absent (as Kubernetes' API
+/// server does with `base64url.bearer.authorization.k8s.io.`).
+pub const WS_BEARER_PROTOCOL: &str = "attache.bearer.";
+
+/// The subprotocols a WebSocket handshake offers, in order (comma-separated, any number of headers).
+pub fn offered_subprotocols(headers: &HeaderMap) -> Vec<&str> {
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// A WebSocket handshake's credentials: its headers, with `Authorization:
+/// Bearer <token>` made from an offered `attache.bearer.<token>` subprotocol
+/// when it sends no `Authorization` of its own (the header wins when both
+/// come). What [`Auth::authenticate`] and [`Presented::of`] then read.
+pub fn websocket_credentials(headers: &HeaderMap) -> HeaderMap {
+    let mut creds = headers.clone();
+    if !creds.contains_key(axum::http::header::AUTHORIZATION) {
+        let token = offered_subprotocols(headers).into_iter().find_map(|p| p.strip_prefix(WS_BEARER_PROTOCOL));
+        if let Some(Ok(value)) = token.map(|t| HeaderValue::from_str(&format!("Bearer {t}"))) {
+            creds.insert(axum::http::header::AUTHORIZATION, value);
+        }
+    }
+    creds
 }
 
 /// The credential headers of a request, kept to be checked again later

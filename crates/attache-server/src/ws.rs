@@ -48,7 +48,7 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::Message;
 
 use crate::access::now_ms;
-use crate::auth::{Caller, Presented};
+use crate::auth::{self, Presented};
 use crate::error::ApiError;
 use crate::events::{self, Visibility};
 use crate::metrics::Closed;
@@ -141,7 +141,20 @@ impl Patterns {
 /// rather than by axum's extractor so that the connection's bytes pass
 /// through [`frames::Watched`] before tungstenite reads them. HTTP/2 offers
 /// no extended CONNECT (`conn`), so every WebSocket is a connection of its own.
-pub async fn upgrade(State(state): State<AppState>, Caller(who): Caller, mut req: Request) -> Response {
+///
+/// The caller is told from the request's credentials as on every route, or,
+/// in token mode without `Authorization`, from an offered subprotocol
+/// `attache.bearer.<token>` ([`auth::websocket_credentials`]: a browser can
+/// set no other header on a WebSocket). The answer selects one offered
+/// subprotocol, as browsers require when any is offered: the first that is
+/// not a credential (a client offers `attache` beside its token), else the
+/// credential itself.
+pub async fn upgrade(State(state): State<AppState>, mut req: Request) -> Response {
+    let credentials = auth::websocket_credentials(req.headers());
+    let who = match state.auth.authenticate(&credentials) {
+        Ok(who) => who,
+        Err(e) => return e.into_response(),
+    };
     let accept = match handshake(&req) {
         Ok(accept) => accept,
         Err(e) => return e.into_response(),
@@ -151,7 +164,13 @@ pub async fn upgrade(State(state): State<AppState>, Caller(who): Caller, mut req
             .with_header(header::UPGRADE, "websocket")
             .into_response();
     };
-    let presented = Presented::of(req.headers());
+    let presented = Presented::of(&credentials);
+    let offered = auth::offered_subprotocols(req.headers());
+    let selected = offered
+        .iter()
+        .find(|p| !p.starts_with(auth::WS_BEARER_PROTOCOL))
+        .or_else(|| offered.first())
+        .and_then(|p| HeaderValue::from_str(p).ok());
     tokio::spawn(async move {
         let Ok(upgraded) = on_upgrade.await else { return };
         let max = state.config.ws_max_message_bytes;
@@ -166,13 +185,17 @@ pub async fn upgrade(State(state): State<AppState>, Caller(who): Caller, mut req
         let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         serve(state, who, presented, socket, clock).await;
     });
-    Response::builder()
+    let mut res = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
         .header(header::SEC_WEBSOCKET_ACCEPT, accept)
         .body(Body::empty())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    if let Some(protocol) = selected {
+        res.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    res
 }
 
 /// Checks a WebSocket opening handshake (RFC 6455 section 4.2.1) and

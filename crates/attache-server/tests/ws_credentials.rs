@@ -108,3 +108,59 @@ async fn a_websocket_subscriber_whose_token_is_revoked_gets_no_later_event() {
         Ok(event) => panic!("a revoked token's socket still receives events: {event}"),
     }
 }
+
+/// A WebSocket opened with `protocols` offered (`Sec-WebSocket-Protocol`) and
+/// no `Authorization` header, as a browser opens one; the socket and the
+/// subprotocol the server selected, or the handshake's HTTP status.
+async fn open_offering(server: &TestServer, protocols: &str) -> Result<(Ws, Option<String>), u16> {
+    let mut req = server.url("/ws").replace("http://", "ws://").into_client_request().expect("a ws request");
+    req.headers_mut().insert("sec-websocket-protocol", protocols.parse().expect("a header value"));
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, res)) => {
+            let selected = res.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap().to_owned());
+            Ok((ws, selected))
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => Err(res.status().as_u16()),
+        Err(e) => panic!("the handshake failed otherwise: {e}"),
+    }
+}
+
+/// A browser's WebSocket API sets no `Authorization` header, only
+/// subprotocols: in token mode `/ws` takes `attache.bearer.<token>` as the
+/// credential, selects the plain subprotocol offered beside it (or the
+/// credential, when it is the only one: browsers refuse an answer that
+/// selects none), acts as the token's principal, and ends the socket when
+/// that token is revoked. A wrong token is 401 and no socket. Before, a
+/// browser could not open `/ws` in token mode at all (401).
+#[tokio::test]
+async fn a_browser_websocket_authenticates_with_its_token_as_a_subprotocol() {
+    let (server, tokens) = token_server().await;
+    let (ws_token, token) = tokens.create("user:ann", None).expect("a token");
+    let (_, other_token) = tokens.create("user:ann", None).expect("a second token");
+    let created = rpc(&server, &other_token, "task.create", json!({ "id": "t-ann", "text": "ann's" })).await;
+    assert_eq!(created["result"]["id"], "t-ann", "{created}");
+
+    let (mut ws, selected) = open_offering(&server, &format!("attache, attache.bearer.{token}")).await.expect("opened");
+    assert_eq!(selected.as_deref(), Some("attache"), "the plain subprotocol is selected, not the credential");
+    assert_eq!(next(&mut ws).await.expect("a hello")["type"], "connected");
+    let get = json!({ "action": "execute", "request": { "jsonrpc": "2.0", "id": 1, "method": "task.get",
+        "params": { "id": "t-ann" } } });
+    ws.send(Message::Text(get.to_string().into())).await.expect("sent");
+    let answer = next(&mut ws).await.expect("an answer");
+    assert_eq!(answer["result"]["text"], "ann's", "acts as the token's principal: {answer}");
+
+    let (mut alone, selected) = open_offering(&server, &format!("attache.bearer.{token}")).await.expect("opened");
+    assert_eq!(selected, Some(format!("attache.bearer.{token}")), "the only offer is echoed");
+    assert_eq!(next(&mut alone).await.expect("a hello")["type"], "connected");
+
+    let wrong = open_offering(&server, "attache, attache.bearer.at_000000000000_0000").await.err();
+    assert_eq!(wrong, Some(401), "a wrong token opens nothing");
+    assert_eq!(open_offering(&server, "attache").await.err(), Some(401), "no credential at all");
+
+    assert!(tokens.revoke(&ws_token.id).expect("revoked"));
+    ws.send(Message::Text(get.to_string().into())).await.ok();
+    match next(&mut ws).await {
+        Err(code) => assert_eq!(code, Some(CloseCode::Policy), "closed with 1008"),
+        Ok(answer) => panic!("a revoked token's socket still executes: {answer}"),
+    }
+}
