@@ -135,6 +135,9 @@ pub struct ServeArgs {
     /// Most MCP sessions one principal holds at once; past it a new session is refused with 429 [default: 100]
     #[arg(long, env = "ATTACHE_MCP_MAX_SESSIONS_PER_PRINCIPAL")]
     mcp_max_sessions_per_principal: Option<usize>,
+    /// Largest body of a request that opens an MCP session (its `initialize`, kept for the session's life), in bytes; past it: 413 [default: 16384]
+    #[arg(long, env = "ATTACHE_MCP_MAX_INITIALIZE_BYTES")]
+    mcp_max_initialize_bytes: Option<usize>,
     /// Where streams, entities and blobs live: `embedded` (files in --data-dir, one instance)
     /// or `postgres://user:pass@host/db` (many instances over one database) [default: embedded]
     #[arg(long, env = "ATTACHE_STORE")]
@@ -264,6 +267,7 @@ struct FileConfig {
     deleted_tasks_kept: Option<usize>,
     max_entity_data_bytes: Option<usize>,
     mcp_max_sessions_per_principal: Option<usize>,
+    mcp_max_initialize_bytes: Option<usize>,
     store: Option<String>,
     object_store: Option<String>,
     blob_cache_bytes: Option<u64>,
@@ -407,6 +411,7 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         file.mcp_max_sessions_per_principal,
         &mut config.mcp_max_sessions_per_principal,
     );
+    setting(args.mcp_max_initialize_bytes, file.mcp_max_initialize_bytes, &mut config.mcp_max_initialize_bytes);
     if let Some(n) = args.max_connections.or(file.max_connections) {
         anyhow::ensure!(n > 0, "max_connections must be at least 1");
         config.max_connections = n;

@@ -60,6 +60,9 @@ pub struct ServerConfig {
     pub mcp_max_sessions: usize,
     /// Most MCP sessions one principal holds at once (a new one: 429 with Retry-After).
     pub mcp_max_sessions_per_principal: usize,
+    /// Largest body of a request that opens an MCP session (its `initialize`,
+    /// whose params rmcp keeps for the session's life): 413 past it.
+    pub mcp_max_initialize_bytes: usize,
     /// Most materialized entity views kept in memory (least recently used dropped; rebuilt on use).
     pub view_cache_entries: usize,
     /// Most bytes (estimated) the views kept in memory hold together; past it
@@ -282,6 +285,7 @@ impl ServerConfig {
             mcp_session_idle_ttl: Duration::from_secs(30 * 60),
             mcp_max_sessions: 1000,
             mcp_max_sessions_per_principal: 100,
+            mcp_max_initialize_bytes: 16 << 10,
             view_cache_entries: 10_000,
             view_cache_bytes: 64 << 20,
             max_attachments_per_entity: 10_000,

@@ -381,17 +381,32 @@ async fn require_auth(
     // the body budget and read timeout (408 / 503 / 413 with JSON-RPC's size
     // limit). Left to rmcp, a stalled 4 MiB body was held past every timeout,
     // outside the budget (200 of them: +830 MB).
+    // A POST without a session id opens a session (it carries `initialize`):
+    // rmcp keeps its params as a JSON tree for the session's life, ~11 times
+    // their size (4 MB of small members held 45 MB a session: 100 sessions of
+    // one principal, 4.5 GB), so its body is held to `mcp_max_initialize_bytes`.
+    let opens_session = req.method() == axum::http::Method::POST && !req.headers().contains_key("mcp-session-id");
+    let limit = match opens_session {
+        true => state.config.mcp_max_initialize_bytes.min(state.config.rpc_max_body_bytes),
+        false => state.config.rpc_max_body_bytes,
+    };
     let req = if req.method() == axum::http::Method::POST {
         let (parts, body) = req.into_parts();
-        match crate::http::read_body(&state.bodies, body, &parts.headers, state.config.rpc_max_body_bytes).await {
+        match crate::http::read_body(&state.bodies, body, &parts.headers, limit).await {
             Ok(bytes) => axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)),
+            Err(e) if opens_session && e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                let message = format!(
+                    "a request that opens an MCP session (initialize) is at most {limit} bytes \
+                     (mcp_max_initialize_bytes): its params are kept for the session's life"
+                );
+                return ApiError::new(axum::http::StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", message)
+                    .into_response();
+            }
             Err(e) => return e.into_response(),
         }
     } else {
         req
     };
-    // A POST without a session id opens a session (it carries `initialize`).
-    let opens_session = req.method() == axum::http::Method::POST && !req.headers().contains_key("mcp-session-id");
     if !opens_session {
         if req.method() != axum::http::Method::POST {
             return next.run(req).await;

@@ -346,6 +346,64 @@ async fn http2_requests_in_flight_beyond_the_first_take_places_of_max_connection
     .await;
 }
 
+/// An HTTP/2 stream whose client opens no flow-control window is a slow
+/// reader: hyper never asks its response body for a byte, so no write ever
+/// blocks, and each such stream held a place of `--max-connections` for as
+/// long as the client kept the connection (session 15's attack pass: 42
+/// connections that send nothing after their requests, 401s included, held
+/// all 4,096 places and every client, `/healthz` too, was answered 503). A
+/// response body not asked for more within `--slow-reader-timeout` now
+/// closes its connection, and the places come back.
+#[tokio::test]
+async fn http2_streams_whose_client_opens_no_window_are_cut_as_slow_readers() {
+    let s = TestServer::start_with(|c| {
+        c.max_connections = 8;
+        c.slow_reader_timeout = Duration::from_secs(1);
+    })
+    .await;
+    s.create("/h2/stalled", "text/plain").await;
+    s.append("/h2/stalled", "text/plain", "x".repeat(20_000)).await;
+    let io = hyper_util::rt::TokioIo::new(common::connect(&s).await);
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .adaptive_window(false)
+        .handshake(io)
+        .await
+        .expect("HTTP/2");
+    let driver = tokio::spawn(conn);
+    let mut heads = Vec::new();
+    for path in ["/h2/stalled?offset=-1", "/h2/stalled?offset=-1", "/h2/stalled?offset=-1", "/no/such/stream"] {
+        let req = http::Request::get(s.url(path)).body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+        let mut sender = sender.clone();
+        heads.push(tokio::spawn(async move { sender.send_request(req).await }));
+    }
+    // Their heads come (a head needs no window); no body byte can.
+    let mut responses = Vec::new();
+    for head in heads {
+        let res =
+            tokio::time::timeout(Duration::from_secs(5), head).await.expect("a head").unwrap().expect("a response");
+        responses.push(res);
+    }
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), driver).await;
+    assert!(ended.is_ok(), "the server closes the connection of streams that take no byte");
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(5), "closed {waited:?} after the heads, with a 1 s slow-reader timeout");
+    drop((responses, sender));
+    let metrics = s.request(reqwest::Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("attache_connections_closed_total{reason=\"slow_reader\"}") && !l.ends_with(" 0")),
+        "counted as a slow reader: {metrics}"
+    );
+    // Every place is back: a round of fresh connections is served.
+    for _ in 0..7 {
+        let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+        assert_eq!(fresh.get(s.url("/healthz")).send().await.unwrap().status(), StatusCode::OK);
+    }
+}
+
 /// A client's close frame is answered with the server's (RFC 6455 5.5.1), so
 /// a client closing normally sees a clean close, not 1006. Before, the server
 /// dropped the socket with the reply still queued.
@@ -656,6 +714,39 @@ async fn mcp_initialize_as(s: &TestServer, principal: &str) -> (StatusCode, Opti
         .await
         .expect("/mcp answers");
     (res.status(), common::header(&res, "mcp-session-id"))
+}
+
+/// The request that opens an MCP session carries `initialize`, whose params
+/// rmcp keeps as a JSON tree for the session's life (~11 times their size:
+/// one 4 MB `initialize` of small members held 45 MB, and a principal's 100
+/// sessions 4.5 GB, session 15's attack pass). Its body is held to
+/// `--mcp-max-initialize-bytes` (16 KiB): past it, 413 naming the limit and
+/// no session; a client's usual `initialize` is well under it, and messages
+/// in a session keep the JSON-RPC body limit.
+#[tokio::test]
+async fn an_mcp_initialize_past_its_limit_is_413_and_opens_no_session() {
+    let s = TestServer::start().await;
+    let big = json!({ "jsonrpc": "2.0", "method": "initialize", "id": 1, "params": {
+        "protocolVersion": "2025-03-26",
+        "capabilities": { "experimental": (0..2_000).map(|i| (format!("k{i}"), json!(i))).collect::<serde_json::Map<_, _>>() },
+        "clientInfo": { "name": "t", "version": "1" } } });
+    let res = s
+        .client
+        .post(s.url("/mcp"))
+        .header("electric-principal", ALICE)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(big.to_string())
+        .send()
+        .await
+        .expect("/mcp answers");
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(common::header(&res, "mcp-session-id").is_none(), "no session opened");
+    let body: Value = res.json().await.unwrap();
+    assert!(body.to_string().contains("mcp_max_initialize_bytes"), "{body}");
+    let (status, id) = mcp_initialize(&s).await;
+    assert_eq!(status, StatusCode::OK, "an ordinary initialize opens a session");
+    assert!(id.is_some());
 }
 
 /// Opens racing each other are counted by the caps while they run: the

@@ -519,6 +519,14 @@ struct Activity {
     multiplexed: AtomicBool,
     /// Milliseconds after `opened`: since when writes are blocked; `NEVER` when they are not.
     blocked_since: AtomicU64,
+    /// HTTP/2: the response bodies hyper has not asked for their next frame
+    /// since they gave their last one (or since they began), by body, with
+    /// since when (milliseconds after `opened`). hyper asks a body for more
+    /// only once its stream's flow-control window has room, so a body
+    /// waiting here is a stream the client lets no more bytes into: the
+    /// HTTP/2 form of a blocked write ([`Activity::deadline`]).
+    unasked: parking_lot::Mutex<std::collections::HashMap<u64, u64>>,
+    next_body: AtomicU64,
     /// The server is shutting down (`Live::stop_all` sets it and wakes the
     /// task; from then on the last request to end wakes it too).
     stop: AtomicBool,
@@ -541,6 +549,8 @@ impl Activity {
             open_bodies: AtomicUsize::new(0),
             multiplexed: AtomicBool::new(false),
             blocked_since: AtomicU64::new(NEVER),
+            unasked: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            next_body: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             stopping: Notify::new(),
             _open: crate::metrics::OpenConnection::new(metrics.clone()),
@@ -565,7 +575,10 @@ impl Activity {
     /// The earliest deadline now in force, and what closing there would be for.
     fn deadline(&self, limits: &Limits) -> Option<(Instant, Closed)> {
         let blocked = self.blocked_since.load(Ordering::Acquire);
-        let slow = (blocked != NEVER).then(|| (self.at(blocked, limits.slow_reader_timeout), Closed::SlowReader));
+        // Writes blocked, or (HTTP/2) a response body not asked for more.
+        let unasked = self.unasked.lock().values().copied().min().unwrap_or(NEVER);
+        let stalled = blocked.min(unasked);
+        let slow = (stalled != NEVER).then(|| (self.at(stalled, limits.slow_reader_timeout), Closed::SlowReader));
         // A response still going out (in flight, or handed to hyper whole and
         // waiting for the client to take it) keeps the connection busy: only
         // the slow-reader deadline runs. (Else the header deadline of a request
@@ -681,19 +694,21 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
                     Err(_) => {
                         self.activity.metrics.connection_closed(Closed::OverCap);
                         let res = over_cap(places.max);
-                        return Box::pin(async move {
-                            Ok(res.map(|body| TrackedBody { body, _in_flight: in_flight, _place: None }))
-                        });
+                        let h2 = Some(self.activity.clone());
+                        return Box::pin(
+                            async move { Ok(res.map(|body| TrackedBody::new(body, in_flight, None, h2))) },
+                        );
                     }
                 }
             }
         }
         let activity = &self.activity;
+        let h2 = (req.version() == http::Version::HTTP_2).then(|| activity.clone());
         let req = req.map(|body| RequestBody::new(body, activity));
         let answer = self.app.clone().oneshot(req);
         Box::pin(async move {
             let res = answer.await?;
-            Ok(res.map(|body| TrackedBody { body, _in_flight: in_flight, _place: place }))
+            Ok(res.map(|body| TrackedBody::new(body, in_flight, place, h2)))
         })
     }
 }
@@ -751,12 +766,53 @@ impl http_body::Body for RequestBody {
     }
 }
 
+/// The largest frame an HTTP/2 response body hands hyper at a time (the
+/// protocol's default frame size). hyper asks a body for its next frame only
+/// once the one before has gone out; in small frames, a client that reads
+/// slowly but steadily asks often enough not to be taken for a stalled one,
+/// however large the answer.
+pub(crate) const HTTP2_BODY_FRAME: usize = 16 << 10;
+
 /// A response body that keeps its request in flight until it ends or is dropped.
 struct TrackedBody {
     body: Body,
     _in_flight: InFlight,
     /// The place of `--max-connections` an HTTP/2 request beyond its connection's first holds.
     _place: Option<OwnedSemaphorePermit>,
+    /// HTTP/2: the connection whose `unasked` bodies this one joins, and its key there.
+    h2: Option<(Arc<Activity>, u64)>,
+    /// HTTP/2: the rest of a data frame larger than [`HTTP2_BODY_FRAME`].
+    rest: Bytes,
+}
+
+impl TrackedBody {
+    fn new(body: Body, in_flight: InFlight, place: Option<OwnedSemaphorePermit>, h2: Option<Arc<Activity>>) -> Self {
+        use http_body::Body as _;
+        // A body that is over before it starts is sent with its header; hyper never asks it.
+        let h2 = h2.filter(|_| !body.is_end_stream()).map(|activity| {
+            let key = activity.next_body.fetch_add(1, Ordering::Relaxed);
+            activity.unasked.lock().insert(key, activity.now_ms());
+            (activity, key)
+        });
+        TrackedBody { body, _in_flight: in_flight, _place: place, h2, rest: Bytes::new() }
+    }
+
+    /// hyper asked for a frame (`asked`), or this body gave one and waits to be asked again.
+    fn unasked(&self, waiting: bool) {
+        if let Some((activity, key)) = &self.h2 {
+            let mut unasked = activity.unasked.lock();
+            match waiting {
+                true => unasked.insert(*key, activity.now_ms()),
+                false => unasked.remove(key),
+            };
+        }
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        self.unasked(false);
+    }
 }
 
 impl http_body::Body for TrackedBody {
@@ -767,15 +823,45 @@ impl http_body::Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        if self.h2.is_none() {
+            return Pin::new(&mut self.body).poll_frame(cx);
+        }
+        self.unasked(false);
+        let polled = if self.rest.is_empty() {
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        self.rest = data;
+                        let n = self.rest.len().min(HTTP2_BODY_FRAME);
+                        Poll::Ready(Some(Ok(http_body::Frame::data(self.rest.split_to(n)))))
+                    }
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                },
+                other => other,
+            }
+        } else {
+            let n = self.rest.len().min(HTTP2_BODY_FRAME);
+            Poll::Ready(Some(Ok(http_body::Frame::data(self.rest.split_to(n)))))
+        };
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) {
+            self.unasked(true);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        let inner = self.body.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(rest));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }
 
