@@ -19,7 +19,7 @@ use crate::rows::new_txid;
 use crate::AppState;
 
 use super::not_found;
-use super::pending::{hold_id, open_resumable, upload_in_progress, write_decided, Decided, WhileOpen};
+use super::pending::{hold_id, is_pending, open_resumable, upload_in_progress, write_decided, Decided, WhileOpen};
 
 /// DELETE /_electric/entities/{type}/{id}/attachments/{att} [write]: a manifest
 /// delete row, then the bytes are released (kept while another attachment holds the same content).
@@ -46,9 +46,10 @@ pub async fn delete(
 /// runs, 409 `UPLOAD_IN_PROGRESS`: its final row would bring the attachment
 /// back after a 200 ([`hold_id`], held until the delete is done, so no
 /// upload of the id begins or commits on this instance meanwhile). A
-/// resumable upload whose stream is still open is not waited for: the
-/// delete ends it, its row and its stream in one commit (a chunk or a close
-/// sent after that is refused: 409 `USE_ENTITY_ROUTES`, no upload there).
+/// resumable upload whose stream is still open when the delete is asked is
+/// not waited for: the delete ends it, its row and its stream in one commit
+/// (a chunk or a close sent after that is refused: 409 `USE_ENTITY_ROUTES`,
+/// no upload there); an upload begun after the delete looked is 409.
 ///
 /// Another instance (PostgreSQL) holds none of our reservations: an upload
 /// of `id` may begin there between our reading the row and our writing its
@@ -64,6 +65,13 @@ pub async fn delete_entry(state: &AppState, record: &EntityRecord, entity: &Enti
     validate_attachment_id(id)?;
     let _life = hold_life(state, record).await?;
     let _held = hold_id(state, entity, id, WhileOpen::Abort).await?;
+    // The resumable upload this delete ends, when the attachment is one still
+    // open as it is asked: that upload only (its stream), never one begun
+    // since (on PostgreSQL perhaps through another instance), which is 409.
+    let ending = match is_pending(state, entity, id).await? {
+        true => open_resumable(state, entity, id).await?,
+        false => None,
+    };
     let txid = new_txid();
     let row_txid = &txid;
     let pause = Some(crate::pause::ATTACHMENT_DELETE);
@@ -73,9 +81,9 @@ pub async fn delete_entry(state: &AppState, record: &EntityRecord, entity: &Enti
             (view.manifest.get(id).cloned().ok_or_else(not_found)?, view.tail())
         };
         // An upload that began (elsewhere) since `hold_id` looked, unless it
-        // is a resumable one still open, which the delete ends.
+        // is the resumable one still open that the delete ends.
         let aborting = entry.status == AttachmentStatus::Pending;
-        if aborting && !open_resumable(state, entity, id).await? {
+        if aborting && (ending.is_none() || open_resumable(state, entity, id).await? != ending) {
             return Err(upload_in_progress(id));
         }
         let path = match aborting {

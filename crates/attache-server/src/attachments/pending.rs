@@ -137,7 +137,7 @@ pub async fn hold_id<'s>(
             settle(state, entity, id).await;
         }
         if is_pending(state, entity, id).await? {
-            if open == WhileOpen::Abort && open_resumable(state, entity, id).await? {
+            if open == WhileOpen::Abort && open_resumable(state, entity, id).await?.is_some() {
                 return Ok(reservation);
             }
             return Err(upload_in_progress(id));
@@ -155,19 +155,19 @@ pub enum WhileOpen {
     Abort,
 }
 
-/// Whether attachment `id`'s bytes are those of a resumable upload not yet
-/// closed: a stream at the attachment's own address that takes appends. Only
-/// a resumable upload makes one before its bytes are all in (a multipart
-/// upload's stream is made with its `complete` row, in one commit).
-pub async fn open_resumable(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult<bool> {
+/// The stream of a resumable upload of attachment `id` not yet closed, if
+/// there is one: a stream at the attachment's own address that takes
+/// appends. Only a resumable upload makes one before its bytes are all in (a
+/// multipart upload's stream is made with its `complete` row, in one commit).
+pub async fn open_resumable(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult<Option<u64>> {
     match state.store.head(&entity.attachment_stream(id)).await {
-        Ok(info) => Ok(!info.closed && info.blob.is_none()),
-        Err(StoreError::NotFound | StoreError::Gone) => Ok(false),
+        Ok(info) => Ok((!info.closed && info.blob.is_none()).then_some(info.id)),
+        Err(StoreError::NotFound | StoreError::Gone) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
 
-async fn is_pending(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult<bool> {
+pub(super) async fn is_pending(state: &AppState, entity: &EntityUrl, id: &str) -> ApiResult<bool> {
     let view = state.views.get(state.store.as_ref(), &entity.main_stream()).await?;
     Ok(view.manifest.get(id).is_some_and(|e| e.status == AttachmentStatus::Pending))
 }
