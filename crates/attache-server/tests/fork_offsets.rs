@@ -173,6 +173,36 @@ async fn an_entity_fork_pointer_inside_a_row_is_400_and_creates_nothing(ts: &Tes
     assert!(rows.iter().any(|r| r["key"] == "t1"), "the fork has the source's rows: {rows:?}");
 }
 
+/// A read stitches a fork's bytes from its lineage (the fork, its source,
+/// that source's source, ...), at most 64 streams. A fork whose lineage would
+/// hold more is 400 and nothing is made; every stream of a lineage of 64
+/// reads whole. Before (session 15's attack pass), the 65th fork was made
+/// (201) and every read of it, and of forks of it, answered 500.
+async fn a_fork_past_64_streams_of_lineage_is_400_and_the_lineage_reads_whole(ts: &TestServer) {
+    ts.create("/chain/0", TEXT).await;
+    ts.append("/chain/0", TEXT, "root;").await;
+    for i in 1..64 {
+        let (path, source) = (format!("/chain/{i}"), format!("/chain/{}", i - 1));
+        let res = ts.request(Method::PUT, &path).header("stream-forked-from", &source).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED, "fork {i}");
+        ts.append(&path, TEXT, format!("{i};")).await;
+    }
+    let whole: String = std::iter::once("root;".to_owned()).chain((1..64).map(|i| format!("{i};"))).collect();
+    assert_eq!(ts.read_all("/chain/63").await, whole.as_bytes(), "a lineage of 64 reads whole");
+    let req = ts.request(Method::PUT, "/chain/64").header("stream-forked-from", "/chain/63");
+    let (status, code, body) = error_of(req.send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "INVALID_REQUEST"), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("at most 64 streams"), "{body}");
+    assert_eq!(ts.head("/chain/64").await.status(), StatusCode::NOT_FOUND, "nothing made");
+    let res = ts.request(Method::PUT, "/chain/x").header("stream-forked-from", "/chain/5").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED, "a fork nearer the root is made");
+}
+
+#[tokio::test]
+async fn embedded_a_fork_past_64_streams_of_lineage_is_400_and_the_lineage_reads_whole() {
+    a_fork_past_64_streams_of_lineage_is_400_and_the_lineage_reads_whole(&TestServer::start().await).await;
+}
+
 async fn postgres() -> Option<(TestCluster, TestServer)> {
     let cluster = match TestCluster::start(false) {
         Ok(c) => c,
@@ -215,4 +245,5 @@ async fn postgres_forks_diverge_only_between_json_messages_or_skip_without_postg
     a_json_fork_at_a_boundary_or_the_tail_reads_whole_messages(&ts).await;
     a_binary_fork_at_any_byte_works(&ts).await;
     an_entity_fork_pointer_inside_a_row_is_400_and_creates_nothing(&ts).await;
+    a_fork_past_64_streams_of_lineage_is_400_and_the_lineage_reads_whole(&ts).await;
 }

@@ -381,6 +381,24 @@ pub(crate) fn read_start(from: ReadFrom, tail: u64) -> StoreResult<u64> {
     Ok(start)
 }
 
+/// The most streams one lineage holds (a fork, its source, that source's
+/// source, ...): a read stitches at most this many ([`segments`]).
+pub(crate) const MAX_LINEAGE: usize = 64;
+
+/// A fork of a stream whose lineage holds `source_lineage` streams (itself
+/// and its sources, counted up to one past [`MAX_LINEAGE`]): refused when the
+/// fork's own lineage would pass [`MAX_LINEAGE`], which reads could not
+/// stitch (before, such a fork was made and every read of it failed).
+pub(crate) fn check_fork_lineage(source_lineage: usize) -> StoreResult<()> {
+    if source_lineage >= MAX_LINEAGE {
+        return Err(StoreError::Invalid(format!(
+            "a fork's lineage holds at most {MAX_LINEAGE} streams (the fork, its source, that source's source, ...); \
+             this source's holds {source_lineage}: fork a stream nearer the root of its lineage"
+        )));
+    }
+    Ok(())
+}
+
 /// The lineage of a fork of `src` that diverges at `position` (the requested
 /// offset `anchor`, refined by `sub_offset`).
 pub(crate) fn fork_info(src: &StreamInfo, position: u64, anchor: u64, sub_offset: u64) -> ForkInfo {
@@ -545,7 +563,7 @@ pub(crate) fn segments(
     let mut upper = Vec::new();
     let mut current = info.clone();
     let mut hi = hi;
-    for _ in 0..=64 {
+    for _ in 0..=MAX_LINEAGE {
         match &current.fork {
             Some(fork) if lo < fork.offset => {
                 if hi > fork.offset {
@@ -561,7 +579,7 @@ pub(crate) fn segments(
             }
         }
     }
-    Err(StoreError::Storage("fork chain deeper than 64".into()))
+    Err(StoreError::Storage(format!("fork chain deeper than {MAX_LINEAGE}")))
 }
 
 /// One read's result, assembled row by row by either backend: whole JSON

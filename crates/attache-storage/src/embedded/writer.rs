@@ -1686,6 +1686,17 @@ impl WriterState {
         self.streams.insert(info.id, info);
     }
 
+    /// How many streams `src`'s lineage holds (itself and its sources), counted up to one past [`rules::MAX_LINEAGE`].
+    fn lineage_len(&self, src: &StreamInfo) -> usize {
+        let mut len = 1;
+        let mut next = src.fork.as_ref().map(|f| f.source_id);
+        while let Some(id) = next.filter(|_| len <= rules::MAX_LINEAGE) {
+            len += 1;
+            next = self.streams.get(&id).and_then(|s| s.fork.as_ref().map(|f| f.source_id));
+        }
+        len
+    }
+
     fn expired(&self, shared: &Shared, id: u64) -> bool {
         shared.index.read().by_id.get(&id).is_some_and(|e| {
             let info = e.info();
@@ -1724,6 +1735,7 @@ impl WriterState {
         let mut fork_info = None;
         let mut fork_source = None;
         if let (Some(spec), Some((src, _)), Some(anchor)) = (&req.fork, source, plan.anchor) {
+            rules::check_fork_lineage(self.lineage_len(&src))?;
             self.check_message_start(shared, t, &src, anchor)?;
             let position = self.resolve_sub_offset(shared, t, &src, anchor, spec.sub_offset)?;
             tail = position;

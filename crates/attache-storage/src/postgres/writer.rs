@@ -493,6 +493,13 @@ impl Work {
         let mut fork_info = None;
         let mut fork_source = None;
         if let (Some(spec), Some((src, _)), Some(anchor)) = (&req.fork, source, plan.anchor) {
+            let mut lineage = 1;
+            let mut next = src.fork.as_ref().map(|f| f.source_id);
+            while let Some(id) = next.filter(|_| lineage <= rules::MAX_LINEAGE) {
+                lineage += 1;
+                next = self.stream(id).await?.and_then(|s| s.fork.map(|f| f.source_id));
+            }
+            rules::check_fork_lineage(lineage)?;
             self.check_message_start(shared, &src, anchor).await?;
             let position = self.resolve_sub_offset(shared, &src, anchor, spec.sub_offset).await?;
             tail = position;
