@@ -39,6 +39,19 @@ pub fn grants_for(state: &AppState, entity: &EntityRecord) -> Vec<GrantRecord> {
     grants
 }
 
+/// How many entities a scan of every entity (`task.list`, `task.claim`, the
+/// entity list) looks at between two yields to the runtime: the scan's work
+/// grows with every principal's entities, not only the caller's, and must
+/// not hold a worker while others wait.
+pub const SCAN_STEP: usize = 256;
+
+/// Yields to the runtime once every [`SCAN_STEP`] entities of a scan (`i`: the entity's place in it).
+pub async fn scan_step(i: usize) {
+    if i % SCAN_STEP == SCAN_STEP - 1 {
+        tokio::task::yield_now().await;
+    }
+}
+
 /// May `who` do `wanted` on `entity`?
 pub fn may(state: &AppState, who: &PrincipalKey, entity: &EntityRecord, wanted: Permission) -> bool {
     let grants = grants_for(state, entity);

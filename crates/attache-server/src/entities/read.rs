@@ -61,19 +61,20 @@ pub async fn list(
         None => 0,
         Some(s) => s.parse::<usize>().map_err(|_| ApiError::bad_request("offset must be a non-negative integer"))?,
     };
-    let visible: Vec<EntityRecord> = state
-        .registry
-        .entities(q.entity_type.as_deref())
-        .into_iter()
-        .filter(|e| q.status.as_deref().is_none_or(|s| e.status == s))
-        .filter(|e| q.parent.as_deref().is_none_or(|p| e.parent.as_deref() == Some(p)))
-        .filter(|e| match q.tag.as_deref().map(|t| t.split_once(':').unwrap_or((t, ""))) {
-            None => true,
-            Some((key, "")) => e.tags.contains_key(key),
-            Some((key, value)) => e.tags.get(key).is_some_and(|v| v == value),
-        })
-        .filter(|e| may(&state, &who, e, Permission::Read))
-        .collect();
+    let mut visible: Vec<EntityRecord> = Vec::new();
+    for (i, e) in state.registry.entities(q.entity_type.as_deref()).into_iter().enumerate() {
+        crate::access::scan_step(i).await;
+        let wanted = q.status.as_deref().is_none_or(|s| e.status == s)
+            && q.parent.as_deref().is_none_or(|p| e.parent.as_deref() == Some(p))
+            && match q.tag.as_deref().map(|t| t.split_once(':').unwrap_or((t, ""))) {
+                None => true,
+                Some((key, "")) => e.tags.contains_key(key),
+                Some((key, value)) => e.tags.get(key).is_some_and(|v| v == value),
+            };
+        if wanted && may(&state, &who, &e, Permission::Read) {
+            visible.push(e);
+        }
+    }
     let total = visible.len();
     let page: Vec<Value> = visible.iter().skip(offset).take(limit).map(entity_json).collect();
     drop(visible);

@@ -55,11 +55,15 @@ pub(super) async fn list(
         .unwrap_or(OrderBy::CreatedAt);
     let desc = p.opt_enum("order", |s| matches!(s, "asc" | "desc").then(|| s == "desc"), "asc, desc")?.unwrap_or(true);
     let entities = state.registry.entities(Some(TASK_TYPE));
-    let mut tasks: Vec<(String, TaskView)> = visible_tasks_of(state, who, Permission::Read, &entities)
+    let keep = |t: &TaskView| {
+        status.is_none_or(|s| t.status == s)
+            && assigned.is_none_or(|a| t.assigned_to.as_deref() == Some(a))
+            && priority.is_none_or(|pr| i64::from(t.priority) == pr)
+    };
+    let mut tasks: Vec<(String, TaskView)> = visible_tasks_of(state, who, Permission::Read, &entities, keep)
+        .await
+        .into_iter()
         .map(|(id, t, _)| (id, t))
-        .filter(|(_, t)| status.is_none_or(|s| t.status == s))
-        .filter(|(_, t)| assigned.is_none_or(|a| t.assigned_to.as_deref() == Some(a)))
-        .filter(|(_, t)| priority.is_none_or(|pr| i64::from(t.priority) == pr))
         .collect();
     // Ties break on creation time, then id, so pages are stable.
     tasks.sort_by(|(ia, a), (ib, b)| {

@@ -18,7 +18,7 @@ use super::record::{deleted_at, TaskView};
 use super::writes::{change_and_write, write_task, Event, Held, MainWrite};
 use super::AttachmentKind;
 use super::{ApiError, ApiResult, Params, ResponseBudget, Status, TaskRecord, TASK_TYPE};
-use crate::access::{may, now_ms};
+use crate::access::{may, now_ms, scan_step};
 use crate::AppState;
 
 /// A task's metadata lives in the registry's memory with the task: bounded
@@ -197,20 +197,35 @@ pub(super) async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
 }
 
 /// The tasks among `entities` (the registry's tasks, newest first) `who` may
-/// read (and do `wanted` on), as views of their records (metadata left as
-/// text), with the incarnation of each.
-pub(super) fn visible_tasks_of<'a>(
-    state: &'a AppState,
-    who: &'a PrincipalKey,
+/// read (and do `wanted` on) and `keep` keeps, as views of their records
+/// (metadata left as text), with the incarnation of each.
+///
+/// The scan's work grows with every principal's tasks, not only the ones
+/// `who` sees (40,000 of another principal's tasks: ~90 ms a call), so a
+/// task's record is parsed only once `who` is known to see it, and the scan
+/// yields to the runtime every [`SCAN_STEP`](crate::access::SCAN_STEP) entities: a batch of 100 such
+/// calls no longer holds a worker for seconds (`/healthz` waited up to 5 s
+/// behind two, session 15's attack pass).
+pub(super) async fn visible_tasks_of<'a>(
+    state: &AppState,
+    who: &PrincipalKey,
     wanted: Permission,
     entities: &'a [EntityRecord],
-) -> impl Iterator<Item = (String, TaskView<'a>, Option<String>)> + 'a {
-    entities.iter().filter_map(move |e| {
-        let task = TaskView::of(e)?;
+    keep: impl Fn(&TaskView<'a>) -> bool,
+) -> Vec<(String, TaskView<'a>, Option<String>)> {
+    let mut visible = Vec::new();
+    for (i, e) in entities.iter().enumerate() {
+        scan_step(i).await;
+        if e.entity_type != TASK_TYPE {
+            continue;
+        }
         let permitted =
             may(state, who, e, Permission::Read) && (wanted == Permission::Read || may(state, who, e, wanted));
-        permitted.then(|| (e.instance_id.clone(), task, e.incarnation.clone()))
-    })
+        if let Some(task) = permitted.then(|| TaskView::of(e)).flatten().filter(&keep) {
+            visible.push((e.instance_id.clone(), task, e.incarnation.clone()));
+        }
+    }
+    visible
 }
 
 pub(super) async fn assign(state: &AppState, who: &PrincipalKey, p: &Params<'_>) -> ApiResult<Value> {
@@ -309,10 +324,8 @@ pub(super) async fn claim(
     let worker = p.string("workerId", 256)?.to_owned();
     p.opt_int("maxTasks", 1, 10)?;
     let entities = state.registry.entities(Some(TASK_TYPE));
-    let mut candidates: Vec<(String, TaskView, Option<String>)> =
-        visible_tasks_of(state, who, Permission::Write, &entities)
-            .filter(|(_, t, _)| t.status == Status::Pending && t.assigned_to.as_ref().is_none_or(|a| *a == worker))
-            .collect();
+    let keep = |t: &TaskView| t.status == Status::Pending && t.assigned_to.as_ref().is_none_or(|a| *a == worker);
+    let mut candidates = visible_tasks_of(state, who, Permission::Write, &entities, keep).await;
     candidates.sort_by(|(ia, a, _), (ib, b, _)| {
         b.priority.cmp(&a.priority).then_with(|| a.created_at.cmp(&b.created_at)).then_with(|| ia.cmp(ib))
     });
