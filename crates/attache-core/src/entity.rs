@@ -86,35 +86,35 @@ impl EntityUrl {
         Ok(url)
     }
 
-    /// If `path` is shaped like an entity's stream (`/{t}/{i}/main`,
-    /// `/{t}/{i}/attachments/{x}`) with its type or id percent-encoded, or
-    /// with empty segments (`/t//i/main`, `//t/i/main`, `/t/i/main/`), the
-    /// entity whose stream it spells another way. Such a path is no entity's
-    /// ([`EntityUrl::owning`] is `None`), but a client that decodes URLs (or a
-    /// proxy that merges slashes) reads it as the entity's: a plain stream may
-    /// not be created there.
+    /// If `path`, read as lenient clients and proxies may read it, is an
+    /// entity's stream (`/{t}/{i}/main`, `/{t}/{i}/attachments/{x}`) spelled
+    /// another way, that entity. The readings: percent-escapes decoded
+    /// (`/chat/a%20b/main`), empty segments merged (`/t//i/main`, `//t/i/main`,
+    /// `/t/i/main/`) and `\` taken for `/` (WHATWG URL parsers do, for
+    /// http); and all that with path parameters dropped as well (`/t/i/main;x`:
+    /// some proxies strip them). Such a path is no entity's
+    /// ([`EntityUrl::owning`] is `None`), but a client or proxy that reads it
+    /// so reaches the entity's: a plain stream may not be created there.
     pub fn respelled_by(path: &str) -> Option<EntityUrl> {
         let rest = path.strip_prefix('/')?;
-        if rest.split('/').any(str::is_empty) {
-            let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-            return match segments.as_slice() {
-                [t, i, "main"] | [t, i, "attachments", _] => {
-                    EntityUrl::new(&percent_decode_strict(t).ok()?, &percent_decode_strict(i).ok()?).ok()
+        [false, true].into_iter().find_map(|drop_params| {
+            let mut read = Vec::new();
+            for segment in rest.split(['/', '\\']) {
+                let segment = if drop_params { segment.split(';').next().unwrap_or_default() } else { segment };
+                let decoded = percent_decode_strict(segment).ok()?;
+                if !decoded.is_empty() {
+                    read.push(decoded);
                 }
-                _ => None,
+            }
+            let entity = match read.as_slice() {
+                [t, i, main] if main == "main" => EntityUrl::new(t, i).ok()?,
+                [t, i, attachments, _] if attachments == "attachments" => EntityUrl::new(t, i).ok()?,
+                _ => return None,
             };
-        }
-        let mut parts = rest.splitn(4, '/');
-        let (t, i, kind) = (parts.next()?, parts.next()?, parts.next()?);
-        match (kind, parts.next()) {
-            ("main", None) => {}
-            ("attachments", Some(id)) if !id.is_empty() => {}
-            _ => return None,
-        }
-        if !t.contains('%') && !i.contains('%') {
-            return None;
-        }
-        EntityUrl::new(&percent_decode_strict(t).ok()?, &percent_decode_strict(i).ok()?).ok()
+            // Read as it is spelled: the entity's own path, not another spelling of it.
+            let as_is = rest.split('/').eq(read.iter().map(String::as_str));
+            (!as_is).then_some(entity)
+        })
     }
 
     /// Parses `/{type}/{instanceId}` (as addressed, [`EntityUrl::new`]).
@@ -454,6 +454,12 @@ mod tests {
         // Empty segments: a proxy that merges slashes reads these as the entity's.
         for merged in ["/chat//c1/main", "//chat/c1/main", "/chat/c1/main/", "/chat/c1//attachments/x"] {
             assert_eq!(respelled(merged).as_deref(), Some("/chat/c1"), "{merged}");
+        }
+        // Backslashes and path parameters: read away by WHATWG URL parsers and some proxies.
+        for lenient in
+            ["/chat\\c1/main", "/chat/c1\\main", "/chat/c1/main;x", "/chat;p/c1/main", "/chat/c1;v=1/attachments/x"]
+        {
+            assert_eq!(respelled(lenient).as_deref(), Some("/chat/c1"), "{lenient}");
         }
         for not_one in [
             "/chat//c1/other",

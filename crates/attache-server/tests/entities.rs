@@ -727,12 +727,27 @@ async fn a_plain_stream_is_not_created_at_an_entity_stream_path_spelled_with_esc
         "/chat//c1/main",
         "//chat/c1/main",
         "/chat/c1/main/",
+        "/chat/c1/main;x",
+        "/chat/c1/attachments;v=1/z",
     ] {
         let put = as_principal(ts.request(Method::PUT, path), Some(ANN)).header("content-type", "application/json");
         let (status, code, body) = error_of(put.send().await.unwrap()).await;
         assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "ENTITY_PATH_ESCAPED"), "PUT {path}: {body}");
         let head = as_principal(ts.request(Method::HEAD, path), Some(ANN)).send().await.unwrap();
         assert_eq!(head.status(), StatusCode::NOT_FOUND, "{path} was not created");
+    }
+    // A backslash, which WHATWG URL parsers (browsers, reqwest) read as `/`,
+    // so it is sent raw here.
+    for path in ["/chat\\c1/main", "/chat/c1\\main"] {
+        let mut conn = common::connect(&ts).await;
+        let put = format!(
+            "PUT {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: {ANN}\r\ncontent-type: application/json\r\n\
+             content-length: 0\r\nconnection: close\r\n\r\n"
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut conn, put.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut conn, &mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("ENTITY_PATH_ESCAPED"), "PUT {path}: {answer}");
     }
     // Escapes elsewhere are a plain stream's own business, as before.
     for path in ["/plain/a%20b", "/chat/a%20b/other", "/chat/a%25b/main", "/_x/a%20b/main"] {
