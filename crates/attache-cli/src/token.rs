@@ -62,8 +62,10 @@ pub fn run(args: TokenArgs) -> anyhow::Result<()> {
             } else {
                 for t in all {
                     let state = if t.revoked { "revoked" } else { "active" };
-                    let expiry =
-                        t.expires_at_ms.map(|ms| format!("expires {ms}")).unwrap_or_else(|| "no expiry".into());
+                    let expiry = t
+                        .expires_at_ms
+                        .map(|ms| format!("expires {}", attache_core::state::timestamp(ms)))
+                        .unwrap_or_else(|| "no expiry".into());
                     println!("{}\t{}\t{state}\t{expiry}", t.id, t.principal);
                 }
             }

@@ -176,7 +176,7 @@ async fn put_reads_stdin_and_resumable_puts_complete() {
 }
 
 #[tokio::test]
-async fn a_resumable_put_rerun_with_another_file_exits_5_and_the_first_file_still_completes() {
+async fn a_resumable_put_rerun_with_another_file_exits_5_and_the_first_file_still_completes_and_reruns_as_done() {
     let s = Running::start().await;
     s.ok(&["entity", "spawn", "/chat/resume"]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -212,6 +212,13 @@ async fn a_resumable_put_rerun_with_another_file_exits_5_and_the_first_file_stil
     let copy = dir.path().join("copy.bin");
     s.ok(&["get", "/chat/resume", "big", "-o", copy.to_str().unwrap()]).await;
     assert_eq!(std::fs::read(&copy).unwrap(), a_bytes);
+
+    // Run again once complete (its answer lost, say): the same file is done
+    // (exit 0, the complete entry); another file is still a conflict (5).
+    let again = s.json(&["put", "/chat/resume", a.to_str().unwrap(), "--id", "big", "--resumable"]).await;
+    assert_eq!((again["status"].as_str(), again["byteLength"].as_u64()), (Some("complete"), Some(200_000)));
+    let other = s.run(&["put", "/chat/resume", b.to_str().unwrap(), "--id", "big", "--resumable"]).await;
+    assert_eq!(other.status.code(), Some(5), "{}", stderr(&other));
 }
 
 #[tokio::test]

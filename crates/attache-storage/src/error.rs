@@ -118,6 +118,11 @@ impl From<redb::Error> for StoreError {
             // redb refuses every operation after an I/O error until the file is reopened.
             redb::Error::PreviousIo => StoreError::Unavailable("an earlier I/O error; the store is reopening".into()),
             redb::Error::DatabaseClosed => StoreError::Unavailable("the store is reopening".into()),
+            redb::Error::DatabaseAlreadyOpen => StoreError::Storage(
+                "the data dir is in use by another attache process (its database is locked): stop that one \
+                 (after a kill -9, wait for it to exit), or give this one another --data-dir"
+                    .into(),
+            ),
             other => StoreError::Storage(other.to_string()),
         }
     }

@@ -133,13 +133,10 @@ pub(super) async fn put(a: PutArgs, out: Output) -> anyhow::Result<()> {
     if let Some(f) = a.filename {
         input = input.filename(f);
     }
+    let defaulted = a.subject.is_none();
     let subject = match &a.subject {
         Some(s) => subject_arg(s)?,
-        None => {
-            let picked = default_subject(a.id.as_deref(), &a.file)?;
-            out.note(&format!("no --subject given: the attachment is about {}:{}", picked.kind, picked.key));
-            picked
-        }
+        None => default_subject(a.id.as_deref(), &a.file)?,
     };
     input = input.subject(subject);
     if let Some(r) = &a.role {
@@ -156,6 +153,10 @@ pub(super) async fn put(a: PutArgs, out: Output) -> anyhow::Result<()> {
     } else {
         client.create_attachment(&entity, input).await?
     };
+    if let Some(subject) = entry.subject.as_ref().filter(|_| defaulted) {
+        // What the entry says (a resumed upload keeps the subject it began with).
+        out.note(&format!("no --subject given: the attachment is about {}:{}", subject.kind, subject.key));
+    }
     if out.json {
         out.json_value(&entry)?;
     } else {

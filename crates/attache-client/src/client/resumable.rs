@@ -201,7 +201,26 @@ impl RuntimeServerClient {
     ) -> Result<ManifestEntry> {
         let id = input.id.clone().unwrap_or_else(crate::ids::new_uuid);
         let local = Fingerprint::of(&input.body).await?;
-        let pending = self.begin_recording(entity, &id, &input, local.as_ref()).await?;
+        let pending = match self.begin_recording(entity, &id, &input, local.as_ref()).await {
+            Ok(pending) => pending,
+            // A run before this one finished the upload (and its answer was
+            // lost): done, if what completed is this input.
+            Err(e) if e.code() == Some(&crate::ErrorCode::DuplicateId) => {
+                let done = match (&local, self.get_attachment(entity, &id).await?) {
+                    (Some(local), Some(entry)) => {
+                        let same = Fingerprint::recorded_in(&entry).as_ref() == Some(local)
+                            && entry.status == AttachmentStatus::Complete
+                            && entry.byte_length == Some(local.size)
+                            && entry.sha256.as_deref().map(str::to_ascii_lowercase).as_deref()
+                                == Some(local.sha256.as_str());
+                        same.then_some(entry)
+                    }
+                    _ => None,
+                };
+                return done.ok_or(e);
+            }
+            Err(e) => return Err(e),
+        };
         let recorded = Fingerprint::recorded_in(&pending);
         if let (Some(local), Some(recorded)) = (&local, &recorded) {
             if local != recorded {
