@@ -106,6 +106,9 @@ pub struct ServerConfig {
     /// Largest client data the registry keeps in memory with an entity: spawn
     /// args and tags together, a task's metadata (413 / -32602 beyond).
     pub max_entity_data_bytes: usize,
+    /// Most entities (tasks included) one principal may have created and not
+    /// purged: the registry keeps every entity in memory (409 beyond).
+    pub max_entities_per_principal: usize,
     /// A resumable upload not closed this long after it began is ended: its
     /// manifest row becomes `failed` (with the reason) and its stream is deleted.
     pub upload_expiry: Duration,
@@ -299,6 +302,7 @@ impl ServerConfig {
             object_store_upload_buffer_bytes: attache_storage::postgres::DEFAULT_UPLOAD_BUFFER_BYTES,
             deleted_tasks_kept: 200,
             max_entity_data_bytes: 64 << 10,
+            max_entities_per_principal: 100_000,
             upload_expiry: Duration::from_secs(24 * 3600),
             fault_plan: None,
             pauses: None,

@@ -133,6 +133,7 @@ pub async fn fork(
     if fork_url == *source_url || state.registry.entity(&fork_url.to_string()).await.is_some() {
         return Err(duplicate(&fork_url.to_string()));
     }
+    crate::entities::entity_room(&state, who)?;
     // Electric's `parent`: the fork is a child of it (the caller needs `spawn` there).
     let lineage = match body.parent.as_deref() {
         Some(parent) => Some(lineage_under(&state, who, parent).await?),

@@ -716,6 +716,56 @@ async fn mcp_initialize_as(s: &TestServer, principal: &str) -> (StatusCode, Opti
     (res.status(), common::header(&res, "mcp-session-id"))
 }
 
+/// The registry keeps every entity in memory, so one principal holds at
+/// most `--max-entities-per-principal` of them (tasks included): past it a
+/// spawn, an entity fork and `task.create` are refused (409
+/// `TOO_MANY_ENTITIES`; -32602 with `data.code` on the task face) and nothing
+/// is made, while other principals go on and a purge makes room. Before
+/// (session 15's attack pass), 3,000 entities with 60 KB of args took
+/// +280 MB, kept across restarts, with nothing to stop more.
+#[tokio::test]
+async fn one_principal_holds_at_most_its_entity_quota_and_a_purge_makes_room() {
+    let s = TestServer::start_with(|c| c.max_entities_per_principal = 3).await;
+    const MALLORY: &str = "user:mallory";
+    for e in ["/chat/q1", "/chat/q2"] {
+        entity_support::spawn(&s, Some(MALLORY), e).await;
+    }
+    task_helpers::ok(&s, MALLORY, "task.create", json!({ "id": "t-q3", "text": "third" })).await;
+    let refused = |res: reqwest::Response| async move {
+        let (status, code, body) = entity_support::error_of(res).await;
+        assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "TOO_MANY_ENTITIES"), "{body}");
+        assert!(body.to_string().contains("max_entities_per_principal"), "{body}");
+    };
+    let spawn = |e: &str| {
+        entity_support::as_principal(s.request(reqwest::Method::PUT, &entity_support::api(e)), Some(MALLORY)).send()
+    };
+    refused(spawn("/chat/q4").await.unwrap()).await;
+    let fork = entity_support::as_principal(
+        s.request(reqwest::Method::POST, &format!("{}/fork", entity_support::api("/chat/q1"))),
+        Some(MALLORY),
+    )
+    .json(&json!({ "instance_id": "q1-copy" }));
+    refused(fork.send().await.unwrap()).await;
+    let err = task_helpers::err(&s, MALLORY, "task.create", json!({ "id": "t-q4", "text": "fourth" })).await;
+    assert_eq!((err["code"].as_i64(), err["data"]["code"].as_str()), (Some(-32602), Some("TOO_MANY_ENTITIES")), "{err}");
+    assert_eq!(err["data"]["limit"], 3, "{err}");
+    // Nothing of the refused ones was made; spawning one it holds again is no new entity.
+    for e in ["/chat/q4", "/chat/q1-copy", "/task/t-q4"] {
+        let res = entity_support::as_principal(s.request(reqwest::Method::GET, &entity_support::api(e)), Some(MALLORY));
+        assert_eq!(res.send().await.unwrap().status(), StatusCode::NOT_FOUND, "{e}");
+    }
+    assert_eq!(spawn("/chat/q1").await.unwrap().status(), StatusCode::OK, "its own entity again");
+    // Another principal is not held back.
+    entity_support::spawn(&s, Some(ALICE), "/chat/alices").await;
+    // A purge makes room.
+    let purge = entity_support::as_principal(
+        s.request(reqwest::Method::DELETE, &format!("{}?purge=true", entity_support::api("/chat/q2"))),
+        Some(MALLORY),
+    );
+    assert!(purge.send().await.unwrap().status().is_success());
+    entity_support::spawn(&s, Some(MALLORY), "/chat/q4").await;
+}
+
 /// The request that opens an MCP session carries `initialize`, whose params
 /// rmcp keeps as a JSON tree for the session's life (~11 times their size:
 /// one 4 MB `initialize` of small members held 45 MB, and a principal's 100

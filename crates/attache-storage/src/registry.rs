@@ -193,6 +193,9 @@ pub trait Registry: Send + Sync + 'static {
     /// Every entity, newest first; `type_filter` narrows to one type. Memory
     /// only in every backend (each keeps every record, refreshed on change).
     fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord>;
+    /// How many entities `created_by` (a principal's URL) created, as this
+    /// instance knows them. Memory only, as `entities`, and no record is copied.
+    fn count_created_by(&self, created_by: &str) -> usize;
     /// Inserts the entity unless one exists at its URL; returns the stored one and whether it was new.
     async fn insert_entity(&self, entity: EntityRecord) -> StoreResult<(EntityRecord, bool)>;
     /// Applies `update` to the entity under the registry's write lock (compare-and-set).

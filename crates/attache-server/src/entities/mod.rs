@@ -23,7 +23,10 @@ pub use lifecycle::{purge_entity, stop, stop_entity, StopQuery};
 pub use read::{get_entity, list, ListQuery};
 pub use send::{send, send_message, SendBody};
 pub use signal::{signal, SignalBody};
-pub use spawn::{copy_grants_to_child, lineage_under, spawn, spawn_entity, Lineage, SpawnBody, MAX_LINEAGE_DEPTH};
+pub use spawn::{
+    copy_grants_to_child, entity_room, lineage_under, spawn, spawn_entity, Lineage, SpawnBody, MAX_LINEAGE_DEPTH,
+    TOO_MANY_ENTITIES,
+};
 pub use tags::{delete_tag, set_tag, TagBody};
 
 /// Runs `step`, a change of an entity in more than one step (its registry

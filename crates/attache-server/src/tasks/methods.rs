@@ -95,6 +95,11 @@ pub(super) async fn create(
                 Ok((_, false, _)) | Err(ApiError::DuplicateUrl { .. }) => {
                     return Err(ApiError::rejected(format!("Task already exists: {id}"), json!({ "taskId": id })))
                 }
+                Err(ApiError::Refused(r)) if r.code == crate::entities::TOO_MANY_ENTITIES => {
+                    let limit = state.config.max_entities_per_principal;
+                    let data = json!({ "code": r.code, "limit": limit, "taskId": id });
+                    return Err(ApiError::rejected(r.message, data));
+                }
                 Err(e) => return Err(e),
             };
             let out = json!({

@@ -245,6 +245,10 @@ impl Registry for EmbeddedRegistry {
         self.0.cache.read().entities.get(url).is_some_and(|e| e.incarnation.as_deref() == incarnation)
     }
 
+    fn count_created_by(&self, created_by: &str) -> usize {
+        self.0.cache.read().entities.values().filter(|e| e.created_by == created_by).count()
+    }
+
     fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord> {
         let cache = self.0.cache.read();
         let mut all: Vec<EntityRecord> = cache

@@ -325,6 +325,10 @@ impl Registry for PgRegistry {
         self.cache().state.read().entities.get(url).is_some_and(|(_, e)| e.incarnation.as_deref() == incarnation)
     }
 
+    fn count_created_by(&self, created_by: &str) -> usize {
+        self.cache().state.read().entities.values().filter(|(_, e)| e.created_by == created_by).count()
+    }
+
     fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord> {
         let state = self.cache().state.read();
         let mut all: Vec<EntityRecord> = state
