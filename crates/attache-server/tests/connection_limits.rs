@@ -458,9 +458,14 @@ async fn stall_a_body(s: &TestServer, path: &str, len: usize) -> TcpStream {
 
 /// [`stall_a_body`] as `who`.
 async fn stall_a_body_as(s: &TestServer, who: &str, path: &str, len: usize) -> TcpStream {
+    stall_a_body_with(s, who, path, "", len).await
+}
+
+/// [`stall_a_body_as`] with `extra` header lines (each ending in `\r\n`).
+async fn stall_a_body_with(s: &TestServer, who: &str, path: &str, extra: &str, len: usize) -> TcpStream {
     let mut conn = connect(s).await;
     let head = format!(
-        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: {who}\r\n\
+        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: {who}\r\n{extra}\
          content-type: application/octet-stream\r\ncontent-length: {len}\r\n\r\n"
     );
     conn.write_all(head.as_bytes()).await.expect("a request header is sent");
@@ -1215,7 +1220,8 @@ async fn a_body_not_all_there_within_the_body_read_timeout_is_answered_408_and_f
 #[tokio::test]
 async fn a_stalled_mcp_body_counts_in_the_body_budget_and_is_answered_408() {
     let s = TestServer::start_with(|c| c.body_read_timeout = Duration::from_millis(800)).await;
-    let mut stalled = stall_a_body(&s, "/mcp", 700 << 10).await;
+    // A message in a session: one that opens a session is held to 16 KiB (mcp_max_initialize_bytes).
+    let mut stalled = stall_a_body_with(&s, "user:alice", "/mcp", "mcp-session-id: s-1\r\n", 700 << 10).await;
     body_buffer_bytes_reach(&s, (700 << 10) - 1).await;
     let answer = read_until_closed(&mut stalled).await.expect("the server answers and closes within the timeout");
     let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
