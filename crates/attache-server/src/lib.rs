@@ -253,7 +253,8 @@ impl Server {
         let stop = shutdown.clone();
         let held = state.clone();
         let task = tokio::spawn(async move {
-            conn::serve(listener, app, limits, state.metrics.clone(), stop).await;
+            let places = conn::PlaceShares::new(state.auth.clone(), state.config.budget_share_per_principal);
+            conn::serve(listener, app, limits, places, state.metrics.clone(), stop).await;
             state.tasks.finish_detached(state.config.shutdown_grace).await;
             state.store.close().await;
             tracing::info!("store closed");

@@ -304,6 +304,8 @@ async fn http2_requests_in_flight_beyond_the_first_take_places_of_max_connection
     let s = TestServer::start_with(|c| {
         c.max_connections = 6;
         c.long_poll_timeout = Duration::from_secs(5);
+        // One principal: no share of the places (the test below has shares).
+        c.budget_share_per_principal = 100;
     })
     .await;
     s.create("/h2/places", "text/plain").await;
@@ -358,7 +360,7 @@ async fn http2_requests_in_flight_beyond_the_first_take_places_of_max_connection
 async fn http2_streams_whose_client_opens_no_window_are_cut_as_slow_readers() {
     let s = TestServer::start_with(|c| {
         c.max_connections = 8;
-        c.slow_reader_timeout = Duration::from_secs(1);
+        c.slow_reader_timeout = Duration::from_millis(500);
     })
     .await;
     s.create("/h2/stalled", "text/plain").await;
@@ -388,7 +390,7 @@ async fn http2_streams_whose_client_opens_no_window_are_cut_as_slow_readers() {
     let ended = tokio::time::timeout(Duration::from_secs(10), driver).await;
     assert!(ended.is_ok(), "the server closes the connection of streams that take no byte");
     let waited = started.elapsed();
-    assert!(waited < Duration::from_secs(5), "closed {waited:?} after the heads, with a 1 s slow-reader timeout");
+    assert!(waited < Duration::from_secs(5), "closed {waited:?} after the heads: four 0.5 s slow-reader timeouts");
     drop((responses, sender));
     let metrics = s.request(reqwest::Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
     assert!(
@@ -402,6 +404,55 @@ async fn http2_streams_whose_client_opens_no_window_are_cut_as_slow_readers() {
         let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
         assert_eq!(fresh.get(s.url("/healthz")).send().await.unwrap().status(), StatusCode::OK);
     }
+}
+
+/// The places HTTP/2 requests take count to their principal, within
+/// `--budget-share-per-principal` of `--max-connections`, as the budgets do:
+/// one principal's (or the unauthenticated clients') waiting requests over
+/// one connection hold at most its share, and everyone else still connects.
+/// Before (session 15's second attack pass), any client could take every
+/// place with the requests of a few HTTP/2 connections (401s answered to
+/// unauthenticated ones included, the connections opened again as they were
+/// cut), and every other client, `/healthz` too, was answered 503.
+#[tokio::test]
+async fn one_principals_http2_requests_hold_at_most_its_share_of_the_places() {
+    let s = TestServer::start_with(|c| {
+        c.max_connections = 12;
+        c.long_poll_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let made = s.request(reqwest::Method::PUT, "/h2/shared").header("electric-principal", "user:mallory");
+    assert!(made.header("content-type", "text/plain").send().await.unwrap().status().is_success());
+    let io = hyper_util::rt::TokioIo::new(common::connect(&s).await);
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.expect("HTTP/2");
+    let driver = tokio::spawn(conn);
+    let mut waiting = Vec::new();
+    for _ in 0..10 {
+        let req = http::Request::get(s.url("/h2/shared?offset=now&live=long-poll"))
+            .header("electric-principal", "user:mallory")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let mut sender = sender.clone();
+        waiting.push(tokio::spawn(async move { sender.send_request(req).await.map(|r| r.status()) }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The connection's own place and a quarter of 12 (3) beyond it: six are refused at once.
+    let mut refused = 0;
+    for w in &mut waiting {
+        if let Ok(Ok(Ok(status))) = tokio::time::timeout(Duration::from_millis(300), &mut *w).await {
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 6, "mallory's requests beyond its share of the places are refused");
+    // Others still find places: fresh connections are served.
+    for _ in 0..4 {
+        let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+        let res = fresh.get(s.url("/healthz")).header("electric-principal", ALICE).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    driver.abort();
 }
 
 /// A client's close frame is answered with the server's (RFC 6455 5.5.1), so
@@ -747,7 +798,11 @@ async fn one_principal_holds_at_most_its_entity_quota_and_a_purge_makes_room() {
     .json(&json!({ "instance_id": "q1-copy" }));
     refused(fork.send().await.unwrap()).await;
     let err = task_helpers::err(&s, MALLORY, "task.create", json!({ "id": "t-q4", "text": "fourth" })).await;
-    assert_eq!((err["code"].as_i64(), err["data"]["code"].as_str()), (Some(-32602), Some("TOO_MANY_ENTITIES")), "{err}");
+    assert_eq!(
+        (err["code"].as_i64(), err["data"]["code"].as_str()),
+        (Some(-32602), Some("TOO_MANY_ENTITIES")),
+        "{err}"
+    );
     assert_eq!(err["data"]["limit"], 3, "{err}");
     // Nothing of the refused ones was made; spawning one it holds again is no new entity.
     for e in ["/chat/q4", "/chat/q1-copy", "/task/t-q4"] {

@@ -63,6 +63,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use attache_core::PrincipalKey;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
@@ -122,10 +124,12 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    shares: PlaceShares,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let shares = Arc::new(shares.sized(limits.max_connections));
     let rejecting = Arc::new(Semaphore::new(REJECTING_AT_ONCE));
     let connections = TaskTracker::new();
     let live = Arc::new(Live::default());
@@ -161,7 +165,7 @@ pub async fn serve(
                 next_id += 1;
                 let listed = live.add(next_id, activity.clone());
                 let io = Watched { io: stream, activity: activity.clone(), _permit: permit, unread: Bytes::new() };
-                let places = Places { permits: permits.clone(), max: limits.max_connections };
+                let places = Places { permits: permits.clone(), max: limits.max_connections, shares: shares.clone() };
                 connections.spawn(serve_connection(io, activity, app.clone(), limits, listed, places));
             }
             Err(_) => {
@@ -575,10 +579,15 @@ impl Activity {
     /// The earliest deadline now in force, and what closing there would be for.
     fn deadline(&self, limits: &Limits) -> Option<(Instant, Closed)> {
         let blocked = self.blocked_since.load(Ordering::Acquire);
-        // Writes blocked, or (HTTP/2) a response body not asked for more.
-        let unasked = self.unasked.lock().values().copied().min().unwrap_or(NEVER);
-        let stalled = blocked.min(unasked);
-        let slow = (stalled != NEVER).then(|| (self.at(stalled, limits.slow_reader_timeout), Closed::SlowReader));
+        let blocked = (blocked != NEVER).then(|| self.at(blocked, limits.slow_reader_timeout));
+        // HTTP/2: a response body not asked for more within four slow-reader
+        // timeouts. Longer than for a blocked write: a client grants window
+        // in steps (often half of it at a time), so a steady reader may leave
+        // a stream unasked for a while (a 6 MiB window read at 60 KB/s: 50 s).
+        let unasked = self.unasked.lock().values().copied().min();
+        let unasked =
+            unasked.map(|since| self.at(since, limits.slow_reader_timeout.saturating_mul(H2_UNASKED_TIMEOUTS)));
+        let slow = blocked.into_iter().chain(unasked).min().map(|at| (at, Closed::SlowReader));
         // A response still going out (in flight, or handed to hyper whole and
         // waiting for the client to take it) keeps the connection busy: only
         // the slow-reader deadline runs. (Else the header deadline of a request
@@ -673,6 +682,61 @@ struct Tracked {
 pub(crate) struct Places {
     permits: Arc<Semaphore>,
     max: usize,
+    /// What each principal's HTTP/2 requests hold of them.
+    shares: Arc<SizedShares>,
+}
+
+/// Who an HTTP/2 request's place counts to, and the share of the places
+/// one principal may hold (`--budget-share-per-principal`): a request that
+/// names no principal (none, or credentials that name none) counts to
+/// `user:anonymous`, all such requests together. Without it, any client
+/// (401s of unauthenticated requests included) could take every place with
+/// the requests of 42 HTTP/2 connections, open them again as they were cut,
+/// and keep every other client out (session 15's second attack pass).
+pub struct PlaceShares {
+    auth: Arc<crate::auth::Auth>,
+    percent: u8,
+}
+
+impl PlaceShares {
+    pub fn new(auth: Arc<crate::auth::Auth>, percent: u8) -> PlaceShares {
+        PlaceShares { auth, percent }
+    }
+
+    fn sized(self, max_connections: usize) -> SizedShares {
+        SizedShares { auth: self.auth, shares: crate::http::Shares::new(max_connections, self.percent) }
+    }
+}
+
+struct SizedShares {
+    auth: Arc<crate::auth::Auth>,
+    shares: crate::http::Shares,
+}
+
+/// A place of `--max-connections` an HTTP/2 request beyond its connection's
+/// first holds, and its principal's count of them; both given back on drop.
+struct Place {
+    _permit: OwnedSemaphorePermit,
+    shares: Arc<SizedShares>,
+    who: PrincipalKey,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.shares.shares.give_back(&self.who, 1);
+    }
+}
+
+impl Places {
+    /// A place for a request with `headers`, within its principal's share; `None` past the cap or the share.
+    fn take(&self, headers: &http::HeaderMap) -> Option<Place> {
+        let who = self.shares.auth.owner_of(headers).unwrap_or_else(PrincipalKey::anonymous);
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        if !self.shares.shares.take(&who, 1, 0) {
+            return None;
+        }
+        Some(Place { _permit: permit, shares: self.shares.clone(), who })
+    }
 }
 
 type TrackedFuture = Pin<Box<dyn Future<Output = Result<Response<TrackedBody>, Infallible>> + Send>>;
@@ -689,9 +753,9 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
             self.activity.multiplexed.store(true, Ordering::Release);
             // The connection's own place covers one request; each other in flight takes one.
             if let Some(places) = self.places.as_ref().filter(|_| self.activity.in_flight.load(Ordering::Acquire) > 1) {
-                match places.permits.clone().try_acquire_owned() {
-                    Ok(permit) => place = Some(permit),
-                    Err(_) => {
+                match places.take(req.headers()) {
+                    Some(taken) => place = Some(taken),
+                    None => {
                         self.activity.metrics.connection_closed(Closed::OverCap);
                         let res = over_cap(places.max);
                         let h2 = Some(self.activity.clone());
@@ -766,6 +830,10 @@ impl http_body::Body for RequestBody {
     }
 }
 
+/// How many `--slow-reader-timeout`s an HTTP/2 response body may wait to be
+/// asked for its next frame before its connection is closed ([`Activity::deadline`]).
+const H2_UNASKED_TIMEOUTS: u32 = 4;
+
 /// The largest frame an HTTP/2 response body hands hyper at a time (the
 /// protocol's default frame size). hyper asks a body for its next frame only
 /// once the one before has gone out; in small frames, a client that reads
@@ -778,7 +846,7 @@ struct TrackedBody {
     body: Body,
     _in_flight: InFlight,
     /// The place of `--max-connections` an HTTP/2 request beyond its connection's first holds.
-    _place: Option<OwnedSemaphorePermit>,
+    _place: Option<Place>,
     /// HTTP/2: the connection whose `unasked` bodies this one joins, and its key there.
     h2: Option<(Arc<Activity>, u64)>,
     /// HTTP/2: the rest of a data frame larger than [`HTTP2_BODY_FRAME`].
@@ -786,7 +854,7 @@ struct TrackedBody {
 }
 
 impl TrackedBody {
-    fn new(body: Body, in_flight: InFlight, place: Option<OwnedSemaphorePermit>, h2: Option<Arc<Activity>>) -> Self {
+    fn new(body: Body, in_flight: InFlight, place: Option<Place>, h2: Option<Arc<Activity>>) -> Self {
         use http_body::Body as _;
         // A body that is over before it starts is sent with its header; hyper never asks it.
         let h2 = h2.filter(|_| !body.is_end_stream()).map(|activity| {
