@@ -299,6 +299,46 @@ async fn a_fragment_that_would_pass_the_message_limit_closes_the_socket_at_its_h
 /// however they arrive. Before, 100 long-polls shared one HTTP/2 connection's
 /// single place: 1,000 connections held 100,000 of them, 1.2 GiB, with
 /// nothing counted (session 14's second attack pass).
+type Waiting = Vec<tokio::task::JoinHandle<Result<StatusCode, hyper::Error>>>;
+
+/// `n` long-polls of `path` as `who` over one HTTP/2 connection, 20 ms apart;
+/// how many were refused at once (503, within 300 ms), the connection's
+/// driver, the ones still waiting and the sender that keeps it open.
+async fn h2_long_polls(
+    s: &TestServer,
+    path: &str,
+    who: &str,
+    n: usize,
+) -> (
+    usize,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    Waiting,
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+) {
+    let io = hyper_util::rt::TokioIo::new(common::connect(s).await);
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.expect("HTTP/2");
+    let driver = tokio::spawn(conn);
+    let mut waiting = Vec::new();
+    for _ in 0..n {
+        let req = http::Request::get(s.url(&format!("{path}?offset=now&live=long-poll")))
+            .header("electric-principal", who)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let mut sender = sender.clone();
+        waiting.push(tokio::spawn(async move { sender.send_request(req).await.map(|r| r.status()) }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut refused = 0;
+    for w in &mut waiting {
+        if let Ok(Ok(Ok(status))) = tokio::time::timeout(Duration::from_millis(300), &mut *w).await {
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            refused += 1;
+        }
+    }
+    (refused, driver, waiting, sender)
+}
+
 #[tokio::test]
 async fn http2_requests_in_flight_beyond_the_first_take_places_of_max_connections() {
     let s = TestServer::start_with(|c| {
@@ -309,28 +349,9 @@ async fn http2_requests_in_flight_beyond_the_first_take_places_of_max_connection
     })
     .await;
     s.create("/h2/places", "text/plain").await;
-    let io = hyper_util::rt::TokioIo::new(common::connect(&s).await);
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.expect("HTTP/2");
-    let driver = tokio::spawn(conn);
-    let mut waiting = Vec::new();
-    for _ in 0..10 {
-        let req = http::Request::get(s.url("/h2/places?offset=now&live=long-poll"))
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let mut sender = sender.clone();
-        waiting.push(tokio::spawn(async move { sender.send_request(req).await.map(|r| r.status()) }));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     // The connection's place and the five others: four long-polls are refused at once
     // (five if the test client's kept-alive connection from the create still holds one).
-    let mut refused = 0;
-    for w in &mut waiting {
-        if let Ok(Ok(Ok(status))) = tokio::time::timeout(Duration::from_millis(300), &mut *w).await {
-            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-            refused += 1;
-        }
-    }
+    let (refused, driver, waiting, sender) = h2_long_polls(&s, "/h2/places", "user:anonymous", 10).await;
     assert!((4..=5).contains(&refused), "{refused} requests refused of 10 with 6 places");
     // Every place is taken: a new connection is over the cap too.
     let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
@@ -354,7 +375,7 @@ async fn http2_requests_in_flight_beyond_the_first_take_places_of_max_connection
 /// long as the client kept the connection (session 15's attack pass: 42
 /// connections that send nothing after their requests, 401s included, held
 /// all 4,096 places and every client, `/healthz` too, was answered 503). A
-/// response body not asked for more within `--slow-reader-timeout` now
+/// response body not asked for more within four `--slow-reader-timeout`s now
 /// closes its connection, and the places come back.
 #[tokio::test]
 async fn http2_streams_whose_client_opens_no_window_are_cut_as_slow_readers() {
@@ -423,28 +444,8 @@ async fn one_principals_http2_requests_hold_at_most_its_share_of_the_places() {
     .await;
     let made = s.request(reqwest::Method::PUT, "/h2/shared").header("electric-principal", "user:mallory");
     assert!(made.header("content-type", "text/plain").send().await.unwrap().status().is_success());
-    let io = hyper_util::rt::TokioIo::new(common::connect(&s).await);
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.expect("HTTP/2");
-    let driver = tokio::spawn(conn);
-    let mut waiting = Vec::new();
-    for _ in 0..10 {
-        let req = http::Request::get(s.url("/h2/shared?offset=now&live=long-poll"))
-            .header("electric-principal", "user:mallory")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let mut sender = sender.clone();
-        waiting.push(tokio::spawn(async move { sender.send_request(req).await.map(|r| r.status()) }));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     // The connection's own place and a quarter of 12 (3) beyond it: six are refused at once.
-    let mut refused = 0;
-    for w in &mut waiting {
-        if let Ok(Ok(Ok(status))) = tokio::time::timeout(Duration::from_millis(300), &mut *w).await {
-            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-            refused += 1;
-        }
-    }
+    let (refused, driver, _waiting, _sender) = h2_long_polls(&s, "/h2/shared", "user:mallory", 10).await;
     assert_eq!(refused, 6, "mallory's requests beyond its share of the places are refused");
     // Others still find places: fresh connections are served.
     for _ in 0..4 {
