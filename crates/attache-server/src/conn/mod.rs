@@ -729,8 +729,11 @@ impl Drop for Place {
 
 impl Places {
     /// A place for a request with `headers`, within its principal's share; `None` past the cap or the share.
+    /// The principal is the one its credentials prove (a token's secret checked, as every route
+    /// checks it): a token's id alone, which `attache token list` shows, would charge its
+    /// principal's share without the secret (session 15's last pass).
     fn take(&self, headers: &http::HeaderMap) -> Option<Place> {
-        let who = self.shares.auth.owner_of(headers).unwrap_or_else(PrincipalKey::anonymous);
+        let who = self.shares.auth.authenticate(headers).unwrap_or_else(|_| PrincipalKey::anonymous());
         let permit = self.permits.clone().try_acquire_owned().ok()?;
         if !self.shares.shares.take(&who, 1, 0) {
             return None;
