@@ -733,7 +733,7 @@ impl Places {
     /// checks it): a token's id alone, which `attache token list` shows, would charge its
     /// principal's share without the secret (session 15's last pass).
     fn take(&self, headers: &http::HeaderMap) -> Option<Place> {
-        let who = self.shares.auth.authenticate(headers).unwrap_or_else(|_| PrincipalKey::anonymous());
+        let who = place_owner(&self.shares.auth, headers);
         let permit = self.permits.clone().try_acquire_owned().ok()?;
         if !self.shares.shares.take(&who, 1, 0) {
             return None;
@@ -831,6 +831,12 @@ impl http_body::Body for RequestBody {
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
     }
+}
+
+/// Whom an HTTP/2 request's place counts to: the principal its credentials
+/// prove, or `user:anonymous` (no credentials, or ones that prove none).
+fn place_owner(auth: &crate::auth::Auth, headers: &http::HeaderMap) -> PrincipalKey {
+    auth.authenticate(headers).unwrap_or_else(|_| PrincipalKey::anonymous())
 }
 
 /// How many `--slow-reader-timeout`s an HTTP/2 response body may wait to be
@@ -1082,6 +1088,25 @@ pub fn fd_budget(max_connections: usize, open_files: usize, uploads: usize, fd_l
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_place_counts_to_the_principal_a_token_proves_and_a_tokens_id_alone_to_anonymous() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = attache_storage::tokens::TokenStore::new(dir.path());
+        let (_, token) = tokens.create("user:alice", None).unwrap();
+        let auth = crate::auth::Auth { mode: crate::auth::AuthMode::Token, tokens };
+        let bearer = |t: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+            h
+        };
+        assert_eq!(place_owner(&auth, &bearer(&token)).to_string(), "user:alice");
+        // The id part of alice's token (what `attache token list` shows) with a wrong secret.
+        let (id_part, _) = token.rsplit_once('_').unwrap();
+        let forged = format!("{id_part}_{}", "0".repeat(64));
+        assert_eq!(place_owner(&auth, &bearer(&forged)), PrincipalKey::anonymous());
+        assert_eq!(place_owner(&auth, &http::HeaderMap::new()), PrincipalKey::anonymous());
+    }
 
     #[test]
     fn connections_open_files_and_uploads_share_the_open_file_limit() {
