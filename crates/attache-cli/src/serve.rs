@@ -135,6 +135,9 @@ pub struct ServeArgs {
     /// Most entities (tasks included) one principal may hold, kept in memory by the registry; past it a spawn, fork or task.create is refused with 409 TOO_MANY_ENTITIES [default: 100000]
     #[arg(long, env = "ATTACHE_MAX_ENTITIES_PER_PRINCIPAL")]
     max_entities_per_principal: Option<usize>,
+    /// Most plain streams (made by PUT at paths that are no entity's) one principal may hold, each kept in memory; past it a create is refused with 409 TOO_MANY_STREAMS [default: 100000]
+    #[arg(long, env = "ATTACHE_MAX_STREAMS_PER_PRINCIPAL")]
+    max_streams_per_principal: Option<usize>,
     /// Most MCP sessions one principal holds at once; past it a new session is refused with 429 [default: 100]
     #[arg(long, env = "ATTACHE_MCP_MAX_SESSIONS_PER_PRINCIPAL")]
     mcp_max_sessions_per_principal: Option<usize>,
@@ -270,6 +273,7 @@ struct FileConfig {
     deleted_tasks_kept: Option<usize>,
     max_entity_data_bytes: Option<usize>,
     max_entities_per_principal: Option<usize>,
+    max_streams_per_principal: Option<usize>,
     mcp_max_sessions_per_principal: Option<usize>,
     mcp_max_initialize_bytes: Option<usize>,
     store: Option<String>,
@@ -411,6 +415,7 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
     setting(args.deleted_tasks_kept, file.deleted_tasks_kept, &mut config.deleted_tasks_kept);
     setting(args.max_entity_data_bytes, file.max_entity_data_bytes, &mut config.max_entity_data_bytes);
     setting(args.max_entities_per_principal, file.max_entities_per_principal, &mut config.max_entities_per_principal);
+    setting(args.max_streams_per_principal, file.max_streams_per_principal, &mut config.max_streams_per_principal);
     setting(
         args.mcp_max_sessions_per_principal,
         file.mcp_max_sessions_per_principal,

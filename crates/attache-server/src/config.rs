@@ -109,6 +109,10 @@ pub struct ServerConfig {
     /// Most entities (tasks included) one principal may have created and not
     /// purged: the registry keeps every entity in memory (409 beyond).
     pub max_entities_per_principal: usize,
+    /// Most plain streams (made through the raw stream routes, at paths that
+    /// are no entity's) one principal may hold: each keeps its metadata in
+    /// memory (409 beyond).
+    pub max_streams_per_principal: usize,
     /// A resumable upload not closed this long after it began is ended: its
     /// manifest row becomes `failed` (with the reason) and its stream is deleted.
     pub upload_expiry: Duration,
@@ -303,6 +307,7 @@ impl ServerConfig {
             deleted_tasks_kept: 200,
             max_entity_data_bytes: 64 << 10,
             max_entities_per_principal: 100_000,
+            max_streams_per_principal: 100_000,
             upload_expiry: Duration::from_secs(24 * 3600),
             fault_plan: None,
             pauses: None,

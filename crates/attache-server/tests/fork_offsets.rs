@@ -10,7 +10,6 @@
 mod common;
 mod entity_support;
 
-use attache_server::StoreConfig;
 use attache_storage::postgres::test_cluster::TestCluster;
 use common::TestServer;
 use entity_support::{api, error_of, spawn};
@@ -204,18 +203,7 @@ async fn embedded_a_fork_past_64_streams_of_lineage_is_400_and_the_lineage_reads
 }
 
 async fn postgres() -> Option<(TestCluster, TestServer)> {
-    let cluster = match TestCluster::start(false) {
-        Ok(c) => c,
-        Err(why) => {
-            attache_storage::postgres::test_cluster::missing_service("PostgreSQL", &why);
-            return None;
-        }
-    };
-    let url = cluster.fresh_database().await.expect("a test database");
-    let objects = tempfile::tempdir().unwrap().keep();
-    let store = StoreConfig::Postgres { url, object_store_url: Some(format!("file://{}", objects.display())) };
-    let ts = TestServer::start_with(move |c| c.store = store).await;
-    Some((cluster, ts))
+    TestServer::start_postgres(|_| {}).await
 }
 
 #[tokio::test]

@@ -254,6 +254,12 @@ pub trait StreamStore: Send + Sync + 'static {
         WriteHealth::Ok
     }
 
+    /// How many plain streams `owner` holds, from memory: streams at paths
+    /// that are no entity's, soft-deleted ones kept for their forks included
+    /// (the server bounds them per principal, `--max-streams-per-principal`).
+    /// It counts committed streams, so creates in flight are not in it yet.
+    fn plain_streams_owned_by(&self, owner: &str) -> usize;
+
     /// Appends this store committed since it opened (retries answered from
     /// producer state not counted), for `/metrics`.
     fn appends_committed(&self) -> u64;

@@ -399,6 +399,47 @@ pub(crate) fn check_fork_lineage(source_lineage: usize) -> StoreResult<()> {
     Ok(())
 }
 
+/// How many plain streams each principal owns: the streams a principal makes
+/// through the raw stream routes, bounded per principal by the server
+/// (`--max-streams-per-principal`, [`StreamStore::plain_streams_owned_by`](crate::StreamStore::plain_streams_owned_by)).
+/// An entity's streams (its main stream and attachments) are bounded by the
+/// entity quota and the attachments per entity instead, and a content-addressed
+/// blob stream is an attachment's. Kept beside each backend's index of
+/// committed streams, so it counts what is committed, soft-deleted streams
+/// kept for their forks included (they hold memory until their last fork goes).
+#[derive(Default)]
+pub(crate) struct OwnedStreams(std::collections::HashMap<String, usize>);
+
+impl OwnedStreams {
+    fn owner(info: &StreamInfo) -> Option<&str> {
+        let plain = info.blob.is_none() && attache_core::EntityUrl::owning(&info.path).is_none();
+        info.owner.as_deref().filter(|_| plain)
+    }
+
+    /// A stream entered the index.
+    pub(crate) fn add(&mut self, info: &StreamInfo) {
+        if let Some(owner) = Self::owner(info) {
+            *self.0.entry(owner.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// A stream left the index.
+    pub(crate) fn remove(&mut self, info: &StreamInfo) {
+        if let Some(owner) = Self::owner(info) {
+            if let Some(n) = self.0.get_mut(owner) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.0.remove(owner);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn held(&self, owner: &str) -> usize {
+        self.0.get(owner).copied().unwrap_or(0)
+    }
+}
+
 /// The lineage of a fork of `src` that diverges at `position` (the requested
 /// offset `anchor`, refined by `sub_offset`).
 pub(crate) fn fork_info(src: &StreamInfo, position: u64, anchor: u64, sub_offset: u64) -> ForkInfo {

@@ -51,6 +51,34 @@ impl TestServer {
         }
     }
 
+    /// A server over a fresh PostgreSQL database (objects in a temporary
+    /// directory), `tweak` adjusting the rest; `None` when no PostgreSQL can
+    /// be had (said why, and a failure where services are required).
+    pub async fn start_postgres(
+        tweak: impl FnOnce(&mut ServerConfig),
+    ) -> Option<(attache_storage::postgres::test_cluster::TestCluster, TestServer)> {
+        use attache_storage::postgres::test_cluster::{missing_service, TestCluster};
+        let cluster = match TestCluster::start(false) {
+            Ok(c) => c,
+            Err(why) => {
+                missing_service("PostgreSQL", &why);
+                return None;
+            }
+        };
+        let url = cluster.fresh_database().await.expect("a test database");
+        let objects = tempfile::tempdir().expect("a temporary object dir").keep();
+        let store = attache_server::StoreConfig::Postgres {
+            url,
+            object_store_url: Some(format!("file://{}", objects.display())),
+        };
+        let ts = TestServer::start_with(move |c| {
+            c.store = store;
+            tweak(c);
+        })
+        .await;
+        Some((cluster, ts))
+    }
+
     /// Stops the server (flushing the store) and starts a new one on the same
     /// data dir and configuration. The port changes; `url` follows it.
     pub async fn restart(&mut self) {

@@ -227,6 +227,8 @@ impl crate::rules::CommittedStream for StreamEntry {
 pub(crate) struct Index {
     pub(crate) by_path: BTreeMap<String, Arc<StreamEntry>>,
     pub(crate) by_id: HashMap<u64, Arc<StreamEntry>>,
+    /// Plain streams per owner, of those in `by_id`.
+    pub(crate) owned: crate::rules::OwnedStreams,
 }
 
 pub(crate) struct Shared {
@@ -489,6 +491,7 @@ impl EmbeddedStore {
         let now = now_ms();
         let mut index = Index::default();
         for info in state.streams.values() {
+            index.owned.add(info);
             index.by_id.insert(info.id, StreamEntry::new(info.clone(), now));
         }
         for (path, id) in state.named() {
@@ -798,6 +801,10 @@ impl StreamStore for EmbeddedStore {
 
     fn appends_committed(&self) -> u64 {
         self.appends.get()
+    }
+
+    fn plain_streams_owned_by(&self, owner: &str) -> usize {
+        self.shared.index.read().owned.held(owner)
     }
 
     fn health(&self) -> WriteHealth {

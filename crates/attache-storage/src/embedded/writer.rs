@@ -1608,10 +1608,13 @@ fn publish(shared: &Shared, state: &WriterState, changes: Changes, pending: Opti
         if !info.unlinked {
             index.by_path.insert(info.path.clone(), entry.clone());
         }
-        index.by_id.insert(info.id, entry);
+        if index.by_id.insert(info.id, entry).is_none() {
+            index.owned.add(&info);
+        }
     }
     for (id, path) in changes.removed {
         if let Some(entry) = index.by_id.remove(&id) {
+            index.owned.remove(&entry.info());
             if index.by_path.get(&path).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
                 index.by_path.remove(&path);
             }

@@ -254,6 +254,8 @@ impl crate::rules::CommittedStream for StreamEntry {
 pub(crate) struct Index {
     by_path: BTreeMap<String, Arc<StreamEntry>>,
     pub(crate) by_id: HashMap<u64, Arc<StreamEntry>>,
+    /// Plain streams per owner, of those in `by_id`.
+    owned: crate::rules::OwnedStreams,
 }
 
 /// A committed stream row as read from the database.
@@ -306,6 +308,7 @@ impl Shared {
         }
         let path = row.info.path.clone();
         let entry = StreamEntry::new(row.version, row.info, row.last_access_ms.max(now_ms()));
+        index.owned.add(&entry.info());
         if unlinked.is_some() {
             // Kept for its forks under its id only: it names no path.
             index.by_id.insert(id, entry.clone());
@@ -313,8 +316,10 @@ impl Shared {
         }
         // Paths are unique among committed rows: whatever held this one is gone.
         if let Some(old) = index.by_path.insert(path, entry.clone()) {
-            let old_id = old.info().id;
-            index.by_id.remove(&old_id);
+            let old_info = old.info();
+            if index.by_id.remove(&old_info.id).is_some() {
+                index.owned.remove(&old_info);
+            }
             old.wake();
         }
         index.by_id.insert(id, entry.clone());
@@ -333,6 +338,7 @@ impl Shared {
     pub(crate) fn forget(&self, id: u64) {
         let mut index = self.index.write();
         if let Some(entry) = index.by_id.remove(&id) {
+            index.owned.remove(&entry.info());
             let path = entry.info().path.clone();
             if index.by_path.get(&path).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
                 index.by_path.remove(&path);
@@ -968,6 +974,10 @@ impl StreamStore for PgStore {
 
     fn appends_committed(&self) -> u64 {
         self.appends.get()
+    }
+
+    fn plain_streams_owned_by(&self, owner: &str) -> usize {
+        self.shared.index.read().owned.held(owner)
     }
 
     fn health(&self) -> crate::WriteHealth {
