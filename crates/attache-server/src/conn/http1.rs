@@ -213,7 +213,7 @@ async fn fill(io: &TcpStream, buf: &mut BytesMut, activity: &Activity) -> io::Re
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
         }
-        match io.try_read_buf(buf) {
+        match read_draining(io, buf) {
             Ok(0) => return Ok(false),
             Ok(_) => {
                 activity.read_some();
@@ -222,6 +222,31 @@ async fn fill(io: &TcpStream, buf: &mut BytesMut, activity: &Activity) -> io::Re
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
             Err(err) => return Err(err),
         }
+    }
+}
+
+/// `try_read_buf`, that also tells tokio the socket is drained when the read
+/// came up short of the room it had, as tokio's own `poll_read` does: the
+/// next wait then goes straight to epoll, not through a `recv` that answers
+/// EAGAIN. Without it every request cost that extra `recv` (two per request
+/// where hyper and the Rust Durable Streams server make one, strace -c under
+/// bench/ab.sh's load; issue 11). Readiness is cleared only as of the event
+/// the read was made under, so bytes arriving meanwhile still wake the next
+/// wait.
+fn read_draining(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let mut got = 0;
+    let drained = || io::Error::from(io::ErrorKind::WouldBlock);
+    let read = io.try_io(tokio::io::Interest::READABLE, || {
+        let room = buf.capacity() - buf.len();
+        got = io.try_read_buf(buf)?;
+        if got > 0 && got < room {
+            return Err(drained());
+        }
+        Ok(got)
+    });
+    match read {
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
     }
 }
 
