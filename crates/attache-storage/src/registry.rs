@@ -191,8 +191,12 @@ pub trait Registry: Send + Sync + 'static {
     /// permission check).
     fn is_current(&self, url: &str, incarnation: Option<&str>) -> bool;
     /// Every entity, newest first; `type_filter` narrows to one type. Memory
-    /// only in every backend (each keeps every record, refreshed on change).
-    fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord>;
+    /// only in every backend (each keeps every record, refreshed on change),
+    /// and shared: no record is copied. A copy of every task per `task.list`
+    /// or `task.claim` held as many bytes as the registry itself for the
+    /// call's length (40,000 small tasks: tens of MB a call, whoever they
+    /// belong to), a bound no client should be able to multiply.
+    fn entities(&self, type_filter: Option<&str>) -> Vec<std::sync::Arc<EntityRecord>>;
     /// How many entities `created_by` (a principal's URL) created, as this
     /// instance knows them. Memory only, as `entities`, and no record is copied.
     fn count_created_by(&self, created_by: &str) -> usize;

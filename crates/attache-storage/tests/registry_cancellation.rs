@@ -52,11 +52,13 @@ async fn a_registry_write_dropped_by_its_caller_is_finished_and_the_next_writes_
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(shown, Some(7), "the dropped update is shown");
-    let running: Vec<(String, i64)> = registry.entities(None).into_iter().map(|e| (e.url, e.updated_at_ms)).collect();
+    let running: Vec<(String, i64)> =
+        registry.entities(None).into_iter().map(|e| (e.url.clone(), e.updated_at_ms)).collect();
     drop(registry);
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let reopened = EmbeddedRegistry::open(root.path()).expect("the registry reopens");
-    let stored: Vec<(String, i64)> = reopened.entities(None).into_iter().map(|e| (e.url, e.updated_at_ms)).collect();
+    let stored: Vec<(String, i64)> =
+        reopened.entities(None).into_iter().map(|e| (e.url.clone(), e.updated_at_ms)).collect();
     assert_eq!(stored, running, "the running registry showed what its file holds");
 }

@@ -61,7 +61,7 @@ pub async fn list(
         None => 0,
         Some(s) => s.parse::<usize>().map_err(|_| ApiError::bad_request("offset must be a non-negative integer"))?,
     };
-    let mut visible: Vec<EntityRecord> = Vec::new();
+    let mut visible: Vec<std::sync::Arc<EntityRecord>> = Vec::new();
     for (i, e) in state.registry.entities(q.entity_type.as_deref()).into_iter().enumerate() {
         crate::access::scan_step(i).await;
         let wanted = q.status.as_deref().is_none_or(|s| e.status == s)
@@ -76,7 +76,7 @@ pub async fn list(
         }
     }
     let total = visible.len();
-    let page: Vec<Value> = visible.iter().skip(offset).take(limit).map(entity_json).collect();
+    let page: Vec<Value> = visible.iter().skip(offset).take(limit).map(|e| entity_json(e)).collect();
     drop(visible);
     // Held until sent, within the response budget (a page of 1,000 entities
     // with large spawn args is tens of MB, and a client that reads nothing

@@ -215,7 +215,7 @@ pub(super) async fn visible_tasks_of<'a>(
     state: &AppState,
     who: &PrincipalKey,
     wanted: Permission,
-    entities: &'a [EntityRecord],
+    entities: &'a [std::sync::Arc<EntityRecord>],
     keep: impl Fn(&TaskView<'a>) -> bool,
 ) -> Vec<(String, TaskView<'a>, Option<String>)> {
     let mut visible = Vec::new();
@@ -628,7 +628,14 @@ pub async fn load_tombstones(state: &AppState) -> ApiResult<()> {
         .into_iter()
         .filter_map(|e| {
             let deleted_at = deleted_at(&e)?;
-            Some((deleted_at, Tombstone { id: e.instance_id, incarnation: e.incarnation, owner: e.created_by }))
+            Some((
+                deleted_at,
+                Tombstone {
+                    id: e.instance_id.clone(),
+                    incarnation: e.incarnation.clone(),
+                    owner: e.created_by.clone(),
+                },
+            ))
         })
         .collect();
     deleted.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));

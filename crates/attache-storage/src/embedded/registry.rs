@@ -249,14 +249,10 @@ impl Registry for EmbeddedRegistry {
         self.0.cache.read().entities.values().filter(|e| e.created_by == created_by).count()
     }
 
-    fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord> {
+    fn entities(&self, type_filter: Option<&str>) -> Vec<Arc<EntityRecord>> {
         let cache = self.0.cache.read();
-        let mut all: Vec<EntityRecord> = cache
-            .entities
-            .values()
-            .filter(|e| type_filter.is_none_or(|t| e.entity_type == t))
-            .map(|e| (**e).clone())
-            .collect();
+        let mut all: Vec<Arc<EntityRecord>> =
+            cache.entities.values().filter(|e| type_filter.is_none_or(|t| e.entity_type == t)).cloned().collect();
         all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.url.cmp(&b.url)));
         all
     }

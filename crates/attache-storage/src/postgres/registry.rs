@@ -44,7 +44,7 @@ fn parse<T: serde::de::DeserializeOwned>(s: &str) -> StoreResult<T> {
 #[derive(Default)]
 struct State {
     /// url → (row version, record).
-    entities: BTreeMap<String, (i64, EntityRecord)>,
+    entities: BTreeMap<String, (i64, Arc<EntityRecord>)>,
     grants: HashMap<String, Vec<GrantRecord>>,
     /// URLs being read or written now, each with the changes heard of it
     /// since the oldest ticket for it was taken. An entry lives as long as
@@ -112,10 +112,10 @@ impl Cache {
             .map_err(db_err)?;
         let grants: Vec<(String,)> =
             sqlx::query_as("SELECT record FROM attache_grants ORDER BY id").fetch_all(pool).await.map_err(db_err)?;
-        let mut loaded: BTreeMap<String, (i64, EntityRecord)> = BTreeMap::new();
+        let mut loaded: BTreeMap<String, (i64, Arc<EntityRecord>)> = BTreeMap::new();
         let mut loaded_grants: HashMap<String, Vec<GrantRecord>> = HashMap::new();
         for (url, record, version) in entities {
-            loaded.insert(url, (version, parse(&record)?));
+            loaded.insert(url, (version, Arc::new(parse(&record)?)));
         }
         for (record,) in grants {
             let g: GrantRecord = parse(&record)?;
@@ -189,7 +189,7 @@ impl Cache {
                 Some((version, record)) => {
                     // Versions only grow while the entity lives (a removal was heard, or the ticket would show it).
                     if state.entities.get(url).is_none_or(|(v, _)| *v <= version) {
-                        state.entities.insert(url.to_owned(), (version, record.clone()));
+                        state.entities.insert(url.to_owned(), (version, Arc::new(record.clone())));
                     }
                     state.grants.insert(url.to_owned(), grants);
                     Some(record)
@@ -309,7 +309,7 @@ impl PgRegistry {
 impl Registry for PgRegistry {
     async fn entity(&self, url: &str) -> Option<EntityRecord> {
         if let Some((_, e)) = self.cache().state.read().entities.get(url) {
-            return Some(e.clone());
+            return Some((**e).clone());
         }
         // Spawned on another instance a moment ago, perhaps: ask the database.
         let shared = self.shared.clone();
@@ -329,9 +329,9 @@ impl Registry for PgRegistry {
         self.cache().state.read().entities.values().filter(|(_, e)| e.created_by == created_by).count()
     }
 
-    fn entities(&self, type_filter: Option<&str>) -> Vec<EntityRecord> {
+    fn entities(&self, type_filter: Option<&str>) -> Vec<Arc<EntityRecord>> {
         let state = self.cache().state.read();
-        let mut all: Vec<EntityRecord> = state
+        let mut all: Vec<Arc<EntityRecord>> = state
             .entities
             .values()
             .map(|(_, e)| e)
@@ -512,6 +512,6 @@ impl Registry for PgRegistry {
 /// Puts a record the cache's holder wrote, unless the cache holds a newer version of it.
 fn put_entity(state: &mut State, version: i64, record: EntityRecord) {
     if state.entities.get(&record.url).is_none_or(|(v, _)| *v < version) {
-        state.entities.insert(record.url.clone(), (version, record));
+        state.entities.insert(record.url.clone(), (version, Arc::new(record)));
     }
 }
