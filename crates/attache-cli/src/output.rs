@@ -133,6 +133,32 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
     exit::FAILURE
 }
 
+/// The JSON document a failed command prints on stdout with `--json`, so a
+/// script reads one document whatever happened: `{"error": {...}}` with the
+/// sentence people get on stderr, the exit code, and what the server said
+/// (HTTP status and error code, or the JSON-RPC error) when it answered.
+pub fn error_document(err: &anyhow::Error, sentence: &str, exit_code: i32) -> serde_json::Value {
+    let mut error = serde_json::json!({
+        "message": sentence.strip_prefix("error: ").unwrap_or(sentence),
+        "exit_code": exit_code,
+    });
+    match err.downcast_ref::<Error>() {
+        Some(Error::Api { status, code, .. }) => {
+            error["status"] = serde_json::json!(status);
+            error["code"] = serde_json::json!(code.to_string());
+        }
+        Some(Error::Rpc { method, error: rpc }) => {
+            error["method"] = serde_json::json!(method);
+            error["rpc_code"] = serde_json::json!(rpc.code);
+            if let Some(data) = &rpc.data {
+                error["data"] = data.clone();
+            }
+        }
+        _ => {}
+    }
+    serde_json::json!({ "error": error })
+}
+
 /// A mistake in what the user typed.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -453,9 +453,40 @@ async fn token_mode_servers_take_the_token_from_the_environment() {
     let refused = run(None).await.unwrap();
     assert_eq!(refused.status.code(), Some(4), "{}", stderr(&refused));
     assert!(stderr(&refused).contains("--token"), "{}", stderr(&refused));
+    // An empty ATTACHE_TOKEN is no token (it was sent as an empty Bearer and refused as malformed).
+    let empty = run(Some("")).await.unwrap();
+    assert_eq!(empty.status.code(), Some(4), "{}", stderr(&empty));
+    assert!(!stderr(&empty).contains("must be a Bearer token"), "{}", stderr(&empty));
     let spawned = run(Some(&token)).await.unwrap();
     assert!(spawned.status.success(), "{}", stderr(&spawned));
     let entity: Value = serde_json::from_slice(&spawned.stdout).unwrap();
     assert_eq!(entity["created_by"], "/principal/user%3Asam");
     server.stop().await;
+}
+
+#[tokio::test]
+async fn with_json_a_failed_command_prints_one_error_document_on_stdout() {
+    let s = Running::start().await;
+    let missing = s.run(&["ls", "/chat/missing", "--json"]).await;
+    assert_eq!(missing.status.code(), Some(3), "{}", stderr(&missing));
+    let doc: Value = serde_json::from_slice(&missing.stdout).expect("stdout holds one JSON document");
+    assert_eq!((doc["error"]["status"].as_u64(), doc["error"]["exit_code"].as_i64()), (Some(404), Some(3)), "{doc}");
+    assert!(doc["error"]["message"].as_str().unwrap_or_default().contains("/chat/missing"), "{doc}");
+    let rpc = s.run(&["rpc", "task.get", r#"{"id":"t-none"}"#, "--json"]).await;
+    assert_eq!(rpc.status.code(), Some(9), "{}", stderr(&rpc));
+    let doc: Value = serde_json::from_slice(&rpc.stdout).expect("stdout holds one JSON document");
+    assert_eq!(doc["error"]["method"], "task.get", "{doc}");
+    assert!(doc["error"]["rpc_code"].is_i64(), "{doc}");
+}
+
+#[tokio::test]
+async fn tail_of_a_path_with_no_stream_and_no_entity_says_it_looked_for_both() {
+    let s = Running::start().await;
+    let out = s.run(&["tail", "/demo/nothing", "--once"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no stream and no entity your principal may read at /demo/nothing"),
+        "{}",
+        stderr(&out)
+    );
 }

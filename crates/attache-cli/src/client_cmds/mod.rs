@@ -40,13 +40,22 @@ pub struct Conn {
 impl Conn {
     fn client(&self) -> anyhow::Result<RuntimeServerClient> {
         let mut client = RuntimeServerClient::new(&self.server)?;
-        if let Some(p) = &self.principal {
+        // An empty value (`ATTACHE_TOKEN=`) is no value, as for most tools.
+        let principal = self.principal.as_deref().map(str::trim).filter(|p| !p.is_empty());
+        let token = self.token.as_deref().map(str::trim).filter(|t| !t.is_empty());
+        if principal.is_some() && token.is_some() {
+            eprintln!(
+                "note: a token and a principal were both given; a token-mode server acts as the token's principal \
+                 and ignores --principal (ATTACHE_PRINCIPAL)"
+            );
+        }
+        if let Some(p) = principal {
             let key = PrincipalKey::parse(p)
                 .map_err(|e| UsageError(format!("--principal {p:?} is not a principal like user:sam ({e})")))?;
             client = client.with_principal(key);
         }
-        if let Some(t) = &self.token {
-            client = client.with_token(t.trim());
+        if let Some(t) = token {
+            client = client.with_token(t);
         }
         Ok(client)
     }
@@ -100,8 +109,14 @@ pub fn main(command: ClientCommand) -> i32 {
         Ok(()) => exit::OK,
         Err(err) if broken_pipe(&err) => exit::OK,
         Err(err) => {
-            eprintln!("{}", explain(&err, &conn.server));
-            exit_code(&err)
+            let sentence = explain(&err, &conn.server);
+            eprintln!("{sentence}");
+            let code = exit_code(&err);
+            if out.json {
+                // With --json, stdout holds one document whatever happened.
+                let _ = out.json_value(&crate::output::error_document(&err, &sentence, code));
+            }
+            code
         }
     }
 }

@@ -44,7 +44,15 @@ pub(super) async fn tail(a: TailArgs, out: Output) -> anyhow::Result<()> {
     let mut tail = client.tail(&path, options)?;
     let mut closed = false;
     while let Some(chunk) = tail.next().await {
-        let chunk = chunk?;
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            // Neither a stream nor an entity there: say both were looked for.
+            Err(e) if e.is_not_found() => {
+                return Err(anyhow::Error::from(e)
+                    .context(format!("no stream and no entity your principal may read at {}", a.target)))
+            }
+            Err(e) => return Err(e.into()),
+        };
         if chunk.json {
             for item in chunk.json_items()? {
                 out.line(&serde_json::to_string(&item)?);
