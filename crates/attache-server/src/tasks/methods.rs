@@ -42,6 +42,7 @@ pub(super) async fn create(
     p: &Params<'_>,
     budget: &ResponseBudget,
 ) -> ApiResult<Value> {
+    p.opt_str("text")?; // another type is "text must be a string", not a length
     let text =
         p.string("text", 500).map_err(|_| ApiError::invalid("text", "Text must be between 1 and 500 characters"))?;
     let priority = p.opt_int("priority", 0, 100)?.unwrap_or(50) as u8;
@@ -141,6 +142,7 @@ pub(super) async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     let id = p.string("id", 128)?;
     let updates = p.opt_object("updates")?.ok_or_else(|| ApiError::invalid("updates", "updates is required"))?;
     let u = Params(updates);
+    u.opt_str("text")?;
     let text = u
         .opt_string("text", 500)
         .map_err(|_| ApiError::invalid("text", "Text must be between 1 and 500 characters"))?
