@@ -138,6 +138,9 @@ pub struct ServeArgs {
     /// Most plain streams (made by PUT at paths that are no entity's) one principal may hold, each kept in memory; past it a create is refused with 409 TOO_MANY_STREAMS [default: 100000]
     #[arg(long, env = "ATTACHE_MAX_STREAMS_PER_PRINCIPAL")]
     max_streams_per_principal: Option<usize>,
+    /// Most grants one entity may hold, each kept in memory; past it a grant is refused with 409 TOO_MANY_GRANTS [default: 1000]
+    #[arg(long, env = "ATTACHE_MAX_GRANTS_PER_ENTITY")]
+    max_grants_per_entity: Option<usize>,
     /// Most MCP sessions one principal holds at once; past it a new session is refused with 429 [default: 100]
     #[arg(long, env = "ATTACHE_MCP_MAX_SESSIONS_PER_PRINCIPAL")]
     mcp_max_sessions_per_principal: Option<usize>,
@@ -274,6 +277,7 @@ struct FileConfig {
     max_entity_data_bytes: Option<usize>,
     max_entities_per_principal: Option<usize>,
     max_streams_per_principal: Option<usize>,
+    max_grants_per_entity: Option<usize>,
     mcp_max_sessions_per_principal: Option<usize>,
     mcp_max_initialize_bytes: Option<usize>,
     store: Option<String>,
@@ -416,6 +420,7 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
     setting(args.max_entity_data_bytes, file.max_entity_data_bytes, &mut config.max_entity_data_bytes);
     setting(args.max_entities_per_principal, file.max_entities_per_principal, &mut config.max_entities_per_principal);
     setting(args.max_streams_per_principal, file.max_streams_per_principal, &mut config.max_streams_per_principal);
+    setting(args.max_grants_per_entity, file.max_grants_per_entity, &mut config.max_grants_per_entity);
     setting(
         args.mcp_max_sessions_per_principal,
         file.mcp_max_sessions_per_principal,

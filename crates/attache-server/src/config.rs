@@ -113,6 +113,8 @@ pub struct ServerConfig {
     /// are no entity's) one principal may hold: each keeps its metadata in
     /// memory (409 beyond).
     pub max_streams_per_principal: usize,
+    /// Most grants one entity may hold: the registry keeps every grant in memory (409 beyond).
+    pub max_grants_per_entity: usize,
     /// A resumable upload not closed this long after it began is ended: its
     /// manifest row becomes `failed` (with the reason) and its stream is deleted.
     pub upload_expiry: Duration,
@@ -308,6 +310,7 @@ impl ServerConfig {
             max_entity_data_bytes: 64 << 10,
             max_entities_per_principal: 100_000,
             max_streams_per_principal: 100_000,
+            max_grants_per_entity: 1_000,
             upload_expiry: Duration::from_secs(24 * 3600),
             fault_plan: None,
             pauses: None,

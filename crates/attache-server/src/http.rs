@@ -451,6 +451,25 @@ impl SendPermit {
     }
 }
 
+/// A JSON answer held within the response budget until it is sent (each
+/// large answer a slow reader leaves unread holds its bytes: the entity
+/// list, the manifest of an entity with thousands of attachments, a list of
+/// thousands of grants). 503 `RESPONSE_BUDGET_EXHAUSTED` when the budget, or
+/// `who`'s share of it, is held by answers not yet read.
+pub(crate) fn budgeted_json(
+    answers: &Arc<SendBudget>,
+    who: Option<&PrincipalKey>,
+    status: StatusCode,
+    value: &impl serde::Serialize,
+) -> ApiResult<axum::response::Response> {
+    let body = serde_json::to_vec(value).map_err(ApiError::internal)?;
+    let permit = answers.take_as(who, body.len())?;
+    let mut res = axum::response::Response::new(held_body(body.into(), permit));
+    *res.status_mut() = status;
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(res)
+}
+
 /// A response body of `bytes` that holds `permit` for as long as it lives:
 /// until it is sent whole, or dropped with its connection.
 pub(crate) fn held_body(bytes: Bytes, permit: Option<SendPermit>) -> Body {

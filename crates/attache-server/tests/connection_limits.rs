@@ -4,6 +4,7 @@
 //! speak HTTP over raw sockets, so that they can stall where a library would not.
 
 mod common;
+mod entity_support;
 
 use std::time::Duration;
 
@@ -719,6 +720,47 @@ async fn an_entity_list_past_the_response_budget_is_answered_503() {
         s.client.get(s.url("/_electric/entities")).header("electric-principal", "user:alice").send().await.unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(res.text().await.unwrap().contains("RESPONSE_BUDGET_EXHAUSTED"));
+}
+
+/// The manifest list and the grants list are held within the response
+/// budget as the entity list is. Before (session 16's attack pass), they were
+/// built outside it: 30 slow readers of a 45 MB manifest held 1.46 GB while
+/// the budget read 0, and 30 of a 10 MB grants list 350 MB.
+#[tokio::test]
+async fn the_manifest_and_grants_lists_past_the_response_budget_are_answered_503() {
+    let s = budget_server(256 << 10, "/big/json", 1 << 20).await;
+    let _stalled = non_reader(&s, "/big/json?offset=-1").await;
+    gauge_until(&s, ANSWERS, |held| held >= 1 << 20, "held").await;
+    let alice = |rb: reqwest::RequestBuilder| rb.header("electric-principal", "user:alice");
+    let entity = s.url("/_electric/entities/chat/listed");
+    assert_eq!(alice(s.client.put(&entity)).send().await.unwrap().status(), StatusCode::CREATED);
+    let meta = serde_json::json!({ "pad": "m".repeat(20_000) }).to_string();
+    for i in 0..4 {
+        let form = entity_support::Form::new()
+            .field("id", &format!("a{i}"))
+            .field("meta", &meta)
+            .file(Some("x.bin"), Some("application/octet-stream"), b"0123456789")
+            .finish();
+        let res = alice(s.client.post(format!("{entity}/attachments")))
+            .header("content-type", entity_support::Form::content_type())
+            .body(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED, "{}", res.text().await.unwrap());
+    }
+    for i in 0..400 {
+        let grant = serde_json::json!({
+            "subject_kind": "principal", "subject_value": format!("user:{}{i}", "g".repeat(100)), "permission": "read",
+        });
+        let res = alice(s.client.post(format!("{entity}/grants"))).json(&grant).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED, "{}", res.text().await.unwrap());
+    }
+    for list in ["attachments", "grants"] {
+        let res = alice(s.client.get(format!("{entity}/{list}"))).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{list}");
+        assert!(res.text().await.unwrap().contains("RESPONSE_BUDGET_EXHAUSTED"), "{list}");
+    }
 }
 
 /// One HTTP/2 connection whose streams open no window holds at most its

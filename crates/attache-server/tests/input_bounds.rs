@@ -822,6 +822,40 @@ async fn one_principal_holds_at_most_its_entity_quota_and_a_purge_makes_room() {
     entity_support::spawn(&s, Some(MALLORY), "/chat/q4").await;
 }
 
+/// The registry keeps every grant in memory, so an entity holds at most
+/// `--max-grants-per-entity` of them: past it a grant is 409
+/// `TOO_MANY_GRANTS` and nothing is added; a revoke makes room. Before
+/// (session 16's attack pass), 25,700 grants on one entity in 30 s, kept
+/// across restarts.
+#[tokio::test]
+async fn an_entity_holds_at_most_its_grant_quota_and_a_revoke_makes_room() {
+    let s = TestServer::start_with(|c| c.max_grants_per_entity = 2).await;
+    entity_support::spawn(&s, Some(ALICE), "/chat/granted").await;
+    let grants = format!("{}/grants", entity_support::api("/chat/granted"));
+    let grant = |who: &str| {
+        let body = json!({ "subject_kind": "principal", "subject_value": who, "permission": "read" });
+        entity_support::as_principal(s.request(reqwest::Method::POST, &grants), Some(ALICE)).json(&body).send()
+    };
+    let first: Value = grant("user:ann").await.unwrap().json().await.unwrap();
+    assert_eq!(grant("user:bob").await.unwrap().status(), StatusCode::CREATED);
+    let (status, code, body) = entity_support::error_of(grant("user:cy").await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "TOO_MANY_GRANTS"), "{body}");
+    assert!(body.to_string().contains("max_grants_per_entity: 2"), "{body}");
+    let listed: Value = entity_support::as_principal(s.request(reqwest::Method::GET, &grants), Some(ALICE))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["grants"].as_array().map(Vec::len), Some(2), "nothing was added: {listed}");
+    let revoke = format!("{grants}/{}", first["id"]);
+    let res =
+        entity_support::as_principal(s.request(reqwest::Method::DELETE, &revoke), Some(ALICE)).send().await.unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    assert_eq!(grant("user:cy").await.unwrap().status(), StatusCode::CREATED);
+}
+
 /// The request that opens an MCP session carries `initialize`, whose params
 /// rmcp keeps as a JSON tree for the session's life (~11 times their size:
 /// one 4 MB `initialize` of small members held 45 MB, and a principal's 100

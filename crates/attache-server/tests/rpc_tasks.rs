@@ -56,7 +56,11 @@ async fn create_with_text_out_of_range_answers_the_spec_error() {
     assert_eq!(e["data"]["field"], "priority");
     // Text of another type is said to be of the wrong type, not of the wrong length.
     let e = err(&s, ALICE, "task.create", json!({ "text": 5 })).await;
-    assert_eq!((e["code"].as_i64(), e["data"]["validation"].as_str()), (Some(-32602), Some("text must be a string")), "{e}");
+    assert_eq!(
+        (e["code"].as_i64(), e["data"]["validation"].as_str()),
+        (Some(-32602), Some("text must be a string")),
+        "{e}"
+    );
     let made = ok(&s, ALICE, "task.create", json!({ "text": "a" })).await;
     let e = err(&s, ALICE, "task.update", json!({ "id": made["id"], "updates": { "text": ["x"] } })).await;
     assert_eq!(e["data"]["validation"], "text must be a string", "{e}");

@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+
 use futures::StreamExt as _;
 use serde_json::json;
 
@@ -34,7 +34,7 @@ pub async fn list(State(state): State<AppState>, route: EntityRoute) -> ApiResul
     let mut entries: Vec<std::borrow::Cow<ManifestEntry>> =
         view.manifest.values().map(|e| as_listed(entity, e)).collect();
     entries.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
-    Ok(Json(json!({ "attachments": entries })).into_response())
+    crate::http::budgeted_json(&state.answers, Some(&route.who), StatusCode::OK, &json!({ "attachments": entries }))
 }
 
 /// An entry as the list shows it: one whose row names a stream other than

@@ -73,10 +73,32 @@ pub fn grant_json(g: &GrantRecord) -> Value {
     out
 }
 
+/// 409 `TOO_MANY_GRANTS` when the entity holds `max_grants_per_entity`
+/// grants already: the registry keeps every grant in memory (~750 B each),
+/// and before (session 16's attack pass) nothing bounded them: 25,700 grants
+/// on one entity in 30 s, kept across restarts, made a 10 MB grants list.
+/// Counted as this instance knows them: grants racing on one entity may
+/// pass it by as many as are in flight together.
+fn grant_room(state: &AppState, entity_url: &str) -> ApiResult<()> {
+    let max = state.config.max_grants_per_entity;
+    let held = state.registry.grants(entity_url).len();
+    if held >= max {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "TOO_MANY_GRANTS",
+            format!(
+                "{entity_url} holds {held} grants, the most an entity may (max_grants_per_entity: {max}); \
+                 revoke some (DELETE /_electric/entities{entity_url}/grants/{{id}}) to make room"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub async fn list_grants(State(state): State<AppState>, route: EntityRoute) -> ApiResult<Response> {
     let entity = route.authorize(&state, Permission::Manage).await?;
     let grants: Vec<Value> = state.registry.grants(&entity.url).iter().map(grant_json).collect();
-    Ok(Json(json!({ "grants": grants })).into_response())
+    crate::http::budgeted_json(&state.answers, Some(&route.who), StatusCode::OK, &json!({ "grants": grants }))
 }
 
 pub async fn add_grant(
@@ -89,6 +111,7 @@ pub async fn add_grant(
     let body: GrantBody = json_body(&state.bodies, &headers, body).await?;
     let entity = route.authorize(&state, Permission::Manage).await?;
     let grant = body.into_new(&entity.url, who)?;
+    grant_room(&state, &entity.url)?;
     let stored = state.registry.add_grant(grant).await?;
     Ok((StatusCode::CREATED, Json(grant_json(&stored))).into_response())
 }

@@ -5,8 +5,7 @@ use attache_core::Permission;
 use attache_storage::EntityRecord;
 use axum::extract::{Query, State};
 use axum::http::HeaderValue;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -19,7 +18,8 @@ use super::entity_json;
 
 pub async fn get_entity(State(state): State<AppState>, route: EntityRoute) -> ApiResult<Response> {
     let entity = route.authorize(&state, Permission::Read).await?;
-    Ok(Json(entity_json(&entity)).into_response())
+    // Up to --max-entity-data-bytes of spawn args and tags: held within the response budget as the lists are.
+    crate::http::budgeted_json(&state.answers, Some(&route.who), axum::http::StatusCode::OK, &entity_json(&entity))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,11 +81,8 @@ pub async fn list(
     // Held until sent, within the response budget (a page of 1,000 entities
     // with large spawn args is tens of MB, and a client that reads nothing
     // kept it: 50 such over one HTTP/2 connection held 1.3 GB).
-    let body = serde_json::to_vec(&page).map_err(ApiError::internal)?;
+    let mut res = crate::http::budgeted_json(&state.answers, Some(&who), axum::http::StatusCode::OK, &page)?;
     drop(page);
-    let permit = state.answers.take_as(Some(&who), body.len())?;
-    let mut res = axum::response::Response::new(crate::http::held_body(body.into(), permit));
-    res.headers_mut().insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let hm = res.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&total.to_string()) {
         hm.insert("x-total-count", v);
