@@ -134,6 +134,7 @@ pub async fn fork(
         return Err(duplicate(&fork_url.to_string()));
     }
     crate::entities::entity_room(&state, who)?;
+    crate::streams::stream_room(&state, who, 1)?;
     // Electric's `parent`: the fork is a child of it (the caller needs `spawn` there).
     let lineage = match body.parent.as_deref() {
         Some(parent) => Some(lineage_under(&state, who, parent).await?),
@@ -342,6 +343,9 @@ async fn carry_attachments(
         let view = state.views.get(state.store.as_ref(), &fork.main_stream()).await?;
         view.manifest.values().cloned().collect()
     };
+    // Each complete attachment is a stream of the fork's, the forker's to hold.
+    let copies = entries.iter().filter(|e| e.status == AttachmentStatus::Complete).count();
+    crate::streams::stream_room(state, who, copies)?;
     let at = timestamp(now_ms());
     let mut rows = Vec::with_capacity(entries.len());
     for entry in entries {

@@ -25,6 +25,7 @@ use crate::error::ApiError;
 use crate::rate::RateLimiter;
 use crate::tasks::{self, Answer, ResponseBudget};
 use crate::AppState;
+use attache_storage::StoreError;
 
 /// What can go wrong with one JSON-RPC message.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +37,9 @@ pub enum RpcError {
     /// The method ran and refused, or failed (its own code).
     Call(ApiError),
 }
+
+/// Refusals of a per-principal quota a task method can meet.
+const QUOTA_CODES: [&str; 2] = [crate::streams::TOO_MANY_STREAMS, crate::entities::TOO_MANY_ENTITIES];
 
 /// The one mapping from errors to JSON-RPC error objects `{code, message, data?}`.
 pub fn error_object(e: &RpcError) -> Value {
@@ -75,6 +79,24 @@ pub fn error_object(e: &RpcError) -> Value {
         // runs while the budget is full (`refused_while_full`).
         RpcError::Call(ApiError::Refused(r)) if r.code == crate::http::RESPONSE_BUDGET_EXHAUSTED => {
             (-32600, "Invalid Request".into(), Some(json!({ "reason": r.message })))
+        }
+        // The store refused for a while (a full disk, a disk error, a
+        // shutdown): nothing was written, and the same call may succeed
+        // later. Said as such, with the refusal's fixed sentence (never the
+        // store's own detail), as the HTTP faces say it with 507/503.
+        RpcError::Call(
+            e @ ApiError::Store(StoreError::StorageFull(_) | StoreError::Unavailable(_) | StoreError::ShuttingDown),
+        ) => {
+            let r = e.refusal();
+            let retry = r.headers.iter().find(|(n, _)| *n == axum::http::header::RETRY_AFTER);
+            let retry_after = retry.and_then(|(_, v)| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(1);
+            let data =
+                json!({ "code": r.code, "reason": r.message, "retryable": true, "retryAfterSeconds": retry_after });
+            (-32603, "Internal error".into(), Some(data))
+        }
+        // A quota of the caller's (streams, grants): said with its code and sentence.
+        RpcError::Call(ApiError::Refused(r)) if QUOTA_CODES.contains(&r.code) => {
+            (-32602, r.message.clone(), Some(json!({ "code": r.code })))
         }
         // A fault, or a refusal no task method answers with (the task face
         // looks its tasks up itself): the detail went to the log

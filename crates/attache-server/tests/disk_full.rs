@@ -54,6 +54,20 @@ async fn a_full_disk_answers_507_and_writes_resume_once_space_is_freed() {
     assert!(health["since"].is_string(), "{health}");
     // Still full: still refused, never a silent loss.
     assert_eq!(post(&server, "lost again;").await.status(), StatusCode::INSUFFICIENT_STORAGE);
+    // The task face says so too, as a retryable refusal (before: a bare "Internal error").
+    let call = serde_json::json!({ "jsonrpc": "2.0", "method": "task.create", "params": { "text": "t" }, "id": 1 });
+    let res = server.request(Method::POST, "/rpc").json(&call).send().await.unwrap();
+    let answer: serde_json::Value = res.json().await.unwrap();
+    let error = &answer["error"];
+    assert_eq!(
+        (error["code"].as_i64(), error["data"]["code"].as_str()),
+        (Some(-32603), Some("STORAGE_FULL")),
+        "{answer}"
+    );
+    assert_eq!(
+        (error["data"]["retryable"].as_bool(), error["data"]["retryAfterSeconds"].as_u64()),
+        (Some(true), Some(5))
+    );
 
     plan.clear();
     let freed = Instant::now();

@@ -254,11 +254,12 @@ pub trait StreamStore: Send + Sync + 'static {
         WriteHealth::Ok
     }
 
-    /// How many plain streams `owner` holds, from memory: streams at paths
-    /// that are no entity's, soft-deleted ones kept for their forks included
-    /// (the server bounds them per principal, `--max-streams-per-principal`).
-    /// It counts committed streams, so creates in flight are not in it yet.
-    fn plain_streams_owned_by(&self, owner: &str) -> usize;
+    /// How many streams `owner` created and holds, from memory: plain
+    /// streams, entities' main streams and attachments, soft-deleted ones
+    /// kept for their forks included (the server bounds them per principal,
+    /// `--max-streams-per-principal`). It counts committed streams, so
+    /// creates in flight are not in it yet.
+    fn streams_owned_by(&self, owner: &str) -> usize;
 
     /// Appends this store committed since it opened (retries answered from
     /// producer state not counted), for `/metrics`.

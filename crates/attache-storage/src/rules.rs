@@ -399,21 +399,19 @@ pub(crate) fn check_fork_lineage(source_lineage: usize) -> StoreResult<()> {
     Ok(())
 }
 
-/// How many plain streams each principal owns: the streams a principal makes
-/// through the raw stream routes, bounded per principal by the server
-/// (`--max-streams-per-principal`, [`StreamStore::plain_streams_owned_by`](crate::StreamStore::plain_streams_owned_by)).
-/// An entity's streams (its main stream and attachments) are bounded by the
-/// entity quota and the attachments per entity instead, and a content-addressed
-/// blob stream is an attachment's. Kept beside each backend's index of
-/// committed streams, so it counts what is committed, soft-deleted streams
-/// kept for their forks included (they hold memory until their last fork goes).
+/// How many streams each principal owns (created): plain streams, entities'
+/// main streams and attachments alike, each keeping its metadata in memory
+/// whatever it is; the server bounds them per principal
+/// (`--max-streams-per-principal`, [`StreamStore::streams_owned_by`](crate::StreamStore::streams_owned_by)).
+/// Kept beside each backend's index of committed streams, so it counts what
+/// is committed, soft-deleted streams kept for their forks included (they
+/// hold memory until their last fork goes).
 #[derive(Default)]
 pub(crate) struct OwnedStreams(std::collections::HashMap<String, usize>);
 
 impl OwnedStreams {
     fn owner(info: &StreamInfo) -> Option<&str> {
-        let plain = info.blob.is_none() && attache_core::EntityUrl::owning(&info.path).is_none();
-        info.owner.as_deref().filter(|_| plain)
+        info.owner.as_deref()
     }
 
     /// A stream entered the index.

@@ -174,6 +174,7 @@ async fn spawn_entity_under(
         };
     }
     entity_room(state, who)?;
+    crate::streams::stream_room(state, who, 1)?;
     let now = now_ms();
     let txid = new_txid();
     let created = ChangeEvent::insert(

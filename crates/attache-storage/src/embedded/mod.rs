@@ -227,7 +227,7 @@ impl crate::rules::CommittedStream for StreamEntry {
 pub(crate) struct Index {
     pub(crate) by_path: BTreeMap<String, Arc<StreamEntry>>,
     pub(crate) by_id: HashMap<u64, Arc<StreamEntry>>,
-    /// Plain streams per owner, of those in `by_id`.
+    /// Streams per owner, of those in `by_id`.
     pub(crate) owned: crate::rules::OwnedStreams,
 }
 
@@ -803,7 +803,7 @@ impl StreamStore for EmbeddedStore {
         self.appends.get()
     }
 
-    fn plain_streams_owned_by(&self, owner: &str) -> usize {
+    fn streams_owned_by(&self, owner: &str) -> usize {
         self.shared.index.read().owned.held(owner)
     }
 
