@@ -141,6 +141,9 @@ pub struct ServeArgs {
     /// Most grants one entity may hold, each kept in memory; past it a grant is refused with 409 TOO_MANY_GRANTS [default: 1000]
     #[arg(long, env = "ATTACHE_MAX_GRANTS_PER_ENTITY")]
     max_grants_per_entity: Option<usize>,
+    /// Most messages one JSON-mode append may carry (a JSON array's items); past it the append is refused with 413 TOO_MANY_MESSAGES [default: 100000]
+    #[arg(long, env = "ATTACHE_MAX_APPEND_MESSAGES")]
+    max_append_messages: Option<usize>,
     /// Most MCP sessions one principal holds at once; past it a new session is refused with 429 [default: 100]
     #[arg(long, env = "ATTACHE_MCP_MAX_SESSIONS_PER_PRINCIPAL")]
     mcp_max_sessions_per_principal: Option<usize>,
@@ -278,6 +281,7 @@ struct FileConfig {
     max_entities_per_principal: Option<usize>,
     max_streams_per_principal: Option<usize>,
     max_grants_per_entity: Option<usize>,
+    max_append_messages: Option<usize>,
     mcp_max_sessions_per_principal: Option<usize>,
     mcp_max_initialize_bytes: Option<usize>,
     store: Option<String>,
@@ -421,6 +425,7 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
     setting(args.max_entities_per_principal, file.max_entities_per_principal, &mut config.max_entities_per_principal);
     setting(args.max_streams_per_principal, file.max_streams_per_principal, &mut config.max_streams_per_principal);
     setting(args.max_grants_per_entity, file.max_grants_per_entity, &mut config.max_grants_per_entity);
+    setting(args.max_append_messages, file.max_append_messages, &mut config.max_append_messages);
     setting(
         args.mcp_max_sessions_per_principal,
         file.mcp_max_sessions_per_principal,

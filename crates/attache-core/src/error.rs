@@ -25,6 +25,10 @@ pub enum Error {
     InvalidJson(String),
     #[error("an empty JSON array appends nothing")]
     EmptyJsonArray,
+    /// A JSON array of more messages than one body may carry: each becomes a
+    /// row with its own boundary, so the count, not the bytes, is the cost.
+    #[error("a JSON body carries at most {max} messages (max_append_messages); split it into several appends")]
+    TooManyMessages { max: usize },
     #[error("invalid stream path {0:?}: {1}")]
     InvalidPath(String, &'static str),
     /// A new entity's type or instance id outside the characters it may use.

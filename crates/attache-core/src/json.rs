@@ -14,6 +14,14 @@ pub enum JsonBodyUse {
 
 /// Splits a JSON body into its messages, each the exact bytes of one value.
 pub fn split_messages(body: &[u8], usage: JsonBodyUse) -> Result<Vec<&[u8]>> {
+    split_messages_at_most(body, usage, usize::MAX)
+}
+
+/// [`split_messages`], refusing a body of more than `max` messages
+/// ([`Error::TooManyMessages`]) once it has seen `max + 1` of them: what it
+/// holds meanwhile is bounded by `max`, not by the body (a 15 MiB body of
+/// `[1,1,...]` is 7.8 million messages).
+pub fn split_messages_at_most(body: &[u8], usage: JsonBodyUse, max: usize) -> Result<Vec<&[u8]>> {
     let text = std::str::from_utf8(body).map_err(|_| Error::InvalidJson("body is not UTF-8".into()))?;
     let trimmed = text.trim_matches(|c: char| c.is_ascii_whitespace());
     if trimmed.is_empty() {
@@ -23,14 +31,47 @@ pub fn split_messages(body: &[u8], usage: JsonBodyUse) -> Result<Vec<&[u8]>> {
         };
     }
     if trimmed.starts_with('[') {
-        let items: Vec<&RawValue> = serde_json::from_str(trimmed).map_err(|e| Error::InvalidJson(e.to_string()))?;
+        let mut de = serde_json::Deserializer::from_str(trimmed);
+        let items = serde::Deserializer::deserialize_seq(&mut de, AtMost { max })
+            .and_then(|items| de.end().map(|()| items))
+            .map_err(|e| match e.to_string() {
+                m if m.starts_with(TOO_MANY) => Error::TooManyMessages { max },
+                m => Error::InvalidJson(m),
+            })?;
         if items.is_empty() && usage == JsonBodyUse::Append {
             return Err(Error::EmptyJsonArray);
         }
-        Ok(items.into_iter().map(|raw| raw.get().as_bytes()).collect())
+        Ok(items)
     } else {
         let one: &RawValue = serde_json::from_str(trimmed).map_err(|e| Error::InvalidJson(e.to_string()))?;
         Ok(vec![one.get().as_bytes()])
+    }
+}
+
+/// The custom error [`AtMost`] stops with (serde's errors carry text only).
+const TOO_MANY: &str = "attache: too many messages";
+
+/// A JSON array's items as the exact bytes of each, at most `max` of them.
+struct AtMost {
+    max: usize,
+}
+
+impl<'de> serde::de::Visitor<'de> for AtMost {
+    type Value = Vec<&'de [u8]>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Self::Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.max).min(1024));
+        while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+            if items.len() == self.max {
+                return Err(serde::de::Error::custom(TOO_MANY));
+            }
+            items.push(raw.get().as_bytes());
+        }
+        Ok(items)
     }
 }
 
@@ -45,6 +86,18 @@ mod tests {
             .into_iter()
             .map(|m| String::from_utf8(m.to_vec()).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn a_body_of_more_messages_than_allowed_is_refused_and_one_within_is_split_whole() {
+        let body = br#"[1, {"a":[2,3]}, "x"]"#;
+        let three = split_messages_at_most(body, JsonBodyUse::Append, 3).unwrap();
+        assert_eq!(three, vec![&b"1"[..], br#"{"a":[2,3]}"#, br#""x""#]);
+        assert_eq!(split_messages_at_most(body, JsonBodyUse::Append, 2), Err(Error::TooManyMessages { max: 2 }));
+        // A single value is one message; malformed JSON is still said to be malformed.
+        assert_eq!(split_messages_at_most(b"{}", JsonBodyUse::Append, 1).unwrap().len(), 1);
+        assert!(matches!(split_messages_at_most(b"[1,", JsonBodyUse::Append, 1), Err(Error::InvalidJson(_))));
+        assert!(matches!(split_messages_at_most(b"[1] x", JsonBodyUse::Append, 5), Err(Error::InvalidJson(_))));
     }
 
     #[test]

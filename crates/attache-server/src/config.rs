@@ -115,6 +115,10 @@ pub struct ServerConfig {
     pub max_streams_per_principal: usize,
     /// Most grants one entity may hold: the registry keeps every grant in memory (409 beyond).
     pub max_grants_per_entity: usize,
+    /// Most messages one JSON-mode append may carry: each becomes a row with
+    /// its own boundary (~130 B of memory while it is written), whatever its
+    /// size (413 beyond).
+    pub max_append_messages: usize,
     /// A resumable upload not closed this long after it began is ended: its
     /// manifest row becomes `failed` (with the reason) and its stream is deleted.
     pub upload_expiry: Duration,
@@ -311,6 +315,7 @@ impl ServerConfig {
             max_entities_per_principal: 100_000,
             max_streams_per_principal: 100_000,
             max_grants_per_entity: 1_000,
+            max_append_messages: 100_000,
             upload_expiry: Duration::from_secs(24 * 3600),
             fault_plan: None,
             pauses: None,

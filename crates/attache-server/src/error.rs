@@ -210,6 +210,9 @@ impl From<attache_core::Error> for ApiError {
             attache_core::Error::InvalidEntityName(message) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "INVALID_ENTITY_NAME", message)
             }
+            e @ attache_core::Error::TooManyMessages { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "TOO_MANY_MESSAGES", e.to_string())
+            }
             e => ApiError::bad_request(e.to_string()),
         }
     }

@@ -822,6 +822,41 @@ async fn one_principal_holds_at_most_its_entity_quota_and_a_purge_makes_room() {
     entity_support::spawn(&s, Some(MALLORY), "/chat/q4").await;
 }
 
+/// A JSON body of many tiny messages costs its rows, not its bytes (a 15 MiB
+/// `[1,1,...]`, 7.8 million messages, held 1 GB while it was written: session
+/// 16's attack pass), so one append carries at most `--max-append-messages`:
+/// past it, 413 `TOO_MANY_MESSAGES` and nothing is appended, on plain streams
+/// and entity main streams alike.
+#[tokio::test]
+async fn a_json_append_of_more_messages_than_allowed_is_413_and_appends_nothing() {
+    let s = TestServer::start_with(|c| c.max_append_messages = 3).await;
+    s.create("/j/many", "application/json").await;
+    let post = |body: &'static str| {
+        s.request(reqwest::Method::POST, "/j/many").header("content-type", "application/json").body(body).send()
+    };
+    assert!(post("[1,2,3]").await.unwrap().status().is_success());
+    let (status, code, body) = entity_support::error_of(post("[4,5,6,7]").await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "TOO_MANY_MESSAGES"), "{body}");
+    assert!(body.to_string().contains("max_append_messages"), "{body}");
+    assert_eq!(s.read_all("/j/many").await, &b"[1,2,3]"[..], "nothing of the refused append");
+    // Malformed JSON is still answered as malformed.
+    assert_eq!(post("[1,").await.unwrap().status(), StatusCode::BAD_REQUEST);
+    // An entity's main stream takes the same bound through the raw route.
+    entity_support::spawn(&s, None, "/chat/many").await;
+    let rows: Vec<Value> = (0..4)
+        .map(|i| json!({ "type": "note", "key": format!("k{i}"), "value": {}, "headers": { "operation": "insert" } }))
+        .collect();
+    let res = s
+        .request(reqwest::Method::POST, "/chat/many/main")
+        .header("content-type", "application/json")
+        .json(&rows)
+        .send()
+        .await
+        .unwrap();
+    let (status, code, body) = entity_support::error_of(res).await;
+    assert_eq!((status, code.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "TOO_MANY_MESSAGES"), "{body}");
+}
+
 /// The registry keeps every grant in memory, so an entity holds at most
 /// `--max-grants-per-entity` of them: past it a grant is 409
 /// `TOO_MANY_GRANTS` and nothing is added; a revoke makes room. Before
