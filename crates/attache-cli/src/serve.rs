@@ -138,6 +138,9 @@ pub struct ServeArgs {
     /// Most plain streams (made by PUT at paths that are no entity's) one principal may hold, each kept in memory; past it a create is refused with 409 TOO_MANY_STREAMS [default: 100000]
     #[arg(long, env = "ATTACHE_MAX_STREAMS_PER_PRINCIPAL")]
     max_streams_per_principal: Option<usize>,
+    /// Most bytes of client data (spawn args, tags, task metadata) one principal's entities keep in memory together; past it a spawn, fork, task.create or an update that grows them is refused with 409 TOO_MANY_ENTITIES [default: 67108864]
+    #[arg(long, env = "ATTACHE_MAX_ENTITY_DATA_BYTES_PER_PRINCIPAL")]
+    max_entity_data_bytes_per_principal: Option<usize>,
     /// Most grants one entity may hold, each kept in memory; past it a grant is refused with 409 TOO_MANY_GRANTS [default: 1000]
     #[arg(long, env = "ATTACHE_MAX_GRANTS_PER_ENTITY")]
     max_grants_per_entity: Option<usize>,
@@ -280,6 +283,7 @@ struct FileConfig {
     max_entity_data_bytes: Option<usize>,
     max_entities_per_principal: Option<usize>,
     max_streams_per_principal: Option<usize>,
+    max_entity_data_bytes_per_principal: Option<usize>,
     max_grants_per_entity: Option<usize>,
     max_append_messages: Option<usize>,
     mcp_max_sessions_per_principal: Option<usize>,
@@ -425,6 +429,11 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
     setting(args.max_entities_per_principal, file.max_entities_per_principal, &mut config.max_entities_per_principal);
     setting(args.max_streams_per_principal, file.max_streams_per_principal, &mut config.max_streams_per_principal);
     setting(args.max_grants_per_entity, file.max_grants_per_entity, &mut config.max_grants_per_entity);
+    setting(
+        args.max_entity_data_bytes_per_principal,
+        file.max_entity_data_bytes_per_principal,
+        &mut config.max_entity_data_bytes_per_principal,
+    );
     setting(args.max_append_messages, file.max_append_messages, &mut config.max_append_messages);
     setting(
         args.mcp_max_sessions_per_principal,

@@ -109,6 +109,9 @@ pub struct ServerConfig {
     /// Most entities (tasks included) one principal may have created and not
     /// purged: the registry keeps every entity in memory (409 beyond).
     pub max_entities_per_principal: usize,
+    /// Most client data (spawn args, tags, task metadata) the entities one
+    /// principal created may keep in the registry's memory together (409 beyond).
+    pub max_entity_data_bytes_per_principal: usize,
     /// Most plain streams (made through the raw stream routes, at paths that
     /// are no entity's) one principal may hold: each keeps its metadata in
     /// memory (409 beyond).
@@ -313,6 +316,7 @@ impl ServerConfig {
             deleted_tasks_kept: 200,
             max_entity_data_bytes: 64 << 10,
             max_entities_per_principal: 100_000,
+            max_entity_data_bytes_per_principal: 64 << 20,
             max_streams_per_principal: 100_000,
             max_grants_per_entity: 1_000,
             max_append_messages: 100_000,

@@ -822,6 +822,62 @@ async fn one_principal_holds_at_most_its_entity_quota_and_a_purge_makes_room() {
     entity_support::spawn(&s, Some(MALLORY), "/chat/q4").await;
 }
 
+/// The registry keeps every entity's client data in memory (spawn args,
+/// tags, task metadata: up to `--max-entity-data-bytes` each), so what one
+/// principal's entities keep together is bounded by
+/// `--max-entity-data-bytes-per-principal`: past it a spawn, a tag or a
+/// task's new metadata is refused (409 `TOO_MANY_ENTITIES`, -32602 with
+/// `data.code` on the task face) and nothing changes. Before (session 16's
+/// attack pass), 26,641 entities with 60 KB args took +900 MB, kept across
+/// restarts.
+#[tokio::test]
+async fn what_one_principals_entities_keep_is_bounded_by_its_data_quota() {
+    let s = TestServer::start_with(|c| c.max_entity_data_bytes_per_principal = 100_000).await;
+    const MALLORY: &str = "user:mallory";
+    let spawn_with = |e: &str, pad: usize| {
+        let body = json!({ "args": { "pad": "a".repeat(pad) } });
+        entity_support::as_principal(s.request(reqwest::Method::PUT, &entity_support::api(e)), Some(MALLORY))
+            .json(&body)
+            .send()
+    };
+    assert_eq!(spawn_with("/chat/d1", 60_000).await.unwrap().status(), StatusCode::CREATED);
+    let (status, code, body) = entity_support::error_of(spawn_with("/chat/d2", 60_000).await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "TOO_MANY_ENTITIES"), "{body}");
+    assert!(body.to_string().contains("max_entity_data_bytes_per_principal"), "{body}");
+    // Small ones still fit; the principal's tags and task metadata count too.
+    assert_eq!(spawn_with("/chat/d3", 10).await.unwrap().status(), StatusCode::CREATED);
+    let tag = entity_support::as_principal(
+        s.request(reqwest::Method::POST, &format!("{}/tags/big", entity_support::api("/chat/d3"))),
+        Some(MALLORY),
+    )
+    .json(&json!({ "value": "t".repeat(50_000) }));
+    let (status, code, body) = entity_support::error_of(tag.send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "TOO_MANY_ENTITIES"), "{body}");
+    let task = task_helpers::ok(&s, MALLORY, "task.create", json!({ "text": "small" })).await;
+    let err = task_helpers::err(
+        &s,
+        MALLORY,
+        "task.update",
+        json!({ "id": task["id"], "updates": { "metadata": { "pad": "m".repeat(50_000) } } }),
+    )
+    .await;
+    assert_eq!(
+        (err["code"].as_i64(), err["data"]["code"].as_str()),
+        (Some(-32602), Some("TOO_MANY_ENTITIES")),
+        "{err}"
+    );
+    // Another principal is not held back.
+    let res = entity_support::as_principal(
+        s.request(reqwest::Method::PUT, &entity_support::api("/chat/alices-d")),
+        Some(ALICE),
+    )
+    .json(&json!({ "args": { "pad": "a".repeat(60_000) } }))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+}
+
 /// A JSON body of many tiny messages costs its rows, not its bytes (a 15 MiB
 /// `[1,1,...]`, 7.8 million messages, held 1 GB while it was written: session
 /// 16's attack pass), so one append carries at most `--max-append-messages`:

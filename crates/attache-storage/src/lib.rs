@@ -26,7 +26,7 @@ pub use fault::{Fault, FaultPlan, FaultPoint};
 pub use file_body::{FileBody, FILE_BODIES_MAX};
 pub use health::{WriteFailure, WriteHealth};
 pub use model::*;
-pub use registry::{Ancestor, EntityRecord, EntityUpdate, GrantRecord, NewGrant, RawJson, Registry};
+pub use registry::{Ancestor, EntityRecord, EntityUpdate, GrantRecord, Holdings, NewGrant, RawJson, Registry};
 
 /// Durable, append-only streams: metadata, bytes and change notification.
 ///

@@ -111,6 +111,22 @@ impl EntityRecord {
     pub fn is_running(&self) -> bool {
         self.status != "stopped"
     }
+
+    /// The client data the record keeps in memory: spawn args, face state
+    /// (a task's metadata) and tags, as their JSON text.
+    pub fn data_bytes(&self) -> usize {
+        let text = |j: &Option<RawJson>| j.as_ref().map_or(0, |j| j.get().len());
+        text(&self.args) + text(&self.extra) + self.tags.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
+}
+
+/// What one principal holds in the registry (`Registry::held_by`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Holdings {
+    /// Entities it created and has not purged.
+    pub entities: usize,
+    /// Their client data, [`EntityRecord::data_bytes`] summed.
+    pub data_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,9 +213,10 @@ pub trait Registry: Send + Sync + 'static {
     /// call's length (40,000 small tasks: tens of MB a call, whoever they
     /// belong to), a bound no client should be able to multiply.
     fn entities(&self, type_filter: Option<&str>) -> Vec<std::sync::Arc<EntityRecord>>;
-    /// How many entities `created_by` (a principal's URL) created, as this
-    /// instance knows them. Memory only, as `entities`, and no record is copied.
-    fn count_created_by(&self, created_by: &str) -> usize;
+    /// How many entities `created_by` (a principal's URL) created, and how
+    /// much client data they keep, as this instance knows them. Memory only,
+    /// as `entities`, and no record is copied.
+    fn held_by(&self, created_by: &str) -> Holdings;
     /// Inserts the entity unless one exists at its URL; returns the stored one and whether it was new.
     async fn insert_entity(&self, entity: EntityRecord) -> StoreResult<(EntityRecord, bool)>;
     /// Applies `update` to the entity under the registry's write lock (compare-and-set).
@@ -210,4 +227,12 @@ pub trait Registry: Send + Sync + 'static {
     fn grants(&self, entity_url: &str) -> Vec<GrantRecord>;
     async fn add_grant(&self, grant: NewGrant) -> StoreResult<GrantRecord>;
     async fn remove_grant(&self, entity_url: &str, id: u64) -> StoreResult<bool>;
+}
+
+/// [`Registry::held_by`] over the records a backend keeps.
+pub(crate) fn holdings<'a>(records: impl Iterator<Item = &'a EntityRecord>, created_by: &str) -> Holdings {
+    records.filter(|e| e.created_by == created_by).fold(Holdings::default(), |h, e| Holdings {
+        entities: h.entities + 1,
+        data_bytes: h.data_bytes + e.data_bytes(),
+    })
 }

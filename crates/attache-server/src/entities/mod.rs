@@ -24,8 +24,8 @@ pub use read::{get_entity, list, ListQuery};
 pub use send::{send, send_message, SendBody};
 pub use signal::{signal, SignalBody};
 pub use spawn::{
-    copy_grants_to_child, entity_room, lineage_under, spawn, spawn_entity, Lineage, SpawnBody, MAX_LINEAGE_DEPTH,
-    TOO_MANY_ENTITIES,
+    copy_grants_to_child, data_room, entity_room, lineage_under, spawn, spawn_entity, Lineage, SpawnBody,
+    MAX_LINEAGE_DEPTH, TOO_MANY_ENTITIES,
 };
 pub use tags::{delete_tag, set_tag, TagBody};
 

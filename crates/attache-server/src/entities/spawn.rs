@@ -127,21 +127,45 @@ pub const TOO_MANY_ENTITIES: &str = "TOO_MANY_ENTITIES";
 
 /// 409 `TOO_MANY_ENTITIES` when `who` holds `max_entities_per_principal`
 /// entities already (tasks are entities; a tombstone of a deleted task
-/// counts until it is purged). The registry keeps every entity in memory,
-/// so one principal's spawns (40,000 small tasks: +140 MB; 3,000 entities
-/// with 60 KB of args: +280 MB, session 15's attack pass) must not grow it
-/// without end. Checked before anything is written; spawns racing on one
-/// principal may pass it by as many as are in flight together.
-pub fn entity_room(state: &AppState, who: &PrincipalKey) -> ApiResult<()> {
+/// counts until it is purged), or when their client data (spawn args, tags,
+/// task metadata) with `adding` more bytes would pass
+/// `max_entity_data_bytes_per_principal`. The registry keeps every entity in
+/// memory, so one principal's spawns (40,000 small tasks: +140 MB; 3,000
+/// entities with 60 KB of args: +280 MB, session 15's attack pass; 26,641 of
+/// them: +900 MB, session 16's) must not grow it without end. Checked before
+/// anything is written; spawns racing on one principal may pass it by as
+/// many as are in flight together.
+pub fn entity_room(state: &AppState, who: &PrincipalKey, adding: usize) -> ApiResult<()> {
     let max = state.config.max_entities_per_principal;
-    let held = state.registry.count_created_by(&who.url());
-    if held >= max {
+    let held = state.registry.held_by(&who.url());
+    if held.entities >= max {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             TOO_MANY_ENTITIES,
             format!(
-                "{who} holds {held} entities, the most one principal may (max_entities_per_principal: {max}); \
-                 purge some (DELETE /_electric/entities/{{type}}/{{id}}?purge=true) to make room"
+                "{who} holds {} entities, the most one principal may (max_entities_per_principal: {max}); \
+                 purge some (DELETE /_electric/entities/{{type}}/{{id}}?purge=true) to make room",
+                held.entities
+            ),
+        ));
+    }
+    data_room(state, &who.url(), held, adding)
+}
+
+/// 409 `TOO_MANY_ENTITIES` when `adding` more bytes of client data would take
+/// what the entities of `owner` (a principal's URL) keep past
+/// `max_entity_data_bytes_per_principal` (`held`: what the registry says it holds).
+pub fn data_room(state: &AppState, owner: &str, held: attache_storage::Holdings, adding: usize) -> ApiResult<()> {
+    let max = state.config.max_entity_data_bytes_per_principal;
+    if adding > 0 && held.data_bytes.saturating_add(adding) > max {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            TOO_MANY_ENTITIES,
+            format!(
+                "the entities of {owner} keep {} bytes of spawn args, tags and task metadata, and {adding} more \
+                 would pass the most one principal's may keep (max_entity_data_bytes_per_principal: {max}); \
+                 purge entities or make their data smaller",
+                held.data_bytes
             ),
         ));
     }
@@ -173,7 +197,10 @@ async fn spawn_entity_under(
             Err(duplicate_url(&key))
         };
     }
-    entity_room(state, who)?;
+    let adding = json_size(&args)
+        + extra.as_ref().map_or(0, |e| e.get().len())
+        + tags.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+    entity_room(state, who, adding)?;
     crate::streams::stream_room(state, who, 1)?;
     let now = now_ms();
     let txid = new_txid();

@@ -153,6 +153,19 @@ pub(super) async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     let changes: Vec<&str> =
         ["text", "status", "priority", "metadata"].into_iter().filter(|k| updates.contains_key(*k)).collect();
     let entity = task_entity(state, who, id, Permission::Write, Missing::TaskColon).await?;
+    if let Some(m) = &metadata {
+        // New metadata counts to the task's creator's data in memory (the old is not subtracted: a bound, not a tally).
+        let held = state.registry.held_by(&entity.created_by);
+        crate::entities::data_room(state, &entity.created_by, held, crate::entities::json_size(m)).map_err(
+            |e| match e {
+                ApiError::Refused(r) => ApiError::rejected(
+                    r.message.clone(),
+                    json!({ "code": r.code, "taskId": id, "limit": state.config.max_entity_data_bytes_per_principal }),
+                ),
+                e => e,
+            },
+        )?;
+    }
     let incarnation = entity.incarnation.as_deref();
     let held = Held::take(state, state.tasks.cell(id), id, incarnation).await?;
     let (task_id, by) = (id.to_owned(), who.to_string());

@@ -245,8 +245,8 @@ impl Registry for EmbeddedRegistry {
         self.0.cache.read().entities.get(url).is_some_and(|e| e.incarnation.as_deref() == incarnation)
     }
 
-    fn count_created_by(&self, created_by: &str) -> usize {
-        self.0.cache.read().entities.values().filter(|e| e.created_by == created_by).count()
+    fn held_by(&self, created_by: &str) -> crate::registry::Holdings {
+        crate::registry::holdings(self.0.cache.read().entities.values().map(|e| &**e), created_by)
     }
 
     fn entities(&self, type_filter: Option<&str>) -> Vec<Arc<EntityRecord>> {

@@ -325,8 +325,8 @@ impl Registry for PgRegistry {
         self.cache().state.read().entities.get(url).is_some_and(|(_, e)| e.incarnation.as_deref() == incarnation)
     }
 
-    fn count_created_by(&self, created_by: &str) -> usize {
-        self.cache().state.read().entities.values().filter(|(_, e)| e.created_by == created_by).count()
+    fn held_by(&self, created_by: &str) -> crate::registry::Holdings {
+        crate::registry::holdings(self.cache().state.read().entities.values().map(|(_, e)| &**e), created_by)
     }
 
     fn entities(&self, type_filter: Option<&str>) -> Vec<Arc<EntityRecord>> {
