@@ -126,6 +126,9 @@ pub struct ServeArgs {
     /// live readers, all streams together (at most 64 KiB served per stream) [default: 16777216]
     #[arg(long, env = "ATTACHE_STORE_TAIL_CACHE_BYTES")]
     store_tail_cache_bytes: Option<usize>,
+    /// Most idempotent producers the embedded store keeps in memory (~155 B each) besides those changed since its last checkpoint; the others are read from disk when they write again [default: 100000]
+    #[arg(long, env = "ATTACHE_STORE_PRODUCER_CACHE")]
+    store_producer_cache: Option<usize>,
     /// Most deleted tasks kept as tombstones (their owners can still read their events); past it the oldest are purged for good [default: 200]
     #[arg(long, env = "ATTACHE_DELETED_TASKS_KEPT")]
     deleted_tasks_kept: Option<usize>,
@@ -279,6 +282,7 @@ struct FileConfig {
     blocking_threads: Option<usize>,
     store_read_threads: Option<usize>,
     store_tail_cache_bytes: Option<usize>,
+    store_producer_cache: Option<usize>,
     deleted_tasks_kept: Option<usize>,
     max_entity_data_bytes: Option<usize>,
     max_entities_per_principal: Option<usize>,
@@ -418,6 +422,7 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         config.store_read_threads = n;
     }
     setting(args.store_tail_cache_bytes, file.store_tail_cache_bytes, &mut config.store_tail_cache_bytes);
+    setting(args.store_producer_cache, file.store_producer_cache, &mut config.store_producer_cache);
     setting(args.blob_cache_bytes, file.blob_cache_bytes, &mut config.blob_cache_bytes);
     setting(
         args.object_store_upload_buffer_bytes,

@@ -93,6 +93,10 @@ pub struct ServerConfig {
     /// Most bytes the embedded store keeps of the newest writes to streams
     /// with live readers, all streams together (`embedded/tail.rs`).
     pub store_tail_cache_bytes: usize,
+    /// Most idempotent producers whose state the embedded store keeps in
+    /// memory besides those changed since its last checkpoint; the rest are
+    /// read from disk when they write again (`embedded/producers.rs`).
+    pub store_producer_cache: usize,
     /// With the PostgreSQL store: most bytes of whole blobs cached on local
     /// disk beside the object store (least recently used evicted first; 0: none).
     pub blob_cache_bytes: u64,
@@ -311,6 +315,7 @@ impl ServerConfig {
             store_open_files: 4096,
             store_read_threads: 16,
             store_tail_cache_bytes: 16 << 20,
+            store_producer_cache: 100_000,
             blob_cache_bytes: attache_storage::postgres::DEFAULT_BLOB_CACHE_BYTES,
             object_store_upload_buffer_bytes: attache_storage::postgres::DEFAULT_UPLOAD_BUFFER_BYTES,
             deleted_tasks_kept: 200,

@@ -162,6 +162,7 @@ impl Server {
         store_config.segment_handles = open_files;
         store_config.read_threads = config.store_read_threads.max(1);
         store_config.tail_cache_bytes = config.store_tail_cache_bytes;
+        store_config.producer_cache = config.store_producer_cache;
         if let Some(min) = config.store_file_body_min {
             store_config.file_body_min = min;
         }

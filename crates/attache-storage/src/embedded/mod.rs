@@ -25,6 +25,7 @@
 
 mod format;
 mod marks;
+mod producers;
 mod reader;
 mod registry;
 mod segments;
@@ -102,6 +103,10 @@ pub struct EmbeddedConfig {
     pub wal_bytes: u64,
     /// How long a batch may live only in the log before a checkpoint.
     pub checkpoint_interval: Duration,
+    /// Most idempotent producers whose state redb holds that memory keeps too
+    /// (those changed since the last checkpoint are kept besides); the rest
+    /// are read from redb when they write again (`producers.rs`).
+    pub producer_cache: usize,
     /// Tests only: disk faults injected into the store's file I/O. `None`
     /// (always, outside tests) costs one branch per write or sync.
     #[doc(hidden)]
@@ -122,6 +127,7 @@ impl EmbeddedConfig {
             sweep_interval: Duration::from_secs(1),
             wal_bytes: 32 << 20,
             checkpoint_interval: Duration::from_secs(3),
+            producer_cache: 100_000,
             fault_plan: None,
         }
     }
@@ -250,6 +256,8 @@ pub(crate) struct Shared {
     /// Entries the writer's guarded keys (`writer::RowKeys`) hold after its
     /// last batch: keys and floors together (tests and diagnostics).
     pub(crate) row_keys_held: std::sync::atomic::AtomicUsize,
+    /// Producers whose state the writer holds in memory, as of its last batch or checkpoint.
+    pub(crate) producers_held: std::sync::atomic::AtomicUsize,
 }
 
 /// The writer's sweep: the kept reads of idle streams go, so they cost
@@ -512,6 +520,7 @@ impl EmbeddedStore {
             tails: tail::TailBudget::new(config.tail_cache_bytes),
             marks_gen: std::sync::atomic::AtomicU64::new(0),
             row_keys_held: std::sync::atomic::AtomicUsize::new(0),
+            producers_held: std::sync::atomic::AtomicUsize::new(0),
         });
         let reads = Arc::new(tokio::sync::Semaphore::new(config.read_threads.max(1)));
         let file_body_min = config.file_body_min;
@@ -542,6 +551,13 @@ impl EmbeddedStore {
     #[doc(hidden)]
     pub fn guarded_keys_held(&self) -> usize {
         self.shared.row_keys_held.load(Ordering::Acquire)
+    }
+
+    /// How many idempotent producers' state the writer holds in memory, as of
+    /// its last batch or checkpoint (tests and diagnostics).
+    #[doc(hidden)]
+    pub fn producers_held(&self) -> usize {
+        self.shared.producers_held.load(Ordering::Acquire)
     }
 
     fn send(&self, cmd: Command) -> StoreResult<()> {

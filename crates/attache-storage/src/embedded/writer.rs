@@ -21,11 +21,12 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use attache_core::{Offset, ProducerState};
+use attache_core::Offset;
 use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 
 use super::marks::{self, cut_runs, drop_runs, put_runs, MarkIndex, Runs, MARK_RUNS};
+use super::producers::{self, Producers};
 use tokio::sync::oneshot;
 
 use super::segments::{DirtySet, Segments};
@@ -45,7 +46,8 @@ pub(crate) use crate::rules::PreparedAppend;
 pub(crate) struct WriterState {
     pub(crate) streams: HashMap<u64, StreamInfo>,
     paths: HashMap<String, u64>,
-    producers: HashMap<(u64, String), ProducerState>,
+    /// Idempotent producers' state: what redb has not yet, and a bounded cache of the rest (`producers.rs`).
+    pub(crate) producers: Producers,
     /// How many streams hold each blob.
     pub(crate) blob_refs: HashMap<String, u64>,
     next_id: u64,
@@ -188,8 +190,12 @@ pub(crate) fn create_tables(db: &Database) -> StoreResult<()> {
 impl WriterState {
     /// This state, reloaded after a failed batch, with the guarded keys of
     /// `old`: callers may hold offsets they read before the failure.
-    fn keeping_row_keys(mut self, old: &mut WriterState) -> WriterState {
+    /// The fresh state after a reload or reopen, keeping what only memory
+    /// held of `old`: the guarded keys, and the producer state (its failed
+    /// batch's changes taken back by the caller).
+    fn keeping(mut self, old: &mut WriterState) -> WriterState {
         self.row_keys = std::mem::take(&mut old.row_keys);
+        self.producers = std::mem::take(&mut old.producers);
         self
     }
 
@@ -202,26 +208,20 @@ impl WriterState {
     /// commit too, when the disk may refuse writes).
     pub(crate) fn load(db: &Database) -> StoreResult<WriterState> {
         let txn = db.begin_read()?;
-        WriterState::from_tables(
-            &txn.open_table(STREAMS)?,
-            &txn.open_table(PRODUCERS)?,
-            &txn.open_table(BLOB_REFS)?,
-            &txn.open_table(COUNTERS)?,
-        )
+        WriterState::from_tables(&txn.open_table(STREAMS)?, &txn.open_table(BLOB_REFS)?, &txn.open_table(COUNTERS)?)
     }
 
     /// The state the tables hold (a read transaction's, or a write
     /// transaction's that is never committed: `reload`).
     fn from_tables(
         streams: &impl ReadableTable<u64, &'static [u8]>,
-        producers: &impl ReadableTable<(u64, &'static str), (u64, u64)>,
         blob_refs: &impl ReadableTable<&'static str, u64>,
         counters: &impl ReadableTable<&'static str, u64>,
     ) -> StoreResult<WriterState> {
         let mut state = WriterState {
             streams: HashMap::new(),
             paths: HashMap::new(),
-            producers: HashMap::new(),
+            producers: Producers::default(),
             blob_refs: HashMap::new(),
             next_id: 1,
             row_keys: RowKeys::default(),
@@ -235,12 +235,6 @@ impl WriterState {
                 state.paths.insert(info.path.clone(), info.id);
             }
             state.streams.insert(info.id, info);
-        }
-        for row in producers.iter()? {
-            let (key, value) = row?;
-            let (id, producer) = key.value();
-            let (epoch, last_seq) = value.value();
-            state.producers.insert((id, producer.to_owned()), ProducerState { epoch, last_seq });
         }
         for row in blob_refs.iter()? {
             let (key, value) = row?;
@@ -261,6 +255,8 @@ impl WriterState {
 /// which encode it and, with tables, apply it.
 pub(crate) struct Tables<'t> {
     db: Option<DbTables<'t>>,
+    /// The database as committed, for producer state not in memory (a batch's; `producers.rs`).
+    read_db: Option<Arc<Database>>,
     /// This transaction's changes, as log ops.
     log: Vec<u8>,
     segments: &'t Segments,
@@ -320,6 +316,7 @@ impl<'t> Tables<'t> {
     pub(crate) fn batch(segments: &'t Segments) -> Tables<'t> {
         Tables {
             db: None,
+            read_db: None,
             log: Vec::new(),
             segments,
             segment_failed: false,
@@ -761,6 +758,8 @@ pub(crate) struct Journal {
     /// refuses everything until it is reopened), and the writer reopens it
     /// before the next batch; batches meanwhile are refused with this error.
     lost: Option<StoreError>,
+    /// Most producers whose state redb holds that stay in memory too (`producers.rs`).
+    producer_cache: usize,
     /// The last batch's record buffer, emptied, for the next batch to encode
     /// into (grown from empty, a busy batch's record was reallocated about ten
     /// times); not kept past [`RECORD_BUFFER_KEPT`].
@@ -782,6 +781,7 @@ impl Journal {
             force: replayed,
             lost: None,
             spare: Vec::new(),
+            producer_cache: config.producer_cache,
         }
     }
 
@@ -928,6 +928,8 @@ fn finish_checkpoint(shared: &Shared, journal: &mut Journal, state: &mut WriterS
                 wal.trim(upto);
             }
             applied(shared, upto);
+            state.producers.checkpointed(upto, journal.producer_cache);
+            shared.producers_held.store(state.producers.len(), Ordering::Release);
         }
         Err((Source::Segment, err)) => {
             tracing::warn!(%err, "checkpoint: a segment file cannot sync; the log still holds every acknowledged batch");
@@ -1059,8 +1061,8 @@ pub(crate) fn run(
         }
         if journal.lost.is_some() {
             finish_checkpoint(&shared, &mut journal, &mut state, true);
-            match reopen(&shared, &mut journal) {
-                Ok(fresh) => state = fresh.keeping_row_keys(&mut state),
+            match reopen(&shared, &mut journal, &mut state) {
+                Ok(fresh) => state = fresh.keeping(&mut state),
                 Err(err) => tracing::warn!(%err, "the stream database cannot be reopened yet"),
             }
         }
@@ -1133,6 +1135,8 @@ fn checkpoint(shared: &Shared, journal: &mut Journal, state: &mut WriterState) -
                 wal.reset();
             }
             applied(shared, upto);
+            state.producers.checkpointed(upto, journal.producer_cache);
+            shared.producers_held.store(state.producers.len(), Ordering::Release);
         }
         // Without a log every batch commits to redb: this commit only probes the disk.
         None => {
@@ -1180,8 +1184,8 @@ fn checkpoint_failed(shared: &Shared, journal: &mut Journal, state: &mut WriterS
     shared.health.fail(Source::Db, &err);
     if err.is_io() {
         journal.lost = Some(err);
-        match reopen(shared, journal) {
-            Ok(fresh) => *state = fresh.keeping_row_keys(state),
+        match reopen(shared, journal, state) {
+            Ok(fresh) => *state = fresh.keeping(state),
             Err(err) => tracing::warn!(%err, "the stream database cannot be reopened yet"),
         }
     }
@@ -1191,7 +1195,7 @@ fn checkpoint_failed(shared: &Shared, journal: &mut Journal, state: &mut WriterS
 /// the log records since the last checkpoint (without a sync: the log keeps
 /// them durable), so the database holds exactly what was acknowledged.
 /// The checkpoint thread must be idle (`finish_checkpoint` with `wait`).
-fn reopen(shared: &Shared, journal: &mut Journal) -> StoreResult<WriterState> {
+fn reopen(shared: &Shared, journal: &mut Journal, old: &mut WriterState) -> StoreResult<WriterState> {
     let reopened = (|| -> StoreResult<WriterState> {
         shared.close_db()?;
         let db = shared.open_db()?;
@@ -1199,6 +1203,8 @@ fn reopen(shared: &Shared, journal: &mut Journal) -> StoreResult<WriterState> {
             apply_logged(&db, &shared.segments, Durability::None, true, None, |f| wal.for_each_unapplied(f))?;
         }
         let state = WriterState::load(&db)?;
+        // redb now holds every acknowledged batch: a failed batch's producers read back from it.
+        old.producers.take_back_batch(None, |id, name| producers::read_committed(&db, id, name))?;
         shared.install_db(db);
         Ok(state)
     })();
@@ -1215,9 +1221,11 @@ fn reopen(shared: &Shared, journal: &mut Journal) -> StoreResult<WriterState> {
 /// The state every acknowledged batch left: redb's (which lags the log
 /// between checkpoints) with the log's records since the last checkpoint
 /// applied, without a sync. The checkpoint thread must be idle.
-fn reload(shared: &Shared, journal: &Journal) -> StoreResult<WriterState> {
+fn reload(shared: &Shared, journal: &Journal, old: &mut WriterState) -> StoreResult<WriterState> {
     let db = shared.db()?;
     let Some(wal) = &journal.wal else {
+        // Every batch commits to redb itself: it holds every acknowledged one.
+        old.producers.take_back_batch(None, |id, name| producers::read_committed(&db, id, name))?;
         return WriterState::load(&db);
     };
     // Applied in a transaction that is never committed: redb is left as the
@@ -1229,7 +1237,11 @@ fn reload(shared: &Shared, journal: &Journal) -> StoreResult<WriterState> {
         wal.for_each_unapplied(&mut |payload| t.apply_record(payload))?;
         t.finish()?;
         let db_tables = t.db.as_ref().ok_or_else(|| StoreError::Storage("tables are open".into()))?;
-        WriterState::from_tables(&db_tables.streams, &db_tables.producers, &db_tables.blob_refs, &db_tables.counters)?
+        // The failed batch's producers, as the log's records since the last
+        // checkpoint left them (dirty until the next checkpoint).
+        old.producers
+            .take_back_batch(Some(wal.last_seq()), |id, name| producers::read_in(&db_tables.producers, id, name))?;
+        WriterState::from_tables(&db_tables.streams, &db_tables.blob_refs, &db_tables.counters)?
     };
     txn.abort()?;
     Ok(state)
@@ -1239,9 +1251,9 @@ fn reload(shared: &Shared, journal: &Journal) -> StoreResult<WriterState> {
 /// batch changed the working copy before it failed).
 fn recover_from(shared: &Shared, journal: &mut Journal, state: &mut WriterState, failed: Failed) {
     finish_checkpoint(shared, journal, state, true);
-    let fresh = if journal.lost.is_some() { reopen(shared, journal) } else { reload(shared, journal) };
+    let fresh = if journal.lost.is_some() { reopen(shared, journal, state) } else { reload(shared, journal, state) };
     match fresh {
-        Ok(fresh) => *state = fresh.keeping_row_keys(state),
+        Ok(fresh) => *state = fresh.keeping(state),
         Err(err) => {
             // The next batch reopens (and reloads) first.
             tracing::warn!(%err, "cannot reload the committed state yet");
@@ -1290,6 +1302,7 @@ fn commit_batch(
     let mut replies = Vec::with_capacity(batch.len());
     let mut commands = batch.into_iter();
     let mut t = Tables::batch(&shared.segments);
+    t.read_db = shared.db().ok();
     t.log = std::mem::take(&mut journal.spare);
     let outcome = (|| -> StoreResult<()> {
         let result = (|| -> StoreResult<()> {
@@ -1451,6 +1464,13 @@ fn commit_batch(
         }
     }
     let applied_at = started.elapsed();
+    // The batch's producer state is durable: in its log record, or in redb itself.
+    state.producers.batch_committed(if direct { None } else { logged });
+    shared.producers_held.store(state.producers.len(), Ordering::Release);
+    if state.producers.len() > journal.producer_cache.saturating_mul(2) {
+        // Producer state only the log holds cannot leave memory: a checkpoint lets it.
+        journal.force = true;
+    }
     if logged.is_some() {
         shared.health.recovered(Source::Log);
     }
@@ -1808,7 +1828,7 @@ impl WriterState {
         row: PreparedAppend,
         guard: Option<RowGuard>,
     ) -> BlobWithRow {
-        self.check_append(&row)?;
+        self.check_append(t, &row)?;
         let stream = row.stream_id;
         let start = self.streams.get(&stream).ok_or(StoreError::NotFound)?.tail;
         if let Some(guard) = &guard {
@@ -1838,7 +1858,7 @@ impl WriterState {
         guard: RowGuard,
         bytes: Option<StreamAt>,
     ) -> StoreResult<AppendOutcome> {
-        self.check_append(&row)?;
+        self.check_append(t, &row)?;
         let live = bytes.as_ref().and_then(|at| {
             let id = *self.paths.get(&at.path)?;
             let info = self.streams.get(&id)?;
@@ -1876,11 +1896,11 @@ impl WriterState {
         second: PreparedAppend,
         guard: Option<RowGuard>,
     ) -> StoreResult<AppendOutcome> {
-        self.check_append(&second)?;
+        self.check_append(t, &second)?;
         let outcome = match guard {
             Some(guard) => self.append_if(t, changes, shared, first, guard, None)?,
             None => {
-                self.check_append(&first)?;
+                self.check_append(t, &first)?;
                 self.append(t, changes, first).map_err(|e| rules::checked_then_refused(e, "an append"))?
             }
         };
@@ -1890,13 +1910,16 @@ impl WriterState {
     }
 
     /// Would [`append`](Self::append) take `p` now? Changes nothing.
-    fn check_append(&self, p: &PreparedAppend) -> StoreResult<()> {
+    fn check_append(&self, t: &Tables, p: &PreparedAppend) -> StoreResult<()> {
         let id = *self.paths.get(&p.req.path).ok_or(StoreError::NotFound)?;
         if id != p.stream_id {
             return Err(StoreError::NotFound);
         }
         let info = self.streams.get(&id).ok_or(StoreError::NotFound)?;
-        let state = p.req.producer.as_ref().and_then(|pr| self.producers.get(&(id, pr.id.clone())).copied());
+        let state = match &p.req.producer {
+            Some(pr) => self.producers.peek(read_db(t)?, id, &pr.id)?,
+            None => None,
+        };
         match rules::decide_append(info, &p.req, state)? {
             AppendDecision::Write { .. } => rules::place_rows(&mut info.tail.clone(), &p.rows, p.json).map(drop),
             AppendDecision::Answer(_) => Err(StoreError::Invalid(
@@ -2018,8 +2041,11 @@ impl WriterState {
         if id != p.stream_id {
             return Err(StoreError::NotFound);
         }
+        let state = match &req.producer {
+            Some(pr) => self.producers.get(read_db(t)?, id, &pr.id)?,
+            None => None,
+        };
         let info = self.streams.get(&id).ok_or(StoreError::NotFound)?;
-        let state = req.producer.as_ref().and_then(|pr| self.producers.get(&(id, pr.id.clone())).copied());
         let producer_next = match rules::decide_append(info, req, state)? {
             AppendDecision::Answer(outcome) => return Ok(*outcome),
             AppendDecision::Write { producer_next } => producer_next,
@@ -2031,7 +2057,7 @@ impl WriterState {
         rules::finish_append(&mut info, req);
         if let (Some(pr), Some(next)) = (&req.producer, producer_next) {
             t.put_producer(id, &pr.id, next.epoch, next.last_seq)?;
-            self.producers.insert((id, pr.id.clone()), next);
+            self.producers.set(id, &pr.id, next);
         }
         if tail_only {
             self.save_tail(changes, info.clone());
@@ -2112,7 +2138,7 @@ impl WriterState {
         if self.paths.get(&info.path) == Some(&id) {
             self.paths.remove(&info.path);
         }
-        self.producers.retain(|(sid, _), _| *sid != id);
+        self.producers.forget_stream(id);
         changes.touched.remove(&id);
         changes.reshaped.remove(&id);
         changes.removed.push((id, info.path.clone()));
@@ -2128,6 +2154,11 @@ impl WriterState {
         }
         Ok(())
     }
+}
+
+/// The committed database a batch reads producer state from.
+fn read_db<'a>(t: &'a Tables) -> StoreResult<&'a Database> {
+    t.read_db.as_deref().ok_or_else(|| StoreError::Unavailable("the store is reopening after a disk error".into()))
 }
 
 #[cfg(test)]
