@@ -179,6 +179,9 @@ pub struct ServeArgs {
     /// is answered 503 with Retry-After (lowered at start to fit the open-file limit) [default: 4096]
     #[arg(long, env = "ATTACHE_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Bytes of unfinished request headers past 8 KiB a connection that all connections may hold together; a connection whose header grows past it is closed [default: 16777216]
+    #[arg(long, env = "ATTACHE_HEADER_BUFFER_BYTES")]
+    header_buffer_bytes: Option<usize>,
     /// How long a client has to send a whole request header, e.g. 10s [default: 10s]
     #[arg(long, env = "ATTACHE_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration)]
     header_read_timeout: Option<Duration>,
@@ -297,6 +300,7 @@ struct FileConfig {
     blob_cache_bytes: Option<u64>,
     object_store_upload_buffer_bytes: Option<u64>,
     max_connections: Option<usize>,
+    header_buffer_bytes: Option<usize>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
     slow_reader_timeout: Option<String>,
@@ -446,6 +450,7 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
         &mut config.mcp_max_sessions_per_principal,
     );
     setting(args.mcp_max_initialize_bytes, file.mcp_max_initialize_bytes, &mut config.mcp_max_initialize_bytes);
+    setting(args.header_buffer_bytes, file.header_buffer_bytes, &mut config.header_buffer_bytes);
     if let Some(n) = args.max_connections.or(file.max_connections) {
         anyhow::ensure!(n > 0, "max_connections must be at least 1");
         config.max_connections = n;

@@ -147,6 +147,9 @@ pub struct ServerConfig {
     /// new connection is answered 503 with `Retry-After` and closed. Lowered at
     /// start to leave room under the process's open-file limit.
     pub max_connections: usize,
+    /// Bytes of unfinished request heads past 8 KiB a connection that all
+    /// connections may hold together (a connection whose head grows past it is closed).
+    pub header_buffer_bytes: usize,
     /// How long a client has to send a whole request header, from connecting
     /// (or, on a kept-alive connection, from the first byte of the next request).
     pub header_read_timeout: Duration,
@@ -330,6 +333,7 @@ impl ServerConfig {
             pauses: None,
             store_file_body_min: None,
             max_connections: 4096,
+            header_buffer_bytes: 16 << 20,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             slow_reader_timeout: Duration::from_secs(30),

@@ -43,7 +43,7 @@ pub struct Metrics {
     /// Multipart uploads in progress (`attachments::UploadSlots`).
     uploads_in_progress: AtomicI64,
     /// Indexed by `Closed as usize`.
-    connections_closed: [AtomicU64; 5],
+    connections_closed: [AtomicU64; 6],
     /// Responses whose body went out with `sendfile`, and the file bytes they sent.
     file_sends: AtomicU64,
     file_sent_bytes: AtomicU64,
@@ -62,11 +62,19 @@ pub enum Closed {
     SlowReader = 3,
     /// A WebSocket message begun and not finished within `--body-read-timeout`.
     MessageTimeout = 4,
+    /// Its unfinished request head grew past what `--header-buffer-bytes` had left.
+    HeadBudget = 5,
 }
 
 impl Closed {
-    const ALL: [Closed; 5] =
-        [Closed::OverCap, Closed::HeaderTimeout, Closed::IdleTimeout, Closed::SlowReader, Closed::MessageTimeout];
+    const ALL: [Closed; 6] = [
+        Closed::OverCap,
+        Closed::HeaderTimeout,
+        Closed::IdleTimeout,
+        Closed::SlowReader,
+        Closed::MessageTimeout,
+        Closed::HeadBudget,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -75,6 +83,7 @@ impl Closed {
             Closed::IdleTimeout => "idle_timeout",
             Closed::SlowReader => "slow_reader",
             Closed::MessageTimeout => "message_timeout",
+            Closed::HeadBudget => "head_budget",
         }
     }
 }

@@ -48,6 +48,42 @@ async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout
     assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK);
 }
 
+/// Unfinished request heads past 8 KiB a connection share
+/// `--header-buffer-bytes`: a client that sends most of a 64 KiB head and
+/// stalls held it until the header timeout, and 2,000 such connections held
+/// 158 MB (session 16's attack pass). A connection whose head grows past what
+/// the budget has left is closed; small heads are untouched, and a large one
+/// is served once the budget has room again.
+#[tokio::test]
+async fn unfinished_request_heads_share_the_header_budget_and_one_past_it_is_closed() {
+    let s = TestServer::start_with(|c| {
+        c.header_buffer_bytes = 16 << 10;
+        // Longer than the wait below: a close is the budget's, not the header timeout's.
+        c.header_read_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let pad = "a".repeat(20 << 10);
+    let partial = format!("GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nx-pad: {pad}");
+    let mut first = connect(&s).await;
+    first.write_all(partial.as_bytes()).await.expect("most of a head");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut second = connect(&s).await;
+    // The second may be closed while it still writes: either is the refusal.
+    let _ = second.write_all(partial.as_bytes()).await;
+    let sent = read_until_closed(&mut second).await;
+    assert_eq!(sent.as_deref(), Some(&b""[..]), "the second head past the budget is closed unanswered");
+    // Small heads take nothing from it.
+    assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK);
+    // The first finishes its head and is answered; its bytes go back, and a large head fits again.
+    first.write_all(b"\r\n\r\n").await.expect("the rest of the head");
+    let mut seen = Vec::new();
+    read_until(&mut first, &mut seen, "200 OK").await;
+    let mut third = connect(&s).await;
+    third.write_all(format!("{partial}\r\n\r\n").as_bytes()).await.expect("a whole large head");
+    let mut seen = Vec::new();
+    read_until(&mut third, &mut seen, "200 OK").await;
+}
+
 #[tokio::test]
 async fn half_a_request_header_is_closed_after_the_header_read_timeout() {
     let s = TestServer::start_with(|c| c.header_read_timeout = Duration::from_millis(300)).await;

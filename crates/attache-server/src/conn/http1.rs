@@ -215,8 +215,8 @@ async fn fill(io: &TcpStream, buf: &mut BytesMut, activity: &Activity) -> io::Re
         }
         match read_draining(io, buf) {
             Ok(0) => return Ok(false),
-            Ok(_) => {
-                activity.read_some();
+            Ok(n) => {
+                activity.read_some(n)?;
                 return Ok(true);
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,

@@ -88,6 +88,49 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub slow_reader_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Bytes of unfinished request heads past [`HEAD_FREE_BYTES`] a connection, all connections together.
+    pub header_buffer_bytes: usize,
+}
+
+/// What every connection may hold of an unfinished request head without
+/// taking from `--header-buffer-bytes`: nearly every head is smaller.
+pub const HEAD_FREE_BYTES: usize = 8 << 10;
+
+/// The bytes of unfinished request heads past [`HEAD_FREE_BYTES`] that all
+/// connections hold together. A head may be as large as a connection's
+/// buffer (64 KiB, 431 beyond), and a client that sends most of one and
+/// stalls keeps it there until `--header-read-timeout`: 2,000 such
+/// connections held 158 MB, 4,000 306 MB (session 16's attack pass). Past
+/// this budget, a connection whose head grows further is closed.
+#[derive(Debug)]
+pub struct HeadBudget {
+    held: AtomicUsize,
+    capacity: usize,
+}
+
+impl HeadBudget {
+    pub fn new(capacity: usize) -> HeadBudget {
+        HeadBudget { held: AtomicUsize::new(0), capacity }
+    }
+
+    fn take(&self, n: usize) -> bool {
+        n == 0
+            || self
+                .held
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| h.checked_add(n).filter(|&t| t <= self.capacity))
+                .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        if n > 0 {
+            self.held.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+
+    /// Bytes held now (for `/metrics` and tests).
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
 }
 
 impl Limits {
@@ -98,6 +141,7 @@ impl Limits {
             idle_timeout: config.idle_timeout,
             slow_reader_timeout: config.slow_reader_timeout,
             shutdown_grace: config.shutdown_grace,
+            header_buffer_bytes: config.header_buffer_bytes,
         }
     }
 }
@@ -133,6 +177,7 @@ pub async fn serve(
     let rejecting = Arc::new(Semaphore::new(REJECTING_AT_ONCE));
     let connections = TaskTracker::new();
     let live = Arc::new(Live::default());
+    let heads = Arc::new(HeadBudget::new(limits.header_buffer_bytes));
     let mut next_id = 0u64;
     let mut backoff = ACCEPT_BACKOFF.0;
     loop {
@@ -161,7 +206,7 @@ pub async fn serve(
         };
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
-                let activity = Arc::new(Activity::new(metrics.clone()));
+                let activity = Arc::new(Activity::new(metrics.clone(), heads.clone()));
                 next_id += 1;
                 let listed = live.add(next_id, activity.clone());
                 let io = Watched { io: stream, activity: activity.clone(), _permit: permit, unread: Bytes::new() };
@@ -535,14 +580,26 @@ struct Activity {
     /// task; from then on the last request to end wakes it too).
     stop: AtomicBool,
     stopping: Notify,
+    /// Bytes read of the request head being read (from its first byte to the request's start).
+    head_read: AtomicUsize,
+    /// What of them past [`HEAD_FREE_BYTES`] this connection holds of `heads`.
+    head_held: AtomicUsize,
+    heads: Arc<HeadBudget>,
     metrics: Arc<Metrics>,
     _open: crate::metrics::OpenConnection,
 }
 
 const NEVER: u64 = u64::MAX;
 
+impl Drop for Activity {
+    /// A connection closed in the middle of a head gives its bytes back.
+    fn drop(&mut self) {
+        self.heads.give_back(*self.head_held.get_mut());
+    }
+}
+
 impl Activity {
-    fn new(metrics: Arc<Metrics>) -> Activity {
+    fn new(metrics: Arc<Metrics>, heads: Arc<HeadBudget>) -> Activity {
         Activity {
             opened: Instant::now(),
             jitter_permille: rand::random_range(0..=JITTER_PERMILLE),
@@ -557,6 +614,9 @@ impl Activity {
             next_body: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             stopping: Notify::new(),
+            head_read: AtomicUsize::new(0),
+            head_held: AtomicUsize::new(0),
+            heads,
             _open: crate::metrics::OpenConnection::new(metrics.clone()),
             metrics,
         }
@@ -614,21 +674,41 @@ impl Activity {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.served.store(true, Ordering::Release);
         self.reading_since.store(NEVER, Ordering::Release);
+        self.head_read.store(0, Ordering::Release);
+        self.heads.give_back(self.head_held.swap(0, Ordering::AcqRel));
         InFlight(self.clone())
     }
 
     /// Bytes arrived. Between requests, or on HTTP/1 once every request body
     /// has been read while a response still goes out (the client pipelines its
     /// next request), they start the next header and its deadline.
-    fn read_some(&self) {
-        if self.reading_since.load(Ordering::Acquire) != NEVER {
-            return;
-        }
-        let between = self.in_flight.load(Ordering::Acquire) == 0
-            || (self.open_bodies.load(Ordering::Acquire) == 0 && !self.multiplexed.load(Ordering::Acquire));
-        if between {
+    ///
+    /// `n` bytes of a head past [`HEAD_FREE_BYTES`] are taken from the
+    /// server's head budget until the request starts; `Err` when it has no
+    /// more room (the connection is then closed).
+    fn read_some(&self, n: usize) -> io::Result<()> {
+        if self.reading_since.load(Ordering::Acquire) == NEVER {
+            let between = self.in_flight.load(Ordering::Acquire) == 0
+                || (self.open_bodies.load(Ordering::Acquire) == 0 && !self.multiplexed.load(Ordering::Acquire));
+            if !between {
+                return Ok(());
+            }
             self.reading_since.store(self.now_ms(), Ordering::Release);
         }
+        let read = self.head_read.fetch_add(n, Ordering::AcqRel) + n;
+        let want = read.saturating_sub(HEAD_FREE_BYTES);
+        let held = self.head_held.load(Ordering::Acquire);
+        if want > held {
+            if !self.heads.take(want - held) {
+                self.metrics.connection_closed(Closed::HeadBudget);
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "unfinished request heads hold the server's header budget (header_buffer_bytes)",
+                ));
+            }
+            self.head_held.store(want, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// A response ended with bytes of the next request already received (in
@@ -977,8 +1057,11 @@ impl AsyncRead for Watched {
         }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.read_some();
+        let read = buf.filled().len() - before;
+        if matches!(polled, Poll::Ready(Ok(()))) && read > 0 {
+            if let Err(err) = self.activity.read_some(read) {
+                return Poll::Ready(Err(err));
+            }
         }
         polled
     }
@@ -1160,11 +1243,12 @@ mod tests {
             idle_timeout: Duration::from_secs(60),
             slow_reader_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            header_buffer_bytes: 1 << 20,
         };
         let metrics = Arc::new(Metrics::default());
         let mut stretches = std::collections::BTreeSet::new();
         for _ in 0..200 {
-            let a = Activity::new(metrics.clone());
+            let a = Activity::new(metrics.clone(), Arc::new(HeadBudget::new(limits.header_buffer_bytes)));
             let (at, why) = a.deadline(&limits).expect("a quiet connection has a deadline");
             assert_eq!(why, Closed::HeaderTimeout);
             let stretch = at - a.opened;
