@@ -48,6 +48,32 @@ pub fn split_messages_at_most(body: &[u8], usage: JsonBodyUse, max: usize) -> Re
     }
 }
 
+/// How many JSON values `body` holds, counted from its structure without
+/// parsing it (each `[`, `{`, `,` and `:` outside strings starts or
+/// separates one), so a caller can tell what a tree of it would cost before
+/// it builds one: 4 MiB of `[1,1,...]` is two million values, a tree of ~130
+/// MB, where 4 MiB of one string is one. An estimate for malformed JSON.
+pub fn values_in(body: &[u8]) -> usize {
+    let (mut n, mut in_string, mut escaped) = (1usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' | b',' | b':' => n += 1,
+                _ => {}
+            }
+        }
+    }
+    n
+}
+
 /// The custom error [`AtMost`] stops with (serde's errors carry text only).
 const TOO_MANY: &str = "attache: too many messages";
 
@@ -98,6 +124,16 @@ mod tests {
         assert_eq!(split_messages_at_most(b"{}", JsonBodyUse::Append, 1).unwrap().len(), 1);
         assert!(matches!(split_messages_at_most(b"[1,", JsonBodyUse::Append, 1), Err(Error::InvalidJson(_))));
         assert!(matches!(split_messages_at_most(b"[1] x", JsonBodyUse::Append, 5), Err(Error::InvalidJson(_))));
+    }
+
+    #[test]
+    fn values_are_counted_from_structure_and_strings_hide_theirs() {
+        assert_eq!(values_in(b"1"), 1);
+        assert!(values_in(b"[1,1,1,1]") >= 4);
+        assert_eq!(values_in(br#""a,b:[c{""#), 1, "separators inside a string are text");
+        assert_eq!(values_in(br#""a\"[,""#), 1, "an escaped quote does not end the string");
+        let wide = format!("[{}]", vec!["1"; 1000].join(","));
+        assert!(values_in(wide.as_bytes()) >= 1000);
     }
 
     #[test]

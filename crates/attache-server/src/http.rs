@@ -148,6 +148,41 @@ impl BodyBudget {
     }
 }
 
+/// Memory a request's parsed form holds (an append's rows, a JSON-RPC
+/// body's tree) taken from the body budget and its sender's share, as the
+/// body's bytes were while they arrived; given back on drop.
+pub(crate) struct Hold<'a> {
+    budget: &'a BodyBudget,
+    who: &'a PrincipalKey,
+    bytes: usize,
+}
+
+impl BodyBudget {
+    /// Holds `bytes` for `who` (`what`: what they are, for the refusal);
+    /// 503 `BODY_BUDGET_EXHAUSTED` with `Retry-After: 1` when the budget or
+    /// `who`'s share has not that many left (one request alone may always).
+    pub(crate) fn hold<'a>(&'a self, who: &'a PrincipalKey, bytes: usize, what: &str) -> ApiResult<Hold<'a>> {
+        if !self.try_hold(who, bytes, 0) {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "BODY_BUDGET_EXHAUSTED",
+                format!(
+                    "{what} would hold {bytes} bytes while it is handled, past what the requests of {who} may hold \
+                     now (body_buffer_bytes, budget_share_per_principal); retry later, or send less at a time"
+                ),
+            )
+            .with_header(header::RETRY_AFTER, 1));
+        }
+        Ok(Hold { budget: self, who, bytes })
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.budget.give_back(self.who, self.bytes);
+    }
+}
+
 /// Bytes one body holds of the budget, and of its sender's share; given back on drop.
 struct Held<'a> {
     budget: &'a BodyBudget,

@@ -290,38 +290,6 @@ async fn write(
 /// messages peaked at ~130 B a message.
 const ROW_COST: usize = 128;
 
-/// An append's rows' cost held in the body budget until the append is done.
-struct RowsHeld<'a> {
-    state: &'a AppState,
-    who: &'a PrincipalKey,
-    bytes: usize,
-}
-
-impl<'a> RowsHeld<'a> {
-    fn take(state: &'a AppState, who: &'a PrincipalKey, rows: usize) -> ApiResult<RowsHeld<'a>> {
-        let bytes = rows.saturating_mul(ROW_COST);
-        if !state.bodies.try_hold(who, bytes, 0) {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "BODY_BUDGET_EXHAUSTED",
-                format!(
-                    "the {rows} messages of this append would hold {bytes} bytes while written, past what request \
-                     bodies of {who} may hold now (body_buffer_bytes, budget_share_per_principal); retry later or \
-                     append fewer messages at a time"
-                ),
-            )
-            .with_header(axum::http::header::RETRY_AFTER, 1));
-        }
-        Ok(RowsHeld { state, who, bytes })
-    }
-}
-
-impl Drop for RowsHeld<'_> {
-    fn drop(&mut self) {
-        self.state.bodies.give_back(self.who, self.bytes);
-    }
-}
-
 /// The refusal code of [`stream_room`].
 pub const TOO_MANY_STREAMS: &str = "TOO_MANY_STREAMS";
 
@@ -478,7 +446,8 @@ async fn post(
     // What the rows cost while they are written, from the body budget (and the
     // sender's share), as the body's bytes are: many small appends of many
     // messages each cannot together hold more than the budget.
-    let _rows = RowsHeld::take(state, who, messages.as_ref().map_or(0, Vec::len))?;
+    let rows = messages.as_ref().map_or(0, Vec::len);
+    let _rows = state.bodies.hold(who, rows.saturating_mul(ROW_COST), &format!("an append of {rows} messages"))?;
     let attachment = match owner {
         Some((entity, EntityStream::Attachment(id))) => Some((entity, id)),
         _ => None,

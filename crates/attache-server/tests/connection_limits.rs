@@ -732,6 +732,53 @@ async fn json_rpc_reads_arriving_together_take_their_answers_from_the_response_b
     gauge_until(&s, ANSWERS, |held| held == 0, "0").await;
 }
 
+/// A JSON-RPC body becomes a tree of values, ~64 B each besides its text (4
+/// MiB of `[1,1,...]` took +140 MB: session 16's attack pass), so the tree
+/// a call holds while it runs comes from the body budget: a second wide
+/// call while the first holds it is refused (503, -32600 naming
+/// `body_buffer_bytes`), and it goes through once the first is done.
+#[tokio::test]
+async fn json_rpc_bodies_hold_their_tree_in_the_body_budget_while_they_run() {
+    let pauses = attache_server::pause::Pauses::default();
+    let given = pauses.clone();
+    let s = TestServer::start_with(move |c| {
+        c.pauses = Some(given);
+        c.body_buffer_bytes = 4 << 20;
+        c.budget_share_per_principal = 100;
+    })
+    .await;
+    // 40,000 values: ~2.6 MB as a tree, from an 80 KB body.
+    let wide = serde_json::json!({ "jsonrpc": "2.0", "method": "task.list",
+        "params": { "pad": vec![1; 40_000] }, "id": 1 })
+    .to_string();
+    let mut first = connect(&s).await;
+    let head = format!(
+        "POST /rpc HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: user:alice\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{wide}",
+        wide.len(),
+    );
+    let at_call = pauses.arm(attache_server::pause::RPC_CALL);
+    first.write_all(head.as_bytes()).await.expect("the first call is sent");
+    at_call.reached().await;
+    let post = || {
+        s.client
+            .post(s.url("/rpc"))
+            .header("electric-principal", "user:alice")
+            .header("content-type", "application/json")
+            .body(wide.clone())
+            .send()
+    };
+    let refused = post().await.expect("an answer");
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], -32600, "{body}");
+    assert!(body["error"]["data"]["reason"].as_str().unwrap_or("").contains("body_buffer_bytes"), "{body}");
+    at_call.release();
+    let mut seen = Vec::new();
+    read_until(&mut first, &mut seen, "\"result\"").await;
+    assert_eq!(post().await.expect("an answer").status(), StatusCode::OK, "room again once the first is done");
+}
+
 /// A page of the entity list is held within the response budget too (50
 /// pages of large spawn args over one HTTP/2 connection with no window held
 /// 1.3 GB): past it, 503 at once.
