@@ -411,6 +411,17 @@ fn respond(status: StatusCode, body: &impl Serialize) -> Response {
     res
 }
 
+/// A body refused before any call ran (too large, past the body budget):
+/// the refusal's status and headers, error -32600 with its reason.
+fn body_refused(state: &AppState, e: &ApiError) -> Response {
+    let refusal = e.refusal();
+    let err = RpcError::InvalidRequest(refusal.message);
+    state.metrics.rpc_call("", &outcome_label(&err));
+    let mut res = respond(refusal.status, &error_response(Value::Null, &err));
+    res.headers_mut().extend(refusal.headers);
+    res
+}
+
 /// POST /rpc (and /rpc/batch): always 200 for answered calls, 204 when only
 /// notifications came; 401 for missing credentials, 413 for an oversized body.
 pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request) -> Response {
@@ -430,14 +441,7 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
     };
     let bytes = match crate::http::read_body(&state.bodies, body, headers, state.config.rpc_max_body_bytes).await {
         Ok(b) => b,
-        Err(e) => {
-            let refusal = e.refusal();
-            let err = RpcError::InvalidRequest(refusal.message);
-            state.metrics.rpc_call("", &outcome_label(&err));
-            let mut res = respond(refusal.status, &error_response(Value::Null, &err));
-            res.headers_mut().extend(refusal.headers);
-            return res;
-        }
+        Err(e) => return body_refused(&state, &e),
     };
     // Answers not yet sent hold the response budget (a client that reads
     // nothing, an HTTP/2 stream with no window): while it is full, calls are
@@ -456,14 +460,7 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
     let tree = bytes.len().saturating_add(values.saturating_mul(VALUE_COST));
     let _tree = match state.bodies.hold(&who, tree, &format!("a body of {values} JSON values")) {
         Ok(hold) => hold,
-        Err(e) => {
-            let refusal = e.refusal();
-            let err = RpcError::InvalidRequest(refusal.message);
-            state.metrics.rpc_call("", &outcome_label(&err));
-            let mut res = respond(refusal.status, &error_response(Value::Null, &err));
-            res.headers_mut().extend(refusal.headers);
-            return res;
-        }
+        Err(e) => return body_refused(&state, &e),
     };
     crate::pause::at(&state, crate::pause::RPC_CALL).await;
     let budget = response_budget(&state, &who);
