@@ -248,7 +248,9 @@ pub async fn dispatch(
 /// PUT and POST. The body is read, then the caller is checked again against
 /// what holds the path now: the check made before the body says nothing
 /// about a stream created, or an entity purged and spawned again, while a
-/// client took its time sending the body (it may stall it at will). For an
+/// client took its time sending the body (it may stall it at will). A plain
+/// stream's body that was all there at once is not checked again: no client
+/// could stretch that moment (session 16: one named lookup less an append). For an
 /// entity's streams the entity's life is held from that check through the
 /// write, as the entity routes hold it (`hold_life`).
 async fn write(
@@ -260,7 +262,15 @@ async fn write(
     body: Body,
     checked: Access,
 ) -> ApiResult<Response> {
-    let body = read_body(&state.bodies, body, headers, state.config.max_append_bytes).await?;
+    // Whether the body was all there at once (every body of the lean HTTP/1
+    // path, read before the handler ran): then nothing can have changed under
+    // the request that the check before it did not see, as far as the client
+    // could arrange, and a plain stream's owner is not looked at again.
+    let mut reading = std::pin::pin!(read_body(&state.bodies, body, headers, state.config.max_append_bytes));
+    let (body, waited) = match futures::poll!(reading.as_mut()) {
+        std::task::Poll::Ready(body) => (body?, false),
+        std::task::Poll::Pending => (reading.await?, true),
+    };
     let life = match EntityUrl::owning(path.as_str()) {
         Some((entity, which)) => {
             // `authorize`'s check for a write, on the record whose life is then held.
@@ -271,6 +281,7 @@ async fn write(
             entity_stream_rules(state, method, &entity, &which, &Req(headers)).await?;
             Some(hold_life(state, &record).await?)
         }
+        None if !waited => None,
         None => {
             if authorize(state, who, method, path).await? != checked {
                 // What the path holds changed under the request (a kept stream's name taken, or freed).
