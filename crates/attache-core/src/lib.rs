@@ -29,5 +29,21 @@ pub use stream::{ContentType, ExpiresAt, StreamPath, Ttl};
 /// Milliseconds since the Unix epoch, the unit of every time attache stores
 /// (expiry, grants, rows): the one clock read the crates share.
 pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    // Straight from the system clock: `chrono::Utc::now()` works out the
+    // calendar date on every call, and this runs several times a request.
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    #[test]
+    fn now_ms_reads_the_same_clock_as_chrono() {
+        let before = chrono::Utc::now().timestamp_millis();
+        let now = super::now_ms();
+        let after = chrono::Utc::now().timestamp_millis();
+        assert!(before <= now && now <= after, "{before} <= {now} <= {after}");
+    }
 }
