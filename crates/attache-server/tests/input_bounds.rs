@@ -104,6 +104,26 @@ async fn a_websocket_message_over_the_limit_closes_with_1009() {
     assert_responsive(&s).await;
 }
 
+/// A WebSocket's messages are not a request head: the header budget
+/// (`--header-buffer-bytes`, for unfinished HTTP heads) takes none of them.
+/// Before (session 16's second attack pass), every byte a socket read after
+/// its upgrade was counted as a head and never given back: after ~16 MiB an
+/// honest socket was closed (1002), and while it stayed open, every other
+/// client's large head or WebSocket message was refused.
+#[tokio::test]
+async fn websocket_traffic_takes_nothing_from_the_header_budget() {
+    let s = TestServer::start_with(|c| c.header_buffer_bytes = 16 << 10).await;
+    let mut ws = ws_connect(&s).await;
+    for i in 0..20 {
+        ws_send(&mut ws, format!(r#"{{"action":"ping","pad":"{}"}}"#, "x".repeat(4 << 10))).await;
+        let answer = ws_next(&mut ws).await;
+        assert_eq!(answer["type"], "pong", "message {i}: {answer}");
+    }
+    // A large head from another client still fits the budget.
+    let res = s.request(reqwest::Method::GET, "/healthz").header("x-pad", "p".repeat(20 << 10)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
 /// Fragments count together: many small frames of one message pass the
 /// limit as surely as one big frame (the old limit was tungstenite's 64 MiB).
 #[tokio::test]

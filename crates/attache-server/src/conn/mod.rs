@@ -326,6 +326,15 @@ fn is_connection_error(err: &io::Error) -> bool {
 /// that reads slowly. Response bodies wait for this room before producing more.
 pub const CONNECTION_BUFFER_BYTES: usize = 64 << 10;
 
+/// The largest request header list an HTTP/2 client may send (decoded, RFC
+/// 9113's SETTINGS_MAX_HEADER_LIST_SIZE), as Node's default. hyper's own is
+/// 16 MiB, and a header block arriving in HEADERS and CONTINUATION frames is
+/// held until it ends: 2,000 connections, each with a long-poll in flight and
+/// ~31 KB of a second header block sent and stalled, held 113 MB more than
+/// the long-polls alone, outside the header budget, which counts HTTP/1 heads
+/// only (session 16's attack pass).
+const HTTP2_MAX_HEADER_LIST: u32 = 16 << 10;
+
 /// The HTTP/2 connection preface (RFC 9113, 3.4): how a client that speaks
 /// HTTP/2 with prior knowledge starts.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -428,6 +437,7 @@ async fn serve_connection(
                 .max_send_buf_size(CONNECTION_BUFFER_BYTES)
                 .initial_stream_window_size(HTTP2_RECEIVE_WINDOW)
                 .initial_connection_window_size(HTTP2_RECEIVE_WINDOW)
+                .max_header_list_size(HTTP2_MAX_HEADER_LIST)
                 .max_concurrent_streams(HTTP2_MAX_STREAMS);
             drive(Box::pin(builder.serve_connection(TokioIo::new(io), service)), activity, limits).await;
         }
@@ -440,6 +450,7 @@ async fn serve_connection(
                 .max_send_buf_size(CONNECTION_BUFFER_BYTES)
                 .initial_stream_window_size(HTTP2_RECEIVE_WINDOW)
                 .initial_connection_window_size(HTTP2_RECEIVE_WINDOW)
+                .max_header_list_size(HTTP2_MAX_HEADER_LIST)
                 .max_concurrent_streams(HTTP2_MAX_STREAMS);
             drive(Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service)), activity, limits).await;
         }
@@ -584,6 +595,8 @@ struct Activity {
     head_read: AtomicUsize,
     /// What of them past [`HEAD_FREE_BYTES`] this connection holds of `heads`.
     head_held: AtomicUsize,
+    /// The connection was upgraded (a WebSocket): no request head comes again.
+    upgraded: AtomicBool,
     heads: Arc<HeadBudget>,
     metrics: Arc<Metrics>,
     _open: crate::metrics::OpenConnection,
@@ -616,6 +629,7 @@ impl Activity {
             stopping: Notify::new(),
             head_read: AtomicUsize::new(0),
             head_held: AtomicUsize::new(0),
+            upgraded: AtomicBool::new(false),
             heads,
             _open: crate::metrics::OpenConnection::new(metrics.clone()),
             metrics,
@@ -670,6 +684,14 @@ impl Activity {
         })
     }
 
+    /// The connection became a WebSocket: what its head held goes back, and
+    /// its bytes are not counted as a head again (`ws` keeps its own bounds).
+    fn upgraded(&self) {
+        self.upgraded.store(true, Ordering::Release);
+        self.head_read.store(0, Ordering::Release);
+        self.heads.give_back(self.head_held.swap(0, Ordering::AcqRel));
+    }
+
     fn request_started(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.served.store(true, Ordering::Release);
@@ -687,6 +709,9 @@ impl Activity {
     /// server's head budget until the request starts; `Err` when it has no
     /// more room (the connection is then closed).
     fn read_some(&self, n: usize) -> io::Result<()> {
+        if self.upgraded.load(Ordering::Acquire) {
+            return Ok(());
+        }
         if self.reading_since.load(Ordering::Acquire) == NEVER {
             let between = self.in_flight.load(Ordering::Acquire) == 0
                 || (self.open_bodies.load(Ordering::Acquire) == 0 && !self.multiplexed.load(Ordering::Acquire));
@@ -853,8 +878,13 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
         let h2 = (req.version() == http::Version::HTTP_2).then(|| activity.clone());
         let req = req.map(|body| RequestBody::new(body, activity));
         let answer = self.app.clone().oneshot(req);
+        let upgrading = activity.clone();
         Box::pin(async move {
             let res = answer.await?;
+            if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                // A WebSocket from here on: its bytes are messages, never a request head.
+                upgrading.upgraded();
+            }
             Ok(res.map(|body| TrackedBody::new(body, in_flight, place, h2)))
         })
     }
