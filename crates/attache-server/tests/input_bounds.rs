@@ -886,6 +886,19 @@ async fn what_one_principals_entities_keep_is_bounded_by_its_data_quota() {
         (Some(-32602), Some("TOO_MANY_ENTITIES")),
         "{err}"
     );
+    // A task's result is kept with it too: bounded per task, and counted to its creator.
+    let finish = |result: Value| json!({ "id": task["id"], "workerId": "w1", "result": result });
+    task_helpers::ok(&s, MALLORY, "task.assign", json!({ "taskId": task["id"], "instanceId": "w1" })).await;
+    let err = task_helpers::err(&s, MALLORY, "task.complete", finish(json!({ "pad": "r".repeat(70_000) }))).await;
+    assert_eq!((err["code"].as_i64(), err["data"]["field"].as_str()), (Some(-32602), Some("result")), "{err}");
+    let err = task_helpers::err(&s, MALLORY, "task.complete", finish(json!({ "pad": "r".repeat(50_000) }))).await;
+    assert_eq!(
+        (err["code"].as_i64(), err["data"]["code"].as_str()),
+        (Some(-32602), Some("TOO_MANY_ENTITIES")),
+        "{err}"
+    );
+    let done = task_helpers::ok(&s, MALLORY, "task.complete", finish(json!({ "ok": true }))).await;
+    assert_eq!(done["status"], "completed", "{done}");
     // Another principal is not held back.
     let res = entity_support::as_principal(
         s.request(reqwest::Method::PUT, &entity_support::api("/chat/alices-d")),
