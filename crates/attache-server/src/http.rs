@@ -183,6 +183,39 @@ impl Drop for Hold<'_> {
     }
 }
 
+/// A [`Hold`] that lives as long as a response body (`holding`), for a
+/// request whose parsed form lives on while the answer is made (an MCP
+/// message: rmcp keeps its params until the tool has answered).
+pub(crate) struct OwnedHold {
+    state: crate::AppState,
+    who: PrincipalKey,
+    bytes: usize,
+}
+
+impl OwnedHold {
+    pub(crate) fn take(state: &crate::AppState, who: &PrincipalKey, bytes: usize, what: &str) -> ApiResult<OwnedHold> {
+        let hold = state.bodies.hold(who, bytes, what)?;
+        std::mem::forget(hold);
+        Ok(OwnedHold { state: state.clone(), who: who.clone(), bytes })
+    }
+}
+
+impl Drop for OwnedHold {
+    fn drop(&mut self) {
+        self.state.bodies.give_back(&self.who, self.bytes);
+    }
+}
+
+/// What a JSON body costs as a tree of `serde_json::Value`s: its text, and
+/// ~64 B a value (its node, and its place in its array or object; 4 MiB of
+/// `[1,1,...]`, two million values, took +140 MB), counted from its
+/// structure before it is parsed.
+pub(crate) fn json_tree_cost(body: &[u8]) -> (usize, usize) {
+    const VALUE_COST: usize = 96;
+    let values = attache_core::json::values_in(body);
+    (values, body.len().saturating_add(values.saturating_mul(VALUE_COST)))
+}
+
 /// Bytes one body holds of the budget, and of its sender's share; given back on drop.
 struct Held<'a> {
     budget: &'a BodyBudget,

@@ -390,10 +390,22 @@ async fn require_auth(
         true => state.config.mcp_max_initialize_bytes.min(state.config.rpc_max_body_bytes),
         false => state.config.rpc_max_body_bytes,
     };
+    // The message as rmcp's tree of values, held in the body budget until
+    // its answer is sent (rmcp keeps it until the tool has answered): as a
+    // call on /rpc (before, session 16's second attack pass, one 3.5 MB
+    // message of nested arrays peaked at +470 MB, eight sessions at 1.6 GB).
+    let mut tree = None;
     let req = if req.method() == axum::http::Method::POST {
         let (parts, body) = req.into_parts();
         match crate::http::read_body(&state.bodies, body, &parts.headers, limit).await {
-            Ok(bytes) => axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)),
+            Ok(bytes) => {
+                let (values, cost) = crate::http::json_tree_cost(&bytes);
+                match crate::http::OwnedHold::take(&state, &who, cost, &format!("a message of {values} JSON values")) {
+                    Ok(hold) => tree = Some(hold),
+                    Err(e) => return e.into_response(),
+                }
+                axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))
+            }
             Err(e) if opens_session && e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
                 let message = format!(
                     "a request that opens an MCP session (initialize) is at most {limit} bytes \
@@ -420,7 +432,7 @@ async fn require_auth(
         let slot = AnswerSlot::default();
         let mut req = req;
         req.extensions_mut().insert(slot.clone());
-        return next.run(req).await.map(|body| crate::http::holding(body, slot));
+        return next.run(req).await.map(|body| crate::http::holding(body, (slot, tree)));
     }
     let opening = match sessions.admit(&who, &state.config).await {
         Ok(opening) => opening,
@@ -431,7 +443,7 @@ async fn require_auth(
         sessions.owners.lock().insert(id.to_owned(), who);
     }
     drop(opening);
-    res
+    res.map(|body| crate::http::holding(body, tree))
 }
 
 /// The `/mcp` service. Its own Host check is off: the Host and Origin rules

@@ -38,11 +38,6 @@ pub enum RpcError {
     Call(ApiError),
 }
 
-/// Memory one JSON value of a request body takes as a `serde_json::Value`
-/// (its node, and its place in its array or object), measured: 4 MiB of
-/// `[1,1,...]`, two million values, took +140 MB.
-const VALUE_COST: usize = 64;
-
 /// Refusals of a per-principal quota a task method can meet.
 const QUOTA_CODES: [&str; 2] = [crate::streams::TOO_MANY_STREAMS, crate::entities::TOO_MANY_ENTITIES];
 
@@ -456,8 +451,7 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
     // The body as a tree of values costs ~64 B a value besides its text (4 MiB
     // of `[1,1,...]` took +140 MB): held from the body budget while the call
     // runs, so calls that arrive together cannot hold more than it.
-    let values = attache_core::json::values_in(&bytes);
-    let tree = bytes.len().saturating_add(values.saturating_mul(VALUE_COST));
+    let (values, tree) = crate::http::json_tree_cost(&bytes);
     let _tree = match state.bodies.hold(&who, tree, &format!("a body of {values} JSON values")) {
         Ok(hold) => hold,
         Err(e) => return body_refused(&state, &e),
