@@ -126,7 +126,7 @@ pub struct ServeArgs {
     /// live readers, all streams together (at most 64 KiB served per stream) [default: 16777216]
     #[arg(long, env = "ATTACHE_STORE_TAIL_CACHE_BYTES")]
     store_tail_cache_bytes: Option<usize>,
-    /// Most idempotent producers the embedded store keeps in memory (~155 B each) besides those changed since its last checkpoint; the others are read from disk when they write again [default: 100000]
+    /// Most idempotent producers the embedded store keeps in memory (~150 B each, ~800 B with 256-byte ids) besides those changed since its last checkpoint; the others are read from disk when they write again [default: 20000]
     #[arg(long, env = "ATTACHE_STORE_PRODUCER_CACHE")]
     store_producer_cache: Option<usize>,
     /// Most deleted tasks kept as tombstones (their owners can still read their events); past it the oldest are purged for good [default: 200]

@@ -318,7 +318,7 @@ impl ServerConfig {
             store_open_files: 4096,
             store_read_threads: 16,
             store_tail_cache_bytes: 16 << 20,
-            store_producer_cache: 100_000,
+            store_producer_cache: 20_000,
             blob_cache_bytes: attache_storage::postgres::DEFAULT_BLOB_CACHE_BYTES,
             object_store_upload_buffer_bytes: attache_storage::postgres::DEFAULT_UPLOAD_BUFFER_BYTES,
             deleted_tasks_kept: 200,

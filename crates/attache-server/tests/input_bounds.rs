@@ -911,6 +911,27 @@ async fn what_one_principals_entities_keep_is_bounded_by_its_data_quota() {
     assert_eq!(res.status(), StatusCode::CREATED);
 }
 
+/// Grants are data their entity's creator keeps in memory (~750 B each),
+/// so they count to its `--max-entity-data-bytes-per-principal`: the
+/// per-entity bound alone let 200 entities take 179,426 grants in 60 s
+/// (+73 MB after a restart, session 16's second attack pass).
+#[tokio::test]
+async fn grants_count_to_their_entity_creators_data_quota() {
+    let s = TestServer::start_with(|c| c.max_entity_data_bytes_per_principal = 2_900).await;
+    entity_support::spawn(&s, Some(ALICE), "/chat/granting").await;
+    let grants = format!("{}/grants", entity_support::api("/chat/granting"));
+    let grant = |i: usize| {
+        let body = json!({ "subject_kind": "principal", "subject_value": format!("user:g{i}"), "permission": "read" });
+        entity_support::as_principal(s.request(reqwest::Method::POST, &grants), Some(ALICE)).json(&body).send()
+    };
+    for i in 0..3 {
+        assert_eq!(grant(i).await.unwrap().status(), StatusCode::CREATED, "grant {i}");
+    }
+    let (status, code, body) = entity_support::error_of(grant(3).await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "TOO_MANY_ENTITIES"), "{body}");
+    assert!(body.to_string().contains("max_entity_data_bytes_per_principal"), "{body}");
+}
+
 /// A JSON body of many tiny messages costs its rows, not its bytes (a 15 MiB
 /// `[1,1,...]`, 7.8 million messages, held 1 GB while it was written: session
 /// 16's attack pass), so one append carries at most `--max-append-messages`:

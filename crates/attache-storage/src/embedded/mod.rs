@@ -127,7 +127,7 @@ impl EmbeddedConfig {
             sweep_interval: Duration::from_secs(1),
             wal_bytes: 32 << 20,
             checkpoint_interval: Duration::from_secs(3),
-            producer_cache: 100_000,
+            producer_cache: 20_000,
             fault_plan: None,
         }
     }

@@ -246,7 +246,9 @@ impl Registry for EmbeddedRegistry {
     }
 
     fn held_by(&self, created_by: &str) -> crate::registry::Holdings {
-        crate::registry::holdings(self.0.cache.read().entities.values().map(|e| &**e), created_by)
+        let cache = self.0.cache.read();
+        let grants_of = |url: &str| cache.grants.get(url).map_or(0, Vec::len);
+        crate::registry::holdings(cache.entities.values().map(|e| &**e), created_by, grants_of)
     }
 
     fn entities(&self, type_filter: Option<&str>) -> Vec<Arc<EntityRecord>> {

@@ -326,7 +326,9 @@ impl Registry for PgRegistry {
     }
 
     fn held_by(&self, created_by: &str) -> crate::registry::Holdings {
-        crate::registry::holdings(self.cache().state.read().entities.values().map(|(_, e)| &**e), created_by)
+        let state = self.cache().state.read();
+        let grants_of = |url: &str| state.grants.get(url).map_or(0, Vec::len);
+        crate::registry::holdings(state.entities.values().map(|(_, e)| &**e), created_by, grants_of)
     }
 
     fn entities(&self, type_filter: Option<&str>) -> Vec<Arc<EntityRecord>> {
