@@ -49,6 +49,18 @@ impl ContentType {
 
     pub fn parse(raw: &str) -> Result<ContentType> {
         let trimmed = raw.trim();
+        // Kept with the stream and echoed on every read: a short text (RFC
+        // 6838 names are at most 127 characters each; parameters fit beside).
+        // Before, a 60 KB `Content-Type` was kept per stream, 134 KB of
+        // memory a stream across restarts (session 16's third attack pass).
+        if trimmed.len() > Self::MAX_LEN {
+            return Err(Error::InvalidContentType(format!(
+                "{}... ({} bytes; a content type is at most {})",
+                prefix(trimmed, 64),
+                trimmed.len(),
+                Self::MAX_LEN
+            )));
+        }
         let media = trimmed.split(';').next().unwrap_or("").trim();
         let valid = media.split_once('/').is_some_and(|(a, b)| {
             !a.is_empty() && !b.is_empty() && !b.contains('/') && media.bytes().all(|c| c.is_ascii_graphic())
@@ -58,6 +70,9 @@ impl ContentType {
         }
         Ok(ContentType(trimmed.to_owned()))
     }
+
+    /// The longest content type a stream keeps.
+    pub const MAX_LEN: usize = 256;
 
     pub fn octet_stream() -> ContentType {
         ContentType(Self::OCTET_STREAM.to_owned())
@@ -183,11 +198,35 @@ pub struct ExpiresAt {
 }
 
 impl ExpiresAt {
+    /// The longest timestamp text kept (RFC 3339 with nanoseconds and an
+    /// offset is 35 characters). chrono's parser takes any number of
+    /// fractional digits, and the text is kept and echoed as given: a
+    /// 60 KB `Stream-Expires-At` was kept per stream, a 1 MiB grant
+    /// `expires_at` per grant (session 16's third attack pass).
+    pub const MAX_LEN: usize = 64;
+
     pub fn parse(raw: &str) -> Result<ExpiresAt> {
+        if raw.trim().len() > Self::MAX_LEN {
+            return Err(Error::InvalidExpiresAt(format!(
+                "{}... ({} bytes; an RFC 3339 timestamp is at most {})",
+                prefix(raw.trim(), 40),
+                raw.trim().len(),
+                Self::MAX_LEN
+            )));
+        }
         let at: DateTime<FixedOffset> =
             DateTime::parse_from_rfc3339(raw.trim()).map_err(|_| Error::InvalidExpiresAt(raw.to_owned()))?;
         Ok(ExpiresAt { raw: raw.trim().to_owned(), unix_ms: at.timestamp_millis() })
     }
+}
+
+/// The first `n` bytes of `s` (or fewer, at a character boundary), to name a long input in an error.
+fn prefix(s: &str, n: usize) -> &str {
+    let mut end = n.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// When a stream stops existing, given its expiry settings and last access.
@@ -203,6 +242,18 @@ pub fn expiry_deadline_ms(ttl: Option<Ttl>, expires_at: Option<&ExpiresAt>, last
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn long_content_types_and_expiry_texts_are_refused_without_echoing_them() {
+        let long_ct = format!("text/plain; x={}", "a".repeat(60_000));
+        let err = ContentType::parse(&long_ct).unwrap_err().to_string();
+        assert!(err.contains("at most 256") && err.len() < 300, "{err}");
+        assert!(ContentType::parse(&format!("text/plain; x={}", "a".repeat(200))).is_ok());
+        let long_at = format!("2099-01-01T00:00:00.{}Z", "0".repeat(60_000));
+        let err = ExpiresAt::parse(&long_at).unwrap_err().to_string();
+        assert!(err.contains("at most 64") && err.len() < 300, "{err}");
+        assert!(ExpiresAt::parse("2099-01-01T00:00:00.123456789+05:30").is_ok());
+    }
 
     #[test]
     fn ttl_accepts_plain_decimals_only() {

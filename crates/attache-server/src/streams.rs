@@ -302,6 +302,9 @@ async fn write(
 /// such appends in flight (session 16's attack passes).
 const ROW_COST: usize = 200;
 
+/// The longest `Stream-Seq` a stream keeps (the last one accepted).
+const MAX_STREAM_SEQ: usize = 256;
+
 /// The refusal code of [`stream_room`].
 pub const TOO_MANY_STREAMS: &str = "TOO_MANY_STREAMS";
 
@@ -435,6 +438,13 @@ async fn post(
         req.get(h::PRODUCER_SEQ.as_str())?,
     )?;
     let seq = req.get(h::STREAM_SEQ.as_str())?.map(str::to_owned);
+    // The last one is kept with the stream: a short opaque token, not a 60 KB one.
+    if let Some(seq) = seq.as_ref().filter(|s| s.len() > MAX_STREAM_SEQ) {
+        return Err(ApiError::bad_request(format!(
+            "Stream-Seq is at most {MAX_STREAM_SEQ} bytes (got {}): it is kept with the stream",
+            seq.len()
+        )));
+    }
     // A close-only request may carry any Content-Type; it is not looked at.
     let content_type = if body.is_empty() { req.content_type().ok().flatten() } else { req.content_type()? };
     let appended = !body.is_empty();

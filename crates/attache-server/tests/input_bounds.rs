@@ -911,6 +911,52 @@ async fn what_one_principals_entities_keep_is_bounded_by_its_data_quota() {
     assert_eq!(res.status(), StatusCode::CREATED);
 }
 
+/// What a stream or a grant keeps of a header or field as text is short:
+/// a content type (256 bytes), an expiry timestamp (64), a `Stream-Seq`
+/// (256). Before (session 16's third attack pass), a 60 KB `Content-Type` or
+/// `Stream-Expires-At` (chrono takes any number of fractional digits) was
+/// kept per stream, 2,000 streams +290 MB in a second and kept across
+/// restarts, and a grant's `expires_at` of ~1 MiB per grant.
+#[tokio::test]
+async fn long_header_texts_a_stream_or_grant_would_keep_are_refused() {
+    let s = TestServer::start().await;
+    let put = |path: &'static str, name: &'static str, value: String| {
+        s.request(reqwest::Method::PUT, path).header("content-type", "text/plain").header(name, value).send()
+    };
+    let long_ct = format!("text/plain; x={}", "a".repeat(60_000));
+    let res = s.request(reqwest::Method::PUT, "/long/ct").header("content-type", long_ct).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let body = res.text().await.unwrap();
+    assert!(body.contains("at most 256") && body.len() < 1_000, "the refusal names the limit, not the input");
+    let long_at = format!("2099-01-01T00:00:00.{}Z", "0".repeat(60_000));
+    assert_eq!(put("/long/at", "stream-expires-at", long_at.clone()).await.unwrap().status(), StatusCode::BAD_REQUEST);
+    for p in ["/long/ct", "/long/at"] {
+        assert_eq!(s.head(p).await.status(), StatusCode::NOT_FOUND, "nothing made at {p}");
+    }
+    s.create("/long/seq", "text/plain").await;
+    let res = s
+        .request(reqwest::Method::POST, "/long/seq")
+        .header("content-type", "text/plain")
+        .header("stream-seq", "s".repeat(300))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    entity_support::spawn(&s, Some(ALICE), "/chat/long-grant").await;
+    let grant = json!({ "subject_kind": "principal", "subject_value": "user:ann", "permission": "read",
+        "expires_at": format!("2099-01-01T00:00:00.{}Z", "0".repeat(100_000)) });
+    let res = entity_support::as_principal(
+        s.request(reqwest::Method::POST, &format!("{}/grants", entity_support::api("/chat/long-grant"))),
+        Some(ALICE),
+    )
+    .json(&grant)
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+}
+
 /// Grants are data their entity's creator keeps in memory (~750 B each),
 /// so they count to its `--max-entity-data-bytes-per-principal`: the
 /// per-entity bound alone let 200 entities take 179,426 grants in 60 s
