@@ -84,6 +84,55 @@ async fn unfinished_request_heads_share_the_header_budget_and_one_past_it_is_clo
     read_until(&mut third, &mut seen, "200 OK").await;
 }
 
+/// An HTTP/2 frame: its 9-byte header, then `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut frame = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// An HPACK literal header with an indexed name (static table), without Huffman coding.
+fn hpack_literal(name_index: u8, value: &str) -> Vec<u8> {
+    let mut out = vec![0x40 | name_index, value.len() as u8];
+    out.extend_from_slice(value.as_bytes());
+    out
+}
+
+/// An HTTP/2 header block that stalls in its CONTINUATION frames keeps its
+/// connection no longer than the header read timeout, though another stream
+/// (a long-poll) is in flight on it. Before (session 16's third attack pass),
+/// hyper held such a block with no deadline: 2,000 connections stayed open
+/// past every timeout and held 194 MB.
+#[tokio::test]
+async fn an_http2_header_block_that_stalls_is_closed_at_the_header_read_timeout_though_a_long_poll_runs() {
+    let s = TestServer::start_with(|c| {
+        c.header_read_timeout = Duration::from_millis(500);
+        c.long_poll_timeout = Duration::from_secs(60);
+    })
+    .await;
+    s.create("/h2/lp", "text/plain").await;
+    let mut conn = connect(&s).await;
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(h2_frame(0x4, 0, 0, &[]));
+    // Stream 1: a whole GET, a long-poll that waits (END_STREAM | END_HEADERS).
+    let mut block = vec![0x82, 0x86]; // :method GET, :scheme http
+    block.extend(hpack_literal(4, "/h2/lp?offset=now&live=long-poll"));
+    block.extend(hpack_literal(1, "127.0.0.1"));
+    bytes.extend(h2_frame(0x1, 0x1 | 0x4, 1, &block));
+    // Stream 3: a header block begun and never ended.
+    bytes.extend(h2_frame(0x1, 0x1, 3, &[0x82, 0x86]));
+    conn.write_all(&bytes).await.expect("the frames are sent");
+    let started = std::time::Instant::now();
+    read_until_closed(&mut conn).await.expect("the server closes the connection");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "closed at the header timeout, not the long-poll's: {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn half_a_request_header_is_closed_after_the_header_read_timeout() {
     let s = TestServer::start_with(|c| c.header_read_timeout = Duration::from_millis(300)).await;
