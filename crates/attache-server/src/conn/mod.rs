@@ -450,6 +450,9 @@ async fn serve_connection(
             drive(Box::pin(builder.serve_connection(TokioIo::new(io), service)), activity, limits).await;
         }
         Protocol::Undecided => {
+            // Perhaps HTTP/2 whose preface came in pieces: watched as HTTP/2 until its bytes say otherwise.
+            let mut io = io;
+            io.frames = Some(H2Frames::new());
             let service = Tracked { app, activity: activity.clone(), places: Some(places) };
             let mut builder = Builder::new(TokioExecutor::new());
             builder.http1().max_buf_size(CONNECTION_BUFFER_BYTES);
@@ -1099,6 +1102,9 @@ struct Watched {
 struct H2Frames {
     /// Bytes of the client preface still to pass.
     preface: usize,
+    /// The connection's first bytes were not the HTTP/2 preface (an undecided
+    /// connection that turned out to speak HTTP/1): nothing more is read.
+    off: bool,
     header: [u8; 9],
     have: usize,
     /// Payload bytes of the current frame still to pass.
@@ -1111,13 +1117,15 @@ impl H2Frames {
     const END_HEADERS: u8 = 0x4;
 
     fn new() -> H2Frames {
-        H2Frames { preface: H2_PREFACE.len(), header: [0; 9], have: 0, payload: 0 }
+        H2Frames { preface: H2_PREFACE.len(), off: false, header: [0; 9], have: 0, payload: 0 }
     }
 
     fn feed(&mut self, mut bytes: &[u8], activity: &Activity) {
-        while !bytes.is_empty() {
+        while !bytes.is_empty() && !self.off {
             if self.preface > 0 {
                 let n = self.preface.min(bytes.len());
+                let at = H2_PREFACE.len() - self.preface;
+                self.off = bytes[..n] != H2_PREFACE[at..at + n];
                 self.preface -= n;
                 bytes = &bytes[n..];
             } else if self.payload > 0 {
