@@ -133,9 +133,8 @@ pub async fn fork(
     if fork_url == *source_url || state.registry.entity(&fork_url.to_string()).await.is_some() {
         return Err(duplicate(&fork_url.to_string()));
     }
-    let adding = source.args.as_ref().map_or(0, |a| a.get().len())
-        + source.extra.as_ref().map_or(0, |e| e.get().len())
-        + tags.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+    let args_len = source.args.as_ref().map_or(0, |a| a.get().len());
+    let adding = attache_storage::registry::data_bytes(args_len, source.extra.as_ref(), &tags);
     crate::entities::entity_room(&state, who, adding)?;
     crate::streams::stream_room(&state, who, 1)?;
     // Electric's `parent`: the fork is a child of it (the caller needs `spawn` there).

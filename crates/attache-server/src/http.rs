@@ -162,6 +162,12 @@ impl BodyBudget {
     /// 503 `BODY_BUDGET_EXHAUSTED` with `Retry-After: 1` when the budget or
     /// `who`'s share has not that many left (one request alone may always).
     pub(crate) fn hold<'a>(&'a self, who: &'a PrincipalKey, bytes: usize, what: &str) -> ApiResult<Hold<'a>> {
+        self.take_for(who, bytes, what)?;
+        Ok(Hold { budget: self, who, bytes })
+    }
+
+    /// Takes what [`hold`](Self::hold) holds; the caller gives it back.
+    fn take_for(&self, who: &PrincipalKey, bytes: usize, what: &str) -> ApiResult<()> {
         if !self.try_hold(who, bytes, 0) {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -173,7 +179,7 @@ impl BodyBudget {
             )
             .with_header(header::RETRY_AFTER, 1));
         }
-        Ok(Hold { budget: self, who, bytes })
+        Ok(())
     }
 }
 
@@ -194,8 +200,7 @@ pub(crate) struct OwnedHold {
 
 impl OwnedHold {
     pub(crate) fn take(state: &crate::AppState, who: &PrincipalKey, bytes: usize, what: &str) -> ApiResult<OwnedHold> {
-        let hold = state.bodies.hold(who, bytes, what)?;
-        std::mem::forget(hold);
+        state.bodies.take_for(who, bytes, what)?;
         Ok(OwnedHold { state: state.clone(), who: who.clone(), bytes })
     }
 }

@@ -115,9 +115,14 @@ impl EntityRecord {
     /// The client data the record keeps in memory: spawn args, face state
     /// (a task's metadata) and tags, as their JSON text.
     pub fn data_bytes(&self) -> usize {
-        let text = |j: &Option<RawJson>| j.as_ref().map_or(0, |j| j.get().len());
-        text(&self.args) + text(&self.extra) + self.tags.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        data_bytes(self.args.as_ref().map_or(0, |a| a.get().len()), self.extra.as_ref(), &self.tags)
     }
+}
+
+/// [`EntityRecord::data_bytes`] of a record still to be made: its spawn args'
+/// JSON length, its face state and its tags.
+pub fn data_bytes(args_len: usize, extra: Option<&RawJson>, tags: &BTreeMap<String, String>) -> usize {
+    args_len + extra.map_or(0, |e| e.get().len()) + tags.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
 }
 
 /// What one principal holds in the registry (`Registry::held_by`).

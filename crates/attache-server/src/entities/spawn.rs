@@ -197,9 +197,7 @@ async fn spawn_entity_under(
             Err(duplicate_url(&key))
         };
     }
-    let adding = json_size(&args)
-        + extra.as_ref().map_or(0, |e| e.get().len())
-        + tags.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+    let adding = attache_storage::registry::data_bytes(json_size(&args), extra.as_ref(), &tags);
     entity_room(state, who, adding)?;
     crate::streams::stream_room(state, who, 1)?;
     let now = now_ms();
