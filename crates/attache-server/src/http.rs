@@ -161,13 +161,18 @@ impl BodyBudget {
     /// Holds `bytes` for `who` (`what`: what they are, for the refusal);
     /// 503 `BODY_BUDGET_EXHAUSTED` with `Retry-After: 1` when the budget or
     /// `who`'s share has not that many left (one request alone may always).
-    pub(crate) fn hold<'a>(&'a self, who: &'a PrincipalKey, bytes: usize, what: &str) -> ApiResult<Hold<'a>> {
+    pub(crate) fn hold<'a>(
+        &'a self,
+        who: &'a PrincipalKey,
+        bytes: usize,
+        what: &dyn std::fmt::Display,
+    ) -> ApiResult<Hold<'a>> {
         self.take_for(who, bytes, what)?;
         Ok(Hold { budget: self, who, bytes })
     }
 
     /// Takes what [`hold`](Self::hold) holds; the caller gives it back.
-    fn take_for(&self, who: &PrincipalKey, bytes: usize, what: &str) -> ApiResult<()> {
+    fn take_for(&self, who: &PrincipalKey, bytes: usize, what: &dyn std::fmt::Display) -> ApiResult<()> {
         if !self.try_hold(who, bytes, 0) {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -199,7 +204,12 @@ pub(crate) struct OwnedHold {
 }
 
 impl OwnedHold {
-    pub(crate) fn take(state: &crate::AppState, who: &PrincipalKey, bytes: usize, what: &str) -> ApiResult<OwnedHold> {
+    pub(crate) fn take(
+        state: &crate::AppState,
+        who: &PrincipalKey,
+        bytes: usize,
+        what: &dyn std::fmt::Display,
+    ) -> ApiResult<OwnedHold> {
         state.bodies.take_for(who, bytes, what)?;
         Ok(OwnedHold { state: state.clone(), who: who.clone(), bytes })
     }

@@ -400,7 +400,12 @@ async fn require_auth(
         match crate::http::read_body(&state.bodies, body, &parts.headers, limit).await {
             Ok(bytes) => {
                 let (values, cost) = crate::http::json_tree_cost(&bytes, crate::http::MCP_VALUE_COST);
-                match crate::http::OwnedHold::take(&state, &who, cost, &format!("a message of {values} JSON values")) {
+                match crate::http::OwnedHold::take(
+                    &state,
+                    &who,
+                    cost,
+                    &format_args!("a message of {values} JSON values"),
+                ) {
                     Ok(hold) => tree = Some(hold),
                     Err(e) => return e.into_response(),
                 }

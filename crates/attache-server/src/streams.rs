@@ -219,11 +219,14 @@ pub async fn dispatch(
     }
     let result = match result {
         Err(e) => Err(e),
+        // Each method's future boxed on its own: held inline, the largest
+        // (a live read's) would size every request's future, and each layer
+        // of the router moves it (callgrind, appends: issue 11).
         Ok(access) => match method {
-            Method::PUT | Method::POST => write(&state, &who, &method, &path, &headers, body, access).await,
-            Method::GET => get(&state, &who, &path, query.as_deref(), &headers).await,
+            Method::PUT | Method::POST => Box::pin(write(&state, &who, &method, &path, &headers, body, access)).await,
+            Method::GET => Box::pin(get(&state, &who, &path, query.as_deref(), &headers)).await,
             Method::HEAD => head(&state, &path).await,
-            Method::DELETE => delete(&state, &who, &path).await,
+            Method::DELETE => Box::pin(delete(&state, &who, &path)).await,
             _ => Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "METHOD_NOT_ALLOWED",
@@ -291,7 +294,7 @@ async fn write(
         }
     };
     match *method {
-        Method::PUT => put(state, who, path, headers, body, checked, life).await,
+        Method::PUT => Box::pin(put(state, who, path, headers, body, checked, life)).await,
         _ => post(state, who, path, headers, body, life).await,
     }
 }
@@ -469,7 +472,7 @@ async fn post(
     // sender's share), as the body's bytes are: many small appends of many
     // messages each cannot together hold more than the budget.
     let rows = messages.as_ref().map_or(0, Vec::len);
-    let _rows = state.bodies.hold(who, rows.saturating_mul(ROW_COST), &format!("an append of {rows} messages"))?;
+    let _rows = state.bodies.hold(who, rows.saturating_mul(ROW_COST), &format_args!("an append of {rows} messages"))?;
     let attachment = match owner {
         Some((entity, EntityStream::Attachment(id))) => Some((entity, id)),
         _ => None,

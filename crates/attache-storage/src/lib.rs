@@ -28,6 +28,13 @@ pub use health::{WriteFailure, WriteHealth};
 pub use model::*;
 pub use registry::{Ancestor, EntityRecord, EntityUpdate, GrantRecord, Holdings, NewGrant, RawJson, Registry};
 
+/// A map keyed by stream ids, which the store assigns (never a client):
+/// hashed with foldhash rather than SipHash, which the writer's per-append
+/// lookups paid for (callgrind, issue 11).
+pub(crate) type IdMap<V> = std::collections::HashMap<u64, V, foldhash::fast::RandomState>;
+/// A set of stream ids (see [`IdMap`]).
+pub(crate) type IdSet = std::collections::HashSet<u64, foldhash::fast::RandomState>;
+
 /// Durable, append-only streams: metadata, bytes and change notification.
 ///
 /// Every mutating call returns only after its effect is durable (unless the

@@ -10,8 +10,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamInfo {
     pub id: u64,
-    pub path: String,
-    pub content_type: String,
+    /// Shared, as the content type and owner are: a stream's metadata is
+    /// copied on every append (the writer's working copy, the readers'
+    /// view), and these are its only variable-size parts on that path.
+    pub path: Arc<str>,
+    pub content_type: Arc<str>,
     pub ttl_secs: Option<u64>,
     pub expires_at: Option<String>,
     pub expires_at_ms: Option<i64>,
@@ -33,7 +36,7 @@ pub struct StreamInfo {
     /// The producer request that closed the stream, so its retry is a duplicate.
     pub closed_by: Option<(String, u64, u64)>,
     /// The principal that created the stream.
-    pub owner: Option<String>,
+    pub owner: Option<Arc<str>>,
     /// A closed stream whose bytes are one content-addressed blob (attachments).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blob: Option<BlobRef>,

@@ -159,7 +159,7 @@ pub(crate) fn decide_append(
             None => return Err(StoreError::MissingContentType),
             Some(ct) if !ct.matches_raw(&info.content_type) => {
                 return Err(StoreError::ContentTypeMismatch {
-                    expected: info.content_type.clone(),
+                    expected: info.content_type.to_string(),
                     got: ct.as_str().to_owned(),
                 })
             }
@@ -443,7 +443,7 @@ impl OwnedStreams {
 pub(crate) fn fork_info(src: &StreamInfo, position: u64, anchor: u64, sub_offset: u64) -> ForkInfo {
     ForkInfo {
         source_id: src.id,
-        source_path: src.path.clone(),
+        source_path: src.path.to_string(),
         offset: position,
         requested_offset: anchor,
         requested_sub_offset: sub_offset,
@@ -528,8 +528,8 @@ pub(crate) fn new_stream(
 pub(crate) fn fresh_stream(id: u64, req: &CreateStream, content_type: &ContentType) -> StreamInfo {
     StreamInfo {
         id,
-        path: req.path.as_str().to_owned(),
-        content_type: content_type.as_str().to_owned(),
+        path: req.path.as_str().into(),
+        content_type: content_type.as_str().into(),
         ttl_secs: None,
         expires_at: None,
         expires_at_ms: None,
@@ -542,7 +542,7 @@ pub(crate) fn fresh_stream(id: u64, req: &CreateStream, content_type: &ContentTy
         unlinked: false,
         last_seq: None,
         closed_by: None,
-        owner: req.owner.clone(),
+        owner: req.owner.as_deref().map(std::sync::Arc::from),
         blob: None,
     }
 }
@@ -696,13 +696,13 @@ pub(crate) trait CommittedStream {
 
 /// `list_prefix` over either backend's index: live streams under `prefix`, in path order.
 pub(crate) fn list_prefix<E: CommittedStream>(
-    by_path: &std::collections::BTreeMap<String, std::sync::Arc<E>>,
+    by_path: &std::collections::BTreeMap<std::sync::Arc<str>, std::sync::Arc<E>>,
     prefix: &str,
     limit: usize,
     now_ms: i64,
 ) -> Vec<StreamInfo> {
     by_path
-        .range(prefix.to_owned()..)
+        .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
         .take_while(|(p, _)| p.starts_with(prefix))
         .map(|(_, e)| (e.committed(), e.last_access_ms()))
         .filter(|(info, last)| !info.soft_deleted && !expired(info, *last, now_ms))

@@ -92,7 +92,7 @@ async fn a_linked_stream_shares_the_bytes_until_the_last_holder_goes(store: &dyn
 
     let linked = store.link_blob_stream(blob_stream("/e/b/attachments/x", None), "/e/a/attachments/x").await.unwrap();
     assert_eq!(linked.blob, source.blob, "the same content address");
-    assert_eq!(linked.content_type, "image/png", "the source's type by default");
+    assert_eq!(&*linked.content_type, "image/png", "the source's type by default");
     assert!(linked.closed);
     assert_eq!(linked.tail, payload.len() as u64);
     assert_eq!(linked.owner.as_deref(), Some("user:alice"));

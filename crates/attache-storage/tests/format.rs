@@ -102,7 +102,7 @@ async fn check_fixture_streams(store: &EmbeddedStore, expected: &[serde_json::Va
         let info = store.head(path).await.unwrap_or_else(|e| panic!("{why}: {path}: {e}"));
         assert_eq!(info.tail, stream["tail"].as_u64().unwrap(), "{why}: {path} tail");
         assert_eq!(info.closed, stream["closed"].as_bool().unwrap(), "{why}: {path} closed");
-        assert_eq!(info.content_type, stream["content_type"].as_str().unwrap(), "{why}: {path} type");
+        assert_eq!(&*info.content_type, stream["content_type"].as_str().unwrap(), "{why}: {path} type");
         // From every offset a reader could hold: the same pieces at the same positions.
         let mut offsets: Vec<u64> =
             stream["pieces"].as_array().unwrap().iter().map(|p| p[0].as_u64().unwrap()).collect();

@@ -45,7 +45,7 @@ async fn two_appends_commit_together_or_not_at_all(mine: &dyn StreamStore, other
     assert_eq!(body(mine, "/events").await, expected);
     let answer =
         mine.append_in_order_with(rows("/task/main", 20, 22, false), rows("/events", 20, 21, false), None).await;
-    assert_eq!(answer.unwrap().info.path.as_str(), "/task/main", "the answer is the first append's");
+    assert_eq!(answer.unwrap().info.path.as_ref(), "/task/main", "the answer is the first append's");
 
     // The second refused (a stream of another type): the first is not written either.
     let before = body(mine, "/task/main").await;

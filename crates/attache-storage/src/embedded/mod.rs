@@ -35,7 +35,7 @@ mod writer;
 
 pub use registry::EmbeddedRegistry;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -231,8 +231,8 @@ impl crate::rules::CommittedStream for StreamEntry {
 
 #[derive(Default)]
 pub(crate) struct Index {
-    pub(crate) by_path: BTreeMap<String, Arc<StreamEntry>>,
-    pub(crate) by_id: HashMap<u64, Arc<StreamEntry>>,
+    pub(crate) by_path: BTreeMap<Arc<str>, Arc<StreamEntry>>,
+    pub(crate) by_id: crate::IdMap<Arc<StreamEntry>>,
     /// Streams per owner, of those in `by_id`.
     pub(crate) owned: crate::rules::OwnedStreams,
 }

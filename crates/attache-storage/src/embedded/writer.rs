@@ -21,6 +21,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::{IdMap, IdSet};
 use attache_core::Offset;
 use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, WriteTransaction};
@@ -44,8 +45,8 @@ pub(crate) use crate::rules::PreparedAppend;
 
 /// The writer's working copy of everything mutable.
 pub(crate) struct WriterState {
-    pub(crate) streams: HashMap<u64, StreamInfo>,
-    paths: HashMap<String, u64>,
+    pub(crate) streams: IdMap<StreamInfo>,
+    paths: HashMap<Arc<str>, u64>,
     /// Idempotent producers' state: what redb has not yet, and a bounded cache of the rest (`producers.rs`).
     pub(crate) producers: Producers,
     /// How many streams hold each blob.
@@ -200,7 +201,7 @@ impl WriterState {
     }
 
     /// The id each path names (streams kept for forks after their path was taken are not named).
-    pub(crate) fn named(&self) -> impl Iterator<Item = (&String, &u64)> {
+    pub(crate) fn named(&self) -> impl Iterator<Item = (&Arc<str>, &u64)> {
         self.paths.iter()
     }
 
@@ -219,7 +220,7 @@ impl WriterState {
         counters: &impl ReadableTable<&'static str, u64>,
     ) -> StoreResult<WriterState> {
         let mut state = WriterState {
-            streams: HashMap::new(),
+            streams: IdMap::default(),
             paths: HashMap::new(),
             producers: Producers::default(),
             blob_refs: HashMap::new(),
@@ -952,11 +953,11 @@ fn applied(shared: &Shared, upto: u64) {
 /// What a batch changed, to publish after the commit.
 #[derive(Default)]
 struct Changes {
-    touched: HashSet<u64>,
+    touched: IdSet,
     /// Of `touched`, the streams whose metadata changed beyond their tail
     /// (the rest, appended to, log only their new tail).
-    reshaped: HashSet<u64>,
-    removed: Vec<(u64, String)>,
+    reshaped: IdSet,
+    removed: Vec<(u64, Arc<str>)>,
     /// Blob files no stream holds any more, deleted after the commit.
     unlink: Vec<String>,
     /// Blob files this batch moved to their content address (removed again if it fails).
@@ -1734,8 +1735,7 @@ impl WriterState {
         shared: &Shared,
         req: CreateStream,
     ) -> StoreResult<CreateOutcome> {
-        let path = req.path.as_str().to_owned();
-        if let Some(&id) = self.paths.get(&path) {
+        if let Some(&id) = self.paths.get(req.path.as_str()) {
             match rules::at_path(&self.streams[&id], self.expired(shared, id), &req) {
                 AtPath::Holds => return self.confirm_existing(id, &req),
                 AtPath::Remove => self.remove(t, changes, id)?,
@@ -1777,7 +1777,7 @@ impl WriterState {
         let base = tail;
         write_rows(t, id, base, &mut tail, &rows, json)?;
         let info = rules::new_stream(id, &req, plan, tail, fork_info);
-        self.paths.insert(path, id);
+        self.paths.insert(info.path.clone(), id);
         self.save(t, changes, info.clone())?;
         Ok(CreateOutcome::Created(info))
     }
@@ -1792,8 +1792,7 @@ impl WriterState {
         req: CreateStream,
         blob: StagedBlob,
     ) -> StoreResult<StreamInfo> {
-        let path = req.path.as_str().to_owned();
-        if let Some(&id) = self.paths.get(&path) {
+        if let Some(&id) = self.paths.get(req.path.as_str()) {
             match rules::at_path(&self.streams[&id], self.expired(shared, id), &req) {
                 AtPath::Holds => {
                     let _ = std::fs::remove_file(&blob.path);
@@ -1808,7 +1807,7 @@ impl WriterState {
         if shared.blobs.adopt(&blob)? {
             changes.adopted.push(blob.sha256.clone());
         }
-        self.add_blob_stream(t, changes, path, &req, BlobRef { sha256: blob.sha256.clone(), len: blob.len })
+        self.add_blob_stream(t, changes, &req, BlobRef { sha256: blob.sha256.clone(), len: blob.len })
     }
 
     /// `create_blob` and an append to another stream, in this batch's one
@@ -1860,7 +1859,7 @@ impl WriterState {
     ) -> StoreResult<AppendOutcome> {
         self.check_append(t, &row)?;
         let live = bytes.as_ref().and_then(|at| {
-            let id = *self.paths.get(&at.path)?;
+            let id = *self.paths.get(at.path.as_str())?;
             let info = self.streams.get(&id)?;
             (!info.soft_deleted && !self.expired(shared, id)).then_some(id)
         });
@@ -1911,7 +1910,7 @@ impl WriterState {
 
     /// Would [`append`](Self::append) take `p` now? Changes nothing.
     fn check_append(&self, t: &Tables, p: &PreparedAppend) -> StoreResult<()> {
-        let id = *self.paths.get(&p.req.path).ok_or(StoreError::NotFound)?;
+        let id = *self.paths.get(p.req.path.as_str()).ok_or(StoreError::NotFound)?;
         if id != p.stream_id {
             return Err(StoreError::NotFound);
         }
@@ -1928,12 +1927,11 @@ impl WriterState {
         }
     }
 
-    /// A new closed stream at `path` over `blob`, which gains a holder.
+    /// A new closed stream at `req`'s path over `blob`, which gains a holder.
     fn add_blob_stream(
         &mut self,
         t: &mut Tables,
         changes: &mut Changes,
-        path: String,
         req: &CreateStream,
         blob: BlobRef,
     ) -> StoreResult<StreamInfo> {
@@ -1944,7 +1942,7 @@ impl WriterState {
         self.next_id += 1;
         t.put_counter("next_stream_id", self.next_id)?;
         let info = rules::new_blob_stream(id, req, blob);
-        self.paths.insert(path, id);
+        self.paths.insert(info.path.clone(), id);
         self.save(t, changes, info.clone())?;
         Ok(info)
     }
@@ -1962,8 +1960,7 @@ impl WriterState {
         let src_id = *self.paths.get(source).ok_or(StoreError::NotFound)?;
         let src = self.streams.get(&src_id).ok_or(StoreError::NotFound)?;
         let blob = rules::plan_link(src, self.expired(shared, src_id), &mut req)?;
-        let path = req.path.as_str().to_owned();
-        if let Some(&id) = self.paths.get(&path) {
+        if let Some(&id) = self.paths.get(req.path.as_str()) {
             match rules::at_path(&self.streams[&id], self.expired(shared, id), &req) {
                 AtPath::Holds => return Err(StoreError::ConfigMismatch("a stream already exists at this path".into())),
                 AtPath::Remove => self.remove(t, changes, id)?,
@@ -1972,7 +1969,7 @@ impl WriterState {
         }
         // The source holds the blob, so it cannot have lost its last holder; kept as create_blob keeps it.
         changes.unlink.retain(|sha| sha != &blob.sha256);
-        let info = self.add_blob_stream(t, changes, path, &req, blob)?;
+        let info = self.add_blob_stream(t, changes, &req, blob)?;
         Ok(info)
     }
 
@@ -2037,7 +2034,7 @@ impl WriterState {
 
     fn append(&mut self, t: &mut Tables, changes: &mut Changes, p: PreparedAppend) -> StoreResult<AppendOutcome> {
         let req = &p.req;
-        let id = *self.paths.get(&req.path).ok_or(StoreError::NotFound)?;
+        let id = *self.paths.get(req.path.as_str()).ok_or(StoreError::NotFound)?;
         if id != p.stream_id {
             return Err(StoreError::NotFound);
         }

@@ -252,7 +252,7 @@ impl crate::rules::CommittedStream for StreamEntry {
 
 #[derive(Default)]
 pub(crate) struct Index {
-    by_path: BTreeMap<String, Arc<StreamEntry>>,
+    by_path: BTreeMap<Arc<str>, Arc<StreamEntry>>,
     pub(crate) by_id: HashMap<u64, Arc<StreamEntry>>,
     /// Streams per owner, of those in `by_id`.
     owned: crate::rules::OwnedStreams,
@@ -799,7 +799,7 @@ impl PgStore {
         if reqs.iter().all(|r| !lines.has_line(&r.path)) {
             let known: Option<Vec<_>> = {
                 let index = self.shared.index.read();
-                reqs.iter().map(|r| index.by_path.get(&r.path).cloned()).collect()
+                reqs.iter().map(|r| index.by_path.get(r.path.as_str()).cloned()).collect()
             };
             if let Some(known) = known {
                 let entries = known.into_iter().map(|e| live_entry(e, |cmd| drop(commands.send(cmd)))).collect();

@@ -131,11 +131,11 @@ struct Work {
     tx: Transaction<'static, Postgres>,
     streams: HashMap<u64, Locked>,
     /// Path → stream id, as of this batch (`None`: no stream there).
-    paths: HashMap<String, Option<u64>>,
+    paths: HashMap<Arc<str>, Option<u64>>,
     producers: HashMap<(u64, String), Option<ProducerState>>,
     dirty: BTreeSet<u64>,
     dirty_producers: BTreeSet<(u64, String)>,
-    removed: Vec<(u64, String)>,
+    removed: Vec<(u64, Arc<str>)>,
     chunks: Vec<(u64, u64, bool, Bytes)>,
     blob_refs: BTreeMap<String, i64>,
     /// Streams whose committed row is published here though unchanged: a
@@ -244,7 +244,7 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
     .await
     .map_err(db_err)?;
     for path in paths {
-        w.paths.insert(path, None);
+        w.paths.insert(path.into(), None);
     }
     for row in rows {
         w.hold(stream_row(row)?);
@@ -253,7 +253,7 @@ async fn apply_batch(shared: &Shared, batch: &[Command]) -> StoreResult<(Vec<Ans
     let (mut pr_ids, mut pr_names) = (Vec::new(), Vec::new());
     for cmd in batch {
         if let Command::Append(p, _) = cmd {
-            if let (Some(pr), Some(Some(id))) = (&p.req.producer, w.paths.get(&p.req.path)) {
+            if let (Some(pr), Some(Some(id))) = (&p.req.producer, w.paths.get(p.req.path.as_str())) {
                 if w.producers.insert((*id, pr.id.clone()), None).is_none() {
                     pr_ids.push(*id as i64);
                     pr_names.push(pr.id.clone());
@@ -381,7 +381,7 @@ impl Work {
                 Ok(Some(id))
             }
             None => {
-                self.paths.insert(path.to_owned(), None);
+                self.paths.insert(path.into(), None);
                 Ok(None)
             }
         }
@@ -515,7 +515,7 @@ impl Work {
             self.save(src);
         }
         let info = rules::new_stream(id, req, plan, tail, fork_info);
-        self.paths.insert(path.to_owned(), Some(id));
+        self.paths.insert(info.path.clone(), Some(id));
         self.save(info.clone());
         Ok(CreateOutcome::Created(info))
     }
@@ -533,7 +533,7 @@ impl Work {
         *self.blob_refs.entry(blob.sha256.clone()).or_default() += 1;
         let id = self.next_id().await?;
         let info = rules::new_blob_stream(id, req, blob.clone());
-        self.paths.insert(path.to_owned(), Some(id));
+        self.paths.insert(info.path.clone(), Some(id));
         self.save(info.clone());
         Ok(info)
     }
@@ -900,7 +900,7 @@ impl Work {
         for id in &self.dirty {
             let l = &self.streams[id];
             s.0.push(*id as i64);
-            s.1.push((!l.info.unlinked).then(|| l.info.path.clone()));
+            s.1.push((!l.info.unlinked).then(|| l.info.path.to_string()));
             s.2.push(serde_json::to_string(&l.info).map_err(|e| StoreError::Storage(e.to_string()))?);
             s.3.push(l.version + 1);
             s.4.push(now);

@@ -734,7 +734,8 @@ impl Harness {
                 Err(e) => assert_eq!(Err(e), head.map(|_| ()).map_err(kind), "HEAD {path}"),
             }
         }
-        let listed: Vec<String> = self.store().list_prefix("/m/", 100).await.into_iter().map(|i| i.path).collect();
+        let listed: Vec<String> =
+            self.store().list_prefix("/m/", 100).await.into_iter().map(|i| i.path.to_string()).collect();
         let mut live: Vec<String> =
             (0..PATHS.len()).filter(|i| self.model.live(*i).is_ok()).map(|i| PATHS[i].to_owned()).collect();
         live.sort();
