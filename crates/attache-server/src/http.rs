@@ -321,6 +321,11 @@ impl Shares {
         self.fits(&self.held.lock(), who, n, 0)
     }
 
+    /// What `who` may still take within its share.
+    fn room(&self, who: &PrincipalKey) -> usize {
+        self.most.saturating_sub(self.held.lock().get(who).copied().unwrap_or(0))
+    }
+
     pub(crate) fn give_back(&self, who: &PrincipalKey, n: usize) {
         let mut held = self.held.lock();
         if let Some(mine) = held.get_mut(who) {
@@ -421,6 +426,35 @@ impl SendBudget {
         n < SEND_BUDGET_FROM || (self.fits(self.held(), n) && who.is_none_or(|who| self.shares.has_room(who, n)))
     }
 
+    /// All the room `who` has now, within its share and what the budget has
+    /// left: for an answer whose size is known only once it is made, made
+    /// within it and then held at its size ([`SendPermit::settle`]). `None`
+    /// below [`SEND_BUDGET_FROM`]. Unlike [`SendBudget::try_take`], nothing
+    /// past the share is ever granted, alone or not.
+    fn take_room(self: &Arc<Self>, who: &PrincipalKey) -> Option<SendPermit> {
+        let mine = self.shares.room(who);
+        let mut got = 0;
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                got = self.capacity.saturating_sub(held).min(mine);
+                (got >= SEND_BUDGET_FROM).then(|| held + got)
+            })
+            .ok()?;
+        // Dropped holding no share: gives back the budget's bytes only.
+        let mut permit = SendPermit { budget: self.clone(), bytes: got, who: None };
+        // Refused when another answer of `who` took some of its share meanwhile.
+        if !self.shares.take(who, got, 0) {
+            return None;
+        }
+        permit.who = Some(who.clone());
+        Some(permit)
+    }
+
+    /// The most one principal's answers hold together.
+    pub(crate) fn share(&self) -> usize {
+        self.shares.most
+    }
+
     /// [`SendBudget::try_take`], refused as the 503 a client gets.
     pub(crate) fn take_as(self: &Arc<Self>, who: Option<&PrincipalKey>, n: usize) -> ApiResult<Option<SendPermit>> {
         self.try_take(who, n).map_err(|SendBudgetFull| self.exhausted())
@@ -440,6 +474,37 @@ impl SendBudget {
             ),
         )
         .with_header(header::RETRY_AFTER, 1)
+    }
+}
+
+/// The code of [`budgeted_json`]'s refusal of an answer larger than a principal's share.
+pub(crate) const RESPONSE_TOO_LARGE: &str = "RESPONSE_TOO_LARGE";
+
+/// `value` as JSON when it takes at most `max` bytes; `None` past them, having
+/// written no more than `max` (a writer that refuses the byte past them stops
+/// serde_json there).
+fn json_at_most(value: &impl serde::Serialize, max: usize) -> ApiResult<Option<Vec<u8>>> {
+    struct AtMost {
+        out: Vec<u8>,
+        max: usize,
+    }
+    impl std::io::Write for AtMost {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.out.len() + buf.len() > self.max {
+                return Err(std::io::Error::other("past the answer's room"));
+            }
+            self.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut w = AtMost { out: Vec::new(), max };
+    match serde_json::to_writer(&mut w, value) {
+        Ok(()) => Ok(Some(w.out)),
+        Err(e) if e.is_io() => Ok(None),
+        Err(e) => Err(ApiError::internal(e)),
     }
 }
 
@@ -544,14 +609,46 @@ impl SendPermit {
 /// list, the manifest of an entity with thousands of attachments, a list of
 /// thousands of grants). 503 `RESPONSE_BUDGET_EXHAUSTED` when the budget, or
 /// `who`'s share of it, is held by answers not yet read.
+///
+/// The answer is made within what `who` may hold, never past it: before
+/// (session 17's attack pass), a manifest listed as 400 MB (its text values
+/// escaped six times over) was made whole and then granted as an answer
+/// alone, and while its reader read slowly every other principal's large
+/// answers were refused. An answer larger than one principal's share is
+/// refused as 413 `RESPONSE_TOO_LARGE` (ask for less: a `limit`, one item at a
+/// time); one that does not fit beside `who`'s other answers not yet read, as 503.
 pub(crate) fn budgeted_json(
     answers: &Arc<SendBudget>,
-    who: Option<&PrincipalKey>,
+    who: &PrincipalKey,
     status: StatusCode,
     value: &impl serde::Serialize,
 ) -> ApiResult<axum::response::Response> {
-    let body = serde_json::to_vec(value).map_err(ApiError::internal)?;
-    let permit = answers.take_as(who, body.len())?;
+    // Most answers are small: made once, within what takes nothing from the budget.
+    let (body, permit) = match json_at_most(value, SEND_BUDGET_FROM)? {
+        Some(body) => (body, None),
+        None => {
+            let permit = answers.take_room(who).ok_or_else(|| answers.exhausted())?;
+            match json_at_most(value, permit.bytes())? {
+                Some(body) => {
+                    let held = permit.settle(body.len());
+                    (body, held)
+                }
+                None if permit.bytes() >= answers.share() => {
+                    return Err(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        RESPONSE_TOO_LARGE,
+                        format!(
+                            "the answer would be larger than the {} bytes one principal's answers may hold \
+                             (response_buffer_bytes × budget_share_per_principal); ask for less at a time \
+                             (a smaller limit, or one item at a time)",
+                            answers.share()
+                        ),
+                    ))
+                }
+                None => return Err(answers.exhausted()),
+            }
+        }
+    };
     let mut res = axum::response::Response::new(held_body(body.into(), permit));
     *res.status_mut() = status;
     res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -213,6 +213,18 @@ pub async fn dispatch(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // Said before anything about the path: a method streams never take is
+    // 405 at every path, so it tells nothing of what a path holds (before,
+    // another principal's stream answered 404 where a free path was 405:
+    // session 17's attack pass).
+    if !matches!(method, Method::PUT | Method::POST | Method::GET | Method::HEAD | Method::DELETE) {
+        return ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "METHOD_NOT_ALLOWED",
+            "streams take GET, HEAD, PUT, POST and DELETE",
+        )
+        .into_response();
+    }
     let mut result = authorize(&state, &who, &method, &path).await;
     if let (Ok(_), Some((entity, which))) = (&result, EntityUrl::owning(path.as_str())) {
         result = entity_stream_rules(&state, &method, &entity, &which, &Req(&headers)).await.map(|()| Access::Visible);
@@ -227,11 +239,7 @@ pub async fn dispatch(
             Method::GET => Box::pin(get(&state, &who, &path, query.as_deref(), &headers)).await,
             Method::HEAD => head(&state, &path).await,
             Method::DELETE => Box::pin(delete(&state, &who, &path)).await,
-            _ => Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "METHOD_NOT_ALLOWED",
-                "streams take GET, HEAD, PUT, POST and DELETE",
-            )),
+            _ => Err(ApiError::internal("a stream method past the method check")),
         },
     };
     match result {
@@ -390,9 +398,22 @@ async fn put(
         }
         None => None,
     };
-    if matches!(EntityUrl::owning(path.as_str()), Some((_, EntityStream::Main))) {
-        client_rows(&initial, JsonBodyUse::Create, state.config.max_append_messages)?;
-    }
+    let max = state.config.max_append_messages;
+    let rows = if matches!(EntityUrl::owning(path.as_str()), Some((_, EntityStream::Main))) {
+        client_rows(&initial, JsonBodyUse::Create, max)?.len()
+    } else if !initial.is_empty() && content_type.as_ref().is_some_and(ContentType::is_json) {
+        // A create's first messages are bounded and held for as they are
+        // appended (`post`): a 15 MiB `[1,1,...]` PUT held 1 GB before (session 17's attack pass).
+        match split_messages_at_most(&initial, JsonBodyUse::Create, max) {
+            Ok(messages) => messages.len(),
+            Err(e @ attache_core::Error::TooManyMessages { .. }) => return Err(e.into()),
+            // Not JSON the store takes: it answers (400).
+            Err(_) => 0,
+        }
+    } else {
+        0
+    };
+    let _rows = state.bodies.hold(who, rows.saturating_mul(ROW_COST), &format_args!("a create of {rows} messages"))?;
     // A PUT that confirms a stream the path holds makes nothing.
     if let Err(full) = stream_room(state, who, 1) {
         if state.store.head(path.as_str()).await.is_err() {

@@ -1514,3 +1514,45 @@ async fn a_shutdown_closes_an_upload_whose_body_stalls_once_the_shutdown_grace_i
     assert!(started.elapsed() >= Duration::from_millis(400), "the upload had its grace: {:?}", started.elapsed());
     assert!(read_until_closed(&mut conn).await.is_some(), "the stalled upload's connection is closed");
 }
+
+/// A JSON answer is made within what its reader may hold of the response
+/// budget, never past it: an entity list larger than one principal's share
+/// is 413 `RESPONSE_TOO_LARGE` (a smaller `limit` is answered), and nothing
+/// of the budget stays held. Before (session 17's attack pass), such an
+/// answer was made whole and granted alone: a 400 MB manifest list took RSS
+/// to 1 GB, and while its reader read slowly every other principal's large
+/// answers were refused.
+#[tokio::test]
+async fn a_json_answer_larger_than_a_principals_share_is_413_and_a_smaller_page_is_answered() {
+    // A quarter of 1 MiB is one principal's share.
+    let s = TestServer::start_with(|c| c.response_buffer_bytes = 1 << 20).await;
+    let args = "a".repeat(60 << 10);
+    for i in 0..6 {
+        let res = s
+            .request(reqwest::Method::PUT, &format!("/_electric/entities/big/e{i}"))
+            .header("electric-principal", "user:mallory")
+            .json(&serde_json::json!({ "args": { "blob": args } }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+    }
+    let list = |limit: usize| {
+        s.request(reqwest::Method::GET, &format!("/_electric/entities?type=big&limit={limit}"))
+            .header("electric-principal", "user:mallory")
+            .send()
+    };
+    let res = list(100).await.unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "RESPONSE_TOO_LARGE", "{body}");
+    assert!(body.to_string().contains("budget_share_per_principal"), "{body}");
+    assert_eq!(gauge(&s, ANSWERS).await, 0, "nothing held after the refusal");
+    let res = list(2).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let text = res.text().await.unwrap();
+    let page: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(page.len(), 2);
+    assert!(text.len() > 2 * (60 << 10), "each entity whole: {} bytes", text.len());
+    gauge_until(&s, ANSWERS, |n| n == 0, "0").await;
+}

@@ -1013,6 +1013,29 @@ async fn a_json_append_of_more_messages_than_allowed_is_413_and_appends_nothing(
     assert_eq!((status, code.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "TOO_MANY_MESSAGES"), "{body}");
 }
 
+/// A create's first messages (a JSON `PUT` with a body) take the same bound
+/// as an append: before (session 17's attack pass), a 15 MiB `[1,1,...]`
+/// `PUT` of a plain stream was 201 and held 1 GB while it was written, where
+/// the same body `POST`ed was 413.
+#[tokio::test]
+async fn a_json_create_with_more_first_messages_than_allowed_is_413_and_makes_nothing() {
+    let s = TestServer::start_with(|c| c.max_append_messages = 3).await;
+    let put = |path: &'static str, body: &'static str| {
+        s.request(reqwest::Method::PUT, path).header("content-type", "application/json").body(body).send()
+    };
+    let (status, code, body) = entity_support::error_of(put("/j/put-many", "[1,2,3,4]").await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "TOO_MANY_MESSAGES"), "{body}");
+    assert_eq!(
+        s.request(reqwest::Method::HEAD, "/j/put-many").send().await.unwrap().status(),
+        StatusCode::NOT_FOUND,
+        "nothing was made"
+    );
+    assert_eq!(put("/j/put-few", "[1,2,3]").await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(s.read_all("/j/put-few").await, &b"[1,2,3]"[..]);
+    // Malformed JSON is still answered as malformed.
+    assert_eq!(put("/j/put-bad", "[1,").await.unwrap().status(), StatusCode::BAD_REQUEST);
+}
+
 /// The registry keeps every grant in memory, so an entity holds at most
 /// `--max-grants-per-entity` of them: past it a grant is 409
 /// `TOO_MANY_GRANTS` and nothing is added; a revoke makes room. Before

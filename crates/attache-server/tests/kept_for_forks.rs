@@ -147,6 +147,12 @@ async fn a_kept_plain_stream_is_gone_to_its_owner_and_never_existed_to_others(ts
         assert_eq!(never, StatusCode::NOT_FOUND);
         assert_eq!(status_as(ts, MALLORY, method.clone(), "/plain/kept").await, never, "stranger {method}");
     }
+    // A method streams never take is 405 at every path, the kept one and
+    // alice's live fork included (before, session 17's attack pass: 404
+    // there, 405 at a free path).
+    for path in ["/plain/kept", "/plain/kept-fork", "/plain/never"] {
+        assert_eq!(status_as(ts, MALLORY, Method::PATCH, path).await, StatusCode::METHOD_NOT_ALLOWED, "{path}");
+    }
     assert_eq!(status_as(ts, ALICE, Method::PUT, "/plain/kept").await, StatusCode::CONFLICT);
     assert_eq!(fork_as(ts, ALICE, "/plain/f2", "/plain/kept").await, StatusCode::CONFLICT);
     assert_eq!(

@@ -10,7 +10,6 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use futures::StreamExt as _;
-use serde_json::json;
 
 use crate::access::EntityRoute;
 use crate::error::{ApiError, ApiResult};
@@ -34,7 +33,12 @@ pub async fn list(State(state): State<AppState>, route: EntityRoute) -> ApiResul
     let mut entries: Vec<std::borrow::Cow<ManifestEntry>> =
         view.manifest.values().map(|e| as_listed(entity, e)).collect();
     entries.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
-    crate::http::budgeted_json(&state.answers, Some(&route.who), StatusCode::OK, &json!({ "attachments": entries }))
+    // Serialized from the entries themselves (a `json!` value copied every text value first).
+    #[derive(serde::Serialize)]
+    struct Listed<'a> {
+        attachments: &'a [std::borrow::Cow<'a, ManifestEntry>],
+    }
+    crate::http::budgeted_json(&state.answers, &route.who, StatusCode::OK, &Listed { attachments: &entries })
 }
 
 /// An entry as the list shows it: one whose row names a stream other than

@@ -104,7 +104,7 @@ fn grant_room(state: &AppState, entity: &attache_storage::EntityRecord) -> ApiRe
 pub async fn list_grants(State(state): State<AppState>, route: EntityRoute) -> ApiResult<Response> {
     let entity = route.authorize(&state, Permission::Manage).await?;
     let grants: Vec<Value> = state.registry.grants(&entity.url).iter().map(grant_json).collect();
-    crate::http::budgeted_json(&state.answers, Some(&route.who), StatusCode::OK, &json!({ "grants": grants }))
+    crate::http::budgeted_json(&state.answers, &route.who, StatusCode::OK, &json!({ "grants": grants }))
 }
 
 pub async fn add_grant(

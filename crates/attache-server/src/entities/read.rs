@@ -7,7 +7,6 @@ use axum::extract::{Query, State};
 use axum::http::HeaderValue;
 use axum::response::Response;
 use serde::Deserialize;
-use serde_json::Value;
 
 use crate::access::{may, EntityRoute};
 use crate::auth::Caller;
@@ -19,7 +18,7 @@ use super::entity_json;
 pub async fn get_entity(State(state): State<AppState>, route: EntityRoute) -> ApiResult<Response> {
     let entity = route.authorize(&state, Permission::Read).await?;
     // Up to --max-entity-data-bytes of spawn args and tags: held within the response budget as the lists are.
-    crate::http::budgeted_json(&state.answers, Some(&route.who), axum::http::StatusCode::OK, &entity_json(&entity))
+    crate::http::budgeted_json(&state.answers, &route.who, axum::http::StatusCode::OK, &entity_json(&entity))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,13 +75,20 @@ pub async fn list(
         }
     }
     let total = visible.len();
-    let page: Vec<Value> = visible.iter().skip(offset).take(limit).map(|e| entity_json(e)).collect();
-    drop(visible);
+    // Each entity's JSON made as it is written, not the page's first (1,000
+    // entities with large spawn args are tens of MB of values).
+    struct Page<'a>(&'a [std::sync::Arc<EntityRecord>]);
+    impl serde::Serialize for Page<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.iter().map(|e| entity_json(e)))
+        }
+    }
+    let page = &visible[offset.min(total)..(offset.saturating_add(limit)).min(total)];
     // Held until sent, within the response budget (a page of 1,000 entities
     // with large spawn args is tens of MB, and a client that reads nothing
     // kept it: 50 such over one HTTP/2 connection held 1.3 GB).
-    let mut res = crate::http::budgeted_json(&state.answers, Some(&who), axum::http::StatusCode::OK, &page)?;
-    drop(page);
+    let mut res = crate::http::budgeted_json(&state.answers, &who, axum::http::StatusCode::OK, &Page(page))?;
+    drop(visible);
     let hm = res.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&total.to_string()) {
         hm.insert("x-total-count", v);
