@@ -135,8 +135,8 @@ pub async fn fork(
     }
     let args_len = source.args.as_ref().map_or(0, |a| a.get().len());
     let adding = attache_storage::registry::data_bytes(args_len, source.extra.as_ref(), &tags);
-    crate::entities::entity_room(&state, who, adding)?;
-    crate::streams::stream_room(&state, who, 1)?;
+    // Held by the step that makes the fork, which runs to its end though the request is dropped.
+    let rooms = (crate::entities::entity_room(&state, who, adding)?, crate::streams::stream_room(&state, who, 1)?);
     // Electric's `parent`: the fork is a child of it (the caller needs `spawn` there).
     let lineage = match body.parent.as_deref() {
         Some(parent) => Some(lineage_under(&state, who, parent).await?),
@@ -174,6 +174,7 @@ pub async fn fork(
         Plan { who: who.clone(), source, source_url: source_url.clone(), fork_url, offset, sub_offset, tags, lineage };
     let state_ = state.clone();
     let (root, txid) = crate::entities::run_to_end(&state, async move {
+        let _rooms = rooms;
         let state = &state_;
         let mut made = Made { state, streams: Vec::new(), done: false };
         let forked = make_fork(state, &plan, &mut made).await;
@@ -347,7 +348,7 @@ async fn carry_attachments(
     };
     // Each complete attachment is a stream of the fork's, the forker's to hold.
     let copies = entries.iter().filter(|e| e.status == AttachmentStatus::Complete).count();
-    crate::streams::stream_room(state, who, copies)?;
+    let _room = crate::streams::stream_room(state, who, copies)?;
     let at = timestamp(now_ms());
     let mut rows = Vec::with_capacity(entries.len());
     for entry in entries {

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod multipart;
 pub mod origin;
 pub mod pause;
+pub mod quota;
 pub mod rate;
 pub mod router;
 pub mod rows;
@@ -85,6 +86,8 @@ pub struct Shared {
     pub answers: Arc<http::SendBudget>,
     /// SSE data events framed once for all the readers of the same bytes (`sse`).
     pub sse_events: sse::SharedEvents,
+    /// Creates in flight, counted to their principal's quotas until they commit (`quota`).
+    pub in_flight: Arc<quota::InFlight>,
 }
 
 /// Errors that stop the server from starting.
@@ -231,6 +234,7 @@ impl Server {
             bodies,
             answers,
             sse_events: sse::SharedEvents::default(),
+            in_flight: Arc::default(),
         }));
         events::ensure_stream(state.store.as_ref())
             .await

@@ -325,16 +325,24 @@ pub const TOO_MANY_STREAMS: &str = "TOO_MANY_STREAMS";
 /// metadata in memory (about 2.5 KB a small one: 20,000 one-byte plain
 /// streams took +49 MB, 40,000 one-byte attachments +107 MB, session 15 and
 /// 16's attack passes), so one principal's creates must not grow it without
-/// end. Checked before anything is written, against committed streams:
-/// creates racing on one principal may pass it by as many as are in flight
-/// together.
-pub fn stream_room(state: &AppState, who: &PrincipalKey, new: usize) -> ApiResult<()> {
-    let max = state.config.max_streams_per_principal;
-    let held = state.store.streams_owned_by(&who.to_string());
-    if held.saturating_add(new) <= max {
-        return Ok(());
-    }
-    Err(ApiError::new(
+/// end. Checked before anything is written, against committed streams and
+/// the principal's creates still in flight (`quota`); the caller holds the
+/// returned reservation until its create has committed.
+pub fn stream_room(state: &AppState, who: &PrincipalKey, new: usize) -> ApiResult<crate::quota::Reserved> {
+    let key = who.to_string();
+    let adding = crate::quota::Pending { streams: new, ..Default::default() };
+    state.in_flight.reserve(&key, adding, |pending| {
+        let max = state.config.max_streams_per_principal;
+        let held = state.store.streams_owned_by(&key).saturating_add(pending.streams);
+        if held.saturating_add(new) <= max {
+            return Ok(());
+        }
+        Err(too_many_streams(who, held, new, max))
+    })
+}
+
+fn too_many_streams(who: &PrincipalKey, held: usize, new: usize, max: usize) -> ApiError {
+    ApiError::new(
         StatusCode::CONFLICT,
         TOO_MANY_STREAMS,
         format!(
@@ -343,7 +351,7 @@ pub fn stream_room(state: &AppState, who: &PrincipalKey, new: usize) -> ApiResul
              an entity) to make room",
             if new > 1 { format!(", and this would make {new}") } else { String::new() }
         ),
-    ))
+    )
 }
 
 /// Parses a strict non-negative integer header (no sign, no leading zeros).
@@ -415,11 +423,11 @@ async fn put(
     };
     let _rows = state.bodies.hold(who, rows.saturating_mul(ROW_COST), &format_args!("a create of {rows} messages"))?;
     // A PUT that confirms a stream the path holds makes nothing.
-    if let Err(full) = stream_room(state, who, 1) {
-        if state.store.head(path.as_str()).await.is_err() {
-            return Err(full);
-        }
-    }
+    let _room = match stream_room(state, who, 1) {
+        Ok(room) => Some(room),
+        Err(full) if state.store.head(path.as_str()).await.is_err() => return Err(full),
+        Err(_) => None,
+    };
     let outcome = state
         .store
         .create(CreateStream {

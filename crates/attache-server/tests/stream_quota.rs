@@ -102,3 +102,36 @@ async fn postgres_one_principal_holds_at_most_its_stream_quota_or_skip_without_p
     ts.restart().await;
     assert_refused(put(&ts, MALLORY, "/m/5", None).await, "the count is rebuilt at start").await;
 }
+
+/// Creates racing on one principal count each other while in flight: a
+/// burst of concurrent spawns makes no more entities than the quotas hold
+/// (streams and data bytes), though none had committed when the others were
+/// checked. Before (session 17's attack pass), 1,000 concurrent spawns
+/// against a data quota with room for 16 made 465 entities.
+#[tokio::test]
+async fn a_burst_of_concurrent_spawns_makes_no_more_than_the_quotas_hold() {
+    let ts = TestServer::start_with(|c| {
+        c.max_streams_per_principal = 8;
+        c.max_entity_data_bytes_per_principal = 64 << 10;
+    })
+    .await;
+    let args = "a".repeat(6 << 10);
+    let spawns = (0..60).map(|i| {
+        let req = as_principal(ts.request(Method::PUT, &format!("/_electric/entities/race/e{i}")), Some(MALLORY))
+            .json(&serde_json::json!({ "args": { "blob": args } }));
+        async move { req.send().await.expect("an answer").status() }
+    });
+    let statuses = futures::future::join_all(spawns).await;
+    let made = statuses.iter().filter(|s| **s == StatusCode::CREATED).count();
+    assert!(statuses.iter().all(|s| *s == StatusCode::CREATED || *s == StatusCode::CONFLICT), "{statuses:?}");
+    // Ten 6 KiB spawns fit the data quota, eight the stream quota.
+    assert!((1..=8).contains(&made), "{made} entities made: {statuses:?}");
+    let listed = as_principal(ts.request(Method::GET, "/_electric/entities?type=race&limit=1000"), Some(MALLORY))
+        .send()
+        .await
+        .unwrap()
+        .json::<Vec<serde_json::Value>>()
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), made);
+}

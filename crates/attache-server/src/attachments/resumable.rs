@@ -50,7 +50,7 @@ pub async fn begin_resumable(
     if !record.is_running() {
         return Err(not_running());
     }
-    crate::streams::stream_room(&state, who, 1)?;
+    let _room = crate::streams::stream_room(&state, who, 1)?;
     let mut fields = Fields::default();
     let subject = body.subject.map(|s| s.to_string());
     for (name, value) in [

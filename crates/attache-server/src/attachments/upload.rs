@@ -64,7 +64,7 @@ pub async fn upload(
         return Err(not_running());
     }
     // Its stream will be the uploader's to hold: room for it before any byte is read.
-    crate::streams::stream_room(&state, who, 1)?;
+    let _room = crate::streams::stream_room(&state, who, 1)?;
     let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
     let boundary = multer::parse_boundary(content_type)
         .map_err(|_| ApiError::bad_request("Attachment uploads must use multipart/form-data"))?;

@@ -79,13 +79,13 @@ pub fn grant_json(g: &GrantRecord) -> Value {
 /// on one entity in 30 s, kept across restarts, made a 10 MB grants list.
 /// Counted as this instance knows them: grants racing on one entity may
 /// pass it by as many as are in flight together.
-fn grant_room(state: &AppState, entity: &attache_storage::EntityRecord) -> ApiResult<()> {
+fn grant_room(state: &AppState, entity: &attache_storage::EntityRecord) -> ApiResult<crate::quota::Reserved> {
     let entity_url = entity.url.as_str();
     // Every grant is data its entity's creator keeps in memory: 200 entities
     // took 179,426 grants in 60 s past the per-entity bound (+73 MB after a
     // restart: session 16's second attack pass).
     let holdings = state.registry.held_by(&entity.created_by);
-    super::data_room(state, &entity.created_by, holdings, attache_storage::registry::GRANT_BYTES)?;
+    let room = super::data_room(state, &entity.created_by, holdings, attache_storage::registry::GRANT_BYTES)?;
     let max = state.config.max_grants_per_entity;
     let held = state.registry.grants(entity_url).len();
     if held >= max {
@@ -98,7 +98,7 @@ fn grant_room(state: &AppState, entity: &attache_storage::EntityRecord) -> ApiRe
             ),
         ));
     }
-    Ok(())
+    Ok(room)
 }
 
 pub async fn list_grants(State(state): State<AppState>, route: EntityRoute) -> ApiResult<Response> {
@@ -117,7 +117,7 @@ pub async fn add_grant(
     let body: GrantBody = json_body(&state.bodies, &headers, body).await?;
     let entity = route.authorize(&state, Permission::Manage).await?;
     let grant = body.into_new(&entity.url, who)?;
-    grant_room(&state, &entity)?;
+    let _room = grant_room(&state, &entity)?;
     let stored = state.registry.add_grant(grant).await?;
     Ok((StatusCode::CREATED, Json(grant_json(&stored))).into_response())
 }

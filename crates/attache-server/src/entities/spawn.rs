@@ -135,9 +135,25 @@ pub const TOO_MANY_ENTITIES: &str = "TOO_MANY_ENTITIES";
 /// them: +900 MB, session 16's) must not grow it without end. Checked before
 /// anything is written; spawns racing on one principal may pass it by as
 /// many as are in flight together.
-pub fn entity_room(state: &AppState, who: &PrincipalKey, adding: usize) -> ApiResult<()> {
+pub fn entity_room(state: &AppState, who: &PrincipalKey, adding: usize) -> ApiResult<crate::quota::Reserved> {
+    let owner = who.url();
+    let new = crate::quota::Pending { entities: 1, data_bytes: adding, streams: 0 };
+    state.in_flight.reserve(&owner, new, |pending| {
+        let mut held = state.registry.held_by(&owner);
+        held.entities += pending.entities;
+        held.data_bytes += pending.data_bytes;
+        entity_room_beside(state, who, held, adding)
+    })
+}
+
+/// [`entity_room`]'s rule, against `held` (the registry's count and the creates in flight).
+fn entity_room_beside(
+    state: &AppState,
+    who: &PrincipalKey,
+    held: attache_storage::Holdings,
+    adding: usize,
+) -> ApiResult<()> {
     let max = state.config.max_entities_per_principal;
-    let held = state.registry.held_by(&who.url());
     if held.entities >= max {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -149,13 +165,27 @@ pub fn entity_room(state: &AppState, who: &PrincipalKey, adding: usize) -> ApiRe
             ),
         ));
     }
-    data_room(state, &who.url(), held, adding)
+    data_room_beside(state, &who.url(), held, adding)
 }
 
 /// 409 `TOO_MANY_ENTITIES` when `adding` more bytes of client data would take
 /// what the entities of `owner` (a principal's URL) keep past
 /// `max_entity_data_bytes_per_principal` (`held`: what the registry says it holds).
-pub fn data_room(state: &AppState, owner: &str, held: attache_storage::Holdings, adding: usize) -> ApiResult<()> {
+pub fn data_room(
+    state: &AppState,
+    owner: &str,
+    held: attache_storage::Holdings,
+    adding: usize,
+) -> ApiResult<crate::quota::Reserved> {
+    let new = crate::quota::Pending { data_bytes: adding, ..Default::default() };
+    state.in_flight.reserve(owner, new, |pending| {
+        let held = attache_storage::Holdings { data_bytes: held.data_bytes + pending.data_bytes, ..held };
+        data_room_beside(state, owner, held, adding)
+    })
+}
+
+/// [`data_room`]'s rule, against `held` (the registry's count and the creates in flight).
+fn data_room_beside(state: &AppState, owner: &str, held: attache_storage::Holdings, adding: usize) -> ApiResult<()> {
     let max = state.config.max_entity_data_bytes_per_principal;
     if adding > 0 && held.data_bytes.saturating_add(adding) > max {
         return Err(ApiError::new(
@@ -198,8 +228,7 @@ async fn spawn_entity_under(
         };
     }
     let adding = attache_storage::registry::data_bytes(json_size(&args), extra.as_ref(), &tags);
-    entity_room(state, who, adding)?;
-    crate::streams::stream_room(state, who, 1)?;
+    let _rooms = (entity_room(state, who, adding)?, crate::streams::stream_room(state, who, 1)?);
     let now = now_ms();
     let txid = new_txid();
     let created = ChangeEvent::insert(

@@ -101,9 +101,10 @@ async fn change_tag(
     if previous == value {
         return Ok(answer(&current, None));
     }
+    let mut _room = None;
     if let Some(v) = &value {
         let held = state.registry.held_by(&current.created_by);
-        super::data_room(state, &current.created_by, held, key.len() + v.len())?;
+        _room = Some(super::data_room(state, &current.created_by, held, key.len() + v.len())?);
         let mut tags = current.tags.clone();
         tags.insert(key.clone(), v.clone());
         let max = state.config.max_entity_data_bytes;

@@ -525,10 +525,11 @@ async fn decide_put(
         ext,
     };
     room_for(state, task_id, &input.key, &entry, existing.is_none()).await?;
-    if input.data.is_some() {
-        // Binary values get a stream of their own (the old one goes after): the caller's to hold.
-        crate::streams::stream_room(state, who, 1)?;
-    }
+    // Binary values get a stream of their own (the old one goes after): the caller's to hold.
+    let _room = match input.data {
+        Some(_) => Some(crate::streams::stream_room(state, who, 1)?),
+        None => None,
+    };
     if let Some(bytes) = &input.data {
         stored_bytes += bytes.len() as u64;
         entry.byte_length = Some(bytes.len() as u64);

@@ -32,8 +32,9 @@ pub(super) fn check_metadata_size(state: &AppState, metadata: &Option<Map<String
 }
 
 /// [`crate::entities::data_room`] for `size` more bytes kept with a task,
-/// counted to its creator, refused as the task face refuses (-32602 with `data.code`).
-fn data_room(state: &AppState, entity: &EntityRecord, task_id: &str, size: usize) -> ApiResult<()> {
+/// counted to its creator, refused as the task face refuses (-32602 with
+/// `data.code`); held until the write has committed.
+fn data_room(state: &AppState, entity: &EntityRecord, task_id: &str, size: usize) -> ApiResult<crate::quota::Reserved> {
     let held = state.registry.held_by(&entity.created_by);
     crate::entities::data_room(state, &entity.created_by, held, size).map_err(|e| match e {
         ApiError::Refused(r) => ApiError::rejected(
@@ -166,10 +167,11 @@ pub(super) async fn update(state: &AppState, who: &PrincipalKey, p: &Params<'_>)
     let changes: Vec<&str> =
         ["text", "status", "priority", "metadata"].into_iter().filter(|k| updates.contains_key(*k)).collect();
     let entity = task_entity(state, who, id, Permission::Write, Missing::TaskColon).await?;
-    if let Some(m) = &metadata {
-        // New metadata counts to the task's creator's data in memory (the old is not subtracted: a bound, not a tally).
-        data_room(state, &entity, id, crate::entities::json_size(m))?;
-    }
+    // New metadata counts to the task's creator's data in memory (the old is not subtracted: a bound, not a tally).
+    let _room = match &metadata {
+        Some(m) => Some(data_room(state, &entity, id, crate::entities::json_size(m))?),
+        None => None,
+    };
     let incarnation = entity.incarnation.as_deref();
     let held = Held::take(state, state.tasks.cell(id), id, incarnation).await?;
     let (task_id, by) = (id.to_owned(), who.to_string());
@@ -452,6 +454,7 @@ pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_
     let incarnation = entity.incarnation.as_deref();
     let next = if failed { Status::Failed } else { Status::Completed };
     may_complete(task_id, &task, next, worker.as_deref())?;
+    let mut _room = None;
     if let (false, Some(value)) = (failed, &result) {
         // The result is kept with the task in the registry's memory, as its
         // metadata is: bounded by `max_entity_data_bytes`, and counted to the
@@ -468,7 +471,7 @@ pub(super) async fn complete(state: &AppState, who: &PrincipalKey, p: &Params<'_
                 ),
             ));
         }
-        data_room(state, &entity, task_id, size)?;
+        _room = Some(data_room(state, &entity, task_id, size)?);
     }
     if let (false, Some(value)) = (failed, &result) {
         let input = AttachmentInput {
