@@ -84,6 +84,44 @@ async fn unfinished_request_heads_share_the_header_budget_and_one_past_it_is_clo
     read_until(&mut third, &mut seen, "200 OK").await;
 }
 
+/// A finished head stays counted in the header budget (what of it is past
+/// 8 KiB) while its request runs, and goes back when the request ends: a
+/// long-poll with a 20 KB head holds it, a second large head past the budget
+/// is closed, and once the long-poll is answered a large head fits again.
+/// Before (session 17's attack pass), the budget forgot a head once its
+/// request began: 2,000 long-polls with 60 KB heads held 180 MB.
+#[tokio::test]
+async fn a_finished_head_holds_the_header_budget_while_its_request_runs() {
+    let s = TestServer::start_with(|c| {
+        c.header_buffer_bytes = 16 << 10;
+        c.header_read_timeout = Duration::from_secs(120);
+        c.long_poll_timeout = Duration::from_secs(60);
+    })
+    .await;
+    s.create("/heads/lp", "text/plain").await;
+    let pad = "a".repeat(20 << 10);
+    let mut polling = connect(&s).await;
+    let long_poll =
+        format!("GET /heads/lp?offset=now&live=long-poll HTTP/1.1\r\nhost: 127.0.0.1\r\nx-pad: {pad}\r\n\r\n");
+    polling.write_all(long_poll.as_bytes()).await.expect("a whole large head");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let whole = format!("GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nx-pad: {pad}\r\n\r\n");
+    let mut second = connect(&s).await;
+    let _ = second.write_all(whole.as_bytes()).await;
+    let sent = read_until_closed(&mut second).await;
+    assert_eq!(sent.as_deref(), Some(&b""[..]), "a large head past what the long-poll holds is closed unanswered");
+    assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK, "small heads take nothing");
+    // The long-poll is answered (an append); its head goes back.
+    s.append("/heads/lp", "text/plain", "x").await;
+    let mut seen = Vec::new();
+    read_until(&mut polling, &mut seen, "200 OK").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = connect(&s).await;
+    third.write_all(whole.as_bytes()).await.expect("a whole large head");
+    let mut seen = Vec::new();
+    read_until(&mut third, &mut seen, "200 OK").await;
+}
+
 /// An HTTP/2 frame: its 9-byte header, then `payload`.
 fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;

@@ -132,7 +132,7 @@ async fn run(
             let prefix = wire::rewind_prefix(Some(&head_bytes), &buf);
             return hand_over(io, prefix, activity, app, shutdown).await;
         };
-        let in_flight = activity.request_started();
+        let in_flight = activity.request_started(head.len);
         if buf.len() < head.body_len {
             // What arrives now is this request's body, not a next header.
             activity.open_bodies.fetch_add(1, Ordering::AcqRel);

@@ -101,7 +101,10 @@ pub const HEAD_FREE_BYTES: usize = 8 << 10;
 /// buffer (64 KiB, 431 beyond), and a client that sends most of one and
 /// stalls keeps it there until `--header-read-timeout`: 2,000 such
 /// connections held 158 MB, 4,000 306 MB (session 16's attack pass). Past
-/// this budget, a connection whose head grows further is closed.
+/// this budget, a connection whose head grows further is closed. A finished
+/// head stays counted (what of it is past [`HEAD_FREE_BYTES`]) until its
+/// request ends: a request holds its head while it runs, and 2,000
+/// long-polls with 60 KB heads held 180 MB (session 17's attack pass).
 #[derive(Debug)]
 pub struct HeadBudget {
     held: AtomicUsize,
@@ -124,6 +127,14 @@ impl HeadBudget {
     fn give_back(&self, n: usize) {
         if n > 0 {
             self.held.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+
+    /// Counts `n` bytes already read within the budget (a finished head, no
+    /// larger than what its reading took).
+    fn take_over(&self, n: usize) {
+        if n > 0 {
+            self.held.fetch_add(n, Ordering::AcqRel);
         }
     }
 
@@ -719,13 +730,18 @@ impl Activity {
         self.heads.give_back(self.head_held.swap(0, Ordering::AcqRel));
     }
 
-    fn request_started(self: &Arc<Self>) -> InFlight {
+    /// A request whose head took `head_len` bytes starts: what the reading
+    /// took goes back, and what of the head is past [`HEAD_FREE_BYTES`] stays
+    /// counted until the request ends (the request holds its head).
+    fn request_started(self: &Arc<Self>, head_len: usize) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.served.store(true, Ordering::Release);
         self.reading_since.store(NEVER, Ordering::Release);
         self.head_read.store(0, Ordering::Release);
+        let kept = head_len.saturating_sub(HEAD_FREE_BYTES);
+        self.heads.take_over(kept);
         self.heads.give_back(self.head_held.swap(0, Ordering::AcqRel));
-        InFlight(self.clone())
+        InFlight(self.clone(), kept)
     }
 
     /// Bytes arrived. Between requests, or on HTTP/1 once every request body
@@ -783,11 +799,13 @@ impl Activity {
 }
 
 /// One request in flight; the connection is idle again when the last one drops.
-struct InFlight(Arc<Activity>);
+/// A request in flight on its connection, and what of its head it holds of the head budget.
+struct InFlight(Arc<Activity>, usize);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         let a = &self.0;
+        a.heads.give_back(self.1);
         a.idle_since.store(a.now_ms(), Ordering::Release);
         if a.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 && a.stop.load(Ordering::Acquire) {
             a.stopping.notify_one();
@@ -874,6 +892,12 @@ impl Places {
     }
 }
 
+/// About what a request's head holds as hyper parsed it: its target and each header's name and value.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    req.headers().iter().fold(target, |n, (name, value)| n + name.as_str().len() + value.len() + 4)
+}
+
 type TrackedFuture = Pin<Box<dyn Future<Output = Result<Response<TrackedBody>, Infallible>> + Send>>;
 
 impl hyper::service::Service<Request<Incoming>> for Tracked {
@@ -882,7 +906,7 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Future = TrackedFuture;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let in_flight = self.activity.request_started();
+        let in_flight = self.activity.request_started(head_size(&req));
         let mut place = None;
         if req.version() == http::Version::HTTP_2 {
             self.activity.multiplexed.store(true, Ordering::Release);
