@@ -52,6 +52,25 @@ pub async fn scan_step(i: usize) {
     }
 }
 
+/// Runs `work`, synchronous work that may take long (parsing megabytes of
+/// rows, writing a large answer), on the async worker it is called from;
+/// when `heavy`, tells the runtime first, so the worker's other tasks move to
+/// another thread meanwhile. Before (session 17's attack pass), 64 concurrent
+/// `task.get` of large tasks held both workers parsing their views and
+/// `/healthz` waited 5 to 9 s. (A runtime of one thread, as in tests, runs it inline.)
+pub fn cpu_heavy<T>(heavy: bool, work: impl FnOnce() -> T) -> T {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if heavy && multi {
+        tokio::task::block_in_place(work)
+    } else {
+        work()
+    }
+}
+
+/// Bytes of work past which [`cpu_heavy`] hands the worker's other tasks on.
+pub const CPU_HEAVY_BYTES: usize = 256 << 10;
+
 /// May `who` do `wanted` on `entity`?
 pub fn may(state: &AppState, who: &PrincipalKey, entity: &EntityRecord, wanted: Permission) -> bool {
     let grants = grants_for(state, entity);
@@ -232,4 +251,24 @@ pub async fn hold_life_exclusive(state: &AppState, record: &EntityRecord) -> Api
         return Err(entity_not_found(&record.url));
     }
     Ok(life)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    /// While one task's heavy work runs, the other tasks of its worker go on
+    /// elsewhere: on a runtime of one worker, a ping answers long before the
+    /// work ends (inline, it waited for all of it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn heavy_work_lets_the_workers_other_tasks_run() {
+        let started = Instant::now();
+        let work = tokio::spawn(async {
+            super::cpu_heavy(true, || std::thread::sleep(Duration::from_millis(800)));
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let ping = tokio::spawn(async { Instant::now() }).await.expect("the ping ran");
+        assert!(ping.duration_since(started) < Duration::from_millis(600), "{:?}", ping.duration_since(started));
+        work.await.expect("the work ran");
+    }
 }

@@ -628,7 +628,7 @@ pub(crate) fn budgeted_json(
         Some(body) => (body, None),
         None => {
             let permit = answers.take_room(who).ok_or_else(|| answers.exhausted())?;
-            match json_at_most(value, permit.bytes())? {
+            match crate::access::cpu_heavy(true, || json_at_most(value, permit.bytes()))? {
                 Some(body) => {
                     let held = permit.settle(body.len());
                     (body, held)

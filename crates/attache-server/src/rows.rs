@@ -852,17 +852,19 @@ impl Views {
                 view.follow = Follow { signal: store.subscribe(main).await.ok(), settled: false };
             }
             view.stream = Some(batch.info.id);
-            for row in &batch.messages() {
-                // A row this instance offered as it appended it is applied as the entry it was written from.
-                let offered = match row.starts_with(MANIFEST_ROW) {
-                    true => self.offers.lock().take(row),
-                    false => None,
-                };
-                match offered {
-                    Some(entry) => view.insert_entry(entry),
-                    None => view.apply(row, inbox_window),
+            crate::access::cpu_heavy(batch.byte_len() >= crate::access::CPU_HEAVY_BYTES, || {
+                for row in &batch.messages() {
+                    // A row this instance offered as it appended it is applied as the entry it was written from.
+                    let offered = match row.starts_with(MANIFEST_ROW) {
+                        true => self.offers.lock().take(row),
+                        false => None,
+                    };
+                    match offered {
+                        Some(entry) => view.insert_entry(entry),
+                        None => view.apply(row, inbox_window),
+                    }
                 }
-            }
+            });
             view.applied = batch.next.0;
             if batch.up_to_date() {
                 let info = &batch.info;
