@@ -321,23 +321,40 @@ async fn sse(state: AppState, who: PrincipalKey, from: Offset, task_id: Option<S
         who,
         task_id,
         pos: from,
+        shown: from,
         signal,
         deadline,
         announced: false,
+        told_up_to_date: false,
         _live: live,
     }))
 }
 
 /// One SSE reader of the events stream: reads its next batch when the connection asks for more.
+///
+/// Its control events tell nothing of events it may not see: a control goes
+/// out with the reader's first batch, after each data event, and when the
+/// reader has newly caught up, never because only others' events were
+/// appended; its `streamNextOffset` is just past the last event it was sent
+/// (or where it started), not past the others' events read after it. A
+/// control at every move of the log told a reader when, and by how many
+/// bytes, another principal's tasks changed (session 17's attack pass).
+/// Resuming from that offset reads those others' events again and filters
+/// them out again: nothing the reader may see is skipped.
 struct SseReader {
     state: AppState,
     who: PrincipalKey,
     task_id: Option<String>,
+    /// Where the next read starts.
     pos: Offset,
+    /// The offset the reader is told: just past the last event sent to it.
+    shown: Offset,
     signal: attache_storage::ChangeSignal,
     deadline: tokio::time::Instant,
     /// A control event has been sent.
     announced: bool,
+    /// The last control event said `upToDate`.
+    told_up_to_date: bool,
     _live: crate::metrics::LiveReader,
 }
 
@@ -352,19 +369,22 @@ impl crate::sse::Source for SseReader {
                     return None;
                 }
             };
-            let moved = batch.next != self.pos;
             self.pos = batch.next;
             let mut vis = Visibility::new(&self.state, &self.who);
             let events = vis.filter(batch.events, |e| wanted(&self.task_id, e)).await;
             let mut out = BytesMut::new();
-            if !events.is_empty() {
+            if let Some(last) = events.last() {
+                // Each event carries the offset just past it; without one
+                // (a batch whose sizes do not add up), the batch's end.
+                let past_last = last.get("offset").and_then(Value::as_str).and_then(|o| Offset::parse(o).ok());
+                self.shown = past_last.unwrap_or(batch.next);
                 out.extend_from_slice(&sse_event("data", &Value::Array(events).to_string()));
             }
-            if moved || !self.announced {
-                out.extend_from_slice(&sse_control(self.pos, batch.up_to_date));
+            let caught_up = batch.up_to_date && !self.told_up_to_date;
+            if !out.is_empty() || !self.announced || caught_up {
+                out.extend_from_slice(&sse_control(self.shown, batch.up_to_date));
                 self.announced = true;
-            }
-            if !out.is_empty() {
+                self.told_up_to_date = batch.up_to_date;
                 return Some(out.freeze());
             }
             if !batch.up_to_date {

@@ -634,3 +634,80 @@ async fn a_task_change_whose_request_is_dropped_after_its_decision_is_written_wi
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+/// The SSE events in `text` so far: (name, data) of each one complete.
+fn sse_events(text: &str) -> Vec<(String, String)> {
+    let complete = &text[..text.rfind("\n\n").map_or(0, |at| at + 2)];
+    complete
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let name = e.lines().find_map(|l| l.strip_prefix("event: ")).unwrap_or_default().to_owned();
+            let data: Vec<&str> = e.lines().filter_map(|l| l.strip_prefix("data:")).collect();
+            (name, data.join("\n"))
+        })
+        .collect()
+}
+
+/// Reads `body` until `text` holds `count` complete SSE events in all.
+async fn read_sse(
+    body: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    text: &mut String,
+    count: usize,
+) -> Vec<(String, String)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sse_events(text).len() < count {
+        let chunk = tokio::time::timeout_at(deadline, body.next()).await.expect("SSE events in time");
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("the response goes on").expect("bytes")));
+    }
+    sse_events(text)
+}
+
+#[tokio::test]
+async fn an_sse_reader_is_told_nothing_when_only_events_it_may_not_see_are_appended() {
+    let s = TestServer::start().await;
+    let alices = create_task(&s, ALICE, "private", 50).await;
+    let res = s
+        .client
+        .get(s.url("/_attache/events"))
+        .query(&[("offset", "now"), ("live", "sse")])
+        .header("electric-principal", BOB)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.bytes_stream();
+    let mut text = String::new();
+    let first = read_sse(&mut body, &mut text, 1).await;
+    assert_eq!(first[0].0, "control", "{text}");
+    let told: Value = serde_json::from_str(&first[0].1).unwrap();
+    assert_eq!(told["upToDate"], true, "{text}");
+
+    // Alice's task changes: Bob's reader hears nothing of it, not even an offset.
+    ok(&s, ALICE, "task.create_attachment", json!({"taskId": alices, "key": "k", "type": "text", "content": "x"}))
+        .await;
+    ok(&s, ALICE, "task.update", json!({"id": alices, "updates": {"priority": 60}})).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), body.next()).await;
+    assert!(quiet.is_err(), "nothing for Bob, got {quiet:?}");
+
+    // Bob's own task: its event, then a control just past it (not past Alice's after it).
+    let bobs = create_task(&s, BOB, "mine", 50).await;
+    ok(&s, ALICE, "task.update", json!({"id": alices, "updates": {"priority": 70}})).await;
+    let events = read_sse(&mut body, &mut text, 3).await;
+    assert_eq!((events[1].0.as_str(), events[2].0.as_str()), ("data", "control"), "{text}");
+    let data: Vec<Value> = serde_json::from_str(&events[1].1).unwrap();
+    assert_eq!(types(&data), ["task.created"]);
+    assert_eq!(data[0]["taskId"], bobs.as_str());
+    let control: Value = serde_json::from_str(&events[2].1).unwrap();
+    let resume = control["streamNextOffset"].as_str().unwrap().to_owned();
+    assert_eq!(data[0]["offset"], resume.as_str());
+    let quiet = tokio::time::timeout(Duration::from_millis(500), body.next()).await;
+    assert!(quiet.is_err(), "nothing for Alice's update after Bob's event, got {quiet:?}");
+
+    // Resuming from that offset skips nothing Bob may see, and shows nothing of Alice's.
+    ok(&s, BOB, "task.create_attachment", json!({"taskId": bobs, "key": "k", "type": "text", "content": "y"})).await;
+    let (status, resumed, _) = read_events(&s, BOB, &[("offset", &resume)]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(types(&resumed), ["task.attachment_created"]);
+    assert_eq!(resumed[0]["taskId"], bobs.as_str());
+}
