@@ -67,6 +67,14 @@ pub struct ServeArgs {
     /// Most event patterns one /ws connection holds; a subscribe past it is refused with -32602 [default: 100]
     #[arg(long, env = "ATTACHE_WS_MAX_PATTERNS")]
     ws_max_patterns: Option<usize>,
+    /// Most /ws WebSockets one principal holds open at once; past it the upgrade is refused with
+    /// 429 TOO_MANY_WEBSOCKETS [default: 32]
+    #[arg(long, env = "ATTACHE_MAX_WEBSOCKETS_PER_PRINCIPAL")]
+    max_websockets_per_principal: Option<usize>,
+    /// Most /ws WebSockets open at once, all principals together; past it the upgrade is refused
+    /// with 503 TOO_MANY_WEBSOCKETS [default: half of --max-connections]
+    #[arg(long, env = "ATTACHE_MAX_WEBSOCKETS")]
+    max_websockets: Option<usize>,
     /// Most bytes of a refused request's unread body read and discarded so the client can read the refusal;
     /// past it (or declared larger) the answer closes the connection [default: 134217728, 128 MiB]
     #[arg(long, env = "ATTACHE_REFUSED_BODY_DRAIN_BYTES")]
@@ -269,6 +277,8 @@ struct FileConfig {
     rpc_max_response_bytes: Option<u64>,
     ws_max_message_bytes: Option<usize>,
     ws_max_patterns: Option<usize>,
+    max_websockets_per_principal: Option<usize>,
+    max_websockets: Option<usize>,
     refused_body_drain_bytes: Option<u64>,
     multipart_max_part_header_bytes: Option<usize>,
     multipart_max_fields: Option<usize>,
@@ -383,6 +393,14 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
     setting(args.ws_max_message_bytes, file.ws_max_message_bytes, &mut config.ws_max_message_bytes);
     setting(args.refused_body_drain_bytes, file.refused_body_drain_bytes, &mut config.refused_body_drain_bytes);
     setting(args.ws_max_patterns, file.ws_max_patterns, &mut config.ws_max_patterns);
+    if let Some(n) = args.max_websockets_per_principal.or(file.max_websockets_per_principal) {
+        anyhow::ensure!(n > 0, "max_websockets_per_principal must be at least 1");
+        config.max_websockets_per_principal = n;
+    }
+    if let Some(n) = args.max_websockets.or(file.max_websockets) {
+        anyhow::ensure!(n > 0, "max_websockets must be at least 1");
+        config.max_websockets = Some(n);
+    }
     setting(
         args.multipart_max_part_header_bytes,
         file.multipart_max_part_header_bytes,

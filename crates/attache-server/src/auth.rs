@@ -148,8 +148,13 @@ impl Presented {
     pub fn of(headers: &HeaderMap) -> Presented {
         let mut kept = HeaderMap::new();
         for name in [axum::http::header::AUTHORIZATION.as_str(), PRINCIPAL_HEADER] {
-            if let Some(v) = headers.get(name) {
-                kept.insert(axum::http::HeaderName::from_static(name), v.clone());
+            // Copied, not cloned: a parsed header value is a slice of the
+            // connection's read buffer, and a clone kept all of it (a
+            // WebSocket opened with a 60 KB head held 64 KB+ for its life).
+            let Some(v) = headers.get(name) else { continue };
+            if let Ok(mut copy) = HeaderValue::from_bytes(v.as_bytes()) {
+                copy.set_sensitive(v.is_sensitive());
+                kept.insert(axum::http::HeaderName::from_static(name), copy);
             }
         }
         Presented(kept)

@@ -50,6 +50,15 @@ pub struct ServerConfig {
     pub refused_body_drain_time: Duration,
     /// Most event patterns one `/ws` connection holds (a subscribe past it: -32602).
     pub ws_max_patterns: usize,
+    /// Most `/ws` WebSockets one principal holds open at once; one more is
+    /// refused before the upgrade (429 `TOO_MANY_WEBSOCKETS` with `Retry-After`).
+    pub max_websockets_per_principal: usize,
+    /// Most `/ws` WebSockets open at once, all principals together; one more
+    /// is refused before the upgrade (503 `TOO_MANY_WEBSOCKETS` with
+    /// `Retry-After`). `None`: half of `max_connections` (as lowered at start
+    /// to fit the open-file limit), so sockets that stay open never take
+    /// every connection.
+    pub max_websockets: Option<usize>,
     /// Largest header block of one multipart part (and preamble), read before refusing (400).
     pub multipart_max_part_header_bytes: usize,
     /// Most text fields in one multipart upload (400 beyond).
@@ -269,7 +278,17 @@ pub const DEFAULT_UPLOAD_MIN_RATE: u64 = 512;
 /// The most uploads in progress at once when `--max-concurrent-uploads` is not given.
 pub const DEFAULT_MAX_CONCURRENT_UPLOADS: usize = 1024;
 
+/// The default of `--max-websockets-per-principal`: a browser opens one `/ws`
+/// per tab, an agent one per worker.
+pub const DEFAULT_MAX_WEBSOCKETS_PER_PRINCIPAL: usize = 32;
+
 impl ServerConfig {
+    /// `--max-websockets`, or its default: half of `max_connections` (the
+    /// cap in force, perhaps lowered at start), at least 1.
+    pub fn websockets(&self, max_connections: usize) -> usize {
+        self.max_websockets.unwrap_or(max_connections / 2).max(1)
+    }
+
     /// `--max-concurrent-uploads`, or its default: half of `max_connections`
     /// (so stalled uploads never take every connection), at most
     /// [`DEFAULT_MAX_CONCURRENT_UPLOADS`], at least 1.
@@ -303,6 +322,8 @@ impl ServerConfig {
             refused_body_drain_bytes: 128 << 20,
             refused_body_drain_time: Duration::from_secs(30),
             ws_max_patterns: 100,
+            max_websockets_per_principal: DEFAULT_MAX_WEBSOCKETS_PER_PRINCIPAL,
+            max_websockets: None,
             multipart_max_part_header_bytes: 8 << 10,
             multipart_max_fields: 64,
             mcp_session_idle_ttl: Duration::from_secs(30 * 60),

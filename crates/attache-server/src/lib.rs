@@ -88,6 +88,8 @@ pub struct Shared {
     pub sse_events: sse::SharedEvents,
     /// Creates in flight, counted to their principal's quotas until they commit (`quota`).
     pub in_flight: Arc<quota::InFlight>,
+    /// The `/ws` sockets open, all together and by principal (`ws::slots`).
+    pub websockets: ws::slots::Slots,
 }
 
 /// Errors that stop the server from starting.
@@ -212,6 +214,8 @@ impl Server {
         let share = config.budget_share_per_principal;
         let bodies = http::BodyBudget::new(config.body_buffer_bytes, config.body_read_timeout, share, auth.clone());
         let answers = http::SendBudget::new(config.response_buffer_bytes, share);
+        let websockets =
+            ws::slots::Slots::new(config.websockets(limits.max_connections), config.max_websockets_per_principal);
         let state = AppState(Arc::new(Shared {
             store,
             registry,
@@ -235,6 +239,7 @@ impl Server {
             answers,
             sse_events: sse::SharedEvents::default(),
             in_flight: Arc::default(),
+            websockets,
         }));
         events::ensure_stream(state.store.as_ref())
             .await

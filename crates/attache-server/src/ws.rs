@@ -22,6 +22,11 @@
 //! refused whole with -32602. Work per event is one hash
 //! lookup plus at most `ws_max_patterns` prefix comparisons.
 //!
+//! Sockets: a principal holds at most `max_websockets_per_principal` open at
+//! once (429 past it), all principals together at most `max_websockets`
+//! (503 past it; by default half of `max_connections`), refused before the
+//! upgrade ([`slots`]).
+//!
 //! Timers (the connection's own stop at the upgrade): the server pings every
 //! half `idle_timeout`; a connection from which no frame at all (a pong, a
 //! message) arrives for `idle_timeout` is closed with 1001 (going away). A
@@ -30,8 +35,10 @@
 //! first, in case a little room is left.
 
 pub mod frames;
+pub mod slots;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use attache_core::{Offset, PrincipalKey, ReadOffset};
@@ -73,13 +80,21 @@ pub fn matches(pattern: &str, event_type: &str) -> bool {
 }
 
 /// The patterns one connection holds: exact types in a set, prefixes (with
-/// `*` for the empty prefix) in a list no longer than the pattern cap.
+/// `*` for the empty prefix) in a list no longer than the pattern cap. Each
+/// pattern's text is held once, shared by the list in order and the set or
+/// list that matches it.
 #[derive(Debug, Default)]
 pub struct Patterns {
     /// Every pattern, in the order first subscribed (what `subscribed` echoes).
-    order: Vec<String>,
-    exact: HashSet<String>,
-    prefixes: Vec<String>,
+    order: Vec<Arc<str>>,
+    exact: HashSet<Arc<str>>,
+    /// Prefix patterns, each with its `*`.
+    prefixes: Vec<Arc<str>>,
+}
+
+/// A prefix pattern without its `*`.
+fn prefix_of(pattern: &str) -> &str {
+    pattern.strip_suffix('*').unwrap_or(pattern)
 }
 
 impl Patterns {
@@ -91,30 +106,35 @@ impl Patterns {
         self.order.len()
     }
 
+    /// Every pattern, in the order first subscribed.
+    pub fn listed(&self) -> Vec<&str> {
+        self.order.iter().map(|p| &**p).collect()
+    }
+
     /// Does any pattern match `event_type`?
     pub fn matches(&self, event_type: &str) -> bool {
-        self.exact.contains(event_type) || self.prefixes.iter().any(|p| event_type.starts_with(p.as_str()))
+        self.exact.contains(event_type) || self.prefixes.iter().any(|p| event_type.starts_with(prefix_of(p)))
     }
 
     /// Adds `wanted` (duplicates count once) unless the connection would then
     /// hold more than `max`; then nothing is added and `Err` says how many it would hold.
     pub fn add(&mut self, wanted: Vec<String>, max: usize) -> Result<(), usize> {
-        let mut fresh: Vec<String> = Vec::new();
+        let mut fresh: Vec<&str> = Vec::new();
         let mut seen: HashSet<&str> = HashSet::new();
         for p in &wanted {
             if !self.contains(p) && seen.insert(p.as_str()) {
                 if self.order.len() + seen.len() > max {
                     return Err(self.order.len() + seen.len());
                 }
-                fresh.push(p.clone());
+                fresh.push(p);
             }
         }
         for p in fresh {
-            match p.strip_suffix('*') {
-                Some(prefix) => self.prefixes.push(prefix.to_owned()),
-                None => {
-                    self.exact.insert(p.clone());
-                }
+            let p: Arc<str> = Arc::from(p);
+            if p.ends_with('*') {
+                self.prefixes.push(p.clone());
+            } else {
+                self.exact.insert(p.clone());
             }
             self.order.push(p);
         }
@@ -122,18 +142,18 @@ impl Patterns {
     }
 
     fn contains(&self, pattern: &str) -> bool {
-        match pattern.strip_suffix('*') {
-            Some(prefix) => self.prefixes.iter().any(|p| p == prefix),
-            None => self.exact.contains(pattern),
+        match pattern.ends_with('*') {
+            true => self.prefixes.iter().any(|p| &**p == pattern),
+            false => self.exact.contains(pattern),
         }
     }
 
     /// Removes every pattern named in `gone`.
     pub fn remove(&mut self, gone: &[String]) {
         let gone: HashSet<&str> = gone.iter().map(String::as_str).collect();
-        self.order.retain(|p| !gone.contains(p.as_str()));
-        self.exact.retain(|p| !gone.contains(p.as_str()));
-        self.prefixes.retain(|p| !gone.contains(format!("{p}*").as_str()));
+        self.order.retain(|p| !gone.contains(&**p));
+        self.exact.retain(|p| !gone.contains(&**p));
+        self.prefixes.retain(|p| !gone.contains(&**p));
     }
 }
 
@@ -159,6 +179,11 @@ pub async fn upgrade(State(state): State<AppState>, mut req: Request) -> Respons
         Ok(accept) => accept,
         Err(e) => return e.into_response(),
     };
+    // Held by the socket's task until it ends.
+    let slot = match state.websockets.take(&who) {
+        Ok(slot) => slot,
+        Err(e) => return e.into_response(),
+    };
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return ApiError::new(StatusCode::UPGRADE_REQUIRED, "NOT_UPGRADABLE", "this connection cannot be upgraded")
             .with_header(header::UPGRADE, "websocket")
@@ -172,6 +197,7 @@ pub async fn upgrade(State(state): State<AppState>, mut req: Request) -> Respons
         .or_else(|| offered.first())
         .and_then(|p| HeaderValue::from_str(p).ok());
     tokio::spawn(async move {
+        let _slot = slot;
         let Ok(upgraded) = on_upgrade.await else { return };
         let max = state.config.ws_max_message_bytes;
         let (io, clock) = frames::Watched::new(TokioIo::new(upgraded), state.clone(), who.clone(), max);
@@ -493,7 +519,7 @@ async fn on_message(
             if patterns.add(wanted, max).is_err() {
                 return vec![too_many_patterns(max)].into();
             }
-            vec![text(json!({ "type": "subscribed", "events": patterns.order, "timestamp": now_ms() }))]
+            vec![text(json!({ "type": "subscribed", "events": patterns.listed(), "timestamp": now_ms() }))]
         }
         Some("unsubscribe") => {
             let Some(gone) = string_list(msg.get("events")) else {

@@ -1593,4 +1593,73 @@ async fn a_json_answer_larger_than_a_principals_share_is_413_and_a_smaller_page_
     assert_eq!(page.len(), 2);
     assert!(text.len() > 2 * (60 << 10), "each entity whole: {} bytes", text.len());
     gauge_until(&s, ANSWERS, |n| n == 0, "0").await;
+// ---------------------------------------------------------------- WebSockets open at once
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Opens `/ws` as `who`: the socket, or the refusal's status, `Retry-After` and body.
+async fn open_ws(s: &TestServer, who: &str) -> Result<Ws, (u16, Option<String>, String)> {
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error};
+    let mut req = format!("{}/ws", s.url.replace("http://", "ws://")).into_client_request().expect("a request");
+    req.headers_mut().insert("electric-principal", who.parse().expect("a header value"));
+    match tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(req)).await.expect("an answer in time") {
+        Ok((ws, _)) => Ok(ws),
+        Err(Error::Http(res)) => {
+            let retry_after = res.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let body = String::from_utf8_lossy(res.body().as_deref().unwrap_or_default()).into_owned();
+            Err((res.status().as_u16(), retry_after, body))
+        }
+        Err(e) => panic!("the upgrade failed: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn one_principal_holds_at_most_its_websockets_while_others_still_open_theirs() {
+    let s = TestServer::start_with(|c| c.max_websockets_per_principal = 3).await;
+    let mut mallorys = Vec::new();
+    for _ in 0..3 {
+        mallorys.push(open_ws(&s, "user:mallory").await.expect("within the limit"));
+    }
+    let (status, retry_after, body) = open_ws(&s, "user:mallory").await.err().expect("the fourth is refused");
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("5"));
+    assert!(body.contains("\"code\":\"TOO_MANY_WEBSOCKETS\""), "{body}");
+    assert!(body.contains("at most 3") && body.contains("--max-websockets-per-principal"), "{body}");
+
+    let _alices = open_ws(&s, "user:alice").await.expect("another principal still opens one");
+    assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK);
+
+    // A socket that ends gives its place back.
+    let mut gone = mallorys.pop().expect("a socket");
+    gone.close(None).await.expect("the close is sent");
+    drop(gone);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match open_ws(&s, "user:mallory").await {
+            Ok(_) => break,
+            Err((429, ..)) if tokio::time::Instant::now() < deadline => {}
+            Err(refused) => panic!("a place should be free again: {refused:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn websockets_take_at_most_half_the_connections_so_other_requests_are_still_answered() {
+    let s = TestServer::start_with(|c| c.max_connections = 8).await;
+    // In dev mode a client can name any principal: only the server's cap holds them all.
+    let mut open = Vec::new();
+    let refused = loop {
+        match open_ws(&s, &format!("user:mallory-{}", open.len())).await {
+            Ok(ws) => open.push(ws),
+            Err(refused) => break refused,
+        }
+        assert!(open.len() <= 8, "no cap on WebSockets");
+    };
+    assert_eq!(open.len(), 4, "half of --max-connections 8");
+    let (status, retry_after, body) = refused;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("5"));
+    assert!(body.contains("\"code\":\"TOO_MANY_WEBSOCKETS\"") && body.contains("--max-websockets"), "{body}");
+    assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK);
 }

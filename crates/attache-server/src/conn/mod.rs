@@ -1199,6 +1199,12 @@ impl AsyncRead for Watched {
             let n = self.unread.len().min(buf.remaining());
             buf.put_slice(&self.unread[..n]);
             self.unread.advance(n);
+            if self.unread.is_empty() {
+                // An emptied `Bytes` still holds its whole allocation: a
+                // WebSocket whose 60 KB upgrade head was handed to hyper kept
+                // it for the socket's life (session 17's attack pass).
+                self.unread = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
