@@ -1620,7 +1620,7 @@ async fn one_principal_holds_at_most_its_websockets_while_others_still_open_thei
     for _ in 0..3 {
         mallorys.push(open_ws(&s, "user:mallory").await.expect("within the limit"));
     }
-    let (status, retry_after, body) = open_ws(&s, "user:mallory").await.err().expect("the fourth is refused");
+    let Err((status, retry_after, body)) = open_ws(&s, "user:mallory").await else { panic!("the fourth is refused") };
     assert_eq!(status, 429, "{body}");
     assert_eq!(retry_after.as_deref(), Some("5"));
     assert!(body.contains("\"code\":\"TOO_MANY_WEBSOCKETS\""), "{body}");

@@ -111,9 +111,9 @@ mod tests {
         let (mallory, alice) = (who("user:mallory"), who("user:alice"));
         let first = slots.take(&mallory).unwrap();
         let _second = slots.take(&mallory).unwrap();
-        assert_eq!(slots.take(&mallory).err().map(|e| e.status), Some(StatusCode::TOO_MANY_REQUESTS));
+        assert_eq!(slots.take(&mallory).err().map(|e| e.status()), Some(StatusCode::TOO_MANY_REQUESTS));
         let _alices = slots.take(&alice).unwrap();
-        assert_eq!(slots.take(&alice).err().map(|e| e.status), Some(StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(slots.take(&alice).err().map(|e| e.status()), Some(StatusCode::SERVICE_UNAVAILABLE));
         drop(first);
         assert_eq!(slots.open(), 2);
         let _again = slots.take(&mallory).unwrap();
