@@ -1593,6 +1593,8 @@ async fn a_json_answer_larger_than_a_principals_share_is_413_and_a_smaller_page_
     assert_eq!(page.len(), 2);
     assert!(text.len() > 2 * (60 << 10), "each entity whole: {} bytes", text.len());
     gauge_until(&s, ANSWERS, |n| n == 0, "0").await;
+}
+
 // ---------------------------------------------------------------- WebSockets open at once
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
