@@ -137,7 +137,7 @@ pub struct ServeArgs {
     /// Most idempotent producers the embedded store keeps in memory (~150 B each, ~800 B with 256-byte ids) besides those changed since its last checkpoint; the others are read from disk when they write again [default: 20000]
     #[arg(long, env = "ATTACHE_STORE_PRODUCER_CACHE")]
     store_producer_cache: Option<usize>,
-    /// Most deleted tasks kept as tombstones (their owners can still read their events); past it the oldest are purged for good [default: 200]
+    /// Most deleted tasks kept as tombstones per principal (the tasks' creator; their owners can still read their events); past it that principal's oldest are purged for good [default: 200]
     #[arg(long, env = "ATTACHE_DELETED_TASKS_KEPT")]
     deleted_tasks_kept: Option<usize>,
     /// Largest client data kept in memory with an entity (spawn args and tags together, a task's metadata), in bytes of JSON [default: 65536]

@@ -113,8 +113,9 @@ pub struct ServerConfig {
     /// memory at once on their way to the object store (at least one 8 MiB
     /// part); an upload past it waits for room.
     pub object_store_upload_buffer_bytes: u64,
-    /// Most deleted tasks whose tombstones (record, grants, closed main stream)
-    /// are kept so their owners can still read their events; older ones are purged.
+    /// Most deleted tasks of one principal (their creator) whose tombstones
+    /// (record, grants, closed main stream) are kept so their owners can still
+    /// read their events; that principal's older ones are purged.
     pub deleted_tasks_kept: usize,
     /// Largest client data the registry keeps in memory with an entity: spawn
     /// args and tags together, a task's metadata (413 / -32602 beyond).

@@ -1392,25 +1392,46 @@ async fn tombstones_past_the_limit_are_purged_at_startup() {
     assert_eq!(after.streams, baseline.streams + 2, "{after:?}");
 }
 
-/// The tombstone budget is shared fairly: a principal deleting tasks of its
-/// own evicts its own oldest tombstones, never those of a principal holding
-/// fewer, so it can neither erase another's history nor take its task ids.
+/// `--deleted-tasks-kept` bounds each principal's tombstones: a principal
+/// deleting tasks of its own evicts its own oldest tombstones, never
+/// another's, so it can neither erase another's history nor take its task
+/// ids. Before, the bound was one budget for all, taken from "the principal
+/// holding the most": alice holding 4 of 4, one deletion of mallory's
+/// purged alice's oldest, her events of it went, and its id was mallory's to create.
 #[tokio::test]
-async fn deleting_your_own_tasks_never_evicts_the_tombstone_of_a_principal_holding_fewer() {
-    let s = TestServer::start_with(|c| c.deleted_tasks_kept = 2).await;
-    create_task_with_id(&s, ALICE, "t-alice-kept").await;
-    ok(&s, ALICE, "task.delete", json!({"id": "t-alice-kept"})).await;
-    for i in 0..5 {
-        let id = create_task(&s, BOB, &format!("bob's {i}"), 50).await;
-        ok(&s, BOB, "task.delete", json!({"id": id})).await;
+async fn another_principals_deletions_never_evict_your_tombstones() {
+    let s = TestServer::start_with(|c| c.deleted_tasks_kept = 4).await;
+    for i in 1..=4 {
+        create_task_with_id(&s, ALICE, &format!("t-al{i}")).await;
+        ok(&s, ALICE, "task.delete", json!({"id": format!("t-al{i}")})).await;
     }
-    assert_eq!(s.memory_counts().await.tombstones, 2, "the budget holds");
-    let taken = err(&s, BOB, "task.create", json!({"id": "t-alice-kept", "text": "mine now"})).await;
+    for i in 1..=6 {
+        create_task_with_id(&s, BOB, &format!("t-m{i}")).await;
+        ok(&s, BOB, "task.delete", json!({"id": format!("t-m{i}")})).await;
+    }
+    assert_eq!(task_events_seen_by(&s, ALICE, "t-al1").await.len(), 2, "task.created and task.deleted stay alice's");
+    let taken = err(&s, BOB, "task.create", json!({"id": "t-al1", "text": "mine now"})).await;
     assert!(taken["message"].as_str().is_some_and(|m| m.contains("already exists")), "{taken}");
-    // Alice still sees her deleted task's events.
-    let events = events_seen_by(&s, ALICE).await;
-    let kept = events.as_array().unwrap().iter().filter(|e| e["taskId"] == "t-alice-kept").count();
-    assert!(kept >= 2, "task.created and task.deleted stay visible to alice: {events}");
+    assert_eq!(s.memory_counts().await.tombstones, 8, "each principal keeps its own 4");
+    // Bob's own oldest went.
+    ok(&s, BOB, "task.create", json!({"id": "t-m1", "text": "again"})).await;
+    // Alice's fifth deletion pushes out her own oldest.
+    create_task_with_id(&s, ALICE, "t-al5").await;
+    ok(&s, ALICE, "task.delete", json!({"id": "t-al5"})).await;
+    assert_eq!(task_events_seen_by(&s, ALICE, "t-al1").await.len(), 0, "her oldest tombstone was purged");
+    assert_eq!(task_events_seen_by(&s, ALICE, "t-al2").await.len(), 2);
+}
+
+/// The events of task `id` that `who` may see, from the start of the events stream.
+async fn task_events_seen_by(s: &TestServer, who: &str, id: &str) -> Vec<Value> {
+    let res = s
+        .request(reqwest::Method::GET, &format!("/_attache/events?offset=-1&taskId={id}"))
+        .header("electric-principal", who)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    res.json::<Vec<Value>>().await.unwrap()
 }
 
 /// Every event `who` may see, from the start of the events stream.

@@ -585,15 +585,9 @@ async fn finish_delete(state: &AppState, held: Held, id: &str, entity: &EntityRe
     state.views.forget(&main_path(id));
     drop(order);
     drop(cell);
-    let over = {
-        let mut kept = state.tasks.tombstones.lock();
-        kept.push_back(Tombstone {
-            id: id.to_owned(),
-            incarnation: entity.incarnation.clone(),
-            owner: entity.created_by.clone(),
-        });
-        evict_tombstones(&mut kept, state.config.deleted_tasks_kept, &entity.created_by)
-    };
+    let tombstone =
+        Tombstone { id: id.to_owned(), incarnation: entity.incarnation.clone(), owner: entity.created_by.clone() };
+    let over = keep_tombstone(&mut state.tasks.tombstones.lock(), tombstone, state.config.deleted_tasks_kept);
     for old in over {
         drop_tombstone(state, &old.id, old.incarnation.as_deref()).await?;
     }
@@ -609,40 +603,30 @@ pub struct Tombstone {
     owner: String,
 }
 
-/// Takes the tombstones past `budget` out of `kept`, each the oldest of the
-/// principal holding the most (the deleter first among equals): one
-/// principal's deletions never push out the tombstones of a principal that
-/// holds fewer than it does, so no one can erase another's history (and take
-/// its ids) by deleting tasks of its own; the total stays within `budget`.
-pub(super) fn evict_tombstones(kept: &mut VecDeque<Tombstone>, budget: usize, deleter: &str) -> Vec<Tombstone> {
-    let mut out = Vec::new();
-    if kept.len() <= budget {
-        return out;
+/// The tombstones kept, each principal's (the creator of the deleted task) oldest first.
+pub(super) type Tombstones = HashMap<String, VecDeque<Tombstone>>;
+
+/// Keeps `tombstone` among its owner's and takes out of `kept` the owner's
+/// oldest past `per_principal`: a principal's deletions push out only its own
+/// tombstones, so no one can erase another's history (and take its ids) by
+/// deleting tasks of its own. Each principal keeps at most `per_principal`;
+/// a tombstone is one of its owner's entities, so the whole stays within
+/// what `max_entities_per_principal` lets principals hold anyway.
+pub(super) fn keep_tombstone(kept: &mut Tombstones, tombstone: Tombstone, per_principal: usize) -> Vec<Tombstone> {
+    let owner = tombstone.owner.clone();
+    let mine = kept.entry(owner.clone()).or_default();
+    mine.push_back(tombstone);
+    let over = mine.len().saturating_sub(per_principal);
+    let gone: Vec<Tombstone> = mine.drain(..over).collect();
+    if mine.is_empty() {
+        kept.remove(&owner);
     }
-    let mut counts: HashMap<String, usize> = HashMap::new();
-    for t in kept.iter() {
-        *counts.entry(t.owner.clone()).or_default() += 1;
-    }
-    while kept.len() > budget {
-        let most = counts.values().copied().max().unwrap_or(0);
-        let heaviest = if counts.get(deleter).copied() == Some(most) {
-            deleter.to_owned()
-        } else {
-            let first = kept.iter().find(|t| counts.get(&t.owner).copied() == Some(most));
-            first.map(|t| t.owner.clone()).unwrap_or_default()
-        };
-        let Some(gone) = kept.iter().position(|t| t.owner == heaviest).and_then(|at| kept.remove(at)) else { break };
-        if let Some(n) = counts.get_mut(&gone.owner) {
-            *n -= 1;
-        }
-        out.push(gone);
-    }
-    out
+    gone
 }
 
 /// Purges the tombstone of a deleted task (its record, grants and closed main
 /// stream), unless the id now names another life of the task. Past
-/// `deleted_tasks_kept` tombstones the oldest go, so deleted tasks cost
+/// `deleted_tasks_kept` tombstones of a principal its oldest go, so deleted tasks cost
 /// nothing for good; their events stay on the events stream, shown to no one
 /// but the system principal from then on (visibility comes from the record).
 pub(super) async fn drop_tombstone(state: &AppState, task_id: &str, incarnation: Option<&str>) -> ApiResult<()> {
@@ -660,7 +644,7 @@ pub(super) async fn drop_tombstone(state: &AppState, task_id: &str, incarnation:
 }
 
 /// Startup: the tombstones of tasks deleted before, oldest deletion first;
-/// those past `deleted_tasks_kept` are purged now.
+/// those past `deleted_tasks_kept` of a principal are purged now, its oldest first.
 pub async fn load_tombstones(state: &AppState) -> ApiResult<()> {
     let mut deleted: Vec<(i64, Tombstone)> = state
         .registry
@@ -679,12 +663,15 @@ pub async fn load_tombstones(state: &AppState) -> ApiResult<()> {
         })
         .collect();
     deleted.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
-    let mut kept: VecDeque<Tombstone> = deleted.into_iter().map(|(_, t)| t).collect();
-    let over = evict_tombstones(&mut kept, state.config.deleted_tasks_kept, "");
+    let mut kept = Tombstones::new();
+    let mut over = Vec::new();
+    for (_, tombstone) in deleted {
+        over.extend(keep_tombstone(&mut kept, tombstone, state.config.deleted_tasks_kept));
+    }
     for old in over {
         drop_tombstone(state, &old.id, old.incarnation.as_deref()).await?;
     }
-    state.tasks.tombstones.lock().extend(kept);
+    *state.tasks.tombstones.lock() = kept;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Per-task write ordering: the task lock and the per-key attachment locks. Every lock and map entry is held
 //! by a guard that gives it back on drop, so no early return leaks one.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio::sync::{OwnedMutexGuard, OwnedRwLockWriteGuard};
 use tokio_util::task::TaskTracker;
 
-use super::{ApiError, ApiResult, Tombstone};
+use super::methods::Tombstones;
+use super::{ApiError, ApiResult};
 
 /// Write ordering for one task. A write holds its locks while it is decided
 /// and *placed* in its streams' commit order (`StreamStore::append_in_order`,
@@ -83,8 +84,8 @@ impl Drop for KeyClaim<'_> {
 #[derive(Default)]
 pub struct Writers {
     cells: parking_lot::Mutex<HashMap<String, Arc<TaskCell>>>,
-    /// Deleted tasks whose tombstones are kept, oldest first.
-    pub(super) tombstones: parking_lot::Mutex<VecDeque<Tombstone>>,
+    /// Deleted tasks whose tombstones are kept, by principal, oldest first.
+    pub(super) tombstones: parking_lot::Mutex<Tombstones>,
     /// The changes (of tasks and of entities) running to their end on tasks of their own ([`Writers::run_to_end`]).
     detached: TaskTracker,
 }
@@ -168,6 +169,6 @@ impl Writers {
     /// How many deleted tasks keep a tombstone (tests and diagnostics).
     #[doc(hidden)]
     pub fn tombstones_len(&self) -> usize {
-        self.tombstones.lock().len()
+        self.tombstones.lock().values().map(std::collections::VecDeque::len).sum()
     }
 }
