@@ -335,3 +335,93 @@ async fn a_refused_upload_that_stalls_hears_its_503_within_the_drain_idle_gap() 
     assert!(answer.contains("TOO_MANY_UPLOADS") && answer.contains("\r\nconnection: close\r\n"), "{answer}");
     assert!(started.elapsed() < Duration::from_secs(6), "answered after {:?}", started.elapsed());
 }
+
+/// A `meta` object of `members` small members (`{"m0000":0,...}`), ~10 bytes of JSON each.
+fn many_member_meta(members: usize) -> String {
+    let body: Vec<String> = (0..members).map(|i| format!("\"m{i:04}\":0")).collect();
+    format!("{{{}}}", body.join(","))
+}
+
+/// [`form_head`] with a `meta` field before the file.
+fn form_head_with_meta(id: &str, meta: &str) -> String {
+    format!("--B\r\ncontent-disposition: form-data; name=\"meta\"\r\n\r\n{meta}\r\n{}", form_head(id))
+}
+
+/// An upload's `meta` is held, as a tree in its pending entry, for as long
+/// as the upload runs: it is taken from the body budget and its principal's
+/// share (`--body-buffer-bytes`, `--budget-share-per-principal`) until the
+/// upload is answered. An upload whose `meta` would take its principal past
+/// its share is answered 503 `BODY_BUDGET_EXHAUSTED`, while another
+/// principal's goes through, and what a stalled upload held is given back
+/// when it ends. Before, nothing counted it: 256 stalled uploads each
+/// holding a 64 KB `meta` of 5,900 members took +437 MB.
+#[tokio::test]
+async fn stalled_uploads_hold_their_meta_within_their_principals_share_of_the_body_budget() {
+    const MALLORYS: &str = "/_electric/entities/chat/m1";
+    let s = TestServer::start_with(|c| {
+        // A share of 3 MiB: two uploads' meta of ~1.2 MB each (5,900 members, ~59 KB of text).
+        c.body_buffer_bytes = 12 << 20;
+        c.budget_share_per_principal = 25;
+        c.upload_idle_timeout = Duration::from_secs(600);
+        c.idle_timeout = Duration::from_secs(600);
+    })
+    .await;
+    spawn_entity(&s).await;
+    entity_support::spawn(&s, Some("user:mallory"), "/chat/m1").await;
+    let meta = many_member_meta(5_900);
+
+    let stall = |id: &'static str| {
+        let part = form_head_with_meta(id, &meta);
+        let s = &s;
+        async move {
+            let mut conn = connect(s).await;
+            let head = format!(
+                "POST {MALLORYS}/attachments HTTP/1.1\r\nhost: 127.0.0.1\r\n\
+                 electric-principal: user:mallory\r\ncontent-type: multipart/form-data; boundary=B\r\n\
+                 content-length: {}\r\n\r\n{part}",
+                part.len() + (1 << 20)
+            );
+            conn.write_all(head.as_bytes()).await.expect("the head and the first parts are sent");
+            conn.write_all(&[b'x'; 4096]).await.expect("some of the file is sent");
+            conn
+        }
+    };
+    let first = stall("m-one").await;
+    let _second = stall("m-two").await;
+    uploads_in_progress_reach(&s, 2).await;
+
+    let whole = |id: &str| {
+        let mut body = form_head_with_meta(id, &meta).into_bytes();
+        body.extend_from_slice(b"hello");
+        body.extend_from_slice(FORM_TAIL.as_bytes());
+        body
+    };
+    let send = |principal: &'static str, entity: &'static str, body: Vec<u8>| {
+        let url = s.url(&format!("{entity}/attachments"));
+        async move {
+            let client =
+                reqwest::Client::builder().pool_max_idle_per_host(0).timeout(PATIENCE).build().expect("a client");
+            client
+                .post(url)
+                .header("electric-principal", principal)
+                .header("content-type", "multipart/form-data; boundary=B")
+                .body(body)
+                .send()
+                .await
+                .expect("the upload is answered")
+        }
+    };
+    let refused = send("user:mallory", MALLORYS, whole("m-three")).await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers().contains_key("retry-after"));
+    let text = refused.text().await.expect("a body");
+    assert!(text.contains("\"code\":\"BODY_BUDGET_EXHAUSTED\"") && text.contains("meta"), "{text}");
+
+    // Another principal still uploads the same meta.
+    assert_eq!(send("user:alice", ENTITY, whole("alices")).await.status(), StatusCode::CREATED);
+
+    // What a stalled upload held is given back when it ends.
+    drop(first);
+    uploads_in_progress_reach(&s, 1).await;
+    assert_eq!(send("user:mallory", MALLORYS, whole("m-four")).await.status(), StatusCode::CREATED);
+}

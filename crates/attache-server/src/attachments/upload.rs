@@ -20,7 +20,7 @@ use crate::{AppState, StoreConfig};
 
 use super::pace::{Paced, UploadStalled};
 use super::pending::{begin, entry_append, reserve, with_subject, Pending};
-use super::{duplicate, too_large, Fields, INTERRUPTED};
+use super::{duplicate, hold_meta, too_large, Fields, INTERRUPTED};
 
 /// The answer to a broken or oversized form. `max` is the attachment limit:
 /// a file over it gets the same answer whether its size was declared
@@ -87,6 +87,8 @@ pub async fn upload(
     let mut seen = HashSet::new();
     // The upload's guard: its reserved id and pending row, settled on every path (`Pending`).
     let mut pending: Option<Pending> = None;
+    // What its `meta` holds, from the body budget, until the upload is answered.
+    let mut meta_held = None;
     let outcome: ApiResult<Response> = async {
         let mut staged = None;
         while let Some(mut field) = form.next_field().await.map_err(|e| multipart_error(e, max))? {
@@ -103,6 +105,9 @@ pub async fn upload(
                     return Err(ApiError::bad_request(format!("field {name:?} is sent twice")));
                 }
                 let text = field.text().await.map_err(|e| multipart_error(e, max))?;
+                if name == "meta" {
+                    meta_held = Some(hold_meta(&state, who, &text)?);
+                }
                 fields.set(&name, text)?;
                 continue;
             }
@@ -177,6 +182,7 @@ pub async fn upload(
     if let Some(p) = pending {
         p.fail(&state, &record, &err).await;
     }
+    drop(meta_held);
     Err(err)
 }
 
