@@ -426,24 +426,18 @@ impl SendBudget {
         n < SEND_BUDGET_FROM || (self.fits(self.held(), n) && who.is_none_or(|who| self.shares.has_room(who, n)))
     }
 
-    /// All the room `who` has now, within its share and what the budget has
-    /// left: for an answer whose size is known only once it is made, made
-    /// within it and then held at its size ([`SendPermit::settle`]). `None`
-    /// below [`SEND_BUDGET_FROM`]. Unlike [`SendBudget::try_take`], nothing
-    /// past the share is ever granted, alone or not.
-    fn take_room(self: &Arc<Self>, who: &PrincipalKey) -> Option<SendPermit> {
-        let mine = self.shares.room(who);
-        let mut got = 0;
+    /// `n` bytes for an answer to `who`, within what the budget has left and
+    /// within `who`'s share, whatever else it holds: unlike
+    /// [`SendBudget::try_take`], nothing past either is granted, alone or not.
+    fn take_within(self: &Arc<Self>, who: &PrincipalKey, n: usize) -> Option<SendPermit> {
         self.held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                got = self.capacity.saturating_sub(held).min(mine);
-                (got >= SEND_BUDGET_FROM).then(|| held + got)
+                held.checked_add(n).filter(|&t| t <= self.capacity)
             })
             .ok()?;
         // Dropped holding no share: gives back the budget's bytes only.
-        let mut permit = SendPermit { budget: self.clone(), bytes: got, who: None };
-        // Refused when another answer of `who` took some of its share meanwhile.
-        if !self.shares.take(who, got, 0) {
+        let mut permit = SendPermit { budget: self.clone(), bytes: n, who: None };
+        if n > self.shares.room(who) || !self.shares.take(who, n, 0) {
             return None;
         }
         permit.who = Some(who.clone());
@@ -610,13 +604,15 @@ impl SendPermit {
 /// thousands of grants). 503 `RESPONSE_BUDGET_EXHAUSTED` when the budget, or
 /// `who`'s share of it, is held by answers not yet read.
 ///
-/// The answer is made within what `who` may hold, never past it: before
-/// (session 17's attack pass), a manifest listed as 400 MB (its text values
-/// escaped six times over) was made whole and then granted as an answer
-/// alone, and while its reader read slowly every other principal's large
-/// answers were refused. An answer larger than one principal's share is
-/// refused as 413 `RESPONSE_TOO_LARGE` (ask for less: a `limit`, one item at a
-/// time); one that does not fit beside `who`'s other answers not yet read, as 503.
+/// A large answer is counted first (written to a counter, which holds
+/// nothing), then takes exactly its size within what `who` may hold, and only
+/// then is made: before (session 17's attack pass), a manifest listed as 400
+/// MB (its text values escaped six times over) was made whole and then
+/// granted as an answer alone, and while its reader read slowly every other
+/// principal's large answers were refused. An answer larger than one
+/// principal's share is refused as 413 `RESPONSE_TOO_LARGE` (ask for less: a
+/// `limit`, one item at a time); one that does not fit beside the answers not
+/// yet read, as 503.
 pub(crate) fn budgeted_json(
     answers: &Arc<SendBudget>,
     who: &PrincipalKey,
@@ -627,26 +623,23 @@ pub(crate) fn budgeted_json(
     let (body, permit) = match json_at_most(value, SEND_BUDGET_FROM)? {
         Some(body) => (body, None),
         None => {
-            let permit = answers.take_room(who).ok_or_else(|| answers.exhausted())?;
-            match crate::access::cpu_heavy(true, || json_at_most(value, permit.bytes()))? {
-                Some(body) => {
-                    let held = permit.settle(body.len());
-                    (body, held)
-                }
-                None if permit.bytes() >= answers.share() => {
-                    return Err(ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        RESPONSE_TOO_LARGE,
-                        format!(
-                            "the answer would be larger than the {} bytes one principal's answers may hold \
-                             (response_buffer_bytes × budget_share_per_principal); ask for less at a time \
-                             (a smaller limit, or one item at a time)",
-                            answers.share()
-                        ),
-                    ))
-                }
-                None => return Err(answers.exhausted()),
+            let size = crate::access::cpu_heavy(true, || crate::entities::json_size(value));
+            if size > answers.share() {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    RESPONSE_TOO_LARGE,
+                    format!(
+                        "the answer would be {size} bytes, more than the {} bytes one principal's answers may hold \
+                         (response_buffer_bytes × budget_share_per_principal); ask for less at a time (a smaller \
+                         limit, or one item at a time)",
+                        answers.share()
+                    ),
+                ));
             }
+            let permit = answers.take_within(who, size).ok_or_else(|| answers.exhausted())?;
+            let body = crate::access::cpu_heavy(true, || json_at_most(value, size))?
+                .ok_or_else(|| ApiError::internal("an answer grew between its count and its making"))?;
+            (body, Some(permit))
         }
     };
     let mut res = axum::response::Response::new(held_body(body.into(), permit));
@@ -901,5 +894,28 @@ impl http_body::Body for FileChunks {
 
     fn size_hint(&self) -> http_body::SizeHint {
         http_body::SizeHint::with_exact(self.left)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A JSON answer takes exactly its size, within its principal's share
+    /// whatever else it holds: two answers of one principal go together when
+    /// both fit its share (before, the first took the whole share while it
+    /// was made, and the second was refused: session 17's second attack
+    /// pass), and one past the share is never granted, even alone.
+    #[test]
+    fn answers_take_their_size_within_the_share_and_never_past_it() {
+        let budget = SendBudget::new(1 << 20, 25);
+        let (alice, bob) = (PrincipalKey::anonymous(), PrincipalKey::parse("user:bob").expect("a key"));
+        let first = budget.take_within(&alice, 100 << 10).expect("room");
+        let second = budget.take_within(&alice, 100 << 10).expect("room beside the first");
+        assert!(budget.take_within(&alice, 100 << 10).is_none(), "past alice's 256 KiB share");
+        assert!(budget.take_within(&bob, 200 << 10).is_some(), "bob's share is his own");
+        drop((first, second));
+        assert!(budget.take_within(&alice, (256 << 10) + 1).is_none(), "past the share, alone");
+        assert_eq!(budget.held(), 0, "everything given back");
     }
 }

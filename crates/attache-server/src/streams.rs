@@ -407,9 +407,22 @@ async fn put(
         None => None,
     };
     let max = state.config.max_append_messages;
+    // A fork that names no type takes its source's (the store decides it):
+    // its first messages are JSON when the source's are. Before (session
+    // 17's second attack pass), such a fork's 15 MiB `[1,1,...]` was counted
+    // as no messages, 201 and 1 GB.
+    let json = match (&content_type, &fork) {
+        (Some(ct), _) => ct.is_json(),
+        (None, Some(spec)) if !initial.is_empty() => state
+            .store
+            .head(spec.source.as_str())
+            .await
+            .is_ok_and(|src| attache_core::stream::is_json_media(&src.content_type)),
+        (None, _) => false,
+    };
     let rows = if matches!(EntityUrl::owning(path.as_str()), Some((_, EntityStream::Main))) {
         client_rows(&initial, JsonBodyUse::Create, max)?.len()
-    } else if !initial.is_empty() && content_type.as_ref().is_some_and(ContentType::is_json) {
+    } else if !initial.is_empty() && json {
         // A create's first messages are bounded and held for as they are
         // appended (`post`): a 15 MiB `[1,1,...]` PUT held 1 GB before (session 17's attack pass).
         match split_messages_at_most(&initial, JsonBodyUse::Create, max) {

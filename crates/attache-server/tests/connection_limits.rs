@@ -678,8 +678,14 @@ const ANSWERS: &str = "attache_response_buffer_bytes";
 /// A server whose response budget is `budget` bytes (slow readers never cut
 /// off), with a JSON stream at `path` holding one message of about `message` bytes.
 async fn budget_server(budget: usize, path: &str, message: usize) -> TestServer {
+    budget_server_shared(budget, path, message, 25).await
+}
+
+/// [`budget_server`] where one principal may hold `share` percent of the budget.
+async fn budget_server_shared(budget: usize, path: &str, message: usize, share: u8) -> TestServer {
     let s = TestServer::start_with(|c| {
         c.response_buffer_bytes = budget;
+        c.budget_share_per_principal = share;
         c.slow_reader_timeout = Duration::from_secs(600);
     })
     .await;
@@ -897,7 +903,9 @@ async fn json_rpc_and_mcp_bodies_hold_their_tree_in_the_body_budget_while_they_r
 /// 1.3 GB): past it, 503 at once.
 #[tokio::test]
 async fn an_entity_list_past_the_response_budget_is_answered_503() {
-    let s = budget_server(256 << 10, "/big/json", 1 << 20).await;
+    // One principal may hold the whole budget, so the list fits its share
+    // (past the share it would be 413) but not beside the unsent read.
+    let s = budget_server_shared(256 << 10, "/big/json", 1 << 20, 100).await;
     let _stalled = non_reader(&s, "/big/json?offset=-1").await;
     gauge_until(&s, ANSWERS, |held| held >= 1 << 20, "held").await;
     let args = serde_json::json!({ "args": vec![0; 30_000] }).to_string();
@@ -924,7 +932,9 @@ async fn an_entity_list_past_the_response_budget_is_answered_503() {
 /// the budget read 0, and 30 of a 10 MB grants list 350 MB.
 #[tokio::test]
 async fn the_manifest_and_grants_lists_past_the_response_budget_are_answered_503() {
-    let s = budget_server(256 << 10, "/big/json", 1 << 20).await;
+    // One principal may hold the whole budget, so the list fits its share
+    // (past the share it would be 413) but not beside the unsent read.
+    let s = budget_server_shared(256 << 10, "/big/json", 1 << 20, 100).await;
     let _stalled = non_reader(&s, "/big/json?offset=-1").await;
     gauge_until(&s, ANSWERS, |held| held >= 1 << 20, "held").await;
     let alice = |rb: reqwest::RequestBuilder| rb.header("electric-principal", "user:alice");

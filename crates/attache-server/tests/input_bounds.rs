@@ -1034,6 +1034,14 @@ async fn a_json_create_with_more_first_messages_than_allowed_is_413_and_makes_no
     assert_eq!(s.read_all("/j/put-few").await, &b"[1,2,3]"[..]);
     // Malformed JSON is still answered as malformed.
     assert_eq!(put("/j/put-bad", "[1,").await.unwrap().status(), StatusCode::BAD_REQUEST);
+    // A fork that names no type takes its JSON source's, and the same bound
+    // (before, session 17's second attack pass: 201, and 1 GB for 15 MiB).
+    let fork = |path: &'static str, body: &'static str| {
+        s.request(reqwest::Method::PUT, path).header("stream-forked-from", "/j/put-few").body(body).send()
+    };
+    let (status, code, body) = entity_support::error_of(fork("/j/fork-many", "[1,2,3,4]").await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "TOO_MANY_MESSAGES"), "{body}");
+    assert_eq!(fork("/j/fork-few", "[4,5]").await.unwrap().status(), StatusCode::CREATED);
 }
 
 /// The registry keeps every grant in memory, so an entity holds at most
