@@ -279,15 +279,7 @@ async fn uploads_past_max_concurrent_uploads_are_answered_503_at_once_and_http2_
 #[tokio::test]
 async fn one_principals_stalled_uploads_hold_at_most_its_share_of_max_concurrent_uploads() {
     const MALLORYS: &str = "/_electric/entities/chat/m1";
-    let s = TestServer::start_with(|c| {
-        c.max_concurrent_uploads = Some(8);
-        c.budget_share_per_principal = 25;
-        c.upload_idle_timeout = Duration::from_secs(600);
-        c.idle_timeout = Duration::from_secs(600);
-    })
-    .await;
-    spawn_entity(&s).await;
-    entity_support::spawn(&s, Some("user:mallory"), "/chat/m1").await;
+    let s = with_mallorys_entity(|c| c.max_concurrent_uploads = Some(8)).await;
 
     let first = stall_an_upload_as(&s, "user:mallory", MALLORYS, "m-one").await;
     let _second = stall_an_upload_as(&s, "user:mallory", MALLORYS, "m-two").await;
@@ -347,6 +339,22 @@ fn form_head_with_meta(id: &str, meta: &str) -> String {
     format!("--B\r\ncontent-disposition: form-data; name=\"meta\"\r\n\r\n{meta}\r\n{}", form_head(id))
 }
 
+/// A server where stalled uploads wait (upload and idle timeouts of ten
+/// minutes), one principal holds a quarter of each budget, and both the
+/// test's entity and mallory's `/chat/m1` exist; `tweak` sets the rest.
+async fn with_mallorys_entity(tweak: impl FnOnce(&mut attache_server::config::ServerConfig)) -> TestServer {
+    let s = TestServer::start_with(|c| {
+        c.budget_share_per_principal = 25;
+        c.upload_idle_timeout = Duration::from_secs(600);
+        c.idle_timeout = Duration::from_secs(600);
+        tweak(c);
+    })
+    .await;
+    spawn_entity(&s).await;
+    entity_support::spawn(&s, Some("user:mallory"), "/chat/m1").await;
+    s
+}
+
 /// An upload's `meta` is held, as a tree in its pending entry, for as long
 /// as the upload runs: it is taken from the body budget and its principal's
 /// share (`--body-buffer-bytes`, `--budget-share-per-principal`) until the
@@ -358,16 +366,8 @@ fn form_head_with_meta(id: &str, meta: &str) -> String {
 #[tokio::test]
 async fn stalled_uploads_hold_their_meta_within_their_principals_share_of_the_body_budget() {
     const MALLORYS: &str = "/_electric/entities/chat/m1";
-    let s = TestServer::start_with(|c| {
-        // A share of 3 MiB: two uploads' meta of ~1.2 MB each (5,900 members, ~59 KB of text).
-        c.body_buffer_bytes = 12 << 20;
-        c.budget_share_per_principal = 25;
-        c.upload_idle_timeout = Duration::from_secs(600);
-        c.idle_timeout = Duration::from_secs(600);
-    })
-    .await;
-    spawn_entity(&s).await;
-    entity_support::spawn(&s, Some("user:mallory"), "/chat/m1").await;
+    // A share of 3 MiB: two uploads' meta of ~1.2 MB each (5,900 members, ~59 KB of text).
+    let s = with_mallorys_entity(|c| c.body_buffer_bytes = 12 << 20).await;
     let meta = many_member_meta(5_900);
 
     let stall = |id: &'static str| {
