@@ -115,6 +115,11 @@ async fn upload_as(s: &TestServer, principal: &str, entity: &str, id: &str, byte
     let mut body = form_head(id).into_bytes();
     body.extend_from_slice(bytes);
     body.extend_from_slice(FORM_TAIL.as_bytes());
+    post_form(s, principal, entity, body).await
+}
+
+/// A whole multipart `body` POSTed to `entity`'s attachments as `principal`, over a fresh connection.
+async fn post_form(s: &TestServer, principal: &str, entity: &str, body: Vec<u8>) -> reqwest::Response {
     let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(PATIENCE).build().expect("a client");
     client
         .post(s.url(&format!("{entity}/attachments")))
@@ -396,21 +401,7 @@ async fn stalled_uploads_hold_their_meta_within_their_principals_share_of_the_bo
         body.extend_from_slice(FORM_TAIL.as_bytes());
         body
     };
-    let send = |principal: &'static str, entity: &'static str, body: Vec<u8>| {
-        let url = s.url(&format!("{entity}/attachments"));
-        async move {
-            let client =
-                reqwest::Client::builder().pool_max_idle_per_host(0).timeout(PATIENCE).build().expect("a client");
-            client
-                .post(url)
-                .header("electric-principal", principal)
-                .header("content-type", "multipart/form-data; boundary=B")
-                .body(body)
-                .send()
-                .await
-                .expect("the upload is answered")
-        }
-    };
+    let send = |principal: &'static str, entity: &'static str, body: Vec<u8>| post_form(&s, principal, entity, body);
     let refused = send("user:mallory", MALLORYS, whole("m-three")).await;
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(refused.headers().contains_key("retry-after"));
