@@ -474,6 +474,24 @@ impl SendBudget {
 /// The code of [`budgeted_json`]'s refusal of an answer larger than a principal's share.
 pub(crate) const RESPONSE_TOO_LARGE: &str = "RESPONSE_TOO_LARGE";
 
+/// How many bytes `v` takes as JSON, counted without writing them anywhere.
+pub fn json_size<T: serde::Serialize + ?Sized>(v: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail; a value that cannot be JSON counts what was written.
+    let _ = serde_json::to_writer(&mut count, v);
+    count.0
+}
+
 /// `value` as JSON when it takes at most `max` bytes; `None` past them, having
 /// written no more than `max` (a writer that refuses the byte past them stops
 /// serde_json there).
@@ -623,7 +641,7 @@ pub(crate) fn budgeted_json(
     let (body, permit) = match json_at_most(value, SEND_BUDGET_FROM)? {
         Some(body) => (body, None),
         None => {
-            let size = crate::access::cpu_heavy(true, || crate::entities::json_size(value));
+            let size = crate::access::cpu_heavy(true, || json_size(value));
             if size > answers.share() {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,

@@ -47,23 +47,7 @@ pub(crate) async fn run_to_end<T: Send + 'static>(
     state.tasks.run_to_end(step).await
 }
 
-/// How many bytes `v` takes as JSON, counted without writing them anywhere.
-pub fn json_size<T: serde::Serialize + ?Sized>(v: &T) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    // Writing to a counter cannot fail; a value that cannot be JSON counts what was written.
-    let _ = serde_json::to_writer(&mut count, v);
-    count.0
-}
+pub use crate::http::json_size;
 
 /// The public JSON of an entity.
 pub fn entity_json(e: &EntityRecord) -> Value {
