@@ -13,7 +13,6 @@ use std::collections::HashMap;
 
 use attache_core::{ContentType, Offset, Permission, PrincipalKey, ReadOffset, StreamPath};
 use attache_storage::{AppendRequest, CreateStream, ReadFrom, StoreError, StreamStore};
-use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -204,17 +203,25 @@ fn parse_query(raw: Option<&str>) -> ApiResult<Query> {
     Ok(q)
 }
 
-fn json_response(events: &[Value], next: Offset, up_to_date: bool) -> Response {
-    let body = serde_json::to_vec(events).unwrap_or_else(|_| b"[]".to_vec());
-    let mut res = Response::new(Body::from(body));
+/// A page of events as JSON, held within the response budget until it is
+/// sent (`http::budgeted_json`): a catch-up page is up to `max_read_bytes` of
+/// the log, and a reader that reads nothing kept it in memory uncounted
+/// (session 17's "left" list).
+fn json_response(
+    state: &AppState,
+    who: &PrincipalKey,
+    events: &[Value],
+    next: Offset,
+    up_to_date: bool,
+) -> ApiResult<Response> {
+    let mut res = crate::http::budgeted_json(&state.answers, who, StatusCode::OK, &events)?;
     let hm = res.headers_mut();
-    hm.insert("content-type", HeaderValue::from_static("application/json"));
     hm.insert("cache-control", HeaderValue::from_static("no-store"));
     set(hm, h::STREAM_NEXT_OFFSET, next);
     if up_to_date {
         hm.insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
     }
-    res
+    Ok(res)
 }
 
 /// Keeps the events of one task, when the reader asked for one.
@@ -239,12 +246,12 @@ pub async fn get_events(
     match q.live {
         None => {
             if q.offset == ReadOffset::Now {
-                return Ok(json_response(&[], from, true));
+                return json_response(&state, &who, &[], from, true);
             }
             let batch = read(store.as_ref(), from, state.config.max_read_bytes).await?;
             let mut vis = Visibility::new(&state, &who);
             let events = vis.filter(batch.events, |e| wanted(&q.task_id, e)).await;
-            Ok(json_response(&events, batch.next, batch.up_to_date))
+            json_response(&state, &who, &events, batch.next, batch.up_to_date)
         }
         Some(false) => long_poll(&state, &who, from, &q.task_id).await,
         Some(true) => sse(state, who, from, q.task_id).await,
@@ -273,7 +280,7 @@ async fn long_poll(
         let mut vis = Visibility::new(state, who);
         let events = vis.filter(batch.events, |e| wanted(task_id, e)).await;
         if !events.is_empty() {
-            return Ok(json_response(&events, pos, batch.up_to_date));
+            return json_response(state, who, &events, pos, batch.up_to_date);
         }
         if !batch.up_to_date {
             pages += 1;
@@ -283,7 +290,7 @@ async fn long_poll(
             // Nothing this reader may see in that much of the log: answer an
             // empty page where the scan stopped (the reader goes on from
             // there), instead of one request reading the whole log.
-            return Ok(json_response(&[], pos, false));
+            return json_response(state, who, &[], pos, false);
         }
         tokio::select! {
             changed = signal.changed() => {

@@ -253,6 +253,7 @@ impl Server {
             tracing::warn!(err = ?e, "could not purge the tombstones of deleted tasks past --deleted-tasks-kept");
         }
         let app = router::build(state.clone());
+        let direct = router::direct(state.clone());
         // Marking interrupted uploads failed assumes no other instance has uploads
         // in flight: only the embedded store (one instance) can know that.
         if state.config.store == StoreConfig::Embedded {
@@ -264,7 +265,7 @@ impl Server {
         let held = state.clone();
         let task = tokio::spawn(async move {
             let places = conn::PlaceShares::new(state.auth.clone(), state.config.budget_share_per_principal);
-            conn::serve(listener, app, limits, places, state.metrics.clone(), stop).await;
+            conn::serve(listener, app, direct, limits, places, state.metrics.clone(), stop).await;
             state.tasks.finish_detached(state.config.shutdown_grace).await;
             state.store.close().await;
             tracing::info!("store closed");

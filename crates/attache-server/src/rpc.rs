@@ -68,7 +68,7 @@ pub fn error_object(e: &RpcError) -> Value {
             -32000,
             format!(
                 "Response too large: one response (a request or a whole batch) carries at most {limit} bytes \
-                 (rpc_max_response_bytes); ask for less (task.list with a smaller limit, fewer calls in a batch) \
+                 (rpc_max_response_bytes, or one principal's share of response_buffer_bytes if smaller); ask for less (task.list with a smaller limit, fewer calls in a batch) \
                  or fetch attachments one at a time with task.get_attachment"
             ),
             Some(json!({ "limit": limit })),
@@ -280,12 +280,15 @@ pub(crate) async fn handle_value_within_budget(
 }
 
 /// What one answer (a request or a whole batch) to `who` may carry: at most
-/// `rpc_max_response_bytes`, each byte also taken from the process's budget
-/// of answers not yet sent (`response_buffer_bytes`, and `who`'s share of
-/// it) as it is counted, so a read is refused as it is built rather than
-/// held past the budget once made.
+/// `rpc_max_response_bytes`, and never more than one principal's share of
+/// the process's budget of answers not yet sent (`response_buffer_bytes` ×
+/// `budget_share_per_principal`), each byte also taken from that budget as it
+/// is counted, so a read is refused as it is built rather than held past the
+/// budget once made. Before, with `--rpc-max-response-bytes` set above the
+/// share, one answer alone could hold more than its principal may.
 pub(crate) fn response_budget(state: &AppState, who: &PrincipalKey) -> ResponseBudget {
-    ResponseBudget::within(state.config.rpc_max_response_bytes, &state.answers, who)
+    let share = u64::try_from(state.answers.share()).unwrap_or(u64::MAX);
+    ResponseBudget::within(state.config.rpc_max_response_bytes.min(share), &state.answers, who)
 }
 
 /// Runs the items of a batch in order, sharing one budget; `None` when all were notifications.

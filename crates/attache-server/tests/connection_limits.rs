@@ -735,7 +735,12 @@ async fn rpc_call(s: &TestServer, method: &str, params: serde_json::Value) -> (S
 #[tokio::test]
 async fn json_rpc_calls_are_refused_before_they_run_while_unsent_answers_hold_the_response_budget() {
     let s = TestServer::start_with(|c| {
-        c.response_buffer_bytes = 2 << 20;
+        // Two of the batch's three ~900 KiB answers fit (the third is too large
+        // for what is left), and leave less room than a large answer takes.
+        c.response_buffer_bytes = 1_900_000;
+        // Alice may hold the whole budget (one answer is never more than a
+        // principal's share): this test fills it alone.
+        c.budget_share_per_principal = 100;
         c.slow_reader_timeout = Duration::from_secs(600);
     })
     .await;
@@ -756,7 +761,7 @@ async fn json_rpc_calls_are_refused_before_they_run_while_unsent_answers_hold_th
         call.len()
     );
     stalled.write_all(head.as_bytes()).await.expect("the call is sent");
-    gauge_until(&s, ANSWERS, |held| held >= 2 << 20, "the unsent answer").await;
+    gauge_until(&s, ANSWERS, |held| held >= 1_800_000, "the unsent answer").await;
 
     let (status, refused) = rpc_call(&s, "task.create", serde_json::json!({ "text": "not now" })).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{refused}");
@@ -1028,7 +1033,12 @@ async fn websocket_executes_are_refused_before_they_run_while_unsent_answers_hol
     use tokio_tungstenite::tungstenite::Message;
 
     let s = TestServer::start_with(|c| {
-        c.response_buffer_bytes = 2 << 20;
+        // Two of the batch's three ~900 KiB answers fit (the third is too large
+        // for what is left), and leave less room than a large answer takes.
+        c.response_buffer_bytes = 1_900_000;
+        // Alice may hold the whole budget (one answer is never more than a
+        // principal's share): this test fills it alone.
+        c.budget_share_per_principal = 100;
         c.slow_reader_timeout = Duration::from_secs(600);
     })
     .await;
@@ -1043,7 +1053,7 @@ async fn websocket_executes_are_refused_before_they_run_while_unsent_answers_hol
     let mut stalled = socket.connect(s.url.trim_start_matches("http://").parse().unwrap()).await.expect("connected");
     ws_handshake(&mut stalled).await;
     stalled.write_all(&client_text_frame(&execute)).await.expect("the execute is sent");
-    gauge_until(&s, ANSWERS, |held| held >= 2 << 20, "the unsent answer").await;
+    gauge_until(&s, ANSWERS, |held| held >= 1_800_000, "the unsent answer").await;
 
     let mut req = format!("{}/ws", s.url.replace("http://", "ws://")).into_client_request().expect("a request");
     req.headers_mut().insert("electric-principal", "user:alice".parse().expect("a header value"));
@@ -1099,7 +1109,11 @@ fn mcp_post(s: &TestServer, session: Option<&str>, body: serde_json::Value) -> r
 #[tokio::test]
 async fn mcp_tool_answers_hold_the_response_budget_until_sent_and_calls_past_it_are_answered_503() {
     let s = TestServer::start_with(|c| {
-        c.response_buffer_bytes = 512 << 10;
+        // The answer (~900 KiB) fits, and leaves less room than a large answer takes.
+        c.response_buffer_bytes = 960 << 10;
+        // Alice may hold the whole budget (one answer is never more than a
+        // principal's share): this test fills it alone.
+        c.budget_share_per_principal = 100;
         c.slow_reader_timeout = Duration::from_secs(600);
     })
     .await;
@@ -1674,4 +1688,101 @@ async fn websockets_take_at_most_half_the_connections_so_other_requests_are_stil
     assert_eq!(retry_after.as_deref(), Some("5"));
     assert!(body.contains("\"code\":\"TOO_MANY_WEBSOCKETS\"") && body.contains("--max-websockets"), "{body}");
     assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK);
+}
+
+// ---------------------------------------------------------------- task events read slowly
+
+/// A catch-up page of `/_attache/events` is an answer like any other: a
+/// reader that reads nothing holds its bytes in the response budget until it
+/// goes, and past what its principal may hold the next page is refused 503.
+/// Before, a page (up to `max_read_bytes` of the log) was held uncounted.
+#[tokio::test]
+async fn an_unread_page_of_task_events_holds_the_response_budget_until_its_reader_goes() {
+    let s = TestServer::start_with(|c| {
+        c.response_buffer_bytes = 1 << 20;
+        c.budget_share_per_principal = 25;
+        c.slow_reader_timeout = Duration::from_secs(600);
+    })
+    .await;
+    // About 200 KB of events alice may read: 250 tasks of 500 characters.
+    let text = "t".repeat(500);
+    for _ in 0..5 {
+        let batch: Vec<_> = (0..50)
+            .map(|i| serde_json::json!({ "jsonrpc": "2.0", "method": "task.create", "params": { "text": text }, "id": i }))
+            .collect();
+        let res = s.client.post(s.url("/rpc")).header("electric-principal", "user:alice").json(&batch).send().await;
+        let answers: Vec<serde_json::Value> = res.unwrap().json().await.unwrap();
+        assert!(answers.iter().all(|a| a.get("result").is_some()), "{answers:?}");
+    }
+    let stalled = non_reader_as(&s, "user:alice", "/_attache/events?offset=-1").await;
+    let held = gauge_until(&s, ANSWERS, |held| held > 0, "held").await;
+    assert!(held >= 200 << 10, "the whole page is held: {held}");
+
+    // Alice's share (256 KiB) has no room for a second page; another principal's reads are answered.
+    let res = s
+        .request(reqwest::Method::GET, "/_attache/events?offset=-1")
+        .header("electric-principal", "user:alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(res.text().await.unwrap().contains("RESPONSE_BUDGET_EXHAUSTED"));
+    let res = s
+        .request(reqwest::Method::GET, "/_attache/events?offset=-1")
+        .header("electric-principal", "user:bob")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.text().await.unwrap(), "[]", "bob may read none of alice's events");
+
+    drop(stalled);
+    gauge_until(&s, ANSWERS, |held| held == 0, "0").await;
+    let res = s
+        .request(reqwest::Method::GET, "/_attache/events?offset=-1")
+        .header("electric-principal", "user:alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let events: Vec<serde_json::Value> = res.json().await.unwrap();
+    assert_eq!(events.len(), 250);
+}
+
+/// One JSON-RPC answer carries at most `--rpc-max-response-bytes` or its
+/// principal's share of the response budget, whichever is smaller: past the
+/// share it is "Response too large" naming the share, not an answer held
+/// alone past what its principal may hold (before, with the RPC limit set
+/// above the share, one answer alone passed it).
+#[tokio::test]
+async fn a_json_rpc_answer_never_holds_more_than_its_principals_share() {
+    // A quarter of 1 MiB is one principal's share; the RPC limit stays at its 16 MiB default.
+    let s = TestServer::start_with(|c| {
+        c.response_buffer_bytes = 1 << 20;
+        c.budget_share_per_principal = 25;
+    })
+    .await;
+    let (status, created) = rpc_call(&s, "task.create", serde_json::json!({ "text": "a large value" })).await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let task = created["result"]["id"].as_str().expect("a task id").to_owned();
+    let value = "v".repeat(300 << 10);
+    let params = serde_json::json!({ "taskId": task, "key": "big", "type": "json", "value": value });
+    let (status, attached) = rpc_call(&s, "task.create_attachment", params).await;
+    assert_eq!(status, StatusCode::OK, "{attached}");
+
+    let (status, answer) =
+        rpc_call(&s, "task.get_attachment", serde_json::json!({ "taskId": task, "key": "big" })).await;
+    assert_eq!(status, StatusCode::OK);
+    let error = &answer["error"];
+    assert_eq!(error["code"], -32000, "{answer}");
+    assert!(error["message"].as_str().unwrap_or_default().contains("Response too large"), "{error}");
+    assert_eq!(error["data"]["limit"], 256 << 10, "{error}");
+    gauge_until(&s, ANSWERS, |held| held == 0, "nothing held after the refusal").await;
+
+    // An answer within the share is answered.
+    let params = serde_json::json!({ "taskId": task, "key": "small", "type": "json", "value": "v".repeat(100 << 10) });
+    let (status, attached) = rpc_call(&s, "task.create_attachment", params).await;
+    assert_eq!(status, StatusCode::OK, "{attached}");
+    let (_, answer) = rpc_call(&s, "task.get_attachment", serde_json::json!({ "taskId": task, "key": "small" })).await;
+    assert!(answer.get("result").is_some(), "{answer}");
 }

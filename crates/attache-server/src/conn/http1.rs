@@ -50,7 +50,7 @@ use tower::ServiceExt as _;
 use attache_storage::FileBody;
 
 use super::wire::{self, Framing, Parsed};
-use super::{Activity, Serving, Tracked, Watched, CONNECTION_BUFFER_BYTES};
+use super::{Activity, Direct, DirectAnswer, Serving, Tracked, Watched, CONNECTION_BUFFER_BYTES};
 use crate::http::SendFile;
 
 /// What a read asks the socket for at least: a request head and a small body fit.
@@ -93,15 +93,15 @@ impl Serving for Lean {
 /// Serves `io`, whose first bytes are HTTP/1 (or nothing yet).
 /// `body_wait`: how long the rest of a plain request's body may take to
 /// arrive after its head before hyper reads it instead.
-pub(super) fn serve(io: Watched, activity: Arc<Activity>, app: Router, body_wait: Duration) -> Lean {
+pub(super) fn serve(io: Watched, activity: Arc<Activity>, app: Router, direct: Direct, body_wait: Duration) -> Lean {
     let shutdown = Arc::new(Shutdown::default());
-    Lean { served: Box::pin(run(io, activity, app, shutdown.clone(), body_wait)), shutdown }
+    Lean { served: Box::pin(run(io, activity, (app, direct), shutdown.clone(), body_wait)), shutdown }
 }
 
 async fn run(
     mut io: Watched,
     activity: Arc<Activity>,
-    app: Router,
+    (app, direct): (Router, Direct),
     shutdown: Arc<Shutdown>,
     body_wait: Duration,
 ) -> io::Result<()> {
@@ -171,17 +171,22 @@ async fn run(
         }
         let req = req.map(|()| body);
         let head_request = req.method() == http::Method::HEAD;
-        // Boxed: the router's future is large, and held inline it would size
-        // every connection's task for it, idle ones included.
-        let answer = Box::pin(app.clone().oneshot(req));
+        // The body is whole: a direct route may take it past the router.
+        // Boxed either way: the router's future is large, and held inline it
+        // would size every connection's task for it, idle ones included.
+        let answer: DirectAnswer = if direct.takes(req.uri().path()) {
+            direct.answer(req)
+        } else {
+            Box::pin(app.clone().oneshot(req).map(|res| match res {
+                Ok(res) => res,
+                Err(never) => match never {},
+            }))
+        };
         // Biased: an answer ready at once goes out even when the client has
         // already half-closed (its end of stream is seen by `watch` too).
         let res = tokio::select! {
             biased;
-            res = answer => match res {
-                Ok(res) => res,
-                Err(never) => match never {},
-            },
+            res = answer => res,
             closed = watch(&io.io, &mut buf, &activity) => return closed,
         };
         let close = !head.keep_alive || shutdown.asked() || asks_close(&res);

@@ -80,6 +80,23 @@ const REJECT_WITHIN: Duration = Duration::from_secs(2);
 /// First and longest pause after an accept error such as EMFILE.
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 
+/// A way past the router for requests the lean HTTP/1 path has read whole. The server's is
+/// `router::direct` (plain stream requests: issue 11, an append's trip
+/// through the router's matching, its middleware and the refused-body drain
+/// cost more than the append's own checks).
+pub type Direct = Arc<dyn DirectRoute>;
+
+/// See [`Direct`].
+pub trait DirectRoute: Send + Sync {
+    /// Whether a request to `path` goes this way rather than through the router.
+    fn takes(&self, path: &str) -> bool;
+    /// The answer to a request it takes.
+    fn answer(&self, req: Request<Body>) -> DirectAnswer;
+}
+
+/// A [`Direct`] route's answer.
+pub type DirectAnswer = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
 /// The bounds one connection lives under.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -178,6 +195,7 @@ pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    direct: Direct,
     limits: Limits,
     shares: PlaceShares,
     metrics: Arc<Metrics>,
@@ -228,7 +246,14 @@ pub async fn serve(
                     frames: None,
                 };
                 let places = Places { permits: permits.clone(), max: limits.max_connections, shares: shares.clone() };
-                connections.spawn(serve_connection(io, activity, app.clone(), limits, listed, places));
+                connections.spawn(serve_connection(
+                    io,
+                    activity,
+                    (app.clone(), direct.clone()),
+                    limits,
+                    listed,
+                    places,
+                ));
             }
             Err(_) => {
                 metrics.connection_closed(Closed::OverCap);
@@ -422,7 +447,7 @@ impl<S: Serving + ?Sized> Serving for Pin<Box<S>> {
 async fn serve_connection(
     io: Watched,
     activity: Arc<Activity>,
-    app: Router,
+    (app, direct): (Router, Direct),
     limits: Limits,
     _listed: Listed,
     places: Places,
@@ -445,7 +470,7 @@ async fn serve_connection(
     };
     match protocol {
         Protocol::Http1 => {
-            drive(http1::serve(io, activity.clone(), app, limits.header_read_timeout), activity, limits).await
+            drive(http1::serve(io, activity.clone(), app, direct, limits.header_read_timeout), activity, limits).await
         }
         Protocol::Http2 => {
             let mut io = io;
