@@ -309,7 +309,7 @@ impl Signal {
 }
 
 /// Who a grant is for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "subject_kind", content = "subject_value", rename_all = "snake_case")]
 pub enum GrantSubject {
     /// One principal, recorded by URL.

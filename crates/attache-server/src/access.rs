@@ -39,10 +39,11 @@ pub fn grants_for(state: &AppState, entity: &EntityRecord) -> Vec<GrantRecord> {
     grants
 }
 
-/// How many entities a scan of every entity (`task.list`, `task.claim`, the
-/// entity list) looks at between two yields to the runtime: the scan's work
-/// grows with every principal's entities, not only the caller's, and must
-/// not hold a worker while others wait.
+/// How many entities a scan of a caller's candidate entities (`task.list`,
+/// `task.claim`, the entity list, each from `Registry::entities_for`) looks
+/// at between two yields to the runtime: the candidates may be many (a
+/// principal's own thousands of tasks, or everything granted to its kind),
+/// and the scan must not hold a worker while others wait.
 pub const SCAN_STEP: usize = 256;
 
 /// Yields to the runtime once every [`SCAN_STEP`] entities of a scan (`i`: the entity's place in it).

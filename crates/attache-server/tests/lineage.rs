@@ -222,3 +222,81 @@ async fn a_purged_parents_url_spawned_again_grants_nothing_on_the_old_children()
     );
     assert_eq!(get_as(&ts, ANN, "/worker/child").await, StatusCode::OK);
 }
+
+/// The URLs `GET /_electric/entities` lists for `who`, newest first.
+async fn listed_as(ts: &TestServer, who: &str) -> Vec<String> {
+    let res = as_principal(ts.request(Method::GET, "/_electric/entities?limit=1000"), Some(who)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let list: Vec<Value> = res.json().await.unwrap();
+    list.iter().map(|e| e["url"].as_str().unwrap().to_owned()).collect()
+}
+
+/// The entity list starts from the entities each caller may possibly see
+/// (its own, those granted to it or its kind, those under an ancestor whose
+/// grant reaches descendants), not from every principal's: it lists what a
+/// check of each entity allows, for the owner, a grantee through a parent's
+/// `descendants` grant, a `self` grantee, a kind grantee and a stranger, and
+/// not the children of a purged parent whose URL another principal took.
+#[tokio::test]
+async fn the_entity_list_shows_each_caller_its_own_granted_and_inherited_entities_and_no_others() {
+    const AGENT: &str = "agent:ada";
+    let ts = TestServer::start().await;
+    spawn(&ts, Some(ANN), "/team/root").await;
+    assert_eq!(spawn_under(&ts, ANN, "/worker/child", "/team/root").await.status(), StatusCode::CREATED);
+    assert_eq!(spawn_under(&ts, ANN, "/worker/grandchild", "/worker/child").await.status(), StatusCode::CREATED);
+    spawn(&ts, Some(ANN), "/worker/loner").await;
+    spawn(&ts, Some(BOB), "/worker/bobs").await;
+    grant(
+        &ts,
+        ANN,
+        "/team/root",
+        json!({ "subject_kind": "principal", "subject_value": SAM, "permission": "read", "propagation": "descendants" }),
+    )
+    .await;
+    grant(&ts, ANN, "/team/root", json!({ "subject_kind": "principal", "subject_value": BOB, "permission": "read" }))
+        .await;
+    grant(
+        &ts,
+        ANN,
+        "/worker/loner",
+        json!({ "subject_kind": "principal_kind", "subject_value": "agent", "permission": "read" }),
+    )
+    .await;
+    let all = ["/team/root", "/worker/child", "/worker/grandchild", "/worker/loner", "/worker/bobs"];
+    let expected: [(&str, &[&str]); 5] = [
+        (ANN, &["/team/root", "/worker/child", "/worker/grandchild", "/worker/loner"]),
+        (SAM, &["/team/root", "/worker/child", "/worker/grandchild"]),
+        (BOB, &["/team/root", "/worker/bobs"]),
+        (AGENT, &["/worker/loner"]),
+        (EVE, &[]),
+    ];
+    for (who, urls) in expected {
+        let mut listed = listed_as(&ts, who).await;
+        listed.sort();
+        let mut urls: Vec<String> = urls.iter().map(|u| u.to_string()).collect();
+        urls.sort();
+        assert_eq!(listed, urls, "{who}'s list");
+        let mut readable = Vec::new();
+        for e in all {
+            if get_as(&ts, who, e).await == StatusCode::OK {
+                readable.push(e.to_owned());
+            }
+        }
+        readable.sort();
+        assert_eq!(readable, urls, "{who}'s entities one by one");
+    }
+
+    // The parent purged and its URL taken by EVE, with a descendants grant to herself: the old children stay hidden from her.
+    let res = as_principal(ts.request(Method::DELETE, &format!("{}?purge=true", api("/team/root"))), Some(ANN));
+    assert_eq!(res.send().await.unwrap().status(), StatusCode::OK);
+    spawn(&ts, Some(EVE), "/team/root").await;
+    grant(
+        &ts,
+        EVE,
+        "/team/root",
+        json!({ "subject_kind": "principal", "subject_value": EVE, "permission": "manage", "propagation": "descendants" }),
+    )
+    .await;
+    assert_eq!(listed_as(&ts, EVE).await, ["/team/root"]);
+    assert!(listed_as(&ts, SAM).await.is_empty(), "SAM's grant went with the purged parent");
+}

@@ -950,6 +950,114 @@ async fn other_principals_see_nothing_without_grants_and_get_32002_without_write
     assert_eq!(ok(&s, BOB, "task.claim", json!({"workerId": "bob"})).await["claimed"], false, "claiming needs write");
 }
 
+/// Grants `permission` on task `t` to `subject_value` (a principal, or a kind with `kind`); the grant's id.
+async fn grant_on_task(s: &TestServer, t: &str, subject_kind: &str, subject_value: &str, permission: &str) -> u64 {
+    let res = s
+        .client
+        .post(s.url(&format!("/_electric/entities/task/{t}/grants")))
+        .header("electric-principal", ALICE)
+        .json(&json!({"subject_kind": subject_kind, "subject_value": subject_value, "permission": permission}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    res.json::<Value>().await.unwrap()["id"].as_u64().expect("a grant id")
+}
+
+/// The ids `task.list` answers `who`, sorted, after checking its count.
+async fn listed_ids(s: &TestServer, who: &str) -> Vec<String> {
+    let r = ok(s, who, "task.list", json!({"limit": 1000})).await;
+    let mut ids: Vec<String> =
+        r["tasks"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(r["totalCount"], ids.len(), "{who}: {r}");
+    ids.sort();
+    ids
+}
+
+/// The ids among `all` that `task.get` answers `who` (the permission check of one task, by itself).
+async fn gettable_ids(s: &TestServer, who: &str, all: &[&String]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for t in all {
+        if call(s, who, "task.get", json!({"id": t})).await.get("result").is_some() {
+            ids.push((*t).clone());
+        }
+    }
+    ids.sort();
+    ids
+}
+
+/// `task.list` and `task.claim` start from the tasks each caller may possibly
+/// see (its own, those granted to it or to its kind), not from every
+/// principal's: what they answer is what a check of each task answers, for
+/// the owner, a principal grantee, a kind grantee and a stranger, before and
+/// after a revoke.
+#[tokio::test]
+async fn task_list_and_claim_answer_each_caller_its_own_and_granted_tasks_and_no_others() {
+    const CAROL: &str = "agent:carol";
+    const DAVE: &str = "user:dave";
+    const ZED: &str = "service:zed";
+    let s = TestServer::start().await;
+    let bob_read = create_task(&s, ALICE, "bob reads", 10).await;
+    let bob_manages = create_task(&s, ALICE, "bob manages", 20).await;
+    let agents_read = create_task(&s, ALICE, "agents read", 30).await;
+    let agents_manage = create_task(&s, ALICE, "agents manage", 40).await;
+    let users_read = create_task(&s, ALICE, "users read", 50).await;
+    let private = create_task(&s, ALICE, "private", 60).await;
+    let bobs_own = create_task(&s, BOB, "bob's own", 5).await;
+    let revoked = grant_on_task(&s, &bob_read, "principal", BOB, "read").await;
+    grant_on_task(&s, &bob_manages, "principal", BOB, "manage").await;
+    grant_on_task(&s, &agents_read, "principal_kind", "agent", "read").await;
+    grant_on_task(&s, &agents_manage, "principal_kind", "agent", "manage").await;
+    grant_on_task(&s, &users_read, "principal_kind", "user", "read").await;
+
+    let all = [&bob_read, &bob_manages, &agents_read, &agents_manage, &users_read, &private, &bobs_own];
+    let sorted = |ids: &[&String]| {
+        let mut v: Vec<String> = ids.iter().map(|t| (*t).clone()).collect();
+        v.sort();
+        v
+    };
+    let expected = [
+        (ALICE, sorted(&[&bob_read, &bob_manages, &agents_read, &agents_manage, &users_read, &private])),
+        (BOB, sorted(&[&bob_read, &bob_manages, &users_read, &bobs_own])),
+        (CAROL, sorted(&[&agents_read, &agents_manage])),
+        (DAVE, sorted(&[&users_read])),
+        (ZED, Vec::new()),
+    ];
+    for (who, ids) in &expected {
+        assert_eq!(&listed_ids(&s, who).await, ids, "{who}'s list");
+        assert_eq!(&gettable_ids(&s, who, &all).await, ids, "{who}'s tasks one by one");
+    }
+
+    // Revoked: gone from BOB's list, still on ALICE's.
+    let res = s
+        .client
+        .delete(s.url(&format!("/_electric/entities/task/{bob_read}/grants/{revoked}")))
+        .header("electric-principal", ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    let bobs = sorted(&[&bob_manages, &users_read, &bobs_own]);
+    assert_eq!(listed_ids(&s, BOB).await, bobs);
+    assert_eq!(gettable_ids(&s, BOB, &all).await, bobs);
+    assert!(listed_ids(&s, ALICE).await.contains(&bob_read));
+
+    // Claims need read and write: a manage grant or ownership, highest priority first.
+    let claimed = |r: Value| r["claimed"].as_bool().unwrap().then(|| r["taskId"].as_str().unwrap().to_owned());
+    let claim = |who: &'static str| {
+        let s = &s;
+        async move { claimed(ok(s, who, "task.claim", json!({"workerId": who})).await) }
+    };
+    assert_eq!(claim(BOB).await, Some(bob_manages.clone()));
+    assert_eq!(claim(BOB).await, Some(bobs_own.clone()));
+    assert_eq!(claim(BOB).await, None, "bob may only read the rest");
+    assert_eq!(claim(CAROL).await, Some(agents_manage.clone()));
+    assert_eq!(claim(CAROL).await, None);
+    assert_eq!(claim(DAVE).await, None);
+    assert_eq!(claim(ZED).await, None);
+    assert_eq!(claim(ALICE).await, Some(private.clone()), "alice's highest pending task");
+}
+
 #[tokio::test]
 async fn token_mode_without_credentials_is_answered_with_32002() {
     let s = TestServer::start_with(|c| c.auth = Some(attache_server::auth::AuthMode::Token)).await;

@@ -14,6 +14,7 @@ pub mod file_body;
 pub(crate) mod health;
 pub mod model;
 pub mod postgres;
+pub(crate) mod records;
 pub mod registry;
 pub(crate) mod rules;
 pub mod tokens;

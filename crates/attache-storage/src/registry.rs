@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use attache_core::{GrantSubject, Permission, Propagation};
+use attache_core::{GrantSubject, Permission, PrincipalKey, Propagation};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 
@@ -218,6 +218,17 @@ pub trait Registry: Send + Sync + 'static {
     /// call's length (40,000 small tasks: tens of MB a call, whoever they
     /// belong to), a bound no client should be able to multiply.
     fn entities(&self, type_filter: Option<&str>) -> Vec<std::sync::Arc<EntityRecord>>;
+    /// The entities `who` may possibly see, newest first, as `entities`:
+    /// those it created, those holding a grant whose subject is it (its URL
+    /// or its kind), and those listing among their ancestors an entity that
+    /// holds such a grant reaching `descendants`; every entity for a
+    /// built-in system principal. A superset of what the permission rule
+    /// allows (expired grants and ancestors of another life are still in):
+    /// callers check each one. Memory only, as `entities`, from indexes the
+    /// backend keeps with its records, so its work grows with these entities,
+    /// not with every principal's (`task.list` scanned 40,000 tasks of
+    /// another principal at ~90 ms a call).
+    fn entities_for(&self, who: &PrincipalKey, type_filter: Option<&str>) -> Vec<std::sync::Arc<EntityRecord>>;
     /// How many entities `created_by` (a principal's URL) created, and how
     /// much client data they keep, as this instance knows them. Memory only,
     /// as `entities`, and no record is copied.

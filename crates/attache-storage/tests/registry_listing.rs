@@ -1,7 +1,7 @@
 //! Listing the registry hands out the records it keeps, not copies: a
-//! `task.list` or `task.claim` lists every task (whoever owns it) before it
-//! keeps those the caller may see, and a copy of each held as many bytes as
-//! the registry itself for the call's length.
+//! `task.list` or `task.claim` once listed every task (whoever owned it)
+//! before it kept those the caller may see, and a copy of each held as many
+//! bytes as the registry itself for the call's length.
 
 mod support;
 

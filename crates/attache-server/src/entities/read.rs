@@ -61,7 +61,8 @@ pub async fn list(
         Some(s) => s.parse::<usize>().map_err(|_| ApiError::bad_request("offset must be a non-negative integer"))?,
     };
     let mut visible: Vec<std::sync::Arc<EntityRecord>> = Vec::new();
-    for (i, e) in state.registry.entities(q.entity_type.as_deref()).into_iter().enumerate() {
+    // Only the entities the caller may possibly see (not every principal's), each checked.
+    for (i, e) in state.registry.entities_for(&who, q.entity_type.as_deref()).into_iter().enumerate() {
         crate::access::scan_step(i).await;
         let wanted = q.status.as_deref().is_none_or(|s| e.status == s)
             && q.parent.as_deref().is_none_or(|p| e.parent.as_deref() == Some(p))

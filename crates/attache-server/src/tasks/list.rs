@@ -54,7 +54,8 @@ pub(super) async fn list(
         .opt_enum("orderBy", OrderBy::parse, "createdAt, updatedAt, completedAt, priority, status, assignedTo")?
         .unwrap_or(OrderBy::CreatedAt);
     let desc = p.opt_enum("order", |s| matches!(s, "asc" | "desc").then(|| s == "desc"), "asc, desc")?.unwrap_or(true);
-    let entities = state.registry.entities(Some(TASK_TYPE));
+    // Only the tasks the caller may possibly see: not every principal's.
+    let entities = state.registry.entities_for(who, Some(TASK_TYPE));
     let keep = |t: &TaskView| {
         status.is_none_or(|s| t.status == s)
             && assigned.is_none_or(|a| t.assigned_to.as_deref() == Some(a))

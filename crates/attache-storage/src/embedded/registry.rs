@@ -5,7 +5,6 @@
 //! request) never leaves it half done: its commit, the cache and the file
 //! handle always end up together.
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -15,6 +14,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::Mutex;
 
 use crate::error::{StoreError, StoreResult};
+use crate::records::Records;
 use crate::registry::{EntityRecord, EntityUpdate, GrantRecord, NewGrant, Registry};
 
 const ENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entities");
@@ -24,8 +24,8 @@ const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
 #[derive(Default)]
 struct Cache {
-    entities: BTreeMap<String, Arc<EntityRecord>>,
-    grants: HashMap<String, Vec<GrantRecord>>,
+    /// Every entity and grant, with the indexes `entities_for` reads.
+    records: Records,
     next_grant: u64,
 }
 
@@ -164,11 +164,7 @@ impl Inner {
     }
 
     fn cached(&self, url: &str) -> Option<EntityRecord> {
-        self.cache.read().entities.get(url).map(|e| (**e).clone())
-    }
-
-    fn cached_grants(&self, entity_url: &str) -> Vec<GrantRecord> {
-        self.cache.read().grants.get(entity_url).cloned().unwrap_or_default()
+        self.cache.read().records.get(url).map(|e| (**e).clone())
     }
 }
 
@@ -189,14 +185,15 @@ fn open_and_load(path: &Path, faults: Option<&crate::FaultPlan>) -> StoreResult<
         let txn = db.begin_read()?;
         let entities = txn.open_table(ENTITIES)?;
         for row in entities.iter()? {
-            let (k, v) = row?;
-            cache.entities.insert(k.value().to_owned(), Arc::new(parse(v.value())?));
+            let (_, v) = row?;
+            cache.records.put(0, Arc::new(parse(v.value())?));
         }
         let grants = txn.open_table(GRANTS)?;
         for row in grants.iter()? {
             let (_, v) = row?;
             let g: GrantRecord = parse(v.value())?;
-            cache.grants.entry(g.entity_url.clone()).or_default().push(g);
+            let url = g.entity_url.clone();
+            cache.records.change_grants(&url, |list| list.push(g));
         }
         let counters = txn.open_table(COUNTERS)?;
         let next = counters.get("next_grant_id")?.map(|v| v.value());
@@ -234,33 +231,31 @@ impl Registry for EmbeddedRegistry {
     }
 
     async fn entity(&self, url: &str) -> Option<EntityRecord> {
-        self.0.cache.read().entities.get(url).map(|e| (**e).clone())
+        self.0.cached(url)
     }
 
     async fn entity_shared(&self, url: &str) -> Option<Arc<EntityRecord>> {
-        self.0.cache.read().entities.get(url).cloned()
+        self.0.cache.read().records.get(url).cloned()
     }
 
     fn is_current(&self, url: &str, incarnation: Option<&str>) -> bool {
-        self.0.cache.read().entities.get(url).is_some_and(|e| e.incarnation.as_deref() == incarnation)
+        self.0.cache.read().records.get(url).is_some_and(|e| e.incarnation.as_deref() == incarnation)
     }
 
     fn held_by(&self, created_by: &str) -> crate::registry::Holdings {
-        let cache = self.0.cache.read();
-        let grants_of = |url: &str| cache.grants.get(url).map_or(0, Vec::len);
-        crate::registry::holdings(cache.entities.values().map(|e| &**e), created_by, grants_of)
+        self.0.cache.read().records.held_by(created_by)
     }
 
     fn entities(&self, type_filter: Option<&str>) -> Vec<Arc<EntityRecord>> {
-        let cache = self.0.cache.read();
-        let mut all: Vec<Arc<EntityRecord>> =
-            cache.entities.values().filter(|e| type_filter.is_none_or(|t| e.entity_type == t)).cloned().collect();
-        all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.url.cmp(&b.url)));
-        all
+        self.0.cache.read().records.entities(type_filter)
+    }
+
+    fn entities_for(&self, who: &attache_core::PrincipalKey, type_filter: Option<&str>) -> Vec<Arc<EntityRecord>> {
+        self.0.cache.read().records.entities_for(who, type_filter)
     }
 
     fn grants(&self, entity_url: &str) -> Vec<GrantRecord> {
-        self.0.cache.read().grants.get(entity_url).cloned().unwrap_or_default()
+        self.0.cache.read().records.grants(entity_url).to_vec()
     }
 
     async fn insert_entity(&self, entity: EntityRecord) -> StoreResult<(EntityRecord, bool)> {
@@ -301,7 +296,7 @@ impl Inner {
             Ok(())
         })
         .await?;
-        self.cache.write().entities.insert(entity.url.clone(), Arc::new(entity.clone()));
+        self.cache.write().records.put(0, Arc::new(entity.clone()));
         Ok((entity, true))
     }
 
@@ -316,7 +311,7 @@ impl Inner {
             Ok(())
         })
         .await?;
-        self.cache.write().entities.insert(url.to_owned(), Arc::new(entity.clone()));
+        self.cache.write().records.put(0, Arc::new(entity.clone()));
         Ok(entity)
     }
 
@@ -332,9 +327,7 @@ impl Inner {
             Ok(())
         })
         .await?;
-        let mut cache = self.cache.write();
-        cache.entities.remove(url);
-        cache.grants.remove(url);
+        self.cache.write().records.remove(url);
         Ok(true)
     }
 
@@ -352,13 +345,14 @@ impl Inner {
         .await?;
         let mut cache = self.cache.write();
         cache.next_grant = id + 1;
-        cache.grants.entry(record.entity_url.clone()).or_default().push(record.clone());
+        let added = record.clone();
+        cache.records.change_grants(&record.entity_url, |list| list.push(added));
         Ok(record)
     }
 
     async fn remove_grant(&self, entity_url: &str, id: u64) -> StoreResult<bool> {
         let _guard = self.write.lock().await;
-        if !self.cached_grants(entity_url).iter().any(|g| g.id == id) {
+        if !self.cache.read().records.grants(entity_url).iter().any(|g| g.id == id) {
             return Ok(false);
         }
         let url = entity_url.to_owned();
@@ -367,9 +361,7 @@ impl Inner {
             Ok(())
         })
         .await?;
-        if let Some(list) = self.cache.write().grants.get_mut(entity_url) {
-            list.retain(|g| g.id != id);
-        }
+        self.cache.write().records.change_grants(entity_url, |list| list.retain(|g| g.id != id));
         Ok(true)
     }
 }

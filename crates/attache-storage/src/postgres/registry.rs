@@ -18,7 +18,7 @@
 //! another instance) and installed after the listener had applied the
 //! revoke put the grant back, for as long as the entity did not change again.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -27,6 +27,7 @@ use sqlx::PgPool;
 
 use super::{db_err, Io, Shared, REGISTRY_CHANGES};
 use crate::error::{StoreError, StoreResult};
+use crate::records::Records;
 use crate::registry::{EntityRecord, EntityUpdate, GrantRecord, NewGrant, Registry};
 
 /// How many times a refresh reads again when changes keep being heard while it
@@ -43,9 +44,9 @@ fn parse<T: serde::de::DeserializeOwned>(s: &str) -> StoreResult<T> {
 
 #[derive(Default)]
 struct State {
-    /// url → (row version, record).
-    entities: BTreeMap<String, (i64, Arc<EntityRecord>)>,
-    grants: HashMap<String, Vec<GrantRecord>>,
+    /// Every entity (with its row version) and grant, with the indexes
+    /// `entities_for` reads; every change of the cache goes through it.
+    records: Records,
     /// URLs being read or written now, each with the changes heard of it
     /// since the oldest ticket for it was taken. An entry lives as long as
     /// its tickets, so this holds no more than the reads and writes in flight.
@@ -112,18 +113,18 @@ impl Cache {
             .map_err(db_err)?;
         let grants: Vec<(String,)> =
             sqlx::query_as("SELECT record FROM attache_grants ORDER BY id").fetch_all(pool).await.map_err(db_err)?;
-        let mut loaded: BTreeMap<String, (i64, Arc<EntityRecord>)> = BTreeMap::new();
-        let mut loaded_grants: HashMap<String, Vec<GrantRecord>> = HashMap::new();
-        for (url, record, version) in entities {
-            loaded.insert(url, (version, Arc::new(parse(&record)?)));
+        // Indexed as it is read, outside the lock; installed whole.
+        let mut loaded = Records::default();
+        for (_, record, version) in entities {
+            loaded.put(version, Arc::new(parse(&record)?));
         }
         for (record,) in grants {
             let g: GrantRecord = parse(&record)?;
-            loaded_grants.entry(g.entity_url.clone()).or_default().push(g);
+            let url = g.entity_url.clone();
+            loaded.change_grants(&url, |list| list.push(g));
         }
         let mut state = self.state.write();
-        state.entities = loaded;
-        state.grants = loaded_grants;
+        state.records = loaded;
         // Reads in flight may have missed a change no notification will tell of.
         state.reloads += 1;
         Ok(())
@@ -188,15 +189,14 @@ impl Cache {
             return Ok(match entity {
                 Some((version, record)) => {
                     // Versions only grow while the entity lives (a removal was heard, or the ticket would show it).
-                    if state.entities.get(url).is_none_or(|(v, _)| *v <= version) {
-                        state.entities.insert(url.to_owned(), (version, Arc::new(record.clone())));
+                    if state.records.version(url).is_none_or(|v| v <= version) {
+                        state.records.put(version, Arc::new(record.clone()));
                     }
-                    state.grants.insert(url.to_owned(), grants);
+                    state.records.set_grants(url, grants);
                     Some(record)
                 }
                 None => {
-                    state.entities.remove(url);
-                    state.grants.remove(url);
+                    state.records.remove(url);
                     None
                 }
             });
@@ -308,7 +308,7 @@ impl PgRegistry {
 #[async_trait]
 impl Registry for PgRegistry {
     async fn entity(&self, url: &str) -> Option<EntityRecord> {
-        if let Some((_, e)) = self.cache().state.read().entities.get(url) {
+        if let Some(e) = self.cache().state.read().records.get(url) {
             return Some((**e).clone());
         }
         // Spawned on another instance a moment ago, perhaps: ask the database.
@@ -322,26 +322,19 @@ impl Registry for PgRegistry {
     }
 
     fn is_current(&self, url: &str, incarnation: Option<&str>) -> bool {
-        self.cache().state.read().entities.get(url).is_some_and(|(_, e)| e.incarnation.as_deref() == incarnation)
+        self.cache().state.read().records.get(url).is_some_and(|e| e.incarnation.as_deref() == incarnation)
     }
 
     fn held_by(&self, created_by: &str) -> crate::registry::Holdings {
-        let state = self.cache().state.read();
-        let grants_of = |url: &str| state.grants.get(url).map_or(0, Vec::len);
-        crate::registry::holdings(state.entities.values().map(|(_, e)| &**e), created_by, grants_of)
+        self.cache().state.read().records.held_by(created_by)
     }
 
     fn entities(&self, type_filter: Option<&str>) -> Vec<Arc<EntityRecord>> {
-        let state = self.cache().state.read();
-        let mut all: Vec<Arc<EntityRecord>> = state
-            .entities
-            .values()
-            .map(|(_, e)| e)
-            .filter(|e| type_filter.is_none_or(|t| e.entity_type == t))
-            .cloned()
-            .collect();
-        all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.url.cmp(&b.url)));
-        all
+        self.cache().state.read().records.entities(type_filter)
+    }
+
+    fn entities_for(&self, who: &attache_core::PrincipalKey, type_filter: Option<&str>) -> Vec<Arc<EntityRecord>> {
+        self.cache().state.read().records.entities_for(who, type_filter)
     }
 
     async fn insert_entity(&self, entity: EntityRecord) -> StoreResult<(EntityRecord, bool)> {
@@ -434,19 +427,14 @@ impl Registry for PgRegistry {
                     .map_err(db_err)?;
                 announce(&mut tx, &url).await?;
                 tx.commit().await.map_err(db_err)?;
-                cache
-                    .wrote(&shared.pool, ticket, |state| {
-                        state.entities.remove(&url);
-                        state.grants.remove(&url);
-                    })
-                    .await;
+                cache.wrote(&shared.pool, ticket, |state| state.records.remove(&url)).await;
                 Ok(removed.rows_affected() > 0)
             })
             .await
     }
 
     fn grants(&self, entity_url: &str) -> Vec<GrantRecord> {
-        self.cache().state.read().grants.get(entity_url).cloned().unwrap_or_default()
+        self.cache().state.read().records.grants(entity_url).to_vec()
     }
 
     async fn add_grant(&self, grant: NewGrant) -> StoreResult<GrantRecord> {
@@ -471,10 +459,12 @@ impl Registry for PgRegistry {
                 let added = record.clone();
                 cache
                     .wrote(&shared.pool, ticket, |state| {
-                        let list = state.grants.entry(added.entity_url.clone()).or_default();
-                        if !list.iter().any(|g| g.id == added.id) {
-                            list.push(added);
-                        }
+                        let url = added.entity_url.clone();
+                        state.records.change_grants(&url, |list| {
+                            if !list.iter().any(|g| g.id == added.id) {
+                                list.push(added);
+                            }
+                        });
                     })
                     .await;
                 Ok(record)
@@ -500,9 +490,7 @@ impl Registry for PgRegistry {
                 tx.commit().await.map_err(db_err)?;
                 cache
                     .wrote(&shared.pool, ticket, |state| {
-                        if let Some(list) = state.grants.get_mut(&url) {
-                            list.retain(|g| g.id != id);
-                        }
+                        state.records.change_grants(&url, |list| list.retain(|g| g.id != id))
                     })
                     .await;
                 Ok(removed.rows_affected() > 0)
@@ -513,7 +501,7 @@ impl Registry for PgRegistry {
 
 /// Puts a record the cache's holder wrote, unless the cache holds a newer version of it.
 fn put_entity(state: &mut State, version: i64, record: EntityRecord) {
-    if state.entities.get(&record.url).is_none_or(|(v, _)| *v < version) {
-        state.entities.insert(record.url.clone(), (version, Arc::new(record)));
+    if state.records.version(&record.url).is_none_or(|v| v < version) {
+        state.records.put(version, Arc::new(record));
     }
 }
