@@ -402,7 +402,13 @@ async fn a_delete_held_across_a_new_upload_through_another_instance_reads_again_
         assert_eq!(row["sha256"], entity_support::sha256_hex(&bytes));
         let (status, got) = entity_support::get_bytes(server, e, "doc").await;
         assert_eq!(status, StatusCode::OK);
-        assert!(got == bytes, "the new upload's bytes");
+        let first_difference = got.iter().zip(&bytes).position(|(g, w)| g != w);
+        assert!(
+            got == bytes,
+            "the new upload's bytes: got {} bytes, want {}, first difference at {first_difference:?}",
+            got.len(),
+            bytes.len()
+        );
     }
 }
 

@@ -150,8 +150,20 @@ pub trait StreamStore: Send + Sync + 'static {
         bytes: Option<StreamAt>,
     ) -> StoreResult<AppendOutcome>;
 
-    /// The committed metadata of a stream, without touching its TTL.
+    /// The committed metadata of a stream, without touching its TTL. A
+    /// backend shared by several instances may answer what this instance
+    /// last heard (another instance's commit arrives a moment later).
     async fn head(&self, path: &str) -> StoreResult<StreamInfo>;
+
+    /// [`head`](StreamStore::head) as the store's source of truth has it now,
+    /// including what other instances committed a moment ago (a query to
+    /// PostgreSQL); the default is `head`, which one instance always has
+    /// current. For a caller that must not act on a view older than a row it
+    /// read (an attachment whose complete row records more bytes than `head`
+    /// says its stream holds).
+    async fn head_fresh(&self, path: &str) -> StoreResult<StreamInfo> {
+        self.head(path).await
+    }
 
     /// The stream `path` names, even one deleted but kept for its forks
     /// (`soft_deleted`): who may learn that it exists is the caller's rule.

@@ -222,3 +222,28 @@ fn entity_updates_from_two_instances_are_compare_and_set_or_skip_without_postgre
         assert_eq!(count_of(&b.entity("/task/t1").await.unwrap().extra.unwrap()), 120);
     });
 }
+
+/// `head` on an instance answers what it last heard of a stream; another
+/// instance's commit reaches it a moment later, through a notification.
+/// `head_fresh` answers what the database holds now, and the instance keeps
+/// it. An attachment read relies on this: its complete row, read from the
+/// database, may record bytes this instance has not heard of yet, and served
+/// from `head` such a read was a truncated file answered `200`.
+#[test]
+fn head_fresh_sees_another_instances_commit_before_its_notification_arrives() {
+    use attache_storage::postgres::registry::STREAMS_NOTIFIED;
+    on_two_postgres_backends(|a, b| async move {
+        let path = "/shared/fresh";
+        a.store.create(json_stream(path)).await.unwrap();
+        assert_eq!(b.store.head(path).await.unwrap().tail, 0, "b knows the stream, empty");
+
+        let listener = b.registry.pauses().arm(STREAMS_NOTIFIED);
+        let tail = a.store.append(json_append(path, r#"{"n":1}"#.into())).await.unwrap().info.tail;
+        assert!(tail > 0);
+        listener.reached().await;
+        assert_eq!(b.store.head(path).await.unwrap().tail, 0, "b has not heard of the append yet");
+        assert_eq!(b.store.head_fresh(path).await.unwrap().tail, tail, "the database has it");
+        assert_eq!(b.store.head(path).await.unwrap().tail, tail, "and b keeps what it found");
+        listener.release();
+    });
+}

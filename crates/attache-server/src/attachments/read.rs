@@ -138,7 +138,25 @@ pub async fn read(
     if entry.byte_length.is_none() {
         return Err(not_found());
     }
-    let info = state.store.head(&path).await.map_err(|_| not_found())?;
+    let mut info = state.store.head(&path).await.map_err(|_| not_found())?;
+    // This instance's view of the stream may be older than the complete row
+    // (another instance of a shared store wrote both a moment ago: the row
+    // was read from the database, the stream's tail is what this instance
+    // last heard). Answered from that view, the read was a truncated file
+    // with `200`, the row's hash as its ETag and an immutable cache header
+    // (session 18). Asked of the store itself instead; a stream still
+    // shorter than its row says is not served as the attachment.
+    if entry.byte_length.is_some_and(|n| info.tail < n) {
+        info = state.store.head_fresh(&path).await.map_err(|_| not_found())?;
+        if let Some(n) = entry.byte_length.filter(|&n| info.tail < n) {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ATTACHMENT_NOT_READABLE_YET",
+                format!("the attachment's row records {n} bytes and its stream holds {} of them; retry", info.tail),
+            )
+            .with_header(axum::http::header::RETRY_AFTER, 1));
+        }
+    }
     let len = info.tail;
     // The content hash the store keeps for stored blobs; the row's only for resumable uploads.
     let sha256 = info.blob.as_ref().map(|b| b.sha256.as_str()).or(entry.sha256.as_deref());

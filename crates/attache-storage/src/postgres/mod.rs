@@ -544,6 +544,8 @@ async fn listen(shared: Arc<Shared>, stop: CancellationToken, listening: oneshot
             };
             if first.channel() == REGISTRY_CHANGES {
                 shared.registry.pause(registry::NOTIFIED).await;
+            } else {
+                shared.registry.pause(registry::STREAMS_NOTIFIED).await;
             }
             let mut streams = Vec::new();
             let mut entities = std::collections::HashSet::new();
@@ -892,6 +894,12 @@ impl StreamStore for PgStore {
 
     async fn head(&self, path: &str) -> StoreResult<StreamInfo> {
         Ok((*self.entry(path).await?.info()).clone())
+    }
+
+    async fn head_fresh(&self, path: &str) -> StoreResult<StreamInfo> {
+        let entry = self.entry(path).await?;
+        let shared = self.shared.clone();
+        self.io.run(reader::head_fresh(shared, entry)).await
     }
 
     async fn named(&self, path: &str) -> StoreResult<StreamInfo> {

@@ -58,14 +58,11 @@ pub(crate) async fn segments(
     })
 }
 
-pub(crate) async fn read(
-    shared: Arc<Shared>,
-    entry: Arc<StreamEntry>,
-    from: ReadFrom,
-    max_bytes: usize,
-) -> StoreResult<ReadBatch> {
+/// The stream's committed row as the database has it now, put in this
+/// instance's cache when it is newer than what the cache holds (notifications
+/// from other instances arrive a moment after their commits).
+async fn committed(shared: &Arc<Shared>, conn: &mut PgConnection, entry: &StreamEntry) -> StoreResult<StreamInfo> {
     let id = entry.info().id;
-    let mut conn = shared.pool.acquire().await.map_err(db_err)?;
     let row: Option<(i64, String, i64, i64)> =
         sqlx::query_as(&format!("SELECT {STREAM_COLUMNS} FROM attache_streams WHERE id = $1"))
             .bind(id as i64)
@@ -82,7 +79,23 @@ pub(crate) async fn read(
     if info.soft_deleted {
         return Err(StoreError::Gone);
     }
-    let info = (*info).clone();
+    Ok((*info).clone())
+}
+
+/// [`committed`], on a connection of its own: `StreamStore::head_fresh`.
+pub(crate) async fn head_fresh(shared: Arc<Shared>, entry: Arc<StreamEntry>) -> StoreResult<StreamInfo> {
+    let mut conn = shared.pool.acquire().await.map_err(db_err)?;
+    committed(&shared, &mut conn, &entry).await
+}
+
+pub(crate) async fn read(
+    shared: Arc<Shared>,
+    entry: Arc<StreamEntry>,
+    from: ReadFrom,
+    max_bytes: usize,
+) -> StoreResult<ReadBatch> {
+    let mut conn = shared.pool.acquire().await.map_err(db_err)?;
+    let info = committed(&shared, &mut conn, &entry).await?;
     let tail = info.tail;
     let start = crate::rules::read_start(from, tail)?;
     if let Some(blob) = &info.blob {

@@ -243,6 +243,12 @@ pub const LOOKUP_INSTALL: &str = "lookup_install";
 #[doc(hidden)]
 pub const NOTIFIED: &str = "notified";
 
+/// In the listener, when a stream notification has arrived, before any of
+/// its batch is taken: this instance's cached view of streams stays as it
+/// was until the pause is let go.
+#[doc(hidden)]
+pub const STREAMS_NOTIFIED: &str = "streams_notified";
+
 #[doc(hidden)]
 pub struct Pause {
     reached: tokio::sync::watch::Sender<bool>,
