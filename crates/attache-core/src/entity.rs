@@ -149,7 +149,13 @@ impl EntityUrl {
     /// If `path` is a stream an entity owns (`/{t}/{i}/main` or
     /// `/{t}/{i}/attachments/{x}`), the entity and which stream.
     pub fn owning(path: &str) -> Option<(EntityUrl, EntityStream)> {
-        let mut parts = path.strip_prefix('/')?.splitn(4, '/');
+        let rest = path.strip_prefix('/')?;
+        // `/{type}/{id}/main` at least: a path with fewer separators is no
+        // entity's (most are not, and this runs several times a request).
+        if rest.bytes().filter(|&b| b == b'/').take(2).count() < 2 {
+            return None;
+        }
+        let mut parts = rest.splitn(4, '/');
         let (t, i, kind) = (parts.next()?, parts.next()?, parts.next()?);
         // Which stream first: most paths are no entity's, and need no allocation to say so.
         let which = match (kind, parts.next()) {

@@ -102,7 +102,7 @@ pub async fn fork(
     body: Body,
 ) -> ApiResult<Response> {
     let EntityRoute { who, url: source_url } = &route;
-    let body: ForkBody = json_object_body(&state.bodies, &headers, body).await?;
+    let (body, _tree): (ForkBody, _) = json_object_body(&state.bodies, who, &headers, body).await?;
     let (offset, sub_offset) = fork_point(&body)?;
     let fork_id = match body.instance_id.as_deref() {
         Some(id) => id.to_owned(),

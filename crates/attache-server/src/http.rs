@@ -25,27 +25,41 @@ pub fn entity_url(entity_type: &str, instance_id: &str) -> ApiResult<EntityUrl> 
 }
 
 /// Reads a JSON body (empty means `{}`), with a size limit and clear 400s.
-pub async fn json_body<T: serde::de::DeserializeOwned>(
-    bodies: &BodyBudget,
+/// The body as a tree of values (its text and [`RPC_VALUE_COST`] a value,
+/// counted from its structure before it is parsed) is held from the body
+/// budget and `who`'s share for as long as the returned [`Hold`] lives: the
+/// handler keeps it while it works with what it parsed. Before (session 18's
+/// attack pass), the bytes were counted only while they arrived: 100
+/// concurrent 1 MB sends of `[0,0,...]` payloads took RSS to 1.9 GB, 17.5 MB
+/// a request, outside every budget. Past the budget: 503
+/// `BODY_BUDGET_EXHAUSTED` with `Retry-After: 1`, nothing parsed.
+pub(crate) async fn json_body<'a, T: serde::de::DeserializeOwned>(
+    bodies: &'a BodyBudget,
+    who: &'a PrincipalKey,
     headers: &HeaderMap,
     body: Body,
-) -> ApiResult<T> {
+) -> ApiResult<(T, Hold<'a>)> {
     let bytes = read_body(bodies, body, headers, MAX_JSON_BODY).await?;
     let text = if bytes.iter().all(u8::is_ascii_whitespace) { &b"{}"[..] } else { &bytes[..] };
-    serde_json::from_slice(text)
-        .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))
+    let (values, tree) = json_tree_cost(text, RPC_VALUE_COST);
+    let hold = bodies.hold(who, tree, &format_args!("a body of {values} JSON values"))?;
+    let value = serde_json::from_slice(text)
+        .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))?;
+    Ok((value, hold))
 }
 
 /// [`json_body`] for bodies that must be a JSON object: serde would also take
 /// a struct in its array form (`["SIGKILL"]`), which no client means.
-pub async fn json_object_body<T: serde::de::DeserializeOwned>(
-    bodies: &BodyBudget,
+pub(crate) async fn json_object_body<'a, T: serde::de::DeserializeOwned>(
+    bodies: &'a BodyBudget,
+    who: &'a PrincipalKey,
     headers: &HeaderMap,
     body: Body,
-) -> ApiResult<T> {
-    let object: serde_json::Map<String, serde_json::Value> = json_body(bodies, headers, body).await?;
-    serde_json::from_value(serde_json::Value::Object(object))
-        .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))
+) -> ApiResult<(T, Hold<'a>)> {
+    let (object, hold): (serde_json::Map<String, serde_json::Value>, _) = json_body(bodies, who, headers, body).await?;
+    let value = serde_json::from_value(serde_json::Value::Object(object))
+        .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))?;
+    Ok((value, hold))
 }
 
 /// What bodies being collected into memory may hold, all requests together
@@ -231,7 +245,7 @@ pub(crate) fn json_tree_cost(body: &[u8], per_value: usize) -> (usize, usize) {
     (values, body.len().saturating_add(values.saturating_mul(per_value)))
 }
 
-/// [`json_tree_cost`]'s bytes a value for a `/rpc` body.
+/// [`json_tree_cost`]'s bytes a value for a `/rpc` body, and for the entity routes' JSON bodies ([`json_body`]).
 pub(crate) const RPC_VALUE_COST: usize = 96;
 /// [`json_tree_cost`]'s bytes a value for an MCP message (session 16's third attack pass: 245 B measured).
 pub(crate) const MCP_VALUE_COST: usize = 256;

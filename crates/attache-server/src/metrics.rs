@@ -300,7 +300,27 @@ impl Metrics {
 
 /// GET /metrics. Any authenticated principal may scrape (in token mode: any
 /// valid token); the counters say how busy the server is, not what it holds.
-pub async fn get_metrics(State(state): State<AppState>, _who: crate::auth::Caller) -> Response {
+/// `GET /metrics`: in token mode, for principals of kind `service` or
+/// `system` only (an operator's scraper holds a service token): the counters
+/// are the whole server's, and a tenant read in them the exact sizes and
+/// times of other principals' attachments and calls (session 18's attack
+/// pass: `attache_attachment_bytes_total` went 0 → 12345 as alice attached
+/// 12,345 bytes, seen by mallory). Others: 403 `NOT_PERMITTED`. In dev mode,
+/// where every caller names its own principal, any caller.
+pub async fn get_metrics(State(state): State<AppState>, crate::auth::Caller(who): crate::auth::Caller) -> Response {
+    use attache_core::PrincipalKind;
+    if state.auth.mode == crate::auth::AuthMode::Token
+        && !matches!(who.kind(), PrincipalKind::Service | PrincipalKind::System)
+    {
+        return crate::error::ApiError::NotPermitted {
+            message: format!(
+                "{} may not read /metrics: in token mode it is for principals of kind service or system \
+                 (an operator's scraper: attache token create --principal service:<name>)",
+                who.url()
+            ),
+        }
+        .into_response();
+    }
     let mut res = state
         .metrics
         .render(state.store.appends_committed(), state.bodies.held(), state.answers.held())

@@ -92,6 +92,12 @@ impl BrowserPolicy {
 
     /// The request's Host, if the Host rule lets it in (dev mode only).
     fn check_host(&self, req: &Request) -> Result<(), ApiError> {
+        // RFC 9112 3.2: more than one Host is 400, in every mode. Before
+        // (session 18's attack pass), the first one was checked and the
+        // rest ignored.
+        if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+            return Err(more_than_one("Host"));
+        }
         if !self.dev {
             return Ok(());
         }
@@ -107,6 +113,10 @@ impl BrowserPolicy {
     fn check_origin(&self, req: &Request) -> Result<Verdict, ApiError> {
         let Some(origins) = &self.origins else { return Ok(Verdict::Any) };
         let Some(value) = req.headers().get(header::ORIGIN) else { return Ok(Verdict::NoCors) };
+        // An Origin is one origin (RFC 6454 7): two are no answer to "whose page is this".
+        if req.headers().get_all(header::ORIGIN).iter().nth(1).is_some() {
+            return Err(more_than_one("Origin"));
+        }
         let raw = value.to_str().unwrap_or("");
         let refuse = || {
             ApiError::new(
@@ -134,17 +144,29 @@ impl BrowserPolicy {
 
     /// Security headers every answer carries, refused or not.
     fn stamp(&self, headers: &mut HeaderMap) {
-        headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+        headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
         // Nothing attache serves is a page: a stream or attachment a browser
         // renders runs no script and gets an opaque origin.
         headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("sandbox"));
         // Dev mode: other sites may not embed answers (`<img>`, `<script>`).
         let corp = if self.dev { "same-origin" } else { "cross-origin" };
-        headers.insert("cross-origin-resource-policy", HeaderValue::from_static(corp));
+        headers.insert(CROSS_ORIGIN_RESOURCE_POLICY, HeaderValue::from_static(corp));
         if self.origins.is_some() {
             headers.append(header::VARY, HeaderValue::from_static("Origin"));
         }
     }
+}
+
+/// Not among `http`'s named headers; a name given as `&str` is parsed at every insert.
+const CROSS_ORIGIN_RESOURCE_POLICY: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("cross-origin-resource-policy");
+
+fn more_than_one(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "DUPLICATE_HEADER",
+        format!("a request carries one {name} header at most; this one carries several"),
+    )
 }
 
 fn host_not_allowed(host: &str) -> ApiError {

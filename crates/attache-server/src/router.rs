@@ -17,12 +17,12 @@ use crate::{attachments, entities, events, mcp, metrics, origin, rpc, streams, w
 pub const RESERVED_PREFIXES: &[&str] =
     &["/_electric/", "/__ds/", "/_attache/", "/rpc", "/mcp", "/ws", "/healthz", "/metrics"];
 
+/// Whether `path` is one of [`RESERVED_PREFIXES`] or lies under one (checked
+/// on every request: by comparisons only, no search).
 pub fn is_reserved(path: &str) -> bool {
     RESERVED_PREFIXES.iter().any(|prefix| {
-        let bare = prefix.trim_end_matches('/');
-        path == bare
-            || (prefix.ends_with('/') && path.starts_with(prefix))
-            || path.strip_prefix(bare).is_some_and(|rest| rest.starts_with('/'))
+        let bare = prefix.strip_suffix('/').unwrap_or(prefix);
+        path.strip_prefix(bare).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     })
 }
 

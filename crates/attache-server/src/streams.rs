@@ -15,7 +15,7 @@ use attache_storage::{
     AppendRequest, CreateOutcome, CreateStream, ForkSpec, ReadBatch, ReadBody, ReadFrom, StoreError, StreamInfo,
 };
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
@@ -36,7 +36,8 @@ use crate::AppState;
 pub(crate) struct Req<'a>(pub(crate) &'a HeaderMap);
 
 impl<'a> Req<'a> {
-    pub(crate) fn get(&self, name: &str) -> ApiResult<Option<&'a str>> {
+    /// By a `HeaderName` (a `&str` name is parsed again at every lookup).
+    pub(crate) fn get(&self, name: &HeaderName) -> ApiResult<Option<&'a str>> {
         match self.0.get(name) {
             None => Ok(None),
             Some(v) => {
@@ -54,7 +55,7 @@ impl<'a> Req<'a> {
     }
 
     fn content_type(&self) -> ApiResult<Option<ContentType>> {
-        self.get("content-type")?.map(ContentType::parse).transpose().map_err(ApiError::from)
+        self.get(&axum::http::header::CONTENT_TYPE)?.map(ContentType::parse).transpose().map_err(ApiError::from)
     }
 }
 
@@ -162,7 +163,7 @@ async fn entity_stream_rules(
                     "an entity's main stream closes when the entity stops: DELETE /_electric/entities{entity}"
                 )));
             }
-            if *method == Method::PUT && req.get(h::STREAM_FORKED_FROM.as_str())?.is_some() {
+            if *method == Method::PUT && req.get(&h::STREAM_FORKED_FROM)?.is_some() {
                 return Err(use_entity_routes(format!(
                     "an entity's main stream is created by spawning it: PUT /_electric/entities{entity}"
                 )));
@@ -372,14 +373,14 @@ async fn put(
 ) -> ApiResult<Response> {
     let req = Req(headers);
     let content_type = req.content_type()?;
-    let ttl = req.get(h::STREAM_TTL.as_str())?.map(Ttl::parse).transpose()?;
-    let expires_at = req.get(h::STREAM_EXPIRES_AT.as_str())?.map(ExpiresAt::parse).transpose()?;
+    let ttl = req.get(&h::STREAM_TTL)?.map(Ttl::parse).transpose()?;
+    let expires_at = req.get(&h::STREAM_EXPIRES_AT)?.map(ExpiresAt::parse).transpose()?;
     if ttl.is_some() && expires_at.is_some() {
         return Err(attache_core::Error::TtlAndExpiresAt.into());
     }
-    let forked_from = req.get(h::STREAM_FORKED_FROM.as_str())?;
-    let fork_offset = req.get(h::STREAM_FORK_OFFSET.as_str())?;
-    let sub_offset = req.get(h::STREAM_FORK_SUB_OFFSET.as_str())?;
+    let forked_from = req.get(&h::STREAM_FORKED_FROM)?;
+    let fork_offset = req.get(&h::STREAM_FORK_OFFSET)?;
+    let sub_offset = req.get(&h::STREAM_FORK_SUB_OFFSET)?;
     let fork = match forked_from {
         Some(source) => Some(ForkSpec {
             source: {
@@ -477,12 +478,9 @@ async fn post(
     life: Option<Life>,
 ) -> ApiResult<Response> {
     let req = Req(headers);
-    let producer = ProducerHeaders::parse(
-        req.get(h::PRODUCER_ID.as_str())?,
-        req.get(h::PRODUCER_EPOCH.as_str())?,
-        req.get(h::PRODUCER_SEQ.as_str())?,
-    )?;
-    let seq = req.get(h::STREAM_SEQ.as_str())?.map(str::to_owned);
+    let producer =
+        ProducerHeaders::parse(req.get(&h::PRODUCER_ID)?, req.get(&h::PRODUCER_EPOCH)?, req.get(&h::PRODUCER_SEQ)?)?;
+    let seq = req.get(&h::STREAM_SEQ)?.map(str::to_owned);
     // The last one is kept with the stream: a short opaque token, not a 60 KB one.
     if let Some(seq) = seq.as_ref().filter(|s| s.len() > MAX_STREAM_SEQ) {
         return Err(ApiError::bad_request(format!(

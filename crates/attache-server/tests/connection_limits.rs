@@ -1378,6 +1378,7 @@ async fn in_token_mode_the_body_share_is_each_tokens_principals_whatever_token_i
     let (_, first) = store.create("user:mallory", None).expect("a token");
     let (_, second) = store.create("user:mallory", None).expect("a token");
     let (_, alice) = store.create("user:alice", None).expect("a token");
+    let (_, scraper) = store.create("service:scraper", None).expect("a token");
     let stall = |token: String, path: &'static str| {
         let s = &s;
         async move {
@@ -1393,10 +1394,10 @@ async fn in_token_mode_the_body_share_is_each_tokens_principals_whatever_token_i
         }
     };
     let _held = stall(first, "/nothing/1").await;
-    // /metrics as alice (it asks for credentials in token mode), until the first body is held.
+    // /metrics as an operator's scraper (in token mode it is for service principals), until the first body is held.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let res = s.client.get(s.url("/metrics")).bearer_auth(&alice).send().await.expect("/metrics answers");
+        let res = s.client.get(s.url("/metrics")).bearer_auth(&scraper).send().await.expect("/metrics answers");
         let text = res.text().await.expect("a body");
         if text.lines().any(|l| l == format!("attache_body_buffer_bytes {}", (200 << 10) - 1)) {
             break;
@@ -1785,4 +1786,80 @@ async fn a_json_rpc_answer_never_holds_more_than_its_principals_share() {
     assert_eq!(status, StatusCode::OK, "{attached}");
     let (_, answer) = rpc_call(&s, "task.get_attachment", serde_json::json!({ "taskId": task, "key": "small" })).await;
     assert!(answer.get("result").is_some(), "{answer}");
+}
+
+// ---------------------------------------------------------------- entity routes' JSON bodies
+
+/// The entity routes' JSON bodies (send, spawn, tags, grants, signal, fork,
+/// resumable uploads) become trees of values while they are handled, as a
+/// JSON-RPC body does: the tree is held from the body budget and its
+/// principal's share until the handler is done, so a second wide body while
+/// the first holds it is refused 503 `BODY_BUDGET_EXHAUSTED`, and goes
+/// through once the first is done. Before (session 18's attack pass), the
+/// bytes counted only while they arrived: 100 concurrent 1 MB sends of
+/// `[0,0,...]` payloads took RSS to 1.9 GB.
+#[tokio::test]
+async fn entity_route_bodies_hold_their_tree_in_the_body_budget_while_they_are_handled() {
+    let pauses = attache_server::pause::Pauses::default();
+    let given = pauses.clone();
+    let s = TestServer::start_with(move |c| {
+        c.pauses = Some(given);
+        c.body_buffer_bytes = 4 << 20;
+        c.budget_share_per_principal = 100;
+    })
+    .await;
+    let spawned = s
+        .request(reqwest::Method::PUT, "/_electric/entities/chat/wide")
+        .header("electric-principal", "user:alice")
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(spawned.status(), StatusCode::CREATED);
+    // 40,000 values: ~3.9 MB as the body budget counts a tree, from an 80 KB body.
+    let wide = |key: &str| serde_json::json!({ "payload": vec![0; 40_000], "key": key }).to_string();
+    let first_body = wide("first");
+    let mut first = connect(&s).await;
+    let head = format!(
+        "POST /_electric/entities/chat/wide/send HTTP/1.1\r\nhost: 127.0.0.1\r\nelectric-principal: user:alice\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{first_body}",
+        first_body.len(),
+    );
+    let at_write = pauses.arm(attache_server::pause::INBOX_WRITE);
+    first.write_all(head.as_bytes()).await.expect("the first send is sent");
+    at_write.reached().await;
+    let held = gauge(&s, "attache_body_buffer_bytes").await;
+    assert!(held >= 40_000 * 96, "the first send's tree is held while it is handled: {held}");
+
+    let send = |key: &str| {
+        s.client
+            .post(s.url("/_electric/entities/chat/wide/send"))
+            .header("electric-principal", "user:alice")
+            .header("content-type", "application/json")
+            .body(wide(key))
+            .send()
+    };
+    let refused = send("second").await.expect("an answer");
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let body = refused.text().await.unwrap();
+    assert!(body.contains("BODY_BUDGET_EXHAUSTED") && body.contains("JSON values"), "{body}");
+    // A spawn's args are held the same way.
+    let refused = s
+        .request(reqwest::Method::PUT, "/_electric/entities/chat/wide-args")
+        .header("electric-principal", "user:alice")
+        .json(&serde_json::json!({ "args": { "pad": vec![0; 40_000] } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    at_write.release();
+    let mut seen = Vec::new();
+    read_until(&mut first, &mut seen, "\r\n\r\n").await;
+    let status_line = String::from_utf8_lossy(&seen);
+    assert!(status_line.starts_with("HTTP/1.1 20"), "the first send is answered: {status_line}");
+    gauge_until(&s, "attache_body_buffer_bytes", |held| held == 0, "0 once handled").await;
+    let again = send("second").await.expect("an answer");
+    assert!(again.status().is_success(), "room again once the first is done: {}", again.status());
 }

@@ -375,3 +375,25 @@ async fn token_mode_allows_any_origin_unless_origins_are_listed() {
     let res = s.request(Method::OPTIONS, "/x").header("origin", UI).send().await.unwrap();
     assert_eq!(header(&res, "access-control-allow-origin").as_deref(), Some(UI));
 }
+
+/// A request with more than one `Host` is 400 (RFC 9112 3.2), and one with
+/// more than one `Origin` is refused too: before (session 18's attack pass),
+/// the first was checked and the rest ignored, so `Host: 127.0.0.1` then
+/// `Host: evil.example` was answered 200.
+#[tokio::test]
+async fn a_request_with_two_hosts_or_two_origins_is_refused() {
+    let s = TestServer::start().await;
+    create_stream(&s, None, "/mine", "local only").await;
+    let (status, reply) = status_with_host(&s, "GET /mine?offset=-1", "127.0.0.1\r\nHost: evil.example", "").await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply.contains("DUPLICATE_HEADER") && !reply.contains("local only"), "{reply}");
+    let port = s.url.rsplit(':').next().unwrap().to_owned();
+    let two_origins = format!("127.0.0.1:{port}\r\nOrigin: http://127.0.0.1:{port}\r\nOrigin: http://evil.example");
+    let (status, reply) = status_with_host(&s, "GET /mine?offset=-1", &two_origins, "").await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply.contains("DUPLICATE_HEADER") && !reply.contains("local only"), "{reply}");
+    // One of each is still answered.
+    let one_origin = format!("127.0.0.1:{port}\r\nOrigin: http://127.0.0.1:{port}");
+    let (status, reply) = status_with_host(&s, "GET /mine?offset=-1", &one_origin, "").await;
+    assert_eq!(status, 200, "{reply}");
+}

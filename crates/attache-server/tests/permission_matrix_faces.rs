@@ -1087,8 +1087,9 @@ enum ReadRule {
     Readable,
     /// 200, listing the fixture iff the actor may read it.
     List,
-    /// 200 for any authenticated principal.
-    Authenticated,
+    /// The server's own figures: 200 for any caller in dev mode; in token
+    /// mode for principals of kind service or system, 403 for the others.
+    Operators,
 }
 
 fn expected_read(rule: ReadRule, actor: &Actor, mode: Mode) -> String {
@@ -1105,7 +1106,10 @@ fn expected_read(rule: ReadRule, actor: &Actor, mode: Mode) -> String {
         ReadRule::Readable if actor.holds_fixture(mode) => "403".into(),
         ReadRule::Readable => "404".into(),
         ReadRule::List => format!("200 {}", if may_read { "listed" } else { "unlisted" }),
-        ReadRule::Authenticated => "200".into(),
+        ReadRule::Operators => match (mode, actor.principal.split(':').next()) {
+            (Mode::Dev, _) | (Mode::Token, Some("service" | "system")) => "200".into(),
+            (Mode::Token, _) => "403".into(),
+        },
     }
 }
 
@@ -1130,7 +1134,7 @@ async fn check_read_faces(mode: Mode) -> usize {
             Box::pin(get(m, a, format!("/_electric/entities/task/{}/attachments/{}", f.id, f.blob)))
         }),
         ("GET /_electric/entities?type=task", ReadRule::List, |m, a, f, _| Box::pin(entity_list(m, a, f))),
-        ("GET /metrics", ReadRule::Authenticated, |m, a, _, _| Box::pin(get(m, a, "/metrics".into()))),
+        ("GET /metrics", ReadRule::Operators, |m, a, _, _| Box::pin(get(m, a, "/metrics".into()))),
     ];
     let matrix = Matrix::start(mode).await;
     let matrix = &matrix;
@@ -1463,7 +1467,7 @@ fn the_rules_give_every_outcome_somewhere() {
     ] {
         assert!(all.iter().any(|s| s == outcome), "no method cell expects {outcome}");
     }
-    let rules = [ReadRule::Feed, ReadRule::Subscription, ReadRule::Readable, ReadRule::List, ReadRule::Authenticated];
+    let rules = [ReadRule::Feed, ReadRule::Subscription, ReadRule::Readable, ReadRule::List, ReadRule::Operators];
     let all: Vec<String> = [Mode::Token, Mode::Dev]
         .into_iter()
         .flat_map(|mode| rules.into_iter().flat_map(move |r| ACTORS.iter().map(move |a| expected_read(r, a, mode))))

@@ -241,6 +241,12 @@ pub trait Registry: Send + Sync + 'static {
     async fn remove_entity(&self, url: &str) -> StoreResult<bool>;
     /// The grants on an entity. Memory only, as `entities`.
     fn grants(&self, entity_url: &str) -> Vec<GrantRecord>;
+    /// The grants on an entity whose subject is `who` (its URL or its kind):
+    /// all a permission check of `who` looks at, copied without the others.
+    /// Memory only, as `entities`.
+    fn grants_to(&self, entity_url: &str, who: &attache_core::PrincipalKey) -> Vec<GrantRecord> {
+        self.grants(entity_url).into_iter().filter(|g| g.subject.matches(who)).collect()
+    }
     async fn add_grant(&self, grant: NewGrant) -> StoreResult<GrantRecord>;
     async fn remove_grant(&self, entity_url: &str, id: u64) -> StoreResult<bool>;
 }

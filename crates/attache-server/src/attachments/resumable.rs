@@ -45,7 +45,7 @@ pub async fn begin_resumable(
 ) -> ApiResult<Response> {
     let EntityRoute { who, url: entity } = &route;
     validate_new_attachment_id(&id)?;
-    let body: ResumableBody = json_body(&state.bodies, &headers, body).await?;
+    let (body, _tree): (ResumableBody, _) = json_body(&state.bodies, who, &headers, body).await?;
     let record = route.authorize(&state, Permission::Write).await?;
     if !record.is_running() {
         return Err(not_running());

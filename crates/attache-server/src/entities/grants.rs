@@ -114,7 +114,7 @@ pub async fn add_grant(
     body: Body,
 ) -> ApiResult<Response> {
     let who = &route.who;
-    let body: GrantBody = json_body(&state.bodies, &headers, body).await?;
+    let (body, _tree): (GrantBody, _) = json_body(&state.bodies, who, &headers, body).await?;
     let entity = route.authorize(&state, Permission::Manage).await?;
     let grant = body.into_new(&entity.url, who)?;
     let _room = grant_room(&state, &entity)?;

@@ -144,7 +144,7 @@ pub async fn send(
     body: Body,
 ) -> ApiResult<Response> {
     let who = &route.who;
-    let body: SendBody = json_body(&state.bodies, &headers, body).await?;
+    let (body, _tree): (SendBody, _) = json_body(&state.bodies, who, &headers, body).await?;
     let entity = route.authorize(&state, Permission::Write).await?;
     let (key, txid) =
         send_message(&state, who, &entity, body.payload.unwrap_or(Value::Null), body.key, body.message_type).await?;

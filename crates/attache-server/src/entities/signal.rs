@@ -51,7 +51,7 @@ pub async fn signal(
     body: Body,
 ) -> ApiResult<Response> {
     let EntityRoute { who, url } = &route;
-    let body: SignalBody = json_object_body(&state.bodies, &headers, body).await?;
+    let (body, _tree): (SignalBody, _) = json_object_body(&state.bodies, who, &headers, body).await?;
     let entity = route.authorize(&state, Permission::Signal).await?;
     let name = body.signal.ok_or_else(|| invalid_signal(format!("signal is required: {}", Signal::NAMES)))?;
     let sig = Signal::parse(&name).map_err(|e| invalid_signal(e.to_string()))?;

@@ -292,7 +292,7 @@ pub async fn spawn(
     body: Body,
 ) -> ApiResult<Response> {
     let EntityRoute { who, url } = &route;
-    let body: SpawnBody = json_body(&state.bodies, &headers, body).await?;
+    let (body, _tree): (SpawnBody, _) = json_body(&state.bodies, who, &headers, body).await?;
     // Validate everything before anything is written.
     let grants = body
         .grants

@@ -46,7 +46,7 @@ pub async fn set_tag(
 ) -> ApiResult<Response> {
     let who = &route.who;
     let key = tag_key(&key)?;
-    let body: TagBody = json_body(&state.bodies, &headers, body).await?;
+    let (body, _tree): (TagBody, _) = json_body(&state.bodies, who, &headers, body).await?;
     let Value::String(value) = body.value else {
         return Err(ApiError::bad_request("Tag values must be strings"));
     };

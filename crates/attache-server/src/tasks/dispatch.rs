@@ -132,7 +132,7 @@ pub(super) fn permitted(
     if who.is_built_in_system() || entity.created_by == who.url() {
         return (true, true);
     }
-    let grants = crate::access::grants_for(state, entity);
+    let grants = crate::access::grants_for(state, who, entity);
     let now = now_ms();
     let check = |p| {
         attache_core::entity::permits(

@@ -258,6 +258,10 @@ impl Registry for EmbeddedRegistry {
         self.0.cache.read().records.grants(entity_url).to_vec()
     }
 
+    fn grants_to(&self, entity_url: &str, who: &attache_core::PrincipalKey) -> Vec<GrantRecord> {
+        self.0.cache.read().records.grants(entity_url).iter().filter(|g| g.subject.matches(who)).cloned().collect()
+    }
+
     async fn insert_entity(&self, entity: EntityRecord) -> StoreResult<(EntityRecord, bool)> {
         self.detached(move |r| async move { r.insert_entity(entity).await }).await
     }

@@ -443,6 +443,18 @@ impl Registry for PgRegistry {
         self.cache().state.read().records.grants(entity_url).to_vec()
     }
 
+    fn grants_to(&self, entity_url: &str, who: &attache_core::PrincipalKey) -> Vec<GrantRecord> {
+        self.cache()
+            .state
+            .read()
+            .records
+            .grants(entity_url)
+            .iter()
+            .filter(|g| g.subject.matches(who))
+            .cloned()
+            .collect()
+    }
+
     async fn add_grant(&self, grant: NewGrant) -> StoreResult<GrantRecord> {
         let shared = self.shared.clone();
         self.io
