@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// Largest body of a stream append or create, in bytes [default: 16777216]
     #[arg(long, env = "ATTACHE_MAX_APPEND_BYTES")]
     max_append_bytes: Option<usize>,
+    /// Most bytes one stream read answers (a catch-up or long-poll read, a page of task events);
+    /// whole JSON messages, and always at least one [default: 1048576, 1 MiB]
+    #[arg(long, env = "ATTACHE_MAX_READ_BYTES")]
+    max_read_bytes: Option<usize>,
     /// Largest attachment, in bytes; uploads stream to disk [default: 1073741824, 1 GiB]
     #[arg(long, env = "ATTACHE_MAX_ATTACHMENT_BYTES")]
     max_attachment_bytes: Option<u64>,
@@ -264,6 +268,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     long_poll_timeout: Option<String>,
     max_append_bytes: Option<usize>,
+    max_read_bytes: Option<usize>,
     max_attachment_bytes: Option<u64>,
     no_fsync: Option<bool>,
     auth: Option<String>,
@@ -378,6 +383,8 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(ServerConfig, Process)> {
     let mut config = ServerConfig::new(listen, data_dir);
     duration(args.long_poll_timeout, file.long_poll_timeout, "long_poll_timeout", "2s", &mut config.long_poll_timeout)?;
     setting(args.max_append_bytes, file.max_append_bytes, &mut config.max_append_bytes);
+    setting(args.max_read_bytes, file.max_read_bytes, &mut config.max_read_bytes);
+    anyhow::ensure!(config.max_read_bytes > 0, "max_read_bytes must be at least 1");
     setting(args.max_attachment_bytes, file.max_attachment_bytes, &mut config.max_attachment_bytes);
     config.durable = !(args.no_fsync || file.no_fsync.unwrap_or(false));
     config.cors_origins =

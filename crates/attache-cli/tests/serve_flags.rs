@@ -1,0 +1,55 @@
+//! Flags of `attache serve` that shape what a client gets, on the real binary.
+
+mod common;
+
+use common::{client, ServerProcess};
+use reqwest::StatusCode;
+
+/// `--max-read-bytes` bounds one stream read (whole JSON messages, at least
+/// one): a read past it says it is not up to date, and the next read from
+/// its offset goes on. The docs name this flag; before session 18 it did not
+/// exist (the bound was fixed at 1 MiB).
+#[tokio::test]
+async fn a_stream_read_answers_at_most_max_read_bytes_and_goes_on_from_its_offset() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let log = dir.path().join("server.log");
+    let server = ServerProcess::start(&dir.path().join("data"), &log, &["--max-read-bytes", "1024"]).await;
+    let stream = server.url("/flags/read");
+    let res = client().put(&stream).header("content-type", "application/json").send().await.expect("a create");
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let message = format!("\"{}\"", "m".repeat(600));
+    for _ in 0..3 {
+        let res = client()
+            .post(&stream)
+            .header("content-type", "application/json")
+            .body(message.clone())
+            .send()
+            .await
+            .expect("an append");
+        assert!(res.status().is_success(), "{}", res.status());
+    }
+    let mut offset = "-1".to_owned();
+    let mut pages = Vec::new();
+    loop {
+        let res = client().get(format!("{stream}?offset={offset}")).send().await.expect("a read");
+        assert_eq!(res.status(), StatusCode::OK);
+        let up_to_date = res.headers().contains_key("stream-up-to-date");
+        offset = res.headers()["stream-next-offset"].to_str().expect("an offset").to_owned();
+        let page: Vec<String> = res.json().await.expect("a JSON page");
+        pages.push(page.len());
+        if up_to_date {
+            break;
+        }
+        assert!(pages.len() < 10, "the reads never reached the tail: {pages:?}");
+    }
+    // 600-byte messages, at most 1,024 bytes a read: one message each.
+    assert_eq!(pages, vec![1, 1, 1], "pages of whole messages within the bound");
+
+    let refused = std::process::Command::new(common::binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--max-read-bytes", "0", "--data-dir"])
+        .arg(dir.path().join("other"))
+        .output()
+        .expect("the binary runs");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("max_read_bytes must be at least 1"));
+}
