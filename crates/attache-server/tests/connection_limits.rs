@@ -681,14 +681,20 @@ async fn budget_server(budget: usize, path: &str, message: usize) -> TestServer 
     budget_server_shared(budget, path, message, 25).await
 }
 
-/// [`budget_server`] where one principal may hold `share` percent of the budget.
-async fn budget_server_shared(budget: usize, path: &str, message: usize, share: u8) -> TestServer {
-    let s = TestServer::start_with(|c| {
+/// A server whose response budget is `budget` bytes, of which one principal
+/// may hold `share` percent (slow readers never cut off).
+async fn answer_budget_server(budget: usize, share: u8) -> TestServer {
+    TestServer::start_with(|c| {
         c.response_buffer_bytes = budget;
         c.budget_share_per_principal = share;
         c.slow_reader_timeout = Duration::from_secs(600);
     })
-    .await;
+    .await
+}
+
+/// [`budget_server`] where one principal may hold `share` percent of the budget.
+async fn budget_server_shared(budget: usize, path: &str, message: usize, share: u8) -> TestServer {
+    let s = answer_budget_server(budget, share).await;
     s.create(path, "application/json").await;
     s.append(path, "application/json", format!("[\"{}\"]", "x".repeat(message))).await;
     s
@@ -734,16 +740,11 @@ async fn rpc_call(s: &TestServer, method: &str, params: serde_json::Value) -> (S
 /// what a call did; an answer already made is always sent.
 #[tokio::test]
 async fn json_rpc_calls_are_refused_before_they_run_while_unsent_answers_hold_the_response_budget() {
-    let s = TestServer::start_with(|c| {
-        // Two of the batch's three ~900 KiB answers fit (the third is too large
-        // for what is left), and leave less room than a large answer takes.
-        c.response_buffer_bytes = 1_900_000;
-        // Alice may hold the whole budget (one answer is never more than a
-        // principal's share): this test fills it alone.
-        c.budget_share_per_principal = 100;
-        c.slow_reader_timeout = Duration::from_secs(600);
-    })
-    .await;
+    // Two of the batch's three ~900 KiB answers fit (the third is too large
+    // for what is left), and leave less room than a large answer takes.
+    // Alice may hold the whole budget (one answer is never more than a
+    // principal's share): this test fills it alone.
+    let s = answer_budget_server(1_900_000, 100).await;
     // Values are at most 1 MiB: a batch of three reads of one makes a 2.7 MiB answer.
     let task = task_with_a_large_attachment(&s).await;
 
@@ -846,13 +847,9 @@ async fn json_rpc_reads_arriving_together_take_their_answers_from_the_response_b
     gauge_until(&s, ANSWERS, |held| held == 0, "0").await;
 }
 
-/// A JSON-RPC body becomes a tree of values, ~64 B each besides its text (4
-/// MiB of `[1,1,...]` took +140 MB: session 16's attack pass), so the tree
-/// a call holds while it runs comes from the body budget: a second wide
-/// call while the first holds it is refused (503, -32600 naming
-/// `body_buffer_bytes`), and it goes through once the first is done.
-#[tokio::test]
-async fn json_rpc_and_mcp_bodies_hold_their_tree_in_the_body_budget_while_they_run() {
+/// A server with pause points and a 4 MiB body budget one principal may
+/// hold whole: room for one wide JSON tree at a time.
+async fn tree_budget_server() -> (TestServer, attache_server::pause::Pauses) {
     let pauses = attache_server::pause::Pauses::default();
     let given = pauses.clone();
     let s = TestServer::start_with(move |c| {
@@ -861,6 +858,17 @@ async fn json_rpc_and_mcp_bodies_hold_their_tree_in_the_body_budget_while_they_r
         c.budget_share_per_principal = 100;
     })
     .await;
+    (s, pauses)
+}
+
+/// A JSON-RPC body becomes a tree of values, ~64 B each besides its text (4
+/// MiB of `[1,1,...]` took +140 MB: session 16's attack pass), so the tree
+/// a call holds while it runs comes from the body budget: a second wide
+/// call while the first holds it is refused (503, -32600 naming
+/// `body_buffer_bytes`), and it goes through once the first is done.
+#[tokio::test]
+async fn json_rpc_and_mcp_bodies_hold_their_tree_in_the_body_budget_while_they_run() {
+    let (s, pauses) = tree_budget_server().await;
     // 40,000 values: ~2.6 MB as a tree, from an 80 KB body.
     let wide = serde_json::json!({ "jsonrpc": "2.0", "method": "task.list",
         "params": { "pad": vec![1; 40_000] }, "id": 1 })
@@ -1032,16 +1040,11 @@ async fn websocket_executes_are_refused_before_they_run_while_unsent_answers_hol
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
 
-    let s = TestServer::start_with(|c| {
-        // Two of the batch's three ~900 KiB answers fit (the third is too large
-        // for what is left), and leave less room than a large answer takes.
-        c.response_buffer_bytes = 1_900_000;
-        // Alice may hold the whole budget (one answer is never more than a
-        // principal's share): this test fills it alone.
-        c.budget_share_per_principal = 100;
-        c.slow_reader_timeout = Duration::from_secs(600);
-    })
-    .await;
+    // Two of the batch's three ~900 KiB answers fit (the third is too large
+    // for what is left), and leave less room than a large answer takes.
+    // Alice may hold the whole budget (one answer is never more than a
+    // principal's share): this test fills it alone.
+    let s = answer_budget_server(1_900_000, 100).await;
     let task = task_with_a_large_attachment(&s).await;
     let read = |id: u32| {
         serde_json::json!({ "jsonrpc": "2.0", "method": "task.get_attachment",
@@ -1108,15 +1111,10 @@ fn mcp_post(s: &TestServer, session: Option<&str>, body: serde_json::Value) -> r
 /// session is answered 503 before it runs. Before, they took nothing from it.
 #[tokio::test]
 async fn mcp_tool_answers_hold_the_response_budget_until_sent_and_calls_past_it_are_answered_503() {
-    let s = TestServer::start_with(|c| {
-        // The answer (~900 KiB) fits, and leaves less room than a large answer takes.
-        c.response_buffer_bytes = 960 << 10;
-        // Alice may hold the whole budget (one answer is never more than a
-        // principal's share): this test fills it alone.
-        c.budget_share_per_principal = 100;
-        c.slow_reader_timeout = Duration::from_secs(600);
-    })
-    .await;
+    // The answer (~900 KiB) fits, and leaves less room than a large answer takes.
+    // Alice may hold the whole budget (one answer is never more than a
+    // principal's share): this test fills it alone.
+    let s = answer_budget_server(960 << 10, 100).await;
     let task = task_with_a_large_attachment(&s).await;
     let initialize = serde_json::json!({ "jsonrpc": "2.0", "method": "initialize", "id": 1, "params": {
         "protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": { "name": "t", "version": "1" } } });
@@ -1693,18 +1691,22 @@ async fn websockets_take_at_most_half_the_connections_so_other_requests_are_stil
 
 // ---------------------------------------------------------------- task events read slowly
 
+/// `GET /_attache/events?offset=-1` as `who`.
+async fn events_as(s: &TestServer, who: &str) -> reqwest::Response {
+    s.request(reqwest::Method::GET, "/_attache/events?offset=-1")
+        .header("electric-principal", who)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// A catch-up page of `/_attache/events` is an answer like any other: a
 /// reader that reads nothing holds its bytes in the response budget until it
 /// goes, and past what its principal may hold the next page is refused 503.
 /// Before, a page (up to `max_read_bytes` of the log) was held uncounted.
 #[tokio::test]
 async fn an_unread_page_of_task_events_holds_the_response_budget_until_its_reader_goes() {
-    let s = TestServer::start_with(|c| {
-        c.response_buffer_bytes = 1 << 20;
-        c.budget_share_per_principal = 25;
-        c.slow_reader_timeout = Duration::from_secs(600);
-    })
-    .await;
+    let s = answer_budget_server(1 << 20, 25).await;
     // About 200 KB of events alice may read: 250 tasks of 500 characters.
     let text = "t".repeat(500);
     for _ in 0..5 {
@@ -1720,31 +1722,16 @@ async fn an_unread_page_of_task_events_holds_the_response_budget_until_its_reade
     assert!(held >= 200 << 10, "the whole page is held: {held}");
 
     // Alice's share (256 KiB) has no room for a second page; another principal's reads are answered.
-    let res = s
-        .request(reqwest::Method::GET, "/_attache/events?offset=-1")
-        .header("electric-principal", "user:alice")
-        .send()
-        .await
-        .unwrap();
+    let res = events_as(&s, "user:alice").await;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(res.text().await.unwrap().contains("RESPONSE_BUDGET_EXHAUSTED"));
-    let res = s
-        .request(reqwest::Method::GET, "/_attache/events?offset=-1")
-        .header("electric-principal", "user:bob")
-        .send()
-        .await
-        .unwrap();
+    let res = events_as(&s, "user:bob").await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.text().await.unwrap(), "[]", "bob may read none of alice's events");
 
     drop(stalled);
     gauge_until(&s, ANSWERS, |held| held == 0, "0").await;
-    let res = s
-        .request(reqwest::Method::GET, "/_attache/events?offset=-1")
-        .header("electric-principal", "user:alice")
-        .send()
-        .await
-        .unwrap();
+    let res = events_as(&s, "user:alice").await;
     assert_eq!(res.status(), StatusCode::OK);
     let events: Vec<serde_json::Value> = res.json().await.unwrap();
     assert_eq!(events.len(), 250);
@@ -1800,14 +1787,7 @@ async fn a_json_rpc_answer_never_holds_more_than_its_principals_share() {
 /// `[0,0,...]` payloads took RSS to 1.9 GB.
 #[tokio::test]
 async fn entity_route_bodies_hold_their_tree_in_the_body_budget_while_they_are_handled() {
-    let pauses = attache_server::pause::Pauses::default();
-    let given = pauses.clone();
-    let s = TestServer::start_with(move |c| {
-        c.pauses = Some(given);
-        c.body_buffer_bytes = 4 << 20;
-        c.budget_share_per_principal = 100;
-    })
-    .await;
+    let (s, pauses) = tree_budget_server().await;
     let spawned = s
         .request(reqwest::Method::PUT, "/_electric/entities/chat/wide")
         .header("electric-principal", "user:alice")

@@ -199,22 +199,27 @@ async fn copy_to_children_copies_a_grant_to_each_child_spawned_afterwards() {
     }
 }
 
-#[tokio::test]
-async fn a_purged_parents_url_spawned_again_grants_nothing_on_the_old_children() {
-    let ts = TestServer::start().await;
-    spawn(&ts, Some(ANN), "/team/root").await;
-    assert_eq!(spawn_under(&ts, ANN, "/worker/child", "/team/root").await.status(), StatusCode::CREATED);
+/// ANN purges `/team/root`; EVE spawns its URL again and grants herself
+/// everything below it (`manage`, to descendants).
+async fn eve_takes_the_purged_root(ts: &TestServer) {
     let res = as_principal(ts.request(Method::DELETE, &format!("{}?purge=true", api("/team/root"))), Some(ANN));
     assert_eq!(res.send().await.unwrap().status(), StatusCode::OK);
-    // EVE takes the URL and grants herself everything below it.
-    spawn(&ts, Some(EVE), "/team/root").await;
+    spawn(ts, Some(EVE), "/team/root").await;
     grant(
-        &ts,
+        ts,
         EVE,
         "/team/root",
         json!({ "subject_kind": "principal", "subject_value": EVE, "permission": "manage", "propagation": "descendants" }),
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_purged_parents_url_spawned_again_grants_nothing_on_the_old_children() {
+    let ts = TestServer::start().await;
+    spawn(&ts, Some(ANN), "/team/root").await;
+    assert_eq!(spawn_under(&ts, ANN, "/worker/child", "/team/root").await.status(), StatusCode::CREATED);
+    eve_takes_the_purged_root(&ts).await;
     assert_eq!(
         get_as(&ts, EVE, "/worker/child").await,
         StatusCode::NOT_FOUND,
@@ -287,16 +292,7 @@ async fn the_entity_list_shows_each_caller_its_own_granted_and_inherited_entitie
     }
 
     // The parent purged and its URL taken by EVE, with a descendants grant to herself: the old children stay hidden from her.
-    let res = as_principal(ts.request(Method::DELETE, &format!("{}?purge=true", api("/team/root"))), Some(ANN));
-    assert_eq!(res.send().await.unwrap().status(), StatusCode::OK);
-    spawn(&ts, Some(EVE), "/team/root").await;
-    grant(
-        &ts,
-        EVE,
-        "/team/root",
-        json!({ "subject_kind": "principal", "subject_value": EVE, "permission": "manage", "propagation": "descendants" }),
-    )
-    .await;
+    eve_takes_the_purged_root(&ts).await;
     assert_eq!(listed_as(&ts, EVE).await, ["/team/root"]);
     assert!(listed_as(&ts, SAM).await.is_empty(), "SAM's grant went with the purged parent");
 }
