@@ -103,7 +103,7 @@ impl BrowserPolicy {
         }
         let host = request_host(req).ok_or_else(|| host_not_allowed("a request without a Host"))?;
         let (name, _) = split_authority(host).ok_or_else(|| host_not_allowed(host))?;
-        if is_loopback_name(&name) || self.allowed_hosts.contains(&name) {
+        if is_loopback_name(&name) || self.allowed_hosts.iter().any(|h| *h == name) {
             Ok(())
         } else {
             Err(host_not_allowed(host))
@@ -234,7 +234,7 @@ fn request_host(req: &Request) -> Option<&str> {
 }
 
 /// `host[:port]` → (lower-case host, port); IPv6 hosts keep their brackets.
-fn split_authority(authority: &str) -> Option<(String, Option<u16>)> {
+fn split_authority(authority: &str) -> Option<(std::borrow::Cow<'_, str>, Option<u16>)> {
     let (host, port) = if authority.starts_with('[') {
         let end = authority.find(']')?;
         let rest = &authority[end + 1..];
@@ -256,7 +256,14 @@ fn split_authority(authority: &str) -> Option<(String, Option<u16>)> {
         None => None,
         Some(p) => Some(p.parse::<u16>().ok()?),
     };
-    Some((host.to_ascii_lowercase(), port))
+    // Copied only when it has capitals: the Host of nearly every request is
+    // already lower-case, and this runs on every request in dev mode.
+    let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    };
+    Some((host, port))
 }
 
 /// Names that can only reach this machine: `localhost` and `*.localhost`
