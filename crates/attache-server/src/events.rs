@@ -70,23 +70,65 @@ pub struct Batch {
 /// Reads committed events from `from`. Each event gets the offset just past
 /// it (JSON messages take `len + 1` positions; when a batch does not add up,
 /// only its last event is stamped, with the batch's end).
+///
+/// Large pages of the log are split and parsed a few at a time, all
+/// readers together ([`turns`]): a reader waits its turn (first come, first
+/// served) rather than every reader parsing at once.
 pub async fn read(store: &dyn StreamStore, from: Offset, max_bytes: usize) -> Result<Batch, StoreError> {
     let batch = store.read(EVENTS_PATH, ReadFrom::At(from), max_bytes).await?;
-    let messages = batch.messages();
-    let adds_up = batch.start.0 + messages.iter().map(|c| c.len() as u64 + 1).sum::<u64>() == batch.next.0;
-    let mut pos = batch.start.0;
-    let last = messages.len().saturating_sub(1);
-    let mut events = Vec::with_capacity(messages.len());
-    for (i, chunk) in messages.iter().enumerate() {
-        pos += chunk.len() as u64 + 1;
-        let Ok(Value::Object(mut event)) = serde_json::from_slice::<Value>(chunk) else { continue };
-        if adds_up || i == last {
-            let at = if adds_up { Offset(pos) } else { batch.next };
-            event.insert("offset".into(), Value::String(at.to_string()));
+    let heavy = batch.byte_len() >= crate::access::CPU_HEAVY_BYTES;
+    // Only a large page waits (a live reader's page at the tail is small).
+    // The semaphore is never closed; were it, the page would go on without a turn.
+    let _turn = match heavy {
+        true => turns().acquire().await.ok(),
+        false => None,
+    };
+    let messages = crate::access::cpu_heavy(heavy, || batch.messages());
+    Ok(parse_page(&messages, batch.start, batch.next, batch.up_to_date()))
+}
+
+/// Large pages of the log (from [`CPU_HEAVY_BYTES`](crate::access::CPU_HEAVY_BYTES))
+/// being split and parsed at once, process-wide: half the CPUs (at least
+/// one). Every reader of the log (catch-up, long-poll, SSE, `/ws`, Redis)
+/// reads it a page at a time, and a page is up to `max_read_bytes` of JSON:
+/// readers that scan a long log together (32 `/ws` replays over a 16.5 MB
+/// log, issue 10) took every CPU, so `/healthz` waited behind them. With
+/// turns, their parsing (and so the checks of what each reader may see,
+/// which follow at its pace) takes at most half the CPUs, and they wait in
+/// line for the rest.
+fn turns() -> &'static tokio::sync::Semaphore {
+    static TURNS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    TURNS.get_or_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        tokio::sync::Semaphore::new((cpus / 2).max(1))
+    })
+}
+
+/// The events of one page of the log, `messages` read from `start` up to
+/// `next`. A page is up to `max_read_bytes` (1 MiB) of events, some 3,000
+/// trees of values: from [`CPU_HEAVY_BYTES`](crate::access::CPU_HEAVY_BYTES)
+/// on it is parsed as heavy work ([`crate::access::cpu_heavy`]), so the
+/// worker's other tasks move to another thread meanwhile. Before (issue 10),
+/// 32 WebSockets replaying a 16.5 MB log parsed their pages on the async
+/// workers and `/healthz` waited 0.6 s (median) to 2.1 s (p95).
+pub fn parse_page(messages: &[Bytes], start: Offset, next: Offset, up_to_date: bool) -> Batch {
+    let bytes: usize = messages.iter().map(Bytes::len).sum();
+    crate::access::cpu_heavy(bytes >= crate::access::CPU_HEAVY_BYTES, || {
+        let adds_up = start.0 + messages.iter().map(|c| c.len() as u64 + 1).sum::<u64>() == next.0;
+        let mut pos = start.0;
+        let last = messages.len().saturating_sub(1);
+        let mut events = Vec::with_capacity(messages.len());
+        for (i, chunk) in messages.iter().enumerate() {
+            pos += chunk.len() as u64 + 1;
+            let Ok(Value::Object(mut event)) = serde_json::from_slice::<Value>(chunk) else { continue };
+            if adds_up || i == last {
+                let at = if adds_up { Offset(pos) } else { next };
+                event.insert("offset".into(), Value::String(at.to_string()));
+            }
+            events.push(Value::Object(event));
         }
-        events.push(Value::Object(event));
-    }
-    Ok(Batch { events, next: batch.next, up_to_date: batch.up_to_date() })
+        Batch { events, next, up_to_date }
+    })
 }
 
 /// Remembers, for one reader, which tasks it may read (grants change rarely;
@@ -97,7 +139,14 @@ pub struct Visibility<'a> {
     state: &'a AppState,
     who: &'a PrincipalKey,
     seen: HashMap<String, Option<Incarnation>>,
+    /// Events checked since the last yield to the runtime.
+    checked: usize,
 }
+
+/// Events [`Visibility::may_see`] checks between yields to the runtime: a
+/// page of the log holds some 3,000, each a registry lookup, and a reader
+/// checked them all without letting the worker's other tasks run.
+const CHECKS_PER_YIELD: usize = 256;
 
 /// The life of a task entity whose events a reader may see.
 struct Incarnation {
@@ -107,7 +156,7 @@ struct Incarnation {
 
 impl<'a> Visibility<'a> {
     pub fn new(state: &'a AppState, who: &'a PrincipalKey) -> Visibility<'a> {
-        Visibility { state, who, seen: HashMap::new() }
+        Visibility { state, who, seen: HashMap::new(), checked: 0 }
     }
 
     /// The events of `events` that `keep` wants and the caller may see, in order.
@@ -122,6 +171,11 @@ impl<'a> Visibility<'a> {
     }
 
     pub async fn may_see(&mut self, event: &Value) -> bool {
+        self.checked += 1;
+        if self.checked >= CHECKS_PER_YIELD {
+            self.checked = 0;
+            tokio::task::yield_now().await;
+        }
         if self.who.is_built_in_system() {
             return true;
         }
@@ -410,22 +464,36 @@ impl crate::sse::Source for SseReader {
     }
 }
 
-/// Waits for and returns the next events after `pos` (advancing it); `None` at shutdown.
+/// Waits for and returns the next events after `pos` (advancing it); `None`
+/// at shutdown. Reads one page at most ([`next_page`]): the events may be
+/// none, when the page held none (the caller comes back for the next).
 pub async fn next_events(
     state: &AppState,
     pos: &mut Offset,
     signal: &mut attache_storage::ChangeSignal,
 ) -> Option<Vec<Value>> {
+    next_page(state, pos, signal).await.map(|batch| batch.events)
+}
+
+/// The next page of the log after `pos` (advancing it), read as soon as
+/// there is one: while `pos` is behind the tail, each call reads one page
+/// (up to `max_read_bytes`) and returns it, events or none, so a reader
+/// catching up over a long log (a `/ws` replay from an offset) does one
+/// page of work per call and takes turns with everything else between
+/// pages; at the tail it waits for the log to change. `None` at shutdown or
+/// when the log cannot be read.
+pub async fn next_page(
+    state: &AppState,
+    pos: &mut Offset,
+    signal: &mut attache_storage::ChangeSignal,
+) -> Option<Batch> {
     loop {
         match read(state.store.as_ref(), *pos, state.config.max_read_bytes).await {
             Ok(batch) => {
                 let advanced = batch.next != *pos;
                 *pos = batch.next;
-                if !batch.events.is_empty() {
-                    return Some(batch.events);
-                }
-                if advanced && !batch.up_to_date {
-                    continue;
+                if !batch.events.is_empty() || advanced {
+                    return Some(batch);
                 }
             }
             Err(err) => {
@@ -496,6 +564,42 @@ pub fn start_redis_publisher(state: AppState, client: redis::Client) {
 mod tests {
     use super::of_incarnation;
     use serde_json::json;
+
+    /// A large page of the log is parsed as heavy work: on a runtime of one
+    /// worker, a task spawned while the page is being parsed runs before
+    /// the parse ends (inline, it waited for all of it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_large_page_of_events_is_parsed_while_the_workers_other_tasks_run() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use std::time::Instant;
+
+        let messages: Vec<bytes::Bytes> = (0..20_000)
+            .map(|i| {
+                let event = json!({ "id": format!("evt-{i}"), "type": "task.created", "taskId": format!("t-{i}"),
+                    "payload": { "id": format!("t-{i}"), "text": "x".repeat(100), "priority": 50 },
+                    "metadata": {}, "timestamp": 1 });
+                bytes::Bytes::from(event.to_string())
+            })
+            .collect();
+        let end = attache_core::Offset(messages.iter().map(|m| m.len() as u64 + 1).sum());
+        let started = Arc::new(AtomicBool::new(false));
+        let parse = tokio::spawn({
+            let started = started.clone();
+            async move {
+                started.store(true, Ordering::SeqCst);
+                let batch = super::parse_page(&messages, attache_core::Offset(0), end, true);
+                (batch.events.len(), Instant::now())
+            }
+        });
+        while !started.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let ping = tokio::spawn(async { Instant::now() }).await.expect("the ping ran");
+        let (parsed, done) = parse.await.expect("the page was parsed");
+        assert_eq!(parsed, 20_000);
+        assert!(ping < done, "the ping waited for the parse to end");
+    }
 
     #[test]
     fn events_belong_to_the_incarnation_that_wrote_them() {

@@ -270,6 +270,7 @@ pub(crate) async fn handle_value_within_budget(
             String::from(Box::<str>::from(as_text(&error_response(id.unwrap_or(Value::Null), &err))))
         }
         None => {
+            crate::pause::at(state, crate::pause::RPC_CALL).await;
             let budget = response_budget(state, who);
             let text = String::from(Box::<str>::from(handle_value(state, who, body, &budget).await?));
             let permit = budget.into_permit(text.len());

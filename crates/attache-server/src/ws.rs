@@ -20,7 +20,14 @@
 //! a connection holds at most `ws_max_patterns` patterns of at most
 //! [`MAX_PATTERN_BYTES`] each, and a subscribe that would pass either is
 //! refused whole with -32602. Work per event is one hash
-//! lookup plus at most `ws_max_patterns` prefix comparisons.
+//! lookup plus at most `ws_max_patterns` prefix comparisons. A message as a
+//! tree of values is held from the body budget while it is handled (an
+//! `execute` until its calls have run), as a `/rpc` body is, and refused
+//! past it with -32600 naming `body_buffer_bytes`. A replay (a subscribe's
+//! `offset`) reads one page of the log per turn of the connection's loop,
+//! yielding between pages ([`events::next_page`]); a connection runs one
+//! replay at a time, and a subscribe with an offset while one runs is
+//! refused with -32602.
 //!
 //! Sockets: a principal holds at most `max_websockets_per_principal` open at
 //! once (429 past it), all principals together at most `max_websockets`
@@ -325,6 +332,8 @@ async fn serve(
         Err(_) => return,
     };
     let mut patterns = Patterns::default();
+    // A replay from a subscribe's offset has not reached the tail yet.
+    let mut replaying = false;
     // At least a moment: a zero timeout would ping without pause.
     let idle = state.config.idle_timeout.max(Duration::from_millis(100));
     // Last frame from the client, and last ping to it.
@@ -348,7 +357,7 @@ async fn serve(
             } => Step::Incoming(incoming),
             // A message began: its deadline goes into the next wake.
             _ = clock.message_began() => Step::Tick,
-            batch = events::next_events(&state, &mut pos, &mut signal) => Step::Events(batch),
+            batch = events::next_page(&state, &mut pos, &mut signal) => Step::Events(batch),
             _ = tokio::time::sleep_until(wake) => Step::Tick,
             _ = state.shutdown.cancelled() => Step::Shutdown,
         };
@@ -414,7 +423,10 @@ async fn serve(
                     None => return,
                     Some(Ok(_)) => continue,
                 };
-                for reply in on_message(&state, &who, msg.as_str(), &mut patterns, &mut pos).await {
+                let at = Position { pos: &mut pos, replaying: &mut replaying };
+                let replies = on_message(&state, &who, msg.as_str(), &mut patterns, at).await;
+                drop(msg);
+                for reply in replies {
                     if !send(&state, &mut socket, reply).await {
                         return;
                     }
@@ -422,11 +434,20 @@ async fn serve(
             }
             Step::Events(None) => return,
             Step::Events(Some(batch)) => {
+                // One page of the log per turn of this loop (`events::next_page`):
+                // a replay over a long log reads its next page only after this
+                // socket's messages and timers had their turn and, yielding,
+                // every other task of the worker had its own.
+                let catching_up = !batch.up_to_date;
+                replaying &= catching_up;
+                if catching_up {
+                    tokio::task::yield_now().await;
+                }
                 if patterns.is_empty() {
                     continue;
                 }
                 let mut vis = Visibility::new(&state, &who);
-                for event in batch {
+                for event in batch.events {
                     let kind = event.get("type").and_then(Value::as_str).unwrap_or("").to_owned();
                     if !patterns.matches(&kind) || !vis.may_see(&event).await {
                         continue;
@@ -461,7 +482,7 @@ async fn linger(socket: &mut Socket) {
 
 enum Step {
     Incoming(Option<Result<Message, tungstenite::Error>>),
-    Events(Option<Vec<Value>>),
+    Events(Option<events::Batch>),
     /// A timer: ping the client, or close an idle connection.
     Tick,
     Shutdown,
@@ -475,14 +496,41 @@ fn too_many_patterns(max: usize) -> Message {
     error(-32602, &format!("a connection holds at most {max} event patterns (ws_max_patterns); nothing was subscribed"))
 }
 
+/// Where a connection reads the log, which a subscribe's `offset` moves.
+struct Position<'a> {
+    pos: &'a mut Offset,
+    /// A replay from an earlier offset has not reached the tail yet.
+    replaying: &'a mut bool,
+}
+
+fn replay_in_progress() -> Message {
+    error(
+        -32602,
+        "a replay from an offset is in progress on this connection: one connection replays once at a time \
+         (subscribe without offset meanwhile, or open another connection); nothing was subscribed",
+    )
+}
+
 async fn on_message(
     state: &AppState,
     who: &PrincipalKey,
     raw: &str,
     patterns: &mut Patterns,
-    pos: &mut Offset,
+    at: Position<'_>,
 ) -> Replies {
-    let Ok(msg) = serde_json::from_str::<Value>(raw) else { return vec![error(-32700, "Parse error")].into() };
+    // The message as a tree of values costs ~64-90 B a value besides its
+    // text, as a `/rpc` body does: held from the body budget while the
+    // message is handled (an execute's calls included), counted from its
+    // structure before it is parsed, and refused past the budget or the
+    // principal's share as `/rpc` refuses it. Before (issue 10), 32 sockets
+    // each sending one ~1 MB execute of ~480,000 values held +130 MB to
+    // +1 GB outside every budget while their calls ran.
+    let (values, tree) = crate::http::json_tree_cost(raw.as_bytes(), crate::http::RPC_VALUE_COST);
+    let _tree = match state.bodies.hold(who, tree, &format_args!("a message of {values} JSON values")) {
+        Ok(hold) => hold,
+        Err(e) => return vec![tree_refused(state, raw, &e)].into(),
+    };
+    let Ok(mut msg) = serde_json::from_str::<Value>(raw) else { return vec![error(-32700, "Parse error")].into() };
     Replies::from(match msg.get("action").and_then(Value::as_str) {
         Some("subscribe") => {
             let max = state.config.ws_max_patterns;
@@ -506,18 +554,31 @@ async fn on_message(
             let Some(wanted) = string_list(msg.get("events")) else {
                 return vec![error(-32602, "subscribe needs events: an array of strings")].into();
             };
+            // A replay reads the log from its offset to the tail, a page per
+            // turn; while one runs, another offset is refused, so that a
+            // client sending subscribes with `"offset":"-1"` again and again
+            // never has the socket scan the whole log anew for each.
+            let mut from = None;
             if let Some(raw_offset) = msg.get("offset").and_then(Value::as_str) {
+                if *at.replaying {
+                    return vec![replay_in_progress()].into();
+                }
                 let parsed = match ReadOffset::parse(Some(raw_offset)) {
                     Ok(o) => events::start_offset(state.store.as_ref(), o).await.ok(),
                     Err(_) => None,
                 };
                 match parsed {
-                    Some(o) => *pos = o,
+                    Some(o) => from = Some(o),
                     None => return vec![error(-32602, "offset is not a valid events offset")].into(),
                 }
             }
             if patterns.add(wanted, max).is_err() {
                 return vec![too_many_patterns(max)].into();
+            }
+            if let Some(from) = from {
+                let tail = state.store.head(events::EVENTS_PATH).await.map(|info| info.tail_offset());
+                *at.replaying = tail.is_ok_and(|tail| from < tail);
+                *at.pos = from;
             }
             vec![text(json!({ "type": "subscribed", "events": patterns.listed(), "timestamp": now_ms() }))]
         }
@@ -533,8 +594,9 @@ async fn on_message(
         // hold the whole response budget, and its answer holds its share of
         // the budget until it is sent (the `for` loop over these replies in
         // `serve` ends after its last send).
-        Some("execute") => match msg.get("request") {
-            Some(request) => match rpc::handle_value_within_budget(state, who, request.clone()).await {
+        // The request is taken out of the message, not copied: one tree, held above.
+        Some("execute") => match msg.as_object_mut().and_then(|m| m.remove("request")) {
+            Some(request) => match rpc::handle_value_within_budget(state, who, request).await {
                 Some((answer, held)) => return Replies { messages: vec![Message::Text(answer.into())], held },
                 None => vec![],
             },
@@ -542,6 +604,28 @@ async fn on_message(
         },
         _ => vec![error(-32600, "action must be subscribe, unsubscribe, ping or execute")],
     })
+}
+
+/// The reply to a message whose tree the body budget refuses: for an
+/// `execute`, the JSON-RPC error `/rpc` answers such a body with (-32600,
+/// `data.reason` naming `body_buffer_bytes`, id null); for any other, the
+/// socket's error with the same code and reason. Which it is is read from
+/// the message's top level without building its tree.
+fn tree_refused(state: &AppState, raw: &str, e: &ApiError) -> Message {
+    /// The message's `action`, its other members skipped unparsed.
+    #[derive(serde::Deserialize)]
+    struct Action<'a> {
+        #[serde(borrow)]
+        action: Option<std::borrow::Cow<'a, str>>,
+    }
+    let reason = e.refusal().message;
+    let execute = serde_json::from_str::<Action>(raw).is_ok_and(|a| a.action.as_deref() == Some("execute"));
+    if !execute {
+        return error(-32600, &reason);
+    }
+    state.metrics.rpc_call("", "-32600");
+    let err = rpc::error_object(&rpc::RpcError::InvalidRequest(reason));
+    text(json!({ "jsonrpc": "2.0", "error": err, "id": null }))
 }
 
 /// The replies to one message, in order, and the share of the response

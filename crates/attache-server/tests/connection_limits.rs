@@ -911,6 +911,137 @@ async fn json_rpc_and_mcp_bodies_hold_their_tree_in_the_body_budget_while_they_r
     assert_eq!(post().await.expect("an answer").status(), StatusCode::OK, "room again once the first is done");
 }
 
+/// The next text message of `ws` as JSON, skipping pings and the like.
+async fn ws_next_json(ws: &mut Ws) -> serde_json::Value {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(PATIENCE, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).expect("JSON"),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+}
+
+/// Sends `text` over `ws`.
+async fn ws_send(ws: &mut Ws, text: String) {
+    use futures::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(text.into())).await.expect("the message is sent");
+}
+
+/// A `/ws` message as a tree of values is held from the body budget while
+/// it is handled, as a `/rpc` body is: an `execute` holds it while its call
+/// runs (here paused), a second wide message meanwhile is refused (an
+/// execute with `/rpc`'s -32600 naming `body_buffer_bytes`, a subscribe with
+/// the socket's error of that code), and `/rpc` finds the budget held too.
+/// Before (issue 10), the tree was charged to nothing and `execute` copied
+/// it: 32 sockets each sending one ~1 MB execute of ~480,000 values held
+/// +130 MB to +1 GB while their calls ran.
+#[tokio::test]
+async fn a_websocket_message_holds_its_tree_in_the_body_budget_while_its_execute_runs() {
+    let pauses = attache_server::pause::Pauses::default();
+    let given = pauses.clone();
+    let s = TestServer::start_with(move |c| {
+        c.pauses = Some(given);
+        c.body_buffer_bytes = 4 << 20;
+        c.budget_share_per_principal = 100;
+    })
+    .await;
+    // 40,000 values: ~3.9 MB as charged, from an 80 KB message.
+    let wide_call = serde_json::json!({ "jsonrpc": "2.0", "method": "task.list",
+        "params": { "limit": 1, "pad": vec![1; 40_000] }, "id": 5 });
+    let execute = serde_json::json!({ "action": "execute", "request": wide_call }).to_string();
+    let mut first = open_ws(&s, "user:alice").await.expect("a socket");
+    assert_eq!(ws_next_json(&mut first).await["type"], "connected");
+    let at_call = pauses.arm(attache_server::pause::RPC_CALL);
+    ws_send(&mut first, execute.clone()).await;
+    at_call.reached().await;
+    let held = body_buffer_bytes(&s).await;
+    assert!(held >= 40_000 * 96, "the execute's tree is held while its call runs: {held}");
+
+    // Another wide message meanwhile, on another socket: refused, the socket stays open.
+    let mut second = open_ws(&s, "user:alice").await.expect("a socket");
+    assert_eq!(ws_next_json(&mut second).await["type"], "connected");
+    ws_send(&mut second, execute.clone()).await;
+    let refused = ws_next_json(&mut second).await;
+    assert_eq!(refused["jsonrpc"], "2.0", "{refused}");
+    assert_eq!(refused["error"]["code"], -32600, "{refused}");
+    assert!(refused["id"].is_null(), "{refused}");
+    let reason = refused["error"]["data"]["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("body_buffer_bytes") && reason.contains("40"), "{refused}");
+    let subscribe =
+        serde_json::json!({ "action": "subscribe", "events": ["task.*"], "pad": vec![1; 40_000] }).to_string();
+    ws_send(&mut second, subscribe).await;
+    let refused = ws_next_json(&mut second).await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["error"]["code"], -32600, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap_or("").contains("body_buffer_bytes"), "{refused}");
+    // `/rpc` finds the budget held by the socket's tree.
+    let res = s
+        .client
+        .post(s.url("/rpc"))
+        .header("electric-principal", "user:alice")
+        .header("content-type", "application/json")
+        .body(wide_call.to_string())
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], -32600, "{body}");
+
+    at_call.release();
+    let answer = ws_next_json(&mut first).await;
+    assert_eq!(answer["id"], 5, "{answer}");
+    assert!(answer["result"].is_object(), "{answer}");
+    body_buffer_bytes_reach(&s, 0).await;
+    ws_send(&mut second, execute).await;
+    let answer = ws_next_json(&mut second).await;
+    assert!(answer["result"].is_object(), "room again once the first is done: {answer}");
+}
+
+/// A `/ws` message whose tree alone passes the body budget is refused as
+/// `/rpc` refuses the same body: error -32600 whose reason names
+/// `body_buffer_bytes` (the socket stays open; small messages still run).
+#[tokio::test]
+async fn a_websocket_execute_whose_tree_passes_the_body_budget_is_refused_as_json_rpc_refuses_it() {
+    let s = TestServer::start_with(|c| c.body_buffer_bytes = 2 << 20).await;
+    let wide_call = serde_json::json!({ "jsonrpc": "2.0", "method": "task.list",
+        "params": { "limit": 1, "pad": vec![0; 40_000] }, "id": 1 })
+    .to_string();
+    let res = s
+        .client
+        .post(s.url("/rpc"))
+        .header("electric-principal", "user:alice")
+        .header("content-type", "application/json")
+        .body(wide_call.clone())
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let by_rpc: serde_json::Value = res.json().await.unwrap();
+
+    let mut ws = open_ws(&s, "user:alice").await.expect("a socket");
+    assert_eq!(ws_next_json(&mut ws).await["type"], "connected");
+    ws_send(&mut ws, format!(r#"{{"action":"execute","request":{wide_call}}}"#)).await;
+    let by_ws = ws_next_json(&mut ws).await;
+    for refused in [&by_rpc, &by_ws] {
+        assert_eq!(refused["jsonrpc"], "2.0", "{refused}");
+        assert_eq!(refused["error"]["code"], -32600, "{refused}");
+        assert_eq!(refused["error"]["message"], "Invalid Request", "{refused}");
+        let reason = refused["error"]["data"]["reason"].as_str().unwrap_or("");
+        assert!(reason.contains("body_buffer_bytes") && reason.contains("JSON values would hold"), "{refused}");
+    }
+    let small = serde_json::json!({ "action": "execute", "request":
+        { "jsonrpc": "2.0", "method": "task.list", "params": { "limit": 1 }, "id": 2 } });
+    ws_send(&mut ws, small.to_string()).await;
+    let answer = ws_next_json(&mut ws).await;
+    assert_eq!(answer["id"], 2, "{answer}");
+    assert!(answer["result"].is_object(), "{answer}");
+    assert_eq!(body_buffer_bytes(&s).await, 0, "nothing held once answered");
+}
+
 /// A page of the entity list is held within the response budget too (50
 /// pages of large spawn args over one HTTP/2 connection with no window held
 /// 1.3 GB): past it, 503 at once.
