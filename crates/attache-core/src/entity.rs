@@ -198,7 +198,7 @@ pub enum Permission {
 
 /// Where a grant applies: the entity itself (`self`, the default), or the
 /// entity and every entity spawned under it (`descendants`), as Electric has it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Propagation {
     #[default]

@@ -48,13 +48,21 @@ pub fn split_messages_at_most(body: &[u8], usage: JsonBodyUse, max: usize) -> Re
     }
 }
 
-/// How many JSON values `body` holds, counted from its structure without
-/// parsing it (each `[`, `{`, `,` and `:` outside strings starts or
-/// separates one), so a caller can tell what a tree of it would cost before
-/// it builds one: 4 MiB of `[1,1,...]` is two million values, a tree of ~130
-/// MB, where 4 MiB of one string is one. An estimate for malformed JSON.
-pub fn values_in(body: &[u8]) -> usize {
-    let (mut n, mut in_string, mut escaped) = (1usize, false, false);
+/// How many JSON values `body` holds, and how many of them are objects,
+/// counted from its structure without parsing it (each `[`, `{`, `,` and `:`
+/// outside strings starts or separates one), so a caller can tell what a tree
+/// of it would cost before it builds one: 4 MiB of `[1,1,...]` is two million
+/// values, a tree of ~130 MB, where 4 MiB of one string is one. An estimate
+/// for malformed JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Shape {
+    pub values: usize,
+    pub objects: usize,
+}
+
+/// [`Shape`] of `body`.
+pub fn shape_of(body: &[u8]) -> Shape {
+    let (mut shape, mut in_string, mut escaped) = (Shape { values: 1, objects: 0 }, false, false);
     for &b in body {
         if in_string {
             match (escaped, b) {
@@ -66,12 +74,21 @@ pub fn values_in(body: &[u8]) -> usize {
         } else {
             match b {
                 b'"' => in_string = true,
-                b'[' | b'{' | b',' | b':' => n += 1,
+                b'{' => {
+                    shape.values += 1;
+                    shape.objects += 1;
+                }
+                b'[' | b',' | b':' => shape.values += 1,
                 _ => {}
             }
         }
     }
-    n
+    shape
+}
+
+/// How many JSON values `body` holds ([`shape_of`]).
+pub fn values_in(body: &[u8]) -> usize {
+    shape_of(body).values
 }
 
 /// The custom error [`AtMost`] stops with (serde's errors carry text only).
@@ -129,6 +146,8 @@ mod tests {
     #[test]
     fn values_are_counted_from_structure_and_strings_hide_theirs() {
         assert_eq!(values_in(b"1"), 1);
+        assert_eq!(shape_of(br#"[{"":0},{"a":{}}]"#).objects, 3);
+        assert_eq!(shape_of(br#""{{{""#).objects, 0, "braces inside a string are text");
         assert!(values_in(b"[1,1,1,1]") >= 4);
         assert_eq!(values_in(br#""a,b:[c{""#), 1, "separators inside a string are text");
         assert_eq!(values_in(br#""a\"[,""#), 1, "an escaped quote does not end the string");

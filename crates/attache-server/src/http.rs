@@ -235,15 +235,24 @@ impl Drop for OwnedHold {
     }
 }
 
-/// What a JSON body costs as a tree of values: its text, and `per_value`
-/// bytes a value (its node, and its place in its array or object), counted
-/// from its structure before it is parsed. Measured, with many in flight:
-/// ~90 B a value on `/rpc` ([`RPC_VALUE_COST`]), ~245 B on `/mcp`, where
-/// rmcp holds the params more than once ([`MCP_VALUE_COST`]).
+/// What a JSON body costs as a tree of values: its text, `per_value` bytes a
+/// value (its node, and its place in its array or object), and
+/// [`OBJECT_NODE_BYTES`] more an object (serde_json's map allocates a node of
+/// eleven slots for its first member), counted from its structure before it
+/// is parsed. Measured, with many in flight: ~90 B a value on `/rpc`
+/// ([`RPC_VALUE_COST`]), ~245 B on `/mcp`, where rmcp holds the params more
+/// than once ([`MCP_VALUE_COST`]). Before the object count (session 18's
+/// second attack pass), a 1 MiB body of `[{"":0},...]` cost 200 MB while 44
+/// MB of it was counted.
 pub(crate) fn json_tree_cost(body: &[u8], per_value: usize) -> (usize, usize) {
-    let values = attache_core::json::values_in(body);
-    (values, body.len().saturating_add(values.saturating_mul(per_value)))
+    let shape = attache_core::json::shape_of(body);
+    let tree = shape.values.saturating_mul(per_value).saturating_add(shape.objects.saturating_mul(OBJECT_NODE_BYTES));
+    (shape.values, body.len().saturating_add(tree))
 }
+
+/// What one JSON object's map allocates besides its members' values: a
+/// B-tree leaf of eleven `(String, Value)` slots, 632 B measured.
+pub(crate) const OBJECT_NODE_BYTES: usize = 640;
 
 /// [`json_tree_cost`]'s bytes a value for a `/rpc` body, and for the entity routes' JSON bodies ([`json_body`]).
 pub(crate) const RPC_VALUE_COST: usize = 96;
@@ -932,6 +941,21 @@ impl http_body::Body for FileChunks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A JSON body's cost counts a map node for each object (a 1 MiB body of
+    /// `[{"":0},...]` cost 200 MB while 44 MB of it was counted: session 18).
+    #[test]
+    fn a_body_of_small_objects_costs_a_map_node_an_object() {
+        // 1,000 one-member objects: each a map node besides its two values.
+        let body = format!("[{}]", vec![r#"{"":0}"#; 1000].join(","));
+        let (values, cost) = json_tree_cost(body.as_bytes(), RPC_VALUE_COST);
+        assert!(values >= 2000, "{values}");
+        assert!(cost >= 1000 * (OBJECT_NODE_BYTES + RPC_VALUE_COST), "{cost}");
+        // As many values in an array of numbers cost no map node.
+        let numbers = format!("[{}]", vec!["0"; 2000].join(","));
+        let (_, plain) = json_tree_cost(numbers.as_bytes(), RPC_VALUE_COST);
+        assert!(plain < 1000 * OBJECT_NODE_BYTES, "{plain}");
+    }
 
     /// A JSON answer takes exactly its size, within its principal's share
     /// whatever else it holds: two answers of one principal go together when

@@ -88,6 +88,9 @@ pub(super) async fn send_message_in(
     }
     let row = ChangeEvent::insert(INBOX, &key, value, &txid, &now);
     let message = serde_json::to_vec(&row).map_err(ApiError::internal)?;
+    // The row is its text from here on: its tree (the payload's) goes now,
+    // not after the write (a wide payload held both while it was written).
+    drop(row);
     // Checked against the keys of the entity's latest `inbox_keys_per_entity`
     // messages, all its view keeps (`rows::InboxKeys`: a key older than those
     // is not checked, as Electric checks none, and its row replaces the old

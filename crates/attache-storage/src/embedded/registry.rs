@@ -259,7 +259,7 @@ impl Registry for EmbeddedRegistry {
     }
 
     fn grants_to(&self, entity_url: &str, who: &attache_core::PrincipalKey) -> Vec<GrantRecord> {
-        self.0.cache.read().records.grants(entity_url).iter().filter(|g| g.subject.matches(who)).cloned().collect()
+        self.0.cache.read().records.grants_to(entity_url, who)
     }
 
     async fn insert_entity(&self, entity: EntityRecord) -> StoreResult<(EntityRecord, bool)> {

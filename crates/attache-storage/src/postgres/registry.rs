@@ -444,15 +444,7 @@ impl Registry for PgRegistry {
     }
 
     fn grants_to(&self, entity_url: &str, who: &attache_core::PrincipalKey) -> Vec<GrantRecord> {
-        self.cache()
-            .state
-            .read()
-            .records
-            .grants(entity_url)
-            .iter()
-            .filter(|g| g.subject.matches(who))
-            .cloned()
-            .collect()
+        self.cache().state.read().records.grants_to(entity_url, who)
     }
 
     async fn add_grant(&self, grant: NewGrant) -> StoreResult<GrantRecord> {
