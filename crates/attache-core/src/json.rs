@@ -58,11 +58,12 @@ pub fn split_messages_at_most(body: &[u8], usage: JsonBodyUse, max: usize) -> Re
 pub struct Shape {
     pub values: usize,
     pub objects: usize,
+    pub arrays: usize,
 }
 
 /// [`Shape`] of `body`.
 pub fn shape_of(body: &[u8]) -> Shape {
-    let (mut shape, mut in_string, mut escaped) = (Shape { values: 1, objects: 0 }, false, false);
+    let (mut shape, mut in_string, mut escaped) = (Shape { values: 1, objects: 0, arrays: 0 }, false, false);
     for &b in body {
         if in_string {
             match (escaped, b) {
@@ -78,7 +79,11 @@ pub fn shape_of(body: &[u8]) -> Shape {
                     shape.values += 1;
                     shape.objects += 1;
                 }
-                b'[' | b',' | b':' => shape.values += 1,
+                b'[' => {
+                    shape.values += 1;
+                    shape.arrays += 1;
+                }
+                b',' | b':' => shape.values += 1,
                 _ => {}
             }
         }
@@ -147,6 +152,7 @@ mod tests {
     fn values_are_counted_from_structure_and_strings_hide_theirs() {
         assert_eq!(values_in(b"1"), 1);
         assert_eq!(shape_of(br#"[{"":0},{"a":{}}]"#).objects, 3);
+        assert_eq!(shape_of(br#"[[0],[[]],"[["]"#).arrays, 4);
         assert_eq!(shape_of(br#""{{{""#).objects, 0, "braces inside a string are text");
         assert!(values_in(b"[1,1,1,1]") >= 4);
         assert_eq!(values_in(br#""a,b:[c{""#), 1, "separators inside a string are text");

@@ -39,10 +39,23 @@ pub(crate) async fn json_body<'a, T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
 ) -> ApiResult<(T, Hold<'a>)> {
+    json_body_held(bodies, who, headers, body, 1).await
+}
+
+/// [`json_body`], holding `times` its tree: for a handler that keeps about
+/// that many copies of it while it works (one hold, so a request alone is
+/// still always let in).
+pub(crate) async fn json_body_held<'a, T: serde::de::DeserializeOwned>(
+    bodies: &'a BodyBudget,
+    who: &'a PrincipalKey,
+    headers: &HeaderMap,
+    body: Body,
+    times: usize,
+) -> ApiResult<(T, Hold<'a>)> {
     let bytes = read_body(bodies, body, headers, MAX_JSON_BODY).await?;
     let text = if bytes.iter().all(u8::is_ascii_whitespace) { &b"{}"[..] } else { &bytes[..] };
     let (values, tree) = json_tree_cost(text, RPC_VALUE_COST);
-    let hold = bodies.hold(who, tree, &format_args!("a body of {values} JSON values"))?;
+    let hold = bodies.hold(who, tree.saturating_mul(times), &format_args!("a body of {values} JSON values"))?;
     let value = serde_json::from_slice(text)
         .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))?;
     Ok((value, hold))
@@ -236,9 +249,9 @@ impl Drop for OwnedHold {
 }
 
 /// What a JSON body costs as a tree of values: its text, `per_value` bytes a
-/// value (its node, and its place in its array or object), and
+/// value (its node, and its place in its array or object),
 /// [`OBJECT_NODE_BYTES`] more an object (serde_json's map allocates a node of
-/// eleven slots for its first member), counted from its structure before it
+/// eleven slots for its first member) and [`ARRAY_NODE_BYTES`] more an array, counted from its structure before it
 /// is parsed. Measured, with many in flight: ~90 B a value on `/rpc`
 /// ([`RPC_VALUE_COST`]), ~245 B on `/mcp`, where rmcp holds the params more
 /// than once ([`MCP_VALUE_COST`]). Before the object count (session 18's
@@ -246,13 +259,21 @@ impl Drop for OwnedHold {
 /// MB of it was counted.
 pub(crate) fn json_tree_cost(body: &[u8], per_value: usize) -> (usize, usize) {
     let shape = attache_core::json::shape_of(body);
-    let tree = shape.values.saturating_mul(per_value).saturating_add(shape.objects.saturating_mul(OBJECT_NODE_BYTES));
+    let nodes =
+        shape.objects.saturating_mul(OBJECT_NODE_BYTES).saturating_add(shape.arrays.saturating_mul(ARRAY_NODE_BYTES));
+    let tree = shape.values.saturating_mul(per_value).saturating_add(nodes);
     (shape.values, body.len().saturating_add(tree))
 }
 
 /// What one JSON object's map allocates besides its members' values: a
 /// B-tree leaf of eleven `(String, Value)` slots, 632 B measured.
 pub(crate) const OBJECT_NODE_BYTES: usize = 640;
+
+/// What one JSON array allocates besides its items' own slots: a vector of
+/// four (the least a growing `Vec` of 32-byte values takes), 128 B. Before
+/// (session 18's third attack pass), nested arrays `[[[...]]]` cost 1.4-1.8×
+/// their charge.
+pub(crate) const ARRAY_NODE_BYTES: usize = 128;
 
 /// [`json_tree_cost`]'s bytes a value for a `/rpc` body, and for the entity routes' JSON bodies ([`json_body`]).
 pub(crate) const RPC_VALUE_COST: usize = 96;

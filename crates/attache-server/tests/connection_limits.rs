@@ -1927,8 +1927,9 @@ async fn entity_route_bodies_hold_their_tree_in_the_body_budget_while_they_are_h
         .await
         .unwrap();
     assert_eq!(spawned.status(), StatusCode::CREATED);
-    // 40,000 values: ~3.9 MB as the body budget counts a tree, from an 80 KB body.
-    let wide = |key: &str| serde_json::json!({ "payload": vec![0; 40_000], "key": key }).to_string();
+    // 15,000 values: ~1.5 MB as the body budget counts a tree, from a 30 KB
+    // body; a send holds it twice (~3 MB of the 4 MiB budget).
+    let wide = |key: &str| serde_json::json!({ "payload": vec![0; 15_000], "key": key }).to_string();
     let first_body = wide("first");
     let mut first = connect(&s).await;
     let head = format!(
@@ -1938,9 +1939,9 @@ async fn entity_route_bodies_hold_their_tree_in_the_body_budget_while_they_are_h
     );
     let at_write = pauses.arm(attache_server::pause::INBOX_WRITE);
     first.write_all(head.as_bytes()).await.expect("the first send is sent");
-    at_write.reached().await;
+    tokio::time::timeout(PATIENCE, at_write.reached()).await.expect("the first send reaches its write");
     let held = gauge(&s, "attache_body_buffer_bytes").await;
-    assert!(held >= 40_000 * 96, "the first send's tree is held while it is handled: {held}");
+    assert!(held >= 2 * 15_000 * 96, "the first send's tree is held twice while it is handled: {held}");
 
     let send = |key: &str| {
         s.client

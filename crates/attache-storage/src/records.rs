@@ -23,7 +23,7 @@ pub(crate) struct Records {
     grants: HashMap<String, Vec<GrantRecord>>,
     /// A creator's principal URL → the URLs of the entities it created.
     by_owner: HashMap<String, HashSet<String>>,
-    /// A grant subject → the URLs of the entities holding a grant for it.
+    /// A grant subject → the URLs of the entities holding a grant for it that lets it read.
     by_subject: HashMap<GrantSubject, HashSet<String>>,
     /// A grant subject → the URLs of the entities holding a `descendants`
     /// grant for it (which reaches the entities that list them as ancestors).
@@ -39,6 +39,11 @@ pub(crate) struct Records {
     /// `user`-kind grants each, differing only in expiry, made every user's
     /// checks copy 32,000 grants.
     deciding: HashMap<String, Vec<u32>>,
+}
+
+/// Whether `g` lets its subject read its entity (what a listing needs).
+fn reveals(g: &GrantRecord) -> bool {
+    matches!(g.permission, attache_core::Permission::Read | attache_core::Permission::Manage)
 }
 
 /// Whether grant `a` allows for at least as long as `b` (no expiry is longest).
@@ -155,7 +160,12 @@ impl Records {
             unindex(&mut self.above_subject, &g.subject, url);
         }
         change(&mut list);
-        for g in &list {
+        // Only grants that let their subject read make an entity a candidate
+        // of its listings (`read`, or `manage`, which allows everything): a
+        // `user`-kind `write` grant on each of another principal's 10,000
+        // entities made every user's list look at all of them (session 18's
+        // third attack pass).
+        for g in list.iter().filter(|g| reveals(g)) {
             index(&mut self.by_subject, g.subject.clone(), url);
             if g.propagation == Propagation::Descendants {
                 index(&mut self.above_subject, g.subject.clone(), url);
@@ -314,11 +324,11 @@ mod tests {
             .filter(|e| {
                 who.is_built_in_system()
                     || e.created_by == who.url()
-                    || r.grants(&e.url).iter().any(|g| g.subject.matches(who))
+                    || r.grants(&e.url).iter().any(|g| reveals(g) && g.subject.matches(who))
                     || e.ancestors.iter().any(|a| {
                         r.grants(&a.url)
                             .iter()
-                            .any(|g| g.propagation == Propagation::Descendants && g.subject.matches(who))
+                            .any(|g| reveals(g) && g.propagation == Propagation::Descendants && g.subject.matches(who))
                     })
             })
             .map(|e| e.url.clone())
@@ -379,7 +389,7 @@ mod tests {
                             id: next_id,
                             entity_url: url(u),
                             subject,
-                            permission: Permission::Read,
+                            permission: [Permission::Read, Permission::Write, Permission::Manage][next_id as usize % 3],
                             expires_at: None,
                             expires_at_ms: None,
                             created_by: principal(0).url(),

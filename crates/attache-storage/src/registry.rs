@@ -219,8 +219,9 @@ pub trait Registry: Send + Sync + 'static {
     /// belong to), a bound no client should be able to multiply.
     fn entities(&self, type_filter: Option<&str>) -> Vec<std::sync::Arc<EntityRecord>>;
     /// The entities `who` may possibly see, newest first, as `entities`:
-    /// those it created, those holding a grant whose subject is it (its URL
-    /// or its kind), and those listing among their ancestors an entity that
+    /// those it created, those holding a grant that lets it read (`read` or
+    /// `manage`) whose subject is it (its URL or its kind), and those
+    /// listing among their ancestors an entity that
     /// holds such a grant reaching `descendants`; every entity for a
     /// built-in system principal. A superset of what the permission rule
     /// allows (expired grants and ancestors of another life are still in):
