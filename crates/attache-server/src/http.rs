@@ -25,7 +25,7 @@ pub fn entity_url(entity_type: &str, instance_id: &str) -> ApiResult<EntityUrl> 
 }
 
 /// Reads a JSON body (empty means `{}`), with a size limit and clear 400s.
-/// The body as a tree of values (its text and [`RPC_VALUE_COST`] a value,
+/// The body as a tree of values (its text and [`JSON_VALUE_COST`] a value,
 /// counted from its structure before it is parsed) is held from the body
 /// budget and `who`'s share for as long as the returned [`Hold`] lives: the
 /// handler keeps it while it works with what it parsed. Before (session 18's
@@ -54,7 +54,7 @@ pub(crate) async fn json_body_held<'a, T: serde::de::DeserializeOwned>(
 ) -> ApiResult<(T, Hold<'a>)> {
     let bytes = read_body(bodies, body, headers, MAX_JSON_BODY).await?;
     let text = if bytes.iter().all(u8::is_ascii_whitespace) { &b"{}"[..] } else { &bytes[..] };
-    let (values, tree) = json_tree_cost(text, RPC_VALUE_COST);
+    let (values, tree) = json_tree_cost(text, JSON_VALUE_COST);
     let hold = bodies.hold(who, tree.saturating_mul(times), &format_args!("a body of {values} JSON values"))?;
     let value = serde_json::from_slice(text)
         .map_err(|e| ApiError::bad_request(format!("Request body does not match API schema: {e}")))?;
@@ -253,7 +253,7 @@ impl Drop for OwnedHold {
 /// [`OBJECT_NODE_BYTES`] more an object (serde_json's map allocates a node of
 /// eleven slots for its first member) and [`ARRAY_NODE_BYTES`] more an array, counted from its structure before it
 /// is parsed. Measured, with many in flight: ~90 B a value on `/rpc`
-/// ([`RPC_VALUE_COST`]), ~245 B on `/mcp`, where rmcp holds the params more
+/// ([`JSON_VALUE_COST`]), ~245 B on `/mcp`, where rmcp holds the params more
 /// than once ([`MCP_VALUE_COST`]). Before the object count (session 18's
 /// second attack pass), a 1 MiB body of `[{"":0},...]` cost 200 MB while 44
 /// MB of it was counted.
@@ -276,7 +276,7 @@ pub(crate) const OBJECT_NODE_BYTES: usize = 640;
 pub(crate) const ARRAY_NODE_BYTES: usize = 128;
 
 /// [`json_tree_cost`]'s bytes a value for a `/rpc` body, and for the entity routes' JSON bodies ([`json_body`]).
-pub(crate) const RPC_VALUE_COST: usize = 96;
+pub(crate) const JSON_VALUE_COST: usize = 96;
 /// [`json_tree_cost`]'s bytes a value for an MCP message (session 16's third attack pass: 245 B measured).
 pub(crate) const MCP_VALUE_COST: usize = 256;
 
@@ -969,12 +969,12 @@ mod tests {
     fn a_body_of_small_objects_costs_a_map_node_an_object() {
         // 1,000 one-member objects: each a map node besides its two values.
         let body = format!("[{}]", vec![r#"{"":0}"#; 1000].join(","));
-        let (values, cost) = json_tree_cost(body.as_bytes(), RPC_VALUE_COST);
+        let (values, cost) = json_tree_cost(body.as_bytes(), JSON_VALUE_COST);
         assert!(values >= 2000, "{values}");
-        assert!(cost >= 1000 * (OBJECT_NODE_BYTES + RPC_VALUE_COST), "{cost}");
+        assert!(cost >= 1000 * (OBJECT_NODE_BYTES + JSON_VALUE_COST), "{cost}");
         // As many values in an array of numbers cost no map node.
         let numbers = format!("[{}]", vec!["0"; 2000].join(","));
-        let (_, plain) = json_tree_cost(numbers.as_bytes(), RPC_VALUE_COST);
+        let (_, plain) = json_tree_cost(numbers.as_bytes(), JSON_VALUE_COST);
         assert!(plain < 1000 * OBJECT_NODE_BYTES, "{plain}");
     }
 

@@ -455,7 +455,7 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
     // The body as a tree of values costs ~64 B a value besides its text (4 MiB
     // of `[1,1,...]` took +140 MB): held from the body budget while the call
     // runs, so calls that arrive together cannot hold more than it.
-    let (values, tree) = crate::http::json_tree_cost(&bytes, crate::http::RPC_VALUE_COST);
+    let (values, tree) = crate::http::json_tree_cost(&bytes, crate::http::JSON_VALUE_COST);
     let _tree = match state.bodies.hold(&who, tree, &format_args!("a body of {values} JSON values")) {
         Ok(hold) => hold,
         Err(e) => return body_refused(&state, &e),

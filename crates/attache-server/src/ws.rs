@@ -525,7 +525,7 @@ async fn on_message(
     // principal's share as `/rpc` refuses it. Before (issue 10), 32 sockets
     // each sending one ~1 MB execute of ~480,000 values held +130 MB to
     // +1 GB outside every budget while their calls ran.
-    let (values, tree) = crate::http::json_tree_cost(raw.as_bytes(), crate::http::RPC_VALUE_COST);
+    let (values, tree) = crate::http::json_tree_cost(raw.as_bytes(), crate::http::JSON_VALUE_COST);
     let _tree = match state.bodies.hold(who, tree, &format_args!("a message of {values} JSON values")) {
         Ok(hold) => hold,
         Err(e) => return vec![tree_refused(state, raw, &e)].into(),

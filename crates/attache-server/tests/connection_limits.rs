@@ -726,6 +726,12 @@ async fn a_read_past_the_response_budget_held_by_a_client_that_reads_nothing_is_
     gauge_until(&s, ANSWERS, |held| held == 0, "0 once sent").await;
 }
 
+/// `POST /rpc` of `body` as alice.
+async fn rpc_body_as_alice(s: &TestServer, body: String) -> reqwest::Response {
+    let req = s.client.post(s.url("/rpc")).header("electric-principal", "user:alice");
+    req.header("content-type", "application/json").body(body).send().await.expect("an answer")
+}
+
 /// A JSON-RPC call as alice; the HTTP status and the answer.
 async fn rpc_call(s: &TestServer, method: &str, params: serde_json::Value) -> (StatusCode, serde_json::Value) {
     let body = serde_json::json!({ "jsonrpc": "2.0", "method": method, "params": params, "id": 1 });
@@ -978,15 +984,7 @@ async fn a_websocket_message_holds_its_tree_in_the_body_budget_while_its_execute
     assert_eq!(refused["error"]["code"], -32600, "{refused}");
     assert!(refused["error"]["message"].as_str().unwrap_or("").contains("body_buffer_bytes"), "{refused}");
     // `/rpc` finds the budget held by the socket's tree.
-    let res = s
-        .client
-        .post(s.url("/rpc"))
-        .header("electric-principal", "user:alice")
-        .header("content-type", "application/json")
-        .body(wide_call.to_string())
-        .send()
-        .await
-        .expect("an answer");
+    let res = rpc_body_as_alice(&s, wide_call.to_string()).await;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], -32600, "{body}");
@@ -1010,15 +1008,7 @@ async fn a_websocket_execute_whose_tree_passes_the_body_budget_is_refused_as_jso
     let wide_call = serde_json::json!({ "jsonrpc": "2.0", "method": "task.list",
         "params": { "limit": 1, "pad": vec![0; 40_000] }, "id": 1 })
     .to_string();
-    let res = s
-        .client
-        .post(s.url("/rpc"))
-        .header("electric-principal", "user:alice")
-        .header("content-type", "application/json")
-        .body(wide_call.clone())
-        .send()
-        .await
-        .expect("an answer");
+    let res = rpc_body_as_alice(&s, wide_call.clone()).await;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     let by_rpc: serde_json::Value = res.json().await.unwrap();
 

@@ -147,7 +147,7 @@ fn too_large(max: u64) -> ApiError {
 /// upload's `meta`: its pending entry holds it as a tree of values for as
 /// long as the upload runs, as `/rpc` holds a body's. A 64,901-byte `meta`
 /// of 5,900 members counts 11,801 values (keys too): 1.2 MB charged.
-const META_VALUE_COST: usize = crate::http::RPC_VALUE_COST;
+const META_VALUE_COST: usize = crate::http::JSON_VALUE_COST;
 
 /// Takes from the body budget, within `who`'s share, what an upload's `meta`
 /// holds while the upload runs (its text, then its tree in the pending
