@@ -31,6 +31,7 @@ const b2mib = (v) => (v == null ? null : v / 1048576)
 // [label, metric, transform, decimals, better: "higher" | "lower" | null]
 const rows = [
   [`Idle RSS after start (MiB)`, `idle_rss_kb`, kb2mib, 1, `lower`],
+  [`Idle anonymous memory (MiB; RSS less mapped code)`, `idle_anon_kb`, kb2mib, 1, `lower`],
   [`(a) Appends/s (POST ~150 B JSON)`, `append_rps`, null, 0, `higher`],
   [`(a) Append latency p50 (ms)`, `append_p50_ms`, null, 2, `lower`],
   [`(a) Append latency p99 (ms)`, `append_p99_ms`, null, 2, `lower`],
@@ -61,6 +62,7 @@ const rows = [
   [`(b3) Bytes per response (with head)`, `big_bytes`, null, 0, null],
   [`(b3) Errors`, `big_errors`, null, 0, null],
   [`RSS after the wrk loads (MiB)`, `rss_after_wrk_kb`, kb2mib, 1, `lower`],
+  [`Anonymous memory after the wrk loads (MiB)`, `anon_after_wrk_kb`, kb2mib, 1, `lower`],
   [`(c) Long-poll fan-out, ${fanN} readers: append→receipt p50 (ms)`, `fanout_p50_ms`, null, 2, `lower`],
   [`(c) Fan-out append→receipt p99 (ms)`, `fanout_p99_ms`, null, 2, `lower`],
   [`(c) Fan-out append→receipt max (ms)`, `fanout_max_ms`, null, 2, `lower`],
@@ -74,7 +76,9 @@ const rows = [
   [`(d) SSE reconnects (server ended a response)`, `sse_reconnects`, null, 0, null],
   [`(d) RSS with the SSE subscribers connected (MiB)`, `sse_rss_wait_kb_max`, kb2mib, 1, `lower`],
   [`(d) RSS added by the SSE subscribers (MiB)`, `sse_rss_readers_delta_kb`, kb2mib, 1, `lower`],
+  [`(d) Anonymous memory with the SSE subscribers, most sampled (MiB)`, `sse_anon_kb_max`, kb2mib, 1, `lower`],
   [`RSS after the load, clients gone (MiB)`, `rss_after_load_kb`, kb2mib, 1, `lower`],
+  [`Anonymous memory after the load, clients gone (MiB)`, `anon_after_load_kb`, kb2mib, 1, `lower`],
   [`Peak RSS over the run (MiB)`, `peak_rss_kb`, kb2mib, 1, `lower`],
   [`Other CPU load before start (% busy)`, `other_cpu_busy_pct`, null, 0, null],
 ]
@@ -135,6 +139,7 @@ if (data.attache && data[`ds-rust`]) {
     [`${bigMiB} MiB reads (MiB/s)`, fmt(b2mib(a(`big_bps`)), 1), fmt(b2mib(r(`big_bps`)), 1), ratio(`big_bps`), `≥ 1.0×`, (x) => x >= 1.0],
     [`SSE delivery p99, ${sseN} subscribers (ms)`, fmt(a(`sse_p99_ms`), 2), fmt(r(`sse_p99_ms`), 2), ratio(`sse_p99_ms`), `≤ 1.0×`, (x) => x <= 1.0],
     [`RSS with the SSE subscribers`, mib(a(`sse_rss_wait_kb_max`)), mib(r(`sse_rss_wait_kb_max`)), ratio(`sse_rss_wait_kb_max`), `≤ 1.0×`, (x) => x <= 1.0],
+    [`(context) anonymous memory with the SSE subscribers`, mib(a(`sse_anon_kb_max`)), mib(r(`sse_anon_kb_max`)), ratio(`sse_anon_kb_max`), `RSS less mapped code`, null, null],
     [`append p99, one stream (ms)`, fmt(a(`append_p99_ms`), 2), fmt(r(`append_p99_ms`), 2), ratio(`append_p99_ms`), `≤ 1.0×`, (x) => x <= 1.0],
     [`RSS after the load`, mib(a(`rss_after_load_kb`)), mib(r(`rss_after_load_kb`)), ratio(`rss_after_load_kb`), `attache ≤ 32 MiB`, null, a(`rss_after_load_kb`) == null ? null : a(`rss_after_load_kb`) <= 32 * 1024],
     [`idle RSS after start`, mib(a(`idle_rss_kb`)), mib(r(`idle_rss_kb`)), ratio(`idle_rss_kb`), `attache ≤ 16 MiB`, null, a(`idle_rss_kb`) == null ? null : a(`idle_rss_kb`) <= 16 * 1024],

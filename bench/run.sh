@@ -152,6 +152,18 @@ cpu_busy_pct() {
     printf "%.0f", (t > 0 ? 100 * (t - i) / t : 0) }'
 }
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo ""; }
+# Anonymous memory (heap, stacks): RSS without the pages of the binary and its libraries
+# mapped from the page cache, which count in RSS and are shared with it.
+anon_kb() { awk '/^RssAnon:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo ""; }
+# anon_max_while PID WATCHED: the most RssAnon of PID, sampled every 0.2 s while WATCHED runs.
+anon_max_while() {
+  local max=0 kb
+  while kill -0 "$2" 2>/dev/null; do
+    kb="$(anon_kb "$1")"; [ -n "$kb" ] && [ "$kb" -gt "$max" ] && max=$kb
+    sleep 0.2
+  done
+  echo "$max"
+}
 hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo ""; }
 record() { # server metric value
   printf '{"server":"%s","metric":"%s","value":%s}\n' "$1" "$2" "${3:-null}" >>"$RESULTS_JSONL"
@@ -252,6 +264,7 @@ bench_one() {
   local idle; idle="$(rss_kb "$SERVER_PID")"
   log "$name: idle RSS ${idle} kB (pid $SERVER_PID)"
   record "$name" idle_rss_kb "$idle"
+  record "$name" idle_anon_kb "$(anon_kb "$SERVER_PID")"
   local rps p50 p99 err bpr bps
 
   # (a) appends to one stream
@@ -308,6 +321,7 @@ bench_one() {
 
   sleep "$BENCH_SETTLE_S"
   record "$name" rss_after_wrk_kb "$(rss_kb "$SERVER_PID")"
+  record "$name" anon_after_wrk_kb "$(anon_kb "$SERVER_PID")"
 
   # (c) live fan-out, long-poll
   local fj="$WORK/$name-fanout.json"
@@ -322,8 +336,12 @@ bench_one() {
 
   # (d) live fan-out, SSE_READERS SSE subscribers on one stream
   fj="$WORK/$name-sse.json"
-  if "$FANOUT" sse-fanout --url "$base" --path /bench/sse --readers "$SSE_READERS" --rounds "$SSE_ROUNDS" \
-      --settle-ms "$FANOUT_SETTLE_MS" --pid "$SERVER_PID" --json-out "$fj" >/dev/null 2>"$WORK/$name-sse.log"; then
+  "$FANOUT" sse-fanout --url "$base" --path /bench/sse --readers "$SSE_READERS" --rounds "$SSE_ROUNDS" \
+      --settle-ms "$FANOUT_SETTLE_MS" --pid "$SERVER_PID" --json-out "$fj" >/dev/null 2>"$WORK/$name-sse.log" &
+  local sse_pid=$! sse_anon
+  sse_anon="$(anon_max_while "$SERVER_PID" "$sse_pid")"
+  if wait "$sse_pid"; then
+    record "$name" sse_anon_kb_max "$sse_anon"
     grep -E 'round +(1|5|10|15|20):' "$WORK/$name-sse.log" >&2 || true
     fanout_json "$name" sse "$fj"
   else
@@ -334,6 +352,7 @@ bench_one() {
   # Memory once the load has stopped and every client has gone.
   sleep "$BENCH_SETTLE_S"
   record "$name" rss_after_load_kb "$(rss_kb "$SERVER_PID")"
+  record "$name" anon_after_load_kb "$(anon_kb "$SERVER_PID")"
   record "$name" peak_rss_kb "$(hwm_kb "$SERVER_PID")"  # report.mjs takes max(VmHWM, sampled VmRSS)
   stop_server
   rm -rf "$dir"

@@ -95,13 +95,20 @@ impl BrowserPolicy {
         // RFC 9112 3.2: more than one Host is 400, in every mode. Before
         // (session 18's attack pass), the first one was checked and the
         // rest ignored.
-        if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let first = hosts.next();
+        if hosts.next().is_some() {
             return Err(more_than_one("Host"));
         }
         if !self.dev {
             return Ok(());
         }
-        let host = request_host(req).ok_or_else(|| host_not_allowed("a request without a Host"))?;
+        // `request_host`, from the one lookup above.
+        let host = match first {
+            Some(v) => v.to_str().ok(),
+            None => req.uri().authority().map(|a| a.as_str()),
+        };
+        let host = host.ok_or_else(|| host_not_allowed("a request without a Host"))?;
         let (name, _) = split_authority(host).ok_or_else(|| host_not_allowed(host))?;
         if is_loopback_name(&name) || self.allowed_hosts.iter().any(|h| *h == name) {
             Ok(())
@@ -249,7 +256,7 @@ fn split_authority(authority: &str) -> Option<(std::borrow::Cow<'_, str>, Option
             None => (authority, None),
         }
     };
-    if host.is_empty() || host.contains(['/', '@', '?', '#', ' ']) {
+    if host.is_empty() || host.bytes().any(|b| matches!(b, b'/' | b'@' | b'?' | b'#' | b' ')) {
         return None;
     }
     let port = match port {
@@ -271,6 +278,10 @@ fn split_authority(authority: &str) -> Option<(std::borrow::Cow<'_, str>, Option
 /// `0.0.0.0` is not one: some browsers route it to this machine, which is
 /// exactly the trick a hostile page uses.
 pub fn is_loopback_name(host: &str) -> bool {
+    // The names nearly every local request carries, before any parsing.
+    if matches!(host, "127.0.0.1" | "[::1]") {
+        return true;
+    }
     if host == "localhost" || host.strip_suffix(".localhost").is_some_and(|label| !label.is_empty()) {
         return true;
     }

@@ -26,6 +26,7 @@
 mod format;
 mod marks;
 mod producers;
+mod queue;
 mod reader;
 mod registry;
 mod segments;
@@ -440,7 +441,7 @@ pub struct Damage {
 /// The embedded store. Cheap to share behind an `Arc`.
 pub struct EmbeddedStore {
     shared: Arc<Shared>,
-    commands: parking_lot::Mutex<Option<std::sync::mpsc::Sender<Command>>>,
+    commands: Arc<queue::CommandQueue<Command>>,
     writer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     appends: Arc<crate::AppendCounter>,
     damage: Vec<Damage>,
@@ -524,14 +525,14 @@ impl EmbeddedStore {
         });
         let reads = Arc::new(tokio::sync::Semaphore::new(config.read_threads.max(1)));
         let file_body_min = config.file_body_min;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread_shared = shared.clone();
+        let commands = Arc::new(queue::CommandQueue::new());
+        let (thread_shared, taken) = (shared.clone(), commands.clone());
         let writer = std::thread::Builder::new()
             .name("attache-writer".into())
-            .spawn(move || writer::run(thread_shared, state, rx, config, journal))?;
+            .spawn(move || writer::run(thread_shared, state, taken, config, journal))?;
         Ok(EmbeddedStore {
             shared,
-            commands: parking_lot::Mutex::new(Some(tx)),
+            commands,
             writer: parking_lot::Mutex::new(Some(writer)),
             appends: Arc::default(),
             damage,
@@ -561,9 +562,7 @@ impl EmbeddedStore {
     }
 
     fn send(&self, cmd: Command) -> StoreResult<()> {
-        let guard = self.commands.lock();
-        let tx = guard.as_ref().ok_or(StoreError::ShuttingDown)?;
-        tx.send(cmd).map_err(|_| StoreError::ShuttingDown)
+        self.commands.push(cmd).map_err(|_| StoreError::ShuttingDown)
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> Command) -> StoreResult<T> {
@@ -639,7 +638,7 @@ impl StreamStore for EmbeddedStore {
         self.append_in_order(req).await
     }
 
-    /// The writer takes commands from one channel and commits them in the
+    /// The writer takes commands from one queue and commits them in the
     /// order they arrive (batches in turn, each in its order), so the send,
     /// made here before returning, fixes the append's place.
     fn append_in_order(&self, req: AppendRequest) -> crate::InOrderAppend {
@@ -828,8 +827,8 @@ impl StreamStore for EmbeddedStore {
     }
 
     async fn close(&self) {
-        // Dropping the sender ends the writer loop once its queue is drained.
-        self.commands.lock().take();
+        // The writer loop ends once the closed queue is drained.
+        self.commands.close();
         let handle = self.writer.lock().take();
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;

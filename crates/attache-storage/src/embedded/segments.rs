@@ -19,7 +19,6 @@
 //! its file-descriptor budget (`--store-open-files`, 4,096 by default), so a
 //! working set of thousands of live streams never reopens a file per append.
 
-use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -30,6 +29,7 @@ use parking_lot::Mutex;
 
 use crate::error::{StoreError, StoreResult};
 use crate::fault::{self, FaultPlan, FaultPoint};
+use crate::{IdMap, IdSet};
 
 pub(crate) struct Segments {
     dir: PathBuf,
@@ -44,13 +44,13 @@ pub(crate) struct Segments {
 
 #[derive(Default)]
 struct Lru {
-    files: HashMap<u64, (Arc<File>, u64)>,
+    files: IdMap<(Arc<File>, u64)>,
     tick: u64,
 }
 
 #[derive(Default)]
 struct Dirty {
-    ids: HashSet<u64>,
+    ids: IdSet,
     /// A file was created or removed: the directory must be synced too.
     dir: bool,
 }
@@ -58,7 +58,7 @@ struct Dirty {
 /// Files written since a point in time, taken by a checkpoint to sync.
 #[derive(Default, Debug)]
 pub(crate) struct DirtySet {
-    ids: HashSet<u64>,
+    ids: IdSet,
     dir: bool,
 }
 

@@ -17,7 +17,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -76,7 +75,7 @@ pub(crate) struct WriterState {
 pub(crate) struct RowKeys {
     last: HashMap<(u64, KeyDigest), (u64, Instant)>,
     /// Per stream, past the newest position forgotten.
-    floor: HashMap<u64, u64>,
+    floor: IdMap<u64>,
     /// When keys older than [`RowKeys::KEEP`] were last forgotten.
     swept: Option<Instant>,
 }
@@ -285,10 +284,10 @@ pub(crate) struct Tables<'t> {
 
 #[derive(Default)]
 struct LastWrites {
-    streams: HashMap<u64, Option<Vec<u8>>>,
+    streams: IdMap<Option<Vec<u8>>>,
     /// Tails logged by [`Op::StreamTail`] after a stream's last metadata in
     /// `streams` (or in redb): merged into it by `finish`.
-    tails: HashMap<u64, u64>,
+    tails: IdMap<u64>,
     producers: HashMap<(u64, String), (u64, u64)>,
     counters: HashMap<String, u64>,
     blob_refs: HashMap<String, Option<u64>>,
@@ -848,7 +847,7 @@ impl Journal {
 /// stream's metadata and boundaries once per checkpoint instead of once per batch).
 struct Syncer {
     jobs: std::sync::mpsc::Sender<SyncJob>,
-    done: Receiver<SyncDone>,
+    done: std::sync::mpsc::Receiver<SyncDone>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -1027,10 +1026,19 @@ impl Reply {
 pub(crate) fn run(
     shared: Arc<Shared>,
     mut state: WriterState,
-    rx: Receiver<Command>,
+    commands: Arc<super::queue::CommandQueue<Command>>,
     config: EmbeddedConfig,
     mut journal: Journal,
 ) {
+    // However the writer ends (a panic too), callers still queued hear
+    // `ShuttingDown` and new ones are refused, rather than wait for ever.
+    struct Abandon(Arc<super::queue::CommandQueue<Command>>);
+    impl Drop for Abandon {
+        fn drop(&mut self) {
+            self.0.abandon();
+        }
+    }
+    let _abandon = Abandon(commands.clone());
     let mut last_sweep = Instant::now();
     let mut last_probe = Instant::now();
     // The writer wakes at least every second: the probe of a failing disk runs on its tick.
@@ -1043,17 +1051,9 @@ pub(crate) fn run(
         }
     }
     loop {
-        let first = match rx.recv_timeout(wait) {
-            Ok(cmd) => Some(cmd),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        let mut batch: Vec<Command> = first.into_iter().collect();
-        while batch.len() < config.max_batch {
-            match rx.try_recv() {
-                Ok(cmd) => batch.push(cmd),
-                Err(_) => break,
-            }
+        let mut batch: Vec<Command> = Vec::new();
+        if !commands.take(&mut batch, config.max_batch, wait) {
+            break;
         }
         if last_sweep.elapsed() >= config.sweep_interval {
             last_sweep = Instant::now();
