@@ -33,12 +33,25 @@ impl Offset {
     }
 }
 
-impl fmt::Display for Offset {
+impl Offset {
+    /// Appends the offset's text to `out`, as `Display` writes it but
+    /// without the formatter (SSE control events carry one per reader).
+    pub fn push_to(self, out: &mut String) {
+        match self.digits() {
+            Some(text) => out.push_str(std::str::from_utf8(&text).unwrap_or_default()),
+            None => {
+                use fmt::Write as _;
+                let _ = write!(out, "{self}");
+            }
+        }
+    }
+
     /// Digit by digit into a fixed buffer: every answer carries an offset,
-    /// and the formatter's padding cost ~1k instructions an append.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    /// and the formatter's padding cost ~1k instructions an append. `None`
+    /// past [`Offset::MAX`].
+    fn digits(self) -> Option<[u8; 2 * Self::PART + 1]> {
         if self.0 > Self::MAX {
-            return write!(f, "0000000000000000_{:016}", self.0);
+            return None;
         }
         let mut text = *b"0000000000000000_0000000000000000";
         let mut rest = self.0;
@@ -46,7 +59,16 @@ impl fmt::Display for Offset {
             *digit = b'0' + (rest % 10) as u8;
             rest /= 10;
         }
-        f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
+        Some(text)
+    }
+}
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.digits() {
+            Some(text) => f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?),
+            None => write!(f, "0000000000000000_{:016}", self.0),
+        }
     }
 }
 

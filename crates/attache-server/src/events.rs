@@ -365,12 +365,7 @@ async fn long_poll(
 }
 
 fn sse_control(next: Offset, up_to_date: bool) -> Bytes {
-    let mut control = serde_json::Map::new();
-    control.insert("streamNextOffset".into(), next.to_string().into());
-    if up_to_date {
-        control.insert("upToDate".into(), true.into());
-    }
-    sse_event("control", &Value::Object(control).to_string())
+    crate::sse::control(crate::sse::Control { next, up_to_date, ..Default::default() })
 }
 
 async fn sse(state: AppState, who: PrincipalKey, from: Offset, task_id: Option<String>) -> ApiResult<Response> {

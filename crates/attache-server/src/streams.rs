@@ -633,7 +633,12 @@ fn read_from(offset: ReadOffset) -> ReadFrom {
 }
 
 fn cursor_for(echoed: Option<&str>) -> Cursor {
-    Cursor::next(chrono::Utc::now().timestamp(), echoed, rand::random_range(1..=3600))
+    // Seconds since the epoch without a calendar date (chrono's `Utc::now`
+    // builds one): SSE readers ask for a cursor with every event.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    Cursor::next(now, echoed, rand::random_range(1..=3600))
 }
 
 async fn get(
@@ -869,18 +874,7 @@ fn sse_data(batch: &ReadBatch, base64: bool) -> Bytes {
 }
 
 fn sse_control(next: Offset, cursor: Option<Cursor>, up_to_date: bool, closed: bool) -> Bytes {
-    let mut control = serde_json::Map::new();
-    control.insert("streamNextOffset".into(), next.to_string().into());
-    if let (Some(c), false) = (cursor, closed) {
-        control.insert("streamCursor".into(), c.to_string().into());
-    }
-    if up_to_date || closed {
-        control.insert("upToDate".into(), true.into());
-    }
-    if closed {
-        control.insert("streamClosed".into(), true.into());
-    }
-    crate::sse::event("control", &serde_json::Value::Object(control).to_string())
+    crate::sse::control(crate::sse::Control { next, cursor, up_to_date, closed })
 }
 
 async fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery, live: LiveReader) -> ApiResult<Response> {
