@@ -54,8 +54,19 @@ impl<'a> Req<'a> {
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
     }
 
+    /// The one `Content-Type` (RFC 9110 8.3: a singleton field). Two are
+    /// 400, as two `Host`s are: which one a proxy and this server each took
+    /// could differ (session 19's attack pass: the first won).
     fn content_type(&self) -> ApiResult<Option<ContentType>> {
-        self.get(&axum::http::header::CONTENT_TYPE)?.map(ContentType::parse).transpose().map_err(ApiError::from)
+        let name = &axum::http::header::CONTENT_TYPE;
+        if self.0.get_all(name).iter().nth(1).is_some() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "DUPLICATE_HEADER",
+                "a request carries one Content-Type header at most; this one carries several",
+            ));
+        }
+        self.get(name)?.map(ContentType::parse).transpose().map_err(ApiError::from)
     }
 }
 

@@ -381,6 +381,40 @@ async fn token_mode_allows_any_origin_unless_origins_are_listed() {
 /// the first was checked and the rest ignored, so `Host: 127.0.0.1` then
 /// `Host: evil.example` was answered 200.
 #[tokio::test]
+async fn a_host_that_is_not_text_is_refused_and_named_as_such() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start().await;
+    create_stream(&s, None, "/mine", "local only").await;
+    let addr = s.url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /mine?offset=-1 HTTP/1.1\r\nHost: \xc3\xa9.localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut reply)).await.unwrap().unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    assert!(reply.contains("HOST_NOT_ALLOWED") && reply.contains("not visible ASCII"), "{reply}");
+    assert!(!reply.contains("local only") && !reply.contains("without a Host"), "{reply}");
+}
+
+#[tokio::test]
+async fn an_append_with_two_content_types_is_refused_and_appends_nothing() {
+    let s = TestServer::start().await;
+    let put = s.request(Method::PUT, "/json").header("content-type", "application/json").send().await.unwrap();
+    assert_eq!(put.status(), StatusCode::CREATED);
+    let (status, reply) =
+        status_with_host(&s, "POST /json", "127.0.0.1\r\nContent-Type: text/plain", r#"{"a":1}"#).await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply.contains("DUPLICATE_HEADER"), "{reply}");
+    // One Content-Type is still taken, and only that append is in the stream.
+    let (status, reply) = status_with_host(&s, "POST /json", "127.0.0.1", r#"{"a":2}"#).await;
+    assert_eq!(status, 204, "{reply}");
+    let read = s.request(Method::GET, "/json?offset=-1").send().await.unwrap().text().await.unwrap();
+    assert_eq!(read, r#"[{"a":2}]"#);
+}
+
+#[tokio::test]
 async fn a_request_with_two_hosts_or_two_origins_is_refused() {
     let s = TestServer::start().await;
     create_stream(&s, None, "/mine", "local only").await;
