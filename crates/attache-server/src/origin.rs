@@ -100,6 +100,25 @@ impl BrowserPolicy {
         if hosts.next().is_some() {
             return Err(more_than_one("Host"));
         }
+        // RFC 9112 3.2.2 and RFC 9113 8.3.1: a request target with an
+        // authority (absolute form, or HTTP/2's `:authority`) names the host
+        // itself; a Host naming another is refused, rather than one of the two
+        // checked and the other served (before, `GET http://evil.example/x`
+        // with `Host: 127.0.0.1` passed dev mode's check: session 19's attack pass).
+        if let (Some(authority), Some(v)) = (req.uri().authority(), first) {
+            let named = |a: &str| split_authority(a).map(|(name, _)| name.into_owned());
+            let header = v.to_str().ok().and_then(named);
+            if header.is_none() || header != named(authority.as_str()) {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "HOST_MISMATCH",
+                    format!(
+                        "this request's target names the host {:?} and its Host header another",
+                        authority.as_str()
+                    ),
+                ));
+            }
+        }
         if !self.dev {
             return Ok(());
         }

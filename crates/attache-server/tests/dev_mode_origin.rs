@@ -415,6 +415,21 @@ async fn an_append_with_two_content_types_is_refused_and_appends_nothing() {
 }
 
 #[tokio::test]
+async fn a_request_target_naming_another_host_than_host_is_refused() {
+    let s = TestServer::start().await;
+    create_stream(&s, None, "/mine", "local only").await;
+    let port = s.url.rsplit(':').next().unwrap().to_owned();
+    let (status, reply) = status_with_host(&s, "GET http://evil.example/mine?offset=-1", "127.0.0.1", "").await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply.contains("HOST_MISMATCH") && !reply.contains("local only"), "{reply}");
+    // The same host in both (any case, any port) is answered.
+    let line = format!("GET http://LOCALHOST:{port}/mine?offset=-1");
+    let (status, reply) = status_with_host(&s, &line, &format!("localhost:{port}"), "").await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(reply.contains("local only"), "{reply}");
+}
+
+#[tokio::test]
 async fn a_request_with_two_hosts_or_two_origins_is_refused() {
     let s = TestServer::start().await;
     create_stream(&s, None, "/mine", "local only").await;
