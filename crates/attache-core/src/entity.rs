@@ -37,7 +37,7 @@ pub const NAME_CHARS: &str = "letters A-Z and a-z, digits 0-9, '-', '.', '_' and
 
 /// One of [`NAME_CHARS`]. A URL path spells these one way only: as
 /// themselves (`encodeURIComponent` leaves them as they are, and the server
-/// refuses their percent-encodings with 400, `origin::has_encoded_separator`),
+/// refuses their percent-encodings with 400, `origin::has_refused_escape`),
 /// so a name made of them is one stream path for every client.
 fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')

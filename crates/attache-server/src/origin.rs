@@ -188,7 +188,8 @@ impl BrowserPolicy {
 const CROSS_ORIGIN_RESOURCE_POLICY: axum::http::HeaderName =
     axum::http::HeaderName::from_static("cross-origin-resource-policy");
 
-fn more_than_one(name: &str) -> ApiError {
+/// 400 `DUPLICATE_HEADER`: a field that is one value (`Host`, `Origin`, `Content-Type`) came twice.
+pub(crate) fn more_than_one(name: &str) -> ApiError {
     ApiError::new(
         StatusCode::BAD_REQUEST,
         "DUPLICATE_HEADER",
@@ -236,7 +237,7 @@ where
     let preflight = req.method() == Method::OPTIONS;
     let mut res = if preflight {
         StatusCode::NO_CONTENT.into_response()
-    } else if has_encoded_separator(req.uri().path()) {
+    } else if has_refused_escape(req.uri().path()) {
         ApiError::bad_request(
             "encoded '/', '.', '\\', control characters, letters, digits, '-', '_' or '~' in a URL path are not allowed",
         )
@@ -369,9 +370,9 @@ fn same_origin(origin: &str, host: &str) -> bool {
 /// anyone could create beside the entity `/chat/a1`'s main stream, which a
 /// client normalizing the URL reads as `/chat/a1/main`. A path has one spelling.
 ///
-/// `%2F`, `%2E`, `%5C`, `%00` or an unreserved character, in any case (no
-/// allocation: this runs on every request).
-pub fn has_encoded_separator(path: &str) -> bool {
+/// `%2F`, `%2E`, `%5C`, an encoded control character (C0, DEL, C1) or an
+/// unreserved character, in any case (no allocation: this runs on every request).
+pub fn has_refused_escape(path: &str) -> bool {
     let bytes = path.as_bytes();
     let escaped = |at: usize| -> Option<u8> {
         let hex = |b: u8| (b as char).to_digit(16);
@@ -419,7 +420,7 @@ mod tests {
             "/a%C2%9F",
             "/a%C2%80",
         ] {
-            assert!(has_encoded_separator(bad), "{bad}");
+            assert!(has_refused_escape(bad), "{bad}");
         }
         for ok in [
             "/a/b",
@@ -434,7 +435,7 @@ mod tests {
             "/a%C2%20",
             "/a%E2%82%AC",
         ] {
-            assert!(!has_encoded_separator(ok), "{ok}");
+            assert!(!has_refused_escape(ok), "{ok}");
         }
     }
 

@@ -60,11 +60,7 @@ impl<'a> Req<'a> {
     fn content_type(&self) -> ApiResult<Option<ContentType>> {
         let name = &axum::http::header::CONTENT_TYPE;
         if self.0.get_all(name).iter().nth(1).is_some() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "DUPLICATE_HEADER",
-                "a request carries one Content-Type header at most; this one carries several",
-            ));
+            return Err(crate::origin::more_than_one("Content-Type"));
         }
         self.get(name)?.map(ContentType::parse).transpose().map_err(ApiError::from)
     }
