@@ -32,7 +32,20 @@ enum Command {
     Client(client_cmds::ClientCommand),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // A refused setting or a store that cannot open is a message for the
+        // operator, not a crash: its causes on one line, with no stack trace
+        // even under RUST_BACKTRACE (which is for panics).
+        Err(err) => {
+            eprintln!("Error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::Token(args) = cli.command {
         return token::run(args);

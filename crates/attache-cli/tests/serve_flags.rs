@@ -53,3 +53,22 @@ async fn a_stream_read_answers_at_most_max_read_bytes_and_goes_on_from_its_offse
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("max_read_bytes must be at least 1"));
 }
+
+/// A refused setting is a one-line message and a failed exit, never a stack
+/// trace, even when the operator's shell sets RUST_BACKTRACE (session 19's
+/// attack pass: an invalid `--allow-host` printed anyhow's backtrace).
+#[test]
+fn a_refused_setting_is_one_message_without_a_stack_trace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refused = std::process::Command::new(common::binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--allow-host", "bad host!", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("the binary runs");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--allow-host \"bad host!\" is not a host name"), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "no stack trace: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+}
