@@ -46,10 +46,11 @@ impl Offset {
         }
     }
 
-    /// Digit by digit into a fixed buffer: every answer carries an offset,
-    /// and the formatter's padding cost ~1k instructions an append. `None`
-    /// past [`Offset::MAX`].
-    fn digits(self) -> Option<[u8; 2 * Self::PART + 1]> {
+    /// The offset's text as ASCII bytes, digit by digit into a fixed buffer
+    /// (every answer carries an offset, in a header; the formatter's padding
+    /// cost ~1k instructions an append). `None` past [`Offset::MAX`], whose
+    /// text only `Display` writes.
+    pub fn digits(self) -> Option<[u8; 2 * Self::PART + 1]> {
         if self.0 > Self::MAX {
             return None;
         }

@@ -175,6 +175,10 @@ fn has_bytes_param(raw: &str) -> bool {
 
 /// Whether a stream of this content type runs in JSON mode.
 pub fn is_json_media(raw: &str) -> bool {
+    // Nearly every JSON stream names its type exactly so: no parameters to look through.
+    if raw == "application/json" {
+        return true;
+    }
     media_of(raw).eq_ignore_ascii_case("application/json") && !has_bytes_param(raw)
 }
 

@@ -23,7 +23,7 @@ use crate::access::may;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::headers as h;
-use crate::http::set;
+use crate::http::set_offset;
 use crate::sse::event as sse_event;
 use crate::AppState;
 
@@ -271,7 +271,7 @@ fn json_response(
     let mut res = crate::http::budgeted_json(&state.answers, who, StatusCode::OK, &events)?;
     let hm = res.headers_mut();
     hm.insert("cache-control", HeaderValue::from_static("no-store"));
-    set(hm, h::STREAM_NEXT_OFFSET, next);
+    set_offset(hm, h::STREAM_NEXT_OFFSET, next);
     if up_to_date {
         hm.insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
     }
@@ -358,7 +358,7 @@ async fn long_poll(
     }
     let mut res = StatusCode::NO_CONTENT.into_response();
     let hm = res.headers_mut();
-    set(hm, h::STREAM_NEXT_OFFSET, pos);
+    set_offset(hm, h::STREAM_NEXT_OFFSET, pos);
     hm.insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
     hm.insert("cache-control", HeaderValue::from_static("no-store"));
     Ok(res)

@@ -15,7 +15,7 @@ use attache_storage::{
     AppendRequest, CreateOutcome, CreateStream, ForkSpec, ReadBatch, ReadBody, ReadFrom, StoreError, StreamInfo,
 };
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
@@ -28,7 +28,7 @@ use attache_core::state::check_client_row;
 use crate::access::{entity_for, hold_life, owns_stream, Life};
 use crate::error::{ApiError, ApiResult};
 use crate::headers as h;
-use crate::http::{read_body, set};
+use crate::http::{read_body, set, set_offset, set_text};
 use crate::rows::not_running;
 use crate::AppState;
 
@@ -68,8 +68,8 @@ impl<'a> Req<'a> {
 
 /// The stream-state headers shared by PUT, HEAD and reads.
 fn stream_headers(headers: &mut HeaderMap, info: &StreamInfo) {
-    set(headers, "content-type", info.advertised_content_type());
-    set(headers, h::STREAM_NEXT_OFFSET, info.tail_offset());
+    set_text(headers, header::CONTENT_TYPE, info.advertised_content_type());
+    set_offset(headers, h::STREAM_NEXT_OFFSET, info.tail_offset());
     if info.closed {
         headers.insert(h::STREAM_CLOSED, HeaderValue::from_static("true"));
     }
@@ -553,7 +553,7 @@ async fn post(
     }
     let mut res = status.into_response();
     let hm = res.headers_mut();
-    set(hm, h::STREAM_NEXT_OFFSET, outcome.info.tail_offset());
+    set_offset(hm, h::STREAM_NEXT_OFFSET, outcome.info.tail_offset());
     if outcome.info.closed {
         hm.insert(h::STREAM_CLOSED, HeaderValue::from_static("true"));
     }
@@ -714,8 +714,8 @@ fn at_closed_end(info: &StreamInfo, next: Offset) -> bool {
 
 /// The headers of a read of `info` that ends at `next`.
 fn read_headers(hm: &mut HeaderMap, info: &StreamInfo, next: Offset) {
-    set(hm, "content-type", info.advertised_content_type());
-    set(hm, h::STREAM_NEXT_OFFSET, next);
+    set_text(hm, header::CONTENT_TYPE, info.advertised_content_type());
+    set_offset(hm, h::STREAM_NEXT_OFFSET, next);
     if next.0 >= info.tail {
         hm.insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
     }
@@ -766,7 +766,7 @@ async fn catch_up(
     if !matches {
         read_headers(hm, &info, next);
     } else {
-        set(hm, h::STREAM_NEXT_OFFSET, next);
+        set_offset(hm, h::STREAM_NEXT_OFFSET, next);
     }
     set(hm, "etag", tag);
     hm.insert("cache-control", HeaderValue::from_static("private, max-age=60, stale-while-revalidate=300"));
@@ -824,7 +824,7 @@ async fn long_poll(state: &AppState, path: &StreamPath, q: &ReadQuery, reader: &
     let info = store.head(path.as_str()).await?;
     let mut res = StatusCode::NO_CONTENT.into_response();
     let hm = res.headers_mut();
-    set(hm, h::STREAM_NEXT_OFFSET, from);
+    set_offset(hm, h::STREAM_NEXT_OFFSET, from);
     hm.insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
     if info.closed && info.tail == from.0 {
         hm.insert(h::STREAM_CLOSED, HeaderValue::from_static("true"));

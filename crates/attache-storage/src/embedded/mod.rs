@@ -588,7 +588,9 @@ impl EmbeddedStore {
         if info.unlinked {
             return Err(StoreError::NotFound);
         }
-        if !info.soft_deleted && entry.expired(&info, now_ms()) {
+        // The clock is read only for a stream that can expire (most have neither a TTL nor an expiry).
+        let can_expire = info.expires_at_ms.is_some() || info.ttl_secs.is_some();
+        if can_expire && !info.soft_deleted && entry.expired(&info, now_ms()) {
             let _ = self.send(Command::Expire(info.id));
             return Err(StoreError::NotFound);
         }
