@@ -414,6 +414,19 @@ async fn an_append_with_two_content_types_is_refused_and_appends_nothing() {
     assert_eq!(read, r#"[{"a":2}]"#);
 }
 
+/// Two `electric-principal` headers are refused, as two Hosts are: the
+/// server never acts as whichever came first (session 20's attack pass).
+#[tokio::test]
+async fn a_request_naming_two_principals_is_refused_and_writes_nothing() {
+    let s = TestServer::start().await;
+    let two = "127.0.0.1\r\nelectric-principal: user:alice\r\nelectric-principal: user:mallory";
+    let (status, reply) = status_with_host(&s, "PUT /two/principals", two, "").await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply.contains("DUPLICATE_HEADER"), "{reply}");
+    let absent = s.request(Method::GET, "/two/principals?offset=-1").header("electric-principal", "user:alice");
+    assert_eq!(absent.send().await.unwrap().status(), StatusCode::NOT_FOUND, "nothing was created");
+}
+
 #[tokio::test]
 async fn a_request_target_naming_another_host_than_host_is_refused() {
     let s = TestServer::start().await;

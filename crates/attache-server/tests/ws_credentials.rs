@@ -56,6 +56,44 @@ async fn token_server() -> (TestServer, TokenStore) {
     (server, tokens)
 }
 
+/// Two `Authorization` headers are refused (400 `DUPLICATE_HEADER`) in
+/// either order, on the lean stream path and on `/rpc`: before, the first
+/// one won, so a proxy that adds its own beside the client's decided who the
+/// server acted as (session 20's attack pass). Nothing is written.
+#[tokio::test]
+async fn a_request_with_two_authorization_headers_is_refused_and_writes_nothing() {
+    let (server, tokens) = token_server().await;
+    let (_, alice) = tokens.create("user:alice", None).expect("a token");
+    let (_, mallory) = tokens.create("user:mallory", None).expect("a token");
+    for (first, second) in [(&alice, &mallory), (&mallory, &alice)] {
+        let put = server
+            .client
+            .put(server.url("/two/tokens"))
+            .header("authorization", format!("Bearer {first}"))
+            .header("content-type", "text/plain")
+            .header("authorization", format!("Bearer {second}"));
+        let res = put.send().await.expect("an answer");
+        assert_eq!(res.status(), 400);
+        assert!(res.text().await.unwrap().contains("DUPLICATE_HEADER"));
+        let rpc = server
+            .client
+            .post(server.url("/rpc"))
+            .header("authorization", format!("Bearer {first}"))
+            .header("authorization", format!("Bearer {second}"))
+            .json(&json!({ "jsonrpc": "2.0", "id": 1, "method": "task.create", "params": { "id": "t-two", "text": "x" } }));
+        let res = rpc.send().await.expect("an answer");
+        assert_eq!(res.status(), 400);
+        let body = res.text().await.unwrap();
+        assert!(body.contains("one authorization header at most"), "{body}");
+    }
+    for token in [&alice, &mallory] {
+        let read = server.client.get(server.url("/two/tokens?offset=-1")).bearer_auth(token).send().await.unwrap();
+        assert_eq!(read.status(), 404, "no stream was made");
+        let got = rpc(&server, token, "task.get", json!({ "id": "t-two" })).await;
+        assert!(got.get("error").is_some(), "no task was made: {got}");
+    }
+}
+
 #[tokio::test]
 async fn a_websocket_whose_token_is_revoked_executes_nothing_more_and_is_closed_with_1008() {
     let (server, tokens) = token_server().await;
