@@ -48,6 +48,26 @@ async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout
     assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK);
 }
 
+/// Sends `head` (a large one) on a new connection and checks that it is
+/// closed unanswered, the header budget having no room for it; small heads
+/// are still answered.
+async fn a_large_head_is_closed(s: &TestServer, head: &str, why: &str) {
+    let mut conn = connect(s).await;
+    // It may be closed while it still writes: either is the refusal.
+    let _ = conn.write_all(head.as_bytes()).await;
+    let sent = read_until_closed(&mut conn).await;
+    assert_eq!(sent.as_deref(), Some(&b""[..]), "{why}");
+    assert_eq!(healthz(s).await.expect("/healthz answers"), StatusCode::OK, "small heads take nothing");
+}
+
+/// Sends a whole request on a new connection and waits for its `200 OK`.
+async fn a_large_head_is_answered(s: &TestServer, request: &str) {
+    let mut conn = connect(s).await;
+    conn.write_all(request.as_bytes()).await.expect("a whole large head");
+    let mut seen = Vec::new();
+    read_until(&mut conn, &mut seen, "200 OK").await;
+}
+
 /// Unfinished request heads past 8 KiB a connection share
 /// `--header-buffer-bytes`: a client that sends most of a 64 KiB head and
 /// stalls held it until the header timeout, and 2,000 such connections held
@@ -67,21 +87,12 @@ async fn unfinished_request_heads_share_the_header_budget_and_one_past_it_is_clo
     let mut first = connect(&s).await;
     first.write_all(partial.as_bytes()).await.expect("most of a head");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut second = connect(&s).await;
-    // The second may be closed while it still writes: either is the refusal.
-    let _ = second.write_all(partial.as_bytes()).await;
-    let sent = read_until_closed(&mut second).await;
-    assert_eq!(sent.as_deref(), Some(&b""[..]), "the second head past the budget is closed unanswered");
-    // Small heads take nothing from it.
-    assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK);
+    a_large_head_is_closed(&s, &partial, "the second head past the budget is closed unanswered").await;
     // The first finishes its head and is answered; its bytes go back, and a large head fits again.
     first.write_all(b"\r\n\r\n").await.expect("the rest of the head");
     let mut seen = Vec::new();
     read_until(&mut first, &mut seen, "200 OK").await;
-    let mut third = connect(&s).await;
-    third.write_all(format!("{partial}\r\n\r\n").as_bytes()).await.expect("a whole large head");
-    let mut seen = Vec::new();
-    read_until(&mut third, &mut seen, "200 OK").await;
+    a_large_head_is_answered(&s, &format!("{partial}\r\n\r\n")).await;
 }
 
 /// A finished head stays counted in the header budget (what of it is past
@@ -106,20 +117,37 @@ async fn a_finished_head_holds_the_header_budget_while_its_request_runs() {
     polling.write_all(long_poll.as_bytes()).await.expect("a whole large head");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let whole = format!("GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nx-pad: {pad}\r\n\r\n");
-    let mut second = connect(&s).await;
-    let _ = second.write_all(whole.as_bytes()).await;
-    let sent = read_until_closed(&mut second).await;
-    assert_eq!(sent.as_deref(), Some(&b""[..]), "a large head past what the long-poll holds is closed unanswered");
-    assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK, "small heads take nothing");
+    a_large_head_is_closed(&s, &whole, "a large head past what the long-poll holds is closed unanswered").await;
     // The long-poll is answered (an append); its head goes back.
     s.append("/heads/lp", "text/plain", "x").await;
     let mut seen = Vec::new();
     read_until(&mut polling, &mut seen, "200 OK").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut third = connect(&s).await;
-    third.write_all(whole.as_bytes()).await.expect("a whole large head");
+    a_large_head_is_answered(&s, &whole).await;
+}
+
+/// A server whose header budget is `budget` bytes, and a connection that has
+/// sent the head of a 60,000-byte append to `path` and its first 10 bytes.
+async fn a_body_under_way(budget: usize, path: &str) -> (TestServer, TcpStream) {
+    let s = TestServer::start_with(|c| {
+        c.header_buffer_bytes = budget;
+        c.header_read_timeout = Duration::from_secs(120);
+    })
+    .await;
+    s.create(path, "text/plain").await;
+    let head =
+        format!("POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: text/plain\r\ncontent-length: 60000\r\n\r\n");
+    let mut sending = connect(&s).await;
+    sending.write_all(format!("{head}{}", "b".repeat(10)).as_bytes()).await.expect("a head and the start of its body");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (s, sending)
+}
+
+/// Sends the rest of [`a_body_under_way`]'s body and waits for the append's answer.
+async fn the_body_ends(sending: &mut TcpStream) {
+    sending.write_all("b".repeat(59_990).as_bytes()).await.expect("the rest of the body");
     let mut seen = Vec::new();
-    read_until(&mut third, &mut seen, "200 OK").await;
+    read_until(sending, &mut seen, "204 No Content").await;
 }
 
 /// A plain request's body still arriving holds the header budget (what of it
@@ -130,52 +158,21 @@ async fn a_finished_head_holds_the_header_budget_while_its_request_runs() {
 /// sending a 64 KiB body less one byte held 219 MB outside every budget.
 #[tokio::test]
 async fn a_body_still_arriving_holds_the_header_budget() {
-    let s = TestServer::start_with(|c| {
-        c.header_buffer_bytes = 64 << 10;
-        c.header_read_timeout = Duration::from_secs(120);
-    })
-    .await;
-    s.create("/heads/body", "text/plain").await;
-    let head =
-        "POST /heads/body HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: text/plain\r\ncontent-length: 60000\r\n\r\n";
-    let mut sending = connect(&s).await;
-    sending.write_all(format!("{head}{}", "a".repeat(10)).as_bytes()).await.expect("a head and the start of its body");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (s, mut sending) = a_body_under_way(64 << 10, "/heads/body").await;
     let pad = "a".repeat(24 << 10);
     let partial = format!("GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nx-pad: {pad}");
-    let mut second = connect(&s).await;
-    let _ = second.write_all(partial.as_bytes()).await;
-    let sent = read_until_closed(&mut second).await;
-    assert_eq!(sent.as_deref(), Some(&b""[..]), "a large head past what the waiting body holds is closed unanswered");
-    assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK, "small heads take nothing");
-    sending.write_all("a".repeat(59_990).as_bytes()).await.expect("the rest of the body");
-    let mut seen = Vec::new();
-    read_until(&mut sending, &mut seen, "204 No Content").await;
+    a_large_head_is_closed(&s, &partial, "a large head past what the waiting body holds is closed unanswered").await;
+    the_body_ends(&mut sending).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut third = connect(&s).await;
-    third.write_all(format!("{partial}\r\n\r\n").as_bytes()).await.expect("a whole large head");
-    let mut seen = Vec::new();
-    read_until(&mut third, &mut seen, "200 OK").await;
+    a_large_head_is_answered(&s, &format!("{partial}\r\n\r\n")).await;
 }
 
 /// A body the header budget has no room for is not refused: hyper reads it
 /// as the handler asks for it, and the append is made whole.
 #[tokio::test]
 async fn a_body_past_the_header_budget_is_read_by_hyper_and_appended_whole() {
-    let s = TestServer::start_with(|c| {
-        c.header_buffer_bytes = 16 << 10;
-        c.header_read_timeout = Duration::from_secs(120);
-    })
-    .await;
-    s.create("/heads/over", "text/plain").await;
-    let head =
-        "POST /heads/over HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: text/plain\r\ncontent-length: 60000\r\n\r\n";
-    let mut sending = connect(&s).await;
-    sending.write_all(format!("{head}{}", "b".repeat(10)).as_bytes()).await.expect("a head and the start of its body");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    sending.write_all("b".repeat(59_990).as_bytes()).await.expect("the rest of the body");
-    let mut seen = Vec::new();
-    read_until(&mut sending, &mut seen, "204 No Content").await;
+    let (s, mut sending) = a_body_under_way(16 << 10, "/heads/over").await;
+    the_body_ends(&mut sending).await;
     let read = reqwest::get(s.url("/heads/over?offset=-1")).await.expect("a read").bytes().await.expect("its body");
     assert_eq!(read.len(), 60_000, "the whole body was appended");
     assert!(read.iter().all(|&b| b == b'b'));
