@@ -431,7 +431,13 @@ pub async fn post_rpc(State(state): State<AppState>, req: axum::extract::Request
         Ok(who) => who,
         Err(e) => {
             let refusal = e.refusal();
-            let err = RpcError::Call(ApiError::NotPermitted { message: refusal.message });
+            // A malformed request (two Authorization headers) is -32600, as a
+            // malformed body is; missing or refused credentials are -32002.
+            let err = if refusal.status == StatusCode::BAD_REQUEST {
+                RpcError::InvalidRequest(refusal.message)
+            } else {
+                RpcError::Call(ApiError::NotPermitted { message: refusal.message })
+            };
             state.metrics.rpc_call("", &outcome_label(&err));
             let mut res = respond(refusal.status, &error_response(Value::Null, &err));
             res.headers_mut().extend(refusal.headers);
