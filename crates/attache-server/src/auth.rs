@@ -137,15 +137,19 @@ pub fn offered_subprotocols(headers: &HeaderMap) -> Vec<&str> {
 }
 
 /// A WebSocket handshake's credentials: its headers, with `Authorization:
-/// Bearer <token>` made from an offered `attache.bearer.<token>` subprotocol
-/// when it sends no `Authorization` of its own (the header wins when both
-/// come). What [`Auth::authenticate`] and [`Presented::of`] then read.
+/// Bearer <token>` made from each offered `attache.bearer.<token>`
+/// subprotocol. What [`Auth::authenticate`] and [`Presented::of`] then read:
+/// one credential, given once or the same in several places, is taken; two
+/// different ones (two bearer subprotocols, or one beside an `Authorization`
+/// naming another token) are refused as two `Authorization` headers are,
+/// never decided by which came first (session 20's second attack pass).
 pub fn websocket_credentials(headers: &HeaderMap) -> HeaderMap {
     let mut creds = headers.clone();
-    if !creds.contains_key(axum::http::header::AUTHORIZATION) {
-        let token = offered_subprotocols(headers).into_iter().find_map(|p| p.strip_prefix(WS_BEARER_PROTOCOL));
-        if let Some(Ok(value)) = token.map(|t| HeaderValue::from_str(&format!("Bearer {t}"))) {
-            creds.insert(axum::http::header::AUTHORIZATION, value);
+    let name = axum::http::header::AUTHORIZATION;
+    for token in offered_subprotocols(headers).into_iter().filter_map(|p| p.strip_prefix(WS_BEARER_PROTOCOL)) {
+        let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}")) else { continue };
+        if !creds.get_all(&name).iter().any(|v| v == value) {
+            creds.append(name.clone(), value);
         }
     }
     creds

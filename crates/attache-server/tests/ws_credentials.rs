@@ -151,8 +151,20 @@ async fn a_websocket_subscriber_whose_token_is_revoked_gets_no_later_event() {
 /// no `Authorization` header, as a browser opens one; the socket and the
 /// subprotocol the server selected, or the handshake's HTTP status.
 async fn open_offering(server: &TestServer, protocols: &str) -> Result<(Ws, Option<String>), u16> {
+    open_offering_with(server, protocols, None).await
+}
+
+/// As [`open_offering`], with an `Authorization: Bearer` header too when `bearer` is given.
+async fn open_offering_with(
+    server: &TestServer,
+    protocols: &str,
+    bearer: Option<&str>,
+) -> Result<(Ws, Option<String>), u16> {
     let mut req = server.url("/ws").replace("http://", "ws://").into_client_request().expect("a ws request");
     req.headers_mut().insert("sec-websocket-protocol", protocols.parse().expect("a header value"));
+    if let Some(token) = bearer {
+        req.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("a header value"));
+    }
     match tokio_tungstenite::connect_async(req).await {
         Ok((ws, res)) => {
             let selected = res.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap().to_owned());
@@ -161,6 +173,29 @@ async fn open_offering(server: &TestServer, protocols: &str) -> Result<(Ws, Opti
         Err(tokio_tungstenite::tungstenite::Error::Http(res)) => Err(res.status().as_u16()),
         Err(e) => panic!("the handshake failed otherwise: {e}"),
     }
+}
+
+/// A WebSocket handshake carries one credential: two different tokens (two
+/// bearer subprotocols, or one beside an `Authorization` header naming
+/// another) are 400 and open nothing, never decided by which came first;
+/// the same token offered twice is one credential (session 20's second
+/// attack pass: the first bearer subprotocol won).
+#[tokio::test]
+async fn a_websocket_offering_two_different_tokens_is_refused() {
+    let (server, tokens) = token_server().await;
+    let (_, sam) = tokens.create("user:sam", None).expect("a token");
+    let (_, ann) = tokens.create("user:ann", None).expect("a token");
+    let two = format!("attache, attache.bearer.{sam}, attache.bearer.{ann}");
+    assert_eq!(open_offering(&server, &two).await.err(), Some(400), "two bearer subprotocols");
+    let other = format!("attache, attache.bearer.{ann}");
+    assert_eq!(open_offering_with(&server, &other, Some(&sam)).await.err(), Some(400), "a header and another token");
+    let same = format!("attache, attache.bearer.{sam}, attache.bearer.{sam}");
+    let (mut ws, _) = open_offering(&server, &same).await.expect("the same token twice opens");
+    assert_eq!(next(&mut ws).await.expect("a hello")["type"], "connected");
+    let (mut ws, _) = open_offering_with(&server, &format!("attache, attache.bearer.{sam}"), Some(&sam))
+        .await
+        .expect("a header and the same token open");
+    assert_eq!(next(&mut ws).await.expect("a hello")["type"], "connected");
 }
 
 /// A browser's WebSocket API sets no `Authorization` header, only
