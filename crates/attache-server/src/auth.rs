@@ -13,6 +13,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::error::ApiError;
+use crate::origin::single;
 use crate::AppState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,23 +44,10 @@ fn unauthorized(message: &str) -> ApiError {
         .with_header(axum::http::header::WWW_AUTHENTICATE, "Bearer")
 }
 
-/// The one value of a credentials header. Two are refused (400
-/// `DUPLICATE_HEADER`), as two Hosts or Origins are: a proxy that adds its
-/// own `Authorization` beside the client's would otherwise have the server
-/// act as whichever came first (session 20's attack pass).
-fn single<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h HeaderValue>, ApiError> {
-    let mut values = headers.get_all(name).iter();
-    let first = values.next();
-    if values.next().is_some() {
-        return Err(crate::origin::more_than_one(name));
-    }
-    Ok(first)
-}
-
 impl Auth {
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<PrincipalKey, ApiError> {
         match self.mode {
-            AuthMode::Dev => match single(headers, PRINCIPAL_HEADER)? {
+            AuthMode::Dev => match single(headers, PRINCIPAL_HEADER, PRINCIPAL_HEADER)? {
                 None => Ok(PrincipalKey::anonymous()),
                 Some(v) => {
                     let raw =
@@ -77,7 +65,7 @@ impl Auth {
                 }
             },
             AuthMode::Token => {
-                let header = single(headers, axum::http::header::AUTHORIZATION.as_str())?
+                let header = single(headers, axum::http::header::AUTHORIZATION, "authorization")?
                     .ok_or_else(|| unauthorized("credentials required: send Authorization: Bearer <token>"))?;
                 let raw = header.to_str().map_err(|_| unauthorized("malformed Authorization header"))?;
                 let token = raw

@@ -95,11 +95,7 @@ impl BrowserPolicy {
         // RFC 9112 3.2: more than one Host is 400, in every mode. Before
         // (session 18's attack pass), the first one was checked and the
         // rest ignored.
-        let mut hosts = req.headers().get_all(header::HOST).iter();
-        let first = hosts.next();
-        if hosts.next().is_some() {
-            return Err(more_than_one("Host"));
-        }
+        let first = single(req.headers(), header::HOST, "Host")?;
         // RFC 9112 3.2.2 and RFC 9113 8.3.1: a request target with an
         // authority (absolute form, or HTTP/2's `:authority`) names the host
         // itself; a Host naming another is refused, rather than one of the two
@@ -139,11 +135,8 @@ impl BrowserPolicy {
 
     fn check_origin(&self, req: &Request) -> Result<Verdict, ApiError> {
         let Some(origins) = &self.origins else { return Ok(Verdict::Any) };
-        let Some(value) = req.headers().get(header::ORIGIN) else { return Ok(Verdict::NoCors) };
         // An Origin is one origin (RFC 6454 7): two are no answer to "whose page is this".
-        if req.headers().get_all(header::ORIGIN).iter().nth(1).is_some() {
-            return Err(more_than_one("Origin"));
-        }
+        let Some(value) = single(req.headers(), header::ORIGIN, "Origin")? else { return Ok(Verdict::NoCors) };
         let raw = value.to_str().unwrap_or("");
         let refuse = || {
             ApiError::new(
@@ -188,8 +181,25 @@ impl BrowserPolicy {
 const CROSS_ORIGIN_RESOURCE_POLICY: axum::http::HeaderName =
     axum::http::HeaderName::from_static("cross-origin-resource-policy");
 
-/// 400 `DUPLICATE_HEADER`: a field that is one value (`Host`, `Origin`, `Content-Type`) came twice.
-pub(crate) fn more_than_one(name: &str) -> ApiError {
+/// The one value of a field that is one value (`Host`, `Origin`,
+/// `Content-Type`, the credentials), if it came: two are 400
+/// `DUPLICATE_HEADER` (`label` names the field in the message), never the
+/// first taken and the rest ignored.
+pub(crate) fn single<'h>(
+    headers: &'h HeaderMap,
+    name: impl axum::http::header::AsHeaderName,
+    label: &str,
+) -> Result<Option<&'h HeaderValue>, ApiError> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(more_than_one(label));
+    }
+    Ok(first)
+}
+
+/// 400 `DUPLICATE_HEADER`: a field that is one value came twice.
+fn more_than_one(name: &str) -> ApiError {
     ApiError::new(
         StatusCode::BAD_REQUEST,
         "DUPLICATE_HEADER",

@@ -59,9 +59,7 @@ impl<'a> Req<'a> {
     /// could differ (session 19's attack pass: the first won).
     fn content_type(&self) -> ApiResult<Option<ContentType>> {
         let name = &axum::http::header::CONTENT_TYPE;
-        if self.0.get_all(name).iter().nth(1).is_some() {
-            return Err(crate::origin::more_than_one("Content-Type"));
-        }
+        crate::origin::single(self.0, name, "Content-Type")?;
         self.get(name)?.map(ContentType::parse).transpose().map_err(ApiError::from)
     }
 }

@@ -135,24 +135,22 @@ async fn run(
             return hand_over(io, prefix, activity, app, shutdown).await;
         };
         let in_flight = activity.request_started(head.len);
-        // A body still arriving is held here before any handler has seen who
-        // sent it: what of it is past the connection's free head bytes comes
-        // from the head budget, as an unfinished head's bytes do (3,000
-        // connections each sending 64 KiB less one byte held 219 MB outside
-        // every budget: session 20's attack pass). With no room, hyper reads
-        // the body instead, as the handler asks for it.
-        let mut body_hold = if buf.len() < head.body_len {
+        // What the body held of the head budget while it arrived (below).
+        let mut body_hold = None;
+        if buf.len() < head.body_len {
+            // A body still arriving is held here before any handler has seen who
+            // sent it: what of it is past the connection's free head bytes comes
+            // from the head budget, as an unfinished head's bytes do (3,000
+            // connections each sending 64 KiB less one byte held 219 MB outside
+            // every budget: session 20's attack pass). With no room, hyper reads
+            // the body instead, as the handler asks for it.
             let charge = head.body_len.saturating_sub(HEAD_FREE_BYTES.saturating_sub(head.len));
             if !activity.heads.take(charge) {
                 drop(in_flight);
                 let prefix = wire::rewind_prefix(Some(&head_bytes), &buf);
                 return hand_over(io, prefix, activity, app, shutdown).await;
             }
-            Some(BodyHold { heads: activity.heads.clone(), bytes: charge })
-        } else {
-            None
-        };
-        if buf.len() < head.body_len {
+            body_hold = Some(BodyHold { heads: activity.heads.clone(), bytes: charge });
             // What arrives now is this request's body, not a next header.
             activity.open_bodies.fetch_add(1, Ordering::AcqRel);
             let arrived = tokio::time::timeout(body_wait, fill_to(&io.io, &mut buf, head.body_len, &activity)).await;
