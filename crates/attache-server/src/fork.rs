@@ -270,7 +270,7 @@ async fn make_fork(state: &AppState, plan: &Plan, made: &mut Made<'_>) -> ApiRes
     made.done = true;
     crate::pause::at(state, crate::pause::FORK_GRANTS).await;
     if let Some(lineage) = lineage {
-        copy_grants_to_child(state, who, &lineage.parent, &stored.url).await?;
+        copy_grants_to_child(state, who, &lineage.parent, &stored).await?;
     }
     Ok((entity_json(&stored), txid))
 }

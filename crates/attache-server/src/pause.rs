@@ -14,6 +14,8 @@ use crate::AppState;
 /// Between the permission check of a server write to an entity's main
 /// stream (send, attachment delete, upload rows) and the write.
 pub const ENTITY_WRITE: &str = "entity_write";
+/// Between a grant's permission check (`manage`) and its write.
+pub const GRANT_WRITE: &str = "grant_write";
 /// Between a task write's decision and the write of its rows and events
 /// (every task method that writes). A change of the task record (create,
 /// update, assign, claim, complete, delete) waits here after its

@@ -1579,6 +1579,40 @@ async fn a_purge_whose_request_is_dropped_midway_is_finished() {
     spawn(&ts, Some(ANN), e).await;
 }
 
+/// A grant checked against one life of an entity is never written into the
+/// next one: a `manage` grant held between its permission check and its
+/// write (at `grant_write`) while its granter purges the entity and another
+/// principal spawns the URL again is answered 404, and gives the granter
+/// nothing of the new entity. Session 21's attack pass: the grant was
+/// written after the purge and the next owner's entity answered its grantee.
+#[tokio::test]
+async fn a_grant_racing_a_purge_is_not_given_to_the_entity_spawned_there_next() {
+    let (ts, pauses) = start_with_pauses().await;
+    let e = "/chat/grant-trap";
+    spawn(&ts, Some(SAM), e).await;
+    let pause = pauses.arm(attache_server::pause::GRANT_WRITE);
+    let grant = as_principal(ts.request(Method::POST, &format!("{}/grants", api(e))), Some(SAM))
+        .json(&json!({ "subject_kind": "principal", "subject_value": SAM, "permission": "manage" }));
+    let granting = tokio::spawn(grant.send());
+    pause.reached().await;
+    let purge = as_principal(ts.request(Method::DELETE, &format!("{}?purge=true", api(e))), Some(SAM));
+    assert_eq!(purge.send().await.unwrap().status(), StatusCode::OK);
+    spawn(&ts, Some(ANN), e).await;
+    pause.release();
+    let answer = granting.await.unwrap().unwrap();
+    assert_eq!(answer.status(), StatusCode::NOT_FOUND, "the grant's entity is gone");
+
+    assert_eq!(get_as(&ts, Some(SAM), e).await.0, StatusCode::NOT_FOUND, "sam holds nothing of ann's entity");
+    let grants: Value = as_principal(ts.request(Method::GET, &format!("{}/grants", api(e))), Some(ANN))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(grants["grants"], json!([]), "ann's entity starts with no grant");
+}
+
 /// A spawn whose request is dropped after its registry record, before its
 /// grants and initial message (held at `spawn_rest`), is finished all the
 /// same: the entity has the grant and the inbox row its spawn asked for.

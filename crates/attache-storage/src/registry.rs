@@ -158,6 +158,13 @@ pub struct GrantRecord {
 #[derive(Debug, Clone)]
 pub struct NewGrant {
     pub entity_url: String,
+    /// The life of the entity at `entity_url` the grant was decided for
+    /// (its `incarnation`): the grant is stored only while that entity is
+    /// still there, in that life, and [`Registry::add_grant`] answers
+    /// [`crate::StoreError::NotFound`] otherwise, so a grant decided before a
+    /// purge never lands on the entity spawned at the URL next (session 21's
+    /// attack pass: it did, and gave its grantee the next owner's entity).
+    pub incarnation: Option<String>,
     pub subject: GrantSubject,
     pub permission: Permission,
     pub expires_at: Option<String>,
@@ -174,6 +181,8 @@ impl NewGrant {
         GrantRecord {
             id,
             entity_url: self.entity_url,
+            // `incarnation` is a condition of the write, not part of the grant:
+            // the entity's removal takes its grants with it.
             subject: self.subject,
             permission: self.permission,
             expires_at: self.expires_at,
@@ -248,6 +257,9 @@ pub trait Registry: Send + Sync + 'static {
     fn grants_to(&self, entity_url: &str, who: &attache_core::PrincipalKey) -> Vec<GrantRecord> {
         self.grants(entity_url).into_iter().filter(|g| g.subject.matches(who)).collect()
     }
+    /// Stores `grant`, atomically with the check that the entity at its URL
+    /// is still the life it names ([`NewGrant::incarnation`]); `NotFound`
+    /// when it is not (removed, or removed and spawned again).
     async fn add_grant(&self, grant: NewGrant) -> StoreResult<GrantRecord>;
     async fn remove_grant(&self, entity_url: &str, id: u64) -> StoreResult<bool>;
 }

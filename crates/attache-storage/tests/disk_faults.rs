@@ -414,6 +414,8 @@ async fn a_failed_log_sync_while_the_next_batch_is_applied_beside_it_loses_nothi
 fn grant(url: &str) -> attache_storage::NewGrant {
     attache_storage::NewGrant {
         entity_url: url.to_owned(),
+        // The life `entity(url)` has.
+        incarnation: Some(url.to_owned()),
         subject: attache_core::GrantSubject::parse("principal", "user:bob").expect("a subject"),
         permission: attache_core::Permission::Read,
         expires_at: None,

@@ -200,6 +200,7 @@ fn entity_updates_from_two_instances_are_compare_and_set_or_skip_without_postgre
         let grant = a
             .add_grant(attache_storage::NewGrant {
                 entity_url: "/task/t1".into(),
+                incarnation: Some("i1".into()),
                 subject: attache_core::GrantSubject::Principal("/_principal/user/bob".into()),
                 permission: attache_core::Permission::Read,
                 expires_at: None,

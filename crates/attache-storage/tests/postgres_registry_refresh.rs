@@ -43,6 +43,7 @@ fn entity(url: &str) -> EntityRecord {
 fn read_grant_to_bob(url: &str) -> NewGrant {
     NewGrant {
         entity_url: url.into(),
+        incarnation: Some("i1".into()),
         subject: attache_core::GrantSubject::Principal("/_principal/user/bob".into()),
         permission: attache_core::Permission::Read,
         expires_at: None,

@@ -18,7 +18,7 @@ use std::time::Duration;
 use attache_core::{GrantSubject, Permission, PrincipalKey, PrincipalKind, Propagation};
 use attache_storage::embedded::EmbeddedRegistry;
 use attache_storage::postgres::{self, PgConfig};
-use attache_storage::{Ancestor, EntityRecord, NewGrant, Registry, StreamStore};
+use attache_storage::{Ancestor, EntityRecord, NewGrant, Registry, StoreError, StreamStore};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -142,9 +142,12 @@ async fn random_changes(registry: &dyn Registry, seed: u64, settle: bool) {
                     GrantSubject::Principal(to.url())
                 };
                 let propagation = if rng.random_bool(0.5) { Propagation::Descendants } else { Propagation::Own };
-                registry
+                // A grant is stored only into the life of an entity that is there.
+                let life = registry.entity(&target).await.map(|e| e.incarnation);
+                let added = registry
                     .add_grant(NewGrant {
                         entity_url: target.clone(),
+                        incarnation: life.clone().flatten(),
                         subject,
                         permission: Permission::Read,
                         expires_at: None,
@@ -153,8 +156,11 @@ async fn random_changes(registry: &dyn Registry, seed: u64, settle: bool) {
                         propagation,
                         copy_to_children: false,
                     })
-                    .await
-                    .unwrap();
+                    .await;
+                match life {
+                    Some(_) => drop(added.unwrap()),
+                    None => assert!(matches!(added, Err(StoreError::NotFound)), "{added:?}"),
+                }
             }
             _ => {
                 let grants = registry.grants(&target);

@@ -12,7 +12,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::access::EntityRoute;
+use crate::access::{entity_not_found, hold_life, EntityRoute};
 use crate::error::{ApiError, ApiResult};
 use crate::http::json_body;
 use crate::AppState;
@@ -32,13 +32,21 @@ pub struct GrantBody {
 }
 
 impl GrantBody {
-    pub(super) fn into_new(self, entity_url: &str, created_by: &PrincipalKey) -> ApiResult<NewGrant> {
+    /// The grant this body asks for on the entity at `entity_url`, in its
+    /// life `incarnation` (the registry stores it only while that lasts).
+    pub(super) fn into_new(
+        self,
+        entity_url: &str,
+        incarnation: Option<&str>,
+        created_by: &PrincipalKey,
+    ) -> ApiResult<NewGrant> {
         let subject = GrantSubject::parse(&self.subject_kind, &self.subject_value)?;
         let permission = Permission::parse(&self.permission)?;
         let propagation = self.propagation.as_deref().map(Propagation::parse).transpose()?.unwrap_or_default();
         let expires = self.expires_at.as_deref().map(ExpiresAt::parse).transpose()?;
         Ok(NewGrant {
             entity_url: entity_url.to_owned(),
+            incarnation: incarnation.map(str::to_owned),
             subject,
             permission,
             expires_at_ms: expires.as_ref().map(|e| e.unix_ms),
@@ -116,9 +124,17 @@ pub async fn add_grant(
     let who = &route.who;
     let (body, _tree): (GrantBody, _) = json_body(&state.bodies, who, &headers, body).await?;
     let entity = route.authorize(&state, Permission::Manage).await?;
-    let grant = body.into_new(&entity.url, who)?;
+    let grant = body.into_new(&entity.url, entity.incarnation.as_deref(), who)?;
     let _room = grant_room(&state, &entity)?;
-    let stored = state.registry.add_grant(grant).await?;
+    crate::pause::at(&state, crate::pause::GRANT_WRITE).await;
+    // Into the life checked above only, as every entity write: a purge between
+    // the check and the write makes this a 404, not a grant on whatever is
+    // spawned at the URL next (the registry checks the life again, for other instances).
+    let _life = hold_life(&state, &entity).await?;
+    let stored = state.registry.add_grant(grant).await.map_err(|e| match e {
+        attache_storage::StoreError::NotFound => entity_not_found(&entity.url),
+        e => e.into(),
+    })?;
     Ok((StatusCode::CREATED, Json(grant_json(&stored))).into_response())
 }
 

@@ -86,7 +86,7 @@ pub async fn copy_grants_to_child(
     state: &AppState,
     who: &PrincipalKey,
     parent: &EntityRecord,
-    child: &str,
+    child: &EntityRecord,
 ) -> ApiResult<()> {
     let now = now_ms();
     for g in state.registry.grants(&parent.url) {
@@ -96,7 +96,8 @@ pub async fn copy_grants_to_child(
         state
             .registry
             .add_grant(NewGrant {
-                entity_url: child.to_owned(),
+                entity_url: child.url.clone(),
+                incarnation: child.incarnation.clone(),
                 subject: g.subject,
                 permission: g.permission,
                 expires_at: g.expires_at,
@@ -298,7 +299,7 @@ pub async fn spawn(
         .grants
         .unwrap_or_default()
         .into_iter()
-        .map(|g| g.into_new(&url.to_string(), who))
+        .map(|g| g.into_new(&url.to_string(), None, who))
         .collect::<ApiResult<Vec<_>>>()?;
     for key in body.tags.iter().flat_map(|t| t.keys()) {
         if key.is_empty() || key.len() > 128 {
@@ -336,9 +337,10 @@ pub async fn spawn(
         }
         crate::pause::at(state, crate::pause::SPAWN_REST).await;
         if let Some(lineage) = &lineage {
-            copy_grants_to_child(state, &who, &lineage.parent, &entity.url).await?;
+            copy_grants_to_child(state, &who, &lineage.parent, &entity).await?;
         }
-        for grant in grants {
+        for mut grant in grants {
+            grant.incarnation = entity.incarnation.clone();
             state.registry.add_grant(grant).await?;
         }
         if let Some(payload) = body.initial_message {

@@ -336,7 +336,12 @@ impl Inner {
     }
 
     async fn add_grant(&self, grant: NewGrant) -> StoreResult<GrantRecord> {
+        // Under the write lock `remove_entity` takes: the entity checked here is
+        // the one there when the grant is written.
         let _guard = self.write.lock().await;
+        if self.cached(&grant.entity_url).is_none_or(|e| e.incarnation != grant.incarnation) {
+            return Err(StoreError::NotFound);
+        }
         let id = self.cache.read().next_grant;
         let record = grant.into_record(id);
         let bytes = json(&record)?;

@@ -454,6 +454,20 @@ impl Registry for PgRegistry {
                 let cache = &shared.registry;
                 let ticket = cache.ticket(&grant.entity_url);
                 let mut tx = shared.pool.begin().await.map_err(db_err)?;
+                // The entity's row, key-share locked to the commit: a removal
+                // (`remove_entity` deletes the row, then its grants) either
+                // came first, and there is no row or another life's, or waits
+                // for this commit and then deletes the grant with the rest.
+                let row: Option<(String,)> =
+                    sqlx::query_as("SELECT record FROM attache_entities WHERE url = $1 FOR KEY SHARE")
+                        .bind(&grant.entity_url)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                let entity: Option<EntityRecord> = row.map(|(record,)| parse(&record)).transpose()?;
+                if entity.is_none_or(|e| e.incarnation != grant.incarnation) {
+                    return Err(StoreError::NotFound);
+                }
                 let (id,): (i64,) =
                     sqlx::query_as("SELECT nextval('attache_grant_ids')").fetch_one(&mut *tx).await.map_err(db_err)?;
                 let record = grant.into_record(id as u64);
