@@ -80,3 +80,33 @@ fn a_postgres_instance_stores_a_grant_only_in_the_life_it_was_decided_for_whatev
         b.store.close().await;
     });
 }
+
+/// A grant left without its entity by an earlier version (a grant that raced
+/// a purge was kept by URL alone) is removed when the registry opens: the
+/// next entity spawned at its URL starts with no grant.
+#[tokio::test]
+async fn an_orphan_grant_left_by_an_earlier_version_is_removed_at_open() {
+    const GRANTS: redb::TableDefinition<(&str, u64), &[u8]> = redb::TableDefinition::new("grants");
+    let root = tempfile::tempdir().expect("a temporary dir");
+    let url = "/chat/trap";
+    {
+        let registry = EmbeddedRegistry::open(root.path()).expect("the registry opens");
+        let kept = support::entity("/chat/kept");
+        registry.insert_entity(kept.clone()).await.expect("spawn");
+        registry.add_grant(manage_for_bob(&kept)).await.expect("a grant with its entity");
+    }
+    {
+        // What an earlier version could leave: a grant at a URL with no entity.
+        let db = redb::Database::open(root.path().join("registry.redb")).expect("the registry file");
+        let txn = db.begin_write().expect("a write");
+        let orphan = manage_for_bob(&support::entity(url)).into_record(9_999);
+        let bytes = serde_json::to_vec(&orphan).expect("a grant record");
+        txn.open_table(GRANTS).expect("grants").insert((url, 9_999), bytes.as_slice()).expect("insert");
+        txn.commit().expect("commit");
+    }
+    let registry = EmbeddedRegistry::open(root.path()).expect("the registry reopens");
+    assert!(registry.grants(url).is_empty(), "the orphan is gone: {:?}", registry.grants(url));
+    assert!(registry.insert_entity(respawned(url)).await.expect("spawn at its URL").1);
+    assert!(registry.grants(url).is_empty(), "the new entity starts with no grant");
+    assert_eq!(registry.grants("/chat/kept").len(), 1, "a grant whose entity is there stays");
+}

@@ -72,8 +72,21 @@ impl EmbeddedRegistry {
             // Created once here, so a reopen after a disk error only reads.
             let db = open_db(&path, faults.as_ref())?;
             let txn = db.begin_write()?;
-            txn.open_table(ENTITIES)?;
-            txn.open_table(GRANTS)?;
+            {
+                let entities = txn.open_table(ENTITIES)?;
+                // Grants whose entity is gone, which versions before session 21
+                // could keep when a grant raced a purge: removed, so none reaches
+                // an entity spawned at its URL later.
+                let mut orphans = 0usize;
+                txn.open_table(GRANTS)?.retain(|(url, _), _| {
+                    let kept = entities.get(url).map_or(true, |e| e.is_some());
+                    orphans += usize::from(!kept);
+                    kept
+                })?;
+                if orphans > 0 {
+                    tracing::warn!(orphans, "removed grants whose entity is gone");
+                }
+            }
             txn.open_table(COUNTERS)?;
             txn.commit()?;
         }

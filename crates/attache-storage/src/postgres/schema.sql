@@ -72,3 +72,9 @@ CREATE TABLE IF NOT EXISTS attache_grants (
     record TEXT NOT NULL,
     PRIMARY KEY (entity_url, id)
 );
+
+-- Grants whose entity is gone, which versions before session 21 could keep
+-- when a grant raced a purge: removed at every start, so none reaches an
+-- entity spawned at its URL later (a grant is now written only into the
+-- entity's current life, attache_storage::NewGrant::incarnation).
+DELETE FROM attache_grants g WHERE NOT EXISTS (SELECT 1 FROM attache_entities e WHERE e.url = g.entity_url);
