@@ -662,11 +662,12 @@ async fn get(
     }
 }
 
-/// Who waits on a live read of an entity's stream, to be checked again
-/// before each batch that arrives after a wait: a grant revoked (or the
-/// entity purged) while a reader waits ends what that reader is sent, as on
-/// `/_attache/events`. Plain streams need no second look: their owner does
-/// not change, and a deleted stream ends its readers.
+/// Who reads an entity's stream live, to be checked again before each
+/// batch it is sent (SSE) or that arrives after a wait (long-poll): a grant
+/// revoked (or the entity purged) while a reader waits, or while it is still
+/// catching up, ends what that reader is sent, as on `/_attache/events`.
+/// Plain streams need no second look: their owner does not change, and a
+/// deleted stream ends its readers.
 #[derive(Clone)]
 struct LiveReader {
     state: AppState,
@@ -909,7 +910,7 @@ async fn sse(state: &AppState, path: &StreamPath, q: &ReadQuery, live: LiveReade
         announced: false,
         done: false,
         live,
-        waited: false,
+        stream: None,
         sent: None,
     };
     let mut res = crate::sse::response(reader);
@@ -935,9 +936,10 @@ struct SseReader {
     announced: bool,
     /// The stream's closed end has been sent.
     done: bool,
-    /// Who reads, checked again after each wait.
+    /// Who reads, checked again before each batch.
     live: LiveReader,
-    waited: bool,
+    /// The id of the stream the first batch came from.
+    stream: Option<u64>,
     /// The last large event's share of the response budget: held until the
     /// connection asks for the next event, which it does once it sent this one.
     sent: Option<crate::http::SendPermit>,
@@ -974,7 +976,15 @@ impl crate::sse::Source for SseReader {
                     return None;
                 }
             };
-            if std::mem::take(&mut self.waited) && !self.live.may_still_read().await {
+            // Before every batch, not only after a wait: a reader still catching
+            // up never waits, and a revoked one was sent what came after its
+            // revoke until it caught up (session 21's attack pass).
+            if !self.live.may_still_read().await {
+                return None;
+            }
+            // The stream this response began on: one made at its path since
+            // (a purge and a new spawn) is another stream, with other readers.
+            if *self.stream.get_or_insert(batch.info.id) != batch.info.id {
                 return None;
             }
             let closed = batch.at_closed_end();
@@ -1024,7 +1034,6 @@ impl crate::sse::Source for SseReader {
                 _ = tokio::time::sleep_until(self.deadline) => return None,
                 _ = self.shutdown.cancelled() => return None,
             }
-            self.waited = true;
         }
         None
     }

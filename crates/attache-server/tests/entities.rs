@@ -1613,6 +1613,66 @@ async fn a_grant_racing_a_purge_is_not_given_to_the_entity_spawned_there_next() 
     assert_eq!(grants["grants"], json!([]), "ann's entity starts with no grant");
 }
 
+/// A reader whose grant is revoked while it is still catching up on an SSE
+/// read of an entity's main stream is sent nothing written after the
+/// revoke: the grant is checked before every batch, not only after a wait.
+/// The reader reads nothing for a while with a small receive buffer, so the
+/// server is still behind the tail when the grant goes. Session 21's attack
+/// pass: a slow reader was never checked again until it caught up, and was
+/// sent a row written after its revoke.
+#[tokio::test]
+async fn a_reader_revoked_while_catching_up_over_sse_is_sent_nothing_written_after() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SECRET: &str = "POSTREVOKE-S3CRET";
+    let ts = TestServer::start().await;
+    let e = "/chat/revoked-behind";
+    spawn(&ts, Some(ANN), e).await;
+    let grant = as_principal(ts.request(Method::POST, &format!("{}/grants", api(e))), Some(ANN))
+        .json(&json!({ "subject_kind": "principal", "subject_value": SAM, "permission": "read" }));
+    let granted: Value = grant.send().await.unwrap().json().await.unwrap();
+    let filler = "x".repeat(30_000);
+    for n in 0..60 {
+        let send = as_principal(ts.request(Method::POST, &format!("{}/send", api(e))), Some(ANN))
+            .json(&json!({ "payload": { "n": n, "filler": filler } }));
+        assert_eq!(send.send().await.unwrap().status(), StatusCode::OK);
+    }
+
+    // Sam's SSE read from the start, over a socket that takes 4 KiB at a time.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = ts.url.trim_start_matches("http://").parse().unwrap();
+    let mut conn = socket.connect(addr).await.unwrap();
+    let request = format!(
+        "GET {e}/main?offset=-1&live=sse HTTP/1.1\r\nhost: {addr}\r\nelectric-principal: {SAM}\r\nconnection: close\r\n\r\n"
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = vec![0u8; 4096];
+    let n = conn.read(&mut seen).await.unwrap();
+    assert!(String::from_utf8_lossy(&seen[..n]).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&seen[..n]));
+
+    let revoke = format!("{}/grants/{}", api(e), granted["id"]);
+    assert_eq!(as_principal(ts.request(Method::DELETE, &revoke), Some(ANN)).send().await.unwrap().status(), 204);
+    let send = as_principal(ts.request(Method::POST, &format!("{}/send", api(e))), Some(ANN))
+        .json(&json!({ "payload": SECRET }));
+    assert_eq!(send.send().await.unwrap().status(), StatusCode::OK);
+
+    // Read until the response ends, or nothing comes for 3 s.
+    let (mut rest, mut chunk, mut ended) = (Vec::new(), vec![0u8; 65_536], false);
+    while let Ok(read) = tokio::time::timeout(Duration::from_secs(3), conn.read(&mut chunk)).await {
+        match read.unwrap() {
+            0 => {
+                ended = true;
+                break;
+            }
+            n => rest.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.len() > 100_000, "the reader was still behind the tail at the revoke ({} bytes after)", text.len());
+    assert!(!text.contains(SECRET), "a row written after the revoke was sent");
+    assert!(ended, "the revoked reader's response ends");
+}
+
 /// A spawn whose request is dropped after its registry record, before its
 /// grants and initial message (held at `spawn_rest`), is finished all the
 /// same: the entity has the grant and the inbox row its spawn asked for.
