@@ -73,8 +73,33 @@ pub struct Batch {
 ///
 /// Large pages of the log are split and parsed a few at a time, all
 /// readers together ([`turns`]): a reader waits its turn (first come, first
-/// served) rather than every reader parsing at once.
-pub async fn read(store: &dyn StreamStore, from: Offset, max_bytes: usize) -> Result<Batch, StoreError> {
+/// served) rather than every reader parsing at once. A reader far enough
+/// behind the tail for its page to be large first takes room for the page
+/// and its parse from the response budget, within its principal's share
+/// (`who`; `None`: the server's own reader), before it reads anything
+/// ([`scan_room`]): readers in line for a turn hold no page, and one
+/// principal's scans hold at most its share. Session 21's attack pass: each
+/// reader read its page, then waited for a turn holding it; a principal that
+/// may see nothing held 1 MiB per connection (3,000 long-polls: 3 GB) and
+/// everyone's event reads waited behind its pages.
+pub async fn read(
+    state: &AppState,
+    who: Option<&PrincipalKey>,
+    from: Offset,
+    max_bytes: usize,
+    room: Room,
+) -> ApiResult<Batch> {
+    let store = state.store.as_ref();
+    let behind = store.head(EVENTS_PATH).await?.tail.saturating_sub(from.0);
+    let page = usize::try_from(behind).unwrap_or(usize::MAX).min(max_bytes);
+    let _room = match page >= crate::access::CPU_HEAVY_BYTES {
+        true => {
+            let held = scan_room(state, who, page.saturating_mul(SCAN_HOLD_FACTOR), room).await?;
+            crate::pause::at(state, crate::pause::EVENTS_SCAN).await;
+            held
+        }
+        false => None,
+    };
     let batch = store.read(EVENTS_PATH, ReadFrom::At(from), max_bytes).await?;
     let heavy = batch.byte_len() >= crate::access::CPU_HEAVY_BYTES;
     // Only a large page waits (a live reader's page at the tail is small).
@@ -85,6 +110,40 @@ pub async fn read(store: &dyn StreamStore, from: Offset, max_bytes: usize) -> Re
     };
     let messages = crate::access::cpu_heavy(heavy, || batch.messages());
     Ok(parse_page(&messages, batch.start, batch.next, batch.up_to_date()))
+}
+
+/// What a large page of the log holds while it is read and parsed, in times
+/// its bytes: the page, and its events' trees (about twice the JSON).
+const SCAN_HOLD_FACTOR: usize = 3;
+
+/// What a reader does when the response budget has no room for its page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// Answer 503 `RESPONSE_BUDGET_EXHAUSTED` (a catch-up, a long-poll).
+    Refuse,
+    /// Wait for room, holding nothing (an SSE or WebSocket reader, the Redis
+    /// publisher): it ends only at shutdown.
+    Wait,
+}
+
+/// `bytes` of the response budget for a large page about to be read, within
+/// `who`'s share.
+async fn scan_room(
+    state: &AppState,
+    who: Option<&PrincipalKey>,
+    bytes: usize,
+    room: Room,
+) -> ApiResult<Option<crate::http::SendPermit>> {
+    loop {
+        match state.answers.try_take(who, bytes) {
+            Ok(permit) => return Ok(permit),
+            Err(_) if room == Room::Wait => tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                _ = state.shutdown.cancelled() => return Err(state.answers.exhausted()),
+            },
+            Err(_) => return Err(state.answers.exhausted()),
+        }
+    }
 }
 
 /// Large pages of the log (from [`CPU_HEAVY_BYTES`](crate::access::CPU_HEAVY_BYTES))
@@ -302,7 +361,7 @@ pub async fn get_events(
             if q.offset == ReadOffset::Now {
                 return json_response(&state, &who, &[], from, true);
             }
-            let batch = read(store.as_ref(), from, state.config.max_read_bytes).await?;
+            let batch = read(&state, Some(&who), from, state.config.max_read_bytes, Room::Refuse).await?;
             let mut vis = Visibility::new(&state, &who);
             let events = vis.filter(batch.events, |e| wanted(&q.task_id, e)).await;
             json_response(&state, &who, &events, batch.next, batch.up_to_date)
@@ -329,7 +388,7 @@ async fn long_poll(
     let mut pos = from;
     let mut pages = 0;
     loop {
-        let batch = read(store.as_ref(), pos, state.config.max_read_bytes).await?;
+        let batch = read(state, Some(who), pos, state.config.max_read_bytes, Room::Refuse).await?;
         pos = batch.next;
         let mut vis = Visibility::new(state, who);
         let events = vis.filter(batch.events, |e| wanted(task_id, e)).await;
@@ -418,7 +477,7 @@ impl crate::sse::Source for SseReader {
     async fn next(&mut self) -> Option<Bytes> {
         let max_read = self.state.config.max_read_bytes.min(crate::sse::EVENT_BYTES);
         loop {
-            let batch = match read(self.state.store.as_ref(), self.pos, max_read).await {
+            let batch = match read(&self.state, Some(&self.who), self.pos, max_read, Room::Wait).await {
                 Ok(b) => b,
                 Err(err) => {
                     tracing::warn!(%err, "events sse read failed");
@@ -467,7 +526,7 @@ pub async fn next_events(
     pos: &mut Offset,
     signal: &mut attache_storage::ChangeSignal,
 ) -> Option<Vec<Value>> {
-    next_page(state, pos, signal).await.map(|batch| batch.events)
+    next_page(state, None, pos, signal).await.map(|batch| batch.events)
 }
 
 /// The next page of the log after `pos` (advancing it), read as soon as
@@ -479,11 +538,12 @@ pub async fn next_events(
 /// when the log cannot be read.
 pub async fn next_page(
     state: &AppState,
+    who: Option<&PrincipalKey>,
     pos: &mut Offset,
     signal: &mut attache_storage::ChangeSignal,
 ) -> Option<Batch> {
     loop {
-        match read(state.store.as_ref(), *pos, state.config.max_read_bytes).await {
+        match read(state, who, *pos, state.config.max_read_bytes, Room::Wait).await {
             Ok(batch) => {
                 let advanced = batch.next != *pos;
                 *pos = batch.next;

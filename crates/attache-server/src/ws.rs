@@ -357,7 +357,7 @@ async fn serve(
             } => Step::Incoming(incoming),
             // A message began: its deadline goes into the next wake.
             _ = clock.message_began() => Step::Tick,
-            batch = events::next_page(&state, &mut pos, &mut signal) => Step::Events(batch),
+            batch = events::next_page(&state, Some(&who), &mut pos, &mut signal) => Step::Events(batch),
             _ = tokio::time::sleep_until(wake) => Step::Tick,
             _ = state.shutdown.cancelled() => Step::Shutdown,
         };

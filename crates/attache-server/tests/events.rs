@@ -756,3 +756,48 @@ async fn an_sse_reader_is_told_nothing_when_only_events_it_may_not_see_are_appen
     assert_eq!(types(&resumed), ["task.attachment_created"]);
     assert_eq!(resumed[0]["taskId"], bobs.as_str());
 }
+
+/// One principal's scans of a long event log hold at most its share of the
+/// response budget, from before they read a page: past it, its next scan is
+/// 503 `RESPONSE_BUDGET_EXHAUSTED` at once (holding nothing), while another
+/// principal still reads. Session 21's attack pass: every scan read its
+/// 1 MiB page first and then waited for a turn to parse it, counted by no
+/// budget; a principal that may see nothing held 3 GB with 3,000 long-polls,
+/// and everyone's event reads waited behind its pages.
+#[tokio::test]
+async fn a_principals_scans_of_the_event_log_hold_at_most_its_share_and_others_still_read() {
+    let pauses = attache_server::pause::Pauses::default();
+    let given = pauses.clone();
+    let s = TestServer::start_with(move |c| {
+        c.max_read_bytes = 256 << 10;
+        c.response_buffer_bytes = 2 << 20;
+        c.budget_share_per_principal = 50;
+        c.pauses = Some(given);
+    })
+    .await;
+    // Some 400 KB of alice's events: more than a large page.
+    let text = "e".repeat(500);
+    for round in 0..5 {
+        let calls: Vec<Value> = (0..100)
+            .map(|n| json!({"jsonrpc": "2.0", "id": n, "method": "task.create", "params": {"text": text, "priority": round}}))
+            .collect();
+        let res = s.client.post(s.url("/rpc")).header("electric-principal", ALICE).json(&calls).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    let held = pauses.arm(attache_server::pause::EVENTS_SCAN);
+    let first = {
+        let (client, url) = (s.client.clone(), s.url("/_attache/events"));
+        tokio::spawn(async move {
+            client.get(url).query(&[("offset", "-1")]).header("electric-principal", BOB).send().await.unwrap().status()
+        })
+    };
+    held.reached().await;
+
+    let (status, _, _) = read_events(&s, BOB, &[("offset", "-1")]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "bob's second scan is past his share");
+    let (status, events, _) = read_events(&s, ALICE, &[("offset", "-1")]).await;
+    assert_eq!(status, StatusCode::OK, "alice reads while bob's scan holds his share");
+    assert!(!events.is_empty(), "alice's events");
+    held.release();
+    assert_eq!(first.await.unwrap(), StatusCode::OK, "bob's first scan goes on");
+}
