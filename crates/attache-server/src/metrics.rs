@@ -43,7 +43,7 @@ pub struct Metrics {
     /// Multipart uploads in progress (`attachments::UploadSlots`).
     uploads_in_progress: AtomicI64,
     /// Indexed by `Closed as usize`.
-    connections_closed: [AtomicU64; 6],
+    connections_closed: [AtomicU64; 7],
     /// Responses whose body went out with `sendfile`, and the file bytes they sent.
     file_sends: AtomicU64,
     file_sent_bytes: AtomicU64,
@@ -64,16 +64,20 @@ pub enum Closed {
     MessageTimeout = 4,
     /// Its unfinished request head grew past what `--header-buffer-bytes` had left.
     HeadBudget = 5,
+    /// Nothing in flight, and the quietest connection when a new one came at
+    /// `--max-connections`: closed to make room for it.
+    Evicted = 6,
 }
 
 impl Closed {
-    const ALL: [Closed; 6] = [
+    const ALL: [Closed; 7] = [
         Closed::OverCap,
         Closed::HeaderTimeout,
         Closed::IdleTimeout,
         Closed::SlowReader,
         Closed::MessageTimeout,
         Closed::HeadBudget,
+        Closed::Evicted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -84,6 +88,7 @@ impl Closed {
             Closed::SlowReader => "slow_reader",
             Closed::MessageTimeout => "message_timeout",
             Closed::HeadBudget => "head_budget",
+            Closed::Evicted => "evicted",
         }
     }
 }

@@ -402,18 +402,24 @@ async fn a_connection_that_uploaded_a_body_stays_open_for_the_idle_timeout_not_t
     read_until(&mut conn, &mut seen, "\r\n\r\nok").await;
 }
 
+/// Every place busy (each connection with a request in flight): a connection
+/// over the cap is answered 503 with `Retry-After`, until one frees.
 #[tokio::test]
 async fn connections_over_the_cap_are_answered_503_with_retry_after_until_one_frees() {
     let s = TestServer::start_with(|c| {
         c.max_connections = 3;
         c.header_read_timeout = Duration::from_secs(600);
+        c.sse_max_duration = Duration::from_secs(600);
     })
     .await;
-    let mut stalled = Vec::new();
+    s.create("/cap/s", "text/plain").await;
+    let mut busy = Vec::new();
     for _ in 0..3 {
-        stalled.push(connect(&s).await);
+        let mut conn = connect(&s).await;
+        conn.write_all(get("/cap/s?offset=-1&live=sse").as_bytes()).await.expect("the SSE request is sent");
+        read_until(&mut conn, &mut Vec::new(), "event: control").await;
+        busy.push(conn);
     }
-    // Connections are accepted in order: this one is the fourth.
     let mut over = connect(&s).await;
     over.write_all(get("/healthz").as_bytes()).await.expect("a request is sent");
     let answer = read_until_closed(&mut over).await.expect("the server answers and closes");
@@ -425,8 +431,8 @@ async fn connections_over_the_cap_are_answered_503_with_retry_after_until_one_fr
     // Still over the cap: a client library sees the same answer.
     assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::SERVICE_UNAVAILABLE);
 
-    // One stalled connection goes away; its place is free once the server sees it close.
-    drop(stalled.remove(0));
+    // One busy connection goes away; its place is free once the server sees it close.
+    drop(busy.remove(0));
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         match healthz(&s).await {
@@ -436,6 +442,45 @@ async fn connections_over_the_cap_are_answered_503_with_retry_after_until_one_fr
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// At the cap, a new connection takes the place of the connection quiet
+/// longest (nothing in flight: kept alive after its answer, or still silent
+/// since it opened), which is closed; connections with a request in flight
+/// keep theirs. Session 21's attack pass: 4,200 anonymous connections that
+/// each sent one `/healthz` and then sat idle held every place, and every
+/// other client was answered 503 until they timed out (and again when they
+/// reconnected).
+#[tokio::test]
+async fn at_the_cap_a_new_connection_takes_the_place_of_the_one_quiet_longest() {
+    let s = TestServer::start_with(|c| {
+        c.max_connections = 3;
+        c.header_read_timeout = Duration::from_secs(600);
+        c.idle_timeout = Duration::from_secs(600);
+        c.sse_max_duration = Duration::from_secs(600);
+    })
+    .await;
+    s.create("/cap/s", "text/plain").await;
+    let mut sse = connect(&s).await;
+    sse.write_all(get("/cap/s?offset=-1&live=sse").as_bytes()).await.expect("the SSE request is sent");
+    let mut events = Vec::new();
+    read_until(&mut sse, &mut events, "event: control").await;
+    let mut idle = connect(&s).await;
+    idle.write_all(get("/healthz").as_bytes()).await.expect("a request is sent");
+    read_until(&mut idle, &mut Vec::new(), "\r\n\r\nok").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Silent since it opened, after the idle one's answer: quiet for less long.
+    let mut silent = connect(&s).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK, "a new client is served at the cap");
+    let closed = read_until_closed(&mut idle).await.expect("the connection quiet longest is closed");
+    assert!(closed.is_empty(), "closed without an answer: {:?}", String::from_utf8_lossy(&closed));
+    silent.write_all(get("/healthz").as_bytes()).await.expect("a request is sent");
+    let mut seen = Vec::new();
+    read_until(&mut silent, &mut seen, "\r\n\r\nok").await;
+    s.append("/cap/s", "text/plain", "still-here").await;
+    read_until(&mut sse, &mut events, "still-here").await;
 }
 
 #[tokio::test]

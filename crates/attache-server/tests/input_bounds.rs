@@ -368,12 +368,16 @@ async fn http2_requests_in_flight_beyond_the_first_take_places_of_max_connection
         c.budget_share_per_principal = 100;
     })
     .await;
-    s.create("/h2/places", "text/plain").await;
+    // Created over a connection that closes after it: no idle one holds a place (a new
+    // connection at the cap would take the place of an idle one, closing it).
+    let once = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let created = once.put(s.url("/h2/places")).header("content-type", "text/plain").send().await.unwrap();
+    assert!(created.status().is_success());
     // The connection's place and the five others: four long-polls are refused at once
-    // (five if the test client's kept-alive connection from the create still holds one).
+    // (five if the create's connection has not closed yet).
     let (refused, driver, waiting, sender) = h2_long_polls(&s, "/h2/places", "user:anonymous", 10).await;
     assert!((4..=5).contains(&refused), "{refused} requests refused of 10 with 6 places");
-    // Every place is taken: a new connection is over the cap too.
+    // Every place is taken by a request in flight: a new connection is over the cap too.
     let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
     let res = fresh.get(s.url("/healthz")).send().await.expect("an answer");
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);

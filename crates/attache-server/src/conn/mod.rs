@@ -38,9 +38,11 @@
 //! in [`wire`]), which hands a connection to hyper at its first request that
 //! is not plain; HTTP/2 connections are hyper's.
 //!
-//! Beyond the cap a connection is still accepted (the backlog never fills)
-//! and answered `503` with `Retry-After` by a small, bounded set of
-//! rejecting tasks, or closed at once when those are busy too.
+//! Beyond the cap a connection is still accepted (the backlog never fills).
+//! It takes the place of the connection quiet longest, which is closed
+//! ([`Live::evict_quietest`]: nothing in flight, not a WebSocket); when every
+//! connection is busy it is answered `503` with `Retry-After`. Both by a
+//! small, bounded set of tasks; when those are busy too, it is closed at once.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -201,13 +203,19 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let shares = Arc::new(shares.sized(limits.max_connections));
     let rejecting = Arc::new(Semaphore::new(REJECTING_AT_ONCE));
-    let connections = TaskTracker::new();
-    let live = Arc::new(Live::default());
-    let heads = Arc::new(HeadBudget::new(limits.header_buffer_bytes));
-    let mut next_id = 0u64;
+    let opener = Opener {
+        permits: Arc::new(Semaphore::new(limits.max_connections)),
+        shares: Arc::new(shares.sized(limits.max_connections)),
+        connections: TaskTracker::new(),
+        live: Arc::new(Live::default()),
+        heads: Arc::new(HeadBudget::new(limits.header_buffer_bytes)),
+        next_id: Arc::new(AtomicU64::new(0)),
+        app,
+        direct,
+        limits,
+        metrics: metrics.clone(),
+    };
     let mut backoff = ACCEPT_BACKOFF.0;
     loop {
         let accepted = tokio::select! {
@@ -233,41 +241,81 @@ pub async fn serve(
                 continue;
             }
         };
-        match permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let activity = Arc::new(Activity::new(metrics.clone(), heads.clone()));
-                next_id += 1;
-                let listed = live.add(next_id, activity.clone());
-                let io = Watched {
-                    io: stream,
-                    activity: activity.clone(),
-                    _permit: permit,
-                    unread: Bytes::new(),
-                    frames: None,
-                };
-                let places = Places { permits: permits.clone(), max: limits.max_connections, shares: shares.clone() };
-                connections.spawn(serve_connection(
-                    io,
-                    activity,
-                    (app.clone(), direct.clone()),
-                    limits,
-                    listed,
-                    places,
-                ));
-            }
-            Err(_) => {
-                metrics.connection_closed(Closed::OverCap);
-                if let Ok(permit) = rejecting.clone().try_acquire_owned() {
-                    connections.spawn(reject(stream, limits.max_connections, permit));
+        match opener.permits.clone().try_acquire_owned() {
+            Ok(permit) => opener.open(stream, permit),
+            Err(_) => match rejecting.clone().try_acquire_owned() {
+                // The quietest connection makes room: this one takes its place once it has closed.
+                Ok(waiting) if opener.live.evict_quietest() => {
+                    let opener_ = opener.clone();
+                    opener.connections.spawn(async move {
+                        let place = tokio::time::timeout(EVICTED_WITHIN, opener_.permits.clone().acquire_owned());
+                        match place.await {
+                            Ok(Ok(permit)) => {
+                                drop(waiting);
+                                opener_.open(stream, permit);
+                            }
+                            // The evicted connection had a request begin first: no place came.
+                            _ => {
+                                opener_.metrics.connection_closed(Closed::OverCap);
+                                reject(stream, opener_.limits.max_connections, waiting).await;
+                            }
+                        }
+                    });
                 }
-                // else: dropped here, closed unanswered.
-            }
+                Ok(permit) => {
+                    metrics.connection_closed(Closed::OverCap);
+                    opener.connections.spawn(reject(stream, limits.max_connections, permit));
+                }
+                // Dropped here, closed unanswered.
+                Err(_) => metrics.connection_closed(Closed::OverCap),
+            },
         }
     }
     drop(listener);
-    live.stop_all();
-    connections.close();
-    connections.wait().await;
+    opener.live.stop_all();
+    opener.connections.close();
+    opener.connections.wait().await;
+}
+
+/// How long a connection accepted at the cap waits for the place of the
+/// connection it evicted ([`Live::evict_quietest`]) before it is answered 503.
+const EVICTED_WITHIN: Duration = Duration::from_secs(1);
+
+/// What a connection given a place needs: the accept loop's, and a task's
+/// that waited for the place an evicted connection gave back.
+#[derive(Clone)]
+struct Opener {
+    permits: Arc<Semaphore>,
+    shares: Arc<SizedShares>,
+    connections: TaskTracker,
+    live: Arc<Live>,
+    heads: Arc<HeadBudget>,
+    next_id: Arc<AtomicU64>,
+    app: Router,
+    direct: Direct,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+}
+
+impl Opener {
+    /// Serves `stream` in the place `permit` holds, on a task of its own.
+    fn open(&self, stream: TcpStream, permit: OwnedSemaphorePermit) {
+        let activity = Arc::new(Activity::new(self.metrics.clone(), self.heads.clone()));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let listed = self.live.add(id, activity.clone());
+        let io =
+            Watched { io: stream, activity: activity.clone(), _permit: permit, unread: Bytes::new(), frames: None };
+        let places =
+            Places { permits: self.permits.clone(), max: self.limits.max_connections, shares: self.shares.clone() };
+        self.connections.spawn(serve_connection(
+            io,
+            activity,
+            (self.app.clone(), self.direct.clone()),
+            self.limits,
+            listed,
+            places,
+        ));
+    }
 }
 
 /// The open connections, so that a shutdown can tell each one. (Each
@@ -283,6 +331,29 @@ impl Live {
     fn add(self: &Arc<Self>, id: u64, activity: Arc<Activity>) -> Listed {
         self.connections.lock().insert(id, activity);
         Listed { live: self.clone(), id }
+    }
+
+    /// Closes the connection that has been quiet longest (nothing in flight:
+    /// kept alive between requests, or still sending its first head), to
+    /// make room for a new one at `--max-connections`; `false` when every
+    /// connection has a request in flight (or is a WebSocket). Idle places
+    /// are the cheapest to give back: an HTTP client reopens a kept-alive
+    /// connection the server closed. Without it, one client holding every
+    /// place with idle keep-alives (reopened each idle timeout) had every
+    /// other client answered 503 (session 21's attack pass).
+    fn evict_quietest(&self) -> bool {
+        let victim = {
+            let connections = self.connections.lock();
+            connections
+                .values()
+                .filter_map(|a| a.quiet_since().map(|since| (since, a)))
+                .min_by_key(|(since, _)| *since)
+                .map(|(_, a)| a.clone())
+        };
+        let Some(victim) = victim else { return false };
+        victim.evict.store(true, Ordering::Release);
+        victim.stopping.notify_one();
+        true
     }
 
     /// Tells every open connection to finish its requests and close.
@@ -465,8 +536,13 @@ async fn serve_connection(
             activity.metrics.connection_closed(Closed::HeaderTimeout);
             return;
         }
-        // The server is stopping: a connection with no request yet closes now.
-        _ = activity.stopping.notified() => return,
+        // The server is stopping, or the connection is evicted: with no request yet, it closes now.
+        _ = activity.stopping.notified() => {
+            if activity.evict.load(Ordering::Acquire) {
+                activity.metrics.connection_closed(Closed::Evicted);
+            }
+            return;
+        }
     };
     match protocol {
         Protocol::Http1 => {
@@ -541,8 +617,18 @@ async fn drive(conn: impl Serving, activity: Arc<Activity>, limits: Limits) {
                 let next = next_check(&activity, &limits, period);
                 check.as_mut().reset(stopping.map_or(next, |cut| cut.min(next)));
             }
-            // The server is stopping (`Live::stop_all`), or, once it is, a request ended.
+            // The server is stopping (`Live::stop_all`), or, once it is, a
+            // request ended; or the connection is evicted (`Live::evict_quietest`).
             _ = activity.stopping.notified() => {
+                if activity.evict.load(Ordering::Acquire) {
+                    if activity.in_flight.load(Ordering::Acquire) == 0 {
+                        activity.metrics.connection_closed(Closed::Evicted);
+                        tracing::debug!(reason = Closed::Evicted.as_str(), "closing connection");
+                        return;
+                    }
+                    // A request began first: the connection is busy, not evicted.
+                    activity.evict.store(false, Ordering::Release);
+                }
                 if stopping.is_none() && activity.stop.load(Ordering::Acquire) {
                     let cut = Instant::now() + limits.shutdown_grace;
                     stopping = Some(cut);
@@ -637,6 +723,10 @@ struct Activity {
     /// The server is shutting down (`Live::stop_all` sets it and wakes the
     /// task; from then on the last request to end wakes it too).
     stop: AtomicBool,
+    /// Chosen to make room for a new connection at the cap
+    /// ([`Live::evict_quietest`]; `stopping` wakes the task): it closes at
+    /// once unless a request has begun meanwhile.
+    evict: AtomicBool,
     stopping: Notify,
     /// Bytes read of the request head being read (from its first byte to the request's start).
     head_read: AtomicUsize,
@@ -675,6 +765,7 @@ impl Activity {
             unasked: parking_lot::Mutex::new(std::collections::HashMap::new()),
             next_body: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            evict: AtomicBool::new(false),
             stopping: Notify::new(),
             head_read: AtomicUsize::new(0),
             head_held: AtomicUsize::new(0),
@@ -684,6 +775,29 @@ impl Activity {
             _open: crate::metrics::OpenConnection::new(metrics.clone()),
             metrics,
         }
+    }
+
+    /// Since when nothing has been in flight on this connection (opened,
+    /// last answered, or the first byte of an unfinished head), or `None`
+    /// when it may not be evicted: a request in flight, a WebSocket, or
+    /// already stopping or chosen.
+    fn quiet_since(&self) -> Option<Instant> {
+        let busy = self.in_flight.load(Ordering::Acquire) > 0
+            || self.upgraded.load(Ordering::Acquire)
+            || self.stop.load(Ordering::Acquire)
+            || self.evict.load(Ordering::Acquire);
+        if busy {
+            return None;
+        }
+        let reading = self.reading_since.load(Ordering::Acquire);
+        let ms = if !self.served.load(Ordering::Acquire) {
+            0
+        } else if reading != NEVER {
+            reading
+        } else {
+            self.idle_since.load(Ordering::Acquire)
+        };
+        Some(self.opened + Duration::from_millis(ms))
     }
 
     fn now_ms(&self) -> u64 {
