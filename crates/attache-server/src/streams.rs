@@ -700,10 +700,25 @@ fn batch_body(batch: &ReadBatch) -> Bytes {
     batch.body.clone()
 }
 
-/// The ETag of a read of `info` from `start` to `next`.
+/// The ETag of a read of `info` from `start` to `next`. The stream is named
+/// by [`stream_tag`], not by its id: ids count every stream the server
+/// makes, and a reader of its own streams read from their tags how many
+/// other principals had made, and when (session 21's attack pass).
 fn etag(info: &StreamInfo, start: Offset, next: Offset) -> String {
     let closed = if at_closed_end(info, next) { ":c" } else { "" };
-    format!("\"{}:{}:{}{}\"", info.id, start.0, next.0, closed)
+    format!("\"{:016x}:{}:{}{}\"", stream_tag(info.id), start.0, next.0, closed)
+}
+
+/// Stream `id` under a key drawn when the process starts (SipHash-1-3,
+/// std's `RandomState`): a stream made again at a path has another tag, and
+/// nothing about other streams can be read from it. A tag another process
+/// (a restart, another instance) gave does not match: that read is answered
+/// 200 rather than 304.
+fn stream_tag(id: u64) -> u64 {
+    use std::hash::BuildHasher as _;
+    static KEY: std::sync::LazyLock<std::collections::hash_map::RandomState> =
+        std::sync::LazyLock::new(Default::default);
+    KEY.hash_one(id)
 }
 
 /// A read that ends at `next` has reached the closed end of the stream.

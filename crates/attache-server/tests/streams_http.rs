@@ -940,3 +940,34 @@ async fn no_rejected_request_changes_the_stream() {
     let body: serde_json::Value = serde_json::from_slice(&s.read_all("/x").await).unwrap();
     assert_eq!(body, serde_json::json!([{"a":1}, {"b":2}, 3, 4]));
 }
+
+/// A read's ETag names its stream by an opaque tag, not by the server's
+/// stream counter: the tags of two streams made one after the other tell
+/// nothing of how many were made between them, and a tag still answers 304
+/// for the same read. Session 21's attack pass: tags were `"{id}:…"` with a
+/// process-wide id, and a principal read from its own streams' tags how many
+/// streams other principals had made, and when.
+#[tokio::test]
+async fn a_reads_etag_tells_nothing_of_how_many_streams_were_made() {
+    let s = TestServer::start().await;
+    let prefix = |etag: &str| etag.trim_matches('"').split(':').next().unwrap_or_default().to_owned();
+    let mut tags = Vec::new();
+    for path in ["/tags/a", "/tags/b"] {
+        s.create(path, "text/plain").await;
+        s.append(path, "text/plain", "x").await;
+        let res = s.request(Method::GET, &format!("{path}?offset=-1")).send().await.unwrap();
+        let etag = header(&res, "etag").expect("a read has an ETag");
+        let again = s.request(Method::GET, &format!("{path}?offset=-1")).header("if-none-match", &etag).send();
+        assert_eq!(again.await.unwrap().status(), StatusCode::NOT_MODIFIED, "{etag}");
+        tags.push(prefix(&etag));
+    }
+    for tag in &tags {
+        assert_eq!(tag.len(), 16, "an opaque 64-bit tag: {tags:?}");
+    }
+    let numbers: Vec<Option<u64>> = tags.iter().map(|t| t.parse::<u64>().ok()).collect();
+    assert!(
+        !matches!(numbers[..], [Some(a), Some(b)] if b == a + 1),
+        "consecutive streams have consecutive tags: {tags:?}"
+    );
+    assert_ne!(tags[0], tags[1]);
+}
