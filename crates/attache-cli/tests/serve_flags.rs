@@ -72,3 +72,22 @@ fn a_refused_setting_is_one_message_without_a_stack_trace() {
     assert!(!stderr.contains("backtrace"), "no stack trace: {stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 }
+
+/// A second server on a data dir a running one holds is refused in one line
+/// that says why once (the store's reason was printed twice, as the error's
+/// message and again as its cause: helper-99's new-user pass, session 21).
+#[tokio::test]
+async fn a_second_server_on_a_held_data_dir_is_refused_saying_why_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let _running = common::ServerProcess::start(&data, &dir.path().join("first.log"), &[]).await;
+    let refused = std::process::Command::new(common::binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .output()
+        .expect("the binary runs");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(stderr.matches("in use by another attache process").count(), 1, "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+}

@@ -95,13 +95,13 @@ pub struct Shared {
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot open the store at {dir}: {source}")]
+    #[error("cannot open the store at {dir}")]
     Store { dir: String, source: attache_storage::StoreError },
     #[error(
         "dev auth trusts a request header and is allowed only on loopback addresses; {addr} is not: use --auth token"
     )]
     DevAuthNotLoopback { addr: SocketAddr },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Browser(String),
