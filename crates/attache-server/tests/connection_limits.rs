@@ -33,6 +33,16 @@ fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
 }
 
+/// A connection with an SSE read of `path` in flight (its first control
+/// event read), and what it has sent so far.
+async fn sse_in_flight(s: &TestServer, path: &str) -> (TcpStream, Vec<u8>) {
+    let mut conn = connect(s).await;
+    conn.write_all(get(&format!("{path}?offset=-1&live=sse")).as_bytes()).await.expect("the SSE request is sent");
+    let mut events = Vec::new();
+    read_until(&mut conn, &mut events, "event: control").await;
+    (conn, events)
+}
+
 /// A fresh client (no pooled connection) asks /healthz.
 async fn healthz(s: &TestServer) -> reqwest::Result<StatusCode> {
     let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(PATIENCE).build()?;
@@ -415,10 +425,7 @@ async fn connections_over_the_cap_are_answered_503_with_retry_after_until_one_fr
     s.create("/cap/s", "text/plain").await;
     let mut busy = Vec::new();
     for _ in 0..3 {
-        let mut conn = connect(&s).await;
-        conn.write_all(get("/cap/s?offset=-1&live=sse").as_bytes()).await.expect("the SSE request is sent");
-        read_until(&mut conn, &mut Vec::new(), "event: control").await;
-        busy.push(conn);
+        busy.push(sse_in_flight(&s, "/cap/s").await.0);
     }
     let mut over = connect(&s).await;
     over.write_all(get("/healthz").as_bytes()).await.expect("a request is sent");
@@ -461,10 +468,7 @@ async fn at_the_cap_a_new_connection_takes_the_place_of_the_one_quiet_longest() 
     })
     .await;
     s.create("/cap/s", "text/plain").await;
-    let mut sse = connect(&s).await;
-    sse.write_all(get("/cap/s?offset=-1&live=sse").as_bytes()).await.expect("the SSE request is sent");
-    let mut events = Vec::new();
-    read_until(&mut sse, &mut events, "event: control").await;
+    let (mut sse, mut events) = sse_in_flight(&s, "/cap/s").await;
     let mut idle = connect(&s).await;
     idle.write_all(get("/healthz").as_bytes()).await.expect("a request is sent");
     read_until(&mut idle, &mut Vec::new(), "\r\n\r\nok").await;
@@ -492,11 +496,7 @@ async fn an_idle_kept_alive_connection_is_closed_but_an_open_sse_response_is_not
     })
     .await;
     s.create("/idle/s", "text/plain").await;
-
-    let mut sse = connect(&s).await;
-    sse.write_all(get("/idle/s?offset=-1&live=sse").as_bytes()).await.expect("the SSE request is sent");
-    let mut events = Vec::new();
-    read_until(&mut sse, &mut events, "event: control").await;
+    let (mut sse, mut events) = sse_in_flight(&s, "/idle/s").await;
 
     // Opened after the SSE response began; closed once idle for the timeout.
     let mut idle = connect(&s).await;

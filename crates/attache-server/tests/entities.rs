@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use common::{error_code, header, request_dropped_at, TestServer, CLOSED};
 use entity_support::{
-    api, as_principal, error_of, eventually, materialize, materialize_as, rows_as, spawn, stored_blobs, upload, Form,
+    api, as_principal, error_of, eventually, get_json_as, materialize, materialize_as, rows_as, spawn, stored_blobs,
+    upload, Form,
 };
 use reqwest::header::HeaderValue;
 use reqwest::{Method, StatusCode};
@@ -1171,13 +1172,7 @@ async fn a_write_only_principal_uploads_and_sees_only_its_own_manifest_row() {
     }
     assert!(list_as(&ts, SAM, "?type=chat").await.0.is_empty(), "write alone does not list");
     // The owner sees the upload.
-    let attachments: Value = as_principal(ts.request(Method::GET, &format!("{}/attachments", api(e))), Some(ANN))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let attachments = get_json_as(&ts, &format!("{}/attachments", api(e)), Some(ANN)).await;
     let ids: BTreeSet<&str> =
         attachments["attachments"].as_array().unwrap().iter().map(|a| a["id"].as_str().unwrap()).collect();
     assert_eq!(ids, BTreeSet::from(["private", "drop"]));
@@ -1603,13 +1598,7 @@ async fn a_grant_racing_a_purge_is_not_given_to_the_entity_spawned_there_next() 
     assert_eq!(answer.status(), StatusCode::NOT_FOUND, "the grant's entity is gone");
 
     assert_eq!(get_as(&ts, Some(SAM), e).await.0, StatusCode::NOT_FOUND, "sam holds nothing of ann's entity");
-    let grants: Value = as_principal(ts.request(Method::GET, &format!("{}/grants", api(e))), Some(ANN))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let grants = get_json_as(&ts, &format!("{}/grants", api(e)), Some(ANN)).await;
     assert_eq!(grants["grants"], json!([]), "ann's entity starts with no grant");
 }
 

@@ -1067,13 +1067,7 @@ async fn an_entity_holds_at_most_its_grant_quota_and_a_revoke_makes_room() {
     let (status, code, body) = entity_support::error_of(grant("user:cy").await.unwrap()).await;
     assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "TOO_MANY_GRANTS"), "{body}");
     assert!(body.to_string().contains("max_grants_per_entity: 2"), "{body}");
-    let listed: Value = entity_support::as_principal(s.request(reqwest::Method::GET, &grants), Some(ALICE))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = entity_support::get_json_as(&s, &grants, Some(ALICE)).await;
     assert_eq!(listed["grants"].as_array().map(Vec::len), Some(2), "nothing was added: {listed}");
     let revoke = format!("{grants}/{}", first["id"]);
     let res =

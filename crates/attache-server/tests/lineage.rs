@@ -8,7 +8,7 @@ mod common;
 mod entity_support;
 
 use common::TestServer;
-use entity_support::{api, as_principal, error_of, spawn};
+use entity_support::{api, as_principal, error_of, get_json_as, spawn};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -54,13 +54,7 @@ async fn a_child_records_its_parent_and_the_list_finds_children_by_parent() {
     let child: Value = res.json().await.unwrap();
     assert_eq!(child["parent"], "/team/root", "{child}");
     spawn(&ts, Some(ANN), "/worker/loner").await;
-    let got: Value = as_principal(ts.request(Method::GET, &api("/worker/w1")), Some(ANN))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got = get_json_as(&ts, &api("/worker/w1"), Some(ANN)).await;
     assert_eq!(got["parent"], "/team/root");
     let list: Vec<Value> = as_principal(ts.request(Method::GET, "/_electric/entities?parent=/team/root"), Some(ANN))
         .send()

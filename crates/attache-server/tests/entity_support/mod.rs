@@ -116,6 +116,12 @@ pub fn as_principal(rb: RequestBuilder, principal: Option<&str>) -> RequestBuild
     }
 }
 
+/// `GET path` as `principal`, its answer's JSON.
+pub async fn get_json_as(ts: &TestServer, path: &str, principal: Option<&str>) -> Value {
+    let res = as_principal(ts.request(Method::GET, path), principal).send().await.expect("an answer");
+    res.json().await.expect("a JSON answer")
+}
+
 /// POSTs a multipart body to the entity's attachments route (dev mode, no principal: user:anonymous).
 pub async fn upload_raw(ts: &TestServer, entity: &str, body: Vec<u8>) -> Response {
     ts.request(Method::POST, &format!("{}/attachments", api(entity)))
