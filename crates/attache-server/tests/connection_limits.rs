@@ -487,6 +487,38 @@ async fn at_the_cap_a_new_connection_takes_the_place_of_the_one_quiet_longest() 
     read_until(&mut sse, &mut events, "still-here").await;
 }
 
+/// At the cap with no quiet connection, a new connection takes the place of
+/// one whose client has taken nothing of its answers for a second: here
+/// clients that pipeline thousands of `/healthz` requests (no credentials
+/// needed) over a tiny receive buffer and never read, so a request is always
+/// in flight. Session 21's second attack pass: such connections (and HTTP/2
+/// ones whose client opens no window) held every place, and every other
+/// client was answered 503 until the slow-reader timeout.
+#[tokio::test]
+async fn at_the_cap_a_connection_whose_client_reads_nothing_gives_its_place_to_a_new_one() {
+    let s = TestServer::start_with(|c| {
+        c.max_connections = 3;
+        c.header_read_timeout = Duration::from_secs(600);
+        c.idle_timeout = Duration::from_secs(600);
+        c.slow_reader_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let addr: std::net::SocketAddr = s.url.trim_start_matches("http://").parse().unwrap();
+    let pipelined = get("/healthz").repeat(3_000);
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(1024).unwrap();
+        let mut conn = socket.connect(addr).await.unwrap();
+        conn.write_all(pipelined.as_bytes()).await.expect("the requests are sent");
+        stalled.push(conn);
+    }
+    // Every place holds a request whose answer cannot go out; after a second they count as stalled.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(healthz(&s).await.expect("/healthz answers"), StatusCode::OK, "a new client is served at the cap");
+    drop(stalled);
+}
+
 #[tokio::test]
 async fn an_idle_kept_alive_connection_is_closed_but_an_open_sse_response_is_not() {
     let s = TestServer::start_with(|c| {

@@ -40,7 +40,8 @@
 //!
 //! Beyond the cap a connection is still accepted (the backlog never fills).
 //! It takes the place of the connection quiet longest, which is closed
-//! ([`Live::evict_quietest`]: nothing in flight, not a WebSocket); when every
+//! ([`Live::evict_quietest`]: nothing in flight, not a WebSocket), or else of
+//! one whose client has taken nothing of an answer for a second; when every
 //! connection is busy it is answered `503` with `Retry-After`. Both by a
 //! small, bounded set of tasks; when those are busy too, it is closed at once.
 
@@ -277,6 +278,10 @@ pub async fn serve(
     opener.connections.wait().await;
 }
 
+/// How long a connection's client must have taken nothing of an answer for
+/// the connection to give its place to a new one at the cap ([`Activity::eviction_rank`]).
+const STALLED_MS: u64 = 1_000;
+
 /// How long a connection accepted at the cap waits for the place of the
 /// connection it evicted ([`Live::evict_quietest`]) before it is answered 503.
 const EVICTED_WITHIN: Duration = Duration::from_secs(1);
@@ -346,8 +351,9 @@ impl Live {
             let connections = self.connections.lock();
             connections
                 .values()
-                .filter_map(|a| a.quiet_since().map(|since| (since, a)))
-                .min_by_key(|(since, _)| *since)
+                .filter(|a| !a.evict.load(Ordering::Acquire))
+                .filter_map(|a| a.eviction_rank().map(|rank| (rank, a)))
+                .min_by_key(|(rank, _)| *rank)
                 .map(|(_, a)| a.clone())
         };
         let Some(victim) = victim else { return false };
@@ -621,12 +627,12 @@ async fn drive(conn: impl Serving, activity: Arc<Activity>, limits: Limits) {
             // request ended; or the connection is evicted (`Live::evict_quietest`).
             _ = activity.stopping.notified() => {
                 if activity.evict.load(Ordering::Acquire) {
-                    if activity.in_flight.load(Ordering::Acquire) == 0 {
+                    if activity.eviction_rank().is_some() {
                         activity.metrics.connection_closed(Closed::Evicted);
                         tracing::debug!(reason = Closed::Evicted.as_str(), "closing connection");
                         return;
                     }
-                    // A request began first: the connection is busy, not evicted.
+                    // A request began first (or its client read again): busy, not evicted.
                     activity.evict.store(false, Ordering::Release);
                 }
                 if stopping.is_none() && activity.stop.load(Ordering::Acquire) {
@@ -777,27 +783,37 @@ impl Activity {
         }
     }
 
-    /// Since when nothing has been in flight on this connection (opened,
-    /// last answered, or the first byte of an unfinished head), or `None`
-    /// when it may not be evicted: a request in flight, a WebSocket, or
-    /// already stopping or chosen.
-    fn quiet_since(&self) -> Option<Instant> {
-        let busy = self.in_flight.load(Ordering::Acquire) > 0
-            || self.upgraded.load(Ordering::Acquire)
-            || self.stop.load(Ordering::Acquire)
-            || self.evict.load(Ordering::Acquire);
-        if busy {
+    /// Whether this connection may give its place to a new one at the cap,
+    /// and how soon: quiet ones first (nothing in flight: kept alive after
+    /// an answer, or still sending a head), the one quiet longest first;
+    /// then those whose client has taken nothing of an answer for
+    /// [`STALLED_MS`] (a blocked write, or an HTTP/2 body the client opens
+    /// no window for), the one stalled longest first. `None`: a request in
+    /// flight that is going on, a WebSocket, or a server stopping. A request
+    /// whose answer the client never reads (a 401 or a `/healthz` over a
+    /// zero window, or pipelined behind a full socket) held its place until
+    /// the slow-reader timeout, and such connections held every place
+    /// (session 21's second attack pass).
+    fn eviction_rank(&self) -> Option<(u8, Instant)> {
+        if self.upgraded.load(Ordering::Acquire) || self.stop.load(Ordering::Acquire) {
             return None;
         }
-        let reading = self.reading_since.load(Ordering::Acquire);
-        let ms = if !self.served.load(Ordering::Acquire) {
-            0
-        } else if reading != NEVER {
-            reading
-        } else {
-            self.idle_since.load(Ordering::Acquire)
-        };
-        Some(self.opened + Duration::from_millis(ms))
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            let reading = self.reading_since.load(Ordering::Acquire);
+            let ms = if !self.served.load(Ordering::Acquire) {
+                0
+            } else if reading != NEVER {
+                reading
+            } else {
+                self.idle_since.load(Ordering::Acquire)
+            };
+            return Some((0, self.opened + Duration::from_millis(ms)));
+        }
+        let blocked = self.blocked_since.load(Ordering::Acquire);
+        let unasked = self.unasked.lock().values().copied().min().unwrap_or(NEVER);
+        let stalled = blocked.min(unasked);
+        (stalled != NEVER && self.now_ms().saturating_sub(stalled) >= STALLED_MS)
+            .then(|| (1, self.opened + Duration::from_millis(stalled)))
     }
 
     fn now_ms(&self) -> u64 {
