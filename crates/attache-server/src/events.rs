@@ -73,8 +73,8 @@ pub struct Batch {
 ///
 /// Large pages of the log are split and parsed a few at a time, all
 /// readers together ([`turns`]): a reader waits its turn (first come, first
-/// served) rather than every reader parsing at once. A reader far enough
-/// behind the tail for its page to be large first takes room for the page
+/// served) rather than every reader parsing at once. A reader scanning the
+/// log ([`SCAN_FROM`] or more behind its tail) first takes room for the page
 /// and its parse from the response budget, within its principal's share
 /// (`who`; `None`: the server's own reader), before it reads anything
 /// ([`scan_room`]): readers in line for a turn hold no page, and one
@@ -92,7 +92,13 @@ pub async fn read(
     let store = state.store.as_ref();
     let behind = store.head(EVENTS_PATH).await?.tail.saturating_sub(from.0);
     let page = usize::try_from(behind).unwrap_or(usize::MAX).min(max_bytes);
-    let _room = match page >= crate::access::CPU_HEAVY_BYTES {
+    // Scanning: far enough behind the tail to read a page of the log, not
+    // only what was just appended. Whatever its page size (an SSE reader's is
+    // at most 64 KiB), a scan takes room and a turn: 2,000 SSE readers that
+    // may see nothing, scanning a 20 MB log in small pages, took neither and
+    // held alice's own read for seconds (session 21's second attack pass).
+    let scanning = page >= SCAN_FROM;
+    let _room = match scanning {
         true => {
             let held = scan_room(state, who, page.saturating_mul(SCAN_HOLD_FACTOR), room).await?;
             crate::pause::at(state, crate::pause::EVENTS_SCAN).await;
@@ -102,15 +108,19 @@ pub async fn read(
     };
     let batch = store.read(EVENTS_PATH, ReadFrom::At(from), max_bytes).await?;
     let heavy = batch.byte_len() >= crate::access::CPU_HEAVY_BYTES;
-    // Only a large page waits (a live reader's page at the tail is small).
+    // Only a scan waits (a live reader's page at the tail is small).
     // The semaphore is never closed; were it, the page would go on without a turn.
-    let _turn = match heavy {
+    let _turn = match scanning || heavy {
         true => turns().acquire().await.ok(),
         false => None,
     };
     let messages = crate::access::cpu_heavy(heavy, || batch.messages());
     Ok(parse_page(&messages, batch.start, batch.next, batch.up_to_date()))
 }
+
+/// How far behind the log's tail a reader scans ([`read`]): what one
+/// answer of the response budget's smallest counted size holds.
+const SCAN_FROM: usize = crate::http::SEND_BUDGET_FROM;
 
 /// What a large page of the log holds while it is read and parsed, in times
 /// its bytes: the page, and its events' trees (about twice the JSON).

@@ -16,8 +16,8 @@ use crate::AppState;
 pub const ENTITY_WRITE: &str = "entity_write";
 /// Between a grant's permission check (`manage`) and its write.
 pub const GRANT_WRITE: &str = "grant_write";
-/// Between a reader's taking room in the response budget for a large page
-/// of the event log (`events::read`) and its reading the page.
+/// Between a reader's taking room in the response budget for a page of the
+/// event log it scans (`events::read`) and its reading the page.
 pub const EVENTS_SCAN: &str = "events_scan";
 /// Between a task write's decision and the write of its rows and events
 /// (every task method that writes). A change of the task record (create,

@@ -801,3 +801,50 @@ async fn a_principals_scans_of_the_event_log_hold_at_most_its_share_and_others_s
     held.release();
     assert_eq!(first.await.unwrap(), StatusCode::OK, "bob's first scan goes on");
 }
+
+/// An SSE reader scanning the event log (64 KiB or more behind its tail)
+/// takes room for its page from its principal's share as a catch-up does,
+/// though its pages are small (64 KiB): while one of bob's SSE scans holds
+/// its room, bob's catch-up past his share is 503, and alice still reads.
+/// Session 21's second attack pass: SSE scans took no room and no parse
+/// turn, and 2,000 of them that could see nothing held alice's read for
+/// seconds.
+#[tokio::test]
+async fn an_sse_reader_scanning_the_event_log_takes_room_from_its_principals_share() {
+    let pauses = attache_server::pause::Pauses::default();
+    let given = pauses.clone();
+    let s = TestServer::start_with(move |c| {
+        c.max_read_bytes = 256 << 10;
+        c.response_buffer_bytes = 1 << 20;
+        c.budget_share_per_principal = 25;
+        c.pauses = Some(given);
+    })
+    .await;
+    // Some 160 KB of alice's events: more than one SSE page.
+    let text = "e".repeat(500);
+    for round in 0..2 {
+        let calls: Vec<Value> = (0..100)
+            .map(|n| json!({"jsonrpc": "2.0", "id": n, "method": "task.create", "params": {"text": text, "priority": round}}))
+            .collect();
+        let res = s.client.post(s.url("/rpc")).header("electric-principal", ALICE).json(&calls).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    let held = pauses.arm(attache_server::pause::EVENTS_SCAN);
+    let sse = {
+        let (client, url) = (s.client.clone(), s.url("/_attache/events"));
+        tokio::spawn(async move {
+            let query = [("offset", "-1"), ("live", "sse")];
+            // The response is kept open: dropped, its reader (and its room) would go.
+            client.get(url).query(&query).header("electric-principal", BOB).send().await.unwrap()
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), held.reached()).await.expect("bob's SSE scan takes room");
+
+    let (status, _, _) = read_events(&s, BOB, &[("offset", "-1")]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "bob's catch-up is past his share");
+    let (status, events, _) = read_events(&s, ALICE, &[("offset", "-1")]).await;
+    assert_eq!(status, StatusCode::OK, "alice reads");
+    assert!(!events.is_empty(), "alice's events");
+    held.release();
+    assert_eq!(sse.await.unwrap().status(), StatusCode::OK, "bob's SSE read goes on");
+}
