@@ -146,6 +146,9 @@ pub async fn remove_grant(
     let id =
         grant_id.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| ApiError::bad_request("Invalid grant id"))?;
     let entity = route.authorize(&state, Permission::Manage).await?;
+    // Only from the life checked above: a revoke racing a purge and a new
+    // spawn must not take a grant of the next entity at the URL.
+    let _life = hold_life(&state, &entity).await?;
     if !state.registry.remove_grant(&entity.url, id).await? {
         return Err(ApiError::not_found("Grant not found"));
     }

@@ -89,7 +89,16 @@ pub async fn copy_grants_to_child(
     child: &EntityRecord,
 ) -> ApiResult<()> {
     let now = now_ms();
-    for g in state.registry.grants(&parent.url) {
+    // The parent's grants in the life its lineage was checked against: read,
+    // then that life checked to be the current one still (lives never come
+    // back, so grants read before a check that passes are that life's; no
+    // lock, which the caller may hold already). Purged and spawned again by
+    // someone else meanwhile, its grants are another entity's: 404.
+    let grants = state.registry.grants(&parent.url);
+    if !crate::access::same_incarnation(state, parent).await {
+        return Err(crate::access::entity_not_found(&parent.url));
+    }
+    for g in grants {
         if !g.copy_to_children || g.expires_at_ms.is_some_and(|at| now >= at) {
             continue;
         }
