@@ -136,8 +136,8 @@ pub enum Room {
     Wait,
 }
 
-/// `bytes` of the response budget for a large page about to be read, within
-/// `who`'s share.
+/// `bytes` of the response budget for a page a reader is about to scan,
+/// within `who`'s share.
 async fn scan_room(
     state: &AppState,
     who: Option<&PrincipalKey>,

@@ -64,8 +64,8 @@ pub enum Closed {
     MessageTimeout = 4,
     /// Its unfinished request head grew past what `--header-buffer-bytes` had left.
     HeadBudget = 5,
-    /// Nothing in flight, and the quietest connection when a new one came at
-    /// `--max-connections`: closed to make room for it.
+    /// Closed to make room for a new connection at `--max-connections`:
+    /// quiet (nothing in flight), or its client taking nothing of an answer.
     Evicted = 6,
 }
 

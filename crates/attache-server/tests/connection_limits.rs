@@ -5,6 +5,7 @@
 
 mod common;
 mod entity_support;
+mod task_helpers;
 
 use std::time::Duration;
 
@@ -2003,15 +2004,7 @@ async fn events_as(s: &TestServer, who: &str) -> reqwest::Response {
 async fn an_unread_page_of_task_events_holds_the_response_budget_until_its_reader_goes() {
     let s = answer_budget_server(1 << 20, 25).await;
     // About 200 KB of events alice may read: 250 tasks of 500 characters.
-    let text = "t".repeat(500);
-    for _ in 0..5 {
-        let batch: Vec<_> = (0..50)
-            .map(|i| serde_json::json!({ "jsonrpc": "2.0", "method": "task.create", "params": { "text": text }, "id": i }))
-            .collect();
-        let res = s.client.post(s.url("/rpc")).header("electric-principal", "user:alice").json(&batch).send().await;
-        let answers: Vec<serde_json::Value> = res.unwrap().json().await.unwrap();
-        assert!(answers.iter().all(|a| a.get("result").is_some()), "{answers:?}");
-    }
+    task_helpers::create_tasks(&s, "user:alice", 250, &"t".repeat(500)).await;
     let stalled = non_reader_as(&s, "user:alice", "/_attache/events?offset=-1").await;
     let held = gauge_until(&s, ANSWERS, |held| held > 0, "held").await;
     assert!(held >= 200 << 10, "the whole page is held: {held}");

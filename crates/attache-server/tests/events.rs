@@ -757,6 +757,22 @@ async fn an_sse_reader_is_told_nothing_when_only_events_it_may_not_see_are_appen
     assert_eq!(resumed[0]["taskId"], bobs.as_str());
 }
 
+/// A server reading pages of at most 256 KiB, with a response budget of
+/// `budget` bytes of which one principal holds `share_percent`, and its
+/// pause points (for a scan held at `EVENTS_SCAN`).
+async fn scanning_server(budget: usize, share_percent: u8) -> (TestServer, attache_server::pause::Pauses) {
+    let pauses = attache_server::pause::Pauses::default();
+    let given = pauses.clone();
+    let s = TestServer::start_with(move |c| {
+        c.max_read_bytes = 256 << 10;
+        c.response_buffer_bytes = budget;
+        c.budget_share_per_principal = share_percent;
+        c.pauses = Some(given);
+    })
+    .await;
+    (s, pauses)
+}
+
 /// One principal's scans of a long event log hold at most its share of the
 /// response budget, from before they read a page: past it, its next scan is
 /// 503 `RESPONSE_BUDGET_EXHAUSTED` at once (holding nothing), while another
@@ -766,24 +782,9 @@ async fn an_sse_reader_is_told_nothing_when_only_events_it_may_not_see_are_appen
 /// and everyone's event reads waited behind its pages.
 #[tokio::test]
 async fn a_principals_scans_of_the_event_log_hold_at_most_its_share_and_others_still_read() {
-    let pauses = attache_server::pause::Pauses::default();
-    let given = pauses.clone();
-    let s = TestServer::start_with(move |c| {
-        c.max_read_bytes = 256 << 10;
-        c.response_buffer_bytes = 2 << 20;
-        c.budget_share_per_principal = 50;
-        c.pauses = Some(given);
-    })
-    .await;
+    let (s, pauses) = scanning_server(2 << 20, 50).await;
     // Some 400 KB of alice's events: more than a large page.
-    let text = "e".repeat(500);
-    for round in 0..5 {
-        let calls: Vec<Value> = (0..100)
-            .map(|n| json!({"jsonrpc": "2.0", "id": n, "method": "task.create", "params": {"text": text, "priority": round}}))
-            .collect();
-        let res = s.client.post(s.url("/rpc")).header("electric-principal", ALICE).json(&calls).send().await.unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-    }
+    create_tasks(&s, ALICE, 500, &"e".repeat(500)).await;
     let held = pauses.arm(attache_server::pause::EVENTS_SCAN);
     let first = {
         let (client, url) = (s.client.clone(), s.url("/_attache/events"));
@@ -811,24 +812,9 @@ async fn a_principals_scans_of_the_event_log_hold_at_most_its_share_and_others_s
 /// seconds.
 #[tokio::test]
 async fn an_sse_reader_scanning_the_event_log_takes_room_from_its_principals_share() {
-    let pauses = attache_server::pause::Pauses::default();
-    let given = pauses.clone();
-    let s = TestServer::start_with(move |c| {
-        c.max_read_bytes = 256 << 10;
-        c.response_buffer_bytes = 1 << 20;
-        c.budget_share_per_principal = 25;
-        c.pauses = Some(given);
-    })
-    .await;
+    let (s, pauses) = scanning_server(1 << 20, 25).await;
     // Some 160 KB of alice's events: more than one SSE page.
-    let text = "e".repeat(500);
-    for round in 0..2 {
-        let calls: Vec<Value> = (0..100)
-            .map(|n| json!({"jsonrpc": "2.0", "id": n, "method": "task.create", "params": {"text": text, "priority": round}}))
-            .collect();
-        let res = s.client.post(s.url("/rpc")).header("electric-principal", ALICE).json(&calls).send().await.unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-    }
+    create_tasks(&s, ALICE, 200, &"e".repeat(500)).await;
     let held = pauses.arm(attache_server::pause::EVENTS_SCAN);
     let sse = {
         let (client, url) = (s.client.clone(), s.url("/_attache/events"));

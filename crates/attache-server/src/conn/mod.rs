@@ -40,7 +40,7 @@
 //!
 //! Beyond the cap a connection is still accepted (the backlog never fills).
 //! It takes the place of the connection quiet longest, which is closed
-//! ([`Live::evict_quietest`]: nothing in flight, not a WebSocket), or else of
+//! ([`Live::evict_one`]: nothing in flight, not a WebSocket), or else of
 //! one whose client has taken nothing of an answer for a second; when every
 //! connection is busy it is answered `503` with `Retry-After`. Both by a
 //! small, bounded set of tasks; when those are busy too, it is closed at once.
@@ -246,7 +246,7 @@ pub async fn serve(
             Ok(permit) => opener.open(stream, permit),
             Err(_) => match rejecting.clone().try_acquire_owned() {
                 // The quietest connection makes room: this one takes its place once it has closed.
-                Ok(waiting) if opener.live.evict_quietest() => {
+                Ok(waiting) if opener.live.evict_one() => {
                     let opener_ = opener.clone();
                     opener.connections.spawn(async move {
                         let place = tokio::time::timeout(EVICTED_WITHIN, opener_.permits.clone().acquire_owned());
@@ -283,7 +283,7 @@ pub async fn serve(
 const STALLED_MS: u64 = 1_000;
 
 /// How long a connection accepted at the cap waits for the place of the
-/// connection it evicted ([`Live::evict_quietest`]) before it is answered 503.
+/// connection it evicted ([`Live::evict_one`]) before it is answered 503.
 const EVICTED_WITHIN: Duration = Duration::from_secs(1);
 
 /// What a connection given a place needs: the accept loop's, and a task's
@@ -338,15 +338,17 @@ impl Live {
         Listed { live: self.clone(), id }
     }
 
-    /// Closes the connection that has been quiet longest (nothing in flight:
-    /// kept alive between requests, or still sending its first head), to
-    /// make room for a new one at `--max-connections`; `false` when every
-    /// connection has a request in flight (or is a WebSocket). Idle places
-    /// are the cheapest to give back: an HTTP client reopens a kept-alive
-    /// connection the server closed. Without it, one client holding every
-    /// place with idle keep-alives (reopened each idle timeout) had every
-    /// other client answered 503 (session 21's attack pass).
-    fn evict_quietest(&self) -> bool {
+    /// Closes one connection to make room for a new one at
+    /// `--max-connections`, the first by [`Activity::eviction_rank`]: the
+    /// one quiet longest (nothing in flight: kept alive between requests, or
+    /// still sending its first head), else the one whose client has taken
+    /// nothing of an answer longest; `false` when every connection has a
+    /// request going on (or is a WebSocket). Idle places are the cheapest to
+    /// give back: an HTTP client reopens a kept-alive connection the server
+    /// closed. Without it, one client holding every place with idle
+    /// keep-alives (reopened each idle timeout) had every other client
+    /// answered 503 (session 21's attack pass).
+    fn evict_one(&self) -> bool {
         let victim = {
             let connections = self.connections.lock();
             connections
@@ -624,7 +626,7 @@ async fn drive(conn: impl Serving, activity: Arc<Activity>, limits: Limits) {
                 check.as_mut().reset(stopping.map_or(next, |cut| cut.min(next)));
             }
             // The server is stopping (`Live::stop_all`), or, once it is, a
-            // request ended; or the connection is evicted (`Live::evict_quietest`).
+            // request ended; or the connection is evicted (`Live::evict_one`).
             _ = activity.stopping.notified() => {
                 if activity.evict.load(Ordering::Acquire) {
                     if activity.eviction_rank().is_some() {
@@ -730,7 +732,7 @@ struct Activity {
     /// task; from then on the last request to end wakes it too).
     stop: AtomicBool,
     /// Chosen to make room for a new connection at the cap
-    /// ([`Live::evict_quietest`]; `stopping` wakes the task): it closes at
+    /// ([`Live::evict_one`]; `stopping` wakes the task): it closes at
     /// once unless a request has begun meanwhile.
     evict: AtomicBool,
     stopping: Notify,

@@ -71,6 +71,19 @@ pub async fn create_task(s: &TestServer, principal: &str, text: &str, priority: 
     r["id"].as_str().expect("a task id").to_owned()
 }
 
+/// Creates `n` tasks of `principal` whose text is `text`, in JSON-RPC
+/// batches of 50 (a long event log to scan: each is a `task.created` event).
+pub async fn create_tasks(s: &TestServer, principal: &str, n: usize, text: &str) {
+    for first in (0..n).step_by(50) {
+        let batch: Vec<Value> = (first..n.min(first + 50))
+            .map(|i| json!({ "jsonrpc": "2.0", "method": "task.create", "params": { "text": text }, "id": i }))
+            .collect();
+        let res = s.client.post(s.url("/rpc")).header("electric-principal", principal).json(&batch).send().await;
+        let answers: Vec<Value> = res.expect("/rpc answers").json().await.expect("a JSON batch answer");
+        assert!(answers.iter().all(|a| a.get("result").is_some()), "{answers:?}");
+    }
+}
+
 /// Creates a task with a chosen id (the spec pages' `t-1234567890`).
 pub async fn create_task_with_id(s: &TestServer, principal: &str, id: &str) {
     ok(
